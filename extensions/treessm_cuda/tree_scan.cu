@@ -1,0 +1,256 @@
+// Host side of the CUDA tree scan: argument checks, launch configuration and the
+// torch.library registration of the ops torch.ops.treessm.cuda_scan_forward /
+// torch.ops.treessm.cuda_scan_backward (CUDA dispatch key).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "tree_scan_kernels.cuh"
+
+namespace treessm_cuda {
+namespace {
+
+constexpr int kMaxShared = 48 * 1024;  // no opt-in needed below this
+
+void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device());
+}
+
+void check_index(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64");
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+  if (n >= 0) TORCH_CHECK(t.size(0) == n, name, " must have ", n, " entries, got ", t.size(0));
+}
+
+struct Launch {
+  int vec;      // channels per thread access
+  int lpv;      // threads per vertex row in a block
+  int threads;  // threads per block
+  dim3 grid;
+  int cap(int streams, int acc_size) const {
+    // rows of one level kept in shared memory (two alternating buffers per stream)
+    const int row = lpv * vec * acc_size;
+    int c = kMaxShared / (streams * 2 * row);
+    return c < 256 ? c : 256;
+  }
+  size_t smem(int streams, int acc_size) const {
+    return static_cast<size_t>(streams) * 2 * cap(streams, acc_size) * lpv * vec * acc_size;
+  }
+};
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return (v != nullptr && *v) ? std::atoi(v) : fallback;
+}
+
+// Widest vector access that divides C; two threads per vertex row (one 32-byte sector of
+// float32) unless the channels are fewer, and small blocks: a level of a tree holds tens
+// of vertices, and independent blocks (trees x channel groups) are what hides latency.
+// TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override the choice (for tuning).
+Launch configure(int64_t C, int64_t num_trees, int elem_size) {
+  int vec = 16 / elem_size;
+  while (vec > 1 && C % vec != 0) vec /= 2;
+  const int64_t lanes = C / vec;
+  int lpv = env_int("TREESSM_CUDA_LPV", 2);
+  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) lpv = 2;
+  while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
+  int threads = env_int("TREESSM_CUDA_THREADS", 64);
+  if (threads < 32 || threads > 1024 || threads % 32) threads = 64;
+  if (threads < lpv) threads = lpv;
+  const int64_t groups = (lanes + lpv - 1) / lpv;
+  TORCH_CHECK(groups <= 65535, "too many channels for one launch: ", C);
+  TORCH_CHECK(num_trees <= 2147483647LL, "too many trees for one launch: ", num_trees);
+  Launch L;
+  L.vec = vec;
+  L.lpv = lpv;
+  L.threads = threads;
+  L.grid = dim3(static_cast<unsigned>(num_trees), static_cast<unsigned>(groups), 1);
+  return L;
+}
+
+Plan make_plan(const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& level_pos,
+               const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
+               const at::Tensor& parent) {
+  Plan p;
+  p.order = order.data_ptr<int64_t>();
+  p.child_ptr = child_ptr.data_ptr<int64_t>();
+  p.level_pos = level_pos.data_ptr<int64_t>();
+  p.tree_level_ptr = tree_level_ptr.data_ptr<int64_t>();
+  p.parent_pos = parent_pos.data_ptr<int64_t>();
+  p.parent = parent.data_ptr<int64_t>();
+  return p;
+}
+
+template <typename T> struct CudaType { using type = T; };
+template <> struct CudaType<at::Half> { using type = __half; };
+template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// Instantiates only the widths a type can take (at most 16 bytes per access).
+#define TREESSM_DISPATCH_VEC(VEC, ELEM, ...)                                               \
+  switch (VEC) {                                                                           \
+    case 8: { constexpr int V = 8; if constexpr (V * sizeof(ELEM) <= 16) { __VA_ARGS__; } break; } \
+    case 4: { constexpr int V = 4; if constexpr (V * sizeof(ELEM) <= 16) { __VA_ARGS__; } break; } \
+    case 2: { constexpr int V = 2; __VA_ARGS__; break; }                                   \
+    default: { constexpr int V = 1; __VA_ARGS__; break; }                                  \
+  }
+
+#define TREESSM_DISPATCH_TYPES(TYPE, NAME, ...)                                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                              \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                     \
+                     AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__)                    \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+int direction_code(const std::string& d) {
+  if (d == "both") return 0;
+  if (d == "up") return 1;
+  if (d == "down") return 2;
+  TORCH_CHECK(false, "direction must be 'both', 'up' or 'down', got '", d, "'");
+  return -1;
+}
+
+}  // namespace
+
+at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& parent,
+                        const at::Tensor& order, const at::Tensor& child_ptr,
+                        const at::Tensor& level_pos, const at::Tensor& tree_level_ptr,
+                        const at::Tensor& parent_pos, const std::string& direction) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", x);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_index(parent, "parent", N, x);
+  check_index(order, "order", N, x);
+  check_index(child_ptr, "child_ptr", N + 1, x);
+  check_index(parent_pos, "parent_pos", N, x);
+  check_index(level_pos, "level_pos", -1, x);
+  check_index(tree_level_ptr, "tree_level_ptr", -1, x);
+  const int dir = direction_code(direction);
+  at::Tensor out = at::empty_like(x);
+  const int64_t T = tree_level_ptr.size(0) - 1;
+  if (N == 0 || C == 0 || T <= 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
+  const Launch L = configure(C, T, x.element_size());
+  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_forward", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A = typename AccType<T_>::type;
+    TREESSM_DISPATCH_VEC(L.vec, T_, {
+      if (dir == 1) {
+        up_pass_kernel<T_, A, V, 1><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
+            ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, ptr<T_>(out), nullptr, nullptr,
+            ptr<A>(scratch), nullptr, plan, C, L.lpv, L.cap(1, sizeof(A)));
+      } else if (dir == 2) {
+        down_pass_kernel<T_, A, V, DOWN_FWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
+            ptr<T_>(x), nullptr, nullptr, ptr<T_>(weight), nullptr, ptr<T_>(out), nullptr,
+            ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
+      } else {
+        at::Tensor up = at::empty({N, C}, x.options().dtype(acc_dtype));
+        up_pass_kernel<T_, A, V, 1><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
+            ptr<T_>(x), nullptr, ptr<T_>(weight), ptr<A>(up), nullptr, nullptr, nullptr, nullptr,
+            ptr<A>(scratch), nullptr, plan, C, L.lpv, L.cap(1, sizeof(A)));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        down_pass_kernel<T_, A, V, BOTH_FWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
+            nullptr, ptr<A>(up), nullptr, ptr<T_>(weight), nullptr, ptr<T_>(out), nullptr,
+            ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> scan_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    const at::Tensor& parent, const at::Tensor& order, const at::Tensor& child_ptr,
+    const at::Tensor& level_pos, const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
+    const std::string& direction) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", x);
+  check_rows(grad, "grad", x);
+  check_rows(out, "out", x);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_index(parent, "parent", N, x);
+  check_index(order, "order", N, x);
+  check_index(child_ptr, "child_ptr", N + 1, x);
+  check_index(parent_pos, "parent_pos", N, x);
+  check_index(level_pos, "level_pos", -1, x);
+  check_index(tree_level_ptr, "tree_level_ptr", -1, x);
+  const int dir = direction_code(direction);
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gw = at::empty_like(x);
+  const int64_t T = tree_level_ptr.size(0) - 1;
+  if (N == 0 || C == 0 || T <= 0) return {gx, gw};
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
+  const Launch L = configure(C, T, x.element_size());
+  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_backward", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A = typename AccType<T_>::type;
+    TREESSM_DISPATCH_VEC(L.vec, T_, {
+      if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
+        down_pass_kernel<T_, A, V, UP_BWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
+            ptr<T_>(grad), nullptr, nullptr, ptr<T_>(weight), ptr<T_>(out), ptr<T_>(gx),
+            ptr<T_>(gw), ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
+      } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
+        up_pass_kernel<T_, A, V, 1><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
+            ptr<T_>(grad), nullptr, ptr<T_>(weight), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(out),
+            ptr<T_>(gw), ptr<A>(scratch), nullptr, plan, C, L.lpv, L.cap(1, sizeof(A)));
+      } else {  // both: U = up(x), G = up(g) in one pass, then gx = both(g) and gw together
+        at::Tensor U = at::empty({N, C}, x.options().dtype(acc_dtype));
+        at::Tensor G = at::empty({N, C}, x.options().dtype(acc_dtype));
+        at::Tensor scratch2 = at::empty({N, C}, x.options().dtype(acc_dtype));
+        up_pass_kernel<T_, A, V, 2><<<L.grid, L.threads, L.smem(2, sizeof(A)), stream>>>(
+            ptr<T_>(x), ptr<T_>(grad), ptr<T_>(weight), ptr<A>(U), ptr<A>(G), nullptr, nullptr,
+            nullptr, ptr<A>(scratch), ptr<A>(scratch2), plan, C, L.lpv, L.cap(2, sizeof(A)));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        down_pass_kernel<T_, A, V, BOTH_BWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
+            nullptr, ptr<A>(U), ptr<A>(G), ptr<T_>(weight), ptr<T_>(out), ptr<T_>(gx), ptr<T_>(gw),
+            ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {gx, gw};
+}
+
+TORCH_LIBRARY_FRAGMENT(treessm, m) {
+  m.def(
+      "cuda_scan_forward(Tensor x, Tensor weight, Tensor parent, Tensor order, Tensor child_ptr, "
+      "Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, str direction) -> Tensor");
+  m.def(
+      "cuda_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor parent, "
+      "Tensor order, Tensor child_ptr, Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, "
+      "str direction) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
+  m.impl("cuda_scan_forward", &scan_forward);
+  m.impl("cuda_scan_backward", &scan_backward);
+}
+
+}  // namespace treessm_cuda
