@@ -170,19 +170,27 @@ __global__ void up_pass_kernel(
     }
   };
 
+  // Two levels of look-ahead: while level l is combined, the independent loads of the
+  // thread's first vertex in levels l-1 and l-2 are in flight.
   int buf = 0;
   int64_t ca = tree_end;  // the deepest level has no children
-  int64_t a = plan.level_pos[l1 - 1], b = tree_end;
-  Item nxt;
-  bool has_nxt = active && a + slot < b;
-  if (has_nxt) fetch(nxt, a + slot);
+  int64_t b = tree_end;
+  int64_t a = plan.level_pos[l1 - 1];
+  int64_t na = (l1 - 2 >= l0) ? plan.level_pos[l1 - 2] : a;
+  Item n1, n2;
+  bool h1 = active && a + slot < b;
+  if (h1) fetch(n1, a + slot);
+  bool h2 = active && l1 - 2 >= l0 && na + slot < a;
+  if (h2) fetch(n2, na + slot);
   for (int64_t l = l1 - 1; l >= l0; --l) {
-    Item cur = nxt;
-    const bool has_cur = has_nxt;
-    const int64_t na = (l > l0) ? plan.level_pos[l - 1] : a;
-    has_nxt = active && l > l0 && na + slot < a;
-    if (has_nxt) fetch(nxt, na + slot);
-    if (has_cur) finish(cur, a, ca, buf, l == l0);
+    Item cur = n1;
+    const bool hc = h1;
+    n1 = n2;
+    h1 = h2;
+    const int64_t nna = (l - 2 >= l0) ? plan.level_pos[l - 2] : na;
+    h2 = active && l - 2 >= l0 && nna + slot < na;
+    if (h2) fetch(n2, nna + slot);
+    if (hc) finish(cur, a, ca, buf, l == l0);
     if (active) {
       for (int64_t i = a + slot + slots; i < b; i += slots) {
         Item it;
@@ -194,6 +202,7 @@ __global__ void up_pass_kernel(
     ca = a;
     b = a;
     a = na;
+    na = nna;
     buf ^= 1;
   }
 }
@@ -279,19 +288,26 @@ __global__ void down_pass_kernel(
     if (BWD) store<V>(gw + it.v * C + c, g);
   };
 
+  // Two levels of look-ahead, as in the up pass.
   int buf = 0;
   int64_t pa = 0;
-  int64_t a = plan.level_pos[l0], b = plan.level_pos[l0 + 1];
-  Item nxt;
-  bool has_nxt = active && a + slot < b;
-  if (has_nxt) fetch(nxt, a + slot);
+  int64_t a = plan.level_pos[l0];
+  int64_t b = plan.level_pos[l0 + 1];
+  int64_t nb = (l0 + 1 < l1) ? plan.level_pos[l0 + 2] : b;
+  Item n1, n2;
+  bool h1 = active && a + slot < b;
+  if (h1) fetch(n1, a + slot);
+  bool h2 = active && l0 + 1 < l1 && b + slot < nb;
+  if (h2) fetch(n2, b + slot);
   for (int64_t l = l0; l < l1; ++l) {
-    Item cur = nxt;
-    const bool has_cur = has_nxt;
-    const int64_t nb = (l + 1 < l1) ? plan.level_pos[l + 2] : b;
-    has_nxt = active && l + 1 < l1 && b + slot < nb;
-    if (has_nxt) fetch(nxt, b + slot);
-    if (has_cur) finish(cur, a, pa, buf);
+    Item cur = n1;
+    const bool hc = h1;
+    n1 = n2;
+    h1 = h2;
+    const int64_t nnb = (l + 2 < l1) ? plan.level_pos[l + 3] : nb;
+    h2 = active && l + 2 < l1 && nb + slot < nnb;
+    if (h2) fetch(n2, nb + slot);
+    if (hc) finish(cur, a, pa, buf);
     if (active) {
       for (int64_t i = a + slot + slots; i < b; i += slots) {
         Item it;
@@ -303,6 +319,7 @@ __global__ void down_pass_kernel(
     pa = a;
     a = b;
     b = nb;
+    nb = nnb;
     buf ^= 1;
   }
 }

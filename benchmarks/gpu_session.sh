@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: build the extension, run the GPU tests (and a memcheck pass),
+# then the GPU benchmarks. Logs and JSON land in $OUT (default ./gpu_out).
+#   bash benchmarks/gpu_session.sh [quick|full]
+set -uo pipefail
+MODE=${1:-full}
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_EXTENSIONS_DIR=/tmp/torch_ext MAX_JOBS=16
+PY=python3
+if ! $PY -c "import numba" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+$PY - <<'PYEOF' 2>&1 | tee "$OUT/env.txt"
+import torch, importlib
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+for m in ("numba", "scipy", "torch_geometric", "timm", "triton", "sklearn", "skimage"):
+    try:
+        mod = importlib.import_module(m); print(m, getattr(mod, "__version__", "?"))
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__, e)
+PYEOF
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/env.txt"
+echo "== build"; start=$(date +%s)
+$PY -m treessm.ops.cuda --build --verbose > "$OUT/build.log" 2>&1; rc=$?
+echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -5 "$OUT/build.log"
+[ $rc -ne 0 ] && { grep -E "error|Error" "$OUT/build.log" | head -30; exit 1; }
+echo "== gpu tests"
+GPU_TESTS="tests/ops/test_tree_scan_cuda.py"
+for f in tests/topology/test_device.py tests/topology/test_topology_cuda.py tests/nn/test_tree_ssm_cuda.py; do
+  [ -f "$f" ] && GPU_TESTS="$GPU_TESTS $f"
+done
+$PY -m pytest -q $GPU_TESTS 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+echo "== memcheck"
+timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
+  tests/ops/test_tree_scan_cuda.py -k "oracle or empty or deterministic" > "$OUT/memcheck.log" 2>&1
+echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
+echo "== benchmarks"
+if [ "$MODE" = quick ]; then
+  $PY benchmarks/tree_scan.py --quick --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
+else
+  $PY benchmarks/tree_scan.py --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
+  [ -f benchmarks/grootv.py ] && $PY benchmarks/grootv.py --out "$OUT/grootv_gpu.json" 2>&1 | tee "$OUT/bench_grootv.log"
+fi

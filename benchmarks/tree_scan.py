@@ -1,0 +1,178 @@
+"""GPU benchmark of the tree scan and of tree construction (GrootV-T stage sizes).
+
+Prints a table and saves ``benchmarks/results/tree_scan_gpu.json``: the device, the
+device-to-device copy bandwidth measured in the same run, and one row per
+(B, H, C, direction, dtype) with forward, backward and build times next to their
+memory-bandwidth floors (reading x and weight and writing h once, float32).
+
+    python benchmarks/tree_scan.py                 # full table (CUDA required)
+    python benchmarks/tree_scan.py --quick         # a few rows
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import treessm
+from treessm.ops import tree_scan
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cuda_time(fn, warmup=5, iters=30):
+    """Median milliseconds of ``fn`` over ``iters`` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes=2 << 30):
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    ms = cuda_time(lambda: b.copy_(a), warmup=3, iters=20)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def grid_tree(feat):
+    tree = treessm.GridTopology(connectivity=4, distance="cosine")(feat)
+    tree.scan_plan()
+    return tree
+
+
+def _scipy_grid_tree(feat):
+    """Stand-in used only when the topology module is unavailable."""
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.sparse import csgraph
+
+    B, H, W, C = feat.shape
+    idx = np.arange(B * H * W).reshape(B, H, W)
+    e = np.concatenate([np.stack([idx[:, :, :-1].ravel(), idx[:, :, 1:].ravel()]),
+                        np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()])], 1)
+    f = torch.nn.functional.normalize(feat.float().reshape(-1, C), dim=1).cpu().numpy()
+    cost = np.exp(-(f[e[0]] * f[e[1]]).sum(1)) + 1e-6
+    n = B * H * W
+    m = csgraph.minimum_spanning_tree(sp.coo_matrix((cost, (e[0], e[1])), shape=(n, n)))
+    roots = idx[:, H // 2, W // 2]
+    _, pred = csgraph.breadth_first_order(m + m.T, roots[0], directed=False)
+    parent = np.full(n, -1)
+    for r in roots:
+        order, pred = csgraph.breadth_first_order(m + m.T, r, directed=False)
+        parent[order[1:]] = pred[order[1:]]
+    tree = treessm.Tree.from_parent(torch.from_numpy(parent)).to(feat.device)
+    tree.scan_plan()
+    return tree
+
+
+if not hasattr(treessm, "GridTopology"):
+    grid_tree = _scipy_grid_tree  # noqa: F811
+
+
+def bench_row(B, H, C, direction, dtype, bw, with_build=True, iters=30):
+    dev = "cuda"
+    N = B * H * H
+    feat = torch.randn(B, H, H, C, device=dev, dtype=dtype)
+    build_ms = cuda_time(lambda: grid_tree(feat), warmup=2, iters=10) if with_build else None
+    tree = grid_tree(feat)
+    x = torch.randn(N, C, device=dev, dtype=dtype)
+    w = torch.rand(N, C, device=dev, dtype=dtype) * 0.9 + 0.05
+    fwd_ms = cuda_time(lambda: tree_scan(x, w, tree, direction), iters=iters)
+    h = tree_scan(x, w, tree, direction)
+    g = torch.randn_like(h)
+    args = (g, x, w, h, *tree.tensors(), tree.scan_plan(), direction, "cuda")
+    bwd_ms = cuda_time(lambda: torch.ops.treessm.tree_scan_backward(*args), iters=iters)
+    elems = N * C
+    fwd_floor = 3 * elems * 4 / (bw * 1e9) * 1e3
+    bwd_floor = 6 * elems * 4 / (bw * 1e9) * 1e3
+    return dict(B=B, H=H, C=C, N=N, direction=direction, dtype=str(dtype).replace("torch.", ""),
+                fwd_ms=fwd_ms, bwd_ms=bwd_ms, build_ms=build_ms, fwd_floor_ms=fwd_floor,
+                bwd_floor_ms=bwd_floor, fwd_over_floor=fwd_ms / fwd_floor,
+                bwd_over_floor=bwd_ms / bwd_floor, max_depth=tree.max_depth,
+                ns_per_vertex_fwd=fwd_ms * 1e6 / N)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "tree_scan_gpu.json"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("CUDA is not available: nothing to measure", file=sys.stderr)
+        return 1
+    treessm.ops.cuda.load()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bw = copy_bandwidth()
+    stages = [(32, 56, 160), (32, 28, 320), (32, 14, 640), (32, 7, 1280)]
+    if args.quick:
+        stages = stages[:1]
+    rows = []
+    for (B, H, C) in stages:
+        for dtype in (torch.float32, torch.bfloat16):
+            for direction in ("both", "up", "down"):
+                rows.append(bench_row(B, H, C, direction, dtype, bw,
+                                      with_build=(direction == "both")))
+    # linear scaling: one 224x224 grid row per dtype, same channels as stage 1
+    big = [] if args.quick else [(32, 224, 160)]
+    for (B, H, C) in big:
+        rows.append(bench_row(B, H, C, "both", torch.float32, bw, iters=10))
+    # the torch reference on the headline size, for the same-run ratio
+    feat = torch.randn(32, 56, 56, 160, device="cuda")
+    tree = grid_tree(feat)
+    x = torch.randn(32 * 56 * 56, 160, device="cuda")
+    w = torch.rand_like(x) * 0.9 + 0.05
+    ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+        copy_bandwidth_GBps=bw,
+        torch_reference_fwd_ms_56_160_both=ref_fwd,
+        rows=rows,
+        when=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    head = rows[0]
+    if not args.quick:
+        big_row = rows[-1]
+        result["scaling_224_vs_56_per_vertex"] = big_row["ns_per_vertex_fwd"] / head["ns_per_vertex_fwd"]
+    result["targets"] = {
+        "fwd <= 2x floor": head["fwd_ms"] <= 2 * head["fwd_floor_ms"],
+        "bwd <= 0.30 ms": head["bwd_ms"] <= 0.30,
+        "build <= 0.36 ms": head["build_ms"] is not None and head["build_ms"] <= 0.36,
+        "224 per-vertex within 1.2x": result.get("scaling_224_vs_56_per_vertex", 99) <= 1.2,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"device: {result['device']}  copy bandwidth: {bw:.0f} GB/s")
+    print(f"{'B':>3} {'H':>4} {'C':>5} {'dir':>5} {'dtype':>9} {'fwd ms':>8} {'floor':>7} "
+          f"{'x':>5} {'bwd ms':>8} {'floor':>7} {'x':>5} {'build ms':>9} {'depth':>6}")
+    for r in rows:
+        b = f"{r['build_ms']:.3f}" if r["build_ms"] is not None else "-"
+        print(f"{r['B']:>3} {r['H']:>4} {r['C']:>5} {r['direction']:>5} {r['dtype']:>9} "
+              f"{r['fwd_ms']:8.3f} {r['fwd_floor_ms']:7.3f} {r['fwd_over_floor']:5.1f} "
+              f"{r['bwd_ms']:8.3f} {r['bwd_floor_ms']:7.3f} {r['bwd_over_floor']:5.1f} {b:>9} "
+              f"{r['max_depth']:>6}")
+    print(f"torch reference fwd (56x56, C=160, both): {ref_fwd:.2f} ms "
+          f"({ref_fwd / head['fwd_ms']:.0f}x the CUDA kernel)")
+    for k, v in result["targets"].items():
+        print(f"target {k}: {'met' if v else 'missed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

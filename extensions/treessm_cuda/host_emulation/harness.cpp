@@ -1,0 +1,69 @@
+// Host emulation of the tree-scan kernels: one std::thread per CUDA thread, blocks in turn,
+// __syncthreads as a std::barrier. Reads a problem written by tests/extensions, runs every
+// kernel configuration the CUDA backend launches (double, V = 2) and writes the results.
+// usage: harness IN OUT CAP
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+namespace treessm_cuda { alignas(16) unsigned char smem_raw_storage[1 << 20]; }
+#include "tree_scan_kernels.cuh"
+using namespace treessm_cuda;
+template <typename F>
+void launch(dim3 grid, int threads, F body) {
+  blockDim.x = threads;
+  for (unsigned bx = 0; bx < grid.x; ++bx)
+    for (unsigned by = 0; by < grid.y; ++by) {
+      std::barrier<> bar(threads);
+      g_barrier = &bar;
+      std::memset(treessm_cuda::smem_raw_storage, 0xff, sizeof(treessm_cuda::smem_raw_storage));  // poison
+      std::vector<std::thread> ts;
+      for (int t = 0; t < threads; ++t)
+        ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; body(); });
+      for (auto& th : ts) th.join();
+    }
+}
+std::vector<double> rd(FILE* f, int64_t n) { std::vector<double> v(n); fread(v.data(), 8, n, f); return v; }
+std::vector<int64_t> ri(FILE* f, int64_t n) { std::vector<int64_t> v(n); fread(v.data(), 8, n, f); return v; }
+int main(int argc, char** argv) {
+  FILE* f = fopen(argv[1], "rb");
+  int64_t hdr[6]; fread(hdr, 8, 6, f);
+  int64_t N = hdr[0], C = hdr[1], T = hdr[2], L = hdr[3];
+  int lpv = (int)hdr[4], threads = (int)hdr[5];
+  auto x = rd(f, N * C), w = rd(f, N * C), g = rd(f, N * C), h = rd(f, N * C);
+  auto order = ri(f, N), child_ptr = ri(f, N + 1), level_pos = ri(f, L + 1), tlp = ri(f, T + 1),
+       ppos = ri(f, N), parent = ri(f, N);
+  fclose(f);
+  Plan plan{order.data(), child_ptr.data(), level_pos.data(), tlp.data(), ppos.data(), parent.data()};
+  constexpr int V = 2;
+  int64_t groups = (C / V + lpv - 1) / lpv;
+  dim3 grid; grid.x = T; grid.y = groups;
+  int cap = atoi(argv[3]);
+  std::vector<double> out(N * C, -777), gx(N * C, -777), gw(N * C, -777), U(N * C), G(N * C),
+      s1(N * C, -999), s2(N * C, -999);
+  FILE* o = fopen(argv[2], "wb");
+  auto dump = [&](std::vector<double>& v) { fwrite(v.data(), 8, N * C, o); };
+  // forward: up, down, both
+  launch(grid, threads, [&] { up_pass_kernel<double, double, V, 1>(x.data(), nullptr, w.data(), nullptr, nullptr, out.data(), nullptr, nullptr, s1.data(), nullptr, plan, C, lpv, cap); });
+  dump(out);
+  launch(grid, threads, [&] { down_pass_kernel<double, double, V, DOWN_FWD>(x.data(), nullptr, nullptr, w.data(), nullptr, out.data(), nullptr, s1.data(), plan, C, lpv, cap); });
+  dump(out);
+  launch(grid, threads, [&] { up_pass_kernel<double, double, V, 1>(x.data(), nullptr, w.data(), U.data(), nullptr, nullptr, nullptr, nullptr, s1.data(), nullptr, plan, C, lpv, cap); });
+  launch(grid, threads, [&] { down_pass_kernel<double, double, V, BOTH_FWD>(nullptr, U.data(), nullptr, w.data(), nullptr, out.data(), nullptr, s1.data(), plan, C, lpv, cap); });
+  dump(out);
+  // backward with h = given forward output per direction (file holds h for 'both'; we pass each)
+  // up bwd (h must be up-forward output: recompute here)
+  std::vector<double> hu(N * C), hd(N * C), hb(N * C);
+  launch(grid, threads, [&] { up_pass_kernel<double, double, V, 1>(x.data(), nullptr, w.data(), nullptr, nullptr, hu.data(), nullptr, nullptr, s1.data(), nullptr, plan, C, lpv, cap); });
+  launch(grid, threads, [&] { down_pass_kernel<double, double, V, DOWN_FWD>(x.data(), nullptr, nullptr, w.data(), nullptr, hd.data(), nullptr, s1.data(), plan, C, lpv, cap); });
+  hb = out;
+  launch(grid, threads, [&] { down_pass_kernel<double, double, V, UP_BWD>(g.data(), nullptr, nullptr, w.data(), hu.data(), gx.data(), gw.data(), s1.data(), plan, C, lpv, cap); });
+  dump(gx); dump(gw);
+  launch(grid, threads, [&] { up_pass_kernel<double, double, V, 1>(g.data(), nullptr, w.data(), nullptr, nullptr, gx.data(), hd.data(), gw.data(), s1.data(), nullptr, plan, C, lpv, cap); });
+  dump(gx); dump(gw);
+  launch(grid, threads, [&] { up_pass_kernel<double, double, V, 2>(x.data(), g.data(), w.data(), U.data(), G.data(), nullptr, nullptr, nullptr, s1.data(), s2.data(), plan, C, lpv, cap); });
+  launch(grid, threads, [&] { down_pass_kernel<double, double, V, BOTH_BWD>(nullptr, U.data(), G.data(), w.data(), hb.data(), gx.data(), gw.data(), s1.data(), plan, C, lpv, cap); });
+  dump(gx); dump(gw);
+  fclose(o);
+  return 0;
+}

@@ -1,0 +1,92 @@
+"""The CUDA kernels' own source, compiled for the host and run with one thread per CUDA
+thread, against the torch reference: catches indexing and synchronisation mistakes in
+``extensions/treessm_cuda`` on machines without a GPU."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import treessm
+from oracle import all_roots, chain, random_forest, star
+from treessm.ops import reference
+
+SRC = Path(__file__).resolve().parents[2] / "extensions" / "treessm_cuda"
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path_factory.mktemp("emu") / "harness"
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined",
+           f"-I{SRC / 'host_emulation'}", f"-I{SRC}", str(SRC / "host_emulation" / "harness.cpp"),
+           "-o", str(exe), "-lpthread"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        if "barrier" in r.stderr and "No such file" in r.stderr:
+            pytest.skip("compiler lacks C++20 <barrier>")
+        raise AssertionError(r.stderr[-4000:])
+    return exe
+
+
+NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down", "gx both",
+         "gw both"]
+
+
+def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0):
+    tree = treessm.Tree.from_parent(parent)
+    n = parent.numel()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, C, generator=g, dtype=torch.float64)
+    w = torch.rand(n, C, generator=g, dtype=torch.float64)
+    gout = torch.randn(n, C, generator=g, dtype=torch.float64)
+    levels = tree.levels()
+    h_both = reference.forward(x, w, parent, levels, "both")
+    level_pos, tree_level_ptr, parent_pos = tree.scan_plan()
+    src, dst = tmp / "in.bin", tmp / "out.bin"
+    with open(src, "wb") as f:
+        np.array([n, C, tree.num_trees, level_pos.numel() - 1, lpv, threads], np.int64).tofile(f)
+        for a in (x, w, gout, h_both):
+            a.numpy().tofile(f)
+        for a in (tree.order, tree.child_ptr, level_pos, tree_level_ptr, parent_pos, tree.parent):
+            a.numpy().astype(np.int64).tofile(f)
+    r = subprocess.run([str(harness), str(src), str(dst), str(cap)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = np.fromfile(dst, np.float64).reshape(-1, n, C)
+    expected = [reference.forward(x, w, parent, levels, d) for d in ("up", "down", "both")]
+    for d in ("up", "down", "both"):
+        h = reference.forward(x, w, parent, levels, d)
+        expected += list(reference.backward(gout, x, w, h, parent, levels, d))
+    for name, got, exp in zip(NAMES, out, expected):
+        np.testing.assert_allclose(got, exp.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def _forests():
+    g = torch.Generator().manual_seed(3)
+    return {
+        "random": random_forest(40, 1, g),
+        "many_roots": random_forest(60, 7, g),
+        "all_roots": all_roots(9),
+        "star": star(30, 4),
+        "deep": random_forest(80, 2, g, locality=2),
+        "chain": chain(25),
+        "single_vertex_trees_between": torch.tensor([-1, -1, 1, -1, 3, 4, -1]),
+        "wide": random_forest(300, 3, g, locality=40),
+    }
+
+
+# (channels, threads per row, threads per block, shared rows per level): the last two
+# force levels wider than shared memory to spill to the global scratch, and idle lanes
+CONFIGS = [(4, 2, 32, 256), (6, 2, 64, 3), (8, 4, 32, 1), (2, 1, 32, 2), (10, 2, 32, 0)]
+
+
+@pytest.mark.parametrize("name", list(_forests()))
+def test_kernels_match_reference_on_host(harness, tmp_path, name):
+    parent = _forests()[name]
+    for C, lpv, threads, cap in CONFIGS:
+        _run(harness, tmp_path, parent, C, lpv, threads, cap)

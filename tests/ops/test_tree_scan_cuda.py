@@ -1,0 +1,152 @@
+"""CUDA backend of tree_scan against the dense oracle and the CPU backend (skipped without a GPU)."""
+import pytest
+import torch
+
+import treessm
+from oracle import all_roots, chain, dense_tree_scan, random_forest, single_vertex, star
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DIRECTIONS = ("both", "up", "down")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    treessm.ops.cuda.load()
+
+
+def _forests():
+    g = torch.Generator().manual_seed(7)
+    return {
+        "single": single_vertex(),
+        "random": random_forest(40, 1, g),
+        "many_roots": random_forest(60, 9, g),
+        "all_roots": all_roots(13),
+        "star": star(33, center=5),
+        "deep": random_forest(50, 2, g, locality=2),
+        "chain_shuffled": chain(45, g),
+    }
+
+
+def _inputs(n, c, dtype, g, device="cuda"):
+    x = torch.randn(n, c, generator=g, dtype=torch.float64)
+    w = torch.rand(n, c, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    return x.to(device, dtype), w.to(device, dtype)
+
+
+@pytest.mark.parametrize("name", list(_forests()))
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("c", [1, 6, 8])
+def test_cuda_matches_dense_oracle(name, direction, c):
+    parent = _forests()[name]
+    n = parent.numel()
+    g = torch.Generator().manual_seed(n * 31 + c)
+    x, w = _inputs(n, c, torch.float64, g)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    tree = treessm.Tree.from_parent(parent.cuda())
+    h = treessm.tree_scan(x, w, tree, direction, backend="cuda")
+    xr = x.detach().cpu().requires_grad_(True)
+    wr = w.detach().cpu().requires_grad_(True)
+    hr = dense_tree_scan(xr, wr, parent, direction)
+    assert torch.allclose(h.cpu(), hr, atol=1e-10, rtol=1e-10)
+    gout = torch.randn(n, c, generator=g, dtype=torch.float64)
+    gx, gw = torch.autograd.grad(h, (x, w), gout.cuda())
+    gxr, gwr = torch.autograd.grad(hr, (xr, wr), gout)
+    gwr = gwr * (parent >= 0).double()[:, None]
+    assert torch.allclose(gx.cpu(), gxr, atol=1e-10, rtol=1e-10)
+    assert torch.allclose(gw.cpu(), gwr, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_dtypes_match_cpu(dtype, direction):
+    g = torch.Generator().manual_seed(3)
+    parent = random_forest(3000, 5, g, locality=50)
+    n, c = parent.numel(), 64
+    x, w = _inputs(n, c, dtype, g)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    cpu_tree = treessm.Tree.from_parent(parent)
+    h = treessm.tree_scan(x, w, tree, direction)
+    assert h.dtype == dtype
+    ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), cpu_tree, direction)
+    err = (h.double().cpu() - ref).norm() / ref.norm()
+    assert err < TOL[dtype], err
+    gout = torch.randn(n, c, generator=g).to("cuda", dtype)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    gx, gw = torch.autograd.grad(treessm.tree_scan(xg, wg, tree, direction), (xg, wg), gout)
+    xc = x.double().cpu().requires_grad_()
+    wc = w.double().cpu().requires_grad_()
+    gxr, gwr = torch.autograd.grad(treessm.tree_scan(xc, wc, cpu_tree, direction), (xc, wc),
+                                   gout.double().cpu())
+    assert (gx.double().cpu() - gxr).norm() / gxr.norm() < TOL[dtype]
+    assert (gw.double().cpu() - gwr).norm() / gwr.norm() < TOL[dtype]
+
+
+def test_cuda_grid_trees_and_deep_chain():
+    g = torch.Generator().manual_seed(11)
+    feat = torch.randn(4, 20, 20, 8, generator=g).cuda()
+    tree = treessm.GridTopology()(feat)
+    x, w = _inputs(tree.num_nodes, 32, torch.float32, g)
+    for direction in DIRECTIONS:
+        h = treessm.tree_scan(x, w, tree, direction)
+        ref = treessm.tree_scan(x.cpu(), w.cpu(), tree.cpu(), direction)
+        assert torch.allclose(h.cpu(), ref, atol=1e-4, rtol=1e-4)
+    parent = chain(100_000)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    x = torch.randn(100_000, 4, device="cuda")
+    w = torch.full_like(x, 0.5)
+    h = treessm.tree_scan(x, w, tree, "down")
+    ref = treessm.tree_scan(x.cpu(), w.cpu(), tree.cpu(), "down")
+    assert torch.allclose(h.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_bitwise_deterministic(direction):
+    g = torch.Generator().manual_seed(5)
+    parent = random_forest(20000, 3, g, locality=100)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    x, w = _inputs(parent.numel(), 96, torch.float32, g)
+    gout = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        h = treessm.tree_scan(xg, wg, tree, direction)
+        gx, gw = torch.autograd.grad(h, (xg, wg), gout)
+        runs.append((h, gx, gw))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cuda_empty_and_zero_channels():
+    tree = treessm.Tree.from_parent(torch.zeros(0, dtype=torch.long)).cuda()
+    x = torch.zeros(0, 4, device="cuda", requires_grad=True)
+    h = treessm.tree_scan(x, torch.zeros(0, 4, device="cuda"), tree)
+    assert h.shape == (0, 4)
+    tree = treessm.Tree.from_parent(torch.tensor([-1, 0, 0])).cuda()
+    h = treessm.tree_scan(torch.zeros(3, 0, device="cuda"), torch.zeros(3, 0, device="cuda"), tree)
+    assert h.shape == (3, 0)
+
+
+def test_cuda_ops_registered_and_compile():
+    assert hasattr(torch.ops.treessm, "tree_scan")
+    assert hasattr(torch.ops.treessm, "cuda_scan_forward")
+    g = torch.Generator().manual_seed(2)
+    parent = random_forest(500, 2, g)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    x, w = _inputs(500, 16, torch.float32, g)
+
+    def f(x, w):
+        return treessm.tree_scan(x * 2, w, tree, "both").sin().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out_c = compiled(xa, wa)
+    out_e = f(xb, wb)
+    out_c.backward()
+    out_e.backward()
+    assert torch.allclose(out_c, out_e, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(wa.grad, wb.grad, rtol=1e-5, atol=1e-5)
