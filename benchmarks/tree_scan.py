@@ -132,17 +132,28 @@ def main(argv=None):
     big = [] if args.quick else [(32, 224, 160)]
     for (B, H, C) in big:
         rows.append(bench_row(B, H, C, "both", torch.float32, bw, iters=10))
-    # the torch reference on the headline size, for the same-run ratio
+    # launch-shape sweep on the headline size (TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS)
+    import os
+    tuning = []
     feat = torch.randn(32, 56, 56, 160, device="cuda")
     tree = grid_tree(feat)
     x = torch.randn(32 * 56 * 56, 160, device="cuda")
     w = torch.rand_like(x) * 0.9 + 0.05
+    for lpv in (1, 2, 4):
+        for threads in (32, 64, 128):
+            os.environ["TREESSM_CUDA_LPV"], os.environ["TREESSM_CUDA_THREADS"] = str(lpv), str(threads)
+            ms = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
+            tuning.append(dict(lpv=lpv, threads=threads, fwd_ms=ms))
+    os.environ.pop("TREESSM_CUDA_LPV")
+    os.environ.pop("TREESSM_CUDA_THREADS")
+    # the torch reference on the headline size, for the same-run ratio
     ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
     result = dict(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
         copy_bandwidth_GBps=bw,
         torch_reference_fwd_ms_56_160_both=ref_fwd,
+        launch_tuning_56_160_both_fp32=tuning,
         rows=rows,
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
@@ -169,6 +180,9 @@ def main(argv=None):
               f"{r['max_depth']:>6}")
     print(f"torch reference fwd (56x56, C=160, both): {ref_fwd:.2f} ms "
           f"({ref_fwd / head['fwd_ms']:.0f}x the CUDA kernel)")
+    best = min(tuning, key=lambda r: r["fwd_ms"])
+    print("launch shapes (both, fp32, 56x56, C=160): " + ", ".join(
+        f"lpv{r['lpv']}/t{r['threads']}={r['fwd_ms']:.3f}" for r in tuning) + f"; best {best}")
     for k, v in result["targets"].items():
         print(f"target {k}: {'met' if v else 'missed'}")
     return 0

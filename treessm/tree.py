@@ -284,16 +284,19 @@ class Tree:
         """Level plan for the compiled GPU kernels, computed on the tree's device without a
         host synchronisation and cached.
 
-        Returns ``[level_pos, tree_level_ptr, parent_pos]``: the first position in ``order``
-        of every breadth-first level (levels tree by tree, ``[L + 1]``, padded with ``N``),
-        the levels of each tree (``[T + 1]``), and the position of each position's parent
-        (``-1`` at roots).
+        Returns ``[level_pos, tree_level_ptr, parent_pos, parent_at_pos]``: the first
+        position in ``order`` of every breadth-first level (levels tree by tree, ``[L + 1]``,
+        padded with ``N``), the levels of each tree (``[T + 1]``), the position of each
+        position's parent and the parent vertex of each position (both ``-1`` at roots).
         """
+        if self._plan is not None and len(self._plan) == 3:  # from a builder that made three
+            self._plan = self._plan + [self.parent[self.order]]
         if self._plan is None:
             n, dev = self.num_nodes, self.device
             if n == 0:
                 z = torch.zeros(1, dtype=torch.long, device=dev)
-                self._plan = [z, z.clone(), torch.zeros(0, dtype=torch.long, device=dev)]
+                e = torch.zeros(0, dtype=torch.long, device=dev)
+                self._plan = [z, z.clone(), e, e.clone()]
                 return self._plan
             d = self.depth[self.order]
             is_start = torch.ones(n, dtype=torch.bool, device=dev)
@@ -306,7 +309,7 @@ class Tree:
             pos_of[self.order] = torch.arange(n, device=dev)
             pp = self.parent[self.order]
             parent_pos = torch.where(pp >= 0, pos_of[pp.clamp(min=0)], pp)
-            self._plan = [level_pos, tree_level_ptr, parent_pos]
+            self._plan = [level_pos, tree_level_ptr, parent_pos, pp]
         return self._plan
 
     def tensors(self):

@@ -84,14 +84,14 @@ Launch configure(int64_t C, int64_t num_trees, int elem_size) {
 
 Plan make_plan(const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& level_pos,
                const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
-               const at::Tensor& parent) {
+               const at::Tensor& parent_at_pos) {
   Plan p;
   p.order = order.data_ptr<int64_t>();
   p.child_ptr = child_ptr.data_ptr<int64_t>();
   p.level_pos = level_pos.data_ptr<int64_t>();
   p.tree_level_ptr = tree_level_ptr.data_ptr<int64_t>();
   p.parent_pos = parent_pos.data_ptr<int64_t>();
-  p.parent = parent.data_ptr<int64_t>();
+  p.parent_at_pos = parent_at_pos.data_ptr<int64_t>();
   return p;
 }
 
@@ -130,14 +130,14 @@ int direction_code(const std::string& d) {
 
 }  // namespace
 
-at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& parent,
-                        const at::Tensor& order, const at::Tensor& child_ptr,
-                        const at::Tensor& level_pos, const at::Tensor& tree_level_ptr,
-                        const at::Tensor& parent_pos, const std::string& direction) {
+at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order,
+                        const at::Tensor& child_ptr, const at::Tensor& level_pos,
+                        const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
+                        const at::Tensor& parent_at_pos, const std::string& direction) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
   const int64_t N = x.size(0), C = x.size(1);
-  check_index(parent, "parent", N, x);
+  check_index(parent_at_pos, "parent_at_pos", N, x);
   check_index(order, "order", N, x);
   check_index(child_ptr, "child_ptr", N + 1, x);
   check_index(parent_pos, "parent_pos", N, x);
@@ -149,7 +149,7 @@ at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at:
   if (N == 0 || C == 0 || T <= 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent);
+  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
   const Launch L = configure(C, T, x.element_size());
@@ -183,15 +183,15 @@ at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at:
 
 std::tuple<at::Tensor, at::Tensor> scan_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
-    const at::Tensor& parent, const at::Tensor& order, const at::Tensor& child_ptr,
-    const at::Tensor& level_pos, const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
-    const std::string& direction) {
+    const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& level_pos,
+    const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
+    const at::Tensor& parent_at_pos, const std::string& direction) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
   check_rows(grad, "grad", x);
   check_rows(out, "out", x);
   const int64_t N = x.size(0), C = x.size(1);
-  check_index(parent, "parent", N, x);
+  check_index(parent_at_pos, "parent_at_pos", N, x);
   check_index(order, "order", N, x);
   check_index(child_ptr, "child_ptr", N + 1, x);
   check_index(parent_pos, "parent_pos", N, x);
@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> scan_backward(
   if (N == 0 || C == 0 || T <= 0) return {gx, gw};
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent);
+  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
   const Launch L = configure(C, T, x.element_size());
@@ -240,12 +240,13 @@ std::tuple<at::Tensor, at::Tensor> scan_backward(
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
-      "cuda_scan_forward(Tensor x, Tensor weight, Tensor parent, Tensor order, Tensor child_ptr, "
-      "Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, str direction) -> Tensor");
+      "cuda_scan_forward(Tensor x, Tensor weight, Tensor order, Tensor child_ptr, "
+      "Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, Tensor parent_at_pos, "
+      "str direction) -> Tensor");
   m.def(
-      "cuda_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor parent, "
-      "Tensor order, Tensor child_ptr, Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, "
-      "str direction) -> (Tensor, Tensor)");
+      "cuda_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor order, "
+      "Tensor child_ptr, Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, "
+      "Tensor parent_at_pos, str direction) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

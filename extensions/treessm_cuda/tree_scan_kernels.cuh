@@ -65,7 +65,7 @@ struct Plan {
   const int64_t* __restrict__ level_pos;       // [L+1] first position of each level, levels tree by tree
   const int64_t* __restrict__ tree_level_ptr;  // [T+1] levels of tree t: [tree_level_ptr[t], tree_level_ptr[t+1])
   const int64_t* __restrict__ parent_pos;      // [N] position of the parent of position i, -1 at roots
-  const int64_t* __restrict__ parent;          // [N] parent vertex of each vertex, -1 at roots
+  const int64_t* __restrict__ parent_at_pos;   // [N] parent vertex of position i (parent[order[i]]), -1 at roots
 };
 
 // Values handed from one level to the next. Level l's values sit in shared memory at
@@ -87,12 +87,17 @@ struct Ring {
   }
 };
 
+// Software pipeline shared by both passes. A level costs one __syncthreads; what would
+// otherwise stall it is the chain "level bounds -> vertex ids -> rows". So a thread
+// works on its first vertex of level l while the rows of its first vertex of the next
+// level are loading, the ids of the level after that are loading, and the bounds of the
+// level after that again: every load has at least one level's time to arrive. Vertices
+// beyond the first in a wide level take the unpipelined path.
+
 // Leaf-first pass. For NS input streams s (x, or x and g), computes
 //   up_s[v] = s[v] + sum_{children c} w[c] * up_s[c]
 // and writes it to up0/up1 (accumulator type, may be null) and/or `out` (type T).
 // When gw is set (backward of direction "down"): gw[v] = up0[v] * h[parent[v]], 0 at roots.
-// The loads that do not depend on the previous level (indices, x, w, h) of a thread's
-// first vertex in the next level are issued before the current level is combined.
 template <typename T, typename A, int V, int NS>
 __global__ void up_pass_kernel(
     const T* __restrict__ x0, const T* __restrict__ x1, const T* __restrict__ w,
@@ -116,27 +121,36 @@ __global__ void up_pass_kernel(
   const Ring<A, V> r0{smem, cb0, cap, cw, lane * V, C, c};
   const Ring<A, V> r1{smem + 2 * (int64_t)cap * cw, cb1, cap, cw, lane * V, C, c};
 
-  struct Item {
+  struct Idx {
     int64_t i, v, j0, j1, p;
+    bool ok;
+  };
+  struct Item {
+    Idx k;
     A s0[V], s1[V], wv[V], hp[V];
   };
-  auto fetch = [&](Item& it, int64_t i) {
-    it.i = i;
-    it.v = plan.order[i];
-    it.j0 = plan.child_ptr[i];
-    it.j1 = min(plan.child_ptr[i + 1], tree_end);
-    load<V>(x0 + it.v * C + c, it.s0);
-    if (NS == 2) load<V>(x1 + it.v * C + c, it.s1);
-    load<V>(w + it.v * C + c, it.wv);
-    if (gw != nullptr) {
-      it.p = plan.parent[it.v];
-      if (it.p >= 0) load<V>(h + it.p * C + c, it.hp);
+  auto fetch_idx = [&](Idx& k, int64_t lo, int64_t hi, int64_t i) {
+    k.ok = active && lo <= i && i < hi;
+    if (k.ok) {
+      k.i = i;
+      k.v = plan.order[i];
+      k.j0 = plan.child_ptr[i];
+      k.j1 = min(plan.child_ptr[i + 1], tree_end);
+      if (gw != nullptr) k.p = plan.parent_at_pos[i];
     }
+  };
+  auto fetch_data = [&](Item& it, const Idx& k) {
+    it.k = k;
+    if (!k.ok) return;
+    load<V>(x0 + k.v * C + c, it.s0);
+    if (NS == 2) load<V>(x1 + k.v * C + c, it.s1);
+    load<V>(w + k.v * C + c, it.wv);
+    if (gw != nullptr && k.p >= 0) load<V>(h + k.p * C + c, it.hp);
   };
   // a: first position of this level; ca: first position of the level below (children)
   auto finish = [&](Item& it, int64_t a, int64_t ca, int buf, bool root_level) {
     A tmp[V];
-    for (int64_t j = it.j0; j < it.j1; ++j) {
+    for (int64_t j = it.k.j0; j < it.k.j1; ++j) {
       r0.get(buf ^ 1, j - ca, j, tmp);
 #pragma unroll
       for (int q = 0; q < V; ++q) it.s0[q] += tmp[q];
@@ -146,63 +160,62 @@ __global__ void up_pass_kernel(
         for (int q = 0; q < V; ++q) it.s1[q] += tmp[q];
       }
     }
-    if (up0 != nullptr) store<V>(up0 + it.v * C + c, it.s0);
-    if (NS == 2 && up1 != nullptr) store<V>(up1 + it.v * C + c, it.s1);
-    if (out != nullptr) store<V>(out + it.v * C + c, it.s0);
+    const int64_t row = it.k.v * C + c;
+    if (up0 != nullptr) store<V>(up0 + row, it.s0);
+    if (NS == 2 && up1 != nullptr) store<V>(up1 + row, it.s1);
+    if (out != nullptr) store<V>(out + row, it.s0);
     if (!root_level) {  // hand w * up to the parent
 #pragma unroll
       for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.s0[q];
-      r0.put(buf, it.i - a, it.i, tmp);
+      r0.put(buf, it.k.i - a, it.k.i, tmp);
       if (NS == 2) {
 #pragma unroll
         for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.s1[q];
-        r1.put(buf, it.i - a, it.i, tmp);
+        r1.put(buf, it.k.i - a, it.k.i, tmp);
       }
       if (gw != nullptr) {
 #pragma unroll
         for (int q = 0; q < V; ++q) tmp[q] = it.hp[q] * it.s0[q];
-        store<V>(gw + it.v * C + c, tmp);
+        store<V>(gw + row, tmp);
       }
     } else if (gw != nullptr) {
 #pragma unroll
       for (int q = 0; q < V; ++q) tmp[q] = A(0);
-      store<V>(gw + it.v * C + c, tmp);
+      store<V>(gw + row, tmp);
     }
   };
-
-  // Two levels of look-ahead: while level l is combined, the independent loads of the
-  // thread's first vertex in levels l-1 and l-2 are in flight.
+  // level bounds, deepest level first: level l = [t1, t0), l-1 = [t2, t1), ...; levels
+  // above the root are empty ([lp[l0], lp[l0]))
+  auto start_of = [&](int64_t l) { return plan.level_pos[l < l0 ? l0 : l]; };
+  int64_t t0 = tree_end, t1 = start_of(l1 - 1), t2 = start_of(l1 - 2), t3 = start_of(l1 - 3),
+          t4 = start_of(l1 - 4);
+  Idx k0, k1, k2;
+  fetch_idx(k0, t1, t0, t1 + slot);
+  fetch_idx(k1, t2, t1, t2 + slot);
+  fetch_idx(k2, t3, t2, t3 + slot);
+  Item d0, d1;
+  fetch_data(d0, k0);
+  fetch_data(d1, k1);
   int buf = 0;
-  int64_t ca = tree_end;  // the deepest level has no children
-  int64_t b = tree_end;
-  int64_t a = plan.level_pos[l1 - 1];
-  int64_t na = (l1 - 2 >= l0) ? plan.level_pos[l1 - 2] : a;
-  Item n1, n2;
-  bool h1 = active && a + slot < b;
-  if (h1) fetch(n1, a + slot);
-  bool h2 = active && l1 - 2 >= l0 && na + slot < a;
-  if (h2) fetch(n2, na + slot);
   for (int64_t l = l1 - 1; l >= l0; --l) {
-    Item cur = n1;
-    const bool hc = h1;
-    n1 = n2;
-    h1 = h2;
-    const int64_t nna = (l - 2 >= l0) ? plan.level_pos[l - 2] : na;
-    h2 = active && l - 2 >= l0 && nna + slot < na;
-    if (h2) fetch(n2, nna + slot);
-    if (hc) finish(cur, a, ca, buf, l == l0);
+    const int64_t t5 = start_of(l - 4);
+    Idx k3;
+    fetch_idx(k3, t4, t3, t4 + slot);  // level l-3
+    Item d2;
+    fetch_data(d2, k2);                // level l-2
+    if (d0.k.ok) finish(d0, t1, t0, buf, l == l0);
     if (active) {
-      for (int64_t i = a + slot + slots; i < b; i += slots) {
+      for (int64_t i = t1 + slot + slots; i < t0; i += slots) {
+        Idx k;
+        fetch_idx(k, t1, t0, i);
         Item it;
-        fetch(it, i);
-        finish(it, a, ca, buf, l == l0);
+        fetch_data(it, k);
+        finish(it, t1, t0, buf, l == l0);
       }
     }
     __syncthreads();
-    ca = a;
-    b = a;
-    a = na;
-    na = nna;
+    t0 = t1; t1 = t2; t2 = t3; t3 = t4; t4 = t5;
+    d0 = d1; d1 = d2; k2 = k3;
     buf ^= 1;
   }
 }
@@ -234,15 +247,27 @@ __global__ void down_pass_kernel(
   constexpr bool BWD = (MODE == UP_BWD || MODE == BOTH_BWD);
   const Ring<A, V> ring{smem, val, cap, cw, lane * V, C, c};
 
+  struct Idx {
+    int64_t i, v, pp, p;
+    bool ok;
+  };
   struct Item {
-    int64_t i, v, pp;
+    Idx k;
     A base[V], u[V], wv[V], hx[V];
   };
-  auto fetch = [&](Item& it, int64_t i) {
-    it.i = i;
-    it.v = plan.order[i];
-    it.pp = plan.parent_pos[i];
-    const int64_t row = it.v * C + c;
+  auto fetch_idx = [&](Idx& k, int64_t lo, int64_t hi, int64_t i) {
+    k.ok = active && lo <= i && i < hi;
+    if (k.ok) {
+      k.i = i;
+      k.v = plan.order[i];
+      k.pp = plan.parent_pos[i];
+      if (MODE == BOTH_BWD) k.p = plan.parent_at_pos[i];
+    }
+  };
+  auto fetch_data = [&](Item& it, const Idx& k) {
+    it.k = k;
+    if (!k.ok) return;
+    const int64_t row = k.v * C + c;
     if (MODE == DOWN_FWD || MODE == UP_BWD) load<V>(src + row, it.base);
     if (MODE == BOTH_FWD || MODE == BOTH_BWD) load<V>(U + row, it.u);
     if (MODE == BOTH_BWD) load<V>(G + row, it.base);
@@ -250,21 +275,21 @@ __global__ void down_pass_kernel(
 #pragma unroll
       for (int q = 0; q < V; ++q) it.base[q] = it.u[q];
     }
-    if (it.pp >= 0) {
+    if (k.pp >= 0) {
       load<V>(w + row, it.wv);
       if (MODE == UP_BWD) load<V>(h + row, it.hx);
-      if (MODE == BOTH_BWD) load<V>(h + plan.order[it.pp] * C + c, it.hx);
+      if (MODE == BOTH_BWD) load<V>(h + k.p * C + c, it.hx);
     }
   };
-  // pa: first position of the parents' level
+  // a: first position of this level; pa: first position of the parents' level
   auto finish = [&](Item& it, int64_t a, int64_t pa, int buf) {
     A r[V], g[V];
-    if (it.pp < 0) {
+    if (it.k.pp < 0) {
 #pragma unroll
       for (int q = 0; q < V; ++q) { r[q] = it.base[q]; g[q] = A(0); }
     } else {
       A pv[V];
-      ring.get(buf ^ 1, it.pp - pa, it.pp, pv);
+      ring.get(buf ^ 1, it.k.pp - pa, it.k.pp, pv);
       if (MODE == DOWN_FWD || MODE == UP_BWD) {
 #pragma unroll
         for (int q = 0; q < V; ++q) r[q] = it.base[q] + it.wv[q] * pv[q];
@@ -283,43 +308,44 @@ __global__ void down_pass_kernel(
           g[q] = it.u[q] * pv[q] + it.base[q] * it.hx[q] - A(2) * it.wv[q] * it.u[q] * it.base[q];
       }
     }
-    ring.put(buf, it.i - a, it.i, r);
-    store<V>(out + it.v * C + c, r);
-    if (BWD) store<V>(gw + it.v * C + c, g);
+    ring.put(buf, it.k.i - a, it.k.i, r);
+    store<V>(out + it.k.v * C + c, r);
+    if (BWD) store<V>(gw + it.k.v * C + c, g);
   };
-
-  // Two levels of look-ahead, as in the up pass.
+  // level bounds, roots first: level l = [s0, s1), l+1 = [s1, s2), ...; levels past the
+  // deepest are empty ([lp[l1], lp[l1]))
+  auto start_of = [&](int64_t l) { return plan.level_pos[l > l1 ? l1 : l]; };
+  int64_t s0 = start_of(l0), s1 = start_of(l0 + 1), s2 = start_of(l0 + 2), s3 = start_of(l0 + 3),
+          s4 = start_of(l0 + 4);
+  Idx k0, k1, k2;
+  fetch_idx(k0, s0, s1, s0 + slot);
+  fetch_idx(k1, s1, s2, s1 + slot);
+  fetch_idx(k2, s2, s3, s2 + slot);
+  Item d0, d1;
+  fetch_data(d0, k0);
+  fetch_data(d1, k1);
   int buf = 0;
   int64_t pa = 0;
-  int64_t a = plan.level_pos[l0];
-  int64_t b = plan.level_pos[l0 + 1];
-  int64_t nb = (l0 + 1 < l1) ? plan.level_pos[l0 + 2] : b;
-  Item n1, n2;
-  bool h1 = active && a + slot < b;
-  if (h1) fetch(n1, a + slot);
-  bool h2 = active && l0 + 1 < l1 && b + slot < nb;
-  if (h2) fetch(n2, b + slot);
   for (int64_t l = l0; l < l1; ++l) {
-    Item cur = n1;
-    const bool hc = h1;
-    n1 = n2;
-    h1 = h2;
-    const int64_t nnb = (l + 2 < l1) ? plan.level_pos[l + 3] : nb;
-    h2 = active && l + 2 < l1 && nb + slot < nnb;
-    if (h2) fetch(n2, nb + slot);
-    if (hc) finish(cur, a, pa, buf);
+    const int64_t s5 = start_of(l + 5);
+    Idx k3;
+    fetch_idx(k3, s3, s4, s3 + slot);  // level l+3
+    Item d2;
+    fetch_data(d2, k2);                // level l+2
+    if (d0.k.ok) finish(d0, s0, pa, buf);
     if (active) {
-      for (int64_t i = a + slot + slots; i < b; i += slots) {
+      for (int64_t i = s0 + slot + slots; i < s1; i += slots) {
+        Idx k;
+        fetch_idx(k, s0, s1, i);
         Item it;
-        fetch(it, i);
-        finish(it, a, pa, buf);
+        fetch_data(it, k);
+        finish(it, s0, pa, buf);
       }
     }
     __syncthreads();
-    pa = a;
-    a = b;
-    b = nb;
-    nb = nnb;
+    pa = s0;
+    s0 = s1; s1 = s2; s2 = s3; s3 = s4; s4 = s5;
+    d0 = d1; d1 = d2; k2 = k3;
     buf ^= 1;
   }
 }

@@ -46,13 +46,13 @@ def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0):
     gout = torch.randn(n, C, generator=g, dtype=torch.float64)
     levels = tree.levels()
     h_both = reference.forward(x, w, parent, levels, "both")
-    level_pos, tree_level_ptr, parent_pos = tree.scan_plan()
+    level_pos, tree_level_ptr, parent_pos, parent_at_pos = tree.scan_plan()
     src, dst = tmp / "in.bin", tmp / "out.bin"
     with open(src, "wb") as f:
         np.array([n, C, tree.num_trees, level_pos.numel() - 1, lpv, threads], np.int64).tofile(f)
         for a in (x, w, gout, h_both):
             a.numpy().tofile(f)
-        for a in (tree.order, tree.child_ptr, level_pos, tree_level_ptr, parent_pos, tree.parent):
+        for a in (tree.order, tree.child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos):
             a.numpy().astype(np.int64).tofile(f)
     r = subprocess.run([str(harness), str(src), str(dst), str(cap)], capture_output=True,
                        text=True)

@@ -98,15 +98,12 @@ def load(verbose: bool = False) -> None:
 
 
 def forward(x, w, parent, order, child_ptr, plan, direction):
-    level_pos, tree_level_ptr, parent_pos = plan
-    return torch.ops.treessm.cuda_scan_forward(x, w, parent, order, child_ptr, level_pos,
-                                               tree_level_ptr, parent_pos, direction)
+    """``plan`` is :meth:`treessm.Tree.scan_plan`."""
+    return torch.ops.treessm.cuda_scan_forward(x, w, order, child_ptr, *plan, direction)
 
 
 def backward(g, x, w, h, parent, order, child_ptr, plan, direction):
-    level_pos, tree_level_ptr, parent_pos = plan
-    gx, gw = torch.ops.treessm.cuda_scan_backward(g, x, w, h, parent, order, child_ptr, level_pos,
-                                                  tree_level_ptr, parent_pos, direction)
+    gx, gw = torch.ops.treessm.cuda_scan_backward(g, x, w, h, order, child_ptr, *plan, direction)
     return gx, gw
 
 

@@ -32,9 +32,9 @@ int main(int argc, char** argv) {
   int lpv = (int)hdr[4], threads = (int)hdr[5];
   auto x = rd(f, N * C), w = rd(f, N * C), g = rd(f, N * C), h = rd(f, N * C);
   auto order = ri(f, N), child_ptr = ri(f, N + 1), level_pos = ri(f, L + 1), tlp = ri(f, T + 1),
-       ppos = ri(f, N), parent = ri(f, N);
+       ppos = ri(f, N), parent_at_pos = ri(f, N);
   fclose(f);
-  Plan plan{order.data(), child_ptr.data(), level_pos.data(), tlp.data(), ppos.data(), parent.data()};
+  Plan plan{order.data(), child_ptr.data(), level_pos.data(), tlp.data(), ppos.data(), parent_at_pos.data()};
   constexpr int V = 2;
   int64_t groups = (C / V + lpv - 1) / lpv;
   dim3 grid; grid.x = T; grid.y = groups;
