@@ -62,11 +62,13 @@ int env_int(const char* name, int fallback) {
 // of vertices, and independent blocks (trees x channel groups) are what hides latency.
 // TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override the choice (for tuning).
 Launch configure(int64_t C, int64_t num_trees, int elem_size) {
-  int vec = 16 / elem_size;
+  // at most four channels per thread: the pipeline keeps four levels of rows in registers
+  int vec = 16 / elem_size < 4 ? 16 / elem_size : 4;
   while (vec > 1 && C % vec != 0) vec /= 2;
   const int64_t lanes = C / vec;
-  int lpv = env_int("TREESSM_CUDA_LPV", 2);
-  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) lpv = 2;
+  const int sector = 32 / (vec * elem_size) > 0 ? 32 / (vec * elem_size) : 1;  // 32-byte rows
+  int lpv = env_int("TREESSM_CUDA_LPV", sector);
+  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) lpv = sector;
   while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
   int threads = env_int("TREESSM_CUDA_THREADS", 64);
   if (threads < 32 || threads > 1024 || threads % 32) threads = 64;
@@ -107,7 +109,6 @@ T* ptr(const at::Tensor& t) {
 // Instantiates only the widths a type can take (at most 16 bytes per access).
 #define TREESSM_DISPATCH_VEC(VEC, ELEM, ...)                                               \
   switch (VEC) {                                                                           \
-    case 8: { constexpr int V = 8; if constexpr (V * sizeof(ELEM) <= 16) { __VA_ARGS__; } break; } \
     case 4: { constexpr int V = 4; if constexpr (V * sizeof(ELEM) <= 16) { __VA_ARGS__; } break; } \
     case 2: { constexpr int V = 2; __VA_ARGS__; break; }                                   \
     default: { constexpr int V = 1; __VA_ARGS__; break; }                                  \

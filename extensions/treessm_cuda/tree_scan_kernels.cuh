@@ -89,10 +89,10 @@ struct Ring {
 
 // Software pipeline shared by both passes. A level costs one __syncthreads; what would
 // otherwise stall it is the chain "level bounds -> vertex ids -> rows". So a thread
-// works on its first vertex of level l while the rows of its first vertex of the next
-// level are loading, the ids of the level after that are loading, and the bounds of the
-// level after that again: every load has at least one level's time to arrive. Vertices
-// beyond the first in a wide level take the unpipelined path.
+// combines its first vertex of level l while the rows of its first vertex two levels on
+// are loading, the ids three levels on and the bounds four levels on: rows get two
+// levels' time to arrive, ids and bounds one. Vertices beyond the first in a wide level
+// take the unpipelined path.
 
 // Leaf-first pass. For NS input streams s (x, or x and g), computes
 //   up_s[v] = s[v] + sum_{children c} w[c] * up_s[c]
@@ -121,16 +121,13 @@ __global__ void up_pass_kernel(
   const Ring<A, V> r0{smem, cb0, cap, cw, lane * V, C, c};
   const Ring<A, V> r1{smem + 2 * (int64_t)cap * cw, cb1, cap, cw, lane * V, C, c};
 
-  struct Idx {
-    int64_t i, v, j0, j1, p;
+  struct Slot {  // one level in the pipeline: bounds, ids and rows of the thread's vertex
+    int64_t lo, hi, i, v, j0, j1, p;
     bool ok;
-  };
-  struct Item {
-    Idx k;
     A s0[V], s1[V], wv[V], hp[V];
   };
-  auto fetch_idx = [&](Idx& k, int64_t lo, int64_t hi, int64_t i) {
-    k.ok = active && lo <= i && i < hi;
+  auto fetch_idx = [&](Slot& k, int64_t i) {
+    k.ok = active && k.lo <= i && i < k.hi;
     if (k.ok) {
       k.i = i;
       k.v = plan.order[i];
@@ -139,18 +136,17 @@ __global__ void up_pass_kernel(
       if (gw != nullptr) k.p = plan.parent_at_pos[i];
     }
   };
-  auto fetch_data = [&](Item& it, const Idx& k) {
-    it.k = k;
-    if (!k.ok) return;
-    load<V>(x0 + k.v * C + c, it.s0);
-    if (NS == 2) load<V>(x1 + k.v * C + c, it.s1);
-    load<V>(w + k.v * C + c, it.wv);
-    if (gw != nullptr && k.p >= 0) load<V>(h + k.p * C + c, it.hp);
+  auto fetch_data = [&](Slot& it) {
+    if (!it.ok) return;
+    load<V>(x0 + it.v * C + c, it.s0);
+    if (NS == 2) load<V>(x1 + it.v * C + c, it.s1);
+    load<V>(w + it.v * C + c, it.wv);
+    if (gw != nullptr && it.p >= 0) load<V>(h + it.p * C + c, it.hp);
   };
   // a: first position of this level; ca: first position of the level below (children)
-  auto finish = [&](Item& it, int64_t a, int64_t ca, int buf, bool root_level) {
+  auto finish = [&](Slot& it, int64_t a, int64_t ca, int buf, bool root_level) {
     A tmp[V];
-    for (int64_t j = it.k.j0; j < it.k.j1; ++j) {
+    for (int64_t j = it.j0; j < it.j1; ++j) {
       r0.get(buf ^ 1, j - ca, j, tmp);
 #pragma unroll
       for (int q = 0; q < V; ++q) it.s0[q] += tmp[q];
@@ -160,18 +156,18 @@ __global__ void up_pass_kernel(
         for (int q = 0; q < V; ++q) it.s1[q] += tmp[q];
       }
     }
-    const int64_t row = it.k.v * C + c;
+    const int64_t row = it.v * C + c;
     if (up0 != nullptr) store<V>(up0 + row, it.s0);
     if (NS == 2 && up1 != nullptr) store<V>(up1 + row, it.s1);
     if (out != nullptr) store<V>(out + row, it.s0);
     if (!root_level) {  // hand w * up to the parent
 #pragma unroll
       for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.s0[q];
-      r0.put(buf, it.k.i - a, it.k.i, tmp);
+      r0.put(buf, it.i - a, it.i, tmp);
       if (NS == 2) {
 #pragma unroll
         for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.s1[q];
-        r1.put(buf, it.k.i - a, it.k.i, tmp);
+        r1.put(buf, it.i - a, it.i, tmp);
       }
       if (gw != nullptr) {
 #pragma unroll
@@ -184,39 +180,54 @@ __global__ void up_pass_kernel(
       store<V>(gw + row, tmp);
     }
   };
-  // level bounds, deepest level first: level l = [t1, t0), l-1 = [t2, t1), ...; levels
-  // above the root are empty ([lp[l0], lp[l0]))
+  // Levels deepest first; levels above the root are empty ([lp[l0], lp[l0])).
   auto start_of = [&](int64_t l) { return plan.level_pos[l < l0 ? l0 : l]; };
-  int64_t t0 = tree_end, t1 = start_of(l1 - 1), t2 = start_of(l1 - 2), t3 = start_of(l1 - 3),
-          t4 = start_of(l1 - 4);
-  Idx k0, k1, k2;
-  fetch_idx(k0, t1, t0, t1 + slot);
-  fetch_idx(k1, t2, t1, t2 + slot);
-  fetch_idx(k2, t3, t2, t3 + slot);
-  Item d0, d1;
-  fetch_data(d0, k0);
-  fetch_data(d1, k1);
   int buf = 0;
-  for (int64_t l = l1 - 1; l >= l0; --l) {
-    const int64_t t5 = start_of(l - 4);
-    Idx k3;
-    fetch_idx(k3, t4, t3, t4 + slot);  // level l-3
-    Item d2;
-    fetch_data(d2, k2);                // level l-2
-    if (d0.k.ok) finish(d0, t1, t0, buf, l == l0);
+  // One pipeline step at level l with slots W (level l), X (l-1), Y (l-2), Z (l-3); the
+  // loop below unrolls four steps with rotated roles so that no slot is ever copied
+  // (a copy would wait for the slot's loads to land).
+  auto step = [&](Slot& W, Slot& X, Slot& Y, Slot& Z, int64_t l) {
+    fetch_data(Y);
+    fetch_idx(Z, Z.lo + slot);
+    if (W.ok) finish(W, W.lo, W.hi, buf, l == l0);
     if (active) {
-      for (int64_t i = t1 + slot + slots; i < t0; i += slots) {
-        Idx k;
-        fetch_idx(k, t1, t0, i);
-        Item it;
-        fetch_data(it, k);
-        finish(it, t1, t0, buf, l == l0);
+      for (int64_t i = W.lo + slot + slots; i < W.hi; i += slots) {
+        Slot it;
+        it.lo = W.lo;
+        it.hi = W.hi;
+        fetch_idx(it, i);
+        fetch_data(it);
+        finish(it, W.lo, W.hi, buf, l == l0);
       }
     }
     __syncthreads();
-    t0 = t1; t1 = t2; t2 = t3; t3 = t4; t4 = t5;
-    d0 = d1; d1 = d2; k2 = k3;
     buf ^= 1;
+    W.hi = Z.lo;  // W becomes level l-4
+    W.lo = start_of(l - 4);
+  };
+  Slot A_, B_, C_, D_;
+  A_.hi = tree_end;
+  A_.lo = start_of(l1 - 1);
+  B_.hi = A_.lo;
+  B_.lo = start_of(l1 - 2);
+  C_.hi = B_.lo;
+  C_.lo = start_of(l1 - 3);
+  D_.hi = C_.lo;
+  D_.lo = start_of(l1 - 4);
+  fetch_idx(A_, A_.lo + slot);
+  fetch_idx(B_, B_.lo + slot);
+  fetch_idx(C_, C_.lo + slot);
+  fetch_data(A_);
+  fetch_data(B_);
+  for (int64_t l = l1 - 1; l >= l0;) {
+    step(A_, B_, C_, D_, l);
+    if (--l < l0) break;
+    step(B_, C_, D_, A_, l);
+    if (--l < l0) break;
+    step(C_, D_, A_, B_, l);
+    if (--l < l0) break;
+    step(D_, A_, B_, C_, l);
+    --l;
   }
 }
 
@@ -247,16 +258,13 @@ __global__ void down_pass_kernel(
   constexpr bool BWD = (MODE == UP_BWD || MODE == BOTH_BWD);
   const Ring<A, V> ring{smem, val, cap, cw, lane * V, C, c};
 
-  struct Idx {
-    int64_t i, v, pp, p;
+  struct Slot {  // one level in the pipeline: bounds, ids and rows of the thread's vertex
+    int64_t lo, hi, i, v, pp, p;
     bool ok;
-  };
-  struct Item {
-    Idx k;
     A base[V], u[V], wv[V], hx[V];
   };
-  auto fetch_idx = [&](Idx& k, int64_t lo, int64_t hi, int64_t i) {
-    k.ok = active && lo <= i && i < hi;
+  auto fetch_idx = [&](Slot& k, int64_t i) {
+    k.ok = active && k.lo <= i && i < k.hi;
     if (k.ok) {
       k.i = i;
       k.v = plan.order[i];
@@ -264,32 +272,31 @@ __global__ void down_pass_kernel(
       if (MODE == BOTH_BWD) k.p = plan.parent_at_pos[i];
     }
   };
-  auto fetch_data = [&](Item& it, const Idx& k) {
-    it.k = k;
-    if (!k.ok) return;
-    const int64_t row = k.v * C + c;
+  auto fetch_data = [&](Slot& it) {
+    if (!it.ok) return;
+    const int64_t row = it.v * C + c;
     if (MODE == DOWN_FWD || MODE == UP_BWD) load<V>(src + row, it.base);
     if (MODE == BOTH_FWD || MODE == BOTH_BWD) load<V>(U + row, it.u);
     if (MODE == BOTH_BWD) load<V>(G + row, it.base);
+    if (it.pp >= 0) {
+      load<V>(w + row, it.wv);
+      if (MODE == UP_BWD) load<V>(h + row, it.hx);
+      if (MODE == BOTH_BWD) load<V>(h + it.p * C + c, it.hx);
+    }
+  };
+  // a: first position of this level; pa: first position of the parents' level
+  auto finish = [&](Slot& it, int64_t a, int64_t pa, int buf) {
+    A r[V], g[V];
     if (MODE == BOTH_FWD) {
 #pragma unroll
       for (int q = 0; q < V; ++q) it.base[q] = it.u[q];
     }
-    if (k.pp >= 0) {
-      load<V>(w + row, it.wv);
-      if (MODE == UP_BWD) load<V>(h + row, it.hx);
-      if (MODE == BOTH_BWD) load<V>(h + k.p * C + c, it.hx);
-    }
-  };
-  // a: first position of this level; pa: first position of the parents' level
-  auto finish = [&](Item& it, int64_t a, int64_t pa, int buf) {
-    A r[V], g[V];
-    if (it.k.pp < 0) {
+    if (it.pp < 0) {
 #pragma unroll
       for (int q = 0; q < V; ++q) { r[q] = it.base[q]; g[q] = A(0); }
     } else {
       A pv[V];
-      ring.get(buf ^ 1, it.k.pp - pa, it.k.pp, pv);
+      ring.get(buf ^ 1, it.pp - pa, it.pp, pv);
       if (MODE == DOWN_FWD || MODE == UP_BWD) {
 #pragma unroll
         for (int q = 0; q < V; ++q) r[q] = it.base[q] + it.wv[q] * pv[q];
@@ -308,45 +315,59 @@ __global__ void down_pass_kernel(
           g[q] = it.u[q] * pv[q] + it.base[q] * it.hx[q] - A(2) * it.wv[q] * it.u[q] * it.base[q];
       }
     }
-    ring.put(buf, it.k.i - a, it.k.i, r);
-    store<V>(out + it.k.v * C + c, r);
-    if (BWD) store<V>(gw + it.k.v * C + c, g);
+    ring.put(buf, it.i - a, it.i, r);
+    store<V>(out + it.v * C + c, r);
+    if (BWD) store<V>(gw + it.v * C + c, g);
   };
-  // level bounds, roots first: level l = [s0, s1), l+1 = [s1, s2), ...; levels past the
-  // deepest are empty ([lp[l1], lp[l1]))
+  // Levels roots first; levels past the deepest are empty ([lp[l1], lp[l1])).
   auto start_of = [&](int64_t l) { return plan.level_pos[l > l1 ? l1 : l]; };
-  int64_t s0 = start_of(l0), s1 = start_of(l0 + 1), s2 = start_of(l0 + 2), s3 = start_of(l0 + 3),
-          s4 = start_of(l0 + 4);
-  Idx k0, k1, k2;
-  fetch_idx(k0, s0, s1, s0 + slot);
-  fetch_idx(k1, s1, s2, s1 + slot);
-  fetch_idx(k2, s2, s3, s2 + slot);
-  Item d0, d1;
-  fetch_data(d0, k0);
-  fetch_data(d1, k1);
   int buf = 0;
   int64_t pa = 0;
-  for (int64_t l = l0; l < l1; ++l) {
-    const int64_t s5 = start_of(l + 5);
-    Idx k3;
-    fetch_idx(k3, s3, s4, s3 + slot);  // level l+3
-    Item d2;
-    fetch_data(d2, k2);                // level l+2
-    if (d0.k.ok) finish(d0, s0, pa, buf);
+  // One pipeline step at level l with slots W (level l), X (l+1), Y (l+2), Z (l+3),
+  // unrolled four times below with rotated roles (no slot is ever copied).
+  auto step = [&](Slot& W, Slot& X, Slot& Y, Slot& Z, int64_t l) {
+    fetch_data(Y);
+    fetch_idx(Z, Z.lo + slot);
+    if (W.ok) finish(W, W.lo, pa, buf);
     if (active) {
-      for (int64_t i = s0 + slot + slots; i < s1; i += slots) {
-        Idx k;
-        fetch_idx(k, s0, s1, i);
-        Item it;
-        fetch_data(it, k);
-        finish(it, s0, pa, buf);
+      for (int64_t i = W.lo + slot + slots; i < W.hi; i += slots) {
+        Slot it;
+        it.lo = W.lo;
+        it.hi = W.hi;
+        fetch_idx(it, i);
+        fetch_data(it);
+        finish(it, W.lo, pa, buf);
       }
     }
     __syncthreads();
-    pa = s0;
-    s0 = s1; s1 = s2; s2 = s3; s3 = s4; s4 = s5;
-    d0 = d1; d1 = d2; k2 = k3;
     buf ^= 1;
+    pa = W.lo;
+    W.lo = Z.hi;  // W becomes level l+4
+    W.hi = start_of(l + 5);
+  };
+  Slot A_, B_, C_, D_;
+  A_.lo = start_of(l0);
+  A_.hi = start_of(l0 + 1);
+  B_.lo = A_.hi;
+  B_.hi = start_of(l0 + 2);
+  C_.lo = B_.hi;
+  C_.hi = start_of(l0 + 3);
+  D_.lo = C_.hi;
+  D_.hi = start_of(l0 + 4);
+  fetch_idx(A_, A_.lo + slot);
+  fetch_idx(B_, B_.lo + slot);
+  fetch_idx(C_, C_.lo + slot);
+  fetch_data(A_);
+  fetch_data(B_);
+  for (int64_t l = l0; l < l1;) {
+    step(A_, B_, C_, D_, l);
+    if (++l >= l1) break;
+    step(B_, C_, D_, A_, l);
+    if (++l >= l1) break;
+    step(C_, D_, A_, B_, l);
+    if (++l >= l1) break;
+    step(D_, A_, B_, C_, l);
+    ++l;
   }
 }
 
