@@ -87,17 +87,12 @@ struct Ring {
   }
 };
 
-// Software pipeline shared by both passes. A level costs one __syncthreads; what would
-// otherwise stall it is the chain "level bounds -> vertex ids -> rows". So a thread
-// combines its first vertex of level l while the rows of its first vertex two levels on
-// are loading, the ids three levels on and the bounds four levels on: rows get two
-// levels' time to arrive, ids and bounds one. Vertices beyond the first in a wide level
-// take the unpipelined path.
-
 // Leaf-first pass. For NS input streams s (x, or x and g), computes
 //   up_s[v] = s[v] + sum_{children c} w[c] * up_s[c]
 // and writes it to up0/up1 (accumulator type, may be null) and/or `out` (type T).
 // When gw is set (backward of direction "down"): gw[v] = up0[v] * h[parent[v]], 0 at roots.
+// The loads that do not depend on the previous level (indices, x, w, h) of a thread's
+// first vertex in the next level are issued before the current level is combined.
 template <typename T, typename A, int V, int NS>
 __global__ void up_pass_kernel(
     const T* __restrict__ x0, const T* __restrict__ x1, const T* __restrict__ w,
@@ -121,30 +116,25 @@ __global__ void up_pass_kernel(
   const Ring<A, V> r0{smem, cb0, cap, cw, lane * V, C, c};
   const Ring<A, V> r1{smem + 2 * (int64_t)cap * cw, cb1, cap, cw, lane * V, C, c};
 
-  struct Slot {  // one level in the pipeline: bounds, ids and rows of the thread's vertex
-    int64_t lo, hi, i, v, j0, j1, p;
-    bool ok;
+  struct Item {
+    int64_t i, v, j0, j1, p;
     A s0[V], s1[V], wv[V], hp[V];
   };
-  auto fetch_idx = [&](Slot& k, int64_t i) {
-    k.ok = active && k.lo <= i && i < k.hi;
-    if (k.ok) {
-      k.i = i;
-      k.v = plan.order[i];
-      k.j0 = plan.child_ptr[i];
-      k.j1 = min(plan.child_ptr[i + 1], tree_end);
-      if (gw != nullptr) k.p = plan.parent_at_pos[i];
-    }
-  };
-  auto fetch_data = [&](Slot& it) {
-    if (!it.ok) return;
+  auto fetch = [&](Item& it, int64_t i) {
+    it.i = i;
+    it.v = plan.order[i];
+    it.j0 = plan.child_ptr[i];
+    it.j1 = min(plan.child_ptr[i + 1], tree_end);
     load<V>(x0 + it.v * C + c, it.s0);
     if (NS == 2) load<V>(x1 + it.v * C + c, it.s1);
     load<V>(w + it.v * C + c, it.wv);
-    if (gw != nullptr && it.p >= 0) load<V>(h + it.p * C + c, it.hp);
+    if (gw != nullptr) {
+      it.p = plan.parent_at_pos[i];
+      if (it.p >= 0) load<V>(h + it.p * C + c, it.hp);
+    }
   };
   // a: first position of this level; ca: first position of the level below (children)
-  auto finish = [&](Slot& it, int64_t a, int64_t ca, int buf, bool root_level) {
+  auto finish = [&](Item& it, int64_t a, int64_t ca, int buf, bool root_level) {
     A tmp[V];
     for (int64_t j = it.j0; j < it.j1; ++j) {
       r0.get(buf ^ 1, j - ca, j, tmp);
@@ -156,10 +146,9 @@ __global__ void up_pass_kernel(
         for (int q = 0; q < V; ++q) it.s1[q] += tmp[q];
       }
     }
-    const int64_t row = it.v * C + c;
-    if (up0 != nullptr) store<V>(up0 + row, it.s0);
-    if (NS == 2 && up1 != nullptr) store<V>(up1 + row, it.s1);
-    if (out != nullptr) store<V>(out + row, it.s0);
+    if (up0 != nullptr) store<V>(up0 + it.v * C + c, it.s0);
+    if (NS == 2 && up1 != nullptr) store<V>(up1 + it.v * C + c, it.s1);
+    if (out != nullptr) store<V>(out + it.v * C + c, it.s0);
     if (!root_level) {  // hand w * up to the parent
 #pragma unroll
       for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.s0[q];
@@ -172,62 +161,49 @@ __global__ void up_pass_kernel(
       if (gw != nullptr) {
 #pragma unroll
         for (int q = 0; q < V; ++q) tmp[q] = it.hp[q] * it.s0[q];
-        store<V>(gw + row, tmp);
+        store<V>(gw + it.v * C + c, tmp);
       }
     } else if (gw != nullptr) {
 #pragma unroll
       for (int q = 0; q < V; ++q) tmp[q] = A(0);
-      store<V>(gw + row, tmp);
+      store<V>(gw + it.v * C + c, tmp);
     }
   };
-  // Levels deepest first; levels above the root are empty ([lp[l0], lp[l0])).
-  auto start_of = [&](int64_t l) { return plan.level_pos[l < l0 ? l0 : l]; };
+
+  // Two levels of look-ahead: while level l is combined, the independent loads of the
+  // thread's first vertex in levels l-1 and l-2 are in flight.
   int buf = 0;
-  // One pipeline step at level l with slots W (level l), X (l-1), Y (l-2), Z (l-3); the
-  // loop below unrolls four steps with rotated roles so that no slot is ever copied
-  // (a copy would wait for the slot's loads to land).
-  auto step = [&](Slot& W, Slot& X, Slot& Y, Slot& Z, int64_t l) {
-    fetch_data(Y);
-    fetch_idx(Z, Z.lo + slot);
-    if (W.ok) finish(W, W.lo, W.hi, buf, l == l0);
+  int64_t ca = tree_end;  // the deepest level has no children
+  int64_t b = tree_end;
+  int64_t a = plan.level_pos[l1 - 1];
+  int64_t na = (l1 - 2 >= l0) ? plan.level_pos[l1 - 2] : a;
+  Item n1, n2;
+  bool h1 = active && a + slot < b;
+  if (h1) fetch(n1, a + slot);
+  bool h2 = active && l1 - 2 >= l0 && na + slot < a;
+  if (h2) fetch(n2, na + slot);
+  for (int64_t l = l1 - 1; l >= l0; --l) {
+    Item cur = n1;
+    const bool hc = h1;
+    n1 = n2;
+    h1 = h2;
+    const int64_t nna = (l - 2 >= l0) ? plan.level_pos[l - 2] : na;
+    h2 = active && l - 2 >= l0 && nna + slot < na;
+    if (h2) fetch(n2, nna + slot);
+    if (hc) finish(cur, a, ca, buf, l == l0);
     if (active) {
-      for (int64_t i = W.lo + slot + slots; i < W.hi; i += slots) {
-        Slot it;
-        it.lo = W.lo;
-        it.hi = W.hi;
-        fetch_idx(it, i);
-        fetch_data(it);
-        finish(it, W.lo, W.hi, buf, l == l0);
+      for (int64_t i = a + slot + slots; i < b; i += slots) {
+        Item it;
+        fetch(it, i);
+        finish(it, a, ca, buf, l == l0);
       }
     }
     __syncthreads();
+    ca = a;
+    b = a;
+    a = na;
+    na = nna;
     buf ^= 1;
-    W.hi = Z.lo;  // W becomes level l-4
-    W.lo = start_of(l - 4);
-  };
-  Slot A_, B_, C_, D_;
-  A_.hi = tree_end;
-  A_.lo = start_of(l1 - 1);
-  B_.hi = A_.lo;
-  B_.lo = start_of(l1 - 2);
-  C_.hi = B_.lo;
-  C_.lo = start_of(l1 - 3);
-  D_.hi = C_.lo;
-  D_.lo = start_of(l1 - 4);
-  fetch_idx(A_, A_.lo + slot);
-  fetch_idx(B_, B_.lo + slot);
-  fetch_idx(C_, C_.lo + slot);
-  fetch_data(A_);
-  fetch_data(B_);
-  for (int64_t l = l1 - 1; l >= l0;) {
-    step(A_, B_, C_, D_, l);
-    if (--l < l0) break;
-    step(B_, C_, D_, A_, l);
-    if (--l < l0) break;
-    step(C_, D_, A_, B_, l);
-    if (--l < l0) break;
-    step(D_, A_, B_, C_, l);
-    --l;
   }
 }
 
@@ -258,39 +234,31 @@ __global__ void down_pass_kernel(
   constexpr bool BWD = (MODE == UP_BWD || MODE == BOTH_BWD);
   const Ring<A, V> ring{smem, val, cap, cw, lane * V, C, c};
 
-  struct Slot {  // one level in the pipeline: bounds, ids and rows of the thread's vertex
-    int64_t lo, hi, i, v, pp, p;
-    bool ok;
+  struct Item {
+    int64_t i, v, pp;
     A base[V], u[V], wv[V], hx[V];
   };
-  auto fetch_idx = [&](Slot& k, int64_t i) {
-    k.ok = active && k.lo <= i && i < k.hi;
-    if (k.ok) {
-      k.i = i;
-      k.v = plan.order[i];
-      k.pp = plan.parent_pos[i];
-      if (MODE == BOTH_BWD) k.p = plan.parent_at_pos[i];
-    }
-  };
-  auto fetch_data = [&](Slot& it) {
-    if (!it.ok) return;
+  auto fetch = [&](Item& it, int64_t i) {
+    it.i = i;
+    it.v = plan.order[i];
+    it.pp = plan.parent_pos[i];
     const int64_t row = it.v * C + c;
     if (MODE == DOWN_FWD || MODE == UP_BWD) load<V>(src + row, it.base);
     if (MODE == BOTH_FWD || MODE == BOTH_BWD) load<V>(U + row, it.u);
     if (MODE == BOTH_BWD) load<V>(G + row, it.base);
-    if (it.pp >= 0) {
-      load<V>(w + row, it.wv);
-      if (MODE == UP_BWD) load<V>(h + row, it.hx);
-      if (MODE == BOTH_BWD) load<V>(h + it.p * C + c, it.hx);
-    }
-  };
-  // a: first position of this level; pa: first position of the parents' level
-  auto finish = [&](Slot& it, int64_t a, int64_t pa, int buf) {
-    A r[V], g[V];
     if (MODE == BOTH_FWD) {
 #pragma unroll
       for (int q = 0; q < V; ++q) it.base[q] = it.u[q];
     }
+    if (it.pp >= 0) {
+      load<V>(w + row, it.wv);
+      if (MODE == UP_BWD) load<V>(h + row, it.hx);
+      if (MODE == BOTH_BWD) load<V>(h + plan.parent_at_pos[i] * C + c, it.hx);
+    }
+  };
+  // pa: first position of the parents' level
+  auto finish = [&](Item& it, int64_t a, int64_t pa, int buf) {
+    A r[V], g[V];
     if (it.pp < 0) {
 #pragma unroll
       for (int q = 0; q < V; ++q) { r[q] = it.base[q]; g[q] = A(0); }
@@ -319,55 +287,40 @@ __global__ void down_pass_kernel(
     store<V>(out + it.v * C + c, r);
     if (BWD) store<V>(gw + it.v * C + c, g);
   };
-  // Levels roots first; levels past the deepest are empty ([lp[l1], lp[l1])).
-  auto start_of = [&](int64_t l) { return plan.level_pos[l > l1 ? l1 : l]; };
+
+  // Two levels of look-ahead, as in the up pass.
   int buf = 0;
   int64_t pa = 0;
-  // One pipeline step at level l with slots W (level l), X (l+1), Y (l+2), Z (l+3),
-  // unrolled four times below with rotated roles (no slot is ever copied).
-  auto step = [&](Slot& W, Slot& X, Slot& Y, Slot& Z, int64_t l) {
-    fetch_data(Y);
-    fetch_idx(Z, Z.lo + slot);
-    if (W.ok) finish(W, W.lo, pa, buf);
+  int64_t a = plan.level_pos[l0];
+  int64_t b = plan.level_pos[l0 + 1];
+  int64_t nb = (l0 + 1 < l1) ? plan.level_pos[l0 + 2] : b;
+  Item n1, n2;
+  bool h1 = active && a + slot < b;
+  if (h1) fetch(n1, a + slot);
+  bool h2 = active && l0 + 1 < l1 && b + slot < nb;
+  if (h2) fetch(n2, b + slot);
+  for (int64_t l = l0; l < l1; ++l) {
+    Item cur = n1;
+    const bool hc = h1;
+    n1 = n2;
+    h1 = h2;
+    const int64_t nnb = (l + 2 < l1) ? plan.level_pos[l + 3] : nb;
+    h2 = active && l + 2 < l1 && nb + slot < nnb;
+    if (h2) fetch(n2, nb + slot);
+    if (hc) finish(cur, a, pa, buf);
     if (active) {
-      for (int64_t i = W.lo + slot + slots; i < W.hi; i += slots) {
-        Slot it;
-        it.lo = W.lo;
-        it.hi = W.hi;
-        fetch_idx(it, i);
-        fetch_data(it);
-        finish(it, W.lo, pa, buf);
+      for (int64_t i = a + slot + slots; i < b; i += slots) {
+        Item it;
+        fetch(it, i);
+        finish(it, a, pa, buf);
       }
     }
     __syncthreads();
+    pa = a;
+    a = b;
+    b = nb;
+    nb = nnb;
     buf ^= 1;
-    pa = W.lo;
-    W.lo = Z.hi;  // W becomes level l+4
-    W.hi = start_of(l + 5);
-  };
-  Slot A_, B_, C_, D_;
-  A_.lo = start_of(l0);
-  A_.hi = start_of(l0 + 1);
-  B_.lo = A_.hi;
-  B_.hi = start_of(l0 + 2);
-  C_.lo = B_.hi;
-  C_.hi = start_of(l0 + 3);
-  D_.lo = C_.hi;
-  D_.hi = start_of(l0 + 4);
-  fetch_idx(A_, A_.lo + slot);
-  fetch_idx(B_, B_.lo + slot);
-  fetch_idx(C_, C_.lo + slot);
-  fetch_data(A_);
-  fetch_data(B_);
-  for (int64_t l = l0; l < l1;) {
-    step(A_, B_, C_, D_, l);
-    if (++l >= l1) break;
-    step(B_, C_, D_, A_, l);
-    if (++l >= l1) break;
-    step(C_, D_, A_, B_, l);
-    if (++l >= l1) break;
-    step(D_, A_, B_, C_, l);
-    ++l;
   }
 }
 
