@@ -24,7 +24,7 @@ for m in ("numba", "scipy", "torch_geometric", "timm", "triton", "sklearn", "ski
 PYEOF
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/env.txt"
 echo "== build"; start=$(date +%s)
-$PY -m treessm.ops.cuda --build --verbose > "$OUT/build.log" 2>&1; rc=$?
+$PY -c "import treessm.ops.cuda as c; c.load(verbose=True)" > "$OUT/build.log" 2>&1; rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -5 "$OUT/build.log"
 [ $rc -ne 0 ] && { grep -E "error|Error" "$OUT/build.log" | head -30; exit 1; }
 echo "== gpu tests"

@@ -28,3 +28,69 @@ inline float __half2float(__half h) { return h.f; }
 inline float __bfloat162float(__nv_bfloat16 h) { return h.f; }
 inline __half __float2half_rn(float f) { return {f}; }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {f}; }
+
+// ---- block votes, warp exchange, atomics and bit casts (grid_tree_kernels.cuh)
+// A launcher that uses them calls emu_begin_block() before starting a block's threads and
+// points g_warp_barrier[w] at a 32-thread barrier per warp (blockDim.x a multiple of 32).
+#include <atomic>
+#include <bit>
+inline std::barrier<>* g_warp_barrier[32] = {};
+inline uint64_t g_warp_slot[32][32];
+// __syncthreads_count: call i counts in slot i % 3 and clears slot (i + 1) % 3, whose last
+// readers (call i - 2) are all past the barrier of call i - 1.
+inline std::atomic<int> g_vote[3];
+inline thread_local unsigned g_vote_calls = 0;
+inline void emu_begin_block() {
+  for (auto& v : g_vote) v.store(0);
+}
+inline int __syncthreads_count(int pred) {
+  const unsigned k = g_vote_calls++ % 3;
+  if (threadIdx.x == 0) g_vote[(k + 1) % 3].store(0, std::memory_order_relaxed);
+  if (pred) g_vote[k].fetch_add(1, std::memory_order_relaxed);
+  g_barrier->arrive_and_wait();
+  return g_vote[k].load(std::memory_order_relaxed);
+}
+inline int __syncthreads_or(int pred) { return __syncthreads_count(pred != 0) != 0; }
+inline int __syncthreads_and(int pred) {
+  return __syncthreads_count(pred != 0) == static_cast<int>(blockDim.x);
+}
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  g_warp_barrier[threadIdx.x / 32]->arrive_and_wait();
+}
+// Every lane publishes v; each then reads lane `src` (its own v when src < 0).
+template <typename T>
+inline T emu_shfl(T v, int src) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+  const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  g_warp_slot[w][l] = bits;
+  __syncwarp();
+  T r = v;
+  if (src >= 0) std::memcpy(&r, &g_warp_slot[w][src], sizeof(T));
+  __syncwarp();
+  return r;
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int = 32) {
+  const int l = static_cast<int>(threadIdx.x % 32);
+  return emu_shfl(v, l >= static_cast<int>(delta) ? l - static_cast<int>(delta) : -1);
+}
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src, int = 32) { return emu_shfl(v, src & 31); }
+template <typename T>
+inline T emu_atomic_min(T* p, T v) {
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (v < old && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  return emu_atomic_min(p, v);
+}
+inline unsigned atomicMin(unsigned* p, unsigned v) { return emu_atomic_min(p, v); }
+inline int atomicMin(int* p, int v) { return emu_atomic_min(p, v); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
+inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
+inline int __popc(unsigned x) { return std::popcount(x); }

@@ -1,0 +1,182 @@
+r"""Grid trees from one fused CUDA kernel: minimum spanning tree, rooting and plan per image.
+
+For a batch of ``B`` images of ``H x W`` pixels whose candidate-edge costs are already on
+the GPU, :func:`grid_tree` builds the whole :class:`~treessm.Tree` -- the same one
+:class:`~treessm.GridTopology` builds on the CPU -- in one thread block per image, with
+everything in shared memory:
+
+1. **Minimum spanning tree** by Borůvka's algorithm over the keys :math:`(c_e, e)`
+   (cost, then candidate index), so the tree is the unique one of
+   :func:`~treessm.minimum_spanning_tree` (Kruskal, ties to the lower index).
+2. **Breadth-first search** from the centre pixel :math:`(\lfloor H/2 \rfloor, \lfloor W/2
+   \rfloor)`, level by level, children in ascending id: ``parent``, ``order``,
+   ``child_ptr``, ``tree_ptr`` and ``depth`` equal those of :meth:`Tree.from_parent`.
+3. **Level plan** (``level_pos``, ``tree_level_ptr``, ``parent_pos``) as
+   :meth:`Tree.scan_plan` computes it, stored in the tree so the CUDA scan reuses it.
+
+Nothing waits for the device, so the call can be recorded in a CUDA graph. An image must
+fit one block's shared memory: :func:`shared_memory_bytes` bytes, about ``18 HW`` with
+4-connectivity and ``20 HW`` with 8-connectivity (up to roughly 113 x 113 and 107 x 107
+pixels on an H100). :func:`grid_tree` returns ``None`` when it cannot run -- a CPU tensor,
+no CUDA extension, an image too large -- and the caller builds the tree another way
+(:func:`treessm.topology.device.build_tree`).
+"""
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+
+__all__ = ["grid_tree", "num_candidate_edges", "shared_memory_bytes", "fits"]
+
+_COST_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Opt-in shared memory per block by compute capability, for torch builds whose device
+# properties lack ``shared_memory_per_block_optin``.
+_OPTIN_BY_ARCH = {(7, 0): 96 * 1024, (7, 2): 96 * 1024, (7, 5): 64 * 1024,
+                  (8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}
+
+_lock = threading.Lock()
+_unavailable: Optional[str] = None  # why the extension cannot be used, once known
+_optin: Dict[int, int] = {}
+
+
+def _check_int(value, name: str, low: int) -> int:
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _check_connectivity(connectivity) -> int:
+    if isinstance(connectivity, bool) or connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    return int(connectivity)
+
+
+def num_candidate_edges(height: int, width: int, connectivity: int = 4) -> int:
+    """Candidate edges of one image: :math:`H(W-1) + (H-1)W`, plus :math:`2(H-1)(W-1)`
+    diagonals with 8-connectivity."""
+    height = _check_int(height, "height", 1)
+    width = _check_int(width, "width", 1)
+    e = height * (width - 1) + (height - 1) * width
+    if _check_connectivity(connectivity) == 8:
+        e += 2 * (height - 1) * (width - 1)
+    return e
+
+
+def shared_memory_bytes(height: int, width: int, connectivity: int = 4) -> int:
+    """Shared memory one image's block needs: 16 bytes per pixel (Borůvka's keys, hooks and
+    labels, reused by the search), one byte per candidate edge and 256 bytes of scalars
+    (the layout of ``extensions/treessm_cuda/grid_tree_kernels.cuh``)."""
+    e = num_candidate_edges(height, width, connectivity)
+    return 16 * height * width + 256 + (e + 15) // 16 * 16
+
+
+def _device_limit(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = _optin.get(index)
+    if limit is None:
+        props = torch.cuda.get_device_properties(index)
+        limit = getattr(props, "shared_memory_per_block_optin", None)
+        if not limit:
+            limit = _OPTIN_BY_ARCH.get((props.major, props.minor), 99 * 1024 if props.major >= 8
+                                       else 48 * 1024)
+        limit = _optin[index] = int(limit)
+    return limit
+
+
+def fits(height: int, width: int, connectivity: int, device) -> bool:
+    """Whether one ``height x width`` image fits a block of the CUDA ``device``."""
+    return shared_memory_bytes(height, width, connectivity) <= _device_limit(torch.device(device))
+
+
+def _extension_ready() -> bool:
+    """Load the CUDA extension once; remember a failure instead of retrying a build."""
+    global _unavailable
+    if _unavailable is not None:
+        return False
+    with _lock:
+        if _unavailable is not None:
+            return False
+        try:
+            # one library holds all CUDA ops of the package
+            from .. import _extension as cuda_ops
+
+            cuda_ops.load()
+            torch.ops.treessm.cuda_grid_tree  # noqa: B018  (an older build may lack it)
+        except (RuntimeError, OSError, ImportError, AttributeError) as exc:
+            _unavailable = str(exc) or type(exc).__name__
+            return False
+    return True
+
+
+@torch.no_grad()
+def grid_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int = 4,
+              batch: Optional[Tensor] = None) -> Optional[Tree]:
+    r"""The rooted minimum spanning tree of each of ``B`` image grids, built on the GPU.
+
+    Image ``b`` is the graph on vertices ``b*H*W + i*W + j`` whose candidate edges carry the
+    costs ``cost[b*E : (b+1)*E]``, in the order of :func:`treessm.topology.grid.grid_edges`
+    (horizontal, vertical, then with 8-connectivity diagonal and anti-diagonal, each part
+    row-major). The result equals, tensor for tensor, the CPU construction
+
+    .. math::
+        T_b = \operatorname{MST}\big(\text{grid}_b,\ (c_e, e)\big)
+        \text{ rooted at } b HW + \lfloor H/2 \rfloor W + \lfloor W/2 \rfloor,
+
+    laid out by :meth:`Tree.from_parent`, with :meth:`Tree.scan_plan` already filled in.
+
+    Args:
+        cost (Tensor [B * E]): candidate-edge costs on a CUDA device, float32, float64,
+            float16 or bfloat16. NaN gives an unspecified tree; infinities are ordinary
+            (largest or smallest) costs.
+        B (int): number of images.
+        H (int): image height.
+        W (int): image width.
+        connectivity (int): 4 or 8 neighbours. (default: ``4``)
+        batch (LongTensor [B * H * W], optional): stored in the tree as is.
+            (default: ``None``)
+
+    Returns:
+        Tree or None: ``None`` when ``cost`` is not on a CUDA device, the CUDA extension is
+        unavailable or an image needs more shared memory than the device offers (see
+        :func:`fits`); the caller then builds the tree another way.
+
+    Raises:
+        TypeError: if ``cost`` is not a floating-point tensor of a supported dtype.
+        ValueError: on a wrong size of ``cost``, sizes below one or a connectivity other
+            than 4 or 8.
+
+    Shapes:
+        - **input:** ``cost`` :math:`[B \cdot E]`
+        - **output:** a :class:`~treessm.Tree` over :math:`N = BHW` vertices, ``B`` trees
+    """
+    if not isinstance(cost, Tensor):
+        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
+    if cost.dtype not in _COST_TYPES:
+        raise TypeError(f"cost must be float32, float64, float16 or bfloat16, got {cost.dtype}")
+    B = _check_int(B, "B", 0)
+    H = _check_int(H, "H", 1)
+    W = _check_int(W, "W", 1)
+    connectivity = _check_connectivity(connectivity)
+    e = num_candidate_edges(H, W, connectivity)
+    if cost.dim() != 1 or cost.shape[0] != B * e:
+        raise ValueError(f"cost must have shape [B * E] = [{B * e}] ({e} candidate edges per "
+                         f"{H} x {W} image), got {list(cost.shape)}")
+    if cost.device.type != "cuda" or not _extension_ready():
+        return None
+    if not fits(H, W, connectivity, cost.device):
+        return None
+    out = torch.ops.treessm.cuda_grid_tree(cost.detach().contiguous(), B, H, W, connectivity)
+    parent, order, child_ptr, tree_ptr, depth, level_pos, tree_level_ptr, parent_pos = out
+    tree = Tree(parent, order, child_ptr, tree_ptr, depth, batch)
+    tree._plan = [level_pos, tree_level_ptr, parent_pos]
+    return tree
