@@ -1,0 +1,2 @@
+"""Bridges to other libraries (timm, ...). Each submodule imports its library lazily and
+stays importable when that library is missing."""

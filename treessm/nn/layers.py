@@ -1,0 +1,95 @@
+"""Small building blocks shared by the tree-SSM layers and backbones.
+
+These are the usual vision-backbone helpers (stochastic depth, a channel LayerNorm for
+``[B, C, H, W]`` maps, the transformer MLP) written once here so that models do not
+depend on timm.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["drop_path", "DropPath", "LayerNorm2d", "Mlp"]
+
+
+def drop_path(x: Tensor, p: float = 0.0, training: bool = False) -> Tensor:
+    r"""Stochastic depth: zero the whole residual branch of each example with probability
+    ``p`` and scale the kept ones by :math:`1 / (1 - p)` (Huang et al., 2016).
+
+    Args:
+        x (Tensor [B, *]): residual branch, examples first.
+        p (float): drop probability in ``[0, 1)``. (default: ``0.0``)
+        training (bool): identity unless ``True``. (default: ``False``)
+    """
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    r"""Module form of :func:`drop_path`.
+
+    Args:
+        p (float): drop probability in ``[0, 1)``. (default: ``0.0``)
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p must lie in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    r""":class:`torch.nn.LayerNorm` over the channels of a channels-first map.
+
+    Shapes:
+        input ``[B, C, H, W]``, output ``[B, C, H, W]``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Mlp(nn.Module):
+    r"""Two-layer perceptron of a transformer block, applied on the last dimension.
+
+    .. math::
+        \mathrm{Mlp}(x) = W_2\, \mathrm{drop}(\mathrm{GELU}(W_1 x + b_1)) + b_2
+
+    Args:
+        in_channels (int): input and output channels.
+        hidden_channels (int): hidden channels.
+        drop (float): dropout after each layer. (default: ``0.0``)
+        bias (bool): learn the additive biases. (default: ``True``)
+
+    Shapes:
+        input ``[*, in_channels]``, output ``[*, in_channels]``.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, drop: float = 0.0,
+                 bias: bool = True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.fc1 = nn.Linear(in_channels, hidden_channels, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_channels, in_channels, bias=bias)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels})"

@@ -1,0 +1,320 @@
+"""The selective tree state-space mixer (TreeSSM) of GrootV.
+
+A Mamba-style selective SSM whose recurrence runs over a tree instead of a sequence:
+the tree is built from the layer's own features (a minimum spanning tree of the
+4-neighbour pixel grid under cosine dissimilarity, by default) and every vertex
+aggregates every other vertex of its tree with the product of the per-edge decays on
+the path between them (:func:`treessm.tree_scan`, direction ``"both"``).
+
+The SSM proper (:meth:`TreeSSM.selective_scan`) takes flat vertex features and a
+:class:`~treessm.Tree`, so the same parameters and code serve images, sequences and
+graphs; :meth:`TreeSSM.forward` is the image form on channels-last ``[B, H, W, C]`` maps.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import tree_scan
+from ..ops.tree_scan import BACKENDS
+from ..topology import GridTopology
+from ..tree import Tree
+
+__all__ = ["TreeSSM", "raster_tree"]
+
+SCANS = ("tree", "raster")
+
+
+@functools.lru_cache(maxsize=32)
+def _raster_tree(batch_size: int, height: int, width: int, device: torch.device) -> Tree:
+    num_pixels = height * width
+    n = batch_size * num_pixels
+    parent = torch.arange(-1, n - 1)
+    parent[::num_pixels] = -1  # the first pixel of every image starts a new chain
+    batch = torch.arange(batch_size).repeat_interleave(num_pixels)
+    return Tree.from_parent(parent, batch).to(device)
+
+
+def raster_tree(batch_size: int, height: int, width: int, device="cpu") -> Tree:
+    r"""One chain per image through its pixels in row-major order, rooted at pixel (0, 0).
+
+    A ``"both"`` tree scan over it is a bidirectional selective scan over the raster
+    sequence, and a ``"down"`` scan is exactly Mamba's causal recurrence. Trees are cached
+    per ``(batch_size, height, width, device)``.
+
+    Args:
+        batch_size (int), height (int), width (int): grid of ``[B, H, W]`` vertices with ids
+            ``b * H * W + i * W + j`` (DESIGN.md, section 2).
+        device (torch.device or str): device of the tree. (default: ``"cpu"``)
+    """
+    for name, value in (("batch_size", batch_size), ("height", height), ("width", width)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return _raster_tree(batch_size, height, width, torch.device(device))
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    # in the dtype of x, whatever the dtype of the affine parameters
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype),
+                        norm.bias.to(x.dtype), norm.eps)
+
+
+class TreeSSM(nn.Module):
+    r"""Selective state-space mixer over a tree (the core layer of GrootV).
+
+    For vertex features :math:`x_v \in \mathbb{R}^{d_{model}}` the layer computes
+
+    .. math::
+        u_v, z_v &= W_{in} x_v, \qquad u \leftarrow \mathrm{SiLU}(\mathrm{DWConv}_{3\times3}(u))
+
+        \Delta_v &= \mathrm{softplus}(W_\Delta W_r u_v + b_\Delta), \quad
+        B_v = W_B u_v, \quad C_v = W_C u_v, \quad A = -\exp(A_{\log})
+
+        h_v &= \sum_{u \in \mathcal{T}(v)} S(u, v)\, \Delta_u B_u u_u, \qquad
+        S(u, v) = \prod_{e \in \mathrm{path}(u, v)} \exp(\Delta_e A)
+
+        y_v &= W_{out}\big(\mathrm{LN}(C_v \cdot \mathrm{LN}_h(h_v) + D \odot u_v)
+              \odot \mathrm{SiLU}(z_v)\big)
+
+    per inner channel and state, where :math:`\mathcal{T}(v)` is the tree of :math:`v` and
+    the decay of edge :math:`(e, \mathrm{parent}(e))` is that of its child :math:`e`. The
+    tree is built without gradient from :math:`u` by ``topology`` in every forward pass
+    (``scan="tree"``), or is a row-major chain per image (``scan="raster"``, a plain
+    bidirectional selective scan), or is given to :meth:`forward`.
+
+    :math:`\mathrm{LN}_h` normalises each vertex's hidden state over all its
+    ``d_inner * d_state`` entries; with ``d_state=1`` this is the LayerNorm over the inner
+    channels that GrootV applies to the scan output, which keeps the scale of :math:`h`
+    independent of the size of the tree. The discretisation, the scan and both norms run
+    in float32 even under autocast, as Mamba's kernels do.
+
+    Args:
+        d_model (int): input and output channels.
+        d_state (int): state size :math:`N` per inner channel; states are flattened into the
+            channels of the scan. (default: ``1``)
+        ssm_ratio (float): ``d_inner = int(ssm_ratio * d_model)``. (default: ``2.0``)
+        dt_rank (int or str): rank of the :math:`\Delta` projection; ``"auto"`` is
+            :math:`\lceil d_{model} / 16 \rceil`. (default: ``"auto"``)
+        d_conv (int): kernel size of the depthwise convolution over the grid in
+            :meth:`forward`; ``0`` disables it. Must be odd. (default: ``3``)
+        conv_bias (bool): learn a bias in the depthwise convolution. (default: ``False``)
+        dt_min (float), dt_max (float): :math:`\Delta` is initialised log-uniformly in
+            ``[dt_min, dt_max]`` (Mamba). (default: ``0.001``, ``0.1``)
+        dt_init_floor (float): lower clamp of the initial :math:`\Delta`. (default: ``1e-4``)
+        scan (str): ``"tree"`` (build a tree from the features) or ``"raster"`` (one
+            row-major chain per image). (default: ``"tree"``)
+        topology (callable, optional): maps ``[B, H, W, d_inner]`` features to a
+            :class:`~treessm.Tree`; only with ``scan="tree"``. (default:
+            ``GridTopology(4, "cosine")``)
+        backend (str, optional): :func:`treessm.tree_scan` backend; by default the fastest
+            one for the device. (default: ``None``)
+        bias (bool): learn biases in the input and output projections. (default: ``False``)
+
+    Shapes:
+        - input: ``[B, H, W, d_model]`` (channels last), optional ``tree`` over ``B * H * W``
+          vertices
+        - output: ``[B, H, W, d_model]``
+    """
+
+    def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 2.0,
+                 dt_rank: Union[int, str] = "auto", d_conv: int = 3, conv_bias: bool = False,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 scan: str = "tree", topology: Optional[Callable[[Tensor], Tree]] = None,
+                 backend: Optional[str] = None, bias: bool = False):
+        super().__init__()
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        if not isinstance(d_state, int) or d_state < 1:
+            raise ValueError(f"d_state must be a positive int, got {d_state!r}")
+        if not ssm_ratio > 0 or int(ssm_ratio * d_model) < 1:
+            raise ValueError(f"ssm_ratio must be positive with int(ssm_ratio * d_model) >= 1, "
+                             f"got {ssm_ratio!r}")
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        if not isinstance(dt_rank, int) or dt_rank < 1:
+            raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}")
+        if not isinstance(d_conv, int) or d_conv < 0 or (d_conv > 0 and d_conv % 2 == 0):
+            raise ValueError(f"d_conv must be 0 or an odd positive int, got {d_conv!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got "
+                             f"{dt_min!r} and {dt_max!r}")
+        if not dt_init_floor > 0:
+            raise ValueError(f"dt_init_floor must be positive, got {dt_init_floor!r}")
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+        if topology is not None:
+            if scan != "tree":
+                raise ValueError(f"topology is only used with scan='tree', got scan={scan!r}")
+            if not callable(topology):
+                raise TypeError(f"topology must be a callable Topology, got "
+                                f"{type(topology).__name__}")
+        if backend is not None and backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be None or one of {('auto',) + BACKENDS}, "
+                             f"got {backend!r}")
+
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_inner = int(ssm_ratio * d_model)
+        self.dt_rank = dt_rank
+        self.d_conv = d_conv
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.scan = scan
+        if scan == "tree" and topology is None:
+            topology = GridTopology(4, "cosine")
+        self.topology = topology
+        self.backend = backend
+
+        d_inner = self.d_inner
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner,
+                              bias=conv_bias) if d_conv > 0 else None
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        # Mamba's convention: the SSM's A and D are not weight-decayed.
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.h_norm = nn.LayerNorm([d_inner, d_state])
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        r"""Initialise as GrootV/VMamba train it: projections truncated normal (std 0.02),
+        :math:`\Delta` log-uniform in ``[dt_min, dt_max]`` through the inverse softplus of
+        its bias, S4D-real :math:`A = -(1, \dots, N)`, :math:`D = 1`."""
+        for lin in (self.in_proj, self.out_proj):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        self.x_proj.reset_parameters()
+        if self.conv is not None:
+            self.conv.reset_parameters()
+        with torch.no_grad():
+            std = self.dt_rank ** -0.5
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
+            dt = torch.exp(torch.rand(self.d_inner) * (log_hi - log_lo) + log_lo)
+            dt = dt.clamp(min=self.dt_init_floor)
+            self.dt_proj.bias.copy_(_inverse_softplus(dt))
+            a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+            self.A_log.copy_(torch.log(a).expand(self.d_inner, self.d_state))
+            self.D.fill_(1.0)
+        self.h_norm.reset_parameters()
+        self.out_norm.reset_parameters()
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def build_tree(self, u: Tensor) -> Tree:
+        """The tree the scan runs on, from the inner features ``u [B, H, W, d_inner]``
+        (no gradient flows through its construction)."""
+        b, h, w, _ = u.shape
+        if self.scan == "raster":
+            return raster_tree(b, h, w, u.device)
+        return self.topology(u.detach().float())
+
+    def scan_states(self, x: Tensor, weight: Tensor, tree: Tree) -> Tensor:
+        """The tree scan of ``x [N, d_inner, d_state]`` with decays ``weight`` (``"both"``)."""
+        return tree_scan(x, weight, tree, "both", backend=self.backend)
+
+    def project_in(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Inner features ``u`` (input projection, depthwise convolution, SiLU) and the
+        pre-activation gate ``z`` of a channels-last map ``x [B, H, W, d_model]``; both
+        ``[B, H, W, d_inner]``."""
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        if self.conv is not None:
+            u = self.conv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.act(u), z
+
+    def discretize(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""Selective discretisation of flat inner features ``u [N, d_inner]``.
+
+        Returns:
+            ``x = Δ B u`` and ``weight = exp(Δ A)``, both ``[N, d_inner, d_state]``, and
+            ``C [N, d_state]``, in float32 (float64 for float64 input).
+        """
+        dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # At least float32 from here on: exp(Δ·A) and the products of decays along long
+        # paths lose everything in half precision.
+        acc = torch.promote_types(u.dtype, torch.float32)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        a = -torch.exp(self.A_log.to(acc))
+        x = (delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(1)
+        weight = torch.exp(delta.unsqueeze(-1) * a)
+        return x, weight, c.to(acc)
+
+    def selective_scan(self, u: Tensor, tree: Tree) -> Tensor:
+        r"""The SSM proper on flat vertex features: :math:`C \cdot \mathrm{LN}_h(h) + D u`.
+
+        Args:
+            u (Tensor [N, d_inner]): inner features (after the local mixing and SiLU).
+            tree (Tree): forest over the N vertices.
+
+        Returns:
+            Tensor [N, d_inner] in float32 (float64 for float64 input).
+        """
+        x, weight, c = self.discretize(u)
+        h = _layer_norm(self.h_norm, self.scan_states(x, weight, tree))
+        return (h * c.unsqueeze(1)).sum(-1) + self.D.to(x.dtype) * u.to(x.dtype)
+
+    def project_out(self, y: Tensor, z: Tensor) -> Tensor:
+        r""":math:`W_{out}(\mathrm{LN}(y) \odot \mathrm{SiLU}(z))` for ``y, z [*, d_inner]``."""
+        # z carries the working dtype of the layer (bfloat16 under autocast or in a half
+        # model), which the output projection expects
+        return self.out_proj((_layer_norm(self.out_norm, y) * self.act(z)).to(z.dtype))
+
+    def extra_macs(self, num_nodes: int) -> int:
+        """Multiply-accumulates of one forward pass over ``num_nodes`` vertices that an
+        operator-level counter such as :class:`torch.utils.flop_counter.FlopCounterMode`
+        does not see: the tree scan (one per entry for the leaf-to-root pass, three for the
+        root-to-leaf pass), the discretisation (three), :math:`C \\cdot h` (one), the skip
+        and the gate (one each per inner channel). Tree construction is not counted."""
+        states = num_nodes * self.d_inner * self.d_state
+        return 8 * states + 2 * num_nodes * self.d_inner
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, tree: Optional[Tree] = None,
+                return_tree: bool = False) -> Union[Tensor, Tuple[Tensor, Tree]]:
+        """Mix a channels-last image batch ``x [B, H, W, d_model]``.
+
+        Args:
+            x (Tensor [B, H, W, d_model]): input maps.
+            tree (Tree, optional): forest over the ``B * H * W`` pixels (ids
+                ``b * H * W + i * W + j``) to scan instead of building one. (default: ``None``)
+            return_tree (bool): also return the tree that was used, e.g. to share it with
+                later layers. (default: ``False``)
+        """
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.d_model:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a [B, H, W, {self.d_model}] channels-last tensor, "
+                             f"got {shape}")
+        bsz, height, width, _ = x.shape
+        n = bsz * height * width
+        if tree is not None:
+            if not isinstance(tree, Tree):
+                raise TypeError(f"tree must be a treessm.Tree, got {type(tree).__name__}")
+            if tree.num_nodes != n:
+                raise ValueError(f"tree must span the B * H * W = {n} pixels of x, got "
+                                 f"{tree.num_nodes} vertices")
+        u, z = self.project_in(x)
+        if tree is None:
+            tree = self.build_tree(u)
+        y = self.selective_scan(u.reshape(n, self.d_inner), tree)
+        out = self.project_out(y, z.reshape(n, self.d_inner)).view(bsz, height, width, -1)
+        return (out, tree) if return_tree else out
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.d_model}, d_inner={self.d_inner}, "
+                f"d_state={self.d_state}, dt_rank={self.dt_rank}, d_conv={self.d_conv}, "
+                f"scan={self.scan!r})")
