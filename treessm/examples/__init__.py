@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m treessm.examples.<name> --help``."""

@@ -1,0 +1,240 @@
+r"""The :class:`Topology` base class: from features to a rooted spanning forest.
+
+A topology turns the features of a batch (images, sentences, graphs, point clouds)
+into a :class:`~treessm.Tree` in four overridable steps:
+
+1. :meth:`Topology.candidate_edges` -- the graph the tree may use, ``(edge_index, batch,
+   num_nodes)``;
+2. :meth:`Topology.edge_cost` -- a dissimilarity per candidate edge from the features
+   (:mod:`treessm.topology.distance`);
+3. :meth:`Topology.spanning_tree` -- the minimum spanning forest of those costs
+   (:func:`~treessm.minimum_spanning_tree`: ties go to the lower edge index, so the tree
+   is unique);
+4. :meth:`Topology.roots` -- the preferred root of each example; a component without one
+   is rooted at its lowest vertex id.
+
+``__call__`` runs them under ``torch.no_grad`` and lays the forest out breadth-first.
+A subclass states its input signature by overriding ``__call__`` (and calling
+``super().__call__``) and implements :meth:`candidate_edges` and, if it has a root rule,
+:meth:`roots`. See ``docs/topologies.md``.
+
+Features on an accelerator are handled by ``treessm.topology.device.build_tree``, which
+builds the same tree with tensor operations on the device; it has the signature
+
+``build_tree(edge_index [2, E], cost [E], num_nodes, roots [R] or None, batch [N] or None,
+**hints) -> Tree``
+
+(``roots``: preferred root vertices, one per component at most; ``hints``: the number of
+trees and the largest tree size when the candidate graph fixes them, so that nothing waits
+for the device). Without it, the tree is built on the CPU and moved.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+from .distance import Distance, check_distance, edge_cost, pair_costs_cpu
+from .mst import minimum_spanning_tree, segments
+from .rooting import build_tree, forest_to_tree
+
+__all__ = ["Topology", "Plan", "CandidateCache"]
+
+
+class Plan(NamedTuple):
+    """CPU view of a candidate graph: int64 endpoints, the split into examples
+    (``node_ptr [S + 1]``, ``edge_ptr [S + 1]``) that lets examples be solved in parallel,
+    and the id offsets of a lattice-like graph (:func:`~treessm.topology.rooting.lattice_offsets`;
+    ``None`` for general graphs)."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    node_ptr: np.ndarray
+    edge_ptr: np.ndarray
+    offsets: Optional[np.ndarray] = None
+
+
+def make_plan(edge_index: Tensor, batch: Optional[Tensor], num_nodes: int) -> Plan:
+    ei = edge_index.detach().to("cpu", torch.int64).numpy()
+    src = np.ascontiguousarray(ei[0])
+    dst = np.ascontiguousarray(ei[1])
+    b = None if batch is None else batch.detach().to("cpu", torch.int64).numpy()
+    node_ptr, edge_ptr = segments(num_nodes, src, dst, b)
+    return Plan(src, dst, node_ptr, edge_ptr)
+
+
+class CandidateCache:
+    """Candidate graphs of a fixed-shape topology, kept per key (shape, device).
+
+    Entries carry ``edge_index`` and ``plan``; :meth:`lookup` finds the entry an
+    ``edge_index`` tensor came from, so later steps reuse its CPU plan.
+    """
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._entries: "OrderedDict[tuple, object]" = OrderedDict()
+        self._by_id = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make: Callable[[], object]):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
+        entry = make()
+        with self._lock:
+            self._entries[key] = entry
+            self._by_id[id(entry.edge_index)] = entry
+            while len(self._entries) > self.size:
+                _, old = self._entries.popitem(last=False)
+                self._by_id.pop(id(old.edge_index), None)
+        return entry
+
+    def lookup(self, edge_index: Tensor):
+        entry = self._by_id.get(id(edge_index))
+        return entry if entry is not None and entry.edge_index is edge_index else None
+
+
+def check_features(feat, dim: int, name: str = "feat", shape: str = "") -> None:
+    if not isinstance(feat, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(feat).__name__}")
+    if not feat.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {feat.dtype}")
+    if feat.dim() != dim:
+        raise ValueError(f"{name} must have shape {shape}, got {list(feat.shape)}")
+
+
+class Topology:
+    r"""Base class of tree topologies: candidate edges, edge costs, minimum spanning
+    forest, roots, breadth-first layout.
+
+    .. math::
+        T = \mathrm{MSF}\big(G_{\mathrm{cand}},\ c(u, v) = d(x_u, x_v)\big),
+        \quad \text{rooted by the root rule}
+
+    Args:
+        distance (str or callable): ``"cosine"`` (:math:`\exp(-\cos(x_u, x_v))`), ``"l2"``
+            or ``f(feat_u [E, C], feat_v [E, C]) -> cost [E]``. (default: ``"cosine"``)
+
+    The construction is deterministic: the same features give the same tree (costs tie
+    -> lower edge index wins) and carries no gradient.
+    """
+
+    def __init__(self, distance: Distance = "cosine"):
+        self.distance = check_distance(distance)
+        # candidate graphs of fixed-shape inputs, reused across calls
+        self._cache = CandidateCache()
+
+    # ------------------------------------------------------------------ steps
+    def candidate_edges(self, feat: Tensor, *args, **kwargs
+                        ) -> Tuple[Tensor, Optional[Tensor], int]:
+        """Validate the inputs and return the candidate graph.
+
+        Returns:
+            ``(edge_index [2, E], batch [N] or None, num_nodes)`` on the device of the
+            features. Each example's vertices form a contiguous id range and its edges a
+            contiguous block where possible, which lets the CPU solve examples in parallel.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement candidate_edges")
+
+    def edge_cost(self, feat: Tensor, edge_index: Tensor) -> Tensor:
+        """Cost of each candidate edge from the features ``feat [N, C]`` of its ends."""
+        if isinstance(self.distance, str) and feat.device.type == "cpu":
+            plan = self._plan(edge_index, None, feat.shape[0])
+            return pair_costs_cpu(feat, plan.src, plan.dst, self.distance)
+        return edge_cost(feat, edge_index, self.distance)
+
+    def spanning_tree(self, edge_index: Tensor, cost: Tensor, num_nodes: int) -> Tensor:
+        """Mask ``[E]`` of the edges of the minimum spanning forest of ``cost``."""
+        return minimum_spanning_tree(edge_index, cost, num_nodes)
+
+    def roots(self, feat: Tensor, *args, **kwargs) -> Optional[Tensor]:
+        """Preferred root vertex of each example (``LongTensor [B]``), or ``None`` to root
+        every component at its lowest vertex id."""
+        return None
+
+    # ------------------------------------------------------------------ pipeline
+    def __call__(self, feat: Tensor, *args, **kwargs) -> Tree:
+        with torch.no_grad():
+            edge_index, batch, num_nodes = self.candidate_edges(feat, *args, **kwargs)
+            x = feat.detach()
+            # vertices first, channels flattened
+            x = x.reshape(num_nodes, -1) if x.numel() else x.reshape(num_nodes, 0)
+            cost = self.edge_cost(x, edge_index)
+            if not isinstance(cost, Tensor) or cost.shape != (edge_index.shape[1],):
+                got = list(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
+                raise ValueError(f"edge_cost must return a tensor of shape "
+                                 f"[{edge_index.shape[1]}], got {got}")
+            roots = self.roots(feat, *args, **kwargs)
+            if roots is not None and not isinstance(roots, Tensor):
+                roots = torch.as_tensor(roots, dtype=torch.long, device=edge_index.device)
+            if batch is None:
+                batch = torch.zeros(num_nodes, dtype=torch.long, device=edge_index.device)
+            return self._build(edge_index, cost, num_nodes, roots, batch)
+
+    def _plan(self, edge_index: Tensor, batch: Optional[Tensor], num_nodes: int) -> Plan:
+        """CPU plan of a candidate graph (cached for the topology's own candidates)."""
+        entry = self._cache.lookup(edge_index)
+        if entry is not None:
+            return entry.plan
+        return make_plan(edge_index, batch, num_nodes)
+
+    def _build(self, edge_index: Tensor, cost: Tensor, num_nodes: int,
+               roots: Optional[Tensor], batch: Optional[Tensor]) -> Tree:
+        device = edge_index.device
+        custom_mst = type(self).spanning_tree is not Topology.spanning_tree
+        if device.type != "cpu" and not custom_mst:
+            return self._build_on_device(edge_index, cost, num_nodes, roots, batch)
+        plan = self._plan(edge_index, batch, num_nodes)
+        b = None if batch is None else batch.detach().cpu()
+        r = None if roots is None else roots.detach().cpu()
+        if custom_mst:
+            mask = self.spanning_tree(edge_index, cost, num_nodes)
+            mask = mask.detach().to("cpu", torch.bool).numpy()
+            tree = forest_to_tree(plan.src, plan.dst, mask, num_nodes, r, b, plan.node_ptr,
+                                  plan.edge_ptr, plan.offsets)
+        else:
+            if not cost.is_floating_point():
+                raise TypeError(f"edge costs must be floating point, got {cost.dtype}")
+            try:
+                tree = build_tree(plan.src, plan.dst, cost.detach().cpu(), num_nodes, r, b,
+                                  plan.node_ptr, plan.edge_ptr, plan.offsets)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; check the features for NaN or infinite values"
+                                 ) from None
+        return tree.to(device)
+
+    def _build_on_device(self, edge_index: Tensor, cost: Tensor, num_nodes: int,
+                         roots: Optional[Tensor], batch: Optional[Tensor]) -> Tree:
+        """The tree built where the tensors live, by ``treessm.topology.device``; without
+        that module, on the CPU and moved back."""
+        try:
+            from .device import build_tree as device_build_tree
+        except ImportError:
+            device = edge_index.device
+            tree = self._build(edge_index.cpu(), cost.cpu(),
+                               num_nodes, None if roots is None else roots.cpu(),
+                               None if batch is None else batch.cpu())
+            return tree.to(device)
+        entry = self._cache.lookup(edge_index)
+        hints = getattr(entry, "hints", None) or {}
+        return device_build_tree(edge_index, cost, num_nodes, roots, batch, **hints)
+
+    # ------------------------------------------------------------------ display
+    def extra_repr(self) -> str:
+        return f"distance={_distance_repr(self.distance)}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def _distance_repr(distance) -> str:
+    if isinstance(distance, str):
+        return repr(distance)
+    return getattr(distance, "__name__", type(distance).__name__)

@@ -1,0 +1,176 @@
+"""Image grids: the minimum spanning tree of the 4- or 8-neighbour pixel graph.
+
+Vertex ``b*H*W + i*W + j`` is pixel ``(i, j)`` of image ``b``. The candidate edges of an
+image form one contiguous block, in this order (each part row-major):
+
+1. horizontal ``(i, j) - (i, j+1)``,
+2. vertical ``(i, j) - (i+1, j)``,
+3. with 8-connectivity, diagonal ``(i, j) - (i+1, j+1)``,
+4. and anti-diagonal ``(i, j+1) - (i+1, j)`` (cell ``(i, j)``),
+
+so among equal costs a horizontal edge wins over a vertical one, and so on.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+from ..tree import Tree
+from .base import Plan, Topology, check_features
+from .distance import EPS, Distance, cpu_features, grid_costs_cpu, grid_image_costs, kind_code
+from .mst import kruskal_segment, run_chunks
+from .rooting import NO_MASK, NONFINITE, Layout, lattice_offsets, layout_segment
+
+__all__ = ["GridTopology", "grid_edges"]
+
+
+def grid_edges(num_images: int, height: int, width: int, connectivity: int = 4) -> np.ndarray:
+    """Candidate edges ``[2, E]`` (int64) of ``num_images`` grids, in the documented order."""
+    idx = np.arange(height * width, dtype=np.int64).reshape(height, width)
+    parts = [(idx[:, :-1], idx[:, 1:]), (idx[:-1, :], idx[1:, :])]
+    if connectivity == 8:
+        parts += [(idx[:-1, :-1], idx[1:, 1:]), (idx[:-1, 1:], idx[1:, :-1])]
+    src = np.concatenate([a.reshape(-1) for a, _ in parts])
+    dst = np.concatenate([b.reshape(-1) for _, b in parts])
+    offset = (np.arange(num_images, dtype=np.int64) * (height * width))[:, None]
+    return np.stack([(src[None, :] + offset).reshape(-1), (dst[None, :] + offset).reshape(-1)])
+
+
+@njit(cache=True, nogil=True)
+def _grid_build_chunk(b0, b1, x, cost, bits, nbits, h, w, diag, kind, eps, src, dst, pref,
+                      offsets, mask, tree_u, tree_v, parent, order, child_ptr, depth,
+                      tree_start, num_trees, status):
+    """Costs, minimum spanning tree and layout of images ``[b0, b1)``, one image at a time:
+    the image's data stays in cache from its features to its tree."""
+    flat = x.reshape(-1)
+    c = x.shape[1]
+    hw = h * w
+    per_image = src.shape[0] // (parent.shape[0] // hw)
+    for b in range(b0, b1):
+        grid_image_costs(flat, c, b, h, w, diag, kind, eps, cost)
+        n0 = b * hw
+        m = kruskal_segment(src, dst, bits, nbits, n0, n0 + hw, b * per_image,
+                            (b + 1) * per_image, mask, tree_u, tree_v)
+        if m < 0:
+            status[b] = NONFINITE
+            continue
+        num_trees[b], status[b] = layout_segment(tree_u, tree_v, m, pref, n0, hw, offsets,
+                                                 parent, order, child_ptr, depth, tree_start)
+
+
+class _Candidates:
+    """Candidate graph of one (B, H, W, connectivity, device), with its CPU plan."""
+
+    __slots__ = ("edge_index", "batch", "roots", "plan", "shape", "hints", "root_flags")
+
+    def __init__(self, num_images, height, width, connectivity, device):
+        edges = grid_edges(num_images, height, width, connectivity)
+        hw = height * width
+        num_edges = edges.shape[1] // max(num_images, 1)
+        self.shape = (num_images, height, width)
+        self.plan = Plan(np.ascontiguousarray(edges[0]), np.ascontiguousarray(edges[1]),
+                         np.arange(num_images + 1, dtype=np.int64) * hw,
+                         np.arange(num_images + 1, dtype=np.int64) * num_edges,
+                         lattice_offsets(edges[0, :num_edges], edges[1, :num_edges]))
+        self.edge_index = torch.from_numpy(edges).to(device)
+        self.batch = torch.arange(num_images, device=device).repeat_interleave(hw)
+        center = (height // 2) * width + width // 2
+        self.roots = torch.arange(num_images, device=device) * hw + center
+        self.root_flags = np.zeros(num_images * hw, np.bool_)
+        self.root_flags[np.arange(num_images) * hw + center] = True
+        # each image is one tree: the device builder need not count them
+        self.hints = dict(num_trees=num_images, max_tree_size=hw) if num_images * hw else {}
+
+
+class GridTopology(Topology):
+    r"""Minimum spanning tree of the pixel grid of each image (GrootV).
+
+    Edge cost :math:`c(p, q) = d(x_p, x_q)` over 4- or 8-neighbour pixel pairs; one tree
+    per image, rooted at its centre pixel :math:`(\lfloor H/2 \rfloor, \lfloor W/2
+    \rfloor)`, which roughly halves the depth compared with a corner root (fewer levels
+    for level-synchronous kernels).
+
+    Args:
+        connectivity (int): 4 or 8 neighbours. (default: ``4``)
+        distance (str or callable): ``"cosine"``, ``"l2"`` or ``f(feat_u, feat_v) -> [E]``.
+            (default: ``"cosine"``)
+
+    Shapes:
+        - feat: :math:`[B, H, W, C]` (channels last) -> :class:`~treessm.Tree` over
+          :math:`N = BHW` vertices, ``batch`` set.
+
+    Example:
+        >>> tree = GridTopology()(torch.randn(2, 8, 8, 16))
+        >>> tree.num_nodes, tree.num_trees
+        (128, 2)
+    """
+
+    def __init__(self, connectivity: int = 4, distance: Distance = "cosine"):
+        super().__init__(distance)
+        if isinstance(connectivity, bool) or connectivity not in (4, 8):
+            raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+        self.connectivity = int(connectivity)
+
+    def __call__(self, feat: Tensor) -> Tree:
+        if (isinstance(feat, Tensor) and feat.device.type == "cpu"
+                and isinstance(self.distance, str) and self._standard()):
+            return self._build_fused(feat)
+        return super().__call__(feat)
+
+    def _standard(self) -> bool:
+        """Whether every step is this class's own, so the fused CPU kernel computes
+        exactly what the steps would."""
+        cls = type(self)
+        return (cls.candidate_edges is GridTopology.candidate_edges
+                and cls.edge_cost is GridTopology.edge_cost
+                and cls.spanning_tree is Topology.spanning_tree
+                and cls.roots is GridTopology.roots)
+
+    def _build_fused(self, feat: Tensor) -> Tree:
+        """All steps in one compiled pass per image (CPU, named distance)."""
+        entry = self._candidates(feat)
+        b, h, w = entry.shape
+        with torch.no_grad():
+            x = cpu_features(feat.reshape(b * h * w, feat.shape[-1]))
+        cost = np.empty(entry.plan.src.shape[0], x.dtype)
+        bits = cost.view(np.uint32 if x.dtype == np.float32 else np.uint64)
+        out = Layout(b * h * w, b)
+        run_chunks(_grid_build_chunk, b, x, cost, bits, 8 * x.itemsize, h, w,
+                   self.connectivity == 8, kind_code(self.distance), x.dtype.type(EPS),
+                   entry.plan.src, entry.plan.dst, entry.root_flags, entry.plan.offsets,
+                   NO_MASK, *out.outputs())
+        try:
+            return out.tree(entry.plan.node_ptr, entry.batch, feat.device)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; check the features for NaN or infinite values") from None
+
+    # ------------------------------------------------------------------ steps
+    def _candidates(self, feat: Tensor) -> _Candidates:
+        check_features(feat, 4, shape="[B, H, W, C]")
+        b, h, w, _ = feat.shape
+        conn = self.connectivity
+        return self._cache.get((b, h, w, conn, feat.device),
+                               lambda: _Candidates(b, h, w, conn, feat.device))
+
+    def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
+        """4- or 8-neighbour edges of each image (cached per shape and device)."""
+        entry = self._candidates(feat)
+        return entry.edge_index, entry.batch, entry.batch.shape[0]
+
+    def edge_cost(self, feat: Tensor, edge_index: Tensor) -> Tensor:
+        entry = self._cache.lookup(edge_index)
+        if entry is not None and isinstance(self.distance, str) and feat.device.type == "cpu":
+            # every pixel is read once for all of its edges
+            return grid_costs_cpu(feat, *entry.shape, self.connectivity, self.distance)
+        return super().edge_cost(feat, edge_index)
+
+    def roots(self, feat: Tensor) -> Tensor:
+        """Centre pixel ``(H // 2, W // 2)`` of each image."""
+        return self._candidates(feat).roots
+
+    def extra_repr(self) -> str:
+        return f"connectivity={self.connectivity}, {super().extra_repr()}"

@@ -1,0 +1,467 @@
+r"""Minimum spanning forests: Kruskal's algorithm, compiled with numba, on the CPU.
+
+Edges are taken in the strict total order of their keys :math:`(w_e, e)` -- weight
+first, edge index second -- so the minimum spanning forest is unique and a tie
+always goes to the edge listed first. Weights are ordered through their IEEE bits
+(an order-preserving map to unsigned integers, with ``-0.0`` folded onto ``+0.0``)
+and a stable least-significant-digit radix sort, so sorting costs three linear
+passes (float32 weights) and no comparison of floats.
+
+A batch of independent examples (images, sentences, graphs) is one forest; when
+the vertices of each example form a contiguous id range and its edges a contiguous
+block (as the candidate edges of every built-in topology do), the examples are
+solved in parallel, each with a small sort and a union-find that fit in cache.
+The result never depends on the split: Kruskal on the union of disjoint graphs
+is Kruskal on each of them.
+
+Parallel work is shared by :func:`run_chunks` rather than by ``prange``: the calling
+thread works through the chunks itself while helper threads take chunks whenever they
+get a core. A ``prange`` loop ends at a barrier that waits for every thread, so one
+thread descheduled by other load stalls the whole call for a scheduler time slice
+(measured: a 4 ms construction took 35 ms with one core busy); here the caller just
+does the helper's share and the call degrades to serial speed.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Tuple
+
+import numba
+import numpy as np
+import torch
+from numba import njit
+
+__all__ = ["minimum_spanning_tree"]
+
+_INDEX_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_WEIGHT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------- work sharing
+_pool = {"executor": None, "workers": 0, "pid": None}
+_pool_lock = threading.Lock()
+
+
+def _helpers(workers: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        # a forked child inherits the executor but not its threads: make a new one
+        if (_pool["executor"] is None or _pool["workers"] < workers
+                or _pool["pid"] != os.getpid()):
+            _pool["executor"] = ThreadPoolExecutor(max_workers=workers,
+                                                   thread_name_prefix="treessm-topology")
+            _pool["workers"] = workers
+            _pool["pid"] = os.getpid()
+        return _pool["executor"]
+
+
+def run_chunks(kernel: Callable, num_items: int, *args) -> None:
+    """Run ``kernel(start, stop, *args)`` over the items ``[0, num_items)`` in chunks.
+
+    ``kernel`` is a ``nogil`` compiled function writing disjoint outputs per item. The
+    calling thread and up to ``numba.get_num_threads() - 1`` helpers take chunks from a
+    shared counter until none are left; the call returns when every chunk taken is done,
+    so a helper that never got a core costs nothing (see the module documentation).
+    """
+    threads = numba.get_num_threads()
+    if num_items <= 0:
+        return
+    if threads <= 1 or num_items == 1:
+        kernel(0, num_items, *args)
+        return
+    # One item first, on this thread: it compiles (or loads) the kernel for these argument
+    # types before any helper calls it.
+    kernel(0, 1, *args)
+    size = -(-(num_items - 1) // (4 * threads))  # a few chunks per thread even out items
+    bounds = [(a, min(a + size, num_items)) for a in range(1, num_items, size)]
+    claimed = itertools.count()  # next() on a count is atomic under the GIL
+    finished = itertools.count(1)
+    all_done = threading.Event()
+    errors = []
+
+    def work():
+        while True:
+            k = next(claimed)
+            if k >= len(bounds):
+                return
+            try:
+                kernel(bounds[k][0], bounds[k][1], *args)
+            except BaseException as exc:  # re-raised by the calling thread
+                errors.append(exc)
+            if next(finished) == len(bounds):
+                all_done.set()
+
+    executor = _helpers(threads - 1)
+    for _ in range(min(threads, len(bounds)) - 1):
+        executor.submit(work)
+    work()
+    all_done.wait()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------------------- kernels
+@njit(cache=True)
+def _monotone_key(b, nbits):
+    """Unsigned integer with the order of the float whose IEEE bits are ``b``."""
+    top = np.uint64(1) << np.uint64(nbits - 1)
+    full = (top - np.uint64(1)) | top
+    if b == top:  # -0.0 compares equal to +0.0
+        b = np.uint64(0)
+    if b & top:
+        return (~b) & full
+    return b | top
+
+
+@njit(cache=True)
+def _is_finite_bits(b, nbits):
+    exp_mask = np.uint64(0x7F800000) if nbits == 32 else np.uint64(0x7FF0000000000000)
+    return (b & exp_mask) != exp_mask
+
+
+@njit(cache=True)
+def _sorted_edges32(bits, e0, e1, src, dst, n0, packed):
+    """Edges ``[e0, e1)`` in ascending (weight, index) order, for 32-bit weights, and
+    whether all weights are finite.
+
+    Each edge travels as one 64-bit word: its key in the high half and, in the low half,
+    its local index, or with ``packed`` its local endpoints ``u << 16 | v`` (vertex ids
+    below 2^16), which saves the Kruskal walk two random reads per edge. A stable LSD
+    radix sort on three 11-bit digits of the key keeps equal keys in index order either
+    way.
+    """
+    m = e1 - e0
+    words = np.empty(m, np.uint64)
+    counts = np.zeros((3, 2048), np.int32)
+    digit = np.uint64(2047)
+    for k in range(m):
+        b = np.uint64(bits[e0 + k])
+        if not _is_finite_bits(b, 32):
+            return words, False
+        key = _monotone_key(b, 32)
+        if packed:
+            low = (np.uint64(src[e0 + k] - n0) << np.uint64(16)) | np.uint64(dst[e0 + k] - n0)
+        else:
+            low = np.uint64(k)
+        words[k] = (key << np.uint64(32)) | low
+        counts[0, np.int64(key & digit)] += 1
+        counts[1, np.int64((key >> np.uint64(11)) & digit)] += 1
+        counts[2, np.int64(key >> np.uint64(22))] += 1
+    if m == 0:
+        return words, True
+    other = np.empty(m, np.uint64)
+    offset = np.empty(2048, np.int64)
+    for d in range(3):
+        shift = np.uint64(32 + 11 * d)
+        if counts[d, np.int64((words[0] >> shift) & digit)] == m:
+            continue  # every key has this digit
+        run = 0
+        for j in range(2048):
+            offset[j] = run
+            run += counts[d, j]
+        for k in range(m):
+            w = words[k]
+            dig = np.int64((w >> shift) & digit)
+            other[offset[dig]] = w
+            offset[dig] += 1
+        words, other = other, words
+    return words, True
+
+
+@njit(cache=True)
+def _sorted_edges64(bits, e0, e1):
+    """As :func:`_sorted_edges32` for 64-bit weights (keys and indices in two arrays)."""
+    m = e1 - e0
+    keys = np.empty(m, np.uint64)
+    idx = np.arange(m).astype(np.uint64)
+    counts = np.zeros((8, 256), np.int64)
+    byte = np.uint64(255)
+    for k in range(m):
+        b = np.uint64(bits[e0 + k])
+        if not _is_finite_bits(b, 64):
+            return idx, False
+        key = _monotone_key(b, 64)
+        keys[k] = key
+        for d in range(8):
+            counts[d, np.int64((key >> np.uint64(8 * d)) & byte)] += 1
+    if m == 0:
+        return idx, True
+    keys2 = np.empty(m, np.uint64)
+    idx2 = np.empty(m, np.uint64)
+    offset = np.empty(256, np.int64)
+    for d in range(8):
+        shift = np.uint64(8 * d)
+        if counts[d, np.int64((keys[0] >> shift) & byte)] == m:
+            continue
+        run = 0
+        for j in range(256):
+            offset[j] = run
+            run += counts[d, j]
+        for k in range(m):
+            dig = np.int64((keys[k] >> shift) & byte)
+            pos = offset[dig]
+            offset[dig] = pos + 1
+            keys2[pos] = keys[k]
+            idx2[pos] = idx[k]
+        keys, keys2 = keys2, keys
+        idx, idx2 = idx2, idx
+    return idx, True
+
+
+@njit(cache=True)
+def find_root(uf, v):
+    # path halving: every other vertex on the path is pointed at its grandparent
+    while uf[v] != v:
+        uf[v] = uf[uf[v]]
+        v = uf[v]
+    return v
+
+
+@njit(cache=True)
+def kruskal_segment(src, dst, bits, nbits, n0, n1, e0, e1, mask, tree_u, tree_v):
+    """Kruskal on vertices ``[n0, n1)`` and edges ``[e0, e1)``.
+
+    Lists the local endpoints of the chosen edges, in the order chosen, in
+    ``tree_u/tree_v[n0 : n0 + count]`` and marks them in ``mask`` unless ``mask`` is
+    empty. Returns ``count``, or ``-1`` when a weight is not finite.
+    """
+    n = n1 - n0
+    m = e1 - e0
+    marking = mask.shape[0] > 0
+    # without a mask to fill, the edge index is not needed: carry the endpoints instead
+    packed = nbits == 32 and not marking and n <= 65536
+    if nbits == 32:
+        order, ok = _sorted_edges32(bits, e0, e1, src, dst, n0, packed)
+    else:
+        order, ok = _sorted_edges64(bits, e0, e1)
+    if not ok:
+        return -1
+    if n <= 1:
+        return 0
+    if not packed:
+        # local endpoints in small arrays: the sorted walk below reads them at random
+        local_u = np.empty(m, np.int32)
+        local_v = np.empty(m, np.int32)
+        for k in range(m):
+            local_u[k] = src[e0 + k] - n0
+            local_v[k] = dst[e0 + k] - n0
+    else:
+        local_u = np.empty(0, np.int32)
+        local_v = np.empty(0, np.int32)
+    uf = np.empty(n, np.int32)
+    size = np.ones(n, np.int32)
+    for v in range(n):
+        uf[v] = v
+    low = np.uint64(0xFFFFFFFF)
+    half = np.uint64(0xFFFF)
+    need = n - 1
+    count = 0
+    for k in range(m):
+        w = order[k]
+        if packed:
+            u = np.int32((w >> np.uint64(16)) & half)
+            v = np.int32(w & half)
+            el = 0
+        else:
+            el = np.int64(w & low)
+            u = local_u[el]
+            v = local_v[el]
+        ru = find_root(uf, u)
+        rv = find_root(uf, v)
+        if ru == rv:  # a self-loop or an edge closing a cycle
+            continue
+        if size[ru] < size[rv]:  # union by size keeps the trees shallow
+            ru, rv = rv, ru
+        uf[rv] = ru
+        size[ru] += size[rv]
+        if marking:
+            mask[e0 + el] = True
+        tree_u[n0 + count] = u
+        tree_v[n0 + count] = v
+        count += 1
+        if count == need:  # spanning tree complete: every further edge closes a cycle
+            break
+    return count
+
+
+@njit(cache=True, nogil=True)
+def _kruskal_chunk(s0, s1, src, dst, bits, nbits, node_ptr, edge_ptr, mask, tree_u, tree_v,
+                   bad):
+    for s in range(s0, s1):
+        c = kruskal_segment(src, dst, bits, nbits, node_ptr[s], node_ptr[s + 1], edge_ptr[s],
+                            edge_ptr[s + 1], mask, tree_u, tree_v)
+        bad[s] = c < 0
+
+
+@njit(cache=True)
+def _segments_from_batch(batch, src, dst):
+    """Example ranges of vertices and edges when ``batch`` allows a split, else empty arrays.
+
+    A split needs a non-decreasing ``batch`` (each example a contiguous vertex range),
+    edges that stay inside one example, and edges grouped by example in ascending order.
+    """
+    n = batch.shape[0]
+    m = src.shape[0]
+    none = np.zeros(0, np.int64)
+    if n == 0:
+        return none, none
+    if batch[0] < 0:
+        return none, none
+    for v in range(1, n):
+        if batch[v] < batch[v - 1]:
+            return none, none
+    num_seg = batch[n - 1] + 1
+    node_ptr = np.zeros(num_seg + 1, np.int64)
+    for v in range(n):
+        node_ptr[batch[v] + 1] += 1
+    for s in range(num_seg):
+        node_ptr[s + 1] += node_ptr[s]
+    edge_ptr = np.zeros(num_seg + 1, np.int64)
+    prev = 0
+    for e in range(m):
+        b = batch[src[e]]
+        if batch[dst[e]] != b or b < prev:
+            return none, none
+        prev = b
+        edge_ptr[b + 1] += 1
+    for s in range(num_seg):
+        edge_ptr[s + 1] += edge_ptr[s]
+    return node_ptr, edge_ptr
+
+
+# ---------------------------------------------------------------------------- helpers
+def segments(num_nodes: int, src: np.ndarray, dst: np.ndarray,
+             batch: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``(node_ptr, edge_ptr)`` splitting the graph into independently solvable examples.
+
+    Falls back to a single segment when ``batch`` is missing or does not split the graph.
+    """
+    if batch is not None and batch.shape[0] == num_nodes and num_nodes > 0:
+        node_ptr, edge_ptr = _segments_from_batch(batch, src, dst)
+        if node_ptr.shape[0]:
+            return node_ptr, edge_ptr
+    return (np.array([0, num_nodes], np.int64), np.array([0, src.shape[0]], np.int64))
+
+
+def weight_bits(weight: torch.Tensor) -> Tuple[np.ndarray, int]:
+    """IEEE bits of a CPU weight tensor as an unsigned array, and their width.
+
+    Half types are widened to float32, which is exact and keeps their order.
+    """
+    if weight.dtype == torch.float64:
+        return weight.contiguous().numpy().view(np.uint64), 64
+    if weight.dtype != torch.float32:
+        weight = weight.float()
+    return weight.contiguous().numpy().view(np.uint32), 32
+
+
+def spanning_forest_mask(src: np.ndarray, dst: np.ndarray, weight: torch.Tensor,
+                         node_ptr: np.ndarray, edge_ptr: np.ndarray) -> np.ndarray:
+    """Unchecked core: minimum spanning forest mask of int64 ``src``/``dst`` with CPU
+    ``weight``, solved per segment. Raises ValueError on non-finite weights."""
+    bits, nbits = weight_bits(weight)
+    num_seg = node_ptr.shape[0] - 1
+    n = int(node_ptr[-1])
+    mask = np.zeros(src.shape[0], np.bool_)
+    bad = np.zeros(num_seg, np.bool_)
+    run_chunks(_kruskal_chunk, num_seg, src, dst, bits, nbits, node_ptr, edge_ptr, mask,
+               np.empty(n, np.int32), np.empty(n, np.int32), bad)
+    if bad.any():
+        raise ValueError("edge_weight must be finite, got NaN or infinite values")
+    return mask
+
+
+def check_edge_index(edge_index, num_nodes: int, name: str = "edge_index") -> None:
+    """Validate a ``[2, E]`` integer tensor of vertex ids in ``[0, num_nodes)``."""
+    if not isinstance(edge_index, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [2, E], got "
+                        f"{type(edge_index).__name__}")
+    if edge_index.dtype not in _INDEX_TYPES:
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got "
+                        f"{edge_index.dtype}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"{name} must have shape [2, E], got {list(edge_index.shape)}")
+    if edge_index.shape[1]:
+        lo, hi = int(edge_index.min()), int(edge_index.max())
+        if lo < 0 or hi >= num_nodes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must hold vertex ids in [0, {num_nodes}), found {bad}")
+
+
+def check_num_nodes(num_nodes) -> int:
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, (int, np.integer)):
+        if isinstance(num_nodes, torch.Tensor) and num_nodes.dim() == 0 and \
+                not num_nodes.is_floating_point() and num_nodes.dtype != torch.bool:
+            num_nodes = int(num_nodes)
+        else:
+            raise TypeError(f"num_nodes must be an int, got {type(num_nodes).__name__}")
+    num_nodes = int(num_nodes)
+    if num_nodes < 0:
+        raise ValueError(f"num_nodes must be non-negative, got {num_nodes}")
+    return num_nodes
+
+
+# ---------------------------------------------------------------------------- public API
+def minimum_spanning_tree(edge_index: torch.Tensor, edge_weight: torch.Tensor, num_nodes: int,
+                          batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    r"""Minimum spanning forest of an undirected weighted graph.
+
+    Edges are considered in ascending order of the key :math:`(w_e, e)`, so among
+    equal weights the lower edge index wins and the forest is unique:
+
+    .. math::
+        T = \operatorname*{arg\,min}_{F \text{ spanning forest}} \sum_{e \in F} w_e,
+        \qquad \text{ties broken lexicographically by } (w_e, e).
+
+    A disconnected graph gives one tree per connected component. Self-loops are never
+    chosen; of parallel edges (in either direction) only the first in key order can be.
+
+    Args:
+        edge_index (LongTensor or IntTensor [2, E]): endpoints of each undirected edge.
+        edge_weight (Tensor [E]): float16, bfloat16, float32 or float64 weights; must be
+            finite.
+        num_nodes (int): number of vertices ``N``.
+        batch (LongTensor [N], optional): example of each vertex. When every example is a
+            contiguous vertex range whose edges form a contiguous block, the examples are
+            solved in parallel; the result is the same either way. (default: ``None``)
+
+    Returns:
+        BoolTensor [E] on the device of ``edge_index``: ``True`` for the edges of the
+        forest (``N`` minus the number of components of them).
+
+    Raises:
+        TypeError: if an argument is not a tensor or has an unsupported dtype.
+        ValueError: on wrong shapes, vertex ids outside ``[0, N)``, non-finite weights or
+            a negative ``num_nodes``.
+
+    Shapes:
+        - edge_index: :math:`[2, E]`, edge_weight: :math:`[E]` -> :math:`[E]`
+    """
+    num_nodes = check_num_nodes(num_nodes)
+    check_edge_index(edge_index, num_nodes)
+    if not isinstance(edge_weight, torch.Tensor):
+        raise TypeError(f"edge_weight must be a torch.Tensor, got {type(edge_weight).__name__}")
+    if edge_weight.dtype not in _WEIGHT_TYPES:
+        raise TypeError(f"edge_weight must be a floating-point tensor (float16, bfloat16, float32 "
+                        f"or float64), got {edge_weight.dtype}")
+    num_edges = edge_index.shape[1]
+    if edge_weight.dim() != 1 or edge_weight.shape[0] != num_edges:
+        raise ValueError(f"edge_weight must have shape [E] = [{num_edges}], got "
+                         f"{list(edge_weight.shape)}")
+    if batch is not None:
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+        if batch.dtype not in _INDEX_TYPES or batch.dim() != 1 or batch.shape[0] != num_nodes:
+            raise ValueError(f"batch must be an integer tensor of shape [{num_nodes}], got "
+                             f"{batch.dtype} {list(batch.shape)}")
+    device = edge_index.device
+    with torch.no_grad():
+        ei = edge_index.detach().cpu().to(torch.int64).numpy()
+        src = np.ascontiguousarray(ei[0])
+        dst = np.ascontiguousarray(ei[1])
+        b = None if batch is None else batch.detach().cpu().to(torch.int64).numpy()
+        node_ptr, edge_ptr = segments(num_nodes, src, dst, b)
+        mask = spanning_forest_mask(src, dst, edge_weight.detach().cpu(), node_ptr, edge_ptr)
+    return torch.from_numpy(mask).to(device)
