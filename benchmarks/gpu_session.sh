@@ -28,10 +28,7 @@ $PY -c "import treessm.ops.cuda as c; c.load(verbose=True)" > "$OUT/build.log" 2
 echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -5 "$OUT/build.log"
 [ $rc -ne 0 ] && { grep -E "error|Error" "$OUT/build.log" | head -30; exit 1; }
 echo "== gpu tests"
-GPU_TESTS="tests/ops/test_tree_scan_cuda.py"
-for f in tests/topology/test_device.py tests/topology/test_topology_cuda.py tests/nn/test_tree_ssm_cuda.py; do
-  [ -f "$f" ] && GPU_TESTS="$GPU_TESTS $f"
-done
+GPU_TESTS="tests/ops/test_tree_scan_cuda.py tests/topology/test_device.py tests/topology/test_grid_tree_cuda.py tests/topology/test_mst.py tests/topology/test_topologies.py tests/nn tests/models tests/test_tree.py"
 $PY -m pytest -q $GPU_TESTS 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 echo "== memcheck"
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \

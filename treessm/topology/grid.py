@@ -172,5 +172,20 @@ class GridTopology(Topology):
         """Centre pixel ``(H // 2, W // 2)`` of each image."""
         return self._candidates(feat).roots
 
+    def _build_on_device(self, edge_index, cost, num_nodes, roots, batch) -> Tree:
+        # On CUDA, the fused kernel (one block per image) builds the same tree as the
+        # steps; other devices, custom roots or images too large for it take the
+        # tensor-operation path.
+        entry = self._cache.lookup(edge_index)
+        if (entry is not None and cost.device.type == "cuda"
+                and type(self).roots is GridTopology.roots):
+            from .cuda_grid import grid_tree
+
+            b, h, w = entry.shape
+            tree = grid_tree(cost, b, h, w, self.connectivity, batch=batch)
+            if tree is not None:
+                return tree
+        return super()._build_on_device(edge_index, cost, num_nodes, roots, batch)
+
     def extra_repr(self) -> str:
         return f"connectivity={self.connectivity}, {super().extra_repr()}"
