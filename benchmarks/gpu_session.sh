@@ -27,6 +27,18 @@ echo "== build"; start=$(date +%s)
 $PY -c "import treessm.ops.cuda as c; c.load(verbose=True)" > "$OUT/build.log" 2>&1; rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -5 "$OUT/build.log"
 [ $rc -ne 0 ] && { grep -E "error|Error" "$OUT/build.log" | head -30; exit 1; }
+echo "== error path of the extension (child process)"
+$PY - <<'PYEOF' 2>&1 | tail -3; echo "error-path rc=${PIPESTATUS[0]}"
+import torch, treessm
+treessm.ops.cuda.load()
+x = torch.zeros(3, 4, device="cuda")
+i = torch.zeros(3, dtype=torch.long, device="cuda")
+try:
+    torch.ops.treessm.cuda_scan_forward(x, x, i, torch.zeros(4, dtype=torch.long, device="cuda"),
+                                        i, i, i, i, "sideways")
+except RuntimeError as exc:
+    print("scan op raised cleanly:", str(exc).splitlines()[0][:100])
+PYEOF
 echo "== gpu tests"
 GPU_TESTS="tests/ops/test_tree_scan_cuda.py tests/topology/test_device.py tests/topology/test_grid_tree_cuda.py tests/topology/test_mst.py tests/topology/test_topologies.py tests/nn tests/models tests/test_tree.py"
 $PY -m pytest -q $GPU_TESTS 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25

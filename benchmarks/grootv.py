@@ -154,7 +154,8 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available; use --device cpu --quick to check the script")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = platform.processor() or platform.machine()

@@ -83,3 +83,16 @@ def test_kernels_are_deterministic():
     np.testing.assert_array_equal(
         pair_costs_cpu(x, np.arange(10), np.arange(1, 11), "l2").numpy(),
         pair_costs_cpu(x.clone(), np.arange(10), np.arange(1, 11), "l2").numpy())
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_grid_costs_torch_match_gathered_costs(connectivity, distance):
+    from treessm.topology.distance import edge_cost, grid_costs_torch
+    from treessm.topology.grid import grid_edges
+
+    b, h, w, c = 2, 5, 7, 6
+    feat = torch.randn(b * h * w, c, generator=torch.Generator().manual_seed(1))
+    edges = torch.from_numpy(grid_edges(b, h, w, connectivity))
+    got = grid_costs_torch(feat, b, h, w, connectivity, distance)
+    torch.testing.assert_close(got, edge_cost(feat, edges, distance), rtol=0, atol=1e-6)

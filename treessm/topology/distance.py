@@ -29,7 +29,8 @@ from numba.extending import intrinsic
 
 from .mst import run_chunks
 
-__all__ = ["DISTANCES", "EPS", "check_distance", "edge_cost", "pair_costs_cpu", "grid_costs_cpu"]
+__all__ = ["DISTANCES", "EPS", "check_distance", "edge_cost", "pair_costs_cpu", "grid_costs_cpu",
+           "grid_costs_torch"]
 
 DISTANCES = ("cosine", "l2")
 #: Norm floor of the cosine distance (as in ``torch.nn.functional.normalize``).
@@ -386,3 +387,25 @@ def grid_costs_cpu(feat: torch.Tensor, num_images: int, height: int, width: int,
         run_chunks(_grid_chunk, num_images, x, height, width, connectivity == 8,
                    kind_code(distance), x.dtype.type(EPS), out)
     return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def grid_costs_torch(feat: torch.Tensor, num_images: int, height: int, width: int,
+                     connectivity: int, distance: str) -> torch.Tensor:
+    """Costs of the candidate edges of ``num_images`` grids (order of
+    :func:`treessm.topology.grid.grid_edges`) from ``feat [B*H*W, C]``, with tensor
+    operations on any device: each edge family is one product of shifted views."""
+    x = feat.detach().reshape(num_images, height, width, -1)
+    x = x.to(_work_dtype(x))
+    if distance == "cosine":
+        x = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
+
+        def cost(a, b):
+            return torch.exp(-(a * b).sum(-1)).reshape(num_images, -1)
+    else:
+        def cost(a, b):
+            return torch.linalg.vector_norm(a - b, dim=-1).reshape(num_images, -1)
+    parts = [cost(x[:, :, :-1], x[:, :, 1:]), cost(x[:, :-1, :], x[:, 1:, :])]
+    if connectivity == 8:
+        parts += [cost(x[:, :-1, :-1], x[:, 1:, 1:]), cost(x[:, :-1, 1:], x[:, 1:, :-1])]
+    return torch.cat(parts, 1).reshape(-1)

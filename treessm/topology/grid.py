@@ -163,9 +163,13 @@ class GridTopology(Topology):
 
     def edge_cost(self, feat: Tensor, edge_index: Tensor) -> Tensor:
         entry = self._cache.lookup(edge_index)
-        if entry is not None and isinstance(self.distance, str) and feat.device.type == "cpu":
-            # every pixel is read once for all of its edges
-            return grid_costs_cpu(feat, *entry.shape, self.connectivity, self.distance)
+        if entry is not None and isinstance(self.distance, str):
+            if feat.device.type == "cpu":
+                # every pixel is read once for all of its edges
+                return grid_costs_cpu(feat, *entry.shape, self.connectivity, self.distance)
+            # on a GPU: shifted views of the image instead of gathering both ends of
+            # every edge (which would write two [E, C] copies)
+            return grid_costs_torch(feat, *entry.shape, self.connectivity, self.distance)
         return super().edge_cost(feat, edge_index)
 
     def roots(self, feat: Tensor) -> Tensor:
