@@ -51,5 +51,23 @@ if [ "$MODE" = quick ]; then
   $PY benchmarks/tree_scan.py --quick --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
 else
   $PY benchmarks/tree_scan.py --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
-  [ -f benchmarks/grootv.py ] && $PY benchmarks/grootv.py --out "$OUT/grootv_gpu.json" 2>&1 | tee "$OUT/bench_grootv.log"
+  $PY benchmarks/grootv.py --out "$OUT/grootv_gpu.json" 2>&1 | tee "$OUT/bench_grootv.log" | grep -v "^\s*$" | tail -14
+  echo "== one training step of each variant, launches blocking"
+  CUDA_LAUNCH_BLOCKING=1 $PY - <<'PYEOF' 2>&1 | tail -12
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, "benchmarks")
+import grootv as gb
+from treessm.models import grootv_tiny
+for scan in ("tree", "standin"):
+    try:
+        m = grootv_tiny(num_classes=10).cuda().train()
+        if scan == "standin":
+            gb.use_standin(m)
+        x = torch.randn(8, 3, 224, 224, device="cuda")
+        F.cross_entropy(m(x), torch.zeros(8, dtype=torch.long, device="cuda")).backward()
+        torch.cuda.synchronize()
+        print(scan, "training step ok")
+    except Exception as exc:
+        import traceback; traceback.print_exc(limit=-4); break
+PYEOF
 fi

@@ -35,7 +35,8 @@ def _entrypoint(name: str) -> Callable:
     constructor = getattr(_grootv, name)
 
     def create(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
-               **kwargs):
+               cache_dir=None, **kwargs):
+        # cache_dir: where timm would download pretrained weights; there are none to fetch
         if pretrained:
             raise ValueError(f"{name} has no pretrained weights; use pretrained=False")
         if pretrained_cfg or pretrained_cfg_overlay:

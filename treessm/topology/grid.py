@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ..tree import Tree
 from .base import Plan, Topology, check_features
-from .distance import EPS, Distance, cpu_features, grid_costs_cpu, grid_image_costs, kind_code
+from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
+                       grid_image_costs, kind_code)
 from .mst import kruskal_segment, run_chunks
 from .rooting import NO_MASK, NONFINITE, Layout, lattice_offsets, layout_segment
 
