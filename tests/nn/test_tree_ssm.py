@@ -56,7 +56,8 @@ def dense_tree_ssm(layer, x, parent):
     xs = torch.einsum("nd,ns,nd->nds", delta, bb, u)
     ws = torch.exp(torch.einsum("nd,ds->nds", delta, a))
     hs = oracle.dense_tree_scan(xs, ws, parent, "both")
-    hs = _layer_norm(hs, (1, 2), layer.h_norm.weight, layer.h_norm.bias, layer.h_norm.eps)
+    hs = _layer_norm(hs, (1, 2), layer.h_norm.weight.view(hs.shape[1:]),
+                     layer.h_norm.bias.view(hs.shape[1:]), layer.h_norm.eps)
     y = torch.einsum("nds,ns->nd", hs, cc) + layer.D * u
     y = _layer_norm(y, (1,), layer.out_norm.weight, layer.out_norm.bias, layer.out_norm.eps)
     y = y * (z * torch.sigmoid(z))

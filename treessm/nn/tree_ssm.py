@@ -185,7 +185,10 @@ class TreeSSM(nn.Module):
         # Mamba's convention: the SSM's A and D are not weight-decayed.
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
-        self.h_norm = nn.LayerNorm([d_inner, d_state])
+        # one LayerNorm over the d_inner * d_state states of a vertex, on a flat view: the
+        # CUDA backward of torch's layer_norm with a two-dimensional normalized_shape
+        # returns a wrongly shaped weight gradient (torch 2.11, seen on an H200)
+        self.h_norm = nn.LayerNorm(d_inner * d_state)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self.reset_parameters()
@@ -265,7 +268,8 @@ class TreeSSM(nn.Module):
             Tensor [N, d_inner] in float32 (float64 for float64 input).
         """
         x, weight, c = self.discretize(u)
-        h = _layer_norm(self.h_norm, self.scan_states(x, weight, tree))
+        h = self.scan_states(x, weight, tree)
+        h = _layer_norm(self.h_norm, h.reshape(h.shape[0], -1)).reshape(h.shape)
         return (h * c.unsqueeze(1)).sum(-1) + self.D.to(x.dtype) * u.to(x.dtype)
 
     def project_out(self, y: Tensor, z: Tensor) -> Tensor:
