@@ -23,7 +23,6 @@ no CUDA extension, an image too large -- and the caller builds the tree another 
 """
 from __future__ import annotations
 
-import operator
 import threading
 from typing import Dict, Optional
 
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
+from .device import _check_int
 
 __all__ = ["grid_tree", "num_candidate_edges", "shared_memory_bytes", "fits"]
 
@@ -43,16 +43,6 @@ _OPTIN_BY_ARCH = {(7, 0): 96 * 1024, (7, 2): 96 * 1024, (7, 5): 64 * 1024,
 _lock = threading.Lock()
 _unavailable: Optional[str] = None  # why the extension cannot be used, once known
 _optin: Dict[int, int] = {}
-
-
-def _check_int(value, name: str, low: int) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def _check_connectivity(connectivity) -> int:
