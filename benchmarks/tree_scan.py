@@ -50,8 +50,13 @@ def copy_bandwidth(nbytes=2 << 30):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+# one topology object, as a layer holds one: its candidate grid is built once per shape
+_GRID = treessm.GridTopology(connectivity=4, distance="cosine") if hasattr(treessm, "GridTopology") \
+    else None
+
+
 def grid_tree(feat):
-    tree = treessm.GridTopology(connectivity=4, distance="cosine")(feat)
+    tree = _GRID(feat)
     tree.scan_plan()
     return tree
 
