@@ -132,6 +132,16 @@ def _bfs_forest_vectorised(parent):
     return order, child_ptr, depth, tree_ptr.astype(np.int64), reached
 
 
+def levels_from_tensors(order: torch.Tensor, depth: torch.Tensor):
+    """Level-major vertex list and level boundaries (a Python list) of a forest's
+    breadth-first ``order`` and ``depth`` (see :meth:`Tree.levels`)."""
+    if order.shape[0] == 0:
+        return order, [0]
+    perm = torch.sort(depth[order], stable=True).indices
+    counts = torch.bincount(depth)
+    return order[perm], [0] + torch.cumsum(counts, 0).tolist()
+
+
 def _as_index_tensor(t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         try:
@@ -272,12 +282,7 @@ class Tree:
         position in ``order``) and a Python list with the start of each depth.
         """
         if self._levels is None:
-            perm = torch.sort(self.depth[self.order], stable=True).indices
-            level_order = self.order[perm]
-            counts = torch.bincount(self.depth, minlength=1) if self.num_nodes else \
-                torch.zeros(0, dtype=torch.long, device=self.device)
-            ptr = [0] + torch.cumsum(counts, 0).tolist()
-            self._levels = (level_order, ptr)
+            self._levels = levels_from_tensors(self.order, self.depth)
         return self._levels
 
     def scan_plan(self):

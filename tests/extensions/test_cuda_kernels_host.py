@@ -1,36 +1,22 @@
 """The CUDA kernels' own source, compiled for the host and run with one thread per CUDA
 thread, against the torch reference: catches indexing and synchronisation mistakes in
 ``extensions/treessm_cuda`` on machines without a GPU."""
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import treessm
+from emulation import compile_harness
 from oracle import all_roots, chain, random_forest, star
 from treessm.ops import reference
 
-SRC = Path(__file__).resolve().parents[2] / "extensions" / "treessm_cuda"
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("emu") / "harness"
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined",
-           f"-I{SRC / 'host_emulation'}", f"-I{SRC}", str(SRC / "host_emulation" / "harness.cpp"),
-           "-o", str(exe), "-lpthread"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        if "barrier" in r.stderr and "No such file" in r.stderr:
-            pytest.skip("compiler lacks C++20 <barrier>")
-        raise AssertionError(r.stderr[-4000:])
-    return exe
+    return compile_harness(tmp_path_factory.mktemp("emu"), "harness.cpp")
 
 
 NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down", "gx both",

@@ -3,38 +3,24 @@ thread, against the CPU construction (Kruskal in ``treessm.minimum_spanning_tree
 ``root_forest`` at the centre pixel, ``Tree.from_parent`` and ``Tree.scan_plan``): catches
 indexing, tie-breaking and synchronisation mistakes in ``extensions/treessm_cuda`` on
 machines without a GPU."""
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from emulation import compile_harness
 from treessm import Tree, minimum_spanning_tree
 from treessm.topology.grid import grid_edges
 from treessm.topology.rooting import root_forest
 
-SRC = Path(__file__).resolve().parents[2] / "extensions" / "treessm_cuda"
 FIELDS = ("parent", "order", "child_ptr", "tree_ptr", "depth", "level_pos", "tree_level_ptr",
           "parent_pos")
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("emu") / "grid_harness"
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined",
-           "-fno-sanitize-recover=undefined", f"-I{SRC / 'host_emulation'}", f"-I{SRC}",
-           str(SRC / "host_emulation" / "grid_harness.cpp"), "-o", str(exe), "-lpthread"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        if "barrier" in r.stderr and "No such file" in r.stderr:
-            pytest.skip("compiler lacks C++20 <barrier>")
-        raise AssertionError(r.stderr[-4000:])
-    return exe
+    return compile_harness(tmp_path_factory.mktemp("emu"), "grid_harness.cpp")
 
 
 def num_edges(h, w, connectivity):

@@ -16,17 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from ..tree import levels_from_tensors
+
 __all__ = ["scan_up", "scan_down", "scan_both", "forward", "backward", "levels_from_tensors"]
-
-
-def levels_from_tensors(order: torch.Tensor, depth: torch.Tensor):
-    """Level-major vertex list and level boundaries (a Python list) from a Tree's tensors."""
-    n = order.shape[0]
-    if n == 0:
-        return order, [0]
-    perm = torch.sort(depth[order], stable=True).indices
-    counts = torch.bincount(depth)
-    return order[perm], [0] + torch.cumsum(counts, 0).tolist()
 
 
 def _level(level_order, level_ptr, d):

@@ -1,0 +1,25 @@
+"""Compiles a host-emulation harness of the CUDA kernels (``extensions/treessm_cuda/
+host_emulation``) with AddressSanitizer and UBSan; skips the test without a C++20 compiler."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "extensions" / "treessm_cuda"
+
+
+def compile_harness(out_dir: Path, source: str) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = out_dir / Path(source).stem
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined",
+           "-fno-sanitize-recover=undefined", f"-I{SRC / 'host_emulation'}", f"-I{SRC}",
+           str(SRC / "host_emulation" / source), "-o", str(exe), "-lpthread"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        if "barrier" in r.stderr and "No such file" in r.stderr:
+            pytest.skip("compiler lacks C++20 <barrier>")
+        raise AssertionError(r.stderr[-4000:])
+    return exe
