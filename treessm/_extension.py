@@ -20,7 +20,7 @@ __all__ = ["load", "is_loaded", "source_dir"]
 _lock = threading.Lock()
 _loaded = False
 _EXT_NAME = "treessm_cuda"
-_SOURCES = ("tree_scan.cu", "grid_tree.cu")
+_SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu")
 
 
 def source_dir() -> Path:

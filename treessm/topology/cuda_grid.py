@@ -20,6 +20,13 @@ fit one block's shared memory: :func:`shared_memory_bytes` bytes, about ``18 HW`
 pixels on an H100). :func:`grid_tree` returns ``None`` when it cannot run -- a CPU tensor,
 no CUDA extension, an image too large -- and the caller builds the tree another way
 (:func:`treessm.topology.device.build_tree`).
+
+The candidate-edge costs come from another fused kernel, :func:`grid_costs`
+(``torch.ops.treessm.cuda_grid_costs``): a group of lanes per pixel reads the pixel's
+feature row and those of its right and lower neighbours (16-byte loads where the rows
+allow), and writes the cosine or Euclidean cost of its edges, so the features are read
+from memory about once. It agrees with
+:func:`~treessm.topology.distance.grid_costs_torch` to rounding.
 """
 from __future__ import annotations
 
@@ -31,10 +38,12 @@ from torch import Tensor
 
 from ..tree import Tree
 from .device import _check_int
+from .distance import DISTANCES, EPS, kind_code
 
-__all__ = ["grid_tree", "num_candidate_edges", "shared_memory_bytes", "fits"]
+__all__ = ["grid_tree", "grid_costs", "num_candidate_edges", "shared_memory_bytes", "fits"]
 
 _COST_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INT_MAX = 2**31 - 1
 # Opt-in shared memory per block by compute capability, for torch builds whose device
 # properties lack ``shared_memory_per_block_optin``.
 _OPTIN_BY_ARCH = {(7, 0): 96 * 1024, (7, 2): 96 * 1024, (7, 5): 64 * 1024,
@@ -43,6 +52,10 @@ _OPTIN_BY_ARCH = {(7, 0): 96 * 1024, (7, 2): 96 * 1024, (7, 5): 64 * 1024,
 _lock = threading.Lock()
 _unavailable: Optional[str] = None  # why the extension cannot be used, once known
 _optin: Dict[int, int] = {}
+# the ops' default overloads, once the extension is loaded (a call skips the packet lookup);
+# _costs_op stays None when the loaded library predates cuda_grid_costs
+_tree_op = None
+_costs_op = None
 
 
 def _check_connectivity(connectivity) -> int:
@@ -91,9 +104,13 @@ def fits(height: int, width: int, connectivity: int, device) -> bool:
 def _extension_ready() -> bool:
     """Load the CUDA extension once; remember a failure instead of retrying a build."""
     global _unavailable
+    if _tree_op is not None:
+        return True
     if _unavailable is not None:
         return False
     with _lock:
+        if _tree_op is not None:
+            return True
         if _unavailable is not None:
             return False
         try:
@@ -101,11 +118,117 @@ def _extension_ready() -> bool:
             from .. import _extension as cuda_ops
 
             cuda_ops.load()
-            torch.ops.treessm.cuda_grid_tree  # noqa: B018  (an older build may lack it)
+            tree_op = torch.ops.treessm.cuda_grid_tree.default  # an older build may lack it
         except (RuntimeError, OSError, ImportError, AttributeError) as exc:
             _unavailable = str(exc) or type(exc).__name__
             return False
+        _set_ops(tree_op)
     return True
+
+
+def _set_ops(tree_op) -> None:
+    global _tree_op, _costs_op
+    try:
+        # newer than cuda_grid_tree: a prebuilt library of an older version lacks it, and the
+        # costs then come from tensor operations
+        _costs_op = torch.ops.treessm.cuda_grid_costs.default
+    except (AttributeError, RuntimeError):
+        _costs_op = None
+    _tree_op = tree_op
+
+
+def costs_op():
+    """``torch.ops.treessm.cuda_grid_costs`` (default overload), or ``None`` when the
+    extension cannot be loaded or predates it."""
+    if _tree_op is None and not _extension_ready():
+        return None
+    return _costs_op
+
+
+def fused_ready(height: int, width: int, connectivity: int, device: torch.device) -> bool:
+    """Whether :func:`fused_build` can run for this image size on ``device`` (a CUDA
+    device): the extension loads and one image fits a block."""
+    return (device.type == "cuda" and _extension_ready()
+            and fits(height, width, connectivity, device))
+
+
+def fused_build(feat: Tensor, B: int, H: int, W: int, connectivity: int, distance: str,
+                batch: Optional[Tensor]) -> Tree:
+    """Costs and tree of ``B`` images from CUDA features ``feat [B, H, W, C]`` (or
+    ``[B*H*W, C]``), without argument checks: the caller has validated the arguments and
+    :func:`fused_ready` has returned ``True`` for them. Two launches of fused kernels (one
+    when the library predates the cost kernel, whose costs then come from
+    :func:`~treessm.topology.distance.grid_costs_torch`); nothing waits for the device."""
+    x = feat.detach()
+    op = _costs_op
+    if op is not None and x.dtype in _COST_TYPES:
+        cost = op(x, B, H, W, connectivity, kind_code(distance), EPS)
+    else:
+        from .distance import grid_costs_torch
+
+        cost = grid_costs_torch(x.reshape(B * H * W, x.shape[-1]), B, H, W, connectivity,
+                                distance)
+    parent, order, child_ptr, tree_ptr, depth, level_pos, tree_level_ptr, parent_pos = \
+        _tree_op(cost, B, H, W, connectivity)
+    tree = Tree(parent, order, child_ptr, tree_ptr, depth, batch)
+    tree._plan = [level_pos, tree_level_ptr, parent_pos]
+    return tree
+
+
+def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
+               distance: str = "cosine") -> Optional[Tensor]:
+    r"""Costs of the candidate edges of ``B`` image grids from CUDA features, by one fused
+    kernel.
+
+    The same costs as :func:`~treessm.topology.distance.grid_costs_torch` (to rounding),
+    in the order of :func:`treessm.topology.grid.grid_edges`:
+
+    .. math::
+        c(p, q) = \exp\Big(-\frac{\langle x_p, x_q \rangle}{\max(\lVert x_p \rVert,
+        \epsilon)\,\max(\lVert x_q \rVert, \epsilon)}\Big) \ (\text{cosine})
+        \quad\text{or}\quad c(p, q) = \lVert x_p - x_q \rVert_2 \ (\text{l2}).
+
+    Args:
+        feat (Tensor [B * H * W, C] or [B, H, W, C]): features on a CUDA device, float32,
+            float64, float16 or bfloat16 (accumulated in float32, float64 for float64).
+        B (int): number of images.
+        H (int): image height.
+        W (int): image width.
+        connectivity (int): 4 or 8 neighbours. (default: ``4``)
+        distance (str): ``"cosine"`` or ``"l2"``. (default: ``"cosine"``)
+
+    Returns:
+        Tensor [B * E] (float64 for float64 features, else float32) on ``feat``'s device, or
+        ``None`` when ``feat`` is not on a CUDA device, has another floating dtype, or the
+        CUDA extension (or this kernel in it) is unavailable; the caller then computes the
+        costs another way.
+
+    Raises:
+        TypeError: if ``feat`` is not a floating-point tensor.
+        ValueError: on a shape of ``feat`` that does not match ``B, H, W``, sizes below one,
+            a connectivity other than 4 or 8 or an unknown distance.
+    """
+    if not isinstance(feat, Tensor) or not feat.is_floating_point():
+        got = feat.dtype if isinstance(feat, Tensor) else type(feat).__name__
+        raise TypeError(f"feat must be a floating-point tensor, got {got}")
+    B = _check_int(B, "B", 0)
+    H = _check_int(H, "H", 1)
+    W = _check_int(W, "W", 1)
+    connectivity = _check_connectivity(connectivity)
+    if not isinstance(distance, str) or distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    shape = list(feat.shape)
+    if not ((len(shape) == 2 and shape[0] == B * H * W)
+            or (len(shape) == 4 and shape[:3] == [B, H, W])):
+        raise ValueError(f"feat must have shape [B * H * W, C] = [{B * H * W}, C] or "
+                         f"[B, H, W, C] = [{B}, {H}, {W}, C], got {shape}")
+    if (feat.device.type != "cuda" or feat.dtype not in _COST_TYPES
+            or H * W > _INT_MAX or shape[-1] > _INT_MAX):  # the kernel indexes in 32 bits
+        return None
+    op = costs_op()
+    if op is None:
+        return None
+    return op(feat.detach(), B, H, W, connectivity, kind_code(distance), EPS)
 
 
 @torch.no_grad()
@@ -165,7 +288,7 @@ def grid_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int = 4,
         return None
     if not fits(H, W, connectivity, cost.device):
         return None
-    out = torch.ops.treessm.cuda_grid_tree(cost.detach().contiguous(), B, H, W, connectivity)
+    out = _tree_op(cost.detach().contiguous(), B, H, W, connectivity)
     parent, order, child_ptr, tree_ptr, depth, level_pos, tree_level_ptr, parent_pos = out
     tree = Tree(parent, order, child_ptr, tree_ptr, depth, batch)
     tree._plan = [level_pos, tree_level_ptr, parent_pos]

@@ -15,7 +15,9 @@ the CPU the named distances also have compiled kernels (:func:`pair_costs_cpu`, 
 :func:`grid_costs_cpu` for image grids, where every pixel is read once for all its
 edges); their channel sums use fixed-width vector lanes with a fixed order of
 additions, so results are deterministic, and they agree with :func:`edge_cost` to
-rounding.
+rounding. On CUDA devices the grid costs come from one fused kernel,
+:func:`treessm.topology.cuda_grid.grid_costs`, with :func:`grid_costs_torch` as its
+fallback and reference.
 """
 from __future__ import annotations
 
@@ -395,16 +397,17 @@ def grid_costs_torch(feat: torch.Tensor, num_images: int, height: int, width: in
     """Costs of the candidate edges of ``num_images`` grids (order of
     :func:`treessm.topology.grid.grid_edges`) from ``feat [B*H*W, C]``, with tensor
     operations on any device: each edge family is one product of shifted views."""
-    x = feat.detach().reshape(num_images, height, width, -1)
+    # the channel count from the shape: -1 is ambiguous for empty features
+    x = feat.detach().reshape(num_images, height, width, feat.shape[-1])
     x = x.to(_work_dtype(x))
     if distance == "cosine":
         x = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
 
         def cost(a, b):
-            return torch.exp(-(a * b).sum(-1)).reshape(num_images, -1)
+            return torch.exp(-(a * b).sum(-1)).flatten(1)
     else:
         def cost(a, b):
-            return torch.linalg.vector_norm(a - b, dim=-1).reshape(num_images, -1)
+            return torch.linalg.vector_norm(a - b, dim=-1).flatten(1)
     parts = [cost(x[:, :, :-1], x[:, :, 1:]), cost(x[:, :-1, :], x[:, 1:, :])]
     if connectivity == 8:
         parts += [cost(x[:, :-1, :-1], x[:, 1:, 1:]), cost(x[:, :-1, 1:], x[:, 1:, :-1])]

@@ -12,7 +12,7 @@ so among equal costs a horizontal edge wins over a vertical one, and so on.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -63,10 +63,24 @@ def _grid_build_chunk(b0, b1, x, cost, bits, nbits, h, w, diag, kind, eps, src, 
                                                  parent, order, child_ptr, depth, tree_start)
 
 
+_cuda_grid_module = None
+
+
+def _cuda_grid():
+    """:mod:`treessm.topology.cuda_grid`, imported on first use (CPU-only runs never need it)."""
+    global _cuda_grid_module
+    if _cuda_grid_module is None:
+        from . import cuda_grid
+
+        _cuda_grid_module = cuda_grid
+    return _cuda_grid_module
+
+
 class _Candidates:
     """Candidate graph of one (B, H, W, connectivity, device), with its CPU plan."""
 
-    __slots__ = ("edge_index", "batch", "roots", "plan", "shape", "hints", "root_flags")
+    __slots__ = ("edge_index", "batch", "roots", "plan", "shape", "hints", "root_flags",
+                 "fused_cuda")
 
     def __init__(self, num_images, height, width, connectivity, device):
         edges = grid_edges(num_images, height, width, connectivity)
@@ -85,6 +99,8 @@ class _Candidates:
         self.root_flags[np.arange(num_images) * hw + center] = True
         # each image is one tree: the device builder need not count them
         self.hints = dict(num_trees=num_images, max_tree_size=hw) if num_images * hw else {}
+        # whether the fused CUDA kernels build this shape's trees (known on first use)
+        self.fused_cuda = None
 
 
 class GridTopology(Topology):
@@ -117,9 +133,15 @@ class GridTopology(Topology):
         self.connectivity = int(connectivity)
 
     def __call__(self, feat: Tensor) -> Tree:
-        if (isinstance(feat, Tensor) and feat.device.type == "cpu"
-                and isinstance(self.distance, str) and self._standard()):
-            return self._build_fused(feat)
+        if isinstance(feat, Tensor) and isinstance(self.distance, str):
+            device = feat.device.type
+            if device == "cpu":
+                if self._standard():
+                    return self._build_fused(feat)
+            elif device == "cuda" and self._standard_cuda():
+                tree = self._build_fused_cuda(feat)
+                if tree is not None:
+                    return tree
         return super().__call__(feat)
 
     def _standard(self) -> bool:
@@ -130,6 +152,28 @@ class GridTopology(Topology):
                 and cls.edge_cost is GridTopology.edge_cost
                 and cls.spanning_tree is Topology.spanning_tree
                 and cls.roots is GridTopology.roots)
+
+    def _standard_cuda(self) -> bool:
+        """Whether the steps and the device builder are this class's own, so the fused
+        CUDA kernels compute exactly what the generic path would."""
+        cls = type(self)
+        return (self._standard() and cls._build is Topology._build
+                and cls._build_on_device is GridTopology._build_on_device)
+
+    def _build_fused_cuda(self, feat: Tensor) -> Optional[Tree]:
+        """Costs and tree in two fused kernel launches (CUDA, named distance), or ``None``
+        when the kernels cannot build this shape. The per-call work is the validation of
+        ``feat``, one cache look-up and the two op calls: nothing waits for the device."""
+        entry = self._candidates(feat)
+        b, h, w = entry.shape
+        ready = entry.fused_cuda
+        if ready is None:
+            ready = entry.fused_cuda = _cuda_grid().fused_ready(h, w, self.connectivity,
+                                                                feat.device)
+        if not ready:
+            return None
+        return _cuda_grid().fused_build(feat, b, h, w, self.connectivity, self.distance,
+                                        entry.batch)
 
     def _build_fused(self, feat: Tensor) -> Tree:
         """All steps in one compiled pass per image (CPU, named distance)."""
@@ -168,7 +212,13 @@ class GridTopology(Topology):
             if feat.device.type == "cpu":
                 # every pixel is read once for all of its edges
                 return grid_costs_cpu(feat, *entry.shape, self.connectivity, self.distance)
-            # on a GPU: shifted views of the image instead of gathering both ends of
+            if feat.device.type == "cuda":
+                # one fused kernel: each pixel's row is read about once for all its edges
+                cost = _cuda_grid().grid_costs(feat, *entry.shape, self.connectivity,
+                                               self.distance)
+                if cost is not None:
+                    return cost
+            # elsewhere: shifted views of the image instead of gathering both ends of
             # every edge (which would write two [E, C] copies)
             return grid_costs_torch(feat, *entry.shape, self.connectivity, self.distance)
         return super().edge_cost(feat, edge_index)
@@ -184,10 +234,8 @@ class GridTopology(Topology):
         entry = self._cache.lookup(edge_index)
         if (entry is not None and cost.device.type == "cuda"
                 and type(self).roots is GridTopology.roots):
-            from .cuda_grid import grid_tree
-
             b, h, w = entry.shape
-            tree = grid_tree(cost, b, h, w, self.connectivity, batch=batch)
+            tree = _cuda_grid().grid_tree(cost, b, h, w, self.connectivity, batch=batch)
             if tree is not None:
                 return tree
         return super()._build_on_device(edge_index, cost, num_nodes, roots, batch)

@@ -11,6 +11,7 @@ using std::max;
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim;
+inline dim3 gridDim;  // set by a launcher whose kernels read it (grid_costs_harness.cpp)
 inline std::barrier<>* g_barrier = nullptr;
 inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 #define __global__
@@ -78,6 +79,15 @@ inline T __shfl_up_sync(unsigned, T v, unsigned delta, int = 32) {
 }
 template <typename T>
 inline T __shfl_sync(unsigned, T v, int src, int = 32) { return emu_shfl(v, src & 31); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
+  return emu_shfl(v, static_cast<int>(threadIdx.x % 32) ^ (lane_mask & 31));
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
+  const unsigned l = threadIdx.x % 32;
+  return emu_shfl(v, l + delta < 32 ? static_cast<int>(l + delta) : -1);
+}
 template <typename T>
 inline T emu_atomic_min(T* p, T v) {
   std::atomic_ref<T> a(*p);

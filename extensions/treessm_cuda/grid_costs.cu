@@ -1,0 +1,148 @@
+// Host side of the grid edge costs: argument checks, launch configuration and the
+// torch.library registration of torch.ops.treessm.cuda_grid_costs (CUDA dispatch key).
+//
+// cuda_grid_costs(feat, B, H, W, connectivity, kind, eps) computes, for B images of H x W
+// pixels with features feat [B*H*W, C] (or [B, H, W, C]), the cost of every candidate edge of
+// the 4- or 8-neighbour grids in the order of treessm.topology.grid.grid_edges, with one
+// kernel that reads each feature row from memory about once (see grid_costs_kernels.cuh).
+// kind 0: cosine, exp(-cos) with norms floored at eps; kind 1: Euclidean distance.
+// Returns float64 costs for float64 features, else float32. Nothing here waits for the
+// device.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdlib>
+
+#include "grid_costs_kernels.cuh"
+
+namespace treessm_cuda {
+namespace {
+
+template <typename T> struct CostFeatType { using type = T; };
+template <> struct CostFeatType<at::Half> { using type = __half; };
+template <> struct CostFeatType<at::BFloat16> { using type = __nv_bfloat16; };
+
+// TREESSM_GRID_COSTS_GROUP overrides the lanes per pixel (1, 2, 4, 8, 16 or 32); read once.
+int group_override() {
+  static const int g = [] {
+    const char* v = std::getenv("TREESSM_GRID_COSTS_GROUP");
+    const int x = (v != nullptr && *v) ? std::atoi(v) : 0;
+    return (x >= 1 && x <= 32 && (x & (x - 1)) == 0) ? x : 0;
+  }();
+  return g;
+}
+
+// Multiprocessor count of a device, queried once per device.
+int sm_count(int device) {
+  static std::atomic<int> cached[64] = {};
+  if (device < 0 || device >= 64) device = 0;
+  int n = cached[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+template <typename T, int V, int KIND>
+void launch_kind(const T* feat, const costs::Shape& s, bool eight, int group,
+                 typename costs::AccOf<T>::type eps, typename costs::AccOf<T>::type* out,
+                 unsigned blocks, cudaStream_t stream) {
+  if (eight) {
+    costs::grid_costs_kernel<T, V, KIND, true>
+        <<<blocks, costs::kThreads, 0, stream>>>(feat, s, group, eps, out);
+  } else {
+    costs::grid_costs_kernel<T, V, KIND, false>
+        <<<blocks, costs::kThreads, 0, stream>>>(feat, s, group, eps, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int V>
+void launch_pack(const T* feat, const costs::Shape& s, bool eight, int kind, int group,
+                 typename costs::AccOf<T>::type eps, typename costs::AccOf<T>::type* out,
+                 unsigned blocks, cudaStream_t stream) {
+  if (kind == costs::kCosine) {
+    launch_kind<T, V, costs::kCosine>(feat, s, eight, group, eps, out, blocks, stream);
+  } else {
+    launch_kind<T, V, costs::kL2>(feat, s, eight, group, eps, out, blocks, stream);
+  }
+}
+
+}  // namespace
+
+at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
+                      int64_t connectivity, int64_t kind, double eps) {
+  TORCH_CHECK(feat.is_cuda(), "feat must be a CUDA tensor");
+  const auto dtype = feat.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "feat must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(B >= 0, "B must be >= 0, got ", B);
+  TORCH_CHECK(H >= 1 && W >= 1, "H and W must be >= 1, got ", H, " x ", W);
+  TORCH_CHECK(H * W <= INT_MAX, "an image of ", H, " x ", W, " pixels is too large");
+  TORCH_CHECK(feat.size(-1) <= INT_MAX, "too many channels: ", feat.size(-1));
+  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ",
+              connectivity);
+  TORCH_CHECK(kind == costs::kCosine || kind == costs::kL2,
+              "kind must be 0 (cosine) or 1 (l2), got ", kind);
+  const int64_t pixels = B * H * W;
+  const bool rows = feat.dim() == 2 && feat.size(0) == pixels;
+  const bool image = feat.dim() == 4 && feat.size(0) == B && feat.size(1) == H &&
+                     feat.size(2) == W;
+  TORCH_CHECK(rows || image, "feat must have shape [B*H*W, C] = [", pixels,
+              ", C] or [B, H, W, C] = [", B, ", ", H, ", ", W, ", C], got ", feat.sizes());
+  const int64_t C = feat.size(-1);
+  const bool eight = connectivity == 8;
+  const costs::Shape s =
+      costs::make_shape(B, static_cast<int>(H), static_cast<int>(W), C, eight);
+
+  const auto out_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({B * s.per_image}, feat.options().dtype(out_type));
+  if (out.numel() == 0) return out;  // no images, or 1 x 1 images (no edges)
+
+  const c10::cuda::CUDAGuard guard(feat.device());
+  const at::Tensor x = feat.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(feat.get_device());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_grid_costs", [&] {
+    using T = typename CostFeatType<scalar_t>::type;
+    using A = typename costs::AccOf<T>::type;
+    const T* data = reinterpret_cast<const T*>(x.data_ptr());
+    const int v = costs::pack_elements<T>(data, C);
+    int group = group_override();
+    if (group == 0) group = costs::choose_group(C / v);
+    const int64_t per_block = costs::kThreads / group;
+    // enough blocks to fill the device several times over; the kernel strides over the rest
+    const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(sms) * 64);
+    const unsigned blocks =
+        static_cast<unsigned>(std::min<int64_t>((pixels + per_block - 1) / per_block, cap));
+    A* o = out.data_ptr<A>();
+    const A e = static_cast<A>(eps);
+    if (v > 1) {
+      launch_pack<T, costs::kPackBytes / sizeof(T)>(data, s, eight, static_cast<int>(kind), group,
+                                                    e, o, blocks, stream);
+    } else {
+      launch_pack<T, 1>(data, s, eight, static_cast<int>(kind), group, e, o, blocks, stream);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(treessm, m) {
+  m.def(
+      "cuda_grid_costs(Tensor feat, int B, int H, int W, int connectivity, int kind, "
+      "float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(treessm, CUDA, m) { m.impl("cuda_grid_costs", &grid_costs); }
+
+}  // namespace treessm_cuda

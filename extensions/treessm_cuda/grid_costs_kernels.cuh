@@ -1,0 +1,259 @@
+// Grid-cost kernel: the cost of every candidate edge of a batch of images in one pass.
+//
+// Features are [B*H*W, C], channels last. For image b, pixel (i, j) = b*H*W + i*W + j, the
+// candidate edges are laid out as treessm.topology.grid.grid_edges lists them (each part
+// row-major, images one after another):
+//   horizontal (i,j)-(i,j+1)   from 0,       H*(W-1) edges
+//   vertical   (i,j)-(i+1,j)   from e_vert,  (H-1)*W edges
+//   diagonal   (i,j)-(i+1,j+1) from e_diag,  (H-1)*(W-1) edges (8-connectivity)
+//   anti-diag. (i,j+1)-(i+1,j) from e_anti,  (H-1)*(W-1) edges (8-connectivity)
+//
+// A group of G lanes (G a power of two, at most a warp) owns one pixel p and writes the
+// edges whose upper or left end is p: right, down and, with 8-connectivity, down-right and
+// down-left (the anti-diagonal edge of cell (i, j-1)). The lanes split the channels into
+// packs of V consecutive elements (16-byte loads when the rows allow, single elements
+// otherwise), read p's pack and the same pack of each forward neighbour, and accumulate
+//   cosine: |p|^2, <p, q> and |q|^2 per neighbour q;
+//   l2:     |p - q|^2 per neighbour q;
+// then sum over the group with butterfly shuffles (every lane ends with the same sums).
+// So each pixel's row comes from DRAM about once; its other reads (as the right or lower
+// neighbour of another pixel) hit L1/L2, read by the same or a nearby block shortly
+// before or after. Costs:
+//   cosine: exp(-<p, q> / (max(|p|, eps) max(|q|, eps)))   (the cosine of the normalised
+//           features, as torch.nn.functional.normalize(x, eps=eps) gives them; a norm that
+//           overflows to infinity normalises to zero, as there)
+//   l2:     sqrt(|p - q|^2)
+// Accumulation is float32 for float32, float16 and bfloat16 features and float64 for
+// float64; the output has that type.
+//
+// Offsets are 64-bit (B*H*W*C may exceed 2^31); one image's pixel index is 32-bit. Loops are
+// grid-strided with block-uniform bounds, so every lane of a warp reaches every shuffle.
+//
+// The source also compiles for the host against extensions/treessm_cuda/host_emulation
+// (one std::thread per CUDA thread, see host_emulation/grid_costs_harness.cpp).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+namespace treessm_cuda {
+namespace costs {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kCosine = 0;  // kind codes of treessm.topology.distance.kind_code
+constexpr int kL2 = 1;
+constexpr int kThreads = 256;    // threads per block of the launches in grid_costs.cu
+constexpr int kMaxPacks = 10;    // packs per lane that the group-size choice aims at
+constexpr int kPackBytes = 16;   // bytes of one vector load
+
+// Accumulation type: float64 for float64 features, float32 otherwise.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ double widen(double x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float root(float x) { return sqrtf(x); }
+__device__ __forceinline__ double root(double x) { return sqrt(x); }
+__device__ __forceinline__ float expo(float x) { return expf(x); }
+__device__ __forceinline__ double expo(double x) { return exp(x); }
+
+// V consecutive elements, aligned so that one load instruction moves them.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* __restrict__ p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+// 1 / max(sqrt(sq), eps): the factor of torch.nn.functional.normalize.
+template <typename A>
+__device__ __forceinline__ A inv_norm(A sq, A eps) {
+  const A n = root(sq);
+  return A(1) / (n > eps ? n : eps);
+}
+
+struct Shape {
+  int64_t pixels;  // B * H * W
+  int64_t C;       // channels (elements per row)
+  int H, W;
+  int64_t per_image;  // candidate edges per image
+  int64_t e_vert, e_diag, e_anti;  // first vertical / diagonal / anti-diagonal edge
+};
+
+__host__ __device__ inline Shape make_shape(int64_t B, int H, int W, int64_t C, bool eight) {
+  Shape s;
+  s.pixels = B * H * W;
+  s.C = C;
+  s.H = H;
+  s.W = W;
+  const int64_t cells = static_cast<int64_t>(H - 1) * (W - 1);
+  s.e_vert = static_cast<int64_t>(H) * (W - 1);
+  s.e_diag = s.e_vert + static_cast<int64_t>(H - 1) * W;
+  s.e_anti = s.e_diag + (eight ? cells : 0);
+  s.per_image = s.e_anti + (eight ? cells : 0);
+  return s;
+}
+
+// Elements per pack: 16 bytes' worth when every row starts on a 16-byte boundary (the base
+// address and the row length in bytes are multiples of 16), else 1.
+template <typename T>
+__host__ __device__ inline int pack_elements(const void* base, int64_t C) {
+  constexpr int v = kPackBytes / static_cast<int>(sizeof(T));
+  const bool aligned = (reinterpret_cast<uintptr_t>(base) % kPackBytes) == 0 &&
+                       (C * static_cast<int64_t>(sizeof(T))) % kPackBytes == 0;
+  return (v > 1 && aligned) ? v : 1;
+}
+
+// Lanes per pixel for `packs` packs per row: among the powers of two up to 32 whose lanes
+// read at most kMaxPacks packs each, the one that leaves the fewest lanes idle in the last
+// round; ties go to the smallest group (more pixels per warp, fewer shuffle rounds). Rows
+// longer than 32 * kMaxPacks packs take a full warp.
+__host__ __device__ inline int choose_group(int64_t packs) {
+  int best = 32;
+  double best_use = -1.0;
+  for (int g = 1; g <= 32; g *= 2) {
+    const int64_t rounds = (packs + g - 1) / g;
+    if (rounds > kMaxPacks) continue;
+    const double use = rounds == 0 ? 1.0 : static_cast<double>(packs) / (g * rounds);
+    if (use > best_use) {
+      best_use = use;
+      best = g;
+    }
+  }
+  return best;
+}
+
+// out[b * per_image + e] = cost of candidate edge e of image b. blockDim.x is a multiple of
+// 32 and of `group` (a power of two up to 32); V elements per pack (see pack_elements; with
+// V > 1 every row of feat is 16-byte aligned).
+template <typename T, int V, int KIND, bool EIGHT>
+__global__ void __launch_bounds__(kThreads)
+    grid_costs_kernel(const T* __restrict__ feat, const Shape s, const int group,
+                      const typename AccOf<T>::type eps, typename AccOf<T>::type* __restrict__ out) {
+  using A = typename AccOf<T>::type;
+  constexpr int K = EIGHT ? 4 : 2;  // forward neighbours: right, down, down-right, down-left
+  constexpr int NA = KIND == kCosine ? 1 + 2 * K : K;
+  const int sub = static_cast<int>(threadIdx.x) & (group - 1);  // lane within the group
+  const int64_t groups = static_cast<int64_t>(blockDim.x / group);
+  const int64_t slot = threadIdx.x / group;
+  const int packs = static_cast<int>(s.C / V);  // per row; the host checks it fits an int
+  const int hw = s.H * s.W;                     // per image; likewise
+  const bool narrow = s.pixels <= 0x7fffffff;   // 32-bit division suffices
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * groups;
+
+  // block-uniform bounds: the whole warp takes every shuffle below
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < s.pixels;
+       first += stride) {
+    const int64_t p = first + slot;
+    const bool active = p < s.pixels;
+    int64_t b = 0;
+    int i = 0, j = 0;
+    if (active) {
+      int r;
+      if (narrow) {
+        const int p32 = static_cast<int>(p);
+        const int b32 = p32 / hw;
+        b = b32;
+        r = p32 - b32 * hw;
+      } else {
+        b = p / hw;
+        r = static_cast<int>(p - b * hw);
+      }
+      i = r / s.W;
+      j = r - i * s.W;
+    }
+    const bool right = active && j + 1 < s.W;
+    const bool down = active && i + 1 < s.H;
+    bool has[K];
+    int64_t q[K];  // neighbour pixels; a missing one reads p again (same lines, no fault)
+    has[0] = right;
+    has[1] = down;
+    q[0] = right ? p + 1 : p;
+    q[1] = down ? p + s.W : p;
+    if constexpr (EIGHT) {
+      has[2] = right && down;
+      has[3] = down && j > 0;
+      q[2] = has[2] ? p + s.W + 1 : p;
+      q[3] = has[3] ? p + s.W - 1 : p;
+    }
+
+    A acc[NA];
+#pragma unroll
+    for (int k = 0; k < NA; ++k) acc[k] = A(0);
+    if (active) {
+      const T* __restrict__ row = feat + p * s.C;
+      const T* __restrict__ nb[K];
+#pragma unroll
+      for (int t = 0; t < K; ++t) nb[t] = feat + q[t] * s.C;
+#pragma unroll 2
+      for (int k = sub; k < packs; k += group) {
+        const int off = k * V;
+        const Pack<T, V> a = load_pack<T, V>(row + off);
+        Pack<T, V> n[K];
+#pragma unroll
+        for (int t = 0; t < K; ++t) n[t] = load_pack<T, V>(nb[t] + off);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const A x = widen(a.v[e]);
+          if constexpr (KIND == kCosine) acc[0] += x * x;
+#pragma unroll
+          for (int t = 0; t < K; ++t) {
+            const A y = widen(n[t].v[e]);
+            if constexpr (KIND == kCosine) {
+              acc[1 + t] += x * y;
+              acc[1 + K + t] += y * y;
+            } else {
+              const A d = x - y;
+              acc[t] += d * d;
+            }
+          }
+        }
+      }
+    }
+    for (int o = group >> 1; o > 0; o >>= 1) {
+#pragma unroll
+      for (int k = 0; k < NA; ++k) acc[k] += __shfl_xor_sync(kFullMask, acc[k], o);
+    }
+
+    if (active) {
+      const int64_t base = b * s.per_image;
+      const int64_t cell = static_cast<int64_t>(i) * (s.W - 1) + j;
+      int64_t idx[K];
+      idx[0] = base + cell;
+      idx[1] = base + s.e_vert + static_cast<int64_t>(i) * s.W + j;
+      if constexpr (EIGHT) {
+        idx[2] = base + s.e_diag + cell;
+        idx[3] = base + s.e_anti + cell - 1;  // cell (i, j - 1): (i, j) - (i + 1, j - 1)
+      }
+      A inv_p = A(0);
+      if constexpr (KIND == kCosine) inv_p = inv_norm(acc[0], eps);
+#pragma unroll
+      for (int t = 0; t < K; ++t) {
+        if (!has[t] || sub != t % group) continue;  // one lane writes each edge
+        A c;
+        if constexpr (KIND == kCosine) {
+          const A inv_q = inv_norm(acc[1 + K + t], eps);
+          // an infinite norm normalises its vector to zero: cosine 0
+          const A cs = (inv_p == A(0) || inv_q == A(0)) ? A(0) : acc[1 + t] * inv_p * inv_q;
+          c = expo(-cs);
+        } else {
+          c = root(acc[t]);
+        }
+        out[idx[t]] = c;
+      }
+    }
+  }
+}
+
+}  // namespace costs
+}  // namespace treessm_cuda
