@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: build the extension, run the GPU tests (and a memcheck pass),
 # then the GPU benchmarks. Logs and JSON land in $OUT (default ./gpu_out).
-#   bash benchmarks/gpu_session.sh [quick|full]
+#   bash benchmarks/gpu_session.sh [scan|quick|full]
+# scan: the tree-scan and grid tests only, memcheck and racecheck of the staged kernels,
+# the headline benchmark rows with the kernel/launch-shape sweep.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-gpu_out}
@@ -40,6 +42,19 @@ except RuntimeError as exc:
     print("scan op raised cleanly:", str(exc).splitlines()[0][:100])
 PYEOF
 echo "== gpu tests"
+if [ "$MODE" = scan ]; then
+  $PY -m pytest -q tests/ops/test_tree_scan_cuda.py tests/topology/test_grid_tree_cuda.py \
+    tests/topology/test_grid_costs_cuda.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+  echo "== memcheck + racecheck (staged kernels)"
+  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
+    tests/ops/test_tree_scan_cuda.py -k "staged or oracle or unaligned" > "$OUT/memcheck.log" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
+  timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m pytest -q -x \
+    tests/ops/test_tree_scan_cuda.py -k "oracle and deep" > "$OUT/racecheck.log" 2>&1
+  echo "racecheck rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|passed|failed" "$OUT/racecheck.log" | tail -4
+  $PY benchmarks/tree_scan.py --quick --quick-sweep --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
+  exit 0
+fi
 GPU_TESTS="tests/ops/test_tree_scan_cuda.py tests/topology/test_device.py tests/topology/test_grid_tree_cuda.py tests/topology/test_mst.py tests/topology/test_topologies.py tests/nn tests/models tests/test_tree.py"
 $PY -m pytest -q $GPU_TESTS 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 echo "== memcheck"

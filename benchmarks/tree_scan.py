@@ -116,6 +116,8 @@ def bench_row(B, H, C, direction, dtype, bw, with_build=True, iters=30):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick-sweep", action="store_true",
+                        help="fewer launch shapes of the direct kernels")
     parser.add_argument("--out", default=str(RESULTS / "tree_scan_gpu.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -137,20 +139,45 @@ def main(argv=None):
     big = [] if args.quick else [(32, 224, 160)]
     for (B, H, C) in big:
         rows.append(bench_row(B, H, C, "both", torch.float32, bw, iters=10))
-    # launch-shape sweep on the headline size (TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS)
+    # kernels and launch shapes on the headline size, all in this run: the direct kernels
+    # (TREESSM_CUDA_SCAN=direct) against the staged ones under several shapes and rings
     import os
-    tuning = []
     feat = torch.randn(32, 56, 56, 160, device="cuda")
     tree = grid_tree(feat)
     x = torch.randn(32 * 56 * 56, 160, device="cuda")
     w = torch.rand_like(x) * 0.9 + 0.05
-    for lpv in (1, 2, 4):
-        for threads in (32, 64, 128):
-            os.environ["TREESSM_CUDA_LPV"], os.environ["TREESSM_CUDA_THREADS"] = str(lpv), str(threads)
-            ms = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
-            tuning.append(dict(lpv=lpv, threads=threads, fwd_ms=ms))
-    os.environ.pop("TREESSM_CUDA_LPV")
-    os.environ.pop("TREESSM_CUDA_THREADS")
+    h = tree_scan(x, w, tree, "both")
+    g = torch.randn_like(h)
+    bargs = (g, x, w, h, *tree.tensors(), tree.scan_plan(), "both", "cuda")
+    knobs = ("TREESSM_CUDA_SCAN", "TREESSM_CUDA_LPV", "TREESSM_CUDA_THREADS", "TREESSM_CUDA_RING",
+             "TREESSM_CUDA_SMEM")
+    shapes = [dict(TREESSM_CUDA_SCAN="direct")]
+    if not args.quick_sweep:
+        shapes += [dict(TREESSM_CUDA_SCAN="direct", TREESSM_CUDA_LPV=lpv, TREESSM_CUDA_THREADS=t)
+                   for lpv, t in ((1, 64), (4, 64), (2, 128))]
+    shapes += [dict()]  # the defaults
+    shapes += [dict(TREESSM_CUDA_THREADS=t) for t in (32, 64, 256)]
+    shapes += [dict(TREESSM_CUDA_LPV=lpv) for lpv in (4, 16)]
+    shapes += [dict(TREESSM_CUDA_RING=r) for r in (32, 64, 128)]
+    shapes += [dict(TREESSM_CUDA_RING=512, TREESSM_CUDA_SMEM=160 * 1024),
+               dict(TREESSM_CUDA_LPV=4, TREESSM_CUDA_THREADS=64, TREESSM_CUDA_RING=512,
+                    TREESSM_CUDA_SMEM=100 * 1024)]
+    tuning = []
+    for shape in shapes:
+        for k in knobs:
+            os.environ.pop(k, None)
+        os.environ.update({k: str(v) for k, v in shape.items()})
+        try:
+            fwd = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
+            bwd = cuda_time(lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=20)
+            same = bool(torch.equal(tree_scan(x, w, tree, "both"), h))
+        except RuntimeError as exc:
+            fwd = bwd = float("nan")
+            same = str(exc).splitlines()[0][:120]
+        tuning.append(dict(shape={k: str(v) for k, v in shape.items()}, fwd_ms=fwd, bwd_ms=bwd,
+                           equal_to_default=same))
+    for k in knobs:
+        os.environ.pop(k, None)
     # the torch reference on the headline size, for the same-run ratio
     ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
     result = dict(
@@ -158,7 +185,7 @@ def main(argv=None):
         torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
         copy_bandwidth_GBps=bw,
         torch_reference_fwd_ms_56_160_both=ref_fwd,
-        launch_tuning_56_160_both_fp32=tuning,
+        kernels_56_160_both_fp32=tuning,
         rows=rows,
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
@@ -185,9 +212,12 @@ def main(argv=None):
               f"{r['max_depth']:>6}")
     print(f"torch reference fwd (56x56, C=160, both): {ref_fwd:.2f} ms "
           f"({ref_fwd / head['fwd_ms']:.0f}x the CUDA kernel)")
-    best = min(tuning, key=lambda r: r["fwd_ms"])
-    print("launch shapes (both, fp32, 56x56, C=160): " + ", ".join(
-        f"lpv{r['lpv']}/t{r['threads']}={r['fwd_ms']:.3f}" for r in tuning) + f"; best {best}")
+    print("kernels and launch shapes (both, fp32, 56x56, C=160; defaults = staged):")
+    for r in tuning:
+        name = ",".join(f"{k.replace('TREESSM_CUDA_', '').lower()}={v}"
+                        for k, v in r["shape"].items()) or "defaults"
+        print(f"  {name:<48} fwd {r['fwd_ms']:.3f} ms  bwd {r['bwd_ms']:.3f} ms  "
+              f"same output: {r['equal_to_default']}")
     for k, v in result["targets"].items():
         print(f"target {k}: {'met' if v else 'missed'}")
     return 0

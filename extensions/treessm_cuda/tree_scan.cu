@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <initializer_list>
 #include <tuple>
 
 #include "tree_scan_kernels.cuh"
@@ -57,14 +58,19 @@ int env_int(const char* name, int fallback) {
   return (v != nullptr && *v) ? std::atoi(v) : fallback;
 }
 
+// At most four channels per thread access, dividing C (aligned_vec then checks the rows'
+// alignment).
+int vec_width(int64_t C, int elem_size) {
+  int vec = 16 / elem_size < 4 ? 16 / elem_size : 4;
+  while (vec > 1 && C % vec != 0) vec /= 2;
+  return vec;
+}
+
 // Widest vector access that divides C; two threads per vertex row (one 32-byte sector of
 // float32) unless the channels are fewer, and small blocks: a level of a tree holds tens
 // of vertices, and independent blocks (trees x channel groups) are what hides latency.
 // TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override the choice (for tuning).
-Launch configure(int64_t C, int64_t num_trees, int elem_size) {
-  // at most four channels per thread: the pipeline keeps four levels of rows in registers
-  int vec = 16 / elem_size < 4 ? 16 / elem_size : 4;
-  while (vec > 1 && C % vec != 0) vec /= 2;
+Launch configure(int64_t C, int64_t num_trees, int elem_size, int vec) {
   const int64_t lanes = C / vec;
   const int sector = 32 / (vec * elem_size) > 0 ? 32 / (vec * elem_size) : 1;  // 32-byte rows
   int lpv = env_int("TREESSM_CUDA_LPV", sector);
@@ -129,6 +135,111 @@ int direction_code(const std::string& d) {
   return -1;
 }
 
+// The widest vector width that divides C and keeps every row of every tensor aligned.
+int aligned_vec(int vec, int elem_size, std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (t == nullptr || !t->defined()) continue;
+    const auto addr = reinterpret_cast<uintptr_t>(t->data_ptr());
+    while (vec > 1 && addr % (static_cast<uintptr_t>(vec) * elem_size) != 0) vec /= 2;
+  }
+  return vec;
+}
+
+// Which kernels run: the staged kernels (default) or the direct ones (TREESSM_CUDA_SCAN=direct).
+bool use_staged() {
+  const char* v = std::getenv("TREESSM_CUDA_SCAN");
+  return v == nullptr || std::string(v) != "direct";
+}
+
+// The staged kernels: rows of up to 128 bytes per block (eight threads of 16 bytes for
+// float32), 128 threads (TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override).
+Launch configure_staged(int64_t C, int64_t num_trees, int elem_size, int vec) {
+  const int64_t lanes = C / vec;
+  int lpv = env_int("TREESSM_CUDA_LPV", 0);
+  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) {
+    lpv = 128 / (vec * elem_size);
+    if (lpv > 32) lpv = 32;
+    if (lpv < 1) lpv = 1;
+  }
+  while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
+  int threads = env_int("TREESSM_CUDA_THREADS", 128);
+  if (threads < 32 || threads > 1024 || threads % 32) threads = 128;
+  if (threads < lpv) threads = lpv;
+  const int64_t groups = (lanes + lpv - 1) / lpv;
+  TORCH_CHECK(groups <= 65535, "too many channels for one launch: ", C);
+  TORCH_CHECK(num_trees <= 2147483647LL, "too many trees for one launch: ", num_trees);
+  Launch L;
+  L.vec = vec;
+  L.lpv = lpv;
+  L.threads = threads;
+  L.grid = dim3(static_cast<unsigned>(num_trees), static_cast<unsigned>(groups), 1);
+  return L;
+}
+
+constexpr int kStagedDepth = 8;  // copy groups that may stay in flight
+
+int max_dynamic_smem(int device) {
+  static int cached[64] = {0};
+  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device >= 0 && device < 64) cached[device] = v;
+  return v;
+}
+
+// Launches one staged kernel. The rings take what a shared-memory budget allows
+// (TREESSM_CUDA_SMEM bytes, default 64 KiB): R = 256 staged positions at most
+// (TREESSM_CUDA_RING), 64 rows per level handed on in shared memory (TREESSM_CUDA_CAP).
+template <typename T, typename A, int V, int MODE>
+void launch_staged(const Launch& L, StagedArgs a, cudaStream_t stream, int device) {
+  const int cw = L.lpv * V;
+  const int optin = max_dynamic_smem(device);
+  int budget = env_int("TREESSM_CUDA_SMEM", 64 * 1024);
+  if (budget > optin) budget = optin;
+  int cap = env_int("TREESSM_CUDA_CAP", 64);
+  if (cap < 0) cap = 64;
+  int ring = env_int("TREESSM_CUDA_RING", 256);
+  int r = 16;
+  while (r * 2 <= ring && r < (1 << 20)) r *= 2;
+  ring = r;
+  while (ring > 16 && staged_smem_bytes<MODE>(ring, cw, cap, sizeof(T), sizeof(A)) > budget) ring /= 2;
+  while (cap > 0 && staged_smem_bytes<MODE>(ring, cw, cap, sizeof(T), sizeof(A)) > budget) cap /= 2;
+  const int64_t smem = staged_smem_bytes<MODE>(ring, cw, cap, sizeof(T), sizeof(A));
+  TORCH_CHECK(smem <= optin, "the staged scan needs ", smem, " bytes of shared memory, the device offers ", optin);
+  a.lpv = L.lpv;
+  a.cap = cap;
+  a.ring = ring;
+  auto kernel = staged_scan_kernel<T, A, V, MODE, kStagedDepth>;
+  if (smem > kMaxShared) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+StagedArgs staged_args(const Plan& plan, int64_t C, const void* in0, const void* in1, const void* w,
+                       const void* h, void* up0, void* up1, void* out, void* gw, void* val0,
+                       void* val1) {
+  StagedArgs a;
+  a.in0 = in0;
+  a.in1 = in1;
+  a.w = w;
+  a.h = h;
+  a.up0 = up0;
+  a.up1 = up1;
+  a.out = out;
+  a.gw = gw;
+  a.val0 = val0;
+  a.val1 = val1;
+  a.plan = plan;
+  a.C = C;
+  a.lpv = 1;
+  a.cap = 0;
+  a.ring = 16;
+  return a;
+}
+
 }  // namespace
 
 at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order,
@@ -153,7 +264,28 @@ at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at:
   const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
-  const Launch L = configure(C, T, x.element_size());
+  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&x, &weight, &out});
+  if (use_staged()) {
+    const Launch L = configure_staged(C, T, x.element_size(), vec);
+    const int device = x.get_device();
+    TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_forward", [&] {
+      using T_ = typename CudaType<scalar_t>::type;
+      using A = typename AccType<T_>::type;
+      TREESSM_DISPATCH_VEC(L.vec, T_, {
+        if (dir == 1) {
+          launch_staged<T_, A, V, S_UP>(L, staged_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), stream, device);
+        } else if (dir == 2) {
+          launch_staged<T_, A, V, S_DOWN>(L, staged_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), stream, device);
+        } else {
+          at::Tensor up = at::empty({N, C}, x.options().dtype(acc_dtype));
+          launch_staged<T_, A, V, S_UP>(L, staged_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, ptr<A>(up), nullptr, nullptr, nullptr, ptr<A>(scratch), nullptr), stream, device);
+          launch_staged<T_, A, V, S_BOTH>(L, staged_args(plan, C, ptr<A>(up), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), stream, device);
+        }
+      });
+    });
+    return out;
+  }
+  const Launch L = configure(C, T, x.element_size(), vec);
   TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_forward", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A = typename AccType<T_>::type;
@@ -208,7 +340,30 @@ std::tuple<at::Tensor, at::Tensor> scan_backward(
   const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
-  const Launch L = configure(C, T, x.element_size());
+  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
+  if (use_staged()) {
+    const Launch L = configure_staged(C, T, x.element_size(), vec);
+    const int device = x.get_device();
+    TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_backward", [&] {
+      using T_ = typename CudaType<scalar_t>::type;
+      using A = typename AccType<T_>::type;
+      TREESSM_DISPATCH_VEC(L.vec, T_, {
+        if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
+          launch_staged<T_, A, V, S_UP_BWD>(L, staged_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), stream, device);
+        } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
+          launch_staged<T_, A, V, S_UP_GW>(L, staged_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), stream, device);
+        } else {  // both: U = up(x), G = up(g) in one pass, then gx and gw together
+          at::Tensor U = at::empty({N, C}, x.options().dtype(acc_dtype));
+          at::Tensor G = at::empty({N, C}, x.options().dtype(acc_dtype));
+          at::Tensor scratch2 = at::empty({N, C}, x.options().dtype(acc_dtype));
+          launch_staged<T_, A, V, S_UP2>(L, staged_args(plan, C, ptr<T_>(x), ptr<T_>(grad), ptr<T_>(weight), nullptr, ptr<A>(U), ptr<A>(G), nullptr, nullptr, ptr<A>(scratch), ptr<A>(scratch2)), stream, device);
+          launch_staged<T_, A, V, S_BOTH_BWD>(L, staged_args(plan, C, ptr<A>(U), ptr<A>(G), ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), stream, device);
+        }
+      });
+    });
+    return {gx, gw};
+  }
+  const Launch L = configure(C, T, x.element_size(), vec);
   TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_backward", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A = typename AccType<T_>::type;

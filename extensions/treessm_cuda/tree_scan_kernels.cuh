@@ -20,6 +20,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#if !defined(__CUDACC__)
+#include "async_copy.h"  // host emulation of cp.async
+#endif
+
 namespace treessm_cuda {
 
 template <typename T> struct AccType { using type = float; };
@@ -322,6 +326,420 @@ __global__ void down_pass_kernel(
     nb = nnb;
     buf ^= 1;
   }
+}
+
+
+// ======================================================================================
+// Staged scan (the default): the same level-synchronous recurrences, with every global
+// read taken off the chain of levels.
+//
+// A tree is a contiguous run of breadth-first positions and its levels are contiguous
+// sub-runs, so the block walks a "stream" of positions (ascending for root-first passes,
+// descending for leaf-first ones) and knows long in advance which rows it will need.
+// Three rings in shared memory are filled with asynchronous copies (cp.async) ahead of the
+// level being combined:
+//   - the level bounds, 32 levels at a time;
+//   - the index record of each position (vertex id, child range or parent position, parent
+//     vertex), up to 2R positions ahead;
+//   - the input rows of each position (x or U/G, w, h), up to R positions ahead, issued
+//     once the position's index record has landed.
+// Each level commits one copy group; before combining a level the block waits for the
+// newest group that staged part of it (at most D-1 newer groups stay in flight), so copies
+// run up to R positions ahead while levels are combined from shared memory only.
+// Positions that the rings could not stage in time (levels wider than the rings) are read
+// from global memory directly. The arithmetic, the order of every sum and hence the
+// results are those of the kernels above.
+// ======================================================================================
+
+template <int BYTES> struct alignas(BYTES) RawBytes { unsigned char b[BYTES]; };
+
+// Asynchronous global -> shared copy of BYTES bytes (both aligned to BYTES).
+template <int BYTES>
+__device__ __forceinline__ void copy_async(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+  if constexpr (BYTES == 16) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+    return;
+  } else if constexpr (BYTES == 4 || BYTES == 8) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(BYTES)
+                 : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<RawBytes<BYTES>*>(dst) = *reinterpret_cast<const RawBytes<BYTES>*>(src);
+#elif !defined(__CUDACC__)
+  treessm_emu::issue(dst, src, BYTES);
+#else
+  (void)dst;
+  (void)src;
+#endif
+}
+
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif !defined(__CUDA_ARCH__) && !defined(__CUDACC__)
+  treessm_emu::commit();
+#endif
+}
+
+// Wait until at most N committed groups of this thread are pending.
+template <int N>
+__device__ __forceinline__ void copy_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif !defined(__CUDA_ARCH__) && !defined(__CUDACC__)
+  treessm_emu::wait(N);
+#endif
+}
+
+// copy_wait<m> for a run-time m in [0, M] (m above M waits for M).
+template <int M>
+__device__ __forceinline__ void copy_wait_upto(int m) {
+  if constexpr (M > 0) {
+    if (m >= M) {
+      copy_wait<M>();
+      return;
+    }
+    copy_wait_upto<M - 1>(m);
+  } else {
+    (void)m;
+    copy_wait<0>();
+  }
+}
+
+enum StagedMode {
+  S_UP = 0,        // up = x + sum_c w_c up_c  -> up0 (A) and/or out (T)
+  S_UP2 = 1,       // two streams at once (x and g): U, G for the backward of "both"
+  S_UP_GW = 2,     // backward of "down": gx = up(g), gw = gx[v] h[parent]
+  S_DOWN = 3,      // down = x + w down_parent
+  S_BOTH = 4,      // h = w h_parent + (1 - w^2) U
+  S_UP_BWD = 5,    // backward of "up": gx = g + w gx_parent, gw = h[v] gx_parent
+  S_BOTH_BWD = 6,  // backward of "both" (see down_pass_kernel)
+};
+
+template <bool B, typename X, typename Y> struct Pick { using type = X; };
+template <typename X, typename Y> struct Pick<false, X, Y> { using type = Y; };
+
+// Arguments of the staged kernel; pointers a mode does not use are null.
+struct StagedArgs {
+  const void* in0;  // x, g or U (mode-dependent type)
+  const void* in1;  // g (S_UP2) or G (S_BOTH_BWD)
+  const void* w;
+  const void* h;    // forward output (backward modes)
+  void* up0;        // A-typed outputs of leaf-first passes (U, G)
+  void* up1;
+  void* out;        // T-typed output (h or gx)
+  void* gw;
+  void* val0;       // [N, C] global rows of levels wider than `cap`
+  void* val1;
+  Plan plan;
+  int64_t C;
+  int lpv;          // threads per row
+  int cap;          // rows per level handed on in shared memory
+  int ring;         // R: positions of staged rows (power of two); index records: 2R
+};
+
+template <int MODE> struct StagedTraits {
+  static constexpr bool UP = MODE <= S_UP_GW;
+  static constexpr int NS = MODE == S_UP2 ? 2 : 1;
+  static constexpr bool IN1 = MODE == S_UP2 || MODE == S_BOTH_BWD;
+  static constexpr bool H = MODE == S_UP_GW || MODE == S_UP_BWD || MODE == S_BOTH_BWD;
+  static constexpr bool H_PARENT = MODE == S_UP_GW || MODE == S_BOTH_BWD;
+  static constexpr bool IN0_ACC = MODE == S_BOTH || MODE == S_BOTH_BWD;
+  static constexpr bool IN1_ACC = MODE == S_BOTH_BWD;
+};
+
+constexpr int kLevelRing = 64;   // level bounds in shared memory (two chunks of 32)
+constexpr int kIndexWords = 4;   // int64 words of one position's index record
+
+// Shared memory of the staged kernel for R staged positions, cw channels per row.
+template <int MODE>
+__host__ __device__ inline int64_t staged_smem_bytes(int ring, int cw, int cap, int t_size,
+                                                     int a_size) {
+  using Tr = StagedTraits<MODE>;
+  const int64_t e0 = Tr::IN0_ACC ? a_size : t_size;
+  const int64_t e1 = Tr::IN1 ? (Tr::IN1_ACC ? a_size : t_size) : 0;
+  const int64_t rows = (int64_t)ring * cw * (e0 + e1 + t_size + (Tr::H ? t_size : 0));
+  const int64_t idx = 2LL * ring * kIndexWords * 8 + kLevelRing * 8;
+  const int64_t vals = (int64_t)Tr::NS * 2 * cap * cw * a_size;
+  return idx + rows + vals;
+}
+
+template <typename T, typename A, int V, int MODE, int D>
+__global__ void staged_scan_kernel(const StagedArgs args) {
+  using Tr = StagedTraits<MODE>;
+  constexpr bool UP = Tr::UP;
+  using E0 = typename Pick<Tr::IN0_ACC, A, T>::type;
+  using E1 = typename Pick<Tr::IN1_ACC, A, T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Plan& plan = args.plan;
+  const int64_t C = args.C;
+  const int lpv = args.lpv;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int lane = tid % lpv;
+  const int slot = tid / lpv;
+  const int slots = nthreads / lpv;
+  const int cw = lpv * V;
+  const int64_t c = ((int64_t)blockIdx.y * lpv + lane) * V;
+  const bool active = c < C;
+  const int64_t t = blockIdx.x;
+  const int64_t l0 = plan.tree_level_ptr[t];
+  const int64_t l1 = plan.tree_level_ptr[t + 1];
+  const int64_t nl = l1 - l0;
+  if (nl <= 0) return;
+  const int64_t ts = plan.level_pos[l0];
+  const int64_t te = plan.level_pos[l1];
+  const int64_t n = te - ts;
+  const int R = args.ring;
+  const int IR = 2 * R;
+
+  // shared memory: index records, level bounds, staged rows, values between levels
+  int64_t* idx = reinterpret_cast<int64_t*>(smem_raw);
+  int64_t* lvl = idx + (int64_t)IR * kIndexWords;
+  unsigned char* p = reinterpret_cast<unsigned char*>(lvl + kLevelRing);
+  E0* st0 = reinterpret_cast<E0*>(p);
+  p += (int64_t)R * cw * sizeof(E0);
+  E1* st1 = reinterpret_cast<E1*>(p);
+  if (Tr::IN1) p += (int64_t)R * cw * sizeof(E1);
+  T* stw = reinterpret_cast<T*>(p);
+  p += (int64_t)R * cw * sizeof(T);
+  T* sth = reinterpret_cast<T*>(p);
+  if (Tr::H) p += (int64_t)R * cw * sizeof(T);
+  A* vals = reinterpret_cast<A*>(p);
+  const Ring<A, V> r0{vals, reinterpret_cast<A*>(args.val0), args.cap, cw, lane * V, C, c};
+  const Ring<A, V> r1{vals + 2 * (int64_t)args.cap * cw, reinterpret_cast<A*>(args.val1),
+                      args.cap, cw, lane * V, C, c};
+
+  const E0* in0 = reinterpret_cast<const E0*>(args.in0);
+  const E1* in1 = reinterpret_cast<const E1*>(args.in1);
+  const T* w = reinterpret_cast<const T*>(args.w);
+  const T* h = reinterpret_cast<const T*>(args.h);
+
+  // stream index s <-> breadth-first position
+  auto pos = [&](int64_t s) { return UP ? te - 1 - s : ts + s; };
+  // level entry e <-> level_pos index (entries 0..nl); iteration k spans entries k, k+1
+  auto issue_levels = [&](int64_t e0) {
+    const int64_t e1 = min(e0 + kLevelRing / 2, nl + 1);
+    for (int64_t e = e0 + tid; e < e1; e += nthreads)
+      copy_async<8>(lvl + (e & (kLevelRing - 1)), plan.level_pos + (UP ? l1 - e : l0 + e));
+  };
+  auto level_start = [&](int64_t e) {  // stream index of entry e
+    const int64_t v = lvl[e & (kLevelRing - 1)];
+    return UP ? te - v : v - ts;
+  };
+  auto issue_index = [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0 + tid; s < s1; s += nthreads) {
+      const int64_t i = pos(s);
+      int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
+      copy_async<8>(d, plan.order + i);
+      if (UP) {
+        copy_async<8>(d + 1, plan.child_ptr + i);
+        copy_async<8>(d + 2, plan.child_ptr + i + 1);
+        if (Tr::H_PARENT) copy_async<8>(d + 3, plan.parent_at_pos + i);
+      } else {
+        copy_async<8>(d + 1, plan.parent_pos + i);
+        if (Tr::H_PARENT) copy_async<8>(d + 3, plan.parent_at_pos + i);
+      }
+    }
+  };
+  auto issue_rows = [&](int64_t s0, int64_t s1) {
+    if (!active) return;
+    for (int64_t s = s0 + slot; s < s1; s += slots) {
+      const int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
+      const int64_t v = d[0];
+      const int64_t r = (s & (R - 1)) * cw + lane * V;
+      copy_async<V * sizeof(E0)>(st0 + r, in0 + v * C + c);
+      if (Tr::IN1) copy_async<V * sizeof(E1)>(st1 + r, in1 + v * C + c);
+      copy_async<V * sizeof(T)>(stw + r, w + v * C + c);
+      if (Tr::H) {
+        const int64_t hv = Tr::H_PARENT ? d[3] : v;
+        if (hv >= 0) copy_async<V * sizeof(T)>(sth + r, h + hv * C + c);
+      }
+    }
+  };
+
+  // prologue: level bounds of the first 64 levels and the first rings, waited for
+  issue_levels(0);
+  issue_levels(kLevelRing / 2);
+  int64_t IFcur = min((int64_t)IR, n);
+  issue_index(0, IFcur);
+  copy_commit();
+  copy_wait<0>();
+  __syncthreads();
+  int64_t Fcur = min((int64_t)R, n);
+  issue_rows(0, Fcur);
+  copy_commit();
+  copy_wait<0>();
+  __syncthreads();
+  // frontiers after the issues of the last D iterations: [0] the newest
+  int64_t Fh[D], IFh[D];
+#pragma unroll
+  for (int j = 0; j < D; ++j) {
+    Fh[j] = Fcur;
+    IFh[j] = IFcur;
+  }
+
+  int buf = 0;
+  int64_t prev_first = 0;  // first position of the previous level
+  for (int64_t k = 0; k < nl; ++k) {
+    // the level's bounds landed at least 31 levels ago
+    const int64_t La = level_start(k);
+    const int64_t Lb = level_start(k + 1);
+    // Wait for the newest group that staged part of this level (index records and rows
+    // up to Lb), or for all groups but the D-1 newest: everything staged before them is
+    // then complete. m = how many of the newest groups may stay in flight.
+    int cnt_r = 0, cnt_i = 0;
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      cnt_r += Fh[j] >= Lb;
+      cnt_i += IFh[j] >= Lb;
+    }
+    const int m = max(min(cnt_r, cnt_i) - 1, 0);
+    copy_wait_upto<D - 1>(m);
+    __syncthreads();  // those copies and the previous level's values visible to all
+    int64_t Fdone = Fh[0], IFdone = IFh[0];  // frontiers whose copies are complete
+#pragma unroll
+    for (int j = 1; j < D; ++j) {
+      if (j == m) {
+        Fdone = Fh[j];
+        IFdone = IFh[j];
+      }
+    }
+    if (k > 0 && (k & (kLevelRing / 2 - 1)) == 0) issue_levels(k + kLevelRing / 2);
+    const int64_t IFt = min(min(La + IR, IFdone + IR), n);
+    if (IFt > IFcur) {
+      issue_index(IFcur, IFt);
+      IFcur = IFt;
+    }
+    const int64_t Fs = max(Fcur, Lb);
+    const int64_t Ft = min(min(La + R, Fdone + R), IFdone);
+    if (Ft > Fs) {
+      issue_rows(Fs, Ft);
+      Fcur = Ft;
+    }
+    copy_commit();
+#pragma unroll
+    for (int j = D - 1; j > 0; --j) {
+      Fh[j] = Fh[j - 1];
+      IFh[j] = IFh[j - 1];
+    }
+    Fh[0] = Fcur;
+    IFh[0] = IFcur;
+
+    // combine level k: stream [La, Lb), positions [first, first + Lb - La)
+    const int64_t first = UP ? te - Lb : ts + La;
+    if (active) {
+      for (int64_t s = La + slot; s < Lb; s += slots) {
+        const int64_t i = pos(s);
+        int64_t v, x1, x2, x3;  // vertex; child range or parent position; parent vertex
+        if (s < IFdone) {
+          const int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
+          v = d[0];
+          x1 = d[1];
+          x2 = UP ? d[2] : 0;
+          x3 = Tr::H_PARENT ? d[3] : -1;
+        } else {
+          v = plan.order[i];
+          x1 = UP ? plan.child_ptr[i] : plan.parent_pos[i];
+          x2 = UP ? plan.child_ptr[i + 1] : 0;
+          x3 = Tr::H_PARENT ? plan.parent_at_pos[i] : -1;
+        }
+        const int64_t hv = Tr::H_PARENT ? x3 : v;
+        A a0[V], a1[V], wv[V], hx[V];
+        if (s < Fdone) {
+          const int64_t r = (s & (R - 1)) * cw + lane * V;
+          load<V>(st0 + r, a0);
+          if (Tr::IN1) load<V>(st1 + r, a1);
+          load<V>(stw + r, wv);
+          if (Tr::H && hv >= 0) load<V>(sth + r, hx);
+        } else {
+          load<V>(in0 + v * C + c, a0);
+          if (Tr::IN1) load<V>(in1 + v * C + c, a1);
+          load<V>(w + v * C + c, wv);
+          if (Tr::H && hv >= 0) load<V>(h + hv * C + c, hx);
+        }
+        A tmp[V];
+        if (UP) {
+          // children: positions [x1, min(x2, te)) of the previous (deeper) level
+          const int64_t j1 = min(x2, te);
+          for (int64_t j = x1; j < j1; ++j) {
+            r0.get(buf ^ 1, j - prev_first, j, tmp);
+#pragma unroll
+            for (int q = 0; q < V; ++q) a0[q] += tmp[q];
+            if (Tr::NS == 2) {
+              r1.get(buf ^ 1, j - prev_first, j, tmp);
+#pragma unroll
+              for (int q = 0; q < V; ++q) a1[q] += tmp[q];
+            }
+          }
+          const int64_t row = v * C + c;
+          if (args.up0 != nullptr) store<V>(reinterpret_cast<A*>(args.up0) + row, a0);
+          if (Tr::NS == 2 && args.up1 != nullptr) store<V>(reinterpret_cast<A*>(args.up1) + row, a1);
+          if (args.out != nullptr) store<V>(reinterpret_cast<T*>(args.out) + row, a0);
+          const bool root_level = (k == nl - 1);
+          if (!root_level) {  // hand w * up to the parent
+#pragma unroll
+            for (int q = 0; q < V; ++q) tmp[q] = wv[q] * a0[q];
+            r0.put(buf, i - first, i, tmp);
+            if (Tr::NS == 2) {
+#pragma unroll
+              for (int q = 0; q < V; ++q) tmp[q] = wv[q] * a1[q];
+              r1.put(buf, i - first, i, tmp);
+            }
+          }
+          if (MODE == S_UP_GW) {
+#pragma unroll
+            for (int q = 0; q < V; ++q) tmp[q] = root_level ? A(0) : hx[q] * a0[q];
+            store<V>(reinterpret_cast<T*>(args.gw) + row, tmp);
+          }
+        } else {
+          A r[V], g[V];
+          const int64_t pp = x1;
+          if (pp < 0) {
+#pragma unroll
+            for (int q = 0; q < V; ++q) {
+              r[q] = MODE == S_BOTH_BWD ? a1[q] : a0[q];
+              g[q] = A(0);
+            }
+          } else {
+            A pv[V];
+            r0.get(buf ^ 1, pp - prev_first, pp, pv);
+            if (MODE == S_DOWN || MODE == S_UP_BWD) {
+#pragma unroll
+              for (int q = 0; q < V; ++q) r[q] = a0[q] + wv[q] * pv[q];
+            } else if (MODE == S_BOTH) {
+#pragma unroll
+              for (int q = 0; q < V; ++q) r[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a0[q];
+            } else {  // S_BOTH_BWD: a0 = U, a1 = G
+#pragma unroll
+              for (int q = 0; q < V; ++q) r[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a1[q];
+            }
+            if (MODE == S_UP_BWD) {
+#pragma unroll
+              for (int q = 0; q < V; ++q) g[q] = hx[q] * pv[q];
+            }
+            if (MODE == S_BOTH_BWD) {
+#pragma unroll
+              for (int q = 0; q < V; ++q)
+                g[q] = a0[q] * pv[q] + a1[q] * hx[q] - A(2) * wv[q] * a0[q] * a1[q];
+            }
+          }
+          r0.put(buf, i - first, i, r);
+          const int64_t row = v * C + c;
+          store<V>(reinterpret_cast<T*>(args.out) + row, r);
+          if (MODE == S_UP_BWD || MODE == S_BOTH_BWD) store<V>(reinterpret_cast<T*>(args.gw) + row, g);
+        }
+      }
+    }
+    prev_first = first;
+    buf ^= 1;
+  }
+  copy_wait<0>();
 }
 
 }  // namespace treessm_cuda

@@ -23,7 +23,7 @@ NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down
          "gw both"]
 
 
-def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0):
+def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0, ring=None):
     tree = treessm.Tree.from_parent(parent)
     n = parent.numel()
     g = torch.Generator().manual_seed(seed)
@@ -40,8 +40,8 @@ def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0):
             a.numpy().tofile(f)
         for a in (tree.order, tree.child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos):
             a.numpy().astype(np.int64).tofile(f)
-    r = subprocess.run([str(harness), str(src), str(dst), str(cap)], capture_output=True,
-                       text=True)
+    args = [str(harness), str(src), str(dst), str(cap)] + ([] if ring is None else [str(ring)])
+    r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64).reshape(-1, n, C)
     expected = [reference.forward(x, w, parent, levels, d) for d in ("up", "down", "both")]
@@ -76,3 +76,23 @@ def test_kernels_match_reference_on_host(harness, tmp_path, name):
     parent = _forests()[name]
     for C, lpv, threads, cap in CONFIGS:
         _run(harness, tmp_path, parent, C, lpv, threads, cap)
+
+
+# staged kernels: (channels, threads per row, threads per block, shared rows per level,
+# staged positions R). R = 16 is narrower than the wide forest's levels (rows read
+# directly) and makes the rings wrap many times on the deep ones; cap 0 and 1 spill values.
+STAGED_CONFIGS = [(4, 2, 32, 64, 16), (6, 2, 64, 3, 32), (8, 4, 32, 1, 256), (10, 2, 32, 0, 16)]
+
+
+@pytest.mark.parametrize("name", list(_forests()))
+def test_staged_kernels_match_reference_on_host(harness, tmp_path, name):
+    parent = _forests()[name]
+    for C, lpv, threads, cap, ring in STAGED_CONFIGS:
+        _run(harness, tmp_path, parent, C, lpv, threads, cap, ring=ring)
+
+
+def test_staged_kernels_deep_chain_on_host(harness, tmp_path):
+    # more levels than the level ring holds (64), so its chunks are reloaded many times
+    _run(harness, tmp_path, chain(300), 4, 2, 32, 8, ring=16)
+    _run(harness, tmp_path, random_forest(400, 3, torch.Generator().manual_seed(5), locality=2),
+         2, 1, 32, 4, ring=32)

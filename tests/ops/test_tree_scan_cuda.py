@@ -150,3 +150,51 @@ def test_cuda_ops_registered_and_compile():
     assert torch.allclose(out_c, out_e, rtol=1e-5, atol=1e-4)
     assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
     assert torch.allclose(wa.grad, wb.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_staged_and_direct_kernels_agree(direction, monkeypatch):
+    # a star far wider than the staging rings, a deep chain (level bounds restaged many
+    # times) and a forest; small rings force rows to be read directly; C = 40 leaves idle
+    # lanes in the last channel group
+    g = torch.Generator().manual_seed(21)
+    forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30)]
+    for parent in forests:
+        n = parent.numel()
+        tree = treessm.Tree.from_parent(parent).cuda()
+        x, w = _inputs(n, 40, torch.float32, g)
+        gout = torch.randn(n, 40, generator=g).cuda()
+        runs = {}
+        for name, env in (("staged", {}), ("ring16", {"TREESSM_CUDA_RING": "16"}),
+                          ("threads32", {"TREESSM_CUDA_THREADS": "32", "TREESSM_CUDA_LPV": "2"}),
+                          ("direct", {"TREESSM_CUDA_SCAN": "direct"})):
+            for k in ("TREESSM_CUDA_RING", "TREESSM_CUDA_THREADS", "TREESSM_CUDA_LPV",
+                      "TREESSM_CUDA_SCAN"):
+                monkeypatch.delenv(k, raising=False)
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            h = treessm.tree_scan(xg, wg, tree, direction)
+            runs[name] = (h, *torch.autograd.grad(h, (xg, wg), gout))
+        for name in ("ring16", "threads32", "direct"):
+            for a, b in zip(runs["staged"], runs[name]):
+                assert torch.equal(a, b), name
+        ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
+        err = (runs["staged"][0].double().cpu() - ref).norm() / ref.norm()
+        assert err < TOL[torch.float32], err
+
+
+def test_cuda_unaligned_rows():
+    # rows that start 4 bytes past a 16-byte boundary: narrower vector accesses
+    g = torch.Generator().manual_seed(4)
+    parent = random_forest(700, 3, g)
+    n, c = parent.numel(), 8
+    tree = treessm.Tree.from_parent(parent).cuda()
+    base = torch.randn(n * c + 1, generator=g).cuda()
+    x = base[1:].view(n, c)
+    w = (torch.rand(n * c + 1, generator=g) * 0.9 + 0.05).cuda()[1:].view(n, c)
+    assert x.data_ptr() % 16 != 0
+    for direction in DIRECTIONS:
+        h = treessm.tree_scan(x, w, tree, direction)
+        ref = treessm.tree_scan(x.cpu(), w.cpu(), tree.cpu(), direction)
+        assert torch.allclose(h.cpu(), ref, atol=1e-5, rtol=1e-5)

@@ -1,10 +1,11 @@
 // Host emulation of the tree-scan kernels: one std::thread per CUDA thread, blocks in turn,
 // __syncthreads as a std::barrier. Reads a problem written by tests/extensions, runs every
 // kernel configuration the CUDA backend launches (double, V = 2) and writes the results.
-// usage: harness IN OUT CAP
+// usage: harness IN OUT CAP [RING]   (with RING: the staged kernels, R = RING)
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
+#include <type_traits>
 #include <vector>
 namespace treessm_cuda { alignas(16) unsigned char smem_raw_storage[1 << 20]; }
 #include "tree_scan_kernels.cuh"
@@ -43,6 +44,35 @@ int main(int argc, char** argv) {
       s1(N * C, -999), s2(N * C, -999);
   FILE* o = fopen(argv[2], "wb");
   auto dump = [&](std::vector<double>& v) { fwrite(v.data(), 8, N * C, o); };
+  if (argc > 4) {  // staged kernels, same sequence of passes
+    const int ring = atoi(argv[4]);
+    auto run = [&](auto mode, const double* in0, const double* in1, const double* hh, double* up0,
+                   double* up1, double* outp, double* gwp) {
+      constexpr int M = decltype(mode)::value;
+      StagedArgs a{in0, in1, w.data(), hh, up0, up1, outp, gwp, s1.data(), s2.data(), plan, C, lpv, cap, ring};
+      launch(grid, threads, [&] { staged_scan_kernel<double, double, V, M, 8>(a); });
+    };
+    using std::integral_constant;
+    run(integral_constant<int, S_UP>{}, x.data(), nullptr, nullptr, nullptr, nullptr, out.data(), nullptr);
+    dump(out);
+    run(integral_constant<int, S_DOWN>{}, x.data(), nullptr, nullptr, nullptr, nullptr, out.data(), nullptr);
+    dump(out);
+    run(integral_constant<int, S_UP>{}, x.data(), nullptr, nullptr, U.data(), nullptr, nullptr, nullptr);
+    run(integral_constant<int, S_BOTH>{}, U.data(), nullptr, nullptr, nullptr, nullptr, out.data(), nullptr);
+    dump(out);
+    std::vector<double> hu(N * C), hd(N * C), hb = out;
+    run(integral_constant<int, S_UP>{}, x.data(), nullptr, nullptr, nullptr, nullptr, hu.data(), nullptr);
+    run(integral_constant<int, S_DOWN>{}, x.data(), nullptr, nullptr, nullptr, nullptr, hd.data(), nullptr);
+    run(integral_constant<int, S_UP_BWD>{}, g.data(), nullptr, hu.data(), nullptr, nullptr, gx.data(), gw.data());
+    dump(gx); dump(gw);
+    run(integral_constant<int, S_UP_GW>{}, g.data(), nullptr, hd.data(), nullptr, nullptr, gx.data(), gw.data());
+    dump(gx); dump(gw);
+    run(integral_constant<int, S_UP2>{}, x.data(), g.data(), nullptr, U.data(), G.data(), nullptr, nullptr);
+    run(integral_constant<int, S_BOTH_BWD>{}, U.data(), G.data(), hb.data(), nullptr, nullptr, gx.data(), gw.data());
+    dump(gx); dump(gw);
+    fclose(o);
+    return 0;
+  }
   // forward: up, down, both
   launch(grid, threads, [&] { up_pass_kernel<double, double, V, 1>(x.data(), nullptr, w.data(), nullptr, nullptr, out.data(), nullptr, nullptr, s1.data(), nullptr, plan, C, lpv, cap); });
   dump(out);
