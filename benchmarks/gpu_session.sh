@@ -53,9 +53,25 @@ if [ "$MODE" = scan ]; then
     tests/ops/test_tree_scan_cuda.py -k "oracle and deep" > "$OUT/racecheck.log" 2>&1
   echo "racecheck rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|passed|failed" "$OUT/racecheck.log" | tail -4
   $PY benchmarks/tree_scan.py --quick --quick-sweep --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
+  if command -v ncu >/dev/null; then
+    echo "== ncu: warp states of the staged kernels (one forward and backward of 'both')"
+    timeout 150 ncu --kernel-name regex:staged --launch-count 4 --section WarpStateStats \
+      --section SchedulerStats --section LaunchStats --section SourceCounters $PY - > "$OUT/ncu.txt" 2>&1 <<'PYEOF'
+import torch, treessm
+from treessm.ops import tree_scan
+treessm.ops.cuda.load()
+feat = torch.randn(32, 56, 56, 160, device="cuda")
+tree = treessm.GridTopology(connectivity=4, distance="cosine")(feat)
+x = torch.randn(32 * 56 * 56, 160, device="cuda", requires_grad=True)
+w = (torch.rand_like(x) * 0.9 + 0.05).requires_grad_()
+tree_scan(x, w, tree, "both").sum().backward()
+torch.cuda.synchronize()
+PYEOF
+    echo "ncu rc=$?"; grep -E "staged_scan_kernel|Stall|Issued Warp|No Eligible|Active Warps|Duration|Warp Cycles" "$OUT/ncu.txt" | head -60
+  fi
   exit 0
 fi
-GPU_TESTS="tests/ops/test_tree_scan_cuda.py tests/topology/test_device.py tests/topology/test_grid_tree_cuda.py tests/topology/test_mst.py tests/topology/test_topologies.py tests/nn tests/models tests/test_tree.py"
+GPU_TESTS="tests/ops/test_tree_scan_cuda.py tests/topology/test_device.py tests/topology/test_grid_tree_cuda.py tests/topology/test_grid_costs_cuda.py tests/topology/test_mst.py tests/topology/test_topologies.py tests/nn tests/models tests/test_tree.py"
 $PY -m pytest -q $GPU_TESTS 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 echo "== memcheck"
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \

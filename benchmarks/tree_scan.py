@@ -156,10 +156,10 @@ def main(argv=None):
         shapes += [dict(TREESSM_CUDA_SCAN="direct", TREESSM_CUDA_LPV=lpv, TREESSM_CUDA_THREADS=t)
                    for lpv, t in ((1, 64), (4, 64), (2, 128))]
     shapes += [dict()]  # the defaults
-    shapes += [dict(TREESSM_CUDA_THREADS=t) for t in (32, 64, 256)]
+    shapes += [dict(TREESSM_CUDA_THREADS=t) for t in (64, 256)]
     shapes += [dict(TREESSM_CUDA_LPV=lpv) for lpv in (4, 16)]
-    shapes += [dict(TREESSM_CUDA_RING=r) for r in (32, 64, 128)]
-    shapes += [dict(TREESSM_CUDA_RING=512, TREESSM_CUDA_SMEM=160 * 1024),
+    shapes += [dict(TREESSM_CUDA_RING=r) for r in (64, 128)]
+    shapes += [dict(TREESSM_CUDA_RING=512, TREESSM_CUDA_SMEM=200 * 1024),
                dict(TREESSM_CUDA_LPV=4, TREESSM_CUDA_THREADS=64, TREESSM_CUDA_RING=512,
                     TREESSM_CUDA_SMEM=100 * 1024)]
     tuning = []
@@ -178,6 +178,20 @@ def main(argv=None):
                            equal_to_default=same))
     for k in knobs:
         os.environ.pop(k, None)
+    # time per level: B chains of 56*56 vertices (one vertex per level), forward "both"
+    # walks 2 * 3136 levels one after another
+    n_chain = 56 * 56
+    chain_parent = torch.arange(-1, n_chain - 1, device="cuda").repeat(32)
+    chain_parent += torch.repeat_interleave(torch.arange(32, device="cuda") * n_chain, n_chain)
+    chain_parent[::n_chain] = -1
+    chain = treessm.Tree.from_parent(chain_parent)
+    chain.scan_plan()
+    level_ns = {}
+    for name, shape in (("staged", {}), ("direct", {"TREESSM_CUDA_SCAN": "direct"})):
+        os.environ.update(shape)
+        ms = cuda_time(lambda: tree_scan(x, w, chain, "both"), iters=10)
+        level_ns[name] = ms * 1e6 / (2 * n_chain)
+        os.environ.pop("TREESSM_CUDA_SCAN", None)
     # the torch reference on the headline size, for the same-run ratio
     ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
     result = dict(
@@ -186,6 +200,7 @@ def main(argv=None):
         copy_bandwidth_GBps=bw,
         torch_reference_fwd_ms_56_160_both=ref_fwd,
         kernels_56_160_both_fp32=tuning,
+        ns_per_level_chain_56_160_both=level_ns,
         rows=rows,
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
@@ -218,6 +233,8 @@ def main(argv=None):
                         for k, v in r["shape"].items()) or "defaults"
         print(f"  {name:<48} fwd {r['fwd_ms']:.3f} ms  bwd {r['bwd_ms']:.3f} ms  "
               f"same output: {r['equal_to_default']}")
+    print("time per level (32 chains of 3136 vertices, C=160, both): " +
+          ", ".join(f"{k} {v:.0f} ns" for k, v in level_ns.items()))
     for k, v in result["targets"].items():
         print(f"target {k}: {'met' if v else 'missed'}")
     return 0

@@ -146,9 +146,11 @@ int aligned_vec(int vec, int elem_size, std::initializer_list<const at::Tensor*>
 }
 
 // Which kernels run: the staged kernels (default) or the direct ones (TREESSM_CUDA_SCAN=direct).
-bool use_staged() {
+// The staged kernels index positions, vertices and levels with 32 bits.
+bool use_staged(int64_t N, int64_t num_levels) {
   const char* v = std::getenv("TREESSM_CUDA_SCAN");
-  return v == nullptr || std::string(v) != "direct";
+  if (v != nullptr && std::string(v) == "direct") return false;
+  return N < 2147483647LL && num_levels < 2147483647LL;
 }
 
 // The staged kernels: rows of up to 128 bytes per block (eight threads of 16 bytes for
@@ -176,8 +178,6 @@ Launch configure_staged(int64_t C, int64_t num_trees, int elem_size, int vec) {
   return L;
 }
 
-constexpr int kStagedDepth = 8;  // copy groups that may stay in flight
-
 int max_dynamic_smem(int device) {
   static int cached[64] = {0};
   if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
@@ -188,13 +188,13 @@ int max_dynamic_smem(int device) {
 }
 
 // Launches one staged kernel. The rings take what a shared-memory budget allows
-// (TREESSM_CUDA_SMEM bytes, default 64 KiB): R = 256 staged positions at most
+// (TREESSM_CUDA_SMEM bytes, default 100 KiB): R = 256 staged positions at most
 // (TREESSM_CUDA_RING), 64 rows per level handed on in shared memory (TREESSM_CUDA_CAP).
 template <typename T, typename A, int V, int MODE>
 void launch_staged(const Launch& L, StagedArgs a, cudaStream_t stream, int device) {
   const int cw = L.lpv * V;
   const int optin = max_dynamic_smem(device);
-  int budget = env_int("TREESSM_CUDA_SMEM", 64 * 1024);
+  int budget = env_int("TREESSM_CUDA_SMEM", 100 * 1024);
   if (budget > optin) budget = optin;
   int cap = env_int("TREESSM_CUDA_CAP", 64);
   if (cap < 0) cap = 64;
@@ -209,10 +209,13 @@ void launch_staged(const Launch& L, StagedArgs a, cudaStream_t stream, int devic
   a.lpv = L.lpv;
   a.cap = cap;
   a.ring = ring;
-  auto kernel = staged_scan_kernel<T, A, V, MODE, kStagedDepth>;
-  if (smem > kMaxShared) {
+  auto kernel = staged_scan_kernel<T, A, V, MODE>;
+  static int64_t opted_in[64] = {0};  // per device: the size this kernel was opted in to
+  const bool known = device >= 0 && device < 64;
+  if (smem > kMaxShared && (!known || opted_in[device] < smem)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
+    if (known) opted_in[device] = smem;
   }
   kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -265,7 +268,7 @@ at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at:
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
   const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&x, &weight, &out});
-  if (use_staged()) {
+  if (use_staged(x.size(0), level_pos.numel())) {
     const Launch L = configure_staged(C, T, x.element_size(), vec);
     const int device = x.get_device();
     TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_forward", [&] {
@@ -341,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> scan_backward(
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
   const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
-  if (use_staged()) {
+  if (use_staged(x.size(0), level_pos.numel())) {
     const Launch L = configure_staged(C, T, x.element_size(), vec);
     const int device = x.get_device();
     TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_backward", [&] {

@@ -453,7 +453,7 @@ template <int MODE> struct StagedTraits {
   static constexpr bool IN1_ACC = MODE == S_BOTH_BWD;
 };
 
-constexpr int kLevelRing = 64;   // level bounds in shared memory (two chunks of 32)
+constexpr int kLevelRing = 128;  // level bounds in shared memory
 constexpr int kIndexWords = 4;   // int64 words of one position's index record
 
 // Shared memory of the staged kernel for R staged positions, cw channels per row.
@@ -469,7 +469,28 @@ __host__ __device__ inline int64_t staged_smem_bytes(int ring, int cw, int cap, 
   return idx + rows + vals;
 }
 
-template <typename T, typename A, int V, int MODE, int D>
+// Shared-memory half of a Ring for 32-bit indices (the staged kernel's positions are
+// below 2^31; the launcher checks): `cur` and `prev` point at this lane's columns of the two
+// buffers.
+template <typename A, int V>
+struct Hand {
+  A* glob;
+  int cap, cw;
+  int64_t C, c;
+  __device__ __forceinline__ void put(A* cur, int rel, int i, const A (&r)[V]) const {
+    if (rel < cap) store<V>(cur + rel * cw, r);
+    else store<V>(glob + (int64_t)i * C + c, r);
+  }
+  __device__ __forceinline__ void get(const A* prev, int rel, int i, A (&r)[V]) const {
+    if (rel < cap) load<V>(prev + rel * cw, r);
+    else load<V>(glob + (int64_t)i * C + c, r);
+  }
+};
+
+// Low 32 bits of a staged int64 (little-endian): plan entries are below 2^31 here.
+__device__ __forceinline__ int lo32(const int64_t* p) { return *reinterpret_cast<const int*>(p); }
+
+template <typename T, typename A, int V, int MODE>
 __global__ void staged_scan_kernel(const StagedArgs args) {
   using Tr = StagedTraits<MODE>;
   constexpr bool UP = Tr::UP;
@@ -488,13 +509,13 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
   const int64_t c = ((int64_t)blockIdx.y * lpv + lane) * V;
   const bool active = c < C;
   const int64_t t = blockIdx.x;
-  const int64_t l0 = plan.tree_level_ptr[t];
-  const int64_t l1 = plan.tree_level_ptr[t + 1];
-  const int64_t nl = l1 - l0;
+  const int l0 = (int)plan.tree_level_ptr[t];
+  const int l1 = (int)plan.tree_level_ptr[t + 1];
+  const int nl = l1 - l0;
   if (nl <= 0) return;
-  const int64_t ts = plan.level_pos[l0];
-  const int64_t te = plan.level_pos[l1];
-  const int64_t n = te - ts;
+  const int ts = (int)plan.level_pos[l0];
+  const int te = (int)plan.level_pos[l1];
+  const int n = te - ts;
   const int R = args.ring;
   const int IR = 2 * R;
 
@@ -510,196 +531,192 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
   p += (int64_t)R * cw * sizeof(T);
   T* sth = reinterpret_cast<T*>(p);
   if (Tr::H) p += (int64_t)R * cw * sizeof(T);
-  A* vals = reinterpret_cast<A*>(p);
-  const Ring<A, V> r0{vals, reinterpret_cast<A*>(args.val0), args.cap, cw, lane * V, C, c};
-  const Ring<A, V> r1{vals + 2 * (int64_t)args.cap * cw, reinterpret_cast<A*>(args.val1),
-                      args.cap, cw, lane * V, C, c};
+  A* vals0 = reinterpret_cast<A*>(p) + lane * V;          // [2][cap][cw], this lane's columns
+  A* vals1 = vals0 + 2 * args.cap * cw;                    // second stream (S_UP2)
+  const int vbuf = args.cap * cw;                          // elements of one buffer
+  const Hand<A, V> r0{reinterpret_cast<A*>(args.val0), args.cap, cw, C, c};
+  const Hand<A, V> r1{reinterpret_cast<A*>(args.val1), args.cap, cw, C, c};
 
   const E0* in0 = reinterpret_cast<const E0*>(args.in0);
   const E1* in1 = reinterpret_cast<const E1*>(args.in1);
   const T* w = reinterpret_cast<const T*>(args.w);
   const T* h = reinterpret_cast<const T*>(args.h);
+  A* up0 = reinterpret_cast<A*>(args.up0);
+  A* up1 = reinterpret_cast<A*>(args.up1);
+  T* out = reinterpret_cast<T*>(args.out);
+  T* gw = reinterpret_cast<T*>(args.gw);
 
   // stream index s <-> breadth-first position
-  auto pos = [&](int64_t s) { return UP ? te - 1 - s : ts + s; };
+  auto pos = [&](int s) { return UP ? te - 1 - s : ts + s; };
   // level entry e <-> level_pos index (entries 0..nl); iteration k spans entries k, k+1
-  auto issue_levels = [&](int64_t e0) {
-    const int64_t e1 = min(e0 + kLevelRing / 2, nl + 1);
-    for (int64_t e = e0 + tid; e < e1; e += nthreads)
+  auto issue_levels = [&](int e0, int e1) {
+    for (int e = e0 + tid; e < e1; e += nthreads)
       copy_async<8>(lvl + (e & (kLevelRing - 1)), plan.level_pos + (UP ? l1 - e : l0 + e));
   };
-  auto level_start = [&](int64_t e) {  // stream index of entry e
-    const int64_t v = lvl[e & (kLevelRing - 1)];
-    return UP ? te - v : v - ts;
-  };
-  auto issue_index = [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0 + tid; s < s1; s += nthreads) {
-      const int64_t i = pos(s);
+  auto issue_index = [&](int s0, int s1) {
+    for (int s = s0 + tid; s < s1; s += nthreads) {
+      const int i = pos(s);
       int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
       copy_async<8>(d, plan.order + i);
       if (UP) {
         copy_async<8>(d + 1, plan.child_ptr + i);
         copy_async<8>(d + 2, plan.child_ptr + i + 1);
-        if (Tr::H_PARENT) copy_async<8>(d + 3, plan.parent_at_pos + i);
       } else {
         copy_async<8>(d + 1, plan.parent_pos + i);
-        if (Tr::H_PARENT) copy_async<8>(d + 3, plan.parent_at_pos + i);
       }
+      if (Tr::H_PARENT) copy_async<8>(d + 3, plan.parent_at_pos + i);
     }
   };
-  auto issue_rows = [&](int64_t s0, int64_t s1) {
+  auto issue_rows = [&](int s0, int s1) {
     if (!active) return;
-    for (int64_t s = s0 + slot; s < s1; s += slots) {
+    for (int s = s0 + slot; s < s1; s += slots) {
       const int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
-      const int64_t v = d[0];
-      const int64_t r = (s & (R - 1)) * cw + lane * V;
-      copy_async<V * sizeof(E0)>(st0 + r, in0 + v * C + c);
-      if (Tr::IN1) copy_async<V * sizeof(E1)>(st1 + r, in1 + v * C + c);
-      copy_async<V * sizeof(T)>(stw + r, w + v * C + c);
+      const int64_t row = (int64_t)lo32(d) * C + c;
+      const int r = (s & (R - 1)) * cw + lane * V;
+      copy_async<V * sizeof(E0)>(st0 + r, in0 + row);
+      if (Tr::IN1) copy_async<V * sizeof(E1)>(st1 + r, in1 + row);
+      copy_async<V * sizeof(T)>(stw + r, w + row);
       if (Tr::H) {
-        const int64_t hv = Tr::H_PARENT ? d[3] : v;
-        if (hv >= 0) copy_async<V * sizeof(T)>(sth + r, h + hv * C + c);
+        const int hv = Tr::H_PARENT ? lo32(d + 3) : lo32(d);
+        if (hv >= 0) copy_async<V * sizeof(T)>(sth + r, h + (int64_t)hv * C + c);
       }
     }
   };
 
-  // prologue: level bounds of the first 64 levels and the first rings, waited for
-  issue_levels(0);
-  issue_levels(kLevelRing / 2);
-  int64_t IFcur = min((int64_t)IR, n);
-  issue_index(0, IFcur);
+  // Copies go out in groups, one per "refill"; at most two groups are in flight. A refill
+  // waits for the older one, so what it staged becomes readable (the *ready frontiers*:
+  // stream positions below Fr have their rows staged, below IFr their index records, level
+  // entries below Lr their bounds), then stages up to R rows, 2R index records and
+  // kLevelRing level entries ahead of the level being combined. Slots are only ever
+  // overwritten for positions (entries) behind that level. A refill runs when the level
+  // being combined comes within R/4 positions of Fr, or within kLevelRing/4 levels of Lr,
+  // so in the steady state the level loop does no bookkeeping beyond one comparison.
+  // prologue: the first rings, waited for
+  int Lr = min(kLevelRing, nl + 1);
+  int IFr = min(IR, n);
+  issue_levels(0, Lr);
+  issue_index(0, IFr);
   copy_commit();
   copy_wait<0>();
   __syncthreads();
-  int64_t Fcur = min((int64_t)R, n);
-  issue_rows(0, Fcur);
+  int Fr = min(R, n);
+  issue_rows(0, Fr);
   copy_commit();
   copy_wait<0>();
   __syncthreads();
-  // frontiers after the issues of the last D iterations: [0] the newest
-  int64_t Fh[D], IFh[D];
-#pragma unroll
-  for (int j = 0; j < D; ++j) {
-    Fh[j] = Fcur;
-    IFh[j] = IFcur;
-  }
+  // frontiers of the older and the newer group in flight (empty groups at the start)
+  int Fo = Fr, Fn = Fr, IFo = IFr, IFn = IFr, Lo = Lr, Ln = Lr;
+  const int margin = R / 4;
+  constexpr int lmargin = kLevelRing / 4;
+
+  auto level_start = [&](int e) {  // stream index of level entry e
+    const int v = e < Lr ? lo32(lvl + (e & (kLevelRing - 1)))
+                         : (int)plan.level_pos[UP ? l1 - e : l0 + e];
+    return UP ? te - v : v - ts;
+  };
 
   int buf = 0;
-  int64_t prev_first = 0;  // first position of the previous level
-  for (int64_t k = 0; k < nl; ++k) {
-    // the level's bounds landed at least 31 levels ago
-    const int64_t La = level_start(k);
-    const int64_t Lb = level_start(k + 1);
-    // Wait for the newest group that staged part of this level (index records and rows
-    // up to Lb), or for all groups but the D-1 newest: everything staged before them is
-    // then complete. m = how many of the newest groups may stay in flight.
-    int cnt_r = 0, cnt_i = 0;
-#pragma unroll
-    for (int j = 0; j < D; ++j) {
-      cnt_r += Fh[j] >= Lb;
-      cnt_i += IFh[j] >= Lb;
+  int prev_first = 0;  // first position of the previous level
+  int La = 0;
+  for (int k = 0; k < nl; ++k) {
+    const int Lb = level_start(k + 1);
+    if ((Fr < n && Lb + margin > Fr) || (Lr <= nl && k + 1 + lmargin >= Lr)) {
+      // refill (block-uniform condition)
+      copy_wait<1>();
+      __syncthreads();
+      Fr = Fo;
+      IFr = IFo;
+      Lr = Lo;
+      const int Lt = min(k + kLevelRing, nl + 1);
+      if (Lt > Ln) issue_levels(Ln, Lt);
+      const int IFs = max(IFn, La);
+      const int IFt = min(La + IR, n);
+      if (IFt > IFs) issue_index(IFs, IFt);
+      const int Fs = max(Fn, La);
+      const int Ft = min(min(La + R, IFr), n);
+      if (Ft > Fs) issue_rows(Fs, Ft);
+      copy_commit();
+      Fo = Fn;
+      IFo = IFn;
+      Lo = Ln;
+      Fn = max(Fn, Ft);
+      IFn = max(IFn, IFt);
+      Ln = max(Ln, Lt);
     }
-    const int m = max(min(cnt_r, cnt_i) - 1, 0);
-    copy_wait_upto<D - 1>(m);
-    __syncthreads();  // those copies and the previous level's values visible to all
-    int64_t Fdone = Fh[0], IFdone = IFh[0];  // frontiers whose copies are complete
-#pragma unroll
-    for (int j = 1; j < D; ++j) {
-      if (j == m) {
-        Fdone = Fh[j];
-        IFdone = IFh[j];
-      }
-    }
-    if (k > 0 && (k & (kLevelRing / 2 - 1)) == 0) issue_levels(k + kLevelRing / 2);
-    const int64_t IFt = min(min(La + IR, IFdone + IR), n);
-    if (IFt > IFcur) {
-      issue_index(IFcur, IFt);
-      IFcur = IFt;
-    }
-    const int64_t Fs = max(Fcur, Lb);
-    const int64_t Ft = min(min(La + R, Fdone + R), IFdone);
-    if (Ft > Fs) {
-      issue_rows(Fs, Ft);
-      Fcur = Ft;
-    }
-    copy_commit();
-#pragma unroll
-    for (int j = D - 1; j > 0; --j) {
-      Fh[j] = Fh[j - 1];
-      IFh[j] = IFh[j - 1];
-    }
-    Fh[0] = Fcur;
-    IFh[0] = IFcur;
 
     // combine level k: stream [La, Lb), positions [first, first + Lb - La)
-    const int64_t first = UP ? te - Lb : ts + La;
+    const int first = UP ? te - Lb : ts + La;
+    A* cur0 = vals0 + buf * vbuf;
+    A* cur1 = vals1 + buf * vbuf;
+    const A* prev0 = vals0 + (buf ^ 1) * vbuf;
+    const A* prev1 = vals1 + (buf ^ 1) * vbuf;
     if (active) {
-      for (int64_t s = La + slot; s < Lb; s += slots) {
-        const int64_t i = pos(s);
-        int64_t v, x1, x2, x3;  // vertex; child range or parent position; parent vertex
-        if (s < IFdone) {
+      for (int s = La + slot; s < Lb; s += slots) {
+        const int i = pos(s);
+        int v, x1, x2, x3;  // vertex; child range or parent position; parent vertex
+        if (s < IFr) {
           const int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
-          v = d[0];
-          x1 = d[1];
-          x2 = UP ? d[2] : 0;
-          x3 = Tr::H_PARENT ? d[3] : -1;
+          v = lo32(d);
+          x1 = lo32(d + 1);
+          x2 = UP ? lo32(d + 2) : 0;
+          x3 = Tr::H_PARENT ? lo32(d + 3) : -1;
         } else {
-          v = plan.order[i];
-          x1 = UP ? plan.child_ptr[i] : plan.parent_pos[i];
-          x2 = UP ? plan.child_ptr[i + 1] : 0;
-          x3 = Tr::H_PARENT ? plan.parent_at_pos[i] : -1;
+          v = (int)plan.order[i];
+          x1 = (int)(UP ? plan.child_ptr[i] : plan.parent_pos[i]);
+          x2 = UP ? (int)plan.child_ptr[i + 1] : 0;
+          x3 = Tr::H_PARENT ? (int)plan.parent_at_pos[i] : -1;
         }
-        const int64_t hv = Tr::H_PARENT ? x3 : v;
+        const int hv = Tr::H_PARENT ? x3 : v;
+        const int64_t row = (int64_t)v * C + c;
         A a0[V], a1[V], wv[V], hx[V];
-        if (s < Fdone) {
-          const int64_t r = (s & (R - 1)) * cw + lane * V;
+        if (s < Fr) {
+          const int r = (s & (R - 1)) * cw + lane * V;
           load<V>(st0 + r, a0);
           if (Tr::IN1) load<V>(st1 + r, a1);
           load<V>(stw + r, wv);
           if (Tr::H && hv >= 0) load<V>(sth + r, hx);
         } else {
-          load<V>(in0 + v * C + c, a0);
-          if (Tr::IN1) load<V>(in1 + v * C + c, a1);
-          load<V>(w + v * C + c, wv);
-          if (Tr::H && hv >= 0) load<V>(h + hv * C + c, hx);
+          load<V>(in0 + row, a0);
+          if (Tr::IN1) load<V>(in1 + row, a1);
+          load<V>(w + row, wv);
+          if (Tr::H && hv >= 0) load<V>(h + (int64_t)hv * C + c, hx);
         }
         A tmp[V];
         if (UP) {
           // children: positions [x1, min(x2, te)) of the previous (deeper) level
-          const int64_t j1 = min(x2, te);
-          for (int64_t j = x1; j < j1; ++j) {
-            r0.get(buf ^ 1, j - prev_first, j, tmp);
+          const int j1 = min(x2, te);
+          for (int j = x1; j < j1; ++j) {
+            r0.get(prev0, j - prev_first, j, tmp);
 #pragma unroll
             for (int q = 0; q < V; ++q) a0[q] += tmp[q];
             if (Tr::NS == 2) {
-              r1.get(buf ^ 1, j - prev_first, j, tmp);
+              r1.get(prev1, j - prev_first, j, tmp);
 #pragma unroll
               for (int q = 0; q < V; ++q) a1[q] += tmp[q];
             }
           }
-          const int64_t row = v * C + c;
-          if (args.up0 != nullptr) store<V>(reinterpret_cast<A*>(args.up0) + row, a0);
-          if (Tr::NS == 2 && args.up1 != nullptr) store<V>(reinterpret_cast<A*>(args.up1) + row, a1);
-          if (args.out != nullptr) store<V>(reinterpret_cast<T*>(args.out) + row, a0);
+          if (up0 != nullptr) store<V>(up0 + row, a0);
+          if (Tr::NS == 2 && up1 != nullptr) store<V>(up1 + row, a1);
+          if (out != nullptr) store<V>(out + row, a0);
           const bool root_level = (k == nl - 1);
           if (!root_level) {  // hand w * up to the parent
 #pragma unroll
             for (int q = 0; q < V; ++q) tmp[q] = wv[q] * a0[q];
-            r0.put(buf, i - first, i, tmp);
+            r0.put(cur0, i - first, i, tmp);
             if (Tr::NS == 2) {
 #pragma unroll
               for (int q = 0; q < V; ++q) tmp[q] = wv[q] * a1[q];
-              r1.put(buf, i - first, i, tmp);
+              r1.put(cur1, i - first, i, tmp);
             }
           }
           if (MODE == S_UP_GW) {
 #pragma unroll
             for (int q = 0; q < V; ++q) tmp[q] = root_level ? A(0) : hx[q] * a0[q];
-            store<V>(reinterpret_cast<T*>(args.gw) + row, tmp);
+            store<V>(gw + row, tmp);
           }
         } else {
           A r[V], g[V];
-          const int64_t pp = x1;
+          const int pp = x1;
           if (pp < 0) {
 #pragma unroll
             for (int q = 0; q < V; ++q) {
@@ -708,7 +725,7 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
             }
           } else {
             A pv[V];
-            r0.get(buf ^ 1, pp - prev_first, pp, pv);
+            r0.get(prev0, pp - prev_first, pp, pv);
             if (MODE == S_DOWN || MODE == S_UP_BWD) {
 #pragma unroll
               for (int q = 0; q < V; ++q) r[q] = a0[q] + wv[q] * pv[q];
@@ -729,14 +746,15 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
                 g[q] = a0[q] * pv[q] + a1[q] * hx[q] - A(2) * wv[q] * a0[q] * a1[q];
             }
           }
-          r0.put(buf, i - first, i, r);
-          const int64_t row = v * C + c;
-          store<V>(reinterpret_cast<T*>(args.out) + row, r);
-          if (MODE == S_UP_BWD || MODE == S_BOTH_BWD) store<V>(reinterpret_cast<T*>(args.gw) + row, g);
+          r0.put(cur0, i - first, i, r);
+          store<V>(out + row, r);
+          if (MODE == S_UP_BWD || MODE == S_BOTH_BWD) store<V>(gw + row, g);
         }
       }
     }
+    __syncthreads();  // the level's values visible to the next level
     prev_first = first;
+    La = Lb;
     buf ^= 1;
   }
   copy_wait<0>();

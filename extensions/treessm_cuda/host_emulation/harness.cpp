@@ -50,7 +50,7 @@ int main(int argc, char** argv) {
                    double* up1, double* outp, double* gwp) {
       constexpr int M = decltype(mode)::value;
       StagedArgs a{in0, in1, w.data(), hh, up0, up1, outp, gwp, s1.data(), s2.data(), plan, C, lpv, cap, ring};
-      launch(grid, threads, [&] { staged_scan_kernel<double, double, V, M, 8>(a); });
+      launch(grid, threads, [&] { staged_scan_kernel<double, double, V, M>(a); });
     };
     using std::integral_constant;
     run(integral_constant<int, S_UP>{}, x.data(), nullptr, nullptr, nullptr, nullptr, out.data(), nullptr);
