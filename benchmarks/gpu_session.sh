@@ -77,6 +77,9 @@ echo "== memcheck"
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
   tests/ops/test_tree_scan_cuda.py -k "oracle or empty or deterministic" > "$OUT/memcheck.log" 2>&1
 echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
+timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m pytest -q -x \
+  tests/ops/test_tree_scan_cuda.py -k "oracle and deep" > "$OUT/racecheck.log" 2>&1
+echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -3
 echo "== benchmarks"
 if [ "$MODE" = quick ]; then
   $PY benchmarks/tree_scan.py --quick --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
