@@ -3,7 +3,8 @@
 # then the GPU benchmarks. Logs and JSON land in $OUT (default ./gpu_out).
 #   bash benchmarks/gpu_session.sh [scan|quick|full]
 # scan: the tree-scan and grid tests only, memcheck and racecheck of the staged kernels,
-# the headline benchmark rows with the kernel/launch-shape sweep.
+# the scan benchmark (QUICK=1: headline rows only), GROOTV=1: the GrootV table, NCU=1: an
+# Nsight Compute warp-state profile of the staged kernels.
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-gpu_out}
@@ -43,17 +44,22 @@ except RuntimeError as exc:
 PYEOF
 echo "== gpu tests"
 if [ "$MODE" = scan ]; then
+  # at most 8 files come back from a device call: the sanitizer logs share one file
   $PY -m pytest -q tests/ops/test_tree_scan_cuda.py tests/topology/test_grid_tree_cuda.py \
     tests/topology/test_grid_costs_cuda.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
   echo "== memcheck + racecheck (staged kernels)"
   timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
-    tests/ops/test_tree_scan_cuda.py -k "staged or oracle or unaligned" > "$OUT/memcheck.log" 2>&1
-  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
+    tests/ops/test_tree_scan_cuda.py -k "staged or oracle or unaligned" > "$OUT/sanitizers.log" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizers.log" | tail -3
   timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m pytest -q -x \
-    tests/ops/test_tree_scan_cuda.py -k "oracle and deep" > "$OUT/racecheck.log" 2>&1
-  echo "racecheck rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|passed|failed" "$OUT/racecheck.log" | tail -4
-  $PY benchmarks/tree_scan.py --quick --quick-sweep --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
-  if command -v ncu >/dev/null; then
+    tests/ops/test_tree_scan_cuda.py -k "oracle and deep" > /tmp/racecheck.log 2>&1
+  echo "racecheck rc=$?"; cat /tmp/racecheck.log >> "$OUT/sanitizers.log"
+  grep -E "RACECHECK SUMMARY|passed|failed" /tmp/racecheck.log | tail -3
+  $PY benchmarks/tree_scan.py ${QUICK:+--quick --quick-sweep} --out "$OUT/tree_scan_gpu.json" 2>&1 | tee "$OUT/bench_scan.log"
+  if [ "${GROOTV:-0}" = 1 ]; then
+    $PY benchmarks/grootv.py --out "$OUT/grootv_gpu.json" 2>&1 | tee "$OUT/bench_grootv.log" | grep -v "^\s*$" | tail -14
+  fi
+  if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
     echo "== ncu: warp states of the staged kernels (one forward and backward of 'both')"
     timeout 150 ncu --kernel-name regex:staged --launch-count 4 --section WarpStateStats \
       --section SchedulerStats --section LaunchStats --section SourceCounters $PY - > "$OUT/ncu.txt" 2>&1 <<'PYEOF'
@@ -67,7 +73,7 @@ w = (torch.rand_like(x) * 0.9 + 0.05).requires_grad_()
 tree_scan(x, w, tree, "both").sum().backward()
 torch.cuda.synchronize()
 PYEOF
-    echo "ncu rc=$?"; grep -E "staged_scan_kernel|Stall|Issued Warp|No Eligible|Active Warps|Duration|Warp Cycles" "$OUT/ncu.txt" | head -60
+    echo "ncu rc=$?"; grep -E "staged_scan_kernel|Issued Warp|No Eligible|Warp Cycles" "$OUT/ncu.txt" | head -30
   fi
   exit 0
 fi

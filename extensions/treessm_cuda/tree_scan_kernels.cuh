@@ -615,12 +615,132 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
     return UP ? te - v : v - ts;
   };
 
+  // One vertex of a level: what can be read before the level's turn (index record, input
+  // rows) is fetched into registers a level ahead; `finish` then only waits for the values
+  // handed on by the previous level.
+  struct Item {
+    int i, v, x1, x2, x3;
+    A a0[V], a1[V], wv[V], hx[V];
+  };
+  auto fetch = [&](Item& it, int s) {
+    const int i = pos(s);
+    it.i = i;
+    if (s < IFr) {
+      const int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
+      it.v = lo32(d);
+      it.x1 = lo32(d + 1);
+      it.x2 = UP ? lo32(d + 2) : 0;
+      it.x3 = Tr::H_PARENT ? lo32(d + 3) : -1;
+    } else {
+      it.v = (int)plan.order[i];
+      it.x1 = (int)(UP ? plan.child_ptr[i] : plan.parent_pos[i]);
+      it.x2 = UP ? (int)plan.child_ptr[i + 1] : 0;
+      it.x3 = Tr::H_PARENT ? (int)plan.parent_at_pos[i] : -1;
+    }
+    const int hv = Tr::H_PARENT ? it.x3 : it.v;
+    if (s < Fr) {
+      const int r = (s & (R - 1)) * cw + lane * V;
+      load<V>(st0 + r, it.a0);
+      if (Tr::IN1) load<V>(st1 + r, it.a1);
+      load<V>(stw + r, it.wv);
+      if (Tr::H && hv >= 0) load<V>(sth + r, it.hx);
+    } else {
+      const int64_t row = (int64_t)it.v * C + c;
+      load<V>(in0 + row, it.a0);
+      if (Tr::IN1) load<V>(in1 + row, it.a1);
+      load<V>(w + row, it.wv);
+      if (Tr::H && hv >= 0) load<V>(h + (int64_t)hv * C + c, it.hx);
+    }
+  };
+  // combine one vertex of level k (positions from `first`; the previous level's from `pf`)
+  auto finish = [&](Item& it, int k, int first, int pf, A* cur0, A* cur1, const A* prev0,
+                    const A* prev1) {
+    const int64_t row = (int64_t)it.v * C + c;
+    const int i = it.i;
+    A tmp[V];
+    if (UP) {
+      // children: positions [x1, min(x2, te)) of the previous (deeper) level
+      const int j1 = min(it.x2, te);
+      for (int j = it.x1; j < j1; ++j) {
+        r0.get(prev0, j - pf, j, tmp);
+#pragma unroll
+        for (int q = 0; q < V; ++q) it.a0[q] += tmp[q];
+        if (Tr::NS == 2) {
+          r1.get(prev1, j - pf, j, tmp);
+#pragma unroll
+          for (int q = 0; q < V; ++q) it.a1[q] += tmp[q];
+        }
+      }
+      const bool root_level = (k == nl - 1);
+      if (!root_level) {  // hand w * up to the parent
+#pragma unroll
+        for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.a0[q];
+        r0.put(cur0, i - first, i, tmp);
+        if (Tr::NS == 2) {
+#pragma unroll
+          for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.a1[q];
+          r1.put(cur1, i - first, i, tmp);
+        }
+      }
+      if (up0 != nullptr) store<V>(up0 + row, it.a0);
+      if (Tr::NS == 2 && up1 != nullptr) store<V>(up1 + row, it.a1);
+      if (out != nullptr) store<V>(out + row, it.a0);
+      if (MODE == S_UP_GW) {
+#pragma unroll
+        for (int q = 0; q < V; ++q) tmp[q] = root_level ? A(0) : it.hx[q] * it.a0[q];
+        store<V>(gw + row, tmp);
+      }
+    } else {
+      A r[V], g[V];
+      const int pp = it.x1;
+      if (pp < 0) {
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          r[q] = MODE == S_BOTH_BWD ? it.a1[q] : it.a0[q];
+          g[q] = A(0);
+        }
+      } else {
+        A pv[V];
+        r0.get(prev0, pp - pf, pp, pv);
+        if (MODE == S_DOWN || MODE == S_UP_BWD) {
+#pragma unroll
+          for (int q = 0; q < V; ++q) r[q] = it.a0[q] + it.wv[q] * pv[q];
+        } else if (MODE == S_BOTH) {
+#pragma unroll
+          for (int q = 0; q < V; ++q)
+            r[q] = it.wv[q] * pv[q] + (A(1) - it.wv[q] * it.wv[q]) * it.a0[q];
+        } else {  // S_BOTH_BWD: a0 = U, a1 = G
+#pragma unroll
+          for (int q = 0; q < V; ++q)
+            r[q] = it.wv[q] * pv[q] + (A(1) - it.wv[q] * it.wv[q]) * it.a1[q];
+        }
+        if (MODE == S_UP_BWD) {
+#pragma unroll
+          for (int q = 0; q < V; ++q) g[q] = it.hx[q] * pv[q];
+        }
+        if (MODE == S_BOTH_BWD) {
+#pragma unroll
+          for (int q = 0; q < V; ++q)
+            g[q] = it.a0[q] * pv[q] + it.a1[q] * it.hx[q] - A(2) * it.wv[q] * it.a0[q] * it.a1[q];
+        }
+      }
+      r0.put(cur0, i - first, i, r);
+      store<V>(out + row, r);
+      if (MODE == S_UP_BWD || MODE == S_BOTH_BWD) store<V>(gw + row, g);
+    }
+  };
+
   int buf = 0;
   int prev_first = 0;  // first position of the previous level
   int La = 0;
+  int Lb = level_start(1);
+  Item nx;
+  bool has_nx = active && slot < Lb;
+  if (has_nx) fetch(nx, slot);
   for (int k = 0; k < nl; ++k) {
-    const int Lb = level_start(k + 1);
-    if ((Fr < n && Lb + margin > Fr) || (Lr <= nl && k + 1 + lmargin >= Lr)) {
+    const bool more = k + 1 < nl;
+    const int Lc = more ? level_start(k + 2) : Lb;  // end of the next level
+    if ((Fr < n && Lc + margin > Fr) || (Lr <= nl && k + 2 + lmargin >= Lr)) {
       // refill (block-uniform condition)
       copy_wait<1>();
       __syncthreads();
@@ -643,6 +763,11 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
       IFn = max(IFn, IFt);
       Ln = max(Ln, Lt);
     }
+    Item cu = nx;
+    const bool has_cu = has_nx;
+    // the next level's first vertex of this thread, while this level is combined
+    has_nx = active && more && Lb + slot < Lc;
+    if (has_nx) fetch(nx, Lb + slot);
 
     // combine level k: stream [La, Lb), positions [first, first + Lb - La)
     const int first = UP ? te - Lb : ts + La;
@@ -650,111 +775,18 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
     A* cur1 = vals1 + buf * vbuf;
     const A* prev0 = vals0 + (buf ^ 1) * vbuf;
     const A* prev1 = vals1 + (buf ^ 1) * vbuf;
+    if (has_cu) finish(cu, k, first, prev_first, cur0, cur1, prev0, prev1);
     if (active) {
-      for (int s = La + slot; s < Lb; s += slots) {
-        const int i = pos(s);
-        int v, x1, x2, x3;  // vertex; child range or parent position; parent vertex
-        if (s < IFr) {
-          const int64_t* d = idx + (s & (IR - 1)) * kIndexWords;
-          v = lo32(d);
-          x1 = lo32(d + 1);
-          x2 = UP ? lo32(d + 2) : 0;
-          x3 = Tr::H_PARENT ? lo32(d + 3) : -1;
-        } else {
-          v = (int)plan.order[i];
-          x1 = (int)(UP ? plan.child_ptr[i] : plan.parent_pos[i]);
-          x2 = UP ? (int)plan.child_ptr[i + 1] : 0;
-          x3 = Tr::H_PARENT ? (int)plan.parent_at_pos[i] : -1;
-        }
-        const int hv = Tr::H_PARENT ? x3 : v;
-        const int64_t row = (int64_t)v * C + c;
-        A a0[V], a1[V], wv[V], hx[V];
-        if (s < Fr) {
-          const int r = (s & (R - 1)) * cw + lane * V;
-          load<V>(st0 + r, a0);
-          if (Tr::IN1) load<V>(st1 + r, a1);
-          load<V>(stw + r, wv);
-          if (Tr::H && hv >= 0) load<V>(sth + r, hx);
-        } else {
-          load<V>(in0 + row, a0);
-          if (Tr::IN1) load<V>(in1 + row, a1);
-          load<V>(w + row, wv);
-          if (Tr::H && hv >= 0) load<V>(h + (int64_t)hv * C + c, hx);
-        }
-        A tmp[V];
-        if (UP) {
-          // children: positions [x1, min(x2, te)) of the previous (deeper) level
-          const int j1 = min(x2, te);
-          for (int j = x1; j < j1; ++j) {
-            r0.get(prev0, j - prev_first, j, tmp);
-#pragma unroll
-            for (int q = 0; q < V; ++q) a0[q] += tmp[q];
-            if (Tr::NS == 2) {
-              r1.get(prev1, j - prev_first, j, tmp);
-#pragma unroll
-              for (int q = 0; q < V; ++q) a1[q] += tmp[q];
-            }
-          }
-          if (up0 != nullptr) store<V>(up0 + row, a0);
-          if (Tr::NS == 2 && up1 != nullptr) store<V>(up1 + row, a1);
-          if (out != nullptr) store<V>(out + row, a0);
-          const bool root_level = (k == nl - 1);
-          if (!root_level) {  // hand w * up to the parent
-#pragma unroll
-            for (int q = 0; q < V; ++q) tmp[q] = wv[q] * a0[q];
-            r0.put(cur0, i - first, i, tmp);
-            if (Tr::NS == 2) {
-#pragma unroll
-              for (int q = 0; q < V; ++q) tmp[q] = wv[q] * a1[q];
-              r1.put(cur1, i - first, i, tmp);
-            }
-          }
-          if (MODE == S_UP_GW) {
-#pragma unroll
-            for (int q = 0; q < V; ++q) tmp[q] = root_level ? A(0) : hx[q] * a0[q];
-            store<V>(gw + row, tmp);
-          }
-        } else {
-          A r[V], g[V];
-          const int pp = x1;
-          if (pp < 0) {
-#pragma unroll
-            for (int q = 0; q < V; ++q) {
-              r[q] = MODE == S_BOTH_BWD ? a1[q] : a0[q];
-              g[q] = A(0);
-            }
-          } else {
-            A pv[V];
-            r0.get(prev0, pp - prev_first, pp, pv);
-            if (MODE == S_DOWN || MODE == S_UP_BWD) {
-#pragma unroll
-              for (int q = 0; q < V; ++q) r[q] = a0[q] + wv[q] * pv[q];
-            } else if (MODE == S_BOTH) {
-#pragma unroll
-              for (int q = 0; q < V; ++q) r[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a0[q];
-            } else {  // S_BOTH_BWD: a0 = U, a1 = G
-#pragma unroll
-              for (int q = 0; q < V; ++q) r[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a1[q];
-            }
-            if (MODE == S_UP_BWD) {
-#pragma unroll
-              for (int q = 0; q < V; ++q) g[q] = hx[q] * pv[q];
-            }
-            if (MODE == S_BOTH_BWD) {
-#pragma unroll
-              for (int q = 0; q < V; ++q)
-                g[q] = a0[q] * pv[q] + a1[q] * hx[q] - A(2) * wv[q] * a0[q] * a1[q];
-            }
-          }
-          r0.put(cur0, i - first, i, r);
-          store<V>(out + row, r);
-          if (MODE == S_UP_BWD || MODE == S_BOTH_BWD) store<V>(gw + row, g);
-        }
+      for (int s = La + slot + slots; s < Lb; s += slots) {
+        Item it;
+        fetch(it, s);
+        finish(it, k, first, prev_first, cur0, cur1, prev0, prev1);
       }
     }
     __syncthreads();  // the level's values visible to the next level
     prev_first = first;
     La = Lb;
+    Lb = Lc;
     buf ^= 1;
   }
   copy_wait<0>();
