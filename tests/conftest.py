@@ -1,5 +1,6 @@
 """Shared test set-up: the dense oracle is importable as ``oracle``; ``slow`` tests run only
-with ``--runslow`` (or TREESSM_RUN_SLOW=1)."""
+with ``--runslow`` (or TREESSM_RUN_SLOW=1); ``cuda_ops`` is ``torch.ops.treessm`` with the
+CUDA extension loaded (the test is skipped when it cannot be)."""
 import os
 import sys
 from pathlib import Path
@@ -20,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cuda_ops():
+    import torch
+
+    from treessm.ops import cuda as cuda_ext
+
+    try:
+        cuda_ext.load()
+    except RuntimeError as exc:
+        pytest.skip(f"CUDA extension unavailable: {exc}")
+    return torch.ops.treessm

@@ -53,7 +53,7 @@ int sm_count(int device) {
 
 template <typename T, int V, int KIND>
 void launch_kind(const T* feat, const costs::Shape& s, bool eight, int group,
-                 typename costs::AccOf<T>::type eps, typename costs::AccOf<T>::type* out,
+                 typename AccType<T>::type eps, typename AccType<T>::type* out,
                  unsigned blocks, cudaStream_t stream) {
   if (eight) {
     costs::grid_costs_kernel<T, V, KIND, true>
@@ -67,7 +67,7 @@ void launch_kind(const T* feat, const costs::Shape& s, bool eight, int group,
 
 template <typename T, int V>
 void launch_pack(const T* feat, const costs::Shape& s, bool eight, int kind, int group,
-                 typename costs::AccOf<T>::type eps, typename costs::AccOf<T>::type* out,
+                 typename AccType<T>::type eps, typename AccType<T>::type* out,
                  unsigned blocks, cudaStream_t stream) {
   if (kind == costs::kCosine) {
     launch_kind<T, V, costs::kCosine>(feat, s, eight, group, eps, out, blocks, stream);
@@ -115,7 +115,7 @@ at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_grid_costs", [&] {
     using T = typename CostFeatType<scalar_t>::type;
-    using A = typename costs::AccOf<T>::type;
+    using A = typename AccType<T>::type;
     const T* data = reinterpret_cast<const T*>(x.data_ptr());
     const int v = costs::pack_elements<T>(data, C);
     int group = group_override();

@@ -40,6 +40,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "numeric.cuh"
+
 namespace treessm_cuda {
 namespace costs {
 
@@ -50,14 +52,9 @@ constexpr int kThreads = 256;    // threads per block of the launches in grid_co
 constexpr int kMaxPacks = 10;    // packs per lane that the group-size choice aims at
 constexpr int kPackBytes = 16;   // bytes of one vector load
 
-// Accumulation type: float64 for float64 features, float32 otherwise.
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Accumulation type (numeric.cuh): float64 for float64 features, float32 otherwise.
+using treessm_cuda::AccType;
+using treessm_cuda::to_acc;
 
 __device__ __forceinline__ float root(float x) { return sqrtf(x); }
 __device__ __forceinline__ double root(double x) { return sqrt(x); }
@@ -139,8 +136,8 @@ __host__ __device__ inline int choose_group(int64_t packs) {
 template <typename T, int V, int KIND, bool EIGHT>
 __global__ void __launch_bounds__(kThreads)
     grid_costs_kernel(const T* __restrict__ feat, const Shape s, const int group,
-                      const typename AccOf<T>::type eps, typename AccOf<T>::type* __restrict__ out) {
-  using A = typename AccOf<T>::type;
+                      const typename AccType<T>::type eps, typename AccType<T>::type* __restrict__ out) {
+  using A = typename AccType<T>::type;
   constexpr int K = EIGHT ? 4 : 2;  // forward neighbours: right, down, down-right, down-left
   constexpr int NA = KIND == kCosine ? 1 + 2 * K : K;
   const int sub = static_cast<int>(threadIdx.x) & (group - 1);  // lane within the group
@@ -204,11 +201,11 @@ __global__ void __launch_bounds__(kThreads)
         for (int t = 0; t < K; ++t) n[t] = load_pack<T, V>(nb[t] + off);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const A x = widen(a.v[e]);
+          const A x = to_acc(a.v[e]);
           if constexpr (KIND == kCosine) acc[0] += x * x;
 #pragma unroll
           for (int t = 0; t < K; ++t) {
-            const A y = widen(n[t].v[e]);
+            const A y = to_acc(n[t].v[e]);
             if constexpr (KIND == kCosine) {
               acc[1 + t] += x * y;
               acc[1 + K + t] += y * y;

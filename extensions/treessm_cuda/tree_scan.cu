@@ -66,18 +66,20 @@ int vec_width(int64_t C, int elem_size) {
   return vec;
 }
 
-// Widest vector access that divides C; two threads per vertex row (one 32-byte sector of
-// float32) unless the channels are fewer, and small blocks: a level of a tree holds tens
-// of vertices, and independent blocks (trees x channel groups) are what hides latency.
-// TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override the choice (for tuning).
-Launch configure(int64_t C, int64_t num_trees, int elem_size, int vec) {
+// Grid of (trees, channel groups). Threads per row default to `row_bytes` of channels per
+// block (at most 32 threads, fewer when the channels are fewer), threads per block to
+// `threads_default`; TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override them (for tuning).
+Launch launch_shape(int64_t C, int64_t num_trees, int elem_size, int vec, int row_bytes,
+                    int threads_default) {
   const int64_t lanes = C / vec;
-  const int sector = 32 / (vec * elem_size) > 0 ? 32 / (vec * elem_size) : 1;  // 32-byte rows
-  int lpv = env_int("TREESSM_CUDA_LPV", sector);
-  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) lpv = sector;
+  int lpv_default = row_bytes / (vec * elem_size);
+  if (lpv_default > 32) lpv_default = 32;
+  if (lpv_default < 1) lpv_default = 1;
+  int lpv = env_int("TREESSM_CUDA_LPV", lpv_default);
+  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) lpv = lpv_default;
   while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
-  int threads = env_int("TREESSM_CUDA_THREADS", 64);
-  if (threads < 32 || threads > 1024 || threads % 32) threads = 64;
+  int threads = env_int("TREESSM_CUDA_THREADS", threads_default);
+  if (threads < 32 || threads > 1024 || threads % 32) threads = threads_default;
   if (threads < lpv) threads = lpv;
   const int64_t groups = (lanes + lpv - 1) / lpv;
   TORCH_CHECK(groups <= 65535, "too many channels for one launch: ", C);
@@ -88,6 +90,12 @@ Launch configure(int64_t C, int64_t num_trees, int elem_size, int vec) {
   L.threads = threads;
   L.grid = dim3(static_cast<unsigned>(num_trees), static_cast<unsigned>(groups), 1);
   return L;
+}
+
+// The direct kernels: 32-byte rows (two threads of 16 bytes for float32) and small blocks:
+// a level of a tree holds tens of vertices, and independent blocks are what hides latency.
+Launch configure(int64_t C, int64_t num_trees, int elem_size, int vec) {
+  return launch_shape(C, num_trees, elem_size, vec, 32, 64);
 }
 
 Plan make_plan(const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& level_pos,
@@ -156,26 +164,7 @@ bool use_staged(int64_t N, int64_t num_levels) {
 // The staged kernels: rows of up to 128 bytes per block (eight threads of 16 bytes for
 // float32), 128 threads (TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override).
 Launch configure_staged(int64_t C, int64_t num_trees, int elem_size, int vec) {
-  const int64_t lanes = C / vec;
-  int lpv = env_int("TREESSM_CUDA_LPV", 0);
-  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) {
-    lpv = 128 / (vec * elem_size);
-    if (lpv > 32) lpv = 32;
-    if (lpv < 1) lpv = 1;
-  }
-  while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
-  int threads = env_int("TREESSM_CUDA_THREADS", 128);
-  if (threads < 32 || threads > 1024 || threads % 32) threads = 128;
-  if (threads < lpv) threads = lpv;
-  const int64_t groups = (lanes + lpv - 1) / lpv;
-  TORCH_CHECK(groups <= 65535, "too many channels for one launch: ", C);
-  TORCH_CHECK(num_trees <= 2147483647LL, "too many trees for one launch: ", num_trees);
-  Launch L;
-  L.vec = vec;
-  L.lpv = lpv;
-  L.threads = threads;
-  L.grid = dim3(static_cast<unsigned>(num_trees), static_cast<unsigned>(groups), 1);
-  return L;
+  return launch_shape(C, num_trees, elem_size, vec, 128, 128);
 }
 
 int max_dynamic_smem(int device) {

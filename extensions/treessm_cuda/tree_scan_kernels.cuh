@@ -20,19 +20,13 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "numeric.cuh"
+
 #if !defined(__CUDACC__)
 #include "async_copy.h"  // host emulation of cp.async
 #endif
 
 namespace treessm_cuda {
-
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T> struct Store {
   template <typename A> __device__ __forceinline__ static T cvt(A v) { return static_cast<T>(v); }

@@ -20,14 +20,8 @@ PLAN_FIELDS = ("level_pos", "tree_level_ptr", "parent_pos")
 
 
 @pytest.fixture(scope="module")
-def ops():
-    from treessm.ops import cuda as cuda_ops
-
-    try:
-        cuda_ops.load()
-    except RuntimeError as exc:
-        pytest.skip(f"CUDA extension unavailable: {exc}")
-    return torch.ops.treessm
+def ops(cuda_ops):
+    return cuda_ops
 
 
 def reference(cost, b, h, w, connectivity):

@@ -35,6 +35,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {f}; }
 // points g_warp_barrier[w] at a 32-thread barrier per warp (blockDim.x a multiple of 32).
 #include <atomic>
 #include <bit>
+#include <memory>
+#include <thread>
+#include <vector>
 inline std::barrier<>* g_warp_barrier[32] = {};
 inline uint64_t g_warp_slot[32][32];
 // __syncthreads_count: call i counts in slot i % 3 and clears slot (i + 1) % 3, whose last
@@ -57,6 +60,31 @@ inline int __syncthreads_and(int pred) {
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   g_warp_barrier[threadIdx.x / 32]->arrive_and_wait();
+}
+// Runs one block (bx, by) of `threads` CUDA threads (a multiple of 32), one std::thread
+// each, with the block and warp barriers set up; `setup` runs before the threads start
+// (shared-memory poisoning).
+template <typename Setup, typename Body>
+inline void emu_run_block(unsigned bx, unsigned by, int threads, Setup setup, Body body) {
+  blockDim.x = threads;
+  std::barrier<> bar(threads);
+  g_barrier = &bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  for (int w = 0; w < threads / 32; ++w) {
+    warps.push_back(std::make_unique<std::barrier<>>(32));
+    g_warp_barrier[w] = warps.back().get();
+  }
+  emu_begin_block();
+  setup();
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx.x = t;
+      blockIdx.x = bx;
+      blockIdx.y = by;
+      body();
+    });
+  for (auto& th : ts) th.join();
 }
 // Every lane publishes v; each then reads lane `src` (its own v when src < 0).
 template <typename T>

@@ -20,22 +20,10 @@ void launch(unsigned blocks, int threads, F body) {
     std::fprintf(stderr, "threads must be a multiple of 32, at most 1024\n");
     std::exit(2);
   }
-  blockDim.x = threads;
-  for (unsigned bx = 0; bx < blocks; ++bx) {
-    std::barrier<> bar(threads);
-    g_barrier = &bar;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
-    for (int w = 0; w < threads / 32; ++w) {
-      warps.push_back(std::make_unique<std::barrier<>>(32));
-      g_warp_barrier[w] = warps.back().get();
-    }
-    emu_begin_block();
-    std::memset(grid::smem_raw_storage, 0xff, sizeof(grid::smem_raw_storage));  // poison
-    std::vector<std::thread> ts;
-    for (int t = 0; t < threads; ++t)
-      ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; body(); });
-    for (auto& th : ts) th.join();
-  }
+  for (unsigned bx = 0; bx < blocks; ++bx)
+    emu_run_block(bx, 0, threads, [] {
+      std::memset(grid::smem_raw_storage, 0xff, sizeof(grid::smem_raw_storage));  // poison
+    }, body);
 }
 
 template <typename T>

@@ -12,17 +12,11 @@ namespace treessm_cuda { alignas(16) unsigned char smem_raw_storage[1 << 20]; }
 using namespace treessm_cuda;
 template <typename F>
 void launch(dim3 grid, int threads, F body) {
-  blockDim.x = threads;
   for (unsigned bx = 0; bx < grid.x; ++bx)
-    for (unsigned by = 0; by < grid.y; ++by) {
-      std::barrier<> bar(threads);
-      g_barrier = &bar;
-      std::memset(treessm_cuda::smem_raw_storage, 0xff, sizeof(treessm_cuda::smem_raw_storage));  // poison
-      std::vector<std::thread> ts;
-      for (int t = 0; t < threads; ++t)
-        ts.emplace_back([&, t] { threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; body(); });
-      for (auto& th : ts) th.join();
-    }
+    for (unsigned by = 0; by < grid.y; ++by)
+      emu_run_block(bx, by, threads, [] {
+        std::memset(treessm_cuda::smem_raw_storage, 0xff, sizeof(treessm_cuda::smem_raw_storage));  // poison
+      }, body);
 }
 std::vector<double> rd(FILE* f, int64_t n) { std::vector<double> v(n); fread(v.data(), 8, n, f); return v; }
 std::vector<int64_t> ri(FILE* f, int64_t n) { std::vector<int64_t> v(n); fread(v.data(), 8, n, f); return v; }
