@@ -18,11 +18,11 @@
 #include <tuple>
 
 #include "grid_tree_kernels.cuh"
+#include "launch_limits.cuh"
 
 namespace treessm_cuda {
 namespace {
 
-constexpr size_t kDefaultShared = 48 * 1024;  // no opt-in needed up to this
 
 template <typename T> struct GridCostType { using type = T; };
 template <> struct GridCostType<at::Half> { using type = __half; };
@@ -86,9 +86,7 @@ Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64
   const c10::cuda::CUDAGuard guard(cost.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = grid::smem_bytes(g.n, g.E);
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        cost.get_device()));
+  const int optin = max_dynamic_smem(cost.get_device());
   TORCH_CHECK(smem <= static_cast<size_t>(optin), "an image of ", H, " x ", W, " pixels (",
               connectivity, "-connectivity) needs ", smem,
               " bytes of shared memory per block; this device allows ", optin);
@@ -107,11 +105,8 @@ Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_grid_tree", [&] {
     using T = typename GridCostType<scalar_t>::type;
-    auto kernel = grid::grid_tree_kernel<T>;
-    if (smem > kDefaultShared) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+    constexpr auto kernel = grid::grid_tree_kernel<T>;
+    allow_dynamic_smem<kernel>(static_cast<int64_t>(smem), cost.get_device());
     kernel<<<static_cast<unsigned>(B), threads, smem, stream>>>(
         reinterpret_cast<const T*>(cost.data_ptr()), g.H, g.W, static_cast<int>(connectivity),
         solo, B, o);

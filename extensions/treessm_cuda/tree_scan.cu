@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <tuple>
 
+#include "launch_limits.cuh"
 #include "tree_scan_kernels.cuh"
 
 namespace treessm_cuda {
@@ -167,15 +168,6 @@ Launch configure_staged(int64_t C, int64_t num_trees, int elem_size, int vec) {
   return launch_shape(C, num_trees, elem_size, vec, 128, 128);
 }
 
-int max_dynamic_smem(int device) {
-  static int cached[64] = {0};
-  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device >= 0 && device < 64) cached[device] = v;
-  return v;
-}
-
 // Launches one staged kernel. The rings take what a shared-memory budget allows
 // (TREESSM_CUDA_SMEM bytes, default 100 KiB): R = 256 staged positions at most
 // (TREESSM_CUDA_RING), 64 rows per level handed on in shared memory (TREESSM_CUDA_CAP).
@@ -198,14 +190,8 @@ void launch_staged(const Launch& L, StagedArgs a, cudaStream_t stream, int devic
   a.lpv = L.lpv;
   a.cap = cap;
   a.ring = ring;
-  auto kernel = staged_scan_kernel<T, A, V, MODE>;
-  static int64_t opted_in[64] = {0};  // per device: the size this kernel was opted in to
-  const bool known = device >= 0 && device < 64;
-  if (smem > kMaxShared && (!known || opted_in[device] < smem)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    if (known) opted_in[device] = smem;
-  }
+  constexpr auto kernel = staged_scan_kernel<T, A, V, MODE>;
+  allow_dynamic_smem<kernel>(smem, device);
   kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

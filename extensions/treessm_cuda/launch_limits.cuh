@@ -1,0 +1,35 @@
+// Shared-memory limits of kernel launches, shared by the extension's translation units.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace treessm_cuda {
+
+// Dynamic shared memory a block may opt in to on `device`, queried once per device.
+inline int max_dynamic_smem(int device) {
+  static int cached[64] = {0};
+  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device >= 0 && device < 64) cached[device] = v;
+  return v;
+}
+
+// Lets `Kernel` launch with `bytes` of dynamic shared memory on `device` (the current
+// device): the attribute is set when `bytes` exceeds the 48 KiB every kernel may use and
+// what this kernel was already allowed on that device.
+template <auto Kernel>
+void allow_dynamic_smem(int64_t bytes, int device) {
+  constexpr int64_t kDefault = 48 * 1024;
+  static int64_t allowed[64] = {0};
+  const bool known = device >= 0 && device < 64;
+  if (bytes <= kDefault || (known && allowed[device] >= bytes)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  if (known) allowed[device] = bytes;
+}
+
+}  // namespace treessm_cuda
