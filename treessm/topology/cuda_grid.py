@@ -159,13 +159,11 @@ def fused_build(feat: Tensor, B: int, H: int, W: int, connectivity: int, distanc
     :func:`fused_ready` has returned ``True`` for them. Two launches of fused kernels (one
     when the library predates the cost kernel, whose costs then come from
     :func:`~treessm.topology.distance.grid_costs_torch`); nothing waits for the device."""
-    x = feat.detach()
-    op = _costs_op
-    if op is not None and x.dtype in _COST_TYPES:
-        cost = op(x, B, H, W, connectivity, kind_code(distance), EPS)
-    else:
+    cost = _fused_costs(feat, B, H, W, connectivity, distance)
+    if cost is None:
         from .distance import grid_costs_torch
 
+        x = feat.detach()
         cost = grid_costs_torch(x.reshape(B * H * W, x.shape[-1]), B, H, W, connectivity,
                                 distance)
     parent, order, child_ptr, tree_ptr, depth, level_pos, tree_level_ptr, parent_pos = \
@@ -222,13 +220,20 @@ def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
             or (len(shape) == 4 and shape[:3] == [B, H, W])):
         raise ValueError(f"feat must have shape [B * H * W, C] = [{B * H * W}, C] or "
                          f"[B, H, W, C] = [{B}, {H}, {W}, C], got {shape}")
-    if (feat.device.type != "cuda" or feat.dtype not in _COST_TYPES
-            or H * W > _INT_MAX or shape[-1] > _INT_MAX):  # the kernel indexes in 32 bits
+    if feat.device.type != "cuda" or costs_op() is None:
         return None
-    op = costs_op()
-    if op is None:
+    return _fused_costs(feat, B, H, W, connectivity, distance)
+
+
+def _fused_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int,
+                 distance: str) -> Optional[Tensor]:
+    """The cost kernel on validated CUDA features once the extension is loaded, or ``None``
+    when it cannot take them (no such op in the library, another dtype, sizes beyond the
+    kernel's 32-bit indexing)."""
+    if (_costs_op is None or feat.dtype not in _COST_TYPES
+            or H * W > _INT_MAX or feat.shape[-1] > _INT_MAX):
         return None
-    return op(feat.detach(), B, H, W, connectivity, kind_code(distance), EPS)
+    return _costs_op(feat.detach(), B, H, W, connectivity, kind_code(distance), EPS)
 
 
 @torch.no_grad()

@@ -63,17 +63,11 @@ def _grid_build_chunk(b0, b1, x, cost, bits, nbits, h, w, diag, kind, eps, src, 
                                                  parent, order, child_ptr, depth, tree_start)
 
 
-_cuda_grid_module = None
-
-
 def _cuda_grid():
     """:mod:`treessm.topology.cuda_grid`, imported on first use (CPU-only runs never need it)."""
-    global _cuda_grid_module
-    if _cuda_grid_module is None:
-        from . import cuda_grid
+    from . import cuda_grid
 
-        _cuda_grid_module = cuda_grid
-    return _cuda_grid_module
+    return cuda_grid
 
 
 class _Candidates:
