@@ -162,11 +162,16 @@ def main(argv=None):
     shapes += [dict(TREESSM_CUDA_RING=512, TREESSM_CUDA_SMEM=200 * 1024),
                dict(TREESSM_CUDA_LPV=4, TREESSM_CUDA_THREADS=64, TREESSM_CUDA_RING=512,
                     TREESSM_CUDA_SMEM=100 * 1024)]
-    tuning = []
-    for shape in shapes:
+
+    def knob_env(shape):
+        """Only the knobs of ``shape`` set (read by the extension at every launch)."""
         for k in knobs:
             os.environ.pop(k, None)
         os.environ.update({k: str(v) for k, v in shape.items()})
+
+    tuning = []
+    for shape in shapes:
+        knob_env(shape)
         try:
             fwd = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
             bwd = cuda_time(lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=20)
@@ -176,8 +181,6 @@ def main(argv=None):
             same = str(exc).splitlines()[0][:120]
         tuning.append(dict(shape={k: str(v) for k, v in shape.items()}, fwd_ms=fwd, bwd_ms=bwd,
                            equal_to_default=same))
-    for k in knobs:
-        os.environ.pop(k, None)
     # time per level: B chains of 56*56 vertices (one vertex per level), forward "both"
     # walks 2 * 3136 levels one after another
     n_chain = 56 * 56
@@ -188,10 +191,10 @@ def main(argv=None):
     chain.scan_plan()
     level_ns = {}
     for name, shape in (("staged", {}), ("direct", {"TREESSM_CUDA_SCAN": "direct"})):
-        os.environ.update(shape)
+        knob_env(shape)
         ms = cuda_time(lambda: tree_scan(x, w, chain, "both"), iters=10)
         level_ns[name] = ms * 1e6 / (2 * n_chain)
-        os.environ.pop("TREESSM_CUDA_SCAN", None)
+    knob_env({})
     # the torch reference on the headline size, for the same-run ratio
     ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
     result = dict(
