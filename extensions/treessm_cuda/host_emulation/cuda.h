@@ -3,6 +3,8 @@
 // Only float and double are meaningful here; the half types are float-backed stubs.
 #pragma once
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -60,6 +62,16 @@ inline int __syncthreads_and(int pred) {
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   g_warp_barrier[threadIdx.x / 32]->arrive_and_wait();
+}
+// n elements of T from a harness's input file; a short file ends the harness.
+template <typename T>
+std::vector<T> read(FILE* f, int64_t n) {
+  std::vector<T> v(n);
+  if (n && std::fread(v.data(), sizeof(T), n, f) != static_cast<size_t>(n)) {
+    std::fprintf(stderr, "short input\n");
+    std::exit(2);
+  }
+  return v;
 }
 // Runs one block (bx, by) of `threads` CUDA threads (a multiple of 32), one std::thread
 // each, with the block and warp barriers set up; `setup` runs before the threads start

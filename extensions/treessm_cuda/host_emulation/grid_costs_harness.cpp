@@ -30,16 +30,6 @@ void launch(unsigned blocks, int threads, F body) {
   for (unsigned bx = 0; bx < blocks; ++bx) emu_run_block(bx, 0, threads, [] {}, body);
 }
 
-template <typename T>
-std::vector<T> read(FILE* f, int64_t n) {
-  std::vector<T> v(n);
-  if (n && std::fread(v.data(), sizeof(T), n, f) != static_cast<size_t>(n)) {
-    std::fprintf(stderr, "short input\n");
-    std::exit(2);
-  }
-  return v;
-}
-
 template <typename T, int V, int KIND>
 void run_kind(const T* x, const costs::Shape& s, bool eight, int group, T eps, T* out,
               unsigned blocks, int threads) {

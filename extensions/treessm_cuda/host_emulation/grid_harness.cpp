@@ -27,16 +27,6 @@ void launch(unsigned blocks, int threads, F body) {
 }
 
 template <typename T>
-std::vector<T> read(FILE* f, int64_t n) {
-  std::vector<T> v(n);
-  if (n && std::fread(v.data(), sizeof(T), n, f) != static_cast<size_t>(n)) {
-    std::fprintf(stderr, "short input\n");
-    std::exit(2);
-  }
-  return v;
-}
-
-template <typename T>
 void run(FILE* f, int64_t B, int H, int W, int conn, int threads, int solo, int scan_threads,
          FILE* out) {
   const grid::Grid g(H, W, conn);
