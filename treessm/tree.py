@@ -174,7 +174,7 @@ class Tree:
     """
 
     __slots__ = ("parent", "order", "child_ptr", "tree_ptr", "depth", "batch", "num_nodes",
-                 "num_trees", "_levels", "_plan")
+                 "num_trees", "_levels", "_plan", "_path")
 
     def __init__(self, parent: torch.Tensor, order: torch.Tensor, child_ptr: torch.Tensor,
                  tree_ptr: torch.Tensor, depth: torch.Tensor, batch: Optional[torch.Tensor] = None):
@@ -189,6 +189,7 @@ class Tree:
         self.num_trees = int(tree_ptr.shape[0]) - 1
         self._levels = None
         self._plan = None
+        self._path = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -316,6 +317,19 @@ class Tree:
             parent_pos = torch.where(pp >= 0, pos_of[pp.clamp(min=0)], pp)
             self._plan = [level_pos, tree_level_ptr, parent_pos, pp]
         return self._plan
+
+    def path_plan(self):
+        """Heavy-path plan for the path-schedule GPU kernels (:mod:`treessm.path_plan`),
+        computed on the tree's device without a host synchronisation and cached.
+
+        Returns ``[rec, light, path_ptr, phase_path]`` (int32).
+        """
+        if self._path is None:
+            from .path_plan import path_plan  # local import: a plan for one backend
+
+            self._path = path_plan(self.order, self.child_ptr, self.tree_ptr, self.depth,
+                                   self.scan_plan()[2])
+        return self._path
 
     def tensors(self):
         """The tensors a scan kernel needs: parent, order, child_ptr, tree_ptr, depth."""

@@ -25,6 +25,8 @@ NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down
 
 
 def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0, ring=None, copies="deferred"):
+    """``ring``: None (direct kernels), R (staged kernels) or "path" (path kernels, ``cap``
+    plan records in shared memory)."""
     tree = treessm.Tree.from_parent(parent)
     n = parent.numel()
     g = torch.Generator().manual_seed(seed)
@@ -41,6 +43,8 @@ def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0, ring=None, copies="
             a.numpy().tofile(f)
         for a in (tree.order, tree.child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos):
             a.numpy().astype(np.int64).tofile(f)
+        for a in tree.path_plan():
+            a.numpy().astype(np.int32).tofile(f)
     args = [str(harness), str(src), str(dst), str(cap)] + ([] if ring is None else [str(ring)])
     env = dict(os.environ, TREESSM_EMU_COPY=copies)
     r = subprocess.run(args, capture_output=True, text=True, env=env)
@@ -103,3 +107,25 @@ def test_staged_kernels_deep_chain_on_host(harness, tmp_path):
         _run(harness, tmp_path, chain(300), 4, 2, 32, 8, ring=16, copies=copies)
         _run(harness, tmp_path, random_forest(400, 3, torch.Generator().manual_seed(5),
                                               locality=2), 2, 1, 32, 4, ring=32, copies=copies)
+
+
+# path kernels: (channels, threads per row, threads per block, plan records in shared
+# memory): 0 reads the records from global memory; 4096 stages every tree's records
+PATH_CONFIGS = [(4, 2, 32, 4096), (6, 2, 64, 0), (8, 4, 32, 4096), (10, 2, 32, 16)]
+
+
+@pytest.mark.parametrize("copies", ["deferred", "eager"])
+@pytest.mark.parametrize("name", list(_forests()))
+def test_path_kernels_match_reference_on_host(harness, tmp_path, name, copies):
+    parent = _forests()[name]
+    for C, lpv, threads, rec_cap in PATH_CONFIGS:
+        _run(harness, tmp_path, parent, C, lpv, threads, rec_cap, ring="path", copies=copies)
+
+
+def test_path_kernels_long_paths_and_bushy_trees_on_host(harness, tmp_path):
+    g = torch.Generator().manual_seed(6)
+    for copies in ("deferred", "eager"):
+        _run(harness, tmp_path, chain(300), 4, 2, 32, 4096, ring="path", copies=copies)
+        _run(harness, tmp_path, random_forest(400, 3, g, locality=2), 2, 1, 32, 4096,
+             ring="path", copies=copies)
+        _run(harness, tmp_path, star(50, 7), 4, 2, 64, 4096, ring="path", copies=copies)

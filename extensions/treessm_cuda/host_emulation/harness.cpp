@@ -2,13 +2,15 @@
 // __syncthreads as a std::barrier. Reads a problem written by tests/extensions, runs every
 // kernel configuration the CUDA backend launches (double, V = 2) and writes the results.
 // usage: harness IN OUT CAP [RING]   (with RING: the staged kernels, R = RING)
+//        harness IN OUT RECCAP path   (the path kernels, RECCAP plan records in shared memory)
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
 namespace treessm_cuda { alignas(16) unsigned char smem_raw_storage[1 << 20]; }
-#include "tree_scan_kernels.cuh"
+#include "path_scan_kernels.cuh"
 using namespace treessm_cuda;
 template <typename F>
 void launch(dim3 grid, int threads, F body) {
@@ -18,16 +20,24 @@ void launch(dim3 grid, int threads, F body) {
         std::memset(treessm_cuda::smem_raw_storage, 0xff, sizeof(treessm_cuda::smem_raw_storage));  // poison
       }, body);
 }
-std::vector<double> rd(FILE* f, int64_t n) { std::vector<double> v(n); fread(v.data(), 8, n, f); return v; }
-std::vector<int64_t> ri(FILE* f, int64_t n) { std::vector<int64_t> v(n); fread(v.data(), 8, n, f); return v; }
+auto rd = [](FILE* f, int64_t n) { return read<double>(f, n); };
+auto ri = [](FILE* f, int64_t n) { return read<int64_t>(f, n); };
 int main(int argc, char** argv) {
   FILE* f = fopen(argv[1], "rb");
-  int64_t hdr[6]; fread(hdr, 8, 6, f);
+  const auto hdr = ri(f, 6);
   int64_t N = hdr[0], C = hdr[1], T = hdr[2], L = hdr[3];
   int lpv = (int)hdr[4], threads = (int)hdr[5];
   auto x = rd(f, N * C), w = rd(f, N * C), g = rd(f, N * C), h = rd(f, N * C);
   auto order = ri(f, N), child_ptr = ri(f, N + 1), level_pos = ri(f, L + 1), tlp = ri(f, T + 1),
        ppos = ri(f, N), parent_at_pos = ri(f, N);
+  std::vector<int> prec, plight, pptr, pphase;
+  const bool path = argc > 4 && std::string(argv[4]) == "path";
+  if (path) {
+    prec = read<int>(f, (N + 1) * 4);
+    plight = read<int>(f, N);
+    pptr = read<int>(f, N + 1);
+    pphase = read<int>(f, T * (kMaxPhases + 1));
+  }
   fclose(f);
   Plan plan{order.data(), child_ptr.data(), level_pos.data(), tlp.data(), ppos.data(), parent_at_pos.data()};
   constexpr int V = 2;
@@ -38,11 +48,18 @@ int main(int argc, char** argv) {
       s1(N * C, -999), s2(N * C, -999);
   FILE* o = fopen(argv[2], "wb");
   auto dump = [&](std::vector<double>& v) { fwrite(v.data(), 8, N * C, o); };
-  if (argc > 4) {  // staged kernels, same sequence of passes
-    const int ring = atoi(argv[4]);
+  if (argc > 4) {  // staged or path kernels, same sequence of passes
+    const int ring = path ? 0 : atoi(argv[4]);
+    const PathPlan pplan{reinterpret_cast<const PathRec*>(prec.data()), plight.data(), pptr.data(),
+                         pphase.data()};
     auto run = [&](auto mode, const double* in0, const double* in1, const double* hh, double* up0,
                    double* up1, double* outp, double* gwp) {
       constexpr int M = decltype(mode)::value;
+      if (path) {
+        PathArgs a{in0, in1, w.data(), hh, up0, up1, outp, gwp, s1.data(), s2.data(), pplan, C, lpv, cap};
+        launch(grid, threads, [&] { path_scan_kernel<double, double, V, M>(a); });
+        return;
+      }
       StagedArgs a{in0, in1, w.data(), hh, up0, up1, outp, gwp, s1.data(), s2.data(), plan, C, lpv, cap, ring};
       launch(grid, threads, [&] { staged_scan_kernel<double, double, V, M>(a); });
     };
