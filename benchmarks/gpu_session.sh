@@ -2,7 +2,7 @@
 # One call on a CUDA machine: build the extension, run the GPU tests (and a memcheck pass),
 # then the GPU benchmarks. Logs and JSON land in $OUT (default ./gpu_out).
 #   bash benchmarks/gpu_session.sh [scan|quick|full]
-# scan: the tree-scan and grid tests only, memcheck and racecheck of the staged kernels,
+# scan: the tree-scan and grid tests only, memcheck and racecheck of the scan kernels,
 # the scan benchmark (QUICK=1: headline rows only), GROOTV=1: the GrootV table, NCU=1: an
 # Nsight Compute warp-state profile of the staged kernels.
 set -uo pipefail
@@ -47,9 +47,9 @@ if [ "$MODE" = scan ]; then
   # at most 8 files come back from a device call: the sanitizer logs share one file
   $PY -m pytest -q tests/ops/test_tree_scan_cuda.py tests/topology/test_grid_tree_cuda.py \
     tests/topology/test_grid_costs_cuda.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-  echo "== memcheck + racecheck (staged kernels)"
-  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
-    tests/ops/test_tree_scan_cuda.py -k "staged or oracle or unaligned" > "$OUT/sanitizers.log" 2>&1
+  echo "== memcheck + racecheck (path and staged kernels)"
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
+    tests/ops/test_tree_scan_cuda.py -k "path or staged or oracle or unaligned" > "$OUT/sanitizers.log" 2>&1
   echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizers.log" | tail -3
   timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m pytest -q -x \
     tests/ops/test_tree_scan_cuda.py -k "oracle and deep" > /tmp/racecheck.log 2>&1

@@ -7,6 +7,10 @@ memory-bandwidth floors (reading x and weight and writing h once, float32).
 
     python benchmarks/tree_scan.py                 # full table (CUDA required)
     python benchmarks/tree_scan.py --quick         # a few rows
+
+The scan runs the default schedule (heavy paths, ``TREESSM_CUDA_SCAN=path``); ``build_ms``
+includes every plan the scan needs (the level plan and, for the path schedule, the path
+plan). A sweep compares the schedules and launch shapes on the headline size in one run.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 
 import treessm
 from treessm.ops import tree_scan
+from treessm.ops.tree_scan import cuda_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,7 +62,7 @@ _GRID = treessm.GridTopology(connectivity=4, distance="cosine") if hasattr(trees
 
 def grid_tree(feat):
     tree = _GRID(feat)
-    tree.scan_plan()
+    cuda_plan(tree)
     return tree
 
 
@@ -82,7 +87,7 @@ def _scipy_grid_tree(feat):
         order, pred = csgraph.breadth_first_order(m + m.T, r, directed=False)
         parent[order[1:]] = pred[order[1:]]
     tree = treessm.Tree.from_parent(torch.from_numpy(parent)).to(feat.device)
-    tree.scan_plan()
+    cuda_plan(tree)
     return tree
 
 
@@ -101,7 +106,7 @@ def bench_row(B, H, C, direction, dtype, bw, with_build=True, iters=30):
     fwd_ms = cuda_time(lambda: tree_scan(x, w, tree, direction), iters=iters)
     h = tree_scan(x, w, tree, direction)
     g = torch.randn_like(h)
-    args = (g, x, w, h, *tree.tensors(), tree.scan_plan(), direction, "cuda")
+    args = (g, x, w, h, *tree.tensors(), cuda_plan(tree), direction, "cuda")
     bwd_ms = cuda_time(lambda: torch.ops.treessm.tree_scan_backward(*args), iters=iters)
     elems = N * C
     fwd_floor = 3 * elems * 4 / (bw * 1e9) * 1e3
@@ -139,8 +144,8 @@ def main(argv=None):
     big = [] if args.quick else [(32, 224, 160)]
     for (B, H, C) in big:
         rows.append(bench_row(B, H, C, "both", torch.float32, bw, iters=10))
-    # kernels and launch shapes on the headline size, all in this run: the direct kernels
-    # (TREESSM_CUDA_SCAN=direct) against the staged ones under several shapes and rings
+    # schedules and launch shapes on the headline size, all in this run: heavy paths (the
+    # default), the staged level kernels (TREESSM_CUDA_SCAN=staged) and the direct ones
     import os
     feat = torch.randn(32, 56, 56, 160, device="cuda")
     tree = grid_tree(feat)
@@ -148,20 +153,17 @@ def main(argv=None):
     w = torch.rand_like(x) * 0.9 + 0.05
     h = tree_scan(x, w, tree, "both")
     g = torch.randn_like(h)
-    bargs = (g, x, w, h, *tree.tensors(), tree.scan_plan(), "both", "cuda")
     knobs = ("TREESSM_CUDA_SCAN", "TREESSM_CUDA_LPV", "TREESSM_CUDA_THREADS", "TREESSM_CUDA_RING",
              "TREESSM_CUDA_SMEM")
-    shapes = [dict(TREESSM_CUDA_SCAN="direct")]
-    if not args.quick_sweep:
-        shapes += [dict(TREESSM_CUDA_SCAN="direct", TREESSM_CUDA_LPV=lpv, TREESSM_CUDA_THREADS=t)
-                   for lpv, t in ((1, 64), (4, 64), (2, 128))]
-    shapes += [dict()]  # the defaults
+    shapes = [dict()]  # the defaults
     shapes += [dict(TREESSM_CUDA_THREADS=t) for t in (64, 256)]
     shapes += [dict(TREESSM_CUDA_LPV=lpv) for lpv in (4, 16)]
-    shapes += [dict(TREESSM_CUDA_RING=r) for r in (64, 128)]
-    shapes += [dict(TREESSM_CUDA_RING=512, TREESSM_CUDA_SMEM=200 * 1024),
-               dict(TREESSM_CUDA_LPV=4, TREESSM_CUDA_THREADS=64, TREESSM_CUDA_RING=512,
-                    TREESSM_CUDA_SMEM=100 * 1024)]
+    shapes += [dict(TREESSM_CUDA_SMEM=s) for s in (60 * 1024, 200 * 1024)]
+    shapes += [dict(TREESSM_CUDA_SCAN="staged"), dict(TREESSM_CUDA_SCAN="direct")]
+    if not args.quick_sweep:
+        shapes += [dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_THREADS=256),
+                   dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_LPV=4),
+                   dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_RING=128)]
 
     def knob_env(shape):
         """Only the knobs of ``shape`` set (read by the extension at every launch)."""
@@ -172,15 +174,18 @@ def main(argv=None):
     tuning = []
     for shape in shapes:
         knob_env(shape)
+        bargs = (g, x, w, h, *tree.tensors(), cuda_plan(tree), "both", "cuda")
         try:
             fwd = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
             bwd = cuda_time(lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=20)
-            same = bool(torch.equal(tree_scan(x, w, tree, "both"), h))
+            hs = tree_scan(x, w, tree, "both")
+            same = bool(torch.equal(hs, h))
+            diff = float(((hs - h).norm() / h.norm()).item())
         except RuntimeError as exc:
-            fwd = bwd = float("nan")
+            fwd = bwd = diff = float("nan")
             same = str(exc).splitlines()[0][:120]
         tuning.append(dict(shape={k: str(v) for k, v in shape.items()}, fwd_ms=fwd, bwd_ms=bwd,
-                           equal_to_default=same))
+                           equal_to_default=same, rel_diff_to_default=diff))
     # time per level: B chains of 56*56 vertices (one vertex per level), forward "both"
     # walks 2 * 3136 levels one after another
     n_chain = 56 * 56
@@ -190,11 +195,17 @@ def main(argv=None):
     chain = treessm.Tree.from_parent(chain_parent)
     chain.scan_plan()
     level_ns = {}
-    for name, shape in (("staged", {}), ("direct", {"TREESSM_CUDA_SCAN": "direct"})):
-        knob_env(shape)
+    for name in ("path", "staged", "direct"):
+        knob_env({"TREESSM_CUDA_SCAN": name})
+        cuda_plan(chain)
         ms = cuda_time(lambda: tree_scan(x, w, chain, "both"), iters=10)
         level_ns[name] = ms * 1e6 / (2 * n_chain)
     knob_env({})
+    # the path plan alone (tensor operations), on the headline trees
+    from treessm.path_plan import path_plan
+    lp = tree.scan_plan()
+    plan_ms = cuda_time(lambda: path_plan(tree.order, tree.child_ptr, tree.tree_ptr, tree.depth,
+                                          lp[2]), warmup=2, iters=10)
     # the torch reference on the headline size, for the same-run ratio
     ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
     result = dict(
@@ -203,6 +214,7 @@ def main(argv=None):
         copy_bandwidth_GBps=bw,
         torch_reference_fwd_ms_56_160_both=ref_fwd,
         kernels_56_160_both_fp32=tuning,
+        path_plan_ms_56=plan_ms,
         ns_per_level_chain_56_160_both=level_ns,
         rows=rows,
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -230,13 +242,14 @@ def main(argv=None):
               f"{r['max_depth']:>6}")
     print(f"torch reference fwd (56x56, C=160, both): {ref_fwd:.2f} ms "
           f"({ref_fwd / head['fwd_ms']:.0f}x the CUDA kernel)")
-    print("kernels and launch shapes (both, fp32, 56x56, C=160; defaults = staged):")
+    print(f"path plan alone (56x56 trees, part of build ms): {plan_ms:.3f} ms")
+    print("schedules and launch shapes (both, fp32, 56x56, C=160; defaults = path):")
     for r in tuning:
         name = ",".join(f"{k.replace('TREESSM_CUDA_', '').lower()}={v}"
                         for k, v in r["shape"].items()) or "defaults"
         print(f"  {name:<48} fwd {r['fwd_ms']:.3f} ms  bwd {r['bwd_ms']:.3f} ms  "
-              f"same output: {r['equal_to_default']}")
-    print("time per level (32 chains of 3136 vertices, C=160, both): " +
+              f"same bits: {r['equal_to_default']}  rel. diff {r['rel_diff_to_default']:.1e}")
+    print("time per vertex on chains (32 chains of 3136 vertices, C=160, both): " +
           ", ".join(f"{k} {v:.0f} ns" for k, v in level_ns.items()))
     for k, v in result["targets"].items():
         print(f"target {k}: {'met' if v else 'missed'}")

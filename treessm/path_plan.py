@@ -76,8 +76,10 @@ def path_plan(order: torch.Tensor, child_ptr: torch.Tensor, tree_ptr: torch.Tens
     # consecutive), so size(i) = F(i + 1) - F(i) with F(a) = sum_j C^j(a). Tree t works on
     # the indices a + t, a in [start_t, end_t], where end_t is a fixed point of C.
     ext = n + T
-    a_tree = torch.repeat_interleave(torch.arange(T, device=dev), tree_ptr[1:] - tree_ptr[:-1] + 1)
-    a_val = torch.arange(ext, device=dev) - a_tree                     # position of each index
+    ext_start = tree_ptr[:-1] + torch.arange(T, device=dev)            # tree t: index start_t + t
+    a_idx = torch.arange(ext, device=dev)
+    a_tree = torch.searchsorted(ext_start, a_idx, right=True) - 1
+    a_val = a_idx - a_tree                                              # position of each index
     a_end = tree_ptr[1:][a_tree]
     nxt = torch.where(a_val < a_end, child_ptr[a_val.clamp(max=n - 1)].clamp(max=n), a_end)
     nxt = torch.minimum(nxt, a_end) + a_tree

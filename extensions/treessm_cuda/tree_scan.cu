@@ -14,7 +14,7 @@
 #include <tuple>
 
 #include "launch_limits.cuh"
-#include "tree_scan_kernels.cuh"
+#include "path_scan_kernels.cuh"
 
 namespace treessm_cuda {
 namespace {
@@ -218,6 +218,79 @@ StagedArgs staged_args(const Plan& plan, int64_t C, const void* in0, const void*
   return a;
 }
 
+// The path kernels: rows as in the staged kernels. Each thread's ring takes
+// kPathDepth * fields * 16 bytes; the tree's plan records follow (sized for the average
+// tree, N / T; larger trees read them from global memory). Within a shared-memory budget of
+// TREESSM_CUDA_SMEM bytes (default 113 KiB, two blocks per SM) a block takes 128 threads
+// where the records fit, else 64 (TREESSM_CUDA_THREADS overrides).
+template <typename T, typename A, int V, int MODE>
+void launch_path(Launch L, PathArgs a, int64_t N, int64_t num_trees, cudaStream_t stream, int device) {
+  const int optin = max_dynamic_smem(device);
+  int budget = env_int("TREESSM_CUDA_SMEM", 113 * 1024);
+  if (budget > optin) budget = optin;
+  const int64_t avg = (N + num_trees - 1) / num_trees + 1;
+  const int64_t want = avg < (1 << 20) ? avg : 0;
+  if (std::getenv("TREESSM_CUDA_THREADS") == nullptr && L.threads > 64 &&
+      path_smem_bytes<MODE>(L.threads, (int)want) > budget)
+    L.threads = 64;  // at least lpv (at most 32)
+  const int64_t ring = path_smem_bytes<MODE>(L.threads, 0);
+  TORCH_CHECK(ring <= optin, "the path scan needs ", ring, " bytes of shared memory, the device offers ", optin);
+  int64_t rec_cap = (budget - ring) / (int64_t)(sizeof(PathRec) + sizeof(int));
+  if (rec_cap > want) rec_cap = want;
+  if (rec_cap < 0) rec_cap = 0;
+  a.lpv = L.lpv;
+  a.rec_cap = static_cast<int>(rec_cap);
+  const int64_t smem = path_smem_bytes<MODE>(L.threads, a.rec_cap);
+  constexpr auto kernel = path_scan_kernel<T, A, V, MODE>;
+  allow_dynamic_smem<kernel>(smem, device);
+  kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+PathArgs path_args(const PathPlan& plan, int64_t C, const void* in0, const void* in1, const void* w,
+                   const void* h, void* up0, void* up1, void* out, void* gw, void* val0, void* val1) {
+  PathArgs a;
+  a.in0 = in0;
+  a.in1 = in1;
+  a.w = w;
+  a.h = h;
+  a.up0 = up0;
+  a.up1 = up1;
+  a.out = out;
+  a.gw = gw;
+  a.val0 = val0;
+  a.val1 = val1;
+  a.plan = plan;
+  a.C = C;
+  a.lpv = 1;
+  a.rec_cap = 0;
+  return a;
+}
+
+void check_path_plan(const at::Tensor& rec, const at::Tensor& light, const at::Tensor& path_ptr,
+                     const at::Tensor& phase_path, int64_t N, const at::Tensor& like) {
+  for (const auto* t : {&rec, &light, &path_ptr, &phase_path}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == like.device(), "path plan tensors must be on ", like.device());
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "path plan tensors must be contiguous int32");
+  }
+  TORCH_CHECK(rec.dim() == 2 && rec.size(0) == N + 1 && rec.size(1) == 4, "rec must be [N + 1, 4]");
+  TORCH_CHECK(light.dim() == 1 && light.size(0) == N, "light must have N entries");
+  TORCH_CHECK(path_ptr.dim() == 1 && path_ptr.size(0) == N + 1, "path_ptr must have N + 1 entries");
+  TORCH_CHECK(phase_path.dim() == 2 && phase_path.size(1) == kMaxPhases + 1,
+              "phase_path must be [T, ", kMaxPhases + 1, "]");
+  TORCH_CHECK(N < 2147483647LL, "the path plan indexes positions with 32 bits");
+}
+
+PathPlan make_path_plan(const at::Tensor& rec, const at::Tensor& light, const at::Tensor& path_ptr,
+                        const at::Tensor& phase_path) {
+  PathPlan p;
+  p.rec = reinterpret_cast<const PathRec*>(rec.data_ptr<int>());
+  p.light = light.data_ptr<int>();
+  p.path_ptr = path_ptr.data_ptr<int>();
+  p.phase_path = phase_path.data_ptr<int>();
+  return p;
+}
+
 }  // namespace
 
 at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order,
@@ -372,6 +445,86 @@ std::tuple<at::Tensor, at::Tensor> scan_backward(
   return {gx, gw};
 }
 
+at::Tensor path_scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
+                             const at::Tensor& light, const at::Tensor& path_ptr,
+                             const at::Tensor& phase_path, const std::string& direction) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", x);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_path_plan(rec, light, path_ptr, phase_path, N, x);
+  const int dir = direction_code(direction);
+  at::Tensor out = at::empty_like(x);
+  const int64_t T = phase_path.size(0);
+  if (N == 0 || C == 0 || T <= 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const PathPlan plan = make_path_plan(rec, light, path_ptr, phase_path);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
+  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&x, &weight, &out});
+  const Launch L = configure_staged(C, T, x.element_size(), vec);
+  const int device = x.get_device();
+  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_path_scan_forward", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A = typename AccType<T_>::type;
+    TREESSM_DISPATCH_VEC(L.vec, T_, {
+      if (dir == 1) {
+        launch_path<T_, A, V, S_UP>(L, path_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
+      } else if (dir == 2) {
+        launch_path<T_, A, V, S_DOWN>(L, path_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
+      } else {
+        at::Tensor up = at::empty({N, C}, x.options().dtype(acc_dtype));
+        launch_path<T_, A, V, S_UP>(L, path_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, ptr<A>(up), nullptr, nullptr, nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
+        launch_path<T_, A, V, S_BOTH>(L, path_args(plan, C, ptr<A>(up), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> path_scan_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    const at::Tensor& rec, const at::Tensor& light, const at::Tensor& path_ptr,
+    const at::Tensor& phase_path, const std::string& direction) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", x);
+  check_rows(grad, "grad", x);
+  check_rows(out, "out", x);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_path_plan(rec, light, path_ptr, phase_path, N, x);
+  const int dir = direction_code(direction);
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gw = at::empty_like(x);
+  const int64_t T = phase_path.size(0);
+  if (N == 0 || C == 0 || T <= 0) return {gx, gw};
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const PathPlan plan = make_path_plan(rec, light, path_ptr, phase_path);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
+  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
+  const Launch L = configure_staged(C, T, x.element_size(), vec);
+  const int device = x.get_device();
+  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_path_scan_backward", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A = typename AccType<T_>::type;
+    TREESSM_DISPATCH_VEC(L.vec, T_, {
+      if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
+        launch_path<T_, A, V, S_UP_BWD>(L, path_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), N, T, stream, device);
+      } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
+        launch_path<T_, A, V, S_UP_GW>(L, path_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), N, T, stream, device);
+      } else {  // both: U = up(x), G = up(g) in one pass, then gx and gw together
+        at::Tensor U = at::empty({N, C}, x.options().dtype(acc_dtype));
+        at::Tensor G = at::empty({N, C}, x.options().dtype(acc_dtype));
+        at::Tensor scratch2 = at::empty({N, C}, x.options().dtype(acc_dtype));
+        launch_path<T_, A, V, S_UP2>(L, path_args(plan, C, ptr<T_>(x), ptr<T_>(grad), ptr<T_>(weight), nullptr, ptr<A>(U), ptr<A>(G), nullptr, nullptr, ptr<A>(scratch), ptr<A>(scratch2)), N, T, stream, device);
+        launch_path<T_, A, V, S_BOTH_BWD>(L, path_args(plan, C, ptr<A>(U), ptr<A>(G), ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), N, T, stream, device);
+      }
+    });
+  });
+  return {gx, gw};
+}
+
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_scan_forward(Tensor x, Tensor weight, Tensor order, Tensor child_ptr, "
@@ -381,11 +534,19 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
       "cuda_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor order, "
       "Tensor child_ptr, Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, "
       "Tensor parent_at_pos, str direction) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_path_scan_forward(Tensor x, Tensor weight, Tensor rec, Tensor light, "
+      "Tensor path_ptr, Tensor phase_path, str direction) -> Tensor");
+  m.def(
+      "cuda_path_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor rec, "
+      "Tensor light, Tensor path_ptr, Tensor phase_path, str direction) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
   m.impl("cuda_scan_forward", &scan_forward);
   m.impl("cuda_scan_backward", &scan_backward);
+  m.impl("cuda_path_scan_forward", &path_scan_forward);
+  m.impl("cuda_path_scan_backward", &path_scan_backward);
 }
 
 }  // namespace treessm_cuda

@@ -132,6 +132,7 @@ def test_cuda_empty_and_zero_channels():
 def test_cuda_ops_registered_and_compile():
     assert hasattr(torch.ops.treessm, "tree_scan")
     assert hasattr(torch.ops.treessm, "cuda_scan_forward")
+    assert hasattr(torch.ops.treessm, "cuda_path_scan_forward")
     g = torch.Generator().manual_seed(2)
     parent = random_forest(500, 2, g)
     tree = treessm.Tree.from_parent(parent).cuda()
@@ -165,8 +166,10 @@ def test_cuda_staged_and_direct_kernels_agree(direction, monkeypatch):
         x, w = _inputs(n, 40, torch.float32, g)
         gout = torch.randn(n, 40, generator=g).cuda()
         runs = {}
-        for name, env in (("staged", {}), ("ring16", {"TREESSM_CUDA_RING": "16"}),
-                          ("threads32", {"TREESSM_CUDA_THREADS": "32", "TREESSM_CUDA_LPV": "2"}),
+        staged = {"TREESSM_CUDA_SCAN": "staged"}
+        for name, env in (("staged", staged), ("ring16", {**staged, "TREESSM_CUDA_RING": "16"}),
+                          ("threads32", {**staged, "TREESSM_CUDA_THREADS": "32",
+                                         "TREESSM_CUDA_LPV": "2"}),
                           ("direct", {"TREESSM_CUDA_SCAN": "direct"})):
             for k in ("TREESSM_CUDA_RING", "TREESSM_CUDA_THREADS", "TREESSM_CUDA_LPV",
                       "TREESSM_CUDA_SCAN"):
@@ -181,6 +184,44 @@ def test_cuda_staged_and_direct_kernels_agree(direction, monkeypatch):
                 assert torch.equal(a, b), name
         ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
         err = (runs["staged"][0].double().cpu() - ref).norm() / ref.norm()
+        assert err < TOL[torch.float32], err
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_path_kernels_agree_across_launch_shapes(direction, monkeypatch):
+    # the path schedule sums in an order fixed by the plan: every launch shape gives the same
+    # bits, records in shared memory or not (a budget too small for them); the level
+    # schedule agrees to rounding
+    g = torch.Generator().manual_seed(22)
+    forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30),
+               random_forest(3000, 1, g)]
+    knobs = ("TREESSM_CUDA_THREADS", "TREESSM_CUDA_LPV", "TREESSM_CUDA_SCAN", "TREESSM_CUDA_SMEM")
+    for parent in forests:
+        n = parent.numel()
+        tree = treessm.Tree.from_parent(parent).cuda()
+        x, w = _inputs(n, 40, torch.float32, g)
+        gout = torch.randn(n, 40, generator=g).cuda()
+        runs = {}
+        for name, env in (("path", {}), ("threads32", {"TREESSM_CUDA_THREADS": "32",
+                                                       "TREESSM_CUDA_LPV": "2"}),
+                          ("threads256", {"TREESSM_CUDA_THREADS": "256"}),
+                          ("global_records", {"TREESSM_CUDA_SMEM": "4096"}),
+                          ("staged", {"TREESSM_CUDA_SCAN": "staged"})):
+            for k in knobs:
+                monkeypatch.delenv(k, raising=False)
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            h = treessm.tree_scan(xg, wg, tree, direction)
+            runs[name] = (h, *torch.autograd.grad(h, (xg, wg), gout))
+        for name in ("threads32", "threads256", "global_records"):
+            for a, b in zip(runs["path"], runs[name]):
+                assert torch.equal(a, b), name
+        for a, b in zip(runs["path"], runs["staged"]):
+            err = (a - b).double().norm() / b.double().norm()
+            assert err < TOL[torch.float32], err
+        ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
+        err = (runs["path"][0].double().cpu() - ref).norm() / ref.norm()
         assert err < TOL[torch.float32], err
 
 

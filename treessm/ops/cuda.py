@@ -17,12 +17,18 @@ __all__ = ["load", "is_loaded", "source_dir", "forward", "backward"]
 
 
 def forward(x, w, parent, order, child_ptr, plan, direction):
-    """``plan`` is :meth:`treessm.Tree.scan_plan`."""
-    return torch.ops.treessm.cuda_scan_forward(x, w, order, child_ptr, *plan, direction)
+    """``plan`` is :meth:`treessm.Tree.scan_plan`, followed by :meth:`treessm.Tree.path_plan`
+    for the path kernels."""
+    if len(plan) == 8:
+        return torch.ops.treessm.cuda_path_scan_forward(x, w, *plan[4:], direction)
+    return torch.ops.treessm.cuda_scan_forward(x, w, order, child_ptr, *plan[:4], direction)
 
 
 def backward(g, x, w, h, parent, order, child_ptr, plan, direction):
-    gx, gw = torch.ops.treessm.cuda_scan_backward(g, x, w, h, order, child_ptr, *plan, direction)
+    if len(plan) == 8:
+        return torch.ops.treessm.cuda_path_scan_backward(g, x, w, h, *plan[4:], direction)
+    gx, gw = torch.ops.treessm.cuda_scan_backward(g, x, w, h, order, child_ptr, *plan[:4],
+                                                  direction)
     return gx, gw
 
 

@@ -13,6 +13,7 @@ implementations and autograd, so ``torch.compile(fullgraph=True)`` traces throug
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import List, Optional, Tuple
 
@@ -209,6 +210,22 @@ class _ReferenceScan(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- public API
+def cuda_schedule() -> str:
+    """The CUDA scan schedule: ``TREESSM_CUDA_SCAN`` = ``path`` (heavy paths, the default),
+    ``staged`` or ``direct`` (breadth-first levels)."""
+    s = os.environ.get("TREESSM_CUDA_SCAN", "path")
+    return s if s in ("path", "staged", "direct") else "path"
+
+
+def cuda_plan(tree: Tree) -> List[Tensor]:
+    """Plan tensors for the CUDA kernels: the level plan, plus the heavy-path plan when the
+    path schedule runs (the kernels pick the schedule by the number of tensors)."""
+    plan = tree.scan_plan()
+    if cuda_schedule() == "path" and tree.num_nodes < 2 ** 31 - 1:
+        plan = plan + tree.path_plan()
+    return plan
+
+
 def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
               backend: Optional[str] = None) -> Tensor:
     r"""Linear-time tree scan (DESIGN.md, section 1), differentiable in ``x`` and ``weight``.
@@ -267,7 +284,7 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     if backend == "torch":
         out = _ReferenceScan.apply(x2, w2, tree, direction)
     else:
-        plan = tree.scan_plan() if backend == "cuda" else []
+        plan = cuda_plan(tree) if backend == "cuda" else []
         out = torch.ops.treessm.tree_scan(x2.contiguous(), w2.contiguous(), *tree.tensors(), plan,
                                           direction, backend)
     return out.reshape(shape)
