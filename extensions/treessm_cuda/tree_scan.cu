@@ -274,6 +274,7 @@ void check_path_plan(const at::Tensor& rec, const at::Tensor& light, const at::T
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "path plan tensors must be contiguous int32");
   }
   TORCH_CHECK(rec.dim() == 2 && rec.size(0) == N + 1 && rec.size(1) == 4, "rec must be [N + 1, 4]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(rec.data_ptr()) % 16 == 0, "rec must be 16-byte aligned");
   TORCH_CHECK(light.dim() == 1 && light.size(0) == N, "light must have N entries");
   TORCH_CHECK(path_ptr.dim() == 1 && path_ptr.size(0) == N + 1, "path_ptr must have N + 1 entries");
   TORCH_CHECK(phase_path.dim() == 2 && phase_path.size(1) == kMaxPhases + 1,
