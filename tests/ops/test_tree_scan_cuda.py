@@ -35,10 +35,12 @@ def _inputs(n, c, dtype, g, device="cuda"):
     return x.to(device, dtype), w.to(device, dtype)
 
 
+@pytest.mark.parametrize("schedule", ["staged", "path"])
 @pytest.mark.parametrize("name", list(_forests()))
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("c", [1, 6, 8])
-def test_cuda_matches_dense_oracle(name, direction, c):
+def test_cuda_matches_dense_oracle(name, direction, c, schedule, monkeypatch):
+    monkeypatch.setenv("TREESSM_CUDA_SCAN", schedule)
     parent = _forests()[name]
     n = parent.numel()
     g = torch.Generator().manual_seed(n * 31 + c)
@@ -202,10 +204,12 @@ def test_cuda_path_kernels_agree_across_launch_shapes(direction, monkeypatch):
         x, w = _inputs(n, 40, torch.float32, g)
         gout = torch.randn(n, 40, generator=g).cuda()
         runs = {}
-        for name, env in (("path", {}), ("threads32", {"TREESSM_CUDA_THREADS": "32",
-                                                       "TREESSM_CUDA_LPV": "2"}),
-                          ("threads256", {"TREESSM_CUDA_THREADS": "256"}),
-                          ("global_records", {"TREESSM_CUDA_SMEM": "4096"}),
+        path = {"TREESSM_CUDA_SCAN": "path"}
+        for name, env in (("path", path),
+                          ("threads32", {**path, "TREESSM_CUDA_THREADS": "32",
+                                         "TREESSM_CUDA_LPV": "2"}),
+                          ("threads256", {**path, "TREESSM_CUDA_THREADS": "256"}),
+                          ("global_records", {**path, "TREESSM_CUDA_SMEM": "4096"}),
                           ("staged", {"TREESSM_CUDA_SCAN": "staged"})):
             for k in knobs:
                 monkeypatch.delenv(k, raising=False)

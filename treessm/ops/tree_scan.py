@@ -211,10 +211,11 @@ class _ReferenceScan(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------- public API
 def cuda_schedule() -> str:
-    """The CUDA scan schedule: ``TREESSM_CUDA_SCAN`` = ``path`` (heavy paths, the default),
-    ``staged`` or ``direct`` (breadth-first levels)."""
-    s = os.environ.get("TREESSM_CUDA_SCAN", "path")
-    return s if s in ("path", "staged", "direct") else "path"
+    """The CUDA scan schedule: ``TREESSM_CUDA_SCAN`` = ``staged`` (breadth-first levels
+    staged through shared memory, the default), ``direct`` (levels read from global memory)
+    or ``path`` (heavy paths)."""
+    s = os.environ.get("TREESSM_CUDA_SCAN", "staged")
+    return s if s in ("path", "staged", "direct") else "staged"
 
 
 def cuda_plan(tree: Tree) -> List[Tensor]:
