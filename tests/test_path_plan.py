@@ -70,46 +70,52 @@ def test_path_plan_matches_definition(name):
     assert phase_path.shape == (tree.num_trees, MAX_PHASES + 1)
     if n == 0:
         return
-    vert, ppar, first_light, light_ptr = rec[:n, 0], rec[:n, 1], rec[:n, 2], rec[:, 3]
+    vert, ppar, first_light, light_start = rec[:n, 0], rec[:n, 1], rec[:n, 2], rec[:n, 3]
     assert sorted(vert.tolist()) == list(range(n))
+    assert rec[n].tolist() == [-1, -1, -1, n] and path_ptr[n].item() == n
     kidx = {int(v): k for k, v in enumerate(vert.tolist())}
     p = parent.tolist()
     paths, size = _expected_paths(p)
-    num_paths = len(paths)
-    assert path_ptr[num_paths].item() == n and bool((path_ptr[num_paths:] == n).all())
-    got = {}
-    for j in range(num_paths):
-        k0, k1 = path_ptr[j].item(), path_ptr[j + 1].item()
-        got[int(vert[k0])] = (j, [int(v) for v in vert[k0:k1]])
+    tp = tree.tree_ptr.tolist()
     tree_of = {}
     for t in range(tree.num_trees):
-        for v in tree.order[tree.tree_ptr[t]:tree.tree_ptr[t + 1]].tolist():
+        for v in tree.order[tp[t]:tp[t + 1]].tolist():
             tree_of[v] = t
-    for head, path, phase in paths:
-        j, verts = got[head]
-        assert verts == path
-        t = tree_of[head]
-        # path j lies in phase `phase` of its tree
-        assert phase_path[t, phase] <= j < phase_path[t, phase + 1]
-        # the tree's path indices are its breadth-first positions
-        k0 = path_ptr[j].item()
-        assert tree.tree_ptr[t] <= k0 < tree.tree_ptr[t + 1]
+    got = {}
     for t in range(tree.num_trees):
-        nt = (tree.tree_ptr[t + 1] - tree.tree_ptr[t]).item()
-        assert phase_path[t, int(math.log2(nt)) + 1:].unique().numel() == 1  # log2 bound
+        ts, te = tp[t], tp[t + 1]
         row = phase_path[t].tolist()
-        assert row == sorted(row)
-        # within a phase, longer paths first
+        assert row == sorted(row) and row[0] == ts
+        npaths = row[-1] - ts
+        assert int(math.log2(te - ts)) + 2 > max(ph for ph in range(MAX_PHASES)
+                                                  if row[ph] < row[ph + 1])  # log2 bound
+        assert path_ptr[ts + npaths:te].tolist() == [te] * (te - ts - npaths)
+        assert light[ts + npaths - 1:te].tolist() == [-1] * (te - ts - npaths + 1)
         for ph in range(MAX_PHASES):
-            lens = [(path_ptr[j + 1] - path_ptr[j]).item() for j in range(row[ph], row[ph + 1])]
-            assert lens == sorted(lens, reverse=True)
+            for j in range(row[ph], row[ph + 1]):
+                k0, k1 = path_ptr[j].item(), path_ptr[j + 1].item()
+                assert ts <= k0 < k1 <= te
+                got[int(vert[k0])] = (ph, [int(v) for v in vert[k0:k1]])
+        # within a phase, paths by head position
+        heads = [tree.order.tolist().index(int(vert[path_ptr[j]])) for j in range(row[0], row[-1])]
+        for ph in range(MAX_PHASES):
+            seg = heads[row[ph] - ts:row[ph + 1] - ts]
+            assert seg == sorted(seg)
+    assert len(got) == len(paths)
+    for head, path, phase in paths:
+        assert got[head] == (phase, path)
+    order = tree.order.tolist()
     for k in range(n):
         v = int(vert[k])
         assert ppar[k].item() == (kidx[p[v]] if p[v] >= 0 else -1)
-        lights = sorted(kidx[c] for c in range(n) if p[c] == v and c in got)
-        assert light[light_ptr[k]:light_ptr[k + 1]].tolist() == lights
+        lights = [kidx[c] for c in order if p[c] == v and c in got]  # breadth-first order
+        s0 = light_start[k].item()
+        assert light[s0:s0 + len(lights)].tolist() == lights
+        if k + 1 < n and tree_of[int(vert[k + 1])] == tree_of[v]:
+            assert light_start[k + 1].item() == s0 + len(lights)
+        else:
+            assert not lights  # the last index of a tree is a leaf
         assert first_light[k].item() == (lights[0] if lights else -1)
-    assert light_ptr[n].item() == num_paths - tree.num_trees
 
 
 def test_path_plan_is_cached_and_follows_the_tree():

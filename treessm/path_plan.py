@@ -18,17 +18,24 @@ Everything is computed with tensor operations on the forest's device, without a 
 synchronisation (pointer doubling for subtree sizes and path heads, stable sorts for the
 layout), so the plan can be built inside a captured or compiled region.
 
-Layout (*path index* ``k``: positions re-ordered tree by tree, phase by phase; within a
-phase by decreasing path length, then by head position; each path head first):
+Layout (*path index* ``k``: positions re-ordered tree by tree, phase by phase, within a
+phase by head position; each path head first, so tree ``t`` keeps its breadth-first range
+``[start_t, end_t)``):
 
 - ``rec`` (int32 ``[N + 1, 4]``): per path index ``k`` the vertex, the path index of its
   parent (``-1`` at roots), the path index of its first light child (``-1`` if none) and
-  the start of its light children in ``light`` (row ``N`` closes the last range).
-- ``light`` (int32 ``[N]``): path indices of light children, grouped by parent, ascending.
-- ``path_ptr`` (int32 ``[N + 1]``): path ``j`` spans path indices
-  ``[path_ptr[j], path_ptr[j + 1])``; entries past the last path hold ``N``.
+  where its light children start in ``light`` (they end where those of ``k + 1`` start; the
+  last index of a tree is a leaf).
+- ``light`` (int32 ``[N]``): path indices of light children, grouped by parent, in
+  breadth-first order; tree ``t`` fills ``[start_t, start_t + paths_t - 1)``, the rest
+  holds ``-1``.
+- ``path_ptr`` (int32 ``[N + 1]``): tree ``t`` numbers its paths ``start_t, start_t + 1,
+  ...``; path ``j`` spans path indices ``[path_ptr[j], path_ptr[j + 1])``; unused numbers
+  hold ``end_t``.
 - ``phase_path`` (int32 ``[T, MAX_PHASES + 1]``): the paths of phase ``p`` of tree ``t`` are
   ``[phase_path[t, p], phase_path[t, p + 1])``.
+
+The CUDA kernel behind ``torch.ops.treessm.cuda_path_plan`` builds the same tensors.
 """
 from __future__ import annotations
 
@@ -115,37 +122,51 @@ def path_plan(order: torch.Tensor, child_ptr: torch.Tensor, tree_ptr: torch.Tens
     length.scatter_reduce_(0, head, along + 1, reduce="amax")
     plen = length[head]
 
-    # Layout: tree, phase, longer paths first, head position, depth along the path.
+    # Layout: tree, phase, head position, depth along the path.
     perm = pos
-    for key in (along, head, -plen, phase, tree):
+    for key in (along, head, phase, tree):
         perm = perm[torch.sort(key[perm], stable=True).indices]
     kidx = torch.empty_like(perm)
     kidx[perm] = pos
-    vert = order[perm]
-    ppos_k = parent_pos[perm]
-    ppar = torch.where(ppos_k >= 0, kidx[ppos_k.clamp(min=0)], ppos_k)
-    light_k = is_light[perm]
-    key = torch.where(light_k, ppar, torch.full_like(ppar, n))
-    srt = torch.sort(key, stable=True)
-    light = srt.indices
-    light_ptr = torch.searchsorted(srt.values, torch.arange(n + 1, device=dev))
-    first_light = torch.where(light_ptr[1:] > light_ptr[:-1], light[light_ptr[:-1].clamp(max=n - 1)],
-                              torch.full_like(ppar, -1))
-    rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
-    rec[:n, 0] = vert
-    rec[:n, 1] = ppar
-    rec[:n, 2] = first_light
-    rec[:, 3] = light_ptr
-    rec[n, :3] = -1
-
+    ts = tree_ptr[:-1]
+    # paths: tree t numbers its paths from start_t (at most one per vertex)
     is_head = along[perm] == 0
-    path_id = torch.cumsum(is_head.long(), 0) - 1
-    path_ptr = torch.searchsorted(path_id, torch.arange(n + 1, device=dev))
-    phase_key = tree[perm] * (MAX_PHASES + 1) + phase[perm]
-    targets = (torch.arange(T, device=dev)[:, None] * (MAX_PHASES + 1)
-               + torch.arange(MAX_PHASES + 1, device=dev)[None, :])
-    first_k = torch.searchsorted(phase_key, targets.reshape(-1))
-    num_paths = path_id[-1:] + 1
-    phase_path = torch.where(first_k < n, path_id[first_k.clamp(max=n - 1)], num_paths)
-    return [rec.to(i32), light.to(i32), path_ptr.to(i32),
-            phase_path.reshape(T, MAX_PHASES + 1).to(i32)]
+    heads = torch.cumsum(is_head.long(), 0)
+    heads_before = torch.cat([heads.new_zeros(1), heads])[ts]           # per tree
+    path_j = ts[tree] + heads - 1 - heads_before[tree]                 # at head path indices
+    path_ptr = torch.cat([tree_end, tree_end.new_full((1,), n)])        # unused ids: tree end
+    path_ptr[path_j[is_head]] = pos[is_head]
+    phase_k = phase[perm]
+    counts = torch.zeros(T * (MAX_PHASES + 1), dtype=torch.long, device=dev)
+    counts.index_add_(0, (tree * (MAX_PHASES + 1) + phase_k)[is_head], torch.ones_like(pos)[is_head])
+    counts = counts.reshape(T, MAX_PHASES + 1)
+    phase_path = ts[:, None] + torch.cumsum(counts, 1) - counts
+    # light children in breadth-first order, grouped by their parent's path index; tree t's
+    # entries from start_t (a tree has one light child fewer than paths)
+    ppar_pos = torch.where(has_parent, kidx[pp], -1)                      # by position
+    lkey = torch.where(is_light, ppar_pos, torch.full_like(ppar_pos, n))
+    srt = torch.sort(lkey, stable=True)
+    nlight = (counts.sum(1) - 1).clamp(min=0)
+    light_before = torch.cumsum(nlight, 0) - nlight
+    m = torch.arange(n, device=dev)
+    valid = srt.values < n
+    owner = tree[srt.values.clamp(max=n - 1)]                           # tree of the parent
+    light = torch.full((n,), -1, dtype=torch.long, device=dev)
+    dest = torch.where(valid, ts[owner] + m - light_before[owner], m)
+    light[dest[valid]] = kidx[srt.indices[valid]]
+    # first entry of each path index k: ts + light entries of the tree's smaller indices
+    cnt = torch.zeros(n, dtype=torch.long, device=dev)
+    cnt.index_add_(0, ppar_pos[is_light], torch.ones_like(pos)[is_light])
+    ex = torch.cumsum(cnt, 0) - cnt
+    light_start = ts[tree] + ex - light_before[tree]                    # tree of k == tree of pos k
+    first_light = torch.full((n,), -1, dtype=torch.long, device=dev)
+    has_light = cnt > 0
+    first_light[has_light] = light[light_start[has_light]]
+    ppos_k = parent_pos[perm]
+    rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
+    rec[:n, 0] = order[perm]
+    rec[:n, 1] = torch.where(ppos_k >= 0, kidx[ppos_k.clamp(min=0)], ppos_k)
+    rec[:n, 2] = first_light
+    rec[:n, 3] = light_start
+    rec[n] = torch.tensor([-1, -1, -1, n], device=dev)
+    return [rec.to(i32), light.to(i32), path_ptr.to(i32), phase_path.to(i32)]
