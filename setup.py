@@ -16,7 +16,7 @@ if os.environ.get("TREESSM_BUILD_CUDA") == "1":
     ext_modules.append(CUDAExtension(
         "treessm._treessm_cuda",
         ["extensions/treessm_cuda/tree_scan.cu", "extensions/treessm_cuda/grid_tree.cu",
-         "extensions/treessm_cuda/grid_costs.cu"],
+         "extensions/treessm_cuda/grid_costs.cu", "extensions/treessm_cuda/path_plan.cu"],
         include_dirs=[os.path.abspath("extensions/treessm_cuda")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
     ))

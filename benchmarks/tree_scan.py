@@ -118,6 +118,52 @@ def bench_row(B, H, C, direction, dtype, bw, with_build=True, iters=30):
                 ns_per_vertex_fwd=fwd_ms * 1e6 / N)
 
 
+def _forest(family, trees, n, gen):
+    """Parent array of ``trees`` trees of ``n`` vertices: chains, random recursive trees whose
+    parents lie at most ``locality`` positions back, or minimum spanning trees of grids."""
+    if family.startswith("grid"):
+        h = int(round(n ** 0.5))
+        feat = torch.randn(trees, h, h, 16, generator=gen)
+        return treessm.GridTopology(connectivity=4, distance="cosine")(feat).parent
+    loc = 1 if family == "chain" else int(family.split("_")[1])
+    idx = torch.arange(n)
+    back = (torch.rand(trees, n, generator=gen) * torch.clamp(idx, max=loc)).long() + 1
+    parent = idx - back
+    parent[:, 0] = -1
+    parent = parent + (torch.arange(trees) * n)[:, None]
+    parent[:, 0] = -1
+    return parent.reshape(-1)
+
+
+def schedule_by_shape(knob_env, x, w, g):
+    """Level (staged) against heavy-path schedule on forests of different depth, forward and
+    backward of "both"; the crossover sets treessm.ops.tree_scan.PATH_MAX_LEVEL_WIDTH."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for family in ("chain", "locality_2", "locality_4", "locality_8", "locality_16",
+                   "locality_64", "grid"):
+        parent = _forest(family, 32, 56 * 56, gen)
+        tree = treessm.Tree.from_parent(parent).cuda()
+        n = tree.num_nodes
+        xs, ws, gs = x[:n], w[:n], g[:n]
+        row = dict(family=family, vertices=n, levels=tree.num_levels,
+                   vertices_per_level=n / tree.num_levels)
+        for sched in ("staged", "path"):
+            knob_env({"TREESSM_CUDA_SCAN": sched})
+            plan = cuda_plan(tree)
+            h = tree_scan(xs, ws, tree, "both")
+            bargs = (gs, xs, ws, h, *tree.tensors(), plan, "both", "cuda")
+            row[f"{sched}_fwd_ms"] = cuda_time(lambda: tree_scan(xs, ws, tree, "both"), iters=10)
+            row[f"{sched}_bwd_ms"] = cuda_time(
+                lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=10)
+        lp = tree.scan_plan()
+        from treessm.path_plan import path_plan
+        row["path_plan_ms"] = cuda_time(lambda: path_plan(tree.order, tree.child_ptr, tree.tree_ptr,
+                                                          tree.depth, lp[2]), warmup=2, iters=10)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -201,11 +247,13 @@ def main(argv=None):
         ms = cuda_time(lambda: tree_scan(x, w, chain, "both"), iters=10)
         level_ns[name] = ms * 1e6 / (2 * n_chain)
     knob_env({})
-    # the path plan alone (tensor operations), on the headline trees
+    # the path plan alone (one kernel), on the headline trees
     from treessm.path_plan import path_plan
     lp = tree.scan_plan()
     plan_ms = cuda_time(lambda: path_plan(tree.order, tree.child_ptr, tree.tree_ptr, tree.depth,
                                           lp[2]), warmup=2, iters=10)
+    by_shape = schedule_by_shape(knob_env, x, w, g)
+    knob_env({})
     # the torch reference on the headline size, for the same-run ratio
     ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
     result = dict(
@@ -215,6 +263,7 @@ def main(argv=None):
         torch_reference_fwd_ms_56_160_both=ref_fwd,
         kernels_56_160_both_fp32=tuning,
         path_plan_ms_56=plan_ms,
+        schedule_by_shape=by_shape,
         ns_per_level_chain_56_160_both=level_ns,
         rows=rows,
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -249,6 +298,12 @@ def main(argv=None):
                         for k, v in r["shape"].items()) or "defaults"
         print(f"  {name:<48} fwd {r['fwd_ms']:.3f} ms  bwd {r['bwd_ms']:.3f} ms  "
               f"same bits: {r['equal_to_default']}  rel. diff {r['rel_diff_to_default']:.1e}")
+    print("schedule by tree shape (32 trees, about 100k vertices, C=160, fp32, both; "
+          "forward / backward ms; path plan ms):")
+    for r in by_shape:
+        print(f"  {r['family']:<22} {r['vertices_per_level']:7.1f} vertices/level  staged "
+              f"{r['staged_fwd_ms']:.3f} / {r['staged_bwd_ms']:.3f}  path {r['path_fwd_ms']:.3f} / "
+              f"{r['path_bwd_ms']:.3f}  plan {r['path_plan_ms']:.3f}")
     print("time per vertex on chains (32 chains of 3136 vertices, C=160, both): " +
           ", ".join(f"{k} {v:.0f} ns" for k, v in level_ns.items()))
     for k, v in result["targets"].items():

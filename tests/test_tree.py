@@ -125,3 +125,13 @@ def test_bad_types():
         Tree.from_parent(torch.tensor([[-1, 0]]))
     with pytest.raises(TypeError, match="batch must be an integer tensor"):
         Tree.from_parent(torch.tensor([-1, 0]), torch.tensor([0.0, 0.0]))
+
+
+def test_num_levels_counts_breadth_first_levels_of_all_trees():
+    g = torch.Generator().manual_seed(11)
+    for parent in (chain(30), star(12, 3), all_roots(4), random_forest(200, 5, g),
+                   random_forest(300, 2, g, locality=3), torch.tensor([-1, -1, 1, -1, 3, 4, -1]),
+                   torch.zeros(0, dtype=torch.long)):
+        tree = Tree.from_parent(parent)
+        assert tree.num_levels == int(tree.scan_plan()[1][-1])
+        assert tree.to("meta").num_levels == tree.num_levels

@@ -20,7 +20,7 @@ __all__ = ["load", "is_loaded", "source_dir"]
 _lock = threading.Lock()
 _loaded = False
 _EXT_NAME = "treessm_cuda"
-_SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu")
+_SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu", "path_plan.cu")
 
 
 def source_dir() -> Path:

@@ -46,6 +46,16 @@ __all__ = ["MAX_PHASES", "path_plan"]
 MAX_PHASES = 32  # phases of a tree below 2**31 vertices
 
 
+def _use_kernel(order: torch.Tensor, n: int) -> bool:
+    """The CUDA kernel builds the plan for CUDA forests once the extension is loaded (the
+    tensor operations below serve the CPU, traced graphs and very large forests)."""
+    if not order.is_cuda or n >= 2 ** 30 or torch.compiler.is_compiling():
+        return False
+    from . import _extension
+
+    return _extension.is_loaded() and hasattr(torch.ops.treessm, "cuda_path_plan")
+
+
 def _rounds(n: int) -> int:
     """Doubling rounds that cover chains of up to ``n`` steps."""
     return max(1, int(n).bit_length())
@@ -68,11 +78,14 @@ def path_plan(order: torch.Tensor, child_ptr: torch.Tensor, tree_ptr: torch.Tens
     T = int(tree_ptr.shape[0]) - 1
     i32 = torch.int32
     if n == 0:
-        return [torch.zeros(1, 4, dtype=i32, device=dev), torch.zeros(0, dtype=i32, device=dev),
-                torch.zeros(1, dtype=i32, device=dev),
+        return [torch.tensor([[-1, -1, -1, 0]], dtype=i32, device=dev),
+                torch.zeros(0, dtype=i32, device=dev), torch.zeros(1, dtype=i32, device=dev),
                 torch.zeros(max(T, 0), MAX_PHASES + 1, dtype=i32, device=dev)]
     if n >= 2 ** 31 - 1:
         raise ValueError(f"the path plan indexes positions with 32 bits; got {n} vertices")
+    if _use_kernel(order, n):
+        return list(torch.ops.treessm.cuda_path_plan(order, child_ptr, tree_ptr, depth,
+                                                      parent_pos))
     K = _rounds(n)
     pos = torch.arange(n, device=dev)
     tree = torch.searchsorted(tree_ptr, pos, right=True) - 1          # tree of each position

@@ -174,10 +174,11 @@ class Tree:
     """
 
     __slots__ = ("parent", "order", "child_ptr", "tree_ptr", "depth", "batch", "num_nodes",
-                 "num_trees", "_levels", "_plan", "_path")
+                 "num_trees", "_levels", "_plan", "_path", "num_levels")
 
     def __init__(self, parent: torch.Tensor, order: torch.Tensor, child_ptr: torch.Tensor,
-                 tree_ptr: torch.Tensor, depth: torch.Tensor, batch: Optional[torch.Tensor] = None):
+                 tree_ptr: torch.Tensor, depth: torch.Tensor, batch: Optional[torch.Tensor] = None,
+                 num_levels: Optional[int] = None):
         # Trusted constructor: no validation. Use Tree.from_parent for user input.
         self.parent = parent
         self.order = order
@@ -190,6 +191,7 @@ class Tree:
         self._levels = None
         self._plan = None
         self._path = None
+        self.num_levels = num_levels  # breadth-first levels of all trees, when known on the host
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -232,8 +234,11 @@ class Tree:
             raise ValueError(f"parent does not describe a forest: {n - reached} of {n} vertices "
                              "lie on or below a cycle (every vertex must reach a root, parent -1)")
         mk = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        levels = 0
+        if n > 0:
+            levels = int(np.maximum.reduceat(depth[order], tree_ptr[:-1]).sum()) + len(tree_ptr) - 1
         return cls(parent.contiguous(), mk(order),
-                   mk(child_ptr), mk(tree_ptr), mk(depth), batch)
+                   mk(child_ptr), mk(tree_ptr), mk(depth), batch, num_levels=levels)
 
     @classmethod
     def from_edges(cls, edge_index, num_nodes: int, roots=None, batch=None) -> "Tree":
@@ -268,7 +273,7 @@ class Tree:
             return self
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Tree(mv(self.parent), mv(self.order), mv(self.child_ptr), mv(self.tree_ptr),
-                    mv(self.depth), mv(self.batch))
+                    mv(self.depth), mv(self.batch), num_levels=self.num_levels)
 
     def cpu(self) -> "Tree":
         return self.to("cpu")

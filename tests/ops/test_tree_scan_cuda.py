@@ -229,6 +229,25 @@ def test_cuda_path_kernels_agree_across_launch_shapes(direction, monkeypatch):
         assert err < TOL[torch.float32], err
 
 
+def test_cuda_path_plan_kernel_matches_tensor_plan():
+    # one block per tree on the GPU, tensor for tensor equal to treessm.path_plan on the CPU
+    from treessm.path_plan import path_plan
+
+    g = torch.Generator().manual_seed(23)
+    feats = torch.randn(3, 20, 17, 5, generator=g)
+    forests = [random_forest(5000, 40, g), random_forest(4000, 2, g, locality=3), star(300, 9),
+               chain(700, g), torch.tensor([-1, -1, 1, -1, 3, 4, -1]),
+               treessm.GridTopology(connectivity=4, distance="cosine")(feats).parent]
+    for parent in forests:
+        tree = treessm.Tree.from_parent(parent)
+        args = (tree.order, tree.child_ptr, tree.tree_ptr, tree.depth, tree.scan_plan()[2])
+        expected = path_plan(*args)
+        got = torch.ops.treessm.cuda_path_plan(*(a.cuda() for a in args))
+        for a, b in zip(got, expected):
+            assert torch.equal(a.cpu(), b)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(tree.cuda().path_plan(), expected))
+
+
 def test_cuda_unaligned_rows():
     # rows that start 4 bytes past a 16-byte boundary: narrower vector accesses
     g = torch.Generator().manual_seed(4)

@@ -210,19 +210,34 @@ class _ReferenceScan(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- public API
-def cuda_schedule() -> str:
-    """The CUDA scan schedule: ``TREESSM_CUDA_SCAN`` = ``staged`` (breadth-first levels
-    staged through shared memory, the default), ``direct`` (levels read from global memory)
-    or ``path`` (heavy paths)."""
-    s = os.environ.get("TREESSM_CUDA_SCAN", "staged")
-    return s if s in ("path", "staged", "direct") else "staged"
+# Above this many vertices per breadth-first level on average the level kernels win; below
+# it (deep, narrow trees: chains, sequences) the heavy-path kernels do
+# (benchmarks/tree_scan.py, "schedule by tree shape").
+PATH_MAX_LEVEL_WIDTH = 4.0
+
+
+def cuda_schedule(tree: Optional[Tree] = None) -> str:
+    """The CUDA scan schedule: ``TREESSM_CUDA_SCAN`` = ``auto`` (the default: ``path`` for
+    forests whose breadth-first levels hold fewer than :data:`PATH_MAX_LEVEL_WIDTH` vertices
+    on average, when the level count is known on the host (:attr:`Tree.num_levels`, set by
+    :meth:`Tree.from_parent`), else ``staged``), ``staged`` (breadth-first levels staged through shared
+    memory), ``direct`` (levels read from global memory) or ``path`` (heavy paths)."""
+    s = os.environ.get("TREESSM_CUDA_SCAN", "auto")
+    if s not in ("path", "staged", "direct"):
+        s = "auto"
+    if s == "auto":
+        levels = None if tree is None else tree.num_levels  # known when built on the host
+        if levels is None or tree.num_nodes == 0:
+            return "staged"
+        return "path" if tree.num_nodes < PATH_MAX_LEVEL_WIDTH * levels else "staged"
+    return s
 
 
 def cuda_plan(tree: Tree) -> List[Tensor]:
     """Plan tensors for the CUDA kernels: the level plan, plus the heavy-path plan when the
     path schedule runs (the kernels pick the schedule by the number of tensors)."""
     plan = tree.scan_plan()
-    if cuda_schedule() == "path" and tree.num_nodes < 2 ** 31 - 1:
+    if cuda_schedule(tree) == "path" and tree.num_nodes < 2 ** 31 - 1:
         plan = plan + tree.path_plan()
     return plan
 
