@@ -164,6 +164,41 @@ def schedule_by_shape(knob_env, x, w, g):
     return rows
 
 
+def launch_choices(knob_env):
+    """The staged kernels' launch defaults against the fixed settings they replaced: a
+    shared-memory budget sized so that every block runs in one wave (against 100 KiB per
+    block), and 32 channels per block for 16-bit types (against 64)."""
+    rows = []
+    cases = [(32, 28, 320, torch.float32, dict(TREESSM_CUDA_SMEM=100 * 1024)),
+             (32, 14, 640, torch.float32, dict(TREESSM_CUDA_SMEM=100 * 1024)),
+             (32, 7, 1280, torch.float32, dict(TREESSM_CUDA_SMEM=100 * 1024)),
+             (32, 56, 160, torch.bfloat16, dict(TREESSM_CUDA_LPV=16)),
+             (32, 14, 640, torch.bfloat16, dict(TREESSM_CUDA_SMEM=100 * 1024, TREESSM_CUDA_LPV=16))]
+    for B, H, C, dtype, fixed in cases:
+        feat = torch.randn(B, H, H, C, device="cuda", dtype=dtype)
+        tree = grid_tree(feat)
+        N = B * H * H
+        x = torch.randn(N, C, device="cuda", dtype=dtype)
+        w = torch.rand(N, C, device="cuda", dtype=dtype) * 0.9 + 0.05
+        h = tree_scan(x, w, tree, "both")
+        g = torch.randn_like(h)
+        bargs = (g, x, w, h, *tree.tensors(), cuda_plan(tree), "both", "cuda")
+        row = dict(B=B, H=H, C=C, dtype=str(dtype).replace("torch.", ""),
+                   fixed=",".join(f"{k.replace('TREESSM_CUDA_', '').lower()}={v}"
+                                  for k, v in fixed.items()))
+        outs = []
+        for name, env in (("default", {}), ("fixed", fixed)):
+            knob_env(env)
+            row[f"{name}_fwd_ms"] = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
+            row[f"{name}_bwd_ms"] = cuda_time(
+                lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=20)
+            outs.append((tree_scan(x, w, tree, "both"),
+                         *torch.ops.treessm.tree_scan_backward(*bargs)))
+        row["same_bits"] = all(torch.equal(a, b) for a, b in zip(*outs))
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -205,7 +240,8 @@ def main(argv=None):
     shapes += [dict(TREESSM_CUDA_THREADS=t) for t in (64, 256)]
     shapes += [dict(TREESSM_CUDA_LPV=lpv) for lpv in (4, 16)]
     shapes += [dict(TREESSM_CUDA_SMEM=s) for s in (60 * 1024, 200 * 1024)]
-    shapes += [dict(TREESSM_CUDA_SCAN="staged"), dict(TREESSM_CUDA_SCAN="direct")]
+    shapes += [dict(TREESSM_CUDA_SCAN="staged"), dict(TREESSM_CUDA_SCAN="direct"),
+               dict(TREESSM_CUDA_SCAN="path"), dict(TREESSM_CUDA_SCAN="path", TREESSM_CUDA_THREADS=256)]
     if not args.quick_sweep:
         shapes += [dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_THREADS=256),
                    dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_LPV=4),
@@ -254,6 +290,8 @@ def main(argv=None):
                                           lp[2]), warmup=2, iters=10)
     by_shape = schedule_by_shape(knob_env, x, w, g)
     knob_env({})
+    launch_ab = launch_choices(knob_env)
+    knob_env({})
     # the torch reference on the headline size, for the same-run ratio
     ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
     result = dict(
@@ -264,6 +302,7 @@ def main(argv=None):
         kernels_56_160_both_fp32=tuning,
         path_plan_ms_56=plan_ms,
         schedule_by_shape=by_shape,
+        launch_defaults_vs_fixed=launch_ab,
         ns_per_level_chain_56_160_both=level_ns,
         rows=rows,
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -292,7 +331,8 @@ def main(argv=None):
     print(f"torch reference fwd (56x56, C=160, both): {ref_fwd:.2f} ms "
           f"({ref_fwd / head['fwd_ms']:.0f}x the CUDA kernel)")
     print(f"path plan alone (56x56 trees, part of build ms): {plan_ms:.3f} ms")
-    print("schedules and launch shapes (both, fp32, 56x56, C=160; defaults = path):")
+    print("schedules and launch shapes (both, fp32, 56x56, C=160; defaults = auto, which "
+          "takes the level kernels for these trees):")
     for r in tuning:
         name = ",".join(f"{k.replace('TREESSM_CUDA_', '').lower()}={v}"
                         for k, v in r["shape"].items()) or "defaults"
@@ -304,6 +344,11 @@ def main(argv=None):
         print(f"  {r['family']:<22} {r['vertices_per_level']:7.1f} vertices/level  staged "
               f"{r['staged_fwd_ms']:.3f} / {r['staged_bwd_ms']:.3f}  path {r['path_fwd_ms']:.3f} / "
               f"{r['path_bwd_ms']:.3f}  plan {r['path_plan_ms']:.3f}")
+    print("launch defaults against fixed settings (both; forward / backward ms):")
+    for r in launch_ab:
+        print(f"  {r['B']}x{r['H']}x{r['H']}x{r['C']} {r['dtype']:<9} defaults {r['default_fwd_ms']:.3f} / "
+              f"{r['default_bwd_ms']:.3f}  {r['fixed']:<26} {r['fixed_fwd_ms']:.3f} / "
+              f"{r['fixed_bwd_ms']:.3f}  same bits: {r['same_bits']}")
     print("time per vertex on chains (32 chains of 3136 vertices, C=160, both): " +
           ", ".join(f"{k} {v:.0f} ns" for k, v in level_ns.items()))
     for k, v in result["targets"].items():

@@ -162,20 +162,25 @@ bool use_staged(int64_t N, int64_t num_levels) {
   return N < 2147483647LL && num_levels < 2147483647LL;
 }
 
-// The staged kernels: rows of up to 128 bytes per block (eight threads of 16 bytes for
-// float32), 128 threads (TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override).
+// The staged kernels: 32 channels per block (eight threads of 16 bytes for float32, eight
+// of 8 bytes for 16-bit types; 128 bytes for float64), 128 threads, so a level step covers
+// 16 vertices (TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override).
 Launch configure_staged(int64_t C, int64_t num_trees, int elem_size, int vec) {
-  return launch_shape(C, num_trees, elem_size, vec, 128, 128);
+  return launch_shape(C, num_trees, elem_size, vec, elem_size <= 4 ? 32 * elem_size : 128, 128);
 }
 
-// Launches one staged kernel. The rings take what a shared-memory budget allows
-// (TREESSM_CUDA_SMEM bytes, default 100 KiB): R = 256 staged positions at most
-// (TREESSM_CUDA_RING), 64 rows per level handed on in shared memory (TREESSM_CUDA_CAP).
+// Launches one staged kernel. The rings take what a shared-memory budget allows: R = 256
+// staged positions at most (TREESSM_CUDA_RING), 64 rows per level handed on in shared
+// memory (TREESSM_CUDA_CAP). The budget is 100 KiB, less where the grid would otherwise
+// need more than one wave of blocks (smaller rings refill more often, but a second wave
+// doubles the time); TREESSM_CUDA_SMEM sets it outright.
 template <typename T, typename A, int V, int MODE>
 void launch_staged(const Launch& L, StagedArgs a, cudaStream_t stream, int device) {
   const int cw = L.lpv * V;
   const int optin = max_dynamic_smem(device);
-  int budget = env_int("TREESSM_CUDA_SMEM", 100 * 1024);
+  const int64_t blocks = static_cast<int64_t>(L.grid.x) * L.grid.y;
+  int budget = env_int("TREESSM_CUDA_SMEM",
+                       static_cast<int>(one_wave_smem(blocks, device, 100 * 1024)));
   if (budget > optin) budget = optin;
   int cap = env_int("TREESSM_CUDA_CAP", 64);
   if (cap < 0) cap = 64;
