@@ -406,3 +406,18 @@ def test_top_level_names():
     for name in ("Topology", "GridTopology", "SequenceTopology", "GraphTopology",
                  "minimum_spanning_tree"):
         assert name in treessm.__all__ and hasattr(treessm, name)
+
+
+def test_sequence_chains_report_their_level_count():
+    feat = torch.randn(3, 17, 4)
+    tree = SequenceTopology(window=1)(feat)
+    assert tree.num_levels == int(tree.scan_plan()[1][-1]) == 51
+    assert SequenceTopology(window=2)(feat).num_levels is None  # depth depends on the costs
+
+    class MiddleRooted(SequenceTopology):
+        def roots(self, feat):
+            b, length, _ = feat.shape
+            return torch.arange(b) * length + length // 2
+
+    tree = MiddleRooted(window=1)(feat)
+    assert tree.num_levels is None and int(tree.scan_plan()[1][-1]) == 27

@@ -77,7 +77,13 @@ class SequenceTopology(Topology):
         self.window = int(window)
 
     def __call__(self, feat: Tensor) -> Tree:
-        return super().__call__(feat)
+        tree = super().__call__(feat)
+        if (self.window == 1 and type(self).roots is SequenceTopology.roots
+                and type(self).spanning_tree is Topology.spanning_tree):
+            # each sequence is a chain rooted at its first token: one level per token, known
+            # without asking the device (the CUDA scan picks its schedule from it)
+            tree.num_levels = tree.num_nodes
+        return tree
 
     def sequence_edges(self, num_seqs: int, length: int) -> np.ndarray:
         """Candidate edges of ``num_seqs`` sequences of ``length`` tokens (``[2, E]`` int64,
