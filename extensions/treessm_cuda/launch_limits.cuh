@@ -8,16 +8,6 @@
 
 namespace treessm_cuda {
 
-// Dynamic shared memory a block may opt in to on `device`, queried once per device.
-inline int max_dynamic_smem(int device) {
-  static int cached[64] = {0};
-  if (device >= 0 && device < 64 && cached[device] > 0) return cached[device];
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device >= 0 && device < 64) cached[device] = v;
-  return v;
-}
-
 // A device attribute, queried once per device.
 template <cudaDeviceAttr Attr>
 int device_attribute(int device) {
@@ -27,6 +17,11 @@ int device_attribute(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, Attr, device));
   if (device >= 0 && device < 64) cached[device] = v;
   return v;
+}
+
+// Dynamic shared memory a block may opt in to on `device`.
+inline int max_dynamic_smem(int device) {
+  return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
 }
 
 // Shared memory per block that lets `blocks` blocks run in one wave (every block resident
