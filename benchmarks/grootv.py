@@ -56,7 +56,7 @@ def use_standin(model: torch.nn.Module) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, TreeSSM):
-            m.build_tree = _no_tree
+            m.scan_tree = _no_tree
             m.scan_states = _elementwise_scan
             count += 1
     return count

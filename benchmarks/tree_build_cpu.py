@@ -35,7 +35,7 @@ import torch
 
 import treessm
 from treessm.topology.mst import spanning_forest_mask
-from treessm.topology.rooting import forest_to_tree
+from treessm.topology.rooting import forest_tree_on_cpu
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 3.0  # required speed-up of the whole construction over scipy's MST alone
@@ -61,7 +61,7 @@ def _bench_case(batch: int, size: int, channels: int, repeats: int) -> dict:
         "edge_cost": lambda: topo.edge_cost(x, edge_index),
         "mst": lambda: spanning_forest_mask(plan.src, plan.dst, cost, plan.node_ptr,
                                             plan.edge_ptr),
-        "rooting_bfs": lambda: forest_to_tree(plan.src, plan.dst, mask, num_nodes, roots,
+        "rooting_bfs": lambda: forest_tree_on_cpu(plan.src, plan.dst, mask, num_nodes, roots,
                                               vertex_batch, plan.node_ptr, plan.edge_ptr),
         "total": lambda: topo(feat),
     }

@@ -1,38 +1,52 @@
-"""GPU benchmark of the tree scan and of tree construction (GrootV-T stage sizes).
+"""GPU benchmark of the tree scan and of tree construction.
 
-Prints a table and saves ``benchmarks/results/tree_scan_gpu.json``: the device, the
-device-to-device copy bandwidth measured in the same run, and one row per
-(B, H, C, direction, dtype) with forward, backward and build times next to their
-memory-bandwidth floors (reading x and weight and writing h once, float32).
+Prints a table and saves JSON (``benchmarks/results/tree_scan_gpu_<card>.json`` by default):
+the device, the device-to-device copy bandwidth measured in the same run, and
 
-    python benchmarks/tree_scan.py                 # full table (CUDA required)
-    python benchmarks/tree_scan.py --quick         # a few rows
+* ``rows`` -- GrootV-T stage sizes (B=32 images of 56x56 with C=160, 28x28x320, 14x14x640,
+  7x7x1280, and 224x224x160), every direction, float32 and bfloat16: forward and backward
+  GPU time (CUDA-graph replays of the operators, so no host time is counted), forward and
+  forward+backward wall time through ``tree_scan`` and autograd, the build (features ->
+  Tree with its level plan) and the bandwidth floors (read x and w and write h once;
+  backward: read g, x, w, h and write both gradients once);
+* ``schedules`` -- the level against the heavy-path schedule by tree shape, and one large
+  tree spread over the device;
+* ``host`` -- the host overhead rows: a tiny tree, and 32 x 14x14 x 640 (wall against GPU
+  time);
+* ``chains`` -- the ``down`` scan over 4 chains of 2,048 tokens with 24,576 channels (the
+  widths of Mamba-130m), the scan GrootL runs on;
+* ``grid_build`` -- tree construction at 56x56, 112x112, 224x224 (B=32) and 512x512 (B=4).
 
-The scan runs the default schedule (heavy paths, ``TREESSM_CUDA_SCAN=path``); ``build_ms``
-includes every plan the scan needs (the level plan and, for the path schedule, the path
-plan). A sweep compares the schedules and launch shapes on the headline size in one run.
+``--headline`` measures only the grid rows in float32 ``both`` through the public API
+(``GridTopology``, ``tree_scan``, autograd), so that the same script can time another
+version of the package in the same run.
+
+    python benchmarks/tree_scan.py --out benchmarks/results/tree_scan_gpu_h200.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 import treessm
-from treessm.ops import tree_scan
-from treessm.ops.tree_scan import cuda_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DIRECTIONS = ("both", "up", "down")
+STAGES = [(32, 56, 160), (32, 28, 320), (32, 14, 640), (32, 7, 1280)]
+# the GrootVL authors' CUDA kernel on an H200, same inputs and tree (56x56, C=160, both)
+AUTHORS_H200 = dict(fwd_ms=2.13, bwd_ms=4.47, build_ms=5.28)
 
 
 def cuda_time(fn, warmup=5, iters=30):
-    """Median milliseconds of ``fn`` over ``iters`` runs, timed with CUDA events."""
+    """Median milliseconds of ``fn`` over ``iters`` calls, timed with CUDA events (host time
+    counts when the host is slower than the device)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -47,6 +61,20 @@ def cuda_time(fn, warmup=5, iters=30):
     return statistics.median(times)
 
 
+def graph_time(fn, iters=30):
+    """Median milliseconds of a CUDA-graph replay of ``fn``: the device's own time."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time(graph.replay, warmup=3, iters=iters)
+
+
 def copy_bandwidth(nbytes=2 << 30):
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
@@ -55,304 +83,241 @@ def copy_bandwidth(nbytes=2 << 30):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-# one topology object, as a layer holds one: its candidate grid is built once per shape
-_GRID = treessm.GridTopology(connectivity=4, distance="cosine") if hasattr(treessm, "GridTopology") \
-    else None
+def _inputs(n, c, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, c, device="cuda", dtype=torch.float32, generator=g).to(dtype)
+    w = (torch.rand(n, c, device="cuda", generator=g) * 0.9 + 0.05).to(dtype)
+    return x, w
 
 
-def grid_tree(feat):
-    tree = _GRID(feat)
-    cuda_plan(tree)
-    return tree
+def _floors(n, c, dtype, bw):
+    item = torch.empty((), dtype=dtype).element_size()
+    return 3 * n * c * item / (bw * 1e9) * 1e3, 6 * n * c * item / (bw * 1e9) * 1e3
 
 
-def _scipy_grid_tree(feat):
-    """Stand-in used only when the topology module is unavailable."""
-    import numpy as np
-    import scipy.sparse as sp
-    from scipy.sparse import csgraph
+def _wall(x, w, tree, direction, grad):
+    fwd = cuda_time(lambda: treessm.tree_scan(x, w, tree, direction))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
-    B, H, W, C = feat.shape
-    idx = np.arange(B * H * W).reshape(B, H, W)
-    e = np.concatenate([np.stack([idx[:, :, :-1].ravel(), idx[:, :, 1:].ravel()]),
-                        np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()])], 1)
-    f = torch.nn.functional.normalize(feat.float().reshape(-1, C), dim=1).cpu().numpy()
-    cost = np.exp(-(f[e[0]] * f[e[1]]).sum(1)) + 1e-6
-    n = B * H * W
-    m = csgraph.minimum_spanning_tree(sp.coo_matrix((cost, (e[0], e[1])), shape=(n, n)))
-    roots = idx[:, H // 2, W // 2]
-    _, pred = csgraph.breadth_first_order(m + m.T, roots[0], directed=False)
-    parent = np.full(n, -1)
-    for r in roots:
-        order, pred = csgraph.breadth_first_order(m + m.T, r, directed=False)
-        parent[order[1:]] = pred[order[1:]]
-    tree = treessm.Tree.from_parent(torch.from_numpy(parent)).to(feat.device)
-    cuda_plan(tree)
-    return tree
+    def step():
+        treessm.tree_scan(xg, wg, tree, direction).backward(grad)
+
+    return fwd, cuda_time(step)
 
 
-if not hasattr(treessm, "GridTopology"):
-    grid_tree = _scipy_grid_tree  # noqa: F811
+def _gpu(x, w, tree, direction, grad, schedule=None):
+    """(forward, backward) GPU time of the CUDA operators along the tree's plan."""
+    from treessm.ops import cuda, plan
+
+    p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule)
+    h = cuda.forward(x, w, tree.order, tree.child_ptr, p, direction)
+    fwd = graph_time(lambda: cuda.forward(x, w, tree.order, tree.child_ptr, p, direction))
+    bwd = graph_time(lambda: cuda.backward(grad, x, w, h, tree.order, tree.child_ptr, p,
+                                           direction))
+    return fwd, bwd
 
 
-def bench_row(B, H, C, direction, dtype, bw, with_build=True, iters=30):
-    dev = "cuda"
-    N = B * H * H
-    feat = torch.randn(B, H, H, C, device=dev, dtype=dtype)
-    build_ms = cuda_time(lambda: grid_tree(feat), warmup=2, iters=10) if with_build else None
-    tree = grid_tree(feat)
-    x = torch.randn(N, C, device=dev, dtype=dtype)
-    w = torch.rand(N, C, device=dev, dtype=dtype) * 0.9 + 0.05
-    fwd_ms = cuda_time(lambda: tree_scan(x, w, tree, direction), iters=iters)
-    h = tree_scan(x, w, tree, direction)
-    g = torch.randn_like(h)
-    args = (g, x, w, h, *tree.tensors(), cuda_plan(tree), direction, "cuda")
-    bwd_ms = cuda_time(lambda: torch.ops.treessm.tree_scan_backward(*args), iters=iters)
-    elems = N * C
-    fwd_floor = 3 * elems * 4 / (bw * 1e9) * 1e3
-    bwd_floor = 6 * elems * 4 / (bw * 1e9) * 1e3
-    return dict(B=B, H=H, C=C, N=N, direction=direction, dtype=str(dtype).replace("torch.", ""),
-                fwd_ms=fwd_ms, bwd_ms=bwd_ms, build_ms=build_ms, fwd_floor_ms=fwd_floor,
-                bwd_floor_ms=bwd_floor, fwd_over_floor=fwd_ms / fwd_floor,
-                bwd_over_floor=bwd_ms / bwd_floor, max_depth=tree.max_depth,
-                ns_per_vertex_fwd=fwd_ms * 1e6 / N)
+def grid_row(B, H, C, direction, dtype, bw, topo, headline=False, build=True):
+    n = B * H * H
+    feat = torch.randn(B, H, H, C, device="cuda", dtype=dtype)
+    row = dict(B=B, H=H, C=C, N=n, direction=direction, dtype=str(dtype).replace("torch.", ""))
+    if build:
+        if headline:
+            row["build_ms"] = cuda_time(lambda: topo(feat), warmup=2, iters=10)
+        else:
+            from treessm.ops.plan import level_plan
+
+            row["build_ms"] = cuda_time(lambda: level_plan(topo(feat)), warmup=2, iters=10)
+    tree = topo(feat)
+    x, w = _inputs(n, C, dtype)
+    grad = torch.randn_like(x)
+    row["fwd_wall_ms"], row["fwd_bwd_wall_ms"] = _wall(x, w, tree, direction, grad)
+    if not headline:
+        row["fwd_gpu_ms"], row["bwd_gpu_ms"] = _gpu(x, w, tree, direction, grad)
+        row["fwd_floor_ms"], row["bwd_floor_ms"] = _floors(n, C, dtype, bw)
+        from treessm.ops.plan import choose_schedule
+
+        row["schedule"] = choose_schedule(tree)
+        row["max_depth"] = tree.max_depth
+    return row
 
 
 def _forest(family, trees, n, gen):
-    """Parent array of ``trees`` trees of ``n`` vertices: chains, random recursive trees whose
-    parents lie at most ``locality`` positions back, or minimum spanning trees of grids."""
-    if family.startswith("grid"):
-        h = int(round(n ** 0.5))
-        feat = torch.randn(trees, h, h, 16, generator=gen)
-        return treessm.GridTopology(connectivity=4, distance="cosine")(feat).parent
+    """Parent array of ``trees`` trees of ``n`` vertices: chains or random recursive trees
+    whose parents lie at most ``locality`` positions back."""
     loc = 1 if family == "chain" else int(family.split("_")[1])
     idx = torch.arange(n)
     back = (torch.rand(trees, n, generator=gen) * torch.clamp(idx, max=loc)).long() + 1
-    parent = idx - back
-    parent[:, 0] = -1
-    parent = parent + (torch.arange(trees) * n)[:, None]
+    parent = idx - back + (torch.arange(trees) * n)[:, None]
     parent[:, 0] = -1
     return parent.reshape(-1)
 
 
-def schedule_by_shape(knob_env, x, w, g):
-    """Level (staged) against heavy-path schedule on forests of different depth, forward and
-    backward of "both"; the crossover sets treessm.ops.tree_scan.PATH_MAX_LEVEL_WIDTH."""
+def schedules(bw):
+    """Both schedules on forests of different depth (32 trees of 3,136 vertices, C=160,
+    float32, both), and one random tree of 10^6 vertices (C=64) with one block against
+    blocks spread over the device."""
+    from treessm.ops import cuda, plan
+
+    out = []
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    for family in ("chain", "locality_2", "locality_4", "locality_8", "locality_16",
-                   "locality_64", "grid"):
-        parent = _forest(family, 32, 56 * 56, gen)
-        tree = treessm.Tree.from_parent(parent).cuda()
-        n = tree.num_nodes
-        xs, ws, gs = x[:n], w[:n], g[:n]
-        row = dict(family=family, vertices=n, levels=tree.num_levels,
-                   vertices_per_level=n / tree.num_levels)
-        for sched in ("staged", "path"):
-            knob_env({"TREESSM_CUDA_SCAN": sched})
-            plan = cuda_plan(tree)
-            h = tree_scan(xs, ws, tree, "both")
-            bargs = (gs, xs, ws, h, *tree.tensors(), plan, "both", "cuda")
-            row[f"{sched}_fwd_ms"] = cuda_time(lambda: tree_scan(xs, ws, tree, "both"), iters=10)
-            row[f"{sched}_bwd_ms"] = cuda_time(
-                lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=10)
-        lp = tree.scan_plan()
-        from treessm.path_plan import path_plan
-        row["path_plan_ms"] = cuda_time(lambda: path_plan(tree.order, tree.child_ptr, tree.tree_ptr,
-                                                          tree.depth, lp[2]), warmup=2, iters=10)
-        rows.append(row)
-    return rows
+    for family in ("chain", "locality_4", "locality_16", "locality_64"):
+        tree = treessm.Tree.from_parent(_forest(family, 32, 3136, gen)).cuda()
+        x, w = _inputs(tree.num_nodes, 160, torch.float32)
+        grad = torch.randn_like(x)
+        row = dict(family=family, vertices_per_level=tree.num_nodes / tree.num_levels,
+                   auto=plan.choose_schedule(tree))
+        for s in ("levels", "paths"):
+            row[f"{s}_fwd_ms"], row[f"{s}_bwd_ms"] = _gpu(x, w, tree, "both", grad, s)
+        out.append(row)
+    tree = treessm.Tree.from_parent(_forest("locality_3000", 1, 10 ** 6, gen)).cuda()
+    x, w = _inputs(tree.num_nodes, 64, torch.float32)
+    grad = torch.randn_like(x)
+    row = dict(family="one tree, 10^6 vertices, locality 3000", C=64,
+               max_depth=tree.max_depth, auto=plan.choose_schedule(tree),
+               num_phases=plan.num_phases(tree))
+    for name, sched, spread in (("levels", "levels", None), ("paths_one_block", "paths", 1),
+                                ("paths_spread", "paths", None)):
+        p = plan.scan_plan(tree, 64, torch.float32, sched)
+        if spread is not None:
+            p = p._replace(launch=p.launch._replace(blocks_per_tree=spread))
+        h = cuda.forward(x, w, tree.order, tree.child_ptr, p, "both")
+        row[f"{name}_fwd_ms"] = cuda_time(
+            lambda: cuda.forward(x, w, tree.order, tree.child_ptr, p, "both"), 2, 5)
+        row[f"{name}_bwd_ms"] = cuda_time(
+            lambda: cuda.backward(grad, x, w, h, tree.order, tree.child_ptr, p, "both"), 2, 5)
+        row[f"{name}_blocks_per_tree"] = p.launch.blocks_per_tree
+    row["fwd_floor_ms"], row["bwd_floor_ms"] = _floors(tree.num_nodes, 64, torch.float32, bw)
+    out.append(row)
+    return out
 
 
-def launch_choices(knob_env):
-    """The staged kernels' launch defaults against the fixed settings they replaced: a
-    shared-memory budget sized so that every block runs in one wave (against 100 KiB per
-    block), and 32 channels per block for 16-bit types (against 64)."""
-    rows = []
-    cases = [(32, 28, 320, torch.float32, dict(TREESSM_CUDA_SMEM=100 * 1024)),
-             (32, 14, 640, torch.float32, dict(TREESSM_CUDA_SMEM=100 * 1024)),
-             (32, 7, 1280, torch.float32, dict(TREESSM_CUDA_SMEM=100 * 1024)),
-             (32, 56, 160, torch.bfloat16, dict(TREESSM_CUDA_LPV=16)),
-             (32, 14, 640, torch.bfloat16, dict(TREESSM_CUDA_SMEM=100 * 1024, TREESSM_CUDA_LPV=16))]
-    for B, H, C, dtype, fixed in cases:
-        feat = torch.randn(B, H, H, C, device="cuda", dtype=dtype)
-        tree = grid_tree(feat)
-        N = B * H * H
-        x = torch.randn(N, C, device="cuda", dtype=dtype)
-        w = torch.rand(N, C, device="cuda", dtype=dtype) * 0.9 + 0.05
-        h = tree_scan(x, w, tree, "both")
-        g = torch.randn_like(h)
-        bargs = (g, x, w, h, *tree.tensors(), cuda_plan(tree), "both", "cuda")
-        row = dict(B=B, H=H, C=C, dtype=str(dtype).replace("torch.", ""),
-                   fixed=",".join(f"{k.replace('TREESSM_CUDA_', '').lower()}={v}"
-                                  for k, v in fixed.items()))
-        outs = []
-        for name, env in (("default", {}), ("fixed", fixed)):
-            knob_env(env)
-            row[f"{name}_fwd_ms"] = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
-            row[f"{name}_bwd_ms"] = cuda_time(
-                lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=20)
-            outs.append((tree_scan(x, w, tree, "both"),
-                         *torch.ops.treessm.tree_scan_backward(*bargs)))
-        row["same_bits"] = all(torch.equal(a, b) for a, b in zip(*outs))
-        rows.append(row)
-    return rows
+def host_rows():
+    """Host overhead: forward and forward+backward wall time against GPU time."""
+    out = []
+    gen = torch.Generator().manual_seed(1)
+    tiny = treessm.Tree.from_parent(_forest("locality_8", 1, 64, gen)).cuda()
+    x, w = _inputs(64, 4, torch.float32)
+    grad = torch.randn_like(x)
+    fwd, fb = _wall(x, w, tiny, "both", grad)
+    gf, gb = _gpu(x, w, tiny, "both", grad)
+    out.append(dict(case="tiny tree, 64 vertices, C=4, both", fwd_wall_ms=fwd,
+                    fwd_bwd_wall_ms=fb, fwd_gpu_ms=gf, bwd_gpu_ms=gb))
+    topo = treessm.GridTopology()
+    feat = torch.randn(32, 14, 14, 640, device="cuda")
+    tree = topo(feat)
+    x, w = _inputs(tree.num_nodes, 640, torch.float32)
+    grad = torch.randn_like(x)
+    fwd, fb = _wall(x, w, tree, "both", grad)
+    gf, gb = _gpu(x, w, tree, "both", grad)
+    out.append(dict(case="32 x 14x14, C=640, both", fwd_wall_ms=fwd, fwd_bwd_wall_ms=fb,
+                    fwd_gpu_ms=gf, bwd_gpu_ms=gb, wall_over_gpu=fb / (gf + gb)))
+    return out
+
+
+def chain_rows(bw):
+    """The down scan over 4 chains of 2,048 tokens, 24,576 channels (d_inner 1536 x d_state
+    16 of Mamba-130m)."""
+    from treessm.topology import chain_tree
+
+    tree = chain_tree(4, 2048, "cuda")
+    x, w = _inputs(tree.num_nodes, 24576, torch.float32)
+    grad = torch.randn_like(x)
+    fwd, fb = _wall(x, w, tree, "down", grad)
+    gf, gb = _gpu(x, w, tree, "down", grad)
+    floor, bfloor = _floors(tree.num_nodes, 24576, torch.float32, bw)
+    return [dict(case="4 chains x 2048, C=24576, down, float32", fwd_wall_ms=fwd,
+                 fwd_bwd_wall_ms=fb, fwd_gpu_ms=gf, bwd_gpu_ms=gb, fwd_floor_ms=floor,
+                 bwd_floor_ms=bfloor, fwd_share_of_bandwidth=floor / gf)]
+
+
+def grid_builds():
+    out = []
+    base = None
+    for B, H in ((32, 56), (32, 112), (32, 224), (4, 512)):
+        feat = torch.randn(B, H, H, 16, device="cuda")
+        topo = treessm.GridTopology()
+        ms = cuda_time(lambda: topo(feat), warmup=2, iters=5)
+        per = ms * 1e6 / (B * H * H)
+        base = base or per
+        out.append(dict(B=B, H=H, C=16, build_ms=ms, ns_per_vertex=per,
+                        per_vertex_vs_56=per / base))
+        del feat
+        torch.cuda.empty_cache()
+    return out
+
+
+def _section(result, name, fn):
+    t0 = time.time()
+    try:
+        result[name] = fn()
+    except Exception as exc:  # one broken section must not lose the others
+        traceback.print_exc()
+        result[name] = dict(error=f"{type(exc).__name__}: {exc}"[:800])
+    print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--quick-sweep", action="store_true",
-                        help="fewer launch shapes of the direct kernels")
-    parser.add_argument("--out", default=str(RESULTS / "tree_scan_gpu.json"))
+    parser.add_argument("--headline", action="store_true",
+                        help="float32 'both' grid rows through the public API only")
+    parser.add_argument("--quick", action="store_true", help="float32 rows only")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("CUDA is not available: nothing to measure", file=sys.stderr)
-        return 1
-    treessm.ops.cuda.load()
-    torch.backends.cuda.matmul.allow_tf32 = False
+        parser.error("needs a CUDA GPU")
+    name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    stages = [(32, 56, 160), (32, 28, 320), (32, 14, 640), (32, 7, 1280)]
-    if args.quick:
-        stages = stages[:1]
-    rows = []
-    for (B, H, C) in stages:
-        for dtype in (torch.float32, torch.bfloat16):
-            for direction in ("both", "up", "down"):
-                rows.append(bench_row(B, H, C, direction, dtype, bw,
-                                      with_build=(direction == "both")))
-    # linear scaling: one 224x224 grid row per dtype, same channels as stage 1
-    big = [] if args.quick else [(32, 224, 160)]
-    for (B, H, C) in big:
-        rows.append(bench_row(B, H, C, "both", torch.float32, bw, iters=10))
-    # schedules and launch shapes on the headline size, all in this run: heavy paths (the
-    # default), the staged level kernels (TREESSM_CUDA_SCAN=staged) and the direct ones
-    import os
-    feat = torch.randn(32, 56, 56, 160, device="cuda")
-    tree = grid_tree(feat)
-    x = torch.randn(32 * 56 * 56, 160, device="cuda")
-    w = torch.rand_like(x) * 0.9 + 0.05
-    h = tree_scan(x, w, tree, "both")
-    g = torch.randn_like(h)
-    knobs = ("TREESSM_CUDA_SCAN", "TREESSM_CUDA_LPV", "TREESSM_CUDA_THREADS", "TREESSM_CUDA_RING",
-             "TREESSM_CUDA_SMEM")
-    shapes = [dict()]  # the defaults
-    shapes += [dict(TREESSM_CUDA_THREADS=t) for t in (64, 256)]
-    shapes += [dict(TREESSM_CUDA_LPV=lpv) for lpv in (4, 16)]
-    shapes += [dict(TREESSM_CUDA_SMEM=s) for s in (60 * 1024, 200 * 1024)]
-    shapes += [dict(TREESSM_CUDA_SCAN="staged"), dict(TREESSM_CUDA_SCAN="direct"),
-               dict(TREESSM_CUDA_SCAN="path"), dict(TREESSM_CUDA_SCAN="path", TREESSM_CUDA_THREADS=256)]
-    if not args.quick_sweep:
-        shapes += [dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_THREADS=256),
-                   dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_LPV=4),
-                   dict(TREESSM_CUDA_SCAN="staged", TREESSM_CUDA_RING=128)]
+    topo = treessm.GridTopology(connectivity=4, distance="cosine")
+    result = dict(device=name, torch=torch.__version__, treessm=treessm.__version__,
+                  copy_bandwidth_GBps=bw, authors_h200_56_160_both=AUTHORS_H200,
+                  when=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if args.headline:
+        result["rows"] = [grid_row(B, H, C, "both", torch.float32, bw, topo, headline=True)
+                          for B, H, C in STAGES]
+    else:
+        def rows():
+            out = []
+            for dtype in (torch.float32,) if args.quick else (torch.float32, torch.bfloat16):
+                for B, H, C in STAGES:
+                    for d in DIRECTIONS:
+                        out.append(grid_row(B, H, C, d, dtype, bw, topo, build=d == "both"))
+            out.append(grid_row(32, 224, 160, "both", torch.float32, bw, topo))
+            return out
 
-    def knob_env(shape):
-        """Only the knobs of ``shape`` set (read by the extension at every launch)."""
-        for k in knobs:
-            os.environ.pop(k, None)
-        os.environ.update({k: str(v) for k, v in shape.items()})
+        _section(result, "rows", rows)
+        _section(result, "host", host_rows)
+        _section(result, "chains", lambda: chain_rows(bw))
+        _section(result, "schedules", lambda: schedules(bw))
+        _section(result, "grid_build", grid_builds)
 
-    tuning = []
-    for shape in shapes:
-        knob_env(shape)
-        bargs = (g, x, w, h, *tree.tensors(), cuda_plan(tree), "both", "cuda")
-        try:
-            fwd = cuda_time(lambda: tree_scan(x, w, tree, "both"), iters=20)
-            bwd = cuda_time(lambda: torch.ops.treessm.tree_scan_backward(*bargs), iters=20)
-            hs = tree_scan(x, w, tree, "both")
-            same = bool(torch.equal(hs, h))
-            diff = float(((hs - h).norm() / h.norm()).item())
-        except RuntimeError as exc:
-            fwd = bwd = diff = float("nan")
-            same = str(exc).splitlines()[0][:120]
-        tuning.append(dict(shape={k: str(v) for k, v in shape.items()}, fwd_ms=fwd, bwd_ms=bwd,
-                           equal_to_default=same, rel_diff_to_default=diff))
-    # time per level: B chains of 56*56 vertices (one vertex per level), forward "both"
-    # walks 2 * 3136 levels one after another
-    n_chain = 56 * 56
-    chain_parent = torch.arange(-1, n_chain - 1, device="cuda").repeat(32)
-    chain_parent += torch.repeat_interleave(torch.arange(32, device="cuda") * n_chain, n_chain)
-    chain_parent[::n_chain] = -1
-    chain = treessm.Tree.from_parent(chain_parent)
-    chain.scan_plan()
-    level_ns = {}
-    for name in ("path", "staged", "direct"):
-        knob_env({"TREESSM_CUDA_SCAN": name})
-        cuda_plan(chain)
-        ms = cuda_time(lambda: tree_scan(x, w, chain, "both"), iters=10)
-        level_ns[name] = ms * 1e6 / (2 * n_chain)
-    knob_env({})
-    # the path plan alone (one kernel), on the headline trees
-    from treessm.path_plan import path_plan
-    lp = tree.scan_plan()
-    plan_ms = cuda_time(lambda: path_plan(tree.order, tree.child_ptr, tree.tree_ptr, tree.depth,
-                                          lp[2]), warmup=2, iters=10)
-    by_shape = schedule_by_shape(knob_env, x, w, g)
-    knob_env({})
-    launch_ab = launch_choices(knob_env)
-    knob_env({})
-    # the torch reference on the headline size, for the same-run ratio
-    ref_fwd = cuda_time(lambda: tree_scan(x, w, tree, "both", backend="torch"), warmup=1, iters=5)
-    result = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-        copy_bandwidth_GBps=bw,
-        torch_reference_fwd_ms_56_160_both=ref_fwd,
-        kernels_56_160_both_fp32=tuning,
-        path_plan_ms_56=plan_ms,
-        schedule_by_shape=by_shape,
-        launch_defaults_vs_fixed=launch_ab,
-        ns_per_level_chain_56_160_both=level_ns,
-        rows=rows,
-        when=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    head = rows[0]
-    if not args.quick:
-        big_row = rows[-1]
-        result["scaling_224_vs_56_per_vertex"] = big_row["ns_per_vertex_fwd"] / head["ns_per_vertex_fwd"]
-    result["targets"] = {
-        "fwd <= 2x floor": head["fwd_ms"] <= 2 * head["fwd_floor_ms"],
-        "bwd <= 0.30 ms": head["bwd_ms"] <= 0.30,
-        "build <= 0.36 ms": head["build_ms"] is not None and head["build_ms"] <= 0.36,
-        "224 per-vertex within 1.2x": result.get("scaling_224_vs_56_per_vertex", 99) <= 1.2,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"device: {result['device']}  copy bandwidth: {bw:.0f} GB/s")
-    print(f"{'B':>3} {'H':>4} {'C':>5} {'dir':>5} {'dtype':>9} {'fwd ms':>8} {'floor':>7} "
-          f"{'x':>5} {'bwd ms':>8} {'floor':>7} {'x':>5} {'build ms':>9} {'depth':>6}")
-    for r in rows:
-        b = f"{r['build_ms']:.3f}" if r["build_ms"] is not None else "-"
+        def reference():
+            from treessm.ops import reference as ref
+            from treessm.ops.plan import level_groups
+
+            feat = torch.randn(32, 56, 56, 160, device="cuda")
+            tree = topo(feat)
+            x, w = _inputs(tree.num_nodes, 160, torch.float32)
+            groups = level_groups(tree)
+            return cuda_time(lambda: ref.forward(x, w, tree.parent, groups, "both"), 1, 3)
+
+        _section(result, "torch_reference_fwd_ms_56_160_both", reference)
+    out = Path(args.out) if args.out else RESULTS / "tree_scan_gpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"device: {name}  copy bandwidth: {bw:.0f} GB/s")
+    print(f"{'B':>3} {'H':>4} {'C':>5} {'dir':>5} {'dtype':>9} {'fwd gpu':>8} {'bwd gpu':>8} "
+          f"{'floor':>6} {'fwd wall':>9} {'f+b wall':>9} {'build':>7} {'sched':>7}")
+    for r in result["rows"] if isinstance(result["rows"], list) else []:
+        g = lambda k: f"{r[k]:.3f}" if r.get(k) is not None else "-"  # noqa: E731
         print(f"{r['B']:>3} {r['H']:>4} {r['C']:>5} {r['direction']:>5} {r['dtype']:>9} "
-              f"{r['fwd_ms']:8.3f} {r['fwd_floor_ms']:7.3f} {r['fwd_over_floor']:5.1f} "
-              f"{r['bwd_ms']:8.3f} {r['bwd_floor_ms']:7.3f} {r['bwd_over_floor']:5.1f} {b:>9} "
-              f"{r['max_depth']:>6}")
-    print(f"torch reference fwd (56x56, C=160, both): {ref_fwd:.2f} ms "
-          f"({ref_fwd / head['fwd_ms']:.0f}x the CUDA kernel)")
-    print(f"path plan alone (56x56 trees, part of build ms): {plan_ms:.3f} ms")
-    print("schedules and launch shapes (both, fp32, 56x56, C=160; defaults = auto, which "
-          "takes the level kernels for these trees):")
-    for r in tuning:
-        name = ",".join(f"{k.replace('TREESSM_CUDA_', '').lower()}={v}"
-                        for k, v in r["shape"].items()) or "defaults"
-        print(f"  {name:<48} fwd {r['fwd_ms']:.3f} ms  bwd {r['bwd_ms']:.3f} ms  "
-              f"same bits: {r['equal_to_default']}  rel. diff {r['rel_diff_to_default']:.1e}")
-    print("schedule by tree shape (32 trees, about 100k vertices, C=160, fp32, both; "
-          "forward / backward ms; path plan ms):")
-    for r in by_shape:
-        print(f"  {r['family']:<22} {r['vertices_per_level']:7.1f} vertices/level  staged "
-              f"{r['staged_fwd_ms']:.3f} / {r['staged_bwd_ms']:.3f}  path {r['path_fwd_ms']:.3f} / "
-              f"{r['path_bwd_ms']:.3f}  plan {r['path_plan_ms']:.3f}")
-    print("launch defaults against fixed settings (both; forward / backward ms):")
-    for r in launch_ab:
-        print(f"  {r['B']}x{r['H']}x{r['H']}x{r['C']} {r['dtype']:<9} defaults {r['default_fwd_ms']:.3f} / "
-              f"{r['default_bwd_ms']:.3f}  {r['fixed']:<26} {r['fixed_fwd_ms']:.3f} / "
-              f"{r['fixed_bwd_ms']:.3f}  same bits: {r['same_bits']}")
-    print("time per vertex on chains (32 chains of 3136 vertices, C=160, both): " +
-          ", ".join(f"{k} {v:.0f} ns" for k, v in level_ns.items()))
-    for k, v in result["targets"].items():
-        print(f"target {k}: {'met' if v else 'missed'}")
+              f"{g('fwd_gpu_ms'):>8} {g('bwd_gpu_ms'):>8} {g('fwd_floor_ms'):>6} "
+              f"{g('fwd_wall_ms'):>9} {g('fwd_bwd_wall_ms'):>9} {g('build_ms'):>7} "
+              f"{r.get('schedule', '-'):>7}")
+    for key in ("host", "chains", "schedules", "grid_build"):
+        for r in result.get(key, []) if isinstance(result.get(key), list) else [result.get(key)]:
+            print(key, json.dumps(r, default=lambda v: round(v, 4) if isinstance(v, float) else v))
+    print(f"saved {out}")
     return 0
 
 

@@ -36,6 +36,7 @@ from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
 
 import treessm
 from treessm.ops import cpu, reference
+from treessm.ops.plan import level_groups
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "tree_scan_cpu.json"
@@ -102,12 +103,13 @@ def bench_case(tree, c, direction, backends, repeats, dtype=torch.float32, seed=
     }
     for backend in backends:
         if backend == "numba":
-            h = cpu.forward(x, w, *tree.tensors(), direction)
-            fns["numba_fwd"] = _timer(lambda: cpu.forward(x, w, *tree.tensors(), direction))
+            layout = (tree.order, tree.child_ptr, tree.tree_ptr)
+            h = cpu.forward(x, w, *layout, direction)
+            fns["numba_fwd"] = _timer(lambda: cpu.forward(x, w, *layout, direction))
             fns["numba_bwd"] = _timer(
-                lambda h=h: cpu.backward(g, x, w, h, *tree.tensors(), direction))
+                lambda h=h: cpu.backward(g, x, w, h, *layout, direction))
         else:
-            levels = tree.levels()
+            levels = level_groups(tree)
             h = reference.forward(x, w, tree.parent, levels, direction)
             fns["torch_fwd"] = _timer(
                 lambda: reference.forward(x, w, tree.parent, levels, direction))

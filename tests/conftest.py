@@ -27,10 +27,10 @@ def pytest_collection_modifyitems(config, items):
 def cuda_ops():
     import torch
 
-    from treessm.ops import cuda as cuda_ext
+    from treessm.typing import load_cuda_extension
 
     try:
-        cuda_ext.load()
+        load_cuda_extension()
     except RuntimeError as exc:
         pytest.skip(f"CUDA extension unavailable: {exc}")
     return torch.ops.treessm

@@ -1,5 +1,6 @@
-"""Compiles a host-emulation harness of the CUDA kernels (``extensions/treessm_cuda/
-host_emulation``) with AddressSanitizer and UBSan; skips the test without a C++20 compiler."""
+"""Compiles a host-emulation harness of the CUDA kernels (``tests/extensions/host_emulation``:
+the kernels of ``extensions/treessm_cuda`` with host stand-ins for the CUDA names) with
+AddressSanitizer and UBSan; skips the test without a C++20 compiler."""
 import shutil
 import subprocess
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "extensions" / "treessm_cuda"
+SHIM = Path(__file__).resolve().parent / "extensions" / "host_emulation"
 
 
 def compile_harness(out_dir: Path, source: str) -> Path:
@@ -15,8 +17,8 @@ def compile_harness(out_dir: Path, source: str) -> Path:
         pytest.skip("no C++ compiler")
     exe = out_dir / Path(source).stem
     cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined",
-           "-fno-sanitize-recover=undefined", f"-I{SRC / 'host_emulation'}", f"-I{SRC}",
-           str(SRC / "host_emulation" / source), "-o", str(exe), "-lpthread"]
+           "-fno-sanitize-recover=undefined", f"-I{SHIM}", f"-I{SRC}", str(SHIM / source),
+           "-o", str(exe), "-lpthread"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         if "barrier" in r.stderr and "No such file" in r.stderr:

@@ -1,6 +1,6 @@
 """Dense O(N^2) oracle of the tree scan and random forests for the tests.
 
-The oracle evaluates the definition of DESIGN.md, section 1, literally: it forms the
+The oracle evaluates the definition of docs/concepts.md literally: it forms the
 transfer matrix ``S(u, v)`` (product of the edge weights on the path between ``u``
 and ``v`` through their lowest common ancestor) from the parent array and sums
 ``S(u, v) x[u]`` over the vertices each direction admits. It shares no code with the

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from treessm import Tree
+from treessm.ops.plan import level_plan
 from oracle import all_roots, ancestors, chain, random_forest, star
 
 
@@ -133,5 +134,7 @@ def test_num_levels_counts_breadth_first_levels_of_all_trees():
                    random_forest(300, 2, g, locality=3), torch.tensor([-1, -1, 1, -1, 3, 4, -1]),
                    torch.zeros(0, dtype=torch.long)):
         tree = Tree.from_parent(parent)
-        assert tree.num_levels == int(tree.scan_plan()[1][-1])
+        assert tree.num_levels == int(level_plan(tree).tree_level_ptr[-1])
         assert tree.to("meta").num_levels == tree.num_levels
+        sizes = torch.diff(tree.tree_ptr)
+        assert tree.max_tree_size == (int(sizes.max()) if sizes.numel() else 0)

@@ -1,13 +1,14 @@
 // Host side of the grid edge costs: argument checks, launch configuration and the
 // torch.library registration of torch.ops.treessm.cuda_grid_costs (CUDA dispatch key).
 //
-// cuda_grid_costs(feat, B, H, W, connectivity, kind, eps) computes, for B images of H x W
+// cuda_grid_costs(feat, B, H, W, connectivity, kind, eps, group) computes, for B images of H x W
 // pixels with features feat [B*H*W, C] (or [B, H, W, C]), the cost of every candidate edge of
 // the 4- or 8-neighbour grids in the order of treessm.topology.grid.grid_edges, with one
 // kernel that reads each feature row from memory about once (see grid_costs_kernels.cuh).
 // kind 0: cosine, exp(-cos) with norms floored at eps; kind 1: Euclidean distance.
-// Returns float64 costs for float64 features, else float32. Nothing here waits for the
-// device.
+// group: lanes per pixel (1, 2, 4, 8, 16 or 32), or 0 for costs::choose_group's choice by
+// row length. Returns float64 costs for float64 features, else float32. Nothing here waits
+// for the device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,39 +17,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
-#include <cstdlib>
 
 #include "grid_costs_kernels.cuh"
+#include "host_utils.cuh"
 
 namespace treessm_cuda {
 namespace {
 
-template <typename T> struct CostFeatType { using type = T; };
-template <> struct CostFeatType<at::Half> { using type = __half; };
-template <> struct CostFeatType<at::BFloat16> { using type = __nv_bfloat16; };
-
-// TREESSM_GRID_COSTS_GROUP overrides the lanes per pixel (1, 2, 4, 8, 16 or 32); read once.
-int group_override() {
-  static const int g = [] {
-    const char* v = std::getenv("TREESSM_GRID_COSTS_GROUP");
-    const int x = (v != nullptr && *v) ? std::atoi(v) : 0;
-    return (x >= 1 && x <= 32 && (x & (x - 1)) == 0) ? x : 0;
-  }();
-  return g;
-}
-
 // Multiprocessor count of a device, queried once per device.
-int sm_count(int device) {
-  static std::atomic<int> cached[64] = {};
-  if (device < 0 || device >= 64) device = 0;
-  int n = cached[device].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cached[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
+inline int sm_count(int device) {
+  return device_attribute<cudaDevAttrMultiProcessorCount>(device);
 }
 
 template <typename T, int V, int KIND>
@@ -79,7 +58,7 @@ void launch_pack(const T* feat, const costs::Shape& s, bool eight, int kind, int
 }  // namespace
 
 at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
-                      int64_t connectivity, int64_t kind, double eps) {
+                      int64_t connectivity, int64_t kind, double eps, int64_t group) {
   TORCH_CHECK(feat.is_cuda(), "feat must be a CUDA tensor");
   const auto dtype = feat.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
@@ -93,6 +72,8 @@ at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
               connectivity);
   TORCH_CHECK(kind == costs::kCosine || kind == costs::kL2,
               "kind must be 0 (cosine) or 1 (l2), got ", kind);
+  TORCH_CHECK(group == 0 || (group <= 32 && (group & (group - 1)) == 0 && group > 0),
+              "group must be 0 or a power of two up to 32, got ", group);
   const int64_t pixels = B * H * W;
   const bool rows = feat.dim() == 2 && feat.size(0) == pixels;
   const bool image = feat.dim() == 4 && feat.size(0) == B && feat.size(1) == H &&
@@ -114,13 +95,12 @@ at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
   const int sms = sm_count(feat.get_device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_grid_costs", [&] {
-    using T = typename CostFeatType<scalar_t>::type;
+    using T = typename CudaType<scalar_t>::type;
     using A = typename AccType<T>::type;
     const T* data = reinterpret_cast<const T*>(x.data_ptr());
     const int v = costs::pack_elements<T>(data, C);
-    int group = group_override();
-    if (group == 0) group = costs::choose_group(C / v);
-    const int64_t per_block = costs::kThreads / group;
+    const int lanes = group > 0 ? static_cast<int>(group) : costs::choose_group(C / v);
+    const int64_t per_block = costs::kThreads / lanes;
     // enough blocks to fill the device several times over; the kernel strides over the rest
     const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(sms) * 64);
     const unsigned blocks =
@@ -128,10 +108,10 @@ at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
     A* o = out.data_ptr<A>();
     const A e = static_cast<A>(eps);
     if (v > 1) {
-      launch_pack<T, costs::kPackBytes / sizeof(T)>(data, s, eight, static_cast<int>(kind), group,
+      launch_pack<T, costs::kPackBytes / sizeof(T)>(data, s, eight, static_cast<int>(kind), lanes,
                                                     e, o, blocks, stream);
     } else {
-      launch_pack<T, 1>(data, s, eight, static_cast<int>(kind), group, e, o, blocks, stream);
+      launch_pack<T, 1>(data, s, eight, static_cast<int>(kind), lanes, e, o, blocks, stream);
     }
   });
   return out;
@@ -140,7 +120,7 @@ at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_grid_costs(Tensor feat, int B, int H, int W, int connectivity, int kind, "
-      "float eps) -> Tensor");
+      "float eps, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) { m.impl("cuda_grid_costs", &grid_costs); }

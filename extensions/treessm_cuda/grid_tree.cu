@@ -1,11 +1,13 @@
 // Host side of the grid-tree construction: argument checks, launch configuration and the
 // torch.library registration of torch.ops.treessm.cuda_grid_tree (CUDA dispatch key).
 //
-// cuda_grid_tree(cost, B, H, W, connectivity) builds, for B images of H x W pixels, the
+// cuda_grid_tree(cost, B, H, W, connectivity, threads, solo) builds, for B images of H x W pixels, the
 // minimum spanning tree of each image's 4- or 8-neighbour grid under the costs (ties to the
 // lower candidate index), rooted at the centre pixel (H/2, W/2), with its breadth-first
-// layout and level plan: the tensors of Tree.from_parent(parent) and Tree.scan_plan().
-// Nothing here waits for the device.
+// layout and level plan: the tensors of Tree.from_parent(parent) and
+// treessm.ops.plan.level_plan. threads: per image block (a multiple of 32 up to 1024, or 0
+// for about one per two pixels); solo: levels up to this wide run on one warp without a
+// block barrier. Nothing here waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,31 +16,19 @@
 #include <torch/library.h>
 
 #include <climits>
-#include <cstdlib>
 #include <tuple>
 
 #include "grid_tree_kernels.cuh"
-#include "launch_limits.cuh"
+#include "host_utils.cuh"
 
 namespace treessm_cuda {
 namespace {
 
 
-template <typename T> struct GridCostType { using type = T; };
-template <> struct GridCostType<at::Half> { using type = __half; };
-template <> struct GridCostType<at::BFloat16> { using type = __nv_bfloat16; };
-
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return (v != nullptr && *v) ? std::atoi(v) : fallback;
-}
-
 // Threads per image: about one per two pixels (the Borůvka phases sweep every pixel), at
-// least two warps and at most 1024. TREESSM_GRID_TREE_THREADS overrides (a multiple of 32).
+// least two warps and at most 1024.
 int block_threads(int n) {
-  int t = env_int("TREESSM_GRID_TREE_THREADS", 0);
-  if (t >= 32 && t <= 1024 && t % 32 == 0) return t;
-  t = ((n / 2 + 31) / 32) * 32;
+  const int t = ((n / 2 + 31) / 32) * 32;
   return t < 64 ? 64 : (t > 1024 ? 1024 : t);
 }
 
@@ -47,7 +37,8 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 
 }  // namespace
 
-Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64_t connectivity) {
+Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64_t connectivity,
+                  int64_t threads, int64_t solo) {
   TORCH_CHECK(cost.is_cuda(), "cost must be a CUDA tensor");
   TORCH_CHECK(cost.dim() == 1 && cost.is_contiguous(), "cost must be a contiguous 1-D tensor, got ",
               cost.dim(), " dims");
@@ -60,6 +51,9 @@ Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64
   TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ",
               connectivity);
   TORCH_CHECK(H * W <= INT_MAX / 32, "an image of ", H, " x ", W, " pixels is too large");
+  TORCH_CHECK(threads == 0 || (threads >= 32 && threads <= 1024 && threads % 32 == 0),
+              "threads must be 0 or a multiple of 32 up to 1024, got ", threads);
+  TORCH_CHECK(solo >= 0 && solo <= 1024, "solo must lie in [0, 1024], got ", solo);
   const grid::Grid g(static_cast<int>(H), static_cast<int>(W), static_cast<int>(connectivity));
   const int64_t n = g.n;
   TORCH_CHECK(cost.numel() == B * g.E, "cost must hold B * E = ", B, " * ", g.E, " = ", B * g.E,
@@ -98,18 +92,15 @@ Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64
                   child_ptr.data_ptr<int64_t>(),  tree_ptr.data_ptr<int64_t>(),
                   depth.data_ptr<int64_t>(),      parent_pos.data_ptr<int64_t>(),
                   level_start.data_ptr<int>(),    level_count.data_ptr<int>()};
-  const int threads = block_threads(g.n);
-  // Levels up to this wide run on one warp (no block barrier); TREESSM_GRID_TREE_SOLO
-  // overrides (0: never).
-  const int solo = env_int("TREESSM_GRID_TREE_SOLO", 64);
+  const int block = threads > 0 ? static_cast<int>(threads) : block_threads(g.n);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_grid_tree", [&] {
-    using T = typename GridCostType<scalar_t>::type;
+    using T = typename CudaType<scalar_t>::type;
     constexpr auto kernel = grid::grid_tree_kernel<T>;
     allow_dynamic_smem<kernel>(static_cast<int64_t>(smem), cost.get_device());
-    kernel<<<static_cast<unsigned>(B), threads, smem, stream>>>(
+    kernel<<<static_cast<unsigned>(B), block, smem, stream>>>(
         reinterpret_cast<const T*>(cost.data_ptr()), g.H, g.W, static_cast<int>(connectivity),
-        solo, B, o);
+        static_cast<int>(solo), B, o);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const int scan_threads = B >= 1024 ? 1024 : static_cast<int>((B + 31) / 32 * 32);
@@ -125,7 +116,8 @@ Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
-      "cuda_grid_tree(Tensor cost, int B, int H, int W, int connectivity) -> (Tensor parent, "
+      "cuda_grid_tree(Tensor cost, int B, int H, int W, int connectivity, int threads, "
+      "int solo) -> (Tensor parent, "
       "Tensor order, Tensor child_ptr, Tensor tree_ptr, Tensor depth, Tensor level_pos, "
       "Tensor tree_level_ptr, Tensor parent_pos)");
 }

@@ -1,13 +1,15 @@
-// Path-schedule tree scan: the recurrences of the staged kernels, walked along heavy paths
-// instead of breadth-first levels (plan: treessm/path_plan.py).
+// Path-schedule tree scan: the recurrences of the staged level kernels, walked along heavy
+// paths instead of breadth-first levels (plan: treessm.ops.plan.PathPlan).
 //
 // The heavy edges cut a tree into paths; a path's phase is the number of light edges above
-// its head, at most log2(n) + 1 phases per tree. One thread block owns one tree and a group
-// of channels, as in the level kernels; a group of lpv threads (one row of channels) walks
-// whole paths one after another, carrying the running value from a vertex to the next
-// vertex of its path in registers. The paths of a phase are independent, so the groups
-// split them (longest first), and one __syncthreads separates phases: root-first passes
-// take phases 0, 1, ..., leaf-first passes the reverse. A value crosses paths only at a
+// its head, at most log2(n) + 1 phases per tree. `parts` thread blocks share one tree and a
+// group of channels (one block per tree unless the tree is large); a group of lpv threads
+// (one row of channels) walks whole paths one after another, carrying the running value
+// from a vertex to the next vertex of its path in registers. The paths of a phase are
+// independent, so the groups of the tree's blocks split them, and the phases run in
+// order: root-first passes take phases 0, 1, ..., leaf-first passes the reverse. With one
+// block per tree, a __syncthreads separates phases inside one launch; with several, each
+// launch runs one phase (the launch boundary orders them). A value crosses paths only at a
 // head: leaf-first, the head leaves w * value in a [N, C] scratch row for its parent;
 // root-first, a vertex with light children leaves its value there for their heads.
 //
@@ -23,7 +25,7 @@
 
 namespace treessm_cuda {
 
-constexpr int kMaxPhases = 32;  // treessm.path_plan.MAX_PHASES
+constexpr int kMaxPhases = 32;  // treessm.ops.plan.MAX_PHASES
 constexpr int kPathDepth = 8;   // steps each thread stages ahead
 
 // One path index: vertex, parent's path index (-1 at a root), first light child's path
@@ -40,20 +42,13 @@ struct PathPlan {
 };
 
 struct PathArgs {
-  const void* in0;  // as StagedArgs
-  const void* in1;
-  const void* w;
-  const void* h;
-  void* up0;
-  void* up1;
-  void* out;
-  void* gw;
-  void* val0;  // [N, C] accumulator rows handed across paths (row = path index)
-  void* val1;  // second stream (S_UP2)
+  ScanIO io;    // val0/val1: rows handed across paths (row = path index)
   PathPlan plan;
   int64_t C;
   int lpv;      // threads per row
   int rec_cap;  // plan records (and path bounds) staged in shared memory per tree
+  int parts;    // blocks per tree: block b works on tree b / parts
+  int phase_lo, phase_hi;  // the phases this launch runs, [phase_lo, phase_hi)
 };
 
 // Shared-memory fields of one staged step, 16 bytes each.
@@ -89,11 +84,12 @@ __global__ void path_scan_kernel(const PathArgs args) {
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
   const int lane = tid % lpv;
-  const int slot = tid / lpv;
-  const int slots = nthreads / lpv;
+  const int part = (int)(blockIdx.x % (unsigned)args.parts);
+  const int slot = part * (nthreads / lpv) + tid / lpv;  // this group among the tree's groups
+  const int slots = args.parts * (nthreads / lpv);
   const int64_t c = ((int64_t)blockIdx.y * lpv + lane) * V;
   const bool active = c < C;
-  const int* phases = plan.phase_path + (int64_t)blockIdx.x * (kMaxPhases + 1);
+  const int* phases = plan.phase_path + (int64_t)(blockIdx.x / (unsigned)args.parts) * (kMaxPhases + 1);
   const int pj0 = phases[0];
   const int pj1 = phases[kMaxPhases];
   if (pj0 >= pj1) return;  // block-uniform
@@ -114,16 +110,16 @@ __global__ void path_scan_kernel(const PathArgs args) {
   auto rec = [&](int k) -> PathRec { return staged ? srec[k - ts] : plan.rec[k]; };
   auto pptr = [&](int j) -> int { return staged ? sptr[j - pj0] : plan.path_ptr[j]; };
 
-  const E0* in0 = reinterpret_cast<const E0*>(args.in0);
-  const E1* in1 = reinterpret_cast<const E1*>(args.in1);
-  const T* w = reinterpret_cast<const T*>(args.w);
-  const T* h = reinterpret_cast<const T*>(args.h);
-  A* up0 = reinterpret_cast<A*>(args.up0);
-  A* up1 = reinterpret_cast<A*>(args.up1);
-  T* out = reinterpret_cast<T*>(args.out);
-  T* gw = reinterpret_cast<T*>(args.gw);
-  A* val0 = reinterpret_cast<A*>(args.val0);
-  A* val1 = reinterpret_cast<A*>(args.val1);
+  const E0* in0 = reinterpret_cast<const E0*>(args.io.in0);
+  const E1* in1 = reinterpret_cast<const E1*>(args.io.in1);
+  const T* w = reinterpret_cast<const T*>(args.io.w);
+  const T* h = reinterpret_cast<const T*>(args.io.h);
+  A* up0 = reinterpret_cast<A*>(args.io.up0);
+  A* up1 = reinterpret_cast<A*>(args.io.up1);
+  T* out = reinterpret_cast<T*>(args.io.out);
+  T* gw = reinterpret_cast<T*>(args.io.gw);
+  A* val0 = reinterpret_cast<A*>(args.io.val0);
+  A* val1 = reinterpret_cast<A*>(args.io.val1);
 
   // this thread's 16 bytes of field f of ring slot s
   auto field = [&](int s, int f) { return ring + ((int64_t)(s * Fd::COUNT + f) * nthreads + tid) * 16; };
@@ -232,32 +228,7 @@ __global__ void path_scan_kernel(const PathArgs args) {
     } else {
       A res[V], g[V];
       if (u.k == u.k0 && r.parent >= 0) load<V>(reinterpret_cast<const A*>(field(s, Fd::X0)), pv);
-      if (r.parent < 0) {
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          res[q] = MODE == S_BOTH_BWD ? a1[q] : a0[q];
-          g[q] = A(0);
-        }
-      } else {
-        if (MODE == S_DOWN || MODE == S_UP_BWD) {
-#pragma unroll
-          for (int q = 0; q < V; ++q) res[q] = a0[q] + wv[q] * pv[q];
-        } else if (MODE == S_BOTH) {
-#pragma unroll
-          for (int q = 0; q < V; ++q) res[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a0[q];
-        } else {  // S_BOTH_BWD: a0 = U, a1 = G
-#pragma unroll
-          for (int q = 0; q < V; ++q) res[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a1[q];
-        }
-        if (MODE == S_UP_BWD) {
-#pragma unroll
-          for (int q = 0; q < V; ++q) g[q] = hx[q] * pv[q];
-        }
-        if (MODE == S_BOTH_BWD) {
-#pragma unroll
-          for (int q = 0; q < V; ++q) g[q] = a0[q] * pv[q] + a1[q] * hx[q] - A(2) * wv[q] * a0[q] * a1[q];
-        }
-      }
+      root_first_step<MODE, A, V>(r.parent < 0, a0, a1, wv, hx, pv, res, g);
       store<V>(out + row, res);
       if (MODE == S_UP_BWD || MODE == S_BOTH_BWD) store<V>(gw + row, g);
       if (r.light0 >= 0) store<V>(val0 + (int64_t)u.k * C + c, res);  // for the light children
@@ -266,8 +237,8 @@ __global__ void path_scan_kernel(const PathArgs args) {
     }
   };
 
-  for (int q = 0; q < kMaxPhases; ++q) {
-    const int p = UP ? kMaxPhases - 1 - q : q;
+  for (int q = args.phase_lo; q < args.phase_hi; ++q) {
+    const int p = UP ? args.phase_lo + args.phase_hi - 1 - q : q;
     const int j0 = phases[p];
     const int j1 = phases[p + 1];
     if (j0 >= j1) continue;  // block-uniform

@@ -1,6 +1,10 @@
-// Host side of the CUDA tree scan: argument checks, launch configuration and the
-// torch.library registration of the ops torch.ops.treessm.cuda_scan_forward /
-// torch.ops.treessm.cuda_scan_backward (CUDA dispatch key).
+// Host side of the CUDA tree scan: argument checks, launches and the torch.library
+// registration of the ops (CUDA dispatch key)
+//   torch.ops.treessm.cuda_scan_forward / cuda_scan_backward            (level schedule)
+//   torch.ops.treessm.cuda_path_scan_forward / cuda_path_scan_backward  (heavy-path schedule)
+//   torch.ops.treessm.cuda_device_limits
+// Launch parameters are arguments, chosen by treessm/ops/plan.py; here they are only fitted
+// to the shared memory the device offers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -8,18 +12,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <initializer_list>
+#include <string>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
-#include "launch_limits.cuh"
+#include "host_utils.cuh"
 #include "path_scan_kernels.cuh"
 
 namespace treessm_cuda {
 namespace {
-
-constexpr int kMaxShared = 48 * 1024;  // no opt-in needed below this
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
@@ -38,88 +41,125 @@ void check_index(const at::Tensor& t, const char* name, int64_t n, const at::Ten
   if (n >= 0) TORCH_CHECK(t.size(0) == n, name, " must have ", n, " entries, got ", t.size(0));
 }
 
-struct Launch {
-  int vec;      // channels per thread access
-  int lpv;      // threads per vertex row in a block
-  int threads;  // threads per block
-  dim3 grid;
-  int cap(int streams, int acc_size) const {
-    // rows of one level kept in shared memory (two alternating buffers per stream)
-    const int row = lpv * vec * acc_size;
-    int c = kMaxShared / (streams * 2 * row);
-    return c < 256 ? c : 256;
-  }
-  size_t smem(int streams, int acc_size) const {
-    return static_cast<size_t>(streams) * 2 * cap(streams, acc_size) * lpv * vec * acc_size;
-  }
-};
-
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return (v != nullptr && *v) ? std::atoi(v) : fallback;
+int direction_code(const std::string& d) {
+  if (d == "both") return 0;
+  if (d == "up") return 1;
+  if (d == "down") return 2;
+  TORCH_CHECK(false, "direction must be 'both', 'up' or 'down', got '", d, "'");
+  return -1;
 }
 
-// At most four channels per thread access, dividing C (aligned_vec then checks the rows'
-// alignment).
-int vec_width(int64_t C, int elem_size) {
+// At most four channels per thread access, dividing C, keeping every row of every tensor
+// aligned to the access.
+int vec_width(int64_t C, int elem_size, std::initializer_list<const at::Tensor*> ts) {
   int vec = 16 / elem_size < 4 ? 16 / elem_size : 4;
   while (vec > 1 && C % vec != 0) vec /= 2;
+  for (const at::Tensor* t : ts) {
+    const auto addr = reinterpret_cast<uintptr_t>(t->data_ptr());
+    while (vec > 1 && addr % (static_cast<uintptr_t>(vec) * elem_size) != 0) vec /= 2;
+  }
   return vec;
 }
 
-// Grid of (trees, channel groups). Threads per row default to `row_bytes` of channels per
-// block (at most 32 threads, fewer when the channels are fewer), threads per block to
-// `threads_default`; TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override them (for tuning).
-Launch launch_shape(int64_t C, int64_t num_trees, int elem_size, int vec, int row_bytes,
-                    int threads_default) {
+// Grid and block shape of both schedules: `row_bytes` of channels per block (at most 32
+// threads per row, fewer when the channels are fewer), `threads` per block, `parts` blocks
+// per tree.
+struct Shape {
+  int vec, lpv, threads;
+  dim3 grid;
+};
+
+Shape launch_shape(int64_t C, int64_t num_trees, int elem_size, int vec, int64_t row_bytes,
+                   int64_t threads, int64_t parts) {
+  TORCH_CHECK(row_bytes >= elem_size && row_bytes <= 32 * 16, "row_bytes must lie in [",
+              elem_size, ", 512], got ", row_bytes);
+  TORCH_CHECK(threads >= 32 && threads <= 1024 && threads % 32 == 0,
+              "threads must be a multiple of 32 up to 1024, got ", threads);
+  TORCH_CHECK(parts >= 1, "blocks_per_tree must be >= 1, got ", parts);
   const int64_t lanes = C / vec;
-  int lpv_default = row_bytes / (vec * elem_size);
-  if (lpv_default > 32) lpv_default = 32;
-  if (lpv_default < 1) lpv_default = 1;
-  int lpv = env_int("TREESSM_CUDA_LPV", lpv_default);
-  if (lpv < 1 || lpv > 32 || (lpv & (lpv - 1))) lpv = lpv_default;
+  int lpv = static_cast<int>(row_bytes / (vec * elem_size));
+  if (lpv > 32) lpv = 32;
+  if (lpv < 1) lpv = 1;
+  while (lpv & (lpv - 1)) lpv &= lpv - 1;  // a power of two
   while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
-  int threads = env_int("TREESSM_CUDA_THREADS", threads_default);
-  if (threads < 32 || threads > 1024 || threads % 32) threads = threads_default;
-  if (threads < lpv) threads = lpv;
   const int64_t groups = (lanes + lpv - 1) / lpv;
   TORCH_CHECK(groups <= 65535, "too many channels for one launch: ", C);
-  TORCH_CHECK(num_trees <= 2147483647LL, "too many trees for one launch: ", num_trees);
-  Launch L;
+  TORCH_CHECK(num_trees * parts <= 2147483647LL, "too many trees for one launch: ", num_trees);
+  Shape L;
   L.vec = vec;
   L.lpv = lpv;
-  L.threads = threads;
-  L.grid = dim3(static_cast<unsigned>(num_trees), static_cast<unsigned>(groups), 1);
+  L.threads = static_cast<int>(threads < lpv ? lpv : threads);
+  L.grid = dim3(static_cast<unsigned>(num_trees * parts), static_cast<unsigned>(groups), 1);
   return L;
 }
-
-// The direct kernels: 32-byte rows (two threads of 16 bytes for float32) and small blocks:
-// a level of a tree holds tens of vertices, and independent blocks are what hides latency.
-Launch configure(int64_t C, int64_t num_trees, int elem_size, int vec) {
-  return launch_shape(C, num_trees, elem_size, vec, 32, 64);
-}
-
-Plan make_plan(const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& level_pos,
-               const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
-               const at::Tensor& parent_at_pos) {
-  Plan p;
-  p.order = order.data_ptr<int64_t>();
-  p.child_ptr = child_ptr.data_ptr<int64_t>();
-  p.level_pos = level_pos.data_ptr<int64_t>();
-  p.tree_level_ptr = tree_level_ptr.data_ptr<int64_t>();
-  p.parent_pos = parent_pos.data_ptr<int64_t>();
-  p.parent_at_pos = parent_at_pos.data_ptr<int64_t>();
-  return p;
-}
-
-template <typename T> struct CudaType { using type = T; };
-template <> struct CudaType<at::Half> { using type = __half; };
-template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
+
+// The tensors of one pass, by role (see ScanIO); undefined tensors give null pointers.
+struct Io {
+  at::Tensor in0, in1, w, h, up0, up1, out, gw, val0, val1;
+  template <typename T, typename A, int MODE>
+  ScanIO get() const {
+    using Tr = StagedTraits<MODE>;
+    ScanIO io;
+    io.in0 = Tr::IN0_ACC ? static_cast<const void*>(ptr<A>(in0)) : ptr<T>(in0);
+    io.in1 = Tr::IN1_ACC ? static_cast<const void*>(ptr<A>(in1)) : ptr<T>(in1);
+    io.w = ptr<T>(w);
+    io.h = ptr<T>(h);
+    io.up0 = ptr<A>(up0);
+    io.up1 = ptr<A>(up1);
+    io.out = ptr<T>(out);
+    io.gw = ptr<T>(gw);
+    io.val0 = ptr<A>(val0);
+    io.val1 = ptr<A>(val1);
+    return io;
+  }
+};
+
+template <int M> using Mode = std::integral_constant<int, M>;
+
+// The passes of each direction. `pass(Mode<M>{}, io)` runs one pass; `acc(...)` makes an
+// accumulator-typed [N, C] buffer.
+template <typename Pass, typename Acc>
+void forward_passes(int dir, const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
+                    Pass&& pass, Acc&& acc) {
+  const at::Tensor scratch = acc();
+  if (dir == 1) {
+    pass(Mode<S_UP>{}, Io{x, {}, w, {}, {}, {}, out, {}, scratch, {}});
+  } else if (dir == 2) {
+    pass(Mode<S_DOWN>{}, Io{x, {}, w, {}, {}, {}, out, {}, scratch, {}});
+  } else {
+    const at::Tensor up = acc();
+    pass(Mode<S_UP>{}, Io{x, {}, w, {}, up, {}, {}, {}, scratch, {}});
+    pass(Mode<S_BOTH>{}, Io{up, {}, w, {}, {}, {}, out, {}, scratch, {}});
+  }
+}
+
+template <typename Pass, typename Acc>
+void backward_passes(int dir, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                     const at::Tensor& h, const at::Tensor& gx, const at::Tensor& gw,
+                     Pass&& pass, Acc&& acc) {
+  const at::Tensor scratch = acc();
+  if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
+    pass(Mode<S_UP_BWD>{}, Io{g, {}, w, h, {}, {}, gx, gw, scratch, {}});
+  } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
+    pass(Mode<S_UP_GW>{}, Io{g, {}, w, h, {}, {}, gx, gw, scratch, {}});
+  } else {  // both: U = up(x), G = up(g) in one pass, then gx = both(g) and gw together
+    const at::Tensor U = acc(), G = acc(), scratch2 = acc();
+    pass(Mode<S_UP2>{}, Io{x, g, w, {}, U, G, {}, {}, scratch, scratch2});
+    pass(Mode<S_BOTH_BWD>{}, Io{U, G, w, h, {}, {}, gx, gw, scratch, {}});
+  }
+}
+
+#define TREESSM_DISPATCH_TYPES(TYPE, NAME, ...)                                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                              \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                     \
+                     AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__)                    \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 // Instantiates only the widths a type can take (at most 16 bytes per access).
 #define TREESSM_DISPATCH_VEC(VEC, ELEM, ...)                                               \
@@ -129,172 +169,206 @@ T* ptr(const at::Tensor& t) {
     default: { constexpr int V = 1; __VA_ARGS__; break; }                                  \
   }
 
-#define TREESSM_DISPATCH_TYPES(TYPE, NAME, ...)                                              \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                                              \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                     \
-                     AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__)                    \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+// Runs `body<T, A, V>()` for the element type of `x` and the vector width `vec`.
+#define TREESSM_DISPATCH_SCAN(x, vec, NAME, ...)                                   \
+  TREESSM_DISPATCH_TYPES((x).scalar_type(), NAME, [&] {                            \
+    using T_ = typename CudaType<scalar_t>::type;                                  \
+    using A_ = typename AccType<T_>::type;                                         \
+    TREESSM_DISPATCH_VEC(vec, T_, __VA_ARGS__);                                    \
+  })
 
-int direction_code(const std::string& d) {
-  if (d == "both") return 0;
-  if (d == "up") return 1;
-  if (d == "down") return 2;
-  TORCH_CHECK(false, "direction must be 'both', 'up' or 'down', got '", d, "'");
-  return -1;
-}
-
-// The widest vector width that divides C and keeps every row of every tensor aligned.
-int aligned_vec(int vec, int elem_size, std::initializer_list<const at::Tensor*> ts) {
-  for (const at::Tensor* t : ts) {
-    if (t == nullptr || !t->defined()) continue;
-    const auto addr = reinterpret_cast<uintptr_t>(t->data_ptr());
-    while (vec > 1 && addr % (static_cast<uintptr_t>(vec) * elem_size) != 0) vec /= 2;
-  }
-  return vec;
-}
-
-// Which kernels run: the staged kernels (default) or the direct ones (TREESSM_CUDA_SCAN=direct).
-// The staged kernels index positions, vertices and levels with 32 bits.
-bool use_staged(int64_t N, int64_t num_levels) {
-  const char* v = std::getenv("TREESSM_CUDA_SCAN");
-  if (v != nullptr && std::string(v) == "direct") return false;
-  return N < 2147483647LL && num_levels < 2147483647LL;
-}
-
-// The staged kernels: 32 channels per block (eight threads of 16 bytes for float32, eight
-// of 8 bytes for 16-bit types; 128 bytes for float64), 128 threads, so a level step covers
-// 16 vertices (TREESSM_CUDA_LPV / TREESSM_CUDA_THREADS override).
-Launch configure_staged(int64_t C, int64_t num_trees, int elem_size, int vec) {
-  return launch_shape(C, num_trees, elem_size, vec, elem_size <= 4 ? 32 * elem_size : 128, 128);
-}
-
-// Launches one staged kernel. The rings take what a shared-memory budget allows: R = 256
-// staged positions at most (TREESSM_CUDA_RING), 64 rows per level handed on in shared
-// memory (TREESSM_CUDA_CAP). The budget is 100 KiB, less where the grid would otherwise
-// need more than one wave of blocks (smaller rings refill more often, but a second wave
-// doubles the time); TREESSM_CUDA_SMEM sets it outright.
+// ---------------------------------------------------------------------------- level schedule
+// One staged level pass. The rings take what the shared-memory budget allows: `ring`
+// staged positions at most (rounded down to a power of two, at least 16) and `cap` values
+// per level handed on in shared memory, halved until they fit.
 template <typename T, typename A, int V, int MODE>
-void launch_staged(const Launch& L, StagedArgs a, cudaStream_t stream, int device) {
+void launch_levels(const Shape& L, const Plan& plan, int64_t C, const ScanIO& io, int64_t ring_max,
+                   int64_t cap_max, int64_t budget, cudaStream_t stream, int device) {
   const int cw = L.lpv * V;
   const int optin = max_dynamic_smem(device);
-  const int64_t blocks = static_cast<int64_t>(L.grid.x) * L.grid.y;
-  int budget = env_int("TREESSM_CUDA_SMEM",
-                       static_cast<int>(one_wave_smem(blocks, device, 100 * 1024)));
   if (budget > optin) budget = optin;
-  int cap = env_int("TREESSM_CUDA_CAP", 64);
-  if (cap < 0) cap = 64;
-  int ring = env_int("TREESSM_CUDA_RING", 256);
-  int r = 16;
-  while (r * 2 <= ring && r < (1 << 20)) r *= 2;
-  ring = r;
+  int cap = cap_max < 0 ? 0 : static_cast<int>(cap_max < 4096 ? cap_max : 4096);
+  int ring = 16;
+  while (ring * 2 <= ring_max && ring < (1 << 20)) ring *= 2;
   while (ring > 16 && staged_smem_bytes<MODE>(ring, cw, cap, sizeof(T), sizeof(A)) > budget) ring /= 2;
   while (cap > 0 && staged_smem_bytes<MODE>(ring, cw, cap, sizeof(T), sizeof(A)) > budget) cap /= 2;
   const int64_t smem = staged_smem_bytes<MODE>(ring, cw, cap, sizeof(T), sizeof(A));
-  TORCH_CHECK(smem <= optin, "the staged scan needs ", smem, " bytes of shared memory, the device offers ", optin);
-  a.lpv = L.lpv;
-  a.cap = cap;
-  a.ring = ring;
+  TORCH_CHECK(smem <= optin, "the level scan needs ", smem, " bytes of shared memory, the device offers ", optin);
+  StagedArgs a{io, plan, C, L.lpv, cap, ring};
   constexpr auto kernel = staged_scan_kernel<T, A, V, MODE>;
   allow_dynamic_smem<kernel>(smem, device);
   kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-StagedArgs staged_args(const Plan& plan, int64_t C, const void* in0, const void* in1, const void* w,
-                       const void* h, void* up0, void* up1, void* out, void* gw, void* val0,
-                       void* val1) {
-  StagedArgs a;
-  a.in0 = in0;
-  a.in1 = in1;
-  a.w = w;
-  a.h = h;
-  a.up0 = up0;
-  a.up1 = up1;
-  a.out = out;
-  a.gw = gw;
-  a.val0 = val0;
-  a.val1 = val1;
-  a.plan = plan;
-  a.C = C;
-  a.lpv = 1;
-  a.cap = 0;
-  a.ring = 16;
-  return a;
+struct LevelTensors {
+  at::Tensor order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos;
+  void check(int64_t N, const at::Tensor& like) const {
+    check_index(parent_at_pos, "parent_at_pos", N, like);
+    check_index(order, "order", N, like);
+    check_index(child_ptr, "child_ptr", N + 1, like);
+    check_index(parent_pos, "parent_pos", N, like);
+    check_index(level_pos, "level_pos", -1, like);
+    check_index(tree_level_ptr, "tree_level_ptr", -1, like);
+    TORCH_CHECK(N < 2147483647LL && level_pos.numel() < 2147483647LL,
+                "the level scan indexes positions with 32 bits");
+  }
+  Plan plan() const {
+    return Plan{order.data_ptr<int64_t>(),     child_ptr.data_ptr<int64_t>(),
+                level_pos.data_ptr<int64_t>(), tree_level_ptr.data_ptr<int64_t>(),
+                parent_pos.data_ptr<int64_t>(), parent_at_pos.data_ptr<int64_t>()};
+  }
+};
+
+struct LevelLaunch {
+  int64_t row_bytes, threads, ring, cap, smem;
+};
+
+// Runs the passes of `run` (forward_passes or backward_passes) with the level kernels.
+template <typename Run>
+void levels(const at::Tensor& x, const LevelTensors& lt, const LevelLaunch& la, int vec, Run&& run) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t T = lt.tree_level_ptr.size(0) - 1;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int device = x.get_device();
+  const Plan plan = lt.plan();
+  const Shape L = launch_shape(C, T, x.element_size(), vec, la.row_bytes, la.threads, 1);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto acc = [&] { return at::empty({N, C}, x.options().dtype(acc_dtype)); };
+  TREESSM_DISPATCH_SCAN(x, L.vec, "treessm_level_scan", {
+    run([&](auto mode, const Io& io) {
+      constexpr int M = decltype(mode)::value;
+      launch_levels<T_, A_, V, M>(L, plan, C, io.get<T_, A_, M>(), la.ring, la.cap, la.smem,
+                                  stream, device);
+    }, acc);
+  });
 }
 
-// The path kernels: rows as in the staged kernels. Each thread's ring takes
-// kPathDepth * fields * 16 bytes; the tree's plan records follow (sized for the average
-// tree, N / T; larger trees read them from global memory). Within a shared-memory budget of
-// TREESSM_CUDA_SMEM bytes (default 113 KiB, two blocks per SM) a block takes 128 threads
-// where the records fit, else 64 (TREESSM_CUDA_THREADS overrides).
+// ---------------------------------------------------------------------------- path schedule
+// One path pass. With one block per tree, all phases run in one launch and the tree's plan
+// records go to shared memory when they fit the budget (a block takes 64 threads instead of
+// 128 where that makes them fit); with several blocks per tree, one launch per phase, plan
+// records read from global memory.
 template <typename T, typename A, int V, int MODE>
-void launch_path(Launch L, PathArgs a, int64_t N, int64_t num_trees, cudaStream_t stream, int device) {
+void launch_paths(Shape L, const PathPlan& plan, int64_t C, const ScanIO& io, int64_t N,
+                  int64_t num_trees, int64_t parts, int64_t num_phases, int64_t budget,
+                  cudaStream_t stream, int device) {
   const int optin = max_dynamic_smem(device);
-  int budget = env_int("TREESSM_CUDA_SMEM", 113 * 1024);
   if (budget > optin) budget = optin;
-  const int64_t avg = (N + num_trees - 1) / num_trees + 1;
-  const int64_t want = avg < (1 << 20) ? avg : 0;
-  if (std::getenv("TREESSM_CUDA_THREADS") == nullptr && L.threads > 64 &&
-      path_smem_bytes<MODE>(L.threads, (int)want) > budget)
-    L.threads = 64;  // at least lpv (at most 32)
+  int64_t want = 0;
+  if (parts == 1) {
+    const int64_t avg = (N + num_trees - 1) / num_trees + 1;
+    want = avg < (1 << 20) ? avg : 0;
+    if (L.threads > 64 && path_smem_bytes<MODE>(L.threads, static_cast<int>(want)) > budget)
+      L.threads = 64 > L.lpv ? 64 : L.lpv;
+  }
   const int64_t ring = path_smem_bytes<MODE>(L.threads, 0);
   TORCH_CHECK(ring <= optin, "the path scan needs ", ring, " bytes of shared memory, the device offers ", optin);
-  int64_t rec_cap = (budget - ring) / (int64_t)(sizeof(PathRec) + sizeof(int));
+  int64_t rec_cap = (budget - ring) / static_cast<int64_t>(sizeof(PathRec) + sizeof(int));
   if (rec_cap > want) rec_cap = want;
   if (rec_cap < 0) rec_cap = 0;
-  a.lpv = L.lpv;
-  a.rec_cap = static_cast<int>(rec_cap);
+  PathArgs a{io, plan, C, L.lpv, static_cast<int>(rec_cap), static_cast<int>(parts), 0, kMaxPhases};
   const int64_t smem = path_smem_bytes<MODE>(L.threads, a.rec_cap);
   constexpr auto kernel = path_scan_kernel<T, A, V, MODE>;
   allow_dynamic_smem<kernel>(smem, device);
-  kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-PathArgs path_args(const PathPlan& plan, int64_t C, const void* in0, const void* in1, const void* w,
-                   const void* h, void* up0, void* up1, void* out, void* gw, void* val0, void* val1) {
-  PathArgs a;
-  a.in0 = in0;
-  a.in1 = in1;
-  a.w = w;
-  a.h = h;
-  a.up0 = up0;
-  a.up1 = up1;
-  a.out = out;
-  a.gw = gw;
-  a.val0 = val0;
-  a.val1 = val1;
-  a.plan = plan;
-  a.C = C;
-  a.lpv = 1;
-  a.rec_cap = 0;
-  return a;
-}
-
-void check_path_plan(const at::Tensor& rec, const at::Tensor& light, const at::Tensor& path_ptr,
-                     const at::Tensor& phase_path, int64_t N, const at::Tensor& like) {
-  for (const auto* t : {&rec, &light, &path_ptr, &phase_path}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == like.device(), "path plan tensors must be on ", like.device());
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "path plan tensors must be contiguous int32");
+  if (parts == 1) {
+    kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
-  TORCH_CHECK(rec.dim() == 2 && rec.size(0) == N + 1 && rec.size(1) == 4, "rec must be [N + 1, 4]");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(rec.data_ptr()) % 16 == 0, "rec must be 16-byte aligned");
-  TORCH_CHECK(light.dim() == 1 && light.size(0) == N, "light must have N entries");
-  TORCH_CHECK(path_ptr.dim() == 1 && path_ptr.size(0) == N + 1, "path_ptr must have N + 1 entries");
-  TORCH_CHECK(phase_path.dim() == 2 && phase_path.size(1) == kMaxPhases + 1,
-              "phase_path must be [T, ", kMaxPhases + 1, "]");
-  TORCH_CHECK(N < 2147483647LL, "the path plan indexes positions with 32 bits");
+  constexpr bool up = StagedTraits<MODE>::UP;
+  for (int64_t q = 0; q < num_phases; ++q) {
+    const int p = static_cast<int>(up ? num_phases - 1 - q : q);
+    a.phase_lo = p;
+    a.phase_hi = p + 1;
+    kernel<<<L.grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
-PathPlan make_path_plan(const at::Tensor& rec, const at::Tensor& light, const at::Tensor& path_ptr,
-                        const at::Tensor& phase_path) {
-  PathPlan p;
-  p.rec = reinterpret_cast<const PathRec*>(rec.data_ptr<int>());
-  p.light = light.data_ptr<int>();
-  p.path_ptr = path_ptr.data_ptr<int>();
-  p.phase_path = phase_path.data_ptr<int>();
-  return p;
+struct PathTensors {
+  at::Tensor rec, light, path_ptr, phase_path;
+  void check(int64_t N, const at::Tensor& like) const {
+    for (const auto* t : {&rec, &light, &path_ptr, &phase_path}) {
+      TORCH_CHECK(t->is_cuda() && t->device() == like.device(), "path plan tensors must be on ", like.device());
+      TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), "path plan tensors must be contiguous int32");
+    }
+    TORCH_CHECK(rec.dim() == 2 && rec.size(0) == N + 1 && rec.size(1) == 4, "rec must be [N + 1, 4]");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(rec.data_ptr()) % 16 == 0, "rec must be 16-byte aligned");
+    TORCH_CHECK(light.dim() == 1 && light.size(0) == N, "light must have N entries");
+    TORCH_CHECK(path_ptr.dim() == 1 && path_ptr.size(0) == N + 1, "path_ptr must have N + 1 entries");
+    TORCH_CHECK(phase_path.dim() == 2 && phase_path.size(1) == kMaxPhases + 1,
+                "phase_path must be [T, ", kMaxPhases + 1, "]");
+    TORCH_CHECK(N < 2147483647LL, "the path plan indexes positions with 32 bits");
+  }
+  PathPlan plan() const {
+    return PathPlan{reinterpret_cast<const PathRec*>(rec.data_ptr<int>()), light.data_ptr<int>(),
+                    path_ptr.data_ptr<int>(), phase_path.data_ptr<int>()};
+  }
+};
+
+struct PathLaunch {
+  int64_t row_bytes, threads, smem, parts, num_phases;
+};
+
+template <typename Run>
+void paths(const at::Tensor& x, const PathTensors& pt, const PathLaunch& la, int vec, Run&& run) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t T = pt.phase_path.size(0);
+  TORCH_CHECK(la.num_phases >= 0 && la.num_phases <= kMaxPhases, "num_phases must lie in [0, ",
+              kMaxPhases, "], got ", la.num_phases);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int device = x.get_device();
+  const PathPlan plan = pt.plan();
+  const Shape L = launch_shape(C, T, x.element_size(), vec, la.row_bytes, la.threads, la.parts);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto acc = [&] { return at::empty({N, C}, x.options().dtype(acc_dtype)); };
+  TREESSM_DISPATCH_SCAN(x, L.vec, "treessm_path_scan", {
+    run([&](auto mode, const Io& io) {
+      constexpr int M = decltype(mode)::value;
+      launch_paths<T_, A_, V, M>(L, plan, C, io.get<T_, A_, M>(), N, T, la.parts, la.num_phases,
+                                 la.smem, stream, device);
+    }, acc);
+  });
+}
+
+// ---------------------------------------------------------------------------- entry points
+// Runs the forward passes of `schedule` (levels(...) or paths(...)).
+template <typename Schedule>
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::string& direction,
+                   int64_t T, Schedule&& schedule) {
+  check_rows(weight, "weight", x);
+  const int dir = direction_code(direction);
+  at::Tensor out = at::empty_like(x);
+  if (x.size(0) == 0 || x.size(1) == 0 || T <= 0) return out;
+  const int vec = vec_width(x.size(1), x.element_size(), {&x, &weight, &out});
+  schedule(vec, [&](auto&& pass, auto&& acc) { forward_passes(dir, x, weight, out, pass, acc); });
+  return out;
+}
+
+template <typename Schedule>
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
+                                            const at::Tensor& weight, const at::Tensor& out,
+                                            const std::string& direction, int64_t T,
+                                            Schedule&& schedule) {
+  check_rows(weight, "weight", x);
+  check_rows(grad, "grad", x);
+  check_rows(out, "out", x);
+  const int dir = direction_code(direction);
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gw = at::empty_like(x);
+  if (x.size(0) == 0 || x.size(1) == 0 || T <= 0) return {gx, gw};
+  const int vec = vec_width(x.size(1), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
+  schedule(vec, [&](auto&& pass, auto&& acc) {
+    backward_passes(dir, grad, x, weight, out, gx, gw, pass, acc);
+  });
+  return {gx, gw};
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
 }
 
 }  // namespace
@@ -302,250 +376,84 @@ PathPlan make_path_plan(const at::Tensor& rec, const at::Tensor& light, const at
 at::Tensor scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order,
                         const at::Tensor& child_ptr, const at::Tensor& level_pos,
                         const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
-                        const at::Tensor& parent_at_pos, const std::string& direction) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
-  check_rows(weight, "weight", x);
-  const int64_t N = x.size(0), C = x.size(1);
-  check_index(parent_at_pos, "parent_at_pos", N, x);
-  check_index(order, "order", N, x);
-  check_index(child_ptr, "child_ptr", N + 1, x);
-  check_index(parent_pos, "parent_pos", N, x);
-  check_index(level_pos, "level_pos", -1, x);
-  check_index(tree_level_ptr, "tree_level_ptr", -1, x);
-  const int dir = direction_code(direction);
-  at::Tensor out = at::empty_like(x);
-  const int64_t T = tree_level_ptr.size(0) - 1;
-  if (N == 0 || C == 0 || T <= 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos);
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
-  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&x, &weight, &out});
-  if (use_staged(x.size(0), level_pos.numel())) {
-    const Launch L = configure_staged(C, T, x.element_size(), vec);
-    const int device = x.get_device();
-    TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_forward", [&] {
-      using T_ = typename CudaType<scalar_t>::type;
-      using A = typename AccType<T_>::type;
-      TREESSM_DISPATCH_VEC(L.vec, T_, {
-        if (dir == 1) {
-          launch_staged<T_, A, V, S_UP>(L, staged_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), stream, device);
-        } else if (dir == 2) {
-          launch_staged<T_, A, V, S_DOWN>(L, staged_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), stream, device);
-        } else {
-          at::Tensor up = at::empty({N, C}, x.options().dtype(acc_dtype));
-          launch_staged<T_, A, V, S_UP>(L, staged_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, ptr<A>(up), nullptr, nullptr, nullptr, ptr<A>(scratch), nullptr), stream, device);
-          launch_staged<T_, A, V, S_BOTH>(L, staged_args(plan, C, ptr<A>(up), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), stream, device);
-        }
-      });
-    });
-    return out;
-  }
-  const Launch L = configure(C, T, x.element_size(), vec);
-  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_forward", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    using A = typename AccType<T_>::type;
-    TREESSM_DISPATCH_VEC(L.vec, T_, {
-      if (dir == 1) {
-        up_pass_kernel<T_, A, V, 1><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
-            ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, ptr<T_>(out), nullptr, nullptr,
-            ptr<A>(scratch), nullptr, plan, C, L.lpv, L.cap(1, sizeof(A)));
-      } else if (dir == 2) {
-        down_pass_kernel<T_, A, V, DOWN_FWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
-            ptr<T_>(x), nullptr, nullptr, ptr<T_>(weight), nullptr, ptr<T_>(out), nullptr,
-            ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
-      } else {
-        at::Tensor up = at::empty({N, C}, x.options().dtype(acc_dtype));
-        up_pass_kernel<T_, A, V, 1><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
-            ptr<T_>(x), nullptr, ptr<T_>(weight), ptr<A>(up), nullptr, nullptr, nullptr, nullptr,
-            ptr<A>(scratch), nullptr, plan, C, L.lpv, L.cap(1, sizeof(A)));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        down_pass_kernel<T_, A, V, BOTH_FWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
-            nullptr, ptr<A>(up), nullptr, ptr<T_>(weight), nullptr, ptr<T_>(out), nullptr,
-            ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return out;
+                        const at::Tensor& parent_at_pos, const std::string& direction,
+                        int64_t row_bytes, int64_t threads, int64_t ring, int64_t cap,
+                        int64_t smem) {
+  check_x(x);
+  const LevelTensors lt{order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos};
+  lt.check(x.size(0), x);
+  const LevelLaunch la{row_bytes, threads, ring, cap, smem};
+  return forward(x, weight, direction, tree_level_ptr.size(0) - 1,
+                 [&](int vec, auto&& run) { levels(x, lt, la, vec, run); });
 }
 
 std::tuple<at::Tensor, at::Tensor> scan_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& level_pos,
     const at::Tensor& tree_level_ptr, const at::Tensor& parent_pos,
-    const at::Tensor& parent_at_pos, const std::string& direction) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
-  check_rows(weight, "weight", x);
-  check_rows(grad, "grad", x);
-  check_rows(out, "out", x);
-  const int64_t N = x.size(0), C = x.size(1);
-  check_index(parent_at_pos, "parent_at_pos", N, x);
-  check_index(order, "order", N, x);
-  check_index(child_ptr, "child_ptr", N + 1, x);
-  check_index(parent_pos, "parent_pos", N, x);
-  check_index(level_pos, "level_pos", -1, x);
-  check_index(tree_level_ptr, "tree_level_ptr", -1, x);
-  const int dir = direction_code(direction);
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gw = at::empty_like(x);
-  const int64_t T = tree_level_ptr.size(0) - 1;
-  if (N == 0 || C == 0 || T <= 0) return {gx, gw};
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const Plan plan = make_plan(order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos);
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
-  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
-  if (use_staged(x.size(0), level_pos.numel())) {
-    const Launch L = configure_staged(C, T, x.element_size(), vec);
-    const int device = x.get_device();
-    TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_backward", [&] {
-      using T_ = typename CudaType<scalar_t>::type;
-      using A = typename AccType<T_>::type;
-      TREESSM_DISPATCH_VEC(L.vec, T_, {
-        if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
-          launch_staged<T_, A, V, S_UP_BWD>(L, staged_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), stream, device);
-        } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
-          launch_staged<T_, A, V, S_UP_GW>(L, staged_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), stream, device);
-        } else {  // both: U = up(x), G = up(g) in one pass, then gx and gw together
-          at::Tensor U = at::empty({N, C}, x.options().dtype(acc_dtype));
-          at::Tensor G = at::empty({N, C}, x.options().dtype(acc_dtype));
-          at::Tensor scratch2 = at::empty({N, C}, x.options().dtype(acc_dtype));
-          launch_staged<T_, A, V, S_UP2>(L, staged_args(plan, C, ptr<T_>(x), ptr<T_>(grad), ptr<T_>(weight), nullptr, ptr<A>(U), ptr<A>(G), nullptr, nullptr, ptr<A>(scratch), ptr<A>(scratch2)), stream, device);
-          launch_staged<T_, A, V, S_BOTH_BWD>(L, staged_args(plan, C, ptr<A>(U), ptr<A>(G), ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), stream, device);
-        }
-      });
-    });
-    return {gx, gw};
-  }
-  const Launch L = configure(C, T, x.element_size(), vec);
-  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_scan_backward", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    using A = typename AccType<T_>::type;
-    TREESSM_DISPATCH_VEC(L.vec, T_, {
-      if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
-        down_pass_kernel<T_, A, V, UP_BWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
-            ptr<T_>(grad), nullptr, nullptr, ptr<T_>(weight), ptr<T_>(out), ptr<T_>(gx),
-            ptr<T_>(gw), ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
-      } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
-        up_pass_kernel<T_, A, V, 1><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
-            ptr<T_>(grad), nullptr, ptr<T_>(weight), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(out),
-            ptr<T_>(gw), ptr<A>(scratch), nullptr, plan, C, L.lpv, L.cap(1, sizeof(A)));
-      } else {  // both: U = up(x), G = up(g) in one pass, then gx = both(g) and gw together
-        at::Tensor U = at::empty({N, C}, x.options().dtype(acc_dtype));
-        at::Tensor G = at::empty({N, C}, x.options().dtype(acc_dtype));
-        at::Tensor scratch2 = at::empty({N, C}, x.options().dtype(acc_dtype));
-        up_pass_kernel<T_, A, V, 2><<<L.grid, L.threads, L.smem(2, sizeof(A)), stream>>>(
-            ptr<T_>(x), ptr<T_>(grad), ptr<T_>(weight), ptr<A>(U), ptr<A>(G), nullptr, nullptr,
-            nullptr, ptr<A>(scratch), ptr<A>(scratch2), plan, C, L.lpv, L.cap(2, sizeof(A)));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        down_pass_kernel<T_, A, V, BOTH_BWD><<<L.grid, L.threads, L.smem(1, sizeof(A)), stream>>>(
-            nullptr, ptr<A>(U), ptr<A>(G), ptr<T_>(weight), ptr<T_>(out), ptr<T_>(gx), ptr<T_>(gw),
-            ptr<A>(scratch), plan, C, L.lpv, L.cap(1, sizeof(A)));
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {gx, gw};
+    const at::Tensor& parent_at_pos, const std::string& direction, int64_t row_bytes,
+    int64_t threads, int64_t ring, int64_t cap, int64_t smem) {
+  check_x(x);
+  const LevelTensors lt{order, child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos};
+  lt.check(x.size(0), x);
+  const LevelLaunch la{row_bytes, threads, ring, cap, smem};
+  return backward(grad, x, weight, out, direction, tree_level_ptr.size(0) - 1,
+                  [&](int vec, auto&& run) { levels(x, lt, la, vec, run); });
 }
 
 at::Tensor path_scan_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
                              const at::Tensor& light, const at::Tensor& path_ptr,
-                             const at::Tensor& phase_path, const std::string& direction) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
-  check_rows(weight, "weight", x);
-  const int64_t N = x.size(0), C = x.size(1);
-  check_path_plan(rec, light, path_ptr, phase_path, N, x);
-  const int dir = direction_code(direction);
-  at::Tensor out = at::empty_like(x);
-  const int64_t T = phase_path.size(0);
-  if (N == 0 || C == 0 || T <= 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const PathPlan plan = make_path_plan(rec, light, path_ptr, phase_path);
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
-  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&x, &weight, &out});
-  const Launch L = configure_staged(C, T, x.element_size(), vec);
-  const int device = x.get_device();
-  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_path_scan_forward", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    using A = typename AccType<T_>::type;
-    TREESSM_DISPATCH_VEC(L.vec, T_, {
-      if (dir == 1) {
-        launch_path<T_, A, V, S_UP>(L, path_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
-      } else if (dir == 2) {
-        launch_path<T_, A, V, S_DOWN>(L, path_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
-      } else {
-        at::Tensor up = at::empty({N, C}, x.options().dtype(acc_dtype));
-        launch_path<T_, A, V, S_UP>(L, path_args(plan, C, ptr<T_>(x), nullptr, ptr<T_>(weight), nullptr, ptr<A>(up), nullptr, nullptr, nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
-        launch_path<T_, A, V, S_BOTH>(L, path_args(plan, C, ptr<A>(up), nullptr, ptr<T_>(weight), nullptr, nullptr, nullptr, ptr<T_>(out), nullptr, ptr<A>(scratch), nullptr), N, T, stream, device);
-      }
-    });
-  });
-  return out;
+                             const at::Tensor& phase_path, const std::string& direction,
+                             int64_t row_bytes, int64_t threads, int64_t smem,
+                             int64_t blocks_per_tree, int64_t num_phases) {
+  check_x(x);
+  const PathTensors pt{rec, light, path_ptr, phase_path};
+  pt.check(x.size(0), x);
+  const PathLaunch la{row_bytes, threads, smem, blocks_per_tree, num_phases};
+  return forward(x, weight, direction, phase_path.size(0),
+                 [&](int vec, auto&& run) { paths(x, pt, la, vec, run); });
 }
 
 std::tuple<at::Tensor, at::Tensor> path_scan_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     const at::Tensor& rec, const at::Tensor& light, const at::Tensor& path_ptr,
-    const at::Tensor& phase_path, const std::string& direction) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
-  check_rows(weight, "weight", x);
-  check_rows(grad, "grad", x);
-  check_rows(out, "out", x);
-  const int64_t N = x.size(0), C = x.size(1);
-  check_path_plan(rec, light, path_ptr, phase_path, N, x);
-  const int dir = direction_code(direction);
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gw = at::empty_like(x);
-  const int64_t T = phase_path.size(0);
-  if (N == 0 || C == 0 || T <= 0) return {gx, gw};
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const PathPlan plan = make_path_plan(rec, light, path_ptr, phase_path);
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor scratch = at::empty({N, C}, x.options().dtype(acc_dtype));
-  const int vec = aligned_vec(vec_width(C, x.element_size()), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
-  const Launch L = configure_staged(C, T, x.element_size(), vec);
-  const int device = x.get_device();
-  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_path_scan_backward", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    using A = typename AccType<T_>::type;
-    TREESSM_DISPATCH_VEC(L.vec, T_, {
-      if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
-        launch_path<T_, A, V, S_UP_BWD>(L, path_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), N, T, stream, device);
-      } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
-        launch_path<T_, A, V, S_UP_GW>(L, path_args(plan, C, ptr<T_>(grad), nullptr, ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), N, T, stream, device);
-      } else {  // both: U = up(x), G = up(g) in one pass, then gx and gw together
-        at::Tensor U = at::empty({N, C}, x.options().dtype(acc_dtype));
-        at::Tensor G = at::empty({N, C}, x.options().dtype(acc_dtype));
-        at::Tensor scratch2 = at::empty({N, C}, x.options().dtype(acc_dtype));
-        launch_path<T_, A, V, S_UP2>(L, path_args(plan, C, ptr<T_>(x), ptr<T_>(grad), ptr<T_>(weight), nullptr, ptr<A>(U), ptr<A>(G), nullptr, nullptr, ptr<A>(scratch), ptr<A>(scratch2)), N, T, stream, device);
-        launch_path<T_, A, V, S_BOTH_BWD>(L, path_args(plan, C, ptr<A>(U), ptr<A>(G), ptr<T_>(weight), ptr<T_>(out), nullptr, nullptr, ptr<T_>(gx), ptr<T_>(gw), ptr<A>(scratch), nullptr), N, T, stream, device);
-      }
-    });
-  });
-  return {gx, gw};
+    const at::Tensor& phase_path, const std::string& direction, int64_t row_bytes,
+    int64_t threads, int64_t smem, int64_t blocks_per_tree, int64_t num_phases) {
+  check_x(x);
+  const PathTensors pt{rec, light, path_ptr, phase_path};
+  pt.check(x.size(0), x);
+  const PathLaunch la{row_bytes, threads, smem, blocks_per_tree, num_phases};
+  return backward(grad, x, weight, out, direction, phase_path.size(0),
+                  [&](int vec, auto&& run) { paths(x, pt, la, vec, run); });
+}
+
+// (multiprocessors, shared memory per multiprocessor, opt-in shared memory per block)
+std::vector<int64_t> device_limits(int64_t device) {
+  const int d = static_cast<int>(device);
+  return {device_attribute<cudaDevAttrMultiProcessorCount>(d),
+          device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(d),
+          max_dynamic_smem(d)};
 }
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_scan_forward(Tensor x, Tensor weight, Tensor order, Tensor child_ptr, "
       "Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, Tensor parent_at_pos, "
-      "str direction) -> Tensor");
+      "str direction, int row_bytes, int threads, int ring, int cap, int smem) -> Tensor");
   m.def(
       "cuda_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor order, "
       "Tensor child_ptr, Tensor level_pos, Tensor tree_level_ptr, Tensor parent_pos, "
-      "Tensor parent_at_pos, str direction) -> (Tensor, Tensor)");
+      "Tensor parent_at_pos, str direction, int row_bytes, int threads, int ring, int cap, "
+      "int smem) -> (Tensor, Tensor)");
   m.def(
       "cuda_path_scan_forward(Tensor x, Tensor weight, Tensor rec, Tensor light, "
-      "Tensor path_ptr, Tensor phase_path, str direction) -> Tensor");
+      "Tensor path_ptr, Tensor phase_path, str direction, int row_bytes, int threads, "
+      "int smem, int blocks_per_tree, int num_phases) -> Tensor");
   m.def(
       "cuda_path_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor rec, "
-      "Tensor light, Tensor path_ptr, Tensor phase_path, str direction) -> (Tensor, Tensor)");
+      "Tensor light, Tensor path_ptr, Tensor phase_path, str direction, int row_bytes, "
+      "int threads, int smem, int blocks_per_tree, int num_phases) -> (Tensor, Tensor)");
+  m.def("cuda_device_limits(int device) -> int[]", &device_limits);
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

@@ -1,4 +1,5 @@
-// Tree-scan kernels: level-synchronous dynamic programming over a rooted forest.
+// Tree-scan kernels, level schedule: level-synchronous dynamic programming over a rooted
+// forest (the recurrences of docs/concepts.md; the plan: treessm/ops/plan.py).
 //
 // One thread block owns one tree and one group of channels, and walks the tree's
 // breadth-first levels (leaves first for the up pass, roots first for the down pass),
@@ -6,12 +7,15 @@
 // the block's threads split them; each thread moves V consecutive channels of one
 // vertex with a single vector access (channels-last rows).
 //
-// Values handed from one level to the next live in a position-space scratch
-// (row i = the vertex at breadth-first position i): the children of position i are
-// the contiguous positions child_ptr[i] .. child_ptr[i+1], so the up pass reads them as
-// one run of rows, and the down pass reads its parent's row at parent_pos[i].
-// Every output element is written by exactly one thread in a fixed order: the results
-// are bitwise deterministic. Accumulation is float32 (float64 for double inputs).
+// Values handed from one level to the next live in shared memory, or in a position-space
+// scratch for wide levels (row i = the vertex at breadth-first position i): the children
+// of position i are the contiguous positions child_ptr[i] .. child_ptr[i+1], so the up
+// pass reads them as one run of rows, and the down pass reads its parent's row at
+// parent_pos[i]. Every output element is written by exactly one thread in a fixed order:
+// the results are bitwise deterministic. Accumulation is float32 (float64 for double).
+//
+// Host builds of this header (the emulation harness under tests/extensions) declare
+// treessm_emu::issue / commit / wait, the stand-ins for cp.async, before including it.
 #pragma once
 
 #include <cuda.h>
@@ -21,10 +25,6 @@
 #include <stdint.h>
 
 #include "numeric.cuh"
-
-#if !defined(__CUDACC__)
-#include "async_copy.h"  // host emulation of cp.async
-#endif
 
 namespace treessm_cuda {
 
@@ -56,7 +56,7 @@ __device__ __forceinline__ void store(T* __restrict__ p, const A (&o)[V]) {
   *reinterpret_cast<Pack<T, V>*>(p) = k;
 }
 
-// The breadth-first plan of a forest (see treessm/tree.py and treessm/ops/cuda.py).
+// The level plan of a forest (treessm.ops.plan.LevelPlan, with the tree's layout).
 struct Plan {
   const int64_t* __restrict__ order;           // [N] vertex at each position
   const int64_t* __restrict__ child_ptr;       // [N+1] children of position i: [child_ptr[i], child_ptr[i+1]) clipped to the tree
@@ -66,266 +66,8 @@ struct Plan {
   const int64_t* __restrict__ parent_at_pos;   // [N] parent vertex of position i (parent[order[i]]), -1 at roots
 };
 
-// Values handed from one level to the next. Level l's values sit in shared memory at
-// row (i - first position of l) when that is below `cap`, else in the global scratch row i;
-// two shared buffers alternate between consecutive levels.
-template <typename A, int V>
-struct Ring {
-  A* sh;             // [2][cap][cw]
-  A* glob;           // [N, C] positions of levels wider than cap
-  int cap, cw, loff;
-  int64_t C, c;
-  __device__ __forceinline__ void put(int buf, int64_t rel, int64_t i, const A (&r)[V]) const {
-    if (rel < cap) store<V>(sh + ((int64_t)buf * cap + rel) * cw + loff, r);
-    else store<V>(glob + i * C + c, r);
-  }
-  __device__ __forceinline__ void get(int buf, int64_t rel, int64_t i, A (&r)[V]) const {
-    if (rel < cap) load<V>(sh + ((int64_t)buf * cap + rel) * cw + loff, r);
-    else load<V>(glob + i * C + c, r);
-  }
-};
-
-// Leaf-first pass. For NS input streams s (x, or x and g), computes
-//   up_s[v] = s[v] + sum_{children c} w[c] * up_s[c]
-// and writes it to up0/up1 (accumulator type, may be null) and/or `out` (type T).
-// When gw is set (backward of direction "down"): gw[v] = up0[v] * h[parent[v]], 0 at roots.
-// The loads that do not depend on the previous level (indices, x, w, h) of a thread's
-// first vertex in the next level are issued before the current level is combined.
-template <typename T, typename A, int V, int NS>
-__global__ void up_pass_kernel(
-    const T* __restrict__ x0, const T* __restrict__ x1, const T* __restrict__ w,
-    A* __restrict__ up0, A* __restrict__ up1, T* __restrict__ out,
-    const T* __restrict__ h, T* __restrict__ gw,
-    A* __restrict__ cb0, A* __restrict__ cb1, const Plan plan, const int64_t C, const int lpv,
-    const int cap) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* smem = reinterpret_cast<A*>(smem_raw);
-  const int lane = threadIdx.x % lpv;
-  const int slot = threadIdx.x / lpv;
-  const int slots = blockDim.x / lpv;
-  const int cw = lpv * V;
-  const int64_t c = ((int64_t)blockIdx.y * lpv + lane) * V;
-  const bool active = c < C;
-  const int64_t t = blockIdx.x;
-  const int64_t l0 = plan.tree_level_ptr[t];
-  const int64_t l1 = plan.tree_level_ptr[t + 1];
-  // child_ptr ranges are clipped to the tree: the next tree's root follows its last leaf
-  const int64_t tree_end = plan.level_pos[l1];
-  const Ring<A, V> r0{smem, cb0, cap, cw, lane * V, C, c};
-  const Ring<A, V> r1{smem + 2 * (int64_t)cap * cw, cb1, cap, cw, lane * V, C, c};
-
-  struct Item {
-    int64_t i, v, j0, j1, p;
-    A s0[V], s1[V], wv[V], hp[V];
-  };
-  auto fetch = [&](Item& it, int64_t i) {
-    it.i = i;
-    it.v = plan.order[i];
-    it.j0 = plan.child_ptr[i];
-    it.j1 = min(plan.child_ptr[i + 1], tree_end);
-    load<V>(x0 + it.v * C + c, it.s0);
-    if (NS == 2) load<V>(x1 + it.v * C + c, it.s1);
-    load<V>(w + it.v * C + c, it.wv);
-    if (gw != nullptr) {
-      it.p = plan.parent_at_pos[i];
-      if (it.p >= 0) load<V>(h + it.p * C + c, it.hp);
-    }
-  };
-  // a: first position of this level; ca: first position of the level below (children)
-  auto finish = [&](Item& it, int64_t a, int64_t ca, int buf, bool root_level) {
-    A tmp[V];
-    for (int64_t j = it.j0; j < it.j1; ++j) {
-      r0.get(buf ^ 1, j - ca, j, tmp);
-#pragma unroll
-      for (int q = 0; q < V; ++q) it.s0[q] += tmp[q];
-      if (NS == 2) {
-        r1.get(buf ^ 1, j - ca, j, tmp);
-#pragma unroll
-        for (int q = 0; q < V; ++q) it.s1[q] += tmp[q];
-      }
-    }
-    if (up0 != nullptr) store<V>(up0 + it.v * C + c, it.s0);
-    if (NS == 2 && up1 != nullptr) store<V>(up1 + it.v * C + c, it.s1);
-    if (out != nullptr) store<V>(out + it.v * C + c, it.s0);
-    if (!root_level) {  // hand w * up to the parent
-#pragma unroll
-      for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.s0[q];
-      r0.put(buf, it.i - a, it.i, tmp);
-      if (NS == 2) {
-#pragma unroll
-        for (int q = 0; q < V; ++q) tmp[q] = it.wv[q] * it.s1[q];
-        r1.put(buf, it.i - a, it.i, tmp);
-      }
-      if (gw != nullptr) {
-#pragma unroll
-        for (int q = 0; q < V; ++q) tmp[q] = it.hp[q] * it.s0[q];
-        store<V>(gw + it.v * C + c, tmp);
-      }
-    } else if (gw != nullptr) {
-#pragma unroll
-      for (int q = 0; q < V; ++q) tmp[q] = A(0);
-      store<V>(gw + it.v * C + c, tmp);
-    }
-  };
-
-  // Two levels of look-ahead: while level l is combined, the independent loads of the
-  // thread's first vertex in levels l-1 and l-2 are in flight.
-  int buf = 0;
-  int64_t ca = tree_end;  // the deepest level has no children
-  int64_t b = tree_end;
-  int64_t a = plan.level_pos[l1 - 1];
-  int64_t na = (l1 - 2 >= l0) ? plan.level_pos[l1 - 2] : a;
-  Item n1, n2;
-  bool h1 = active && a + slot < b;
-  if (h1) fetch(n1, a + slot);
-  bool h2 = active && l1 - 2 >= l0 && na + slot < a;
-  if (h2) fetch(n2, na + slot);
-  for (int64_t l = l1 - 1; l >= l0; --l) {
-    Item cur = n1;
-    const bool hc = h1;
-    n1 = n2;
-    h1 = h2;
-    const int64_t nna = (l - 2 >= l0) ? plan.level_pos[l - 2] : na;
-    h2 = active && l - 2 >= l0 && nna + slot < na;
-    if (h2) fetch(n2, nna + slot);
-    if (hc) finish(cur, a, ca, buf, l == l0);
-    if (active) {
-      for (int64_t i = a + slot + slots; i < b; i += slots) {
-        Item it;
-        fetch(it, i);
-        finish(it, a, ca, buf, l == l0);
-      }
-    }
-    __syncthreads();
-    ca = a;
-    b = a;
-    a = na;
-    na = nna;
-    buf ^= 1;
-  }
-}
-
-// Root-first passes. P = the running value at the parent (handed down through the ring).
-//   DOWN_FWD : r = src + w P                      (src = x)          root: r = src
-//   BOTH_FWD : r = w P + (1 - w^2) U              (U = up(x))        root: r = U
-//   UP_BWD   : r = src + w P, gw = h[v] P         (src = g)          root: r = src, gw = 0
-//   BOTH_BWD : r = w P + (1 - w^2) G,             (U = up(x), G = up(g))
-//              gw = U P + G h[p] - 2 w U G                          root: r = G, gw = 0
-enum Mode { DOWN_FWD = 0, BOTH_FWD = 1, UP_BWD = 2, BOTH_BWD = 3 };
-
-template <typename T, typename A, int V, int MODE>
-__global__ void down_pass_kernel(
-    const T* __restrict__ src, const A* __restrict__ U, const A* __restrict__ G,
-    const T* __restrict__ w, const T* __restrict__ h, T* __restrict__ out, T* __restrict__ gw,
-    A* __restrict__ val, const Plan plan, const int64_t C, const int lpv, const int cap) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* smem = reinterpret_cast<A*>(smem_raw);
-  const int lane = threadIdx.x % lpv;
-  const int slot = threadIdx.x / lpv;
-  const int slots = blockDim.x / lpv;
-  const int cw = lpv * V;
-  const int64_t c = ((int64_t)blockIdx.y * lpv + lane) * V;
-  const bool active = c < C;
-  const int64_t t = blockIdx.x;
-  const int64_t l0 = plan.tree_level_ptr[t];
-  const int64_t l1 = plan.tree_level_ptr[t + 1];
-  constexpr bool BWD = (MODE == UP_BWD || MODE == BOTH_BWD);
-  const Ring<A, V> ring{smem, val, cap, cw, lane * V, C, c};
-
-  struct Item {
-    int64_t i, v, pp;
-    A base[V], u[V], wv[V], hx[V];
-  };
-  auto fetch = [&](Item& it, int64_t i) {
-    it.i = i;
-    it.v = plan.order[i];
-    it.pp = plan.parent_pos[i];
-    const int64_t row = it.v * C + c;
-    if (MODE == DOWN_FWD || MODE == UP_BWD) load<V>(src + row, it.base);
-    if (MODE == BOTH_FWD || MODE == BOTH_BWD) load<V>(U + row, it.u);
-    if (MODE == BOTH_BWD) load<V>(G + row, it.base);
-    if (MODE == BOTH_FWD) {
-#pragma unroll
-      for (int q = 0; q < V; ++q) it.base[q] = it.u[q];
-    }
-    if (it.pp >= 0) {
-      load<V>(w + row, it.wv);
-      if (MODE == UP_BWD) load<V>(h + row, it.hx);
-      if (MODE == BOTH_BWD) load<V>(h + plan.parent_at_pos[i] * C + c, it.hx);
-    }
-  };
-  // pa: first position of the parents' level
-  auto finish = [&](Item& it, int64_t a, int64_t pa, int buf) {
-    A r[V], g[V];
-    if (it.pp < 0) {
-#pragma unroll
-      for (int q = 0; q < V; ++q) { r[q] = it.base[q]; g[q] = A(0); }
-    } else {
-      A pv[V];
-      ring.get(buf ^ 1, it.pp - pa, it.pp, pv);
-      if (MODE == DOWN_FWD || MODE == UP_BWD) {
-#pragma unroll
-        for (int q = 0; q < V; ++q) r[q] = it.base[q] + it.wv[q] * pv[q];
-      } else {
-#pragma unroll
-        for (int q = 0; q < V; ++q)
-          r[q] = it.wv[q] * pv[q] + (A(1) - it.wv[q] * it.wv[q]) * it.base[q];
-      }
-      if (MODE == UP_BWD) {
-#pragma unroll
-        for (int q = 0; q < V; ++q) g[q] = it.hx[q] * pv[q];
-      }
-      if (MODE == BOTH_BWD) {
-#pragma unroll
-        for (int q = 0; q < V; ++q)
-          g[q] = it.u[q] * pv[q] + it.base[q] * it.hx[q] - A(2) * it.wv[q] * it.u[q] * it.base[q];
-      }
-    }
-    ring.put(buf, it.i - a, it.i, r);
-    store<V>(out + it.v * C + c, r);
-    if (BWD) store<V>(gw + it.v * C + c, g);
-  };
-
-  // Two levels of look-ahead, as in the up pass.
-  int buf = 0;
-  int64_t pa = 0;
-  int64_t a = plan.level_pos[l0];
-  int64_t b = plan.level_pos[l0 + 1];
-  int64_t nb = (l0 + 1 < l1) ? plan.level_pos[l0 + 2] : b;
-  Item n1, n2;
-  bool h1 = active && a + slot < b;
-  if (h1) fetch(n1, a + slot);
-  bool h2 = active && l0 + 1 < l1 && b + slot < nb;
-  if (h2) fetch(n2, b + slot);
-  for (int64_t l = l0; l < l1; ++l) {
-    Item cur = n1;
-    const bool hc = h1;
-    n1 = n2;
-    h1 = h2;
-    const int64_t nnb = (l + 2 < l1) ? plan.level_pos[l + 3] : nb;
-    h2 = active && l + 2 < l1 && nb + slot < nnb;
-    if (h2) fetch(n2, nb + slot);
-    if (hc) finish(cur, a, pa, buf);
-    if (active) {
-      for (int64_t i = a + slot + slots; i < b; i += slots) {
-        Item it;
-        fetch(it, i);
-        finish(it, a, pa, buf);
-      }
-    }
-    __syncthreads();
-    pa = a;
-    a = b;
-    b = nb;
-    nb = nnb;
-    buf ^= 1;
-  }
-}
-
-
 // ======================================================================================
-// Staged scan (the default): the same level-synchronous recurrences, with every global
-// read taken off the chain of levels.
+// Staged level scan: every global read taken off the chain of levels.
 //
 // A tree is a contiguous run of breadth-first positions and its levels are contiguous
 // sub-runs, so the block walks a "stream" of positions (ascending for root-first passes,
@@ -341,8 +83,7 @@ __global__ void down_pass_kernel(
 // newest group that staged part of it (at most D-1 newer groups stay in flight), so copies
 // run up to R positions ahead while levels are combined from shared memory only.
 // Positions that the rings could not stage in time (levels wider than the rings) are read
-// from global memory directly. The arithmetic, the order of every sum and hence the
-// results are those of the kernels above.
+// from global memory directly.
 // ======================================================================================
 
 template <int BYTES> struct alignas(BYTES) RawBytes { unsigned char b[BYTES]; };
@@ -412,14 +153,14 @@ enum StagedMode {
   S_DOWN = 3,      // down = x + w down_parent
   S_BOTH = 4,      // h = w h_parent + (1 - w^2) U
   S_UP_BWD = 5,    // backward of "up": gx = g + w gx_parent, gw = h[v] gx_parent
-  S_BOTH_BWD = 6,  // backward of "both" (see down_pass_kernel)
+  S_BOTH_BWD = 6,  // backward of "both": gx = both(g), gw = U P + G h[p] - 2 w U G
 };
 
 template <bool B, typename X, typename Y> struct Pick { using type = X; };
 template <typename X, typename Y> struct Pick<false, X, Y> { using type = Y; };
 
-// Arguments of the staged kernel; pointers a mode does not use are null.
-struct StagedArgs {
+// The tensors of one pass (shared by both schedules); pointers a mode does not use are null.
+struct ScanIO {
   const void* in0;  // x, g or U (mode-dependent type)
   const void* in1;  // g (S_UP2) or G (S_BOTH_BWD)
   const void* w;
@@ -428,8 +169,13 @@ struct StagedArgs {
   void* up1;
   void* out;        // T-typed output (h or gx)
   void* gw;
-  void* val0;       // [N, C] global rows of levels wider than `cap`
-  void* val1;
+  void* val0;       // [N, C] accumulator rows handed between levels or paths
+  void* val1;       // second stream (S_UP2)
+};
+
+// Arguments of the staged level kernel.
+struct StagedArgs {
+  ScanIO io;
   Plan plan;
   int64_t C;
   int lpv;          // threads per row
@@ -446,6 +192,32 @@ template <int MODE> struct StagedTraits {
   static constexpr bool IN0_ACC = MODE == S_BOTH || MODE == S_BOTH_BWD;
   static constexpr bool IN1_ACC = MODE == S_BOTH_BWD;
 };
+
+// One root-first step of a mode, given the vertex's inputs (a0: x, g or U; a1: G; wv: its
+// weight; hx: h at the vertex or its parent) and the value pv of its parent: the vertex's
+// value r and, for the backward modes, its weight gradient g (both written for the root too).
+template <int MODE, typename A, int V>
+__device__ __forceinline__ void root_first_step(bool root, const A (&a0)[V], const A (&a1)[V],
+                                                const A (&wv)[V], const A (&hx)[V],
+                                                const A (&pv)[V], A (&r)[V], A (&g)[V]) {
+  if (root) {
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      r[q] = MODE == S_BOTH_BWD ? a1[q] : a0[q];
+      g[q] = A(0);
+    }
+    return;
+  }
+#pragma unroll
+  for (int q = 0; q < V; ++q) {
+    if (MODE == S_DOWN || MODE == S_UP_BWD) r[q] = a0[q] + wv[q] * pv[q];
+    else if (MODE == S_BOTH) r[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a0[q];
+    else r[q] = wv[q] * pv[q] + (A(1) - wv[q] * wv[q]) * a1[q];  // S_BOTH_BWD: a0 = U, a1 = G
+    if (MODE == S_UP_BWD) g[q] = hx[q] * pv[q];
+    else if (MODE == S_BOTH_BWD) g[q] = a0[q] * pv[q] + a1[q] * hx[q] - A(2) * wv[q] * a0[q] * a1[q];
+    else g[q] = A(0);
+  }
+}
 
 constexpr int kLevelRing = 128;  // level bounds in shared memory
 constexpr int kIndexWords = 4;   // int64 words of one position's index record
@@ -528,17 +300,17 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
   A* vals0 = reinterpret_cast<A*>(p) + lane * V;          // [2][cap][cw], this lane's columns
   A* vals1 = vals0 + 2 * args.cap * cw;                    // second stream (S_UP2)
   const int vbuf = args.cap * cw;                          // elements of one buffer
-  const Hand<A, V> r0{reinterpret_cast<A*>(args.val0), args.cap, cw, C, c};
-  const Hand<A, V> r1{reinterpret_cast<A*>(args.val1), args.cap, cw, C, c};
+  const Hand<A, V> r0{reinterpret_cast<A*>(args.io.val0), args.cap, cw, C, c};
+  const Hand<A, V> r1{reinterpret_cast<A*>(args.io.val1), args.cap, cw, C, c};
 
-  const E0* in0 = reinterpret_cast<const E0*>(args.in0);
-  const E1* in1 = reinterpret_cast<const E1*>(args.in1);
-  const T* w = reinterpret_cast<const T*>(args.w);
-  const T* h = reinterpret_cast<const T*>(args.h);
-  A* up0 = reinterpret_cast<A*>(args.up0);
-  A* up1 = reinterpret_cast<A*>(args.up1);
-  T* out = reinterpret_cast<T*>(args.out);
-  T* gw = reinterpret_cast<T*>(args.gw);
+  const E0* in0 = reinterpret_cast<const E0*>(args.io.in0);
+  const E1* in1 = reinterpret_cast<const E1*>(args.io.in1);
+  const T* w = reinterpret_cast<const T*>(args.io.w);
+  const T* h = reinterpret_cast<const T*>(args.io.h);
+  A* up0 = reinterpret_cast<A*>(args.io.up0);
+  A* up1 = reinterpret_cast<A*>(args.io.up1);
+  T* out = reinterpret_cast<T*>(args.io.out);
+  T* gw = reinterpret_cast<T*>(args.io.gw);
 
   // stream index s <-> breadth-first position
   auto pos = [&](int s) { return UP ? te - 1 - s : ts + s; };
@@ -685,39 +457,10 @@ __global__ void staged_scan_kernel(const StagedArgs args) {
         store<V>(gw + row, tmp);
       }
     } else {
-      A r[V], g[V];
+      A r[V], g[V], pv[V];
       const int pp = it.x1;
-      if (pp < 0) {
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          r[q] = MODE == S_BOTH_BWD ? it.a1[q] : it.a0[q];
-          g[q] = A(0);
-        }
-      } else {
-        A pv[V];
-        r0.get(prev0, pp - pf, pp, pv);
-        if (MODE == S_DOWN || MODE == S_UP_BWD) {
-#pragma unroll
-          for (int q = 0; q < V; ++q) r[q] = it.a0[q] + it.wv[q] * pv[q];
-        } else if (MODE == S_BOTH) {
-#pragma unroll
-          for (int q = 0; q < V; ++q)
-            r[q] = it.wv[q] * pv[q] + (A(1) - it.wv[q] * it.wv[q]) * it.a0[q];
-        } else {  // S_BOTH_BWD: a0 = U, a1 = G
-#pragma unroll
-          for (int q = 0; q < V; ++q)
-            r[q] = it.wv[q] * pv[q] + (A(1) - it.wv[q] * it.wv[q]) * it.a1[q];
-        }
-        if (MODE == S_UP_BWD) {
-#pragma unroll
-          for (int q = 0; q < V; ++q) g[q] = it.hx[q] * pv[q];
-        }
-        if (MODE == S_BOTH_BWD) {
-#pragma unroll
-          for (int q = 0; q < V; ++q)
-            g[q] = it.a0[q] * pv[q] + it.a1[q] * it.hx[q] - A(2) * it.wv[q] * it.a0[q] * it.a1[q];
-        }
-      }
+      if (pp >= 0) r0.get(prev0, pp - pf, pp, pv);
+      root_first_step<MODE, A, V>(pp < 0, it.a0, it.a1, it.wv, it.hx, pv, r, g);
       r0.put(cur0, i - first, i, r);
       store<V>(out + row, r);
       if (MODE == S_UP_BWD || MODE == S_BOTH_BWD) store<V>(gw + row, g);

@@ -1,7 +1,6 @@
 """The CUDA kernels' own source, compiled for the host and run with one thread per CUDA
 thread, against the torch reference: catches indexing and synchronisation mistakes in
 ``extensions/treessm_cuda`` on machines without a GPU."""
-import os
 import subprocess
 
 import numpy as np
@@ -12,7 +11,7 @@ import treessm
 from emulation import compile_harness
 from oracle import all_roots, chain, random_forest, star
 from treessm.ops import reference
-
+from treessm.ops.plan import level_groups, level_plan, path_plan
 
 
 @pytest.fixture(scope="module")
@@ -24,30 +23,29 @@ NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down
          "gw both"]
 
 
-def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0, ring=None, copies="deferred"):
-    """``ring``: None (direct kernels), R (staged kernels) or "path" (path kernels, ``cap``
-    plan records in shared memory)."""
+def _run(harness, tmp, parent, C, lpv, threads, cap, ring, copies="deferred", parts=1):
+    """``ring``: R (level kernels) or "path" (path kernels, ``cap`` plan records in shared
+    memory, ``parts`` blocks per tree)."""
     tree = treessm.Tree.from_parent(parent)
     n = parent.numel()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     x = torch.randn(n, C, generator=g, dtype=torch.float64)
     w = torch.rand(n, C, generator=g, dtype=torch.float64)
     gout = torch.randn(n, C, generator=g, dtype=torch.float64)
-    levels = tree.levels()
+    levels = level_groups(tree)
     h_both = reference.forward(x, w, parent, levels, "both")
-    level_pos, tree_level_ptr, parent_pos, parent_at_pos = tree.scan_plan()
+    lp = level_plan(tree)
     src, dst = tmp / "in.bin", tmp / "out.bin"
     with open(src, "wb") as f:
-        np.array([n, C, tree.num_trees, level_pos.numel() - 1, lpv, threads], np.int64).tofile(f)
+        np.array([n, C, tree.num_trees, lp.level_pos.numel() - 1, lpv, threads], np.int64).tofile(f)
         for a in (x, w, gout, h_both):
             a.numpy().tofile(f)
-        for a in (tree.order, tree.child_ptr, level_pos, tree_level_ptr, parent_pos, parent_at_pos):
+        for a in (tree.order, tree.child_ptr, *lp):
             a.numpy().astype(np.int64).tofile(f)
-        for a in tree.path_plan():
+        for a in path_plan(tree):
             a.numpy().astype(np.int32).tofile(f)
-    args = [str(harness), str(src), str(dst), str(cap)] + ([] if ring is None else [str(ring)])
-    env = dict(os.environ, TREESSM_EMU_COPY=copies)
-    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    args = [str(harness), str(src), str(dst), str(cap), str(ring), copies, str(parts)]
+    r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64).reshape(-1, n, C)
     expected = [reference.forward(x, w, parent, levels, d) for d in ("up", "down", "both")]
@@ -56,6 +54,7 @@ def _run(harness, tmp, parent, C, lpv, threads, cap, seed=0, ring=None, copies="
         expected += list(reference.backward(gout, x, w, h, parent, levels, d))
     for name, got, exp in zip(NAMES, out, expected):
         np.testing.assert_allclose(got, exp.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
+    return out
 
 
 def _forests():
@@ -70,18 +69,6 @@ def _forests():
         "single_vertex_trees_between": torch.tensor([-1, -1, 1, -1, 3, 4, -1]),
         "wide": random_forest(300, 3, g, locality=40),
     }
-
-
-# (channels, threads per row, threads per block, shared rows per level): the last two
-# force levels wider than shared memory to spill to the global scratch, and idle lanes
-CONFIGS = [(4, 2, 32, 256), (6, 2, 64, 3), (8, 4, 32, 1), (2, 1, 32, 2), (10, 2, 32, 0)]
-
-
-@pytest.mark.parametrize("name", list(_forests()))
-def test_kernels_match_reference_on_host(harness, tmp_path, name):
-    parent = _forests()[name]
-    for C, lpv, threads, cap in CONFIGS:
-        _run(harness, tmp_path, parent, C, lpv, threads, cap)
 
 
 # staged kernels: (channels, threads per row, threads per block, shared rows per level,
@@ -129,3 +116,14 @@ def test_path_kernels_long_paths_and_bushy_trees_on_host(harness, tmp_path):
         _run(harness, tmp_path, random_forest(400, 3, g, locality=2), 2, 1, 32, 4096,
              ring="path", copies=copies)
         _run(harness, tmp_path, star(50, 7), 4, 2, 64, 4096, ring="path", copies=copies)
+
+
+@pytest.mark.parametrize("name", ["random", "many_roots", "deep", "chain", "wide"])
+def test_path_kernels_spread_over_blocks_on_host(harness, tmp_path, name):
+    # several blocks per tree, one launch per phase: the same bits as one block per tree
+    parent = _forests()[name]
+    one = _run(harness, tmp_path, parent, 4, 2, 32, 0, ring="path")
+    for parts, copies in ((2, "deferred"), (5, "eager")):
+        spread = _run(harness, tmp_path, parent, 4, 2, 32, 0, ring="path", copies=copies,
+                      parts=parts)
+        assert np.array_equal(one, spread)

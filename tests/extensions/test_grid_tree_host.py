@@ -1,6 +1,6 @@
 """The grid-tree kernels' own source, compiled for the host and run with one thread per CUDA
 thread, against the CPU construction (Kruskal in ``treessm.minimum_spanning_tree``,
-``root_forest`` at the centre pixel, ``Tree.from_parent`` and ``Tree.scan_plan``): catches
+``root_forest`` at the centre pixel, ``Tree.from_parent`` and its level plan): catches
 indexing, tie-breaking and synchronisation mistakes in ``extensions/treessm_cuda`` on
 machines without a GPU."""
 import subprocess
@@ -12,6 +12,7 @@ import torch
 from emulation import compile_harness
 from treessm import Tree, minimum_spanning_tree
 from treessm.topology.grid import grid_edges
+from treessm.ops.plan import level_plan
 from treessm.topology.rooting import root_forest
 
 FIELDS = ("parent", "order", "child_ptr", "tree_ptr", "depth", "level_pos", "tree_level_ptr",
@@ -35,7 +36,7 @@ def reference(cost, b, h, w, connectivity):
     mask = minimum_spanning_tree(ei, cost, n)
     roots = torch.arange(b) * (h * w) + (h // 2) * w + w // 2
     tree = Tree.from_parent(root_forest(ei[:, mask], n, roots))
-    level_pos, tree_level_ptr, parent_pos = tree.scan_plan()[:3]
+    level_pos, tree_level_ptr, parent_pos = level_plan(tree)[:3]
     return dict(parent=tree.parent, order=tree.order, child_ptr=tree.child_ptr,
                 tree_ptr=tree.tree_ptr, depth=tree.depth, level_pos=level_pos,
                 tree_level_ptr=tree_level_ptr, parent_pos=parent_pos)

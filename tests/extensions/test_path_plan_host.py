@@ -1,5 +1,5 @@
 """The CUDA path-plan kernel, compiled for the host and run with one thread per CUDA thread,
-against treessm.path_plan (tensor for tensor)."""
+against the tensor construction of treessm.ops.plan (tensor for tensor)."""
 import subprocess
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch
 import treessm
 from emulation import compile_harness
 from oracle import all_roots, chain, random_forest, star
-from treessm.path_plan import MAX_PHASES
+from treessm.ops.plan import MAX_PHASES, level_plan, path_plan
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_plan_kernel_matches_torch_plan(harness, tmp_path, name, threads):
     parent = _forests()[name]
     tree = treessm.Tree.from_parent(parent)
     n, T = tree.num_nodes, tree.num_trees
-    parent_pos = tree.scan_plan()[2]
+    parent_pos = level_plan(tree).parent_pos
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
         np.array([n, T], np.int64).tofile(f)
@@ -50,6 +50,6 @@ def test_plan_kernel_matches_torch_plan(harness, tmp_path, name, threads):
     out = np.fromfile(dst, np.int32)
     sizes = [(n + 1) * 4, n, n + 1, T * (MAX_PHASES + 1)]
     got = np.split(out, np.cumsum(sizes)[:-1])
-    expected = tree.path_plan()
+    expected = path_plan(tree)
     for name_, g_, e in zip(("rec", "light", "path_ptr", "phase_path"), got, expected):
         np.testing.assert_array_equal(g_, e.numpy().reshape(-1), err_msg=name_)

@@ -11,7 +11,7 @@ from treessm.models import GrootV
 def test_registration_needs_timm(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     monkeypatch.setitem(sys.modules, "timm.models", None)
-    with pytest.raises(ImportError, match="pip install timm"):
+    with pytest.raises(ImportError, match=r"needs timm: pip install 'treessm\[timm\]'"):
         bridge.register_timm_models()
 
 

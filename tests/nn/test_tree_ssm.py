@@ -120,7 +120,12 @@ def test_init_and_repr():
     assert dt.min() >= 0.01 * (1 - 1e-4) and dt.max() <= 0.05 * (1 + 1e-4)
     assert layer.in_proj.bias is None and layer.out_proj.bias is None and layer.conv.bias is None
     assert layer.in_proj.out_features == 160 and layer.x_proj.out_features == 3 + 6
-    assert repr(layer) == "TreeSSM(40, d_inner=80, d_state=3, dt_rank=3, d_conv=3, scan='tree')"
+    text = repr(layer)
+    assert text.startswith("TreeSSM(\n  40, d_inner=80, d_state=3, dt_rank=3, d_conv=3, scan='tree'\n")
+    for child in ("(in_proj): Linear(in_features=40, out_features=160", "(conv): Conv2d(80, 80",
+                  "(x_proj): Linear", "(dt_proj): Linear", "(h_norm): LayerNorm((240,)",
+                  "(out_norm): LayerNorm((80,)", "(out_proj): Linear"):
+        assert child in text, child  # print(model) shows the whole network
     assert TreeSSM(8, bias=True).in_proj.bias is not None
 
 

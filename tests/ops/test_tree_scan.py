@@ -148,8 +148,9 @@ def test_numba_kernels_degenerate_sizes(direction, dtype):
     for n, c in [(0, 3), (5, 0), (0, 0)]:
         tree = Tree.from_parent(random_forest(n, min(n, 2) or 0, _gen(9)) if n else empty())
         x = torch.zeros(n, c, dtype=dtype)
-        h = cpu.forward(x, x, *tree.tensors(), direction)
-        gx, gw = cpu.backward(x, x, x, h, *tree.tensors(), direction)
+        layout = (tree.order, tree.child_ptr, tree.tree_ptr)
+        h = cpu.forward(x, x, *layout, direction)
+        gx, gw = cpu.backward(x, x, x, h, *layout, direction)
         assert h.shape == gx.shape == gw.shape == (n, c)
         assert h.dtype == gx.dtype == gw.dtype == dtype
 
@@ -288,7 +289,8 @@ def test_numba_backend_rejects_bad_direction():
 
     tree = Tree.from_parent(star(4))
     with pytest.raises(ValueError, match="direction must be one of"):
-        cpu.forward(torch.ones(4, 1), torch.ones(4, 1), *tree.tensors(), "left")
+        cpu.forward(torch.ones(4, 1), torch.ones(4, 1), tree.order, tree.child_ptr,
+                    tree.tree_ptr, "left")
 
 
 # ---------------------------------------------------------------------------- torch.compile
@@ -305,22 +307,3 @@ def test_torch_compile_fullgraph_numba():
     got = _value_and_grads(compiled, x, w, gout)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r)
-
-
-def test_cuda_schedule_picks_paths_for_narrow_trees(monkeypatch):
-    from oracle import chain, random_forest
-    from treessm.ops.tree_scan import PATH_MAX_LEVEL_WIDTH, cuda_schedule
-
-    monkeypatch.delenv("TREESSM_CUDA_SCAN", raising=False)
-    deep = Tree.from_parent(chain(50))
-    wide = Tree.from_parent(random_forest(400, 1, torch.Generator().manual_seed(1)))
-    assert deep.num_nodes < PATH_MAX_LEVEL_WIDTH * deep.num_levels
-    assert wide.num_nodes >= PATH_MAX_LEVEL_WIDTH * wide.num_levels
-    assert cuda_schedule(deep) == "path" and cuda_schedule(wide) == "staged"
-    unknown = Tree(deep.parent, deep.order, deep.child_ptr, deep.tree_ptr, deep.depth)
-    assert cuda_schedule(unknown) == "staged"  # level count not known on the host
-    for s in ("staged", "direct", "path"):
-        monkeypatch.setenv("TREESSM_CUDA_SCAN", s)
-        assert cuda_schedule(deep) == s == cuda_schedule(wide)
-    monkeypatch.setenv("TREESSM_CUDA_SCAN", "sideways")
-    assert cuda_schedule(deep) == "path"  # unknown values mean auto

@@ -13,7 +13,29 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.fl
 
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
-    treessm.ops.cuda.load()
+    from treessm.typing import load_cuda_extension
+
+    load_cuda_extension()
+
+
+def _scan_with(tree, x, w, gout, direction, schedule, **launch):
+    """Forward and both gradients through the CUDA ops with the schedule's plan and launch
+    parameters, ``launch`` overriding some (``blocks_per_tree > 1`` spreads each tree)."""
+    from treessm.ops import cuda, plan
+
+    p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule)
+    if launch:
+        la = p.launch._replace(**launch)
+        if la.blocks_per_tree > 1:
+            la = la._replace(num_phases=plan.num_phases(tree))
+        p = p._replace(launch=la)
+    h = cuda.forward(x, w, tree.order, tree.child_ptr, p, direction)
+    gx, gw = cuda.backward(gout, x, w, h, tree.order, tree.child_ptr, p, direction)
+    return h, gx, gw
+
+
+SCHEDULES = {"levels": ("levels", {}), "paths": ("paths", {}),
+             "spread": ("paths", dict(blocks_per_tree=3))}
 
 
 def _forests():
@@ -35,26 +57,28 @@ def _inputs(n, c, dtype, g, device="cuda"):
     return x.to(device, dtype), w.to(device, dtype)
 
 
-@pytest.mark.parametrize("schedule", ["staged", "path"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("name", list(_forests()))
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("c", [1, 6, 8])
-def test_cuda_matches_dense_oracle(name, direction, c, schedule, monkeypatch):
-    monkeypatch.setenv("TREESSM_CUDA_SCAN", schedule)
+def test_cuda_matches_dense_oracle(name, direction, c, schedule):
     parent = _forests()[name]
     n = parent.numel()
     g = torch.Generator().manual_seed(n * 31 + c)
     x, w = _inputs(n, c, torch.float64, g)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
     tree = treessm.Tree.from_parent(parent.cuda())
-    h = treessm.tree_scan(x, w, tree, direction, backend="cuda")
+    gout = torch.randn(n, c, generator=g, dtype=torch.float64)
+    sched, launch = SCHEDULES[schedule]
+    if launch:
+        h, gx, gw = _scan_with(tree, x, w, gout.cuda(), direction, sched, **launch)
+    else:
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        h = treessm.tree_scan(xg, wg, tree, direction, backend="cuda", schedule=sched)
+        gx, gw = torch.autograd.grad(h, (xg, wg), gout.cuda())
     xr = x.detach().cpu().requires_grad_(True)
     wr = w.detach().cpu().requires_grad_(True)
     hr = dense_tree_scan(xr, wr, parent, direction)
     assert torch.allclose(h.cpu(), hr, atol=1e-10, rtol=1e-10)
-    gout = torch.randn(n, c, generator=g, dtype=torch.float64)
-    gx, gw = torch.autograd.grad(h, (x, w), gout.cuda())
     gxr, gwr = torch.autograd.grad(hr, (xr, wr), gout, allow_unused=True)
     gwr = torch.zeros_like(wr) if gwr is None else gwr * (parent >= 0).double()[:, None]
     assert torch.allclose(gx.cpu(), gxr, atol=1e-10, rtol=1e-10)
@@ -156,10 +180,10 @@ def test_cuda_ops_registered_and_compile():
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_cuda_staged_and_direct_kernels_agree(direction, monkeypatch):
+def test_cuda_level_kernels_agree_across_launch_shapes(direction):
     # a star far wider than the staging rings, a deep chain (level bounds restaged many
-    # times) and a forest; small rings force rows to be read directly; C = 40 leaves idle
-    # lanes in the last channel group
+    # times) and a forest; small rings force rows to be read directly, no shared values
+    # force the global scratch; C = 40 leaves idle lanes in the last channel group
     g = torch.Generator().manual_seed(21)
     forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30)]
     for parent in forests:
@@ -167,71 +191,80 @@ def test_cuda_staged_and_direct_kernels_agree(direction, monkeypatch):
         tree = treessm.Tree.from_parent(parent).cuda()
         x, w = _inputs(n, 40, torch.float32, g)
         gout = torch.randn(n, 40, generator=g).cuda()
-        runs = {}
-        staged = {"TREESSM_CUDA_SCAN": "staged"}
-        for name, env in (("staged", staged), ("ring16", {**staged, "TREESSM_CUDA_RING": "16"}),
-                          ("threads32", {**staged, "TREESSM_CUDA_THREADS": "32",
-                                         "TREESSM_CUDA_LPV": "2"}),
-                          ("direct", {"TREESSM_CUDA_SCAN": "direct"})):
-            for k in ("TREESSM_CUDA_RING", "TREESSM_CUDA_THREADS", "TREESSM_CUDA_LPV",
-                      "TREESSM_CUDA_SCAN"):
-                monkeypatch.delenv(k, raising=False)
-            for k, v in env.items():
-                monkeypatch.setenv(k, v)
-            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-            h = treessm.tree_scan(xg, wg, tree, direction)
-            runs[name] = (h, *torch.autograd.grad(h, (xg, wg), gout))
-        for name in ("ring16", "threads32", "direct"):
-            for a, b in zip(runs["staged"], runs[name]):
+        runs = {name: _scan_with(tree, x, w, gout, direction, "levels", **launch)
+                for name, launch in (("default", {}), ("ring16", dict(ring=16)),
+                                     ("threads32", dict(threads=32, row_bytes=32)),
+                                     ("cap0", dict(cap=0)), ("smem16k", dict(smem=16384)))}
+        for name in runs:
+            for a, b in zip(runs["default"], runs[name]):
                 assert torch.equal(a, b), name
         ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
-        err = (runs["staged"][0].double().cpu() - ref).norm() / ref.norm()
+        err = (runs["default"][0].double().cpu() - ref).norm() / ref.norm()
         assert err < TOL[torch.float32], err
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_cuda_path_kernels_agree_across_launch_shapes(direction, monkeypatch):
+def test_cuda_path_kernels_agree_across_launch_shapes(direction):
     # the path schedule sums in an order fixed by the plan: every launch shape gives the same
-    # bits, records in shared memory or not (a budget too small for them); the level
-    # schedule agrees to rounding
+    # bits, records in shared memory or not (a budget too small for them), one block per
+    # tree or several (one launch per phase); the level schedule agrees to rounding
     g = torch.Generator().manual_seed(22)
     forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30),
                random_forest(3000, 1, g)]
-    knobs = ("TREESSM_CUDA_THREADS", "TREESSM_CUDA_LPV", "TREESSM_CUDA_SCAN", "TREESSM_CUDA_SMEM")
     for parent in forests:
         n = parent.numel()
         tree = treessm.Tree.from_parent(parent).cuda()
         x, w = _inputs(n, 40, torch.float32, g)
         gout = torch.randn(n, 40, generator=g).cuda()
-        runs = {}
-        path = {"TREESSM_CUDA_SCAN": "path"}
-        for name, env in (("path", path),
-                          ("threads32", {**path, "TREESSM_CUDA_THREADS": "32",
-                                         "TREESSM_CUDA_LPV": "2"}),
-                          ("threads256", {**path, "TREESSM_CUDA_THREADS": "256"}),
-                          ("global_records", {**path, "TREESSM_CUDA_SMEM": "4096"}),
-                          ("staged", {"TREESSM_CUDA_SCAN": "staged"})):
-            for k in knobs:
-                monkeypatch.delenv(k, raising=False)
-            for k, v in env.items():
-                monkeypatch.setenv(k, v)
-            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-            h = treessm.tree_scan(xg, wg, tree, direction)
-            runs[name] = (h, *torch.autograd.grad(h, (xg, wg), gout))
-        for name in ("threads32", "threads256", "global_records"):
-            for a, b in zip(runs["path"], runs[name]):
+        runs = {name: _scan_with(tree, x, w, gout, direction, "paths", **launch)
+                for name, launch in (("default", {}), ("threads32", dict(threads=32, row_bytes=32)),
+                                     ("threads256", dict(threads=256)),
+                                     ("global_records", dict(smem=4096)),
+                                     ("spread2", dict(blocks_per_tree=2)),
+                                     ("spread64", dict(blocks_per_tree=64)))}
+        for name in runs:
+            for a, b in zip(runs["default"], runs[name]):
                 assert torch.equal(a, b), name
-        for a, b in zip(runs["path"], runs["staged"]):
+        levels = _scan_with(tree, x, w, gout, direction, "levels")
+        for a, b in zip(runs["default"], levels):
             err = (a - b).double().norm() / b.double().norm()
             assert err < TOL[torch.float32], err
         ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
-        err = (runs["path"][0].double().cpu() - ref).norm() / ref.norm()
+        err = (runs["default"][0].double().cpu() - ref).norm() / ref.norm()
         assert err < TOL[torch.float32], err
 
 
+def test_cuda_one_large_tree_spreads_and_matches_the_cpu():
+    # 300,000 vertices in one random tree: the automatic schedule spreads it over the device;
+    # outputs and gradients against the numba backend in float64, bitwise repeatable
+    from treessm.ops import plan
+
+    g = torch.Generator().manual_seed(24)
+    parent = random_forest(300_000, 1, g, locality=2000)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    assert plan.choose_schedule(tree) == "paths"
+    sp = plan.scan_plan(tree, 16, torch.float64)
+    assert sp.launch.blocks_per_tree > 1 and sp.launch.num_phases == plan.num_phases(tree)
+    x, w = _inputs(parent.numel(), 16, torch.float64, g)
+    gout = torch.randn(parent.numel(), 16, generator=g, dtype=torch.float64)
+    cpu_tree = treessm.Tree.from_parent(parent)
+    for direction in DIRECTIONS:
+        runs = []
+        for _ in range(2):
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            h = treessm.tree_scan(xg, wg, tree, direction)
+            runs.append((h, *torch.autograd.grad(h, (xg, wg), gout.cuda())))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        xc, wc = x.cpu().requires_grad_(), w.cpu().requires_grad_()
+        hc = treessm.tree_scan(xc, wc, cpu_tree, direction)
+        ref = (hc, *torch.autograd.grad(hc, (xc, wc), gout))
+        for a, b in zip(runs[0], ref):
+            assert torch.allclose(a.cpu(), b, rtol=1e-9, atol=1e-9)
+
+
 def test_cuda_path_plan_kernel_matches_tensor_plan():
-    # one block per tree on the GPU, tensor for tensor equal to treessm.path_plan on the CPU
-    from treessm.path_plan import path_plan
+    # one block per tree on the GPU, tensor for tensor equal to the tensor construction
+    from treessm.ops.plan import level_plan, path_plan, path_plan_tensors
 
     g = torch.Generator().manual_seed(23)
     feats = torch.randn(3, 20, 17, 5, generator=g)
@@ -240,12 +273,14 @@ def test_cuda_path_plan_kernel_matches_tensor_plan():
                treessm.GridTopology(connectivity=4, distance="cosine")(feats).parent]
     for parent in forests:
         tree = treessm.Tree.from_parent(parent)
-        args = (tree.order, tree.child_ptr, tree.tree_ptr, tree.depth, tree.scan_plan()[2])
-        expected = path_plan(*args)
+        args = (tree.order, tree.child_ptr, tree.tree_ptr, tree.depth, level_plan(tree).parent_pos)
+        expected = path_plan_tensors(*args)
         got = torch.ops.treessm.cuda_path_plan(*(a.cuda() for a in args))
         for a, b in zip(got, expected):
             assert torch.equal(a.cpu(), b)
-        assert all(torch.equal(a.cpu(), b) for a, b in zip(tree.cuda().path_plan(), expected))
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(path_plan(tree.cuda()), expected))
+        assert all(torch.equal(a.cpu(), b)
+                   for a, b in zip(path_plan_tensors(*(a.cuda() for a in args)), expected))
 
 
 def test_cuda_unaligned_rows():

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from treessm import Tree, minimum_spanning_tree
-from treessm.topology import root_forest
+from treessm.topology import root_forest, tree_from_edges
 from treessm.topology.mst import segments
-from treessm.topology.rooting import build_tree, forest_to_tree, lattice_offsets
+from treessm.topology.layout import lattice_offsets
+from treessm.topology.rooting import forest_tree_on_cpu, spanning_tree_on_cpu
 
 FIELDS = ("parent", "order", "child_ptr", "tree_ptr", "depth")
 
@@ -120,7 +121,7 @@ def test_errors():
 
 
 def test_tree_from_edges_uses_it():
-    tree = Tree.from_edges(torch.tensor([[0, 1, 3], [1, 2, 4]]), 5, roots=[4])
+    tree = tree_from_edges(torch.tensor([[0, 1, 3], [1, 2, 4]]), 5, roots=[4])
     assert tree.parent.tolist() == [-1, 0, 1, 4, -1]
     assert tree.roots.tolist() == [0, 4]
 
@@ -152,11 +153,11 @@ def test_layout_equals_tree_from_parent(seed):
     mask = np.ones(src.shape[0], np.bool_)
     node_ptr, edge_ptr = segments(n, src, dst, batch.numpy())
     assert node_ptr.shape[0] == len(sizes) + 1  # the examples were split
-    tree = forest_to_tree(src, dst, mask, n, roots, batch, node_ptr, edge_ptr)
+    tree = forest_tree_on_cpu(src, dst, mask, n, roots, batch, node_ptr, edge_ptr)
     assert_same_tree(tree, expected)
     assert torch.equal(tree.batch, batch)
     # unsplit: same result
-    assert_same_tree(forest_to_tree(src, dst, mask, n, roots), expected)
+    assert_same_tree(forest_tree_on_cpu(src, dst, mask, n, roots), expected)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -180,16 +181,16 @@ def test_fused_build_equals_mst_then_rooting(seed, dtype):
         roots = None
         expected = Tree.from_parent(root_forest(ei[:, mask], n), batch)
     src, dst = ei[0].numpy().copy(), ei[1].numpy().copy()
-    assert_same_tree(build_tree(src, dst, cost, n, roots, batch), expected)
+    assert_same_tree(spanning_tree_on_cpu(src, dst, cost, n, roots, batch), expected)
 
 
 def test_layout_rejects_cycles():
     src = np.array([0, 1, 2], np.int64)
     dst = np.array([1, 2, 0], np.int64)
     with pytest.raises(ValueError, match="cycle"):
-        forest_to_tree(src, dst, np.ones(3, np.bool_), 3)
+        forest_tree_on_cpu(src, dst, np.ones(3, np.bool_), 3)
     with pytest.raises(ValueError, match="cycle"):
-        forest_to_tree(src, dst, np.ones(3, np.bool_), 4)
+        forest_tree_on_cpu(src, dst, np.ones(3, np.bool_), 4)
 
 
 def test_lattice_layout_and_its_fallback():
@@ -200,7 +201,7 @@ def test_lattice_layout_and_its_fallback():
     expected = Tree.from_parent(root_forest(torch.from_numpy(np.stack([src, dst]))[:, mask], 6,
                                             [3]))
     # vertex 3 only hangs on the unchosen edge: two trees, so the general layout runs
-    assert_same_tree(forest_to_tree(src, dst, mask, 6, [3], offsets=lattice_offsets(src, dst)),
+    assert_same_tree(forest_tree_on_cpu(src, dst, mask, 6, [3], offsets=lattice_offsets(src, dst)),
                      expected)
     mask[4] = True
     mask[3] = False
@@ -208,7 +209,7 @@ def test_lattice_layout_and_its_fallback():
                                             [3]))
     offsets = lattice_offsets(src, dst)
     assert offsets.tolist() == [1, 2]
-    assert_same_tree(forest_to_tree(src, dst, mask, 6, [3], offsets=offsets), expected)
+    assert_same_tree(forest_tree_on_cpu(src, dst, mask, 6, [3], offsets=offsets), expected)
     # offsets that miss an edge's difference: the general layout takes over
-    assert_same_tree(forest_to_tree(src, dst, mask, 6, [3], offsets=np.array([1])), expected)
+    assert_same_tree(forest_tree_on_cpu(src, dst, mask, 6, [3], offsets=np.array([1])), expected)
     assert lattice_offsets(np.arange(6), np.arange(6) + np.arange(6)).shape == (0,)

@@ -1,5 +1,4 @@
 """Grid, sequence and graph topologies, and the Topology extension API."""
-import sys
 
 import networkx as nx
 import numpy as np
@@ -378,41 +377,21 @@ def test_device_builder_agrees_with_cpu_path():
         assert torch.equal(getattr(on_device, name), getattr(cpu, name)), name
 
 
-def test_device_builder_missing_falls_back(monkeypatch):
-    monkeypatch.setitem(sys.modules, "treessm.topology.device", None)  # import fails
-    topo = SequenceTopology(window=2)
-    feat = torch.randn(2, 7, 3)
-    ei, batch, n = topo.candidate_edges(feat)
-    cost = topo.edge_cost(feat.reshape(n, -1), ei)
-    tree = topo._build_on_device(ei, cost, n, topo.roots(feat), batch)
-    ref = topo(feat)
-    for name in FIELDS:
-        assert torch.equal(getattr(tree, name), getattr(ref, name)), name
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_features_give_the_cpu_tree():
-    feat = torch.randn(2, 6, 7, 5)
-    cpu = GridTopology()(feat)
-    gpu = GridTopology()(feat.cuda())
-    assert gpu.device.type == "cuda"
-    # costs may round differently on the GPU, so compare the structure, not the edges
-    check_forest(gpu.cpu(), cpu.batch)
-    assert gpu.roots.tolist() == cpu.roots.tolist()
-
-
 def test_top_level_names():
     for name in ("Topology", "GridTopology", "SequenceTopology", "GraphTopology",
                  "minimum_spanning_tree"):
         assert name in treessm.__all__ and hasattr(treessm, name)
 
 
-def test_sequence_chains_report_their_level_count():
+def test_trees_built_on_the_host_report_their_sizes():
+    from treessm.ops.plan import level_plan
+
     feat = torch.randn(3, 17, 4)
     tree = SequenceTopology(window=1)(feat)
-    assert tree.num_levels == int(tree.scan_plan()[1][-1]) == 51
-    assert SequenceTopology(window=2)(feat).num_levels is None  # depth depends on the costs
+    assert tree.num_levels == int(level_plan(tree).tree_level_ptr[-1]) == 51
+    assert tree.max_tree_size == 17
+    wider = SequenceTopology(window=2)(feat)
+    assert wider.num_levels == int(level_plan(wider).tree_level_ptr[-1])
 
     class MiddleRooted(SequenceTopology):
         def roots(self, feat):
@@ -420,4 +399,6 @@ def test_sequence_chains_report_their_level_count():
             return torch.arange(b) * length + length // 2
 
     tree = MiddleRooted(window=1)(feat)
-    assert tree.num_levels is None and int(tree.scan_plan()[1][-1]) == 27
+    assert tree.num_levels == int(level_plan(tree).tree_level_ptr[-1]) == 27
+    grid = GridTopology()(torch.randn(2, 6, 7, 3))
+    assert grid.max_tree_size == 42 and grid.num_levels == int(level_plan(grid).tree_level_ptr[-1])

@@ -142,7 +142,7 @@ def layer_tree(model: GrootV, images: Tensor, block: int = 0) -> Tuple[Tree, Ten
         x, _ = blk(x)
     mixer = stage.blocks[block].mixer
     u, _ = mixer.project_in(stage.blocks[block].norm1(x))
-    tree = mixer.build_tree(u)
+    tree = mixer.scan_tree(u)
     _, decay, _ = mixer.discretize(u.reshape(-1, mixer.d_inner))
     return tree, decay.flatten(1)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from ..models import grootv as _grootv
+from ..typing import WITH_TIMM, require
 
 __all__ = ["register_timm_models", "is_registered", "MODEL_NAMES"]
 
@@ -65,12 +66,9 @@ def register_timm_models() -> tuple:
     Raises:
         ImportError: timm is not installed.
     """
-    try:
-        from timm.models import register_model
-    except ImportError as exc:
-        raise ImportError("registering GrootV models with timm needs timm: "
-                          "pip install timm") from exc
+    require("timm", "registering GrootV models with timm")
     import timm
+    from timm.models import register_model
 
     for name in MODEL_NAMES:
         if name in _registered and timm.is_model(name):
@@ -87,9 +85,5 @@ def is_registered() -> bool:
     return len(_registered) == len(MODEL_NAMES)
 
 
-try:  # register on import when timm is there; stay importable without it
-    import timm as _timm  # noqa: F401
-except ImportError:
-    pass
-else:
+if WITH_TIMM:  # register on import when timm is there; stay importable without it
     register_timm_models()

@@ -75,8 +75,8 @@ class GrootVBlock(nn.Module):
             ``None``)
 
     Shapes:
-        input ``[B, H, W, dim]`` and an optional tree over its pixels; output the map and
-        the tree its mixer used.
+        - **input:** features :math:`(B, H, W, dim)` and optionally a tree over its pixels
+        - **output:** features :math:`(B, H, W, dim)` and the tree its mixer used
     """
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, d_state: int = 1,
@@ -183,10 +183,10 @@ class GrootV(nn.Module):
             (default: all)
 
     Shapes:
-        - input: ``[B, in_chans, H, W]``
-        - output: ``[B, num_classes]`` logits, or with ``features_only`` a list of
-          ``[B, dims[i], H / r_i, W / r_i]`` with ``r_i = feature_info[i]["reduction"]``
-          (4, 8, 16, 32 by default)
+        - **input:** images :math:`(B, C_{in}, H, W)`
+        - **output:** logits :math:`(B, \text{num_classes})`, or with ``features_only`` a
+          list of maps :math:`(B, \text{dims}_i, H / r_i, W / r_i)` with
+          :math:`r_i` = ``feature_info[i]["reduction"]`` (4, 8, 16, 32 by default)
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,
@@ -362,12 +362,12 @@ def count_flops(model: nn.Module, *inputs: Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     ssms = [m for m in model.modules() if isinstance(m, TreeSSM)]
-    shadowed = {id(m): m.__dict__.get("build_tree") for m in ssms}
+    shadowed = {id(m): m.__dict__.get("scan_tree") for m in ssms}
     built = {id(m): [] for m in ssms}
     extra = [0]
 
     def recorder(m):
-        build = m.build_tree
+        build = m.scan_tree
 
         def record(u):
             built[id(m)].append(build(u))
@@ -388,10 +388,10 @@ def count_flops(model: nn.Module, *inputs: Tensor) -> int:
     try:
         with torch.no_grad():
             for m in ssms:
-                m.build_tree = recorder(m)
+                m.scan_tree = recorder(m)
             model(*inputs)
             for m in ssms:
-                m.build_tree = replayer(m)
+                m.scan_tree = replayer(m)
                 handles.append(m.register_forward_hook(add_scan))
             counter = FlopCounterMode(display=False)
             with counter:
@@ -401,9 +401,9 @@ def count_flops(model: nn.Module, *inputs: Tensor) -> int:
             handle.remove()
         for m in ssms:
             if shadowed[id(m)] is None:
-                del m.build_tree
+                del m.scan_tree
             else:
-                m.build_tree = shadowed[id(m)]
+                m.scan_tree = shadowed[id(m)]
         model.train(was_training)
     return counter.get_total_flops() // 2 + extra[0]
 

@@ -52,7 +52,8 @@ class LayerNorm2d(nn.LayerNorm):
     r""":class:`torch.nn.LayerNorm` over the channels of a channels-first map.
 
     Shapes:
-        input ``[B, C, H, W]``, output ``[B, C, H, W]``.
+        - **input:** :math:`(B, C, H, W)`
+        - **output:** :math:`(B, C, H, W)`
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -74,7 +75,8 @@ class Mlp(nn.Module):
         bias (bool): learn the additive biases. (default: ``True``)
 
     Shapes:
-        input ``[*, in_channels]``, output ``[*, in_channels]``.
+        - **input:** :math:`(*, C_{in})`
+        - **output:** :math:`(*, C_{in})`
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, drop: float = 0.0,
@@ -91,5 +93,5 @@ class Mlp(nn.Module):
         x = self.drop(self.act(self.fc1(x)))
         return self.drop(self.fc2(x))
 
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels})"
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.hidden_channels}"

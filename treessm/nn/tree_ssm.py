@@ -12,7 +12,6 @@ graphs; :meth:`TreeSSM.forward` is the image form on channels-last ``[B, H, W, C
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional, Tuple, Union
 
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from ..ops import tree_scan
 from ..ops.tree_scan import BACKENDS
-from ..topology import GridTopology
+from ..topology import GridTopology, chain_tree
 from ..tree import Tree
 
 __all__ = ["TreeSSM", "raster_tree"]
@@ -30,32 +29,22 @@ __all__ = ["TreeSSM", "raster_tree"]
 SCANS = ("tree", "raster")
 
 
-@functools.lru_cache(maxsize=32)
-def _raster_tree(batch_size: int, height: int, width: int, device: torch.device) -> Tree:
-    num_pixels = height * width
-    n = batch_size * num_pixels
-    parent = torch.arange(-1, n - 1)
-    parent[::num_pixels] = -1  # the first pixel of every image starts a new chain
-    batch = torch.arange(batch_size).repeat_interleave(num_pixels)
-    return Tree.from_parent(parent, batch).to(device)
-
-
 def raster_tree(batch_size: int, height: int, width: int, device="cpu") -> Tree:
-    r"""One chain per image through its pixels in row-major order, rooted at pixel (0, 0).
+    r"""One chain per image through its pixels in row-major order, rooted at pixel (0, 0)
+    (:func:`treessm.topology.chain_tree` over ``batch_size`` chains of ``height * width``).
 
     A ``"both"`` tree scan over it is a bidirectional selective scan over the raster
-    sequence, and a ``"down"`` scan is exactly Mamba's causal recurrence. Trees are cached
-    per ``(batch_size, height, width, device)``.
+    sequence, and a ``"down"`` scan is exactly Mamba's causal recurrence.
 
     Args:
         batch_size (int), height (int), width (int): grid of ``[B, H, W]`` vertices with ids
-            ``b * H * W + i * W + j`` (DESIGN.md, section 2).
+            ``b * H * W + i * W + j``.
         device (torch.device or str): device of the tree. (default: ``"cpu"``)
     """
     for name, value in (("batch_size", batch_size), ("height", height), ("width", width)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return _raster_tree(batch_size, height, width, torch.device(device))
+    return chain_tree(batch_size, height * width, device)
 
 
 def _inverse_softplus(x: Tensor) -> Tensor:
@@ -120,9 +109,9 @@ class TreeSSM(nn.Module):
         bias (bool): learn biases in the input and output projections. (default: ``False``)
 
     Shapes:
-        - input: ``[B, H, W, d_model]`` (channels last), optional ``tree`` over ``B * H * W``
-          vertices
-        - output: ``[B, H, W, d_model]``
+        - **input:** features :math:`(B, H, W, d_{model})`, channels last; optionally a tree
+          over the :math:`BHW` pixels
+        - **output:** features :math:`(B, H, W, d_{model})`
     """
 
     def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 2.0,
@@ -219,7 +208,7 @@ class TreeSSM(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
-    def build_tree(self, u: Tensor) -> Tree:
+    def scan_tree(self, u: Tensor) -> Tree:
         """The tree the scan runs on, from the inner features ``u [B, H, W, d_inner]``
         (no gradient flows through its construction)."""
         b, h, w, _ = u.shape
@@ -313,12 +302,11 @@ class TreeSSM(nn.Module):
                                  f"{tree.num_nodes} vertices")
         u, z = self.project_in(x)
         if tree is None:
-            tree = self.build_tree(u)
+            tree = self.scan_tree(u)
         y = self.selective_scan(u.reshape(n, self.d_inner), tree)
         out = self.project_out(y, z.reshape(n, self.d_inner)).view(bsz, height, width, -1)
         return (out, tree) if return_tree else out
 
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}({self.d_model}, d_inner={self.d_inner}, "
-                f"d_state={self.d_state}, dt_rank={self.dt_rank}, d_conv={self.d_conv}, "
-                f"scan={self.scan!r})")
+    def extra_repr(self) -> str:
+        return (f"{self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
+                f"dt_rank={self.dt_rank}, d_conv={self.d_conv}, scan={self.scan!r}")

@@ -1,5 +1,6 @@
-"""Tree-scan operators: dispatcher, autograd and backends."""
-from . import cuda, reference
+"""Tree-scan operators: dispatcher, autograd, plans and backends."""
+from . import cuda, plan, reference
 from .tree_scan import BACKENDS, DIRECTIONS, available_backends, tree_scan
 
-__all__ = ["tree_scan", "DIRECTIONS", "BACKENDS", "available_backends", "cuda", "reference"]
+__all__ = ["tree_scan", "DIRECTIONS", "BACKENDS", "available_backends", "cuda", "plan",
+           "reference"]

@@ -1,6 +1,6 @@
 """Numba CPU backend of the tree scan: compiled, multi-threaded, exact.
 
-The passes of DESIGN.md, section 1, walk the breadth-first ``order`` of a
+The passes of ``docs/concepts.md`` walk the breadth-first ``order`` of a
 :class:`~treessm.Tree` one vertex at a time, tree by tree:
 
 * leaf-first passes walk a tree's positions backwards and *pull* from the children,
@@ -270,12 +270,11 @@ def _tensor(a: np.ndarray, n: int, c: int) -> torch.Tensor:
     return torch.from_numpy(a.reshape(n, c))
 
 
-def forward(x, w, parent, order, child_ptr, tree_ptr, depth, direction):
+def forward(x, w, order, child_ptr, tree_ptr, direction):
     """Tree scan ``h`` of ``x [N, C]`` with edge weights ``w [N, C]`` (float32 or float64).
 
-    ``parent``, ``order``, ``child_ptr``, ``tree_ptr`` and ``depth`` are the tensors of a
-    :class:`~treessm.Tree` (``parent`` and ``depth`` are not needed here). Returns a new
-    tensor.
+    ``order``, ``child_ptr`` and ``tree_ptr`` are the layout of a :class:`~treessm.Tree`.
+    Returns a new tensor.
     """
     _check_direction(direction)
     n, c = x.shape
@@ -291,7 +290,7 @@ def forward(x, w, parent, order, child_ptr, tree_ptr, depth, direction):
     return _tensor(h, n, c)
 
 
-def backward(g, x, w, h, parent, order, child_ptr, tree_ptr, depth, direction):
+def backward(g, x, w, h, order, child_ptr, tree_ptr, direction):
     """Gradients ``(dL/dx, dL/dw)`` of the tree scan given ``g = dL/dh`` and the output ``h``.
 
     Weights of roots get a zero gradient (they do not enter the forward pass).

@@ -1,7 +1,9 @@
 """CUDA backend of the tree scan: the kernels of ``extensions/treessm_cuda`` behind
-``torch.ops.treessm.cuda_scan_forward`` / ``cuda_scan_backward``.
+``torch.ops.treessm.cuda_scan_*`` (level schedule) and ``cuda_path_scan_*`` (heavy-path
+schedule), launched with the plan and parameters of :mod:`treessm.ops.plan`.
 
-The extension is compiled on first use (see :mod:`treessm._extension`), or ahead of time::
+The extension is compiled on first use (:func:`treessm.typing.load_cuda_extension`), or
+ahead of time::
 
     python -m treessm.ops.cuda --build
 """
@@ -11,25 +13,38 @@ import argparse
 
 import torch
 
-from .._extension import is_loaded, load, source_dir
+from ..typing import cuda_source_dir, load_cuda_extension
+from .plan import ScanPlan
 
-__all__ = ["load", "is_loaded", "source_dir", "forward", "backward"]
-
-
-def forward(x, w, parent, order, child_ptr, plan, direction):
-    """``plan`` is :meth:`treessm.Tree.scan_plan`, followed by :meth:`treessm.Tree.path_plan`
-    for the path kernels."""
-    if len(plan) == 8:
-        return torch.ops.treessm.cuda_path_scan_forward(x, w, *plan[4:], direction)
-    return torch.ops.treessm.cuda_scan_forward(x, w, order, child_ptr, *plan[:4], direction)
+__all__ = ["forward", "backward"]
 
 
-def backward(g, x, w, h, parent, order, child_ptr, plan, direction):
-    if len(plan) == 8:
-        return torch.ops.treessm.cuda_path_scan_backward(g, x, w, h, *plan[4:], direction)
-    gx, gw = torch.ops.treessm.cuda_scan_backward(g, x, w, h, order, child_ptr, *plan[:4],
-                                                  direction)
-    return gx, gw
+def _levels_launch(plan: ScanPlan):
+    la = plan.launch
+    return la.row_bytes, la.threads, la.ring, la.cap, la.smem
+
+
+def _paths_launch(plan: ScanPlan):
+    la = plan.launch
+    return la.row_bytes, la.threads, la.smem, la.blocks_per_tree, la.num_phases
+
+
+def forward(x, w, order, child_ptr, plan: ScanPlan, direction: str):
+    """Scan of contiguous ``x, w [N, C]`` on the GPU along ``plan``."""
+    if plan.schedule == "paths":
+        return torch.ops.treessm.cuda_path_scan_forward(x, w, *plan.tensors, direction,
+                                                        *_paths_launch(plan))
+    return torch.ops.treessm.cuda_scan_forward(x, w, order, child_ptr, *plan.tensors, direction,
+                                               *_levels_launch(plan))
+
+
+def backward(g, x, w, h, order, child_ptr, plan: ScanPlan, direction: str):
+    """``(dL/dx, dL/dw)`` given ``g = dL/dh`` and the forward output ``h``."""
+    if plan.schedule == "paths":
+        return torch.ops.treessm.cuda_path_scan_backward(g, x, w, h, *plan.tensors, direction,
+                                                         *_paths_launch(plan))
+    return torch.ops.treessm.cuda_scan_backward(g, x, w, h, order, child_ptr, *plan.tensors,
+                                                direction, *_levels_launch(plan))
 
 
 def _main(argv=None):
@@ -38,8 +53,8 @@ def _main(argv=None):
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.build:
-        load(verbose=args.verbose)
-        print(f"treessm CUDA extension ready (sources: {source_dir()})")
+        load_cuda_extension(verbose=args.verbose)
+        print(f"treessm CUDA extension ready (sources: {cuda_source_dir()})")
     else:
         parser.print_help()
 

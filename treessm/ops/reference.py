@@ -4,7 +4,7 @@ Each pass walks the breadth-first levels of the forest (all trees at once) and
 updates every vertex of a level with one gather/scatter, so the Python loop runs
 ``depth + 1`` times whatever ``N`` and ``C`` are. It needs no compilation and is
 the fallback of every other backend. Gradients are written in closed form from the
-same passes (DESIGN.md, section 1):
+same passes (``docs/concepts.md``):
 
 * ``up`` and ``down`` are adjoint: dL/dx of one is the other applied to dL/dh;
 * ``both`` is self-adjoint;
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tree import levels_from_tensors
-
-__all__ = ["scan_up", "scan_down", "scan_both", "forward", "backward", "levels_from_tensors"]
+__all__ = ["scan_up", "scan_down", "scan_both", "forward", "backward"]
 
 
 def _level(level_order, level_ptr, d):
@@ -57,7 +55,8 @@ def _compute_dtype(dtype):
 
 
 def forward(x, w, parent, levels, direction):
-    """h for ``x, w [N, C]``; ``levels = (level_order, level_ptr)``."""
+    """h for ``x, w [N, C]``; ``levels = (level_order, level_ptr)`` from
+    :func:`treessm.ops.plan.level_groups`."""
     ct = _compute_dtype(x.dtype)
     xc, wc = x.to(ct), w.to(ct)
     lo, lp = levels

@@ -4,16 +4,17 @@ Backends (each beside the torch reference, each tested against the dense oracle)
 
 * ``"torch"``  -- :mod:`treessm.ops.reference`, level-synchronous, any device;
 * ``"numba"``  -- :mod:`treessm.ops.cpu`, compiled CPU kernels (default on the CPU);
-* ``"cuda"``   -- :mod:`treessm.ops.cuda`, the C++/CUDA extension (default on CUDA tensors).
+* ``"cuda"``   -- :mod:`treessm.ops.cuda`, the C++/CUDA extension (default on CUDA tensors),
+  launched along the plan and schedule of :mod:`treessm.ops.plan`.
 
 The compiled backends run behind the custom operators ``torch.ops.treessm.tree_scan``
 and ``torch.ops.treessm.tree_scan_backward`` (``torch.library``), which carry fake
 implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
+The math is in ``docs/concepts.md``.
 """
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import List, Optional, Tuple
 
@@ -21,82 +22,54 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
-from . import reference
+from ..typing import cuda_extension_error, load_cuda_extension
+from . import cpu, reference
+from .plan import SCHEDULES, Launch, ScanPlan, level_groups, scan_plan
 
 __all__ = ["tree_scan", "DIRECTIONS", "BACKENDS", "available_backends"]
 
 DIRECTIONS = ("both", "up", "down")
 BACKENDS = ("torch", "numba", "cuda")
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_warned = []
 
 
 # ---------------------------------------------------------------------------- backends
-def _numba_backend():
-    from . import cpu
-
-    return cpu
-
-
-_numba_state = {}
-
-
-def _numba_available() -> bool:
-    if "ok" not in _numba_state:
-        try:
-            _numba_backend()
-            _numba_state["ok"] = True
-        except ImportError:
-            _numba_state["ok"] = False
-    return _numba_state["ok"]
-
-
-_cuda_state = {"module": None, "error": None, "warned": False}
+def _cuda_ready(warn: bool) -> bool:
+    """Whether the CUDA extension is there; without it, one warning (the caller falls back
+    to the torch reference)."""
+    try:
+        load_cuda_extension()
+        return True
+    except RuntimeError:
+        if warn and not _warned:
+            _warned.append(True)
+            warnings.warn(
+                "treessm: the CUDA extension is not available "
+                f"({cuda_extension_error()}); falling back to the torch reference backend, "
+                "which is much slower. Install a CUDA toolkit matching PyTorch (nvcc on PATH "
+                "or CUDA_HOME set) or prebuild with `python -m treessm.ops.cuda --build`.",
+                RuntimeWarning, stacklevel=5)
+        return False
 
 
-def _cuda_backend():
-    """The CUDA extension module, or None (with one warning) when it cannot be built."""
-    if _cuda_state["module"] is None and _cuda_state["error"] is None:
-        try:
-            from . import cuda as cuda_mod
-
-            cuda_mod.load()
-            _cuda_state["module"] = cuda_mod
-        except Exception as exc:  # missing toolchain, failed build
-            _cuda_state["error"] = exc
-    if _cuda_state["module"] is None and not _cuda_state["warned"]:
-        _cuda_state["warned"] = True
-        warnings.warn(
-            "treessm: the CUDA extension is not available "
-            f"({type(_cuda_state['error']).__name__}: {_cuda_state['error']}); falling back to the "
-            "torch reference backend, which is much slower. Install a CUDA toolkit matching "
-            "PyTorch (nvcc on PATH or CUDA_HOME set) or prebuild with "
-            "`python -m treessm.ops.cuda --build`.", RuntimeWarning, stacklevel=4)
-    return _cuda_state["module"]
-
-
-def available_backends(device="cpu"):
+def available_backends(device="cpu") -> List[str]:
     """Backends that can run on ``device`` in this installation."""
     device = torch.device(device)
     out = ["torch"]
-    if device.type == "cpu" and _numba_available():
+    if device.type == "cpu":
         out.append("numba")
-    elif device.type == "cuda":
-        try:
-            from . import cuda as cuda_mod
-
-            cuda_mod.load()
-            out.append("cuda")
-        except Exception:
-            pass
+    elif device.type == "cuda" and _cuda_ready(warn=False):
+        out.append("cuda")
     return out
 
 
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if backend is None or backend == "auto":
         if device.type == "cpu":
-            return "numba" if _numba_available() else "torch"
-        if device.type == "cuda":
-            return "cuda" if _cuda_backend() is not None else "torch"
+            return "numba"
+        if device.type == "cuda" and _cuda_ready(warn=True):
+            return "cuda"
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
@@ -105,98 +78,95 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
-        if _cuda_backend() is None:
+        if not _cuda_ready(warn=False):
             raise RuntimeError(f"backend 'cuda' was requested but the extension is unavailable: "
-                               f"{_cuda_state['error']}")
+                               f"{cuda_extension_error()}")
     return backend
 
 
-def _levels(order, depth):
-    return reference.levels_from_tensors(order, depth)
+def _as_plan(plan: List[Tensor], schedule: str, launch: List[int]) -> ScanPlan:
+    return ScanPlan(schedule, tuple(plan), Launch(*launch))
 
 
-def _compiled_forward(x, w, parent, order, child_ptr, tree_ptr, depth, plan, direction, backend):
-    if backend == "torch":
-        return reference.forward(x, w, parent, _levels(order, depth), direction)
+def _compiled_forward(x, w, order, child_ptr, tree_ptr, plan, schedule, launch, direction,
+                      backend):
     if backend == "cuda":
-        return _cuda_backend().forward(x, w, parent, order, child_ptr, plan, direction)
-    mod = _numba_backend()
+        from . import cuda
+
+        return cuda.forward(x, w, order, child_ptr, _as_plan(plan, schedule, launch), direction)
     if x.dtype in (torch.float32, torch.float64):
-        return mod.forward(x, w, parent, order, child_ptr, tree_ptr, depth, direction)
+        return cpu.forward(x, w, order, child_ptr, tree_ptr, direction)
     # half types: accumulate in float32
-    h = mod.forward(x.float(), w.float(), parent, order, child_ptr, tree_ptr, depth, direction)
-    return h.to(x.dtype)
+    return cpu.forward(x.float(), w.float(), order, child_ptr, tree_ptr, direction).to(x.dtype)
 
 
-def _compiled_backward(g, x, w, h, parent, order, child_ptr, tree_ptr, depth, plan, direction,
-                       backend):
-    if backend == "torch":
-        return reference.backward(g, x, w, h, parent, _levels(order, depth), direction)
+def _compiled_backward(g, x, w, h, order, child_ptr, tree_ptr, plan, schedule, launch,
+                       direction, backend):
     if backend == "cuda":
-        return _cuda_backend().backward(g, x, w, h, parent, order, child_ptr, plan, direction)
-    mod = _numba_backend()
+        from . import cuda
+
+        return cuda.backward(g, x, w, h, order, child_ptr, _as_plan(plan, schedule, launch),
+                             direction)
     if x.dtype in (torch.float32, torch.float64):
-        return mod.backward(g, x, w, h, parent, order, child_ptr, tree_ptr, depth, direction)
-    gx, gw = mod.backward(g.float(), x.float(), w.float(), h.float(), parent, order, child_ptr,
-                          tree_ptr, depth, direction)
+        return cpu.backward(g, x, w, h, order, child_ptr, tree_ptr, direction)
+    gx, gw = cpu.backward(g.float(), x.float(), w.float(), h.float(), order, child_ptr,
+                          tree_ptr, direction)
     return gx.to(x.dtype), gw.to(w.dtype)
 
 
 # ---------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("treessm::tree_scan", mutates_args=())
-def _tree_scan_op(x: Tensor, weight: Tensor, parent: Tensor, order: Tensor, child_ptr: Tensor,
-                  tree_ptr: Tensor, depth: Tensor, plan: List[Tensor], direction: str,
+def _tree_scan_op(x: Tensor, weight: Tensor, order: Tensor, child_ptr: Tensor, tree_ptr: Tensor,
+                  plan: List[Tensor], schedule: str, launch: List[int], direction: str,
                   backend: str) -> Tensor:
-    return _compiled_forward(x, weight, parent, order, child_ptr, tree_ptr, depth, plan, direction,
-                             backend)
+    return _compiled_forward(x, weight, order, child_ptr, tree_ptr, plan, schedule, launch,
+                             direction, backend)
 
 
 @_tree_scan_op.register_fake
-def _(x, weight, parent, order, child_ptr, tree_ptr, depth, plan, direction, backend):
+def _(x, weight, order, child_ptr, tree_ptr, plan, schedule, launch, direction, backend):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("treessm::tree_scan_backward", mutates_args=())
-def _tree_scan_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out: Tensor, parent: Tensor,
-                           order: Tensor, child_ptr: Tensor, tree_ptr: Tensor, depth: Tensor,
-                           plan: List[Tensor], direction: str,
+def _tree_scan_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out: Tensor, order: Tensor,
+                           child_ptr: Tensor, tree_ptr: Tensor, plan: List[Tensor],
+                           schedule: str, launch: List[int], direction: str,
                            backend: str) -> Tuple[Tensor, Tensor]:
-    gx, gw = _compiled_backward(grad.contiguous(), x, weight, out, parent, order, child_ptr,
-                                tree_ptr, depth, plan, direction, backend)
-    return gx, gw
+    return _compiled_backward(grad.contiguous(), x, weight, out, order, child_ptr, tree_ptr,
+                              plan, schedule, launch, direction, backend)
 
 
 @_tree_scan_backward_op.register_fake
-def _(grad, x, weight, out, parent, order, child_ptr, tree_ptr, depth, plan, direction, backend):
+def _(grad, x, weight, out, order, child_ptr, tree_ptr, plan, schedule, launch, direction,
+      backend):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, parent, order, child_ptr, tree_ptr, depth, plan, direction, backend = inputs
-    ctx.direction = direction
-    ctx.backend = backend
-    ctx.num_plan = len(plan)
-    ctx.save_for_backward(x, weight, output, parent, order, child_ptr, tree_ptr, depth, *plan)
+    x, weight, order, child_ptr, tree_ptr, plan, schedule, launch, direction, backend = inputs
+    ctx.args = (schedule, launch, direction, backend)
+    ctx.num_plan, ctx.num_launch = len(plan), len(launch)
+    ctx.save_for_backward(x, weight, output, order, child_ptr, tree_ptr, *plan)
 
 
 def _backward(ctx, grad):
-    x, weight, out, parent, order, child_ptr, tree_ptr, depth, *plan = ctx.saved_tensors
-    gx, gw = torch.ops.treessm.tree_scan_backward(grad, x, weight, out, parent, order, child_ptr,
-                                                  tree_ptr, depth, plan, ctx.direction,
-                                                  ctx.backend)
-    return gx, gw, None, None, None, None, None, [None] * ctx.num_plan, None, None
+    x, weight, out, order, child_ptr, tree_ptr, *plan = ctx.saved_tensors
+    gx, gw = torch.ops.treessm.tree_scan_backward(grad, x, weight, out, order, child_ptr,
+                                                  tree_ptr, plan, *ctx.args)
+    return (gx, gw, None, None, None, [None] * ctx.num_plan, None, [None] * ctx.num_launch, None,
+            None)
 
 
 _tree_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _ReferenceScan(torch.autograd.Function):
-    """Autograd for the torch backend, reusing the Tree's cached levels."""
+    """Autograd for the torch backend, reusing the tree's cached level groups."""
 
     @staticmethod
     def forward(ctx, x, weight, tree, direction):
-        levels = tree.levels()
-        out = reference.forward(x, weight, tree.parent, levels, direction)
+        out = reference.forward(x, weight, tree.parent, level_groups(tree), direction)
         ctx.save_for_backward(x, weight, out)
         ctx.tree, ctx.direction = tree, direction
         return out
@@ -204,68 +174,13 @@ class _ReferenceScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
-        gx, gw = reference.backward(grad, x, weight, out, ctx.tree.parent, ctx.tree.levels(),
+        gx, gw = reference.backward(grad, x, weight, out, ctx.tree.parent, level_groups(ctx.tree),
                                     ctx.direction, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gx, gw, None, None
 
 
 # ---------------------------------------------------------------------------- public API
-# Above this many vertices per breadth-first level on average the level kernels win; below
-# it (deep, narrow trees: chains, sequences) the heavy-path kernels do. On an H100 (32 trees
-# of 3136 vertices, C=160, float32, both) the path kernels took 0.60x the forward time of the
-# level kernels on chains, 0.74x at 2.5 vertices per level, 0.97x at 4.5 and 1.3x at 8.4
-# (benchmarks/tree_scan.py, "schedule by tree shape").
-PATH_MAX_LEVEL_WIDTH = 3.5
-
-
-def cuda_schedule(tree: Optional[Tree] = None) -> str:
-    """The CUDA scan schedule: ``TREESSM_CUDA_SCAN`` = ``auto`` (the default: ``path`` for
-    forests whose breadth-first levels hold fewer than :data:`PATH_MAX_LEVEL_WIDTH` vertices
-    on average, when the level count is known on the host (:attr:`Tree.num_levels`, set by
-    :meth:`Tree.from_parent`), else ``staged``), ``staged`` (breadth-first levels staged through shared
-    memory), ``direct`` (levels read from global memory) or ``path`` (heavy paths)."""
-    s = os.environ.get("TREESSM_CUDA_SCAN", "auto")
-    if s not in ("path", "staged", "direct"):
-        s = "auto"
-    if s == "auto":
-        levels = None if tree is None else tree.num_levels  # known when built on the host
-        if levels is None or tree.num_nodes == 0:
-            return "staged"
-        return "path" if tree.num_nodes < PATH_MAX_LEVEL_WIDTH * levels else "staged"
-    return s
-
-
-def cuda_plan(tree: Tree) -> List[Tensor]:
-    """Plan tensors for the CUDA kernels: the level plan, plus the heavy-path plan when the
-    path schedule runs (the kernels pick the schedule by the number of tensors)."""
-    plan = tree.scan_plan()
-    if cuda_schedule(tree) == "path" and tree.num_nodes < 2 ** 31 - 1:
-        plan = plan + tree.path_plan()
-    return plan
-
-
-def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
-              backend: Optional[str] = None) -> Tensor:
-    r"""Linear-time tree scan (DESIGN.md, section 1), differentiable in ``x`` and ``weight``.
-
-    .. math::
-        h_v = \sum_u S(u, v)\, x_u, \qquad S(u, v) = \prod_{e \in \mathrm{path}(u, v)} w_e
-
-    where the sum runs over all vertices of v's tree (``"both"``), over v's subtree
-    (``"up"``) or over the path from v's root to v (``"down"``). The weight of the edge
-    (v, parent(v)) is ``weight[v]``; weights of roots are ignored.
-
-    Args:
-        x (Tensor [N, *]): input per vertex, channels last.
-        weight (Tensor [N, *]): edge weight per vertex and channel, same shape as ``x``.
-        tree (Tree): forest over the N vertices, on the device of ``x``.
-        direction (str): ``"both"``, ``"up"`` or ``"down"``. (default: ``"both"``)
-        backend (str, optional): ``"torch"``, ``"numba"`` or ``"cuda"``; by default the
-            fastest available for the device. (default: ``None``)
-
-    Returns:
-        Tensor shaped and typed like ``x``. float16/bfloat16 inputs accumulate in float32.
-    """
+def _check_inputs(x, weight, tree, direction, schedule) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -274,6 +189,9 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
         raise TypeError(f"tree must be a treessm.Tree, got {type(tree).__name__}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if schedule is not None and schedule != "auto" and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be None, 'auto' or one of {SCHEDULES}, got "
+                         f"{schedule!r}")
     if x.dtype not in _FLOAT_TYPES:
         raise TypeError(f"x must be a floating-point tensor (float32, float64, bfloat16 or "
                         f"float16), got {x.dtype}")
@@ -292,6 +210,38 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     if tree.device != x.device:
         raise ValueError(f"tree must be on the device of x ({x.device}), got {tree.device}; "
                          "use tree.to(x.device)")
+
+
+def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
+              backend: Optional[str] = None, schedule: Optional[str] = None) -> Tensor:
+    r"""Linear-time tree scan, differentiable in ``x`` and ``weight`` (``docs/concepts.md``).
+
+    .. math::
+        h_v = \sum_u S(u, v)\, x_u, \qquad S(u, v) = \prod_{e \in \mathrm{path}(u, v)} w_e
+
+    where the sum runs over all vertices of v's tree (``"both"``), over v's subtree
+    (``"up"``) or over the path from v's root to v (``"down"``). The weight of the edge
+    (v, parent(v)) is ``weight[v]``; weights of roots are ignored (their gradient is zero).
+
+    Args:
+        x (Tensor): input per vertex, channels last.
+        weight (Tensor): edge weight per vertex and channel, same shape as ``x``.
+        tree (Tree): forest over the N vertices, on the device of ``x``.
+        direction (str): ``"both"``, ``"up"`` or ``"down"``. (default: ``"both"``)
+        backend (str, optional): ``"torch"``, ``"numba"`` or ``"cuda"``; by default the
+            fastest available for the device. (default: ``None``)
+        schedule (str, optional): CUDA schedule, ``"levels"`` or ``"paths"``; by default
+            chosen from the tree's shape (:func:`treessm.ops.plan.choose_schedule`). Every
+            schedule computes the same sums. (default: ``None``)
+
+    Returns:
+        Tensor shaped and typed like ``x``. float16/bfloat16 inputs accumulate in float32.
+
+    Shapes:
+        - **input:** x :math:`(N, *)`, weight :math:`(N, *)`, a tree over :math:`N` vertices
+        - **output:** :math:`(N, *)`
+    """
+    _check_inputs(x, weight, tree, direction, schedule)
     shape = x.shape
     channels = math.prod(shape[1:])
     x2 = x.reshape(shape[0], channels)
@@ -302,7 +252,12 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     if backend == "torch":
         out = _ReferenceScan.apply(x2, w2, tree, direction)
     else:
-        plan = cuda_plan(tree) if backend == "cuda" else []
-        out = torch.ops.treessm.tree_scan(x2.contiguous(), w2.contiguous(), *tree.tensors(), plan,
+        if backend == "cuda":
+            plan = scan_plan(tree, channels, x.dtype, schedule)
+            tensors, sched, launch = list(plan.tensors), plan.schedule, list(plan.launch)
+        else:
+            tensors, sched, launch = [], "", []
+        out = torch.ops.treessm.tree_scan(x2.contiguous(), w2.contiguous(), tree.order,
+                                          tree.child_ptr, tree.tree_ptr, tensors, sched, launch,
                                           direction, backend)
     return out.reshape(shape)

@@ -18,15 +18,9 @@ A subclass states its input signature by overriding ``__call__`` (and calling
 ``super().__call__``) and implements :meth:`candidate_edges` and, if it has a root rule,
 :meth:`roots`. See ``docs/topologies.md``.
 
-Features on an accelerator are handled by ``treessm.topology.device.build_tree``, which
-builds the same tree with tensor operations on the device; it has the signature
-
-``build_tree(edge_index [2, E], cost [E], num_nodes, roots [R] or None, batch [N] or None,
-**hints) -> Tree``
-
-(``roots``: preferred root vertices, one per component at most; ``hints``: the number of
-trees and the largest tree size when the candidate graph fixes them, so that nothing waits
-for the device). Without it, the tree is built on the CPU and moved.
+Features on an accelerator are laid out where they live, by
+:func:`treessm.topology.euler_tour.spanning_tree_on_device` (no host round-trip); a
+subclass with its own :meth:`Topology.spanning_tree` is solved on the CPU and moved.
 """
 from __future__ import annotations
 
@@ -40,10 +34,12 @@ from torch import Tensor
 
 from ..tree import Tree
 from .distance import Distance, check_distance, edge_cost, pair_costs_cpu
+from .euler_tour import spanning_tree_on_device
+from .layout import lattice_offsets
 from .mst import minimum_spanning_tree, segments
-from .rooting import build_tree, forest_to_tree
+from .rooting import forest_tree_on_cpu, spanning_tree_on_cpu
 
-__all__ = ["Topology", "Plan", "CandidateCache"]
+__all__ = ["Topology", "Plan", "Candidates", "CandidateCache"]
 
 
 class Plan(NamedTuple):
@@ -68,20 +64,52 @@ def make_plan(edge_index: Tensor, batch: Optional[Tensor], num_nodes: int) -> Pl
     return Plan(src, dst, node_ptr, edge_ptr)
 
 
-class CandidateCache:
-    """Candidate graphs of a fixed-shape topology, kept per key (shape, device).
+class Candidates:
+    """Candidate graph of a batch of equally shaped examples (images of one size, sequences
+    of one length), with its CPU plan and what the builders need to know of it.
 
-    Entries carry ``edge_index`` and ``plan``; :meth:`lookup` finds the entry an
-    ``edge_index`` tensor came from, so later steps reuse its CPU plan.
+    Args:
+        edges (ndarray [2, E]): int64 candidate edges; example ``b`` owns the vertices
+            ``[b * n, (b + 1) * n)`` and the ``b``-th contiguous block of edges.
+        num_examples (int): ``B``.
+        example_size (int): vertices per example ``n``.
+        root (int): local id of every example's root.
+        device: device of the tensors.
+        shape (tuple): the example grid, e.g. ``(B, H, W)``.
     """
+
+    __slots__ = ("edge_index", "batch", "roots", "root_flags", "plan", "shape", "hints")
+
+    def __init__(self, edges: np.ndarray, num_examples: int, example_size: int, root: int,
+                 device, shape: tuple):
+        per_example = edges.shape[1] // max(num_examples, 1)
+        starts = np.arange(num_examples + 1, dtype=np.int64)
+        self.plan = Plan(np.ascontiguousarray(edges[0]), np.ascontiguousarray(edges[1]),
+                         starts * example_size, starts * per_example,
+                         lattice_offsets(edges[0, :per_example], edges[1, :per_example]))
+        self.edge_index = torch.from_numpy(edges).to(device)
+        self.batch = torch.arange(num_examples, device=device).repeat_interleave(example_size)
+        self.roots = torch.arange(num_examples, device=device) * example_size + root
+        self.root_flags = np.zeros(num_examples * example_size, np.bool_)
+        self.root_flags[starts[:-1] * example_size + root] = True
+        self.shape = shape
+        # each example is one tree: the device builder need not count them
+        self.hints = (dict(num_trees=num_examples, max_tree_size=example_size)
+                      if num_examples * example_size else {})
+
+
+class CandidateCache:
+    """Candidate graphs (:class:`Candidates`) of a fixed-shape topology, kept per key
+    (shape, device); :meth:`lookup` finds the entry an ``edge_index`` tensor came from, so
+    later steps reuse its CPU plan."""
 
     def __init__(self, size: int = 16):
         self.size = size
-        self._entries: "OrderedDict[tuple, object]" = OrderedDict()
+        self._entries: "OrderedDict[tuple, Candidates]" = OrderedDict()
         self._by_id = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple, make: Callable[[], object]):
+    def get(self, key: tuple, make: Callable[[], Candidates]) -> Candidates:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -96,7 +124,7 @@ class CandidateCache:
                 self._by_id.pop(id(old.edge_index), None)
         return entry
 
-    def lookup(self, edge_index: Tensor):
+    def lookup(self, edge_index: Tensor) -> Optional[Candidates]:
         entry = self._by_id.get(id(edge_index))
         return entry if entry is not None and entry.edge_index is edge_index else None
 
@@ -197,14 +225,14 @@ class Topology:
         if custom_mst:
             mask = self.spanning_tree(edge_index, cost, num_nodes)
             mask = mask.detach().to("cpu", torch.bool).numpy()
-            tree = forest_to_tree(plan.src, plan.dst, mask, num_nodes, r, b, plan.node_ptr,
-                                  plan.edge_ptr, plan.offsets)
+            tree = forest_tree_on_cpu(plan.src, plan.dst, mask, num_nodes, r, b, plan.node_ptr,
+                                      plan.edge_ptr, plan.offsets)
         else:
             if not cost.is_floating_point():
                 raise TypeError(f"edge costs must be floating point, got {cost.dtype}")
             try:
-                tree = build_tree(plan.src, plan.dst, cost.detach().cpu(), num_nodes, r, b,
-                                  plan.node_ptr, plan.edge_ptr, plan.offsets)
+                tree = spanning_tree_on_cpu(plan.src, plan.dst, cost.detach().cpu(), num_nodes,
+                                            r, b, plan.node_ptr, plan.edge_ptr, plan.offsets)
             except ValueError as exc:
                 raise ValueError(f"{exc}; check the features for NaN or infinite values"
                                  ) from None
@@ -212,19 +240,11 @@ class Topology:
 
     def _build_on_device(self, edge_index: Tensor, cost: Tensor, num_nodes: int,
                          roots: Optional[Tensor], batch: Optional[Tensor]) -> Tree:
-        """The tree built where the tensors live, by ``treessm.topology.device``; without
-        that module, on the CPU and moved back."""
-        try:
-            from .device import build_tree as device_build_tree
-        except ImportError:
-            device = edge_index.device
-            tree = self._build(edge_index.cpu(), cost.cpu(),
-                               num_nodes, None if roots is None else roots.cpu(),
-                               None if batch is None else batch.cpu())
-            return tree.to(device)
+        """The tree built where the tensors live, with the candidate graph's size hints
+        (so that nothing waits for the device)."""
         entry = self._cache.lookup(edge_index)
-        hints = getattr(entry, "hints", None) or {}
-        return device_build_tree(edge_index, cost, num_nodes, roots, batch, **hints)
+        hints = entry.hints if entry is not None else {}
+        return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch, **hints)
 
     # ------------------------------------------------------------------ display
     def extra_repr(self) -> str:

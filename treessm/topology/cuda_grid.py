@@ -1,7 +1,7 @@
 r"""Grid trees from one fused CUDA kernel: minimum spanning tree, rooting and plan per image.
 
 For a batch of ``B`` images of ``H x W`` pixels whose candidate-edge costs are already on
-the GPU, :func:`grid_tree` builds the whole :class:`~treessm.Tree` -- the same one
+the GPU, :func:`grid_spanning_tree` builds the whole :class:`~treessm.Tree` -- the same one
 :class:`~treessm.GridTopology` builds on the CPU -- in one thread block per image, with
 everything in shared memory:
 
@@ -12,14 +12,15 @@ everything in shared memory:
    \rfloor)`, level by level, children in ascending id: ``parent``, ``order``,
    ``child_ptr``, ``tree_ptr`` and ``depth`` equal those of :meth:`Tree.from_parent`.
 3. **Level plan** (``level_pos``, ``tree_level_ptr``, ``parent_pos``) as
-   :meth:`Tree.scan_plan` computes it, stored in the tree so the CUDA scan reuses it.
+   :func:`treessm.ops.plan.level_plan` computes it, handed to the plan cache
+   (:func:`treessm.ops.plan.attach_level_plan`) so the CUDA scan reuses it.
 
 Nothing waits for the device, so the call can be recorded in a CUDA graph. An image must
 fit one block's shared memory: :func:`shared_memory_bytes` bytes, about ``18 HW`` with
 4-connectivity and ``20 HW`` with 8-connectivity (up to roughly 113 x 113 and 107 x 107
-pixels on an H100). :func:`grid_tree` returns ``None`` when it cannot run -- a CPU tensor,
-no CUDA extension, an image too large -- and the caller builds the tree another way
-(:func:`treessm.topology.device.build_tree`).
+pixels on an H100). :func:`grid_spanning_tree` returns ``None`` when it cannot run -- a CPU
+tensor, no CUDA extension, an image too large -- and the caller builds the tree another way
+(:func:`treessm.topology.euler_tour.spanning_tree_on_device`).
 
 The candidate-edge costs come from another fused kernel, :func:`grid_costs`
 (``torch.ops.treessm.cuda_grid_costs``): a group of lanes per pixel reads the pixel's
@@ -30,32 +31,23 @@ from memory about once. It agrees with
 """
 from __future__ import annotations
 
-import threading
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..ops.plan import (GRID_COSTS_GROUP, GRID_TREE_SOLO, GRID_TREE_THREADS,
+                        attach_level_plan, device_limits)
 from ..tree import Tree
-from .device import _check_int
-from .distance import DISTANCES, EPS, kind_code
+from ..typing import load_cuda_extension
+from .boruvka import check_int
+from .distance import DISTANCES, EPS, grid_costs_torch, kind_code
 
-__all__ = ["grid_tree", "grid_costs", "num_candidate_edges", "shared_memory_bytes", "fits"]
+__all__ = ["grid_spanning_tree", "grid_tree_from_features", "grid_costs",
+           "num_candidate_edges", "shared_memory_bytes", "fits", "fused_ready"]
 
 _COST_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INT_MAX = 2**31 - 1
-# Opt-in shared memory per block by compute capability, for torch builds whose device
-# properties lack ``shared_memory_per_block_optin``.
-_OPTIN_BY_ARCH = {(7, 0): 96 * 1024, (7, 2): 96 * 1024, (7, 5): 64 * 1024,
-                  (8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}
-
-_lock = threading.Lock()
-_unavailable: Optional[str] = None  # why the extension cannot be used, once known
-_optin: Dict[int, int] = {}
-# the ops' default overloads, once the extension is loaded (a call skips the packet lookup);
-# _costs_op stays None when the loaded library predates cuda_grid_costs
-_tree_op = None
-_costs_op = None
 
 
 def _check_connectivity(connectivity) -> int:
@@ -67,8 +59,8 @@ def _check_connectivity(connectivity) -> int:
 def num_candidate_edges(height: int, width: int, connectivity: int = 4) -> int:
     """Candidate edges of one image: :math:`H(W-1) + (H-1)W`, plus :math:`2(H-1)(W-1)`
     diagonals with 8-connectivity."""
-    height = _check_int(height, "height", 1)
-    width = _check_int(width, "width", 1)
+    height = check_int(height, "height", 1)
+    width = check_int(width, "width", 1)
     e = height * (width - 1) + (height - 1) * width
     if _check_connectivity(connectivity) == 8:
         e += 2 * (height - 1) * (width - 1)
@@ -83,94 +75,52 @@ def shared_memory_bytes(height: int, width: int, connectivity: int = 4) -> int:
     return 16 * height * width + 256 + (e + 15) // 16 * 16
 
 
-def _device_limit(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    limit = _optin.get(index)
-    if limit is None:
-        props = torch.cuda.get_device_properties(index)
-        limit = getattr(props, "shared_memory_per_block_optin", None)
-        if not limit:
-            limit = _OPTIN_BY_ARCH.get((props.major, props.minor), 99 * 1024 if props.major >= 8
-                                       else 48 * 1024)
-        limit = _optin[index] = int(limit)
-    return limit
-
-
 def fits(height: int, width: int, connectivity: int, device) -> bool:
-    """Whether one ``height x width`` image fits a block of the CUDA ``device``."""
-    return shared_memory_bytes(height, width, connectivity) <= _device_limit(torch.device(device))
+    """Whether one ``height x width`` image fits a block of the CUDA ``device`` (the
+    extension must be loaded)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return shared_memory_bytes(height, width, connectivity) <= device_limits(index)[2]
 
 
 def _extension_ready() -> bool:
-    """Load the CUDA extension once; remember a failure instead of retrying a build."""
-    global _unavailable
-    if _tree_op is not None:
-        return True
-    if _unavailable is not None:
-        return False
-    with _lock:
-        if _tree_op is not None:
-            return True
-        if _unavailable is not None:
-            return False
-        try:
-            # one library holds all CUDA ops of the package
-            from .. import _extension as cuda_ops
-
-            cuda_ops.load()
-            tree_op = torch.ops.treessm.cuda_grid_tree.default  # an older build may lack it
-        except (RuntimeError, OSError, ImportError, AttributeError) as exc:
-            _unavailable = str(exc) or type(exc).__name__
-            return False
-        _set_ops(tree_op)
-    return True
-
-
-def _set_ops(tree_op) -> None:
-    global _tree_op, _costs_op
     try:
-        # newer than cuda_grid_tree: a prebuilt library of an older version lacks it, and the
-        # costs then come from tensor operations
-        _costs_op = torch.ops.treessm.cuda_grid_costs.default
-    except (AttributeError, RuntimeError):
-        _costs_op = None
-    _tree_op = tree_op
-
-
-def costs_op():
-    """``torch.ops.treessm.cuda_grid_costs`` (default overload), or ``None`` when the
-    extension cannot be loaded or predates it."""
-    if _tree_op is None and not _extension_ready():
-        return None
-    return _costs_op
+        load_cuda_extension()
+        return True
+    except RuntimeError:
+        return False
 
 
 def fused_ready(height: int, width: int, connectivity: int, device: torch.device) -> bool:
-    """Whether :func:`fused_build` can run for this image size on ``device`` (a CUDA
-    device): the extension loads and one image fits a block."""
+    """Whether :func:`grid_tree_from_features` can run for this image size on ``device``
+    (a CUDA device): the extension loads and one image fits a block."""
     return (device.type == "cuda" and _extension_ready()
             and fits(height, width, connectivity, device))
 
 
-def fused_build(feat: Tensor, B: int, H: int, W: int, connectivity: int, distance: str,
-                batch: Optional[Tensor]) -> Tree:
+def _grid_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int,
+               batch: Optional[Tensor]) -> Tree:
+    out = torch.ops.treessm.cuda_grid_tree.default(cost, B, H, W, connectivity,
+                                                   GRID_TREE_THREADS, GRID_TREE_SOLO)
+    parent, order, child_ptr, tree_ptr, depth, level_pos, tree_level_ptr, parent_pos = out
+    tree = Tree(parent, order, child_ptr, tree_ptr, depth, batch, max_tree_size=H * W)
+    attach_level_plan(tree, level_pos, tree_level_ptr, parent_pos)
+    return tree
+
+
+def grid_tree_from_features(feat: Tensor, B: int, H: int, W: int, connectivity: int,
+                            distance: str, batch: Optional[Tensor]) -> Tree:
     """Costs and tree of ``B`` images from CUDA features ``feat [B, H, W, C]`` (or
     ``[B*H*W, C]``), without argument checks: the caller has validated the arguments and
-    :func:`fused_ready` has returned ``True`` for them. Two launches of fused kernels (one
-    when the library predates the cost kernel, whose costs then come from
-    :func:`~treessm.topology.distance.grid_costs_torch`); nothing waits for the device."""
+    :func:`fused_ready` has returned ``True`` for them. Two launches of fused kernels (the
+    costs come from :func:`~treessm.topology.distance.grid_costs_torch` for feature types
+    or sizes the cost kernel does not take); nothing waits for the device."""
     cost = _fused_costs(feat, B, H, W, connectivity, distance)
     if cost is None:
-        from .distance import grid_costs_torch
-
         x = feat.detach()
         cost = grid_costs_torch(x.reshape(B * H * W, x.shape[-1]), B, H, W, connectivity,
                                 distance)
-    parent, order, child_ptr, tree_ptr, depth, level_pos, tree_level_ptr, parent_pos = \
-        _tree_op(cost, B, H, W, connectivity)
-    tree = Tree(parent, order, child_ptr, tree_ptr, depth, batch)
-    tree._plan = [level_pos, tree_level_ptr, parent_pos]
-    return tree
+    return _grid_tree(cost, B, H, W, connectivity, batch)
 
 
 def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
@@ -209,9 +159,9 @@ def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
     if not isinstance(feat, Tensor) or not feat.is_floating_point():
         got = feat.dtype if isinstance(feat, Tensor) else type(feat).__name__
         raise TypeError(f"feat must be a floating-point tensor, got {got}")
-    B = _check_int(B, "B", 0)
-    H = _check_int(H, "H", 1)
-    W = _check_int(W, "W", 1)
+    B = check_int(B, "B", 0)
+    H = check_int(H, "H", 1)
+    W = check_int(W, "W", 1)
     connectivity = _check_connectivity(connectivity)
     if not isinstance(distance, str) or distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
@@ -220,7 +170,7 @@ def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
             or (len(shape) == 4 and shape[:3] == [B, H, W])):
         raise ValueError(f"feat must have shape [B * H * W, C] = [{B * H * W}, C] or "
                          f"[B, H, W, C] = [{B}, {H}, {W}, C], got {shape}")
-    if feat.device.type != "cuda" or costs_op() is None:
+    if feat.device.type != "cuda" or not _extension_ready():
         return None
     return _fused_costs(feat, B, H, W, connectivity, distance)
 
@@ -228,17 +178,16 @@ def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
 def _fused_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int,
                  distance: str) -> Optional[Tensor]:
     """The cost kernel on validated CUDA features once the extension is loaded, or ``None``
-    when it cannot take them (no such op in the library, another dtype, sizes beyond the
-    kernel's 32-bit indexing)."""
-    if (_costs_op is None or feat.dtype not in _COST_TYPES
-            or H * W > _INT_MAX or feat.shape[-1] > _INT_MAX):
+    when it cannot take them (another dtype, sizes beyond the kernel's 32-bit indexing)."""
+    if feat.dtype not in _COST_TYPES or H * W > _INT_MAX or feat.shape[-1] > _INT_MAX:
         return None
-    return _costs_op(feat.detach(), B, H, W, connectivity, kind_code(distance), EPS)
+    return torch.ops.treessm.cuda_grid_costs.default(feat.detach(), B, H, W, connectivity,
+                                                     kind_code(distance), EPS, GRID_COSTS_GROUP)
 
 
 @torch.no_grad()
-def grid_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int = 4,
-              batch: Optional[Tensor] = None) -> Optional[Tree]:
+def grid_spanning_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int = 4,
+                       batch: Optional[Tensor] = None) -> Optional[Tree]:
     r"""The rooted minimum spanning tree of each of ``B`` image grids, built on the GPU.
 
     Image ``b`` is the graph on vertices ``b*H*W + i*W + j`` whose candidate edges carry the
@@ -250,7 +199,7 @@ def grid_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int = 4,
         T_b = \operatorname{MST}\big(\text{grid}_b,\ (c_e, e)\big)
         \text{ rooted at } b HW + \lfloor H/2 \rfloor W + \lfloor W/2 \rfloor,
 
-    laid out by :meth:`Tree.from_parent`, with :meth:`Tree.scan_plan` already filled in.
+    laid out by :meth:`Tree.from_parent`, with its level plan already in the plan cache.
 
     Args:
         cost (Tensor [B * E]): candidate-edge costs on a CUDA device, float32, float64,
@@ -281,9 +230,9 @@ def grid_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int = 4,
         raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
     if cost.dtype not in _COST_TYPES:
         raise TypeError(f"cost must be float32, float64, float16 or bfloat16, got {cost.dtype}")
-    B = _check_int(B, "B", 0)
-    H = _check_int(H, "H", 1)
-    W = _check_int(W, "W", 1)
+    B = check_int(B, "B", 0)
+    H = check_int(H, "H", 1)
+    W = check_int(W, "W", 1)
     connectivity = _check_connectivity(connectivity)
     e = num_candidate_edges(H, W, connectivity)
     if cost.dim() != 1 or cost.shape[0] != B * e:
@@ -293,8 +242,4 @@ def grid_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int = 4,
         return None
     if not fits(H, W, connectivity, cost.device):
         return None
-    out = _tree_op(cost.detach().contiguous(), B, H, W, connectivity)
-    parent, order, child_ptr, tree_ptr, depth, level_pos, tree_level_ptr, parent_pos = out
-    tree = Tree(parent, order, child_ptr, tree_ptr, depth, batch)
-    tree._plan = [level_pos, tree_level_ptr, parent_pos]
-    return tree
+    return _grid_tree(cost.detach().contiguous(), B, H, W, connectivity, batch)

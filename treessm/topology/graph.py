@@ -27,9 +27,10 @@ class GraphTopology(Topology):
             (default: ``"cosine"``)
 
     Shapes:
-        - x: :math:`[N, C]`, edge_index: :math:`[2, E]`, batch: :math:`[N]` (optional)
-          -> :class:`~treessm.Tree` over :math:`N` vertices, ``batch`` set (zeros when not
-          given).
+        - **input:** node features :math:`(N, C)`, edge indices :math:`(2, E)`, batch
+          vector :math:`(N)` (optional)
+        - **output:** a :class:`~treessm.Tree` over :math:`N` vertices, ``batch`` set
+          (zeros when not given)
     """
 
     def __init__(self, distance: Distance = "cosine"):

@@ -20,11 +20,12 @@ from numba import njit
 from torch import Tensor
 
 from ..tree import Tree
-from .base import Plan, Topology, check_features
+from .base import Candidates, Topology, check_features
+from .chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
                        grid_image_costs, kind_code)
-from .mst import kruskal_segment, run_chunks
-from .rooting import NO_MASK, NONFINITE, Layout, lattice_offsets, layout_segment
+from .layout import NO_MASK, NONFINITE, Layout, layout_segment
+from .mst import kruskal_segment
 
 __all__ = ["GridTopology", "grid_edges"]
 
@@ -70,33 +71,6 @@ def _cuda_grid():
     return cuda_grid
 
 
-class _Candidates:
-    """Candidate graph of one (B, H, W, connectivity, device), with its CPU plan."""
-
-    __slots__ = ("edge_index", "batch", "roots", "plan", "shape", "hints", "root_flags",
-                 "fused_cuda")
-
-    def __init__(self, num_images, height, width, connectivity, device):
-        edges = grid_edges(num_images, height, width, connectivity)
-        hw = height * width
-        num_edges = edges.shape[1] // max(num_images, 1)
-        self.shape = (num_images, height, width)
-        self.plan = Plan(np.ascontiguousarray(edges[0]), np.ascontiguousarray(edges[1]),
-                         np.arange(num_images + 1, dtype=np.int64) * hw,
-                         np.arange(num_images + 1, dtype=np.int64) * num_edges,
-                         lattice_offsets(edges[0, :num_edges], edges[1, :num_edges]))
-        self.edge_index = torch.from_numpy(edges).to(device)
-        self.batch = torch.arange(num_images, device=device).repeat_interleave(hw)
-        center = (height // 2) * width + width // 2
-        self.roots = torch.arange(num_images, device=device) * hw + center
-        self.root_flags = np.zeros(num_images * hw, np.bool_)
-        self.root_flags[np.arange(num_images) * hw + center] = True
-        # each image is one tree: the device builder need not count them
-        self.hints = dict(num_trees=num_images, max_tree_size=hw) if num_images * hw else {}
-        # whether the fused CUDA kernels build this shape's trees (known on first use)
-        self.fused_cuda = None
-
-
 class GridTopology(Topology):
     r"""Minimum spanning tree of the pixel grid of each image (GrootV).
 
@@ -111,8 +85,8 @@ class GridTopology(Topology):
             (default: ``"cosine"``)
 
     Shapes:
-        - feat: :math:`[B, H, W, C]` (channels last) -> :class:`~treessm.Tree` over
-          :math:`N = BHW` vertices, ``batch`` set.
+        - **input:** features :math:`(B, H, W, C)`, channels last
+        - **output:** a :class:`~treessm.Tree` over :math:`N = BHW` vertices, ``batch`` set
 
     Example:
         >>> tree = GridTopology()(torch.randn(2, 8, 8, 16))
@@ -125,6 +99,8 @@ class GridTopology(Topology):
         if isinstance(connectivity, bool) or connectivity not in (4, 8):
             raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
         self.connectivity = int(connectivity)
+        # whether the fused CUDA kernels build a shape's trees, per (H, W, device)
+        self._fused_ready = {}
 
     def __call__(self, feat: Tensor) -> Tree:
         if isinstance(feat, Tensor) and isinstance(self.distance, str):
@@ -160,14 +136,15 @@ class GridTopology(Topology):
         ``feat``, one cache look-up and the two op calls: nothing waits for the device."""
         entry = self._candidates(feat)
         b, h, w = entry.shape
-        ready = entry.fused_cuda
+        key = (h, w, feat.device)
+        ready = self._fused_ready.get(key)
         if ready is None:
-            ready = entry.fused_cuda = _cuda_grid().fused_ready(h, w, self.connectivity,
-                                                                feat.device)
+            ready = self._fused_ready[key] = _cuda_grid().fused_ready(h, w, self.connectivity,
+                                                                      feat.device)
         if not ready:
             return None
-        return _cuda_grid().fused_build(feat, b, h, w, self.connectivity, self.distance,
-                                        entry.batch)
+        return _cuda_grid().grid_tree_from_features(feat, b, h, w, self.connectivity,
+                                                    self.distance, entry.batch)
 
     def _build_fused(self, feat: Tensor) -> Tree:
         """All steps in one compiled pass per image (CPU, named distance)."""
@@ -188,12 +165,14 @@ class GridTopology(Topology):
             raise ValueError(f"{exc}; check the features for NaN or infinite values") from None
 
     # ------------------------------------------------------------------ steps
-    def _candidates(self, feat: Tensor) -> _Candidates:
+    def _candidates(self, feat: Tensor) -> Candidates:
         check_features(feat, 4, shape="[B, H, W, C]")
         b, h, w, _ = feat.shape
         conn = self.connectivity
+        center = (h // 2) * w + w // 2
         return self._cache.get((b, h, w, conn, feat.device),
-                               lambda: _Candidates(b, h, w, conn, feat.device))
+                               lambda: Candidates(grid_edges(b, h, w, conn), b, h * w, center,
+                                                  feat.device, (b, h, w)))
 
     def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
         """4- or 8-neighbour edges of each image (cached per shape and device)."""
@@ -229,7 +208,7 @@ class GridTopology(Topology):
         if (entry is not None and cost.device.type == "cuda"
                 and type(self).roots is GridTopology.roots):
             b, h, w = entry.shape
-            tree = _cuda_grid().grid_tree(cost, b, h, w, self.connectivity, batch=batch)
+            tree = _cuda_grid().grid_spanning_tree(cost, b, h, w, self.connectivity, batch=batch)
             if tree is not None:
                 return tree
         return super()._build_on_device(edge_index, cost, num_nodes, roots, batch)

@@ -3,10 +3,11 @@
 Vertex ``b*L + t`` is token ``t`` of sequence ``b``. The candidate edges of a sequence
 form one contiguous block: the chain ``(t, t+1)`` for all ``t``, then the skips
 ``(t, t+2)``, ..., ``(t, t+window)``, each by ascending ``t``. With ``window = 1`` the
-tree is the chain itself and the scan reduces to Mamba's recurrence.
+tree is the chain itself (:func:`chain_tree`) and the scan reduces to Mamba's recurrence.
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import numpy as np
@@ -14,11 +15,10 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
-from .base import Plan, Topology, check_features
+from .base import Candidates, Topology, check_features
 from .distance import Distance
-from .rooting import lattice_offsets
 
-__all__ = ["SequenceTopology", "sequence_edges"]
+__all__ = ["SequenceTopology", "sequence_edges", "chain_tree"]
 
 
 def sequence_edges(num_seqs: int, length: int, window: int = 1) -> np.ndarray:
@@ -32,20 +32,32 @@ def sequence_edges(num_seqs: int, length: int, window: int = 1) -> np.ndarray:
     return np.stack([(src[None, :] + offset).reshape(-1), (dst[None, :] + offset).reshape(-1)])
 
 
-class _Candidates:
-    __slots__ = ("edge_index", "batch", "roots", "plan", "hints")
+@functools.lru_cache(maxsize=64)
+def _chain_tree(num_chains: int, length: int, device: torch.device) -> Tree:
+    n = num_chains * length
+    ar = torch.arange(n, device=device)
+    local = ar % max(length, 1)
+    parent = torch.where(local == 0, -1, ar - 1)
+    tree_ptr = torch.arange(num_chains + 1, device=device) * length
+    batch = torch.arange(num_chains, device=device).repeat_interleave(length)
+    # each position's children start right after it: the clip at the end of its tree
+    # leaves the last token of a chain without any
+    return Tree(parent, ar, torch.arange(1, n + 2, device=device).clamp(max=n), tree_ptr, local,
+                batch, num_levels=n, max_tree_size=length)
 
-    def __init__(self, edges: np.ndarray, num_seqs: int, length: int, device):
-        per_seq = edges.shape[1] // max(num_seqs, 1)
-        self.plan = Plan(np.ascontiguousarray(edges[0]), np.ascontiguousarray(edges[1]),
-                         np.arange(num_seqs + 1, dtype=np.int64) * length,
-                         np.arange(num_seqs + 1, dtype=np.int64) * per_seq,
-                         lattice_offsets(edges[0, :per_seq], edges[1, :per_seq]))
-        self.edge_index = torch.from_numpy(edges).to(device)
-        self.batch = torch.arange(num_seqs, device=device).repeat_interleave(length)
-        self.roots = torch.arange(num_seqs, device=device) * length
-        # each sequence is one tree: the device builder need not count them
-        self.hints = dict(num_trees=num_seqs, max_tree_size=length) if num_seqs * length else {}
+
+def chain_tree(num_chains: int, length: int, device="cpu") -> Tree:
+    r"""``num_chains`` chains of ``length`` vertices, chain ``b`` over the vertices
+    ``b * L .. b * L + L - 1`` in order, rooted at its first vertex (``batch`` set).
+
+    A ``"down"`` scan over it is exactly Mamba's recurrence :math:`h_t = w_t h_{t-1} + x_t`.
+    Built on ``device`` with no host round-trip and cached per ``(num_chains, length,
+    device)``; equal to ``Tree.from_parent`` of the same parent array.
+    """
+    for name, value in (("num_chains", num_chains), ("length", length)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return _chain_tree(int(num_chains), int(length), torch.device(device))
 
 
 class SequenceTopology(Topology):
@@ -53,10 +65,7 @@ class SequenceTopology(Topology):
 
     Candidate edges join tokens at most ``window`` apart; the edge cost is
     :math:`d(x_s, x_t)`. One tree per sequence, rooted at its first token, so
-    ``direction="down"`` stays causal along the tree.
-
-    Other language-model layouts (for instance a different root rule or candidate set for
-    generation) are subclasses that override :meth:`roots` or :meth:`sequence_edges`.
+    ``direction="down"`` stays causal along the chain (``window=1``).
 
     Args:
         window (int): longest edge, in tokens; ``1`` is the plain chain. (default: ``1``)
@@ -64,8 +73,8 @@ class SequenceTopology(Topology):
             (default: ``"cosine"``)
 
     Shapes:
-        - feat: :math:`[B, L, C]` -> :class:`~treessm.Tree` over :math:`N = BL` vertices,
-          ``batch`` set.
+        - **input:** features :math:`(B, L, C)`
+        - **output:** a :class:`~treessm.Tree` over :math:`N = BL` vertices, ``batch`` set
     """
 
     def __init__(self, window: int = 1, distance: Distance = "cosine"):
@@ -77,13 +86,16 @@ class SequenceTopology(Topology):
         self.window = int(window)
 
     def __call__(self, feat: Tensor) -> Tree:
-        tree = super().__call__(feat)
-        if (self.window == 1 and type(self).roots is SequenceTopology.roots
-                and type(self).spanning_tree is Topology.spanning_tree):
-            # each sequence is a chain rooted at its first token: one level per token, known
-            # without asking the device (the CUDA scan picks its schedule from it)
-            tree.num_levels = tree.num_nodes
-        return tree
+        if self.window == 1 and self._standard():
+            # the chain is the only spanning tree of a path graph
+            check_features(feat, 3, shape="[B, L, C]")
+            return chain_tree(feat.shape[0], feat.shape[1], feat.device)
+        return super().__call__(feat)
+
+    def _standard(self) -> bool:
+        cls = type(self)
+        return (cls.roots is SequenceTopology.roots and cls.spanning_tree is Topology.spanning_tree
+                and cls.candidate_edges is SequenceTopology.candidate_edges)
 
     def sequence_edges(self, num_seqs: int, length: int) -> np.ndarray:
         """Candidate edges of ``num_seqs`` sequences of ``length`` tokens (``[2, E]`` int64,
@@ -91,12 +103,12 @@ class SequenceTopology(Topology):
         return sequence_edges(num_seqs, length, self.window)
 
     # ------------------------------------------------------------------ steps
-    def _candidates(self, feat: Tensor) -> _Candidates:
+    def _candidates(self, feat: Tensor) -> Candidates:
         check_features(feat, 3, shape="[B, L, C]")
         b, length, _ = feat.shape
         return self._cache.get((b, length, self.window, feat.device),
-                               lambda: _Candidates(self.sequence_edges(b, length), b, length,
-                                                   feat.device))
+                               lambda: Candidates(self.sequence_edges(b, length), b, length, 0,
+                                                  feat.device, (b, length)))
 
     def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
         """Chain and skip edges of each sequence (cached per shape and device)."""

@@ -1,4 +1,5 @@
-"""The heavy-path plan (treessm/path_plan.py) against a direct construction with Python loops."""
+"""Scan plans (treessm.ops.plan): the heavy-path plan against a direct construction with
+Python loops, the schedule choice and the launch defaults."""
 import math
 
 import pytest
@@ -6,14 +7,12 @@ import torch
 
 import treessm
 from oracle import all_roots, chain, empty, random_forest, single_vertex, star
-from treessm.path_plan import MAX_PHASES, path_plan
+from treessm.ops.plan import MAX_PHASES, level_plan, path_plan
 
 
 def _plan(parent):
     tree = treessm.Tree.from_parent(parent)
-    level_pos, tree_level_ptr, parent_pos, _ = tree.scan_plan()
-    return tree, [t.long() for t in path_plan(tree.order, tree.child_ptr, tree.tree_ptr,
-                                               tree.depth, parent_pos)]
+    return tree, [t.long() for t in path_plan(tree)]
 
 
 def _expected_paths(parent):
@@ -121,6 +120,88 @@ def test_path_plan_matches_definition(name):
 def test_path_plan_is_cached_and_follows_the_tree():
     parent = random_forest(50, 2, torch.Generator().manual_seed(4))
     tree = treessm.Tree.from_parent(parent)
-    a = tree.path_plan()
-    assert tree.path_plan() is a
+    a = path_plan(tree)
+    assert path_plan(tree) is a
     assert all(t.dtype == torch.int32 for t in a)
+
+
+def test_level_plan_by_hand():
+    #   tree of 0:  0 -> {2, 5}, 2 -> {1, 4};  tree of 3: 3 -> {6};  7 alone
+    tree = treessm.Tree.from_parent(torch.tensor([-1, 2, 0, -1, 2, 0, 3, -1]))
+    lp = level_plan(tree)  # order [0, 2, 5, 1, 4, 3, 6, 7]
+    assert lp.level_pos.tolist() == [0, 1, 3, 5, 6, 7, 8, 8, 8]  # padded with N
+    assert lp.tree_level_ptr.tolist() == [0, 3, 5, 6]
+    assert lp.parent_pos.tolist() == [-1, 0, 0, 1, 1, -1, 5, -1]
+    assert lp.parent_at_pos.tolist() == [-1, 0, 0, 2, 2, -1, 3, -1]
+    assert level_plan(tree) is lp
+    assert tree.num_levels == lp.tree_level_ptr[-1].item() == 6
+    moved = tree.to("meta")
+    assert moved.plan_cache == {} and moved.num_levels == 6
+
+
+def test_attach_level_plan_is_what_the_scan_reads():
+    from treessm.ops.plan import attach_level_plan
+
+    tree = treessm.Tree.from_parent(random_forest(30, 2, torch.Generator().manual_seed(1)))
+    fresh = treessm.Tree(tree.parent, tree.order, tree.child_ptr, tree.tree_ptr, tree.depth)
+    lp = level_plan(tree)
+    attach_level_plan(fresh, lp.level_pos, lp.tree_level_ptr, lp.parent_pos)
+    got = level_plan(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(got, lp))
+
+
+def test_schedule_choice_reads_host_sizes_only():
+    from treessm.ops.plan import (PATH_MAX_LEVEL_WIDTH, SPREAD_MIN_TREE_SIZE,
+                                  choose_schedule)
+
+    deep = treessm.Tree.from_parent(chain(50))
+    wide = treessm.Tree.from_parent(random_forest(400, 1, torch.Generator().manual_seed(1)))
+    assert deep.num_nodes < PATH_MAX_LEVEL_WIDTH * deep.num_levels
+    assert wide.num_nodes >= PATH_MAX_LEVEL_WIDTH * wide.num_levels
+    assert choose_schedule(deep) == "paths" and choose_schedule(wide) == "levels"
+    assert choose_schedule(deep, "auto") == "paths"
+    unknown = treessm.Tree(deep.parent, deep.order, deep.child_ptr, deep.tree_ptr, deep.depth)
+    assert choose_schedule(unknown) == "levels"  # sizes not known on the host
+    # one large bushy tree: spread over the device by the path schedule
+    big = treessm.Tree(wide.parent, wide.order, wide.child_ptr, wide.tree_ptr, wide.depth,
+                       num_levels=1, max_tree_size=SPREAD_MIN_TREE_SIZE)
+    assert choose_schedule(big) == "paths"
+    for s in ("levels", "paths"):
+        assert choose_schedule(deep, s) == s == choose_schedule(wide, s)
+    with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
+        choose_schedule(deep, "sideways")
+    with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
+        treessm.tree_scan(torch.ones(50, 1), torch.ones(50, 1), deep, schedule="staged")
+
+
+def test_launch_defaults(monkeypatch):
+    from treessm.ops import plan
+
+    # a device of 132 multiprocessors with 228 KiB each (an H100 / H200)
+    monkeypatch.setattr(plan, "device_limits", lambda index: (132, 233472, 232448))
+    plan.launch_config.cache_clear()
+    try:
+        lv = plan.launch_config("levels", 32, 3136, 160, 4, 0)
+        assert (lv.row_bytes, lv.threads, lv.ring, lv.cap) == (128, 128, 256, 64)
+        assert lv.smem == 100 * 1024  # 160 blocks: two per multiprocessor fit
+        many = plan.launch_config("levels", 32, 196, 640, 4, 0)  # 640 blocks: 5 per SM
+        assert many.smem == 233472 // 5 - 1024
+        assert plan.launch_config("levels", 32, 3136, 160, 2, 0).row_bytes == 64
+        assert plan.launch_config("levels", 32, 3136, 160, 8, 0).row_bytes == 128
+        small = plan.launch_config("paths", 4, 2048, 64, 4, 0)
+        assert small.blocks_per_tree == 1 and small.smem == 113 * 1024
+        one = plan.launch_config("paths", 1, 10 ** 6, 64, 4, 0)  # 2 channel groups
+        assert one.blocks_per_tree == 132
+        assert plan.launch_config("paths", 1000, 10 ** 6, 64, 4, 0).blocks_per_tree == 1
+    finally:
+        plan.launch_config.cache_clear()
+
+
+def test_num_phases_counts_the_deepest_decomposition():
+    from treessm.ops.plan import num_phases
+
+    assert num_phases(treessm.Tree.from_parent(chain(20))) == 1
+    assert num_phases(treessm.Tree.from_parent(star(9, 0))) == 2
+    # a complete binary tree of 2^k - 1 vertices has k phases
+    parent = torch.tensor([-1] + [(v - 1) // 2 for v in range(1, 31)])
+    assert num_phases(treessm.Tree.from_parent(parent)) == 5

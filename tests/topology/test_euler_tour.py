@@ -14,8 +14,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from treessm import Tree
-from treessm.topology import device as device_mod
-from treessm.topology.device import build_tree, parent_from_forest, spanning_forest
+from treessm.topology import boruvka
+from treessm.topology.boruvka import spanning_forest
+from treessm.topology.euler_tour import parent_from_forest
+from treessm.topology.euler_tour import spanning_tree_on_device as build_tree
 
 CUDA = pytest.param(
     "cuda", marks=[pytest.mark.cuda,
@@ -365,7 +367,7 @@ def test_build_tree_has_no_host_sync(monkeypatch):
     batch = torch.arange(b).repeat_interleave(h * w)
     ref = build_tree(ei, cost, b * h * w, roots, batch, num_trees=b, max_tree_size=h * w)
     # the id range check reads values; it runs on CPU tensors only and is skipped on a GPU
-    monkeypatch.setattr(device_mod, "_check_ids", lambda *args: None)
+    monkeypatch.setattr(boruvka, "_check_ids", lambda *args: None)
     with _ForbidHostSync() as guard:
         with pytest.raises(AssertionError, match="host synchronisation"):
             torch.ones(2).sum().item()  # the guard sees what it must see

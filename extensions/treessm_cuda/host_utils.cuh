@@ -1,12 +1,22 @@
-// Shared-memory limits of kernel launches, shared by the extension's translation units.
+// Host-side helpers shared by the extension's translation units: the CUDA element type of a
+// torch scalar type, device attributes queried once, and the dynamic shared-memory opt-in of
+// kernel launches.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 namespace treessm_cuda {
+
+// The CUDA type of a torch element type (at::Half -> __half, at::BFloat16 -> __nv_bfloat16).
+template <typename T> struct CudaType { using type = T; };
+template <> struct CudaType<at::Half> { using type = __half; };
+template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
 // A device attribute, queried once per device.
 template <cudaDeviceAttr Attr>
@@ -22,18 +32,6 @@ int device_attribute(int device) {
 // Dynamic shared memory a block may opt in to on `device`.
 inline int max_dynamic_smem(int device) {
   return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
-}
-
-// Shared memory per block that lets `blocks` blocks run in one wave (every block resident
-// at once) on `device`, at most `cap` bytes: latency-bound kernels lose a whole block's
-// time for each extra wave.
-inline int64_t one_wave_smem(int64_t blocks, int device, int64_t cap) {
-  const int64_t sms = device_attribute<cudaDevAttrMultiProcessorCount>(device);
-  const int64_t per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device);
-  const int64_t per_sm_blocks = (blocks + sms - 1) / (sms > 0 ? sms : 1);
-  if (per_sm_blocks <= 1) return cap;
-  const int64_t fit = per_sm / per_sm_blocks - 1024;  // the runtime reserves 1 KiB per block
-  return fit < cap ? fit : cap;
 }
 
 // Lets `Kernel` launch with `bytes` of dynamic shared memory on `device` (the current

@@ -144,3 +144,4 @@ inline int atomicMin(int* p, int v) { return emu_atomic_min(p, v); }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
 inline int __popc(unsigned x) { return std::popcount(x); }
+#include "async_copy.h"  // cp.async stand-ins for tree_scan_kernels.cuh

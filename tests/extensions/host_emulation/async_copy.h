@@ -2,10 +2,10 @@
 // lands at some moment between its issue and the cp.async.wait_group that covers it; the
 // emulation takes the two extremes. Deferred (the default): a copy is carried out only when
 // a wait says its group must be complete, so a kernel that reads a staged row too early sees
-// stale or poisoned shared memory. Eager (TREESSM_EMU_COPY=eager): a copy lands as it is
-// issued, so a kernel that overwrites a slot still being read sees the new row too early.
+// stale or poisoned shared memory. Eager (eager_copies set by the harness): a copy lands as
+// it is issued, so a kernel that overwrites a slot still being read sees the new row too
+// early.
 #pragma once
-#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <vector>
@@ -18,13 +18,8 @@ struct PendingCopy {
 inline thread_local std::vector<PendingCopy> open_group;
 inline thread_local std::deque<std::vector<PendingCopy>> committed;
 
-inline bool eager() {
-  static const bool e = [] {
-    const char* v = std::getenv("TREESSM_EMU_COPY");
-    return v != nullptr && std::strcmp(v, "eager") == 0;
-  }();
-  return e;
-}
+inline bool eager_copies = false;
+inline bool eager() { return eager_copies; }
 inline void issue(void* dst, const void* src, int n) {
   if (eager()) {
     std::memcpy(dst, src, n);

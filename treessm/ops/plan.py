@@ -1,0 +1,442 @@
+r"""Scan plans and schedules: what the compiled scan kernels read besides the data, and
+how they are launched. Every decision about how a scan runs on a GPU is taken here.
+
+A :class:`~treessm.Tree` holds its breadth-first layout; the kernels need more, derived
+from it once per tree and cached in ``tree.plan_cache``:
+
+* the **level plan** (:class:`LevelPlan`): where each breadth-first level starts, which
+  levels belong to which tree, and the position of each position's parent;
+* the **heavy-path plan** (:class:`PathPlan`): every vertex with children marks its
+  *heavy* child (the one with the largest subtree, the first in breadth-first order on
+  ties); the heavy edges cut the forest into vertex-disjoint *paths* running down from a
+  *head* (a root or a light child). A path's *phase* is the number of light edges above
+  its head; along any root-to-leaf walk the subtree size at least halves at every light
+  edge, so a tree of ``n`` vertices has at most :math:`\lfloor \log_2 n \rfloor + 1`
+  phases. A scan walks paths instead of levels: root-first passes take the phases in
+  increasing order, leaf-first passes in decreasing order; the paths of one phase are
+  independent.
+
+Two **schedules** compute the same recurrences (``docs/cuda.md``):
+
+* ``"levels"`` -- one thread block per (tree, 32 channels) walks the tree's levels, a block
+  barrier between levels; best on bushy trees (image grids);
+* ``"paths"`` -- groups of lanes walk whole heavy paths, a barrier only between phases;
+  best on deep, narrow trees (chains, sequences) and the only one that spreads one large
+  tree over the whole GPU: when the forest has too few trees to fill the device, each
+  tree gets several blocks and every phase is its own launch.
+
+:func:`choose_schedule` picks one from host-side sizes (never asking the device), and
+:func:`launch_config` the launch parameters, with the measured defaults below.
+:func:`scan_plan` returns the small named object (:class:`ScanPlan`) that the CUDA
+operators take. Builders that compute a level plan on the way (the fused CUDA grid-tree
+kernel) hand it over with :func:`attach_level_plan`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+
+__all__ = ["SCHEDULES", "MAX_PHASES", "LevelPlan", "PathPlan", "Launch", "ScanPlan",
+           "level_groups", "level_plan", "attach_level_plan", "path_plan", "choose_schedule",
+           "launch_config", "scan_plan"]
+
+SCHEDULES = ("levels", "paths")
+MAX_PHASES = 32  # phases of a tree below 2**31 vertices
+
+# Below this many vertices per breadth-first level on average the heavy-path schedule
+# beats the level schedule. Measured on an H100 (32 trees of 3,136 vertices, C=160,
+# float32, both): the path kernels took 0.60x the level kernels' forward time on chains,
+# 0.74x at 2.5 vertices per level, 0.97x at 4.5 and 1.3x at 8.4 (docs/cuda.md).
+PATH_MAX_LEVEL_WIDTH = 3.5
+# Trees at least this large are spread over several blocks when the forest's blocks would
+# not fill the device (one block walking a tree of 10^6 vertices uses one SM of 132).
+SPREAD_MIN_TREE_SIZE = 1 << 15
+# The CUDA plan kernel gives each tree one block: fine up to grid-sized trees; larger trees
+# take the tensor construction below, which spreads over the whole device.
+PLAN_KERNEL_MAX_TREE_SIZE = 1 << 16
+_INT32_LIMIT = 2 ** 31 - 1
+# Launch parameters of the grid-tree kernel (treessm.topology.cuda_grid): threads per image
+# block (0: about one per two pixels, 64 to 1024) and the widest breadth-first level one warp
+# walks without a block barrier; of the grid-cost kernel: lanes per pixel (0: the power of
+# two that leaves the fewest lanes idle for the row length).
+GRID_TREE_THREADS = 0
+GRID_TREE_SOLO = 64
+GRID_COSTS_GROUP = 0
+
+
+class LevelPlan(NamedTuple):
+    """Level plan of a forest (on its device, int64).
+
+    Attributes:
+        level_pos (LongTensor [L + 1]): first position in ``order`` of every breadth-first
+            level, levels tree by tree, then ``N``.
+        tree_level_ptr (LongTensor [T + 1]): the levels of tree ``t`` are
+            ``[tree_level_ptr[t], tree_level_ptr[t + 1])``.
+        parent_pos (LongTensor [N]): position of each position's parent, ``-1`` at roots.
+        parent_at_pos (LongTensor [N]): parent vertex of each position, ``-1`` at roots.
+    """
+
+    level_pos: Tensor
+    tree_level_ptr: Tensor
+    parent_pos: Tensor
+    parent_at_pos: Tensor
+
+
+class PathPlan(NamedTuple):
+    """Heavy-path plan of a forest (on its device, int32).
+
+    Layout (*path index* ``k``: positions re-ordered tree by tree, phase by phase, within a
+    phase by head position, each path head first, so tree ``t`` keeps its breadth-first
+    range ``[start_t, end_t)``):
+
+    Attributes:
+        rec (IntTensor [N + 1, 4]): per path index the vertex, the path index of its parent
+            (``-1`` at roots), of its first light child (``-1`` if none) and where its light
+            children start in ``light`` (they end where those of ``k + 1`` start).
+        light (IntTensor [N]): path indices of light children, grouped by parent, in
+            breadth-first order; tree ``t`` fills ``[start_t, start_t + paths_t - 1)``, the
+            rest holds ``-1``.
+        path_ptr (IntTensor [N + 1]): tree ``t`` numbers its paths ``start_t, start_t + 1,
+            ...``; path ``j`` spans path indices ``[path_ptr[j], path_ptr[j + 1])``; unused
+            numbers hold ``end_t``.
+        phase_path (IntTensor [T, MAX_PHASES + 1]): the paths of phase ``p`` of tree ``t``
+            are ``[phase_path[t, p], phase_path[t, p + 1])``.
+    """
+
+    rec: Tensor
+    light: Tensor
+    path_ptr: Tensor
+    phase_path: Tensor
+
+
+class Launch(NamedTuple):
+    """Launch parameters of the CUDA scan kernels.
+
+    Attributes:
+        row_bytes (int): bytes of channels one block handles per vertex row.
+        threads (int): threads per block.
+        ring (int): ``"levels"``: positions staged ahead in shared memory (at most).
+        cap (int): ``"levels"``: values per level handed on in shared memory (at most).
+        smem (int): shared-memory budget per block, bytes.
+        blocks_per_tree (int): ``"paths"``: blocks sharing one tree (then one launch per
+            phase).
+        num_phases (int): ``"paths"`` with several blocks per tree: launches per pass.
+    """
+
+    row_bytes: int
+    threads: int
+    ring: int = 0
+    cap: int = 0
+    smem: int = 0
+    blocks_per_tree: int = 1
+    num_phases: int = MAX_PHASES
+
+
+class ScanPlan(NamedTuple):
+    """What a CUDA scan operator takes besides the data: the schedule, its plan tensors and
+    the launch parameters for ``channels`` channels of ``dtype``."""
+
+    schedule: str
+    tensors: Tuple[Tensor, ...]
+    launch: Launch
+
+
+# ---------------------------------------------------------------------------- level plans
+def level_groups(tree: Tree) -> Tuple[Tensor, List[int]]:
+    """Level-major grouping for the torch reference backend: vertices sorted by depth (ties
+    by their position in ``order``) and a Python list with the start of each depth."""
+    cached = tree.plan_cache.get("groups")
+    if cached is None:
+        order, depth = tree.order, tree.depth
+        if order.shape[0] == 0:
+            cached = (order, [0])
+        else:
+            perm = torch.sort(depth[order], stable=True).indices
+            counts = torch.bincount(depth)
+            cached = (order[perm], [0] + torch.cumsum(counts, 0).tolist())
+        tree.plan_cache["groups"] = cached
+    return cached
+
+
+def level_plan(tree: Tree) -> LevelPlan:
+    """The level plan of ``tree``, computed on its device without a host synchronisation
+    and cached."""
+    cached = tree.plan_cache.get("levels")
+    if cached is not None:
+        return cached
+    n, dev = tree.num_nodes, tree.device
+    if n == 0:
+        z = torch.zeros(1, dtype=torch.long, device=dev)
+        e = torch.zeros(0, dtype=torch.long, device=dev)
+        plan = LevelPlan(z, z.clone(), e, e.clone())
+    else:
+        d = tree.depth[tree.order]
+        is_start = torch.ones(n, dtype=torch.bool, device=dev)
+        is_start[1:] = d[1:] != d[:-1]
+        is_start[tree.tree_ptr[:-1]] = True  # a one-vertex tree after another: depth 0 twice
+        level_id = torch.cumsum(is_start, 0) - 1
+        level_pos = torch.searchsorted(level_id, torch.arange(n + 1, device=dev))
+        tree_level_ptr = torch.cat([level_id[tree.tree_ptr[:-1]], level_id[-1:] + 1])
+        pos_of = torch.empty_like(tree.order)
+        pos_of[tree.order] = torch.arange(n, device=dev)
+        pp = tree.parent[tree.order]
+        parent_pos = torch.where(pp >= 0, pos_of[pp.clamp(min=0)], pp)
+        plan = LevelPlan(level_pos, tree_level_ptr, parent_pos, pp)
+    tree.plan_cache["levels"] = plan
+    return plan
+
+
+def attach_level_plan(tree: Tree, level_pos: Tensor, tree_level_ptr: Tensor,
+                      parent_pos: Tensor) -> None:
+    """Hand a level plan that a builder computed with the tree to the plan cache, so the
+    scan does not recompute it. The tensors must equal what :func:`level_plan` computes
+    (the grid-tree kernel's tests check that they do)."""
+    tree.plan_cache["levels"] = LevelPlan(level_pos, tree_level_ptr, parent_pos,
+                                          tree.parent[tree.order])
+
+
+# ---------------------------------------------------------------------------- path plans
+def path_plan(tree: Tree) -> PathPlan:
+    """The heavy-path plan of ``tree`` (see :class:`PathPlan`), built on its device without
+    a host synchronisation and cached: by the CUDA plan kernel (one block per tree) for
+    CUDA forests of trees up to :data:`PLAN_KERNEL_MAX_TREE_SIZE` vertices, by tensor
+    operations otherwise (the CPU, traced graphs, larger trees)."""
+    cached = tree.plan_cache.get("paths")
+    if cached is not None:
+        return cached
+    n = tree.num_nodes
+    if n >= _INT32_LIMIT:
+        raise ValueError(f"the path plan indexes positions with 32 bits; got {n} vertices")
+    parent_pos = level_plan(tree).parent_pos
+    args = (tree.order, tree.child_ptr, tree.tree_ptr, tree.depth, parent_pos)
+    if n and _use_plan_kernel(tree):
+        plan = PathPlan(*torch.ops.treessm.cuda_path_plan(*args))
+    else:
+        plan = PathPlan(*path_plan_tensors(*args))
+    tree.plan_cache["paths"] = plan
+    return plan
+
+
+def _use_plan_kernel(tree: Tree) -> bool:
+    if not tree.device.type == "cuda" or torch.compiler.is_compiling():
+        return False
+    if tree.max_tree_size is None or tree.max_tree_size > PLAN_KERNEL_MAX_TREE_SIZE:
+        return False
+    from ..typing import cuda_extension_loaded
+
+    return cuda_extension_loaded()
+
+
+def path_plan_tensors(order: Tensor, child_ptr: Tensor, tree_ptr: Tensor, depth: Tensor,
+                      parent_pos: Tensor) -> List[Tensor]:
+    """:class:`PathPlan` tensors of a breadth-first layout, by tensor operations (pointer
+    doubling for subtree sizes and path heads, stable sorts for the layout); the CUDA plan
+    kernel builds the same tensors."""
+    dev = order.device
+    n = int(order.shape[0])
+    T = int(tree_ptr.shape[0]) - 1
+    i32 = torch.int32
+    if n == 0:
+        return [torch.tensor([[-1, -1, -1, 0]], dtype=i32, device=dev),
+                torch.zeros(0, dtype=i32, device=dev), torch.zeros(1, dtype=i32, device=dev),
+                torch.zeros(max(T, 0), MAX_PHASES + 1, dtype=i32, device=dev)]
+    rounds = max(1, n.bit_length())  # doubling rounds that cover chains of n steps
+    pos = torch.arange(n, device=dev)
+    tree = torch.searchsorted(tree_ptr, pos, right=True) - 1          # tree of each position
+    tree_end = tree_ptr[1:][tree]
+
+    # Subtree sizes. The descendants of position i at distance j form the position range
+    # [C^j(i), C^j(i + 1)) with C = child_ptr (children of consecutive positions are
+    # consecutive), so size(i) = F(i + 1) - F(i) with F(a) = sum_j C^j(a). Tree t works on
+    # the indices a + t, a in [start_t, end_t], where end_t is a fixed point of C.
+    ext = n + T
+    ext_start = tree_ptr[:-1] + torch.arange(T, device=dev)            # tree t: index start_t + t
+    a_idx = torch.arange(ext, device=dev)
+    a_tree = torch.searchsorted(ext_start, a_idx, right=True) - 1
+    a_val = a_idx - a_tree                                              # position of each index
+    a_end = tree_ptr[1:][a_tree]
+    nxt = torch.where(a_val < a_end, child_ptr[a_val.clamp(max=n - 1)].clamp(max=n), a_end)
+    nxt = torch.minimum(nxt, a_end) + a_tree
+    F = a_val.clone()
+    M = nxt
+    for _ in range(rounds):
+        F = F + F[M]
+        M = M[M]
+    size = F[pos + tree + 1] - F[pos + tree]
+
+    # Heavy child of every position with children: largest subtree, first on ties.
+    has_parent = parent_pos >= 0
+    pp = parent_pos.clamp(min=0)
+    best = torch.zeros(n, dtype=size.dtype, device=dev)
+    best.scatter_reduce_(0, pp[has_parent], size[has_parent], reduce="amax")
+    cand = has_parent & (size == best[pp])
+    heavy = torch.full((n,), n, dtype=torch.long, device=dev)
+    heavy.scatter_reduce_(0, pp[cand], pos[cand], reduce="amin")
+    is_heavy = has_parent & (heavy[pp] == pos)
+    is_light = has_parent & ~is_heavy
+
+    # Phase (light edges above) and path head, by pointer doubling towards the root.
+    up = torch.where(has_parent, parent_pos, pos)
+    phase = is_light.long()
+    head = torch.where(is_heavy, parent_pos, pos)
+    for _ in range(rounds):
+        phase = phase + phase[up]
+        up = up[up]
+        head = head[head]
+    d = depth[order]
+    along = d - d[head]                                                 # steps below the head
+
+    # Layout: tree, phase, head position, depth along the path.
+    perm = pos
+    for key in (along, head, phase, tree):
+        perm = perm[torch.sort(key[perm], stable=True).indices]
+    kidx = torch.empty_like(perm)
+    kidx[perm] = pos
+    ts = tree_ptr[:-1]
+    # paths: tree t numbers its paths from start_t (at most one per vertex)
+    is_head = along[perm] == 0
+    heads = torch.cumsum(is_head.long(), 0)
+    heads_before = torch.cat([heads.new_zeros(1), heads])[ts]           # per tree
+    path_j = ts[tree] + heads - 1 - heads_before[tree]                 # at head path indices
+    path_ptr = torch.cat([tree_end, tree_end.new_full((1,), n)])        # unused ids: tree end
+    path_ptr[path_j[is_head]] = pos[is_head]
+    phase_k = phase[perm]
+    counts = torch.zeros(T * (MAX_PHASES + 1), dtype=torch.long, device=dev)
+    counts.index_add_(0, (tree * (MAX_PHASES + 1) + phase_k)[is_head], torch.ones_like(pos)[is_head])
+    counts = counts.reshape(T, MAX_PHASES + 1)
+    phase_path = ts[:, None] + torch.cumsum(counts, 1) - counts
+    # light children in breadth-first order, grouped by their parent's path index; tree t's
+    # entries from start_t (a tree has one light child fewer than paths)
+    ppar_pos = torch.where(has_parent, kidx[pp], -1)                      # by position
+    lkey = torch.where(is_light, ppar_pos, torch.full_like(ppar_pos, n))
+    srt = torch.sort(lkey, stable=True)
+    nlight = (counts.sum(1) - 1).clamp(min=0)
+    light_before = torch.cumsum(nlight, 0) - nlight
+    m = torch.arange(n, device=dev)
+    valid = srt.values < n
+    owner = tree[srt.values.clamp(max=n - 1)]                           # tree of the parent
+    light = torch.full((n,), -1, dtype=torch.long, device=dev)
+    dest = torch.where(valid, ts[owner] + m - light_before[owner], m)
+    light[dest[valid]] = kidx[srt.indices[valid]]
+    # first entry of each path index k: ts + light entries of the tree's smaller indices
+    cnt = torch.zeros(n, dtype=torch.long, device=dev)
+    cnt.index_add_(0, ppar_pos[is_light], torch.ones_like(pos)[is_light])
+    ex = torch.cumsum(cnt, 0) - cnt
+    light_start = ts[tree] + ex - light_before[tree]                    # tree of k == tree of pos k
+    first_light = torch.full((n,), -1, dtype=torch.long, device=dev)
+    has_light = cnt > 0
+    first_light[has_light] = light[light_start[has_light]]
+    ppos_k = parent_pos[perm]
+    rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
+    rec[:n, 0] = order[perm]
+    rec[:n, 1] = torch.where(ppos_k >= 0, kidx[ppos_k.clamp(min=0)], ppos_k)
+    rec[:n, 2] = first_light
+    rec[:n, 3] = light_start
+    rec[n] = torch.tensor([-1, -1, -1, n], device=dev)
+    return [rec.to(i32), light.to(i32), path_ptr.to(i32), phase_path.to(i32)]
+
+
+def num_phases(tree: Tree) -> int:
+    """Phases of the deepest tree's path decomposition (asks the device once per tree)."""
+    cached = tree.plan_cache.get("num_phases")
+    if cached is None:
+        pp = path_plan(tree).phase_path
+        used = (pp[:, 1:] > pp[:, :-1]).any(0)
+        cached = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
+        tree.plan_cache["num_phases"] = cached
+    return cached
+
+
+# ---------------------------------------------------------------------------- schedules
+def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
+    """The CUDA scan schedule for ``tree``: ``schedule`` itself when given, else (``None``
+    or ``"auto"``) ``"paths"`` for deep, narrow forests (fewer than
+    :data:`PATH_MAX_LEVEL_WIDTH` vertices per breadth-first level on average) and for
+    forests with a tree of :data:`SPREAD_MIN_TREE_SIZE` vertices or more, ``"levels"``
+    otherwise. Only host-side sizes are read (``tree.num_levels``, ``tree.max_tree_size``);
+    a tree whose sizes only the device knows takes ``"levels"``."""
+    if schedule is not None and schedule != "auto":
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be None, 'auto' or one of {SCHEDULES}, got "
+                             f"{schedule!r}")
+        return schedule
+    n = tree.num_nodes
+    if n == 0:
+        return "levels"
+    if tree.max_tree_size is not None and tree.max_tree_size >= SPREAD_MIN_TREE_SIZE:
+        return "paths"
+    if tree.num_levels is not None and n < PATH_MAX_LEVEL_WIDTH * tree.num_levels:
+        return "paths"
+    return "levels"
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits(index: int) -> Tuple[int, int, int]:
+    """``(multiprocessors, shared memory per multiprocessor, opt-in shared memory per
+    block)`` of CUDA device ``index``, asked once."""
+    return tuple(torch.ops.treessm.cuda_device_limits(index))
+
+
+def _one_wave_smem(blocks: int, index: int, cap: int) -> int:
+    """Shared memory per block that lets ``blocks`` blocks run in one wave, at most ``cap``:
+    the scans are bound by the latency of their sequential steps, so a second wave of
+    blocks costs as much as the first."""
+    sms, per_sm, _ = device_limits(index)
+    per_sm_blocks = -(-blocks // max(sms, 1))
+    if per_sm_blocks <= 1:
+        return cap
+    return min(cap, per_sm // per_sm_blocks - 1024)  # the runtime reserves 1 KiB per block
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_config(schedule: str, num_trees: int, max_tree_size: Optional[int], channels: int,
+                  elem_size: int, device_index: int) -> Launch:
+    """Measured default launch parameters (``docs/cuda.md`` has the measurements).
+
+    Both schedules give a block 32 channels (eight threads of 16 bytes for float32 and
+    16-bit types, 128 bytes for float64) and 128 threads. ``"levels"`` stages up to 256
+    positions ahead and hands 64 values per level on in shared memory, within 100 KiB per
+    block or less where the grid would otherwise need a second wave. ``"paths"`` keeps the
+    tree's plan records in shared memory within 113 KiB (two blocks per multiprocessor),
+    and gives a large tree (:data:`SPREAD_MIN_TREE_SIZE`) of a forest whose blocks do not
+    fill the device enough blocks to fill it twice over.
+    """
+    row_bytes = 32 * elem_size if elem_size <= 4 else 128
+    groups = -(-channels // (row_bytes // elem_size))
+    blocks = num_trees * groups
+    if schedule == "levels":
+        return Launch(row_bytes, 128, ring=256, cap=64,
+                      smem=_one_wave_smem(blocks, device_index, 100 * 1024))
+    sms = device_limits(device_index)[0]
+    spread = 1
+    if max_tree_size is not None and max_tree_size >= SPREAD_MIN_TREE_SIZE and blocks < sms:
+        spread = max(1, (2 * sms) // max(blocks, 1))
+    return Launch(row_bytes, 128, smem=113 * 1024, blocks_per_tree=spread)
+
+
+def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
+              schedule: Optional[str] = None) -> ScanPlan:
+    """Everything a CUDA scan over ``tree`` with ``channels`` channels of ``dtype`` needs
+    besides the data (plans cached on the tree, launch parameters cached by size)."""
+    schedule = choose_schedule(tree, schedule)
+    if tree.num_nodes >= _INT32_LIMIT:
+        raise ValueError(f"the CUDA scan indexes vertices with 32 bits; got {tree.num_nodes} "
+                         "vertices")
+    index = tree.device.index if tree.device.index is not None else torch.cuda.current_device()
+    elem = torch.empty((), dtype=dtype).element_size()
+    if schedule == "levels":
+        tensors = tuple(level_plan(tree))
+        launch = launch_config("levels", tree.num_trees, tree.max_tree_size, channels, elem,
+                               index)
+    else:
+        tensors = tuple(path_plan(tree))
+        launch = launch_config("paths", tree.num_trees, tree.max_tree_size, channels, elem,
+                               index)
+        if launch.blocks_per_tree > 1:
+            launch = launch._replace(num_phases=num_phases(tree))
+    return ScanPlan(schedule, tensors, launch)

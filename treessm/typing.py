@@ -1,0 +1,160 @@
+"""Optional dependencies of treessm, probed in one place.
+
+Each flag says whether an optional package can be imported, without importing it (timm
+pulls in torchvision, transformers a whole model zoo): the probe is
+:func:`importlib.util.find_spec`, and the package is imported by the module that uses it.
+
+* ``WITH_TORCH_SCATTER`` -- torch-scatter, an accelerator that
+  :func:`torch_geometric.utils.scatter` picks up by itself;
+* ``WITH_TIMM`` -- timm, for :mod:`treessm.integrations.timm`;
+* ``WITH_TRANSFORMERS`` -- transformers, for :mod:`treessm.integrations.transformers`;
+* ``WITH_PEFT`` -- peft (LoRA on converted language models).
+
+The CUDA extension (``extensions/treessm_cuda``) is the one optional part that is built
+rather than installed: :func:`load_cuda_extension` compiles it on first GPU use (cached by
+``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``) or finds a library built
+ahead of time (``python -m treessm.ops.cuda --build``, or ``TREESSM_BUILD_CUDA=1 pip
+install .``). CPU-only installations never import a compiler.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["WITH_TORCH_SCATTER", "WITH_TIMM", "WITH_TRANSFORMERS", "WITH_PEFT", "require",
+           "load_cuda_extension", "cuda_extension_loaded", "cuda_extension_error",
+           "cuda_source_dir"]
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:  # imported already (or blocked with None)
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+WITH_TORCH_SCATTER = _importable("torch_scatter")
+WITH_TIMM = _importable("timm")
+WITH_TRANSFORMERS = _importable("transformers")
+WITH_PEFT = _importable("peft")
+
+# what each optional package is for and how to get it
+_INSTALL = {
+    "timm": "pip install 'treessm[timm]'  (timm brings torchvision, a CUDA build of torch on "
+            "some machines)",
+    "transformers": "pip install 'treessm[transformers]'",
+    "peft": "pip install peft",
+    "torch_scatter": "pip install torch-scatter -f https://data.pyg.org/whl/torch-"
+                     "<version>+<cpu|cuXXX>.html  (or build it from source)",
+}
+
+
+def require(name: str, feature: str) -> None:
+    """Raise an :class:`ImportError` that says how to install ``name`` when it is missing.
+
+    Args:
+        name (str): the importable name (``"timm"``, ``"transformers"``, ...).
+        feature (str): what needs it, for the message.
+    """
+    if not _importable(name):
+        raise ImportError(f"{feature} needs {name}: {_INSTALL.get(name, 'pip install ' + name)}")
+
+
+# ---------------------------------------------------------------------------- CUDA extension
+_EXT_NAME = "treessm_cuda"
+_SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu", "path_plan.cu")
+_lock = threading.Lock()
+_state = {"loaded": False, "error": None}
+
+
+def cuda_source_dir() -> Path:
+    """Folder holding the extension's sources (inside the package when installed, else the
+    repository's ``extensions/treessm_cuda``)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "csrc", here.parent / "extensions" / _EXT_NAME):
+        if all((cand / s).is_file() for s in _SOURCES):
+            return cand
+    raise FileNotFoundError("treessm's CUDA sources were not found (expected extensions/"
+                            f"{_EXT_NAME} beside the package or treessm/csrc)")
+
+
+def cuda_extension_loaded() -> bool:
+    """Whether the CUDA operators are registered (``torch.ops.treessm.cuda_*``)."""
+    return _state["loaded"]
+
+
+def cuda_extension_error() -> Optional[BaseException]:
+    """Why the last :func:`load_cuda_extension` failed, or ``None``."""
+    return _state["error"]
+
+
+def _ops_present() -> bool:
+    try:
+        torch.ops.treessm.cuda_scan_forward  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load_cuda_extension(verbose: bool = False) -> None:
+    """Make the CUDA operators available: a prebuilt library if present, else a cached JIT
+    build for the GPUs of this machine.
+
+    Raises:
+        RuntimeError: without a CUDA device, without a CUDA toolkit to build with, or when
+            the build fails (the error is remembered and raised again without retrying).
+    """
+    if _state["loaded"]:
+        return
+    with _lock:
+        if _state["loaded"]:
+            return
+        if _state["error"] is not None:
+            raise RuntimeError(f"treessm's CUDA extension is unavailable: {_state['error']}")
+        try:
+            _load(verbose)
+        except Exception as exc:  # missing device or toolkit, failed build
+            _state["error"] = exc
+            raise RuntimeError(f"treessm's CUDA extension is unavailable: {exc}") from exc
+        _state["loaded"] = True
+
+
+def _load(verbose: bool) -> None:
+    if _ops_present():
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError("the CUDA backend needs a CUDA device; torch.cuda.is_available() is "
+                           "False")
+    for lib in sorted(Path(__file__).resolve().parent.glob("_treessm_cuda*.so")):
+        torch.ops.load_library(str(lib))
+        if _ops_present():
+            return
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("no CUDA toolkit was found to build treessm's CUDA extension: install "
+                           "one matching torch.version.cuda and put nvcc on PATH or set "
+                           "CUDA_HOME")
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        major, minor = torch.cuda.get_device_capability()  # build for the GPU in the machine
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    src = cuda_source_dir()
+    cpp_extension.load(
+        name=_EXT_NAME,
+        sources=[str(src / s) for s in _SOURCES],
+        extra_include_paths=[str(src)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
+        is_python_module=False,
+        verbose=verbose,
+    )
+    if not _ops_present():
+        raise RuntimeError("the treessm CUDA extension built but registered no ops")
