@@ -1,14 +1,28 @@
-"""Token sequences: the minimum spanning tree of a chain with short skip edges.
+"""Token sequences: chains, minimum spanning trees of a chain with short skip edges, and
+causal trees.
 
-Vertex ``b*L + t`` is token ``t`` of sequence ``b``. The candidate edges of a sequence
-form one contiguous block: the chain ``(t, t+1)`` for all ``t``, then the skips
-``(t, t+2)``, ..., ``(t, t+window)``, each by ascending ``t``. With ``window = 1`` the
-tree is the chain itself (:func:`chain_tree`) and the scan reduces to Mamba's recurrence.
+Vertex ``b*L + t`` is token ``t`` of sequence ``b``. Three ways to make a tree over a
+sequence, one class each:
+
+* :class:`SequenceTopology` -- the minimum spanning tree of the chain and the skip edges
+  up to ``window`` tokens long, rooted at the first token. Its candidate edges form one
+  contiguous block per sequence: the chain ``(t, t+1)`` for all ``t``, then the skips
+  ``(t, t+2)``, ..., ``(t, t+window)``, each by ascending ``t``. With ``window = 1`` the
+  tree is the chain itself (:func:`chain_tree`) and a ``"down"`` scan is Mamba's
+  recurrence.
+* :class:`GrootLTopology` -- the tree of the GrootL language models (GrootVL): the same
+  kind of spanning tree, with skip edges only among the first ``context_len`` tokens and
+  rooted at the *last* token, for leaf-to-root (``"up"``) scans. Not causal: a token's
+  subtree may hold later tokens.
+* :class:`CausalSequenceTopology` -- every token's parent is the most similar of the
+  ``k`` tokens before it, so every ancestor of a token is earlier than the token and a
+  ``"down"`` scan mixes each token with its past only.
 """
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,9 +30,11 @@ from torch import Tensor
 
 from ..tree import Tree
 from .base import Candidates, Topology, check_features
-from .distance import Distance
+from .distance import EPS, Distance, check_distance
+from .euler_tour import spanning_tree_on_device
 
-__all__ = ["SequenceTopology", "sequence_edges", "chain_tree"]
+__all__ = ["SequenceTopology", "GrootLTopology", "CausalSequenceTopology", "sequence_edges",
+           "grootl_edges", "causal_parents", "causal_forest", "chain_tree", "TIE_RTOL"]
 
 
 def sequence_edges(num_seqs: int, length: int, window: int = 1) -> np.ndarray:
@@ -121,3 +137,298 @@ class SequenceTopology(Topology):
 
     def extra_repr(self) -> str:
         return f"window={self.window}, {super().extra_repr()}"
+
+
+# ---------------------------------------------------------------------------- GrootL tree
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def grootl_edges(num_seqs: int, length: int, context_len: Optional[int] = None,
+                 window: int = 3) -> np.ndarray:
+    """Candidate edges ``[2, E]`` (int64) of the GrootL tree of ``num_seqs`` sequences: the
+    chain ``(t, t+1)`` for all ``t``, then the skips ``(t, t+d)`` for ``d = 2 .. window``
+    with both ends among the first ``context_len`` tokens (all tokens when ``None``), each
+    by ascending ``t``; one contiguous block per sequence."""
+    c = length if context_len is None else min(int(context_len), length)
+    t = np.arange(length, dtype=np.int64)
+    src, dst = [t[:max(length - 1, 0)]], [t[1:]]
+    for d in range(2, window + 1):
+        src.append(t[:max(c - d, 0)])
+        dst.append(t[:max(c - d, 0)] + d)
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    offset = (np.arange(num_seqs, dtype=np.int64) * length)[:, None]
+    return np.stack([(src[None, :] + offset).reshape(-1), (dst[None, :] + offset).reshape(-1)])
+
+
+class GrootLTopology(Topology):
+    r"""The tree of GrootL, the language half of GrootVL: the minimum spanning tree of each
+    sequence over the chain and short skip edges among its first ``context_len`` tokens,
+    rooted at its last token.
+
+    The GrootVL authors reverse the sequence, build the tree over the chain of the reversed
+    sequence plus the edges from each token to the next 1, 2 and 3 tokens inside the last
+    ``context_len`` positions, root it at the first position of the reversed sequence and
+    aggregate from the leaves to the root. In the original order that is
+
+    .. math::
+        T = \mathrm{MST}\big(\{(t, t+1)\} \cup \{(s, t) : 0 \le s < t < c,\ t - s \le
+        \mathrm{window}\},\ d(x_s, x_t)\big), \qquad \text{rooted at token } L - 1
+
+    with :math:`c = \min(\mathrm{context\_len}, L)`, scanned with ``direction="up"``.
+    On the chain part alone the ``"up"`` scan is Mamba's recurrence, so a token aggregates
+    its past; a skip edge can hang a later token below an earlier one, so **a token's
+    subtree may hold tokens after it: the tree is not causal.** Tokens from ``c - 1`` on
+    lie on a path to the root and see only their past, which is why the authors set
+    ``context_len`` to the length of the prompt when they score a continuation. Ties
+    between equal costs go to the lower edge index of :func:`grootl_edges` (chain edges
+    first), which the authors' CUDA kernel need not share.
+
+    Args:
+        context_len (int, optional): the skip edges join tokens among the first
+            ``context_len``; ``None`` allows them everywhere, and ``context_len <= 2``
+            leaves the plain chain (as in the authors' code). (default: ``None``)
+        window (int): longest skip edge, in tokens (the authors use 3). (default: ``3``)
+        distance (str or callable): ``"cosine"`` (:math:`\exp(-\cos)`, the authors' cost),
+            ``"l2"`` or ``f(feat_u, feat_v) -> [E]``. (default: ``"cosine"``)
+
+    Shapes:
+        - **input:** features :math:`(B, L, C)`
+        - **output:** a :class:`~treessm.Tree` over :math:`N = BL` vertices, ``batch`` set,
+          one tree per sequence rooted at its last token
+    """
+
+    def __init__(self, context_len: Optional[int] = None, window: int = 3,
+                 distance: Distance = "cosine"):
+        super().__init__(distance)
+        self.context_len = None if context_len is None else _check_int(context_len,
+                                                                        "context_len", 0)
+        self.window = _check_int(window, "window", 1)
+
+    def _effective_context(self, length: int) -> int:
+        c = length if self.context_len is None else min(self.context_len, length)
+        return c if c > 2 else 0
+
+    def __call__(self, feat: Tensor) -> Tree:
+        check_features(feat, 3, shape="[B, L, C]")
+        b, length, _ = feat.shape
+        if b * length == 0:
+            return Tree.from_parent(torch.zeros(0, dtype=torch.long, device=feat.device),
+                                    torch.zeros(0, dtype=torch.long, device=feat.device))
+        return super().__call__(feat)
+
+    def _candidates(self, feat: Tensor) -> Candidates:
+        check_features(feat, 3, shape="[B, L, C]")
+        b, length, _ = feat.shape
+        c = self._effective_context(length)
+        return self._cache.get(
+            (b, length, c, self.window, feat.device),
+            lambda: Candidates(grootl_edges(b, length, c, self.window), b, length,
+                               length - 1, feat.device, (b, length)))
+
+    def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
+        """Chain and skip edges of each sequence (cached per shape and device)."""
+        entry = self._candidates(feat)
+        return entry.edge_index, entry.batch, entry.batch.shape[0]
+
+    def roots(self, feat: Tensor) -> Tensor:
+        """Last token of each sequence."""
+        return self._candidates(feat).roots
+
+    def extra_repr(self) -> str:
+        return (f"context_len={self.context_len}, window={self.window}, "
+                f"{super().extra_repr()}")
+
+
+# ---------------------------------------------------------------------------- causal tree
+#: Relative tolerance under which two costs of :func:`causal_parents` count as equal.
+TIE_RTOL = 1e-5
+
+
+def _check_tie_rtol(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"tie_rtol must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _work_dtype(feat: Tensor) -> torch.dtype:
+    return torch.float64 if feat.dtype == torch.float64 else torch.float32
+
+
+def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
+                   valid: Optional[Tensor] = None, tie_rtol: float = TIE_RTOL) -> Tensor:
+    r"""The parent of every token in the causal tree: the most similar of the ``k`` tokens
+    before it,
+
+    .. math::
+        p(t) = \max\,\{s \in [\max(0, t-k), t) : d(x_s, x_t) \le c_t + \epsilon |c_t|\},
+        \qquad c_t = \min_{\max(0, t-k) \le s < t} d(x_s, x_t),
+
+    the latest of the candidates whose cost ties with the lowest one up to the relative
+    tolerance :math:`\epsilon` = ``tie_rtol``. The tolerance is what makes the choice
+    reproducible: repeated tokens have features that are equal but for rounding, and
+    rounding differs between computing a sequence at once and token by token (a cached
+    decoder), so without it their order would be decided by rounding. Computed with ``k``
+    shifted comparisons of the whole batch (no loop over tokens, no host synchronisation),
+    without gradient.
+
+    Args:
+        feat (Tensor [B, L, C]): token features.
+        k (int): how many earlier tokens are candidates; ``1`` gives the chain.
+        distance (str or callable): ``"cosine"`` (:math:`\exp(-\cos(x_s, x_t))`), ``"l2"``
+            or ``f(feat_s [E, C], feat_t [E, C]) -> [E]``. (default: ``"cosine"``)
+        valid (BoolTensor [B, L], optional): tokens that may be parents (e.g. not padding).
+            (default: all)
+        tie_rtol (float): relative tolerance under which costs count as equal; ``0`` is the
+            plain arg min with ties to the latest. (default: ``1e-5``)
+
+    Returns:
+        LongTensor [B, L]: the parent's position in its sequence, or ``-1`` for a token
+        without a candidate (the first token, or one preceded by ``k`` invalid tokens).
+    """
+    check_features(feat, 3, shape="[B, L, C]")
+    k = _check_int(k, "k", 1)
+    distance = check_distance(distance)
+    tie_rtol = _check_tie_rtol(tie_rtol)
+    b, length, channels = feat.shape
+    if valid is not None:
+        if not isinstance(valid, Tensor) or valid.shape != (b, length):
+            got = list(valid.shape) if isinstance(valid, Tensor) else type(valid).__name__
+            raise ValueError(f"valid must be a BoolTensor of shape {[b, length]}, got {got}")
+        valid = valid.to(device=feat.device, dtype=torch.bool)
+    span = min(k, max(length - 1, 0))
+    t = torch.arange(length, device=feat.device)
+    if span == 0:
+        return torch.full((b, length), -1, dtype=torch.long, device=feat.device)
+    with torch.no_grad():
+        x = feat.detach()
+        if isinstance(distance, str):
+            x = x.to(_work_dtype(x))
+            if distance == "cosine":
+                x = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
+        # column d - 1 holds the cost to the token d steps back, so the first minimum
+        # along the last dimension is the nearest of equally good candidates
+        cost = torch.full((b, length, span), math.inf, dtype=_work_dtype(x), device=x.device)
+        for d in range(1, span + 1):
+            cost[:, d:, d - 1] = _pair_cost(x[:, :-d], x[:, d:], distance)
+        avail = (t[:, None] - torch.arange(1, span + 1, device=x.device)) >= 0  # [L, span]
+        avail = avail.expand(b, length, span)
+        if valid is not None:
+            before = torch.stack([torch.nn.functional.pad(valid[:, :-d], (d, 0))
+                                  for d in range(1, span + 1)], -1)
+            avail = avail & before
+        cost = cost.masked_fill(~avail, math.inf)
+        low = cost.min(-1, keepdim=True).values
+        tie = avail & (cost <= low + tie_rtol * low.abs())
+        # the first tie along the last dimension is the nearest token
+        nearest = tie.to(torch.uint8).argmax(-1)
+        return torch.where(avail.any(-1), t - 1 - nearest, -1)
+
+
+def _pair_cost(earlier: Tensor, later: Tensor, distance) -> Tensor:
+    """Costs ``[B, M]`` between matched tokens ``[B, M, C]`` (cosine inputs already
+    normalised)."""
+    if distance == "cosine":
+        return torch.exp(-(earlier * later).sum(-1))
+    if distance == "l2":
+        return torch.linalg.vector_norm(earlier - later, dim=-1)
+    b, m, c = earlier.shape
+    cost = distance(earlier.reshape(b * m, c), later.reshape(b * m, c))
+    if not isinstance(cost, Tensor) or cost.shape != (b * m,):
+        got = list(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
+        raise ValueError(f"distance callable must return a tensor of shape [{b * m}], got {got}")
+    return cost.reshape(b, m).to(_work_dtype(cost) if cost.is_floating_point() else torch.float32)
+
+
+def causal_forest(parent: Tensor, rooted_at_first: bool = False,
+                  on_device: Optional[bool] = None) -> Tree:
+    """The :class:`~treessm.Tree` of a batch of causal parent arrays (``[B, L]``, positions
+    in the sequence or ``-1``, every parent earlier than its child).
+
+    Args:
+        parent (LongTensor [B, L]): e.g. from :func:`causal_parents`.
+        rooted_at_first (bool): the caller knows that only the first token of each sequence
+            is a root (true when no token is marked invalid), so the tree is laid out on the
+            device without asking it how many trees there are. (default: ``False``)
+        on_device (bool, optional): lay out with tensor operations where the parents live
+            (:func:`~treessm.topology.euler_tour.spanning_tree_on_device`) rather than on
+            the host; by default on any device but the CPU. (default: ``None``)
+    """
+    b, length = parent.shape
+    n = b * length
+    offset = torch.arange(b, device=parent.device)[:, None] * length
+    flat = torch.where(parent >= 0, parent + offset, -1).reshape(-1)
+    batch = torch.arange(b, device=parent.device).repeat_interleave(length)
+    if on_device is None:
+        on_device = parent.device.type != "cpu"
+    if not on_device or n == 0 or not rooted_at_first:
+        return Tree.from_parent(flat, batch, validate=False)
+    child = (offset + torch.arange(1, length, device=parent.device)).reshape(-1)
+    edge_index = torch.stack([child, flat[child]])
+    cost = torch.zeros(edge_index.shape[1], device=parent.device)
+    return spanning_tree_on_device(edge_index, cost, n, offset.reshape(-1), batch, num_trees=b,
+                                   max_tree_size=length)
+
+
+class CausalSequenceTopology(Topology):
+    r"""A causal tree per sequence: every token hangs below the most similar of the ``k``
+    tokens before it.
+
+    .. math::
+        p(t) = \operatorname*{arg\,min}_{\max(0, t-k) \le s < t} d(x_s, x_t),
+        \qquad d(x_s, x_t) = \exp(-\cos(x_s, x_t)) \text{ by default}
+
+    with ties (up to a relative ``tie_rtol``, see :func:`causal_parents`) to the latest
+    :math:`s`, and the first token as the root. Every ancestor of
+    a token is earlier than the token, so ``tree_scan(..., direction="down")`` mixes each
+    token with its past only: changing later tokens never changes earlier outputs, and a
+    recurrent layer needs only the states of the last ``k`` tokens (and their features)
+    to continue a sequence. ``k = 1`` is the chain, where the ``"down"`` scan is Mamba's
+    recurrence. The tree is no minimum spanning tree: each token chooses its parent on its
+    own, from tensor operations over the whole batch, on the CPU and on accelerators
+    (there without a host synchronisation unless tokens are masked).
+
+    Args:
+        k (int): how many earlier tokens are candidate parents. (default: ``4``)
+        distance (str or callable): ``"cosine"``, ``"l2"`` or
+            ``f(feat_s [E, C], feat_t [E, C]) -> [E]``. (default: ``"cosine"``)
+        tie_rtol (float): costs within this relative tolerance of the lowest one tie.
+            (default: ``1e-5``)
+
+    Shapes:
+        - **input:** features :math:`(B, L, C)`; optionally ``valid`` :math:`(B, L)`, the
+          tokens that may be parents
+        - **output:** a :class:`~treessm.Tree` over :math:`N = BL` vertices, ``batch`` set
+    """
+
+    def __init__(self, k: int = 4, distance: Distance = "cosine", tie_rtol: float = TIE_RTOL):
+        super().__init__(distance)
+        self.k = _check_int(k, "k", 1)
+        self.tie_rtol = _check_tie_rtol(tie_rtol)
+
+    def parents(self, feat: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Parent position of every token (``[B, L]``, ``-1`` at roots); see
+        :func:`causal_parents`."""
+        return causal_parents(feat, self.k, self.distance, valid, self.tie_rtol)
+
+    def __call__(self, feat: Tensor, valid: Optional[Tensor] = None) -> Tree:
+        with torch.no_grad():
+            parent = self.parents(feat, valid)
+            return causal_forest(parent, rooted_at_first=valid is None)
+
+    def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
+        """The edges from each token to the ``k`` tokens before it (for inspection; the
+        tree is not their spanning tree)."""
+        check_features(feat, 3, shape="[B, L, C]")
+        b, length, _ = feat.shape
+        entry = self._cache.get((b, length, self.k, feat.device),
+                                lambda: Candidates(sequence_edges(b, length, self.k), b, length,
+                                                   0, feat.device, (b, length)))
+        return entry.edge_index, entry.batch, entry.batch.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, tie_rtol={self.tie_rtol}, {super().extra_repr()}"
