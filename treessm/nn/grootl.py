@@ -1,0 +1,464 @@
+r"""GrootL: Mamba's selective state-space mixer with the recurrence run over a tree.
+
+:class:`GrootLMixer` has the parameters and state-dict keys of transformers'
+``MambaMixer`` (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``,
+``out_proj``), so a pretrained Mamba's weights load into it unchanged
+(:func:`treessm.integrations.transformers.grootl_from_mamba` swaps every mixer of a model).
+The selective scan is :func:`treessm.tree_scan` over a tree of the tokens, with the states
+flattened into the channels: per token :math:`x_t = \Delta_t B_t u_t` and
+:math:`w_t = \exp(\Delta_t A)`, both ``[d_inner, d_state]``. Three trees (``mode``):
+
+* ``"chain"`` -- token :math:`t` below :math:`t - 1`; the ``"down"`` scan
+  :math:`h_t = w_t h_{t-1} + x_t` is exactly Mamba's recurrence;
+* ``"causal"`` -- token :math:`t` below the most similar of tokens :math:`t-k .. t-1`
+  (:class:`~treessm.topology.sequence.CausalSequenceTopology` on the scan inputs
+  :math:`x`), scanned ``"down"``: :math:`h_t = w_t h_{p(t)} + x_t`, which mixes every
+  token with its past only, so the layer generates text with a cache;
+* ``"paper"`` -- the GrootVL authors' construction: the chain scan plus ``tree_scale``
+  times a leaf-to-root scan over the minimum spanning tree of the chain and short skip
+  edges (:class:`~treessm.topology.sequence.GrootLTopology`), which is not causal.
+
+The output is Mamba's: :math:`y_t = W_{out}\big((C_t \cdot h_t + D \odot u_t) \odot
+\mathrm{SiLU}(z_t)\big)`. ``docs/language_models.md`` has the math of each mode and how
+generation works with each.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import tree_scan
+from ..ops.tree_scan import BACKENDS
+from ..topology import chain_tree
+from ..topology.distance import check_distance
+from ..topology.sequence import (CausalSequenceTopology, GrootLTopology, causal_forest,
+                                 causal_parents)
+
+__all__ = ["GrootLMixer", "MODES"]
+
+#: Trees a :class:`GrootLMixer` scans over.
+MODES = ("chain", "causal", "paper")
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+                "tanh": torch.tanh}
+_DEFAULT_K = 4
+_DEFAULT_TREE_SCALE = 0.3  # the GrootVL authors' factor on the tree scan
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class GrootLMixer(nn.Module):
+    r"""Mamba's mixer with the selective scan over a tree of the tokens (GrootL).
+
+    For the inputs :math:`s_t \in \mathbb{R}^{d_{model}}` of a sequence,
+
+    .. math::
+        u_t, z_t &= W_{in} s_t, \qquad u \leftarrow \sigma(\mathrm{CausalConv1d}(u))
+
+        \Delta_t &= \mathrm{softplus}(W_\Delta W_r u_t + b_\Delta), \quad
+        B_t, C_t = W_B u_t, W_C u_t, \quad A = -\exp(A_{\log})
+
+        x_t &= \Delta_t B_t u_t, \qquad w_t = \exp(\Delta_t A)
+        \qquad (\text{both } d_{inner} \times d_{state})
+
+        y_t &= W_{out}\big((C_t \cdot h_t + D \odot u_t) \odot \mathrm{SiLU}(z_t)\big)
+
+    where the states :math:`h` depend on ``mode``:
+
+    * ``"chain"``: :math:`h_t = w_t h_{t-1} + x_t` (Mamba);
+    * ``"causal"``: :math:`h_t = w_t h_{p(t)} + x_t` with :math:`p(t)` the most similar of
+      the ``k`` tokens before :math:`t` under :math:`\exp(-\cos(x_s, x_t))`, ties to the
+      latest (``tree_scan(..., "down")`` over
+      :class:`~treessm.topology.sequence.CausalSequenceTopology`);
+    * ``"paper"``: :math:`h = \mathrm{chain}(x, w) + \lambda\, \mathrm{up}_T(x, w')`, the
+      GrootVL authors' construction: :math:`T` is the minimum spanning tree of the chain and
+      the skip edges of up to 3 tokens among the first ``context_len`` tokens, rooted at the
+      last token (:class:`~treessm.topology.sequence.GrootLTopology`), :math:`\mathrm{up}_T`
+      its leaf-to-root scan, the edge from token :math:`t` to its parent carries
+      :math:`w'_t = w_{t+1}` (as in the authors' code) and :math:`\lambda` is
+      ``tree_scale``. A token's subtree may hold later tokens: **not causal**.
+
+    The discretisation and the scan run in float32 (float64 for float64 inputs), as in
+    transformers' ``MambaMixer``; ``dt_proj`` and ``conv1d`` are read through their weights,
+    as there.
+
+    With a transformers cache (``cache`` or ``cache_params``, a ``DynamicCache`` with
+    linear-attention layers) the layer continues a sequence: ``"chain"`` keeps Mamba's
+    convolution and recurrent states (so its cache is a plain Mamba cache); ``"causal"``
+    keeps the convolution state and, for each of the last ``k`` tokens, its state
+    :math:`h`, its scan input :math:`x` (for the similarity) and whether it may be a
+    parent, packed in one tensor ``[B, k, 2 d_{inner} d_{state} + 1]``; ``"paper"`` keeps
+    only the convolution state and refuses to continue, since every new token can change
+    the tree over all earlier ones (generate by recomputing the sequence, see
+    ``docs/language_models.md``).
+
+    Args:
+        hidden_size (int): :math:`d_{model}`.
+        state_size (int): :math:`d_{state}`. (default: ``16``)
+        expand (float): ``d_inner = int(expand * hidden_size)`` unless
+            ``intermediate_size`` is given. (default: ``2``)
+        conv_kernel (int): width of the causal depthwise convolution. (default: ``4``)
+        time_step_rank (int or str): rank of the :math:`\Delta` projection; ``"auto"`` is
+            :math:`\lceil d_{model} / 16 \rceil`. (default: ``"auto"``)
+        intermediate_size (int, optional): :math:`d_{inner}`. (default: ``None``)
+        use_conv_bias (bool): bias in the convolution. (default: ``True``)
+        use_bias (bool): biases in the input and output projections. (default: ``False``)
+        hidden_act (str): activation after the convolution, ``"silu"``, ``"swish"``,
+            ``"gelu"``, ``"relu"`` or ``"tanh"``; the gate is always SiLU, as in Mamba.
+            (default: ``"silu"``)
+        mode (str): ``"chain"``, ``"causal"`` or ``"paper"``. (default: ``"chain"``)
+        k (int, optional): candidate parents per token, ``mode="causal"`` only; ``1`` is
+            the chain. (default: ``4``)
+        context_len (int, optional): ``mode="paper"`` only: skip edges join tokens among
+            the first ``context_len`` (the authors pass the prompt length); ``None`` allows
+            them everywhere. Settable on the module. (default: ``None``)
+        tree_scale (float, optional): ``mode="paper"`` only: :math:`\lambda`, the weight of
+            the tree scan added to the chain scan. (default: ``0.3``)
+        distance (str or callable): tree cost between scan inputs for ``"causal"`` and
+            ``"paper"``. (default: ``"cosine"``)
+        layer_idx (int): the layer's index in the model, which addresses its cache.
+            (default: ``0``)
+        backend (str, optional): :func:`treessm.tree_scan` backend. (default: ``None``)
+
+    Shapes:
+        - **input:** hidden states :math:`(B, L, d_{model})`; optionally an attention mask
+          :math:`(B, L)` (0 at padding) and a cache
+        - **output:** :math:`(B, L, d_{model})`
+    """
+
+    def __init__(self, hidden_size: int, state_size: int = 16, expand: float = 2,
+                 conv_kernel: int = 4, time_step_rank: Union[int, str] = "auto",
+                 intermediate_size: Optional[int] = None, use_conv_bias: bool = True,
+                 use_bias: bool = False, hidden_act: str = "silu", mode: str = "chain",
+                 k: Optional[int] = None, context_len: Optional[int] = None,
+                 tree_scale: Optional[float] = None, distance: Any = "cosine",
+                 layer_idx: int = 0, backend: Optional[str] = None):
+        super().__init__()
+        hidden_size = _positive_int(hidden_size, "hidden_size")
+        state_size = _positive_int(state_size, "state_size")
+        conv_kernel = _positive_int(conv_kernel, "conv_kernel")
+        if intermediate_size is None:
+            if not expand > 0 or int(expand * hidden_size) < 1:
+                raise ValueError(f"expand must be positive with int(expand * hidden_size) >= 1, "
+                                 f"got {expand!r}")
+            intermediate_size = int(expand * hidden_size)
+        intermediate_size = _positive_int(intermediate_size, "intermediate_size")
+        if time_step_rank == "auto":
+            time_step_rank = math.ceil(hidden_size / 16)
+        time_step_rank = _positive_int(time_step_rank, "time_step_rank")
+        if hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {tuple(_ACTIVATIONS)}, got {hidden_act!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if k is not None and mode != "causal":
+            raise ValueError(f"k is used with mode='causal' only, got k={k!r} with mode={mode!r}")
+        if mode != "paper":
+            for name, value in (("context_len", context_len), ("tree_scale", tree_scale)):
+                if value is not None:
+                    raise ValueError(f"{name} is used with mode='paper' only, got {name}="
+                                     f"{value!r} with mode={mode!r}")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        if backend is not None and backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be None or one of {('auto',) + BACKENDS}, "
+                             f"got {backend!r}")
+
+        self.hidden_size = hidden_size
+        self.ssm_state_size = state_size
+        self.intermediate_size = intermediate_size
+        self.conv_kernel_size = conv_kernel
+        self.time_step_rank = time_step_rank
+        self.use_conv_bias = bool(use_conv_bias)
+        self.use_bias = bool(use_bias)
+        self.activation = hidden_act
+        self.layer_idx = layer_idx
+        self.mode = mode
+        self.backend = backend
+        self.distance = check_distance(distance)
+        self.topology: Optional[Callable] = None
+        self.k = None
+        self.tree_scale = None
+        if mode == "causal":
+            self.topology = CausalSequenceTopology(_DEFAULT_K if k is None else k, distance)
+            self.k = self.topology.k
+        elif mode == "paper":
+            self.topology = GrootLTopology(context_len, 3, distance)
+            self.tree_scale = float(_DEFAULT_TREE_SCALE if tree_scale is None else tree_scale)
+            if not math.isfinite(self.tree_scale):
+                raise ValueError(f"tree_scale must be a finite number, got {tree_scale!r}")
+
+        d_inner = intermediate_size
+        self.in_proj = nn.Linear(hidden_size, 2 * d_inner, bias=use_bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, conv_kernel, groups=d_inner,
+                                padding=conv_kernel - 1, bias=use_conv_bias)
+        self.x_proj = nn.Linear(d_inner, time_step_rank + 2 * state_size, bias=False)
+        self.dt_proj = nn.Linear(time_step_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, state_size))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int = 0, **options) -> "GrootLMixer":
+        """A mixer shaped like the ``MambaMixer`` that ``config`` (a transformers
+        ``MambaConfig``, or anything with its attributes) builds for layer ``layer_idx``;
+        ``options`` are the keyword arguments of :class:`GrootLMixer` (``mode``, ``k``,
+        ``context_len``, ``tree_scale``, ``distance``, ``backend``)."""
+        for name in ("hidden_size", "state_size", "intermediate_size", "conv_kernel",
+                     "time_step_rank"):
+            if not hasattr(config, name):
+                raise TypeError(f"config must describe a Mamba model (a transformers "
+                                f"MambaConfig); it has no attribute {name!r}")
+        return cls(config.hidden_size, state_size=config.state_size,
+                   intermediate_size=config.intermediate_size, conv_kernel=config.conv_kernel,
+                   time_step_rank=int(config.time_step_rank),
+                   use_conv_bias=getattr(config, "use_conv_bias", True),
+                   use_bias=getattr(config, "use_bias", False),
+                   hidden_act=getattr(config, "hidden_act", "silu"), layer_idx=layer_idx,
+                   **options)
+
+    def reset_parameters(self):
+        r"""Mamba's initialisation: S4D-real :math:`A = -(1, \dots, N)`, :math:`D = 1`,
+        :math:`\Delta` log-uniform in ``[0.001, 0.1]`` through the inverse softplus of its
+        bias, the projections as ``nn.Linear`` and ``nn.Conv1d`` initialise them."""
+        for mod in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
+            mod.reset_parameters()
+        with torch.no_grad():
+            std = self.time_step_rank ** -0.5
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            lo, hi = math.log(1e-3), math.log(1e-1)
+            dt = torch.exp(torch.rand(self.intermediate_size) * (hi - lo) + lo).clamp(min=1e-4)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            a = torch.arange(1, self.ssm_state_size + 1, dtype=torch.float32)
+            self.A_log.copy_(torch.log(a).expand(self.intermediate_size, -1))
+            self.D.fill_(1.0)
+
+    @property
+    def context_len(self) -> Optional[int]:
+        """``mode="paper"``: the skip edges join tokens among the first ``context_len``."""
+        return self.topology.context_len if self.mode == "paper" else None
+
+    @context_len.setter
+    def context_len(self, value: Optional[int]) -> None:
+        if self.mode != "paper":
+            raise ValueError(f"context_len is used with mode='paper' only, this mixer has "
+                             f"mode={self.mode!r}")
+        self.topology = GrootLTopology(value, self.topology.window, self.distance)
+
+    # ------------------------------------------------------------------ pieces
+    def discretize(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""``x = Δ B u`` and ``w = exp(Δ A)`` (``[B, L, d_inner, d_state]``) and ``C``
+        (``[B, L, d_state]``) from the inner features ``u [B, L, d_inner]``, in float32
+        (float64 for float64 input)."""
+        dt, b, c = self.x_proj(u).split(
+            [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+        acc = torch.promote_types(u.dtype, torch.float32)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc)
+                           + self.dt_proj.bias.to(acc))
+        a = -torch.exp(self.A_log.to(acc))
+        x = delta.unsqueeze(-1) * b.to(acc).unsqueeze(-2) * u.to(acc).unsqueeze(-1)
+        w = torch.exp(a * delta.unsqueeze(-1))
+        return x, w, c.to(acc)
+
+    def _scan(self, x: Tensor, w: Tensor, tree, direction: str) -> Tensor:
+        b, length = x.shape[:2]
+        flat = (b * length,) + x.shape[2:]
+        out = tree_scan(x.reshape(flat), w.reshape(flat), tree, direction, backend=self.backend)
+        return out.view(x.shape)
+
+    def _ones_like_past(self, w: Tensor, count: int) -> Tensor:
+        # the weights of the cached roots are never read
+        return w.new_ones((w.shape[0], count) + w.shape[2:])
+
+    def _chain_states(self, x: Tensor, w: Tensor, past: Optional[Tensor]) -> Tensor:
+        b, length = x.shape[:2]
+        if past is None:
+            return self._scan(x, w, chain_tree(b, length, x.device), "down")
+        past = past.to(x.dtype).unsqueeze(1)
+        if length == 1:
+            return w * past + x
+        h = self._scan(torch.cat([past, x], 1), torch.cat([self._ones_like_past(w, 1), w], 1),
+                       chain_tree(b, length + 1, x.device), "down")
+        return h[:, 1:]
+
+    def _causal_states(self, x: Tensor, w: Tensor, valid: Optional[Tensor],
+                       past: Optional[Tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+        b, length = x.shape[:2]
+        feat = x.reshape(b, length, -1)
+        if past is None:
+            return self._scan(x, w, self.topology(feat, valid), "down")
+        h_past, f_past, v_past = past
+        k = h_past.shape[1]
+        cur = torch.ones(b, length, dtype=torch.bool, device=x.device) if valid is None else valid
+        # the cached tokens come first: they are candidates, never children
+        parent = causal_parents(torch.cat([f_past.to(feat.dtype), feat], 1), self.k,
+                                self.distance, torch.cat([v_past, cur], 1),
+                                self.topology.tie_rtol)[:, k:]
+        h_past = h_past.to(x.dtype)
+        if length == 1:
+            p = parent[:, 0]
+            prev = h_past[torch.arange(b, device=x.device), p.clamp(min=0)].unsqueeze(1)
+            return torch.where((p >= 0).view(b, 1, *([1] * (x.dim() - 2))), w * prev + x, x)
+        parent = torch.cat([parent.new_full((b, k), -1), parent], 1)
+        h = self._scan(torch.cat([h_past, x], 1), torch.cat([self._ones_like_past(w, k), w], 1),
+                       causal_forest(parent), "down")
+        return h[:, k:]
+
+    def _paper_states(self, x: Tensor, w: Tensor) -> Tensor:
+        b, length = x.shape[:2]
+        h = self._scan(x, w, chain_tree(b, length, x.device), "down")
+        tree = self.topology(x.reshape(b, length, -1))
+        # edge (t, parent(t)) carries the decay of token t + 1; the root's is never read
+        shifted = torch.cat([w[:, 1:], w[:, :1]], 1)
+        return h + self.tree_scale * self._scan(x, shifted, tree, "up")
+
+    # ------------------------------------------------------------------ cache
+    def _causal_packed_size(self) -> int:
+        return 2 * self.intermediate_size * self.ssm_state_size + 1
+
+    def _unpack(self, state: Tensor, b: int):
+        states = self.intermediate_size * self.ssm_state_size
+        if self.mode == "chain":
+            expected = (b, self.intermediate_size, self.ssm_state_size)
+        else:
+            expected = (b, self.k, self._causal_packed_size())
+        if tuple(state.shape) != expected:
+            raise ValueError(
+                f"the cache of layer {self.layer_idx} holds a recurrent state of shape "
+                f"{list(state.shape)}, but GrootLMixer(mode={self.mode!r}"
+                + (f", k={self.k}" if self.mode == "causal" else "")
+                + f") keeps {list(expected)}; was the cache filled by another model or mode?")
+        if self.mode == "chain":
+            return state
+        h = state[..., :states].reshape(b, self.k, self.intermediate_size, self.ssm_state_size)
+        return h, state[..., states:2 * states], state[..., -1] > 0.5
+
+    def _pack_causal(self, h: Tensor, x: Tensor, valid: Optional[Tensor], past) -> Tensor:
+        b, length = x.shape[:2]
+        cur_valid = (torch.ones(b, length, dtype=h.dtype, device=h.device) if valid is None
+                     else valid.to(h.dtype))
+        cur = torch.cat([h.reshape(b, length, -1), x.reshape(b, length, -1),
+                         cur_valid.unsqueeze(-1)], -1)
+        if past is not None:
+            h_p, f_p, v_p = past
+            old = torch.cat([h_p.reshape(b, self.k, -1).to(h.dtype), f_p.to(h.dtype),
+                             v_p.to(h.dtype).unsqueeze(-1)], -1)
+            cur = torch.cat([old, cur], 1)
+        elif length < self.k:
+            # slots before the first token: zero and never chosen as parents
+            cur = torch.cat([cur.new_zeros(b, self.k - length, cur.shape[-1]), cur], 1)
+        return cur[:, -self.k:]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: Tensor, cache=None, attention_mask: Optional[Tensor] = None,
+                *, cache_params=None, cache_position: Optional[Tensor] = None,
+                **kwargs) -> Tensor:
+        """Mix ``hidden_states [B, L, hidden_size]``.
+
+        Args:
+            hidden_states (Tensor [B, L, hidden_size]): the block's normalised inputs.
+            cache (transformers Cache, optional): states of earlier tokens, read and
+                updated in place (``DynamicCache`` with linear-attention layers, as
+                ``MambaModel`` makes). (default: ``None``)
+            attention_mask (Tensor [B, L], optional): 1 for tokens, 0 for padding; padded
+                inputs are zeroed (as in Mamba) and never become parents in
+                ``mode="causal"``. (default: ``None``)
+            cache_params: the name transformers releases before 5.24 give ``cache``.
+            cache_position: accepted for the signatures of older releases; unused.
+        """
+        if cache is not None and cache_params is not None and cache is not cache_params:
+            raise ValueError("pass the cache once, as cache or as cache_params, not two "
+                             "different ones")
+        cache = cache if cache is not None else cache_params
+        if (not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3
+                or hidden_states.shape[-1] != self.hidden_size):
+            shape = (list(hidden_states.shape) if isinstance(hidden_states, Tensor)
+                     else type(hidden_states).__name__)
+            raise ValueError(f"hidden_states must be a [B, L, {self.hidden_size}] tensor, got "
+                             f"{shape}")
+        b, length, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or \
+                    attention_mask.shape[1] < length:
+                raise ValueError(f"attention_mask must have shape [{b}, >= {length}], got "
+                                 f"{list(attention_mask.shape)}")
+            mask = attention_mask[:, -length:]
+
+        has_past = cache is not None and cache.has_previous_state(self.layer_idx)
+        if has_past and self.mode == "paper":
+            raise ValueError(
+                "GrootLMixer(mode='paper') cannot continue a cached sequence: its tree is not "
+                "causal, so every new token can change the states of all earlier ones. "
+                "Recompute the whole sequence instead, e.g. model.generate(..., "
+                "use_cache=False), or convert with mode='causal' for cached generation")
+        past = None
+        if has_past:
+            state = _recurrent_state(cache, self.layer_idx)
+            if state is None:
+                raise ValueError(f"the cache of layer {self.layer_idx} has a convolution "
+                                 "state but no recurrent state")
+            past = self._unpack(state, b)
+
+        if mask is not None:
+            hidden_states = (hidden_states * mask.unsqueeze(-1)).to(dtype)
+        u, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        u = u.transpose(1, 2)
+        if cache is not None:
+            # earlier inputs in front (at most conv_kernel of them; zeros at the start)
+            u = cache.update_conv_state(u, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        conv = F.conv1d(u.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias,
+                        padding=self.conv_kernel_size - 1, groups=self.intermediate_size)
+        u = _ACTIVATIONS[self.activation](conv[..., :u.shape[-1]][..., -length:])
+        u = u.transpose(1, 2).to(dtype)
+        if mask is not None:
+            u = (u * mask.unsqueeze(-1)).to(dtype)
+
+        x, w, c = self.discretize(u)
+        valid = None if mask is None else mask > 0
+        if self.mode == "chain":
+            h = self._chain_states(x, w, past)
+        elif self.mode == "causal":
+            h = self._causal_states(x, w, valid, past)
+        else:
+            h = self._paper_states(x, w)
+        if cache is not None and self.mode != "paper":
+            if self.mode == "chain":
+                new_state = h[:, -1]
+            else:
+                new_state = self._pack_causal(h, x, valid, past)
+            cache.update_recurrent_state(new_state.detach(), self.layer_idx)
+
+        y = (h * c.unsqueeze(-2)).sum(-1) + u.to(h.dtype) * self.D.to(h.dtype)
+        y = y * F.silu(z.to(h.dtype))
+        return self.out_proj(y.to(dtype))
+
+    def extra_repr(self) -> str:
+        text = (f"{self.hidden_size}, d_inner={self.intermediate_size}, "
+                f"d_state={self.ssm_state_size}, dt_rank={self.time_step_rank}, "
+                f"d_conv={self.conv_kernel_size}, layer_idx={self.layer_idx}, mode={self.mode!r}")
+        if self.mode == "causal":
+            text += f", k={self.k}"
+        elif self.mode == "paper":
+            text += f", context_len={self.context_len}, tree_scale={self.tree_scale}"
+        return text
+
+
+def _recurrent_state(cache, layer_idx: int) -> Optional[Tensor]:
+    """The recurrent state of a linear-attention cache layer (transformers >= 5.17)."""
+    get = getattr(cache, "get_recurrent_state", None)
+    if get is not None:  # 5.24 and later
+        return get(layer_idx)
+    state = cache.layers[layer_idx].recurrent_states
+    return state[0] if isinstance(state, dict) else state
