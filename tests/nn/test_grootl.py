@@ -228,10 +228,10 @@ def test_parameters_init_and_repr():
     m = GrootLMixer(32, state_size=4, mode="causal", k=3)
     assert m.intermediate_size == 64 and m.time_step_rank == 2
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    assert shapes == {"in_proj.weight": (128, 32), "conv1d.weight": (64, 1, 4),
-                      "conv1d.bias": (64,), "x_proj.weight": (10, 64),
-                      "dt_proj.weight": (64, 2), "dt_proj.bias": (64,), "A_log": (64, 4),
-                      "D": (64,), "out_proj.weight": (32, 64)}
+    assert list(shapes.items()) == [
+        ("A_log", (64, 4)), ("D", (64,)), ("conv1d.weight", (64, 1, 4)), ("conv1d.bias", (64,)),
+        ("in_proj.weight", (128, 32)), ("x_proj.weight", (10, 64)), ("dt_proj.weight", (64, 2)),
+        ("dt_proj.bias", (64,)), ("out_proj.weight", (32, 64))]
     torch.testing.assert_close(m.A_log, torch.log(torch.arange(1.0, 5.0)).expand(64, 4))
     dt = torch.nn.functional.softplus(m.dt_proj.bias)
     assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
@@ -239,6 +239,7 @@ def test_parameters_init_and_repr():
     assert text.startswith("GrootLMixer(\n  32, d_inner=64, d_state=4, dt_rank=2, d_conv=4, "
                            "layer_idx=0, mode='causal', k=3\n")
     assert "(in_proj): Linear(in_features=32, out_features=128" in text
+    assert "(conv1d): Conv1d(64, 64, kernel_size=(4,)" in text
     paper = GrootLMixer(16, mode="paper", context_len=8)
     assert "context_len=8, tree_scale=0.3" in repr(paper)
     paper.context_len = None

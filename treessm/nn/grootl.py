@@ -87,8 +87,9 @@ class GrootLMixer(nn.Module):
       ``tree_scale``. A token's subtree may hold later tokens: **not causal**.
 
     The discretisation and the scan run in float32 (float64 for float64 inputs), as in
-    transformers' ``MambaMixer``; ``dt_proj`` and ``conv1d`` are read through their weights,
-    as there.
+    transformers' ``MambaMixer``. The linear layers are called as modules, so adapters
+    (PEFT's LoRA) on any of them take effect; ``conv1d`` is read through its weight, as in
+    ``MambaMixer``.
 
     With a transformers cache (``cache`` or ``cache_params``, a ``DynamicCache`` with
     linear-attention layers) the layer continues a sequence: ``"chain"`` keeps Mamba's
@@ -196,9 +197,11 @@ class GrootLMixer(nn.Module):
                 raise ValueError(f"tree_scale must be a finite number, got {tree_scale!r}")
 
         d_inner = intermediate_size
-        self.in_proj = nn.Linear(hidden_size, 2 * d_inner, bias=use_bias)
+        # registered in MambaMixer's order, so that the state dicts list the same keys in
+        # the same order
         self.conv1d = nn.Conv1d(d_inner, d_inner, conv_kernel, groups=d_inner,
                                 padding=conv_kernel - 1, bias=use_conv_bias)
+        self.in_proj = nn.Linear(hidden_size, 2 * d_inner, bias=use_bias)
         self.x_proj = nn.Linear(d_inner, time_step_rank + 2 * state_size, bias=False)
         self.dt_proj = nn.Linear(time_step_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, state_size))
@@ -263,8 +266,9 @@ class GrootLMixer(nn.Module):
         dt, b, c = self.x_proj(u).split(
             [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
         acc = torch.promote_types(u.dtype, torch.float32)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc)
-                           + self.dt_proj.bias.to(acc))
+        # called as a module (unlike MambaMixer's torch path), so that an adapter on dt_proj
+        # takes effect
+        delta = F.softplus(self.dt_proj(dt).to(acc))
         a = -torch.exp(self.A_log.to(acc))
         x = delta.unsqueeze(-1) * b.to(acc).unsqueeze(-2) * u.to(acc).unsqueeze(-1)
         w = torch.exp(a * delta.unsqueeze(-1))
