@@ -5,9 +5,13 @@ Measures ``grootv_tiny`` at 224x224 for
 * inference (batch 128, ``torch.no_grad``) and training (batch 64: forward, cross-entropy,
   backward and an AdamW step),
 * float32 and bfloat16 autocast,
-* the real layer (tree construction + tree scan in every TreeSSM) and the same network
-  with both replaced by an elementwise stand-in of the same shapes, ``h = x * w + x`` with
-  no tree at all -- the upper bound that a free tree scan would reach.
+* the real layer (tree construction + tree scan in every TreeSSM), the authors' faster
+  variant with one tree per stage (``shared``: the first block's tree serves the stage),
+  and the same network with both replaced by an elementwise stand-in of the same shapes,
+  ``h = x * w + x`` with no tree at all -- the upper bound that a free tree scan would
+  reach;
+* with ``--graph``, the training step of the real layer captured once in a CUDA graph and
+  replayed (nothing in a step waits for the host), beside the eager step.
 
 Each configuration runs warm-up iterations, then timed iterations with CUDA synchronised
 before and after each one; the median is reported. Results go to
@@ -84,11 +88,27 @@ def _time(fn, device, warmup: int, iters: int, max_seconds: float):
     return times
 
 
+def _captured_step(step, device):
+    """``step`` captured in a CUDA graph (after warm-up on a side stream); returns replay."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def bench_one(scan: str, precision: str, mode: str, args, device: torch.device) -> dict:
     batch = args.infer_batch if mode == "inference" else args.train_batch
     torch.manual_seed(0)
-    model = grootv_tiny(num_classes=1000).to(device)
-    if scan == "standin":
+    graphed = scan.endswith("+graph")
+    base = scan.replace("+graph", "")
+    model = grootv_tiny(num_classes=1000, shared_tree=base == "shared").to(device)
+    if base == "standin":
         use_standin(model)
     if args.compile:
         model = torch.compile(model)
@@ -105,14 +125,18 @@ def bench_one(scan: str, precision: str, mode: str, args, device: torch.device) 
                 model(x)
     else:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                                capturable=graphed)
 
         def step():
             with autocast:
                 loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not graphed)
             loss.backward()
             opt.step()
+
+        if graphed:
+            step = _captured_step(step, device)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -140,6 +164,10 @@ def main(argv=None):
     parser.add_argument("--max-seconds", type=float, default=8.0,
                         help="stop timing a configuration after this long (at least 3 "
                              "iterations)")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time the training step captured in a CUDA graph")
+    parser.add_argument("--scans", default="tree,shared,standin",
+                        help="comma-separated variants: tree, shared, standin")
     parser.add_argument("--out", default=None,
                         help="JSON file (default: benchmarks/results/grootv_gpu.json on CUDA, "
                              "grootv_cpu.json otherwise)")
@@ -164,26 +192,28 @@ def main(argv=None):
         here, "results", "grootv_gpu.json" if device.type == "cuda" else "grootv_cpu.json")
 
     results = []
-    header = f"{'scan':<8} {'precision':<9} {'mode':<9} {'batch':>5} {'img/s':>9} {'ms/iter':>9}"
+    header = f"{'scan':<10} {'precision':<9} {'mode':<9} {'batch':>5} {'img/s':>9} {'ms/iter':>9}"
     print(f"GrootV-T at {args.size}x{args.size} on {device_name} "
           f"(tree_scan backends: {available_backends(device)})")
     print(header)
     print("-" * len(header))
-    for scan in ("tree", "standin"):
-        for precision in ("fp32", "bf16"):
-            for mode in ("inference", "training"):
-                try:
-                    r = bench_one(scan, precision, mode, args, device)
-                    line = f"{r['images_per_s']:>9.1f} {r['ms_median']:>9.2f}"
-                except Exception as exc:  # keep measuring the other configurations
-                    r = dict(scan=scan, precision=precision, mode=mode,
-                             error=f"{type(exc).__name__}: {exc}"[:500])
-                    line = f"  failed: {r['error'][:60]}"
-                batch = args.infer_batch if mode == "inference" else args.train_batch
-                print(f"{scan:<8} {precision:<9} {mode:<9} {batch:>5} {line}", flush=True)
-                results.append(r)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    configs = [(scan, precision, mode) for scan in args.scans.split(",")
+               for precision in ("fp32", "bf16") for mode in ("inference", "training")]
+    if args.graph and device.type == "cuda":
+        configs += [("tree+graph", precision, "training") for precision in ("fp32", "bf16")]
+    for scan, precision, mode in configs:
+        try:
+            r = bench_one(scan, precision, mode, args, device)
+            line = f"{r['images_per_s']:>9.1f} {r['ms_median']:>9.2f}"
+        except Exception as exc:  # keep measuring the other configurations
+            r = dict(scan=scan, precision=precision, mode=mode,
+                     error=f"{type(exc).__name__}: {exc}"[:500])
+            line = f"  failed: {r['error'][:60]}"
+        batch = args.infer_batch if mode == "inference" else args.train_batch
+        print(f"{scan:<10} {precision:<9} {mode:<9} {batch:>5} {line}", flush=True)
+        results.append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def rate(scan, precision, mode):
         for r in results:
@@ -198,9 +228,10 @@ def main(argv=None):
             if tree and free:
                 # share of the step spent in tree construction + scan
                 ratios[f"{precision}_{mode}_scan_share"] = round(1 - tree / free, 3)
+                ratios[f"{precision}_{mode}_tree_over_standin"] = round(tree / free, 3)
     if ratios:
         print("share of time in tree construction + scan: " +
-              ", ".join(f"{k[:-11]} {v:.0%}" for k, v in ratios.items()))
+              ", ".join(f"{k[:-11]} {v:.0%}" for k, v in ratios.items() if k.endswith("_share")))
 
     report = dict(
         benchmark="grootv_tiny throughput", device=device_name, device_type=device.type,

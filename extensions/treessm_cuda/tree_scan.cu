@@ -2,6 +2,8 @@
 // registration of the ops (CUDA dispatch key)
 //   torch.ops.treessm.cuda_scan_forward / cuda_scan_backward            (level schedule)
 //   torch.ops.treessm.cuda_path_scan_forward / cuda_path_scan_backward  (heavy-path schedule)
+//   torch.ops.treessm.cuda_tree_scan / cuda_tree_scan_backward          (either schedule, with
+//                                    its autograd in C++: the lean path of treessm.tree_scan)
 //   torch.ops.treessm.cuda_device_limits
 // Launch parameters are arguments, chosen by treessm/ops/plan.py; here they are only fitted
 // to the shared memory the device offers.
@@ -10,6 +12,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -427,6 +430,116 @@ std::tuple<at::Tensor, at::Tensor> path_scan_backward(
                   [&](int vec, auto&& run) { paths(x, pt, la, vec, run); });
 }
 
+// ---------------------------------------------------------------------------- lean path
+// One op for both schedules, its plan tensors p0..p3 (treessm.ops.plan.LevelPlan or
+// PathPlan) and launch parameters in the order of treessm.ops.plan.Launch: row_bytes,
+// threads, ring, cap, smem, blocks_per_tree, num_phases.
+namespace {
+
+void check_launch(c10::string_view schedule, at::IntArrayRef launch) {
+  TORCH_CHECK(schedule == "levels" || schedule == "paths",
+              "schedule must be 'levels' or 'paths', got '", std::string(schedule), "'");
+  TORCH_CHECK(launch.size() == 7, "launch must hold the 7 fields of treessm.ops.plan.Launch, got ",
+              launch.size());
+}
+
+}  // namespace
+
+at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order,
+                          const at::Tensor& child_ptr, const at::Tensor& p0, const at::Tensor& p1,
+                          const at::Tensor& p2, const at::Tensor& p3, c10::string_view schedule,
+                          at::IntArrayRef launch, c10::string_view direction) {
+  check_launch(schedule, launch);
+  const std::string dir(direction);
+  if (schedule == "paths")
+    return path_scan_forward(x, weight, p0, p1, p2, p3, dir, launch[0], launch[1], launch[4],
+                             launch[5], launch[6]);
+  return scan_forward(x, weight, order, child_ptr, p0, p1, p2, p3, dir, launch[0], launch[1],
+                      launch[2], launch[3], launch[4]);
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_scan_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& p0,
+    const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3, c10::string_view schedule,
+    at::IntArrayRef launch, c10::string_view direction) {
+  check_launch(schedule, launch);
+  const std::string dir(direction);
+  if (schedule == "paths")
+    return path_scan_backward(grad, x, weight, out, p0, p1, p2, p3, dir, launch[0], launch[1],
+                              launch[4], launch[5], launch[6]);
+  return scan_backward(grad, x, weight, out, order, child_ptr, p0, p1, p2, p3, dir, launch[0],
+                       launch[1], launch[2], launch[3], launch[4]);
+}
+
+namespace {
+
+// The ops are called through the dispatcher, so that traced and fake-tensor runs reach the
+// fake kernels registered in Python.
+using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, c10::string_view,
+                              at::IntArrayRef, c10::string_view);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    c10::string_view, at::IntArrayRef, c10::string_view);
+
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("treessm::cuda_tree_scan", "")
+                             .typed<ForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("treessm::cuda_tree_scan_backward", "")
+                             .typed<BackwardSig>();
+  return op;
+}
+
+class TreeScanFunction : public torch::autograd::Function<TreeScanFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& order,
+                            const at::Tensor& child_ptr, const at::Tensor& p0,
+                            const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
+                            c10::string_view schedule, at::IntArrayRef launch,
+                            c10::string_view direction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = forward_op().call(x, weight, order, child_ptr, p0, p1, p2, p3, schedule,
+                                       launch, direction);
+    ctx->save_for_backward({x, weight, out, order, child_ptr, p0, p1, p2, p3});
+    ctx->saved_data["schedule"] = std::string(schedule);
+    ctx->saved_data["launch"] = launch.vec();
+    ctx->saved_data["direction"] = std::string(direction);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const std::vector<int64_t> launch = ctx->saved_data["launch"].toIntVector();
+    auto [gx, gw] = backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5],
+                                       s[6], s[7], s[8],
+                                       ctx->saved_data["schedule"].toStringRef(), launch,
+                                       ctx->saved_data["direction"].toStringRef());
+    return {gx, gw, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+at::Tensor tree_scan_autograd(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& order, const at::Tensor& child_ptr,
+                              const at::Tensor& p0, const at::Tensor& p1, const at::Tensor& p2,
+                              const at::Tensor& p3, c10::string_view schedule,
+                              at::IntArrayRef launch, c10::string_view direction) {
+  return TreeScanFunction::apply(x, weight, order, child_ptr, p0, p1, p2, p3, schedule, launch,
+                                 direction);
+}
+
+}  // namespace
+
 // (multiprocessors, shared memory per multiprocessor, opt-in shared memory per block)
 std::vector<int64_t> device_limits(int64_t device) {
   const int d = static_cast<int>(device);
@@ -453,6 +566,13 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
       "cuda_path_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor rec, "
       "Tensor light, Tensor path_ptr, Tensor phase_path, str direction, int row_bytes, "
       "int threads, int smem, int blocks_per_tree, int num_phases) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_tree_scan(Tensor x, Tensor weight, Tensor order, Tensor child_ptr, Tensor p0, "
+      "Tensor p1, Tensor p2, Tensor p3, str schedule, int[] launch, str direction) -> Tensor");
+  m.def(
+      "cuda_tree_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor order, "
+      "Tensor child_ptr, Tensor p0, Tensor p1, Tensor p2, Tensor p3, str schedule, int[] launch, "
+      "str direction) -> (Tensor, Tensor)");
   m.def("cuda_device_limits(int device) -> int[]", &device_limits);
 }
 
@@ -461,6 +581,10 @@ TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
   m.impl("cuda_scan_backward", &scan_backward);
   m.impl("cuda_path_scan_forward", &path_scan_forward);
   m.impl("cuda_path_scan_backward", &path_scan_backward);
+  m.impl("cuda_tree_scan", &tree_scan_cuda);
+  m.impl("cuda_tree_scan_backward", &tree_scan_backward_cuda);
 }
+
+TORCH_LIBRARY_IMPL(treessm, Autograd, m) { m.impl("cuda_tree_scan", &tree_scan_autograd); }
 
 }  // namespace treessm_cuda

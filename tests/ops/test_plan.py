@@ -193,6 +193,8 @@ def test_launch_defaults(monkeypatch):
         one = plan.launch_config("paths", 1, 10 ** 6, 64, 4, 0)  # 2 channel groups
         assert one.blocks_per_tree == 132
         assert plan.launch_config("paths", 1000, 10 ** 6, 64, 4, 0).blocks_per_tree == 1
+        chains = plan.launch_config("paths", 4, 2048, 24576, 4, 0, chains=True)
+        assert (chains.row_bytes, chains.threads, chains.blocks_per_tree) == (512, 32, 1)
     finally:
         plan.launch_config.cache_clear()
 

@@ -297,3 +297,30 @@ def test_cuda_unaligned_rows():
         h = treessm.tree_scan(x, w, tree, direction)
         ref = treessm.tree_scan(x.cpu(), w.cpu(), tree.cpu(), direction)
         assert torch.allclose(h.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["levels", "paths"])
+def test_cuda_lean_path_equals_the_custom_op(schedule):
+    # eager CUDA calls go through torch.ops.treessm.cuda_tree_scan (autograd in C++); the
+    # Python custom op that torch.compile traces gives the same bits
+    from treessm.ops import plan
+
+    g = torch.Generator().manual_seed(25)
+    parent = random_forest(4000, 6, g, locality=20)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    x, w = _inputs(parent.numel(), 24, torch.float32, g)
+    gout = torch.randn(parent.numel(), 24, generator=g).cuda()
+    p = plan.scan_plan(tree, 24, torch.float32, schedule)
+    for direction in DIRECTIONS:
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ha = treessm.tree_scan(xa, wa, tree, direction, schedule=schedule)
+        ga = torch.autograd.grad(ha, (xa, wa), gout)
+        xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+        hb = torch.ops.treessm.tree_scan(xb, wb, tree.order, tree.child_ptr, tree.tree_ptr,
+                                         list(p.tensors), p.schedule, list(p.launch), direction,
+                                         "cuda")
+        gb = torch.autograd.grad(hb, (xb, wb), gout)
+        assert torch.equal(ha, hb) and all(torch.equal(a, b) for a, b in zip(ga, gb))
+        assert ha.grad_fn is not None
+    with torch.no_grad():
+        assert treessm.tree_scan(x, w, tree, "both", schedule=schedule).grad_fn is None

@@ -415,3 +415,32 @@ def test_cuda_no_sync_and_graph_capture():
         torch.cuda.synchronize()
         fresh = build_tree(ei.cpu(), c.cpu(), n, roots.cpu(), batch.cpu(), **args)
         assert_same_tree(captured, fresh, batch)
+
+
+def test_compacting_boruvka_equals_the_fixed_rounds():
+    from treessm.topology.boruvka import boruvka, boruvka_compacting, edge_keys
+
+    g = torch.Generator().manual_seed(12)
+    for n, e, ties in ((1, 0, False), (2, 3, True), (50, 40, False), (300, 1500, False),
+                       (300, 1500, True), (1000, 900, False)):
+        ei = torch.randint(0, n, (2, e), generator=g)  # self-loops, repeats, components
+        cost = (torch.randint(0, 3, (e,), generator=g).float() if ties
+                else torch.rand(e, generator=g))
+        key = edge_keys(cost)
+        fixed = boruvka(ei, key, n, n)
+        compact = boruvka_compacting(ei, key, n)
+        assert torch.equal(fixed[0], compact[0]) and torch.equal(fixed[1], compact[1])
+
+
+def test_counting_build_reports_sizes():
+    # without num_trees the build counts trees, levels and the largest tree on the host
+    g = torch.Generator().manual_seed(13)
+    n = 400
+    ei = torch.randint(0, n, (2, 700), generator=g)
+    cost = torch.rand(700, generator=g)
+    tree = build_tree(ei, cost, n)
+    ref = Tree.from_parent(tree.parent)
+    assert tree.num_trees == ref.num_trees
+    assert tree.num_levels == ref.num_levels and tree.max_tree_size == ref.max_tree_size
+    for name in ("order", "child_ptr", "tree_ptr", "depth"):
+        assert torch.equal(getattr(tree, name), getattr(ref, name)), name

@@ -275,12 +275,13 @@ def test_graph_batch_and_components():
     assert torch.equal(tree_none.parent, tree.parent)
 
 
-def test_graph_unsorted_batch():
+def test_graph_unsorted_batch_is_refused():
+    # PyG's loaders number every graph's vertices contiguously; an interleaved batch is a
+    # caller's mistake (it would silently split the work wrongly elsewhere)
     ei = torch.tensor([[0, 2, 1], [2, 4, 3]])
     batch = torch.tensor([0, 1, 0, 1, 0])
-    tree = GraphTopology(distance="l2")(torch.randn(5, 2), ei, batch)
-    check_forest(tree, batch)
-    assert tree.roots.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="batch must be sorted"):
+        GraphTopology(distance="l2")(torch.randn(5, 2), ei, batch)
 
 
 def test_graph_validation():

@@ -1,5 +1,7 @@
 """Neural-network layers built on the tree scan."""
 from .layers import DropPath, LayerNorm2d, Mlp, drop_path
-from .tree_ssm import TreeSSM, raster_tree
+from .tree_ssm import SelectiveTreeSSM, TreeSSM, raster_tree
+from .tree_ssm_conv import TreeSSMConv
 
-__all__ = ["TreeSSM", "raster_tree", "DropPath", "drop_path", "LayerNorm2d", "Mlp"]
+__all__ = ["TreeSSM", "TreeSSMConv", "SelectiveTreeSSM", "raster_tree", "DropPath", "drop_path",
+           "LayerNorm2d", "Mlp"]

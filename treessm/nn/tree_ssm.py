@@ -57,7 +57,122 @@ def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
                         norm.bias.to(x.dtype), norm.eps)
 
 
-class TreeSSM(nn.Module):
+class SelectiveTreeSSM(nn.Module):
+    r"""The selective state-space core that every tree-SSM layer shares: the input-dependent
+    step :math:`\Delta`, the projections :math:`B` and :math:`C`, :math:`A = -\exp(A_{\log})`,
+    the skip :math:`D`, and the two LayerNorms around the scan. Subclasses add the input and
+    output projections and decide where the tree comes from; they call
+    :meth:`_build_ssm` where these parameters belong in their registration order.
+
+    The scan input and decays are :math:`x_v = \Delta_v B_v u_v` and
+    :math:`w_v = \exp(\Delta_e A)` with :math:`\Delta_e` the step of the tree edge
+    :math:`e = (v, \mathrm{parent}(v))` (:meth:`edge_delta`: the child's own step, as GrootV
+    has it), flattened over ``d_inner * d_state`` channels (``docs/concepts.md``).
+    """
+
+    def _build_ssm(self, d_inner: int, d_state: int, dt_rank: int, dt_min: float,
+                   dt_max: float, dt_init_floor: float, backend: Optional[str]) -> None:
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got "
+                             f"{dt_min!r} and {dt_max!r}")
+        if not dt_init_floor > 0:
+            raise ValueError(f"dt_init_floor must be positive, got {dt_init_floor!r}")
+        if backend is not None and backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be None or one of {('auto',) + BACKENDS}, "
+                             f"got {backend!r}")
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.backend = backend
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        # Mamba's convention: the SSM's A and D are not weight-decayed.
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        # one LayerNorm over the d_inner * d_state states of a vertex, on a flat view: the
+        # CUDA backward of torch's layer_norm with a two-dimensional normalized_shape
+        # returns a wrongly shaped weight gradient (torch 2.11, seen on an H200)
+        self.h_norm = nn.LayerNorm(d_inner * d_state)
+        self.out_norm = nn.LayerNorm(d_inner)
+
+    def reset_ssm_parameters(self) -> None:
+        r"""Mamba's initialisation of the step, state and skip parameters (``x_proj`` is
+        the subclass's to reset): :math:`\Delta` log-uniform in ``[dt_min, dt_max]``
+        through the inverse softplus of its bias, S4D-real :math:`A = -(1, \dots, N)`,
+        :math:`D = 1`."""
+        with torch.no_grad():
+            std = self.dt_rank ** -0.5
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
+            dt = torch.exp(torch.rand(self.d_inner) * (log_hi - log_lo) + log_lo)
+            dt = dt.clamp(min=self.dt_init_floor)
+            self.dt_proj.bias.copy_(_inverse_softplus(dt))
+            a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+            self.A_log.copy_(torch.log(a).expand(self.d_inner, self.d_state))
+            self.D.fill_(1.0)
+        self.h_norm.reset_parameters()
+        self.out_norm.reset_parameters()
+
+    def edge_delta(self, delta: Tensor, tree: Optional[Tree]) -> Tensor:
+        """The step of the tree edge ``(v, parent(v))``, in row ``v``: here the child's own
+        step ``delta [N, d_inner]``."""
+        return delta
+
+    def discretize(self, u: Tensor, tree: Optional[Tree] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""Selective discretisation of flat inner features ``u [N, d_inner]``.
+
+        Returns:
+            ``x = Δ B u`` and ``weight = exp(Δ_e A)``, both ``[N, d_inner, d_state]``, and
+            ``C [N, d_state]``, in float32 (float64 for float64 input).
+        """
+        dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # At least float32 from here on: exp(Δ·A) and the products of decays along long
+        # paths lose everything in half precision.
+        acc = torch.promote_types(u.dtype, torch.float32)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
+        a = -torch.exp(self.A_log.to(acc))
+        x = (delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(1)
+        weight = torch.exp(self.edge_delta(delta, tree).unsqueeze(-1) * a)
+        return x, weight, c.to(acc)
+
+    def scan_states(self, x: Tensor, weight: Tensor, tree: Tree) -> Tensor:
+        """The tree scan of ``x [N, d_inner, d_state]`` with decays ``weight`` (``"both"``)."""
+        return tree_scan(x, weight, tree, "both", backend=self.backend)
+
+    def selective_scan(self, u: Tensor, tree: Tree) -> Tensor:
+        r"""The SSM proper on flat vertex features: :math:`C \cdot \mathrm{LN}_h(h) + D u`.
+
+        Args:
+            u (Tensor [N, d_inner]): inner features (after the local mixing and SiLU).
+            tree (Tree): forest over the N vertices.
+
+        Returns:
+            Tensor [N, d_inner] in float32 (float64 for float64 input).
+        """
+        x, weight, c = self.discretize(u, tree)
+        h = self.scan_states(x, weight, tree)
+        h = _layer_norm(self.h_norm, h.reshape(h.shape[0], -1)).reshape(h.shape)
+        return (h * c.unsqueeze(1)).sum(-1) + self.D.to(x.dtype) * u.to(x.dtype)
+
+    def project_out(self, y: Tensor, z: Tensor) -> Tensor:
+        r""":math:`W_{out}(\mathrm{LN}(y) \odot \mathrm{SiLU}(z))` for ``y, z [*, d_inner]``."""
+        # z carries the working dtype of the layer (bfloat16 under autocast or in a half
+        # model), which the output projection expects
+        return self.out_proj((_layer_norm(self.out_norm, y) * F.silu(z)).to(z.dtype))
+
+    def extra_macs(self, num_nodes: int) -> int:
+        """Multiply-accumulates of one forward pass over ``num_nodes`` vertices that an
+        operator-level counter such as :class:`torch.utils.flop_counter.FlopCounterMode`
+        does not see: the tree scan (one per entry for the leaf-to-root pass, three for the
+        root-to-leaf pass), the discretisation (three), :math:`C \\cdot h` (one), the skip
+        and the gate (one each per inner channel). Tree construction is not counted."""
+        states = num_nodes * self.d_inner * self.d_state
+        return 8 * states + 2 * num_nodes * self.d_inner
+
+
+class TreeSSM(SelectiveTreeSSM):
     r"""Selective state-space mixer over a tree (the core layer of GrootV).
 
     For vertex features :math:`x_v \in \mathbb{R}^{d_{model}}` the layer computes
@@ -133,11 +248,6 @@ class TreeSSM(nn.Module):
             raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}")
         if not isinstance(d_conv, int) or d_conv < 0 or (d_conv > 0 and d_conv % 2 == 0):
             raise ValueError(f"d_conv must be 0 or an odd positive int, got {d_conv!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got "
-                             f"{dt_min!r} and {dt_max!r}")
-        if not dt_init_floor > 0:
-            raise ValueError(f"dt_init_floor must be positive, got {dt_init_floor!r}")
         if scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
         if topology is not None:
@@ -146,39 +256,19 @@ class TreeSSM(nn.Module):
             if not callable(topology):
                 raise TypeError(f"topology must be a callable Topology, got "
                                 f"{type(topology).__name__}")
-        if backend is not None and backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be None or one of {('auto',) + BACKENDS}, "
-                             f"got {backend!r}")
-
         self.d_model = d_model
-        self.d_state = d_state
-        self.d_inner = int(ssm_ratio * d_model)
-        self.dt_rank = dt_rank
         self.d_conv = d_conv
-        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.scan = scan
         if scan == "tree" and topology is None:
             topology = GridTopology(4, "cosine")
         self.topology = topology
-        self.backend = backend
 
-        d_inner = self.d_inner
+        d_inner = int(ssm_ratio * d_model)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
         self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner,
                               bias=conv_bias) if d_conv > 0 else None
         self.act = nn.SiLU()
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
-        self.D = nn.Parameter(torch.empty(d_inner))
-        # Mamba's convention: the SSM's A and D are not weight-decayed.
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
-        # one LayerNorm over the d_inner * d_state states of a vertex, on a flat view: the
-        # CUDA backward of torch's layer_norm with a two-dimensional normalized_shape
-        # returns a wrongly shaped weight gradient (torch 2.11, seen on an H200)
-        self.h_norm = nn.LayerNorm(d_inner * d_state)
-        self.out_norm = nn.LayerNorm(d_inner)
+        self._build_ssm(d_inner, d_state, dt_rank, dt_min, dt_max, dt_init_floor, backend)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self.reset_parameters()
 
@@ -190,21 +280,11 @@ class TreeSSM(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=0.02)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+        # the order of the random draws of earlier releases: x_proj, conv, then the SSM
         self.x_proj.reset_parameters()
         if self.conv is not None:
             self.conv.reset_parameters()
-        with torch.no_grad():
-            std = self.dt_rank ** -0.5
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
-            dt = torch.exp(torch.rand(self.d_inner) * (log_hi - log_lo) + log_lo)
-            dt = dt.clamp(min=self.dt_init_floor)
-            self.dt_proj.bias.copy_(_inverse_softplus(dt))
-            a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-            self.A_log.copy_(torch.log(a).expand(self.d_inner, self.d_state))
-            self.D.fill_(1.0)
-        self.h_norm.reset_parameters()
-        self.out_norm.reset_parameters()
+        self.reset_ssm_parameters()
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
@@ -216,10 +296,6 @@ class TreeSSM(nn.Module):
             return raster_tree(b, h, w, u.device)
         return self.topology(u.detach().float())
 
-    def scan_states(self, x: Tensor, weight: Tensor, tree: Tree) -> Tensor:
-        """The tree scan of ``x [N, d_inner, d_state]`` with decays ``weight`` (``"both"``)."""
-        return tree_scan(x, weight, tree, "both", backend=self.backend)
-
     def project_in(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """Inner features ``u`` (input projection, depthwise convolution, SiLU) and the
         pre-activation gate ``z`` of a channels-last map ``x [B, H, W, d_model]``; both
@@ -228,53 +304,6 @@ class TreeSSM(nn.Module):
         if self.conv is not None:
             u = self.conv(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.act(u), z
-
-    def discretize(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        r"""Selective discretisation of flat inner features ``u [N, d_inner]``.
-
-        Returns:
-            ``x = Δ B u`` and ``weight = exp(Δ A)``, both ``[N, d_inner, d_state]``, and
-            ``C [N, d_state]``, in float32 (float64 for float64 input).
-        """
-        dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # At least float32 from here on: exp(Δ·A) and the products of decays along long
-        # paths lose everything in half precision.
-        acc = torch.promote_types(u.dtype, torch.float32)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
-        a = -torch.exp(self.A_log.to(acc))
-        x = (delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(1)
-        weight = torch.exp(delta.unsqueeze(-1) * a)
-        return x, weight, c.to(acc)
-
-    def selective_scan(self, u: Tensor, tree: Tree) -> Tensor:
-        r"""The SSM proper on flat vertex features: :math:`C \cdot \mathrm{LN}_h(h) + D u`.
-
-        Args:
-            u (Tensor [N, d_inner]): inner features (after the local mixing and SiLU).
-            tree (Tree): forest over the N vertices.
-
-        Returns:
-            Tensor [N, d_inner] in float32 (float64 for float64 input).
-        """
-        x, weight, c = self.discretize(u)
-        h = self.scan_states(x, weight, tree)
-        h = _layer_norm(self.h_norm, h.reshape(h.shape[0], -1)).reshape(h.shape)
-        return (h * c.unsqueeze(1)).sum(-1) + self.D.to(x.dtype) * u.to(x.dtype)
-
-    def project_out(self, y: Tensor, z: Tensor) -> Tensor:
-        r""":math:`W_{out}(\mathrm{LN}(y) \odot \mathrm{SiLU}(z))` for ``y, z [*, d_inner]``."""
-        # z carries the working dtype of the layer (bfloat16 under autocast or in a half
-        # model), which the output projection expects
-        return self.out_proj((_layer_norm(self.out_norm, y) * self.act(z)).to(z.dtype))
-
-    def extra_macs(self, num_nodes: int) -> int:
-        """Multiply-accumulates of one forward pass over ``num_nodes`` vertices that an
-        operator-level counter such as :class:`torch.utils.flop_counter.FlopCounterMode`
-        does not see: the tree scan (one per entry for the leaf-to-root pass, three for the
-        root-to-leaf pass), the discretisation (three), :math:`C \\cdot h` (one), the skip
-        and the gate (one each per inner channel). Tree construction is not counted."""
-        states = num_nodes * self.d_inner * self.d_state
-        return 8 * states + 2 * num_nodes * self.d_inner
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, tree: Optional[Tree] = None,

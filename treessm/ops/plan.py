@@ -395,7 +395,7 @@ def _one_wave_smem(blocks: int, index: int, cap: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def launch_config(schedule: str, num_trees: int, max_tree_size: Optional[int], channels: int,
-                  elem_size: int, device_index: int) -> Launch:
+                  elem_size: int, device_index: int, chains: bool = False) -> Launch:
     """Measured default launch parameters (``docs/cuda.md`` has the measurements).
 
     Both schedules give a block 32 channels (eight threads of 16 bytes for float32 and
@@ -404,7 +404,10 @@ def launch_config(schedule: str, num_trees: int, max_tree_size: Optional[int], c
     block or less where the grid would otherwise need a second wave. ``"paths"`` keeps the
     tree's plan records in shared memory within 113 KiB (two blocks per multiprocessor),
     and gives a large tree (:data:`SPREAD_MIN_TREE_SIZE`) of a forest whose blocks do not
-    fill the device enough blocks to fill it twice over.
+    fill the device enough blocks to fill it twice over. A forest of chains (``chains``:
+    one path per tree) gives each block one group of 32 threads and 512 bytes of channels,
+    with no records staged: a chain has nothing for a block's other groups to do, and its
+    records are read once, in order.
     """
     row_bytes = 32 * elem_size if elem_size <= 4 else 128
     groups = -(-channels // (row_bytes // elem_size))
@@ -412,6 +415,8 @@ def launch_config(schedule: str, num_trees: int, max_tree_size: Optional[int], c
     if schedule == "levels":
         return Launch(row_bytes, 128, ring=256, cap=64,
                       smem=_one_wave_smem(blocks, device_index, 100 * 1024))
+    if chains:
+        return Launch(512, 32, smem=0)
     sms = device_limits(device_index)[0]
     spread = 1
     if max_tree_size is not None and max_tree_size >= SPREAD_MIN_TREE_SIZE and blocks < sms:
@@ -422,21 +427,28 @@ def launch_config(schedule: str, num_trees: int, max_tree_size: Optional[int], c
 def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
               schedule: Optional[str] = None) -> ScanPlan:
     """Everything a CUDA scan over ``tree`` with ``channels`` channels of ``dtype`` needs
-    besides the data (plans cached on the tree, launch parameters cached by size)."""
-    schedule = choose_schedule(tree, schedule)
+    besides the data, cached on the tree: a layer's forward and backward, and every call
+    after the first, pay one dictionary look-up."""
+    key = ("scan", channels, dtype, schedule)
+    cached = tree.plan_cache.get(key)
+    if cached is not None:
+        return cached
+    schedule_ = choose_schedule(tree, schedule)
     if tree.num_nodes >= _INT32_LIMIT:
         raise ValueError(f"the CUDA scan indexes vertices with 32 bits; got {tree.num_nodes} "
                          "vertices")
     index = tree.device.index if tree.device.index is not None else torch.cuda.current_device()
-    elem = torch.empty((), dtype=dtype).element_size()
-    if schedule == "levels":
+    elem = dtype.itemsize
+    if schedule_ == "levels":
         tensors = tuple(level_plan(tree))
         launch = launch_config("levels", tree.num_trees, tree.max_tree_size, channels, elem,
                                index)
     else:
         tensors = tuple(path_plan(tree))
         launch = launch_config("paths", tree.num_trees, tree.max_tree_size, channels, elem,
-                               index)
+                               index, tree.num_levels == tree.num_nodes)
         if launch.blocks_per_tree > 1:
             launch = launch._replace(num_phases=num_phases(tree))
-    return ScanPlan(schedule, tensors, launch)
+    plan = ScanPlan(schedule_, tensors, launch)
+    tree.plan_cache[key] = plan
+    return plan

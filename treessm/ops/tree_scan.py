@@ -10,7 +10,9 @@ Backends (each beside the torch reference, each tested against the dense oracle)
 The compiled backends run behind the custom operators ``torch.ops.treessm.tree_scan``
 and ``torch.ops.treessm.tree_scan_backward`` (``torch.library``), which carry fake
 implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
-The math is in ``docs/concepts.md``.
+Eager CUDA calls take a leaner road to the same kernels: ``torch.ops.treessm.cuda_tree_scan``,
+whose autograd is written in C++, so a forward and backward cost the host a few
+microseconds instead of the Python custom-op layers. The math is in ``docs/concepts.md``.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def _cuda_ready(warn: bool) -> bool:
     to the torch reference)."""
     try:
         load_cuda_extension()
+        _register_fakes()
         return True
     except RuntimeError:
         if warn and not _warned:
@@ -51,6 +54,25 @@ def _cuda_ready(warn: bool) -> bool:
                 "or CUDA_HOME set) or prebuild with `python -m treessm.ops.cuda --build`.",
                 RuntimeWarning, stacklevel=5)
         return False
+
+
+_fakes = []
+
+
+def _register_fakes() -> None:
+    """Shapes of the C++ lean-path ops for fake-tensor tracing (once the library is
+    loaded; the ops are defined by it)."""
+    if _fakes:
+        return
+    _fakes.append(True)
+
+    @torch.library.register_fake("treessm::cuda_tree_scan")
+    def _(x, weight, order, child_ptr, p0, p1, p2, p3, schedule, launch, direction):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("treessm::cuda_tree_scan_backward")
+    def _(grad, x, weight, out, order, child_ptr, p0, p1, p2, p3, schedule, launch, direction):
+        return torch.empty_like(x), torch.empty_like(weight)
 
 
 def available_backends(device="cpu") -> List[str]:
@@ -250,14 +272,18 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
         return (x2 + 0 * w2).reshape(shape)  # keeps autograd connected
     backend = _resolve_backend(backend, x.device)
     if backend == "torch":
-        out = _ReferenceScan.apply(x2, w2, tree, direction)
-    else:
-        if backend == "cuda":
-            plan = scan_plan(tree, channels, x.dtype, schedule)
-            tensors, sched, launch = list(plan.tensors), plan.schedule, list(plan.launch)
-        else:
-            tensors, sched, launch = [], "", []
-        out = torch.ops.treessm.tree_scan(x2.contiguous(), w2.contiguous(), tree.order,
-                                          tree.child_ptr, tree.tree_ptr, tensors, sched, launch,
+        return _ReferenceScan.apply(x2, w2, tree, direction).reshape(shape)
+    x2, w2 = x2.contiguous(), w2.contiguous()
+    if backend == "numba":
+        out = torch.ops.treessm.tree_scan(x2, w2, tree.order, tree.child_ptr, tree.tree_ptr, [],
+                                          "", [], direction, backend)
+        return out.reshape(shape)
+    plan = scan_plan(tree, channels, x.dtype, schedule)
+    if torch.compiler.is_compiling():  # the Python custom op, which dynamo traces
+        out = torch.ops.treessm.tree_scan(x2, w2, tree.order, tree.child_ptr, tree.tree_ptr,
+                                          list(plan.tensors), plan.schedule, list(plan.launch),
                                           direction, backend)
+    else:
+        out = torch.ops.treessm.cuda_tree_scan(x2, w2, tree.order, tree.child_ptr, *plan.tensors,
+                                               plan.schedule, plan.launch, direction)
     return out.reshape(shape)

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["spanning_forest", "edge_keys", "boruvka", "check_int", "check_device_edge_index",
+__all__ = ["spanning_forest", "edge_keys", "boruvka", "boruvka_compacting", "check_int", "check_device_edge_index",
            "check_cost", "check_vertices", "check_max_tree_size", "ceil_log2"]
 
 _LOW = 0xFFFFFFFF  # low half of an int64 key: the edge index
@@ -172,6 +172,46 @@ def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
         for _ in range(ceil_log2((max_size >> k) - 1)):
             comp = comp[comp]
     return chosen[:num_edges], comp
+
+
+def boruvka_compacting(edge_index: Tensor, key: Tensor, num_nodes: int):
+    r""":func:`boruvka` for when the host may wait for the device: the same forest and labels,
+    but every round first drops the edges inside one component, and rounds and pointer
+    jumps stop as soon as nothing is left to do. On a large graph the work then shrinks
+    with the number of edges still between components, instead of staying that of the
+    first round for :math:`\lceil \log_2 N \rceil` rounds."""
+    device = key.device
+    num_edges = key.shape[0]
+    ar = torch.arange(num_nodes, device=device)
+    comp = ar
+    chosen = torch.zeros(num_edges, dtype=torch.bool, device=device)
+    if num_edges == 0 or num_nodes <= 1:
+        return chosen, comp
+    sentinel = _NO_EDGE | num_edges
+    live, live_key = edge_index, key
+    while True:
+        ends = comp[live]
+        cross = (ends[0] != ends[1]).nonzero().squeeze(1)  # waits for the device
+        if cross.numel() == 0:
+            break
+        if cross.numel() < live.shape[1]:
+            live, live_key, ends = live[:, cross], live_key[cross], ends[:, cross]
+        best = torch.full((num_nodes,), sentinel, dtype=torch.long, device=device)
+        best.scatter_reduce_(0, ends[0], live_key, "amin")
+        best.scatter_reduce_(0, ends[1], live_key, "amin")
+        has = best != sentinel
+        edge = (best & _LOW).clamp(max=num_edges - 1)
+        chosen[edge[has]] = True
+        picked = comp[edge_index[:, edge]]
+        hook = torch.where(has, picked[0] ^ picked[1] ^ ar, ar)
+        hook = torch.minimum(hook, hook[hook])  # see boruvka
+        comp = hook[comp]
+        while True:
+            nxt = comp[comp]
+            if torch.equal(nxt, comp):  # waits for the device
+                break
+            comp = nxt
+    return chosen, comp
 
 
 @torch.no_grad()

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..tree import Tree
-from .boruvka import (boruvka, ceil_log2, check_cost, check_device_edge_index, check_int,
-                      check_max_tree_size, check_vertices, edge_keys)
+from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
+                      check_device_edge_index, check_int, check_max_tree_size, check_vertices,
+                      edge_keys)
 
 __all__ = ["parent_from_forest", "spanning_tree_on_device"]
 
@@ -201,12 +202,19 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
     child_ptr = F.pad(torch.cumsum(grow, 0), (1, 0))
     child_ptr[:n] += root_pos
 
-    if num_trees is None:
+    counting = num_trees is None
+    if counting:
         num_trees = int(is_root.sum())
     tree_of = (torch.cumsum(is_root, 0) - 1)[root]
     tree_ptr = torch.searchsorted(tree_of[order],
                                   torch.arange(num_trees + 1, device=device))
-    return Tree(parent, order, child_ptr, tree_ptr, depth, batch, max_tree_size=known_size)
+    num_levels = None
+    if counting:  # the host waits anyway: let it know the levels too
+        deepest = torch.zeros(num_trees, dtype=torch.long, device=device)
+        deepest.scatter_reduce_(0, tree_of, depth, "amax")
+        num_levels = int(deepest.sum()) + num_trees
+    return Tree(parent, order, child_ptr, tree_ptr, depth, batch, num_levels=num_levels,
+                max_tree_size=known_size)
 
 
 def _empty_tree(device, batch) -> Tree:
@@ -278,8 +286,11 @@ def spanning_tree_on_device(edge_index: Tensor, cost: Tensor, num_nodes: int,
             (default: ``None``)
         num_trees (int, optional): the number of trees of the result, when the caller knows
             it (``B`` for a batch of ``B`` connected grids); it sizes ``tree_ptr`` without
-            asking the device. A wrong value gives a wrong ``tree_ptr``. When ``None`` it is
-            counted, which synchronises once. (default: ``None``)
+            asking the device. A wrong value gives a wrong ``tree_ptr``. When ``None`` the
+            host waits for the device: the forest is then found by Borůvka rounds that drop
+            the edges inside components and stop when none are left (less work on large
+            graphs), and the tree records its level count and largest tree.
+            (default: ``None``)
         max_tree_size (int, optional): an upper bound on the number of vertices of a tree,
             e.g. ``H * W``; it sets the fixed number of rounds, and too small a bound gives a
             wrong tree. (default: ``num_nodes``)
@@ -304,8 +315,15 @@ def spanning_tree_on_device(edge_index: Tensor, cost: Tensor, num_nodes: int,
     size = check_max_tree_size(max_tree_size, num_nodes)
     if num_nodes == 0:
         return _empty_tree(device, batch)
-    chosen, comp = boruvka(edge_index, edge_keys(cost), num_nodes, size)
-    root = _roots_from_labels(comp, roots, num_nodes)
+    if num_trees is None:
+        # counting the trees waits for the device anyway, so the forest is found by the
+        # compacting Borůvka and the tour takes the rounds the largest tree needs
+        chosen, comp = boruvka_compacting(edge_index, edge_keys(cost), num_nodes)
+        root = _roots_from_labels(comp, roots, num_nodes)
+        size = known = int(torch.bincount(root, minlength=num_nodes).max())
+    else:
+        chosen, comp = boruvka(edge_index, edge_keys(cost), num_nodes, size)
+        root = _roots_from_labels(comp, roots, num_nodes)
+        known = None if max_tree_size is None else size
     slots = _Slots(_compact(edge_index, chosen, num_nodes), num_nodes)
-    return _rooted_layout(slots, root, size, num_trees, batch,
-                          None if max_tree_size is None else size)
+    return _rooted_layout(slots, root, size, num_trees, batch, known)

@@ -1,0 +1,184 @@
+"""TreeSSMConv: the properties a graph pipeline relies on, on hand-made and PyG graphs."""
+import pytest
+import torch
+from torch_geometric.data import Batch, Data
+from torch_geometric.loader import DataLoader
+from torch_geometric.nn import Sequential, global_mean_pool
+
+import treessm
+from oracle import dense_tree_scan
+from treessm.nn import TreeSSMConv
+
+
+def _graph(n, e, seed, c=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g), torch.randint(0, n, (2, e), generator=g)
+
+
+def _renumber(x, edge_index, seed):
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(x.shape[0])
+    return perm, x[perm], inv[edge_index]
+
+
+@pytest.fixture
+def conv():
+    torch.manual_seed(0)
+    return TreeSSMConv(8, 12, d_state=3).double()
+
+
+def test_repr_and_parameters():
+    conv = TreeSSMConv(16, 32, d_state=4)
+    assert repr(conv) == "TreeSSMConv(16, 32, d_state=4)"
+    names = {n for n, _ in conv.named_parameters()}
+    assert {"in_proj.weight", "x_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight",
+            "self_weight", "neighbour_weight"} <= names
+    assert conv.d_inner == 32 and conv.dt_rank == 1
+    assert TreeSSMConv(4, 4, local_mixing=False, bias=False).in_proj.bias is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_permutation_equivariant(conv, seed):
+    x, ei = _graph(60, 150, seed)
+    x = x.double()
+    y = conv(x, ei)
+    perm, xp, eip = _renumber(x, ei, seed + 10)
+    torch.testing.assert_close(conv(xp, eip), y[perm], rtol=1e-9, atol=1e-10)
+
+
+def test_batch_consistent(conv):
+    graphs = []
+    for seed, (n, e) in enumerate([(7, 12), (1, 0), (30, 60), (12, 5)]):
+        x, ei = _graph(n, e, seed)
+        graphs.append(Data(x=x.double(), edge_index=ei))
+    batch = Batch.from_data_list(graphs)
+    y = conv(batch.x, batch.edge_index, batch.batch)
+    one_by_one = torch.cat([conv(d.x, d.edge_index) for d in graphs])
+    torch.testing.assert_close(y, one_by_one, rtol=1e-10, atol=1e-12)
+
+
+def test_directions_repeats_and_self_loops_do_not_matter(conv):
+    x, ei = _graph(40, 90, 3)
+    x = x.double()
+    y = conv(x, ei)
+    noisy = torch.cat([ei.flip(0), ei[:, :30], torch.arange(10).repeat(2, 1)], 1)
+    torch.testing.assert_close(conv(x, noisy), y)
+    torch.testing.assert_close(conv(x, torch.cat([ei, noisy], 1)), y)
+    assert y.shape == (40, 12)
+
+
+def test_isolated_vertices_and_components(conv):
+    # two components and two isolated vertices: each vertex mixes only with its component
+    x = torch.randn(9, 8, dtype=torch.float64)
+    ei = torch.tensor([[0, 1, 2, 4, 5], [1, 2, 0, 5, 6]])
+    y, tree = conv(x, ei, return_tree=True)
+    assert tree.num_trees == 5  # {0, 1, 2}, {4, 5, 6}, {3}, {7}, {8}
+    x2 = x.clone()
+    x2[4:7] += 1.0  # change the second component only
+    y2 = conv(x2, ei)
+    torch.testing.assert_close(y2[[0, 1, 2, 3, 7, 8]], y[[0, 1, 2, 3, 7, 8]])
+    assert not torch.allclose(y2[4:7], y[4:7])
+
+
+def test_scan_matches_the_dense_definition(conv):
+    # the block's states are the "both" scan of docs/concepts.md on its spanning forest,
+    # with each edge's decay from the mean of its ends' steps
+    x, ei = _graph(25, 60, 4)
+    x = x.double()
+    und = treessm.GraphTopology.undirected_edges(ei, 25)[0]
+    u, _ = conv.project_in(x, und)
+    tree = conv.scan_tree(x, u, und, None, None)
+    xs, w, _ = conv.discretize(u, tree)
+    h = conv.scan_states(xs, w, tree)
+    dense = dense_tree_scan(xs.reshape(25, -1), w.reshape(25, -1), tree.parent, "both")
+    torch.testing.assert_close(h.reshape(25, -1), dense, rtol=1e-10, atol=1e-12)
+    # the forest is the minimum spanning forest of the cosine costs of u
+    cost = torch.exp(-torch.nn.functional.cosine_similarity(u[und[0]], u[und[1]], dim=1))
+    mask = treessm.minimum_spanning_tree(und, cost.detach(), 25)
+    edges = {tuple(sorted(e)) for e in und[:, mask].T.tolist()}
+    tree_edges = {tuple(sorted((v, p))) for v, p in enumerate(tree.parent.tolist()) if p >= 0}
+    assert edges == tree_edges
+
+
+def test_gradients_reach_every_parameter(conv):
+    x, ei = _graph(30, 80, 5)
+    x = x.double().requires_grad_()
+    y = conv(x, ei)
+    (y * torch.randn_like(y)).sum().backward()
+    for name, p in conv.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_in_pyg_sequential_and_dataloader():
+    torch.manual_seed(1)
+    model = Sequential("x, edge_index, batch", [
+        (TreeSSMConv(8, 16, d_state=2), "x, edge_index, batch -> x"),
+        torch.nn.ReLU(),
+        (TreeSSMConv(16, 16, d_state=2), "x, edge_index, batch -> x"),
+        (global_mean_pool, "x, batch -> x"),
+        torch.nn.Linear(16, 3),
+    ])
+    data = [Data(x=_graph(n, 2 * n, n)[0], edge_index=_graph(n, 2 * n, n)[1],
+                 y=torch.tensor([n % 3])) for n in range(5, 17)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for batch in DataLoader(data, batch_size=4, shuffle=True):
+        loss = torch.nn.functional.cross_entropy(
+            model(batch.x, batch.edge_index, batch.batch), batch.y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert "TreeSSMConv(8, 16, d_state=2)" in repr(model)
+
+
+def test_edge_attr_distance():
+    torch.manual_seed(2)
+    x, ei = _graph(20, 50, 6)
+    attr = torch.rand(50)
+    conv = TreeSSMConv(8, 4, d_state=2, distance="edge_attr")
+    _, tree = conv(x, ei, edge_attr=attr, return_tree=True)
+    und, cost = treessm.GraphTopology.undirected_edges(ei, 20, attr, reduce="min")
+    mask = treessm.minimum_spanning_tree(und, cost, 20)
+    tree_edges = {tuple(sorted((v, p))) for v, p in enumerate(tree.parent.tolist()) if p >= 0}
+    assert tree_edges == {tuple(e) for e in und[:, mask].T.tolist()}
+    with pytest.raises(ValueError, match="needs a scalar edge_attr"):
+        conv(x, ei)
+
+
+def test_bad_input_is_named(conv):
+    x, ei = _graph(10, 20, 7)
+    x = x.double()
+    cases = [
+        ((x, ei + 10), ValueError, "edge_index must hold vertex ids in \\[0, 10\\)"),
+        ((x, ei[0]), ValueError, "edge_index must have shape \\[2, E\\]"),
+        ((x, ei.float()), TypeError, "edge_index must be an integer tensor"),
+        ((x, ei, torch.zeros(9, dtype=torch.long)), ValueError, "batch must have shape \\[10\\]"),
+        ((x, ei[:, :0], torch.tensor([1, 0] * 5)), ValueError, "batch must be sorted"),
+        ((x[:, :5], ei), ValueError, "x must have in_channels = 8 columns"),
+        ((x.masked_fill(torch.eye(10, 8, dtype=torch.bool), float("nan")), ei), ValueError,
+         "x must be finite"),
+        ((x.long(), ei), TypeError, "x must be a floating-point tensor"),
+        ((x, "edges"), TypeError, "edge_index must be a torch.Tensor"),
+    ]
+    for args, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            conv(*args)
+    inf_cost = TreeSSMConv(8, 4, distance=lambda a, b: torch.full((a.shape[0],), float("inf")))
+    with pytest.raises(ValueError, match="edge costs must be finite"):
+        inf_cost(x.float(), ei)
+    with pytest.raises(ValueError, match="tree_features must be one of"):
+        TreeSSMConv(8, 4, tree_features="edges")
+    with pytest.raises(ValueError, match="in_channels must be a positive int"):
+        TreeSSMConv(0, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_equals_cpu():
+    torch.manual_seed(3)
+    conv = TreeSSMConv(8, 12, d_state=3)
+    x, ei = _graph(500, 2000, 8)
+    y = conv(x, ei)
+    y_gpu = conv.cuda()(x.cuda(), ei.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y, rtol=1e-4, atol=1e-5)
