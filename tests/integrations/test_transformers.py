@@ -239,3 +239,17 @@ def test_supported_transformers_range(version, ok):
         with pytest.raises(ImportError, match=r"transformers>=5\.17,<6"):
             check_transformers_version(version)
     assert check_transformers_version() == transformers.__version__
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+@pytest.mark.parametrize("mode", ["chain", "causal"])
+def test_cuda_generation_with_the_cache(mamba, mode):
+    model = converted(mamba, mode).cuda()
+    ids = tokens(3, 6).cuda()
+    cached = generate(model, ids)
+    assert_same_generation(cached, generate(model, ids, use_cache=False))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.cpu(), converted(mamba, mode)(ids.cpu()).logits,
+                                   rtol=1e-4, atol=1e-4)

@@ -144,6 +144,24 @@ def test_each_mode_matches_its_definition(mode, options):
             torch.testing.assert_close(out[b], loop_mixer(m, s[b]), rtol=1e-9, atol=1e-10)
 
 
+def test_scan_tree_is_the_tree_of_the_forward_pass():
+    torch.manual_seed(0)
+    s = torch.randn(2, 9, 8)
+    chain = GrootLMixer(8, state_size=3)
+    assert torch.equal(chain.scan_tree(s).parent, torch.tensor(
+        [-1, 0, 1, 2, 3, 4, 5, 6, 7, -1, 9, 10, 11, 12, 13, 14, 15, 16]))
+    causal = GrootLMixer(8, state_size=3, mode="causal", k=3)
+    causal.load_state_dict(chain.state_dict())
+    with torch.no_grad():
+        x, _, _ = causal.discretize(causal.project_in(s)[0])
+    expected = [loop_causal_parent(x[b].reshape(9, -1).double(), t, 3) for b in range(2)
+                for t in range(9)]
+    got = causal.scan_tree(s).parent.tolist()
+    assert [p - 9 * (i // 9) if p >= 0 else -1 for i, p in enumerate(got)] == expected
+    paper = GrootLMixer(8, state_size=3, mode="paper")
+    assert paper.scan_tree(s).roots.tolist() == [8, 17]
+
+
 def test_causal_with_k_one_is_the_chain():
     torch.manual_seed(0)
     chain = GrootLMixer(8, state_size=4)
@@ -276,3 +294,28 @@ def test_invalid_inputs():
         m.context_len = 3
     with pytest.raises(TypeError, match="MambaConfig"):
         GrootLMixer.from_config(object())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu(mode):
+    torch.manual_seed(0)
+    m = perturbed(GrootLMixer(16, state_size=4, mode=mode))
+    s = torch.randn(3, 40, 16, requires_grad=True)
+    ref = m(s)
+    (ref * torch.linspace(-1, 1, 16)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    gpu = m.to("cuda")
+    sc = s.detach().cuda().requires_grad_()
+    out = gpu(sc)
+    (out * torch.linspace(-1, 1, 16, device="cuda")).sum().backward()
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sc.grad.cpu(), s.grad, rtol=1e-3, atol=1e-5)
+    for n, p in gpu.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), grads[n], rtol=1e-3, atol=1e-4)

@@ -228,3 +228,21 @@ def test_grootl_validation_and_repr():
     assert GrootLTopology()(torch.randn(0, 4, 2)).num_nodes == 0
     # the sequence topology keeps its behaviour
     assert SequenceTopology(window=2)(torch.randn(1, 3, 2)).roots.tolist() == [0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+def test_causal_and_grootl_trees_on_cuda_equal_the_cpu_trees():
+    feat = torch.randn(4, 50, 8, generator=torch.Generator().manual_seed(3))
+    for topo in (CausalSequenceTopology(k=3), GrootLTopology(context_len=30)):
+        host, device = topo(feat), topo(feat.cuda())
+        assert device.parent.is_cuda
+        for name in FIELDS:
+            assert torch.equal(getattr(device, name).cpu(), getattr(host, name)), name
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    valid[2, :7] = False
+    host = CausalSequenceTopology(k=3)(feat, valid)
+    device = CausalSequenceTopology(k=3)(feat.cuda(), valid.cuda())
+    for name in FIELDS:
+        assert torch.equal(getattr(device, name).cpu(), getattr(host, name)), name

@@ -37,6 +37,7 @@ from ..topology import chain_tree
 from ..topology.distance import check_distance
 from ..topology.sequence import (CausalSequenceTopology, GrootLTopology, causal_forest,
                                  causal_parents)
+from ..tree import Tree
 
 __all__ = ["GrootLMixer", "MODES"]
 
@@ -259,6 +260,43 @@ class GrootLMixer(nn.Module):
         self.topology = GrootLTopology(value, self.topology.window, self.distance)
 
     # ------------------------------------------------------------------ pieces
+    def project_in(self, hidden_states: Tensor, mask: Optional[Tensor] = None,
+                   cache=None) -> Tuple[Tensor, Tensor]:
+        """Inner features ``u`` (input projection, causal convolution, activation) and the
+        gate's pre-activation ``z``, both ``[B, L, d_inner]``; with a cache, the
+        convolution continues from its state and the state is updated."""
+        dtype, length = hidden_states.dtype, hidden_states.shape[1]
+        if mask is not None:
+            hidden_states = (hidden_states * mask.unsqueeze(-1)).to(dtype)
+        u, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        u = u.transpose(1, 2)
+        if cache is not None:
+            # earlier inputs in front (at most conv_kernel of them; zeros at the start)
+            u = cache.update_conv_state(u, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        conv = F.conv1d(u.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias,
+                        padding=self.conv_kernel_size - 1, groups=self.intermediate_size)
+        u = _ACTIVATIONS[self.activation](conv[..., :u.shape[-1]][..., -length:])
+        u = u.transpose(1, 2).to(dtype)
+        if mask is not None:
+            u = (u * mask.unsqueeze(-1)).to(dtype)
+        return u, z
+
+    @torch.no_grad()
+    def scan_tree(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None) -> Tree:
+        """The tree this layer scans for ``hidden_states [B, L, hidden_size]`` computed
+        without a cache: the chain (``"chain"``), the causal tree (``"causal"``) or the
+        GrootL tree of the tree scan (``"paper"``, rooted at the last token)."""
+        mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1]:]
+        u, _ = self.project_in(hidden_states, mask)
+        x, _, _ = self.discretize(u)
+        b, length = x.shape[:2]
+        if self.mode == "chain":
+            return chain_tree(b, length, x.device)
+        feat = x.reshape(b, length, -1)
+        if self.mode == "causal":
+            return self.topology(feat, None if mask is None else mask > 0)
+        return self.topology(feat)
+
     def discretize(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         r"""``x = Δ B u`` and ``w = exp(Δ A)`` (``[B, L, d_inner, d_state]``) and ``C``
         (``[B, L, d_state]``) from the inner features ``u [B, L, d_inner]``, in float32
@@ -270,8 +308,10 @@ class GrootLMixer(nn.Module):
         # takes effect
         delta = F.softplus(self.dt_proj(dt).to(acc))
         a = -torch.exp(self.A_log.to(acc))
-        x = delta.unsqueeze(-1) * b.to(acc).unsqueeze(-2) * u.to(acc).unsqueeze(-1)
-        w = torch.exp(a * delta.unsqueeze(-1))
+        # one pass over the [B, L, d_inner, d_state] entries each: these tensors are what
+        # the layer's time goes to
+        x = (delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(-2)
+        w = (a * delta.unsqueeze(-1)).exp_()
         return x, w, c.to(acc)
 
     def _scan(self, x: Tensor, w: Tensor, tree, direction: str) -> Tensor:
@@ -415,20 +455,7 @@ class GrootLMixer(nn.Module):
                                  "state but no recurrent state")
             past = self._unpack(state, b)
 
-        if mask is not None:
-            hidden_states = (hidden_states * mask.unsqueeze(-1)).to(dtype)
-        u, z = self.in_proj(hidden_states).chunk(2, dim=-1)
-        u = u.transpose(1, 2)
-        if cache is not None:
-            # earlier inputs in front (at most conv_kernel of them; zeros at the start)
-            u = cache.update_conv_state(u, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        conv = F.conv1d(u.to(self.conv1d.weight.dtype), self.conv1d.weight, self.conv1d.bias,
-                        padding=self.conv_kernel_size - 1, groups=self.intermediate_size)
-        u = _ACTIVATIONS[self.activation](conv[..., :u.shape[-1]][..., -length:])
-        u = u.transpose(1, 2).to(dtype)
-        if mask is not None:
-            u = (u * mask.unsqueeze(-1)).to(dtype)
-
+        u, z = self.project_in(hidden_states, mask, cache)
         x, w, c = self.discretize(u)
         valid = None if mask is None else mask > 0
         if self.mode == "chain":
@@ -444,7 +471,7 @@ class GrootLMixer(nn.Module):
                 new_state = self._pack_causal(h, x, valid, past)
             cache.update_recurrent_state(new_state.detach(), self.layer_idx)
 
-        y = (h * c.unsqueeze(-2)).sum(-1) + u.to(h.dtype) * self.D.to(h.dtype)
+        y = torch.matmul(h, c.unsqueeze(-1)).squeeze(-1) + u.to(h.dtype) * self.D.to(h.dtype)
         y = y * F.silu(z.to(h.dtype))
         return self.out_proj(y.to(dtype))
 
