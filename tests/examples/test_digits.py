@@ -15,7 +15,8 @@ def test_quick_run_prints_summary_and_writes_pictures(tmp_path, capsys):
     out = tmp_path / "digits"
     digits.main(["--out", str(out), "--quick", "--no-progress", "--seed", "3"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    summary = json.loads(lines[-1])
+    summary = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
+    assert lines[-1] == f"param_checksum {summary['param_checksum']!r}"
     for key in ("test_accuracy", "raster_test_accuracy", "train_seconds", "raster_train_seconds",
                 "params"):
         assert key in summary

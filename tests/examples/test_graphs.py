@@ -6,8 +6,9 @@ from treessm.examples import graphs
 
 def test_quick_run_prints_summary_and_draws(tmp_path, capsys):
     summary = graphs.main(["--out", str(tmp_path), "--quick", "--length", "8"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(line) == json.loads(json.dumps(summary))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-2]) == json.loads(json.dumps(summary))
+    assert lines[-1] == f"param_checksum {summary['param_checksum']!r}"
     for key in ("karate/tree_ssm", "karate/gcn", "far_label_8/tree_ssm", "far_label_8/gcn"):
         r = summary["results"][key]
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["seconds_per_epoch"] > 0

@@ -7,6 +7,13 @@ and reports both held-out accuracies as one JSON line on stdout::
 
     python -m treessm.examples.digits --out digits_out
 
+It runs unchanged under ``torchrun`` (``docs/distributed.md``): every process trains a
+replica on its share of each epoch (``DistributedSampler``), rank 0 shows the progress,
+evaluates, draws and prints the summary, and every rank prints ``param_checksum <value>``
+at the end so that anyone can see the replicas agree::
+
+    torchrun --standalone --nproc_per_node=2 -m treessm.examples.digits --epochs 1 --out DIR
+
 Pictures written to ``--out``:
 
 * ``digit_trees.png`` -- test digits with the spanning trees that the trained first-stage
@@ -34,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from treessm import Tree, tree_scan
+from treessm.examples.distributed import World, param_checksum, setup
 from treessm.models import GrootV
 
 __all__ = ["make_model", "load_digits_split", "train", "evaluate", "layer_tree", "main"]
@@ -80,14 +88,31 @@ def _random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> 
     return padded[idx, 0, rows, cols][:, None]
 
 
+def _batches(n: int, batch_size: int, epoch: int, seed: int, generator: torch.Generator,
+             world: World):
+    """Index batches of one epoch: a random permutation of all ``n`` examples, or this
+    process's share of it under ``torchrun`` (``DistributedSampler``, shuffled per epoch)."""
+    if not world.distributed:
+        perm = torch.randperm(n, generator=generator)
+    else:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(range(n), num_replicas=world.size, rank=world.rank,
+                                     shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        perm = torch.tensor(list(sampler))
+    return [perm[i:i + batch_size] for i in range(0, perm.shape[0], batch_size)]
+
+
 def train(model: GrootV, x: Tensor, y: Tensor, epochs: int, seed: int, batch_size: int = 64,
           lr: float = 3e-3, weight_decay: float = 0.05, desc: str = "train",
-          progress: bool = True) -> float:
-    """AdamW with linear warm-up and cosine decay, label smoothing and random shifts.
-    Returns the wall-clock training time in seconds."""
+          progress: bool = True, world: World = World()) -> float:
+    """AdamW with linear warm-up and cosine decay, label smoothing and random shifts, on
+    ``world.device``, in DistributedDataParallel under ``torchrun`` (``batch_size`` per
+    process). Returns the wall-clock training time in seconds."""
     from tqdm.auto import tqdm
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + world.rank)  # shifts differ per rank
     no_decay = model.no_weight_decay()
     groups = [
         {"params": [p for n, p in model.named_parameters() if n not in no_decay and p.dim() > 1],
@@ -96,27 +121,27 @@ def train(model: GrootV, x: Tensor, y: Tensor, epochs: int, seed: int, batch_siz
          "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=lr)
-    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
+    net = world.wrap(model)
+    steps_per_epoch = len(_batches(x.shape[0], batch_size, 0, seed, torch.Generator(), world))
     total = epochs * steps_per_epoch
     warmup = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup
         else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    model.train()
+    net.train()
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    for _ in range(epochs):
-        perm = torch.randperm(x.shape[0], generator=generator)
-        for i in range(0, x.shape[0], batch_size):
-            idx = perm[i:i + batch_size]
-            xb = _random_shift(x[idx], generator)
-            loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.1)
+    bar = tqdm(total=total, desc=desc, disable=not (progress and world.main), leave=False)
+    for epoch in range(epochs):
+        for idx in _batches(x.shape[0], batch_size, epoch, seed, generator, world):
+            xb = _random_shift(x[idx], generator).to(world.device)
+            loss = F.cross_entropy(net(xb), y[idx].to(world.device), label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if world.main and progress:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return time.perf_counter() - start
 
@@ -125,9 +150,11 @@ def train(model: GrootV, x: Tensor, y: Tensor, epochs: int, seed: int, batch_siz
 def evaluate(model: GrootV, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, x.shape[0], batch_size):
-        correct += int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+        pred = model(x[i:i + batch_size].to(device)).argmax(-1).cpu()
+        correct += int((pred == y[i:i + batch_size]).sum())
     return correct / max(1, x.shape[0])
 
 
@@ -253,8 +280,9 @@ def draw_photo_tree(model: GrootV, mean: float, std: float, path: str, size: int
 
 
 def run(out: str, epochs: int = 20, seed: int = 0, quick: bool = False, threads: int = 1,
-        progress: bool = True) -> Dict:
-    """Train and evaluate both scans, draw the pictures, return the summary.
+        progress: bool = True, world: World = World()) -> Dict:
+    """Train and evaluate both scans, draw the pictures, return the summary (the pictures
+    and summary on rank 0 only; other ranks return an empty dict).
 
     ``threads`` sets the torch and numba thread counts for the run (restored afterwards).
     One thread is the default: the tensors of an 8x8 model are far too small for threads
@@ -268,14 +296,15 @@ def run(out: str, epochs: int = 20, seed: int = 0, quick: bool = False, threads:
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        return _run(out, epochs, seed, quick, progress)
+        return _run(out, epochs, seed, quick, progress, world)
     finally:
         torch.set_num_threads(saved[0])
         numba.set_num_threads(saved[1])
 
 
-def _run(out: str, epochs: int, seed: int, quick: bool, progress: bool) -> Dict:
-    os.makedirs(out, exist_ok=True)
+def _run(out: str, epochs: int, seed: int, quick: bool, progress: bool, world: World) -> Dict:
+    if world.main:
+        os.makedirs(out, exist_ok=True)
     x_tr, y_tr, x_te, y_te = load_digits_split(seed, limit=400 if quick else 0)
     mean, std = float(x_tr.mean()), float(x_tr.std())
     xn_tr, xn_te = _normalize(x_tr, mean, std), _normalize(x_te, mean, std)
@@ -284,17 +313,22 @@ def _run(out: str, epochs: int, seed: int, quick: bool, progress: bool) -> Dict:
     models = {}
     for scan in ("tree", "raster"):
         torch.manual_seed(seed)  # identical initial weights for both scans
-        model = make_model(scan)
+        model = make_model(scan).to(world.device)
         seconds = train(model, xn_tr, y_tr, epochs, seed, desc=f"{scan} scan",
-                        progress=progress)
+                        progress=progress, world=world)
+        models[scan] = model
+        if not world.main:
+            continue
         acc = evaluate(model, xn_te, y_te)
         prefix = "" if scan == "tree" else "raster_"
         summary[prefix + "test_accuracy"] = round(acc, 4)
         summary[prefix + "train_accuracy"] = round(evaluate(model, xn_tr, y_tr), 4)
         summary[prefix + "train_seconds"] = round(seconds, 1)
-        models[scan] = model
+    summary["param_checksum"] = sum(param_checksum(m) for m in models.values())
+    if not world.main:
+        return summary
 
-    model = models["tree"]
+    model = models["tree"].cpu()
     sample = torch.stack([torch.nonzero(y_te == d)[0, 0] for d in range(8)
                           if bool((y_te == d).any())])
     figures = [os.path.join(out, "digit_trees.png"), os.path.join(out, "photo_tree.png")]
@@ -303,7 +337,7 @@ def _run(out: str, epochs: int, seed: int, quick: bool, progress: bool) -> Dict:
     summary.update(
         params=sum(p.numel() for p in model.parameters()), epochs=epochs, seed=seed,
         num_train=int(x_tr.shape[0]), num_test=int(x_te.shape[0]),
-        threads=torch.get_num_threads(), figures=figures)
+        threads=torch.get_num_threads(), processes=world.size, figures=figures)
     return summary
 
 
@@ -319,15 +353,23 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="a few epochs on a subset: checks that everything runs")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="where to train; under torchrun with GPUs: cuda (default: cpu)")
     args = parser.parse_args(argv)
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 20)
     if epochs < 1:
         parser.error(f"--epochs must be positive, got {epochs}")
     if args.threads < 1:
         parser.error(f"--threads must be positive, got {args.threads}")
-    summary = run(args.out, epochs=epochs, seed=args.seed, quick=args.quick,
-                  threads=args.threads, progress=not args.no_progress)
-    print(json.dumps(summary))
+    world = setup(args.device)
+    try:
+        summary = run(args.out, epochs=epochs, seed=args.seed, quick=args.quick,
+                      threads=args.threads, progress=not args.no_progress, world=world)
+    finally:
+        world.close()
+    if world.main:
+        print(json.dumps(summary))
+    print(f"param_checksum {summary['param_checksum']!r}", flush=True)
     return summary
 
 

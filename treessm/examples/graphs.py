@@ -12,7 +12,12 @@ Runs on the CPU in a few minutes with bundled or generated data (no download)::
 
 Prints one JSON line (test accuracy and time per epoch of each model) and draws
 ``karate.png``: the club, the spanning tree the trained first TreeSSMConv layer builds
-from its own features, and the predicted communities. The tasks, models and training loop
+from its own features, and the predicted communities. Under ``torchrun`` the long-range
+task trains on mini-batches of graphs, each process on its share
+(``DistributedSampler``); rank 0 shows progress, evaluates and draws, and every rank prints
+``param_checksum <value>`` at the end (``docs/distributed.md``)::
+
+    torchrun --standalone --nproc_per_node=2 -m treessm.examples.graphs --out DIR The tasks, models and training loop
 are also used by ``benchmarks/graph.py``, which adds PyG's ``InfectionDataset``, GATConv
 and GINConv, depths 1, 2 and 4, and three seeds.
 """
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
 
+from treessm.examples.distributed import World, param_checksum, setup
 from treessm.nn import TreeSSMConv
 
 __all__ = ["karate", "far_label", "infection", "NodeClassifier", "make_conv", "matched_model",
@@ -74,14 +80,13 @@ def far_label(length: int = 24, num_colors: int = 4, num_train: int = 48, num_te
             perm = torch.randperm(length, generator=g)
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(length)
+            ones = torch.ones(length, dtype=torch.bool)
             out.append(Data(x=x[perm], edge_index=inv[ei], y=torch.full((length,), color),
-                            mask=torch.ones(length, dtype=torch.bool)))
+                            train_mask=ones, test_mask=ones))
         return Batch.from_data_list(out)
 
-    train, test = graphs(num_train), graphs(num_test)
-    train.train_mask = train.mask
-    test.test_mask = test.mask
-    return Task(f"far_label_{length}", train, test, num_colors + 1, num_colors)
+    return Task(f"far_label_{length}", graphs(num_train), graphs(num_test), num_colors + 1,
+                num_colors)
 
 
 def infection(max_path_length: int = 5, num_nodes: int = 300, num_graphs: int = 8,
@@ -96,11 +101,11 @@ def infection(max_path_length: int = 5, num_nodes: int = 300, num_graphs: int = 
     data = InfectionDataset(ERGraph(num_nodes=num_nodes, edge_prob=3.0 / num_nodes),
                             num_infected_nodes=max(1, num_nodes // 30),
                             max_path_length=max_path_length, num_graphs=num_graphs)
-    graphs = [Data(x=d.x, edge_index=d.edge_index, y=d.y) for d in data]
+    ones = lambda d: torch.ones(d.num_nodes, dtype=torch.bool)  # noqa: E731
+    graphs = [Data(x=d.x, edge_index=d.edge_index, y=d.y, train_mask=ones(d), test_mask=ones(d))
+              for d in data]
     cut = num_graphs - max(1, num_graphs // 4)
     train, test = Batch.from_data_list(graphs[:cut]), Batch.from_data_list(graphs[cut:])
-    train.train_mask = torch.ones(train.num_nodes, dtype=torch.bool)
-    test.test_mask = torch.ones(test.num_nodes, dtype=torch.bool)
     return Task(f"infection_{max_path_length}", train, test, 2, max_path_length + 2)
 
 
@@ -170,29 +175,55 @@ def _accuracy(model: nn.Module, data: Data, mask: Tensor) -> float:
     return float((pred[mask] == data.y[mask]).float().mean())
 
 
+def _loader(task: Task, world: World, batch_size: Optional[int]):
+    """The training data of one epoch: the whole training set at once, or mini-batches of
+    graphs (this process's share of them under ``torchrun``), and their sampler."""
+    train = task.train
+    many = isinstance(train, Batch) and train.num_graphs > 1
+    if not many or (batch_size is None and not world.distributed):
+        return [train], None
+    from torch.utils.data.distributed import DistributedSampler
+    from torch_geometric.loader import DataLoader
+
+    graphs = train.to_data_list()
+    size = batch_size or -(-len(graphs) // world.size)
+    sampler = (DistributedSampler(graphs, num_replicas=world.size, rank=world.rank, seed=0)
+               if world.distributed else None)
+    return DataLoader(graphs, batch_size=size, sampler=sampler, shuffle=sampler is None), sampler
+
+
 def train_node_classifier(model: nn.Module, task: Task, epochs: int = 150, lr: float = 5e-3,
                           weight_decay: float = 5e-4,
-                          progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
-    """Full-batch training with Adam and gradients clipped to norm 1; returns test accuracy
+                          progress: Optional[Callable[[int], None]] = None,
+                          world: World = World(), batch_size: Optional[int] = None
+                          ) -> Dict[str, float]:
+    """Adam with gradients clipped to norm 1, full-batch or on mini-batches of
+    ``batch_size`` graphs (the default under ``torchrun``: each process one share of the
+    graphs per step), in DistributedDataParallel under ``torchrun``. Returns test accuracy
     and seconds per epoch."""
+    net = world.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    train = task.train
-    batch = getattr(train, "batch", None)
+    loader, sampler = _loader(task, world, batch_size)
     start = time.perf_counter()
     for epoch in range(epochs):
-        model.train()
-        out = model(train.x, train.edge_index, batch)
-        loss = F.cross_entropy(out[train.train_mask], train.y[train.train_mask])
-        opt.zero_grad()
-        loss.backward()
-        # clipped, as Mamba models are trained: a LayerNorm over nearly equal states can
-        # send one step's gradient far off
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        for data in loader:
+            data = data.to(world.device)
+            out = net(data.x, data.edge_index, getattr(data, "batch", None))
+            loss = F.cross_entropy(out[data.train_mask], data.y[data.train_mask])
+            opt.zero_grad()
+            loss.backward()
+            # clipped, as Mamba models are trained: a LayerNorm over nearly equal states can
+            # send one step's gradient far off
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
         if progress is not None:
             progress(epoch)
     per_epoch = (time.perf_counter() - start) / max(epochs, 1)
-    return dict(test_accuracy=_accuracy(model, task.test, task.test.test_mask),
+    test, train = task.test.to(world.device), task.train.to(world.device)
+    return dict(test_accuracy=_accuracy(model, test, test.test_mask),
                 train_accuracy=_accuracy(model, train, train.train_mask),
                 seconds_per_epoch=per_epoch, params=num_params(model))
 
@@ -241,30 +272,46 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--length", type=int, default=24, help="far-label path length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="few epochs (checks the script)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="where to train; under torchrun with GPUs: cuda (default: cpu)")
     args = parser.parse_args(argv)
+    world = setup(args.device)
+    try:
+        return _run(args, world)
+    finally:
+        world.close()
+
+
+def _run(args, world: World) -> dict:
     from tqdm import tqdm
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     epochs = 5 if args.quick else args.epochs
     tasks = [karate(), far_label(length=args.length, seed=args.seed,
                                  **(dict(num_train=8, num_test=4) if args.quick else {}))]
-    summary = dict(example="graphs", epochs=epochs, seed=args.seed, results={})
-    karate_model = None
+    summary = dict(example="graphs", epochs=epochs, seed=args.seed, processes=world.size,
+                   results={})
+    models = {}
     for task in tasks:
         for kind in ("tree_ssm", "gcn"):
             torch.manual_seed(args.seed)
             model = matched_model(kind, task, depth=2)
-            bar = tqdm(total=epochs, desc=f"{task.name} {kind}", leave=False)
-            r = train_node_classifier(model, task, epochs, progress=lambda _: bar.update())
+            bar = tqdm(total=epochs, desc=f"{task.name} {kind}", leave=False,
+                       disable=not world.main)
+            r = train_node_classifier(model, task, epochs, progress=lambda _: bar.update(),
+                                      world=world)
             bar.close()
             summary["results"][f"{task.name}/{kind}"] = {k: round(v, 4) for k, v in r.items()}
-            if task.name == "karate" and kind == "tree_ssm":
-                karate_model = model
-    draw_karate(karate_model, tasks[0], out / "karate.png")
-    summary["picture"] = str(out / "karate.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+            models[f"{task.name}/{kind}"] = model
+    summary["param_checksum"] = sum(param_checksum(m) for m in models.values())
+    if world.main:
+        draw_karate(models["karate/tree_ssm"].cpu(), tasks[0], out / "karate.png")
+        summary["picture"] = str(out / "karate.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary))
+    print(f"param_checksum {summary['param_checksum']!r}", flush=True)
     return summary
 
 

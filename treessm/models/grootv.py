@@ -330,7 +330,9 @@ class GrootV(nn.Module):
         ``pre_logits`` the pooled ``[B, num_features]`` features."""
         if self.features_only:
             raise RuntimeError("a features_only model has no head")
-        x = self.conv_head(x).mean(dim=(2, 3))
+        # a contiguous map gives the 1x1 convolution's weight gradient the weight's own
+        # layout, which DistributedDataParallel's gradient buckets expect
+        x = self.conv_head(x.contiguous()).mean(dim=(2, 3))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 

@@ -168,7 +168,7 @@ def _(grad, x, weight, out, order, child_ptr, tree_ptr, plan, schedule, launch, 
 def _setup_context(ctx, inputs, output):
     x, weight, order, child_ptr, tree_ptr, plan, schedule, launch, direction, backend = inputs
     ctx.args = (schedule, launch, direction, backend)
-    ctx.num_plan, ctx.num_launch = len(plan), len(launch)
+    ctx.num_plan = len(plan)
     ctx.save_for_backward(x, weight, output, order, child_ptr, tree_ptr, *plan)
 
 
@@ -176,8 +176,8 @@ def _backward(ctx, grad):
     x, weight, out, order, child_ptr, tree_ptr, *plan = ctx.saved_tensors
     gx, gw = torch.ops.treessm.tree_scan_backward(grad, x, weight, out, order, child_ptr,
                                                   tree_ptr, plan, *ctx.args)
-    return (gx, gw, None, None, None, [None] * ctx.num_plan, None, [None] * ctx.num_launch, None,
-            None)
+    # a list of ints is one leaf of the inputs' structure (the launch is never empty)
+    return gx, gw, None, None, None, [None] * ctx.num_plan, None, None, None, None
 
 
 _tree_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -276,7 +276,7 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     x2, w2 = x2.contiguous(), w2.contiguous()
     if backend == "numba":
         out = torch.ops.treessm.tree_scan(x2, w2, tree.order, tree.child_ptr, tree.tree_ptr, [],
-                                          "", [], direction, backend)
+                                          "", [0], direction, backend)
         return out.reshape(shape)
     plan = scan_plan(tree, channels, x.dtype, schedule)
     if torch.compiler.is_compiling():  # the Python custom op, which dynamo traces
