@@ -2,6 +2,7 @@
 causal and generates with the cache exactly as by recomputation, the paper mode
 recomputes, and the conversion keeps the model's class, weights and keys."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from treessm.integrations.transformers import (TRANSFORMERS_RANGE,  # noqa: E402
 from treessm.nn.grootl import GrootLMixer  # noqa: E402
 
 VOCAB = 50
+# the model's own name of its cache argument: cache_params before 5.24, cache from 5.24
+CACHE_ARG = ("cache" if "cache" in inspect.signature(MambaForCausalLM.forward).parameters
+             else "cache_params")
 
 
 def tiny_config(**kwargs):
@@ -132,10 +136,25 @@ def test_cache_continues_chunks_of_any_length(mamba):
         cache = DynamicCache(config=model.config)
         pieces, start = [], 0
         for stop in (2, 6, 7, 8, 12, 15):  # prefill shorter than k, then chunks and tokens
-            out = model(ids[:, start:stop], cache=cache, use_cache=True)
+            out = model(ids[:, start:stop], use_cache=True, **{CACHE_ARG: cache})
             pieces.append(out.logits)
             start = stop
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_mixer_takes_the_cache_under_either_name(mamba):
+    model = converted(mamba, "causal", k=2)
+    mixer = model.backbone.layers[0].mixer
+    hidden = torch.randn(2, 5, 16)
+    outs = []
+    for name in ("cache", "cache_params"):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            first = mixer(hidden[:, :4], **{name: cache})
+            outs.append(torch.cat([first, mixer(hidden[:, 4:], **{name: cache})], 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(outs[0], mixer(hidden), rtol=1e-5, atol=1e-6)
 
 
 def test_left_padded_batch_generates_like_each_prompt_alone(mamba):
