@@ -162,10 +162,15 @@ def test_schedule_choice_reads_host_sizes_only():
     assert choose_schedule(deep, "auto") == "paths"
     unknown = treessm.Tree(deep.parent, deep.order, deep.child_ptr, deep.tree_ptr, deep.depth)
     assert choose_schedule(unknown) == "levels"  # sizes not known on the host
-    # one large bushy tree: spread over the device by the path schedule
+    # one large bushy tree: spread over the device by the path schedule; many large trees
+    # fill the device with one block each and keep the level schedule
     big = treessm.Tree(wide.parent, wide.order, wide.child_ptr, wide.tree_ptr, wide.depth,
                        num_levels=1, max_tree_size=SPREAD_MIN_TREE_SIZE)
     assert choose_schedule(big) == "paths"
+    images = treessm.GridTopology()(torch.randn(20, 2, 2, 3))  # 20 trees
+    many = treessm.Tree(images.parent, images.order, images.child_ptr, images.tree_ptr,
+                        images.depth, num_levels=1, max_tree_size=SPREAD_MIN_TREE_SIZE)
+    assert choose_schedule(many) == "levels"
     for s in ("levels", "paths"):
         assert choose_schedule(deep, s) == s == choose_schedule(wide, s)
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):

@@ -53,9 +53,11 @@ MAX_PHASES = 32  # phases of a tree below 2**31 vertices
 # float32, both): the path kernels took 0.60x the level kernels' forward time on chains,
 # 0.74x at 2.5 vertices per level, 0.97x at 4.5 and 1.3x at 8.4 (docs/cuda.md).
 PATH_MAX_LEVEL_WIDTH = 3.5
-# Trees at least this large are spread over several blocks when the forest's blocks would
-# not fill the device (one block walking a tree of 10^6 vertices uses one SM of 132).
+# A forest of at most SPREAD_MAX_TREES trees with one of SPREAD_MIN_TREE_SIZE vertices or
+# more takes the heavy-path schedule, spread over several blocks per tree when its blocks
+# would not fill the device (one block walking a tree of 10^6 vertices uses one SM of 132).
 SPREAD_MIN_TREE_SIZE = 1 << 15
+SPREAD_MAX_TREES = 16
 # The CUDA plan kernel gives each tree one block: fine up to grid-sized trees; larger trees
 # take the tensor construction below, which spreads over the whole device.
 PLAN_KERNEL_MAX_TREE_SIZE = 1 << 16
@@ -357,9 +359,10 @@ def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
     """The CUDA scan schedule for ``tree``: ``schedule`` itself when given, else (``None``
     or ``"auto"``) ``"paths"`` for deep, narrow forests (fewer than
     :data:`PATH_MAX_LEVEL_WIDTH` vertices per breadth-first level on average) and for
-    forests with a tree of :data:`SPREAD_MIN_TREE_SIZE` vertices or more, ``"levels"``
-    otherwise. Only host-side sizes are read (``tree.num_levels``, ``tree.max_tree_size``);
-    a tree whose sizes only the device knows takes ``"levels"``."""
+    forests of a few large trees (at most :data:`SPREAD_MAX_TREES` trees, one of
+    :data:`SPREAD_MIN_TREE_SIZE` vertices or more), ``"levels"`` otherwise. Only host-side
+    sizes are read (``tree.num_levels``, ``tree.max_tree_size``); a tree whose sizes only
+    the device knows takes ``"levels"``."""
     if schedule is not None and schedule != "auto":
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be None, 'auto' or one of {SCHEDULES}, got "
@@ -368,7 +371,8 @@ def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
     n = tree.num_nodes
     if n == 0:
         return "levels"
-    if tree.max_tree_size is not None and tree.max_tree_size >= SPREAD_MIN_TREE_SIZE:
+    if (tree.max_tree_size is not None and tree.max_tree_size >= SPREAD_MIN_TREE_SIZE
+            and tree.num_trees <= SPREAD_MAX_TREES):
         return "paths"
     if tree.num_levels is not None and n < PATH_MAX_LEVEL_WIDTH * tree.num_levels:
         return "paths"

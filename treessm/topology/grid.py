@@ -24,6 +24,7 @@ from .base import Candidates, Topology, check_features
 from .chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
                        grid_image_costs, kind_code)
+from .euler_tour import spanning_tree_on_device
 from .layout import NO_MASK, NONFINITE, Layout, layout_segment
 from .mst import kruskal_segment
 
@@ -202,8 +203,10 @@ class GridTopology(Topology):
 
     def _build_on_device(self, edge_index, cost, num_nodes, roots, batch) -> Tree:
         # On CUDA, the fused kernel (one block per image) builds the same tree as the
-        # steps; other devices, custom roots or images too large for it take the
-        # tensor-operation path.
+        # steps. Images too large for one block take the compacting tensor path, which
+        # waits for the device between Borůvka rounds but does far less work on large
+        # grids than fixed rounds; other devices and custom roots take the fixed rounds,
+        # which never wait (and can be captured in a CUDA graph).
         entry = self._cache.lookup(edge_index)
         if (entry is not None and cost.device.type == "cuda"
                 and type(self).roots is GridTopology.roots):
@@ -211,6 +214,7 @@ class GridTopology(Topology):
             tree = _cuda_grid().grid_spanning_tree(cost, b, h, w, self.connectivity, batch=batch)
             if tree is not None:
                 return tree
+            return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch)
         return super()._build_on_device(edge_index, cost, num_nodes, roots, batch)
 
     def extra_repr(self) -> str:
