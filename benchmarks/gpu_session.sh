@@ -45,11 +45,12 @@ if [ $rc -ne 0 ]; then grep -E "error|Error" "$NEW/.torch_ext.log" | head -40 | 
 export PYTHONPATH="$NEW" TORCH_EXTENSIONS_DIR="$NEW/.torch_ext"
 
 if [ "$MODE" = check ]; then
-  $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+  XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  $PY -m pytest -q $XDIST -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
   grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -1 >> "$SUMMARY"
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -30 >> "$SUMMARY"
   log "== memcheck (the scan tests: every schedule against the oracle, launch shapes)"
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
     -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "oracle or launch_shapes or empty" \
     > /tmp/memcheck.log 2>&1
   log "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" /tmp/memcheck.log | tail -3 | tee -a "$SUMMARY"
@@ -63,12 +64,16 @@ if [ "$MODE" = check ]; then
   exit 0
 fi
 
-# bench
-$PY benchmarks/tree_scan.py --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -40
-$PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.json" ${GROOTV_ARGS:-} 2>&1 | tee -a "$SUMMARY" | tail -20
-if [ -f benchmarks/graph.py ]; then
-  $PY benchmarks/graph.py --device cuda --out "$OUT/graph_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -20
-fi
-if [ -f benchmarks/grootl.py ]; then
-  $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -20
-fi
+# bench: the GPU tests that changed since the last check, then the benchmarks, each step
+# bounded so that the whole call fits its budget
+timeout 100 $PY -m pytest -q -p no:cacheprovider tests/ops/test_tree_scan_cuda.py \
+  tests/nn/test_tree_ssm_conv.py tests/nn/test_grootl.py tests/integrations/test_transformers.py \
+  tests/topology/test_sequence_modes.py \
+  -k "lean or compile or large_tree or equals_cpu or chunk or matches_cpu or cuda_generation or on_cuda" \
+  2>&1 | grep -E "passed|failed|FAILED|Error" | tail -8 | tee -a "$SUMMARY"
+timeout 120 $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} --out "$OUT/tree_scan_gpu_$CARD.json" \
+  2>&1 | tee -a "$SUMMARY" | tail -30
+timeout 90 $PY benchmarks/graph.py --device cuda --timing --out "$OUT/graph_gpu_$CARD.json" \
+  2>&1 | tee -a "$SUMMARY" | tail -8
+timeout 120 $PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.json" ${GROOTV_ARGS:-} \
+  2>&1 | tee -a "$SUMMARY" | tail -14

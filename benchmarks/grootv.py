@@ -168,6 +168,8 @@ def main(argv=None):
                         help="also time the training step captured in a CUDA graph")
     parser.add_argument("--scans", default="tree,shared,standin",
                         help="comma-separated variants: tree, shared, standin")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="comma-separated: fp32, bf16")
     parser.add_argument("--out", default=None,
                         help="JSON file (default: benchmarks/results/grootv_gpu.json on CUDA, "
                              "grootv_cpu.json otherwise)")
@@ -197,10 +199,11 @@ def main(argv=None):
           f"(tree_scan backends: {available_backends(device)})")
     print(header)
     print("-" * len(header))
+    precisions = args.precisions.split(",")
     configs = [(scan, precision, mode) for scan in args.scans.split(",")
-               for precision in ("fp32", "bf16") for mode in ("inference", "training")]
+               for precision in precisions for mode in ("inference", "training")]
     if args.graph and device.type == "cuda":
-        configs += [("tree+graph", precision, "training") for precision in ("fp32", "bf16")]
+        configs += [("tree+graph", precision, "training") for precision in precisions]
     for scan, precision, mode in configs:
         try:
             r = bench_one(scan, precision, mode, args, device)
@@ -222,7 +225,7 @@ def main(argv=None):
         return None
 
     ratios = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for mode in ("inference", "training"):
             tree, free = rate("tree", precision, mode), rate("standin", precision, mode)
             if tree and free:

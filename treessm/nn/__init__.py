@@ -1,7 +1,8 @@
 """Neural-network layers built on the tree scan."""
+from .grootl import GrootLMixer
 from .layers import DropPath, LayerNorm2d, Mlp, drop_path
 from .tree_ssm import SelectiveTreeSSM, TreeSSM, raster_tree
 from .tree_ssm_conv import TreeSSMConv
 
-__all__ = ["TreeSSM", "TreeSSMConv", "SelectiveTreeSSM", "raster_tree", "DropPath", "drop_path",
-           "LayerNorm2d", "Mlp"]
+__all__ = ["TreeSSM", "TreeSSMConv", "GrootLMixer", "SelectiveTreeSSM", "raster_tree",
+           "DropPath", "drop_path", "LayerNorm2d", "Mlp"]

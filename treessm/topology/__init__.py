@@ -7,6 +7,7 @@ making a tree:
 * :meth:`treessm.Tree.from_parent` -- from a parent array;
 * :func:`tree_from_edges` -- from the edges of a forest (rooted by :func:`root_forest`);
 * :func:`chain_tree` -- chains (sequences, raster scans);
+* :class:`CausalSequenceTopology` -- each token below the most similar of the few before it;
 * a :class:`Topology` -- the minimum spanning forest of candidate edges weighted by feature
   distance (:class:`GridTopology`, :class:`SequenceTopology`, :class:`GraphTopology`),
   built on the CPU (:func:`~treessm.topology.rooting.spanning_tree_on_cpu`), on the
@@ -18,12 +19,14 @@ from .graph import GraphTopology
 from .grid import GridTopology
 from .mst import minimum_spanning_tree
 from .rooting import root_forest, tree_from_edges
-from .sequence import SequenceTopology, chain_tree
+from .sequence import CausalSequenceTopology, GrootLTopology, SequenceTopology, chain_tree
 
 __all__ = [
     "Topology",
     "GridTopology",
     "SequenceTopology",
+    "CausalSequenceTopology",
+    "GrootLTopology",
     "GraphTopology",
     "minimum_spanning_tree",
     "root_forest",
