@@ -21,6 +21,9 @@ flattened into the channels: per token :math:`x_t = \Delta_t B_t u_t` and
 The output is Mamba's: :math:`y_t = W_{out}\big((C_t \cdot h_t + D \odot u_t) \odot
 \mathrm{SiLU}(z_t)\big)`. ``docs/language_models.md`` has the math of each mode and how
 generation works with each.
+
+The module is one class of about 500 lines: each mode's forward and the state it keeps in
+a transformers cache must agree exactly, so they stay side by side.
 """
 from __future__ import annotations
 

@@ -240,8 +240,8 @@ def spanning_forest(edge_index: Tensor, cost: Tensor, num_nodes: int, *,
         BoolTensor [E]: ``True`` for the edges of the forest.
 
     Shapes:
-        - **input:** ``edge_index [2, E]``, ``cost [E]``
-        - **output:** ``[E]``
+        - **input:** edge indices :math:`(2, E)`, edge costs :math:`(E)`
+        - **output:** edge mask :math:`(E)`
     """
     edge_index, num_nodes = check_device_edge_index(edge_index, num_nodes)
     cost = check_cost(cost, edge_index.shape[1], edge_index.device)

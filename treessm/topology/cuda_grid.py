@@ -223,7 +223,7 @@ def grid_spanning_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int =
             than 4 or 8.
 
     Shapes:
-        - **input:** ``cost`` :math:`[B \cdot E]`
+        - **input:** edge costs :math:`(B \cdot E)`
         - **output:** a :class:`~treessm.Tree` over :math:`N = BHW` vertices, ``B`` trees
     """
     if not isinstance(cost, Tensor):

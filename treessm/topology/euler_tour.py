@@ -299,8 +299,9 @@ def spanning_tree_on_device(edge_index: Tensor, cost: Tensor, num_nodes: int,
         Tree: the rooted minimum spanning forest with its breadth-first plan.
 
     Shapes:
-        - **input:** ``edge_index [2, E]``, ``cost [E]``, ``roots [R]``, ``batch [N]``
-        - **output:** a :class:`~treessm.Tree` over ``N`` vertices
+        - **input:** edge indices :math:`(2, E)`, edge costs :math:`(E)`, roots :math:`(R)`,
+          batch vector :math:`(N)`
+        - **output:** a :class:`~treessm.Tree` over :math:`N` vertices
     """
     edge_index, num_nodes = check_device_edge_index(edge_index, num_nodes)
     device = edge_index.device

@@ -367,7 +367,8 @@ def minimum_spanning_tree(edge_index: torch.Tensor, edge_weight: torch.Tensor, n
             a negative ``num_nodes``.
 
     Shapes:
-        - edge_index: :math:`[2, E]`, edge_weight: :math:`[E]` -> :math:`[E]`
+        - **input:** edge indices :math:`(2, E)`, edge weights :math:`(E)`
+        - **output:** edge mask :math:`(E)`
     """
     num_nodes = check_num_nodes(num_nodes)
     check_edge_index(edge_index, num_nodes)

@@ -64,7 +64,8 @@ def root_forest(edge_index: torch.Tensor, num_nodes: int,
             in one component, or on out-of-range ids.
 
     Shapes:
-        - edge_index: :math:`[2, E]` -> :math:`[N]`
+        - **input:** edge indices :math:`(2, E)`
+        - **output:** parent vector :math:`(N)`
     """
     num_nodes = check_num_nodes(num_nodes)
     check_edge_index(edge_index, num_nodes)
