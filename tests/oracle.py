@@ -16,7 +16,8 @@ from typing import List, Optional
 import torch
 
 __all__ = ["ancestors", "lowest_common_ancestors", "transfer_matrix", "dense_tree_scan",
-           "random_forest", "chain", "star", "single_vertex", "empty", "all_roots"]
+           "kruskal_parents", "random_forest", "chain", "star", "single_vertex", "empty",
+           "all_roots"]
 
 
 def ancestors(parent) -> List[List[int]]:
@@ -107,6 +108,35 @@ def dense_tree_scan(x: torch.Tensor, weight: torch.Tensor, parent, direction: st
 
 
 # ---------------------------------------------------------------------------- forests
+def kruskal_parents(num_nodes: int, pairs, cost, root: int) -> List[int]:
+    """Parent list of the minimum spanning tree of ``pairs`` (``cost(s, t)`` per pair,
+    Kruskal in sorted order, a plain union-find), walked from ``root``; vertices outside
+    ``root``'s tree keep -1."""
+    comp = list(range(num_nodes))
+
+    def find(v):
+        while comp[v] != v:
+            v = comp[v]
+        return v
+
+    adj = {v: [] for v in range(num_nodes)}
+    for s, t in sorted(pairs, key=lambda e: cost(*e)):
+        rs, rt = find(s), find(t)
+        if rs != rt:
+            comp[rs] = rt
+            adj[s].append(t)
+            adj[t].append(s)
+    parent, seen, stack = [-1] * num_nodes, {root}, [root]
+    while stack:
+        v = stack.pop()
+        for u in adj[v]:
+            if u not in seen:
+                seen.add(u)
+                parent[u] = v
+                stack.append(u)
+    return parent
+
+
 def random_forest(n: int, num_roots: int = 1, generator: Optional[torch.Generator] = None,
                   locality: Optional[int] = None) -> torch.LongTensor:
     """A random forest with ``num_roots`` trees and shuffled vertex ids.

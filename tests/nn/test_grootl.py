@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from oracle import kruskal_parents
 from treessm.nn.grootl import MODES, GrootLMixer
 
 RTOL = 1e-5  # the causal tree's tie tolerance
@@ -77,28 +78,8 @@ def loop_grootl_parent(feat, context_len):
     pairs = {(t, t + 1) for t in range(length - 1)}
     if c > 2:
         pairs |= {(s, t) for t in range(c) for s in range(max(0, t - 3), t)}
-    comp = list(range(length))
-
-    def find(v):
-        while comp[v] != v:
-            v = comp[v]
-        return v
-
-    adj = {v: [] for v in range(length)}
-    for s, t in sorted(pairs, key=lambda e: cosine_cost(feat[e[0]], feat[e[1]])):
-        if find(s) != find(t):
-            comp[find(s)] = find(t)
-            adj[s].append(t)
-            adj[t].append(s)
-    parent, stack, seen = [-1] * length, [length - 1], {length - 1}
-    while stack:
-        v = stack.pop()
-        for q in adj[v]:
-            if q not in seen:
-                seen.add(q)
-                parent[q] = v
-                stack.append(q)
-    return parent
+    return kruskal_parents(length, pairs, lambda s, t: cosine_cost(feat[s], feat[t]),
+                           length - 1)
 
 
 def loop_mixer(m, s):

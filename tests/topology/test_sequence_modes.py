@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from oracle import kruskal_parents
 from treessm import SequenceTopology, Tree, tree_scan
 from treessm.topology import chain_tree
 from treessm.topology.sequence import (TIE_RTOL, CausalSequenceTopology, GrootLTopology,
@@ -157,31 +158,8 @@ def loop_grootl_pairs(length, context_len, window=3):
 def loop_mst_parents(feat, pairs):
     """Kruskal by increasing cost, then each tree walked from the last token."""
     length = feat.shape[0]
-    edges = sorted(pairs, key=lambda e: cosine_cost(feat[e[0]], feat[e[1]]))
-    comp = list(range(length))
-
-    def find(v):
-        while comp[v] != v:
-            v = comp[v]
-        return v
-
-    adj = {v: [] for v in range(length)}
-    for s, t in edges:
-        rs, rt = find(s), find(t)
-        if rs != rt:
-            comp[rs] = rt
-            adj[s].append(t)
-            adj[t].append(s)
-    parent = [-1] * length
-    seen, stack = {length - 1}, [length - 1]
-    while stack:
-        v = stack.pop()
-        for u in adj[v]:
-            if u not in seen:
-                seen.add(u)
-                parent[u] = v
-                stack.append(u)
-    return parent
+    return kruskal_parents(length, pairs, lambda s, t: cosine_cost(feat[s], feat[t]),
+                           length - 1)
 
 
 @pytest.mark.parametrize("length, context_len", [(9, None), (9, 5), (9, 3), (9, 2), (6, 40),
