@@ -240,6 +240,65 @@ def test_half_types(backend, dtype):
                                        atol=2 * eps * float(r.abs().max()))
 
 
+# ---------------------------------------------------------------------------- any finite weight
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_exact_for_large_weights_by_hand(backend):
+    # chain 0 <- 1 <- 2 with w = 1e4 and x = e_2: both = [S(2, 0), S(2, 1), 1] = [1e8, 1e4, 1];
+    # a formula that removes a subtree's share by subtraction cancels it to [1e8, 0, -1e8]
+    tree = Tree.from_parent(torch.tensor([-1, 0, 1]))
+    x = torch.tensor([[0.0], [0.0], [1.0]])
+    w = torch.tensor([[7.0], [1e4], [1e4]])
+    h = tree_scan(x, w, tree, "both", backend=backend)
+    assert h.squeeze(1).tolist() == [1e8, 1e4, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_float32_accurate_for_weights_above_one(backend, direction):
+    # a chain of 50 and a random forest with weights in [1, 2): every direction and both
+    # gradients within a few float32 roundings of the float64 oracle, element by element
+    for parent, seed in ((chain(50), 31), (random_forest(60, 3, _gen(32)), 33)):
+        tree = Tree.from_parent(parent)
+        x, _, gout = _inputs(parent.shape[0], 2, seed=seed)
+        x, gout = x.abs() + 0.1, gout.abs() + 0.1  # positive: no cancellation in the sums
+        w = 1 + torch.rand(x.shape, generator=_gen(seed + 1), dtype=torch.float64)
+        ref = _value_and_grads(lambda a, b: dense_tree_scan(a, b, parent, direction), x, w, gout)
+        got = _value_and_grads(lambda a, b: tree_scan(a, b, tree, direction, backend=backend),
+                               x.float(), w.float(), gout.float())
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g.double(), r, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflow_gives_inf_like_up_and_down(backend):
+    # float32 overflow: the sums are +inf in every direction, never NaN
+    tree = Tree.from_parent(chain(12))
+    x = torch.ones(12, 2)
+    w = torch.full((12, 2), 1e30)
+    for direction in DIRECTIONS:
+        h = tree_scan(x, w, tree, direction, backend=backend)
+        assert not torch.isnan(h).any(), direction
+        assert torch.isinf(h).any(), direction
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_unused_root_weights_do_not_leak(backend, direction):
+    # the weights of roots belong to no edge: NaN or inf there changes nothing, and their
+    # gradient is zero
+    parent = random_forest(20, 3, _gen(34))
+    tree = Tree.from_parent(parent)
+    x, w, gout = _inputs(20, 3, seed=35)
+    roots = parent < 0
+    w_bad = w.clone()
+    w_bad[roots] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=w.dtype)
+    fn = lambda a, b: tree_scan(a, b, tree, direction, backend=backend)  # noqa: E731
+    ref = _value_and_grads(fn, x, w, gout)
+    got = _value_and_grads(fn, x, w_bad, gout)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- backends agree
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_backends_agree_on_grid_like_forest(direction):

@@ -14,10 +14,12 @@ kernel would do it. The rows of consecutive vertices of ``order`` lie at random 
 in memory, so the cost is the number of rows touched, and the passes are fused to touch
 few: ``up``, ``down`` and their gradients are single passes that produce ``dL/dx`` and
 ``dL/dw`` together; ``both`` is an up pass writing ``up(x)`` into the output and a
-root-first pass turning it into ``both(x)`` in place, tree by tree, so the second pass
-finds the top of the tree still in cache; its gradient is one leaf-first pass computing
-``up(x)`` and ``up(grad)`` together (held in the two output buffers) and one root-first
-pass producing ``dL/dx`` and ``dL/dw``.
+root-first pass adding the part from outside each subtree in place, tree by tree, so the
+second pass finds the top of the tree still in cache; that part is formed from each
+parent's bracket with prefix and suffix sums over its children (never a total minus a
+child's own share, which would cancel for weights above one); the gradient of ``both`` is
+one leaf-first pass computing ``up(x)`` and ``up(grad)`` together (held in the two output
+buffers) and one root-first pass producing ``dL/dx`` and ``dL/dw`` from both brackets.
 
 Work is split into items ``(group of whole trees, block of channels)`` run with
 ``prange``. A forest of many similar trees is split by trees, so each thread owns
@@ -113,15 +115,48 @@ def _grad_down(g, w, h, gx, gw, order, child_ptr, a, b, nc, c0, m):
 
 # ---------------------------------------------------------------------------- two passes
 @njit(cache=True)
-def _both_down(w, h, order, child_ptr, a, b, nc, c0, m, one):
-    # in place, h = up(x) on entry: both[u] = w[u] both[p] + (1 - w[u]^2) up[u], roots first
+def _brackets(xs, w, us, os, v, k0, k1, order, nc, c0, m, tail):
+    # For the children u of the vertex at row v (positions k0..k1), the bracket
+    # os[v] + xs[v] + sum over the siblings s != u of w[s] us[s], written into os[u]: an
+    # exclusive prefix sum forwards, then the suffix added backwards (``tail`` holds it),
+    # so no sibling's share is ever subtracted back out.
+    u = np.uint64(order[k0]) * nc + c0
+    for c in range(m):
+        os[u + c] = os[v + c] + xs[v + c]
+    for k in range(k0 + 1, k1):
+        p = u
+        u = np.uint64(order[k]) * nc + c0
+        for c in range(m):
+            os[u + c] = os[p + c] + w[p + c] * us[p + c]
+    for c in range(m):
+        tail[c] = 0
+    for k in range(k1 - 1, k0 - 1, -1):
+        u = np.uint64(order[k]) * nc + c0
+        for c in range(m):
+            s = w[u + c] * us[u + c]
+            os[u + c] = os[u + c] + tail[c]
+            tail[c] += s
+
+
+@njit(cache=True)
+def _both_down(x, w, h, o, order, child_ptr, a, b, nc, c0, m, tail):
+    # h = up(x) on entry, becomes both(x) = up(x) + out, roots first; o[u] = out[u] =
+    # w[u] br[u], the part of the tree outside u's subtree
+    r = np.uint64(order[a]) * nc + c0
+    for c in range(m):
+        o[r + c] = 0
     for i in range(a, b):
         v = np.uint64(order[i]) * nc + c0
-        for k in range(child_ptr[i], min(child_ptr[i + 1], b)):
-            u = np.uint64(order[k]) * nc + c0
-            for c in range(m):
-                wu = w[u + c]
-                h[u + c] = wu * h[v + c] + (one - wu * wu) * h[u + c]
+        k0 = child_ptr[i]
+        k1 = min(child_ptr[i + 1], b)
+        if k0 < k1:
+            _brackets(x, w, h, o, v, k0, k1, order, nc, c0, m, tail)
+            for k in range(k0, k1):
+                u = np.uint64(order[k]) * nc + c0
+                for c in range(m):
+                    o[u + c] = w[u + c] * o[u + c]
+        for c in range(m):
+            h[v + c] = h[v + c] + o[v + c]
 
 
 @njit(cache=True)
@@ -141,27 +176,33 @@ def _grad_both_up(g, x, w, ux, ug, order, child_ptr, a, b, nc, c0, m):
 
 
 @njit(cache=True)
-def _grad_both_down(w, h, gx, gw, order, child_ptr, a, b, nc, c0, m, one, two):
-    # on entry gx = up(g) and gw = up(x); roots first, in place, gx becomes both(g) and
-    # gw[u] = up(x)[u] both(g)[p] + up(g)[u] h[p] - 2 w[u] up(x)[u] up(g)[u]
+def _grad_both_down(g, x, w, gx, gw, ox, og, order, child_ptr, a, b, nc, c0, m, tail):
+    # on entry gx = up(g) and gw = up(x); roots first, gx becomes both(g) and
+    # gw[u] = up(x)[u] br_g[u] + up(g)[u] br_x[u]; ox, og hold the outside parts
     r = np.uint64(order[a]) * nc + c0
     for c in range(m):
-        gw[r + c] = 0
+        ox[r + c] = 0
+        og[r + c] = 0
     for i in range(a, b):
+        v = np.uint64(order[i]) * nc + c0
         k0 = child_ptr[i]
         k1 = min(child_ptr[i + 1], b)
-        if k0 >= k1:  # a leaf: its row of h is not needed
-            continue
-        v = np.uint64(order[i]) * nc + c0
-        for k in range(k0, k1):
-            u = np.uint64(order[k]) * nc + c0
-            for c in range(m):
-                wu = w[u + c]
-                xu = gw[u + c]
-                gu = gx[u + c]
-                gp = gx[v + c]
-                gx[u + c] = wu * gp + (one - wu * wu) * gu
-                gw[u + c] = xu * gp + gu * h[v + c] - two * wu * xu * gu
+        if k0 < k1:
+            _brackets(x, w, gw, ox, v, k0, k1, order, nc, c0, m, tail)
+            _brackets(g, w, gx, og, v, k0, k1, order, nc, c0, m, tail)
+            for k in range(k0, k1):
+                u = np.uint64(order[k]) * nc + c0
+                for c in range(m):
+                    bx = ox[u + c]
+                    bg = og[u + c]
+                    wu = w[u + c]
+                    gw[u + c] = gw[u + c] * bg + gx[u + c] * bx
+                    ox[u + c] = wu * bx
+                    og[u + c] = wu * bg
+        for c in range(m):
+            gx[v + c] = gx[v + c] + og[v + c]
+    for c in range(m):
+        gw[r + c] = 0
 
 
 # ---------------------------------------------------------------------------- parallel drivers
@@ -169,19 +210,20 @@ def _grad_both_down(w, h, gx, gw, order, child_ptr, a, b, nc, c0, m, one, two):
 # [blocks[j % nblk], blocks[j % nblk + 1]), swept tree by tree.
 
 @njit(cache=True, parallel=True)
-def _forward_kernel(x, w, h, nc, order, child_ptr, tree_ptr, groups, blocks, mode, one):
+def _forward_kernel(x, w, h, o, nc, order, child_ptr, tree_ptr, groups, blocks, mode):
     nblk = blocks.shape[0] - 1
     for j in prange((groups.shape[0] - 1) * nblk):
         gi = j // nblk
         bi = j - gi * nblk
         c0 = np.uint64(blocks[bi])
         m = np.uint64(blocks[bi + 1] - blocks[bi])
+        tail = np.empty(m, h.dtype)
         for t in range(groups[gi], groups[gi + 1]):
             a = tree_ptr[t]
             b = tree_ptr[t + 1]
             if mode == 0:  # the rows of the tree's top are still cached for the second pass
                 _up(x, w, h, order, child_ptr, a, b, nc, c0, m)
-                _both_down(w, h, order, child_ptr, a, b, nc, c0, m, one)
+                _both_down(x, w, h, o, order, child_ptr, a, b, nc, c0, m, tail)
             elif mode == 1:
                 _up(x, w, h, order, child_ptr, a, b, nc, c0, m)
             else:
@@ -189,20 +231,21 @@ def _forward_kernel(x, w, h, nc, order, child_ptr, tree_ptr, groups, blocks, mod
 
 
 @njit(cache=True, parallel=True)
-def _backward_kernel(g, x, w, h, gx, gw, nc, order, child_ptr, tree_ptr, groups, blocks, mode,
-                     one, two):
+def _backward_kernel(g, x, w, h, gx, gw, ox, og, nc, order, child_ptr, tree_ptr, groups, blocks,
+                     mode):
     nblk = blocks.shape[0] - 1
     for j in prange((groups.shape[0] - 1) * nblk):
         gi = j // nblk
         bi = j - gi * nblk
         c0 = np.uint64(blocks[bi])
         m = np.uint64(blocks[bi + 1] - blocks[bi])
+        tail = np.empty(m, gx.dtype)
         for t in range(groups[gi], groups[gi + 1]):
             a = tree_ptr[t]
             b = tree_ptr[t + 1]
             if mode == 0:  # gw and gx hold up(x) and up(g) between the passes
                 _grad_both_up(g, x, w, gw, gx, order, child_ptr, a, b, nc, c0, m)
-                _grad_both_down(w, h, gx, gw, order, child_ptr, a, b, nc, c0, m, one, two)
+                _grad_both_down(g, x, w, gx, gw, ox, og, order, child_ptr, a, b, nc, c0, m, tail)
             elif mode == 1:  # gx = down(g)
                 _grad_up(g, w, h, gx, gw, order, child_ptr, a, b, nc, c0, m)
             else:  # gx = up(g)
@@ -285,8 +328,9 @@ def forward(x, w, order, child_ptr, tree_ptr, direction):
     tp = _index(tree_ptr)
     mode = _MODES[direction]
     groups, blocks = _plan(tp, n, c, xf.itemsize)
-    _forward_kernel(xf, wf, h, np.uint64(c), _index(order), _index(child_ptr), tp, groups, blocks,
-                    mode, xf.dtype.type(1))
+    o = _empty(n, c, xf.dtype) if mode == 0 else h[:0]
+    _forward_kernel(xf, wf, h, o, np.uint64(c), _index(order), _index(child_ptr), tp, groups,
+                    blocks, mode)
     return _tensor(h, n, c)
 
 
@@ -304,7 +348,8 @@ def backward(g, x, w, h, order, child_ptr, tree_ptr, direction):
     tp = _index(tree_ptr)
     mode = _MODES[direction]
     groups, blocks = _plan(tp, n, c, xf.itemsize)
-    dt = xf.dtype.type
-    _backward_kernel(gf, xf, wf, hf, gx, gw, np.uint64(c), _index(order), _index(child_ptr), tp,
-                     groups, blocks, mode, dt(1), dt(2))
+    ox = _empty(n, c, xf.dtype) if mode == 0 else gx[:0]
+    og = _empty(n, c, xf.dtype) if mode == 0 else gx[:0]
+    _backward_kernel(gf, xf, wf, hf, gx, gw, ox, og, np.uint64(c), _index(order),
+                     _index(child_ptr), tp, groups, blocks, mode)
     return _tensor(gx, n, c), _tensor(gw, n, c)

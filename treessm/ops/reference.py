@@ -3,20 +3,26 @@
 Each pass walks the breadth-first levels of the forest (all trees at once) and
 updates every vertex of a level with one gather/scatter, so the Python loop runs
 ``depth + 1`` times whatever ``N`` and ``C`` are. It needs no compilation and is
-the fallback of every other backend. Gradients are written in closed form from the
-same passes (``docs/concepts.md``):
+the fallback of every other backend. The recurrences and gradients are those of
+``docs/concepts.md``:
 
-* ``up`` and ``down`` are adjoint: dL/dx of one is the other applied to dL/dh;
-* ``both`` is self-adjoint;
-* for the edge (e, p(e)), with ``U = up(x)``, ``G = up(g)``, ``H = h``:
-  ``down``: ``gw[e] = up(g)[e] * h[p]``; ``up``: ``gw[e] = h[e] * down(g)[p]``;
-  ``both``: ``gw[e] = U[e] * both(g)[p] + G[e] * H[p] - 2 w[e] U[e] G[e]``.
+* ``up[v] = x[v] + sum_c w[c] up[c]`` (leaves first), ``down[v] = x[v] + w[v] down[p]``
+  (roots first); they are adjoint: dL/dx of one is the other applied to dL/dh;
+* ``both = up + out``, where ``out[v] = w[v] br[v]`` collects the part of the tree outside
+  v's subtree through the *bracket* ``br[v] = out[p] + x[p] + sum over the siblings s of
+  v of w[s] up[s]``; sibling sums are formed from prefix and suffix sums, never as a total
+  minus the vertex's own share, so nothing cancels whatever the weights; ``both`` is
+  self-adjoint;
+* for the edge (e, p(e)): ``down``: ``gw[e] = up(g)[e] h[p]``; ``up``:
+  ``gw[e] = h[e] down(g)[p]``; ``both``: ``gw[e] = up(x)[e] br_g[e] + up(g)[e] br_x[e]``.
+
+Weights of roots are never read, and their gradients are zero.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["scan_up", "scan_down", "scan_both", "forward", "backward"]
+__all__ = ["scan_up", "scan_down", "scan_both", "outside", "forward", "backward"]
 
 
 def _level(level_order, level_ptr, d):
@@ -39,15 +45,43 @@ def scan_down(x, w, parent, level_order, level_ptr):
     return h
 
 
+def _sibling_sums(values, par):
+    """For each entry of a level (siblings contiguous, as breadth-first order keeps them),
+    the sum of ``values`` over its siblings, itself excluded: an exclusive prefix plus an
+    exclusive suffix sum inside each sibling group, on a zero-padded [groups, width] grid."""
+    n = par.shape[0]
+    start = torch.ones(n, dtype=torch.bool, device=par.device)
+    start[1:] = par[1:] != par[:-1]
+    group = torch.cumsum(start, 0) - 1
+    first = torch.nonzero(start).squeeze(1)
+    rank = torch.arange(n, device=par.device) - first[group]
+    width = int(rank.max()) + 1
+    grid = values.new_zeros((int(group[-1]) + 1, width + 1) + values.shape[1:])
+    grid[group, rank + 1] = values
+    before = torch.cumsum(grid, 1)[:, :-1]                      # sum of ranks < r
+    after = torch.flip(torch.cumsum(torch.flip(grid, (1,)), 1), (1,))[:, 1:]  # ranks > r ...
+    after = torch.cat([after[:, 1:], torch.zeros_like(after[:, :1])], 1)      # ... shifted
+    return before[group, rank] + after[group, rank]
+
+
+def outside(x, w, up, parent, level_order, level_ptr):
+    """``(out, br)``: the contribution to each vertex from outside its subtree and the
+    bracket that ``out`` multiplies by the vertex's weight (zero at roots)."""
+    out = torch.zeros_like(x)
+    br = torch.zeros_like(x)
+    for d in range(1, len(level_ptr) - 1):
+        idx = _level(level_order, level_ptr, d)
+        par = parent[idx]
+        b = (out[par] + x[par]) + _sibling_sums(w[idx] * up[idx], par)
+        br[idx] = b
+        out[idx] = w[idx] * b
+    return out, br
+
+
 def scan_both(x, w, parent, level_order, level_ptr, up=None):
     if up is None:
         up = scan_up(x, w, parent, level_order, level_ptr)
-    h = up.clone()
-    for d in range(1, len(level_ptr) - 1):
-        idx = _level(level_order, level_ptr, d)
-        wi = w[idx]
-        h[idx] = wi * h[parent[idx]] + (1 - wi * wi) * up[idx]
-    return h
+    return up + outside(x, w, up, parent, level_order, level_ptr)[0]
 
 
 def _compute_dtype(dtype):
@@ -74,23 +108,26 @@ def backward(g, x, w, h, parent, levels, direction, need_x=True, need_w=True):
     ct = _compute_dtype(x.dtype)
     gc, xc, wc, hc = g.to(ct), x.to(ct), w.to(ct), h.to(ct)
     lo, lp = levels
-    nonroot = parent >= 0
+    nonroot = (parent >= 0).view(-1, *([1] * (x.dim() - 1)))
     p = parent.clamp(min=0)
-    mask = nonroot.view(-1, *([1] * (x.dim() - 1))).to(ct)
     if direction == "up":
         gx = scan_down(gc, wc, parent, lo, lp)
-        gw = hc * gx[p] * mask if need_w else None
+        gw = hc * gx[p] if need_w else None
     elif direction == "down":
         gx = scan_up(gc, wc, parent, lo, lp)
-        gw = gx * hc[p] * mask if need_w else None
+        gw = gx * hc[p] if need_w else None
     else:
         G = scan_up(gc, wc, parent, lo, lp)
-        gx = scan_both(gc, wc, parent, lo, lp, up=G)
+        out_g, br_g = outside(gc, wc, G, parent, lo, lp)
+        gx = G + out_g
         if need_w:
             U = scan_up(xc, wc, parent, lo, lp)
-            gw = (U * gx[p] + G * hc[p] - 2 * wc * U * G) * mask
+            br_x = outside(xc, wc, U, parent, lo, lp)[1]
+            gw = U * br_g + G * br_x
         else:
             gw = None
+    if gw is not None:  # roots: zero, also where their unused weights are not finite
+        gw = torch.where(nonroot, gw, torch.zeros((), dtype=ct, device=gw.device))
     gx = gx.to(x.dtype) if need_x else None
     gw = gw.to(w.dtype) if gw is not None else None
     return gx, gw
