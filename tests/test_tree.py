@@ -110,6 +110,21 @@ def test_invalid_parent(parent, match):
         Tree.from_parent(parent)
 
 
+@pytest.mark.parametrize("parent", [[-1, 7, 0], [-1, -5], [3], [-1, 0, 2 ** 40]])
+def test_out_of_range_parent_raises_without_validation(parent):
+    # the layout kernel indexes by the parent ids: unchecked, they crashed the interpreter
+    with pytest.raises(ValueError, match="parent must hold vertex ids"):
+        Tree.from_parent(torch.tensor(parent), validate=False)
+
+
+@pytest.mark.parametrize("empty", [[], (), torch.zeros(0, dtype=torch.long),
+                                   torch.zeros(0, dtype=torch.int32)])
+def test_empty_parent_gives_the_empty_forest(empty):
+    tree = Tree.from_parent(empty, batch=[] if isinstance(empty, list) else None)
+    assert tree.num_nodes == tree.num_trees == 0
+    assert tree.roots.shape == (0,) and tree.order.dtype == torch.long
+
+
 def test_parent_in_other_batch_element():
     with pytest.raises(ValueError, match="may not span examples"):
         Tree.from_parent(torch.tensor([-1, 0, 1]), torch.tensor([0, 0, 1]))

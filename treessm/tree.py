@@ -87,7 +87,13 @@ def _bfs_forest(parent):
 def _as_index_tensor(t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         try:
-            t = torch.as_tensor(np.asarray(t))
+            a = np.asarray(t)
+        except Exception as exc:
+            raise TypeError(f"{name} must be a 1-D integer tensor, got {type(t).__name__}") from exc
+        if a.size == 0 and a.dtype == np.float64:  # an empty list holds no floats
+            a = a.astype(np.int64)
+        try:
+            t = torch.as_tensor(a)
         except Exception as exc:
             raise TypeError(f"{name} must be a 1-D integer tensor, got {type(t).__name__}") from exc
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -157,11 +163,17 @@ class Tree:
             parent (LongTensor [N]): parent vertex of each vertex, or -1.
             batch (LongTensor [N], optional): example id of each vertex; a parent must lie in
                 the same example as its child. (default: ``None``)
-            validate (bool): check indices and batch consistency (a cycle is always
-                reported). (default: ``True``)
+            validate (bool): check that every parent lies in its child's example. Parent
+                ids outside ``[-1, N)`` and cycles are reported either way: the layout
+                cannot be built without those checks. (default: ``True``)
 
         Raises:
+            TypeError: if ``parent`` or ``batch`` is not an integer sequence or tensor.
             ValueError: on out-of-range parents, cycles or a parent in another example.
+
+        Example:
+            >>> Tree.from_parent(torch.tensor([-1, 0, 0, 1])).order
+            tensor([0, 1, 2, 3])
         """
         parent = _as_index_tensor(parent, "parent")
         device = parent.device
@@ -171,11 +183,12 @@ class Tree:
             if batch.shape[0] != n:
                 raise ValueError(f"batch must have one entry per vertex ({n}), got {batch.shape[0]}")
         p = parent.detach().cpu().numpy().astype(np.int64, copy=False)
+        # always: the compiled layout below indexes by these ids
+        if n > 0 and (p.min() < -1 or p.max() >= n):
+            bad = int(np.flatnonzero((p < -1) | (p >= n))[0])
+            raise ValueError(f"parent must hold vertex ids in [0, {n}) or -1 for a root; "
+                             f"parent[{bad}] = {int(p[bad])}")
         if validate and n > 0:
-            if p.min() < -1 or p.max() >= n:
-                bad = int(np.flatnonzero((p < -1) | (p >= n))[0])
-                raise ValueError(f"parent must hold vertex ids in [0, {n}) or -1 for a root; "
-                                 f"parent[{bad}] = {int(p[bad])}")
             if batch is not None:
                 b = batch.cpu().numpy()
                 has = p >= 0
