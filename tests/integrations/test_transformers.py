@@ -235,7 +235,7 @@ def test_lora_on_a_converted_model():
 def test_bad_inputs(mamba):
     with pytest.raises(ValueError, match="mode must be one of"):
         converted(mamba, "tree")
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be a positive int"):
         converted(mamba, "causal", k=0)
     with pytest.raises(ValueError, match="k is used with mode='causal'"):
         converted(mamba, "chain", k=2)

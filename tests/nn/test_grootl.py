@@ -247,7 +247,7 @@ def test_parameters_init_and_repr():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(mode="tree"), ValueError, "mode must be one of"),
-    (dict(mode="causal", k=0), ValueError, "k must be >= 1"),
+    (dict(mode="causal", k=0), ValueError, "k must be a positive int"),
     (dict(mode="chain", k=2), ValueError, "k is used with mode='causal'"),
     (dict(mode="causal", context_len=4), ValueError, "context_len is used with mode='paper'"),
     (dict(mode="chain", tree_scale=0.5), ValueError, "tree_scale is used with mode='paper'"),

@@ -121,9 +121,9 @@ def test_causal_forest_on_device_path_equals_host_layout(masked):
 
 
 def test_causal_validation():
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be a positive int"):
         CausalSequenceTopology(k=0)
-    with pytest.raises(TypeError, match="k must be an int"):
+    with pytest.raises(TypeError, match="k must be a positive int"):
         CausalSequenceTopology(k=2.0)
     with pytest.raises(ValueError, match="tie_rtol"):
         CausalSequenceTopology(tie_rtol=-1.0)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from treessm import Tree, tree_scan
+from treessm._checks import check_int
 from treessm.examples.distributed import World, param_checksum, setup
 from treessm.models import GrootV
 
@@ -290,8 +291,7 @@ def run(out: str, epochs: int = 20, seed: int = 0, quick: bool = False, threads:
     """
     import numba
 
-    if threads < 1:
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    threads = check_int(threads, "threads", 1)
     saved = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

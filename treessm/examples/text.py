@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from treessm._checks import check_int
+
 __all__ = ["load_text", "make_model", "train", "bits_per_byte", "generate_samples",
            "skip_fraction", "run", "main", "MODES"]
 
@@ -187,11 +189,9 @@ def run(out_dir: str, modes: Sequence[str] = ("chain", "causal"),
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("hidden_size", hidden_size), ("num_layers", num_layers),
                         ("state_size", state_size), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, 1)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        check_int(threads, "threads", 1)
         torch.set_num_threads(threads)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:

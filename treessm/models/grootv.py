@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_bool, check_int, check_ints, check_number
 from ..nn.layers import DropPath, LayerNorm2d, Mlp
 from ..nn.tree_ssm import TreeSSM
 from ..tree import Tree
@@ -137,14 +138,6 @@ class FeatureInfo(list):
         return [info["reduction"] for info in self]
 
 
-def _positive_ints(value, name: str, length: Optional[int] = None) -> tuple:
-    if isinstance(value, int) or not all(isinstance(v, int) and v >= 1 for v in value):
-        raise ValueError(f"{name} must be a sequence of positive ints, got {value!r}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"{name} must have {length} entries, got {len(value)}")
-    return tuple(value)
-
-
 class GrootV(nn.Module):
     r"""The GrootV backbone and classifier.
 
@@ -199,34 +192,33 @@ class GrootV(nn.Module):
                  downsample_strides: Optional[Sequence[int]] = None,
                  features_only: bool = False, out_indices: Optional[Sequence[int]] = None):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-        if not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
-        depths = _positive_ints(depths, "depths")
-        dims = _positive_ints(dims, "dims", len(depths))
+        num_classes = check_int(num_classes, "num_classes", 0)
+        in_chans = check_int(in_chans, "in_chans", 1)
+        depths = check_ints(depths, "depths", 1)
+        if not depths:
+            raise ValueError("depths must hold at least one stage, got ()")
+        dims = check_ints(dims, "dims", 1, len(depths))
         if dims[0] < 2:
             raise ValueError(f"dims[0] must be at least 2 (the stem halves it), got {dims[0]}")
-        stem_strides = _positive_ints(stem_strides, "stem_strides", 2)
+        stem_strides = check_ints(stem_strides, "stem_strides", 1, 2)
         num_stages = len(depths)
         if downsample_strides is None:
             downsample_strides = (2,) * (num_stages - 1)
-        downsample_strides = _positive_ints(downsample_strides, "downsample_strides",
-                                            num_stages - 1) if num_stages > 1 else ()
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
-        if not head_ratio > 0:
-            raise ValueError(f"head_ratio must be positive, got {head_ratio!r}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate!r}")
+        downsample_strides = check_ints(downsample_strides, "downsample_strides", 1,
+                                        num_stages - 1)
+        mlp_ratio = check_number(mlp_ratio, "mlp_ratio", 0, low_open=True)
+        head_ratio = check_number(head_ratio, "head_ratio", 0, low_open=True)
+        drop_rate = check_number(drop_rate, "drop_rate", 0.0, 1.0, high_open=True)
+        drop_path_rate = check_number(drop_path_rate, "drop_path_rate", 0.0, 1.0,
+                                      high_open=True)
+        shared_tree = check_bool(shared_tree, "shared_tree")
+        features_only = check_bool(features_only, "features_only")
         if not features_only and out_indices is not None:
             raise ValueError("out_indices is only used with features_only=True")
         if out_indices is None:
             out_indices = tuple(range(num_stages))
-        if isinstance(out_indices, int) or len(out_indices) == 0 or not all(
-                isinstance(i, int) and -num_stages <= i < num_stages for i in out_indices):
+        out_indices = check_ints(out_indices, "out_indices")
+        if not out_indices or not all(-num_stages <= i < num_stages for i in out_indices):
             raise ValueError(f"out_indices must be a non-empty sequence of stage indices in "
                              f"[{-num_stages}, {num_stages}), got {out_indices!r}")
         out_indices = tuple(sorted({i % num_stages for i in out_indices}))
@@ -301,9 +293,7 @@ class GrootV(nn.Module):
         (``0``: none, :meth:`forward` then returns pooled features)."""
         if self.features_only:
             raise RuntimeError("a features_only model has no classifier")
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = num_classes = check_int(num_classes, "num_classes", 0)
         device = self.conv_head[0].weight.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) \
             if num_classes > 0 else nn.Identity()

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import (check_bool, check_choice, check_int, check_int_or_auto, check_number,
+                       check_optional_choice)
 from ..ops import tree_scan
 from ..ops.tree_scan import BACKENDS
 from ..topology import chain_tree
@@ -51,12 +53,6 @@ _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
                 "tanh": torch.tanh}
 _DEFAULT_K = 4
 _DEFAULT_TREE_SCALE = 0.3  # the GrootVL authors' factor on the tree scan
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class GrootLMixer(nn.Module):
@@ -147,22 +143,22 @@ class GrootLMixer(nn.Module):
                  tree_scale: Optional[float] = None, distance: Any = "cosine",
                  layer_idx: int = 0, backend: Optional[str] = None):
         super().__init__()
-        hidden_size = _positive_int(hidden_size, "hidden_size")
-        state_size = _positive_int(state_size, "state_size")
-        conv_kernel = _positive_int(conv_kernel, "conv_kernel")
+        hidden_size = check_int(hidden_size, "hidden_size", 1)
+        state_size = check_int(state_size, "state_size", 1)
+        conv_kernel = check_int(conv_kernel, "conv_kernel", 1)
         if intermediate_size is None:
-            if not expand > 0 or int(expand * hidden_size) < 1:
+            expand = check_number(expand, "expand", 0, low_open=True)
+            if int(expand * hidden_size) < 1:
                 raise ValueError(f"expand must be positive with int(expand * hidden_size) >= 1, "
                                  f"got {expand!r}")
             intermediate_size = int(expand * hidden_size)
-        intermediate_size = _positive_int(intermediate_size, "intermediate_size")
-        if time_step_rank == "auto":
-            time_step_rank = math.ceil(hidden_size / 16)
-        time_step_rank = _positive_int(time_step_rank, "time_step_rank")
-        if hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {tuple(_ACTIVATIONS)}, got {hidden_act!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        intermediate_size = check_int(intermediate_size, "intermediate_size", 1)
+        time_step_rank = check_int_or_auto(time_step_rank, "time_step_rank",
+                                           math.ceil(hidden_size / 16))
+        use_conv_bias = check_bool(use_conv_bias, "use_conv_bias")
+        use_bias = check_bool(use_bias, "use_bias")
+        hidden_act = check_choice(hidden_act, "hidden_act", tuple(_ACTIVATIONS))
+        mode = check_choice(mode, "mode", MODES)
         if k is not None and mode != "causal":
             raise ValueError(f"k is used with mode='causal' only, got k={k!r} with mode={mode!r}")
         if mode != "paper":
@@ -170,11 +166,8 @@ class GrootLMixer(nn.Module):
                 if value is not None:
                     raise ValueError(f"{name} is used with mode='paper' only, got {name}="
                                      f"{value!r} with mode={mode!r}")
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
-        if backend is not None and backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be None or one of {('auto',) + BACKENDS}, "
-                             f"got {backend!r}")
+        layer_idx = check_int(layer_idx, "layer_idx", 0)
+        backend = check_optional_choice(backend, "backend", ("auto",) + BACKENDS)
 
         self.hidden_size = hidden_size
         self.ssm_state_size = state_size
@@ -196,9 +189,8 @@ class GrootLMixer(nn.Module):
             self.k = self.topology.k
         elif mode == "paper":
             self.topology = GrootLTopology(context_len, 3, distance)
-            self.tree_scale = float(_DEFAULT_TREE_SCALE if tree_scale is None else tree_scale)
-            if not math.isfinite(self.tree_scale):
-                raise ValueError(f"tree_scale must be a finite number, got {tree_scale!r}")
+            self.tree_scale = check_number(_DEFAULT_TREE_SCALE if tree_scale is None
+                                           else tree_scale, "tree_scale")
 
         d_inner = intermediate_size
         # registered in MambaMixer's order, so that the state dicts list the same keys in

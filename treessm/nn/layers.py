@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_bool, check_int, check_number
+
 __all__ = ["drop_path", "DropPath", "LayerNorm2d", "Mlp"]
 
 
@@ -37,9 +39,7 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"p must lie in [0, 1), got {p}")
-        self.p = float(p)
+        self.p = check_number(p, "p", 0.0, 1.0, high_open=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return drop_path(x, self.p, self.training)
@@ -82,8 +82,10 @@ class Mlp(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int, drop: float = 0.0,
                  bias: bool = True):
         super().__init__()
-        self.in_channels = in_channels
-        self.hidden_channels = hidden_channels
+        self.in_channels = in_channels = check_int(in_channels, "in_channels", 1)
+        self.hidden_channels = hidden_channels = check_int(hidden_channels, "hidden_channels", 1)
+        drop = check_number(drop, "drop", 0.0, 1.0, high_open=True)
+        bias = check_bool(bias, "bias")
         self.fc1 = nn.Linear(in_channels, hidden_channels, bias=bias)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_channels, in_channels, bias=bias)

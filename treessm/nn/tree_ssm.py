@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import (check_bool, check_choice, check_int, check_int_or_auto, check_number,
+                       check_optional_choice)
 from ..ops import tree_scan
 from ..ops.tree_scan import BACKENDS
 from ..topology import GridTopology, chain_tree
@@ -42,8 +44,7 @@ def raster_tree(batch_size: int, height: int, width: int, device="cpu") -> Tree:
         device (torch.device or str): device of the tree. (default: ``"cpu"``)
     """
     for name, value in (("batch_size", batch_size), ("height", height), ("width", width)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, 1)
     return chain_tree(batch_size, height * width, device)
 
 
@@ -72,14 +73,13 @@ class SelectiveTreeSSM(nn.Module):
 
     def _build_ssm(self, d_inner: int, d_state: int, dt_rank: int, dt_min: float,
                    dt_max: float, dt_init_floor: float, backend: Optional[str]) -> None:
-        if not 0 < dt_min <= dt_max:
+        dt_min = check_number(dt_min, "dt_min", 0, low_open=True)
+        dt_max = check_number(dt_max, "dt_max", 0, low_open=True)
+        if not dt_min <= dt_max:
             raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got "
                              f"{dt_min!r} and {dt_max!r}")
-        if not dt_init_floor > 0:
-            raise ValueError(f"dt_init_floor must be positive, got {dt_init_floor!r}")
-        if backend is not None and backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be None or one of {('auto',) + BACKENDS}, "
-                             f"got {backend!r}")
+        dt_init_floor = check_number(dt_init_floor, "dt_init_floor", 0, low_open=True)
+        backend = check_optional_choice(backend, "backend", ("auto",) + BACKENDS)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.backend = backend
@@ -235,21 +235,19 @@ class TreeSSM(SelectiveTreeSSM):
                  scan: str = "tree", topology: Optional[Callable[[Tensor], Tree]] = None,
                  backend: Optional[str] = None, bias: bool = False):
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if not isinstance(d_state, int) or d_state < 1:
-            raise ValueError(f"d_state must be a positive int, got {d_state!r}")
-        if not ssm_ratio > 0 or int(ssm_ratio * d_model) < 1:
+        d_model = check_int(d_model, "d_model", 1)
+        d_state = check_int(d_state, "d_state", 1)
+        ssm_ratio = check_number(ssm_ratio, "ssm_ratio", 0, low_open=True)
+        if int(ssm_ratio * d_model) < 1:
             raise ValueError(f"ssm_ratio must be positive with int(ssm_ratio * d_model) >= 1, "
                              f"got {ssm_ratio!r}")
-        if dt_rank == "auto":
-            dt_rank = math.ceil(d_model / 16)
-        if not isinstance(dt_rank, int) or dt_rank < 1:
-            raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}")
-        if not isinstance(d_conv, int) or d_conv < 0 or (d_conv > 0 and d_conv % 2 == 0):
+        dt_rank = check_int_or_auto(dt_rank, "dt_rank", math.ceil(d_model / 16))
+        d_conv = check_int(d_conv, "d_conv", 0)
+        if d_conv > 0 and d_conv % 2 == 0:
             raise ValueError(f"d_conv must be 0 or an odd positive int, got {d_conv!r}")
-        if scan not in SCANS:
-            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+        conv_bias = check_bool(conv_bias, "conv_bias")
+        bias = check_bool(bias, "bias")
+        scan = check_choice(scan, "scan", SCANS)
         if topology is not None:
             if scan != "tree":
                 raise ValueError(f"topology is only used with scan='tree', got scan={scan!r}")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
+from .._checks import check_bool, check_choice, check_int, check_int_or_auto, check_number
 from ..topology import GraphTopology
 from ..topology.distance import Distance
 from ..topology.graph import check_graph
@@ -95,20 +96,17 @@ class TreeSSMConv(SelectiveTreeSSM):
                  local_mixing: bool = True, dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, backend: Optional[str] = None, bias: bool = True):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("d_state", d_state)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not expand > 0 or int(expand * in_channels) < 1:
+        in_channels = check_int(in_channels, "in_channels", 1)
+        out_channels = check_int(out_channels, "out_channels", 1)
+        d_state = check_int(d_state, "d_state", 1)
+        expand = check_number(expand, "expand", 0, low_open=True)
+        if int(expand * in_channels) < 1:
             raise ValueError(f"expand must be positive with int(expand * in_channels) >= 1, "
                              f"got {expand!r}")
-        if dt_rank == "auto":
-            dt_rank = math.ceil(in_channels / 16)
-        if isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 1:
-            raise ValueError(f"dt_rank must be a positive int or 'auto', got {dt_rank!r}")
-        if tree_features not in TREE_FEATURES:
-            raise ValueError(f"tree_features must be one of {TREE_FEATURES}, got "
-                             f"{tree_features!r}")
+        dt_rank = check_int_or_auto(dt_rank, "dt_rank", math.ceil(in_channels / 16))
+        tree_features = check_choice(tree_features, "tree_features", TREE_FEATURES)
+        local_mixing = check_bool(local_mixing, "local_mixing")
+        bias = check_bool(bias, "bias")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.tree_features = tree_features
         self.topology = GraphTopology(distance)

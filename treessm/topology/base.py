@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_features
 from ..tree import Tree
 from .distance import Distance, check_distance, edge_cost, pair_costs_cpu
 from .euler_tour import spanning_tree_on_device
@@ -127,15 +128,6 @@ class CandidateCache:
     def lookup(self, edge_index: Tensor) -> Optional[Candidates]:
         entry = self._by_id.get(id(edge_index))
         return entry if entry is not None and entry.edge_index is edge_index else None
-
-
-def check_features(feat, dim: int, name: str = "feat", shape: str = "") -> None:
-    if not isinstance(feat, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(feat).__name__}")
-    if not feat.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {feat.dtype}")
-    if feat.dim() != dim:
-        raise ValueError(f"{name} must have shape {shape}, got {list(feat.shape)}")
 
 
 class Topology:

@@ -23,14 +23,16 @@ device's answer, so on a GPU out-of-range ids are the caller's responsibility.
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["spanning_forest", "edge_keys", "boruvka", "boruvka_compacting", "check_int", "check_device_edge_index",
-           "check_cost", "check_vertices", "check_max_tree_size", "ceil_log2"]
+from .._checks import check_int
+
+__all__ = ["spanning_forest", "edge_keys", "boruvka", "boruvka_compacting",
+           "check_device_edge_index", "check_cost", "check_vertices", "check_max_tree_size",
+           "ceil_log2"]
 
 _LOW = 0xFFFFFFFF  # low half of an int64 key: the edge index
 # High half of "no outgoing edge": above every real key, whose high half is at most
@@ -45,16 +47,6 @@ def ceil_log2(x: int) -> int:
 
 
 # ---------------------------------------------------------------------------- input checks
-def check_int(value, name: str, low: int) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 def _check_ids(t: Tensor, name: str, num_nodes: int) -> None:
     """Range check of vertex ids; it reads values, so it only runs on CPU tensors."""
     if t.device.type == "cpu" and t.numel():

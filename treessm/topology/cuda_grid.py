@@ -36,11 +36,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._checks import check_choice, check_int
 from ..ops.plan import (GRID_COSTS_GROUP, GRID_TREE_SOLO, GRID_TREE_THREADS,
                         attach_level_plan, device_limits)
 from ..tree import Tree
 from ..typing import load_cuda_extension
-from .boruvka import check_int
 from .distance import DISTANCES, EPS, grid_costs_torch, kind_code
 
 __all__ = ["grid_spanning_tree", "grid_tree_from_features", "grid_costs",
@@ -51,9 +51,7 @@ _INT_MAX = 2**31 - 1
 
 
 def _check_connectivity(connectivity) -> int:
-    if isinstance(connectivity, bool) or connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
-    return int(connectivity)
+    return check_choice(connectivity, "connectivity", (4, 8))
 
 
 def num_candidate_edges(height: int, width: int, connectivity: int = 4) -> int:

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_int
 from ..tree import Tree
 from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
-                      check_device_edge_index, check_int, check_max_tree_size, check_vertices,
-                      edge_keys)
+                      check_device_edge_index, check_max_tree_size, check_vertices, edge_keys)
 
 __all__ = ["parent_from_forest", "spanning_tree_on_device"]
 

@@ -19,6 +19,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
+from .._checks import check_choice
 from ..tree import Tree
 from .base import Candidates, Topology, check_features
 from .chunks import run_chunks
@@ -97,9 +98,7 @@ class GridTopology(Topology):
 
     def __init__(self, connectivity: int = 4, distance: Distance = "cosine"):
         super().__init__(distance)
-        if isinstance(connectivity, bool) or connectivity not in (4, 8):
-            raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
-        self.connectivity = int(connectivity)
+        self.connectivity = check_choice(connectivity, "connectivity", (4, 8))
         # whether the fused CUDA kernels build a shape's trees, per (H, W, device)
         self._fused_ready = {}
 

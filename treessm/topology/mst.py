@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from .._checks import check_int
 from .chunks import run_chunks
 
 __all__ = ["minimum_spanning_tree"]
@@ -321,16 +322,7 @@ def check_edge_index(edge_index, num_nodes: int, name: str = "edge_index") -> No
 
 
 def check_num_nodes(num_nodes) -> int:
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, (int, np.integer)):
-        if isinstance(num_nodes, torch.Tensor) and num_nodes.dim() == 0 and \
-                not num_nodes.is_floating_point() and num_nodes.dtype != torch.bool:
-            num_nodes = int(num_nodes)
-        else:
-            raise TypeError(f"num_nodes must be an int, got {type(num_nodes).__name__}")
-    num_nodes = int(num_nodes)
-    if num_nodes < 0:
-        raise ValueError(f"num_nodes must be non-negative, got {num_nodes}")
-    return num_nodes
+    return check_int(num_nodes, "num_nodes", 0)
 
 
 # ---------------------------------------------------------------------------- public API

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_device, check_int, check_number
 from ..tree import Tree
 from .base import Candidates, Topology, check_features
 from .distance import EPS, Distance, check_distance
@@ -70,10 +71,9 @@ def chain_tree(num_chains: int, length: int, device="cpu") -> Tree:
     Built on ``device`` with no host round-trip and cached per ``(num_chains, length,
     device)``; equal to ``Tree.from_parent`` of the same parent array.
     """
-    for name, value in (("num_chains", num_chains), ("length", length)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return _chain_tree(int(num_chains), int(length), torch.device(device))
+    num_chains = check_int(num_chains, "num_chains", 0)
+    length = check_int(length, "length", 0)
+    return _chain_tree(num_chains, length, check_device(device))
 
 
 class SequenceTopology(Topology):
@@ -95,11 +95,7 @@ class SequenceTopology(Topology):
 
     def __init__(self, window: int = 1, distance: Distance = "cosine"):
         super().__init__(distance)
-        if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
-            raise TypeError(f"window must be an int, got {type(window).__name__}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.window = int(window)
+        self.window = check_int(window, "window", 1)
 
     def __call__(self, feat: Tensor) -> Tree:
         if self.window == 1 and self._standard():
@@ -140,14 +136,6 @@ class SequenceTopology(Topology):
 
 
 # ---------------------------------------------------------------------------- GrootL tree
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
 def grootl_edges(num_seqs: int, length: int, context_len: Optional[int] = None,
                  window: int = 3) -> np.ndarray:
     """Candidate edges ``[2, E]`` (int64) of the GrootL tree of ``num_seqs`` sequences: the
@@ -205,9 +193,9 @@ class GrootLTopology(Topology):
     def __init__(self, context_len: Optional[int] = None, window: int = 3,
                  distance: Distance = "cosine"):
         super().__init__(distance)
-        self.context_len = None if context_len is None else _check_int(context_len,
+        self.context_len = None if context_len is None else check_int(context_len,
                                                                         "context_len", 0)
-        self.window = _check_int(window, "window", 1)
+        self.window = check_int(window, "window", 1)
 
     def _effective_context(self, length: int) -> int:
         c = length if self.context_len is None else min(self.context_len, length)
@@ -250,9 +238,7 @@ TIE_RTOL = 1e-5
 
 
 def _check_tie_rtol(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"tie_rtol must be a number in [0, 1), got {value!r}")
-    return float(value)
+    return check_number(value, "tie_rtol", 0.0, 1.0, high_open=True)
 
 
 def _work_dtype(feat: Tensor) -> torch.dtype:
@@ -291,7 +277,7 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         without a candidate (the first token, or one preceded by ``k`` invalid tokens).
     """
     check_features(feat, 3, shape="[B, L, C]")
-    k = _check_int(k, "k", 1)
+    k = check_int(k, "k", 1)
     distance = check_distance(distance)
     tie_rtol = _check_tie_rtol(tie_rtol)
     b, length, channels = feat.shape
@@ -407,7 +393,7 @@ class CausalSequenceTopology(Topology):
 
     def __init__(self, k: int = 4, distance: Distance = "cosine", tie_rtol: float = TIE_RTOL):
         super().__init__(distance)
-        self.k = _check_int(k, "k", 1)
+        self.k = check_int(k, "k", 1)
         self.tie_rtol = _check_tie_rtol(tie_rtol)
 
     def parents(self, feat: Tensor, valid: Optional[Tensor] = None) -> Tensor:
