@@ -1,14 +1,15 @@
 """The package's import graph: no circle, and no module importing a layer above its own.
 
-Layers, bottom to top: ``_checks``, ``tree`` and ``typing``; ``ops``; ``topology``; ``nn``;
-``models``; ``integrations``; ``examples``. Imports inside functions count like any other.
+Layers, bottom to top: ``_checks``, ``tree`` and ``typing``; ``ops``; ``topology``; ``nn`` and
+``transforms``; ``models``; ``integrations``; ``examples``. Imports inside functions count like
+any other.
 """
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "treessm"
-LAYERS = {"_checks": 0, "tree": 0, "typing": 0, "ops": 1, "topology": 2, "nn": 3, "models": 4,
-          "integrations": 5, "examples": 6}
+LAYERS = {"_checks": 0, "tree": 0, "typing": 0, "ops": 1, "topology": 2, "nn": 3, "transforms": 3,
+          "models": 4, "integrations": 5, "examples": 6}
 
 
 def _module_name(path: Path) -> str:

@@ -1,13 +1,19 @@
 """TreeSSMConv: the properties a graph pipeline relies on, on hand-made and PyG graphs."""
+import inspect
+
 import pytest
 import torch
+from torch_geometric import EdgeIndex
 from torch_geometric.data import Batch, Data
+from torch_geometric.transforms import ToSparseTensor
 from torch_geometric.loader import DataLoader
 from torch_geometric.nn import Sequential, global_mean_pool
 
 import treessm
 from oracle import dense_tree_scan
 from treessm.nn import TreeSSMConv
+from treessm.nn.tree_ssm_conv import neighbour_mean
+from treessm.transforms import PrepareGraph
 
 
 def _graph(n, e, seed, c=8):
@@ -30,12 +36,15 @@ def conv():
 
 def test_repr_and_parameters():
     conv = TreeSSMConv(16, 32, d_state=4)
-    assert repr(conv) == "TreeSSMConv(16, 32, d_state=4)"
+    assert repr(conv) == "TreeSSMConv(16, 32, d_state=4, d_inner=64)"
     names = {n for n, _ in conv.named_parameters()}
     assert {"in_proj.weight", "x_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight",
             "self_weight", "neighbour_weight"} <= names
-    assert conv.d_inner == 32 and conv.dt_rank == 1
+    assert conv.d_inner == 64 and conv.dt_rank == 2  # 2 * out_channels, ceil(d_inner / 32)
     assert TreeSSMConv(4, 4, local_mixing=False, bias=False).in_proj.bias is None
+    # the inner width is its own argument: a wide input does not widen the scan
+    wide = TreeSSMConv(1433, 16, d_state=4, d_inner=32)
+    assert wide.d_inner == 32 and wide.in_proj.weight.shape == (64, 1433)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -53,7 +62,7 @@ def test_batch_consistent(conv):
         x, ei = _graph(n, e, seed)
         graphs.append(Data(x=x.double(), edge_index=ei))
     batch = Batch.from_data_list(graphs)
-    y = conv(batch.x, batch.edge_index, batch.batch)
+    y = conv(batch.x, batch.edge_index, batch=batch.batch)
     one_by_one = torch.cat([conv(d.x, d.edge_index) for d in graphs])
     torch.testing.assert_close(y, one_by_one, rtol=1e-10, atol=1e-12)
 
@@ -86,9 +95,10 @@ def test_scan_matches_the_dense_definition(conv):
     # with each edge's decay from the mean of its ends' steps
     x, ei = _graph(25, 60, 4)
     x = x.double()
-    und = treessm.GraphTopology.undirected_edges(ei, 25)[0]
-    u, _ = conv.project_in(x, und)
-    tree = conv.scan_tree(x, u, und, None, None)
+    graph = treessm.prepare_graph(ei, 25)
+    und = graph.edge_index
+    u, _ = conv.project_in(x, graph)
+    tree = conv.scan_tree(x, u, graph)
     xs, w, _ = conv.discretize(u, tree)
     h = conv.scan_states(xs, w, tree)
     dense = dense_tree_scan(xs.reshape(25, -1), w.reshape(25, -1), tree.parent, "both")
@@ -114,9 +124,9 @@ def test_gradients_reach_every_parameter(conv):
 def test_in_pyg_sequential_and_dataloader():
     torch.manual_seed(1)
     model = Sequential("x, edge_index, batch", [
-        (TreeSSMConv(8, 16, d_state=2), "x, edge_index, batch -> x"),
+        (TreeSSMConv(8, 16, d_state=2), "x, edge_index -> x"),
         torch.nn.ReLU(),
-        (TreeSSMConv(16, 16, d_state=2), "x, edge_index, batch -> x"),
+        (TreeSSMConv(16, 16, d_state=2), "x, edge_index -> x"),
         (global_mean_pool, "x, batch -> x"),
         torch.nn.Linear(16, 3),
     ])
@@ -130,7 +140,7 @@ def test_in_pyg_sequential_and_dataloader():
         loss.backward()
         opt.step()
         assert torch.isfinite(loss)
-    assert "TreeSSMConv(8, 16, d_state=2)" in repr(model)
+    assert "TreeSSMConv(8, 16, d_state=2, d_inner=32)" in repr(model)
 
 
 def test_edge_attr_distance():
@@ -139,7 +149,8 @@ def test_edge_attr_distance():
     attr = torch.rand(50)
     conv = TreeSSMConv(8, 4, d_state=2, distance="edge_attr")
     _, tree = conv(x, ei, edge_attr=attr, return_tree=True)
-    und, cost = treessm.GraphTopology.undirected_edges(ei, 20, attr, reduce="min")
+    graph = treessm.prepare_graph(ei, 20, edge_attr=attr, reduce="min")
+    und, cost = graph.edge_index, graph.edge_attr
     mask = treessm.minimum_spanning_tree(und, cost, 20)
     tree_edges = {tuple(sorted((v, p))) for v, p in enumerate(tree.parent.tolist()) if p >= 0}
     assert tree_edges == {tuple(e) for e in und[:, mask].T.tolist()}
@@ -154,8 +165,8 @@ def test_bad_input_is_named(conv):
         ((x, ei + 10), ValueError, "edge_index must hold vertex ids in \\[0, 10\\)"),
         ((x, ei[0]), ValueError, "edge_index must have shape \\[2, E\\]"),
         ((x, ei.float()), TypeError, "edge_index must be an integer tensor"),
-        ((x, ei, torch.zeros(9, dtype=torch.long)), ValueError, "batch must have shape \\[10\\]"),
-        ((x, ei[:, :0], torch.tensor([1, 0] * 5)), ValueError, "batch must be sorted"),
+        ((x, ei, torch.rand(19)), ValueError, "edge_weight must have shape \\[E\\]"),
+        ((x, ei, -torch.rand(20)), ValueError, "edge_weight must be positive and finite"),
         ((x[:, :5], ei), ValueError, "x must have in_channels = 8 columns"),
         ((x.masked_fill(torch.eye(10, 8, dtype=torch.bool), float("nan")), ei), ValueError,
          "x must be finite"),
@@ -165,6 +176,10 @@ def test_bad_input_is_named(conv):
     for args, kind, match in cases:
         with pytest.raises(kind, match=match):
             conv(*args)
+    with pytest.raises(ValueError, match="batch must have shape \\[10\\]"):
+        conv(x, ei, batch=torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch must be sorted"):
+        conv(x, ei[:, :0], batch=torch.tensor([1, 0] * 5))
     inf_cost = TreeSSMConv(8, 4, distance=lambda a, b: torch.full((a.shape[0],), float("inf")))
     with pytest.raises(ValueError, match="edge costs must be finite"):
         inf_cost(x.float(), ei)
@@ -172,6 +187,100 @@ def test_bad_input_is_named(conv):
         TreeSSMConv(8, 4, tree_features="edges")
     with pytest.raises(ValueError, match="in_channels must be a positive int"):
         TreeSSMConv(0, 4)
+
+
+def test_pyg_call_convention():
+    # (x, edge_index, edge_weight) positionally, as GCNConv; batch only by keyword
+    params = inspect.signature(TreeSSMConv.forward).parameters
+    assert list(params)[1:4] == ["x", "edge_index", "edge_weight"]
+    assert params["batch"].kind is inspect.Parameter.KEYWORD_ONLY
+    x, ei = _graph(10, 20, 0)
+    conv = TreeSSMConv(8, 4, d_state=2)
+    with pytest.raises(TypeError, match="edge_weight must be a floating-point"):
+        conv(x, ei, torch.zeros(10, dtype=torch.long))  # a batch vector in the weight's place
+
+
+def test_edge_weight_weights_the_neighbour_mean_and_the_tree(conv):
+    x, ei = _graph(30, 70, 11)
+    x = x.double()
+    torch.testing.assert_close(conv(x, ei, torch.ones(70, dtype=torch.float64)), conv(x, ei))
+    w = torch.rand(70, dtype=torch.float64) + 0.1
+    graph = treessm.prepare_graph(ei, 30, w)
+    u = torch.randn(30, 5, dtype=torch.float64)
+    by_hand = torch.zeros_like(u)
+    dense = graph.adjacency.to_dense().double()
+    for v in range(30):
+        if dense[v].sum() > 0:
+            by_hand[v] = (dense[v, :, None] * u).sum(0) / dense[v].sum()
+    torch.testing.assert_close(neighbour_mean(u, graph), by_hand)
+    y, tree = conv(x, ei, w, return_tree=True)
+    assert not torch.allclose(y, conv(x, ei))
+    # the tree: the minimum spanning forest of distance / weight
+    u_inner, _ = conv.project_in(x, graph)
+    cost = torch.exp(-torch.nn.functional.cosine_similarity(
+        u_inner[graph.edge_index[0]], u_inner[graph.edge_index[1]], dim=1)) / graph.edge_weight
+    mask = treessm.minimum_spanning_tree(graph.edge_index, cost.detach(), 30)
+    assert ({tuple(e) for e in graph.edge_index[:, mask].T.tolist()}
+            == {tuple(sorted((v, p))) for v, p in enumerate(tree.parent.tolist()) if p >= 0})
+
+
+def test_neighbour_mean_gradient():
+    x, ei = _graph(12, 30, 12)
+    graph = treessm.prepare_graph(ei, 12, torch.rand(30) + 0.2)
+    u = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: neighbour_mean(t, graph), (u,))
+
+
+def test_lazy_in_channels():
+    torch.manual_seed(4)
+    lazy = TreeSSMConv(-1, 6, d_state=2)
+    assert repr(lazy) == "TreeSSMConv(-1, 6, d_state=2, d_inner=12)"
+    x, ei = _graph(15, 40, 13, c=7)
+    y = lazy(x, ei)
+    assert y.shape == (15, 6) and lazy.in_proj.weight.shape == (24, 7)
+    eager = TreeSSMConv(7, 6, d_state=2)
+    eager.load_state_dict(lazy.state_dict())
+    torch.testing.assert_close(eager(x, ei), y)
+    with pytest.raises(ValueError, match="x must have in_channels = 7 columns"):
+        lazy(x[:, :5], ei)
+    with pytest.raises(ValueError, match="in_channels must be a positive int or -1"):
+        TreeSSMConv(-2, 4)
+
+
+def test_adjacency_formats_give_the_same_output(conv):
+    from torch_geometric.utils import coalesce
+
+    x, ei = _graph(25, 60, 14)
+    x = x.double()
+    ei, w = coalesce(ei, torch.rand(60, dtype=torch.float64) + 0.5, num_nodes=25)
+    ref = conv(x, ei, w)
+    data = Data(x=x, edge_index=ei, edge_weight=w)
+    adj_t = ToSparseTensor(attr="edge_weight")(data.clone()).adj_t
+    prepared = PrepareGraph()(data.clone())
+    outputs = [conv(x, adj_t), conv(x, EdgeIndex(ei, sparse_size=(25, 25)), w),
+               conv(x, prepared.edge_index, prepared.edge_weight),
+               conv(x, treessm.prepare_graph(ei, 25, w))]
+    for out in outputs:
+        torch.testing.assert_close(out, ref)
+
+
+def test_prepared_graph_must_match_x(conv):
+    x, ei = _graph(20, 40, 15)
+    graph = treessm.prepare_graph(ei, 20)
+    with pytest.raises(ValueError, match="has 20 vertices but x has 19 rows"):
+        conv(x[:19].double(), graph)
+    with pytest.raises(ValueError, match="belong in prepare_graph"):
+        conv(x.double(), graph, torch.ones(graph.num_edges))
+
+
+def test_cached_preparation_is_never_stale(conv):
+    x, ei = _graph(30, 60, 16)
+    x = x.double()
+    y = conv(x, ei)
+    assert treessm.prepare_graph(ei, 30) is treessm.prepare_graph(ei, 30)
+    ei[1, :20] = (ei[1, :20] + 7) % 30  # change the graph in place
+    torch.testing.assert_close(conv(x, ei), conv(x, ei.clone()))
+    assert not torch.allclose(conv(x, ei), y)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

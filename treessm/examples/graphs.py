@@ -145,7 +145,7 @@ class NodeClassifier(nn.Module):
         h = self.encode(x)
         for norm, conv in zip(self.norms, self.convs):
             z = norm(h)
-            z = conv(z, edge_index, batch) if self.kind == "tree_ssm" else conv(z, edge_index)
+            z = conv(z, edge_index, batch=batch) if self.kind == "tree_ssm" else conv(z, edge_index)
             h = h + F.gelu(z)
         return self.head(h)
 

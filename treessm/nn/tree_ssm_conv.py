@@ -12,18 +12,56 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
+from torch.autograd.function import once_differentiable
+from torch_geometric.nn import Linear
 
-from .._checks import check_bool, check_choice, check_int, check_int_or_auto, check_number
+from .._checks import check_bool, check_choice, check_int, check_int_or_auto
 from ..topology import GraphTopology
 from ..topology.distance import Distance
 from ..topology.graph import check_graph
+from ..topology.prepared_graph import PreparedGraph
 from ..tree import Tree
 from .tree_ssm import SelectiveTreeSSM
 
 __all__ = ["TreeSSMConv"]
 
 TREE_FEATURES = ("inner", "input")
+
+
+class ProjectionLinear(Linear):
+    """PyG's :class:`~torch_geometric.nn.Linear` (lazy when ``in_channels`` is ``-1``)
+    initialised as Mamba's projections: truncated normal weights (std 0.02), zero bias."""
+
+    def reset_parameters(self):
+        if self.in_channels > 0:  # a lazy weight is initialised when it is materialised
+            nn.init.trunc_normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class _NeighbourMean(torch.autograd.Function):
+    """:math:`D^{-1} W u` for the symmetric adjacency :math:`W` of a prepared graph; the
+    backward is :math:`W D^{-1} g`, the same sparse product (no transpose to build)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, adjacency: Tensor, inv_degree: Tensor) -> Tensor:
+        ctx.adjacency = adjacency
+        ctx.save_for_backward(inv_degree)
+        return (adjacency @ u) * inv_degree.unsqueeze(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        inv_degree, = ctx.saved_tensors
+        return ctx.adjacency @ (grad * inv_degree.unsqueeze(1)).contiguous(), None, None
+
+
+def neighbour_mean(u: Tensor, graph: PreparedGraph) -> Tensor:
+    """The (edge-weighted) mean of each vertex's neighbours in ``graph``, ``u [N, C]``;
+    zero for isolated vertices. Computed in float32 for 16-bit ``u``."""
+    dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
+    adjacency, inv_degree = graph.operator(dtype)
+    return _NeighbourMean.apply(u.to(dtype).contiguous(), adjacency, inv_degree).to(u.dtype)
 
 
 class TreeSSMConv(SelectiveTreeSSM):
@@ -34,9 +72,10 @@ class TreeSSMConv(SelectiveTreeSSM):
     .. math::
         u_v, z_v &= W_{in} x_v, \qquad
         u_v \leftarrow \mathrm{SiLU}\Big(a \odot u_v + b \odot
-            \tfrac{1}{|\mathcal{N}(v)|}\textstyle\sum_{w \in \mathcal{N}(v)} u_w\Big)
+            \tfrac{1}{\sum_{w} \omega_{vw}}\textstyle\sum_{w \in \mathcal{N}(v)}
+            \omega_{vw} u_w\Big)
 
-        T &= \mathrm{MSF}\big(G,\ c(v, w) = d(u_v, u_w)\big), \qquad
+        T &= \mathrm{MSF}\big(G,\ c(v, w) = d(u_v, u_w) / \omega_{vw}\big), \qquad
         \Delta_v = \mathrm{softplus}(W_\Delta W_r u_v + b_\Delta), \quad
         B_v = W_B u_v, \quad C_v = W_C u_v
 
@@ -49,25 +88,31 @@ class TreeSSMConv(SelectiveTreeSSM):
 
     per inner channel and state, where :math:`T(v)` is the tree of :math:`v`'s connected
     component (the ``"both"`` tree scan, ``docs/concepts.md``), rebuilt in every forward pass
-    without gradient, and the step of a tree edge is the mean of its two ends' steps. Both
-    the scan and the edge steps are symmetric in the two ends of an edge, so the result does
-    not depend on which vertex roots a tree: renumbering the vertices permutes the output
-    rows and changes nothing else (whenever the edge costs are distinct; equal costs are
-    broken by edge order). A batch of graphs gives the rows its graphs give one by one.
+    without gradient, the step of a tree edge is the mean of its two ends' steps, and
+    :math:`\omega_{vw}` is the edge weight (1 without ``edge_weight``). Both the scan and
+    the edge steps are symmetric in the two ends of an edge, so the result does not depend
+    on which vertex roots a tree: renumbering the vertices permutes the output rows and
+    changes nothing else (whenever the edge costs are distinct; equal costs are broken by
+    edge order). A batch of graphs gives the rows its graphs give one by one.
 
     The graph is read as undirected and simple: edge directions, repeated edges and
-    self-loops do not change the result. The neighbourhood mean (``local_mixing``) is the
-    graph form of GrootV's depthwise convolution; it uses
-    :func:`torch_geometric.utils.scatter`, which takes torch-scatter when it is installed.
+    self-loops do not change the result. Its undirected simple form and the neighbourhood
+    mean (``local_mixing``, the graph form of GrootV's depthwise convolution) are computed
+    once per graph (:func:`treessm.prepare_graph`): pass a :class:`~treessm.PreparedGraph`
+    as ``edge_index`` to prepare it yourself; otherwise the preparation is cached for the
+    ``edge_index`` tensor, so the layers of a model and the steps of full-batch training
+    share it (``docs/graphs.md``).
 
     Args:
-        in_channels (int): input channels.
+        in_channels (int): input channels, or ``-1`` to infer them from the first input
+            (lazy initialisation, as PyG's layers).
         out_channels (int): output channels.
         d_state (int): state size :math:`N` per inner channel; the block's memory traffic
             grows with ``d_inner * d_state`` per vertex. (default: ``4``)
-        expand (float): ``d_inner = int(expand * in_channels)``. (default: ``2.0``)
+        d_inner (int, optional): inner width of the scan. (default: ``2 * out_channels``)
         dt_rank (int or str): rank of the :math:`\Delta` projection; ``"auto"`` is
-            :math:`\lceil \mathrm{in\_channels} / 16 \rceil`. (default: ``"auto"``)
+            :math:`\lceil d_{inner} / 32 \rceil` (Mamba's :math:`\lceil d_{model} / 16
+            \rceil` at its expansion of 2). (default: ``"auto"``)
         distance (str or callable): edge cost of the spanning forest, ``"cosine"``,
             ``"l2"``, ``"edge_attr"`` or a callable (see :class:`~treessm.GraphTopology`).
             (default: ``"cosine"``)
@@ -84,34 +129,41 @@ class TreeSSMConv(SelectiveTreeSSM):
 
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F_{in})`, edge indices
-          :math:`(2, |\mathcal{E}|)`, batch vector :math:`(|\mathcal{V}|)` (optional), edge
-          features :math:`(|\mathcal{E}|)` or :math:`(|\mathcal{E}|, D)` (optional, for the
-          distance)
+          :math:`(2, |\mathcal{E}|)` (or an ``EdgeIndex``, a sparse adjacency such as
+          ``adj_t``, or a :class:`~treessm.PreparedGraph`), edge weights
+          :math:`(|\mathcal{E}|)` (optional), batch vector :math:`(|\mathcal{V}|)`
+          (optional), edge features :math:`(|\mathcal{E}|)` or :math:`(|\mathcal{E}|, D)`
+          (optional, for the distance)
         - **output:** node features :math:`(|\mathcal{V}|, F_{out})`
+
+    Example:
+        >>> conv = TreeSSMConv(-1, 64)
+        >>> x, edge_index = torch.randn(5, 16), torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+        >>> conv(x, edge_index).shape
+        torch.Size([5, 64])
     """
 
     def __init__(self, in_channels: int, out_channels: int, d_state: int = 4,
-                 expand: float = 2.0, dt_rank: Union[int, str] = "auto",
+                 d_inner: Optional[int] = None, dt_rank: Union[int, str] = "auto",
                  distance: Distance = "cosine", tree_features: str = "inner",
                  local_mixing: bool = True, dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, backend: Optional[str] = None, bias: bool = True):
         super().__init__()
-        in_channels = check_int(in_channels, "in_channels", 1)
+        in_channels = check_int(in_channels, "in_channels")
+        if in_channels < 1 and in_channels != -1:
+            raise ValueError(f"in_channels must be a positive int or -1 (lazy), got "
+                             f"{in_channels}")
         out_channels = check_int(out_channels, "out_channels", 1)
         d_state = check_int(d_state, "d_state", 1)
-        expand = check_number(expand, "expand", 0, low_open=True)
-        if int(expand * in_channels) < 1:
-            raise ValueError(f"expand must be positive with int(expand * in_channels) >= 1, "
-                             f"got {expand!r}")
-        dt_rank = check_int_or_auto(dt_rank, "dt_rank", math.ceil(in_channels / 16))
+        d_inner = 2 * out_channels if d_inner is None else check_int(d_inner, "d_inner", 1)
+        dt_rank = check_int_or_auto(dt_rank, "dt_rank", math.ceil(d_inner / 32))
         tree_features = check_choice(tree_features, "tree_features", TREE_FEATURES)
         local_mixing = check_bool(local_mixing, "local_mixing")
         bias = check_bool(bias, "bias")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.tree_features = tree_features
         self.topology = GraphTopology(distance)
-        d_inner = int(expand * in_channels)
-        self.in_proj = nn.Linear(in_channels, 2 * d_inner, bias=bias)
+        self.in_proj = ProjectionLinear(in_channels, 2 * d_inner, bias=bias)
         if local_mixing:
             self.self_weight = nn.Parameter(torch.empty(d_inner))
             self.neighbour_weight = nn.Parameter(torch.empty(d_inner))
@@ -119,17 +171,15 @@ class TreeSSMConv(SelectiveTreeSSM):
             self.register_parameter("self_weight", None)
             self.register_parameter("neighbour_weight", None)
         self._build_ssm(d_inner, d_state, dt_rank, dt_min, dt_max, dt_init_floor, backend)
-        self.out_proj = nn.Linear(d_inner, out_channels, bias=bias)
+        self.out_proj = ProjectionLinear(d_inner, out_channels, bias=bias)
         self.reset_parameters()
 
     def reset_parameters(self):
         r"""Projections truncated normal (std 0.02) with zero biases, the local mixing as
         :math:`u \leftarrow \tfrac12 u + \tfrac12 \bar u`, and Mamba's :math:`\Delta`,
         :math:`A`, :math:`D` (:meth:`~SelectiveTreeSSM.reset_ssm_parameters`)."""
-        for lin in (self.in_proj, self.out_proj):
-            nn.init.trunc_normal_(lin.weight, std=0.02)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
         if self.self_weight is not None:
             nn.init.constant_(self.self_weight, 0.5)
             nn.init.constant_(self.neighbour_weight, 0.5)
@@ -145,55 +195,59 @@ class TreeSSMConv(SelectiveTreeSSM):
         parent = tree.parent.clamp(min=0)
         return 0.5 * (delta + delta[parent])
 
-    def project_in(self, x: Tensor, edges: Tensor) -> Tuple[Tensor, Tensor]:
+    def project_in(self, x: Tensor, graph: PreparedGraph) -> Tuple[Tensor, Tensor]:
         """Inner features ``u`` (projection, neighbourhood mixing, SiLU) and the gate ``z``,
-        both ``[N, d_inner]``; ``edges``: each undirected edge once
-        (:meth:`GraphTopology.undirected_edges`)."""
+        both ``[N, d_inner]``, over a :class:`~treessm.PreparedGraph`."""
         u, z = self.in_proj(x).chunk(2, dim=-1)
         if self.self_weight is not None:
-            src = torch.cat([edges[0], edges[1]])
-            dst = torch.cat([edges[1], edges[0]])
-            mean = scatter(u[src], dst, dim=0, dim_size=u.shape[0], reduce="mean")
-            u = self.self_weight * u + self.neighbour_weight * mean
+            u = self.self_weight * u + self.neighbour_weight * neighbour_mean(u, graph)
         return F.silu(u), z
 
     @torch.no_grad()
-    def scan_tree(self, x: Tensor, u: Tensor, edges: Tensor, batch: Optional[Tensor],
-                  edge_attr: Optional[Tensor]) -> Tree:
-        """The spanning forest the scan runs on (no gradient flows through it), from the
-        undirected ``edges`` and their reduced ``edge_attr``."""
+    def scan_tree(self, x: Tensor, u: Tensor, graph: PreparedGraph,
+                  batch: Optional[Tensor] = None) -> Tree:
+        """The spanning forest the scan runs on (no gradient flows through it)."""
         feat = u if self.tree_features == "inner" else x
-        return self.topology.forest(feat.detach().float(), edges, batch, edge_attr)
+        return self.topology.forest(feat.detach().float(), graph, batch)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None,
-                edge_attr: Optional[Tensor] = None, return_tree: bool = False
-                ) -> Union[Tensor, Tuple[Tensor, Tree]]:
+    def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None, *,
+                batch: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
+                return_tree: bool = False) -> Union[Tensor, Tuple[Tensor, Tree]]:
         """Apply the block to a graph or a PyG batch of graphs.
 
         Args:
             x (Tensor [N, in_channels]): node features.
-            edge_index (LongTensor [2, E]): edges (either or both directions).
-            batch (LongTensor [N], optional): graph of each node, sorted. (default: ``None``)
+            edge_index (LongTensor [2, E], EdgeIndex, sparse adjacency or PreparedGraph):
+                edges (either or both directions); a sparse adjacency's values are edge
+                weights.
+            edge_weight (Tensor [E], optional): positive edge weights: the neighbour mean is
+                weighted by them and the spanning forest prefers heavy edges (cost divided by
+                weight). No gradient flows into them. (default: ``None``)
+            batch (LongTensor [N], optional): graph of each node, sorted; lets the CPU build
+                the trees of a batch's graphs in parallel and checks that no edge joins two
+                graphs. (default: ``None``)
             edge_attr (Tensor [E] or [E, D], optional): edge features, for a distance that
                 reads them. (default: ``None``)
             return_tree (bool): also return the spanning forest that was used.
                 (default: ``False``)
+
+        Raises:
+            TypeError, ValueError: on malformed inputs (:func:`treessm.prepare_graph`), a
+                :class:`~treessm.PreparedGraph` of other vertices, or features of the wrong
+                width.
         """
-        edge_index, batch, edge_attr = check_graph(x, edge_index, batch, edge_attr)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have in_channels = {self.in_channels} columns, got "
-                             f"{x.shape[1]}")
-        reduce = "min" if self.topology.distance == "edge_attr" else "mean"
-        with torch.no_grad():  # directions, repeats and self-loops do not matter
-            edges, edge_attr = GraphTopology.undirected_edges(edge_index, x.shape[0], edge_attr,
-                                                              reduce)
-        u, z = self.project_in(x, edges)
-        tree = self.scan_tree(x, u, edges, batch, edge_attr)
+        graph, batch = check_graph(x, edge_index, batch, edge_attr, edge_weight=edge_weight,
+                                   reduce=self.topology.reduce)
+        expected = self.in_proj.in_channels
+        if expected > 0 and x.shape[1] != expected:
+            raise ValueError(f"x must have in_channels = {expected} columns, got {x.shape[1]}")
+        u, z = self.project_in(x, graph)
+        tree = self.scan_tree(x, u, graph, batch)
         y = self.project_out(self.selective_scan(u, tree), z)
         return (y, tree) if return_tree else y
 
     def __repr__(self) -> str:
         # PyG's convention for graph layers (GCNConv(16, 32)); parameters: named_parameters()
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
-                f"d_state={self.d_state})")
+                f"d_state={self.d_state}, d_inner={self.d_inner})")

@@ -18,6 +18,7 @@ from .base import Topology
 from .graph import GraphTopology
 from .grid import GridTopology
 from .mst import minimum_spanning_tree
+from .prepared_graph import PreparedGraph, prepare_graph
 from .rooting import root_forest, tree_from_edges
 from .sequence import CausalSequenceTopology, GrootLTopology, SequenceTopology, chain_tree
 
@@ -28,6 +29,8 @@ __all__ = [
     "CausalSequenceTopology",
     "GrootLTopology",
     "GraphTopology",
+    "PreparedGraph",
+    "prepare_graph",
     "minimum_spanning_tree",
     "root_forest",
     "tree_from_edges",

@@ -4,8 +4,9 @@ r"""General graphs: the minimum spanning forest of a graph's own edges (PyG conv
 edge usually listed in both directions. The candidate graph is its undirected, coalesced
 form (:func:`torch_geometric.utils.to_undirected` after
 :func:`~torch_geometric.utils.remove_self_loops`), each undirected edge once, in ascending
-``(row, col)`` order; a batch of graphs (``batch``, sorted, as PyG's loaders make it) gives
-every graph its own contiguous block, so the CPU solves graphs in parallel.
+``(row, col)`` order (:func:`~treessm.topology.prepared_graph.prepare_graph`, computed once
+per graph); a batch of graphs (``batch``, sorted, as PyG's loaders make it) gives every graph
+its own contiguous block, so the CPU solves graphs in parallel.
 """
 from __future__ import annotations
 
@@ -14,53 +15,50 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch_geometric.utils import remove_self_loops, to_undirected
 
 from ..tree import Tree
 from .base import Topology, check_features
 from .distance import Distance, check_distance
+from .prepared_graph import INDEX_TYPES, PreparedGraph, prepare_graph
 
 __all__ = ["GraphTopology", "check_graph"]
 
-_INDEX_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
+def check_graph(x: Tensor, edge_index, batch: Optional[Tensor] = None,
+                edge_attr: Optional[Tensor] = None, name: str = "x",
+                edge_weight: Optional[Tensor] = None, reduce: str = "mean"
+                ) -> Tuple[PreparedGraph, Optional[Tensor]]:
+    """Validate a PyG graph at a public boundary and return its :class:`PreparedGraph`
+    (:func:`prepare_graph`, cached for the same tensors) and ``batch`` as int64.
 
-def check_graph(x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None,
-                edge_attr: Optional[Tensor] = None, name: str = "x") -> Tuple[Tensor, ...]:
-    """Validate a PyG graph at a public boundary and return ``(edge_index, batch,
-    edge_attr)`` (``edge_index`` and ``batch`` as int64 on the device of ``x``).
+    ``edge_index`` may be a ``[2, E]`` tensor, an ``EdgeIndex``, a sparse adjacency or a
+    :class:`PreparedGraph` of the rows of ``x``.
 
     Raises:
         TypeError: on arguments that are not tensors or have the wrong dtype.
-        ValueError: on wrong shapes or devices, vertex ids outside ``[0, N)``, a ``batch``
-            of the wrong length, unsorted or with edges between examples, and non-finite
-            features.
+        ValueError: on wrong shapes or devices, vertex ids outside ``[0, N)``, a prepared
+            graph of another size or device, a ``batch`` of the wrong length, unsorted or
+            with edges between examples, and non-finite features.
     """
     check_features(x, 2, name=name, shape="[N, C]")
     n = x.shape[0]
-    if not isinstance(edge_index, Tensor):
-        raise TypeError(f"edge_index must be a torch.Tensor of shape [2, E], got "
-                        f"{type(edge_index).__name__}")
-    if edge_index.dtype not in _INDEX_TYPES:
-        raise TypeError(f"edge_index must be an integer tensor (int64), got {edge_index.dtype}")
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
-    if edge_index.device != x.device:
-        raise ValueError(f"edge_index must be on the device of {name} ({x.device}), got "
-                         f"{edge_index.device}")
-    edge_index = edge_index.long()
-    if edge_index.numel():
-        lo, hi = torch.aminmax(edge_index)
-        if int(lo) < 0 or int(hi) >= n:
-            bad = int(lo) if int(lo) < 0 else int(hi)
-            raise ValueError(f"edge_index must hold vertex ids in [0, {n}) ({name} has {n} "
-                             f"rows), found {bad}")
+    if isinstance(edge_index, PreparedGraph):
+        if edge_weight is not None or edge_attr is not None:
+            raise ValueError("edge_weight and edge_attr belong in prepare_graph(...) when "
+                             "edge_index is a PreparedGraph")
+        graph = edge_index
+        graph.check(x, name)
+    else:
+        graph = prepare_graph(edge_index, n, edge_weight, edge_attr, reduce)
+        if graph.device != x.device:
+            raise ValueError(f"edge_index must be on the device of {name} ({x.device}), got "
+                             f"{graph.device}")
     if n and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} must be finite, got NaN or infinite features")
     if batch is not None:
         if not isinstance(batch, Tensor):
             raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
-        if batch.dtype not in _INDEX_TYPES:
+        if batch.dtype not in INDEX_TYPES:
             raise TypeError(f"batch must be an integer tensor, got {batch.dtype}")
         if batch.dim() != 1 or batch.shape[0] != n:
             raise ValueError(f"batch must have shape [{n}] (one entry per row of {name}), got "
@@ -75,19 +73,11 @@ def check_graph(x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None,
             if n > 1 and bool((batch[1:] < batch[:-1]).any()):
                 raise ValueError("batch must be sorted (non-decreasing), as PyG's loaders make "
                                  "it: every example a contiguous block of vertices")
-        if edge_index.shape[1] and bool((batch[edge_index[0]] != batch[edge_index[1]]).any()):
+        ei = graph.edge_index
+        if ei.shape[1] and bool((batch[ei[0]] != batch[ei[1]]).any()):
             raise ValueError("edge_index joins vertices of different examples (batch); a "
                              "tree may not span examples")
-    if edge_attr is not None:
-        if not isinstance(edge_attr, Tensor):
-            raise TypeError(f"edge_attr must be a torch.Tensor, got {type(edge_attr).__name__}")
-        if edge_attr.dim() not in (1, 2) or edge_attr.shape[0] != edge_index.shape[1]:
-            raise ValueError(f"edge_attr must have shape [E] or [E, F] with E = "
-                             f"{edge_index.shape[1]}, got {list(edge_attr.shape)}")
-        if edge_attr.device != x.device:
-            raise ValueError(f"edge_attr must be on the device of {name} ({x.device}), got "
-                             f"{edge_attr.device}")
-    return edge_index, batch, edge_attr
+    return graph, batch
 
 
 def _takes_edge_attr(distance) -> bool:
@@ -137,22 +127,30 @@ class GraphTopology(Topology):
         else:
             super().__init__(check_distance(distance))
 
-    def __call__(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None,
-                 edge_attr: Optional[Tensor] = None) -> Tree:
-        edge_index, batch, edge_attr = check_graph(x, edge_index, batch, edge_attr)
-        reduce = "min" if self.distance == "edge_attr" else "mean"
-        with torch.no_grad():
-            ei, attr = self.undirected_edges(edge_index, x.shape[0], edge_attr, reduce)
-        return self.forest(x, ei, batch, attr)
+    @property
+    def reduce(self) -> str:
+        """How repeated copies of an edge combine their ``edge_attr``: the cheapest copy
+        counts for ``distance="edge_attr"``, else their mean."""
+        return "min" if self.distance == "edge_attr" else "mean"
+
+    def __call__(self, x: Tensor, edge_index, batch: Optional[Tensor] = None,
+                 edge_attr: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None
+                 ) -> Tree:
+        graph, batch = check_graph(x, edge_index, batch, edge_attr, edge_weight=edge_weight,
+                                   reduce=self.reduce)
+        return self.forest(x, graph, batch)
 
     @torch.no_grad()
-    def forest(self, x: Tensor, ei: Tensor, batch: Optional[Tensor] = None,
-               attr: Optional[Tensor] = None) -> Tree:
-        """The tree of validated inputs whose edges are already those of
-        :meth:`undirected_edges` (``attr`` reduced the same way): what :meth:`__call__` runs
-        after cleaning the graph, for callers that clean it once for several uses."""
+    def forest(self, x: Tensor, graph: PreparedGraph, batch: Optional[Tensor] = None) -> Tree:
+        """The tree of validated features ``x`` over a :class:`PreparedGraph` (whose
+        ``edge_attr`` was reduced by :attr:`reduce`): what :meth:`__call__` runs after
+        preparing the graph, for callers that prepare it once for several uses.
+
+        With ``edge_weight`` the cost of an edge is its distance divided by its weight, so
+        that of two equally distant edges the heavier one is taken first."""
         n = x.shape[0]
         feat = x.detach().reshape(n, -1)
+        ei, attr = graph.edge_index, graph.edge_attr
         if self.distance == "edge_attr":
             if attr is None or (attr.dim() == 2 and attr.shape[1] != 1):
                 raise ValueError("distance='edge_attr' needs a scalar edge_attr [E] or "
@@ -170,6 +168,8 @@ class GraphTopology(Topology):
                              f"{got}")
         if not cost.is_floating_point():
             cost = cost.float()
+        if graph.edge_weight is not None:
+            cost = cost / graph.edge_weight.to(cost.dtype)
         if cost.numel() and not bool(torch.isfinite(cost).all()):
             raise ValueError("edge costs must be finite, got NaN or infinite values (from the "
                              "features, edge_attr or the distance)")
@@ -177,24 +177,11 @@ class GraphTopology(Topology):
             batch = torch.zeros(n, dtype=torch.long, device=x.device)
         return self._build(ei, cost, n, None, batch)
 
-    @staticmethod
-    def undirected_edges(edge_index: Tensor, num_nodes: int, edge_attr: Optional[Tensor] = None,
-                         reduce: str = "mean"):
-        """Each undirected edge of ``edge_index`` once, as ``row < col`` in ascending order,
-        without self-loops; repeated copies' ``edge_attr`` reduced by ``reduce``."""
-        ei, attr = remove_self_loops(edge_index, edge_attr)
-        if attr is None:
-            ei = to_undirected(ei, num_nodes=num_nodes)
-        else:
-            ei, attr = to_undirected(ei, attr.float(), num_nodes=num_nodes, reduce=reduce)
-        keep = ei[0] < ei[1]
-        return ei[:, keep], None if attr is None else attr[keep]
-
-    def candidate_edges(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor] = None
+    def candidate_edges(self, x: Tensor, edge_index, batch: Optional[Tensor] = None
                         ) -> Tuple[Tensor, Optional[Tensor], int]:
         """The undirected simple graph of ``edge_index``, validated."""
-        edge_index, batch, _ = check_graph(x, edge_index, batch)
-        return self.undirected_edges(edge_index, x.shape[0])[0], batch, x.shape[0]
+        graph, batch = check_graph(x, edge_index, batch)
+        return graph.edge_index, batch, x.shape[0]
 
     def extra_repr(self) -> str:
         if self.distance == "edge_attr":
