@@ -97,7 +97,7 @@ def test_check_bool_choice_device():
     (lambda: GrootV(dims=(8, 16), depths=(1, 1), drop_rate="0"), TypeError, "drop_rate"),
     (lambda: GrootV(dims=(8, 16), depths=(1, 1), features_only=1), TypeError, "features_only"),
     (lambda: GrootV(dims=(8, 16), depths=()), ValueError, "depths must hold at least one"),
-    (lambda: TreeSSMConv(4, 4, expand="x"), TypeError, "expand must be a real number"),
+    (lambda: TreeSSMConv(4, 4, d_inner="x"), TypeError, "d_inner must be a positive int"),
     (lambda: TreeSSMConv(True, 4), TypeError, "in_channels must be a positive int"),
     (lambda: TreeSSMConv(4, 4, local_mixing="yes"), TypeError, "local_mixing must be a bool"),
     (lambda: GrootLMixer(8, mode="paper", tree_scale="a"), TypeError,

@@ -149,10 +149,8 @@ class TreeSSMConv(SelectiveTreeSSM):
                  local_mixing: bool = True, dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, backend: Optional[str] = None, bias: bool = True):
         super().__init__()
-        in_channels = check_int(in_channels, "in_channels")
-        if in_channels < 1 and in_channels != -1:
-            raise ValueError(f"in_channels must be a positive int or -1 (lazy), got "
-                             f"{in_channels}")
+        if isinstance(in_channels, bool) or in_channels != -1:  # -1: lazy
+            in_channels = check_int(in_channels, "in_channels", 1)
         out_channels = check_int(out_channels, "out_channels", 1)
         d_state = check_int(d_state, "d_state", 1)
         d_inner = 2 * out_channels if d_inner is None else check_int(d_inner, "d_inner", 1)
