@@ -18,6 +18,11 @@ A subclass states its input signature by overriding ``__call__`` (and calling
 ``super().__call__``) and implements :meth:`candidate_edges` and, if it has a root rule,
 :meth:`roots`. See ``docs/topologies.md``.
 
+Tree construction is host code (compiled kernels, data-dependent sizes), so the library's
+``__call__`` methods are excluded from :func:`torch.compile` graphs
+(:func:`torch.compiler.disable`): a compiled model runs them eagerly between its graphs,
+and a model given its tree compiles into one graph.
+
 Features on an accelerator are laid out where they live, by
 :func:`treessm.topology.euler_tour.spanning_tree_on_device` (no host round-trip); a
 subclass with its own :meth:`Topology.spanning_tree` is solved on the CPU and moved.
@@ -101,8 +106,12 @@ class Candidates:
 
 class CandidateCache:
     """Candidate graphs (:class:`Candidates`) of a fixed-shape topology, kept per key
-    (shape, device); :meth:`lookup` finds the entry an ``edge_index`` tensor came from, so
-    later steps reuse its CPU plan."""
+    (shape, device), the ``size`` most recently used ones; :meth:`lookup` finds the entry an
+    ``edge_index`` tensor came from, so later steps reuse its CPU plan.
+
+    Safe to share between threads. The entries are derived data: a copy or a pickle of the
+    cache (of a module holding a topology, for an EMA copy or ``torch.save``) starts empty.
+    """
 
     def __init__(self, size: int = 16):
         self.size = size
@@ -110,14 +119,26 @@ class CandidateCache:
         self._by_id = {}
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
+
     def get(self, key: tuple, make: Callable[[], Candidates]) -> Candidates:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
-        entry = make()
+        entry = make()  # outside the lock: other shapes need not wait
         with self._lock:
+            made = self._entries.get(key)
+            if made is not None:  # another thread was first
+                return made
             self._entries[key] = entry
             self._by_id[id(entry.edge_index)] = entry
             while len(self._entries) > self.size:
@@ -126,7 +147,8 @@ class CandidateCache:
         return entry
 
     def lookup(self, edge_index: Tensor) -> Optional[Candidates]:
-        entry = self._by_id.get(id(edge_index))
+        with self._lock:
+            entry = self._by_id.get(id(edge_index))
         return entry if entry is not None and entry.edge_index is edge_index else None
 
 
@@ -180,6 +202,7 @@ class Topology:
         return None
 
     # ------------------------------------------------------------------ pipeline
+    @torch.compiler.disable
     def __call__(self, feat: Tensor, *args, **kwargs) -> Tree:
         with torch.no_grad():
             edge_index, batch, num_nodes = self.candidate_edges(feat, *args, **kwargs)

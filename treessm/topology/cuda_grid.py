@@ -31,6 +31,7 @@ from memory about once. It agrees with
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -89,9 +90,11 @@ def _extension_ready() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=256)
 def fused_ready(height: int, width: int, connectivity: int, device: torch.device) -> bool:
     """Whether :func:`grid_tree_from_features` can run for this image size on ``device``
-    (a CUDA device): the extension loads and one image fits a block."""
+    (a CUDA device): the extension loads and one image fits a block (remembered for the
+    256 most recent sizes)."""
     return (device.type == "cuda" and _extension_ready()
             and fits(height, width, connectivity, device))
 

@@ -133,6 +133,7 @@ class GraphTopology(Topology):
         counts for ``distance="edge_attr"``, else their mean."""
         return "min" if self.distance == "edge_attr" else "mean"
 
+    @torch.compiler.disable
     def __call__(self, x: Tensor, edge_index, batch: Optional[Tensor] = None,
                  edge_attr: Optional[Tensor] = None, edge_weight: Optional[Tensor] = None
                  ) -> Tree:
@@ -140,6 +141,7 @@ class GraphTopology(Topology):
                                    reduce=self.reduce)
         return self.forest(x, graph, batch)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def forest(self, x: Tensor, graph: PreparedGraph, batch: Optional[Tensor] = None) -> Tree:
         """The tree of validated features ``x`` over a :class:`PreparedGraph` (whose

@@ -99,9 +99,8 @@ class GridTopology(Topology):
     def __init__(self, connectivity: int = 4, distance: Distance = "cosine"):
         super().__init__(distance)
         self.connectivity = check_choice(connectivity, "connectivity", (4, 8))
-        # whether the fused CUDA kernels build a shape's trees, per (H, W, device)
-        self._fused_ready = {}
 
+    @torch.compiler.disable
     def __call__(self, feat: Tensor) -> Tree:
         if isinstance(feat, Tensor) and isinstance(self.distance, str):
             device = feat.device.type
@@ -136,12 +135,7 @@ class GridTopology(Topology):
         ``feat``, one cache look-up and the two op calls: nothing waits for the device."""
         entry = self._candidates(feat)
         b, h, w = entry.shape
-        key = (h, w, feat.device)
-        ready = self._fused_ready.get(key)
-        if ready is None:
-            ready = self._fused_ready[key] = _cuda_grid().fused_ready(h, w, self.connectivity,
-                                                                      feat.device)
-        if not ready:
+        if not _cuda_grid().fused_ready(h, w, self.connectivity, feat.device):
             return None
         return _cuda_grid().grid_tree_from_features(feat, b, h, w, self.connectivity,
                                                     self.distance, entry.batch)

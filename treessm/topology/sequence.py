@@ -97,6 +97,7 @@ class SequenceTopology(Topology):
         super().__init__(distance)
         self.window = check_int(window, "window", 1)
 
+    @torch.compiler.disable
     def __call__(self, feat: Tensor) -> Tree:
         if self.window == 1 and self._standard():
             # the chain is the only spanning tree of a path graph
@@ -201,6 +202,7 @@ class GrootLTopology(Topology):
         c = length if self.context_len is None else min(self.context_len, length)
         return c if c > 2 else 0
 
+    @torch.compiler.disable
     def __call__(self, feat: Tensor) -> Tree:
         check_features(feat, 3, shape="[B, L, C]")
         b, length, _ = feat.shape
@@ -330,6 +332,7 @@ def _pair_cost(earlier: Tensor, later: Tensor, distance) -> Tensor:
     return cost.reshape(b, m).to(_work_dtype(cost) if cost.is_floating_point() else torch.float32)
 
 
+@torch.compiler.disable
 def causal_forest(parent: Tensor, rooted_at_first: bool = False,
                   on_device: Optional[bool] = None) -> Tree:
     """The :class:`~treessm.Tree` of a batch of causal parent arrays (``[B, L]``, positions
@@ -401,6 +404,7 @@ class CausalSequenceTopology(Topology):
         :func:`causal_parents`."""
         return causal_parents(feat, self.k, self.distance, valid, self.tie_rtol)
 
+    @torch.compiler.disable
     def __call__(self, feat: Tensor, valid: Optional[Tensor] = None) -> Tree:
         with torch.no_grad():
             parent = self.parents(feat, valid)

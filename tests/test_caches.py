@@ -1,0 +1,124 @@
+"""Caches under load: modules shared between threads compute what serial calls compute, and
+2,000 forward passes over images, sequences and graphs of ever-changing sizes keep every
+cache within its bound and the process's memory flat."""
+import contextlib
+import gc
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import pytest
+import torch
+
+from treessm.nn import GrootLMixer, TreeSSM, TreeSSMConv
+from treessm.topology import sequence
+from treessm.topology.cuda_grid import fused_ready
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """One torch and one numba thread: the passes are tiny, and on a loaded machine
+    spinning thread pools would make them many times slower."""
+    saved = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        numba.set_num_threads(saved[1])
+
+
+def _image(rng, c=4):
+    return torch.randn(rng.randint(1, 2), rng.randint(1, 14), rng.randint(1, 14), c)
+
+
+def _sequence(rng, c=4):
+    return torch.randn(rng.randint(1, 2), rng.randint(1, 40), c)
+
+
+def _graph(rng, c=4):
+    n = rng.randint(1, 80)
+    return torch.randn(n, c), torch.randint(0, n, (2, rng.randint(0, 3 * n)))
+
+
+def _modules():
+    torch.manual_seed(0)
+    return (TreeSSM(4).eval(), GrootLMixer(4, state_size=2, mode="paper").eval(),
+            GrootLMixer(4, state_size=2, mode="causal").eval(), TreeSSMConv(4, 4, d_state=1).eval())
+
+
+def _pass(modules, rng):
+    """One forward pass of one of the modules on a fresh random input."""
+    image, paper, causal, conv = modules
+    kind = rng.randrange(4)
+    if kind == 0:
+        return image(_image(rng))
+    if kind == 1:
+        return paper(_sequence(rng))
+    if kind == 2:
+        return causal(_sequence(rng))
+    return conv(*_graph(rng))
+
+
+def _threading_layer() -> str:
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return "unknown"
+
+
+def test_modules_shared_between_threads():
+    modules = _modules()
+    rng = random.Random(1)
+    inputs = [(i % 4, args) for i, args in enumerate(
+        (_image(rng),) if k == 0 else (_sequence(rng),) if k in (1, 2) else _graph(rng)
+        for k in [j % 4 for j in range(48)])]
+
+    def call(item):
+        kind, args = item
+        return modules[kind](*args)
+
+    with torch.no_grad():
+        serial = [call(item) for item in inputs]
+        if _threading_layer() == "workqueue":
+            pytest.skip("numba's workqueue threading layer cannot run parallel kernels from "
+                        "several threads; install tbb or use OpenMP")
+        for _ in range(2):
+            with ThreadPoolExecutor(4) as pool:
+                threaded = list(pool.map(call, inputs))
+            for a, b in zip(threaded, serial):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _live_tensors() -> int:
+    return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux only")
+def test_soak_caches_bounded_and_memory_flat():
+    modules = _modules()
+    rng = random.Random(2)
+    with torch.no_grad(), single_threaded():
+        for _ in range(500):  # every kernel compiled, every cache filled
+            _pass(modules, rng)
+        gc.collect()
+        rss, tensors = _rss_bytes(), _live_tensors()
+        for _ in range(1500):
+            _pass(modules, rng)
+        gc.collect()
+        grown, new_tensors = _rss_bytes() - rss, _live_tensors() - tensors
+    for module in modules:
+        cache = getattr(module.topology, "_cache", None)
+        if cache is not None:
+            assert len(cache) <= cache.size
+    assert sequence._chain_tree.cache_info().currsize <= sequence._chain_tree.cache_info().maxsize
+    assert fused_ready.cache_info().currsize <= fused_ready.cache_info().maxsize
+    # a tree or a candidate graph kept per pass would add 1,500 tensors and megabytes
+    assert new_tensors <= 20, new_tensors
+    assert grown < 16 * 2 ** 20, f"resident memory grew by {grown / 2 ** 20:.1f} MiB"
