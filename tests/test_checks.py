@@ -115,3 +115,16 @@ def test_check_bool_choice_device():
 def test_constructor_arguments_are_checked(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_grootl_forward_arguments_are_checked():
+    mixer = GrootLMixer(8)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(TypeError, match="attention_mask must be a tensor"):
+        mixer(x, attention_mask=[[1, 1, 1]])
+    with pytest.raises(TypeError, match="cache must be a transformers Cache"):
+        mixer(x, cache=object())
+    with pytest.raises(TypeError, match="cache must be a transformers Cache"):
+        mixer(x, cache_params=object())
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[1, >= 3\]"):
+        mixer(x, attention_mask=torch.ones(1, 2))

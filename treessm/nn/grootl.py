@@ -52,6 +52,8 @@ MODES = ("chain", "causal", "paper")
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
                 "tanh": torch.tanh}
 _DEFAULT_K = 4
+# what the mixer calls on a cache (transformers' linear-attention cache layers)
+_CACHE_METHODS = ("has_previous_state", "update_conv_state", "update_recurrent_state")
 _DEFAULT_TREE_SCALE = 0.3  # the GrootVL authors' factor on the tree scan
 
 
@@ -419,6 +421,10 @@ class GrootLMixer(nn.Module):
             raise ValueError("pass the cache once, as cache or as cache_params, not two "
                              "different ones")
         cache = cache if cache is not None else cache_params
+        if cache is not None and not all(hasattr(cache, name) for name in _CACHE_METHODS):
+            raise TypeError(f"cache must be a transformers Cache of linear-attention layers "
+                            f"(a DynamicCache made by a Mamba model), got "
+                            f"{type(cache).__name__}")
         if (not isinstance(hidden_states, Tensor) or hidden_states.dim() != 3
                 or hidden_states.shape[-1] != self.hidden_size):
             shape = (list(hidden_states.shape) if isinstance(hidden_states, Tensor)
@@ -429,11 +435,20 @@ class GrootLMixer(nn.Module):
         dtype = hidden_states.dtype
         mask = None
         if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor):
+                raise TypeError(f"attention_mask must be a tensor [B, L] of 0 and 1, got "
+                                f"{type(attention_mask).__name__}")
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or \
                     attention_mask.shape[1] < length:
                 raise ValueError(f"attention_mask must have shape [{b}, >= {length}], got "
                                  f"{list(attention_mask.shape)}")
+            if attention_mask.device != hidden_states.device:
+                raise ValueError(f"attention_mask must be on the device of hidden_states "
+                                 f"({hidden_states.device}), got {attention_mask.device}")
             mask = attention_mask[:, -length:]
+        if b * length == 0:  # no token: an empty output, the cache untouched
+            u, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+            return self.out_proj(u * F.silu(z))
 
         has_past = cache is not None and cache.has_previous_state(self.layer_idx)
         if has_past and self.mode == "paper":

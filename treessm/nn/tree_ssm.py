@@ -24,6 +24,7 @@ from .._checks import (check_bool, check_choice, check_int, check_int_or_auto, c
 from ..ops import tree_scan
 from ..ops.tree_scan import BACKENDS
 from ..topology import GridTopology, chain_tree
+from ..topology.base import empty_forest
 from ..tree import Tree
 
 __all__ = ["TreeSSM", "raster_tree"]
@@ -327,6 +328,9 @@ class TreeSSM(SelectiveTreeSSM):
             if tree.num_nodes != n:
                 raise ValueError(f"tree must span the B * H * W = {n} pixels of x, got "
                                  f"{tree.num_nodes} vertices")
+        if n == 0:  # no pixel (B, H or W is 0): an empty map, connected to the parameters
+            out = self.out_proj(self.in_proj(x)[..., :self.d_inner])
+            return (out, empty_forest(x.device) if tree is None else tree) if return_tree else out
         u, z = self.project_in(x)
         if tree is None:
             tree = self.scan_tree(u)

@@ -18,6 +18,7 @@ from torch_geometric.nn import Linear
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
 from ..topology import GraphTopology
 from ..topology.distance import Distance
+from ..topology.base import empty_forest
 from ..topology.graph import check_graph
 from ..topology.prepared_graph import PreparedGraph
 from ..tree import Tree
@@ -240,6 +241,9 @@ class TreeSSMConv(SelectiveTreeSSM):
         expected = self.in_proj.in_channels
         if expected > 0 and x.shape[1] != expected:
             raise ValueError(f"x must have in_channels = {expected} columns, got {x.shape[1]}")
+        if x.shape[0] == 0:  # no vertex: an empty output, connected to the parameters
+            y = self.out_proj(self.in_proj(x)[:, :self.d_inner])
+            return (y, empty_forest(x.device)) if return_tree else y
         u, z = self.project_in(x, graph)
         tree = self.scan_tree(x, u, graph, batch)
         y = self.project_out(self.selective_scan(u, tree), z)

@@ -151,7 +151,7 @@ class GraphTopology(Topology):
         With ``edge_weight`` the cost of an edge is its distance divided by its weight, so
         that of two equally distant edges the heavier one is taken first."""
         n = x.shape[0]
-        feat = x.detach().reshape(n, -1)
+        feat = x.detach().flatten(1)
         ei, attr = graph.edge_index, graph.edge_attr
         if self.distance == "edge_attr":
             if attr is None or (attr.dim() == 2 and attr.shape[1] != 1):

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._checks import check_choice
 from ..tree import Tree
-from .base import Candidates, Topology, check_features
+from .base import Candidates, Topology, check_features, empty_forest
 from .chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
                        grid_image_costs, kind_code)
@@ -102,7 +102,10 @@ class GridTopology(Topology):
 
     @torch.compiler.disable
     def __call__(self, feat: Tensor) -> Tree:
-        if isinstance(feat, Tensor) and isinstance(self.distance, str):
+        check_features(feat, 4, shape="[B, H, W, C]")
+        if feat.shape[:3].numel() == 0:
+            return empty_forest(feat.device)
+        if isinstance(self.distance, str):
             device = feat.device.type
             if device == "cpu":
                 if self._standard():

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .._checks import check_device, check_int, check_number
 from ..tree import Tree
-from .base import Candidates, Topology, check_features
+from .base import Candidates, Topology, check_features, empty_forest
 from .distance import EPS, Distance, check_distance
 from .euler_tour import spanning_tree_on_device
 
@@ -55,7 +55,8 @@ def _chain_tree(num_chains: int, length: int, device: torch.device) -> Tree:
     ar = torch.arange(n, device=device)
     local = ar % max(length, 1)
     parent = torch.where(local == 0, -1, ar - 1)
-    tree_ptr = torch.arange(num_chains + 1, device=device) * length
+    # a chain of no vertices is no tree
+    tree_ptr = torch.arange((num_chains if length else 0) + 1, device=device) * length
     batch = torch.arange(num_chains, device=device).repeat_interleave(length)
     # each position's children start right after it: the clip at the end of its tree
     # leaves the last token of a chain without any
@@ -99,10 +100,12 @@ class SequenceTopology(Topology):
 
     @torch.compiler.disable
     def __call__(self, feat: Tensor) -> Tree:
+        check_features(feat, 3, shape="[B, L, C]")
         if self.window == 1 and self._standard():
             # the chain is the only spanning tree of a path graph
-            check_features(feat, 3, shape="[B, L, C]")
             return chain_tree(feat.shape[0], feat.shape[1], feat.device)
+        if feat.shape[:2].numel() == 0:
+            return empty_forest(feat.device)
         return super().__call__(feat)
 
     def _standard(self) -> bool:
@@ -207,8 +210,7 @@ class GrootLTopology(Topology):
         check_features(feat, 3, shape="[B, L, C]")
         b, length, _ = feat.shape
         if b * length == 0:
-            return Tree.from_parent(torch.zeros(0, dtype=torch.long, device=feat.device),
-                                    torch.zeros(0, dtype=torch.long, device=feat.device))
+            return empty_forest(feat.device)
         return super().__call__(feat)
 
     def _candidates(self, feat: Tensor) -> Candidates:
