@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -30,7 +32,9 @@ def test_forward_small_config():
     feats = model.forward_features(x)
     assert feats.shape == (2, 32, 2, 2)
     torch.testing.assert_close(model.forward_head(feats), out)
-    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features) == (2, 48)
+    # timm's names: channels of forward_features, and of the pooled features before the logits
+    assert model.num_features == 32 and model.head_hidden_size == 48
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 48)
 
 
 def test_grootv_tiny_at_64():
@@ -180,3 +184,139 @@ def test_invalid_input():
         model(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
         model.forward_features(torch.randn(32, 32))
+
+
+# ---------------------------------------------------------------------------- timm's conventions
+def test_forward_intermediates():
+    torch.manual_seed(0)
+    model = small(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        assert [tuple(m.shape) for m in maps] == [(2, 8, 8, 12), (2, 16, 4, 6), (2, 24, 2, 3),
+                                                   (2, 32, 1, 2)]
+        torch.testing.assert_close(final, model.forward_features(x))
+        torch.testing.assert_close(final, maps[-1])
+        torch.testing.assert_close(model.forward_head(final), model(x))
+        # an int n takes the last n stages, negative indices count from the end
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+        assert [m.shape[1] for m in last_two] == [24, 32] and [m.shape[1] for m in picked] == [8, 32]
+        torch.testing.assert_close(picked[0], maps[0])
+        nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC",
+                                           intermediates_only=True)
+        torch.testing.assert_close(nhwc[0], maps[1].permute(0, 2, 3, 1))
+        early, got = model.forward_intermediates(x, indices=[1], stop_early=True)
+        torch.testing.assert_close(early, maps[1])
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(normed, maps))  # stages end with a norm
+        backbone = small(features_only=True, out_indices=(0, 2))
+        backbone.load_state_dict(model.state_dict(), strict=False)
+        for a, b in zip(backbone.eval()(x), [maps[0], maps[2]]):
+            torch.testing.assert_close(a, b)
+    for bad in (0, 5, [4], [], [-5]):
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(x, indices=bad)
+    for bad in ([0.5], "all", True, {1, 2}):
+        with pytest.raises(TypeError, match="indices"):
+            model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NLC")
+
+
+def test_prune_intermediate_layers():
+    torch.manual_seed(0)
+    model = small().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        assert model.prune_intermediate_layers([0, -2]) == [0, 2]
+        assert len(model.stages) == 3 and model.head is None and model.num_classes == 0
+        got = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="no head"):
+        model.forward_head(got[-1])
+    with pytest.raises(RuntimeError, match="no classifier"):
+        model.reset_classifier(10)
+
+
+@pytest.mark.parametrize("size, maps", [
+    ((200, 300), [(50, 75), (25, 38), (13, 19), (7, 10)]),
+    ((37, 53), [(10, 14), (5, 7), (3, 4), (2, 2)]),
+    ((17, 9), [(5, 3), (3, 2), (2, 1), (1, 1)]),
+])
+def test_any_input_size(size, maps):
+    """Stage i of an H x W image is ceil(H / r_i) x ceil(W / r_i), r_i = 4, 8, 16, 32."""
+    torch.manual_seed(0)
+    model = small(num_classes=5).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        assert [tuple(f.shape[2:]) for f in feats] == maps
+        assert [tuple(f.shape[2:]) for f in feats] == [
+            (math.ceil(size[0] / r), math.ceil(size[1] / r)) for r in model.feature_info.reduction()]
+        out = model.forward_head(final)
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def test_grad_checkpointing_cuts_training_memory():
+    from torch.profiler import ProfilerActivity, profile
+
+    def retained(model, x):
+        # bytes allocated in the forward pass and still held when it returns: what autograd
+        # keeps for the backward pass (the allocator reports every allocation and free)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = model(x).square().mean()
+        return sum(e.self_cpu_memory_usage for e in prof.events()), loss
+
+    torch.manual_seed(0)
+    model = small(num_classes=4, shared_tree=True)
+    x = torch.randn(2, 3, 64, 64)
+    plain, loss = retained(model, x)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing()
+    assert all(s.grad_checkpointing for s in model.stages)
+    saved, loss = retained(model, x)
+    loss.backward()
+    assert saved < 0.3 * plain, (saved, plain)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad():  # nothing is recomputed without autograd
+        model(x)
+
+
+def test_device_dtype_and_pretrained_cfg():
+    model = small(device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    model = small(num_classes=3, dtype=torch.float64).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model.conv_head[1].num_batches_tracked.dtype == torch.long
+    out = model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    model.reset_classifier(7)
+    assert model.head.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(7, global_pool="max")
+    with pytest.raises(TypeError, match="dtype"):
+        small(dtype=torch.long)
+    with torch.device("meta"):
+        cfg = grootv_tiny(num_classes=10).pretrained_cfg
+    assert cfg["architecture"] == "grootv_tiny" and cfg["num_classes"] == 10
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 1.0
+    assert cfg["interpolation"] == "bicubic" and cfg["mean"] == (0.485, 0.456, 0.406)
+    assert cfg["url"] == ""  # nothing to download
+
+
+def test_group_matcher_covers_the_backbone():
+    import re
+
+    model = small()
+    matcher = model.group_matcher()
+    patterns = [matcher["stem"]] + [p for p, _ in matcher["blocks"]]
+    rest = [n for n, _ in model.named_parameters()
+            if not any(re.match(p, n) for p in patterns)]
+    assert rest and all(n.startswith(("conv_head.", "head.")) for n in rest)
+    assert re.match(model.group_matcher(coarse=True)["blocks"], "stages.2.blocks.1.mlp.fc1.weight")

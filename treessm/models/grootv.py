@@ -4,12 +4,20 @@ The architecture of *GrootVL* (Xiao, Song et al., NeurIPS 2024), section 3.3: a 
 two stride-2 3x3 convolutions, four stages of pre-norm blocks (LayerNorm -> TreeSSM ->
 drop path, LayerNorm -> MLP -> drop path) at widths C, 2C, 4C, 8C separated by stride-2
 3x3 convolutions, a LayerNorm closing every stage, and a convolutional classification
-head. The file reads top-down: stem and downsampling, block, stage, model, weight init,
-then the registered constructors.
+head. For the same weights it computes the function of the authors' released model
+(their LayerNorms' ``eps=1e-6``, their mixer, their orientation of the tree's edges:
+:class:`GrootVMixer`), so their ImageNet checkpoints load with
+:func:`~treessm.models.load_grootvl_checkpoint` (the module-by-module correspondence is in
+:mod:`treessm.models.grootvl_weights`). The file reads top-down: stem and downsampling,
+mixer, block, stage, model, weight init, then the constructors.
 
 All maps inside the network are channels-last ``[B, H, W, C]`` (the layout of the tree
-scan); what the model hands out (``forward_features``, ``features_only`` maps) is
-channels-first ``[B, C, H, W]``, as timm backbones do.
+scan); what the model hands out (``forward_features``, ``forward_intermediates``,
+``features_only`` maps) is channels-first ``[B, C, H, W]`` unless ``output_fmt="NHWC"``
+is asked for, as timm backbones do. Any input size works: every stride-``s`` convolution
+(kernel 3, padding 1) maps ``n`` pixels to ``ceil(n / s)``, so stage ``i`` of an
+``H x W`` image is ``ceil(H / r_i) x ceil(W / r_i)`` with ``r_i`` its reduction
+(4, 8, 16, 32): a 200x300 image gives 50x75, 25x38, 13x19 and 7x10.
 
 Sizes at 224x224 (``count_flops``: multiply-accumulates as fvcore counts them):
 GrootV-T 29.96M parameters / 4.75 GFLOPs, GrootV-S 51.33M / 8.49 GFLOPs, GrootV-B
@@ -17,18 +25,55 @@ GrootV-T 29.96M parameters / 4.75 GFLOPs, GrootV-S 51.33M / 8.49 GFLOPs, GrootV-
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+import contextlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_bool, check_int, check_ints, check_number
 from ..nn.layers import DropPath, LayerNorm2d, Mlp
 from ..nn.tree_ssm import TreeSSM
+from ..ops import tree_scan
 from ..tree import Tree
+from .grootvl_weights import load_grootvl_checkpoint
 
-__all__ = ["GrootV", "GrootVBlock", "GrootVStage", "FeatureInfo", "count_flops",
-           "grootv_tiny", "grootv_small", "grootv_base"]
+__all__ = ["GrootV", "GrootVBlock", "GrootVStage", "GrootVMixer", "FeatureInfo", "count_flops",
+           "take_indices", "default_cfgs", "grootv_tiny", "grootv_small", "grootv_base"]
+
+#: eps of the backbone's LayerNorms (stem, blocks, stages, downsampling), as the authors'
+#: model has them; the mixer's own two norms keep PyTorch's 1e-5, as theirs do.
+NORM_EPS = 1e-6
+
+OUTPUT_FORMATS = ("NCHW", "NHWC")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _cfg(**kwargs) -> Dict:
+    """Pretrained configuration in timm's format: how the authors evaluate on ImageNet-1K
+    (resize the short side to 224 with bicubic interpolation, centre crop 224, ImageNet
+    mean and standard deviation)."""
+    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+               crop_pct=1.0, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+               first_conv="stem.conv1", classifier="head", license="mit",
+               origin_url="https://github.com/EasonXiao-888/GrootVL",
+               paper_ids="arXiv:2406.02395",
+               paper_name="GrootVL: Tree Topology is All You Need in State Space Model")
+    cfg.update(kwargs)
+    return cfg
+
+
+#: Configurations of the authors' ImageNet-1K weights (top-1 83.4 / 84.2 / 84.8), keyed as
+#: timm keys them. treessm downloads nothing: ``url`` is empty, the checkpoints are a
+#: manual download (``docs/vision.md``) loaded from a local file.
+default_cfgs: Dict[str, Dict] = {
+    "grootv_tiny.in1k": _cfg(),
+    "grootv_small.in1k": _cfg(),
+    "grootv_base.in1k": _cfg(),
+}
 
 
 class Stem(nn.Module):
@@ -39,10 +84,10 @@ class Stem(nn.Module):
         super().__init__()
         mid = out_chans // 2
         self.conv1 = nn.Conv2d(in_chans, mid, 3, stride=strides[0], padding=1)
-        self.norm1 = LayerNorm2d(mid)
+        self.norm1 = LayerNorm2d(mid, eps=NORM_EPS)
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(mid, out_chans, 3, stride=strides[1], padding=1)
-        self.norm2 = nn.LayerNorm(out_chans)
+        self.norm2 = nn.LayerNorm(out_chans, eps=NORM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.norm1(self.conv1(x)))
@@ -56,10 +101,55 @@ class Downsample(nn.Module):
     def __init__(self, in_chans: int, out_chans: int, stride: int = 2):
         super().__init__()
         self.conv = nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1, bias=False)
-        self.norm = nn.LayerNorm(out_chans)
+        self.norm = nn.LayerNorm(out_chans, eps=NORM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+# ---------------------------------------------------------------------------- mixer
+def lowest_vertex_paths(tree: Tree, backend: Optional[str] = None) -> Tensor:
+    """Mask ``[N]`` of the non-root vertices on the path from each tree's lowest-numbered
+    vertex up to its root.
+
+    Those are the edges ``(v, parent(v))`` whose child changes when the tree is re-rooted
+    at its lowest vertex: for them the other end, ``parent(v)``, is the child. Computed
+    without waiting for the device: a leaf-to-root scan of the indicator of the lowest
+    vertices counts, at every vertex, the lowest vertices in its subtree.
+    """
+    n = tree.num_nodes
+    device = tree.parent.device
+    positions = torch.arange(n, device=device)
+    tree_at = torch.searchsorted(tree.tree_ptr[1:].to(positions.dtype), positions, right=True)
+    tree_of = torch.empty_like(tree_at).scatter_(0, tree.order, tree_at)
+    lowest = torch.full((tree.num_trees,), n, dtype=positions.dtype, device=device)
+    lowest.scatter_reduce_(0, tree_of, positions, "amin")
+    mark = torch.zeros(n, 1, device=device)
+    mark[lowest] = 1.0
+    below = tree_scan(mark, torch.ones_like(mark), tree, "up", backend=backend)[:, 0]
+    return (below > 0.5) & (tree.parent >= 0)
+
+
+class GrootVMixer(TreeSSM):
+    r"""The :class:`~treessm.nn.TreeSSM` of a GrootV block, with the authors' orientation
+    of the edge steps.
+
+    The decay of a tree edge is :math:`\exp(\Delta A)` with the step :math:`\Delta` of one
+    of its two ends. The authors' model takes the end farther from the first pixel of the
+    image (their breadth-first search starts at pixel ``(0, 0)``); treessm's grid trees
+    are rooted at the centre pixel (half the depth for the scan kernels), so the edges on
+    the path from the first pixel to the centre take the step of their parent end
+    instead of their child's. In general: every tree is oriented away from its
+    lowest-numbered vertex, which for a grid tree is the first pixel of its image and for
+    the row-major chain of ``scan="raster"`` is its root (no change). The parameters,
+    arguments and state-dict keys are the :class:`~treessm.nn.TreeSSM`'s.
+    """
+
+    def edge_delta(self, delta: Tensor, tree: Optional[Tree]) -> Tensor:
+        if tree is None:
+            return delta
+        flip = lowest_vertex_paths(tree, self.backend)
+        return torch.where(flip.unsqueeze(-1), delta[tree.parent.clamp(min=0)], delta)
 
 
 class GrootVBlock(nn.Module):
@@ -69,10 +159,10 @@ class GrootVBlock(nn.Module):
     Args:
         dim (int): channels.
         mlp_ratio (float): hidden channels of the MLP per channel. (default: ``4.0``)
-        d_state (int), ssm_ratio (float), d_conv (int): of the :class:`~treessm.nn.TreeSSM`
+        d_state (int), ssm_ratio (float), d_conv (int): of the :class:`GrootVMixer`
             (whose depthwise convolution has no bias). (default: ``1``, ``2.0``, ``3``)
         drop_path (float): stochastic depth of both branches. (default: ``0.0``)
-        scan (str), topology (callable, optional): of the TreeSSM. (default: ``"tree"``,
+        scan (str), topology (callable, optional): of the mixer. (default: ``"tree"``,
             ``None``)
 
     Shapes:
@@ -84,11 +174,11 @@ class GrootVBlock(nn.Module):
                  ssm_ratio: float = 2.0, d_conv: int = 3, drop_path: float = 0.0,
                  scan: str = "tree", topology: Optional[Callable[[Tensor], Tree]] = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.mixer = TreeSSM(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv,
-                             conv_bias=False, scan=scan, topology=topology)
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.mixer = GrootVMixer(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv,
+                                 conv_bias=False, scan=scan, topology=topology)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, tree: Optional[Tree] = None):
@@ -103,7 +193,9 @@ class GrootVStage(nn.Module):
 
     With ``shared_tree=True`` the first block builds the tree from its own features and
     the other blocks of the stage scan that same tree (the faster variant of the paper),
-    instead of each block building its own.
+    instead of each block building its own. With ``grad_checkpointing`` set (by
+    :meth:`GrootV.set_grad_checkpointing`) each block keeps only its input for the
+    backward pass and recomputes the rest, tree included.
     """
 
     def __init__(self, in_dim: int, dim: int, depth: int, stride: int = 2,
@@ -114,28 +206,67 @@ class GrootVStage(nn.Module):
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
             GrootVBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=NORM_EPS)
         self.shared_tree = shared_tree
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         tree = None
         for block in self.blocks:
-            x, block_tree = block(x, tree)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, block_tree = checkpoint(block, x, tree, use_reentrant=False)
+            else:
+                x, block_tree = block(x, tree)
             if self.shared_tree:
                 tree = block_tree
         return self.norm(x)
 
 
 class FeatureInfo(list):
-    """Per-stage ``dict(num_chs, reduction, module)``, with timm's ``channels()`` and
-    ``reduction()`` accessors that detection and segmentation necks read."""
+    """Per-stage ``dict(num_chs, reduction, module)``, with timm's ``channels()``,
+    ``reduction()`` and ``module_name()`` accessors that detection and segmentation necks
+    read."""
 
     def channels(self) -> List[int]:
         return [info["num_chs"] for info in self]
 
     def reduction(self) -> List[int]:
         return [info["reduction"] for info in self]
+
+    def module_name(self) -> List[str]:
+        return [info["module"] for info in self]
+
+
+def take_indices(num_stages: int, indices: Union[None, int, Sequence[int]] = None,
+                 name: str = "indices") -> Tuple[List[int], int]:
+    """Absolute stage indices to return, as timm's ``feature_take_indices`` reads them:
+    ``None`` all stages, an int ``n`` the last ``n``, a sequence the given stages
+    (negative ones count from the end).
+
+    Returns:
+        the indices (in the given order) and the largest of them.
+
+    Raises:
+        TypeError: neither ``None``, an int nor a sequence of ints.
+        ValueError: an index outside ``[-num_stages, num_stages)``, ``n`` outside
+            ``[1, num_stages]``, or an empty sequence.
+    """
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
+        n = check_int(indices, name, 1)
+        if n > num_stages:
+            raise ValueError(f"{name} as an int takes the last n stages, so it must lie in "
+                             f"[1, {num_stages}], got {n}")
+        take = list(range(num_stages - n, num_stages))
+    else:
+        take = list(check_ints(indices, name))
+        if not take or not all(-num_stages <= i < num_stages for i in take):
+            raise ValueError(f"{name} must be None, an int or a non-empty sequence of stage "
+                             f"indices in [{-num_stages}, {num_stages}), got {indices!r}")
+        take = [i % num_stages for i in take]
+    return take, max(take)
 
 
 class GrootV(nn.Module):
@@ -170,16 +301,31 @@ class GrootV(nn.Module):
             each stage after the first; ``1`` keeps the resolution (for tiny inputs).
             (default: ``2`` everywhere)
         features_only (bool): build no head (so ``num_classes``, ``head_ratio`` and
-            ``drop_rate`` play no part, as in timm); :meth:`forward` returns the maps of the
-            stages in ``out_indices``. (default: ``False``)
-        out_indices (Sequence[int], optional): stages returned with ``features_only``.
-            (default: all)
+            ``drop_rate`` play no part, as in timm) and no stage after the last of
+            ``out_indices``; :meth:`forward` returns the maps of the stages in
+            ``out_indices``. (default: ``False``)
+        out_indices (int or Sequence[int], optional): stages returned with
+            ``features_only``, as :func:`take_indices` reads them. (default: all)
+        device (torch.device, optional): where the parameters are created. (default:
+            ``None``, PyTorch's default device)
+        dtype (torch.dtype, optional): floating-point type of the parameters and buffers.
+            (default: ``None``, PyTorch's default dtype)
 
     Shapes:
-        - **input:** images :math:`(B, C_{in}, H, W)`
+        - **input:** images :math:`(B, C_{in}, H, W)`, any :math:`H, W \ge 1`
         - **output:** logits :math:`(B, \text{num_classes})`, or with ``features_only`` a
-          list of maps :math:`(B, \text{dims}_i, H / r_i, W / r_i)` with
-          :math:`r_i` = ``feature_info[i]["reduction"]`` (4, 8, 16, 32 by default)
+          list of maps :math:`(B, \text{dims}_i, \lceil H / r_i \rceil, \lceil W / r_i
+          \rceil)` with :math:`r_i` = ``feature_info[i]["reduction"]`` (4, 8, 16, 32 by
+          default)
+
+    Example:
+        >>> model = grootv_tiny(num_classes=10).eval()
+        >>> model(torch.randn(2, 3, 224, 224)).shape
+        torch.Size([2, 10])
+        >>> maps = model.forward_intermediates(torch.randn(1, 3, 200, 300),
+        ...                                    intermediates_only=True)
+        >>> [tuple(m.shape[1:]) for m in maps]
+        [(80, 50, 75), (160, 25, 38), (320, 13, 19), (640, 7, 10)]
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,
@@ -190,7 +336,10 @@ class GrootV(nn.Module):
                  topology: Optional[Callable[[Tensor], Tree]] = None,
                  stem_strides: Sequence[int] = (2, 2),
                  downsample_strides: Optional[Sequence[int]] = None,
-                 features_only: bool = False, out_indices: Optional[Sequence[int]] = None):
+                 features_only: bool = False,
+                 out_indices: Union[None, int, Sequence[int]] = None,
+                 device: Optional[Union[torch.device, str]] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         num_classes = check_int(num_classes, "num_classes", 0)
         in_chans = check_int(in_chans, "in_chans", 1)
@@ -215,13 +364,10 @@ class GrootV(nn.Module):
         features_only = check_bool(features_only, "features_only")
         if not features_only and out_indices is not None:
             raise ValueError("out_indices is only used with features_only=True")
-        if out_indices is None:
-            out_indices = tuple(range(num_stages))
-        out_indices = check_ints(out_indices, "out_indices")
-        if not out_indices or not all(-num_stages <= i < num_stages for i in out_indices):
-            raise ValueError(f"out_indices must be a non-empty sequence of stage indices in "
-                             f"[{-num_stages}, {num_stages}), got {out_indices!r}")
-        out_indices = tuple(sorted({i % num_stages for i in out_indices}))
+        out_indices = tuple(sorted(set(take_indices(num_stages, out_indices,
+                                                    "out_indices")[0])))
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -230,39 +376,45 @@ class GrootV(nn.Module):
         self.drop_rate = drop_rate
         self.features_only = features_only
         self.out_indices = out_indices
-        self.num_features = int(dims[-1] * head_ratio)
+        # timm's names: channels of forward_features, and of the pooled pre-logits
+        self.num_features = dims[-1]
+        self.head_hidden_size = int(dims[-1] * head_ratio)
+        self.pretrained_cfg = _cfg(num_classes=num_classes, input_size=(in_chans, 224, 224))
 
-        self.stem = Stem(in_chans, dims[0], stem_strides)
         total = sum(depths)
         rates = [drop_path_rate * i / max(1, total - 1) for i in range(total)]
         num_built = out_indices[-1] + 1 if features_only else num_stages
         reduction = stem_strides[0] * stem_strides[1]
-        self.stages = nn.ModuleList()
         info = []
-        for i in range(num_built):
-            stride = downsample_strides[i - 1] if i > 0 else 1
-            reduction *= stride
-            start = sum(depths[:i])
-            self.stages.append(GrootVStage(
-                dims[i - 1] if i > 0 else dims[0], dims[i], depths[i], stride=stride,
-                downsample=i > 0, drop_path=rates[start:start + depths[i]],
-                shared_tree=shared_tree, mlp_ratio=mlp_ratio, d_state=d_state,
-                ssm_ratio=ssm_ratio, d_conv=d_conv, scan=scan, topology=topology))
-            info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
+        place = torch.device(device) if device is not None else contextlib.nullcontext()
+        with place:
+            self.stem = Stem(in_chans, dims[0], stem_strides)
+            self.stages = nn.ModuleList()
+            for i in range(num_built):
+                stride = downsample_strides[i - 1] if i > 0 else 1
+                reduction *= stride
+                start = sum(depths[:i])
+                self.stages.append(GrootVStage(
+                    dims[i - 1] if i > 0 else dims[0], dims[i], depths[i], stride=stride,
+                    downsample=i > 0, drop_path=rates[start:start + depths[i]],
+                    shared_tree=shared_tree, mlp_ratio=mlp_ratio, d_state=d_state,
+                    ssm_ratio=ssm_ratio, d_conv=d_conv, scan=scan, topology=topology))
+                info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
+            if features_only:
+                self.conv_head = self.head_drop = self.head = None
+            else:
+                self.conv_head = nn.Sequential(
+                    nn.Conv2d(dims[-1], self.head_hidden_size, 1, bias=False),
+                    nn.BatchNorm2d(self.head_hidden_size),
+                    nn.GELU())
+                self.head_drop = nn.Dropout(drop_rate)
+                self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 \
+                    else nn.Identity()
+            self.reset_parameters()
         self.feature_info = FeatureInfo(info[i] for i in out_indices) if features_only \
             else FeatureInfo(info)
-
-        if features_only:
-            self.conv_head = self.head_drop = self.head = None
-        else:
-            self.conv_head = nn.Sequential(
-                nn.Conv2d(dims[-1], self.num_features, 1, bias=False),
-                nn.BatchNorm2d(self.num_features),
-                nn.GELU())
-            self.head_drop = nn.Dropout(drop_rate)
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 \
-                else nn.Identity()
-        self.reset_parameters()
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     # ------------------------------------------------------------------ weight init
     def reset_parameters(self):
@@ -285,21 +437,51 @@ class GrootV(nn.Module):
         return {name for name, p in self.named_parameters()
                 if getattr(p, "_no_weight_decay", False)}
 
-    def get_classifier(self) -> nn.Module:
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        """Parameter groups by depth (the stem, then each stage or block), in the format of
+        timm's layer-wise learning-rate decay."""
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.norm", (99999,)),
+            ])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (:func:`torch.utils.checkpoint.checkpoint`): training memory of a stage falls to
+        about one map per block, at the cost of a second forward pass of every block."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
+
+    def get_classifier(self) -> Optional[nn.Module]:
         return self.head
 
-    def reset_classifier(self, num_classes: int):
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """Replace the linear classifier by a fresh one with ``num_classes`` outputs
-        (``0``: none, :meth:`forward` then returns pooled features)."""
-        if self.features_only:
-            raise RuntimeError("a features_only model has no classifier")
-        self.num_classes = num_classes = check_int(num_classes, "num_classes", 0)
-        device = self.conv_head[0].weight.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) \
-            if num_classes > 0 else nn.Identity()
+        (``0``: none, :meth:`forward` then returns pooled features). ``global_pool`` is
+        timm's argument; only average pooling (``None``, ``"avg"``) exists here."""
+        if self.conv_head is None:
+            raise RuntimeError("this model has no classifier (built with features_only or "
+                               "pruned by prune_intermediate_layers)")
+        num_classes = check_int(num_classes, "num_classes", 0)
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be None or 'avg', got {global_pool!r}")
+        self.num_classes = num_classes
+        weight = self.conv_head[0].weight
+        self.head = nn.Linear(self.head_hidden_size, num_classes, device=weight.device,
+                              dtype=weight.dtype) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load the authors' checkpoint file into this model (timm calls this for a
+        configuration with ``custom_load=True``). The classifier is loaded when it has the
+        checkpoint's number of classes and otherwise keeps its fresh initialisation, as
+        timm does (:func:`~treessm.models.load_grootvl_checkpoint`)."""
+        load_grootvl_checkpoint(self, checkpoint_path)
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: Tensor):
@@ -307,19 +489,77 @@ class GrootV(nn.Module):
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a [B, {self.in_chans}, H, W] image batch, got {shape}")
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Unpooled map of the last stage, ``[B, dims[-1], H / 32, W / 32]``."""
+    def forward_intermediates(self, x: Tensor,
+                              indices: Union[None, int, Sequence[int]] = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """The maps of chosen stages, for detection and segmentation necks (timm's
+        interface).
+
+        Args:
+            x (Tensor [B, in_chans, H, W]): images.
+            indices (int or Sequence[int], optional): stages to return, as
+                :func:`take_indices` reads them (an int ``n``: the last ``n``). (default:
+                ``None``, all)
+            norm (bool): timm's request to normalise the outputs; every stage already ends
+                with its LayerNorm, so the maps are the same either way. (default:
+                ``False``)
+            stop_early (bool): run no stage after the last one asked for. (default:
+                ``False``)
+            output_fmt (str): ``"NCHW"`` or ``"NHWC"`` (the layout inside the network, no
+                copy). (default: ``"NCHW"``)
+            intermediates_only (bool): return only the list of maps. (default: ``False``)
+
+        Returns:
+            the list of maps, stage by stage, each :math:`(B, \\text{dims}_i, \\lceil H /
+            r_i \\rceil, \\lceil W / r_i \\rceil)`; unless ``intermediates_only``, preceded
+            by the last computed map in ``NCHW`` (:meth:`forward_features` when all
+            stages ran).
+        """
+        fmt = getattr(output_fmt, "value", output_fmt)  # timm passes a str-valued Enum
+        if fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
+        take, last = take_indices(len(self.stages), indices)
         self._check_input(x)
         x = self.stem(x)
-        for stage in self.stages:
+        stages = self.stages[:last + 1] if stop_early else self.stages
+        out = []
+        for i, stage in enumerate(stages):
             x = stage(x)
-        return x.permute(0, 3, 1, 2)
+            if i in take:
+                out.append(x.permute(0, 3, 1, 2) if fmt == "NCHW" else x)
+        if intermediates_only:
+            return out
+        return x.permute(0, 3, 1, 2), out
+
+    def prune_intermediate_layers(self, indices: Union[None, int, Sequence[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True
+                                  ) -> List[int]:
+        """Drop the stages after the last of ``indices`` and, with ``prune_head``, the
+        classification head (timm's interface, used by its ``features_only`` wrapper).
+        ``prune_norm`` is accepted for timm: the stage norms belong to the stages.
+
+        Returns:
+            the absolute indices of ``indices``.
+        """
+        take, last = take_indices(len(self.stages), indices)
+        self.stages = self.stages[:last + 1]
+        if prune_head:
+            self.conv_head = self.head_drop = self.head = None
+            self.num_classes = 0
+        return take
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Unpooled map of the last stage, ``[B, dims[-1], ceil(H / 32), ceil(W / 32)]``."""
+        return self.forward_intermediates(x, indices=1)[0]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """1x1 convolution, BatchNorm, GELU, average pooling and the classifier; with
-        ``pre_logits`` the pooled ``[B, num_features]`` features."""
-        if self.features_only:
-            raise RuntimeError("a features_only model has no head")
+        ``pre_logits`` the pooled ``[B, head_hidden_size]`` features."""
+        if self.conv_head is None:
+            raise RuntimeError("this model has no head (built with features_only or pruned "
+                               "by prune_intermediate_layers)")
         # a contiguous map gives the 1x1 convolution's weight gradient the weight's own
         # layout, which DistributedDataParallel's gradient buckets expect
         x = self.conv_head(x.contiguous()).mean(dim=(2, 3))
@@ -327,16 +567,9 @@ class GrootV(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:
-        if not self.features_only:
-            return self.forward_head(self.forward_features(x))
-        self._check_input(x)
-        x = self.stem(x)
-        out = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                out.append(x.permute(0, 3, 1, 2))
-        return out
+        if self.features_only:
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------- counting
@@ -401,16 +634,43 @@ def count_flops(model: nn.Module, *inputs: Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------- constructors
-def grootv_tiny(**kwargs) -> GrootV:
-    """GrootV-T: C = 80, depths 2-2-9-2 (30M parameters); ``kwargs`` go to :class:`GrootV`."""
-    return GrootV(dims=(80, 160, 320, 640), depths=(2, 2, 9, 2), **kwargs)
+def _create(variant: str, dims: Tuple[int, ...], depths: Tuple[int, ...],
+            pretrained: Union[None, bool, str], kwargs) -> GrootV:
+    if pretrained is True:
+        raise ValueError(
+            f"{variant} downloads nothing: download the GrootVL authors' checkpoint "
+            "(https://github.com/EasonXiao-888/GrootVL, see docs/vision.md) and pass its path "
+            "as pretrained=")
+    model = GrootV(dims=dims, depths=depths, **kwargs)
+    model.pretrained_cfg = dict(default_cfgs[f"{variant}.in1k"], architecture=variant,
+                                num_classes=model.num_classes,
+                                input_size=(model.in_chans, 224, 224))
+    if pretrained:
+        load_grootvl_checkpoint(model, pretrained)
+    return model
 
 
-def grootv_small(**kwargs) -> GrootV:
-    """GrootV-S: C = 96, depths 2-2-13-2 (51M parameters); ``kwargs`` go to :class:`GrootV`."""
-    return GrootV(dims=(96, 192, 384, 768), depths=(2, 2, 13, 2), **kwargs)
+def grootv_tiny(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
+    """GrootV-T: C = 80, depths 2-2-9-2 (30M parameters); ``kwargs`` go to :class:`GrootV`.
+
+    Args:
+        pretrained (str or os.PathLike, optional): the authors' ImageNet-1K checkpoint
+            (83.4% top-1), a local file loaded by
+            :func:`~treessm.models.load_grootvl_checkpoint`; the classifier is kept fresh
+            when ``num_classes`` is not 1000. (default: ``None``)
+    """
+    return _create("grootv_tiny", (80, 160, 320, 640), (2, 2, 9, 2), pretrained, kwargs)
 
 
-def grootv_base(**kwargs) -> GrootV:
-    """GrootV-B: C = 128, depths 2-2-13-2 (91M parameters); ``kwargs`` go to :class:`GrootV`."""
-    return GrootV(dims=(128, 256, 512, 1024), depths=(2, 2, 13, 2), **kwargs)
+def grootv_small(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
+    """GrootV-S: C = 96, depths 2-2-13-2 (51M parameters); ``kwargs`` go to :class:`GrootV`.
+    ``pretrained``: a local file of the authors' checkpoint (84.2% top-1), as in
+    :func:`grootv_tiny`."""
+    return _create("grootv_small", (96, 192, 384, 768), (2, 2, 13, 2), pretrained, kwargs)
+
+
+def grootv_base(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
+    """GrootV-B: C = 128, depths 2-2-13-2 (91M parameters); ``kwargs`` go to :class:`GrootV`.
+    ``pretrained``: a local file of the authors' checkpoint (84.8% top-1), as in
+    :func:`grootv_tiny`."""
+    return _create("grootv_base", (128, 256, 512, 1024), (2, 2, 13, 2), pretrained, kwargs)
