@@ -1,8 +1,9 @@
 """The GrootVL authors' GrootV weights in treessm's GrootV: names, shapes, strictness, and the
 same function for the same weights.
 
-The authors' names and shapes of all three sizes come from their model definition
-(``grootv_authors_state_dict.json``). Their model is re-written below from its definition
+The authors' names and shapes of all three sizes (``grootvl_state_dict_shapes.json``) were
+read from their released model definition (``GrootV(channels=80 / 96 / 128, depths=...)``
+of github.com/EasonXiao-888/GrootVL). Their model is re-written below from its definition
 in plain torch (their stem, levels, head and mixer; the tree by Kruskal over exp(-cos)
 edge costs rooted at the first pixel, as their breadth-first search is; the scan by the
 dense oracle), sharing no code with treessm's model.
@@ -21,15 +22,13 @@ from treessm.models import (GrootV, grootv_base, grootv_small, grootv_tiny, groo
                             load_grootvl_checkpoint, read_grootvl_checkpoint,
                             treessm_to_grootvl)
 
-AUTHORS = Path("/work/shared/data/grootv_authors_state_dict.json")
+AUTHORS = Path(__file__).with_name("grootvl_state_dict_shapes.json")
 SIZES = {"tiny": grootv_tiny, "small": grootv_small, "base": grootv_base}
 TENSORS = {"tiny": 333, "small": 413, "base": 413}
 
 
 @pytest.fixture(scope="module")
 def authors_shapes():
-    if not AUTHORS.is_file():
-        pytest.skip(f"{AUTHORS} not found")
     return json.loads(AUTHORS.read_text())
 
 
