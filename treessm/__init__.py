@@ -10,3 +10,8 @@ __all__ = ["Tree", "tree_scan", "minimum_spanning_tree", "Topology", "GridTopolo
            "SequenceTopology", "GraphTopology", "PreparedGraph", "prepare_graph", "__version__"]
 
 from . import nn, models, transforms  # noqa: E402,F401  (layers and backbones, built on the names above)
+
+from .typing import WITH_TIMM as _WITH_TIMM  # noqa: E402
+
+if _WITH_TIMM:  # GrootV in timm's registry whenever timm is installed (never an import error)
+    from .integrations import timm as _timm_models  # noqa: E402,F401

@@ -1,89 +1,140 @@
 """GrootV backbones in timm's model registry.
 
-timm is optional. When it is installed, importing this module registers ``grootv_tiny``,
-``grootv_small`` and ``grootv_base`` so that timm's factory, training scripts and feature
-extraction find them::
+timm is optional. When it is installed, ``import treessm`` registers ``grootv_tiny``,
+``grootv_small`` and ``grootv_base`` (by importing this module), so that timm's factory,
+training scripts and feature extraction find them; without timm nothing happens and this
+module still imports::
 
     import timm
-    import treessm.integrations.timm  # noqa: F401  (registers the models)
+    import treessm  # noqa: F401  (registers the models)
 
     model = timm.create_model("grootv_tiny", num_classes=100, drop_path_rate=0.2)
     backbone = timm.create_model("grootv_tiny", features_only=True, out_indices=(1, 2, 3))
+    backbone.feature_info.channels(), backbone.feature_info.reduction()  # for a neck
 
-There are no pretrained weights: ``pretrained=True`` raises.
+    # the GrootVL authors' ImageNet-1K weights, from a local file (nothing is downloaded)
+    model = timm.create_model("grootv_tiny", pretrained=True,
+                              pretrained_cfg_overlay=dict(file="grootv_t_1k_224.pth"))
+
+The models are built by timm's ``build_model_with_cfg``, as timm's own are: the
+``features_only`` wrapper is timm's ``FeatureGetterNet`` over
+:meth:`~treessm.models.GrootV.forward_intermediates`, the configurations are
+:data:`treessm.models.grootv.default_cfgs`, and a checkpoint file is read by
+:meth:`~treessm.models.GrootV.load_pretrained` (the classifier is kept fresh when
+``num_classes`` differs from the checkpoint's).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+import warnings
+from typing import Dict, Mapping
 
 from ..models import grootv as _grootv
+from ..models.grootv import GrootV
+from ..models.grootvl_weights import grootvl_to_treessm
 from ..typing import WITH_TIMM, require
 
-__all__ = ["register_timm_models", "is_registered", "MODEL_NAMES"]
+__all__ = ["register_timm_models", "is_registered", "checkpoint_filter_fn", "MODEL_NAMES",
+           "grootv_tiny", "grootv_small", "grootv_base"]
 
 MODEL_NAMES = ("grootv_tiny", "grootv_small", "grootv_base")
 
-# ImageNet statistics and input size, as timm's data pipeline expects in a model's config.
-_PRETRAINED_CFG = dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                       interpolation="bicubic", mean=(0.485, 0.456, 0.406),
-                       std=(0.229, 0.224, 0.225), first_conv="stem.conv1",
-                       classifier="head")
+#: timm reads the pretrained configurations of a module's models from its ``default_cfgs``
+#: (filled by :func:`register_timm_models` with timm's own objects).
+default_cfgs: Dict = {}
 
-_registered: Dict[str, Callable] = {}
+_registered: Dict[str, object] = {}
 
 
-def _entrypoint(name: str) -> Callable:
-    constructor = getattr(_grootv, name)
+def checkpoint_filter_fn(state_dict: Mapping, model: GrootV) -> Mapping:
+    """timm's ``pretrained_filter_fn``: the authors' checkpoint (or its ``"model"`` entry) in
+    treessm's names; a state dict already in treessm's names passes unchanged."""
+    if isinstance(state_dict.get("model"), Mapping):
+        state_dict = state_dict["model"]
+    if any(k.startswith(("patch_embed.", "levels.")) for k in state_dict):
+        return grootvl_to_treessm(state_dict)
+    return state_dict
 
-    def create(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None,
-               cache_dir=None, **kwargs):
-        # cache_dir: where timm would download pretrained weights; there are none to fetch
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights; use pretrained=False")
-        if pretrained_cfg or pretrained_cfg_overlay:
-            raise ValueError(f"{name} has no pretrained configurations, got "
-                             f"pretrained_cfg={pretrained_cfg!r}, "
-                             f"pretrained_cfg_overlay={pretrained_cfg_overlay!r}")
-        model = constructor(**kwargs)
-        cfg = dict(_PRETRAINED_CFG, architecture=name, num_classes=model.num_classes)
-        model.pretrained_cfg = cfg
-        model.default_cfg = cfg
-        return model
 
-    # timm keys its registry by the entrypoint's name and module
-    create.__name__ = create.__qualname__ = name
-    create.__module__ = __name__
-    create.__doc__ = constructor.__doc__
-    return create
+def _create(variant: str, pretrained: bool = False, **kwargs) -> GrootV:
+    from timm.models import build_model_with_cfg
+
+    if pretrained:
+        cfg = dict(kwargs.get("pretrained_cfg_overlay") or {})
+        given = kwargs.get("pretrained_cfg")
+        if not (cfg.get("file") or cfg.get("state_dict")
+                or (isinstance(given, Mapping) and (given.get("file") or given.get("state_dict")))):
+            raise ValueError(
+                f"{variant} has no weights to download: fetch the GrootVL authors' checkpoint "
+                "(https://github.com/EasonXiao-888/GrootVL, see docs/vision.md) and pass "
+                "pretrained_cfg_overlay=dict(file=path)")
+        if cfg.get("file"):
+            # the authors' training checkpoints pickle more than tensors: read them with
+            # GrootV.load_pretrained, which says what to do, rather than a bare torch.load
+            cfg.setdefault("custom_load", True)
+            kwargs["pretrained_cfg_overlay"] = cfg
+    return build_model_with_cfg(
+        GrootV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **dict(_grootv.ARCHITECTURES[variant], **kwargs))
+
+
+def grootv_tiny(pretrained: bool = False, **kwargs) -> GrootV:
+    """GrootV-T (30M parameters) through timm's builder."""
+    return _create("grootv_tiny", pretrained, **kwargs)
+
+
+def grootv_small(pretrained: bool = False, **kwargs) -> GrootV:
+    """GrootV-S (51M parameters) through timm's builder."""
+    return _create("grootv_small", pretrained, **kwargs)
+
+
+def grootv_base(pretrained: bool = False, **kwargs) -> GrootV:
+    """GrootV-B (91M parameters) through timm's builder."""
+    return _create("grootv_base", pretrained, **kwargs)
 
 
 def register_timm_models() -> tuple:
-    """Register the GrootV constructors with timm's model registry (idempotent).
+    """Register the GrootV models with timm's model registry (idempotent). A name that
+    timm already knows from elsewhere is left to its owner, with a warning.
 
     Returns:
-        the registered model names.
+        the names registered by treessm.
 
     Raises:
-        ImportError: timm is not installed.
+        ImportError: timm is not installed (the message says how to install it).
     """
     require("timm", "registering GrootV models with timm")
-    import timm
-    from timm.models import register_model
+    from timm.models import generate_default_cfgs, is_model, model_entrypoint, register_model
 
+    if not default_cfgs:
+        default_cfgs.update(generate_default_cfgs(_grootv.default_cfgs))
     for name in MODEL_NAMES:
-        if name in _registered and timm.is_model(name):
+        if name in _registered:
             continue
-        fn = _entrypoint(name)
-        globals()[name] = fn  # timm looks the entrypoint up in its module
-        register_model(fn)
-        _registered[name] = fn
-    return MODEL_NAMES
+        if is_model(name) and getattr(model_entrypoint(name), "__module__", None) != __name__:
+            warnings.warn(f"timm already has a model named {name!r}; treessm's GrootV is not "
+                          "registered under that name (build it with treessm.models."
+                          f"{name})", RuntimeWarning, stacklevel=2)
+            continue
+        _registered[name] = register_model(globals()[name])
+    return tuple(_registered)
 
 
 def is_registered() -> bool:
-    """Whether the GrootV models are in timm's registry."""
+    """Whether treessm's GrootV models are in timm's registry."""
     return len(_registered) == len(MODEL_NAMES)
 
 
-if WITH_TIMM:  # register on import when timm is there; stay importable without it
-    register_timm_models()
+def _register_on_import() -> None:
+    # importing treessm must never fail because of timm: a broken or incompatible
+    # installation costs the registration, with a warning that says why
+    try:
+        register_timm_models()
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"treessm could not register its GrootV models with timm "
+                      f"({type(exc).__name__}: {exc}); build them with treessm.models.grootv_*",
+                      RuntimeWarning, stacklevel=2)
+
+
+if WITH_TIMM:
+    _register_on_import()

@@ -40,7 +40,8 @@ from ..tree import Tree
 from .grootvl_weights import load_grootvl_checkpoint
 
 __all__ = ["GrootV", "GrootVBlock", "GrootVStage", "GrootVMixer", "FeatureInfo", "count_flops",
-           "take_indices", "default_cfgs", "grootv_tiny", "grootv_small", "grootv_base"]
+           "take_indices", "default_cfgs", "ARCHITECTURES", "grootv_tiny", "grootv_small",
+           "grootv_base"]
 
 #: eps of the backbone's LayerNorms (stem, blocks, stages, downsampling), as the authors'
 #: model has them; the mixer's own two norms keep PyTorch's 1e-5, as theirs do.
@@ -634,14 +635,21 @@ def count_flops(model: nn.Module, *inputs: Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------- constructors
-def _create(variant: str, dims: Tuple[int, ...], depths: Tuple[int, ...],
-            pretrained: Union[None, bool, str], kwargs) -> GrootV:
+#: Stage widths and depths of the three sizes of the paper.
+ARCHITECTURES: Dict[str, Dict[str, Tuple[int, ...]]] = {
+    "grootv_tiny": dict(dims=(80, 160, 320, 640), depths=(2, 2, 9, 2)),
+    "grootv_small": dict(dims=(96, 192, 384, 768), depths=(2, 2, 13, 2)),
+    "grootv_base": dict(dims=(128, 256, 512, 1024), depths=(2, 2, 13, 2)),
+}
+
+
+def _create(variant: str, pretrained: Union[None, bool, str], kwargs) -> GrootV:
     if pretrained is True:
         raise ValueError(
             f"{variant} downloads nothing: download the GrootVL authors' checkpoint "
             "(https://github.com/EasonXiao-888/GrootVL, see docs/vision.md) and pass its path "
             "as pretrained=")
-    model = GrootV(dims=dims, depths=depths, **kwargs)
+    model = GrootV(**dict(ARCHITECTURES[variant], **kwargs))
     model.pretrained_cfg = dict(default_cfgs[f"{variant}.in1k"], architecture=variant,
                                 num_classes=model.num_classes,
                                 input_size=(model.in_chans, 224, 224))
@@ -659,18 +667,18 @@ def grootv_tiny(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
             :func:`~treessm.models.load_grootvl_checkpoint`; the classifier is kept fresh
             when ``num_classes`` is not 1000. (default: ``None``)
     """
-    return _create("grootv_tiny", (80, 160, 320, 640), (2, 2, 9, 2), pretrained, kwargs)
+    return _create("grootv_tiny", pretrained, kwargs)
 
 
 def grootv_small(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
     """GrootV-S: C = 96, depths 2-2-13-2 (51M parameters); ``kwargs`` go to :class:`GrootV`.
     ``pretrained``: a local file of the authors' checkpoint (84.2% top-1), as in
     :func:`grootv_tiny`."""
-    return _create("grootv_small", (96, 192, 384, 768), (2, 2, 13, 2), pretrained, kwargs)
+    return _create("grootv_small", pretrained, kwargs)
 
 
 def grootv_base(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
     """GrootV-B: C = 128, depths 2-2-13-2 (91M parameters); ``kwargs`` go to :class:`GrootV`.
     ``pretrained``: a local file of the authors' checkpoint (84.8% top-1), as in
     :func:`grootv_tiny`."""
-    return _create("grootv_base", (128, 256, 512, 1024), (2, 2, 13, 2), pretrained, kwargs)
+    return _create("grootv_base", pretrained, kwargs)
