@@ -201,7 +201,8 @@ def test_forward_intermediates():
         # an int n takes the last n stages, negative indices count from the end
         last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
         picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
-        assert [m.shape[1] for m in last_two] == [24, 32] and [m.shape[1] for m in picked] == [8, 32]
+        assert [m.shape[1] for m in last_two] == [24, 32]
+        assert [m.shape[1] for m in picked] == [8, 32]
         torch.testing.assert_close(picked[0], maps[0])
         nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC",
                                            intermediates_only=True)
@@ -254,8 +255,9 @@ def test_any_input_size(size, maps):
     with torch.no_grad():
         final, feats = model.forward_intermediates(x)
         assert [tuple(f.shape[2:]) for f in feats] == maps
+        reductions = model.feature_info.reduction()
         assert [tuple(f.shape[2:]) for f in feats] == [
-            (math.ceil(size[0] / r), math.ceil(size[1] / r)) for r in model.feature_info.reduction()]
+            (math.ceil(size[0] / r), math.ceil(size[1] / r)) for r in reductions]
         out = model.forward_head(final)
     assert out.shape == (1, 5) and torch.isfinite(out).all()
 

@@ -199,8 +199,9 @@ def test_timms_pretrained_path_reads_local_files(stand_in, tmp_path):
     assert ten.head.out_features == 10
     assert torch.equal(ten.stem.conv1.weight, source.stem.conv1.weight)
     # timm's own loader (custom_load=False) goes through the filter
+    overlay = dict(state_dict=treessm_to_grootvl(source))
     plain = stand_in.create_model("grootv_tiny", pretrained=True, **SMALL,
-                                  pretrained_cfg_overlay=dict(state_dict=treessm_to_grootvl(source)))
+                                  pretrained_cfg_overlay=overlay)
     assert torch.equal(plain.stages[3].norm.weight, source.stages[3].norm.weight)
     assert bridge.checkpoint_filter_fn(source.state_dict(), plain) is not None
 

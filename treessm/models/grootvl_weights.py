@@ -7,41 +7,38 @@ dict under ``"model"`` and, when trained with an exponential moving average, tha
 average under ``"model_ema"``.
 
 Their model and treessm's compute the same function for the same weights; module by
-module (theirs: ``GrootV/classification/models/grootv.py`` and ``tree_scanning.py``):
+module (theirs: ``GrootV/classification/models/grootv.py`` and ``tree_scanning.py``)::
 
-=====================================================  ==========================================
-authors' module                                        treessm module
-=====================================================  ==========================================
-``patch_embed`` (``StemLayer``: conv, LN, GELU,         ``stem`` (:class:`~treessm.models.grootv.Stem`)
-conv, LN)
-``levels.i.blocks.j`` (``GrootVLayer``, pre-norm)       ``stages.i.blocks.j`` (:class:`~treessm.models.GrootVBlock`)
-``...norm1.0`` / ``...norm2.0`` / ``...mlp``            ``...norm1`` / ``...norm2`` / ``...mlp``
-``...TreeSSM`` (``Tree_SSM``)                           ``...mixer`` (:class:`~treessm.models.GrootVMixer`)
-``...TreeSSM.in_proj`` / ``conv2d`` / ``out_proj``      ``...mixer.in_proj`` / ``conv`` / ``out_proj``
-``...TreeSSM.x_proj_weight`` ``[1, R + 2N, D]``         ``...mixer.x_proj.weight`` ``[R + 2N, D]``
-``...TreeSSM.dt_projs_weight`` / ``dt_projs_bias``      ``...mixer.dt_proj.weight`` / ``.bias`` (first axis dropped)
-``...TreeSSM.A_logs`` / ``Ds``                          ``...mixer.A_log`` / ``D``
-``...TreeSSM.h_norm`` / ``out_norm``                    ``...mixer.h_norm`` / ``out_norm``
-``levels.i.norm.0`` (closes level i)                   ``stages.i.norm`` (closes stage i)
-``levels.i.downsample`` (ends level i)                 ``stages.{i+1}.downsample`` (opens stage i + 1)
-``conv_head.0`` / ``conv_head.1.0`` (BatchNorm)         ``conv_head.0`` / ``conv_head.1``
-``head``                                               ``head``
-=====================================================  ==========================================
+    authors' module                               treessm module
+    patch_embed (StemLayer: conv LN GELU conv LN) stem (grootv.Stem)
+    levels.i.blocks.j (GrootVLayer, pre-norm)     stages.i.blocks.j (GrootVBlock)
+      .norm1.0 / .norm2.0 / .mlp.fc1, .fc2          .norm1 / .norm2 / .mlp.fc1, .fc2
+      .TreeSSM (Tree_SSM)                           .mixer (GrootVMixer)
+      .TreeSSM.in_proj / .conv2d / .out_proj        .mixer.in_proj / .conv / .out_proj
+      .TreeSSM.x_proj_weight [1, R + 2N, D]         .mixer.x_proj.weight [R + 2N, D]
+      .TreeSSM.dt_projs_weight [1, D, R]            .mixer.dt_proj.weight [D, R]
+      .TreeSSM.dt_projs_bias [1, D]                 .mixer.dt_proj.bias [D]
+      .TreeSSM.A_logs / .Ds                         .mixer.A_log / .D
+      .TreeSSM.h_norm / .out_norm                   .mixer.h_norm / .out_norm
+    levels.i.norm.0 (closes level i)              stages.i.norm (closes stage i)
+    levels.i.downsample (ends level i)            stages.{i+1}.downsample (opens stage i+1)
+    conv_head.0 / conv_head.1.0 (BatchNorm)       conv_head.0 / conv_head.1
+    head                                          head
 
 What makes the functions equal, beyond the names: the backbone's LayerNorms have
 ``eps=1e-6`` and the mixer's ``h_norm`` / ``out_norm`` PyTorch's ``1e-5``, as theirs; the
 mixer computes :math:`W_{out}(\mathrm{LN}(C\,\mathrm{LN}_h(h) + D u) \odot
-\mathrm{SiLU}(z))` with :math:`u = \mathrm{SiLU}(\mathrm{DWConv}(W_{in} x))`, the tree being
-the minimum spanning tree of the 4-neighbour grid under :math:`\exp(-\cos)` of :math:`u`
-and :math:`h` its ``"both"`` tree scan; and each edge decays with the step of its end
-farther from the image's first pixel, where their breadth-first search starts
-(:class:`~treessm.models.GrootVMixer`). Their level ``i`` ends with the downsampling that
-treessm's stage ``i + 1`` starts with: the same operations in the same order, so the
+\mathrm{SiLU}(z))` with :math:`u = \mathrm{SiLU}(\mathrm{DWConv}(W_{in} x))` and :math:`h`
+the ``"both"`` tree scan of :math:`\Delta B u` over the minimum spanning tree of the
+4-neighbour grid under :math:`\exp(-\cos)` of :math:`u`; and each edge decays with the
+step of its end farther from the image's first pixel, where their breadth-first search
+starts (:class:`~treessm.models.GrootVMixer`). Their level ``i`` ends with the downsampling
+that treessm's stage ``i + 1`` starts with: the same operations in the same order, so the
 maps of :meth:`~treessm.models.GrootV.forward_intermediates` are theirs before
-downsampling (their ``forward_features_seq_out``). Differences that do not change the
-function of a checkpoint: their ``drop_rate`` drops after the stem and inside the MLPs,
-treessm's before the classifier (both off in evaluation); and on exactly tied edge costs
-(constant image regions) the two minimum spanning tree codes may choose different trees.
+downsampling (their ``forward_features_seq_out``). Their ``drop_rate`` drops after the stem
+and inside the MLPs, treessm's before the classifier: both are off in evaluation. Where two
+candidate edges have exactly the same cost (constant image regions), the two minimum
+spanning tree codes may choose different trees, and the outputs differ there.
 """
 from __future__ import annotations
 

@@ -1,0 +1,291 @@
+"""The GrootVL authors' GrootV against treessm's, with their own code, on a GPU: same weights,
+same logits?
+
+    python benchmarks/grootv_authors_logits.py --authors-repo PATH/TO/GrootVL
+    python benchmarks/grootv_authors_logits.py --authors-repo PATH --size small \\
+        --checkpoint grootv_s_1k_224.pth            # their released weights, if at hand
+
+``PATH/TO/GrootVL`` is a checkout of https://github.com/EasonXiao-888/GrootVL. The script
+
+1. makes their model importable: the package ``GrootV/classification/models`` (under the
+   name ``grootvl_models``), their CUDA kernels (``tree_scan._C``) from an installed
+   ``tree_scan`` package or else compiled here from ``GrootV/third-party/TreeScan/
+   tree_scan/csrc`` with the few substitutions that current PyTorch needs (``COMPAT``);
+   stand-ins for what their model file imports but does not run in evaluation (timm's
+   ``trunc_normal_`` and ``DropPath``, fvcore's ``flop_count``) when those packages are
+   missing (installing timm would replace the machine's torch), and a small ``rearrange``
+   / ``repeat`` when einops is missing;
+2. builds their GrootV-T/S/B and treessm's (``grootv_tiny`` / ``_small`` / ``_base``) with
+   the same weights: the checkpoint's when given, otherwise their initialisation with
+   every tensor perturbed (so no LayerNorm is an identity). Weights go theirs -> treessm
+   (:func:`treessm.models.load_grootvl_checkpoint`, strict) and treessm -> theirs
+   (:func:`treessm.models.treessm_to_grootvl`, ``load_state_dict(strict=True)`` into a
+   second instance of their model); the round trip must give back every tensor exactly;
+3. runs both in float32 with TF32 off, in evaluation mode, on a batch of noise images and
+   of smooth images at 224x224 and at 200x300 (not square, not a multiple of 32), and
+   compares the logits and the four stage maps (their ``forward_features_seq_out``,
+   treessm's ``forward_intermediates``);
+4. prints a table and saves ``benchmarks/results/grootv_authors_logits_<card>.json``.
+
+What to look at: ``top1`` 100% and ``logits max|d|`` far below the logits' scale (float32
+through 13-17 tree scans of different kernels: 1e-4 or less), on every row. A large
+difference on the "smooth" rows only would come from tied edge costs, where the two
+minimum-spanning-tree codes may pick different trees; a large difference everywhere is a
+real disagreement. Needs a CUDA GPU and a CUDA toolkit matching torch (for the build).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from treessm.models import (ARCHITECTURES, load_grootvl_checkpoint,  # noqa: E402
+                            read_grootvl_checkpoint, treessm_to_grootvl)
+from treessm.models import grootv as treessm_grootv  # noqa: E402
+
+SIZES = {"tiny": ("grootv_tiny", 80), "small": ("grootv_small", 96), "base": ("grootv_base", 128)}
+KERNELS = Path("GrootV/third-party/TreeScan/tree_scan/csrc")
+MODELS = Path("GrootV/classification/models")
+# (old, new): what current PyTorch removed from the C++ API the kernels were written for
+COMPAT = (
+    ("#include <THC/THCAtomics.cuh>", "#include <ATen/cuda/Atomic.cuh>"),
+    (".data<", ".data_ptr<"),
+    ("AT_CHECK(", "TORCH_CHECK("),
+)
+
+
+# ---------------------------------------------------------------------------- their code
+def _axes(side: str):
+    groups, group = [], None
+    for token in side.replace("(", " ( ").replace(")", " ) ").split():
+        if token == "(":
+            group = []
+        elif token == ")":
+            groups.append(group)
+            group = None
+        elif group is not None:
+            group.append(token)
+        else:
+            groups.append([token])
+    return groups
+
+
+def _split(tensor, left, sizes):
+    sizes = dict(sizes)
+    for group, dim in zip(left, tensor.shape):
+        unknown = [a for a in group if a not in sizes]
+        known = math.prod(sizes[a] for a in group if a in sizes)
+        if len(unknown) > 1:
+            raise ValueError(f"cannot infer the sizes of {unknown}")
+        if unknown:
+            sizes[unknown[0]] = dim // known
+    axes = [a for g in left for a in g]
+    return tensor.reshape([sizes[a] for a in axes]), axes, sizes
+
+
+def rearrange(tensor, pattern: str, **sizes):
+    """einops' ``rearrange`` for named axes and groups (what the authors' code uses)."""
+    left, right = (_axes(s) for s in pattern.split("->"))
+    tensor, axes, sizes = _split(tensor, left, sizes)
+    tensor = tensor.permute([axes.index(a) for g in right for a in g])
+    return tensor.reshape([math.prod(sizes[a] for a in g) for g in right])
+
+
+def repeat(tensor, pattern: str, **sizes):
+    """einops' ``repeat`` for named axes and groups (what the authors' code uses)."""
+    left, right = (_axes(s) for s in pattern.split("->"))
+    tensor, axes, sizes = _split(tensor, left, sizes)
+    new = [a for g in right for a in g if a not in axes]
+    tensor = tensor.reshape(list(tensor.shape) + [1] * len(new))
+    axes = axes + new
+    tensor = tensor.expand([sizes[a] for a in axes])
+    tensor = tensor.permute([axes.index(a) for g in right for a in g])
+    return tensor.reshape([math.prod(sizes[a] for a in g) for g in right])
+
+
+def _stand_in(name: str, **attrs) -> None:
+    if importlib.util.find_spec(name.split(".")[0]) is not None:
+        return
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    for key, value in attrs.items():
+        setattr(sys.modules[name], key, value)
+
+
+class _DropPath(torch.nn.Module):  # identity in evaluation, which is all this script runs
+    def __init__(self, p=0.0):
+        super().__init__()
+
+    def forward(self, x):
+        return x
+
+
+def kernels(repo: Path, build_dir: Path):
+    """Their ``tree_scan._C``: the installed package, or compiled from their sources."""
+    if importlib.util.find_spec("tree_scan") is not None:
+        from tree_scan import _C
+        return _C
+    from torch.utils.cpp_extension import load
+
+    src = repo / KERNELS
+    if not src.is_dir():
+        raise SystemExit(f"{src} not found: is {repo} a checkout of the GrootVL repository?")
+    dst = build_dir / "csrc"
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.suffix in (".cu", ".cpp", ".h", ".cuh"):
+            text = path.read_text()
+            for old, new in COMPAT:
+                text = text.replace(old, new)
+            (dst / path.name).write_text(text)
+    sources = [str(dst / "vision.cpp")] + sorted(str(p) for p in dst.glob("*.cu"))
+    flags = ["-O3", "-DCUDA_HAS_FP16=1", "-D__CUDA_NO_HALF_OPERATORS__",
+             "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    build = build_dir / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return load(name="grootvl_tree_scan", sources=sources, extra_include_paths=[str(dst)],
+                    extra_cflags=["-O3"], extra_cuda_cflags=flags, build_directory=str(build),
+                    verbose=True)
+    except Exception as exc:  # the message of the compiler is above
+        raise SystemExit(f"building the authors' kernels from {src} failed ({exc}); patch the "
+                         f"copy in {dst} (see COMPAT in this script) or install their package "
+                         "(pip install -e GrootV/third-party/TreeScan)") from None
+
+
+def authors_package(repo: Path, build_dir: Path):
+    """The authors' ``models`` package, importable with its kernels."""
+    ext = kernels(repo, build_dir)
+    package = types.ModuleType("tree_scan")
+    package._C = ext
+    sys.modules.setdefault("tree_scan", package)
+    sys.modules.setdefault("tree_scan._C", ext)
+    _stand_in("timm.models.layers", trunc_normal_=torch.nn.init.trunc_normal_,
+              DropPath=_DropPath)
+    _stand_in("fvcore.nn", flop_count=None)
+    _stand_in("einops", rearrange=rearrange, repeat=repeat)
+    root = repo / MODELS
+    spec = importlib.util.spec_from_file_location(
+        "grootvl_models", root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grootvl_models"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("grootvl_models.grootv")
+
+
+# ---------------------------------------------------------------------------- comparison
+def images(kind: str, batch: int, height: int, width: int, generator) -> torch.Tensor:
+    if kind == "noise":
+        return torch.randn(batch, 3, height, width, generator=generator)
+    coarse = torch.randn(batch, 3, height // 16 + 1, width // 16 + 1, generator=generator)
+    return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+
+
+def differences(mine: torch.Tensor, theirs: torch.Tensor) -> dict:
+    d = (mine.double() - theirs.double()).abs()
+    return dict(max_abs=float(d.max()), max_rel=float(d.max() / theirs.double().abs().max()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--authors-repo", type=Path, required=True)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--checkpoint", type=Path, help="their checkpoint file (optional)")
+    parser.add_argument("--use-ema", action="store_true", help="load its 'model_ema'")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--build-dir", type=Path, default=HERE.parent / ".grootvl_build")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the authors' kernels need a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda")
+
+    theirs_module = authors_package(args.authors_repo.resolve(), args.build_dir.resolve())
+    name, channels = SIZES[args.size]
+    depths = list(ARCHITECTURES[name]["depths"])
+
+    def build_theirs():
+        return theirs_module.GrootV(channels=channels, depths=depths, num_classes=1000,
+                                    mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0,
+                                    layer_scale=None, post_norm=False, with_cp=False,
+                                    cls_scale=1.5).to(device).eval()
+
+    torch.manual_seed(0)
+    theirs = build_theirs()
+    if args.checkpoint:
+        state = read_grootvl_checkpoint(args.checkpoint, use_ema=args.use_ema,
+                                        weights_only=False)
+        theirs.load_state_dict(state, strict=True)
+        weights = f"{args.checkpoint.name}{' (ema)' if args.use_ema else ''}"
+    else:
+        with torch.no_grad():
+            for key, t in theirs.state_dict().items():
+                if key.endswith("running_var"):
+                    t.copy_(torch.rand_like(t) + 0.5)
+                elif t.is_floating_point():
+                    t.add_(0.05 * torch.randn_like(t))
+        weights = "their initialisation, perturbed"
+    state = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+    mine = getattr(treessm_grootv, name)().to(device).eval()
+    load_grootvl_checkpoint(mine, state, classifier=True)
+    again = build_theirs()
+    again.load_state_dict(treessm_to_grootvl(mine), strict=True)
+    round_trip = all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for height, width in ((224, 224), (200, 300)):
+        for kind in ("noise", "smooth"):
+            x = images(kind, args.batch, height, width, generator).to(device)
+            with torch.no_grad():
+                want = theirs(x)
+                want_maps = theirs.forward_features_seq_out(x)
+                got = mine(x)
+                got_maps = mine.forward_intermediates(x, output_fmt="NHWC",
+                                                      intermediates_only=True)
+            row = dict(input=f"{kind} {height}x{width}", batch=args.batch,
+                       top1=float((got.argmax(1) == want.argmax(1)).float().mean()),
+                       logits=differences(got, want),
+                       logit_scale=float(want.abs().max()),
+                       stages=[differences(a, b) for a, b in zip(got_maps, want_maps)])
+            rows.append(row)
+
+    card = torch.cuda.get_device_name().replace(" ", "_").lower()
+    print(f"{name} on {torch.cuda.get_device_name()}, weights: {weights}; round trip of the "
+          f"state dict exact: {round_trip}")
+    print(f"{'input':<18}{'top1':>7}{'logits max|d|':>15}{'rel':>10}"
+          + "".join(f"{f'stage {i} max|d|':>16}" for i in range(4)))
+    for r in rows:
+        print(f"{r['input']:<18}{100 * r['top1']:>6.1f}%{r['logits']['max_abs']:>15.2e}"
+              f"{r['logits']['max_rel']:>10.1e}"
+              + "".join(f"{s['max_abs']:>16.2e}" for s in r["stages"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"grootv_authors_logits_{card}.json"
+    path.write_text(json.dumps(dict(
+        model=name, device=torch.cuda.get_device_name(), torch=torch.__version__,
+        python=platform.python_version(), weights=weights, float32_tf32_off=True,
+        state_dict_round_trip_exact=round_trip, rows=rows), indent=1))
+    print(f"saved {path}")
+    if not round_trip:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
