@@ -52,8 +52,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from treessm.models import (ARCHITECTURES, load_grootvl_checkpoint,  # noqa: E402
-                            read_grootvl_checkpoint, treessm_to_grootvl)
+from treessm.models import (load_grootvl_checkpoint, read_grootvl_checkpoint,  # noqa: E402
+                            treessm_to_grootvl)
 from treessm.models import grootv as treessm_grootv  # noqa: E402
 
 SIZES = {"tiny": ("grootv_tiny", 80), "small": ("grootv_small", 96), "base": ("grootv_base", 128)}
@@ -219,7 +219,7 @@ def main() -> None:
 
     theirs_module = authors_package(args.authors_repo.resolve(), args.build_dir.resolve())
     name, channels = SIZES[args.size]
-    depths = list(ARCHITECTURES[name]["depths"])
+    depths = list(treessm_grootv.ARCHITECTURES[name]["depths"])
 
     def build_theirs():
         return theirs_module.GrootV(channels=channels, depths=depths, num_classes=1000,

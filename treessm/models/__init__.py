@@ -1,12 +1,10 @@
 """Backbones built from tree-SSM layers, with timm-style constructors, and the GrootVL
 authors' weights in them."""
-from .grootv import (ARCHITECTURES, FeatureInfo, GrootV, GrootVBlock, GrootVMixer, GrootVStage,
-                     count_flops, default_cfgs, grootv_base, grootv_small, grootv_tiny,
-                     take_indices)
+from .grootv import (FeatureInfo, GrootV, GrootVBlock, GrootVMixer, GrootVStage, count_flops,
+                     grootv_base, grootv_small, grootv_tiny, take_indices)
 from .grootvl_weights import (grootvl_to_treessm, load_grootvl_checkpoint,
                               read_grootvl_checkpoint, treessm_to_grootvl)
 
 __all__ = ["GrootV", "GrootVBlock", "GrootVStage", "GrootVMixer", "FeatureInfo", "count_flops",
-           "take_indices", "default_cfgs", "ARCHITECTURES", "grootv_tiny", "grootv_small",
-           "grootv_base", "grootvl_to_treessm", "treessm_to_grootvl", "read_grootvl_checkpoint",
-           "load_grootvl_checkpoint"]
+           "take_indices", "grootv_tiny", "grootv_small", "grootv_base", "grootvl_to_treessm",
+           "treessm_to_grootvl", "read_grootvl_checkpoint", "load_grootvl_checkpoint"]
