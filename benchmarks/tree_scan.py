@@ -9,8 +9,12 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   forward+backward wall time through ``tree_scan`` and autograd, the build (features ->
   Tree with its level plan) and the bandwidth floors (read x and w and write h once;
   backward: read g, x, w, h and write both gradients once);
-* ``schedules`` -- the level against the heavy-path schedule by tree shape, and one large
-  tree spread over the device;
+* ``graph`` -- one graph of 10^6 vertices and 5 * 10^6 random edges, its spanning forest
+  built on the device (one giant tree and a few isolated vertices), C=64, ``both``: both
+  schedules, forward and forward+backward;
+* ``schedules`` -- the two schedules on single random trees of 2^12 to 2^20 vertices (C=64),
+  the crossover that :data:`treessm.ops.plan.PHASES_MIN_TREE_SIZE` encodes;
+* ``row_bytes`` -- the block width sweep on the 56x56 grid rows (results are the same bits);
 * ``host`` -- the host overhead rows: a tiny tree, and 32 x 14x14 x 640 (wall against GPU
   time);
 * ``chains`` -- the ``down`` scan over 4 chains of 2,048 tokens with 24,576 channels (the
@@ -105,15 +109,16 @@ def _wall(x, w, tree, direction, grad):
     return fwd, cuda_time(step)
 
 
-def _gpu(x, w, tree, direction, grad, schedule=None):
+def _gpu(x, w, tree, direction, grad, schedule=None, **launch):
     """(forward, backward) GPU time of the CUDA operators along the tree's plan."""
     from treessm.ops import cuda, plan
 
     p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule)
-    h = cuda.forward(x, w, tree.order, tree.child_ptr, p, direction)
-    fwd = graph_time(lambda: cuda.forward(x, w, tree.order, tree.child_ptr, p, direction))
-    bwd = graph_time(lambda: cuda.backward(grad, x, w, h, tree.order, tree.child_ptr, p,
-                                           direction))
+    if launch:
+        p = p._replace(launch=p.launch._replace(**launch))
+    h = cuda.forward(x, w, p, direction)
+    fwd = graph_time(lambda: cuda.forward(x, w, p, direction))
+    bwd = graph_time(lambda: cuda.backward(grad, x, w, h, p, direction))
     return fwd, bwd
 
 
@@ -125,9 +130,10 @@ def grid_row(B, H, C, direction, dtype, bw, topo, headline=False, build=True):
         if headline:
             row["build_ms"] = cuda_time(lambda: topo(feat), warmup=2, iters=10)
         else:
-            from treessm.ops.plan import level_plan
+            from treessm.ops.plan import scan_plan
 
-            row["build_ms"] = cuda_time(lambda: level_plan(topo(feat)), warmup=2, iters=10)
+            row["build_ms"] = cuda_time(lambda: scan_plan(topo(feat), C, dtype), warmup=2,
+                                        iters=10)
     tree = topo(feat)
     x, w = _inputs(n, C, dtype)
     grad = torch.randn_like(x)
@@ -142,53 +148,87 @@ def grid_row(B, H, C, direction, dtype, bw, topo, headline=False, build=True):
     return row
 
 
-def _forest(family, trees, n, gen):
-    """Parent array of ``trees`` trees of ``n`` vertices: chains or random recursive trees
-    whose parents lie at most ``locality`` positions back."""
-    loc = 1 if family == "chain" else int(family.split("_")[1])
+def random_tree(n, gen):
+    """Parent array of a random recursive tree of ``n`` vertices (parents up to 3,000
+    positions back): bushy, with a few dozen phases."""
     idx = torch.arange(n)
-    back = (torch.rand(trees, n, generator=gen) * torch.clamp(idx, max=loc)).long() + 1
-    parent = idx - back + (torch.arange(trees) * n)[:, None]
-    parent[:, 0] = -1
-    return parent.reshape(-1)
+    back = (torch.rand(n, generator=gen) * torch.clamp(idx, max=3000)).long() + 1
+    parent = idx - back
+    parent[0] = -1
+    return parent
+
+
+def graph_rows(bw):
+    """One random graph of 10^6 vertices and 5 * 10^6 edges: its spanning forest built on the
+    device, then the scan (C=64, both) with each schedule."""
+    n, e, c = 10 ** 6, 5 * 10 ** 6, 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    edge_index = torch.randint(0, n, (2, e), device="cuda", generator=gen)
+    feat = torch.randn(n, 16, device="cuda", generator=gen)
+    topo = treessm.GraphTopology()
+    tree = topo(feat, edge_index)
+    build_ms = cuda_time(lambda: topo(feat, edge_index), 1, 3)
+    from treessm.ops import plan
+
+    sizes = torch.diff(tree.tree_ptr)
+    row = dict(case="graph 10^6 vertices, 5*10^6 edges, C=64, both, float32", N=n, E=e, C=c,
+               trees=tree.num_trees, largest_tree=int(sizes.max()), build_ms=build_ms,
+               auto=plan.choose_schedule(tree))
+    t0 = time.time()
+    plan.scan_plan(tree, c, torch.float32, "phases")
+    row["phase_layout_first_s"] = time.time() - t0
+    bounds = plan.phase_plan(tree).phase_ptr_host
+    row["phases"] = int((bounds[1:] > bounds[:-1]).sum())
+    x, w = _inputs(n, c, torch.float32)
+    grad = torch.randn_like(x)
+    for sched in ("phases", "trees"):
+        fwd, bwd = _gpu(x, w, tree, "both", grad, sched) if sched == "phases" else \
+            _gpu_once(x, w, tree, "both", grad, sched)
+        row[f"{sched}_fwd_gpu_ms"], row[f"{sched}_bwd_gpu_ms"] = fwd, bwd
+    row["fwd_wall_ms"], row["fwd_bwd_wall_ms"] = _wall(x, w, tree, "both", grad)
+    row["fwd_floor_ms"], row["bwd_floor_ms"] = _floors(n, c, torch.float32, bw)
+    return [row]
+
+
+def _gpu_once(x, w, tree, direction, grad, schedule):
+    """(forward, backward) milliseconds of one slow call each (no graph, few repeats)."""
+    from treessm.ops import cuda, plan
+
+    p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule)
+    h = cuda.forward(x, w, p, direction)
+    fwd = cuda_time(lambda: cuda.forward(x, w, p, direction), 1, 2)
+    bwd = cuda_time(lambda: cuda.backward(grad, x, w, h, p, direction), 1, 2)
+    return fwd, bwd
 
 
 def schedules(bw):
-    """Both schedules on forests of different depth (32 trees of 3,136 vertices, C=160,
-    float32, both), and one random tree of 10^6 vertices (C=64) with one block against
-    blocks spread over the device."""
-    from treessm.ops import cuda, plan
-
+    """Both schedules on one random tree of 2^12 .. 2^20 vertices, C=64, float32, both."""
     out = []
     gen = torch.Generator().manual_seed(0)
-    for family in ("chain", "locality_4", "locality_16", "locality_64"):
-        tree = treessm.Tree.from_parent(_forest(family, 32, 3136, gen)).cuda()
-        x, w = _inputs(tree.num_nodes, 160, torch.float32)
+    for k in (12, 14, 15, 16, 18, 20):
+        tree = treessm.Tree.from_parent(random_tree(1 << k, gen)).cuda()
+        x, w = _inputs(tree.num_nodes, 64, torch.float32)
         grad = torch.randn_like(x)
-        row = dict(family=family, vertices_per_level=tree.num_nodes / tree.num_levels,
-                   auto=plan.choose_schedule(tree))
-        for s in ("levels", "paths"):
-            row[f"{s}_fwd_ms"], row[f"{s}_bwd_ms"] = _gpu(x, w, tree, "both", grad, s)
+        row = dict(N=1 << k, C=64)
+        for sched in ("trees", "phases"):
+            f = _gpu if k <= 16 or sched == "phases" else _gpu_once
+            row[f"{sched}_fwd_ms"], row[f"{sched}_bwd_ms"] = f(x, w, tree, "both", grad, sched)
         out.append(row)
-    tree = treessm.Tree.from_parent(_forest("locality_3000", 1, 10 ** 6, gen)).cuda()
-    x, w = _inputs(tree.num_nodes, 64, torch.float32)
-    grad = torch.randn_like(x)
-    row = dict(family="one tree, 10^6 vertices, locality 3000", C=64,
-               max_depth=tree.max_depth, auto=plan.choose_schedule(tree),
-               num_phases=plan.num_phases(tree))
-    for name, sched, spread in (("levels", "levels", None), ("paths_one_block", "paths", 1),
-                                ("paths_spread", "paths", None)):
-        p = plan.scan_plan(tree, 64, torch.float32, sched)
-        if spread is not None:
-            p = p._replace(launch=p.launch._replace(blocks_per_tree=spread))
-        h = cuda.forward(x, w, tree.order, tree.child_ptr, p, "both")
-        row[f"{name}_fwd_ms"] = cuda_time(
-            lambda: cuda.forward(x, w, tree.order, tree.child_ptr, p, "both"), 2, 5)
-        row[f"{name}_bwd_ms"] = cuda_time(
-            lambda: cuda.backward(grad, x, w, h, tree.order, tree.child_ptr, p, "both"), 2, 5)
-        row[f"{name}_blocks_per_tree"] = p.launch.blocks_per_tree
-    row["fwd_floor_ms"], row["bwd_floor_ms"] = _floors(tree.num_nodes, 64, torch.float32, bw)
-    out.append(row)
+    return out
+
+
+def row_bytes_sweep(bw, topo):
+    """The block width on 32 x 56x56, C=160, both, float32 and bfloat16 (same results)."""
+    out = []
+    feat = torch.randn(32, 56, 56, 160, device="cuda")
+    tree = topo(feat)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = _inputs(tree.num_nodes, 160, dtype)
+        grad = torch.randn_like(x)
+        for rb in (8, 16, 32, 64, 128):
+            f, b = _gpu(x, w, tree, "both", grad, "trees", row_bytes=rb)
+            out.append(dict(dtype=str(dtype).replace("torch.", ""), row_bytes=rb, fwd_gpu_ms=f,
+                            bwd_gpu_ms=b))
     return out
 
 
@@ -196,7 +236,7 @@ def host_rows():
     """Host overhead: forward and forward+backward wall time against GPU time."""
     out = []
     gen = torch.Generator().manual_seed(1)
-    tiny = treessm.Tree.from_parent(_forest("locality_8", 1, 64, gen)).cuda()
+    tiny = treessm.Tree.from_parent(random_tree(64, gen)).cuda()
     x, w = _inputs(64, 4, torch.float32)
     grad = torch.randn_like(x)
     fwd, fb = _wall(x, w, tiny, "both", grad)
@@ -287,7 +327,9 @@ def main(argv=None):
         _section(result, "rows", rows)
         _section(result, "host", host_rows)
         _section(result, "chains", lambda: chain_rows(bw))
+        _section(result, "graph", lambda: graph_rows(bw))
         _section(result, "schedules", lambda: schedules(bw))
+        _section(result, "row_bytes", lambda: row_bytes_sweep(bw, topo))
         _section(result, "grid_build", grid_builds)
 
         def reference():
@@ -313,7 +355,7 @@ def main(argv=None):
               f"{g('fwd_gpu_ms'):>8} {g('bwd_gpu_ms'):>8} {g('fwd_floor_ms'):>6} "
               f"{g('fwd_wall_ms'):>9} {g('fwd_bwd_wall_ms'):>9} {g('build_ms'):>7} "
               f"{r.get('schedule', '-'):>7}")
-    for key in ("host", "chains", "schedules", "grid_build"):
+    for key in ("host", "chains", "graph", "schedules", "row_bytes", "grid_build"):
         for r in result.get(key, []) if isinstance(result.get(key), list) else [result.get(key)]:
             print(key, json.dumps(r, default=lambda v: round(v, 4) if isinstance(v, float) else v))
     print(f"saved {out}")

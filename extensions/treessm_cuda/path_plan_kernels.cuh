@@ -21,7 +21,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "path_scan_kernels.cuh"
+#include "path_layout.cuh"
 
 namespace treessm_cuda {
 

@@ -1,6 +1,8 @@
-"""The CUDA kernels' own source, compiled for the host and run with one thread per CUDA
+"""The CUDA scan kernels' own source, compiled for the host and run with one thread per CUDA
 thread, against the torch reference: catches indexing and synchronisation mistakes in
-``extensions/treessm_cuda`` on machines without a GPU."""
+``extensions/treessm_cuda`` on machines without a GPU. Both schedules, every direction,
+forward and backward, with launch shapes that make the chunks, the lane scans and the
+carries between chunks all do work."""
 import subprocess
 
 import numpy as np
@@ -11,7 +13,7 @@ import treessm
 from emulation import compile_harness
 from oracle import all_roots, chain, random_forest, star
 from treessm.ops import reference
-from treessm.ops.plan import level_groups, level_plan, path_plan
+from treessm.ops.plan import MAX_PHASES, level_groups, path_plan, phase_plan
 
 
 @pytest.fixture(scope="module")
@@ -23,34 +25,29 @@ NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down
          "gw both"]
 
 
-def _run(harness, tmp, parent, C, lpv, threads, cap, ring, copies="deferred", parts=1):
-    """``ring``: R (level kernels) or "path" (path kernels, ``cap`` plan records in shared
-    memory, ``parts`` blocks per tree)."""
+def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95)):
     tree = treessm.Tree.from_parent(parent)
     n = parent.numel()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, C, generator=g, dtype=torch.float64)
-    w = torch.rand(n, C, generator=g, dtype=torch.float64)
+    lo, hi = weights
+    w = lo + (hi - lo) * torch.rand(n, C, generator=g, dtype=torch.float64)
     gout = torch.randn(n, C, generator=g, dtype=torch.float64)
     levels = level_groups(tree)
-    h_both = reference.forward(x, w, parent, levels, "both")
-    lp = level_plan(tree)
+    pp, ph = path_plan(tree), phase_plan(tree)
     src, dst = tmp / "in.bin", tmp / "out.bin"
     with open(src, "wb") as f:
-        np.array([n, C, tree.num_trees, lp.level_pos.numel() - 1, lpv, threads], np.int64).tofile(f)
-        for a in (x, w, gout, h_both):
+        np.array([n, C, tree.num_trees, lpv], np.int64).tofile(f)
+        for a in (x, w, gout):
             a.numpy().tofile(f)
-        for a in (tree.order, tree.child_ptr, *lp):
-            a.numpy().astype(np.int64).tofile(f)
-        for a in path_plan(tree):
+        for a in (*pp, ph.rec, ph.light, ph.phase_ptr):
             a.numpy().astype(np.int32).tofile(f)
-    args = [str(harness), str(src), str(dst), str(cap), str(ring), copies, str(parts)]
-    r = subprocess.run(args, capture_output=True, text=True)
+    r = subprocess.run([str(harness), str(src), str(dst), schedule, str(vec)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64).reshape(-1, n, C)
     expected = [reference.forward(x, w, parent, levels, d) for d in ("up", "down", "both")]
-    for d in ("up", "down", "both"):
-        h = reference.forward(x, w, parent, levels, d)
+    for d, h in zip(("up", "down", "both"), expected[:3]):
         expected += list(reference.backward(gout, x, w, h, parent, levels, d))
     for name, got, exp in zip(NAMES, out, expected):
         np.testing.assert_allclose(got, exp.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
@@ -71,59 +68,76 @@ def _forests():
     }
 
 
-# staged kernels: (channels, threads per row, threads per block, shared rows per level,
-# staged positions R). R = 16 is narrower than the wide forest's levels (rows read
-# directly) and makes the rings wrap many times on the deep ones; cap 0 and 1 spill values.
-STAGED_CONFIGS = [(4, 2, 32, 64, 16), (6, 2, 64, 3, 32), (8, 4, 32, 1, 256), (10, 2, 32, 0, 16)]
+# (channels, threads per position, channels a thread moves): a block slice of one to eight
+# channels, channel counts that leave threads idle
+CONFIGS = [(4, 2, 2), (6, 2, 1), (8, 4, 2), (10, 1, 2)]
 
 
-# Asynchronous copies land either as late as allowed (at the wait that covers them: reads
-# of rows not yet waited for see poison) or as early as possible (at issue: a slot that is
-# overwritten while still in use shows the new row).
-@pytest.mark.parametrize("copies", ["deferred", "eager"])
+@pytest.mark.parametrize("schedule", ["trees", "phases"])
 @pytest.mark.parametrize("name", list(_forests()))
-def test_staged_kernels_match_reference_on_host(harness, tmp_path, name, copies):
+def test_kernels_match_reference_on_host(harness, tmp_path, name, schedule):
     parent = _forests()[name]
-    for C, lpv, threads, cap, ring in STAGED_CONFIGS:
-        _run(harness, tmp_path, parent, C, lpv, threads, cap, ring=ring, copies=copies)
+    for C, lpv, vec in CONFIGS:
+        _run(harness, tmp_path, parent, C, lpv, schedule, vec)
 
 
-def test_staged_kernels_deep_chain_on_host(harness, tmp_path):
-    # more levels than the level ring holds (128), so it is refilled many times
-    for copies in ("deferred", "eager"):
-        _run(harness, tmp_path, chain(300), 4, 2, 32, 8, ring=16, copies=copies)
-        _run(harness, tmp_path, random_forest(400, 3, torch.Generator().manual_seed(5),
-                                              locality=2), 2, 1, 32, 4, ring=32, copies=copies)
-
-
-# path kernels: (channels, threads per row, threads per block, plan records in shared
-# memory): 0 reads the records from global memory; 4096 stages every tree's records
-PATH_CONFIGS = [(4, 2, 32, 4096), (6, 2, 64, 0), (8, 4, 32, 4096), (10, 2, 32, 16)]
-
-
-@pytest.mark.parametrize("copies", ["deferred", "eager"])
-@pytest.mark.parametrize("name", list(_forests()))
-def test_path_kernels_match_reference_on_host(harness, tmp_path, name, copies):
-    parent = _forests()[name]
-    for C, lpv, threads, rec_cap in PATH_CONFIGS:
-        _run(harness, tmp_path, parent, C, lpv, threads, rec_cap, ring="path", copies=copies)
-
-
-def test_path_kernels_long_paths_and_bushy_trees_on_host(harness, tmp_path):
+def test_long_paths_and_many_chunks_on_host(harness, tmp_path):
+    # paths longer than a chunk (1,024 positions; 512 in the two-stream passes): the carry
+    # between the chunks of one block and across blocks; bushy trees (long light-child
+    # lists); a chain
     g = torch.Generator().manual_seed(6)
-    for copies in ("deferred", "eager"):
-        _run(harness, tmp_path, chain(300), 4, 2, 32, 4096, ring="path", copies=copies)
-        _run(harness, tmp_path, random_forest(400, 3, g, locality=2), 2, 1, 32, 4096,
-             ring="path", copies=copies)
-        _run(harness, tmp_path, star(50, 7), 4, 2, 64, 4096, ring="path", copies=copies)
+    for schedule in ("trees", "phases"):
+        _run(harness, tmp_path, chain(2500), 2, 1, schedule, vec=1)
+        _run(harness, tmp_path, random_forest(1500, 3, g, locality=2), 2, 1, schedule)
+        _run(harness, tmp_path, star(1100, 7), 2, 1, schedule)
 
 
-@pytest.mark.parametrize("name", ["random", "many_roots", "deep", "chain", "wide"])
-def test_path_kernels_spread_over_blocks_on_host(harness, tmp_path, name):
-    # several blocks per tree, one launch per phase: the same bits as one block per tree
-    parent = _forests()[name]
-    one = _run(harness, tmp_path, parent, 4, 2, 32, 0, ring="path")
-    for parts, copies in ((2, "deferred"), (5, "eager")):
-        spread = _run(harness, tmp_path, parent, 4, 2, 32, 0, ring="path", copies=copies,
-                      parts=parts)
-        assert np.array_equal(one, spread)
+def test_results_do_not_depend_on_the_launch_shape_on_host(harness, tmp_path):
+    # the sums run in an order fixed by the positions: every launch shape of a schedule gives
+    # the same bits, and the two schedules (chunks cut at other places) the same values
+    parent = random_forest(1200, 4, torch.Generator().manual_seed(7), locality=5)
+    for schedule in ("trees", "phases"):
+        runs = [_run(harness, tmp_path, parent, 4, lpv, schedule, vec)
+                for lpv, vec in ((2, 2), (1, 2), (4, 1))]
+        for other in runs[1:]:
+            assert np.array_equal(runs[0], other), schedule
+
+
+def test_weights_above_one_on_host(harness, tmp_path):
+    # no cancellation in both: weights in [1, 1.3) on a long chain and a random forest
+    _run(harness, tmp_path, chain(60), 4, 2, "trees", weights=(1.0, 1.3))
+    _run(harness, tmp_path, random_forest(120, 2, torch.Generator().manual_seed(8), locality=3),
+         4, 2, "phases", weights=(1.0, 1.3))
+
+
+def test_phase_plan_is_a_relabelling_of_the_path_plan():
+    parent = random_forest(500, 5, torch.Generator().manual_seed(9), locality=7)
+    tree = treessm.Tree.from_parent(parent)
+    pp, ph = path_plan(tree), phase_plan(tree)
+    n = tree.num_nodes
+    rec, prec = pp.rec.long(), ph.rec.long()
+    bounds = ph.phase_ptr.long()
+    assert torch.equal(bounds, ph.phase_ptr_host) and int(bounds[-1]) == n
+    assert bounds.shape == (MAX_PHASES + 1,)
+    # every vertex once; parents kept; a parent lies in an earlier phase or just before
+    assert torch.equal(torch.sort(prec[:n, 0]).values, torch.arange(n))
+    pos_of = torch.empty(n, dtype=torch.long)
+    pos_of[prec[:n, 0]] = torch.arange(n)
+    par = parent[prec[:n, 0]]
+    want = torch.where(par >= 0, pos_of[par.clamp(min=0)], par)
+    assert torch.equal(prec[:n, 1], want)
+    phase = torch.bucketize(torch.arange(n), bounds, right=True) - 1
+    nonroot = prec[:n, 1] >= 0
+    k = torch.arange(n)[nonroot]
+    p = prec[:n, 1][nonroot]
+    assert torch.all((p == k - 1) | (phase[p] < phase[k]))
+    # light lists: the same children per vertex, in the same order
+    old_pos = torch.empty(n, dtype=torch.long)
+    old_pos[rec[:n, 0]] = torch.arange(n)
+    for k in range(n):
+        v = int(prec[k, 0])
+        ko = int(old_pos[v])
+        new_children = prec[ph.light[prec[k, 3]:prec[k + 1, 3]].long(), 0]
+        entries = pp.light[rec[ko, 3]:rec[ko + 1, 3]].long()
+        old_children = rec[entries[entries >= 0], 0]  # padding after a tree's last entry
+        assert torch.equal(new_children, old_children)

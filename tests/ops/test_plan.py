@@ -151,64 +151,47 @@ def test_attach_level_plan_is_what_the_scan_reads():
 
 
 def test_schedule_choice_reads_host_sizes_only():
-    from treessm.ops.plan import (PATH_MAX_LEVEL_WIDTH, SPREAD_MIN_TREE_SIZE,
-                                  choose_schedule)
+    from treessm.ops.plan import PHASES_MIN_TREE_SIZE, choose_schedule
 
-    deep = treessm.Tree.from_parent(chain(50))
-    wide = treessm.Tree.from_parent(random_forest(400, 1, torch.Generator().manual_seed(1)))
-    assert deep.num_nodes < PATH_MAX_LEVEL_WIDTH * deep.num_levels
-    assert wide.num_nodes >= PATH_MAX_LEVEL_WIDTH * wide.num_levels
-    assert choose_schedule(deep) == "paths" and choose_schedule(wide) == "levels"
-    assert choose_schedule(deep, "auto") == "paths"
-    unknown = treessm.Tree(deep.parent, deep.order, deep.child_ptr, deep.tree_ptr, deep.depth)
-    assert choose_schedule(unknown) == "levels"  # sizes not known on the host
-    # one large bushy tree: spread over the device by the path schedule; many large trees
-    # fill the device with one block each and keep the level schedule
-    big = treessm.Tree(wide.parent, wide.order, wide.child_ptr, wide.tree_ptr, wide.depth,
-                       num_levels=1, max_tree_size=SPREAD_MIN_TREE_SIZE)
-    assert choose_schedule(big) == "paths"
-    images = treessm.GridTopology()(torch.randn(20, 2, 2, 3))  # 20 trees
-    many = treessm.Tree(images.parent, images.order, images.child_ptr, images.tree_ptr,
-                        images.depth, num_levels=1, max_tree_size=SPREAD_MIN_TREE_SIZE)
-    assert choose_schedule(many) == "levels"
-    for s in ("levels", "paths"):
-        assert choose_schedule(deep, s) == s == choose_schedule(wide, s)
+    small = treessm.Tree.from_parent(random_forest(400, 1, torch.Generator().manual_seed(1)))
+    assert choose_schedule(small) == "trees" == choose_schedule(small, "auto")
+    # a large tree (its size known on the host, or bounded by the vertex count) takes the
+    # phase schedule, also beside many small ones
+    big = treessm.Tree(small.parent, small.order, small.child_ptr, small.tree_ptr, small.depth,
+                       max_tree_size=PHASES_MIN_TREE_SIZE + 1)
+    assert choose_schedule(big) == "phases"
+    unknown = treessm.Tree(small.parent, small.order, small.child_ptr, small.tree_ptr,
+                           small.depth)
+    assert choose_schedule(unknown) == "trees"  # 400 vertices bound every tree
+    for s in ("trees", "phases"):
+        assert choose_schedule(small, s) == s == choose_schedule(big, s)
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
-        choose_schedule(deep, "sideways")
+        choose_schedule(small, "sideways")
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
-        treessm.tree_scan(torch.ones(50, 1), torch.ones(50, 1), deep, schedule="staged")
+        treessm.tree_scan(torch.ones(400, 1), torch.ones(400, 1), small, schedule="levels")
 
 
-def test_launch_defaults(monkeypatch):
+def test_launch_defaults_and_plan_cache():
     from treessm.ops import plan
 
-    # a device of 132 multiprocessors with 228 KiB each (an H100 / H200)
-    monkeypatch.setattr(plan, "device_limits", lambda index: (132, 233472, 232448))
-    plan.launch_config.cache_clear()
-    try:
-        lv = plan.launch_config("levels", 32, 3136, 160, 4, 0)
-        assert (lv.row_bytes, lv.threads, lv.ring, lv.cap) == (128, 128, 256, 64)
-        assert lv.smem == 100 * 1024  # 160 blocks: two per multiprocessor fit
-        many = plan.launch_config("levels", 32, 196, 640, 4, 0)  # 640 blocks: 5 per SM
-        assert many.smem == 233472 // 5 - 1024
-        assert plan.launch_config("levels", 32, 3136, 160, 2, 0).row_bytes == 64
-        assert plan.launch_config("levels", 32, 3136, 160, 8, 0).row_bytes == 128
-        small = plan.launch_config("paths", 4, 2048, 64, 4, 0)
-        assert small.blocks_per_tree == 1 and small.smem == 113 * 1024
-        one = plan.launch_config("paths", 1, 10 ** 6, 64, 4, 0)  # 2 channel groups
-        assert one.blocks_per_tree == 132
-        assert plan.launch_config("paths", 1000, 10 ** 6, 64, 4, 0).blocks_per_tree == 1
-        chains = plan.launch_config("paths", 4, 2048, 24576, 4, 0, chains=True)
-        assert (chains.row_bytes, chains.threads, chains.blocks_per_tree) == (512, 32, 1)
-    finally:
-        plan.launch_config.cache_clear()
+    assert plan.launch_config("trees", 4) == plan.Launch(32)
+    tree = treessm.Tree.from_parent(random_forest(300, 3, torch.Generator().manual_seed(4)))
+    a = plan.scan_plan(tree, 16, torch.float32)
+    assert plan.scan_plan(tree, 64, torch.float32) is a  # channels do not change the plan
+    assert a.schedule == "trees" and len(a.tensors) == 4
+    b = plan.scan_plan(tree, 16, torch.float32, "phases")
+    assert b.tensors[3].device.type == "cpu" and int(b.tensors[3][-1]) == 300
 
 
-def test_num_phases_counts_the_deepest_decomposition():
-    from treessm.ops.plan import num_phases
+def test_phase_counts():
+    from treessm.ops.plan import phase_plan
 
-    assert num_phases(treessm.Tree.from_parent(chain(20))) == 1
-    assert num_phases(treessm.Tree.from_parent(star(9, 0))) == 2
+    def phases(parent):
+        bounds = phase_plan(treessm.Tree.from_parent(parent)).phase_ptr_host
+        return int((bounds[1:] > bounds[:-1]).sum())
+
+    assert phases(chain(20)) == 1
+    assert phases(star(9, 0)) == 2
     # a complete binary tree of 2^k - 1 vertices has k phases
-    parent = torch.tensor([-1] + [(v - 1) // 2 for v in range(1, 31)])
-    assert num_phases(treessm.Tree.from_parent(parent)) == 5
+    assert phases(torch.tensor([-1] + [(v - 1) // 2 for v in range(1, 31)])) == 5
+    assert phases(empty()) == 0

@@ -19,23 +19,19 @@ def _extension():
 
 
 def _scan_with(tree, x, w, gout, direction, schedule, **launch):
-    """Forward and both gradients through the CUDA ops with the schedule's plan and launch
-    parameters, ``launch`` overriding some (``blocks_per_tree > 1`` spreads each tree)."""
+    """Forward and both gradients through the CUDA ops with the schedule's plan, ``launch``
+    overriding launch parameters."""
     from treessm.ops import cuda, plan
 
     p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule)
     if launch:
-        la = p.launch._replace(**launch)
-        if la.blocks_per_tree > 1:
-            la = la._replace(num_phases=plan.num_phases(tree))
-        p = p._replace(launch=la)
-    h = cuda.forward(x, w, tree.order, tree.child_ptr, p, direction)
-    gx, gw = cuda.backward(gout, x, w, h, tree.order, tree.child_ptr, p, direction)
+        p = p._replace(launch=p.launch._replace(**launch))
+    h = cuda.forward(x, w, p, direction)
+    gx, gw = cuda.backward(gout, x, w, h, p, direction)
     return h, gx, gw
 
 
-SCHEDULES = {"levels": ("levels", {}), "paths": ("paths", {}),
-             "spread": ("paths", dict(blocks_per_tree=3))}
+SCHEDULES = ("trees", "phases")
 
 
 def _forests():
@@ -57,7 +53,7 @@ def _inputs(n, c, dtype, g, device="cuda"):
     return x.to(device, dtype), w.to(device, dtype)
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("name", list(_forests()))
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("c", [1, 6, 8])
@@ -68,13 +64,9 @@ def test_cuda_matches_dense_oracle(name, direction, c, schedule):
     x, w = _inputs(n, c, torch.float64, g)
     tree = treessm.Tree.from_parent(parent.cuda())
     gout = torch.randn(n, c, generator=g, dtype=torch.float64)
-    sched, launch = SCHEDULES[schedule]
-    if launch:
-        h, gx, gw = _scan_with(tree, x, w, gout.cuda(), direction, sched, **launch)
-    else:
-        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        h = treessm.tree_scan(xg, wg, tree, direction, backend="cuda", schedule=sched)
-        gx, gw = torch.autograd.grad(h, (xg, wg), gout.cuda())
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    h = treessm.tree_scan(xg, wg, tree, direction, backend="cuda", schedule=schedule)
+    gx, gw = torch.autograd.grad(h, (xg, wg), gout.cuda())
     xr = x.detach().cpu().requires_grad_(True)
     wr = w.detach().cpu().requires_grad_(True)
     hr = dense_tree_scan(xr, wr, parent, direction)
@@ -128,8 +120,9 @@ def test_cuda_grid_trees_and_deep_chain():
     assert torch.allclose(h.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_cuda_bitwise_deterministic(direction):
+def test_cuda_bitwise_deterministic(direction, schedule):
     g = torch.Generator().manual_seed(5)
     parent = random_forest(20000, 3, g, locality=100)
     tree = treessm.Tree.from_parent(parent).cuda()
@@ -138,7 +131,7 @@ def test_cuda_bitwise_deterministic(direction):
     runs = []
     for _ in range(2):
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        h = treessm.tree_scan(xg, wg, tree, direction)
+        h = treessm.tree_scan(xg, wg, tree, direction, schedule=schedule)
         gx, gw = torch.autograd.grad(h, (xg, wg), gout)
         runs.append((h, gx, gw))
     for a, b in zip(*runs):
@@ -157,8 +150,8 @@ def test_cuda_empty_and_zero_channels():
 
 def test_cuda_ops_registered_and_compile():
     assert hasattr(torch.ops.treessm, "tree_scan")
-    assert hasattr(torch.ops.treessm, "cuda_scan_forward")
-    assert hasattr(torch.ops.treessm, "cuda_path_scan_forward")
+    assert hasattr(torch.ops.treessm, "cuda_tree_scan")
+    assert hasattr(torch.ops.treessm, "cuda_tree_scan_backward")
     g = torch.Generator().manual_seed(2)
     parent = random_forest(500, 2, g)
     tree = treessm.Tree.from_parent(parent).cuda()
@@ -180,34 +173,10 @@ def test_cuda_ops_registered_and_compile():
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_cuda_level_kernels_agree_across_launch_shapes(direction):
-    # a star far wider than the staging rings, a deep chain (level bounds restaged many
-    # times) and a forest; small rings force rows to be read directly, no shared values
-    # force the global scratch; C = 40 leaves idle lanes in the last channel group
-    g = torch.Generator().manual_seed(21)
-    forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30)]
-    for parent in forests:
-        n = parent.numel()
-        tree = treessm.Tree.from_parent(parent).cuda()
-        x, w = _inputs(n, 40, torch.float32, g)
-        gout = torch.randn(n, 40, generator=g).cuda()
-        runs = {name: _scan_with(tree, x, w, gout, direction, "levels", **launch)
-                for name, launch in (("default", {}), ("ring16", dict(ring=16)),
-                                     ("threads32", dict(threads=32, row_bytes=32)),
-                                     ("cap0", dict(cap=0)), ("smem16k", dict(smem=16384)))}
-        for name in runs:
-            for a, b in zip(runs["default"], runs[name]):
-                assert torch.equal(a, b), name
-        ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
-        err = (runs["default"][0].double().cpu() - ref).norm() / ref.norm()
-        assert err < TOL[torch.float32], err
-
-
-@pytest.mark.parametrize("direction", DIRECTIONS)
-def test_cuda_path_kernels_agree_across_launch_shapes(direction):
-    # the path schedule sums in an order fixed by the plan: every launch shape gives the same
-    # bits, records in shared memory or not (a budget too small for them), one block per
-    # tree or several (one launch per phase); the level schedule agrees to rounding
+def test_cuda_results_do_not_depend_on_the_launch_shape(direction):
+    # the sums run in an order fixed by the layout's positions: every block width gives the
+    # same bits; the two schedules (chunks cut at other places) agree to rounding; a star
+    # (one long light-child list), a deep chain (many chunks per phase), a forest, one tree
     g = torch.Generator().manual_seed(22)
     forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30),
                random_forest(3000, 1, g)]
@@ -216,50 +185,68 @@ def test_cuda_path_kernels_agree_across_launch_shapes(direction):
         tree = treessm.Tree.from_parent(parent).cuda()
         x, w = _inputs(n, 40, torch.float32, g)
         gout = torch.randn(n, 40, generator=g).cuda()
-        runs = {name: _scan_with(tree, x, w, gout, direction, "paths", **launch)
-                for name, launch in (("default", {}), ("threads32", dict(threads=32, row_bytes=32)),
-                                     ("threads256", dict(threads=256)),
-                                     ("global_records", dict(smem=4096)),
-                                     ("spread2", dict(blocks_per_tree=2)),
-                                     ("spread64", dict(blocks_per_tree=64)))}
-        for name in runs:
-            for a, b in zip(runs["default"], runs[name]):
-                assert torch.equal(a, b), name
-        levels = _scan_with(tree, x, w, gout, direction, "levels")
-        for a, b in zip(runs["default"], levels):
+        for schedule in SCHEDULES:
+            runs = {rb: _scan_with(tree, x, w, gout, direction, schedule, row_bytes=rb)
+                    for rb in (32, 4, 16, 64, 128)}
+            for rb in runs:
+                for a, b in zip(runs[32], runs[rb]):
+                    assert torch.equal(a, b), (schedule, rb)
+        trees = _scan_with(tree, x, w, gout, direction, "trees")
+        phases = _scan_with(tree, x, w, gout, direction, "phases")
+        for a, b in zip(trees, phases):
             err = (a - b).double().norm() / b.double().norm()
             assert err < TOL[torch.float32], err
         ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
-        err = (runs["default"][0].double().cpu() - ref).norm() / ref.norm()
+        err = (trees[0].double().cpu() - ref).norm() / ref.norm()
         assert err < TOL[torch.float32], err
 
 
-def test_cuda_one_large_tree_spreads_and_matches_the_cpu():
-    # 300,000 vertices in one random tree: the automatic schedule spreads it over the device;
-    # outputs and gradients against the numba backend in float64, bitwise repeatable
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_weights_above_one_and_overflow(direction):
+    # no cancellation: weights in [1, 2) within float32 rounding of float64, element by
+    # element; overflow gives inf, never NaN
+    g = torch.Generator().manual_seed(26)
+    for parent in (chain(50), random_forest(3000, 3, g, locality=4)):
+        n = parent.numel()
+        tree = treessm.Tree.from_parent(parent).cuda()
+        x = torch.rand(n, 8, generator=g, dtype=torch.float64) + 0.1
+        w = torch.rand(n, 8, generator=g, dtype=torch.float64) * 0.05 + 1.0
+        ref = treessm.tree_scan(x, w, tree.cpu(), direction)
+        for schedule in SCHEDULES:
+            h = treessm.tree_scan(x.float().cuda(), w.float().cuda(), tree, direction,
+                                  schedule=schedule)
+            torch.testing.assert_close(h.double().cpu(), ref, rtol=1e-4, atol=0)
+    tree = treessm.Tree.from_parent(chain(12)).cuda()
+    h = treessm.tree_scan(torch.ones(12, 2, device="cuda"), torch.full((12, 2), 1e30, device="cuda"),
+                          tree, direction)
+    assert not torch.isnan(h).any() and torch.isinf(h).any()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_one_large_tree_and_singletons_match_the_cpu(direction):
+    # one tree of 300,000 vertices beside 40 isolated vertices: the automatic schedule runs
+    # it phase by phase over the device; outputs and gradients against the numba backend in
+    # float64, bitwise repeatable
     from treessm.ops import plan
 
     g = torch.Generator().manual_seed(24)
-    parent = random_forest(300_000, 1, g, locality=2000)
+    parent = torch.cat([random_forest(300_000, 1, g, locality=2000), torch.full((40,), -1)])
     tree = treessm.Tree.from_parent(parent).cuda()
-    assert plan.choose_schedule(tree) == "paths"
-    sp = plan.scan_plan(tree, 16, torch.float64)
-    assert sp.launch.blocks_per_tree > 1 and sp.launch.num_phases == plan.num_phases(tree)
+    assert plan.choose_schedule(tree) == "phases"
     x, w = _inputs(parent.numel(), 16, torch.float64, g)
     gout = torch.randn(parent.numel(), 16, generator=g, dtype=torch.float64)
     cpu_tree = treessm.Tree.from_parent(parent)
-    for direction in DIRECTIONS:
-        runs = []
-        for _ in range(2):
-            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-            h = treessm.tree_scan(xg, wg, tree, direction)
-            runs.append((h, *torch.autograd.grad(h, (xg, wg), gout.cuda())))
-        assert all(torch.equal(a, b) for a, b in zip(*runs))
-        xc, wc = x.cpu().requires_grad_(), w.cpu().requires_grad_()
-        hc = treessm.tree_scan(xc, wc, cpu_tree, direction)
-        ref = (hc, *torch.autograd.grad(hc, (xc, wc), gout))
-        for a, b in zip(runs[0], ref):
-            assert torch.allclose(a.cpu(), b, rtol=1e-9, atol=1e-9)
+    runs = []
+    for _ in range(2):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        h = treessm.tree_scan(xg, wg, tree, direction)
+        runs.append((h, *torch.autograd.grad(h, (xg, wg), gout.cuda())))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    xc, wc = x.cpu().requires_grad_(), w.cpu().requires_grad_()
+    hc = treessm.tree_scan(xc, wc, cpu_tree, direction)
+    ref = (hc, *torch.autograd.grad(hc, (xc, wc), gout))
+    for a, b in zip(runs[0], ref):
+        assert torch.allclose(a.cpu(), b, rtol=1e-9, atol=1e-9)
 
 
 def test_cuda_path_plan_kernel_matches_tensor_plan():
@@ -299,7 +286,7 @@ def test_cuda_unaligned_rows():
         assert torch.allclose(h.cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("schedule", ["levels", "paths"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_cuda_lean_path_equals_the_custom_op(schedule):
     # eager CUDA calls go through torch.ops.treessm.cuda_tree_scan (autograd in C++); the
     # Python custom op that torch.compile traces gives the same bits
@@ -324,3 +311,35 @@ def test_cuda_lean_path_equals_the_custom_op(schedule):
         assert ha.grad_fn is not None
     with torch.no_grad():
         assert treessm.tree_scan(x, w, tree, "both", schedule=schedule).grad_fn is None
+
+
+def test_cuda_graph_capture_of_a_step():
+    # a whole step (grid tree built from features on the device, its layout, the scan and its
+    # backward) is captured in a CUDA graph; replays equal eager runs
+    g = torch.Generator().manual_seed(27)
+    feat = torch.randn(4, 16, 16, 8, generator=g).cuda()
+    topo = treessm.GridTopology()
+    x = torch.randn(4 * 256, 32, generator=g).cuda().requires_grad_()
+    w = (torch.rand(4 * 256, 32, generator=g) * 0.9 + 0.05).cuda().requires_grad_()
+
+    def step():
+        tree = topo(feat)
+        treessm.tree_scan(x, w, tree, "both").square().sum().backward()
+
+    step()
+    want = (x.grad.clone(), w.grad.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            x.grad = w.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = w.grad = None
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(x.grad, want[0]) and torch.equal(w.grad, want[1])

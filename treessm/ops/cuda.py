@@ -1,6 +1,6 @@
 """CUDA backend of the tree scan: the kernels of ``extensions/treessm_cuda`` behind
-``torch.ops.treessm.cuda_scan_*`` (level schedule) and ``cuda_path_scan_*`` (heavy-path
-schedule), launched with the plan and parameters of :mod:`treessm.ops.plan`.
+``torch.ops.treessm.cuda_tree_scan`` and ``cuda_tree_scan_backward``, launched with the plan,
+schedule and parameters of :mod:`treessm.ops.plan`.
 
 The extension is compiled on first use (:func:`treessm.typing.load_cuda_extension`), or
 ahead of time::
@@ -19,32 +19,16 @@ from .plan import ScanPlan
 __all__ = ["forward", "backward"]
 
 
-def _levels_launch(plan: ScanPlan):
-    la = plan.launch
-    return la.row_bytes, la.threads, la.ring, la.cap, la.smem
-
-
-def _paths_launch(plan: ScanPlan):
-    la = plan.launch
-    return la.row_bytes, la.threads, la.smem, la.blocks_per_tree, la.num_phases
-
-
-def forward(x, w, order, child_ptr, plan: ScanPlan, direction: str):
+def forward(x, w, plan: ScanPlan, direction: str):
     """Scan of contiguous ``x, w [N, C]`` on the GPU along ``plan``."""
-    if plan.schedule == "paths":
-        return torch.ops.treessm.cuda_path_scan_forward(x, w, *plan.tensors, direction,
-                                                        *_paths_launch(plan))
-    return torch.ops.treessm.cuda_scan_forward(x, w, order, child_ptr, *plan.tensors, direction,
-                                               *_levels_launch(plan))
+    return torch.ops.treessm.cuda_tree_scan(x, w, *plan.tensors, plan.schedule,
+                                            list(plan.launch), direction)
 
 
-def backward(g, x, w, h, order, child_ptr, plan: ScanPlan, direction: str):
+def backward(g, x, w, h, plan: ScanPlan, direction: str):
     """``(dL/dx, dL/dw)`` given ``g = dL/dh`` and the forward output ``h``."""
-    if plan.schedule == "paths":
-        return torch.ops.treessm.cuda_path_scan_backward(g, x, w, h, *plan.tensors, direction,
-                                                         *_paths_launch(plan))
-    return torch.ops.treessm.cuda_scan_backward(g, x, w, h, order, child_ptr, *plan.tensors,
-                                                direction, *_levels_launch(plan))
+    return torch.ops.treessm.cuda_tree_scan_backward(g, x, w, h, *plan.tensors, plan.schedule,
+                                                     list(plan.launch), direction)
 
 
 def _main(argv=None):

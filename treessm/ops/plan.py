@@ -2,37 +2,37 @@ r"""Scan plans and schedules: what the compiled scan kernels read besides the da
 how they are launched. Every decision about how a scan runs on a GPU is taken here.
 
 A :class:`~treessm.Tree` holds its breadth-first layout; the kernels need more, derived
-from it once per tree and cached in ``tree.plan_cache``:
+from it once per tree and cached in ``tree.plan_cache`` (shared by every channel count,
+layer, direction and the backward):
 
-* the **level plan** (:class:`LevelPlan`): where each breadth-first level starts, which
-  levels belong to which tree, and the position of each position's parent;
-* the **heavy-path plan** (:class:`PathPlan`): every vertex with children marks its
+* the **heavy-path layout** (:class:`PathPlan`): every vertex with children marks its
   *heavy* child (the one with the largest subtree, the first in breadth-first order on
   ties); the heavy edges cut the forest into vertex-disjoint *paths* running down from a
   *head* (a root or a light child). A path's *phase* is the number of light edges above
   its head; along any root-to-leaf walk the subtree size at least halves at every light
   edge, so a tree of ``n`` vertices has at most :math:`\lfloor \log_2 n \rfloor + 1`
-  phases. A scan walks paths instead of levels: root-first passes take the phases in
-  increasing order, leaf-first passes in decreasing order; the paths of one phase are
-  independent.
+  phases. Positions run tree by tree, phase by phase, path by path, each path a
+  contiguous run from its head down;
+* the **phase-major layout** (:class:`PhasePlan`): the same positions re-ordered phase by
+  phase across the whole forest, so each phase is one contiguous run.
 
-Two **schedules** compute the same recurrences (``docs/cuda.md``):
+Along a path every recurrence is one affine step per vertex, whose composition is
+associative: a phase is one segmented parallel scan, and a scan takes a few block-wide
+steps per phase instead of one per vertex or level. Two **schedules** run it
+(``docs/cuda.md``):
 
-* ``"levels"`` -- one thread block per (tree, 32 channels) walks the tree's levels, a block
-  barrier between levels; best on bushy trees (image grids);
-* ``"paths"`` -- groups of lanes walk whole heavy paths, a barrier only between phases;
-  best on deep, narrow trees (chains, sequences) and the only one that spreads one large
-  tree over the whole GPU: when the forest has too few trees to fill the device, each
-  tree gets several blocks and every phase is its own launch.
+* ``"trees"`` -- one thread block per (tree, channel slice) runs every phase of its tree,
+  in chunks; nothing to synchronise with the host, for forests of many trees (images,
+  sentences, batches of graphs);
+* ``"phases"`` -- each phase of the whole forest is split into chunks over the device,
+  joined by a carry pass, for forests with a large tree (one graph); its layout is built
+  once per tree with one read of the phase sizes by the host.
 
 :func:`choose_schedule` picks one from host-side sizes (never asking the device), and
 :func:`launch_config` the launch parameters, with the measured defaults below.
 :func:`scan_plan` returns the small named object (:class:`ScanPlan`) that the CUDA
 operators take. Builders that compute a level plan on the way (the fused CUDA grid-tree
-kernel) hand it over with :func:`attach_level_plan`.
-
-The module is a little over 450 lines because every decision about how a scan runs lives
-here, the tensor construction of the heavy-path plan being half of it.
+kernel) hand it over with :func:`attach_level_plan`: the layout is built from it.
 """
 from __future__ import annotations
 
@@ -44,23 +44,16 @@ from torch import Tensor
 
 from ..tree import Tree
 
-__all__ = ["SCHEDULES", "MAX_PHASES", "LevelPlan", "PathPlan", "Launch", "ScanPlan",
-           "level_groups", "level_plan", "attach_level_plan", "path_plan", "choose_schedule",
-           "launch_config", "scan_plan"]
+__all__ = ["SCHEDULES", "MAX_PHASES", "LevelPlan", "PathPlan", "PhasePlan", "Launch",
+           "ScanPlan", "level_groups", "level_plan", "attach_level_plan", "path_plan",
+           "phase_plan", "choose_schedule", "launch_config", "scan_plan"]
 
-SCHEDULES = ("levels", "paths")
+SCHEDULES = ("trees", "phases")
 MAX_PHASES = 32  # phases of a tree below 2**31 vertices
 
-# Below this many vertices per breadth-first level on average the heavy-path schedule
-# beats the level schedule. Measured on an H100 (32 trees of 3,136 vertices, C=160,
-# float32, both): the path kernels took 0.60x the level kernels' forward time on chains,
-# 0.74x at 2.5 vertices per level, 0.97x at 4.5 and 1.3x at 8.4 (docs/cuda.md).
-PATH_MAX_LEVEL_WIDTH = 3.5
-# A forest of at most SPREAD_MAX_TREES trees with one of SPREAD_MIN_TREE_SIZE vertices or
-# more takes the heavy-path schedule, spread over several blocks per tree when its blocks
-# would not fill the device (one block walking a tree of 10^6 vertices uses one SM of 132).
-SPREAD_MIN_TREE_SIZE = 1 << 15
-SPREAD_MAX_TREES = 16
+# A forest whose largest tree has more vertices than this takes the "phases" schedule: one
+# block walking a tree that large would leave the rest of the device idle.
+PHASES_MIN_TREE_SIZE = 1 << 15
 # The CUDA plan kernel gives each tree one block: fine up to grid-sized trees; larger trees
 # take the tensor construction below, which spreads over the whole device.
 PLAN_KERNEL_MAX_TREE_SIZE = 1 << 16
@@ -72,6 +65,9 @@ _INT32_LIMIT = 2 ** 31 - 1
 GRID_TREE_THREADS = 0
 GRID_TREE_SOLO = 64
 GRID_COSTS_GROUP = 0
+# Scan blocks: bytes of channels per position (two threads of 16 bytes for float32); a block
+# has 128 position lanes of row_bytes each.
+SCAN_ROW_BYTES = 32
 
 
 class LevelPlan(NamedTuple):
@@ -119,31 +115,38 @@ class PathPlan(NamedTuple):
     phase_path: Tensor
 
 
+class PhasePlan(NamedTuple):
+    """Phase-major layout of a forest: the :class:`PathPlan` positions re-ordered phase by
+    phase across all trees (within a phase, tree by tree, path by path).
+
+    Attributes:
+        rec (IntTensor [N + 1, 4]): as :attr:`PathPlan.rec`, in the new positions.
+        light (IntTensor [N]): as :attr:`PathPlan.light`, in the new positions.
+        phase_ptr (IntTensor [MAX_PHASES + 1]): phase ``p`` holds the positions
+            ``[phase_ptr[p], phase_ptr[p + 1])``.
+        phase_ptr_host (LongTensor [MAX_PHASES + 1], on the CPU): the same, for launches.
+    """
+
+    rec: Tensor
+    light: Tensor
+    phase_ptr: Tensor
+    phase_ptr_host: Tensor
+
+
 class Launch(NamedTuple):
     """Launch parameters of the CUDA scan kernels.
 
     Attributes:
-        row_bytes (int): bytes of channels one block handles per vertex row.
-        threads (int): threads per block.
-        ring (int): ``"levels"``: positions staged ahead in shared memory (at most).
-        cap (int): ``"levels"``: values per level handed on in shared memory (at most).
-        smem (int): shared-memory budget per block, bytes.
-        blocks_per_tree (int): ``"paths"``: blocks sharing one tree (then one launch per
-            phase).
-        num_phases (int): ``"paths"`` with several blocks per tree: launches per pass.
+        row_bytes (int): bytes of channels one block handles per position (the block has
+            128 position lanes, each of ``row_bytes / 16`` threads or fewer).
     """
 
     row_bytes: int
-    threads: int
-    ring: int = 0
-    cap: int = 0
-    smem: int = 0
-    blocks_per_tree: int = 1
-    num_phases: int = MAX_PHASES
 
 
 class ScanPlan(NamedTuple):
-    """What a CUDA scan operator takes besides the data: the schedule, its plan tensors and
+    """What a CUDA scan operator takes besides the data: the schedule, its four plan
+    tensors (:class:`PathPlan` for ``"trees"``, :class:`PhasePlan` for ``"phases"``) and
     the launch parameters for ``channels`` channels of ``dtype``."""
 
     schedule: str
@@ -346,40 +349,65 @@ def path_plan_tensors(order: Tensor, child_ptr: Tensor, tree_ptr: Tensor, depth:
     return [rec.to(i32), light.to(i32), path_ptr.to(i32), phase_path.to(i32)]
 
 
-def num_phases(tree: Tree) -> int:
-    """Phases of the deepest tree's path decomposition (asks the device once per tree)."""
-    cached = tree.plan_cache.get("num_phases")
-    if cached is None:
-        pp = path_plan(tree).phase_path
-        used = (pp[:, 1:] > pp[:, :-1]).any(0)
-        cached = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
-        tree.plan_cache["num_phases"] = cached
-    return cached
+def phase_plan(tree: Tree) -> PhasePlan:
+    """The phase-major layout of ``tree`` (see :class:`PhasePlan`), built from its
+    :func:`path_plan` by tensor operations and cached; the host reads the phase sizes once."""
+    cached = tree.plan_cache.get("phases")
+    if cached is not None:
+        return cached
+    pp = path_plan(tree)
+    rec, light = pp.rec.long(), pp.light.long()
+    n, dev = tree.num_nodes, tree.device
+    T = pp.phase_path.shape[0]
+    # phase of every position: tree t's phase p spans [bounds[t, p], bounds[t, p + 1])
+    bounds = pp.path_ptr.long()[pp.phase_path.long()]                       # [T, P + 1]
+    counts = (bounds[:, 1:] - bounds[:, :-1]).reshape(-1)
+    phases = torch.arange(MAX_PHASES, device=dev).repeat(T)
+    phase = torch.repeat_interleave(phases, counts, output_size=n)
+    perm = torch.sort(phase, stable=True).indices                          # new -> old
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(n, device=dev)
+    remap = lambda k: torch.where(k >= 0, inv[k.clamp(min=0)], k)  # noqa: E731
+    old = rec[:n][perm]
+    # light children per position: children less the heavy one (a path's next position);
+    # a tree's light entries are followed by padding up to the next tree's start
+    par = rec[:n, 1]
+    children = torch.bincount(par[par >= 0], minlength=n)
+    heavy = (rec[1:, 1] == torch.arange(n, device=dev)).long()
+    nlight = (children - heavy)[perm]
+    start = torch.cumsum(nlight, 0) - nlight
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), nlight)
+    src = old[owner, 3] + torch.arange(owner.shape[0], device=dev) - start[owner]
+    new_light = torch.full((n,), -1, dtype=torch.long, device=dev)
+    new_light[:owner.shape[0]] = inv[light[src]]
+    new_rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
+    new_rec[:n, 0] = old[:, 0]
+    new_rec[:n, 1] = remap(old[:, 1])
+    new_rec[:n, 2] = remap(old[:, 2])
+    new_rec[:n, 3] = start
+    new_rec[n] = torch.tensor([-1, -1, -1, owner.shape[0]], device=dev)
+    size = torch.bincount(phase, minlength=MAX_PHASES)
+    phase_ptr = torch.cat([size.new_zeros(1), torch.cumsum(size, 0)])
+    i32 = torch.int32
+    plan = PhasePlan(new_rec.to(i32), new_light.to(i32), phase_ptr.to(i32),
+                     phase_ptr.cpu())
+    tree.plan_cache["phases"] = plan
+    return plan
 
 
 # ---------------------------------------------------------------------------- schedules
 def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
     """The CUDA scan schedule for ``tree``: ``schedule`` itself when given, else (``None``
-    or ``"auto"``) ``"paths"`` for deep, narrow forests (fewer than
-    :data:`PATH_MAX_LEVEL_WIDTH` vertices per breadth-first level on average) and for
-    forests of a few large trees (at most :data:`SPREAD_MAX_TREES` trees, one of
-    :data:`SPREAD_MIN_TREE_SIZE` vertices or more), ``"levels"`` otherwise. Only host-side
-    sizes are read (``tree.num_levels``, ``tree.max_tree_size``); a tree whose sizes only
-    the device knows takes ``"levels"``."""
+    or ``"auto"``) ``"phases"`` when the largest tree has more than
+    :data:`PHASES_MIN_TREE_SIZE` vertices, ``"trees"`` otherwise. Only host-side sizes are
+    read (``tree.max_tree_size``, else the number of vertices, which bounds it)."""
     if schedule is not None and schedule != "auto":
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be None, 'auto' or one of {SCHEDULES}, got "
                              f"{schedule!r}")
         return schedule
-    n = tree.num_nodes
-    if n == 0:
-        return "levels"
-    if (tree.max_tree_size is not None and tree.max_tree_size >= SPREAD_MIN_TREE_SIZE
-            and tree.num_trees <= SPREAD_MAX_TREES):
-        return "paths"
-    if tree.num_levels is not None and n < PATH_MAX_LEVEL_WIDTH * tree.num_levels:
-        return "paths"
-    return "levels"
+    largest = tree.max_tree_size if tree.max_tree_size is not None else tree.num_nodes
+    return "phases" if largest > PHASES_MIN_TREE_SIZE else "trees"
 
 
 @functools.lru_cache(maxsize=None)
@@ -389,46 +417,11 @@ def device_limits(index: int) -> Tuple[int, int, int]:
     return tuple(torch.ops.treessm.cuda_device_limits(index))
 
 
-def _one_wave_smem(blocks: int, index: int, cap: int) -> int:
-    """Shared memory per block that lets ``blocks`` blocks run in one wave, at most ``cap``:
-    the scans are bound by the latency of their sequential steps, so a second wave of
-    blocks costs as much as the first."""
-    sms, per_sm, _ = device_limits(index)
-    per_sm_blocks = -(-blocks // max(sms, 1))
-    if per_sm_blocks <= 1:
-        return cap
-    return min(cap, per_sm // per_sm_blocks - 1024)  # the runtime reserves 1 KiB per block
-
-
-@functools.lru_cache(maxsize=4096)
-def launch_config(schedule: str, num_trees: int, max_tree_size: Optional[int], channels: int,
-                  elem_size: int, device_index: int, chains: bool = False) -> Launch:
-    """Measured default launch parameters (``docs/cuda.md`` has the measurements).
-
-    Both schedules give a block 32 channels (eight threads of 16 bytes for float32 and
-    16-bit types, 128 bytes for float64) and 128 threads. ``"levels"`` stages up to 256
-    positions ahead and hands 64 values per level on in shared memory, within 100 KiB per
-    block or less where the grid would otherwise need a second wave. ``"paths"`` keeps the
-    tree's plan records in shared memory within 113 KiB (two blocks per multiprocessor),
-    and gives a large tree (:data:`SPREAD_MIN_TREE_SIZE`) of a forest whose blocks do not
-    fill the device enough blocks to fill it twice over. A forest of chains (``chains``:
-    one path per tree) gives each block one group of 32 threads and 512 bytes of channels,
-    with no records staged: a chain has nothing for a block's other groups to do, and its
-    records are read once, in order.
-    """
-    row_bytes = 32 * elem_size if elem_size <= 4 else 128
-    groups = -(-channels // (row_bytes // elem_size))
-    blocks = num_trees * groups
-    if schedule == "levels":
-        return Launch(row_bytes, 128, ring=256, cap=64,
-                      smem=_one_wave_smem(blocks, device_index, 100 * 1024))
-    if chains:
-        return Launch(512, 32, smem=0)
-    sms = device_limits(device_index)[0]
-    spread = 1
-    if max_tree_size is not None and max_tree_size >= SPREAD_MIN_TREE_SIZE and blocks < sms:
-        spread = max(1, (2 * sms) // max(blocks, 1))
-    return Launch(row_bytes, 128, smem=113 * 1024, blocks_per_tree=spread)
+@functools.lru_cache(maxsize=64)
+def launch_config(schedule: str, elem_size: int) -> Launch:
+    """Measured default launch parameters (``docs/cuda.md`` has the measurements): a block
+    takes :data:`SCAN_ROW_BYTES` of channels per position. Results do not depend on them."""
+    return Launch(SCAN_ROW_BYTES)
 
 
 def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
@@ -436,7 +429,7 @@ def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
     """Everything a CUDA scan over ``tree`` with ``channels`` channels of ``dtype`` needs
     besides the data, cached on the tree: a layer's forward and backward, and every call
     after the first, pay one dictionary look-up."""
-    key = ("scan", channels, dtype, schedule)
+    key = ("scan", dtype, schedule)
     cached = tree.plan_cache.get(key)
     if cached is not None:
         return cached
@@ -444,18 +437,11 @@ def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
     if tree.num_nodes >= _INT32_LIMIT:
         raise ValueError(f"the CUDA scan indexes vertices with 32 bits; got {tree.num_nodes} "
                          "vertices")
-    index = tree.device.index if tree.device.index is not None else torch.cuda.current_device()
-    elem = dtype.itemsize
-    if schedule_ == "levels":
-        tensors = tuple(level_plan(tree))
-        launch = launch_config("levels", tree.num_trees, tree.max_tree_size, channels, elem,
-                               index)
-    else:
+    if schedule_ == "trees":
         tensors = tuple(path_plan(tree))
-        launch = launch_config("paths", tree.num_trees, tree.max_tree_size, channels, elem,
-                               index, tree.num_levels == tree.num_nodes)
-        if launch.blocks_per_tree > 1:
-            launch = launch._replace(num_phases=num_phases(tree))
+    else:
+        tensors = tuple(phase_plan(tree))
+    launch = launch_config(schedule_, dtype.itemsize)
     plan = ScanPlan(schedule_, tensors, launch)
     tree.plan_cache[key] = plan
     return plan

@@ -67,11 +67,11 @@ def _register_fakes() -> None:
     _fakes.append(True)
 
     @torch.library.register_fake("treessm::cuda_tree_scan")
-    def _(x, weight, order, child_ptr, p0, p1, p2, p3, schedule, launch, direction):
+    def _(x, weight, p0, p1, p2, p3, schedule, launch, direction):
         return torch.empty_like(x)
 
     @torch.library.register_fake("treessm::cuda_tree_scan_backward")
-    def _(grad, x, weight, out, order, child_ptr, p0, p1, p2, p3, schedule, launch, direction):
+    def _(grad, x, weight, out, p0, p1, p2, p3, schedule, launch, direction):
         return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -115,7 +115,7 @@ def _compiled_forward(x, w, order, child_ptr, tree_ptr, plan, schedule, launch, 
     if backend == "cuda":
         from . import cuda
 
-        return cuda.forward(x, w, order, child_ptr, _as_plan(plan, schedule, launch), direction)
+        return cuda.forward(x, w, _as_plan(plan, schedule, launch), direction)
     if x.dtype in (torch.float32, torch.float64):
         return cpu.forward(x, w, order, child_ptr, tree_ptr, direction)
     # half types: accumulate in float32
@@ -127,8 +127,7 @@ def _compiled_backward(g, x, w, h, order, child_ptr, tree_ptr, plan, schedule, l
     if backend == "cuda":
         from . import cuda
 
-        return cuda.backward(g, x, w, h, order, child_ptr, _as_plan(plan, schedule, launch),
-                             direction)
+        return cuda.backward(g, x, w, h, _as_plan(plan, schedule, launch), direction)
     if x.dtype in (torch.float32, torch.float64):
         return cpu.backward(g, x, w, h, order, child_ptr, tree_ptr, direction)
     gx, gw = cpu.backward(g.float(), x.float(), w.float(), h.float(), order, child_ptr,
@@ -252,8 +251,8 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
         direction (str): ``"both"``, ``"up"`` or ``"down"``. (default: ``"both"``)
         backend (str, optional): ``"torch"``, ``"numba"`` or ``"cuda"``; by default the
             fastest available for the device. (default: ``None``)
-        schedule (str, optional): CUDA schedule, ``"levels"`` or ``"paths"``; by default
-            chosen from the tree's shape (:func:`treessm.ops.plan.choose_schedule`). Every
+        schedule (str, optional): CUDA schedule, ``"trees"`` or ``"phases"``; by default
+            chosen from the tree's size (:func:`treessm.ops.plan.choose_schedule`). Every
             schedule computes the same sums. (default: ``None``)
 
     Returns:
@@ -284,6 +283,6 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
                                           list(plan.tensors), plan.schedule, list(plan.launch),
                                           direction, backend)
     else:
-        out = torch.ops.treessm.cuda_tree_scan(x2, w2, tree.order, tree.child_ptr, *plan.tensors,
-                                               plan.schedule, plan.launch, direction)
+        out = torch.ops.treessm.cuda_tree_scan(x2, w2, *plan.tensors, plan.schedule,
+                                               plan.launch, direction)
     return out.reshape(shape)
