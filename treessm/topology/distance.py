@@ -2,12 +2,20 @@ r"""Edge costs from vertex features: how dissimilar the two ends of a candidate 
 
 Named distances (:data:`DISTANCES`):
 
-* ``"cosine"`` -- :math:`\exp(-\cos(x_u, x_v))`, the cost of GrootVL; features are
-  normalised as :math:`x / \max(\lVert x \rVert, \epsilon)`, so a zero vector has cosine 0
-  with everything instead of NaN;
+* ``"cosine"`` -- :math:`\exp(-\cos(x_u, x_v))`, the cost of GrootVL; a zero vector has
+  cosine 0 with everything instead of NaN;
 * ``"l2"`` -- the Euclidean distance :math:`\lVert x_u - x_v \rVert_2`;
 
 or any callable ``f(feat_u [E, C], feat_v [E, C]) -> cost [E]``.
+
+Trees do not depend on the scale of the features, however large or small (any finite
+value): the cosine does not depend on the scale of either vector, so every row is first
+multiplied by the power of two that brings its largest entry into :math:`[1/2, 1)`
+(:func:`scale_by_power_of_two`; exact, and it keeps squared norms far from overflow and
+underflow); ``"l2"`` distances are computed from the features of each example scaled
+alike and multiplied back, exactly, so that only distances beyond the range of the dtype
+overflow. On the CPU the compiled cosine kernels check instead that every squared norm
+lies in a safe range and redo the work on scaled rows only when one does not.
 
 Tree construction carries no gradient: every cost is computed under ``torch.no_grad``
 from detached features. :func:`edge_cost` is plain torch and runs on any device. On
@@ -32,7 +40,7 @@ from numba.extending import intrinsic
 from .chunks import run_chunks
 
 __all__ = ["DISTANCES", "EPS", "check_distance", "edge_cost", "pair_costs_cpu", "grid_costs_cpu",
-           "grid_costs_torch"]
+           "grid_costs_torch", "scale_by_power_of_two"]
 
 DISTANCES = ("cosine", "l2")
 #: Norm floor of the cosine distance (as in ``torch.nn.functional.normalize``).
@@ -61,6 +69,29 @@ def check_distance(distance) -> Distance:
 def _work_dtype(feat: torch.Tensor) -> torch.dtype:
     # half types lose too much in a sum over channels; float64 stays float64
     return torch.float64 if feat.dtype == torch.float64 else torch.float32
+
+
+def scale_by_power_of_two(x: torch.Tensor, dim, return_scale: bool = False):
+    """``x`` multiplied, per slice along ``dim``, by the power of two :math:`2^{-e}` that
+    brings the slice's largest magnitude into ``[1/2, 1)``; zero and non-finite slices stay
+    as they are.
+
+    Multiplying by a power of two is exact (barring subnormal results), so the cosine of
+    two rows, or the order of the distances inside a slice, is what it was, while sums of
+    squares neither overflow nor underflow. With ``return_scale``, also :math:`2^{e}` per
+    slice (``keepdim`` shape), which turns a distance of scaled features back into the
+    distance of the features.
+    """
+    if x.numel() == 0:
+        return (x, torch.ones((), dtype=x.dtype, device=x.device)) if return_scale else x
+    amax = x.abs().amax(dim=dim, keepdim=True)
+    _, e = torch.frexp(amax)  # amax = m * 2^e with m in [1/2, 1); e = 0 for 0, inf, NaN
+    e = e.to(torch.int32)
+    half = torch.div(e, 2, rounding_mode="floor")
+    one = torch.ones_like(amax)
+    # two factors: 2^-e alone overflows for subnormal slices (e down to -1074)
+    scaled = x * torch.ldexp(one, -half) * torch.ldexp(one, half - e)
+    return (scaled, torch.ldexp(one, e)) if return_scale else scaled
 
 
 # ---------------------------------------------------------------------------- torch path
@@ -94,9 +125,10 @@ def edge_cost(feat: torch.Tensor, edge_index: torch.Tensor, distance: Distance =
             return cost.detach()
         x = x.to(_work_dtype(x))
         if distance == "cosine":
-            x = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
+            x = torch.nn.functional.normalize(scale_by_power_of_two(x, -1), dim=-1, eps=EPS)
             return torch.exp(-(x[src] * x[dst]).sum(-1))
-        return torch.linalg.vector_norm(x[src] - x[dst], dim=-1)
+        x, scale = scale_by_power_of_two(x, (0, 1), return_scale=True)
+        return torch.linalg.vector_norm(x[src] - x[dst], dim=-1) * scale.reshape(())
 
 
 # ---------------------------------------------------------------------------- vector lanes
@@ -251,17 +283,44 @@ def _inv_norm(sq, eps):
     return 1.0 / max(np.sqrt(sq), eps)
 
 
+def safe_squares(dtype) -> tuple:
+    """``(lo, hi)``: a row whose squared norm lies in ``[lo, hi]`` has its squared norm and
+    its dot products with such rows computed without overflow and with (almost) every bit,
+    in ``dtype`` (float32 or float64), for up to :math:`2^{20}` channels."""
+    if np.dtype(dtype) == np.float32:
+        return np.float32(2.0 ** -100), np.float32(2.0 ** 100)
+    return np.float64(2.0 ** -900), np.float64(2.0 ** 900)
+
+
+@njit(cache=True)
+def _norm_ok(sq, lo, hi, flat, p, c):
+    """Whether row ``flat[p : p + c]`` with squared norm ``sq`` can be used as it is: ``sq``
+    in ``[lo, hi]`` (:func:`safe_squares`), or the row is zero."""
+    if lo <= sq <= hi:
+        return True
+    if sq != 0.0:
+        return False
+    for k in range(c):
+        if flat[p + k] != 0.0:
+            return False
+    return True
+
+
 # Vertices or edges per chunk of the pair kernels.
 _BLOCK = 4096
 
 
 @njit(cache=True, nogil=True)
-def _norm_chunk(k0, k1, x, eps, inv):
+def _norm_chunk(k0, k1, x, eps, lo, hi, inv, ok):
     flat = x.reshape(-1)
     c = x.shape[1]
-    for v in range(k0 * _BLOCK, min(k1 * _BLOCK, x.shape[0])):
-        (sq,) = _self_dots(flat, v * c, (), c)
-        inv[v] = _inv_norm(sq, eps)
+    for k in range(k0, k1):
+        good = True
+        for v in range(k * _BLOCK, min((k + 1) * _BLOCK, x.shape[0])):
+            (sq,) = _self_dots(flat, v * c, (), c)
+            inv[v] = _inv_norm(sq, eps)
+            good &= _norm_ok(sq, lo, hi, flat, v * c, c)
+        ok[k] = good
 
 
 @njit(cache=True, nogil=True)
@@ -287,14 +346,19 @@ def _finish(s, inv_u, inv_v, kind):
 
 
 @njit(cache=True)
-def grid_image_costs(flat, c, b, h, w, diag, kind, eps, out):
+def grid_image_costs(flat, c, b, h, w, diag, kind, eps, lo, hi, out):
     """Costs of the candidate edges of image ``b`` into ``out[b * E_img : (b + 1) * E_img]``.
 
     Row by row, every pixel is read once for all of its edges: its squared norm and its
     channel sums towards the right, lower and (``diag``) lower diagonal neighbours. A
     row's horizontal edges are finished as soon as the row is done, its downward edges
     one row later, when the norms below are known; two rows of sums are all it keeps.
+
+    Returns whether the costs can be used: for the cosine, whether every pixel's squared
+    norm lies in ``[lo, hi]`` or the pixel is zero (:func:`safe_squares`); otherwise the
+    caller scales the pixels and calls again.
     """
+    good = True
     p0 = b * h * w
     e_h = h * (w - 1)
     e_v = (h - 1) * w
@@ -317,6 +381,7 @@ def grid_image_costs(flat, c, b, h, w, diag, kind, eps, out):
                     sq, a, d, d1, d2 = _self_dots(flat, p * c, (right * c, down * c, dr * c,
                                                                 dl * c), c)
                     inv[cur, j] = _inv_norm(sq, eps)
+                    good &= _norm_ok(sq, lo, hi, flat, p * c, c)
                 else:
                     a, d, d1, d2 = _sqdiffs(flat, p * c, (right * c, down * c, dr * c, dl * c), c)
                 raw[cur, j, 2] = d1
@@ -324,6 +389,7 @@ def grid_image_costs(flat, c, b, h, w, diag, kind, eps, out):
             elif kind == _COSINE:
                 sq, a, d = _self_dots(flat, p * c, (right * c, down * c), c)
                 inv[cur, j] = _inv_norm(sq, eps)
+                good &= _norm_ok(sq, lo, hi, flat, p * c, c)
             else:
                 a, d = _sqdiffs(flat, p * c, (right * c, down * c), c)
             raw[cur, j, 0] = a
@@ -344,34 +410,66 @@ def grid_image_costs(flat, c, b, h, w, diag, kind, eps, out):
                 if j > 0:  # anti-diagonal of cell (r, j - 1): (r, j) - (r + 1, j - 1)
                     out[base + e_h + e_v + e_d + r * (w - 1) + j - 1] = \
                         _finish(raw[prev, j, 3], inv[prev, j], inv[cur, j - 1], kind)
+    return good
 
 
 @njit(cache=True, nogil=True)
-def _grid_chunk(b0, b1, x, h, w, diag, kind, eps, out):
+def _grid_chunk(b0, b1, x, h, w, diag, kind, eps, lo, hi, out, ok):
     flat = x.reshape(-1)
     for b in range(b0, b1):
-        grid_image_costs(flat, x.shape[1], b, h, w, diag, kind, eps, out)
+        ok[b] = grid_image_costs(flat, x.shape[1], b, h, w, diag, kind, eps, lo, hi, out)
 
 
-def cpu_features(feat: torch.Tensor) -> np.ndarray:
-    """Features as a contiguous ``[N, C]`` float32/float64 array for the kernels."""
+def cpu_features(feat: torch.Tensor, distance: str, num_examples: int = 1):
+    """Features as a contiguous ``[N, C]`` float32/float64 array for the kernels, and the
+    factor per example (``[num_examples]`` or ``None``) that turns their costs into those
+    of ``feat``: for ``"l2"``, each of the ``num_examples`` equal blocks of rows is scaled
+    by a power of two (:func:`scale_by_power_of_two`)."""
     x = feat.detach()
     if x.dim() != 2:
         x = x.reshape(x.shape[0], -1)
-    return x.to(_work_dtype(x)).contiguous().numpy()
+    x = x.to(_work_dtype(x))
+    scale = None
+    if distance == "l2" and x.numel():
+        shape = x.shape
+        x, scale = scale_by_power_of_two(x.reshape(num_examples, -1), 1, return_scale=True)
+        x, scale = x.reshape(shape), scale.reshape(num_examples).numpy()
+    return x.contiguous().numpy(), scale
+
+
+def scaled_rows(x: np.ndarray) -> np.ndarray:
+    """The rows of kernel features scaled as :func:`scale_by_power_of_two` scales them,
+    for the compiled cosine kernels to redo their work when a squared norm fell outside
+    :func:`safe_squares`.
+
+    Raises:
+        ValueError: on NaN or infinite features (no scale helps those).
+    """
+    t = torch.from_numpy(x)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("feat must be finite, got NaN or infinite values")
+    return scale_by_power_of_two(t, -1).contiguous().numpy()
 
 
 def pair_costs_cpu(feat: torch.Tensor, src: np.ndarray, dst: np.ndarray, distance: str
                    ) -> torch.Tensor:
     """Named ``distance`` of the edges ``(src[e], dst[e])`` (int64 arrays) of CPU features
     ``feat [N, C]``, by a compiled kernel. Returns a CPU tensor ``[E]``."""
-    x = cpu_features(feat)
+    x, scale = cpu_features(feat, distance)
     out = np.empty(src.shape[0], x.dtype)
     kind = kind_code(distance)
     inv = np.empty(x.shape[0] if kind == _COSINE else 0, x.dtype)
     if kind == _COSINE:
-        run_chunks(_norm_chunk, -(-x.shape[0] // _BLOCK), x, x.dtype.type(EPS), inv)
+        blocks = -(-x.shape[0] // _BLOCK)
+        ok = np.ones(blocks, np.bool_)
+        lo, hi = safe_squares(x.dtype)
+        run_chunks(_norm_chunk, blocks, x, x.dtype.type(EPS), lo, hi, inv, ok)
+        if not ok.all():
+            x = scaled_rows(x)
+            run_chunks(_norm_chunk, blocks, x, x.dtype.type(EPS), lo, hi, inv, ok)
     run_chunks(_pair_chunk, -(-src.shape[0] // _BLOCK), x, src, dst, kind, inv, out)
+    if scale is not None:
+        out *= scale[0]
     return torch.from_numpy(out)
 
 
@@ -379,15 +477,21 @@ def grid_costs_cpu(feat: torch.Tensor, num_images: int, height: int, width: int,
                    connectivity: int, distance: str) -> torch.Tensor:
     """Named ``distance`` of the grid edges of CPU features ``feat [B*H*W, C]``, laid out as
     :class:`~treessm.GridTopology` orders its candidate edges. Returns a CPU tensor."""
-    x = cpu_features(feat)
+    x, scale = cpu_features(feat, distance, num_images)
     e_h = height * (width - 1)
     e_v = (height - 1) * width
     e_d = (height - 1) * (width - 1)
     per_image = e_h + e_v + (2 * e_d if connectivity == 8 else 0)
     out = np.empty(num_images * per_image, x.dtype)
     if out.shape[0]:
-        run_chunks(_grid_chunk, num_images, x, height, width, connectivity == 8,
-                   kind_code(distance), x.dtype.type(EPS), out)
+        ok = np.ones(num_images, np.bool_)
+        args = (height, width, connectivity == 8, kind_code(distance), x.dtype.type(EPS),
+                *safe_squares(x.dtype), out, ok)
+        run_chunks(_grid_chunk, num_images, x, *args)
+        if not ok.all():
+            run_chunks(_grid_chunk, num_images, scaled_rows(x), *args)
+        if scale is not None:
+            out.reshape(num_images, per_image)[:] *= scale[:, None]
     return torch.from_numpy(out)
 
 
@@ -401,13 +505,15 @@ def grid_costs_torch(feat: torch.Tensor, num_images: int, height: int, width: in
     x = feat.detach().reshape(num_images, height, width, feat.shape[-1])
     x = x.to(_work_dtype(x))
     if distance == "cosine":
-        x = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
+        x = torch.nn.functional.normalize(scale_by_power_of_two(x, -1), dim=-1, eps=EPS)
 
         def cost(a, b):
             return torch.exp(-(a * b).sum(-1)).flatten(1)
     else:
+        x, scale = scale_by_power_of_two(x, (1, 2, 3), return_scale=True)
+
         def cost(a, b):
-            return torch.linalg.vector_norm(a - b, dim=-1).flatten(1)
+            return torch.linalg.vector_norm(a - b, dim=-1).flatten(1) * scale.reshape(-1, 1)
     parts = [cost(x[:, :, :-1], x[:, :, 1:]), cost(x[:, :-1, :], x[:, 1:, :])]
     if connectivity == 8:
         parts += [cost(x[:, :-1, :-1], x[:, 1:, 1:]), cost(x[:, :-1, 1:], x[:, 1:, :-1])]

@@ -24,9 +24,9 @@ from ..tree import Tree
 from .base import Candidates, Topology, check_features, empty_forest
 from .chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
-                       grid_image_costs, kind_code)
+                       grid_image_costs, kind_code, safe_squares, scaled_rows)
 from .euler_tour import spanning_tree_on_device
-from .layout import NO_MASK, NONFINITE, Layout, layout_segment
+from .layout import NO_MASK, NONFINITE, UNSCALED, Layout, layout_segment
 from .mst import kruskal_segment
 
 __all__ = ["GridTopology", "grid_edges"]
@@ -45,17 +45,21 @@ def grid_edges(num_images: int, height: int, width: int, connectivity: int = 4) 
 
 
 @njit(cache=True, nogil=True)
-def _grid_build_chunk(b0, b1, x, cost, bits, nbits, h, w, diag, kind, eps, src, dst, pref,
-                      offsets, mask, tree_u, tree_v, parent, order, child_ptr, depth,
+def _grid_build_chunk(b0, b1, x, cost, bits, nbits, h, w, diag, kind, eps, lo, hi, src, dst,
+                      pref, offsets, mask, tree_u, tree_v, parent, order, child_ptr, depth,
                       tree_start, num_trees, status):
     """Costs, minimum spanning tree and layout of images ``[b0, b1)``, one image at a time:
-    the image's data stays in cache from its features to its tree."""
+    the image's data stays in cache from its features to its tree. An image whose pixels
+    need scaling first (:func:`~treessm.topology.distance.grid_image_costs`) gets the status
+    ``UNSCALED``."""
     flat = x.reshape(-1)
     c = x.shape[1]
     hw = h * w
     per_image = src.shape[0] // (parent.shape[0] // hw)
     for b in range(b0, b1):
-        grid_image_costs(flat, c, b, h, w, diag, kind, eps, cost)
+        if not grid_image_costs(flat, c, b, h, w, diag, kind, eps, lo, hi, cost):
+            status[b] = UNSCALED
+            continue
         n0 = b * hw
         m = kruskal_segment(src, dst, bits, nbits, n0, n0 + hw, b * per_image,
                             (b + 1) * per_image, mask, tree_u, tree_v)
@@ -148,14 +152,19 @@ class GridTopology(Topology):
         entry = self._candidates(feat)
         b, h, w = entry.shape
         with torch.no_grad():
-            x = cpu_features(feat.reshape(b * h * w, feat.shape[-1]))
+            # the scale of l2 costs is of no matter here: they only order the edges
+            x, _ = cpu_features(feat.reshape(b * h * w, feat.shape[-1]), self.distance, b)
         cost = np.empty(entry.plan.src.shape[0], x.dtype)
         bits = cost.view(np.uint32 if x.dtype == np.float32 else np.uint64)
         out = Layout(b * h * w, b)
-        run_chunks(_grid_build_chunk, b, x, cost, bits, 8 * x.itemsize, h, w,
-                   self.connectivity == 8, kind_code(self.distance), x.dtype.type(EPS),
-                   entry.plan.src, entry.plan.dst, entry.root_flags, entry.plan.offsets,
-                   NO_MASK, *out.outputs())
+        args = (cost, bits, 8 * x.itemsize, h, w, self.connectivity == 8,
+                kind_code(self.distance), x.dtype.type(EPS), *safe_squares(x.dtype),
+                entry.plan.src, entry.plan.dst, entry.root_flags, entry.plan.offsets, NO_MASK,
+                *out.outputs())
+        run_chunks(_grid_build_chunk, b, x, *args)
+        if (out.status == UNSCALED).any():  # features too large or too small: scale them
+            out.status[:] = 0
+            run_chunks(_grid_build_chunk, b, scaled_rows(x), *args)
         try:
             return out.tree(entry.plan.node_ptr, entry.batch, feat.device)
         except ValueError as exc:

@@ -23,10 +23,12 @@ from .chunks import run_chunks
 from .mst import find_root, kruskal_segment
 
 __all__ = ["Layout", "layout_segment", "lattice_offsets", "check_status", "NONFINITE",
-           "NO_MASK", "NO_OFFSETS", "layout_forest"]
+           "UNSCALED", "NO_MASK", "NO_OFFSETS", "layout_forest"]
 
 # status codes of the kernels
 _OK, _CYCLE, _TWO_ROOTS, NONFINITE = 0, 1, 2, 3
+# costs not computed: the features must be scaled first (treessm.topology.distance)
+UNSCALED = 4
 
 
 # Lattice-like candidate graphs (grids, sequences) join vertices whose ids differ by one
@@ -357,6 +359,8 @@ def check_status(status) -> None:
                          "roots lie in one component")
     if status == NONFINITE:
         raise ValueError("edge costs must be finite, got NaN or infinite values")
+    if status != _OK:
+        raise RuntimeError(f"the layout kernels reported the unexpected status {status}")
 
 
 NO_OFFSETS = np.zeros(0, np.int64)

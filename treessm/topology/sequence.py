@@ -31,7 +31,7 @@ from torch import Tensor
 from .._checks import check_device, check_int, check_number
 from ..tree import Tree
 from .base import Candidates, Topology, check_features, empty_forest
-from .distance import EPS, Distance, check_distance
+from .distance import EPS, Distance, check_distance, scale_by_power_of_two
 from .euler_tour import spanning_tree_on_device
 
 __all__ = ["SequenceTopology", "GrootLTopology", "CausalSequenceTopology", "sequence_edges",
@@ -279,6 +279,10 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
     Returns:
         LongTensor [B, L]: the parent's position in its sequence, or ``-1`` for a token
         without a candidate (the first token, or one preceded by ``k`` invalid tokens).
+
+    Raises:
+        TypeError, ValueError: on malformed arguments, and on NaN or infinite features
+            on the CPU (elsewhere the check would wait for the device).
     """
     check_features(feat, 3, shape="[B, L, C]")
     k = check_int(k, "k", 1)
@@ -296,10 +300,17 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         return torch.full((b, length), -1, dtype=torch.long, device=feat.device)
     with torch.no_grad():
         x = feat.detach()
+        if x.device.type == "cpu" and x.numel() and not bool(torch.isfinite(x).all()):
+            # (on accelerators the check would wait for the device: there, as for the
+            # other topologies, NaN features give an unspecified tree)
+            raise ValueError("feat must be finite, got NaN or infinite features")
         if isinstance(distance, str):
             x = x.to(_work_dtype(x))
             if distance == "cosine":
-                x = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
+                x = torch.nn.functional.normalize(scale_by_power_of_two(x, -1), dim=-1,
+                                                  eps=EPS)
+            else:
+                x = scale_by_power_of_two(x, (1, 2))
         # column d - 1 holds the cost to the token d steps back, so the first minimum
         # along the last dimension is the nearest of equally good candidates
         cost = torch.full((b, length, span), math.inf, dtype=_work_dtype(x), device=x.device)
