@@ -9,7 +9,7 @@ import scipy.sparse.csgraph
 import torch
 
 import treessm
-from treessm import minimum_spanning_tree
+from treessm import GraphTopology, minimum_spanning_tree
 
 
 def kruskal(edge_index, weight, n):
@@ -170,6 +170,18 @@ def test_disconnected_batch_hint_gives_same_forest():
     perm = torch.from_numpy(rng.permutation(ei.shape[1]))
     assert torch.equal(minimum_spanning_tree(ei[:, perm], w[perm], n, batch=batch),
                        kruskal(ei[:, perm], w[perm], n))
+
+
+@pytest.mark.parametrize("gap", [10 ** 8, 10 ** 12, 2 ** 62])
+def test_huge_example_ids_cost_nothing(gap):
+    # the examples are numbered by rank: ids with huge gaps once allocated per id value
+    # (a MemoryError, or 44 s for 4 vertices at 10^8)
+    ei = torch.tensor([[0, 2, 3], [1, 3, 4]])
+    w = torch.tensor([1.0, 2.0, 0.5])
+    batch = torch.tensor([0, 0, gap, gap, gap])
+    assert minimum_spanning_tree(ei, w, 5, batch=batch).tolist() == [True, True, True]
+    tree = GraphTopology()(torch.randn(5, 3), ei, batch=batch)
+    assert tree.num_trees == 2 and torch.equal(tree.batch, batch)
 
 
 def test_large_grid_against_scipy():

@@ -24,7 +24,7 @@ from .._checks import (check_bool, check_choice, check_int, check_int_or_auto, c
 from ..ops import tree_scan
 from ..ops.tree_scan import BACKENDS
 from ..topology import GridTopology, chain_tree
-from ..topology.base import empty_forest
+from ..topology.layout import empty_forest
 from ..tree import Tree
 
 __all__ = ["TreeSSM", "raster_tree"]

@@ -18,7 +18,7 @@ from torch_geometric.nn import Linear
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
 from ..topology import GraphTopology
 from ..topology.distance import Distance
-from ..topology.base import empty_forest
+from ..topology.layout import empty_forest
 from ..topology.graph import check_graph
 from ..topology.prepared_graph import PreparedGraph
 from ..tree import Tree

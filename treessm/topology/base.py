@@ -45,7 +45,7 @@ from .layout import lattice_offsets
 from .mst import minimum_spanning_tree, segments
 from .rooting import forest_tree_on_cpu, spanning_tree_on_cpu
 
-__all__ = ["Topology", "Plan", "Candidates", "CandidateCache", "empty_forest"]
+__all__ = ["Topology", "Plan", "Candidates", "CandidateCache"]
 
 
 class Plan(NamedTuple):
@@ -59,14 +59,6 @@ class Plan(NamedTuple):
     node_ptr: np.ndarray
     edge_ptr: np.ndarray
     offsets: Optional[np.ndarray] = None
-
-
-def empty_forest(device="cpu") -> Tree:
-    """The forest without vertices (and without trees), on ``device``: what a topology
-    builds for a batch with no vertex (``B``, ``H``, ``W`` or ``L`` zero)."""
-    none = torch.zeros(0, dtype=torch.long, device=device)
-    ptr = torch.zeros(1, dtype=torch.long, device=device)
-    return Tree(none, none, ptr, ptr, none, none, num_levels=0, max_tree_size=0)
 
 
 def make_plan(edge_index: Tensor, batch: Optional[Tensor], num_nodes: int) -> Plan:

@@ -39,6 +39,7 @@ from .._checks import check_int
 from ..tree import Tree
 from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
                       check_device_edge_index, check_max_tree_size, check_vertices, edge_keys)
+from .layout import empty_forest
 
 __all__ = ["parent_from_forest", "spanning_tree_on_device"]
 
@@ -217,12 +218,6 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
                 max_tree_size=known_size)
 
 
-def _empty_tree(device, batch) -> Tree:
-    e = torch.zeros(0, dtype=torch.long, device=device)
-    return Tree(e, e.clone(), torch.zeros(1, dtype=torch.long, device=device),
-                torch.zeros(1, dtype=torch.long, device=device), e.clone(), batch)
-
-
 @torch.no_grad()
 def parent_from_forest(edge_index: Tensor, mask: Tensor, num_nodes: int,
                        roots: Optional[Tensor] = None, *,
@@ -315,7 +310,7 @@ def spanning_tree_on_device(edge_index: Tensor, cost: Tensor, num_nodes: int,
                              f"got {num_trees}")
     size = check_max_tree_size(max_tree_size, num_nodes)
     if num_nodes == 0:
-        return _empty_tree(device, batch)
+        return empty_forest(device, batch=batch is not None)
     if num_trees is None:
         # counting the trees waits for the device anyway, so the forest is found by the
         # compacting Borůvka and the tour takes the rounds the largest tree needs

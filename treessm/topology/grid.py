@@ -21,12 +21,12 @@ from torch import Tensor
 
 from .._checks import check_choice
 from ..tree import Tree
-from .base import Candidates, Topology, check_features, empty_forest
+from .base import Candidates, Topology, check_features
 from .chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
                        grid_image_costs, kind_code, safe_squares, scaled_rows)
 from .euler_tour import spanning_tree_on_device
-from .layout import NO_MASK, NONFINITE, UNSCALED, Layout, layout_segment
+from .layout import NO_MASK, NONFINITE, UNSCALED, Layout, empty_forest, layout_segment
 from .mst import kruskal_segment
 
 __all__ = ["GridTopology", "grid_edges"]

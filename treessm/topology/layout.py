@@ -23,7 +23,7 @@ from .chunks import run_chunks
 from .mst import find_root, kruskal_segment
 
 __all__ = ["Layout", "layout_segment", "lattice_offsets", "check_status", "NONFINITE",
-           "UNSCALED", "NO_MASK", "NO_OFFSETS", "layout_forest"]
+           "UNSCALED", "NO_MASK", "NO_OFFSETS", "layout_forest", "empty_forest"]
 
 # status codes of the kernels
 _OK, _CYCLE, _TWO_ROOTS, NONFINITE = 0, 1, 2, 3
@@ -365,6 +365,16 @@ def check_status(status) -> None:
 
 NO_OFFSETS = np.zeros(0, np.int64)
 NO_MASK = np.zeros(0, np.bool_)  # the layout needs the chosen edges, not their mask
+
+
+def empty_forest(device="cpu", batch: bool = True) -> Tree:
+    """The forest without vertices (and without trees) on ``device``: what a builder returns
+    for a batch with no vertex (``B``, ``H``, ``W``, ``L`` or ``N`` zero), with an empty
+    ``batch`` vector, as topologies give their trees one, or none (``batch=False``)."""
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    ptr = torch.zeros(1, dtype=torch.long, device=device)
+    return Tree(none, none.clone(), ptr, ptr.clone(), none.clone(),
+                none.clone() if batch else None, num_levels=0, max_tree_size=0)
 
 
 def layout_forest(src, dst, sel, pref, node_ptr, edge_ptr, offsets=None) -> Layout:

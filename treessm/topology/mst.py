@@ -232,6 +232,9 @@ def _segments_from_batch(batch, src, dst):
 
     A split needs a non-decreasing ``batch`` (each example a contiguous vertex range),
     edges that stay inside one example, and edges grouped by example in ascending order.
+    The examples present are numbered by their rank, so the cost depends on the number of
+    vertices and edges, not on the values of the example ids (which may be huge or skip
+    numbers).
     """
     n = batch.shape[0]
     m = src.shape[0]
@@ -240,20 +243,23 @@ def _segments_from_batch(batch, src, dst):
         return none, none
     if batch[0] < 0:
         return none, none
+    rank = np.empty(n, np.int64)  # rank of each vertex's example among those present
+    rank[0] = 0
     for v in range(1, n):
         if batch[v] < batch[v - 1]:
             return none, none
-    num_seg = batch[n - 1] + 1
+        rank[v] = rank[v - 1] + (batch[v] != batch[v - 1])
+    num_seg = rank[n - 1] + 1
     node_ptr = np.zeros(num_seg + 1, np.int64)
     for v in range(n):
-        node_ptr[batch[v] + 1] += 1
+        node_ptr[rank[v] + 1] += 1
     for s in range(num_seg):
         node_ptr[s + 1] += node_ptr[s]
     edge_ptr = np.zeros(num_seg + 1, np.int64)
     prev = 0
     for e in range(m):
-        b = batch[src[e]]
-        if batch[dst[e]] != b or b < prev:
+        b = rank[src[e]]
+        if rank[dst[e]] != b or b < prev:
             return none, none
         prev = b
         edge_ptr[b + 1] += 1

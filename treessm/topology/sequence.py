@@ -30,9 +30,10 @@ from torch import Tensor
 
 from .._checks import check_device, check_int, check_number
 from ..tree import Tree
-from .base import Candidates, Topology, check_features, empty_forest
+from .base import Candidates, Topology, check_features
 from .distance import EPS, Distance, check_distance, scale_by_power_of_two
 from .euler_tour import spanning_tree_on_device
+from .layout import empty_forest
 
 __all__ = ["SequenceTopology", "GrootLTopology", "CausalSequenceTopology", "sequence_edges",
            "grootl_edges", "causal_parents", "causal_forest", "chain_tree", "TIE_RTOL"]
