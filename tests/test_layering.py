@@ -9,6 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "treessm"
 LAYERS = {"_checks": 0, "tree": 0, "typing": 0, "ops": 1, "topology": 2, "nn": 3, "transforms": 3,
+          "datasets": 3,
           "models": 4, "integrations": 5, "examples": 6}
 
 

@@ -2,7 +2,8 @@
 from .grootl import GrootLMixer
 from .layers import DropPath, LayerNorm2d, Mlp, drop_path
 from .tree_ssm import SelectiveTreeSSM, TreeSSM, raster_tree
+from .tree_gps import TreeGPSConv, local_conv
 from .tree_ssm_conv import TreeSSMConv
 
-__all__ = ["TreeSSM", "TreeSSMConv", "GrootLMixer", "SelectiveTreeSSM", "raster_tree",
-           "DropPath", "drop_path", "LayerNorm2d", "Mlp"]
+__all__ = ["TreeSSM", "TreeSSMConv", "TreeGPSConv", "local_conv", "GrootLMixer",
+           "SelectiveTreeSSM", "raster_tree", "DropPath", "drop_path", "LayerNorm2d", "Mlp"]

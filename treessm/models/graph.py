@@ -1,0 +1,150 @@
+r"""Graph models for node and graph classification: an encoder, a stack of blocks
+(:class:`~treessm.nn.TreeGPSConv` by default), optional pooling and a head."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import Linear
+from torch_geometric.nn.resolver import aggregation_resolver
+
+from .._checks import check_choice, check_int, check_number
+from ..nn.tree_gps import TreeGPSConv
+
+__all__ = ["GraphNet", "node_classifier", "graph_classifier", "POOLS"]
+
+POOLS = ("mean", "sum", "max")
+
+
+class GraphNet(nn.Module):
+    r"""Encoder, ``num_layers`` blocks, optional pooling and a head.
+
+    .. math::
+        h^{(0)} = \mathrm{Enc}(\mathrm{Dropout}(x)), \quad
+        h^{(l)} = \mathrm{Block}_l(h^{(l-1)}, G), \quad
+        y = \mathrm{Head}(\mathrm{Dropout}(\mathrm{Pool}(h^{(L)})))
+
+    Every block is called as ``block(h, edge_index, batch=batch)`` (plus
+    ``edge_attr=edge_attr`` when edge features are given), the convention of
+    :class:`~treessm.nn.TreeGPSConv` and PyG's :class:`~torch_geometric.nn.conv.GPSConv`.
+    Without pooling the model classifies nodes (head: one linear layer), with pooling
+    graphs (head: a two-layer MLP).
+
+    Args:
+        in_channels (int): input features (``-1``: inferred on the first call).
+        hidden_channels (int): width of the blocks.
+        out_channels (int): classes.
+        num_layers (int): blocks.
+        block (callable): ``block(hidden_channels) -> Module``.
+            (default: :class:`~treessm.nn.TreeGPSConv` with its defaults)
+        pool (str, optional): ``"mean"``, ``"sum"`` or ``"max"`` over each graph of
+            ``batch``; ``None`` for node outputs. (default: ``None``)
+        encoder (torch.nn.Module, optional): maps ``x`` to ``hidden_channels``, e.g. an
+            embedding of categorical features. (default: a linear layer)
+        dropout (float): dropout on the input features and before the head. (default:
+            ``0.0``)
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices
+          :math:`(2, |\mathcal{E}|)`, edge features (optional), batch vector
+          :math:`(|\mathcal{V}|)` (optional; needed for pooling over several graphs)
+        - **output:** :math:`(|\mathcal{V}|, \mathrm{out})`, or :math:`(B, \mathrm{out})`
+          with pooling
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int,
+                 num_layers: int, block: Optional[Callable[[int], nn.Module]] = None,
+                 pool: Optional[str] = None, encoder: Optional[nn.Module] = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        hidden_channels = check_int(hidden_channels, "hidden_channels", 1)
+        out_channels = check_int(out_channels, "out_channels", 1)
+        num_layers = check_int(num_layers, "num_layers", 0)
+        self.pool = None if pool is None else check_choice(pool, "pool", POOLS)
+        self.dropout = check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
+        self.encoder = encoder if encoder is not None else Linear(in_channels, hidden_channels)
+        block = block or TreeGPSConv
+        self.blocks = nn.ModuleList(block(hidden_channels) for _ in range(num_layers))
+        self.readout = None if pool is None else aggregation_resolver(pool)
+        self.head = (nn.Linear(hidden_channels, out_channels) if pool is None else
+                     nn.Sequential(nn.Linear(hidden_channels, hidden_channels), nn.ReLU(),
+                                   nn.Linear(hidden_channels, out_channels)))
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index, edge_attr: Optional[Tensor] = None,
+                batch: Optional[Tensor] = None) -> Tensor:
+        h = self.encoder(F.dropout(x, self.dropout, self.training) if x.is_floating_point()
+                         else x)
+        extra = {} if edge_attr is None else {"edge_attr": edge_attr}
+        for block in self.blocks:
+            h = block(h, edge_index, batch=batch, **extra)
+        if self.readout is not None:
+            h = self.readout(h, batch)
+        return self.head(F.dropout(h, self.dropout, self.training))
+
+
+def _tree_blocks(conv, d_state, d_inner, dropout, norm, edge_dim, mixer_kwargs):
+    def block(channels: int) -> TreeGPSConv:
+        return TreeGPSConv(channels, conv=conv, d_state=d_state, d_inner=d_inner,
+                           dropout=dropout, norm=norm, edge_dim=edge_dim,
+                           mixer_kwargs=mixer_kwargs)
+    return block
+
+
+def node_classifier(in_channels: int, num_classes: int, hidden_channels: int = 64,
+                    num_layers: int = 2, conv: Union[str, None] = "gcn", d_state: int = 4,
+                    d_inner: Optional[int] = None, dropout: float = 0.5,
+                    block_dropout: float = 0.0, norm: Optional[str] = "batch_norm",
+                    edge_dim: Optional[int] = None, mixer_kwargs: Optional[dict] = None,
+                    encoder: Optional[nn.Module] = None) -> GraphNet:
+    """A node classifier of :class:`~treessm.nn.TreeGPSConv` blocks (:class:`GraphNet`).
+
+    Args:
+        in_channels (int): input features (``-1``: lazy).
+        num_classes (int): classes.
+        hidden_channels (int): width. (default: ``64``)
+        num_layers (int): blocks. (default: ``2``)
+        conv (str, optional): local layer of each block (:func:`~treessm.nn.local_conv`;
+            ``None``: the tree scan alone). (default: ``"gcn"``)
+        d_state (int), d_inner (int, optional): the tree scan's state size and inner width.
+            (default: ``4``, ``hidden_channels``)
+        dropout (float): on the input features and before the head. (default: ``0.5``)
+        block_dropout (float): inside the blocks. (default: ``0.0``)
+        norm (str, optional): the blocks' normalisation. (default: ``"batch_norm"``)
+        edge_dim (int, optional): edge-feature width for GAT/GINE. (default: ``None``)
+        mixer_kwargs (dict, optional): further :class:`~treessm.nn.TreeSSMConv` arguments.
+            (default: ``None``)
+        encoder (torch.nn.Module, optional): replaces the linear encoder. (default:
+            ``None``)
+
+    Example:
+        >>> model = node_classifier(1433, 7)       # Cora
+        >>> out = model(data.x, data.edge_index)  # [2708, 7]
+    """
+    return GraphNet(in_channels, hidden_channels, num_classes, num_layers,
+                    _tree_blocks(conv, d_state, d_inner, block_dropout, norm, edge_dim,
+                                 mixer_kwargs), encoder=encoder, dropout=dropout)
+
+
+def graph_classifier(in_channels: int, num_classes: int, hidden_channels: int = 64,
+                     num_layers: int = 4, conv: Union[str, None] = "gin", pool: str = "mean",
+                     d_state: int = 4, d_inner: Optional[int] = None, dropout: float = 0.0,
+                     block_dropout: float = 0.0, norm: Optional[str] = "batch_norm",
+                     edge_dim: Optional[int] = None, mixer_kwargs: Optional[dict] = None,
+                     encoder: Optional[nn.Module] = None) -> GraphNet:
+    """A graph classifier of :class:`~treessm.nn.TreeGPSConv` blocks, pooled per graph
+    (:class:`GraphNet`); arguments as :func:`node_classifier`, plus ``pool`` (``"mean"``,
+    ``"sum"`` or ``"max"``; default ``"mean"``), and the local layer defaults to GIN.
+
+    Example:
+        >>> model = graph_classifier(7, 2)                             # MUTAG
+        >>> out = model(batch.x, batch.edge_index, batch=batch.batch)  # [num_graphs, 2]
+    """
+    return GraphNet(in_channels, hidden_channels, num_classes, num_layers,
+                    _tree_blocks(conv, d_state, d_inner, block_dropout, norm, edge_dim,
+                                 mixer_kwargs), pool=pool, encoder=encoder, dropout=dropout)
