@@ -1,13 +1,22 @@
 """Shared test set-up: the dense oracle is importable as ``oracle``; ``slow`` tests run only
 with ``--runslow`` (or TREESSM_RUN_SLOW=1); ``cuda_ops`` is ``torch.ops.treessm`` with the
-CUDA extension loaded (the test is skipped when it cannot be)."""
+CUDA extension loaded (the test is skipped when it cannot be); hypothesis profiles."""
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Property tests: a bounded, reproducible set of examples by default (the same in every
+# run, so the suite keeps its time and never flickers); HYPOTHESIS_PROFILE=explore draws
+# many more, new ones each run.
+settings.register_profile("default", max_examples=40, deadline=None, derandomize=True,
+                          print_blob=True)
+settings.register_profile("explore", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_addoption(parser):

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 __all__ = ["ancestors", "lowest_common_ancestors", "transfer_matrix", "dense_tree_scan",
-           "kruskal_parents", "random_forest", "chain", "star", "single_vertex", "empty",
+           "kruskal_mask", "kruskal_parents", "random_forest", "chain", "star", "single_vertex", "empty",
            "all_roots"]
 
 
@@ -108,6 +108,28 @@ def dense_tree_scan(x: torch.Tensor, weight: torch.Tensor, parent, direction: st
 
 
 # ---------------------------------------------------------------------------- forests
+def kruskal_mask(edge_index, weight, num_nodes: int) -> torch.Tensor:
+    """Mask of the minimum spanning forest's edges by plain Kruskal: edges in ascending
+    ``(weight, index)`` order (so ties go to the lower index and ``-0.0`` ties ``0.0``),
+    each kept when it joins two components of a union-find without tricks."""
+    ei = edge_index.tolist()
+    w = weight.double().tolist()
+    comp = list(range(num_nodes))
+
+    def find(v):
+        while comp[v] != v:
+            v = comp[v]
+        return v
+
+    mask = [False] * len(w)
+    for e in sorted(range(len(w)), key=lambda e: (w[e], e)):
+        a, b = find(ei[0][e]), find(ei[1][e])
+        if a != b:
+            comp[a] = b
+            mask[e] = True
+    return torch.tensor(mask, dtype=torch.bool)
+
+
 def kruskal_parents(num_nodes: int, pairs, cost, root: int) -> List[int]:
     """Parent list of the minimum spanning tree of ``pairs`` (``cost(s, t)`` per pair,
     Kruskal in sorted order, a plain union-find), walked from ``root``; vertices outside

@@ -1,6 +1,6 @@
 """Device-side tree construction against independent oracles.
 
-Oracles: Kruskal with a union-find written here (edges sorted by ``(cost, index)``),
+Oracles: the plain Kruskal of tests/oracle.py (edges sorted by ``(cost, index)``),
 scipy's minimum spanning tree weight, a breadth-first rooting written here, and
 ``Tree.from_parent`` for the plan.
 """
@@ -13,6 +13,7 @@ import scipy.sparse.csgraph
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from oracle import kruskal_mask
 from treessm import Tree
 from treessm.topology import boruvka
 from treessm.topology.boruvka import spanning_forest
@@ -30,26 +31,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 # ---------------------------------------------------------------------------- oracles
-def kruskal(edge_index, cost, n):
-    ei = edge_index.tolist()
-    c = cost.double().tolist()
-    uf = list(range(n))
-
-    def find(x):
-        while uf[x] != x:
-            uf[x] = uf[uf[x]]
-            x = uf[x]
-        return x
-
-    mask = [False] * len(c)
-    for e in sorted(range(len(c)), key=lambda e: (c[e], e)):
-        a, b = find(ei[0][e]), find(ei[1][e])
-        if a != b:
-            uf[max(a, b)] = min(a, b)
-            mask[e] = True
-    return torch.tensor(mask, dtype=torch.bool)
-
-
 def root_oracle(edge_index, mask, n, roots=None):
     """Parent array: each component rooted at its lowest listed root, else lowest vertex."""
     adj = [[] for _ in range(n)]
@@ -150,7 +131,7 @@ def test_spanning_forest_matches_kruskal(device, dtype, ties):
         cost = (cost * 4).to(dtype) if dtype == torch.int64 else cost.to(dtype)
         got = spanning_forest(ei.to(device), cost.to(device), n)
         assert got.device.type == device
-        assert torch.equal(got.cpu(), kruskal(ei, cost, n))
+        assert torch.equal(got.cpu(), kruskal_mask(ei, cost, n))
 
 
 def test_spanning_forest_total_weight_matches_scipy():
@@ -181,7 +162,7 @@ def test_spanning_forest_size_bound_and_adversarial_hooks():
     # a batch of grids, solved with the component bound H*W, equals the unbounded solve
     ei = grid_edges(3, 9, 11, 8)
     cost = torch.rand(ei.shape[1], generator=torch.Generator().manual_seed(3))
-    ref = kruskal(ei, cost, 3 * 99)
+    ref = kruskal_mask(ei, cost, 3 * 99)
     assert torch.equal(spanning_forest(ei, cost, 3 * 99, max_tree_size=99), ref)
     assert torch.equal(spanning_forest(ei, cost, 3 * 99), ref)
 
@@ -221,7 +202,7 @@ def test_build_tree_grids(device, connectivity, known_trees):
                       num_trees=b if known_trees else None,
                       max_tree_size=h * w if known_trees else None)
     assert tree.device.type == device
-    parent = root_oracle(ei, kruskal(ei, cost, n), n, roots)
+    parent = root_oracle(ei, kruskal_mask(ei, cost, n), n, roots)
     assert_same_tree(tree, Tree.from_parent(parent, batch), batch)
     assert tree.roots.tolist() == roots.tolist()
 
@@ -236,7 +217,7 @@ def test_build_tree_many_components(device):
         # several preferred roots, some sharing a component (the lowest of them wins)
         roots = torch.randint(0, n, (int(torch.randint(0, 6, (1,), generator=gen)),),
                               generator=gen)
-        mask = kruskal(ei, cost, n)
+        mask = kruskal_mask(ei, cost, n)
         parent = root_oracle(ei, mask, n, roots)
         ref = Tree.from_parent(parent)
         tree = build_tree(ei.to(device), cost.to(device), n, roots.to(device))
@@ -287,7 +268,7 @@ def test_build_tree_matches_cpu_rooting():
     ei = grid_edges(3, 6, 7, 4)
     cost = torch.rand(ei.shape[1], generator=gen)
     roots = torch.tensor([3, 42 + 20, 84 + 41])
-    mask = kruskal(ei, cost, 126)
+    mask = kruskal_mask(ei, cost, 126)
     parent = rooting.root_forest(ei[:, mask], 126, roots)
     assert_same_tree(build_tree(ei, cost, 126, roots, num_trees=3), Tree.from_parent(parent))
 

@@ -1,4 +1,4 @@
-"""minimum_spanning_tree against scipy and a plain Kruskal written here."""
+"""minimum_spanning_tree against scipy and the plain Kruskal of tests/oracle.py."""
 import multiprocessing
 
 import numba
@@ -9,27 +9,8 @@ import scipy.sparse.csgraph
 import torch
 
 import treessm
+from oracle import kruskal_mask
 from treessm import GraphTopology, minimum_spanning_tree
-
-
-def kruskal(edge_index, weight, n):
-    """Plain Kruskal: edges sorted by (weight, index), union-find without tricks."""
-    ei = edge_index.tolist()
-    w = weight.double().tolist()
-    label = list(range(n))
-
-    def find(x):
-        while label[x] != x:
-            x = label[x]
-        return x
-
-    mask = [False] * len(w)
-    for e in sorted(range(len(w)), key=lambda e: (w[e], e)):
-        a, b = find(ei[0][e]), find(ei[1][e])
-        if a != b:
-            label[a] = b
-            mask[e] = True
-    return torch.tensor(mask, dtype=torch.bool)
 
 
 def random_simple_graph(rng, n, m):
@@ -138,7 +119,7 @@ def test_ties_duplicates_and_loops_match_plain_kruskal(seed):
     m = int(rng.integers(0, 150))
     ei = torch.from_numpy(rng.integers(0, n, (2, m)))  # loops and repeats allowed
     w = torch.from_numpy(rng.integers(-2, 3, m).astype(np.float32))  # many ties
-    assert torch.equal(minimum_spanning_tree(ei, w, n), kruskal(ei, w, n))
+    assert torch.equal(minimum_spanning_tree(ei, w, n), kruskal_mask(ei, w, n))
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
@@ -149,7 +130,7 @@ def test_dtypes(index_dtype, weight_dtype):
     n, m = 30, 90
     ei = torch.from_numpy(rng.integers(0, n, (2, m))).to(index_dtype)
     w = torch.from_numpy(rng.normal(size=m)).to(weight_dtype)
-    assert torch.equal(minimum_spanning_tree(ei, w, n), kruskal(ei.long(), w, n))
+    assert torch.equal(minimum_spanning_tree(ei, w, n), kruskal_mask(ei.long(), w, n))
 
 
 def test_disconnected_batch_hint_gives_same_forest():
@@ -164,12 +145,12 @@ def test_disconnected_batch_hint_gives_same_forest():
     n = offset
     batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     w = torch.from_numpy(rng.integers(0, 4, ei.shape[1]).astype(np.float64))
-    expected = kruskal(ei, w, n)
+    expected = kruskal_mask(ei, w, n)
     assert torch.equal(minimum_spanning_tree(ei, w, n, batch=batch), expected)
     # a batch that does not split the edges is only a hint: same answer
     perm = torch.from_numpy(rng.permutation(ei.shape[1]))
     assert torch.equal(minimum_spanning_tree(ei[:, perm], w[perm], n, batch=batch),
-                       kruskal(ei[:, perm], w[perm], n))
+                       kruskal_mask(ei[:, perm], w[perm], n))
 
 
 @pytest.mark.parametrize("gap", [10 ** 8, 10 ** 12, 2 ** 62])
@@ -246,7 +227,7 @@ def _child_mst(seed):
                                           for b in range(8)], 1))
     w = torch.from_numpy(rng.random(ei.shape[1]))
     batch = torch.repeat_interleave(torch.arange(8), 10)  # eight segments: helpers are used
-    return minimum_spanning_tree(ei, w, 80, batch=batch).tolist() == kruskal(ei, w, 80).tolist()
+    return minimum_spanning_tree(ei, w, 80, batch=batch).tolist() == kruskal_mask(ei, w, 80).tolist()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
