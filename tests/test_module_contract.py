@@ -13,9 +13,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import treessm
-from treessm.models import GrootV, GrootVBlock, GrootVMixer, GrootVStage
-from treessm.nn import (DropPath, GrootLMixer, LayerNorm2d, Mlp, SelectiveTreeSSM, TreeSSM,
-                        TreeSSMConv)
+from treessm.models import GrootV, GrootVBlock, GrootVMixer, GrootVStage, node_classifier
+from treessm.nn import (DropPath, GrootLMixer, LayerNorm2d, Mlp, SelectiveTreeSSM, TreeGPSConv,
+                        TreeSSM, TreeSSMConv)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,6 +35,8 @@ CASES = {
     "TreeSSM": (lambda: TreeSSM(8, d_state=2), lambda: (_image(),)),
     "TreeSSM-raster": (lambda: TreeSSM(8, scan="raster"), lambda: (_image(),)),
     "TreeSSMConv": (lambda: TreeSSMConv(8, 6, d_state=2), lambda: _graph()),
+    "TreeGPSConv": (lambda: TreeGPSConv(8, conv="sage", d_state=2), lambda: _graph()),
+    "GraphNet": (lambda: node_classifier(8, 3, hidden_channels=8, d_state=2), lambda: _graph()),
     "GrootLMixer-chain": (lambda: GrootLMixer(8, state_size=4),
                           lambda: (_image(2, 9, 1).reshape(2, 9, 8),)),
     "GrootLMixer-causal": (lambda: GrootLMixer(8, state_size=4, mode="causal", k=3),
