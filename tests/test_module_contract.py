@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import treessm
-from treessm.models import GrootV, GrootVBlock, GrootVMixer, GrootVStage, node_classifier
+from treessm.models import GrootV, GrootVBlock, GrootVStage, node_classifier
 from treessm.nn import (DropPath, GrootLMixer, LayerNorm2d, Mlp, SelectiveTreeSSM, TreeGPSConv,
                         TreeSSM, TreeSSMConv)
 
@@ -46,7 +46,6 @@ CASES = {
     "DropPath": (lambda: DropPath(0.5), lambda: (_image(),)),
     "LayerNorm2d": (lambda: LayerNorm2d(5), lambda: (_image(2, 5, 3, 4),)),
     "Mlp": (lambda: Mlp(8, 16), lambda: (_image(),)),
-    "GrootVMixer": (lambda: GrootVMixer(8), lambda: (_image(),)),
     "GrootVBlock": (lambda: GrootVBlock(8), lambda: (_image(),)),
     "GrootVStage": (lambda: GrootVStage(8, 16, 2, shared_tree=True), lambda: (_image(),)),
     "GrootV": (lambda: GrootV(num_classes=5, dims=(8, 16), depths=(1, 1)),

@@ -98,7 +98,7 @@ def cuda_extension_error() -> Optional[BaseException]:
 
 def _ops_present() -> bool:
     try:
-        torch.ops.treessm.cuda_scan_forward  # noqa: B018
+        torch.ops.treessm.cuda_tree_scan  # noqa: B018
         return True
     except (AttributeError, RuntimeError):
         return False

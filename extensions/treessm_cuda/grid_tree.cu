@@ -3,7 +3,7 @@
 //
 // cuda_grid_tree(cost, B, H, W, connectivity, threads, solo) builds, for B images of H x W pixels, the
 // minimum spanning tree of each image's 4- or 8-neighbour grid under the costs (ties to the
-// lower candidate index), rooted at the centre pixel (H/2, W/2), with its breadth-first
+// lower candidate index), rooted at the first pixel (0, 0), with its breadth-first
 // layout and level plan: the tensors of Tree.from_parent(parent) and
 // treessm.ops.plan.level_plan. threads: per image block (a multiple of 32 up to 1024, or 0
 // for about one per two pixels); solo: levels up to this wide run on one warp without a

@@ -8,7 +8,7 @@
 //    Each round, every component finds its lightest outgoing edge (atomicMin of a packed
 //    key), hooks onto the component at the other end (of two components that picked the
 //    same edge the lower id stays the root) and pointer jumping flattens the labels.
-// 2. Breadth-first search from the centre pixel (H/2, W/2), one level at a time. The
+// 2. Breadth-first search from the first pixel (0, 0), one level at a time. The
 //    children of a vertex are its tree neighbours in ascending id; a block-wide exclusive
 //    scan of the children counts, in position order, places them. Narrow levels (most of
 //    them: minimum spanning trees of images are long and thin) are run by warp 0 alone,
@@ -324,7 +324,7 @@ grid_tree_kernel(const T* __restrict__ cost, const int H, const int W, const int
   int* wsum = misc;                           // [32] warp totals
   int* state = misc + 32;                     // [3] solo phase hand-over
   int* level_start = o.level_start + base;
-  const int root = (H / 2) * W + W / 2;
+  const int root = 0;  // the first pixel
   if (tid == 0) {
     q[0] = root;
     par[root] = -1;

@@ -11,11 +11,10 @@ namespace treessm_cuda {
 
 constexpr int kMaxPhases = 32;  // treessm.ops.plan.MAX_PHASES: phases of a tree below 2^31 vertices
 
-// One position: its vertex, its parent's position (-1 at a root), its first light child's
-// position (-1 if none), and where its light children start in the light list (they end
-// where those of position k + 1 start; position N is a sentinel {-1, -1, -1, end}).
+// One position: its vertex, its parent's position (-1 at a root) and the range of its light
+// children in the light list; position N is a sentinel {-1, -1, N, N}.
 struct alignas(16) PathRec {
-  int v, parent, light0, light_start;
+  int v, parent, light_start, light_end;
 };
 
 }  // namespace treessm_cuda

@@ -1,5 +1,5 @@
 // Host side of the heavy-path plan: torch.ops.treessm.cuda_path_plan(order, child_ptr,
-// tree_ptr, depth, parent_pos) -> (rec, light, path_ptr, phase_path), the tensors of
+// tree_ptr, depth, parent_pos) -> (rec, light, slot, path_ptr, phase_path), the tensors of
 // treessm/path_plan.py built by one block per tree (path_plan_kernels.cuh). Nothing here
 // waits for the device.
 #include <ATen/ATen.h>
@@ -24,7 +24,7 @@ void check_layout(const at::Tensor& t, const char* name, int64_t n, const at::Te
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_plan(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_plan(
     const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& tree_ptr,
     const at::Tensor& depth, const at::Tensor& parent_pos) {
   TORCH_CHECK(order.is_cuda() && order.dim() == 1, "order must be a 1-D CUDA tensor");
@@ -40,13 +40,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_plan(
   const auto opts = order.options().dtype(at::kInt);
   at::Tensor rec = at::empty({N + 1, 4}, opts);
   at::Tensor light = at::empty({N}, opts);
+  at::Tensor slot = at::empty({N}, opts);
   at::Tensor path_ptr = at::empty({N + 1}, opts);
   at::Tensor phase_path = at::empty({T, kMaxPhases + 1}, opts);
   if (T <= 0) {
     rec.fill_(-1);
+    rec.select(1, 2).fill_(N);
     rec.select(1, 3).fill_(N);
     path_ptr.fill_(N);
-    return {rec, light, path_ptr, phase_path};
+    return {rec, light, slot, path_ptr, phase_path};
   }
   const c10::cuda::CUDAGuard guard(order.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -59,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_plan(
   a.parent_pos = parent_pos.data_ptr<int64_t>();
   a.rec = reinterpret_cast<PathRec*>(rec.data_ptr<int>());
   a.light = light.data_ptr<int>();
+  a.slot = slot.data_ptr<int>();
   a.path_ptr = path_ptr.data_ptr<int>();
   a.phase_path = phase_path.data_ptr<int>();
   a.work = reinterpret_cast<unsigned*>(work.data_ptr<int>());
@@ -71,13 +74,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_plan(
   TORCH_CHECK(T <= 2147483647LL, "too many trees for one launch: ", T);
   path_plan_kernel<<<static_cast<unsigned>(T), threads, kPathPlanSmem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {rec, light, path_ptr, phase_path};
+  return {rec, light, slot, path_ptr, phase_path};
 }
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_path_plan(Tensor order, Tensor child_ptr, Tensor tree_ptr, Tensor depth, "
-      "Tensor parent_pos) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor parent_pos) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) { m.impl("cuda_path_plan", &path_plan); }

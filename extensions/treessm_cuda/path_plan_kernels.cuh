@@ -12,7 +12,7 @@
 //   3. phase (light edges above) and path head by doubling towards the root;
 //   4. layout: per phase, a block-wide prefix sum over the heads (in position order) of
 //      their path lengths places every path; light children are placed by a prefix sum of
-//      their counts over path indices.
+//      their counts over positions, and each light child records its slot among them.
 // The work arrays live in a global workspace (a tree's part is touched by its block only),
 // and __syncthreads orders the steps.
 #pragma once
@@ -33,6 +33,7 @@ struct PathPlanArgs {
   const int64_t* parent_pos;  // [N]
   PathRec* rec;               // [N + 1]
   int* light;                 // [N]
+  int* slot;                  // [N]
   int* path_ptr;              // [N + 1]
   int* phase_path;            // [T][kMaxPhases + 1]
   unsigned* work;             // 4 * (N + T) + 9 * N words
@@ -83,7 +84,7 @@ __global__ void path_plan_kernel(const PathPlanArgs a) {
   const int n = static_cast<int>(a.tree_ptr[t + 1] - ts);
   const int64_t N = a.N;
   if (t == a.T - 1 && tid == 0) {
-    a.rec[N] = PathRec{-1, -1, -1, static_cast<int>(N)};
+    a.rec[N] = PathRec{-1, -1, static_cast<int>(N), static_cast<int>(N)};
     a.path_ptr[N] = static_cast<int>(N);
   }
   if (n <= 0) return;  // block-uniform
@@ -228,23 +229,25 @@ __global__ void path_plan_kernel(const PathPlanArgs a) {
     lbase += tot;
   }
   __syncthreads();
-  // 8. records and light lists
+  // 8. records, light lists and the slot of every light child in them
+  for (int k = tid; k < n; k += nt) a.slot[base + k] = -1;
+  __syncthreads();
   for (int i = tid; i < n; i += nt) {
     const int k = kpos[i];
     const int p = par(i);
-    const int ls = Pn[k];
+    const int ls = base + Pn[k];
     const int h = heavy[i];
     const int c1 = cend(i);
-    int first = -1, r = 0;
+    int r = 0;
     for (int c = cstart(i); c < c1; ++c) {
       if (c == h) continue;
       const int kc = base + kpos[c];
-      if (first < 0) first = kc;
-      a.light[base + ls + r] = kc;
+      a.light[ls + r] = kc;
+      a.slot[kc] = ls + r;
       ++r;
     }
-    a.rec[base + k] = PathRec{static_cast<int>(a.order[ts + i]), p >= 0 ? base + kpos[p] : -1, first,
-                              base + ls};
+    a.rec[base + k] = PathRec{static_cast<int>(a.order[ts + i]), p >= 0 ? base + kpos[p] : -1, ls,
+                              ls + r};
   }
   for (int m = (npaths > 0 ? npaths - 1 : 0) + tid; m < n; m += nt) a.light[base + m] = -1;
 }

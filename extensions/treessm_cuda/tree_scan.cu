@@ -4,9 +4,10 @@
 //                                    eager path of treessm.tree_scan)
 //   torch.ops.treessm.cuda_device_limits
 // The schedule and the launch parameters are arguments, chosen by treessm/ops/plan.py; the
-// four plan tensors are, for "trees", the layout's records, light list, path bounds and
-// phase bounds per tree (treessm.ops.plan.PathPlan); for "phases", the phase-major records,
-// light list and the positions where each phase starts, on the device and on the host.
+// five plan tensors are, for "trees", the layout's records, light list, slots, path bounds
+// and phase bounds per tree (treessm.ops.plan.PathPlan); for "phases", the phase-major
+// records, light list, slots and the positions where each phase starts, on the device and
+// on the host (treessm.ops.plan.PhasePlan).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -57,19 +58,21 @@ int vec_width(int64_t C, int elem_size, std::initializer_list<const at::Tensor*>
   return vec;
 }
 
-// Block shape: `row_bytes` of channels per block (G threads of V channels per position, G a
-// power of two up to 8, fewer when the channels are fewer), kLanes * G threads.
+// Block shape: `row_bytes` of channels per block (G threads of V channels per position, G
+// one or two, one when the channels are few), kLanes * G threads (the kernels' launch bounds).
+constexpr int kMaxLpv = 2;
+
 struct Shape {
   int vec, lpv, threads;
   int64_t groups;
 };
 
 Shape launch_shape(int64_t C, int elem_size, int vec, int64_t row_bytes) {
-  TORCH_CHECK(row_bytes >= elem_size && row_bytes <= 8 * 16, "row_bytes must lie in [",
-              elem_size, ", 128], got ", row_bytes);
+  TORCH_CHECK(row_bytes >= elem_size && row_bytes <= 512, "row_bytes must lie in [",
+              elem_size, ", 512], got ", row_bytes);
   const int64_t lanes = C / vec;
   int lpv = static_cast<int>(row_bytes / (vec * elem_size));
-  if (lpv > 8) lpv = 8;
+  if (lpv > kMaxLpv) lpv = kMaxLpv;
   if (lpv < 1) lpv = 1;
   while (lpv & (lpv - 1)) lpv &= lpv - 1;
   while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
@@ -87,9 +90,11 @@ T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-// The tensors of one pass by role (ScanIO); undefined tensors give null pointers.
+// The tensors of one pass by role (ScanIO); undefined tensors give null pointers. `acc()`
+// makes an accumulator-typed [N, C] buffer.
 struct Io {
-  at::Tensor in0, in1, w, h, out, gw, up0, up1, loc0, loc1, br0, br1, val;
+  at::Tensor in0, in1, w, h, out, gw;
+  at::Tensor up[2], loc[2], share[2], contrib[2], br[2], val;
   ScanIO get() const {
     ScanIO io;
     io.in[0] = ptr<void>(in0);
@@ -98,32 +103,51 @@ struct Io {
     io.h = ptr<void>(h);
     io.out = ptr<void>(out);
     io.gw = ptr<void>(gw);
-    io.up[0] = ptr<void>(up0);
-    io.up[1] = ptr<void>(up1);
-    io.loc[0] = ptr<void>(loc0);
-    io.loc[1] = ptr<void>(loc1);
-    io.br[0] = ptr<void>(br0);
-    io.br[1] = ptr<void>(br1);
+    for (int s = 0; s < 2; ++s) {
+      io.up[s] = ptr<void>(up[s]);
+      io.loc[s] = ptr<void>(loc[s]);
+      io.share[s] = ptr<void>(share[s]);
+      io.contrib[s] = ptr<void>(contrib[s]);
+      io.br[s] = ptr<void>(br[s]);
+    }
     io.val = ptr<void>(val);
     return io;
+  }
+  // the buffers of an up pass that a both pass reads, for `streams` streams
+  template <typename Acc>
+  void up_buffers(int streams, Acc&& acc) {
+    for (int s = 0; s < streams; ++s) {
+      up[s] = acc();
+      loc[s] = acc();
+      share[s] = acc();
+      contrib[s] = acc();
+    }
   }
 };
 
 template <int M> using Mode = std::integral_constant<int, M>;
 
-// The passes of each direction. `pass(Mode<M>{}, io)` runs one pass; `acc()` makes an
-// accumulator-typed [N, C] buffer by position.
+// The passes of each direction. `pass(Mode<M>{}, io)` runs one pass.
 template <typename Pass, typename Acc>
 void forward_passes(int dir, const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
                     Pass&& pass, Acc&& acc) {
+  Io io;
+  io.in0 = x;
+  io.w = w;
   if (dir == 1) {
-    pass(Mode<M_UP>{}, Io{x, {}, w, {}, out, {}, acc(), {}, {}, {}, {}, {}, {}});
+    io.out = out;
+    io.contrib[0] = acc();
+    pass(Mode<M_UP>{}, io);
   } else if (dir == 2) {
-    pass(Mode<M_DOWN>{}, Io{x, {}, w, {}, out, {}, {}, {}, {}, {}, {}, {}, acc()});
+    io.out = out;
+    io.val = acc();
+    pass(Mode<M_DOWN>{}, io);
   } else {
-    const at::Tensor up = acc(), loc = acc();
-    pass(Mode<M_UP>{}, Io{x, {}, w, {}, {}, {}, up, {}, loc, {}, {}, {}, {}});
-    pass(Mode<M_BOTH>{}, Io{x, {}, w, {}, out, {}, up, {}, loc, {}, acc(), {}, {}});
+    io.up_buffers(1, acc);
+    pass(Mode<M_UP>{}, io);
+    io.out = out;
+    io.br[0] = acc();
+    pass(Mode<M_BOTH>{}, io);
   }
 }
 
@@ -131,14 +155,32 @@ template <typename Pass, typename Acc>
 void backward_passes(int dir, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                      const at::Tensor& h, const at::Tensor& gx, const at::Tensor& gw,
                      Pass&& pass, Acc&& acc) {
+  Io io;
+  io.w = w;
   if (dir == 1) {  // up: gx = down(g), gw = h[v] gx[p]
-    pass(Mode<M_DOWN_GW>{}, Io{g, {}, w, h, gx, gw, {}, {}, {}, {}, {}, {}, acc()});
+    io.in0 = g;
+    io.h = h;
+    io.out = gx;
+    io.gw = gw;
+    io.val = acc();
+    pass(Mode<M_DOWN_GW>{}, io);
   } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
-    pass(Mode<M_UP_GW>{}, Io{g, {}, w, h, gx, gw, acc(), {}, {}, {}, {}, {}, {}});
+    io.in0 = g;
+    io.h = h;
+    io.out = gx;
+    io.gw = gw;
+    io.contrib[0] = acc();
+    pass(Mode<M_UP_GW>{}, io);
   } else {  // both: up(x) and up(g) together, then gx = both(g) and gw from the brackets
-    const at::Tensor ux = acc(), ug = acc(), lx = acc(), lg = acc();
-    pass(Mode<M_UP2>{}, Io{x, g, w, {}, {}, {}, ux, ug, lx, lg, {}, {}, {}});
-    pass(Mode<M_BOTH2>{}, Io{x, g, w, {}, gx, gw, ux, ug, lx, lg, acc(), acc(), {}});
+    io.in0 = x;
+    io.in1 = g;
+    io.up_buffers(2, acc);
+    pass(Mode<M_UP2>{}, io);
+    io.out = gx;
+    io.gw = gw;
+    io.br[0] = acc();
+    io.br[1] = acc();
+    pass(Mode<M_BOTH2>{}, io);
   }
 }
 
@@ -172,10 +214,12 @@ void check_int_plan(const at::Tensor& t, const char* name, const at::Tensor& lik
 }
 
 struct Layout {
-  at::Tensor rec, light;
+  at::Tensor rec, light, slot;
   void check(int64_t N, const at::Tensor& like) const {
     check_int_plan(rec, "rec", like);
     check_int_plan(light, "light", like);
+    check_int_plan(slot, "slot", like);
+    TORCH_CHECK(slot.dim() == 1 && slot.size(0) == N, "slot must have N entries");
     TORCH_CHECK(rec.dim() == 2 && rec.size(0) == N + 1 && rec.size(1) == 4, "rec must be [N + 1, 4]");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(rec.data_ptr()) % 16 == 0, "rec must be 16-byte aligned");
     TORCH_CHECK(light.dim() == 1 && light.size(0) == N, "light must have N entries");
@@ -226,6 +270,7 @@ ScanArgs base_args(const Layout& lay, int64_t C, int lpv) {
   ScanArgs a{};
   a.rec = reinterpret_cast<const PathRec*>(lay.rec.data_ptr<int>());
   a.light = lay.light.data_ptr<int>();
+  a.slot = lay.slot.data_ptr<int>();
   a.C = C;
   a.lpv = lpv;
   return a;
@@ -253,7 +298,7 @@ void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io
   using Tr = ModeTraits<MODE>;
   ScanArgs a = base_args(pl.lay, C, L.lpv);
   a.io = io;
-  const int64_t chunk = static_cast<int64_t>(kLanes) * Tr::RMAX;
+  const int64_t chunk = static_cast<int64_t>(kLanes) * kRun;
   int64_t most = 1;
   for (int p = 0; p < kMaxPhases; ++p) {
     const int64_t n = (pl.bounds[p + 1] - pl.bounds[p] + chunk - 1) / chunk;
@@ -332,14 +377,15 @@ Launch check_launch(c10::string_view schedule, at::IntArrayRef launch) {
 // Runs `body(plan)` with the plan tensors of `schedule`, checked.
 template <typename Body>
 void with_plan(const at::Tensor& x, c10::string_view schedule, const at::Tensor& p0,
-               const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3, Body&& body) {
+               const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
+               const at::Tensor& p4, Body&& body) {
   const int64_t N = x.size(0);
   if (schedule == "trees") {
-    const Trees pl{{p0, p1}, p2, p3};
+    const Trees pl{{p0, p1, p2}, p3, p4};
     pl.check(N, x);
     body(pl);
   } else {
-    Phases pl{{p0, p1}, p2, p3, {}};
+    Phases pl{{p0, p1, p2}, p3, p4, {}};
     pl.check(N, x);
     body(pl);
   }
@@ -349,7 +395,7 @@ void with_plan(const at::Tensor& x, c10::string_view schedule, const at::Tensor&
 
 at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& p0,
                           const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
-                          c10::string_view schedule, at::IntArrayRef launch,
+                          const at::Tensor& p4, c10::string_view schedule, at::IntArrayRef launch,
                           c10::string_view direction) {
   const Launch la = check_launch(schedule, launch);
   check_x(x);
@@ -358,7 +404,7 @@ at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const a
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0 || x.size(1) == 0) return out;
   const int vec = vec_width(x.size(1), x.element_size(), {&x, &weight, &out});
-  with_plan(x, schedule, p0, p1, p2, p3, [&](const auto& pl) {
+  with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
     scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) { forward_passes(dir, x, weight, out, pass, acc); });
   });
   return out;
@@ -367,7 +413,8 @@ at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const a
 std::tuple<at::Tensor, at::Tensor> tree_scan_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     const at::Tensor& p0, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
-    c10::string_view schedule, at::IntArrayRef launch, c10::string_view direction) {
+    const at::Tensor& p4, c10::string_view schedule, at::IntArrayRef launch,
+    c10::string_view direction) {
   const Launch la = check_launch(schedule, launch);
   check_x(x);
   check_rows(weight, "weight", x);
@@ -378,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor> tree_scan_backward_cuda(
   at::Tensor gw = at::empty_like(x);
   if (x.size(0) == 0 || x.size(1) == 0) return {gx, gw};
   const int vec = vec_width(x.size(1), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
-  with_plan(x, schedule, p0, p1, p2, p3, [&](const auto& pl) {
+  with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
     scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) {
       backward_passes(dir, grad, x, weight, out, gx, gw, pass, acc);
     });
@@ -392,11 +439,12 @@ namespace {
 // fake kernels registered in Python.
 using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              c10::string_view, at::IntArrayRef, c10::string_view);
+                              const at::Tensor&, c10::string_view, at::IntArrayRef,
+                              c10::string_view);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, at::IntArrayRef,
-    c10::string_view);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+    at::IntArrayRef, c10::string_view);
 
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -416,11 +464,12 @@ class TreeScanFunction : public torch::autograd::Function<TreeScanFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& weight, const at::Tensor& p0, const at::Tensor& p1,
-                            const at::Tensor& p2, const at::Tensor& p3, c10::string_view schedule,
-                            at::IntArrayRef launch, c10::string_view direction) {
+                            const at::Tensor& p2, const at::Tensor& p3, const at::Tensor& p4,
+                            c10::string_view schedule, at::IntArrayRef launch,
+                            c10::string_view direction) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = forward_op().call(x, weight, p0, p1, p2, p3, schedule, launch, direction);
-    ctx->save_for_backward({x, weight, out, p0, p1, p2, p3});
+    at::Tensor out = forward_op().call(x, weight, p0, p1, p2, p3, p4, schedule, launch, direction);
+    ctx->save_for_backward({x, weight, out, p0, p1, p2, p3, p4});
     ctx->saved_data["schedule"] = std::string(schedule);
     ctx->saved_data["launch"] = launch.vec();
     ctx->saved_data["direction"] = std::string(direction);
@@ -432,17 +481,17 @@ class TreeScanFunction : public torch::autograd::Function<TreeScanFunction> {
     const auto s = ctx->get_saved_variables();
     const std::vector<int64_t> launch = ctx->saved_data["launch"].toIntVector();
     auto [gx, gw] = backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5],
-                                       s[6], ctx->saved_data["schedule"].toStringRef(), launch,
+                                       s[6], s[7], ctx->saved_data["schedule"].toStringRef(), launch,
                                        ctx->saved_data["direction"].toStringRef());
-    return {gx, gw, {}, {}, {}, {}, {}, {}, {}};
+    return {gx, gw, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
 at::Tensor tree_scan_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& p0,
                               const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
-                              c10::string_view schedule, at::IntArrayRef launch,
-                              c10::string_view direction) {
-  return TreeScanFunction::apply(x, weight, p0, p1, p2, p3, schedule, launch, direction);
+                              const at::Tensor& p4, c10::string_view schedule,
+                              at::IntArrayRef launch, c10::string_view direction) {
+  return TreeScanFunction::apply(x, weight, p0, p1, p2, p3, p4, schedule, launch, direction);
 }
 
 }  // namespace
@@ -458,10 +507,10 @@ std::vector<int64_t> device_limits(int64_t device) {
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_tree_scan(Tensor x, Tensor weight, Tensor p0, Tensor p1, Tensor p2, Tensor p3, "
-      "str schedule, int[] launch, str direction) -> Tensor");
+      "Tensor p4, str schedule, int[] launch, str direction) -> Tensor");
   m.def(
       "cuda_tree_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor p0, "
-      "Tensor p1, Tensor p2, Tensor p3, str schedule, int[] launch, str direction) -> "
+      "Tensor p1, Tensor p2, Tensor p3, Tensor p4, str schedule, int[] launch, str direction) -> "
       "(Tensor, Tensor)");
   m.def("cuda_device_limits(int device) -> int[]", &device_limits);
 }

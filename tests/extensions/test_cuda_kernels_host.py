@@ -40,7 +40,7 @@ def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95)):
         np.array([n, C, tree.num_trees, lpv], np.int64).tofile(f)
         for a in (x, w, gout):
             a.numpy().tofile(f)
-        for a in (*pp, ph.rec, ph.light, ph.phase_ptr):
+        for a in (*pp, ph.rec, ph.light, ph.slot, ph.phase_ptr):
             a.numpy().astype(np.int32).tofile(f)
     r = subprocess.run([str(harness), str(src), str(dst), schedule, str(vec)],
                        capture_output=True, text=True)
@@ -116,6 +116,8 @@ def test_phase_plan_is_a_relabelling_of_the_path_plan():
     pp, ph = path_plan(tree), phase_plan(tree)
     n = tree.num_nodes
     rec, prec = pp.rec.long(), ph.rec.long()
+    assert torch.equal(ph.light[ph.slot[ph.slot >= 0].long()].long(),
+                       torch.nonzero(ph.slot >= 0).squeeze(1))
     bounds = ph.phase_ptr.long()
     assert torch.equal(bounds, ph.phase_ptr_host) and int(bounds[-1]) == n
     assert bounds.shape == (MAX_PHASES + 1,)
@@ -137,7 +139,6 @@ def test_phase_plan_is_a_relabelling_of_the_path_plan():
     for k in range(n):
         v = int(prec[k, 0])
         ko = int(old_pos[v])
-        new_children = prec[ph.light[prec[k, 3]:prec[k + 1, 3]].long(), 0]
-        entries = pp.light[rec[ko, 3]:rec[ko + 1, 3]].long()
-        old_children = rec[entries[entries >= 0], 0]  # padding after a tree's last entry
+        new_children = prec[ph.light[prec[k, 2]:prec[k, 3]].long(), 0]
+        old_children = rec[pp.light[rec[ko, 2]:rec[ko, 3]].long(), 0]
         assert torch.equal(new_children, old_children)

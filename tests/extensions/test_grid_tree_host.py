@@ -1,6 +1,6 @@
 """The grid-tree kernels' own source, compiled for the host and run with one thread per CUDA
 thread, against the CPU construction (Kruskal in ``treessm.minimum_spanning_tree``,
-``root_forest`` at the centre pixel, ``Tree.from_parent`` and its level plan): catches
+``root_forest`` at the first pixel, ``Tree.from_parent`` and its level plan): catches
 indexing, tie-breaking and synchronisation mistakes in ``extensions/treessm_cuda`` on
 machines without a GPU."""
 import subprocess
@@ -34,7 +34,7 @@ def reference(cost, b, h, w, connectivity):
     n = b * h * w
     ei = torch.from_numpy(grid_edges(b, h, w, connectivity))
     mask = minimum_spanning_tree(ei, cost, n)
-    roots = torch.arange(b) * (h * w) + (h // 2) * w + w // 2
+    roots = torch.arange(b) * (h * w)
     tree = Tree.from_parent(root_forest(ei[:, mask], n, roots))
     level_pos, tree_level_ptr, parent_pos = level_plan(tree)[:3]
     return dict(parent=tree.parent, order=tree.order, child_ptr=tree.child_ptr,
@@ -76,19 +76,19 @@ def random_costs(gen, b, h, w, connectivity, ties, dtype=torch.float32):
 
 
 def test_by_hand(harness, tmp_path):
-    # 2 x 3, 4-neighbour: horizontal edges 0..3, vertical 4..6; the root is pixel (1, 1) = 4.
+    # 2 x 3, 4-neighbour: horizontal edges 0..3, vertical 4..6; the root is pixel (0, 0) = 0.
     # Equal costs: Kruskal takes 0, 1, 2, 3 (two rows) and then vertical 4 (column 0).
     cost = torch.ones(7)
     got = emulate(harness, tmp_path, cost, 1, 2, 3, 4)
-    assert got["parent"].tolist() == [3, 0, 1, 4, -1, 4]
-    assert got["order"].tolist() == [4, 3, 5, 0, 1, 2]
-    assert got["depth"].tolist() == [2, 3, 4, 1, 0, 1]
-    assert got["child_ptr"].tolist() == [1, 3, 4, 4, 5, 6, 6]
-    assert got["level_pos"].tolist() == [0, 1, 3, 4, 5, 6, 6]
-    assert got["tree_level_ptr"].tolist() == [0, 5]
-    assert got["parent_pos"].tolist() == [-1, 0, 0, 1, 3, 4]
+    assert got["parent"].tolist() == [-1, 0, 1, 0, 3, 4]
+    assert got["order"].tolist() == [0, 1, 3, 2, 4, 5]
+    assert got["depth"].tolist() == [0, 1, 2, 1, 2, 3]
+    assert got["child_ptr"].tolist() == [1, 3, 4, 5, 5, 6, 6]
+    assert got["level_pos"].tolist()[:5] == [0, 1, 3, 5, 6]
+    assert got["tree_level_ptr"].tolist() == [0, 4]
+    assert got["parent_pos"].tolist() == [-1, 0, 0, 1, 2, 4]
     # a cheaper vertical edge 6 ((0,2)-(1,2)) replaces the last horizontal edge of the
-    # bottom row's path through the top: 5 hangs from 2, not from 4
+    # bottom row: 5 hangs from 2, not from 4
     cost = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5])
     check(harness, tmp_path, cost, 1, 2, 3, 4)
 
@@ -124,11 +124,10 @@ def test_wide_levels_and_launch_shapes(harness, tmp_path):
     """Levels wider than the block (chunked scans) and than the solo width, levels on warp 0
     alone, several warps, and a level scan over more images than its block."""
     gen = torch.Generator().manual_seed(23)
-    # the centre row and every column: level k is the diamond |i - 18| + |j - 17| = k, up to
-    # 70 wide
-    b, h, w = 2, 36, 35
+    # the first row and every column: level k is the anti-diagonal i + j = k, up to 70 wide
+    b, h, w = 2, 72, 70
     horizontal = torch.ones(h, w - 1)
-    horizontal[h // 2] = 0.0
+    horizontal[0] = 0.0
     comb = torch.cat([horizontal.reshape(-1), torch.full(((h - 1) * w,), 0.5)]).repeat(b)
     widths = np.diff(reference(comb, b, h, w, 4)["level_pos"].numpy())
     assert widths.max() > 64

@@ -48,8 +48,8 @@ def test_plan_kernel_matches_torch_plan(harness, tmp_path, name, threads):
                        text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.int32)
-    sizes = [(n + 1) * 4, n, n + 1, T * (MAX_PHASES + 1)]
+    sizes = [(n + 1) * 4, n, n, n + 1, T * (MAX_PHASES + 1)]
     got = np.split(out, np.cumsum(sizes)[:-1])
     expected = path_plan(tree)
-    for name_, g_, e in zip(("rec", "light", "path_ptr", "phase_path"), got, expected):
+    for name_, g_, e in zip(("rec", "light", "slot", "path_ptr", "phase_path"), got, expected):
         np.testing.assert_array_equal(g_, e.numpy().reshape(-1), err_msg=name_)

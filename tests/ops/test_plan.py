@@ -64,14 +64,15 @@ FORESTS = {
 def test_path_plan_matches_definition(name):
     parent = FORESTS[name]
     n = parent.numel()
-    tree, (rec, light, path_ptr, phase_path) = _plan(parent)
+    tree, (rec, light, slot, path_ptr, phase_path) = _plan(parent)
     assert rec.shape == (n + 1, 4) and light.shape == (n,) and path_ptr.shape == (n + 1,)
+    assert slot.shape == (n,)
     assert phase_path.shape == (tree.num_trees, MAX_PHASES + 1)
     if n == 0:
         return
-    vert, ppar, first_light, light_start = rec[:n, 0], rec[:n, 1], rec[:n, 2], rec[:n, 3]
+    vert, ppar, light_start, light_end = rec[:n, 0], rec[:n, 1], rec[:n, 2], rec[:n, 3]
     assert sorted(vert.tolist()) == list(range(n))
-    assert rec[n].tolist() == [-1, -1, -1, n] and path_ptr[n].item() == n
+    assert rec[n].tolist() == [-1, -1, n, n] and path_ptr[n].item() == n
     kidx = {int(v): k for k, v in enumerate(vert.tolist())}
     p = parent.tolist()
     paths, size = _expected_paths(p)
@@ -110,11 +111,15 @@ def test_path_plan_matches_definition(name):
         lights = [kidx[c] for c in order if p[c] == v and c in got]  # breadth-first order
         s0 = light_start[k].item()
         assert light[s0:s0 + len(lights)].tolist() == lights
+        assert light_end[k].item() == s0 + len(lights)
         if k + 1 < n and tree_of[int(vert[k + 1])] == tree_of[v]:
             assert light_start[k + 1].item() == s0 + len(lights)
         else:
             assert not lights  # the last index of a tree is a leaf
-        assert first_light[k].item() == (lights[0] if lights else -1)
+        for j, c in enumerate(lights):
+            assert slot[c].item() == s0 + j
+    heads_or_heavy = slot >= 0
+    assert int(heads_or_heavy.sum()) == sum(1 for _, _, ph in paths if ph > 0)
 
 
 def test_path_plan_is_cached_and_follows_the_tree():
@@ -178,9 +183,9 @@ def test_launch_defaults_and_plan_cache():
     tree = treessm.Tree.from_parent(random_forest(300, 3, torch.Generator().manual_seed(4)))
     a = plan.scan_plan(tree, 16, torch.float32)
     assert plan.scan_plan(tree, 64, torch.float32) is a  # channels do not change the plan
-    assert a.schedule == "trees" and len(a.tensors) == 4
+    assert a.schedule == "trees" and len(a.tensors) == 5
     b = plan.scan_plan(tree, 16, torch.float32, "phases")
-    assert b.tensors[3].device.type == "cpu" and int(b.tensors[3][-1]) == 300
+    assert b.tensors[4].device.type == "cpu" and int(b.tensors[4][-1]) == 300
 
 
 def test_phase_counts():

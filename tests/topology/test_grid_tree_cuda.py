@@ -1,6 +1,6 @@
 """The fused CUDA grid-tree construction (``torch.ops.treessm.cuda_grid_tree`` and
 :func:`treessm.topology.cuda_grid.grid_spanning_tree`) against the CPU construction: Kruskal
-in ``treessm.minimum_spanning_tree``, ``root_forest`` at the centre pixel,
+in ``treessm.minimum_spanning_tree``, ``root_forest`` at the first pixel,
 ``Tree.from_parent`` and its level plan. Needs a CUDA GPU and the extension."""
 import pytest
 import torch
@@ -29,7 +29,7 @@ def reference(cost, b, h, w, connectivity):
     n = b * h * w
     ei = torch.from_numpy(grid_edges(b, h, w, connectivity))
     mask = minimum_spanning_tree(ei, cost.cpu(), n)
-    roots = torch.arange(b) * (h * w) + (h // 2) * w + w // 2
+    roots = torch.arange(b) * (h * w)
     tree = Tree.from_parent(root_forest(ei[:, mask], n, roots))
     plan = level_plan(tree)[:3]
     return dict(zip(TREE_FIELDS + PLAN_FIELDS, [getattr(tree, f) for f in TREE_FIELDS] + list(plan)))

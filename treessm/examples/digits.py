@@ -266,7 +266,7 @@ def draw_photo_tree(model: GrootV, mean: float, std: float, path: str, size: int
     depth = tree.depth.cpu().numpy().reshape(size, size)
     im = axes[1].imshow(depth, cmap="viridis")
     fig.colorbar(im, ax=axes[1], shrink=0.8, label="depth in tree")
-    axes[1].set_title("depth (distance from the root, the centre pixel)", fontsize=10)
+    axes[1].set_title("depth (distance from the root, the first pixel)", fontsize=10)
     axes[1].set_axis_off()
     log_aff = np.log10(affinity.clamp_min(1e-30).numpy())
     im = axes[2].imshow(log_aff, cmap="magma", vmin=max(float(np.percentile(log_aff, 1)), -30))

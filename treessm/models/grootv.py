@@ -5,8 +5,9 @@ two stride-2 3x3 convolutions, four stages of pre-norm blocks (LayerNorm -> Tree
 drop path, LayerNorm -> MLP -> drop path) at widths C, 2C, 4C, 8C separated by stride-2
 3x3 convolutions, a LayerNorm closing every stage, and a convolutional classification
 head. For the same weights it computes the function of the authors' released model
-(their LayerNorms' ``eps=1e-6``, their mixer, their orientation of the tree's edges:
-:class:`GrootVMixer`), so their ImageNet checkpoints load with
+(their LayerNorms' ``eps=1e-6``, their mixer, and grid trees rooted at each image's first
+pixel as theirs are, so every edge decays with the step of its end farther from that
+pixel), so their ImageNet checkpoints load with
 :func:`~treessm.models.load_grootvl_checkpoint` (the module-by-module correspondence is in
 :mod:`treessm.models.grootvl_weights`). The file reads top-down: stem and downsampling,
 mixer, block, stage, model, weight init, then the constructors.
@@ -35,11 +36,10 @@ from torch.utils.checkpoint import checkpoint
 from .._checks import check_bool, check_int, check_ints, check_number
 from ..nn.layers import DropPath, LayerNorm2d, Mlp
 from ..nn.tree_ssm import TreeSSM
-from ..ops import tree_scan
 from ..tree import Tree
 from .grootvl_weights import load_grootvl_checkpoint
 
-__all__ = ["GrootV", "GrootVBlock", "GrootVStage", "GrootVMixer", "FeatureInfo", "count_flops",
+__all__ = ["GrootV", "GrootVBlock", "GrootVStage", "FeatureInfo", "count_flops",
            "take_indices", "default_cfgs", "ARCHITECTURES", "grootv_tiny", "grootv_small",
            "grootv_base"]
 
@@ -108,51 +108,7 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-# ---------------------------------------------------------------------------- mixer
-def lowest_vertex_paths(tree: Tree, backend: Optional[str] = None) -> Tensor:
-    """Mask ``[N]`` of the non-root vertices on the path from each tree's lowest-numbered
-    vertex up to its root.
-
-    Those are the edges ``(v, parent(v))`` whose child changes when the tree is re-rooted
-    at its lowest vertex: for them the other end, ``parent(v)``, is the child. Computed
-    without waiting for the device: a leaf-to-root scan of the indicator of the lowest
-    vertices counts, at every vertex, the lowest vertices in its subtree.
-    """
-    n = tree.num_nodes
-    device = tree.parent.device
-    positions = torch.arange(n, device=device)
-    tree_at = torch.searchsorted(tree.tree_ptr[1:].to(positions.dtype), positions, right=True)
-    tree_of = torch.empty_like(tree_at).scatter_(0, tree.order, tree_at)
-    lowest = torch.full((tree.num_trees,), n, dtype=positions.dtype, device=device)
-    lowest.scatter_reduce_(0, tree_of, positions, "amin")
-    mark = torch.zeros(n, 1, device=device)
-    mark[lowest] = 1.0
-    below = tree_scan(mark, torch.ones_like(mark), tree, "up", backend=backend)[:, 0]
-    return (below > 0.5) & (tree.parent >= 0)
-
-
-class GrootVMixer(TreeSSM):
-    r"""The :class:`~treessm.nn.TreeSSM` of a GrootV block, with the authors' orientation
-    of the edge steps.
-
-    The decay of a tree edge is :math:`\exp(\Delta A)` with the step :math:`\Delta` of one
-    of its two ends. The authors' model takes the end farther from the first pixel of the
-    image (their breadth-first search starts at pixel ``(0, 0)``); treessm's grid trees
-    are rooted at the centre pixel (half the depth for the scan kernels), so the edges on
-    the path from the first pixel to the centre take the step of their parent end
-    instead of their child's. In general: every tree is oriented away from its
-    lowest-numbered vertex, which for a grid tree is the first pixel of its image and for
-    the row-major chain of ``scan="raster"`` is its root (no change). The parameters,
-    arguments and state-dict keys are the :class:`~treessm.nn.TreeSSM`'s.
-    """
-
-    def edge_delta(self, delta: Tensor, tree: Optional[Tree]) -> Tensor:
-        if tree is None:
-            return delta
-        flip = lowest_vertex_paths(tree, self.backend)
-        return torch.where(flip.unsqueeze(-1), delta[tree.parent.clamp(min=0)], delta)
-
-
+# ---------------------------------------------------------------------------- block
 class GrootVBlock(nn.Module):
     r"""Pre-norm residual block: :math:`x + \mathrm{DropPath}(\mathrm{TreeSSM}(\mathrm{LN}(x)))`,
     then :math:`x + \mathrm{DropPath}(\mathrm{MLP}(\mathrm{LN}(x)))`.
@@ -160,8 +116,9 @@ class GrootVBlock(nn.Module):
     Args:
         dim (int): channels.
         mlp_ratio (float): hidden channels of the MLP per channel. (default: ``4.0``)
-        d_state (int), ssm_ratio (float), d_conv (int): of the :class:`GrootVMixer`
-            (whose depthwise convolution has no bias). (default: ``1``, ``2.0``, ``3``)
+        d_state (int), ssm_ratio (float), d_conv (int): of the
+            :class:`~treessm.nn.TreeSSM` mixer (whose depthwise convolution has no bias).
+            (default: ``1``, ``2.0``, ``3``)
         drop_path (float): stochastic depth of both branches. (default: ``0.0``)
         scan (str), topology (callable, optional): of the mixer. (default: ``"tree"``,
             ``None``)
@@ -176,8 +133,8 @@ class GrootVBlock(nn.Module):
                  scan: str = "tree", topology: Optional[Callable[[Tensor], Tree]] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
-        self.mixer = GrootVMixer(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv,
-                                 conv_bias=False, scan=scan, topology=topology)
+        self.mixer = TreeSSM(dim, d_state=d_state, ssm_ratio=ssm_ratio, d_conv=d_conv,
+                             conv_bias=False, scan=scan, topology=topology)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))

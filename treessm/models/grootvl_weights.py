@@ -13,7 +13,7 @@ module (theirs: ``GrootV/classification/models/grootv.py`` and ``tree_scanning.p
     patch_embed (StemLayer: conv LN GELU conv LN) stem (grootv.Stem)
     levels.i.blocks.j (GrootVLayer, pre-norm)     stages.i.blocks.j (GrootVBlock)
       .norm1.0 / .norm2.0 / .mlp.fc1, .fc2          .norm1 / .norm2 / .mlp.fc1, .fc2
-      .TreeSSM (Tree_SSM)                           .mixer (GrootVMixer)
+      .TreeSSM (Tree_SSM)                           .mixer (nn.TreeSSM)
       .TreeSSM.in_proj / .conv2d / .out_proj        .mixer.in_proj / .conv / .out_proj
       .TreeSSM.x_proj_weight [1, R + 2N, D]         .mixer.x_proj.weight [R + 2N, D]
       .TreeSSM.dt_projs_weight [1, D, R]            .mixer.dt_proj.weight [D, R]
@@ -32,7 +32,7 @@ mixer computes :math:`W_{out}(\mathrm{LN}(C\,\mathrm{LN}_h(h) + D u) \odot
 the ``"both"`` tree scan of :math:`\Delta B u` over the minimum spanning tree of the
 4-neighbour grid under :math:`\exp(-\cos)` of :math:`u`; and each edge decays with the
 step of its end farther from the image's first pixel, where their breadth-first search
-starts (:class:`~treessm.models.GrootVMixer`). Their level ``i`` ends with the downsampling
+starts (treessm's grid trees are rooted there too). Their level ``i`` ends with the downsampling
 that treessm's stage ``i + 1`` starts with: the same operations in the same order, so the
 maps of :meth:`~treessm.models.GrootV.forward_intermediates` are theirs before
 downsampling (their ``forward_features_seq_out``). Their ``drop_rate`` drops after the stem

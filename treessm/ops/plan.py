@@ -91,19 +91,22 @@ class LevelPlan(NamedTuple):
 class PathPlan(NamedTuple):
     """Heavy-path plan of a forest (on its device, int32).
 
-    Layout (*path index* ``k``: positions re-ordered tree by tree, phase by phase, within a
+    Layout (*position* ``k``: vertices re-ordered tree by tree, phase by phase, within a
     phase by head position, each path head first, so tree ``t`` keeps its breadth-first
-    range ``[start_t, end_t)``):
+    range ``[start_t, end_t)``; the heavy child of a vertex with children is the next
+    position):
 
     Attributes:
-        rec (IntTensor [N + 1, 4]): per path index the vertex, the path index of its parent
-            (``-1`` at roots), of its first light child (``-1`` if none) and where its light
-            children start in ``light`` (they end where those of ``k + 1`` start).
-        light (IntTensor [N]): path indices of light children, grouped by parent, in
+        rec (IntTensor [N + 1, 4]): per position the vertex, the position of its parent
+            (``-1`` at roots), and the range ``[start, end)`` of its light children in
+            ``light``; row ``N`` is ``[-1, -1, N, N]``.
+        light (IntTensor [N]): positions of light children, grouped by parent, in
             breadth-first order; tree ``t`` fills ``[start_t, start_t + paths_t - 1)``, the
             rest holds ``-1``.
+        slot (IntTensor [N]): where each light child stands in ``light`` (``-1`` for a
+            root or a heavy child).
         path_ptr (IntTensor [N + 1]): tree ``t`` numbers its paths ``start_t, start_t + 1,
-            ...``; path ``j`` spans path indices ``[path_ptr[j], path_ptr[j + 1])``; unused
+            ...``; path ``j`` spans positions ``[path_ptr[j], path_ptr[j + 1])``; unused
             numbers hold ``end_t``.
         phase_path (IntTensor [T, MAX_PHASES + 1]): the paths of phase ``p`` of tree ``t``
             are ``[phase_path[t, p], phase_path[t, p + 1])``.
@@ -111,6 +114,7 @@ class PathPlan(NamedTuple):
 
     rec: Tensor
     light: Tensor
+    slot: Tensor
     path_ptr: Tensor
     phase_path: Tensor
 
@@ -121,7 +125,9 @@ class PhasePlan(NamedTuple):
 
     Attributes:
         rec (IntTensor [N + 1, 4]): as :attr:`PathPlan.rec`, in the new positions.
-        light (IntTensor [N]): as :attr:`PathPlan.light`, in the new positions.
+        light (IntTensor [N]): as :attr:`PathPlan.light`, in the new positions (entries
+            packed from 0).
+        slot (IntTensor [N]): as :attr:`PathPlan.slot`.
         phase_ptr (IntTensor [MAX_PHASES + 1]): phase ``p`` holds the positions
             ``[phase_ptr[p], phase_ptr[p + 1])``.
         phase_ptr_host (LongTensor [MAX_PHASES + 1], on the CPU): the same, for launches.
@@ -129,6 +135,7 @@ class PhasePlan(NamedTuple):
 
     rec: Tensor
     light: Tensor
+    slot: Tensor
     phase_ptr: Tensor
     phase_ptr_host: Tensor
 
@@ -145,7 +152,7 @@ class Launch(NamedTuple):
 
 
 class ScanPlan(NamedTuple):
-    """What a CUDA scan operator takes besides the data: the schedule, its four plan
+    """What a CUDA scan operator takes besides the data: the schedule, its five plan
     tensors (:class:`PathPlan` for ``"trees"``, :class:`PhasePlan` for ``"phases"``) and
     the launch parameters for ``channels`` channels of ``dtype``."""
 
@@ -250,8 +257,9 @@ def path_plan_tensors(order: Tensor, child_ptr: Tensor, tree_ptr: Tensor, depth:
     T = int(tree_ptr.shape[0]) - 1
     i32 = torch.int32
     if n == 0:
-        return [torch.tensor([[-1, -1, -1, 0]], dtype=i32, device=dev),
-                torch.zeros(0, dtype=i32, device=dev), torch.zeros(1, dtype=i32, device=dev),
+        return [torch.tensor([[-1, -1, 0, 0]], dtype=i32, device=dev),
+                torch.zeros(0, dtype=i32, device=dev), torch.zeros(0, dtype=i32, device=dev),
+                torch.zeros(1, dtype=i32, device=dev),
                 torch.zeros(max(T, 0), MAX_PHASES + 1, dtype=i32, device=dev)]
     rounds = max(1, n.bit_length())  # doubling rounds that cover chains of n steps
     pos = torch.arange(n, device=dev)
@@ -336,17 +344,17 @@ def path_plan_tensors(order: Tensor, child_ptr: Tensor, tree_ptr: Tensor, depth:
     cnt.index_add_(0, ppar_pos[is_light], torch.ones_like(pos)[is_light])
     ex = torch.cumsum(cnt, 0) - cnt
     light_start = ts[tree] + ex - light_before[tree]                    # tree of k == tree of pos k
-    first_light = torch.full((n,), -1, dtype=torch.long, device=dev)
-    has_light = cnt > 0
-    first_light[has_light] = light[light_start[has_light]]
+    slot = torch.full((n,), -1, dtype=torch.long, device=dev)
+    filled = light >= 0
+    slot[light[filled]] = m[filled]
     ppos_k = parent_pos[perm]
     rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
     rec[:n, 0] = order[perm]
     rec[:n, 1] = torch.where(ppos_k >= 0, kidx[ppos_k.clamp(min=0)], ppos_k)
-    rec[:n, 2] = first_light
-    rec[:n, 3] = light_start
-    rec[n] = torch.tensor([-1, -1, -1, n], device=dev)
-    return [rec.to(i32), light.to(i32), path_ptr.to(i32), phase_path.to(i32)]
+    rec[:n, 2] = light_start
+    rec[:n, 3] = light_start + cnt
+    rec[n] = torch.tensor([-1, -1, n, n], device=dev)
+    return [rec.to(i32), light.to(i32), slot.to(i32), path_ptr.to(i32), phase_path.to(i32)]
 
 
 def phase_plan(tree: Tree) -> PhasePlan:
@@ -367,29 +375,25 @@ def phase_plan(tree: Tree) -> PhasePlan:
     perm = torch.sort(phase, stable=True).indices                          # new -> old
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(n, device=dev)
-    remap = lambda k: torch.where(k >= 0, inv[k.clamp(min=0)], k)  # noqa: E731
     old = rec[:n][perm]
-    # light children per position: children less the heavy one (a path's next position);
-    # a tree's light entries are followed by padding up to the next tree's start
-    par = rec[:n, 1]
-    children = torch.bincount(par[par >= 0], minlength=n)
-    heavy = (rec[1:, 1] == torch.arange(n, device=dev)).long()
-    nlight = (children - heavy)[perm]
+    nlight = old[:, 3] - old[:, 2]
     start = torch.cumsum(nlight, 0) - nlight
     owner = torch.repeat_interleave(torch.arange(n, device=dev), nlight)
-    src = old[owner, 3] + torch.arange(owner.shape[0], device=dev) - start[owner]
+    m = torch.arange(owner.shape[0], device=dev)
     new_light = torch.full((n,), -1, dtype=torch.long, device=dev)
-    new_light[:owner.shape[0]] = inv[light[src]]
+    new_light[:owner.shape[0]] = inv[light[old[owner, 2] + m - start[owner]]]
+    new_slot = torch.full((n,), -1, dtype=torch.long, device=dev)
+    new_slot[new_light[:owner.shape[0]]] = m
     new_rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
     new_rec[:n, 0] = old[:, 0]
-    new_rec[:n, 1] = remap(old[:, 1])
-    new_rec[:n, 2] = remap(old[:, 2])
-    new_rec[:n, 3] = start
-    new_rec[n] = torch.tensor([-1, -1, -1, owner.shape[0]], device=dev)
+    new_rec[:n, 1] = torch.where(old[:, 1] >= 0, inv[old[:, 1].clamp(min=0)], old[:, 1])
+    new_rec[:n, 2] = start
+    new_rec[:n, 3] = start + nlight
+    new_rec[n] = torch.tensor([-1, -1, n, n], device=dev)
     size = torch.bincount(phase, minlength=MAX_PHASES)
     phase_ptr = torch.cat([size.new_zeros(1), torch.cumsum(size, 0)])
     i32 = torch.int32
-    plan = PhasePlan(new_rec.to(i32), new_light.to(i32), phase_ptr.to(i32),
+    plan = PhasePlan(new_rec.to(i32), new_light.to(i32), new_slot.to(i32), phase_ptr.to(i32),
                      phase_ptr.cpu())
     tree.plan_cache["phases"] = plan
     return plan

@@ -67,11 +67,11 @@ def _register_fakes() -> None:
     _fakes.append(True)
 
     @torch.library.register_fake("treessm::cuda_tree_scan")
-    def _(x, weight, p0, p1, p2, p3, schedule, launch, direction):
+    def _(x, weight, p0, p1, p2, p3, p4, schedule, launch, direction):
         return torch.empty_like(x)
 
     @torch.library.register_fake("treessm::cuda_tree_scan_backward")
-    def _(grad, x, weight, out, p0, p1, p2, p3, schedule, launch, direction):
+    def _(grad, x, weight, out, p0, p1, p2, p3, p4, schedule, launch, direction):
         return torch.empty_like(x), torch.empty_like(weight)
 
 

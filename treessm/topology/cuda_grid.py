@@ -8,12 +8,12 @@ everything in shared memory:
 1. **Minimum spanning tree** by Borůvka's algorithm over the keys :math:`(c_e, e)`
    (cost, then candidate index), so the tree is the unique one of
    :func:`~treessm.minimum_spanning_tree` (Kruskal, ties to the lower index).
-2. **Breadth-first search** from the centre pixel :math:`(\lfloor H/2 \rfloor, \lfloor W/2
-   \rfloor)`, level by level, children in ascending id: ``parent``, ``order``,
+2. **Breadth-first search** from the first pixel :math:`(0, 0)`, level by level, children
+   in ascending id: ``parent``, ``order``,
    ``child_ptr``, ``tree_ptr`` and ``depth`` equal those of :meth:`Tree.from_parent`.
 3. **Level plan** (``level_pos``, ``tree_level_ptr``, ``parent_pos``) as
    :func:`treessm.ops.plan.level_plan` computes it, handed to the plan cache
-   (:func:`treessm.ops.plan.attach_level_plan`) so the CUDA scan reuses it.
+   (:func:`treessm.ops.plan.attach_level_plan`) so the scan's layout is built from it.
 
 Nothing waits for the device, so the call can be recorded in a CUDA graph. An image must
 fit one block's shared memory: :func:`shared_memory_bytes` bytes, about ``18 HW`` with
@@ -198,7 +198,7 @@ def grid_spanning_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int =
 
     .. math::
         T_b = \operatorname{MST}\big(\text{grid}_b,\ (c_e, e)\big)
-        \text{ rooted at } b HW + \lfloor H/2 \rfloor W + \lfloor W/2 \rfloor,
+        \text{ rooted at } b HW \text{ (the first pixel)},
 
     laid out by :meth:`Tree.from_parent`, with its level plan already in the plan cache.
 

@@ -81,9 +81,8 @@ class GridTopology(Topology):
     r"""Minimum spanning tree of the pixel grid of each image (GrootV).
 
     Edge cost :math:`c(p, q) = d(x_p, x_q)` over 4- or 8-neighbour pixel pairs; one tree
-    per image, rooted at its centre pixel :math:`(\lfloor H/2 \rfloor, \lfloor W/2
-    \rfloor)`, which roughly halves the depth compared with a corner root (fewer levels
-    for level-synchronous kernels).
+    per image, rooted at its first pixel :math:`(0, 0)`, as in GrootVL, so that an edge's
+    child is its end farther from that pixel.
 
     Args:
         connectivity (int): 4 or 8 neighbours. (default: ``4``)
@@ -175,9 +174,8 @@ class GridTopology(Topology):
         check_features(feat, 4, shape="[B, H, W, C]")
         b, h, w, _ = feat.shape
         conn = self.connectivity
-        center = (h // 2) * w + w // 2
         return self._cache.get((b, h, w, conn, feat.device),
-                               lambda: Candidates(grid_edges(b, h, w, conn), b, h * w, center,
+                               lambda: Candidates(grid_edges(b, h, w, conn), b, h * w, 0,
                                                   feat.device, (b, h, w)))
 
     def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
@@ -203,7 +201,7 @@ class GridTopology(Topology):
         return super().edge_cost(feat, edge_index)
 
     def roots(self, feat: Tensor) -> Tensor:
-        """Centre pixel ``(H // 2, W // 2)`` of each image."""
+        """First pixel ``(0, 0)`` of each image."""
         return self._candidates(feat).roots
 
     def _build_on_device(self, edge_index, cost, num_nodes, roots, batch) -> Tree:

@@ -1,4 +1,4 @@
-// Host stand-ins for the CUDA names the kernels use, so that tree_scan_kernels.cuh compiles
+// Host stand-ins for the CUDA names the kernels use, so that the kernel headers compile
 // with a plain C++20 compiler and runs one std::thread per CUDA thread (see harness.cpp).
 // Only float and double are meaningful here; the half types are float-backed stubs.
 #pragma once
@@ -27,6 +27,9 @@ inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 #define smem_raw smem_raw_storage
 struct __half { float f; };
 struct __nv_bfloat16 { float f; };
+struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
+template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __half2float(__half h) { return h.f; }
 inline float __bfloat162float(__nv_bfloat16 h) { return h.f; }
 inline __half __float2half_rn(float f) { return {f}; }
@@ -144,4 +147,4 @@ inline int atomicMin(int* p, int v) { return emu_atomic_min(p, v); }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
 inline int __popc(unsigned x) { return std::popcount(x); }
-#include "async_copy.h"  // cp.async stand-ins for tree_scan_kernels.cuh
+#include "async_copy.h"  // cp.async stand-ins

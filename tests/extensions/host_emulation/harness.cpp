@@ -29,8 +29,8 @@ struct Problem {
   int64_t N, C, T;
   int lpv, threads;
   std::vector<double> x, w, g;
-  std::vector<int> rec, light, path_ptr, phase_path;       // "trees" layout
-  std::vector<int> prec, plight;                           // "phases" layout
+  std::vector<int> rec, light, slot, path_ptr, phase_path;  // "trees" layout
+  std::vector<int> prec, plight, pslot;                     // "phases" layout
   std::vector<int> phase_ptr;
 };
 
@@ -54,6 +54,7 @@ struct Runner {
     if (!phases) {
       a.rec = reinterpret_cast<const PathRec*>(pb.rec.data());
       a.light = pb.light.data();
+      a.slot = pb.slot.data();
       a.path_ptr = pb.path_ptr.data();
       a.phase_path = pb.phase_path.data();
       launch(pb.T, groups, pb.threads, [&] { tree_scan_kernel<double, double, V, MODE>(a); });
@@ -61,7 +62,8 @@ struct Runner {
     }
     a.rec = reinterpret_cast<const PathRec*>(pb.prec.data());
     a.light = pb.plight.data();
-    const int chunk = kLanes * Tr::RMAX;
+    a.slot = pb.pslot.data();
+    const int chunk = kLanes * kRun;
     for (int n = 0; n < kMaxPhases; ++n) {
       const int p = Tr::UP ? kMaxPhases - 1 - n : n;
       const int s = pb.phase_ptr[p], e = pb.phase_ptr[p + 1];
@@ -92,13 +94,9 @@ void run_all(const Problem& pb, bool phases, FILE* o) {
   Runner<V> r{pb, phases, ((C / V) + pb.lpv - 1) / pb.lpv, {}};
   std::vector<double> out(N * C, -777), gx(N * C, -777), gw(N * C, -777);
   auto dump = [&](std::vector<double>& v) { fwrite(v.data(), 8, N * C, o); };
-  auto io = [](const double* i0, const double* i1, const double* w, const double* h, double* out,
-               double* gw, double* u0, double* u1, double* l0, double* l1, double* b0, double* b1,
-               double* val) {
+  auto blank = [] {
     ScanIO s;
-    s.in[0] = i0; s.in[1] = i1; s.w = w; s.h = h; s.out = out; s.gw = gw;
-    s.up[0] = u0; s.up[1] = u1; s.loc[0] = l0; s.loc[1] = l1; s.br[0] = b0; s.br[1] = b1;
-    s.val = val;
+    std::memset(&s, 0, sizeof(s));
     return s;
   };
   const double* x = pb.x.data();
@@ -106,26 +104,52 @@ void run_all(const Problem& pb, bool phases, FILE* o) {
   const double* g = pb.g.data();
   std::vector<double> hu(N * C), hd(N * C);
   // forward: up, down, both
-  r.template pass<M_UP>(io(x, nullptr, w, nullptr, hu.data(), nullptr, r.acc(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr));
-  dump(hu);
-  r.template pass<M_DOWN>(io(x, nullptr, w, nullptr, hd.data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, r.acc()));
-  dump(hd);
+  auto run = [&](auto mode, ScanIO io) { r.template pass<decltype(mode)::value>(io); };
+  using std::integral_constant;
   {
-    double* up = r.acc();
-    double* loc = r.acc();
-    r.template pass<M_UP>(io(x, nullptr, w, nullptr, nullptr, nullptr, up, nullptr, loc, nullptr, nullptr, nullptr, nullptr));
-    r.template pass<M_BOTH>(io(x, nullptr, w, nullptr, out.data(), nullptr, up, nullptr, loc, nullptr, r.acc(), nullptr, nullptr));
+    ScanIO s = blank();
+    s.in[0] = x; s.w = w; s.out = hu.data(); s.contrib[0] = r.acc();
+    run(integral_constant<int, M_UP>{}, s);
+    dump(hu);
+  }
+  {
+    ScanIO s = blank();
+    s.in[0] = x; s.w = w; s.out = hd.data(); s.val = r.acc();
+    run(integral_constant<int, M_DOWN>{}, s);
+    dump(hd);
+  }
+  {
+    ScanIO s = blank();
+    s.in[0] = x; s.w = w;
+    s.up[0] = r.acc(); s.loc[0] = r.acc(); s.share[0] = r.acc(); s.contrib[0] = r.acc();
+    run(integral_constant<int, M_UP>{}, s);
+    s.out = out.data(); s.br[0] = r.acc();
+    run(integral_constant<int, M_BOTH>{}, s);
     dump(out);
   }
   // backward: up, down, both
-  r.template pass<M_DOWN_GW>(io(g, nullptr, w, hu.data(), gx.data(), gw.data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, r.acc()));
-  dump(gx); dump(gw);
-  r.template pass<M_UP_GW>(io(g, nullptr, w, hd.data(), gx.data(), gw.data(), r.acc(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr));
-  dump(gx); dump(gw);
   {
-    double *ux = r.acc(), *ug = r.acc(), *lx = r.acc(), *lg = r.acc();
-    r.template pass<M_UP2>(io(x, g, w, nullptr, nullptr, nullptr, ux, ug, lx, lg, nullptr, nullptr, nullptr));
-    r.template pass<M_BOTH2>(io(x, g, w, nullptr, gx.data(), gw.data(), ux, ug, lx, lg, r.acc(), r.acc(), nullptr));
+    ScanIO s = blank();
+    s.in[0] = g; s.w = w; s.h = hu.data(); s.out = gx.data(); s.gw = gw.data(); s.val = r.acc();
+    run(integral_constant<int, M_DOWN_GW>{}, s);
+    dump(gx); dump(gw);
+  }
+  {
+    ScanIO s = blank();
+    s.in[0] = g; s.w = w; s.h = hd.data(); s.out = gx.data(); s.gw = gw.data();
+    s.contrib[0] = r.acc();
+    run(integral_constant<int, M_UP_GW>{}, s);
+    dump(gx); dump(gw);
+  }
+  {
+    ScanIO s = blank();
+    s.in[0] = x; s.in[1] = g; s.w = w;
+    for (int st = 0; st < 2; ++st) {
+      s.up[st] = r.acc(); s.loc[st] = r.acc(); s.share[st] = r.acc(); s.contrib[st] = r.acc();
+    }
+    run(integral_constant<int, M_UP2>{}, s);
+    s.out = gx.data(); s.gw = gw.data(); s.br[0] = r.acc(); s.br[1] = r.acc();
+    run(integral_constant<int, M_BOTH2>{}, s);
     dump(gx); dump(gw);
   }
 }
@@ -148,10 +172,12 @@ int main(int argc, char** argv) {
   pb.g = rd(f, pb.N * pb.C);
   pb.rec = ri(f, (pb.N + 1) * 4);
   pb.light = ri(f, pb.N);
+  pb.slot = ri(f, pb.N);
   pb.path_ptr = ri(f, pb.N + 1);
   pb.phase_path = ri(f, pb.T * (kMaxPhases + 1));
   pb.prec = ri(f, (pb.N + 1) * 4);
   pb.plight = ri(f, pb.N);
+  pb.pslot = ri(f, pb.N);
   pb.phase_ptr = ri(f, kMaxPhases + 1);
   fclose(f);
   const bool phases = std::string(argv[3]) == "phases";
