@@ -31,7 +31,7 @@ XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 
 if [ "$MODE" = check ]; then
   timeout ${TEST_S:-200} $PY -m pytest -q -p no:cacheprovider tests/ops/test_tree_scan_cuda.py \
-    tests/ops/test_plan.py 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
+    tests/ops/test_plan.py tests/topology/test_grid_tree_cuda.py 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
   grep -E "passed|failed" "$OUT/pytest_scan.log" | tail -1 >> "$SUMMARY"
   timeout ${BENCH_S:-220} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
     --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee "$OUT/bench.log" | tail -40
