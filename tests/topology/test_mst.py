@@ -165,6 +165,15 @@ def test_huge_example_ids_cost_nothing(gap):
     assert tree.num_trees == 2 and torch.equal(tree.batch, batch)
 
 
+def test_examples_beyond_32_bit_ids_are_refused():
+    # the CPU builders number an example's vertices with 32 bits: a clear error, not a
+    # wrap-around (nothing of that size is allocated before the check)
+    with pytest.raises(ValueError, match=r"at most 2\^31 - 1 of each per example"):
+        minimum_spanning_tree(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), 2 ** 31)
+    assert minimum_spanning_tree(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0),
+                                 2 ** 31 - 1).shape == (0,)
+
+
 def test_large_grid_against_scipy():
     h = w = 40
     idx = torch.arange(h * w).view(h, w)

@@ -27,7 +27,7 @@ from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_t
                        grid_image_costs, kind_code, safe_squares, scaled_rows)
 from .euler_tour import spanning_tree_on_device
 from .layout import NO_MASK, NONFINITE, UNSCALED, Layout, empty_forest, layout_segment
-from .mst import kruskal_segment
+from .mst import check_segment_sizes, kruskal_segment
 
 __all__ = ["GridTopology", "grid_edges"]
 
@@ -150,6 +150,7 @@ class GridTopology(Topology):
         """All steps in one compiled pass per image (CPU, named distance)."""
         entry = self._candidates(feat)
         b, h, w = entry.shape
+        check_segment_sizes(entry.plan.node_ptr, entry.plan.edge_ptr)
         with torch.no_grad():
             # the scale of l2 costs is of no matter here: they only order the edges
             x, _ = cpu_features(feat.reshape(b * h * w, feat.shape[-1]), self.distance, b)

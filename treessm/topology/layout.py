@@ -20,7 +20,7 @@ from numba import njit
 
 from ..tree import Tree, layout_sizes
 from .chunks import run_chunks
-from .mst import find_root, kruskal_segment
+from .mst import check_segment_sizes, find_root, kruskal_segment
 
 __all__ = ["Layout", "layout_segment", "lattice_offsets", "check_status", "NONFINITE",
            "UNSCALED", "NO_MASK", "NO_OFFSETS", "layout_forest", "empty_forest"]
@@ -379,6 +379,7 @@ def empty_forest(device="cpu", batch: bool = True) -> Tree:
 
 def layout_forest(src, dst, sel, pref, node_ptr, edge_ptr, offsets=None) -> Layout:
     """Layout of the forest of the edges ``sel`` selects, rooted by the flags ``pref``."""
+    check_segment_sizes(node_ptr, edge_ptr)
     num_seg = node_ptr.shape[0] - 1
     out = Layout(pref.shape[0], num_seg)
     run_chunks(_layout_chunk, num_seg, src, dst, sel, pref, node_ptr, edge_ptr,

@@ -169,7 +169,7 @@ def kruskal_segment(src, dst, bits, nbits, n0, n1, e0, e1, mask, tree_u, tree_v)
         order, ok = _sorted_edges64(bits, e0, e1)
     if not ok:
         return -1
-    if n <= 1:
+    if n <= 1 or m == 0:
         return 0
     if not packed:
         # local endpoints in small arrays: the sorted walk below reads them at random
@@ -294,10 +294,30 @@ def weight_bits(weight: torch.Tensor) -> Tuple[np.ndarray, int]:
     return weight.contiguous().numpy().view(np.uint32), 32
 
 
+#: Vertices, and edges, that one example (segment) may have in the compiled CPU builders,
+#: which number an example's vertices and edges with 32 bits.
+MAX_SEGMENT = 2 ** 31 - 1
+
+
+def check_segment_sizes(node_ptr: np.ndarray, edge_ptr: np.ndarray) -> None:
+    """Raise a :class:`ValueError` when an example is too large for the CPU builders
+    (:data:`MAX_SEGMENT`), rather than let 32-bit ids wrap around."""
+    if node_ptr.shape[0] < 2:
+        return
+    nodes, edges = int(np.diff(node_ptr).max()), int(np.diff(edge_ptr).max())
+    if nodes > MAX_SEGMENT or edges > MAX_SEGMENT:
+        raise ValueError(f"one example (a connected graph of the batch) has {nodes} vertices "
+                         f"and {edges} candidate edges; the CPU tree builders take at most "
+                         f"2^31 - 1 of each per example: split the graph into examples "
+                         f"(batch) or build on a GPU")
+
+
 def spanning_forest_mask(src: np.ndarray, dst: np.ndarray, weight: torch.Tensor,
                          node_ptr: np.ndarray, edge_ptr: np.ndarray) -> np.ndarray:
     """Unchecked core: minimum spanning forest mask of int64 ``src``/``dst`` with CPU
-    ``weight``, solved per segment. Raises ValueError on non-finite weights."""
+    ``weight``, solved per segment. Raises ValueError on non-finite weights or examples
+    too large (:func:`check_segment_sizes`)."""
+    check_segment_sizes(node_ptr, edge_ptr)
     bits, nbits = weight_bits(weight)
     num_seg = node_ptr.shape[0] - 1
     n = int(node_ptr[-1])

@@ -13,7 +13,7 @@ import torch
 from ..tree import Tree
 from .chunks import run_chunks
 from .layout import NO_MASK, NO_OFFSETS, Layout, _build_chunk, check_status, layout_forest
-from .mst import check_edge_index, check_num_nodes, segments, weight_bits
+from .mst import check_edge_index, check_num_nodes, check_segment_sizes, segments, weight_bits
 
 __all__ = ["root_forest", "tree_from_edges", "forest_tree_on_cpu", "spanning_tree_on_cpu",
            "root_flags"]
@@ -145,6 +145,7 @@ def spanning_tree_on_cpu(src: np.ndarray, dst: np.ndarray, cost: torch.Tensor, n
     if node_ptr is None:
         b = None if batch is None else batch.detach().cpu().to(torch.int64).numpy()
         node_ptr, edge_ptr = segments(num_nodes, src, dst, b)
+    check_segment_sizes(node_ptr, edge_ptr)
     pref = root_flags(roots, num_nodes)
     bits, nbits = weight_bits(cost)
     num_seg = node_ptr.shape[0] - 1
