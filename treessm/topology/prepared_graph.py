@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import is_sparse, remove_self_loops, to_edge_index, to_undirected
 
+from .._checks import check_int
+
 __all__ = ["PreparedGraph", "prepare_graph", "as_edge_index", "REDUCES"]
 
 INDEX_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -346,8 +348,7 @@ def prepare_graph(edge_index, num_nodes: Optional[int] = None,
         if not isinstance(ei, Tensor) or ei.dim() != 2:
             raise ValueError("edge_index must have shape [2, E]")
         num_nodes = int(ei.max()) + 1 if ei.numel() else 0
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 0:
-        raise ValueError(f"num_nodes must be a non-negative int, got {num_nodes!r}")
+    num_nodes = check_int(num_nodes, "num_nodes", 0)
     keys = (source, edge_weight, edge_attr)
     if cache:
         hit = _CACHE.get(keys, num_nodes, reduce)

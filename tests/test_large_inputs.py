@@ -1,0 +1,57 @@
+"""Inputs with more than 2^31 elements: the scan indexes them with 64 bits. Each test needs
+tens of GiB (GPU memory, or host memory for the CPU backend), so it runs only with
+``--runslow`` and skips where the memory is not there."""
+import pytest
+import torch
+
+from oracle import dense_tree_scan
+from treessm import Tree, tree_scan
+
+CHANNELS = 8
+TREE = 4  # vertices per tree: a star, vertex 0 of each group its root
+# just above 2^31 elements per tensor
+NUM_NODES = (2 ** 31 // CHANNELS // TREE + 1) * TREE
+
+
+def _available_gib(device: str) -> float:
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free / 2 ** 30
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) / 2 ** 20
+
+
+def _stars(n: int) -> Tree:
+    v = torch.arange(n)
+    return Tree.from_parent(torch.where(v % TREE == 0, -1, v - v % TREE), validate=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("direction", ["both", "up", "down"])
+def test_scan_beyond_2_31_elements(device, direction):
+    need = 8 * NUM_NODES * CHANNELS * 4 / 2 ** 30  # x, w, out, grads and slack, float32
+    if _available_gib(device) < need:
+        pytest.skip(f"needs about {need:.0f} GiB free on {device}")
+    gen = torch.Generator().manual_seed(0)
+    tree = _stars(NUM_NODES).to(device)
+    x = torch.rand(NUM_NODES, CHANNELS, generator=gen).to(device).requires_grad_()
+    w = torch.rand(NUM_NODES, CHANNELS, generator=gen).to(device).requires_grad_()
+    out = tree_scan(x, w, tree, direction)
+    assert x.numel() > 2 ** 31
+    out.sum().backward()
+    parent = [-1] + [0] * (TREE - 1)
+    # the first and the last trees, whose rows lie below and beyond 2^31 elements
+    for start in (0, NUM_NODES - TREE):
+        rows = slice(start, start + TREE)
+        xs = x.detach()[rows].double().cpu().requires_grad_()
+        ws = w.detach()[rows].double().cpu().requires_grad_()
+        ref = dense_tree_scan(xs, ws, parent, direction)
+        ref.sum().backward()
+        torch.testing.assert_close(out[rows].double().cpu(), ref.detach(), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(x.grad[rows].double().cpu(), xs.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.grad[rows].double().cpu(), ws.grad, rtol=1e-5, atol=1e-5)
