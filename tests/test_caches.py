@@ -3,6 +3,7 @@
 cache within its bound and the process's memory flat."""
 import contextlib
 import gc
+import pickle
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,8 +11,10 @@ import numba
 import pytest
 import torch
 
+from treessm import GridTopology
 from treessm.nn import GrootLMixer, TreeSSM, TreeSSMConv
 from treessm.topology import sequence
+from treessm.topology.base import BoundedCache, CandidateCache
 from treessm.topology.cuda_grid import fused_ready
 
 
@@ -91,6 +94,44 @@ def test_modules_shared_between_threads():
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_topology_cache_evicting_while_threads_read_it():
+    # a cache of 3 entries and 24 shapes: entries leave while other threads use them
+    topology = GridTopology()
+    topology._cache = CandidateCache(size=3)
+    rng = random.Random(3)
+    feats = [torch.randn(rng.randint(1, 2), rng.randint(1, 9), rng.randint(1, 9), 3)
+             for _ in range(24)]
+    serial = [GridTopology()(f).parent for f in feats]
+    topology(feats[0])  # compiled before the threads start
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(3):
+            for got, expected in zip(pool.map(lambda f: topology(f).parent, feats), serial):
+                assert torch.equal(got, expected)
+    assert len(topology._cache) <= 3
+
+
+def test_bounded_cache():
+    cache = BoundedCache(3, max_weight=10, weigh=len)
+    made = []
+
+    def make(value):
+        made.append(value)
+        return value
+
+    assert cache.get("a", lambda: make("aaaa")) == "aaaa"
+    assert cache.get("a", lambda: make("other")) == "aaaa" and made == ["aaaa"]
+    cache.get("b", lambda: make("bbbb"))
+    cache.get("c", lambda: make("cc"))
+    assert len(cache) == 3 and cache.weight == 10
+    cache.get("d", lambda: make("d"))  # too heavy together: the oldest leaves
+    assert len(cache) == 3 and cache.weight == 7
+    assert cache.get("a", lambda: make("new")) == "new"
+    assert cache.get("x", lambda: "x" * 11) == "x" * 11 and "x" * 11 not in made  # too heavy
+    assert cache.weight <= 10 and len(cache) <= 3
+    clone = pickle.loads(pickle.dumps(cache))
+    assert len(clone) == 0 and clone.max_weight == 10 and clone.weigh is len
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -118,7 +159,8 @@ def test_soak_caches_bounded_and_memory_flat():
         cache = getattr(module.topology, "_cache", None)
         if cache is not None:
             assert len(cache) <= cache.size
-    assert sequence._chain_tree.cache_info().currsize <= sequence._chain_tree.cache_info().maxsize
+    chains = sequence._CHAINS
+    assert len(chains) <= chains.max_entries and chains.weight <= chains.max_weight
     assert fused_ready.cache_info().currsize <= fused_ready.cache_info().maxsize
     # a tree or a candidate graph kept per pass would add 1,500 tensors and megabytes
     assert new_tensors <= 20, new_tensors

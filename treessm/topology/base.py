@@ -45,7 +45,7 @@ from .layout import lattice_offsets
 from .mst import minimum_spanning_tree, segments
 from .rooting import forest_tree_on_cpu, spanning_tree_on_cpu
 
-__all__ = ["Topology", "Plan", "Candidates", "CandidateCache"]
+__all__ = ["Topology", "Plan", "Candidates", "BoundedCache", "CandidateCache"]
 
 
 class Plan(NamedTuple):
@@ -104,47 +104,104 @@ class Candidates:
                       if num_examples * example_size else {})
 
 
-class CandidateCache:
-    """Candidate graphs (:class:`Candidates`) of a fixed-shape topology, kept per key
-    (shape, device), the ``size`` most recently used ones; :meth:`lookup` finds the entry an
-    ``edge_index`` tensor came from, so later steps reuse its CPU plan.
+class BoundedCache:
+    """The most recently used values per key: at most ``max_entries`` of them, and at most
+    ``max_weight`` of their weights together (a value heavier than that is not kept).
 
-    Safe to share between threads. The entries are derived data: a copy or a pickle of the
+    Safe to share between threads. The values are derived data: a copy or a pickle of the
     cache (of a module holding a topology, for an EMA copy or ``torch.save``) starts empty.
+
+    Args:
+        max_entries (int): values kept at most.
+        max_weight (int, optional): total weight kept at most, e.g. vertices or edges, so
+            that a few very large values do not stay in memory. (default: no bound)
+        weigh (callable, optional): the weight of a value. (default: ``0`` for all)
     """
 
-    def __init__(self, size: int = 16):
-        self.size = size
-        self._entries: "OrderedDict[tuple, Candidates]" = OrderedDict()
-        self._by_id = {}
+    def __init__(self, max_entries: int, max_weight: Optional[int] = None,
+                 weigh: Optional[Callable[[object], int]] = None):
+        self.max_entries = max_entries
+        self.max_weight = max_weight
+        self.weigh = weigh
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (value, weight)
+        self._weight = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def weight(self) -> int:
+        """Total weight of the values kept."""
+        return self._weight
+
     def __getstate__(self) -> dict:
-        return {"size": self.size}
+        return {k: getattr(self, k) for k in ("max_entries", "max_weight", "weigh")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["size"])
+        BoundedCache.__init__(self, **state)
 
-    def get(self, key: tuple, make: Callable[[], Candidates]) -> Candidates:
+    def get(self, key: tuple, make: Callable[[], object]):
+        """The value kept for ``key``, else ``make()`` (kept unless too heavy)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-                return entry
-        entry = make()  # outside the lock: other shapes need not wait
+                return entry[0]
+        value = make()  # outside the lock: other keys need not wait
+        weight = 0 if self.weigh is None else int(self.weigh(value))
+        if self.max_weight is not None and weight > self.max_weight:
+            return value
         with self._lock:
-            made = self._entries.get(key)
-            if made is not None:  # another thread was first
-                return made
-            self._entries[key] = entry
-            self._by_id[id(entry.edge_index)] = entry
-            while len(self._entries) > self.size:
-                _, old = self._entries.popitem(last=False)
-                self._by_id.pop(id(old.edge_index), None)
-        return entry
+            entry = self._entries.get(key)
+            if entry is not None:  # another thread was first
+                return entry[0]
+            self._entries[key] = (value, weight)
+            self._weight += weight
+            self._added(value)
+            while len(self._entries) > self.max_entries or (
+                    self.max_weight is not None and self._weight > self.max_weight):
+                _, (old, old_weight) = self._entries.popitem(last=False)
+                self._weight -= old_weight
+                self._evicted(old)
+        return value
+
+    def _added(self, value) -> None:
+        """Called, under the lock, for every value kept."""
+
+    def _evicted(self, value) -> None:
+        """Called, under the lock, for every value that leaves."""
+
+
+def _num_edges(candidates: "Candidates") -> int:
+    return candidates.edge_index.shape[1]
+
+
+class CandidateCache(BoundedCache):
+    """Candidate graphs (:class:`Candidates`) of a fixed-shape topology, kept per key
+    (shape, device): the ``size`` most recently used ones, with at most ``max_edges``
+    candidate edges together; :meth:`lookup` finds the entry an ``edge_index`` tensor came
+    from, so later steps reuse its CPU plan."""
+
+    def __init__(self, size: int = 16, max_edges: int = 2 ** 25):
+        super().__init__(size, max_edges, _num_edges)
+        self._by_id = {}
+
+    @property
+    def size(self) -> int:
+        return self.max_entries
+
+    def __getstate__(self) -> dict:
+        return {"size": self.max_entries, "max_edges": self.max_weight}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def _added(self, value: Candidates) -> None:
+        self._by_id[id(value.edge_index)] = value
+
+    def _evicted(self, value: Candidates) -> None:
+        self._by_id.pop(id(value.edge_index), None)
 
     def lookup(self, edge_index: Tensor) -> Optional[Candidates]:
         with self._lock:

@@ -20,7 +20,6 @@ sequence, one class each:
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Tuple
 
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from .._checks import check_device, check_int, check_number
 from ..tree import Tree
-from .base import Candidates, Topology, check_features
+from .base import BoundedCache, Candidates, Topology, check_features
 from .distance import EPS, Distance, check_distance, scale_by_power_of_two
 from .euler_tour import spanning_tree_on_device
 from .layout import empty_forest
@@ -50,7 +49,15 @@ def sequence_edges(num_seqs: int, length: int, window: int = 1) -> np.ndarray:
     return np.stack([(src[None, :] + offset).reshape(-1), (dst[None, :] + offset).reshape(-1)])
 
 
-@functools.lru_cache(maxsize=64)
+def _num_nodes(tree: Tree) -> int:
+    return tree.num_nodes
+
+
+# chains already built, with their scan plans: the 64 most recent ones of together at most
+# 2^22 vertices (some hundred MB of index arrays)
+_CHAINS = BoundedCache(64, 2 ** 22, _num_nodes)
+
+
 def _chain_tree(num_chains: int, length: int, device: torch.device) -> Tree:
     n = num_chains * length
     ar = torch.arange(n, device=device)
@@ -71,11 +78,16 @@ def chain_tree(num_chains: int, length: int, device="cpu") -> Tree:
 
     A ``"down"`` scan over it is exactly Mamba's recurrence :math:`h_t = w_t h_{t-1} + x_t`.
     Built on ``device`` with no host round-trip and cached per ``(num_chains, length,
-    device)``; equal to ``Tree.from_parent`` of the same parent array.
+    device)`` (the most recent ones, up to a total size); equal to ``Tree.from_parent`` of
+    the same parent array.
     """
     num_chains = check_int(num_chains, "num_chains", 0)
     length = check_int(length, "length", 0)
-    return _chain_tree(num_chains, length, check_device(device))
+    device = check_device(device)
+    if torch.compiler.is_compiling():  # traced into the graph: nothing to keep
+        return _chain_tree(num_chains, length, device)
+    return _CHAINS.get((num_chains, length, device),
+                       lambda: _chain_tree(num_chains, length, device))
 
 
 class SequenceTopology(Topology):
