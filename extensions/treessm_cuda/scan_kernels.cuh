@@ -21,13 +21,14 @@
 // child's share and prefix and suffix sums over their slots, so no share is ever subtracted
 // back out.
 //
-// A thread block scans a chunk of kLanes * RMAX positions of one phase for one slice of
-// channels: kLanes position lanes (G threads each, V channels a thread) take RMAX
+// A thread block scans a chunk of kLanes * kRun positions of one phase for one slice of
+// channels: kLanes position lanes (G threads each, V channels a thread) take kRun
 // consecutive positions each; pass 1 loads them into registers (every load of a stage
-// issued before any is used) and composes the lane's run; a scan of the lane composites in
-// shared memory (Kogge-Stone over the kLanes lanes) gives every lane its incoming value;
+// issued before any is used) and composes the lane's run; a scan of the lane composites
+// (warp shuffles in groups of 16 lanes, group totals in order) gives every lane its
+// incoming value;
 // pass 2 runs the recurrence through the registers and writes. Chunks start every
-// kLanes * RMAX positions from the phase's start and carry the value after them into the
+// kLanes * kRun positions from the phase's start and carry the value after them into the
 // next one. Two schedules drive the chunks:
 //   - "trees": one block per (tree, channel slice) walks its tree's phases and chunks in
 //     order (__syncthreads between phases);
@@ -119,6 +120,7 @@ enum ScanMode {
 
 constexpr int kLanes = 128;  // position lanes of a block
 constexpr int kRun = 4;      // positions of a lane: a chunk is kLanes * kRun positions
+constexpr int kGroup = 16;   // lanes scanned by shuffles; groups are composed in order
 
 template <int MODE> struct ModeTraits {
   static constexpr bool UP = MODE <= M_UP_GW;  // leaf-first: phases and positions downwards
@@ -161,13 +163,13 @@ struct ScanArgs {
   const void* carry;     // A [chunks][NS][C]: value entering each chunk
 };
 
-// Shared memory of a block: two buffers of lane composites for the lane scan, then the
-// tree's phase bounds ("trees").
+// Shared memory of a block: the group totals of the lane scan, then the tree's phase bounds
+// ("trees").
 template <int MODE>
 __host__ __device__ inline int64_t scan_smem_bytes(int lpv, int V, int a_size) {
   constexpr int NS = ModeTraits<MODE>::NS;
   const int64_t per = (int64_t)V * (1 + NS) + 1;
-  return 2LL * kLanes * lpv * per * a_size + (kMaxPhases + 2) * 4;
+  return (int64_t)(kLanes / kGroup) * lpv * per * a_size + (kMaxPhases + 2) * 4;
 }
 
 // x * y, taken as 0 when y is 0 (an overflowed product of weights times a zero value)
@@ -202,6 +204,15 @@ template <typename A, int V, int NS> struct Affine {
       a[q] = n.a[q] * a[q];
     }
   }
+  __device__ __forceinline__ void shfl_up(unsigned delta) {
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      a[q] = __shfl_up_sync(0xffffffffu, a[q], delta);
+#pragma unroll
+      for (int s = 0; s < NS; ++s) b[s][q] = __shfl_up_sync(0xffffffffu, b[s][q], delta);
+    }
+    f = __shfl_up_sync(0xffffffffu, static_cast<int>(f), delta) != 0;
+  }
   __device__ __forceinline__ void put(A* p) const {
 #pragma unroll
     for (int q = 0; q < V; ++q) {
@@ -233,7 +244,7 @@ struct ChunkScan {
   using Aff = Affine<A, V, NS>;
 
   const ScanArgs& args;
-  A* lanes;  // shared: two buffers of [kLanes][G] lane composites
+  A* lanes;  // shared: [kLanes / kGroup][G] group totals
   int G, g, q, per;
   int64_t c;
   bool active;
@@ -364,33 +375,43 @@ struct ChunkScan {
     }
   }
 
-  // Scan of the lane composites (Kogge-Stone over the kLanes lanes, in shared memory):
-  // `excl` = composite of the lanes before this one (identity for the first), `total` =
-  // composite of the whole chunk. Starts and ends with a barrier.
+  // Scan of the lane composites: Kogge-Stone by warp shuffles inside each group of kGroup
+  // lanes, then the group totals (shared memory) composed in order. `excl` = composite of
+  // the lanes before this one (identity for the first), `total` = composite of the whole
+  // chunk. The grouping is the same whatever G is, so the bits are.
   __device__ __forceinline__ void lane_scan(Aff& incl, Aff& excl, Aff& total) {
-    A* src = lanes;
-    A* dst = lanes + (int64_t)kLanes * G * per;
-    __syncthreads();  // the previous chunk's readers are done with both buffers
-    incl.put(src + ((int64_t)q * G + g) * per);
-    __syncthreads();
-    for (int d = 1; d < kLanes; d <<= 1) {
-      Aff cur;
-      cur.get(src + ((int64_t)q * G + g) * per);
-      if (q >= d) {
-        Aff prev;
-        prev.get(src + ((int64_t)(q - d) * G + g) * per);
-        prev.then(cur);
-        cur = prev;
+    const int ql = q % kGroup;  // lane within its group
+    const int grp = q / kGroup;
+#pragma unroll
+    for (int d = 1; d < kGroup; d <<= 1) {
+      Aff prev = incl;
+      prev.shfl_up(static_cast<unsigned>(d * G));
+      if (ql >= d) {
+        prev.then(incl);
+        incl = prev;
       }
-      cur.put(dst + ((int64_t)q * G + g) * per);
-      __syncthreads();
-      A* t = src;
-      src = dst;
-      dst = t;
     }
-    if (q > 0) excl.get(src + ((int64_t)(q - 1) * G + g) * per);
-    else excl.identity();
-    total.get(src + ((int64_t)(kLanes - 1) * G + g) * per);
+    __syncthreads();  // the previous chunk's readers are done with the totals
+    if (ql == kGroup - 1) incl.put(lanes + ((int64_t)grp * G + g) * per);
+    __syncthreads();
+    Aff pre;
+    pre.identity();
+    for (int j = 0; j < grp; ++j) {
+      Aff t;
+      t.get(lanes + ((int64_t)j * G + g) * per);
+      pre.then(t);
+    }
+    total = pre;
+    for (int j = grp; j < kLanes / kGroup; ++j) {
+      Aff t;
+      t.get(lanes + ((int64_t)j * G + g) * per);
+      total.then(t);
+    }
+    Aff full = pre;
+    full.then(incl);
+    excl = full;
+    excl.shfl_up(static_cast<unsigned>(G));
+    if (ql == 0) excl = pre;
   }
 
   // Composite of stream indices [i0, i1) (the "phases" schedule's first launch).
@@ -613,7 +634,7 @@ __global__ void __launch_bounds__(kLanes * 2, 2) tree_scan_kernel(const ScanArgs
   using CS = ChunkScan<T, A, V, MODE>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   CS cs(args, smem_raw, blockIdx.y);
-  int* prow = reinterpret_cast<int*>(reinterpret_cast<A*>(smem_raw) + 2LL * kLanes * cs.G * cs.per);
+  int* prow = reinterpret_cast<int*>(reinterpret_cast<A*>(smem_raw) + (kLanes / kGroup) * cs.G * cs.per);
   const int t = blockIdx.x;
   for (int i = threadIdx.x; i <= kMaxPhases; i += blockDim.x)
     prow[i] = args.path_ptr[args.phase_path[(int64_t)t * (kMaxPhases + 1) + i]];

@@ -68,9 +68,10 @@ def _forests():
     }
 
 
-# (channels, threads per position, channels a thread moves): a block slice of one to eight
-# channels, channel counts that leave threads idle
-CONFIGS = [(4, 2, 2), (6, 2, 1), (8, 4, 2), (10, 1, 2)]
+# (channels, threads per position (at most 2: a group of 16 lanes within a warp), channels a
+# thread moves): a block slice of one to four channels, channel counts that leave threads
+# idle
+CONFIGS = [(4, 2, 2), (6, 2, 1), (8, 1, 2), (10, 1, 2)]
 
 
 @pytest.mark.parametrize("schedule", ["trees", "phases"])
@@ -98,7 +99,7 @@ def test_results_do_not_depend_on_the_launch_shape_on_host(harness, tmp_path):
     parent = random_forest(1200, 4, torch.Generator().manual_seed(7), locality=5)
     for schedule in ("trees", "phases"):
         runs = [_run(harness, tmp_path, parent, 4, lpv, schedule, vec)
-                for lpv, vec in ((2, 2), (1, 2), (4, 1))]
+                for lpv, vec in ((2, 2), (1, 2), (2, 1), (1, 1))]
         for other in runs[1:]:
             assert np.array_equal(runs[0], other), schedule
 

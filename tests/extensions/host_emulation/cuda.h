@@ -20,7 +20,7 @@ inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__
 #define __align__(n)
 
