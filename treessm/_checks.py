@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["check_int", "check_ints", "check_int_or_auto", "check_number", "check_bool",
-           "check_choice", "check_optional_choice", "check_device", "check_features"]
+           "check_choice", "check_optional_choice", "check_device", "check_features",
+           "INDEX_TYPES", "check_index_range", "check_edge_index"]
 
 
 def _is_int(value) -> bool:
@@ -180,3 +181,51 @@ def check_optional_choice(value, name: str, choices: Sequence):
     except ValueError:
         raise ValueError(f"{name} must be None or one of {tuple(choices)}, got {value!r}"
                          ) from None
+
+
+#: Integer dtypes taken for vertex ids (converted to int64).
+INDEX_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_index_range(ids: Tensor, name: str, num_nodes: int, hint: str = "") -> None:
+    """Raise a :class:`ValueError` unless every entry of ``ids`` lies in ``[0, num_nodes)``
+    (reads the values: on an accelerator, it waits for the device). ``hint`` is appended to
+    the message."""
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= num_nodes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must hold vertex ids in [0, {num_nodes}), found {bad}"
+                             f"{hint}")
+
+
+def check_edge_index(edge_index, num_nodes: int, *, device=None, rows_of: Optional[str] = None,
+                     check_range: bool = True) -> Tensor:
+    """An integer tensor ``[2, E]`` of vertex ids in ``[0, num_nodes)``, returned as int64.
+
+    Args:
+        device (torch.device, optional): the device it must be on (that of ``rows_of``).
+        rows_of (str, optional): the argument whose rows the ids index, for the messages.
+        check_range (bool): read the ids to check their range (on an accelerator, that
+            waits for the device).
+
+    Raises:
+        TypeError: if ``edge_index`` is not an integer tensor.
+        ValueError: on another shape, another device, or ids outside ``[0, num_nodes)``.
+    """
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"edge_index must be an integer tensor [2, E], got "
+                        f"{type(edge_index).__name__}")
+    if edge_index.dtype not in INDEX_TYPES:
+        raise TypeError(f"edge_index must be an integer tensor [2, E] (int64), got "
+                        f"{edge_index.dtype}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
+    if device is not None and edge_index.device != device:
+        raise ValueError(f"edge_index must be on the device of {rows_of or 'the features'} "
+                         f"({device}), got {edge_index.device}")
+    edge_index = edge_index.long()
+    if check_range:
+        hint = f" ({rows_of} has {num_nodes} rows)" if rows_of else ""
+        check_index_range(edge_index, "edge_index", num_nodes, hint)
+    return edge_index

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_int
+from .._checks import check_edge_index, check_index_range, check_int
 
 __all__ = ["spanning_forest", "edge_keys", "boruvka", "boruvka_compacting",
            "check_device_edge_index", "check_cost", "check_vertices", "check_max_tree_size",
@@ -47,28 +47,16 @@ def ceil_log2(x: int) -> int:
 
 
 # ---------------------------------------------------------------------------- input checks
-def _check_ids(t: Tensor, name: str, num_nodes: int) -> None:
-    """Range check of vertex ids; it reads values, so it only runs on CPU tensors."""
-    if t.device.type == "cpu" and t.numel():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= num_nodes:
-            raise ValueError(f"{name} must hold vertex ids in [0, {num_nodes}), got values in "
-                             f"[{lo}, {hi}]")
-
-
 def check_device_edge_index(edge_index, num_nodes) -> Tuple[Tensor, int]:
+    """``(edge_index as int64, num_nodes)``, checked without waiting for the device: the
+    ids' range is read only on the CPU."""
     num_nodes = check_int(num_nodes, "num_nodes", 0)
-    if not isinstance(edge_index, Tensor):
-        raise TypeError(f"edge_index must be a LongTensor [2, E], got {type(edge_index).__name__}")
-    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
-        raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
+    edge_index = check_edge_index(edge_index, num_nodes,
+                                  check_range=isinstance(edge_index, Tensor)
+                                  and edge_index.device.type == "cpu")
     if edge_index.shape[1] >= 2 ** 31:
         raise ValueError(f"edge_index holds {edge_index.shape[1]} edges; at most 2^31 - 1 are "
                          "supported")
-    edge_index = edge_index.long()
-    _check_ids(edge_index, "edge_index", num_nodes)
     return edge_index, num_nodes
 
 
@@ -97,8 +85,8 @@ def check_vertices(t, name: str, num_nodes: int, device, length: Optional[int] =
     if length is not None and t.shape[0] != length:
         raise ValueError(f"{name} must have one entry per vertex ({length}), got {t.shape[0]}")
     t = t.to(device=device, dtype=torch.long)
-    if name == "roots":
-        _check_ids(t, name, num_nodes)
+    if name == "roots" and t.device.type == "cpu":  # reading ids waits for a device
+        check_index_range(t, name, num_nodes)
     return t
 
 

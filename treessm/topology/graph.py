@@ -16,10 +16,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._checks import INDEX_TYPES
 from ..tree import Tree
 from .base import Topology, check_features
 from .distance import Distance, check_distance
-from .prepared_graph import INDEX_TYPES, PreparedGraph, prepare_graph
+from .prepared_graph import PreparedGraph, prepare_graph
 
 __all__ = ["GraphTopology", "check_graph"]
 

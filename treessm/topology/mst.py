@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from numba import njit
 
-from .._checks import check_int
+from .._checks import INDEX_TYPES, check_edge_index, check_int
 from .chunks import run_chunks
 
 __all__ = ["minimum_spanning_tree"]
 
-_INDEX_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _WEIGHT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -330,27 +329,6 @@ def spanning_forest_mask(src: np.ndarray, dst: np.ndarray, weight: torch.Tensor,
     return mask
 
 
-def check_edge_index(edge_index, num_nodes: int, name: str = "edge_index") -> None:
-    """Validate a ``[2, E]`` integer tensor of vertex ids in ``[0, num_nodes)``."""
-    if not isinstance(edge_index, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [2, E], got "
-                        f"{type(edge_index).__name__}")
-    if edge_index.dtype not in _INDEX_TYPES:
-        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got "
-                        f"{edge_index.dtype}")
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"{name} must have shape [2, E], got {list(edge_index.shape)}")
-    if edge_index.shape[1]:
-        lo, hi = int(edge_index.min()), int(edge_index.max())
-        if lo < 0 or hi >= num_nodes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} must hold vertex ids in [0, {num_nodes}), found {bad}")
-
-
-def check_num_nodes(num_nodes) -> int:
-    return check_int(num_nodes, "num_nodes", 0)
-
-
 # ---------------------------------------------------------------------------- public API
 def minimum_spanning_tree(edge_index: torch.Tensor, edge_weight: torch.Tensor, num_nodes: int,
                           batch: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -388,7 +366,7 @@ def minimum_spanning_tree(edge_index: torch.Tensor, edge_weight: torch.Tensor, n
         - **input:** edge indices :math:`(2, E)`, edge weights :math:`(E)`
         - **output:** edge mask :math:`(E)`
     """
-    num_nodes = check_num_nodes(num_nodes)
+    num_nodes = check_int(num_nodes, "num_nodes", 0)
     check_edge_index(edge_index, num_nodes)
     if not isinstance(edge_weight, torch.Tensor):
         raise TypeError(f"edge_weight must be a torch.Tensor, got {type(edge_weight).__name__}")
@@ -402,7 +380,7 @@ def minimum_spanning_tree(edge_index: torch.Tensor, edge_weight: torch.Tensor, n
     if batch is not None:
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
-        if batch.dtype not in _INDEX_TYPES or batch.dim() != 1 or batch.shape[0] != num_nodes:
+        if batch.dtype not in INDEX_TYPES or batch.dim() != 1 or batch.shape[0] != num_nodes:
             raise ValueError(f"batch must be an integer tensor of shape [{num_nodes}], got "
                              f"{batch.dtype} {list(batch.shape)}")
     device = edge_index.device

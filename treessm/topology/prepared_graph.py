@@ -32,11 +32,10 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import is_sparse, remove_self_loops, to_edge_index, to_undirected
 
-from .._checks import check_int
+from .._checks import check_edge_index, check_int
 
 __all__ = ["PreparedGraph", "prepare_graph", "as_edge_index", "REDUCES"]
 
-INDEX_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 REDUCES = ("mean", "min", "max", "sum")
 
 
@@ -64,25 +63,6 @@ def as_edge_index(edge_index, edge_weight: Optional[Tensor] = None
         raise TypeError(f"edge_index must be a torch.Tensor of shape [2, E], an EdgeIndex, a "
                         f"sparse adjacency or a PreparedGraph, got {type(edge_index).__name__}")
     return edge_index, edge_weight, False
-
-
-def check_edge_index(edge_index: Tensor, num_nodes: int, device=None, name: str = "x") -> Tensor:
-    """``edge_index`` as int64 after checking its type, shape, device and range."""
-    if edge_index.dtype not in INDEX_TYPES:
-        raise TypeError(f"edge_index must be an integer tensor (int64), got {edge_index.dtype}")
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"edge_index must have shape [2, E], got {list(edge_index.shape)}")
-    if device is not None and edge_index.device != device:
-        raise ValueError(f"edge_index must be on the device of {name} ({device}), got "
-                         f"{edge_index.device}")
-    edge_index = edge_index.long()
-    if edge_index.numel():
-        lo, hi = torch.aminmax(edge_index)
-        if int(lo) < 0 or int(hi) >= num_nodes:
-            bad = int(lo) if int(lo) < 0 else int(hi)
-            raise ValueError(f"edge_index must hold vertex ids in [0, {num_nodes}) ({name} has "
-                             f"{num_nodes} rows), found {bad}")
-    return edge_index
 
 
 def _check_edge_values(value: Optional[Tensor], num_edges: int, device, name: str,

@@ -10,10 +10,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .._checks import check_edge_index, check_int
 from ..tree import Tree
 from .chunks import run_chunks
 from .layout import NO_MASK, NO_OFFSETS, Layout, _build_chunk, check_status, layout_forest
-from .mst import check_edge_index, check_num_nodes, check_segment_sizes, segments, weight_bits
+from .mst import check_segment_sizes, segments, weight_bits
 
 __all__ = ["root_forest", "tree_from_edges", "forest_tree_on_cpu", "spanning_tree_on_cpu",
            "root_flags"]
@@ -67,7 +68,7 @@ def root_forest(edge_index: torch.Tensor, num_nodes: int,
         - **input:** edge indices :math:`(2, E)`
         - **output:** parent vector :math:`(N)`
     """
-    num_nodes = check_num_nodes(num_nodes)
+    num_nodes = check_int(num_nodes, "num_nodes", 0)
     check_edge_index(edge_index, num_nodes)
     pref = root_flags(roots, num_nodes)
     ei = edge_index.detach().cpu().to(torch.int64).numpy()
