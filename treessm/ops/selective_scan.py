@@ -1,0 +1,541 @@
+r"""``selective_tree_scan``: Mamba's selective state-space scan over a tree, fused.
+
+A selective SSM layer runs, per inner channel ``d`` and state ``s``, the tree scan of
+``x = Δ B u`` with edge weights ``w = exp(Δ_e A)`` and reads the states out with ``C``
+(``docs/concepts.md``, "The selective tree scan"). Formed naively, ``x``, ``w`` and the
+states are ``[N, D, S]`` tensors: ``S`` times the memory and traffic of the layer's own
+``[N, D]`` features. This module computes the same result without them:
+
+* :func:`selective_tree_scan` -- the public operator, its input checks and dispatcher;
+* :func:`selective_tree_scan_ref` -- the readable definition (it materialises the
+  expansion and scans it level by level in torch, with its own accurate ``"both"``), as
+  mamba pairs ``selective_scan_fn`` with ``selective_scan_ref``;
+* the custom operators ``torch.ops.treessm.selective_tree_scan`` and
+  ``torch.ops.treessm.selective_tree_scan_backward`` (``torch.library``, with fake
+  implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them),
+  which run the fused kernels of a backend.
+
+Backends: ``"torch"`` is the reference (any device). ``"numba"`` is the fused CPU kernel
+(:mod:`treessm.ops.selective_scan_cpu`; no ``[N, D, S]`` tensor in the forward or the
+backward, which recomputes the states). ``"cuda"`` has no fused kernel yet: it forms the
+expansion and runs :func:`treessm.tree_scan`'s CUDA kernels over it. A fused CUDA kernel
+plugs in as one entry of :data:`FUSED_KERNELS` (a forward and a backward with the
+signatures of :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..tree import Tree
+from . import selective_scan_cpu
+from .plan import level_groups
+from .tree_scan import DIRECTIONS, tree_scan
+
+__all__ = ["selective_tree_scan", "selective_tree_scan_ref", "reference_tree_scan",
+           "edge_steps", "EDGE_STEPS", "SELECTIVE_BACKENDS", "FUSED_KERNELS"]
+
+#: Rules for the step of the edge ``(v, parent(v))``: the child's own step (GrootV, GrootL)
+#: or the mean of the steps of the edge's two ends (symmetric: the scan does not depend on
+#: the root). A tensor of per-edge steps is accepted too.
+EDGE_STEPS = ("child", "mean")
+SELECTIVE_BACKENDS = ("torch", "numba", "cuda")
+_FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class FusedKernels(NamedTuple):
+    """The two functions a backend provides (arguments as in
+    :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``)."""
+    forward: Callable
+    backward: Callable
+
+
+#: Fused kernels by backend. The ``"cuda"`` backend falls back to the expanded path until an
+#: entry ``FUSED_KERNELS["cuda"]`` exists.
+FUSED_KERNELS: Dict[str, FusedKernels] = {
+    "numba": FusedKernels(selective_scan_cpu.forward, selective_scan_cpu.backward),
+}
+
+
+# ---------------------------------------------------------------------------- shared pieces
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # states in float32 at least: exp(Δ A) and products of decays along long paths lose
+    # everything in half precision
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _steps(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool,
+           dtype: torch.dtype) -> Tensor:
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def edge_steps(delta: Tensor, tree: Tree, rule: str = "child") -> Tensor:
+    r"""The step of the edge ``(v, parent(v))``, in row ``v``, from the vertex steps
+    ``delta [N, D]``: ``"child"`` is ``delta[v]``; ``"mean"`` is
+    :math:`\tfrac12(\Delta_v + \Delta_{p(v)})`. A root's row (used only for an incoming
+    state) is its own step under both rules."""
+    if rule == "child":
+        return delta
+    if rule != "mean":
+        raise ValueError(f"edge_step must be one of {EDGE_STEPS} or a tensor, got {rule!r}")
+    own = torch.arange(tree.num_nodes, device=delta.device)
+    parent_or_self = torch.where(tree.parent >= 0, tree.parent, own)
+    return 0.5 * (delta + delta.index_select(0, parent_or_self))
+
+
+def _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, dtype):
+    if isinstance(edge_step, Tensor):
+        return _steps(edge_step, delta_bias, delta_softplus, dtype)
+    return edge_steps(delta, tree, edge_step)
+
+
+# ---------------------------------------------------------------------------- reference
+def _level_layout(tree: Tree):
+    """Vertices by breadth-first level, each vertex's rank inside its level and the
+    permutation back to vertex order."""
+    level_order, level_ptr = level_groups(tree)
+    levels = [level_order[level_ptr[k]:level_ptr[k + 1]] for k in range(len(level_ptr) - 1)]
+    n = tree.num_nodes
+    rank = torch.empty(n, dtype=torch.long, device=tree.device)
+    back = torch.empty(n, dtype=torch.long, device=tree.device)
+    for idx in levels:
+        rank[idx] = torch.arange(idx.shape[0], device=tree.device)
+    back[level_order] = torch.arange(n, device=tree.device)
+    return levels, rank, back
+
+
+def _exclusive_run_sums(a: Tensor, run: Tensor) -> Tensor:
+    """Sum of ``a`` over the earlier rows of each row's run of equal ``run`` values
+    (contiguous runs), by doubling: no sum is ever formed as a total minus a part."""
+    m = a.shape[0]
+    ones = (-1,) + (1,) * (a.dim() - 1)
+    inc, step = a, 1
+    while step < m:  # inc[i] = sum over the last min(2 * step, run) rows up to i
+        same = (run[step:] == run[:-step]).view(ones)
+        inc = torch.cat([inc[:step], inc[step:] + torch.where(same, inc[:-step], 0)])
+        step *= 2
+    follows = torch.zeros(m, dtype=torch.bool, device=a.device)
+    follows[1:] = run[1:] == run[:-1]
+    shifted = torch.cat([torch.zeros_like(a[:1]), inc[:-1]])
+    return torch.where(follows.view(ones), shifted, 0)
+
+
+def reference_tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both"
+                        ) -> Tensor:
+    r"""The tree scan of ``docs/concepts.md`` in plain torch, level by level (any device,
+    differentiable by autograd): ``up``, ``down``, and ``both = up + out`` with
+
+    .. math::
+        \mathrm{out}_v = w_v \Big(\mathrm{out}_{p} + x_{p}
+            + \sum_{s \in \mathrm{siblings}(v)} w_s\, \mathrm{up}_s\Big), \qquad
+        \mathrm{out}_{\mathrm{root}} = 0,
+
+    the sibling sums formed from prefix and suffix sums over the parent's children.
+
+    Shapes:
+        - **input:** x :math:`(N, *)`, weight :math:`(N, *)`
+        - **output:** :math:`(N, *)`
+    """
+    if tree.num_nodes == 0:
+        return x + 0 * weight
+    levels, rank, back = _level_layout(tree)
+    xs = [x[idx] for idx in levels]
+    ws = [weight[idx] for idx in levels]
+    par = [None] + [rank[tree.parent[idx]] for idx in levels[1:]]  # parent's rank above
+    depth = len(levels)
+    if direction == "down":
+        h = [xs[0]]
+        for k in range(1, depth):
+            h.append(xs[k] + ws[k] * h[k - 1][par[k]])
+        return torch.cat(h)[back]
+    up = [None] * depth
+    up[-1] = xs[-1]
+    for k in range(depth - 2, -1, -1):  # each vertex adds its children in order
+        up[k] = xs[k].index_add(0, par[k + 1], ws[k + 1] * up[k + 1])
+    if direction == "up":
+        return torch.cat(up)[back]
+    out = [torch.zeros_like(up[0])]
+    for k in range(1, depth):
+        a = ws[k] * up[k]
+        siblings = (_exclusive_run_sums(a, par[k])
+                    + _exclusive_run_sums(a.flip(0), par[k].flip(0)).flip(0))
+        out.append(ws[k] * ((out[k - 1][par[k]] + xs[k - 1][par[k]]) + siblings))
+    return torch.cat([u + o for u, o in zip(up, out)])[back]
+
+
+def selective_tree_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            tree: Tree, D: Optional[Tensor] = None,
+                            delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                            direction: str = "both", edge_step: Union[str, Tensor] = "child",
+                            *, initial_state: Optional[Tensor] = None,
+                            state_vertices: Optional[Tensor] = None, state_norm: bool = False,
+                            norm_weight: Optional[Tensor] = None,
+                            norm_bias: Optional[Tensor] = None, norm_eps: float = 1e-5,
+                            scan: Optional[Callable] = None):
+    """The definition of :func:`selective_tree_scan` (same arguments), written out with the
+    state expansion materialised; ``scan(x, weight, tree, direction)`` is the tree scan it
+    runs over the expanded tensors (default: :func:`reference_tree_scan`)."""
+    acc = _compute_dtype(u.dtype)
+    delta = _steps(delta, delta_bias, delta_softplus, acc)
+    edge = _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, acc)
+    uc = u.to(acc)
+    x = delta[:, :, None] * B.to(acc)[:, None, :] * uc[:, :, None]       # [N, D, S]
+    w = torch.exp(edge[:, :, None] * A.to(acc))                          # [N, D, S]
+    if initial_state is not None:  # enters each root through the root's own edge
+        roots = tree.roots
+        x = x.index_add(0, roots, w[roots] * initial_state.to(acc))
+    h = (scan or reference_tree_scan)(x, w, tree, direction)
+    states = None if state_vertices is None else h[state_vertices]
+    if state_norm:
+        n, d, s = h.shape
+        weight = None if norm_weight is None else norm_weight.reshape(d * s).to(acc)
+        bias = None if norm_bias is None else norm_bias.reshape(d * s).to(acc)
+        h = F.layer_norm(h.reshape(n, d * s), (d * s,), weight, bias, norm_eps).view(n, d, s)
+    y = (h * C.to(acc)[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + D.to(acc) * uc
+    y = y.to(u.dtype)
+    return y if state_vertices is None else (y, states)
+
+
+# ---------------------------------------------------------------------------- custom ops
+def _kernels(backend: str) -> FusedKernels:
+    return FUSED_KERNELS[backend]
+
+
+@torch.library.custom_op("treessm::selective_tree_scan", mutates_args=())
+def _fused_op(u: Tensor, dx: Tensor, de: Tensor, A: Tensor, B: Tensor, C: Tensor,
+              gamma: Optional[Tensor], h0: Optional[Tensor], srow: Tensor, snext: Tensor,
+              parent: Tensor, order: Tensor, child_ptr: Tensor, tree_ptr: Tensor,
+              direction: str, moments: bool, backend: str
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order,
+                                     child_ptr, tree_ptr, direction, moments)
+
+
+@_fused_op.register_fake
+def _(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
+      direction, moments, backend):
+    n, d = u.shape
+    stat = (n, d) if moments else (0,)
+    return (u.new_empty(n, d), u.new_empty(stat), u.new_empty(stat),
+            u.new_empty(snext.shape[0], d, A.shape[1]))
+
+
+@torch.library.custom_op("treessm::selective_tree_scan_backward", mutates_args=())
+def _fused_backward_op(gy: Tensor, gmean: Tensor, gm2: Tensor, gstates: Tensor, u: Tensor,
+                       dx: Tensor, de: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       gamma: Optional[Tensor], h0: Optional[Tensor], mean: Tensor,
+                       srow: Tensor, snext: Tensor, parent: Tensor, order: Tensor,
+                       child_ptr: Tensor, tree_ptr: Tensor, direction: str, moments: bool,
+                       backend: str) -> List[Tensor]:
+    gxb, gde, gB, gC, gA, gg, gh0 = _kernels(backend).backward(
+        gy, gmean, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent,
+        order, child_ptr, tree_ptr, direction, moments)
+    empty = u.new_empty(0)
+    return [gxb, gde, gB, gC, gA, empty if gg is None else gg, empty if gh0 is None else gh0]
+
+
+@_fused_backward_op.register_fake
+def _(gy, gmean, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent,
+      order, child_ptr, tree_ptr, direction, moments, backend):
+    return [torch.empty_like(u), torch.empty_like(de), torch.empty_like(B), torch.empty_like(C),
+            torch.empty_like(A), u.new_empty(0) if gamma is None else torch.empty_like(gamma),
+            u.new_empty(0) if h0 is None else torch.empty_like(h0)]
+
+
+def _setup_context(ctx, inputs, output):
+    (u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
+     direction, moments, backend) = inputs
+    ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], srow, snext, parent, order,
+                          child_ptr, tree_ptr)
+    ctx.args = (direction, moments, backend)
+
+
+def _backward(ctx, gy, gmean, gm2, gstates):
+    (u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent, order, child_ptr,
+     tree_ptr) = ctx.saved_tensors
+    gxb, gde, gB, gC, gA, gg, gh0 = torch.ops.treessm.selective_tree_scan_backward(
+        gy, gmean, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent,
+        order, child_ptr, tree_ptr, *ctx.args)
+    # x = dx u B: the kernel returns sum_s dL/dx B, shared by both factors
+    return (gxb * dx, gxb * u, gde, gA, gB, gC, None if gamma is None else gg,
+            None if h0 is None else gh0) + (None,) * 9
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- fused path
+def _state_rows(state_vertices: Optional[Tensor], n: int, device) -> Tuple[Tensor, Tensor]:
+    """``srow [N]``: the first row of ``state_vertices`` naming each vertex (-1: none);
+    ``snext [K]``: the next row naming the same vertex (-1: none)."""
+    if state_vertices is None:
+        return (torch.full((n,), -1, dtype=torch.long, device=device),
+                torch.zeros(0, dtype=torch.long, device=device))
+    sv = state_vertices.long()
+    k = sv.shape[0]
+    rows = torch.arange(k, device=device)
+    first = torch.full((n,), k, dtype=torch.long, device=device).scatter_reduce(
+        0, sv, rows, "amin")
+    srow = torch.where(first == k, -1, first)
+    ordered, perm = torch.sort(sv, stable=True)
+    snext = torch.full((k,), -1, dtype=torch.long, device=device)
+    if k > 1:
+        same = ordered[1:] == ordered[:-1]
+        snext = snext.index_put((perm[:-1],), torch.where(same, perm[1:], -1))
+    return srow, snext
+
+
+def _normalised_readout(y1: Tensor, mean: Tensor, m2: Tensor, C: Tensor,
+                        weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                        num_states: int) -> Tensor:
+    r""":math:`\sum_s C_s\, \mathrm{LN}(h)_{d,s}` from ``y1 = sum_s C g h`` and the
+    per-channel moments: the vertex's mean and variance over all ``D * S`` states combined
+    from the channels' means and sums of squared deviations (Chan et al.), in a fixed order."""
+    d = y1.shape[1]
+    mu = mean.mean(1, keepdim=True)
+    var = (m2.sum(1, keepdim=True)
+           + num_states * (mean - mu).square().sum(1, keepdim=True)) / (d * num_states)
+    rstd = torch.rsqrt(var + eps)
+    cg = C @ weight.t() if weight is not None else C.sum(1, keepdim=True)
+    y = rstd * (y1 - mu * cg)
+    return y if bias is None else y + C @ bias.t()
+
+
+def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step, *,
+           initial_state, state_vertices, state_norm, norm_weight, norm_bias, norm_eps,
+           backend):
+    acc = _compute_dtype(u.dtype)
+    n, d = u.shape
+    s = A.shape[1]
+    uc = u.to(acc)
+    dx = _steps(delta, delta_bias, delta_softplus, acc)
+    de = _edge_steps(dx, tree, edge_step, delta_bias, delta_softplus, acc)
+    weight = None if norm_weight is None or not state_norm else norm_weight.reshape(d, s).to(acc)
+    bias = None if norm_bias is None or not state_norm else norm_bias.reshape(d, s).to(acc)
+    h0 = None if initial_state is None else initial_state.to(acc)
+    srow, snext = _state_rows(state_vertices, n, u.device)
+    y, mean, m2, states = torch.ops.treessm.selective_tree_scan(
+        uc, dx, de, A.to(acc), B.to(acc), C.to(acc), weight, h0, srow, snext, tree.parent,
+        tree.order, tree.child_ptr, tree.tree_ptr, direction, state_norm, backend)
+    if state_norm:
+        y = _normalised_readout(y, mean, m2, C.to(acc), weight, bias, norm_eps, s)
+    if D is not None:
+        y = y + D.to(acc) * uc
+    y = y.to(u.dtype)
+    return y if state_vertices is None else (y, states)
+
+
+# ---------------------------------------------------------------------------- public API
+def _tensor(value, name: str, dims: int, floating: bool = True) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+    if value.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {list(value.shape)}")
+    if floating and value.dtype not in _FLOAT_TYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float64, bfloat16 "
+                        f"or float16), got {value.dtype}")
+
+
+def _shape(value: Tensor, name: str, shape: Tuple[int, ...], what: str) -> None:
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} ({what}), got "
+                         f"{list(value.shape)}")
+
+
+def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, direction, edge_step, initial_state,
+                  state_vertices, state_norm, norm_weight, norm_bias, norm_eps) -> None:
+    _tensor(u, "u", 2)
+    n, d = u.shape
+    _tensor(delta, "delta", 2)
+    _shape(delta, "delta", (n, d), "one step per vertex and channel, like u")
+    _tensor(A, "A", 2)
+    if A.shape[0] != d:
+        raise ValueError(f"A must have shape [{d}, d_state] (one row per channel of u), got "
+                         f"{list(A.shape)}")
+    s = A.shape[1]
+    _tensor(B, "B", 2)
+    _shape(B, "B", (n, s), "one row per vertex, d_state columns like A")
+    _tensor(C, "C", 2)
+    _shape(C, "C", (n, s), "one row per vertex, d_state columns like A")
+    if not isinstance(tree, Tree):
+        raise TypeError(f"tree must be a treessm.Tree, got {type(tree).__name__}")
+    if tree.num_nodes != n:
+        raise ValueError(f"u must have one row per tree vertex ({tree.num_nodes}), got {n}")
+    for name, value in (("D", D), ("delta_bias", delta_bias)):
+        if value is not None:
+            _tensor(value, name, 1)
+            _shape(value, name, (d,), "one entry per channel of u")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if isinstance(edge_step, Tensor):
+        _tensor(edge_step, "edge_step", 2)
+        _shape(edge_step, "edge_step", (n, d), "the step of each vertex's edge to its parent")
+    elif edge_step not in EDGE_STEPS:
+        raise ValueError(f"edge_step must be one of {EDGE_STEPS} or a tensor of edge steps, "
+                         f"got {edge_step!r}")
+    if initial_state is not None:
+        if direction != "down":
+            raise ValueError(f"initial_state enters the roots of a 'down' scan; direction is "
+                             f"{direction!r}")
+        _tensor(initial_state, "initial_state", 3)
+        _shape(initial_state, "initial_state", (tree.num_trees, d, s),
+               "one state per tree, in the order of tree.tree_ptr")
+    if state_vertices is not None:
+        _tensor(state_vertices, "state_vertices", 1, floating=False)
+        if state_vertices.is_floating_point() or state_vertices.dtype == torch.bool:
+            raise TypeError(f"state_vertices must be an integer tensor, got "
+                            f"{state_vertices.dtype}")
+        if not torch.compiler.is_compiling() and state_vertices.numel() and (
+                int(state_vertices.min()) < 0 or int(state_vertices.max()) >= n):
+            raise ValueError(f"state_vertices must hold vertex ids in [0, {n}), got values in "
+                             f"[{int(state_vertices.min())}, {int(state_vertices.max())}]")
+    if not isinstance(state_norm, bool):
+        raise TypeError(f"state_norm must be a bool, got {type(state_norm).__name__}")
+    for name, value in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if value is None:
+            continue
+        if not state_norm:
+            raise ValueError(f"{name} is used only with state_norm=True")
+        if not isinstance(value, Tensor) or value.numel() != d * s or value.dim() not in (1, 2):
+            got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must have shape [{d}, {s}] or [{d * s}] (one entry per "
+                             f"state of a vertex), got {got}")
+        if value.dim() == 2 and tuple(value.shape) != (d, s):
+            raise ValueError(f"{name} must have shape [{d}, {s}] or [{d * s}], got "
+                             f"{list(value.shape)}")
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+        raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
+    for name, value in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
+                        ("delta_bias", delta_bias), ("initial_state", initial_state),
+                        ("state_vertices", state_vertices), ("norm_weight", norm_weight),
+                        ("norm_bias", norm_bias),
+                        ("edge_step", edge_step if isinstance(edge_step, Tensor) else None)):
+        if value is not None and value.device != u.device:
+            raise ValueError(f"{name} must be on the device of u ({u.device}), got "
+                             f"{value.device}")
+    if tree.device != u.device:
+        raise ValueError(f"tree must be on the device of u ({u.device}), got {tree.device}; "
+                         "use tree.to(u.device)")
+
+
+def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    if backend is None or backend == "auto":
+        return {"cpu": "numba", "cuda": "cuda"}.get(device.type, "torch")
+    if backend not in SELECTIVE_BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + SELECTIVE_BACKENDS}, got "
+                         f"{backend!r}")
+    if backend == "numba" and device.type != "cpu":
+        raise ValueError(f"backend 'numba' runs on CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
+    return backend
+
+
+def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree,
+                        D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                        delta_softplus: bool = False, direction: str = "both",
+                        edge_step: Union[str, Tensor] = "child", *,
+                        initial_state: Optional[Tensor] = None,
+                        state_vertices: Optional[Tensor] = None, state_norm: bool = False,
+                        norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                        norm_eps: float = 1e-5, backend: Optional[str] = None
+                        ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    r"""Mamba's selective scan over a tree, without materialising the state expansion
+    (``docs/concepts.md``, "The selective tree scan").
+
+    With the steps :math:`\Delta = \mathrm{softplus}(\delta + b_\Delta)` (or
+    :math:`\delta + b_\Delta` without ``delta_softplus``), per vertex :math:`v`, channel
+    :math:`d` and state :math:`s`:
+
+    .. math::
+        x_{v,d,s} = \Delta_{v,d}\, B_{v,s}\, u_{v,d}, \qquad
+        w_{v,d,s} = \exp(\Delta^{e}_{v,d} A_{d,s}), \qquad
+        h_{\cdot,d,s} = \mathrm{scan}(x_{\cdot,d,s}, w_{\cdot,d,s})
+
+        y_{v,d} = \sum_s C_{v,s}\, h_{v,d,s} + D_d\, u_{v,d}
+
+    where :math:`\mathrm{scan}` is :func:`treessm.tree_scan` in ``direction`` and
+    :math:`\Delta^{e}_v` the step of the edge :math:`(v, \mathrm{parent}(v))`
+    (``edge_step``). With ``state_norm`` the states of each vertex are first normalised
+    together, :math:`h_v \leftarrow \mathrm{LayerNorm}_{D \cdot S}(h_v)` with the affine
+    ``norm_weight``, ``norm_bias``: TreeSSM's normalisation of the scan output.
+
+    Args:
+        u (Tensor): inputs :math:`(N, D)`.
+        delta (Tensor): steps before bias and softplus, :math:`(N, D)`.
+        A (Tensor): state matrix :math:`(D, S)` (negative for decays).
+        B (Tensor): input projection per vertex :math:`(N, S)`.
+        C (Tensor): output projection per vertex :math:`(N, S)`.
+        tree (Tree): forest over the :math:`N` vertices, on the device of ``u``.
+        D (Tensor, optional): skip :math:`(D)`. (default: ``None``)
+        delta_bias (Tensor, optional): added to ``delta`` :math:`(D)`. (default: ``None``)
+        delta_softplus (bool): apply softplus to the steps. (default: ``False``)
+        direction (str): ``"both"``, ``"up"`` or ``"down"``. (default: ``"both"``)
+        edge_step (str or Tensor): the step of edge :math:`(v, p(v))`: ``"child"``
+            (:math:`\Delta_v`, GrootV, GrootL), ``"mean"``
+            (:math:`\frac12(\Delta_v + \Delta_{p(v)})`, symmetric, TreeSSMConv) or a tensor
+            :math:`(N, D)` of edge steps in the form of ``delta`` (bias and softplus
+            applied alike). (default: ``"child"``)
+        initial_state (Tensor, optional): ``direction="down"`` only: a state
+            :math:`(T, D, S)` per tree (in the order of ``tree.tree_ptr``) that enters its
+            root through the root's own edge step, :math:`h_r = x_r + w_r h^0`: a chain
+            continued from a cached state. (default: ``None``)
+        state_vertices (LongTensor, optional): vertices :math:`(K)` whose states
+            :math:`h` (before ``state_norm``) are returned too. (default: ``None``)
+        state_norm (bool): normalise each vertex's :math:`D \cdot S` states before the
+            read-out. (default: ``False``)
+        norm_weight (Tensor, optional), norm_bias (Tensor, optional): affine of the state
+            normalisation, :math:`(D, S)` or :math:`(D \cdot S)`. (default: ``None``)
+        norm_eps (float): added to the variance. (default: ``1e-5``)
+        backend (str, optional): ``"numba"`` (fused, CPU; the default there), ``"torch"``
+            (the reference, any device) or ``"cuda"`` (the default on CUDA tensors: until
+            a fused CUDA kernel exists, the expansion is formed and scanned by
+            :func:`treessm.tree_scan`'s CUDA kernels). (default: ``None``)
+
+    Returns:
+        ``y`` :math:`(N, D)` in the dtype of ``u``; with ``state_vertices`` the pair
+        ``(y, states)``, states :math:`(K, D, S)` in float32 (float64 for float64 ``u``).
+        Computation runs in float32 for 16-bit inputs. Gradients flow to every tensor
+        argument (``u``, ``delta``, ``A``, ``B``, ``C``, ``D``, ``delta_bias``, an
+        ``edge_step`` tensor, ``initial_state``, the norm's affine) and from ``states``.
+
+    Raises:
+        TypeError, ValueError: on arguments of the wrong type, shape, device or range; the
+            message names the argument.
+
+    Shapes:
+        - **input:** u, delta :math:`(N, D)`; A :math:`(D, S)`; B, C :math:`(N, S)`
+        - **output:** :math:`(N, D)`, and :math:`(K, D, S)` with ``state_vertices``
+
+    Example:
+        >>> import torch, treessm
+        >>> tree = treessm.Tree.from_parent(torch.tensor([-1, 0, 0, 1]))
+        >>> u, delta = torch.randn(4, 8), torch.randn(4, 8)
+        >>> A = -torch.rand(8, 2)
+        >>> B, C = torch.randn(4, 2), torch.randn(4, 2)
+        >>> y = treessm.selective_tree_scan(u, delta, A, B, C, tree, delta_softplus=True)
+        >>> y.shape
+        torch.Size([4, 8])
+    """
+    _check_inputs(u, delta, A, B, C, tree, D, delta_bias, direction, edge_step, initial_state,
+                  state_vertices, state_norm, norm_weight, norm_bias, norm_eps)
+    backend = _resolve_backend(backend, u.device)
+    args = (u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step)
+    options = dict(initial_state=initial_state, state_vertices=state_vertices,
+                   state_norm=state_norm, norm_weight=norm_weight, norm_bias=norm_bias,
+                   norm_eps=norm_eps)
+    if backend == "torch":
+        return selective_tree_scan_ref(*args, **options)
+    if backend not in FUSED_KERNELS:  # CUDA: the expansion through tree_scan's kernels
+        return selective_tree_scan_ref(*args, **options,
+                                       scan=functools.partial(tree_scan, backend=None))
+    return _fused(*args, **options, backend=backend)
