@@ -211,63 +211,61 @@ def _kernels(backend: str) -> FusedKernels:
 
 
 @torch.library.custom_op("treessm::selective_tree_scan", mutates_args=())
-def _fused_op(u: Tensor, dx: Tensor, de: Tensor, A: Tensor, B: Tensor, C: Tensor,
+def _fused_op(u: Tensor, dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
               gamma: Optional[Tensor], h0: Optional[Tensor], srow: Tensor, snext: Tensor,
               parent: Tensor, order: Tensor, child_ptr: Tensor, tree_ptr: Tensor,
-              direction: str, moments: bool, backend: str
+              direction: str, edge_rule: str, moments: bool, backend: str
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order,
-                                     child_ptr, tree_ptr, direction, moments)
+                                     child_ptr, tree_ptr, direction, edge_rule, moments)
 
 
 @_fused_op.register_fake
 def _(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
-      direction, moments, backend):
+      direction, edge_rule, moments, backend):
     n, d = u.shape
-    stat = (n, d) if moments else (0,)
+    stat = n if moments else 0
     return (u.new_empty(n, d), u.new_empty(stat), u.new_empty(stat),
             u.new_empty(snext.shape[0], d, A.shape[1]))
 
 
 @torch.library.custom_op("treessm::selective_tree_scan_backward", mutates_args=())
-def _fused_backward_op(gy: Tensor, gmean: Tensor, gm2: Tensor, gstates: Tensor, u: Tensor,
-                       dx: Tensor, de: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                       gamma: Optional[Tensor], h0: Optional[Tensor], mean: Tensor,
+def _fused_backward_op(gy: Tensor, gmu: Tensor, gm2: Tensor, gstates: Tensor, u: Tensor,
+                       dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
+                       gamma: Optional[Tensor], h0: Optional[Tensor], mu: Tensor,
                        srow: Tensor, snext: Tensor, parent: Tensor, order: Tensor,
-                       child_ptr: Tensor, tree_ptr: Tensor, direction: str, moments: bool,
-                       backend: str) -> List[Tensor]:
-    gxb, gde, gB, gC, gA, gg, gh0 = _kernels(backend).backward(
-        gy, gmean, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent,
-        order, child_ptr, tree_ptr, direction, moments)
-    empty = u.new_empty(0)
-    return [gxb, gde, gB, gC, gA, empty if gg is None else gg, empty if gh0 is None else gh0]
+                       child_ptr: Tensor, tree_ptr: Tensor, direction: str, edge_rule: str,
+                       moments: bool, backend: str) -> List[Tensor]:
+    grads = _kernels(backend).backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
+                                       srow, snext, parent, order, child_ptr, tree_ptr,
+                                       direction, edge_rule, moments)
+    return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_fused_backward_op.register_fake
-def _(gy, gmean, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent,
-      order, child_ptr, tree_ptr, direction, moments, backend):
-    return [torch.empty_like(u), torch.empty_like(de), torch.empty_like(B), torch.empty_like(C),
-            torch.empty_like(A), u.new_empty(0) if gamma is None else torch.empty_like(gamma),
-            u.new_empty(0) if h0 is None else torch.empty_like(h0)]
+def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent, order,
+      child_ptr, tree_ptr, direction, edge_rule, moments, backend):
+    like = lambda t: u.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return [like(u), like(dx), like(de), like(A), like(B), like(C), like(gamma), like(h0)]
 
 
 def _setup_context(ctx, inputs, output):
     (u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
-     direction, moments, backend) = inputs
+     direction, edge_rule, moments, backend) = inputs
     ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], srow, snext, parent, order,
                           child_ptr, tree_ptr)
-    ctx.args = (direction, moments, backend)
+    ctx.args = (direction, edge_rule, moments, backend)
 
 
-def _backward(ctx, gy, gmean, gm2, gstates):
-    (u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent, order, child_ptr,
+def _backward(ctx, gy, gmu, gm2, gstates):
+    (u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent, order, child_ptr,
      tree_ptr) = ctx.saved_tensors
-    gxb, gde, gB, gC, gA, gg, gh0 = torch.ops.treessm.selective_tree_scan_backward(
-        gy, gmean, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent,
-        order, child_ptr, tree_ptr, *ctx.args)
-    # x = dx u B: the kernel returns sum_s dL/dx B, shared by both factors
-    return (gxb * dx, gxb * u, gde, gA, gB, gC, None if gamma is None else gg,
-            None if h0 is None else gh0) + (None,) * 9
+    gu, gdx, gde, gA, gB, gC, gg, gh0 = torch.ops.treessm.selective_tree_scan_backward(
+        gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent, order,
+        child_ptr, tree_ptr, *ctx.args)
+    present = lambda t, g: None if t is None else g  # noqa: E731
+    return (gu, gdx, present(de, gde), gA, gB, gC, present(gamma, gg),
+            present(h0, gh0)) + (None,) * 10
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -294,19 +292,16 @@ def _state_rows(state_vertices: Optional[Tensor], n: int, device) -> Tuple[Tenso
     return srow, snext
 
 
-def _normalised_readout(y1: Tensor, mean: Tensor, m2: Tensor, C: Tensor,
+def _normalised_readout(y1: Tensor, mu: Tensor, m2: Tensor, C: Tensor,
                         weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                         num_states: int) -> Tensor:
     r""":math:`\sum_s C_s\, \mathrm{LN}(h)_{d,s}` from ``y1 = sum_s C g h`` and the
-    per-channel moments: the vertex's mean and variance over all ``D * S`` states combined
-    from the channels' means and sums of squared deviations (Chan et al.), in a fixed order."""
+    vertex's mean ``mu`` and sum of squared deviations ``m2`` over all its ``D * S``
+    states: :math:`\mathrm{rstd}\,(y_1 - \mu \sum_s C_s g_{d,s}) + \sum_s C_s b_{d,s}`."""
     d = y1.shape[1]
-    mu = mean.mean(1, keepdim=True)
-    var = (m2.sum(1, keepdim=True)
-           + num_states * (mean - mu).square().sum(1, keepdim=True)) / (d * num_states)
-    rstd = torch.rsqrt(var + eps)
+    rstd = torch.rsqrt(m2 / (d * num_states) + eps).unsqueeze(1)
     cg = C @ weight.t() if weight is not None else C.sum(1, keepdim=True)
-    y = rstd * (y1 - mu * cg)
+    y = rstd * (y1 - mu.unsqueeze(1) * cg)
     return y if bias is None else y + C @ bias.t()
 
 
@@ -318,16 +313,20 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
     s = A.shape[1]
     uc = u.to(acc)
     dx = _steps(delta, delta_bias, delta_softplus, acc)
-    de = _edge_steps(dx, tree, edge_step, delta_bias, delta_softplus, acc)
+    if isinstance(edge_step, Tensor):
+        rule, de = "given", _steps(edge_step, delta_bias, delta_softplus, acc)
+    else:
+        rule, de = edge_step, None
     weight = None if norm_weight is None or not state_norm else norm_weight.reshape(d, s).to(acc)
     bias = None if norm_bias is None or not state_norm else norm_bias.reshape(d, s).to(acc)
     h0 = None if initial_state is None else initial_state.to(acc)
     srow, snext = _state_rows(state_vertices, n, u.device)
-    y, mean, m2, states = torch.ops.treessm.selective_tree_scan(
-        uc, dx, de, A.to(acc), B.to(acc), C.to(acc), weight, h0, srow, snext, tree.parent,
-        tree.order, tree.child_ptr, tree.tree_ptr, direction, state_norm, backend)
+    Cc = C.to(acc)
+    y, mu, m2, states = torch.ops.treessm.selective_tree_scan(
+        uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, tree.parent, tree.order,
+        tree.child_ptr, tree.tree_ptr, direction, rule, state_norm, backend)
     if state_norm:
-        y = _normalised_readout(y, mean, m2, C.to(acc), weight, bias, norm_eps, s)
+        y = _normalised_readout(y, mu, m2, Cc, weight, bias, norm_eps, s)
     if D is not None:
         y = y + D.to(acc) * uc
     y = y.to(u.dtype)

@@ -1,69 +1,87 @@
 """Numba CPU kernels of the fused selective tree scan (:mod:`treessm.ops.selective_scan`).
 
-The kernels compute, per vertex ``v`` and inner channel ``d``,
+Per vertex ``v``, inner channel ``d`` and state ``s``, with ``x = dx * u * B`` and edge
+weights ``w = exp(de * A[d, s])``, the forward kernel computes
 
-* ``y[v, d] = sum_s C[v, s] g[d, s] h[v, d, s]`` where ``h[:, d, s]`` is the tree scan of
-  ``x = dx * u * B`` with edge weights ``w = exp(de * A[d, s])`` (``g = 1`` without a
-  read-out weight),
-* optionally the mean and the sum of squared deviations of ``h[v, d, :]`` over the states
-  (Welford's update, state by state), from which the caller forms a normalisation over all
-  the states of a vertex, and ``h`` at requested vertices,
+* ``y[v, d] = sum_s C[v, s] g[d, s] h[v, d, s]``, ``h[:, d, s]`` the tree scan of ``x``
+  (``g``, the read-out weight, is 1 when absent);
+* optionally the mean ``mu[v]`` and the sum of squared deviations ``m2[v]`` of all the
+  ``D * S`` states of a vertex, from which the caller normalises them (each channel's
+  states are folded in by Welford's update, state by state; the channels are then combined
+  with Chan's formula for slices of equal size, in a fixed order);
+* ``h`` at requested vertices;
 
-and the gradients of all of it, without ever holding ``h`` for all vertices and states.
+and the backward kernel the gradients of all of it, recomputing the states, without ever
+holding ``h`` for all vertices and states at once. The step ``de`` of the edge
+``(v, parent(v))`` is the child's ``dx[v]`` (rule ``"child"``), the mean
+``(dx[v] + dx[p]) / 2`` (``"mean"``) or a given tensor (``"given"``).
 
 Layout. The inputs are first copied into *breadth-first position order* and cut into blocks
-of ``W`` channels (one 64-byte cache line: 16 float32 or 8 float64), the last one padded
-with inert channels (``u = dx = de = A = 0``). A work item is one block of channels over one
-group of whole trees; inside it the states are taken in chunks of ``Sb``, and for each chunk
-the passes below run over the group's trees with the ``Sb * W`` lanes of a vertex as the
+of ``W`` channels (128 bytes: 32 float32 or 16 float64), the last one padded with inert
+channels (``u = dx = de = A = 0``). A work item is one block of channels over one group of
+whole trees; inside it the states are taken in chunks of ``Sb``, and for each chunk the
+passes below run over the group's trees with the ``Sb * W`` lanes of a vertex as the
 vectorised inner loop. Each thread owns a scratch buffer of a few ``[group size, Sb * W]``
-arrays, reused from item to item: that and ``[N, D]`` / ``[N, S]`` arrays are all the
-kernels allocate.
+rows, reused from item to item and kept within a memory budget (``Sb`` shrinks for large
+trees): that and arrays of ``[N, D]`` or ``[N, S]`` entries are all the kernels allocate.
 
-Passes (``docs/concepts.md``), in breadth-first positions, roots first or leaves first:
+Passes (``docs/concepts.md``), over breadth-first positions, roots first or leaves first:
 
-* ``down``: ``h[v] = x[v] + w[v] h[p]`` (and ``w[r] h0`` at a root ``r`` with an incoming
-  state); backward: ``G = up(g_h)`` leaves first, ``dL/dw[v] = G[v] h[p]``, over the
-  recomputed states;
-* ``up``: ``h[v] = x[v] + sum_c w[c] h[c]``; backward: ``G = down(g_h)``,
+* ``down``: ``h[v] = x[v] + w[v] h[p]`` (and ``x[r] + w[r] h0`` at a root with an incoming
+  state); backward: ``G = up(dL/dh)`` leaves first, ``dL/dw[v] = G[v] h[p]``;
+* ``up``: ``h[v] = x[v] + sum_c w[c] h[c]``; backward: ``G = down(dL/dh)``,
   ``dL/dw[v] = h[v] G[p]``;
 * ``both``: ``up``, then ``out[v] = w[v] (out[p] + x[p] + sum of w[s] up[s] over v's
   siblings s)`` with the sibling sums formed from prefix and suffix sums over the parent's
   children (never a total minus one's own term), ``h = up + out``; backward (self-adjoint):
-  the same two passes over ``g_h``, and ``dL/dw[v] = up_x[v] Br_g[v] + up_g[v] Br_x[v]``
+  the same two passes over ``dL/dh``, and ``dL/dw[v] = up_x[v] Br_g[v] + up_g[v] Br_x[v]``
   with ``Br`` the bracket that ``out[v]`` multiplies by ``w[v]``.
 
 Every sum runs in a fixed order, every output element is written by one work item, and the
-work split does not depend on the number of threads: results are bitwise reproducible, with
-any number of threads. Reductions over channels (the gradients of ``B`` and ``C``) add the
-16 or 8 lanes of a block in a fixed pairwise tree and the blocks in ascending order;
-reductions over vertices (``A``, ``g``) run in position order inside a group of trees and
-over the groups in ascending order.
+split into work items does not depend on the number of threads: results are bitwise
+reproducible run to run, with any number of threads (multiply-adds may be fused, so two
+machines can differ in the last bit). Reductions over channels (the gradients of ``B``
+and ``C``, the moments) add the lanes of a block in a fixed pairwise tree and the blocks in
+ascending order; reductions over vertices (``A``, ``g``) run in position order inside a
+group of trees and over the groups in ascending order.
 """
 from __future__ import annotations
 
 import math
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import get_num_threads, njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "EDGE_RULES"]
 
-_LINE = 64  # bytes per cache line: channels per block
-_MAX_LANES = 64  # states x channels of a block held per vertex and buffer
+#: How the step of the edge (v, parent(v)) is formed.
+EDGE_RULES = ("child", "mean", "given")
 _MODES = {"both": 0, "up": 1, "down": 2}
+_BLOCK_BYTES = 128  # channels per block: W = 32 float32 or 16 float64
+_MAX_LANES = 128  # most states x channels of a block held per vertex and buffer row
+# Scratch per thread: at most max(_SCRATCH_MIN, bytes of one [N, D] array); smaller chunks
+# of states (down to one) keep a large tree within it.
+_SCRATCH_MIN = 16 << 20
 _GROUP_MIN = 1024  # vertices: smallest group of whole trees made one work item
 _GROUPS_PER_RUN = 64  # aim: this many groups when the forest has many trees
+_NUM_TEMPS = 8  # lane rows of temporaries after the buffers
+_BUFFERS = {  # buffer rows per vertex: (forward, backward) by direction
+    "both": (3, 5), "up": (2, 2), "down": (1, 2)}
 
 U = np.uint64
 
 
 # ---------------------------------------------------------------------------- exp
+_LN2_HI = 0.693115234375  # 2839 / 4096: k * _LN2_HI is exact for |k| <= 127
+_LN2_LO = math.log(2) - _LN2_HI
+
+
 @intrinsic
 def _int_bits_as_f32(typingctx, i):
     sig = types.float32(types.int32)
@@ -76,20 +94,20 @@ def _int_bits_as_f32(typingctx, i):
 
 @njit(inline="always")
 def _exp_f32(x):
-    # exp(x) = 2^k exp(r), r = x - k ln 2 in two parts (Cody-Waite), exp(r) by its
-    # minimax polynomial (Cephes' expf): within 1 ulp of the correctly rounded result.
-    # Straight-line code, so loops over lanes vectorise (numba's math.exp does not).
-    # Below -87.33 (where float32 turns subnormal) the result is 0, above 88.72 inf.
-    k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - k * np.float32(0.693359375)
-    r = r - k * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    e = p * r * r + r + np.float32(1.0)
+    # exp(x) = 2^k exp(r) with k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, so
+    # r is exact) and exp(r), |r| <= ln(2) / 2, by its Taylor polynomial of degree 7
+    # (truncation below 3e-9 relative): within about one ulp of exp. Straight-line code,
+    # so the loops over lanes vectorise (numba's math.exp does not). Below -87.33 (where
+    # float32 turns subnormal) the result is 0, above 88.72 infinity.
+    k = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = (x - k * np.float32(_LN2_HI)) - k * np.float32(_LN2_LO)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    e = (p * r) * r + r + np.float32(1.0)
     ki = np.int32(min(max(k, np.float32(-126.0)), np.float32(127.0)))
     e = e * _int_bits_as_f32((ki + np.int32(127)) << np.int32(23))
     e = np.float32(0.0) if x < np.float32(-87.33654) else e
@@ -110,23 +128,21 @@ def _exp_overload(x):
 # ---------------------------------------------------------------------------- argument bundles
 # Built inside the parallel drivers (numba drops writes through tuples that a parallel
 # function receives as arguments) and handed to the per-item functions.
-_Dims = namedtuple("_Dims", "N S W Sb L nblk T K maxn mode has_gamma has_h0 moments "
-                            "has_gstates")
-_Inputs = namedtuple("_Inputs", "ub dxb deb ab bp cp gb h0b counts")
+_Dims = namedtuple("_Dims", "N S W Sb L nblk T K maxn mode edge_mode has_gamma has_h0 "
+                            "moments has_gstates")
+# consts: [1/2, D * S]
+_Inputs = namedtuple("_Inputs", "ub dxb deb ab bp cp gb h0b counts consts")
 _Layout = namedtuple("_Layout", "ppos child_ptr tree_ptr groups srow snext")
 _Outputs = namedtuple("_Outputs", "y1b meanb m2b statesb")
-_GradIn = namedtuple("_GradIn", "gy1b gmeanb gm2b gstatesb meanb")
+_GradIn = namedtuple("_GradIn", "gy1b gmu gm2 gstatesb mu")
 _Grads = namedtuple("_Grads", "gxb gdeb gbp gcp gap ggp gh0b")
-
-_NUM_BUFFERS = 5  # [group size, Sb * W] rows per thread (the backward of "both")
-_NUM_TEMPS = 8  # lane rows of temporaries after them
 
 
 @njit(inline="always")
 def _dims(dims):
     return _Dims(U(dims[0]), U(dims[1]), U(dims[2]), U(dims[3]), U(dims[2] * dims[3]),
-                 U(dims[4]), U(dims[5]), U(dims[6]), U(dims[7]), dims[8], dims[9] != 0,
-                 dims[10] != 0, dims[11] != 0, dims[12] != 0)
+                 U(dims[4]), U(dims[5]), U(dims[6]), U(dims[7]), dims[8], dims[9],
+                 dims[10] != 0, dims[11] != 0, dims[12] != 0, dims[13] != 0)
 
 
 # ---------------------------------------------------------------------------- lane helpers
@@ -136,24 +152,43 @@ def _dims(dims):
 # buffer starts at ``(position - first position of the group) * L``.
 
 @njit(inline="always")
-def _x(dst, do, inp, d, iu, ib, sb):
+def _offsets(d, lay, blk, i, a, s0):
+    """Start of position i's channel block, of its parent's (its own at a root), of its
+    states' row and of the chunk's lanes of A and g."""
+    iu = (blk * d.N + U(i)) * d.W
+    ip = (blk * d.N + U(lay.ppos[i])) * d.W if i > a else iu
+    return iu, ip, U(i) * d.S, (blk * d.S) * d.W + s0 * d.W
+
+
+@njit(inline="always")
+def _de(inp, d, iu, ip, dd):
+    # the step of the edge (v, parent(v)) in lane dd
+    if d.edge_mode == 0:
+        return inp.dxb[iu + dd]
+    if d.edge_mode == 1:
+        return inp.consts[0] * (inp.dxb[iu + dd] + inp.dxb[ip + dd])
+    return inp.deb[iu + dd]
+
+
+@njit(inline="always")
+def _x(dst, do, inp, d, iu, ib, s0, sb):
     # x = (dx u) B
     W = d.W
     for sl in range(sb):
-        bs = inp.bp[ib + sl]
+        bs = inp.bp[ib + s0 + sl]
         o = do + sl * W
         for dd in range(W):
             dst[o + dd] = inp.dxb[iu + dd] * inp.ub[iu + dd] * bs
 
 
 @njit(inline="always")
-def _w(dst, do, inp, d, iu, ia, sb):
+def _w(dst, do, inp, d, iu, ip, ia, sb):
     # w = exp(de A)
     W = d.W
     for sl in range(sb):
         o = sl * W
         for dd in range(W):
-            dst[do + o + dd] = _exp(inp.deb[iu + dd] * inp.ab[ia + o + dd])
+            dst[do + o + dd] = _exp(_de(inp, d, iu, ip, dd) * inp.ab[ia + o + dd])
 
 
 @njit(inline="always")
@@ -174,18 +209,12 @@ def _lane_sum(t, to, W):
 
 
 @njit(inline="always")
-def _offsets(d, blk, i, s0):
-    # start of position i's channel block, of its states, of the chunk's (A, g) lanes
-    return (blk * d.N + U(i)) * d.W, U(i) * d.S + s0, (blk * d.S + s0) * d.W
-
-
-@njit(inline="always")
-def _emit(h, oh, i, blk, s0, sb, inp, lay, out, d):
+def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
     """Read the states ``h[oh:]`` of position ``i`` out: y, moments, requested states."""
     W = d.W
-    iu, ib, ia = _offsets(d, blk, i, s0)
+    iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
     for sl in range(sb):
-        c = inp.cp[ib + sl]
+        c = inp.cp[ib + s0 + sl]
         o = sl * W
         if d.has_gamma:
             for dd in range(W):
@@ -193,7 +222,7 @@ def _emit(h, oh, i, blk, s0, sb, inp, lay, out, d):
         else:
             for dd in range(W):
                 out.y1b[iu + dd] += c * h[oh + o + dd]
-    if d.moments:  # Welford's update, one state after the other
+    if d.moments:  # Welford's update per channel, one state after the other
         for sl in range(sb):
             cnt = inp.counts[s0 + sl]
             o = oh + sl * W
@@ -212,52 +241,52 @@ def _emit(h, oh, i, blk, s0, sb, inp, lay, out, d):
 
 
 # ---------------------------------------------------------------------------- passes
-@njit(inline="always")
+@njit(cache=True, fastmath={"contract"})
 def _up(buf, oH, oW, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     """Leaves first: ``H = up(x)`` in buffer ``oH``, each non-root's ``w`` in ``oW``."""
     L, n = d.L, sb * d.W
     for i in range(b - 1, a - 1, -1):
-        iu, ib, ia = _offsets(d, blk, i, s0)
+        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
-        _x(buf, oh, inp, d, iu, ib, sb)
+        _x(buf, oh, inp, d, iu, ib, s0, sb)
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oh + l] += buf[oW + lk + l] * buf[oH + lk + l]
         if emit:
-            _emit(buf, oh, i, blk, s0, sb, inp, lay, out, d)
+            _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
         if i > a:
-            _w(buf, oW + U(i - ga) * L, inp, d, iu, ia, sb)
+            _w(buf, oW + U(i - ga) * L, inp, d, iu, ip, ia, sb)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath={"contract"})
 def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
     """Roots first: ``H = down(x)`` in buffer ``oH``; an incoming state ``h0[t]`` enters the
     root through the root's own edge weight."""
     L, W = d.L, d.W
     for i in range(a, b):
-        iu, ib, ia = _offsets(d, blk, i, s0)
+        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
-        _x(buf, oh, inp, d, iu, ib, sb)
+        _x(buf, oh, inp, d, iu, ib, s0, sb)
         if i > a:
             op = oH + U(lay.ppos[i] - ga) * L
             for sl in range(sb):
                 o = sl * W
                 for dd in range(W):
-                    buf[oh + o + dd] += (_exp(inp.deb[iu + dd] * inp.ab[ia + o + dd])
+                    buf[oh + o + dd] += (_exp(_de(inp, d, iu, ip, dd) * inp.ab[ia + o + dd])
                                          * buf[op + o + dd])
         elif d.has_h0:
             oz = ((blk * d.T + U(t)) * d.S + s0) * W
             for sl in range(sb):
                 o = sl * W
                 for dd in range(W):
-                    buf[oh + o + dd] += (_exp(inp.deb[iu + dd] * inp.ab[ia + o + dd])
+                    buf[oh + o + dd] += (_exp(_de(inp, d, iu, ip, dd) * inp.ab[ia + o + dd])
                                          * inp.h0b[oz + o + dd])
         if emit:
-            _emit(buf, oh, i, blk, s0, sb, inp, lay, out, d)
+            _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath={"contract"})
 def _out(buf, oU, oW, oO, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
     """Roots first, after :func:`_up`: ``out`` in buffer ``oO`` and ``h = up + out`` read
     out. ``out[v] = w[v] (out[p] + x[p] + prefix + suffix)`` over v's siblings."""
@@ -265,14 +294,14 @@ def _out(buf, oU, oW, oO, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
     t0, t1, t2, t3 = ot, ot + L, ot + U(2) * L, ot + U(3) * L
     la = U(a - ga) * L
     _fill(buf, oO + la, n, 0)
-    _emit(buf, oU + la, a, blk, s0, sb, inp, lay, out, d)
+    _emit(buf, oU + la, a, a, blk, s0, sb, inp, lay, out, d)
     for i in range(a, b):
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
         li = U(i - ga) * L
-        iu, ib, ia = _offsets(d, blk, i, s0)
-        _x(buf, t2, inp, d, iu, ib, sb)
+        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
+        _x(buf, t2, inp, d, iu, ib, s0, sb)
         for l in range(n):  # out[p] + x[p]
             buf[t2 + l] = buf[oO + li + l] + buf[t2 + l]
         _fill(buf, t0, n, 0)  # suffix sums of w up, exclusive, parked in out[k]
@@ -291,18 +320,18 @@ def _out(buf, oU, oW, oO, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
                 ok = wk * br
                 buf[oO + lk + l] = ok
                 buf[t3 + l] = buf[oU + lk + l] + ok
-            _emit(buf, t3, k, blk, s0, sb, inp, lay, out, d)
+            _emit(buf, t3, k, a, blk, s0, sb, inp, lay, out, d)
 
 
 # ---------------------------------------------------------------------------- gradient helpers
-@njit(inline="always")
-def _grad_h(dst, do, h, oh, i, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, readout):
+@njit(cache=True, fastmath={"contract"})
+def _grad_h(dst, do, h, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, readout):
     """``dL/dh`` of position ``i`` into ``dst[do:]`` given its states ``h[oh:]``; with
     ``readout`` also the gradients of ``C`` and ``g`` (read-out weight) it owes."""
     W = d.W
-    iu, ib, ia = _offsets(d, blk, i, s0)
+    iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
     for sl in range(sb):
-        c = inp.cp[ib + sl]
+        c = inp.cp[ib + s0 + sl]
         o = sl * W
         if d.has_gamma:
             for dd in range(W):
@@ -310,14 +339,12 @@ def _grad_h(dst, do, h, oh, i, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, r
         else:
             for dd in range(W):
                 dst[do + o + dd] = gin.gy1b[iu + dd] * c
-    if d.moments:
-        num = inp.counts[d.S - U(1)]
-        for sl in range(sb):
-            o = sl * W
-            for dd in range(W):
-                g2 = gin.gm2b[iu + dd]
-                dst[do + o + dd] += (gin.gmeanb[iu + dd] / num
-                                     + (g2 + g2) * (h[oh + o + dd] - gin.meanb[iu + dd]))
+    if d.moments:  # mu = sum h / (D S), m2 = sum (h - mu)^2
+        gmu = gin.gmu[i] / inp.consts[1]
+        g2 = gin.gm2[i] + gin.gm2[i]
+        mu = gin.mu[i]
+        for l in range(sb * W):
+            dst[do + l] += gmu + g2 * (h[oh + l] - mu)
     if d.has_gstates:
         r = lay.srow[i]
         while r >= 0:
@@ -328,7 +355,7 @@ def _grad_h(dst, do, h, oh, i, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, r
     if readout:
         og = ((U(gi) * d.nblk + blk) * d.S + s0) * W
         for sl in range(sb):
-            c = inp.cp[ib + sl]
+            c = inp.cp[ib + s0 + sl]
             o = sl * W
             if d.has_gamma:
                 for dd in range(W):
@@ -341,14 +368,14 @@ def _grad_h(dst, do, h, oh, i, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, r
             gr.gcp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
-@njit(inline="always")
-def _grad_x(G, og, i, blk, s0, sb, inp, gr, d, buf, tl):
+@njit(cache=True, fastmath={"contract"})
+def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
     """Accumulate what ``dL/dx = G[og:]`` at position ``i`` owes: ``sum_s G B`` (from which
-    the caller forms the gradients of ``u`` and ``dx``) and the gradient of ``B``."""
+    the gradients of ``u`` and ``dx`` follow) and the gradient of ``B``."""
     W = d.W
-    iu, ib, ia = _offsets(d, blk, i, s0)
+    iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
     for sl in range(sb):
-        bs = inp.bp[ib + sl]
+        bs = inp.bp[ib + s0 + sl]
         o = og + sl * W
         for dd in range(W):
             gr.gxb[iu + dd] += G[o + dd] * bs
@@ -359,23 +386,33 @@ def _grad_x(G, og, i, blk, s0, sb, inp, gr, d, buf, tl):
         gr.gbp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
-@njit(inline="always")
-def _grad_w(gw, ogw, w, ow, i, gi, blk, s0, sb, inp, gr, d):
-    """Accumulate what ``dL/dw = gw[ogw:]`` of position ``i``'s edge owes to ``de`` and
-    ``A`` (``dw = w A dde + w de dA``)."""
+@njit(cache=True, fastmath={"contract"})
+def _grad_w(gw, ogw, w, ow, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl):
+    """Accumulate what ``dL/dw = gw[ogw:]`` of position ``i``'s edge owes to its step and
+    to ``A`` (``dw = w A dde + w de dA``); the step's gradient goes where the step came
+    from (both ends in halves under the rule ``"mean"``)."""
     W = d.W
-    iu, ib, ia = _offsets(d, blk, i, s0)
+    iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
     og = ((U(gi) * d.nblk + blk) * d.S + s0) * W
+    _fill(buf, tl, W, 0)
     for sl in range(sb):
         o = sl * W
         for dd in range(W):
             tw = gw[ogw + o + dd] * w[ow + o + dd]
-            gr.gdeb[iu + dd] += tw * inp.ab[ia + o + dd]
-            gr.gap[og + o + dd] += tw * inp.deb[iu + dd]
+            buf[tl + dd] += tw * inp.ab[ia + o + dd]
+            gr.gap[og + o + dd] += tw * _de(inp, d, iu, ip, dd)
+    if d.edge_mode == 1:
+        for dd in range(W):
+            half = inp.consts[0] * buf[tl + dd]
+            gr.gdeb[iu + dd] += half
+            gr.gdeb[ip + dd] += half
+    else:
+        for dd in range(W):
+            gr.gdeb[iu + dd] += buf[tl + dd]
 
 
 # ---------------------------------------------------------------------------- backward passes
-@njit(inline="always")
+@njit(cache=True, fastmath={"contract"})
 def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, d, out):
     # H = down(x), then leaves first G = up(dL/dh) written over H, dL/dw[v] = G[v] H[p]
     L, n = d.L, sb * d.W
@@ -383,33 +420,33 @@ def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, 
     t0, t1, t2, tl = ot, ot + L, ot + U(2) * L, ot + U(6) * L
     _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, False, out)
     for i in range(b - 1, a - 1, -1):
-        iu, ib, ia = _offsets(d, blk, i, s0)
+        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         li = U(i - ga) * L
         oh = oH + li
-        _grad_h(buf, t0, buf, oh, i, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, True)
+        _grad_h(buf, t0, buf, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, True)
         for l in range(n):
             buf[oh + l] = buf[t0 + l]
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oh + l] += buf[oW + lk + l] * buf[oH + lk + l]
-        _grad_x(buf, oh, i, blk, s0, sb, inp, gr, d, buf, tl)
+        _grad_x(buf, oh, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl)
         if i > a:
-            _w(buf, oW + li, inp, d, iu, ia, sb)
+            _w(buf, oW + li, inp, d, iu, ip, ia, sb)
             op = oH + U(lay.ppos[i] - ga) * L  # the parent's row still holds H
             for l in range(n):
                 buf[t2 + l] = buf[oh + l] * buf[op + l]
-            _grad_w(buf, t2, buf, oW + li, i, gi, blk, s0, sb, inp, gr, d)
+            _grad_w(buf, t2, buf, oW + li, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl)
         elif d.has_h0:
-            _w(buf, t1, inp, d, iu, ia, sb)
+            _w(buf, t1, inp, d, iu, ip, ia, sb)
             oz = ((blk * d.T + U(t)) * d.S + s0) * d.W
             for l in range(n):
                 buf[t2 + l] = buf[oh + l] * inp.h0b[oz + l]
                 gr.gh0b[oz + l] = buf[oh + l] * buf[t1 + l]
-            _grad_w(buf, t2, buf, t1, i, gi, blk, s0, sb, inp, gr, d)
+            _grad_w(buf, t2, buf, t1, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath={"contract"})
 def _backward_up(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, out):
     # H = up(x), then roots first G = down(dL/dh) written over H, dL/dw[v] = H[v] G[p]
     L, n = d.L, sb * d.W
@@ -419,21 +456,21 @@ def _backward_up(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, ou
     for i in range(a, b):
         li = U(i - ga) * L
         oh = oH + li
-        _grad_h(buf, t0, buf, oh, i, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, True)
+        _grad_h(buf, t0, buf, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, True)
         if i > a:
             op = oH + U(lay.ppos[i] - ga) * L  # the parent's row already holds G
             for l in range(n):
                 gp = buf[op + l]
                 buf[t2 + l] = buf[oh + l] * gp
                 buf[oh + l] = buf[t0 + l] + buf[oW + li + l] * gp
-            _grad_w(buf, t2, buf, oW + li, i, gi, blk, s0, sb, inp, gr, d)
+            _grad_w(buf, t2, buf, oW + li, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl)
         else:
             for l in range(n):
                 buf[oh + l] = buf[t0 + l]
-        _grad_x(buf, oh, i, blk, s0, sb, inp, gr, d, buf, tl)
+        _grad_x(buf, oh, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath={"contract"})
 def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, out):
     # Buffers: up(x), w, the bracket Br_x that out_x multiplies (out_x = w Br_x), dL/dh
     # turned into up(dL/dh) in place, out of dL/dh. Passes: up(x); roots first Br_x, h and
@@ -445,15 +482,15 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
     tl = ot + U(6) * L
     _up(buf, oUx, oW, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
     la = U(a - ga) * L
-    _grad_h(buf, oUg + la, buf, oUx + la, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl,
+    _grad_h(buf, oUg + la, buf, oUx + la, a, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl,
             True)
     for i in range(a, b):
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
         li = U(i - ga) * L
-        iu, ib, ia = _offsets(d, blk, i, s0)
-        _x(buf, t2, inp, d, iu, ib, sb)
+        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
+        _x(buf, t2, inp, d, iu, ib, s0, sb)
         if i > a:  # out_x[p] + x[p], as the forward pass forms it
             for l in range(n):
                 buf[t2 + l] = buf[oW + li + l] * buf[oBx + li + l] + buf[t2 + l]
@@ -472,8 +509,8 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
                 buf[t1 + l] += wk * buf[oUx + lk + l]
                 buf[oBx + lk + l] = br
                 buf[t3 + l] = buf[oUx + lk + l] + wk * br
-            _grad_h(buf, oUg + lk, buf, t3, k, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl,
-                    True)
+            _grad_h(buf, oUg + lk, buf, t3, k, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf,
+                    tl, True)
     for i in range(b - 1, a - 1, -1):  # up(dL/dh) in place
         li = U(i - ga) * L
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
@@ -481,7 +518,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
             for l in range(n):
                 buf[oUg + li + l] += buf[oW + lk + l] * buf[oUg + lk + l]
     _fill(buf, oOg + la, n, 0)
-    _grad_x(buf, oUg + la, a, blk, s0, sb, inp, gr, d, buf, tl)
+    _grad_x(buf, oUg + la, a, a, blk, s0, sb, inp, lay, gr, d, buf, tl)
     for i in range(a, b):
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
@@ -493,7 +530,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
         else:
             for l in range(n):
                 buf[t5 + l] = buf[oUx + li + l]
-        _grad_h(buf, t2, buf, t5, i, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, False)
+        _grad_h(buf, t2, buf, t5, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, False)
         for l in range(n):  # out_g[p] + g[p]
             buf[t2 + l] = buf[oOg + li + l] + buf[t2 + l]
         _fill(buf, t0, n, 0)
@@ -514,12 +551,12 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
                 buf[oOg + lk + l] = ogk
                 buf[t3 + l] = buf[oUx + lk + l] * brg + ugk * buf[oBx + lk + l]
                 buf[t4 + l] = ugk + ogk
-            _grad_w(buf, t3, buf, oW + lk, k, gi, blk, s0, sb, inp, gr, d)
-            _grad_x(buf, t4, k, blk, s0, sb, inp, gr, d, buf, tl)
+            _grad_w(buf, t3, buf, oW + lk, k, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl)
+            _grad_x(buf, t4, k, a, blk, s0, sb, inp, lay, gr, d, buf, tl)
 
 
 # ---------------------------------------------------------------------------- drivers
-@njit(cache=True)
+@njit(cache=True, fastmath={"contract"})
 def _forward_item(buf, gi, blk, inp, lay, out, d):
     q = d.maxn * d.L
     ga = lay.tree_ptr[lay.groups[gi]]
@@ -533,29 +570,27 @@ def _forward_item(buf, gi, blk, inp, lay, out, d):
                 _up(buf, U(0), q, ga, a, b, blk, s0, sb, inp, lay, d, True, out)
             else:
                 _up(buf, U(0), q, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
-                _out(buf, U(0), q, U(2) * q, U(_NUM_BUFFERS) * q, ga, a, b, blk, s0, sb, inp,
-                     lay, d, out)
+                _out(buf, U(0), q, U(2) * q, U(3) * q, ga, a, b, blk, s0, sb, inp, lay, d,
+                     out)
 
 
-@njit(cache=True, parallel=True)
-def _forward_kernel(ub, dxb, deb, ab, bp, cp, gb, h0b, counts, ppos, child_ptr, tree_ptr,
-                    groups, srow, snext, y1b, meanb, m2b, statesb, scratch, dims):
+@njit(cache=True, nogil=True)
+def _forward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts, ppos, child_ptr,
+                    tree_ptr, groups, srow, snext, y1b, meanb, m2b, statesb, scratch, dims):
+    # the work items th, th + threads, ... (threads = rows of scratch), without the GIL
     d = _dims(dims)
-    nthreads = scratch.shape[0]
-    nitems = (groups.shape[0] - 1) * dims[4]
-    for th in prange(nthreads):
-        inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, counts)
-        lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
-        out = _Outputs(y1b, meanb, m2b, statesb)
-        for j in range(th, nitems, nthreads):
-            gi = j // dims[4]
-            _forward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, out, d)
+    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts)
+    lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
+    out = _Outputs(y1b, meanb, m2b, statesb)
+    for j in range(th, (groups.shape[0] - 1) * dims[4], scratch.shape[0]):
+        gi = j // dims[4]
+        _forward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, out, d)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"contract"})
 def _backward_item(buf, gi, blk, inp, lay, gin, gr, d, out):
     q = d.maxn * d.L
-    ot = U(_NUM_BUFFERS) * q
+    ot = (U(5) if d.mode == 0 else U(2)) * q  # after the rows of _BUFFERS
     ga = lay.tree_ptr[lay.groups[gi]]
     for t in range(lay.groups[gi], lay.groups[gi + 1]):
         a, b = lay.tree_ptr[t], lay.tree_ptr[t + 1]
@@ -571,43 +606,64 @@ def _backward_item(buf, gi, blk, inp, lay, gin, gr, d, out):
                                out)
 
 
-@njit(cache=True, parallel=True)
-def _backward_kernel(ub, dxb, deb, ab, bp, cp, gb, h0b, counts, ppos, child_ptr, tree_ptr,
-                     groups, srow, snext, gy1b, gmeanb, gm2b, gstatesb, meanb, gxb, gdeb, gbp,
-                     gcp, gap, ggp, gh0b, scratch, dims):
+@njit(cache=True, nogil=True)
+def _backward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts, ppos, child_ptr,
+                     tree_ptr, groups, srow, snext, gy1b, gmu, gm2, gstatesb, mu, gxb, gdeb,
+                     gbp, gcp, gap, ggp, gh0b, scratch, dims):
     d = _dims(dims)
-    nthreads = scratch.shape[0]
-    nitems = (groups.shape[0] - 1) * dims[4]
-    for th in prange(nthreads):
-        inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, counts)
-        lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
-        gin = _GradIn(gy1b, gmeanb, gm2b, gstatesb, meanb)
-        gr = _Grads(gxb, gdeb, gbp, gcp, gap, ggp, gh0b)
-        out = _Outputs(gxb[:1], gxb[:1], gxb[:1], gxb[:1])  # never written: no read-out
-        for j in range(th, nitems, nthreads):
-            gi = j // dims[4]
-            _backward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, gin, gr, d, out)
+    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts)
+    lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
+    gin = _GradIn(gy1b, gmu, gm2, gstatesb, mu)
+    gr = _Grads(gxb, gdeb, gbp, gcp, gap, ggp, gh0b)
+    out = _Outputs(gxb[:1], gxb[:1], gxb[:1], gxb[:1])  # never written: no read-out
+    for j in range(th, (groups.shape[0] - 1) * dims[4], scratch.shape[0]):
+        gi = j // dims[4]
+        _backward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, gin, gr, d, out)
 
 
 # ---------------------------------------------------------------------------- layout copies
-@njit(cache=True, parallel=True)
-def _to_blocks(src, order, nblk, W, dst):
-    # dst[blk, i, dd] = src[order[i], blk * W + dd], zero past the last channel
-    n, c = src.shape
-    for i in prange(n):
+# Each runs over positions [i0, i1) without the GIL; :func:`_over_positions` splits the
+# positions among threads.
+
+@njit(cache=True, nogil=True)
+def _to_positions(i0, i1, u, dx, de, has_de, B, C, order, nblk, W, ub, dxb, deb, bp, cp):
+    # ub[blk, i, dd] = u[order[i], blk * W + dd] (zero past the last channel), likewise dx
+    # and de; bp[i] = B[order[i]], cp[i] = C[order[i]]
+    n, c = u.shape
+    s = B.shape[1]
+    for i in range(i0, i1):
         v = order[i]
         for blk in range(nblk):
             o = (blk * n + i) * W
             for dd in range(W):
                 ch = blk * W + dd
-                dst[o + dd] = src[v, ch] if ch < c else 0
+                inside = ch < c
+                ub[o + dd] = u[v, ch] if inside else 0
+                dxb[o + dd] = dx[v, ch] if inside else 0
+                if has_de:
+                    deb[o + dd] = de[v, ch] if inside else 0
+        for j in range(s):
+            bp[i * s + j] = B[v, j]
+            cp[i * s + j] = C[v, j]
 
 
-@njit(cache=True, parallel=True)
-def _from_blocks(src, order, nblk, W, dst):
+@njit(cache=True, nogil=True)
+def _rows_to_blocks(i0, i1, x, order, nblk, W, xb):
+    n, c = x.shape
+    for i in range(i0, i1):
+        v = order[i]
+        for blk in range(nblk):
+            o = (blk * n + i) * W
+            for dd in range(W):
+                ch = blk * W + dd
+                xb[o + dd] = x[v, ch] if ch < c else 0
+
+
+@njit(cache=True, nogil=True)
+def _from_blocks(i0, i1, src, order, nblk, W, dst):
     # dst[order[i], blk * W + dd] = src[blk, i, dd] for the real channels
     n, c = dst.shape
-    for i in prange(n):
+    for i in range(i0, i1):
         v = order[i]
         for blk in range(nblk):
             o = (blk * n + i) * W
@@ -615,20 +671,59 @@ def _from_blocks(src, order, nblk, W, dst):
                 dst[v, blk * W + dd] = src[o + dd]
 
 
-@njit(cache=True, parallel=True)
-def _gather_rows(src, order, dst):
-    n, s = src.shape
-    for i in prange(n):
+@njit(cache=True, nogil=True)
+def _input_grads(i0, i1, gxb, gdeb, ub, dxb, order, nblk, W, edge_on_dx, gu, gdx, gde):
+    # gu = (sum_s G B) dx, gdx = (sum_s G B) u (+ the edge steps' gradient when they are
+    # formed from dx), gde = the given edge steps' gradient; back in vertex order
+    n, c = gu.shape
+    for i in range(i0, i1):
         v = order[i]
-        for j in range(s):
-            dst[i * s + j] = src[v, j]
+        for blk in range(nblk):
+            o = (blk * n + i) * W
+            for dd in range(min(W, c - blk * W)):
+                g = gxb[o + dd]
+                ch = blk * W + dd
+                gu[v, ch] = g * dxb[o + dd]
+                if edge_on_dx:
+                    gdx[v, ch] = g * ub[o + dd] + gdeb[o + dd]
+                else:
+                    gdx[v, ch] = g * ub[o + dd]
+                    gde[v, ch] = gdeb[o + dd]
 
 
-@njit(cache=True, parallel=True)
-def _sum_blocks_to_rows(src, order, nblk, dst):
+@njit(cache=True, nogil=True)
+def _moments(i0, i1, meanb, m2b, order, nblk, W, c, num_channels, num_states, mu, m2):
+    # Chan's combination of the channels' (mean, m2) over S states each into the vertex's
+    # (mean, m2) over all c * S states: channel sums in a fixed order (lanes per block,
+    # blocks ascending, then a pairwise tree over the lanes)
+    n = order.shape[0]
+    t1 = np.empty(W, meanb.dtype)
+    t2 = np.empty(W, meanb.dtype)
+    for i in range(i0, i1):
+        t1[:] = 0
+        t2[:] = 0
+        for blk in range(nblk):
+            o = (blk * n + i) * W
+            for dd in range(W):
+                t1[dd] += meanb[o + dd]
+                t2[dd] += m2b[o + dd]
+        m = _lane_sum(t1, U(0), U(W)) / num_channels
+        t1[:] = 0
+        for blk in range(nblk):
+            o = (blk * n + i) * W
+            for dd in range(min(W, c - blk * W)):
+                dev = meanb[o + dd] - m
+                t1[dd] += dev * dev
+        v = order[i]
+        mu[v] = m
+        m2[v] = _lane_sum(t2, U(0), U(W)) + num_states * _lane_sum(t1, U(0), U(W))
+
+
+@njit(cache=True, nogil=True)
+def _sum_blocks_to_rows(i0, i1, src, order, nblk, dst):
     # dst[order[i], s] = sum over blocks, in ascending order, of src[blk, i, s]
     n, s = dst.shape
-    for i in prange(n):
+    for i in range(i0, i1):
         v = order[i]
         for j in range(s):
             acc = src[i * s + j]
@@ -637,15 +732,36 @@ def _sum_blocks_to_rows(src, order, nblk, dst):
             dst[v, j] = acc
 
 
-@njit(cache=True, parallel=True)
-def _positions(parent, order, ppos):
-    n = order.shape[0]
-    pos = np.empty(n, np.int64)
-    for i in prange(n):
-        pos[order[i]] = i
-    for i in prange(n):
-        p = parent[order[i]]
-        ppos[i] = pos[p] if p >= 0 else -1
+# ---------------------------------------------------------------------------- threads
+_pools = {}
+
+
+def _threads() -> int:
+    return max(1, get_num_threads())
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    pool = _pools.get(threads)
+    if pool is None:
+        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="treessm")
+    return pool
+
+
+def _on_threads(fn, threads: int, *args) -> None:
+    """``fn(th, *args)`` for ``th`` in ``range(threads)``, concurrently (``fn`` releases the
+    GIL)."""
+    if threads == 1:
+        fn(0, *args)
+        return
+    for job in [_pool(threads).submit(fn, th, *args) for th in range(threads)]:
+        job.result()
+
+
+def _over_positions(fn, n: int, *args) -> None:
+    """``fn(i0, i1, *args)`` over ``[0, n)`` cut into one range per thread."""
+    threads = max(1, min(_threads(), n // 4096))
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
+    _on_threads(lambda th: fn(bounds[th], bounds[th + 1], *args), threads)
 
 
 # ---------------------------------------------------------------------------- host side
@@ -659,7 +775,8 @@ def _params_to_blocks(p: np.ndarray, nblk: int, W: int, lead=()) -> np.ndarray:
     pad = np.zeros(lead + (nblk * W, s), p.dtype)
     pad[..., :d, :] = p
     pad = pad.reshape(lead + (nblk, W, s))
-    axes = (len(lead),) + tuple(range(len(lead))) + (len(lead) + 2, len(lead) + 1)
+    k = len(lead)
+    axes = (k,) + tuple(range(k)) + (k + 2, k + 1)
     return np.ascontiguousarray(pad.transpose(axes)).reshape(-1)
 
 
@@ -679,164 +796,167 @@ def _groups(tree_ptr: np.ndarray, n: int) -> np.ndarray:
     return np.unique(np.concatenate((cuts, [tree_ptr.shape[0] - 1]))).astype(np.int64)
 
 
-class _Run:
-    """Everything the kernels of one call share: positions, blocks, groups, scratch."""
-
-    def __init__(self, u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr,
-                 tree_ptr, direction, moments, grad_states=False):
-        if direction not in _MODES:
-            raise ValueError(f"direction must be one of {tuple(_MODES)}, got {direction!r}")
-        n, dch = u.shape
-        s = A.shape[1]
-        dtype = np.dtype(np.float64 if u.dtype == torch.float64 else np.float32)
-        self.n, self.d, self.s, self.dtype = n, dch, s, dtype
-        self.W = W = _LINE // dtype.itemsize
-        self.nblk = nblk = -(-dch // W)
-        self.sb = sb = max(1, min(s, _MAX_LANES // W))
-        self.order = _np(order)
-        self.ppos = np.empty(n, np.int64)
-        _positions(_np(parent), self.order, self.ppos)
-        tp = _np(tree_ptr)
-        self.tree_ptr = tp
-        self.child_ptr = _np(child_ptr)
-        self.groups = _groups(tp, n)
-        gsize = np.diff(tp[self.groups])
-        self.maxn = int(gsize.max())
-        self.num_trees = tp.shape[0] - 1
-        self.num_states = num_states = snext.shape[0]
-        self.ub, self.dxb, self.deb = (self.blocks(x) for x in (u, dx, de))
-        self.ab = _params_to_blocks(_np(A), nblk, W)
-        self.gb = (_params_to_blocks(_np(gamma), nblk, W) if gamma is not None
-                   else np.zeros(1, dtype))
-        self.h0b = (_params_to_blocks(_np(h0), nblk, W, (self.num_trees,)) if h0 is not None
-                    else np.zeros(1, dtype))
-        self.bp = np.empty(n * s, dtype)
-        _gather_rows(_np(B), self.order, self.bp)
-        self.cp = np.empty(n * s, dtype)
-        _gather_rows(_np(C), self.order, self.cp)
-        self.counts = np.arange(1, s + 1, dtype=dtype)
-        self.srow = np.full(n, -1, np.int64)
-        self.snext = np.full(max(num_states, 1), -1, np.int64)
-        if num_states:
-            self.srow = _np(srow)[self.order]
-            self.snext = _np(snext)
-        nitems = (self.groups.shape[0] - 1) * nblk
-        threads = max(1, min(get_num_threads(), nitems))
-        L = sb * W
-        self.scratch = np.empty((threads, (_NUM_BUFFERS * self.maxn + _NUM_TEMPS) * L), dtype)
-        self.dims = np.array([n, s, W, sb, nblk, self.num_trees, num_states, self.maxn,
-                              _MODES[direction], gamma is not None, h0 is not None, moments,
-                              grad_states], np.int64)
-
-    def blocks(self, x: torch.Tensor) -> np.ndarray:
-        out = np.empty(self.nblk * self.n * self.W, self.dtype)
-        _to_blocks(_np(x), self.order, self.nblk, self.W, out)
-        return out
-
-    def unblock(self, xb: np.ndarray) -> torch.Tensor:
-        out = np.empty((self.n, self.d), self.dtype)
-        _from_blocks(xb, self.order, self.nblk, self.W, out)
-        return torch.from_numpy(out)
-
-    def zeros(self) -> np.ndarray:
-        return np.zeros(self.nblk * self.n * self.W, self.dtype)
-
-    def layout(self):
-        return (self.counts, self.ppos, self.child_ptr, self.tree_ptr, self.groups, self.srow,
-                self.snext)
-
-    def inputs(self):
-        return self.ub, self.dxb, self.deb, self.ab, self.bp, self.cp, self.gb, self.h0b
-
-
-def _check(u, A):
+def _check(u: torch.Tensor, direction: str, edge_rule: str) -> None:
     if u.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the numba kernels take float32 or float64, got {u.dtype}")
     if u.device.type != "cpu":
         raise ValueError(f"the numba kernels run on CPU tensors, got {u.device}")
+    if direction not in _MODES:
+        raise ValueError(f"direction must be one of {tuple(_MODES)}, got {direction!r}")
+    if edge_rule not in EDGE_RULES:
+        raise ValueError(f"edge_rule must be one of {EDGE_RULES}, got {edge_rule!r}")
+
+
+class _Run:
+    """What the kernels of one call share: positions, blocks, work items, scratch."""
+
+    def __init__(self, u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr,
+                 tree_ptr, direction, edge_rule, moments, backward, grad_states=False):
+        _check(u, direction, edge_rule)
+        n, dch = u.shape
+        s = A.shape[1]
+        dt = np.dtype(np.float64 if u.dtype == torch.float64 else np.float32)
+        self.n, self.d, self.s, self.dtype = n, dch, s, dt
+        self.W = W = _BLOCK_BYTES // dt.itemsize
+        self.nblk = nblk = -(-dch // W)
+        self.order = _np(order)
+        pos = np.empty(n, np.int64)
+        pos[self.order] = np.arange(n)
+        up = _np(parent)[self.order]
+        self.ppos = np.where(up >= 0, pos[np.maximum(up, 0)], -1)
+        self.tree_ptr = tp = _np(tree_ptr)
+        self.child_ptr = _np(child_ptr)
+        self.groups = _groups(tp, n)
+        self.maxn = int(np.diff(tp[self.groups]).max()) if n else 0
+        self.num_trees = tp.shape[0] - 1
+        self.num_states = k = snext.shape[0]
+        given = edge_rule == "given"
+        self.ub, self.dxb = np.empty(nblk * n * W, dt), np.empty(nblk * n * W, dt)
+        self.deb = np.empty(nblk * n * W if given else 1, dt)
+        self.bp, self.cp = np.empty(n * s, dt), np.empty(n * s, dt)
+        if n:
+            _over_positions(_to_positions, n, _np(u), _np(dx), _np(de) if given else _np(u),
+                            given, _np(B), _np(C), self.order, nblk, W, self.ub, self.dxb,
+                            self.deb, self.bp, self.cp)
+        self.ab = _params_to_blocks(_np(A), nblk, W)
+        self.gb = (_params_to_blocks(_np(gamma), nblk, W) if gamma is not None
+                   else np.zeros(1, dt))
+        self.h0b = (_params_to_blocks(_np(h0), nblk, W, (self.num_trees,)) if h0 is not None
+                    else np.zeros(1, dt))
+        self.counts = np.arange(1, s + 1, dtype=dt)
+        self.consts = np.array([0.5, dch * s], dt)
+        self.srow = _np(srow)[self.order] if k else np.full(n, -1, np.int64)
+        self.snext = _np(snext) if k else np.full(1, -1, np.int64)
+        nitems = (self.groups.shape[0] - 1) * nblk
+        threads = max(1, min(_threads(), nitems))
+        rows = _BUFFERS[direction][1 if backward else 0]
+        budget = max(_SCRATCH_MIN, n * dch * dt.itemsize)
+        sb = max(1, min(s, _MAX_LANES // W,
+                        budget // (dt.itemsize * W * (rows * self.maxn + _NUM_TEMPS))))
+        self.sb = sb
+        self.scratch = np.empty((threads, (rows * self.maxn + _NUM_TEMPS) * sb * W), dt)
+        self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
+                              _MODES[direction], EDGE_RULES.index(edge_rule), gamma is not None,
+                              h0 is not None, moments, grad_states], np.int64)
+
+    def blocks(self, x: torch.Tensor) -> np.ndarray:
+        out = np.empty(self.nblk * self.n * self.W, self.dtype)
+        if self.n:
+            _over_positions(_rows_to_blocks, self.n, _np(x), self.order, self.nblk, self.W, out)
+        return out
+
+    def zeros(self, per_channel: bool = True) -> np.ndarray:
+        return np.zeros(self.nblk * self.n * self.W if per_channel else self.n * self.s,
+                        self.dtype)
+
+    def kernel_args(self):
+        return (self.ub, self.dxb, self.deb, self.ab, self.bp, self.cp, self.gb, self.h0b,
+                self.counts, self.consts, self.ppos, self.child_ptr, self.tree_ptr, self.groups,
+                self.srow, self.snext)
 
 
 def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
-            direction: str, moments: bool
+            direction: str, edge_rule: str, moments: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, m2, states)`` of the fused scan (see the module docstring).
+    """``(y, mu, m2, states)`` of the fused scan (see the module docstring).
 
-    ``u, dx, de [N, D]``, ``B, C [N, S]``, ``A [D, S]``, ``gamma [D, S]`` or ``None``,
-    ``h0 [T, D, S]`` or ``None`` (direction ``"down"``), all float32 or all float64.
-    ``srow [N]`` is the first row of ``states [K, D, S]`` that each vertex's states go to
-    (``-1``: none) and ``snext [K]`` the next row of the same vertex (``-1``: none).
-    ``mean`` and ``m2`` are empty unless ``moments``.
+    ``u, dx [N, D]`` and ``de [N, D]`` (rule ``"given"``; else unused), ``B, C [N, S]``,
+    ``A [D, S]``, ``gamma [D, S]`` or ``None``, ``h0 [T, D, S]`` or ``None`` (direction
+    ``"down"``), all float32 or all float64. ``srow [N]`` is the first row of
+    ``states [K, D, S]`` each vertex's states go to (``-1``: none) and ``snext [K]`` the next
+    row of the same vertex (``-1``: none). ``mu, m2 [N]`` are empty unless ``moments``.
     """
-    _check(u, A)
     run = _Run(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
-               direction, moments)
-    n, d, s, num_states = run.n, run.d, run.s, run.num_states
+               direction, edge_rule, moments, backward=False)
+    n, d, s, k, nblk, W, dt = run.n, run.d, run.s, run.num_states, run.nblk, run.W, run.dtype
     y1b = run.zeros()
-    meanb = run.zeros() if moments else np.zeros(1, run.dtype)
-    m2b = run.zeros() if moments else np.zeros(1, run.dtype)
-    statesb = np.zeros(max(1, run.nblk * num_states * s * run.W), run.dtype)
+    meanb = run.zeros() if moments else np.zeros(1, dt)
+    m2b = run.zeros() if moments else np.zeros(1, dt)
+    statesb = np.zeros(max(1, nblk * k * s * W), dt)
     if n and d and s:
-        counts, ppos, child_ptr, tree_ptr, groups, srow_p, snext_n = run.layout()
-        _forward_kernel(*run.inputs(), counts, ppos, child_ptr, tree_ptr, groups, srow_p,
-                        snext_n, y1b, meanb, m2b, statesb, run.scratch, run.dims)
-    y = run.unblock(y1b)
-    empty = torch.zeros(0, dtype=y.dtype)
-    mean = run.unblock(meanb) if moments else empty
-    m2 = run.unblock(m2b) if moments else empty
-    states = torch.from_numpy(_params_from_blocks(statesb[:run.nblk * num_states * s * run.W],
-                                                  d, s, run.nblk, run.W, (num_states,)))
-    return y, mean, m2, states
+        _on_threads(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
+                    statesb, run.scratch, run.dims)
+    y = np.empty((n, d), dt)
+    if n:
+        _over_positions(_from_blocks, n, y1b, run.order, nblk, W, y)
+    mu = np.zeros(n if moments else 0, dt)
+    m2 = np.zeros(n if moments else 0, dt)
+    if moments and n and d and s:
+        _over_positions(_moments, n, meanb, m2b, run.order, nblk, W, d, dt.type(d), dt.type(s),
+                        mu, m2)
+    states = _params_from_blocks(statesb[:nblk * k * s * W], d, s, nblk, W, (k,))
+    return (torch.from_numpy(y), torch.from_numpy(mu), torch.from_numpy(m2),
+            torch.from_numpy(states))
 
 
-def backward(gy, gmean, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mean, srow, snext, parent,
-             order, child_ptr, tree_ptr, direction: str, moments: bool):
-    """Gradients of :func:`forward`'s outputs, recomputing the states.
-
-    Returns ``(sum_s dL/dx B [N, D], dL/dde [N, D], dL/dB [N, S], dL/dC [N, S], dL/dA [D, S],
-    dL/dgamma [D, S] or None, dL/dh0 [T, D, S] or None)``; the caller forms
-    ``dL/du = (sum_s dL/dx B) dx`` and ``dL/ddx = (sum_s dL/dx B) u``.
-    """
-    _check(u, A)
-    num_states = snext.shape[0]
-    grad_states = num_states > 0 and gstates is not None
+def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent,
+             order, child_ptr, tree_ptr, direction: str, edge_rule: str, moments: bool):
+    """Gradients of :func:`forward`'s outputs with respect to its inputs, recomputing the
+    states: ``(dL/du, dL/ddx, dL/dde or None, dL/dA, dL/dB, dL/dC, dL/dgamma or None,
+    dL/dh0 or None)``. Under the rules ``"child"`` and ``"mean"`` the edge steps' gradient
+    is part of ``dL/ddx``."""
+    k = snext.shape[0]
+    grad_states = k > 0 and gstates is not None
     run = _Run(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
-               direction, moments, grad_states)
+               direction, edge_rule, moments, backward=True, grad_states=grad_states)
     n, d, s, nblk, W, dt = run.n, run.d, run.s, run.nblk, run.W, run.dtype
     one = np.zeros(1, dt)
     gy1b = run.blocks(gy)
-    gmeanb = run.blocks(gmean) if moments else one
-    gm2b = run.blocks(gm2) if moments else one
-    meanb = run.blocks(mean) if moments else one
-    gstatesb = (_params_to_blocks(_np(gstates), nblk, W, (num_states,)) if grad_states
-                else one)
+    if moments:
+        gmu_p, gm2_p, mu_p = (_np(t)[run.order] for t in (gmu, gm2, mu))
+    else:
+        gmu_p = gm2_p = mu_p = one
+    gstatesb = (_params_to_blocks(_np(gstates), nblk, W, (k,)) if grad_states else one)
     ngroups = run.groups.shape[0] - 1
     gxb, gdeb = run.zeros(), run.zeros()
     gbp = np.zeros(nblk * n * s, dt)
     gcp = np.zeros(nblk * n * s, dt)
-    gap = np.zeros(ngroups * nblk * s * W, dt)
-    ggp = np.zeros(ngroups * nblk * s * W if gamma is not None else 1, dt)
+    gap = np.zeros(max(ngroups, 1) * nblk * s * W, dt)
+    ggp = np.zeros(max(ngroups, 1) * nblk * s * W if gamma is not None else 1, dt)
     gh0b = np.zeros(nblk * run.num_trees * s * W if h0 is not None else 1, dt)
     if n and d and s:
-        counts, ppos, child_ptr, tree_ptr, groups, srow_p, snext_n = run.layout()
-        _backward_kernel(*run.inputs(), counts, ppos, child_ptr, tree_ptr, groups, srow_p,
-                         snext_n, gy1b, gmeanb, gm2b, gstatesb, meanb, gxb, gdeb, gbp, gcp,
-                         gap, ggp, gh0b, run.scratch, run.dims)
-    gxB = run.unblock(gxb)
-    gde = run.unblock(gdeb)
-    gB = np.empty((n, s), dt)
-    _sum_blocks_to_rows(gbp, run.order, nblk, gB)
-    gC = np.empty((n, s), dt)
-    _sum_blocks_to_rows(gcp, run.order, nblk, gC)
+        _on_threads(_backward_worker, run.scratch.shape[0], *run.kernel_args(), gy1b, gmu_p,
+                    gm2_p, gstatesb, mu_p, gxb, gdeb, gbp, gcp, gap, ggp, gh0b, run.scratch,
+                    run.dims)
+    given = edge_rule == "given"
+    gu, gdx = np.zeros((n, d), dt), np.zeros((n, d), dt)
+    gde = np.zeros((n, d) if given else (0, d), dt)
+    gB, gC = np.zeros((n, s), dt), np.zeros((n, s), dt)
+    if n:
+        _over_positions(_input_grads, n, gxb, gdeb, run.ub, run.dxb, run.order, nblk, W,
+                        not given, gu, gdx, gde if given else gu)
+        _over_positions(_sum_blocks_to_rows, n, gbp, run.order, nblk, gB)
+        _over_positions(_sum_blocks_to_rows, n, gcp, run.order, nblk, gC)
 
-    def over_groups(p):  # [ngroups, nblk, S, W] summed over the groups in ascending order
-        p = p.reshape(max(ngroups, 1), nblk * s * W) if ngroups else np.zeros((1, nblk * s * W), dt)
+    def over_groups(p):  # [groups, nblk, S, W] summed over the groups in ascending order
+        p = p.reshape(max(ngroups, 1), nblk * s * W)
         acc = p[0].copy()
-        for k in range(1, p.shape[0]):
-            acc += p[k]
+        for j in range(1, p.shape[0]):
+            acc += p[j]
         return torch.from_numpy(_params_from_blocks(acc, d, s, nblk, W))
 
-    gA = over_groups(gap)
-    gg = over_groups(ggp) if gamma is not None else None
-    gh0 = (torch.from_numpy(_params_from_blocks(gh0b, d, s, nblk, W, (run.num_trees,)))
-           if h0 is not None else None)
-    return gxB, gde, torch.from_numpy(gB), torch.from_numpy(gC), gA, gg, gh0
+    t = torch.from_numpy
+    return (t(gu), t(gdx), t(gde) if given else None, over_groups(gap), t(gB), t(gC),
+            over_groups(ggp) if gamma is not None else None,
+            t(_params_from_blocks(gh0b, d, s, nblk, W, (run.num_trees,))) if h0 is not None
+            else None)

@@ -1,0 +1,376 @@
+"""selective_tree_scan: the fused CPU kernels against the torch reference, the reference
+against tree_scan on the expanded tensors and against the dense oracle."""
+import math
+
+import numba
+import pytest
+import torch
+
+import treessm
+from oracle import all_roots, chain, dense_tree_scan, empty, random_forest, single_vertex, star
+from treessm import Tree, selective_tree_scan, tree_scan
+from treessm.ops.selective_scan import reference_tree_scan, selective_tree_scan_ref
+
+DIRECTIONS = ("both", "up", "down")
+RULES = ("child", "mean", "given")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+FORESTS = {
+    "single_vertex": lambda: single_vertex(),
+    "two_vertices": lambda: torch.tensor([1, -1]),
+    "random_three_trees": lambda: random_forest(30, 3, _gen(2)),
+    "all_roots": lambda: all_roots(9),
+    "deep_chain": lambda: random_forest(60, 1, _gen(3), locality=2),
+    "star": lambda: star(13, center=5),
+    "many_trees": lambda: random_forest(2600, 50, _gen(4)),
+}
+
+
+def _problem(parent, d=35, s=3, dtype=torch.float64, seed=0, rule="child", direction="both",
+             skip=True, bias=True, initial=False):
+    """Leaf tensors of one call and its keyword arguments."""
+    g = _gen(seed)
+    n = parent.shape[0]
+    tree = Tree.from_parent(parent)
+    t = {"u": torch.randn(n, d, generator=g, dtype=dtype),
+         "delta": torch.randn(n, d, generator=g, dtype=dtype) - 1,
+         "A": -torch.rand(d, s, generator=g, dtype=dtype) * 2,
+         "B": torch.randn(n, s, generator=g, dtype=dtype),
+         "C": torch.randn(n, s, generator=g, dtype=dtype)}
+    if skip:
+        t["D"] = torch.randn(d, generator=g, dtype=dtype)
+    if bias:
+        t["delta_bias"] = torch.randn(d, generator=g, dtype=dtype) * 0.5
+    if rule == "given":
+        t["edge_step"] = torch.randn(n, d, generator=g, dtype=dtype) - 1
+    if initial:
+        t["initial_state"] = torch.randn(tree.num_trees, d, s, generator=g, dtype=dtype)
+    kw = {"direction": direction, "delta_softplus": True}
+    if rule != "given":
+        kw["edge_step"] = rule
+    return tree, {k: v.requires_grad_() for k, v in t.items()}, kw
+
+
+def _value_and_grads(fn, tree, leaves, kw, seed=1):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    out = fn(tree=tree, **leaves, **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = _gen(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+               for o in outs)
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    return outs, {k: torch.zeros_like(leaves[k]) if gr is None else gr
+                  for k, gr in zip(names, grads)}
+
+
+def _assert_same(got, want, rtol=1e-9, atol=1e-11):
+    (go, gg), (wo, wg) = got, want
+    for a, b in zip(go, wo):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    for k in wg:
+        torch.testing.assert_close(gg[k], wg[k], rtol=rtol, atol=atol, msg=f"gradient of {k}")
+
+
+# ---------------------------------------------------------------------------- by hand
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_two_vertex_path_by_hand(backend):
+    # 0 <- 1; steps 1 everywhere, A = log(1/2): w = 1/2; B = 1, so x = u = (1, 2); C = (1, 2)
+    tree = Tree.from_parent(torch.tensor([-1, 0]))
+    u = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    delta = torch.ones(2, 1, dtype=torch.float64)
+    A = torch.tensor([[math.log(0.5)]], dtype=torch.float64)
+    B = torch.ones(2, 1, dtype=torch.float64)
+    C = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    expected = {"down": [1.0, 2 * (2 + 0.5 * 1)],      # h = (1, 2.5)
+                "up": [1 + 0.5 * 2, 2 * 2.0],          # h = (2, 2)
+                "both": [1 + 0.5 * 2, 2 * (2 + 0.5)]}  # h = (2, 2.5)
+    for direction, want in expected.items():
+        y = selective_tree_scan(u, delta, A, B, C, tree, direction=direction, backend=backend)
+        assert y.squeeze(1).tolist() == pytest.approx(want, abs=1e-12), direction
+    y = selective_tree_scan(u, delta, A, B, C, tree, D=torch.tensor([10.0], dtype=torch.float64),
+                            backend=backend)
+    assert y.squeeze(1).tolist() == pytest.approx([12.0, 25.0], abs=1e-12)
+
+
+# ---------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("forest", ["single_vertex", "random_three_trees", "all_roots",
+                                    "deep_chain", "star"])
+def test_reference_scan_matches_dense_oracle(forest, direction):
+    parent = FORESTS[forest]()
+    tree = Tree.from_parent(parent)
+    g = _gen(5)
+    x = torch.randn(parent.shape[0], 4, generator=g, dtype=torch.float64)
+    # weights above 1 too: the "both" form adds no term only to take it back
+    w = torch.rand(parent.shape[0], 4, generator=g, dtype=torch.float64) * 2.5
+    gout = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (reference_tree_scan, lambda a, b, t, dr: dense_tree_scan(a, b, parent, dr)):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        h = fn(xa, wa, tree, direction)
+        grads = torch.autograd.grad(h, (xa, wa), gout, allow_unused=True)
+        results.append([h] + [torch.zeros_like(x) if gr is None else gr for gr in grads])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_both_stays_accurate_with_large_weights():
+    # on a long chain with w = 1.5 the subtractive recurrence of "both" loses all digits in
+    # float32; the sibling-sum form does not
+    n = 60
+    parent = chain(n)
+    tree = Tree.from_parent(parent)
+    x = torch.randn(n, 2, generator=_gen(6), dtype=torch.float64)
+    w = torch.full((n, 2), 1.5, dtype=torch.float64)
+    want = dense_tree_scan(x, w, parent, "both")
+    got = reference_tree_scan(x.float(), w.float(), tree, "both").double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_reference_is_the_expanded_scan(direction):
+    tree, leaves, kw = _problem(random_forest(25, 2, _gen(7)), d=4, s=3, rule="mean",
+                                direction=direction, initial=direction == "down")
+    y = selective_tree_scan_ref(tree=tree, **leaves, **kw)
+    # the definition written out: expand, scan with tree_scan and with the dense oracle
+    delta = torch.nn.functional.softplus(leaves["delta"] + leaves["delta_bias"])
+    p = torch.where(tree.parent >= 0, tree.parent, torch.arange(25))
+    edge = 0.5 * (delta + delta[p])
+    x = delta[:, :, None] * leaves["B"][:, None, :] * leaves["u"][:, :, None]
+    w = torch.exp(edge[:, :, None] * leaves["A"])
+    if direction == "down":
+        x = x.index_add(0, tree.roots, w[tree.roots] * leaves["initial_state"])
+    for h in (tree_scan(x, w, tree, direction, backend="torch"),
+              tree_scan(x, w, tree, direction, backend="numba"),
+              dense_tree_scan(x, w, tree.parent, direction)):
+        want = (h * leaves["C"][:, None, :]).sum(-1) + leaves["D"] * leaves["u"]
+        torch.testing.assert_close(y, want)
+
+
+# ---------------------------------------------------------------------------- fused vs reference
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("forest", list(FORESTS))
+def test_fused_matches_reference(forest, direction, rule):
+    tree, leaves, kw = _problem(FORESTS[forest](), rule=rule, direction=direction)
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree, leaves, kw)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_fused_norm_states_and_initial_state(direction):
+    tree, leaves, kw = _problem(random_forest(40, 3, _gen(8)), d=19, s=5, rule="mean",
+                                direction=direction, initial=direction == "down")
+    g = _gen(9)
+    leaves["norm_weight"] = torch.randn(19, 5, generator=g, dtype=torch.float64).requires_grad_()
+    leaves["norm_bias"] = torch.randn(19 * 5, generator=g, dtype=torch.float64).requires_grad_()
+    kw.update(state_norm=True, state_vertices=torch.tensor([4, 0, 39, 4]))
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree, leaves, kw)
+    _assert_same(got, want)
+    (y, states), _ = got
+    assert states.shape == (4, 19, 5) and torch.equal(states[0], states[3])
+
+
+def test_fused_norm_without_affine():
+    tree, leaves, kw = _problem(random_forest(20, 1, _gen(10)), d=6, s=2)
+    kw["state_norm"] = True
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree, leaves, kw)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_float32_many_states_deep_chain(direction):
+    # nine states run in chunks; a chain of 300 and a bushy tree; float32 against float64
+    parent = torch.cat([chain(300), random_forest(200, 1, _gen(11)) + 300])
+    parent[300] = -1
+    tree64, leaves, kw = _problem(parent, d=40, s=9, rule="mean", direction=direction)
+    kw.update(state_norm=True, state_vertices=torch.tensor([299, 301]))
+    want = _value_and_grads(selective_tree_scan_ref, tree64, leaves, kw)
+    leaves32 = {k: v.detach().float() for k, v in leaves.items()}
+    got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree64,
+                           leaves32, kw)
+    for a, b in zip(got[0], want[0]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    for k in want[1]:
+        b = want[1][k]
+        torch.testing.assert_close(got[1][k].double(), b, rtol=1e-3,
+                                   atol=1e-4 * b.abs().max().item(), msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_run_in_float32(dtype):
+    tree, leaves, kw = _problem(random_forest(30, 2, _gen(12)), d=8, s=4, rule="mean")
+    half = {k: v.detach().to(dtype) for k, v in leaves.items()}
+    kw["state_vertices"] = torch.tensor([0])
+    got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree, half, kw)
+    want = _value_and_grads(selective_tree_scan_ref, tree, half, kw)
+    (y, states), grads = got
+    assert y.dtype == dtype and states.dtype == torch.float32
+    assert all(grads[k].dtype == dtype for k in grads)
+    torch.testing.assert_close(y.float(), want[0][0].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(states, want[0][1], rtol=1e-5, atol=1e-5)
+    for k in grads:
+        scale = want[1][k].float().abs().max().item()
+        torch.testing.assert_close(grads[k].float(), want[1][k].float(), rtol=5e-2,
+                                   atol=3e-2 * scale, msg=k)
+
+
+# ---------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_gradcheck(direction):
+    tree, leaves, kw = _problem(random_forest(7, 2, _gen(13)), d=3, s=2, rule="mean",
+                                direction=direction, initial=direction == "down")
+    g = _gen(14)
+    leaves["norm_weight"] = torch.randn(3, 2, generator=g, dtype=torch.float64).requires_grad_()
+    leaves["norm_bias"] = torch.randn(3, 2, generator=g, dtype=torch.float64).requires_grad_()
+    kw.update(state_norm=True, state_vertices=torch.tensor([1, 1, 6]))
+    names = list(leaves)
+
+    def f(*values):
+        y, states = selective_tree_scan(tree=tree, **dict(zip(names, values)), **kw,
+                                        backend="numba")
+        return y, states
+
+    assert torch.autograd.gradcheck(f, tuple(leaves[k] for k in names))
+
+
+def test_gradcheck_given_edge_steps():
+    tree, leaves, kw = _problem(random_forest(6, 1, _gen(15)), d=2, s=2, rule="given",
+                                direction="both")
+    names = list(leaves)
+    assert torch.autograd.gradcheck(
+        lambda *v: selective_tree_scan(tree=tree, **dict(zip(names, v)), **kw, backend="numba"),
+        tuple(leaves[k] for k in names))
+
+
+# ---------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_empty_input(backend):
+    tree, leaves, kw = _problem(empty(), d=5, s=2)
+    y = selective_tree_scan(tree=tree, **leaves, **kw, backend=backend)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert leaves["u"].grad.shape == (0, 5) and leaves["A"].grad.shape == (5, 2)
+    assert torch.all(leaves["A"].grad == 0)
+
+
+def test_no_states_is_the_skip_alone():
+    tree, leaves, kw = _problem(random_forest(10, 1, _gen(16)), d=3, s=0)
+    y = selective_tree_scan(tree=tree, **leaves, **kw)
+    torch.testing.assert_close(y, leaves["D"] * leaves["u"])
+
+
+def test_bitwise_deterministic_with_any_thread_count():
+    tree, leaves, kw = _problem(torch.cat([random_forest(1500, 1, _gen(17)),
+                                           random_forest(1500, 30, _gen(18)) + 1500]),
+                                d=40, s=3, dtype=torch.float32, rule="mean")
+    kw.update(state_norm=True)
+    fn = lambda **a: selective_tree_scan(**a, backend="numba")  # noqa: E731
+    first = _value_and_grads(fn, tree, leaves, kw)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = _value_and_grads(fn, tree, leaves, kw)
+    finally:
+        numba.set_num_threads(threads)
+    again = _value_and_grads(fn, tree, leaves, kw)
+    for other in (single, again):
+        for a, b in zip(first[0], other[0]):
+            assert torch.equal(a, b)
+        for k in first[1]:
+            assert torch.equal(first[1][k], other[1][k]), k
+
+
+def test_torch_compile_fullgraph():
+    tree, leaves, kw = _problem(random_forest(30, 3, _gen(19)), d=6, s=3, dtype=torch.float32,
+                                rule="mean")
+    kw.update(state_norm=True, state_vertices=torch.tensor([2, 5]))
+
+    def f(**a):
+        y, states = selective_tree_scan(**a, backend="numba")
+        return y.sin(), states * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    want = _value_and_grads(f, tree, leaves, kw)
+    got = _value_and_grads(compiled, tree, leaves, kw)
+    _assert_same(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- bad input
+def _bad_cases():
+    n, d, s = 4, 3, 2
+    tree = Tree.from_parent(torch.tensor([-1, 0, 0, 1]))
+    ok = dict(u=torch.randn(n, d), delta=torch.randn(n, d), A=-torch.rand(d, s),
+              B=torch.randn(n, s), C=torch.randn(n, s), tree=tree)
+    return ok, [
+        (dict(u=[[1.0]]), TypeError, "u must be a Tensor"),
+        (dict(u=torch.randn(n)), ValueError, "u must be 2-D"),
+        (dict(u=torch.ones(n, d, dtype=torch.long)), TypeError, "u must be a floating"),
+        (dict(delta=torch.randn(n, d + 1)), ValueError, "delta must have shape"),
+        (dict(A=torch.randn(d + 1, s)), ValueError, "A must have shape"),
+        (dict(B=torch.randn(n, s + 1)), ValueError, "B must have shape"),
+        (dict(C=torch.randn(n + 1, s)), ValueError, "C must have shape"),
+        (dict(tree=tree.parent), TypeError, "tree must be a treessm.Tree"),
+        (dict(u=torch.randn(n + 1, d), delta=torch.randn(n + 1, d), B=torch.randn(n + 1, s),
+              C=torch.randn(n + 1, s)), ValueError, "one row per tree vertex"),
+        (dict(D=torch.randn(d + 1)), ValueError, "D must have shape"),
+        (dict(delta_bias=torch.randn(1, d)), ValueError, "delta_bias must be 1-D"),
+        (dict(direction="sideways"), ValueError, "direction must be one of"),
+        (dict(edge_step="max"), ValueError, "edge_step must be one of"),
+        (dict(edge_step=torch.randn(n, d + 1)), ValueError, "edge_step must have shape"),
+        (dict(initial_state=torch.randn(1, d, s)), ValueError, "initial_state enters"),
+        (dict(direction="down", initial_state=torch.randn(2, d, s)), ValueError,
+         "initial_state must have shape"),
+        (dict(state_vertices=torch.tensor([0.5])), TypeError, "state_vertices must be an int"),
+        (dict(state_vertices=torch.tensor([4])), ValueError, "state_vertices must hold"),
+        (dict(norm_weight=torch.randn(d, s)), ValueError, "norm_weight is used only"),
+        (dict(state_norm=True, norm_bias=torch.randn(d, s + 1)), ValueError,
+         "norm_bias must have shape"),
+        (dict(state_norm=1), TypeError, "state_norm must be a bool"),
+        (dict(norm_eps=0.0), ValueError, "norm_eps must be a positive"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+        (dict(u=torch.randn(n, d, device="meta"), delta=torch.randn(n, d, device="meta"),
+              A=torch.randn(d, s, device="meta"), B=torch.randn(n, s, device="meta"),
+              C=torch.randn(n, s, device="meta"), tree=tree.to("meta"), backend="numba"),
+         ValueError, "backend 'numba' runs on CPU"),
+        (dict(tree=tree.to("meta")), ValueError, "tree must be on the device of u"),
+        (dict(delta=torch.randn(n, d, device="meta")), ValueError,
+         "delta must be on the device of u"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases()[1])))
+def test_bad_input_names_the_argument(case):
+    ok, cases = _bad_cases()
+    change, exc, message = cases[case]
+    with pytest.raises(exc, match=message):
+        selective_tree_scan(**{**ok, **change})
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_matches_reference(direction):
+    tree, leaves, kw = _problem(random_forest(50, 3, _gen(20)), d=7, s=3, rule="mean",
+                                direction=direction, initial=direction == "down")
+    kw.update(state_norm=True, state_vertices=torch.tensor([0, 7]))
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    kw_cuda = {**kw, "state_vertices": kw["state_vertices"].cuda()}
+    got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw_cuda)
+    _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
+
+
+def test_exported():
+    assert treessm.selective_tree_scan is selective_tree_scan
+    assert treessm.ops.selective_tree_scan is selective_tree_scan
