@@ -209,6 +209,26 @@ def _lane_sum(t, to, W):
 
 
 @njit(inline="always")
+def _brackets(buf, oU, oW, oBr, base, tmp, ga, k0, k1, L, n):
+    """For the children ``k0 <= k < k1`` of a vertex, ``Br[k] = base + (prefix + suffix)``
+    of ``w U`` over k's siblings, into the rows of ``oBr``: the suffix sums are parked there
+    on the way back, the prefix sums added on the way forward."""
+    _fill(buf, tmp, n, 0)
+    for k in range(k1 - 1, k0 - 1, -1):
+        lk = U(k - ga) * L
+        for l in range(n):
+            buf[oBr + lk + l] = buf[tmp + l]
+            buf[tmp + l] += buf[oW + lk + l] * buf[oU + lk + l]
+    _fill(buf, tmp, n, 0)
+    for k in range(k0, k1):
+        lk = U(k - ga) * L
+        for l in range(n):
+            wu = buf[oW + lk + l] * buf[oU + lk + l]
+            buf[oBr + lk + l] = buf[base + l] + (buf[tmp + l] + buf[oBr + lk + l])
+            buf[tmp + l] += wu
+
+
+@njit(inline="always")
 def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
     """Read the states ``h[oh:]`` of position ``i`` out: y, moments, requested states."""
     W = d.W
@@ -289,9 +309,10 @@ def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
 @njit(cache=True, fastmath={"contract"})
 def _out(buf, oU, oW, oO, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
     """Roots first, after :func:`_up`: ``out`` in buffer ``oO`` and ``h = up + out`` read
-    out. ``out[v] = w[v] (out[p] + x[p] + prefix + suffix)`` over v's siblings."""
+    out. ``out[v] = w[v] Br[v]``, ``Br[v] = out[p] + x[p] + (w up summed over v's
+    siblings)``."""
     L, n = d.L, sb * d.W
-    t0, t1, t2, t3 = ot, ot + L, ot + U(2) * L, ot + U(3) * L
+    t0, t2, t3 = ot, ot + U(2) * L, ot + U(3) * L
     la = U(a - ga) * L
     _fill(buf, oO + la, n, 0)
     _emit(buf, oU + la, a, a, blk, s0, sb, inp, lay, out, d)
@@ -304,20 +325,11 @@ def _out(buf, oU, oW, oO, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
         _x(buf, t2, inp, d, iu, ib, s0, sb)
         for l in range(n):  # out[p] + x[p]
             buf[t2 + l] = buf[oO + li + l] + buf[t2 + l]
-        _fill(buf, t0, n, 0)  # suffix sums of w up, exclusive, parked in out[k]
-        for k in range(k1 - 1, k0 - 1, -1):
-            lk = U(k - ga) * L
-            for l in range(n):
-                buf[oO + lk + l] = buf[t0 + l]
-                buf[t0 + l] += buf[oW + lk + l] * buf[oU + lk + l]
-        _fill(buf, t1, n, 0)  # prefix sums
+        _brackets(buf, oU, oW, oO, t2, t0, ga, k0, k1, L, n)
         for k in range(k0, k1):
             lk = U(k - ga) * L
             for l in range(n):
-                wk = buf[oW + lk + l]
-                br = buf[t2 + l] + (buf[t1 + l] + buf[oO + lk + l])
-                buf[t1 + l] += wk * buf[oU + lk + l]
-                ok = wk * br
+                ok = buf[oW + lk + l] * buf[oO + lk + l]
                 buf[oO + lk + l] = ok
                 buf[t3 + l] = buf[oU + lk + l] + ok
             _emit(buf, t3, k, a, blk, s0, sb, inp, lay, out, d)
@@ -477,8 +489,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
     # dL/dh; up(dL/dh); roots first out_g, dL/dx and dL/dw = up_x Br_g + up_g Br_x.
     L, n = d.L, sb * d.W
     oUx, oW, oBx, oUg, oOg = U(0), q, U(2) * q, U(3) * q, U(4) * q
-    t0, t1, t2, t3, t4, t5 = (ot, ot + L, ot + U(2) * L, ot + U(3) * L, ot + U(4) * L,
-                              ot + U(5) * L)
+    t0, t2, t3, t4, t5 = ot, ot + U(2) * L, ot + U(3) * L, ot + U(4) * L, ot + U(5) * L
     tl = ot + U(6) * L
     _up(buf, oUx, oW, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
     la = U(a - ga) * L
@@ -494,21 +505,11 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
         if i > a:  # out_x[p] + x[p], as the forward pass forms it
             for l in range(n):
                 buf[t2 + l] = buf[oW + li + l] * buf[oBx + li + l] + buf[t2 + l]
-        _fill(buf, t0, n, 0)
-        for k in range(k1 - 1, k0 - 1, -1):
-            lk = U(k - ga) * L
-            for l in range(n):
-                buf[oUg + lk + l] = buf[t0 + l]
-                buf[t0 + l] += buf[oW + lk + l] * buf[oUx + lk + l]
-        _fill(buf, t1, n, 0)
+        _brackets(buf, oUx, oW, oBx, t2, t0, ga, k0, k1, L, n)
         for k in range(k0, k1):
             lk = U(k - ga) * L
             for l in range(n):
-                wk = buf[oW + lk + l]
-                br = buf[t2 + l] + (buf[t1 + l] + buf[oUg + lk + l])
-                buf[t1 + l] += wk * buf[oUx + lk + l]
-                buf[oBx + lk + l] = br
-                buf[t3 + l] = buf[oUx + lk + l] + wk * br
+                buf[t3 + l] = buf[oUx + lk + l] + buf[oW + lk + l] * buf[oBx + lk + l]
             _grad_h(buf, oUg + lk, buf, t3, k, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf,
                     tl, True)
     for i in range(b - 1, a - 1, -1):  # up(dL/dh) in place
@@ -533,20 +534,13 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
         _grad_h(buf, t2, buf, t5, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, False)
         for l in range(n):  # out_g[p] + g[p]
             buf[t2 + l] = buf[oOg + li + l] + buf[t2 + l]
-        _fill(buf, t0, n, 0)
-        for k in range(k1 - 1, k0 - 1, -1):
-            lk = U(k - ga) * L
-            for l in range(n):
-                buf[oOg + lk + l] = buf[t0 + l]
-                buf[t0 + l] += buf[oW + lk + l] * buf[oUg + lk + l]
-        _fill(buf, t1, n, 0)
+        _brackets(buf, oUg, oW, oOg, t2, t0, ga, k0, k1, L, n)
         for k in range(k0, k1):
             lk = U(k - ga) * L
             for l in range(n):
                 wk = buf[oW + lk + l]
                 ugk = buf[oUg + lk + l]
-                brg = buf[t2 + l] + (buf[t1 + l] + buf[oOg + lk + l])
-                buf[t1 + l] += wk * ugk
+                brg = buf[oOg + lk + l]
                 ogk = wk * brg
                 buf[oOg + lk + l] = ogk
                 buf[t3 + l] = buf[oUx + lk + l] * brg + ugk * buf[oBx + lk + l]
