@@ -18,7 +18,7 @@ import torch
 
 import treessm
 from treessm import (GraphTopology, GridTopology, SequenceTopology, Tree, minimum_spanning_tree,
-                     prepare_graph, tree_scan)
+                     prepare_graph, selective_tree_scan, tree_scan)
 from treessm.models import GrootV
 from treessm.nn import GrootLMixer, TreeSSM, TreeSSMConv
 from treessm.topology import (CausalSequenceTopology, GrootLTopology, chain_tree, root_forest,
@@ -147,6 +147,104 @@ CASES[name] = [
     bad("a parent array instead of a tree",
         lambda: tree_scan(_x(4, 3), _x(4, 3), torch.tensor([-1, 0, 0, 1])), TypeError,
         "tree must be a treessm.Tree"),
+]
+
+name = ("treessm.selective_tree_scan(u, delta, A, B, C, tree, D=None, delta_bias=None, "
+        "delta_softplus=False, direction='both', edge_step='child', *, initial_state=None, "
+        "state_vertices=None, state_norm=False, norm_weight=None, norm_bias=None, norm_eps=1e-5, "
+        "backend=None)")
+ACCEPTS[name] = {
+    "u, delta": "floating-point tensors `[N, D]` (`N = tree.num_nodes`), any of float32, "
+                "float64, float16, bfloat16 (half types are computed in float32); the output has "
+                "the dtype of `u`. Differentiable.",
+    "A": "floating-point tensor `[D, S]` (`S = 0` leaves the skip alone). Differentiable.",
+    "B, C": "floating-point tensors `[N, S]`. Differentiable.",
+    "tree": "a `treessm.Tree` over the `N` vertices, on the device of `u`.",
+    "D, delta_bias": "`None` or a floating-point tensor `[D]`. Differentiable.",
+    "delta_softplus, state_norm": "`bool`.",
+    "direction": "`'both'`, `'up'` or `'down'`.",
+    "edge_step": "`'child'`, `'mean'`, or a floating-point tensor `[N, D]` of edge steps "
+                 "(differentiable).",
+    "initial_state": "`None`, or with `direction='down'` a floating-point tensor `[T, D, S]` "
+                     "(`T = tree.num_trees`). Differentiable.",
+    "state_vertices": "`None` or a 1-D integer tensor of vertex ids in `[0, N)` (repeats "
+                      "allowed); the call then returns `(y, states)`.",
+    "norm_weight, norm_bias": "`None`, or with `state_norm=True` a floating-point tensor "
+                              "`[D, S]` or `[D * S]`. Differentiable.",
+    "norm_eps": "a real number `> 0`.",
+    "backend": "`None`/`'auto'` (numba on the CPU; on CUDA the expansion through "
+               "`tree_scan`'s kernels), `'torch'` (the reference, any device), `'numba'` (CPU "
+               "tensors), `'cuda'` (CUDA tensors).",
+}
+
+
+def _sts(n=4, d=3, s=2, **change):
+    args = dict(u=_x(n, d), delta=_x(n, d), A=-_x(d, s), B=_x(n, s), C=_x(n, s),
+                tree=_tree(n) if n else Tree.from_parent([]))
+    args.update(change)
+    return selective_tree_scan(**args)
+
+
+CASES[name] = [
+    ok("`u, delta [4, 3]`, `A [3, 2]`, `B, C [4, 2]` float32", lambda: _sts(), "`[4, 3]` float32",
+       lambda y: y.shape == (4, 3) and y.dtype == torch.float32),
+    ok("bfloat16 `u, delta, B, C`, float32 `A`",
+       lambda: _sts(u=_x(4, 3, dtype=torch.bfloat16), delta=_x(4, 3, dtype=torch.bfloat16),
+                    B=_x(4, 2, dtype=torch.bfloat16), C=_x(4, 2, dtype=torch.bfloat16)),
+       "`[4, 3]` bfloat16", lambda y: y.dtype == torch.bfloat16),
+    ok("`state_vertices=[3, 0, 3]`", lambda: _sts(state_vertices=torch.tensor([3, 0, 3])),
+       "`(y [4, 3], states [3, 3, 2])`", lambda r: r[1].shape == (3, 3, 2)),
+    ok("`u [0, 3]`, the empty tree", lambda: _sts(0), "`[0, 3]`"),
+    ok("`A [3, 0]` (no states)", lambda: _sts(s=0), "`[4, 3]` zeros (the skip alone)"),
+    bad("`u` a list", lambda: _sts(u=[[1.0]]), TypeError, "u must be a Tensor"),
+    bad("`u [4]`", lambda: _sts(u=_x(4)), ValueError, "u must be 2-D"),
+    bad("integer `u`", lambda: _sts(u=torch.ones(4, 3, dtype=_I64)), TypeError,
+        "u must be a floating-point tensor"),
+    bad("`delta [4, 4]`", lambda: _sts(delta=_x(4, 4)), ValueError,
+        "delta must have shape [4, 3]"),
+    bad("`A [4, 2]`", lambda: _sts(A=_x(4, 2)), ValueError, "A must have shape [3, d_state]"),
+    bad("`B [4, 3]`", lambda: _sts(B=_x(4, 3)), ValueError, "B must have shape [4, 2]"),
+    bad("`C [5, 2]`", lambda: _sts(C=_x(5, 2)), ValueError, "C must have shape [4, 2]"),
+    bad("`tree` a parent tensor", lambda: _sts(tree=torch.tensor([-1, 0, 0, 1])), TypeError,
+        "tree must be a treessm.Tree"),
+    bad("`u [3, 3]` for 4 vertices",
+        lambda: _sts(u=_x(3, 3), delta=_x(3, 3), B=_x(3, 2), C=_x(3, 2)), ValueError,
+        "u must have one row per tree vertex (4), got 3"),
+    bad("`D [4]`", lambda: _sts(D=_x(4)), ValueError, "D must have shape [3]"),
+    bad("`delta_bias [1, 3]`", lambda: _sts(delta_bias=_x(1, 3)), ValueError,
+        "delta_bias must be 1-D"),
+    bad("`direction='sideways'`", lambda: _sts(direction="sideways"), ValueError,
+        "direction must be one of ('both', 'up', 'down')"),
+    bad("`delta_softplus=1`", lambda: _sts(delta_softplus=1), TypeError,
+        "delta_softplus must be a bool"),
+    bad("`edge_step='max'`", lambda: _sts(edge_step="max"), ValueError,
+        "edge_step must be one of ('child', 'mean') or a tensor"),
+    bad("`edge_step [4, 4]`", lambda: _sts(edge_step=_x(4, 4)), ValueError,
+        "edge_step must have shape [4, 3]"),
+    bad("`initial_state` with `direction='both'`", lambda: _sts(initial_state=_x(1, 3, 2)),
+        ValueError, "initial_state enters the roots of a 'down' scan"),
+    bad("`initial_state [2, 3, 2]` for one tree",
+        lambda: _sts(direction="down", initial_state=_x(2, 3, 2)), ValueError,
+        "initial_state must have shape [1, 3, 2]"),
+    bad("float `state_vertices`", lambda: _sts(state_vertices=torch.tensor([0.5])), TypeError,
+        "state_vertices must be an integer tensor"),
+    bad("`state_vertices=[4]`", lambda: _sts(state_vertices=torch.tensor([4])), ValueError,
+        "state_vertices must hold vertex ids in [0, 4)"),
+    bad("`norm_weight` without `state_norm`", lambda: _sts(norm_weight=_x(3, 2)), ValueError,
+        "norm_weight is used only with state_norm=True"),
+    bad("`norm_bias [3, 3]`", lambda: _sts(state_norm=True, norm_bias=_x(3, 3)), ValueError,
+        "norm_bias must have shape [3, 2] or [6]"),
+    bad("`state_norm=1`", lambda: _sts(state_norm=1), TypeError, "state_norm must be a bool"),
+    bad("`norm_eps=0`", lambda: _sts(norm_eps=0.0), ValueError, "norm_eps must be > 0"),
+    bad("`backend='fast'`", lambda: _sts(backend="fast"), ValueError, "backend must be one of"),
+    bad("`backend='numba'` on meta tensors",
+        lambda: _sts(u=_x(4, 3).to("meta"), delta=_x(4, 3).to("meta"), A=_x(3, 2).to("meta"),
+                     B=_x(4, 2).to("meta"), C=_x(4, 2).to("meta"), tree=_tree().to("meta"),
+                     backend="numba"), ValueError, "backend 'numba' runs on CPU tensors"),
+    bad("`delta` on another device", lambda: _sts(delta=_x(4, 3).to("meta")), ValueError,
+        "delta must be on the device of u"),
+    bad("`tree` on another device", lambda: _sts(tree=_tree().to("meta")), ValueError,
+        "tree must be on the device of u"),
 ]
 
 name = "treessm.minimum_spanning_tree(edge_index, edge_weight, num_nodes, batch=None)"
@@ -491,7 +589,7 @@ def test_case(name, case):
 
 
 def test_every_public_callable_is_in_the_table():
-    public = {"Tree", "tree_scan", "minimum_spanning_tree", "GridTopology", "SequenceTopology",
+    public = {"Tree", "tree_scan", "selective_tree_scan", "minimum_spanning_tree", "GridTopology", "SequenceTopology",
               "GraphTopology", "prepare_graph", "CausalSequenceTopology", "GrootLTopology",
               "chain_tree", "root_forest", "tree_from_edges", "TreeSSM", "TreeSSMConv",
               "GrootLMixer", "GrootV", "grootv_tiny"}

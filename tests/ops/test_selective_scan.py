@@ -306,57 +306,6 @@ def test_torch_compile_fullgraph():
     _assert_same(got, want, rtol=1e-6, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------- bad input
-def _bad_cases():
-    n, d, s = 4, 3, 2
-    tree = Tree.from_parent(torch.tensor([-1, 0, 0, 1]))
-    ok = dict(u=torch.randn(n, d), delta=torch.randn(n, d), A=-torch.rand(d, s),
-              B=torch.randn(n, s), C=torch.randn(n, s), tree=tree)
-    return ok, [
-        (dict(u=[[1.0]]), TypeError, "u must be a Tensor"),
-        (dict(u=torch.randn(n)), ValueError, "u must be 2-D"),
-        (dict(u=torch.ones(n, d, dtype=torch.long)), TypeError, "u must be a floating"),
-        (dict(delta=torch.randn(n, d + 1)), ValueError, "delta must have shape"),
-        (dict(A=torch.randn(d + 1, s)), ValueError, "A must have shape"),
-        (dict(B=torch.randn(n, s + 1)), ValueError, "B must have shape"),
-        (dict(C=torch.randn(n + 1, s)), ValueError, "C must have shape"),
-        (dict(tree=tree.parent), TypeError, "tree must be a treessm.Tree"),
-        (dict(u=torch.randn(n + 1, d), delta=torch.randn(n + 1, d), B=torch.randn(n + 1, s),
-              C=torch.randn(n + 1, s)), ValueError, "one row per tree vertex"),
-        (dict(D=torch.randn(d + 1)), ValueError, "D must have shape"),
-        (dict(delta_bias=torch.randn(1, d)), ValueError, "delta_bias must be 1-D"),
-        (dict(direction="sideways"), ValueError, "direction must be one of"),
-        (dict(edge_step="max"), ValueError, "edge_step must be one of"),
-        (dict(edge_step=torch.randn(n, d + 1)), ValueError, "edge_step must have shape"),
-        (dict(initial_state=torch.randn(1, d, s)), ValueError, "initial_state enters"),
-        (dict(direction="down", initial_state=torch.randn(2, d, s)), ValueError,
-         "initial_state must have shape"),
-        (dict(state_vertices=torch.tensor([0.5])), TypeError, "state_vertices must be an int"),
-        (dict(state_vertices=torch.tensor([4])), ValueError, "state_vertices must hold"),
-        (dict(norm_weight=torch.randn(d, s)), ValueError, "norm_weight is used only"),
-        (dict(state_norm=True, norm_bias=torch.randn(d, s + 1)), ValueError,
-         "norm_bias must have shape"),
-        (dict(state_norm=1), TypeError, "state_norm must be a bool"),
-        (dict(norm_eps=0.0), ValueError, "norm_eps must be a positive"),
-        (dict(backend="fast"), ValueError, "backend must be one of"),
-        (dict(u=torch.randn(n, d, device="meta"), delta=torch.randn(n, d, device="meta"),
-              A=torch.randn(d, s, device="meta"), B=torch.randn(n, s, device="meta"),
-              C=torch.randn(n, s, device="meta"), tree=tree.to("meta"), backend="numba"),
-         ValueError, "backend 'numba' runs on CPU"),
-        (dict(tree=tree.to("meta")), ValueError, "tree must be on the device of u"),
-        (dict(delta=torch.randn(n, d, device="meta")), ValueError,
-         "delta must be on the device of u"),
-    ]
-
-
-@pytest.mark.parametrize("case", range(len(_bad_cases()[1])))
-def test_bad_input_names_the_argument(case):
-    ok, cases = _bad_cases()
-    change, exc, message = cases[case]
-    with pytest.raises(exc, match=message):
-        selective_tree_scan(**{**ok, **change})
-
-
 # ---------------------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("direction", DIRECTIONS)

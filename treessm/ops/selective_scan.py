@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_bool, check_choice, check_number
 from ..tree import Tree
 from . import selective_scan_cpu
 from .plan import level_groups
@@ -350,8 +351,9 @@ def _shape(value: Tensor, name: str, shape: Tuple[int, ...], what: str) -> None:
                          f"{list(value.shape)}")
 
 
-def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, direction, edge_step, initial_state,
-                  state_vertices, state_norm, norm_weight, norm_bias, norm_eps) -> None:
+def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step,
+                  initial_state, state_vertices, state_norm, norm_weight, norm_bias,
+                  norm_eps) -> None:
     _tensor(u, "u", 2)
     n, d = u.shape
     _tensor(delta, "delta", 2)
@@ -373,8 +375,10 @@ def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, direction, edge_step, 
         if value is not None:
             _tensor(value, name, 1)
             _shape(value, name, (d,), "one entry per channel of u")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    check_choice(direction, "direction", DIRECTIONS)
+    check_bool(delta_softplus, "delta_softplus")
+    check_bool(state_norm, "state_norm")
+    check_number(norm_eps, "norm_eps", 0, low_open=True)
     if isinstance(edge_step, Tensor):
         _tensor(edge_step, "edge_step", 2)
         _shape(edge_step, "edge_step", (n, d), "the step of each vertex's edge to its parent")
@@ -397,8 +401,6 @@ def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, direction, edge_step, 
                 int(state_vertices.min()) < 0 or int(state_vertices.max()) >= n):
             raise ValueError(f"state_vertices must hold vertex ids in [0, {n}), got values in "
                              f"[{int(state_vertices.min())}, {int(state_vertices.max())}]")
-    if not isinstance(state_norm, bool):
-        raise TypeError(f"state_norm must be a bool, got {type(state_norm).__name__}")
     for name, value in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if value is None:
             continue
@@ -411,8 +413,6 @@ def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, direction, edge_step, 
         if value.dim() == 2 and tuple(value.shape) != (d, s):
             raise ValueError(f"{name} must have shape [{d}, {s}] or [{d * s}], got "
                              f"{list(value.shape)}")
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
-        raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
     for name, value in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
                         ("delta_bias", delta_bias), ("initial_state", initial_state),
                         ("state_vertices", state_vertices), ("norm_weight", norm_weight),
@@ -525,8 +525,8 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
         >>> y.shape
         torch.Size([4, 8])
     """
-    _check_inputs(u, delta, A, B, C, tree, D, delta_bias, direction, edge_step, initial_state,
-                  state_vertices, state_norm, norm_weight, norm_bias, norm_eps)
+    _check_inputs(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step,
+                  initial_state, state_vertices, state_norm, norm_weight, norm_bias, norm_eps)
     backend = _resolve_backend(backend, u.device)
     args = (u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step)
     options = dict(initial_state=initial_state, state_vertices=state_vertices,
