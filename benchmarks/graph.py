@@ -115,7 +115,6 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
         from treessm.ops import plan
 
         parts["schedule"] = plan.choose_schedule(tree)
-        parts["blocks_per_tree"] = plan.scan_plan(tree, 64, torch.float32).launch.blocks_per_tree
     xs = torch.randn(n, 64, device=device)
     w = torch.rand(n, 64, device=device) * 0.9 + 0.05
     parts["tree_scan_fwd_ms"] = _time(lambda: treessm.tree_scan(xs, w, tree, "both"), device,

@@ -332,8 +332,9 @@ struct ChunkScan {
         }
       }
     }
-    // stage 3: what the rows above feed: light children's shares (leaf-first), the parent's
-    // value at a head (root-first)
+    // stage 3: light children's shares (leaf-first), the parent's value at a head
+    // (root-first): their addresses come from the records alone, so these loads go out
+    // with the rows above, before any of them is used
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= n) continue;
@@ -429,8 +430,8 @@ struct ChunkScan {
   }
 
   // Scan of stream indices [i0, i1) entering with `carry` (when `has_carry`); on return
-  // `carry` holds the value after the chunk, and the block has passed a barrier after its
-  // writes.
+  // `carry` holds the value after the chunk. The writes become visible to the block at its
+  // next barrier.
   __device__ void apply(int s, int e, int i0, int i1, A (&carry)[NS][V], bool has_carry) {
     rf = 0;
     Aff incl, excl, total;
@@ -449,7 +450,6 @@ struct ChunkScan {
     n = n < 0 ? 0 : (n > R ? R : n);
     if (!active) n = 0;
     finish(s, e, first, n, hp);
-    __syncthreads();  // the writes are visible to the next phase
   }
 
   // Pass 2: the recurrence through the registers, and the outputs of the mode. Loads that
@@ -646,6 +646,7 @@ __global__ void __launch_bounds__(kLanes * 2, 2) tree_scan_kernel(const ScanArgs
     if (s >= e) continue;  // block-uniform
     const int m = e - s;
     for (int i0 = 0; i0 < m; i0 += CS::CHUNK) cs.apply(s, e, i0, min(i0 + CS::CHUNK, m), carry, i0 > 0);
+    __syncthreads();  // the phase's writes are visible to the next phase
   }
 }
 
