@@ -46,6 +46,15 @@ DIRECTIONS = ("both", "up", "down")
 STAGES = [(32, 56, 160), (32, 28, 320), (32, 14, 640), (32, 7, 1280)]
 # the GrootVL authors' CUDA kernel on an H200, same inputs and tree (56x56, C=160, both)
 AUTHORS_H200 = dict(fwd_ms=2.13, bwd_ms=4.47, build_ms=5.28)
+# the release before the phase scans (level and per-vertex path kernels) on an H200
+PREVIOUS_RELEASE_H200 = dict(
+    what="the release before the phase scans (level and per-vertex path kernels), measured on "
+         "an NVIDIA H200 with the benchmark of that release",
+    grid_56_160_both_fwd_wall_ms=[0.3978, 0.4329], grid_56_160_both_fwd_bwd_wall_ms=[1.0716, 1.0322],
+    grid_14_640_both_fwd_bwd_wall_ms=[0.4273, 0.3094],
+    graph_1e6_both_fwd_ms=dict(levels=118, paths=81), graph_1e6_both_fwd_bwd_ms=276,
+    chains_4x2048_24576_down_fwd_ms=1.18, chains_4x2048_24576_down_fwd_bwd_ms=4.0,
+    tiny_64_4_both_fwd_bwd_wall_ms=0.52)
 
 
 def cuda_time(fn, warmup=5, iters=30):
@@ -310,6 +319,7 @@ def main(argv=None):
     topo = treessm.GridTopology(connectivity=4, distance="cosine")
     result = dict(device=name, torch=torch.__version__, treessm=treessm.__version__,
                   copy_bandwidth_GBps=bw, authors_h200_56_160_both=AUTHORS_H200,
+                  previous_release_h200=PREVIOUS_RELEASE_H200,
                   when=time.strftime("%Y-%m-%d %H:%M:%S"))
     if args.headline:
         result["rows"] = [grid_row(B, H, C, "both", torch.float32, bw, topo, headline=True)
