@@ -42,6 +42,15 @@ def test_graph_example_replicas_agree(tmp_path):
     assert len(summaries) == 1 and summaries[0]["processes"] == 2
 
 
+def test_large_graph_example_replicas_agree():
+    checksums, summaries, _ = _torchrun("treessm.examples.large_graph", "--num-nodes", "1200",
+                                        "--epochs", "1", "--parts", "2", "--hidden", "16",
+                                        "--device", "cpu")
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert len(summaries) == 1 and summaries[0]["processes"] == 2
+    assert summaries[0]["steps_per_process"] == 2
+
+
 def test_sync_batchnorm_conversion_keeps_the_network():
     torch.manual_seed(0)
     model = GrootV(num_classes=3, in_chans=1, dims=(8, 16), depths=(1, 1), stem_strides=(1, 1),

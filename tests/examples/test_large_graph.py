@@ -1,0 +1,56 @@
+"""The large-graph example trains through PyG's loaders (small here), places predictions by
+n_id, and says what is missing when a batch has no n_id or NeighborLoader has no sampler."""
+import json
+
+import pytest
+import torch
+import torch_geometric.typing as pyg_typing
+from torch_geometric.loader import RandomNodeLoader
+
+from treessm.examples import large_graph
+from treessm.examples.distributed import World
+from treessm.models import node_classifier
+
+
+def test_quick_run_with_random_node_loader(capsys):
+    summary = large_graph.main(["--num-nodes", "1500", "--epochs", "2", "--parts", "3",
+                                "--device", "cpu", "--hidden", "16"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-2]) == json.loads(json.dumps(summary))
+    assert summary["steps_per_process"] == 6 and summary["num_edges"] == 15000
+    assert summary["test_vertices_predicted"] == int((~large_graph.planted_partition(
+        1500).train_mask).sum())
+    assert summary["test_accuracy"] > 0.2  # 8 communities: chance is 0.125
+
+
+def test_planted_partition_is_what_it_says():
+    data = large_graph.planted_partition(2000, num_classes=4, degree=6, inside=0.9, seed=1)
+    assert data.num_edges == 2 * (6 * 2000 // 2)
+    src, dst = data.edge_index
+    assert float((data.y[src] == data.y[dst]).float().mean()) > 0.85
+    assert data.n_id.tolist() == list(range(2000))
+
+
+def test_predict_needs_n_id():
+    data = large_graph.planted_partition(300, seed=2)
+    del data.n_id
+    model = node_classifier(16, 8, hidden_channels=8, d_state=1)
+    with pytest.raises(ValueError, match="carry no n_id"):
+        large_graph.predict(model, RandomNodeLoader(data, num_parts=2), 300, "cpu")
+
+
+@pytest.mark.skipif(pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE,
+                    reason="a neighbour sampler is installed")
+def test_neighbor_loader_says_how_to_get_a_sampler():
+    with pytest.raises(ImportError, match="pyg-lib or torch-sparse"):
+        large_graph.make_loader(large_graph.planted_partition(100), "neighbor", 2, World())
+
+
+@pytest.mark.skipif(not (pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE),
+                    reason="NeighborLoader needs pyg-lib or torch-sparse")
+def test_quick_run_with_neighbor_loader():
+    summary = large_graph.main(["--num-nodes", "1500", "--epochs", "1", "--loader",
+                                "neighbor", "--device", "cpu", "--hidden", "16"])
+    assert summary["test_vertices_predicted"] > 0
+    torch.testing.assert_close(torch.tensor(summary["test_accuracy"]).clamp(0, 1),
+                               torch.tensor(summary["test_accuracy"]))
