@@ -1,32 +1,46 @@
-"""Where a tree scan beats local message passing, and what it costs.
+"""Graph benchmarks: real datasets against GCN, GAT, GIN and GPS; long range; cost.
 
-Two tables, saved as JSON (``benchmarks/results/graph_<device>.json`` by default):
+Three tables, saved as JSON under ``benchmarks/results/``:
 
-* ``accuracy`` -- node classification with TreeSSMConv, GCNConv, GATConv and GINConv at
-  equal depth (1, 2 and 4 layers) and similar parameter counts, 3 seeds, mean and standard
-  deviation of test accuracy and training time per epoch, on Zachary's karate club, PyG's
-  ``InfectionDataset`` (labels are path distances to infected vertices; two values of
-  ``max_path_length``) and a long-range task (``far_label``: every vertex of a path must
-  name the colour of its head, up to 23 hops away). Tasks and models are those of
-  ``treessm.examples.graphs``.
-* ``timing`` -- one forward of ``TreeSSMConv(64, 64)`` against ``GCNConv(64, 64)`` on random
-  graphs of 10^4, 10^5 and 10^6 vertices with five times as many edges, and the parts of
-  the block at 10^6: ``GraphTopology`` build, ``tree_scan`` forward and backward.
+* ``--real`` (``graph_real_<device>.json``) -- PyG's own datasets from ``--root`` (laid out
+  as ``treessm.datasets`` describes; a read-only root is copied first): Cora (public split,
+  test accuracy over seeds), Minesweeper and Tolokers (ROC-AUC over the 10 fixed splits),
+  MUTAG and PROTEINS (accuracy, stratified 10-fold cross-validation, the next fold as
+  validation), and Tree-NeighborsMatch at depths ``--nm-depths`` (train and test accuracy,
+  r + 1 blocks of width 32). Every model is a ``treessm.models.GraphNet`` of one block kind:
+  ``tree`` (``TreeGPSConv``: the dataset's local layer plus the tree scan), ``gps`` (PyG's
+  ``GPSConv``: the same local layer plus multi-head attention), ``gcn`` / ``gat`` / ``gin``
+  (the layer alone in the same residual, normalised, feed-forward frame), widths matched to
+  the tree model's parameter count; the same training loop, and the same search (``SEARCH``:
+  learning rate and dropout) on the first split's validation score for every model.
+* ``--synthetic`` (in ``graph_<device>.json``) -- karate club, ``InfectionDataset`` and the
+  far-label task at depths 1, 2 and 4 (``treessm.examples.graphs``).
+* ``--timing`` (in ``graph_<device>.json``) -- ``TreeSSMConv(64, 64)`` against
+  ``GCNConv(64, 64)`` on random graphs with five edges per vertex: forward and
+  forward+backward, peak memory (each size and layer in a process of its own on the CPU),
+  and the parts of the block at the largest size.
 
-    python benchmarks/graph.py                          # CPU, both tables
-    python benchmarks/graph.py --device cuda --timing   # a GPU: the timing table
+    python benchmarks/graph.py --real --root ../shared/data    # CPU, reduced: see --runs
+    python benchmarks/graph.py --timing                        # CPU, 10^4..10^6
+    python benchmarks/graph.py --device cuda --timing --sizes 4,5,6,7   # a GPU
+    python benchmarks/graph.py --real --device cuda --root DIR  # the full protocol on a GPU
+    python benchmarks/graph.py --quick                         # everything, tiny (CI)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import treessm
 from treessm.examples import graphs as tasks
@@ -82,31 +96,77 @@ def _random_graph(n, device, seed=0):
     return x, ei
 
 
-def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
+def _peak_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_layer(layer, n, device, repeats):
+    """Forward and forward+backward of one layer of 64 channels on a random graph of ``n``
+    vertices and ``5 n`` edges (medians), and the peak memory each adds to what the inputs
+    and the layer hold: on a GPU the allocator's peak, on the CPU the process's peak
+    resident size (run one layer and size per process to read it)."""
     from torch_geometric.nn import GCNConv
 
+    torch.manual_seed(0)
+    x, ei = _random_graph(n, device)
+    conv = (TreeSSMConv(64, 64) if layer == "tree_ssm_conv" else GCNConv(64, 64)).to(device)
+    row = dict(layer=layer, vertices=n, edges=5 * n)
+    if layer == "tree_ssm_conv":
+        # the graph prepared once (as every later call on the same edge_index finds it)
+        t0 = time.perf_counter()
+        treessm.prepare_graph(ei, n)
+        _sync(device)
+        row["prepare_graph_ms"] = 1e3 * (time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = _peak_bytes(device)  # inputs, parameters (and on the CPU the interpreter) in place
+    with torch.no_grad():
+        row["forward_ms"] = _time(lambda: conv(x, ei), device, repeats)
+    row["forward_peak_mb"] = (_peak_bytes(device) - base) / 2 ** 20
+    xg = x.clone().requires_grad_()
+
+    def step():
+        out = conv(xg, ei)
+        out.backward(torch.ones_like(out))
+
+    row["forward_backward_ms"] = _time(step, device, repeats)
+    row["forward_backward_peak_mb"] = (_peak_bytes(device) - base) / 2 ** 20
+    return row
+
+
+def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
     rows = []
     for n in sizes:
-        x, ei = _random_graph(n, device)
-        torch.manual_seed(0)
-        conv = TreeSSMConv(64, 64).to(device)
-        gcn = GCNConv(64, 64).to(device)
-        repeats = 3 if (device.type == "cpu" and n >= 10 ** 6) else 7
-        with torch.no_grad():
-            t_conv = _time(lambda: conv(x, ei), device, repeats)
-            t_gcn = _time(lambda: gcn(x, ei), device, repeats)
-        row = dict(vertices=n, edges=5 * n, tree_ssm_conv_ms=t_conv, gcn_conv_ms=t_gcn,
-                   ratio=t_conv / t_gcn, tree_ssm_conv_ns_per_vertex=1e6 * t_conv / n)
+        pair = {}
+        for layer in ("gcn_conv", "tree_ssm_conv"):
+            repeats = 2 if (device.type == "cpu" and n >= 10 ** 6) else 5
+            if device.type == "cpu":  # a fresh process: its peak resident size is this layer's
+                cmd = [sys.executable, __file__, "--time-layer", layer, str(n), str(repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+            else:
+                row = time_layer(layer, n, device, repeats)
+            pair[layer] = row
+        t, g = pair["tree_ssm_conv"], pair["gcn_conv"]
+        row = dict(vertices=n, edges=5 * n, tree_ssm_conv=t, gcn_conv=g,
+                   forward_ratio=t["forward_ms"] / g["forward_ms"],
+                   forward_backward_ratio=t["forward_backward_ms"] / g["forward_backward_ms"])
         rows.append(row)
-        print(f"n={n:>8}  TreeSSMConv(64, 64) {t_conv:9.2f} ms  GCNConv(64, 64) {t_gcn:8.2f} ms  "
-              f"ratio {row['ratio']:5.1f}  {row['tree_ssm_conv_ns_per_vertex']:.0f} ns/vertex",
-              flush=True)
+        print(f"n={n:>9}  forward {t['forward_ms']:9.1f} / {g['forward_ms']:8.1f} ms "
+              f"({row['forward_ratio']:4.1f}x)  fwd+bwd {t['forward_backward_ms']:9.1f} / "
+              f"{g['forward_backward_ms']:8.1f} ms ({row['forward_backward_ratio']:4.1f}x)  "
+              f"peak {t['forward_backward_peak_mb']:8.0f} / {g['forward_backward_peak_mb']:6.0f}"
+              f" MB  prepare {t['prepare_graph_ms']:.0f} ms", flush=True)
     # the parts, at the largest size
     n = sizes[-1]
     x, ei = _random_graph(n, device)
     topo = treessm.GraphTopology()
     parts = dict(vertices=n, edges=5 * n)
-    repeats = 3 if device.type == "cpu" else 7
+    repeats = 2 if device.type == "cpu" else 7
     parts["graph_topology_build_ms"] = _time(lambda: topo(x, ei), device, repeats)
     tree = topo(x, ei)
     parts["num_trees"], parts["max_depth"] = tree.num_trees, tree.max_depth
@@ -125,37 +185,421 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
     parts["tree_scan_fwd_bwd_ms"] = _time(
         lambda: torch.autograd.grad(treessm.tree_scan(xg, wg, tree, "both"), (xg, wg), g),
         device, repeats)
-    parts["tree_scan_bwd_ms"] = parts["tree_scan_fwd_bwd_ms"] - parts["tree_scan_fwd_ms"]
     print("parts at n=%d: %s" % (n, json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                               for k, v in parts.items()})))
     return dict(per_size=rows, parts=parts)
 
 
+# ---------------------------------------------------------------------------- real data
+class LocalBlock(nn.Module):
+    """A message-passing layer in the same residual, normalised, feed-forward frame as
+    TreeGPSConv and GPSConv (only the global branch is missing): the GCN / GAT / GIN
+    baselines."""
+
+    def __init__(self, channels, conv, dropout=0.0, norm="batch_norm", edge_features=True):
+        super().__init__()
+        from torch_geometric.nn.resolver import normalization_resolver
+
+        self.conv, self.dropout, self.edge_features = conv, dropout, edge_features
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(2 * channels, channels), nn.Dropout(dropout))
+        self.norm1 = normalization_resolver(norm, channels)
+        self.norm2 = normalization_resolver(norm, channels)
+
+    def forward(self, x, edge_index, edge_attr=None, *, batch=None):
+        if edge_attr is None or not self.edge_features:  # GCN takes no edge feature vectors
+            h = self.conv(x, edge_index)
+        else:
+            h = self.conv(x, edge_index, edge_attr)
+        h = self.norm1(x + F.dropout(h, self.dropout, self.training))
+        return self.norm2(h + self.mlp(h))
+
+
+class GPSBlock(nn.Module):
+    """PyG's GPSConv (multi-head attention as the global mixer) in the calling convention of
+    GraphNet's blocks."""
+
+    def __init__(self, channels, conv, dropout=0.0, norm="batch_norm", heads=4):
+        super().__init__()
+        from torch_geometric.nn import GPSConv
+
+        self.gps = GPSConv(channels, conv, heads=heads, dropout=dropout, norm=norm)
+
+    def forward(self, x, edge_index, edge_attr=None, *, batch=None):
+        extra = {} if edge_attr is None else {"edge_attr": edge_attr}
+        return self.gps(x, edge_index, batch, **extra)
+
+
+MODELS = ("tree", "gcn", "gat", "gin", "gps")
+
+
+def make_block(kind, local, dropout, norm, edge_dim=None, d_state=4):
+    """``block(channels)`` of a model kind: the TreeGPSConv block (local layer ``local``
+    plus the tree scan), GPSConv with attention (the same local layer), or a GCN / GAT /
+    GIN layer alone."""
+    from treessm.nn import TreeGPSConv, local_conv
+
+    if local == "gin" and edge_dim:  # GIN with edge features
+        local = "gine"
+
+    def block(c):
+        if kind == "tree":
+            return TreeGPSConv(c, conv=local, d_state=d_state, dropout=dropout, norm=norm,
+                               edge_dim=edge_dim)
+        if kind == "gps":
+            return GPSBlock(c, local_conv(local, c, edge_dim), dropout, norm)
+        conv = {"gcn": "gcn", "gat": "gat", "gin": "gine" if edge_dim else "gin"}[kind]
+        return LocalBlock(c, local_conv(conv, c, edge_dim), dropout, norm, kind != "gcn")
+    return block
+
+
+def build_model(kind, spec, width, dropout, in_channels, num_classes):
+    from treessm.models import GraphNet
+
+    encoder = spec.get("encoder", lambda c: None)(width)
+    return GraphNet(in_channels, width, num_classes, spec["layers"],
+                    make_block(kind, spec["local"], dropout, spec.get("norm", "batch_norm"),
+                               spec.get("edge_dim"), spec.get("d_state", 4)),
+                    pool=spec.get("pool"), encoder=encoder, dropout=spec.get("in_dropout", 0.0))
+
+
+def matched_width(kind, spec, in_channels, num_classes):
+    """The width (a multiple of 4) whose parameter count is closest to the tree model's at
+    ``spec['hidden']``."""
+    def count(k, c):
+        m = build_model(k, spec, c, 0.0, in_channels, num_classes)
+        return sum(p.numel() for p in m.parameters() if not isinstance(
+            p, nn.parameter.UninitializedParameter))
+
+    if kind == "tree":
+        return spec["hidden"]
+    target = count("tree", spec["hidden"])
+    return min(range(8, 4 * spec["hidden"] + 1, 8), key=lambda c: abs(count(kind, c) - target))
+
+
+def _metric(name, logits, y):
+    if name == "roc_auc":
+        from sklearn.metrics import roc_auc_score
+
+        return float(roc_auc_score(y.numpy(), logits.softmax(-1)[:, 1].numpy()))
+    return float((logits.argmax(-1) == y).float().mean())
+
+
+def _peak_rss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_node_split(model, data, train, val, test, epochs, lr, weight_decay, metric):
+    """Full-batch training; the test score at the epoch of the best validation score."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    best = (-1.0, 0.0, 0)
+    t_train = 0.0
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        out = model(data.x, data.edge_index)
+        loss = F.cross_entropy(out[train], data.y[train])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        t_train += time.perf_counter() - t0
+        model.eval()
+        with torch.no_grad():
+            out = model(data.x, data.edge_index)
+        v = _metric(metric, out[val], data.y[val])
+        if v > best[0]:
+            best = (v, _metric(metric, out[test], data.y[test]), epoch)
+    return dict(val=best[0], test=best[1], best_epoch=best[2], seconds_per_epoch=t_train / epochs)
+
+
+def _graph_eval(model, loader, metric, mask_key=None, edge_attr=False):
+    model.eval()
+    outs, ys = [], []
+    with torch.no_grad():
+        for b in loader:
+            out = model(b.x, b.edge_index, b.edge_attr if edge_attr else None, b.batch)
+            if mask_key is not None:
+                out = out[b[mask_key]]
+            outs.append(out)
+            ys.append(b.y)
+    return _metric(metric, torch.cat(outs), torch.cat(ys))
+
+
+def train_graph_split(model, train_set, val_set, test_set, epochs, lr, weight_decay, metric,
+                      batch_size=64, mask_key=None, seed=0, edge_attr=False):
+    """Mini-batch training on graphs; the scores at the epoch of the best validation score
+    (for Tree-NeighborsMatch, which has no validation set, the best training accuracy)."""
+    from torch_geometric.loader import DataLoader
+
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g)
+    evals = {k: DataLoader(v, batch_size=256) for k, v in
+             (("train", train_set), ("val", val_set), ("test", test_set)) if v is not None}
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    best = None
+    t_train = 0.0
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for b in loader:
+            out = model(b.x, b.edge_index, b.edge_attr if edge_attr else None, b.batch)
+            if mask_key is not None:
+                out = out[b[mask_key]]
+            loss = F.cross_entropy(out, b.y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        t_train += time.perf_counter() - t0
+        key = "val" if "val" in evals else "train"
+        score = {k: _graph_eval(model, l, metric, mask_key, edge_attr) for k, l in evals.items()
+                 if k != "train" or key == "train"}
+        if best is None or score[key] > best[key]:
+            best = dict(score, best_epoch=epoch)
+    best["seconds_per_epoch"] = t_train / epochs
+    return best
+
+
+# search grid, the same for every model: chosen on the validation score of the first split
+SEARCH = ({"lr": 1e-3, "dropout": 0.2}, {"lr": 5e-3, "dropout": 0.5})
+
+# per dataset: model size, local layer of the tree and GPS blocks, training budget
+SPECS = {
+    "Cora": dict(hidden=64, layers=2, local="gcn", in_dropout=0.5, epochs=200, runs=10,
+                 weight_decay=5e-4, metric="accuracy"),
+    "minesweeper": dict(hidden=64, layers=3, local="sage", epochs=300, runs=10,
+                        weight_decay=0.0, metric="roc_auc"),
+    "tolokers": dict(hidden=64, layers=3, local="sage", epochs=300, runs=10,
+                     weight_decay=0.0, metric="roc_auc"),
+    "MUTAG": dict(hidden=64, layers=4, local="gin", pool="sum", epochs=100, runs=10,
+                  weight_decay=0.0, metric="accuracy", batch_size=32, edge_dim=4),
+    "PROTEINS": dict(hidden=64, layers=4, local="gin", pool="sum", epochs=100, runs=10,
+                     weight_decay=0.0, metric="accuracy", batch_size=64),
+}
+
+
+class KeyValueEncoder(nn.Module):
+    """Tree-NeighborsMatch's input: key and value embedded separately and summed."""
+
+    def __init__(self, num_leaves, channels):
+        super().__init__()
+        self.key = nn.Embedding(num_leaves + 1, channels)
+        self.value = nn.Embedding(num_leaves + 1, channels)
+
+    def forward(self, x):
+        return self.key(x[:, 0]) + self.value(x[:, 1])
+
+
+def _folds(labels, k, seed=0):
+    """Stratified fold id of every example."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(labels.numel(), dtype=torch.long)
+    for label in torch.unique(labels):
+        idx = (labels == label).nonzero().view(-1)
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        fold[idx] = torch.arange(idx.numel()) % k
+    return fold
+
+
+def _summary(runs, key):
+    vals = [r[key] for r in runs]
+    return statistics.mean(vals), statistics.pstdev(vals)
+
+
+def real_task(name, spec, kind, root, copy_to):
+    """One model on one dataset: the search on the first split, then every split with the
+    chosen configuration."""
+    from treessm.datasets import load_dataset
+
+    dataset = load_dataset(name, root, copy_to=copy_to)
+    is_graph = "pool" in spec
+    if is_graph:
+        labels = torch.tensor([int(d.y) for d in dataset])
+        fold = _folds(labels, 10)
+    data = None if is_graph else dataset[0]
+    in_channels, num_classes = dataset.num_features, dataset.num_classes
+    width = matched_width(kind, spec, in_channels, num_classes)
+
+    def run(split, cfg):
+        torch.manual_seed(split)
+        model = build_model(kind, spec, width, cfg["dropout"], in_channels, num_classes)
+        if not is_graph:
+            if data.train_mask.dim() == 2:  # the fixed splits of the heterophilous sets
+                masks = [data[k][:, split] for k in ("train_mask", "val_mask", "test_mask")]
+            else:
+                masks = [data.train_mask, data.val_mask, data.test_mask]
+            return train_node_split(model, data, *masks, spec["epochs"], cfg["lr"],
+                                    spec["weight_decay"], spec["metric"])
+        test = fold == split
+        val = fold == (split + 1) % 10
+        train = ~(test | val)
+        pick = lambda m: dataset[m.nonzero().view(-1)]  # noqa: E731
+        return train_graph_split(model, pick(train), pick(val), pick(test), spec["epochs"],
+                                 cfg["lr"], spec["weight_decay"], spec["metric"],
+                                 spec.get("batch_size", 64), seed=split,
+                                 edge_attr=spec.get("edge_dim") is not None)
+
+    rss0 = _peak_rss_mb()  # interpreter, libraries and the dataset
+    trials = [(run(0, cfg), cfg) for cfg in SEARCH]
+    first, cfg = max(trials, key=lambda t: t[0]["val"])
+    runs = [first] + [run(split, cfg) for split in range(1, spec["runs"])]
+    model = build_model(kind, spec, width, 0.0, in_channels, num_classes)
+    if not is_graph:
+        model(data.x, data.edge_index)  # materialise lazy weights
+    test_mean, test_std = _summary(runs, "test")
+    return dict(task=name, model=kind, width=width,
+                params=sum(p.numel() for p in model.parameters()),
+                metric=spec["metric"], test_mean=test_mean, test_std=test_std,
+                test=[r["test"] for r in runs], val_mean=_summary(runs, "val")[0],
+                chosen=cfg, search=[dict(t[1], val=t[0]["val"]) for t in trials],
+                runs=len(runs), epochs=spec["epochs"],
+                seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in runs),
+                peak_rss_mb=_peak_rss_mb(), rss_before_training_mb=rss0)
+
+
+def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=1e-3,
+                         batch_size=128):
+    """Tree-NeighborsMatch at depth r: r + 1 blocks of width 32, trained on 80% of the
+    examples; train accuracy (as the paper reports it) and test accuracy at the epoch of
+    the best train accuracy."""
+    from treessm.datasets import stratified_split, tree_neighbors_match
+    data = tree_neighbors_match(depth, num_permutations=num_permutations)
+    train, test = stratified_split(torch.cat([d.y for d in data]), 0.8, seed=0)
+    leaves = 2 ** depth
+    spec = dict(hidden=32, layers=depth + 1, local="gin",
+                encoder=lambda c: KeyValueEncoder(leaves, c))
+    # widths as for the other tasks: matched to the tree model's parameters
+    width = matched_width(kind, spec, 2, leaves)
+    torch.manual_seed(0)
+    model = build_model(kind, spec, width, 0.0, 2, leaves)
+    r = train_graph_split(model, [data[i] for i in train], None, [data[i] for i in test],
+                          epochs, lr, 0.0, "accuracy", batch_size, mask_key="root_mask")
+    return dict(task="tree_neighbors_match", depth=depth, model=kind, width=width,
+                params=sum(p.numel() for p in model.parameters()), examples=len(data),
+                epochs=epochs, train_accuracy=r["train"], test_accuracy=r["test"],
+                best_epoch=r["best_epoch"], seconds_per_epoch=r["seconds_per_epoch"])
+
+
+REAL_TASKS = tuple(SPECS)
+
+
+def real_table(args, device):
+    """The real-data table (and Tree-NeighborsMatch) under the budget of ``args``."""
+    rows = []
+    copy_to = args.copy_to
+    for name in args.tasks:
+        spec = dict(SPECS[name])
+        if args.runs:
+            spec["runs"] = args.runs
+        spec["epochs"] = max(1, int(spec["epochs"] * args.epoch_scale))
+        for kind in args.models:
+            if kind == "gps" and name in args.no_attention:
+                continue
+            t0 = time.perf_counter()
+            if device.type == "cpu" and not args.in_process:
+                # a process per model: its peak resident size is this model's
+                cmd = [sys.executable, __file__, "--real-one", name, kind, json.dumps(spec),
+                       args.root] + (["--copy-to", copy_to] if copy_to else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(out.stderr[-3000:])
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+            else:
+                row = real_task(name, spec, kind, args.root, copy_to)
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            print(f"{name:<12} {kind:<5} width {row['width']:>3} params {row['params']:>7}  "
+                  f"{row['metric']} {row['test_mean']:.4f} ± {row['test_std']:.4f} "
+                  f"({row['runs']} runs, {row['epochs']} epochs, chosen {row['chosen']})  "
+                  f"{1e3 * row['seconds_per_epoch']:.0f} ms/epoch", flush=True)
+    for depth in args.nm_depths:
+        for kind in args.models:
+            row = neighbors_match_task(depth, kind, args.nm_permutations,
+                                       max(1, int(args.nm_epochs)))
+            rows.append(row)
+            print(f"NeighborsMatch r={depth} {kind:<5} train {row['train_accuracy']:.3f} test "
+                  f"{row['test_accuracy']:.3f} ({row['examples']} examples, "
+                  f"{1e3 * row['seconds_per_epoch']:.0f} ms/epoch)", flush=True)
+    return rows
+
+
+def _csv(kind):
+    return lambda s: [kind(v) for v in s.split(",") if v]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--accuracy", action="store_true", help="only the accuracy table")
-    parser.add_argument("--timing", action="store_true", help="only the timing table")
-    parser.add_argument("--quick", action="store_true", help="small sizes, one seed")
+    parser.add_argument("--real", action="store_true", help="the real-data table")
+    parser.add_argument("--synthetic", action="store_true", help="karate, infection, far label")
+    parser.add_argument("--timing", action="store_true", help="cost against GCNConv")
+    parser.add_argument("--quick", action="store_true", help="every table, tiny (CI)")
+    parser.add_argument("--sizes", type=_csv(int), default=[4, 5, 6],
+                        help="timing: powers of ten of the vertex counts")
+    parser.add_argument("--root", default=os.environ.get("TREESSM_DATA", "data"),
+                        help="root of the real datasets (treessm.datasets)")
+    parser.add_argument("--copy-to", default=None, help="where a read-only root is copied")
+    parser.add_argument("--tasks", type=_csv(str), default=list(REAL_TASKS))
+    parser.add_argument("--models", type=_csv(str), default=list(MODELS))
+    parser.add_argument("--runs", type=int, default=None, help="seeds / splits / folds")
+    parser.add_argument("--epoch-scale", type=float, default=1.0)
+    parser.add_argument("--no-attention", type=_csv(str), default=[],
+                        help="datasets on which GPS (O(N^2) attention per graph) is not run")
+    parser.add_argument("--nm-depths", type=_csv(int), default=[2, 3, 4, 5, 6, 7, 8])
+    parser.add_argument("--nm-permutations", type=int, default=None)
+    parser.add_argument("--nm-epochs", type=int, default=100)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the models of --real in this process (no peak memory)")
+    parser.add_argument("--time-layer", nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--real-one", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.time_layer:  # one measurement in a process of its own (peak memory)
+        layer, n, repeats = args.time_layer
+        print(json.dumps(time_layer(layer, int(n), device, int(repeats))))
+        return 0
+    if args.real_one:
+        name, kind, spec, root = args.real_one
+        print(json.dumps(real_task(name, json.loads(spec), kind, root, args.copy_to)))
+        return 0
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
-    both = not (args.accuracy or args.timing)
-    result = dict(device=name, torch=torch.__version__, treessm=treessm.__version__,
-                  threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if args.accuracy or both:
-        result["accuracy"] = (accuracy_table(seeds=(0,), depths=(1, 2), epochs=20)
-                              if args.quick else accuracy_table())
-    if args.timing or both:
-        result["timing"] = timing_table(device, (10 ** 3, 10 ** 4) if args.quick
-                                        else (10 ** 4, 10 ** 5, 10 ** 6))
     card = "h200" if "H200" in name else device.type
-    out = Path(args.out) if args.out else RESULTS / f"graph_{card}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"saved {out}")
+    meta = dict(device=name, torch=torch.__version__, treessm=treessm.__version__,
+                threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if args.quick:
+        args.real = args.synthetic = args.timing = True
+        args.tasks, args.runs, args.epoch_scale = ["Cora", "MUTAG"], 1, 0.02
+        args.nm_depths, args.nm_permutations, args.nm_epochs = [2], 4, 2
+        args.sizes = [3]
+    if not (args.real or args.synthetic or args.timing):
+        args.synthetic = args.timing = True
+    saved = []
+    if args.real:
+        result = dict(meta, search=list(SEARCH), specs={k: {q: v for q, v in s.items()}
+                                                        for k, s in SPECS.items()},
+                      budget=dict(runs=args.runs, epoch_scale=args.epoch_scale,
+                                  nm_permutations=args.nm_permutations,
+                                  nm_epochs=args.nm_epochs, no_attention=args.no_attention),
+                      rows=real_table(args, device))
+        out = Path(args.out) if args.out else RESULTS / f"graph_real_{card}.json"
+        saved.append((out, result))
+    if args.synthetic or args.timing:
+        result = dict(meta)
+        if args.synthetic:
+            result["accuracy"] = (accuracy_table(seeds=(0,), depths=(1,), epochs=3)
+                                  if args.quick else accuracy_table())
+        if args.timing:
+            result["timing"] = timing_table(device, [10 ** k for k in args.sizes])
+        out = (Path(args.out).with_name("graph_" + Path(args.out).name) if args.out and args.real
+               else Path(args.out) if args.out else RESULTS / f"graph_{card}.json")
+        saved.append((out, result))
+    for out, result in saved:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"saved {out}")
     return 0
 
 
