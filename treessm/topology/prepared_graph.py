@@ -223,7 +223,7 @@ class _Cache:
     @staticmethod
     def _key(tensors, num_nodes: int, reduce: str) -> tuple:
         return (num_nodes, reduce) + tuple(
-            (None, None) if t is None else (id(t), t._version) for t in tensors)
+            (None, None) if t is None else (id(t), getattr(t, "_version", 0)) for t in tensors)
 
     def get(self, tensors, num_nodes: int, reduce: str) -> Optional[PreparedGraph]:
         key = self._key(tensors, num_nodes, reduce)
