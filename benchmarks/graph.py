@@ -570,7 +570,7 @@ def main(argv=None):
         return 0
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
-    card = "h200" if "H200" in name else device.type
+    card = ("gpu_h200" if "H200" in name else "gpu") if device.type == "cuda" else device.type
     meta = dict(device=name, torch=torch.__version__, treessm=treessm.__version__,
                 threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
     if args.quick:
