@@ -86,16 +86,19 @@ def test_matches_dense_oracle_on_random_tree(d_state):
 
 
 def test_raster_is_bidirectional_selective_scan_by_hand():
-    # one channel, one state: h on a chain 0 - 1 - 2 written out by hand
+    # one channel, one state: the core's read-out C h + D u on a chain 0 - 1 - 2 written
+    # out by hand from the layer's own step, decay and projections
     layer = TreeSSM(1, d_state=1, ssm_ratio=1.0, d_conv=0, scan="raster").double()
     u = torch.tensor([[0.5], [-1.0], [2.0]], dtype=torch.float64)
-    x, w, _ = layer.discretize(u)
-    h = layer.scan_states(x, w, raster_tree(1, 1, 3))[:, 0, 0]
-    x, w = x[:, 0, 0], w[:, 0, 0]
-    expected = torch.stack([x[0] + w[1] * x[1] + w[1] * w[2] * x[2],
-                            w[1] * x[0] + x[1] + w[2] * x[2],
-                            w[1] * w[2] * x[0] + w[2] * x[1] + x[2]])
-    torch.testing.assert_close(h, expected)
+    dt, b, c = (u @ layer.x_proj.weight.T).unbind(1)
+    delta = F.softplus(dt * layer.dt_proj.weight[0, 0] + layer.dt_proj.bias[0])
+    x = delta * b * u[:, 0]
+    w = torch.exp(-torch.exp(layer.A_log[0, 0]) * delta)
+    h = torch.stack([x[0] + w[1] * x[1] + w[1] * w[2] * x[2],
+                     w[1] * x[0] + x[1] + w[2] * x[2],
+                     w[1] * w[2] * x[0] + w[2] * x[1] + x[2]])
+    y = layer.ssm(u, raster_tree(1, 1, 3), "both")[:, 0]
+    torch.testing.assert_close(y, c * h + layer.D[0] * u[:, 0])
     assert ((w > 0) & (w < 1)).all()
 
 
@@ -187,12 +190,20 @@ def test_precomputed_tree_argument():
         layer(x, tree=parent)
 
 
-def test_bfloat16_autocast_keeps_scan_in_float32():
+def test_bfloat16_autocast_keeps_scan_in_float32(monkeypatch):
+    import treessm.nn.selective_ssm as core
+
     torch.manual_seed(0)
     layer = TreeSSM(8, scan="raster")
     seen = []
-    scan = layer.scan_states
-    layer.scan_states = lambda x, w, tree: seen.append((x.dtype, w.dtype)) or scan(x, w, tree)
+    scan = core.selective_tree_scan
+
+    def recording(u, *args, **kwargs):
+        y = scan(u, *args, **kwargs)
+        seen.append((u.dtype, y.dtype))
+        return y
+
+    monkeypatch.setattr(core, "selective_tree_scan", recording)
     x = torch.randn(1, 4, 4, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)

@@ -99,10 +99,17 @@ def test_scan_matches_the_dense_definition(conv):
     und = graph.edge_index
     u, _ = conv.project_in(x, graph)
     tree = conv.scan_tree(x, u, graph)
-    xs, w, _ = conv.discretize(u, tree)
-    h = conv.scan_states(xs, w, tree)
-    dense = dense_tree_scan(xs.reshape(25, -1), w.reshape(25, -1), tree.parent, "both")
-    torch.testing.assert_close(h.reshape(25, -1), dense, rtol=1e-10, atol=1e-12)
+    dt, b, c = (u @ conv.x_proj.weight.T).split([conv.dt_rank, conv.d_state, conv.d_state], 1)
+    delta = torch.nn.functional.softplus(dt @ conv.dt_proj.weight.T + conv.dt_proj.bias)
+    parent = torch.where(tree.parent >= 0, tree.parent, torch.arange(25))
+    edge = 0.5 * (delta + delta[parent])
+    xs = torch.einsum("nd,ns,nd->nds", delta, b, u)
+    w = torch.exp(torch.einsum("nd,ds->nds", edge, -torch.exp(conv.A_log)))
+    h = dense_tree_scan(xs.reshape(25, -1), w.reshape(25, -1), tree.parent, "both")
+    h = torch.nn.functional.layer_norm(h, h.shape[1:], conv.h_norm.weight, conv.h_norm.bias,
+                                       conv.h_norm.eps).view(xs.shape)
+    want = torch.einsum("nds,ns->nd", h, c) + conv.D * u
+    torch.testing.assert_close(conv.selective_scan(u, tree), want, rtol=1e-10, atol=1e-12)
     # the forest is the minimum spanning forest of the cosine costs of u
     cost = torch.exp(-torch.nn.functional.cosine_similarity(u[und[0]], u[und[1]], dim=1))
     mask = treessm.minimum_spanning_tree(und, cost.detach(), 25)

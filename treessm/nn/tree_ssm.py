@@ -4,7 +4,7 @@ A Mamba-style selective SSM whose recurrence runs over a tree instead of a seque
 the tree is built from the layer's own features (a minimum spanning tree of the
 4-neighbour pixel grid under cosine dissimilarity, by default) and every vertex
 aggregates every other vertex of its tree with the product of the per-edge decays on
-the path between them (:func:`treessm.tree_scan`, direction ``"both"``).
+the path between them (:func:`treessm.selective_tree_scan`, direction ``"both"``).
 
 The SSM proper (:meth:`TreeSSM.selective_scan`) takes flat vertex features and a
 :class:`~treessm.Tree`, so the same parameters and code serve images, sequences and
@@ -19,15 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import (check_bool, check_choice, check_int, check_int_or_auto, check_number,
-                       check_optional_choice)
-from ..ops import tree_scan
-from ..ops.tree_scan import BACKENDS
+from .._checks import check_bool, check_choice, check_int, check_int_or_auto, check_number
 from ..topology import GridTopology, chain_tree
 from ..topology.layout import empty_forest
 from ..tree import Tree
+from .selective_ssm import SelectiveSSM
 
-__all__ = ["TreeSSM", "raster_tree"]
+__all__ = ["TreeSSM", "SelectiveTreeSSM", "raster_tree"]
 
 SCANS = ("tree", "raster")
 
@@ -49,48 +47,27 @@ def raster_tree(batch_size: int, height: int, width: int, device="cpu") -> Tree:
     return chain_tree(batch_size, height * width, device)
 
 
-def _inverse_softplus(x: Tensor) -> Tensor:
-    return x + torch.log(-torch.expm1(-x))
-
-
 def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     # in the dtype of x, whatever the dtype of the affine parameters
     return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype),
                         norm.bias.to(x.dtype), norm.eps)
 
 
-class SelectiveTreeSSM(nn.Module):
-    r"""The selective state-space core that every tree-SSM layer shares: the input-dependent
-    step :math:`\Delta`, the projections :math:`B` and :math:`C`, :math:`A = -\exp(A_{\log})`,
-    the skip :math:`D`, and the two LayerNorms around the scan. Subclasses add the input and
-    output projections and decide where the tree comes from; they call
+class SelectiveTreeSSM(SelectiveSSM):
+    r"""The selective SSM of GrootV's mixer (:class:`~treessm.nn.SelectiveSSM`) with its two
+    LayerNorms: :math:`\mathrm{LN}_h` over the ``d_inner * d_state`` states of a vertex
+    before the read-out, and the LayerNorm of the output before the gate. Subclasses add the
+    input and output projections and decide where the tree comes from; they call
     :meth:`_build_ssm` where these parameters belong in their registration order.
 
-    The scan input and decays are :math:`x_v = \Delta_v B_v u_v` and
-    :math:`w_v = \exp(\Delta_e A)` with :math:`\Delta_e` the step of the tree edge
-    :math:`e = (v, \mathrm{parent}(v))` (:meth:`edge_delta`: the child's own step, as GrootV
-    has it), flattened over ``d_inner * d_state`` channels (``docs/concepts.md``).
+    The scan (:meth:`selective_scan`) is :func:`treessm.selective_tree_scan` in direction
+    ``"both"`` with the state normalisation; the step of a tree edge follows
+    :attr:`edge_step` (``docs/concepts.md``).
     """
 
     def _build_ssm(self, d_inner: int, d_state: int, dt_rank: int, dt_min: float,
                    dt_max: float, dt_init_floor: float, backend: Optional[str]) -> None:
-        dt_min = check_number(dt_min, "dt_min", 0, low_open=True)
-        dt_max = check_number(dt_max, "dt_max", 0, low_open=True)
-        if not dt_min <= dt_max:
-            raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got "
-                             f"{dt_min!r} and {dt_max!r}")
-        dt_init_floor = check_number(dt_init_floor, "dt_init_floor", 0, low_open=True)
-        backend = check_optional_choice(backend, "backend", ("auto",) + BACKENDS)
-        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
-        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
-        self.backend = backend
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
-        self.D = nn.Parameter(torch.empty(d_inner))
-        # Mamba's convention: the SSM's A and D are not weight-decayed.
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        super()._build_ssm(d_inner, d_state, dt_rank, dt_min, dt_max, dt_init_floor, backend)
         # one LayerNorm over the d_inner * d_state states of a vertex, on a flat view: the
         # CUDA backward of torch's layer_norm with a two-dimensional normalized_shape
         # returns a wrongly shaped weight gradient (torch 2.11, seen on an H200)
@@ -98,52 +75,15 @@ class SelectiveTreeSSM(nn.Module):
         self.out_norm = nn.LayerNorm(d_inner)
 
     def reset_ssm_parameters(self) -> None:
-        r"""Mamba's initialisation of the step, state and skip parameters (``x_proj`` is
-        the subclass's to reset): :math:`\Delta` log-uniform in ``[dt_min, dt_max]``
-        through the inverse softplus of its bias, S4D-real :math:`A = -(1, \dots, N)`,
-        :math:`D = 1`."""
-        with torch.no_grad():
-            std = self.dt_rank ** -0.5
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
-            dt = torch.exp(torch.rand(self.d_inner) * (log_hi - log_lo) + log_lo)
-            dt = dt.clamp(min=self.dt_init_floor)
-            self.dt_proj.bias.copy_(_inverse_softplus(dt))
-            a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-            self.A_log.copy_(torch.log(a).expand(self.d_inner, self.d_state))
-            self.D.fill_(1.0)
+        """Mamba's step, state and skip (:meth:`SelectiveSSM.reset_ssm_parameters`), and
+        the LayerNorms as identities."""
+        super().reset_ssm_parameters()
         self.h_norm.reset_parameters()
         self.out_norm.reset_parameters()
 
-    def edge_delta(self, delta: Tensor, tree: Optional[Tree]) -> Tensor:
-        """The step of the tree edge ``(v, parent(v))``, in row ``v``: here the child's own
-        step ``delta [N, d_inner]``."""
-        return delta
-
-    def discretize(self, u: Tensor, tree: Optional[Tree] = None
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
-        r"""Selective discretisation of flat inner features ``u [N, d_inner]``.
-
-        Returns:
-            ``x = Δ B u`` and ``weight = exp(Δ_e A)``, both ``[N, d_inner, d_state]``, and
-            ``C [N, d_state]``, in float32 (float64 for float64 input).
-        """
-        dt, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # At least float32 from here on: exp(Δ·A) and the products of decays along long
-        # paths lose everything in half precision.
-        acc = torch.promote_types(u.dtype, torch.float32)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
-        a = -torch.exp(self.A_log.to(acc))
-        x = (delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(1)
-        weight = torch.exp(self.edge_delta(delta, tree).unsqueeze(-1) * a)
-        return x, weight, c.to(acc)
-
-    def scan_states(self, x: Tensor, weight: Tensor, tree: Tree) -> Tensor:
-        """The tree scan of ``x [N, d_inner, d_state]`` with decays ``weight`` (``"both"``)."""
-        return tree_scan(x, weight, tree, "both", backend=self.backend)
-
     def selective_scan(self, u: Tensor, tree: Tree) -> Tensor:
-        r"""The SSM proper on flat vertex features: :math:`C \cdot \mathrm{LN}_h(h) + D u`.
+        r"""The SSM proper on flat vertex features: :math:`C \cdot \mathrm{LN}_h(h) + D u`,
+        fused (:func:`treessm.selective_tree_scan` with ``state_norm``).
 
         Args:
             u (Tensor [N, d_inner]): inner features (after the local mixing and SiLU).
@@ -152,10 +92,8 @@ class SelectiveTreeSSM(nn.Module):
         Returns:
             Tensor [N, d_inner] in float32 (float64 for float64 input).
         """
-        x, weight, c = self.discretize(u, tree)
-        h = self.scan_states(x, weight, tree)
-        h = _layer_norm(self.h_norm, h.reshape(h.shape[0], -1)).reshape(h.shape)
-        return (h * c.unsqueeze(1)).sum(-1) + self.D.to(x.dtype) * u.to(x.dtype)
+        return self.ssm(u, tree, "both", state_norm=True, norm_weight=self.h_norm.weight,
+                        norm_bias=self.h_norm.bias, norm_eps=self.h_norm.eps)
 
     def project_out(self, y: Tensor, z: Tensor) -> Tensor:
         r""":math:`W_{out}(\mathrm{LN}(y) \odot \mathrm{SiLU}(z))` for ``y, z [*, d_inner]``."""
@@ -220,8 +158,8 @@ class TreeSSM(SelectiveTreeSSM):
         topology (callable, optional): maps ``[B, H, W, d_inner]`` features to a
             :class:`~treessm.Tree`; only with ``scan="tree"``. (default:
             ``GridTopology(4, "cosine")``)
-        backend (str, optional): :func:`treessm.tree_scan` backend; by default the fastest
-            one for the device. (default: ``None``)
+        backend (str, optional): :func:`treessm.selective_tree_scan` backend; by default
+            the fastest one for the device. (default: ``None``)
         bias (bool): learn biases in the input and output projections. (default: ``False``)
 
     Shapes:

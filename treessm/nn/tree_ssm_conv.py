@@ -125,7 +125,8 @@ class TreeSSMConv(SelectiveTreeSSM):
         dt_min (float), dt_max (float), dt_init_floor (float): initial :math:`\Delta`
             log-uniform in ``[dt_min, dt_max]``, at least ``dt_init_floor``. (default:
             ``0.001``, ``0.1``, ``1e-4``)
-        backend (str, optional): :func:`treessm.tree_scan` backend. (default: ``None``)
+        backend (str, optional): :func:`treessm.selective_tree_scan` backend. (default:
+            ``None``)
         bias (bool): learn biases in the input and output projections. (default: ``True``)
 
     Shapes:
@@ -143,6 +144,9 @@ class TreeSSMConv(SelectiveTreeSSM):
         >>> conv(x, edge_index).shape
         torch.Size([5, 64])
     """
+
+    # symmetric in the two ends of an edge: the scan does not depend on the roots
+    edge_step = "mean"
 
     def __init__(self, in_channels: int, out_channels: int, d_state: int = 4,
                  d_inner: Optional[int] = None, dt_rank: Union[int, str] = "auto",
@@ -186,14 +190,6 @@ class TreeSSMConv(SelectiveTreeSSM):
         self.reset_ssm_parameters()
 
     # ------------------------------------------------------------------ pieces
-    def edge_delta(self, delta: Tensor, tree: Optional[Tree]) -> Tensor:
-        """The mean of the steps of each tree edge's two ends, in the child's row: symmetric,
-        so the scan does not depend on the roots."""
-        if tree is None:
-            return delta
-        parent = tree.parent.clamp(min=0)
-        return 0.5 * (delta + delta[parent])
-
     def project_in(self, x: Tensor, graph: PreparedGraph) -> Tuple[Tensor, Tensor]:
         """Inner features ``u`` (projection, neighbourhood mixing, SiLU) and the gate ``z``,
         both ``[N, d_inner]``, over a :class:`~treessm.PreparedGraph`."""
