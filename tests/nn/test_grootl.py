@@ -8,6 +8,7 @@ import torch
 
 from oracle import kruskal_parents
 from treessm.nn.grootl import MODES, GrootLMixer
+from treessm.topology import chain_tree
 
 RTOL = 1e-5  # the causal tree's tie tolerance
 
@@ -134,7 +135,13 @@ def test_scan_tree_is_the_tree_of_the_forward_pass():
     causal = GrootLMixer(8, state_size=3, mode="causal", k=3)
     causal.load_state_dict(chain.state_dict())
     with torch.no_grad():
-        x, _, _ = causal.discretize(causal.project_in(s)[0])
+        x = causal.tree_features(causal.project_in(s)[0])
+    exact = GrootLMixer(8, state_size=3, mode="causal", k=3).double()
+    exact.load_state_dict(chain.state_dict())
+    with torch.no_grad():  # the features are the scan inputs x = Δ B u of the definition
+        x64 = exact.tree_features(exact.project_in(s.double())[0])
+    for b in range(2):
+        torch.testing.assert_close(x64[b], loop_inputs(exact, s[b].double())[2].reshape(9, -1))
     expected = [loop_causal_parent(x[b].reshape(9, -1).double(), t, 3) for b in range(2)
                 for t in range(9)]
     got = causal.scan_tree(s).parent.tolist()
@@ -219,8 +226,9 @@ def test_bfloat16_inputs_scan_in_float32():
     s = torch.randn(2, 6, 8)
     out = m.to(torch.bfloat16)(s.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-    x, w, c = m.discretize(torch.randn(1, 2, m.intermediate_size, dtype=torch.bfloat16))
-    assert x.dtype == w.dtype == c.dtype == torch.float32
+    u = torch.randn(1, 2, m.intermediate_size, dtype=torch.bfloat16)
+    assert m.tree_features(u).dtype == torch.float32
+    assert m.ssm(u[0], chain_tree(1, 2), "down").dtype == torch.float32
 
 
 def test_parameters_init_and_repr():

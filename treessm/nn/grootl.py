@@ -4,9 +4,10 @@ r"""GrootL: Mamba's selective state-space mixer with the recurrence run over a t
 ``MambaMixer`` (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``,
 ``out_proj``), so a pretrained Mamba's weights load into it unchanged
 (:func:`treessm.integrations.transformers.grootl_from_mamba` swaps every mixer of a model).
-The selective scan is :func:`treessm.tree_scan` over a tree of the tokens, with the states
-flattened into the channels: per token :math:`x_t = \Delta_t B_t u_t` and
-:math:`w_t = \exp(\Delta_t A)`, both ``[d_inner, d_state]``. Three trees (``mode``):
+The selective scan is the fused :func:`treessm.selective_tree_scan` over a tree of the
+tokens (per token :math:`x_t = \Delta_t B_t u_t` and :math:`w_t = \exp(\Delta_t A)`, both
+``[d_inner, d_state]``, never formed), with the parameters, initialisation and
+discretisation of :class:`~treessm.nn.SelectiveSSM`. Three trees (``mode``):
 
 * ``"chain"`` -- token :math:`t` below :math:`t - 1`; the ``"down"`` scan
   :math:`h_t = w_t h_{t-1} + x_t` is exactly Mamba's recurrence;
@@ -34,15 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import (check_bool, check_choice, check_int, check_int_or_auto, check_number,
-                       check_optional_choice)
-from ..ops import tree_scan
-from ..ops.tree_scan import BACKENDS
+from .._checks import check_bool, check_choice, check_int, check_int_or_auto, check_number
 from ..topology import chain_tree
 from ..topology.distance import check_distance
 from ..topology.sequence import (CausalSequenceTopology, GrootLTopology, causal_forest,
                                  causal_parents)
 from ..tree import Tree
+from .selective_ssm import SelectiveSSM
 
 __all__ = ["GrootLMixer", "MODES"]
 
@@ -57,7 +56,7 @@ _CACHE_METHODS = ("has_previous_state", "update_conv_state", "update_recurrent_s
 _DEFAULT_TREE_SCALE = 0.3  # the GrootVL authors' factor on the tree scan
 
 
-class GrootLMixer(nn.Module):
+class GrootLMixer(SelectiveSSM):
     r"""Mamba's mixer with the selective scan over a tree of the tokens (GrootL).
 
     For the inputs :math:`s_t \in \mathbb{R}^{d_{model}}` of a sequence,
@@ -78,7 +77,7 @@ class GrootLMixer(nn.Module):
     * ``"chain"``: :math:`h_t = w_t h_{t-1} + x_t` (Mamba);
     * ``"causal"``: :math:`h_t = w_t h_{p(t)} + x_t` with :math:`p(t)` the most similar of
       the ``k`` tokens before :math:`t` under :math:`\exp(-\cos(x_s, x_t))`, ties to the
-      latest (``tree_scan(..., "down")`` over
+      latest (a ``"down"`` scan over
       :class:`~treessm.topology.sequence.CausalSequenceTopology`);
     * ``"paper"``: :math:`h = \mathrm{chain}(x, w) + \lambda\, \mathrm{up}_T(x, w')`, the
       GrootVL authors' construction: :math:`T` is the minimum spanning tree of the chain and
@@ -129,7 +128,8 @@ class GrootLMixer(nn.Module):
             ``"paper"``. (default: ``"cosine"``)
         layer_idx (int): the layer's index in the model, which addresses its cache.
             (default: ``0``)
-        backend (str, optional): :func:`treessm.tree_scan` backend. (default: ``None``)
+        backend (str, optional): :func:`treessm.selective_tree_scan` backend. (default:
+            ``None``)
 
     Shapes:
         - **input:** hidden states :math:`(B, L, d_{model})`; optionally an attention mask
@@ -169,7 +169,6 @@ class GrootLMixer(nn.Module):
                     raise ValueError(f"{name} is used with mode='paper' only, got {name}="
                                      f"{value!r} with mode={mode!r}")
         layer_idx = check_int(layer_idx, "layer_idx", 0)
-        backend = check_optional_choice(backend, "backend", ("auto",) + BACKENDS)
 
         self.hidden_size = hidden_size
         self.ssm_state_size = state_size
@@ -181,7 +180,6 @@ class GrootLMixer(nn.Module):
         self.activation = hidden_act
         self.layer_idx = layer_idx
         self.mode = mode
-        self.backend = backend
         self.distance = check_distance(distance)
         self.topology: Optional[Callable] = None
         self.k = None
@@ -200,12 +198,7 @@ class GrootLMixer(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, conv_kernel, groups=d_inner,
                                 padding=conv_kernel - 1, bias=use_conv_bias)
         self.in_proj = nn.Linear(hidden_size, 2 * d_inner, bias=use_bias)
-        self.x_proj = nn.Linear(d_inner, time_step_rank + 2 * state_size, bias=False)
-        self.dt_proj = nn.Linear(time_step_rank, d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(d_inner, state_size))
-        self.D = nn.Parameter(torch.empty(d_inner))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        self._build_ssm(d_inner, state_size, time_step_rank, backend=backend)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=use_bias)
         self.reset_parameters()
 
@@ -234,15 +227,7 @@ class GrootLMixer(nn.Module):
         bias, the projections as ``nn.Linear`` and ``nn.Conv1d`` initialise them."""
         for mod in (self.in_proj, self.conv1d, self.x_proj, self.out_proj):
             mod.reset_parameters()
-        with torch.no_grad():
-            std = self.time_step_rank ** -0.5
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-            lo, hi = math.log(1e-3), math.log(1e-1)
-            dt = torch.exp(torch.rand(self.intermediate_size) * (hi - lo) + lo).clamp(min=1e-4)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            a = torch.arange(1, self.ssm_state_size + 1, dtype=torch.float32)
-            self.A_log.copy_(torch.log(a).expand(self.intermediate_size, -1))
-            self.D.fill_(1.0)
+        self.reset_ssm_parameters()
 
     @property
     def context_len(self) -> Optional[int]:
@@ -285,83 +270,73 @@ class GrootLMixer(nn.Module):
         GrootL tree of the tree scan (``"paper"``, rooted at the last token)."""
         mask = None if attention_mask is None else attention_mask[:, -hidden_states.shape[1]:]
         u, _ = self.project_in(hidden_states, mask)
-        x, _, _ = self.discretize(u)
-        b, length = x.shape[:2]
+        b, length = u.shape[:2]
         if self.mode == "chain":
-            return chain_tree(b, length, x.device)
-        feat = x.reshape(b, length, -1)
+            return chain_tree(b, length, u.device)
+        feat = self.tree_features(u)
         if self.mode == "causal":
             return self.topology(feat, None if mask is None else mask > 0)
         return self.topology(feat)
 
-    def discretize(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        r"""``x = Δ B u`` and ``w = exp(Δ A)`` (``[B, L, d_inner, d_state]``) and ``C``
-        (``[B, L, d_state]``) from the inner features ``u [B, L, d_inner]``, in float32
-        (float64 for float64 input)."""
-        dt, b, c = self.x_proj(u).split(
-            [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+    @torch.no_grad()
+    def tree_features(self, u: Tensor) -> Tensor:
+        r"""The scan inputs :math:`x = \Delta B u` of inner features ``u [B, L, d_inner]``,
+        flattened to ``[B, L, d_inner * d_state]`` in float32 (float64 for float64 input):
+        what the causal and GrootL trees compare tokens by. Formed for tree construction
+        only, without gradient; the scan itself never forms them."""
+        delta, b, _ = self.ssm_inputs(u)
         acc = torch.promote_types(u.dtype, torch.float32)
-        # called as a module (unlike MambaMixer's torch path), so that an adapter on dt_proj
-        # takes effect
-        delta = F.softplus(self.dt_proj(dt).to(acc))
-        a = -torch.exp(self.A_log.to(acc))
-        # one pass over the [B, L, d_inner, d_state] entries each: these tensors are what
-        # the layer's time goes to
-        x = (delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(-2)
-        w = (a * delta.unsqueeze(-1)).exp_()
-        return x, w, c.to(acc)
+        delta = F.softplus(delta.to(acc))
+        return ((delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(-2)).flatten(2)
 
-    def _scan(self, x: Tensor, w: Tensor, tree, direction: str) -> Tensor:
-        b, length = x.shape[:2]
-        flat = (b * length,) + x.shape[2:]
-        out = tree_scan(x.reshape(flat), w.reshape(flat), tree, direction, backend=self.backend)
-        return out.view(x.shape)
+    def _chain(self, u: Tensor, past: Optional[Tensor], keep: bool):
+        # Mamba's recurrence; a cached state enters each chain's first token
+        b, length = u.shape[:2]
+        last = (torch.arange(1, b + 1, device=u.device) * length - 1) if keep else None
+        return self.ssm(u.reshape(b * length, -1), chain_tree(b, length, u.device), "down",
+                        initial_state=past, state_vertices=last)
 
-    def _ones_like_past(self, w: Tensor, count: int) -> Tensor:
-        # the weights of the cached roots are never read
-        return w.new_ones((w.shape[0], count) + w.shape[2:])
-
-    def _chain_states(self, x: Tensor, w: Tensor, past: Optional[Tensor]) -> Tensor:
-        b, length = x.shape[:2]
+    def _causal(self, u: Tensor, valid: Optional[Tensor], past, keep: int):
+        # the causal tree over the new tokens; a token whose parent is a cached token is a
+        # root into which that token's cached state enters
+        b, length = u.shape[:2]
+        feat = self.tree_features(u)
+        h0 = None
         if past is None:
-            return self._scan(x, w, chain_tree(b, length, x.device), "down")
-        past = past.to(x.dtype).unsqueeze(1)
-        if length == 1:
-            return w * past + x
-        h = self._scan(torch.cat([past, x], 1), torch.cat([self._ones_like_past(w, 1), w], 1),
-                       chain_tree(b, length + 1, x.device), "down")
-        return h[:, 1:]
+            tree = self.topology(feat, valid)
+        else:
+            h_past, f_past, v_past = past
+            k = h_past.shape[1]
+            cur = (torch.ones(b, length, dtype=torch.bool, device=u.device) if valid is None
+                   else valid)
+            # the cached tokens come first: they are candidates, never children
+            parent = causal_parents(torch.cat([f_past.to(feat.dtype), feat], 1), self.k,
+                                    self.distance, torch.cat([v_past, cur], 1),
+                                    self.topology.tie_rtol)[:, k:]
+            tree = causal_forest(torch.where(parent >= k, parent - k, -1))
+            roots = tree.roots
+            above = parent.reshape(-1)[roots]  # a cached token's slot, or -1
+            h0 = h_past[roots // length, above.clamp(min=0)].to(feat.dtype)
+            h0 = torch.where((above >= 0).view(-1, 1, 1), h0, 0)
+        rows = None
+        if keep:
+            rows = (torch.arange(b, device=u.device)[:, None] * length
+                    + torch.arange(length - keep, length, device=u.device)).reshape(-1)
+        out = self.ssm(u.reshape(b * length, -1), tree, "down", initial_state=h0,
+                       state_vertices=rows)
+        return out, feat
 
-    def _causal_states(self, x: Tensor, w: Tensor, valid: Optional[Tensor],
-                       past: Optional[Tuple[Tensor, Tensor, Tensor]]) -> Tensor:
-        b, length = x.shape[:2]
-        feat = x.reshape(b, length, -1)
-        if past is None:
-            return self._scan(x, w, self.topology(feat, valid), "down")
-        h_past, f_past, v_past = past
-        k = h_past.shape[1]
-        cur = torch.ones(b, length, dtype=torch.bool, device=x.device) if valid is None else valid
-        # the cached tokens come first: they are candidates, never children
-        parent = causal_parents(torch.cat([f_past.to(feat.dtype), feat], 1), self.k,
-                                self.distance, torch.cat([v_past, cur], 1),
-                                self.topology.tie_rtol)[:, k:]
-        h_past = h_past.to(x.dtype)
-        if length == 1:
-            p = parent[:, 0]
-            prev = h_past[torch.arange(b, device=x.device), p.clamp(min=0)].unsqueeze(1)
-            return torch.where((p >= 0).view(b, 1, *([1] * (x.dim() - 2))), w * prev + x, x)
-        parent = torch.cat([parent.new_full((b, k), -1), parent], 1)
-        h = self._scan(torch.cat([h_past, x], 1), torch.cat([self._ones_like_past(w, k), w], 1),
-                       causal_forest(parent), "down")
-        return h[:, k:]
-
-    def _paper_states(self, x: Tensor, w: Tensor) -> Tensor:
-        b, length = x.shape[:2]
-        h = self._scan(x, w, chain_tree(b, length, x.device), "down")
-        tree = self.topology(x.reshape(b, length, -1))
-        # edge (t, parent(t)) carries the decay of token t + 1; the root's is never read
-        shifted = torch.cat([w[:, 1:], w[:, :1]], 1)
-        return h + self.tree_scale * self._scan(x, shifted, tree, "up")
+    def _paper(self, u: Tensor) -> Tensor:
+        # the chain scan plus tree_scale times the leaf-to-root scan of the GrootL tree,
+        # whose edge (t, parent(t)) takes the step of token t + 1 (the root's is never read)
+        b, length = u.shape[:2]
+        flat = u.reshape(b * length, -1)
+        inputs = self.ssm_inputs(flat)
+        y = self.ssm(flat, chain_tree(b, length, u.device), "down", inputs=inputs)
+        tree = self.topology(self.tree_features(u))
+        shifted = inputs[0].view(b, length, -1).roll(-1, dims=1).reshape(b * length, -1)
+        return y + self.tree_scale * self.ssm(flat, tree, "up", skip=False, edge_step=shifted,
+                                              inputs=inputs)
 
     # ------------------------------------------------------------------ cache
     def _causal_packed_size(self) -> int:
@@ -385,19 +360,20 @@ class GrootLMixer(nn.Module):
         return h, state[..., states:2 * states], state[..., -1] > 0.5
 
     def _pack_causal(self, h: Tensor, x: Tensor, valid: Optional[Tensor], past) -> Tensor:
-        b, length = x.shape[:2]
-        cur_valid = (torch.ones(b, length, dtype=h.dtype, device=h.device) if valid is None
+        # h [B, m, d_inner, d_state] and x [B, m, d_inner * d_state] of the last m tokens
+        b, m = x.shape[:2]
+        cur_valid = (torch.ones(b, m, dtype=h.dtype, device=h.device) if valid is None
                      else valid.to(h.dtype))
-        cur = torch.cat([h.reshape(b, length, -1), x.reshape(b, length, -1),
-                         cur_valid.unsqueeze(-1)], -1)
+        cur = torch.cat([h.reshape(b, m, -1), x.reshape(b, m, -1), cur_valid.unsqueeze(-1)],
+                        -1)
         if past is not None:
             h_p, f_p, v_p = past
             old = torch.cat([h_p.reshape(b, self.k, -1).to(h.dtype), f_p.to(h.dtype),
                              v_p.to(h.dtype).unsqueeze(-1)], -1)
             cur = torch.cat([old, cur], 1)
-        elif length < self.k:
+        elif m < self.k:
             # slots before the first token: zero and never chosen as parents
-            cur = torch.cat([cur.new_zeros(b, self.k - length, cur.shape[-1]), cur], 1)
+            cur = torch.cat([cur.new_zeros(b, self.k - m, cur.shape[-1]), cur], 1)
         return cur[:, -self.k:]
 
     # ------------------------------------------------------------------ forward
@@ -466,23 +442,26 @@ class GrootLMixer(nn.Module):
             past = self._unpack(state, b)
 
         u, z = self.project_in(hidden_states, mask, cache)
-        x, w, c = self.discretize(u)
         valid = None if mask is None else mask > 0
+        keep = cache is not None
         if self.mode == "chain":
-            h = self._chain_states(x, w, past)
+            y = self._chain(u, past, keep)
+            if keep:
+                y, new_state = y
         elif self.mode == "causal":
-            h = self._causal_states(x, w, valid, past)
+            m = min(self.k, length) if keep else 0
+            y, feat = self._causal(u, valid, past, m)
+            if keep:
+                y, states = y
+                new_state = self._pack_causal(
+                    states.view(b, m, self.intermediate_size, self.ssm_state_size),
+                    feat[:, length - m:], None if valid is None else valid[:, length - m:],
+                    past)
         else:
-            h = self._paper_states(x, w)
-        if cache is not None and self.mode != "paper":
-            if self.mode == "chain":
-                new_state = h[:, -1]
-            else:
-                new_state = self._pack_causal(h, x, valid, past)
+            y = self._paper(u)
+        if keep and self.mode != "paper":
             cache.update_recurrent_state(new_state.detach(), self.layer_idx)
-
-        y = torch.matmul(h, c.unsqueeze(-1)).squeeze(-1) + u.to(h.dtype) * self.D.to(h.dtype)
-        y = y * F.silu(z.to(h.dtype))
+        y = y.view(b, length, -1) * F.silu(z.to(y.dtype))
         return self.out_proj(y.to(dtype))
 
     def extra_repr(self) -> str:

@@ -97,16 +97,18 @@ class SelectiveSSM(nn.Module):
         return self.dt_proj(dt), b, c
 
     def ssm(self, u: Tensor, tree: Tree, direction: str = "both", *, skip: bool = True,
-            edge_step=None, **options):
+            edge_step=None, inputs: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+            **options):
         r""":math:`\sum_s C_s h_{\cdot,s} + D \odot u` for flat inner features
         ``u [N, d_inner]`` over ``tree``, by :func:`treessm.selective_tree_scan` (``options``
         are its keyword arguments: ``initial_state``, ``state_vertices``, ``state_norm``,
         ...). ``skip=False`` leaves out :math:`D \odot u`; ``edge_step`` replaces the rule of
         :attr:`edge_step`, with a tensor of edge steps in the form of the step before its
-        softplus. The result is float32 (float64 for float64 ``u``), whatever the dtype of
-        ``u``, as in Mamba's kernels."""
+        softplus; ``inputs`` are :meth:`ssm_inputs` of ``u`` when they are at hand. The
+        result is float32 (float64 for float64 ``u``), whatever the dtype of ``u``, as in
+        Mamba's kernels."""
         acc = torch.promote_types(u.dtype, torch.float32)
-        delta, b, c = self.ssm_inputs(u)
+        delta, b, c = self.ssm_inputs(u) if inputs is None else inputs
         return selective_tree_scan(
             u.to(acc), delta, -torch.exp(self.A_log.to(acc)), b, c, tree,
             D=self.D if skip else None, delta_softplus=True, direction=direction,
