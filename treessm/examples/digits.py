@@ -171,7 +171,8 @@ def layer_tree(model: GrootV, images: Tensor, block: int = 0) -> Tuple[Tree, Ten
     mixer = stage.blocks[block].mixer
     u, _ = mixer.project_in(stage.blocks[block].norm1(x))
     tree = mixer.scan_tree(u)
-    _, decay, _ = mixer.discretize(u.reshape(-1, mixer.d_inner))
+    delta, _, _ = mixer.ssm_inputs(u.reshape(-1, mixer.d_inner))
+    decay = torch.exp(F.softplus(delta.float()).unsqueeze(-1) * -torch.exp(mixer.A_log.float()))
     return tree, decay.flatten(1)
 
 
