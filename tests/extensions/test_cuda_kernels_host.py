@@ -69,9 +69,9 @@ def _forests():
 
 
 # (channels, threads per position (at most 2: a group of 16 lanes within a warp), channels a
-# thread moves): a block slice of one to four channels, channel counts that leave threads
+# thread moves): block slices of four and one channels, a channel count that leaves threads
 # idle
-CONFIGS = [(4, 2, 2), (6, 2, 1), (8, 1, 2), (10, 1, 2)]
+CONFIGS = [(6, 2, 2), (3, 1, 1)]
 
 
 @pytest.mark.parametrize("schedule", ["trees", "phases"])
@@ -88,18 +88,18 @@ def test_long_paths_and_many_chunks_on_host(harness, tmp_path):
     # lists); a chain
     g = torch.Generator().manual_seed(6)
     for schedule in ("trees", "phases"):
-        _run(harness, tmp_path, chain(2500), 2, 1, schedule, vec=1)
-        _run(harness, tmp_path, random_forest(1500, 3, g, locality=2), 2, 1, schedule)
-        _run(harness, tmp_path, star(1100, 7), 2, 1, schedule)
+        _run(harness, tmp_path, chain(1300), 2, 1, schedule, vec=1)
+        _run(harness, tmp_path, random_forest(1200, 2, g, locality=2), 2, 1, schedule)
+        _run(harness, tmp_path, star(600, 7), 2, 1, schedule)
 
 
 def test_results_do_not_depend_on_the_launch_shape_on_host(harness, tmp_path):
     # the sums run in an order fixed by the positions: every launch shape of a schedule gives
     # the same bits, and the two schedules (chunks cut at other places) the same values
-    parent = random_forest(1200, 4, torch.Generator().manual_seed(7), locality=5)
+    parent = random_forest(700, 2, torch.Generator().manual_seed(7), locality=3)
     for schedule in ("trees", "phases"):
         runs = [_run(harness, tmp_path, parent, 4, lpv, schedule, vec)
-                for lpv, vec in ((2, 2), (1, 2), (2, 1), (1, 1))]
+                for lpv, vec in ((2, 2), (1, 2), (1, 1))]
         for other in runs[1:]:
             assert np.array_equal(runs[0], other), schedule
 

@@ -1,5 +1,5 @@
 // Host stand-ins for the CUDA names the kernels use, so that the kernel headers compile
-// with a plain C++20 compiler and runs one std::thread per CUDA thread (see harness.cpp).
+// with a plain C++20 compiler and run with one host thread per CUDA thread (see harness.cpp).
 // Only float and double are meaningful here; the half types are float-backed stubs.
 #pragma once
 #include <algorithm>
@@ -76,9 +76,74 @@ std::vector<T> read(FILE* f, int64_t n) {
   }
   return v;
 }
-// Runs one block (bx, by) of `threads` CUDA threads (a multiple of 32), one std::thread
-// each, with the block and warp barriers set up; `setup` runs before the threads start
+// Runs one block (bx, by) of `threads` CUDA threads (a multiple of 32) on a pool of worker
+// threads kept between blocks (creating threads per block dominated the emulation's time),
+// with the block and warp barriers set up; `setup` runs before the threads start
 // (shared-memory poisoning).
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+class EmuPool {
+ public:
+  ~EmuPool() {
+    {
+      std::lock_guard<std::mutex> l(m_);
+      stop_ = true;
+      ++epoch_;
+    }
+    go_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  void run(int threads, unsigned bx, unsigned by, const std::function<void()>& body) {
+    while (static_cast<int>(workers_.size()) < threads) {
+      const int id = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+    std::unique_lock<std::mutex> l(m_);
+    body_ = &body;
+    active_ = threads;
+    remaining_ = threads;
+    bx_ = bx;
+    by_ = by;
+    ++epoch_;
+    go_.notify_all();
+    done_.wait(l, [&] { return remaining_ == 0; });
+  }
+
+ private:
+  void loop(int id) {
+    unsigned long seen = 0;
+    for (;;) {
+      std::unique_lock<std::mutex> l(m_);
+      go_.wait(l, [&] { return epoch_ != seen; });
+      seen = epoch_;
+      if (stop_) return;
+      if (id >= active_) continue;
+      const std::function<void()>* body = body_;
+      const unsigned bx = bx_, by = by_;
+      l.unlock();
+      threadIdx.x = id;
+      blockIdx.x = bx;
+      blockIdx.y = by;
+      g_vote_calls = 0;
+      (*body)();
+      l.lock();
+      if (--remaining_ == 0) done_.notify_all();
+    }
+  }
+  std::vector<std::thread> workers_;
+  std::mutex m_;
+  std::condition_variable go_, done_;
+  const std::function<void()>* body_ = nullptr;
+  int active_ = 0, remaining_ = 0;
+  unsigned bx_ = 0, by_ = 0;
+  unsigned long epoch_ = 0;
+  bool stop_ = false;
+};
+inline EmuPool& emu_pool() {
+  static EmuPool pool;
+  return pool;
+}
 template <typename Setup, typename Body>
 inline void emu_run_block(unsigned bx, unsigned by, int threads, Setup setup, Body body) {
   blockDim.x = threads;
@@ -91,15 +156,8 @@ inline void emu_run_block(unsigned bx, unsigned by, int threads, Setup setup, Bo
   }
   emu_begin_block();
   setup();
-  std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t)
-    ts.emplace_back([&, t] {
-      threadIdx.x = t;
-      blockIdx.x = bx;
-      blockIdx.y = by;
-      body();
-    });
-  for (auto& th : ts) th.join();
+  const std::function<void()> run = [&] { body(); };
+  emu_pool().run(threads, bx, by, run);
 }
 // Every lane publishes v; each then reads lane `src` (its own v when src < 0).
 template <typename T>
@@ -147,4 +205,3 @@ inline int atomicMin(int* p, int v) { return emu_atomic_min(p, v); }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
 inline int __popc(unsigned x) { return std::popcount(x); }
-#include "async_copy.h"  // cp.async stand-ins
