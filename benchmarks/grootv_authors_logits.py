@@ -39,7 +39,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import platform
 import shutil
 import sys

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_features
 from ..tree import Tree
 from .distance import Distance, check_distance, edge_cost, pair_costs_cpu
 from .euler_tour import spanning_tree_on_device

@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import INDEX_TYPES
+from .._checks import INDEX_TYPES, check_features
 from ..tree import Tree
-from .base import Topology, check_features
+from .base import Topology
 from .distance import Distance, check_distance
 from .prepared_graph import PreparedGraph, prepare_graph
 

@@ -19,9 +19,9 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from .._checks import check_choice
+from .._checks import check_choice, check_features
 from ..tree import Tree
-from .base import Candidates, Topology, check_features
+from .base import Candidates, Topology
 from .chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
                        grid_image_costs, kind_code, safe_squares, scaled_rows)

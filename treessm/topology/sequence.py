@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_device, check_int, check_number
+from .._checks import check_device, check_features, check_int, check_number
 from ..tree import Tree
-from .base import BoundedCache, Candidates, Topology, check_features
+from .base import BoundedCache, Candidates, Topology
 from .distance import EPS, Distance, check_distance, scale_by_power_of_two
 from .euler_tour import spanning_tree_on_device
 from .layout import empty_forest
