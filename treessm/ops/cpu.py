@@ -115,11 +115,12 @@ def _grad_down(g, w, h, gx, gw, order, child_ptr, a, b, nc, c0, m):
 
 # ---------------------------------------------------------------------------- two passes
 @njit(cache=True)
-def _brackets(xs, w, us, os, v, k0, k1, order, nc, c0, m, tail):
+def _brackets(xs, w, us, os, v, k0, k1, order, nc, c0, m, tail, scale):
     # For the children u of the vertex at row v (positions k0..k1), the bracket
-    # os[v] + xs[v] + sum over the siblings s != u of w[s] us[s], written into os[u]: an
-    # exclusive prefix sum forwards, then the suffix added backwards (``tail`` holds it),
-    # so no sibling's share is ever subtracted back out.
+    # os[v] + xs[v] + sum over the siblings s != u of w[s] us[s], written into os[u] (times
+    # w[u] when ``scale``: the part from outside u's subtree): an exclusive prefix sum
+    # forwards, then the suffix added backwards (``tail`` holds it), so no sibling's share
+    # is ever subtracted back out.
     u = np.uint64(order[k0]) * nc + c0
     for c in range(m):
         os[u + c] = os[v + c] + xs[v + c]
@@ -132,10 +133,17 @@ def _brackets(xs, w, us, os, v, k0, k1, order, nc, c0, m, tail):
         tail[c] = 0
     for k in range(k1 - 1, k0 - 1, -1):
         u = np.uint64(order[k]) * nc + c0
-        for c in range(m):
-            s = w[u + c] * us[u + c]
-            os[u + c] = os[u + c] + tail[c]
-            tail[c] += s
+        if scale:
+            for c in range(m):
+                wu = w[u + c]
+                s = wu * us[u + c]
+                os[u + c] = wu * (os[u + c] + tail[c])
+                tail[c] += s
+        else:
+            for c in range(m):
+                s = w[u + c] * us[u + c]
+                os[u + c] = os[u + c] + tail[c]
+                tail[c] += s
 
 
 @njit(cache=True)
@@ -150,11 +158,7 @@ def _both_down(x, w, h, o, order, child_ptr, a, b, nc, c0, m, tail):
         k0 = child_ptr[i]
         k1 = min(child_ptr[i + 1], b)
         if k0 < k1:
-            _brackets(x, w, h, o, v, k0, k1, order, nc, c0, m, tail)
-            for k in range(k0, k1):
-                u = np.uint64(order[k]) * nc + c0
-                for c in range(m):
-                    o[u + c] = w[u + c] * o[u + c]
+            _brackets(x, w, h, o, v, k0, k1, order, nc, c0, m, tail, True)
         for c in range(m):
             h[v + c] = h[v + c] + o[v + c]
 
@@ -188,8 +192,8 @@ def _grad_both_down(g, x, w, gx, gw, ox, og, order, child_ptr, a, b, nc, c0, m, 
         k0 = child_ptr[i]
         k1 = min(child_ptr[i + 1], b)
         if k0 < k1:
-            _brackets(x, w, gw, ox, v, k0, k1, order, nc, c0, m, tail)
-            _brackets(g, w, gx, og, v, k0, k1, order, nc, c0, m, tail)
+            _brackets(x, w, gw, ox, v, k0, k1, order, nc, c0, m, tail, False)
+            _brackets(g, w, gx, og, v, k0, k1, order, nc, c0, m, tail, False)
             for k in range(k0, k1):
                 u = np.uint64(order[k]) * nc + c0
                 for c in range(m):
