@@ -1,0 +1,13 @@
+# make docs: the documentation site, offline, warnings as errors, into docs/_build/html
+PYTHON ?= python
+
+.PHONY: docs figures test
+
+docs:
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+figures:
+	$(PYTHON) docs/figures.py
+
+test:
+	$(PYTHON) -m pytest -q tests

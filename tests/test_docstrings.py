@@ -1,0 +1,139 @@
+"""Every public name has a docstring with what a user needs, and its example runs.
+
+The public names are those of the API reference (``docs/_ext/api_reference.py``: every
+name in the ``__all__`` of every public module, each checked once, at the path where the
+reference documents it). Functions and classes carry PyG's sections: ``Args:`` (when they
+take arguments), ``Shapes:``, ``Returns:`` (a class: in its docstring or its ``forward``'s),
+``Raises:`` and an ``Example:`` of ``>>>`` lines, which runs here as a doctest. Constants
+carry a ``#:`` comment that the reference shows; modules a docstring. The few sections a
+name cannot have (no tensor anywhere, nothing raised) are listed in ``NOT_APPLICABLE``
+with the reason.
+"""
+import doctest
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from sphinx.pycode import ModuleAnalyzer
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("api_reference",
+                                               ROOT / "docs" / "_ext" / "api_reference.py")
+api_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(api_reference)
+
+NO_TENSORS = "takes and returns no tensor"
+NOT_APPLICABLE = {
+    "treessm.ops.available_backends": {"Shapes:": NO_TENSORS, "Raises:": "raises nothing"},
+    "treessm.datasets.load_dataset": {"Shapes:": "returns a dataset; its graphs' shapes "
+                                                 "are PyG's"},
+    "treessm.typing.require": {"Shapes:": NO_TENSORS, "Returns:": "returns nothing"},
+    "treessm.typing.load_cuda_extension": {"Shapes:": NO_TENSORS, "Returns:": "returns "
+                                                                              "nothing"},
+    "treessm.typing.cuda_extension_loaded": {"Shapes:": NO_TENSORS,
+                                             "Raises:": "raises nothing"},
+    "treessm.typing.cuda_extension_error": {"Shapes:": NO_TENSORS, "Raises:": "raises nothing"},
+    "treessm.typing.cuda_source_dir": {"Shapes:": NO_TENSORS},
+    "treessm.integrations.timm.register_timm_models": {"Shapes:": NO_TENSORS},
+    "treessm.integrations.timm.is_registered": {"Shapes:": NO_TENSORS,
+                                                "Raises:": "raises nothing"},
+    "treessm.integrations.transformers.set_context_len": {"Shapes:": NO_TENSORS},
+    "treessm.integrations.transformers.check_transformers_version": {
+        "Shapes:": NO_TENSORS, "Returns:": "returns nothing"},
+    "treessm.models.count_flops": {"Shapes:": "reads the input size as (H, W)"},
+    "treessm.models.take_indices": {"Shapes:": NO_TENSORS},
+    "treessm.models.FeatureInfo": {"Shapes:": NO_TENSORS, "Returns:": "a record of ints"},
+}
+
+HOMES = sorted({home: obj for _, _, obj, home in api_reference.public_names()}.items())
+
+
+def _own_doc(obj) -> str:
+    doc = obj.__doc__ if inspect.isclass(obj) else inspect.getdoc(obj)
+    return inspect.cleandoc(doc) if doc else ""
+
+
+def _takes_arguments(obj) -> bool:
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params)
+
+
+def _required(path: str, obj) -> list:
+    sections = ["Args:"] if _takes_arguments(obj) else []
+    sections += ["Shapes:", "Returns:", "Raises:", "Example:"]
+    exempt = NOT_APPLICABLE.get(path, {})
+    return [s for s in sections if s not in exempt]
+
+
+def _sections(obj) -> str:
+    text = _own_doc(obj)
+    if inspect.isclass(obj):  # a module's Returns may sit in forward's docstring
+        for method in ("forward", "__call__"):
+            if method in vars(obj) and vars(obj)[method].__doc__:
+                text += "\n" + inspect.cleandoc(vars(obj)[method].__doc__)
+    return text
+
+
+@pytest.mark.parametrize("path,obj", HOMES, ids=[h for h, _ in HOMES])
+def test_public_name_documented(path, obj):
+    kind = api_reference.kind(obj)
+    if kind == "module":
+        assert (obj.__doc__ or "").strip(), f"module {path} has no docstring"
+        return
+    if kind == "data":
+        module, name = path.rsplit(".", 1)
+        source_module = importlib.import_module(module)
+        docs = ModuleAnalyzer.for_module(source_module.__name__).find_attr_docs()
+        assert ("", name) in docs, f"{path} needs a '#:' comment saying what it is"
+        return
+    text = _sections(obj)
+    missing = [s for s in _required(path, obj) if s not in text]
+    assert not missing, f"{path}: its docstring lacks {missing}"
+    if "Example:" not in NOT_APPLICABLE.get(path, {}):
+        example = text.split("Example:", 1)[1]
+        assert ">>> " in example, f"{path}: the example must be >>> lines that run"
+
+
+def test_not_applicable_names_exist():
+    # an exemption of a name that is gone, or of a section the name has, is stale
+    homes = dict(HOMES)
+    for path, exempt in NOT_APPLICABLE.items():
+        assert path in homes, f"NOT_APPLICABLE lists {path}, which is not a public name"
+        text = _sections(homes[path])
+        for section in exempt:
+            assert section not in text, f"{path} has {section}: drop its exemption"
+
+
+def _examples():
+    finder = doctest.DocTestFinder(recurse=False, exclude_empty=True)
+    for path, obj in HOMES:
+        if api_reference.kind(obj) in ("module", "data"):
+            continue
+        module = importlib.import_module(path.rsplit(".", 1)[0])
+        tests = finder.find(obj, path, module=False, globs=dict(vars(module)))
+        for test in tests:
+            if test.examples:
+                yield pytest.param(test, id=path)
+
+
+@pytest.mark.parametrize("test", list(_examples()))
+def test_docstring_example_runs(test, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    test.globs.setdefault("torch", torch)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner.run(test, out=lambda s: None)
+    result = runner.summarize(verbose=False)
+    if result.failed:
+        report = []
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS
+                                       | doctest.NORMALIZE_WHITESPACE)
+        runner.run(test, out=report.append)
+        pytest.fail("".join(report))
