@@ -4,6 +4,7 @@ from .ops import selective_tree_scan, tree_scan
 from .topology import (GraphTopology, GridTopology, PreparedGraph, SequenceTopology, Topology,
                        minimum_spanning_tree, prepare_graph)
 
+#: the release of this installation (``CHANGELOG.md`` says what each release brought)
 __version__ = "0.1.0"
 
 __all__ = ["Tree", "tree_scan", "selective_tree_scan", "minimum_spanning_tree", "Topology",

@@ -30,7 +30,7 @@ from ._checks import check_int
 
 __all__ = ["DATASETS", "load_dataset", "tree_neighbors_match", "stratified_split"]
 
-# name -> (folder under the root, PyG class name)
+#: the datasets :func:`load_dataset` reads: name -> (folder under the root, PyG class name)
 DATASETS = {
     "Cora": ("planetoid", "Planetoid"),
     "minesweeper": ("heterophilous", "HeterophilousGraphDataset"),

@@ -134,6 +134,28 @@ class Tree:
         max_tree_size (int or None): vertices of the largest tree, when known on the host.
         plan_cache (dict): plans derived from the layout for the scan kernels, filled and
             read by :mod:`treessm.ops.plan` (device-specific: :meth:`to` starts it empty).
+
+    Args:
+        parent, order, child_ptr, tree_ptr, depth, batch: the arrays above, trusted as
+            given (the constructor checks nothing; :meth:`from_parent` validates and lays
+            out a parent array).
+        num_levels (int, optional): see above. (default: ``None``)
+        max_tree_size (int, optional): see above. (default: ``None``)
+
+    Shapes:
+        - **parent, order, depth, batch:** :math:`(N)`
+        - **child_ptr:** :math:`(N + 1)`; **tree_ptr:** :math:`(T + 1)` for :math:`T` trees
+
+    Raises:
+        TypeError, ValueError: from :meth:`from_parent`, on a parent array that is not an
+            integer forest over ``N`` vertices; the constructor itself trusts its input.
+
+    Example:
+        >>> tree = Tree.from_parent([-1, 0, 0, 1, -1])       # two trees: 0-{1-3, 2} and 4
+        >>> tree.num_nodes, tree.num_trees, tree.roots.tolist()
+        (5, 2, [0, 4])
+        >>> tree.depth.tolist()
+        [0, 1, 1, 2, 0]
     """
 
     __slots__ = ("parent", "order", "child_ptr", "tree_ptr", "depth", "batch", "num_nodes",

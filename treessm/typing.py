@@ -41,9 +41,13 @@ def _importable(name: str) -> bool:
         return False
 
 
+#: whether torch-scatter is installed (PyG's ``scatter`` then uses it by itself)
 WITH_TORCH_SCATTER = _importable("torch_scatter")
+#: whether timm is installed (:mod:`treessm.integrations.timm` registers GrootV with it)
 WITH_TIMM = _importable("timm")
+#: whether transformers is installed (:mod:`treessm.integrations.transformers`)
 WITH_TRANSFORMERS = _importable("transformers")
+#: whether peft is installed (LoRA on converted language models)
 WITH_PEFT = _importable("peft")
 
 # what each optional package is for and how to get it
@@ -63,6 +67,16 @@ def require(name: str, feature: str) -> None:
     Args:
         name (str): the importable name (``"timm"``, ``"transformers"``, ...).
         feature (str): what needs it, for the message.
+
+    Raises:
+        ImportError: when ``name`` cannot be imported; the message says how to install it.
+
+    Example:
+        >>> require("torch", "treessm")                       # installed: nothing happens
+        >>> require("not_a_package", "this example")
+        Traceback (most recent call last):
+        ...
+        ImportError: this example needs not_a_package: pip install not_a_package
     """
     if not _importable(name):
         raise ImportError(f"{feature} needs {name}: {_INSTALL.get(name, 'pip install ' + name)}")
@@ -77,7 +91,18 @@ _state = {"loaded": False, "error": None}
 
 def cuda_source_dir() -> Path:
     """Folder holding the extension's sources (inside the package when installed, else the
-    repository's ``extensions/treessm_cuda``)."""
+    repository's ``extensions/treessm_cuda``).
+
+    Returns:
+        :class:`pathlib.Path` of the folder.
+
+    Raises:
+        FileNotFoundError: when neither place holds the sources.
+
+    Example:
+        >>> (cuda_source_dir() / "tree_scan.cu").is_file()
+        True
+    """
     here = Path(__file__).resolve().parent
     for cand in (here / "csrc", here.parent / "extensions" / _EXT_NAME):
         if all((cand / s).is_file() for s in _SOURCES):
@@ -87,12 +112,30 @@ def cuda_source_dir() -> Path:
 
 
 def cuda_extension_loaded() -> bool:
-    """Whether the CUDA operators are registered (``torch.ops.treessm.cuda_*``)."""
+    """Whether the CUDA operators are registered (``torch.ops.treessm.cuda_*``).
+
+    Returns:
+        bool: ``True`` once :func:`load_cuda_extension` succeeded in this process.
+
+    Example:
+        >>> cuda_extension_loaded() in (True, False)
+        True
+    """
     return _state["loaded"]
 
 
 def cuda_extension_error() -> Optional[BaseException]:
-    """Why the last :func:`load_cuda_extension` failed, or ``None``."""
+    """Why the last :func:`load_cuda_extension` failed, or ``None``.
+
+    Returns:
+        The exception of the failed load (kept, so that a failing build is not retried),
+        or ``None`` when no load failed.
+
+    Example:
+        >>> err = cuda_extension_error()       # None until a load was tried and failed
+        >>> err is None or isinstance(err, Exception)
+        True
+    """
     return _state["error"]
 
 
@@ -108,9 +151,17 @@ def load_cuda_extension(verbose: bool = False) -> None:
     """Make the CUDA operators available: a prebuilt library if present, else a cached JIT
     build for the GPUs of this machine.
 
+    Args:
+        verbose (bool): show the compiler's output of a build. (default: ``False``)
+
     Raises:
         RuntimeError: without a CUDA device, without a CUDA toolkit to build with, or when
             the build fails (the error is remembered and raised again without retrying).
+
+    Example:
+        >>> if torch.cuda.is_available():  # doctest: +SKIP
+        ...     load_cuda_extension()            # compiles once, then loads from the cache
+        ...     assert cuda_extension_loaded()
     """
     if _state["loaded"]:
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -53,6 +54,24 @@ def kind(obj) -> str:
     return "data"
 
 
+def data_doc(module_name: str, name: str, obj) -> str:
+    """The ``#:`` comment of a constant, from the module that assigns it ("" if none)."""
+    from sphinx.pycode import ModuleAnalyzer
+
+    candidates = [module_name] + sorted(
+        m for m, mod in list(sys.modules.items())
+        if m.startswith("treessm") and mod is not None and getattr(mod, name, None) is obj)
+    for candidate in candidates:
+        try:
+            docs = ModuleAnalyzer.for_module(candidate).find_attr_docs()
+        except Exception:  # noqa: BLE001 - no source to read
+            continue
+        lines = docs.get(("", name))
+        if lines:
+            return "\n".join(lines).strip()
+    return ""
+
+
 def public_names() -> List[Tuple[str, str, object, str]]:
     """Every public name: ``(module, name, object, home)`` where ``home`` is the dotted
     path under which the object is documented (its first appearance)."""
@@ -72,7 +91,7 @@ def public_names() -> List[Tuple[str, str, object, str]]:
 def _page(module_name: str, rows) -> str:
     title = TITLES[module_name]
     lines = [title, "=" * len(title), "", f".. automodule:: {module_name}", "   :no-members:", ""]
-    directive = {"class": "autoclass", "function": "autofunction", "data": "autodata"}
+    directive = {"class": "autoclass", "function": "autofunction"}
     for mod, name, obj, home in rows:
         if mod != module_name:
             continue
@@ -86,6 +105,10 @@ def _page(module_name: str, rows) -> str:
             lines += [f".. automodule:: {obj.__name__}", "   :members:", ""]
         elif k == "class":
             lines += [f".. autoclass:: {path}", "   :members:", "   :show-inheritance:", ""]
+        elif k == "data":
+            doc = data_doc(module_name, name, obj)
+            lines += [f".. py:data:: {path}", f"   :value: {obj!r}", ""]
+            lines += ["   " + line if line else "" for line in doc.splitlines()] + [""]
         else:
             lines += [f".. {directive[k]}:: {path}", ""]
     return "\n".join(lines) + "\n"

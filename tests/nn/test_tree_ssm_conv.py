@@ -298,3 +298,38 @@ def test_cuda_equals_cpu():
     y = conv(x, ei)
     y_gpu = conv.cuda()(x.cuda(), ei.cuda())
     torch.testing.assert_close(y_gpu.cpu(), y, rtol=1e-4, atol=1e-5)
+
+
+def test_topology_argument_builds_the_tree():
+    # a topology of one's own: the chain over the vertices, whatever the graph
+    calls = []
+
+    def chain(feat, graph, batch):
+        calls.append((feat.shape, graph.num_nodes, batch))
+        return treessm.topology.chain_tree(1, feat.shape[0], feat.device)
+
+    x, _ = _graph(6, 0, seed=3)
+    no_edges = torch.empty(2, 0, dtype=torch.long)
+    torch.manual_seed(0)
+    own = TreeSSMConv(8, 12, d_state=3, local_mixing=False, topology=chain).double()
+    torch.manual_seed(0)
+    default = TreeSSMConv(8, 12, d_state=3, local_mixing=False).double()
+    y, tree = own(x.double(), no_edges, return_tree=True)
+    assert calls == [(torch.Size([6, 24]), 6, None)]  # inner features, the prepared graph
+    assert tree.parent.tolist() == [-1, 0, 1, 2, 3, 4]
+    # the same layer given the chain's edges builds the same tree and computes the same
+    chain_edges = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
+    assert torch.allclose(y, default(x.double(), chain_edges), atol=1e-12)
+    # and without any edge, the default layer sees isolated vertices: another result
+    assert not torch.allclose(y, default(x.double(), no_edges), atol=1e-6)
+
+
+def test_topology_argument_errors():
+    with pytest.raises(TypeError, match="topology must be a callable"):
+        TreeSSMConv(8, 8, topology="knn")
+    with pytest.raises(ValueError, match="give the distance to the topology"):
+        TreeSSMConv(8, 8, distance="l2", topology=treessm.GraphTopology("l2"))
+    conv = TreeSSMConv(8, 8, topology=lambda feat, graph, batch: treessm.topology.chain_tree(
+        1, 2))
+    with pytest.raises(ValueError, match="topology must return a Tree over the 5 vertices"):
+        conv(torch.randn(5, 8), torch.tensor([[0], [1]]))

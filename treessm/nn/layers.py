@@ -19,9 +19,26 @@ def drop_path(x: Tensor, p: float = 0.0, training: bool = False) -> Tensor:
     ``p`` and scale the kept ones by :math:`1 / (1 - p)` (Huang et al., 2016).
 
     Args:
-        x (Tensor [B, *]): residual branch, examples first.
+        x (Tensor): residual branch, examples first.
         p (float): drop probability in ``[0, 1)``. (default: ``0.0``)
         training (bool): identity unless ``True``. (default: ``False``)
+
+    Shapes:
+        - **input:** :math:`(B, *)`
+        - **output:** :math:`(B, *)`
+
+    Returns:
+        Tensor like ``x``: each example's branch kept and scaled, or zero.
+
+    Raises:
+        ValueError: if ``p`` is not in ``[0, 1)``.
+
+    Example:
+        >>> x = torch.ones(4, 3)
+        >>> torch.equal(drop_path(x, 0.5, training=False), x)     # identity in evaluation
+        True
+        >>> sorted(set(drop_path(x, 0.5, training=True).flatten().tolist())) in ([0.0, 2.0], [2.0], [0.0])
+        True
     """
     if p == 0.0 or not training:
         return x
@@ -31,10 +48,24 @@ def drop_path(x: Tensor, p: float = 0.0, training: bool = False) -> Tensor:
 
 
 class DropPath(nn.Module):
-    r"""Module form of :func:`drop_path`.
+    r"""Module form of :func:`drop_path`, active in training mode only.
 
     Args:
         p (float): drop probability in ``[0, 1)``. (default: ``0.0``)
+
+    Shapes:
+        - **input:** :math:`(B, *)`
+        - **output:** :math:`(B, *)`
+
+    Returns:
+        Calling the module returns :func:`drop_path` of its input.
+
+    Raises:
+        ValueError: if ``p`` is not in ``[0, 1)``.
+
+    Example:
+        >>> DropPath(0.1).eval()(torch.ones(2, 3)).sum().item()
+        6.0
     """
 
     def __init__(self, p: float = 0.0):
@@ -51,9 +82,25 @@ class DropPath(nn.Module):
 class LayerNorm2d(nn.LayerNorm):
     r""":class:`torch.nn.LayerNorm` over the channels of a channels-first map.
 
+    Args:
+        normalized_shape (int): the channels :math:`C`; the other arguments are
+            :class:`torch.nn.LayerNorm`'s.
+
     Shapes:
         - **input:** :math:`(B, C, H, W)`
         - **output:** :math:`(B, C, H, W)`
+
+    Returns:
+        Calling the module returns the map normalised over its channels at every pixel.
+
+    Raises:
+        RuntimeError: from :func:`torch.nn.functional.layer_norm` when the input does not
+            have :math:`C` channels in dimension 1.
+
+    Example:
+        >>> y = LayerNorm2d(8)(torch.randn(2, 8, 5, 5))
+        >>> y.shape, torch.allclose(y.mean(1), torch.zeros(2, 5, 5), atol=1e-5)
+        (torch.Size([2, 8, 5, 5]), True)
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -77,6 +124,16 @@ class Mlp(nn.Module):
     Shapes:
         - **input:** :math:`(*, C_{in})`
         - **output:** :math:`(*, C_{in})`
+
+    Returns:
+        Calling the module returns :math:`\mathrm{Mlp}(x)`.
+
+    Raises:
+        ValueError: if a channel count is not a positive int or ``drop`` not in ``[0, 1)``.
+
+    Example:
+        >>> Mlp(16, 64)(torch.randn(2, 7, 16)).shape
+        torch.Size([2, 7, 16])
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, drop: float = 0.0,

@@ -47,6 +47,25 @@ class SelectiveSSM(nn.Module):
         edge_step (str): the step of the tree edge :math:`(v, \mathrm{parent}(v))`:
             ``"child"`` (the child's own step, GrootV and GrootL) or ``"mean"`` (the mean
             of the two ends', symmetric).
+
+    Shapes:
+        - :meth:`ssm` **input:** inner features :math:`(N, d_{inner})` and a tree over
+          :math:`N` vertices
+        - :meth:`ssm` **output:** :math:`(N, d_{inner})`
+
+    Raises:
+        ValueError: from ``_build_ssm``, on ``dt_min``, ``dt_max`` or ``dt_init_floor`` not
+            positive with ``dt_min <= dt_max``, or an unknown ``backend``.
+
+    Example:
+        >>> class Mixer(SelectiveSSM):                  # the smallest subclass
+        ...     def __init__(self, d_inner, d_state):
+        ...         super().__init__()
+        ...         self._build_ssm(d_inner, d_state, dt_rank=2)
+        ...         self.reset_ssm_parameters()
+        >>> tree = treessm.Tree.from_parent([-1, 0, 0, 1])
+        >>> Mixer(8, 4).ssm(torch.randn(4, 8), tree).shape
+        torch.Size([4, 8])
     """
 
     edge_step = "child"

@@ -21,7 +21,7 @@ LOCAL_CONVS = ("gcn", "sage", "gat", "gin", "gine", "gatv2")
 
 def local_conv(name: str, channels: int, edge_dim: Optional[int] = None,
                heads: int = 4) -> nn.Module:
-    """A PyG message-passing layer of ``channels`` in and out by name.
+    r"""A PyG message-passing layer of ``channels`` in and out by name.
 
     ``"gcn"`` (:class:`~torch_geometric.nn.GCNConv`), ``"sage"``
     (:class:`~torch_geometric.nn.SAGEConv`, mean), ``"gat"`` / ``"gatv2"`` (``heads``
@@ -30,8 +30,24 @@ def local_conv(name: str, channels: int, edge_dim: Optional[int] = None,
     edge features of ``edge_dim``). GAT and GINE read ``edge_attr`` when ``edge_dim`` is
     given.
 
+    Args:
+        name (str): ``"gcn"``, ``"sage"``, ``"gat"``, ``"gatv2"``, ``"gin"`` or ``"gine"``.
+        channels (int): input and output channels.
+        edge_dim (int, optional): edge-feature width, for GAT and GINE. (default: ``None``)
+        heads (int): attention heads of GAT. (default: ``4``)
+
+    Shapes:
+        - **input, output:** those of the PyG layer, :math:`(|\mathcal{V}|, C)` features
+
+    Returns:
+        :class:`torch.nn.Module`: the PyG layer.
+
     Raises:
         ValueError: on an unknown name, or ``channels`` not divisible by ``heads`` for GAT.
+
+    Example:
+        >>> local_conv("gcn", 16)
+        GCNConv(16, 16)
     """
     from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, GINConv, GINEConv, SAGEConv
 
@@ -177,6 +193,13 @@ class TreeGPSConv(nn.Module):
                 GATConv and GINEConv); the tree mixer reads only the graph. (default:
                 ``None``)
             batch (LongTensor [N], optional): graph of each node, sorted. (default: ``None``)
+
+        Returns:
+            Tensor [N, channels]: the new node features.
+
+        Raises:
+            TypeError, ValueError: on malformed inputs (as :class:`TreeSSMConv` and the
+                local layer check them).
         """
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.channels:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__

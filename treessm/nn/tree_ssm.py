@@ -41,6 +41,19 @@ def raster_tree(batch_size: int, height: int, width: int, device="cpu") -> Tree:
         batch_size (int), height (int), width (int): grid of ``[B, H, W]`` vertices with ids
             ``b * H * W + i * W + j``.
         device (torch.device or str): device of the tree. (default: ``"cpu"``)
+
+    Shapes:
+        - **output:** a :class:`~treessm.Tree` over :math:`N = BHW` vertices
+
+    Returns:
+        :class:`~treessm.Tree`
+
+    Raises:
+        ValueError: if a size is not a non-negative int.
+
+    Example:
+        >>> raster_tree(1, 2, 2).parent.tolist()       # (0,0) -> (0,1) -> (1,0) -> (1,1)
+        [-1, 0, 1, 2]
     """
     for name, value in (("batch_size", batch_size), ("height", height), ("width", width)):
         check_int(value, name, 1)
@@ -63,6 +76,25 @@ class SelectiveTreeSSM(SelectiveSSM):
     The scan (:meth:`selective_scan`) is :func:`treessm.selective_tree_scan` in direction
     ``"both"`` with the state normalisation; the step of a tree edge follows
     :attr:`edge_step` (``docs/concepts.md``).
+
+    Shapes:
+        - :meth:`selective_scan` **input:** :math:`(N, d_{inner})` and a tree over
+          :math:`N` vertices; **output:** :math:`(N, d_{inner})`
+        - :meth:`project_out` **input:** :math:`(*, d_{inner})` twice; **output:**
+          :math:`(*, d_{out})`
+
+    Raises:
+        ValueError: as :class:`~treessm.nn.SelectiveSSM`.
+
+    Example:
+        >>> class Mixer(SelectiveTreeSSM):
+        ...     def __init__(self, d_inner):
+        ...         super().__init__()
+        ...         self._build_ssm(d_inner, 1, 2, 1e-3, 0.1, 1e-4, None)
+        ...         self.reset_ssm_parameters()
+        >>> tree = treessm.Tree.from_parent([-1, 0, 0])
+        >>> Mixer(8).selective_scan(torch.randn(3, 8), tree).shape
+        torch.Size([3, 8])
     """
 
     def _build_ssm(self, d_inner: int, d_state: int, dt_rank: int, dt_min: float,
@@ -166,6 +198,16 @@ class TreeSSM(SelectiveTreeSSM):
         - **input:** features :math:`(B, H, W, d_{model})`, channels last; optionally a tree
           over the :math:`BHW` pixels
         - **output:** features :math:`(B, H, W, d_{model})`
+
+    Raises:
+        ValueError, TypeError: on an argument outside its range (named in the message),
+            ``topology`` with ``scan="raster"``, or a ``topology`` that is not callable.
+
+    Example:
+        >>> mixer = TreeSSM(32, d_state=2)
+        >>> y, tree = mixer(torch.randn(2, 8, 8, 32), return_tree=True)
+        >>> y.shape, tree.num_trees                     # one spanning tree per image
+        (torch.Size([2, 8, 8, 32]), 2)
     """
 
     def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 2.0,
@@ -253,6 +295,13 @@ class TreeSSM(SelectiveTreeSSM):
                 ``b * H * W + i * W + j``) to scan instead of building one. (default: ``None``)
             return_tree (bool): also return the tree that was used, e.g. to share it with
                 later layers. (default: ``False``)
+
+        Returns:
+            Tensor [B, H, W, d_model], or ``(Tensor, Tree)`` with ``return_tree``.
+
+        Raises:
+            ValueError: if ``x`` is not a ``[B, H, W, d_model]`` tensor, or ``tree`` is not
+                over its ``B * H * W`` pixels.
         """
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.d_model:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__

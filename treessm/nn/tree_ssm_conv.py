@@ -7,7 +7,7 @@ cost (``docs/graphs.md``).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,14 @@ class TreeSSMConv(SelectiveTreeSSM):
         backend (str, optional): :func:`treessm.selective_tree_scan` backend. (default:
             ``None``)
         bias (bool): learn biases in the input and output projections. (default: ``True``)
+        topology (callable, optional): builds the spanning forest instead of
+            ``GraphTopology(distance)``: called as ``topology(feat, graph, batch)`` with the
+            features ``feat [N, C]`` chosen by ``tree_features``, ``graph`` the
+            :class:`~treessm.PreparedGraph` of the input (``graph.edge_index`` holds each
+            undirected edge once) and ``batch`` as given; it returns a
+            :class:`~treessm.Tree` over the ``N`` vertices, which may use other edges than
+            the graph's (``docs/topologies.md`` builds one over k nearest neighbours).
+            Give the distance to the topology, not to the layer. (default: ``None``)
 
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F_{in})`, edge indices
@@ -152,7 +160,8 @@ class TreeSSMConv(SelectiveTreeSSM):
                  d_inner: Optional[int] = None, dt_rank: Union[int, str] = "auto",
                  distance: Distance = "cosine", tree_features: str = "inner",
                  local_mixing: bool = True, dt_min: float = 0.001, dt_max: float = 0.1,
-                 dt_init_floor: float = 1e-4, backend: Optional[str] = None, bias: bool = True):
+                 dt_init_floor: float = 1e-4, backend: Optional[str] = None, bias: bool = True,
+                 topology: Optional[Callable[..., Tree]] = None):
         super().__init__()
         if isinstance(in_channels, bool) or in_channels != -1:  # -1: lazy
             in_channels = check_int(in_channels, "in_channels", 1)
@@ -165,7 +174,15 @@ class TreeSSMConv(SelectiveTreeSSM):
         bias = check_bool(bias, "bias")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.tree_features = tree_features
-        self.topology = GraphTopology(distance)
+        if topology is None:
+            topology = GraphTopology(distance)
+        elif not callable(topology):
+            raise TypeError(f"topology must be a callable Topology, got "
+                            f"{type(topology).__name__}")
+        elif distance != "cosine":
+            raise ValueError("give the distance to the topology, not to the layer, when a "
+                             f"topology is given (got distance={distance!r})")
+        self.topology = topology
         self.in_proj = ProjectionLinear(in_channels, 2 * d_inner, bias=bias)
         if local_mixing:
             self.self_weight = nn.Parameter(torch.empty(d_inner))
@@ -202,8 +219,16 @@ class TreeSSMConv(SelectiveTreeSSM):
     def scan_tree(self, x: Tensor, u: Tensor, graph: PreparedGraph,
                   batch: Optional[Tensor] = None) -> Tree:
         """The spanning forest the scan runs on (no gradient flows through it)."""
-        feat = u if self.tree_features == "inner" else x
-        return self.topology.forest(feat.detach().float(), graph, batch)
+        feat = (u if self.tree_features == "inner" else x).detach().float()
+        if isinstance(self.topology, GraphTopology):
+            return self.topology.forest(feat, graph, batch)
+        tree = self.topology(feat, graph, batch)
+        if not isinstance(tree, Tree) or tree.num_nodes != x.shape[0]:
+            got = f"a Tree over {tree.num_nodes} vertices" if isinstance(tree, Tree) else \
+                type(tree).__name__
+            raise ValueError(f"topology must return a Tree over the {x.shape[0]} vertices, "
+                             f"got {got}")
+        return tree
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, edge_index, edge_weight: Optional[Tensor] = None, *,
@@ -227,13 +252,16 @@ class TreeSSMConv(SelectiveTreeSSM):
             return_tree (bool): also return the spanning forest that was used.
                 (default: ``False``)
 
+        Returns:
+            Tensor [N, out_channels], or ``(Tensor, Tree)`` with ``return_tree``.
+
         Raises:
             TypeError, ValueError: on malformed inputs (:func:`treessm.prepare_graph`), a
                 :class:`~treessm.PreparedGraph` of other vertices, or features of the wrong
                 width.
         """
         graph, batch = check_graph(x, edge_index, batch, edge_attr, edge_weight=edge_weight,
-                                   reduce=self.topology.reduce)
+                                   reduce=getattr(self.topology, "reduce", "mean"))
         expected = self.in_proj.in_channels
         if expected > 0 and x.shape[1] != expected:
             raise ValueError(f"x must have in_channels = {expected} columns, got {x.shape[1]}")

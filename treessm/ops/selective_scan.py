@@ -182,7 +182,33 @@ def selective_tree_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
                             scan: Optional[Callable] = None):
     """The definition of :func:`selective_tree_scan` (same arguments), written out with the
     state expansion materialised; ``scan(x, weight, tree, direction)`` is the tree scan it
-    runs over the expanded tensors (default: :func:`reference_tree_scan`)."""
+    runs over the expanded tensors (default: :func:`reference_tree_scan`).
+
+    Args:
+        u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step,
+            initial_state, state_vertices, state_norm, norm_weight, norm_bias, norm_eps: as
+            :func:`selective_tree_scan`.
+        scan (callable, optional): the tree scan of the expanded tensors. (default: the
+            torch reference)
+
+    Shapes:
+        as :func:`selective_tree_scan`; the expansion :math:`(N, D, S)` is held in memory.
+
+    Returns:
+        as :func:`selective_tree_scan`.
+
+    Raises:
+        as :func:`selective_tree_scan` for arguments it reads; it checks less, being the
+        readable reference the fused op is tested against.
+
+    Example:
+        >>> tree = Tree.from_parent([-1, 0, 1])
+        >>> u, delta = torch.randn(3, 4), torch.rand(3, 4)
+        >>> A, B, C = -torch.rand(4, 2), torch.randn(3, 2), torch.randn(3, 2)
+        >>> y = selective_tree_scan_ref(u, delta, A, B, C, tree)
+        >>> torch.allclose(y, selective_tree_scan(u, delta, A, B, C, tree), atol=1e-5)
+        True
+    """
     acc = _compute_dtype(u.dtype)
     delta = _steps(delta, delta_bias, delta_softplus, acc)
     edge = _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, acc)

@@ -30,7 +30,9 @@ from .plan import SCHEDULES, Launch, ScanPlan, level_groups, scan_plan
 
 __all__ = ["tree_scan", "DIRECTIONS", "BACKENDS", "available_backends"]
 
+#: the scan directions: every vertex of the tree, the subtree, the path from the root
 DIRECTIONS = ("both", "up", "down")
+#: the scan backends: torch reference (any device), numba (CPU), cuda (CUDA)
 BACKENDS = ("torch", "numba", "cuda")
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _warned = []
@@ -76,7 +78,18 @@ def _register_fakes() -> None:
 
 
 def available_backends(device="cpu") -> List[str]:
-    """Backends that can run on ``device`` in this installation."""
+    """Backends that can run on ``device`` in this installation.
+
+    Args:
+        device (torch.device or str): the device asked about. (default: ``"cpu"``)
+
+    Returns:
+        list of str: names from :data:`BACKENDS`, the torch reference first.
+
+    Example:
+        >>> available_backends("cpu")
+        ['torch', 'numba']
+    """
     device = torch.device(device)
     out = ["torch"]
     if device.type == "cpu":
@@ -261,6 +274,20 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     Shapes:
         - **input:** x :math:`(N, *)`, weight :math:`(N, *)`, a tree over :math:`N` vertices
         - **output:** :math:`(N, *)`
+
+    Raises:
+        TypeError: if ``x``, ``weight`` or ``tree`` is of the wrong type or dtype.
+        ValueError: on shapes that do not match the tree, tensors on different devices, an
+            unknown ``direction``, ``backend`` or ``schedule``, or a backend that cannot run
+            on the device (``docs/validation.md`` lists every case).
+
+    Example:
+        >>> tree = Tree.from_parent([-1, 0, 1])            # the chain 0 - 1 - 2
+        >>> x, w = torch.ones(3, 1), torch.full((3, 1), 0.5)
+        >>> tree_scan(x, w, tree, direction="down").flatten().tolist()
+        [1.0, 1.5, 1.75]
+        >>> tree_scan(x, w, tree, direction="both").flatten().tolist()
+        [1.75, 2.0, 1.75]
     """
     _check_inputs(x, weight, tree, direction, schedule)
     shape = x.shape

@@ -221,7 +221,35 @@ class Topology:
             or ``f(feat_u [E, C], feat_v [E, C]) -> cost [E]``. (default: ``"cosine"``)
 
     The construction is deterministic: the same features give the same tree (costs tie
-    -> lower edge index wins) and carries no gradient.
+    -> lower edge index wins) and carries no gradient. A subclass implements
+    :meth:`candidate_edges` (and, optionally, :meth:`roots`, :meth:`edge_cost`,
+    :meth:`spanning_tree`) and states its input signature by overriding ``__call__``
+    (``docs/topologies.md`` works through one for point clouds).
+
+    Shapes:
+        - **input:** features whose rows, after flattening the leading dimensions to
+          :math:`N` vertices, are compared by ``distance``, plus what
+          :meth:`candidate_edges` reads
+        - **output:** a :class:`~treessm.Tree` over :math:`N` vertices
+
+    Returns:
+        Calling a topology returns the :class:`~treessm.Tree` of the minimum spanning forest
+        of its candidate graph, rooted and laid out breadth-first.
+
+    Raises:
+        TypeError, ValueError: from ``distance`` (not a known name or a callable), from
+            :meth:`candidate_edges` on malformed inputs, when :meth:`edge_cost` returns
+            other than one cost per candidate edge, or on non-finite costs.
+
+    Example:
+        >>> class Ring(Topology):                      # one cycle over the vertices
+        ...     def candidate_edges(self, feat):
+        ...         n = feat.shape[0]
+        ...         src = torch.arange(n)
+        ...         return torch.stack([src, (src + 1) % n]), None, n
+        >>> tree = Ring()(torch.randn(6, 4))
+        >>> tree.num_nodes, tree.num_trees
+        (6, 1)
     """
 
     def __init__(self, distance: Distance = "cosine"):

@@ -119,6 +119,21 @@ class GraphTopology(Topology):
           (optional)
         - **output:** a :class:`~treessm.Tree` over :math:`N` vertices, ``batch`` set
           (zeros when not given)
+
+    Returns:
+        Called as ``topology(x, edge_index, batch=None, edge_attr=None, edge_weight=None)``,
+        the :class:`~treessm.Tree` of the graph's minimum spanning forest.
+
+    Raises:
+        TypeError, ValueError: on malformed features or edges (:func:`treessm.prepare_graph`),
+            an edge joining two graphs of ``batch``, or ``distance="edge_attr"`` without a
+            scalar ``edge_attr``.
+
+    Example:
+        >>> edge_index = torch.tensor([[0, 1, 2, 0], [1, 2, 3, 3]])   # a 4-cycle
+        >>> tree = GraphTopology()(torch.randn(4, 8), edge_index)
+        >>> tree.num_trees, int((tree.parent >= 0).sum())              # 3 of the 4 edges
+        (1, 3)
     """
 
     def __init__(self, distance: Distance = "cosine"):

@@ -93,6 +93,15 @@ class GridTopology(Topology):
         - **input:** features :math:`(B, H, W, C)`, channels last
         - **output:** a :class:`~treessm.Tree` over :math:`N = BHW` vertices, ``batch`` set
 
+    Returns:
+        Called on features, the :class:`~treessm.Tree` of the images' spanning trees, pixel
+        ``(i, j)`` of image ``b`` being vertex ``b * H * W + i * W + j``.
+
+    Raises:
+        ValueError: if ``connectivity`` is not 4 or 8, or the features are not a
+            ``[B, H, W, C]`` floating-point tensor with finite values.
+        TypeError: if ``distance`` is neither a known name nor a callable.
+
     Example:
         >>> tree = GridTopology()(torch.randn(2, 8, 8, 16))
         >>> tree.num_nodes, tree.num_trees

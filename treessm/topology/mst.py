@@ -365,6 +365,11 @@ def minimum_spanning_tree(edge_index: torch.Tensor, edge_weight: torch.Tensor, n
     Shapes:
         - **input:** edge indices :math:`(2, E)`, edge weights :math:`(E)`
         - **output:** edge mask :math:`(E)`
+
+    Example:
+        >>> edge_index = torch.tensor([[0, 1, 0], [1, 2, 2]])   # a triangle
+        >>> minimum_spanning_tree(edge_index, torch.tensor([1.0, 2.0, 3.0]), 3)
+        tensor([ True,  True, False])
     """
     num_nodes = check_int(num_nodes, "num_nodes", 0)
     check_edge_index(edge_index, num_nodes)

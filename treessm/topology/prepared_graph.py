@@ -100,6 +100,24 @@ class PreparedGraph:
 
     The neighbour mean of features ``u [N, C]`` is :math:`D^{-1} W u` with
     :math:`D = \mathrm{diag}(\mathrm{degree})` (zero rows for isolated vertices).
+
+    Args:
+        The attributes above, as :func:`prepare_graph` computes them (build one with
+        :func:`prepare_graph`, not by hand).
+
+    Shapes:
+        - **edge_index:** :math:`(2, M)` for :math:`M` undirected edges
+        - **edge_weight:** :math:`(M)`; **edge_attr:** :math:`(M)` or :math:`(M, F)`
+        - **adjacency:** :math:`(N, N)`; **degree:** :math:`(N)`
+
+    Raises:
+        ValueError: when a layer is given a prepared graph over another number of vertices
+            than its features have rows.
+
+    Example:
+        >>> graph = prepare_graph(torch.tensor([[0, 1, 2], [1, 0, 1]]))
+        >>> graph.num_nodes, graph.edge_index.tolist(), graph.degree.tolist()
+        (3, [[0, 1], [1, 2]], [1.0, 2.0, 1.0])
     """
 
     __slots__ = ("num_nodes", "edge_index", "edge_weight", "edge_attr", "adjacency", "degree",
@@ -297,6 +315,12 @@ def prepare_graph(edge_index, num_nodes: Optional[int] = None,
 
     Returns:
         :class:`PreparedGraph`
+
+    Shapes:
+        - **input:** edge indices :math:`(2, E)`, edge weights :math:`(E)` (optional), edge
+          features :math:`(E)` or :math:`(E, F)` (optional)
+        - **output:** a graph of :math:`M \le E` undirected edges (see
+          :class:`PreparedGraph`)
 
     Raises:
         TypeError, ValueError: on an ``edge_index``, ``edge_weight`` or ``edge_attr`` of the

@@ -67,6 +67,10 @@ def root_forest(edge_index: torch.Tensor, num_nodes: int,
     Shapes:
         - **input:** edge indices :math:`(2, E)`
         - **output:** parent vector :math:`(N)`
+
+    Example:
+        >>> root_forest(torch.tensor([[0, 1, 3], [1, 2, 4]]), 5, roots=[2]).tolist()
+        [1, 2, -1, -1, 3]
     """
     num_nodes = check_int(num_nodes, "num_nodes", 0)
     check_edge_index(edge_index, num_nodes)
@@ -105,8 +109,20 @@ def tree_from_edges(edge_index: torch.Tensor, num_nodes: int,
         batch (LongTensor [N], optional): example of each vertex, stored in the tree.
             (default: ``None``)
 
+    Returns:
+        :class:`~treessm.Tree`, laid out breadth-first.
+
     Raises:
         ValueError: as :func:`root_forest`.
+
+    Shapes:
+        - **input:** edge indices :math:`(2, E)`, batch vector :math:`(N)` (optional)
+        - **output:** a :class:`~treessm.Tree` over :math:`N` vertices
+
+    Example:
+        >>> tree = tree_from_edges(torch.tensor([[0, 0], [1, 2]]), 4)   # 0-{1, 2} and 3
+        >>> tree.num_trees, tree.parent.tolist()
+        (2, [-1, 0, 0, -1])
     """
     parent = root_forest(edge_index, num_nodes, roots)
     return Tree.from_parent(parent, batch=batch)

@@ -80,6 +80,24 @@ def chain_tree(num_chains: int, length: int, device="cpu") -> Tree:
     Built on ``device`` with no host round-trip and cached per ``(num_chains, length,
     device)`` (the most recent ones, up to a total size); equal to ``Tree.from_parent`` of
     the same parent array.
+
+    Args:
+        num_chains (int): :math:`B`, the number of chains.
+        length (int): :math:`L`, the vertices of each chain.
+        device (torch.device or str): where the tree lives. (default: ``"cpu"``)
+
+    Shapes:
+        - **output:** a :class:`~treessm.Tree` over :math:`N = BL` vertices
+
+    Returns:
+        :class:`~treessm.Tree`
+
+    Raises:
+        ValueError: if ``num_chains`` or ``length`` is not a non-negative int.
+
+    Example:
+        >>> chain_tree(2, 3).parent.tolist()
+        [-1, 0, 1, -1, 3, 4]
     """
     num_chains = check_int(num_chains, "num_chains", 0)
     length = check_int(length, "length", 0)
@@ -105,6 +123,20 @@ class SequenceTopology(Topology):
     Shapes:
         - **input:** features :math:`(B, L, C)`
         - **output:** a :class:`~treessm.Tree` over :math:`N = BL` vertices, ``batch`` set
+
+    Returns:
+        Called on features, the :class:`~treessm.Tree` of the sequences' spanning trees,
+        token ``t`` of sequence ``b`` being vertex ``b * L + t``.
+
+    Raises:
+        ValueError: if ``window`` is not a positive int, or the features are not a
+            ``[B, L, C]`` floating-point tensor with finite values.
+        TypeError: if ``distance`` is neither a known name nor a callable.
+
+    Example:
+        >>> tree = SequenceTopology(window=2)(torch.randn(2, 10, 8))
+        >>> tree.num_nodes, tree.roots.tolist()
+        (20, [0, 10])
     """
 
     def __init__(self, window: int = 1, distance: Distance = "cosine"):
@@ -205,6 +237,19 @@ class GrootLTopology(Topology):
         - **input:** features :math:`(B, L, C)`
         - **output:** a :class:`~treessm.Tree` over :math:`N = BL` vertices, ``batch`` set,
           one tree per sequence rooted at its last token
+
+    Returns:
+        Called on features, the :class:`~treessm.Tree` of each sequence's spanning tree.
+
+    Raises:
+        ValueError: if ``context_len`` or ``window`` is not a positive int, or the features
+            are not a ``[B, L, C]`` floating-point tensor with finite values.
+        TypeError: if ``distance`` is neither a known name nor a callable.
+
+    Example:
+        >>> tree = GrootLTopology(window=3)(torch.randn(2, 8, 16))
+        >>> tree.roots.tolist()                                  # the last token of each
+        [7, 15]
     """
 
     def __init__(self, context_len: Optional[int] = None, window: int = 3,
@@ -418,6 +463,20 @@ class CausalSequenceTopology(Topology):
         - **input:** features :math:`(B, L, C)`; optionally ``valid`` :math:`(B, L)`, the
           tokens that may be parents
         - **output:** a :class:`~treessm.Tree` over :math:`N = BL` vertices, ``batch`` set
+
+    Returns:
+        Called as ``topology(feat, valid=None)``, the causal :class:`~treessm.Tree`: every
+        token's parent is earlier in its sequence, so a ``"down"`` scan is causal.
+
+    Raises:
+        ValueError: if ``k`` is not a positive int, ``tie_rtol`` negative, the features not
+            a ``[B, L, C]`` floating-point tensor or ``valid`` not a ``[B, L]`` mask.
+        TypeError: if ``distance`` is neither a known name nor a callable.
+
+    Example:
+        >>> tree = CausalSequenceTopology(k=3)(torch.randn(1, 6, 8))
+        >>> bool((tree.parent[1:] < torch.arange(1, 6)).all())     # parents come earlier
+        True
     """
 
     def __init__(self, k: int = 4, distance: Distance = "cosine", tie_rtol: float = TIE_RTOL):
