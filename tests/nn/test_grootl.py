@@ -308,3 +308,45 @@ def test_cuda_matches_cpu(mode):
     torch.testing.assert_close(sc.grad.cpu(), s.grad, rtol=1e-3, atol=1e-5)
     for n, p in gpu.named_parameters():
         torch.testing.assert_close(p.grad.cpu(), grads[n], rtol=1e-3, atol=1e-4)
+
+
+def test_topology_argument():
+    from treessm.topology import CausalSequenceTopology, SequenceTopology
+
+    s = torch.randn(2, 12, 16, dtype=torch.float64)
+    # causal: a topology of the layer's kind gives the layer built from its k and distance
+    torch.manual_seed(0)
+    given = GrootLMixer(16, state_size=4, mode="causal",
+                        topology=CausalSequenceTopology(2, "l2")).double()
+    torch.manual_seed(0)
+    built = GrootLMixer(16, state_size=4, mode="causal", k=2, distance="l2").double()
+    assert given.k == 2 and torch.equal(given(s), built(s))
+    # paper: any topology; the tree it builds is the one scanned
+    torch.manual_seed(0)
+    seq = GrootLMixer(16, state_size=4, mode="paper", topology=SequenceTopology(2)).double()
+    tree = seq.scan_tree(s)
+    assert torch.equal(tree.parent, SequenceTopology(2)(seq.tree_features(
+        seq.project_in(s)[0])).parent)
+    torch.manual_seed(0)
+    default = GrootLMixer(16, state_size=4, mode="paper").double()
+    assert not torch.allclose(seq(s), default(s))  # rooted at the first token, not the last
+    assert seq.context_len is None
+    with pytest.raises(ValueError, match="context_len belongs to the GrootL topology"):
+        seq.context_len = 4
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(mode="chain", topology=chain_tree), ValueError, "topology is used with mode"),
+    (dict(mode="causal", topology=chain_tree), TypeError, "must be a CausalSequenceTopology"),
+    (dict(mode="paper", topology="tree"), TypeError, "topology must be a callable"),
+    (dict(mode="causal", k=3, topology=None), None, None),
+])
+def test_topology_argument_errors(kwargs, error, match):
+    from treessm.topology import CausalSequenceTopology
+
+    if error is None:  # k and a topology together are refused
+        with pytest.raises(ValueError, match="give k to the topology"):
+            GrootLMixer(8, mode="causal", k=3, topology=CausalSequenceTopology(3))
+        return
+    with pytest.raises(error, match=match):
+        GrootLMixer(8, **kwargs)

@@ -130,11 +130,31 @@ class GrootLMixer(SelectiveSSM):
             (default: ``0``)
         backend (str, optional): :func:`treessm.selective_tree_scan` backend. (default:
             ``None``)
+        topology (callable, optional): the tree instead of the mode's own: with
+            ``mode="causal"`` a :class:`~treessm.topology.CausalSequenceTopology` (its ``k``,
+            distance and tie tolerance are the layer's, so that a cached continuation
+            follows the same rule); with ``mode="paper"`` any callable from features
+            :math:`(B, L, C)` to a :class:`~treessm.Tree` over the :math:`BL` tokens, whose
+            leaf-to-root scan is added to the chain. Not with ``"chain"``. (default:
+            ``None``)
 
     Shapes:
         - **input:** hidden states :math:`(B, L, d_{model})`; optionally an attention mask
           :math:`(B, L)` (0 at padding) and a cache
         - **output:** :math:`(B, L, d_{model})`
+
+    Raises:
+        ValueError, TypeError: on an argument outside its range (named in the message), an
+            option of another mode (``k`` without ``mode="causal"``, ``context_len`` or
+            ``tree_scale`` without ``mode="paper"``), or a ``topology`` the mode cannot use.
+
+    Example:
+        >>> mixer = GrootLMixer(64, state_size=8, mode="causal", k=4)
+        >>> mixer(torch.randn(2, 16, 64)).shape
+        torch.Size([2, 16, 64])
+        >>> tree = mixer.scan_tree(torch.randn(1, 16, 64))
+        >>> bool((tree.parent[1:] < torch.arange(1, 16)).all())   # each token below an earlier one
+        True
     """
 
     def __init__(self, hidden_size: int, state_size: int = 16, expand: float = 2,
@@ -143,7 +163,8 @@ class GrootLMixer(SelectiveSSM):
                  use_bias: bool = False, hidden_act: str = "silu", mode: str = "chain",
                  k: Optional[int] = None, context_len: Optional[int] = None,
                  tree_scale: Optional[float] = None, distance: Any = "cosine",
-                 layer_idx: int = 0, backend: Optional[str] = None):
+                 layer_idx: int = 0, backend: Optional[str] = None,
+                 topology: Optional[Callable] = None):
         super().__init__()
         hidden_size = check_int(hidden_size, "hidden_size", 1)
         state_size = check_int(state_size, "state_size", 1)
@@ -169,6 +190,24 @@ class GrootLMixer(SelectiveSSM):
                     raise ValueError(f"{name} is used with mode='paper' only, got {name}="
                                      f"{value!r} with mode={mode!r}")
         layer_idx = check_int(layer_idx, "layer_idx", 0)
+        if topology is not None:
+            if mode == "chain":
+                raise ValueError("topology is used with mode='causal' or 'paper', got "
+                                 "mode='chain'")
+            if mode == "causal" and not isinstance(topology, CausalSequenceTopology):
+                raise TypeError(f"with mode='causal', topology must be a "
+                                f"CausalSequenceTopology (the cached continuation follows "
+                                f"its rule), got {type(topology).__name__}")
+            if not callable(topology):
+                raise TypeError(f"topology must be a callable Topology, got "
+                                f"{type(topology).__name__}")
+            for name, value in (("k", k), ("context_len", context_len)):
+                if value is not None:
+                    raise ValueError(f"give {name} to the topology, not to the layer, when a "
+                                     f"topology is given")
+            if distance != "cosine":
+                raise ValueError("give the distance to the topology, not to the layer, when "
+                                 "a topology is given")
 
         self.hidden_size = hidden_size
         self.ssm_state_size = state_size
@@ -185,10 +224,13 @@ class GrootLMixer(SelectiveSSM):
         self.k = None
         self.tree_scale = None
         if mode == "causal":
-            self.topology = CausalSequenceTopology(_DEFAULT_K if k is None else k, distance)
+            self.topology = topology if topology is not None else CausalSequenceTopology(
+                _DEFAULT_K if k is None else k, distance)
             self.k = self.topology.k
+            self.distance = self.topology.distance
         elif mode == "paper":
-            self.topology = GrootLTopology(context_len, 3, distance)
+            self.topology = (topology if topology is not None
+                             else GrootLTopology(context_len, 3, distance))
             self.tree_scale = check_number(_DEFAULT_TREE_SCALE if tree_scale is None
                                            else tree_scale, "tree_scale")
 
@@ -232,13 +274,16 @@ class GrootLMixer(SelectiveSSM):
     @property
     def context_len(self) -> Optional[int]:
         """``mode="paper"``: the skip edges join tokens among the first ``context_len``."""
-        return self.topology.context_len if self.mode == "paper" else None
+        return getattr(self.topology, "context_len", None) if self.mode == "paper" else None
 
     @context_len.setter
     def context_len(self, value: Optional[int]) -> None:
         if self.mode != "paper":
             raise ValueError(f"context_len is used with mode='paper' only, this mixer has "
                              f"mode={self.mode!r}")
+        if not isinstance(self.topology, GrootLTopology):
+            raise ValueError(f"context_len belongs to the GrootL topology; this mixer scans "
+                             f"{type(self.topology).__name__}")
         self.topology = GrootLTopology(value, self.topology.window, self.distance)
 
     # ------------------------------------------------------------------ pieces
@@ -392,6 +437,14 @@ class GrootLMixer(SelectiveSSM):
                 ``mode="causal"``. (default: ``None``)
             cache_params: the name transformers releases before 5.24 give ``cache``.
             cache_position: accepted for the signatures of older releases; unused.
+
+        Returns:
+            Tensor [B, L, hidden_size] in the dtype of ``hidden_states``.
+
+        Raises:
+            TypeError, ValueError: on hidden states that are not ``[B, L, hidden_size]``, a
+                malformed attention mask, two different caches, or a cache filled by
+                another model or mode.
         """
         if cache is not None and cache_params is not None and cache is not cache_params:
             raise ValueError("pass the cache once, as cache or as cache_params, not two "
