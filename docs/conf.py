@@ -32,6 +32,7 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_custom_sections = ["Shapes"]
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # Attributes: as fields (a NamedTuple's fields are documented once)
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"

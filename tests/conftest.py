@@ -1,4 +1,5 @@
-"""Shared test set-up: the dense oracle is importable as ``oracle``; ``slow`` tests run only
+"""Shared test set-up: the dense oracle is importable as ``oracle``; ``shared_data`` is the
+folder of offline datasets; ``slow`` tests run only
 with ``--runslow`` (or TREESSM_RUN_SLOW=1); ``cuda_ops`` is ``torch.ops.treessm`` with the
 CUDA extension loaded (the test is skipped when it cannot be); hypothesis profiles."""
 import os
@@ -30,6 +31,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def find_shared_data() -> Path:
+    """The offline raw files of PyG's datasets: $TREESSM_DATA, or a ``shared/data`` beside a
+    folder above the tests."""
+    if os.environ.get("TREESSM_DATA"):
+        return Path(os.environ["TREESSM_DATA"])
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "data" / "planetoid").is_dir():
+            return parent / "shared" / "data"
+    return Path("shared/data")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """:func:`find_shared_data`, or a skip when it is not there."""
+    root = find_shared_data().resolve()
+    if not (root / "planetoid").is_dir():
+        pytest.skip(f"the offline datasets were not found (set TREESSM_DATA; looked at {root})")
+    return root
 
 
 @pytest.fixture(scope="session")

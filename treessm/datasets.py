@@ -58,6 +58,12 @@ def load_dataset(name: str, root: Union[str, Path], copy_to: Optional[Union[str,
 
     Raises:
         ValueError: on an unknown name.
+
+    Example:
+        >>> dataset = load_dataset("Cora", "data")   # PyG downloads into an empty root
+        >>> data = dataset[0]
+        >>> data.num_nodes, dataset.num_classes, int(data.train_mask.sum())
+        (2708, 7, 140)
     """
     if name not in DATASETS:
         raise ValueError(f"name must be one of {tuple(DATASETS)}, got {name!r}")
@@ -113,6 +119,19 @@ def tree_neighbors_match(depth: int, num_permutations: Optional[int] = None,
         list of :class:`~torch_geometric.data.Data` with ``x`` (LongTensor ``[V, 2]``: key,
         value), ``edge_index`` (``[2, V - 1 + V]``), ``y`` (LongTensor ``[1]``) and
         ``root_mask`` (BoolTensor ``[V]``, true at the root).
+
+    Shapes:
+        - **output:** each graph: :math:`V = 2^{r+1} - 1` vertices, ``x`` :math:`(V, 2)`,
+          ``edge_index`` :math:`(2, 2V - 1)`, ``y`` :math:`(1)`, ``root_mask`` :math:`(V)`
+
+    Raises:
+        ValueError: if ``depth`` is not a positive int, or ``num_permutations`` or
+            ``max_examples`` not positive.
+
+    Example:
+        >>> graphs = tree_neighbors_match(2, num_permutations=3)
+        >>> len(graphs), graphs[0].num_nodes, graphs[0].x[0].tolist()     # 3 x 4 keys
+        (12, 7, [1, 0])
     """
     depth = check_int(depth, "depth", 1)
     num_leaves = 2 ** depth
@@ -144,7 +163,29 @@ def tree_neighbors_match(depth: int, num_permutations: Optional[int] = None,
 def stratified_split(labels: Tensor, train_fraction: float = 0.8, seed: int = 0
                      ) -> Tuple[Tensor, Tensor]:
     """Indices ``(train, test)`` with ``train_fraction`` of every label's examples in
-    ``train`` (rounded), shuffled by ``seed``."""
+    ``train`` (rounded), shuffled by ``seed``.
+
+    Args:
+        labels (Tensor [N]): the label of each example.
+        train_fraction (float): share of each label's examples in ``train``. (default:
+            ``0.8``)
+        seed (int): seed of the shuffle. (default: ``0``)
+
+    Shapes:
+        - **input:** labels :math:`(N)`
+        - **output:** two index vectors that together hold each of :math:`0 .. N - 1` once
+
+    Returns:
+        ``(train, test)``, LongTensors of indices.
+
+    Raises:
+        RuntimeError: from torch, when ``labels`` is not a one-dimensional tensor.
+
+    Example:
+        >>> train, test = stratified_split(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1]), 0.5)
+        >>> len(train), len(test), sorted(torch.cat([train, test]).tolist()) == list(range(10))
+        (5, 5, True)
+    """
     g = torch.Generator().manual_seed(seed)
     train, test = [], []
     for label in torch.unique(labels):

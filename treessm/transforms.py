@@ -29,9 +29,26 @@ class PrepareGraph(BaseTransform):
         reduce (str): how repeated copies of an edge combine their attributes
             (``"mean"``, ``"add"``, ``"min"``, ``"max"``, ...). (default: ``"mean"``)
 
+    Shapes:
+        - **input:** a :class:`~torch_geometric.data.Data` with ``edge_index``
+          :math:`(2, E)` (and edge attributes :math:`(E, *)`)
+        - **output:** the same graph with ``edge_index`` :math:`(2, E')`, each undirected
+          edge in both directions once, and its attributes merged
+
+    Returns:
+        Calling the transform returns the graph (changed in place, as PyG's transforms do).
+
+    Raises:
+        ValueError: on an unknown ``reduce``, or a graph without ``edge_index``.
+
     Example:
-        >>> from torch_geometric.datasets import TUDataset
-        >>> dataset = TUDataset(root, "MUTAG", pre_transform=PrepareGraph())
+        >>> from torch_geometric.data import Data
+        >>> data = Data(edge_index=torch.tensor([[0, 1, 1, 2], [1, 0, 2, 2]]), num_nodes=3)
+        >>> data = PrepareGraph()(data)              # the self-loop dropped, 1-2 made mutual
+        >>> data.edge_index.tolist(), data.edge_index.is_undirected
+        ([[0, 1, 1, 2], [1, 0, 2, 1]], True)
+
+        In a dataset pipeline, ``TUDataset(root, "MUTAG", pre_transform=PrepareGraph())``.
     """
 
     def __init__(self, reduce: str = "mean"):

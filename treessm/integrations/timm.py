@@ -36,6 +36,7 @@ from ..typing import WITH_TIMM, require
 __all__ = ["register_timm_models", "is_registered", "checkpoint_filter_fn", "MODEL_NAMES",
            "grootv_tiny", "grootv_small", "grootv_base"]
 
+#: the names under which :func:`register_timm_models` registers GrootV with timm
 MODEL_NAMES = ("grootv_tiny", "grootv_small", "grootv_base")
 
 #: timm reads the pretrained configurations of a module's models from its ``default_cfgs``
@@ -47,7 +48,28 @@ _registered: Dict[str, object] = {}
 
 def checkpoint_filter_fn(state_dict: Mapping, model: GrootV) -> Mapping:
     """timm's ``pretrained_filter_fn``: the authors' checkpoint (or its ``"model"`` entry) in
-    treessm's names; a state dict already in treessm's names passes unchanged."""
+    treessm's names; a state dict already in treessm's names passes unchanged.
+
+    Args:
+        state_dict (Mapping): a checkpoint as timm loads it.
+        model (GrootV): the model it is for (timm's signature; not read).
+
+    Shapes:
+        as :func:`~treessm.models.grootvl_to_treessm`.
+
+    Returns:
+        the state dict in treessm's names.
+
+    Raises:
+        ValueError, TypeError: as :func:`~treessm.models.grootvl_to_treessm`.
+
+    Example:
+        >>> from treessm.models import GrootV, treessm_to_grootvl
+        >>> model = GrootV(num_classes=10, dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
+        >>> theirs = {"model": treessm_to_grootvl(model)}
+        >>> checkpoint_filter_fn(theirs, model).keys() == model.state_dict().keys()
+        True
+    """
     if isinstance(state_dict.get("model"), Mapping):
         state_dict = state_dict["model"]
     if any(k.startswith(("patch_embed.", "levels.")) for k in state_dict):
@@ -79,17 +101,83 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> GrootV:
 
 
 def grootv_tiny(pretrained: bool = False, **kwargs) -> GrootV:
-    """GrootV-T (30M parameters) through timm's builder."""
+    """GrootV-T (30M parameters) through timm's builder (``timm.create_model(
+    "grootv_tiny")`` calls it).
+
+    Args:
+        pretrained (bool): load the checkpoint of the model's ``pretrained_cfg`` (a local
+            file given to timm as ``pretrained_cfg_overlay=dict(file=...)``). (default:
+            ``False``)
+        kwargs: arguments of :class:`~treessm.models.GrootV` and of timm's builder
+            (``features_only``, ``out_indices``, ...).
+
+    Shapes:
+        as :class:`~treessm.models.GrootV`.
+
+    Returns:
+        :class:`~treessm.models.GrootV`
+
+    Raises:
+        ImportError: timm is not installed.
+
+    Example:
+        >>> import timm  # doctest: +SKIP
+        >>> model = timm.create_model("grootv_tiny", num_classes=10)  # doctest: +SKIP
+    """
     return _create("grootv_tiny", pretrained, **kwargs)
 
 
 def grootv_small(pretrained: bool = False, **kwargs) -> GrootV:
-    """GrootV-S (51M parameters) through timm's builder."""
+    """GrootV-S (51M parameters) through timm's builder (``timm.create_model(
+    "grootv_small")`` calls it).
+
+    Args:
+        pretrained (bool): load the checkpoint of the model's ``pretrained_cfg`` (a local
+            file given to timm as ``pretrained_cfg_overlay=dict(file=...)``). (default:
+            ``False``)
+        kwargs: arguments of :class:`~treessm.models.GrootV` and of timm's builder
+            (``features_only``, ``out_indices``, ...).
+
+    Shapes:
+        as :class:`~treessm.models.GrootV`.
+
+    Returns:
+        :class:`~treessm.models.GrootV`
+
+    Raises:
+        ImportError: timm is not installed.
+
+    Example:
+        >>> import timm  # doctest: +SKIP
+        >>> model = timm.create_model("grootv_small", num_classes=10)  # doctest: +SKIP
+    """
     return _create("grootv_small", pretrained, **kwargs)
 
 
 def grootv_base(pretrained: bool = False, **kwargs) -> GrootV:
-    """GrootV-B (91M parameters) through timm's builder."""
+    """GrootV-B (91M parameters) through timm's builder (``timm.create_model(
+    "grootv_base")`` calls it).
+
+    Args:
+        pretrained (bool): load the checkpoint of the model's ``pretrained_cfg`` (a local
+            file given to timm as ``pretrained_cfg_overlay=dict(file=...)``). (default:
+            ``False``)
+        kwargs: arguments of :class:`~treessm.models.GrootV` and of timm's builder
+            (``features_only``, ``out_indices``, ...).
+
+    Shapes:
+        as :class:`~treessm.models.GrootV`.
+
+    Returns:
+        :class:`~treessm.models.GrootV`
+
+    Raises:
+        ImportError: timm is not installed.
+
+    Example:
+        >>> import timm  # doctest: +SKIP
+        >>> model = timm.create_model("grootv_base", num_classes=10)  # doctest: +SKIP
+    """
     return _create("grootv_base", pretrained, **kwargs)
 
 
@@ -102,6 +190,12 @@ def register_timm_models() -> tuple:
 
     Raises:
         ImportError: timm is not installed (the message says how to install it).
+
+    Example:
+        >>> register_timm_models()  # doctest: +SKIP
+        ('grootv_tiny', 'grootv_small', 'grootv_base')
+
+        (run by ``import treessm`` whenever timm is installed).
     """
     require("timm", "registering GrootV models with timm")
     from timm.models import generate_default_cfgs, is_model, model_entrypoint, register_model
@@ -121,7 +215,16 @@ def register_timm_models() -> tuple:
 
 
 def is_registered() -> bool:
-    """Whether treessm's GrootV models are in timm's registry."""
+    """Whether treessm's GrootV models are in timm's registry.
+
+    Returns:
+        bool: ``True`` once :func:`register_timm_models` registered all of
+        :data:`MODEL_NAMES`.
+
+    Example:
+        >>> is_registered() == treessm.typing.WITH_TIMM   # registered on import with timm
+        True
+    """
     return len(_registered) == len(MODEL_NAMES)
 
 

@@ -50,7 +50,26 @@ def _range_text() -> str:
 
 def check_transformers_version(version: Optional[str] = None) -> str:
     """Raise an :class:`ImportError` naming the supported range when transformers (or the
-    given ``version`` string) lies outside :data:`TRANSFORMERS_RANGE`; return the version."""
+    given ``version`` string) lies outside :data:`TRANSFORMERS_RANGE`; return the version.
+
+    Args:
+        version (str, optional): a version string to check instead of the installed
+            release. (default: ``None``)
+
+    Returns:
+        str: the version checked.
+
+    Raises:
+        ImportError: transformers is missing or its release is outside the range.
+
+    Example:
+        >>> check_transformers_version("5.20.0")
+        '5.20.0'
+        >>> check_transformers_version("4.46.0")
+        Traceback (most recent call last):
+        ...
+        ImportError: treessm's Mamba integration supports transformers>=5.17,<6, ...
+    """
     if version is None:
         require("transformers", "treessm.integrations.transformers")
         import transformers
@@ -99,6 +118,18 @@ def grootl_from_mamba(model: nn.Module, mode: str = "chain", **options) -> nn.Mo
     Raises:
         ImportError: transformers is missing or outside :data:`TRANSFORMERS_RANGE`.
         ValueError: an unknown ``mode`` or option value, or a model without Mamba mixers.
+
+    Shapes:
+        the model's own: ``input_ids`` :math:`(B, L)` to logits :math:`(B, L, V)`.
+
+    Example:
+        >>> from transformers import MambaConfig, MambaForCausalLM
+        >>> config = MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2)
+        >>> model = grootl_from_mamba(MambaForCausalLM(config), mode="causal", k=4)
+        >>> type(model).__name__, type(model.backbone.layers[0].mixer).__name__
+        ('MambaForCausalLM', 'GrootLMixer')
+        >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False).shape
+        torch.Size([1, 8])
     """
     check_transformers_version()
     if mode not in MODES:
@@ -136,8 +167,29 @@ def grootl_from_mamba(model: nn.Module, mode: str = "chain", **options) -> nn.Mo
 
 def set_context_len(model: nn.Module, context_len: Optional[int]) -> nn.Module:
     """Set ``context_len`` of every ``mode="paper"`` mixer of ``model`` (the authors pass
-    the length of the prompt, so that only the continuation is scored causally); returns
-    ``model``."""
+    the length of the prompt, so that only the continuation is scored causally).
+
+    Args:
+        model (torch.nn.Module): a model converted by :func:`grootl_from_mamba` with
+            ``mode="paper"``.
+        context_len (int, optional): the prompt length; ``None`` allows skip edges
+            everywhere.
+
+    Returns:
+        the same ``model``.
+
+    Raises:
+        ValueError: the model has no ``mode="paper"`` mixer, or ``context_len`` is not a
+            positive int or ``None``.
+
+    Example:
+        >>> from transformers import MambaConfig, MambaForCausalLM
+        >>> config = MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2)
+        >>> model = grootl_from_mamba(MambaForCausalLM(config), mode="paper")
+        >>> model = set_context_len(model, 12)
+        >>> model.backbone.layers[0].mixer.context_len
+        12
+    """
     mixers = [m for m in model.modules() if isinstance(m, GrootLMixer) and m.mode == "paper"]
     if not mixers:
         raise ValueError("model has no GrootLMixer with mode='paper'; convert it with "

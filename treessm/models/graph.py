@@ -51,6 +51,21 @@ class GraphNet(nn.Module):
           :math:`(|\mathcal{V}|)` (optional; needed for pooling over several graphs)
         - **output:** :math:`(|\mathcal{V}|, \mathrm{out})`, or :math:`(B, \mathrm{out})`
           with pooling
+
+    Returns:
+        Called as ``model(x, edge_index, edge_attr=None, batch=None)``, the logits per node
+        or, with pooling, per graph.
+
+    Raises:
+        ValueError: on a ``pool`` other than ``"mean"``, ``"sum"``, ``"max"`` or ``None``,
+            or sizes that are not positive ints; the blocks check their inputs.
+
+    Example:
+        >>> model = GraphNet(8, 32, 3, num_layers=2, pool="mean")
+        >>> x, edge_index = torch.randn(6, 8), torch.tensor([[0, 1, 3, 4], [1, 2, 4, 5]])
+        >>> batch = torch.tensor([0, 0, 0, 1, 1, 1])                # two graphs
+        >>> model(x, edge_index, batch=batch).shape
+        torch.Size([2, 3])
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int,
@@ -122,9 +137,24 @@ def node_classifier(in_channels: int, num_classes: int, hidden_channels: int = 6
         encoder (torch.nn.Module, optional): replaces the linear encoder. (default:
             ``None``)
 
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices
+          :math:`(2, |\mathcal{E}|)`
+        - **output:** logits :math:`(|\mathcal{V}|, \mathrm{num\_classes})`
+
+    Returns:
+        :class:`GraphNet`
+
+    Raises:
+        ValueError, TypeError: on arguments outside their ranges (as :class:`GraphNet`,
+            :class:`~treessm.nn.TreeGPSConv` and :func:`~treessm.nn.local_conv` check them).
+
     Example:
-        >>> model = node_classifier(1433, 7)       # Cora
-        >>> out = model(data.x, data.edge_index)  # [2708, 7]
+        >>> from torch_geometric.datasets import KarateClub
+        >>> data = KarateClub()[0]
+        >>> model = node_classifier(data.num_features, 4)
+        >>> model(data.x, data.edge_index).shape
+        torch.Size([34, 4])
     """
     return GraphNet(in_channels, hidden_channels, num_classes, num_layers,
                     _tree_blocks(conv, d_state, d_inner, block_dropout, norm, edge_dim,
@@ -137,13 +167,36 @@ def graph_classifier(in_channels: int, num_classes: int, hidden_channels: int = 
                      block_dropout: float = 0.0, norm: Optional[str] = "batch_norm",
                      edge_dim: Optional[int] = None, mixer_kwargs: Optional[dict] = None,
                      encoder: Optional[nn.Module] = None) -> GraphNet:
-    """A graph classifier of :class:`~treessm.nn.TreeGPSConv` blocks, pooled per graph
-    (:class:`GraphNet`); arguments as :func:`node_classifier`, plus ``pool`` (``"mean"``,
-    ``"sum"`` or ``"max"``; default ``"mean"``), and the local layer defaults to GIN.
+    r"""A graph classifier of :class:`~treessm.nn.TreeGPSConv` blocks, pooled per graph
+    (:class:`GraphNet`).
+
+    Args:
+        in_channels, num_classes, hidden_channels: as :func:`node_classifier`, and so are
+            the arguments not listed here.
+        num_layers (int): blocks. (default: ``4``)
+        conv (str, optional): local layer of each block. (default: ``"gin"``)
+        pool (str): ``"mean"``, ``"sum"`` or ``"max"`` over each graph. (default:
+            ``"mean"``)
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices
+          :math:`(2, |\mathcal{E}|)`, batch vector :math:`(|\mathcal{V}|)`
+        - **output:** logits :math:`(B, \mathrm{num\_classes})` for :math:`B` graphs
+
+    Returns:
+        :class:`GraphNet`
+
+    Raises:
+        ValueError, TypeError: as :func:`node_classifier`, and on an unknown ``pool``.
 
     Example:
-        >>> model = graph_classifier(7, 2)                             # MUTAG
-        >>> out = model(batch.x, batch.edge_index, batch=batch.batch)  # [num_graphs, 2]
+        >>> from torch_geometric.data import Batch, Data
+        >>> ring = Data(x=torch.randn(4, 7), edge_index=torch.tensor([[0, 1, 2, 3],
+        ...                                                          [1, 2, 3, 0]]))
+        >>> batch = Batch.from_data_list([ring, ring, ring])
+        >>> model = graph_classifier(7, 2)
+        >>> model(batch.x, batch.edge_index, batch=batch.batch).shape
+        torch.Size([3, 2])
     """
     return GraphNet(in_channels, hidden_channels, num_classes, num_layers,
                     _tree_blocks(conv, d_state, d_inner, block_dropout, norm, edge_dim,

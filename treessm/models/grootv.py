@@ -126,6 +126,20 @@ class GrootVBlock(nn.Module):
     Shapes:
         - **input:** features :math:`(B, H, W, dim)` and optionally a tree over its pixels
         - **output:** features :math:`(B, H, W, dim)` and the tree its mixer used
+
+    Returns:
+        Called as ``block(x, tree=None)``, the pair ``(features, tree)``, so that a stage
+        can hand the tree to its next block.
+
+    Raises:
+        ValueError, TypeError: as :class:`~treessm.nn.TreeSSM` and
+            :class:`~treessm.nn.Mlp`, on arguments outside their ranges.
+
+    Example:
+        >>> block = GrootVBlock(32)
+        >>> y, tree = block(torch.randn(2, 8, 8, 32))
+        >>> y.shape, tree.num_nodes
+        (torch.Size([2, 8, 8, 32]), 128)
     """
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, d_state: int = 1,
@@ -147,13 +161,41 @@ class GrootVBlock(nn.Module):
 
 
 class GrootVStage(nn.Module):
-    """Optional downsampling, ``depth`` blocks and a closing LayerNorm.
+    r"""Optional downsampling, ``depth`` blocks and a closing LayerNorm.
 
     With ``shared_tree=True`` the first block builds the tree from its own features and
     the other blocks of the stage scan that same tree (the faster variant of the paper),
     instead of each block building its own. With ``grad_checkpointing`` set (by
     :meth:`GrootV.set_grad_checkpointing`) each block keeps only its input for the
     backward pass and recomputes the rest, tree included.
+
+    Args:
+        in_dim (int): channels of the input.
+        dim (int): channels of the stage.
+        depth (int): blocks.
+        stride (int): stride of the downsampling convolution. (default: ``2``)
+        downsample (bool): begin with a strided convolution (and LayerNorm) from
+            ``in_dim`` to ``dim``. (default: ``True``)
+        drop_path (Sequence[float]): stochastic depth of each block. (default: none)
+        shared_tree (bool): one tree per stage instead of one per block. (default:
+            ``False``)
+        block_kwargs: further arguments of :class:`GrootVBlock`.
+
+    Shapes:
+        - **input:** :math:`(B, H, W, \mathrm{in\_dim})`, channels last
+        - **output:** :math:`(B, \lceil H / s \rceil, \lceil W / s \rceil, \mathrm{dim})`
+          for stride :math:`s` (:math:`s = 1` without downsampling)
+
+    Returns:
+        Calling the stage returns its output map.
+
+    Raises:
+        ValueError, TypeError: as :class:`GrootVBlock`, on arguments outside their ranges.
+
+    Example:
+        >>> stage = GrootVStage(16, 32, depth=2, shared_tree=True)
+        >>> stage(torch.randn(1, 8, 8, 16)).shape
+        torch.Size([1, 4, 4, 32])
     """
 
     def __init__(self, in_dim: int, dim: int, depth: int, stride: int = 2,
@@ -184,7 +226,19 @@ class GrootVStage(nn.Module):
 class FeatureInfo(list):
     """Per-stage ``dict(num_chs, reduction, module)``, with timm's ``channels()``,
     ``reduction()`` and ``module_name()`` accessors that detection and segmentation necks
-    read."""
+    read.
+
+    Args:
+        iterable: the stages' dicts, as a list is built. (default: empty)
+
+    Raises:
+        KeyError: from an accessor, when a stage's dict lacks its key.
+
+    Example:
+        >>> model = GrootV(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), features_only=True)
+        >>> model.feature_info.channels(), model.feature_info.reduction()
+        ([16, 32, 48, 64], [4, 8, 16, 32])
+    """
 
     def channels(self) -> List[int]:
         return [info["num_chs"] for info in self]
@@ -201,6 +255,15 @@ def take_indices(num_stages: int, indices: Union[None, int, Sequence[int]] = Non
     """Absolute stage indices to return, as timm's ``feature_take_indices`` reads them:
     ``None`` all stages, an int ``n`` the last ``n``, a sequence the given stages
     (negative ones count from the end).
+
+    Args:
+        num_stages (int): stages of the model.
+        indices (None, int or Sequence[int]): which stages. (default: ``None``, all)
+        name (str): the argument's name in error messages. (default: ``"indices"``)
+
+    Example:
+        >>> take_indices(4, 2), take_indices(4, [0, -1])
+        (([2, 3], 3), ([0, 3], 3))
 
     Returns:
         the indices (in the given order) and the largest of them.
@@ -276,14 +339,23 @@ class GrootV(nn.Module):
           \rceil)` with :math:`r_i` = ``feature_info[i]["reduction"]`` (4, 8, 16, 32 by
           default)
 
+    Returns:
+        Calling the model returns the logits, or with ``features_only`` the list of maps
+        (see Shapes).
+
+    Raises:
+        ValueError, TypeError: on an argument outside its range, named in the message
+            (``dims`` and ``depths`` of different lengths, an odd ``d_conv``, ``out_indices``
+            outside the stages, ...), or input images that are not :math:`(B, C_{in}, H, W)`.
+
     Example:
-        >>> model = grootv_tiny(num_classes=10).eval()
-        >>> model(torch.randn(2, 3, 224, 224)).shape
+        >>> model = GrootV(num_classes=10, dims=(16, 32, 48, 64), depths=(1, 1, 2, 1)).eval()
+        >>> model(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 10])
-        >>> maps = model.forward_intermediates(torch.randn(1, 3, 200, 300),
+        >>> maps = model.forward_intermediates(torch.randn(1, 3, 50, 75),
         ...                                    intermediates_only=True)
         >>> [tuple(m.shape[1:]) for m in maps]
-        [(80, 50, 75), (160, 25, 38), (320, 13, 19), (640, 7, 10)]
+        [(16, 13, 19), (32, 7, 10), (48, 4, 5), (64, 2, 3)]
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,
@@ -541,6 +613,20 @@ def count_flops(model: nn.Module, *inputs: Tensor) -> int:
     for its scan. Normalisations, activations and tree construction are not counted: the
     trees are built in a first, uncounted pass and replayed in the counted one, so the
     count does not depend on how a topology computes its edge costs.
+
+    Args:
+        model (torch.nn.Module): any module, e.g. a :class:`GrootV`.
+        inputs (Tensor): the inputs of one forward pass, e.g. ``torch.randn(1, 3, 224, 224)``.
+
+    Returns:
+        int: multiply-accumulates (GrootV-T at 224²: 4.75 G, the paper's "4.8 GFLOPs").
+
+    Raises:
+        Exception: whatever the forward pass of ``model`` raises on ``inputs``.
+
+    Example:
+        >>> count_flops(torch.nn.Linear(8, 4), torch.randn(2, 8))   # 2 * 8 * 4
+        64
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -623,19 +709,73 @@ def grootv_tiny(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
             (83.4% top-1), a local file loaded by
             :func:`~treessm.models.load_grootvl_checkpoint`; the classifier is kept fresh
             when ``num_classes`` is not 1000. (default: ``None``)
+        kwargs: arguments of :class:`GrootV` (``num_classes``, ``features_only``, ...).
+
+    Shapes:
+        as :class:`GrootV`: images :math:`(B, 3, H, W)` to logits
+        :math:`(B, \mathrm{num\_classes})`.
+
+    Returns:
+        :class:`GrootV`
+
+    Raises:
+        ValueError, TypeError: as :class:`GrootV`; from ``pretrained``, as
+            :func:`~treessm.models.load_grootvl_checkpoint` (a missing file, a checkpoint
+            of another size).
+
+    Example:
+        >>> model = grootv_tiny(device="meta")             # the shapes, no memory
+        >>> round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        29.96
+        >>> model.feature_info.channels()
+        [80, 160, 320, 640]
     """
     return _create("grootv_tiny", pretrained, kwargs)
 
 
 def grootv_small(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
     """GrootV-S: C = 96, depths 2-2-13-2 (51M parameters); ``kwargs`` go to :class:`GrootV`.
-    ``pretrained``: a local file of the authors' checkpoint (84.2% top-1), as in
-    :func:`grootv_tiny`."""
+
+    Args:
+        pretrained (str or os.PathLike, optional): a local file of the authors' checkpoint
+            (84.2% top-1), as in :func:`grootv_tiny`. (default: ``None``)
+        kwargs: arguments of :class:`GrootV`.
+
+    Shapes:
+        as :class:`GrootV`.
+
+    Returns:
+        :class:`GrootV`
+
+    Raises:
+        ValueError, TypeError: as :func:`grootv_tiny`.
+
+    Example:
+        >>> grootv_small(num_classes=10, device="meta").feature_info.channels()
+        [96, 192, 384, 768]
+    """
     return _create("grootv_small", pretrained, kwargs)
 
 
 def grootv_base(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
     """GrootV-B: C = 128, depths 2-2-13-2 (91M parameters); ``kwargs`` go to :class:`GrootV`.
-    ``pretrained``: a local file of the authors' checkpoint (84.8% top-1), as in
-    :func:`grootv_tiny`."""
+
+    Args:
+        pretrained (str or os.PathLike, optional): a local file of the authors' checkpoint
+            (84.8% top-1), as in :func:`grootv_tiny`. (default: ``None``)
+        kwargs: arguments of :class:`GrootV`.
+
+    Shapes:
+        as :class:`GrootV`.
+
+    Returns:
+        :class:`GrootV`
+
+    Raises:
+        ValueError, TypeError: as :func:`grootv_tiny`.
+
+    Example:
+        >>> grootv_base(num_classes=10, device="meta").feature_info.channels()
+        [128, 256, 512, 1024]
+    """
     return _create("grootv_base", pretrained, kwargs)

@@ -155,6 +155,17 @@ def grootvl_to_treessm(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         TypeError: ``state_dict`` is not a mapping of names to tensors.
         ValueError: a key that no tensor of the authors' GrootV has (named in the message),
             or a stacked tensor whose leading axis is not one.
+
+    Shapes:
+        the tensors keep their shapes, but for the three stacked ones: ``[1, *]`` becomes
+        ``[*]``.
+
+    Example:
+        >>> model = GrootV(num_classes=10, dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
+        >>> theirs = treessm_to_grootvl(model)                  # the authors' names
+        >>> ours = grootvl_to_treessm(theirs)
+        >>> ours.keys() == model.state_dict().keys()
+        True
     """
     out = OrderedDict()
     for key, value in _tensors(state_dict, "state_dict").items():
@@ -189,6 +200,15 @@ def treessm_to_grootvl(state_dict: Union[nn.Module, Mapping[str, Tensor]]) -> Di
         TypeError: not a module or a mapping of names to tensors.
         ValueError: a tensor the authors' model has no place for (named in the message), or
             a model without the head.
+
+    Shapes:
+        the tensors keep their shapes, but for the three the authors stack per scan
+        direction: ``[*]`` becomes ``[1, *]``.
+
+    Example:
+        >>> theirs = treessm_to_grootvl(GrootV(num_classes=10, dims=(16, 32, 48, 64), depths=(1, 1, 1, 1)))
+        >>> tuple(theirs["levels.0.blocks.0.TreeSSM.x_proj_weight"].shape)  # one direction
+        (1, 3, 32)
     """
     if isinstance(state_dict, nn.Module) and getattr(state_dict, "conv_head", True) is None:
         raise ValueError("the authors' GrootV always has its classification head; convert a "
@@ -229,6 +249,15 @@ def read_grootvl_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
             ``"model_ema"``.
         pickle.UnpicklingError: with ``weights_only``, a file that pickles other objects
             (the message says what to do).
+
+    Shapes:
+        the tensors as stored.
+
+    Example:
+        >>> theirs = treessm_to_grootvl(GrootV(num_classes=10, dims=(16, 32, 48, 64), depths=(1, 1, 1, 1)))
+        >>> torch.save({"model": theirs, "model_ema": theirs}, "grootv_t.pth")
+        >>> read_grootvl_checkpoint("grootv_t.pth", use_ema=True).keys() == theirs.keys()
+        True
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -292,6 +321,16 @@ def load_grootvl_checkpoint(model: nn.Module,
         ValueError: the first mismatch, named both ways: a key that is not the authors', a
             tensor the checkpoint lacks, a shape that differs (e.g. a checkpoint of another
             size), or a checkpoint tensor the model has no place for.
+
+    Shapes:
+        every tensor of the checkpoint must have the shape of the model's (checked).
+
+    Example:
+        >>> source, target = GrootV(num_classes=10, dims=(16, 32, 48, 64), depths=(1, 1, 1, 1)), GrootV(num_classes=10, dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
+        >>> torch.save({"model": treessm_to_grootvl(source)}, "grootv_t.pth")
+        >>> model = load_grootvl_checkpoint(target, "grootv_t.pth")
+        >>> torch.equal(model.head.weight, source.head.weight)
+        True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a GrootV module, got {type(model).__name__}")

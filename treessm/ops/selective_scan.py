@@ -185,9 +185,7 @@ def selective_tree_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     runs over the expanded tensors (default: :func:`reference_tree_scan`).
 
     Args:
-        u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step,
-            initial_state, state_vertices, state_norm, norm_weight, norm_bias, norm_eps: as
-            :func:`selective_tree_scan`.
+        u, delta, A, B, C, tree: as :func:`selective_tree_scan`, and so are the others.
         scan (callable, optional): the tree scan of the expanded tensors. (default: the
             torch reference)
 

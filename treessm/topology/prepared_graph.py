@@ -102,8 +102,8 @@ class PreparedGraph:
     :math:`D = \mathrm{diag}(\mathrm{degree})` (zero rows for isolated vertices).
 
     Args:
-        The attributes above, as :func:`prepare_graph` computes them (build one with
-        :func:`prepare_graph`, not by hand).
+        fields: the attributes above, as :func:`prepare_graph` computes them (build one
+            with :func:`prepare_graph`, not by hand).
 
     Shapes:
         - **edge_index:** :math:`(2, M)` for :math:`M` undirected edges
