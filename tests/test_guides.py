@@ -1,0 +1,100 @@
+"""The code of the README and of the guides runs, as a reader would run it.
+
+Every ```python block of ``README.md`` and ``docs/*.md`` is executed on the CPU: the
+blocks of a guide in order, in one namespace (as a reader goes down the page), each
+README block on its own (a quick start is copied alone). A block that cannot run here is
+marked on purpose, with the reason, by an HTML comment on the line before its fence, which
+neither GitHub nor the site shows::
+
+    <!-- not run: needs a CUDA GPU -->
+
+Blocks run in an empty folder whose ``data`` is the offline copy of PyG's datasets, so a
+guide's ``load_dataset("Cora", "data")`` reads what PyG would download. The names
+``treessm.…`` that the pages mention must exist, so that no page sends a reader to a module
+that is gone.
+"""
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", re.M | re.S)
+SKIP = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->\s*$")
+DOTTED = re.compile(r"(?<![\w.])treessm(?:\.[A-Za-z_]\w*)+")  # not torch.ops.treessm.…
+
+
+def blocks(page: Path):
+    """``(line, code, reason_not_run)`` of each python block of ``page``."""
+    text = page.read_text()
+    for match in FENCE.finditer(text):
+        if match.group(1) != "python":
+            continue
+        before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        skip = SKIP.search(before)
+        line = text.count("\n", 0, match.start()) + 1
+        yield line, match.group(2), skip.group(1) if skip else None
+
+
+def _run(code: str, namespace: dict, where: str) -> None:
+    try:
+        exec(compile(code, where, "exec"), namespace)
+    except Exception as exc:  # the page and line in the report
+        raise AssertionError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+
+
+PAGE_IDS = [p.relative_to(ROOT).as_posix() for p in PAGES]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_page_code_runs(page, tmp_path, monkeypatch, request):
+    runnable = [(line, code) for line, code, reason in blocks(page) if reason is None]
+    if not runnable:
+        pytest.skip("no block to run")
+    monkeypatch.chdir(tmp_path)
+    if any('"data"' in code for _, code in runnable):
+        data = request.getfixturevalue("shared_data")
+        (tmp_path / "data").symlink_to(data, target_is_directory=True)
+    alone = page.name == "README.md"
+    namespace = {}
+    for line, code in runnable:
+        if alone or not namespace:
+            torch.manual_seed(0)
+            namespace = {"__name__": "__main__"}
+        _run(code, namespace, f"{page.relative_to(ROOT)}:{line}")
+
+
+def test_not_run_blocks_say_why():
+    # a marker without a reason, or a marker that is not followed by a block, is a mistake
+    for page in PAGES:
+        text = page.read_text()
+        for match in re.finditer(r"<!--\s*not run:?(.*?)-->", text):
+            assert match.group(1).strip(), f"{page.name}: a 'not run' marker needs a reason"
+            after = text[match.end():].lstrip("\n")
+            assert after.startswith("```"), f"{page.name}: 'not run' must precede a fence"
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_named_modules_exist(page):
+    text = page.read_text()
+    missing = sorted({name.rstrip(".") for name in DOTTED.findall(text)
+                      if not _resolves(name.rstrip("."))})
+    assert not missing, f"{page.name} names what treessm does not have: {missing}"
