@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+# torch and numba each load an OpenMP runtime; on a machine of few cores their waiting
+# threads spin against each other's work (a small training step 5-20x slower on two cores).
+# Set before either is imported; a value given by the caller is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Property tests: a bounded, reproducible set of examples by default (the same in every
