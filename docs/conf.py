@@ -5,8 +5,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository's treessm, as the tests import it
 sys.path.insert(0, str(HERE / "_ext"))
+sys.path.insert(0, str(HERE))
 
 import treessm  # noqa: E402
+from figures import build_figures  # noqa: E402
+
+# the photograph's tree and the plots of benchmarks/results/*.json, drawn on every build so
+# that they never drift from the tables (docs/_generated, not kept in git)
+build_figures()
 
 project = "treessm"
 author = "treessm contributors"
@@ -24,7 +30,7 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "_ext", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_ext", "_generated", "Thumbs.db", ".DS_Store"]
 html_math_renderer = "mathml"
 
 # docstrings: Google style with PyG's sections
@@ -45,7 +51,7 @@ myst_heading_anchors = 3
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"treessm {release}"
-html_static_path = []
+html_static_path = []  # docs/_static holds images the pages link, not theme files
 html_theme_options = {
     "navigation_depth": 2,
     "show_toc_level": 2,
