@@ -98,3 +98,56 @@ def test_named_modules_exist(page):
     missing = sorted({name.rstrip(".") for name in DOTTED.findall(text)
                       if not _resolves(name.rstrip("."))})
     assert not missing, f"{page.name} names what treessm does not have: {missing}"
+
+
+NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+
+
+def _numbers(value):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield float(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def test_readme_figures_are_in_their_results_files():
+    # each row of the README's table of measured figures names its file; every number of
+    # its two figure columns must be a value of that file, as rounded in the README (a
+    # time in milliseconds may be quoted in seconds)
+    import json
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Measured", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line
+            and ".json" in line]
+    assert len(rows) >= 8, "the README's table of measured figures was not found"
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        files = re.findall(r"`(\w+\.json)`", cells[2])
+        assert files, f"no results file named in: {row}"
+        values = [v * scale for f in files
+                  for v in _numbers(json.loads((ROOT / "benchmarks" / "results" / f).read_text()))
+                  for scale in (1.0, 1e-3)]
+        for cell in cells[1:]:
+            cell = re.sub(r"`[^`]*`", "", cell)                 # names, not figures
+            cell = re.sub(r"\d+ × \d+|10[⁰-⁹]+|5·10[⁰-⁹]+|r = \d|depth \d, \d and \d|"
+                          r"\d+ examples|\d+ epochs|H\d+", "", cell)   # sizes, not figures
+            for token in NUMBER.findall(cell):
+                figure = float(token.replace(",", ""))
+                places = len(token.split(".")[1]) if "." in token else 0
+                assert any(round(v, places) == figure or round(v) == figure and places == 0
+                           for v in values), f"README's {token} is not in {files}: {row}"
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.+?)\n```", readme.split("## Set up", 1)[1]
+                          .split("\n## ", 1)[0], re.S)
+    assert len(commands) == 2, "the README sets up with two commands: the demo and the tests"
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
