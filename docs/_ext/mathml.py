@@ -13,13 +13,24 @@ from sphinx.util import logging
 logger = logging.getLogger(__name__)
 
 
+# environments latex2mathml lays out as tables only under another name
+_RENAMED = {"aligned": "align*", "gathered": "gather*"}
+
+
 def _render(self, node, display: str) -> str:
     latex = node.astext()
+    for old, new in _RENAMED.items():
+        latex = latex.replace(f"\\begin{{{old}}}", f"\\begin{{{new}}}").replace(
+            f"\\end{{{old}}}", f"\\end{{{new}}}")
     try:
-        return convert(latex, display=display)
+        mathml = convert(latex, display=display)
     except Exception as exc:  # noqa: BLE001 - latex2mathml raises many kinds
         logger.warning("math not rendered (%s): %s", exc, latex, location=node)
         return f"<code>{self.encode(latex)}</code>"
+    if "<mi>&</mi>" in mathml:  # an alignment the converter did not understand
+        logger.warning("math not rendered (a bare '&' outside an alignment): %s", latex,
+                       location=node)
+    return mathml
 
 
 def visit_inline(self, node) -> None:
