@@ -44,6 +44,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
@@ -95,11 +104,7 @@ def photo_tree(out: Path, size: int = 96, sigma: float = 0.1) -> Path:
         ax.set_xlim(-0.5, size - 0.5)
         ax.set_ylim(size - 0.5, -0.5)
         ax.axis("off")
-    fig.tight_layout()
-    path = out / "photo_tree.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "photo_tree.png")
 
 
 # ---------------------------------------------------------------------------- benchmarks
@@ -135,11 +140,7 @@ def scan_speed(out: Path) -> Path:
     axes[0].legend(frameon=False)
     fig.suptitle("tree_scan, float32: tree_scan_cpu.json (2-core CPU) and "
                  "tree_scan_gpu_h200.json (NVIDIA H200)", fontsize=9)
-    fig.tight_layout()
-    path = out / "scan_speed.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "scan_speed.png")
 
 
 def graph_cost(out: Path) -> Path:
@@ -161,11 +162,7 @@ def graph_cost(out: Path) -> Path:
     ax.set_title("graph layers on the CPU (graph_cpu.json)")
     ax.legend(frameon=False, fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = out / "graph_cost.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "graph_cost.png")
 
 
 def topology_cost(out: Path) -> Path:
@@ -187,11 +184,7 @@ def topology_cost(out: Path) -> Path:
     n, c = rows[0]["num_nodes"], rows[0]["channels"]
     fig.suptitle(f"topologies over {n:,} vertices, {c} channels (topologies_cpu.json)",
                  fontsize=9)
-    fig.tight_layout()
-    path = out / "topology_cost.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "topology_cost.png")
 
 
 def graph_accuracy(out: Path) -> Path:
@@ -235,11 +228,7 @@ def graph_accuracy(out: Path) -> Path:
         ax.set_title(title)
         ax.legend(frameon=False, fontsize=7, ncol=2)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "graph_accuracy.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "graph_accuracy.png")
 
 
 def _real_entry(row: dict) -> tuple:
@@ -325,11 +314,7 @@ def cora_tree(out: Path, root: str) -> Path:
                  f"papers' words,\nradius = depth from the root; {100 * same_tree:.0f}% of "
                  f"tree edges join papers of one class (of the graph's edges: "
                  f"{100 * same_graph:.0f}%)", fontsize=8.5)
-    fig.tight_layout()
-    path = out / "cora_tree.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "cora_tree.png")
 
 
 def main() -> None:
