@@ -79,3 +79,18 @@ def test_arguments_are_checked():
         local_conv("gat", 6)
     with pytest.raises(ValueError, match=r"x must have shape \[N, 8\]"):
         TreeGPSConv(8)(torch.randn(4, 5), torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_topology_reaches_the_tree_mixer():
+    from treessm.topology import chain_tree
+
+    def chain(feat, graph, batch):
+        return chain_tree(1, feat.shape[0], feat.device)
+
+    block = TreeGPSConv(8, conv=None, topology=chain)
+    assert block.mixer.topology is chain
+    _, tree = block.mixer(torch.randn(5, 8), torch.empty(2, 0, dtype=torch.long),
+                          return_tree=True)
+    assert tree.parent.tolist() == [-1, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="give topology once"):
+        TreeGPSConv(8, topology=chain, mixer_kwargs={"topology": chain})

@@ -5,7 +5,7 @@ mixer in place of attention).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -116,6 +116,8 @@ class TreeGPSConv(nn.Module):
             :math:`y = h`). (default: ``True``)
         mixer_kwargs (dict, optional): further arguments of the :class:`TreeSSMConv`
             (``distance``, ``dt_rank``, ...). (default: ``None``)
+        topology (callable, optional): the tree mixer's topology (see
+            :class:`TreeSSMConv`). (default: ``None``, the graph's own edges)
 
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, C)`, edge indices
@@ -137,7 +139,8 @@ class TreeGPSConv(nn.Module):
                  act: Union[str, Any] = "relu", act_kwargs: Optional[Dict[str, Any]] = None,
                  norm: Union[str, Any, None] = "batch_norm",
                  norm_kwargs: Optional[Dict[str, Any]] = None, edge_dim: Optional[int] = None,
-                 ffn: bool = True, mixer_kwargs: Optional[Dict[str, Any]] = None):
+                 ffn: bool = True, mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 topology: Optional[Callable[..., Any]] = None):
         super().__init__()
         self.channels = check_int(channels, "channels", 1)
         self.dropout = check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
@@ -147,9 +150,14 @@ class TreeGPSConv(nn.Module):
             raise TypeError(f"conv must be a name, a torch.nn.Module or None, got "
                             f"{type(conv).__name__}")
         self.conv = conv
+        mixer_kwargs = dict(mixer_kwargs or {})
+        if topology is not None:
+            if "topology" in mixer_kwargs:
+                raise ValueError("give topology once, as an argument or in mixer_kwargs")
+            mixer_kwargs["topology"] = topology
         self.mixer = TreeSSMConv(channels, channels, d_state=d_state,
                                  d_inner=channels if d_inner is None else d_inner,
-                                 **(mixer_kwargs or {}))
+                                 **mixer_kwargs)
         self.mlp = nn.Sequential(
             nn.Linear(channels, 2 * channels),
             activation_resolver(act, **(act_kwargs or {})),
