@@ -15,6 +15,8 @@ that is gone.
 """
 import importlib
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -39,9 +41,11 @@ def blocks(page: Path):
         yield line, match.group(2), skip.group(1) if skip else None
 
 
-def _run(code: str, namespace: dict, where: str) -> None:
+def _run(code: str, module: types.ModuleType, where: str) -> None:
+    # compiled as the source of an imported module, as a reader's script is: code that
+    # looks up its caller's module (PyG's Sequential does) finds it
     try:
-        exec(compile(code, where, "exec"), namespace)
+        exec(compile(code, module.__file__, "exec"), module.__dict__)
     except Exception as exc:  # the page and line in the report
         raise AssertionError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -59,12 +63,18 @@ def test_page_code_runs(page, tmp_path, monkeypatch, request):
         data = request.getfixturevalue("shared_data")
         (tmp_path / "data").symlink_to(data, target_is_directory=True)
     alone = page.name == "README.md"
-    namespace = {}
-    for line, code in runnable:
-        if alone or not namespace:
-            torch.manual_seed(0)
-            namespace = {"__name__": "__main__"}
-        _run(code, namespace, f"{page.relative_to(ROOT)}:{line}")
+    name = "guide_" + re.sub(r"\W", "_", page.stem.lower())
+    module = None
+    try:
+        for line, code in runnable:
+            if alone or module is None:
+                torch.manual_seed(0)
+                module = types.ModuleType(name)
+                module.__file__ = str(tmp_path / f"{name}.py")
+                sys.modules[name] = module
+            _run(code, module, f"{page.relative_to(ROOT)}:{line}")
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_not_run_blocks_say_why():
