@@ -4,7 +4,7 @@ PYTHON ?= python
 .PHONY: docs figures test
 
 docs:
-	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PYTHON) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 
 figures:
 	$(PYTHON) docs/figures.py

@@ -58,3 +58,4 @@ html_theme_options = {
     "navbar_align": "left",
 }
 html_show_sourcelink = False
+html_sidebars = {"*": []}  # a guide is one page: no section sidebar (the API pages keep theirs)

@@ -38,20 +38,27 @@ def visit_inline(self, node) -> None:
     raise nodes.SkipNode
 
 
+def _displayed(latex: str, nowrap: bool) -> str:
+    """The formula of a display block as Sphinx's MathJax output arranges it: equations
+    separated by blank lines become the rows of one ``align*``; a single equation with an
+    alignment ``&`` or row break is a ``split``."""
+    if nowrap:
+        return latex
+    parts = [part.strip() for part in latex.split("\n\n") if part.strip()]
+    if len(parts) > 1:
+        return "\\begin{align*}" + " \\\\\n".join(parts) + "\\end{align*}"
+    body = parts[0] if parts else ""
+    if ("&" in body or "\\\\" in body) and "\\begin{" not in body:
+        return "\\begin{split}" + body + "\\end{split}"
+    return body
+
+
 def visit_block(self, node) -> None:
-    latex = node.astext()
     node_id = node["ids"][0] if node.get("ids") else None
     anchor = f' id="{node_id}"' if node_id else ""
-    self.body.append(f'<div class="math"{anchor}>')
-    # a block may hold several equations separated by blank lines (Sphinx's convention)
-    for part in (latex.split("\n\n") if not node.get("nowrap") else [latex]):
-        if part.strip():
-            if "&" in part or "\\\\" in part:  # aligned rows, as Sphinx's MathJax output
-                part = "\\begin{split}" + part + "\\end{split}"
-            piece = nodes.math_block(part, part)
-            piece.source, piece.line = node.source, node.line
-            self.body.append(_render(self, piece, "block"))
-    self.body.append("</div>\n")
+    piece = nodes.math_block("", _displayed(node.astext(), bool(node.get("nowrap"))))
+    piece.source, piece.line = node.source, node.line
+    self.body.append(f'<div class="math"{anchor}>{_render(self, piece, "block")}</div>\n')
     raise nodes.SkipNode
 
 
