@@ -489,10 +489,20 @@ ACCEPTS[name] = {
     "x": "floating-point tensor `[N, in_channels]`, finite values of any magnitude; `N = 0` "
          "gives `[0, out_channels]`.",
     "edge_index, edge_weight, batch, edge_attr": "as `GraphTopology`.",
+    "topology": "`None` or a callable `(feat [N, C], graph, batch) -> Tree` over the `N` "
+                "vertices; not with a `distance` of the layer's own.",
 }
 CASES[name] = [
     ok("a path of 4 vertices", lambda: TreeSSMConv(3, 5)(_x(4, 3), _LINE), "`[4, 5]`",
        lambda y: y.shape == (4, 5)),
+    ok("`topology=` the chain", lambda: TreeSSMConv(3, 5, topology=lambda f, g, b: chain_tree(
+        1, f.shape[0]))(_x(4, 3), torch.zeros(2, 0, dtype=_I64)), "`[4, 5]`",
+       lambda y: y.shape == (4, 5)),
+    bad("`topology='knn'`", lambda: TreeSSMConv(3, 4, topology="knn"), TypeError,
+        "topology must be a callable Topology, got str"),
+    bad("`topology=` a tree of 2 vertices for `N = 4`",
+        lambda: TreeSSMConv(3, 5, topology=lambda f, g, b: chain_tree(1, 2))(_x(4, 3), _LINE),
+        ValueError, "topology must return a Tree over the 4 vertices, got a Tree over 2"),
     ok("`N = 0`", lambda: TreeSSMConv(3, 5)(_x(0, 3), torch.zeros(2, 0, dtype=_I64)),
        "`[0, 5]`", lambda y: y.shape == (0, 5)),
     bad("`TreeSSMConv(True, 4)`", lambda: TreeSSMConv(True, 4), TypeError,
@@ -520,6 +530,9 @@ ACCEPTS[name] = {
              "Mamba model); `mode='paper'` cannot continue one.",
     "attention_mask": "`None` or a tensor `[B, >= L]` of 0 and 1 on the device of "
                       "`hidden_states`.",
+    "topology": "`None`; with `mode='causal'` a `CausalSequenceTopology` (then no `k` or "
+                "`distance` of the layer's own), with `mode='paper'` a callable `[B, L, C] -> "
+                "Tree`.",
 }
 CASES[name] = [
     ok("`[2, 7, 8]`, causal", lambda: GrootLMixer(8, mode="causal")(_x(2, 7, 8)), "`[2, 7, 8]`"),
@@ -529,6 +542,9 @@ CASES[name] = [
         "tree_scale must be a real number"),
     bad("`k=2` with `mode='chain'`", lambda: GrootLMixer(8, k=2), ValueError,
         "k is used with mode='causal' only"),
+    bad("`topology=SequenceTopology()` with `mode='causal'`",
+        lambda: GrootLMixer(8, mode="causal", topology=SequenceTopology()), TypeError,
+        "with mode='causal', topology must be a CausalSequenceTopology"),
     bad("`attention_mask=[[1, 1, 1]]`",
         lambda: GrootLMixer(8)(_x(1, 3, 8), attention_mask=[[1, 1, 1]]), TypeError,
         "attention_mask must be a tensor [B, L] of 0 and 1, got list"),
