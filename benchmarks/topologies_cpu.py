@@ -8,8 +8,11 @@ candidate edges it compares, and the depth of the tree it builds (the longest ro
 the number of dependent steps of a level-by-level scan, and what separates a chain from a
 tree). Prints a table and saves ``benchmarks/results/topologies_cpu.json``.
 
-    nice -n 10 python benchmarks/topologies_cpu.py            # C = 16
-    nice -n 10 python benchmarks/topologies_cpu.py --quick    # 8 images: checks the script
+    OMP_WAIT_POLICY=PASSIVE nice -n 10 python benchmarks/topologies_cpu.py          # C = 16
+    OMP_WAIT_POLICY=PASSIVE nice -n 10 python benchmarks/topologies_cpu.py --quick  # checks it
+
+(``OMP_WAIT_POLICY=PASSIVE``: torch's and numba's OpenMP threads otherwise spin against each
+other on a machine of few cores; the value is stored with the results.)
 """
 from __future__ import annotations
 
@@ -94,6 +97,7 @@ def main() -> None:
               "machine": {"platform": platform.platform(), "processor": platform.machine(),
                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "numba_threads": numba.get_num_threads(),
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                           "load_average_1min": round(os.getloadavg()[0], 2)},
               "versions": {"treessm": treessm.__version__, "torch": torch.__version__,
                            "numba": numba.__version__},
