@@ -56,6 +56,7 @@ html_theme_options = {
     "navigation_depth": 2,
     "show_toc_level": 2,
     "navbar_align": "left",
+    "header_links_before_dropdown": 6,
 }
 html_show_sourcelink = False
 html_sidebars = {"*": []}  # a guide is one page: no section sidebar (the API pages keep theirs)
