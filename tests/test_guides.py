@@ -14,6 +14,7 @@ guide's ``load_dataset("Cora", "data")`` reads what PyG would download. The name
 that is gone.
 """
 import importlib
+import importlib.util
 import re
 import sys
 import types
@@ -161,3 +162,28 @@ def test_ci_runs_the_readme_test_command_verbatim():
                           .split("\n## ", 1)[0], re.S)
     assert len(commands) == 2, "the README sets up with two commands: the demo and the tests"
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+SHELL_FENCE = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
+LAUNCH = re.compile(r"(?:python|torchrun)\b[^\n#&]*?(?:-m\s+([\w.]+)|\s(benchmarks/[\w/]+\.py))"
+                    r"([^\n#&]*)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_shell_commands_name_what_exists(page):
+    # shell blocks install, launch and benchmark; they are not run here (the examples and
+    # benchmarks they start have tests of their own), but every module, script and option
+    # they name must exist
+    for block in SHELL_FENCE.findall(page.read_text()):
+        for module, script, rest in LAUNCH.findall(block.replace("\\\n", " ")):
+            if module:
+                spec = importlib.util.find_spec(module)
+                assert spec is not None, f"{page.name}: no module {module}"
+                source = Path(spec.origin).read_text() if module.startswith("treessm") else ""
+            else:
+                path = ROOT / script
+                assert path.is_file(), f"{page.name}: no script {script}"
+                source = path.read_text()
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+                if source and "torchrun" not in flag:
+                    assert f'"{flag}"' in source, f"{page.name}: {module or script} has no {flag}"
