@@ -11,7 +11,9 @@ neither GitHub nor the site shows::
 Blocks run in an empty folder whose ``data`` is the offline copy of PyG's datasets, so a
 guide's ``load_dataset("Cora", "data")`` reads what PyG would download. The names
 ``treessm.…`` that the pages mention must exist, so that no page sends a reader to a module
-that is gone.
+that is gone; so must the modules, scripts and options of their shell blocks (installs,
+launches and benchmarks, which are not run here). The README's figures must be values of
+the results files it names, and CI must run its test command verbatim.
 """
 import importlib
 import importlib.util
