@@ -52,3 +52,14 @@ def test_invalid_arguments(tmp_path):
         digits.main(["--out", str(tmp_path), "--epochs", "0"])
     with pytest.raises(ValueError, match="threads"):
         digits.run(str(tmp_path), threads=0)
+
+
+def test_tree_colours_are_decay_rates_on_a_log_scale():
+    import torch
+
+    # decays of 0.9995 and 0.99 differ by 1% on a linear scale, by a factor 20 in rate
+    decay = torch.tensor([[0.9995, 0.9995], [0.99, 0.99], [0.5, 0.5]])
+    rate = digits._decay_rate(decay)
+    assert [round(float(r), 4) for r in rate] == [0.0005, 0.0101, 0.6931]
+    norm = digits._rate_norm(rate)
+    assert norm.vmax / norm.vmin > 100 and norm.vmax == rate.max()

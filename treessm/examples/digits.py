@@ -187,17 +187,31 @@ def _tree_segments(tree: Tree, height: int, width: int, offset: int = 0):
     return seg, keep
 
 
-def _draw_tree(ax, image: np.ndarray, tree: Tree, strength: np.ndarray, clim, offset: int = 0,
+def _decay_rate(decay: Tensor) -> np.ndarray:
+    """``|ΔA|`` of each vertex's edge, averaged over channels: the state an edge loses is
+    ``1 - exp(-|ΔA|)``. Decays sit near 1 (0.999 and 0.99995 look alike on a linear scale);
+    their rates differ by orders of magnitude, which a log colour scale shows."""
+    return (-torch.log(decay.clamp_min(1e-30))).mean(-1).cpu().numpy()
+
+
+def _rate_norm(rate: np.ndarray):
+    from matplotlib.colors import LogNorm
+
+    positive = rate[rate > 0]
+    low = float(np.percentile(positive, 1)) if positive.size else 1e-6
+    return LogNorm(vmin=low, vmax=max(float(rate.max()), low * 10))
+
+
+def _draw_tree(ax, image: np.ndarray, tree: Tree, rate: np.ndarray, norm, offset: int = 0,
                linewidth: float = 2.0):
     from matplotlib.collections import LineCollection
 
     h, w = image.shape
     ax.imshow(image, cmap="gray", interpolation="nearest")
     seg, keep = _tree_segments(tree, h, w, offset)
-    s = strength[offset:offset + h * w][keep]
-    lines = LineCollection(seg, cmap="autumn", linewidths=linewidth, alpha=0.9)
+    s = np.clip(rate[offset:offset + h * w][keep], norm.vmin, None)
+    lines = LineCollection(seg, cmap="autumn_r", linewidths=linewidth, alpha=0.9, norm=norm)
     lines.set_array(s)
-    lines.set_clim(*clim)
     ax.add_collection(lines)
     roots = np.flatnonzero(tree.parent.cpu().numpy()[offset:offset + h * w] < 0)
     ax.plot(roots % w, roots // w, "c*", markersize=8 if h <= 16 else 5)
@@ -218,21 +232,21 @@ def draw_digit_trees(model: GrootV, images: Tensor, labels: Tensor, mean: float,
     h, w = images.shape[-2:]
     fig, axes = plt.subplots(depth, n, figsize=(1.6 * n + 1.2, 1.8 * depth + 0.7),
                              squeeze=False)
-    fig.text(0.5, 0.01, "edge colour: decay exp(ΔA) of the edge, averaged over channels",
+    fig.text(0.5, 0.01, "edge colour: decay rate |ΔA| of the edge (the edge keeps "
+             "exp(-|ΔA|) of the state), averaged over channels, log scale",
              ha="center", fontsize=8)
     for b in range(depth):
         tree, decay = layer_tree(model, _normalize(images, mean, std), block=b)
-        strength = decay.mean(-1).cpu().numpy()
-        # decays sit close to 1 (long-range mixing); stretch the colours over each layer's range
-        clim = (float(strength.min()), float(strength.max()))
+        rate = _decay_rate(decay)
+        norm = _rate_norm(rate)
         for i in range(n):
-            lines = _draw_tree(axes[b, i], images[i, 0].numpy(), tree, strength, clim,
+            lines = _draw_tree(axes[b, i], images[i, 0].numpy(), tree, rate, norm,
                                offset=i * h * w)
             if b == 0:
                 axes[b, i].set_title(f"label {int(labels[i])}", fontsize=9)
         axes[b, 0].text(-0.2 * w, (h - 1) / 2, f"block {b + 1}", rotation=90, va="center",
                         ha="center", fontsize=9)
-        fig.colorbar(lines, ax=axes[b].tolist(), shrink=0.9, label="edge decay")
+        fig.colorbar(lines, ax=axes[b].tolist(), shrink=0.9, label="decay rate |ΔA|")
     fig.suptitle("Trees built by the trained first-stage TreeSSM layers (star: root)",
                  fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -251,7 +265,7 @@ def draw_photo_tree(model: GrootV, mean: float, std: float, path: str, size: int
     photo = resize(data.camera().astype(np.float32) / 255.0, (size, size), anti_aliasing=True)
     images = torch.from_numpy(photo.astype(np.float32))[None, None]
     tree, decay = layer_tree(model, _normalize(images, mean, std), block=0)
-    strength = decay.mean(-1).cpu().numpy()
+    rate = _decay_rate(decay)
 
     # S(anchor, v) for every v: the tree scan of a one-hot input, per channel, averaged
     anchor = (size // 2) * size + size // 2
@@ -260,9 +274,10 @@ def draw_photo_tree(model: GrootV, mean: float, std: float, path: str, size: int
     affinity = tree_scan(onehot, decay, tree, "both").mean(-1).reshape(size, size)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
-    clim = (float(strength.min()), float(strength.max()))
-    lines = _draw_tree(axes[0], photo, tree, strength, clim, linewidth=0.8 if size > 32 else 1.2)
-    fig.colorbar(lines, ax=axes[0], shrink=0.8, label="mean edge decay exp(ΔA)")
+    lines = _draw_tree(axes[0], photo, tree, rate, _rate_norm(rate),
+                       linewidth=0.8 if size > 32 else 1.2)
+    fig.colorbar(lines, ax=axes[0], shrink=0.8,
+                 label="decay rate |ΔA| of the edge (log scale)")
     axes[0].set_title("tree of the trained first layer", fontsize=10)
     depth = tree.depth.cpu().numpy().reshape(size, size)
     im = axes[1].imshow(depth, cmap="viridis")
