@@ -161,13 +161,23 @@ def _offsets(d, lay, blk, i, a, s0):
 
 
 @njit(inline="always")
-def _de(inp, d, iu, ip, dd):
-    # the step of the edge (v, parent(v)) in lane dd
+def _edge_steps(buf, inp, d, iu, ip):
+    """The step of the edge ``(v, parent(v))`` in each of the ``W`` lanes, into the last
+    ``W`` entries of ``buf``; returns their offset. The rule is chosen outside the lane
+    loops, which a branch inside would keep from vectorising."""
+    W = d.W
+    te = U(buf.shape[0]) - W
     if d.edge_mode == 0:
-        return inp.dxb[iu + dd]
-    if d.edge_mode == 1:
-        return inp.consts[0] * (inp.dxb[iu + dd] + inp.dxb[ip + dd])
-    return inp.deb[iu + dd]
+        for dd in range(W):
+            buf[te + dd] = inp.dxb[iu + dd]
+    elif d.edge_mode == 1:
+        half = inp.consts[0]
+        for dd in range(W):
+            buf[te + dd] = half * (inp.dxb[iu + dd] + inp.dxb[ip + dd])
+    else:
+        for dd in range(W):
+            buf[te + dd] = inp.deb[iu + dd]
+    return te
 
 
 @njit(inline="always")
@@ -185,10 +195,11 @@ def _x(dst, do, inp, d, iu, ib, s0, sb):
 def _w(dst, do, inp, d, iu, ip, ia, sb):
     # w = exp(de A)
     W = d.W
+    te = _edge_steps(dst, inp, d, iu, ip)
     for sl in range(sb):
         o = sl * W
         for dd in range(W):
-            dst[do + o + dd] = _exp(_de(inp, d, iu, ip, dd) * inp.ab[ia + o + dd])
+            dst[do + o + dd] = _exp(dst[te + dd] * inp.ab[ia + o + dd])
 
 
 @njit(inline="always")
@@ -290,17 +301,19 @@ def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
         _x(buf, oh, inp, d, iu, ib, s0, sb)
         if i > a:
             op = oH + U(lay.ppos[i] - ga) * L
+            te = _edge_steps(buf, inp, d, iu, ip)
             for sl in range(sb):
                 o = sl * W
                 for dd in range(W):
-                    buf[oh + o + dd] += (_exp(_de(inp, d, iu, ip, dd) * inp.ab[ia + o + dd])
+                    buf[oh + o + dd] += (_exp(buf[te + dd] * inp.ab[ia + o + dd])
                                          * buf[op + o + dd])
         elif d.has_h0:
             oz = ((blk * d.T + U(t)) * d.S + s0) * W
+            te = _edge_steps(buf, inp, d, iu, ip)
             for sl in range(sb):
                 o = sl * W
                 for dd in range(W):
-                    buf[oh + o + dd] += (_exp(_de(inp, d, iu, ip, dd) * inp.ab[ia + o + dd])
+                    buf[oh + o + dd] += (_exp(buf[te + dd] * inp.ab[ia + o + dd])
                                          * inp.h0b[oz + o + dd])
         if emit:
             _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
@@ -406,13 +419,14 @@ def _grad_w(gw, ogw, w, ow, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl):
     W = d.W
     iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
     og = ((U(gi) * d.nblk + blk) * d.S + s0) * W
+    te = _edge_steps(buf, inp, d, iu, ip)
     _fill(buf, tl, W, 0)
     for sl in range(sb):
         o = sl * W
         for dd in range(W):
             tw = gw[ogw + o + dd] * w[ow + o + dd]
             buf[tl + dd] += tw * inp.ab[ia + o + dd]
-            gr.gap[og + o + dd] += tw * _de(inp, d, iu, ip, dd)
+            gr.gap[og + o + dd] += tw * buf[te + dd]
     if d.edge_mode == 1:
         for dd in range(W):
             half = inp.consts[0] * buf[tl + dd]
