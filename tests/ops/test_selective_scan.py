@@ -206,6 +206,23 @@ def test_float32_many_states_deep_chain(direction):
                                    atol=1e-4 * b.abs().max().item(), msg=k)
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_float32_one_state_wide_blocks(direction):
+    # one state per channel: blocks of 96 channels (three 32-lane groups) per vertex
+    tree64, leaves, kw = _problem(random_forest(80, 2, _gen(21)), d=70, s=1, rule="child",
+                                  direction=direction)
+    kw["state_norm"] = True
+    want = _value_and_grads(selective_tree_scan_ref, tree64, leaves, kw)
+    leaves32 = {k: v.detach().float() for k, v in leaves.items()}
+    got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree64,
+                           leaves32, kw)
+    torch.testing.assert_close(got[0][0].double(), want[0][0], rtol=1e-4, atol=1e-4)
+    for k in want[1]:
+        b = want[1][k]
+        torch.testing.assert_close(got[1][k].double(), b, rtol=1e-3,
+                                   atol=1e-4 * b.abs().max().item(), msg=k)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_run_in_float32(dtype):
     tree, leaves, kw = _problem(random_forest(30, 2, _gen(12)), d=8, s=4, rule="mean")

@@ -17,8 +17,8 @@ holding ``h`` for all vertices and states at once. The step ``de`` of the edge
 ``(dx[v] + dx[p]) / 2`` (``"mean"``) or a given tensor (``"given"``).
 
 Layout. The inputs are first copied into *breadth-first position order* and cut into blocks
-of ``W`` channels (128 bytes: 32 float32 or 16 float64), the last one padded with inert
-channels (``u = dx = de = A = 0``). A work item is one block of channels over one group of
+of ``W`` channels (a multiple of 128 bytes: 32 float32 or 16 float64), the last one padded
+with inert channels (``u = dx = de = A = 0``). A work item is one block of channels over one group of
 whole trees; inside it the states are taken in chunks of ``Sb``, and for each chunk the
 passes below run over the group's trees with the ``Sb * W`` lanes of a vertex as the
 vectorised inner loop. Each thread owns a scratch buffer of a few ``[group size, Sb * W]``
@@ -63,10 +63,10 @@ __all__ = ["forward", "backward", "EDGE_RULES"]
 #: How the step of the edge (v, parent(v)) is formed.
 EDGE_RULES = ("child", "mean", "given")
 _MODES = {"both": 0, "up": 1, "down": 2}
-_BLOCK_BYTES = 128  # channels per block: W = 32 float32 or 16 float64
+_BLOCK_BYTES = 128  # channels per block: a multiple of 32 float32 or 16 float64
 _MAX_LANES = 128  # most states x channels of a block held per vertex and buffer row
-# Scratch per thread: at most max(_SCRATCH_MIN, bytes of one [N, D] array); smaller chunks
-# of states (down to one) keep a large tree within it.
+# Scratch per thread: at most max(_SCRATCH_MIN, bytes of one [N, D] array); narrower blocks
+# and smaller chunks of states (down to one) keep a large tree within it.
 _SCRATCH_MIN = 16 << 20
 _GROUP_MIN = 1024  # vertices: smallest group of whole trees made one work item
 _GROUPS_PER_RUN = 64  # aim: this many groups when the forest has many trees
@@ -210,8 +210,14 @@ def _fill(dst, do, n, value):
 
 @njit(inline="always")
 def _lane_sum(t, to, W):
-    # the W lanes of t[to:] added in a fixed pairwise tree (overwrites them)
-    half = W >> U(1)
+    # the W lanes of t[to:] added in a fixed order (overwrites them): groups of p lanes, p
+    # the largest power of two dividing W, folded onto the first one after the other, then
+    # a pairwise tree over p
+    p = W & (~W + U(1))
+    for j in range(U(1), W // p):
+        for l in range(p):
+            t[to + l] += t[to + j * p + l]
+    half = p >> U(1)
     while half > U(0):
         for l in range(half):
             t[to + l] += t[to + half + l]
@@ -804,6 +810,28 @@ def _groups(tree_ptr: np.ndarray, n: int) -> np.ndarray:
     return np.unique(np.concatenate((cuts, [tree_ptr.shape[0] - 1]))).astype(np.int64)
 
 
+def _lanes(s: int, d: int, itemsize: int, rows: int, maxn: int, budget: int):
+    """``(Sb, W, nblk)``: states per chunk, channels per block and blocks, for up to
+    ``_MAX_LANES`` lanes per vertex (states first: the per-channel arrays are then read
+    fewer times), within ``budget`` bytes of scratch per thread (narrower blocks first,
+    then fewer states per chunk, down to one state of one base block)."""
+    base = _BLOCK_BYTES // itemsize
+    blocks = max(1, -(-d // base))
+    sb = max(1, min(s, _MAX_LANES // base))
+    k = max(1, min(blocks, _MAX_LANES // (base * sb)))
+
+    def fits():
+        return (rows * maxn + _NUM_TEMPS) * sb * base * k * itemsize <= budget
+
+    while not fits() and k > 1:
+        k -= 1
+    while not fits() and sb > 1:
+        sb -= 1
+    nblk = -(-blocks // k)
+    k = -(-blocks // nblk)  # the same number of blocks, as even as they come
+    return sb, base * k, nblk
+
+
 def _check(u: torch.Tensor, direction: str, edge_rule: str) -> None:
     if u.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the numba kernels take float32 or float64, got {u.dtype}")
@@ -825,8 +853,6 @@ class _Run:
         s = A.shape[1]
         dt = np.dtype(np.float64 if u.dtype == torch.float64 else np.float32)
         self.n, self.d, self.s, self.dtype = n, dch, s, dt
-        self.W = W = _BLOCK_BYTES // dt.itemsize
-        self.nblk = nblk = -(-dch // W)
         self.order = _np(order)
         pos = np.empty(n, np.int64)
         pos[self.order] = np.arange(n)
@@ -838,6 +864,10 @@ class _Run:
         self.maxn = int(np.diff(tp[self.groups]).max()) if n else 0
         self.num_trees = tp.shape[0] - 1
         self.num_states = k = snext.shape[0]
+        rows = _BUFFERS[direction][1 if backward else 0]
+        self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows, self.maxn,
+                                            max(_SCRATCH_MIN, n * dch * dt.itemsize))
+        sb, W, nblk = self.sb, self.W, self.nblk
         given = edge_rule == "given"
         self.ub, self.dxb = np.empty(nblk * n * W, dt), np.empty(nblk * n * W, dt)
         self.deb = np.empty(nblk * n * W if given else 1, dt)
@@ -857,11 +887,6 @@ class _Run:
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
         nitems = (self.groups.shape[0] - 1) * nblk
         threads = max(1, min(_threads(), nitems))
-        rows = _BUFFERS[direction][1 if backward else 0]
-        budget = max(_SCRATCH_MIN, n * dch * dt.itemsize)
-        sb = max(1, min(s, _MAX_LANES // W,
-                        budget // (dt.itemsize * W * (rows * self.maxn + _NUM_TEMPS))))
-        self.sb = sb
         self.scratch = np.empty((threads, (rows * self.maxn + _NUM_TEMPS) * sb * W), dt)
         self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
                               _MODES[direction], EDGE_RULES.index(edge_rule), gamma is not None,

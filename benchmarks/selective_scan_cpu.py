@@ -1,0 +1,196 @@
+"""The fused selective tree scan on the CPU against the expanded one, at three layer shapes.
+
+For each shape, ``treessm.selective_tree_scan`` (``backend="numba"``: the fused kernels,
+which never form the ``[N, d_inner, d_state]`` expansion) against the same computation
+expanded, as the layers did before: ``x = Δ·B·u`` and ``w = exp(Δe·A)`` materialised,
+``treessm.tree_scan`` (numba) over them, the state normalisation and the read-out in torch
+(``selective_tree_scan_ref(..., scan=tree_scan)``). Forward (no gradient) and forward +
+backward (gradients of every input); medians of the processor time of the process (the
+machine is shared: processor time is what a busy machine inflates least) and of the wall
+time; the peak resident memory each adds to its inputs (each shape and path in a process
+of its own). Shapes:
+
+* ``tree_ssm_conv`` -- ``TreeSSMConv(64, 64)`` on a random graph of 10^5 vertices and
+  5 * 10^5 edges: its spanning forest, d_inner 128, d_state 4, ``both``, edge steps the mean
+  of the ends', state normalisation;
+* ``grootl_chain`` -- a GrootL / Mamba mixer in chain mode: 4 sequences of 2,048 tokens,
+  d_inner 384, d_state 16, ``down``;
+* ``grootv_stage1`` -- GrootV-T's first stage: 8 images of 56 x 56 (their grid trees),
+  d_inner 160, d_state 1, ``both``, state normalisation.
+
+Then ``TreeSSMConv(64, 64)`` against ``GCNConv(64, 64)`` at 10^5 vertices, forward and
+forward + backward, with ``benchmarks/graph.py``'s layer timer (the ratio that the layer
+targets: at most 3x forward). Results: ``benchmarks/results/selective_scan_cpu.json``.
+
+    python benchmarks/selective_scan_cpu.py             # about 5 minutes on 2 cores
+    python benchmarks/selective_scan_cpu.py --quick     # tiny shapes: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import treessm
+from treessm.ops.selective_scan import selective_tree_scan_ref
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+SHAPES = {
+    "tree_ssm_conv": dict(kind="graph", n=10 ** 5, d=128, s=4, direction="both",
+                          edge_step="mean", state_norm=True),
+    "grootl_chain": dict(kind="chains", b=4, length=2048, d=384, s=16, direction="down",
+                         edge_step="child", state_norm=False),
+    "grootv_stage1": dict(kind="grid", b=8, side=56, d=160, s=1, direction="both",
+                          edge_step="child", state_norm=True),
+}
+QUICK = {"tree_ssm_conv": dict(n=2000), "grootl_chain": dict(length=64, d=32),
+         "grootv_stage1": dict(b=2, side=12, d=16)}
+
+
+def _tree(shape):
+    g = torch.Generator().manual_seed(0)
+    if shape["kind"] == "graph":
+        n = shape["n"]
+        x = torch.randn(n, 64, generator=g)
+        return treessm.GraphTopology()(x, torch.randint(0, n, (2, 5 * n), generator=g))
+    if shape["kind"] == "chains":
+        return treessm.topology.chain_tree(shape["b"], shape["length"])
+    b, side = shape["b"], shape["side"]
+    return treessm.GridTopology()(torch.randn(b, side, side, 16, generator=g))
+
+
+def _inputs(shape, tree):
+    g = torch.Generator().manual_seed(1)
+    n, d, s = tree.num_nodes, shape["d"], shape["s"]
+    # steps and states in the ranges of an initialised layer
+    t = dict(u=torch.randn(n, d, generator=g), delta=torch.randn(n, d, generator=g) * 0.1,
+             A=-torch.arange(1.0, s + 1).expand(d, s).contiguous(),
+             B=torch.randn(n, s, generator=g), C=torch.randn(n, s, generator=g),
+             D=torch.ones(d), delta_bias=torch.rand(d, generator=g) * 4 - 6)
+    if shape["state_norm"]:
+        t["norm_weight"] = torch.ones(d, s) + 0.1 * torch.randn(d, s, generator=g)
+        t["norm_bias"] = 0.1 * torch.randn(d, s, generator=g)
+    options = dict(delta_softplus=True, direction=shape["direction"],
+                   edge_step=shape["edge_step"], state_norm=shape["state_norm"])
+    return t, options
+
+
+def _peak_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _median_times(fn, repeats):
+    fn()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return 1e3 * statistics.median(cpu), 1e3 * statistics.median(wall)
+
+
+def measure(name, path, repeats, quick):
+    """One shape and path (``"fused"`` or ``"expanded"``), in this process."""
+    shape = dict(SHAPES[name], **(QUICK[name] if quick else {}))
+    tree = _tree(shape)
+    tensors, options = _inputs(shape, tree)
+    if path == "fused":
+        op = functools.partial(treessm.selective_tree_scan, backend="numba")
+    else:
+        op = functools.partial(selective_tree_scan_ref,
+                               scan=functools.partial(treessm.tree_scan, backend="numba"))
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+    grad = torch.randn(tree.num_nodes, shape["d"], generator=torch.Generator().manual_seed(2))
+
+    def forward():
+        with torch.no_grad():
+            op(tree=tree, **tensors, **options)
+
+    def forward_backward():
+        y = op(tree=tree, **leaves, **options)
+        torch.autograd.grad(y, list(leaves.values()), grad)
+
+    row = dict(shape=name, path=path, vertices=tree.num_nodes, d_inner=shape["d"],
+               d_state=shape["s"], direction=shape["direction"])
+    # the kernels loaded on a tiny problem of the same kind before the baseline
+    tiny = dict(shape, **QUICK[name])
+    small_tree = _tree(tiny)
+    small, _ = _inputs(tiny, small_tree)
+    small = {k: v.clone().requires_grad_() for k, v in small.items()}
+    y = op(tree=small_tree, **small, **options)
+    torch.autograd.grad(y.sum(), list(small.values()))
+    base = _peak_bytes()
+    row["forward_cpu_ms"], row["forward_wall_ms"] = _median_times(forward, repeats)
+    row["forward_peak_mb"] = (_peak_bytes() - base) / 2 ** 20
+    row["forward_backward_cpu_ms"], row["forward_backward_wall_ms"] = _median_times(
+        forward_backward, repeats)
+    row["forward_backward_peak_mb"] = (_peak_bytes() - base) / 2 ** 20
+    return row
+
+
+def _in_process(args):
+    cmd = [sys.executable] + args
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CI)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:  # one measurement in a process of its own (peak memory)
+        print(json.dumps(measure(*args.measure, args.repeats, args.quick)))
+        return 0
+    result = dict(device=platform.processor() or platform.machine(), torch=torch.__version__,
+                  treessm=treessm.__version__, threads=torch.get_num_threads(),
+                  when=time.strftime("%Y-%m-%d %H:%M:%S"), op=[])
+    print(f"{'shape':<15}{'path':<10}{'forward cpu / wall ms':>24}{'fwd+bwd cpu / wall ms':>26}"
+          f"{'peak fwd / fwd+bwd MB':>24}")
+    for name in SHAPES:
+        for path in ("fused", "expanded"):
+            flags = ["--measure", name, path, "--repeats", str(args.repeats)]
+            row = _in_process([__file__] + flags + (["--quick"] if args.quick else []))
+            result["op"].append(row)
+            print(f"{name:<15}{path:<10}{row['forward_cpu_ms']:>12.0f} / "
+                  f"{row['forward_wall_ms']:<9.0f}{row['forward_backward_cpu_ms']:>14.0f} / "
+                  f"{row['forward_backward_wall_ms']:<9.0f}{row['forward_peak_mb']:>12.0f} / "
+                  f"{row['forward_backward_peak_mb']:<8.0f}", flush=True)
+    n = 2000 if args.quick else 10 ** 5
+    layers = {layer: _in_process([str(HERE / "graph.py"), "--time-layer", layer, str(n),
+                                  str(args.repeats)])
+              for layer in ("gcn_conv", "tree_ssm_conv")}
+    t, g = layers["tree_ssm_conv"], layers["gcn_conv"]
+    result["layer"] = dict(vertices=n, edges=5 * n, tree_ssm_conv=t, gcn_conv=g,
+                           forward_ratio=t["forward_ms"] / g["forward_ms"],
+                           forward_backward_ratio=t["forward_backward_ms"]
+                           / g["forward_backward_ms"])
+    print(f"TreeSSMConv(64, 64) / GCNConv(64, 64) at {n} vertices (processor time): forward "
+          f"{t['forward_ms']:.0f} / {g['forward_ms']:.0f} ms = "
+          f"{result['layer']['forward_ratio']:.1f}x, forward+backward "
+          f"{t['forward_backward_ms']:.0f} / {g['forward_backward_ms']:.0f} ms = "
+          f"{result['layer']['forward_backward_ratio']:.1f}x")
+    out = Path(args.out) if args.out else RESULTS / "selective_scan_cpu.json"
+    if not args.quick or args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
