@@ -117,8 +117,9 @@ def _exclusive_run_sums(a: Tensor, run: Tensor) -> Tensor:
     (contiguous runs), by doubling: no sum is ever formed as a total minus a part."""
     m = a.shape[0]
     ones = (-1,) + (1,) * (a.dim() - 1)
+    longest = int(torch.unique_consecutive(run, return_counts=True)[1].max()) if m else 0
     inc, step = a, 1
-    while step < m:  # inc[i] = sum over the last min(2 * step, run) rows up to i
+    while step < longest:  # inc[i] = sum over the last min(2 * step, run) rows up to i
         same = (run[step:] == run[:-step]).view(ones)
         inc = torch.cat([inc[:step], inc[step:] + torch.where(same, inc[:-step], 0)])
         step *= 2
