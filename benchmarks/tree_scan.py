@@ -14,7 +14,8 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   schedules, forward and forward+backward;
 * ``schedules`` -- the two schedules on single random trees of 2^12 to 2^20 vertices (C=64),
   the crossover that :data:`treessm.ops.plan.PHASES_MIN_TREE_SIZE` encodes;
-* ``row_bytes`` -- the block width sweep on the 56x56 grid rows (results are the same bits);
+* ``launch`` -- block width and position lanes on the four grid stages (results are the same
+  bits): the measurements behind :func:`treessm.ops.plan.launch_config`;
 * ``host`` -- the host overhead rows: a tiny tree, and 32 x 14x14 x 640 (wall against GPU
   time);
 * ``chains`` -- the ``down`` scan over 4 chains of 2,048 tokens with 24,576 channels (the
@@ -226,18 +227,25 @@ def schedules(bw):
     return out
 
 
-def row_bytes_sweep(bw, topo):
-    """The block width on 32 x 56x56, C=160, both, float32 and bfloat16 (same results)."""
+def launch_sweep(bw, topo, quick=False):
+    """Block width (bytes of channels per position) and position lanes on the four grid
+    stages, ``both``, float32 (the same bits for every shape): the rule of
+    :func:`treessm.ops.plan.launch_config` is read off this table."""
+    from treessm.ops.plan import launch_config
+
     out = []
-    feat = torch.randn(32, 56, 56, 160, device="cuda")
-    tree = topo(feat)
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = _inputs(tree.num_nodes, 160, dtype)
+    for B, H, C in STAGES:
+        feat = torch.randn(B, H, H, C, device="cuda")
+        tree = topo(feat)
+        x, w = _inputs(tree.num_nodes, C, torch.float32)
         grad = torch.randn_like(x)
-        for rb in (8, 16, 32, 64, 128):
-            f, b = _gpu(x, w, tree, "both", grad, "trees", row_bytes=rb)
-            out.append(dict(dtype=str(dtype).replace("torch.", ""), row_bytes=rb, fwd_gpu_ms=f,
-                            bwd_gpu_ms=b))
+        chosen = launch_config("trees", 4, tree.max_tree_size)
+        for rb in (16, 32) if quick else (16, 32, 64):
+            for lanes in (16, 32, 64, 128):
+                f, b = _gpu(x, w, tree, "both", grad, "trees", row_bytes=rb, lanes=lanes)
+                out.append(dict(B=B, H=H, C=C, row_bytes=rb, lanes=lanes, fwd_gpu_ms=f,
+                                bwd_gpu_ms=b, chosen=(rb, lanes) == tuple(chosen)))
+        del feat, tree, x, w, grad
     return out
 
 
@@ -339,7 +347,7 @@ def main(argv=None):
         _section(result, "chains", lambda: chain_rows(bw))
         _section(result, "graph", lambda: graph_rows(bw))
         _section(result, "schedules", lambda: schedules(bw))
-        _section(result, "row_bytes", lambda: row_bytes_sweep(bw, topo))
+        _section(result, "launch", lambda: launch_sweep(bw, topo, args.quick))
         _section(result, "grid_build", grid_builds)
 
         def reference():
@@ -365,7 +373,7 @@ def main(argv=None):
               f"{g('fwd_gpu_ms'):>8} {g('bwd_gpu_ms'):>8} {g('fwd_floor_ms'):>6} "
               f"{g('fwd_wall_ms'):>9} {g('fwd_bwd_wall_ms'):>9} {g('build_ms'):>7} "
               f"{r.get('schedule', '-'):>7}")
-    for key in ("host", "chains", "graph", "schedules", "row_bytes", "grid_build"):
+    for key in ("host", "chains", "graph", "schedules", "launch", "grid_build"):
         for r in result.get(key, []) if isinstance(result.get(key), list) else [result.get(key)]:
             print(key, json.dumps(r, default=lambda v: round(v, 4) if isinstance(v, float) else v))
     print(f"saved {out}")

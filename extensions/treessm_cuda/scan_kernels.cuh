@@ -17,28 +17,27 @@
 // "both" is up, then the part of the tree outside each subtree: out[k] = w[k] br[k] with
 // the bracket br[k] = out[p] + x[p] + sum over the siblings s of k of w[s] up[s]. Along a
 // path the bracket is out[k-1] + loc[k-1] (loc: the input plus light children's shares, left
-// by the up pass); a parent forms its light children's brackets from its input, its heavy
-// child's share and prefix and suffix sums over their slots, so no share is ever subtracted
-// back out.
+// by the up pass); a light head takes out[p] from its parent, the heavy child's share of p
+// and, from its slot, x[p] plus its light siblings' shares, which the up pass formed by
+// prefix and suffix sums over the slots: no share is ever subtracted back out.
 //
-// A thread block scans a chunk of kLanes * kRun positions of one phase for one slice of
-// channels: kLanes position lanes (G threads each, V channels a thread) take kRun
-// consecutive positions each; pass 1 loads them into registers (every load of a stage
-// issued before any is used) and composes the lane's run; a scan of the lane composites
-// (warp shuffles in groups of 16 lanes, group totals in order) gives every lane its
-// incoming value;
-// pass 2 runs the recurrence through the registers and writes. Chunks start every
-// kLanes * kRun positions from the phase's start and carry the value after them into the
-// next one. Two schedules drive the chunks:
+// A thread block scans a chunk of lanes * kRun positions of one phase for one slice of
+// channels: position lanes (G threads each, V channels a thread) take kRun consecutive
+// positions each; pass 1 loads them into registers (every load whose address the records
+// give issued before any is used) and composes the lane's run; groups of kGroup lanes scan
+// their composites by warp shuffles, and the value entering each group is carried through
+// the groups before it, in order; pass 2 runs the recurrence through the registers and
+// writes. Chunks start every lanes * kRun positions from the phase's start and carry the
+// value after them into the next one. Two schedules drive the chunks:
 //   - "trees": one block per (tree, channel slice) walks its tree's phases and chunks in
 //     order (__syncthreads between phases);
 //   - "phases": per phase of the whole forest, chunks in parallel over the device; a
 //     first launch composes each chunk, a second carries values across chunks in order,
 //     a third rescans every chunk from its carried-in value.
 // Every value is written by one thread and every sum is taken in a fixed order that
-// depends on the positions alone (not on the channels a block takes): results are bitwise
-// deterministic and the same for every launch shape. Accumulation is float32 (float64 for
-// double).
+// depends on the positions alone (not on the lanes or channels a block takes): results are
+// bitwise deterministic and the same for every launch shape of a schedule. Accumulation is
+// float32 (float64 for double).
 #pragma once
 
 #include <cuda.h>
@@ -109,7 +108,7 @@ __device__ __forceinline__ PathRec load_rec(const PathRec* p) {
 }
 
 enum ScanMode {
-  M_UP = 0,       // up(x) -> out (when set); up, loc, heavy share (when set); slots
+  M_UP = 0,       // up(x) -> out (when set); up, loc, heavy share, siblings (when set); slots
   M_UP2 = 1,      // up(x), up(g) together: the first pass of both's backward
   M_UP_GW = 2,    // backward of down: gx = up(g) -> out, gw = gx[v] h[parent]
   M_DOWN = 3,     // down(x) -> out
@@ -118,9 +117,10 @@ enum ScanMode {
   M_BOTH2 = 6,    // backward of both: gx = both(g), gw = up(x) br_g + up(g) br_x, after M_UP2
 };
 
-constexpr int kLanes = 128;  // position lanes of a block
-constexpr int kRun = 4;      // positions of a lane: a chunk is kLanes * kRun positions
-constexpr int kGroup = 16;   // lanes scanned by shuffles; groups are composed in order
+constexpr int kMaxLanes = 128;  // position lanes of a block, at most
+constexpr int kRun = 4;         // positions of a lane: a chunk is lanes * kRun positions
+constexpr int kGroup = 16;      // lanes scanned by shuffles: a group of kGroup * kRun positions
+constexpr int kMaxThreads = 256;
 
 template <int MODE> struct ModeTraits {
   static constexpr bool UP = MODE <= M_UP_GW;  // leaf-first: phases and positions downwards
@@ -142,17 +142,20 @@ struct ScanIO {
   void* share[2];     // A by position: the heavy child's share w[k+1] up[k+1], where k has
                       // light children
   void* contrib[2];   // A by slot: the share w[c] up[c] of every light child c
-  void* br[2];        // A by position: brackets of light heads (both modes)
-  void* val;          // A by position: root-first values of vertices with light children
+  void* sib[2];       // A by slot: the parent's input plus the shares of the light child's
+                      // light siblings (prefix and suffix sums: nothing subtracted)
+  void* val[2];       // A by position: root-first values of vertices with light children
+                      // (down: the scan; both: the part outside the subtree)
 };
 
 struct ScanArgs {
   ScanIO io;
   const PathRec* rec;    // [N + 1]
-  const int* light;      // light children's positions, grouped by parent
-  const int* slot;       // [N]: each light child's index in `light`
+  const int* slot;       // [N]: each light child's index in the light list
   int64_t C;
   int lpv;               // G: threads per position (one row of G * V channels)
+  int lanes;             // position lanes of a block (a multiple of kGroup)
+  int64_t groups;        // channel slices
   // "trees": the tree's phases
   const int* path_ptr;   // [N + 1]
   const int* phase_path; // [T][kMaxPhases + 1]
@@ -166,10 +169,10 @@ struct ScanArgs {
 // Shared memory of a block: the group totals of the lane scan, then the tree's phase bounds
 // ("trees").
 template <int MODE>
-__host__ __device__ inline int64_t scan_smem_bytes(int lpv, int V, int a_size) {
+__host__ __device__ inline int64_t scan_smem_bytes(int lanes, int lpv, int V, int a_size) {
   constexpr int NS = ModeTraits<MODE>::NS;
   const int64_t per = (int64_t)V * (1 + NS) + 1;
-  return (int64_t)(kLanes / kGroup) * lpv * per * a_size + (kMaxPhases + 2) * 4;
+  return (int64_t)(lanes / kGroup) * lpv * per * a_size + (kMaxPhases + 2) * 4;
 }
 
 // x * y, taken as 0 when y is 0 (an overflowed product of weights times a zero value)
@@ -204,6 +207,11 @@ template <typename A, int V, int NS> struct Affine {
       a[q] = n.a[q] * a[q];
     }
   }
+  // The value after these steps entered with h (`has`: h is defined; at a phase's start
+  // it is not); the phase carry kernel takes the same expression.
+  __device__ __forceinline__ A enter(A h, bool has, int s, int q) const {
+    return (f || !has) ? b[s][q] : mul0(a[q], h) + b[s][q];
+  }
   __device__ __forceinline__ void shfl_up(unsigned delta) {
 #pragma unroll
     for (int q = 0; q < V; ++q) {
@@ -235,37 +243,50 @@ template <typename A, int V, int NS> struct Affine {
 
 // One chunk of one phase: stream indices [i0, i1) of the positions [s, e) (stream index i is
 // position s + i root-first, e - 1 - i leaf-first), for this block's slice of channels.
+//
+// Every value a position receives is fixed by groups of kGroup * kRun positions counted
+// from the phase's start: a lane composes its run, a group scans its lanes' composites by
+// shuffles (always the same kGroup lanes), and the value entering a group is the value
+// entering the one before it carried through that group's composite, group after group.
+// Chunks hold whole groups, so neither the lanes of a block nor its threads per position
+// change a bit of the results.
 template <typename T, typename A, int V, int MODE>
 struct ChunkScan {
   using Tr = ModeTraits<MODE>;
   static constexpr int NS = Tr::NS;
   static constexpr int R = kRun;
-  static constexpr int CHUNK = kLanes * R;
   using Aff = Affine<A, V, NS>;
 
   const ScanArgs& args;
-  A* lanes;  // shared: [kLanes / kGroup][G] group totals
-  int G, g, q, per;
+  A* totals;  // shared: [lanes / kGroup][G] group composites
+  int G, g, q, per, lanes;
   int64_t c;
   bool active;
 
-  // the lane's run: its records, steps (a; b or, in the both modes, the bracket term r
-  // with b = a r) and segment starts
+  // the lane's run: records, slots, steps (a; b or, in the both modes, the bracket term r
+  // with b = a r), segment starts, and the loads its outputs need
   PathRec rk[R];
+  int sl[R];
   A ra[R][V];
   A rb[NS][R][V];
+  A xtra[NS][R][V];  // up modes: the first light child's share; both: up at the position;
+                     // down: the parent's value at a head
+  A wown[R][V];      // up modes: a head's own weight; M_DOWN_GW: h at the vertex
+  A hpar[R][V];      // M_UP_GW: h at the parent
   unsigned rf;
 
-  __device__ ChunkScan(const ScanArgs& a, unsigned char* smem, int cgroup) : args(a) {
+  __device__ ChunkScan(const ScanArgs& a, unsigned char* smem, int64_t cgroup) : args(a) {
     G = a.lpv;
+    lanes = a.lanes;
     g = threadIdx.x % G;
     q = threadIdx.x / G;
     per = V * (1 + NS) + 1;
-    c = ((int64_t)cgroup * G + g) * V;
+    c = (cgroup * G + g) * V;
     active = c < a.C;
-    lanes = reinterpret_cast<A*>(smem);
+    totals = reinterpret_cast<A*>(smem);
   }
 
+  __device__ __forceinline__ int chunk() const { return lanes * R; }
   __device__ __forceinline__ const T* row(const void* base, int v) const {
     return reinterpret_cast<const T*>(base) + (int64_t)v * args.C + c;
   }
@@ -279,24 +300,40 @@ struct ChunkScan {
     return r.parent < 0 || r.parent != k - 1;
   }
   __device__ __forceinline__ int pos(int s, int e, int i) const { return Tr::UP ? e - 1 - i : s + i; }
-
-  // Pass 1: the run's steps into registers; `acc` receives the lane's composite.
-  __device__ __forceinline__ void load_run(int s, int e, int i0, int i1, Aff& cmp) {
-    const int first = i0 + q * R;
+  __device__ __forceinline__ int run_length(int first, int i1) const {
     int n = i1 - first;
     n = n < 0 ? 0 : (n > R ? R : n);
-    if (!active) n = 0;
-    // stage 1: records
+    return active ? n : 0;
+  }
+
+  // Pass 1: the run's steps into registers; `cmp` receives the lane's composite. Every load
+  // whose address the records give is issued before any loaded value is used.
+  __device__ __forceinline__ void load_run(int s, int e, int first, int n, Aff& cmp) {
+    rf = 0;
+    // stage 1: records and slots
 #pragma unroll
     for (int r = 0; r < R; ++r)
-      if (r < n) rk[r] = load_rec(args.rec + pos(s, e, first + r));
+      if (r < n) {
+        const int k = pos(s, e, first + r);
+        rk[r] = load_rec(args.rec + k);
+        if constexpr (!Tr::UP && !Tr::BOTH) sl[r] = -1;
+        else sl[r] = __ldg(args.slot + k);
+      }
     PathRec next{-1, -1, 0, 0};  // leaf-first: the record after the run's first position
     if (Tr::UP && n > 0) next = load_rec(args.rec + pos(s, e, first) + 1);
+    int hv[R];                   // M_UP_GW: the parent's vertex
+    if constexpr (MODE == M_UP_GW) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (r < n && rk[r].parent >= 0) hv[r] = load_rec(args.rec + rk[r].parent).v;
+    }
     // stage 2: rows
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= n) continue;
       const int k = pos(s, e, first + r);
+      const PathRec& rr = rk[r];
+      const bool hd = head(rr, k);
       if constexpr (Tr::UP) {
         const PathRec& nx = r == 0 ? next : rk[r - 1];
         const bool heavy = nx.parent == k;
@@ -307,11 +344,15 @@ struct ChunkScan {
         }
         if (!heavy) rf |= 1u << r;
 #pragma unroll
-        for (int st = 0; st < NS; ++st) load_ro<V>(row(args.io.in[st], rk[r].v), rb[st][r]);
+        for (int st = 0; st < NS; ++st) {
+          load_ro<V>(row(args.io.in[st], rr.v), rb[st][r]);
+          if (rr.light_start < rr.light_end) load_acc<V>(acc(args.io.contrib[st], rr.light_start), xtra[st][r]);
+        }
+        if (hd && rr.parent >= 0) load_ro<V>(row(args.io.w, rr.v), wown[r]);
+        if (MODE == M_UP_GW && rr.parent >= 0) load_ro<V>(row(args.io.h, hv[r]), hpar[r]);
       } else {
-        const bool hd = head(rk[r], k);
-        const int p = rk[r].parent;
-        if (p >= 0) load_ro<V>(row(args.io.w, rk[r].v), ra[r]);
+        const int p = rr.parent;
+        if (p >= 0) load_ro<V>(row(args.io.w, rr.v), ra[r]);
         else {
 #pragma unroll
           for (int u = 0; u < V; ++u) ra[r][u] = A(0);
@@ -320,41 +361,49 @@ struct ChunkScan {
         if constexpr (Tr::BOTH) {
 #pragma unroll
           for (int st = 0; st < NS; ++st) {
+            load_acc<V>(acc(args.io.up[st], k), xtra[st][r]);
             if (!hd) load_acc<V>(acc(args.io.loc[st], k - 1), rb[st][r]);
-            else if (p >= 0) load_acc<V>(acc(args.io.br[st], k), rb[st][r]);
+            else if (p >= 0) load_acc<V>(acc(args.io.val[st], p), rb[st][r]);
             else {
 #pragma unroll
               for (int u = 0; u < V; ++u) rb[st][r][u] = A(0);
             }
           }
         } else {
-          load_ro<V>(row(args.io.in[0], rk[r].v), rb[0][r]);
+          load_ro<V>(row(args.io.in[0], rr.v), rb[0][r]);
+          if (hd && p >= 0) load_acc<V>(acc(args.io.val[0], p), xtra[0][r]);
+          if (MODE == M_DOWN_GW && p >= 0) load_ro<V>(row(args.io.h, rr.v), wown[r]);
         }
       }
     }
-    // stage 3: light children's shares (leaf-first), the parent's value at a head
-    // (root-first): their addresses come from the records alone, so these loads go out
-    // with the rows above, before any of them is used
+    // stage 3: sums. Leaf-first: the light children's shares (and their siblings' sums,
+    // when kept); root-first: a head's term from its parent.
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= n) continue;
+      const int k = pos(s, e, first + r);
+      const PathRec& rr = rk[r];
       if constexpr (Tr::UP) {
-        for (int j = rk[r].light_start; j < rk[r].light_end; ++j) {
+        if (rr.light_start < rr.light_end) {
+#pragma unroll
+          for (int st = 0; st < NS; ++st) light_sums(rr, rb[st][r], xtra[st][r], st);
+        }
+      } else if constexpr (Tr::BOTH) {
+        // a light head: out[p] + (x[p] + its light siblings' shares) + the heavy share of p
+        if (head(rr, k) && rr.parent >= 0) {
 #pragma unroll
           for (int st = 0; st < NS; ++st) {
-            A sh[V];
-            load_acc<V>(acc(args.io.contrib[st], j), sh);
+            A sx[V], hs[V];
+            load_acc<V>(acc(args.io.sib[st], sl[r]), sx);
+            load_acc<V>(acc(args.io.share[st], rr.parent), hs);
 #pragma unroll
-            for (int u = 0; u < V; ++u) rb[st][r][u] += sh[u];
+            for (int u = 0; u < V; ++u) rb[st][r][u] = (rb[st][r][u] + sx[u]) + hs[u];
           }
         }
-      } else if constexpr (!Tr::BOTH) {
-        const int k = pos(s, e, first + r);
-        if (head(rk[r], k) && rk[r].parent >= 0) {
-          A pv[V];
-          load_acc<V>(acc(args.io.val, rk[r].parent), pv);
+      } else {
+        if (head(rr, k) && rr.parent >= 0) {
 #pragma unroll
-          for (int u = 0; u < V; ++u) rb[0][r][u] += ra[r][u] * pv[u];
+          for (int u = 0; u < V; ++u) rb[0][r][u] += ra[r][u] * xtra[0][r][u];
         }
       }
     }
@@ -376,12 +425,52 @@ struct ChunkScan {
     }
   }
 
-  // Scan of the lane composites: Kogge-Stone by warp shuffles inside each group of kGroup
-  // lanes, then the group totals (shared memory) composed in order. `excl` = composite of
-  // the lanes before this one (identity for the first), `total` = composite of the whole
-  // chunk. The grouping is the same whatever G is, so the bits are.
-  __device__ __forceinline__ void lane_scan(Aff& incl, Aff& excl, Aff& total) {
-    const int ql = q % kGroup;  // lane within its group
+  // The input plus the shares of the light children of `rr` (in list order) into `x`, whose
+  // first share `c0` is loaded; with siblings kept, each light child's slot receives the
+  // input plus its light siblings' shares: a prefix sum forwards, the suffix added backwards.
+  __device__ __forceinline__ void light_sums(const PathRec& rr, A (&x)[V], const A (&c0)[V], int st) {
+    const int ls = rr.light_start, le = rr.light_end;
+    A* sib = args.io.sib[st] ? acc(args.io.sib[st], ls) : nullptr;
+    if (le - ls == 1) {
+      if (sib) store<V>(sib, x);
+#pragma unroll
+      for (int u = 0; u < V; ++u) x[u] += c0[u];
+      return;
+    }
+    A pre[V];
+#pragma unroll
+    for (int u = 0; u < V; ++u) pre[u] = x[u];
+    for (int j = ls; j < le; ++j) {
+      A cj[V];
+      load_acc<V>(acc(args.io.contrib[st], j), cj);
+      if (sib) store<V>(acc(args.io.sib[st], j), pre);
+#pragma unroll
+      for (int u = 0; u < V; ++u) pre[u] += cj[u];
+    }
+#pragma unroll
+    for (int u = 0; u < V; ++u) x[u] = pre[u];
+    if (!sib) return;
+    A suf[V];
+    load_acc<V>(acc(args.io.contrib[st], le - 1), suf);
+    for (int j = le - 2; j >= ls; --j) {
+      A* sj = acc(args.io.sib[st], j);
+      A cj[V], pj[V];
+      load_acc<V>(sj, pj);
+      load_acc<V>(acc(args.io.contrib[st], j), cj);
+#pragma unroll
+      for (int u = 0; u < V; ++u) {
+        pj[u] += suf[u];
+        suf[u] += cj[u];
+      }
+      store<V>(sj, pj);
+    }
+  }
+
+  // Scan of the lane composites inside each group of kGroup lanes (Kogge-Stone by warp
+  // shuffles): `excl` = composite of the group's lanes before this one (identity for the
+  // first); the group composites go to shared memory, visible to the block on return.
+  __device__ __forceinline__ void group_scan(Aff& incl, Aff& excl) {
+    const int ql = q % kGroup;
     const int grp = q / kGroup;
 #pragma unroll
     for (int d = 1; d < kGroup; d <<= 1) {
@@ -392,90 +481,76 @@ struct ChunkScan {
         incl = prev;
       }
     }
-    __syncthreads();  // the previous chunk's readers are done with the totals
-    if (ql == kGroup - 1) incl.put(lanes + ((int64_t)grp * G + g) * per);
+    excl = incl;
+    excl.shfl_up(static_cast<unsigned>(G));
+    if (ql == 0) excl.identity();
+    __syncthreads();  // the previous chunk's readers are done with the composites
+    if (ql == kGroup - 1) incl.put(totals + ((int64_t)grp * G + g) * per);
     __syncthreads();
-    Aff pre;
-    pre.identity();
-    for (int j = 0; j < grp; ++j) {
+  }
+
+  // Composite of stream indices [i0, i1) (the "phases" schedule's first launch): the group
+  // composites composed in order.
+  __device__ void aggregate(int s, int e, int i0, int i1, Aff& total) {
+    const int first = i0 + q * R;
+    Aff incl, excl;
+    load_run(s, e, first, run_length(first, i1), incl);
+    group_scan(incl, excl);
+    total.identity();
+    for (int j = 0; j < lanes / kGroup; ++j) {
       Aff t;
-      t.get(lanes + ((int64_t)j * G + g) * per);
-      pre.then(t);
-    }
-    total = pre;
-    for (int j = grp; j < kLanes / kGroup; ++j) {
-      Aff t;
-      t.get(lanes + ((int64_t)j * G + g) * per);
+      t.get(totals + ((int64_t)j * G + g) * per);
       total.then(t);
     }
-    Aff full = pre;
-    full.then(incl);
-    excl = full;
-    excl.shfl_up(static_cast<unsigned>(G));
-    if (ql == 0) excl = pre;
-  }
-
-  // Composite of stream indices [i0, i1) (the "phases" schedule's first launch).
-  __device__ void aggregate(int s, int e, int i0, int i1, Aff& total) {
-    rf = 0;
-    Aff incl, excl;
-    load_run(s, e, i0, i1, incl);
-    lane_scan(incl, excl, total);
-  }
-
-  // The value after a composite entered with h (the phase carry kernel takes the same
-  // expression).
-  __device__ __forceinline__ static A enter(const Aff& t, A h, bool has, int st, int u) {
-    return (t.f || !has) ? t.b[st][u] : mul0(t.a[u], h) + t.b[st][u];
   }
 
   // Scan of stream indices [i0, i1) entering with `carry` (when `has_carry`); on return
   // `carry` holds the value after the chunk. The writes become visible to the block at its
   // next barrier.
   __device__ void apply(int s, int e, int i0, int i1, A (&carry)[NS][V], bool has_carry) {
-    rf = 0;
-    Aff incl, excl, total;
-    load_run(s, e, i0, i1, incl);
-    lane_scan(incl, excl, total);
+    const int first = i0 + q * R;
+    const int n = run_length(first, i1);
+    Aff incl, excl;
+    load_run(s, e, first, n, incl);
+    group_scan(incl, excl);
+    // the value entering this lane's group, then the one leaving the chunk: group after group
+    const int grp = q / kGroup;
+    A hg[NS][V];
+    bool has_g = has_carry;
+    for (int j = 0; j < lanes / kGroup; ++j) {
+      if (j == grp) {
+        has_g = has_carry;
+#pragma unroll
+        for (int st = 0; st < NS; ++st)
+#pragma unroll
+          for (int u = 0; u < V; ++u) hg[st][u] = carry[st][u];
+      }
+      Aff t;
+      t.get(totals + ((int64_t)j * G + g) * per);
+#pragma unroll
+      for (int st = 0; st < NS; ++st)
+#pragma unroll
+        for (int u = 0; u < V; ++u) carry[st][u] = t.enter(carry[st][u], has_carry, st, u);
+      has_carry = true;
+    }
     A hp[NS][V];
 #pragma unroll
     for (int st = 0; st < NS; ++st)
 #pragma unroll
-      for (int u = 0; u < V; ++u) {
-        hp[st][u] = enter(excl, carry[st][u], has_carry, st, u);
-        carry[st][u] = enter(total, carry[st][u], has_carry, st, u);
-      }
-    const int first = i0 + q * R;
-    int n = i1 - first;
-    n = n < 0 ? 0 : (n > R ? R : n);
-    if (!active) n = 0;
+      for (int u = 0; u < V; ++u) hp[st][u] = excl.enter(hg[st][u], has_g, st, u);
     finish(s, e, first, n, hp);
   }
 
-  // Pass 2: the recurrence through the registers, and the outputs of the mode. Loads that
-  // the outputs need are issued for the whole run first.
+  // Pass 2: the recurrence through the registers, and the outputs of the mode.
   __device__ __forceinline__ void finish(int s, int e, int first, int n, A (&hp)[NS][V]) {
-    if constexpr (Tr::UP) {
-      // a light child's own weight (its share), the forward output at its parent (M_UP_GW)
-      A xw[R][V], wown[R][V];
-      int pv[R];
-      if constexpr (MODE == M_UP_GW) {
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (r < n && rk[r].parent >= 0) pv[r] = load_rec(args.rec + rk[r].parent).v;
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= n) continue;
-        const int k = pos(s, e, first + r);
-        if (MODE == M_UP_GW && rk[r].parent >= 0) load_ro<V>(row(args.io.h, pv[r]), xw[r]);
-        if (head(rk[r], k) && rk[r].parent >= 0) load_ro<V>(row(args.io.w, rk[r].v), wown[r]);
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= n) continue;
-        const int k = pos(s, e, first + r);
-        const bool f = (rf >> r) & 1u;
+    for (int r = 0; r < R; ++r) {
+      if (r >= n) continue;
+      const int k = pos(s, e, first + r);
+      const PathRec& rr = rk[r];
+      const bool f = (rf >> r) & 1u;
+      const bool lights = rr.light_start < rr.light_end;
+      if constexpr (Tr::UP) {
         A v[NS][V];
 #pragma unroll
         for (int st = 0; st < NS; ++st) {
@@ -487,75 +562,41 @@ struct ChunkScan {
           }
           if (args.io.up[st] != nullptr) store<V>(acc(args.io.up[st], k), v[st]);
           if (args.io.loc[st] != nullptr) store<V>(acc(args.io.loc[st], k), rb[st][r]);
-          if (args.io.share[st] != nullptr && rk[r].light_start < rk[r].light_end)
-            store<V>(acc(args.io.share[st], k), hs);
-          if (head(rk[r], k) && rk[r].parent >= 0) {
+          if (args.io.share[st] != nullptr && lights) store<V>(acc(args.io.share[st], k), hs);
+          if (head(rr, k) && rr.parent >= 0) {
             A sh[V];
 #pragma unroll
             for (int u = 0; u < V; ++u) sh[u] = wown[r][u] * v[st][u];
-            store<V>(acc(args.io.contrib[st], __ldg(args.slot + k)), sh);
+            store<V>(acc(args.io.contrib[st], sl[r]), sh);
           }
         }
-        if (args.io.out != nullptr) store<V>(row_out(args.io.out, rk[r].v), v[0]);
+        if (args.io.out != nullptr) store<V>(row_out(args.io.out, rr.v), v[0]);
         if constexpr (MODE == M_UP_GW) {
           A gwv[V];
 #pragma unroll
-          for (int u = 0; u < V; ++u) gwv[u] = rk[r].parent >= 0 ? v[0][u] * xw[r][u] : A(0);
-          store<V>(row_out(args.io.gw, rk[r].v), gwv);
+          for (int u = 0; u < V; ++u) gwv[u] = rr.parent >= 0 ? v[0][u] * hpar[r][u] : A(0);
+          store<V>(row_out(args.io.gw, rr.v), gwv);
         }
 #pragma unroll
         for (int st = 0; st < NS; ++st)
 #pragma unroll
           for (int u = 0; u < V; ++u) hp[st][u] = v[st][u];
-      }
-    } else if constexpr (!Tr::BOTH) {
-      // M_DOWN, M_DOWN_GW: the forward output at the vertex, the parent's value at a head
-      A hv[R][V], pv[R][V];
-      if constexpr (MODE == M_DOWN_GW) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if (r >= n) continue;
-          const int k = pos(s, e, first + r);
-          if (rk[r].parent < 0) continue;
-          load_ro<V>(row(args.io.h, rk[r].v), hv[r]);
-          if (head(rk[r], k)) load_acc<V>(acc(args.io.val, rk[r].parent), pv[r]);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= n) continue;
-        const int k = pos(s, e, first + r);
-        const bool f = (rf >> r) & 1u;
+      } else if constexpr (!Tr::BOTH) {
         A v[V];
 #pragma unroll
         for (int u = 0; u < V; ++u) v[u] = f ? rb[0][r][u] : ra[r][u] * hp[0][u] + rb[0][r][u];
-        store<V>(row_out(args.io.out, rk[r].v), v);
+        store<V>(row_out(args.io.out, rr.v), v);
         if constexpr (MODE == M_DOWN_GW) {
           A gwv[V];
 #pragma unroll
           for (int u = 0; u < V; ++u)
-            gwv[u] = rk[r].parent >= 0 ? hv[r][u] * (f ? pv[r][u] : hp[0][u]) : A(0);
-          store<V>(row_out(args.io.gw, rk[r].v), gwv);
+            gwv[u] = rr.parent >= 0 ? wown[r][u] * (f ? xtra[0][r][u] : hp[0][u]) : A(0);
+          store<V>(row_out(args.io.gw, rr.v), gwv);
         }
-        if (rk[r].light_start < rk[r].light_end) store<V>(acc(args.io.val, k), v);  // for light heads
+        if (lights) store<V>(acc(args.io.val[0], k), v);  // for light heads
 #pragma unroll
         for (int u = 0; u < V; ++u) hp[0][u] = v[u];
-      }
-    } else {
-      // M_BOTH, M_BOTH2: up at the vertex for the output
-      A uv[NS][R][V];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= n) continue;
-        const int k = pos(s, e, first + r);
-#pragma unroll
-        for (int st = 0; st < NS; ++st) load_acc<V>(acc(args.io.up[st], k), uv[st][r]);
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= n) continue;
-        const int k = pos(s, e, first + r);
-        const bool f = (rf >> r) & 1u;
+      } else {
         A v[NS][V], brk[NS][V];
 #pragma unroll
         for (int st = 0; st < NS; ++st)
@@ -567,19 +608,22 @@ struct ChunkScan {
         if constexpr (MODE == M_BOTH) {
           A o[V];
 #pragma unroll
-          for (int u = 0; u < V; ++u) o[u] = uv[0][r][u] + v[0][u];
-          store<V>(row_out(args.io.out, rk[r].v), o);
+          for (int u = 0; u < V; ++u) o[u] = xtra[0][r][u] + v[0][u];
+          store<V>(row_out(args.io.out, rr.v), o);
         } else {
           A o[V], gwv[V];
 #pragma unroll
           for (int u = 0; u < V; ++u) {
-            o[u] = uv[1][r][u] + v[1][u];
-            gwv[u] = rk[r].parent >= 0 ? uv[0][r][u] * brk[1][u] + uv[1][r][u] * brk[0][u] : A(0);
+            o[u] = xtra[1][r][u] + v[1][u];
+            gwv[u] = rr.parent >= 0 ? xtra[0][r][u] * brk[1][u] + xtra[1][r][u] * brk[0][u] : A(0);
           }
-          store<V>(row_out(args.io.out, rk[r].v), o);
-          store<V>(row_out(args.io.gw, rk[r].v), gwv);
+          store<V>(row_out(args.io.out, rr.v), o);
+          store<V>(row_out(args.io.gw, rr.v), gwv);
         }
-        if (rk[r].light_start < rk[r].light_end) brackets(k, rk[r], v);
+        if (lights) {
+#pragma unroll
+          for (int st = 0; st < NS; ++st) store<V>(acc(args.io.val[st], k), v[st]);
+        }
 #pragma unroll
         for (int st = 0; st < NS; ++st)
 #pragma unroll
@@ -587,65 +631,30 @@ struct ChunkScan {
       }
     }
   }
-
-  // The brackets of k's light children: out[k] + in[k] + the heavy child's share + the
-  // shares of the other light children, by an exclusive prefix sum forwards and the suffix
-  // added backwards.
-  __device__ __forceinline__ void brackets(int k, const PathRec& rkk, const A (&o)[NS][V]) {
-#pragma unroll
-    for (int st = 0; st < NS; ++st) {
-      A run[V], xin[V], hs[V];
-      load_ro<V>(row(args.io.in[st], rkk.v), xin);
-      load_acc<V>(acc(args.io.share[st], k), hs);
-#pragma unroll
-      for (int u = 0; u < V; ++u) run[u] = (o[st][u] + xin[u]) + hs[u];
-      for (int j = rkk.light_start; j < rkk.light_end; ++j) {
-        A* bj = acc(args.io.br[st], __ldg(args.light + j));
-        A sh[V];
-        load_acc<V>(acc(args.io.contrib[st], j), sh);
-#pragma unroll
-        for (int u = 0; u < V; ++u) {
-          bj[u] = run[u];
-          run[u] += sh[u];
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < V; ++u) run[u] = A(0);
-      for (int j = rkk.light_end - 1; j >= rkk.light_start; --j) {
-        A* bj = acc(args.io.br[st], __ldg(args.light + j));
-        A sh[V];
-        load_acc<V>(acc(args.io.contrib[st], j), sh);
-#pragma unroll
-        for (int u = 0; u < V; ++u) {
-          bj[u] = bj[u] + run[u];
-          run[u] += sh[u];
-        }
-      }
-    }
-  }
 };
 
 // ---------------------------------------------------------------------------- "trees"
-// One block per (tree, channel slice): every phase of the tree in order, each in chunks of
-// kLanes * kRun positions chained by their carries.
+// One block per (tree, channel slice), channel slices of a tree in consecutive blocks: every
+// phase of the tree in order, each in chunks chained by their carries.
 template <typename T, typename A, int V, int MODE>
-__global__ void __launch_bounds__(kLanes * 2, 2) tree_scan_kernel(const ScanArgs args) {
+__global__ void __launch_bounds__(kMaxThreads, 2) tree_scan_kernel(const ScanArgs args) {
   using Tr = ModeTraits<MODE>;
   using CS = ChunkScan<T, A, V, MODE>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  CS cs(args, smem_raw, blockIdx.y);
-  int* prow = reinterpret_cast<int*>(reinterpret_cast<A*>(smem_raw) + (kLanes / kGroup) * cs.G * cs.per);
-  const int t = blockIdx.x;
+  const int64_t t = blockIdx.x / args.groups;
+  CS cs(args, smem_raw, blockIdx.x % args.groups);
+  int* prow = reinterpret_cast<int*>(cs.totals + (args.lanes / kGroup) * cs.G * cs.per);
   for (int i = threadIdx.x; i <= kMaxPhases; i += blockDim.x)
-    prow[i] = args.path_ptr[args.phase_path[(int64_t)t * (kMaxPhases + 1) + i]];
+    prow[i] = args.path_ptr[args.phase_path[t * (kMaxPhases + 1) + i]];
   __syncthreads();
   A carry[Tr::NS][V] = {};
+  const int chunk = cs.chunk();
   for (int n = 0; n < kMaxPhases; ++n) {
     const int p = Tr::UP ? kMaxPhases - 1 - n : n;
     const int s = prow[p], e = prow[p + 1];
     if (s >= e) continue;  // block-uniform
     const int m = e - s;
-    for (int i0 = 0; i0 < m; i0 += CS::CHUNK) cs.apply(s, e, i0, min(i0 + CS::CHUNK, m), carry, i0 > 0);
+    for (int i0 = 0; i0 < m; i0 += chunk) cs.apply(s, e, i0, min(i0 + chunk, m), carry, i0 > 0);
     __syncthreads();  // the phase's writes are visible to the next phase
   }
 }
@@ -653,15 +662,15 @@ __global__ void __launch_bounds__(kLanes * 2, 2) tree_scan_kernel(const ScanArgs
 // ---------------------------------------------------------------------------- "phases"
 // One phase [s, e) of the whole forest in chunks, one block per (chunk, channel slice).
 template <typename T, typename A, int V, int MODE>
-__global__ void __launch_bounds__(kLanes * 2, 2) phase_aggregate_kernel(const ScanArgs args) {
+__global__ void __launch_bounds__(kMaxThreads, 2) phase_aggregate_kernel(const ScanArgs args) {
   using Tr = ModeTraits<MODE>;
   using CS = ChunkScan<T, A, V, MODE>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   CS cs(args, smem_raw, blockIdx.y);
   const int m = args.e - args.s;
-  const int i0 = blockIdx.x * CS::CHUNK;
+  const int i0 = blockIdx.x * cs.chunk();
   typename CS::Aff total;
-  cs.aggregate(args.s, args.e, i0, min(i0 + CS::CHUNK, m), total);
+  cs.aggregate(args.s, args.e, i0, min(i0 + cs.chunk(), m), total);
   if (cs.q == 0 && cs.active) {  // one thread per channel group of the slice
     A* dst = reinterpret_cast<A*>(args.agg) + (int64_t)blockIdx.x * 2 * Tr::NS * args.C + cs.c;
 #pragma unroll
@@ -696,14 +705,14 @@ __global__ void phase_carry_kernel(const void* agg, const unsigned char* aggf, v
 }
 
 template <typename T, typename A, int V, int MODE>
-__global__ void __launch_bounds__(kLanes * 2, 2) phase_apply_kernel(const ScanArgs args) {
+__global__ void __launch_bounds__(kMaxThreads, 2) phase_apply_kernel(const ScanArgs args) {
   using Tr = ModeTraits<MODE>;
   using CS = ChunkScan<T, A, V, MODE>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   CS cs(args, smem_raw, blockIdx.y);
   const int m = args.e - args.s;
   const int j = blockIdx.x;
-  const int i0 = j * CS::CHUNK;
+  const int i0 = j * cs.chunk();
   A carry[Tr::NS][V];
   if (j > 0 && cs.active) {
     const A* src = reinterpret_cast<const A*>(args.carry) + (int64_t)j * Tr::NS * args.C + cs.c;
@@ -717,7 +726,7 @@ __global__ void __launch_bounds__(kLanes * 2, 2) phase_apply_kernel(const ScanAr
 #pragma unroll
       for (int u = 0; u < V; ++u) carry[st][u] = A(0);
   }
-  cs.apply(args.s, args.e, i0, min(i0 + CS::CHUNK, m), carry, j > 0);
+  cs.apply(args.s, args.e, i0, min(i0 + cs.chunk(), m), carry, j > 0);
 }
 
 }  // namespace treessm_cuda

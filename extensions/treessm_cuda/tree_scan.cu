@@ -59,28 +59,32 @@ int vec_width(int64_t C, int elem_size, std::initializer_list<const at::Tensor*>
 }
 
 // Block shape: `row_bytes` of channels per block (G threads of V channels per position, G
-// one or two, one when the channels are few), kLanes * G threads (the kernels' launch bounds).
+// one or two, one when the channels are few) and `lanes` position lanes: lanes * G threads.
 constexpr int kMaxLpv = 2;
 
 struct Shape {
-  int vec, lpv, threads;
+  int vec, lpv, lanes, threads;
   int64_t groups;
 };
 
-Shape launch_shape(int64_t C, int elem_size, int vec, int64_t row_bytes) {
+Shape launch_shape(int64_t C, int elem_size, int vec, int64_t row_bytes, int64_t lanes) {
   TORCH_CHECK(row_bytes >= elem_size && row_bytes <= 512, "row_bytes must lie in [",
               elem_size, ", 512], got ", row_bytes);
-  const int64_t lanes = C / vec;
+  TORCH_CHECK(lanes >= kGroup && lanes <= kMaxLanes && lanes % kGroup == 0, "lanes must be a "
+              "multiple of ", kGroup, " in [", kGroup, ", ", kMaxLanes, "], got ", lanes);
+  const int64_t vecs = C / vec;  // channel vectors of a row
   int lpv = static_cast<int>(row_bytes / (vec * elem_size));
   if (lpv > kMaxLpv) lpv = kMaxLpv;
   if (lpv < 1) lpv = 1;
   while (lpv & (lpv - 1)) lpv &= lpv - 1;
-  while (lpv > 1 && lpv / 2 >= lanes) lpv /= 2;
+  while (lpv > 1 && lpv / 2 >= vecs) lpv /= 2;
   Shape L;
   L.vec = vec;
   L.lpv = lpv;
-  L.threads = kLanes * lpv;
-  L.groups = (lanes + lpv - 1) / lpv;
+  // a block holds whole warps: the group scans shuffle across 32 threads
+  L.lanes = static_cast<int>(lanes * lpv < 32 ? 32 / lpv : lanes);
+  L.threads = L.lanes * lpv;
+  L.groups = (vecs + lpv - 1) / lpv;
   TORCH_CHECK(L.groups <= 65535, "too many channels for one launch: ", C);
   return L;
 }
@@ -94,7 +98,7 @@ T* ptr(const at::Tensor& t) {
 // makes an accumulator-typed [N, C] buffer.
 struct Io {
   at::Tensor in0, in1, w, h, out, gw;
-  at::Tensor up[2], loc[2], share[2], contrib[2], br[2], val;
+  at::Tensor up[2], loc[2], share[2], contrib[2], sib[2], val[2];
   ScanIO get() const {
     ScanIO io;
     io.in[0] = ptr<void>(in0);
@@ -108,9 +112,9 @@ struct Io {
       io.loc[s] = ptr<void>(loc[s]);
       io.share[s] = ptr<void>(share[s]);
       io.contrib[s] = ptr<void>(contrib[s]);
-      io.br[s] = ptr<void>(br[s]);
+      io.sib[s] = ptr<void>(sib[s]);
+      io.val[s] = ptr<void>(val[s]);
     }
-    io.val = ptr<void>(val);
     return io;
   }
   // the buffers of an up pass that a both pass reads, for `streams` streams
@@ -121,6 +125,7 @@ struct Io {
       loc[s] = acc();
       share[s] = acc();
       contrib[s] = acc();
+      sib[s] = acc();
     }
   }
 };
@@ -140,13 +145,13 @@ void forward_passes(int dir, const at::Tensor& x, const at::Tensor& w, const at:
     pass(Mode<M_UP>{}, io);
   } else if (dir == 2) {
     io.out = out;
-    io.val = acc();
+    io.val[0] = acc();
     pass(Mode<M_DOWN>{}, io);
   } else {
     io.up_buffers(1, acc);
     pass(Mode<M_UP>{}, io);
     io.out = out;
-    io.br[0] = acc();
+    io.val[0] = acc();
     pass(Mode<M_BOTH>{}, io);
   }
 }
@@ -162,7 +167,7 @@ void backward_passes(int dir, const at::Tensor& g, const at::Tensor& x, const at
     io.h = h;
     io.out = gx;
     io.gw = gw;
-    io.val = acc();
+    io.val[0] = acc();
     pass(Mode<M_DOWN_GW>{}, io);
   } else if (dir == 2) {  // down: gx = up(g), gw = gx[v] h[p]
     io.in0 = g;
@@ -178,8 +183,8 @@ void backward_passes(int dir, const at::Tensor& g, const at::Tensor& x, const at
     pass(Mode<M_UP2>{}, io);
     io.out = gx;
     io.gw = gw;
-    io.br[0] = acc();
-    io.br[1] = acc();
+    io.val[0] = acc();
+    io.val[1] = acc();
     pass(Mode<M_BOTH2>{}, io);
   }
 }
@@ -191,21 +196,14 @@ void backward_passes(int dir, const at::Tensor& g, const at::Tensor& x, const at
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
-// Instantiates only the widths a type can take (at most 16 bytes per access).
+// Runs the statement for V = VEC (4, 2 or 1), instantiating only the widths whose rows fit
+// one access of at most 16 bytes.
 #define TREESSM_DISPATCH_VEC(VEC, ELEM, ...)                                               \
   switch (VEC) {                                                                           \
     case 4: { constexpr int V = 4; if constexpr (V * sizeof(ELEM) <= 16) { __VA_ARGS__; } break; } \
     case 2: { constexpr int V = 2; __VA_ARGS__; break; }                                   \
     default: { constexpr int V = 1; __VA_ARGS__; break; }                                  \
   }
-
-// Runs `body<T, A, V>()` for the element type of `x` and the vector width `vec`.
-#define TREESSM_DISPATCH_SCAN(x, vec, NAME, ...)                                   \
-  TREESSM_DISPATCH_TYPES((x).scalar_type(), NAME, [&] {                            \
-    using T_ = typename CudaType<scalar_t>::type;                                  \
-    using A_ = typename AccType<T_>::type;                                         \
-    TREESSM_DISPATCH_VEC(vec, T_, __VA_ARGS__);                                    \
-  })
 
 // ---------------------------------------------------------------------------- plans
 void check_int_plan(const at::Tensor& t, const char* name, const at::Tensor& like) {
@@ -263,32 +261,33 @@ struct Phases {
 };
 
 struct Launch {
-  int64_t row_bytes;
+  int64_t row_bytes, lanes;
 };
 
-ScanArgs base_args(const Layout& lay, int64_t C, int lpv) {
+ScanArgs base_args(const Layout& lay, int64_t C, const Shape& L) {
   ScanArgs a{};
   a.rec = reinterpret_cast<const PathRec*>(lay.rec.data_ptr<int>());
-  a.light = lay.light.data_ptr<int>();
   a.slot = lay.slot.data_ptr<int>();
   a.C = C;
-  a.lpv = lpv;
+  a.lpv = L.lpv;
+  a.lanes = L.lanes;
+  a.groups = L.groups;
   return a;
 }
 
 template <typename T, typename A, int V, int MODE>
 void launch_trees(const Shape& L, const Trees& pl, int64_t C, const ScanIO& io, cudaStream_t stream,
                   int device) {
-  ScanArgs a = base_args(pl.lay, C, L.lpv);
+  ScanArgs a = base_args(pl.lay, C, L);
   a.io = io;
   a.path_ptr = pl.path_ptr.data_ptr<int>();
   a.phase_path = pl.phase_path.data_ptr<int>();
-  const int64_t smem = scan_smem_bytes<MODE>(L.lpv, V, sizeof(A));
+  const int64_t smem = scan_smem_bytes<MODE>(L.lanes, L.lpv, V, sizeof(A));
   constexpr auto kernel = tree_scan_kernel<T, A, V, MODE>;
   allow_dynamic_smem<kernel>(smem, device);
-  TORCH_CHECK(pl.trees() <= 2147483647LL, "too many trees for one launch");
-  kernel<<<dim3(static_cast<unsigned>(pl.trees()), static_cast<unsigned>(L.groups)), L.threads,
-           static_cast<size_t>(smem), stream>>>(a);
+  const int64_t blocks = pl.trees() * L.groups;
+  TORCH_CHECK(blocks <= 2147483647LL, "too many trees and channels for one launch");
+  kernel<<<static_cast<unsigned>(blocks), L.threads, static_cast<size_t>(smem), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -296,9 +295,9 @@ template <typename T, typename A, int V, int MODE>
 void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io,
                    const at::Tensor& like, cudaStream_t stream, int device) {
   using Tr = ModeTraits<MODE>;
-  ScanArgs a = base_args(pl.lay, C, L.lpv);
+  ScanArgs a = base_args(pl.lay, C, L);
   a.io = io;
-  const int64_t chunk = static_cast<int64_t>(kLanes) * kRun;
+  const int64_t chunk = static_cast<int64_t>(L.lanes) * kRun;
   int64_t most = 1;
   for (int p = 0; p < kMaxPhases; ++p) {
     const int64_t n = (pl.bounds[p + 1] - pl.bounds[p] + chunk - 1) / chunk;
@@ -315,7 +314,7 @@ void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io
     a.aggf = aggf.data_ptr<uint8_t>();
     a.carry = carry.data_ptr();
   }
-  const int64_t smem = scan_smem_bytes<MODE>(L.lpv, V, sizeof(A));
+  const int64_t smem = scan_smem_bytes<MODE>(L.lanes, L.lpv, V, sizeof(A));
   constexpr auto aggregate = phase_aggregate_kernel<T, A, V, MODE>;
   constexpr auto apply = phase_apply_kernel<T, A, V, MODE>;
   allow_dynamic_smem<aggregate>(smem, device);
@@ -348,17 +347,21 @@ void scan(const at::Tensor& x, const Plan& plan, const Launch& la, int vec, Run&
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int device = x.get_device();
-  const Shape L = launch_shape(C, x.element_size(), vec, la.row_bytes);
+  const Shape L = launch_shape(C, x.element_size(), vec, la.row_bytes, la.lanes);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto acc = [&] { return at::empty({N, C}, x.options().dtype(acc_dtype)); };
-  TREESSM_DISPATCH_SCAN(x, L.vec, "treessm_tree_scan", {
-    run([&](auto mode, const Io& io) {
-      constexpr int M = decltype(mode)::value;
-      if constexpr (std::is_same_v<Plan, Trees>)
-        launch_trees<T_, A_, V, M>(L, plan, C, io.get(), stream, device);
-      else
-        launch_phases<T_, A_, V, M>(L, plan, C, io.get(), x, stream, device);
-    }, acc);
+  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_tree_scan", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A_ = typename AccType<T_>::type;
+    TREESSM_DISPATCH_VEC(L.vec, T_, {
+      run([&](auto mode, const Io& io) {
+        constexpr int M = decltype(mode)::value;
+        if constexpr (std::is_same_v<Plan, Trees>)
+          launch_trees<T_, A_, V, M>(L, plan, C, io.get(), stream, device);
+        else
+          launch_phases<T_, A_, V, M>(L, plan, C, io.get(), x, stream, device);
+      }, acc);
+    });
   });
 }
 
@@ -369,9 +372,9 @@ void check_x(const at::Tensor& x) {
 Launch check_launch(c10::string_view schedule, at::IntArrayRef launch) {
   TORCH_CHECK(schedule == "trees" || schedule == "phases",
               "schedule must be 'trees' or 'phases', got '", std::string(schedule), "'");
-  TORCH_CHECK(launch.size() == 1, "launch must hold the field of treessm.ops.plan.Launch, got ",
+  TORCH_CHECK(launch.size() == 2, "launch must hold the fields of treessm.ops.plan.Launch, got ",
               launch.size());
-  return Launch{launch[0]};
+  return Launch{launch[0], launch[1]};
 }
 
 // Runs `body(plan)` with the plan tensors of `schedule`, checked.

@@ -25,7 +25,7 @@ NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down
          "gw both"]
 
 
-def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95)):
+def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95), lanes=32):
     tree = treessm.Tree.from_parent(parent)
     n = parent.numel()
     g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95)):
             a.numpy().tofile(f)
         for a in (*pp, ph.rec, ph.light, ph.slot, ph.phase_ptr):
             a.numpy().astype(np.int32).tofile(f)
-    r = subprocess.run([str(harness), str(src), str(dst), schedule, str(vec)],
+    r = subprocess.run([str(harness), str(src), str(dst), schedule, str(vec), str(lanes)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64).reshape(-1, n, C)
@@ -69,23 +69,22 @@ def _forests():
 
 
 # (channels, threads per position (at most 2: a group of 16 lanes within a warp), channels a
-# thread moves): block slices of four and one channels, a channel count that leaves threads
-# idle
-CONFIGS = [(6, 2, 2), (3, 1, 1)]
+# thread moves, position lanes): block slices of four and one channels, a channel count that
+# leaves threads idle, blocks of one and of several lane groups
+CONFIGS = [(6, 2, 2, 16), (3, 1, 1, 32)]
 
 
 @pytest.mark.parametrize("schedule", ["trees", "phases"])
 @pytest.mark.parametrize("name", list(_forests()))
 def test_kernels_match_reference_on_host(harness, tmp_path, name, schedule):
     parent = _forests()[name]
-    for C, lpv, vec in CONFIGS:
-        _run(harness, tmp_path, parent, C, lpv, schedule, vec)
+    for C, lpv, vec, lanes in CONFIGS:
+        _run(harness, tmp_path, parent, C, lpv, schedule, vec, lanes=lanes)
 
 
 def test_long_paths_and_many_chunks_on_host(harness, tmp_path):
-    # paths longer than a chunk (1,024 positions; 512 in the two-stream passes): the carry
-    # between the chunks of one block and across blocks; bushy trees (long light-child
-    # lists); a chain
+    # paths longer than a chunk (128 positions at 32 lanes): the carry between the chunks of
+    # one block and across blocks; bushy trees (long light-child lists); a chain
     g = torch.Generator().manual_seed(6)
     for schedule in ("trees", "phases"):
         _run(harness, tmp_path, chain(1300), 2, 1, schedule, vec=1)
@@ -94,12 +93,13 @@ def test_long_paths_and_many_chunks_on_host(harness, tmp_path):
 
 
 def test_results_do_not_depend_on_the_launch_shape_on_host(harness, tmp_path):
-    # the sums run in an order fixed by the positions: every launch shape of a schedule gives
-    # the same bits, and the two schedules (chunks cut at other places) the same values
+    # the sums run in an order fixed by the positions: every launch shape of a schedule
+    # (threads per position, channels a thread moves, lanes of a block) gives the same bits,
+    # and the two schedules (chunks cut at other places) the same values
     parent = random_forest(700, 2, torch.Generator().manual_seed(7), locality=3)
     for schedule in ("trees", "phases"):
-        runs = [_run(harness, tmp_path, parent, 4, lpv, schedule, vec)
-                for lpv, vec in ((2, 2), (1, 2), (1, 1))]
+        runs = [_run(harness, tmp_path, parent, 4, lpv, schedule, vec, lanes=lanes)
+                for lpv, vec, lanes in ((2, 2, 16), (1, 2, 32), (1, 1, 64), (2, 1, 128))]
         for other in runs[1:]:
             assert np.array_equal(runs[0], other), schedule
 

@@ -156,7 +156,7 @@ def test_attach_level_plan_is_what_the_scan_reads():
 
 
 def test_schedule_choice_reads_host_sizes_only():
-    from treessm.ops.plan import PHASES_MIN_TREE_SIZE, choose_schedule
+    from treessm.ops.plan import PHASES_MIN_TREE_SIZE, PHASES_MIN_TREES, choose_schedule
 
     small = treessm.Tree.from_parent(random_forest(400, 1, torch.Generator().manual_seed(1)))
     assert choose_schedule(small) == "trees" == choose_schedule(small, "auto")
@@ -168,6 +168,11 @@ def test_schedule_choice_reads_host_sizes_only():
     unknown = treessm.Tree(small.parent, small.order, small.child_ptr, small.tree_ptr,
                            small.depth)
     assert choose_schedule(unknown) == "trees"  # 400 vertices bound every tree
+    # a forest of very many small trees (isolated pixels) takes it too
+    isolated = treessm.Tree.from_parent(torch.full((PHASES_MIN_TREES + 1,), -1))
+    assert choose_schedule(isolated) == "phases"
+    few = treessm.Tree.from_parent(torch.full((PHASES_MIN_TREES,), -1))
+    assert choose_schedule(few) == "trees"
     for s in ("trees", "phases"):
         assert choose_schedule(small, s) == s == choose_schedule(big, s)
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
@@ -179,7 +184,11 @@ def test_schedule_choice_reads_host_sizes_only():
 def test_launch_defaults_and_plan_cache():
     from treessm.ops import plan
 
-    assert plan.launch_config("trees", 4) == plan.Launch(32)
+    assert plan.launch_config("trees", 4) == plan.Launch(32, 128)
+    assert plan.launch_config("phases", 4, 49) == plan.Launch(32, 128)
+    # forests of small trees: one lane per 128 vertices of the largest, 16 to 128
+    assert [plan.launch_config("trees", 4, n).lanes for n in (1, 784, 2048, 2049, 3136, 9000)] \
+        == [16, 16, 16, 32, 32, 128]
     tree = treessm.Tree.from_parent(random_forest(300, 3, torch.Generator().manual_seed(4)))
     a = plan.scan_plan(tree, 16, torch.float32)
     assert plan.scan_plan(tree, 64, torch.float32) is a  # channels do not change the plan

@@ -174,8 +174,8 @@ def test_cuda_ops_registered_and_compile():
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_cuda_results_do_not_depend_on_the_launch_shape(direction):
-    # the sums run in an order fixed by the layout's positions: every block width gives the
-    # same bits; the two schedules (chunks cut at other places) agree to rounding; a star
+    # the sums run in an order fixed by the layout's positions: every block width and lane
+    # count gives the same bits; the two schedules (chunks cut at other places) agree to rounding; a star
     # (one long light-child list), a deep chain (many chunks per phase), a forest, one tree
     g = torch.Generator().manual_seed(22)
     forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30),
@@ -186,11 +186,12 @@ def test_cuda_results_do_not_depend_on_the_launch_shape(direction):
         x, w = _inputs(n, 40, torch.float32, g)
         gout = torch.randn(n, 40, generator=g).cuda()
         for schedule in SCHEDULES:
-            runs = {rb: _scan_with(tree, x, w, gout, direction, schedule, row_bytes=rb)
-                    for rb in (32, 4, 16, 64, 128)}
-            for rb in runs:
-                for a, b in zip(runs[32], runs[rb]):
-                    assert torch.equal(a, b), (schedule, rb)
+            shapes = [(32, 128), (4, 128), (16, 64), (64, 16), (128, 32), (32, 16), (4, 16)]
+            runs = {sh: _scan_with(tree, x, w, gout, direction, schedule, row_bytes=sh[0],
+                                   lanes=sh[1]) for sh in shapes}
+            for sh in runs:
+                for a, b in zip(runs[shapes[0]], runs[sh]):
+                    assert torch.equal(a, b), (schedule, sh)
         trees = _scan_with(tree, x, w, gout, direction, "trees")
         phases = _scan_with(tree, x, w, gout, direction, "phases")
         for a, b in zip(trees, phases):

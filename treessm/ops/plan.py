@@ -57,6 +57,12 @@ MAX_PHASES = 32  # phases of a tree below 2**31 vertices
 # 0.193 ms against 0.175 / 0.294 ms for one block per tree; 2^16: 0.41 / 0.60 against 2.6 /
 # 4.5 ms (docs/cuda.md).
 PHASES_MIN_TREE_SIZE = 1 << 12
+# A forest of more trees than this takes the "phases" schedule too: one block per tree and
+# channel slice would launch a block for every few vertices, each paying a whole chunk step
+# (latency, not work). Measured on an H200: GrootV-T's stage scans over forests of isolated
+# pixels (401,408 trees at batch 128) under "trees" ran the network at 474 img/s (fp32
+# inference) against 1,804 img/s with the real image trees.
+PHASES_MIN_TREES = 1 << 14
 # The CUDA plan kernel gives each tree one block: fine up to grid-sized trees; larger trees
 # take the tensor construction below, which spreads over the whole device.
 PLAN_KERNEL_MAX_TREE_SIZE = 1 << 16
@@ -68,9 +74,16 @@ _INT32_LIMIT = 2 ** 31 - 1
 GRID_TREE_THREADS = 0
 GRID_TREE_SOLO = 64
 GRID_COSTS_GROUP = 0
-# Scan blocks: bytes of channels per position (two threads of 16 bytes for float32); a block
-# has 128 position lanes of row_bytes each.
+# Scan blocks: bytes of channels per position (two threads of 16 bytes for float32), and
+# position lanes (each takes 4 consecutive positions of a phase): 128 for the "phases"
+# schedule; under "trees", at least 16 and one per 128 vertices of the largest tree. Small
+# blocks keep more of them resident to hide the latency of each chunk's loads: measured on
+# an H200 (32 grid trees, both, forward / backward ms), 56x56 C=160: 0.45 / 1.17 at 32 lanes
+# against 0.54 / 1.31 at 128; 28x28 C=320: 0.23 / 0.59 at 16 against 0.40 / 0.95; 7x7
+# C=1280: 0.11 / 0.23 at 16 against 0.74 / 1.57 (docs/cuda.md).
 SCAN_ROW_BYTES = 32
+SCAN_MAX_LANES = 128
+SCAN_MIN_LANES = 16
 
 
 class LevelPlan(NamedTuple):
@@ -144,14 +157,17 @@ class PhasePlan(NamedTuple):
 
 
 class Launch(NamedTuple):
-    """Launch parameters of the CUDA scan kernels.
+    """Launch parameters of the CUDA scan kernels; results do not depend on them.
 
     Attributes:
-        row_bytes (int): bytes of channels one block handles per position (the block has
-            128 position lanes, each of ``row_bytes / 16`` threads or fewer).
+        row_bytes (int): bytes of channels one block handles per position (one or two
+            threads of up to 16 bytes each).
+        lanes (int): position lanes of a block, a multiple of 16 up to 128; a block scans
+            ``4 * lanes`` positions of a phase at a time.
     """
 
     row_bytes: int
+    lanes: int = SCAN_MAX_LANES
 
 
 class ScanPlan(NamedTuple):
@@ -406,15 +422,18 @@ def phase_plan(tree: Tree) -> PhasePlan:
 def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
     """The CUDA scan schedule for ``tree``: ``schedule`` itself when given, else (``None``
     or ``"auto"``) ``"phases"`` when the largest tree has more than
-    :data:`PHASES_MIN_TREE_SIZE` vertices, ``"trees"`` otherwise. Only host-side sizes are
-    read (``tree.max_tree_size``, else the number of vertices, which bounds it)."""
+    :data:`PHASES_MIN_TREE_SIZE` vertices or the forest more than :data:`PHASES_MIN_TREES`
+    trees, ``"trees"`` otherwise. Only host-side sizes are read (``tree.num_trees`` and
+    ``tree.max_tree_size``, else the number of vertices, which bounds it)."""
     if schedule is not None and schedule != "auto":
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be None, 'auto' or one of {SCHEDULES}, got "
                              f"{schedule!r}")
         return schedule
     largest = tree.max_tree_size if tree.max_tree_size is not None else tree.num_nodes
-    return "phases" if largest > PHASES_MIN_TREE_SIZE else "trees"
+    if largest > PHASES_MIN_TREE_SIZE or tree.num_trees > PHASES_MIN_TREES:
+        return "phases"
+    return "trees"
 
 
 @functools.lru_cache(maxsize=None)
@@ -424,11 +443,19 @@ def device_limits(index: int) -> Tuple[int, int, int]:
     return tuple(torch.ops.treessm.cuda_device_limits(index))
 
 
-@functools.lru_cache(maxsize=64)
-def launch_config(schedule: str, elem_size: int) -> Launch:
+@functools.lru_cache(maxsize=256)
+def launch_config(schedule: str, elem_size: int, largest_tree: Optional[int] = None) -> Launch:
     """Measured default launch parameters (``docs/cuda.md`` has the measurements): a block
-    takes :data:`SCAN_ROW_BYTES` of channels per position. Results do not depend on them."""
-    return Launch(SCAN_ROW_BYTES)
+    takes :data:`SCAN_ROW_BYTES` of channels per position; under ``"trees"``, one lane per
+    128 vertices of ``largest_tree`` (a power of two from :data:`SCAN_MIN_LANES` to
+    :data:`SCAN_MAX_LANES`; the most when the size is unknown). Results do not depend on
+    them."""
+    lanes = SCAN_MAX_LANES
+    if schedule == "trees" and largest_tree is not None:
+        lanes = SCAN_MIN_LANES
+        while lanes < SCAN_MAX_LANES and 128 * lanes < largest_tree:
+            lanes *= 2
+    return Launch(SCAN_ROW_BYTES, lanes)
 
 
 def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
@@ -448,7 +475,7 @@ def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
         tensors = tuple(path_plan(tree))
     else:
         tensors = tuple(phase_plan(tree))
-    launch = launch_config(schedule_, dtype.itemsize)
+    launch = launch_config(schedule_, dtype.itemsize, tree.max_tree_size)
     plan = ScanPlan(schedule_, tensors, launch)
     tree.plan_cache[key] = plan
     return plan

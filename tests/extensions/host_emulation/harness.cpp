@@ -1,10 +1,10 @@
 // Host emulation of the tree-scan kernels: one std::thread per CUDA thread, blocks in turn,
 // __syncthreads as a std::barrier. Reads a problem written by tests/extensions, runs the
 // passes the CUDA backend launches for every direction (double) and writes the results.
-// usage: harness IN OUT SCHEDULE V
+// usage: harness IN OUT SCHEDULE V LANES
 //   SCHEDULE: "trees" (one block per tree and channel slice) or "phases" (per phase,
 //   chunk composites, carries and rescans, as tree_scan.cu launches them); V: channels a
-//   thread moves (1 or 2)
+//   thread moves (1 or 2); LANES: position lanes of a block (a multiple of 16)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -27,7 +27,7 @@ auto ri = [](FILE* f, int64_t n) { return read<int>(f, n); };
 
 struct Problem {
   int64_t N, C, T;
-  int lpv, threads;
+  int lpv, lanes, threads;
   std::vector<double> x, w, g;
   std::vector<int> rec, light, slot, path_ptr, phase_path;  // "trees" layout
   std::vector<int> prec, plight, pslot;                     // "phases" layout
@@ -51,19 +51,19 @@ struct Runner {
     a.io = io;
     a.C = pb.C;
     a.lpv = pb.lpv;
+    a.lanes = pb.lanes;
+    a.groups = groups;
     if (!phases) {
       a.rec = reinterpret_cast<const PathRec*>(pb.rec.data());
-      a.light = pb.light.data();
       a.slot = pb.slot.data();
       a.path_ptr = pb.path_ptr.data();
       a.phase_path = pb.phase_path.data();
-      launch(pb.T, groups, pb.threads, [&] { tree_scan_kernel<double, double, V, MODE>(a); });
+      launch(pb.T * groups, 1, pb.threads, [&] { tree_scan_kernel<double, double, V, MODE>(a); });
       return;
     }
     a.rec = reinterpret_cast<const PathRec*>(pb.prec.data());
-    a.light = pb.plight.data();
     a.slot = pb.pslot.data();
-    const int chunk = kLanes * kRun;
+    const int chunk = pb.lanes * kRun;
     for (int n = 0; n < kMaxPhases; ++n) {
       const int p = Tr::UP ? kMaxPhases - 1 - n : n;
       const int s = pb.phase_ptr[p], e = pb.phase_ptr[p + 1];
@@ -114,7 +114,7 @@ void run_all(const Problem& pb, bool phases, FILE* o) {
   }
   {
     ScanIO s = blank();
-    s.in[0] = x; s.w = w; s.out = hd.data(); s.val = r.acc();
+    s.in[0] = x; s.w = w; s.out = hd.data(); s.val[0] = r.acc();
     run(integral_constant<int, M_DOWN>{}, s);
     dump(hd);
   }
@@ -122,15 +122,16 @@ void run_all(const Problem& pb, bool phases, FILE* o) {
     ScanIO s = blank();
     s.in[0] = x; s.w = w;
     s.up[0] = r.acc(); s.loc[0] = r.acc(); s.share[0] = r.acc(); s.contrib[0] = r.acc();
+    s.sib[0] = r.acc();
     run(integral_constant<int, M_UP>{}, s);
-    s.out = out.data(); s.br[0] = r.acc();
+    s.out = out.data(); s.val[0] = r.acc();
     run(integral_constant<int, M_BOTH>{}, s);
     dump(out);
   }
   // backward: up, down, both
   {
     ScanIO s = blank();
-    s.in[0] = g; s.w = w; s.h = hu.data(); s.out = gx.data(); s.gw = gw.data(); s.val = r.acc();
+    s.in[0] = g; s.w = w; s.h = hu.data(); s.out = gx.data(); s.gw = gw.data(); s.val[0] = r.acc();
     run(integral_constant<int, M_DOWN_GW>{}, s);
     dump(gx); dump(gw);
   }
@@ -146,17 +147,18 @@ void run_all(const Problem& pb, bool phases, FILE* o) {
     s.in[0] = x; s.in[1] = g; s.w = w;
     for (int st = 0; st < 2; ++st) {
       s.up[st] = r.acc(); s.loc[st] = r.acc(); s.share[st] = r.acc(); s.contrib[st] = r.acc();
+      s.sib[st] = r.acc();
     }
     run(integral_constant<int, M_UP2>{}, s);
-    s.out = gx.data(); s.gw = gw.data(); s.br[0] = r.acc(); s.br[1] = r.acc();
+    s.out = gx.data(); s.gw = gw.data(); s.val[0] = r.acc(); s.val[1] = r.acc();
     run(integral_constant<int, M_BOTH2>{}, s);
     dump(gx); dump(gw);
   }
 }
 
 int main(int argc, char** argv) {
-  if (argc < 5) {
-    std::fprintf(stderr, "usage: harness IN OUT trees|phases V\n");
+  if (argc < 6) {
+    std::fprintf(stderr, "usage: harness IN OUT trees|phases V LANES\n");
     return 2;
   }
   FILE* f = fopen(argv[1], "rb");
@@ -166,7 +168,8 @@ int main(int argc, char** argv) {
   pb.C = hdr[1];
   pb.T = hdr[2];
   pb.lpv = static_cast<int>(hdr[3]);
-  pb.threads = kLanes * pb.lpv;
+  pb.lanes = atoi(argv[5]);
+  pb.threads = pb.lanes * pb.lpv;
   pb.x = rd(f, pb.N * pb.C);
   pb.w = rd(f, pb.N * pb.C);
   pb.g = rd(f, pb.N * pb.C);
