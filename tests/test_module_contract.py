@@ -204,13 +204,24 @@ def test_compile_fullgraph_cuda():
     torch.testing.assert_close(compiled(x, tree), module(x, tree), rtol=1e-5, atol=1e-6)
 
 
+# modules whose local message passing sums messages with CUDA atomics (PyG's scatter): run
+# to run their last bits vary, on the original as on a copy
+_CUDA_ATOMIC_SUMS = {"GraphNet", "TreeGPSConv"}
+
+
 @CUDA
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_copies_cuda(name):
     module, inputs = _build(name, "cuda")
     expected = _outputs(module, inputs)
     for how in (copy.deepcopy, _pickled, _saved):
-        _assert_same(_outputs(how(module), inputs), expected)
+        got = _outputs(how(module), inputs)
+        if name in _CUDA_ATOMIC_SUMS:
+            assert len(got) == len(expected)
+            for x, y in zip(got, expected):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        else:
+            _assert_same(got, expected)
 
 
 # ---------------------------------------------------------------------------- integrations

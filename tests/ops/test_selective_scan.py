@@ -60,8 +60,8 @@ def _value_and_grads(fn, tree, leaves, kw, seed=1):
     out = fn(tree=tree, **leaves, **kw)
     outs = out if isinstance(out, tuple) else (out,)
     g = _gen(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
-               for o in outs)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)
+                .to(o.device)).sum() for o in outs)
     names = list(leaves)
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
     return outs, {k: torch.zeros_like(leaves[k]) if gr is None else gr
