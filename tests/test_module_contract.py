@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import treessm
-from treessm.models import GrootV, GrootVBlock, GrootVStage, node_classifier
+from treessm.models import GrootV, GrootVBlock, GrootVStage, LocalGlobalNet, node_classifier
 from treessm.nn import (DropPath, GrootLMixer, LayerNorm2d, Mlp, SelectiveSSM, SelectiveTreeSSM,
                         TreeGPSConv, TreeSSM, TreeSSMConv)
 
@@ -37,6 +37,7 @@ CASES = {
     "TreeSSMConv": (lambda: TreeSSMConv(8, 6, d_state=2), lambda: _graph()),
     "TreeGPSConv": (lambda: TreeGPSConv(8, conv="sage", d_state=2), lambda: _graph()),
     "GraphNet": (lambda: node_classifier(8, 3, hidden_channels=8, d_state=2), lambda: _graph()),
+    "LocalGlobalNet": (lambda: LocalGlobalNet(8, 8, 3, d_state=2), lambda: _graph()),
     "GrootLMixer-chain": (lambda: GrootLMixer(8, state_size=4),
                           lambda: (_image(2, 9, 1).reshape(2, 9, 8),)),
     "GrootLMixer-causal": (lambda: GrootLMixer(8, state_size=4, mode="causal", k=3),

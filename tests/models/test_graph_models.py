@@ -65,3 +65,74 @@ def test_graph_net_takes_any_block_factory():
     assert len(model.blocks) == 3 and all(b.conv is None for b in model.blocks)
     x, ei = _graphs(1)[0].x, _graphs(1)[0].edge_index
     assert model(x, ei).shape == (x.shape[0], 2)
+
+
+# ------------------------------------------------------------------ LocalGlobalNet
+def _local_global(mixer="tree", seed=0):
+    from treessm.models import LocalGlobalNet
+
+    torch.manual_seed(seed)
+    return LocalGlobalNet(5, 8, 3, mixer=mixer, d_state=2)
+
+
+def test_local_global_net_starts_as_the_plain_two_layer_network():
+    """The mixer's output projection starts at zero: at initialisation the model with the
+    tree branch gives the outputs of the same convolutions without it."""
+    data = _graphs(1)[0]
+    with_tree, plain = _local_global("tree").eval(), _local_global(None).eval()
+    plain.conv1.load_state_dict(with_tree.conv1.state_dict())
+    plain.conv2.load_state_dict(with_tree.conv2.state_dict())
+    assert torch.count_nonzero(with_tree.mixer.out_proj.weight) == 0
+    torch.testing.assert_close(with_tree(data.x, data.edge_index), plain(data.x, data.edge_index))
+
+
+def test_local_global_net_trains_every_parameter_and_groups_each_once():
+    data = _graphs(1)[0]
+    data.y = (data.x[:, 0] > 0).long()
+    model = _local_global()
+    groups = model.parameter_groups(weight_decay=5e-4, mixer_weight_decay=0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0, 0.1]
+    opt = torch.optim.Adam(groups, lr=0.05)
+    for _ in range(3):  # the branch opens in the first step, then every parameter learns
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data.x, data.edge_index), data.y).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_local_global_net_reads_sparse_features_as_dense_ones():
+    data = _graphs(1)[0]
+    data.x[data.x.abs() < 1] = 0
+    model = _local_global().eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.mixer.out_proj.weight)
+    dense = model(data.x, data.edge_index)
+    torch.testing.assert_close(model(data.x.to_sparse(), data.edge_index), dense)
+
+
+def test_feature_dropout_of_sparse_features_drops_stored_entries_only():
+    from treessm.models.graph import feature_dropout
+
+    torch.manual_seed(0)
+    x = torch.zeros(50, 40)
+    x[torch.rand(50, 40) < 0.1] = 2.0
+    out = feature_dropout(x.to_sparse(), 0.5, True).to_dense()
+    assert set(out.unique().tolist()) <= {0.0, 4.0}       # dropped or scaled by 1 / (1 - p)
+    assert torch.all(out[x == 0] == 0)
+    kept = (out[x != 0] != 0).float().mean()
+    assert 0.35 < kept < 0.65
+    assert feature_dropout(x.to_sparse(), 0.5, False) is not None
+    torch.testing.assert_close(feature_dropout(x, 0.5, False), x)
+
+
+def test_local_global_net_rejects_an_unknown_mixer():
+    import pytest
+    from treessm.models import LocalGlobalNet
+
+    with pytest.raises(ValueError, match="mixer"):
+        LocalGlobalNet(5, 8, 3, mixer="attention")
+    with pytest.raises(TypeError, match="mixer"):
+        LocalGlobalNet(5, 8, 3, mixer=3)
