@@ -24,7 +24,12 @@
 //           overflows to infinity normalises to zero, as there)
 //   l2:     sqrt(|p - q|^2)
 // Accumulation is float32 for float32, float16 and bfloat16 features and float64 for
-// float64; the output has that type.
+// float64; the output has that type. Cosine sums of rows of any finite scale: when a squared
+// norm of a nonzero row falls outside the range where its sums keep every bit (SafeSquares,
+// as treessm.topology.distance.safe_squares), the warp redoes its sums on rows scaled by the
+// power of two that brings each row's largest magnitude into [1/2, 1) (exact: the cosine of
+// two rows is what it was, and rows that were safe give the same bits). The l2 costs of
+// extreme features are the caller's to scale (one power of two per image keeps their order).
 //
 // Offsets are 64-bit (B*H*W*C may exceed 2^31); one image's pixel index is 32-bit. Loops are
 // grid-strided with block-uniform bounds, so every lane of a warp reaches every shuffle.
@@ -71,6 +76,40 @@ template <typename T, int V>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* __restrict__ p) {
   return *reinterpret_cast<const Pack<T, V>*>(p);
 }
+
+// Squared norms whose sums keep (almost) every bit and cannot overflow, for up to 2^20
+// channels: [2^-100, 2^100] in float32, [2^-900, 2^900] in float64.
+template <typename A> struct SafeSquares;
+template <> struct SafeSquares<float> {
+  __device__ __forceinline__ static float lo() { return 0x1p-100f; }
+  __device__ __forceinline__ static float hi() { return 0x1p100f; }
+};
+template <> struct SafeSquares<double> {
+  __device__ __forceinline__ static double lo() { return 0x1p-900; }
+  __device__ __forceinline__ static double hi() { return 0x1p900; }
+};
+
+__device__ __forceinline__ float magnitude(float x) { return fabsf(x); }
+__device__ __forceinline__ double magnitude(double x) { return fabs(x); }
+__device__ __forceinline__ float larger(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double larger(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float times_pow2(float x, int e) { return ldexpf(x, e); }
+__device__ __forceinline__ double times_pow2(double x, int e) { return ldexp(x, e); }
+__device__ __forceinline__ int exponent_of(float x) { int e; frexpf(x, &e); return e; }
+__device__ __forceinline__ int exponent_of(double x) { int e; frexp(x, &e); return e; }
+
+// The factor 2^-e (e: the exponent of a row's largest magnitude m = f 2^e, f in [1/2, 1))
+// as two powers of two, each representable (2^-e alone overflows for subnormal m).
+template <typename A> struct RowScale {
+  int lo = 0, hi = 0;
+  __device__ __forceinline__ RowScale() {}
+  __device__ __forceinline__ explicit RowScale(A m) {
+    const int e = m == A(0) ? 0 : exponent_of(m);
+    lo = -(e >> 1);
+    hi = (e >> 1) - e;
+  }
+  __device__ __forceinline__ A operator()(A x) const { return times_pow2(times_pow2(x, lo), hi); }
+};
 
 // 1 / max(sqrt(sq), eps): the factor of torch.nn.functional.normalize.
 template <typename A>
@@ -185,9 +224,18 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     A acc[NA];
+    A mag[1 + K];  // cosine: the largest magnitude of p's row and of each neighbour's row
 #pragma unroll
-    for (int k = 0; k < NA; ++k) acc[k] = A(0);
-    if (active) {
+    for (int k = 0; k < 1 + K; ++k) mag[k] = A(0);
+    // The sums of the lane's packs: plain, or (`scaled`) on rows scaled by RowScale.
+    auto accumulate = [&](bool scaled) {
+#pragma unroll
+      for (int k = 0; k < NA; ++k) acc[k] = A(0);
+      if (!active) return;
+      RowScale<A> sp(mag[0]);
+      RowScale<A> sq[K];
+#pragma unroll
+      for (int t = 0; t < K; ++t) sq[t] = RowScale<A>(mag[1 + t]);
       const T* __restrict__ row = feat + p * s.C;
       const T* __restrict__ nb[K];
 #pragma unroll
@@ -201,12 +249,18 @@ __global__ void __launch_bounds__(kThreads)
         for (int t = 0; t < K; ++t) n[t] = load_pack<T, V>(nb[t] + off);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const A x = to_acc(a.v[e]);
-          if constexpr (KIND == kCosine) acc[0] += x * x;
+          A x = to_acc(a.v[e]);
+          if constexpr (KIND == kCosine) {
+            if (scaled) x = sp(x);
+            else mag[0] = larger(mag[0], magnitude(x));
+            acc[0] += x * x;
+          }
 #pragma unroll
           for (int t = 0; t < K; ++t) {
-            const A y = to_acc(n[t].v[e]);
+            A y = to_acc(n[t].v[e]);
             if constexpr (KIND == kCosine) {
+              if (scaled) y = sq[t](y);
+              else mag[1 + t] = larger(mag[1 + t], magnitude(y));
               acc[1 + t] += x * y;
               acc[1 + K + t] += y * y;
             } else {
@@ -216,10 +270,36 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
-    }
-    for (int o = group >> 1; o > 0; o >>= 1) {
+    };
+    auto reduce = [&](bool magnitudes) {
+      for (int o = group >> 1; o > 0; o >>= 1) {
 #pragma unroll
-      for (int k = 0; k < NA; ++k) acc[k] += __shfl_xor_sync(kFullMask, acc[k], o);
+        for (int k = 0; k < NA; ++k) acc[k] += __shfl_xor_sync(kFullMask, acc[k], o);
+        if (magnitudes) {
+#pragma unroll
+          for (int k = 0; k < 1 + K; ++k) mag[k] = larger(mag[k], __shfl_xor_sync(kFullMask, mag[k], o));
+        }
+      }
+    };
+    accumulate(false);
+    reduce(KIND == kCosine);
+    if constexpr (KIND == kCosine) {
+      // a nonzero row whose squared norm left the safe range: the whole warp (every lane
+      // reaches the shuffles) redoes its sums on scaled rows
+      auto safe = [](A sq, A m) {
+        return (sq >= SafeSquares<A>::lo() && sq <= SafeSquares<A>::hi()) || m == A(0);
+      };
+      int bad = 0;
+      if (active) {
+        bad = !safe(acc[0], mag[0]);
+#pragma unroll
+        for (int t = 0; t < K; ++t) bad |= has[t] && !safe(acc[1 + K + t], mag[1 + t]);
+      }
+      for (int o = 16; o > 0; o >>= 1) bad |= __shfl_xor_sync(kFullMask, bad, o);
+      if (bad) {
+        accumulate(true);
+        reduce(false);
+      }
     }
 
     if (active) {

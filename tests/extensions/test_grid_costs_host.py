@@ -125,10 +125,11 @@ def test_zero_and_scaled_features(harness, tmp_path):
     zero = (feat.reshape(-1, c) == 0).all(1)
     touches = zero[ei[0]] | zero[ei[1]]
     assert torch.equal(got[touches], torch.ones(int(touches.sum()), dtype=torch.float64))
-    # an infinite norm normalises to zero, as torch.nn.functional.normalize does
+    # rows whose squared norm overflows are scaled first, as the torch path scales them:
+    # two equal rows near the float32 maximum have cosine 1
     huge = torch.full((1, 1, 2, 2), 3e38)
     got, _ = emulate(harness, tmp_path, huge, 1, 1, 2, 4, "cosine")
-    assert got.tolist() == [1.0]
+    assert got.tolist() == [torch.exp(torch.tensor(-1.0)).item()]
 
 
 def test_empty(harness, tmp_path):
@@ -136,3 +137,29 @@ def test_empty(harness, tmp_path):
         feat = torch.randn(b, h, w, c, dtype=torch.float64)
         for distance in ("cosine", "l2"):
             check(harness, tmp_path, feat, b, h, w, 8, distance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_cosine_of_rows_of_any_scale(harness, tmp_path, dtype, connectivity):
+    # squared norms outside the safe range (overflow, underflow, subnormal rows) take the
+    # scaled sums: the cosine is that of the rows near 1, as the torch path scales them
+    b, h, w, c = 2, 5, 6, 12
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(b, h, w, c, generator=gen, dtype=torch.float64)
+    big, small = (1e200, 1e-200) if dtype == torch.float64 else (1e30, 1e-30)
+    rows = torch.logspace(-1, 1, b * h * w, dtype=torch.float64)
+    rows[::3] *= big
+    rows[1::3] *= small
+    feat = (base * rows[torch.randperm(b * h * w, generator=gen)].reshape(b, h, w, 1)).to(dtype)
+    feat[0, 1, 2] = 0  # a zero row: cosine 0 with its neighbours
+    check(harness, tmp_path, feat, b, h, w, connectivity, "cosine")
+    # every row at one extreme scale: the costs of the rows near 1
+    near_one, _ = emulate(harness, tmp_path, base.to(dtype), b, h, w, connectivity, "cosine")
+    # (normal numbers whose squares overflow or underflow)
+    for scale in (2.0 ** 120, 2.0 ** -120) if dtype == torch.float32 else (2.0 ** 1000, 2.0 ** -1000):
+        scaled = base.to(dtype) * scale
+        check(harness, tmp_path, scaled, b, h, w, connectivity, "cosine")
+        got, _ = emulate(harness, tmp_path, scaled, b, h, w, connectivity, "cosine")
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got, near_one, rtol=tol, atol=tol)

@@ -42,7 +42,7 @@ from ..ops.plan import (GRID_COSTS_GROUP, GRID_TREE_SOLO, GRID_TREE_THREADS,
                         attach_level_plan, device_limits)
 from ..tree import Tree
 from ..typing import load_cuda_extension
-from .distance import DISTANCES, EPS, grid_costs_torch, kind_code
+from .distance import DISTANCES, EPS, grid_costs_torch, kind_code, scale_by_power_of_two
 
 __all__ = ["grid_spanning_tree", "grid_tree_from_features", "grid_costs",
            "num_candidate_edges", "shared_memory_bytes", "fits", "fused_ready"]
@@ -116,7 +116,7 @@ def grid_tree_from_features(feat: Tensor, B: int, H: int, W: int, connectivity: 
     :func:`fused_ready` has returned ``True`` for them. Two launches of fused kernels (the
     costs come from :func:`~treessm.topology.distance.grid_costs_torch` for feature types
     or sizes the cost kernel does not take); nothing waits for the device."""
-    cost = _fused_costs(feat, B, H, W, connectivity, distance)
+    cost = _fused_costs(feat, B, H, W, connectivity, distance, unscale=False)
     if cost is None:
         x = feat.detach()
         cost = grid_costs_torch(x.reshape(B * H * W, x.shape[-1]), B, H, W, connectivity,
@@ -176,14 +176,27 @@ def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
     return _fused_costs(feat, B, H, W, connectivity, distance)
 
 
-def _fused_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int,
-                 distance: str) -> Optional[Tensor]:
+def _fused_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int, distance: str,
+                 unscale: bool = True) -> Optional[Tensor]:
     """The cost kernel on validated CUDA features once the extension is loaded, or ``None``
-    when it cannot take them (another dtype, sizes beyond the kernel's 32-bit indexing)."""
+    when it cannot take them (another dtype, sizes beyond the kernel's 32-bit indexing).
+
+    Euclidean costs are computed on each image's features scaled by the power of two that
+    brings their largest magnitude into ``[1/2, 1)`` (exact: an image's distances keep their
+    order whatever the scale of its features), and multiplied back unless ``unscale`` is
+    false (a tree needs only the order). The cosine kernel scales rows itself."""
     if feat.dtype not in _COST_TYPES or H * W > _INT_MAX or feat.shape[-1] > _INT_MAX:
         return None
-    return torch.ops.treessm.cuda_grid_costs.default(feat.detach(), B, H, W, connectivity,
+    x = feat.detach()
+    scale = None
+    if distance == "l2" and x.numel():
+        flat, scale = scale_by_power_of_two(x.reshape(B, -1), 1, return_scale=True)
+        x = flat.reshape(x.shape)
+    cost = torch.ops.treessm.cuda_grid_costs.default(x, B, H, W, connectivity,
                                                      kind_code(distance), EPS, GRID_COSTS_GROUP)
+    if scale is not None and unscale:
+        cost = (cost.reshape(B, -1) * scale.to(cost.dtype)).reshape(-1)
+    return cost
 
 
 @torch.no_grad()
