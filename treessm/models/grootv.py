@@ -702,7 +702,7 @@ def _create(variant: str, pretrained: Union[None, bool, str], kwargs) -> GrootV:
 
 
 def grootv_tiny(pretrained: Union[None, bool, str] = None, **kwargs) -> GrootV:
-    """GrootV-T: C = 80, depths 2-2-9-2 (30M parameters); ``kwargs`` go to :class:`GrootV`.
+    r"""GrootV-T: C = 80, depths 2-2-9-2 (30M parameters); ``kwargs`` go to :class:`GrootV`.
 
     Args:
         pretrained (str or os.PathLike, optional): the authors' ImageNet-1K checkpoint
