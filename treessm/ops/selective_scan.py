@@ -18,9 +18,11 @@ states are ``[N, D, S]`` tensors: ``S`` times the memory and traffic of the laye
 Backends: ``"torch"`` is the reference (any device). ``"numba"`` is the fused CPU kernel
 (:mod:`treessm.ops.selective_scan_cpu`; no ``[N, D, S]`` tensor in the forward or the
 backward, which recomputes the states). ``"cuda"`` has no fused kernel yet: it forms the
-expansion and runs :func:`treessm.tree_scan`'s CUDA kernels over it. A fused CUDA kernel
-plugs in as one entry of :data:`FUSED_KERNELS` (a forward and a backward with the
-signatures of :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``).
+expansion and runs :func:`treessm.tree_scan`'s CUDA kernels over it, in blocks of channels
+of at most :data:`EXPANSION_BLOCK_BYTES` per expanded tensor, each recomputed in the
+backward, so that no expansion of the whole problem is held. A fused CUDA kernel plugs in
+as one entry of :data:`FUSED_KERNELS` (a forward and a backward with the signatures of
+:func:`treessm.ops.selective_scan_cpu.forward` and ``backward``).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_bool, check_choice, check_number
 from ..tree import Tree
@@ -38,7 +41,8 @@ from .plan import level_groups
 from .tree_scan import DIRECTIONS, tree_scan
 
 __all__ = ["selective_tree_scan", "selective_tree_scan_ref", "reference_tree_scan",
-           "edge_steps", "EDGE_STEPS", "SELECTIVE_BACKENDS", "FUSED_KERNELS"]
+           "edge_steps", "EDGE_STEPS", "SELECTIVE_BACKENDS", "FUSED_KERNELS",
+           "EXPANSION_BLOCK_BYTES"]
 
 #: Rules for the step of the edge ``(v, parent(v))``: the child's own step (GrootV, GrootL)
 #: or the mean of the steps of the edge's two ends (symmetric: the scan does not depend on
@@ -60,6 +64,15 @@ class FusedKernels(NamedTuple):
 FUSED_KERNELS: Dict[str, FusedKernels] = {
     "numba": FusedKernels(selective_scan_cpu.forward, selective_scan_cpu.backward),
 }
+
+#: Bytes one expanded ``[N, D', S]`` tensor of a backend without a fused kernel may take:
+#: wider problems run in blocks of ``D'`` channels, each recomputed in the backward
+#: (non-reentrant :func:`torch.utils.checkpoint.checkpoint`), so the peak memory follows
+#: the block, not the layer (a ``TreeSSMConv(64, 64)`` on 10^6 vertices: 128 inner channels
+#: of 16 MB each, 4 states in float32, in 8 blocks of 16). Channels are independent, so the
+#: values are those of one block; ``state_norm`` couples all states of a vertex and runs
+#: whole.
+EXPANSION_BLOCK_BYTES = 1 << 28
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -523,7 +536,8 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
         backend (str, optional): ``"numba"`` (fused, CPU; the default there), ``"torch"``
             (the reference, any device) or ``"cuda"`` (the default on CUDA tensors: until
             a fused CUDA kernel exists, the expansion is formed and scanned by
-            :func:`treessm.tree_scan`'s CUDA kernels). (default: ``None``)
+            :func:`treessm.tree_scan`'s CUDA kernels, in blocks of channels of at most
+            :data:`EXPANSION_BLOCK_BYTES` each). (default: ``None``)
 
     Returns:
         ``y`` :math:`(N, D)` in the dtype of ``u``; with ``state_vertices`` the pair
@@ -560,6 +574,47 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     if backend == "torch":
         return selective_tree_scan_ref(*args, **options)
     if backend not in FUSED_KERNELS:  # CUDA: the expansion through tree_scan's kernels
-        return selective_tree_scan_ref(*args, **options,
-                                       scan=functools.partial(tree_scan, backend=None))
+        return expanded_in_blocks(*args, **options,
+                                  scan=functools.partial(tree_scan, backend=None))
     return _fused(*args, **options, backend=backend)
+
+
+def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree,
+                       D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                       direction: str, edge_step: Union[str, Tensor], *, scan: Callable,
+                       block_bytes: int = EXPANSION_BLOCK_BYTES, **options):
+    """:func:`selective_tree_scan_ref` with ``scan``, over blocks of channels whose expanded
+    tensors take at most ``block_bytes`` each (see :data:`EXPANSION_BLOCK_BYTES`); the
+    arguments are :func:`selective_tree_scan`'s, checked."""
+    n, d = u.shape
+    item = torch.empty((), dtype=_compute_dtype(u.dtype)).element_size()
+    width = max(1, block_bytes // max(1, n * A.shape[1] * item))
+    if options.get("state_norm") or width >= d:
+        return selective_tree_scan_ref(u, delta, A, B, C, tree, D, delta_bias, delta_softplus,
+                                       direction, edge_step, scan=scan, **options)
+    edge_tensor = edge_step if isinstance(edge_step, Tensor) else None
+    initial = options.get("initial_state")
+    vertices = options.get("state_vertices")
+
+    def block(u_, delta_, A_, D_, bias_, edge_, init_, B_, C_):
+        return selective_tree_scan_ref(
+            u_, delta_, A_, B_, C_, tree, D_, bias_, delta_softplus, direction,
+            edge_ if edge_ is not None else edge_step, initial_state=init_,
+            state_vertices=vertices, scan=scan)
+
+    def part(t, sl, dim=0):
+        return None if t is None else t.narrow(dim, sl.start, sl.stop - sl.start)
+
+    ys, states = [], []
+    for c0 in range(0, d, width):
+        sl = slice(c0, min(d, c0 + width))
+        out = checkpoint(block, part(u, sl, 1), part(delta, sl, 1), part(A, sl), part(D, sl),
+                         part(delta_bias, sl), part(edge_tensor, sl, 1), part(initial, sl, 1),
+                         B, C, use_reentrant=False)
+        if vertices is None:
+            ys.append(out)
+        else:
+            ys.append(out[0])
+            states.append(out[1])
+    y = torch.cat(ys, 1)
+    return y if vertices is None else (y, torch.cat(states, 1))

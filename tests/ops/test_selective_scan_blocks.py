@@ -1,0 +1,85 @@
+"""The expanded selective scan of backends without a fused kernel, in blocks of channels
+(:func:`treessm.ops.selective_scan.expanded_in_blocks`): the values of one block, for the
+output, the returned states and every gradient, with every option that slices by channel.
+(Channels are computed independently; on the CPU torch's vectorised and scalar ``exp`` may
+differ in the last bit between a strided block and the whole row, hence the tolerance.)"""
+import functools
+
+import pytest
+import torch
+
+import treessm
+from oracle import random_forest
+from treessm.ops.selective_scan import expanded_in_blocks, reference_tree_scan
+
+N, D, S = 40, 7, 3
+
+
+def _inputs(tree, direction, gen):
+    t = dict(u=torch.randn(N, D, generator=gen, dtype=torch.float64),
+             delta=torch.randn(N, D, generator=gen, dtype=torch.float64),
+             A=-torch.rand(D, S, generator=gen, dtype=torch.float64),
+             B=torch.randn(N, S, generator=gen, dtype=torch.float64),
+             C=torch.randn(N, S, generator=gen, dtype=torch.float64),
+             D=torch.randn(D, generator=gen, dtype=torch.float64),
+             delta_bias=torch.randn(D, generator=gen, dtype=torch.float64),
+             edge=torch.randn(N, D, generator=gen, dtype=torch.float64))
+    if direction == "down":
+        t["initial"] = torch.randn(tree.num_trees, D, S, generator=gen, dtype=torch.float64)
+    return {k: v.requires_grad_() for k, v in t.items()}
+
+
+def _run(tree, leaves, direction, edge_rule, block_bytes):
+    edge_step = leaves["edge"] if edge_rule == "tensor" else edge_rule
+    out = expanded_in_blocks(
+        leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], tree, leaves["D"],
+        leaves["delta_bias"], True, direction, edge_step, scan=reference_tree_scan,
+        block_bytes=block_bytes, initial_state=leaves.get("initial"),
+        state_vertices=torch.tensor([0, 5, 17]))
+    y, states = out
+    g = torch.Generator().manual_seed(9)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() \
+        + (states * torch.randn(states.shape, generator=g, dtype=y.dtype)).sum()
+    names = sorted(leaves)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    return y, states, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("direction", ["both", "up", "down"])
+@pytest.mark.parametrize("edge_rule", ["child", "mean", "tensor"])
+def test_blocks_of_channels_give_the_values_of_one_block(direction, edge_rule):
+    gen = torch.Generator().manual_seed(4)
+    tree = treessm.Tree.from_parent(random_forest(N, 3, gen))
+    leaves = _inputs(tree, direction, gen)
+    whole = _run(tree, leaves, direction, edge_rule, block_bytes=1 << 40)
+    per_channel = N * S * 8
+    for width in (1, 2, 3):  # 7 channels in blocks of 1, 2 and 3 (a short last block)
+        got = _run(tree, leaves, direction, edge_rule, block_bytes=width * per_channel)
+        close = functools.partial(torch.testing.assert_close, rtol=1e-12, atol=1e-12)
+        close(got[0], whole[0])
+        close(got[1], whole[1])
+        for k, g in whole[2].items():
+            if g is None:
+                assert got[2][k] is None, k
+            else:
+                close(got[2][k], g, msg=f"{width} {k}")
+
+
+def test_state_norm_runs_whole():
+    # the normalised read-out couples every state of a vertex: no blocks
+    gen = torch.Generator().manual_seed(5)
+    tree = treessm.Tree.from_parent(random_forest(N, 2, gen))
+    leaves = _inputs(tree, "both", gen)
+    calls = []
+
+    def counting_scan(x, w, tree, direction):
+        calls.append(x.shape)
+        return reference_tree_scan(x, w, tree, direction)
+
+    args = (leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], tree, None,
+            None, False, "both", "child")
+    expanded_in_blocks(*args, scan=counting_scan, block_bytes=N * S * 8, state_norm=True)
+    assert calls == [torch.Size([N, D, S])]
+    calls.clear()
+    expanded_in_blocks(*args, scan=counting_scan, block_bytes=N * S * 8)
+    assert calls == [torch.Size([N, 1, S])] * D
