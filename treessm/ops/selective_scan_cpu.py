@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 __all__ = ["forward", "backward", "EDGE_RULES"]
@@ -72,7 +73,7 @@ _GROUP_MIN = 1024  # vertices: smallest group of whole trees made one work item
 _GROUPS_PER_RUN = 64  # aim: this many groups when the forest has many trees
 _NUM_TEMPS = 8  # lane rows of temporaries after the buffers
 _BUFFERS = {  # buffer rows per vertex: (forward, backward) by direction
-    "both": (3, 5), "up": (2, 2), "down": (1, 2)}
+    "both": (1, 5), "up": (1, 2), "down": (1, 2)}
 
 U = np.uint64
 
@@ -126,10 +127,25 @@ def _exp_overload(x):
 
 
 # ---------------------------------------------------------------------------- argument bundles
+@intrinsic
+def _borrowed(typingctx, arr):
+    """A view of ``arr`` that holds no reference to its memory (a null meminfo): numba
+    counts references to every array taken out of a tuple or passed to an inlined
+    function, with an atomic operation each, dozens per vertex in the passes below. The
+    views live inside one call of a worker, whose arguments keep the memory alive."""
+    def codegen(context, builder, signature, args):
+        view = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0])
+        view.meminfo = cgutils.get_null_value(view.meminfo.type)
+        return view._getvalue()
+
+    return arr(arr), codegen
+
+
+
 # Built inside the parallel drivers (numba drops writes through tuples that a parallel
 # function receives as arguments) and handed to the per-item functions.
 _Dims = namedtuple("_Dims", "N S W Sb L nblk T K maxn mode edge_mode has_gamma has_h0 "
-                            "moments has_gstates")
+                            "moments has_gstates maxdeg")
 # consts: [1/2, D * S]
 _Inputs = namedtuple("_Inputs", "ub dxb deb ab bp cp gb h0b counts consts")
 _Layout = namedtuple("_Layout", "ppos child_ptr tree_ptr groups srow snext")
@@ -142,7 +158,7 @@ _Grads = namedtuple("_Grads", "gxb gdeb gbp gcp gap ggp gh0b")
 def _dims(dims):
     return _Dims(U(dims[0]), U(dims[1]), U(dims[2]), U(dims[3]), U(dims[2] * dims[3]),
                  U(dims[4]), U(dims[5]), U(dims[6]), U(dims[7]), dims[8], dims[9],
-                 dims[10] != 0, dims[11] != 0, dims[12] != 0, dims[13] != 0)
+                 dims[10] != 0, dims[11] != 0, dims[12] != 0, dims[13] != 0, U(dims[14]))
 
 
 # ---------------------------------------------------------------------------- lane helpers
@@ -326,32 +342,71 @@ def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
 
 
 @njit(cache=True, fastmath={"contract"})
-def _out(buf, oU, oW, oO, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
-    """Roots first, after :func:`_up`: ``out`` in buffer ``oO`` and ``h = up + out`` read
-    out. ``out[v] = w[v] Br[v]``, ``Br[v] = out[p] + x[p] + (w up summed over v's
-    siblings)``."""
+def _up_pull(buf, oH, tw, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
+    """Leaves first: ``H = up(x)`` in buffer ``oH``, one row per vertex: each child's ``w``
+    is formed (in the temporary row ``tw``) as the child is added to its parent."""
     L, n = d.L, sb * d.W
-    t0, t2, t3 = ot, ot + U(2) * L, ot + U(3) * L
-    la = U(a - ga) * L
-    _fill(buf, oO + la, n, 0)
-    _emit(buf, oU + la, a, a, blk, s0, sb, inp, lay, out, d)
+    for i in range(b - 1, a - 1, -1):
+        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
+        oh = oH + U(i - ga) * L
+        _x(buf, oh, inp, d, iu, ib, s0, sb)
+        for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
+            _w(buf, tw, inp, d, ku, kp, ka, sb)
+            ok = oH + U(k - ga) * L
+            for l in range(n):
+                buf[oh + l] += buf[tw + l] * buf[ok + l]
+        if emit:
+            _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
+    """Roots first, after :func:`_up_pull`, in the same rows: ``h = up + out`` read out,
+    ``out[v] = w[v] Br[v]``, ``Br[v] = out[p] + x[p] + (w up summed over v's siblings)``.
+    A vertex's row holds ``up`` until its family is done (its siblings' brackets read it),
+    then ``out + x``, where its own children's brackets start. The sibling sums come from
+    prefix and suffix sums over the family; ``oF`` holds two rows per child of the largest
+    family (the child's ``w`` and its suffix sum, then its ``out``)."""
+    L, n = d.L, sb * d.W
+    tacc, th = ot, ot + L
+    ra = oR + U(a - ga) * L
+    _emit(buf, ra, a, a, blk, s0, sb, inp, lay, out, d)
+    iu, ip, ib, ia = _offsets(d, lay, blk, a, a, s0)
+    _x(buf, ra, inp, d, iu, ib, s0, sb)  # out[root] + x[root], out[root] = 0
     for i in range(a, b):
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
-        li = U(i - ga) * L
-        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
-        _x(buf, t2, inp, d, iu, ib, s0, sb)
-        for l in range(n):  # out[p] + x[p]
-            buf[t2 + l] = buf[oO + li + l] + buf[t2 + l]
-        _brackets(buf, oU, oW, oO, t2, t0, ga, k0, k1, L, n)
-        for k in range(k0, k1):
-            lk = U(k - ga) * L
+        base = oR + U(i - ga) * L
+        _fill(buf, tacc, n, 0)
+        for k in range(k1 - 1, k0 - 1, -1):  # w and the suffix sums
+            ow = oF + U(k - k0) * (U(2) * L)
+            osf = ow + L
+            ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
+            _w(buf, ow, inp, d, ku, kp, ka, sb)
+            ok = oR + U(k - ga) * L
             for l in range(n):
-                ok = buf[oW + lk + l] * buf[oO + lk + l]
-                buf[oO + lk + l] = ok
-                buf[t3 + l] = buf[oU + lk + l] + ok
-            _emit(buf, t3, k, a, blk, s0, sb, inp, lay, out, d)
+                buf[osf + l] = buf[tacc + l]
+                buf[tacc + l] += buf[ow + l] * buf[ok + l]
+        _fill(buf, tacc, n, 0)
+        for k in range(k0, k1):  # the prefix sums, out, h
+            ow = oF + U(k - k0) * (U(2) * L)
+            osf = ow + L
+            ok = oR + U(k - ga) * L
+            for l in range(n):
+                wk = buf[ow + l]
+                uk = buf[ok + l]
+                o = wk * (buf[base + l] + (buf[tacc + l] + buf[osf + l]))
+                buf[tacc + l] += wk * uk
+                buf[th + l] = uk + o
+                buf[osf + l] = o
+            _emit(buf, th, k, a, blk, s0, sb, inp, lay, out, d)
+            if lay.child_ptr[k] < min(lay.child_ptr[k + 1], b):  # a parent: out + x
+                ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
+                _x(buf, ok, inp, d, ku, kb, s0, sb)
+                for l in range(n):
+                    buf[ok + l] = buf[osf + l] + buf[ok + l]
 
 
 # ---------------------------------------------------------------------------- gradient helpers
@@ -572,7 +627,10 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
 # ---------------------------------------------------------------------------- drivers
 @njit(cache=True, fastmath={"contract"})
 def _forward_item(buf, gi, blk, inp, lay, out, d):
+    # rows: one per vertex of the group, then two per child of the largest family
+    # (direction "both"), then the temporaries
     q = d.maxn * d.L
+    ot = q + U(2) * d.maxdeg * d.L if d.mode == 0 else q
     ga = lay.tree_ptr[lay.groups[gi]]
     for t in range(lay.groups[gi], lay.groups[gi + 1]):
         a, b = lay.tree_ptr[t], lay.tree_ptr[t + 1]
@@ -581,11 +639,10 @@ def _forward_item(buf, gi, blk, inp, lay, out, d):
             if d.mode == 2:
                 _down(buf, U(0), ga, a, b, t, blk, s0, sb, inp, lay, d, True, out)
             elif d.mode == 1:
-                _up(buf, U(0), q, ga, a, b, blk, s0, sb, inp, lay, d, True, out)
+                _up_pull(buf, U(0), ot, ga, a, b, blk, s0, sb, inp, lay, d, True, out)
             else:
-                _up(buf, U(0), q, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
-                _out(buf, U(0), q, U(2) * q, U(3) * q, ga, a, b, blk, s0, sb, inp, lay, d,
-                     out)
+                _up_pull(buf, U(0), ot, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
+                _out(buf, U(0), q, ot, ga, a, b, blk, s0, sb, inp, lay, d, out)
 
 
 @njit(cache=True, nogil=True)
@@ -593,12 +650,14 @@ def _forward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts, ppos,
                     tree_ptr, groups, srow, snext, y1b, meanb, m2b, statesb, scratch, dims):
     # the work items th, th + threads, ... (threads = rows of scratch), without the GIL
     d = _dims(dims)
-    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts)
-    lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
-    out = _Outputs(y1b, meanb, m2b, statesb)
+    b = _borrowed
+    inp = _Inputs(b(ub), b(dxb), b(deb), b(ab), b(bp), b(cp), b(gb), b(h0b), b(counts),
+                  b(consts))
+    lay = _Layout(b(ppos), b(child_ptr), b(tree_ptr), b(groups), b(srow), b(snext))
+    out = _Outputs(b(y1b), b(meanb), b(m2b), b(statesb))
     for j in range(th, (groups.shape[0] - 1) * dims[4], scratch.shape[0]):
         gi = j // dims[4]
-        _forward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, out, d)
+        _forward_item(b(scratch[th]), gi, U(j - gi * dims[4]), inp, lay, out, d)
 
 
 @njit(cache=True, fastmath={"contract"})
@@ -625,14 +684,16 @@ def _backward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts, ppos
                      tree_ptr, groups, srow, snext, gy1b, gmu, gm2, gstatesb, mu, gxb, gdeb,
                      gbp, gcp, gap, ggp, gh0b, scratch, dims):
     d = _dims(dims)
-    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts)
-    lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
-    gin = _GradIn(gy1b, gmu, gm2, gstatesb, mu)
-    gr = _Grads(gxb, gdeb, gbp, gcp, gap, ggp, gh0b)
-    out = _Outputs(gxb[:1], gxb[:1], gxb[:1], gxb[:1])  # never written: no read-out
+    b = _borrowed
+    inp = _Inputs(b(ub), b(dxb), b(deb), b(ab), b(bp), b(cp), b(gb), b(h0b), b(counts),
+                  b(consts))
+    lay = _Layout(b(ppos), b(child_ptr), b(tree_ptr), b(groups), b(srow), b(snext))
+    gin = _GradIn(b(gy1b), b(gmu), b(gm2), b(gstatesb), b(mu))
+    gr = _Grads(b(gxb), b(gdeb), b(gbp), b(gcp), b(gap), b(ggp), b(gh0b))
+    out = _Outputs(b(gxb[:1]), b(gxb[:1]), b(gxb[:1]), b(gxb[:1]))  # never written
     for j in range(th, (groups.shape[0] - 1) * dims[4], scratch.shape[0]):
         gi = j // dims[4]
-        _backward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, gin, gr, d, out)
+        _backward_item(b(scratch[th]), gi, U(j - gi * dims[4]), inp, lay, gin, gr, d, out)
 
 
 # ---------------------------------------------------------------------------- layout copies
@@ -810,7 +871,7 @@ def _groups(tree_ptr: np.ndarray, n: int) -> np.ndarray:
     return np.unique(np.concatenate((cuts, [tree_ptr.shape[0] - 1]))).astype(np.int64)
 
 
-def _lanes(s: int, d: int, itemsize: int, rows: int, maxn: int, budget: int):
+def _lanes(s: int, d: int, itemsize: int, rows: int, budget: int):
     """``(Sb, W, nblk)``: states per chunk, channels per block and blocks, for up to
     ``_MAX_LANES`` lanes per vertex (states first: the per-channel arrays are then read
     fewer times), within ``budget`` bytes of scratch per thread (narrower blocks first,
@@ -821,7 +882,7 @@ def _lanes(s: int, d: int, itemsize: int, rows: int, maxn: int, budget: int):
     k = max(1, min(blocks, _MAX_LANES // (base * sb)))
 
     def fits():
-        return (rows * maxn + _NUM_TEMPS) * sb * base * k * itemsize <= budget
+        return rows * sb * base * k * itemsize <= budget
 
     while not fits() and k > 1:
         k -= 1
@@ -864,8 +925,11 @@ class _Run:
         self.maxn = int(np.diff(tp[self.groups]).max()) if n else 0
         self.num_trees = tp.shape[0] - 1
         self.num_states = k = snext.shape[0]
-        rows = _BUFFERS[direction][1 if backward else 0]
-        self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows, self.maxn,
+        self.maxdeg = int(np.bincount(self.ppos[self.ppos >= 0], minlength=1).max()) if n else 0
+        rows = _BUFFERS[direction][1 if backward else 0] * self.maxn + _NUM_TEMPS
+        if direction == "both" and not backward:  # each family's w and suffix sums
+            rows += 2 * self.maxdeg
+        self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows,
                                             max(_SCRATCH_MIN, n * dch * dt.itemsize))
         sb, W, nblk = self.sb, self.W, self.nblk
         given = edge_rule == "given"
@@ -887,10 +951,10 @@ class _Run:
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
         nitems = (self.groups.shape[0] - 1) * nblk
         threads = max(1, min(_threads(), nitems))
-        self.scratch = np.empty((threads, (rows * self.maxn + _NUM_TEMPS) * sb * W), dt)
+        self.scratch = np.empty((threads, rows * sb * W), dt)
         self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
                               _MODES[direction], EDGE_RULES.index(edge_rule), gamma is not None,
-                              h0 is not None, moments, grad_states], np.int64)
+                              h0 is not None, moments, grad_states, self.maxdeg], np.int64)
 
     def blocks(self, x: torch.Tensor) -> np.ndarray:
         out = np.empty(self.nblk * self.n * self.W, self.dtype)
