@@ -331,17 +331,68 @@ def _state_rows(state_vertices: Optional[Tensor], n: int, device) -> Tuple[Tenso
     return srow, snext
 
 
-def _normalised_readout(y1: Tensor, mu: Tensor, m2: Tensor, C: Tensor,
-                        weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                        num_states: int) -> Tensor:
-    r""":math:`\sum_s C_s\, \mathrm{LN}(h)_{d,s}` from ``y1 = sum_s C g h`` and the
+def _readout_reference(y1: Tensor, mu: Tensor, m2: Tensor, C: Tensor,
+                       weight: Optional[Tensor], bias: Optional[Tensor], u: Tensor,
+                       D: Optional[Tensor], eps: float) -> Tensor:
+    r""":math:`\sum_s C_s\, \mathrm{LN}(h)_{d,s} + D_d u_d` from ``y1 = sum_s C g h`` and the
     vertex's mean ``mu`` and sum of squared deviations ``m2`` over all its ``D * S``
-    states: :math:`\mathrm{rstd}\,(y_1 - \mu \sum_s C_s g_{d,s}) + \sum_s C_s b_{d,s}`."""
-    d = y1.shape[1]
-    rstd = torch.rsqrt(m2 / (d * num_states) + eps).unsqueeze(1)
+    states: :math:`\mathrm{rstd}\,(y_1 - \mu \sum_s C_s g_{d,s}) + \sum_s C_s b_{d,s} +
+    D_d u_d`."""
+    d, s = y1.shape[1], C.shape[1]
+    rstd = torch.rsqrt(m2 / (d * s) + eps).unsqueeze(1)
     cg = C @ weight.t() if weight is not None else C.sum(1, keepdim=True)
     y = rstd * (y1 - mu.unsqueeze(1) * cg)
-    return y if bias is None else y + C @ bias.t()
+    if bias is not None:
+        y = y + C @ bias.t()
+    return y if D is None else y + D * u
+
+
+@torch.library.custom_op("treessm::normalised_readout", mutates_args=())
+def _readout_op(y1: Tensor, mu: Tensor, m2: Tensor, C: Tensor, weight: Optional[Tensor],
+                bias: Optional[Tensor], u: Tensor, D: Optional[Tensor], eps: float) -> Tensor:
+    if y1.device.type == "cpu":  # one pass over the rows, no [N, D] temporaries
+        return selective_scan_cpu.normalised_readout(y1, mu, m2, C, weight, bias, u, D, eps)
+    return _readout_reference(y1, mu, m2, C, weight, bias, u, D, eps)
+
+
+@_readout_op.register_fake
+def _(y1, mu, m2, C, weight, bias, u, D, eps):
+    return torch.empty_like(y1)
+
+
+def _readout_setup_context(ctx, inputs, output):
+    y1, mu, m2, C, weight, bias, u, D, eps = inputs
+    ctx.save_for_backward(y1, mu, m2, C, weight, bias, u, D)
+    ctx.eps = eps
+
+
+def _readout_backward(ctx, gy):
+    # the derivative of _readout_reference, written out (autograd would keep its
+    # temporaries alive from the forward)
+    y1, mu, m2, C, weight, bias, u, D = ctx.saved_tensors
+    d, s = y1.shape[1], C.shape[1]
+    rstd = torch.rsqrt(m2 / (d * s) + ctx.eps)
+    cg = C @ weight.t() if weight is not None else C.sum(1, keepdim=True)
+    g_y1 = gy * rstd.unsqueeze(1)
+    g_rstd = (gy * (y1 - mu.unsqueeze(1) * cg)).sum(1)
+    g_m2 = g_rstd * (-0.5 / (d * s)) * rstd ** 3
+    g_mu = -(g_y1 * cg).sum(1)
+    g_cg = g_y1 * -mu.unsqueeze(1)
+    if weight is not None:
+        g_C, g_w = g_cg @ weight, g_cg.t() @ C
+    else:
+        g_C, g_w = g_cg.sum(1, keepdim=True).expand(-1, s), None
+    g_b = None
+    if bias is not None:
+        g_C = g_C + gy @ bias
+        g_b = gy.t() @ C
+    g_u = g_D = None
+    if D is not None:
+        g_u, g_D = gy * D, (gy * u).sum(0)
+    return g_y1, g_mu, g_m2, g_C, g_w, g_b, g_u, g_D, None
+
+
+_readout_op.register_autograd(_readout_backward, setup_context=_readout_setup_context)
 
 
 def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step, *,
@@ -364,10 +415,12 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
     y, mu, m2, states = torch.ops.treessm.selective_tree_scan(
         uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, tree.parent, tree.order,
         tree.child_ptr, tree.tree_ptr, direction, rule, state_norm, backend)
+    skip = None if D is None else D.to(acc)
     if state_norm:
-        y = _normalised_readout(y, mu, m2, Cc, weight, bias, norm_eps, s)
-    if D is not None:
-        y = y + D.to(acc) * uc
+        y = torch.ops.treessm.normalised_readout(y, mu, m2, Cc, weight, bias, uc, skip,
+                                                 norm_eps)
+    elif skip is not None:
+        y = y + skip * uc
     y = y.to(u.dtype)
     return y if state_vertices is None else (y, states)
 

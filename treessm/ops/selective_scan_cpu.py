@@ -59,7 +59,7 @@ from numba import get_num_threads, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["forward", "backward", "EDGE_RULES"]
+__all__ = ["forward", "backward", "normalised_readout", "EDGE_RULES"]
 
 #: How the step of the edge (v, parent(v)) is formed.
 EDGE_RULES = ("child", "mean", "given")
@@ -69,6 +69,9 @@ _MAX_LANES = 128  # most states x channels of a block held per vertex and buffer
 # Scratch per thread: at most max(_SCRATCH_MIN, bytes of one [N, D] array); narrower blocks
 # and smaller chunks of states (down to one) keep a large tree within it.
 _SCRATCH_MIN = 16 << 20
+# and a sixteenth more: the temporaries and the rows of a family of children besides the
+# rows of the vertices
+_BUDGET_SLACK = 1 / 16
 _GROUP_MIN = 1024  # vertices: smallest group of whole trees made one work item
 _GROUPS_PER_RUN = 64  # aim: this many groups when the forest has many trees
 _NUM_TEMPS = 8  # lane rows of temporaries after the buffers
@@ -807,6 +810,37 @@ def _sum_blocks_to_rows(i0, i1, src, order, nblk, dst):
             dst[v, j] = acc
 
 
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _readout_rows(i0, i1, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b, has_d, y):
+    # y[v] = rstd (y1[v] - mu[v] C[v] g^T) + C[v] b^T + D u[v] in one pass over the rows
+    d = y1.shape[1]
+    s = C.shape[1]
+    cg = np.empty(d, y1.dtype)
+    cb = np.empty(d, y1.dtype)
+    for v in range(i0, i1):
+        r = 1 / math.sqrt(m2[v] / count + eps)
+        m = mu[v]
+        cg[:] = 0
+        cb[:] = 0
+        for k in range(s):
+            c = C[v, k]
+            if has_g:
+                for j in range(d):
+                    cg[j] += c * gT[k, j]
+            else:
+                for j in range(d):
+                    cg[j] += c
+            if has_b:
+                for j in range(d):
+                    cb[j] += c * bT[k, j]
+        if has_d:
+            for j in range(d):
+                y[v, j] = r * (y1[v, j] - m * cg[j]) + cb[j] + D[j] * u[v, j]
+        else:
+            for j in range(d):
+                y[v, j] = r * (y1[v, j] - m * cg[j]) + cb[j]
+
+
 # ---------------------------------------------------------------------------- threads
 _pools = {}
 
@@ -929,8 +963,8 @@ class _Run:
         rows = _BUFFERS[direction][1 if backward else 0] * self.maxn + _NUM_TEMPS
         if direction == "both" and not backward:  # each family's w and suffix sums
             rows += 2 * self.maxdeg
-        self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows,
-                                            max(_SCRATCH_MIN, n * dch * dt.itemsize))
+        budget = max(_SCRATCH_MIN, n * dch * dt.itemsize) * (1 + _BUDGET_SLACK)
+        self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows, budget)
         sb, W, nblk = self.sb, self.W, self.nblk
         given = edge_rule == "given"
         self.ub, self.dxb = np.empty(nblk * n * W, dt), np.empty(nblk * n * W, dt)
@@ -1004,6 +1038,26 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     states = _params_from_blocks(statesb[:nblk * k * s * W], d, s, nblk, W, (k,))
     return (torch.from_numpy(y), torch.from_numpy(mu), torch.from_numpy(m2),
             torch.from_numpy(states))
+
+
+def normalised_readout(y1, mu, m2, C, gamma, beta, u, D, eps: float) -> torch.Tensor:
+    r"""``y = rstd (y1 - mu C g^T) + C b^T + D u`` per vertex, ``rstd = (m2 / (D S) +
+    eps)^{-1/2}``: the read-out of the normalised states from :func:`forward`'s ``y1``,
+    ``mu``, ``m2`` (``g`` is ``gamma``, 1 when absent; ``b`` is ``beta``, 0 when absent;
+    no skip when ``D`` is ``None``), in one pass over the rows."""
+    n, d = y1.shape
+    s = C.shape[1]
+    dt = _np(y1).dtype
+    y = np.empty((n, d), dt)
+    if n:
+        none = np.zeros((1, 1), dt)
+        gT = np.ascontiguousarray(_np(gamma).T) if gamma is not None else none
+        bT = np.ascontiguousarray(_np(beta).T) if beta is not None else none
+        skip = _np(D) if D is not None else none[0]
+        _over_positions(_readout_rows, n, _np(y1), _np(mu), _np(m2), _np(C), gT, bT, _np(u),
+                        skip, dt.type(eps), dt.type(d * s), gamma is not None,
+                        beta is not None, D is not None, y)
+    return torch.from_numpy(y)
 
 
 def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent,
