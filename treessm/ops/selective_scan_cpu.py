@@ -56,7 +56,6 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 __all__ = ["forward", "backward", "normalised_readout", "EDGE_RULES"]
@@ -130,27 +129,12 @@ def _exp_overload(x):
 
 
 # ---------------------------------------------------------------------------- argument bundles
-@intrinsic
-def _borrowed(typingctx, arr):
-    """A view of ``arr`` that holds no reference to its memory (a null meminfo): numba
-    counts references to every array taken out of a tuple or passed to an inlined
-    function, with an atomic operation each, dozens per vertex in the passes below. The
-    views live inside one call of a worker, whose arguments keep the memory alive."""
-    def codegen(context, builder, signature, args):
-        view = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0])
-        view.meminfo = cgutils.get_null_value(view.meminfo.type)
-        return view._getvalue()
-
-    return arr(arr), codegen
-
-
-
 # Built inside the parallel drivers (numba drops writes through tuples that a parallel
 # function receives as arguments) and handed to the per-item functions.
 _Dims = namedtuple("_Dims", "N S W Sb L nblk T K maxn mode edge_mode has_gamma has_h0 "
                             "moments has_gstates maxdeg")
 # consts: [1/2, D * S]
-_Inputs = namedtuple("_Inputs", "ub dxb deb ab bp cp gb h0b counts consts")
+_Inputs = namedtuple("_Inputs", "ub dxb deb ab bp cp gb h0b inv_counts consts")
 _Layout = namedtuple("_Layout", "ppos child_ptr tree_ptr groups srow snext")
 _Outputs = namedtuple("_Outputs", "y1b meanb m2b statesb")
 _GradIn = namedtuple("_GradIn", "gy1b gmu gm2 gstatesb mu")
@@ -280,12 +264,12 @@ def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
                 out.y1b[iu + dd] += c * h[oh + o + dd]
     if d.moments:  # Welford's update per channel, one state after the other
         for sl in range(sb):
-            cnt = inp.counts[s0 + sl]
+            inv = inp.inv_counts[s0 + sl]  # 1 / (states so far), a product in the lane loop
             o = oh + sl * W
             for dd in range(W):
                 v = h[o + dd]
                 d1 = v - out.meanb[iu + dd]
-                m = out.meanb[iu + dd] + d1 / cnt
+                m = out.meanb[iu + dd] + d1 * inv
                 out.meanb[iu + dd] = m
                 out.m2b[iu + dd] += d1 * (v - m)
     r = lay.srow[i]
@@ -297,7 +281,11 @@ def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
 
 
 # ---------------------------------------------------------------------------- passes
-@njit(cache=True, fastmath={"contract"})
+# The passes and the per-item drivers allocate nothing and are compiled without numba's
+# reference counting (``_nrt=False``): with it, every array taken out of an argument tuple
+# or handed to an inlined helper was counted with an atomic operation, dozens of times per
+# vertex, which took more time than the arithmetic of 128 lanes.
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _up(buf, oH, oW, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     """Leaves first: ``H = up(x)`` in buffer ``oH``, each non-root's ``w`` in ``oW``."""
     L, n = d.L, sb * d.W
@@ -315,7 +303,7 @@ def _up(buf, oH, oW, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
             _w(buf, oW + U(i - ga) * L, inp, d, iu, ip, ia, sb)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
     """Roots first: ``H = down(x)`` in buffer ``oH``; an incoming state ``h0[t]`` enters the
     root through the root's own edge weight."""
@@ -344,7 +332,7 @@ def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
             _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _up_pull(buf, oH, tw, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     """Leaves first: ``H = up(x)`` in buffer ``oH``, one row per vertex: each child's ``w``
     is formed (in the temporary row ``tw``) as the child is added to its parent."""
@@ -363,7 +351,7 @@ def _up_pull(buf, oH, tw, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
             _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
     """Roots first, after :func:`_up_pull`, in the same rows: ``h = up + out`` read out,
     ``out[v] = w[v] Br[v]``, ``Br[v] = out[p] + x[p] + (w up summed over v's siblings)``.
@@ -413,7 +401,7 @@ def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
 
 
 # ---------------------------------------------------------------------------- gradient helpers
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _grad_h(dst, do, h, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, readout):
     """``dL/dh`` of position ``i`` into ``dst[do:]`` given its states ``h[oh:]``; with
     ``readout`` also the gradients of ``C`` and ``g`` (read-out weight) it owes."""
@@ -457,7 +445,7 @@ def _grad_h(dst, do, h, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl
             gr.gcp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
     """Accumulate what ``dL/dx = G[og:]`` at position ``i`` owes: ``sum_s G B`` (from which
     the gradients of ``u`` and ``dx`` follow) and the gradient of ``B``."""
@@ -475,7 +463,7 @@ def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
         gr.gbp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _grad_w(gw, ogw, w, ow, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl):
     """Accumulate what ``dL/dw = gw[ogw:]`` of position ``i``'s edge owes to its step and
     to ``A`` (``dw = w A dde + w de dA``); the step's gradient goes where the step came
@@ -502,7 +490,7 @@ def _grad_w(gw, ogw, w, ow, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl):
 
 
 # ---------------------------------------------------------------------------- backward passes
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, d, out):
     # H = down(x), then leaves first G = up(dL/dh) written over H, dL/dw[v] = G[v] H[p]
     L, n = d.L, sb * d.W
@@ -536,7 +524,7 @@ def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, 
             _grad_w(buf, t2, buf, t1, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _backward_up(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, out):
     # H = up(x), then roots first G = down(dL/dh) written over H, dL/dw[v] = H[v] G[p]
     L, n = d.L, sb * d.W
@@ -560,7 +548,7 @@ def _backward_up(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, ou
         _grad_x(buf, oh, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, out):
     # Buffers: up(x), w, the bracket Br_x that out_x multiplies (out_x = w Br_x), dL/dh
     # turned into up(dL/dh) in place, out of dL/dh. Passes: up(x); roots first Br_x, h and
@@ -628,7 +616,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
 
 
 # ---------------------------------------------------------------------------- drivers
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _forward_item(buf, gi, blk, inp, lay, out, d):
     # rows: one per vertex of the group, then two per child of the largest family
     # (direction "both"), then the temporaries
@@ -649,21 +637,19 @@ def _forward_item(buf, gi, blk, inp, lay, out, d):
 
 
 @njit(cache=True, nogil=True)
-def _forward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts, ppos, child_ptr,
+def _forward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts, ppos, child_ptr,
                     tree_ptr, groups, srow, snext, y1b, meanb, m2b, statesb, scratch, dims):
     # the work items th, th + threads, ... (threads = rows of scratch), without the GIL
     d = _dims(dims)
-    b = _borrowed
-    inp = _Inputs(b(ub), b(dxb), b(deb), b(ab), b(bp), b(cp), b(gb), b(h0b), b(counts),
-                  b(consts))
-    lay = _Layout(b(ppos), b(child_ptr), b(tree_ptr), b(groups), b(srow), b(snext))
-    out = _Outputs(b(y1b), b(meanb), b(m2b), b(statesb))
+    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts)
+    lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
+    out = _Outputs(y1b, meanb, m2b, statesb)
     for j in range(th, (groups.shape[0] - 1) * dims[4], scratch.shape[0]):
         gi = j // dims[4]
-        _forward_item(b(scratch[th]), gi, U(j - gi * dims[4]), inp, lay, out, d)
+        _forward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, out, d)
 
 
-@njit(cache=True, fastmath={"contract"})
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _backward_item(buf, gi, blk, inp, lay, gin, gr, d, out):
     q = d.maxn * d.L
     ot = (U(5) if d.mode == 0 else U(2)) * q  # after the rows of _BUFFERS
@@ -683,20 +669,18 @@ def _backward_item(buf, gi, blk, inp, lay, gin, gr, d, out):
 
 
 @njit(cache=True, nogil=True)
-def _backward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, counts, consts, ppos, child_ptr,
+def _backward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts, ppos, child_ptr,
                      tree_ptr, groups, srow, snext, gy1b, gmu, gm2, gstatesb, mu, gxb, gdeb,
                      gbp, gcp, gap, ggp, gh0b, scratch, dims):
     d = _dims(dims)
-    b = _borrowed
-    inp = _Inputs(b(ub), b(dxb), b(deb), b(ab), b(bp), b(cp), b(gb), b(h0b), b(counts),
-                  b(consts))
-    lay = _Layout(b(ppos), b(child_ptr), b(tree_ptr), b(groups), b(srow), b(snext))
-    gin = _GradIn(b(gy1b), b(gmu), b(gm2), b(gstatesb), b(mu))
-    gr = _Grads(b(gxb), b(gdeb), b(gbp), b(gcp), b(gap), b(ggp), b(gh0b))
-    out = _Outputs(b(gxb[:1]), b(gxb[:1]), b(gxb[:1]), b(gxb[:1]))  # never written
+    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts)
+    lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
+    gin = _GradIn(gy1b, gmu, gm2, gstatesb, mu)
+    gr = _Grads(gxb, gdeb, gbp, gcp, gap, ggp, gh0b)
+    out = _Outputs(gxb[:1], gxb[:1], gxb[:1], gxb[:1])  # never written: no read-out
     for j in range(th, (groups.shape[0] - 1) * dims[4], scratch.shape[0]):
         gi = j // dims[4]
-        _backward_item(b(scratch[th]), gi, U(j - gi * dims[4]), inp, lay, gin, gr, d, out)
+        _backward_item(scratch[th], gi, U(j - gi * dims[4]), inp, lay, gin, gr, d, out)
 
 
 # ---------------------------------------------------------------------------- layout copies
@@ -979,7 +963,7 @@ class _Run:
                    else np.zeros(1, dt))
         self.h0b = (_params_to_blocks(_np(h0), nblk, W, (self.num_trees,)) if h0 is not None
                     else np.zeros(1, dt))
-        self.counts = np.arange(1, s + 1, dtype=dt)
+        self.inv_counts = (1 / np.arange(1, s + 1)).astype(dt)
         self.consts = np.array([0.5, dch * s], dt)
         self.srow = _np(srow)[self.order] if k else np.full(n, -1, np.int64)
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
@@ -1002,7 +986,7 @@ class _Run:
 
     def kernel_args(self):
         return (self.ub, self.dxb, self.deb, self.ab, self.bp, self.cp, self.gb, self.h0b,
-                self.counts, self.consts, self.ppos, self.child_ptr, self.tree_ptr, self.groups,
+                self.inv_counts, self.consts, self.ppos, self.child_ptr, self.tree_ptr, self.groups,
                 self.srow, self.snext)
 
 
