@@ -401,7 +401,7 @@ def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
 
 
 # ---------------------------------------------------------------------------- gradient helpers
-@njit(cache=True, fastmath={"contract"}, _nrt=False)
+@njit(inline="always")
 def _grad_h(dst, do, h, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, readout):
     """``dL/dh`` of position ``i`` into ``dst[do:]`` given its states ``h[oh:]``; with
     ``readout`` also the gradients of ``C`` and ``g`` (read-out weight) it owes."""
@@ -445,7 +445,7 @@ def _grad_h(dst, do, h, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl
             gr.gcp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
-@njit(cache=True, fastmath={"contract"}, _nrt=False)
+@njit(inline="always")
 def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
     """Accumulate what ``dL/dx = G[og:]`` at position ``i`` owes: ``sum_s G B`` (from which
     the gradients of ``u`` and ``dx`` follow) and the gradient of ``B``."""
@@ -463,7 +463,7 @@ def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
         gr.gbp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
-@njit(cache=True, fastmath={"contract"}, _nrt=False)
+@njit(inline="always")
 def _grad_w(gw, ogw, w, ow, i, a, gi, blk, s0, sb, inp, lay, gr, d, buf, tl):
     """Accumulate what ``dL/dw = gw[ogw:]`` of position ``i``'s edge owes to its step and
     to ``A`` (``dw = w A dde + w de dA``); the step's gradient goes where the step came
