@@ -178,8 +178,9 @@ def test_fused_norm_states_and_initial_state(direction):
     assert states.shape == (4, 19, 5) and torch.equal(states[0], states[3])
 
 
-def test_fused_norm_without_affine():
-    tree, leaves, kw = _problem(random_forest(20, 1, _gen(10)), d=6, s=2)
+@pytest.mark.parametrize("skip", [True, False])
+def test_fused_norm_without_affine(skip):
+    tree, leaves, kw = _problem(random_forest(20, 1, _gen(10)), d=6, s=2, skip=skip)
     kw["state_norm"] = True
     want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
     got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree, leaves, kw)

@@ -18,12 +18,15 @@ holding ``h`` for all vertices and states at once. The step ``de`` of the edge
 
 Layout. The inputs are first copied into *breadth-first position order* and cut into blocks
 of ``W`` channels (a multiple of 128 bytes: 32 float32 or 16 float64), the last one padded
-with inert channels (``u = dx = de = A = 0``). A work item is one block of channels over one group of
-whole trees; inside it the states are taken in chunks of ``Sb``, and for each chunk the
-passes below run over the group's trees with the ``Sb * W`` lanes of a vertex as the
-vectorised inner loop. Each thread owns a scratch buffer of a few ``[group size, Sb * W]``
-rows, reused from item to item and kept within a memory budget (``Sb`` shrinks for large
-trees): that and arrays of ``[N, D]`` or ``[N, S]`` entries are all the kernels allocate.
+with inert channels (``u = dx = de = A = 0``). A work item is one block of channels over one
+group of whole trees; inside it the states are taken in chunks of ``Sb``, and for each chunk
+the passes below run over the group's trees with the ``Sb * W`` lanes of a vertex as the
+vectorised inner loop. Each thread owns a scratch buffer of rows of ``Sb * W`` lanes, reused
+from item to item and kept within a memory budget of about one ``[N, D]`` array (``Sb``
+shrinks for large trees): one row per vertex of the group in the forward pass (``w`` is
+formed again where it is needed rather than stored), up to five in the backward, plus two
+per child of the largest family for the sibling sums of ``both``. That and arrays of
+``[N, D]`` or ``[N, S]`` entries are all the kernels allocate.
 
 Passes (``docs/concepts.md``), over breadth-first positions, roots first or leaves first:
 
@@ -33,7 +36,8 @@ Passes (``docs/concepts.md``), over breadth-first positions, roots first or leav
   ``dL/dw[v] = h[v] G[p]``;
 * ``both``: ``up``, then ``out[v] = w[v] (out[p] + x[p] + sum of w[s] up[s] over v's
   siblings s)`` with the sibling sums formed from prefix and suffix sums over the parent's
-  children (never a total minus one's own term), ``h = up + out``; backward (self-adjoint):
+  children (never a total minus one's own term), ``h = up + out``; in the forward pass a
+  vertex's row holds ``up`` until its family is done, then ``out + x``; backward (self-adjoint):
   the same two passes over ``dL/dh``, and ``dL/dw[v] = up_x[v] Br_g[v] + up_g[v] Br_x[v]``
   with ``Br`` the bracket that ``out[v]`` multiplies by ``w[v]``.
 
