@@ -368,8 +368,14 @@ def _readout_setup_context(ctx, inputs, output):
 
 def _readout_backward(ctx, gy):
     # the derivative of _readout_reference, written out (autograd would keep its
-    # temporaries alive from the forward)
+    # temporaries alive from the forward); on the CPU in one pass over the rows
     y1, mu, m2, C, weight, bias, u, D = ctx.saved_tensors
+    if y1.device.type == "cpu":
+        g = torch.ops.treessm.normalised_readout_backward(gy.contiguous(), y1, mu, m2, C,
+                                                          weight, bias, u, D, ctx.eps)
+        present = lambda t, grad: None if t is None else grad  # noqa: E731
+        return (g[0], g[1], g[2], g[3], present(weight, g[4]), present(bias, g[5]),
+                present(D, g[6]), present(D, g[7]), None)
     d, s = y1.shape[1], C.shape[1]
     rstd = torch.rsqrt(m2 / (d * s) + ctx.eps)
     cg = C @ weight.t() if weight is not None else C.sum(1, keepdim=True)
@@ -393,6 +399,22 @@ def _readout_backward(ctx, gy):
 
 
 _readout_op.register_autograd(_readout_backward, setup_context=_readout_setup_context)
+
+
+@torch.library.custom_op("treessm::normalised_readout_backward", mutates_args=())
+def _readout_backward_op(gy: Tensor, y1: Tensor, mu: Tensor, m2: Tensor, C: Tensor,
+                         weight: Optional[Tensor], bias: Optional[Tensor], u: Tensor,
+                         D: Optional[Tensor], eps: float) -> List[Tensor]:
+    grads = selective_scan_cpu.normalised_readout_backward(gy, y1, mu, m2, C, weight, bias, u,
+                                                           D, eps)
+    return [u.new_empty(0) if g is None else g for g in grads]
+
+
+@_readout_backward_op.register_fake
+def _(gy, y1, mu, m2, C, weight, bias, u, D, eps):
+    like = lambda t: u.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
+    return [like(y1), like(mu), like(m2), like(C), like(weight), like(bias),
+            like(u) if D is not None else u.new_empty(0), like(D)]
 
 
 def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step, *,

@@ -62,7 +62,8 @@ from llvmlite import ir
 from numba import get_num_threads, njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["forward", "backward", "normalised_readout", "EDGE_RULES"]
+__all__ = ["forward", "backward", "normalised_readout", "normalised_readout_backward",
+           "EDGE_RULES"]
 
 #: How the step of the edge (v, parent(v)) is formed.
 EDGE_RULES = ("child", "mean", "given")
@@ -829,6 +830,60 @@ def _readout_rows(i0, i1, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b,
                 y[v, j] = r * (y1[v, j] - m * cg[j]) + cb[j]
 
 
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _readout_grad_rows(c0, c1, rows, gy, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b,
+                       has_d, g_y1, g_mu, g_m2, g_C, g_u, pw, pb, pd):
+    # the derivative of _readout_rows over the row chunks [c0, c1) of ``rows`` rows each;
+    # the sums over vertices (weight, bias, skip) per chunk, in row order
+    n, d = y1.shape
+    s = C.shape[1]
+    cg = np.empty(d, y1.dtype)
+    gcg = np.empty(d, y1.dtype)
+    for c in range(c0, c1):
+        for v in range(c * rows, min((c + 1) * rows, n)):
+            r = 1 / math.sqrt(m2[v] / count + eps)
+            m = mu[v]
+            cg[:] = 0
+            for k in range(s):
+                ck = C[v, k]
+                if has_g:
+                    for j in range(d):
+                        cg[j] += ck * gT[k, j]
+                else:
+                    for j in range(d):
+                        cg[j] += ck
+            acc_r = y1.dtype.type(0)
+            acc_mu = y1.dtype.type(0)
+            for j in range(d):
+                g = gy[v, j]
+                gr = g * r
+                g_y1[v, j] = gr
+                acc_r += g * (y1[v, j] - m * cg[j])
+                acc_mu += gr * cg[j]
+                gcg[j] = -(gr * m)
+            g_m2[v] = acc_r * (-0.5 / count) * (r * r * r)
+            g_mu[v] = -acc_mu
+            for k in range(s):
+                ck = C[v, k]
+                acc = y1.dtype.type(0)
+                if has_g:
+                    for j in range(d):
+                        acc += gcg[j] * gT[k, j]
+                        pw[c, k, j] += gcg[j] * ck
+                else:
+                    for j in range(d):
+                        acc += gcg[j]
+                if has_b:
+                    for j in range(d):
+                        acc += gy[v, j] * bT[k, j]
+                        pb[c, k, j] += gy[v, j] * ck
+                g_C[v, k] = acc
+            if has_d:
+                for j in range(d):
+                    g_u[v, j] = gy[v, j] * D[j]
+                    pd[c, j] += gy[v, j] * u[v, j]
+
+
 # ---------------------------------------------------------------------------- threads
 _pools = {}
 
@@ -1046,6 +1101,46 @@ def normalised_readout(y1, mu, m2, C, gamma, beta, u, D, eps: float) -> torch.Te
                         skip, dt.type(eps), dt.type(d * s), gamma is not None,
                         beta is not None, D is not None, y)
     return torch.from_numpy(y)
+
+
+def normalised_readout_backward(gy, y1, mu, m2, C, gamma, beta, u, D, eps: float):
+    """Gradients of :func:`normalised_readout` with respect to ``y1, mu, m2, C, gamma,
+    beta, u, D`` (``None`` for an absent argument): one pass over the rows; the sums over
+    vertices run over fixed chunks of rows, each in row order, then over the chunks in
+    order (the same bits with any number of threads)."""
+    n, d = y1.shape
+    s = C.shape[1]
+    dt = _np(y1).dtype
+    none = np.zeros((1, 1), dt)
+    rows = 4096
+    chunks = -(-n // rows)
+    g_y1, g_u = np.zeros((n, d), dt), np.zeros((n, d) if D is not None else (0, d), dt)
+    g_mu, g_m2, g_C = np.zeros(n, dt), np.zeros(n, dt), np.zeros((n, s), dt)
+    pw = np.zeros((chunks, s, d) if gamma is not None else (1, 1, 1), dt)
+    pb = np.zeros((chunks, s, d) if beta is not None else (1, 1, 1), dt)
+    pd = np.zeros((chunks, d) if D is not None else (1, 1), dt)
+    if n:
+        gT = np.ascontiguousarray(_np(gamma).T) if gamma is not None else none
+        bT = np.ascontiguousarray(_np(beta).T) if beta is not None else none
+        skip = _np(D) if D is not None else none[0]
+        threads = max(1, min(_threads(), chunks))
+        bounds = np.linspace(0, chunks, threads + 1).astype(np.int64)
+        _on_threads(lambda th: _readout_grad_rows(
+            bounds[th], bounds[th + 1], rows, _np(gy), _np(y1), _np(mu), _np(m2), _np(C), gT,
+            bT, _np(u), skip, dt.type(eps), dt.type(d * s), gamma is not None, beta is not None,
+            D is not None, g_y1, g_mu, g_m2, g_C, g_u, pw, pb, pd), threads)
+
+    def over_chunks(p):  # summed over the chunks in ascending order
+        acc = p[0].copy()
+        for j in range(1, p.shape[0]):
+            acc += p[j]
+        return acc
+
+    t = torch.from_numpy
+    return (t(g_y1), t(g_mu), t(g_m2), t(g_C),
+            t(np.ascontiguousarray(over_chunks(pw).T)) if gamma is not None else None,
+            t(np.ascontiguousarray(over_chunks(pb).T)) if beta is not None else None,
+            t(g_u) if D is not None else None, t(over_chunks(pd)) if D is not None else None)
 
 
 def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent,
