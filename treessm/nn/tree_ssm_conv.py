@@ -48,7 +48,7 @@ class _NeighbourMean(torch.autograd.Function):
     def forward(ctx, u: Tensor, adjacency: Tensor, inv_degree: Tensor) -> Tensor:
         ctx.adjacency = adjacency
         ctx.save_for_backward(inv_degree)
-        return (adjacency @ u) * inv_degree.unsqueeze(1)
+        return (adjacency @ u).mul_(inv_degree.unsqueeze(1))  # no second [N, C] array
 
     @staticmethod
     @once_differentiable
@@ -211,8 +211,9 @@ class TreeSSMConv(SelectiveTreeSSM):
         """Inner features ``u`` (projection, neighbourhood mixing, SiLU) and the gate ``z``,
         both ``[N, d_inner]``, over a :class:`~treessm.PreparedGraph`."""
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        if self.self_weight is not None:
-            u = self.self_weight * u + self.neighbour_weight * neighbour_mean(u, graph)
+        if self.self_weight is not None:  # a u + b mean(u) in two [N, d_inner] arrays, not three
+            u = torch.addcmul(self.self_weight * u, self.neighbour_weight,
+                              neighbour_mean(u, graph))
         return F.silu(u), z
 
     @torch.no_grad()
