@@ -19,8 +19,10 @@ of its own). Shapes:
   d_inner 160, d_state 1, ``both``, state normalisation.
 
 Then ``TreeSSMConv(64, 64)`` against ``GCNConv(64, 64)`` at 10^5 vertices, forward and
-forward + backward, with ``benchmarks/graph.py``'s layer timer (the ratio that the layer
-targets: at most 3x forward). Results: ``benchmarks/results/selective_scan_cpu.json``.
+forward + backward, with ``benchmarks/graph.py``'s layer timer (one thread per process; the
+ratio that the layer targets: at most 3x forward), and the forward of each layer cut into
+its parts (``layer_parts``: one thread, processor time, medians), which shows where the
+layer's time goes. Results: ``benchmarks/results/selective_scan_cpu.json``.
 
     python benchmarks/selective_scan_cpu.py             # about 5 minutes on 2 cores
     python benchmarks/selective_scan_cpu.py --quick     # tiny shapes: checks the script
@@ -140,6 +142,48 @@ def measure(name, path, repeats, quick):
     return row
 
 
+def layer_parts(n, repeats):
+    """Forward processor time of the parts of ``TreeSSMConv(64, 64)`` and ``GCNConv(64,
+    64)`` on graph.py's random graph of ``n`` vertices (one thread, as graph.py times)."""
+    import numba
+    from torch_geometric.nn import GCNConv
+
+    from treessm.topology.graph import check_graph
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, ei = torch.randn(n, 64, generator=g), torch.randint(0, n, (2, 5 * n), generator=g)
+    torch.manual_seed(0)
+    conv, gcn = treessm.nn.TreeSSMConv(64, 64), GCNConv(64, 64)
+    treessm.prepare_graph(ei, n)
+
+    def ms(fn):
+        return _median_times(fn, repeats)[0]
+
+    row = {}
+    with torch.no_grad():
+        row["tree_ssm_conv_ms"] = ms(lambda: conv(x, ei))
+        graph, _ = check_graph(x, ei, None, None, edge_weight=None, reduce="mean")
+        row["graph_check_ms"] = ms(lambda: check_graph(x, ei, None, None, edge_weight=None,
+                                                       reduce="mean"))
+        u, z = conv.project_in(x, graph)
+        row["project_in_ms"] = ms(lambda: conv.project_in(x, graph))
+        row["in_proj_ms"] = ms(lambda: conv.in_proj(x))
+        row["neighbour_mean_ms"] = ms(lambda: treessm.nn.tree_ssm_conv.neighbour_mean(u, graph))
+        tree = conv.scan_tree(x, u, graph)
+        row["spanning_forest_ms"] = ms(lambda: conv.scan_tree(x, u, graph))
+        y = conv.selective_scan(u, tree)
+        row["selective_scan_ms"] = ms(lambda: conv.selective_scan(u, tree))
+        row["ssm_inputs_ms"] = ms(lambda: conv.ssm_inputs(u))
+        row["project_out_ms"] = ms(lambda: conv.project_out(y, z))
+        row["gcn_conv_ms"] = ms(lambda: gcn(x, ei))
+        row["gcn_linear_ms"] = ms(lambda: gcn.lin(x))
+        h = torch.randn(n, 128, generator=g)
+        row["copy_n_by_128_ms"] = ms(lambda: h.clone())
+    return row
+
+
 def _in_process(args):
     cmd = [sys.executable] + args
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -152,7 +196,11 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.parts:  # the layers' parts in a process of their own
+        print(json.dumps(layer_parts(args.parts, args.repeats)))
+        return 0
     if args.measure:  # one measurement in a process of its own (peak memory)
         print(json.dumps(measure(*args.measure, args.repeats, args.quick)))
         return 0
@@ -184,6 +232,10 @@ def main(argv=None):
           f"{result['layer']['forward_ratio']:.1f}x, forward+backward "
           f"{t['forward_backward_ms']:.0f} / {g['forward_backward_ms']:.0f} ms = "
           f"{result['layer']['forward_backward_ratio']:.1f}x")
+    parts = _in_process([__file__, "--parts", str(n), "--repeats", str(args.repeats)])
+    result["layer_parts"] = dict(vertices=n, edges=5 * n, threads=1, **parts)
+    print("forward parts, one thread (ms): " + ", ".join(
+        f"{k[:-3]} {v:.0f}" for k, v in parts.items()))
     out = Path(args.out) if args.out else RESULTS / "selective_scan_cpu.json"
     if not args.quick or args.out:
         out.parent.mkdir(parents=True, exist_ok=True)
