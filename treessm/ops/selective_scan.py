@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import register_flop_formula
 
 from .._checks import check_bool, check_choice, check_number
 from ..tree import Tree
@@ -401,6 +402,18 @@ def _readout_backward(ctx, gy):
 _readout_op.register_autograd(_readout_backward, setup_context=_readout_setup_context)
 
 
+def _readout_products(C_shape, weight_shape, bias_shape) -> int:
+    # the [N, S] x [S, D] products with the weight and the bias, as FlopCounterMode counts a
+    # matrix product (two per multiply-accumulate)
+    n, s = C_shape
+    return sum(2 * n * s * p[0] for p in (weight_shape, bias_shape) if p is not None)
+
+
+@register_flop_formula(torch.ops.treessm.normalised_readout)
+def _(y1_shape, mu_shape, m2_shape, C_shape, weight_shape, bias_shape, *args, **kwargs) -> int:
+    return _readout_products(C_shape, weight_shape, bias_shape)
+
+
 @torch.library.custom_op("treessm::normalised_readout_backward", mutates_args=())
 def _readout_backward_op(gy: Tensor, y1: Tensor, mu: Tensor, m2: Tensor, C: Tensor,
                          weight: Optional[Tensor], bias: Optional[Tensor], u: Tensor,
@@ -408,6 +421,12 @@ def _readout_backward_op(gy: Tensor, y1: Tensor, mu: Tensor, m2: Tensor, C: Tens
     grads = selective_scan_cpu.normalised_readout_backward(gy, y1, mu, m2, C, weight, bias, u,
                                                            D, eps)
     return [u.new_empty(0) if g is None else g for g in grads]
+
+
+@register_flop_formula(torch.ops.treessm.normalised_readout_backward)
+def _(gy_shape, y1_shape, mu_shape, m2_shape, C_shape, weight_shape, bias_shape, *args,
+      **kwargs) -> int:
+    return 2 * _readout_products(C_shape, weight_shape, bias_shape)  # data and parameters
 
 
 @_readout_backward_op.register_fake
