@@ -799,29 +799,32 @@ def _sum_blocks_to_rows(i0, i1, src, order, nblk, dst):
             dst[v, j] = acc
 
 
+@njit(inline="always")
+def _row_products(C, v, pT, has_p, acc):
+    # acc[j] = sum_k C[v, k] pT[k, j], with pT all ones when absent
+    acc[:] = 0
+    for k in range(C.shape[1]):
+        c = C[v, k]
+        if has_p:
+            for j in range(acc.shape[0]):
+                acc[j] += c * pT[k, j]
+        else:
+            for j in range(acc.shape[0]):
+                acc[j] += c
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def _readout_rows(i0, i1, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b, has_d, y):
     # y[v] = rstd (y1[v] - mu[v] C[v] g^T) + C[v] b^T + D u[v] in one pass over the rows
     d = y1.shape[1]
-    s = C.shape[1]
     cg = np.empty(d, y1.dtype)
-    cb = np.empty(d, y1.dtype)
+    cb = np.zeros(d, y1.dtype)
     for v in range(i0, i1):
         r = 1 / math.sqrt(m2[v] / count + eps)
         m = mu[v]
-        cg[:] = 0
-        cb[:] = 0
-        for k in range(s):
-            c = C[v, k]
-            if has_g:
-                for j in range(d):
-                    cg[j] += c * gT[k, j]
-            else:
-                for j in range(d):
-                    cg[j] += c
-            if has_b:
-                for j in range(d):
-                    cb[j] += c * bT[k, j]
+        _row_products(C, v, gT, has_g, cg)
+        if has_b:
+            _row_products(C, v, bT, True, cb)
         if has_d:
             for j in range(d):
                 y[v, j] = r * (y1[v, j] - m * cg[j]) + cb[j] + D[j] * u[v, j]
@@ -843,15 +846,7 @@ def _readout_grad_rows(c0, c1, rows, gy, y1, mu, m2, C, gT, bT, u, D, eps, count
         for v in range(c * rows, min((c + 1) * rows, n)):
             r = 1 / math.sqrt(m2[v] / count + eps)
             m = mu[v]
-            cg[:] = 0
-            for k in range(s):
-                ck = C[v, k]
-                if has_g:
-                    for j in range(d):
-                        cg[j] += ck * gT[k, j]
-                else:
-                    for j in range(d):
-                        cg[j] += ck
+            _row_products(C, v, gT, has_g, cg)
             acc_r = y1.dtype.type(0)
             acc_mu = y1.dtype.type(0)
             for j in range(d):
