@@ -187,6 +187,35 @@ def test_fused_norm_without_affine(skip):
     _assert_same(got, want)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalised_readout_kernels_and_torch_formulas(affine):
+    # the read-out of normalised states: numba's forward and backward and the written-out
+    # torch derivative (the path of other devices) against autograd of the torch formula
+    from treessm.ops.selective_scan import (_readout_backward_reference, _readout_reference,
+                                            selective_scan_cpu)
+    g = _gen(30)
+    n, d, s = 9, 5, 3
+    t = [torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, generator=g,
+         dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64) * 20,
+         torch.randn(n, s, generator=g, dtype=torch.float64)]
+    t += [torch.randn(d, s, generator=g, dtype=torch.float64) if affine else None] * 2
+    t += [torch.randn(n, d, generator=g, dtype=torch.float64),
+          torch.randn(d, generator=g, dtype=torch.float64) if affine else None]
+    leaves = [None if v is None else v.clone().requires_grad_() for v in t]
+    want = _readout_reference(*leaves, 1e-5)
+    gy = torch.randn(n, d, generator=g, dtype=torch.float64)
+    present = [v for v in leaves if v is not None]
+    want_grads = iter(torch.autograd.grad(want, present, gy, allow_unused=True))
+    want_grads = [None if v is None else next(want_grads) for v in leaves]
+    torch.testing.assert_close(selective_scan_cpu.normalised_readout(*t, 1e-5), want.detach())
+    for got in (selective_scan_cpu.normalised_readout_backward(gy, *t, 1e-5),
+                _readout_backward_reference(gy, *t, 1e-5)):
+        for a, b in zip(got, want_grads):
+            assert (a is None) == (b is None)
+            if b is not None:
+                torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_float32_many_states_deep_chain(direction):
     # nine states run in chunks; a chain of 150 and a bushy tree; float32 against float64

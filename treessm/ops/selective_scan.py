@@ -377,8 +377,14 @@ def _readout_backward(ctx, gy):
         present = lambda t, grad: None if t is None else grad  # noqa: E731
         return (g[0], g[1], g[2], g[3], present(weight, g[4]), present(bias, g[5]),
                 present(D, g[6]), present(D, g[7]), None)
+    return _readout_backward_reference(gy, y1, mu, m2, C, weight, bias, u, D, ctx.eps) + (None,)
+
+
+def _readout_backward_reference(gy, y1, mu, m2, C, weight, bias, u, D, eps):
+    """Gradients of :func:`_readout_reference` for ``y1, mu, m2, C, weight, bias, u, D``
+    (``None`` for absent arguments), in torch."""
     d, s = y1.shape[1], C.shape[1]
-    rstd = torch.rsqrt(m2 / (d * s) + ctx.eps)
+    rstd = torch.rsqrt(m2 / (d * s) + eps)
     cg = C @ weight.t() if weight is not None else C.sum(1, keepdim=True)
     g_y1 = gy * rstd.unsqueeze(1)
     g_rstd = (gy * (y1 - mu.unsqueeze(1) * cg)).sum(1)
@@ -396,7 +402,7 @@ def _readout_backward(ctx, gy):
     g_u = g_D = None
     if D is not None:
         g_u, g_D = gy * D, (gy * u).sum(0)
-    return g_y1, g_mu, g_m2, g_C, g_w, g_b, g_u, g_D, None
+    return g_y1, g_mu, g_m2, g_C, g_w, g_b, g_u, g_D
 
 
 _readout_op.register_autograd(_readout_backward, setup_context=_readout_setup_context)
