@@ -693,69 +693,72 @@ def _backward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts, 
 # positions among threads.
 
 @njit(cache=True, nogil=True)
-def _to_positions(i0, i1, u, dx, de, has_de, B, C, order, nblk, W, ub, dxb, deb, bp, cp):
-    # ub[blk, i, dd] = u[order[i], blk * W + dd] (zero past the last channel), likewise dx
-    # and de; bp[i] = B[order[i]], cp[i] = C[order[i]]
-    n, c = u.shape
-    s = B.shape[1]
+def _rows_to_positions(i0, i1, x, order, xp):
+    # xp[i] = x[order[i]] for rows of a few entries (B, C)
+    s = x.shape[1]
     for i in range(i0, i1):
         v = order[i]
-        for blk in range(nblk):
-            o = (blk * n + i) * W
-            for dd in range(W):
-                ch = blk * W + dd
-                inside = ch < c
-                ub[o + dd] = u[v, ch] if inside else 0
-                dxb[o + dd] = dx[v, ch] if inside else 0
-                if has_de:
-                    deb[o + dd] = de[v, ch] if inside else 0
         for j in range(s):
-            bp[i * s + j] = B[v, j]
-            cp[i * s + j] = C[v, j]
+            xp[i * s + j] = x[v, j]
 
 
 @njit(cache=True, nogil=True)
 def _rows_to_blocks(i0, i1, x, order, nblk, W, xb):
-    n, c = x.shape
+    # xb[blk, i, dd] = x[order[i], blk * W + dd], zero past the last channel (flat, unsigned
+    # offsets and no branch inside the lane loops: they vectorise)
+    n, c = U(x.shape[0]), U(x.shape[1])
+    xf = x.reshape(-1)
+    Wu = U(W)
     for i in range(i0, i1):
-        v = order[i]
-        for blk in range(nblk):
-            o = (blk * n + i) * W
-            for dd in range(W):
-                ch = blk * W + dd
-                xb[o + dd] = x[v, ch] if ch < c else 0
+        src = U(order[i]) * c
+        for blk in range(U(nblk)):
+            o = (blk * n + U(i)) * Wu
+            c0 = blk * Wu
+            m = min(Wu, c - c0)
+            for dd in range(m):
+                xb[o + dd] = xf[src + c0 + dd]
+            for dd in range(m, Wu):
+                xb[o + dd] = 0
 
 
 @njit(cache=True, nogil=True)
 def _from_blocks(i0, i1, src, order, nblk, W, dst):
     # dst[order[i], blk * W + dd] = src[blk, i, dd] for the real channels
-    n, c = dst.shape
+    n, c = U(dst.shape[0]), U(dst.shape[1])
+    df = dst.reshape(-1)
+    Wu = U(W)
     for i in range(i0, i1):
-        v = order[i]
-        for blk in range(nblk):
-            o = (blk * n + i) * W
-            for dd in range(min(W, c - blk * W)):
-                dst[v, blk * W + dd] = src[o + dd]
+        row = U(order[i]) * c
+        for blk in range(U(nblk)):
+            o = (blk * n + U(i)) * Wu
+            c0 = blk * Wu
+            for dd in range(min(Wu, c - c0)):
+                df[row + c0 + dd] = src[o + dd]
 
 
 @njit(cache=True, nogil=True)
 def _input_grads(i0, i1, gxb, gdeb, ub, dxb, order, nblk, W, edge_on_dx, gu, gdx, gde):
     # gu = (sum_s G B) dx, gdx = (sum_s G B) u (+ the edge steps' gradient when they are
-    # formed from dx), gde = the given edge steps' gradient; back in vertex order
-    n, c = gu.shape
+    # formed from dx), gde = the given edge steps' gradient; back in vertex order (flat,
+    # unsigned offsets, the rule's branch outside the lane loops)
+    n, c = U(gu.shape[0]), U(gu.shape[1])
+    guf, gdxf, gdef = gu.reshape(-1), gdx.reshape(-1), gde.reshape(-1)
+    Wu = U(W)
     for i in range(i0, i1):
-        v = order[i]
-        for blk in range(nblk):
-            o = (blk * n + i) * W
-            for dd in range(min(W, c - blk * W)):
-                g = gxb[o + dd]
-                ch = blk * W + dd
-                gu[v, ch] = g * dxb[o + dd]
-                if edge_on_dx:
-                    gdx[v, ch] = g * ub[o + dd] + gdeb[o + dd]
-                else:
-                    gdx[v, ch] = g * ub[o + dd]
-                    gde[v, ch] = gdeb[o + dd]
+        row = U(order[i]) * c
+        for blk in range(U(nblk)):
+            o = (blk * n + U(i)) * Wu
+            r = row + blk * Wu
+            m = min(Wu, c - blk * Wu)
+            for dd in range(m):
+                guf[r + dd] = gxb[o + dd] * dxb[o + dd]
+            if edge_on_dx:
+                for dd in range(m):
+                    gdxf[r + dd] = gxb[o + dd] * ub[o + dd] + gdeb[o + dd]
+            else:
+                for dd in range(m):
+                    gdxf[r + dd] = gxb[o + dd] * ub[o + dd]
+                    gdef[r + dd] = gdeb[o + dd]
 
 
 @njit(cache=True, nogil=True)
@@ -1009,9 +1012,10 @@ class _Run:
         self.deb = np.empty(nblk * n * W if given else 1, dt)
         self.bp, self.cp = np.empty(n * s, dt), np.empty(n * s, dt)
         if n:
-            _over_positions(_to_positions, n, _np(u), _np(dx), _np(de) if given else _np(u),
-                            given, _np(B), _np(C), self.order, nblk, W, self.ub, self.dxb,
-                            self.deb, self.bp, self.cp)
+            for x, xb in ((u, self.ub), (dx, self.dxb)) + (((de, self.deb),) if given else ()):
+                _over_positions(_rows_to_blocks, n, _np(x), self.order, nblk, W, xb)
+            _over_positions(_rows_to_positions, n, _np(B), self.order, self.bp)
+            _over_positions(_rows_to_positions, n, _np(C), self.order, self.cp)
         self.ab = _params_to_blocks(_np(A), nblk, W)
         self.gb = (_params_to_blocks(_np(gamma), nblk, W) if gamma is not None
                    else np.zeros(1, dt))
