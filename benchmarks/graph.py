@@ -553,7 +553,7 @@ def real_task(name, spec, kind, root, copy_to):
                 peak_rss_mb=_peak_rss_mb(), rss_before_training_mb=rss0)
 
 
-def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=1e-3,
+def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=5e-3,
                          batch_size=128):
     """Tree-NeighborsMatch at depth r: r + 1 blocks of width 32, trained on 80% of the
     examples; train accuracy (as the paper reports it) and test accuracy at the epoch of
@@ -572,7 +572,7 @@ def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=1e-3
                           epochs, lr, 0.0, "accuracy", batch_size, mask_key="root_mask")
     return dict(task="tree_neighbors_match", depth=depth, model=kind, width=width,
                 params=sum(p.numel() for p in model.parameters()), examples=len(data),
-                epochs=epochs, train_accuracy=r["train"], test_accuracy=r["test"],
+                permutations=num_permutations, lr=lr, epochs=epochs, train_accuracy=r["train"], test_accuracy=r["test"],
                 best_epoch=r["best_epoch"], seconds_per_epoch=r["seconds_per_epoch"])
 
 
@@ -585,6 +585,9 @@ def real_table(args, device):
     copy_to = args.copy_to
     for name in args.tasks:
         spec = dict(SPECS[name])
+        for item in args.set:
+            key, _, value = item.partition("=")
+            spec[key] = json.loads(value)
         if args.runs:
             spec["runs"] = args.runs
         spec["epochs"] = max(1, int(spec["epochs"] * args.epoch_scale))
@@ -604,20 +607,69 @@ def real_table(args, device):
             else:
                 row = real_task(name, spec, kind, args.root, copy_to)
             row["seconds"] = time.perf_counter() - t0
+            row["spec"] = {k: v for k, v in spec.items() if k != "encoder"}
             rows.append(row)
             print(f"{name:<12} {kind:<5} width {row['width']:>3} params {row['params']:>7}  "
                   f"{row['metric']} {row['test_mean']:.4f} ± {row['test_std']:.4f} "
                   f"({row['runs']} runs, {row['epochs']} epochs, chosen {row['chosen']})  "
                   f"{1e3 * row['seconds_per_epoch']:.0f} ms/epoch", flush=True)
     for depth in args.nm_depths:
+        permutations = args.nm_permutations
+        if args.nm_examples:
+            permutations = max(1, args.nm_examples // 2 ** depth)
         for kind in args.models:
-            row = neighbors_match_task(depth, kind, args.nm_permutations,
-                                       max(1, int(args.nm_epochs)))
+            row = neighbors_match_task(depth, kind, permutations, max(1, int(args.nm_epochs)),
+                                       lr=args.nm_lr)
             rows.append(row)
             print(f"NeighborsMatch r={depth} {kind:<5} train {row['train_accuracy']:.3f} test "
                   f"{row['test_accuracy']:.3f} ({row['examples']} examples, "
                   f"{1e3 * row['seconds_per_epoch']:.0f} ms/epoch)", flush=True)
     return rows
+
+
+def markdown_table(result):
+    """The real-data table as markdown: a row per dataset (mean ± std in percent; for
+    Tree-NeighborsMatch train / test accuracy), a column per model."""
+    names = dict(tree="TreeSSMConv model", gcn="GCN", gat="GAT", gin="GIN",
+                 gps="attention (GPS)")
+    rows = result["rows"]
+    lines = ["| dataset (metric; budget) | " + " | ".join(names[m] for m in MODELS) + " |",
+             "|---" * (len(MODELS) + 1) + "|"]
+    for task in [t for t in REAL_TASKS if any(r["task"] == t for r in rows)]:
+        cells = {r["model"]: r for r in rows if r["task"] == task}
+        any_row = next(iter(cells.values()))
+        budget = (f"{any_row['runs']} {'seeds' if task == 'Cora' else 'splits' if any_row['metric'] == 'roc_auc' else 'folds'}"
+                  f" × {any_row['epochs']} epochs")
+        metric = "ROC-AUC" if any_row["metric"] == "roc_auc" else "accuracy"
+        vals = [f"{100 * cells[m]['test_mean']:.1f} ± {100 * cells[m]['test_std']:.1f}"
+                if m in cells else "–" for m in MODELS]
+        lines.append(f"| {task} ({metric}; {budget}) | " + " | ".join(vals) + " |")
+    for depth in sorted({r["depth"] for r in rows if r["task"] == "tree_neighbors_match"}):
+        cells = {r["model"]: r for r in rows
+                 if r["task"] == "tree_neighbors_match" and r["depth"] == depth}
+        any_row = next(iter(cells.values()))
+        vals = [f"{cells[m]['train_accuracy']:.2f} / {cells[m]['test_accuracy']:.2f}"
+                if m in cells else "–" for m in MODELS]
+        lines.append(f"| Tree-NeighborsMatch r = {depth} (train / test accuracy; "
+                     f"{any_row.get('examples', '?')} examples × {any_row['epochs']} epochs) | "
+                     + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def _row_key(row):
+    return row["task"], row["model"], row.get("depth")
+
+
+def _updated(old, new):
+    """``new`` with the rows of ``old`` it does not replace; each task's budget (runs,
+    epochs, search) stays with its rows, in ``budgets``."""
+    budgets = dict(old.get("budgets", {}))
+    budget = new.pop("budget")
+    for task in {r["task"] for r in new["rows"]}:
+        budgets[task] = budget
+    keys = {_row_key(r) for r in new["rows"]}
+    rows = [r for r in old["rows"] if _row_key(r) not in keys] + new["rows"]
+    return dict(new, budgets=budgets, rows=rows)
 
 
 def _csv(kind):
@@ -644,13 +696,25 @@ def main(argv=None):
                         help="datasets on which GPS (O(N^2) attention per graph) is not run")
     parser.add_argument("--nm-depths", type=_csv(int), default=[2, 3, 4, 5, 6, 7, 8])
     parser.add_argument("--nm-permutations", type=int, default=None)
+    parser.add_argument("--nm-examples", type=int, default=None,
+                        help="Tree-NeighborsMatch: about this many examples per depth "
+                             "(permutations = examples / 2^r, at least 1)")
     parser.add_argument("--nm-epochs", type=int, default=100)
+    parser.add_argument("--nm-lr", type=float, default=5e-3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override a value of every task's spec, e.g. "
+                             "mixer_weight_decay=0 (an ablation; rows record their spec)")
+    parser.add_argument("--update", action="store_true",
+                        help="--real: keep the rows of the existing table that this run does "
+                             "not measure (a table run in pieces, each with its budget)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the models of --real in this process (no peak memory)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads of torch and numba per process (default 1: on a "
                              "shared or small machine more threads wait on each other)")
+    parser.add_argument("--markdown", default=None, metavar="FILE",
+                        help="print the real-data table of FILE as markdown and exit")
     parser.add_argument("--time-layer", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--real-one", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -663,6 +727,9 @@ def main(argv=None):
     if args.time_layer:  # one measurement in a process of its own (peak memory)
         layer, n, repeats = args.time_layer
         print(json.dumps(time_layer(layer, int(n), device, int(repeats))))
+        return 0
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())))
         return 0
     if args.real_one:
         name, kind, spec, root = args.real_one
@@ -686,9 +753,13 @@ def main(argv=None):
                                                         for k, s in SPECS.items()},
                       budget=dict(runs=args.runs, epoch_scale=args.epoch_scale,
                                   nm_permutations=args.nm_permutations,
+                                  nm_examples=args.nm_examples, nm_lr=args.nm_lr,
                                   nm_epochs=args.nm_epochs, no_attention=args.no_attention),
                       rows=real_table(args, device))
         out = Path(args.out) if args.out else RESULTS / f"graph_real_{card}.json"
+        old = (json.loads(out.read_text()) if args.update and out.exists()
+               else dict(rows=[], budgets={}))
+        result = _updated(old, result)
         saved.append((out, result))
     if args.synthetic or args.timing:
         result = dict(meta)

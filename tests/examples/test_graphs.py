@@ -32,3 +32,25 @@ def test_tasks_are_what_they_say():
     for kind in ("gcn", "gat", "gin"):
         n = graphs.num_params(graphs.matched_model(kind, task, 2))
         assert abs(n - target) <= 0.15 * target, (kind, n, target)
+
+
+def test_cora_alone_from_the_shared_layout_prints_json_and_draws_the_tree(tmp_path, capsys):
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    SHARED = Path(os.environ.get("TREESSM_DATA") or next(
+        (p / "shared" / "data" for p in Path(__file__).resolve().parents
+         if (p / "shared" / "data" / "planetoid").is_dir()), "shared/data"))
+    if not (SHARED / "planetoid" / "Cora").is_dir():
+        pytest.skip("shared raw data not found")
+    picture = tmp_path / "pictures" / "cora.png"
+    summary = graphs.main(["--out", str(tmp_path), "--quick", "--root", str(SHARED),
+                           "--cora-only", "--cora-picture", str(picture)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-2]) == json.loads(json.dumps(summary))
+    r = summary["results"]["cora/gcn_tree"]
+    assert set(summary["results"]) == {"cora/gcn_tree"}
+    assert 0.0 <= r["test_accuracy"] <= 1.0 and r["params"] > 90_000
+    assert summary["cora_picture"] == str(picture) and picture.stat().st_size > 10_000
