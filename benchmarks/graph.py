@@ -7,7 +7,10 @@ Three tables, saved as JSON under ``benchmarks/results/``:
   test accuracy over seeds), Minesweeper and Tolokers (ROC-AUC over the 10 fixed splits),
   MUTAG and PROTEINS (accuracy, stratified 10-fold cross-validation, the next fold as
   validation), and Tree-NeighborsMatch at depths ``--nm-depths`` (train and test accuracy,
-  r + 1 blocks of width 32). Every model is a ``treessm.models.GraphNet`` of one block kind:
+  r + 1 blocks of width 32). On Cora every model is the two-layer GCN shape
+  (``treessm.models.LocalGlobalNet``): GCN layers with the tree scan or attention as a
+  weight-decayed global branch, or GCN / GAT / GIN layers alone. Elsewhere every model is a
+  ``treessm.models.GraphNet`` of one block kind:
   ``tree`` (``TreeGPSConv``: the dataset's local layer plus the tree scan), ``gps`` (PyG's
   ``GPSConv``: the same local layer plus multi-head attention), ``gcn`` / ``gat`` / ``gin``
   (the layer alone in the same residual, normalised, feed-forward frame), widths matched to
@@ -20,7 +23,10 @@ Three tables, saved as JSON under ``benchmarks/results/``:
   forward+backward, peak memory (each size and layer in a process of its own on the CPU),
   and the parts of the block at the largest size.
 
-    python benchmarks/graph.py --real --root ../shared/data    # CPU, reduced: see --runs
+    python benchmarks/graph.py --real --root ../shared/data    # the full protocol
+    python benchmarks/graph.py --real --update --tasks MUTAG --runs 10 --epoch-scale 0.3
+                                                # one dataset, reduced, into the table
+    python benchmarks/graph.py --markdown benchmarks/results/graph_real_cpu.json
     python benchmarks/graph.py --timing                        # CPU, 10^4..10^6
     python benchmarks/graph.py --device cuda --timing --sizes 4,5,6,7   # a GPU
     python benchmarks/graph.py --real --device cuda --root DIR  # the full protocol on a GPU
@@ -415,7 +421,7 @@ def train_graph_split(model, train_set, val_set, test_set, epochs, lr, weight_de
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g)
     evals = {k: DataLoader(v, batch_size=256) for k, v in
-             (("train", train_set), ("val", val_set), ("test", test_set)) if v is not None}
+             (("train", train_set), ("val", val_set), ("test", test_set)) if v}
     opt = _optimizer(model, lr, weight_decay)
     best = None
     times = []
@@ -572,7 +578,8 @@ def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=5e-3
                           epochs, lr, 0.0, "accuracy", batch_size, mask_key="root_mask")
     return dict(task="tree_neighbors_match", depth=depth, model=kind, width=width,
                 params=sum(p.numel() for p in model.parameters()), examples=len(data),
-                permutations=num_permutations, lr=lr, epochs=epochs, train_accuracy=r["train"], test_accuracy=r["test"],
+                permutations=num_permutations, lr=lr, epochs=epochs,
+                train_accuracy=r["train"], test_accuracy=r.get("test"),
                 best_epoch=r["best_epoch"], seconds_per_epoch=r["seconds_per_epoch"])
 
 
@@ -621,8 +628,9 @@ def real_table(args, device):
             row = neighbors_match_task(depth, kind, permutations, max(1, int(args.nm_epochs)),
                                        lr=args.nm_lr)
             rows.append(row)
+            test = row["test_accuracy"]
             print(f"NeighborsMatch r={depth} {kind:<5} train {row['train_accuracy']:.3f} test "
-                  f"{row['test_accuracy']:.3f} ({row['examples']} examples, "
+                  f"{'–' if test is None else f'{test:.3f}'} ({row['examples']} examples, "
                   f"{1e3 * row['seconds_per_epoch']:.0f} ms/epoch)", flush=True)
     return rows
 
@@ -638,8 +646,10 @@ def markdown_table(result):
     for task in [t for t in REAL_TASKS if any(r["task"] == t for r in rows)]:
         cells = {r["model"]: r for r in rows if r["task"] == task}
         any_row = next(iter(cells.values()))
-        budget = (f"{any_row['runs']} {'seeds' if task == 'Cora' else 'splits' if any_row['metric'] == 'roc_auc' else 'folds'}"
-                  f" × {any_row['epochs']} epochs")
+        unit = ("seeds" if task == "Cora" else "splits" if any_row["metric"] == "roc_auc"
+                else "folds")
+        unit = unit if any_row["runs"] != 1 else unit[:-1]
+        budget = f"{any_row['runs']} {unit} × {any_row['epochs']} epochs"
         metric = "ROC-AUC" if any_row["metric"] == "roc_auc" else "accuracy"
         vals = [f"{100 * cells[m]['test_mean']:.1f} ± {100 * cells[m]['test_std']:.1f}"
                 if m in cells else "–" for m in MODELS]
@@ -648,8 +658,9 @@ def markdown_table(result):
         cells = {r["model"]: r for r in rows
                  if r["task"] == "tree_neighbors_match" and r["depth"] == depth}
         any_row = next(iter(cells.values()))
-        vals = [f"{cells[m]['train_accuracy']:.2f} / {cells[m]['test_accuracy']:.2f}"
-                if m in cells else "–" for m in MODELS]
+        vals = [f"{cells[m]['train_accuracy']:.2f} / " + (
+                    "–" if cells[m]["test_accuracy"] is None else
+                    f"{cells[m]['test_accuracy']:.2f}") if m in cells else "–" for m in MODELS]
         lines.append(f"| Tree-NeighborsMatch r = {depth} (train / test accuracy; "
                      f"{any_row.get('examples', '?')} examples × {any_row['epochs']} epochs) | "
                      + " | ".join(vals) + " |")
