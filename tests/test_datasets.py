@@ -1,33 +1,15 @@
 """Benchmark datasets: the shared raw files open with PyG's own classes, and
 Tree-NeighborsMatch is what Alon & Yahav define (checked by hand at depth 2)."""
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from treessm.datasets import DATASETS, load_dataset, stratified_split, tree_neighbors_match
 
 
-
-def _shared_data() -> Path:
-    """The offline raw files: $TREESSM_DATA, or a ``shared/data`` beside a folder above."""
-    if os.environ.get("TREESSM_DATA"):
-        return Path(os.environ["TREESSM_DATA"])
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "shared" / "data" / "planetoid").is_dir():
-            return parent / "shared" / "data"
-    return Path("shared/data")
-
-
-SHARED = _shared_data()
-
-
-@pytest.mark.skipif(not (SHARED / "planetoid").is_dir(), reason="shared raw data not found")
 @pytest.mark.parametrize("name, nodes, features, classes", [
     ("Cora", 2708, 1433, 7), ("minesweeper", 10000, 7, 2), ("MUTAG", None, 7, 2)])
-def test_loaders_read_the_raw_files(tmp_path, name, nodes, features, classes):
-    dataset = load_dataset(name, SHARED, copy_to=tmp_path)
+def test_loaders_read_the_raw_files(tmp_path, shared_data, name, nodes, features, classes):
+    dataset = load_dataset(name, shared_data, copy_to=tmp_path)
     assert (tmp_path / DATASETS[name][0] / name / "processed").is_dir()  # written in the copy
     data = dataset[0]
     assert dataset.num_features == features and dataset.num_classes == classes
