@@ -148,3 +148,16 @@ def test_docstring_example_runs(test, tmp_path, monkeypatch, shared_data):
     runner.run(test, out=report.append)
     if runner.summarize(verbose=False).failed:
         pytest.fail("".join(report))
+
+
+def test_sources_compile_without_warnings():
+    # an invalid escape in a docstring (``\mathrm`` outside a raw string) is a SyntaxWarning
+    # when the module is compiled, and a broken formula in the rendered docs
+    import warnings
+    root = Path(treessm.__file__).resolve().parent.parent
+    files = [p for d in ("treessm", "benchmarks", "tests") for p in (root / d).rglob("*.py")]
+    assert files
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for path in files:
+            compile(path.read_text(), str(path), "exec")

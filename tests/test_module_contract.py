@@ -207,7 +207,7 @@ def test_compile_fullgraph_cuda():
 
 # modules whose local message passing sums messages with CUDA atomics (PyG's scatter): run
 # to run their last bits vary, on the original as on a copy
-_CUDA_ATOMIC_SUMS = {"GraphNet", "TreeGPSConv"}
+_CUDA_ATOMIC_SUMS = {"GraphNet", "LocalGlobalNet", "TreeGPSConv"}
 
 
 @CUDA

@@ -251,7 +251,7 @@ def node_classifier(in_channels: int, num_classes: int, hidden_channels: int = 6
                     block_dropout: float = 0.0, norm: Optional[str] = "batch_norm",
                     edge_dim: Optional[int] = None, mixer_kwargs: Optional[dict] = None,
                     encoder: Optional[nn.Module] = None) -> GraphNet:
-    """A node classifier of :class:`~treessm.nn.TreeGPSConv` blocks (:class:`GraphNet`).
+    r"""A node classifier of :class:`~treessm.nn.TreeGPSConv` blocks (:class:`GraphNet`).
 
     Args:
         in_channels (int): input features (``-1``: lazy).
