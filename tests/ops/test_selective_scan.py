@@ -367,6 +367,85 @@ def test_cuda_matches_reference(direction):
     _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
 
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_forests():
+    g = _gen(40)
+    return {"single_vertex": torch.tensor([-1]), "many_roots": random_forest(60, 9, g),
+            "star": star(40, 5), "deep": random_forest(300, 2, g, locality=2),
+            "long_chain": chain(2500, g), "random": random_forest(200, 1, g)}
+
+
+@_CUDA
+@pytest.mark.parametrize("rule", ["child", "mean", "given"])
+@pytest.mark.parametrize("name", list(_cuda_forests()))
+def test_cuda_fused_down_matches_reference(name, rule, monkeypatch):
+    # the fused walk kernels (never the expanded path), with incoming and requested states
+    from treessm.ops import selective_scan as module
+
+    def expanded(*args, **kwargs):
+        raise AssertionError("the fused CUDA kernels should run this problem")
+
+    monkeypatch.setattr(module, "expanded_in_blocks", expanded)
+    parent = _cuda_forests()[name]
+    tree, leaves, kw = _problem(parent, d=70, s=5, rule=rule, direction="down", initial=True)
+    kw["state_vertices"] = torch.tensor([0, parent.numel() - 1, 0])
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    kw_cuda = {**kw, "state_vertices": kw["state_vertices"].cuda()}
+    got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw_cuda)
+    _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
+
+
+@_CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_down_low_precision_and_many_trees(dtype):
+    # 3000 trees: block rows stride over the trees; 16 states; float32 state for 16-bit input
+    g = _gen(41)
+    parent = random_forest(9000, 3000, g)
+    tree, leaves, kw = _problem(parent, d=40, s=16, dtype=dtype, direction="down")
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want,
+                 **tol)
+
+
+@_CUDA
+def test_cuda_fused_down_is_bitwise_reproducible_and_matches_numba_at_scale():
+    g = _gen(42)
+    parent = random_forest(100_000, 4, g, locality=50)
+    tree, leaves, kw = _problem(parent, d=64, s=4, dtype=torch.float32, rule="mean",
+                                direction="down")
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    tree_cuda = tree.cuda()
+    first = _value_and_grads(selective_tree_scan, tree_cuda, cuda, kw)
+    again = _value_and_grads(selective_tree_scan, tree_cuda, cuda, kw)
+    for a, b in zip(first[0], again[0]):
+        assert torch.equal(a, b)
+    for k in first[1]:
+        assert torch.equal(first[1][k], again[1][k]), k
+    cpu = _value_and_grads(selective_tree_scan, tree, leaves, kw)
+    _assert_same(([o.cpu() for o in first[0]], {k: v.cpu() for k, v in first[1].items()}), cpu,
+                 rtol=1e-3, atol=1e-3)
+
+
+@_CUDA
+def test_cuda_fused_down_gradcheck():
+    tree, leaves, kw = _problem(random_forest(12, 2, _gen(43)), d=3, s=2, rule="mean",
+                                direction="down", initial=True)
+    tree = tree.cuda()
+    names = list(leaves)
+    args = [leaves[k].detach().cuda().requires_grad_() for k in names]
+
+    def f(*xs):
+        return selective_tree_scan(tree=tree, **dict(zip(names, xs)), **kw)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
 def test_exported():
     assert treessm.selective_tree_scan is selective_tree_scan
     assert treessm.ops.selective_tree_scan is selective_tree_scan

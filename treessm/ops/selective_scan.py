@@ -17,12 +17,13 @@ states are ``[N, D, S]`` tensors: ``S`` times the memory and traffic of the laye
 
 Backends: ``"torch"`` is the reference (any device). ``"numba"`` is the fused CPU kernel
 (:mod:`treessm.ops.selective_scan_cpu`; no ``[N, D, S]`` tensor in the forward or the
-backward, which recomputes the states). ``"cuda"`` has no fused kernel yet: it forms the
-expansion and runs :func:`treessm.tree_scan`'s CUDA kernels over it, in blocks of channels
+backward, which recomputes the states). ``"cuda"`` runs the fused kernels of
+:mod:`treessm.ops.selective_scan_cuda` for the direction ``"down"`` (chains, causal trees,
+any forest) without ``state_norm`` and ``d_state`` up to 16; other problems form the
+expansion and run :func:`treessm.tree_scan`'s CUDA kernels over it, in blocks of channels
 of at most :data:`EXPANSION_BLOCK_BYTES` per expanded tensor, each recomputed in the
-backward, so that no expansion of the whole problem is held. A fused CUDA kernel plugs in
-as one entry of :data:`FUSED_KERNELS` (a forward and a backward with the signatures of
-:func:`treessm.ops.selective_scan_cpu.forward` and ``backward``).
+backward, so that no expansion of the whole problem is held. A backend's kernels are one
+entry of :data:`FUSED_KERNELS`.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .._checks import check_bool, check_choice, check_number
 from ..tree import Tree
-from . import selective_scan_cpu
+from . import selective_scan_cpu, selective_scan_cuda
 from .plan import level_groups
 from .tree_scan import DIRECTIONS, tree_scan
 
@@ -54,16 +55,28 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class FusedKernels(NamedTuple):
-    """The two functions a backend provides (arguments as in
-    :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``)."""
+    """What a backend provides: ``forward`` and ``backward`` (arguments as in
+    :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``, with the tree given
+    by ``layout``); ``layout(tree, dtype)``, the tensors and integers that stand for the
+    tree in those calls; ``supports(direction, moments, d_state)``, whether the kernels run
+    such a problem (else the expanded path does)."""
     forward: Callable
     backward: Callable
+    layout: Callable
+    supports: Callable
 
 
-#: Fused kernels by backend. The ``"cuda"`` backend falls back to the expanded path until an
-#: entry ``FUSED_KERNELS["cuda"]`` exists.
+def _tree_arrays(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], List[int]]:
+    return [tree.parent, tree.order, tree.child_ptr, tree.tree_ptr], []
+
+
+#: Fused kernels by backend. The CUDA kernels run the direction ``"down"`` without
+#: ``state_norm`` for ``d_state`` up to 16; other problems on CUDA take the expanded path.
 FUSED_KERNELS: Dict[str, FusedKernels] = {
-    "numba": FusedKernels(selective_scan_cpu.forward, selective_scan_cpu.backward),
+    "numba": FusedKernels(selective_scan_cpu.forward, selective_scan_cpu.backward, _tree_arrays,
+                          lambda direction, moments, d_state: True),
+    "cuda": FusedKernels(selective_scan_cuda.forward, selective_scan_cuda.backward,
+                         selective_scan_cuda.layout, selective_scan_cuda.supports),
 }
 
 #: Bytes one expanded ``[N, D', S]`` tensor of a backend without a fused kernel may take:
@@ -253,16 +266,15 @@ def _kernels(backend: str) -> FusedKernels:
 @torch.library.custom_op("treessm::selective_tree_scan", mutates_args=())
 def _fused_op(u: Tensor, dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
               gamma: Optional[Tensor], h0: Optional[Tensor], srow: Tensor, snext: Tensor,
-              parent: Tensor, order: Tensor, child_ptr: Tensor, tree_ptr: Tensor,
-              direction: str, edge_rule: str, moments: bool, backend: str
-              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order,
-                                     child_ptr, tree_ptr, direction, edge_rule, moments)
+              layout: List[Tensor], layout_sizes: List[int], direction: str, edge_rule: str,
+              moments: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, *layout,
+                                     *layout_sizes, direction, edge_rule, moments)
 
 
 @_fused_op.register_fake
-def _(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
-      direction, edge_rule, moments, backend):
+def _(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, direction, edge_rule,
+      moments, backend):
     n, d = u.shape
     stat = n if moments else 0
     return (u.new_empty(n, d), u.new_empty(stat), u.new_empty(stat),
@@ -273,39 +285,37 @@ def _(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree
 def _fused_backward_op(gy: Tensor, gmu: Tensor, gm2: Tensor, gstates: Tensor, u: Tensor,
                        dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                        gamma: Optional[Tensor], h0: Optional[Tensor], mu: Tensor,
-                       srow: Tensor, snext: Tensor, parent: Tensor, order: Tensor,
-                       child_ptr: Tensor, tree_ptr: Tensor, direction: str, edge_rule: str,
+                       srow: Tensor, snext: Tensor, layout: List[Tensor],
+                       layout_sizes: List[int], direction: str, edge_rule: str,
                        moments: bool, backend: str) -> List[Tensor]:
     grads = _kernels(backend).backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
-                                       srow, snext, parent, order, child_ptr, tree_ptr,
-                                       direction, edge_rule, moments)
+                                       srow, snext, *layout, *layout_sizes, direction,
+                                       edge_rule, moments)
     return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_fused_backward_op.register_fake
-def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent, order,
-      child_ptr, tree_ptr, direction, edge_rule, moments, backend):
+def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, layout,
+      layout_sizes, direction, edge_rule, moments, backend):
     like = lambda t: u.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
     return [like(u), like(dx), like(de), like(A), like(B), like(C), like(gamma), like(h0)]
 
 
 def _setup_context(ctx, inputs, output):
-    (u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
-     direction, edge_rule, moments, backend) = inputs
-    ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], srow, snext, parent, order,
-                          child_ptr, tree_ptr)
-    ctx.args = (direction, edge_rule, moments, backend)
+    (u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, direction, edge_rule,
+     moments, backend) = inputs
+    ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], srow, snext, *layout)
+    ctx.args = (layout_sizes, direction, edge_rule, moments, backend)
 
 
 def _backward(ctx, gy, gmu, gm2, gstates):
-    (u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent, order, child_ptr,
-     tree_ptr) = ctx.saved_tensors
+    (u, dx, de, A, B, C, gamma, h0, mu, srow, snext, *layout) = ctx.saved_tensors
     gu, gdx, gde, gA, gB, gC, gg, gh0 = torch.ops.treessm.selective_tree_scan_backward(
-        gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent, order,
-        child_ptr, tree_ptr, *ctx.args)
+        gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, layout,
+        *ctx.args)
     present = lambda t, g: None if t is None else g  # noqa: E731
-    return (gu, gdx, present(de, gde), gA, gB, gC, present(gamma, gg),
-            present(h0, gh0)) + (None,) * 10
+    return (gu, gdx, present(de, gde), gA, gB, gC, present(gamma, gg), present(h0, gh0),
+            None, None, [None] * len(layout), [None] * len(ctx.args[0]), None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -459,9 +469,10 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
     h0 = None if initial_state is None else initial_state.to(acc)
     srow, snext = _state_rows(state_vertices, n, u.device)
     Cc = C.to(acc)
+    layout, layout_sizes = _kernels(backend).layout(tree, acc)
     y, mu, m2, states = torch.ops.treessm.selective_tree_scan(
-        uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, tree.parent, tree.order,
-        tree.child_ptr, tree.tree_ptr, direction, rule, state_norm, backend)
+        uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, layout, layout_sizes,
+        direction, rule, state_norm, backend)
     skip = None if D is None else D.to(acc)
     if state_norm:
         y = torch.ops.treessm.normalised_readout(y, mu, m2, Cc, weight, bias, uc, skip,
@@ -634,10 +645,11 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
             normalisation, :math:`(D, S)` or :math:`(D \cdot S)`. (default: ``None``)
         norm_eps (float): added to the variance. (default: ``1e-5``)
         backend (str, optional): ``"numba"`` (fused, CPU; the default there), ``"torch"``
-            (the reference, any device) or ``"cuda"`` (the default on CUDA tensors: until
-            a fused CUDA kernel exists, the expansion is formed and scanned by
-            :func:`treessm.tree_scan`'s CUDA kernels, in blocks of channels of at most
-            :data:`EXPANSION_BLOCK_BYTES` each). (default: ``None``)
+            (the reference, any device) or ``"cuda"`` (the default on CUDA tensors: fused
+            for ``direction="down"`` without ``state_norm`` and ``d_state`` up to 16;
+            otherwise the expansion is formed and scanned by :func:`treessm.tree_scan`'s
+            CUDA kernels, in blocks of channels of at most :data:`EXPANSION_BLOCK_BYTES`
+            each). (default: ``None``)
 
     Returns:
         ``y`` :math:`(N, D)` in the dtype of ``u``; with ``state_vertices`` the pair
@@ -673,7 +685,8 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
                    norm_eps=norm_eps)
     if backend == "torch":
         return selective_tree_scan_ref(*args, **options)
-    if backend not in FUSED_KERNELS:  # CUDA: the expansion through tree_scan's kernels
+    if not FUSED_KERNELS[backend].supports(direction, state_norm, A.shape[1]):
+        # the expansion through tree_scan's kernels
         return expanded_in_blocks(*args, **options,
                                   scan=functools.partial(tree_scan, backend=None))
     return _fused(*args, **options, backend=backend)

@@ -29,6 +29,7 @@ struct __half { float f; };
 struct __nv_bfloat16 { float f; };
 struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
+struct int4 { int x, y, z, w; };
 template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __half2float(__half h) { return h.f; }
 inline float __bfloat162float(__nv_bfloat16 h) { return h.f; }

@@ -1,0 +1,237 @@
+// Host side of the fused selective tree scan along a depth-first walk (walk_kernels.cuh):
+// argument checks, launches and the torch.library registration of
+// torch.ops.treessm.cuda_selective_walk and cuda_selective_walk_backward (CUDA dispatch key;
+// autograd and the choice of backend live in treessm.ops.selective_scan).
+//
+// cuda_selective_walk(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots, rule)
+//   -> (y [N, D], states [K, D, S]) for direction "down";
+// cuda_selective_walk_backward(gy, gstates, same inputs)
+//   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states:
+//   one forward walk saves num_slots checkpoint slots, then the backward walk.
+// u, dx, de, A, B, C, h0 are float32 or float64 (all alike); d_state at most 16.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "host_utils.cuh"
+#include "walk_kernels.cuh"
+
+namespace treessm_cuda {
+namespace {
+
+constexpr int64_t kMaxTreeRows = 2048;  // block rows over the trees (each strides over them)
+
+void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape [",
+              rows, ", ", cols, "], got ", t.sizes());
+}
+
+struct Problem {
+  int64_t n, d, s, trees;
+  int rule;
+};
+
+Problem check_inputs(const at::Tensor& u, const at::Tensor& dx, const c10::optional<at::Tensor>& de,
+                     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                     const c10::optional<at::Tensor>& h0, const at::Tensor& srow,
+                     const at::Tensor& snext, const at::Tensor& rec, const at::Tensor& tree_ptr,
+                     int64_t num_slots, int64_t rule) {
+  TORCH_CHECK(u.is_cuda() && u.dim() == 2, "u must be a 2-D CUDA tensor");
+  const auto dtype = u.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "u must be float32 or float64, got ",
+              dtype);
+  Problem p{u.size(0), u.size(1), A.size(1), tree_ptr.numel() - 1, static_cast<int>(rule)};
+  TORCH_CHECK(p.s >= 1 && p.s <= 16, "d_state must lie in [1, 16], got ", p.s);
+  TORCH_CHECK(rule >= walk::kChild && rule <= walk::kGiven, "rule must be 0, 1 or 2, got ", rule);
+  TORCH_CHECK(p.n < (int64_t(1) << 31) && num_slots >= 0, "too many vertices");
+  check_rows(u, "u", p.n, p.d, dtype);
+  check_rows(dx, "dx", p.n, p.d, dtype);
+  if (rule == walk::kGiven) {
+    TORCH_CHECK(de.has_value(), "de is required by rule 2 (given edge steps)");
+    check_rows(*de, "de", p.n, p.d, dtype);
+  }
+  check_rows(A, "A", p.d, p.s, dtype);
+  check_rows(B, "B", p.n, p.s, dtype);
+  check_rows(C, "C", p.n, p.s, dtype);
+  if (h0.has_value()) {
+    TORCH_CHECK(h0->is_cuda() && h0->is_contiguous() && h0->scalar_type() == dtype &&
+                    h0->numel() == p.trees * p.d * p.s,
+                "h0 must be a contiguous [T, D, S] tensor of u's dtype");
+  }
+  TORCH_CHECK(srow.is_cuda() && srow.scalar_type() == at::kLong && srow.numel() == p.n,
+              "srow must be a CUDA int64 tensor of N entries");
+  TORCH_CHECK(snext.is_cuda() && snext.scalar_type() == at::kLong, "snext must be CUDA int64");
+  TORCH_CHECK(rec.is_cuda() && rec.scalar_type() == at::kInt && rec.is_contiguous() &&
+                  rec.dim() == 2 && rec.size(0) == p.n && rec.size(1) == 4,
+              "rec must be a contiguous CUDA int32 tensor of shape [N, 4]");
+  TORCH_CHECK(tree_ptr.is_cuda() && tree_ptr.scalar_type() == at::kInt && tree_ptr.dim() == 1 &&
+                  tree_ptr.numel() >= 1,
+              "tree_ptr must be a CUDA int32 tensor of T + 1 entries");
+  return p;
+}
+
+template <typename T>
+walk::Args<T> make_args(const Problem& p, const at::Tensor& u, const at::Tensor& dx,
+                        const c10::optional<at::Tensor>& de, const at::Tensor& A,
+                        const at::Tensor& B, const at::Tensor& C,
+                        const c10::optional<at::Tensor>& h0, const at::Tensor& srow,
+                        const at::Tensor& snext, const at::Tensor& rec,
+                        const at::Tensor& tree_ptr) {
+  walk::Args<T> a{};
+  a.u = u.data_ptr<T>();
+  a.dx = dx.data_ptr<T>();
+  a.de = p.rule == walk::kGiven ? de->data_ptr<T>() : nullptr;
+  a.A = A.data_ptr<T>();
+  a.B = B.data_ptr<T>();
+  a.C = C.data_ptr<T>();
+  a.h0 = h0.has_value() ? h0->data_ptr<T>() : nullptr;
+  a.rec = reinterpret_cast<const int4*>(rec.data_ptr<int>());
+  a.tree_ptr = tree_ptr.data_ptr<int>();
+  a.srow = srow.data_ptr<int64_t>();
+  a.snext = snext.data_ptr<int64_t>();
+  a.n = static_cast<int>(p.n);
+  a.d = static_cast<int>(p.d);
+  a.s = static_cast<int>(p.s);
+  a.num_trees = static_cast<int>(p.trees);
+  a.rule = p.rule;
+  return a;
+}
+
+dim3 grid_of(const Problem& p) {
+  return dim3(static_cast<unsigned>((p.d + walk::kThreads - 1) / walk::kThreads),
+              static_cast<unsigned>(std::min<int64_t>(p.trees, kMaxTreeRows)));
+}
+
+template <typename T, int S>
+void launch_forward(const walk::Args<T>& a, dim3 grid) {
+  const size_t smem = walk::Stage<T, S>::bytes(false);
+  allow_dynamic_smem<walk::down_forward_kernel<T, S>>(smem, at::cuda::current_device());
+  walk::down_forward_kernel<T, S>
+      <<<grid, walk::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int S>
+void launch_backward(const walk::Args<T>& a, dim3 grid) {
+  const size_t smem = walk::Stage<T, S>::bytes(true);
+  allow_dynamic_smem<walk::down_backward_kernel<T, S>>(smem, at::cuda::current_device());
+  walk::down_backward_kernel<T, S>
+      <<<grid, walk::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs the statement with the constexpr int S, the power of two at least s (up to 16).
+#define TREESSM_WITH_STATES(s, ...)                      \
+  do {                                                   \
+    if ((s) <= 1) {                                      \
+      constexpr int S = 1;                               \
+      __VA_ARGS__;                                       \
+    } else if ((s) <= 2) {                               \
+      constexpr int S = 2;                               \
+      __VA_ARGS__;                                       \
+    } else if ((s) <= 4) {                               \
+      constexpr int S = 4;                               \
+      __VA_ARGS__;                                       \
+    } else if ((s) <= 8) {                               \
+      constexpr int S = 8;                               \
+      __VA_ARGS__;                                       \
+    } else {                                             \
+      constexpr int S = 16;                              \
+      __VA_ARGS__;                                       \
+    }                                                    \
+  } while (0)
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> selective_walk(
+    const at::Tensor& u, const at::Tensor& dx, const c10::optional<at::Tensor>& de,
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const c10::optional<at::Tensor>& h0, const at::Tensor& srow, const at::Tensor& snext,
+    const at::Tensor& rec, const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule) {
+  const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
+                                 rule);
+  const c10::cuda::CUDAGuard guard(u.device());
+  at::Tensor y = at::empty({p.n, p.d}, u.options());
+  at::Tensor states = at::zeros({snext.numel(), p.d, p.s}, u.options());
+  if (p.n == 0 || p.d == 0 || p.trees == 0) return {y.zero_(), states};
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk", [&] {
+    auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
+    a.y = y.data_ptr<scalar_t>();
+    a.states = snext.numel() ? states.data_ptr<scalar_t>() : nullptr;
+    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid_of(p)));
+  });
+  return {y, states};
+}
+
+std::vector<at::Tensor> selective_walk_backward(
+    const at::Tensor& gy, const c10::optional<at::Tensor>& gstates, const at::Tensor& u,
+    const at::Tensor& dx, const c10::optional<at::Tensor>& de, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& h0,
+    const at::Tensor& srow, const at::Tensor& snext, const at::Tensor& rec,
+    const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule) {
+  const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
+                                 rule);
+  check_rows(gy, "gy", p.n, p.d, u.scalar_type());
+  const bool grad_states = gstates.has_value() && gstates->numel() > 0;
+  if (grad_states)
+    TORCH_CHECK(gstates->is_contiguous() && gstates->numel() == snext.numel() * p.d * p.s &&
+                    gstates->scalar_type() == u.scalar_type(),
+                "gstates must be a contiguous [K, D, S] tensor of u's dtype");
+  const c10::cuda::CUDAGuard guard(u.device());
+  const dim3 grid = grid_of(p);
+  const int64_t warps = static_cast<int64_t>(grid.x) * walk::kThreads / 32;
+  at::Tensor gu = at::zeros_like(u), gdx = at::zeros_like(u);
+  at::Tensor gde = rule == walk::kGiven ? at::zeros_like(u) : at::empty({0}, u.options());
+  at::Tensor gh0 = h0.has_value() ? at::zeros_like(*h0) : at::empty({0}, u.options());
+  if (p.n == 0 || p.d == 0 || p.trees == 0) {
+    return {gu, gdx, gde, at::zeros_like(A), at::zeros_like(B), at::zeros_like(C), gh0};
+  }
+  at::Tensor ckpt = at::empty({num_slots, p.d, p.s}, u.options());
+  at::Tensor gA = at::empty({static_cast<int64_t>(grid.y), p.d, p.s}, u.options());
+  at::Tensor gB = at::empty({warps, p.n, p.s}, u.options());
+  at::Tensor gC = at::empty({warps, p.n, p.s}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk_backward", [&] {
+    auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
+    a.ckpt = ckpt.data_ptr<scalar_t>();
+    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid));
+    a.gy = gy.data_ptr<scalar_t>();
+    a.gstates = grad_states ? gstates->data_ptr<scalar_t>() : nullptr;
+    a.gu = gu.data_ptr<scalar_t>();
+    a.gdx = gdx.data_ptr<scalar_t>();
+    a.gde = rule == walk::kGiven ? gde.data_ptr<scalar_t>() : nullptr;
+    a.gA = gA.data_ptr<scalar_t>();
+    a.gB = gB.data_ptr<scalar_t>();
+    a.gC = gC.data_ptr<scalar_t>();
+    a.gh0 = h0.has_value() ? gh0.data_ptr<scalar_t>() : nullptr;
+    TREESSM_WITH_STATES(p.s, launch_backward<scalar_t, S>(a, grid));
+  });
+  // partial sums over block rows and warps, added in a fixed order
+  return {gu, gdx, gde, gA.sum(0), gB.sum(0), gC.sum(0), gh0};
+}
+
+TORCH_LIBRARY_FRAGMENT(treessm, m) {
+  m.def(
+      "cuda_selective_walk(Tensor u, Tensor dx, Tensor? de, Tensor A, Tensor B, Tensor C, "
+      "Tensor? h0, Tensor srow, Tensor snext, Tensor rec, Tensor tree_ptr, int num_slots, "
+      "int rule) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_selective_walk_backward(Tensor gy, Tensor? gstates, Tensor u, Tensor dx, Tensor? de, "
+      "Tensor A, Tensor B, Tensor C, Tensor? h0, Tensor srow, Tensor snext, Tensor rec, "
+      "Tensor tree_ptr, int num_slots, int rule) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
+  m.impl("cuda_selective_walk", &selective_walk);
+  m.impl("cuda_selective_walk_backward", &selective_walk_backward);
+}
+
+}  // namespace treessm_cuda

@@ -1,0 +1,93 @@
+// Host emulation of the fused selective walk (walk_kernels.cuh): the forward, then the
+// backward as selective_walk.cu launches it (a forward walk that saves the checkpoints,
+// then the backward walk), in double, with the partial sums added as the host side adds
+// them. usage: walk_harness IN OUT
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+namespace treessm_cuda::walk { alignas(16) unsigned char smem_raw_storage[1 << 20]; }
+#include <math.h>
+#include "walk_kernels.cuh"
+using namespace treessm_cuda;
+using namespace treessm_cuda::walk;
+
+template <typename F>
+void launch(unsigned gx, unsigned gy, F body) {
+  gridDim.x = gx;
+  gridDim.y = gy;
+  for (unsigned bx = 0; bx < gx; ++bx)
+    for (unsigned by = 0; by < gy; ++by)
+      emu_run_block(bx, by, kThreads, [] {
+        std::memset(smem_raw_storage, 0xff, sizeof(smem_raw_storage));  // poison
+      }, body);
+}
+
+void put(const std::vector<double>& v, int64_t n, FILE* o) {
+  if (n) fwrite(v.data(), 8, n, o);
+}
+
+template <int S>
+void run(FILE* in, FILE* o) {
+  auto h = read<int64_t>(in, 10);
+  const int64_t N = h[0], D = h[1], Sr = h[2], T = h[3], K = h[4], slots = h[5];
+  const int rule = static_cast<int>(h[6]);
+  const bool has_h0 = h[7], has_gs = h[8];
+  const unsigned rows = static_cast<unsigned>(h[9]);
+  auto u = read<double>(in, N * D), dx = read<double>(in, N * D), de = read<double>(in, N * D);
+  auto A = read<double>(in, D * Sr), B = read<double>(in, N * Sr), C = read<double>(in, N * Sr);
+  auto h0 = read<double>(in, T * D * Sr), gy = read<double>(in, N * D);
+  auto gs = read<double>(in, K * D * Sr);
+  auto rec = read<int>(in, N * 4), tree_ptr = read<int>(in, T + 1);
+  auto srow = read<int64_t>(in, N), snext = read<int64_t>(in, K);
+  const unsigned gx = static_cast<unsigned>((D + kThreads - 1) / kThreads);
+  const int64_t warps = gx * kThreads / 32;
+  Args<double> a{};
+  a.u = u.data(); a.dx = dx.data(); a.de = rule == kGiven ? de.data() : nullptr;
+  a.A = A.data(); a.B = B.data(); a.C = C.data(); a.h0 = has_h0 ? h0.data() : nullptr;
+  a.rec = reinterpret_cast<const int4*>(rec.data()); a.tree_ptr = tree_ptr.data();
+  a.srow = srow.data(); a.snext = snext.data();
+  a.n = static_cast<int>(N); a.d = static_cast<int>(D); a.s = static_cast<int>(Sr);
+  a.num_trees = static_cast<int>(T); a.rule = rule;
+  std::vector<double> y(N * D, -777), states(K * D * Sr, 0), ckpt(slots * D * Sr + 1, -555);
+  a.y = y.data(); a.states = K ? states.data() : nullptr;
+  launch(gx, rows, [&] { down_forward_kernel<double, S>(a); });
+  put(y, N * D, o);
+  put(states, K * D * Sr, o);
+  // backward
+  a.y = nullptr; a.states = nullptr; a.ckpt = ckpt.data();
+  launch(gx, rows, [&] { down_forward_kernel<double, S>(a); });
+  std::vector<double> gu(N * D, 0), gdx(N * D, 0), gde(N * D, 0), gh0(T * D * Sr, 0);
+  std::vector<double> gA(rows * D * Sr, -444), gB(warps * N * Sr, -444), gC(warps * N * Sr, -444);
+  a.gy = gy.data(); a.gstates = has_gs ? gs.data() : nullptr;
+  a.gu = gu.data(); a.gdx = gdx.data(); a.gde = rule == kGiven ? gde.data() : nullptr;
+  a.gA = gA.data(); a.gB = gB.data(); a.gC = gC.data(); a.gh0 = has_h0 ? gh0.data() : nullptr;
+  launch(gx, rows, [&] { down_backward_kernel<double, S>(a); });
+  auto sum_rows = [](const std::vector<double>& p, int64_t r, int64_t m) {
+    std::vector<double> out(m, 0.0);
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < m; ++j) out[j] += p[i * m + j];
+    return out;
+  };
+  for (auto* v : {&gu, &gdx, &gde}) put(*v, N * D, o);
+  auto tA = sum_rows(gA, rows, D * Sr), tB = sum_rows(gB, warps, N * Sr),
+       tC = sum_rows(gC, warps, N * Sr);
+  put(tA, D * Sr, o);
+  put(tB, N * Sr, o);
+  put(tC, N * Sr, o);
+  put(gh0, T * D * Sr, o);
+}
+
+int main(int argc, char** argv) {
+  if (argc != 3) return 2;
+  FILE* in = std::fopen(argv[1], "rb");
+  FILE* o = std::fopen(argv[2], "wb");
+  int64_t s = 0;
+  if (std::fread(&s, 8, 1, in) != 1) return 2;  // the padded state count, then the problem
+  if (s == 1) run<1>(in, o);
+  else if (s == 2) run<2>(in, o);
+  else if (s == 4) run<4>(in, o);
+  else if (s == 8) run<8>(in, o);
+  else run<16>(in, o);
+  std::fclose(o);
+  return 0;
+}

@@ -1,0 +1,136 @@
+"""The fused CUDA selective scan (``extensions/treessm_cuda/walk_kernels.cuh``) compiled for
+the host and run with one thread per CUDA thread, against the readable reference
+:func:`treessm.ops.selective_scan.selective_tree_scan_ref`: outputs, states and every
+gradient, on forests whose walks use every flag of the plan (first, middle and last
+children, deep stacks, segments that start inside them), with each edge-step rule, incoming
+states and requested states."""
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import treessm
+from emulation import compile_harness
+from oracle import all_roots, chain, random_forest, star
+from treessm.ops.selective_scan import selective_tree_scan_ref
+from treessm.ops.walk import walk_plan
+
+SEGMENT = 16  # walk_kernels.cuh: Segment<double>::K
+ROWS = 2      # block rows over the trees: each strides over several
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return compile_harness(tmp_path_factory.mktemp("emu"), "walk_harness.cpp")
+
+
+def _forests():
+    g = torch.Generator().manual_seed(5)
+    binary = torch.tensor([-1] + [(i - 1) // 2 for i in range(1, 63)])
+    return {
+        "single_vertex": torch.tensor([-1]),
+        "random": random_forest(45, 1, g),
+        "many_roots": random_forest(40, 6, g),
+        "all_roots": all_roots(5),
+        "star": star(20, 3),
+        "deep": random_forest(70, 2, g, locality=2),
+        "chain": chain(40, g),
+        "binary": binary,
+    }
+
+
+def _pad(s):
+    return 1 << (s - 1).bit_length()
+
+
+def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0):
+    tree = treessm.Tree.from_parent(parent)
+    n, t = parent.numel(), tree.num_trees
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    u = torch.randn(n, d, generator=g, **f64)
+    dx = 0.1 + torch.rand(n, d, generator=g, **f64)
+    de = 0.1 + torch.rand(n, d, generator=g, **f64)
+    A = -torch.rand(d, s, generator=g, **f64) * 2
+    B, C = torch.randn(n, s, generator=g, **f64), torch.randn(n, s, generator=g, **f64)
+    h0 = torch.randn(t, d, s, generator=g, **f64) if with_h0 else None
+    sv = torch.randint(0, n, (5,), generator=g) if with_states else None
+    gy = torch.randn(n, d, generator=g, **f64)
+    gs = torch.randn(5, d, s, generator=g, **f64) if with_states else None
+    plan = walk_plan(tree, SEGMENT)
+    from treessm.ops.selective_scan import _state_rows
+    srow, snext = _state_rows(sv, n, "cpu")
+    k = snext.numel()
+    src, dst = tmp / "in.bin", tmp / "out.bin"
+    rule_id = ("child", "mean", "given").index(rule)
+    zeros = lambda *shape: torch.zeros(*shape, **f64)  # noqa: E731
+    with open(src, "wb") as f:
+        np.array([_pad(s), n, d, s, t, k, plan.num_slots, rule_id, with_h0, with_states,
+                  min(ROWS, t)], np.int64).tofile(f)
+        for a in (u, dx, de, A, B, C, h0 if with_h0 else zeros(t, d, s), gy,
+                  gs if with_states else zeros(k, d, s)):
+            a.contiguous().numpy().tofile(f)
+        plan.rec.numpy().astype(np.int32).tofile(f)
+        plan.tree_ptr.numpy().astype(np.int32).tofile(f)
+        srow.numpy().astype(np.int64).tofile(f)
+        snext.numpy().astype(np.int64).tofile(f)
+    r = subprocess.run([str(harness), str(src), str(dst)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = np.fromfile(dst, np.float64)
+    sizes = [n * d, k * d * s, n * d, n * d, n * d, d * s, n * s, n * s, t * d * s]
+    got = dict(zip(["y", "states", "gu", "gdx", "gde", "gA", "gB", "gC", "gh0"],
+                   np.split(out, np.cumsum(sizes)[:-1])))
+    # the reference, and its gradients by autograd
+    leaves = [x.clone().requires_grad_() for x in (u, dx, A, B, C)]
+    ue, dxe, Ae, Be, Ce = leaves
+    dee = de.clone().requires_grad_() if rule == "given" else None
+    h0e = h0.clone().requires_grad_() if with_h0 else None
+    out_ref = selective_tree_scan_ref(ue, dxe, Ae, Be, Ce, tree, direction="down",
+                                      edge_step=dee if rule == "given" else rule,
+                                      initial_state=h0e, state_vertices=sv)
+    y_ref, st_ref = out_ref if with_states else (out_ref, None)
+    loss = (y_ref * gy).sum() + ((st_ref * gs).sum() if with_states else 0)
+    grads = torch.autograd.grad(loss, leaves + [x for x in (dee, h0e) if x is not None],
+                                allow_unused=True)
+    expected = {"y": y_ref, "gu": grads[0], "gdx": grads[1], "gA": grads[2], "gB": grads[3],
+                "gC": grads[4]}
+    rest = list(grads[5:])
+    if rule == "given":
+        expected["gde"] = rest.pop(0)
+    if with_h0:
+        expected["gh0"] = rest.pop(0)
+    if with_states:
+        expected["states"] = st_ref
+    for name, ref in expected.items():
+        ref = np.zeros_like(got[name]) if ref is None else ref.detach().reshape(-1).numpy()
+        np.testing.assert_allclose(got[name], ref, rtol=1e-9, atol=1e-9, err_msg=name)
+    return got
+
+
+@pytest.mark.parametrize("name", list(_forests()))
+def test_walk_matches_reference(harness, tmp_path, name):
+    parent = _forests()[name]
+    _run(harness, tmp_path, parent, d=3, s=2, rule="child", with_h0=False, with_states=False)
+
+
+@pytest.mark.parametrize("rule", ["child", "mean", "given"])
+@pytest.mark.parametrize("s", [1, 3, 16])
+def test_walk_rules_states_and_incoming_states(harness, tmp_path, rule, s):
+    parent = _forests()["many_roots"]
+    _run(harness, tmp_path, parent, d=2, s=s, rule=rule, with_h0=True, with_states=True)
+
+
+def test_walk_channels_across_blocks_and_idle_lanes(harness, tmp_path):
+    # 70 channels: two blocks of 64, the second mostly idle; two warps of partial sums
+    parent = _forests()["deep"][:30].clone()
+    parent[parent >= 30] = -1
+    _run(harness, tmp_path, parent, d=70, s=4, rule="mean", with_h0=False, with_states=True)
+
+
+def test_walk_is_bitwise_reproducible(harness, tmp_path):
+    parent = _forests()["random"]
+    a = _run(harness, tmp_path, parent, d=3, s=4, rule="mean", with_h0=True, with_states=True)
+    b = _run(harness, tmp_path, parent, d=3, s=4, rule="mean", with_h0=True, with_states=True)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key

@@ -1,0 +1,75 @@
+"""CUDA kernels of the fused selective tree scan (:mod:`treessm.ops.selective_scan`): the
+``"down"`` direction along the depth-first walk of :mod:`treessm.ops.walk`
+(``extensions/treessm_cuda/walk_kernels.cuh``), without the state expansion in memory.
+
+One thread holds the ``S`` states of one channel of one tree in registers and walks the
+tree; the backward walks it again from checkpoints saved at segment starts (about
+``1 / segment`` of the states, more where the walk's stack is deep), in a second forward
+walk of its own, so nothing is kept between the forward and the backward. Results are
+bitwise reproducible.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+from ..typing import load_cuda_extension
+from .selective_scan_cpu import EDGE_RULES
+from .walk import walk_plan
+
+__all__ = ["forward", "backward", "layout", "supports", "MAX_STATES"]
+
+#: ``d_state`` the kernels hold in registers, at most.
+MAX_STATES = 16
+
+
+def supports(direction: str, moments: bool, d_state: int) -> bool:
+    """Whether the fused kernels run this problem (else the expanded path does)."""
+    return direction == "down" and not moments and 1 <= d_state <= MAX_STATES
+
+
+def _segment(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 16  # walk_kernels.cuh: Segment<T>::K
+
+
+def layout(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], List[int]]:
+    """The walk plan's tensors and its slot count, for the kernels."""
+    plan = walk_plan(tree, _segment(dtype))
+    return [plan.rec, plan.tree_ptr], [plan.num_slots]
+
+
+def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, rec, tree_ptr, num_slots: int,
+            direction: str, edge_rule: str, moments: bool):
+    """``(y, mu, m2, states)`` as :func:`treessm.ops.selective_scan_cpu.forward` (``mu`` and
+    ``m2`` empty: moments are not supported here)."""
+    _check(direction, moments, gamma)
+    load_cuda_extension()
+    y, states = torch.ops.treessm.cuda_selective_walk(
+        u, dx, de, A.contiguous(), B.contiguous(), C.contiguous(), h0, srow, snext, rec,
+        tree_ptr, num_slots, EDGE_RULES.index(edge_rule))
+    empty = u.new_empty(0)
+    return y, empty, empty, states
+
+
+def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, rec,
+             tree_ptr, num_slots: int, direction: str, edge_rule: str, moments: bool
+             ) -> Tuple[Optional[Tensor], ...]:
+    """Gradients as :func:`treessm.ops.selective_scan_cpu.backward`."""
+    _check(direction, moments, gamma)
+    load_cuda_extension()
+    given = edge_rule == "given"
+    gu, gdx, gde, gA, gB, gC, gh0 = torch.ops.treessm.cuda_selective_walk_backward(
+        gy.contiguous(), None if gstates is None else gstates.contiguous(), u, dx, de,
+        A.contiguous(), B.contiguous(), C.contiguous(), h0, srow, snext, rec, tree_ptr,
+        num_slots, EDGE_RULES.index(edge_rule))
+    return (gu, gdx, gde if given else None, gA, gB, gC, None,
+            gh0 if h0 is not None else None)
+
+
+def _check(direction: str, moments: bool, gamma) -> None:
+    if direction != "down" or moments or gamma is not None:
+        raise ValueError(f"the CUDA fused kernels run direction 'down' without state "
+                         f"normalisation, got direction={direction!r}, moments={moments}")

@@ -1,0 +1,123 @@
+r"""The depth-first walk of a forest that the fused CUDA selective scan follows.
+
+:func:`walk_plan` lays each tree out as a depth-first walk that visits every vertex before
+its children and its *heavy* child (the largest subtree, the first in breadth-first order
+on ties) after its other children. A scan that walks it keeps one state in registers and a
+stack for the rest: a vertex's parent is the previous vertex (when it is its parent's first
+child) or the stack's top (its other children), a vertex with two or more children pushes
+its state, and its last child, the heavy one, pops it. Every vertex under an entry of the
+stack sits in a light subtree, at most half of its parent's, so the stack never holds more
+than :math:`\lfloor \log_2 n \rfloor` entries for a tree of :math:`n` vertices.
+
+The walk is cut into segments of ``segment`` positions, each tree's starting at its first
+position; at each segment start the backward restores the previous vertex's state and the
+stack from *checkpoint slots* (one plus the stack's depth there), numbered in walk order.
+
+The plan is computed with tensor operations and two tree scans on the tree's device and
+cached in ``tree.plan_cache``; the host reads two numbers once (the slot count and the
+deepest stack).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+from .tree_scan import tree_scan
+
+__all__ = ["WalkPlan", "walk_plan", "ROOT", "FIRST", "LAST", "PUSH", "MAX_STACK"]
+
+#: Flags of a walk position (low four bits of ``rec[:, 2]``; the stack depth before the
+#: position is ``rec[:, 2] >> 4``): a root; a first child (its parent is the previous
+#: position); a last child of a vertex with two or more children (pops the stack); a
+#: vertex with two or more children (pushes its state).
+ROOT, FIRST, LAST, PUSH = 1, 2, 4, 8
+#: Stack entries of the CUDA kernels (a tree below 2^31 vertices needs at most 30).
+MAX_STACK = 32
+
+
+class WalkPlan(NamedTuple):
+    """The walk of a forest (on its device, int32).
+
+    Attributes:
+        rec (IntTensor [N, 4]): per walk position the vertex, its parent (``-1`` at a
+            root), its flags with the stack depth before it (``flags | depth << 4``) and,
+            at the first position of a segment, its first checkpoint slot (else ``-1``).
+        tree_ptr (IntTensor [T + 1]): tree ``t`` spans walk positions
+            ``[tree_ptr[t], tree_ptr[t + 1])`` (its breadth-first range).
+        num_slots (int): checkpoint slots of all segments.
+        segment (int): positions of a segment.
+    """
+
+    rec: Tensor
+    tree_ptr: Tensor
+    num_slots: int
+    segment: int
+
+
+def _subtree_sizes(tree: Tree) -> Tensor:
+    ones = torch.ones(tree.num_nodes, 1, dtype=torch.float64, device=tree.device)
+    return tree_scan(ones, ones, tree, "up")[:, 0]  # exact: integers below 2^53
+
+
+def walk_plan(tree: Tree, segment: int) -> WalkPlan:
+    """The :class:`WalkPlan` of ``tree`` with segments of ``segment`` positions, built once
+    per segment length and cached."""
+    key = ("walk", segment)
+    cached = tree.plan_cache.get(key)
+    if cached is not None:
+        return cached
+    n, dev = tree.num_nodes, tree.device
+    if n >= 2 ** 31:
+        raise ValueError(f"the walk plan holds int32 positions; the tree has {n} vertices")
+    parent, order = tree.parent, tree.order
+    long = dict(dtype=torch.long, device=dev)
+    size = _subtree_sizes(tree)
+    bfs = torch.empty(n, **long)
+    bfs[order] = torch.arange(n, **long)
+    par = torch.where(parent >= 0, parent, n)  # roots point at a spare slot n
+    nonroot = parent >= 0
+    nchild = torch.zeros(n + 1, **long).index_add_(0, par, torch.ones(n, **long))
+    # the heavy child: the largest subtree, the first in breadth-first order on ties
+    biggest = torch.zeros(n + 1, dtype=torch.float64, device=dev).scatter_reduce(
+        0, par, size, "amax", include_self=True)
+    candidate = torch.where(size == biggest[par], bfs, n)
+    heavy_bfs = torch.full((n + 1,), n, **long).scatter_reduce(0, par, candidate, "amin")
+    heavy = nonroot & (bfs == heavy_bfs[par])
+    # sizes of the earlier siblings in breadth-first order (siblings are contiguous there)
+    size_bfs = size[order]
+    before_bfs = torch.cumsum(size_bfs, 0) - size_bfs
+    first_sibling = tree.child_ptr[bfs[parent.clamp(min=0)]]  # bfs position of v's first sibling
+    earlier = before_bfs[bfs] - before_bfs[first_sibling.clamp(max=max(n - 1, 0))]
+    # offset of v among its siblings in walk order: the light ones in breadth-first order,
+    # then the heavy one
+    after_heavy = heavy_bfs[par] < bfs
+    offset = torch.where(heavy, size[parent.clamp(min=0)] - 1 - size,
+                         earlier - torch.where(after_heavy, biggest[par], 0))
+    offset = torch.where(nonroot, offset, 0)
+    # walk position: parent's + 1 + offset, a root at its tree's start (a down scan)
+    step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64))
+    ones = torch.ones(n, 1, dtype=torch.float64, device=dev)
+    pos = tree_scan(step[:, None], ones, tree, "down")[:, 0].round().long()
+    flags = (torch.where(nonroot, 0, ROOT) + torch.where(nonroot & (offset == 0), FIRST, 0)
+             + torch.where(heavy & (nchild[par] >= 2), LAST, 0)
+             + torch.where(nchild[:n] >= 2, PUSH, 0))
+    at = torch.empty(n, **long)
+    at[pos] = torch.arange(n, **long)  # the vertex at each walk position
+    flags_at = flags[at]
+    change = (flags_at & PUSH > 0).long() - (flags_at & LAST > 0).long()
+    depth = torch.cumsum(change, 0) - change  # stack depth before each position
+    tree_of = torch.repeat_interleave(torch.arange(tree.num_trees, **long),
+                                      tree.tree_ptr.diff(), output_size=n)
+    starts = (torch.arange(n, **long) - tree.tree_ptr[tree_of]) % segment == 0
+    slots = torch.where(starts, 1 + depth, 0)
+    first_slot = torch.where(starts, torch.cumsum(slots, 0) - slots, -1)
+    num_slots, deepest = (torch.stack([slots.sum(), depth.max()]).tolist() if n else (0, 0))
+    if deepest >= MAX_STACK:  # impossible below 2^31 vertices; a guard on the layout
+        raise AssertionError(f"walk stack of depth {deepest} exceeds {MAX_STACK}")
+    rec = torch.stack([at, parent[at], flags_at | (depth << 4), first_slot], 1).int()
+    plan = WalkPlan(rec.contiguous(), tree.tree_ptr.int(), int(num_slots), segment)
+    tree.plan_cache[key] = plan
+    return plan
