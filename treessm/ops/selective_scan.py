@@ -57,23 +57,34 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 class FusedKernels(NamedTuple):
     """What a backend provides: ``forward`` and ``backward`` (arguments as in
     :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``, with the tree given
-    by ``layout``); ``layout(tree, dtype)``, the tensors and integers that stand for the
-    tree in those calls; ``supports(direction, moments, d_state)``, whether the kernels run
-    such a problem (else the expanded path does)."""
+    as ``layout, layout_size``); ``layout(tree, dtype)``, the list of tensors and the
+    integer that stand for the tree in those calls; ``supports(direction, moments,
+    d_state)``, whether the kernels run such a problem (else the expanded path does)."""
     forward: Callable
     backward: Callable
     layout: Callable
     supports: Callable
 
 
-def _tree_arrays(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], List[int]]:
-    return [tree.parent, tree.order, tree.child_ptr, tree.tree_ptr], []
+def _tree_arrays(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], int]:
+    return [tree.parent, tree.order, tree.child_ptr, tree.tree_ptr], 0
+
+
+def _numba_forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, *args):
+    return selective_scan_cpu.forward(u, dx, de, A, B, C, gamma, h0, srow, snext, *layout,
+                                      *args)
+
+
+def _numba_backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext,
+                    layout, layout_size, *args):
+    return selective_scan_cpu.backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
+                                       srow, snext, *layout, *args)
 
 
 #: Fused kernels by backend. The CUDA kernels run the direction ``"down"`` without
 #: ``state_norm`` for ``d_state`` up to 16; other problems on CUDA take the expanded path.
 FUSED_KERNELS: Dict[str, FusedKernels] = {
-    "numba": FusedKernels(selective_scan_cpu.forward, selective_scan_cpu.backward, _tree_arrays,
+    "numba": FusedKernels(_numba_forward, _numba_backward, _tree_arrays,
                           lambda direction, moments, d_state: True),
     "cuda": FusedKernels(selective_scan_cuda.forward, selective_scan_cuda.backward,
                          selective_scan_cuda.layout, selective_scan_cuda.supports),
@@ -266,14 +277,14 @@ def _kernels(backend: str) -> FusedKernels:
 @torch.library.custom_op("treessm::selective_tree_scan", mutates_args=())
 def _fused_op(u: Tensor, dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
               gamma: Optional[Tensor], h0: Optional[Tensor], srow: Tensor, snext: Tensor,
-              layout: List[Tensor], layout_sizes: List[int], direction: str, edge_rule: str,
+              layout: List[Tensor], layout_size: int, direction: str, edge_rule: str,
               moments: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, *layout,
-                                     *layout_sizes, direction, edge_rule, moments)
+    return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout,
+                                     layout_size, direction, edge_rule, moments)
 
 
 @_fused_op.register_fake
-def _(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, direction, edge_rule,
+def _(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction, edge_rule,
       moments, backend):
     n, d = u.shape
     stat = n if moments else 0
@@ -285,27 +296,27 @@ def _(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, directio
 def _fused_backward_op(gy: Tensor, gmu: Tensor, gm2: Tensor, gstates: Tensor, u: Tensor,
                        dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                        gamma: Optional[Tensor], h0: Optional[Tensor], mu: Tensor,
-                       srow: Tensor, snext: Tensor, layout: List[Tensor],
-                       layout_sizes: List[int], direction: str, edge_rule: str,
-                       moments: bool, backend: str) -> List[Tensor]:
+                       srow: Tensor, snext: Tensor, layout: List[Tensor], layout_size: int,
+                       direction: str, edge_rule: str, moments: bool,
+                       backend: str) -> List[Tensor]:
     grads = _kernels(backend).backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
-                                       srow, snext, *layout, *layout_sizes, direction,
-                                       edge_rule, moments)
+                                       srow, snext, layout, layout_size, direction, edge_rule,
+                                       moments)
     return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_fused_backward_op.register_fake
 def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, layout,
-      layout_sizes, direction, edge_rule, moments, backend):
+      layout_size, direction, edge_rule, moments, backend):
     like = lambda t: u.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
     return [like(u), like(dx), like(de), like(A), like(B), like(C), like(gamma), like(h0)]
 
 
 def _setup_context(ctx, inputs, output):
-    (u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, direction, edge_rule,
+    (u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction, edge_rule,
      moments, backend) = inputs
     ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], srow, snext, *layout)
-    ctx.args = (layout_sizes, direction, edge_rule, moments, backend)
+    ctx.args = (layout_size, direction, edge_rule, moments, backend)
 
 
 def _backward(ctx, gy, gmu, gm2, gstates):
@@ -315,7 +326,7 @@ def _backward(ctx, gy, gmu, gm2, gstates):
         *ctx.args)
     present = lambda t, g: None if t is None else g  # noqa: E731
     return (gu, gdx, present(de, gde), gA, gB, gC, present(gamma, gg), present(h0, gh0),
-            None, None, [None] * len(layout), [None] * len(ctx.args[0]), None, None, None, None)
+            None, None, [None] * len(layout), None, None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -469,9 +480,9 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
     h0 = None if initial_state is None else initial_state.to(acc)
     srow, snext = _state_rows(state_vertices, n, u.device)
     Cc = C.to(acc)
-    layout, layout_sizes = _kernels(backend).layout(tree, acc)
+    layout, layout_size = _kernels(backend).layout(tree, acc)
     y, mu, m2, states = torch.ops.treessm.selective_tree_scan(
-        uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, layout, layout_sizes,
+        uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, layout, layout_size,
         direction, rule, state_norm, backend)
     skip = None if D is None else D.to(acc)
     if state_norm:

@@ -35,31 +35,32 @@ def _segment(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 16  # walk_kernels.cuh: Segment<T>::K
 
 
-def layout(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], List[int]]:
+def layout(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], int]:
     """The walk plan's tensors and its slot count, for the kernels."""
     plan = walk_plan(tree, _segment(dtype))
-    return [plan.rec, plan.tree_ptr], [plan.num_slots]
+    return [plan.rec, plan.tree_ptr], plan.num_slots
 
 
-def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, rec, tree_ptr, num_slots: int,
+def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], num_slots: int,
             direction: str, edge_rule: str, moments: bool):
     """``(y, mu, m2, states)`` as :func:`treessm.ops.selective_scan_cpu.forward` (``mu`` and
     ``m2`` empty: moments are not supported here)."""
     _check(direction, moments, gamma)
     load_cuda_extension()
+    rec, tree_ptr = layout
     y, states = torch.ops.treessm.cuda_selective_walk(
         u, dx, de, A.contiguous(), B.contiguous(), C.contiguous(), h0, srow, snext, rec,
         tree_ptr, num_slots, EDGE_RULES.index(edge_rule))
-    empty = u.new_empty(0)
-    return y, empty, empty, states
+    return y, u.new_empty(0), u.new_empty(0), states
 
 
-def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, rec,
-             tree_ptr, num_slots: int, direction: str, edge_rule: str, moments: bool
-             ) -> Tuple[Optional[Tensor], ...]:
+def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext,
+             layout: List[Tensor], num_slots: int, direction: str, edge_rule: str,
+             moments: bool) -> Tuple[Optional[Tensor], ...]:
     """Gradients as :func:`treessm.ops.selective_scan_cpu.backward`."""
     _check(direction, moments, gamma)
     load_cuda_extension()
+    rec, tree_ptr = layout
     given = edge_rule == "given"
     gu, gdx, gde, gA, gB, gC, gh0 = torch.ops.treessm.cuda_selective_walk_backward(
         gy.contiguous(), None if gstates is None else gstates.contiguous(), u, dx, de,

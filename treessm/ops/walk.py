@@ -62,6 +62,7 @@ def _subtree_sizes(tree: Tree) -> Tensor:
     return tree_scan(ones, ones, tree, "up")[:, 0]  # exact: integers below 2^53
 
 
+@torch.compiler.disable  # reads two numbers on the host; runs eagerly under torch.compile
 def walk_plan(tree: Tree, segment: int) -> WalkPlan:
     """The :class:`WalkPlan` of ``tree`` with segments of ``segment`` positions, built once
     per segment length and cached."""
