@@ -65,21 +65,44 @@ def test_blocks_of_channels_give_the_values_of_one_block(direction, edge_rule):
                 close(got[2][k], g, msg=f"{width} {k}")
 
 
-def test_state_norm_runs_whole():
-    # the normalised read-out couples every state of a vertex: no blocks
+@pytest.mark.parametrize("direction", ["both", "down"])
+def test_state_norm_in_blocks_gives_the_values_of_one_block(direction):
+    # the normalisation couples every state of a vertex: blocks return their moments,
+    # combined in order; every gradient, including the norm's affine, as from one block
     gen = torch.Generator().manual_seed(5)
     tree = treessm.Tree.from_parent(random_forest(N, 2, gen))
-    leaves = _inputs(tree, "both", gen)
+    leaves = _inputs(tree, direction, gen)
+    leaves["norm_weight"] = (1 + 0.3 * torch.randn(D, S, generator=gen,
+                                                    dtype=torch.float64)).requires_grad_()
+    leaves["norm_bias"] = (0.3 * torch.randn(D * S, generator=gen,
+                                             dtype=torch.float64)).requires_grad_()
     calls = []
 
     def counting_scan(x, w, tree, direction):
-        calls.append(x.shape)
+        calls.append(x.shape[1])
         return reference_tree_scan(x, w, tree, direction)
 
-    args = (leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], tree, None,
-            None, False, "both", "child")
-    expanded_in_blocks(*args, scan=counting_scan, block_bytes=N * S * 8, state_norm=True)
-    assert calls == [torch.Size([N, D, S])]
+    def run(block_bytes):
+        out = expanded_in_blocks(
+            leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], tree,
+            leaves["D"], leaves["delta_bias"], True, direction, "mean", scan=counting_scan,
+            block_bytes=block_bytes, initial_state=leaves.get("initial"),
+            state_vertices=torch.tensor([3, 8]), state_norm=True,
+            norm_weight=leaves["norm_weight"], norm_bias=leaves["norm_bias"], norm_eps=1e-3)
+        y, states = out
+        g = torch.Generator().manual_seed(11)
+        loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() \
+            + (states * torch.randn(states.shape, generator=g, dtype=y.dtype)).sum()
+        names = sorted(k for k in leaves if k != "edge")
+        return y, states, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+
+    whole = run(1 << 40)
+    assert calls == [D]
     calls.clear()
-    expanded_in_blocks(*args, scan=counting_scan, block_bytes=N * S * 8)
-    assert calls == [torch.Size([N, 1, S])] * D
+    got = run(3 * N * S * 8)  # blocks of 3, 3 and 1 channels
+    assert calls[:3] == [3, 3, 1]
+    close = functools.partial(torch.testing.assert_close, rtol=1e-10, atol=1e-10)
+    close(got[0], whole[0])
+    close(got[1], whole[1])
+    for k, g in whole[2].items():
+        close(got[2][k], g, msg=k)

@@ -90,13 +90,13 @@ FUSED_KERNELS: Dict[str, FusedKernels] = {
                          selective_scan_cuda.layout, selective_scan_cuda.supports),
 }
 
-#: Bytes one expanded ``[N, D', S]`` tensor of a backend without a fused kernel may take:
+#: Bytes one expanded ``[N, D', S]`` tensor of a problem without fused kernels may take:
 #: wider problems run in blocks of ``D'`` channels, each recomputed in the backward
 #: (non-reentrant :func:`torch.utils.checkpoint.checkpoint`), so the peak memory follows
 #: the block, not the layer (a ``TreeSSMConv(64, 64)`` on 10^6 vertices: 128 inner channels
 #: of 16 MB each, 4 states in float32, in 8 blocks of 16). Channels are independent, so the
-#: values are those of one block; ``state_norm`` couples all states of a vertex and runs
-#: whole.
+#: values are those of one block; ``state_norm``, which couples all states of a vertex,
+#: combines the blocks' moments (:func:`expanded_in_blocks`).
 EXPANSION_BLOCK_BYTES = 1 << 28
 
 
@@ -247,15 +247,9 @@ def selective_tree_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
         True
     """
     acc = _compute_dtype(u.dtype)
-    delta = _steps(delta, delta_bias, delta_softplus, acc)
-    edge = _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, acc)
     uc = u.to(acc)
-    x = delta[:, :, None] * B.to(acc)[:, None, :] * uc[:, :, None]       # [N, D, S]
-    w = torch.exp(edge[:, :, None] * A.to(acc))                          # [N, D, S]
-    if initial_state is not None:  # enters each root through the root's own edge
-        roots = tree.roots
-        x = x.index_add(0, roots, w[roots] * initial_state.to(acc))
-    h = (scan or reference_tree_scan)(x, w, tree, direction)
+    h = _expanded_states(u, delta, A, B, tree, delta_bias, delta_softplus, direction, edge_step,
+                         initial_state, scan)
     states = None if state_vertices is None else h[state_vertices]
     if state_norm:
         n, d, s = h.shape
@@ -267,6 +261,20 @@ def selective_tree_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
         y = y + D.to(acc) * uc
     y = y.to(u.dtype)
     return y if state_vertices is None else (y, states)
+
+
+def _expanded_states(u, delta, A, B, tree, delta_bias, delta_softplus, direction, edge_step,
+                     initial_state, scan) -> Tensor:
+    """The states ``h [N, D, S]`` of :func:`selective_tree_scan_ref`, from the expansion."""
+    acc = _compute_dtype(u.dtype)
+    delta = _steps(delta, delta_bias, delta_softplus, acc)
+    edge = _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, acc)
+    x = delta[:, :, None] * B.to(acc)[:, None, :] * u.to(acc)[:, :, None]  # [N, D, S]
+    w = torch.exp(edge[:, :, None] * A.to(acc))                            # [N, D, S]
+    if initial_state is not None:  # enters each root through the root's own edge
+        roots = tree.roots
+        x = x.index_add(0, roots, w[roots] * initial_state.to(acc))
+    return (scan or reference_tree_scan)(x, w, tree, direction)
 
 
 # ---------------------------------------------------------------------------- custom ops
@@ -709,36 +717,68 @@ def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        block_bytes: int = EXPANSION_BLOCK_BYTES, **options):
     """:func:`selective_tree_scan_ref` with ``scan``, over blocks of channels whose expanded
     tensors take at most ``block_bytes`` each (see :data:`EXPANSION_BLOCK_BYTES`); the
-    arguments are :func:`selective_tree_scan`'s, checked."""
+    arguments are :func:`selective_tree_scan`'s, checked. With ``state_norm`` each block
+    returns its read-out before normalisation and the mean and squared deviations of its
+    states; the blocks' moments are combined in order (Chan's formula) and the normalised
+    read-out is formed from them, as the fused kernels do."""
     n, d = u.shape
-    item = torch.empty((), dtype=_compute_dtype(u.dtype)).element_size()
-    width = max(1, block_bytes // max(1, n * A.shape[1] * item))
-    if options.get("state_norm") or width >= d:
+    s = A.shape[1]
+    acc = _compute_dtype(u.dtype)
+    item = torch.empty((), dtype=acc).element_size()
+    width = max(1, block_bytes // max(1, n * s * item))
+    if width >= d:
         return selective_tree_scan_ref(u, delta, A, B, C, tree, D, delta_bias, delta_softplus,
                                        direction, edge_step, scan=scan, **options)
     edge_tensor = edge_step if isinstance(edge_step, Tensor) else None
     initial = options.get("initial_state")
     vertices = options.get("state_vertices")
+    norm = options.get("state_norm", False)
+    weight = options.get("norm_weight") if norm else None
+    bias = options.get("norm_bias") if norm else None
+    weight = None if weight is None else weight.reshape(d, s).to(acc)
+    bias = None if bias is None else bias.reshape(d, s).to(acc)
+    Cc = C.to(acc)
 
-    def block(u_, delta_, A_, D_, bias_, edge_, init_, B_, C_):
-        return selective_tree_scan_ref(
-            u_, delta_, A_, B_, C_, tree, D_, bias_, delta_softplus, direction,
-            edge_ if edge_ is not None else edge_step, initial_state=init_,
-            state_vertices=vertices, scan=scan)
+    def block(u_, delta_, A_, D_, bias_, edge_, init_, g_, B_, C_):
+        if not norm:
+            return selective_tree_scan_ref(
+                u_, delta_, A_, B_, C_, tree, D_, bias_, delta_softplus, direction,
+                edge_ if edge_ is not None else edge_step, initial_state=init_,
+                state_vertices=vertices, scan=scan)
+        h = _expanded_states(u_, delta_, A_, B_, tree, bias_, delta_softplus, direction,
+                             edge_ if edge_ is not None else edge_step, init_, scan)
+        flat = h.reshape(n, -1)
+        mean = flat.mean(1)
+        m2 = (flat - mean[:, None]).square().sum(1)
+        read = C_[:, None, :] if g_ is None else C_[:, None, :] * g_
+        y1 = (h * read).sum(-1)
+        states = h[vertices] if vertices is not None else h.new_zeros(0)
+        return y1, mean, m2, states
 
     def part(t, sl, dim=0):
         return None if t is None else t.narrow(dim, sl.start, sl.stop - sl.start)
 
-    ys, states = [], []
+    outs = []
     for c0 in range(0, d, width):
         sl = slice(c0, min(d, c0 + width))
-        out = checkpoint(block, part(u, sl, 1), part(delta, sl, 1), part(A, sl), part(D, sl),
-                         part(delta_bias, sl), part(edge_tensor, sl, 1), part(initial, sl, 1),
-                         B, C, use_reentrant=False)
+        outs.append(checkpoint(block, part(u, sl, 1), part(delta, sl, 1), part(A, sl),
+                               part(D, sl), part(delta_bias, sl), part(edge_tensor, sl, 1),
+                               part(initial, sl, 1), part(weight, sl), B, Cc,
+                               use_reentrant=False))
+    if not norm:
         if vertices is None:
-            ys.append(out)
-        else:
-            ys.append(out[0])
-            states.append(out[1])
-    y = torch.cat(ys, 1)
-    return y if vertices is None else (y, torch.cat(states, 1))
+            return torch.cat(outs, 1)
+        return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
+    # the blocks' moments, combined in order: mean of the means weighted by the blocks'
+    # sizes, squared deviations within blocks plus those of the block means
+    sizes = [(min(d, c0 + width) - c0) * s for c0 in range(0, d, width)]
+    mu = sum(o[1] * (k / (d * s)) for o, k in zip(outs, sizes))
+    m2 = sum(o[2] for o in outs) + sum(k * (o[1] - mu).square() for o, k in zip(outs, sizes))
+    y1 = torch.cat([o[0] for o in outs], 1)
+    uc = u.to(acc)
+    skip = None if D is None else D.to(acc)
+    y = torch.ops.treessm.normalised_readout(y1, mu, m2, Cc, weight, bias, uc, skip,
+                                             options.get("norm_eps", 1e-5)).to(u.dtype)
+    if vertices is None:
+        return y
+    return y, torch.cat([o[3] for o in outs], 1)
