@@ -49,8 +49,8 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], nu
     load_cuda_extension()
     rec, tree_ptr = layout
     y, states = torch.ops.treessm.cuda_selective_walk(
-        u, dx, de, A.contiguous(), B.contiguous(), C.contiguous(), h0, srow, snext, rec,
-        tree_ptr, num_slots, EDGE_RULES.index(edge_rule))
+        *_contiguous(u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr, num_slots,
+        EDGE_RULES.index(edge_rule))
     return y, u.new_empty(0), u.new_empty(0), states
 
 
@@ -63,11 +63,14 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
     rec, tree_ptr = layout
     given = edge_rule == "given"
     gu, gdx, gde, gA, gB, gC, gh0 = torch.ops.treessm.cuda_selective_walk_backward(
-        gy.contiguous(), None if gstates is None else gstates.contiguous(), u, dx, de,
-        A.contiguous(), B.contiguous(), C.contiguous(), h0, srow, snext, rec, tree_ptr,
+        *_contiguous(gy, gstates, u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr,
         num_slots, EDGE_RULES.index(edge_rule))
     return (gu, gdx, gde if given else None, gA, gB, gC, None,
             gh0 if h0 is not None else None)
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def _check(direction: str, moments: bool, gamma) -> None:
