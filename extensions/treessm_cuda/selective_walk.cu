@@ -3,8 +3,8 @@
 // torch.ops.treessm.cuda_selective_walk and cuda_selective_walk_backward (CUDA dispatch key;
 // autograd and the choice of backend live in treessm.ops.selective_scan).
 //
-// cuda_selective_walk(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots, rule)
-//   -> (y [N, D], states [K, D, S]) for direction "down";
+// cuda_selective_walk(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots, rule,
+//   direction) -> (y [N, D], states [K, D, S]), direction 0 ("down") or 1 ("up", no h0);
 // cuda_selective_walk_backward(gy, gstates, same inputs)
 //   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states:
 //   one forward walk saves num_slots checkpoint slots, then the backward walk.
@@ -44,7 +44,7 @@ Problem check_inputs(const at::Tensor& u, const at::Tensor& dx, const c10::optio
                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                      const c10::optional<at::Tensor>& h0, const at::Tensor& srow,
                      const at::Tensor& snext, const at::Tensor& rec, const at::Tensor& tree_ptr,
-                     int64_t num_slots, int64_t rule) {
+                     int64_t num_slots, int64_t rule, int64_t direction) {
   TORCH_CHECK(u.is_cuda() && u.dim() == 2, "u must be a 2-D CUDA tensor");
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "u must be float32 or float64, got ",
@@ -52,6 +52,9 @@ Problem check_inputs(const at::Tensor& u, const at::Tensor& dx, const c10::optio
   Problem p{u.size(0), u.size(1), A.size(1), tree_ptr.numel() - 1, static_cast<int>(rule)};
   TORCH_CHECK(p.s >= 1 && p.s <= 16, "d_state must lie in [1, 16], got ", p.s);
   TORCH_CHECK(rule >= walk::kChild && rule <= walk::kGiven, "rule must be 0, 1 or 2, got ", rule);
+  TORCH_CHECK(direction == 0 || direction == 1, "direction must be 0 (down) or 1 (up), got ",
+              direction);
+  TORCH_CHECK(direction == 0 || !h0.has_value(), "h0 enters the roots of a down scan only");
   TORCH_CHECK(p.n < (int64_t(1) << 31) && num_slots >= 0, "too many vertices");
   check_rows(u, "u", p.n, p.d, dtype);
   check_rows(dx, "dx", p.n, p.d, dtype);
@@ -112,20 +115,26 @@ dim3 grid_of(const Problem& p) {
 }
 
 template <typename T, int S>
-void launch_forward(const walk::Args<T>& a, dim3 grid) {
+void launch_forward(const walk::Args<T>& a, dim3 grid, bool up) {
   const size_t smem = walk::Stage<T, S>::bytes(false);
-  allow_dynamic_smem<walk::down_forward_kernel<T, S>>(smem, at::cuda::current_device());
-  walk::down_forward_kernel<T, S>
-      <<<grid, walk::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(a);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (up) {
+    walk::up_forward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+  } else {
+    walk::down_forward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int S>
-void launch_backward(const walk::Args<T>& a, dim3 grid) {
+void launch_backward(const walk::Args<T>& a, dim3 grid, bool up) {
   const size_t smem = walk::Stage<T, S>::bytes(true);
-  allow_dynamic_smem<walk::down_backward_kernel<T, S>>(smem, at::cuda::current_device());
-  walk::down_backward_kernel<T, S>
-      <<<grid, walk::kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(a);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (up) {
+    walk::up_backward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+  } else {
+    walk::down_backward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -156,9 +165,10 @@ std::tuple<at::Tensor, at::Tensor> selective_walk(
     const at::Tensor& u, const at::Tensor& dx, const c10::optional<at::Tensor>& de,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const c10::optional<at::Tensor>& h0, const at::Tensor& srow, const at::Tensor& snext,
-    const at::Tensor& rec, const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule) {
+    const at::Tensor& rec, const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule,
+    int64_t direction) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
-                                 rule);
+                                 rule, direction);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor y = at::empty({p.n, p.d}, u.options());
   at::Tensor states = at::zeros({snext.numel(), p.d, p.s}, u.options());
@@ -167,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> selective_walk(
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.y = y.data_ptr<scalar_t>();
     a.states = snext.numel() ? states.data_ptr<scalar_t>() : nullptr;
-    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid_of(p)));
+    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid_of(p), direction == 1));
   });
   return {y, states};
 }
@@ -177,9 +187,9 @@ std::vector<at::Tensor> selective_walk_backward(
     const at::Tensor& dx, const c10::optional<at::Tensor>& de, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& h0,
     const at::Tensor& srow, const at::Tensor& snext, const at::Tensor& rec,
-    const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule) {
+    const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule, int64_t direction) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
-                                 rule);
+                                 rule, direction);
   check_rows(gy, "gy", p.n, p.d, u.scalar_type());
   const bool grad_states = gstates.has_value() && gstates->numel() > 0;
   if (grad_states)
@@ -202,7 +212,7 @@ std::vector<at::Tensor> selective_walk_backward(
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk_backward", [&] {
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.ckpt = ckpt.data_ptr<scalar_t>();
-    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid));
+    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid, direction == 1));
     a.gy = gy.data_ptr<scalar_t>();
     a.gstates = grad_states ? gstates->data_ptr<scalar_t>() : nullptr;
     a.gu = gu.data_ptr<scalar_t>();
@@ -212,7 +222,7 @@ std::vector<at::Tensor> selective_walk_backward(
     a.gB = gB.data_ptr<scalar_t>();
     a.gC = gC.data_ptr<scalar_t>();
     a.gh0 = h0.has_value() ? gh0.data_ptr<scalar_t>() : nullptr;
-    TREESSM_WITH_STATES(p.s, launch_backward<scalar_t, S>(a, grid));
+    TREESSM_WITH_STATES(p.s, launch_backward<scalar_t, S>(a, grid, direction == 1));
   });
   // partial sums over block rows and warps, added in a fixed order
   return {gu, gdx, gde, gA.sum(0), gB.sum(0), gC.sum(0), gh0};
@@ -222,11 +232,11 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_selective_walk(Tensor u, Tensor dx, Tensor? de, Tensor A, Tensor B, Tensor C, "
       "Tensor? h0, Tensor srow, Tensor snext, Tensor rec, Tensor tree_ptr, int num_slots, "
-      "int rule) -> (Tensor, Tensor)");
+      "int rule, int direction) -> (Tensor, Tensor)");
   m.def(
       "cuda_selective_walk_backward(Tensor gy, Tensor? gstates, Tensor u, Tensor dx, Tensor? de, "
       "Tensor A, Tensor B, Tensor C, Tensor? h0, Tensor srow, Tensor snext, Tensor rec, "
-      "Tensor tree_ptr, int num_slots, int rule) -> Tensor[]");
+      "Tensor tree_ptr, int num_slots, int rule, int direction) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

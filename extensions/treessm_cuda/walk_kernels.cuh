@@ -1,5 +1,5 @@
-// The fused selective tree scan of direction "down" along a depth-first walk of each tree
-// (treessm.ops.walk.WalkPlan), without its state expansion in memory.
+// The fused selective tree scan of directions "down" and "up" along a depth-first walk of
+// each tree (treessm.ops.walk.WalkPlan), without its state expansion in memory.
 //
 // One thread owns one inner channel d of one tree and keeps the S states of the current
 // vertex in registers: h[v] = w[v] h[parent] + x[v] with x = (dx u) B and w = exp(de A),
@@ -389,6 +389,264 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
 #pragma unroll
           for (int s = 0; s < S; ++s) gstack[gtop - 1][s] += w[s] * G[s];
           gstack[gtop - 1][S] += up_half;
+        }
+      }
+    }
+  }
+  if (live)
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+      if (s < a.s) a.gA[(static_cast<int64_t>(blockIdx.y) * a.d + d) * a.s + s] = gA[s];
+}
+
+
+// ---------------------------------------------------------------------------- direction "up"
+// up[v] = x[v] + sum over children c of w[c] up[c]: the walk taken backwards, each vertex
+// after its subtree. A first child hands w up to its parent, the next position walked back
+// (`carry`); the parent's last child opens an accumulator on the stack, its middle children
+// add to it, and the parent closes it. Contexts (carry and open accumulators) are saved at
+// the first position of every segment but a tree's first, in that segment's slots: the
+// context in which the segment before it is walked.
+template <typename T, int S>
+__global__ void __launch_bounds__(kThreads) up_forward_kernel(Args<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Stage<T, S> st(smem_raw);
+  constexpr int K = Segment<T>::K;
+  const int tid = threadIdx.x;
+  const int d = blockIdx.x * kThreads + tid;
+  const bool live = d < a.d;
+  T Ar[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) Ar[s] = (live && s < a.s) ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
+  T stack[kStack][S];
+  for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
+    const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
+    if (start >= end) continue;
+    const int nseg = (end - start + K - 1) / K;
+    T carry[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) carry[s] = T(0);
+    int top = 0;
+    for (int j = nseg - 1; j >= 0; --j) {
+      const int c0 = start + j * K, nc = min(K, end - c0);
+      stage<T, S>(a, st, c0, nc, d, live, false);
+      for (int k = nc - 1; k >= 0; --k) {
+        const int4 r = st.rec[k];
+        const int flags = r.z & 15;
+        const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
+        const T e = st.de[k * kThreads + tid];
+        T up[S];
+#pragma unroll
+        for (int s = 0; s < S; ++s) up[s] = xu * st.B[k * S + s] + carry[s];
+        if (flags & kPush) {
+          --top;
+#pragma unroll
+          for (int s = 0; s < S; ++s) up[s] += stack[top][s];
+        }
+        T yv = T(0);
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          yv += st.C[k * S + s] * up[s];
+          carry[s] = T(0);
+        }
+        if (!(flags & kRoot)) {
+          T share[S];
+#pragma unroll
+          for (int s = 0; s < S; ++s) share[s] = walk_exp(e * Ar[s]) * up[s];
+          if (flags & kFirst) {
+#pragma unroll
+            for (int s = 0; s < S; ++s) carry[s] = share[s];
+          } else if (flags & kLast) {
+#pragma unroll
+            for (int s = 0; s < S; ++s) stack[top][s] = share[s];
+            ++top;
+          } else {
+#pragma unroll
+            for (int s = 0; s < S; ++s) stack[top - 1][s] += share[s];
+          }
+        }
+        if (!live) continue;
+        const int64_t v = r.x;
+        if (a.y != nullptr) a.y[v * a.d + d] = yv;
+        if (a.states != nullptr)
+          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+              if (s < a.s) a.states[(row * a.d + d) * a.s + s] = up[s];
+      }
+      if (a.ckpt != nullptr && j > 0 && live) {
+        const int64_t slot = st.rec[0].w;
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+          if (s < a.s) a.ckpt[(slot * a.d + d) * a.s + s] = carry[s];
+        for (int q = 0; q < top; ++q)
+#pragma unroll
+          for (int s = 0; s < S; ++s)
+            if (s < a.s) a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] = stack[q][s];
+      }
+    }
+  }
+}
+
+// The backward of "up", after up_forward_kernel has filled a.ckpt: G = dL/dx is the down
+// scan of C gy, G[v] = C[v] gy[v] + w[v] G[parent], walked forward with a stack of the
+// parents' G; each segment's up values are first recomputed from the context saved at the
+// next segment's start.
+template <typename T, int S>
+__global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Stage<T, S> st(smem_raw);
+  constexpr int K = Segment<T>::K;
+  constexpr int kSpread = 5 - Log2<S>::value;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int d = blockIdx.x * kThreads + tid;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + tid) >> 5;
+  const bool live = d < a.d;
+  const int my_state = lane >> kSpread;
+  const bool writes_sum = (lane & ((1 << kSpread) - 1)) == 0 && my_state < a.s;
+  T Ar[S], gA[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    Ar[s] = (live && s < a.s) ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
+    gA[s] = T(0);
+  }
+  T stack[kStack][S];   // open accumulators, for the walk back inside a segment
+  T gstack[kStack][S];  // G of the vertices with two or more children
+  T ups[K][S];          // the up values of the segment's positions
+  for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
+    const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
+    if (start >= end) continue;
+    const int nseg = (end - start + K - 1) / K;
+    int gtop = 0;
+    T Gprev[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) Gprev[s] = T(0);
+    for (int j = 0; j < nseg; ++j) {
+      const int c0 = start + j * K, nc = min(K, end - c0);
+      stage<T, S>(a, st, c0, nc, d, live, true);
+      // the context after the next segment was walked back
+      T carry[S];
+      int top = 0;
+#pragma unroll
+      for (int s = 0; s < S; ++s) carry[s] = T(0);
+      if (j + 1 < nseg) {
+        const int4 next = a.rec[c0 + nc];
+        const int64_t slot = next.w;
+        top = next.z >> 4;
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+          carry[s] = (live && s < a.s) ? a.ckpt[(slot * a.d + d) * a.s + s] : T(0);
+        for (int q = 0; q < top; ++q)
+#pragma unroll
+          for (int s = 0; s < S; ++s)
+            stack[q][s] = (live && s < a.s) ? a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] : T(0);
+      }
+      // back through the segment: the up values
+      for (int k = nc - 1; k >= 0; --k) {
+        const int flags = st.rec[k].z & 15;
+        const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
+        const T e = st.de[k * kThreads + tid];
+        T up[S];
+#pragma unroll
+        for (int s = 0; s < S; ++s) up[s] = xu * st.B[k * S + s] + carry[s];
+        if (flags & kPush) {
+          --top;
+#pragma unroll
+          for (int s = 0; s < S; ++s) up[s] += stack[top][s];
+        }
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          ups[k][s] = up[s];
+          carry[s] = T(0);
+        }
+        if (flags & kRoot) continue;
+        T share[S];
+#pragma unroll
+        for (int s = 0; s < S; ++s) share[s] = walk_exp(e * Ar[s]) * up[s];
+        if (flags & kFirst) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) carry[s] = share[s];
+        } else if (flags & kLast) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) stack[top][s] = share[s];
+          ++top;
+        } else {
+#pragma unroll
+          for (int s = 0; s < S; ++s) stack[top - 1][s] += share[s];
+        }
+      }
+      // forward through the segment: G and the gradients
+      for (int k = 0; k < nc; ++k) {
+        const int4 r = st.rec[k];
+        const int flags = r.z & 15;
+        const int64_t v = r.x;
+        const T uv = st.u[k * kThreads + tid], dv = st.dx[k * kThreads + tid];
+        const T e = st.de[k * kThreads + tid], gyv = st.gy[k * kThreads + tid];
+        const T xu = dv * uv;
+        const bool root = (flags & kRoot) != 0;
+        T Gp[S];
+        if (root) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) Gp[s] = T(0);
+        } else if (flags & kFirst) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) Gp[s] = Gprev[s];
+        } else {
+#pragma unroll
+          for (int s = 0; s < S; ++s) Gp[s] = gstack[gtop - 1][s];
+          if (flags & kLast) --gtop;
+        }
+        T G[S], w[S], cpart[S], bpart[S];
+        T gxu = T(0), gw_de = T(0);
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          w[s] = walk_exp(e * Ar[s]);
+          G[s] = st.C[k * S + s] * gyv + w[s] * Gp[s];
+        }
+        if (a.gstates != nullptr && live)
+          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+              if (s < a.s) G[s] += a.gstates[(row * a.d + d) * a.s + s];
+        if (!live)
+#pragma unroll
+          for (int s = 0; s < S; ++s) G[s] = T(0);
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          cpart[s] = gyv * ups[k][s];
+          bpart[s] = G[s] * xu;
+          gxu += G[s] * st.B[k * S + s];
+          const T gww = Gp[s] * ups[k][s] * w[s];  // dL/dw * w
+          gw_de += gww * Ar[s];
+          gA[s] += gww * e;
+        }
+        const T csum = warp_state_sum<S>(cpart, lane);
+        const T bsum = warp_state_sum<S>(bpart, lane);
+        if (writes_sum) {
+          a.gC[(warp * a.n + v) * a.s + my_state] = csum;
+          a.gB[(warp * a.n + v) * a.s + my_state] = bsum;
+        }
+        if (live) {
+          a.gu[v * a.d + d] = gxu * dv;
+          T own = gxu * uv;
+          if (a.rule == kChild) {
+            own += gw_de;
+          } else if (a.rule == kMean && !root) {
+            own += T(0.5) * gw_de;
+          }
+          // the parent precedes its children in the walk: under rule kMean each child adds
+          // the parent's half of its edge step's gradient after the parent's own terms
+          a.gdx[v * a.d + d] += own;
+          if (a.rule == kMean && !root)
+            a.gdx[static_cast<int64_t>(r.y) * a.d + d] += T(0.5) * gw_de;
+          if (a.rule == kGiven) a.gde[v * a.d + d] = gw_de;
+        }
+#pragma unroll
+        for (int s = 0; s < S; ++s) Gprev[s] = G[s];
+        if (flags & kPush) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) gstack[gtop][s] = G[s];
+          ++gtop;
         }
       }
     }

@@ -44,7 +44,7 @@ def _pad(s):
     return 1 << (s - 1).bit_length()
 
 
-def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0):
+def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, direction="down"):
     tree = treessm.Tree.from_parent(parent)
     n, t = parent.numel(), tree.num_trees
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +67,7 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0):
     zeros = lambda *shape: torch.zeros(*shape, **f64)  # noqa: E731
     with open(src, "wb") as f:
         np.array([_pad(s), n, d, s, t, k, plan.num_slots, rule_id, with_h0, with_states,
-                  min(ROWS, t)], np.int64).tofile(f)
+                  min(ROWS, t), direction == "up"], np.int64).tofile(f)
         for a in (u, dx, de, A, B, C, h0 if with_h0 else zeros(t, d, s), gy,
                   gs if with_states else zeros(k, d, s)):
             a.contiguous().numpy().tofile(f)
@@ -86,7 +86,7 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0):
     ue, dxe, Ae, Be, Ce = leaves
     dee = de.clone().requires_grad_() if rule == "given" else None
     h0e = h0.clone().requires_grad_() if with_h0 else None
-    out_ref = selective_tree_scan_ref(ue, dxe, Ae, Be, Ce, tree, direction="down",
+    out_ref = selective_tree_scan_ref(ue, dxe, Ae, Be, Ce, tree, direction=direction,
                                       edge_step=dee if rule == "given" else rule,
                                       initial_state=h0e, state_vertices=sv)
     y_ref, st_ref = out_ref if with_states else (out_ref, None)
@@ -108,29 +108,40 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0):
     return got
 
 
+@pytest.mark.parametrize("direction", ["down", "up"])
 @pytest.mark.parametrize("name", list(_forests()))
-def test_walk_matches_reference(harness, tmp_path, name):
+def test_walk_matches_reference(harness, tmp_path, name, direction):
     parent = _forests()[name]
-    _run(harness, tmp_path, parent, d=3, s=2, rule="child", with_h0=False, with_states=False)
+    _run(harness, tmp_path, parent, d=3, s=2, rule="child", with_h0=False, with_states=False,
+         direction=direction)
 
 
+@pytest.mark.parametrize("direction", ["down", "up"])
 @pytest.mark.parametrize("rule", ["child", "mean", "given"])
 @pytest.mark.parametrize("s", [1, 3, 16])
-def test_walk_rules_states_and_incoming_states(harness, tmp_path, rule, s):
+def test_walk_rules_and_states(harness, tmp_path, rule, s, direction):
+    # incoming states enter the roots of a down scan only
     parent = _forests()["many_roots"]
-    _run(harness, tmp_path, parent, d=2, s=s, rule=rule, with_h0=True, with_states=True)
+    _run(harness, tmp_path, parent, d=2, s=s, rule=rule, with_h0=direction == "down",
+         with_states=True, direction=direction)
 
 
-def test_walk_channels_across_blocks_and_idle_lanes(harness, tmp_path):
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_walk_channels_across_blocks_and_idle_lanes(harness, tmp_path, direction):
     # 70 channels: two blocks of 64, the second mostly idle; two warps of partial sums
     parent = _forests()["deep"][:30].clone()
     parent[parent >= 30] = -1
-    _run(harness, tmp_path, parent, d=70, s=4, rule="mean", with_h0=False, with_states=True)
+    _run(harness, tmp_path, parent, d=70, s=4, rule="mean", with_h0=False, with_states=True,
+         direction=direction)
 
 
-def test_walk_is_bitwise_reproducible(harness, tmp_path):
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_walk_is_bitwise_reproducible(harness, tmp_path, direction):
     parent = _forests()["random"]
-    a = _run(harness, tmp_path, parent, d=3, s=4, rule="mean", with_h0=True, with_states=True)
-    b = _run(harness, tmp_path, parent, d=3, s=4, rule="mean", with_h0=True, with_states=True)
+    h0 = direction == "down"
+    a = _run(harness, tmp_path, parent, d=3, s=4, rule="mean", with_h0=h0, with_states=True,
+             direction=direction)
+    b = _run(harness, tmp_path, parent, d=3, s=4, rule="mean", with_h0=h0, with_states=True,
+             direction=direction)
     for key in a:
         assert np.array_equal(a[key], b[key]), key

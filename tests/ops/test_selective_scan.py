@@ -378,10 +378,12 @@ def _cuda_forests():
 
 
 @_CUDA
+@pytest.mark.parametrize("direction", ["down", "up"])
 @pytest.mark.parametrize("rule", ["child", "mean", "given"])
 @pytest.mark.parametrize("name", list(_cuda_forests()))
-def test_cuda_fused_down_matches_reference(name, rule, monkeypatch):
-    # the fused walk kernels (never the expanded path), with incoming and requested states
+def test_cuda_fused_walk_matches_reference(name, rule, direction, monkeypatch):
+    # the fused walk kernels (never the expanded path), with requested states and (down)
+    # incoming states
     from treessm.ops import selective_scan as module
 
     def expanded(*args, **kwargs):
@@ -389,7 +391,8 @@ def test_cuda_fused_down_matches_reference(name, rule, monkeypatch):
 
     monkeypatch.setattr(module, "expanded_in_blocks", expanded)
     parent = _cuda_forests()[name]
-    tree, leaves, kw = _problem(parent, d=70, s=5, rule=rule, direction="down", initial=True)
+    tree, leaves, kw = _problem(parent, d=70, s=5, rule=rule, direction=direction,
+                                initial=direction == "down")
     kw["state_vertices"] = torch.tensor([0, parent.numel() - 1, 0])
     want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
     cuda = {k: v.detach().cuda() for k, v in leaves.items()}
@@ -399,12 +402,13 @@ def test_cuda_fused_down_matches_reference(name, rule, monkeypatch):
 
 
 @_CUDA
+@pytest.mark.parametrize("direction", ["down", "up"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_fused_down_low_precision_and_many_trees(dtype):
+def test_cuda_fused_walk_low_precision_and_many_trees(dtype, direction):
     # 3000 trees: block rows stride over the trees; 16 states; float32 state for 16-bit input
     g = _gen(41)
     parent = random_forest(9000, 3000, g)
-    tree, leaves, kw = _problem(parent, d=40, s=16, dtype=dtype, direction="down")
+    tree, leaves, kw = _problem(parent, d=40, s=16, dtype=dtype, direction=direction)
     want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
     cuda = {k: v.detach().cuda() for k, v in leaves.items()}
     got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw)
@@ -414,11 +418,12 @@ def test_cuda_fused_down_low_precision_and_many_trees(dtype):
 
 
 @_CUDA
-def test_cuda_fused_down_is_bitwise_reproducible_and_matches_numba_at_scale():
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_cuda_fused_walk_is_bitwise_reproducible_and_matches_numba_at_scale(direction):
     g = _gen(42)
     parent = random_forest(100_000, 4, g, locality=50)
     tree, leaves, kw = _problem(parent, d=64, s=4, dtype=torch.float32, rule="mean",
-                                direction="down")
+                                direction=direction)
     cuda = {k: v.detach().cuda() for k, v in leaves.items()}
     tree_cuda = tree.cuda()
     first = _value_and_grads(selective_tree_scan, tree_cuda, cuda, kw)
@@ -433,9 +438,10 @@ def test_cuda_fused_down_is_bitwise_reproducible_and_matches_numba_at_scale():
 
 
 @_CUDA
-def test_cuda_fused_down_gradcheck():
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_cuda_fused_walk_gradcheck(direction):
     tree, leaves, kw = _problem(random_forest(12, 2, _gen(43)), d=3, s=2, rule="mean",
-                                direction="down", initial=True)
+                                direction=direction, initial=direction == "down")
     tree = tree.cuda()
     names = list(leaves)
     args = [leaves[k].detach().cuda().requires_grad_() for k in names]

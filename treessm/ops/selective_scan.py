@@ -18,8 +18,9 @@ states are ``[N, D, S]`` tensors: ``S`` times the memory and traffic of the laye
 Backends: ``"torch"`` is the reference (any device). ``"numba"`` is the fused CPU kernel
 (:mod:`treessm.ops.selective_scan_cpu`; no ``[N, D, S]`` tensor in the forward or the
 backward, which recomputes the states). ``"cuda"`` runs the fused kernels of
-:mod:`treessm.ops.selective_scan_cuda` for the direction ``"down"`` (chains, causal trees,
-any forest) without ``state_norm`` and ``d_state`` up to 16; other problems form the
+:mod:`treessm.ops.selective_scan_cuda` for the directions ``"down"`` and ``"up"`` (chains,
+causal trees, any forest) without ``state_norm`` and ``d_state`` up to 16; other problems
+(``"both"``, the state normalisation) form the
 expansion and run :func:`treessm.tree_scan`'s CUDA kernels over it, in blocks of channels
 of at most :data:`EXPANSION_BLOCK_BYTES` per expanded tensor, each recomputed in the
 backward, so that no expansion of the whole problem is held. A backend's kernels are one
@@ -81,8 +82,9 @@ def _numba_backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, sr
                                        srow, snext, *layout, *args)
 
 
-#: Fused kernels by backend. The CUDA kernels run the direction ``"down"`` without
-#: ``state_norm`` for ``d_state`` up to 16; other problems on CUDA take the expanded path.
+#: Fused kernels by backend. The CUDA kernels run the directions ``"down"`` and ``"up"``
+#: without ``state_norm`` for ``d_state`` up to 16; other problems on CUDA take the expanded
+#: path.
 FUSED_KERNELS: Dict[str, FusedKernels] = {
     "numba": FusedKernels(_numba_forward, _numba_backward, _tree_arrays,
                           lambda direction, moments, d_state: True),
@@ -665,7 +667,7 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
         norm_eps (float): added to the variance. (default: ``1e-5``)
         backend (str, optional): ``"numba"`` (fused, CPU; the default there), ``"torch"``
             (the reference, any device) or ``"cuda"`` (the default on CUDA tensors: fused
-            for ``direction="down"`` without ``state_norm`` and ``d_state`` up to 16;
+            for ``"down"`` and ``"up"`` without ``state_norm`` and ``d_state`` up to 16;
             otherwise the expansion is formed and scanned by :func:`treessm.tree_scan`'s
             CUDA kernels, in blocks of channels of at most :data:`EXPANSION_BLOCK_BYTES`
             each). (default: ``None``)

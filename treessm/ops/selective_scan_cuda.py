@@ -1,5 +1,5 @@
 """CUDA kernels of the fused selective tree scan (:mod:`treessm.ops.selective_scan`): the
-``"down"`` direction along the depth-first walk of :mod:`treessm.ops.walk`
+directions ``"down"`` and ``"up"`` along the depth-first walk of :mod:`treessm.ops.walk`
 (``extensions/treessm_cuda/walk_kernels.cuh``), without the state expansion in memory.
 
 One thread holds the ``S`` states of one channel of one tree in registers and walks the
@@ -24,11 +24,12 @@ __all__ = ["forward", "backward", "layout", "supports", "MAX_STATES"]
 
 #: ``d_state`` the kernels hold in registers, at most.
 MAX_STATES = 16
+_DIRECTIONS = ("down", "up")  # the kernels' direction codes: 0 and 1
 
 
 def supports(direction: str, moments: bool, d_state: int) -> bool:
     """Whether the fused kernels run this problem (else the expanded path does)."""
-    return direction == "down" and not moments and 1 <= d_state <= MAX_STATES
+    return direction in _DIRECTIONS and not moments and 1 <= d_state <= MAX_STATES
 
 
 def _segment(dtype: torch.dtype) -> int:
@@ -50,7 +51,7 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], nu
     rec, tree_ptr = layout
     y, states = torch.ops.treessm.cuda_selective_walk(
         *_contiguous(u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr, num_slots,
-        EDGE_RULES.index(edge_rule))
+        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction))
     return y, u.new_empty(0), u.new_empty(0), states
 
 
@@ -64,7 +65,7 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
     given = edge_rule == "given"
     gu, gdx, gde, gA, gB, gC, gh0 = torch.ops.treessm.cuda_selective_walk_backward(
         *_contiguous(gy, gstates, u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr,
-        num_slots, EDGE_RULES.index(edge_rule))
+        num_slots, EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction))
     return (gu, gdx, gde if given else None, gA, gB, gC, None,
             gh0 if h0 is not None else None)
 
@@ -74,6 +75,6 @@ def _contiguous(*tensors):
 
 
 def _check(direction: str, moments: bool, gamma) -> None:
-    if direction != "down" or moments or gamma is not None:
-        raise ValueError(f"the CUDA fused kernels run direction 'down' without state "
-                         f"normalisation, got direction={direction!r}, moments={moments}")
+    if direction not in _DIRECTIONS or moments or gamma is not None:
+        raise ValueError(f"the CUDA fused kernels run the directions {_DIRECTIONS} without "
+                         f"state normalisation, got direction={direction!r}, moments={moments}")

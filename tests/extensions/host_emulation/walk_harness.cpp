@@ -1,4 +1,4 @@
-// Host emulation of the fused selective walk (walk_kernels.cuh): the forward, then the
+// Host emulation of the fused selective walk (walk_kernels.cuh), "down" or "up": the forward, then the
 // backward as selective_walk.cu launches it (a forward walk that saves the checkpoints,
 // then the backward walk), in double, with the partial sums added as the host side adds
 // them. usage: walk_harness IN OUT
@@ -28,11 +28,12 @@ void put(const std::vector<double>& v, int64_t n, FILE* o) {
 
 template <int S>
 void run(FILE* in, FILE* o) {
-  auto h = read<int64_t>(in, 10);
+  auto h = read<int64_t>(in, 11);
   const int64_t N = h[0], D = h[1], Sr = h[2], T = h[3], K = h[4], slots = h[5];
   const int rule = static_cast<int>(h[6]);
   const bool has_h0 = h[7], has_gs = h[8];
   const unsigned rows = static_cast<unsigned>(h[9]);
+  const bool up = h[10] != 0;
   auto u = read<double>(in, N * D), dx = read<double>(in, N * D), de = read<double>(in, N * D);
   auto A = read<double>(in, D * Sr), B = read<double>(in, N * Sr), C = read<double>(in, N * Sr);
   auto h0 = read<double>(in, T * D * Sr), gy = read<double>(in, N * D);
@@ -50,18 +51,27 @@ void run(FILE* in, FILE* o) {
   a.num_trees = static_cast<int>(T); a.rule = rule;
   std::vector<double> y(N * D, -777), states(K * D * Sr, 0), ckpt(slots * D * Sr + 1, -555);
   a.y = y.data(); a.states = K ? states.data() : nullptr;
-  launch(gx, rows, [&] { down_forward_kernel<double, S>(a); });
+  launch(gx, rows, [&] {
+    if (up) up_forward_kernel<double, S>(a);
+    else down_forward_kernel<double, S>(a);
+  });
   put(y, N * D, o);
   put(states, K * D * Sr, o);
   // backward
   a.y = nullptr; a.states = nullptr; a.ckpt = ckpt.data();
-  launch(gx, rows, [&] { down_forward_kernel<double, S>(a); });
+  launch(gx, rows, [&] {
+    if (up) up_forward_kernel<double, S>(a);
+    else down_forward_kernel<double, S>(a);
+  });
   std::vector<double> gu(N * D, 0), gdx(N * D, 0), gde(N * D, 0), gh0(T * D * Sr, 0);
   std::vector<double> gA(rows * D * Sr, -444), gB(warps * N * Sr, -444), gC(warps * N * Sr, -444);
   a.gy = gy.data(); a.gstates = has_gs ? gs.data() : nullptr;
   a.gu = gu.data(); a.gdx = gdx.data(); a.gde = rule == kGiven ? gde.data() : nullptr;
   a.gA = gA.data(); a.gB = gB.data(); a.gC = gC.data(); a.gh0 = has_h0 ? gh0.data() : nullptr;
-  launch(gx, rows, [&] { down_backward_kernel<double, S>(a); });
+  launch(gx, rows, [&] {
+    if (up) up_backward_kernel<double, S>(a);
+    else down_backward_kernel<double, S>(a);
+  });
   auto sum_rows = [](const std::vector<double>& p, int64_t r, int64_t m) {
     std::vector<double> out(m, 0.0);
     for (int64_t i = 0; i < r; ++i)
