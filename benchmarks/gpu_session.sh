@@ -5,7 +5,7 @@
 #                                          the scan, a memcheck pass over the scan tests
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
-#                                          grootl), each saved as *_<card>.json
+#                                          grootl, selective_scan), each saved as *_<card>.json
 # The extension is built into $TORCH_EXTENSIONS_DIR (default /tmp/treessm_ext), outside the
 # working tree.
 set -uo pipefail
@@ -66,3 +66,5 @@ timeout ${GRAPH_S:-90} $PY benchmarks/graph.py --device cuda --timing --out "$OU
   2>&1 | tee -a "$SUMMARY" | tail -8
 timeout ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
+timeout ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py --device cuda \
+  --out "$OUT/selective_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10

@@ -1,4 +1,5 @@
-"""The fused selective tree scan on the CPU against the expanded one, at three layer shapes.
+"""The fused selective tree scan against the expanded one, at the layers' shapes, on the CPU
+or a GPU.
 
 For each shape, ``treessm.selective_tree_scan`` (``backend="numba"``: the fused kernels,
 which never form the ``[N, d_inner, d_state]`` expansion) against the same computation
@@ -24,8 +25,19 @@ ratio that the layer targets: at most 3x forward), and the forward of each layer
 its parts (``layer_parts``: one thread, processor time, medians), which shows where the
 layer's time goes. Results: ``benchmarks/results/selective_scan_cpu.json``.
 
-    python benchmarks/selective_scan_cpu.py             # about 5 minutes on 2 cores
-    python benchmarks/selective_scan_cpu.py --quick     # tiny shapes: checks the script
+On a GPU (``--device cuda``) the shapes are those of the GPU targets -- GrootL at Mamba-130m
+widths (4 x 2,048 tokens, d_inner 1,536, d_state 16) over the chain and over the causal tree
+(``down``) and its leaf-to-root scan (``up``, given edge steps), and ``TreeSSMConv(64, 64)``'s
+scan on the spanning forest of a graph of 10^6 vertices -- timed with CUDA events (medians),
+with the peak of the allocator over the inputs, the copy bandwidth of the same run and each
+path's floor: the bytes of its inputs and outputs at that bandwidth. ``"fused"`` is
+``treessm.selective_tree_scan``'s default on CUDA (the fused kernels where they run, else the
+expansion in blocks of channels), ``"expanded"`` the whole expansion scanned by
+``treessm.tree_scan``. Results: ``benchmarks/results/selective_scan_gpu_<card>.json``.
+
+    python benchmarks/selective_scan.py                 # CPU: about 5 minutes on 2 cores
+    python benchmarks/selective_scan.py --quick         # tiny shapes: checks the script
+    python benchmarks/selective_scan.py --device cuda   # GPU: about a minute on an H200
 """
 from __future__ import annotations
 
@@ -58,6 +70,18 @@ SHAPES = {
 }
 QUICK = {"tree_ssm_conv": dict(n=2000), "grootl_chain": dict(length=64, d=32),
          "grootv_stage1": dict(b=2, side=12, d=16)}
+GPU_SHAPES = {
+    "grootl_chain": dict(kind="chains", b=4, length=2048, d=1536, s=16, direction="down",
+                         edge_step="child", state_norm=False),
+    "grootl_causal": dict(kind="causal", b=4, length=2048, d=1536, s=16, direction="down",
+                          edge_step="child", state_norm=False),
+    "grootl_paper_up": dict(kind="causal", b=4, length=2048, d=1536, s=16, direction="up",
+                            edge_step="given", state_norm=False),
+    "tree_ssm_conv": dict(kind="graph", n=10 ** 6, d=128, s=4, direction="both",
+                          edge_step="mean", state_norm=True),
+}
+GPU_QUICK = {"grootl_chain": dict(length=64, d=32), "grootl_causal": dict(length=64, d=32),
+             "grootl_paper_up": dict(length=64, d=32), "tree_ssm_conv": dict(n=2000)}
 
 
 def _tree(shape):
@@ -68,6 +92,9 @@ def _tree(shape):
         return treessm.GraphTopology()(x, torch.randint(0, n, (2, 5 * n), generator=g))
     if shape["kind"] == "chains":
         return treessm.topology.chain_tree(shape["b"], shape["length"])
+    if shape["kind"] == "causal":
+        feat = torch.randn(shape["b"], shape["length"], 32, generator=g)
+        return treessm.topology.CausalSequenceTopology()(feat)
     b, side = shape["b"], shape["side"]
     return treessm.GridTopology()(torch.randn(b, side, side, 16, generator=g))
 
@@ -83,8 +110,12 @@ def _inputs(shape, tree):
     if shape["state_norm"]:
         t["norm_weight"] = torch.ones(d, s) + 0.1 * torch.randn(d, s, generator=g)
         t["norm_bias"] = 0.1 * torch.randn(d, s, generator=g)
+    if shape["edge_step"] == "given":
+        t["edge_step"] = torch.randn(n, d, generator=g) * 0.1
     options = dict(delta_softplus=True, direction=shape["direction"],
-                   edge_step=shape["edge_step"], state_norm=shape["state_norm"])
+                   state_norm=shape["state_norm"])
+    if shape["edge_step"] != "given":
+        options["edge_step"] = shape["edge_step"]
     return t, options
 
 
@@ -142,6 +173,99 @@ def measure(name, path, repeats, quick):
     return row
 
 
+def _cuda_median_ms(fn, repeats):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = _cuda_median_ms(lambda: b.copy_(a), 5)
+    return 2 * a.numel() / (ms / 1e3)
+
+
+def measure_gpu(name, path, repeats, quick, bandwidth):
+    """One shape and path on the current CUDA device, in this process."""
+    shape = dict(GPU_SHAPES[name], **(GPU_QUICK[name] if quick else {}))
+    tree = _tree(shape).cuda()
+    tensors, options = _inputs(shape, tree)
+    tensors = {k: v.cuda() for k, v in tensors.items()}
+    if path == "fused":
+        op = treessm.selective_tree_scan
+    else:
+        op = functools.partial(selective_tree_scan_ref,
+                               scan=functools.partial(treessm.tree_scan, backend=None))
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+    grad = torch.randn(tree.num_nodes, shape["d"], device="cuda")
+
+    def forward():
+        with torch.no_grad():
+            op(tree=tree, **tensors, **options)
+
+    def forward_backward():
+        y = op(tree=tree, **leaves, **options)
+        torch.autograd.grad(y, list(leaves.values()), grad)
+
+    n, d, s = tree.num_nodes, shape["d"], shape["s"]
+    item = 4
+    # what the op must read and write at least: its [N, D] and [N, S] tensors
+    rows = len([k for k in tensors if tensors[k].shape[:1] == (n,) and tensors[k].dim() == 2
+                and tensors[k].shape[1] == d])
+    forward_bytes = item * ((rows + 1) * n * d + 2 * n * s)
+    backward_bytes = item * ((2 * rows + 1) * n * d + 4 * n * s)
+    row = dict(shape=name, path=path, vertices=n, d_inner=d, d_state=s,
+               direction=shape["direction"], edge_step=shape["edge_step"],
+               state_norm=shape["state_norm"])
+    forward_backward()  # plans, kernels and caches before the measurements
+    for label, fn in (("forward", forward), ("forward_backward", forward_backward)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        row[f"{label}_ms"] = _cuda_median_ms(fn, repeats)
+        row[f"{label}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    row["forward_floor_ms"] = 1e3 * forward_bytes / bandwidth
+    row["forward_backward_floor_ms"] = 1e3 * (forward_bytes + backward_bytes) / bandwidth
+    return row
+
+
+def main_gpu(args):
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  treessm=treessm.__version__, when=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  copy_bandwidth_gbs=bandwidth / 1e9, op=[])
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'shape':<17}{'path':<10}{'forward ms (floor)':>22}{'fwd+bwd ms (floor)':>22}"
+          f"{'peak fwd / fwd+bwd MiB':>26}")
+    for name in GPU_SHAPES:
+        for path in ("fused", "expanded"):
+            row = measure_gpu(name, path, args.repeats, args.quick, bandwidth)
+            result["op"].append(row)
+            print(f"{name:<17}{path:<10}{row['forward_ms']:>10.2f} ({row['forward_floor_ms']:.2f})"
+                  f"{row['forward_backward_ms']:>14.2f} ({row['forward_backward_floor_ms']:.2f})"
+                  f"{row['forward_peak_mib']:>14.0f} / {row['forward_backward_peak_mib']:<8.0f}",
+                  flush=True)
+            torch.cuda.empty_cache()
+    card = torch.cuda.get_device_name().split()[-1].lower()
+    out = Path(args.out) if args.out else RESULTS / f"selective_scan_gpu_{card}.json"
+    if not args.quick or args.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"saved {out}")
+    return 0
+
+
 def layer_parts(n, repeats):
     """Forward processor time of the parts of ``TreeSSMConv(64, 64)`` and ``GCNConv(64,
     64)`` on graph.py's random graph of ``n`` vertices (one thread, as graph.py times)."""
@@ -192,12 +316,15 @@ def _in_process(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CI)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument("--measure", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--parts", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return main_gpu(args)
     if args.parts:  # the layers' parts in a process of their own
         print(json.dumps(layer_parts(args.parts, args.repeats)))
         return 0
