@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
 # $OUT (default ./gpu_out), at most eight files.
-#   bash benchmarks/gpu_session.sh check   build, the scan's GPU tests, the benchmark rows of
-#                                          the scan, a memcheck pass over the scan tests
+#   bash benchmarks/gpu_session.sh check   build, the scan's and the fused selective scan's GPU
+#                                          tests, the benchmark rows of the scan, memcheck (and
+#                                          racecheck of the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
 #                                          grootl, selective_scan), each saved as *_<card>.json
@@ -31,7 +32,8 @@ XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 
 if [ "$MODE" = check ]; then
   timeout ${TEST_S:-200} $PY -m pytest -q -p no:cacheprovider tests/ops/test_tree_scan_cuda.py \
-    tests/ops/test_plan.py tests/topology/test_grid_tree_cuda.py 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
+    tests/ops/test_plan.py tests/topology/test_grid_tree_cuda.py tests/ops/test_selective_scan.py \
+    -k "cuda or plan or grid" 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
   grep -E "passed|failed" "$OUT/pytest_scan.log" | tail -1 >> "$SUMMARY"
   timeout ${BENCH_S:-220} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
     --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee "$OUT/bench.log" | tail -40
@@ -40,6 +42,13 @@ if [ "$MODE" = check ]; then
     -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "matches_dense_oracle or launch_shape" \
     > "$OUT/memcheck.log" 2>&1
   log "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$SUMMARY"
+  log "== memcheck and racecheck (the fused selective walk against the reference)"
+  for tool in memcheck racecheck; do
+    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
+      -p no:cacheprovider tests/ops/test_selective_scan.py -k "fused_walk_matches_reference and (deep or many_roots)" \
+      > "$OUT/$tool.walk.log" 2>&1
+    log "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/$tool.walk.log" | tail -3 | tee -a "$SUMMARY"
+  done
   exit 0
 fi
 
