@@ -7,7 +7,9 @@ Three tables, saved as JSON under ``benchmarks/results/``:
   test accuracy over seeds), Minesweeper and Tolokers (ROC-AUC over the 10 fixed splits),
   MUTAG and PROTEINS (accuracy, stratified 10-fold cross-validation, the next fold as
   validation), and Tree-NeighborsMatch at depths ``--nm-depths`` (train and test accuracy,
-  r + 1 blocks of width 32). On Cora every model is the two-layer GCN shape
+  r + 1 blocks of width 32; every model trained alike: Adam at ``--nm-lr``, batches of
+  ``--nm-batch-size``, at most ``--nm-epochs`` epochs, ended after ``--nm-patience``
+  epochs without a better train accuracy). On Cora every model is the two-layer GCN shape
   (``treessm.models.LocalGlobalNet``): GCN layers with the tree scan or attention as a
   weight-decayed global branch, or GCN / GAT / GIN layers alone. Elsewhere every model is a
   ``treessm.models.GraphNet`` of one block kind:
@@ -26,6 +28,8 @@ Three tables, saved as JSON under ``benchmarks/results/``:
     python benchmarks/graph.py --real --root ../shared/data    # the full protocol
     python benchmarks/graph.py --real --update --tasks MUTAG --runs 10 --epoch-scale 0.3
                                                 # one dataset, reduced, into the table
+    python benchmarks/graph.py --real --update --tasks tree_neighbors_match --nm-examples 256
+                                                # Tree-NeighborsMatch, 256 examples per depth
     python benchmarks/graph.py --markdown benchmarks/results/graph_real_cpu.json
     python benchmarks/graph.py --timing                        # CPU, 10^4..10^6
     python benchmarks/graph.py --device cuda --timing --sizes 4,5,6,7   # a GPU
@@ -413,9 +417,11 @@ def _graph_eval(model, loader, metric, mask_key=None, edge_attr=False):
 
 
 def train_graph_split(model, train_set, val_set, test_set, epochs, lr, weight_decay, metric,
-                      batch_size=64, mask_key=None, seed=0, edge_attr=False):
+                      batch_size=64, mask_key=None, seed=0, edge_attr=False, patience=None):
     """Mini-batch training on graphs; the scores at the epoch of the best validation score
-    (for Tree-NeighborsMatch, which has no validation set, the best training accuracy)."""
+    (for Tree-NeighborsMatch, which has no validation set, the best training accuracy).
+    Training ends early once that score is perfect (no later epoch can replace it) or, with
+    ``patience``, after that many epochs without a better one."""
     from torch_geometric.loader import DataLoader
 
     g = torch.Generator().manual_seed(seed)
@@ -442,7 +448,9 @@ def train_graph_split(model, train_set, val_set, test_set, epochs, lr, weight_de
                  if k != "train" or key == "train"}
         if best is None or score[key] > best[key]:
             best = dict(score, best_epoch=epoch)
-    best["seconds_per_epoch"] = _epoch_seconds(times)
+        if best[key] >= 1.0 or (patience is not None and epoch - best["best_epoch"] >= patience):
+            break
+    best["seconds_per_epoch"], best["epochs_run"] = _epoch_seconds(times), len(times)
     return best
 
 
@@ -559,11 +567,12 @@ def real_task(name, spec, kind, root, copy_to):
                 peak_rss_mb=_peak_rss_mb(), rss_before_training_mb=rss0)
 
 
-def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=5e-3,
-                         batch_size=128):
+def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=1e-3,
+                         batch_size=16, patience=20):
     """Tree-NeighborsMatch at depth r: r + 1 blocks of width 32, trained on 80% of the
-    examples; train accuracy (as the paper reports it) and test accuracy at the epoch of
-    the best train accuracy."""
+    examples (Adam, mini-batches of ``batch_size``, at most ``epochs`` epochs, ending after
+    ``patience`` epochs without a better train accuracy); train accuracy (as the paper
+    reports it) and test accuracy at the epoch of the best train accuracy."""
     from treessm.datasets import stratified_split, tree_neighbors_match
     data = tree_neighbors_match(depth, num_permutations=num_permutations)
     train, test = stratified_split(torch.cat([d.y for d in data]), 0.8, seed=0)
@@ -575,22 +584,25 @@ def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=5e-3
     torch.manual_seed(0)
     model = build_model(kind, spec, width, 0.0, 2, leaves)
     r = train_graph_split(model, [data[i] for i in train], None, [data[i] for i in test],
-                          epochs, lr, 0.0, "accuracy", batch_size, mask_key="root_mask")
+                          epochs, lr, 0.0, "accuracy", batch_size, mask_key="root_mask",
+                          patience=patience)
     return dict(task="tree_neighbors_match", depth=depth, model=kind, width=width,
                 params=sum(p.numel() for p in model.parameters()), examples=len(data),
-                permutations=num_permutations, lr=lr, epochs=epochs,
-                train_accuracy=r["train"], test_accuracy=r.get("test"),
-                best_epoch=r["best_epoch"], seconds_per_epoch=r["seconds_per_epoch"])
+                permutations=num_permutations, lr=lr, epochs=epochs, batch_size=batch_size,
+                patience=patience, train_accuracy=r["train"], test_accuracy=r.get("test"),
+                best_epoch=r["best_epoch"], epochs_run=r["epochs_run"],
+                seconds_per_epoch=r["seconds_per_epoch"])
 
 
 REAL_TASKS = tuple(SPECS)
+NEIGHBORS_MATCH = "tree_neighbors_match"  # --tasks name of Tree-NeighborsMatch (--nm-depths)
 
 
 def real_table(args, device):
     """The real-data table (and Tree-NeighborsMatch) under the budget of ``args``."""
     rows = []
     copy_to = args.copy_to
-    for name in args.tasks:
+    for name in [t for t in args.tasks if t != NEIGHBORS_MATCH]:
         spec = dict(SPECS[name])
         for item in args.set:
             key, _, value = item.partition("=")
@@ -620,13 +632,14 @@ def real_table(args, device):
                   f"{row['metric']} {row['test_mean']:.4f} ± {row['test_std']:.4f} "
                   f"({row['runs']} runs, {row['epochs']} epochs, chosen {row['chosen']})  "
                   f"{1e3 * row['seconds_per_epoch']:.0f} ms/epoch", flush=True)
-    for depth in args.nm_depths:
+    for depth in args.nm_depths if NEIGHBORS_MATCH in args.tasks else ():
         permutations = args.nm_permutations
-        if args.nm_examples:
-            permutations = max(1, args.nm_examples // 2 ** depth)
+        if args.nm_examples:  # two permutations at least: the root's key alone never
+            # names the value (with one, every model fits by reading the key at the root)
+            permutations = max(2, args.nm_examples // 2 ** depth)
         for kind in args.models:
             row = neighbors_match_task(depth, kind, permutations, max(1, int(args.nm_epochs)),
-                                       lr=args.nm_lr)
+                                       args.nm_lr, args.nm_batch_size, args.nm_patience)
             rows.append(row)
             test = row["test_accuracy"]
             print(f"NeighborsMatch r={depth} {kind:<5} train {row['train_accuracy']:.3f} test "
@@ -662,7 +675,8 @@ def markdown_table(result):
                     "–" if cells[m]["test_accuracy"] is None else
                     f"{cells[m]['test_accuracy']:.2f}") if m in cells else "–" for m in MODELS]
         lines.append(f"| Tree-NeighborsMatch r = {depth} (train / test accuracy; "
-                     f"{any_row.get('examples', '?')} examples × {any_row['epochs']} epochs) | "
+                     f"{any_row.get('examples', '?')} examples, "
+                     f"{'≤ ' if 'patience' in any_row else ''}{any_row['epochs']} epochs) | "
                      + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -699,7 +713,8 @@ def main(argv=None):
     parser.add_argument("--root", default=os.environ.get("TREESSM_DATA", "data"),
                         help="root of the real datasets (treessm.datasets)")
     parser.add_argument("--copy-to", default=None, help="where a read-only root is copied")
-    parser.add_argument("--tasks", type=_csv(str), default=list(REAL_TASKS))
+    parser.add_argument("--tasks", type=_csv(str), default=list(REAL_TASKS) + [NEIGHBORS_MATCH],
+                        help="datasets of --real (default: all, and %s)" % NEIGHBORS_MATCH)
     parser.add_argument("--models", type=_csv(str), default=list(MODELS))
     parser.add_argument("--runs", type=int, default=None, help="seeds / splits / folds")
     parser.add_argument("--epoch-scale", type=float, default=1.0)
@@ -709,9 +724,12 @@ def main(argv=None):
     parser.add_argument("--nm-permutations", type=int, default=None)
     parser.add_argument("--nm-examples", type=int, default=None,
                         help="Tree-NeighborsMatch: about this many examples per depth "
-                             "(permutations = examples / 2^r, at least 1)")
-    parser.add_argument("--nm-epochs", type=int, default=100)
-    parser.add_argument("--nm-lr", type=float, default=5e-3)
+                             "(permutations = examples / 2^r, at least 2)")
+    parser.add_argument("--nm-epochs", type=int, default=100, help="at most this many")
+    parser.add_argument("--nm-lr", type=float, default=1e-3)
+    parser.add_argument("--nm-batch-size", type=int, default=16)
+    parser.add_argument("--nm-patience", type=int, default=20,
+                        help="end after this many epochs without a better train accuracy")
     parser.add_argument("--out", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a value of every task's spec, e.g. "
@@ -729,6 +747,10 @@ def main(argv=None):
     parser.add_argument("--time-layer", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--real-one", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.tasks) - set(REAL_TASKS) - {NEIGHBORS_MATCH}
+    if unknown:
+        parser.error(f"--tasks: unknown {sorted(unknown)}, expected some of "
+                     f"{list(REAL_TASKS) + [NEIGHBORS_MATCH]}")
     device = torch.device(args.device)
     if device.type == "cpu":
         import numba
@@ -753,7 +775,7 @@ def main(argv=None):
                 threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
     if args.quick:
         args.real = args.synthetic = args.timing = True
-        args.tasks, args.runs, args.epoch_scale = ["Cora", "MUTAG"], 1, 0.02
+        args.tasks, args.runs, args.epoch_scale = ["Cora", "MUTAG", NEIGHBORS_MATCH], 1, 0.02
         args.nm_depths, args.nm_permutations, args.nm_epochs = [2], 4, 2
         args.sizes = [3]
     if not (args.real or args.synthetic or args.timing):
@@ -765,7 +787,9 @@ def main(argv=None):
                       budget=dict(runs=args.runs, epoch_scale=args.epoch_scale,
                                   nm_permutations=args.nm_permutations,
                                   nm_examples=args.nm_examples, nm_lr=args.nm_lr,
-                                  nm_epochs=args.nm_epochs, no_attention=args.no_attention),
+                                  nm_epochs=args.nm_epochs, nm_batch_size=args.nm_batch_size,
+                                  nm_patience=args.nm_patience,
+                                  no_attention=args.no_attention),
                       rows=real_table(args, device))
         out = Path(args.out) if args.out else RESULTS / f"graph_real_{card}.json"
         old = (json.loads(out.read_text()) if args.update and out.exists()
