@@ -201,8 +201,8 @@ def graph_accuracy(out: Path) -> Path:
     panels = [("synthetic tasks (graph_cpu.json)\nbest depth of each model",
                [(t, m, r["test_accuracy_mean"], r["test_accuracy_std"])
                 for (t, m), r in sorted(best.items())]),
-              ("real datasets, Tree-NeighborsMatch (graph_real_cpu.json)\nCPU budgets: "
-               "the file's 'budgets'",
+              ("real datasets (graph_real_cpu.json, CPU budgets: its 'budgets')\n"
+               "NM: Tree-NeighborsMatch, train accuracy",
                [_real_entry(r) for r in real])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
     colours = {}
@@ -222,7 +222,7 @@ def graph_accuracy(out: Path) -> Path:
             colour = colours.setdefault(kind, f"C{len(colours)}")
             ax.bar(xs, ys, width, yerr=es, label=model, color=colour, capsize=2,
                    hatch="//" if "(" in model else None)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=15)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("test accuracy (minesweeper, tolokers: ROC-AUC)")
         ax.set_title(title)
@@ -233,7 +233,7 @@ def graph_accuracy(out: Path) -> Path:
 
 def _real_entry(row: dict) -> tuple:
     if row["task"] == "tree_neighbors_match":  # train accuracy, as the paper reports it
-        return f"TNM r={row['depth']} (train)", row["model"], row["train_accuracy"], 0.0
+        return f"NM r={row['depth']}", row["model"], row["train_accuracy"], 0.0
     return row["task"], row["model"], row["test_mean"], row["test_std"]
 
 
