@@ -158,6 +158,80 @@ __device__ __forceinline__ void parent_state(const Args<T>& a, int flags, int t,
   }
 }
 
+// A walker's context at a segment boundary, in checkpoint slots from `slot`: one state
+// (`head`: the previous vertex's state, or the hand-over of "up") and `top` stack entries.
+template <typename T, int S>
+__device__ __forceinline__ void save_context(const Args<T>& a, int64_t slot, int d,
+                                             const T (&head)[S], const T (&stack)[kStack][S],
+                                             int top) {
+#pragma unroll
+  for (int s = 0; s < S; ++s)
+    if (s < a.s) a.ckpt[(slot * a.d + d) * a.s + s] = head[s];
+  for (int q = 0; q < top; ++q)
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+      if (s < a.s) a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] = stack[q][s];
+}
+
+template <typename T, int S>
+__device__ __forceinline__ void load_context(const Args<T>& a, int64_t slot, int d, bool live,
+                                             T (&head)[S], T (&stack)[kStack][S], int top) {
+#pragma unroll
+  for (int s = 0; s < S; ++s)
+    head[s] = (live && s < a.s) ? a.ckpt[(slot * a.d + d) * a.s + s] : T(0);
+  for (int q = 0; q < top; ++q)
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+      stack[q][s] = (live && s < a.s) ? a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] : T(0);
+}
+
+// "down" at one vertex: h = w hp + x, pushed when the vertex has two or more children.
+template <typename T, int S>
+__device__ __forceinline__ void down_step(int flags, T e, T xu, const T (&Ar)[S], const T* B,
+                                          const T (&hp)[S], T (&h)[S], T (&stack)[kStack][S],
+                                          int& top) {
+#pragma unroll
+  for (int s = 0; s < S; ++s) h[s] = walk_exp(e * Ar[s]) * hp[s] + xu * B[s];
+  if (flags & kPush) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) stack[top][s] = h[s];
+    ++top;
+  }
+}
+
+// "up" at one vertex, walked back: up = x + the first child's hand-over + the accumulator
+// of the other children (closed here); then w up goes to the parent: handed over by a
+// first child, opening an accumulator from a last child, added to it from a middle one.
+template <typename T, int S>
+__device__ __forceinline__ void up_step(int flags, T e, T xu, const T (&Ar)[S], const T* B,
+                                        T (&carry)[S], T (&stack)[kStack][S], int& top,
+                                        T (&up)[S]) {
+#pragma unroll
+  for (int s = 0; s < S; ++s) up[s] = xu * B[s] + carry[s];
+  if (flags & kPush) {
+    --top;
+#pragma unroll
+    for (int s = 0; s < S; ++s) up[s] += stack[top][s];
+  }
+#pragma unroll
+  for (int s = 0; s < S; ++s) carry[s] = T(0);
+  if (flags & kRoot) return;
+  T share[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) share[s] = walk_exp(e * Ar[s]) * up[s];
+  if (flags & kFirst) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) carry[s] = share[s];
+  } else if (flags & kLast) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) stack[top][s] = share[s];
+    ++top;
+  } else {
+#pragma unroll
+    for (int s = 0; s < S; ++s) stack[top - 1][s] += share[s];
+  }
+}
+
 // The forward walk: y (when a.y), states at requested vertices (when a.states) and the
 // contexts at segment starts (when a.ckpt).
 template <typename T, int S>
@@ -180,16 +254,7 @@ __global__ void __launch_bounds__(kThreads) down_forward_kernel(Args<T> a) {
     for (int c0 = start; c0 < end; c0 += K) {
       const int nc = min(K, end - c0);
       stage<T, S>(a, st, c0, nc, d, live, false);
-      if (a.ckpt != nullptr && live) {
-        const int64_t slot = st.rec[0].w;
-#pragma unroll
-        for (int s = 0; s < S; ++s)
-          if (s < a.s) a.ckpt[(slot * a.d + d) * a.s + s] = h[s];
-        for (int j = 0; j < top; ++j)
-#pragma unroll
-          for (int s = 0; s < S; ++s)
-            if (s < a.s) a.ckpt[((slot + 1 + j) * a.d + d) * a.s + s] = stack[j][s];
-      }
+      if (a.ckpt != nullptr && live) save_context<T, S>(a, st.rec[0].w, d, h, stack, top);
       for (int k = 0; k < nc; ++k) {
         const int4 r = st.rec[k];
         const int flags = r.z & 15;
@@ -197,17 +262,10 @@ __global__ void __launch_bounds__(kThreads) down_forward_kernel(Args<T> a) {
         parent_state<T, S>(a, flags, t, d, live, h, stack, top, hp);
         const T xu = st.dx[k * kThreads + threadIdx.x] * st.u[k * kThreads + threadIdx.x];
         const T e = st.de[k * kThreads + threadIdx.x];
+        down_step<T, S>(flags, e, xu, Ar, st.B + k * S, hp, h, stack, top);
         T yv = T(0);
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-          h[s] = walk_exp(e * Ar[s]) * hp[s] + xu * st.B[k * S + s];
-          yv += st.C[k * S + s] * h[s];
-        }
-        if (flags & kPush) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) stack[top][s] = h[s];
-          ++top;
-        }
+        for (int s = 0; s < S; ++s) yv += st.C[k * S + s] * h[s];
         if (!live) continue;
         const int64_t v = r.x;
         if (a.y != nullptr) a.y[v * a.d + d] = yv;
@@ -280,16 +338,9 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
       const int c0 = start + j * K, nc = min(K, end - c0);
       stage<T, S>(a, st, c0, nc, d, live, true);
       // the context at the segment's start
-      const int64_t slot = st.rec[0].w;
       int top = st.rec[0].z >> 4;
       T h[S];
-#pragma unroll
-      for (int s = 0; s < S; ++s)
-        h[s] = (live && s < a.s) ? a.ckpt[(slot * a.d + d) * a.s + s] : T(0);
-      for (int q = 0; q < top; ++q)
-#pragma unroll
-        for (int s = 0; s < S; ++s)
-          stack[q][s] = (live && s < a.s) ? a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] : T(0);
+      load_context<T, S>(a, st.rec[0].w, d, live, h, stack, top);
       // forward through the segment, keeping the parent states
       for (int k = 0; k < nc; ++k) {
         const int flags = st.rec[k].z & 15;
@@ -298,15 +349,8 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
         const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
         const T e = st.de[k * kThreads + tid];
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-          hps[k][s] = hp[s];
-          h[s] = walk_exp(e * Ar[s]) * hp[s] + xu * st.B[k * S + s];
-        }
-        if (flags & kPush) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) stack[top][s] = h[s];
-          ++top;
-        }
+        for (int s = 0; s < S; ++s) hps[k][s] = hp[s];
+        down_step<T, S>(flags, e, xu, Ar, st.B + k * S, hp, h, stack, top);
       }
       // backward through the segment
       for (int k = nc - 1; k >= 0; --k) {
@@ -436,35 +480,10 @@ __global__ void __launch_bounds__(kThreads) up_forward_kernel(Args<T> a) {
         const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
         const T e = st.de[k * kThreads + tid];
         T up[S];
-#pragma unroll
-        for (int s = 0; s < S; ++s) up[s] = xu * st.B[k * S + s] + carry[s];
-        if (flags & kPush) {
-          --top;
-#pragma unroll
-          for (int s = 0; s < S; ++s) up[s] += stack[top][s];
-        }
+        up_step<T, S>(flags, e, xu, Ar, st.B + k * S, carry, stack, top, up);
         T yv = T(0);
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-          yv += st.C[k * S + s] * up[s];
-          carry[s] = T(0);
-        }
-        if (!(flags & kRoot)) {
-          T share[S];
-#pragma unroll
-          for (int s = 0; s < S; ++s) share[s] = walk_exp(e * Ar[s]) * up[s];
-          if (flags & kFirst) {
-#pragma unroll
-            for (int s = 0; s < S; ++s) carry[s] = share[s];
-          } else if (flags & kLast) {
-#pragma unroll
-            for (int s = 0; s < S; ++s) stack[top][s] = share[s];
-            ++top;
-          } else {
-#pragma unroll
-            for (int s = 0; s < S; ++s) stack[top - 1][s] += share[s];
-          }
-        }
+        for (int s = 0; s < S; ++s) yv += st.C[k * S + s] * up[s];
         if (!live) continue;
         const int64_t v = r.x;
         if (a.y != nullptr) a.y[v * a.d + d] = yv;
@@ -474,16 +493,8 @@ __global__ void __launch_bounds__(kThreads) up_forward_kernel(Args<T> a) {
             for (int s = 0; s < S; ++s)
               if (s < a.s) a.states[(row * a.d + d) * a.s + s] = up[s];
       }
-      if (a.ckpt != nullptr && j > 0 && live) {
-        const int64_t slot = st.rec[0].w;
-#pragma unroll
-        for (int s = 0; s < S; ++s)
-          if (s < a.s) a.ckpt[(slot * a.d + d) * a.s + s] = carry[s];
-        for (int q = 0; q < top; ++q)
-#pragma unroll
-          for (int s = 0; s < S; ++s)
-            if (s < a.s) a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] = stack[q][s];
-      }
+      if (a.ckpt != nullptr && j > 0 && live)
+        save_context<T, S>(a, st.rec[0].w, d, carry, stack, top);
     }
   }
 }
@@ -531,15 +542,8 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
       for (int s = 0; s < S; ++s) carry[s] = T(0);
       if (j + 1 < nseg) {
         const int4 next = a.rec[c0 + nc];
-        const int64_t slot = next.w;
         top = next.z >> 4;
-#pragma unroll
-        for (int s = 0; s < S; ++s)
-          carry[s] = (live && s < a.s) ? a.ckpt[(slot * a.d + d) * a.s + s] : T(0);
-        for (int q = 0; q < top; ++q)
-#pragma unroll
-          for (int s = 0; s < S; ++s)
-            stack[q][s] = (live && s < a.s) ? a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] : T(0);
+        load_context<T, S>(a, next.w, d, live, carry, stack, top);
       }
       // back through the segment: the up values
       for (int k = nc - 1; k >= 0; --k) {
@@ -547,33 +551,9 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
         const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
         const T e = st.de[k * kThreads + tid];
         T up[S];
+        up_step<T, S>(flags, e, xu, Ar, st.B + k * S, carry, stack, top, up);
 #pragma unroll
-        for (int s = 0; s < S; ++s) up[s] = xu * st.B[k * S + s] + carry[s];
-        if (flags & kPush) {
-          --top;
-#pragma unroll
-          for (int s = 0; s < S; ++s) up[s] += stack[top][s];
-        }
-#pragma unroll
-        for (int s = 0; s < S; ++s) {
-          ups[k][s] = up[s];
-          carry[s] = T(0);
-        }
-        if (flags & kRoot) continue;
-        T share[S];
-#pragma unroll
-        for (int s = 0; s < S; ++s) share[s] = walk_exp(e * Ar[s]) * up[s];
-        if (flags & kFirst) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) carry[s] = share[s];
-        } else if (flags & kLast) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) stack[top][s] = share[s];
-          ++top;
-        } else {
-#pragma unroll
-          for (int s = 0; s < S; ++s) stack[top - 1][s] += share[s];
-        }
+        for (int s = 0; s < S; ++s) ups[k][s] = up[s];
       }
       // forward through the segment: G and the gradients
       for (int k = 0; k < nc; ++k) {
