@@ -134,6 +134,22 @@ def _median_times(fn, repeats):
     return 1e3 * statistics.median(cpu), 1e3 * statistics.median(wall)
 
 
+def _passes(op, tree, tensors, options, grad):
+    """The forward (no gradient) and the forward + backward (gradients of every input) of
+    ``op`` on one problem, as functions of no argument."""
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+
+    def forward():
+        with torch.no_grad():
+            op(tree=tree, **tensors, **options)
+
+    def forward_backward():
+        y = op(tree=tree, **leaves, **options)
+        torch.autograd.grad(y, list(leaves.values()), grad)
+
+    return forward, forward_backward
+
+
 def measure(name, path, repeats, quick):
     """One shape and path (``"fused"`` or ``"expanded"``), in this process."""
     shape = dict(SHAPES[name], **(QUICK[name] if quick else {}))
@@ -144,16 +160,8 @@ def measure(name, path, repeats, quick):
     else:
         op = functools.partial(selective_tree_scan_ref,
                                scan=functools.partial(treessm.tree_scan, backend="numba"))
-    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
     grad = torch.randn(tree.num_nodes, shape["d"], generator=torch.Generator().manual_seed(2))
-
-    def forward():
-        with torch.no_grad():
-            op(tree=tree, **tensors, **options)
-
-    def forward_backward():
-        y = op(tree=tree, **leaves, **options)
-        torch.autograd.grad(y, list(leaves.values()), grad)
+    forward, forward_backward = _passes(op, tree, tensors, options, grad)
 
     row = dict(shape=name, path=path, vertices=tree.num_nodes, d_inner=shape["d"],
                d_state=shape["s"], direction=shape["direction"])
@@ -206,16 +214,8 @@ def measure_gpu(name, path, repeats, quick, bandwidth):
     else:
         op = functools.partial(selective_tree_scan_ref,
                                scan=functools.partial(treessm.tree_scan, backend=None))
-    leaves = {k: v.clone().requires_grad_() for k, v in tensors.items()}
     grad = torch.randn(tree.num_nodes, shape["d"], device="cuda")
-
-    def forward():
-        with torch.no_grad():
-            op(tree=tree, **tensors, **options)
-
-    def forward_backward():
-        y = op(tree=tree, **leaves, **options)
-        torch.autograd.grad(y, list(leaves.values()), grad)
+    forward, forward_backward = _passes(op, tree, tensors, options, grad)
 
     n, d, s = tree.num_nodes, shape["d"], shape["s"]
     item = 4
