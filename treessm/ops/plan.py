@@ -386,11 +386,15 @@ def phase_plan(tree: Tree) -> PhasePlan:
     rec, light = pp.rec.long(), pp.light.long()
     n, dev = tree.num_nodes, tree.device
     T = pp.phase_path.shape[0]
-    # phase of every position: tree t's phase p spans [bounds[t, p], bounds[t, p + 1])
-    bounds = pp.path_ptr.long()[pp.phase_path.long()]                       # [T, P + 1]
+    # phase of every position: tree t's phase p spans [bounds[t, p], bounds[t, p + 1]);
+    # int32 and only the non-empty (tree, phase) pairs: a forest of many small trees keeps
+    # a few bytes per tree and phase, not a long per tree and phase for each temporary
+    bounds = pp.path_ptr.index_select(0, pp.phase_path.view(-1)).view(T, MAX_PHASES + 1)
     counts = (bounds[:, 1:] - bounds[:, :-1]).reshape(-1)
-    phases = torch.arange(MAX_PHASES, device=dev).repeat(T)
-    phase = torch.repeat_interleave(phases, counts, output_size=n)
+    del bounds
+    filled = counts.nonzero().view(-1)
+    phase = torch.repeat_interleave(filled % MAX_PHASES, counts[filled], output_size=n)
+    del counts, filled
     perm = torch.sort(phase, stable=True).indices                          # new -> old
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(n, device=dev)
