@@ -409,12 +409,21 @@ def test_cuda_fused_walk_low_precision_and_many_trees(dtype, direction):
     g = _gen(41)
     parent = random_forest(9000, 3000, g)
     tree, leaves, kw = _problem(parent, d=40, s=16, dtype=dtype, direction=direction)
-    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
     cuda = {k: v.detach().cuda() for k, v in leaves.items()}
     got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want,
-                 **tol)
+    got = ([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()})
+    if dtype == torch.float32:
+        want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+        _assert_same(got, want, rtol=1e-4, atol=1e-4)
+        return
+    # 16-bit: against the float32 reference on the same rounded inputs, in norm (a rounded
+    # result is off by about 2^-9 of its size; elementwise, near-zero entries dominate)
+    want = _value_and_grads(selective_tree_scan_ref, tree,
+                            {k: v.detach().float() for k, v in leaves.items()}, kw)
+    pairs = list(zip(got[0], want[0])) + [(got[1][k], want[1][k]) for k in want[1]]
+    for a, b in pairs:
+        assert a.shape == b.shape
+        assert ((a.float() - b).norm() / b.norm()).item() < 8e-3
 
 
 @_CUDA
