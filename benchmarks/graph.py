@@ -548,9 +548,15 @@ def real_task(name, spec, kind, root, copy_to):
                                  edge_attr=spec.get("edge_dim") is not None)
 
     rss0 = _peak_rss_mb()  # interpreter, libraries and the dataset
-    trials = [(run(0, cfg), cfg) for cfg in spec.get("search", SEARCH)]
+    def logged(split, cfg):
+        r = run(split, cfg)
+        print(f"  {name} {kind} split {split} {cfg}: val {r['val']:.4f} test {r['test']:.4f}",
+              file=sys.stderr, flush=True)
+        return r
+
+    trials = [(logged(0, cfg), cfg) for cfg in spec.get("search", SEARCH)]
     first, cfg = max(trials, key=lambda t: t[0]["val"])
-    runs = [first] + [run(split, cfg) for split in range(1, spec["runs"])]
+    runs = [first] + [logged(split, cfg) for split in range(1, spec["runs"])]
     model = build_model(kind, spec, width, 0.0, in_channels, num_classes)
     if not is_graph:
         model.eval()

@@ -135,8 +135,9 @@ class _DropPath(torch.nn.Module):  # identity in evaluation, which is all this s
 
 def kernels(repo: Path, build_dir: Path):
     """Their ``tree_scan._C``: the installed package, or compiled from their sources."""
-    if importlib.util.find_spec("tree_scan") is not None:
-        from tree_scan import _C
+    spec = importlib.util.find_spec("tree_scan")
+    if spec is not None and spec.submodule_search_locations:  # their package, not a module
+        from tree_scan import _C  # of that name beside this script
         return _C
     from torch.utils.cpp_extension import load
 
