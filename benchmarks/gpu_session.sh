@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
 #                                          grootl, selective_scan), each saved as *_<card>.json
+#   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
+#                                          process on the whole GPU), then torch.compile of every
+#                                          module on CUDA
 # The extension is built into $TORCH_EXTENSIONS_DIR (default /tmp/treessm_ext), outside the
 # working tree.
 set -uo pipefail
@@ -63,6 +66,17 @@ if [ "$MODE" = tests ]; then
   log "passed: $(grep -c PASSED "$OUT/pytest_gpu.log")"
   grep -E "FAILED|ERROR" "$OUT/pytest_gpu.log" | grep -v "^E " | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //' \
     | sort -u | head -40 | tee -a "$SUMMARY"
+  exit 0
+fi
+
+if [ "$MODE" = large ]; then
+  setsid timeout -k 5 ${LARGE_S:-240} $PY -m pytest -v -rs -p no:cacheprovider --runslow \
+    tests/test_large_inputs.py -k "cuda or selective" > "$OUT/pytest_large.log" 2>&1
+  log "large inputs rc=$?"; grep -E "PASSED|FAILED|SKIPPED" "$OUT/pytest_large.log" | tee -a "$SUMMARY"
+  setsid timeout -k 5 ${TEST_S:-300} $PY -m pytest -v $XDIST -p no:cacheprovider \
+    tests/test_module_contract.py -k "compile and cuda" > "$OUT/pytest_compile.log" 2>&1
+  log "compile tests rc=$?"; log "passed: $(grep -c PASSED "$OUT/pytest_compile.log")"
+  grep -E "FAILED|ERROR" "$OUT/pytest_compile.log" | grep -v "^E " | sort -u | head -20 | tee -a "$SUMMARY"
   exit 0
 fi
 
