@@ -127,3 +127,85 @@ def test_graph_topology_takes_every_format_and_prefers_heavy_edges():
     edges = {tuple(sorted((v, p))) for v, p in enumerate(tree.parent.tolist()) if p >= 0}
     assert edges == {(0, 1), (1, 2), (0, 3)}
     assert topo(x, treessm.prepare_graph(ei, 4, light)).parent.tolist() == tree.parent.tolist()
+
+
+def _grid_with_islands(seed=0):
+    """A 6x6 grid with one edge per pair of vertices, two isolated vertices and a separate
+    triangle: three components of 36, 3 and (twice) 1 vertices."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.arange(36).view(6, 6)
+    ei = torch.cat([torch.stack([idx[:, :-1].reshape(-1), idx[:, 1:].reshape(-1)]),
+                    torch.stack([idx[:-1].reshape(-1), idx[1:].reshape(-1)]),
+                    torch.tensor([[36, 37, 38], [37, 38, 36]])], 1)
+    return ei[:, torch.randperm(ei.shape[1], generator=g)], 41
+
+
+def test_tensor_keyed_cache_serves_only_the_same_unchanged_tensor():
+    from treessm.topology.prepared_graph import TensorKeyedCache
+
+    cache = TensorKeyedCache(size=2)
+    a, b = torch.arange(4), torch.arange(4)
+    cache.put((a, None), (5,), "a")
+    assert cache.get((a, None), (5,)) == "a"
+    assert cache.get((b, None), (5,)) is None  # equal values, another tensor
+    assert cache.get((a, b), (5,)) is None and cache.get((a, None), (6,)) is None
+    a.add_(1)  # in place: the version counter moves on
+    assert cache.get((a, None), (5,)) is None
+    cache.put((a, None), (5,), "a2")
+    cache.put((b, None), (5,), "b")
+    c = torch.arange(3)
+    cache.put((c, None), (5,), "c")  # the least recently used entry (a) goes
+    assert len(cache) == 2 and cache.get((a, None), (5,)) is None
+    del c  # an entry goes with its tensor
+    assert len(cache) == 1 and cache.get((b, None), (5,)) == "b"
+
+
+def test_graph_topology_reuses_the_plan_of_a_prepared_graph_only():
+    from treessm.topology import base
+
+    ei, n = _grid_with_islands()
+    x = torch.randn(n, 8)
+    topo = treessm.GraphTopology()
+    graph = treessm.prepare_graph(ei, n, cache=False)
+    base._PLANS.clear()
+    first = topo(x, graph)
+    plan = base._PLANS.get((graph.edge_index, None), (n,))
+    assert plan is not None and plan.src.tolist() == graph.edge_index[0].tolist()
+    again = topo(x, graph)  # the same graph: the kept plan, the same tree
+    assert base._PLANS.get((graph.edge_index, None), (n,)) is plan
+    for a, b in ((first, again), (first, topo(x, ei))):
+        assert torch.equal(a.parent, b.parent) and torch.equal(a.order, b.order)
+    # another graph over the same vertices is not served that plan
+    other = treessm.prepare_graph(ei[:, (ei != 36).all(0)], n, cache=False)
+    tree = topo(x, other)
+    assert base._PLANS.get((other.edge_index, None), (n,)) is not plan
+    uncached = treessm.GraphTopology()(x, treessm.prepare_graph(ei[:, (ei != 36).all(0)], n,
+                                                                  cache=False))
+    assert torch.equal(tree.parent, uncached.parent) and tree.num_trees == 5
+
+
+def test_device_build_hints_of_a_prepared_graph_give_the_same_tree():
+    # the device builder runs on any device: on the CPU here, as on a GPU
+    from treessm.topology import base
+
+    ei, n = _grid_with_islands(1)
+    graph = treessm.prepare_graph(ei, n, cache=False)
+    topo = treessm.GraphTopology()
+    base._DEVICE_HINTS.clear()
+    for step in range(3):
+        x = torch.randn(n, 4)
+        if step == 2:  # equal costs everywhere: ties broken by edge order, as uncached
+            x = torch.ones(n, 4)
+        cost = topo.edge_cost(x, graph.edge_index)
+        tree = topo._build_on_device(graph.edge_index, cost, n, None, None)
+        hints = base._DEVICE_HINTS.get((graph.edge_index,), (n,))
+        assert hints == dict(num_trees=4, max_tree_size=36)
+        ref = treessm.topology.euler_tour.spanning_tree_on_device(graph.edge_index, cost, n)
+        for name in ("parent", "order", "child_ptr", "tree_ptr", "depth"):
+            assert torch.equal(getattr(tree, name), getattr(ref, name)), name
+        assert tree.max_tree_size == ref.max_tree_size == 36
+    # another graph (vertex 36 cut off the triangle) counts its own trees
+    cut = treessm.prepare_graph(ei[:, (ei != 36).all(0)], n, cache=False)
+    cost = topo.edge_cost(torch.randn(n, 4), cut.edge_index)
+    assert topo._build_on_device(cut.edge_index, cost, n, None, None).num_trees == 5
+    assert base._DEVICE_HINTS.get((cut.edge_index,), (n,))["num_trees"] == 5

@@ -42,6 +42,7 @@ from .distance import Distance, check_distance, edge_cost, pair_costs_cpu
 from .euler_tour import spanning_tree_on_device
 from .layout import lattice_offsets
 from .mst import minimum_spanning_tree, segments
+from .prepared_graph import TensorKeyedCache
 from .rooting import forest_tree_on_cpu, spanning_tree_on_cpu
 
 __all__ = ["Topology", "Plan", "Candidates", "BoundedCache", "CandidateCache"]
@@ -67,6 +68,15 @@ def make_plan(edge_index: Tensor, batch: Optional[Tensor], num_nodes: int) -> Pl
     b = None if batch is None else batch.detach().to("cpu", torch.int64).numpy()
     node_ptr, edge_ptr = segments(num_nodes, src, dst, b)
     return Plan(src, dst, node_ptr, edge_ptr)
+
+
+# What depends on a candidate graph alone, for candidates that come back as the same tensor
+# (a prepared graph's edges, in every layer and step of full-batch training): the CPU plan
+# (per ``batch``), and for the device builder the number of trees and the size of the
+# largest, which are those of the graph's connected components whatever the costs and
+# roots, so that later builds need not ask the device.
+_PLANS = TensorKeyedCache()
+_DEVICE_HINTS = TensorKeyedCache()
 
 
 class Candidates:
@@ -310,7 +320,11 @@ class Topology:
         entry = self._cache.lookup(edge_index)
         if entry is not None:
             return entry.plan
-        return make_plan(edge_index, batch, num_nodes)
+        plan = _PLANS.get((edge_index, batch), (num_nodes,))
+        if plan is None:
+            plan = make_plan(edge_index, batch, num_nodes)
+            _PLANS.put((edge_index, batch), (num_nodes,), plan)
+        return plan
 
     def _build(self, edge_index: Tensor, cost: Tensor, num_nodes: int,
                roots: Optional[Tensor], batch: Optional[Tensor]) -> Tree:
@@ -342,8 +356,16 @@ class Topology:
         """The tree built where the tensors live, with the candidate graph's size hints
         (so that nothing waits for the device)."""
         entry = self._cache.lookup(edge_index)
-        hints = entry.hints if entry is not None else {}
-        return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch, **hints)
+        if entry is not None:
+            return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch,
+                                           **entry.hints)
+        hints = _DEVICE_HINTS.get((edge_index,), (num_nodes,))
+        tree = spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch,
+                                       **(hints or {}))
+        if hints is None and num_nodes and tree.max_tree_size is not None:
+            _DEVICE_HINTS.put((edge_index,), (num_nodes,),
+                              dict(num_trees=tree.num_trees, max_tree_size=tree.max_tree_size))
+        return tree
 
     # ------------------------------------------------------------------ display
     def extra_repr(self) -> str:

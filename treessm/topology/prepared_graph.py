@@ -34,7 +34,7 @@ from torch_geometric.utils import is_sparse, remove_self_loops, to_edge_index, t
 
 from .._checks import check_edge_index, check_int
 
-__all__ = ["PreparedGraph", "prepare_graph", "as_edge_index", "REDUCES"]
+__all__ = ["PreparedGraph", "prepare_graph", "as_edge_index", "TensorKeyedCache", "REDUCES"]
 
 REDUCES = ("mean", "min", "max", "sum")
 
@@ -229,37 +229,50 @@ def _prepare(edge_index: Tensor, num_nodes: int, edge_weight: Optional[Tensor],
                          None if edge_attr is None else edge_attr[once], adjacency, degree)
 
 
-class _Cache:
-    """The last few preparations, keyed by the identity and version counter of their input
-    tensors; an entry goes when its ``edge_index`` is freed."""
+class TensorKeyedCache:
+    """The last few values derived from tensors, keyed by the identity and version counter
+    of those tensors (plus hashable ``extra`` keys); an entry goes when its first tensor is
+    freed. A tensor changed in place (its version counter advances) or another tensor with
+    the same contents is never served the value: only the same, unchanged tensor is.
+
+    Args:
+        size (int): values kept at most, the least recently used ones dropped first.
+            (default: ``8``)
+    """
 
     def __init__(self, size: int = 8):
         self.size = size
         self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     @staticmethod
-    def _key(tensors, num_nodes: int, reduce: str) -> tuple:
-        return (num_nodes, reduce) + tuple(
+    def _key(tensors, extra) -> tuple:
+        return extra + tuple(
             (None, None) if t is None else (id(t), getattr(t, "_version", 0)) for t in tensors)
 
-    def get(self, tensors, num_nodes: int, reduce: str) -> Optional[PreparedGraph]:
-        key = self._key(tensors, num_nodes, reduce)
+    def get(self, tensors: tuple, extra: tuple = ()):
+        """The value kept for ``tensors`` (a tuple of tensors or ``None``) and ``extra`` (a
+        tuple of hashable values), else ``None``."""
+        key = self._key(tensors, extra)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            refs, graph = entry
+            refs, value = entry
             # ids are reused once a tensor is freed: the weak references say it is the same
             if any((r is None) != (t is None) or (r is not None and r() is not t)
                    for r, t in zip(refs, tensors)):
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
-            return graph
+            return value
 
-    def put(self, tensors, num_nodes: int, reduce: str, graph: PreparedGraph) -> None:
-        key = self._key(tensors, num_nodes, reduce)
+    def put(self, tensors: tuple, extra: tuple, value) -> None:
+        """Keep ``value`` for ``tensors`` and ``extra``."""
+        key = self._key(tensors, extra)
 
         def drop(_ref, key=key, cache=weakref.ref(self)):
             c = cache()
@@ -273,7 +286,7 @@ class _Cache:
         except TypeError:  # a tensor type without weak references: not cached
             return
         with self._lock:
-            self._entries[key] = (refs, graph)
+            self._entries[key] = (refs, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
@@ -283,7 +296,7 @@ class _Cache:
             self._entries.clear()
 
 
-_CACHE = _Cache()
+_CACHE = TensorKeyedCache()
 
 
 def prepare_graph(edge_index, num_nodes: Optional[int] = None,
@@ -355,7 +368,7 @@ def prepare_graph(edge_index, num_nodes: Optional[int] = None,
     num_nodes = check_int(num_nodes, "num_nodes", 0)
     keys = (source, edge_weight, edge_attr)
     if cache:
-        hit = _CACHE.get(keys, num_nodes, reduce)
+        hit = _CACHE.get(keys, (num_nodes, reduce))
         if hit is not None:
             return hit
     ei = check_edge_index(ei, num_nodes)
@@ -372,5 +385,5 @@ def prepare_graph(edge_index, num_nodes: Optional[int] = None,
                          None if edge_attr is None else edge_attr.detach(), reduce,
                          symmetric_sorted)
     if cache:
-        _CACHE.put(keys, num_nodes, reduce, graph)
+        _CACHE.put(keys, (num_nodes, reduce), graph)
     return graph
