@@ -350,6 +350,7 @@ def matched_width(kind, spec, in_channels, num_classes):
 
 
 def _metric(name, logits, y):
+    logits, y = logits.cpu(), y.cpu()
     if name == "roc_auc":
         from sklearn.metrics import roc_auc_score
 
@@ -373,32 +374,47 @@ def _optimizer(model, lr, weight_decay, mixer_weight_decay=0.0):
 
 
 def _epoch_seconds(times):
-    """Processor seconds per training epoch, the first (kernel compilation, caches) left
-    out when there are others."""
+    """Seconds per training epoch (processor time on the CPU, wall time on a GPU), the
+    first (kernel compilation, caches) left out when there are others."""
     return statistics.mean(times[1:] if len(times) > 1 else times)
+
+
+def _clock(device):
+    return time.perf_counter if device.type == "cuda" else time.process_time
 
 
 def train_node_split(model, data, train, val, test, epochs, lr, weight_decay, metric,
                      mixer_weight_decay=0.0):
-    """Full-batch training; the test score at the epoch of the best validation score."""
+    """Full-batch training on the device of ``data``; the test score at the epoch of the
+    best validation score (validation and test rows read from one forward pass)."""
+    device = data.x.device
     opt = _optimizer(model, lr, weight_decay, mixer_weight_decay)
+    # the split as indices, and the targets, once: a boolean mask indexes through a
+    # nonzero (a host synchronisation) every time
+    train_idx = train.nonzero().view(-1)
+    y_train = data.y[train_idx]
+    eval_idx = torch.cat([val.nonzero().view(-1), test.nonzero().view(-1)])
+    y_eval = data.y[eval_idx].cpu()
+    num_val = int(val.sum())
+    clock = _clock(device)
     best = (-1.0, 0.0, 0)
     times = []
     for epoch in range(epochs):
         model.train()
-        t0 = time.process_time()
+        t0 = clock()
         out = model(data.x, data.edge_index)
-        loss = F.cross_entropy(out[train], data.y[train])
+        loss = F.cross_entropy(out[train_idx], y_train)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.process_time() - t0)
+        _sync(device)
+        times.append(clock() - t0)
         model.eval()
         with torch.no_grad():
-            out = model(data.x, data.edge_index)
-        v = _metric(metric, out[val], data.y[val])
+            out = model(data.x, data.edge_index)[eval_idx].cpu()
+        v = _metric(metric, out[:num_val], y_eval[:num_val])
         if v > best[0]:
-            best = (v, _metric(metric, out[test], data.y[test]), epoch)
+            best = (v, _metric(metric, out[num_val:], y_eval[num_val:]), epoch)
     return dict(val=best[0], test=best[1], best_epoch=best[2],
                 seconds_per_epoch=_epoch_seconds(times))
 
@@ -406,13 +422,15 @@ def train_node_split(model, data, train, val, test, epochs, lr, weight_decay, me
 def _graph_eval(model, loader, metric, mask_key=None, edge_attr=False):
     model.eval()
     outs, ys = [], []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for b in loader:
+            b = b.to(device)
             out = model(b.x, b.edge_index, b.edge_attr if edge_attr else None, b.batch)
             if mask_key is not None:
                 out = out[b[mask_key]]
-            outs.append(out)
-            ys.append(b.y)
+            outs.append(out.cpu())
+            ys.append(b.y.cpu())
     return _metric(metric, torch.cat(outs), torch.cat(ys))
 
 
@@ -429,12 +447,15 @@ def train_graph_split(model, train_set, val_set, test_set, epochs, lr, weight_de
     evals = {k: DataLoader(v, batch_size=256) for k, v in
              (("train", train_set), ("val", val_set), ("test", test_set)) if v}
     opt = _optimizer(model, lr, weight_decay)
+    device = next(model.parameters()).device
+    clock = _clock(device)
     best = None
     times = []
     for epoch in range(epochs):
         model.train()
-        t0 = time.process_time()
+        t0 = clock()
         for b in loader:
+            b = b.to(device)
             out = model(b.x, b.edge_index, b.edge_attr if edge_attr else None, b.batch)
             if mask_key is not None:
                 out = out[b[mask_key]]
@@ -442,7 +463,8 @@ def train_graph_split(model, train_set, val_set, test_set, epochs, lr, weight_de
             opt.zero_grad()
             loss.backward()
             opt.step()
-        times.append(time.process_time() - t0)
+        _sync(device)
+        times.append(clock() - t0)
         key = "val" if "val" in evals else "train"
         score = {k: _graph_eval(model, l, metric, mask_key, edge_attr) for k, l in evals.items()
                  if k != "train" or key == "train"}
@@ -506,9 +528,10 @@ def _summary(runs, key):
     return statistics.mean(vals), statistics.pstdev(vals)
 
 
-def real_task(name, spec, kind, root, copy_to):
-    """One model on one dataset: the search on the first split, then every split with the
-    chosen configuration."""
+def _real_runner(name, spec, kind, root, copy_to, device):
+    """``(run, info)``: ``run(split, cfg)`` trains one model of ``kind`` on one split of
+    dataset ``name`` on ``device`` and returns its scores; ``info`` holds the width, the
+    data and the sizes."""
     from treessm.datasets import load_dataset
 
     extra = {}
@@ -524,12 +547,15 @@ def real_task(name, spec, kind, root, copy_to):
     data = None if is_graph else dataset[0]
     if data is not None and data.x.count_nonzero() < 0.1 * data.x.numel():
         data.x = data.x.to_sparse()  # bag-of-words features: dropout on the stored entries
+    if data is not None:
+        data = data.to(device)
     in_channels, num_classes = dataset.num_features, dataset.num_classes
     width = matched_width(kind, spec, in_channels, num_classes)
 
     def run(split, cfg):
         torch.manual_seed(split)
-        model = build_model(kind, spec, width, cfg["dropout"], in_channels, num_classes)
+        model = build_model(kind, spec, width, cfg["dropout"], in_channels,
+                            num_classes).to(device)
         if not is_graph:
             if data.train_mask.dim() == 2:  # the fixed splits of the heterophilous sets
                 masks = [data[k][:, split] for k in ("train_mask", "val_mask", "test_mask")]
@@ -547,30 +573,66 @@ def real_task(name, spec, kind, root, copy_to):
                                  spec.get("batch_size", 64), seed=split,
                                  edge_attr=spec.get("edge_dim") is not None)
 
+    return run, dict(width=width, data=data, is_graph=is_graph, in_channels=in_channels,
+                     num_classes=num_classes)
+
+
+def _split_in_process(name, kind, spec, root, copy_to, device, split, cfg):
+    """One split trained by a fresh process (``--jobs``) with this one's CPU threads: the
+    same seed, the same result."""
+    cmd = [sys.executable, __file__, "--real-split", name, kind, json.dumps(spec), root,
+           str(split), json.dumps(cfg), "--device", str(device),
+           "--threads", str(torch.get_num_threads())
+           ] + (["--copy-to", copy_to] if copy_to else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def real_task(name, spec, kind, root, copy_to, device=torch.device("cpu"), jobs=1):
+    """One model on one dataset: the search on the first split, then every split with the
+    chosen configuration; with ``jobs`` > 1 the trainings of each of the two stages run
+    in that many processes at once."""
+    run, info = _real_runner(name, spec, kind, root, copy_to, device)
     rss0 = _peak_rss_mb()  # interpreter, libraries and the dataset
+
     def logged(split, cfg):
-        r = run(split, cfg)
+        if jobs > 1:
+            r = _split_in_process(name, kind, spec, root, copy_to, device, split, cfg)
+        else:
+            r = run(split, cfg)
         print(f"  {name} {kind} split {split} {cfg}: val {r['val']:.4f} test {r['test']:.4f}",
               file=sys.stderr, flush=True)
         return r
 
-    trials = [(logged(0, cfg), cfg) for cfg in spec.get("search", SEARCH)]
+    def stage(pairs):
+        if jobs <= 1:
+            return [logged(*p) for p in pairs]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(lambda p: logged(*p), pairs))
+
+    configs = list(spec.get("search", SEARCH))
+    trials = list(zip(stage([(0, cfg) for cfg in configs]), configs))
     first, cfg = max(trials, key=lambda t: t[0]["val"])
-    runs = [first] + [logged(split, cfg) for split in range(1, spec["runs"])]
-    model = build_model(kind, spec, width, 0.0, in_channels, num_classes)
-    if not is_graph:
+    runs = [first] + stage([(split, cfg) for split in range(1, spec["runs"])])
+    model = build_model(kind, spec, info["width"], 0.0, info["in_channels"],
+                        info["num_classes"]).to(device)
+    if not info["is_graph"]:
         model.eval()
         with torch.no_grad():
-            model(data.x, data.edge_index)  # materialise lazy weights
+            model(info["data"].x, info["data"].edge_index)  # materialise lazy weights
     test_mean, test_std = _summary(runs, "test")
-    return dict(task=name, model=kind, width=width,
+    return dict(task=name, model=kind, width=info["width"],
                 params=sum(p.numel() for p in model.parameters()),
                 metric=spec["metric"], test_mean=test_mean, test_std=test_std,
                 test=[r["test"] for r in runs], val_mean=_summary(runs, "val")[0],
                 chosen=cfg, search=[dict(t[1], val=t[0]["val"]) for t in trials],
                 runs=len(runs), epochs=spec["epochs"],
                 seconds_per_epoch=statistics.mean(r["seconds_per_epoch"] for r in runs),
-                peak_rss_mb=_peak_rss_mb(), rss_before_training_mb=rss0)
+                peak_rss_mb=_peak_rss_mb(), rss_before_training_mb=rss0, jobs=jobs)
 
 
 def neighbors_match_task(depth, kind, num_permutations=None, epochs=100, lr=1e-3,
@@ -623,14 +685,14 @@ def real_table(args, device):
             if device.type == "cpu" and not args.in_process:
                 # a process per model: its peak resident size is this model's
                 cmd = [sys.executable, __file__, "--real-one", name, kind, json.dumps(spec),
-                       args.root, "--threads", str(args.threads)] + (
-                           ["--copy-to", copy_to] if copy_to else [])
+                       args.root, "--threads", str(args.threads), "--jobs", str(args.jobs)
+                       ] + (["--copy-to", copy_to] if copy_to else [])
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode:
                     raise RuntimeError(out.stderr[-3000:])
                 row = json.loads(out.stdout.strip().splitlines()[-1])
             else:
-                row = real_task(name, spec, kind, args.root, copy_to)
+                row = real_task(name, spec, kind, args.root, copy_to, device, args.jobs)
             row["seconds"] = time.perf_counter() - t0
             row["spec"] = {k: v for k, v in spec.items() if k != "encoder"}
             rows.append(row)
@@ -748,10 +810,15 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads of torch and numba per process (default 1: on a "
                              "shared or small machine more threads wait on each other)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="--real: train this many splits of a model at once, each in a "
+                             "process of its own (the search's configurations, then the "
+                             "other splits); the results are those of one process")
     parser.add_argument("--markdown", default=None, metavar="FILE",
                         help="print the real-data table of FILE as markdown and exit")
     parser.add_argument("--time-layer", nargs=3, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--real-one", nargs=4, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--real-split", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.tasks) - set(REAL_TASKS) - {NEIGHBORS_MATCH}
     if unknown:
@@ -772,7 +839,13 @@ def main(argv=None):
         return 0
     if args.real_one:
         name, kind, spec, root = args.real_one
-        print(json.dumps(real_task(name, json.loads(spec), kind, root, args.copy_to)))
+        print(json.dumps(real_task(name, json.loads(spec), kind, root, args.copy_to, device,
+                                   args.jobs)))
+        return 0
+    if args.real_split:
+        name, kind, spec, root, split, cfg = args.real_split
+        run, _ = _real_runner(name, json.loads(spec), kind, root, args.copy_to, device)
+        print(json.dumps(run(int(split), json.loads(cfg))))
         return 0
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())

@@ -50,3 +50,44 @@ def test_unknown_task_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         graph_bench.main(["--real", "--tasks", "MUTAG,cora"])
     assert "unknown ['cora']" in capsys.readouterr().err
+
+
+class Memorises(nn.Module):
+    """Logits of each vertex from a parameter of its own, so full-batch training changes
+    the score from epoch to epoch."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(n, 2))
+
+    def forward(self, x, edge_index):
+        return self.logits
+
+
+def test_node_training_scores_validation_and_test_rows_of_the_best_epoch():
+    torch.manual_seed(0)
+    n = 12
+    y = torch.tensor([0, 1] * 6)
+    data = Data(x=torch.zeros(n, 1), edge_index=torch.zeros(2, 0, dtype=torch.long), y=y)
+    train = torch.arange(n) < 6
+    val = (torch.arange(n) >= 6) & (torch.arange(n) < 9)
+    test = torch.arange(n) >= 9
+    r = graph_bench.train_node_split(Memorises(n), data, train, val, test, 3, 0.1, 0.0,
+                                     "accuracy")
+    # only the training rows learn: validation and test keep the zero logits (class 0)
+    assert r["best_epoch"] == 0
+    assert r["val"] == float((y[val] == 0).float().mean())
+    assert r["test"] == float((y[test] == 0).float().mean())
+
+
+def test_a_split_in_a_process_of_its_own_gives_the_scores_of_this_one(shared_data, tmp_path):
+    # what --jobs runs: the same seed and threads, the same training, bitwise
+    spec = dict(graph_bench.SPECS["minesweeper"], runs=2, epochs=1)
+    root, copy_to = str(shared_data), str(tmp_path)
+    run, _ = graph_bench._real_runner("minesweeper", spec, "tree", root, copy_to,
+                                      torch.device("cpu"))
+    cfg = graph_bench.SEARCH[0]
+    here = run(1, cfg)
+    there = graph_bench._split_in_process("minesweeper", "tree", spec, root, copy_to, "cpu",
+                                          1, cfg)
+    assert (here["val"], here["test"]) == (there["val"], there["test"])
