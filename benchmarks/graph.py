@@ -34,6 +34,8 @@ Three tables, saved as JSON under ``benchmarks/results/``:
     python benchmarks/graph.py --timing                        # CPU, 10^4..10^6
     python benchmarks/graph.py --device cuda --timing --sizes 4,5,6,7   # a GPU
     python benchmarks/graph.py --real --device cuda --root DIR  # the full protocol on a GPU
+    python benchmarks/graph.py --real --device cuda --root DIR --tasks minesweeper \
+        --models tree --jobs 9               # its splits nine at a time (the same scores)
     python benchmarks/graph.py --quick                         # everything, tiny (CI)
 """
 from __future__ import annotations
