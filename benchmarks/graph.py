@@ -810,8 +810,9 @@ def main(argv=None):
     parser.add_argument("--in-process", action="store_true",
                         help="run the models of --real in this process (no peak memory)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads of torch and numba per process (default 1: on a "
-                             "shared or small machine more threads wait on each other)")
+                        help="CPU threads of torch and numba per process, on a GPU too "
+                             "(default 1: on a shared or small machine, or with --jobs, more "
+                             "threads wait on each other)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="--real: train this many splits of a model at once, each in a "
                              "process of its own (the search's configurations, then the "
@@ -827,11 +828,11 @@ def main(argv=None):
         parser.error(f"--tasks: unknown {sorted(unknown)}, expected some of "
                      f"{list(REAL_TASKS) + [NEIGHBORS_MATCH]}")
     device = torch.device(args.device)
-    if device.type == "cpu":
-        import numba
+    # on a GPU too: the processes of --jobs share the host's cores
+    import numba
 
-        torch.set_num_threads(args.threads)
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     if args.time_layer:  # one measurement in a process of its own (peak memory)
         layer, n, repeats = args.time_layer
         print(json.dumps(time_layer(layer, int(n), device, int(repeats))))
