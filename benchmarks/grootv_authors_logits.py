@@ -221,6 +221,10 @@ def declaration(source: str, name: str) -> str:
     """The declaration of the function ``name`` that the C++/CUDA text ``source`` defines:
     its return type, name and parameters as the definition writes them, and a ``;``.
 
+    Args:
+        source (str): the text of a ``.cu`` / ``.cpp`` file.
+        name (str): the function.
+
     Raises:
         ValueError: if ``source`` defines no function ``name``, or more than one, or one
             that another file cannot call (``static``, a template, a kernel).
@@ -258,6 +262,10 @@ def prepare_kernel_sources(repo: Path, dst: Path) -> list:
     ``LANGUAGE_KERNELS``: its ``bfs.h`` declares a ``bfs_forward`` of four tensors, the
     ``bfs.cu`` here returns three (the return type is not part of the linker's name, so the
     build would succeed and the call read a wrong result).
+
+    Args:
+        repo (Path): a checkout of the GrootVL repository.
+        dst (Path): the folder to write (emptied first).
 
     Returns:
         the sources to compile: ``vision.cpp`` first, then the ``.cu`` files, sorted.
