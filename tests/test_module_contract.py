@@ -293,3 +293,35 @@ def test_converted_mamba_survives_copies():
         ema = AveragedModel(model)
         with torch.no_grad():
             torch.testing.assert_close(ema(ids).logits, expected, rtol=0, atol=0)
+
+
+class _ScanInWorker(torch.utils.data.Dataset):
+    """Runs the CPU selective scan on threads, as in a worker of a DataLoader."""
+
+    def __init__(self, n):
+        self.tree = treessm.topology.chain_tree(4, n // 4)
+        g = torch.Generator().manual_seed(0)
+        self.args = (torch.randn(n, 4, generator=g), torch.rand(n, 4, generator=g),
+                     -torch.rand(4, 2, generator=g), torch.randn(n, 2, generator=g),
+                     torch.randn(n, 2, generator=g))
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return treessm.selective_tree_scan(*self.args, self.tree)
+
+
+def test_cpu_scan_in_a_forked_worker_after_the_parent_used_it():
+    # a forked worker inherits the parent's thread pool but not its threads: it must make its
+    # own rather than wait for them (the scan splits work over threads from 4096 rows a thread)
+    import numba
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("the CPU scan runs on one thread here")
+    data = _ScanInWorker(4 * 4096)
+    expected = data[0]  # the parent's pool now exists
+    loader = torch.utils.data.DataLoader(data, num_workers=1, timeout=60,
+                                         multiprocessing_context="fork")
+    (got,) = list(loader)
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=0)

@@ -52,6 +52,7 @@ group of trees and over the groups in ascending order.
 from __future__ import annotations
 
 import math
+import os
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
@@ -891,9 +892,14 @@ def _threads() -> int:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    pool = _pools.get(threads)
+    # a forked child (a DataLoader worker) inherits the executors but not their threads:
+    # it makes its own, else its jobs would wait for threads that do not exist
+    key = (os.getpid(), threads)
+    pool = _pools.get(key)
     if pool is None:
-        pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="treessm")
+        for stale in [k for k in _pools if k[0] != key[0]]:  # the parent's: never shut down here
+            del _pools[stale]
+        pool = _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="treessm")
     return pool
 
 
