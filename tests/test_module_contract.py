@@ -295,6 +295,21 @@ def test_converted_mamba_survives_copies():
             torch.testing.assert_close(ema(ids).logits, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("how", [copy.deepcopy, _pickled, _saved], ids=["deepcopy", "pickle",
+                                                                       "save"])
+def test_prepared_graph_survives_copies(how):
+    # its adjacency is a sparse CSR tensor, which torch cannot pickle itself
+    x, edge_index = _graph()
+    graph = treessm.prepare_graph(edge_index, x.shape[0], edge_weight=torch.rand(30) + 0.5,
+                                  cache=False)
+    conv = TreeSSMConv(8, 6, d_state=2).eval()
+    clone = how(graph)
+    assert clone.num_nodes == graph.num_nodes and torch.equal(clone.edge_index, graph.edge_index)
+    assert torch.equal(clone.adjacency.to_dense(), graph.adjacency.to_dense())
+    with torch.no_grad():
+        _assert_same([conv(x, clone)], [conv(x, graph)])
+
+
 class _ScanInWorker(torch.utils.data.Dataset):
     """Runs the CPU selective scan on threads, as in a worker of a DataLoader."""
 

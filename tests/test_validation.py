@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -19,7 +20,8 @@ import torch
 import treessm
 from treessm import (GraphTopology, GridTopology, SequenceTopology, Tree, minimum_spanning_tree,
                      prepare_graph, selective_tree_scan, tree_scan)
-from treessm.models import GrootV
+from treessm.datasets import load_dataset
+from treessm.models import GrootV, load_grootvl_checkpoint, treessm_to_grootvl
 from treessm.nn import GrootLMixer, TreeSSM, TreeSSMConv
 from treessm.topology import (CausalSequenceTopology, GrootLTopology, chain_tree, root_forest,
                               tree_from_edges)
@@ -157,7 +159,8 @@ ACCEPTS[name] = {
     "u, delta": "floating-point tensors `[N, D]` (`N = tree.num_nodes`), any of float32, "
                 "float64, float16, bfloat16 (half types are computed in float32); the output has "
                 "the dtype of `u`. Differentiable.",
-    "A": "floating-point tensor `[D, S]` (`S = 0` leaves the skip alone). Differentiable.",
+    "A": "floating-point tensor `[D, S]` (`S = 0` leaves the skip alone, with or without "
+         "`state_norm`). Differentiable.",
     "B, C": "floating-point tensors `[N, S]`. Differentiable.",
     "tree": "a `treessm.Tree` over the `N` vertices, on the device of `u`.",
     "D, delta_bias": "`None` or a floating-point tensor `[D]`. Differentiable.",
@@ -168,7 +171,8 @@ ACCEPTS[name] = {
     "initial_state": "`None`, or with `direction='down'` a floating-point tensor `[T, D, S]` "
                      "(`T = tree.num_trees`). Differentiable.",
     "state_vertices": "`None` or a 1-D integer tensor of vertex ids in `[0, N)` (repeats "
-                      "allowed); the call then returns `(y, states)`.",
+                      "allowed; uint8 ids are ids, not a mask); the call then returns "
+                      "`(y, states)`.",
     "norm_weight, norm_bias": "`None`, or with `state_norm=True` a floating-point tensor "
                               "`[D, S]` or `[D * S]`. Differentiable.",
     "norm_eps": "a real number `> 0`.",
@@ -196,6 +200,13 @@ CASES[name] = [
        "`(y [4, 3], states [3, 3, 2])`", lambda r: r[1].shape == (3, 3, 2)),
     ok("`u [0, 3]`, the empty tree", lambda: _sts(0), "`[0, 3]`"),
     ok("`A [3, 0]` (no states)", lambda: _sts(s=0), "`[4, 3]` zeros (the skip alone)"),
+    ok("`A [3, 0]`, `state_norm=True`", lambda: _sts(s=0, state_norm=True),
+       "`[4, 3]` zeros (no state to normalise)", lambda y: not y.any()),
+    ok("uint8 `state_vertices=[3, 0]`",
+       lambda: _sts(state_vertices=torch.tensor([3, 0], dtype=torch.uint8)),
+       "`(y [4, 3], states [2, 3, 2])`, the states of vertices 3 and 0",
+       lambda r: r[1].shape == (2, 3, 2) and torch.equal(
+           r[1], _sts(state_vertices=torch.tensor([3, 0]))[1])),
     bad("`u` a list", lambda: _sts(u=[[1.0]]), TypeError, "u must be a Tensor"),
     bad("`u [4]`", lambda: _sts(u=_x(4)), ValueError, "u must be 2-D"),
     bad("integer `u`", lambda: _sts(u=torch.ones(4, 3, dtype=_I64)), TypeError,
@@ -221,6 +232,8 @@ CASES[name] = [
         "edge_step must be one of ('child', 'mean') or a tensor"),
     bad("`edge_step [4, 4]`", lambda: _sts(edge_step=_x(4, 4)), ValueError,
         "edge_step must have shape [4, 3]"),
+    bad("`edge_step` a NumPy array", lambda: _sts(edge_step=_x(4, 3).numpy()), ValueError,
+        "edge_step must be one of ('child', 'mean') or a tensor"),
     bad("`initial_state` with `direction='both'`", lambda: _sts(initial_state=_x(1, 3, 2)),
         ValueError, "initial_state enters the roots of a 'down' scan"),
     bad("`initial_state [2, 3, 2]` for one tree",
@@ -230,10 +243,18 @@ CASES[name] = [
         "state_vertices must be an integer tensor"),
     bad("`state_vertices=[4]`", lambda: _sts(state_vertices=torch.tensor([4])), ValueError,
         "state_vertices must hold vertex ids in [0, 4)"),
+    bad("complex `state_vertices`", lambda: _sts(state_vertices=torch.tensor([1j])), TypeError,
+        "state_vertices must be an integer tensor"),
+    bad("`state_vertices` on another device",
+        lambda: _sts(state_vertices=torch.tensor([1]).to("meta")), ValueError,
+        "state_vertices must be on the device of u"),
     bad("`norm_weight` without `state_norm`", lambda: _sts(norm_weight=_x(3, 2)), ValueError,
         "norm_weight is used only with state_norm=True"),
     bad("`norm_bias [3, 3]`", lambda: _sts(state_norm=True, norm_bias=_x(3, 3)), ValueError,
         "norm_bias must have shape [3, 2] or [6]"),
+    bad("boolean `norm_weight`",
+        lambda: _sts(state_norm=True, norm_weight=torch.ones(3, 2, dtype=torch.bool)),
+        TypeError, "norm_weight must be a floating-point tensor"),
     bad("`state_norm=1`", lambda: _sts(state_norm=1), TypeError, "state_norm must be a bool"),
     bad("`norm_eps=0`", lambda: _sts(norm_eps=0.0), ValueError, "norm_eps must be > 0"),
     bad("`backend='fast'`", lambda: _sts(backend="fast"), ValueError, "backend must be one of"),
@@ -412,12 +433,16 @@ name = ("treessm.GraphTopology(distance='cosine')(x, edge_index, batch=None, edg
 ACCEPTS[name] = {
     "x": "floating-point tensor `[N, C]`, finite values of any magnitude (checked on every "
          "device); `N = 0` gives the empty forest.",
-    "edge_index": "integer tensor `[2, E]`, `EdgeIndex`, sparse adjacency or `PreparedGraph`; "
-                  "ids in `[0, N)`; directions, repeats and self-loops do not matter.",
+    "edge_index": "integer tensor `[2, E]`, `EdgeIndex`, sparse adjacency (square, `[N, N]`, "
+                  "one value per edge) or `PreparedGraph`, on the device of `x`; ids in "
+                  "`[0, N)`; directions, repeats and self-loops do not matter.",
     "batch": "`None` or a sorted, non-negative integer tensor `[N]` (PyG's); ids may be "
              "huge or skip numbers; no edge may join two examples.",
     "edge_weight": "`None` or a positive, finite tensor `[E]`.",
     "edge_attr": "`None` or a tensor `[E]` or `[E, F]` for a distance that reads it.",
+    "reduce, cache": "(`prepare_graph`) `'mean'`, `'min'`, `'max'` or `'sum'`; `bool`. "
+                     "A `PreparedGraph` is returned as it is: its edge weights and features "
+                     "were given when it was prepared.",
 }
 CASES[name] = [
     ok("a path of 4 vertices", lambda: GraphTopology()(_x(4, 3), _LINE), "one tree",
@@ -441,6 +466,20 @@ CASES[name] = [
         "batch must be sorted"),
     bad("`edge_weight` zero", lambda: prepare_graph(_LINE, 4, edge_weight=torch.zeros(3)),
         ValueError, "edge_weight must be positive and finite"),
+    bad("`edge_index` on another device",
+        lambda: GraphTopology()(_x(4, 3), _LINE.to("meta")), ValueError,
+        "edge_index must be on the device of x"),
+    bad("a sparse adjacency `[4, 5]`",
+        lambda: prepare_graph(torch.sparse_coo_tensor(_LINE, torch.ones(3), (4, 5))),
+        ValueError, "edge_index as a sparse adjacency must be a square [N, N] matrix"),
+    bad("a sparse adjacency of 5 vertices for 4 rows",
+        lambda: GraphTopology()(_x(4, 3), torch.sparse_coo_tensor(_LINE, torch.ones(3), (5, 5))),
+        ValueError, "edge_index is an adjacency over 5 vertices, but num_nodes"),
+    bad("a `PreparedGraph` and `edge_weight`",
+        lambda: prepare_graph(prepare_graph(_LINE, 4), edge_weight=torch.ones(3)), ValueError,
+        "edge_weight and edge_attr cannot be added to a PreparedGraph"),
+    bad("`cache='no'`", lambda: prepare_graph(_LINE, 4, cache="no"), TypeError,
+        "cache must be a bool"),
 ]
 
 name = ("treessm.nn.TreeSSM(d_model, d_state=1, ssm_ratio=2.0, dt_rank='auto', d_conv=3, ...)"
@@ -485,9 +524,10 @@ name = ("treessm.nn.TreeSSMConv(in_channels, out_channels, d_state=4, ...)"
 ACCEPTS[name] = {
     "in_channels": "positive int, or `-1` (lazy: taken from the first input).",
     "out_channels, d_state": "positive ints.",
-    "tree_features": "`'inner'` or `'input'`; `local_mixing`, `bias`: `bool`.",
-    "x": "floating-point tensor `[N, in_channels]`, finite values of any magnitude; `N = 0` "
-         "gives `[0, out_channels]`.",
+    "tree_features": "`'inner'` or `'input'`; `local_mixing`, `bias`, `return_tree`: `bool`.",
+    "x": "floating-point tensor `[N, in_channels]`, finite; the tree does not depend on the "
+         "scale of the features, the layer's own float32 arithmetic does (features beyond "
+         "about `1e10` overflow its states); `N = 0` gives `[0, out_channels]`.",
     "edge_index, edge_weight, batch, edge_attr": "as `GraphTopology`.",
     "topology": "`None` or a callable `(feat [N, C], graph, batch) -> Tree` over the `N` "
                 "vertices; not with a `distance` of the layer's own.",
@@ -513,6 +553,8 @@ CASES[name] = [
         "local_mixing must be a bool"),
     bad("`x [4, 2]` for `in_channels=3`", lambda: TreeSSMConv(3, 5)(_x(4, 2), _LINE),
         ValueError, "x must have in_channels = 3 columns, got 2"),
+    bad("`return_tree='yes'`", lambda: TreeSSMConv(3, 5)(_x(4, 3), _LINE, return_tree="yes"),
+        TypeError, "return_tree must be a bool"),
 ]
 
 name = ("treessm.nn.GrootLMixer(hidden_size, state_size=16, mode='chain', ...)"
@@ -528,8 +570,8 @@ ACCEPTS[name] = {
                      "empty output (the cache untouched).",
     "cache": "`None` or a transformers cache of linear-attention layers (`DynamicCache` of a "
              "Mamba model); `mode='paper'` cannot continue one.",
-    "attention_mask": "`None` or a tensor `[B, >= L]` of 0 and 1 on the device of "
-                      "`hidden_states`.",
+    "attention_mask": "`None` or a bool, integer or real tensor `[B, >= L]` of 0 and 1 on the "
+                      "device of `hidden_states`.",
     "topology": "`None`; with `mode='causal'` a `CausalSequenceTopology` (then no `k` or "
                 "`distance` of the layer's own), with `mode='paper'` a callable `[B, L, C] -> "
                 "Tree`.",
@@ -553,6 +595,11 @@ CASES[name] = [
     bad("`hidden_states [1, 3, 6]` for `hidden_size=8`",
         lambda: GrootLMixer(8)(_x(1, 3, 6)), ValueError,
         "hidden_states must be a [B, L, 8] tensor, got [1, 3, 6]"),
+    bad("integer `hidden_states`", lambda: GrootLMixer(8)(torch.ones(1, 3, 8, dtype=_I64)),
+        TypeError, "hidden_states must be a floating-point tensor"),
+    bad("complex `attention_mask`",
+        lambda: GrootLMixer(8)(_x(1, 3, 8), attention_mask=torch.ones(1, 3, dtype=torch.cfloat)),
+        TypeError, "attention_mask must be a bool, integer or real tensor"),
 ]
 
 name = ("treessm.models.GrootV(num_classes=1000, in_chans=3, dims=..., depths=..., ...)(x); "
@@ -564,7 +611,12 @@ ACCEPTS[name] = {
                     "`dims[0] >= 2`; `stem_strides`, `downsample_strides` likewise.",
     "mlp_ratio, head_ratio": "positive reals; `drop_rate`, `drop_path_rate`: reals in `[0, 1)`.",
     "features_only, shared_tree": "`bool`; `out_indices` only with `features_only`.",
-    "x": "floating-point tensor `[B, in_chans, H, W]`; `B = 0` gives `[0, num_classes]`.",
+    "x": "floating-point tensor `[B, in_chans, H, W]`, `H, W >= 1` (any sizes, not only "
+         "squares); `B = 0` gives `[0, num_classes]`.",
+    "indices, norm, stop_early, output_fmt, intermediates_only": "(`forward_intermediates`) "
+        "`None`, an int `n` (the last `n` stages) or a sequence of stage indices; `bool`; "
+        "`bool`; `'NCHW'` or `'NHWC'`; `bool`.",
+    "enable": "(`set_grad_checkpointing`) `bool`.",
 }
 _SMALL = dict(dims=(8, 16), depths=(1, 1))
 CASES[name] = [
@@ -584,6 +636,81 @@ CASES[name] = [
         "drop_rate must be in [0.0, 1.0), got 1.0"),
     bad("`x [2, 1, 32, 32]` for `in_chans=3`", lambda: GrootV(**_SMALL)(_x(2, 1, 32, 32)),
         ValueError, "x must be a [B, 3, H, W] image batch"),
+    ok("`x [1, 3, 1, 1]`, evaluation mode",
+       lambda: GrootV(num_classes=5, **_SMALL).eval()(_x(1, 3, 1, 1)), "`[1, 5]`",
+       lambda y: y.shape == (1, 5) and bool(y.isfinite().all())),
+    bad("`x [2, 3, 0, 32]`", lambda: GrootV(**_SMALL)(_x(2, 3, 0, 32)), ValueError,
+        "x must have at least one pixel per image"),
+    bad("integer `x`", lambda: GrootV(**_SMALL)(torch.ones(1, 3, 8, 8, dtype=_I64)), TypeError,
+        "x must be a floating-point tensor"),
+    bad("`forward_intermediates(x, intermediates_only='no')`",
+        lambda: GrootV(**_SMALL).forward_intermediates(_x(1, 3, 8, 8), intermediates_only="no"),
+        TypeError, "intermediates_only must be a bool"),
+    bad("`set_grad_checkpointing('no')`", lambda: GrootV(**_SMALL).set_grad_checkpointing("no"),
+        TypeError, "enable must be a bool"),
+]
+
+
+name = ("treessm.models.load_grootvl_checkpoint(model, checkpoint, use_ema=False, "
+        "classifier=None, weights_only=True), treessm_to_grootvl(state_dict)")
+ACCEPTS[name] = {
+    "model": "a `GrootV` of the checkpoint's size (`treessm_to_grootvl`: one with its linear "
+             "classifier, or its state dict).",
+    "checkpoint": "a path (`str` or `os.PathLike`) of a file `torch.load` reads, holding the "
+                  "authors' state dict (bare or under `'model'` / `'model_ema'`), or that "
+                  "state dict itself.",
+    "use_ema, weights_only": "`bool`.",
+    "classifier": "`None` (load the classifier when its shape fits) or a `bool`.",
+}
+
+
+_FILES = tempfile.TemporaryDirectory(prefix="treessm-validation-")  # removed at exit
+
+
+def _checkpoint_file(content: bytes) -> str:
+    path = Path(_FILES.name) / f"checkpoint-{len(list(Path(_FILES.name).iterdir()))}.pth"
+    path.write_bytes(content)
+    return str(path)
+
+
+CASES[name] = [
+    ok("the authors' names of a `GrootV`",
+       lambda: load_grootvl_checkpoint(GrootV(num_classes=5, **_SMALL),
+                                       treessm_to_grootvl(GrootV(num_classes=5, **_SMALL))),
+       "the model, filled"),
+    bad("`checkpoint=None`", lambda: load_grootvl_checkpoint(GrootV(**_SMALL), None), TypeError,
+        "checkpoint must be a path (str or os.PathLike) or the authors' state dict"),
+    bad("an empty file", lambda: load_grootvl_checkpoint(GrootV(**_SMALL), _checkpoint_file(b"")),
+        ValueError, "is not a checkpoint that torch.load can read"),
+    bad("a text file",
+        lambda: load_grootvl_checkpoint(GrootV(**_SMALL), _checkpoint_file(b"hello world\n")),
+        ValueError, "is not a checkpoint that torch.load can read"),
+    bad("`use_ema='no'`",
+        lambda: load_grootvl_checkpoint(GrootV(**_SMALL), _checkpoint_file(b""), use_ema="no"),
+        TypeError, "use_ema must be a bool"),
+    bad("`classifier='yes'`",
+        lambda: load_grootvl_checkpoint(GrootV(**_SMALL), {}, classifier="yes"), TypeError,
+        "classifier must be a bool"),
+    bad("`treessm_to_grootvl` of a `GrootV` with `num_classes=0`",
+        lambda: treessm_to_grootvl(GrootV(num_classes=0, **_SMALL)), ValueError,
+        "the authors' GrootV always has its classification head"),
+]
+
+name = "treessm.datasets.load_dataset(name, root, copy_to=None, **kwargs)"
+ACCEPTS[name] = {
+    "name": "one of `treessm.datasets.DATASETS` (`'Cora'`, `'minesweeper'`, `'tolokers'`, "
+            "`'MUTAG'`, `'PROTEINS'`).",
+    "root, copy_to": "a folder (`str` or `os.PathLike`); `copy_to` may be `None`.",
+}
+CASES[name] = [
+    bad("`name='Citeseer'`", lambda: load_dataset("Citeseer", "data"), ValueError,
+        "name must be one of ('Cora'"),
+    bad("`name=['Cora']`", lambda: load_dataset(["Cora"], "data"), ValueError,
+        "name must be one of ('Cora'"),
+    bad("`root=None`", lambda: load_dataset("Cora", None), TypeError,
+        "root must be a str or os.PathLike folder"),
+    bad("`copy_to=5`", lambda: load_dataset("Cora", "data", copy_to=5), TypeError,
+        "copy_to must be a str or os.PathLike folder"),
 ]
 
 
@@ -608,7 +735,8 @@ def test_every_public_callable_is_in_the_table():
     public = {"Tree", "tree_scan", "selective_tree_scan", "minimum_spanning_tree", "GridTopology", "SequenceTopology",
               "GraphTopology", "prepare_graph", "CausalSequenceTopology", "GrootLTopology",
               "chain_tree", "root_forest", "tree_from_edges", "TreeSSM", "TreeSSMConv",
-              "GrootLMixer", "GrootV", "grootv_tiny"}
+              "GrootLMixer", "GrootV", "grootv_tiny", "load_grootvl_checkpoint",
+              "treessm_to_grootvl", "load_dataset"}
     text = " ".join(CASES)
     assert not {p for p in public if p not in text}
     assert set(ACCEPTS) == set(CASES)

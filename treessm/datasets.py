@@ -58,6 +58,7 @@ def load_dataset(name: str, root: Union[str, Path], copy_to: Optional[Union[str,
 
     Raises:
         ValueError: on an unknown name.
+        TypeError: on a ``root`` or ``copy_to`` that is not a path.
 
     Example:
         >>> dataset = load_dataset("Cora", "data")   # PyG downloads into an empty root
@@ -65,8 +66,12 @@ def load_dataset(name: str, root: Union[str, Path], copy_to: Optional[Union[str,
         >>> data.num_nodes, dataset.num_classes, int(data.train_mask.sum())
         (2708, 7, 140)
     """
-    if name not in DATASETS:
+    if not isinstance(name, str) or name not in DATASETS:
         raise ValueError(f"name must be one of {tuple(DATASETS)}, got {name!r}")
+    for arg, value in (("root", root), ("copy_to", copy_to)):
+        if not isinstance(value, (str, os.PathLike)) and not (arg == "copy_to" and value is None):
+            raise TypeError(f"{arg} must be a str or os.PathLike folder, got "
+                            f"{type(value).__name__}")
     import torch_geometric.datasets as pyg_datasets
 
     family, cls_name = DATASETS[name]

@@ -482,8 +482,9 @@ class GrootV(nn.Module):
         """Recompute each block's activations in the backward pass instead of keeping them
         (:func:`torch.utils.checkpoint.checkpoint`): training memory of a stage falls to
         about one map per block, at the cost of a second forward pass of every block."""
+        enable = check_bool(enable, "enable")
         for stage in self.stages:
-            stage.grad_checkpointing = bool(enable)
+            stage.grad_checkpointing = enable
 
     def get_classifier(self) -> Optional[nn.Module]:
         return self.head
@@ -518,6 +519,11 @@ class GrootV(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a [B, {self.in_chans}, H, W] image batch, got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[2] == 0 or x.shape[3] == 0:  # B = 0 is an empty batch; no pixel is no image
+            raise ValueError(f"x must have at least one pixel per image (H, W >= 1), got "
+                             f"{list(x.shape)}")
 
     def forward_intermediates(self, x: Tensor,
                               indices: Union[None, int, Sequence[int]] = None,
@@ -547,6 +553,9 @@ class GrootV(nn.Module):
             by the last computed map in ``NCHW`` (:meth:`forward_features` when all
             stages ran).
         """
+        norm = check_bool(norm, "norm")
+        stop_early = check_bool(stop_early, "stop_early")
+        intermediates_only = check_bool(intermediates_only, "intermediates_only")
         fmt = getattr(output_fmt, "value", output_fmt)  # timm passes a str-valued Enum
         if fmt not in OUTPUT_FORMATS:
             raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")

@@ -51,6 +51,8 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_bool
+
 __all__ = ["grootvl_to_treessm", "treessm_to_grootvl", "read_grootvl_checkpoint",
            "load_grootvl_checkpoint"]
 
@@ -210,9 +212,12 @@ def treessm_to_grootvl(state_dict: Union[nn.Module, Mapping[str, Tensor]]) -> Di
         >>> tuple(theirs["levels.0.blocks.0.TreeSSM.x_proj_weight"].shape)  # one direction
         (1, 3, 32)
     """
-    if isinstance(state_dict, nn.Module) and getattr(state_dict, "conv_head", True) is None:
+    if isinstance(state_dict, nn.Module) and (
+            getattr(state_dict, "conv_head", True) is None
+            or not isinstance(getattr(state_dict, "head", nn.Linear(1, 1)), nn.Linear)):
         raise ValueError("the authors' GrootV always has its classification head; convert a "
-                         "model built without features_only and not pruned")
+                         "model built without features_only, not pruned and with "
+                         "num_classes > 0")
     out = OrderedDict()
     for name, value in _tensors(state_dict, "state_dict").items():
         mapped = _treessm_to_authors_name(name)
@@ -261,6 +266,8 @@ def read_grootvl_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    use_ema = check_bool(use_ema, "use_ema")
+    weights_only = check_bool(weights_only, "weights_only")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {os.fspath(path)!r}")
     try:
@@ -272,6 +279,10 @@ def read_grootvl_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
             "pass weights_only=False (needs `pip install yacs`), or extract the weights once: "
             "torch.save(torch.load(path, weights_only=False)['model'], 'grootv_in1k.pth'). "
             f"torch said: {exc}") from None
+    except (EOFError, KeyError, IndexError, ValueError, RuntimeError) as exc:
+        # an empty, truncated or foreign file: torch.load's own errors say little about it
+        raise ValueError(f"{os.fspath(path)!r} is not a checkpoint that torch.load can read "
+                         f"({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, Mapping) and ("model" in obj or "model_ema" in obj):
         key = "model_ema" if use_ema else "model"
         if key not in obj:
@@ -334,6 +345,11 @@ def load_grootvl_checkpoint(model: nn.Module,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a GrootV module, got {type(model).__name__}")
+    if classifier is not None:
+        classifier = check_bool(classifier, "classifier")
+    if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
+        raise TypeError(f"checkpoint must be a path (str or os.PathLike) or the authors' state "
+                        f"dict, got {type(checkpoint).__name__}")
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_grootvl_checkpoint(checkpoint, use_ema, weights_only)
     weights = grootvl_to_treessm(checkpoint)

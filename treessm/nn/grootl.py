@@ -460,6 +460,9 @@ class GrootLMixer(SelectiveSSM):
                      else type(hidden_states).__name__)
             raise ValueError(f"hidden_states must be a [B, L, {self.hidden_size}] tensor, got "
                              f"{shape}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got "
+                            f"{hidden_states.dtype}")
         b, length, _ = hidden_states.shape
         dtype = hidden_states.dtype
         mask = None
@@ -467,6 +470,9 @@ class GrootLMixer(SelectiveSSM):
             if not isinstance(attention_mask, Tensor):
                 raise TypeError(f"attention_mask must be a tensor [B, L] of 0 and 1, got "
                                 f"{type(attention_mask).__name__}")
+            if attention_mask.is_complex():
+                raise TypeError(f"attention_mask must be a bool, integer or real tensor of 0 "
+                                f"and 1, got {attention_mask.dtype}")
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or \
                     attention_mask.shape[1] < length:
                 raise ValueError(f"attention_mask must have shape [{b}, >= {length}], got "

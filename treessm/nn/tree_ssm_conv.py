@@ -261,6 +261,7 @@ class TreeSSMConv(SelectiveTreeSSM):
                 :class:`~treessm.PreparedGraph` of other vertices, or features of the wrong
                 width.
         """
+        return_tree = check_bool(return_tree, "return_tree")
         graph, batch = check_graph(x, edge_index, batch, edge_attr, edge_weight=edge_weight,
                                    reduce=getattr(self.topology, "reduce", "mean"))
         expected = self.in_proj.in_channels

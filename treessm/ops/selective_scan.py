@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import check_bool, check_choice, check_number
+from .._checks import INDEX_TYPES, check_bool, check_choice, check_number
 from ..tree import Tree
 from . import selective_scan_cpu, selective_scan_cuda
 from .plan import level_groups
@@ -552,7 +552,7 @@ def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direct
     if isinstance(edge_step, Tensor):
         _tensor(edge_step, "edge_step", 2)
         _shape(edge_step, "edge_step", (n, d), "the step of each vertex's edge to its parent")
-    elif edge_step not in EDGE_STEPS:
+    elif not isinstance(edge_step, str) or edge_step not in EDGE_STEPS:
         raise ValueError(f"edge_step must be one of {EDGE_STEPS} or a tensor of edge steps, "
                          f"got {edge_step!r}")
     if initial_state is not None:
@@ -564,13 +564,9 @@ def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direct
                "one state per tree, in the order of tree.tree_ptr")
     if state_vertices is not None:
         _tensor(state_vertices, "state_vertices", 1, floating=False)
-        if state_vertices.is_floating_point() or state_vertices.dtype == torch.bool:
+        if state_vertices.dtype not in INDEX_TYPES:
             raise TypeError(f"state_vertices must be an integer tensor, got "
                             f"{state_vertices.dtype}")
-        if not torch.compiler.is_compiling() and state_vertices.numel() and (
-                int(state_vertices.min()) < 0 or int(state_vertices.max()) >= n):
-            raise ValueError(f"state_vertices must hold vertex ids in [0, {n}), got values in "
-                             f"[{int(state_vertices.min())}, {int(state_vertices.max())}]")
     for name, value in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if value is None:
             continue
@@ -583,6 +579,9 @@ def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direct
         if value.dim() == 2 and tuple(value.shape) != (d, s):
             raise ValueError(f"{name} must have shape [{d}, {s}] or [{d * s}], got "
                              f"{list(value.shape)}")
+        if value.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float64, "
+                            f"bfloat16 or float16), got {value.dtype}")
     for name, value in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
                         ("delta_bias", delta_bias), ("initial_state", initial_state),
                         ("state_vertices", state_vertices), ("norm_weight", norm_weight),
@@ -594,6 +593,14 @@ def _check_inputs(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direct
     if tree.device != u.device:
         raise ValueError(f"tree must be on the device of u ({u.device}), got {tree.device}; "
                          "use tree.to(u.device)")
+    # ids are read on the host, once every tensor is known to be where it belongs (the
+    # values of meta tensors and of tensors being traced are unknown)
+    if (state_vertices is not None and state_vertices.numel()
+            and state_vertices.device.type != "meta" and not torch.compiler.is_compiling()):
+        low, high = (int(v) for v in torch.stack([state_vertices.min(), state_vertices.max()]))
+        if low < 0 or high >= n:
+            raise ValueError(f"state_vertices must hold vertex ids in [0, {n}), got values in "
+                             f"[{low}, {high}]")
 
 
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
@@ -700,6 +707,11 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     _check_inputs(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step,
                   initial_state, state_vertices, state_norm, norm_weight, norm_bias, norm_eps)
     backend = _resolve_backend(backend, u.device)
+    if state_vertices is not None:  # ids of any integer type (uint8 too: ids, not a mask)
+        state_vertices = state_vertices.long()
+    if state_norm and u.shape[1] * A.shape[1] == 0:
+        # no state to normalise: the read-out of no states is zero, with or without the norm
+        state_norm, norm_weight, norm_bias = False, None, None
     args = (u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, edge_step)
     options = dict(initial_state=initial_state, state_vertices=state_vertices,
                    state_norm=state_norm, norm_weight=norm_weight, norm_bias=norm_bias,

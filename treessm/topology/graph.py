@@ -43,6 +43,10 @@ def check_graph(x: Tensor, edge_index, batch: Optional[Tensor] = None,
     """
     check_features(x, 2, name=name, shape="[N, C]")
     n = x.shape[0]
+    device = getattr(edge_index, "device", None)  # before its ids are read on the host
+    if isinstance(device, torch.device) and device != x.device:
+        raise ValueError(f"edge_index must be on the device of {name} ({x.device}), got "
+                         f"{device}")
     if isinstance(edge_index, PreparedGraph):
         if edge_weight is not None or edge_attr is not None:
             raise ValueError("edge_weight and edge_attr belong in prepare_graph(...) when "

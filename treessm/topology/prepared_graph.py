@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import is_sparse, remove_self_loops, to_edge_index, to_undirected
 
-from .._checks import check_edge_index, check_int
+from .._checks import check_bool, check_edge_index, check_int
 
 __all__ = ["PreparedGraph", "prepare_graph", "as_edge_index", "TensorKeyedCache", "REDUCES"]
 
@@ -55,6 +55,11 @@ def as_edge_index(edge_index, edge_weight: Optional[Tensor] = None
         prepared = bool(edge_index.is_undirected and edge_index.is_sorted_by_row)
         return edge_index.as_tensor(), edge_weight, prepared
     if is_sparse(edge_index):
+        dims = edge_index.dim() if callable(getattr(edge_index, "dim", None)) else 2
+        if dims != 2 or edge_index.size(0) != edge_index.size(1):
+            raise ValueError(f"edge_index as a sparse adjacency must be a square [N, N] "
+                             f"matrix with one value per edge, got size "
+                             f"{list(edge_index.size())}")
         ei, values = to_edge_index(edge_index)
         if edge_weight is None and values is not None and values.dim() == 1:
             edge_weight = values
@@ -174,11 +179,24 @@ class PreparedGraph:
             raise ValueError(f"the prepared graph is on {self.device} but {name} is on "
                              f"{x.device}; move it with graph.to(device)")
 
+    def __reduce__(self):
+        # a sparse CSR tensor does not pickle: store its index arrays and rebuild it
+        adj = self.adjacency
+        return (_rebuild_prepared_graph,
+                (self.num_nodes, self.edge_index, self.edge_weight, self.edge_attr,
+                 adj.crow_indices(), adj.col_indices(), adj.values(), self.degree))
+
     def __repr__(self) -> str:
         extra = "".join(f", {k}=[{', '.join(map(str, getattr(self, k).shape))}]"
                         for k in ("edge_weight", "edge_attr") if getattr(self, k) is not None)
         return (f"PreparedGraph(num_nodes={self.num_nodes}, num_edges={self.num_edges}"
                 f"{extra})")
+
+
+def _rebuild_prepared_graph(num_nodes, edge_index, edge_weight, edge_attr, crow, col, values,
+                            degree) -> PreparedGraph:
+    return PreparedGraph(num_nodes, edge_index, edge_weight, edge_attr,
+                         _csr(crow, col, values, num_nodes), degree)
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, num_nodes: int) -> Tensor:
@@ -346,20 +364,28 @@ def prepare_graph(edge_index, num_nodes: Optional[int] = None,
         tensor([[0, 1],
                 [1, 2]])
     """
+    if not isinstance(reduce, str) or reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    cache = check_bool(cache, "cache")
     if isinstance(edge_index, PreparedGraph):
         if num_nodes is not None and num_nodes != edge_index.num_nodes:
             raise ValueError(f"num_nodes is {num_nodes} but the prepared graph has "
                              f"{edge_index.num_nodes} vertices")
+        if edge_weight is not None or edge_attr is not None:
+            raise ValueError("edge_weight and edge_attr cannot be added to a PreparedGraph; "
+                             "pass them when preparing it")
         return edge_index
-    if reduce not in REDUCES:
-        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
     source = edge_index
+    size = getattr(edge_index, "sparse_size", None)  # an EdgeIndex's, when it knows it
+    if callable(size):
+        size = size(0) if isinstance(size(0), int) else None
+    elif is_sparse(edge_index):
+        size = int(edge_index.size(0))
     if num_nodes is None:
-        size = getattr(edge_index, "sparse_size", None)
-        if callable(size):
-            num_nodes = size(0) if isinstance(size(0), int) else None
-        elif is_sparse(edge_index):
-            num_nodes = int(edge_index.size(0))
+        num_nodes = size
+    elif size is not None and check_int(num_nodes, "num_nodes", 0) != size:
+        raise ValueError(f"edge_index is an adjacency over {size} vertices, but num_nodes "
+                         f"(the rows of the features) is {int(num_nodes)}")
     ei, weight, symmetric_sorted = as_edge_index(edge_index, edge_weight)
     if num_nodes is None:
         if not isinstance(ei, Tensor) or ei.dim() != 2:
