@@ -45,10 +45,11 @@ if [ "$MODE" = check ]; then
     -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "matches_dense_oracle or launch_shape" \
     > "$OUT/memcheck.log" 2>&1
   log "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$SUMMARY"
-  log "== memcheck and racecheck (the fused selective walk against the reference)"
+  log "== memcheck and racecheck (the fused selective walk against the reference, every lane count)"
   for tool in memcheck racecheck; do
     timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
-      -p no:cacheprovider tests/ops/test_selective_scan.py -k "fused_walk_matches_reference and (deep or many_roots)" \
+      -p no:cacheprovider tests/ops/test_selective_scan.py \
+      -k "(fused_walk_matches_reference and (deep or many_roots)) or fused_walk_lanes" \
       > "$OUT/$tool.walk.log" 2>&1
     log "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/$tool.walk.log" | tail -3 | tee -a "$SUMMARY"
   done

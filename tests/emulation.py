@@ -16,7 +16,8 @@ def compile_harness(out_dir: Path, source: str) -> Path:
     if cxx is None:
         pytest.skip("no C++ compiler")
     exe = out_dir / Path(source).stem
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined",
+    # no contraction into fused multiply-adds: the device code decides where it fuses
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-ffp-contract=off", "-fsanitize=address,undefined",
            "-fno-sanitize-recover=undefined", f"-I{SHIM}", f"-I{SRC}", str(SHIM / source),
            "-o", str(exe), "-lpthread"]
     r = subprocess.run(cmd, capture_output=True, text=True)

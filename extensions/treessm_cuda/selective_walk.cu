@@ -4,7 +4,9 @@
 // autograd and the choice of backend live in treessm.ops.selective_scan).
 //
 // cuda_selective_walk(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots, rule,
-//   direction) -> (y [N, D], states [K, D, S]), direction 0 ("down") or 1 ("up", no h0);
+//   direction, lanes) -> (y [N, D], states [K, D, S]), direction 0 ("down") or 1 ("up", no
+//   h0), `lanes` per channel (a power of two up to d_state padded to a power of two; chosen
+//   by treessm.ops.selective_scan_cuda.lanes_per_channel);
 // cuda_selective_walk_backward(gy, gstates, same inputs)
 //   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states:
 //   one forward walk saves num_slots checkpoint slots, then the backward walk.
@@ -38,19 +40,32 @@ void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t col
 struct Problem {
   int64_t n, d, s, trees;
   int rule;
+  int log2_lanes;  // lanes per channel: 2^log2_lanes
+  int64_t states;  // s padded to a power of two: lanes * (states a lane holds)
 };
+
+int64_t padded_states(int64_t s) {
+  int64_t p = 1;
+  while (p < s) p *= 2;
+  return p;
+}
 
 Problem check_inputs(const at::Tensor& u, const at::Tensor& dx, const c10::optional<at::Tensor>& de,
                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                      const c10::optional<at::Tensor>& h0, const at::Tensor& srow,
                      const at::Tensor& snext, const at::Tensor& rec, const at::Tensor& tree_ptr,
-                     int64_t num_slots, int64_t rule, int64_t direction) {
+                     int64_t num_slots, int64_t rule, int64_t direction, int64_t lanes) {
   TORCH_CHECK(u.is_cuda() && u.dim() == 2, "u must be a 2-D CUDA tensor");
   const auto dtype = u.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "u must be float32 or float64, got ",
               dtype);
-  Problem p{u.size(0), u.size(1), A.size(1), tree_ptr.numel() - 1, static_cast<int>(rule)};
-  TORCH_CHECK(p.s >= 1 && p.s <= 16, "d_state must lie in [1, 16], got ", p.s);
+  Problem p{u.size(0), u.size(1), A.size(1), tree_ptr.numel() - 1, static_cast<int>(rule), 0,
+            padded_states(A.size(1))};
+  TORCH_CHECK(p.s >= 1 && p.s <= walk::kMaxStates, "d_state must lie in [1, ",
+              walk::kMaxStates, "], got ", p.s);
+  TORCH_CHECK(lanes >= 1 && lanes <= p.states && (lanes & (lanes - 1)) == 0,
+              "lanes must be a power of two up to ", p.states, " (d_state padded), got ", lanes);
+  while ((int64_t(1) << p.log2_lanes) < lanes) ++p.log2_lanes;
   TORCH_CHECK(rule >= walk::kChild && rule <= walk::kGiven, "rule must be 0, 1 or 2, got ", rule);
   TORCH_CHECK(direction == 0 || direction == 1, "direction must be 0 (down) or 1 (up), got ",
               direction);
@@ -106,55 +121,66 @@ walk::Args<T> make_args(const Problem& p, const at::Tensor& u, const at::Tensor&
   a.s = static_cast<int>(p.s);
   a.num_trees = static_cast<int>(p.trees);
   a.rule = p.rule;
+  a.log2_lanes = p.log2_lanes;
   return a;
 }
 
+// Blocks of kThreads / lanes channels along x, block rows over the trees along y.
 dim3 grid_of(const Problem& p) {
-  return dim3(static_cast<unsigned>((p.d + walk::kThreads - 1) / walk::kThreads),
+  const int64_t channels = walk::kThreads >> p.log2_lanes;
+  return dim3(static_cast<unsigned>((p.d + channels - 1) / channels),
               static_cast<unsigned>(std::min<int64_t>(p.trees, kMaxTreeRows)));
 }
 
-template <typename T, int S>
-void launch_forward(const walk::Args<T>& a, dim3 grid, bool up) {
-  const size_t smem = walk::Stage<T, S>::bytes(false);
+template <typename T>
+size_t stage_bytes(const Problem& p, bool backward) {
+  return walk::Stage<T>::bytes(static_cast<int>(p.states), walk::kThreads >> p.log2_lanes,
+                               backward);
+}
+
+template <typename T, int L>
+void launch_forward(const walk::Args<T>& a, const Problem& p, dim3 grid, bool up) {
+  const size_t smem = stage_bytes<T>(p, false);
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (up) {
-    walk::up_forward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+    walk::up_forward_kernel<T, L><<<grid, walk::kThreads, smem, stream>>>(a);
   } else {
-    walk::down_forward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+    walk::down_forward_kernel<T, L><<<grid, walk::kThreads, smem, stream>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int S>
-void launch_backward(const walk::Args<T>& a, dim3 grid, bool up) {
-  const size_t smem = walk::Stage<T, S>::bytes(true);
+template <typename T, int L>
+void launch_backward(const walk::Args<T>& a, const Problem& p, dim3 grid, bool up) {
+  const size_t smem = stage_bytes<T>(p, true);
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (up) {
-    walk::up_backward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+    walk::up_backward_kernel<T, L><<<grid, walk::kThreads, smem, stream>>>(a);
   } else {
-    walk::down_backward_kernel<T, S><<<grid, walk::kThreads, smem, stream>>>(a);
+    walk::down_backward_kernel<T, L><<<grid, walk::kThreads, smem, stream>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs the statement with the constexpr int S, the power of two at least s (up to 16).
-#define TREESSM_WITH_STATES(s, ...)                      \
+// Runs the statement with the constexpr int L, the states a lane holds: the padded state
+// count over the lanes of a channel (a power of two up to 16).
+#define TREESSM_WITH_LANE_STATES(p, ...)                 \
   do {                                                   \
-    if ((s) <= 1) {                                      \
-      constexpr int S = 1;                               \
+    const int64_t lane_states = (p).states >> (p).log2_lanes; \
+    if (lane_states == 1) {                              \
+      constexpr int L = 1;                               \
       __VA_ARGS__;                                       \
-    } else if ((s) <= 2) {                               \
-      constexpr int S = 2;                               \
+    } else if (lane_states == 2) {                       \
+      constexpr int L = 2;                               \
       __VA_ARGS__;                                       \
-    } else if ((s) <= 4) {                               \
-      constexpr int S = 4;                               \
+    } else if (lane_states == 4) {                       \
+      constexpr int L = 4;                               \
       __VA_ARGS__;                                       \
-    } else if ((s) <= 8) {                               \
-      constexpr int S = 8;                               \
+    } else if (lane_states == 8) {                       \
+      constexpr int L = 8;                               \
       __VA_ARGS__;                                       \
     } else {                                             \
-      constexpr int S = 16;                              \
+      constexpr int L = 16;                              \
       __VA_ARGS__;                                       \
     }                                                    \
   } while (0)
@@ -166,9 +192,9 @@ std::tuple<at::Tensor, at::Tensor> selective_walk(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const c10::optional<at::Tensor>& h0, const at::Tensor& srow, const at::Tensor& snext,
     const at::Tensor& rec, const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule,
-    int64_t direction) {
+    int64_t direction, int64_t lanes) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
-                                 rule, direction);
+                                 rule, direction, lanes);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor y = at::empty({p.n, p.d}, u.options());
   at::Tensor states = at::zeros({snext.numel(), p.d, p.s}, u.options());
@@ -177,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> selective_walk(
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.y = y.data_ptr<scalar_t>();
     a.states = snext.numel() ? states.data_ptr<scalar_t>() : nullptr;
-    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid_of(p), direction == 1));
+    TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid_of(p), direction == 1));
   });
   return {y, states};
 }
@@ -187,9 +213,10 @@ std::vector<at::Tensor> selective_walk_backward(
     const at::Tensor& dx, const c10::optional<at::Tensor>& de, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& h0,
     const at::Tensor& srow, const at::Tensor& snext, const at::Tensor& rec,
-    const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule, int64_t direction) {
+    const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule, int64_t direction,
+    int64_t lanes) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
-                                 rule, direction);
+                                 rule, direction, lanes);
   check_rows(gy, "gy", p.n, p.d, u.scalar_type());
   const bool grad_states = gstates.has_value() && gstates->numel() > 0;
   if (grad_states)
@@ -212,7 +239,7 @@ std::vector<at::Tensor> selective_walk_backward(
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk_backward", [&] {
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.ckpt = ckpt.data_ptr<scalar_t>();
-    TREESSM_WITH_STATES(p.s, launch_forward<scalar_t, S>(a, grid, direction == 1));
+    TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid, direction == 1));
     a.gy = gy.data_ptr<scalar_t>();
     a.gstates = grad_states ? gstates->data_ptr<scalar_t>() : nullptr;
     a.gu = gu.data_ptr<scalar_t>();
@@ -222,7 +249,7 @@ std::vector<at::Tensor> selective_walk_backward(
     a.gB = gB.data_ptr<scalar_t>();
     a.gC = gC.data_ptr<scalar_t>();
     a.gh0 = h0.has_value() ? gh0.data_ptr<scalar_t>() : nullptr;
-    TREESSM_WITH_STATES(p.s, launch_backward<scalar_t, S>(a, grid, direction == 1));
+    TREESSM_WITH_LANE_STATES(p, launch_backward<scalar_t, L>(a, p, grid, direction == 1));
   });
   // partial sums over block rows and warps, added in a fixed order
   return {gu, gdx, gde, gA.sum(0), gB.sum(0), gC.sum(0), gh0};
@@ -232,11 +259,11 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_selective_walk(Tensor u, Tensor dx, Tensor? de, Tensor A, Tensor B, Tensor C, "
       "Tensor? h0, Tensor srow, Tensor snext, Tensor rec, Tensor tree_ptr, int num_slots, "
-      "int rule, int direction) -> (Tensor, Tensor)");
+      "int rule, int direction, int lanes) -> (Tensor, Tensor)");
   m.def(
       "cuda_selective_walk_backward(Tensor gy, Tensor? gstates, Tensor u, Tensor dx, Tensor? de, "
       "Tensor A, Tensor B, Tensor C, Tensor? h0, Tensor srow, Tensor snext, Tensor rec, "
-      "Tensor tree_ptr, int num_slots, int rule, int direction) -> Tensor[]");
+      "Tensor tree_ptr, int num_slots, int rule, int direction, int lanes) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

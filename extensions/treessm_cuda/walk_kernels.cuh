@@ -1,27 +1,38 @@
 // The fused selective tree scan of directions "down" and "up" along a depth-first walk of
 // each tree (treessm.ops.walk.WalkPlan), without its state expansion in memory.
 //
-// One thread owns one inner channel d of one tree and keeps the S states of the current
-// vertex in registers: h[v] = w[v] h[parent] + x[v] with x = (dx u) B and w = exp(de A),
-// y[v] = sum_s C[v, s] h[v, s]. The walk visits each vertex before its children and its
-// heavy child (the largest subtree) last, so a vertex's parent is the previous vertex (its
-// first child) or the top of a stack of states, pushed at each vertex with two or more
-// children and popped at its last child; every vertex above which the stack holds an entry
-// sits in a light subtree, so the stack never holds more than log2(tree size) entries.
+// P = 2^log2_lanes adjacent lanes of a warp own one inner channel d of one tree (P a power of
+// two, 1 to 16, chosen by the host): lane `part` of them keeps the L = S / P states
+// [part * L, part * L + L) of the current vertex in registers (S, the state count padded to
+// a power of two, extra states zero), h[v] = w[v] h[parent] + x[v] with x = (dx u) B and
+// w = exp(de A). The walk visits each vertex before its children and its heavy child (the
+// largest subtree) last, so a vertex's parent is the previous vertex (its first child) or
+// the top of a stack of states, pushed at each vertex with two or more children and popped
+// at its last child; every vertex above which the stack holds an entry sits in a light
+// subtree, so the stack never holds more than log2(tree size) entries. Splitting a
+// channel's states launches P times the warps for the same problem: a walk is a chain of
+// dependent steps, and only other warps hide its latency.
 //
 // The walk is cut into segments of K positions. The backward runs the forward walk again
 // and saves, at each segment start, the state of the previous vertex and the stack
 // (checkpoint slots); it then takes the segments from the last to the first: it restores a
 // segment's context, walks it forward once more keeping each vertex's parent state, and
 // walks it backward, accumulating dL/dx = G with G[v] = C[v] gy[v] + sum over children c of
-// w[c] G[c] (the up scan of the gradients) through a stack of the same shape. Sums over the
-// channels of a warp (the gradients of B and C) are warp-wide pairwise sums in a fixed
-// order; everything else a thread sums runs in walk order: results are bitwise
-// reproducible and do not depend on the launch.
+// w[c] G[c] (the up scan of the gradients) through a stack of the same shape.
 //
-// A block is kThreads channels of one tree at a time (blockIdx.y strides over the trees);
-// a segment's walk records, B and C rows and per-channel inputs are staged in shared memory
-// before it is walked.
+// Sums over the states of a channel (y = sum_s C h; in the backward sum_s G B and
+// sum_s G h w A) are pairwise sums over the states in their order: each lane adds its L
+// products pairwise, then the P lanes add their partial sums with xor shuffles at offsets
+// 1, 2, ..., P / 2. The products are rounded before they are added (no fused multiply-add),
+// so the result is the same pairwise sum of the same numbers for every P: bitwise equal
+// across lane counts. Sums over the channels of a warp (the gradients of B and C, 32 / P
+// channels) are warp-wide pairwise sums in a fixed order, summed over warps by the host;
+// everything else a lane sums runs in walk order: results are bitwise reproducible for a
+// given P, and every result but the gradients of B and C is the same for every P.
+//
+// A block is kThreads / P channels of one tree at a time (blockIdx.y strides over the
+// trees); a segment's walk records, B and C rows and per-channel inputs are staged in shared
+// memory before it is walked.
 #pragma once
 
 #include <cuda.h>
@@ -38,7 +49,8 @@ enum Flag { kRoot = 1, kFirst = 2, kLast = 4, kPush = 8 };
 enum EdgeRule { kChild = 0, kMean = 1, kGiven = 2 };
 
 constexpr int kStack = 32;    // entries of the walk's stack (a tree below 2^31 vertices needs 30)
-constexpr int kThreads = 64;  // channels of a block: two warps
+constexpr int kThreads = 64;  // lanes of a block: two warps
+constexpr int kMaxStates = 16;  // S, the padded state count, at most (L * P <= 16 < 32)
 
 // Positions of a segment: the unit of checkpoints and of shared-memory staging.
 template <typename T> struct Segment { static constexpr int K = sizeof(T) == 4 ? 32 : 16; };
@@ -69,54 +81,87 @@ template <typename T> struct Args {
   T* gC;             // [warps, N, S]
   T* gh0;            // [T, D, S] or null
   int n, d, s, num_trees, rule;
+  int log2_lanes;    // P = 2^log2_lanes lanes per channel
 };
 
-__device__ __forceinline__ float walk_exp(float v) { return expf(v); }
+// w = exp(de A) as walk_exp(exp_step(de) A): in float exp2 of the step pre-scaled by
+// log2(e) (cheaper than expf; accuracy measured in host emulation against the float64
+// reference), in double exp. The forward and the backward form w alike.
+__device__ __forceinline__ float walk_exp(float v) { return exp2f(v); }
 __device__ __forceinline__ double walk_exp(double v) { return exp(v); }
+__device__ __forceinline__ float exp_step(float e) { return e * 1.4426950408889634f; }
+__device__ __forceinline__ double exp_step(double e) { return e; }
+// A product that is never fused with the addition that consumes it: the terms of a sum
+// over states are the same numbers however the lanes split the sum.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+template <int N> struct Log2 { static constexpr int value = N <= 1 ? 0 : 1 + Log2<N / 2>::value; };
+template <> struct Log2<1> { static constexpr int value = 0; };
+
+// A lane's place: its channel d (of the block's `channels`), its part of the channel's
+// `states` (the padded S) and the first state s0 it holds.
+template <int L> struct Place {
+  int log2p, part, channels, c, d, s0, states;
+  bool live;
+  template <typename T>
+  __device__ explicit Place(const Args<T>& a) {
+    log2p = a.log2_lanes;
+    part = threadIdx.x & ((1 << log2p) - 1);
+    channels = kThreads >> log2p;
+    c = threadIdx.x >> log2p;
+    d = blockIdx.x * channels + c;
+    s0 = part * L;
+    states = L << log2p;
+    live = d < a.d;
+  }
+};
 
 // Shared memory of a block: the staged segment.
-template <typename T, int S> struct Stage {
+template <typename T> struct Stage {
   static constexpr int K = Segment<T>::K;
   int4* rec;
-  T* B;   // [K][S]
-  T* C;   // [K][S]
-  T* u;   // [K][kThreads]
-  T* dx;  // [K][kThreads]
-  T* de;  // [K][kThreads] the edge step
-  T* gy;  // [K][kThreads] (backward)
-  static constexpr size_t bytes(bool backward) {
-    return 16 * K + sizeof(T) * (2 * K * S + (backward ? 4 : 3) * K * kThreads);
+  T* B;   // [K][states]
+  T* C;   // [K][states]
+  T* u;   // [K][channels]
+  T* dx;  // [K][channels]
+  T* de;  // [K][channels] the edge step
+  T* gy;  // [K][channels] (backward)
+  static constexpr size_t bytes(int states, int channels, bool backward) {
+    return 16 * K + sizeof(T) * (2 * K * states + (backward ? 4 : 3) * K * channels);
   }
-  __device__ explicit Stage(unsigned char* raw) {
+  __device__ Stage(unsigned char* raw, int states, int channels) {
     rec = reinterpret_cast<int4*>(raw);
     B = reinterpret_cast<T*>(raw + 16 * K);
-    C = B + K * S;
-    u = C + K * S;
-    dx = u + K * kThreads;
-    de = dx + K * kThreads;
-    gy = de + K * kThreads;
+    C = B + K * states;
+    u = C + K * states;
+    dx = u + K * channels;
+    de = dx + K * channels;
+    gy = de + K * channels;
   }
 };
 
 // Stages positions [c0, c0 + nc) of the walk: records, B and C rows (states past `s` as
-// zeros), and the channel's u, dx, edge step (and gy).
-template <typename T, int S>
-__device__ __forceinline__ void stage(const Args<T>& a, Stage<T, S>& st, int c0, int nc, int d,
-                                      bool live, bool backward) {
+// zeros), and the block's channels' u, dx, edge step (and gy).
+template <typename T, int L>
+__device__ __forceinline__ void stage(const Args<T>& a, Stage<T>& st, const Place<L>& pl, int c0,
+                                      int nc, bool backward) {
   const int tid = threadIdx.x;
   __syncthreads();  // the previous segment is done with the stage
   if (tid < nc) st.rec[tid] = a.rec[c0 + tid];
   __syncthreads();
-  for (int q = tid; q < nc * S; q += kThreads) {
-    const int k = q / S, s = q - k * S;
+  for (int q = tid; q < nc * pl.states; q += kThreads) {
+    const int k = q / pl.states, s = q - k * pl.states;
     const int64_t v = st.rec[k].x;
     st.B[q] = s < a.s ? a.B[v * a.s + s] : T(0);
     st.C[q] = s < a.s ? a.C[v * a.s + s] : T(0);
   }
-  for (int k = 0; k < nc; ++k) {
-    const int4 r = st.rec[k];
+  const int log2c = Log2<kThreads>::value - pl.log2p;
+  for (int q = tid; q < nc * pl.channels; q += kThreads) {
+    const int4 r = st.rec[q >> log2c];
+    const int d = blockIdx.x * pl.channels + (q & (pl.channels - 1));
     T uv = 0, dv = 0, ev = 0, gv = 0;
-    if (live) {
+    if (d < a.d) {
       const int64_t row = static_cast<int64_t>(r.x) * a.d + d;
       uv = a.u[row];
       dv = a.dx[row];
@@ -129,72 +174,88 @@ __device__ __forceinline__ void stage(const Args<T>& a, Stage<T, S>& st, int c0,
       }
       if (backward) gv = a.gy[row];
     }
-    st.u[k * kThreads + tid] = uv;
-    st.dx[k * kThreads + tid] = dv;
-    st.de[k * kThreads + tid] = ev;
-    if (backward) st.gy[k * kThreads + tid] = gv;
+    st.u[q] = uv;
+    st.dx[q] = dv;
+    st.de[q] = ev;
+    if (backward) st.gy[q] = gv;
   }
   __syncthreads();
 }
 
+// A lane's L entries of row `row` of a [rows, D, S] tensor: the address of its first.
+template <typename T, int L>
+__device__ __forceinline__ int64_t state_at(const Args<T>& a, int64_t row, const Place<L>& pl) {
+  return (row * a.d + pl.d) * a.s + pl.s0;
+}
+
+// The lane's slice of A (zero past `s` and for idle channels).
+template <typename T, int L>
+__device__ __forceinline__ void load_rates(const Args<T>& a, const Place<L>& pl, T (&r)[L]) {
+#pragma unroll
+  for (int j = 0; j < L; ++j)
+    r[j] = (pl.live && pl.s0 + j < a.s) ? a.A[static_cast<int64_t>(pl.d) * a.s + pl.s0 + j]
+                                        : T(0);
+}
+
 // The state entering position k: h0 or zero at a root, the previous vertex's state at a
 // first child, else the stack's top (popped at a last child).
-template <typename T, int S>
-__device__ __forceinline__ void parent_state(const Args<T>& a, int flags, int t, int d, bool live,
-                                             const T (&h)[S], T (&stack)[kStack][S], int& top,
-                                             T (&hp)[S]) {
+template <typename T, int L>
+__device__ __forceinline__ void parent_state(const Args<T>& a, int flags, int t,
+                                             const Place<L>& pl, const T (&h)[L],
+                                             T (&stack)[kStack][L], int& top, T (&hp)[L]) {
   if (flags & kRoot) {
 #pragma unroll
-    for (int s = 0; s < S; ++s)
-      hp[s] = (a.h0 != nullptr && live && s < a.s)
-                  ? a.h0[(static_cast<int64_t>(t) * a.d + d) * a.s + s] : T(0);
+    for (int j = 0; j < L; ++j)
+      hp[j] = (a.h0 != nullptr && pl.live && pl.s0 + j < a.s) ? a.h0[state_at(a, t, pl) + j]
+                                                              : T(0);
   } else if (flags & kFirst) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) hp[s] = h[s];
+    for (int j = 0; j < L; ++j) hp[j] = h[j];
   } else {
 #pragma unroll
-    for (int s = 0; s < S; ++s) hp[s] = stack[top - 1][s];
+    for (int j = 0; j < L; ++j) hp[j] = stack[top - 1][j];
     if (flags & kLast) --top;
   }
 }
 
 // A walker's context at a segment boundary, in checkpoint slots from `slot`: one state
 // (`head`: the previous vertex's state, or the hand-over of "up") and `top` stack entries.
-template <typename T, int S>
-__device__ __forceinline__ void save_context(const Args<T>& a, int64_t slot, int d,
-                                             const T (&head)[S], const T (&stack)[kStack][S],
+template <typename T, int L>
+__device__ __forceinline__ void save_context(const Args<T>& a, int64_t slot, const Place<L>& pl,
+                                             const T (&head)[L], const T (&stack)[kStack][L],
                                              int top) {
 #pragma unroll
-  for (int s = 0; s < S; ++s)
-    if (s < a.s) a.ckpt[(slot * a.d + d) * a.s + s] = head[s];
+  for (int j = 0; j < L; ++j)
+    if (pl.s0 + j < a.s) a.ckpt[state_at(a, slot, pl) + j] = head[j];
   for (int q = 0; q < top; ++q)
 #pragma unroll
-    for (int s = 0; s < S; ++s)
-      if (s < a.s) a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] = stack[q][s];
+    for (int j = 0; j < L; ++j)
+      if (pl.s0 + j < a.s) a.ckpt[state_at(a, slot + 1 + q, pl) + j] = stack[q][j];
 }
 
-template <typename T, int S>
-__device__ __forceinline__ void load_context(const Args<T>& a, int64_t slot, int d, bool live,
-                                             T (&head)[S], T (&stack)[kStack][S], int top) {
+template <typename T, int L>
+__device__ __forceinline__ void load_context(const Args<T>& a, int64_t slot, const Place<L>& pl,
+                                             T (&head)[L], T (&stack)[kStack][L], int top) {
 #pragma unroll
-  for (int s = 0; s < S; ++s)
-    head[s] = (live && s < a.s) ? a.ckpt[(slot * a.d + d) * a.s + s] : T(0);
+  for (int j = 0; j < L; ++j)
+    head[j] = (pl.live && pl.s0 + j < a.s) ? a.ckpt[state_at(a, slot, pl) + j] : T(0);
   for (int q = 0; q < top; ++q)
 #pragma unroll
-    for (int s = 0; s < S; ++s)
-      stack[q][s] = (live && s < a.s) ? a.ckpt[((slot + 1 + q) * a.d + d) * a.s + s] : T(0);
+    for (int j = 0; j < L; ++j)
+      stack[q][j] = (pl.live && pl.s0 + j < a.s) ? a.ckpt[state_at(a, slot + 1 + q, pl) + j] : T(0);
 }
 
 // "down" at one vertex: h = w hp + x, pushed when the vertex has two or more children.
-template <typename T, int S>
-__device__ __forceinline__ void down_step(int flags, T e, T xu, const T (&Ar)[S], const T* B,
-                                          const T (&hp)[S], T (&h)[S], T (&stack)[kStack][S],
+template <typename T, int L>
+__device__ __forceinline__ void down_step(int flags, T e, T xu, const T (&Ar)[L], const T* B,
+                                          const T (&hp)[L], T (&h)[L], T (&stack)[kStack][L],
                                           int& top) {
+  const T es = exp_step(e);
 #pragma unroll
-  for (int s = 0; s < S; ++s) h[s] = walk_exp(e * Ar[s]) * hp[s] + xu * B[s];
+  for (int j = 0; j < L; ++j) h[j] = walk_exp(es * Ar[j]) * hp[j] + xu * B[j];
   if (flags & kPush) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) stack[top][s] = h[s];
+    for (int j = 0; j < L; ++j) stack[top][j] = h[j];
     ++top;
   }
 }
@@ -202,91 +263,65 @@ __device__ __forceinline__ void down_step(int flags, T e, T xu, const T (&Ar)[S]
 // "up" at one vertex, walked back: up = x + the first child's hand-over + the accumulator
 // of the other children (closed here); then w up goes to the parent: handed over by a
 // first child, opening an accumulator from a last child, added to it from a middle one.
-template <typename T, int S>
-__device__ __forceinline__ void up_step(int flags, T e, T xu, const T (&Ar)[S], const T* B,
-                                        T (&carry)[S], T (&stack)[kStack][S], int& top,
-                                        T (&up)[S]) {
+template <typename T, int L>
+__device__ __forceinline__ void up_step(int flags, T e, T xu, const T (&Ar)[L], const T* B,
+                                        T (&carry)[L], T (&stack)[kStack][L], int& top,
+                                        T (&up)[L]) {
 #pragma unroll
-  for (int s = 0; s < S; ++s) up[s] = xu * B[s] + carry[s];
+  for (int j = 0; j < L; ++j) up[j] = xu * B[j] + carry[j];
   if (flags & kPush) {
     --top;
 #pragma unroll
-    for (int s = 0; s < S; ++s) up[s] += stack[top][s];
+    for (int j = 0; j < L; ++j) up[j] += stack[top][j];
   }
 #pragma unroll
-  for (int s = 0; s < S; ++s) carry[s] = T(0);
+  for (int j = 0; j < L; ++j) carry[j] = T(0);
   if (flags & kRoot) return;
-  T share[S];
+  T share[L];
+  const T es = exp_step(e);
 #pragma unroll
-  for (int s = 0; s < S; ++s) share[s] = walk_exp(e * Ar[s]) * up[s];
+  for (int j = 0; j < L; ++j) share[j] = walk_exp(es * Ar[j]) * up[j];
   if (flags & kFirst) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) carry[s] = share[s];
+    for (int j = 0; j < L; ++j) carry[j] = share[j];
   } else if (flags & kLast) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) stack[top][s] = share[s];
+    for (int j = 0; j < L; ++j) stack[top][j] = share[j];
     ++top;
   } else {
 #pragma unroll
-    for (int s = 0; s < S; ++s) stack[top - 1][s] += share[s];
+    for (int j = 0; j < L; ++j) stack[top - 1][j] += share[j];
   }
 }
 
-// The forward walk: y (when a.y), states at requested vertices (when a.states) and the
-// contexts at segment starts (when a.ckpt).
-template <typename T, int S>
-__global__ void __launch_bounds__(kThreads) down_forward_kernel(Args<T> a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Stage<T, S> st(smem_raw);
-  constexpr int K = Segment<T>::K;
-  const int d = blockIdx.x * kThreads + threadIdx.x;
-  const bool live = d < a.d;
-  T Ar[S];
+// The sum of a channel's terms over all its states, in every lane of the channel: each lane
+// adds its L terms pairwise, then the P lanes add theirs at xor offsets 1, 2, ..., P / 2 (a
+// lane adds its partner's sum to its own, the partner the same two numbers: one result).
+// The whole is the pairwise sum of the S terms in state order, whatever P is.
+template <int L, typename T>
+__device__ __forceinline__ T channel_sum(const T (&terms)[L], int log2p) {
+  T b[L];
 #pragma unroll
-  for (int s = 0; s < S; ++s) Ar[s] = (live && s < a.s) ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
-  T stack[kStack][S];
-  for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
-    const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
-    T h[S];
+  for (int j = 0; j < L; ++j) b[j] = terms[j];
 #pragma unroll
-    for (int s = 0; s < S; ++s) h[s] = T(0);
-    int top = 0;
-    for (int c0 = start; c0 < end; c0 += K) {
-      const int nc = min(K, end - c0);
-      stage<T, S>(a, st, c0, nc, d, live, false);
-      if (a.ckpt != nullptr && live) save_context<T, S>(a, st.rec[0].w, d, h, stack, top);
-      for (int k = 0; k < nc; ++k) {
-        const int4 r = st.rec[k];
-        const int flags = r.z & 15;
-        T hp[S];
-        parent_state<T, S>(a, flags, t, d, live, h, stack, top, hp);
-        const T xu = st.dx[k * kThreads + threadIdx.x] * st.u[k * kThreads + threadIdx.x];
-        const T e = st.de[k * kThreads + threadIdx.x];
-        down_step<T, S>(flags, e, xu, Ar, st.B + k * S, hp, h, stack, top);
-        T yv = T(0);
+  for (int w = L / 2; w >= 1; w /= 2)
 #pragma unroll
-        for (int s = 0; s < S; ++s) yv += st.C[k * S + s] * h[s];
-        if (!live) continue;
-        const int64_t v = r.x;
-        if (a.y != nullptr) a.y[v * a.d + d] = yv;
-        if (a.states != nullptr)
-          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
-#pragma unroll
-            for (int s = 0; s < S; ++s)
-              if (s < a.s) a.states[(row * a.d + d) * a.s + s] = h[s];
-      }
-    }
-  }
+    for (int i = 0; i < w; ++i) b[i] = b[2 * i] + b[2 * i + 1];
+  T v = b[0];
+  for (int off = 1; off < (1 << log2p); off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
 }
 
-// Sums a[s] over the 32 lanes of a warp for every s (S a power of two up to 32): halving
-// exchanges leave lane l with the sum of state l >> (5 - log2 S); every lane takes part,
-// and the order of the additions is fixed.
-template <int S, typename T>
-__device__ __forceinline__ T warp_state_sum(T (&a)[S], int lane) {
+// Sums a[j] over the channels of a warp (the lanes with the same part) for each of the L
+// states a lane holds: halving exchanges at offsets 16, 8, ..., 32 / L (all above P: L P is
+// at most 16) leave lane l with the sum of its state j = l >> (5 - log2 L), then plain
+// exchanges at offsets down to P finish the sum; every lane takes part, and the order of
+// the additions is fixed.
+template <int L, typename T>
+__device__ __forceinline__ T warp_channel_sum(T (&a)[L], int lane, int log2p) {
   int off = 16;
 #pragma unroll
-  for (int m = S / 2; m >= 1; m >>= 1, off >>= 1) {
+  for (int m = L / 2; m >= 1; m >>= 1, off >>= 1) {
     const bool upper = (lane & off) != 0;
 #pragma unroll
     for (int j = 0; j < m; ++j) {
@@ -296,106 +331,164 @@ __device__ __forceinline__ T warp_state_sum(T (&a)[S], int lane) {
     }
   }
   T v = a[0];
-  for (; off >= 1; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  for (; off >= (1 << log2p); off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
 
-template <int S> struct Log2 { static constexpr int value = S <= 1 ? 0 : 1 + Log2<S / 2>::value; };
-template <> struct Log2<1> { static constexpr int value = 0; };
+// Which of a lane's states its warp_channel_sum holds (`state`, of the lane's L), and
+// whether the lane writes it (one lane per part and state).
+template <int L> struct WarpSumSlot {
+  int state;
+  bool writes;
+  __device__ WarpSumSlot(int lane, int log2p) {
+    constexpr int kSpread = 5 - Log2<L>::value;  // lanes holding one state's sum: 2^kSpread
+    state = lane >> kSpread;
+    writes = ((lane & ((1 << kSpread) - 1)) >> log2p) == 0;
+  }
+};
+
+// The forward walk: y (when a.y), states at requested vertices (when a.states) and the
+// contexts at segment starts (when a.ckpt).
+template <typename T, int L>
+__global__ void __launch_bounds__(kThreads) down_forward_kernel(Args<T> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Place<L> pl(a);
+  Stage<T> st(smem_raw, pl.states, pl.channels);
+  constexpr int K = Segment<T>::K;
+  T Ar[L];
+  load_rates(a, pl, Ar);
+  T stack[kStack][L];
+  for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
+    const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
+    T h[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) h[j] = T(0);
+    int top = 0;
+    for (int c0 = start; c0 < end; c0 += K) {
+      const int nc = min(K, end - c0);
+      stage<T, L>(a, st, pl, c0, nc, false);
+      if (a.ckpt != nullptr && pl.live) save_context<T, L>(a, st.rec[0].w, pl, h, stack, top);
+      for (int k = 0; k < nc; ++k) {
+        const int4 r = st.rec[k];
+        const int flags = r.z & 15;
+        T hp[L];
+        parent_state<T, L>(a, flags, t, pl, h, stack, top, hp);
+        const int at = k * pl.channels + pl.c;
+        const T xu = st.dx[at] * st.u[at];
+        const T* Bk = st.B + k * pl.states + pl.s0;
+        const T* Ck = st.C + k * pl.states + pl.s0;
+        down_step<T, L>(flags, st.de[at], xu, Ar, Bk, hp, h, stack, top);
+        T terms[L];
+#pragma unroll
+        for (int j = 0; j < L; ++j) terms[j] = mul_rn(Ck[j], h[j]);
+        const T yv = channel_sum<L>(terms, pl.log2p);
+        if (!pl.live) continue;
+        const int64_t v = r.x;
+        if (a.y != nullptr && pl.part == 0) a.y[v * a.d + pl.d] = yv;
+        if (a.states != nullptr)
+          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
+#pragma unroll
+            for (int j = 0; j < L; ++j)
+              if (pl.s0 + j < a.s) a.states[state_at(a, row, pl) + j] = h[j];
+      }
+    }
+  }
+}
 
 // The backward walk, after down_forward_kernel has filled a.ckpt.
-template <typename T, int S>
+template <typename T, int L>
 __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Stage<T, S> st(smem_raw);
+  const Place<L> pl(a);
+  Stage<T> st(smem_raw, pl.states, pl.channels);
   constexpr int K = Segment<T>::K;
-  constexpr int kSpread = 5 - Log2<S>::value;  // lanes holding one state's warp sum: 2^kSpread
-  const int tid = threadIdx.x, lane = tid & 31;
-  const int d = blockIdx.x * kThreads + tid;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + tid) >> 5;
-  const bool live = d < a.d;
-  const int my_state = lane >> kSpread;
-  const bool writes_sum = (lane & ((1 << kSpread) - 1)) == 0 && my_state < a.s;
-  T Ar[S], gA[S];
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+  const WarpSumSlot<L> slot(lane, pl.log2p);
+  const bool writes_sum = slot.writes && pl.s0 + slot.state < a.s;
+  T Ar[L], gA[L];
+  load_rates(a, pl, Ar);
 #pragma unroll
-  for (int s = 0; s < S; ++s) {
-    Ar[s] = (live && s < a.s) ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
-    gA[s] = T(0);
-  }
-  T stack[kStack][S];       // states, for the walk forward inside a segment
-  T gstack[kStack][S + 1];  // gradient shares handed to a parent, and the halves of the edge
-                            // steps' gradients (rule kMean)
-  T hps[K][S];              // the parent state of each position of the segment
+  for (int j = 0; j < L; ++j) gA[j] = T(0);
+  T stack[kStack][L];       // states, for the walk forward inside a segment
+  T gstack[kStack][L + 1];  // gradient shares handed to a parent, and the halves of the edge
+                            // steps' gradients (rule kMean; alike in the channel's lanes)
+  T hps[K][L];              // the parent state of each position of the segment
   for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
     const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
     if (start >= end) continue;
     const int nseg = (end - start + K - 1) / K;
     int gtop = 0;
-    T gc[S + 1];  // what the first child hands to its parent, the next position walked back
+    T gc[L + 1];  // what the first child hands to its parent, the next position walked back
 #pragma unroll
-    for (int s = 0; s <= S; ++s) gc[s] = T(0);
-    for (int j = nseg - 1; j >= 0; --j) {
-      const int c0 = start + j * K, nc = min(K, end - c0);
-      stage<T, S>(a, st, c0, nc, d, live, true);
+    for (int j = 0; j <= L; ++j) gc[j] = T(0);
+    for (int sj = nseg - 1; sj >= 0; --sj) {
+      const int c0 = start + sj * K, nc = min(K, end - c0);
+      stage<T, L>(a, st, pl, c0, nc, true);
       // the context at the segment's start
       int top = st.rec[0].z >> 4;
-      T h[S];
-      load_context<T, S>(a, st.rec[0].w, d, live, h, stack, top);
+      T h[L];
+      load_context<T, L>(a, st.rec[0].w, pl, h, stack, top);
       // forward through the segment, keeping the parent states
       for (int k = 0; k < nc; ++k) {
         const int flags = st.rec[k].z & 15;
-        T hp[S];
-        parent_state<T, S>(a, flags, t, d, live, h, stack, top, hp);
-        const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
-        const T e = st.de[k * kThreads + tid];
+        T hp[L];
+        parent_state<T, L>(a, flags, t, pl, h, stack, top, hp);
+        const int at = k * pl.channels + pl.c;
+        const T xu = st.dx[at] * st.u[at];
 #pragma unroll
-        for (int s = 0; s < S; ++s) hps[k][s] = hp[s];
-        down_step<T, S>(flags, e, xu, Ar, st.B + k * S, hp, h, stack, top);
+        for (int j = 0; j < L; ++j) hps[k][j] = hp[j];
+        down_step<T, L>(flags, st.de[at], xu, Ar, st.B + k * pl.states + pl.s0, hp, h, stack,
+                        top);
       }
       // backward through the segment
       for (int k = nc - 1; k >= 0; --k) {
         const int4 r = st.rec[k];
         const int flags = r.z & 15;
         const int64_t v = r.x;
-        const T uv = st.u[k * kThreads + tid], dv = st.dx[k * kThreads + tid];
-        const T e = st.de[k * kThreads + tid], gyv = st.gy[k * kThreads + tid];
+        const int at = k * pl.channels + pl.c;
+        const T uv = st.u[at], dv = st.dx[at], e = st.de[at], gyv = st.gy[at];
+        const T* Bk = st.B + k * pl.states + pl.s0;
+        const T* Ck = st.C + k * pl.states + pl.s0;
         const T xu = dv * uv;
-        T G[S];
-        T half = gc[S];
+        T G[L];
+        T half = gc[L];
 #pragma unroll
-        for (int s = 0; s < S; ++s) G[s] = st.C[k * S + s] * gyv + gc[s];
+        for (int j = 0; j < L; ++j) G[j] = Ck[j] * gyv + gc[j];
         if (flags & kPush) {
           --gtop;
 #pragma unroll
-          for (int s = 0; s < S; ++s) G[s] += gstack[gtop][s];
-          half += gstack[gtop][S];
+          for (int j = 0; j < L; ++j) G[j] += gstack[gtop][j];
+          half += gstack[gtop][L];
         }
-        if (a.gstates != nullptr && live)
+        if (a.gstates != nullptr && pl.live)
           for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
 #pragma unroll
-            for (int s = 0; s < S; ++s)
-              if (s < a.s) G[s] += a.gstates[(row * a.d + d) * a.s + s];
-        if (!live)
+            for (int j = 0; j < L; ++j)
+              if (pl.s0 + j < a.s) G[j] += a.gstates[state_at(a, row, pl) + j];
+        if (!pl.live)
 #pragma unroll
-          for (int s = 0; s < S; ++s) G[s] = T(0);
-        T cpart[S], bpart[S], w[S];
-        T gxu = T(0), gw_de = T(0);
+          for (int j = 0; j < L; ++j) G[j] = T(0);
+        T cpart[L], bpart[L], w[L], xterms[L], eterms[L];
+        const T es = exp_step(e);
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-          w[s] = walk_exp(e * Ar[s]);
-          const T hv = w[s] * hps[k][s] + xu * st.B[k * S + s];
-          cpart[s] = gyv * hv;
-          bpart[s] = G[s] * xu;
-          gxu += G[s] * st.B[k * S + s];
-          const T gww = G[s] * hps[k][s] * w[s];  // dL/dw * w
-          gw_de += gww * Ar[s];
-          gA[s] += gww * e;
+        for (int j = 0; j < L; ++j) {
+          w[j] = walk_exp(es * Ar[j]);
+          const T hv = w[j] * hps[k][j] + xu * Bk[j];
+          cpart[j] = gyv * hv;
+          bpart[j] = G[j] * xu;
+          xterms[j] = mul_rn(G[j], Bk[j]);
+          const T gww = G[j] * hps[k][j] * w[j];  // dL/dw * w
+          eterms[j] = mul_rn(gww, Ar[j]);
+          gA[j] += gww * e;
         }
-        const T csum = warp_state_sum<S>(cpart, lane);
-        const T bsum = warp_state_sum<S>(bpart, lane);
+        const T gxu = channel_sum<L>(xterms, pl.log2p);    // dL/d(dx u)
+        const T gw_de = channel_sum<L>(eterms, pl.log2p);  // dL/d(edge step)
+        const T csum = warp_channel_sum<L>(cpart, lane, pl.log2p);
+        const T bsum = warp_channel_sum<L>(bpart, lane, pl.log2p);
         if (writes_sum) {
-          a.gC[(warp * a.n + v) * a.s + my_state] = csum;
-          a.gB[(warp * a.n + v) * a.s + my_state] = bsum;
+          a.gC[(warp * a.n + v) * a.s + pl.s0 + slot.state] = csum;
+          a.gB[(warp * a.n + v) * a.s + pl.s0 + slot.state] = bsum;
         }
         const bool root = (flags & kRoot) != 0;
         T own = gxu * uv;  // dL/d(dx[v]) through x
@@ -407,40 +500,42 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
           up_half = T(0.5) * gw_de;
         }
         if (a.rule == kMean) own += half;
-        if (live) {
-          a.gu[v * a.d + d] = gxu * dv;
-          a.gdx[v * a.d + d] = own;
-          if (a.rule == kGiven) a.gde[v * a.d + d] = gw_de;
+        if (pl.live) {
+          if (pl.part == 0) {
+            a.gu[v * a.d + pl.d] = gxu * dv;
+            a.gdx[v * a.d + pl.d] = own;
+            if (a.rule == kGiven) a.gde[v * a.d + pl.d] = gw_de;
+          }
           if (root && a.gh0 != nullptr)
 #pragma unroll
-            for (int s = 0; s < S; ++s)
-              if (s < a.s) a.gh0[(static_cast<int64_t>(t) * a.d + d) * a.s + s] = G[s] * w[s];
+            for (int j = 0; j < L; ++j)
+              if (pl.s0 + j < a.s) a.gh0[state_at(a, t, pl) + j] = G[j] * w[j];
         }
         // hand w G (and the half) to the parent
 #pragma unroll
-        for (int s = 0; s <= S; ++s) gc[s] = T(0);
+        for (int j = 0; j <= L; ++j) gc[j] = T(0);
         if (root) continue;
         if (flags & kFirst) {
 #pragma unroll
-          for (int s = 0; s < S; ++s) gc[s] = w[s] * G[s];
-          gc[S] = up_half;
+          for (int j = 0; j < L; ++j) gc[j] = w[j] * G[j];
+          gc[L] = up_half;
         } else if (flags & kLast) {
 #pragma unroll
-          for (int s = 0; s < S; ++s) gstack[gtop][s] = w[s] * G[s];
-          gstack[gtop][S] = up_half;
+          for (int j = 0; j < L; ++j) gstack[gtop][j] = w[j] * G[j];
+          gstack[gtop][L] = up_half;
           ++gtop;
         } else {
 #pragma unroll
-          for (int s = 0; s < S; ++s) gstack[gtop - 1][s] += w[s] * G[s];
-          gstack[gtop - 1][S] += up_half;
+          for (int j = 0; j < L; ++j) gstack[gtop - 1][j] += w[j] * G[j];
+          gstack[gtop - 1][L] += up_half;
         }
       }
     }
   }
-  if (live)
+  if (pl.live)
 #pragma unroll
-    for (int s = 0; s < S; ++s)
-      if (s < a.s) a.gA[(static_cast<int64_t>(blockIdx.y) * a.d + d) * a.s + s] = gA[s];
+    for (int j = 0; j < L; ++j)
+      if (pl.s0 + j < a.s) a.gA[state_at(a, blockIdx.y, pl) + j] = gA[j];
 }
 
 
@@ -451,50 +546,50 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
 // add to it, and the parent closes it. Contexts (carry and open accumulators) are saved at
 // the first position of every segment but a tree's first, in that segment's slots: the
 // context in which the segment before it is walked.
-template <typename T, int S>
+template <typename T, int L>
 __global__ void __launch_bounds__(kThreads) up_forward_kernel(Args<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Stage<T, S> st(smem_raw);
+  const Place<L> pl(a);
+  Stage<T> st(smem_raw, pl.states, pl.channels);
   constexpr int K = Segment<T>::K;
-  const int tid = threadIdx.x;
-  const int d = blockIdx.x * kThreads + tid;
-  const bool live = d < a.d;
-  T Ar[S];
-#pragma unroll
-  for (int s = 0; s < S; ++s) Ar[s] = (live && s < a.s) ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
-  T stack[kStack][S];
+  T Ar[L];
+  load_rates(a, pl, Ar);
+  T stack[kStack][L];
   for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
     const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
     if (start >= end) continue;
     const int nseg = (end - start + K - 1) / K;
-    T carry[S];
+    T carry[L];
 #pragma unroll
-    for (int s = 0; s < S; ++s) carry[s] = T(0);
+    for (int j = 0; j < L; ++j) carry[j] = T(0);
     int top = 0;
-    for (int j = nseg - 1; j >= 0; --j) {
-      const int c0 = start + j * K, nc = min(K, end - c0);
-      stage<T, S>(a, st, c0, nc, d, live, false);
+    for (int sj = nseg - 1; sj >= 0; --sj) {
+      const int c0 = start + sj * K, nc = min(K, end - c0);
+      stage<T, L>(a, st, pl, c0, nc, false);
       for (int k = nc - 1; k >= 0; --k) {
         const int4 r = st.rec[k];
         const int flags = r.z & 15;
-        const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
-        const T e = st.de[k * kThreads + tid];
-        T up[S];
-        up_step<T, S>(flags, e, xu, Ar, st.B + k * S, carry, stack, top, up);
-        T yv = T(0);
+        const int at = k * pl.channels + pl.c;
+        const T xu = st.dx[at] * st.u[at];
+        const T* Ck = st.C + k * pl.states + pl.s0;
+        T up[L];
+        up_step<T, L>(flags, st.de[at], xu, Ar, st.B + k * pl.states + pl.s0, carry, stack,
+                      top, up);
+        T terms[L];
 #pragma unroll
-        for (int s = 0; s < S; ++s) yv += st.C[k * S + s] * up[s];
-        if (!live) continue;
+        for (int j = 0; j < L; ++j) terms[j] = mul_rn(Ck[j], up[j]);
+        const T yv = channel_sum<L>(terms, pl.log2p);
+        if (!pl.live) continue;
         const int64_t v = r.x;
-        if (a.y != nullptr) a.y[v * a.d + d] = yv;
+        if (a.y != nullptr && pl.part == 0) a.y[v * a.d + pl.d] = yv;
         if (a.states != nullptr)
           for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
 #pragma unroll
-            for (int s = 0; s < S; ++s)
-              if (s < a.s) a.states[(row * a.d + d) * a.s + s] = up[s];
+            for (int j = 0; j < L; ++j)
+              if (pl.s0 + j < a.s) a.states[state_at(a, row, pl) + j] = up[j];
       }
-      if (a.ckpt != nullptr && j > 0 && live)
-        save_context<T, S>(a, st.rec[0].w, d, carry, stack, top);
+      if (a.ckpt != nullptr && sj > 0 && pl.live)
+        save_context<T, L>(a, st.rec[0].w, pl, carry, stack, top);
     }
   }
 }
@@ -503,111 +598,112 @@ __global__ void __launch_bounds__(kThreads) up_forward_kernel(Args<T> a) {
 // scan of C gy, G[v] = C[v] gy[v] + w[v] G[parent], walked forward with a stack of the
 // parents' G; each segment's up values are first recomputed from the context saved at the
 // next segment's start.
-template <typename T, int S>
+template <typename T, int L>
 __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Stage<T, S> st(smem_raw);
+  const Place<L> pl(a);
+  Stage<T> st(smem_raw, pl.states, pl.channels);
   constexpr int K = Segment<T>::K;
-  constexpr int kSpread = 5 - Log2<S>::value;
-  const int tid = threadIdx.x, lane = tid & 31;
-  const int d = blockIdx.x * kThreads + tid;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + tid) >> 5;
-  const bool live = d < a.d;
-  const int my_state = lane >> kSpread;
-  const bool writes_sum = (lane & ((1 << kSpread) - 1)) == 0 && my_state < a.s;
-  T Ar[S], gA[S];
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+  const WarpSumSlot<L> slot(lane, pl.log2p);
+  const bool writes_sum = slot.writes && pl.s0 + slot.state < a.s;
+  T Ar[L], gA[L];
+  load_rates(a, pl, Ar);
 #pragma unroll
-  for (int s = 0; s < S; ++s) {
-    Ar[s] = (live && s < a.s) ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
-    gA[s] = T(0);
-  }
-  T stack[kStack][S];   // open accumulators, for the walk back inside a segment
-  T gstack[kStack][S];  // G of the vertices with two or more children
-  T ups[K][S];          // the up values of the segment's positions
+  for (int j = 0; j < L; ++j) gA[j] = T(0);
+  T stack[kStack][L];   // open accumulators, for the walk back inside a segment
+  T gstack[kStack][L];  // G of the vertices with two or more children
+  T ups[K][L];          // the up values of the segment's positions
   for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
     const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
     if (start >= end) continue;
     const int nseg = (end - start + K - 1) / K;
     int gtop = 0;
-    T Gprev[S];
+    T Gprev[L];
 #pragma unroll
-    for (int s = 0; s < S; ++s) Gprev[s] = T(0);
-    for (int j = 0; j < nseg; ++j) {
-      const int c0 = start + j * K, nc = min(K, end - c0);
-      stage<T, S>(a, st, c0, nc, d, live, true);
+    for (int j = 0; j < L; ++j) Gprev[j] = T(0);
+    for (int sj = 0; sj < nseg; ++sj) {
+      const int c0 = start + sj * K, nc = min(K, end - c0);
+      stage<T, L>(a, st, pl, c0, nc, true);
       // the context after the next segment was walked back
-      T carry[S];
+      T carry[L];
       int top = 0;
 #pragma unroll
-      for (int s = 0; s < S; ++s) carry[s] = T(0);
-      if (j + 1 < nseg) {
+      for (int j = 0; j < L; ++j) carry[j] = T(0);
+      if (sj + 1 < nseg) {
         const int4 next = a.rec[c0 + nc];
         top = next.z >> 4;
-        load_context<T, S>(a, next.w, d, live, carry, stack, top);
+        load_context<T, L>(a, next.w, pl, carry, stack, top);
       }
       // back through the segment: the up values
       for (int k = nc - 1; k >= 0; --k) {
         const int flags = st.rec[k].z & 15;
-        const T xu = st.dx[k * kThreads + tid] * st.u[k * kThreads + tid];
-        const T e = st.de[k * kThreads + tid];
-        T up[S];
-        up_step<T, S>(flags, e, xu, Ar, st.B + k * S, carry, stack, top, up);
+        const int at = k * pl.channels + pl.c;
+        const T xu = st.dx[at] * st.u[at];
+        T up[L];
+        up_step<T, L>(flags, st.de[at], xu, Ar, st.B + k * pl.states + pl.s0, carry, stack,
+                      top, up);
 #pragma unroll
-        for (int s = 0; s < S; ++s) ups[k][s] = up[s];
+        for (int j = 0; j < L; ++j) ups[k][j] = up[j];
       }
       // forward through the segment: G and the gradients
       for (int k = 0; k < nc; ++k) {
         const int4 r = st.rec[k];
         const int flags = r.z & 15;
         const int64_t v = r.x;
-        const T uv = st.u[k * kThreads + tid], dv = st.dx[k * kThreads + tid];
-        const T e = st.de[k * kThreads + tid], gyv = st.gy[k * kThreads + tid];
+        const int at = k * pl.channels + pl.c;
+        const T uv = st.u[at], dv = st.dx[at], e = st.de[at], gyv = st.gy[at];
+        const T* Bk = st.B + k * pl.states + pl.s0;
+        const T* Ck = st.C + k * pl.states + pl.s0;
         const T xu = dv * uv;
         const bool root = (flags & kRoot) != 0;
-        T Gp[S];
+        T Gp[L];
         if (root) {
 #pragma unroll
-          for (int s = 0; s < S; ++s) Gp[s] = T(0);
+          for (int j = 0; j < L; ++j) Gp[j] = T(0);
         } else if (flags & kFirst) {
 #pragma unroll
-          for (int s = 0; s < S; ++s) Gp[s] = Gprev[s];
+          for (int j = 0; j < L; ++j) Gp[j] = Gprev[j];
         } else {
 #pragma unroll
-          for (int s = 0; s < S; ++s) Gp[s] = gstack[gtop - 1][s];
+          for (int j = 0; j < L; ++j) Gp[j] = gstack[gtop - 1][j];
           if (flags & kLast) --gtop;
         }
-        T G[S], w[S], cpart[S], bpart[S];
-        T gxu = T(0), gw_de = T(0);
+        T G[L], w[L], cpart[L], bpart[L], xterms[L], eterms[L];
+        const T es = exp_step(e);
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-          w[s] = walk_exp(e * Ar[s]);
-          G[s] = st.C[k * S + s] * gyv + w[s] * Gp[s];
+        for (int j = 0; j < L; ++j) {
+          w[j] = walk_exp(es * Ar[j]);
+          G[j] = Ck[j] * gyv + w[j] * Gp[j];
         }
-        if (a.gstates != nullptr && live)
+        if (a.gstates != nullptr && pl.live)
           for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
 #pragma unroll
-            for (int s = 0; s < S; ++s)
-              if (s < a.s) G[s] += a.gstates[(row * a.d + d) * a.s + s];
-        if (!live)
+            for (int j = 0; j < L; ++j)
+              if (pl.s0 + j < a.s) G[j] += a.gstates[state_at(a, row, pl) + j];
+        if (!pl.live)
 #pragma unroll
-          for (int s = 0; s < S; ++s) G[s] = T(0);
+          for (int j = 0; j < L; ++j) G[j] = T(0);
 #pragma unroll
-        for (int s = 0; s < S; ++s) {
-          cpart[s] = gyv * ups[k][s];
-          bpart[s] = G[s] * xu;
-          gxu += G[s] * st.B[k * S + s];
-          const T gww = Gp[s] * ups[k][s] * w[s];  // dL/dw * w
-          gw_de += gww * Ar[s];
-          gA[s] += gww * e;
+        for (int j = 0; j < L; ++j) {
+          cpart[j] = gyv * ups[k][j];
+          bpart[j] = G[j] * xu;
+          xterms[j] = mul_rn(G[j], Bk[j]);
+          const T gww = Gp[j] * ups[k][j] * w[j];  // dL/dw * w
+          eterms[j] = mul_rn(gww, Ar[j]);
+          gA[j] += gww * e;
         }
-        const T csum = warp_state_sum<S>(cpart, lane);
-        const T bsum = warp_state_sum<S>(bpart, lane);
+        const T gxu = channel_sum<L>(xterms, pl.log2p);
+        const T gw_de = channel_sum<L>(eterms, pl.log2p);
+        const T csum = warp_channel_sum<L>(cpart, lane, pl.log2p);
+        const T bsum = warp_channel_sum<L>(bpart, lane, pl.log2p);
         if (writes_sum) {
-          a.gC[(warp * a.n + v) * a.s + my_state] = csum;
-          a.gB[(warp * a.n + v) * a.s + my_state] = bsum;
+          a.gC[(warp * a.n + v) * a.s + pl.s0 + slot.state] = csum;
+          a.gB[(warp * a.n + v) * a.s + pl.s0 + slot.state] = bsum;
         }
-        if (live) {
-          a.gu[v * a.d + d] = gxu * dv;
+        if (pl.live && pl.part == 0) {
+          a.gu[v * a.d + pl.d] = gxu * dv;
           T own = gxu * uv;
           if (a.rule == kChild) {
             own += gw_de;
@@ -616,25 +712,25 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
           }
           // the parent precedes its children in the walk: under rule kMean each child adds
           // the parent's half of its edge step's gradient after the parent's own terms
-          a.gdx[v * a.d + d] += own;
+          a.gdx[v * a.d + pl.d] += own;
           if (a.rule == kMean && !root)
-            a.gdx[static_cast<int64_t>(r.y) * a.d + d] += T(0.5) * gw_de;
-          if (a.rule == kGiven) a.gde[v * a.d + d] = gw_de;
+            a.gdx[static_cast<int64_t>(r.y) * a.d + pl.d] += T(0.5) * gw_de;
+          if (a.rule == kGiven) a.gde[v * a.d + pl.d] = gw_de;
         }
 #pragma unroll
-        for (int s = 0; s < S; ++s) Gprev[s] = G[s];
+        for (int j = 0; j < L; ++j) Gprev[j] = G[j];
         if (flags & kPush) {
 #pragma unroll
-          for (int s = 0; s < S; ++s) gstack[gtop][s] = G[s];
+          for (int j = 0; j < L; ++j) gstack[gtop][j] = G[j];
           ++gtop;
         }
       }
     }
   }
-  if (live)
+  if (pl.live)
 #pragma unroll
-    for (int s = 0; s < S; ++s)
-      if (s < a.s) a.gA[(static_cast<int64_t>(blockIdx.y) * a.d + d) * a.s + s] = gA[s];
+    for (int j = 0; j < L; ++j)
+      if (pl.s0 + j < a.s) a.gA[state_at(a, blockIdx.y, pl) + j] = gA[j];
 }
 
 }  // namespace walk

@@ -3,7 +3,8 @@ the host and run with one thread per CUDA thread, against the readable reference
 :func:`treessm.ops.selective_scan.selective_tree_scan_ref`: outputs, states and every
 gradient, on forests whose walks use every flag of the plan (first, middle and last
 children, deep stacks, segments that start inside them), with each edge-step rule, incoming
-states and requested states."""
+states and requested states, for every number of lanes per channel (the same bits for all
+but the gradients of B and C), in float64 and float32."""
 import subprocess
 
 import numpy as np
@@ -16,8 +17,10 @@ from oracle import all_roots, chain, random_forest, star
 from treessm.ops.selective_scan import selective_tree_scan_ref
 from treessm.ops.walk import walk_plan
 
-SEGMENT = 16  # walk_kernels.cuh: Segment<double>::K
+SEGMENT = {torch.float64: 16, torch.float32: 32}  # walk_kernels.cuh: Segment<T>::K
 ROWS = 2      # block rows over the trees: each strides over several
+#: Gradients summed over the channels of a warp, whose order depends on the lanes per channel.
+CHANNEL_SUMS = ("gB", "gC")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,10 @@ def _pad(s):
     return 1 << (s - 1).bit_length()
 
 
-def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, direction="down"):
+def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, direction="down",
+         lanes=1, dtype=torch.float64, tol=(1e-9, 1e-9)):
+    """The harness's outputs, checked against the float64 reference with ``tol`` (rtol,
+    atol); ``lanes`` per channel, states and sums in ``dtype``."""
     tree = treessm.Tree.from_parent(parent)
     n, t = parent.numel(), tree.num_trees
     g = torch.Generator().manual_seed(seed)
@@ -58,7 +64,7 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, directi
     sv = torch.randint(0, n, (5,), generator=g) if with_states else None
     gy = torch.randn(n, d, generator=g, **f64)
     gs = torch.randn(5, d, s, generator=g, **f64) if with_states else None
-    plan = walk_plan(tree, SEGMENT)
+    plan = walk_plan(tree, SEGMENT[dtype])
     from treessm.ops.selective_scan import _state_rows
     srow, snext = _state_rows(sv, n, "cpu")
     k = snext.numel()
@@ -66,8 +72,9 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, directi
     rule_id = ("child", "mean", "given").index(rule)
     zeros = lambda *shape: torch.zeros(*shape, **f64)  # noqa: E731
     with open(src, "wb") as f:
-        np.array([_pad(s), n, d, s, t, k, plan.num_slots, rule_id, with_h0, with_states,
-                  min(ROWS, t), direction == "up"], np.int64).tofile(f)
+        np.array([_pad(s) // lanes, dtype == torch.float32, n, d, s, t, k, plan.num_slots,
+                  rule_id, with_h0, with_states, min(ROWS, t), direction == "up",
+                  lanes.bit_length() - 1], np.int64).tofile(f)
         for a in (u, dx, de, A, B, C, h0 if with_h0 else zeros(t, d, s), gy,
                   gs if with_states else zeros(k, d, s)):
             a.contiguous().numpy().tofile(f)
@@ -104,7 +111,7 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, directi
         expected["states"] = st_ref
     for name, ref in expected.items():
         ref = np.zeros_like(got[name]) if ref is None else ref.detach().reshape(-1).numpy()
-        np.testing.assert_allclose(got[name], ref, rtol=1e-9, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(got[name], ref, rtol=tol[0], atol=tol[1], err_msg=name)
     return got
 
 
@@ -145,3 +152,40 @@ def test_walk_is_bitwise_reproducible(harness, tmp_path, direction):
              direction=direction)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
+
+
+# P lanes per channel with d_state not a multiple of P (zero states pad it to a power of
+# two), channels not a multiple of a block's 64 / P, block rows striding over the trees
+LANE_CASES = [(1, 3), (2, 3), (4, 3), (8, 5), (16, 13), (16, 16)]
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("lanes,s", LANE_CASES)
+def test_walk_lanes_match_reference_and_one_lane(harness, tmp_path, lanes, s, direction):
+    parent = _forests()["many_roots"]
+    kw = dict(d=7, s=s, rule="mean", with_h0=direction == "down", with_states=True,
+              direction=direction)
+    one = _run(harness, tmp_path, parent, lanes=1, **kw)
+    split = _run(harness, tmp_path, parent, lanes=lanes, **kw)
+    for key in one:
+        if key not in CHANNEL_SUMS:
+            assert np.array_equal(one[key], split[key]), key
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_walk_lanes_with_channels_across_blocks(harness, tmp_path, direction):
+    # 70 channels in blocks of 32 (two lanes each): three blocks, the last mostly idle
+    parent = _forests()["deep"][:30].clone()
+    parent[parent >= 30] = -1
+    _run(harness, tmp_path, parent, d=70, s=4, rule="given", with_h0=direction == "down",
+         with_states=True, direction=direction, lanes=2)
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("lanes", [1, 4, 16])
+def test_walk_float32_matches_float64_reference(harness, tmp_path, lanes, direction):
+    # w = exp2(de A log2(e)) in float32; the tolerance of the float32 GPU tests
+    parent = _forests()["deep"]
+    _run(harness, tmp_path, parent, d=5, s=16, rule="mean", with_h0=direction == "down",
+         with_states=True, direction=direction, lanes=lanes, dtype=torch.float32,
+         tol=(1e-4, 1e-4))

@@ -401,6 +401,55 @@ def test_cuda_fused_walk_matches_reference(name, rule, direction, monkeypatch):
     _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
 
 
+def test_lanes_per_channel_fills_the_device_up_to_the_padded_states():
+    from treessm.ops.selective_scan_cuda import WARPS_PER_SM, lanes_per_channel
+    # 4 trees of 1536 channels on 132 multiprocessors: 192 warps per lane
+    assert lanes_per_channel(4, 1536, 16, 132) == 16
+    assert lanes_per_channel(4, 1536, 16, 132 // 8) == 2
+    assert lanes_per_channel(4, 1536, 3, 132) == 4      # at most d_state padded
+    assert lanes_per_channel(4, 1536, 1, 132) == 1
+    assert lanes_per_channel(3000, 40, 16, 132) == 1    # block rows stop at 2048
+    # the smallest power of two that reaches the target
+    def warps(trees, channels, lanes):  # blocks of two warps, 64 / lanes channels each
+        return trees * 2 * -(-channels * lanes // 64)
+
+    for trees, channels, sms in [(1, 70, 132), (2, 300, 16), (9, 64, 8), (1, 1, 1)]:
+        p = lanes_per_channel(trees, channels, 16, sms)
+        assert p == 16 or warps(trees, channels, p) >= WARPS_PER_SM * sms
+        assert p == 1 or warps(trees, channels, p // 2) < WARPS_PER_SM * sms
+
+
+@_CUDA
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("lanes", [1, 2, 4, 8, 16])
+def test_cuda_fused_walk_lanes_match_reference_and_one_lane(lanes, direction, monkeypatch):
+    # every lane count, 13 states (not a multiple of 2..16), 70 channels (not a multiple of
+    # a block's 64 / lanes); all but the gradients of B and C (sums over a warp's channels)
+    # are the same bits for every lane count
+    from treessm.ops import selective_scan_cuda
+
+    parent = _cuda_forests()["deep"]
+    tree, leaves, kw = _problem(parent, d=70, s=13, rule="mean", direction=direction,
+                                initial=direction == "down")
+    kw["state_vertices"] = torch.tensor([0, parent.numel() - 1, 0])
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    kw_cuda = {**kw, "state_vertices": kw["state_vertices"].cuda()}
+    tree_cuda = tree.cuda()
+
+    def run(p):
+        monkeypatch.setattr(selective_scan_cuda, "lanes_per_channel", lambda *args: p)
+        return _value_and_grads(selective_tree_scan, tree_cuda, cuda, kw_cuda)
+
+    got, one = run(lanes), run(1)
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
+    for a, b in zip(got[0], one[0]):
+        assert torch.equal(a, b)
+    for k in got[1]:
+        if k not in ("B", "C"):
+            assert torch.equal(got[1][k], one[1][k]), k
+
+
 @_CUDA
 @pytest.mark.parametrize("direction", ["down", "up"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,11 +2,13 @@
 directions ``"down"`` and ``"up"`` along the depth-first walk of :mod:`treessm.ops.walk`
 (``extensions/treessm_cuda/walk_kernels.cuh``), without the state expansion in memory.
 
-One thread holds the ``S`` states of one channel of one tree in registers and walks the
-tree; the backward walks it again from checkpoints saved at segment starts (about
-``1 / segment`` of the states, more where the walk's stack is deep), in a second forward
-walk of its own, so nothing is kept between the forward and the backward. Results are
-bitwise reproducible.
+``P`` adjacent lanes of a warp hold the ``S`` states of one channel of one tree in
+registers (``S / P`` each, ``S`` padded to a power of two) and walk the tree; the backward
+walks it again from checkpoints saved at segment starts (about ``1 / segment`` of the
+states, more where the walk's stack is deep), in a second forward walk of its own, so
+nothing is kept between the forward and the backward. :func:`lanes_per_channel` chooses
+``P``. Results are bitwise reproducible, and all but the gradients of ``B`` and ``C`` (sums
+over the channels of a warp) are the same bits for every ``P``.
 """
 from __future__ import annotations
 
@@ -20,16 +22,48 @@ from ..typing import load_cuda_extension
 from .selective_scan_cpu import EDGE_RULES
 from .walk import walk_plan
 
-__all__ = ["forward", "backward", "layout", "supports", "MAX_STATES"]
+__all__ = ["forward", "backward", "layout", "supports", "lanes_per_channel", "MAX_STATES",
+           "WARPS_PER_SM"]
 
 #: ``d_state`` the kernels hold in registers, at most.
 MAX_STATES = 16
+#: Warps per multiprocessor the launch aims for: each lane walks a chain of dependent steps,
+#: whose latency only other warps hide.
+WARPS_PER_SM = 16
 _DIRECTIONS = ("down", "up")  # the kernels' direction codes: 0 and 1
+_BLOCK = 64         # walk_kernels.cuh: kThreads, lanes of a block (two warps)
+_TREE_ROWS = 2048   # selective_walk.cu: kMaxTreeRows, block rows over the trees
 
 
 def supports(direction: str, moments: bool, d_state: int) -> bool:
     """Whether the fused kernels run this problem (else the expanded path does)."""
     return direction in _DIRECTIONS and not moments and 1 <= d_state <= MAX_STATES
+
+
+def lanes_per_channel(num_trees: int, channels: int, d_state: int, multiprocessors: int) -> int:
+    """Lanes ``P`` that share one channel's states: the smallest power of two whose launch
+    (``min(num_trees, 2048)`` block rows of ``ceil(channels * P / 64)`` blocks of two warps)
+    gives at least :data:`WARPS_PER_SM` warps per multiprocessor, at most ``d_state`` padded
+    to a power of two.
+
+    >>> lanes_per_channel(4, 1536, 16, 132)  # GrootL at Mamba-130m widths, 4 sequences
+    16
+    >>> lanes_per_channel(3000, 40, 16, 132)  # many small trees fill the device already
+    1
+    """
+    states = 1 << (max(d_state, 1) - 1).bit_length()
+    rows = min(num_trees, _TREE_ROWS)
+    lanes = 1
+    target = WARPS_PER_SM * multiprocessors
+    while lanes < states and rows * 2 * -(-channels * lanes // _BLOCK) < target:
+        lanes *= 2
+    return lanes
+
+
+def _lanes(u: Tensor, A: Tensor, tree_ptr: Tensor) -> int:
+    props = torch.cuda.get_device_properties(u.device)
+    return lanes_per_channel(tree_ptr.numel() - 1, u.shape[1], A.shape[1],
+                             props.multi_processor_count)
 
 
 def _segment(dtype: torch.dtype) -> int:
@@ -51,7 +85,7 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], nu
     rec, tree_ptr = layout
     y, states = torch.ops.treessm.cuda_selective_walk(
         *_contiguous(u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr, num_slots,
-        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction))
+        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction), _lanes(u, A, tree_ptr))
     return y, u.new_empty(0), u.new_empty(0), states
 
 
@@ -65,7 +99,8 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
     given = edge_rule == "given"
     gu, gdx, gde, gA, gB, gC, gh0 = torch.ops.treessm.cuda_selective_walk_backward(
         *_contiguous(gy, gstates, u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr,
-        num_slots, EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction))
+        num_slots, EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction),
+        _lanes(u, A, tree_ptr))
     return (gu, gdx, gde if given else None, gA, gB, gC, None,
             gh0 if h0 is not None else None)
 

@@ -206,3 +206,7 @@ inline int atomicMin(int* p, int v) { return emu_atomic_min(p, v); }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
 inline int __popc(unsigned x) { return std::popcount(x); }
+// products rounded on their own (the device never fuses them into an FMA; the harnesses
+// compile with -ffp-contract=off)
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
