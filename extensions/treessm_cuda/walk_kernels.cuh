@@ -335,15 +335,30 @@ __device__ __forceinline__ T warp_channel_sum(T (&a)[L], int lane, int log2p) {
   return v;
 }
 
-// Which of a lane's states its warp_channel_sum holds (`state`, of the lane's L), and
-// whether the lane writes it (one lane per part and state).
-template <int L> struct WarpSumSlot {
-  int state;
+// A lane's share of the sums over its warp's channels: the warp's row of the [warps, N, S]
+// partial sums, the state (of the L it holds) whose sum warp_channel_sum leaves it and
+// whether it writes that sum (one lane per part and state).
+template <int L> struct WarpSums {
+  int lane, state;
+  int64_t warp;
   bool writes;
-  __device__ WarpSumSlot(int lane, int log2p) {
+  template <typename T>
+  __device__ WarpSums(const Args<T>& a, const Place<L>& pl) {
     constexpr int kSpread = 5 - Log2<L>::value;  // lanes holding one state's sum: 2^kSpread
-    state = lane >> kSpread;
-    writes = ((lane & ((1 << kSpread) - 1)) >> log2p) == 0;
+    lane = threadIdx.x & 31;
+    warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+    state = pl.s0 + (lane >> kSpread);
+    writes = ((lane & ((1 << kSpread) - 1)) >> pl.log2p) == 0 && state < a.s;
+  }
+  // Sums cpart and bpart over the warp's channels into a.gC and a.gB at vertex v.
+  template <typename T>
+  __device__ void add(const Args<T>& a, int log2p, int64_t v, T (&cpart)[L], T (&bpart)[L]) const {
+    const T csum = warp_channel_sum<L>(cpart, lane, log2p);
+    const T bsum = warp_channel_sum<L>(bpart, lane, log2p);
+    if (writes) {
+      a.gC[(warp * a.n + v) * a.s + state] = csum;
+      a.gB[(warp * a.n + v) * a.s + state] = bsum;
+    }
   }
 };
 
@@ -402,10 +417,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
   const Place<L> pl(a);
   Stage<T> st(smem_raw, pl.states, pl.channels);
   constexpr int K = Segment<T>::K;
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
-  const WarpSumSlot<L> slot(lane, pl.log2p);
-  const bool writes_sum = slot.writes && pl.s0 + slot.state < a.s;
+  const WarpSums<L> sums(a, pl);
   T Ar[L], gA[L];
   load_rates(a, pl, Ar);
 #pragma unroll
@@ -484,12 +496,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
         }
         const T gxu = channel_sum<L>(xterms, pl.log2p);    // dL/d(dx u)
         const T gw_de = channel_sum<L>(eterms, pl.log2p);  // dL/d(edge step)
-        const T csum = warp_channel_sum<L>(cpart, lane, pl.log2p);
-        const T bsum = warp_channel_sum<L>(bpart, lane, pl.log2p);
-        if (writes_sum) {
-          a.gC[(warp * a.n + v) * a.s + pl.s0 + slot.state] = csum;
-          a.gB[(warp * a.n + v) * a.s + pl.s0 + slot.state] = bsum;
-        }
+        sums.add(a, pl.log2p, v, cpart, bpart);
         const bool root = (flags & kRoot) != 0;
         T own = gxu * uv;  // dL/d(dx[v]) through x
         T up_half = T(0);  // the half of dL/dde[v] that belongs to the parent's dx
@@ -604,10 +611,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
   const Place<L> pl(a);
   Stage<T> st(smem_raw, pl.states, pl.channels);
   constexpr int K = Segment<T>::K;
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
-  const WarpSumSlot<L> slot(lane, pl.log2p);
-  const bool writes_sum = slot.writes && pl.s0 + slot.state < a.s;
+  const WarpSums<L> sums(a, pl);
   T Ar[L], gA[L];
   load_rates(a, pl, Ar);
 #pragma unroll
@@ -696,12 +700,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
         }
         const T gxu = channel_sum<L>(xterms, pl.log2p);
         const T gw_de = channel_sum<L>(eterms, pl.log2p);
-        const T csum = warp_channel_sum<L>(cpart, lane, pl.log2p);
-        const T bsum = warp_channel_sum<L>(bpart, lane, pl.log2p);
-        if (writes_sum) {
-          a.gC[(warp * a.n + v) * a.s + pl.s0 + slot.state] = csum;
-          a.gB[(warp * a.n + v) * a.s + pl.s0 + slot.state] = bsum;
-        }
+        sums.add(a, pl.log2p, v, cpart, bpart);
         if (pl.live && pl.part == 0) {
           a.gu[v * a.d + pl.d] = gxu * dv;
           T own = gxu * uv;
