@@ -340,3 +340,34 @@ def test_cpu_scan_in_a_forked_worker_after_the_parent_used_it():
                                          multiprocessing_context="fork")
     (got,) = list(loader)
     torch.testing.assert_close(got[0], expected, rtol=0, atol=0)
+
+
+
+class _TreeScanInWorker(torch.utils.data.Dataset):
+    """One ``tree_scan`` of a forest split over threads (two trees of 4096 vertices)."""
+
+    def __init__(self):
+        self.tree = treessm.topology.chain_tree(2, 4096)
+        g = torch.Generator().manual_seed(0)
+        self.x, self.w = torch.randn(8192, 16, generator=g), torch.rand(8192, 16, generator=g)
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return treessm.tree_scan(self.x, self.w, self.tree, "both", backend="numba")
+
+
+def test_tree_scan_in_a_forked_worker_after_the_parent_used_it():
+    # the CPU tree scan's threads are made again in a forked worker: an OpenMP parallel
+    # loop there ends the process once the parent has used it
+    import numba
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("the CPU scan runs on one thread here")
+    data = _TreeScanInWorker()
+    expected = data[0]  # the parent's threads now exist
+    loader = torch.utils.data.DataLoader(data, num_workers=1, timeout=60,
+                                         multiprocessing_context="fork")
+    (got,) = list(loader)
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=0)

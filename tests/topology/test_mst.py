@@ -243,7 +243,7 @@ def _child_mst(seed):
 def test_run_chunks_covers_every_item_once(threads):
     from numba import njit
 
-    from treessm.topology.chunks import run_chunks
+    from treessm.ops.chunks import run_chunks
 
     @njit(nogil=True)
     def mark(start, stop, out):
@@ -262,7 +262,7 @@ def test_run_chunks_covers_every_item_once(threads):
 
 
 def test_run_chunks_reraises_and_does_not_hang():
-    from treessm.topology.chunks import run_chunks
+    from treessm.ops.chunks import run_chunks
 
     def kernel(start, stop, out):
         for i in range(start, stop):

@@ -21,8 +21,8 @@ child's own share, which would cancel for weights above one); the gradient of ``
 one leaf-first pass computing ``up(x)`` and ``up(grad)`` together (held in the two output
 buffers) and one root-first pass producing ``dL/dx`` and ``dL/dw`` from both brackets.
 
-Work is split into items ``(group of whole trees, block of channels)`` run with
-``prange``. A forest of many similar trees is split by trees, so each thread owns
+Work is split into items ``(group of whole trees, block of channels)`` shared by threads
+(:func:`~treessm.ops.chunks.run_chunks`). A forest of many similar trees is split by trees, so each thread owns
 every row it touches; a forest dominated by one large tree is split by channels, so a
 single chain still keeps every core busy.
 """
@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, njit
+
+from .chunks import run_chunks
 
 __all__ = ["forward", "backward"]
 
@@ -213,10 +215,10 @@ def _grad_both_down(g, x, w, gx, gw, ox, og, order, child_ptr, a, b, nc, c0, m, 
 # Item j covers trees [groups[j // nblk], groups[j // nblk + 1]) and channels
 # [blocks[j % nblk], blocks[j % nblk + 1]), swept tree by tree.
 
-@njit(cache=True, parallel=True)
-def _forward_kernel(x, w, h, o, nc, order, child_ptr, tree_ptr, groups, blocks, mode):
+@njit(cache=True, nogil=True)
+def _forward_kernel(j0, j1, x, w, h, o, nc, order, child_ptr, tree_ptr, groups, blocks, mode):
     nblk = blocks.shape[0] - 1
-    for j in prange((groups.shape[0] - 1) * nblk):
+    for j in range(j0, j1):
         gi = j // nblk
         bi = j - gi * nblk
         c0 = np.uint64(blocks[bi])
@@ -234,11 +236,11 @@ def _forward_kernel(x, w, h, o, nc, order, child_ptr, tree_ptr, groups, blocks, 
                 _down(x, w, h, order, child_ptr, a, b, nc, c0, m)
 
 
-@njit(cache=True, parallel=True)
-def _backward_kernel(g, x, w, h, gx, gw, ox, og, nc, order, child_ptr, tree_ptr, groups, blocks,
-                     mode):
+@njit(cache=True, nogil=True)
+def _backward_kernel(j0, j1, g, x, w, h, gx, gw, ox, og, nc, order, child_ptr, tree_ptr, groups,
+                     blocks, mode):
     nblk = blocks.shape[0] - 1
-    for j in prange((groups.shape[0] - 1) * nblk):
+    for j in range(j0, j1):
         gi = j // nblk
         bi = j - gi * nblk
         c0 = np.uint64(blocks[bi])
@@ -333,8 +335,9 @@ def forward(x, w, order, child_ptr, tree_ptr, direction):
     mode = _MODES[direction]
     groups, blocks = _plan(tp, n, c, xf.itemsize)
     o = _empty(n, c, xf.dtype) if mode == 0 else h[:0]
-    _forward_kernel(xf, wf, h, o, np.uint64(c), _index(order), _index(child_ptr), tp, groups,
-                    blocks, mode)
+    items = (groups.shape[0] - 1) * (blocks.shape[0] - 1)
+    run_chunks(_forward_kernel, items, xf, wf, h, o, np.uint64(c), _index(order),
+               _index(child_ptr), tp, groups, blocks, mode)
     return _tensor(h, n, c)
 
 
@@ -354,6 +357,7 @@ def backward(g, x, w, h, order, child_ptr, tree_ptr, direction):
     groups, blocks = _plan(tp, n, c, xf.itemsize)
     ox = _empty(n, c, xf.dtype) if mode == 0 else gx[:0]
     og = _empty(n, c, xf.dtype) if mode == 0 else gx[:0]
-    _backward_kernel(gf, xf, wf, hf, gx, gw, ox, og, np.uint64(c), _index(order),
-                     _index(child_ptr), tp, groups, blocks, mode)
+    items = (groups.shape[0] - 1) * (blocks.shape[0] - 1)
+    run_chunks(_backward_kernel, items, gf, xf, wf, hf, gx, gw, ox, og, np.uint64(c),
+               _index(order), _index(child_ptr), tp, groups, blocks, mode)
     return _tensor(gx, n, c), _tensor(gw, n, c)

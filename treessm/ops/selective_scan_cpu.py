@@ -52,9 +52,7 @@ group of trees and over the groups in ascending order.
 from __future__ import annotations
 
 import math
-import os
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import numpy as np
@@ -62,6 +60,8 @@ import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, types
 from numba.extending import intrinsic, overload
+
+from .chunks import on_slots
 
 __all__ = ["forward", "backward", "normalised_readout", "normalised_readout_backward",
            "EDGE_RULES"]
@@ -884,40 +884,15 @@ def _readout_grad_rows(c0, c1, rows, gy, y1, mu, m2, C, gT, bT, u, D, eps, count
 
 
 # ---------------------------------------------------------------------------- threads
-_pools = {}
-
-
 def _threads() -> int:
     return max(1, get_num_threads())
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    # a forked child (a DataLoader worker) inherits the executors but not their threads:
-    # it makes its own, else its jobs would wait for threads that do not exist
-    key = (os.getpid(), threads)
-    pool = _pools.get(key)
-    if pool is None:
-        for stale in [k for k in _pools if k[0] != key[0]]:  # the parent's: never shut down here
-            del _pools[stale]
-        pool = _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="treessm")
-    return pool
-
-
-def _on_threads(fn, threads: int, *args) -> None:
-    """``fn(th, *args)`` for ``th`` in ``range(threads)``, concurrently (``fn`` releases the
-    GIL)."""
-    if threads == 1:
-        fn(0, *args)
-        return
-    for job in [_pool(threads).submit(fn, th, *args) for th in range(threads)]:
-        job.result()
 
 
 def _over_positions(fn, n: int, *args) -> None:
     """``fn(i0, i1, *args)`` over ``[0, n)`` cut into one range per thread."""
     threads = max(1, min(_threads(), n // 4096))
     bounds = np.linspace(0, n, threads + 1).astype(np.int64)
-    _on_threads(lambda th: fn(bounds[th], bounds[th + 1], *args), threads)
+    on_slots(lambda th: fn(bounds[th], bounds[th + 1], *args), threads)
 
 
 # ---------------------------------------------------------------------------- host side
@@ -1073,7 +1048,7 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     m2b = run.zeros() if moments else np.zeros(1, dt)
     statesb = np.zeros(max(1, nblk * k * s * W), dt)
     if n and d and s:
-        _on_threads(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
+        on_slots(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
                     statesb, run.scratch, run.dims)
     y = np.empty((n, d), dt)
     if n:
@@ -1130,7 +1105,7 @@ def normalised_readout_backward(gy, y1, mu, m2, C, gamma, beta, u, D, eps: float
         skip = _np(D) if D is not None else none[0]
         threads = max(1, min(_threads(), chunks))
         bounds = np.linspace(0, chunks, threads + 1).astype(np.int64)
-        _on_threads(lambda th: _readout_grad_rows(
+        on_slots(lambda th: _readout_grad_rows(
             bounds[th], bounds[th + 1], rows, _np(gy), _np(y1), _np(mu), _np(m2), _np(C), gT,
             bT, _np(u), skip, dt.type(eps), dt.type(d * s), gamma is not None, beta is not None,
             D is not None, g_y1, g_mu, g_m2, g_C, g_u, pw, pb, pd), threads)
@@ -1174,7 +1149,7 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
     ggp = np.zeros(max(ngroups, 1) * nblk * s * W if gamma is not None else 1, dt)
     gh0b = np.zeros(nblk * run.num_trees * s * W if h0 is not None else 1, dt)
     if n and d and s:
-        _on_threads(_backward_worker, run.scratch.shape[0], *run.kernel_args(), gy1b, gmu_p,
+        on_slots(_backward_worker, run.scratch.shape[0], *run.kernel_args(), gy1b, gmu_p,
                     gm2_p, gstatesb, mu_p, gxb, gdeb, gbp, gcp, gap, ggp, gh0b, run.scratch,
                     run.dims)
     given = edge_rule == "given"

@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .chunks import run_chunks
+from ..ops.chunks import run_chunks
 
 __all__ = ["DISTANCES", "EPS", "check_distance", "edge_cost", "pair_costs_cpu", "grid_costs_cpu",
            "grid_costs_torch", "scale_by_power_of_two"]

@@ -22,7 +22,7 @@ from torch import Tensor
 from .._checks import check_choice, check_features
 from ..tree import Tree
 from .base import Candidates, Topology
-from .chunks import run_chunks
+from ..ops.chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
                        grid_image_costs, kind_code, safe_squares, scaled_rows)
 from .euler_tour import spanning_tree_on_device

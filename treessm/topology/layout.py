@@ -19,7 +19,7 @@ import torch
 from numba import njit
 
 from ..tree import Tree, layout_sizes
-from .chunks import run_chunks
+from ..ops.chunks import run_chunks
 from .mst import check_segment_sizes, find_root, kruskal_segment
 
 __all__ = ["Layout", "layout_segment", "lattice_offsets", "check_status", "NONFINITE",

@@ -14,7 +14,7 @@ solved in parallel, each with a small sort and a union-find that fit in cache.
 The result never depends on the split: Kruskal on the union of disjoint graphs
 is Kruskal on each of them.
 
-The examples of a batch are spread over threads by :func:`treessm.topology.chunks.run_chunks`.
+The examples of a batch are spread over threads by :func:`treessm.ops.chunks.run_chunks`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from numba import njit
 
 from .._checks import INDEX_TYPES, check_edge_index, check_int
-from .chunks import run_chunks
+from ..ops.chunks import run_chunks
 
 __all__ = ["minimum_spanning_tree"]
 

@@ -12,7 +12,7 @@ import torch
 
 from .._checks import check_edge_index, check_int
 from ..tree import Tree
-from .chunks import run_chunks
+from ..ops.chunks import run_chunks
 from .layout import NO_MASK, NO_OFFSETS, Layout, _build_chunk, check_status, layout_forest
 from .mst import check_segment_sizes, segments, weight_bits
 
