@@ -70,9 +70,27 @@ def walk_plan(tree: Tree, segment: int) -> WalkPlan:
     cached = tree.plan_cache.get(key)
     if cached is not None:
         return cached
-    n, dev = tree.num_nodes, tree.device
+    n = tree.num_nodes
     if n >= 2 ** 31:
         raise ValueError(f"the walk plan holds int32 positions; the tree has {n} vertices")
+    plan = _isolated_plan(tree, segment) if tree.num_trees == n else _plan(tree, segment)
+    tree.plan_cache[key] = plan
+    return plan
+
+
+def _isolated_plan(tree: Tree, segment: int) -> WalkPlan:
+    # a forest of isolated vertices (the new tokens of a generation step): each is a root
+    # at its own breadth-first position and starts a segment with one slot; no scan and
+    # no host read
+    n, dev = tree.num_nodes, tree.device
+    pos = torch.arange(n, dtype=torch.int32, device=dev)
+    rec = torch.stack([tree.order.int(), torch.full_like(pos, -1), torch.full_like(pos, ROOT),
+                       pos], 1)
+    return WalkPlan(rec, tree.tree_ptr.int(), n, segment)
+
+
+def _plan(tree: Tree, segment: int) -> WalkPlan:
+    n, dev = tree.num_nodes, tree.device
     parent, order = tree.parent, tree.order
     long = dict(dtype=torch.long, device=dev)
     size = _subtree_sizes(tree)
@@ -119,6 +137,4 @@ def walk_plan(tree: Tree, segment: int) -> WalkPlan:
     if deepest >= MAX_STACK:  # impossible below 2^31 vertices; a guard on the layout
         raise AssertionError(f"walk stack of depth {deepest} exceeds {MAX_STACK}")
     rec = torch.stack([at, parent[at], flags_at | (depth << 4), first_slot], 1).int()
-    plan = WalkPlan(rec.contiguous(), tree.tree_ptr.int(), int(num_slots), segment)
-    tree.plan_cache[key] = plan
-    return plan
+    return WalkPlan(rec.contiguous(), tree.tree_ptr.int(), int(num_slots), segment)
