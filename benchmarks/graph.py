@@ -162,7 +162,8 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
             repeats = 2 if (device.type == "cpu" and n >= 10 ** 6) else 5
             if device.type == "cpu":  # a fresh process: its peak resident size is this layer's
                 cmd = [sys.executable, __file__, "--time-layer", layer, str(n), str(repeats)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                     env=_child_env())
                 row = json.loads(out.stdout.strip().splitlines()[-1])
             else:
                 row = time_layer(layer, n, device, repeats)
@@ -579,6 +580,15 @@ def _real_runner(name, spec, kind, root, copy_to, device):
                      num_classes=num_classes)
 
 
+def _child_env():
+    """This process's environment, with the treessm it imported first on the path: a child
+    process runs this script from benchmarks/, where an uninstalled checkout's package is
+    not importable by itself."""
+    here = str(Path(treessm.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": here + (os.pathsep + path if path else "")}
+
+
 def _split_in_process(name, kind, spec, root, copy_to, device, split, cfg):
     """One split trained by a fresh process (``--jobs``) with this one's CPU threads: the
     same seed, the same result."""
@@ -586,7 +596,7 @@ def _split_in_process(name, kind, spec, root, copy_to, device, split, cfg):
            str(split), json.dumps(cfg), "--device", str(device),
            "--threads", str(torch.get_num_threads())
            ] + (["--copy-to", copy_to] if copy_to else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -689,7 +699,7 @@ def real_table(args, device):
                 cmd = [sys.executable, __file__, "--real-one", name, kind, json.dumps(spec),
                        args.root, "--threads", str(args.threads), "--jobs", str(args.jobs)
                        ] + (["--copy-to", copy_to] if copy_to else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
                 if out.returncode:
                     raise RuntimeError(out.stderr[-3000:])
                 row = json.loads(out.stdout.strip().splitlines()[-1])
