@@ -317,6 +317,50 @@ __device__ __forceinline__ T channel_sum(const T (&terms)[L], int log2p) {
 // at most 16) leave lane l with the sum of its state j = l >> (5 - log2 L), then plain
 // exchanges at offsets down to P finish the sum; every lane takes part, and the order of
 // the additions is fixed.
+// A lane's states of row `row` of a [rows, D, S] tensor, from its first state on (a live
+// lane; states past `s` are padding and not written).
+template <typename T, int L>
+__device__ __forceinline__ void write_lane_states(const Args<T>& a, T* dst, int64_t row,
+                                                  const Place<L>& pl, const T (&v)[L]) {
+  if (!pl.live) return;
+#pragma unroll
+  for (int j = 0; j < L; ++j)
+    if (pl.s0 + j < a.s) dst[state_at(a, row, pl) + j] = v[j];
+}
+
+// The read-out y[v] = sum_s C[v, s] h[v, s] of one position (every lane takes part in the
+// sum over the channel's lanes), written by the channel's first lane, and the states h[v]
+// at the rows of `states` that request vertex v.
+template <typename T, int L>
+__device__ __forceinline__ void emit(const Args<T>& a, const Place<L>& pl, int64_t v,
+                                     const T* Ck, const T (&h)[L]) {
+  T terms[L];
+#pragma unroll
+  for (int j = 0; j < L; ++j) terms[j] = mul_rn(Ck[j], h[j]);
+  const T yv = channel_sum<L>(terms, pl.log2p);
+  if (!pl.live) return;
+  if (a.y != nullptr && pl.part == 0) a.y[v * a.d + pl.d] = yv;
+  if (a.states != nullptr)
+    for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
+      write_lane_states<T, L>(a, a.states, row, pl, h);
+}
+
+// G += the gradients of the states requested at vertex v; zero on an idle lane.
+template <typename T, int L>
+__device__ __forceinline__ void add_state_grads(const Args<T>& a, const Place<L>& pl,
+                                                int64_t v, T (&G)[L]) {
+  if (!pl.live) {
+#pragma unroll
+    for (int j = 0; j < L; ++j) G[j] = T(0);
+    return;
+  }
+  if (a.gstates != nullptr)
+    for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
+#pragma unroll
+      for (int j = 0; j < L; ++j)
+        if (pl.s0 + j < a.s) G[j] += a.gstates[state_at(a, row, pl) + j];
+}
+
 template <int L, typename T>
 __device__ __forceinline__ T warp_channel_sum(T (&a)[L], int lane, int log2p) {
   int off = 16;
@@ -393,18 +437,7 @@ __global__ void __launch_bounds__(kThreads) down_forward_kernel(Args<T> a) {
         const T* Bk = st.B + k * pl.states + pl.s0;
         const T* Ck = st.C + k * pl.states + pl.s0;
         down_step<T, L>(flags, st.de[at], xu, Ar, Bk, hp, h, stack, top);
-        T terms[L];
-#pragma unroll
-        for (int j = 0; j < L; ++j) terms[j] = mul_rn(Ck[j], h[j]);
-        const T yv = channel_sum<L>(terms, pl.log2p);
-        if (!pl.live) continue;
-        const int64_t v = r.x;
-        if (a.y != nullptr && pl.part == 0) a.y[v * a.d + pl.d] = yv;
-        if (a.states != nullptr)
-          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
-#pragma unroll
-            for (int j = 0; j < L; ++j)
-              if (pl.s0 + j < a.s) a.states[state_at(a, row, pl) + j] = h[j];
+        emit<T, L>(a, pl, r.x, Ck, h);
       }
     }
   }
@@ -473,14 +506,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
           for (int j = 0; j < L; ++j) G[j] += gstack[gtop][j];
           half += gstack[gtop][L];
         }
-        if (a.gstates != nullptr && pl.live)
-          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
-#pragma unroll
-            for (int j = 0; j < L; ++j)
-              if (pl.s0 + j < a.s) G[j] += a.gstates[state_at(a, row, pl) + j];
-        if (!pl.live)
-#pragma unroll
-          for (int j = 0; j < L; ++j) G[j] = T(0);
+        add_state_grads<T, L>(a, pl, v, G);
         T cpart[L], bpart[L], w[L], xterms[L], eterms[L];
         const T es = exp_step(e);
 #pragma unroll
@@ -539,10 +565,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
       }
     }
   }
-  if (pl.live)
-#pragma unroll
-    for (int j = 0; j < L; ++j)
-      if (pl.s0 + j < a.s) a.gA[state_at(a, blockIdx.y, pl) + j] = gA[j];
+  write_lane_states<T, L>(a, a.gA, blockIdx.y, pl, gA);
 }
 
 
@@ -582,18 +605,7 @@ __global__ void __launch_bounds__(kThreads) up_forward_kernel(Args<T> a) {
         T up[L];
         up_step<T, L>(flags, st.de[at], xu, Ar, st.B + k * pl.states + pl.s0, carry, stack,
                       top, up);
-        T terms[L];
-#pragma unroll
-        for (int j = 0; j < L; ++j) terms[j] = mul_rn(Ck[j], up[j]);
-        const T yv = channel_sum<L>(terms, pl.log2p);
-        if (!pl.live) continue;
-        const int64_t v = r.x;
-        if (a.y != nullptr && pl.part == 0) a.y[v * a.d + pl.d] = yv;
-        if (a.states != nullptr)
-          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
-#pragma unroll
-            for (int j = 0; j < L; ++j)
-              if (pl.s0 + j < a.s) a.states[state_at(a, row, pl) + j] = up[j];
+        emit<T, L>(a, pl, r.x, Ck, up);
       }
       if (a.ckpt != nullptr && sj > 0 && pl.live)
         save_context<T, L>(a, st.rec[0].w, pl, carry, stack, top);
@@ -681,14 +693,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
           w[j] = walk_exp(es * Ar[j]);
           G[j] = Ck[j] * gyv + w[j] * Gp[j];
         }
-        if (a.gstates != nullptr && pl.live)
-          for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
-#pragma unroll
-            for (int j = 0; j < L; ++j)
-              if (pl.s0 + j < a.s) G[j] += a.gstates[state_at(a, row, pl) + j];
-        if (!pl.live)
-#pragma unroll
-          for (int j = 0; j < L; ++j) G[j] = T(0);
+        add_state_grads<T, L>(a, pl, v, G);
 #pragma unroll
         for (int j = 0; j < L; ++j) {
           cpart[j] = gyv * ups[k][j];
@@ -726,10 +731,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
       }
     }
   }
-  if (pl.live)
-#pragma unroll
-    for (int j = 0; j < L; ++j)
-      if (pl.s0 + j < a.s) a.gA[state_at(a, blockIdx.y, pl) + j] = gA[j];
+  write_lane_states<T, L>(a, a.gA, blockIdx.y, pl, gA);
 }
 
 }  // namespace walk
