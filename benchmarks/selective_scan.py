@@ -56,6 +56,7 @@ import torch
 
 import treessm
 from treessm.ops.selective_scan import selective_tree_scan_ref
+from tree_scan import copy_bandwidth, cuda_time  # the CUDA timer beside this script
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -181,28 +182,6 @@ def measure(name, path, repeats, quick):
     return row
 
 
-def _cuda_median_ms(fn, repeats):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
-    a = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    ms = _cuda_median_ms(lambda: b.copy_(a), 5)
-    return 2 * a.numel() / (ms / 1e3)
-
-
 def measure_gpu(name, path, repeats, quick, bandwidth):
     """One shape and path on the current CUDA device, in this process."""
     shape = dict(GPU_SHAPES[name], **(GPU_QUICK[name] if quick else {}))
@@ -232,7 +211,7 @@ def measure_gpu(name, path, repeats, quick, bandwidth):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        row[f"{label}_ms"] = _cuda_median_ms(fn, repeats)
+        row[f"{label}_ms"] = cuda_time(fn, warmup=1, iters=repeats)
         row[f"{label}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     row["forward_floor_ms"] = 1e3 * forward_bytes / bandwidth
     row["forward_backward_floor_ms"] = 1e3 * (forward_bytes + backward_bytes) / bandwidth
@@ -240,8 +219,7 @@ def measure_gpu(name, path, repeats, quick, bandwidth):
 
 
 def main_gpu(args):
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
+    bandwidth = 1e9 * copy_bandwidth(nbytes=2 ** 30)  # bytes per second
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   treessm=treessm.__version__, when=time.strftime("%Y-%m-%d %H:%M:%S"),
                   copy_bandwidth_gbs=bandwidth / 1e9, op=[])
