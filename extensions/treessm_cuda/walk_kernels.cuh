@@ -95,6 +95,10 @@ __device__ __forceinline__ double exp_step(double e) { return e; }
 // over states are the same numbers however the lanes split the sum.
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+// a b + c d with one rounding order fixed: c d rounded, then fused with a b. Left to the
+// compiler, which product is fused may differ between the kernels of two lane counts.
+template <typename T>
+__device__ __forceinline__ T two_products(T a, T b, T c, T d) { return fma(a, b, mul_rn(c, d)); }
 
 template <int N> struct Log2 { static constexpr int value = N <= 1 ? 0 : 1 + Log2<N / 2>::value; };
 template <> struct Log2<1> { static constexpr int value = 0; };
@@ -252,7 +256,7 @@ __device__ __forceinline__ void down_step(int flags, T e, T xu, const T (&Ar)[L]
                                           int& top) {
   const T es = exp_step(e);
 #pragma unroll
-  for (int j = 0; j < L; ++j) h[j] = walk_exp(es * Ar[j]) * hp[j] + xu * B[j];
+  for (int j = 0; j < L; ++j) h[j] = two_products(walk_exp(es * Ar[j]), hp[j], xu, B[j]);
   if (flags & kPush) {
 #pragma unroll
     for (int j = 0; j < L; ++j) stack[top][j] = h[j];
@@ -312,11 +316,6 @@ __device__ __forceinline__ T channel_sum(const T (&terms)[L], int log2p) {
   return v;
 }
 
-// Sums a[j] over the channels of a warp (the lanes with the same part) for each of the L
-// states a lane holds: halving exchanges at offsets 16, 8, ..., 32 / L (all above P: L P is
-// at most 16) leave lane l with the sum of its state j = l >> (5 - log2 L), then plain
-// exchanges at offsets down to P finish the sum; every lane takes part, and the order of
-// the additions is fixed.
 // A lane's states of row `row` of a [rows, D, S] tensor, from its first state on (a live
 // lane; states past `s` are padding and not written).
 template <typename T, int L>
@@ -361,6 +360,11 @@ __device__ __forceinline__ void add_state_grads(const Args<T>& a, const Place<L>
         if (pl.s0 + j < a.s) G[j] += a.gstates[state_at(a, row, pl) + j];
 }
 
+// Sums a[j] over the channels of a warp (the lanes with the same part) for each of the L
+// states a lane holds: halving exchanges at offsets 16, 8, ..., 32 / L (all above P: L P is
+// at most 16) leave lane l with the sum of its state j = l >> (5 - log2 L), then plain
+// exchanges at offsets down to P finish the sum; every lane takes part, and the order of
+// the additions is fixed.
 template <int L, typename T>
 __device__ __forceinline__ T warp_channel_sum(T (&a)[L], int lane, int log2p) {
   int off = 16;
@@ -512,7 +516,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
 #pragma unroll
         for (int j = 0; j < L; ++j) {
           w[j] = walk_exp(es * Ar[j]);
-          const T hv = w[j] * hps[k][j] + xu * Bk[j];
+          const T hv = two_products(w[j], hps[k][j], xu, Bk[j]);
           cpart[j] = gyv * hv;
           bpart[j] = G[j] * xu;
           xterms[j] = mul_rn(G[j], Bk[j]);
@@ -691,7 +695,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
 #pragma unroll
         for (int j = 0; j < L; ++j) {
           w[j] = walk_exp(es * Ar[j]);
-          G[j] = Ck[j] * gyv + w[j] * Gp[j];
+          G[j] = two_products(w[j], Gp[j], Ck[j], gyv);
         }
         add_state_grads<T, L>(a, pl, v, G);
 #pragma unroll
