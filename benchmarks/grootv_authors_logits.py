@@ -27,7 +27,7 @@ same logits?
    of smooth images at 224x224 and at 200x300 (not square, not a multiple of 32), and
    compares the logits and the four stage maps (their ``forward_features_seq_out``,
    treessm's ``forward_intermediates``);
-4. prints a table and saves ``benchmarks/results/grootv_authors_logits_<card>.json``.
+4. prints a table and saves ``benchmarks/results/grootv_authors_logits_gpu_<card>.json``.
 
 What to look at: ``top1`` 100% and ``logits max|d|`` far below the logits' scale (float32
 through 13-17 tree scans of different kernels: 1e-4 or less), on every row. A large
@@ -491,12 +491,12 @@ def main() -> None:
     rows = compare(theirs, mine, args.batch, device)
 
     name = SIZES[args.size][0]
-    card = torch.cuda.get_device_name().replace(" ", "_").lower()
+    card = torch.cuda.get_device_name().split()[-1].lower()
     print(f"{name} on {torch.cuda.get_device_name()}, weights: {weights}; round trip of the "
           f"state dict exact: {round_trip}")
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"grootv_authors_logits_{card}.json"
+    path = args.out / f"grootv_authors_logits_gpu_{card}.json"
     path.write_text(json.dumps(dict(
         model=name, device=torch.cuda.get_device_name(), torch=torch.__version__,
         python=platform.python_version(), weights=weights, float32_tf32_off=True,
