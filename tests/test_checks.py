@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from treessm._checks import (check_bool, check_choice, check_device, check_int,
+from treessm._checks import (all_finite, check_bool, check_choice, check_device, check_int,
                              check_int_or_auto, check_ints, check_number,
                              check_optional_choice)
 from treessm.models import GrootV, grootv_tiny
@@ -128,3 +128,16 @@ def test_grootl_forward_arguments_are_checked():
         mixer(x, cache_params=object())
     with pytest.raises(ValueError, match=r"attention_mask must have shape \[1, >= 3\]"):
         mixer(x, attention_mask=torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_one_non_finite_entry_anywhere_and_accepts_extreme_finite_values(dtype):
+    x = torch.randn(40, 3).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in ((0, 0), (17, 1), (39, 2)):
+            y = x.clone()
+            y[at] = bad
+            assert not all_finite(y), (bad, at)
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.tensor([big, -big, torch.finfo(dtype).tiny], dtype=dtype))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = ["check_int", "check_ints", "check_int_or_auto", "check_number", "check_bool",
            "check_choice", "check_optional_choice", "check_device", "check_features",
-           "INDEX_TYPES", "check_index_range", "check_edge_index"]
+           "INDEX_TYPES", "check_index_range", "check_edge_index", "all_finite"]
 
 
 def _is_int(value) -> bool:
@@ -140,6 +140,16 @@ def check_device(device, name: str = "device") -> torch.device:
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got "
                          f"{device!r}") from exc
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of the floating-point tensor ``t`` is finite, from its smallest
+    and largest entries (both propagate NaN): two values instead of a boolean tensor of
+    ``t``'s size, which on the CPU takes several passes and allocations."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def check_features(feat, dim: int, name: str = "feat", shape: str = "") -> None:

@@ -37,6 +37,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .._checks import all_finite
 from ..ops.chunks import run_chunks
 
 __all__ = ["DISTANCES", "EPS", "check_distance", "edge_cost", "pair_costs_cpu", "grid_costs_cpu",
@@ -446,7 +447,7 @@ def scaled_rows(x: np.ndarray) -> np.ndarray:
         ValueError: on NaN or infinite features (no scale helps those).
     """
     t = torch.from_numpy(x)
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError("feat must be finite, got NaN or infinite values")
     return scale_by_power_of_two(t, -1).contiguous().numpy()
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import INDEX_TYPES, check_features
+from .._checks import INDEX_TYPES, all_finite, check_features
 from ..tree import Tree
 from .base import Topology
 from .distance import Distance, check_distance
@@ -58,7 +58,7 @@ def check_graph(x: Tensor, edge_index, batch: Optional[Tensor] = None,
         if graph.device != x.device:
             raise ValueError(f"edge_index must be on the device of {name} ({x.device}), got "
                              f"{graph.device}")
-    if n and not bool(torch.isfinite(x).all()):
+    if n and not all_finite(x):
         raise ValueError(f"{name} must be finite, got NaN or infinite features")
     if batch is not None:
         if not isinstance(batch, Tensor):
@@ -192,7 +192,7 @@ class GraphTopology(Topology):
             cost = cost.float()
         if graph.edge_weight is not None:
             cost = cost / graph.edge_weight.to(cost.dtype)
-        if cost.numel() and not bool(torch.isfinite(cost).all()):
+        if not all_finite(cost):
             raise ValueError("edge costs must be finite, got NaN or infinite values (from the "
                              "features, edge_attr or the distance)")
         if batch is None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_device, check_features, check_int, check_number
+from .._checks import all_finite, check_device, check_features, check_int, check_number
 from ..tree import Tree
 from .base import BoundedCache, Candidates, Topology
 from .distance import EPS, Distance, check_distance, scale_by_power_of_two
@@ -358,7 +358,7 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         return torch.full((b, length), -1, dtype=torch.long, device=feat.device)
     with torch.no_grad():
         x = feat.detach()
-        if x.device.type == "cpu" and x.numel() and not bool(torch.isfinite(x).all()):
+        if x.device.type == "cpu" and not all_finite(x):
             # (on accelerators the check would wait for the device: there, as for the
             # other topologies, NaN features give an unspecified tree)
             raise ValueError("feat must be finite, got NaN or infinite features")
