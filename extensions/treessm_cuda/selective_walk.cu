@@ -225,7 +225,7 @@ std::vector<at::Tensor> selective_walk_backward(
                 "gstates must be a contiguous [K, D, S] tensor of u's dtype");
   const c10::cuda::CUDAGuard guard(u.device());
   const dim3 grid = grid_of(p);
-  const int64_t warps = static_cast<int64_t>(grid.x) * walk::kThreads / 32;
+  const int64_t blocks = grid.x;  // rows of the partial sums of the gradients of B and C
   at::Tensor gu = at::zeros_like(u), gdx = at::zeros_like(u);
   at::Tensor gde = rule == walk::kGiven ? at::zeros_like(u) : at::empty({0}, u.options());
   at::Tensor gh0 = h0.has_value() ? at::zeros_like(*h0) : at::empty({0}, u.options());
@@ -234,8 +234,8 @@ std::vector<at::Tensor> selective_walk_backward(
   }
   at::Tensor ckpt = at::empty({num_slots, p.d, p.s}, u.options());
   at::Tensor gA = at::empty({static_cast<int64_t>(grid.y), p.d, p.s}, u.options());
-  at::Tensor gB = at::empty({warps, p.n, p.s}, u.options());
-  at::Tensor gC = at::empty({warps, p.n, p.s}, u.options());
+  at::Tensor gB = at::empty({blocks, p.n, p.s}, u.options());
+  at::Tensor gC = at::empty({blocks, p.n, p.s}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk_backward", [&] {
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.ckpt = ckpt.data_ptr<scalar_t>();
@@ -251,7 +251,7 @@ std::vector<at::Tensor> selective_walk_backward(
     a.gh0 = h0.has_value() ? gh0.data_ptr<scalar_t>() : nullptr;
     TREESSM_WITH_LANE_STATES(p, launch_backward<scalar_t, L>(a, p, grid, direction == 1));
   });
-  // partial sums over block rows and warps, added in a fixed order
+  // partial sums over block rows and blocks, added in a fixed order
   return {gu, gdx, gde, gA.sum(0), gB.sum(0), gC.sum(0), gh0};
 }
 

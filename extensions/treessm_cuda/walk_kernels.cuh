@@ -26,7 +26,8 @@
 // 1, 2, ..., P / 2. The products are rounded before they are added (no fused multiply-add),
 // so the result is the same pairwise sum of the same numbers for every P: bitwise equal
 // across lane counts. Sums over the channels of a warp (the gradients of B and C, 32 / P
-// channels) are warp-wide pairwise sums in a fixed order, summed over warps by the host;
+// channels) are warp-wide pairwise sums in a fixed order, the block's two warps added in
+// shared memory at each segment's end, summed over blocks by the host;
 // everything else a lane sums runs in walk order: results are bitwise reproducible for a
 // given P, and every result but the gradients of B and C is the same for every P.
 //
@@ -131,8 +132,11 @@ template <typename T> struct Stage {
   T* dx;  // [K][channels]
   T* de;  // [K][channels] the edge step
   T* gy;  // [K][channels] (backward)
+  T* wB;  // [2][K][states] (backward) each warp's sums over its channels, for the
+  T* wC;  //   gradients of B and C, added at the segment's end (BlockSums)
   static constexpr size_t bytes(int states, int channels, bool backward) {
-    return 16 * K + sizeof(T) * (2 * K * states + (backward ? 4 : 3) * K * channels);
+    return 16 * K + sizeof(T) * (2 * K * states + (backward ? 4 : 3) * K * channels +
+                                 (backward ? 4 * K * states : 0));
   }
   __device__ Stage(unsigned char* raw, int states, int channels) {
     rec = reinterpret_cast<int4*>(raw);
@@ -142,6 +146,8 @@ template <typename T> struct Stage {
     dx = u + K * channels;
     de = dx + K * channels;
     gy = de + K * channels;
+    wB = gy + K * channels;
+    wC = wB + 2 * K * states;
   }
 };
 
@@ -383,29 +389,46 @@ __device__ __forceinline__ T warp_channel_sum(T (&a)[L], int lane, int log2p) {
   return v;
 }
 
-// A lane's share of the sums over its warp's channels: the warp's row of the [warps, N, S]
-// partial sums, the state (of the L it holds) whose sum warp_channel_sum leaves it and
-// whether it writes that sum (one lane per part and state).
-template <int L> struct WarpSums {
-  int lane, state;
-  int64_t warp;
+// The gradients of B and C: sums over the channels of a block. At each position a warp
+// sums its channels (warp_channel_sum) and one lane per state leaves the sum in the stage;
+// at the segment's end (flush) the block adds its two warps' sums, warp 0's first, and
+// writes them to its row of the [blocks, N, S] partial sums, which the host adds over the
+// blocks. Every lane takes part in both steps.
+template <int L> struct BlockSums {
+  static_assert(kThreads == 64, "flush adds the sums of two warps");
+  int lane, state, warp;
   bool writes;
   template <typename T>
-  __device__ WarpSums(const Args<T>& a, const Place<L>& pl) {
+  __device__ BlockSums(const Args<T>& a, const Place<L>& pl) {
     constexpr int kSpread = 5 - Log2<L>::value;  // lanes holding one state's sum: 2^kSpread
     lane = threadIdx.x & 31;
-    warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+    warp = threadIdx.x >> 5;
     state = pl.s0 + (lane >> kSpread);
     writes = ((lane & ((1 << kSpread) - 1)) >> pl.log2p) == 0 && state < a.s;
   }
-  // Sums cpart and bpart over the warp's channels into a.gC and a.gB at vertex v.
+  // This warp's sums of cpart and bpart over its channels at position k of the segment.
   template <typename T>
-  __device__ void add(const Args<T>& a, int log2p, int64_t v, T (&cpart)[L], T (&bpart)[L]) const {
+  __device__ void add(const Stage<T>& st, int log2p, int states, int k, T (&cpart)[L],
+                      T (&bpart)[L]) const {
+    constexpr int K = Segment<T>::K;
     const T csum = warp_channel_sum<L>(cpart, lane, log2p);
     const T bsum = warp_channel_sum<L>(bpart, lane, log2p);
     if (writes) {
-      a.gC[(warp * a.n + v) * a.s + state] = csum;
-      a.gB[(warp * a.n + v) * a.s + state] = bsum;
+      st.wC[(warp * K + k) * states + state] = csum;
+      st.wB[(warp * K + k) * states + state] = bsum;
+    }
+  }
+  // The block's sums of the segment's nc positions, to its rows of a.gB and a.gC.
+  template <typename T>
+  __device__ void flush(const Args<T>& a, const Stage<T>& st, int states, int nc) const {
+    constexpr int K = Segment<T>::K;
+    __syncthreads();  // every warp's sums of the segment are in the stage
+    for (int q = threadIdx.x; q < nc * states; q += kThreads) {
+      const int k = q / states, s = q - k * states;
+      if (s >= a.s) continue;
+      const int64_t at = (static_cast<int64_t>(blockIdx.x) * a.n + st.rec[k].x) * a.s + s;
+      a.gC[at] = st.wC[k * states + s] + st.wC[(K + k) * states + s];
+      a.gB[at] = st.wB[k * states + s] + st.wB[(K + k) * states + s];
     }
   }
 };
@@ -454,7 +477,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
   const Place<L> pl(a);
   Stage<T> st(smem_raw, pl.states, pl.channels);
   constexpr int K = Segment<T>::K;
-  const WarpSums<L> sums(a, pl);
+  const BlockSums<L> sums(a, pl);
   T Ar[L], gA[L];
   load_rates(a, pl, Ar);
 #pragma unroll
@@ -526,7 +549,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
         }
         const T gxu = channel_sum<L>(xterms, pl.log2p);    // dL/d(dx u)
         const T gw_de = channel_sum<L>(eterms, pl.log2p);  // dL/d(edge step)
-        sums.add(a, pl.log2p, v, cpart, bpart);
+        sums.add(st, pl.log2p, pl.states, k, cpart, bpart);
         const bool root = (flags & kRoot) != 0;
         T own = gxu * uv;  // dL/d(dx[v]) through x
         T up_half = T(0);  // the half of dL/dde[v] that belongs to the parent's dx
@@ -567,6 +590,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
           gstack[gtop - 1][L] += up_half;
         }
       }
+      sums.flush(a, st, pl.states, nc);
     }
   }
   write_lane_states<T, L>(a, a.gA, blockIdx.y, pl, gA);
@@ -627,7 +651,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
   const Place<L> pl(a);
   Stage<T> st(smem_raw, pl.states, pl.channels);
   constexpr int K = Segment<T>::K;
-  const WarpSums<L> sums(a, pl);
+  const BlockSums<L> sums(a, pl);
   T Ar[L], gA[L];
   load_rates(a, pl, Ar);
 #pragma unroll
@@ -709,7 +733,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
         }
         const T gxu = channel_sum<L>(xterms, pl.log2p);
         const T gw_de = channel_sum<L>(eterms, pl.log2p);
-        sums.add(a, pl.log2p, v, cpart, bpart);
+        sums.add(st, pl.log2p, pl.states, k, cpart, bpart);
         if (pl.live && pl.part == 0) {
           a.gu[v * a.d + pl.d] = gxu * dv;
           T own = gxu * uv;
@@ -733,6 +757,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
           ++gtop;
         }
       }
+      sums.flush(a, st, pl.states, nc);
     }
   }
   write_lane_states<T, L>(a, a.gA, blockIdx.y, pl, gA);

@@ -8,7 +8,7 @@ walks it again from checkpoints saved at segment starts (about ``1 / segment`` o
 states, more where the walk's stack is deep), in a second forward walk of its own, so
 nothing is kept between the forward and the backward. :func:`lanes_per_channel` chooses
 ``P``. Results are bitwise reproducible, and all but the gradients of ``B`` and ``C`` (sums
-over the channels of a warp) are the same bits for every ``P``.
+over the channels of a block) are the same bits for every ``P``.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   auto srow = read<int64_t>(in, N), snext = read<int64_t>(in, K);
   const int64_t channels = kThreads >> log2p;  // selective_walk.cu: grid_of
   const unsigned gx = static_cast<unsigned>((D + channels - 1) / channels);
-  const int64_t warps = gx * kThreads / 32;
+  const int64_t blocks = gx;  // rows of the partial sums of the gradients of B and C
   Args<T> a{};
   a.u = u.data(); a.dx = dx.data(); a.de = rule == kGiven ? de.data() : nullptr;
   a.A = A.data(); a.B = B.data(); a.C = C.data(); a.h0 = has_h0 ? h0.data() : nullptr;
@@ -77,7 +77,7 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
     else down_forward_kernel<T, L>(a);
   });
   std::vector<T> gu(N * D, 0), gdx(N * D, 0), gde(N * D, 0), gh0(T_ * D * Sr, 0);
-  std::vector<T> gA(rows * D * Sr, -444), gB(warps * N * Sr, -444), gC(warps * N * Sr, -444);
+  std::vector<T> gA(rows * D * Sr, -444), gB(blocks * N * Sr, -444), gC(blocks * N * Sr, -444);
   a.gy = gy.data(); a.gstates = has_gs ? gs.data() : nullptr;
   a.gu = gu.data(); a.gdx = gdx.data(); a.gde = rule == kGiven ? gde.data() : nullptr;
   a.gA = gA.data(); a.gB = gB.data(); a.gC = gC.data(); a.gh0 = has_h0 ? gh0.data() : nullptr;
@@ -92,8 +92,8 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
     return out;
   };
   for (auto* v : {&gu, &gdx, &gde}) put(*v, N * D, o);
-  auto tA = sum_rows(gA, rows, D * Sr), tB = sum_rows(gB, warps, N * Sr),
-       tC = sum_rows(gC, warps, N * Sr);
+  auto tA = sum_rows(gA, rows, D * Sr), tB = sum_rows(gB, blocks, N * Sr),
+       tC = sum_rows(gC, blocks, N * Sr);
   put(tA, D * Sr, o);
   put(tB, N * Sr, o);
   put(tC, N * Sr, o);
