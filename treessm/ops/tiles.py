@@ -1,0 +1,369 @@
+r"""The tiled layout of a forest: what the tiled tree-scan kernels read besides the data.
+
+A tiled scan takes a tree in :math:`O(\log n)` dependent steps whatever its shape, reading
+and writing every row a bounded number of times. :func:`tile_plan` lays the forest out for
+it, once per tree and tile size (cached in ``tree.plan_cache``, shared by every channel
+count, layer, direction and the backward):
+
+* **positions** -- each tree in *heavy-first* depth-first preorder: a vertex, then the
+  whole subtree of its *heavy* child (the largest subtree, the first in breadth-first order
+  on ties), then the subtrees of its light children in breadth-first order. Tree ``t``
+  keeps its breadth-first range ``[tree_ptr[t], tree_ptr[t + 1])``. Every subtree is the
+  position range ``[p, p + size[p])``, a vertex's heavy child is the next position, and
+  every heavy path is a contiguous *run* of positions. The *light depth* of a vertex (the
+  light edges above it) is at most :math:`\lfloor \log_2 n \rfloor` in a tree of ``n``
+  vertices, since a light child holds at most half of its parent's subtree.
+* **tiles** -- contiguous ranges of at most ``tile`` positions (``tile_ptr``), packed
+  first-fit in position order from *items*: a tree of at most ``tile`` vertices is one
+  item (never split), a larger tree is cut into items of ``tile`` positions from its
+  start. Consecutive items share a tile while they fit, so the last, shorter item of a
+  large tree may share its tile with the small trees after it.
+* **scan order** -- inside a tile, positions sorted by light depth (stable): each light
+  level of the tile is a contiguous range of slots (``level_ptr``, levels counted from the
+  tile's lowest light depth), each run of a level stays contiguous and in path order, and
+  a run whose head's parent lies in the tile has that parent one level lower.
+* **entries** -- positions whose parent lies in an earlier tile (a cut run's first
+  position in a tile is one). Inside a tile every position hangs below one *top*: the
+  entry or root heading its in-tile root path (``top``).
+* **boundary vertices** -- positions with a child in a later tile. Those of tile ``k`` are
+  all ancestors of tile ``k + 1``'s first vertex, so they lie on one in-tile root path and
+  share its top. The boundary vertex *feeding* them is that top's parent (``-1`` when the
+  top is a root): the feeding relation is a forest, the *boundary tree*, whose depth
+  counts the tiles a root path crosses. Boundary vertices are numbered by that depth, then
+  by position, so every one comes after the one feeding it, each depth is a contiguous
+  range (``boundary_level_ptr``), and each tile's boundary vertices are a contiguous range,
+  shallowest first (``tile_boundary``).
+
+A scan then runs in three phases (``docs/cuda.md``): each tile scanned once in shared
+memory with the values entering it kept symbolic (an affine function of the value entering
+at its top), giving a summary per boundary vertex; the boundary tree solved in the order
+of its numbering; each tile rescanned with the true values entering it, writing ``h``.
+
+The plan is built with tensor operations and three tree scans (float64, exact below
+:math:`2^{53}`) on the tree's device; it reads nothing back to the host (the tile count is
+an upper bound known from host-side sizes, see :func:`max_tiles`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+from .tree_scan import tree_scan
+
+__all__ = ["TilePlan", "tile_plan", "max_tiles", "max_light_levels", "TILE", "ROOT", "HEAD",
+           "ENTRY", "BOUNDARY"]
+
+#: Default positions of a tile: on the spanning tree of a random graph of 10^6 vertices
+#: and 5·10^6 edges, 2.4% of its edges cross tiles and its boundary tree is 6 deep
+#: (docs/cuda.md).
+TILE = 2048
+
+#: Flags of a position (``TilePlan.flags``): a root; the head of a run (a root or a light
+#: child: its parent is not the previous position); an entry (its parent lies in an earlier
+#: tile); a boundary vertex (a child lies in a later tile).
+ROOT, HEAD, ENTRY, BOUNDARY = 1, 2, 4, 8
+
+
+class TilePlan(NamedTuple):
+    r"""The tiled layout of a forest (tensors on its device, int32); ``docs/cuda.md``.
+
+    ``N`` vertices, ``T`` trees, ``M`` tiles (:attr:`num_tiles`, an upper bound: the tiles
+    after the last nonempty one are empty, ``tile_ptr`` ends in ``N`` repeated), ``L``
+    light levels at most per tile (:attr:`num_levels`). A *slot* indexes the scan order.
+
+    Attributes:
+        tile (int): the most positions a tile holds.
+        num_tiles (int): ``M``, known on the host without asking the device.
+        num_levels (int): ``L``; a tile's light levels are ``0 .. tile_levels[k] - 1``.
+        vertex (IntTensor [N]): the vertex at each position.
+        parent (IntTensor [N]): the position of each position's parent, ``-1`` at roots.
+        size (IntTensor [N]): subtree size; the subtree of ``p`` is ``[p, p + size[p])``
+            and its children are ``p + 1`` (the heavy one), then each previous child's
+            position plus its size, up to ``p + size[p]``.
+        light_depth (IntTensor [N]): light edges above each position.
+        flags (IntTensor [N]): :data:`ROOT`, :data:`HEAD`, :data:`ENTRY`,
+            :data:`BOUNDARY` or'ed.
+        top (IntTensor [N]): the entry or root at the top of each position's in-tile root
+            path (the last entry or root at or before it).
+        tree_ptr (IntTensor [T + 1]): tree ``t`` spans positions
+            ``[tree_ptr[t], tree_ptr[t + 1])``, its breadth-first range.
+        tile_ptr (IntTensor [M + 1]): tile ``k`` spans positions (and slots)
+            ``[tile_ptr[k], tile_ptr[k + 1])``.
+        scan (IntTensor [N]): the position at each slot: a tile's positions by light depth,
+            in position order within a level.
+        level_ptr (IntTensor [M, L + 1]): light level ``j`` of tile ``k`` (light depth
+            ``j`` above the tile's lowest) spans slots
+            ``[level_ptr[k, j], level_ptr[k, j + 1])``; ``level_ptr[k, L]`` is the tile's
+            end.
+        tile_levels (IntTensor [M]): light levels of each tile, lowest to highest light
+            depth present (``0`` for an empty tile).
+        boundary (IntTensor [N]): the number of each boundary vertex, ``-1`` elsewhere.
+        boundary_pos (IntTensor [N]): the position of boundary vertex ``i`` (``-1`` past
+            the last).
+        feeder (IntTensor [N]): the boundary vertex feeding boundary vertex ``i`` (its
+            top's parent), ``-1`` when its top is a root or past the last; always below
+            ``i``.
+        boundary_level_ptr (IntTensor [M + 1]): boundary vertices of depth ``d`` (feeders
+            above them) are ``[boundary_level_ptr[d], boundary_level_ptr[d + 1])``; the
+            last entry is the number of boundary vertices.
+        tile_boundary (IntTensor [M, 2]): tile ``k``'s boundary vertices are
+            ``[tile_boundary[k, 0], tile_boundary[k, 1])``, shallowest first, all with one
+            top and one feeder (``[0, 0]`` when it has none).
+        entries (IntTensor [N]): entry positions grouped by the boundary vertex they hang
+            from (their parent), in position order within a group (``-1`` past the last).
+        entry_ptr (IntTensor [N + 1]): the entries hanging from boundary vertex ``i`` are
+            ``entries[entry_ptr[i]:entry_ptr[i + 1]]``.
+    """
+
+    tile: int
+    num_tiles: int
+    num_levels: int
+    vertex: Tensor
+    parent: Tensor
+    size: Tensor
+    light_depth: Tensor
+    flags: Tensor
+    top: Tensor
+    tree_ptr: Tensor
+    tile_ptr: Tensor
+    scan: Tensor
+    level_ptr: Tensor
+    tile_levels: Tensor
+    boundary: Tensor
+    boundary_pos: Tensor
+    feeder: Tensor
+    boundary_level_ptr: Tensor
+    tile_boundary: Tensor
+    entries: Tensor
+    entry_ptr: Tensor
+
+
+def max_tiles(num_nodes: int, num_trees: int, tile: int,
+              max_tree_size: Optional[int] = None) -> int:
+    r"""An upper bound on the tiles of a forest, from host-side sizes.
+
+    First-fit packing leaves any two consecutive tiles more than ``tile`` positions
+    together, so there are at most :math:`2 \lfloor N / (\mathrm{tile} + 1) \rfloor + 1`;
+    and at most one per item, :math:`T + \lfloor (N - T) / \mathrm{tile} \rfloor` (exactly
+    :math:`\lceil N / \mathrm{tile} \rceil` for one tree; :math:`T` when every tree fits a
+    tile).
+
+    Example:
+        >>> max_tiles(10, 1, 4), max_tiles(100, 30, 8, max_tree_size=5)
+        (3, 23)
+    """
+    if num_nodes == 0:
+        return 0
+    if max_tree_size is not None and max_tree_size <= tile:
+        items = num_trees
+    else:
+        items = num_trees + (num_nodes - num_trees) // tile
+    return min(items, 2 * (num_nodes // (tile + 1)) + 1)
+
+
+def max_light_levels(num_nodes: int, max_tree_size: Optional[int] = None) -> int:
+    r"""An upper bound on the light levels of a forest: :math:`\lfloor \log_2 n \rfloor + 1`
+    for its largest tree of ``n`` vertices (``0`` for an empty forest)."""
+    largest = num_nodes if max_tree_size is None else max_tree_size
+    return int(largest).bit_length()
+
+
+def _check(tree, tile) -> None:
+    if not isinstance(tree, Tree):
+        raise TypeError(f"tree must be a treessm.Tree, got {type(tree).__name__}")
+    if isinstance(tile, bool) or not isinstance(tile, int):
+        raise TypeError(f"tile must be an int, got {type(tile).__name__}")
+    if not 1 <= tile < 2 ** 31:
+        raise ValueError(f"tile must be a positive number of positions below 2^31, got {tile}")
+    if tree.num_nodes >= 2 ** 31:
+        raise ValueError(f"the tiled layout holds int32 positions; the tree has "
+                         f"{tree.num_nodes} vertices")
+
+
+@torch.compiler.disable
+def tile_plan(tree: Tree, tile: int = TILE) -> TilePlan:
+    r"""The tiled layout of ``tree`` (:class:`TilePlan`), built once per tile size and
+    cached in ``tree.plan_cache``.
+
+    Built on the tree's device by tensor operations and three float64 tree scans (subtree
+    sizes; positions and light depths; tiles crossed), with no read back to the host. The
+    scans themselves build the tree's scan plan when it is not cached yet (which on CUDA
+    reads sizes back for large trees, once per tree).
+
+    Args:
+        tree (Tree): the forest.
+        tile (int): the most positions of a tile. (default: :data:`TILE`)
+
+    Returns:
+        TilePlan: the layout, int32 tensors on ``tree.device``.
+
+    Shapes:
+        - **input:** a forest over :math:`N` vertices
+        - **output:** per-position tensors :math:`(N)`; ``tile_ptr`` :math:`(M + 1)` with
+          ``M = max_tiles(...)``
+
+    Raises:
+        TypeError: if ``tree`` is not a :class:`~treessm.Tree` or ``tile`` not an int.
+        ValueError: if ``tile`` is not positive or the forest has :math:`2^{31}` vertices
+            or more.
+
+    Example:
+        >>> tree = Tree.from_parent([-1, 0, 0, 1, 1, 3])    # 0 - {1 - {3 - 5, 4}, 2}
+        >>> plan = tile_plan(tree, tile=4)
+        >>> plan.vertex.tolist(), plan.tile_ptr.tolist()
+        ([0, 1, 3, 5, 4, 2], [0, 4, 6])
+        >>> plan.boundary_pos[:2].tolist(), plan.entries[:2].tolist()  # 0 and 1 feed 2 and 4
+        ([0, 1], [5, 4])
+    """
+    _check(tree, tile)
+    key = ("tiles", tile)
+    cached = tree.plan_cache.get(key)
+    if cached is not None:
+        return cached
+    plan = _build(tree, tile)
+    tree.plan_cache[key] = plan
+    return plan
+
+
+def _down(values: Tensor, tree: Tree) -> Tensor:
+    """Sums of ``values`` (float64 ``[N, K]``, by vertex) over each root path."""
+    return tree_scan(values, torch.ones_like(values), tree, "down").round().long()
+
+
+def _preorder(tree: Tree):
+    """Per vertex: the heavy-first position, the light depth, the subtree size, whether it
+    is a light child (int64 / bool, by vertex)."""
+    n, dev = tree.num_nodes, tree.device
+    parent, order = tree.parent, tree.order
+    long = dict(dtype=torch.long, device=dev)
+    ones = torch.ones(n, 1, dtype=torch.float64, device=dev)
+    size = tree_scan(ones, ones, tree, "up")[:, 0]  # exact: integers below 2^53
+    bfs = torch.empty(n, **long).scatter_(0, order, torch.arange(n, **long))
+    nonroot = parent >= 0
+    par = torch.where(nonroot, parent, n)  # roots point at a spare slot n
+    # the heavy child: the largest subtree, the first in breadth-first order on ties
+    biggest = torch.zeros(n + 1, dtype=torch.float64, device=dev).scatter_reduce(
+        0, par, size, "amax", include_self=True)
+    candidate = torch.where(size == biggest[par], bfs, n)
+    heavy_bfs = torch.full((n + 1,), n, **long).scatter_reduce(0, par, candidate, "amin")
+    light = nonroot & (bfs != heavy_bfs[par])
+    # sizes of the earlier siblings in breadth-first order (siblings are contiguous there)
+    size_bfs = size[order]
+    before_bfs = torch.cumsum(size_bfs, 0) - size_bfs
+    first_sibling = tree.child_ptr[bfs[parent.clamp(min=0)]].clamp(max=max(n - 1, 0))
+    earlier = before_bfs[bfs] - before_bfs[first_sibling]
+    # offset below the parent: the heavy child first, then the light ones in breadth-first
+    # order (an earlier heavy sibling is already counted in `earlier`)
+    offset = torch.where(light, earlier + torch.where(heavy_bfs[par] > bfs, biggest[par], 0), 0)
+    # position: the parent's + 1 + offset, a root at its tree's start (= its bfs position)
+    step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64))
+    pos, light_depth = _down(torch.stack([step, light.double()], 1), tree).unbind(1)
+    return pos, light_depth, size.long(), light
+
+
+def _tile_ptr(start: Tensor, tile: int, num_tiles: int) -> Tensor:
+    """First-fit tiles over items starting where ``start`` (bool ``[N]``) is set: tile
+    ``k`` starts at ``next^k(0)`` with ``next(p)`` the last item start at or before
+    ``p + tile``; ``next^k(0)`` for all ``k <= num_tiles`` at once by repeated squaring."""
+    n, dev = start.shape[0], start.device
+    idx = torch.arange(n + 1, device=dev)
+    marks = torch.where(torch.cat([start, start.new_ones(1)]), idx, 0)
+    last_start = torch.cummax(marks, 0).values
+    jump = last_start[(idx + tile).clamp(max=n)]
+    k = torch.arange(num_tiles + 1, device=dev)
+    ptr = torch.zeros_like(k)
+    bits = num_tiles.bit_length()
+    for b in range(bits):
+        ptr = torch.where((k >> b) & 1 == 1, jump[ptr], ptr)
+        if b + 1 < bits:
+            jump = jump[jump]
+    return ptr
+
+
+def _build(tree: Tree, tile: int) -> TilePlan:
+    n, dev = tree.num_nodes, tree.device
+    long = dict(dtype=torch.long, device=dev)
+    M = max_tiles(n, tree.num_trees, tile, tree.max_tree_size)
+    L = max_light_levels(n, tree.max_tree_size)
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    ar = torch.arange(n, **long)
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.int32, device=dev)
+        return TilePlan(tile, 0, L, empty, empty, empty, empty, empty, empty,
+                        i32(tree.tree_ptr), torch.zeros(1, dtype=torch.int32, device=dev),
+                        empty, torch.zeros(0, L + 1, dtype=torch.int32, device=dev), empty,
+                        empty, empty, empty, torch.zeros(1, dtype=torch.int32, device=dev),
+                        torch.zeros(0, 2, dtype=torch.int32, device=dev), empty,
+                        torch.zeros(1, dtype=torch.int32, device=dev))
+
+    # ---- positions: heavy-first preorder, tree by tree in breadth-first ranges
+    pos_v, ld_v, size_v, light_v = _preorder(tree)
+    vertex = torch.empty(n, **long).scatter_(0, pos_v, ar)
+    pv = tree.parent[vertex]
+    root = pv < 0
+    parent = torch.where(root, -1, pos_v[pv.clamp(min=0)])
+    size = size_v[vertex]
+    light_depth = ld_v[vertex]
+    head = root | light_v[vertex]
+
+    # ---- tiles: first fit over items (small trees; runs of `tile` positions of large ones)
+    tree_of = torch.repeat_interleave(torch.arange(tree.num_trees, **long),
+                                      tree.tree_ptr.diff(), output_size=n)
+    item_start = (ar - tree.tree_ptr[tree_of]) % tile == 0
+    tile_ptr = _tile_ptr(item_start, tile, M)
+    tile_of = torch.searchsorted(tile_ptr, ar, right=True) - 1
+    pp = parent.clamp(min=0)
+    entry = ~root & (tile_of[pp] < tile_of)
+    top = torch.cummax(torch.where(root | entry, ar, -1), 0).values  # a tile starts at one
+
+    # ---- scan order: by light depth inside each tile, levels from the tile's lowest
+    lowest = torch.full((M,), L, **long).scatter_reduce(0, tile_of, light_depth, "amin")
+    highest = torch.full((M,), -1, **long).scatter_reduce(0, tile_of, light_depth, "amax")
+    tile_levels = (highest - lowest + 1).clamp(min=0)
+    level = light_depth - lowest[tile_of]
+    scan = torch.sort(tile_of * (L + 1) + level, stable=True).indices
+    counts = torch.zeros(M * L, **long).index_add_(0, tile_of * L + level,
+                                                   torch.ones(n, **long)).view(M, L)
+    level_ptr = torch.cat([tile_ptr[:-1, None], tile_ptr[:-1, None] + torch.cumsum(counts, 1)],
+                          1)
+
+    # ---- boundary vertices and the boundary tree
+    boundary_mark = torch.zeros(n + 1, dtype=torch.bool, device=dev).index_fill_(
+        0, torch.where(entry, parent, n), True)[:n]
+    entry_v = torch.zeros(n, dtype=torch.float64, device=dev).scatter_(0, vertex, entry.double())
+    crossed = _down(entry_v[:, None], tree)[:, 0][vertex]  # entries on the root path
+    big = (M + 1) * n  # above every key below
+    bkey = torch.where(boundary_mark, crossed * n + ar, big)
+    bsorted = torch.sort(bkey)
+    valid = bsorted.values < big
+    boundary_pos = torch.where(valid, bsorted.indices, -1)
+    number = torch.full((n + 1,), -1, **long).scatter_(
+        0, torch.where(valid, bsorted.indices, n), ar)[:n]
+    boundary = torch.where(boundary_mark, number, -1)
+    btop = top[boundary_pos.clamp(min=0)]
+    bparent = parent[btop]
+    feeder = torch.where(valid & (bparent >= 0), boundary[bparent.clamp(min=0)], -1)
+    per_depth = torch.zeros(M, **long).index_add_(
+        0, torch.where(boundary_mark, crossed, 0), boundary_mark.long())
+    boundary_level_ptr = torch.cat([per_depth.new_zeros(1), torch.cumsum(per_depth, 0)])
+    btile = torch.where(valid, tile_of[boundary_pos.clamp(min=0)], M)
+    first = torch.full((M + 1,), n, **long).scatter_reduce(0, btile, ar, "amin")[:M]
+    end = torch.zeros(M + 1, **long).scatter_reduce(0, btile, ar + 1, "amax")[:M]
+    tile_boundary = torch.stack([torch.where(end > 0, first, 0), end], 1)
+
+    # ---- entries grouped by the boundary vertex they hang from
+    ekey = torch.where(entry, boundary[pp], n)
+    esorted = torch.sort(ekey, stable=True)
+    entries = torch.where(esorted.values < n, esorted.indices, -1)
+    entry_ptr = torch.searchsorted(esorted.values, torch.arange(n + 1, **long))
+
+    flags = (torch.where(root, ROOT, 0) + torch.where(head, HEAD, 0)
+             + torch.where(entry, ENTRY, 0) + torch.where(boundary_mark, BOUNDARY, 0))
+    return TilePlan(tile, M, L, i32(vertex), i32(parent), i32(size), i32(light_depth),
+                    i32(flags), i32(top), i32(tree.tree_ptr), i32(tile_ptr), i32(scan),
+                    i32(level_ptr), i32(tile_levels), i32(boundary), i32(boundary_pos),
+                    i32(feeder), i32(boundary_level_ptr), i32(tile_boundary), i32(entries),
+                    i32(entry_ptr))
