@@ -151,6 +151,13 @@ def max_tiles(num_nodes: int, num_trees: int, tile: int,
     :math:`\lceil N / \mathrm{tile} \rceil` for one tree; :math:`T` when every tree fits a
     tile).
 
+    Args:
+        num_nodes (int): vertices of the forest.
+        num_trees (int): trees of the forest.
+        tile (int): the most positions of a tile.
+        max_tree_size (int, optional): vertices of the largest tree, when known.
+            (default: ``None``)
+
     Example:
         >>> max_tiles(10, 1, 4), max_tiles(100, 30, 8, max_tree_size=5)
         (3, 23)
@@ -166,7 +173,13 @@ def max_tiles(num_nodes: int, num_trees: int, tile: int,
 
 def max_light_levels(num_nodes: int, max_tree_size: Optional[int] = None) -> int:
     r"""An upper bound on the light levels of a forest: :math:`\lfloor \log_2 n \rfloor + 1`
-    for its largest tree of ``n`` vertices (``0`` for an empty forest)."""
+    for its largest tree of ``n`` vertices (``0`` for an empty forest).
+
+    Args:
+        num_nodes (int): vertices of the forest.
+        max_tree_size (int, optional): vertices of the largest tree, when known; else
+            ``num_nodes`` bounds it. (default: ``None``)
+    """
     largest = num_nodes if max_tree_size is None else max_tree_size
     return int(largest).bit_length()
 
