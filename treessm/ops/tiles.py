@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
-from .tree_scan import tree_scan
+from .heavy import heavy_children, root_path_sums
 
 __all__ = ["TilePlan", "tile_plan", "max_tiles", "max_light_levels", "TILE", "ROOT", "HEAD",
            "ENTRY", "BOUNDARY"]
@@ -241,39 +241,20 @@ def tile_plan(tree: Tree, tile: int = TILE) -> TilePlan:
     return plan
 
 
-def _down(values: Tensor, tree: Tree) -> Tensor:
-    """Sums of ``values`` (float64 ``[N, K]``, by vertex) over each root path."""
-    return tree_scan(values, torch.ones_like(values), tree, "down").round().long()
-
-
 def _preorder(tree: Tree):
     """Per vertex: the heavy-first position, the light depth, the subtree size, whether it
     is a light child (int64 / bool, by vertex)."""
-    n, dev = tree.num_nodes, tree.device
-    parent, order = tree.parent, tree.order
-    long = dict(dtype=torch.long, device=dev)
-    ones = torch.ones(n, 1, dtype=torch.float64, device=dev)
-    size = tree_scan(ones, ones, tree, "up")[:, 0]  # exact: integers below 2^53
-    bfs = torch.empty(n, **long).scatter_(0, order, torch.arange(n, **long))
-    nonroot = parent >= 0
-    par = torch.where(nonroot, parent, n)  # roots point at a spare slot n
-    # the heavy child: the largest subtree, the first in breadth-first order on ties
-    biggest = torch.zeros(n + 1, dtype=torch.float64, device=dev).scatter_reduce(
-        0, par, size, "amax", include_self=True)
-    candidate = torch.where(size == biggest[par], bfs, n)
-    heavy_bfs = torch.full((n + 1,), n, **long).scatter_reduce(0, par, candidate, "amin")
-    light = nonroot & (bfs != heavy_bfs[par])
-    # sizes of the earlier siblings in breadth-first order (siblings are contiguous there)
-    size_bfs = size[order]
-    before_bfs = torch.cumsum(size_bfs, 0) - size_bfs
-    first_sibling = tree.child_ptr[bfs[parent.clamp(min=0)]].clamp(max=max(n - 1, 0))
-    earlier = before_bfs[bfs] - before_bfs[first_sibling]
+    n = tree.num_nodes
+    size, bfs, heavy, biggest, heavy_bfs, earlier = heavy_children(tree)
+    nonroot = tree.parent >= 0
+    par = torch.where(nonroot, tree.parent, n)  # roots point at a spare slot n
+    light = nonroot & ~heavy
     # offset below the parent: the heavy child first, then the light ones in breadth-first
     # order (an earlier heavy sibling is already counted in `earlier`)
     offset = torch.where(light, earlier + torch.where(heavy_bfs[par] > bfs, biggest[par], 0), 0)
     # position: the parent's + 1 + offset, a root at its tree's start (= its bfs position)
     step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64))
-    pos, light_depth = _down(torch.stack([step, light.double()], 1), tree).unbind(1)
+    pos, light_depth = root_path_sums(torch.stack([step, light.double()], 1), tree).unbind(1)
     return pos, light_depth, size.long(), light
 
 
@@ -347,7 +328,7 @@ def _build(tree: Tree, tile: int) -> TilePlan:
     boundary_mark = torch.zeros(n + 1, dtype=torch.bool, device=dev).index_fill_(
         0, torch.where(entry, parent, n), True)[:n]
     entry_v = torch.zeros(n, dtype=torch.float64, device=dev).scatter_(0, vertex, entry.double())
-    crossed = _down(entry_v[:, None], tree)[:, 0][vertex]  # entries on the root path
+    crossed = root_path_sums(entry_v[:, None], tree)[:, 0][vertex]  # entries on the root path
     big = (M + 1) * n  # above every key below
     bkey = torch.where(boundary_mark, crossed * n + ar, big)
     bsorted = torch.sort(bkey)

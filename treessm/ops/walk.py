@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
-from .tree_scan import tree_scan
+from .heavy import heavy_children, root_path_sums
 
 __all__ = ["WalkPlan", "walk_plan", "ROOT", "FIRST", "LAST", "PUSH", "MAX_STACK"]
 
@@ -57,11 +57,6 @@ class WalkPlan(NamedTuple):
     segment: int
 
 
-def _subtree_sizes(tree: Tree) -> Tensor:
-    ones = torch.ones(tree.num_nodes, 1, dtype=torch.float64, device=tree.device)
-    return tree_scan(ones, ones, tree, "up")[:, 0]  # exact: integers below 2^53
-
-
 @torch.compiler.disable  # reads two numbers on the host; runs eagerly under torch.compile
 def walk_plan(tree: Tree, segment: int) -> WalkPlan:
     """The :class:`WalkPlan` of ``tree`` with segments of ``segment`` positions, built once
@@ -91,25 +86,12 @@ def _isolated_plan(tree: Tree, segment: int) -> WalkPlan:
 
 def _plan(tree: Tree, segment: int) -> WalkPlan:
     n, dev = tree.num_nodes, tree.device
-    parent, order = tree.parent, tree.order
+    parent = tree.parent
     long = dict(dtype=torch.long, device=dev)
-    size = _subtree_sizes(tree)
-    bfs = torch.empty(n, **long)
-    bfs[order] = torch.arange(n, **long)
+    size, bfs, heavy, biggest, heavy_bfs, earlier = heavy_children(tree)
     par = torch.where(parent >= 0, parent, n)  # roots point at a spare slot n
     nonroot = parent >= 0
     nchild = torch.zeros(n + 1, **long).index_add_(0, par, torch.ones(n, **long))
-    # the heavy child: the largest subtree, the first in breadth-first order on ties
-    biggest = torch.zeros(n + 1, dtype=torch.float64, device=dev).scatter_reduce(
-        0, par, size, "amax", include_self=True)
-    candidate = torch.where(size == biggest[par], bfs, n)
-    heavy_bfs = torch.full((n + 1,), n, **long).scatter_reduce(0, par, candidate, "amin")
-    heavy = nonroot & (bfs == heavy_bfs[par])
-    # sizes of the earlier siblings in breadth-first order (siblings are contiguous there)
-    size_bfs = size[order]
-    before_bfs = torch.cumsum(size_bfs, 0) - size_bfs
-    first_sibling = tree.child_ptr[bfs[parent.clamp(min=0)]]  # bfs position of v's first sibling
-    earlier = before_bfs[bfs] - before_bfs[first_sibling.clamp(max=max(n - 1, 0))]
     # offset of v among its siblings in walk order: the light ones in breadth-first order,
     # then the heavy one
     after_heavy = heavy_bfs[par] < bfs
@@ -118,8 +100,7 @@ def _plan(tree: Tree, segment: int) -> WalkPlan:
     offset = torch.where(nonroot, offset, 0)
     # walk position: parent's + 1 + offset, a root at its tree's start (a down scan)
     step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64))
-    ones = torch.ones(n, 1, dtype=torch.float64, device=dev)
-    pos = tree_scan(step[:, None], ones, tree, "down")[:, 0].round().long()
+    pos = root_path_sums(step[:, None], tree)[:, 0]
     flags = (torch.where(nonroot, 0, ROOT) + torch.where(nonroot & (offset == 0), FIRST, 0)
              + torch.where(heavy & (nchild[par] >= 2), LAST, 0)
              + torch.where(nchild[:n] >= 2, PUSH, 0))
