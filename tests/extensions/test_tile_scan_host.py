@@ -1,0 +1,140 @@
+"""The tiled tree-scan kernels (tile_kernels.cuh), compiled for the host and run with one
+thread per CUDA thread through their three phases, against the dense oracle (small forests)
+and the float64 tree scan (larger ones), with poisoned shared memory and scratch."""
+import functools
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from emulation import compile_harness
+from oracle import all_roots, chain, dense_tree_scan, empty, random_forest, single_vertex, star
+from treessm import GraphTopology, GridTopology, Tree, tree_scan
+from treessm.ops.tiles import tile_plan
+
+C = 3  # channels: slices of 2 leave a partial one
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return compile_harness(tmp_path_factory.mktemp("emu"), "tile_harness.cpp")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+FORESTS = {
+    "single_vertex": single_vertex,
+    "empty": empty,
+    "many_roots": lambda: all_roots(11),
+    "random": lambda: random_forest(150, 1, _gen(0)),
+    "random_many_roots": lambda: random_forest(160, 17, _gen(1)),
+    "deep": lambda: random_forest(140, 2, _gen(2), locality=3),
+    "star": lambda: star(90, center=13),
+    "grid_trees": lambda: GridTopology()(torch.randn(2, 7, 6, 4, generator=_gen(3))).parent,
+    "graph_forest": lambda: GraphTopology()(
+        torch.randn(180, 5, generator=_gen(5)),
+        torch.randint(0, 180, (2, 260), generator=_gen(4))).parent,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(name):
+    if name == "chain_5000":
+        return Tree.from_parent(chain(5000, _gen(6)))
+    return Tree.from_parent(FORESTS[name]())
+
+
+def _inputs(n, weights, seed=10):
+    g = _gen(seed)
+    x = torch.randn(n, C, dtype=torch.float64, generator=g)
+    if weights == "unit_interval":
+        w = torch.rand(n, C, dtype=torch.float64, generator=g)
+    elif weights == "zeros":
+        w = torch.rand(n, C, dtype=torch.float64, generator=g)
+        w[torch.rand(n, C, generator=g) < 0.3] = 0.0
+    else:  # above 1 in magnitude, both signs, some zeros
+        w = (torch.rand(n, C, dtype=torch.float64, generator=g) * 2 - 1) * 1.6
+        w[torch.rand(n, C, generator=g) < 0.1] = 0.0
+    return x, w
+
+
+def _run(harness, tmp_path, tree, tile, x, w, S=2, threads=32):
+    plan = tile_plan(tree, tile)
+    n = tree.num_nodes
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(src, "wb") as f:
+        np.array([n, C, plan.num_tiles, plan.num_levels, tile, tree.num_trees],
+                 np.int64).tofile(f)
+        x.numpy().astype(np.float64).tofile(f)
+        w.numpy().astype(np.float64).tofile(f)
+        for t in plan[3:]:
+            t.numpy().astype(np.int32).tofile(f)
+    r = subprocess.run([str(harness), str(src), str(dst), str(S), str(threads)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = np.fromfile(dst, np.float64)
+    assert out.size == 2 * n * C
+    down, up = out.reshape(2, n, C)
+    return torch.from_numpy(down.copy()), torch.from_numpy(up.copy())
+
+
+@pytest.mark.parametrize("tile", [1, 7, 64])
+@pytest.mark.parametrize("name", list(FORESTS))
+def test_tiled_scan_matches_the_dense_oracle(harness, tmp_path, name, tile):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, "above_one")
+    down, up = _run(harness, tmp_path, tree, tile, x, w)
+    for got, direction in ((down, "down"), (up, "up")):
+        want = dense_tree_scan(x, w, tree.parent, direction)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=direction)
+
+
+@pytest.mark.parametrize("weights", ["unit_interval", "zeros", "above_one"])
+@pytest.mark.parametrize("name,tile", [("chain_5000", 64), ("random", 2048),
+                                       ("random_many_roots", 7), ("star", 1)])
+def test_tiled_scan_weights(harness, tmp_path, name, tile, weights):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, weights, seed=11)
+    if name == "chain_5000" and weights == "above_one":
+        w = w.clamp(-1.01, 1.01)  # products over 5000 steps stay finite
+    down, up = _run(harness, tmp_path, tree, tile, x, w, threads=64)
+    for got, direction in ((down, "down"), (up, "up")):
+        want = tree_scan(x, w, tree, direction)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=direction)
+
+
+def test_chain_crosses_many_tiles(harness, tmp_path):
+    # the 5000-chain at tile 64: 79 tiles, a boundary tree 78 deep
+    plan = tile_plan(_tree("chain_5000"), 64)
+    assert int((plan.boundary_level_ptr.diff() > 0).sum()) > 1
+    assert int((plan.tile_ptr.diff() > 0).sum()) == 79
+
+
+@pytest.mark.parametrize("name,tile", [("random_many_roots", 7), ("deep", 64), ("star", 7)])
+def test_slice_width_and_threads_do_not_change_bits(harness, tmp_path, name, tile):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, "above_one", seed=12)
+    base = _run(harness, tmp_path, tree, tile, x, w, S=1, threads=32)
+    for S in (2, 4):
+        got = _run(harness, tmp_path, tree, tile, x, w, S=S, threads=32)
+        for g, b in zip(got, base):
+            assert torch.equal(g, b)
+    # another block size changes the scan's composition, not the values beyond rounding
+    other = _run(harness, tmp_path, tree, tile, x, w, S=2, threads=64)
+    for g, b in zip(other, base):
+        torch.testing.assert_close(g, b, rtol=1e-12, atol=1e-12)
+
+
+def test_non_finite_values_stay_in_their_subtrees(harness, tmp_path):
+    tree = _tree("random_many_roots")
+    x, w = _inputs(tree.num_nodes, "unit_interval", seed=13)
+    x[5, 0] = float("inf")
+    down, up = _run(harness, tmp_path, tree, 7, x, w)
+    for got, direction in ((down, "down"), (up, "up")):
+        want = tree_scan(x, w, tree, direction)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want)), direction
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-10, atol=1e-10)
