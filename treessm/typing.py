@@ -84,7 +84,8 @@ def require(name: str, feature: str) -> None:
 
 # ---------------------------------------------------------------------------- CUDA extension
 _EXT_NAME = "treessm_cuda"
-_SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu", "path_plan.cu", "selective_walk.cu")
+_SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu", "path_plan.cu", "selective_walk.cu",
+            "tile_scan.cu")
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None}
 

@@ -130,12 +130,14 @@ struct TileBlock {
   }
 };
 
-// One segmented scan of `len` elements in scan direction. elem(i, c, a, b) gives element
+// One segmented scan of `len` elements in scan direction (none when a tile holds no
+// position of that light depth, between two it holds). elem(i, c, a, b) gives element
 // i of channel c: returns its flag, sets its multiplier a and its NL values b; out(i, c, h)
 // takes the results. Elements may read only their own values and finished levels; out may
 // overwrite an element's own values (elem is called again after every thread composed).
 template <typename A, int S, int NL, typename Elem, typename Out>
 __device__ void level_scan(TileBlock<A, S>& tb, int len, Elem elem, Out out) {
+  if (len <= 0) return;  // a light depth the tile lacks (block-uniform)
   const int nt = tb.nt, t = threadIdx.x;
   const int chunk = (len + nt - 1) / nt;
   const int nact = (len + chunk - 1) / chunk;
@@ -474,6 +476,27 @@ __global__ void tile_phase3_kernel(const TileArgs a) {
     const int64_t row = static_cast<int64_t>(a.vertex[s + p]) * a.C + tb.c0;
     for (int c = 0; c < tb.nc; ++c) h[row + c] = TileStore<T>::cvt(tb.val[p * S + c]);
   }
+}
+
+// ---------------------------------------------------------------------------- backward
+// The backward of h = scan(x, w): grad_x is the other direction's scan of grad with the
+// same weights; the gradient of the weights: down, gw[v] = gx[v] h[parent(v)];
+// up, gw[v] = h[v] gx[parent(v)]; 0 at roots. One thread per (position, channel).
+template <typename T, typename A>
+__global__ void tile_grad_weight_kernel(const T* gx, const T* h, T* gw, const int* vertex,
+                                        const int* parent, int64_t N, int64_t C, bool up) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * C) return;
+  const int64_t pos = idx / C, c = idx % C;
+  const int64_t v = vertex[pos];
+  const int q = parent[pos];
+  A r = 0;
+  if (q >= 0) {
+    const int64_t pv = vertex[q];
+    r = up ? static_cast<A>(to_acc(h[v * C + c])) * static_cast<A>(to_acc(gx[pv * C + c]))
+           : static_cast<A>(to_acc(gx[v * C + c])) * static_cast<A>(to_acc(h[pv * C + c]));
+  }
+  gw[v * C + c] = TileStore<T>::cvt(r);
 }
 
 }  // namespace treessm_cuda

@@ -2,23 +2,23 @@
 // thread, blocks in turn, the three phases launched as tile_scan.cu launches them, on
 // double data. Shared memory and scratch are poisoned (NaN bytes / -999) before use.
 // usage: tile_harness IN OUT S THREADS
-//   IN: int64 header N, C, M, L, tile, then x and w (double [N, C], by vertex), then the
-//   plan's int32 tensors in TilePlan order; OUT: h of down, then h of up (double [N, C]).
+//   IN: int64 header N, C, M, L, tile, T, then x, w and g (double [N, C], by vertex), then
+//   the plan's int32 tensors in TilePlan order; OUT (double [N, C] each): h of down, h of
+//   up, then the backward of down at g (grad_x, grad_w), then that of up.
 //   S: channels of a block (1, 2 or 4); THREADS: threads of a tile block.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
-namespace treessm_cuda { alignas(16) unsigned char smem_raw_storage[1 << 21]; }
+namespace treessm_cuda { alignas(16) unsigned char smem_raw_storage[1 << 18]; }
 #include "tile_kernels.cuh"
 using namespace treessm_cuda;
 
+// Runs the grid's blocks in turn, the first `smem` bytes of shared memory poisoned (NaN).
 template <typename F>
-void launch(unsigned gx, unsigned gy, int threads, F body) {
+void launch(unsigned gx, unsigned gy, int threads, int64_t smem, F body) {
   for (unsigned bx = 0; bx < gx; ++bx)
     for (unsigned by = 0; by < gy; ++by)
-      emu_run_block(bx, by, threads, [] {
-        std::memset(smem_raw_storage, 0xff, sizeof(smem_raw_storage));  // poison: NaN
-      }, body);
+      emu_run_block(bx, by, threads, [smem] { std::memset(smem_raw_storage, 0xff, smem); }, body);
 }
 
 template <int S, bool UP>
@@ -29,26 +29,49 @@ void run(TileArgs a, int threads, int64_t N) {
   a.sb = sb.data();
   a.se = se.data();
   a.ss = ss.data();
-  if (tile_smem_bytes<double, S>(a.tile, threads) > static_cast<int64_t>(sizeof(smem_raw_storage))) {
+  const int64_t smem = tile_smem_bytes<double, S>(a.tile, threads);
+  if (smem > static_cast<int64_t>(sizeof(smem_raw_storage))) {
     std::fprintf(stderr, "shared memory too small\n");
     std::exit(3);
   }
   const unsigned slices = static_cast<unsigned>((a.C + S - 1) / S);
   if (a.M == 0 || a.C == 0) return;
-  launch(a.M, slices, threads, [&] { tile_phase1_kernel<double, double, S, UP>(a); });
-  launch(static_cast<unsigned>(a.C), 1, 32, [&] { tile_phase2_kernel<double, double, UP>(a); });
-  launch(a.M, slices, threads, [&] { tile_phase3_kernel<double, double, S, UP>(a); });
+  launch(a.M, slices, threads, smem, [&] { tile_phase1_kernel<double, double, S, UP>(a); });
+  launch(static_cast<unsigned>(a.C), 1, 32, 0, [&] { tile_phase2_kernel<double, double, UP>(a); });
+  launch(a.M, slices, threads, smem, [&] { tile_phase3_kernel<double, double, S, UP>(a); });
 }
 
 template <int S>
-void run_both(TileArgs a, int threads, int64_t N, FILE* o) {
-  std::vector<double> h(N * a.C, -777.0);
-  a.h = h.data();
+void run_all(TileArgs a, const double* g, int threads, int64_t N, FILE* o) {
+  const int64_t n = N * a.C;
+  std::vector<double> hd(n, -777.0), hu(n, -777.0), gx(n, -777.0), gw(n, -777.0);
+  auto dump = [&](const std::vector<double>& v) {
+    if (n > 0) std::fwrite(v.data(), 8, n, o);
+  };
+  a.h = hd.data();
   run<S, false>(a, threads, N);
-  if (N * a.C > 0) std::fwrite(h.data(), 8, N * a.C, o);
-  std::fill(h.begin(), h.end(), -777.0);
+  a.h = hu.data();
   run<S, true>(a, threads, N);
-  if (N * a.C > 0) std::fwrite(h.data(), 8, N * a.C, o);
+  dump(hd);
+  dump(hu);
+  // backward: the other direction's scan of g, then the weights' gradient rows
+  TileArgs b = a;
+  b.x = g;
+  for (const bool up : {false, true}) {
+    std::fill(gx.begin(), gx.end(), -777.0);
+    std::fill(gw.begin(), gw.end(), -777.0);
+    b.h = gx.data();
+    if (up) run<S, false>(b, threads, N);
+    else run<S, true>(b, threads, N);
+    const double* h = up ? hu.data() : hd.data();
+    const int block = 256;
+    launch(static_cast<unsigned>((n + block - 1) / block), 1, block, 0, [&] {
+      tile_grad_weight_kernel<double, double>(gx.data(), h, gw.data(), a.vertex, a.parent, N,
+                                              a.C, up);
+    });
+    dump(gx);
+    dump(gw);
+  }
 }
 
 int main(int argc, char** argv) {
@@ -59,7 +82,7 @@ int main(int argc, char** argv) {
   FILE* f = std::fopen(argv[1], "rb");
   const auto hdr = read<int64_t>(f, 6);
   const int64_t N = hdr[0], C = hdr[1], M = hdr[2], L = hdr[3], tile = hdr[4], T = hdr[5];
-  auto x = read<double>(f, N * C), w = read<double>(f, N * C);
+  auto x = read<double>(f, N * C), w = read<double>(f, N * C), g = read<double>(f, N * C);
   auto ri = [&](int64_t n) { return read<int>(f, n); };
   auto vertex = ri(N), parent = ri(N), size = ri(N), light_depth = ri(N), flags = ri(N),
        top = ri(N), tree_ptr = ri(T + 1), tile_ptr = ri(M + 1), scan = ri(N),
@@ -93,9 +116,9 @@ int main(int argc, char** argv) {
   a.entry_ptr = entry_ptr.data();
   const int S = std::atoi(argv[3]), threads = std::atoi(argv[4]);
   FILE* o = std::fopen(argv[2], "wb");
-  if (S == 4) run_both<4>(a, threads, N, o);
-  else if (S == 2) run_both<2>(a, threads, N, o);
-  else run_both<1>(a, threads, N, o);
+  if (S == 4) run_all<4>(a, g.data(), threads, N, o);
+  else if (S == 2) run_all<2>(a, g.data(), threads, N, o);
+  else run_all<1>(a, g.data(), threads, N, o);
   std::fclose(o);
   return 0;
 }

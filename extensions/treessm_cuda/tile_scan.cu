@@ -1,0 +1,248 @@
+// Host side of the tiled tree scan (tile_kernels.cuh): argument checks, the three launches
+// and the torch.library registration (CUDA dispatch key)
+//   torch.ops.treessm.cuda_tile_scan(x, weight, plan, tile, direction) -> h
+//   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, tile, direction)
+//       -> (grad_x, grad_weight)
+// `plan` is the tensors of treessm.ops.tiles.TilePlan from `vertex` to `entry_ptr`, in that
+// order (18 int32 tensors on x's device); `tile` is the plan's tile. Directions "down" and
+// "up"; no autograd here (the backward op is the building block). Nothing here waits for
+// the device.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "host_utils.cuh"
+#include "tile_kernels.cuh"
+
+namespace treessm_cuda {
+namespace {
+
+constexpr int kPlanTensors = 18;
+
+void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
+              like.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device());
+}
+
+bool is_up(c10::string_view d) {
+  TORCH_CHECK(d == "down" || d == "up", "direction must be 'down' or 'up', got '",
+              std::string(d), "'");
+  return d == "up";
+}
+
+// The plan's tensors checked against N, and TileArgs pointing at them.
+TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
+  TORCH_CHECK(plan.size() == kPlanTensors, "plan must hold the ", kPlanTensors,
+              " tensors of TilePlan from vertex to entry_ptr, got ", plan.size());
+  static const char* names[kPlanTensors] = {
+      "vertex", "parent", "size", "light_depth", "flags", "top", "tree_ptr", "tile_ptr",
+      "scan", "level_ptr", "tile_levels", "boundary", "boundary_pos", "feeder",
+      "boundary_level_ptr", "tile_boundary", "entries", "entry_ptr"};
+  for (int i = 0; i < kPlanTensors; ++i) {
+    const at::Tensor& t = plan[i];
+    TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "plan.", names[i], " must be on ",
+                x.device());
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "plan.", names[i],
+                " must be contiguous int32");
+  }
+  const int64_t N = x.size(0);
+  TORCH_CHECK(N < 2147483647LL, "the tiled scan indexes positions with 32 bits");
+  TORCH_CHECK(tile >= 1 && tile < (1LL << 30), "tile must be positive, got ", tile);
+  const at::Tensor &tile_ptr = plan[7], &level_ptr = plan[9], &tile_boundary = plan[15];
+  TORCH_CHECK(tile_ptr.dim() == 1 && tile_ptr.size(0) >= 1, "plan.tile_ptr must be [M + 1]");
+  const int64_t M = tile_ptr.size(0) - 1;
+  TORCH_CHECK(level_ptr.dim() == 2 && level_ptr.size(0) == M && level_ptr.size(1) >= 1,
+              "plan.level_ptr must be [M, L + 1]");
+  TORCH_CHECK(tile_boundary.dim() == 2 && tile_boundary.size(0) == M && tile_boundary.size(1) == 2,
+              "plan.tile_boundary must be [M, 2]");
+  for (int i : {0, 1, 2, 3, 4, 5, 8, 11, 12, 13, 16})
+    TORCH_CHECK(plan[i].dim() == 1 && plan[i].size(0) == N, "plan.", names[i], " must have ",
+                N, " entries, got ", plan[i].sizes());
+  TORCH_CHECK(plan[10].dim() == 1 && plan[10].size(0) == M, "plan.tile_levels must be [M]");
+  TORCH_CHECK(plan[14].dim() == 1 && plan[14].size(0) == M + 1,
+              "plan.boundary_level_ptr must be [M + 1]");
+  TORCH_CHECK(plan[17].dim() == 1 && plan[17].size(0) == N + 1, "plan.entry_ptr must be [N + 1]");
+  TileArgs a{};
+  a.C = x.size(1);
+  a.N = static_cast<int>(N);
+  a.M = static_cast<int>(M);
+  a.L = static_cast<int>(level_ptr.size(1) - 1);
+  a.tile = static_cast<int>(tile);
+  const int* p[kPlanTensors];
+  for (int i = 0; i < kPlanTensors; ++i) p[i] = plan[i].data_ptr<int>();
+  a.vertex = p[0];
+  a.parent = p[1];
+  a.size = p[2];
+  a.flags = p[4];
+  a.top = p[5];
+  a.tile_ptr = p[7];
+  a.scan = p[8];
+  a.level_ptr = p[9];
+  a.tile_levels = p[10];
+  a.boundary = p[11];
+  a.boundary_pos = p[12];
+  a.feeder = p[13];
+  a.boundary_level_ptr = p[14];
+  a.tile_boundary = p[15];
+  a.entries = p[16];
+  a.entry_ptr = p[17];
+  return a;
+}
+
+// Threads of a tile block: the tile rounded up to whole warps, at most 256.
+int tile_threads(int tile) {
+  const int t = ((tile + 31) / 32) * 32;
+  return t > 256 ? 256 : t;
+}
+
+constexpr int kPhase2Threads = 256;
+
+template <typename T, typename A, int S, bool UP>
+void launch_tiles(TileArgs a, int threads, int64_t smem, cudaStream_t stream, int device) {
+  constexpr auto phase1 = tile_phase1_kernel<T, A, S, UP>;
+  constexpr auto phase3 = tile_phase3_kernel<T, A, S, UP>;
+  allow_dynamic_smem<phase1>(smem, device);
+  allow_dynamic_smem<phase3>(smem, device);
+  const int64_t slices = (a.C + S - 1) / S;
+  TORCH_CHECK(slices <= 65535, "too many channels for one launch: ", a.C);
+  const dim3 grid(static_cast<unsigned>(a.M), static_cast<unsigned>(slices));
+  phase1<<<grid, threads, static_cast<size_t>(smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(a.C <= 2147483647LL, "too many channels for one launch: ", a.C);
+  tile_phase2_kernel<T, A, UP><<<static_cast<unsigned>(a.C), kPhase2Threads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  phase3<<<grid, threads, static_cast<size_t>(smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The widest slice (4, 2 or 1 channels; at most 2 for float64) whose block fits the
+// device's shared memory; results are the same for every slice width.
+template <typename T, typename A>
+void run_tiles(TileArgs a, bool up, const at::Tensor& like) {
+  const int device = like.get_device();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int threads = tile_threads(a.tile);
+  const int64_t limit = max_dynamic_smem(device);
+  auto fits = [&](int64_t bytes) { return bytes <= limit; };
+  constexpr bool wide = sizeof(A) == 4;
+  if (wide && a.C >= 3 && fits(tile_smem_bytes<A, 4>(a.tile, threads))) {
+    if constexpr (wide) {
+      const int64_t smem = tile_smem_bytes<A, 4>(a.tile, threads);
+      if (up) launch_tiles<T, A, 4, true>(a, threads, smem, stream, device);
+      else launch_tiles<T, A, 4, false>(a, threads, smem, stream, device);
+    }
+  } else if (a.C >= 2 && fits(tile_smem_bytes<A, 2>(a.tile, threads))) {
+    const int64_t smem = tile_smem_bytes<A, 2>(a.tile, threads);
+    if (up) launch_tiles<T, A, 2, true>(a, threads, smem, stream, device);
+    else launch_tiles<T, A, 2, false>(a, threads, smem, stream, device);
+  } else {
+    const int64_t smem = tile_smem_bytes<A, 1>(a.tile, threads);
+    TORCH_CHECK(fits(smem), "tile ", a.tile, " needs ", smem, " bytes of shared memory per "
+                "block; this device allows ", limit);
+    if (up) launch_tiles<T, A, 1, true>(a, threads, smem, stream, device);
+    else launch_tiles<T, A, 1, false>(a, threads, smem, stream, device);
+  }
+}
+
+#define TREESSM_TILE_DISPATCH_TYPES(TYPE, NAME, ...)                                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                              \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                     \
+                     AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__)                    \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+// h = the scan of x along the plan; `out` receives it (same shape and dtype as x).
+void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
+                    int64_t tile, bool up, at::Tensor& out) {
+  TileArgs a = plan_args(plan, tile, x);
+  if (x.numel() == 0 || a.M == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto acc = [&] { return at::empty({N, C}, x.options().dtype(acc_dtype)); };
+  // scratch rows by boundary number / entry index: both are fewer than N
+  at::Tensor sa = acc(), sb = up ? at::Tensor() : acc(), se = up ? acc() : at::Tensor(),
+             ss = up ? acc() : at::Tensor();
+  a.x = x.data_ptr();
+  a.w = weight.data_ptr();
+  a.h = out.data_ptr();
+  a.sa = sa.data_ptr();
+  a.sb = sb.defined() ? sb.data_ptr() : nullptr;
+  a.se = se.defined() ? se.data_ptr() : nullptr;
+  a.ss = ss.defined() ? ss.data_ptr() : nullptr;
+  TREESSM_TILE_DISPATCH_TYPES(x.scalar_type(), "treessm_tile_scan", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A_ = typename AccType<T_>::type;
+    run_tiles<T_, A_>(a, up, x);
+  });
+}
+
+}  // namespace
+
+at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
+                          int64_t tile, c10::string_view direction) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", x);
+  const bool up = is_up(direction);
+  at::Tensor out = at::empty_like(x);
+  tile_scan_into(x, weight, plan, tile, up, out);
+  return out;
+}
+
+// The backward of h = scan(x, weight) in `direction`: grad_x is the other direction's scan
+// of grad with the same weights (the transpose), grad_weight pairs it with `out` (h).
+std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& out,
+    at::TensorList plan, int64_t tile, c10::string_view direction) {
+  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
+              "grad must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", grad);
+  check_rows(out, "out", grad);
+  const bool up = is_up(direction);
+  at::Tensor gx = at::empty_like(grad), gw = at::empty_like(grad);
+  tile_scan_into(grad, weight, plan, tile, !up, gx);
+  const int64_t N = grad.size(0), C = grad.size(1);
+  if (N * C == 0) return {gx, gw};
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int threads = 256;
+  const int64_t blocks = (N * C + threads - 1) / threads;
+  TORCH_CHECK(blocks <= 2147483647LL, "too many rows for one launch");
+  TREESSM_TILE_DISPATCH_TYPES(grad.scalar_type(), "treessm_tile_scan_backward", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A_ = typename AccType<T_>::type;
+    tile_grad_weight_kernel<T_, A_><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        reinterpret_cast<const T_*>(gx.data_ptr()), reinterpret_cast<const T_*>(out.data_ptr()),
+        reinterpret_cast<T_*>(gw.data_ptr()), plan[0].data_ptr<int>(), plan[1].data_ptr<int>(),
+        N, C, up);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gx, gw};
+}
+
+TORCH_LIBRARY_FRAGMENT(treessm, m) {
+  m.def("cuda_tile_scan(Tensor x, Tensor weight, Tensor[] plan, int tile, str direction) -> Tensor");
+  m.def(
+      "cuda_tile_scan_backward(Tensor grad, Tensor weight, Tensor out, Tensor[] plan, int tile, "
+      "str direction) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
+  m.impl("cuda_tile_scan", &tile_scan_cuda);
+  m.impl("cuda_tile_scan_backward", &tile_scan_backward_cuda);
+}
+
+}  // namespace treessm_cuda
