@@ -1,0 +1,170 @@
+"""The tiled CUDA tree scan (torch.ops.treessm.cuda_tile_scan and its backward building
+block) against the dense oracle and the float64 tree scan (skipped without a GPU)."""
+import functools
+
+import pytest
+import torch
+
+from oracle import all_roots, chain, dense_tree_scan, empty, random_forest, single_vertex, star
+from treessm import GraphTopology, GridTopology, Tree, tree_scan
+from treessm.ops.tiles import tile_plan
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# error bounds relative to the largest reference value (at least 1)
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    from treessm.typing import load_cuda_extension
+
+    load_cuda_extension()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _spanning(n, e, seed):
+    g = _gen(seed)
+    edge_index = torch.randint(0, n, (2, e), generator=g)
+    return GraphTopology()(torch.randn(n, 4, generator=g), edge_index).parent
+
+
+SMALL = {  # dense oracle
+    "single_vertex": single_vertex,
+    "empty": empty,
+    "many_roots": lambda: all_roots(11),
+    "random": lambda: random_forest(150, 1, _gen(0)),
+    "random_many_roots": lambda: random_forest(160, 17, _gen(1)),
+    "deep": lambda: random_forest(140, 2, _gen(2), locality=3),
+    "star": lambda: star(90, center=13),
+    "grid_trees": lambda: GridTopology()(torch.randn(2, 7, 6, 4, generator=_gen(3))).parent,
+    "graph_forest": lambda: _spanning(180, 260, 4),
+}
+LARGE = {  # the float64 tree scan
+    "chain_5000": lambda: chain(5000, _gen(6)),
+    "wide_star": lambda: star(6000, center=7),
+    "random_20k": lambda: random_forest(20000, 30, _gen(8)),
+    "spanning_1e5": lambda: _spanning(10 ** 5, 5 * 10 ** 5, 9),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _tree(name):
+    return Tree.from_parent({**SMALL, **LARGE}[name]()).to("cuda")
+
+
+def _tile_scan(x, w, tree, tile, direction):
+    plan = tile_plan(tree, tile)
+    return torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), plan.tile, direction)
+
+
+def _tile_backward(g, w, h, tree, tile, direction):
+    plan = tile_plan(tree, tile)
+    return torch.ops.treessm.cuda_tile_scan_backward(g, w, h, list(plan[3:]), plan.tile,
+                                                     direction)
+
+
+def _inputs(n, c, weights="unit_interval", seed=10):
+    g = _gen(seed)
+    x = torch.randn(n, c, dtype=torch.float64, generator=g)
+    if weights == "unit_interval":
+        w = torch.rand(n, c, dtype=torch.float64, generator=g)
+    else:  # magnitudes up to 1.6, both signs, exact zeros
+        w = (torch.rand(n, c, dtype=torch.float64, generator=g) * 2 - 1) * 1.6
+        w[torch.rand(n, c, generator=g) < 0.1] = 0.0
+    return x.cuda(), w.cuda()
+
+
+def _close(got, want, dtype):
+    want = want.double()
+    if want.numel() == 0:
+        assert got.shape == want.shape
+        return
+    err = float((got.double() - want).abs().max())
+    scale = max(1.0, float(want.abs().max()))
+    assert err <= TOL[dtype] * scale, (err, scale)
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("tile", [1, 7, 64, 2048])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_matches_the_dense_oracle(name, tile, direction):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, 3, "signed")
+    got = _tile_scan(x, w, tree, tile, direction)
+    want = dense_tree_scan(x.cpu(), w.cpu(), tree.parent.cpu(), direction)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("tile,name", [(64, "chain_5000"), (2048, "chain_5000"),
+                                       (256, "wide_star"), (2048, "random_20k"),
+                                       (2048, "spanning_1e5"), (64, "spanning_1e5")])
+def test_matches_the_float64_scan(name, tile, direction, dtype):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, 8)
+    if name == "wide_star" and direction == "up":
+        x = x / 64  # keep the root's sum of 6000 children within float16
+    x, w = x.to(dtype), w.to(dtype)
+    got = _tile_scan(x, w, tree, tile, direction)
+    assert got.dtype == dtype
+    _close(got, tree_scan(x.double(), w.double(), tree, direction), dtype)
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("name", ["random_many_roots", "chain_5000", "spanning_1e5"])
+def test_weights_zero_and_above_one(name, direction):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, 4, "signed", seed=11)
+    if name != "random_many_roots":
+        w = w.clamp(-1.01, 1.01)  # long paths stay finite
+    got = _tile_scan(x, w, tree, 64, direction)
+    torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["spanning_1e5", "random_many_roots"])
+def test_bitwise_run_to_run_and_across_slice_widths(name, dtype):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, 8, seed=12)
+    x, w = x.to(dtype), w.to(dtype)
+    for direction in ("down", "up"):
+        first = _tile_scan(x, w, tree, 2048, direction)
+        assert torch.equal(first, _tile_scan(x, w, tree, 2048, direction))
+        # one channel runs in slices of one, eight in the widest: the same bits per channel
+        for c in (0, 5):
+            col = x[:, c:c + 1].contiguous(), w[:, c:c + 1].contiguous()
+            assert torch.equal(_tile_scan(*col, tree, 2048, direction)[:, 0], first[:, c])
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("name,tile", [("random_many_roots", 7), ("graph_forest", 1),
+                                       ("chain_5000", 64), ("spanning_1e5", 2048)])
+def test_backward_building_block_matches_autograd(name, tile, direction):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, 3, seed=13)
+    g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(14)).cuda()
+    h = _tile_scan(x, w, tree, tile, direction)
+    gx, gw = _tile_backward(g, w, h, tree, tile, direction)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want_x, want_w = torch.autograd.grad(tree_scan(xr, wr, tree, direction), (xr, wr), g)
+    torch.testing.assert_close(gx, want_x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gw, want_w, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_arguments_raise():
+    tree = _tree("random")
+    x, w = _inputs(tree.num_nodes, 2)
+    plan = tile_plan(tree, 64)
+    with pytest.raises(RuntimeError, match="direction"):
+        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), 64, "both")
+    with pytest.raises(RuntimeError, match="plan must hold"):
+        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:-1]), 64, "down")
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.treessm.cuda_tile_scan(x, w.float(), list(plan[3:]), 64, "down")
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.treessm.cuda_tile_scan(x, w, [t.long() for t in plan[3:]], 64, "down")
