@@ -114,6 +114,9 @@ struct TileBlock {
   int64_t c0;
 
   __device__ TileBlock(unsigned char* raw, int tile, int s, int e, int64_t C) {
+#ifdef __CUDA_ARCH__
+    if (e - s > tile) __trap();  // a plan of larger tiles than the shared memory holds
+#endif
     nt = blockDim.x;
     val = reinterpret_cast<A*>(raw);
     mul = val + static_cast<int64_t>(tile) * S;
