@@ -129,7 +129,16 @@ def test_tiled_scan_weights(harness, tmp_path, name, tile, weights):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=direction)
 
 
-def test_chain_crosses_many_tiles(harness, tmp_path):
+def test_full_tiles_of_2048(harness, tmp_path):
+    # three tiles of up to 2048 positions, levels longer than the block: chunks per thread
+    tree = _tree("chain_5000")
+    x, w = _inputs(tree.num_nodes, "zeros", seed=16)
+    down, up, *_ = _run(harness, tmp_path, tree, 2048, x, w, threads=64)
+    for got, direction in ((down, "down"), (up, "up")):
+        torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
+
+
+def test_chain_crosses_many_tiles():
     # the 5000-chain at tile 64: 79 tiles, a boundary tree 78 deep
     plan = tile_plan(_tree("chain_5000"), 64)
     assert int((plan.boundary_level_ptr.diff() > 0).sum()) > 1
