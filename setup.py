@@ -4,6 +4,7 @@
 Set ``TREESSM_BUILD_CUDA=1`` to compile it at install time instead (needs nvcc and a CUDA
 build of PyTorch).
 """
+import glob
 import os
 
 from setuptools import find_packages, setup
@@ -15,8 +16,7 @@ if os.environ.get("TREESSM_BUILD_CUDA") == "1":
 
     ext_modules.append(CUDAExtension(
         "treessm._treessm_cuda",
-        ["extensions/treessm_cuda/tree_scan.cu", "extensions/treessm_cuda/grid_tree.cu",
-         "extensions/treessm_cuda/grid_costs.cu", "extensions/treessm_cuda/path_plan.cu"],
+        sorted(glob.glob("extensions/treessm_cuda/*.cu")),  # every .cu is one translation unit
         include_dirs=[os.path.abspath("extensions/treessm_cuda")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
     ))

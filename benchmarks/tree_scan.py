@@ -22,6 +22,14 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   widths of Mamba-130m), the scan GrootL runs on;
 * ``grid_build`` -- tree construction at 56x56, 112x112, 224x224 (B=32) and 512x512 (B=4).
 
+* ``tiles`` (``--tiles``, alone) -- the tiled kernels (``torch.ops.treessm.cuda_tile_scan``
+  on :func:`treessm.ops.tiles.tile_plan`) against the current kernels of ``tree_scan``, same
+  direction and data: the 10^6-vertex graph's spanning forest and a chain of 10^6 (C=64),
+  32 x 56x56 (C=160), 32 x 14x14 (C=640) and the 4 chains of 2,048 tokens (C=24,576);
+  ``down`` and ``up``, several tile sizes: forward and backward GPU time, the plan's shape
+  (tiles, boundary vertices, boundary-tree depth) and build time, and the largest error
+  against the float64 scan.
+
 ``--headline`` measures only the grid rows in float32 ``both`` through the public API
 (``GridTopology``, ``tree_scan``, autograd), so that the same script can time another
 version of the package in the same run.
@@ -303,6 +311,73 @@ def grid_builds():
     return out
 
 
+def _tile_cases():
+    """(name, tree, channels, tile sizes) of the tiled-kernel comparison."""
+    from treessm.topology import chain_tree
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, e = 10 ** 6, 5 * 10 ** 6
+    edge_index = torch.randint(0, n, (2, e), device="cuda", generator=gen)
+    graph = treessm.GraphTopology()(torch.randn(n, 16, device="cuda", generator=gen), edge_index)
+    topo = treessm.GridTopology()
+    yield "graph 10^6, C=64", graph, 64, (2048, 512)
+    yield "chain 10^6, C=64", chain_tree(1, n, "cuda"), 64, (2048, 512)
+    yield "32 x 56x56, C=160", topo(torch.randn(32, 56, 56, 160, device="cuda")), 160, (4096, 2048)
+    yield "32 x 14x14, C=640", topo(torch.randn(32, 14, 14, 640, device="cuda")), 640, (2048,)
+    yield "4 chains x 2048, C=24576", chain_tree(4, 2048, "cuda"), 24576, (2048,)
+
+
+def _device_time(fn):
+    """``(ms, timer)``: a CUDA-graph replay of ``fn`` where it can be captured, else CUDA
+    events around eager calls (which count launch gaps too)."""
+    try:
+        return graph_time(fn), "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return cuda_time(fn), "events"
+
+
+def tile_rows(bw):
+    """The tiled kernels against the current ones (see the module docstring)."""
+    from treessm.ops.tiles import tile_plan
+
+    out = []
+    for name, tree, c, tiles in _tile_cases():
+        x, w = _inputs(tree.num_nodes, c, torch.float32)
+        grad = torch.randn_like(x)
+        floor, bfloor = _floors(tree.num_nodes, c, torch.float32, bw)
+        for direction in ("down", "up"):
+            ref = treessm.tree_scan(x.double(), w.double(), tree, direction)
+            current = _gpu(x, w, tree, direction, grad)
+            for tile in tiles:
+                t0 = time.perf_counter()
+                plan = tile_plan(tree, tile)
+                torch.cuda.synchronize()
+                build_ms = (time.perf_counter() - t0) * 1e3
+                tensors = list(plan[3:])
+                row = dict(case=name, direction=direction, N=tree.num_nodes, C=c, tile=tile,
+                           tiles=int((plan.tile_ptr.diff() > 0).sum()),
+                           boundary=int(plan.boundary_level_ptr[-1]),
+                           boundary_depth=int((plan.boundary_level_ptr.diff() > 0).sum()),
+                           plan_build_ms=build_ms, fwd_floor_ms=floor, bwd_floor_ms=bfloor,
+                           current_fwd_gpu_ms=current[0], current_bwd_gpu_ms=current[1])
+                h = torch.ops.treessm.cuda_tile_scan(x, w, tensors, plan.tile, direction)
+                row["tiled_fwd_gpu_ms"], row["tiled_timer"] = _device_time(
+                    lambda: torch.ops.treessm.cuda_tile_scan(x, w, tensors, plan.tile,
+                                                             direction))
+                row["tiled_bwd_gpu_ms"], _ = _device_time(
+                    lambda: torch.ops.treessm.cuda_tile_scan_backward(grad, w, h, tensors,
+                                                                      plan.tile, direction))
+                row["tiled_max_rel_error"] = float((h.double() - ref).abs().max()
+                                                   / ref.abs().max().clamp(min=1))
+                out.append(row)
+                print(json.dumps(row, default=lambda v: round(v, 4) if isinstance(v, float)
+                                 else v), flush=True)
+        del x, w, grad, h, ref
+        torch.cuda.empty_cache()
+    return out
+
+
 def _section(result, name, fn):
     t0 = time.time()
     try:
@@ -318,6 +393,8 @@ def main(argv=None):
     parser.add_argument("--headline", action="store_true",
                         help="float32 'both' grid rows through the public API only")
     parser.add_argument("--quick", action="store_true", help="float32 rows only")
+    parser.add_argument("--tiles", action="store_true",
+                        help="only the tiled kernels against the current ones")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -329,7 +406,10 @@ def main(argv=None):
                   copy_bandwidth_GBps=bw, authors_h200_56_160_both=AUTHORS_H200,
                   previous_release_h200=PREVIOUS_RELEASE_H200,
                   when=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if args.headline:
+    if args.tiles:
+        _section(result, "tiles", lambda: tile_rows(bw))
+        result["rows"] = []
+    elif args.headline:
         result["rows"] = [grid_row(B, H, C, "both", torch.float32, bw, topo, headline=True)
                           for B, H, C in STAGES]
     else:

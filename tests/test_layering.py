@@ -89,3 +89,11 @@ def test_the_checks_see_real_edges():
     assert "treessm.ops.plan" in graph["treessm.topology.cuda_grid"]
     assert "treessm.tree" in graph["treessm.ops.plan"]
     assert not any(d.startswith("treessm.topology") for d in graph["treessm.tree"])
+
+
+def test_the_extension_compiles_every_cuda_source():
+    # a .cu file left out of the build list would leave its ops unregistered
+    from treessm.typing import _SOURCES
+
+    folder = Path(__file__).resolve().parents[1] / "extensions" / "treessm_cuda"
+    assert sorted(_SOURCES) == sorted(p.name for p in folder.glob("*.cu"))

@@ -1,9 +1,10 @@
 // Host-side helpers shared by the extension's translation units: the CUDA element type of a
-// torch scalar type, device attributes queried once, and the dynamic shared-memory opt-in of
-// kernel launches.
+// torch scalar type, the dispatch over the element types the scans take, device attributes
+// queried once, and the dynamic shared-memory opt-in of kernel launches.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,6 +18,15 @@ namespace treessm_cuda {
 template <typename T> struct CudaType { using type = T; };
 template <> struct CudaType<at::Half> { using type = __half; };
 template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
+
+// Runs the statement for the element types of the scans: float32, float64, float16, bfloat16
+// (`scalar_t` is the torch type; CudaType<scalar_t>::type the CUDA one).
+#define TREESSM_DISPATCH_TYPES(TYPE, NAME, ...)                                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                              \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                     \
+                     AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__)                    \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 // A device attribute, queried once per device.
 template <cudaDeviceAttr Attr>

@@ -51,16 +51,6 @@
 
 namespace treessm_cuda {
 
-template <typename T> struct Store {
-  template <typename A> __device__ __forceinline__ static T cvt(A v) { return static_cast<T>(v); }
-};
-template <> struct Store<__half> {
-  __device__ __forceinline__ static __half cvt(float v) { return __float2half_rn(v); }
-};
-template <> struct Store<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cvt(float v) { return __float2bfloat16_rn(v); }
-};
-
 // V elements moved as one aligned access (16 bytes where the row layout allows).
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
 

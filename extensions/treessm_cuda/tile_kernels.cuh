@@ -51,16 +51,6 @@ namespace treessm_cuda {
 // Flags of a position (treessm.ops.tiles).
 constexpr int kTileRoot = 1, kTileHead = 2, kTileEntry = 4, kTileBoundary = 8;
 
-template <typename T> struct TileStore {
-  template <typename A> __device__ __forceinline__ static T cvt(A v) { return static_cast<T>(v); }
-};
-template <> struct TileStore<__half> {
-  __device__ __forceinline__ static __half cvt(float v) { return __float2half_rn(v); }
-};
-template <> struct TileStore<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cvt(float v) { return __float2bfloat16_rn(v); }
-};
-
 struct TileArgs {
   const void* x;  // [N, C] by vertex
   const void* w;  // [N, C] by vertex
@@ -477,7 +467,7 @@ __global__ void tile_phase3_kernel(const TileArgs a) {
   T* h = static_cast<T*>(a.h);
   for (int p = threadIdx.x; p < tb.len; p += tb.nt) {
     const int64_t row = static_cast<int64_t>(a.vertex[s + p]) * a.C + tb.c0;
-    for (int c = 0; c < tb.nc; ++c) h[row + c] = TileStore<T>::cvt(tb.val[p * S + c]);
+    for (int c = 0; c < tb.nc; ++c) h[row + c] = Store<T>::cvt(tb.val[p * S + c]);
   }
 }
 
@@ -499,7 +489,7 @@ __global__ void tile_grad_weight_kernel(const T* gx, const T* h, T* gw, const in
     r = up ? static_cast<A>(to_acc(h[v * C + c])) * static_cast<A>(to_acc(gx[pv * C + c]))
            : static_cast<A>(to_acc(gx[v * C + c])) * static_cast<A>(to_acc(h[pv * C + c]));
   }
-  gw[v * C + c] = TileStore<T>::cvt(r);
+  gw[v * C + c] = Store<T>::cvt(r);
 }
 
 }  // namespace treessm_cuda

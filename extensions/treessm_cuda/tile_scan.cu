@@ -156,13 +156,6 @@ void run_tiles(TileArgs a, bool up, const at::Tensor& like) {
   }
 }
 
-#define TREESSM_TILE_DISPATCH_TYPES(TYPE, NAME, ...)                                         \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                                              \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                     \
-                     AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__)                    \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
 // h = the scan of x along the plan; `out` receives it (same shape and dtype as x).
 void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
                     int64_t tile, bool up, at::Tensor& out) {
@@ -182,7 +175,7 @@ void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, at::TensorLis
   a.sb = sb.defined() ? sb.data_ptr() : nullptr;
   a.se = se.defined() ? se.data_ptr() : nullptr;
   a.ss = ss.defined() ? ss.data_ptr() : nullptr;
-  TREESSM_TILE_DISPATCH_TYPES(x.scalar_type(), "treessm_tile_scan", [&] {
+  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_tile_scan", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A_ = typename AccType<T_>::type;
     run_tiles<T_, A_>(a, up, x);
@@ -221,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
   const int threads = 256;
   const int64_t blocks = (N * C + threads - 1) / threads;
   TORCH_CHECK(blocks <= 2147483647LL, "too many rows for one launch");
-  TREESSM_TILE_DISPATCH_TYPES(grad.scalar_type(), "treessm_tile_scan_backward", [&] {
+  TREESSM_DISPATCH_TYPES(grad.scalar_type(), "treessm_tile_scan_backward", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A_ = typename AccType<T_>::type;
     tile_grad_weight_kernel<T_, A_><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(

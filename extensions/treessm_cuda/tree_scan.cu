@@ -189,13 +189,6 @@ void backward_passes(int dir, const at::Tensor& g, const at::Tensor& x, const at
   }
 }
 
-#define TREESSM_DISPATCH_TYPES(TYPE, NAME, ...)                                              \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                                              \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)                     \
-                     AT_DISPATCH_CASE(at::ScalarType::Double, __VA_ARGS__)                    \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
 // Runs the statement for V = VEC (4, 2 or 1), instantiating only the widths whose rows fit
 // one access of at most 16 bytes.
 #define TREESSM_DISPATCH_VEC(VEC, ELEM, ...)                                               \
