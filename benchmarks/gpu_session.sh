@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
 # $OUT (default ./gpu_out), at most eight files.
-#   bash benchmarks/gpu_session.sh check   build, the scan's and the fused selective scan's GPU
-#                                          tests, the benchmark rows of the scan, memcheck (and
+#   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
+#                                          tiled) and of the fused selective scan, the benchmark rows of the scan, memcheck (and
 #                                          racecheck of the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
-#                                          grootl, selective_scan), each saved as *_<card>.json
+#                                          grootl, the tiled kernels, selective_scan), each
+#                                          saved as *_<card>.json
 #   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
 #                                          process on the whole GPU), then torch.compile of every
 #                                          module on CUDA
@@ -36,7 +37,8 @@ XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 if [ "$MODE" = check ]; then
   timeout ${TEST_S:-200} $PY -m pytest -q -p no:cacheprovider tests/ops/test_tree_scan_cuda.py \
     tests/ops/test_plan.py tests/topology/test_grid_tree_cuda.py tests/ops/test_selective_scan.py \
-    -k "cuda or plan or grid" 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
+    tests/ops/test_tiles.py tests/ops/test_tile_scan_cuda.py \
+    -k "cuda or plan or grid or tile" 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
   grep -E "passed|failed" "$OUT/pytest_scan.log" | tail -1 >> "$SUMMARY"
   timeout ${BENCH_S:-220} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
     --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee "$OUT/bench.log" | tail -40
@@ -90,5 +92,7 @@ timeout ${GRAPH_S:-90} $PY benchmarks/graph.py --device cuda --timing --out "$OU
   2>&1 | tee -a "$SUMMARY" | tail -8
 timeout ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
+timeout ${TILES_S:-150} $PY benchmarks/tree_scan.py --tiles --out "$OUT/tree_scan_tiles_gpu_$CARD.json" \
+  2>&1 | tee -a "$SUMMARY" | tail -10
 timeout ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py --device cuda \
   --out "$OUT/selective_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10
