@@ -2,7 +2,8 @@
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
 # $OUT (default ./gpu_out), at most eight files.
 #   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
-#                                          tiled) and of the fused selective scan, the benchmark rows of the scan, memcheck (and
+#                                          tiled) and of the fused selective scan, the
+#                                          benchmark rows of the scan, memcheck (and
 #                                          racecheck of the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
