@@ -492,4 +492,84 @@ __global__ void tile_grad_weight_kernel(const T* gx, const T* h, T* gw, const in
   gw[v * C + c] = Store<T>::cvt(r);
 }
 
+// ---------------------------------------------------------------------------- both
+// both = up + out with out[v] = w[v] br[v], br[v] = out[p] + x[p] + sum over v's siblings s
+// of w[s] up[s] (0 at roots): out is the down scan of b[v] = w[v] (x[p] + sib(v)) with the
+// same weights. The sibling sums are an exclusive prefix over the children in position
+// order plus an exclusive suffix (never a total minus the vertex's own share).
+
+// prev[c] = the position of c's previous sibling (-1 for a first child and for a root).
+// One thread per position, for its children.
+__global__ void tile_sibling_links_kernel(const int* parent, const int* size, int* prev,
+                                                 int N) {
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= N) return;
+  if (parent[pos] < 0) prev[pos] = -1;
+  const int stop = static_cast<int>(pos) + size[pos];
+  int last = -1;
+  for (int ch = static_cast<int>(pos) + 1; ch < stop; ch += size[ch]) {
+    prev[ch] = last;
+    last = ch;
+  }
+}
+
+// For each vertex v below p: inner[v] = x[p] + sib(v) and b[v] = w[v] inner[v]; 0 at roots.
+// One thread per (position, channel) writes the rows of the position's children: the
+// exclusive prefix of w up forwards, then the suffix added backwards (prev links). Rows by
+// vertex, all in the accumulation type.
+template <typename A>
+__global__ void tile_bracket_kernel(const A* x, const A* w, const A* up, A* inner, A* b,
+                                    const int* vertex, const int* parent, const int* size,
+                                    const int* prev, int64_t N, int64_t C) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * C) return;
+  const int pos = static_cast<int>(idx / C);
+  const int64_t c = idx % C;
+  if (parent[pos] < 0) {
+    const int64_t r = static_cast<int64_t>(vertex[pos]) * C + c;
+    inner[r] = 0;
+    b[r] = 0;
+  }
+  const int stop = pos + size[pos];
+  if (pos + 1 >= stop) return;  // a leaf
+  const A xp = x[static_cast<int64_t>(vertex[pos]) * C + c];
+  A run = 0;
+  int last = pos + 1;
+  for (int ch = pos + 1; ch < stop; ch += size[ch]) {
+    const int64_t r = static_cast<int64_t>(vertex[ch]) * C + c;
+    inner[r] = run;
+    run = run + w[r] * up[r];
+    last = ch;
+  }
+  run = 0;
+  for (int ch = last; ch >= 0; ch = prev[ch]) {
+    const int64_t r = static_cast<int64_t>(vertex[ch]) * C + c;
+    const A q = xp + (inner[r] + run);
+    inner[r] = q;
+    b[r] = w[r] * q;
+    run = run + w[r] * up[r];
+  }
+}
+
+// The weights' gradient of both at grad g: gw[v] = up(x)[v] br_g[v] + up(g)[v] br_x[v],
+// br[v] = out[p] + inner[v] (of x, of g); 0 at roots. One thread per (position, channel).
+template <typename T, typename A>
+__global__ void tile_both_grad_weight_kernel(const A* up_x, const A* inner_x, const A* out_x,
+                                             const A* up_g, const A* inner_g, const A* out_g,
+                                             T* gw, const int* vertex, const int* parent,
+                                             int64_t N, int64_t C) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= N * C) return;
+  const int64_t pos = idx / C, c = idx % C;
+  const int64_t r = static_cast<int64_t>(vertex[pos]) * C + c;
+  const int q = parent[pos];
+  A g = 0;
+  if (q >= 0) {
+    const int64_t pr = static_cast<int64_t>(vertex[q]) * C + c;
+    const A br_x = out_x[pr] + inner_x[r], br_g = out_g[pr] + inner_g[r];
+    g = up_x[r] * br_g + up_g[r] * br_x;
+  }
+  gw[r] = Store<T>::cvt(g);
+}
+
 }  // namespace treessm_cuda

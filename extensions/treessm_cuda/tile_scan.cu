@@ -1,12 +1,13 @@
 // Host side of the tiled tree scan (tile_kernels.cuh): argument checks, the three launches
 // and the torch.library registration (CUDA dispatch key)
 //   torch.ops.treessm.cuda_tile_scan(x, weight, plan, tile, direction) -> h
-//   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, tile, direction)
+//   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, tile, direction, x)
 //       -> (grad_x, grad_weight)
 // `plan` is the tensors of treessm.ops.tiles.TilePlan from `vertex` to `entry_ptr`, in that
-// order (18 int32 tensors on x's device); `tile` is the plan's tile. Directions "down" and
-// "up"; no autograd here (the backward op is the building block). Nothing here waits for
-// the device.
+// order (18 int32 tensors on x's device); `tile` is the plan's tile. Directions "down",
+// "up" and "both" (up, the brackets, then down of the brackets' inputs, all in the
+// accumulation type; its backward needs the forward's input x). No autograd here (the
+// backward op is the building block). Nothing here waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,6 +17,7 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "host_utils.cuh"
@@ -36,10 +38,12 @@ void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device());
 }
 
-bool is_up(c10::string_view d) {
-  TORCH_CHECK(d == "down" || d == "up", "direction must be 'down' or 'up', got '",
-              std::string(d), "'");
-  return d == "up";
+enum class Direction { kDown, kUp, kBoth };
+
+Direction parse_direction(c10::string_view d) {
+  TORCH_CHECK(d == "down" || d == "up" || d == "both",
+              "direction must be 'down', 'up' or 'both', got '", std::string(d), "'");
+  return d == "down" ? Direction::kDown : d == "up" ? Direction::kUp : Direction::kBoth;
 }
 
 // The plan's tensors checked against N, and TileArgs pointing at them.
@@ -182,6 +186,69 @@ void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, at::TensorLis
   });
 }
 
+int64_t blocks_of(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  TORCH_CHECK(blocks <= 2147483647LL, "too many rows for one launch");
+  return blocks;
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The parts of both(x) (x, w in the accumulation type): up = up(x); inner[v] = x[p] +
+// the siblings' shares w up; out = down(w inner, w); both = up + out.
+struct BothParts {
+  at::Tensor up, inner, out;
+};
+
+// prev: the sibling links of the plan (tile_sibling_links_kernel), int32 [N].
+BothParts both_parts(const at::Tensor& x, const at::Tensor& w, at::TensorList plan,
+                     int64_t tile, const at::Tensor& prev) {
+  BothParts r{at::empty_like(x), at::empty_like(x), at::empty_like(x)};
+  const int64_t N = x.size(0), C = x.size(1);
+  if (N * C == 0) return r;
+  tile_scan_into(x, w, plan, tile, true, r.up);
+  at::Tensor b = at::empty_like(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int threads = 256;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "treessm_tile_brackets", [&] {
+    tile_bracket_kernel<scalar_t><<<static_cast<unsigned>(blocks_of(N * C, threads)), threads,
+                                    0, stream>>>(
+        x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), r.up.data_ptr<scalar_t>(),
+        r.inner.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), plan[0].data_ptr<int>(),
+        plan[1].data_ptr<int>(), plan[2].data_ptr<int>(), prev.data_ptr<int>(), N, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  tile_scan_into(b, w, plan, tile, false, r.out);
+  return r;
+}
+
+at::Tensor sibling_links(at::TensorList plan, const at::Tensor& like) {
+  const int64_t N = like.size(0);
+  at::Tensor prev = at::empty({N}, like.options().dtype(at::kInt));
+  if (N == 0) return prev;
+  const c10::cuda::CUDAGuard guard(like.device());
+  const int threads = 256;
+  tile_sibling_links_kernel<<<static_cast<unsigned>(blocks_of(N, threads)), threads, 0,
+                              c10::cuda::getCurrentCUDAStream()>>>(
+      plan[1].data_ptr<int>(), plan[2].data_ptr<int>(), prev.data_ptr<int>(),
+      static_cast<int>(N));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return prev;
+}
+
+// both(x) in x's dtype, and its parts in the accumulation type.
+std::pair<at::Tensor, BothParts> both_scan(const at::Tensor& x, const at::Tensor& weight,
+                                           at::TensorList plan, int64_t tile,
+                                           const at::Tensor& prev) {
+  plan_args(plan, tile, x);  // the checks
+  const auto acc = acc_type(x.scalar_type());
+  BothParts parts = both_parts(x.to(acc), weight.to(acc), plan, tile, prev);
+  return {at::add(parts.up, parts.out).to(x.scalar_type()), parts};
+}
+
 }  // namespace
 
 at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
@@ -189,31 +256,63 @@ at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::Ten
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
-  const bool up = is_up(direction);
+  const Direction d = parse_direction(direction);
+  if (d == Direction::kBoth) return both_scan(x, weight, plan, tile, sibling_links(plan, x)).first;
   at::Tensor out = at::empty_like(x);
-  tile_scan_into(x, weight, plan, tile, up, out);
+  tile_scan_into(x, weight, plan, tile, d == Direction::kUp, out);
   return out;
 }
 
-// The backward of h = scan(x, weight) in `direction`: grad_x is the other direction's scan
-// of grad with the same weights (the transpose), grad_weight pairs it with `out` (h).
+// The backward of h = scan(x, weight) in `direction`. down, up: grad_x is the other
+// direction's scan of grad with the same weights (the transpose), grad_weight pairs it with
+// `out` (h). both (self-adjoint): grad_x = both(grad); grad_weight[v] = up(x)[v] br_g[v] +
+// up(grad)[v] br_x[v] at non-roots, which needs the forward's input `x` (`out` is only
+// checked).
 std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& out,
-    at::TensorList plan, int64_t tile, c10::string_view direction) {
+    at::TensorList plan, int64_t tile, c10::string_view direction,
+    const c10::optional<at::Tensor>& x) {
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
               "grad must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", grad);
   check_rows(out, "out", grad);
-  const bool up = is_up(direction);
+  const Direction d = parse_direction(direction);
+  const int64_t N = grad.size(0), C = grad.size(1);
+  const int threads = 256;
+  if (d == Direction::kBoth) {
+    TORCH_CHECK(x.has_value() && x->defined(),
+                "the backward of direction 'both' needs the forward's input x");
+    check_rows(*x, "x", grad);
+    const at::Tensor prev = sibling_links(plan, grad);
+    std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, plan, tile, prev);
+    const at::Tensor gx = both_g.first;
+    const BothParts& parts_g = both_g.second;
+    const auto acc = acc_type(grad.scalar_type());
+    const BothParts parts_x = both_parts(x->to(acc), weight.to(acc), plan, tile, prev);
+    at::Tensor gw = at::empty_like(grad);
+    if (N * C == 0) return {gx, gw};
+    const c10::cuda::CUDAGuard guard(grad.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    TREESSM_DISPATCH_TYPES(grad.scalar_type(), "treessm_tile_scan_backward_both", [&] {
+      using T_ = typename CudaType<scalar_t>::type;
+      using A_ = typename AccType<T_>::type;
+      auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const A_*>(t.data_ptr()); };
+      tile_both_grad_weight_kernel<T_, A_><<<static_cast<unsigned>(blocks_of(N * C, threads)),
+                                             threads, 0, stream>>>(
+          ptr(parts_x.up), ptr(parts_x.inner), ptr(parts_x.out), ptr(parts_g.up),
+          ptr(parts_g.inner), ptr(parts_g.out), reinterpret_cast<T_*>(gw.data_ptr()),
+          plan[0].data_ptr<int>(), plan[1].data_ptr<int>(), N, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {gx, gw};
+  }
+  const bool up = d == Direction::kUp;
   at::Tensor gx = at::empty_like(grad), gw = at::empty_like(grad);
   tile_scan_into(grad, weight, plan, tile, !up, gx);
-  const int64_t N = grad.size(0), C = grad.size(1);
   if (N * C == 0) return {gx, gw};
   const c10::cuda::CUDAGuard guard(grad.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = 256;
-  const int64_t blocks = (N * C + threads - 1) / threads;
-  TORCH_CHECK(blocks <= 2147483647LL, "too many rows for one launch");
+  const int64_t blocks = blocks_of(N * C, threads);
   TREESSM_DISPATCH_TYPES(grad.scalar_type(), "treessm_tile_scan_backward", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A_ = typename AccType<T_>::type;
@@ -230,7 +329,7 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def("cuda_tile_scan(Tensor x, Tensor weight, Tensor[] plan, int tile, str direction) -> Tensor");
   m.def(
       "cuda_tile_scan_backward(Tensor grad, Tensor weight, Tensor out, Tensor[] plan, int tile, "
-      "str direction) -> (Tensor, Tensor)");
+      "str direction, Tensor? x=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

@@ -61,8 +61,17 @@ def _inputs(n, weights, seed=10):
     return x, w
 
 
-def _run(harness, tmp_path, tree, tile, x, w, S=2, threads=32, g=None):
-    """h of down and up, then (grad_x, grad_w) of down and of up at ``g``."""
+DIRECTIONS = ("down", "up", "both")
+
+
+def _forward(out):
+    """h of down, up and both from the outputs of :func:`_run`."""
+    return out[0], out[1], out[6]
+
+
+def _run(harness, tmp_path, tree, tile, x, w, S=2, threads=32, g=None, backward=True):
+    """h of down and up, (grad_x, grad_w) of down and of up at ``g``, then h of both and
+    its (grad_x, grad_w) at ``g`` (the gradients left out without ``backward``)."""
     plan = tile_plan(tree, tile)
     g = torch.ones_like(x) if g is None else g
     n = tree.num_nodes
@@ -75,21 +84,21 @@ def _run(harness, tmp_path, tree, tile, x, w, S=2, threads=32, g=None):
         g.numpy().astype(np.float64).tofile(f)
         for t in plan[3:]:
             t.numpy().astype(np.int32).tofile(f)
-    r = subprocess.run([str(harness), str(src), str(dst), str(S), str(threads)],
-                       capture_output=True, text=True)
+    args = [str(harness), str(src), str(dst), str(S), str(threads)]
+    r = subprocess.run(args + ([] if backward else ["forward"]), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64)
-    assert out.size == 6 * n * C
-    return tuple(torch.from_numpy(a.copy()) for a in out.reshape(6, n, C))
+    assert out.size == 9 * n * C
+    return tuple(torch.from_numpy(a.copy()) for a in out.reshape(9, n, C))
 
 
-@pytest.mark.parametrize("tile", [1, 7, 64])
+@pytest.mark.parametrize("tile", [1, 7, 64, 2048])
 @pytest.mark.parametrize("name", list(FORESTS))
 def test_tiled_scan_matches_the_dense_oracle(harness, tmp_path, name, tile):
     tree = _tree(name)
     x, w = _inputs(tree.num_nodes, "above_one")
-    down, up, *_ = _run(harness, tmp_path, tree, tile, x, w)
-    for got, direction in ((down, "down"), (up, "up")):
+    h = _run(harness, tmp_path, tree, tile, x, w, backward=False)
+    for got, direction in zip(_forward(h), DIRECTIONS):
         want = dense_tree_scan(x, w, tree.parent, direction)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=direction)
 
@@ -109,7 +118,7 @@ def test_backward_building_blocks_match_autograd(harness, tmp_path, name, tile):
     x, w = _inputs(tree.num_nodes, "unit_interval", seed=14)
     g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(15))
     out = _run(harness, tmp_path, tree, tile, x, w, g=g, threads=64)
-    for direction, (gx, gw) in (("down", out[2:4]), ("up", out[4:6])):
+    for direction, (gx, gw) in (("down", out[2:4]), ("up", out[4:6]), ("both", out[7:9])):
         want_x, want_w = _reference_backward(tree, x, w, g, direction, name != "chain_5000")
         torch.testing.assert_close(gx, want_x, rtol=1e-10, atol=1e-10, msg=direction)
         torch.testing.assert_close(gw, want_w, rtol=1e-10, atol=1e-10, msg=direction)
@@ -123,8 +132,8 @@ def test_tiled_scan_weights(harness, tmp_path, name, tile, weights):
     x, w = _inputs(tree.num_nodes, weights, seed=11)
     if name == "chain_5000" and weights == "above_one":
         w = w.clamp(-1.01, 1.01)  # products over 5000 steps stay finite
-    down, up, *_ = _run(harness, tmp_path, tree, tile, x, w, threads=64)
-    for got, direction in ((down, "down"), (up, "up")):
+    h = _run(harness, tmp_path, tree, tile, x, w, threads=64, backward=False)
+    for got, direction in zip(_forward(h), DIRECTIONS):
         want = tree_scan(x, w, tree, direction)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=direction)
 
@@ -133,9 +142,54 @@ def test_full_tiles_of_2048(harness, tmp_path):
     # three tiles of up to 2048 positions, levels longer than the block: chunks per thread
     tree = _tree("chain_5000")
     x, w = _inputs(tree.num_nodes, "zeros", seed=16)
-    down, up, *_ = _run(harness, tmp_path, tree, 2048, x, w, threads=64)
-    for got, direction in ((down, "down"), (up, "up")):
+    h = _run(harness, tmp_path, tree, 2048, x, w, threads=64, backward=False)
+    for got, direction in zip(_forward(h), DIRECTIONS):
         torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("tile", [1, 2048])
+def test_both_with_large_weights_takes_no_differences(harness, tmp_path, tile):
+    # both[v] sums over the whole tree; nothing is formed as a total minus a share, so a
+    # weight of 1e4 on a chain of 3 gives the exact products
+    tree = Tree.from_parent(chain(3))
+    w = torch.full((3, C), 1e4, dtype=torch.float64)
+    x = torch.zeros(3, C, dtype=torch.float64)
+    x[2, 0], x[0, 1], x[1, 2] = 1.0, 1.0, 1.0
+    g = torch.randn(3, C, dtype=torch.float64, generator=_gen(20))
+    out = _run(harness, tmp_path, tree, tile, x, w, g=g)
+    want = torch.tensor([[1e8, 1.0, 1e4], [1e4, 1e4, 1.0], [1.0, 1e8, 1e4]], dtype=torch.float64)
+    assert torch.equal(out[6], want)
+    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=True)
+    torch.testing.assert_close(out[7], want_x, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[8], want_w, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("tile", [1, 7, 64])
+def test_both_on_a_chain_of_weights_above_one(harness, tmp_path, tile):
+    tree = Tree.from_parent(chain(50))
+    x = torch.randn(50, C, dtype=torch.float64, generator=_gen(21))
+    w = torch.full((50, C), 1.5, dtype=torch.float64)
+    w[17, 1] = 0.0
+    g = torch.randn(50, C, dtype=torch.float64, generator=_gen(22))
+    out = _run(harness, tmp_path, tree, tile, x, w, g=g)
+    torch.testing.assert_close(out[6], dense_tree_scan(x, w, tree.parent, "both"),
+                               rtol=1e-12, atol=1e-12)
+    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=True)
+    torch.testing.assert_close(out[7], want_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[8], want_w, rtol=1e-12, atol=1e-12)
+
+
+def test_both_on_a_star_of_thousands_of_children(harness, tmp_path):
+    # the centre's 3000 children: one thread per (centre, channel) walks them forwards for
+    # the prefix and backwards for the suffix
+    tree = Tree.from_parent(star(3001, center=5))
+    x, w = _inputs(tree.num_nodes, "above_one", seed=23)
+    g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(24))
+    out = _run(harness, tmp_path, tree, 64, x, w, g=g, threads=64)
+    torch.testing.assert_close(out[6], tree_scan(x, w, tree, "both"), rtol=1e-10, atol=1e-10)
+    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=False)
+    torch.testing.assert_close(out[7], want_x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[8], want_w, rtol=1e-10, atol=1e-10)
 
 
 def test_chain_crosses_many_tiles():
@@ -164,7 +218,7 @@ def test_non_finite_values_stay_in_their_subtrees(harness, tmp_path):
     tree = _tree("random_many_roots")
     x, w = _inputs(tree.num_nodes, "unit_interval", seed=13)
     x[5, 0] = float("inf")
-    down, up, *_ = _run(harness, tmp_path, tree, 7, x, w)
+    down, up, *_ = _run(harness, tmp_path, tree, 7, x, w, backward=False)
     for got, direction in ((down, "down"), (up, "up")):
         want = tree_scan(x, w, tree, direction)
         assert torch.equal(torch.isfinite(got), torch.isfinite(want)), direction

@@ -11,6 +11,8 @@ from treessm.ops.tiles import tile_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+DIRECTIONS = ["down", "up", "both"]
+
 # error bounds relative to the largest reference value (at least 1)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -61,10 +63,10 @@ def _tile_scan(x, w, tree, tile, direction):
     return torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), plan.tile, direction)
 
 
-def _tile_backward(g, w, h, tree, tile, direction):
+def _tile_backward(g, w, h, tree, tile, direction, x=None):
     plan = tile_plan(tree, tile)
     return torch.ops.treessm.cuda_tile_scan_backward(g, w, h, list(plan[3:]), plan.tile,
-                                                     direction)
+                                                     direction, x)
 
 
 def _inputs(n, c, weights="unit_interval", seed=10):
@@ -88,7 +90,7 @@ def _close(got, want, dtype):
     assert err <= TOL[dtype] * scale, (err, scale)
 
 
-@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("tile", [1, 7, 64, 2048])
 @pytest.mark.parametrize("name", list(SMALL))
 def test_matches_the_dense_oracle(name, tile, direction):
@@ -100,22 +102,22 @@ def test_matches_the_dense_oracle(name, tile, direction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("tile,name", [(64, "chain_5000"), (2048, "chain_5000"),
                                        (256, "wide_star"), (2048, "random_20k"),
                                        (2048, "spanning_1e5"), (64, "spanning_1e5")])
 def test_matches_the_float64_scan(name, tile, direction, dtype):
     tree = _tree(name)
     x, w = _inputs(tree.num_nodes, 8)
-    if name == "wide_star" and direction == "up":
-        x = x / 64  # keep the root's sum of 6000 children within float16
+    if name == "wide_star" and direction != "down":
+        x = x / 64  # keep the sums over 6000 children within float16
     x, w = x.to(dtype), w.to(dtype)
     got = _tile_scan(x, w, tree, tile, direction)
     assert got.dtype == dtype
     _close(got, tree_scan(x.double(), w.double(), tree, direction), dtype)
 
 
-@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("name", ["random_many_roots", "chain_5000", "spanning_1e5"])
 def test_weights_zero_and_above_one(name, direction):
     tree = _tree(name)
@@ -132,7 +134,7 @@ def test_bitwise_run_to_run_and_across_slice_widths(name, dtype):
     tree = _tree(name)
     x, w = _inputs(tree.num_nodes, 8, seed=12)
     x, w = x.to(dtype), w.to(dtype)
-    for direction in ("down", "up"):
+    for direction in DIRECTIONS:
         first = _tile_scan(x, w, tree, 2048, direction)
         assert torch.equal(first, _tile_scan(x, w, tree, 2048, direction))
         # one channel runs in slices of one, eight in the widest: the same bits per channel
@@ -141,7 +143,7 @@ def test_bitwise_run_to_run_and_across_slice_widths(name, dtype):
             assert torch.equal(_tile_scan(*col, tree, 2048, direction)[:, 0], first[:, c])
 
 
-@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("name,tile", [("random_many_roots", 7), ("graph_forest", 1),
                                        ("chain_5000", 64), ("spanning_1e5", 2048)])
 def test_backward_building_block_matches_autograd(name, tile, direction):
@@ -149,11 +151,36 @@ def test_backward_building_block_matches_autograd(name, tile, direction):
     x, w = _inputs(tree.num_nodes, 3, seed=13)
     g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(14)).cuda()
     h = _tile_scan(x, w, tree, tile, direction)
-    gx, gw = _tile_backward(g, w, h, tree, tile, direction)
+    gx, gw = _tile_backward(g, w, h, tree, tile, direction, x)
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     want_x, want_w = torch.autograd.grad(tree_scan(xr, wr, tree, direction), (xr, wr), g)
     torch.testing.assert_close(gx, want_x, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(gw, want_w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_both_backward_in_low_precision(dtype):
+    tree = _tree("random_20k")
+    x, w = _inputs(tree.num_nodes, 8, seed=15)
+    g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(16)).cuda()
+    xl, wl, gl = x.to(dtype), w.to(dtype), g.to(dtype)
+    gx, gw = _tile_backward(gl, wl, _tile_scan(xl, wl, tree, 2048, "both"), tree, 2048, "both",
+                            xl)
+    assert gx.dtype == gw.dtype == dtype
+    xr, wr = xl.double().requires_grad_(), wl.double().requires_grad_()
+    want_x, want_w = torch.autograd.grad(tree_scan(xr, wr, tree, "both"), (xr, wr), gl.double())
+    _close(gx, want_x, dtype)
+    _close(gw, want_w, dtype)
+
+
+@pytest.mark.parametrize("tile", [1, 2048])
+def test_both_with_large_weights_takes_no_differences(tile):
+    # x = one-hot at the leaf of a chain of 3 with weights 1e4: exactly [1e8, 1e4, 1]
+    tree = Tree.from_parent(chain(3)).to("cuda")
+    x = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64, device="cuda")
+    w = torch.full_like(x, 1e4)
+    got = _tile_scan(x, w, tree, tile, "both")
+    assert got[:, 0].tolist() == [1e8, 1e4, 1.0]
 
 
 def test_bad_arguments_raise():
@@ -161,7 +188,9 @@ def test_bad_arguments_raise():
     x, w = _inputs(tree.num_nodes, 2)
     plan = tile_plan(tree, 64)
     with pytest.raises(RuntimeError, match="direction"):
-        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), 64, "both")
+        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), 64, "sideways")
+    with pytest.raises(RuntimeError, match="needs the forward's input x"):
+        torch.ops.treessm.cuda_tile_scan_backward(x, w, x, list(plan[3:]), 64, "both")
     with pytest.raises(RuntimeError, match="plan must hold"):
         torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:-1]), 64, "down")
     with pytest.raises(RuntimeError, match="weight"):

@@ -1,13 +1,17 @@
 // Host emulation of the tiled tree-scan kernels (tile_kernels.cuh): one std::thread per CUDA
 // thread, blocks in turn, the three phases launched as tile_scan.cu launches them, on
 // double data. Shared memory and scratch are poisoned (NaN bytes / -999) before use.
-// usage: tile_harness IN OUT S THREADS
+// usage: tile_harness IN OUT S THREADS [forward]
 //   IN: int64 header N, C, M, L, tile, T, then x, w and g (double [N, C], by vertex), then
 //   the plan's int32 tensors in TilePlan order; OUT (double [N, C] each): h of down, h of
-//   up, then the backward of down at g (grad_x, grad_w), then that of up.
-//   S: channels of a block (1, 2 or 4); THREADS: threads of a tile block.
+//   up, then the backward of down at g (grad_x, grad_w), then that of up; then h of both
+//   and its backward at g (grad_x, grad_w), composed as tile_scan.cu composes them.
+//   S: channels of a block (1, 2 or 4); THREADS: threads of a tile block; `forward`: only
+//   the three h (the gradients' rows are left at -777).
+// Kernels without shared memory or barriers (one thread per row) run their threads in turn.
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 namespace treessm_cuda { alignas(16) unsigned char smem_raw_storage[1 << 18]; }
 #include "tile_kernels.cuh"
@@ -19,6 +23,20 @@ void launch(unsigned gx, unsigned gy, int threads, int64_t smem, F body) {
   for (unsigned bx = 0; bx < gx; ++bx)
     for (unsigned by = 0; by < gy; ++by)
       emu_run_block(bx, by, threads, [smem] { std::memset(smem_raw_storage, 0xff, smem); }, body);
+}
+
+// A launch of a kernel that uses neither shared memory nor barriers: threads in turn.
+template <typename F>
+void launch_serial(int64_t n, F body) {
+  const int block = 256;
+  blockDim.x = block;
+  for (int64_t i = 0; i < n; i += block) {
+    blockIdx.x = static_cast<unsigned>(i / block);
+    for (int t = 0; t < block; ++t) {
+      threadIdx.x = t;
+      body();
+    }
+  }
 }
 
 template <int S, bool UP>
@@ -42,7 +60,7 @@ void run(TileArgs a, int threads, int64_t N) {
 }
 
 template <int S>
-void run_all(TileArgs a, const double* g, int threads, int64_t N, FILE* o) {
+void run_all(TileArgs a, const double* g, int threads, int64_t N, bool backward, FILE* o) {
   const int64_t n = N * a.C;
   std::vector<double> hd(n, -777.0), hu(n, -777.0), gx(n, -777.0), gw(n, -777.0);
   auto dump = [&](const std::vector<double>& v) {
@@ -58,14 +76,19 @@ void run_all(TileArgs a, const double* g, int threads, int64_t N, FILE* o) {
   TileArgs b = a;
   b.x = g;
   for (const bool up : {false, true}) {
+    if (!backward) {
+      std::fill(gx.begin(), gx.end(), -777.0);
+      dump(gx);
+      dump(gx);
+      continue;
+    }
     std::fill(gx.begin(), gx.end(), -777.0);
     std::fill(gw.begin(), gw.end(), -777.0);
     b.h = gx.data();
     if (up) run<S, false>(b, threads, N);
     else run<S, true>(b, threads, N);
     const double* h = up ? hu.data() : hd.data();
-    const int block = 256;
-    launch(static_cast<unsigned>((n + block - 1) / block), 1, block, 0, [&] {
+    launch_serial(n, [&] {
       tile_grad_weight_kernel<double, double>(gx.data(), h, gw.data(), a.vertex, a.parent, N,
                                               a.C, up);
     });
@@ -74,9 +97,65 @@ void run_all(TileArgs a, const double* g, int threads, int64_t N, FILE* o) {
   }
 }
 
+// both(x) as tile_scan.cu runs it: up, the brackets, down of their inputs; h = up + out.
+struct BothParts {
+  std::vector<double> up, inner, out, h;
+};
+
+template <int S>
+BothParts run_both(TileArgs a, const double* x, const std::vector<int>& prev, int threads,
+                   int64_t N) {
+  const int64_t n = N * a.C;
+  BothParts r{std::vector<double>(n, -777.0), std::vector<double>(n, -777.0),
+              std::vector<double>(n, -777.0), std::vector<double>(n, -777.0)};
+  std::vector<double> b(n, -777.0);
+  a.x = x;
+  a.h = r.up.data();
+  run<S, true>(a, threads, N);
+  launch_serial(n, [&] {
+    tile_bracket_kernel<double>(x, static_cast<const double*>(a.w), r.up.data(), r.inner.data(),
+                                b.data(), a.vertex, a.parent, a.size, prev.data(), N, a.C);
+  });
+  a.x = b.data();
+  a.h = r.out.data();
+  run<S, false>(a, threads, N);
+  for (int64_t i = 0; i < n; ++i) r.h[i] = r.up[i] + r.out[i];
+  return r;
+}
+
+template <int S>
+void both_all(TileArgs a, const double* g, int threads, int64_t N, bool backward, FILE* o) {
+  const int64_t n = N * a.C;
+  std::vector<int> prev(N > 0 ? N : 1, 0x3fffffff);  // poison: an index far out of range
+  launch_serial(N, [&] {
+    tile_sibling_links_kernel(a.parent, a.size, prev.data(), static_cast<int>(N));
+  });
+  const BothParts px = run_both<S>(a, static_cast<const double*>(a.x), prev, threads, N);
+  std::vector<double> gw(n, -777.0);
+  if (!backward) {
+    if (n > 0) {
+      std::fwrite(px.h.data(), 8, n, o);
+      std::fwrite(gw.data(), 8, n, o);
+      std::fwrite(gw.data(), 8, n, o);
+    }
+    return;
+  }
+  const BothParts pg = run_both<S>(a, g, prev, threads, N);
+  launch_serial(n, [&] {
+    tile_both_grad_weight_kernel<double, double>(px.up.data(), px.inner.data(), px.out.data(),
+                                                 pg.up.data(), pg.inner.data(), pg.out.data(),
+                                                 gw.data(), a.vertex, a.parent, N, a.C);
+  });
+  if (n > 0) {
+    std::fwrite(px.h.data(), 8, n, o);
+    std::fwrite(pg.h.data(), 8, n, o);
+    std::fwrite(gw.data(), 8, n, o);
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc < 5) {
-    std::fprintf(stderr, "usage: tile_harness IN OUT S THREADS\n");
+    std::fprintf(stderr, "usage: tile_harness IN OUT S THREADS [forward]\n");
     return 2;
   }
   FILE* f = std::fopen(argv[1], "rb");
@@ -116,9 +195,17 @@ int main(int argc, char** argv) {
   a.entry_ptr = entry_ptr.data();
   const int S = std::atoi(argv[3]), threads = std::atoi(argv[4]);
   FILE* o = std::fopen(argv[2], "wb");
-  if (S == 4) run_all<4>(a, g.data(), threads, N, o);
-  else if (S == 2) run_all<2>(a, g.data(), threads, N, o);
-  else run_all<1>(a, g.data(), threads, N, o);
+  const bool backward = !(argc > 5 && std::string(argv[5]) == "forward");
+  if (S == 4) {
+    run_all<4>(a, g.data(), threads, N, backward, o);
+    both_all<4>(a, g.data(), threads, N, backward, o);
+  } else if (S == 2) {
+    run_all<2>(a, g.data(), threads, N, backward, o);
+    both_all<2>(a, g.data(), threads, N, backward, o);
+  } else {
+    run_all<1>(a, g.data(), threads, N, backward, o);
+    both_all<1>(a, g.data(), threads, N, backward, o);
+  }
   std::fclose(o);
   return 0;
 }
