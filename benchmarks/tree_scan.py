@@ -26,7 +26,7 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   on :func:`treessm.ops.tiles.tile_plan`) against the current kernels of ``tree_scan``, same
   direction and data: the 10^6-vertex graph's spanning forest and a chain of 10^6 (C=64),
   32 x 56x56 (C=160), 32 x 14x14 (C=640) and the 4 chains of 2,048 tokens (C=24,576);
-  ``down`` and ``up``, several tile sizes: forward and backward GPU time, the plan's shape
+  every direction, several tile sizes: forward and backward GPU time, the plan's shape
   (tiles, boundary vertices, boundary-tree depth) and build time, and the largest error
   against the float64 scan.
 
@@ -346,7 +346,7 @@ def tile_rows(bw):
         x, w = _inputs(tree.num_nodes, c, torch.float32)
         grad = torch.randn_like(x)
         floor, bfloor = _floors(tree.num_nodes, c, torch.float32, bw)
-        for direction in ("down", "up"):
+        for direction in DIRECTIONS:
             ref = treessm.tree_scan(x.double(), w.double(), tree, direction)
             current = _gpu(x, w, tree, direction, grad)
             for tile in tiles:
@@ -367,7 +367,7 @@ def tile_rows(bw):
                                                              direction))
                 row["tiled_bwd_gpu_ms"], _ = _device_time(
                     lambda: torch.ops.treessm.cuda_tile_scan_backward(grad, w, h, tensors,
-                                                                      plan.tile, direction))
+                                                                      plan.tile, direction, x))
                 row["tiled_max_rel_error"] = float((h.double() - ref).abs().max()
                                                    / ref.abs().max().clamp(min=1))
                 out.append(row)
