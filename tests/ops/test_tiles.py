@@ -398,6 +398,21 @@ def test_three_phases_on_large_forests_match_the_scan(name, direction, tile):
     torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
 
 
+# ---------------------------------------------------------------------- pointer doubling
+@pytest.mark.parametrize("name", list(FORESTS) + list(LARGE))
+def test_sums_by_pointer_doubling_match_the_tree_scans(name):
+    # the sums the layouts are built from, as computed off the CPU, against the CPU's scans
+    from treessm.ops.heavy import _by_doubling, root_path_sums, subtree_sums
+
+    tree = _tree(name)
+    values = torch.randint(-3, 9, (tree.num_nodes, 2), generator=_gen(14))
+    unbounded = Tree(tree.parent, tree.order, tree.child_ptr, tree.tree_ptr, tree.depth)
+    for t in (tree, unbounded):  # the largest tree's size known, or only N
+        assert torch.equal(_by_doubling(values, t, toward_root=True), subtree_sums(values, tree))
+        assert torch.equal(_by_doubling(values, t, toward_root=False),
+                           root_path_sums(values.double(), tree))
+
+
 # ---------------------------------------------------------------------- host synchronisation
 def test_plan_is_built_without_reading_the_device(monkeypatch):
     # every way a tensor's value reaches the host raises while the plan is built (the

@@ -2,10 +2,19 @@
 (:mod:`treessm.ops.walk`, heavy child last; :mod:`treessm.ops.tiles`, heavy child first).
 
 Every vertex with children marks its *heavy* child: the one with the largest subtree, the
-first in breadth-first order on ties. :func:`heavy_children` computes it with one tree scan
-(subtree sizes, float64, exact below :math:`2^{53}`) and tensor operations on the tree's
-device, with what both layouts place children by: the sizes of each vertex's earlier
-siblings in breadth-first order.
+first in breadth-first order on ties. :func:`heavy_children` computes it from the subtree
+sizes and tensor operations on the tree's device, with what both layouts place children by:
+the sizes of each vertex's earlier siblings in breadth-first order.
+
+Subtree sizes and root-path sums are integer sums over a vertex's descendants or ancestors.
+On the CPU they are tree scans (compiled, linear); on other devices they are computed by
+*pointer doubling* (:func:`subtree_sums`, :func:`root_path_sums`): with ``anc_k(v)`` the
+ancestor :math:`2^k` edges above ``v``, the sums over the :math:`2^{k+1}` nearest ancestors
+(or descendants) are those over the :math:`2^k` nearest plus those of ``anc_k(v)`` (of the
+vertices whose ``anc_k`` is ``v``). That is :math:`\lceil \log_2 (n) \rceil` dependent steps
+of gathers and integer scatter-adds for trees of at most ``n`` vertices, whatever their
+depth, independent of the tree-scan kernels (which are laid out with these sums), and exact
+and deterministic (integer sums).
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ from torch import Tensor
 from ..tree import Tree
 from .tree_scan import tree_scan
 
-__all__ = ["HeavyChildren", "heavy_children", "root_path_sums"]
+__all__ = ["HeavyChildren", "heavy_children", "subtree_sums", "root_path_sums"]
 
 
 class HeavyChildren(NamedTuple):
@@ -49,8 +58,7 @@ def heavy_children(tree: Tree) -> HeavyChildren:
     n, dev = tree.num_nodes, tree.device
     parent, order = tree.parent, tree.order
     long = dict(dtype=torch.long, device=dev)
-    ones = torch.ones(n, 1, dtype=torch.float64, device=dev)
-    size = tree_scan(ones, ones, tree, "up")[:, 0]  # exact: integers below 2^53
+    size = subtree_sums(torch.ones(n, 1, **long), tree)[:, 0].double()
     bfs = torch.empty(n, **long).scatter_(0, order, torch.arange(n, **long))
     nonroot = parent >= 0
     par = torch.where(nonroot, parent, n)  # roots point at a spare slot n
@@ -65,6 +73,39 @@ def heavy_children(tree: Tree) -> HeavyChildren:
     first_sibling = tree.child_ptr[bfs[parent.clamp(min=0)]].clamp(max=max(n - 1, 0))
     earlier = before_bfs[bfs] - before_bfs[first_sibling]
     return HeavyChildren(size, bfs, heavy, largest, heavy_bfs, earlier)
+
+
+def _steps(tree: Tree) -> int:
+    """Doubling steps that cover every root path: :math:`2^{steps}` exceeds the depth."""
+    largest = tree.num_nodes if tree.max_tree_size is None else tree.max_tree_size
+    return max(int(largest - 1).bit_length(), 0)
+
+
+def _by_doubling(values: Tensor, tree: Tree, toward_root: bool) -> Tensor:
+    """Root-path sums (``toward_root=False``: each vertex sums its ancestors) or subtree
+    sums (``True``: each vertex sums its descendants) of int64 ``values [N, K]``."""
+    n = tree.num_nodes
+    spare = torch.full((1,), n, dtype=torch.long, device=values.device)
+    anc = torch.cat([torch.where(tree.parent >= 0, tree.parent, n), spare])  # n: above roots
+    acc = torch.cat([values, values.new_zeros(1, values.shape[1])])
+    for _ in range(_steps(tree)):
+        if toward_root:  # v adds what the vertices 2^k below it hold
+            acc = acc.index_add(0, anc[:n], acc[:n])
+        else:  # v adds what its ancestor 2^k above it holds
+            acc = acc + acc[anc]
+        acc[n] = 0
+        anc = anc[anc]
+    return acc[:n]
+
+
+def subtree_sums(values: Tensor, tree: Tree) -> Tensor:
+    """Sums of ``values`` (int64 ``[N, K]``, by vertex) over each vertex's subtree, itself
+    included, as int64: an ``"up"`` tree scan with unit weights on the CPU, pointer
+    doubling elsewhere."""
+    if tree.device.type == "cpu":
+        v = values.double()
+        return tree_scan(v, torch.ones_like(v), tree, "up").round().long()
+    return _by_doubling(values.long(), tree, toward_root=True)
 
 
 def root_path_sums(values: Tensor, tree: Tree) -> Tensor:
