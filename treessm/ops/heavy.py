@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
-from .tree_scan import tree_scan
+from . import cpu
 
 __all__ = ["HeavyChildren", "heavy_children", "subtree_sums", "root_path_sums"]
 
@@ -98,18 +98,28 @@ def _by_doubling(values: Tensor, tree: Tree, toward_root: bool) -> Tensor:
     return acc[:n]
 
 
+def _cpu_scan(values: Tensor, tree: Tree, direction: str) -> Tensor:
+    """A tree scan of integer ``values`` with unit weights by the compiled CPU kernels
+    (float64, exact below :math:`2^{53}`), as int64."""
+    v = values.double().contiguous()
+    h = cpu.forward(v, torch.ones_like(v), tree.order, tree.child_ptr, tree.tree_ptr,
+                    direction)
+    return h.round().long()
+
+
 def subtree_sums(values: Tensor, tree: Tree) -> Tensor:
     """Sums of ``values`` (int64 ``[N, K]``, by vertex) over each vertex's subtree, itself
     included, as int64: an ``"up"`` tree scan with unit weights on the CPU, pointer
     doubling elsewhere."""
     if tree.device.type == "cpu":
-        v = values.double()
-        return tree_scan(v, torch.ones_like(v), tree, "up").round().long()
+        return _cpu_scan(values, tree, "up")
     return _by_doubling(values.long(), tree, toward_root=True)
 
 
 def root_path_sums(values: Tensor, tree: Tree) -> Tensor:
-    """Sums of ``values`` (float64 ``[N, K]`` of integers, by vertex) over each vertex's
-    root path, itself included, as int64 (a ``"down"`` tree scan with unit weights; exact
-    below :math:`2^{53}`)."""
-    return tree_scan(values, torch.ones_like(values), tree, "down").round().long()
+    """Sums of ``values`` (``[N, K]`` of integers below :math:`2^{53}`, by vertex) over
+    each vertex's root path, itself included, as int64: a ``"down"`` tree scan with unit
+    weights on the CPU, pointer doubling elsewhere."""
+    if tree.device.type == "cpu":
+        return _cpu_scan(values, tree, "down")
+    return _by_doubling(values.long(), tree, toward_root=False)

@@ -39,9 +39,10 @@ memory with the values entering it kept symbolic (an affine function of the valu
 at its top), giving a summary per boundary vertex; the boundary tree solved in the order
 of its numbering; each tile rescanned with the true values entering it, writing ``h``.
 
-The plan is built with tensor operations and three tree scans (float64, exact below
-:math:`2^{53}`) on the tree's device; it reads nothing back to the host (the tile count is
-an upper bound known from host-side sizes, see :func:`max_tiles`).
+The plan is built with tensor operations and three integer tree sums
+(:mod:`treessm.ops.heavy`: compiled tree scans on the CPU, pointer doubling elsewhere) on
+the tree's device; it reads nothing back to the host (the tile count is an upper bound
+known from host-side sizes, see :func:`max_tiles`).
 """
 from __future__ import annotations
 
@@ -201,10 +202,9 @@ def tile_plan(tree: Tree, tile: int = TILE) -> TilePlan:
     r"""The tiled layout of ``tree`` (:class:`TilePlan`), built once per tile size and
     cached in ``tree.plan_cache``.
 
-    Built on the tree's device by tensor operations and three float64 tree scans (subtree
-    sizes; positions and light depths; tiles crossed), with no read back to the host. The
-    scans themselves build the tree's scan plan when it is not cached yet (which on CUDA
-    reads sizes back for large trees, once per tree).
+    Built on the tree's device by tensor operations and three integer tree sums (subtree
+    sizes; positions and light depths; tiles crossed; :mod:`treessm.ops.heavy`), with no
+    read back to the host.
 
     Args:
         tree (Tree): the forest.

@@ -13,9 +13,9 @@ The walk is cut into segments of ``segment`` positions, each tree's starting at 
 position; at each segment start the backward restores the previous vertex's state and the
 stack from *checkpoint slots* (one plus the stack's depth there), numbered in walk order.
 
-The plan is computed with tensor operations and two tree scans on the tree's device and
-cached in ``tree.plan_cache``; the host reads two numbers once (the slot count and the
-deepest stack).
+The plan is computed with tensor operations and two integer tree sums
+(:mod:`treessm.ops.heavy`) on the tree's device and cached in ``tree.plan_cache``; the
+host reads two numbers once (the slot count and the deepest stack).
 """
 from __future__ import annotations
 
