@@ -1,4 +1,4 @@
-"""The heavy children of a forest, shared by the layouts that order each tree depth-first
+r"""The heavy children of a forest, shared by the layouts that order each tree depth-first
 (:mod:`treessm.ops.walk`, heavy child last; :mod:`treessm.ops.tiles`, heavy child first).
 
 Every vertex with children marks its *heavy* child: the one with the largest subtree, the
