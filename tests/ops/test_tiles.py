@@ -413,6 +413,24 @@ def test_sums_by_pointer_doubling_match_the_tree_scans(name):
                            root_path_sums(values.double(), tree))
 
 
+def test_plan_compiles_into_one_graph():
+    # torch.compile(fullgraph=True) traces the layout (pointer doubling in place of the
+    # CPU's scans) and builds what the eager call builds
+    tree = Tree.from_parent(random_forest(400, 5, _gen(15), locality=7))
+
+    def build(t):
+        t.plan_cache.clear()
+        return tuple(tile_plan(t, 16))
+
+    compiled = torch.compile(build, fullgraph=True)(tree)
+    eager = build(tree)
+    for got, want in zip(compiled, eager):
+        if isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        else:
+            assert got == want
+
+
 # ---------------------------------------------------------------------- host synchronisation
 def test_plan_is_built_without_reading_the_device(monkeypatch):
     # every way a tensor's value reaches the host raises while the plan is built

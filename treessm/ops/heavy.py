@@ -87,15 +87,16 @@ def _by_doubling(values: Tensor, tree: Tree, toward_root: bool) -> Tensor:
     n = tree.num_nodes
     spare = torch.full((1,), n, dtype=torch.long, device=values.device)
     anc = torch.cat([torch.where(tree.parent >= 0, tree.parent, n), spare])  # n: above roots
-    acc = torch.cat([values, values.new_zeros(1, values.shape[1])])
+    zero = values.new_zeros(1, values.shape[1])  # what lies above a root: nothing
+    acc = values
     for _ in range(_steps(tree)):
         if toward_root:  # v adds what the vertices 2^k below it hold
-            acc = acc.index_add(0, anc[:n], acc[:n])
+            below = values.new_zeros(n + 1, values.shape[1]).index_add_(0, anc[:n], acc)
+            acc = acc + below[:n]
         else:  # v adds what its ancestor 2^k above it holds
-            acc = acc + acc[anc]
-        acc[n] = 0
+            acc = acc + torch.cat([acc, zero])[anc[:n]]
         anc = anc[anc]
-    return acc[:n]
+    return acc
 
 
 def _cpu_scan(values: Tensor, tree: Tree, direction: str) -> Tensor:
@@ -107,11 +108,15 @@ def _cpu_scan(values: Tensor, tree: Tree, direction: str) -> Tensor:
     return h.round().long()
 
 
+def _compiled_scan(tree: Tree) -> bool:
+    return tree.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def subtree_sums(values: Tensor, tree: Tree) -> Tensor:
     """Sums of ``values`` (int64 ``[N, K]``, by vertex) over each vertex's subtree, itself
     included, as int64: an ``"up"`` tree scan with unit weights on the CPU, pointer
-    doubling elsewhere."""
-    if tree.device.type == "cpu":
+    doubling elsewhere and under :func:`torch.compile` (which traces it)."""
+    if _compiled_scan(tree):
         return _cpu_scan(values, tree, "up")
     return _by_doubling(values.long(), tree, toward_root=True)
 
@@ -119,7 +124,7 @@ def subtree_sums(values: Tensor, tree: Tree) -> Tensor:
 def root_path_sums(values: Tensor, tree: Tree) -> Tensor:
     """Sums of ``values`` (``[N, K]`` of integers below :math:`2^{53}`, by vertex) over
     each vertex's root path, itself included, as int64: a ``"down"`` tree scan with unit
-    weights on the CPU, pointer doubling elsewhere."""
-    if tree.device.type == "cpu":
+    weights on the CPU, pointer doubling elsewhere and under :func:`torch.compile`."""
+    if _compiled_scan(tree):
         return _cpu_scan(values, tree, "down")
     return _by_doubling(values.long(), tree, toward_root=False)

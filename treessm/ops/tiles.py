@@ -197,14 +197,14 @@ def _check(tree, tile) -> None:
                          f"{tree.num_nodes} vertices")
 
 
-@torch.compiler.disable
 def tile_plan(tree: Tree, tile: int = TILE) -> TilePlan:
     r"""The tiled layout of ``tree`` (:class:`TilePlan`), built once per tile size and
     cached in ``tree.plan_cache``.
 
     Built on the tree's device by tensor operations and three integer tree sums (subtree
     sizes; positions and light depths; tiles crossed; :mod:`treessm.ops.heavy`), with no
-    read back to the host.
+    read back to the host; :func:`torch.compile` traces it (the sums by pointer doubling),
+    so a compiled model may build the layout of a tree it builds itself.
 
     Args:
         tree (Tree): the forest.
