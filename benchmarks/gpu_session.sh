@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
 # $OUT (default ./gpu_out), at most eight files.
-#   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (schedules
-#                                          trees and tiles) and of the fused selective scan, the
+#   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
+#                                          tiled) and of the fused selective scan, the
 #                                          benchmark rows of the scan, memcheck (and
 #                                          racecheck of the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
-#                                          grootl, the tile sizes of the tiles schedule,
-#                                          selective_scan), each saved as *_<card>.json
+#                                          grootl, the tiled kernels, selective_scan), each
+#                                          saved as *_<card>.json
 #   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
 #                                          process on the whole GPU), then torch.compile of every
 #                                          module on CUDA

@@ -11,9 +11,9 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   backward: read g, x, w, h and write both gradients once);
 * ``graph`` -- one graph of 10^6 vertices and 5 * 10^6 random edges, its spanning forest
   built on the device (one giant tree and a few isolated vertices), C=64, ``both``: both
-  schedules (``"tiles"`` and ``"trees"``), forward and forward+backward;
+  schedules, forward and forward+backward;
 * ``schedules`` -- the two schedules on single random trees of 2^12 to 2^20 vertices (C=64),
-  the crossover that :data:`treessm.ops.plan.TILES_MIN_TREE_SIZE` encodes;
+  the crossover that :data:`treessm.ops.plan.PHASES_MIN_TREE_SIZE` encodes;
 * ``launch`` -- block width and position lanes on the four grid stages (results are the same
   bits): the measurements behind :func:`treessm.ops.plan.launch_config`;
 * ``host`` -- the host overhead rows: a tiny tree, and 32 x 14x14 x 640 (wall against GPU
@@ -22,13 +22,13 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   widths of Mamba-130m), the scan GrootL runs on;
 * ``grid_build`` -- tree construction at 56x56, 112x112, 224x224 (B=32) and 512x512 (B=4).
 
-* ``tiles`` (``--tiles``, alone) -- the ``"tiles"`` schedule at several tile sizes
-  (``torch.ops.treessm.cuda_tree_scan`` along ``scan_plan(tree, C, dtype, "tiles", tile)``)
-  against the ``"trees"`` schedule, same direction and data: the 10^6-vertex graph's
-  spanning forest and a chain of 10^6 (C=64), 32 x 56x56 (C=160), 32 x 14x14 (C=640) and
-  the 4 chains of 2,048 tokens (C=24,576); every direction: forward and backward GPU time,
-  the tiled layout's shape (tiles, boundary vertices, boundary-tree depth) and build time,
-  and the largest error against the float64 ``"trees"`` scan.
+* ``tiles`` (``--tiles``, alone) -- the tiled kernels (``torch.ops.treessm.cuda_tile_scan``
+  on :func:`treessm.ops.tiles.tile_plan`) against the current kernels of ``tree_scan``, same
+  direction and data: the 10^6-vertex graph's spanning forest and a chain of 10^6 (C=64),
+  32 x 56x56 (C=160), 32 x 14x14 (C=640) and the 4 chains of 2,048 tokens (C=24,576);
+  every direction, several tile sizes: forward and backward GPU time, the plan's shape
+  (tiles, boundary vertices, boundary-tree depth) and build time, and the largest error
+  against the float64 scan.
 
 ``--headline`` measures only the grid rows in float32 ``both`` through the public API
 (``GridTopology``, ``tree_scan``, autograd), so that the same script can time another
@@ -127,12 +127,11 @@ def _wall(x, w, tree, direction, grad):
     return fwd, cuda_time(step)
 
 
-def _gpu(x, w, tree, direction, grad, schedule=None, tile=None, **launch):
-    """(forward, backward) GPU time of the CUDA operators along the tree's plan (tiles of
-    ``tile`` positions under ``"tiles"``)."""
+def _gpu(x, w, tree, direction, grad, schedule=None, **launch):
+    """(forward, backward) GPU time of the CUDA operators along the tree's plan."""
     from treessm.ops import cuda, plan
 
-    p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule, tile)
+    p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule)
     if launch:
         p = p._replace(launch=p.launch._replace(**launch))
     h = cuda.forward(x, w, p, direction)
@@ -193,19 +192,15 @@ def graph_rows(bw):
     row = dict(case="graph 10^6 vertices, 5*10^6 edges, C=64, both, float32", N=n, E=e, C=c,
                trees=tree.num_trees, largest_tree=int(sizes.max()), build_ms=build_ms,
                auto=plan.choose_schedule(tree))
-    from treessm.ops.tiles import tile_plan
-
     t0 = time.time()
-    plan.scan_plan(tree, c, torch.float32, "tiles")
-    torch.cuda.synchronize()
-    row["tile_layout_first_s"] = time.time() - t0
-    laid = tile_plan(tree)  # cached by scan_plan
-    row["tiles"] = int((laid.tile_ptr.diff() > 0).sum())
-    row["boundary_depth"] = int((laid.boundary_level_ptr.diff() > 0).sum())
+    plan.scan_plan(tree, c, torch.float32, "phases")
+    row["phase_layout_first_s"] = time.time() - t0
+    bounds = plan.phase_plan(tree).phase_ptr_host
+    row["phases"] = int((bounds[1:] > bounds[:-1]).sum())
     x, w = _inputs(n, c, torch.float32)
     grad = torch.randn_like(x)
-    for sched in ("tiles", "trees"):
-        fwd, bwd = _gpu(x, w, tree, "both", grad, sched) if sched == "tiles" else \
+    for sched in ("phases", "trees"):
+        fwd, bwd = _gpu(x, w, tree, "both", grad, sched) if sched == "phases" else \
             _gpu_once(x, w, tree, "both", grad, sched)
         row[f"{sched}_fwd_gpu_ms"], row[f"{sched}_bwd_gpu_ms"] = fwd, bwd
     row["fwd_wall_ms"], row["fwd_bwd_wall_ms"] = _wall(x, w, tree, "both", grad)
@@ -233,8 +228,8 @@ def schedules(bw):
         x, w = _inputs(tree.num_nodes, 64, torch.float32)
         grad = torch.randn_like(x)
         row = dict(N=1 << k, C=64)
-        for sched in ("trees", "tiles"):
-            f = _gpu if k <= 16 or sched == "tiles" else _gpu_once
+        for sched in ("trees", "phases"):
+            f = _gpu if k <= 16 or sched == "phases" else _gpu_once
             row[f"{sched}_fwd_ms"], row[f"{sched}_bwd_ms"] = f(x, w, tree, "both", grad, sched)
         out.append(row)
     return out
@@ -317,7 +312,7 @@ def grid_builds():
 
 
 def _tile_cases():
-    """(name, tree, channels, tile sizes) of the tile-size comparison."""
+    """(name, tree, channels, tile sizes) of the tiled-kernel comparison."""
     from treessm.topology import chain_tree
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -343,9 +338,7 @@ def _device_time(fn):
 
 
 def tile_rows(bw):
-    """The "tiles" schedule at several tile sizes against "trees" (see the module
-    docstring)."""
-    from treessm.ops import cuda, plan
+    """The tiled kernels against the current ones (see the module docstring)."""
     from treessm.ops.tiles import tile_plan
 
     out = []
@@ -353,31 +346,29 @@ def tile_rows(bw):
         x, w = _inputs(tree.num_nodes, c, torch.float32)
         grad = torch.randn_like(x)
         floor, bfloor = _floors(tree.num_nodes, c, torch.float32, bw)
-        # one block per tree is slow on a large tree: a few eager calls, no graph
-        large = plan.choose_schedule(tree) == "tiles"
         for direction in DIRECTIONS:
-            ref = cuda.forward(x.double(), w.double(),
-                               plan.scan_plan(tree, c, torch.float64, "trees"), direction)
-            trees = (_gpu_once if large else _gpu)(x, w, tree, direction, grad, "trees")
+            ref = treessm.tree_scan(x.double(), w.double(), tree, direction)
+            current = _gpu(x, w, tree, direction, grad)
             for tile in tiles:
                 t0 = time.perf_counter()
-                p = plan.scan_plan(tree, c, torch.float32, "tiles", tile)
+                plan = tile_plan(tree, tile)
                 torch.cuda.synchronize()
                 build_ms = (time.perf_counter() - t0) * 1e3
-                laid = tile_plan(tree, tile)  # cached by scan_plan: the layout's shape
+                tensors = list(plan[3:])
                 row = dict(case=name, direction=direction, N=tree.num_nodes, C=c, tile=tile,
-                           auto=plan.choose_schedule(tree),
-                           tiles=int((laid.tile_ptr.diff() > 0).sum()),
-                           boundary=int(laid.boundary_level_ptr[-1]),
-                           boundary_depth=int((laid.boundary_level_ptr.diff() > 0).sum()),
+                           tiles=int((plan.tile_ptr.diff() > 0).sum()),
+                           boundary=int(plan.boundary_level_ptr[-1]),
+                           boundary_depth=int((plan.boundary_level_ptr.diff() > 0).sum()),
                            plan_build_ms=build_ms, fwd_floor_ms=floor, bwd_floor_ms=bfloor,
-                           trees_fwd_gpu_ms=trees[0], trees_bwd_gpu_ms=trees[1])
-                h = cuda.forward(x, w, p, direction)
-                row["tiles_fwd_gpu_ms"], row["tiles_timer"] = _device_time(
-                    lambda: cuda.forward(x, w, p, direction))
-                row["tiles_bwd_gpu_ms"], _ = _device_time(
-                    lambda: cuda.backward(grad, x, w, h, p, direction))
-                row["tiles_max_rel_error"] = float((h.double() - ref).abs().max()
+                           current_fwd_gpu_ms=current[0], current_bwd_gpu_ms=current[1])
+                h = torch.ops.treessm.cuda_tile_scan(x, w, tensors, plan.tile, direction)
+                row["tiled_fwd_gpu_ms"], row["tiled_timer"] = _device_time(
+                    lambda: torch.ops.treessm.cuda_tile_scan(x, w, tensors, plan.tile,
+                                                             direction))
+                row["tiled_bwd_gpu_ms"], _ = _device_time(
+                    lambda: torch.ops.treessm.cuda_tile_scan_backward(grad, w, h, tensors,
+                                                                      plan.tile, direction, x))
+                row["tiled_max_rel_error"] = float((h.double() - ref).abs().max()
                                                    / ref.abs().max().clamp(min=1))
                 out.append(row)
                 print(json.dumps(row, default=lambda v: round(v, 4) if isinstance(v, float)
@@ -403,7 +394,7 @@ def main(argv=None):
                         help="float32 'both' grid rows through the public API only")
     parser.add_argument("--quick", action="store_true", help="float32 rows only")
     parser.add_argument("--tiles", action="store_true",
-                        help="only the 'tiles' schedule at several tile sizes against 'trees'")
+                        help="only the tiled kernels against the current ones")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -1,6 +1,6 @@
-// Tree-scan kernels of the "trees" schedule: the recurrences of docs/concepts.md as
-// segmented parallel scans along heavy paths, phase by phase (layout: path_layout.cuh; plan
-// and launch choices: treessm/ops/plan.py; the "tiles" schedule: tile_kernels.cuh).
+// Tree-scan kernels: the recurrences of docs/concepts.md as segmented parallel scans along
+// heavy paths, phase by phase (layout: path_layout.cuh; plan and launch choices:
+// treessm/ops/plan.py).
 //
 // Along a heavy path every recurrence is one step h = a * h' + b per vertex (h' the value
 // of the previous vertex in scan order), whose composition (a0, b0) then (a1, b1) =
@@ -28,11 +28,15 @@
 // their composites by warp shuffles, and the value entering each group is carried through
 // the groups before it, in order; pass 2 runs the recurrence through the registers and
 // writes. Chunks start every lanes * kRun positions from the phase's start and carry the
-// value after them into the next one. One block per (tree, channel slice) walks its tree's
-// phases and chunks in order (__syncthreads between phases).
+// value after them into the next one. Two schedules drive the chunks:
+//   - "trees": one block per (tree, channel slice) walks its tree's phases and chunks in
+//     order (__syncthreads between phases);
+//   - "phases": per phase of the whole forest, chunks in parallel over the device; a
+//     first launch composes each chunk, a second carries values across chunks in order,
+//     a third rescans every chunk from its carried-in value.
 // Every value is written by one thread and every sum is taken in a fixed order that
 // depends on the positions alone (not on the lanes or channels a block takes): results are
-// bitwise deterministic and the same for every launch shape. Accumulation is
+// bitwise deterministic and the same for every launch shape of a schedule. Accumulation is
 // float32 (float64 for double).
 #pragma once
 
@@ -142,12 +146,18 @@ struct ScanArgs {
   int lpv;               // G: threads per position (one row of G * V channels)
   int lanes;             // position lanes of a block (a multiple of kGroup)
   int64_t groups;        // channel slices
-  // the trees' phases
+  // "trees": the tree's phases
   const int* path_ptr;   // [N + 1]
   const int* phase_path; // [T][kMaxPhases + 1]
+  // "phases": one phase's positions [s, e), its chunks, their composites and carries
+  int s, e;
+  void* agg;             // A [chunks][2 * NS][C]: (a, b...) of every chunk
+  unsigned char* aggf;   // [chunks]: whether the chunk holds a segment start
+  const void* carry;     // A [chunks][NS][C]: value entering each chunk
 };
 
-// Shared memory of a block: the group totals of the lane scan, then the tree's phase bounds.
+// Shared memory of a block: the group totals of the lane scan, then the tree's phase bounds
+// ("trees").
 template <int MODE>
 __host__ __device__ inline int64_t scan_smem_bytes(int lanes, int lpv, int V, int a_size) {
   constexpr int NS = ModeTraits<MODE>::NS;
@@ -188,7 +198,7 @@ template <typename A, int V, int NS> struct Affine {
     }
   }
   // The value after these steps entered with h (`has`: h is defined; at a phase's start
-  // it is not).
+  // it is not); the phase carry kernel takes the same expression.
   __device__ __forceinline__ A enter(A h, bool has, int s, int q) const {
     return (f || !has) ? b[s][q] : mul0(a[q], h) + b[s][q];
   }
@@ -469,6 +479,21 @@ struct ChunkScan {
     __syncthreads();
   }
 
+  // Composite of stream indices [i0, i1) (the "phases" schedule's first launch): the group
+  // composites composed in order.
+  __device__ void aggregate(int s, int e, int i0, int i1, Aff& total) {
+    const int first = i0 + q * R;
+    Aff incl, excl;
+    load_run(s, e, first, run_length(first, i1), incl);
+    group_scan(incl, excl);
+    total.identity();
+    for (int j = 0; j < lanes / kGroup; ++j) {
+      Aff t;
+      t.get(totals + ((int64_t)j * G + g) * per);
+      total.then(t);
+    }
+  }
+
   // Scan of stream indices [i0, i1) entering with `carry` (when `has_carry`); on return
   // `carry` holds the value after the chunk. The writes become visible to the block at its
   // next barrier.
@@ -598,7 +623,7 @@ struct ChunkScan {
   }
 };
 
-// ---------------------------------------------------------------------------- kernel
+// ---------------------------------------------------------------------------- "trees"
 // One block per (tree, channel slice), channel slices of a tree in consecutive blocks: every
 // phase of the tree in order, each in chunks chained by their carries.
 template <typename T, typename A, int V, int MODE>
@@ -622,6 +647,76 @@ __global__ void __launch_bounds__(kMaxThreads, 2) tree_scan_kernel(const ScanArg
     for (int i0 = 0; i0 < m; i0 += chunk) cs.apply(s, e, i0, min(i0 + chunk, m), carry, i0 > 0);
     __syncthreads();  // the phase's writes are visible to the next phase
   }
+}
+
+// ---------------------------------------------------------------------------- "phases"
+// One phase [s, e) of the whole forest in chunks, one block per (chunk, channel slice).
+template <typename T, typename A, int V, int MODE>
+__global__ void __launch_bounds__(kMaxThreads, 2) phase_aggregate_kernel(const ScanArgs args) {
+  using Tr = ModeTraits<MODE>;
+  using CS = ChunkScan<T, A, V, MODE>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  CS cs(args, smem_raw, blockIdx.y);
+  const int m = args.e - args.s;
+  const int i0 = blockIdx.x * cs.chunk();
+  typename CS::Aff total;
+  cs.aggregate(args.s, args.e, i0, min(i0 + cs.chunk(), m), total);
+  if (cs.q == 0 && cs.active) {  // one thread per channel group of the slice
+    A* dst = reinterpret_cast<A*>(args.agg) + (int64_t)blockIdx.x * 2 * Tr::NS * args.C + cs.c;
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      dst[u] = total.a[u];
+#pragma unroll
+      for (int st = 0; st < Tr::NS; ++st) dst[(1 + st) * args.C + u] = total.b[st][u];
+    }
+    if (cs.c == 0) args.aggf[blockIdx.x] = total.f ? 1 : 0;
+  }
+}
+
+// The value entering every chunk of a phase, chunk after chunk: one thread per (stream,
+// channel).
+template <typename A, int NS>
+__global__ void phase_carry_kernel(const void* agg, const unsigned char* aggf, void* carry,
+                                   int chunks, int64_t C) {
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= NS * C) return;
+  const int st = static_cast<int>(idx / C);
+  const int64_t c = idx % C;
+  const A* ag = reinterpret_cast<const A*>(agg);
+  A* out = reinterpret_cast<A*>(carry);
+  A h = A(0);
+  for (int j = 0; j + 1 < chunks; ++j) {
+    const A* row = ag + (int64_t)j * 2 * NS * C;
+    const A a = row[c];
+    const A b = row[(1 + st) * C + c];
+    h = (aggf[j] || j == 0) ? b : mul0(a, h) + b;
+    out[((int64_t)(j + 1) * NS + st) * C + c] = h;
+  }
+}
+
+template <typename T, typename A, int V, int MODE>
+__global__ void __launch_bounds__(kMaxThreads, 2) phase_apply_kernel(const ScanArgs args) {
+  using Tr = ModeTraits<MODE>;
+  using CS = ChunkScan<T, A, V, MODE>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  CS cs(args, smem_raw, blockIdx.y);
+  const int m = args.e - args.s;
+  const int j = blockIdx.x;
+  const int i0 = j * cs.chunk();
+  A carry[Tr::NS][V];
+  if (j > 0 && cs.active) {
+    const A* src = reinterpret_cast<const A*>(args.carry) + (int64_t)j * Tr::NS * args.C + cs.c;
+#pragma unroll
+    for (int st = 0; st < Tr::NS; ++st)
+#pragma unroll
+      for (int u = 0; u < V; ++u) carry[st][u] = src[st * args.C + u];
+  } else {
+#pragma unroll
+    for (int st = 0; st < Tr::NS; ++st)
+#pragma unroll
+      for (int u = 0; u < V; ++u) carry[st][u] = A(0);
+  }
+  cs.apply(args.s, args.e, i0, min(i0 + cs.chunk(), m), carry, j > 0);
 }
 
 }  // namespace treessm_cuda

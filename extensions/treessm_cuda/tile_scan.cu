@@ -1,22 +1,27 @@
-// Host side of the tiled tree scan (tile_kernels.cuh), the "tiles" schedule of
-// torch.ops.treessm.cuda_tree_scan and cuda_tree_scan_backward (tree_scan.cu routes them
-// here; tile_scan.h): argument checks and the three launches of each direction. Directions
-// "down", "up" and "both" (up, the brackets, then down of the brackets' inputs, all in the
-// accumulation type; its backward needs the forward's input x). Nothing here waits for the
-// device.
+// Host side of the tiled tree scan (tile_kernels.cuh): argument checks, the three launches
+// and the torch.library registration (CUDA dispatch key)
+//   torch.ops.treessm.cuda_tile_scan(x, weight, plan, tile, direction) -> h
+//   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, tile, direction, x)
+//       -> (grad_x, grad_weight)
+// `plan` is the tensors of treessm.ops.tiles.TilePlan from `vertex` to `entry_ptr`, in that
+// order (18 int32 tensors on x's device); `tile` is the plan's tile. Directions "down",
+// "up" and "both" (up, the brackets, then down of the brackets' inputs, all in the
+// accumulation type; its backward needs the forward's input x). No autograd here (the
+// backward op is the building block). Nothing here waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "host_utils.cuh"
 #include "tile_kernels.cuh"
-#include "tile_scan.h"
 
 namespace treessm_cuda {
 namespace {
@@ -261,25 +266,29 @@ at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::Ten
 // The backward of h = scan(x, weight) in `direction`. down, up: grad_x is the other
 // direction's scan of grad with the same weights (the transpose), grad_weight pairs it with
 // `out` (h). both (self-adjoint): grad_x = both(grad); grad_weight[v] = up(x)[v] br_g[v] +
-// up(grad)[v] br_x[v] at non-roots, from the forward's input `x` (`out` is only checked).
+// up(grad)[v] br_x[v] at non-roots, which needs the forward's input `x` (`out` is only
+// checked).
 std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
-    at::TensorList plan, int64_t tile, c10::string_view direction) {
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& out,
+    at::TensorList plan, int64_t tile, c10::string_view direction,
+    const c10::optional<at::Tensor>& x) {
   TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
               "grad must be a contiguous 2-D CUDA tensor");
-  check_rows(x, "x", grad);
   check_rows(weight, "weight", grad);
   check_rows(out, "out", grad);
   const Direction d = parse_direction(direction);
   const int64_t N = grad.size(0), C = grad.size(1);
   const int threads = 256;
   if (d == Direction::kBoth) {
+    TORCH_CHECK(x.has_value() && x->defined(),
+                "the backward of direction 'both' needs the forward's input x");
+    check_rows(*x, "x", grad);
     const at::Tensor prev = sibling_links(plan, grad);
     std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, plan, tile, prev);
     const at::Tensor gx = both_g.first;
     const BothParts& parts_g = both_g.second;
     const auto acc = acc_type(grad.scalar_type());
-    const BothParts parts_x = both_parts(x.to(acc), weight.to(acc), plan, tile, prev);
+    const BothParts parts_x = both_parts(x->to(acc), weight.to(acc), plan, tile, prev);
     at::Tensor gw = at::empty_like(grad);
     if (N * C == 0) return {gx, gw};
     const c10::cuda::CUDAGuard guard(grad.device());
@@ -314,6 +323,18 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gx, gw};
+}
+
+TORCH_LIBRARY_FRAGMENT(treessm, m) {
+  m.def("cuda_tile_scan(Tensor x, Tensor weight, Tensor[] plan, int tile, str direction) -> Tensor");
+  m.def(
+      "cuda_tile_scan_backward(Tensor grad, Tensor weight, Tensor out, Tensor[] plan, int tile, "
+      "str direction, Tensor? x=None) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
+  m.impl("cuda_tile_scan", &tile_scan_cuda);
+  m.impl("cuda_tile_scan_backward", &tile_scan_backward_cuda);
 }
 
 }  // namespace treessm_cuda

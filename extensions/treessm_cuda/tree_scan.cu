@@ -1,17 +1,13 @@
 // Host side of the CUDA tree scan: argument checks, launches and the torch.library
 // registration of the ops (CUDA dispatch key)
-//   torch.ops.treessm.cuda_tree_scan(x, weight, plan, schedule, launch, direction) -> h
-//   torch.ops.treessm.cuda_tree_scan_backward(grad, x, weight, out, plan, schedule, launch,
-//       direction) -> (grad_x, grad_weight)
-//       (with autograd in C++: the eager path of treessm.tree_scan)
+//   torch.ops.treessm.cuda_tree_scan / cuda_tree_scan_backward   (with autograd in C++: the
+//                                    eager path of treessm.tree_scan)
 //   torch.ops.treessm.cuda_device_limits
-// The schedule, its plan tensors and the launch parameters are arguments, chosen by
-// treessm/ops/plan.py (a ScanPlan; `launch` holds the fields of its Launch: row_bytes,
-// lanes, tile):
-//   "trees": the heavy-path layout's records, light list, slots, path bounds and phase
-//            bounds per tree (treessm.ops.plan.PathPlan), scanned here (scan_kernels.cuh);
-//   "tiles": the 18 tensors of the tiled layout (treessm.ops.tiles.TilePlan, from vertex
-//            to entry_ptr) for tiles of `tile` positions, scanned by tile_scan.cu.
+// The schedule and the launch parameters are arguments, chosen by treessm/ops/plan.py; the
+// five plan tensors are, for "trees", the layout's records, light list, slots, path bounds
+// and phase bounds per tree (treessm.ops.plan.PathPlan); for "phases", the phase-major
+// records, light list, slots and the positions where each phase starts, on the device and
+// on the host (treessm.ops.plan.PhasePlan).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -28,7 +24,6 @@
 
 #include "host_utils.cuh"
 #include "scan_kernels.cuh"
-#include "tile_scan.h"
 
 namespace treessm_cuda {
 namespace {
@@ -238,8 +233,28 @@ struct Trees {
   int64_t trees() const { return phase_path.size(0); }
 };
 
+// "phases": per phase of the forest, chunks over the device
+struct Phases {
+  Layout lay;
+  at::Tensor phase_ptr, phase_ptr_host;
+  std::vector<int64_t> bounds;
+  void check(int64_t N, const at::Tensor& like) {
+    lay.check(N, like);
+    check_int_plan(phase_ptr, "phase_ptr", like);
+    TORCH_CHECK(phase_ptr_host.device().is_cpu() && phase_ptr_host.scalar_type() == at::kLong &&
+                    phase_ptr_host.dim() == 1 && phase_ptr_host.size(0) == kMaxPhases + 1,
+                "phase_ptr_host must be a CPU int64 tensor of ", kMaxPhases + 1, " entries");
+    const at::Tensor hc = phase_ptr_host.contiguous();
+    const int64_t* p = hc.data_ptr<int64_t>();
+    bounds.assign(p, p + kMaxPhases + 1);
+    TORCH_CHECK(bounds[0] == 0 && bounds[kMaxPhases] == N, "phase_ptr_host must run from 0 to N");
+    for (int i = 0; i < kMaxPhases; ++i)
+      TORCH_CHECK(bounds[i] <= bounds[i + 1], "phase_ptr_host must be non-decreasing");
+  }
+};
+
 struct Launch {
-  int64_t row_bytes, lanes, tile;
+  int64_t row_bytes, lanes;
 };
 
 ScanArgs base_args(const Layout& lay, int64_t C, const Shape& L) {
@@ -269,9 +284,58 @@ void launch_trees(const Shape& L, const Trees& pl, int64_t C, const ScanIO& io, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, typename A, int V, int MODE>
+void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io,
+                   const at::Tensor& like, cudaStream_t stream, int device) {
+  using Tr = ModeTraits<MODE>;
+  ScanArgs a = base_args(pl.lay, C, L);
+  a.io = io;
+  const int64_t chunk = static_cast<int64_t>(L.lanes) * kRun;
+  int64_t most = 1;
+  for (int p = 0; p < kMaxPhases; ++p) {
+    const int64_t n = (pl.bounds[p + 1] - pl.bounds[p] + chunk - 1) / chunk;
+    most = n > most ? n : most;
+  }
+  TORCH_CHECK(most <= 2147483647LL, "too many chunks for one launch");
+  const auto acc_dtype = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor agg, aggf, carry;
+  if (most > 1) {
+    agg = at::empty({most, 2 * Tr::NS, C}, like.options().dtype(acc_dtype));
+    aggf = at::empty({most}, like.options().dtype(at::kByte));
+    carry = at::empty({most, Tr::NS, C}, like.options().dtype(acc_dtype));
+    a.agg = agg.data_ptr();
+    a.aggf = aggf.data_ptr<uint8_t>();
+    a.carry = carry.data_ptr();
+  }
+  const int64_t smem = scan_smem_bytes<MODE>(L.lanes, L.lpv, V, sizeof(A));
+  constexpr auto aggregate = phase_aggregate_kernel<T, A, V, MODE>;
+  constexpr auto apply = phase_apply_kernel<T, A, V, MODE>;
+  allow_dynamic_smem<aggregate>(smem, device);
+  allow_dynamic_smem<apply>(smem, device);
+  for (int n = 0; n < kMaxPhases; ++n) {
+    const int p = Tr::UP ? kMaxPhases - 1 - n : n;
+    const int64_t s = pl.bounds[p], e = pl.bounds[p + 1];
+    if (s >= e) continue;
+    a.s = static_cast<int>(s);
+    a.e = static_cast<int>(e);
+    const int64_t chunks = (e - s + chunk - 1) / chunk;
+    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(L.groups));
+    if (chunks > 1) {
+      aggregate<<<grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t items = Tr::NS * C;
+      phase_carry_kernel<A, Tr::NS><<<static_cast<unsigned>((items + 255) / 256), 256, 0, stream>>>(
+          a.agg, a.aggf, const_cast<void*>(a.carry), static_cast<int>(chunks), C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    apply<<<grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // Runs the passes of `run` (forward_passes or backward_passes) along `plan`.
-template <typename Run>
-void scan(const at::Tensor& x, const Trees& plan, const Launch& la, int vec, Run&& run) {
+template <typename Plan, typename Run>
+void scan(const at::Tensor& x, const Plan& plan, const Launch& la, int vec, Run&& run) {
   const int64_t N = x.size(0), C = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -285,7 +349,10 @@ void scan(const at::Tensor& x, const Trees& plan, const Launch& la, int vec, Run
     TREESSM_DISPATCH_VEC(L.vec, T_, {
       run([&](auto mode, const Io& io) {
         constexpr int M = decltype(mode)::value;
-        launch_trees<T_, A_, V, M>(L, plan, C, io.get(), stream, device);
+        if constexpr (std::is_same_v<Plan, Trees>)
+          launch_trees<T_, A_, V, M>(L, plan, C, io.get(), stream, device);
+        else
+          launch_phases<T_, A_, V, M>(L, plan, C, io.get(), x, stream, device);
       }, acc);
     });
   });
@@ -296,46 +363,53 @@ void check_x(const at::Tensor& x) {
 }
 
 Launch check_launch(c10::string_view schedule, at::IntArrayRef launch) {
-  TORCH_CHECK(schedule == "trees" || schedule == "tiles",
-              "schedule must be 'trees' or 'tiles', got '", std::string(schedule), "'");
-  TORCH_CHECK(launch.size() == 3, "launch must hold the fields of treessm.ops.plan.Launch "
-              "(row_bytes, lanes, tile), got ", launch.size());
-  const Launch la{launch[0], launch[1], launch[2]};
-  if (schedule == "tiles")
-    TORCH_CHECK(la.tile >= 1, "launch.tile must be positive under 'tiles', got ", la.tile);
-  return la;
+  TORCH_CHECK(schedule == "trees" || schedule == "phases",
+              "schedule must be 'trees' or 'phases', got '", std::string(schedule), "'");
+  TORCH_CHECK(launch.size() == 2, "launch must hold the fields of treessm.ops.plan.Launch, got ",
+              launch.size());
+  return Launch{launch[0], launch[1]};
 }
 
-// The "trees" plan: its five tensors, checked.
-Trees trees_plan(const at::Tensor& x, at::TensorList plan) {
-  TORCH_CHECK(plan.size() == 5, "plan must hold the 5 tensors of treessm.ops.plan.PathPlan "
-              "under 'trees', got ", plan.size());
-  const Trees pl{{plan[0], plan[1], plan[2]}, plan[3], plan[4]};
-  pl.check(x.size(0), x);
-  return pl;
+// Runs `body(plan)` with the plan tensors of `schedule`, checked.
+template <typename Body>
+void with_plan(const at::Tensor& x, c10::string_view schedule, const at::Tensor& p0,
+               const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
+               const at::Tensor& p4, Body&& body) {
+  const int64_t N = x.size(0);
+  if (schedule == "trees") {
+    const Trees pl{{p0, p1, p2}, p3, p4};
+    pl.check(N, x);
+    body(pl);
+  } else {
+    Phases pl{{p0, p1, p2}, p3, p4, {}};
+    pl.check(N, x);
+    body(pl);
+  }
 }
 
 }  // namespace
 
-at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
-                          c10::string_view schedule, at::IntArrayRef launch,
+at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& p0,
+                          const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
+                          const at::Tensor& p4, c10::string_view schedule, at::IntArrayRef launch,
                           c10::string_view direction) {
   const Launch la = check_launch(schedule, launch);
   check_x(x);
   check_rows(weight, "weight", x);
   const int dir = direction_code(direction);
-  if (schedule == "tiles") return tile_scan_cuda(x, weight, plan, la.tile, direction);
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0 || x.size(1) == 0) return out;
-  const Trees pl = trees_plan(x, plan);
   const int vec = vec_width(x.size(1), x.element_size(), {&x, &weight, &out});
-  scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) { forward_passes(dir, x, weight, out, pass, acc); });
+  with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
+    scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) { forward_passes(dir, x, weight, out, pass, acc); });
+  });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_scan_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
-    at::TensorList plan, c10::string_view schedule, at::IntArrayRef launch,
+    const at::Tensor& p0, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
+    const at::Tensor& p4, c10::string_view schedule, at::IntArrayRef launch,
     c10::string_view direction) {
   const Launch la = check_launch(schedule, launch);
   check_x(x);
@@ -343,15 +417,14 @@ std::tuple<at::Tensor, at::Tensor> tree_scan_backward_cuda(
   check_rows(grad, "grad", x);
   check_rows(out, "out", x);
   const int dir = direction_code(direction);
-  if (schedule == "tiles")
-    return tile_scan_backward_cuda(grad, x, weight, out, plan, la.tile, direction);
   at::Tensor gx = at::empty_like(x);
   at::Tensor gw = at::empty_like(x);
   if (x.size(0) == 0 || x.size(1) == 0) return {gx, gw};
-  const Trees pl = trees_plan(x, plan);
   const int vec = vec_width(x.size(1), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
-  scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) {
-    backward_passes(dir, grad, x, weight, out, gx, gw, pass, acc);
+  with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
+    scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) {
+      backward_passes(dir, grad, x, weight, out, gx, gw, pass, acc);
+    });
   });
   return {gx, gw};
 }
@@ -360,11 +433,14 @@ namespace {
 
 // The ops are called through the dispatcher, so that traced and fake-tensor runs reach the
 // fake kernels registered in Python.
-using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList,
-                              c10::string_view, at::IntArrayRef, c10::string_view);
+using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, c10::string_view, at::IntArrayRef,
+                              c10::string_view);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
-    c10::string_view, at::IntArrayRef, c10::string_view);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+    at::IntArrayRef, c10::string_view);
 
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -383,14 +459,13 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
 class TreeScanFunction : public torch::autograd::Function<TreeScanFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            const at::Tensor& weight, at::TensorList plan,
+                            const at::Tensor& weight, const at::Tensor& p0, const at::Tensor& p1,
+                            const at::Tensor& p2, const at::Tensor& p3, const at::Tensor& p4,
                             c10::string_view schedule, at::IntArrayRef launch,
                             c10::string_view direction) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = forward_op().call(x, weight, plan, schedule, launch, direction);
-    std::vector<at::Tensor> saved{x, weight, out};
-    saved.insert(saved.end(), plan.begin(), plan.end());
-    ctx->save_for_backward(saved);
+    at::Tensor out = forward_op().call(x, weight, p0, p1, p2, p3, p4, schedule, launch, direction);
+    ctx->save_for_backward({x, weight, out, p0, p1, p2, p3, p4});
     ctx->saved_data["schedule"] = std::string(schedule);
     ctx->saved_data["launch"] = launch.vec();
     ctx->saved_data["direction"] = std::string(direction);
@@ -400,23 +475,19 @@ class TreeScanFunction : public torch::autograd::Function<TreeScanFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const std::vector<at::Tensor> plan(s.begin() + 3, s.end());
     const std::vector<int64_t> launch = ctx->saved_data["launch"].toIntVector();
-    auto [gx, gw] = backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], plan,
-                                       ctx->saved_data["schedule"].toStringRef(), launch,
+    auto [gx, gw] = backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5],
+                                       s[6], s[7], ctx->saved_data["schedule"].toStringRef(), launch,
                                        ctx->saved_data["direction"].toStringRef());
-    // x, weight, then nothing for each plan tensor, the schedule, launch and direction
-    torch::autograd::variable_list out(2 + plan.size() + 3);
-    out[0] = gx;
-    out[1] = gw;
-    return out;
+    return {gx, gw, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
-at::Tensor tree_scan_autograd(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
-                              c10::string_view schedule, at::IntArrayRef launch,
-                              c10::string_view direction) {
-  return TreeScanFunction::apply(x, weight, plan, schedule, launch, direction);
+at::Tensor tree_scan_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& p0,
+                              const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& p3,
+                              const at::Tensor& p4, c10::string_view schedule,
+                              at::IntArrayRef launch, c10::string_view direction) {
+  return TreeScanFunction::apply(x, weight, p0, p1, p2, p3, p4, schedule, launch, direction);
 }
 
 }  // namespace
@@ -431,11 +502,12 @@ std::vector<int64_t> device_limits(int64_t device) {
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
-      "cuda_tree_scan(Tensor x, Tensor weight, Tensor[] plan, str schedule, int[] launch, "
-      "str direction) -> Tensor");
+      "cuda_tree_scan(Tensor x, Tensor weight, Tensor p0, Tensor p1, Tensor p2, Tensor p3, "
+      "Tensor p4, str schedule, int[] launch, str direction) -> Tensor");
   m.def(
-      "cuda_tree_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor[] plan, "
-      "str schedule, int[] launch, str direction) -> (Tensor, Tensor)");
+      "cuda_tree_scan_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, Tensor p0, "
+      "Tensor p1, Tensor p2, Tensor p3, Tensor p4, str schedule, int[] launch, str direction) -> "
+      "(Tensor, Tensor)");
   m.def("cuda_device_limits(int device) -> int[]", &device_limits);
 }
 

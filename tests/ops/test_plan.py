@@ -156,24 +156,24 @@ def test_attach_level_plan_is_what_the_scan_reads():
 
 
 def test_schedule_choice_reads_host_sizes_only():
-    from treessm.ops.plan import TILES_MIN_TREE_SIZE, TILES_MIN_TREES, choose_schedule
+    from treessm.ops.plan import PHASES_MIN_TREE_SIZE, PHASES_MIN_TREES, choose_schedule
 
     small = treessm.Tree.from_parent(random_forest(400, 1, torch.Generator().manual_seed(1)))
     assert choose_schedule(small) == "trees" == choose_schedule(small, "auto")
     # a large tree (its size known on the host, or bounded by the vertex count) takes the
-    # tiled schedule, also beside many small ones
+    # phase schedule, also beside many small ones
     big = treessm.Tree(small.parent, small.order, small.child_ptr, small.tree_ptr, small.depth,
-                       max_tree_size=TILES_MIN_TREE_SIZE + 1)
-    assert choose_schedule(big) == "tiles"
+                       max_tree_size=PHASES_MIN_TREE_SIZE + 1)
+    assert choose_schedule(big) == "phases"
     unknown = treessm.Tree(small.parent, small.order, small.child_ptr, small.tree_ptr,
                            small.depth)
     assert choose_schedule(unknown) == "trees"  # 400 vertices bound every tree
     # a forest of very many small trees (isolated pixels) takes it too
-    isolated = treessm.Tree.from_parent(torch.full((TILES_MIN_TREES + 1,), -1))
-    assert choose_schedule(isolated) == "tiles"
-    few = treessm.Tree.from_parent(torch.full((TILES_MIN_TREES,), -1))
+    isolated = treessm.Tree.from_parent(torch.full((PHASES_MIN_TREES + 1,), -1))
+    assert choose_schedule(isolated) == "phases"
+    few = treessm.Tree.from_parent(torch.full((PHASES_MIN_TREES,), -1))
     assert choose_schedule(few) == "trees"
-    for s in ("trees", "tiles"):
+    for s in ("trees", "phases"):
         assert choose_schedule(small, s) == s == choose_schedule(big, s)
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
         choose_schedule(small, "sideways")
@@ -182,36 +182,27 @@ def test_schedule_choice_reads_host_sizes_only():
 
 
 def test_launch_defaults_and_plan_cache():
-    from treessm.ops import plan, tiles
+    from treessm.ops import plan
 
     assert plan.launch_config("trees", 4) == plan.Launch(32, 128)
-    assert plan.launch_config("tiles", 4, 49) == plan.Launch(0, 0, tiles.TILE)
-    assert plan.launch_config("tiles", 2, tile=7) == plan.Launch(0, 0, 7)
+    assert plan.launch_config("phases", 4, 49) == plan.Launch(32, 128)
     # forests of small trees: one lane per 128 vertices of the largest, 16 to 128
     assert [plan.launch_config("trees", 4, n).lanes for n in (1, 784, 2048, 2049, 3136, 9000)] \
         == [16, 16, 16, 32, 32, 128]
     tree = treessm.Tree.from_parent(random_forest(300, 3, torch.Generator().manual_seed(4)))
     a = plan.scan_plan(tree, 16, torch.float32)
     assert plan.scan_plan(tree, 64, torch.float32) is a  # channels do not change the plan
-    assert a.schedule == "trees" and len(a.tensors) == 5 and a.launch.tile == 0
-    assert all(x is y for x, y in zip(a.tensors, plan.path_plan(tree)))
-    # "tiles": the tiled layout's tensors from `vertex` on, the tile size in the launch
-    for tile, want in ((None, tiles.TILE), (7, 7)):
-        b = plan.scan_plan(tree, 16, torch.float32, "tiles", tile)
-        laid = tiles.tile_plan(tree, want)
-        assert b.schedule == "tiles" and b.launch == plan.Launch(0, 0, want)
-        assert len(b.tensors) == 18 and all(x is y for x, y in zip(b.tensors, laid[3:]))
-        assert plan.scan_plan(tree, 8, torch.float32, "tiles", tile) is b
-    assert plan.scan_plan(tree, 16, torch.float32, "tiles", 7) is not \
-        plan.scan_plan(tree, 16, torch.float32, "tiles", 8)
+    assert a.schedule == "trees" and len(a.tensors) == 5
+    b = plan.scan_plan(tree, 16, torch.float32, "phases")
+    assert b.tensors[4].device.type == "cpu" and int(b.tensors[4][-1]) == 300
 
 
 def test_phase_counts():
-    # phases of a tree: light edges above a path's head, plus one (PathPlan.phase_path)
+    from treessm.ops.plan import phase_plan
+
     def phases(parent):
-        tree = treessm.Tree.from_parent(parent)
-        bounds = path_plan(tree).phase_path
-        return int((bounds[:, 1:] > bounds[:, :-1]).sum(1).max()) if tree.num_trees else 0
+        bounds = phase_plan(treessm.Tree.from_parent(parent)).phase_ptr_host
+        return int((bounds[1:] > bounds[:-1]).sum())
 
     assert phases(chain(20)) == 1
     assert phases(star(9, 0)) == 2

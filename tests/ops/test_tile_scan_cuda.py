@@ -1,7 +1,5 @@
-"""The "tiles" schedule of the CUDA tree scan (torch.ops.treessm.cuda_tree_scan and
-cuda_tree_scan_backward along treessm.ops.plan.scan_plan(..., "tiles", tile)) against the
-dense oracle and the float64 tree scan, at tile sizes from 1 to the default (skipped without
-a GPU)."""
+"""The tiled CUDA tree scan (torch.ops.treessm.cuda_tile_scan and its backward building
+block) against the dense oracle and the float64 tree scan (skipped without a GPU)."""
 import functools
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 
 from oracle import all_roots, chain, dense_tree_scan, empty, random_forest, single_vertex, star
 from treessm import GraphTopology, GridTopology, Tree, tree_scan
-from treessm.ops.plan import scan_plan
+from treessm.ops.tiles import tile_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,25 +58,15 @@ def _tree(name):
     return Tree.from_parent({**SMALL, **LARGE}[name]()).to("cuda")
 
 
-def _cpu_scan(x, w, tree, direction):
-    """The numba backend's scan in float64 (on CUDA, the automatic schedule of a large tree
-    is the one under test)."""
-    return tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
-
-
-def _plan(tree, tile, x):
-    p = scan_plan(tree, x.shape[1], x.dtype, "tiles", tile)
-    assert p.schedule == "tiles" and p.launch.tile == tile and len(p.tensors) == 18
-    return list(p.tensors), p.schedule, list(p.launch)
-
-
 def _tile_scan(x, w, tree, tile, direction):
-    return torch.ops.treessm.cuda_tree_scan(x, w, *_plan(tree, tile, x), direction)
+    plan = tile_plan(tree, tile)
+    return torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), plan.tile, direction)
 
 
-def _tile_backward(g, x, w, h, tree, tile, direction):
-    return torch.ops.treessm.cuda_tree_scan_backward(g, x, w, h, *_plan(tree, tile, x),
-                                                     direction)
+def _tile_backward(g, w, h, tree, tile, direction, x=None):
+    plan = tile_plan(tree, tile)
+    return torch.ops.treessm.cuda_tile_scan_backward(g, w, h, list(plan[3:]), plan.tile,
+                                                     direction, x)
 
 
 def _inputs(n, c, weights="unit_interval", seed=10):
@@ -97,7 +85,7 @@ def _close(got, want, dtype):
     if want.numel() == 0:
         assert got.shape == want.shape
         return
-    err = float((got.double().cpu() - want.cpu()).abs().max())
+    err = float((got.double() - want).abs().max())
     scale = max(1.0, float(want.abs().max()))
     assert err <= TOL[dtype] * scale, (err, scale)
 
@@ -126,7 +114,7 @@ def test_matches_the_float64_scan(name, tile, direction, dtype):
     x, w = x.to(dtype), w.to(dtype)
     got = _tile_scan(x, w, tree, tile, direction)
     assert got.dtype == dtype
-    _close(got, _cpu_scan(x, w, tree, direction), dtype)
+    _close(got, tree_scan(x.double(), w.double(), tree, direction), dtype)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -137,8 +125,7 @@ def test_weights_zero_and_above_one(name, direction):
     if name != "random_many_roots":
         w = w.clamp(-1.01, 1.01)  # long paths stay finite
     got = _tile_scan(x, w, tree, 64, direction)
-    torch.testing.assert_close(got.cpu(), _cpu_scan(x, w, tree, direction), rtol=1e-9,
-                               atol=1e-9)
+    torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -164,37 +151,11 @@ def test_backward_building_block_matches_autograd(name, tile, direction):
     x, w = _inputs(tree.num_nodes, 3, seed=13)
     g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(14)).cuda()
     h = _tile_scan(x, w, tree, tile, direction)
-    gx, gw = _tile_backward(g, x, w, h, tree, tile, direction)
-    xr, wr = x.cpu().requires_grad_(), w.cpu().requires_grad_()
-    want_x, want_w = torch.autograd.grad(tree_scan(xr, wr, tree.cpu(), direction), (xr, wr),
-                                         g.cpu())
-    torch.testing.assert_close(gx.cpu(), want_x, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(gw.cpu(), want_w, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("direction", DIRECTIONS)
-def test_tree_scan_with_the_tiles_schedule_matches_the_cpu(direction):
-    # the public op: plan from the cache, autograd in C++ and through the custom op that
-    # torch.compile traces, against the numba backend
-    tree = _tree("spanning_1e5")
-    x, w = _inputs(tree.num_nodes, 5, seed=17)
-    g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(18)).cuda()
-    xr, wr = x.cpu().requires_grad_(), w.cpu().requires_grad_()
-    hr = tree_scan(xr, wr, tree.cpu(), direction)
-    want = (hr, *torch.autograd.grad(hr, (xr, wr), g.cpu()))
-    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ha = tree_scan(xa, wa, tree, direction, schedule="tiles")
-    got = (ha, *torch.autograd.grad(ha, (xa, wa), g))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9)
-    p = scan_plan(tree, 5, torch.float64, "tiles")
-    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
-    hb = torch.ops.treessm.tree_scan(xb, wb, tree.order, tree.child_ptr, tree.tree_ptr,
-                                     list(p.tensors), p.schedule, list(p.launch), direction,
-                                     "cuda")
-    assert torch.equal(ha, hb)
-    assert all(torch.equal(a, b) for a, b in
-               zip(got[1:], torch.autograd.grad(hb, (xb, wb), g)))
+    gx, gw = _tile_backward(g, w, h, tree, tile, direction, x)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want_x, want_w = torch.autograd.grad(tree_scan(xr, wr, tree, direction), (xr, wr), g)
+    torch.testing.assert_close(gx, want_x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gw, want_w, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -203,12 +164,11 @@ def test_both_backward_in_low_precision(dtype):
     x, w = _inputs(tree.num_nodes, 8, seed=15)
     g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(16)).cuda()
     xl, wl, gl = x.to(dtype), w.to(dtype), g.to(dtype)
-    gx, gw = _tile_backward(gl, xl, wl, _tile_scan(xl, wl, tree, 2048, "both"), tree, 2048,
-                            "both")
+    gx, gw = _tile_backward(gl, wl, _tile_scan(xl, wl, tree, 2048, "both"), tree, 2048, "both",
+                            xl)
     assert gx.dtype == gw.dtype == dtype
-    xr, wr = xl.double().cpu().requires_grad_(), wl.double().cpu().requires_grad_()
-    want_x, want_w = torch.autograd.grad(tree_scan(xr, wr, tree.cpu(), "both"), (xr, wr),
-                                         gl.double().cpu())
+    xr, wr = xl.double().requires_grad_(), wl.double().requires_grad_()
+    want_x, want_w = torch.autograd.grad(tree_scan(xr, wr, tree, "both"), (xr, wr), gl.double())
     _close(gx, want_x, dtype)
     _close(gw, want_w, dtype)
 
@@ -226,25 +186,14 @@ def test_both_with_large_weights_takes_no_differences(tile):
 def test_bad_arguments_raise():
     tree = _tree("random")
     x, w = _inputs(tree.num_nodes, 2)
-    plan, schedule, launch = _plan(tree, 64, x)
-    op, backward = torch.ops.treessm.cuda_tree_scan, torch.ops.treessm.cuda_tree_scan_backward
+    plan = tile_plan(tree, 64)
     with pytest.raises(RuntimeError, match="direction"):
-        op(x, w, plan, schedule, launch, "sideways")
-    with pytest.raises(RuntimeError, match="direction"):
-        backward(x, x, w, x, plan, schedule, launch, "sideways")
-    with pytest.raises(RuntimeError, match="plan must hold the 18"):
-        op(x, w, plan[:-1], schedule, launch, "down")
-    with pytest.raises(RuntimeError, match="plan must hold the 5"):  # a tiled plan as "trees"
-        op(x, w, plan, "trees", list(scan_plan(tree, 2, x.dtype, "trees").launch), "down")
+        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), 64, "sideways")
+    with pytest.raises(RuntimeError, match="needs the forward's input x"):
+        torch.ops.treessm.cuda_tile_scan_backward(x, w, x, list(plan[3:]), 64, "both")
+    with pytest.raises(RuntimeError, match="plan must hold"):
+        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:-1]), 64, "down")
     with pytest.raises(RuntimeError, match="weight"):
-        op(x, w.float(), plan, schedule, launch, "down")
+        torch.ops.treessm.cuda_tile_scan(x, w.float(), list(plan[3:]), 64, "down")
     with pytest.raises(RuntimeError, match="int32"):
-        op(x, w, [t.long() for t in plan], schedule, launch, "down")
-    with pytest.raises(RuntimeError, match="launch.tile must be positive"):
-        op(x, w, plan, schedule, [0, 0, 0], "down")
-    with pytest.raises(RuntimeError, match="launch must hold"):
-        op(x, w, plan, schedule, launch[:2], "down")
-    with pytest.raises(RuntimeError, match="schedule must be 'trees' or 'tiles'"):
-        op(x, w, plan, "phases", launch, "down")
-    with pytest.raises(RuntimeError, match="out"):
-        backward(x, x, w, x[:-1], plan, schedule, launch, "both")
+        torch.ops.treessm.cuda_tile_scan(x, w, [t.long() for t in plan[3:]], 64, "down")

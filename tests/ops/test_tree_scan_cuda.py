@@ -18,12 +18,12 @@ def _extension():
     load_cuda_extension()
 
 
-def _scan_with(tree, x, w, gout, direction, schedule, tile=None, **launch):
-    """Forward and both gradients through the CUDA ops with the schedule's plan (tiles of
-    ``tile`` positions under ``"tiles"``), ``launch`` overriding launch parameters."""
+def _scan_with(tree, x, w, gout, direction, schedule, **launch):
+    """Forward and both gradients through the CUDA ops with the schedule's plan, ``launch``
+    overriding launch parameters."""
     from treessm.ops import cuda, plan
 
-    p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule, tile)
+    p = plan.scan_plan(tree, x.shape[1], x.dtype, schedule)
     if launch:
         p = p._replace(launch=p.launch._replace(**launch))
     h = cuda.forward(x, w, p, direction)
@@ -31,7 +31,7 @@ def _scan_with(tree, x, w, gout, direction, schedule, tile=None, **launch):
     return h, gx, gw
 
 
-SCHEDULES = ("trees", "tiles")
+SCHEDULES = ("trees", "phases")
 
 
 def _forests():
@@ -148,9 +148,15 @@ def test_cuda_empty_and_zero_channels():
     assert h.shape == (3, 0)
 
 
-def _compiled_matches_eager(tree, x, w):
-    """``torch.compile(fullgraph=True)`` of a scan over ``tree``: the same output and
-    gradients as eager."""
+def test_cuda_ops_registered_and_compile():
+    assert hasattr(torch.ops.treessm, "tree_scan")
+    assert hasattr(torch.ops.treessm, "cuda_tree_scan")
+    assert hasattr(torch.ops.treessm, "cuda_tree_scan_backward")
+    g = torch.Generator().manual_seed(2)
+    parent = random_forest(500, 2, g)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    x, w = _inputs(500, 16, torch.float32, g)
+
     def f(x, w):
         return treessm.tree_scan(x * 2, w, tree, "both").sin().sum()
 
@@ -166,36 +172,11 @@ def _compiled_matches_eager(tree, x, w):
     assert torch.allclose(wa.grad, wb.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_cuda_ops_registered_and_compile():
-    assert hasattr(torch.ops.treessm, "tree_scan")
-    assert hasattr(torch.ops.treessm, "cuda_tree_scan")
-    assert hasattr(torch.ops.treessm, "cuda_tree_scan_backward")
-    g = torch.Generator().manual_seed(2)
-    parent = random_forest(500, 2, g)
-    tree = treessm.Tree.from_parent(parent).cuda()
-    x, w = _inputs(500, 16, torch.float32, g)
-    _compiled_matches_eager(tree, x, w)
-
-
-def test_cuda_compile_with_the_tiles_schedule():
-    # the tiled layout is traced too: a function given a tree whose layout is not built yet
-    # compiles into one graph through the custom ops
-    from treessm.ops import plan
-
-    g = torch.Generator().manual_seed(21)
-    parent = random_forest(6000, 1, g, locality=30)
-    tree = treessm.Tree.from_parent(parent).cuda()
-    x, w = _inputs(6000, 16, torch.float32, g)
-    assert plan.choose_schedule(tree) == "tiles"
-    _compiled_matches_eager(tree, x, w)
-
-
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_cuda_results_do_not_depend_on_the_launch_shape(direction):
     # the sums run in an order fixed by the layout's positions: every block width and lane
-    # count of "trees" gives the same bits; the tiled schedule (its own order of the sums)
-    # agrees to rounding at every tile size; a star (one long light-child list), a deep
-    # chain (many chunks per phase, many tiles), a forest, one tree
+    # count gives the same bits; the two schedules (chunks cut at other places) agree to rounding; a star
+    # (one long light-child list), a deep chain (many chunks per phase), a forest, one tree
     g = torch.Generator().manual_seed(22)
     forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30),
                random_forest(3000, 1, g)]
@@ -204,18 +185,18 @@ def test_cuda_results_do_not_depend_on_the_launch_shape(direction):
         tree = treessm.Tree.from_parent(parent).cuda()
         x, w = _inputs(n, 40, torch.float32, g)
         gout = torch.randn(n, 40, generator=g).cuda()
-        shapes = [(32, 128), (4, 128), (16, 64), (64, 16), (128, 32), (32, 16), (4, 16)]
-        runs = {sh: _scan_with(tree, x, w, gout, direction, "trees", row_bytes=sh[0],
-                               lanes=sh[1]) for sh in shapes}
-        for sh in runs:
-            for a, b in zip(runs[shapes[0]], runs[sh]):
-                assert torch.equal(a, b), sh
-        trees = runs[shapes[0]]
-        for tile in (7, 256, 2048):
-            tiles = _scan_with(tree, x, w, gout, direction, "tiles", tile)
-            for a, b in zip(trees, tiles):
-                err = (a - b).double().norm() / b.double().norm()
-                assert err < TOL[torch.float32], (tile, err)
+        for schedule in SCHEDULES:
+            shapes = [(32, 128), (4, 128), (16, 64), (64, 16), (128, 32), (32, 16), (4, 16)]
+            runs = {sh: _scan_with(tree, x, w, gout, direction, schedule, row_bytes=sh[0],
+                                   lanes=sh[1]) for sh in shapes}
+            for sh in runs:
+                for a, b in zip(runs[shapes[0]], runs[sh]):
+                    assert torch.equal(a, b), (schedule, sh)
+        trees = _scan_with(tree, x, w, gout, direction, "trees")
+        phases = _scan_with(tree, x, w, gout, direction, "phases")
+        for a, b in zip(trees, phases):
+            err = (a - b).double().norm() / b.double().norm()
+            assert err < TOL[torch.float32], err
         ref = treessm.tree_scan(x.double().cpu(), w.double().cpu(), tree.cpu(), direction)
         err = (trees[0].double().cpu() - ref).norm() / ref.norm()
         assert err < TOL[torch.float32], err
@@ -245,14 +226,14 @@ def test_cuda_weights_above_one_and_overflow(direction):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_cuda_one_large_tree_and_singletons_match_the_cpu(direction):
     # one tree of 300,000 vertices beside 40 isolated vertices: the automatic schedule runs
-    # it in tiles over the device; outputs and gradients against the numba backend in
+    # it phase by phase over the device; outputs and gradients against the numba backend in
     # float64, bitwise repeatable
     from treessm.ops import plan
 
     g = torch.Generator().manual_seed(24)
     parent = torch.cat([random_forest(300_000, 1, g, locality=2000), torch.full((40,), -1)])
     tree = treessm.Tree.from_parent(parent).cuda()
-    assert plan.choose_schedule(tree) == "tiles"
+    assert plan.choose_schedule(tree) == "phases"
     x, w = _inputs(parent.numel(), 16, torch.float64, g)
     gout = torch.randn(parent.numel(), 16, generator=g, dtype=torch.float64)
     cpu_tree = treessm.Tree.from_parent(parent)

@@ -21,15 +21,14 @@ __all__ = ["forward", "backward"]
 
 def forward(x, w, plan: ScanPlan, direction: str):
     """Scan of contiguous ``x, w [N, C]`` on the GPU along ``plan``."""
-    return torch.ops.treessm.cuda_tree_scan(x, w, list(plan.tensors), plan.schedule,
+    return torch.ops.treessm.cuda_tree_scan(x, w, *plan.tensors, plan.schedule,
                                             list(plan.launch), direction)
 
 
 def backward(g, x, w, h, plan: ScanPlan, direction: str):
     """``(dL/dx, dL/dw)`` given ``g = dL/dh`` and the forward output ``h``."""
-    return torch.ops.treessm.cuda_tree_scan_backward(g, x, w, h, list(plan.tensors),
-                                                     plan.schedule, list(plan.launch),
-                                                     direction)
+    return torch.ops.treessm.cuda_tree_scan_backward(g, x, w, h, *plan.tensors, plan.schedule,
+                                                     list(plan.launch), direction)
 
 
 def _main(argv=None):

@@ -13,22 +13,20 @@ layer, direction and the backward):
   edge, so a tree of ``n`` vertices has at most :math:`\lfloor \log_2 n \rfloor + 1`
   phases. Positions run tree by tree, phase by phase, path by path, each path a
   contiguous run from its head down;
-* the **tiled layout** (:class:`~treessm.ops.tiles.TilePlan`, built by
-  :func:`~treessm.ops.tiles.tile_plan`): each tree in heavy-first depth-first order, cut
-  into tiles of at most ``tile`` positions.
+* the **phase-major layout** (:class:`PhasePlan`): the same positions re-ordered phase by
+  phase across the whole forest, so each phase is one contiguous run.
 
-Two **schedules** run a scan (``docs/cuda.md``):
+Along a path every recurrence is one affine step per vertex, whose composition is
+associative: a phase is one segmented parallel scan, and a scan takes a few block-wide
+steps per phase instead of one per vertex or level. Two **schedules** run it
+(``docs/cuda.md``):
 
-* ``"trees"`` -- along the heavy-path layout: a phase is one segmented parallel scan (along
-  a path every recurrence is one affine step per vertex, whose composition is
-  associative), and one thread block per (tree, channel slice) runs every phase of its
-  tree, in chunks; for forests of many small trees (images, sentences, batches of graphs);
-* ``"tiles"`` -- along the tiled layout, in three phases whatever the forest's shape:
-  every tile scanned in shared memory with the values entering it symbolic, the tree of
-  the tiles' boundary vertices solved, every tile scanned again with the true values; for
-  forests with a large tree (one graph) or very many trees.
-
-Neither layout is built with a read back to the host.
+* ``"trees"`` -- one thread block per (tree, channel slice) runs every phase of its tree,
+  in chunks; nothing to synchronise with the host, for forests of many trees (images,
+  sentences, batches of graphs);
+* ``"phases"`` -- each phase of the whole forest is split into chunks over the device,
+  joined by a carry pass, for forests with a large tree (one graph); its layout is built
+  once per tree with one read of the phase sizes by the host.
 
 :func:`choose_schedule` picks one from host-side sizes (never asking the device), and
 :func:`launch_config` the launch parameters, with the measured defaults below.
@@ -45,29 +43,26 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
-from .tiles import TILE, tile_plan
 
-__all__ = ["SCHEDULES", "MAX_PHASES", "LevelPlan", "PathPlan", "Launch", "ScanPlan",
-           "level_groups", "level_plan", "attach_level_plan", "path_plan", "choose_schedule",
-           "launch_config", "scan_plan"]
+__all__ = ["SCHEDULES", "MAX_PHASES", "LevelPlan", "PathPlan", "PhasePlan", "Launch",
+           "ScanPlan", "level_groups", "level_plan", "attach_level_plan", "path_plan",
+           "phase_plan", "choose_schedule", "launch_config", "scan_plan"]
 
-SCHEDULES = ("trees", "tiles")
+SCHEDULES = ("trees", "phases")
 MAX_PHASES = 32  # phases of a tree below 2**31 vertices
 
-# A forest whose largest tree has more vertices than this takes the "tiles" schedule: one
-# block walking a tree that large would leave the rest of the device idle. The rule was
-# measured against the phase-by-phase schedule that "tiles" replaced (each phase of the
-# forest spread over the device), on an H200 (one random tree, C=64, float32, both,
-# forward / backward): 4,096 vertices 0.131 / 0.193 ms against 0.175 / 0.294 ms for one
-# block per tree; 2^16: 0.41 / 0.60 against 2.6 / 4.5 ms (docs/cuda.md).
-TILES_MIN_TREE_SIZE = 1 << 12
-# A forest of more trees than this takes the "tiles" schedule too: one block per tree and
+# A forest whose largest tree has more vertices than this takes the "phases" schedule: one
+# block walking a tree that large would leave the rest of the device idle. Measured on an
+# H200 (one random tree, C=64, float32, both, forward / backward): 4,096 vertices 0.131 /
+# 0.193 ms against 0.175 / 0.294 ms for one block per tree; 2^16: 0.41 / 0.60 against 2.6 /
+# 4.5 ms (docs/cuda.md).
+PHASES_MIN_TREE_SIZE = 1 << 12
+# A forest of more trees than this takes the "phases" schedule too: one block per tree and
 # channel slice would launch a block for every few vertices, each paying a whole chunk step
-# (latency, not work). Measured on an H200, against the same replaced schedule: GrootV-T's
-# stage scans over forests of isolated pixels (401,408 trees at batch 128) under "trees"
-# ran the network at 474 img/s (fp32 inference) against 1,804 img/s with the real image
-# trees.
-TILES_MIN_TREES = 1 << 14
+# (latency, not work). Measured on an H200: GrootV-T's stage scans over forests of isolated
+# pixels (401,408 trees at batch 128) under "trees" ran the network at 474 img/s (fp32
+# inference) against 1,804 img/s with the real image trees.
+PHASES_MIN_TREES = 1 << 14
 # The CUDA plan kernel gives each tree one block: fine up to grid-sized trees; larger trees
 # take the tensor construction below, which spreads over the whole device.
 PLAN_KERNEL_MAX_TREE_SIZE = 1 << 16
@@ -79,9 +74,9 @@ _INT32_LIMIT = 2 ** 31 - 1
 GRID_TREE_THREADS = 0
 GRID_TREE_SOLO = 64
 GRID_COSTS_GROUP = 0
-# "trees" scan blocks: bytes of channels per position (two threads of 16 bytes for
-# float32), and position lanes (each takes 4 consecutive positions of a phase): at least
-# 16 and one per 128 vertices of the largest tree (128 when its size is unknown). Small
+# Scan blocks: bytes of channels per position (two threads of 16 bytes for float32), and
+# position lanes (each takes 4 consecutive positions of a phase): 128 for the "phases"
+# schedule; under "trees", at least 16 and one per 128 vertices of the largest tree. Small
 # blocks keep more of them resident to hide the latency of each chunk's loads: measured on
 # an H200 (32 grid trees, both, forward / backward ms), 56x56 C=160: 0.45 / 1.17 at 32 lanes
 # against 0.54 / 1.31 at 128; 28x28 C=320: 0.23 / 0.59 at 16 against 0.40 / 0.95; 7x7
@@ -140,30 +135,45 @@ class PathPlan(NamedTuple):
     phase_path: Tensor
 
 
-class Launch(NamedTuple):
-    """Launch parameters of the CUDA scan kernels, as the operators take them (a list of
-    three ints). Results do not depend on ``row_bytes`` and ``lanes``.
+class PhasePlan(NamedTuple):
+    """Phase-major layout of a forest: the :class:`PathPlan` positions re-ordered phase by
+    phase across all trees (within a phase, tree by tree, path by path).
 
     Attributes:
-        row_bytes (int): ``"trees"``: bytes of channels one block handles per position (one
-            or two threads of up to 16 bytes each); ``0`` under ``"tiles"``.
-        lanes (int): ``"trees"``: position lanes of a block, a multiple of 16 up to 128; a
-            block scans ``4 * lanes`` positions of a phase at a time; ``0`` under
-            ``"tiles"``.
-        tile (int): ``"tiles"``: the most positions of a tile, the tile size the plan's
-            tensors were laid out for; ``0`` under ``"trees"``.
+        rec (IntTensor [N + 1, 4]): as :attr:`PathPlan.rec`, in the new positions.
+        light (IntTensor [N]): as :attr:`PathPlan.light`, in the new positions (entries
+            packed from 0).
+        slot (IntTensor [N]): as :attr:`PathPlan.slot`.
+        phase_ptr (IntTensor [MAX_PHASES + 1]): phase ``p`` holds the positions
+            ``[phase_ptr[p], phase_ptr[p + 1])``.
+        phase_ptr_host (LongTensor [MAX_PHASES + 1], on the CPU): the same, for launches.
+    """
+
+    rec: Tensor
+    light: Tensor
+    slot: Tensor
+    phase_ptr: Tensor
+    phase_ptr_host: Tensor
+
+
+class Launch(NamedTuple):
+    """Launch parameters of the CUDA scan kernels; results do not depend on them.
+
+    Attributes:
+        row_bytes (int): bytes of channels one block handles per position (one or two
+            threads of up to 16 bytes each).
+        lanes (int): position lanes of a block, a multiple of 16 up to 128; a block scans
+            ``4 * lanes`` positions of a phase at a time.
     """
 
     row_bytes: int
     lanes: int = SCAN_MAX_LANES
-    tile: int = 0
 
 
 class ScanPlan(NamedTuple):
-    """What a CUDA scan operator takes besides the data: the schedule, its plan tensors
-    (the five of :class:`PathPlan` for ``"trees"``; for ``"tiles"``, the eighteen tensors
-    of :class:`~treessm.ops.tiles.TilePlan` from ``vertex`` to ``entry_ptr``) and the
-    launch parameters."""
+    """What a CUDA scan operator takes besides the data: the schedule, its five plan
+    tensors (:class:`PathPlan` for ``"trees"``, :class:`PhasePlan` for ``"phases"``) and
+    the launch parameters for ``channels`` channels of ``dtype``."""
 
     schedule: str
     tensors: Tuple[Tensor, ...]
@@ -366,11 +376,57 @@ def path_plan_tensors(order: Tensor, child_ptr: Tensor, tree_ptr: Tensor, depth:
     return [rec.to(i32), light.to(i32), slot.to(i32), path_ptr.to(i32), phase_path.to(i32)]
 
 
+def phase_plan(tree: Tree) -> PhasePlan:
+    """The phase-major layout of ``tree`` (see :class:`PhasePlan`), built from its
+    :func:`path_plan` by tensor operations and cached; the host reads the phase sizes once."""
+    cached = tree.plan_cache.get("phases")
+    if cached is not None:
+        return cached
+    pp = path_plan(tree)
+    rec, light = pp.rec.long(), pp.light.long()
+    n, dev = tree.num_nodes, tree.device
+    T = pp.phase_path.shape[0]
+    # phase of every position: tree t's phase p spans [bounds[t, p], bounds[t, p + 1]);
+    # int32 and only the non-empty (tree, phase) pairs: a forest of many small trees keeps
+    # a few bytes per tree and phase, not a long per tree and phase for each temporary
+    bounds = pp.path_ptr.index_select(0, pp.phase_path.view(-1)).view(T, MAX_PHASES + 1)
+    counts = (bounds[:, 1:] - bounds[:, :-1]).reshape(-1)
+    del bounds
+    filled = counts.nonzero().view(-1)
+    phase = torch.repeat_interleave(filled % MAX_PHASES, counts[filled], output_size=n)
+    del counts, filled
+    perm = torch.sort(phase, stable=True).indices                          # new -> old
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(n, device=dev)
+    old = rec[:n][perm]
+    nlight = old[:, 3] - old[:, 2]
+    start = torch.cumsum(nlight, 0) - nlight
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), nlight)
+    m = torch.arange(owner.shape[0], device=dev)
+    new_light = torch.full((n,), -1, dtype=torch.long, device=dev)
+    new_light[:owner.shape[0]] = inv[light[old[owner, 2] + m - start[owner]]]
+    new_slot = torch.full((n,), -1, dtype=torch.long, device=dev)
+    new_slot[new_light[:owner.shape[0]]] = m
+    new_rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
+    new_rec[:n, 0] = old[:, 0]
+    new_rec[:n, 1] = torch.where(old[:, 1] >= 0, inv[old[:, 1].clamp(min=0)], old[:, 1])
+    new_rec[:n, 2] = start
+    new_rec[:n, 3] = start + nlight
+    new_rec[n] = torch.tensor([-1, -1, n, n], device=dev)
+    size = torch.bincount(phase, minlength=MAX_PHASES)
+    phase_ptr = torch.cat([size.new_zeros(1), torch.cumsum(size, 0)])
+    i32 = torch.int32
+    plan = PhasePlan(new_rec.to(i32), new_light.to(i32), new_slot.to(i32), phase_ptr.to(i32),
+                     phase_ptr.cpu())
+    tree.plan_cache["phases"] = plan
+    return plan
+
+
 # ---------------------------------------------------------------------------- schedules
 def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
     """The CUDA scan schedule for ``tree``: ``schedule`` itself when given, else (``None``
-    or ``"auto"``) ``"tiles"`` when the largest tree has more than
-    :data:`TILES_MIN_TREE_SIZE` vertices or the forest more than :data:`TILES_MIN_TREES`
+    or ``"auto"``) ``"phases"`` when the largest tree has more than
+    :data:`PHASES_MIN_TREE_SIZE` vertices or the forest more than :data:`PHASES_MIN_TREES`
     trees, ``"trees"`` otherwise. Only host-side sizes are read (``tree.num_trees`` and
     ``tree.max_tree_size``, else the number of vertices, which bounds it)."""
     if schedule is not None and schedule != "auto":
@@ -379,8 +435,8 @@ def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
                              f"{schedule!r}")
         return schedule
     largest = tree.max_tree_size if tree.max_tree_size is not None else tree.num_nodes
-    if largest > TILES_MIN_TREE_SIZE or tree.num_trees > TILES_MIN_TREES:
-        return "tiles"
+    if largest > PHASES_MIN_TREE_SIZE or tree.num_trees > PHASES_MIN_TREES:
+        return "phases"
     return "trees"
 
 
@@ -392,40 +448,26 @@ def device_limits(index: int) -> Tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def launch_config(schedule: str, elem_size: int, largest_tree: Optional[int] = None,
-                  tile: int = TILE) -> Launch:
-    """Measured default launch parameters (``docs/cuda.md`` has the measurements). Under
-    ``"trees"`` a block takes :data:`SCAN_ROW_BYTES` of channels per position and one lane
-    per 128 vertices of ``largest_tree`` (a power of two from :data:`SCAN_MIN_LANES` to
-    :data:`SCAN_MAX_LANES`; the most when the size is unknown); under ``"tiles"`` the
-    launch carries ``tile``. Results do not depend on the ``"trees"`` parameters."""
-    if schedule == "tiles":
-        return Launch(0, 0, tile)
+def launch_config(schedule: str, elem_size: int, largest_tree: Optional[int] = None) -> Launch:
+    """Measured default launch parameters (``docs/cuda.md`` has the measurements): a block
+    takes :data:`SCAN_ROW_BYTES` of channels per position; under ``"trees"``, one lane per
+    128 vertices of ``largest_tree`` (a power of two from :data:`SCAN_MIN_LANES` to
+    :data:`SCAN_MAX_LANES`; the most when the size is unknown). Results do not depend on
+    them."""
     lanes = SCAN_MAX_LANES
-    if largest_tree is not None:
+    if schedule == "trees" and largest_tree is not None:
         lanes = SCAN_MIN_LANES
         while lanes < SCAN_MAX_LANES and 128 * lanes < largest_tree:
             lanes *= 2
     return Launch(SCAN_ROW_BYTES, lanes)
 
 
-def scan_plan(tree: Tree, channels: int, dtype: torch.dtype, schedule: Optional[str] = None,
-              tile: Optional[int] = None) -> ScanPlan:
+def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
+              schedule: Optional[str] = None) -> ScanPlan:
     """Everything a CUDA scan over ``tree`` with ``channels`` channels of ``dtype`` needs
-    besides the data, built on the tree's device without a read back to the host and
-    cached on the tree: a layer's forward and backward, and every call after the first,
-    pay one dictionary look-up.
-
-    Args:
-        tree (Tree): the forest.
-        channels (int): channels of the scanned rows.
-        dtype (torch.dtype): their dtype.
-        schedule (str, optional): ``"trees"`` or ``"tiles"``; ``None`` or ``"auto"``:
-            :func:`choose_schedule`. (default: ``None``)
-        tile (int, optional): the most positions of a tile under ``"tiles"``; ``None``:
-            :data:`treessm.ops.tiles.TILE`. Ignored under ``"trees"``. (default: ``None``)
-    """
-    key = ("scan", dtype, schedule, tile)
+    besides the data, cached on the tree: a layer's forward and backward, and every call
+    after the first, pay one dictionary look-up."""
+    key = ("scan", dtype, schedule)
     cached = tree.plan_cache.get(key)
     if cached is not None:
         return cached
@@ -435,11 +477,9 @@ def scan_plan(tree: Tree, channels: int, dtype: torch.dtype, schedule: Optional[
                          "vertices")
     if schedule_ == "trees":
         tensors = tuple(path_plan(tree))
-        launch = launch_config(schedule_, dtype.itemsize, tree.max_tree_size)
     else:
-        tiled = tile_plan(tree, TILE if tile is None else tile)
-        tensors = tuple(tiled[3:])
-        launch = launch_config(schedule_, dtype.itemsize, tile=tiled.tile)
+        tensors = tuple(phase_plan(tree))
+    launch = launch_config(schedule_, dtype.itemsize, tree.max_tree_size)
     plan = ScanPlan(schedule_, tensors, launch)
     tree.plan_cache[key] = plan
     return plan

@@ -69,11 +69,11 @@ def _register_fakes() -> None:
     _fakes.append(True)
 
     @torch.library.register_fake("treessm::cuda_tree_scan")
-    def _(x, weight, plan, schedule, launch, direction):
+    def _(x, weight, p0, p1, p2, p3, p4, schedule, launch, direction):
         return torch.empty_like(x)
 
     @torch.library.register_fake("treessm::cuda_tree_scan_backward")
-    def _(grad, x, weight, out, plan, schedule, launch, direction):
+    def _(grad, x, weight, out, p0, p1, p2, p3, p4, schedule, launch, direction):
         return torch.empty_like(x), torch.empty_like(weight)
 
 
@@ -264,7 +264,7 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
         direction (str): ``"both"``, ``"up"`` or ``"down"``. (default: ``"both"``)
         backend (str, optional): ``"torch"``, ``"numba"`` or ``"cuda"``; by default the
             fastest available for the device. (default: ``None``)
-        schedule (str, optional): CUDA schedule, ``"trees"`` or ``"tiles"``; by default
+        schedule (str, optional): CUDA schedule, ``"trees"`` or ``"phases"``; by default
             chosen from the tree's size (:func:`treessm.ops.plan.choose_schedule`). Every
             schedule computes the same sums. (default: ``None``)
 
@@ -310,6 +310,6 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
                                           list(plan.tensors), plan.schedule, list(plan.launch),
                                           direction, backend)
     else:
-        out = torch.ops.treessm.cuda_tree_scan(x2, w2, plan.tensors, plan.schedule,
+        out = torch.ops.treessm.cuda_tree_scan(x2, w2, *plan.tensors, plan.schedule,
                                                plan.launch, direction)
     return out.reshape(shape)

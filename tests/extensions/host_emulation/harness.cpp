@@ -1,11 +1,13 @@
-// Host emulation of the "trees" tree-scan kernels: one std::thread per CUDA thread, blocks
-// in turn, __syncthreads as a std::barrier. Reads a problem written by tests/extensions,
-// runs the passes the CUDA backend launches for every direction (double), one block per
-// tree and channel slice, and writes the results.
-// usage: harness IN OUT V LANES
-//   V: channels a thread moves (1 or 2); LANES: position lanes of a block (a multiple of 16)
+// Host emulation of the tree-scan kernels: one std::thread per CUDA thread, blocks in turn,
+// __syncthreads as a std::barrier. Reads a problem written by tests/extensions, runs the
+// passes the CUDA backend launches for every direction (double) and writes the results.
+// usage: harness IN OUT SCHEDULE V LANES
+//   SCHEDULE: "trees" (one block per tree and channel slice) or "phases" (per phase,
+//   chunk composites, carries and rescans, as tree_scan.cu launches them); V: channels a
+//   thread moves (1 or 2); LANES: position lanes of a block (a multiple of 16)
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -27,12 +29,15 @@ struct Problem {
   int64_t N, C, T;
   int lpv, lanes, threads;
   std::vector<double> x, w, g;
-  std::vector<int> rec, light, slot, path_ptr, phase_path;
+  std::vector<int> rec, light, slot, path_ptr, phase_path;  // "trees" layout
+  std::vector<int> prec, plight, pslot;                     // "phases" layout
+  std::vector<int> phase_ptr;
 };
 
 template <int V>
 struct Runner {
   const Problem& pb;
+  bool phases;
   int64_t groups;
   std::vector<std::vector<double>> scratch;
   double* acc() {
@@ -41,24 +46,52 @@ struct Runner {
   }
   template <int MODE>
   void pass(ScanIO io) {
+    using Tr = ModeTraits<MODE>;
     ScanArgs a{};
     a.io = io;
     a.C = pb.C;
     a.lpv = pb.lpv;
     a.lanes = pb.lanes;
     a.groups = groups;
-    a.rec = reinterpret_cast<const PathRec*>(pb.rec.data());
-    a.slot = pb.slot.data();
-    a.path_ptr = pb.path_ptr.data();
-    a.phase_path = pb.phase_path.data();
-    launch(pb.T * groups, 1, pb.threads, [&] { tree_scan_kernel<double, double, V, MODE>(a); });
+    if (!phases) {
+      a.rec = reinterpret_cast<const PathRec*>(pb.rec.data());
+      a.slot = pb.slot.data();
+      a.path_ptr = pb.path_ptr.data();
+      a.phase_path = pb.phase_path.data();
+      launch(pb.T * groups, 1, pb.threads, [&] { tree_scan_kernel<double, double, V, MODE>(a); });
+      return;
+    }
+    a.rec = reinterpret_cast<const PathRec*>(pb.prec.data());
+    a.slot = pb.pslot.data();
+    const int chunk = pb.lanes * kRun;
+    for (int n = 0; n < kMaxPhases; ++n) {
+      const int p = Tr::UP ? kMaxPhases - 1 - n : n;
+      const int s = pb.phase_ptr[p], e = pb.phase_ptr[p + 1];
+      if (s >= e) continue;
+      a.s = s;
+      a.e = e;
+      const int chunks = (e - s + chunk - 1) / chunk;
+      std::vector<double> agg(chunks * 2 * Tr::NS * pb.C, -555.0), carry(chunks * Tr::NS * pb.C, -555.0);
+      std::vector<unsigned char> aggf(chunks, 7);
+      a.agg = agg.data();
+      a.aggf = aggf.data();
+      a.carry = carry.data();
+      if (chunks > 1) {
+        launch(chunks, groups, pb.threads, [&] { phase_aggregate_kernel<double, double, V, MODE>(a); });
+        const int64_t items = Tr::NS * pb.C;
+        launch((items + 31) / 32, 1, 32, [&] {
+          phase_carry_kernel<double, Tr::NS>(agg.data(), aggf.data(), carry.data(), chunks, pb.C);
+        });
+      }
+      launch(chunks, groups, pb.threads, [&] { phase_apply_kernel<double, double, V, MODE>(a); });
+    }
   }
 };
 
 template <int V>
-void run_all(const Problem& pb, FILE* o) {
+void run_all(const Problem& pb, bool phases, FILE* o) {
   const int64_t N = pb.N, C = pb.C;
-  Runner<V> r{pb, ((C / V) + pb.lpv - 1) / pb.lpv, {}};
+  Runner<V> r{pb, phases, ((C / V) + pb.lpv - 1) / pb.lpv, {}};
   std::vector<double> out(N * C, -777), gx(N * C, -777), gw(N * C, -777);
   auto dump = [&](std::vector<double>& v) { fwrite(v.data(), 8, N * C, o); };
   auto blank = [] {
@@ -124,8 +157,8 @@ void run_all(const Problem& pb, FILE* o) {
 }
 
 int main(int argc, char** argv) {
-  if (argc < 5) {
-    std::fprintf(stderr, "usage: harness IN OUT V LANES\n");
+  if (argc < 6) {
+    std::fprintf(stderr, "usage: harness IN OUT trees|phases V LANES\n");
     return 2;
   }
   FILE* f = fopen(argv[1], "rb");
@@ -135,7 +168,7 @@ int main(int argc, char** argv) {
   pb.C = hdr[1];
   pb.T = hdr[2];
   pb.lpv = static_cast<int>(hdr[3]);
-  pb.lanes = atoi(argv[4]);
+  pb.lanes = atoi(argv[5]);
   pb.threads = pb.lanes * pb.lpv;
   pb.x = rd(f, pb.N * pb.C);
   pb.w = rd(f, pb.N * pb.C);
@@ -145,11 +178,16 @@ int main(int argc, char** argv) {
   pb.slot = ri(f, pb.N);
   pb.path_ptr = ri(f, pb.N + 1);
   pb.phase_path = ri(f, pb.T * (kMaxPhases + 1));
+  pb.prec = ri(f, (pb.N + 1) * 4);
+  pb.plight = ri(f, pb.N);
+  pb.pslot = ri(f, pb.N);
+  pb.phase_ptr = ri(f, kMaxPhases + 1);
   fclose(f);
-  const int V = atoi(argv[3]);
+  const bool phases = std::string(argv[3]) == "phases";
+  const int V = atoi(argv[4]);
   FILE* o = fopen(argv[2], "wb");
-  if (V == 2) run_all<2>(pb, o);
-  else run_all<1>(pb, o);
+  if (V == 2) run_all<2>(pb, phases, o);
+  else run_all<1>(pb, phases, o);
   fclose(o);
   return 0;
 }
