@@ -191,9 +191,42 @@ def test_bad_arguments_raise():
         torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), 64, "sideways")
     with pytest.raises(RuntimeError, match="needs the forward's input x"):
         torch.ops.treessm.cuda_tile_scan_backward(x, w, x, list(plan[3:]), 64, "both")
-    with pytest.raises(RuntimeError, match="plan must hold"):
-        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:-1]), 64, "down")
     with pytest.raises(RuntimeError, match="weight"):
         torch.ops.treessm.cuda_tile_scan(x, w.float(), list(plan[3:]), 64, "down")
     with pytest.raises(RuntimeError, match="int32"):
         torch.ops.treessm.cuda_tile_scan(x, w, [t.long() for t in plan[3:]], 64, "down")
+
+
+_SHORT_PLAN = """
+import torch
+from treessm import Tree
+from treessm.ops.tiles import tile_plan
+from treessm.typing import load_cuda_extension
+load_cuda_extension()
+tree = Tree.from_parent([-1, 0, 0, 1, 1, 3]).to("cuda")
+x = torch.ones(6, 2, device="cuda")
+plan = list(tile_plan(tree, 4)[3:])
+for short in (plan[:-1], plan[:1], []):
+    try:
+        torch.ops.treessm.cuda_tile_scan(x, x, short, 4, "down")
+    except RuntimeError as exc:
+        print("raised:", str(exc).splitlines()[0])
+"""
+
+
+def test_a_short_plan_raises():
+    # in a child process, so that a crash fails this test instead of ending the run
+    import os
+    import subprocess
+    import sys
+
+    import treessm
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(treessm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-c", _SHORT_PLAN], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("raised:")]
+    assert len(lines) == 3 and all("plan must hold" in ln for ln in lines), proc.stdout
