@@ -12,6 +12,10 @@
 #   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
 #                                          process on the whole GPU), then torch.compile of every
 #                                          module on CUDA
+#   bash benchmarks/gpu_session.sh real    build, the real-data protocol of the tree model on the
+#                                          GPU (graph.py --real, eight splits at once) for
+#                                          $TASKS (default tolokers) from the raw files under
+#                                          $DATA (default gpu_out/data, PyG's layout)
 # The extension is built into $TORCH_EXTENSIONS_DIR (default /tmp/treessm_ext), outside the
 # working tree.
 set -uo pipefail
@@ -81,6 +85,13 @@ if [ "$MODE" = large ]; then
     tests/test_module_contract.py -k "compile and cuda" > "$OUT/pytest_compile.log" 2>&1
   log "compile tests rc=$?"; log "passed: $(grep -c PASSED "$OUT/pytest_compile.log")"
   grep -E "FAILED|ERROR" "$OUT/pytest_compile.log" | grep -v "^E " | sort -u | head -20 | tee -a "$SUMMARY"
+  exit 0
+fi
+
+if [ "$MODE" = real ]; then
+  timeout ${REAL_S:-540} $PY benchmarks/graph.py --real --device cuda --root "${DATA:-gpu_out/data}" \
+    --copy-to /tmp/treessm_data --tasks "${TASKS:-tolokers}" --models tree --jobs 8 \
+    --out "$OUT/graph_real_${TASKS:-tolokers}_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -8
   exit 0
 fi
 
