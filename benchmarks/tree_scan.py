@@ -340,7 +340,9 @@ def _device_time(fn):
 def tile_rows(bw):
     """The tiled kernels against the current ones (see the module docstring)."""
     from treessm.ops.tiles import tile_plan
+    from treessm.typing import load_cuda_extension
 
+    load_cuda_extension()  # the tiled operators are called directly
     out = []
     for name, tree, c, tiles in _tile_cases():
         x, w = _inputs(tree.num_nodes, c, torch.float32)
