@@ -108,7 +108,8 @@ def _cpu_scan(values: Tensor, tree: Tree, direction: str) -> Tensor:
     return h.round().long()
 
 
-def _compiled_scan(tree: Tree) -> bool:
+def _sums_by_cpu_scan(tree: Tree) -> bool:
+    """Whether the sums run on the numba scan (eager, on the CPU) rather than by doubling."""
     return tree.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -116,7 +117,7 @@ def subtree_sums(values: Tensor, tree: Tree) -> Tensor:
     """Sums of ``values`` (int64 ``[N, K]``, by vertex) over each vertex's subtree, itself
     included, as int64: an ``"up"`` tree scan with unit weights on the CPU, pointer
     doubling elsewhere and under :func:`torch.compile` (which traces it)."""
-    if _compiled_scan(tree):
+    if _sums_by_cpu_scan(tree):
         return _cpu_scan(values, tree, "up")
     return _by_doubling(values.long(), tree, toward_root=True)
 
@@ -125,6 +126,6 @@ def root_path_sums(values: Tensor, tree: Tree) -> Tensor:
     """Sums of ``values`` (``[N, K]`` of integers below :math:`2^{53}`, by vertex) over
     each vertex's root path, itself included, as int64: a ``"down"`` tree scan with unit
     weights on the CPU, pointer doubling elsewhere and under :func:`torch.compile`."""
-    if _compiled_scan(tree):
+    if _sums_by_cpu_scan(tree):
         return _cpu_scan(values, tree, "down")
     return _by_doubling(values.long(), tree, toward_root=False)
