@@ -35,6 +35,8 @@ NOT_APPLICABLE = {
                                                                               "nothing"},
     "treessm.typing.cuda_extension_loaded": {"Shapes:": NO_TENSORS,
                                              "Raises:": "raises nothing"},
+    "treessm.typing.cuda_extension_available": {"Shapes:": NO_TENSORS,
+                                                "Raises:": "raises nothing"},
     "treessm.typing.cuda_extension_error": {"Shapes:": NO_TENSORS, "Raises:": "raises nothing"},
     "treessm.typing.cuda_source_dir": {"Shapes:": NO_TENSORS},
     "treessm.integrations.timm.register_timm_models": {"Shapes:": NO_TENSORS},

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 __all__ = ["WITH_TORCH_SCATTER", "WITH_TIMM", "WITH_TRANSFORMERS", "WITH_PEFT", "require",
-           "load_cuda_extension", "cuda_extension_loaded", "cuda_extension_error",
-           "cuda_source_dir"]
+           "load_cuda_extension", "cuda_extension_available", "cuda_extension_loaded",
+           "cuda_extension_error", "cuda_source_dir"]
 
 
 def _importable(name: str) -> bool:
@@ -85,7 +85,7 @@ def require(name: str, feature: str) -> None:
 # ---------------------------------------------------------------------------- CUDA extension
 _EXT_NAME = "treessm_cuda"
 _SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu", "path_plan.cu", "selective_walk.cu",
-            "tile_scan.cu")
+            "tile_scan.cu", "boruvka.cu")
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None}
 
@@ -138,6 +138,24 @@ def cuda_extension_error() -> Optional[BaseException]:
         True
     """
     return _state["error"]
+
+
+def cuda_extension_available() -> bool:
+    """Whether the CUDA operators can be used: loads (or builds) the extension the first
+    time, and answers ``False`` without raising where it cannot be loaded.
+
+    Returns:
+        bool: ``True`` once the operators are registered in this process.
+
+    Example:
+        >>> cuda_extension_available() in (True, False)
+        True
+    """
+    try:
+        load_cuda_extension()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _ops_present() -> bool:

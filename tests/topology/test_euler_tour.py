@@ -414,6 +414,45 @@ def test_compacting_boruvka_equals_the_fixed_rounds():
         assert torch.equal(fixed[0], compact[0]) and torch.equal(fixed[1], compact[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compacting_boruvka_equals_the_fixed_rounds_on_a_large_graph(device):
+    # a random graph merges into one giant component whose slot most edges of the late
+    # rounds point at (the case the CUDA selection kernel is built for)
+    from treessm.topology.boruvka import boruvka, boruvka_compacting, edge_keys
+
+    g = torch.Generator().manual_seed(14)
+    n = 20000
+    ei = torch.randint(0, n, (2, 5 * n), generator=g).to(device)
+    key = edge_keys(torch.rand(5 * n, generator=g).to(device))
+    fixed = boruvka(ei, key, n, n)
+    compact = boruvka_compacting(ei, key, n)
+    assert torch.equal(fixed[0], compact[0]) and torch.equal(fixed[1], compact[1])
+    assert torch.equal(fixed[0].cpu(), kruskal_mask(ei.cpu(), key.cpu(), n))
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_lightest_edges_match_the_tensor_version():
+    from treessm.topology.boruvka import _NO_EDGE, edge_keys, lightest_edges
+    from treessm.typing import load_cuda_extension
+
+    load_cuda_extension()
+    g = torch.Generator().manual_seed(5)
+    n, e = 5000, 40000
+    ei = torch.randint(0, n, (2, e), generator=g)
+    key = edge_keys(torch.randn(e, generator=g))  # negative keys too
+    sentinel = _NO_EDGE | e
+    ar = torch.arange(n)
+    for comp in (ar, ar // 700 * 700, torch.where(ar < 4000, 0, 4000), torch.zeros_like(ar)):
+        want = lightest_edges(ei, key, comp, sentinel)  # the tensor version, on the CPU
+        got = torch.ops.treessm.cuda_lightest_edges(ei.cuda(), key.cuda(), comp.cuda(), sentinel)
+        assert torch.equal(got.cpu(), want)
+    got = torch.ops.treessm.cuda_lightest_edges(ei[:, :0].cuda(), key[:0].cuda(), ar.cuda(), 7)
+    assert torch.equal(got.cpu(), torch.full((n,), 7))
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.treessm.cuda_lightest_edges(ei.cuda().int(), key.cuda(), ar.cuda(), sentinel)
+
+
 def test_counting_build_reports_sizes():
     # without num_trees the build counts trees, levels and the largest tree on the host
     g = torch.Generator().manual_seed(13)

@@ -11,7 +11,7 @@ out the same way.
 ``(c(e), e)`` packed into an int64 (an order-preserving integer image of the float cost in
 the high half, the index in the low half), so keys are distinct and the forest is the
 unique one under that total order, the one Kruskal's algorithm picks. Each round, every
-component picks its lightest outgoing edge (``scatter_reduce`` ``amin``), hooks onto the
+component picks its lightest outgoing edge (:func:`lightest_edges`), hooks onto the
 component at its other end (of two components picking the same edge, the lower id stays
 the root) and pointer jumping flattens the labels. A component still growing at round
 ``k`` has at least ``2^k`` vertices, so :math:`\lceil \log_2 S \rceil` rounds finish
@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_edge_index, check_index_range, check_int
+from ..typing import cuda_extension_available
 
-__all__ = ["spanning_forest", "edge_keys", "boruvka", "boruvka_compacting",
+__all__ = ["spanning_forest", "edge_keys", "lightest_edges", "boruvka", "boruvka_compacting",
            "check_device_edge_index", "check_cost", "check_vertices", "check_max_tree_size",
            "ceil_log2"]
 
@@ -115,6 +116,25 @@ def edge_keys(cost: Tensor) -> Tensor:
     return (rank << 32) | index
 
 
+def lightest_edges(edge_index: Tensor, key: Tensor, comp: Tensor, sentinel: int) -> Tensor:
+    """``best [N]``: for every component label ``c``, the least key of an edge between
+    component ``c`` and another one, ``sentinel`` where none leaves it.
+
+    On a GPU a kernel of the CUDA extension (where it is available) finds them with one
+    pass over the edges; ``scatter_reduce`` would instead serialise its atomics once the
+    components have merged into a few large ones, since most edges then point at the same
+    slots."""
+    if (edge_index.is_cuda and not torch.compiler.is_compiling()
+            and cuda_extension_available()):
+        return torch.ops.treessm.cuda_lightest_edges(edge_index, key, comp, sentinel)
+    ends = comp[edge_index]  # [2, E] component of each endpoint
+    inner = torch.where(ends[0] != ends[1], key, sentinel)
+    best = torch.full_like(comp, sentinel)
+    best.scatter_reduce_(0, ends[0], inner, "amin")
+    best.scatter_reduce_(0, ends[1], inner, "amin")
+    return best
+
+
 def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
     """Forest mask ``[E]`` and a component label per vertex (a vertex id of the component)."""
     device = key.device
@@ -130,16 +150,11 @@ def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
     edge_index = torch.cat([edge_index, edge_index.new_zeros(2, 1)], 1)
     key = torch.cat([key, key.new_full((1,), no_edge)])
     for k in range(ceil_log2(max_size)):
-        ends = comp[edge_index]  # [2, E + 1] component of each endpoint
-        k_e = torch.where(ends[0] != ends[1], key, no_edge)
-        best = torch.full((num_nodes,), no_edge, dtype=torch.long, device=device)
-        best.scatter_reduce_(0, ends[0], k_e, "amin")
-        best.scatter_reduce_(0, ends[1], k_e, "amin")
-        edge = best & _LOW
+        edge = lightest_edges(edge_index, key, comp, no_edge) & _LOW
         chosen.index_fill_(0, edge, True)  # index E collects the components without an edge
         # One endpoint of the chosen edge is the component c itself, so XOR-ing c out of
         # both leaves the other one; the self-loop E has equal ends and leaves c in place.
-        picked = ends.index_select(1, edge)
+        picked = comp[edge_index.index_select(1, edge)]
         hook = picked[0] ^ picked[1] ^ ar
         # Keys are distinct, so the only cycles of the choice graph are pairs that picked the
         # same edge. Pointing every component at the lower of its target and its target's
@@ -175,10 +190,8 @@ def boruvka_compacting(edge_index: Tensor, key: Tensor, num_nodes: int):
         if cross.numel() == 0:
             break
         if cross.numel() < live.shape[1]:
-            live, live_key, ends = live[:, cross], live_key[cross], ends[:, cross]
-        best = torch.full((num_nodes,), sentinel, dtype=torch.long, device=device)
-        best.scatter_reduce_(0, ends[0], live_key, "amin")
-        best.scatter_reduce_(0, ends[1], live_key, "amin")
+            live, live_key = live[:, cross], live_key[cross]
+        best = lightest_edges(live, live_key, comp, sentinel)
         has = best != sentinel
         edge = (best & _LOW).clamp(max=num_edges - 1)
         chosen[edge[has]] = True

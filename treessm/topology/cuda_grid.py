@@ -41,7 +41,7 @@ from .._checks import check_choice, check_int
 from ..ops.plan import (GRID_COSTS_GROUP, GRID_TREE_SOLO, GRID_TREE_THREADS,
                         attach_level_plan, device_limits)
 from ..tree import Tree
-from ..typing import load_cuda_extension
+from ..typing import cuda_extension_available
 from .distance import DISTANCES, EPS, grid_costs_torch, kind_code, scale_by_power_of_two
 
 __all__ = ["grid_spanning_tree", "grid_tree_from_features", "grid_costs",
@@ -82,20 +82,12 @@ def fits(height: int, width: int, connectivity: int, device) -> bool:
     return shared_memory_bytes(height, width, connectivity) <= device_limits(index)[2]
 
 
-def _extension_ready() -> bool:
-    try:
-        load_cuda_extension()
-        return True
-    except RuntimeError:
-        return False
-
-
 @functools.lru_cache(maxsize=256)
 def fused_ready(height: int, width: int, connectivity: int, device: torch.device) -> bool:
     """Whether :func:`grid_tree_from_features` can run for this image size on ``device``
     (a CUDA device): the extension loads and one image fits a block (remembered for the
     256 most recent sizes)."""
-    return (device.type == "cuda" and _extension_ready()
+    return (device.type == "cuda" and cuda_extension_available()
             and fits(height, width, connectivity, device))
 
 
@@ -171,7 +163,7 @@ def grid_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int = 4,
             or (len(shape) == 4 and shape[:3] == [B, H, W])):
         raise ValueError(f"feat must have shape [B * H * W, C] = [{B * H * W}, C] or "
                          f"[B, H, W, C] = [{B}, {H}, {W}, C], got {shape}")
-    if feat.device.type != "cuda" or not _extension_ready():
+    if feat.device.type != "cuda" or not cuda_extension_available():
         return None
     return _fused_costs(feat, B, H, W, connectivity, distance)
 
@@ -252,7 +244,7 @@ def grid_spanning_tree(cost: Tensor, B: int, H: int, W: int, connectivity: int =
     if cost.dim() != 1 or cost.shape[0] != B * e:
         raise ValueError(f"cost must have shape [B * E] = [{B * e}] ({e} candidate edges per "
                          f"{H} x {W} image), got {list(cost.shape)}")
-    if cost.device.type != "cuda" or not _extension_ready():
+    if cost.device.type != "cuda" or not cuda_extension_available():
         return None
     if not fits(H, W, connectivity, cost.device):
         return None

@@ -201,6 +201,7 @@ inline T emu_atomic_min(T* p, T v) {
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
   return emu_atomic_min(p, v);
 }
+inline long long atomicMin(long long* p, long long v) { return emu_atomic_min(p, v); }
 inline unsigned atomicMin(unsigned* p, unsigned v) { return emu_atomic_min(p, v); }
 inline int atomicMin(int* p, int v) { return emu_atomic_min(p, v); }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
