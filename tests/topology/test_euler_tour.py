@@ -230,6 +230,20 @@ def test_build_tree_many_components(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,e", [(5000, 2000), (3000, 60000)])
+def test_build_tree_drops_more_than_the_spare_slots(device, n, e):
+    # thousands of trees (padding copies) or of edges outside the forest: more dropped
+    # elements than the scatters' spare slots, which they then share
+    gen = torch.Generator().manual_seed(n)
+    ei, cost = random_graph(gen, n, e, ties=False)
+    mask = kruskal_mask(ei, cost, n)
+    ref = Tree.from_parent(root_oracle(ei, mask, n, None))
+    assert_same_tree(build_tree(ei.to(device), cost.to(device), n), ref)
+    assert_same_tree(build_tree(ei.to(device), cost.to(device), n, num_trees=ref.num_trees),
+                     ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("profile", ["rising", "random"])
 def test_build_tree_long_path(device, profile):
     # depth N - 1: nothing in the construction may loop over depth

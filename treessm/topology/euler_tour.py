@@ -44,15 +44,28 @@ from .layout import empty_forest
 __all__ = ["parent_from_forest", "spanning_tree_on_device"]
 
 
+#: Scattering reductions below send the elements they drop to one of this many spare slots
+#: past the end, chosen by position. With a single dropped slot, the elements that most of
+#: a scatter drops (all edges outside the forest, every up-going copy of the tour) would
+#: meet at one address, where a GPU's atomics run one after another.
+_SPARE_SLOTS = 1024
+
+
+def _kept_or_spare(index: Tensor, keep: Tensor, end: int) -> Tensor:
+    """``index`` where ``keep``, else a spare slot in ``[end, end + _SPARE_SLOTS)``."""
+    spare = torch.arange(index.shape[-1], device=index.device) & (_SPARE_SLOTS - 1)
+    return torch.where(keep, index, spare + end)
+
+
 # ---------------------------------------------------------------------------- Euler tours
 def _compact(edge_index: Tensor, mask: Tensor, num_nodes: int) -> Tensor:
     """The masked edges moved to the front of a ``[2, N]`` buffer (``N`` pads the rest).
 
     A forest has fewer than ``N`` edges, so the buffer size is known without counting.
     """
-    pos = torch.cumsum(mask, 0) - 1
-    index = torch.where(mask, pos, num_nodes)  # unmasked edges land in a dropped column
-    buf = torch.full((2, num_nodes + 1), num_nodes, dtype=torch.long, device=mask.device)
+    index = _kept_or_spare(torch.cumsum(mask, 0) - 1, mask, num_nodes)
+    buf = torch.full((2, num_nodes + _SPARE_SLOTS), num_nodes, dtype=torch.long,
+                     device=mask.device)
     buf.scatter_reduce_(1, index.expand(2, -1), edge_index, "amin")
     return buf[:, :num_nodes]
 
@@ -150,9 +163,9 @@ def _rank_tour(slots: _Slots, is_root: Tensor, max_size: int):
     rank = _pointer_jump(succ, weight, _tour_rounds(max_size), torch.add)
     r_twin = rank[twin]
     down = rank[:m] > r_twin  # the copy comes first in the tour
-    child = torch.where(down, t, n)  # n: dropped column
-    parent = torch.full((n + 1,), -1, dtype=torch.long, device=device)
-    parent.scatter_reduce_(0, child, s, "amax")
+    child = torch.where(down, t, n)
+    parent = torch.full((n + _SPARE_SLOTS,), -1, dtype=torch.long, device=device)
+    parent.scatter_reduce_(0, _kept_or_spare(child, down, n), s, "amax")
     return rank, r_twin, down, child, parent[:n]
 
 
@@ -181,11 +194,12 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
     offset = before - before[first[s]]
     step = torch.where(down, offset + ((1 << bits) + 1), 0)
     step = step - step[twin]
-    placed = torch.zeros(m + 1, dtype=torch.long, device=device)
-    placed.scatter_reduce_(0, pos, step, "amax", include_self=False)
-    path_sum = torch.cumsum(placed, 0)[pos]
-    packed = torch.zeros(n + 1, dtype=torch.long, device=device)  # roots keep (0, 0)
-    packed.scatter_reduce_(0, child, path_sum, "amax")
+    placed = torch.zeros(m + _SPARE_SLOTS, dtype=torch.long, device=device)
+    placed.scatter_reduce_(0, _kept_or_spare(pos, pos < m, m), step, "amax", include_self=False)
+    placed[m] = 0  # what the padding copies read back
+    path_sum = torch.cumsum(placed[:m + 1], 0)[pos]
+    packed = torch.zeros(n + _SPARE_SLOTS, dtype=torch.long, device=device)  # roots: (0, 0)
+    packed.scatter_reduce_(0, _kept_or_spare(child, down, n), path_sum, "amax")
     packed = packed[:n]
     depth = packed >> bits
 
