@@ -100,7 +100,8 @@ timeout ${SCAN_S:-200} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} --out "
   2>&1 | tee -a "$SUMMARY" | tail -30
 timeout ${GROOTV_S:-150} $PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.json" ${GROOTV_ARGS:-} \
   2>&1 | tee -a "$SUMMARY" | tail -14
-timeout ${GRAPH_S:-90} $PY benchmarks/graph.py --device cuda --timing --out "$OUT/graph_gpu_$CARD.json" \
+timeout ${GRAPH_S:-240} $PY benchmarks/graph.py --device cuda --timing ${GRAPH_ARGS:---sizes 4,5,6,7} \
+  --out "$OUT/graph_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
 timeout ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8

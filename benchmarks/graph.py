@@ -204,7 +204,28 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
         device, repeats)
     print("parts at n=%d: %s" % (n, json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                               for k, v in parts.items()})))
-    return dict(per_size=rows, parts=parts)
+    return dict(per_size=rows, parts=parts, topology=topology_rows(device, sizes))
+
+
+def topology_rows(device, sizes):
+    """``GraphTopology``'s spanning forest at each size: the first build of a graph (which
+    prepares it and, on a GPU, counts its trees) and later builds over the same graph (what
+    every layer of every step pays), with the cost per candidate edge."""
+    rows = []
+    for n in sizes:
+        x, ei = _random_graph(n, device)
+        topo = treessm.GraphTopology()
+        t0 = time.perf_counter()
+        topo(x, ei)
+        _sync(device)
+        first = 1e3 * (time.perf_counter() - t0)
+        build = _time(lambda: topo(x, ei), device, 2 if device.type == "cpu" else 5)
+        rows.append(dict(vertices=n, edges=5 * n, first_build_ms=first, build_ms=build,
+                         ns_per_edge=build * 1e6 / (5 * n)))
+        print(f"GraphTopology n={n:>9}: first build {first:8.1f} ms, later builds "
+              f"{build:8.1f} ms ({rows[-1]['ns_per_edge']:.1f} ns per edge)", flush=True)
+        del x, ei
+    return rows
 
 
 # ---------------------------------------------------------------------------- real data
