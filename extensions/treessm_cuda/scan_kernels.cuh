@@ -32,8 +32,9 @@
 //   - "trees": one block per (tree, channel slice) walks its tree's phases and chunks in
 //     order (__syncthreads between phases);
 //   - "phases": per phase of the whole forest, chunks in parallel over the device; a
-//     first launch composes each chunk, a second carries values across chunks in order,
-//     a third rescans every chunk from its carried-in value.
+//     first launch composes each chunk, a second scans the chunks' composites for the value
+//     entering each chunk (in parallel, in an order fixed by the chunk count), a third
+//     rescans every chunk from its carried-in value.
 // Every value is written by one thread and every sum is taken in a fixed order that
 // depends on the positions alone (not on the lanes or channels a block takes): results are
 // bitwise deterministic and the same for every launch shape of a schedule. Accumulation is
@@ -198,7 +199,7 @@ template <typename A, int V, int NS> struct Affine {
     }
   }
   // The value after these steps entered with h (`has`: h is defined; at a phase's start
-  // it is not); the phase carry kernel takes the same expression.
+  // it is not).
   __device__ __forceinline__ A enter(A h, bool has, int s, int q) const {
     return (f || !has) ? b[s][q] : mul0(a[q], h) + b[s][q];
   }
@@ -673,24 +674,110 @@ __global__ void __launch_bounds__(kMaxThreads, 2) phase_aggregate_kernel(const S
   }
 }
 
-// The value entering every chunk of a phase, chunk after chunk: one thread per (stream,
-// channel).
+// The value entering every chunk of a phase from the chunks' composites: chunk j's composite
+// takes the value entering j to the one entering j + 1, and chunk 0 counts as a segment
+// start (nothing enters it; its carry is not written). A parallel scan over the chunks, one
+// block per channel, every stream in each thread: a thread composes kCarryRun consecutive
+// chunks in order; a warp scans the composites of its 32 threads by shuffles (a span of
+// kCarrySpan chunks, spans counted from chunk 0); the value entering a span is the value
+// entering the one before it carried through that span's composite, span after span (as
+// ChunkScan carries its groups); each thread then runs its chunks from the value entering
+// it and writes the value after each. The order of every operation is fixed by the chunk
+// count: blocks of any number of warps give the same bits.
+constexpr int kCarryRun = 8;                 // chunks a thread composes
+constexpr int kCarrySpan = 32 * kCarryRun;   // chunks a warp scans
+constexpr int kCarryMaxWarps = 8;
+
+// Threads of a carry block: a warp per span of the phase, at most kCarryMaxWarps.
+__host__ __device__ inline int phase_carry_threads(int chunks) {
+  const int spans = (chunks - 1 + kCarrySpan - 1) / kCarrySpan;
+  return 32 * (spans < 1 ? 1 : (spans > kCarryMaxWarps ? kCarryMaxWarps : spans));
+}
+
+// Shared memory of a carry block of `threads`: the composite of every warp's span.
 template <typename A, int NS>
-__global__ void phase_carry_kernel(const void* agg, const unsigned char* aggf, void* carry,
-                                   int chunks, int64_t C) {
-  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= NS * C) return;
-  const int st = static_cast<int>(idx / C);
-  const int64_t c = idx % C;
+__host__ __device__ inline int64_t phase_carry_smem_bytes(int threads) {
+  return (int64_t)(threads / 32) * (NS + 2) * sizeof(A);
+}
+
+template <typename A, int NS>
+__global__ void __launch_bounds__(kCarryMaxWarps * 32) phase_carry_kernel(
+    const void* agg, const unsigned char* aggf, void* carry, int chunks, int64_t C) {
+  using Aff = Affine<A, 1, NS>;
+  constexpr int per = NS + 2;  // an Affine's values in shared memory
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* totals = reinterpret_cast<A*>(smem_raw);
+  const int64_t c = blockIdx.x;
   const A* ag = reinterpret_cast<const A*>(agg);
   A* out = reinterpret_cast<A*>(carry);
-  A h = A(0);
-  for (int j = 0; j + 1 < chunks; ++j) {
-    const A* row = ag + (int64_t)j * 2 * NS * C;
-    const A a = row[c];
-    const A b = row[(1 + st) * C + c];
-    h = (aggf[j] || j == 0) ? b : mul0(a, h) + b;
-    out[((int64_t)(j + 1) * NS + st) * C + c] = h;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warps = blockDim.x / 32;
+  const int steps = chunks - 1;  // the chunks whose composites carry into a next one
+  A h[NS];                       // the value entering the block's next span
+#pragma unroll
+  for (int st = 0; st < NS; ++st) h[st] = A(0);  // never used: chunk 0 starts a segment
+  for (int t0 = 0; t0 < steps; t0 += warps * kCarrySpan) {
+    const int first = t0 + threadIdx.x * kCarryRun;
+    // the thread's chunks: every load before any use
+    Aff el[kCarryRun];
+#pragma unroll
+    for (int r = 0; r < kCarryRun; ++r) {
+      const int j = first + r;
+      if (j < steps) {
+        const A* row = ag + (int64_t)j * 2 * NS * C + c;
+        el[r].a[0] = __ldg(row);
+#pragma unroll
+        for (int st = 0; st < NS; ++st) el[r].b[st][0] = __ldg(row + (1 + st) * C);
+        el[r].f = j == 0 || __ldg(aggf + j) != 0;
+      } else {
+        el[r].identity();
+      }
+    }
+    Aff incl;
+    incl.identity();
+#pragma unroll
+    for (int r = 0; r < kCarryRun; ++r)
+      if (first + r < steps) incl.then(el[r]);
+    // the warp's scan (Kogge-Stone): `excl` = composite of the lanes before this one
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      Aff prev = incl;
+      prev.shfl_up(static_cast<unsigned>(d));
+      if (lane >= d) {
+        prev.then(incl);
+        incl = prev;
+      }
+    }
+    Aff excl = incl;
+    excl.shfl_up(1u);
+    if (lane == 0) excl.identity();
+    __syncthreads();  // the previous tile's readers are done with the totals
+    if (lane == 31) incl.put(totals + warp * per);
+    __syncthreads();
+    // the value entering this warp's span, then the one leaving the block's spans
+    A hv[NS];
+    for (int w = 0; w < warps; ++w) {
+      if (w == warp) {
+#pragma unroll
+        for (int st = 0; st < NS; ++st) hv[st] = h[st];
+      }
+      Aff t;
+      t.get(totals + w * per);
+#pragma unroll
+      for (int st = 0; st < NS; ++st) h[st] = t.enter(h[st], true, st, 0);
+    }
+#pragma unroll
+    for (int st = 0; st < NS; ++st) hv[st] = excl.enter(hv[st], true, st, 0);
+#pragma unroll
+    for (int r = 0; r < kCarryRun; ++r) {
+      const int j = first + r;
+      if (j >= steps) continue;
+#pragma unroll
+      for (int st = 0; st < NS; ++st) {
+        hv[st] = el[r].enter(hv[st], true, st, 0);
+        out[((int64_t)(j + 1) * NS + st) * C + c] = hv[st];
+      }
+    }
   }
 }
 

@@ -323,8 +323,9 @@ void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io
     if (chunks > 1) {
       aggregate<<<grid, L.threads, static_cast<size_t>(smem), stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t items = Tr::NS * C;
-      phase_carry_kernel<A, Tr::NS><<<static_cast<unsigned>((items + 255) / 256), 256, 0, stream>>>(
+      const int threads = phase_carry_threads(static_cast<int>(chunks));
+      const auto carry_smem = static_cast<size_t>(phase_carry_smem_bytes<A, Tr::NS>(threads));
+      phase_carry_kernel<A, Tr::NS><<<static_cast<unsigned>(C), threads, carry_smem, stream>>>(
           a.agg, a.aggf, const_cast<void*>(a.carry), static_cast<int>(chunks), C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

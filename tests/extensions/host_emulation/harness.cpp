@@ -5,6 +5,11 @@
 //   SCHEDULE: "trees" (one block per tree and channel slice) or "phases" (per phase,
 //   chunk composites, carries and rescans, as tree_scan.cu launches them); V: channels a
 //   thread moves (1 or 2); LANES: position lanes of a block (a multiple of 16)
+// or: harness carry IN OUT
+//   the carry kernel alone on chunk composites (header: chunks, C, streams; then a, b per
+//   stream [chunks][C] as double, the reset flags [chunks] as bytes): for double, then
+//   float, accumulation and every block of 1 to kCarryMaxWarps warps, the carries
+//   [chunks][streams][C] as double (row 0 left as the poison -555)
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -78,8 +83,7 @@ struct Runner {
       a.carry = carry.data();
       if (chunks > 1) {
         launch(chunks, groups, pb.threads, [&] { phase_aggregate_kernel<double, double, V, MODE>(a); });
-        const int64_t items = Tr::NS * pb.C;
-        launch((items + 31) / 32, 1, 32, [&] {
+        launch(pb.C, 1, phase_carry_threads(chunks), [&] {
           phase_carry_kernel<double, Tr::NS>(agg.data(), aggf.data(), carry.data(), chunks, pb.C);
         });
       }
@@ -156,9 +160,52 @@ void run_all(const Problem& pb, bool phases, FILE* o) {
   }
 }
 
+template <typename A, int NS>
+void run_carry(int chunks, int64_t C, const std::vector<double>& a, const std::vector<double>& b,
+               const std::vector<unsigned char>& f, FILE* o) {
+  std::vector<A> agg(chunks * 2 * NS * C, A(-555));  // [chunks][a, b per stream, unused][C]
+  for (int j = 0; j < chunks; ++j)
+    for (int64_t c = 0; c < C; ++c) {
+      agg[(j * 2 * NS) * C + c] = static_cast<A>(a[j * C + c]);
+      for (int st = 0; st < NS; ++st)
+        agg[(j * 2 * NS + 1 + st) * C + c] = static_cast<A>(b[(st * chunks + j) * C + c]);
+    }
+  for (int warps = 1; warps <= kCarryMaxWarps; ++warps) {
+    std::vector<A> carry(chunks * NS * C, A(-555));
+    launch(C, 1, 32 * warps, [&] {
+      phase_carry_kernel<A, NS>(agg.data(), f.data(), carry.data(), chunks, C);
+    });
+    std::vector<double> wide(carry.begin(), carry.end());
+    fwrite(wide.data(), 8, wide.size(), o);
+  }
+}
+
+int carry_main(const char* in, const char* out) {
+  FILE* f = fopen(in, "rb");
+  const auto hdr = read<int64_t>(f, 3);
+  const int chunks = static_cast<int>(hdr[0]);
+  const int64_t C = hdr[1];
+  const int NS = static_cast<int>(hdr[2]);
+  const auto a = rd(f, chunks * C);
+  const auto b = rd(f, NS * chunks * C);
+  const auto flags = read<unsigned char>(f, chunks);
+  fclose(f);
+  FILE* o = fopen(out, "wb");
+  if (NS == 2) {
+    run_carry<double, 2>(chunks, C, a, b, flags, o);
+    run_carry<float, 2>(chunks, C, a, b, flags, o);
+  } else {
+    run_carry<double, 1>(chunks, C, a, b, flags, o);
+    run_carry<float, 1>(chunks, C, a, b, flags, o);
+  }
+  fclose(o);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "carry") return carry_main(argv[2], argv[3]);
   if (argc < 6) {
-    std::fprintf(stderr, "usage: harness IN OUT trees|phases V LANES\n");
+    std::fprintf(stderr, "usage: harness IN OUT trees|phases V LANES, or harness carry IN OUT\n");
     return 2;
   }
   FILE* f = fopen(argv[1], "rb");
