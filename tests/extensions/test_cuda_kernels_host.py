@@ -25,13 +25,16 @@ NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down
          "gw both"]
 
 
-def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95), lanes=32):
+def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95), lanes=32,
+         zeros=0.0):
+    # weights uniform in `weights`, a fraction `zeros` of them 0
     tree = treessm.Tree.from_parent(parent)
     n = parent.numel()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, C, generator=g, dtype=torch.float64)
     lo, hi = weights
     w = lo + (hi - lo) * torch.rand(n, C, generator=g, dtype=torch.float64)
+    w[torch.rand(n, C, generator=g) < zeros] = 0.0
     gout = torch.randn(n, C, generator=g, dtype=torch.float64)
     levels = level_groups(tree)
     pp, ph = path_plan(tree), phase_plan(tree)
@@ -109,6 +112,112 @@ def test_weights_above_one_on_host(harness, tmp_path):
     _run(harness, tmp_path, chain(60), 4, 2, "trees", weights=(1.0, 1.3))
     _run(harness, tmp_path, random_forest(120, 2, torch.Generator().manual_seed(8), locality=3),
          4, 2, "phases", weights=(1.0, 1.3))
+
+
+def _chains(lengths):
+    """A forest of chains of the given lengths, one after the other."""
+    starts = np.cumsum([0] + list(lengths[:-1]))
+    return torch.cat([torch.where(chain(n) >= 0, chain(n) + s, chain(n))
+                      for n, s in zip(lengths, starts.tolist())])
+
+
+def test_carries_across_many_chunks_on_host(harness, tmp_path):
+    # "phases" with chunks of 64 positions (16 lanes) and weights near 1, so that the value
+    # carried into a chunk reaches far into it: more chunks per phase than a warp of the
+    # carry scan takes (256); chains that start exactly at chunk starts and inside chunks;
+    # weights 0 (1 in 100) and above 1; against the float64 scan
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([64, 128, 192, 100, 28, 37, 27, 64])
+    forest = _chains(lengths[torch.randint(0, 8, (250,), generator=g)].tolist())
+    assert forest.numel() > 64 * 256
+    # (16 lanes of two threads: a warp; three channels: one thread of a slice idle)
+    _run(harness, tmp_path, forest, 3, 2, "phases", vec=1, lanes=16, weights=(0.9, 1.1),
+         zeros=0.01)
+    _run(harness, tmp_path, chain(2000), 3, 2, "phases", vec=1, lanes=16, weights=(1.0, 1.005))
+    _run(harness, tmp_path, random_forest(6000, 3, g, locality=3), 3, 2, "phases", vec=1,
+         lanes=16, weights=(0.95, 1.05), zeros=0.01)
+
+
+def _serial_carry(a, b, f):
+    """The value entering every chunk, chunk after chunk (row 0: nothing enters chunk 0)."""
+    chunks = a.shape[0]
+    out = np.full((chunks, b.shape[0], a.shape[1]), np.nan, a.dtype)
+    h = np.zeros_like(b[:, 0])
+    for j in range(chunks - 1):
+        if f[j] or j == 0:
+            h = b[:, j].copy()
+        else:
+            # mul0: the product taken as 0 where the value is 0
+            h = np.where(h == 0, 0, a[j] * h) + b[:, j]
+        out[j + 1] = h
+    return out
+
+
+def _carry(harness, tmp, a, b, f):
+    """The carry kernel on the host: [double, float] x [blocks of 1 to 8 warps]."""
+    chunks, C = a.shape
+    ns = b.shape[0]
+    src, dst = tmp / "carry_in.bin", tmp / "carry_out.bin"
+    with open(src, "wb") as fh:
+        np.array([chunks, C, ns], np.int64).tofile(fh)
+        a.astype(np.float64).tofile(fh)
+        b.astype(np.float64).tofile(fh)
+        f.astype(np.uint8).tofile(fh)
+    r = subprocess.run([str(harness), "carry", str(src), str(dst)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return np.fromfile(dst, np.float64).reshape(2, 8, chunks, ns, C)
+
+
+@pytest.mark.parametrize("chunks,C,ns", [(2, 1, 1), (3, 3, 2), (41, 5, 1), (257, 2, 2),
+                                         (258, 3, 1), (2050, 1, 2), (4700, 3, 1)])
+def test_carry_scan_against_the_serial_carry_on_host(harness, tmp_path, chunks, C, ns):
+    # the carry kernel against the serial recurrence it replaces: carries (chunks - 1) around
+    # a warp's span (256) and a tile of 8 warps (2048), odd channel counts, one and two
+    # streams, resets (1 chunk in 20, and chunk 0), weights 0 and above 1; the same bits for
+    # every block width, float64 to rounding, float32 within float32 rounding of float64
+    rng = np.random.default_rng(chunks * 10 + C)
+    a = rng.uniform(0.0, 1.1, (chunks, C))
+    a[rng.random((chunks, C)) < 0.05] = 0.0
+    b = rng.standard_normal((ns, chunks, C))
+    f = rng.random(chunks) < 0.05
+    got = _carry(harness, tmp_path, a, b, f)
+    for by_width in got:
+        for other in by_width[1:]:
+            assert np.array_equal(by_width[0], other)
+    assert np.all(got[:, :, 0] == -555.0)  # nothing enters chunk 0
+    want = _serial_carry(a, b, f)[1:]
+    np.testing.assert_allclose(got[0, 0, 1:], want, rtol=1e-12, atol=1e-12)
+    want32 = _serial_carry(a.astype(np.float32).astype(np.float64),
+                           b.astype(np.float32).astype(np.float64), f)[1:]
+    np.testing.assert_allclose(got[1, 0, 1:], want32, rtol=1e-5, atol=1e-5)
+
+
+def test_carry_scan_propagates_nan_and_overflow_on_host(harness, tmp_path):
+    # NaN in a chunk's composite spoils the carries up to the next reset, as chunk after
+    # chunk; products of weights that overflow give inf, never NaN (no 0 * inf)
+    chunks, C = 600, 2
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0.5, 1.0, (chunks, C))
+    b = rng.standard_normal((1, chunks, C))
+    f = np.zeros(chunks, bool)
+    f[[100, 300, 301, 520]] = True
+    a[50, 0] = np.nan
+    b[0, 290, 1] = np.nan
+    b[0, 400, 0] = np.nan
+    got = _carry(harness, tmp_path, a, b, f)[0, 0, 1:]
+    want = _serial_carry(a, b, f)[1:]
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(want).sum() == (100 - 50) + (300 - 290) + (520 - 400)
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-12, atol=1e-12)
+    a = np.full((chunks, C), 1e30)
+    b = np.ones((1, chunks, C))
+    f = np.zeros(chunks, bool)
+    got = _carry(harness, tmp_path, a, b, f)[1, :, 1:]  # float32: 1, 1e30, then inf
+    assert not np.isnan(got).any()
+    assert np.all(got[:, 0] == 1.0) and np.all(np.isfinite(got[:, 1]))
+    assert np.all(np.isinf(got[:, 2:]))
 
 
 def test_phase_plan_is_a_relabelling_of_the_path_plan():
