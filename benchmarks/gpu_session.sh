@@ -2,7 +2,8 @@
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
 # $OUT (default ./gpu_out), at most eight files.
 #   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
-#                                          tiled) and of the fused selective scan, the
+#                                          tiled), of the device spanning forests and of
+#                                          the fused selective scan, the
 #                                          benchmark rows of the scan, memcheck (and
 #                                          racecheck of the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
@@ -42,7 +43,7 @@ XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 if [ "$MODE" = check ]; then
   timeout ${TEST_S:-200} $PY -m pytest -q -p no:cacheprovider tests/ops/test_tree_scan_cuda.py \
     tests/ops/test_plan.py tests/topology/test_grid_tree_cuda.py tests/ops/test_selective_scan.py \
-    tests/ops/test_tiles.py tests/ops/test_tile_scan_cuda.py \
+    tests/ops/test_tiles.py tests/ops/test_tile_scan_cuda.py tests/topology/test_euler_tour.py \
     -k "cuda or plan or grid or tile" 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
   grep -E "passed|failed" "$OUT/pytest_scan.log" | tail -1 >> "$SUMMARY"
   timeout ${BENCH_S:-220} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
