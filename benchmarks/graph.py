@@ -515,7 +515,9 @@ SPECS = {
                  search=({"lr": 1e-2, "dropout": 0.5}, {"lr": 1e-2, "dropout": 0.7})),
     "minesweeper": dict(hidden=64, layers=3, local="sage", epochs=300, runs=10,
                         weight_decay=0.0, metric="roc_auc"),
-    "tolokers": dict(hidden=64, layers=3, local="sage", epochs=300, runs=10,
+    # the local layer chosen on split 0's validation score at a third of the epochs, among
+    # sage, gcn and gat (graph_real_tolokers_local_cpu.json: 82.8, 84.7, 84.7)
+    "tolokers": dict(hidden=64, layers=3, local="gcn", epochs=300, runs=10,
                      weight_decay=0.0, metric="roc_auc"),
     "MUTAG": dict(hidden=64, layers=4, local="gin", pool="sum", epochs=100, runs=10,
                   weight_decay=0.0, metric="accuracy", batch_size=32, edge_dim=4),
