@@ -130,10 +130,23 @@ def reference_layout(tree, tile):
     number = {p: i for i, p in enumerate(bpos)}
     feeder = [number[ppos[top[b]]] if ppos[top[b]] >= 0 else -1 for b in bpos]
     entries = sorted((p for p in range(n) if entry[p]), key=lambda p: (number[ppos[p]], p))
+    paths = []  # per tile: the deepest boundary vertex's root path, from its top down to it
+    for k in range(len(tile_ptr) - 1):
+        mine = [b for b in bpos if tile_ptr[k] <= b < tile_ptr[k + 1]]
+        path = []
+        if mine:
+            p = max(mine)
+            while True:
+                path.append(p)
+                if p == top[p]:
+                    break
+                p = ppos[p]
+        paths.append(path[::-1])
     return dict(vertex=vertex, parent=ppos, size=[size[v] for v in vertex], light_depth=ld,
                 head=head, tile_ptr=tile_ptr, scan=scan, levels=levels, entry=entry, top=top,
                 boundary_pos=bpos, feeder=feeder, depth=[crossed[b] for b in bpos],
-                entries=entries, entry_parent_number=[number[ppos[e]] for e in entries])
+                entries=entries, entry_parent_number=[number[ppos[e]] for e in entries],
+                paths=paths)
 
 
 def _padded(t, count):
@@ -211,6 +224,12 @@ def test_layout_matches_the_loop_reference(name, tile):
         assert (lo, hi) == ((mine[0], mine[-1] + 1) if mine else (0, 0))
         assert len({ref["top"][ref["boundary_pos"][i]] for i in mine}) <= 1
 
+    # boundary paths, tile by tile
+    paths = ref["paths"] + [[]] * (plan.num_tiles - m)
+    path_ptr = plan.path_ptr.tolist()
+    assert path_ptr == [0] + list(np.cumsum([len(p) for p in paths]))
+    assert _padded(plan.path, path_ptr[-1]) == [p for path in paths for p in path]
+
 
 @pytest.mark.parametrize("tile", [1, 2, 7, 64])
 @pytest.mark.parametrize("name", ["random_many_roots", "deep", "star", "grid_trees", "long_chain"])
@@ -237,6 +256,14 @@ def test_tile_structure(name, tile):
         chain_ = plan.boundary_pos[lo:hi].tolist()
         for a, b in zip(chain_, chain_[1:]):  # each the ancestor of the next
             assert a < b < a + plan.size[a]
+        # the boundary path: from the top, each the parent of the next, ending at the
+        # deepest boundary vertex and holding them all
+        path = plan.path[plan.path_ptr[k]:plan.path_ptr[k + 1]].tolist()
+        assert bool(path) == (hi > lo)
+        if path:
+            assert top[path[0]] == path[0] and path[-1] == chain_[-1]
+            assert all(parent[b] == a for a, b in zip(path, path[1:]))
+            assert set(chain_) <= set(path) and all(s <= p < e for p in path)
 
 
 # ---------------------------------------------------------------------- three phases

@@ -33,11 +33,15 @@ count, layer, direction and the backward):
   by position, so every one comes after the one feeding it, each depth is a contiguous
   range (``boundary_level_ptr``), and each tile's boundary vertices are a contiguous range,
   shallowest first (``tile_boundary``).
+* **boundary paths** -- the in-tile root path of a tile's deepest boundary vertex, from the
+  top down to it (``path``, ``path_ptr``): it holds all the tile's boundary vertices, and
+  only its vertices see anything of the later tiles in ``up`` or leave anything to them in
+  ``down``.
 
-A scan then runs in three phases (``docs/cuda.md``): each tile scanned once in shared
-memory with the values entering it kept symbolic (an affine function of the value entering
-at its top), giving a summary per boundary vertex; the boundary tree solved in the order
-of its numbering; each tile rescanned with the true values entering it, writing ``h``.
+A scan then runs in three phases (``docs/cuda.md``): each tile (``up``) or each boundary
+path (``down``) scanned with the values entering it kept symbolic, giving a summary per
+boundary vertex; the boundary tree solved; each tile (``down``) or each boundary path
+(``up``) scanned again with the true values, writing ``h``.
 
 The plan is built with tensor operations and three integer tree sums
 (:mod:`treessm.ops.heavy`: compiled tree scans on the CPU, pointer doubling elsewhere) on
@@ -117,6 +121,11 @@ class TilePlan(NamedTuple):
             from (their parent), in position order within a group (``-1`` past the last).
         entry_ptr (IntTensor [N + 1]): the entries hanging from boundary vertex ``i`` are
             ``entries[entry_ptr[i]:entry_ptr[i + 1]]``.
+        path (IntTensor [N]): the boundary path of each tile, tile by tile: the positions
+            from the top of its boundary vertices down to the deepest of them, each the
+            parent of the next (``-1`` past the last).
+        path_ptr (IntTensor [M + 1]): tile ``k``'s boundary path is
+            ``path[path_ptr[k]:path_ptr[k + 1]]`` (empty when it has no boundary vertex).
     """
 
     tile: int
@@ -140,6 +149,8 @@ class TilePlan(NamedTuple):
     tile_boundary: Tensor
     entries: Tensor
     entry_ptr: Tensor
+    path: Tensor
+    path_ptr: Tensor
 
 
 def max_tiles(num_nodes: int, num_trees: int, tile: int,
@@ -291,6 +302,7 @@ def _build(tree: Tree, tile: int) -> TilePlan:
                         empty, torch.zeros(0, L + 1, dtype=torch.int32, device=dev), empty,
                         empty, empty, empty, torch.zeros(1, dtype=torch.int32, device=dev),
                         torch.zeros(0, 2, dtype=torch.int32, device=dev), empty,
+                        torch.zeros(1, dtype=torch.int32, device=dev), empty,
                         torch.zeros(1, dtype=torch.int32, device=dev))
 
     # ---- positions: heavy-first preorder, tree by tree in breadth-first ranges
@@ -354,10 +366,20 @@ def _build(tree: Tree, tile: int) -> TilePlan:
     entries = torch.where(esorted.values < n, esorted.indices, -1)
     entry_ptr = torch.searchsorted(esorted.values, torch.arange(n + 1, **long))
 
+    # ---- boundary paths: the in-tile ancestors of each tile's deepest boundary vertex
+    deepest = torch.full((M,), -1, **long).scatter_reduce(
+        0, tile_of, torch.where(boundary_mark, ar, -1), "amax")[tile_of]
+    dc = deepest.clamp(min=0)
+    on_path = (deepest >= 0) & (ar >= top[dc]) & (ar <= deepest) & (ar + size > deepest)
+    psorted = torch.sort(torch.where(on_path, 0, 1), stable=True)
+    path = torch.where(psorted.values == 0, psorted.indices, -1)
+    per_tile = torch.zeros(M, **long).index_add_(0, tile_of, on_path.long())
+    path_ptr = torch.cat([per_tile.new_zeros(1), torch.cumsum(per_tile, 0)])
+
     flags = (torch.where(root, ROOT, 0) + torch.where(head, HEAD, 0)
              + torch.where(entry, ENTRY, 0) + torch.where(boundary_mark, BOUNDARY, 0))
     return TilePlan(tile, M, L, i32(vertex), i32(parent), i32(size), i32(light_depth),
                     i32(flags), i32(top), i32(tree.tree_ptr), i32(tile_ptr), i32(scan),
                     i32(level_ptr), i32(tile_levels), i32(boundary), i32(boundary_pos),
                     i32(feeder), i32(boundary_level_ptr), i32(tile_boundary), i32(entries),
-                    i32(entry_ptr))
+                    i32(entry_ptr), i32(path), i32(path_ptr))
