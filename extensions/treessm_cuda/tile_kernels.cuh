@@ -3,39 +3,59 @@
 //
 //   down: h[v] = x[v] + w[v] h[parent(v)]      up: h[v] = x[v] + sum_c w[c] h[c]
 //
-// A block takes one tile and one slice of S channels. It stages the tile's x and w rows in
-// shared memory (indexed by position inside the tile) and walks the tile's light levels:
-// down from the lowest, up from the highest. A level is a contiguous range of slots in which
-// every run (heavy path piece) is contiguous and in path order, so one level is one
-// segmented scan of the step h = a h' + b, composed by
-//   (f0, a0, b0) then (f1, a1, b1) = f1 ? (f1, a1, b1) : (f0, a1 a0, a1 b0 + b1),
-// where f marks a run's first element in scan order (down: a run head, whose value is
-// known from its parent one level lower or from outside the tile; up: a run's last vertex).
-// Nothing is ever divided and a reset never multiplies the values before it, so weights of
-// 0, weights above 1 and non-finite values stay in their own runs.
-// A level's scan: thread t composes the elements [t chunk, (t + 1) chunk) of the level, the
-// block scans the composites (Kogge-Stone over threads), then every thread runs the
-// recurrence through its elements from the value before them. For `up`, a level first adds
-// to each vertex the shares w[c] h[c] of its light children inside the tile (one level
-// higher, final), in child order.
+// Channels are lanes: a warp takes 32 consecutive channels (a *group*) of one position at
+// a time, so every row access is one contiguous segment; lanes past C are masked. A tile
+// block stages its tile's plan in shared memory once (13 bytes a position) and loops over
+// the channel groups of its slice. Values that a later level or phase reads live in global
+// memory, in `store`: h itself when the element type is the accumulation type, else a
+// scratch of accumulator rows written only where something reads them later.
 //
-// Phases (one launch each, on one stream):
-//   1. down: per tile, (A, B) with h = A h_in + B for h_in the value entering at the
-//      vertex's top; written for the tile's boundary vertices (numbered i: sa[i], sb[i]).
-//      up: per tile, the up values without the later tiles (B), written for the tile's
-//      entries (by their index in `entries`: se[j]), and the product of weights from the
-//      top to each boundary vertex (A, sa[i]).
-//   2. the boundary tree, one block per channel, depth by depth inside the block:
-//      down (shallowest first): H[i] = B[i] + A[i] H[feeder[i]] (H[i] = B[i] at a root's
-//      tile), written over sb.
-//      up (deepest first): s[i] = sum over the entries e of i, in `entries` order, of
-//      w[e] (B[e] + sum over the boundary vertices j hanging below e, shallowest first,
-//      of A[j] s[j]), written to ss.
-//   3. per tile again with the true values: down, an entry takes h_in = H[boundary of its
-//      parent]; up, a boundary vertex i starts from x + s[i]. Writes h in the input dtype.
-// Every value is written by one thread, every sum is taken in an order fixed by the plan
-// (not by the slice width or the grid): bitwise deterministic, the same for every S.
-// Accumulation is float32 (float64 for double data).
+// Sequences (a light level of a tile, a tile's boundary path) are scanned in chunks of
+// kTileChunk elements, the step h = a h' + b with a flag f where a segment starts (its
+// value does not depend on the one before). In a round every warp of the block takes one
+// chunk: it loads the chunk's elements into registers (every load issued before one is
+// used) and composes them per lane,
+//   (F, a, b) then (f, a', b') = f ? (1, a', b') : (F, a' a, a' b + b'),
+// writes the composite to shared memory; after one barrier each warp carries the value
+// entering the round through the composites before its chunk, in order, and reruns its
+// chunk from it, writing the values. The value after the round is carried into the next
+// one; a sequence ends with a barrier. Nothing is ever divided and a reset never multiplies
+// the values before it, so weights of 0, weights above 1 and non-finite values stay in
+// their own segments. Chunks start every kTileChunk elements whatever the block width, and
+// the carry runs through the chunks in order: the values do not depend on the warps of a
+// block nor on the groups a block takes.
+//
+// A light level is a contiguous range of slots in which every run (heavy path piece) is
+// contiguous and in path order; a run head's parent in the tile lies one level lower. The
+// *boundary path* of a tile (plan.path) runs from the top of its boundary vertices to the
+// deepest of them; it holds them all. Phases (one launch each, or two):
+//   down
+//     1. tile_down_paths_kernel: along each boundary path, h = A h_in + B with h_in the
+//        value entering at the top (A = w there at an entry, 0 at a root); (A, B) written
+//        at the boundary vertices, by number (sa, sb).
+//     2. tile_down_feed_kernel: for each tile whose path top is an entry, X = the true
+//        value at the top's parent f, H[f] = B[f] + A[f] H[feeder(f)], composed from f
+//        outwards along the feeders; one warp per (tile, group), no synchronisation.
+//     3. tile_down_levels_kernel: each tile's light levels from the lowest; an entry takes
+//        the value of its parent j, H[j] = B[j] + A[j] X[tile of j]; writes h.
+//   up
+//     1. tile_up_levels_kernel: each tile's light levels from the highest, a vertex first
+//        adding the shares w[c] h[c] of its light children in the tile (one level higher,
+//        in child order), nothing from later tiles: B, final off the boundary paths (h
+//        and store); along the path, A[j] = the product of the weights from the top down to
+//        boundary vertex j (sa).
+//     2. the tile tree: the path top e of tile k hangs from boundary vertex f of an earlier
+//        tile p(k). tile_up_gather_kernel: c[j] = the sum over the entries e of j of
+//        w[e] B[e] (sb), per tile R0[k] = the sum over its boundary vertices j of A[j] c[j],
+//        mu[k] = w[e] A[f]. tile_up_tree_kernel: R[k] = R0[k] + the sum over the tiles k'
+//        hanging from k of mu[k'] R[k'], tiles from the last (one warp a group, the sums in
+//        shared memory where they fit), so that B[e] + R[k] is the true value at e.
+//     3. tile_up_paths_kernel: s[j] = c[j] + the sum over the tiles k' whose top e hangs
+//        from j of w[e] R[k'] (sb); along the path from its deepest vertex, E = s at a
+//        boundary vertex + w[child on the path] E[child]; h = B + E there.
+// Every value is written by one lane and every sum is taken in an order fixed by the plan:
+// bitwise deterministic, the same for every launch shape. Accumulation is float32
+// (float64 for double data).
 #pragma once
 
 #include <cuda.h>
@@ -44,19 +64,28 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "numeric.cuh"
 
 namespace treessm_cuda {
 
 // Flags of a position (treessm.ops.tiles).
 constexpr int kTileRoot = 1, kTileHead = 2, kTileEntry = 4, kTileBoundary = 8;
+// Elements a warp composes in a row; the values depend on it (not on the block width).
+constexpr int kTileChunk = 16;
+// Channels of a group: the lanes of a warp.
+constexpr int kTileLanes = 32;
 
 struct TileArgs {
   const void* x;  // [N, C] by vertex
   const void* w;  // [N, C] by vertex
-  void* h;        // [N, C] by vertex (phase 3)
+  void* h;        // [N, C] by vertex
+  void* store;    // [N, C] accumulator rows by vertex; h itself when T is the accumulator
   int64_t C;
-  int N, M, L, tile;
+  int N, M, tile;
+  int groups;            // channel groups of 32: ceil(C / 32)
+  int groups_per_block;  // of a tile block; blockIdx.y takes groups [y gpb, (y + 1) gpb)
   // the plan (treessm.ops.tiles.TilePlan), int32
   const int* vertex;
   const int* parent;
@@ -66,339 +95,37 @@ struct TileArgs {
   const int* tile_ptr;
   const int* scan;
   const int* level_ptr;  // [M, L + 1]
+  int L;
   const int* tile_levels;
   const int* boundary;
   const int* boundary_pos;
   const int* feeder;
-  const int* boundary_level_ptr;  // [M + 1]
-  const int* tile_boundary;       // [M, 2]
+  const int* tile_boundary;  // [M, 2]
   const int* entries;
   const int* entry_ptr;
-  // scratch rows of C accumulators: down sa = A, sb = B then H (by boundary number);
-  // up sa = A (by boundary number), se = B (by entry index), ss = s (by boundary number)
+  const int* path;
+  const int* path_ptr;  // [M + 1]
+  // scratch: rows of C accumulators by boundary number (sa: A, sb: down B, up c then s) and
+  // by tile (tv: down X, up R0 then R; tmu: up mu), and the parent tile of each tile (up)
   void* sa;
   void* sb;
-  void* se;
-  void* ss;
+  void* tv;
+  void* tmu;
+  int* tparent;
 };
 
-// Shared memory of a tile block: three value arrays of tile * S, the slot -> position map
-// and the flags of the tile (ints), the composites of `threads` threads (a, two b's, flag).
-template <typename A, int S>
-__host__ __device__ inline int64_t tile_smem_bytes(int tile, int threads) {
-  const int64_t vals = (3LL * tile + 3LL * threads) * S * sizeof(A);
-  return vals + 2LL * tile * sizeof(int) + threads;
+// ---------------------------------------------------------------------------- helpers
+template <typename A>
+__device__ __forceinline__ A load_acc(const void* p, int64_t i);
+
+template <typename T, typename A>
+__device__ __forceinline__ A load_as(const void* p, int64_t i) {
+  return static_cast<A>(to_acc(static_cast<const T*>(p)[i]));
 }
 
-template <typename A, int S>
-struct TileBlock {
-  A* val;  // [tile, S]: x, then h (down, up) / B (phase 1)
-  A* mul;  // [tile, S]: w
-  A* aux;  // [tile, S]: A of phase 1
-  A* agga;  // [threads, S]
-  A* aggb;  // [2, threads, S]
-  int* spos;  // slot - start -> position - start
-  int* sflag;  // flags by position - start
-  unsigned char* aggf;  // [threads]
-  int start, len, nc, nt;
-  int64_t c0;
-
-  __device__ TileBlock(unsigned char* raw, int tile, int s, int e, int64_t C) {
-#ifdef __CUDA_ARCH__
-    if (e - s > tile) __trap();  // a plan of larger tiles than the shared memory holds
-#endif
-    nt = blockDim.x;
-    val = reinterpret_cast<A*>(raw);
-    mul = val + static_cast<int64_t>(tile) * S;
-    aux = mul + static_cast<int64_t>(tile) * S;
-    agga = aux + static_cast<int64_t>(tile) * S;
-    aggb = agga + static_cast<int64_t>(nt) * S;
-    spos = reinterpret_cast<int*>(aggb + 2LL * nt * S);
-    sflag = spos + tile;
-    aggf = reinterpret_cast<unsigned char*>(sflag + tile);
-    start = s;
-    len = e - s;
-    c0 = static_cast<int64_t>(blockIdx.y) * S;
-    nc = static_cast<int>(C - c0 < S ? C - c0 : S);
-  }
-};
-
-// One segmented scan of `len` elements in scan direction (none when a tile holds no
-// position of that light depth, between two it holds). elem(i, c, a, b) gives element
-// i of channel c: returns its flag, sets its multiplier a and its NL values b; out(i, c, h)
-// takes the results. Elements may read only their own values and finished levels; out may
-// overwrite an element's own values (elem is called again after every thread composed).
-template <typename A, int S, int NL, typename Elem, typename Out>
-__device__ void level_scan(TileBlock<A, S>& tb, int len, Elem elem, Out out) {
-  if (len <= 0) return;  // a light depth the tile lacks (block-uniform)
-  const int nt = tb.nt, t = threadIdx.x;
-  const int chunk = (len + nt - 1) / nt;
-  const int nact = (len + chunk - 1) / chunk;
-  const int lo = t * chunk < len ? t * chunk : len;
-  const int hi = lo + chunk < len ? lo + chunk : len;
-  // 1. compose the thread's elements
-  for (int c = 0; c < tb.nc; ++c) {
-    bool f = false;
-    A a = 1, b[NL];
-    for (int l = 0; l < NL; ++l) b[l] = 0;
-    for (int i = lo; i < hi; ++i) {
-      A ea, eb[NL];
-      if (elem(i, c, ea, eb)) {
-        f = true;
-        a = ea;
-        for (int l = 0; l < NL; ++l) b[l] = eb[l];
-      } else {
-        a = ea * a;
-        for (int l = 0; l < NL; ++l) b[l] = ea * b[l] + eb[l];
-      }
-    }
-    tb.agga[t * S + c] = a;
-    for (int l = 0; l < NL; ++l) tb.aggb[(l * nt + t) * S + c] = b[l];
-    if (c == 0) tb.aggf[t] = f;
-  }
-  __syncthreads();
-  // 2. inclusive scan of the composites over the active threads
-  for (int off = 1; off < nact; off <<= 1) {
-    const bool act = t < nact && t >= off;
-    bool f = false;
-    A a[S], b[NL][S];
-    if (act) {
-      const bool fl = tb.aggf[t - off], fm = tb.aggf[t];
-      f = fm || fl;
-      for (int c = 0; c < tb.nc; ++c) {
-        const A am = tb.agga[t * S + c];
-        if (fm) {
-          a[c] = am;
-          for (int l = 0; l < NL; ++l) b[l][c] = tb.aggb[(l * nt + t) * S + c];
-        } else {
-          a[c] = am * tb.agga[(t - off) * S + c];
-          for (int l = 0; l < NL; ++l)
-            b[l][c] = am * tb.aggb[(l * nt + t - off) * S + c] + tb.aggb[(l * nt + t) * S + c];
-        }
-      }
-    }
-    __syncthreads();
-    if (act) {
-      tb.aggf[t] = f;
-      for (int c = 0; c < tb.nc; ++c) {
-        tb.agga[t * S + c] = a[c];
-        for (int l = 0; l < NL; ++l) tb.aggb[(l * nt + t) * S + c] = b[l][c];
-      }
-    }
-    __syncthreads();
-  }
-  // 3. the recurrence through the thread's elements from the value before them (a level
-  // starts with a flagged element, so thread 0 needs none)
-  for (int c = 0; c < tb.nc; ++c) {
-    A h[NL];
-    for (int l = 0; l < NL; ++l) h[l] = t > 0 && lo < hi ? tb.aggb[(l * nt + t - 1) * S + c] : A(0);
-    for (int i = lo; i < hi; ++i) {
-      A ea, eb[NL];
-      if (elem(i, c, ea, eb)) {
-        for (int l = 0; l < NL; ++l) h[l] = eb[l];
-      } else {
-        for (int l = 0; l < NL; ++l) h[l] = ea * h[l] + eb[l];
-      }
-      out(i, c, h);
-    }
-  }
-  __syncthreads();
-}
-
-// Stages the tile's rows: val = x (+ s of boundary vertices when `ss` is set), mul = w,
-// the slot map and the flags. Returns whether any position of the tile has one of `any`.
-template <typename T, typename A, int S>
-__device__ bool stage_tile(TileBlock<A, S>& tb, const TileArgs& a, const A* ss, int any) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* w = static_cast<const T*>(a.w);
-  int found = 0;
-  for (int p = threadIdx.x; p < tb.len; p += tb.nt) {
-    const int pos = tb.start + p;
-    const int64_t row = static_cast<int64_t>(a.vertex[pos]) * a.C + tb.c0;
-    const int fl = a.flags[pos];
-    tb.sflag[p] = fl;
-    tb.spos[p] = a.scan[pos] - tb.start;
-    found |= fl & any;
-    for (int c = 0; c < tb.nc; ++c) {
-      A xv = static_cast<A>(to_acc(x[row + c]));
-      if (ss != nullptr && (fl & kTileBoundary))
-        xv = xv + ss[static_cast<int64_t>(a.boundary[pos]) * a.C + tb.c0 + c];
-      tb.val[p * S + c] = xv;
-      tb.mul[p * S + c] = static_cast<A>(to_acc(w[row + c]));
-    }
-  }
-  return __syncthreads_or(found) != 0;
-}
-
-// The down recurrence over the tile's levels, lowest first. NL = 2 (phase 1): val = B and
-// aux = A of h = A h_in + B; NL = 1 (phase 3): val = h, an entry reading h_in from H.
-template <typename A, int S, int NL>
-__device__ void down_levels(TileBlock<A, S>& tb, const TileArgs& a, int k, const A* H) {
-  const int levels = a.tile_levels[k];
-  const int* lp = a.level_ptr + static_cast<int64_t>(k) * (a.L + 1);
-  for (int j = 0; j < levels; ++j) {
-    const int s0 = lp[j] - tb.start, len = lp[j + 1] - lp[j];
-    auto elem = [&](int i, int c, A& ea, A (&eb)[NL]) -> bool {
-      const int p = tb.spos[s0 + i];
-      const int fl = tb.sflag[p];
-      const A wv = tb.mul[p * S + c], xv = tb.val[p * S + c];
-      ea = wv;
-      if (fl & kTileRoot) {
-        eb[0] = xv;
-        if (NL == 2) eb[NL - 1] = 0;
-        return true;
-      }
-      if (fl & kTileEntry) {
-        if (NL == 2) {
-          eb[0] = xv;
-          eb[NL - 1] = wv;
-        } else {
-          const int64_t b = a.boundary[a.parent[tb.start + p]];
-          eb[0] = xv + wv * H[b * a.C + tb.c0 + c];
-        }
-        return true;
-      }
-      if (fl & kTileHead) {
-        const int q = a.parent[tb.start + p] - tb.start;
-        eb[0] = xv + wv * tb.val[q * S + c];
-        if (NL == 2) eb[NL - 1] = wv * tb.aux[q * S + c];
-        return true;
-      }
-      eb[0] = xv;
-      if (NL == 2) eb[NL - 1] = 0;
-      return false;
-    };
-    auto out = [&](int i, int c, const A (&h)[NL]) {
-      const int p = tb.spos[s0 + i];
-      tb.val[p * S + c] = h[0];
-      if (NL == 2) tb.aux[p * S + c] = h[NL - 1];
-    };
-    level_scan<A, S, NL>(tb, len, elem, out);
-  }
-}
-
-// Phase 1 of up's A: the product of the weights from each vertex's top (exclusive) down to
-// it, into aux (a down recurrence with 1 at tops and 0 elsewhere).
-template <typename A, int S>
-__device__ void top_products(TileBlock<A, S>& tb, const TileArgs& a, int k) {
-  const int levels = a.tile_levels[k];
-  const int* lp = a.level_ptr + static_cast<int64_t>(k) * (a.L + 1);
-  for (int j = 0; j < levels; ++j) {
-    const int s0 = lp[j] - tb.start, len = lp[j + 1] - lp[j];
-    auto elem = [&](int i, int c, A& ea, A (&eb)[1]) -> bool {
-      const int p = tb.spos[s0 + i];
-      const int fl = tb.sflag[p];
-      const A wv = tb.mul[p * S + c];
-      ea = wv;
-      if (fl & (kTileRoot | kTileEntry)) {
-        eb[0] = 1;
-        return true;
-      }
-      if (fl & kTileHead) {
-        eb[0] = wv * tb.aux[(a.parent[tb.start + p] - tb.start) * S + c];
-        return true;
-      }
-      eb[0] = 0;
-      return false;
-    };
-    auto out = [&](int i, int c, const A (&h)[1]) { tb.aux[tb.spos[s0 + i] * S + c] = h[0]; };
-    level_scan<A, S, 1>(tb, len, elem, out);
-  }
-}
-
-// The up recurrence over the tile's levels, highest first, into val (children in later
-// tiles left out; phase 3 staged their sums into x).
-template <typename A, int S>
-__device__ void up_levels(TileBlock<A, S>& tb, const TileArgs& a, int k) {
-  const int levels = a.tile_levels[k];
-  const int* lp = a.level_ptr + static_cast<int64_t>(k) * (a.L + 1);
-  const int end = tb.start + tb.len;
-  for (int j = levels - 1; j >= 0; --j) {
-    const int s0 = lp[j] - tb.start, len = lp[j + 1] - lp[j];
-    // the shares of light children in the tile (one level higher, final), in child order
-    for (int i = threadIdx.x; i < len; i += tb.nt) {
-      const int p = tb.spos[s0 + i];
-      const int pos = tb.start + p;
-      const int stop = min(pos + a.size[pos], end);
-      if (pos + 1 >= stop) continue;
-      for (int ch = pos + 1 + a.size[pos + 1]; ch < stop; ch += a.size[ch]) {
-        const int q = ch - tb.start;
-        for (int c = 0; c < tb.nc; ++c) tb.val[p * S + c] = tb.val[p * S + c] + tb.mul[q * S + c] * tb.val[q * S + c];
-      }
-    }
-    __syncthreads();
-    // along runs from their last vertex: element i is slot s0 + len - 1 - i
-    auto elem = [&](int i, int c, A& ea, A (&eb)[1]) -> bool {
-      const int p = tb.spos[s0 + len - 1 - i];
-      eb[0] = tb.val[p * S + c];
-      const bool next = p + 1 < tb.len &&
-                        !(tb.sflag[p + 1] & (kTileRoot | kTileHead | kTileEntry));
-      ea = next ? tb.mul[(p + 1) * S + c] : A(0);
-      return !next;
-    };
-    auto out = [&](int i, int c, const A (&h)[1]) {
-      tb.val[tb.spos[s0 + len - 1 - i] * S + c] = h[0];
-    };
-    level_scan<A, S, 1>(tb, len, elem, out);
-  }
-}
-
-// The index of entry position e in `entries` (its group, the entries of e's parent's
-// boundary number, is sorted by position).
-__device__ __forceinline__ int entry_index(const TileArgs& a, int e) {
-  const int i = a.boundary[a.parent[e]];
-  int lo = a.entry_ptr[i], hi = a.entry_ptr[i + 1];
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (a.entries[mid] < e) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-// ---------------------------------------------------------------------------- phase 1
-template <typename T, typename A, int S, bool UP>
-__global__ void tile_phase1_kernel(const TileArgs a) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int k = blockIdx.x;
-  const int s = a.tile_ptr[k], e = a.tile_ptr[k + 1];
-  const int b0 = a.tile_boundary[2 * k], b1 = a.tile_boundary[2 * k + 1];
-  if (s >= e) return;  // block-uniform
-  if (!UP && b0 >= b1) return;  // nothing leaves the tile
-  TileBlock<A, S> tb(smem_raw, a.tile, s, e, a.C);
-  A* sa = static_cast<A*>(a.sa);
-  if (!UP) {
-    stage_tile<T, A, S>(tb, a, nullptr, 0);
-    down_levels<A, S, 2>(tb, a, k, nullptr);
-    A* sb = static_cast<A*>(a.sb);
-    for (int i = b0 + static_cast<int>(threadIdx.x); i < b1; i += tb.nt) {
-      const int p = a.boundary_pos[i] - s;
-      for (int c = 0; c < tb.nc; ++c) {
-        sa[static_cast<int64_t>(i) * a.C + tb.c0 + c] = tb.aux[p * S + c];
-        sb[static_cast<int64_t>(i) * a.C + tb.c0 + c] = tb.val[p * S + c];
-      }
-    }
-    return;
-  }
-  if (!stage_tile<T, A, S>(tb, a, nullptr, kTileEntry | kTileBoundary)) return;
-  up_levels<A, S>(tb, a, k);
-  if (b0 < b1) top_products<A, S>(tb, a, k);
-  A* se = static_cast<A*>(a.se);
-  for (int p = threadIdx.x; p < tb.len; p += tb.nt) {
-    if (!(tb.sflag[p] & kTileEntry)) continue;
-    const int64_t j = entry_index(a, s + p);
-    for (int c = 0; c < tb.nc; ++c) se[j * a.C + tb.c0 + c] = tb.val[p * S + c];
-  }
-  for (int i = b0 + static_cast<int>(threadIdx.x); i < b1; i += tb.nt) {
-    const int p = a.boundary_pos[i] - s;
-    for (int c = 0; c < tb.nc; ++c) sa[static_cast<int64_t>(i) * a.C + tb.c0 + c] = tb.aux[p * S + c];
-  }
-}
-
-// ---------------------------------------------------------------------------- phase 2
-// One block per channel; the boundary tree depth by depth inside it.
+// The last tile k with tile_ptr[k] <= pos.
 __device__ __forceinline__ int tile_of(const TileArgs& a, int pos) {
-  int lo = 0, hi = a.M;  // the last k with tile_ptr[k] <= pos
+  int lo = 0, hi = a.M;
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
     if (a.tile_ptr[mid] <= pos) lo = mid;
@@ -407,67 +134,535 @@ __device__ __forceinline__ int tile_of(const TileArgs& a, int pos) {
   return lo;
 }
 
-template <typename T, typename A, bool UP>
-__global__ void tile_phase2_kernel(const TileArgs a) {
-  const int64_t c = blockIdx.x;
-  const int* blp = a.boundary_level_ptr;
-  const int nb = blp[a.M];
-  int depths = 0;  // nonempty depths: 0 .. depths - 1
-  while (depths < a.M && blp[depths] < nb) ++depths;
-  A* sa = static_cast<A*>(a.sa);
-  if (!UP) {
-    A* sb = static_cast<A*>(a.sb);
-    for (int d = 0; d < depths; ++d) {
-      for (int i = blp[d] + static_cast<int>(threadIdx.x); i < blp[d + 1]; i += blockDim.x) {
-        const int f = a.feeder[i];
-        const int64_t r = static_cast<int64_t>(i) * a.C + c;
-        if (f >= 0) sb[r] = sb[r] + sa[r] * sb[static_cast<int64_t>(f) * a.C + c];
-      }
-      __syncthreads();
-    }
-    return;
+__host__ __device__ inline int64_t tile_align16(int64_t b) { return (b + 15) / 16 * 16; }
+
+// Shared memory of a sequence scan: per buffer (2), per warp, per lane, a and NL b's; a
+// flag per buffer and warp.
+template <typename A, int NL>
+__host__ __device__ inline int64_t scan_smem_bytes(int warps) {
+  return tile_align16(2LL * warps * kTileLanes * (1 + NL) * sizeof(A)) + tile_align16(2LL * warps);
+}
+
+// Shared memory of a tile block: the staged plan (13 bytes a position) and a scan's.
+template <typename A>
+__host__ __device__ inline int64_t tile_smem_bytes(int tile, int warps) {
+  return tile_align16(12LL * tile) + tile_align16(tile) + scan_smem_bytes<A, 1>(warps);
+}
+
+// Shared memory of a path block: a scan's (two values: down's A and B).
+template <typename A>
+__host__ __device__ inline int64_t path_smem_bytes(int warps) {
+  return scan_smem_bytes<A, 2>(warps);
+}
+
+template <typename A, int NL>
+struct ScanShared {
+  A* a;              // [2][warps][32]
+  A* b;              // [2][NL][warps][32]
+  unsigned char* f;  // [2][warps]
+  int warps;
+
+  __device__ ScanShared(unsigned char* raw, int w) : warps(w) {
+    a = reinterpret_cast<A*>(raw);
+    b = a + 2 * w * kTileLanes;
+    f = raw + tile_align16(2LL * w * kTileLanes * (1 + NL) * sizeof(A));
   }
-  const T* w = static_cast<const T*>(a.w);
-  const A* se = static_cast<const A*>(a.se);
-  A* ss = static_cast<A*>(a.ss);
-  for (int d = depths - 1; d >= 0; --d) {
-    for (int i = blp[d] + static_cast<int>(threadIdx.x); i < blp[d + 1]; i += blockDim.x) {
-      A sum = 0;
-      for (int j = a.entry_ptr[i]; j < a.entry_ptr[i + 1]; ++j) {
-        const int e = a.entries[j];
-        A value = se[static_cast<int64_t>(j) * a.C + c];
-        const int k = tile_of(a, e);
-        const int lo = a.tile_boundary[2 * k], hi = a.tile_boundary[2 * k + 1];
-        if (lo < hi && a.top[a.boundary_pos[lo]] == e)
-          for (int b = lo; b < hi; ++b)
-            value = value + sa[static_cast<int64_t>(b) * a.C + c] * ss[static_cast<int64_t>(b) * a.C + c];
-        sum = sum + static_cast<A>(to_acc(w[static_cast<int64_t>(a.vertex[e]) * a.C + c])) * value;
+  __device__ A& at(int buf, int warp, int lane) { return a[(buf * warps + warp) * kTileLanes + lane]; }
+  __device__ A& bt(int buf, int l, int warp, int lane) {
+    return b[((buf * NL + l) * warps + warp) * kTileLanes + lane];
+  }
+};
+
+// One segmented scan of `len` elements (block-uniform). get(i, a, b) gives element i for
+// this lane's channel: returns its flag (the same on every lane), sets its multiplier and
+// NL values; put(i, h) takes the NL values after element i. get is called once per element
+// before put is called for it; both may read and write global memory of their own element
+// (the barrier at the end makes the writes visible to the next sequence).
+template <typename A, int NL, typename Get, typename Put>
+__device__ void chunked_scan(ScanShared<A, NL>& sh, int len, Get get, Put put) {
+  constexpr int K = kTileChunk;
+  const int warps = sh.warps, warp = threadIdx.x / kTileLanes, lane = threadIdx.x % kTileLanes;
+  A carry[NL];
+  for (int l = 0; l < NL; ++l) carry[l] = A(0);
+  int buf = 0;
+  for (int base = 0; base < len; base += warps * K) {
+    const int lo = base + warp * K;
+    const int n = len - lo <= 0 ? 0 : (len - lo < K ? len - lo : K);
+    bool f[K];
+    A ea[K], eb[K][NL];
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      f[i] = true;
+      ea[i] = A(0);
+      for (int l = 0; l < NL; ++l) eb[i][l] = A(0);
+      if (i < n) f[i] = get(lo + i, ea[i], eb[i]);
+    }
+    bool F = false;
+    A ca = A(1), cb[NL];
+    for (int l = 0; l < NL; ++l) cb[l] = A(0);
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      if (i >= n) continue;
+      if (f[i]) {
+        F = true;
+        ca = ea[i];
+        for (int l = 0; l < NL; ++l) cb[l] = eb[i][l];
+      } else {
+        ca = ea[i] * ca;
+        for (int l = 0; l < NL; ++l) cb[l] = ea[i] * cb[l] + eb[i][l];
       }
-      ss[static_cast<int64_t>(i) * a.C + c] = sum;
+    }
+    if (n > 0) {
+      sh.at(buf, warp, lane) = ca;
+      for (int l = 0; l < NL; ++l) sh.bt(buf, l, warp, lane) = cb[l];
+      if (lane == 0) sh.f[buf * warps + warp] = F;
     }
     __syncthreads();
+    // the value entering each chunk of the round, in chunk order (every warp the same way)
+    const int rest = (len - base + K - 1) / K;
+    const int chunks = rest < warps ? rest : warps;
+    A mine[NL];
+    for (int l = 0; l < NL; ++l) mine[l] = carry[l];
+    for (int u = 0; u < chunks; ++u) {
+      if (u == warp)
+        for (int l = 0; l < NL; ++l) mine[l] = carry[l];
+      const A ua = sh.at(buf, u, lane);
+      const bool uf = sh.f[buf * warps + u] != 0;
+      for (int l = 0; l < NL; ++l) {
+        const A ub = sh.bt(buf, l, u, lane);
+        carry[l] = uf ? ub : ua * carry[l] + ub;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      if (i >= n) continue;
+      for (int l = 0; l < NL; ++l) mine[l] = f[i] ? eb[i][l] : ea[i] * mine[l] + eb[i][l];
+      put(lo + i, mine);
+    }
+    buf ^= 1;
+  }
+  __syncthreads();
+}
+
+// The channel of this lane in group g, and whether it exists.
+struct Lane {
+  int64_t c;
+  bool ok;
+  __device__ Lane(const TileArgs& a, int g) {
+    c = static_cast<int64_t>(g) * kTileLanes + threadIdx.x % kTileLanes;
+    ok = c < a.C;
+  }
+};
+
+// The groups of this tile block: [g0, g1).
+__device__ __forceinline__ void block_groups(const TileArgs& a, int& g0, int& g1) {
+  g0 = static_cast<int>(blockIdx.y) * a.groups_per_block;
+  g1 = g0 + a.groups_per_block < a.groups ? g0 + a.groups_per_block : a.groups;
+}
+
+// ---------------------------------------------------------------------------- down
+// Phase 1: (A, B) along the boundary path of tile blockIdx.x, at its boundary vertices.
+template <typename T, typename A>
+__global__ void tile_down_paths_kernel(const TileArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int k = blockIdx.x;
+  const int pb = a.path_ptr[k], pe = a.path_ptr[k + 1];
+  if (pb >= pe) return;  // no boundary vertex (block-uniform)
+  ScanShared<A, 2> sh(smem_raw, blockDim.x / kTileLanes);
+  A* sa = static_cast<A*>(a.sa);
+  A* sb = static_cast<A*>(a.sb);
+  const bool entry = (a.flags[a.path[pb]] & kTileRoot) == 0;
+  int g0, g1;
+  block_groups(a, g0, g1);
+  for (int g = g0; g < g1; ++g) {
+    const Lane ln(a, g);
+    auto get = [&](int i, A& ea, A (&eb)[2]) -> bool {
+      const int64_t r = static_cast<int64_t>(a.vertex[a.path[pb + i]]) * a.C + ln.c;
+      const A xv = ln.ok ? load_as<T, A>(a.x, r) : A(0);
+      const A wv = ln.ok ? load_as<T, A>(a.w, r) : A(0);
+      ea = wv;
+      if (i == 0) {  // the top: h = w h_in + x at an entry, x at a root
+        eb[0] = entry ? wv : A(0);
+        eb[1] = xv;
+        return true;
+      }
+      eb[0] = A(0);
+      eb[1] = xv;
+      return false;
+    };
+    auto put = [&](int i, const A (&v)[2]) {
+      const int p = a.path[pb + i];
+      if (!ln.ok || !(a.flags[p] & kTileBoundary)) return;
+      const int64_t r = static_cast<int64_t>(a.boundary[p]) * a.C + ln.c;
+      sa[r] = v[0];
+      sb[r] = v[1];
+    };
+    chunked_scan<A, 2>(sh, pe - pb, get, put);
   }
 }
 
-// ---------------------------------------------------------------------------- phase 3
-template <typename T, typename A, int S, bool UP>
-__global__ void tile_phase3_kernel(const TileArgs a) {
+// Phase 2: X[k] = the true value at the parent of tile k's path top, for the tiles whose
+// top is an entry. One warp per (tile, group).
+template <typename A>
+__global__ void tile_down_feed_kernel(const TileArgs a) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kTileLanes) +
+                       threadIdx.x / kTileLanes;
+  if (item >= static_cast<int64_t>(a.M) * a.groups) return;
+  const int k = static_cast<int>(item / a.groups), g = static_cast<int>(item % a.groups);
+  const int b0 = a.tile_boundary[2 * k], b1 = a.tile_boundary[2 * k + 1];
+  if (b0 >= b1) return;
+  int j = a.feeder[b0];
+  if (j < 0) return;  // the top is a root
+  const Lane ln(a, g);
+  if (!ln.ok) return;
+  const A* sa = static_cast<const A*>(a.sa);
+  const A* sb = static_cast<const A*>(a.sb);
+  // H[f] = B[f] + A[f] (B[f'] + A[f'] (...)), composed from f outwards
+  A m = A(1), v = A(0);
+  while (j >= 0) {
+    const int64_t r = static_cast<int64_t>(j) * a.C + ln.c;
+    v = v + m * sb[r];
+    m = m * sa[r];
+    j = a.feeder[j];
+  }
+  static_cast<A*>(a.tv)[static_cast<int64_t>(k) * a.C + ln.c] = v;
+}
+
+// The staged plan of a down tile block, by slot: the vertex, the kind (0: along a run,
+// 1: a root, 2: a head whose parent is in the tile, 3: an entry; + 4 where a light child
+// lies in the tile) and the source of a head's value (its parent's vertex) or an entry's
+// (the parent's boundary number, and the tile whose X it takes, -1 for a root's tile).
+struct DownStage {
+  int* vert;
+  int* src;
+  int* src2;
+  unsigned char* kind;
+  __device__ DownStage(unsigned char* raw, int tile) {
+    vert = reinterpret_cast<int*>(raw);
+    src = vert + tile;
+    src2 = src + tile;
+    kind = raw + tile_align16(12LL * tile);
+  }
+};
+
+// Phase 3: each tile's light levels from the lowest, writing h.
+template <typename T, typename A>
+__global__ void tile_down_levels_kernel(const TileArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int k = blockIdx.x;
-  const int s = a.tile_ptr[k], e = a.tile_ptr[k + 1];
-  if (s >= e) return;  // block-uniform
-  TileBlock<A, S> tb(smem_raw, a.tile, s, e, a.C);
-  if (UP) {
-    stage_tile<T, A, S>(tb, a, static_cast<const A*>(a.ss), 0);
-    up_levels<A, S>(tb, a, k);
-  } else {
-    stage_tile<T, A, S>(tb, a, nullptr, 0);
-    down_levels<A, S, 1>(tb, a, k, static_cast<const A*>(a.sb));
+  const int start = a.tile_ptr[k], end = a.tile_ptr[k + 1];
+  if (start >= end) return;  // block-uniform
+#ifdef __CUDA_ARCH__
+  if (end - start > a.tile) __trap();  // a plan of larger tiles than the launch
+#endif
+  DownStage st(smem_raw, a.tile);
+  ScanShared<A, 1> sh(smem_raw + tile_align16(12LL * a.tile) + tile_align16(a.tile),
+                      blockDim.x / kTileLanes);
+  for (int s = threadIdx.x; s < end - start; s += blockDim.x) {
+    const int pos = a.scan[start + s];
+    const int fl = a.flags[pos];
+    int kind = 0, src = -1, src2 = -1;
+    if (fl & kTileRoot) {
+      kind = 1;
+    } else if (fl & kTileEntry) {
+      kind = 3;
+      const int q = a.parent[pos];
+      src = a.boundary[q];
+      const int t = tile_of(a, q);
+      src2 = a.feeder[a.tile_boundary[2 * t]] >= 0 ? t : -1;
+    } else if (fl & kTileHead) {
+      kind = 2;
+      src = a.vertex[a.parent[pos]];
+    }
+    const int sz = a.size[pos];
+    if (sz > 1 && pos + 1 < end) {
+      const int light = pos + 1 + a.size[pos + 1];
+      if (light < pos + sz && light < end) kind |= 4;
+    }
+    st.vert[s] = a.vertex[pos];
+    st.src[s] = src;
+    st.src2[s] = src2;
+    st.kind[s] = static_cast<unsigned char>(kind);
   }
+  __syncthreads();
+  const int levels = a.tile_levels[k];
+  const int* lp = a.level_ptr + static_cast<int64_t>(k) * (a.L + 1);
   T* h = static_cast<T*>(a.h);
-  for (int p = threadIdx.x; p < tb.len; p += tb.nt) {
-    const int64_t row = static_cast<int64_t>(a.vertex[s + p]) * a.C + tb.c0;
-    for (int c = 0; c < tb.nc; ++c) h[row + c] = Store<T>::cvt(tb.val[p * S + c]);
+  A* store = static_cast<A*>(a.store);
+  const A* sa = static_cast<const A*>(a.sa);
+  const A* sb = static_cast<const A*>(a.sb);
+  const A* tv = static_cast<const A*>(a.tv);
+  int g0, g1;
+  block_groups(a, g0, g1);
+  for (int g = g0; g < g1; ++g) {
+    const Lane ln(a, g);
+    for (int j = 0; j < levels; ++j) {
+      const int s0 = lp[j] - start;
+      auto get = [&](int i, A& ea, A (&eb)[1]) -> bool {
+        const int s = s0 + i, kind = st.kind[s] & 3;
+        const int64_t r = static_cast<int64_t>(st.vert[s]) * a.C + ln.c;
+        const A xv = ln.ok ? load_as<T, A>(a.x, r) : A(0);
+        const A wv = ln.ok ? load_as<T, A>(a.w, r) : A(0);
+        ea = wv;
+        eb[0] = xv;
+        if (kind == 0 || !ln.ok) return kind != 0;
+        if (kind == 2) {
+          eb[0] = xv + wv * store[static_cast<int64_t>(st.src[s]) * a.C + ln.c];
+        } else if (kind == 3) {
+          const int64_t rb = static_cast<int64_t>(st.src[s]) * a.C + ln.c;
+          A in = sb[rb];
+          if (st.src2[s] >= 0) in = in + sa[rb] * tv[static_cast<int64_t>(st.src2[s]) * a.C + ln.c];
+          eb[0] = xv + wv * in;
+        }
+        return true;
+      };
+      auto put = [&](int i, const A (&v)[1]) {
+        if (!ln.ok) return;
+        const int s = s0 + i;
+        const int64_t r = static_cast<int64_t>(st.vert[s]) * a.C + ln.c;
+        h[r] = Store<T>::cvt(v[0]);
+        if constexpr (!std::is_same<T, A>::value)
+          if (st.kind[s] & 4) store[r] = v[0];
+      };
+      chunked_scan<A, 1>(sh, lp[j + 1] - lp[j], get, put);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- up
+// The staged plan of an up tile block: the position of each slot, and by position the
+// vertex, the subtree size and bits (1: the next position continues its run; 2: a later
+// step reads its value: a light child in the tile, an entry, a vertex of the path).
+struct UpStage {
+  int* pos;
+  int* vert;
+  int* size;
+  unsigned char* bits;
+  __device__ UpStage(unsigned char* raw, int tile) {
+    pos = reinterpret_cast<int*>(raw);
+    vert = pos + tile;
+    size = vert + tile;
+    bits = raw + tile_align16(12LL * tile);
+  }
+};
+
+// Phase 1: each tile's light levels from the highest without the later tiles (h = B; store
+// where read later), then A along the boundary path.
+template <typename T, typename A>
+__global__ void tile_up_levels_kernel(const TileArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int k = blockIdx.x;
+  const int start = a.tile_ptr[k], end = a.tile_ptr[k + 1];
+  if (start >= end) return;  // block-uniform
+#ifdef __CUDA_ARCH__
+  if (end - start > a.tile) __trap();  // a plan of larger tiles than the launch
+#endif
+  const int len = end - start;
+  UpStage st(smem_raw, a.tile);
+  ScanShared<A, 1> sh(smem_raw + tile_align16(12LL * a.tile) + tile_align16(a.tile),
+                      blockDim.x / kTileLanes);
+  constexpr int kStarts = kTileRoot | kTileHead | kTileEntry;
+  for (int p = threadIdx.x; p < len; p += blockDim.x) {
+    const int pos = start + p;
+    const int fl = a.flags[pos];
+    st.pos[p] = a.scan[pos] - start;  // slot p's position
+    st.vert[p] = a.vertex[pos];
+    st.size[p] = a.size[pos];
+    int bits = 0;
+    if (p + 1 < len && !(a.flags[pos + 1] & kStarts)) bits |= 1;
+    if ((fl & kTileEntry) || ((fl & kTileHead) && !(fl & kTileRoot))) bits |= 2;
+    st.bits[p] = static_cast<unsigned char>(bits);
+  }
+  const int pb = a.path_ptr[k], pe = a.path_ptr[k + 1];
+  __syncthreads();
+  for (int i = pb + static_cast<int>(threadIdx.x); i < pe; i += blockDim.x)
+    st.bits[a.path[i] - start] |= 2;
+  __syncthreads();
+  const int levels = a.tile_levels[k];
+  const int* lp = a.level_ptr + static_cast<int64_t>(k) * (a.L + 1);
+  T* h = static_cast<T*>(a.h);
+  A* store = static_cast<A*>(a.store);
+  A* sa = static_cast<A*>(a.sa);
+  int g0, g1;
+  block_groups(a, g0, g1);
+  for (int g = g0; g < g1; ++g) {
+    const Lane ln(a, g);
+    auto row = [&](int p) { return static_cast<int64_t>(st.vert[p]) * a.C + ln.c; };
+    for (int j = levels - 1; j >= 0; --j) {
+      const int s0 = lp[j] - start, n = lp[j + 1] - lp[j];
+      // element i: slot s0 + n - 1 - i, along runs from their last vertex
+      auto get = [&](int i, A& ea, A (&eb)[1]) -> bool {
+        const int p = st.pos[s0 + n - 1 - i];
+        const bool next = st.bits[p] & 1;
+        ea = next && ln.ok ? load_as<T, A>(a.w, row(p + 1)) : A(0);
+        A v = ln.ok ? load_as<T, A>(a.x, row(p)) : A(0);
+        // the shares of the light children in the tile, in child order
+        const int stop = p + st.size[p] < len ? p + st.size[p] : len;
+        if (ln.ok && p + 1 < stop)
+          for (int ch = p + 1 + st.size[p + 1]; ch < stop; ch += st.size[ch]) {
+            const int64_t r = row(ch);
+            v = v + load_as<T, A>(a.w, r) * store[r];
+          }
+        eb[0] = v;
+        return !next;
+      };
+      auto put = [&](int i, const A (&v)[1]) {
+        if (!ln.ok) return;
+        const int p = st.pos[s0 + n - 1 - i];
+        const int64_t r = row(p);
+        h[r] = Store<T>::cvt(v[0]);
+        if constexpr (!std::is_same<T, A>::value)
+          if (st.bits[p] & 2) store[r] = v[0];
+      };
+      chunked_scan<A, 1>(sh, n, get, put);
+    }
+    if (pb >= pe) continue;
+    // A: the product of the weights from the top (1 there) down the path
+    auto get = [&](int i, A& ea, A (&eb)[1]) -> bool {
+      ea = i > 0 && ln.ok ? load_as<T, A>(a.w, row(a.path[pb + i] - start)) : A(0);
+      eb[0] = i == 0 ? A(1) : A(0);
+      return i == 0;
+    };
+    auto put = [&](int i, const A (&v)[1]) {
+      const int p = a.path[pb + i];
+      if (ln.ok && (a.flags[p] & kTileBoundary))
+        sa[static_cast<int64_t>(a.boundary[p]) * a.C + ln.c] = v[0];
+    };
+    chunked_scan<A, 1>(sh, pe - pb, get, put);
+  }
+}
+
+// Phase 2, the gathers: c[j] for the boundary vertices of tile k (sb), R0[k] (tv), mu[k]
+// (tmu) and the parent tile p(k) (tparent, -1 where the top is a root or the tile has no
+// boundary vertex). One warp per (tile, group).
+template <typename T, typename A>
+__global__ void tile_up_gather_kernel(const TileArgs a) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kTileLanes) +
+                       threadIdx.x / kTileLanes;
+  if (item >= static_cast<int64_t>(a.M) * a.groups) return;
+  const int k = static_cast<int>(item / a.groups), g = static_cast<int>(item % a.groups);
+  const int b0 = a.tile_boundary[2 * k], b1 = a.tile_boundary[2 * k + 1];
+  const Lane ln(a, g);
+  const bool first = g == 0 && threadIdx.x % kTileLanes == 0;
+  int parent = -1;
+  const int f = b0 < b1 ? a.feeder[b0] : -1;
+  if (f >= 0 && first) parent = tile_of(a, a.boundary_pos[f]);
+  if (first) a.tparent[k] = parent;
+  if (b0 >= b1 || !ln.ok) return;
+  const A* sa = static_cast<const A*>(a.sa);
+  A* sb = static_cast<A*>(a.sb);
+  const A* store = static_cast<const A*>(a.store);
+  A acc = A(0);
+  for (int j = b0; j < b1; ++j) {
+    A cj = A(0);
+    for (int e = a.entry_ptr[j]; e < a.entry_ptr[j + 1]; ++e) {
+      const int64_t r = static_cast<int64_t>(a.vertex[a.entries[e]]) * a.C + ln.c;
+      cj = cj + load_as<T, A>(a.w, r) * store[r];
+    }
+    const int64_t rj = static_cast<int64_t>(j) * a.C + ln.c;
+    sb[rj] = cj;
+    acc = acc + sa[rj] * cj;
+  }
+  const int64_t rk = static_cast<int64_t>(k) * a.C + ln.c;
+  static_cast<A*>(a.tv)[rk] = acc;
+  if (f >= 0) {
+    const int e = a.top[a.boundary_pos[b0]];
+    static_cast<A*>(a.tmu)[rk] =
+        load_as<T, A>(a.w, static_cast<int64_t>(a.vertex[e]) * a.C + ln.c) *
+        sa[static_cast<int64_t>(f) * a.C + ln.c];
+  }
+}
+
+// Shared memory of the tile tree: R of every tile for one group, when it fits.
+template <typename A>
+__host__ __device__ inline int64_t tile_tree_smem_bytes(int M) {
+  return static_cast<int64_t>(M) * kTileLanes * sizeof(A);
+}
+
+// Phase 2, the tile tree: one block per group; R[k] += mu[k'] R[k'] for each tile k'
+// hanging from k, k' from the last tile down (a tile hangs from an earlier one), by one
+// warp. `in_smem`: R staged in shared memory (else updated in tv).
+template <typename A>
+__global__ void tile_up_tree_kernel(const TileArgs a, bool in_smem) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int g = blockIdx.x;
+  const Lane ln(a, g);
+  const int lane = threadIdx.x % kTileLanes, warp = threadIdx.x / kTileLanes;
+  const int warps = blockDim.x / kTileLanes;
+  A* tv = static_cast<A*>(a.tv);
+  const A* mu = static_cast<const A*>(a.tmu);
+  A* smem = reinterpret_cast<A*>(smem_raw);
+  auto rrow = [&](int k) -> A& {
+    return in_smem ? smem[static_cast<int64_t>(k) * kTileLanes + lane]
+                   : tv[static_cast<int64_t>(k) * a.C + ln.c];
+  };
+  if (in_smem && ln.ok)
+    for (int k = warp; k < a.M; k += warps) rrow(k) = tv[static_cast<int64_t>(k) * a.C + ln.c];
+  __syncthreads();
+  if (warp == 0 && ln.ok) {
+    for (int k = a.M - 1; k > 0; --k) {
+      const int p = a.tparent[k];
+      if (p < 0) continue;
+      A& rp = rrow(p);
+      rp = rp + mu[static_cast<int64_t>(k) * a.C + ln.c] * rrow(k);
+    }
+  }
+  __syncthreads();
+  if (in_smem && ln.ok)
+    for (int k = warp; k < a.M; k += warps) tv[static_cast<int64_t>(k) * a.C + ln.c] = rrow(k);
+}
+
+// Phase 3: s at the boundary vertices of tile blockIdx.x, then E along its path from the
+// deepest vertex; h = B + E on the path.
+template <typename T, typename A>
+__global__ void tile_up_paths_kernel(const TileArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int k = blockIdx.x;
+  const int pb = a.path_ptr[k], pe = a.path_ptr[k + 1];
+  if (pb >= pe) return;  // no boundary vertex (block-uniform)
+  const int b0 = a.tile_boundary[2 * k], b1 = a.tile_boundary[2 * k + 1];
+  ScanShared<A, 1> sh(smem_raw, blockDim.x / kTileLanes);
+  const int warp = threadIdx.x / kTileLanes, warps = blockDim.x / kTileLanes;
+  A* sb = static_cast<A*>(a.sb);
+  const A* tv = static_cast<const A*>(a.tv);
+  T* h = static_cast<T*>(a.h);
+  const A* store = static_cast<const A*>(a.store);
+  int g0, g1;
+  block_groups(a, g0, g1);
+  for (int g = g0; g < g1; ++g) {
+    const Lane ln(a, g);
+    // s[j] = c[j] + w[e] R[k'] for each tile k' whose top e hangs from j, in entry order
+    for (int j = b0 + warp; j < b1 && ln.ok; j += warps) {
+      const int64_t rj = static_cast<int64_t>(j) * a.C + ln.c;
+      A s = sb[rj];
+      for (int i = a.entry_ptr[j]; i < a.entry_ptr[j + 1]; ++i) {
+        const int e = a.entries[i];
+        const int t = tile_of(a, e);
+        const int lo = a.tile_boundary[2 * t];
+        if (lo >= a.tile_boundary[2 * t + 1] || a.top[a.boundary_pos[lo]] != e) continue;
+        s = s + load_as<T, A>(a.w, static_cast<int64_t>(a.vertex[e]) * a.C + ln.c) *
+                    tv[static_cast<int64_t>(t) * a.C + ln.c];
+      }
+      sb[rj] = s;
+    }
+    __syncthreads();
+    // E from the deepest vertex up: element i is path[pe - 1 - i]
+    auto get = [&](int i, A& ea, A (&eb)[1]) -> bool {
+      const int p = a.path[pe - 1 - i];
+      ea = i > 0 && ln.ok
+               ? load_as<T, A>(a.w, static_cast<int64_t>(a.vertex[a.path[pe - i]]) * a.C + ln.c)
+               : A(0);
+      eb[0] = ln.ok && (a.flags[p] & kTileBoundary)
+                  ? sb[static_cast<int64_t>(a.boundary[p]) * a.C + ln.c]
+                  : A(0);
+      return i == 0;
+    };
+    auto put = [&](int i, const A (&v)[1]) {
+      if (!ln.ok) return;
+      const int64_t r = static_cast<int64_t>(a.vertex[a.path[pe - 1 - i]]) * a.C + ln.c;
+      h[r] = Store<T>::cvt(store[r] + v[0]);
+    };
+    chunked_scan<A, 1>(sh, pe - pb, get, put);
   }
 }
 

@@ -3,8 +3,8 @@
 //   torch.ops.treessm.cuda_tile_scan(x, weight, plan, tile, direction) -> h
 //   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, tile, direction, x)
 //       -> (grad_x, grad_weight)
-// `plan` is the tensors of treessm.ops.tiles.TilePlan from `vertex` to `entry_ptr`, in that
-// order (18 int32 tensors on x's device); `tile` is the plan's tile. Directions "down",
+// `plan` is the tensors of treessm.ops.tiles.TilePlan from `vertex` to `path_ptr`, in that
+// order (20 int32 tensors on x's device); `tile` is the plan's tile. Directions "down",
 // "up" and "both" (up, the brackets, then down of the brackets' inputs, all in the
 // accumulation type; its backward needs the forward's input x). No autograd here (the
 // backward op is the building block). Nothing here waits for the device.
@@ -26,7 +26,7 @@
 namespace treessm_cuda {
 namespace {
 
-constexpr int kPlanTensors = 18;
+constexpr int kPlanTensors = 20;
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
@@ -46,18 +46,19 @@ Direction parse_direction(c10::string_view d) {
   return d == "down" ? Direction::kDown : d == "up" ? Direction::kUp : Direction::kBoth;
 }
 
-// The plan's tensors checked against N, and TileArgs pointing at them.
+// The plan's tensors checked against N, and TileArgs pointing at them (no scratch yet).
+// Every entry point calls it before it touches the plan.
 TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
-  TORCH_CHECK(plan.size() == kPlanTensors, "plan must hold the ", kPlanTensors,
-              " tensors of TilePlan from vertex to entry_ptr, got ", plan.size());
+  TORCH_CHECK(plan.size() == static_cast<size_t>(kPlanTensors), "plan must hold the ",
+              kPlanTensors, " tensors of TilePlan from vertex to path_ptr, got ", plan.size());
   static const char* names[kPlanTensors] = {
       "vertex", "parent", "size", "light_depth", "flags", "top", "tree_ptr", "tile_ptr",
       "scan", "level_ptr", "tile_levels", "boundary", "boundary_pos", "feeder",
-      "boundary_level_ptr", "tile_boundary", "entries", "entry_ptr"};
+      "boundary_level_ptr", "tile_boundary", "entries", "entry_ptr", "path", "path_ptr"};
   for (int i = 0; i < kPlanTensors; ++i) {
     const at::Tensor& t = plan[i];
-    TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "plan.", names[i], " must be on ",
-                x.device());
+    TORCH_CHECK(t.defined() && t.is_cuda() && t.device() == x.device(), "plan.", names[i],
+                " must be on ", x.device());
     TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "plan.", names[i],
                 " must be contiguous int32");
   }
@@ -67,16 +68,18 @@ TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
   const at::Tensor &tile_ptr = plan[7], &level_ptr = plan[9], &tile_boundary = plan[15];
   TORCH_CHECK(tile_ptr.dim() == 1 && tile_ptr.size(0) >= 1, "plan.tile_ptr must be [M + 1]");
   const int64_t M = tile_ptr.size(0) - 1;
+  TORCH_CHECK(M < 2147483647LL, "too many tiles: ", M);
   TORCH_CHECK(level_ptr.dim() == 2 && level_ptr.size(0) == M && level_ptr.size(1) >= 1,
               "plan.level_ptr must be [M, L + 1]");
   TORCH_CHECK(tile_boundary.dim() == 2 && tile_boundary.size(0) == M && tile_boundary.size(1) == 2,
               "plan.tile_boundary must be [M, 2]");
-  for (int i : {0, 1, 2, 3, 4, 5, 8, 11, 12, 13, 16})
+  for (int i : {0, 1, 2, 3, 4, 5, 8, 11, 12, 13, 16, 18})
     TORCH_CHECK(plan[i].dim() == 1 && plan[i].size(0) == N, "plan.", names[i], " must have ",
                 N, " entries, got ", plan[i].sizes());
   TORCH_CHECK(plan[10].dim() == 1 && plan[10].size(0) == M, "plan.tile_levels must be [M]");
-  TORCH_CHECK(plan[14].dim() == 1 && plan[14].size(0) == M + 1,
-              "plan.boundary_level_ptr must be [M + 1]");
+  for (int i : {14, 19})
+    TORCH_CHECK(plan[i].dim() == 1 && plan[i].size(0) == M + 1, "plan.", names[i],
+                " must be [M + 1]");
   TORCH_CHECK(plan[17].dim() == 1 && plan[17].size(0) == N + 1, "plan.entry_ptr must be [N + 1]");
   TileArgs a{};
   a.C = x.size(1);
@@ -98,91 +101,101 @@ TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
   a.boundary = p[11];
   a.boundary_pos = p[12];
   a.feeder = p[13];
-  a.boundary_level_ptr = p[14];
   a.tile_boundary = p[15];
   a.entries = p[16];
   a.entry_ptr = p[17];
+  a.path = p[18];
+  a.path_ptr = p[19];
   return a;
 }
 
-// Threads of a tile block: the tile rounded up to whole warps, at most 256.
-int tile_threads(int tile) {
-  const int t = ((tile + 31) / 32) * 32;
-  return t > 256 ? 256 : t;
-}
+// Warps of every tile, path and tile-tree block (the values do not depend on it).
+constexpr int kTileWarps = 8;
+constexpr int kTileThreads = kTileWarps * kTileLanes;
+// Tile blocks aimed at per multiprocessor when splitting a tile's channel groups over
+// blocks (each block stages the tile's plan once for the groups it takes).
+constexpr int kTileBlocksPerSM = 4;
 
-constexpr int kPhase2Threads = 256;
-
-template <typename T, typename A, int S, bool UP>
-void launch_tiles(TileArgs a, int threads, int64_t smem, cudaStream_t stream, int device) {
-  constexpr auto phase1 = tile_phase1_kernel<T, A, S, UP>;
-  constexpr auto phase3 = tile_phase3_kernel<T, A, S, UP>;
-  allow_dynamic_smem<phase1>(smem, device);
-  allow_dynamic_smem<phase3>(smem, device);
-  const int64_t slices = (a.C + S - 1) / S;
-  TORCH_CHECK(slices <= 65535, "too many channels for one launch: ", a.C);
-  const dim3 grid(static_cast<unsigned>(a.M), static_cast<unsigned>(slices));
-  phase1<<<grid, threads, static_cast<size_t>(smem), stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(a.C <= 2147483647LL, "too many channels for one launch: ", a.C);
-  tile_phase2_kernel<T, A, UP><<<static_cast<unsigned>(a.C), kPhase2Threads, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  phase3<<<grid, threads, static_cast<size_t>(smem), stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The widest slice (4, 2 or 1 channels; at most 2 for float64) whose block fits the
-// device's shared memory; results are the same for every slice width.
+// The launches of one scan (tile_kernels.cuh: three phases, up's second in two launches).
 template <typename T, typename A>
-void run_tiles(TileArgs a, bool up, const at::Tensor& like) {
-  const int device = like.get_device();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = tile_threads(a.tile);
+void run_tiles(TileArgs a, bool up, int device, cudaStream_t stream) {
+  const int64_t groups = (a.C + kTileLanes - 1) / kTileLanes;
+  TORCH_CHECK(groups <= 65535, "too many channels for one launch: ", a.C);
+  const int64_t target = static_cast<int64_t>(kTileBlocksPerSM) *
+                         device_attribute<cudaDevAttrMultiProcessorCount>(device);
+  int64_t slices = (target + a.M - 1) / a.M;
+  slices = slices < 1 ? 1 : (slices > groups ? groups : slices);
+  const int64_t per_block = (groups + slices - 1) / slices;
+  slices = (groups + per_block - 1) / per_block;
+  a.groups = static_cast<int>(groups);
+  a.groups_per_block = static_cast<int>(per_block);
   const int64_t limit = max_dynamic_smem(device);
-  auto fits = [&](int64_t bytes) { return bytes <= limit; };
-  constexpr bool wide = sizeof(A) == 4;
-  if (wide && a.C >= 3 && fits(tile_smem_bytes<A, 4>(a.tile, threads))) {
-    if constexpr (wide) {
-      const int64_t smem = tile_smem_bytes<A, 4>(a.tile, threads);
-      if (up) launch_tiles<T, A, 4, true>(a, threads, smem, stream, device);
-      else launch_tiles<T, A, 4, false>(a, threads, smem, stream, device);
-    }
-  } else if (a.C >= 2 && fits(tile_smem_bytes<A, 2>(a.tile, threads))) {
-    const int64_t smem = tile_smem_bytes<A, 2>(a.tile, threads);
-    if (up) launch_tiles<T, A, 2, true>(a, threads, smem, stream, device);
-    else launch_tiles<T, A, 2, false>(a, threads, smem, stream, device);
-  } else {
-    const int64_t smem = tile_smem_bytes<A, 1>(a.tile, threads);
-    TORCH_CHECK(fits(smem), "tile ", a.tile, " needs ", smem, " bytes of shared memory per "
-                "block; this device allows ", limit);
-    if (up) launch_tiles<T, A, 1, true>(a, threads, smem, stream, device);
-    else launch_tiles<T, A, 1, false>(a, threads, smem, stream, device);
+  const int64_t tile_smem = tile_smem_bytes<A>(a.tile, kTileWarps);
+  TORCH_CHECK(tile_smem <= limit, "tile ", a.tile, " needs ", tile_smem, " bytes of shared "
+              "memory per block; this device allows ", limit);
+  const int64_t path_smem = path_smem_bytes<A>(kTileWarps);
+  const int64_t items = static_cast<int64_t>(a.M) * groups;  // (tile, group) warps
+  const int64_t warp_blocks = (items + kTileWarps - 1) / kTileWarps;
+  TORCH_CHECK(warp_blocks <= 2147483647LL, "too many tiles and channels for one launch");
+  const dim3 grid(static_cast<unsigned>(a.M), static_cast<unsigned>(slices));
+  const unsigned wgrid = static_cast<unsigned>(warp_blocks);
+  if (!up) {
+    constexpr auto levels = tile_down_levels_kernel<T, A>;
+    allow_dynamic_smem<levels>(tile_smem, device);
+    tile_down_paths_kernel<T, A><<<grid, kTileThreads, static_cast<size_t>(path_smem), stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tile_down_feed_kernel<A><<<wgrid, kTileThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    levels<<<grid, kTileThreads, static_cast<size_t>(tile_smem), stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
+  constexpr auto levels = tile_up_levels_kernel<T, A>;
+  constexpr auto tree = tile_up_tree_kernel<A>;
+  allow_dynamic_smem<levels>(tile_smem, device);
+  const int64_t tree_smem = tile_tree_smem_bytes<A>(a.M);
+  const bool in_smem = tree_smem <= limit;
+  if (in_smem) allow_dynamic_smem<tree>(tree_smem, device);
+  levels<<<grid, kTileThreads, static_cast<size_t>(tile_smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tile_up_gather_kernel<T, A><<<wgrid, kTileThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tree<<<static_cast<unsigned>(groups), kTileThreads,
+         in_smem ? static_cast<size_t>(tree_smem) : 0, stream>>>(a, in_smem);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tile_up_paths_kernel<T, A><<<grid, kTileThreads, static_cast<size_t>(path_smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// h = the scan of x along the plan; `out` receives it (same shape and dtype as x).
-void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
-                    int64_t tile, bool up, at::Tensor& out) {
-  TileArgs a = plan_args(plan, tile, x);
+// h = the scan of x along the plan (`a`: plan_args of it); `out` receives it (same shape
+// and dtype as x).
+void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, TileArgs a, bool up,
+                    at::Tensor& out) {
   if (x.numel() == 0 || a.M == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t N = x.size(0), C = x.size(1), M = a.M;
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto acc = [&] { return at::empty({N, C}, x.options().dtype(acc_dtype)); };
-  // scratch rows by boundary number / entry index: both are fewer than N
-  at::Tensor sa = acc(), sb = up ? at::Tensor() : acc(), se = up ? acc() : at::Tensor(),
-             ss = up ? acc() : at::Tensor();
+  const auto acc = x.options().dtype(acc_dtype);
+  // scratch rows by boundary number (fewer than N) and by tile
+  at::Tensor sa = at::empty({N, C}, acc), sb = at::empty({N, C}, acc), tv = at::empty({M, C}, acc);
+  at::Tensor tmu = up ? at::empty({M, C}, acc) : at::Tensor();
+  at::Tensor tparent = up ? at::empty({M}, x.options().dtype(at::kInt)) : at::Tensor();
+  at::Tensor store = x.scalar_type() == acc_dtype ? at::Tensor() : at::empty({N, C}, acc);
   a.x = x.data_ptr();
   a.w = weight.data_ptr();
   a.h = out.data_ptr();
+  a.store = store.defined() ? store.data_ptr() : out.data_ptr();
   a.sa = sa.data_ptr();
-  a.sb = sb.defined() ? sb.data_ptr() : nullptr;
-  a.se = se.defined() ? se.data_ptr() : nullptr;
-  a.ss = ss.defined() ? ss.data_ptr() : nullptr;
+  a.sb = sb.data_ptr();
+  a.tv = tv.data_ptr();
+  a.tmu = tmu.defined() ? tmu.data_ptr() : nullptr;
+  a.tparent = tparent.defined() ? tparent.data_ptr<int>() : nullptr;
+  const int device = x.get_device();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_tile_scan", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A_ = typename AccType<T_>::type;
-    run_tiles<T_, A_>(a, up, x);
+    run_tiles<T_, A_>(a, up, device, stream);
   });
 }
 
@@ -203,12 +216,12 @@ struct BothParts {
 };
 
 // prev: the sibling links of the plan (tile_sibling_links_kernel), int32 [N].
-BothParts both_parts(const at::Tensor& x, const at::Tensor& w, at::TensorList plan,
-                     int64_t tile, const at::Tensor& prev) {
+BothParts both_parts(const at::Tensor& x, const at::Tensor& w, const TileArgs& a,
+                     const at::Tensor& prev) {
   BothParts r{at::empty_like(x), at::empty_like(x), at::empty_like(x)};
   const int64_t N = x.size(0), C = x.size(1);
   if (N * C == 0) return r;
-  tile_scan_into(x, w, plan, tile, true, r.up);
+  tile_scan_into(x, w, a, true, r.up);
   at::Tensor b = at::empty_like(x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -217,15 +230,15 @@ BothParts both_parts(const at::Tensor& x, const at::Tensor& w, at::TensorList pl
     tile_bracket_kernel<scalar_t><<<static_cast<unsigned>(blocks_of(N * C, threads)), threads,
                                     0, stream>>>(
         x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), r.up.data_ptr<scalar_t>(),
-        r.inner.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), plan[0].data_ptr<int>(),
-        plan[1].data_ptr<int>(), plan[2].data_ptr<int>(), prev.data_ptr<int>(), N, C);
+        r.inner.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.vertex, a.parent, a.size,
+        prev.data_ptr<int>(), N, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  tile_scan_into(b, w, plan, tile, false, r.out);
+  tile_scan_into(b, w, a, false, r.out);
   return r;
 }
 
-at::Tensor sibling_links(at::TensorList plan, const at::Tensor& like) {
+at::Tensor sibling_links(const TileArgs& a, const at::Tensor& like) {
   const int64_t N = like.size(0);
   at::Tensor prev = at::empty({N}, like.options().dtype(at::kInt));
   if (N == 0) return prev;
@@ -233,19 +246,16 @@ at::Tensor sibling_links(at::TensorList plan, const at::Tensor& like) {
   const int threads = 256;
   tile_sibling_links_kernel<<<static_cast<unsigned>(blocks_of(N, threads)), threads, 0,
                               c10::cuda::getCurrentCUDAStream()>>>(
-      plan[1].data_ptr<int>(), plan[2].data_ptr<int>(), prev.data_ptr<int>(),
-      static_cast<int>(N));
+      a.parent, a.size, prev.data_ptr<int>(), static_cast<int>(N));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return prev;
 }
 
 // both(x) in x's dtype, and its parts in the accumulation type.
 std::pair<at::Tensor, BothParts> both_scan(const at::Tensor& x, const at::Tensor& weight,
-                                           at::TensorList plan, int64_t tile,
-                                           const at::Tensor& prev) {
-  plan_args(plan, tile, x);  // the checks
+                                           const TileArgs& a, const at::Tensor& prev) {
   const auto acc = acc_type(x.scalar_type());
-  BothParts parts = both_parts(x.to(acc), weight.to(acc), plan, tile, prev);
+  BothParts parts = both_parts(x.to(acc), weight.to(acc), a, prev);
   return {at::add(parts.up, parts.out).to(x.scalar_type()), parts};
 }
 
@@ -257,9 +267,10 @@ at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::Ten
               "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
   const Direction d = parse_direction(direction);
-  if (d == Direction::kBoth) return both_scan(x, weight, plan, tile, sibling_links(plan, x)).first;
+  const TileArgs a = plan_args(plan, tile, x);
+  if (d == Direction::kBoth) return both_scan(x, weight, a, sibling_links(a, x)).first;
   at::Tensor out = at::empty_like(x);
-  tile_scan_into(x, weight, plan, tile, d == Direction::kUp, out);
+  tile_scan_into(x, weight, a, d == Direction::kUp, out);
   return out;
 }
 
@@ -277,18 +288,19 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
   check_rows(weight, "weight", grad);
   check_rows(out, "out", grad);
   const Direction d = parse_direction(direction);
+  const TileArgs a = plan_args(plan, tile, grad);
   const int64_t N = grad.size(0), C = grad.size(1);
   const int threads = 256;
   if (d == Direction::kBoth) {
     TORCH_CHECK(x.has_value() && x->defined(),
                 "the backward of direction 'both' needs the forward's input x");
     check_rows(*x, "x", grad);
-    const at::Tensor prev = sibling_links(plan, grad);
-    std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, plan, tile, prev);
+    const at::Tensor prev = sibling_links(a, grad);
+    std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, a, prev);
     const at::Tensor gx = both_g.first;
     const BothParts& parts_g = both_g.second;
     const auto acc = acc_type(grad.scalar_type());
-    const BothParts parts_x = both_parts(x->to(acc), weight.to(acc), plan, tile, prev);
+    const BothParts parts_x = both_parts(x->to(acc), weight.to(acc), a, prev);
     at::Tensor gw = at::empty_like(grad);
     if (N * C == 0) return {gx, gw};
     const c10::cuda::CUDAGuard guard(grad.device());
@@ -301,14 +313,14 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
                                              threads, 0, stream>>>(
           ptr(parts_x.up), ptr(parts_x.inner), ptr(parts_x.out), ptr(parts_g.up),
           ptr(parts_g.inner), ptr(parts_g.out), reinterpret_cast<T_*>(gw.data_ptr()),
-          plan[0].data_ptr<int>(), plan[1].data_ptr<int>(), N, C);
+          a.vertex, a.parent, N, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return {gx, gw};
   }
   const bool up = d == Direction::kUp;
   at::Tensor gx = at::empty_like(grad), gw = at::empty_like(grad);
-  tile_scan_into(grad, weight, plan, tile, !up, gx);
+  tile_scan_into(grad, weight, a, !up, gx);
   if (N * C == 0) return {gx, gw};
   const c10::cuda::CUDAGuard guard(grad.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -318,8 +330,7 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
     using A_ = typename AccType<T_>::type;
     tile_grad_weight_kernel<T_, A_><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         reinterpret_cast<const T_*>(gx.data_ptr()), reinterpret_cast<const T_*>(out.data_ptr()),
-        reinterpret_cast<T_*>(gw.data_ptr()), plan[0].data_ptr<int>(), plan[1].data_ptr<int>(),
-        N, C, up);
+        reinterpret_cast<T_*>(gw.data_ptr()), a.vertex, a.parent, N, C, up);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gx, gw};
