@@ -76,6 +76,11 @@ constexpr int kTileRoot = 1, kTileHead = 2, kTileEntry = 4, kTileBoundary = 8;
 constexpr int kTileChunk = 16;
 // Channels of a group: the lanes of a warp.
 constexpr int kTileLanes = 32;
+// Threads of a block at most, and the tile blocks a multiprocessor should hold (their
+// register budget: 3 of float accumulators, 2 of double).
+constexpr int kTileThreads = 256;
+template <typename A>
+constexpr int tile_min_blocks() { return sizeof(A) == 4 ? 3 : 2; }
 
 struct TileArgs {
   const void* x;  // [N, C] by vertex
@@ -175,9 +180,10 @@ struct ScanShared {
 
 // One segmented scan of `len` elements (block-uniform). get(i, a, b) gives element i for
 // this lane's channel: returns its flag (the same on every lane), sets its multiplier and
-// NL values; put(i, h) takes the NL values after element i. get is called once per element
-// before put is called for it; both may read and write global memory of their own element
-// (the barrier at the end makes the writes visible to the next sequence).
+// NL values; it only reads (a chunk's last element may be read more than once, so that the
+// loads of a chunk are issued without a branch between them). put(i, h) takes the NL
+// values after element i, once, after every get of its chunk; it may write global memory
+// of its element (the barrier at the end makes the writes visible to the next sequence).
 template <typename A, int NL, typename Get, typename Put>
 __device__ void chunked_scan(ScanShared<A, NL>& sh, int len, Get get, Put put) {
   constexpr int K = kTileChunk;
@@ -190,29 +196,24 @@ __device__ void chunked_scan(ScanShared<A, NL>& sh, int len, Get get, Put put) {
     const int n = len - lo <= 0 ? 0 : (len - lo < K ? len - lo : K);
     bool f[K];
     A ea[K], eb[K][NL];
-#pragma unroll
-    for (int i = 0; i < K; ++i) {
-      f[i] = true;
-      ea[i] = A(0);
-      for (int l = 0; l < NL; ++l) eb[i][l] = A(0);
-      if (i < n) f[i] = get(lo + i, ea[i], eb[i]);
-    }
-    bool F = false;
-    A ca = A(1), cb[NL];
-    for (int l = 0; l < NL; ++l) cb[l] = A(0);
-#pragma unroll
-    for (int i = 0; i < K; ++i) {
-      if (i >= n) continue;
-      if (f[i]) {
-        F = true;
-        ca = ea[i];
-        for (int l = 0; l < NL; ++l) cb[l] = eb[i][l];
-      } else {
-        ca = ea[i] * ca;
-        for (int l = 0; l < NL; ++l) cb[l] = ea[i] * cb[l] + eb[i][l];
-      }
-    }
     if (n > 0) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) f[i] = get(lo + (i < n ? i : n - 1), ea[i], eb[i]);
+      bool F = false;
+      A ca = A(1), cb[NL];
+      for (int l = 0; l < NL; ++l) cb[l] = A(0);
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        if (i >= n) continue;
+        if (f[i]) {
+          F = true;
+          ca = ea[i];
+          for (int l = 0; l < NL; ++l) cb[l] = eb[i][l];
+        } else {
+          ca = ea[i] * ca;
+          for (int l = 0; l < NL; ++l) cb[l] = ea[i] * cb[l] + eb[i][l];
+        }
+      }
       sh.at(buf, warp, lane) = ca;
       for (int l = 0; l < NL; ++l) sh.bt(buf, l, warp, lane) = cb[l];
       if (lane == 0) sh.f[buf * warps + warp] = F;
@@ -276,19 +277,15 @@ __global__ void tile_down_paths_kernel(const TileArgs a) {
   block_groups(a, g0, g1);
   for (int g = g0; g < g1; ++g) {
     const Lane ln(a, g);
+    // the top: h = w h_in + x at an entry, x at a root; below it h = w h' + x
     auto get = [&](int i, A& ea, A (&eb)[2]) -> bool {
       const int64_t r = static_cast<int64_t>(a.vertex[a.path[pb + i]]) * a.C + ln.c;
       const A xv = ln.ok ? load_as<T, A>(a.x, r) : A(0);
       const A wv = ln.ok ? load_as<T, A>(a.w, r) : A(0);
       ea = wv;
-      if (i == 0) {  // the top: h = w h_in + x at an entry, x at a root
-        eb[0] = entry ? wv : A(0);
-        eb[1] = xv;
-        return true;
-      }
-      eb[0] = A(0);
+      eb[0] = i == 0 && entry ? wv : A(0);
       eb[1] = xv;
-      return false;
+      return i == 0;
     };
     auto put = [&](int i, const A (&v)[2]) {
       const int p = a.path[pb + i];
@@ -347,7 +344,8 @@ struct DownStage {
 
 // Phase 3: each tile's light levels from the lowest, writing h.
 template <typename T, typename A>
-__global__ void tile_down_levels_kernel(const TileArgs a) {
+__global__ void __launch_bounds__(kTileThreads, tile_min_blocks<A>())
+tile_down_levels_kernel(const TileArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int k = blockIdx.x;
   const int start = a.tile_ptr[k], end = a.tile_ptr[k + 1];
@@ -398,23 +396,22 @@ __global__ void tile_down_levels_kernel(const TileArgs a) {
     const Lane ln(a, g);
     for (int j = 0; j < levels; ++j) {
       const int s0 = lp[j] - start;
+      // every load predicated, none behind a branch
       auto get = [&](int i, A& ea, A (&eb)[1]) -> bool {
-        const int s = s0 + i, kind = st.kind[s] & 3;
+        const int s = s0 + i, kind = st.kind[s] & 3, src = st.src[s], src2 = st.src2[s];
         const int64_t r = static_cast<int64_t>(st.vert[s]) * a.C + ln.c;
+        const int64_t rs = static_cast<int64_t>(src < 0 ? 0 : src) * a.C + ln.c;
+        const int64_t rt = static_cast<int64_t>(src2 < 0 ? 0 : src2) * a.C + ln.c;
         const A xv = ln.ok ? load_as<T, A>(a.x, r) : A(0);
         const A wv = ln.ok ? load_as<T, A>(a.w, r) : A(0);
+        const A hp = ln.ok && kind == 2 ? store[rs] : A(0);     // the parent's h
+        const A hb = ln.ok && kind == 3 ? sb[rs] : A(0);        // the parent's B
+        const bool fed = ln.ok && kind == 3 && src2 >= 0;
+        const A ha = fed ? sa[rs] : A(0), hx = fed ? tv[rt] : A(0);  // A, X of its tile
+        const A in = kind == 2 ? hp : (fed ? hb + ha * hx : hb);
         ea = wv;
-        eb[0] = xv;
-        if (kind == 0 || !ln.ok) return kind != 0;
-        if (kind == 2) {
-          eb[0] = xv + wv * store[static_cast<int64_t>(st.src[s]) * a.C + ln.c];
-        } else if (kind == 3) {
-          const int64_t rb = static_cast<int64_t>(st.src[s]) * a.C + ln.c;
-          A in = sb[rb];
-          if (st.src2[s] >= 0) in = in + sa[rb] * tv[static_cast<int64_t>(st.src2[s]) * a.C + ln.c];
-          eb[0] = xv + wv * in;
-        }
-        return true;
+        eb[0] = kind >= 2 ? xv + wv * in : xv;
+        return kind != 0;
       };
       auto put = [&](int i, const A (&v)[1]) {
         if (!ln.ok) return;
@@ -449,7 +446,8 @@ struct UpStage {
 // Phase 1: each tile's light levels from the highest without the later tiles (h = B; store
 // where read later), then A along the boundary path.
 template <typename T, typename A>
-__global__ void tile_up_levels_kernel(const TileArgs a) {
+__global__ void __launch_bounds__(kTileThreads, tile_min_blocks<A>())
+tile_up_levels_kernel(const TileArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int k = blockIdx.x;
   const int start = a.tile_ptr[k], end = a.tile_ptr[k + 1];
@@ -491,15 +489,21 @@ __global__ void tile_up_levels_kernel(const TileArgs a) {
     for (int j = levels - 1; j >= 0; --j) {
       const int s0 = lp[j] - start, n = lp[j + 1] - lp[j];
       // element i: slot s0 + n - 1 - i, along runs from their last vertex
+      // the shares of the light children in the tile are added in child order; the first
+      // child's loads are predicated beside the others, the rest follow in a loop
       auto get = [&](int i, A& ea, A (&eb)[1]) -> bool {
         const int p = st.pos[s0 + n - 1 - i];
         const bool next = st.bits[p] & 1;
-        ea = next && ln.ok ? load_as<T, A>(a.w, row(p + 1)) : A(0);
-        A v = ln.ok ? load_as<T, A>(a.x, row(p)) : A(0);
-        // the shares of the light children in the tile, in child order
         const int stop = p + st.size[p] < len ? p + st.size[p] : len;
-        if (ln.ok && p + 1 < stop)
-          for (int ch = p + 1 + st.size[p + 1]; ch < stop; ch += st.size[ch]) {
+        const int c0 = p + 1 < stop ? p + 1 + st.size[p + 1] : stop;  // the first light child
+        const bool has = ln.ok && c0 < stop;
+        const int64_t rn = row(next ? p + 1 : p), r0 = row(has ? c0 : p);
+        ea = next && ln.ok ? load_as<T, A>(a.w, rn) : A(0);
+        const A xv = ln.ok ? load_as<T, A>(a.x, row(p)) : A(0);
+        const A w0 = has ? load_as<T, A>(a.w, r0) : A(0), h0 = has ? store[r0] : A(0);
+        A v = has ? xv + w0 * h0 : xv;
+        if (has)
+          for (int ch = c0 + st.size[c0]; ch < stop; ch += st.size[ch]) {
             const int64_t r = row(ch);
             v = v + load_as<T, A>(a.w, r) * store[r];
           }

@@ -110,8 +110,7 @@ TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
 }
 
 // Warps of every tile, path and tile-tree block (the values do not depend on it).
-constexpr int kTileWarps = 8;
-constexpr int kTileThreads = kTileWarps * kTileLanes;
+constexpr int kTileWarps = kTileThreads / kTileLanes;
 // Tile blocks aimed at per multiprocessor when splitting a tile's channel groups over
 // blocks (each block stages the tile's plan once for the groups it takes).
 constexpr int kTileBlocksPerSM = 4;
