@@ -46,10 +46,11 @@
 //        boundary vertex j (sa).
 //     2. the tile tree: the path top e of tile k hangs from boundary vertex f of an earlier
 //        tile p(k). tile_up_gather_kernel: c[j] = the sum over the entries e of j of
-//        w[e] B[e] (sb), per tile R0[k] = the sum over its boundary vertices j of A[j] c[j],
-//        mu[k] = w[e] A[f]. tile_up_tree_kernel: R[k] = R0[k] + the sum over the tiles k'
-//        hanging from k of mu[k'] R[k'], tiles from the last (one warp a group, the sums in
-//        shared memory where they fit), so that B[e] + R[k] is the true value at e.
+//        w[e] B[e] (sb), one warp per (boundary vertex, group); tile_up_tiles_kernel: per
+//        tile R0[k] = the sum over its boundary vertices j of A[j] c[j], mu[k] = w[e] A[f];
+//        tile_up_tree_kernel: R[k] = R0[k] + the sum over the tiles k' hanging from k of
+//        mu[k'] R[k'], tiles from the last (one warp a group, the sums in shared memory
+//        where they fit), so that B[e] + R[k] is the true value at e.
 //     3. tile_up_paths_kernel: s[j] = c[j] + the sum over the tiles k' whose top e hangs
 //        from j of w[e] R[k'] (sb); along the path from its deepest vertex, E = s at a
 //        boundary vertex + w[child on the path] E[child]; h = B + E there.
@@ -109,14 +110,17 @@ struct TileArgs {
   const int* entries;
   const int* entry_ptr;
   const int* path;
-  const int* path_ptr;  // [M + 1]
+  const int* path_ptr;            // [M + 1]
+  const int* boundary_level_ptr;  // [M + 1]; its last entry is the number of boundary vertices
   // scratch: rows of C accumulators by boundary number (sa: A, sb: down B, up c then s) and
-  // by tile (tv: down X, up R0 then R; tmu: up mu), and the parent tile of each tile (up)
+  // by tile (tv: down X, up R0 then R; tmu: up mu); up: the parent tile of each tile and
+  // the tile whose path top each entry is (by entry index)
   void* sa;
   void* sb;
   void* tv;
   void* tmu;
   int* tparent;
+  int* etile;
 };
 
 // ---------------------------------------------------------------------------- helpers
@@ -536,36 +540,75 @@ tile_up_levels_kernel(const TileArgs a) {
   }
 }
 
-// Phase 2, the gathers: c[j] for the boundary vertices of tile k (sb), R0[k] (tv), mu[k]
-// (tmu) and the parent tile p(k) (tparent, -1 where the top is a root or the tile has no
-// boundary vertex). One warp per (tile, group).
+// Phase 2, the gathers: c[j] for every boundary vertex j (sb), and the tile whose path
+// top each entry is (etile, by entry index, -1 for the others; group 0 writes it). Warps
+// over (boundary vertex, group), striding over the grid (the count is read on the device).
 template <typename T, typename A>
 __global__ void tile_up_gather_kernel(const TileArgs a) {
+  const int64_t nb = a.boundary_level_ptr[a.M];
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kTileLanes);
+  const A* store = static_cast<const A*>(a.store);
+  A* sb = static_cast<A*>(a.sb);
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kTileLanes) +
+                      threadIdx.x / kTileLanes;
+       item < nb * a.groups; item += warps) {
+    const int j = static_cast<int>(item / a.groups), g = static_cast<int>(item % a.groups);
+    const Lane ln(a, g);
+    const int e0 = a.entry_ptr[j], e1 = a.entry_ptr[j + 1];
+    A c = A(0);
+    for (int e = e0; e < e1; e += 4) {  // four entries' loads at a time, summed in order
+      A wv[4], hv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const bool in = ln.ok && e + u < e1;
+        const int64_t r = static_cast<int64_t>(in ? a.vertex[a.entries[e + u]] : 0) * a.C + ln.c;
+        wv[u] = in ? load_as<T, A>(a.w, r) : A(0);
+        hv[u] = in ? store[r] : A(0);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (e + u < e1) c = c + wv[u] * hv[u];
+    }
+    if (ln.ok) sb[static_cast<int64_t>(j) * a.C + ln.c] = c;
+    if (g == 0 && threadIdx.x % kTileLanes == 0)
+      for (int i = e0; i < e1; ++i) {
+        const int e = a.entries[i], t = tile_of(a, e);
+        const int lo = a.tile_boundary[2 * t];
+        a.etile[i] = lo < a.tile_boundary[2 * t + 1] && a.top[a.boundary_pos[lo]] == e ? t : -1;
+      }
+  }
+}
+
+// Phase 2, per tile: R0[k] = the sum over its boundary vertices j of A[j] c[j] (tv),
+// mu[k] (tmu) and the parent tile (tparent, -1 where the top is a root or the tile has no
+// boundary vertex; group 0 writes it). One warp per (tile, group).
+template <typename T, typename A>
+__global__ void tile_up_tiles_kernel(const TileArgs a) {
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kTileLanes) +
                        threadIdx.x / kTileLanes;
   if (item >= static_cast<int64_t>(a.M) * a.groups) return;
   const int k = static_cast<int>(item / a.groups), g = static_cast<int>(item % a.groups);
   const int b0 = a.tile_boundary[2 * k], b1 = a.tile_boundary[2 * k + 1];
   const Lane ln(a, g);
-  const bool first = g == 0 && threadIdx.x % kTileLanes == 0;
-  int parent = -1;
   const int f = b0 < b1 ? a.feeder[b0] : -1;
-  if (f >= 0 && first) parent = tile_of(a, a.boundary_pos[f]);
-  if (first) a.tparent[k] = parent;
+  if (g == 0 && threadIdx.x % kTileLanes == 0)
+    a.tparent[k] = f >= 0 ? tile_of(a, a.boundary_pos[f]) : -1;
   if (b0 >= b1 || !ln.ok) return;
   const A* sa = static_cast<const A*>(a.sa);
-  A* sb = static_cast<A*>(a.sb);
-  const A* store = static_cast<const A*>(a.store);
+  const A* sb = static_cast<const A*>(a.sb);
+  constexpr int B = 8;
   A acc = A(0);
-  for (int j = b0; j < b1; ++j) {
-    A cj = A(0);
-    for (int e = a.entry_ptr[j]; e < a.entry_ptr[j + 1]; ++e) {
-      const int64_t r = static_cast<int64_t>(a.vertex[a.entries[e]]) * a.C + ln.c;
-      cj = cj + load_as<T, A>(a.w, r) * store[r];
+  for (int j = b0; j < b1; j += B) {  // B boundary vertices' loads at a time, summed in order
+    A av[B], cv[B];
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      const int64_t r = static_cast<int64_t>(j + u < b1 ? j + u : j) * a.C + ln.c;
+      av[u] = sa[r];
+      cv[u] = sb[r];
     }
-    const int64_t rj = static_cast<int64_t>(j) * a.C + ln.c;
-    sb[rj] = cj;
-    acc = acc + sa[rj] * cj;
+#pragma unroll
+    for (int u = 0; u < B; ++u)
+      if (j + u < b1) acc = acc + av[u] * cv[u];
   }
   const int64_t rk = static_cast<int64_t>(k) * a.C + ln.c;
   static_cast<A*>(a.tv)[rk] = acc;
@@ -583,9 +626,10 @@ __host__ __device__ inline int64_t tile_tree_smem_bytes(int M) {
   return static_cast<int64_t>(M) * kTileLanes * sizeof(A);
 }
 
-// Phase 2, the tile tree: one block per group; R[k] += mu[k'] R[k'] for each tile k'
-// hanging from k, k' from the last tile down (a tile hangs from an earlier one), by one
-// warp. `in_smem`: R staged in shared memory (else updated in tv).
+// Phase 2, the tile tree: one block per group; R[p(k)] += mu[k] R[k] for k from the last
+// tile down (a tile hangs from an earlier one, so R[k] is complete when k is reached), by
+// one warp, the parents and mu of 32 tiles loaded at a time. `in_smem`: R staged in shared
+// memory (else updated in tv).
 template <typename A>
 __global__ void tile_up_tree_kernel(const TileArgs a, bool in_smem) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -604,11 +648,21 @@ __global__ void tile_up_tree_kernel(const TileArgs a, bool in_smem) {
     for (int k = warp; k < a.M; k += warps) rrow(k) = tv[static_cast<int64_t>(k) * a.C + ln.c];
   __syncthreads();
   if (warp == 0 && ln.ok) {
-    for (int k = a.M - 1; k > 0; --k) {
-      const int p = a.tparent[k];
-      if (p < 0) continue;
-      A& rp = rrow(p);
-      rp = rp + mu[static_cast<int64_t>(k) * a.C + ln.c] * rrow(k);
+    constexpr int B = 32;
+    for (int hi = a.M - 1; hi >= 1; hi -= B) {  // tiles hi, hi - 1, ..., down to 1
+      int p[B];
+      A m[B];
+#pragma unroll
+      for (int i = 0; i < B; ++i) p[i] = hi - i >= 1 ? a.tparent[hi - i] : -1;
+#pragma unroll
+      for (int i = 0; i < B; ++i)  // beside the parents' loads (unused where there is none)
+        m[i] = mu[static_cast<int64_t>(hi - i >= 1 ? hi - i : hi) * a.C + ln.c];
+#pragma unroll
+      for (int i = 0; i < B; ++i)
+        if (p[i] >= 0) {
+          A& rp = rrow(p[i]);
+          rp = rp + m[i] * rrow(hi - i);
+        }
     }
   }
   __syncthreads();
@@ -640,11 +694,9 @@ __global__ void tile_up_paths_kernel(const TileArgs a) {
       const int64_t rj = static_cast<int64_t>(j) * a.C + ln.c;
       A s = sb[rj];
       for (int i = a.entry_ptr[j]; i < a.entry_ptr[j + 1]; ++i) {
-        const int e = a.entries[i];
-        const int t = tile_of(a, e);
-        const int lo = a.tile_boundary[2 * t];
-        if (lo >= a.tile_boundary[2 * t + 1] || a.top[a.boundary_pos[lo]] != e) continue;
-        s = s + load_as<T, A>(a.w, static_cast<int64_t>(a.vertex[e]) * a.C + ln.c) *
+        const int t = a.etile[i];
+        if (t < 0) continue;
+        s = s + load_as<T, A>(a.w, static_cast<int64_t>(a.vertex[a.entries[i]]) * a.C + ln.c) *
                     tv[static_cast<int64_t>(t) * a.C + ln.c];
       }
       sb[rj] = s;

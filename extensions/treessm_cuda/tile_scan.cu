@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -106,6 +107,7 @@ TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
   a.entry_ptr = p[17];
   a.path = p[18];
   a.path_ptr = p[19];
+  a.boundary_level_ptr = p[14];
   return a;
 }
 
@@ -114,6 +116,8 @@ constexpr int kTileWarps = kTileThreads / kTileLanes;
 // Tile blocks aimed at per multiprocessor when splitting a tile's channel groups over
 // blocks (each block stages the tile's plan once for the groups it takes).
 constexpr int kTileBlocksPerSM = 4;
+// Blocks per multiprocessor of up's gathers, which stride over the boundary vertices.
+constexpr int kGatherBlocksPerSM = 8;
 
 // The launches of one scan (tile_kernels.cuh: three phases, up's second in two launches).
 template <typename T, typename A>
@@ -155,9 +159,15 @@ void run_tiles(TileArgs a, bool up, int device, cudaStream_t stream) {
   const int64_t tree_smem = tile_tree_smem_bytes<A>(a.M);
   const bool in_smem = tree_smem <= limit;
   if (in_smem) allow_dynamic_smem<tree>(tree_smem, device);
+  // (boundary vertex, group) warps: at most N * groups, the count known on the device only
+  const int64_t gather_warps = static_cast<int64_t>(a.N) * groups;
+  const int64_t gather_cap = kGatherBlocksPerSM * device_attribute<cudaDevAttrMultiProcessorCount>(device);
+  const int64_t gather_blocks = std::min((gather_warps + kTileWarps - 1) / kTileWarps, gather_cap);
   levels<<<grid, kTileThreads, static_cast<size_t>(tile_smem), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  tile_up_gather_kernel<T, A><<<wgrid, kTileThreads, 0, stream>>>(a);
+  tile_up_gather_kernel<T, A><<<static_cast<unsigned>(gather_blocks), kTileThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tile_up_tiles_kernel<T, A><<<wgrid, kTileThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tree<<<static_cast<unsigned>(groups), kTileThreads,
          in_smem ? static_cast<size_t>(tree_smem) : 0, stream>>>(a, in_smem);
@@ -179,6 +189,7 @@ void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, TileArgs a, b
   at::Tensor sa = at::empty({N, C}, acc), sb = at::empty({N, C}, acc), tv = at::empty({M, C}, acc);
   at::Tensor tmu = up ? at::empty({M, C}, acc) : at::Tensor();
   at::Tensor tparent = up ? at::empty({M}, x.options().dtype(at::kInt)) : at::Tensor();
+  at::Tensor etile = up ? at::empty({N}, x.options().dtype(at::kInt)) : at::Tensor();
   at::Tensor store = x.scalar_type() == acc_dtype ? at::Tensor() : at::empty({N, C}, acc);
   a.x = x.data_ptr();
   a.w = weight.data_ptr();
@@ -189,6 +200,7 @@ void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, TileArgs a, b
   a.tv = tv.data_ptr();
   a.tmu = tmu.defined() ? tmu.data_ptr() : nullptr;
   a.tparent = tparent.defined() ? tparent.data_ptr<int>() : nullptr;
+  a.etile = etile.defined() ? etile.data_ptr<int>() : nullptr;
   const int device = x.get_device();
   auto stream = c10::cuda::getCurrentCUDAStream();
   TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_tile_scan", [&] {

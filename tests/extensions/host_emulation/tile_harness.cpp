@@ -63,12 +63,13 @@ void scan(TileArgs a, bool up, const Options& o) {
   const int64_t rows = N * a.C;
   std::vector<A> sa(rows, A(-999)), sb(rows, A(-999)), tv(M * a.C, A(-999)),
       tmu(M * a.C, A(-999)), store;
-  std::vector<int> tparent(M, -999);
+  std::vector<int> tparent(M, -999), etile(N, -999);
   a.sa = sa.data();
   a.sb = sb.data();
   a.tv = tv.data();
   a.tmu = tmu.data();
   a.tparent = tparent.data();
+  a.etile = etile.data();
   if constexpr (std::is_same<T, A>::value) {
     a.store = a.h;
   } else {
@@ -90,7 +91,10 @@ void scan(TileArgs a, bool up, const Options& o) {
     return;
   }
   launch(m, slices, o.threads, tile_smem, [&] { tile_up_levels_kernel<T, A>(a); });
-  launch_serial(warp_blocks, o.threads, [&] { tile_up_gather_kernel<T, A>(a); });
+  // the gathers stride over the boundary vertices from a grid of three blocks
+  gridDim.x = 3;
+  launch_serial(3, o.threads, [&] { tile_up_gather_kernel<T, A>(a); });
+  launch_serial(warp_blocks, o.threads, [&] { tile_up_tiles_kernel<T, A>(a); });
   const bool in_smem = o.tree_in_smem;
   launch(static_cast<unsigned>(a.groups), 1, o.threads, in_smem ? tile_tree_smem_bytes<A>(a.M) : 0,
          [&] { tile_up_tree_kernel<A>(a, in_smem); });
@@ -250,6 +254,7 @@ int main(int argc, char** argv) {
   a.entry_ptr = entry_ptr.data();
   a.path = path.data();
   a.path_ptr = path_ptr.data();
+  a.boundary_level_ptr = boundary_level_ptr.data();
   Options o;
   o.threads = std::atoi(argv[3]);
   o.gpb = std::atoi(argv[4]);
