@@ -128,19 +128,43 @@ def test_weights_zero_and_above_one(name, direction):
     torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["spanning_1e5", "random_many_roots"])
-def test_bitwise_run_to_run_and_across_slice_widths(name, dtype):
+def test_bitwise_run_to_run_and_across_channel_counts(name, dtype):
     tree = _tree(name)
-    x, w = _inputs(tree.num_nodes, 8, seed=12)
+    x, w = _inputs(tree.num_nodes, 70, seed=12)  # three groups of 32 lanes, the last partial
     x, w = x.to(dtype), w.to(dtype)
     for direction in DIRECTIONS:
         first = _tile_scan(x, w, tree, 2048, direction)
         assert torch.equal(first, _tile_scan(x, w, tree, 2048, direction))
-        # one channel runs in slices of one, eight in the widest: the same bits per channel
-        for c in (0, 5):
+        # a channel alone, or among others (other groups, blocks taking other groups): the
+        # same bits
+        for c in (0, 37, 69):
             col = x[:, c:c + 1].contiguous(), w[:, c:c + 1].contiguous()
             assert torch.equal(_tile_scan(*col, tree, 2048, direction)[:, 0], first[:, c])
+
+
+@pytest.mark.parametrize("c", [1, 3, 33, 70])
+@pytest.mark.parametrize("name,tile", [("graph_forest", 7), ("random_many_roots", 64),
+                                       ("grid_trees", 2048), ("star", 1)])
+def test_channel_counts(name, tile, c):
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, c, "signed", seed=17)
+    for direction in DIRECTIONS:
+        got = _tile_scan(x, w, tree, tile, direction)
+        want = dense_tree_scan(x.cpu(), w.cpu(), tree.parent.cpu(), direction)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("tile", [8, 4096])
+def test_deep_boundary_tree(direction, tile):
+    # the 5000-chain at tile 8: 625 tiles, each hanging from the one before (the feeder
+    # walks and the tile tree 624 deep)
+    tree = _tree("chain_5000")
+    x, w = _inputs(tree.num_nodes, 40, seed=18)
+    got = _tile_scan(x, w, tree, tile, direction)
+    torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -207,15 +231,21 @@ tree = Tree.from_parent([-1, 0, 0, 1, 1, 3]).to("cuda")
 x = torch.ones(6, 2, device="cuda")
 plan = list(tile_plan(tree, 4)[3:])
 for short in (plan[:-1], plan[:1], []):
-    try:
-        torch.ops.treessm.cuda_tile_scan(x, x, short, 4, "down")
-    except RuntimeError as exc:
-        print("raised:", str(exc).splitlines()[0])
+    for direction in ("down", "both"):
+        for call in (lambda: torch.ops.treessm.cuda_tile_scan(x, x, short, 4, direction),
+                     lambda: torch.ops.treessm.cuda_tile_scan_backward(x, x, x, short, 4,
+                                                                       direction, x)):
+            try:
+                call()
+            except RuntimeError as exc:
+                print("raised:", str(exc).splitlines()[0])
 """
 
 
 def test_a_short_plan_raises():
-    # in a child process, so that a crash fails this test instead of ending the run
+    # in a child process, so that a crash fails this test instead of ending the run; every
+    # entry point checks the plan before it reads one of its tensors (both's sibling links
+    # once read plan[1] and plan[2] first)
     import os
     import subprocess
     import sys
@@ -229,4 +259,4 @@ def test_a_short_plan_raises():
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("raised:")]
-    assert len(lines) == 3 and all("plan must hold" in ln for ln in lines), proc.stdout
+    assert len(lines) == 12 and all("plan must hold" in ln for ln in lines), proc.stdout
