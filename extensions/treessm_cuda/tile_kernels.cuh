@@ -318,13 +318,29 @@ __global__ void tile_down_feed_kernel(const TileArgs a) {
   if (!ln.ok) return;
   const A* sa = static_cast<const A*>(a.sa);
   const A* sb = static_cast<const A*>(a.sb);
-  // H[f] = B[f] + A[f] (B[f'] + A[f'] (...)), composed from f outwards
+  // H[f] = B[f] + A[f] (B[f'] + A[f'] (...)), composed from f outwards; eight feeders
+  // found at a time, then their rows loaded together
+  constexpr int B = 8;
   A m = A(1), v = A(0);
   while (j >= 0) {
-    const int64_t r = static_cast<int64_t>(j) * a.C + ln.c;
-    v = v + m * sb[r];
-    m = m * sa[r];
-    j = a.feeder[j];
+    int js[B];
+    js[0] = j;
+#pragma unroll
+    for (int u = 1; u < B; ++u) js[u] = js[u - 1] >= 0 ? a.feeder[js[u - 1]] : -1;
+    A bv[B], av[B];
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      const int64_t r = static_cast<int64_t>(js[u] >= 0 ? js[u] : 0) * a.C + ln.c;
+      bv[u] = js[u] >= 0 ? sb[r] : A(0);
+      av[u] = js[u] >= 0 ? sa[r] : A(0);
+    }
+#pragma unroll
+    for (int u = 0; u < B; ++u)
+      if (js[u] >= 0) {
+        v = v + m * bv[u];
+        m = m * av[u];
+      }
+    j = js[B - 1] >= 0 ? a.feeder[js[B - 1]] : -1;
   }
   static_cast<A*>(a.tv)[static_cast<int64_t>(k) * a.C + ln.c] = v;
 }
