@@ -322,7 +322,8 @@ def _tile_cases():
     topo = treessm.GridTopology()
     yield "graph 10^6, C=64", graph, 64, (2048, 512)
     yield "chain 10^6, C=64", chain_tree(1, n, "cuda"), 64, (2048, 512)
-    yield "32 x 56x56, C=160", topo(torch.randn(32, 56, 56, 160, device="cuda")), 160, (4096, 2048)
+    yield ("32 x 56x56, C=160", topo(torch.randn(32, 56, 56, 160, device="cuda")), 160,
+           (4096, 2048, 1024))
     yield "32 x 14x14, C=640", topo(torch.randn(32, 14, 14, 640, device="cuda")), 640, (2048,)
     yield "4 chains x 2048, C=24576", chain_tree(4, 2048, "cuda"), 24576, (2048,)
 

@@ -1,9 +1,9 @@
 r"""The tiled layout of a forest: what the tiled tree-scan kernels read besides the data.
 
-A tiled scan takes a tree in :math:`O(\log n)` dependent steps whatever its shape, reading
-and writing every row a bounded number of times. :func:`tile_plan` lays the forest out for
-it, once per tree and tile size (cached in ``tree.plan_cache``, shared by every channel
-count, layer, direction and the backward):
+A tiled scan takes a tree tile by tile, inside a tile in :math:`O(\log n)` dependent steps
+(its light levels) whatever its shape, reading and writing every row a bounded number of
+times. :func:`tile_plan` lays the forest out for it, once per tree and tile size (cached in
+``tree.plan_cache``, shared by every channel count, layer, direction and the backward):
 
 * **positions** -- each tree in *heavy-first* depth-first preorder: a vertex, then the
   whole subtree of its *heavy* child (the largest subtree, the first in breadth-first order
