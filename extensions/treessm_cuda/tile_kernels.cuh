@@ -124,9 +124,6 @@ struct TileArgs {
 };
 
 // ---------------------------------------------------------------------------- helpers
-template <typename A>
-__device__ __forceinline__ A load_acc(const void* p, int64_t i);
-
 template <typename T, typename A>
 __device__ __forceinline__ A load_as(const void* p, int64_t i) {
   return static_cast<A>(to_acc(static_cast<const T*>(p)[i]));
