@@ -262,6 +262,32 @@ __device__ __forceinline__ void block_groups(const TileArgs& a, int& g0, int& g1
   g1 = g0 + a.groups_per_block < a.groups ? g0 + a.groups_per_block : a.groups;
 }
 
+// The plan a tile block stages in shared memory: three int arrays and a byte array of
+// `tile` entries each (13 bytes a position), in that order; S (DownStage, UpStage) names
+// them.
+template <typename S>
+__device__ S staged_plan(unsigned char* raw, int tile) {
+  int* p = reinterpret_cast<int*>(raw);
+  return S{p, p + tile, p + 2 * tile, raw + tile_align16(12LL * tile)};
+}
+
+// The shared memory of a tile block's scans, after its staged plan.
+template <typename A>
+__device__ ScanShared<A, 1> tile_scan_shared(unsigned char* raw, int tile) {
+  return ScanShared<A, 1>(raw + tile_align16(12LL * tile) + tile_align16(tile),
+                          blockDim.x / kTileLanes);
+}
+
+// The positions [start, end) of tile k; false when it is empty (block-uniform).
+__device__ __forceinline__ bool tile_range(const TileArgs& a, int k, int& start, int& end) {
+  start = a.tile_ptr[k];
+  end = a.tile_ptr[k + 1];
+#ifdef __CUDA_ARCH__
+  if (end - start > a.tile) __trap();  // a plan of larger tiles than the launch
+#endif
+  return start < end;
+}
+
 // ---------------------------------------------------------------------------- down
 // Phase 1: (A, B) along the boundary path of tile blockIdx.x, at its boundary vertices.
 template <typename T, typename A>
@@ -351,12 +377,6 @@ struct DownStage {
   int* src;
   int* src2;
   unsigned char* kind;
-  __device__ DownStage(unsigned char* raw, int tile) {
-    vert = reinterpret_cast<int*>(raw);
-    src = vert + tile;
-    src2 = src + tile;
-    kind = raw + tile_align16(12LL * tile);
-  }
 };
 
 // Phase 3: each tile's light levels from the lowest, writing h.
@@ -365,14 +385,10 @@ __global__ void __launch_bounds__(kTileThreads, tile_min_blocks<A>())
 tile_down_levels_kernel(const TileArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int k = blockIdx.x;
-  const int start = a.tile_ptr[k], end = a.tile_ptr[k + 1];
-  if (start >= end) return;  // block-uniform
-#ifdef __CUDA_ARCH__
-  if (end - start > a.tile) __trap();  // a plan of larger tiles than the launch
-#endif
-  DownStage st(smem_raw, a.tile);
-  ScanShared<A, 1> sh(smem_raw + tile_align16(12LL * a.tile) + tile_align16(a.tile),
-                      blockDim.x / kTileLanes);
+  int start, end;
+  if (!tile_range(a, k, start, end)) return;
+  const DownStage st = staged_plan<DownStage>(smem_raw, a.tile);
+  ScanShared<A, 1> sh = tile_scan_shared<A>(smem_raw, a.tile);
   for (int s = threadIdx.x; s < end - start; s += blockDim.x) {
     const int pos = a.scan[start + s];
     const int fl = a.flags[pos];
@@ -452,12 +468,6 @@ struct UpStage {
   int* vert;
   int* size;
   unsigned char* bits;
-  __device__ UpStage(unsigned char* raw, int tile) {
-    pos = reinterpret_cast<int*>(raw);
-    vert = pos + tile;
-    size = vert + tile;
-    bits = raw + tile_align16(12LL * tile);
-  }
 };
 
 // Phase 1: each tile's light levels from the highest without the later tiles (h = B; store
@@ -467,15 +477,11 @@ __global__ void __launch_bounds__(kTileThreads, tile_min_blocks<A>())
 tile_up_levels_kernel(const TileArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int k = blockIdx.x;
-  const int start = a.tile_ptr[k], end = a.tile_ptr[k + 1];
-  if (start >= end) return;  // block-uniform
-#ifdef __CUDA_ARCH__
-  if (end - start > a.tile) __trap();  // a plan of larger tiles than the launch
-#endif
+  int start, end;
+  if (!tile_range(a, k, start, end)) return;
   const int len = end - start;
-  UpStage st(smem_raw, a.tile);
-  ScanShared<A, 1> sh(smem_raw + tile_align16(12LL * a.tile) + tile_align16(a.tile),
-                      blockDim.x / kTileLanes);
+  const UpStage st = staged_plan<UpStage>(smem_raw, a.tile);
+  ScanShared<A, 1> sh = tile_scan_shared<A>(smem_raw, a.tile);
   constexpr int kStarts = kTileRoot | kTileHead | kTileEntry;
   for (int p = threadIdx.x; p < len; p += blockDim.x) {
     const int pos = start + p;
