@@ -194,9 +194,10 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
     offset = before - before[first[s]]
     step = torch.where(down, offset + ((1 << bits) + 1), 0)
     step = step - step[twin]
-    placed = torch.zeros(m + _SPARE_SLOTS, dtype=torch.long, device=device)
-    placed.scatter_reduce_(0, _kept_or_spare(pos, pos < m, m), step, "amax", include_self=False)
-    placed[m] = 0  # what the padding copies read back
+    # slot m stays 0: the padding copies read it back; the spares lie past it
+    placed = torch.zeros(m + 1 + _SPARE_SLOTS, dtype=torch.long, device=device)
+    placed.scatter_reduce_(0, _kept_or_spare(pos, pos < m, m + 1), step, "amax",
+                           include_self=False)
     path_sum = torch.cumsum(placed[:m + 1], 0)[pos]
     packed = torch.zeros(n + _SPARE_SLOTS, dtype=torch.long, device=device)  # roots: (0, 0)
     packed.scatter_reduce_(0, _kept_or_spare(child, down, n), path_sum, "amax")
