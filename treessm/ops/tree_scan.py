@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
-from ..typing import cuda_extension_error, load_cuda_extension
+from ..typing import cuda_extension_available, cuda_extension_error
 from . import cpu, reference
 from .plan import SCHEDULES, Launch, ScanPlan, level_groups, scan_plan
 
@@ -42,20 +42,18 @@ _warned = []
 def _cuda_ready(warn: bool) -> bool:
     """Whether the CUDA extension is there; without it, one warning (the caller falls back
     to the torch reference)."""
-    try:
-        load_cuda_extension()
+    if cuda_extension_available():
         _register_fakes()
         return True
-    except RuntimeError:
-        if warn and not _warned:
-            _warned.append(True)
-            warnings.warn(
-                "treessm: the CUDA extension is not available "
-                f"({cuda_extension_error()}); falling back to the torch reference backend, "
-                "which is much slower. Install a CUDA toolkit matching PyTorch (nvcc on PATH "
-                "or CUDA_HOME set) or prebuild with `python -m treessm.ops.cuda --build`.",
-                RuntimeWarning, stacklevel=5)
-        return False
+    if warn and not _warned:
+        _warned.append(True)
+        warnings.warn(
+            "treessm: the CUDA extension is not available "
+            f"({cuda_extension_error()}); falling back to the torch reference backend, "
+            "which is much slower. Install a CUDA toolkit matching PyTorch (nvcc on PATH "
+            "or CUDA_HOME set) or prebuild with `python -m treessm.ops.cuda --build`.",
+            RuntimeWarning, stacklevel=5)
+    return False
 
 
 _fakes = []
