@@ -15,14 +15,15 @@
 
 #include <algorithm>
 
+#include "check.cuh"
 #include "boruvka_kernels.cuh"
 
 namespace treessm_cuda {
 namespace {
 
 void check_long(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), name,
+  TREESSM_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
+  TREESSM_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), name,
               " must be a contiguous int64 tensor, got ", t.scalar_type());
 }
 
@@ -33,12 +34,12 @@ at::Tensor lightest_edges(const at::Tensor& edge_index, const at::Tensor& key,
   check_long(edge_index, "edge_index", edge_index);
   check_long(key, "key", edge_index);
   check_long(comp, "comp", edge_index);
-  TORCH_CHECK(edge_index.dim() == 2 && edge_index.size(0) == 2,
+  TREESSM_CHECK(edge_index.dim() == 2 && edge_index.size(0) == 2,
               "edge_index must have shape [2, E], got ", edge_index.sizes());
   const int64_t E = edge_index.size(1);
-  TORCH_CHECK(key.dim() == 1 && key.size(0) == E, "key must have shape [", E, "], got ",
+  TREESSM_CHECK(key.dim() == 1 && key.size(0) == E, "key must have shape [", E, "], got ",
               key.sizes());
-  TORCH_CHECK(comp.dim() == 1, "comp must be 1-D [N], got ", comp.sizes());
+  TREESSM_CHECK(comp.dim() == 1, "comp must be 1-D [N], got ", comp.sizes());
   const c10::cuda::CUDAGuard guard(edge_index.device());
   at::Tensor best = at::full({comp.size(0)}, sentinel, comp.options());
   if (E == 0 || comp.size(0) == 0) return best;

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "check.cuh"
 #include "grid_costs_kernels.cuh"
 #include "host_utils.cuh"
 
@@ -59,26 +60,26 @@ void launch_pack(const T* feat, const costs::Shape& s, bool eight, int kind, int
 
 at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
                       int64_t connectivity, int64_t kind, double eps, int64_t group) {
-  TORCH_CHECK(feat.is_cuda(), "feat must be a CUDA tensor");
+  TREESSM_CHECK(feat.is_cuda(), "feat must be a CUDA tensor");
   const auto dtype = feat.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+  TREESSM_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               "feat must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(B >= 0, "B must be >= 0, got ", B);
-  TORCH_CHECK(H >= 1 && W >= 1, "H and W must be >= 1, got ", H, " x ", W);
-  TORCH_CHECK(H * W <= INT_MAX, "an image of ", H, " x ", W, " pixels is too large");
-  TORCH_CHECK(feat.size(-1) <= INT_MAX, "too many channels: ", feat.size(-1));
-  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ",
+  TREESSM_CHECK(B >= 0, "B must be >= 0, got ", B);
+  TREESSM_CHECK(H >= 1 && W >= 1, "H and W must be >= 1, got ", H, " x ", W);
+  TREESSM_CHECK(H * W <= INT_MAX, "an image of ", H, " x ", W, " pixels is too large");
+  TREESSM_CHECK(feat.size(-1) <= INT_MAX, "too many channels: ", feat.size(-1));
+  TREESSM_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ",
               connectivity);
-  TORCH_CHECK(kind == costs::kCosine || kind == costs::kL2,
+  TREESSM_CHECK(kind == costs::kCosine || kind == costs::kL2,
               "kind must be 0 (cosine) or 1 (l2), got ", kind);
-  TORCH_CHECK(group == 0 || (group <= 32 && (group & (group - 1)) == 0 && group > 0),
+  TREESSM_CHECK(group == 0 || (group <= 32 && (group & (group - 1)) == 0 && group > 0),
               "group must be 0 or a power of two up to 32, got ", group);
   const int64_t pixels = B * H * W;
   const bool rows = feat.dim() == 2 && feat.size(0) == pixels;
   const bool image = feat.dim() == 4 && feat.size(0) == B && feat.size(1) == H &&
                      feat.size(2) == W;
-  TORCH_CHECK(rows || image, "feat must have shape [B*H*W, C] = [", pixels,
+  TREESSM_CHECK(rows || image, "feat must have shape [B*H*W, C] = [", pixels,
               ", C] or [B, H, W, C] = [", B, ", ", H, ", ", W, ", C], got ", feat.sizes());
   const int64_t C = feat.size(-1);
   const bool eight = connectivity == 8;

@@ -18,6 +18,7 @@
 #include <climits>
 #include <tuple>
 
+#include "check.cuh"
 #include "grid_tree_kernels.cuh"
 #include "host_utils.cuh"
 
@@ -39,24 +40,24 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 
 Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64_t connectivity,
                   int64_t threads, int64_t solo) {
-  TORCH_CHECK(cost.is_cuda(), "cost must be a CUDA tensor");
-  TORCH_CHECK(cost.dim() == 1 && cost.is_contiguous(), "cost must be a contiguous 1-D tensor, got ",
+  TREESSM_CHECK(cost.is_cuda(), "cost must be a CUDA tensor");
+  TREESSM_CHECK(cost.dim() == 1 && cost.is_contiguous(), "cost must be a contiguous 1-D tensor, got ",
               cost.dim(), " dims");
   const auto dtype = cost.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+  TREESSM_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
               "cost must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(B >= 0, "B must be >= 0, got ", B);
-  TORCH_CHECK(H >= 1 && W >= 1, "H and W must be >= 1, got ", H, " x ", W);
-  TORCH_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ",
+  TREESSM_CHECK(B >= 0, "B must be >= 0, got ", B);
+  TREESSM_CHECK(H >= 1 && W >= 1, "H and W must be >= 1, got ", H, " x ", W);
+  TREESSM_CHECK(connectivity == 4 || connectivity == 8, "connectivity must be 4 or 8, got ",
               connectivity);
-  TORCH_CHECK(H * W <= INT_MAX / 32, "an image of ", H, " x ", W, " pixels is too large");
-  TORCH_CHECK(threads == 0 || (threads >= 32 && threads <= 1024 && threads % 32 == 0),
+  TREESSM_CHECK(H * W <= INT_MAX / 32, "an image of ", H, " x ", W, " pixels is too large");
+  TREESSM_CHECK(threads == 0 || (threads >= 32 && threads <= 1024 && threads % 32 == 0),
               "threads must be 0 or a multiple of 32 up to 1024, got ", threads);
-  TORCH_CHECK(solo >= 0 && solo <= 1024, "solo must lie in [0, 1024], got ", solo);
+  TREESSM_CHECK(solo >= 0 && solo <= 1024, "solo must lie in [0, 1024], got ", solo);
   const grid::Grid g(static_cast<int>(H), static_cast<int>(W), static_cast<int>(connectivity));
   const int64_t n = g.n;
-  TORCH_CHECK(cost.numel() == B * g.E, "cost must hold B * E = ", B, " * ", g.E, " = ", B * g.E,
+  TREESSM_CHECK(cost.numel() == B * g.E, "cost must hold B * E = ", B, " * ", g.E, " = ", B * g.E,
               " costs (E candidate edges per ", H, " x ", W, " image), got ", cost.numel());
   const int64_t N = B * n;
 
@@ -81,10 +82,10 @@ Outputs grid_tree(const at::Tensor& cost, int64_t B, int64_t H, int64_t W, int64
   auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = grid::smem_bytes(g.n, g.E);
   const int optin = max_dynamic_smem(cost.get_device());
-  TORCH_CHECK(smem <= static_cast<size_t>(optin), "an image of ", H, " x ", W, " pixels (",
+  TREESSM_CHECK(smem <= static_cast<size_t>(optin), "an image of ", H, " x ", W, " pixels (",
               connectivity, "-connectivity) needs ", smem,
               " bytes of shared memory per block; this device allows ", optin);
-  TORCH_CHECK(B <= INT_MAX, "too many images for one launch: ", B);
+  TREESSM_CHECK(B <= INT_MAX, "too many images for one launch: ", B);
 
   at::Tensor level_start = at::empty({N}, cost.options().dtype(at::kInt));
   at::Tensor level_count = at::empty({B}, cost.options().dtype(at::kInt));

@@ -10,16 +10,17 @@
 
 #include <tuple>
 
+#include "check.cuh"
 #include "path_plan_kernels.cuh"
 
 namespace treessm_cuda {
 namespace {
 
 void check_layout(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64");
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
-  TORCH_CHECK(t.size(0) == n, name, " must have ", n, " entries, got ", t.size(0));
+  TREESSM_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
+  TREESSM_CHECK(t.scalar_type() == at::kLong, name, " must be int64");
+  TREESSM_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+  TREESSM_CHECK(t.size(0) == n, name, " must have ", n, " entries, got ", t.size(0));
 }
 
 }  // namespace
@@ -27,16 +28,16 @@ void check_layout(const at::Tensor& t, const char* name, int64_t n, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_plan(
     const at::Tensor& order, const at::Tensor& child_ptr, const at::Tensor& tree_ptr,
     const at::Tensor& depth, const at::Tensor& parent_pos) {
-  TORCH_CHECK(order.is_cuda() && order.dim() == 1, "order must be a 1-D CUDA tensor");
+  TREESSM_CHECK(order.is_cuda() && order.dim() == 1, "order must be a 1-D CUDA tensor");
   const int64_t N = order.size(0);
-  TORCH_CHECK(tree_ptr.dim() == 1 && tree_ptr.size(0) >= 1, "tree_ptr must be a 1-D tensor");
+  TREESSM_CHECK(tree_ptr.dim() == 1 && tree_ptr.size(0) >= 1, "tree_ptr must be a 1-D tensor");
   const int64_t T = tree_ptr.size(0) - 1;
   check_layout(order, "order", N, order);
   check_layout(child_ptr, "child_ptr", N + 1, order);
   check_layout(tree_ptr, "tree_ptr", T + 1, order);
   check_layout(depth, "depth", N, order);
   check_layout(parent_pos, "parent_pos", N, order);
-  TORCH_CHECK(N < (1LL << 30), "the path plan kernel takes fewer than 2^30 vertices, got ", N);
+  TREESSM_CHECK(N < (1LL << 30), "the path plan kernel takes fewer than 2^30 vertices, got ", N);
   const auto opts = order.options().dtype(at::kInt);
   at::Tensor rec = at::empty({N + 1, 4}, opts);
   at::Tensor light = at::empty({N}, opts);
@@ -71,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_plan
   const int64_t avg = (N + T - 1) / T;
   int threads = static_cast<int>(((avg / 2 + 31) / 32) * 32);
   threads = threads < 64 ? 64 : (threads > 1024 ? 1024 : threads);
-  TORCH_CHECK(T <= 2147483647LL, "too many trees for one launch: ", T);
+  TREESSM_CHECK(T <= 2147483647LL, "too many trees for one launch: ", T);
   path_plan_kernel<<<static_cast<unsigned>(T), threads, kPathPlanSmem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {rec, light, slot, path_ptr, phase_path};

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "check.cuh"
 #include "host_utils.cuh"
 #include "walk_kernels.cuh"
 
@@ -31,9 +32,9 @@ constexpr int64_t kMaxTreeRows = 2048;  // block rows over the trees (each strid
 
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
                 at::ScalarType dtype) {
-  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape [",
+  TREESSM_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+  TREESSM_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TREESSM_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape [",
               rows, ", ", cols, "], got ", t.sizes());
 }
 
@@ -55,43 +56,43 @@ Problem check_inputs(const at::Tensor& u, const at::Tensor& dx, const c10::optio
                      const c10::optional<at::Tensor>& h0, const at::Tensor& srow,
                      const at::Tensor& snext, const at::Tensor& rec, const at::Tensor& tree_ptr,
                      int64_t num_slots, int64_t rule, int64_t direction, int64_t lanes) {
-  TORCH_CHECK(u.is_cuda() && u.dim() == 2, "u must be a 2-D CUDA tensor");
+  TREESSM_CHECK(u.is_cuda() && u.dim() == 2, "u must be a 2-D CUDA tensor");
   const auto dtype = u.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "u must be float32 or float64, got ",
+  TREESSM_CHECK(dtype == at::kFloat || dtype == at::kDouble, "u must be float32 or float64, got ",
               dtype);
   Problem p{u.size(0), u.size(1), A.size(1), tree_ptr.numel() - 1, static_cast<int>(rule), 0,
             padded_states(A.size(1))};
-  TORCH_CHECK(p.s >= 1 && p.s <= walk::kMaxStates, "d_state must lie in [1, ",
+  TREESSM_CHECK(p.s >= 1 && p.s <= walk::kMaxStates, "d_state must lie in [1, ",
               walk::kMaxStates, "], got ", p.s);
-  TORCH_CHECK(lanes >= 1 && lanes <= p.states && (lanes & (lanes - 1)) == 0,
+  TREESSM_CHECK(lanes >= 1 && lanes <= p.states && (lanes & (lanes - 1)) == 0,
               "lanes must be a power of two up to ", p.states, " (d_state padded), got ", lanes);
   while ((int64_t(1) << p.log2_lanes) < lanes) ++p.log2_lanes;
-  TORCH_CHECK(rule >= walk::kChild && rule <= walk::kGiven, "rule must be 0, 1 or 2, got ", rule);
-  TORCH_CHECK(direction == 0 || direction == 1, "direction must be 0 (down) or 1 (up), got ",
+  TREESSM_CHECK(rule >= walk::kChild && rule <= walk::kGiven, "rule must be 0, 1 or 2, got ", rule);
+  TREESSM_CHECK(direction == 0 || direction == 1, "direction must be 0 (down) or 1 (up), got ",
               direction);
-  TORCH_CHECK(direction == 0 || !h0.has_value(), "h0 enters the roots of a down scan only");
-  TORCH_CHECK(p.n < (int64_t(1) << 31) && num_slots >= 0, "too many vertices");
+  TREESSM_CHECK(direction == 0 || !h0.has_value(), "h0 enters the roots of a down scan only");
+  TREESSM_CHECK(p.n < (int64_t(1) << 31) && num_slots >= 0, "too many vertices");
   check_rows(u, "u", p.n, p.d, dtype);
   check_rows(dx, "dx", p.n, p.d, dtype);
   if (rule == walk::kGiven) {
-    TORCH_CHECK(de.has_value(), "de is required by rule 2 (given edge steps)");
+    TREESSM_CHECK(de.has_value(), "de is required by rule 2 (given edge steps)");
     check_rows(*de, "de", p.n, p.d, dtype);
   }
   check_rows(A, "A", p.d, p.s, dtype);
   check_rows(B, "B", p.n, p.s, dtype);
   check_rows(C, "C", p.n, p.s, dtype);
   if (h0.has_value()) {
-    TORCH_CHECK(h0->is_cuda() && h0->is_contiguous() && h0->scalar_type() == dtype &&
+    TREESSM_CHECK(h0->is_cuda() && h0->is_contiguous() && h0->scalar_type() == dtype &&
                     h0->numel() == p.trees * p.d * p.s,
                 "h0 must be a contiguous [T, D, S] tensor of u's dtype");
   }
-  TORCH_CHECK(srow.is_cuda() && srow.scalar_type() == at::kLong && srow.numel() == p.n,
+  TREESSM_CHECK(srow.is_cuda() && srow.scalar_type() == at::kLong && srow.numel() == p.n,
               "srow must be a CUDA int64 tensor of N entries");
-  TORCH_CHECK(snext.is_cuda() && snext.scalar_type() == at::kLong, "snext must be CUDA int64");
-  TORCH_CHECK(rec.is_cuda() && rec.scalar_type() == at::kInt && rec.is_contiguous() &&
+  TREESSM_CHECK(snext.is_cuda() && snext.scalar_type() == at::kLong, "snext must be CUDA int64");
+  TREESSM_CHECK(rec.is_cuda() && rec.scalar_type() == at::kInt && rec.is_contiguous() &&
                   rec.dim() == 2 && rec.size(0) == p.n && rec.size(1) == 4,
               "rec must be a contiguous CUDA int32 tensor of shape [N, 4]");
-  TORCH_CHECK(tree_ptr.is_cuda() && tree_ptr.scalar_type() == at::kInt && tree_ptr.dim() == 1 &&
+  TREESSM_CHECK(tree_ptr.is_cuda() && tree_ptr.scalar_type() == at::kInt && tree_ptr.dim() == 1 &&
                   tree_ptr.numel() >= 1,
               "tree_ptr must be a CUDA int32 tensor of T + 1 entries");
   return p;
@@ -220,7 +221,7 @@ std::vector<at::Tensor> selective_walk_backward(
   check_rows(gy, "gy", p.n, p.d, u.scalar_type());
   const bool grad_states = gstates.has_value() && gstates->numel() > 0;
   if (grad_states)
-    TORCH_CHECK(gstates->is_contiguous() && gstates->numel() == snext.numel() * p.d * p.s &&
+    TREESSM_CHECK(gstates->is_contiguous() && gstates->numel() == snext.numel() * p.d * p.s &&
                     gstates->scalar_type() == u.scalar_type(),
                 "gstates must be a contiguous [K, D, S] tensor of u's dtype");
   const c10::cuda::CUDAGuard guard(u.device());

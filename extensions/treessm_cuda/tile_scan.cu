@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "check.cuh"
 #include "host_utils.cuh"
 #include "tile_kernels.cuh"
 
@@ -30,19 +31,19 @@ namespace {
 constexpr int kPlanTensors = 20;
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
+  TREESSM_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TREESSM_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
+  TREESSM_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TREESSM_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  TREESSM_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
               like.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device());
+  TREESSM_CHECK(t.device() == like.device(), name, " must be on ", like.device());
 }
 
 enum class Direction { kDown, kUp, kBoth };
 
 Direction parse_direction(c10::string_view d) {
-  TORCH_CHECK(d == "down" || d == "up" || d == "both",
+  TREESSM_CHECK(d == "down" || d == "up" || d == "both",
               "direction must be 'down', 'up' or 'both', got '", std::string(d), "'");
   return d == "down" ? Direction::kDown : d == "up" ? Direction::kUp : Direction::kBoth;
 }
@@ -50,7 +51,7 @@ Direction parse_direction(c10::string_view d) {
 // The plan's tensors checked against N, and TileArgs pointing at them (no scratch yet).
 // Every entry point calls it before it touches the plan.
 TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
-  TORCH_CHECK(plan.size() == static_cast<size_t>(kPlanTensors), "plan must hold the ",
+  TREESSM_CHECK(plan.size() == static_cast<size_t>(kPlanTensors), "plan must hold the ",
               kPlanTensors, " tensors of TilePlan from vertex to path_ptr, got ", plan.size());
   static const char* names[kPlanTensors] = {
       "vertex", "parent", "size", "light_depth", "flags", "top", "tree_ptr", "tile_ptr",
@@ -58,30 +59,30 @@ TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
       "boundary_level_ptr", "tile_boundary", "entries", "entry_ptr", "path", "path_ptr"};
   for (int i = 0; i < kPlanTensors; ++i) {
     const at::Tensor& t = plan[i];
-    TORCH_CHECK(t.defined() && t.is_cuda() && t.device() == x.device(), "plan.", names[i],
+    TREESSM_CHECK(t.defined() && t.is_cuda() && t.device() == x.device(), "plan.", names[i],
                 " must be on ", x.device());
-    TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "plan.", names[i],
+    TREESSM_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "plan.", names[i],
                 " must be contiguous int32");
   }
   const int64_t N = x.size(0);
-  TORCH_CHECK(N < 2147483647LL, "the tiled scan indexes positions with 32 bits");
-  TORCH_CHECK(tile >= 1 && tile < (1LL << 30), "tile must be positive, got ", tile);
+  TREESSM_CHECK(N < 2147483647LL, "the tiled scan indexes positions with 32 bits");
+  TREESSM_CHECK(tile >= 1 && tile < (1LL << 30), "tile must be positive, got ", tile);
   const at::Tensor &tile_ptr = plan[7], &level_ptr = plan[9], &tile_boundary = plan[15];
-  TORCH_CHECK(tile_ptr.dim() == 1 && tile_ptr.size(0) >= 1, "plan.tile_ptr must be [M + 1]");
+  TREESSM_CHECK(tile_ptr.dim() == 1 && tile_ptr.size(0) >= 1, "plan.tile_ptr must be [M + 1]");
   const int64_t M = tile_ptr.size(0) - 1;
-  TORCH_CHECK(M < 2147483647LL, "too many tiles: ", M);
-  TORCH_CHECK(level_ptr.dim() == 2 && level_ptr.size(0) == M && level_ptr.size(1) >= 1,
+  TREESSM_CHECK(M < 2147483647LL, "too many tiles: ", M);
+  TREESSM_CHECK(level_ptr.dim() == 2 && level_ptr.size(0) == M && level_ptr.size(1) >= 1,
               "plan.level_ptr must be [M, L + 1]");
-  TORCH_CHECK(tile_boundary.dim() == 2 && tile_boundary.size(0) == M && tile_boundary.size(1) == 2,
+  TREESSM_CHECK(tile_boundary.dim() == 2 && tile_boundary.size(0) == M && tile_boundary.size(1) == 2,
               "plan.tile_boundary must be [M, 2]");
   for (int i : {0, 1, 2, 3, 4, 5, 8, 11, 12, 13, 16, 18})
-    TORCH_CHECK(plan[i].dim() == 1 && plan[i].size(0) == N, "plan.", names[i], " must have ",
+    TREESSM_CHECK(plan[i].dim() == 1 && plan[i].size(0) == N, "plan.", names[i], " must have ",
                 N, " entries, got ", plan[i].sizes());
-  TORCH_CHECK(plan[10].dim() == 1 && plan[10].size(0) == M, "plan.tile_levels must be [M]");
+  TREESSM_CHECK(plan[10].dim() == 1 && plan[10].size(0) == M, "plan.tile_levels must be [M]");
   for (int i : {14, 19})
-    TORCH_CHECK(plan[i].dim() == 1 && plan[i].size(0) == M + 1, "plan.", names[i],
+    TREESSM_CHECK(plan[i].dim() == 1 && plan[i].size(0) == M + 1, "plan.", names[i],
                 " must be [M + 1]");
-  TORCH_CHECK(plan[17].dim() == 1 && plan[17].size(0) == N + 1, "plan.entry_ptr must be [N + 1]");
+  TREESSM_CHECK(plan[17].dim() == 1 && plan[17].size(0) == N + 1, "plan.entry_ptr must be [N + 1]");
   TileArgs a{};
   a.C = x.size(1);
   a.N = static_cast<int>(N);
@@ -123,7 +124,7 @@ constexpr int kGatherBlocksPerSM = 8;
 template <typename T, typename A>
 void run_tiles(TileArgs a, bool up, int device, cudaStream_t stream) {
   const int64_t groups = (a.C + kTileLanes - 1) / kTileLanes;
-  TORCH_CHECK(groups <= 65535, "too many channels for one launch: ", a.C);
+  TREESSM_CHECK(groups <= 65535, "too many channels for one launch: ", a.C);
   const int64_t target = static_cast<int64_t>(kTileBlocksPerSM) *
                          device_attribute<cudaDevAttrMultiProcessorCount>(device);
   int64_t slices = (target + a.M - 1) / a.M;
@@ -134,12 +135,12 @@ void run_tiles(TileArgs a, bool up, int device, cudaStream_t stream) {
   a.groups_per_block = static_cast<int>(per_block);
   const int64_t limit = max_dynamic_smem(device);
   const int64_t tile_smem = tile_smem_bytes<A>(a.tile, kTileWarps);
-  TORCH_CHECK(tile_smem <= limit, "tile ", a.tile, " needs ", tile_smem, " bytes of shared "
+  TREESSM_CHECK(tile_smem <= limit, "tile ", a.tile, " needs ", tile_smem, " bytes of shared "
               "memory per block; this device allows ", limit);
   const int64_t path_smem = path_smem_bytes<A>(kTileWarps);
   const int64_t items = static_cast<int64_t>(a.M) * groups;  // (tile, group) warps
   const int64_t warp_blocks = (items + kTileWarps - 1) / kTileWarps;
-  TORCH_CHECK(warp_blocks <= 2147483647LL, "too many tiles and channels for one launch");
+  TREESSM_CHECK(warp_blocks <= 2147483647LL, "too many tiles and channels for one launch");
   const dim3 grid(static_cast<unsigned>(a.M), static_cast<unsigned>(slices));
   const unsigned wgrid = static_cast<unsigned>(warp_blocks);
   if (!up) {
@@ -212,7 +213,7 @@ void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, TileArgs a, b
 
 int64_t blocks_of(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
-  TORCH_CHECK(blocks <= 2147483647LL, "too many rows for one launch");
+  TREESSM_CHECK(blocks <= 2147483647LL, "too many rows for one launch");
   return blocks;
 }
 
@@ -274,7 +275,7 @@ std::pair<at::Tensor, BothParts> both_scan(const at::Tensor& x, const at::Tensor
 
 at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
                           int64_t tile, c10::string_view direction) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
+  TREESSM_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
   const Direction d = parse_direction(direction);
@@ -294,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& out,
     at::TensorList plan, int64_t tile, c10::string_view direction,
     const c10::optional<at::Tensor>& x) {
-  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
+  TREESSM_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
               "grad must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", grad);
   check_rows(out, "out", grad);
@@ -303,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
   const int64_t N = grad.size(0), C = grad.size(1);
   const int threads = 256;
   if (d == Direction::kBoth) {
-    TORCH_CHECK(x.has_value() && x->defined(),
+    TREESSM_CHECK(x.has_value() && x->defined(),
                 "the backward of direction 'both' needs the forward's input x");
     check_rows(*x, "x", grad);
     const at::Tensor prev = sibling_links(a, grad);

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "check.cuh"
 #include "host_utils.cuh"
 #include "scan_kernels.cuh"
 
@@ -29,20 +30,20 @@ namespace treessm_cuda {
 namespace {
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
+  TREESSM_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TREESSM_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
+  TREESSM_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TREESSM_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  TREESSM_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device());
+  TREESSM_CHECK(t.device() == like.device(), name, " must be on ", like.device());
 }
 
 int direction_code(c10::string_view d) {
   if (d == "both") return 0;
   if (d == "up") return 1;
   if (d == "down") return 2;
-  TORCH_CHECK(false, "direction must be 'both', 'up' or 'down', got '", std::string(d), "'");
+  TREESSM_CHECK(false, "direction must be 'both', 'up' or 'down', got '", std::string(d), "'");
   return -1;
 }
 
@@ -68,9 +69,9 @@ struct Shape {
 };
 
 Shape launch_shape(int64_t C, int elem_size, int vec, int64_t row_bytes, int64_t lanes) {
-  TORCH_CHECK(row_bytes >= elem_size && row_bytes <= 512, "row_bytes must lie in [",
+  TREESSM_CHECK(row_bytes >= elem_size && row_bytes <= 512, "row_bytes must lie in [",
               elem_size, ", 512], got ", row_bytes);
-  TORCH_CHECK(lanes >= kGroup && lanes <= kMaxLanes && lanes % kGroup == 0, "lanes must be a "
+  TREESSM_CHECK(lanes >= kGroup && lanes <= kMaxLanes && lanes % kGroup == 0, "lanes must be a "
               "multiple of ", kGroup, " in [", kGroup, ", ", kMaxLanes, "], got ", lanes);
   const int64_t vecs = C / vec;  // channel vectors of a row
   int lpv = static_cast<int>(row_bytes / (vec * elem_size));
@@ -85,7 +86,7 @@ Shape launch_shape(int64_t C, int elem_size, int vec, int64_t row_bytes, int64_t
   L.lanes = static_cast<int>(lanes * lpv < 32 ? 32 / lpv : lanes);
   L.threads = L.lanes * lpv;
   L.groups = (vecs + lpv - 1) / lpv;
-  TORCH_CHECK(L.groups <= 65535, "too many channels for one launch: ", C);
+  TREESSM_CHECK(L.groups <= 65535, "too many channels for one launch: ", C);
   return L;
 }
 
@@ -200,8 +201,8 @@ void backward_passes(int dir, const at::Tensor& g, const at::Tensor& x, const at
 
 // ---------------------------------------------------------------------------- plans
 void check_int_plan(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), name, " must be contiguous int32");
+  TREESSM_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
+  TREESSM_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), name, " must be contiguous int32");
 }
 
 struct Layout {
@@ -210,11 +211,11 @@ struct Layout {
     check_int_plan(rec, "rec", like);
     check_int_plan(light, "light", like);
     check_int_plan(slot, "slot", like);
-    TORCH_CHECK(slot.dim() == 1 && slot.size(0) == N, "slot must have N entries");
-    TORCH_CHECK(rec.dim() == 2 && rec.size(0) == N + 1 && rec.size(1) == 4, "rec must be [N + 1, 4]");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(rec.data_ptr()) % 16 == 0, "rec must be 16-byte aligned");
-    TORCH_CHECK(light.dim() == 1 && light.size(0) == N, "light must have N entries");
-    TORCH_CHECK(N < 2147483647LL, "the scan indexes positions with 32 bits");
+    TREESSM_CHECK(slot.dim() == 1 && slot.size(0) == N, "slot must have N entries");
+    TREESSM_CHECK(rec.dim() == 2 && rec.size(0) == N + 1 && rec.size(1) == 4, "rec must be [N + 1, 4]");
+    TREESSM_CHECK(reinterpret_cast<uintptr_t>(rec.data_ptr()) % 16 == 0, "rec must be 16-byte aligned");
+    TREESSM_CHECK(light.dim() == 1 && light.size(0) == N, "light must have N entries");
+    TREESSM_CHECK(N < 2147483647LL, "the scan indexes positions with 32 bits");
   }
 };
 
@@ -226,8 +227,8 @@ struct Trees {
     lay.check(N, like);
     check_int_plan(path_ptr, "path_ptr", like);
     check_int_plan(phase_path, "phase_path", like);
-    TORCH_CHECK(path_ptr.dim() == 1 && path_ptr.size(0) == N + 1, "path_ptr must have N + 1 entries");
-    TORCH_CHECK(phase_path.dim() == 2 && phase_path.size(1) == kMaxPhases + 1,
+    TREESSM_CHECK(path_ptr.dim() == 1 && path_ptr.size(0) == N + 1, "path_ptr must have N + 1 entries");
+    TREESSM_CHECK(phase_path.dim() == 2 && phase_path.size(1) == kMaxPhases + 1,
                 "phase_path must be [T, ", kMaxPhases + 1, "]");
   }
   int64_t trees() const { return phase_path.size(0); }
@@ -241,15 +242,15 @@ struct Phases {
   void check(int64_t N, const at::Tensor& like) {
     lay.check(N, like);
     check_int_plan(phase_ptr, "phase_ptr", like);
-    TORCH_CHECK(phase_ptr_host.device().is_cpu() && phase_ptr_host.scalar_type() == at::kLong &&
+    TREESSM_CHECK(phase_ptr_host.device().is_cpu() && phase_ptr_host.scalar_type() == at::kLong &&
                     phase_ptr_host.dim() == 1 && phase_ptr_host.size(0) == kMaxPhases + 1,
                 "phase_ptr_host must be a CPU int64 tensor of ", kMaxPhases + 1, " entries");
     const at::Tensor hc = phase_ptr_host.contiguous();
     const int64_t* p = hc.data_ptr<int64_t>();
     bounds.assign(p, p + kMaxPhases + 1);
-    TORCH_CHECK(bounds[0] == 0 && bounds[kMaxPhases] == N, "phase_ptr_host must run from 0 to N");
+    TREESSM_CHECK(bounds[0] == 0 && bounds[kMaxPhases] == N, "phase_ptr_host must run from 0 to N");
     for (int i = 0; i < kMaxPhases; ++i)
-      TORCH_CHECK(bounds[i] <= bounds[i + 1], "phase_ptr_host must be non-decreasing");
+      TREESSM_CHECK(bounds[i] <= bounds[i + 1], "phase_ptr_host must be non-decreasing");
   }
 };
 
@@ -279,7 +280,7 @@ void launch_trees(const Shape& L, const Trees& pl, int64_t C, const ScanIO& io, 
   constexpr auto kernel = tree_scan_kernel<T, A, V, MODE>;
   allow_dynamic_smem<kernel>(smem, device);
   const int64_t blocks = pl.trees() * L.groups;
-  TORCH_CHECK(blocks <= 2147483647LL, "too many trees and channels for one launch");
+  TREESSM_CHECK(blocks <= 2147483647LL, "too many trees and channels for one launch");
   kernel<<<static_cast<unsigned>(blocks), L.threads, static_cast<size_t>(smem), stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -296,7 +297,7 @@ void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io
     const int64_t n = (pl.bounds[p + 1] - pl.bounds[p] + chunk - 1) / chunk;
     most = n > most ? n : most;
   }
-  TORCH_CHECK(most <= 2147483647LL, "too many chunks for one launch");
+  TREESSM_CHECK(most <= 2147483647LL, "too many chunks for one launch");
   const auto acc_dtype = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor agg, aggf, carry;
   if (most > 1) {
@@ -360,13 +361,13 @@ void scan(const at::Tensor& x, const Plan& plan, const Launch& la, int vec, Run&
 }
 
 void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
+  TREESSM_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
 }
 
 Launch check_launch(c10::string_view schedule, at::IntArrayRef launch) {
-  TORCH_CHECK(schedule == "trees" || schedule == "phases",
+  TREESSM_CHECK(schedule == "trees" || schedule == "phases",
               "schedule must be 'trees' or 'phases', got '", std::string(schedule), "'");
-  TORCH_CHECK(launch.size() == 2, "launch must hold the fields of treessm.ops.plan.Launch, got ",
+  TREESSM_CHECK(launch.size() == 2, "launch must hold the fields of treessm.ops.plan.Launch, got ",
               launch.size());
   return Launch{launch[0], launch[1]};
 }
