@@ -340,6 +340,7 @@ def _device_time(fn):
 
 def tile_rows(bw):
     """The tiled kernels against the current ones (see the module docstring)."""
+    from treessm.ops.plan import scan_plan
     from treessm.ops.tiles import tile_plan
     from treessm.typing import load_cuda_extension
 
@@ -349,6 +350,13 @@ def tile_rows(bw):
         x, w = _inputs(tree.num_nodes, c, torch.float32)
         grad = torch.randn_like(x)
         floor, bfloor = _floors(tree.num_nodes, c, torch.float32, bw)
+        tree.plan_cache.clear()  # the current plan's build, from nothing, as a tile plan's
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        scan_plan(tree, c, torch.float32)
+        torch.cuda.synchronize()
+        current_build_ms = (time.perf_counter() - t0) * 1e3
+        tree.plan_cache.clear()
         for direction in DIRECTIONS:
             ref = treessm.tree_scan(x.double(), w.double(), tree, direction)
             current = _gpu(x, w, tree, direction, grad)
@@ -362,7 +370,8 @@ def tile_rows(bw):
                            tiles=int((plan.tile_ptr.diff() > 0).sum()),
                            boundary=int(plan.boundary_level_ptr[-1]),
                            boundary_depth=int((plan.boundary_level_ptr.diff() > 0).sum()),
-                           plan_build_ms=build_ms, fwd_floor_ms=floor, bwd_floor_ms=bfloor,
+                           plan_build_ms=build_ms, current_plan_build_ms=current_build_ms,
+                           fwd_floor_ms=floor, bwd_floor_ms=bfloor,
                            current_fwd_gpu_ms=current[0], current_bwd_gpu_ms=current[1])
                 h = torch.ops.treessm.cuda_tile_scan(x, w, tensors, plan.tile, direction)
                 row["tiled_fwd_gpu_ms"], row["tiled_timer"] = _device_time(
