@@ -60,6 +60,12 @@ def raster_tree(batch_size: int, height: int, width: int, device="cpu") -> Tree:
     return chain_tree(batch_size, height * width, device)
 
 
+def records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records an operation on ``tensors``: else a layer may overwrite its
+    own intermediate arrays instead of allocating new ones."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     # in the dtype of x, whatever the dtype of the affine parameters
     return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype),
@@ -131,7 +137,11 @@ class SelectiveTreeSSM(SelectiveSSM):
         r""":math:`W_{out}(\mathrm{LN}(y) \odot \mathrm{SiLU}(z))` for ``y, z [*, d_inner]``."""
         # z carries the working dtype of the layer (bfloat16 under autocast or in a half
         # model), which the output projection expects
-        return self.out_proj((_layer_norm(self.out_norm, y) * F.silu(z)).to(z.dtype))
+        normed = _layer_norm(self.out_norm, y)
+        if records_grad(normed, z):
+            return self.out_proj((normed * F.silu(z)).to(z.dtype))
+        # nothing to differentiate: the gate applied in the array of the SiLU
+        return self.out_proj(F.silu(z).mul_(normed).to(z.dtype))
 
     def extra_macs(self, num_nodes: int) -> int:
         """Multiply-accumulates of one forward pass over ``num_nodes`` vertices that an

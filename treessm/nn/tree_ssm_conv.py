@@ -22,7 +22,7 @@ from ..topology.layout import empty_forest
 from ..topology.graph import check_graph
 from ..topology.prepared_graph import PreparedGraph
 from ..tree import Tree
-from .tree_ssm import SelectiveTreeSSM
+from .tree_ssm import SelectiveTreeSSM, records_grad
 
 __all__ = ["TreeSSMConv"]
 
@@ -211,10 +211,15 @@ class TreeSSMConv(SelectiveTreeSSM):
         """Inner features ``u`` (projection, neighbourhood mixing, SiLU) and the gate ``z``,
         both ``[N, d_inner]``, over a :class:`~treessm.PreparedGraph`."""
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        if self.self_weight is not None:  # a u + b mean(u) in two [N, d_inner] arrays, not three
-            u = torch.addcmul(self.self_weight * u, self.neighbour_weight,
-                              neighbour_mean(u, graph))
-        return F.silu(u), z
+        if self.self_weight is None:
+            return F.silu(u), z
+        mixed = neighbour_mean(u, graph)
+        if records_grad(u, mixed, self.self_weight, self.neighbour_weight):
+            # a u + b mean(u) in two [N, d_inner] arrays, not three
+            return F.silu(torch.addcmul(self.self_weight * u, self.neighbour_weight, mixed)), z
+        # nothing to differentiate: a u + b mean(u) and the SiLU in the array of the mean
+        mixed.mul_(self.neighbour_weight).addcmul_(u, self.self_weight)
+        return F.silu(mixed, inplace=True), z
 
     @torch.no_grad()
     def scan_tree(self, x: Tensor, u: Tensor, graph: PreparedGraph,

@@ -6,9 +6,10 @@ weights ``w = exp(de * A[d, s])``, the forward kernel computes
 * ``y[v, d] = sum_s C[v, s] g[d, s] h[v, d, s]``, ``h[:, d, s]`` the tree scan of ``x``
   (``g``, the read-out weight, is 1 when absent);
 * optionally the mean ``mu[v]`` and the sum of squared deviations ``m2[v]`` of all the
-  ``D * S`` states of a vertex, from which the caller normalises them (each channel's
-  states are folded in by Welford's update, state by state; the channels are then combined
-  with Chan's formula for slices of equal size, in a fixed order);
+  ``D * S`` states of a vertex, from which the caller normalises them (each chunk of states
+  of a block of channels gives its own mean and sum of squared deviations, its lanes added
+  in a fixed order; the chunks, then the blocks, are combined by Chan's formula in
+  ascending order);
 * ``h`` at requested vertices;
 
 and the backward kernel the gradients of all of it, recomputing the states, without ever
@@ -138,9 +139,9 @@ def _exp_overload(x):
 # Built inside the parallel drivers (numba drops writes through tuples that a parallel
 # function receives as arguments) and handed to the per-item functions.
 _Dims = namedtuple("_Dims", "N S W Sb L nblk T K maxn mode edge_mode has_gamma has_h0 "
-                            "moments has_gstates maxdeg")
+                            "moments has_gstates maxdeg D")
 # consts: [1/2, D * S]
-_Inputs = namedtuple("_Inputs", "ub dxb deb ab bp cp gb h0b inv_counts consts")
+_Inputs = namedtuple("_Inputs", "ub dxb deb ab bp cp gb h0b consts")
 _Layout = namedtuple("_Layout", "ppos child_ptr tree_ptr groups srow snext")
 _Outputs = namedtuple("_Outputs", "y1b meanb m2b statesb")
 _GradIn = namedtuple("_GradIn", "gy1b gmu gm2 gstatesb mu")
@@ -151,7 +152,8 @@ _Grads = namedtuple("_Grads", "gxb gdeb gbp gcp gap ggp gh0b")
 def _dims(dims):
     return _Dims(U(dims[0]), U(dims[1]), U(dims[2]), U(dims[3]), U(dims[2] * dims[3]),
                  U(dims[4]), U(dims[5]), U(dims[6]), U(dims[7]), dims[8], dims[9],
-                 dims[10] != 0, dims[11] != 0, dims[12] != 0, dims[13] != 0, U(dims[14]))
+                 dims[10] != 0, dims[11] != 0, dims[12] != 0, dims[13] != 0, U(dims[14]),
+                 U(dims[15]))
 
 
 # ---------------------------------------------------------------------------- lane helpers
@@ -254,6 +256,53 @@ def _brackets(buf, oU, oW, oBr, base, tmp, ga, k0, k1, L, n):
             buf[tmp + l] += wu
 
 
+def _cast(like, x):  # typed by the overload below
+    return x
+
+
+@overload(_cast)
+def _cast_overload(like, x):
+    to = np.dtype(str(like.dtype)).type
+    return lambda like, x: to(x)
+
+
+@njit(inline="always")
+def _chunk_moments(h, oh, i, blk, s0, sb, out, d):
+    """Fold the chunk's states ``h[oh:]`` of position ``i`` into the mean and the sum of
+    squared deviations of the block's states (real channels only): the chunk's own two,
+    from its lanes summed in a fixed order, then combined with the earlier chunks' by
+    Chan's formula. The partial sums go to the third and the second row from the end of
+    ``h``, temporaries that no forward pass uses."""
+    W = d.W
+    t1 = U(h.shape[0]) - U(3) * d.L
+    t2 = U(h.shape[0]) - U(2) * d.L
+    real = min(W, d.D - blk * W)
+    for dd in range(W):
+        h[t1 + dd] = h[oh + dd]
+    for sl in range(U(1), sb):
+        o = oh + sl * W
+        for dd in range(W):
+            h[t1 + dd] += h[o + dd]
+    nb = _cast(h, sb * real)
+    m = _lane_sum(h, t1, W) / nb
+    _fill(h, t2, W, 0)
+    for sl in range(sb):
+        o = oh + sl * W
+        for dd in range(real):
+            dev = h[o + dd] - m
+            h[t2 + dd] += dev * dev
+    m2 = _lane_sum(h, t2, W)
+    k = blk * d.N + U(i)
+    if s0 == U(0):
+        out.meanb[k] = m
+        out.m2b[k] = m2
+    else:
+        na = _cast(h, s0 * real)
+        delta = m - out.meanb[k]
+        out.meanb[k] += delta * (nb / (na + nb))
+        out.m2b[k] += m2 + delta * delta * (na * nb / (na + nb))
+
+
 @njit(inline="always")
 def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
     """Read the states ``h[oh:]`` of position ``i`` out: y, moments, requested states."""
@@ -268,16 +317,8 @@ def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
         else:
             for dd in range(W):
                 out.y1b[iu + dd] += c * h[oh + o + dd]
-    if d.moments:  # Welford's update per channel, one state after the other
-        for sl in range(sb):
-            inv = inp.inv_counts[s0 + sl]  # 1 / (states so far), a product in the lane loop
-            o = oh + sl * W
-            for dd in range(W):
-                v = h[o + dd]
-                d1 = v - out.meanb[iu + dd]
-                m = out.meanb[iu + dd] + d1 * inv
-                out.meanb[iu + dd] = m
-                out.m2b[iu + dd] += d1 * (v - m)
+    if d.moments:
+        _chunk_moments(h, oh, i, blk, s0, sb, out, d)
     r = lay.srow[i]
     while r >= 0:
         os = ((blk * d.K + U(r)) * d.S + s0) * W
@@ -643,11 +684,11 @@ def _forward_item(buf, gi, blk, inp, lay, out, d):
 
 
 @njit(cache=True, nogil=True)
-def _forward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts, ppos, child_ptr,
+def _forward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, consts, ppos, child_ptr,
                     tree_ptr, groups, srow, snext, y1b, meanb, m2b, statesb, scratch, dims):
     # the work items th, th + threads, ... (threads = rows of scratch), without the GIL
     d = _dims(dims)
-    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts)
+    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, consts)
     lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
     out = _Outputs(y1b, meanb, m2b, statesb)
     for j in range(th, (groups.shape[0] - 1) * dims[4], scratch.shape[0]):
@@ -675,11 +716,11 @@ def _backward_item(buf, gi, blk, inp, lay, gin, gr, d, out):
 
 
 @njit(cache=True, nogil=True)
-def _backward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts, ppos, child_ptr,
+def _backward_worker(th, ub, dxb, deb, ab, bp, cp, gb, h0b, consts, ppos, child_ptr,
                      tree_ptr, groups, srow, snext, gy1b, gmu, gm2, gstatesb, mu, gxb, gdeb,
                      gbp, gcp, gap, ggp, gh0b, scratch, dims):
     d = _dims(dims)
-    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, inv_counts, consts)
+    inp = _Inputs(ub, dxb, deb, ab, bp, cp, gb, h0b, consts)
     lay = _Layout(ppos, child_ptr, tree_ptr, groups, srow, snext)
     gin = _GradIn(gy1b, gmu, gm2, gstatesb, mu)
     gr = _Grads(gxb, gdeb, gbp, gcp, gap, ggp, gh0b)
@@ -763,31 +804,24 @@ def _input_grads(i0, i1, gxb, gdeb, ub, dxb, order, nblk, W, edge_on_dx, gu, gdx
 
 
 @njit(cache=True, nogil=True)
-def _moments(i0, i1, meanb, m2b, order, nblk, W, c, num_channels, num_states, mu, m2):
-    # Chan's combination of the channels' (mean, m2) over S states each into the vertex's
-    # (mean, m2) over all c * S states: channel sums in a fixed order (lanes per block,
-    # blocks ascending, then a pairwise tree over the lanes)
+def _moments(i0, i1, meanb, m2b, order, states, mu, m2):
+    # Chan's combination of the blocks' (mean, m2) over ``states[blk]`` states each into the
+    # vertex's (mean, m2) over all its states, the blocks in ascending order
     n = order.shape[0]
-    t1 = np.empty(W, meanb.dtype)
-    t2 = np.empty(W, meanb.dtype)
     for i in range(i0, i1):
-        t1[:] = 0
-        t2[:] = 0
-        for blk in range(nblk):
-            o = (blk * n + i) * W
-            for dd in range(W):
-                t1[dd] += meanb[o + dd]
-                t2[dd] += m2b[o + dd]
-        m = _lane_sum(t1, U(0), U(W)) / num_channels
-        t1[:] = 0
-        for blk in range(nblk):
-            o = (blk * n + i) * W
-            for dd in range(min(W, c - blk * W)):
-                dev = meanb[o + dd] - m
-                t1[dd] += dev * dev
+        m = meanb[i]
+        q = m2b[i]
+        na = states[0]
+        for blk in range(1, states.shape[0]):
+            nb = states[blk]
+            delta = meanb[blk * n + i] - m
+            nab = na + nb
+            m += delta * (nb / nab)
+            q += m2b[blk * n + i] + delta * delta * (na * nb / nab)
+            na = nab
         v = order[i]
         mu[v] = m
-        m2[v] = _lane_sum(t2, U(0), U(W)) + num_states * _lane_sum(t1, U(0), U(W))
+        m2[v] = q
 
 
 @njit(cache=True, nogil=True)
@@ -1002,7 +1036,6 @@ class _Run:
                    else np.zeros(1, dt))
         self.h0b = (_params_to_blocks(_np(h0), nblk, W, (self.num_trees,)) if h0 is not None
                     else np.zeros(1, dt))
-        self.inv_counts = (1 / np.arange(1, s + 1)).astype(dt)
         self.consts = np.array([0.5, dch * s], dt)
         self.srow = _np(srow)[self.order] if k else np.full(n, -1, np.int64)
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
@@ -1011,7 +1044,7 @@ class _Run:
         self.scratch = np.empty((threads, rows * sb * W), dt)
         self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
                               _MODES[direction], EDGE_RULES.index(edge_rule), gamma is not None,
-                              h0 is not None, moments, grad_states, self.maxdeg], np.int64)
+                              h0 is not None, moments, grad_states, self.maxdeg, dch], np.int64)
 
     def blocks(self, x: torch.Tensor) -> np.ndarray:
         out = np.empty(self.nblk * self.n * self.W, self.dtype)
@@ -1025,7 +1058,7 @@ class _Run:
 
     def kernel_args(self):
         return (self.ub, self.dxb, self.deb, self.ab, self.bp, self.cp, self.gb, self.h0b,
-                self.inv_counts, self.consts, self.ppos, self.child_ptr, self.tree_ptr, self.groups,
+                self.consts, self.ppos, self.child_ptr, self.tree_ptr, self.groups,
                 self.srow, self.snext)
 
 
@@ -1044,8 +1077,8 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
                direction, edge_rule, moments, backward=False)
     n, d, s, k, nblk, W, dt = run.n, run.d, run.s, run.num_states, run.nblk, run.W, run.dtype
     y1b = run.zeros()
-    meanb = run.zeros() if moments else np.zeros(1, dt)
-    m2b = run.zeros() if moments else np.zeros(1, dt)
+    meanb = np.zeros(nblk * n if moments else 1, dt)
+    m2b = np.zeros(nblk * n if moments else 1, dt)
     statesb = np.zeros(max(1, nblk * k * s * W), dt)
     if n and d and s:
         on_slots(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
@@ -1056,8 +1089,8 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     mu = np.zeros(n if moments else 0, dt)
     m2 = np.zeros(n if moments else 0, dt)
     if moments and n and d and s:
-        _over_positions(_moments, n, meanb, m2b, run.order, nblk, W, d, dt.type(d), dt.type(s),
-                        mu, m2)
+        states = (np.minimum(W, d - W * np.arange(nblk)) * s).astype(dt)
+        _over_positions(_moments, n, meanb, m2b, run.order, states, mu, m2)
     states = _params_from_blocks(statesb[:nblk * k * s * W], d, s, nblk, W, (k,))
     return (torch.from_numpy(y), torch.from_numpy(mu), torch.from_numpy(m2),
             torch.from_numpy(states))
