@@ -41,7 +41,7 @@ if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40 | tee -
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
 
 if [ "$MODE" = check ]; then
-  timeout ${TEST_S:-200} $PY -m pytest -q -p no:cacheprovider tests/ops/test_tree_scan_cuda.py \
+  timeout ${TEST_S:-300} $PY -m pytest -q $XDIST -p no:cacheprovider tests/ops/test_tree_scan_cuda.py \
     tests/ops/test_plan.py tests/topology/test_grid_tree_cuda.py tests/ops/test_selective_scan.py \
     tests/ops/test_tiles.py tests/ops/test_tile_scan_cuda.py tests/topology/test_euler_tour.py \
     -k "cuda or plan or grid or tile" 2>&1 | tee "$OUT/pytest_scan.log" | tail -25
