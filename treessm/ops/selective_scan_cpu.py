@@ -1089,8 +1089,8 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     mu = np.zeros(n if moments else 0, dt)
     m2 = np.zeros(n if moments else 0, dt)
     if moments and n and d and s:
-        states = (np.minimum(W, d - W * np.arange(nblk)) * s).astype(dt)
-        _over_positions(_moments, n, meanb, m2b, run.order, states, mu, m2)
+        block_states = (np.minimum(W, d - W * np.arange(nblk)) * s).astype(dt)
+        _over_positions(_moments, n, meanb, m2b, run.order, block_states, mu, m2)
     states = _params_from_blocks(statesb[:nblk * k * s * W], d, s, nblk, W, (k,))
     return (torch.from_numpy(y), torch.from_numpy(mu), torch.from_numpy(m2),
             torch.from_numpy(states))
