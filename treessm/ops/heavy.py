@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..tree import Tree
 from . import cpu
+from .spare import SPARE_SLOTS, kept_or_spare
 
 __all__ = ["HeavyChildren", "heavy_children", "subtree_sums", "root_path_sums"]
 
@@ -76,7 +77,10 @@ def heavy_children(tree: Tree) -> HeavyChildren:
 
 
 def _steps(tree: Tree) -> int:
-    """Doubling steps that cover every root path: :math:`2^{steps}` exceeds the depth."""
+    """Doubling steps that cover every root path: :math:`2^{steps}` exceeds the depth (the
+    host's level count bounds it where known, else the largest tree's size)."""
+    if tree.num_levels is not None:
+        return max(int(tree.num_levels - 1).bit_length(), 0)
     largest = tree.num_nodes if tree.max_tree_size is None else tree.max_tree_size
     return max(int(largest - 1).bit_length(), 0)
 
@@ -85,13 +89,16 @@ def _by_doubling(values: Tensor, tree: Tree, toward_root: bool) -> Tensor:
     """Root-path sums (``toward_root=False``: each vertex sums its ancestors) or subtree
     sums (``True``: each vertex sums its descendants) of int64 ``values [N, K]``."""
     n = tree.num_nodes
-    spare = torch.full((1,), n, dtype=torch.long, device=values.device)
-    anc = torch.cat([torch.where(tree.parent >= 0, tree.parent, n), spare])  # n: above roots
-    zero = values.new_zeros(1, values.shape[1])  # what lies above a root: nothing
+    # above a root: a spare row (the vertices of deep trees would all meet in one), itself
+    # above nothing but spare rows
+    anc = torch.cat([kept_or_spare(tree.parent, tree.parent >= 0, n),
+                     torch.arange(n, n + SPARE_SLOTS, device=values.device)])
+    zero = values.new_zeros(SPARE_SLOTS, values.shape[1])  # what lies above a root: nothing
     acc = values
     for _ in range(_steps(tree)):
         if toward_root:  # v adds what the vertices 2^k below it hold
-            below = values.new_zeros(n + 1, values.shape[1]).index_add_(0, anc[:n], acc)
+            below = values.new_zeros(n + SPARE_SLOTS, values.shape[1])
+            below.index_add_(0, anc[:n], acc)
             acc = acc + below[:n]
         else:  # v adds what its ancestor 2^k above it holds
             acc = acc + torch.cat([acc, zero])[anc[:n]]

@@ -57,6 +57,7 @@ from torch import Tensor
 
 from ..tree import Tree
 from .heavy import heavy_children, root_path_sums
+from .spare import SPARE_SLOTS, kept_or_spare
 
 __all__ = ["TilePlan", "tile_plan", "max_tiles", "max_light_levels", "TILE", "ROOT", "HEAD",
            "ENTRY", "BOUNDARY"]
@@ -325,20 +326,21 @@ def _build(tree: Tree, tile: int) -> TilePlan:
     entry = ~root & (tile_of[pp] < tile_of)
     top = torch.cummax(torch.where(root | entry, ar, -1), 0).values  # a tile starts at one
 
-    # ---- scan order: by light depth inside each tile, levels from the tile's lowest
-    lowest = torch.full((M,), L, **long).scatter_reduce(0, tile_of, light_depth, "amin")
-    highest = torch.full((M,), -1, **long).scatter_reduce(0, tile_of, light_depth, "amax")
-    tile_levels = (highest - lowest + 1).clamp(min=0)
-    level = light_depth - lowest[tile_of]
-    scan = torch.sort(tile_of * (L + 1) + level, stable=True).indices
-    counts = torch.zeros(M * L, **long).index_add_(0, tile_of * L + level,
-                                                   torch.ones(n, **long)).view(M, L)
-    level_ptr = torch.cat([tile_ptr[:-1, None], tile_ptr[:-1, None] + torch.cumsum(counts, 1)],
-                          1)
+    # ---- scan order: by light depth inside each tile (a tile's first slot holds its
+    # lowest light depth, its last slot its highest); levels from the tile's lowest
+    tiles = torch.arange(M, **long)
+    start, end = tile_ptr[:-1], tile_ptr[1:]
+    nonempty = end > start
+    skey, scan = torch.sort(tile_of * (L + 1) + light_depth, stable=True)
+    lowest = torch.where(nonempty, skey[start.clamp(max=n - 1)] - tiles * (L + 1), 0)
+    highest = torch.where(nonempty, skey[(end - 1).clamp(min=0)] - tiles * (L + 1), -1)
+    tile_levels = highest - lowest + 1
+    level_key = (tiles * (L + 1) + lowest)[:, None] + torch.arange(L + 1, **long)
+    level_ptr = torch.minimum(torch.searchsorted(skey, level_key), end[:, None])
 
     # ---- boundary vertices and the boundary tree
-    boundary_mark = torch.zeros(n + 1, dtype=torch.bool, device=dev).index_fill_(
-        0, torch.where(entry, parent, n), True)[:n]
+    boundary_mark = torch.zeros(n + SPARE_SLOTS, dtype=torch.bool, device=dev).index_fill_(
+        0, kept_or_spare(parent, entry, n), True)[:n]
     entry_v = torch.zeros(n, dtype=torch.float64, device=dev).scatter_(0, vertex, entry.double())
     crossed = root_path_sums(entry_v[:, None], tree)[:, 0][vertex]  # entries on the root path
     big = (M + 1) * n  # above every key below
@@ -346,19 +348,23 @@ def _build(tree: Tree, tile: int) -> TilePlan:
     bsorted = torch.sort(bkey)
     valid = bsorted.values < big
     boundary_pos = torch.where(valid, bsorted.indices, -1)
-    number = torch.full((n + 1,), -1, **long).scatter_(
-        0, torch.where(valid, bsorted.indices, n), ar)[:n]
+    number = torch.full((n + SPARE_SLOTS,), -1, **long).scatter_(
+        0, kept_or_spare(bsorted.indices, valid, n), ar)[:n]
     boundary = torch.where(boundary_mark, number, -1)
     btop = top[boundary_pos.clamp(min=0)]
     bparent = parent[btop]
     feeder = torch.where(valid & (bparent >= 0), boundary[bparent.clamp(min=0)], -1)
-    per_depth = torch.zeros(M, **long).index_add_(
-        0, torch.where(boundary_mark, crossed, 0), boundary_mark.long())
-    boundary_level_ptr = torch.cat([per_depth.new_zeros(1), torch.cumsum(per_depth, 0)])
-    btile = torch.where(valid, tile_of[boundary_pos.clamp(min=0)], M)
-    first = torch.full((M + 1,), n, **long).scatter_reduce(0, btile, ar, "amin")[:M]
-    end = torch.zeros(M + 1, **long).scatter_reduce(0, btile, ar + 1, "amax")[:M]
-    tile_boundary = torch.stack([torch.where(end > 0, first, 0), end], 1)
+    boundary_level_ptr = torch.searchsorted(bsorted.values,
+                                            torch.arange(M + 1, **long) * n)
+    # a tile's boundary vertices share one top (one depth), so their numbers follow their
+    # positions: the first and the last of the tile bound them
+    marked = torch.where(boundary_mark, ar, -1)
+    last = torch.cummax(marked, 0).values[(end - 1).clamp(min=0)]
+    first = torch.flip(torch.cummin(torch.flip(torch.where(boundary_mark, ar, n), [0]), 0)
+                       .values, [0])[start.clamp(max=n - 1)]
+    has = nonempty & (last >= start)
+    tile_boundary = torch.stack([torch.where(has, boundary[first.clamp(max=n - 1)], 0),
+                                 torch.where(has, boundary[last.clamp(min=0)] + 1, 0)], 1)
 
     # ---- entries grouped by the boundary vertex they hang from
     ekey = torch.where(entry, boundary[pp], n)
@@ -367,14 +373,13 @@ def _build(tree: Tree, tile: int) -> TilePlan:
     entry_ptr = torch.searchsorted(esorted.values, torch.arange(n + 1, **long))
 
     # ---- boundary paths: the in-tile ancestors of each tile's deepest boundary vertex
-    deepest = torch.full((M,), -1, **long).scatter_reduce(
-        0, tile_of, torch.where(boundary_mark, ar, -1), "amax")[tile_of]
+    deepest = torch.where(has, last, -1)[tile_of]
     dc = deepest.clamp(min=0)
     on_path = (deepest >= 0) & (ar >= top[dc]) & (ar <= deepest) & (ar + size > deepest)
-    psorted = torch.sort(torch.where(on_path, 0, 1), stable=True)
-    path = torch.where(psorted.values == 0, psorted.indices, -1)
-    per_tile = torch.zeros(M, **long).index_add_(0, tile_of, on_path.long())
-    path_ptr = torch.cat([per_tile.new_zeros(1), torch.cumsum(per_tile, 0)])
+    on_before = torch.cumsum(on_path, 0) - on_path.long()  # path positions before each
+    path = torch.full((n + SPARE_SLOTS,), -1, **long).scatter_(
+        0, kept_or_spare(on_before, on_path, n), ar)[:n]
+    path_ptr = torch.cat([on_before, on_before[-1:] + on_path[-1:].long()])[tile_ptr]
 
     flags = (torch.where(root, ROOT, 0) + torch.where(head, HEAD, 0)
              + torch.where(entry, ENTRY, 0) + torch.where(boundary_mark, BOUNDARY, 0))

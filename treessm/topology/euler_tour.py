@@ -39,22 +39,10 @@ from .._checks import check_int
 from ..tree import Tree
 from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
                       check_device_edge_index, check_max_tree_size, check_vertices, edge_keys)
+from ..ops.spare import SPARE_SLOTS, kept_or_spare
 from .layout import empty_forest
 
 __all__ = ["parent_from_forest", "spanning_tree_on_device"]
-
-
-#: Scattering reductions below send the elements they drop to one of this many spare slots
-#: past the end, chosen by position. With a single dropped slot, the elements that most of
-#: a scatter drops (all edges outside the forest, every up-going copy of the tour) would
-#: meet at one address, where a GPU's atomics run one after another.
-_SPARE_SLOTS = 1024
-
-
-def _kept_or_spare(index: Tensor, keep: Tensor, end: int) -> Tensor:
-    """``index`` where ``keep``, else a spare slot in ``[end, end + _SPARE_SLOTS)``."""
-    spare = torch.arange(index.shape[-1], device=index.device) & (_SPARE_SLOTS - 1)
-    return torch.where(keep, index, spare + end)
 
 
 # ---------------------------------------------------------------------------- Euler tours
@@ -63,8 +51,8 @@ def _compact(edge_index: Tensor, mask: Tensor, num_nodes: int) -> Tensor:
 
     A forest has fewer than ``N`` edges, so the buffer size is known without counting.
     """
-    index = _kept_or_spare(torch.cumsum(mask, 0) - 1, mask, num_nodes)
-    buf = torch.full((2, num_nodes + _SPARE_SLOTS), num_nodes, dtype=torch.long,
+    index = kept_or_spare(torch.cumsum(mask, 0) - 1, mask, num_nodes)
+    buf = torch.full((2, num_nodes + SPARE_SLOTS), num_nodes, dtype=torch.long,
                      device=mask.device)
     buf.scatter_reduce_(1, index.expand(2, -1), edge_index, "amin")
     return buf[:, :num_nodes]
@@ -164,8 +152,8 @@ def _rank_tour(slots: _Slots, is_root: Tensor, max_size: int):
     r_twin = rank[twin]
     down = rank[:m] > r_twin  # the copy comes first in the tour
     child = torch.where(down, t, n)
-    parent = torch.full((n + _SPARE_SLOTS,), -1, dtype=torch.long, device=device)
-    parent.scatter_reduce_(0, _kept_or_spare(child, down, n), s, "amax")
+    parent = torch.full((n + SPARE_SLOTS,), -1, dtype=torch.long, device=device)
+    parent.scatter_reduce_(0, kept_or_spare(child, down, n), s, "amax")
     return rank, r_twin, down, child, parent[:n]
 
 
@@ -195,12 +183,12 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
     step = torch.where(down, offset + ((1 << bits) + 1), 0)
     step = step - step[twin]
     # slot m stays 0: the padding copies read it back; the spares lie past it
-    placed = torch.zeros(m + 1 + _SPARE_SLOTS, dtype=torch.long, device=device)
-    placed.scatter_reduce_(0, _kept_or_spare(pos, pos < m, m + 1), step, "amax",
+    placed = torch.zeros(m + 1 + SPARE_SLOTS, dtype=torch.long, device=device)
+    placed.scatter_reduce_(0, kept_or_spare(pos, pos < m, m + 1), step, "amax",
                            include_self=False)
     path_sum = torch.cumsum(placed[:m + 1], 0)[pos]
-    packed = torch.zeros(n + _SPARE_SLOTS, dtype=torch.long, device=device)  # roots: (0, 0)
-    packed.scatter_reduce_(0, _kept_or_spare(child, down, n), path_sum, "amax")
+    packed = torch.zeros(n + SPARE_SLOTS, dtype=torch.long, device=device)  # roots: (0, 0)
+    packed.scatter_reduce_(0, kept_or_spare(child, down, n), path_sum, "amax")
     packed = packed[:n]
     depth = packed >> bits
 
