@@ -101,7 +101,7 @@ def _by_doubling(values: Tensor, tree: Tree, toward_root: bool) -> Tensor:
             below.index_add_(0, anc[:n], acc)
             acc = acc + below[:n]
         else:  # v adds what its ancestor 2^k above it holds
-            acc = acc + torch.cat([acc, zero])[anc[:n]]
+            acc = acc + torch.cat([acc, zero]).index_select(0, anc[:n])
         anc = anc[anc]
     return acc
 

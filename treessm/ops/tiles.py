@@ -264,10 +264,31 @@ def _preorder(tree: Tree):
     # offset below the parent: the heavy child first, then the light ones in breadth-first
     # order (an earlier heavy sibling is already counted in `earlier`)
     offset = torch.where(light, earlier + torch.where(heavy_bfs[par] > bfs, biggest[par], 0), 0)
-    # position: the parent's + 1 + offset, a root at its tree's start (= its bfs position)
-    step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64))
-    pos, light_depth = root_path_sums(torch.stack([step, light.double()], 1), tree).unbind(1)
-    return pos, light_depth, size.long(), light
+    # position: the parent's + 1 + offset, a root at its tree's start (= its bfs position);
+    # one sum of both, the light depth (below 64) above the position (below 2^32)
+    step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64)).long()
+    packed = root_path_sums((step + (light.long() << 32))[:, None], tree)[:, 0]
+    return packed & 0xFFFFFFFF, packed >> 32, size.long(), light
+
+
+def _last_marked(mark: Tensor) -> Tensor:
+    """Per position, the last position at or before it where ``mark`` (bool ``[n]``) is
+    set, ``-1`` before the first (a running maximum from one prefix sum and one scatter)."""
+    n = mark.shape[0]
+    count = torch.cumsum(mark, 0)
+    marked = torch.full((n + SPARE_SLOTS,), -1, dtype=torch.long, device=mark.device)
+    marked.scatter_(0, kept_or_spare(count - 1, mark, n), torch.arange(n, device=mark.device))
+    return torch.where(count > 0, marked[(count - 1).clamp(min=0)], -1)
+
+
+def _next_marked(mark: Tensor) -> Tensor:
+    """Per position, the first position at or after it where ``mark`` is set, ``n`` after
+    the last."""
+    n = mark.shape[0]
+    before = torch.cumsum(mark, 0) - mark.long()
+    marked = torch.full((n + SPARE_SLOTS,), n, dtype=torch.long, device=mark.device)
+    marked.scatter_(0, kept_or_spare(before, mark, n), torch.arange(n, device=mark.device))
+    return marked[before]
 
 
 def _tile_ptr(start: Tensor, tile: int, num_tiles: int) -> Tensor:
@@ -276,8 +297,7 @@ def _tile_ptr(start: Tensor, tile: int, num_tiles: int) -> Tensor:
     ``p + tile``; ``next^k(0)`` for all ``k <= num_tiles`` at once by repeated squaring."""
     n, dev = start.shape[0], start.device
     idx = torch.arange(n + 1, device=dev)
-    marks = torch.where(torch.cat([start, start.new_ones(1)]), idx, 0)
-    last_start = torch.cummax(marks, 0).values
+    last_start = _last_marked(torch.cat([start, start.new_ones(1)]))  # 0 is a start
     jump = last_start[(idx + tile).clamp(max=n)]
     k = torch.arange(num_tiles + 1, device=dev)
     ptr = torch.zeros_like(k)
@@ -324,7 +344,7 @@ def _build(tree: Tree, tile: int) -> TilePlan:
     tile_of = torch.searchsorted(tile_ptr, ar, right=True) - 1
     pp = parent.clamp(min=0)
     entry = ~root & (tile_of[pp] < tile_of)
-    top = torch.cummax(torch.where(root | entry, ar, -1), 0).values  # a tile starts at one
+    top = _last_marked(root | entry)  # a tile starts at one
 
     # ---- scan order: by light depth inside each tile (a tile's first slot holds its
     # lowest light depth, its last slot its highest); levels from the tile's lowest
@@ -358,10 +378,8 @@ def _build(tree: Tree, tile: int) -> TilePlan:
                                             torch.arange(M + 1, **long) * n)
     # a tile's boundary vertices share one top (one depth), so their numbers follow their
     # positions: the first and the last of the tile bound them
-    marked = torch.where(boundary_mark, ar, -1)
-    last = torch.cummax(marked, 0).values[(end - 1).clamp(min=0)]
-    first = torch.flip(torch.cummin(torch.flip(torch.where(boundary_mark, ar, n), [0]), 0)
-                       .values, [0])[start.clamp(max=n - 1)]
+    last = _last_marked(boundary_mark)[(end - 1).clamp(min=0)]
+    first = _next_marked(boundary_mark)[start.clamp(max=n - 1)]
     has = nonempty & (last >= start)
     tile_boundary = torch.stack([torch.where(has, boundary[first.clamp(max=n - 1)], 0),
                                  torch.where(has, boundary[last.clamp(min=0)] + 1, 0)], 1)
