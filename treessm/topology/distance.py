@@ -29,6 +29,8 @@ fallback and reference.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Union
 
 import numpy as np
@@ -85,7 +87,7 @@ def scale_by_power_of_two(x: torch.Tensor, dim, return_scale: bool = False):
     """
     if x.numel() == 0:
         return (x, torch.ones((), dtype=x.dtype, device=x.device)) if return_scale else x
-    amax = x.abs().amax(dim=dim, keepdim=True)
+    amax = torch.linalg.vector_norm(x, math.inf, dim=dim, keepdim=True)  # max |x|, one pass
     _, e = torch.frexp(amax)  # amax = m * 2^e with m in [1/2, 1); e = 0 for 0, inf, NaN
     e = e.to(torch.int32)
     half = torch.div(e, 2, rounding_mode="floor")

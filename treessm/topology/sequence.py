@@ -372,8 +372,15 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         # column d - 1 holds the cost to the token d steps back, so the first minimum
         # along the last dimension is the nearest of equally good candidates
         cost = torch.full((b, length, span), math.inf, dtype=_work_dtype(x), device=x.device)
-        for d in range(1, span + 1):
-            cost[:, d:, d - 1] = _pair_cost(x[:, :-d], x[:, d:], distance)
+        if isinstance(distance, str):
+            # the batch as one contiguous sequence: each shift compares contiguous rows
+            # (pairs across two sequences are masked below as unavailable)
+            flat, flat_cost = x.contiguous().view(b * length, -1), cost.view(b * length, span)
+            for d in range(1, span + 1):
+                flat_cost[d:, d - 1] = _pair_cost(flat[None, :-d], flat[None, d:], distance)[0]
+        else:
+            for d in range(1, span + 1):
+                cost[:, d:, d - 1] = _pair_cost(x[:, :-d], x[:, d:], distance)
         avail = (t[:, None] - torch.arange(1, span + 1, device=x.device)) >= 0  # [L, span]
         avail = avail.expand(b, length, span)
         if valid is not None:
