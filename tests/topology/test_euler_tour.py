@@ -17,7 +17,8 @@ from oracle import kruskal_mask
 from treessm import Tree, _checks
 from treessm.topology import boruvka
 from treessm.topology.boruvka import spanning_forest
-from treessm.topology.euler_tour import parent_from_forest
+from treessm.topology import euler_tour
+from treessm.topology.euler_tour import forest_on_device, parent_from_forest
 from treessm.topology.euler_tour import spanning_tree_on_device as build_tree
 
 CUDA = pytest.param(
@@ -229,6 +230,53 @@ def test_build_tree_many_components(device):
         assert torch.equal(got.cpu(), parent)
 
 
+def _root_of(parent):
+    """The root of every vertex of a parent array (a list)."""
+    root = list(range(len(parent)))
+    for v in range(len(parent)):
+        r = v
+        while parent[r] >= 0:
+            r = parent[r]
+        root[v] = r
+    return torch.tensor(root, dtype=torch.long)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forest_on_device_matches_from_parent(device):
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(30):
+        n = int(torch.randint(1, 150, (1,), generator=gen))
+        ei, cost = random_graph(gen, n, int(torch.randint(0, 3 * n, (1,), generator=gen)),
+                                ties=False)
+        roots = torch.randint(0, n, (int(torch.randint(0, 5, (1,), generator=gen)),),
+                              generator=gen)
+        mask = kruskal_mask(ei, cost, n)
+        parent = root_oracle(ei, mask, n, roots)
+        ref = Tree.from_parent(parent, torch.zeros(n, dtype=torch.long))
+        forest = ei[:, mask]
+        flip = torch.rand(forest.shape[1], generator=gen) < 0.5  # either direction
+        forest = torch.where(flip, forest.flip(0), forest)
+        root = _root_of(parent.tolist())
+        tree = forest_on_device(forest.to(device), root.to(device), ref.num_trees,
+                                ref.batch.to(device),
+                                max_tree_size=None if trial % 2 else ref.max_tree_size)
+        assert_same_tree(tree, ref, ref.batch)
+    assert forest_on_device(torch.zeros(2, 0, dtype=torch.long),
+                            torch.zeros(0, dtype=torch.long), 0).num_nodes == 0
+
+
+def test_forest_on_device_input_errors():
+    edges = torch.tensor([[1], [0]])
+    with pytest.raises(TypeError, match="root must be a 1-D LongTensor"):
+        forest_on_device(edges, [0, 0], 1)
+    with pytest.raises(ValueError, match=r"root must hold vertex ids in \[0, 2\)"):
+        forest_on_device(edges, torch.tensor([0, 5]), 1)
+    with pytest.raises(TypeError, match="root must be an integer tensor"):
+        forest_on_device(edges, torch.tensor([0.0, 0.0]), 1)
+    with pytest.raises(ValueError, match="num_trees"):
+        forest_on_device(edges, torch.tensor([0, 0]), -1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,e", [(5000, 2000), (3000, 60000)])
 def test_build_tree_drops_more_than_the_spare_slots(device, n, e):
@@ -364,6 +412,7 @@ def test_build_tree_has_no_host_sync(monkeypatch):
     # the id range check reads values; it runs on CPU tensors only and is skipped on a GPU
     monkeypatch.setattr(boruvka, "check_index_range", lambda *args: None)
     monkeypatch.setattr(_checks, "check_index_range", lambda *args: None)
+    monkeypatch.setattr(euler_tour, "check_index_range", lambda *args: None)
     with _ForbidHostSync() as guard:
         with pytest.raises(AssertionError, match="host synchronisation"):
             torch.ones(2).sum().item()  # the guard sees what it must see
@@ -373,6 +422,8 @@ def test_build_tree_has_no_host_sync(monkeypatch):
             tree = build_tree(ei, cost, b * h * w, roots, batch, num_trees=b, max_tree_size=h * w)
             spanning_forest(ei, cost.double(), b * h * w)
             parent_from_forest(ei, torch.zeros(ei.shape[1], dtype=torch.bool), b * h * w, roots)
+            forest_on_device(tree.parent[None, 1:].new_tensor([[1, 2], [0, 0]]),
+                             torch.zeros(3, dtype=torch.long), 1)
     assert guard.count > 100
     assert_same_tree(tree, ref, batch)
 

@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_int
+from .._checks import check_index_range, check_int
 from ..tree import Tree
 from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
                       check_device_edge_index, check_max_tree_size, check_vertices, edge_keys)
 from ..ops.spare import SPARE_SLOTS, kept_or_spare
 from .layout import empty_forest
 
-__all__ = ["parent_from_forest", "spanning_tree_on_device"]
+__all__ = ["parent_from_forest", "spanning_tree_on_device", "forest_on_device"]
 
 
 # ---------------------------------------------------------------------------- Euler tours
@@ -326,3 +326,48 @@ def spanning_tree_on_device(edge_index: Tensor, cost: Tensor, num_nodes: int,
         known = None if max_tree_size is None else size
     slots = _Slots(_compact(edge_index, chosen, num_nodes), num_nodes)
     return _rooted_layout(slots, root, size, num_trees, batch, known)
+
+
+@torch.no_grad()
+def forest_on_device(edge_index: Tensor, root: Tensor, num_trees: int,
+                     batch: Optional[Tensor] = None, *,
+                     max_tree_size: Optional[int] = None) -> Tree:
+    r"""The :class:`~treessm.Tree` of a forest whose edges and roots are known, laid out on
+    the input's device without a host synchronisation (no spanning-forest search: every
+    edge is a tree edge).
+
+    The result is identical, tensor for tensor, to ``Tree.from_parent(parent, batch)`` for
+    the forest rooted at ``root``.
+
+    Args:
+        edge_index (LongTensor [2, F]): the forest's edges (either direction), each once;
+            they must form a forest over the vertices (not checked).
+        root (LongTensor [N]): the root of each vertex's tree (a root is its own).
+        num_trees (int): the number of trees (of distinct roots); it sizes ``tree_ptr``.
+        batch (LongTensor [N], optional): example of each vertex, stored in the tree.
+            (default: ``None``)
+        max_tree_size (int, optional): an upper bound on the vertices of a tree; too small
+            a bound gives a wrong tree. (default: ``N``)
+
+    Example:
+        >>> edges = torch.tensor([[1, 2, 4], [0, 0, 3]])       # 0 - {1, 2} and 3 - 4
+        >>> tree = forest_on_device(edges, torch.tensor([0, 0, 0, 3, 3]), 2)
+        >>> tree.parent.tolist(), tree.order.tolist()
+        ([-1, 0, 0, -1, 3], [0, 1, 2, 3, 4])
+    """
+    if not isinstance(root, Tensor) or root.dim() != 1:
+        got = list(root.shape) if isinstance(root, Tensor) else type(root).__name__
+        raise TypeError(f"root must be a 1-D LongTensor (one root per vertex), got {got}")
+    edge_index, num_nodes = check_device_edge_index(edge_index, root.shape[0])
+    device = edge_index.device
+    root = check_vertices(root, "root", num_nodes, device, length=num_nodes)
+    if device.type == "cpu":  # reading ids waits for a device
+        check_index_range(root, "root", num_nodes)
+    batch = check_vertices(batch, "batch", num_nodes, device, length=num_nodes)
+    num_trees = check_int(num_trees, "num_trees", 0)
+    size = check_max_tree_size(max_tree_size, num_nodes)
+    if num_nodes == 0:
+        return empty_forest(device, batch=batch is not None)
+    keep = torch.ones(edge_index.shape[1], dtype=torch.bool, device=device)
+    slots = _Slots(_compact(edge_index, keep, num_nodes), num_nodes)
+    return _rooted_layout(slots, root, size, num_trees, batch, max_tree_size)

@@ -31,7 +31,7 @@ from .._checks import all_finite, check_device, check_features, check_int, check
 from ..tree import Tree
 from .base import BoundedCache, Candidates, Topology
 from .distance import EPS, Distance, check_distance, scale_by_power_of_two
-from .euler_tour import spanning_tree_on_device
+from .euler_tour import forest_on_device
 from .layout import empty_forest
 
 __all__ = ["SequenceTopology", "GrootLTopology", "CausalSequenceTopology", "sequence_edges",
@@ -422,7 +422,7 @@ def causal_forest(parent: Tensor, rooted_at_first: bool = False,
             is a root (true when no token is marked invalid), so the tree is laid out on the
             device without asking it how many trees there are. (default: ``False``)
         on_device (bool, optional): lay out with tensor operations where the parents live
-            (:func:`~treessm.topology.euler_tour.spanning_tree_on_device`) rather than on
+            (:func:`~treessm.topology.euler_tour.forest_on_device`) rather than on
             the host; by default on any device but the CPU. (default: ``None``)
     """
     b, length = parent.shape
@@ -436,9 +436,8 @@ def causal_forest(parent: Tensor, rooted_at_first: bool = False,
         return Tree.from_parent(flat, batch, validate=False)
     child = (offset + torch.arange(1, length, device=parent.device)).reshape(-1)
     edge_index = torch.stack([child, flat[child]])
-    cost = torch.zeros(edge_index.shape[1], device=parent.device)
-    return spanning_tree_on_device(edge_index, cost, n, offset.reshape(-1), batch, num_trees=b,
-                                   max_tree_size=length)
+    return forest_on_device(edge_index, offset.expand(b, length).reshape(-1), b, batch,
+                            max_tree_size=length)
 
 
 class CausalSequenceTopology(Topology):
