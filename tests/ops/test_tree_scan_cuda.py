@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import treessm
+from treessm.ops.plan import SCHEDULES
 from oracle import all_roots, chain, dense_tree_scan, random_forest, single_vertex, star
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,7 +32,6 @@ def _scan_with(tree, x, w, gout, direction, schedule, **launch):
     return h, gx, gw
 
 
-SCHEDULES = ("trees", "phases")
 
 
 def _forests():
@@ -175,7 +175,7 @@ def test_cuda_ops_registered_and_compile():
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_cuda_results_do_not_depend_on_the_launch_shape(direction):
     # the sums run in an order fixed by the layout's positions: every block width and lane
-    # count gives the same bits; the two schedules (chunks cut at other places) agree to rounding; a star
+    # count gives the same bits; the schedules (chunks cut at other places) agree to rounding; a star
     # (one long light-child list), a deep chain (many chunks per phase), a forest, one tree
     g = torch.Generator().manual_seed(22)
     forests = [star(5000, center=17), chain(3000, g), random_forest(20000, 7, g, locality=30),

@@ -1,6 +1,7 @@
 """CUDA backend of the tree scan: the kernels of ``extensions/treessm_cuda`` behind
-``torch.ops.treessm.cuda_tree_scan`` and ``cuda_tree_scan_backward``, launched with the plan,
-schedule and parameters of :mod:`treessm.ops.plan`.
+``torch.ops.treessm.cuda_tree_scan`` and ``cuda_tree_scan_backward`` (schedules
+``"trees"`` and ``"phases"``) and ``cuda_tile_scan`` and ``cuda_tile_scan_backward``
+(``"tiles"``), launched with the plan, schedule and parameters of :mod:`treessm.ops.plan`.
 
 The extension is compiled on first use (:func:`treessm.typing.load_cuda_extension`), or
 ahead of time::
@@ -15,18 +16,24 @@ import torch
 
 from ..typing import cuda_source_dir, load_cuda_extension
 from .plan import ScanPlan
+from .tiles import TILE
 
 __all__ = ["forward", "backward"]
 
 
 def forward(x, w, plan: ScanPlan, direction: str):
     """Scan of contiguous ``x, w [N, C]`` on the GPU along ``plan``."""
+    if plan.schedule == "tiles":
+        return torch.ops.treessm.cuda_tile_scan(x, w, list(plan.tensors), TILE, direction)
     return torch.ops.treessm.cuda_tree_scan(x, w, *plan.tensors, plan.schedule,
                                             list(plan.launch), direction)
 
 
 def backward(g, x, w, h, plan: ScanPlan, direction: str):
     """``(dL/dx, dL/dw)`` given ``g = dL/dh`` and the forward output ``h``."""
+    if plan.schedule == "tiles":
+        return torch.ops.treessm.cuda_tile_scan_backward(g, w, h, list(plan.tensors),
+                                                         TILE, direction, x)
     return torch.ops.treessm.cuda_tree_scan_backward(g, x, w, h, *plan.tensors, plan.schedule,
                                                      list(plan.launch), direction)
 

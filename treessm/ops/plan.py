@@ -26,7 +26,11 @@ steps per phase instead of one per vertex or level. Two **schedules** run it
   sentences, batches of graphs);
 * ``"phases"`` -- each phase of the whole forest is split into chunks over the device,
   joined by a carry pass, for forests with a large tree (one graph); its layout is built
-  once per tree with one read of the phase sizes by the host.
+  once per tree with one read of the phase sizes by the host;
+* ``"tiles"`` -- the tiled layout of :mod:`treessm.ops.tiles`: each tile of the forest
+  scanned in as many block-wide steps as it has light levels, the tiles joined along the
+  boundary tree; for large bushy trees (the spanning tree of a graph), its layout built
+  on the device without a host read.
 
 :func:`choose_schedule` picks one from host-side sizes (never asking the device), and
 :func:`launch_config` the launch parameters, with the measured defaults below.
@@ -43,12 +47,13 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
+from .tiles import TILE, tile_plan
 
 __all__ = ["SCHEDULES", "MAX_PHASES", "LevelPlan", "PathPlan", "PhasePlan", "Launch",
            "ScanPlan", "level_groups", "level_plan", "attach_level_plan", "path_plan",
            "phase_plan", "choose_schedule", "launch_config", "scan_plan"]
 
-SCHEDULES = ("trees", "phases")
+SCHEDULES = ("trees", "phases", "tiles")
 MAX_PHASES = 32  # phases of a tree below 2**31 vertices
 
 # A forest whose largest tree has more vertices than this takes the "phases" schedule: one
@@ -171,9 +176,11 @@ class Launch(NamedTuple):
 
 
 class ScanPlan(NamedTuple):
-    """What a CUDA scan operator takes besides the data: the schedule, its five plan
-    tensors (:class:`PathPlan` for ``"trees"``, :class:`PhasePlan` for ``"phases"``) and
-    the launch parameters for ``channels`` channels of ``dtype``."""
+    """What a CUDA scan operator takes besides the data: the schedule, its plan tensors
+    (the five of :class:`PathPlan` for ``"trees"`` and of :class:`PhasePlan` for
+    ``"phases"``; the twenty of :class:`~treessm.ops.tiles.TilePlan` from ``vertex`` on,
+    tiles of :data:`~treessm.ops.tiles.TILE` positions, for ``"tiles"``) and the launch
+    parameters for ``channels`` channels of ``dtype``."""
 
     schedule: str
     tensors: Tuple[Tensor, ...]
@@ -452,8 +459,9 @@ def launch_config(schedule: str, elem_size: int, largest_tree: Optional[int] = N
     """Measured default launch parameters (``docs/cuda.md`` has the measurements): a block
     takes :data:`SCAN_ROW_BYTES` of channels per position; under ``"trees"``, one lane per
     128 vertices of ``largest_tree`` (a power of two from :data:`SCAN_MIN_LANES` to
-    :data:`SCAN_MAX_LANES`; the most when the size is unknown). Results do not depend on
-    them."""
+    :data:`SCAN_MAX_LANES`; the most when the size is unknown); ``"tiles"`` reads none of
+    them (its tile size is the layout's, :data:`~treessm.ops.tiles.TILE`). Results do not
+    depend on them."""
     lanes = SCAN_MAX_LANES
     if schedule == "trees" and largest_tree is not None:
         lanes = SCAN_MIN_LANES
@@ -477,8 +485,10 @@ def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
                          "vertices")
     if schedule_ == "trees":
         tensors = tuple(path_plan(tree))
-    else:
+    elif schedule_ == "phases":
         tensors = tuple(phase_plan(tree))
+    else:
+        tensors = tuple(tile_plan(tree, TILE)[3:])
     launch = launch_config(schedule_, dtype.itemsize, tree.max_tree_size)
     plan = ScanPlan(schedule_, tensors, launch)
     tree.plan_cache[key] = plan

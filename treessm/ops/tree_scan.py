@@ -12,7 +12,9 @@ and ``torch.ops.treessm.tree_scan_backward`` (``torch.library``), which carry fa
 implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
 Eager CUDA calls take a leaner road to the same kernels: ``torch.ops.treessm.cuda_tree_scan``,
 whose autograd is written in C++, so a forward and backward cost the host a few
-microseconds instead of the Python custom-op layers. The math is in ``docs/concepts.md``.
+microseconds instead of the Python custom-op layers (the ``"tiles"`` schedule, whose
+kernels have no C++ autograd, keeps the custom operator). The math is in
+``docs/concepts.md``.
 """
 from __future__ import annotations
 
@@ -262,7 +264,7 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
         direction (str): ``"both"``, ``"up"`` or ``"down"``. (default: ``"both"``)
         backend (str, optional): ``"torch"``, ``"numba"`` or ``"cuda"``; by default the
             fastest available for the device. (default: ``None``)
-        schedule (str, optional): CUDA schedule, ``"trees"`` or ``"phases"``; by default
+        schedule (str, optional): CUDA schedule, ``"trees"``, ``"phases"`` or ``"tiles"``; by default
             chosen from the tree's size (:func:`treessm.ops.plan.choose_schedule`). Every
             schedule computes the same sums. (default: ``None``)
 
@@ -303,7 +305,9 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
                                           "", [0], direction, backend)
         return out.reshape(shape)
     plan = scan_plan(tree, channels, x.dtype, schedule)
-    if torch.compiler.is_compiling():  # the Python custom op, which dynamo traces
+    if torch.compiler.is_compiling() or plan.schedule == "tiles":
+        # the Python custom op, which dynamo traces (and which gives the tiled kernels
+        # their autograd)
         out = torch.ops.treessm.tree_scan(x2, w2, tree.order, tree.child_ptr, tree.tree_ptr,
                                           list(plan.tensors), plan.schedule, list(plan.launch),
                                           direction, backend)
