@@ -12,8 +12,11 @@ the device, the device-to-device copy bandwidth measured in the same run, and
 * ``graph`` -- one graph of 10^6 vertices and 5 * 10^6 random edges, its spanning forest
   built on the device (one giant tree and a few isolated vertices), C=64, ``both``: both
   schedules, forward and forward+backward;
-* ``schedules`` -- the two schedules on single random trees of 2^12 to 2^20 vertices (C=64),
-  the crossover that :data:`treessm.ops.plan.PHASES_MIN_TREE_SIZE` encodes;
+* ``schedules`` -- every schedule on single random trees of 2^12 to 2^20 vertices, a chain
+  of 10^6 and grid trees of 512x512 (B=4) and 224x224 (B=32) (C=64), with the first call's
+  time (its plan built): the crossovers that :data:`treessm.ops.plan.PHASES_MIN_TREE_SIZE`
+  and :data:`treessm.ops.plan.TILES_MIN_NODES` encode (also alone, ``--schedules``, saved
+  as ``tree_scan_schedules_<card>.json``);
 * ``launch`` -- block width and position lanes on the four grid stages (results are the same
   bits): the measurements behind :func:`treessm.ops.plan.launch_config`;
 * ``host`` -- the host overhead rows: a tiny tree, and 32 x 14x14 x 640 (wall against GPU
@@ -49,6 +52,7 @@ from pathlib import Path
 import torch
 
 import treessm
+from treessm.ops.plan import SCHEDULES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIRECTIONS = ("both", "up", "down")
@@ -220,18 +224,41 @@ def _gpu_once(x, w, tree, direction, grad, schedule):
 
 
 def schedules(bw):
-    """Both schedules on one random tree of 2^12 .. 2^20 vertices, C=64, float32, both."""
+    """Every schedule on one forest of each shape (C=64, float32, both): random recursive
+    trees of 2^12 .. 2^20 vertices, a chain of 10^6, 4 grid trees of 512x512 and 32 of
+    224x224; forward and backward GPU time, the first call's wall time (its plan built),
+    and what the automatic choice takes (``treessm.ops.plan.choose_schedule``)."""
+    from treessm.ops.plan import choose_schedule
+    from treessm.topology import chain_tree
+
     out = []
     gen = torch.Generator().manual_seed(0)
-    for k in (12, 14, 15, 16, 18, 20):
-        tree = treessm.Tree.from_parent(random_tree(1 << k, gen)).cuda()
-        x, w = _inputs(tree.num_nodes, 64, torch.float32)
+    topo = treessm.GridTopology()
+    cases = [(f"random tree 2^{k}", treessm.Tree.from_parent(random_tree(1 << k, gen)).cuda())
+             for k in (12, 14, 16, 18, 19, 20)]
+    cases += [("chain 10^6", chain_tree(1, 10 ** 6, "cuda")),
+              ("4 x 512x512 grid trees", topo(torch.randn(4, 512, 512, 8, device="cuda"))),
+              ("32 x 224x224 grid trees", topo(torch.randn(32, 224, 224, 8, device="cuda")))]
+    for name, tree in cases:
+        n = tree.num_nodes
+        x, w = _inputs(n, 64, torch.float32)
         grad = torch.randn_like(x)
-        row = dict(N=1 << k, C=64)
-        for sched in ("trees", "phases"):
-            f = _gpu if k <= 16 or sched == "phases" else _gpu_once
-            row[f"{sched}_fwd_ms"], row[f"{sched}_bwd_ms"] = f(x, w, tree, "both", grad, sched)
+        row = dict(case=name, N=n, C=64, levels=tree.num_levels, largest=tree.max_tree_size,
+                   auto=choose_schedule(tree))
+        for sched in SCHEDULES:
+            if sched == "trees" and n > 1 << 16 and tree.num_trees < 64:
+                continue  # one block per tree: seconds, and not a candidate
+            tree.plan_cache.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            treessm.tree_scan(x, w, tree, "both", schedule=sched)
+            torch.cuda.synchronize()
+            row[f"{sched}_first_call_ms"] = (time.perf_counter() - t0) * 1e3
+            row[f"{sched}_fwd_ms"], row[f"{sched}_bwd_ms"] = _gpu(x, w, tree, "both", grad, sched)
         out.append(row)
+        print(json.dumps(row, default=lambda v: round(v, 4) if isinstance(v, float) else v),
+              flush=True)
+        del x, w, grad
     return out
 
 
@@ -407,6 +434,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="float32 rows only")
     parser.add_argument("--tiles", action="store_true",
                         help="only the tiled kernels against the current ones")
+    parser.add_argument("--schedules", action="store_true",
+                        help="only every schedule on trees of several shapes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -420,6 +449,9 @@ def main(argv=None):
                   when=time.strftime("%Y-%m-%d %H:%M:%S"))
     if args.tiles:
         _section(result, "tiles", lambda: tile_rows(bw))
+        result["rows"] = []
+    elif args.schedules:
+        _section(result, "schedules", lambda: schedules(bw))
         result["rows"] = []
     elif args.headline:
         result["rows"] = [grid_row(B, H, C, "both", torch.float32, bw, topo, headline=True)

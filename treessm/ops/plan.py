@@ -68,6 +68,14 @@ PHASES_MIN_TREE_SIZE = 1 << 12
 # pixels (401,408 trees at batch 128) under "trees" ran the network at 474 img/s (fp32
 # inference) against 1,804 img/s with the real image trees.
 PHASES_MIN_TREES = 1 << 14
+# A forest that would take "phases" takes "tiles" instead when it has at least this many
+# vertices and is known not to be chain-like (its breadth-first levels, counted on the host,
+# at most a quarter of its vertices). Measured on an H200 (C=64, float32, both, forward /
+# forward+backward ms, phases against tiles): one random recursive tree of 10^6 vertices
+# 4.18 / 12.56 against 2.54 / 8.35, of 320,000: 1.23 / 3.82 against 1.29 / 4.11; 4 grid
+# trees of 512x512 3.99 / 12.09 against 2.90 / 9.40; 32 of 224x224 6.06 / 18.22 against
+# 4.49 / 14.58; a chain of 10^6 2.60 / 7.80 against 3.26 / 10.51 (docs/cuda.md).
+TILES_MIN_NODES = 1 << 19
 # The CUDA plan kernel gives each tree one block: fine up to grid-sized trees; larger trees
 # take the tensor construction below, which spreads over the whole device.
 PLAN_KERNEL_MAX_TREE_SIZE = 1 << 16
@@ -434,8 +442,11 @@ def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
     """The CUDA scan schedule for ``tree``: ``schedule`` itself when given, else (``None``
     or ``"auto"``) ``"phases"`` when the largest tree has more than
     :data:`PHASES_MIN_TREE_SIZE` vertices or the forest more than :data:`PHASES_MIN_TREES`
-    trees, ``"trees"`` otherwise. Only host-side sizes are read (``tree.num_trees`` and
-    ``tree.max_tree_size``, else the number of vertices, which bounds it)."""
+    trees, ``"trees"`` otherwise; and ``"tiles"`` instead of ``"phases"`` for a forest of
+    at least :data:`TILES_MIN_NODES` vertices whose level count is known and at most a
+    quarter of them. Only host-side sizes are read (``tree.num_nodes``,
+    ``tree.num_trees``, ``tree.num_levels`` and ``tree.max_tree_size``, else the number of
+    vertices, which bounds it)."""
     if schedule is not None and schedule != "auto":
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be None, 'auto' or one of {SCHEDULES}, got "
@@ -443,6 +454,9 @@ def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
         return schedule
     largest = tree.max_tree_size if tree.max_tree_size is not None else tree.num_nodes
     if largest > PHASES_MIN_TREE_SIZE or tree.num_trees > PHASES_MIN_TREES:
+        if (tree.num_nodes >= TILES_MIN_NODES and tree.num_levels is not None
+                and 4 * tree.num_levels <= tree.num_nodes):
+            return "tiles"
         return "phases"
     return "trees"
 
