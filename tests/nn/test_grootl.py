@@ -150,6 +150,21 @@ def test_scan_tree_is_the_tree_of_the_forward_pass():
     assert paper.scan_tree(s).roots.tolist() == [8, 17]
 
 
+def test_causal_tree_compares_the_factors_of_the_scan_inputs():
+    # with the cosine distance the tree is built from the factors (delta u, B) of the scan
+    # inputs, never formed: the same tree as the topology over the formed scan inputs
+    torch.manual_seed(3)
+    mixer = GrootLMixer(16, state_size=4, mode="causal", k=3)
+    hidden = torch.randn(2, 13, 16)
+    u, _ = mixer.project_in(hidden, None)
+    expected = mixer.topology(mixer.tree_features(u))
+    tree = mixer.scan_tree(hidden)
+    for name in ("parent", "order", "child_ptr", "tree_ptr", "depth"):
+        assert torch.equal(getattr(tree, name), getattr(expected, name)), name
+    a, b = mixer.tree_factors(u)
+    assert a.shape == (2, 13, mixer.intermediate_size) and b.shape == (2, 13, 4)
+
+
 def test_causal_with_k_one_is_the_chain():
     torch.manual_seed(0)
     chain = GrootLMixer(8, state_size=4)

@@ -49,6 +49,27 @@ def test_causal_parents_match_the_definition(k):
     assert causal_parents(feat, k).tolist() == loop_causal_parents(feat, k)
 
 
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+def test_causal_parents_of_outer_products_match_the_definition(k):
+    # features given as factors f and o of x = f (outer) o: the same parents as the loop
+    # definition over x formed in full, with repeated tokens (ties) and a zero row
+    gen = torch.Generator().manual_seed(40 + k)
+    f, o = torch.randn(3, 11, 5, generator=gen), torch.randn(3, 11, 4, generator=gen)
+    f[:, 4:7], o[:, 4:7] = f[:, 4:5], o[:, 4:5]
+    f[1, 2] = 0
+    x = (f.unsqueeze(-1) * o.unsqueeze(-2)).flatten(2)
+    assert causal_parents(f, k, outer=o).tolist() == loop_causal_parents(x, k)
+    valid = torch.rand(3, 11, generator=gen) > 0.3
+    assert torch.equal(causal_parents(f, k, valid=valid, outer=o),
+                       causal_parents(x, k, valid=valid))
+    topo = CausalSequenceTopology(k)
+    same_tree(topo(f, outer=o), topo(x))
+    with pytest.raises(ValueError, match="distance='cosine' only"):
+        causal_parents(f, k, "l2", outer=o)
+    with pytest.raises(ValueError, match="outer must have the tokens of feat"):
+        causal_parents(f, k, outer=o[:, :5])
+
+
 def test_causal_parents_with_k_one_is_the_chain():
     feat = torch.randn(2, 5, 3)
     assert causal_parents(feat, 1).tolist() == [[-1, 0, 1, 2, 3]] * 2

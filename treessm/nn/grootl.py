@@ -318,21 +318,47 @@ class GrootLMixer(SelectiveSSM):
         b, length = u.shape[:2]
         if self.mode == "chain":
             return chain_tree(b, length, u.device)
-        feat = self.tree_features(u)
         if self.mode == "causal":
-            return self.topology(feat, None if mask is None else mask > 0)
-        return self.topology(feat)
+            valid = None if mask is None else mask > 0
+            if self._compares_factors():
+                a, b = self.tree_factors(u)
+                return self.topology(a, valid, outer=b)
+            return self.topology(self.tree_features(u), valid)
+        return self.topology(self.tree_features(u))
+
+    @torch.no_grad()
+    def tree_factors(self, u: Tensor) -> Tuple[Tensor, Tensor]:
+        r"""The factors of the scan inputs of inner features ``u [B, L, d_inner]``:
+        :math:`\Delta \odot u` ``[B, L, d_inner]`` and :math:`B` ``[B, L, d_state]``, in
+        float32 (float64 for float64 input), without gradient; :meth:`tree_features` is
+        their outer product."""
+        delta, b, _ = self.ssm_inputs(u)
+        acc = torch.promote_types(u.dtype, torch.float32)
+        return F.softplus(delta.to(acc)) * u.to(acc), b.to(acc)
 
     @torch.no_grad()
     def tree_features(self, u: Tensor) -> Tensor:
         r"""The scan inputs :math:`x = \Delta B u` of inner features ``u [B, L, d_inner]``,
         flattened to ``[B, L, d_inner * d_state]`` in float32 (float64 for float64 input):
         what the causal and GrootL trees compare tokens by. Formed for tree construction
-        only, without gradient; the scan itself never forms them."""
-        delta, b, _ = self.ssm_inputs(u)
-        acc = torch.promote_types(u.dtype, torch.float32)
-        delta = F.softplus(delta.to(acc))
-        return ((delta * u.to(acc)).unsqueeze(-1) * b.to(acc).unsqueeze(-2)).flatten(2)
+        only, without gradient; the scan itself never forms them, and neither does the
+        causal tree with the cosine distance, which compares the factors
+        (:meth:`tree_factors`; :math:`\cos(a \otimes b, a' \otimes b') = \cos(a, a')
+        \cos(b, b')`)."""
+        a, b = self.tree_factors(u)
+        return (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(2)
+
+    def _compares_factors(self) -> bool:
+        """Whether the causal tree compares the factors of the scan inputs (cosine) rather
+        than the scan inputs themselves."""
+        return self.mode == "causal" and self.distance == "cosine"
+
+    def _cached_features(self, u: Tensor) -> Tensor:
+        """What the causal tree compares tokens by, as kept in the cache: the factors side
+        by side ``[B, L, d_inner + d_state]`` (cosine), else the scan inputs."""
+        if self._compares_factors():
+            return torch.cat(self.tree_factors(u), -1)
+        return self.tree_features(u)
 
     def _chain(self, u: Tensor, past: Optional[Tensor], keep: bool):
         # Mamba's recurrence; a cached state enters each chain's first token
@@ -345,19 +371,23 @@ class GrootLMixer(SelectiveSSM):
         # the causal tree over the new tokens; a token whose parent is a cached token is a
         # root into which that token's cached state enters
         b, length = u.shape[:2]
-        feat = self.tree_features(u)
+        feat = self._cached_features(u)
+        # the factors are split again where the tree compares them
+        split = [self.intermediate_size] if self._compares_factors() else []
         h0 = None
         if past is None:
-            tree = self.topology(feat, valid)
+            first, *outer = feat.tensor_split(split, -1)
+            tree = self.topology(first, valid, outer=outer[0] if outer else None)
         else:
             h_past, f_past, v_past = past
             k = h_past.shape[1]
             cur = (torch.ones(b, length, dtype=torch.bool, device=u.device) if valid is None
                    else valid)
             # the cached tokens come first: they are candidates, never children
-            parent = causal_parents(torch.cat([f_past.to(feat.dtype), feat], 1), self.k,
-                                    self.distance, torch.cat([v_past, cur], 1),
-                                    self.topology.tie_rtol)[:, k:]
+            first, *outer = torch.cat([f_past.to(feat.dtype), feat], 1).tensor_split(split, -1)
+            parent = causal_parents(first, self.k, self.distance, torch.cat([v_past, cur], 1),
+                                    self.topology.tie_rtol,
+                                    outer=outer[0] if outer else None)[:, k:]
             tree = causal_forest(torch.where(parent >= k, parent - k, -1))
             roots = tree.roots
             above = parent.reshape(-1)[roots]  # a cached token's slot, or -1
@@ -384,8 +414,13 @@ class GrootLMixer(SelectiveSSM):
                                               inputs=inputs)
 
     # ------------------------------------------------------------------ cache
+    def _cached_feature_size(self) -> int:
+        if self._compares_factors():
+            return self.intermediate_size + self.ssm_state_size
+        return self.intermediate_size * self.ssm_state_size
+
     def _causal_packed_size(self) -> int:
-        return 2 * self.intermediate_size * self.ssm_state_size + 1
+        return self.intermediate_size * self.ssm_state_size + self._cached_feature_size() + 1
 
     def _unpack(self, state: Tensor, b: int):
         states = self.intermediate_size * self.ssm_state_size
@@ -402,10 +437,11 @@ class GrootLMixer(SelectiveSSM):
         if self.mode == "chain":
             return state
         h = state[..., :states].reshape(b, self.k, self.intermediate_size, self.ssm_state_size)
-        return h, state[..., states:2 * states], state[..., -1] > 0.5
+        return h, state[..., states:-1], state[..., -1] > 0.5
 
     def _pack_causal(self, h: Tensor, x: Tensor, valid: Optional[Tensor], past) -> Tensor:
-        # h [B, m, d_inner, d_state] and x [B, m, d_inner * d_state] of the last m tokens
+        # h [B, m, d_inner, d_state] and the cached features x [B, m, F] of the last m
+        # tokens
         b, m = x.shape[:2]
         cur_valid = (torch.ones(b, m, dtype=h.dtype, device=h.device) if valid is None
                      else valid.to(h.dtype))

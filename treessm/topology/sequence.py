@@ -308,7 +308,8 @@ def _work_dtype(feat: Tensor) -> torch.dtype:
 
 
 def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
-                   valid: Optional[Tensor] = None, tie_rtol: float = TIE_RTOL) -> Tensor:
+                   valid: Optional[Tensor] = None, tie_rtol: float = TIE_RTOL, *,
+                   outer: Optional[Tensor] = None) -> Tensor:
     r"""The parent of every token in the causal tree: the most similar of the ``k`` tokens
     before it,
 
@@ -333,6 +334,11 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
             (default: all)
         tie_rtol (float): relative tolerance under which costs count as equal; ``0`` is the
             plain arg min with ties to the latest. (default: ``1e-5``)
+        outer (Tensor [B, L, S], optional): the tokens' features are the outer products
+            :math:`x_t = f_t \otimes o_t` of ``feat`` and ``outer`` (flattened, ``C * S``
+            values; GrootL's scan inputs :math:`\Delta u \otimes B`), compared without
+            forming them: :math:`\cos(x_s, x_t) = \cos(f_s, f_t) \cos(o_s, o_t)`.
+            ``distance="cosine"`` only. (default: ``None``)
 
     Returns:
         LongTensor [B, L]: the parent's position in its sequence, or ``-1`` for a token
@@ -341,8 +347,23 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
     Raises:
         TypeError, ValueError: on malformed arguments, and on NaN or infinite features
             on the CPU (elsewhere the check would wait for the device).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f, o = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 3, generator=g)
+        >>> flat = (f.unsqueeze(-1) * o.unsqueeze(-2)).flatten(2)
+        >>> torch.equal(causal_parents(f, 3, outer=o), causal_parents(flat, 3))
+        True
     """
     check_features(feat, 3, shape="[B, L, C]")
+    if outer is not None:
+        check_features(outer, 3, shape="[B, L, S]")
+        if outer.shape[:2] != feat.shape[:2]:
+            raise ValueError(f"outer must have the tokens of feat, [{feat.shape[0]}, "
+                             f"{feat.shape[1]}, S], got {list(outer.shape)}")
+        if distance != "cosine":
+            raise ValueError(f"outer factors are compared with distance='cosine' only, got "
+                             f"{distance!r}")
     k = check_int(k, "k", 1)
     distance = check_distance(distance)
     tie_rtol = _check_tie_rtol(tie_rtol)
@@ -358,26 +379,31 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         return torch.full((b, length), -1, dtype=torch.long, device=feat.device)
     with torch.no_grad():
         x = feat.detach()
-        if x.device.type == "cpu" and not all_finite(x):
+        factors = [x] if outer is None else [x, outer.detach()]
+        if x.device.type == "cpu" and not all(all_finite(f) for f in factors):
             # (on accelerators the check would wait for the device: there, as for the
             # other topologies, NaN features give an unspecified tree)
             raise ValueError("feat must be finite, got NaN or infinite features")
+        work = _work_dtype(x) if outer is None else \
+            torch.promote_types(_work_dtype(x), _work_dtype(outer))
         if isinstance(distance, str):
-            x = x.to(_work_dtype(x))
             if distance == "cosine":
-                x = torch.nn.functional.normalize(scale_by_power_of_two(x, -1), dim=-1,
-                                                  eps=EPS)
+                factors = [torch.nn.functional.normalize(
+                    scale_by_power_of_two(f.to(work), -1), dim=-1, eps=EPS) for f in factors]
             else:
-                x = scale_by_power_of_two(x, (1, 2))
+                factors = [scale_by_power_of_two(x.to(work), (1, 2))]
+            x = factors[0]
         # column d - 1 holds the cost to the token d steps back, so the first minimum
         # along the last dimension is the nearest of equally good candidates
-        cost = torch.full((b, length, span), math.inf, dtype=_work_dtype(x), device=x.device)
+        cost = torch.full((b, length, span), math.inf, dtype=work, device=x.device)
         if isinstance(distance, str):
             # the batch as one contiguous sequence: each shift compares contiguous rows
             # (pairs across two sequences are masked below as unavailable)
-            flat, flat_cost = x.contiguous().view(b * length, -1), cost.view(b * length, span)
+            flat = [f.contiguous().view(1, b * length, -1) for f in factors]
+            flat_cost = cost.view(b * length, span)
             for d in range(1, span + 1):
-                flat_cost[d:, d - 1] = _pair_cost(flat[None, :-d], flat[None, d:], distance)[0]
+                flat_cost[d:, d - 1] = _pair_cost([f[:, :-d] for f in flat],
+                                                  [f[:, d:] for f in flat], distance)[0]
         else:
             for d in range(1, span + 1):
                 cost[:, d:, d - 1] = _pair_cost(x[:, :-d], x[:, d:], distance)
@@ -395,13 +421,16 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         return torch.where(avail.any(-1), t - 1 - nearest, -1)
 
 
-def _pair_cost(earlier: Tensor, later: Tensor, distance) -> Tensor:
+def _pair_cost(earlier, later, distance) -> Tensor:
     """Costs ``[B, M]`` between matched tokens ``[B, M, C]`` (cosine inputs already
-    normalised)."""
+    normalised); for a string distance, lists of the features' outer-product factors."""
     if distance == "cosine":
-        return torch.exp(-(earlier * later).sum(-1))
+        cos = (earlier[0] * later[0]).sum(-1)
+        for e, t in zip(earlier[1:], later[1:]):
+            cos = cos * (e * t).sum(-1)
+        return torch.exp(-cos)
     if distance == "l2":
-        return torch.linalg.vector_norm(earlier - later, dim=-1)
+        return torch.linalg.vector_norm(earlier[0] - later[0], dim=-1)
     b, m, c = earlier.shape
     cost = distance(earlier.reshape(b * m, c), later.reshape(b * m, c))
     if not isinstance(cost, Tensor) or cost.shape != (b * m,):
@@ -490,15 +519,17 @@ class CausalSequenceTopology(Topology):
         self.k = check_int(k, "k", 1)
         self.tie_rtol = _check_tie_rtol(tie_rtol)
 
-    def parents(self, feat: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    def parents(self, feat: Tensor, valid: Optional[Tensor] = None, *,
+                outer: Optional[Tensor] = None) -> Tensor:
         """Parent position of every token (``[B, L]``, ``-1`` at roots); see
-        :func:`causal_parents`."""
-        return causal_parents(feat, self.k, self.distance, valid, self.tie_rtol)
+        :func:`causal_parents` (``outer``: features given as outer products)."""
+        return causal_parents(feat, self.k, self.distance, valid, self.tie_rtol, outer=outer)
 
     @torch.compiler.disable
-    def __call__(self, feat: Tensor, valid: Optional[Tensor] = None) -> Tree:
+    def __call__(self, feat: Tensor, valid: Optional[Tensor] = None, *,
+                 outer: Optional[Tensor] = None) -> Tree:
         with torch.no_grad():
-            parent = self.parents(feat, valid)
+            parent = self.parents(feat, valid, outer=outer)
             return causal_forest(parent, rooted_at_first=valid is None)
 
     def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
