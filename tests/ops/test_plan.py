@@ -173,12 +173,30 @@ def test_schedule_choice_reads_host_sizes_only():
     assert choose_schedule(isolated) == "phases"
     few = treessm.Tree.from_parent(torch.full((PHASES_MIN_TREES,), -1))
     assert choose_schedule(few) == "trees"
-    for s in ("trees", "phases"):
+    for s in ("trees", "phases", "tiles"):
         assert choose_schedule(small, s) == s == choose_schedule(big, s)
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
         choose_schedule(small, "sideways")
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
         treessm.tree_scan(torch.ones(400, 1), torch.ones(400, 1), small, schedule="levels")
+
+
+def test_schedule_choice_takes_tiles_for_large_forests_that_are_not_chains():
+    from treessm.ops.plan import TILES_MIN_NODES, choose_schedule
+
+    def forest(n, levels, largest):
+        # the choice reads sizes only: placeholder arrays of n vertices suffice
+        ids = torch.zeros(n, dtype=torch.long)
+        return treessm.Tree(ids, ids, torch.zeros(n + 1, dtype=torch.long),
+                            torch.tensor([0, n]), ids, num_levels=levels, max_tree_size=largest)
+
+    n = TILES_MIN_NODES
+    assert choose_schedule(forest(n, n // 4, n)) == "tiles"
+    assert choose_schedule(forest(n, n // 4 + 1, n)) == "phases"      # chain-like
+    assert choose_schedule(forest(n, None, n)) == "phases"            # levels unknown
+    assert choose_schedule(forest(n - 1, 10, n - 1)) == "phases"      # too small
+    assert choose_schedule(forest(n, 10, 4096)) == "trees"            # small trees
+    assert choose_schedule(forest(n, 10, n), "phases") == "phases"
 
 
 def test_launch_defaults_and_plan_cache():
