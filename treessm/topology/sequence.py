@@ -399,7 +399,7 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         if isinstance(distance, str):
             # the batch as one contiguous sequence: each shift compares contiguous rows
             # (pairs across two sequences are masked below as unavailable)
-            flat = [f.contiguous().view(1, b * length, -1) for f in factors]
+            flat = [f.contiguous().view(1, b * length, f.shape[-1]) for f in factors]
             flat_cost = cost.view(b * length, span)
             for d in range(1, span + 1):
                 flat_cost[d:, d - 1] = _pair_cost([f[:, :-d] for f in flat],
