@@ -9,6 +9,10 @@
 // group: lanes per pixel (1, 2, 4, 8, 16 or 32), or 0 for costs::choose_group's choice by
 // row length. Returns float64 costs for float64 features, else float32. Nothing here waits
 // for the device.
+//
+// cuda_edge_costs(feat, edge_index, kind, eps, group) computes the same costs for the edges
+// edge_index [2, E] (int64, entries in [0, N), not checked) between the rows of feat [N, C]
+// (edge_costs_kernel: a group of lanes per edge, no [E, C] gather).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -118,12 +122,81 @@ at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
   return out;
 }
 
+at::Tensor edge_costs(const at::Tensor& feat, const at::Tensor& edge_index, int64_t kind,
+                      double eps, int64_t group) {
+  TREESSM_CHECK(feat.is_cuda() && feat.dim() == 2, "feat must be a 2-D [N, C] CUDA tensor");
+  const auto dtype = feat.scalar_type();
+  TREESSM_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "feat must be float32, float64, float16 or bfloat16, got ", dtype);
+  TREESSM_CHECK(edge_index.is_cuda() && edge_index.device() == feat.device(),
+              "edge_index must be on ", feat.device());
+  TREESSM_CHECK(edge_index.scalar_type() == at::kLong && edge_index.dim() == 2 &&
+                  edge_index.size(0) == 2,
+              "edge_index must be an int64 tensor of shape [2, E], got ", edge_index.sizes());
+  TREESSM_CHECK(feat.size(1) <= INT_MAX, "too many channels: ", feat.size(1));
+  TREESSM_CHECK(kind == costs::kCosine || kind == costs::kL2,
+              "kind must be 0 (cosine) or 1 (l2), got ", kind);
+  TREESSM_CHECK(group == 0 || (group <= 32 && (group & (group - 1)) == 0 && group > 0),
+              "group must be 0 or a power of two up to 32, got ", group);
+  const int64_t E = edge_index.size(1);
+  const int64_t C = feat.size(1);
+  const auto out_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({E}, feat.options().dtype(out_type));
+  if (E == 0) return out;
+  TREESSM_CHECK(feat.size(0) > 0, "feat has no rows for ", E, " edges");
+
+  const c10::cuda::CUDAGuard guard(feat.device());
+  const at::Tensor x = feat.contiguous();
+  const at::Tensor ends = edge_index.contiguous();
+  const int64_t* src = ends.data_ptr<int64_t>();
+  const int64_t* dst = src + E;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(feat.get_device());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_edge_costs", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    using A = typename AccType<T>::type;
+    const T* data = reinterpret_cast<const T*>(x.data_ptr());
+    const int v = costs::pack_elements<T>(data, C);
+    const int lanes = group > 0 ? static_cast<int>(group) : costs::choose_group(C / v);
+    const int64_t per_block = costs::kThreads / lanes;
+    const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(sms) * 64);
+    const unsigned blocks =
+        static_cast<unsigned>(std::min<int64_t>((E + per_block - 1) / per_block, cap));
+    A* o = out.data_ptr<A>();
+    const A e = static_cast<A>(eps);
+    constexpr int kWide = costs::kPackBytes / sizeof(T);
+    if (kind == costs::kCosine) {
+      if (v > 1) {
+        costs::edge_costs_kernel<T, kWide, costs::kCosine>
+            <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
+      } else {
+        costs::edge_costs_kernel<T, 1, costs::kCosine>
+            <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
+      }
+    } else if (v > 1) {
+      costs::edge_costs_kernel<T, kWide, costs::kL2>
+          <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
+    } else {
+      costs::edge_costs_kernel<T, 1, costs::kL2>
+          <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_grid_costs(Tensor feat, int B, int H, int W, int connectivity, int kind, "
       "float eps, int group) -> Tensor");
+  m.def("cuda_edge_costs(Tensor feat, Tensor edge_index, int kind, float eps, int group) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(treessm, CUDA, m) { m.impl("cuda_grid_costs", &grid_costs); }
+TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
+  m.impl("cuda_grid_costs", &grid_costs);
+  m.impl("cuda_edge_costs", &edge_costs);
+}
 
 }  // namespace treessm_cuda

@@ -1,4 +1,5 @@
-// Grid-cost kernel: the cost of every candidate edge of a batch of images in one pass.
+// Grid-cost kernel: the cost of every candidate edge of a batch of images in one pass; and
+// the edge-cost kernel: the same costs for a list of edges.
 //
 // Features are [B*H*W, C], channels last. For image b, pixel (i, j) = b*H*W + i*W + j, the
 // candidate edges are laid out as treessm.topology.grid.grid_edges lists them (each part
@@ -30,6 +31,11 @@
 // power of two that brings each row's largest magnitude into [1/2, 1) (exact: the cosine of
 // two rows is what it was, and rows that were safe give the same bits). The l2 costs of
 // extreme features are the caller's to scale (one power of two per image keeps their order).
+//
+// edge_costs_kernel computes the same costs for a list of edges between the rows of any
+// feature matrix (a graph's edge_index): a group of lanes per edge reads both rows, so the
+// rows of the two ends are never gathered into [E, C] arrays; both kernels share the sums
+// (group_costs).
 //
 // Offsets are 64-bit (B*H*W*C may exceed 2^31); one image's pixel index is 32-bit. Loops are
 // grid-strided with block-uniform bounds, so every lane of a warp reaches every shuffle.
@@ -169,6 +175,112 @@ __host__ __device__ inline int choose_group(int64_t packs) {
   return best;
 }
 
+// The costs between row p of feat and rows q[t] (t < K, used where has[t]) by the group of
+// `group` lanes that this lane (`sub` within the group) belongs to; every lane of the warp
+// calls it (it shuffles across the warp), `active` lanes read rows, and every lane of an
+// active group ends with the same costs. V elements per pack, `packs` packs per row of C.
+template <typename T, int V, int KIND, int K>
+__device__ __forceinline__ void group_costs(const T* __restrict__ feat, const int64_t C,
+                                            const int packs, const int64_t p,
+                                            const int64_t (&q)[K], const bool (&has)[K],
+                                            const bool active, const int sub, const int group,
+                                            const typename AccType<T>::type eps,
+                                            typename AccType<T>::type (&cost)[K]) {
+  using A = typename AccType<T>::type;
+  constexpr int NA = KIND == kCosine ? 1 + 2 * K : K;
+  A acc[NA];
+  A mag[1 + K];  // cosine: the largest magnitude of p's row and of each neighbour's row
+#pragma unroll
+  for (int k = 0; k < 1 + K; ++k) mag[k] = A(0);
+  // The sums of the lane's packs: plain, or (`scaled`) on rows scaled by RowScale.
+  auto accumulate = [&](bool scaled) {
+#pragma unroll
+    for (int k = 0; k < NA; ++k) acc[k] = A(0);
+    if (!active) return;
+    RowScale<A> sp(mag[0]);
+    RowScale<A> sq[K];
+#pragma unroll
+    for (int t = 0; t < K; ++t) sq[t] = RowScale<A>(mag[1 + t]);
+    const T* __restrict__ row = feat + p * C;
+    const T* __restrict__ nb[K];
+#pragma unroll
+    for (int t = 0; t < K; ++t) nb[t] = feat + q[t] * C;
+#pragma unroll 2
+    for (int k = sub; k < packs; k += group) {
+      const int off = k * V;
+      const Pack<T, V> a = load_pack<T, V>(row + off);
+      Pack<T, V> n[K];
+#pragma unroll
+      for (int t = 0; t < K; ++t) n[t] = load_pack<T, V>(nb[t] + off);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        A x = to_acc(a.v[e]);
+        if constexpr (KIND == kCosine) {
+          if (scaled) x = sp(x);
+          else mag[0] = larger(mag[0], magnitude(x));
+          acc[0] += x * x;
+        }
+#pragma unroll
+        for (int t = 0; t < K; ++t) {
+          A y = to_acc(n[t].v[e]);
+          if constexpr (KIND == kCosine) {
+            if (scaled) y = sq[t](y);
+            else mag[1 + t] = larger(mag[1 + t], magnitude(y));
+            acc[1 + t] += x * y;
+            acc[1 + K + t] += y * y;
+          } else {
+            const A d = x - y;
+            acc[t] += d * d;
+          }
+        }
+      }
+    }
+  };
+  auto reduce = [&](bool magnitudes) {
+    for (int o = group >> 1; o > 0; o >>= 1) {
+#pragma unroll
+      for (int k = 0; k < NA; ++k) acc[k] += __shfl_xor_sync(kFullMask, acc[k], o);
+      if (magnitudes) {
+#pragma unroll
+        for (int k = 0; k < 1 + K; ++k) mag[k] = larger(mag[k], __shfl_xor_sync(kFullMask, mag[k], o));
+      }
+    }
+  };
+  accumulate(false);
+  reduce(KIND == kCosine);
+  if constexpr (KIND == kCosine) {
+    // a nonzero row whose squared norm left the safe range: the whole warp (every lane
+    // reaches the shuffles) redoes its sums on scaled rows
+    auto safe = [](A sq, A m) {
+      return (sq >= SafeSquares<A>::lo() && sq <= SafeSquares<A>::hi()) || m == A(0);
+    };
+    int bad = 0;
+    if (active) {
+      bad = !safe(acc[0], mag[0]);
+#pragma unroll
+      for (int t = 0; t < K; ++t) bad |= has[t] && !safe(acc[1 + K + t], mag[1 + t]);
+    }
+    for (int o = 16; o > 0; o >>= 1) bad |= __shfl_xor_sync(kFullMask, bad, o);
+    if (bad) {
+      accumulate(true);
+      reduce(false);
+    }
+  }
+  A inv_p = A(0);
+  if constexpr (KIND == kCosine) inv_p = inv_norm(acc[0], eps);
+#pragma unroll
+  for (int t = 0; t < K; ++t) {
+    if constexpr (KIND == kCosine) {
+      const A inv_q = inv_norm(acc[1 + K + t], eps);
+      // an infinite norm normalises its vector to zero: cosine 0
+      const A cs = (inv_p == A(0) || inv_q == A(0)) ? A(0) : acc[1 + t] * inv_p * inv_q;
+      cost[t] = expo(-cs);
+    } else {
+      cost[t] = root(acc[t]);
+    }
+  }
+}
+
 // out[b * per_image + e] = cost of candidate edge e of image b. blockDim.x is a multiple of
 // 32 and of `group` (a power of two up to 32); V elements per pack (see pack_elements; with
 // V > 1 every row of feat is 16-byte aligned).
@@ -178,7 +290,6 @@ __global__ void __launch_bounds__(kThreads)
                       const typename AccType<T>::type eps, typename AccType<T>::type* __restrict__ out) {
   using A = typename AccType<T>::type;
   constexpr int K = EIGHT ? 4 : 2;  // forward neighbours: right, down, down-right, down-left
-  constexpr int NA = KIND == kCosine ? 1 + 2 * K : K;
   const int sub = static_cast<int>(threadIdx.x) & (group - 1);  // lane within the group
   const int64_t groups = static_cast<int64_t>(blockDim.x / group);
   const int64_t slot = threadIdx.x / group;
@@ -222,85 +333,8 @@ __global__ void __launch_bounds__(kThreads)
       q[2] = has[2] ? p + s.W + 1 : p;
       q[3] = has[3] ? p + s.W - 1 : p;
     }
-
-    A acc[NA];
-    A mag[1 + K];  // cosine: the largest magnitude of p's row and of each neighbour's row
-#pragma unroll
-    for (int k = 0; k < 1 + K; ++k) mag[k] = A(0);
-    // The sums of the lane's packs: plain, or (`scaled`) on rows scaled by RowScale.
-    auto accumulate = [&](bool scaled) {
-#pragma unroll
-      for (int k = 0; k < NA; ++k) acc[k] = A(0);
-      if (!active) return;
-      RowScale<A> sp(mag[0]);
-      RowScale<A> sq[K];
-#pragma unroll
-      for (int t = 0; t < K; ++t) sq[t] = RowScale<A>(mag[1 + t]);
-      const T* __restrict__ row = feat + p * s.C;
-      const T* __restrict__ nb[K];
-#pragma unroll
-      for (int t = 0; t < K; ++t) nb[t] = feat + q[t] * s.C;
-#pragma unroll 2
-      for (int k = sub; k < packs; k += group) {
-        const int off = k * V;
-        const Pack<T, V> a = load_pack<T, V>(row + off);
-        Pack<T, V> n[K];
-#pragma unroll
-        for (int t = 0; t < K; ++t) n[t] = load_pack<T, V>(nb[t] + off);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          A x = to_acc(a.v[e]);
-          if constexpr (KIND == kCosine) {
-            if (scaled) x = sp(x);
-            else mag[0] = larger(mag[0], magnitude(x));
-            acc[0] += x * x;
-          }
-#pragma unroll
-          for (int t = 0; t < K; ++t) {
-            A y = to_acc(n[t].v[e]);
-            if constexpr (KIND == kCosine) {
-              if (scaled) y = sq[t](y);
-              else mag[1 + t] = larger(mag[1 + t], magnitude(y));
-              acc[1 + t] += x * y;
-              acc[1 + K + t] += y * y;
-            } else {
-              const A d = x - y;
-              acc[t] += d * d;
-            }
-          }
-        }
-      }
-    };
-    auto reduce = [&](bool magnitudes) {
-      for (int o = group >> 1; o > 0; o >>= 1) {
-#pragma unroll
-        for (int k = 0; k < NA; ++k) acc[k] += __shfl_xor_sync(kFullMask, acc[k], o);
-        if (magnitudes) {
-#pragma unroll
-          for (int k = 0; k < 1 + K; ++k) mag[k] = larger(mag[k], __shfl_xor_sync(kFullMask, mag[k], o));
-        }
-      }
-    };
-    accumulate(false);
-    reduce(KIND == kCosine);
-    if constexpr (KIND == kCosine) {
-      // a nonzero row whose squared norm left the safe range: the whole warp (every lane
-      // reaches the shuffles) redoes its sums on scaled rows
-      auto safe = [](A sq, A m) {
-        return (sq >= SafeSquares<A>::lo() && sq <= SafeSquares<A>::hi()) || m == A(0);
-      };
-      int bad = 0;
-      if (active) {
-        bad = !safe(acc[0], mag[0]);
-#pragma unroll
-        for (int t = 0; t < K; ++t) bad |= has[t] && !safe(acc[1 + K + t], mag[1 + t]);
-      }
-      for (int o = 16; o > 0; o >>= 1) bad |= __shfl_xor_sync(kFullMask, bad, o);
-      if (bad) {
-        accumulate(true);
-        reduce(false);
-      }
-    }
+    A cost[K];
+    group_costs<T, V, KIND, K>(feat, s.C, packs, p, q, has, active, sub, group, eps, cost);
 
     if (active) {
       const int64_t base = b * s.per_image;
@@ -312,23 +346,38 @@ __global__ void __launch_bounds__(kThreads)
         idx[2] = base + s.e_diag + cell;
         idx[3] = base + s.e_anti + cell - 1;  // cell (i, j - 1): (i, j) - (i + 1, j - 1)
       }
-      A inv_p = A(0);
-      if constexpr (KIND == kCosine) inv_p = inv_norm(acc[0], eps);
 #pragma unroll
       for (int t = 0; t < K; ++t) {
-        if (!has[t] || sub != t % group) continue;  // one lane writes each edge
-        A c;
-        if constexpr (KIND == kCosine) {
-          const A inv_q = inv_norm(acc[1 + K + t], eps);
-          // an infinite norm normalises its vector to zero: cosine 0
-          const A cs = (inv_p == A(0) || inv_q == A(0)) ? A(0) : acc[1 + t] * inv_p * inv_q;
-          c = expo(-cs);
-        } else {
-          c = root(acc[t]);
-        }
-        out[idx[t]] = c;
+        if (has[t] && sub == t % group) out[idx[t]] = cost[t];  // one lane writes each edge
       }
     }
+  }
+}
+
+// out[e] = cost of edge (src[e], dst[e]) of a list of E edges between the rows of feat
+// [N, C], one group of lanes per edge (the sums and costs of group_costs); launch as
+// grid_costs_kernel.
+template <typename T, int V, int KIND>
+__global__ void __launch_bounds__(kThreads)
+    edge_costs_kernel(const T* __restrict__ feat, const int64_t* __restrict__ src,
+                      const int64_t* __restrict__ dst, const int64_t E, const int64_t C,
+                      const int group, const typename AccType<T>::type eps,
+                      typename AccType<T>::type* __restrict__ out) {
+  using A = typename AccType<T>::type;
+  const int sub = static_cast<int>(threadIdx.x) & (group - 1);
+  const int64_t groups = static_cast<int64_t>(blockDim.x / group);
+  const int64_t slot = threadIdx.x / group;
+  const int packs = static_cast<int>(C / V);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * groups;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < E; first += stride) {
+    const int64_t e = first + slot;
+    const bool active = e < E;
+    const int64_t q[1] = {active ? dst[e] : 0};
+    const bool has[1] = {active};
+    A cost[1];
+    group_costs<T, V, KIND, 1>(feat, C, packs, active ? src[e] : 0, q, has, active, sub, group,
+                               eps, cost);
+    if (active && sub == 0) out[e] = cost[0];
   }
 }
 

@@ -215,3 +215,40 @@ def test_op_lanes_per_pixel(ops, group):
                 got = ops.cuda_grid_costs(feat.cuda(), b, h, w, conn, kind, EPS, group)
                 ref = grid_costs_torch(feat.reshape(-1, c), b, h, w, conn, name)
                 torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["cosine", "l2"])
+def test_edge_list_costs_match_torch(ops, dtype, name):
+    # the edge-list kernel (cuda_edge_costs) against edge_cost on the CPU: self-loops,
+    # repeated edges, rows of 1 to 1,024 channels, zero rows and rows of extreme scale
+    gen = torch.Generator().manual_seed(31 + DTYPES.index(dtype) + 5 * (name == "l2"))
+    for n, e, c in [(1, 1, 3), (5, 12, 1), (50, 200, 8), (300, 2000, 36), (40, 100, 1024)]:
+        feat = torch.randn(n, c, generator=gen, dtype=torch.float64)
+        feat[0] = 0
+        if dtype in (torch.float32, torch.float64):
+            feat[1 % n] *= 1e30
+        feat = feat.to(dtype)
+        ei = torch.randint(0, n, (2, e), generator=gen)
+        ei[:, 0] = ei[0, 0]
+        got = cuda_grid.pair_costs_cuda(feat.cuda(), ei.cuda(), name)
+        ref = distance.edge_cost(feat, ei, name)
+        assert got.dtype == ref.dtype and got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), ref, **tolerance(dtype))
+    assert cuda_grid.pair_costs_cuda(torch.randn(3, 2), torch.zeros(2, 1, dtype=torch.long)) is None
+    empty = cuda_grid.pair_costs_cuda(torch.randn(3, 2, device="cuda"),
+                                      torch.zeros(2, 0, dtype=torch.long, device="cuda"), name)
+    assert empty.shape == (0,)
+
+
+def test_graph_topology_on_cuda_equals_the_cpu_tree(ops):
+    # GraphTopology's costs on the GPU come from the edge-list kernel: the same forest
+    gen = torch.Generator().manual_seed(33)
+    n = 3000
+    x = torch.randn(n, 24, generator=gen)
+    ei = torch.randint(0, n, (2, 5 * n), generator=gen)
+    for name in ("cosine", "l2"):
+        topo = treessm.GraphTopology(distance=name)
+        cpu, gpu = topo(x, ei), topo(x.cuda(), ei.cuda())
+        for f in TREE_FIELDS[:-1]:
+            assert torch.equal(getattr(gpu, f).cpu(), getattr(cpu, f)), (name, f)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..tree import Tree
+from .cuda_grid import pair_costs_cuda
 from .distance import Distance, check_distance, edge_cost, pair_costs_cpu
 from .euler_tour import spanning_tree_on_device
 from .layout import lattice_offsets
@@ -284,6 +285,10 @@ class Topology:
         if isinstance(self.distance, str) and feat.device.type == "cpu":
             plan = self._plan(edge_index, None, feat.shape[0])
             return pair_costs_cpu(feat, plan.src, plan.dst, self.distance)
+        if isinstance(self.distance, str):
+            cost = pair_costs_cuda(feat, edge_index, self.distance)
+            if cost is not None:
+                return cost
         return edge_cost(feat, edge_index, self.distance)
 
     def spanning_tree(self, edge_index: Tensor, cost: Tensor, num_nodes: int) -> Tensor:

@@ -27,7 +27,11 @@ The candidate-edge costs come from another fused kernel, :func:`grid_costs`
 feature row and those of its right and lower neighbours (16-byte loads where the rows
 allow), and writes the cosine or Euclidean cost of its edges, so the features are read
 from memory about once. It agrees with
-:func:`~treessm.topology.distance.grid_costs_torch` to rounding.
+:func:`~treessm.topology.distance.grid_costs_torch` to rounding. The same sums serve any
+list of edges (:func:`pair_costs_cuda`, ``torch.ops.treessm.cuda_edge_costs``: a group of
+lanes per edge reads the rows of both ends, instead of gathering them into ``[E, C]``
+arrays first), which the topologies use for graphs on the GPU; it agrees with
+:func:`~treessm.topology.distance.edge_cost` to rounding.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from ..tree import Tree
 from ..typing import cuda_extension_available
 from .distance import DISTANCES, EPS, grid_costs_torch, kind_code, scale_by_power_of_two
 
-__all__ = ["grid_spanning_tree", "grid_tree_from_features", "grid_costs",
+__all__ = ["grid_spanning_tree", "grid_tree_from_features", "grid_costs", "pair_costs_cuda",
            "num_candidate_edges", "shared_memory_bytes", "fits", "fused_ready"]
 
 _COST_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -189,6 +193,36 @@ def _fused_costs(feat: Tensor, B: int, H: int, W: int, connectivity: int, distan
     if scale is not None and unscale:
         cost = (cost.reshape(B, -1) * scale.to(cost.dtype)).reshape(-1)
     return cost
+
+
+@torch.no_grad()
+def pair_costs_cuda(feat: Tensor, edge_index: Tensor, distance: str = "cosine"
+                    ) -> Optional[Tensor]:
+    """The costs of the edges ``edge_index [2, E]`` (int64 ids of rows of ``feat [N, C]``,
+    trusted) from the edge-cost kernel, or ``None`` when it cannot take them (features not
+    on a CUDA device, no extension, another dtype, rows of 2^31 channels or more): the
+    values of :func:`~treessm.topology.distance.edge_cost`, to rounding, without gathering
+    the ends' rows. Euclidean costs are computed on the features scaled by the power of two
+    that brings their largest magnitude into ``[1/2, 1)`` and multiplied back, as there;
+    the cosine kernel scales rows itself.
+
+    Returns:
+        Tensor [E] (float64 for float64 features, else float32), or ``None``.
+    """
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if (feat.device.type != "cuda" or feat.dim() != 2 or feat.dtype not in _COST_TYPES
+            or feat.shape[1] > _INT_MAX or not cuda_extension_available()):
+        return None
+    x = feat.detach()
+    scale = None
+    if distance == "l2" and x.numel():
+        # scaled in the accumulation type: a power of two is exact there
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        x, scale = scale_by_power_of_two(x, (0, 1), return_scale=True)
+    cost = torch.ops.treessm.cuda_edge_costs.default(x, edge_index.long(), kind_code(distance),
+                                                     EPS, GRID_COSTS_GROUP)
+    return cost if scale is None else cost * scale.reshape(()).to(cost.dtype)
 
 
 @torch.no_grad()

@@ -1,0 +1,104 @@
+// Host emulation of the edge-cost kernel: one std::thread per CUDA thread, blocks in turn,
+// warp shuffles through a per-warp barrier. Reads a problem written by tests/extensions,
+// chooses the pack width and group size as grid_costs.cu does (or takes them from the
+// input), runs the kernel and writes the E costs into an output prefilled with NaN, so a
+// cost the kernel never writes shows.
+// usage: edge_costs_harness IN OUT
+// IN: int64 N, C, E, kind (0 cosine, 1 l2), wide (0: float32, 1: float64), threads per
+//     block, blocks (0: as many as the edges need), group (0: choose), scalar (1: force
+//     single-element packs), offset (elements the rows are shifted by in memory, to
+//     misalign them); float64 eps; the N*C features in the element type; int64 src[E],
+//     dst[E].
+// The last line on stdout reports "pack=V group=G blocks=N".
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "grid_costs_kernels.cuh"
+using namespace treessm_cuda;
+
+template <typename T, int V, int KIND>
+void run_kind(const T* x, const int64_t* src, const int64_t* dst, int64_t E, int64_t C,
+              int group, T eps, T* out, unsigned blocks, int threads) {
+  gridDim.x = blocks;
+  for (unsigned bx = 0; bx < blocks; ++bx) {
+    emu_run_block(bx, 0, threads, [] {}, [&] {
+      costs::edge_costs_kernel<T, V, KIND>(x, src, dst, E, C, group, eps, out);
+    });
+  }
+}
+
+template <typename T, int V>
+void run_pack(const T* x, const int64_t* src, const int64_t* dst, int64_t E, int64_t C, int kind,
+              int group, T eps, T* out, unsigned blocks, int threads) {
+  if (kind == costs::kCosine) {
+    run_kind<T, V, costs::kCosine>(x, src, dst, E, C, group, eps, out, blocks, threads);
+  } else {
+    run_kind<T, V, costs::kL2>(x, src, dst, E, C, group, eps, out, blocks, threads);
+  }
+}
+
+template <typename T>
+void run(FILE* f, const std::vector<int64_t>& h, double eps, FILE* out_file) {
+  const int64_t N = h[0], C = h[1], E = h[2];
+  const int kind = static_cast<int>(h[3]);
+  const int threads = static_cast<int>(h[5]);
+  const int64_t blocks_in = h[6];
+  int group = static_cast<int>(h[7]);
+  const bool scalar = h[8] != 0;
+  const int64_t offset = h[9];
+  if (threads % 32 != 0 || threads > costs::kThreads) {
+    std::fprintf(stderr, "threads must be a multiple of 32, at most %d\n", costs::kThreads);
+    std::exit(2);
+  }
+  const int64_t count = N * C;
+  constexpr int64_t per_pack = costs::kPackBytes / sizeof(T);
+  std::vector<T> storage(count + offset + per_pack);
+  T* base = storage.data();
+  while (reinterpret_cast<uintptr_t>(base) % costs::kPackBytes) ++base;
+  T* x = base + offset;
+  const std::vector<T> values = read<T>(f, count);
+  std::copy(values.begin(), values.end(), x);
+  const std::vector<int64_t> ends = read<int64_t>(f, 2 * E);
+
+  const int v = scalar ? 1 : costs::pack_elements<T>(x, C);
+  if (group == 0) group = costs::choose_group(C / v);
+  if (group < 1 || group > 32 || (group & (group - 1)) != 0 || threads % group != 0) {
+    std::fprintf(stderr, "bad group %d\n", group);
+    std::exit(2);
+  }
+  const int64_t per_block = threads / group;
+  const int64_t need = (E + per_block - 1) / per_block;
+  const unsigned blocks = static_cast<unsigned>(blocks_in > 0 ? std::min(blocks_in, need) : need);
+  std::vector<T> out(E, std::numeric_limits<T>::quiet_NaN());
+  if (E > 0 && blocks > 0) {
+    const int64_t* src = ends.data();
+    const int64_t* dst = src + E;
+    if (v > 1) run_pack<T, per_pack>(x, src, dst, E, C, kind, group, static_cast<T>(eps),
+                                     out.data(), blocks, threads);
+    else run_pack<T, 1>(x, src, dst, E, C, kind, group, static_cast<T>(eps), out.data(), blocks,
+                        threads);
+  }
+  if (!out.empty()) std::fwrite(out.data(), sizeof(T), out.size(), out_file);
+  std::printf("pack=%d group=%d blocks=%u\n", v, group, blocks);
+}
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: edge_costs_harness IN OUT\n");
+    return 2;
+  }
+  FILE* f = std::fopen(argv[1], "rb");
+  if (f == nullptr) return 2;
+  const std::vector<int64_t> h = read<int64_t>(f, 10);
+  const double eps = read<double>(f, 1)[0];
+  FILE* out = std::fopen(argv[2], "wb");
+  if (out == nullptr) return 2;
+  if (h[4]) run<double>(f, h, eps, out);
+  else run<float>(f, h, eps, out);
+  std::fclose(f);
+  std::fclose(out);
+  return 0;
+}
