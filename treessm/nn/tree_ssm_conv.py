@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.parameter import is_lazy
 from torch_geometric.nn import Linear
 
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
@@ -38,6 +39,16 @@ class ProjectionLinear(Linear):
             nn.init.trunc_normal_(self.weight, std=0.02)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def halves(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """The first and the second half of the output channels, each in an array of its own
+        rather than as strided views of one output (which a later reader would copy); a lazy
+        projection's first call, which materialises it, splits one output."""
+        if is_lazy(self.weight):
+            return self(x).chunk(2, dim=-1)
+        w = self.weight.chunk(2)
+        b = (None, None) if self.bias is None else self.bias.chunk(2)
+        return F.linear(x, w[0], b[0]), F.linear(x, w[1], b[1])
 
 
 class _NeighbourMean(torch.autograd.Function):
@@ -210,7 +221,7 @@ class TreeSSMConv(SelectiveTreeSSM):
     def project_in(self, x: Tensor, graph: PreparedGraph) -> Tuple[Tensor, Tensor]:
         """Inner features ``u`` (projection, neighbourhood mixing, SiLU) and the gate ``z``,
         both ``[N, d_inner]``, over a :class:`~treessm.PreparedGraph`."""
-        u, z = self.in_proj(x).chunk(2, dim=-1)
+        u, z = self.in_proj.halves(x)
         if self.self_weight is None:
             return F.silu(u), z
         mixed = neighbour_mean(u, graph)
