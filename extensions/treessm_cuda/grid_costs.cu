@@ -60,6 +60,27 @@ void launch_pack(const T* feat, const costs::Shape& s, bool eight, int kind, int
   }
 }
 
+// Pack width, lanes per item (pixel or edge) and blocks of a cost launch over `items` rows
+// of C elements: 16-byte packs where the rows allow, `group` lanes or costs::choose_group's
+// choice, and enough blocks to fill the device several times over (the kernels stride over
+// the rest).
+struct CostLaunch {
+  int pack;
+  int lanes;
+  unsigned blocks;
+};
+
+template <typename T>
+CostLaunch cost_launch(const T* data, int64_t C, int64_t group, int64_t items, int device) {
+  CostLaunch l;
+  l.pack = costs::pack_elements<T>(data, C);
+  l.lanes = group > 0 ? static_cast<int>(group) : costs::choose_group(C / l.pack);
+  const int64_t per_block = costs::kThreads / l.lanes;
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(sm_count(device)) * 64);
+  l.blocks = static_cast<unsigned>(std::min<int64_t>((items + per_block - 1) / per_block, cap));
+  return l;
+}
+
 }  // namespace
 
 at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
@@ -97,26 +118,19 @@ at::Tensor grid_costs(const at::Tensor& feat, int64_t B, int64_t H, int64_t W,
   const c10::cuda::CUDAGuard guard(feat.device());
   const at::Tensor x = feat.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int sms = sm_count(feat.get_device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_grid_costs", [&] {
     using T = typename CudaType<scalar_t>::type;
     using A = typename AccType<T>::type;
     const T* data = reinterpret_cast<const T*>(x.data_ptr());
-    const int v = costs::pack_elements<T>(data, C);
-    const int lanes = group > 0 ? static_cast<int>(group) : costs::choose_group(C / v);
-    const int64_t per_block = costs::kThreads / lanes;
-    // enough blocks to fill the device several times over; the kernel strides over the rest
-    const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(sms) * 64);
-    const unsigned blocks =
-        static_cast<unsigned>(std::min<int64_t>((pixels + per_block - 1) / per_block, cap));
+    const CostLaunch l = cost_launch<T>(data, C, group, pixels, feat.get_device());
     A* o = out.data_ptr<A>();
     const A e = static_cast<A>(eps);
-    if (v > 1) {
-      launch_pack<T, costs::kPackBytes / sizeof(T)>(data, s, eight, static_cast<int>(kind), lanes,
-                                                    e, o, blocks, stream);
+    if (l.pack > 1) {
+      launch_pack<T, costs::kPackBytes / sizeof(T)>(data, s, eight, static_cast<int>(kind),
+                                                    l.lanes, e, o, l.blocks, stream);
     } else {
-      launch_pack<T, 1>(data, s, eight, static_cast<int>(kind), lanes, e, o, blocks, stream);
+      launch_pack<T, 1>(data, s, eight, static_cast<int>(kind), l.lanes, e, o, l.blocks, stream);
     }
   });
   return out;
@@ -152,18 +166,14 @@ at::Tensor edge_costs(const at::Tensor& feat, const at::Tensor& edge_index, int6
   const int64_t* src = ends.data_ptr<int64_t>();
   const int64_t* dst = src + E;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int sms = sm_count(feat.get_device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "treessm_cuda_edge_costs", [&] {
     using T = typename CudaType<scalar_t>::type;
     using A = typename AccType<T>::type;
     const T* data = reinterpret_cast<const T*>(x.data_ptr());
-    const int v = costs::pack_elements<T>(data, C);
-    const int lanes = group > 0 ? static_cast<int>(group) : costs::choose_group(C / v);
-    const int64_t per_block = costs::kThreads / lanes;
-    const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(sms) * 64);
-    const unsigned blocks =
-        static_cast<unsigned>(std::min<int64_t>((E + per_block - 1) / per_block, cap));
+    const CostLaunch l = cost_launch<T>(data, C, group, E, feat.get_device());
+    const int v = l.pack, lanes = l.lanes;
+    const unsigned blocks = l.blocks;
     A* o = out.data_ptr<A>();
     const A e = static_cast<A>(eps);
     constexpr int kWide = costs::kPackBytes / sizeof(T);
