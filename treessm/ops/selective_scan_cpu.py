@@ -20,9 +20,9 @@ holding ``h`` for all vertices and states at once. The step ``de`` of the edge
 Layout. The inputs are first copied into *breadth-first position order* and cut into blocks
 of ``W`` channels (a multiple of 128 bytes: 32 float32 or 16 float64), the last one padded
 with inert channels (``u = dx = de = A = 0``). A work item is one block of channels over one
-group of whole trees; inside it the states are taken in chunks of at most ``Sb`` (of 8, 4,
-3, 2 or 1 states in the forward pass), and for each chunk the passes below run over the
-group's trees with the ``Sb * W`` lanes of a vertex as the vectorised inner loop. Each thread owns a scratch buffer of rows of ``Sb * W`` lanes, reused
+group of whole trees; inside it the states are taken in chunks of ``Sb``, and for each chunk
+the passes below run over the group's trees with the ``Sb * W`` lanes of a vertex as the
+vectorised inner loop. Each thread owns a scratch buffer of rows of ``Sb * W`` lanes, reused
 from item to item and kept within a memory budget of about one ``[N, D]`` array (``Sb``
 shrinks for large trees): one row per vertex of the group in the forward pass (``w`` is
 formed again where it is needed rather than stored), up to five in the backward, plus two
@@ -267,26 +267,30 @@ def _cast_overload(like, x):
 
 
 @njit(inline="always")
-def _chunk_moments(h, oh, t1, i, blk, s0, out, d, W, SB):
+def _chunk_moments(h, oh, i, blk, s0, sb, out, d):
     """Fold the chunk's states ``h[oh:]`` of position ``i`` into the mean and the sum of
     squared deviations of the block's states (real channels only): the chunk's own two,
-    from its lanes summed in a fixed order (``h[t1:]`` holds each channel's sum over the
-    chunk's states), then combined with the earlier chunks' by Chan's formula. The second
-    partial sums go to the second row from the end of ``h``, a temporary that no forward
-    pass uses."""
+    from its lanes summed in a fixed order, then combined with the earlier chunks' by
+    Chan's formula. The partial sums go to the third and the second row from the end of
+    ``h``, temporaries that no forward pass uses."""
+    W = d.W
+    t1 = U(h.shape[0]) - U(3) * d.L
     t2 = U(h.shape[0]) - U(2) * d.L
     real = min(W, d.D - blk * W)
-    nb = _cast(h, SB * real)
+    for dd in range(W):
+        h[t1 + dd] = h[oh + dd]
+    for sl in range(U(1), sb):
+        o = oh + sl * W
+        for dd in range(W):
+            h[t1 + dd] += h[o + dd]
+    nb = _cast(h, sb * real)
     m = _lane_sum(h, t1, W) / nb
-    for dd in range(real):
-        dev = h[oh + dd] - m
-        q = dev * dev
-        for sl in range(U(1), SB):
-            dev = h[oh + sl * W + dd] - m
-            q += dev * dev
-        h[t2 + dd] = q
-    for dd in range(real, W):
-        h[t2 + dd] = 0
+    _fill(h, t2, W, 0)
+    for sl in range(sb):
+        o = oh + sl * W
+        for dd in range(real):
+            dev = h[o + dd] - m
+            h[t2 + dd] += dev * dev
     m2 = _lane_sum(h, t2, W)
     k = blk * d.N + U(i)
     if s0 == U(0):
@@ -314,14 +318,7 @@ def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
             for dd in range(W):
                 out.y1b[iu + dd] += c * h[oh + o + dd]
     if d.moments:
-        t1 = U(h.shape[0]) - U(3) * d.L
-        for dd in range(W):
-            h[t1 + dd] = h[oh + dd]
-        for sl in range(U(1), sb):
-            o = oh + sl * W
-            for dd in range(W):
-                h[t1 + dd] += h[o + dd]
-        _chunk_moments(h, oh, t1, i, blk, s0, out, d, W, sb)
+        _chunk_moments(h, oh, i, blk, s0, sb, out, d)
     r = lay.srow[i]
     while r >= 0:
         os = ((blk * d.K + U(r)) * d.S + s0) * W
@@ -382,131 +379,56 @@ def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
             _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
 
 
-# The forward passes of the directions "up" and "both" are inlined into
-# :func:`_forward_item` once per chunk size they run (``SB`` states: 1, 2, 3, 4 or 8) and
-# once more for 4 states of 32 channels (``W``) in rows of 128 lanes (``L``). With these
-# constants the loops over states unroll into the loops over channels, the trip counts are
-# known, and rows at a constant distance make one range in the vectoriser's overlap checks:
-# a vertex costs a few vectorised loops rather than a short loop per state.
-@njit(inline="always")
-def _edge_terms(inp, d):
-    """``(e, ce, cp)``: the step of the edge ``(v, parent(v))`` in lane ``dd`` is
-    ``ce * e[iv + dd] + cp * dxb[ip + dd]``, ``(1, 0)`` under the rules ``"child"`` and
-    ``"given"`` (e the given steps), ``(1/2, 1/2)`` under ``"mean"``: the same values as
-    the rule's own formula (halving is exact, adding zero is), without a branch in the
-    lane loops."""
-    half = inp.consts[0]
-    if d.edge_mode == 1:
-        return inp.dxb, half, half
-    if d.edge_mode == 2:
-        return inp.deb, half + half, half - half
-    return inp.dxb, half + half, half - half
-
-
-@njit(inline="always")
-def _x_row(dst, do, inp, iu, ib, W, SB):
-    # x = (dx u) B of the SB states from ib on, in one pass over the channels
-    for dd in range(W):
-        xu = inp.dxb[iu + dd] * inp.ub[iu + dd]
-        for sl in range(SB):
-            dst[do + sl * W + dd] = xu * inp.bp[ib + sl]
-
-
-@njit(inline="always")
-def _emit_row(h, oh, i, blk, s0, inp, lay, out, d, W, SB):
-    """Read the states ``h[oh:]`` of position ``i`` out (y, moments, requested states),
-    ``y`` and the lane sums of the moments' mean in one pass over the channels."""
-    iu = (blk * d.N + U(i)) * W
-    ic = U(i) * d.S + s0
-    ia = (blk * d.S + s0) * W
-    t1 = U(h.shape[0]) - U(3) * d.L
-    if d.has_gamma:
-        for dd in range(W):
-            acc = out.y1b[iu + dd]
-            hs = h[oh + dd]
-            acc += inp.cp[ic] * inp.gb[ia + dd] * hs
-            for sl in range(U(1), SB):
-                o = sl * W + dd
-                acc += inp.cp[ic + sl] * inp.gb[ia + o] * h[oh + o]
-                hs += h[oh + o]
-            out.y1b[iu + dd] = acc
-            h[t1 + dd] = hs
-    else:
-        for dd in range(W):
-            acc = out.y1b[iu + dd]
-            hs = h[oh + dd]
-            acc += inp.cp[ic] * hs
-            for sl in range(U(1), SB):
-                o = sl * W + dd
-                acc += inp.cp[ic + sl] * h[oh + o]
-                hs += h[oh + o]
-            out.y1b[iu + dd] = acc
-            h[t1 + dd] = hs
-    if d.moments:
-        _chunk_moments(h, oh, t1, i, blk, s0, out, d, W, SB)
-    r = lay.srow[i]
-    while r >= 0:
-        os = ((blk * d.K + U(r)) * d.S + s0) * W
-        for l in range(SB * W):
-            out.statesb[os + l] = h[oh + l]
-        r = lay.snext[r]
-
-
-@njit(inline="always")
-def _up_rows(buf, oH, ga, a, b, blk, s0, inp, lay, d, emit, out, W, SB, L):
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
+def _up_pull(buf, oH, tw, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     """Leaves first: ``H = up(x)`` in buffer ``oH``, one row per vertex: each child's ``w``
-    is formed as the child is added to its parent."""
-    e, ce, cp = _edge_terms(inp, d)
-    ia = (blk * d.S + s0) * W
+    is formed (in the temporary row ``tw``) as the child is added to its parent."""
+    L, n = d.L, sb * d.W
     for i in range(b - 1, a - 1, -1):
-        iu = (blk * d.N + U(i)) * W
+        iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
-        _x_row(buf, oh, inp, iu, U(i) * d.S + s0, W, SB)
+        _x(buf, oh, inp, d, iu, ib, s0, sb)
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
-            ku = (blk * d.N + U(k)) * W
+            ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
+            _w(buf, tw, inp, d, ku, kp, ka, sb)
             ok = oH + U(k - ga) * L
-            for dd in range(W):
-                de = ce * e[ku + dd] + cp * inp.dxb[iu + dd]
-                for sl in range(SB):
-                    o = sl * W + dd
-                    buf[oh + o] += _exp(de * inp.ab[ia + o]) * buf[ok + o]
+            for l in range(n):
+                buf[oh + l] += buf[tw + l] * buf[ok + l]
         if emit:
-            _emit_row(buf, oh, i, blk, s0, inp, lay, out, d, W, SB)
+            _emit(buf, oh, i, a, blk, s0, sb, inp, lay, out, d)
 
 
-@njit(inline="always")
-def _out_rows(buf, oR, oF, ot, ga, a, b, blk, s0, inp, lay, d, out, W, SB, L):
-    """Roots first, after :func:`_up_rows`, in the same rows: ``h = up + out`` read out,
+@njit(cache=True, fastmath={"contract"}, _nrt=False)
+def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
+    """Roots first, after :func:`_up_pull`, in the same rows: ``h = up + out`` read out,
     ``out[v] = w[v] Br[v]``, ``Br[v] = out[p] + x[p] + (w up summed over v's siblings)``.
     A vertex's row holds ``up`` until its family is done (its siblings' brackets read it),
     then ``out + x``, where its own children's brackets start. The sibling sums come from
     prefix and suffix sums over the family; ``oF`` holds two rows per child of the largest
     family (the child's ``w`` and its suffix sum, then its ``out``)."""
-    n = SB * W
-    ia = (blk * d.S + s0) * W
+    L, n = d.L, sb * d.W
     tacc, th = ot, ot + L
     ra = oR + U(a - ga) * L
-    _emit_row(buf, ra, a, blk, s0, inp, lay, out, d, W, SB)
-    # out[root] + x[root], out[root] = 0
-    _x_row(buf, ra, inp, (blk * d.N + U(a)) * W, U(a) * d.S + s0, W, SB)
+    _emit(buf, ra, a, a, blk, s0, sb, inp, lay, out, d)
+    iu, ip, ib, ia = _offsets(d, lay, blk, a, a, s0)
+    _x(buf, ra, inp, d, iu, ib, s0, sb)  # out[root] + x[root], out[root] = 0
     for i in range(a, b):
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
         base = oR + U(i - ga) * L
-        iu = (blk * d.N + U(i)) * W
         _fill(buf, tacc, n, 0)
         for k in range(k1 - 1, k0 - 1, -1):  # w and the suffix sums
             ow = oF + U(k - k0) * (U(2) * L)
             osf = ow + L
-            ku = (blk * d.N + U(k)) * W
+            ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
+            _w(buf, ow, inp, d, ku, kp, ka, sb)
             ok = oR + U(k - ga) * L
-            _w(buf, ow, inp, d, ku, iu, ia, SB)
             for l in range(n):
                 buf[osf + l] = buf[tacc + l]
                 buf[tacc + l] += buf[ow + l] * buf[ok + l]
         _fill(buf, tacc, n, 0)
-        for k in range(k0, k1):  # the prefix sums, out, h, and the row's out + x
+        for k in range(k0, k1):  # the prefix sums, out, h
             ow = oF + U(k - k0) * (U(2) * L)
             osf = ow + L
             ok = oR + U(k - ga) * L
@@ -517,10 +439,10 @@ def _out_rows(buf, oR, oF, ot, ga, a, b, blk, s0, inp, lay, d, out, W, SB, L):
                 buf[tacc + l] += wk * uk
                 buf[th + l] = uk + o
                 buf[osf + l] = o
-            _emit_row(buf, th, k, blk, s0, inp, lay, out, d, W, SB)
+            _emit(buf, th, k, a, blk, s0, sb, inp, lay, out, d)
             if lay.child_ptr[k] < min(lay.child_ptr[k + 1], b):  # a parent: out + x
-                ku = (blk * d.N + U(k)) * W
-                _x(buf, ok, inp, d, ku, U(k) * d.S, s0, SB)
+                ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
+                _x(buf, ok, inp, d, ku, kb, s0, sb)
                 for l in range(n):
                     buf[ok + l] = buf[osf + l] + buf[ok + l]
 
@@ -741,27 +663,6 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
 
 
 # ---------------------------------------------------------------------------- drivers
-@njit(inline="always")
-def _chunk_states(d, s0):
-    # the states of the chunk from s0 on: the most of 8, 4, 3, 2 and 1 (the chunk sizes
-    # the forward passes are compiled for) up to d.Sb and the states left
-    m = min(d.Sb, d.S - s0)
-    if m >= U(8):
-        return U(8)
-    if m >= U(4):
-        return U(4)
-    return m
-
-
-@njit(inline="always")
-def _forward_chunk(buf, q, ot, ga, a, b, blk, s0, inp, lay, d, out, W, SB, L):
-    if d.mode == 1:
-        _up_rows(buf, U(0), ga, a, b, blk, s0, inp, lay, d, True, out, W, SB, L)
-    else:
-        _up_rows(buf, U(0), ga, a, b, blk, s0, inp, lay, d, False, out, W, SB, L)
-        _out_rows(buf, U(0), q, ot, ga, a, b, blk, s0, inp, lay, d, out, W, SB, L)
-
-
 @njit(cache=True, fastmath={"contract"}, _nrt=False)
 def _forward_item(buf, gi, blk, inp, lay, out, d):
     # rows: one per vertex of the group, then two per child of the largest family
@@ -771,24 +672,15 @@ def _forward_item(buf, gi, blk, inp, lay, out, d):
     ga = lay.tree_ptr[lay.groups[gi]]
     for t in range(lay.groups[gi], lay.groups[gi + 1]):
         a, b = lay.tree_ptr[t], lay.tree_ptr[t + 1]
-        s0 = U(0)
-        while s0 < d.S:
-            sb = _chunk_states(d, s0)
+        for s0 in range(U(0), d.S, d.Sb):
+            sb = min(d.Sb, d.S - s0)
             if d.mode == 2:
                 _down(buf, U(0), ga, a, b, t, blk, s0, sb, inp, lay, d, True, out)
-            elif sb == U(4) and d.W == U(32) and d.L == U(128):
-                _forward_chunk(buf, q, ot, ga, a, b, blk, s0, inp, lay, d, out, U(32), U(4), U(128))
-            elif sb == U(4):
-                _forward_chunk(buf, q, ot, ga, a, b, blk, s0, inp, lay, d, out, d.W, U(4), d.L)
-            elif sb == U(2):
-                _forward_chunk(buf, q, ot, ga, a, b, blk, s0, inp, lay, d, out, d.W, U(2), d.L)
-            elif sb == U(3):
-                _forward_chunk(buf, q, ot, ga, a, b, blk, s0, inp, lay, d, out, d.W, U(3), d.L)
-            elif sb == U(8):
-                _forward_chunk(buf, q, ot, ga, a, b, blk, s0, inp, lay, d, out, d.W, U(8), d.L)
+            elif d.mode == 1:
+                _up_pull(buf, U(0), ot, ga, a, b, blk, s0, sb, inp, lay, d, True, out)
             else:
-                _forward_chunk(buf, q, ot, ga, a, b, blk, s0, inp, lay, d, out, d.W, U(1), d.L)
-            s0 += sb
+                _up_pull(buf, U(0), ot, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
+                _out(buf, U(0), q, ot, ga, a, b, blk, s0, sb, inp, lay, d, out)
 
 
 @njit(cache=True, nogil=True)
