@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "grid_costs_kernels.cuh"
+#include "cost_harness.h"
 using namespace treessm_cuda;
 
 template <typename T, int V, int KIND>
@@ -46,29 +46,13 @@ void run(FILE* f, const std::vector<int64_t>& h, double eps, FILE* out_file) {
   const int kind = static_cast<int>(h[3]);
   const int threads = static_cast<int>(h[5]);
   const int64_t blocks_in = h[6];
-  int group = static_cast<int>(h[7]);
+  const int group_in = static_cast<int>(h[7]);
   const bool scalar = h[8] != 0;
   const int64_t offset = h[9];
-  if (threads % 32 != 0 || threads > costs::kThreads) {
-    std::fprintf(stderr, "threads must be a multiple of 32, at most %d\n", costs::kThreads);
-    std::exit(2);
-  }
-  const int64_t count = N * C;
-  constexpr int64_t per_pack = costs::kPackBytes / sizeof(T);
-  std::vector<T> storage(count + offset + per_pack);
-  T* base = storage.data();
-  while (reinterpret_cast<uintptr_t>(base) % costs::kPackBytes) ++base;
-  T* x = base + offset;
-  const std::vector<T> values = read<T>(f, count);
-  std::copy(values.begin(), values.end(), x);
+  std::vector<T> storage;
+  const T* x = aligned_features<T>(f, N * C, offset, storage);
   const std::vector<int64_t> ends = read<int64_t>(f, 2 * E);
-
-  const int v = scalar ? 1 : costs::pack_elements<T>(x, C);
-  if (group == 0) group = costs::choose_group(C / v);
-  if (group < 1 || group > 32 || (group & (group - 1)) != 0 || threads % group != 0) {
-    std::fprintf(stderr, "bad group %d\n", group);
-    std::exit(2);
-  }
+  const auto [v, group] = pack_and_group<T>(x, C, scalar, group_in, threads);
   const int64_t per_block = threads / group;
   const int64_t need = (E + per_block - 1) / per_block;
   const unsigned blocks = static_cast<unsigned>(blocks_in > 0 ? std::min(blocks_in, need) : need);
@@ -76,8 +60,9 @@ void run(FILE* f, const std::vector<int64_t>& h, double eps, FILE* out_file) {
   if (E > 0 && blocks > 0) {
     const int64_t* src = ends.data();
     const int64_t* dst = src + E;
-    if (v > 1) run_pack<T, per_pack>(x, src, dst, E, C, kind, group, static_cast<T>(eps),
-                                     out.data(), blocks, threads);
+    if (v > 1) run_pack<T, costs::kPackBytes / sizeof(T)>(x, src, dst, E, C, kind, group,
+                                                          static_cast<T>(eps), out.data(), blocks,
+                                                          threads);
     else run_pack<T, 1>(x, src, dst, E, C, kind, group, static_cast<T>(eps), out.data(), blocks,
                         threads);
   }
@@ -86,19 +71,5 @@ void run(FILE* f, const std::vector<int64_t>& h, double eps, FILE* out_file) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: edge_costs_harness IN OUT\n");
-    return 2;
-  }
-  FILE* f = std::fopen(argv[1], "rb");
-  if (f == nullptr) return 2;
-  const std::vector<int64_t> h = read<int64_t>(f, 10);
-  const double eps = read<double>(f, 1)[0];
-  FILE* out = std::fopen(argv[2], "wb");
-  if (out == nullptr) return 2;
-  if (h[4]) run<double>(f, h, eps, out);
-  else run<float>(f, h, eps, out);
-  std::fclose(f);
-  std::fclose(out);
-  return 0;
+  return harness_main(argc, argv, "edge_costs_harness", 10, 4, run<float>, run<double>);
 }

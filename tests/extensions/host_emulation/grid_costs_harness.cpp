@@ -17,26 +17,19 @@
 #include <thread>
 #include <vector>
 
-#include "grid_costs_kernels.cuh"
+#include "cost_harness.h"
 using namespace treessm_cuda;
-
-template <typename F>
-void launch(unsigned blocks, int threads, F body) {
-  if (threads % 32 != 0 || threads > costs::kThreads) {
-    std::fprintf(stderr, "threads must be a multiple of 32, at most %d\n", costs::kThreads);
-    std::exit(2);
-  }
-  gridDim.x = blocks;
-  for (unsigned bx = 0; bx < blocks; ++bx) emu_run_block(bx, 0, threads, [] {}, body);
-}
 
 template <typename T, int V, int KIND>
 void run_kind(const T* x, const costs::Shape& s, bool eight, int group, T eps, T* out,
               unsigned blocks, int threads) {
-  launch(blocks, threads, [&] {
-    if (eight) costs::grid_costs_kernel<T, V, KIND, true>(x, s, group, eps, out);
-    else costs::grid_costs_kernel<T, V, KIND, false>(x, s, group, eps, out);
-  });
+  gridDim.x = blocks;
+  for (unsigned bx = 0; bx < blocks; ++bx) {
+    emu_run_block(bx, 0, threads, [] {}, [&] {
+      if (eight) costs::grid_costs_kernel<T, V, KIND, true>(x, s, group, eps, out);
+      else costs::grid_costs_kernel<T, V, KIND, false>(x, s, group, eps, out);
+    });
+  }
 }
 
 template <typename T, int V>
@@ -54,33 +47,21 @@ void run(FILE* f, const std::vector<int64_t>& h, double eps, FILE* out_file) {
   const int conn = static_cast<int>(h[4]), kind = static_cast<int>(h[5]);
   const int threads = static_cast<int>(h[7]);
   const int64_t blocks_in = h[8];
-  int group = static_cast<int>(h[9]);
+  const int group_in = static_cast<int>(h[9]);
   const bool scalar = h[10] != 0;
   const int64_t offset = h[11];
   const costs::Shape s = costs::make_shape(B, H, W, C, conn == 8);
-  const int64_t count = s.pixels * C;
-  // storage aligned for the widest pack, the rows shifted by `offset` elements
-  constexpr int64_t per_pack = costs::kPackBytes / sizeof(T);
-  std::vector<T> storage(count + offset + per_pack);
-  T* base = storage.data();
-  while (reinterpret_cast<uintptr_t>(base) % costs::kPackBytes) ++base;
-  T* x = base + offset;
-  const std::vector<T> values = read<T>(f, count);
-  std::copy(values.begin(), values.end(), x);
-
-  const int v = scalar ? 1 : costs::pack_elements<T>(x, C);
-  if (group == 0) group = costs::choose_group(C / v);
-  if (group < 1 || group > 32 || (group & (group - 1)) != 0 || threads % group != 0) {
-    std::fprintf(stderr, "bad group %d\n", group);
-    std::exit(2);
-  }
+  std::vector<T> storage;
+  const T* x = aligned_features<T>(f, s.pixels * C, offset, storage);
+  const auto [v, group] = pack_and_group<T>(x, C, scalar, group_in, threads);
   const int64_t per_block = threads / group;
   const int64_t need = (s.pixels + per_block - 1) / per_block;
   const unsigned blocks = static_cast<unsigned>(blocks_in > 0 ? std::min(blocks_in, need) : need);
   std::vector<T> out(B * s.per_image, std::numeric_limits<T>::quiet_NaN());
   if (!out.empty() && blocks > 0) {
-    if (v > 1) run_pack<T, per_pack>(x, s, conn == 8, kind, group, static_cast<T>(eps),
-                                     out.data(), blocks, threads);
+    if (v > 1) run_pack<T, costs::kPackBytes / sizeof(T)>(x, s, conn == 8, kind, group,
+                                                          static_cast<T>(eps), out.data(), blocks,
+                                                          threads);
     else run_pack<T, 1>(x, s, conn == 8, kind, group, static_cast<T>(eps), out.data(), blocks,
                         threads);
   }
@@ -89,19 +70,5 @@ void run(FILE* f, const std::vector<int64_t>& h, double eps, FILE* out_file) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: grid_costs_harness IN OUT\n");
-    return 2;
-  }
-  FILE* f = std::fopen(argv[1], "rb");
-  if (f == nullptr) return 2;
-  const std::vector<int64_t> h = read<int64_t>(f, 12);
-  const double eps = read<double>(f, 1)[0];
-  FILE* out = std::fopen(argv[2], "wb");
-  if (out == nullptr) return 2;
-  if (h[6]) run<double>(f, h, eps, out);
-  else run<float>(f, h, eps, out);
-  std::fclose(f);
-  std::fclose(out);
-  return 0;
+  return harness_main(argc, argv, "grid_costs_harness", 12, 6, run<float>, run<double>);
 }
