@@ -60,6 +60,20 @@ void launch_pack(const T* feat, const costs::Shape& s, bool eight, int kind, int
   }
 }
 
+template <typename T, int V>
+void launch_edges(const T* feat, const int64_t* src, const int64_t* dst, int64_t E, int64_t C,
+                  int kind, int group, typename AccType<T>::type eps,
+                  typename AccType<T>::type* out, unsigned blocks, cudaStream_t stream) {
+  if (kind == costs::kCosine) {
+    costs::edge_costs_kernel<T, V, costs::kCosine>
+        <<<blocks, costs::kThreads, 0, stream>>>(feat, src, dst, E, C, group, eps, out);
+  } else {
+    costs::edge_costs_kernel<T, V, costs::kL2>
+        <<<blocks, costs::kThreads, 0, stream>>>(feat, src, dst, E, C, group, eps, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Pack width, lanes per item (pixel or edge) and blocks of a cost launch over `items` rows
 // of C elements: 16-byte packs where the rows allow, `group` lanes or costs::choose_group's
 // choice, and enough blocks to fill the device several times over (the kernels stride over
@@ -172,27 +186,15 @@ at::Tensor edge_costs(const at::Tensor& feat, const at::Tensor& edge_index, int6
     using A = typename AccType<T>::type;
     const T* data = reinterpret_cast<const T*>(x.data_ptr());
     const CostLaunch l = cost_launch<T>(data, C, group, E, feat.get_device());
-    const int v = l.pack, lanes = l.lanes;
-    const unsigned blocks = l.blocks;
     A* o = out.data_ptr<A>();
     const A e = static_cast<A>(eps);
-    constexpr int kWide = costs::kPackBytes / sizeof(T);
-    if (kind == costs::kCosine) {
-      if (v > 1) {
-        costs::edge_costs_kernel<T, kWide, costs::kCosine>
-            <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
-      } else {
-        costs::edge_costs_kernel<T, 1, costs::kCosine>
-            <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
-      }
-    } else if (v > 1) {
-      costs::edge_costs_kernel<T, kWide, costs::kL2>
-          <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
+    if (l.pack > 1) {
+      launch_edges<T, costs::kPackBytes / sizeof(T)>(data, src, dst, E, C, static_cast<int>(kind),
+                                                     l.lanes, e, o, l.blocks, stream);
     } else {
-      costs::edge_costs_kernel<T, 1, costs::kL2>
-          <<<blocks, costs::kThreads, 0, stream>>>(data, src, dst, E, C, lanes, e, o);
+      launch_edges<T, 1>(data, src, dst, E, C, static_cast<int>(kind), l.lanes, e, o, l.blocks,
+                         stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
