@@ -18,7 +18,7 @@ layer, direction and the backward):
 
 Along a path every recurrence is one affine step per vertex, whose composition is
 associative: a phase is one segmented parallel scan, and a scan takes a few block-wide
-steps per phase instead of one per vertex or level. Two **schedules** run it
+steps per phase instead of one per vertex or level. Three **schedules** run the scans
 (``docs/cuda.md``):
 
 * ``"trees"`` -- one thread block per (tree, channel slice) runs every phase of its tree,

@@ -21,7 +21,7 @@ sequence, one class each:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -399,14 +399,14 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         if isinstance(distance, str):
             # the batch as one contiguous sequence: each shift compares contiguous rows
             # (pairs across two sequences are masked below as unavailable)
-            flat = [f.contiguous().view(1, b * length, f.shape[-1]) for f in factors]
+            flat = [f.contiguous().view(b * length, f.shape[-1]) for f in factors]
             flat_cost = cost.view(b * length, span)
             for d in range(1, span + 1):
-                flat_cost[d:, d - 1] = _pair_cost([f[:, :-d] for f in flat],
-                                                  [f[:, d:] for f in flat], distance)[0]
+                flat_cost[d:, d - 1] = _named_cost([f[:-d] for f in flat], [f[d:] for f in flat],
+                                                   distance)
         else:
             for d in range(1, span + 1):
-                cost[:, d:, d - 1] = _pair_cost(x[:, :-d], x[:, d:], distance)
+                cost[:, d:, d - 1] = _callable_cost(x[:, :-d], x[:, d:], distance)
         avail = (t[:, None] - torch.arange(1, span + 1, device=x.device)) >= 0  # [L, span]
         avail = avail.expand(b, length, span)
         if valid is not None:
@@ -421,16 +421,20 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         return torch.where(avail.any(-1), t - 1 - nearest, -1)
 
 
-def _pair_cost(earlier, later, distance) -> Tensor:
-    """Costs ``[B, M]`` between matched tokens ``[B, M, C]`` (cosine inputs already
-    normalised); for a string distance, lists of the features' outer-product factors."""
+def _named_cost(earlier: List[Tensor], later: List[Tensor], distance: str) -> Tensor:
+    """Costs ``[M]`` of a named distance between matched tokens given by the factors of
+    their features (``[M, C_i]`` each; one factor without ``outer``), cosine factors
+    already normalised."""
     if distance == "cosine":
         cos = (earlier[0] * later[0]).sum(-1)
         for e, t in zip(earlier[1:], later[1:]):
             cos = cos * (e * t).sum(-1)
         return torch.exp(-cos)
-    if distance == "l2":
-        return torch.linalg.vector_norm(earlier[0] - later[0], dim=-1)
+    return torch.linalg.vector_norm(earlier[0] - later[0], dim=-1)
+
+
+def _callable_cost(earlier: Tensor, later: Tensor, distance) -> Tensor:
+    """Costs ``[B, M]`` of a distance callable between matched tokens ``[B, M, C]``."""
     b, m, c = earlier.shape
     cost = distance(earlier.reshape(b * m, c), later.reshape(b * m, c))
     if not isinstance(cost, Tensor) or cost.shape != (b * m,):
