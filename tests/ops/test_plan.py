@@ -181,8 +181,8 @@ def test_schedule_choice_reads_host_sizes_only():
         treessm.tree_scan(torch.ones(400, 1), torch.ones(400, 1), small, schedule="levels")
 
 
-def test_schedule_choice_takes_tiles_for_large_forests_that_are_not_chains():
-    from treessm.ops.plan import TILES_MIN_NODES, choose_schedule
+def test_schedule_choice_takes_tiles_for_large_forests_not_known_to_be_chains():
+    from treessm.ops.plan import TILES_MIN_NODES, TILES_MIN_ROW_BYTES, choose_schedule
 
     def forest(n, levels, largest):
         # the choice reads sizes only: placeholder arrays of n vertices suffice
@@ -193,10 +193,40 @@ def test_schedule_choice_takes_tiles_for_large_forests_that_are_not_chains():
     n = TILES_MIN_NODES
     assert choose_schedule(forest(n, n // 4, n)) == "tiles"
     assert choose_schedule(forest(n, n // 4 + 1, n)) == "phases"      # chain-like
-    assert choose_schedule(forest(n, None, n)) == "phases"            # levels unknown
+    assert choose_schedule(forest(n, None, n)) == "tiles"             # levels unknown
+    assert choose_schedule(forest(n - 1, None, n - 1)) == "phases"
     assert choose_schedule(forest(n - 1, 10, n - 1)) == "phases"      # too small
     assert choose_schedule(forest(n, 10, 4096)) == "trees"            # small trees
     assert choose_schedule(forest(n, 10, n), "phases") == "phases"
+    # rows narrower than the tiled kernels' 128-byte rows stay on "phases"
+    assert choose_schedule(forest(n, 10, n), row_bytes=TILES_MIN_ROW_BYTES) == "tiles"
+    assert choose_schedule(forest(n, 10, n), row_bytes=TILES_MIN_ROW_BYTES - 1) == "phases"
+    assert choose_schedule(forest(n, 10, 4096), row_bytes=16) == "trees"
+
+
+def test_schedule_choice_takes_trees_when_large_trees_fill_the_device():
+    from treessm.ops.plan import (SCAN_ROW_BYTES, TREES_MAX_TREE_SIZE, TREES_MIN_BLOCKS,
+                                  choose_schedule)
+
+    def forest(num_trees, size):
+        # num_trees trees of `size` vertices (placeholder arrays: the choice reads sizes)
+        n = num_trees * size
+        ids = torch.zeros(n, dtype=torch.long)
+        ptr = torch.arange(num_trees + 1) * size
+        return treessm.Tree(ids, ids, torch.zeros(n + 1, dtype=torch.long), ptr, ids,
+                            num_levels=num_trees * 300, max_tree_size=size)
+
+    grids = forest(32, 224 * 224)  # 32 images of 224x224: 8 slices of 64 float32 channels
+    assert choose_schedule(grids, row_bytes=256) == "trees"
+    assert choose_schedule(grids, row_bytes=128) == "tiles"   # 128 blocks
+    assert choose_schedule(grids) == "tiles"                  # channels unknown
+    slices = -(-TREES_MIN_BLOCKS // 32)
+    assert choose_schedule(grids, row_bytes=slices * SCAN_ROW_BYTES) == "trees"
+    assert choose_schedule(grids, row_bytes=(slices - 1) * SCAN_ROW_BYTES) == "tiles"
+    big = forest(32, TREES_MAX_TREE_SIZE + 1)
+    assert choose_schedule(big, row_bytes=1 << 12) == "tiles"   # trees too large to walk
+    one = forest(1, 4096 * 4)
+    assert choose_schedule(one, row_bytes=1 << 12) == "phases"  # 128 blocks
 
 
 def test_launch_defaults_and_plan_cache():

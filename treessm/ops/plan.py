@@ -68,14 +68,33 @@ PHASES_MIN_TREE_SIZE = 1 << 12
 # pixels (401,408 trees at batch 128) under "trees" ran the network at 474 img/s (fp32
 # inference) against 1,804 img/s with the real image trees.
 PHASES_MIN_TREES = 1 << 14
+# A forest of trees larger than PHASES_MIN_TREE_SIZE still takes "trees" when its trees
+# give at least TREES_MIN_BLOCKS blocks (one per tree and slice of SCAN_ROW_BYTES of
+# channels) and none has more than TREES_MAX_TREE_SIZE vertices: the blocks then fill the
+# device and each walks its own tree. Measured on an H200 (tree_scan_schedules_gpu_h200.json,
+# both, forward / backward GPU ms, trees against phases and tiles): 32 grid trees of
+# 224x224, C=64 (256 blocks), 2.23 / 4.92 against 5.86 / 11.24 and 4.54 / 9.53; one tree of
+# 4,096 vertices, C=64 (8 blocks), 0.32 / 0.55 against phases 0.13 / 0.20.
+TREES_MIN_BLOCKS = 256
+TREES_MAX_TREE_SIZE = 1 << 16
 # A forest that would take "phases" takes "tiles" instead when it has at least this many
-# vertices and is known not to be chain-like (its breadth-first levels, counted on the host,
-# at most a quarter of its vertices). Measured on an H200 (C=64, float32, both, forward /
-# forward+backward ms, phases against tiles): one random recursive tree of 10^6 vertices
-# 4.18 / 12.56 against 2.54 / 8.35, of 320,000: 1.23 / 3.82 against 1.29 / 4.11; 4 grid
-# trees of 512x512 3.99 / 12.09 against 2.90 / 9.40; 32 of 224x224 6.06 / 18.22 against
-# 4.49 / 14.58; a chain of 10^6 2.60 / 7.80 against 3.26 / 10.51 (docs/cuda.md).
+# vertices and is not known to be chain-like (chain-like: its breadth-first levels, where
+# the host knows them, more than a quarter of its vertices). Measured on an H200 (C=64,
+# float32, both, forward / backward GPU ms, phases against tiles,
+# tree_scan_schedules_gpu_h200.json): one random recursive tree of 2^20 vertices 4.29 / 8.22
+# against 2.59 / 5.49, of 2^18: 0.98 / 1.95 against 0.78 / 1.62; 4 grid trees of 512x512
+# 3.97 / 7.64 against 2.90 / 6.08; 32 of 224x224 6.03 / 11.47 against 4.49 / 9.43; a chain
+# of 10^6 2.62 / 4.81 against 3.26 / 6.82. A tree built on the device (a graph layer's
+# spanning forest) has no host-side level count; such trees are bushy far more often than
+# chains, and a chain under "tiles" loses less (25%) than a bushy tree gains (40%).
 TILES_MIN_NODES = 1 << 19
+# ... and when a position's row of channels takes at least this many bytes: the tiled
+# kernels give a row's channels to the lanes of a 128-byte row and read the tile's plan once
+# per row, so narrower rows leave lanes idle and read the plan for little data. Measured on
+# an H200: TreeSSMConv(64, 64) at 10^7 vertices scans its expansion in blocks of one inner
+# channel (16-byte rows); under "tiles" its forward took 2,155 ms against 1,163 under
+# "phases", while at 10^6 (256-byte rows) "tiles" took it from 87.1 to 79.6 ms.
+TILES_MIN_ROW_BYTES = 128
 # The CUDA plan kernel gives each tree one block: fine up to grid-sized trees; larger trees
 # take the tensor construction below, which spreads over the whole device.
 PLAN_KERNEL_MAX_TREE_SIZE = 1 << 16
@@ -438,24 +457,33 @@ def phase_plan(tree: Tree) -> PhasePlan:
 
 
 # ---------------------------------------------------------------------------- schedules
-def choose_schedule(tree: Tree, schedule: Optional[str] = None) -> str:
+def choose_schedule(tree: Tree, schedule: Optional[str] = None,
+                    row_bytes: Optional[int] = None) -> str:
     """The CUDA scan schedule for ``tree``: ``schedule`` itself when given, else (``None``
     or ``"auto"``) ``"phases"`` when the largest tree has more than
     :data:`PHASES_MIN_TREE_SIZE` vertices or the forest more than :data:`PHASES_MIN_TREES`
-    trees, ``"trees"`` otherwise; and ``"tiles"`` instead of ``"phases"`` for a forest of
-    at least :data:`TILES_MIN_NODES` vertices whose level count is known and at most a
-    quarter of them. Only host-side sizes are read (``tree.num_nodes``,
-    ``tree.num_trees``, ``tree.num_levels`` and ``tree.max_tree_size``, else the number of
-    vertices, which bounds it)."""
+    trees, unless the channels are known (``row_bytes``, the bytes of one position's
+    channels) and its trees, none larger than :data:`TREES_MAX_TREE_SIZE`, give at least
+    :data:`TREES_MIN_BLOCKS` blocks of :data:`SCAN_ROW_BYTES`; ``"trees"`` otherwise; and
+    ``"tiles"`` instead of ``"phases"`` for a forest of
+    at least :data:`TILES_MIN_NODES` vertices unless its level count is known and more
+    than a quarter of them (chain-like), when the bytes of one position's channels
+    (``row_bytes``, where given) are at least :data:`TILES_MIN_ROW_BYTES`. Only host-side
+    sizes are read (``tree.num_nodes``, ``tree.num_trees``, ``tree.num_levels`` and
+    ``tree.max_tree_size``, else the number of vertices, which bounds it)."""
     if schedule is not None and schedule != "auto":
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be None, 'auto' or one of {SCHEDULES}, got "
                              f"{schedule!r}")
         return schedule
     largest = tree.max_tree_size if tree.max_tree_size is not None else tree.num_nodes
-    if largest > PHASES_MIN_TREE_SIZE or tree.num_trees > PHASES_MIN_TREES:
-        if (tree.num_nodes >= TILES_MIN_NODES and tree.num_levels is not None
-                and 4 * tree.num_levels <= tree.num_nodes):
+    filled = (row_bytes is not None and largest <= TREES_MAX_TREE_SIZE
+              and tree.num_trees <= PHASES_MIN_TREES
+              and tree.num_trees * -(-row_bytes // SCAN_ROW_BYTES) >= TREES_MIN_BLOCKS)
+    if (largest > PHASES_MIN_TREE_SIZE or tree.num_trees > PHASES_MIN_TREES) and not filled:
+        bushy = tree.num_levels is None or 4 * tree.num_levels <= tree.num_nodes
+        wide = row_bytes is None or row_bytes >= TILES_MIN_ROW_BYTES
+        if tree.num_nodes >= TILES_MIN_NODES and bushy and wide:
             return "tiles"
         return "phases"
     return "trees"
@@ -488,12 +516,13 @@ def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
               schedule: Optional[str] = None) -> ScanPlan:
     """Everything a CUDA scan over ``tree`` with ``channels`` channels of ``dtype`` needs
     besides the data, cached on the tree: a layer's forward and backward, and every call
-    after the first, pay one dictionary look-up."""
-    key = ("scan", dtype, schedule)
+    after the first, pay one dictionary look-up (channel counts that take the same
+    schedule share it)."""
+    schedule_ = choose_schedule(tree, schedule, channels * dtype.itemsize)
+    key = ("scan", dtype, schedule_)
     cached = tree.plan_cache.get(key)
     if cached is not None:
         return cached
-    schedule_ = choose_schedule(tree, schedule)
     if tree.num_nodes >= _INT32_LIMIT:
         raise ValueError(f"the CUDA scan indexes vertices with 32 bits; got {tree.num_nodes} "
                          "vertices")

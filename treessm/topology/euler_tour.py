@@ -39,7 +39,7 @@ from .._checks import check_index_range, check_int
 from ..tree import Tree
 from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
                       check_device_edge_index, check_max_tree_size, check_vertices, edge_keys)
-from ..ops.spare import SPARE_SLOTS, kept_or_spare
+from ..ops.spare import SPARE_SLOTS, kept_or_spare, scatter_reduce_runs
 from .layout import empty_forest
 
 __all__ = ["parent_from_forest", "spanning_tree_on_device", "forest_on_device"]
@@ -50,12 +50,18 @@ def _compact(edge_index: Tensor, mask: Tensor, num_nodes: int) -> Tensor:
     """The masked edges moved to the front of a ``[2, N]`` buffer (``N`` pads the rest).
 
     A forest has fewer than ``N`` edges, so the buffer size is known without counting.
+    Slot ``j`` finds the ``(j + 1)``-th masked edge by a binary search in the running count
+    of masked edges: no scatter, whose unmasked elements (most of a graph's edges) would
+    all have to go somewhere.
     """
-    index = kept_or_spare(torch.cumsum(mask, 0) - 1, mask, num_nodes)
-    buf = torch.full((2, num_nodes + SPARE_SLOTS), num_nodes, dtype=torch.long,
-                     device=mask.device)
-    buf.scatter_reduce_(1, index.expand(2, -1), edge_index, "amin")
-    return buf[:, :num_nodes]
+    num_edges = mask.shape[0]
+    if num_edges == 0:
+        return torch.full((2, num_nodes), num_nodes, dtype=torch.long, device=mask.device)
+    count = torch.cumsum(mask, 0)
+    edge = torch.searchsorted(count, torch.arange(1, num_nodes + 1, device=mask.device))
+    found = edge < num_edges
+    return torch.where(found, edge_index.index_select(1, edge.clamp(max=num_edges - 1)),
+                       num_nodes)
 
 
 class _Slots:
@@ -116,8 +122,7 @@ def _preferred_root_key(roots: Optional[Tensor], num_nodes: int, device) -> Tens
 
 def _roots_from_labels(comp: Tensor, roots: Optional[Tensor], num_nodes: int) -> Tensor:
     key = _preferred_root_key(roots, num_nodes, comp.device)
-    best = torch.full((num_nodes,), 2 * num_nodes, dtype=torch.long, device=comp.device)
-    best.scatter_reduce_(0, comp, key, "amin")
+    best = scatter_reduce_runs(comp, key, num_nodes, 2 * num_nodes, "amin")
     return torch.remainder(best[comp], num_nodes)
 
 
@@ -214,8 +219,7 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
                                   torch.arange(num_trees + 1, device=device))
     num_levels = None
     if counting:  # the host waits anyway: let it know the levels too
-        deepest = torch.zeros(num_trees, dtype=torch.long, device=device)
-        deepest.scatter_reduce_(0, tree_of, depth, "amax")
+        deepest = scatter_reduce_runs(tree_of, depth, num_trees, 0, "amax")
         num_levels = int(deepest.sum()) + num_trees
     return Tree(parent, order, child_ptr, tree_ptr, depth, batch, num_levels=num_levels,
                 max_tree_size=known_size)
