@@ -13,7 +13,8 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   built on the device (one giant tree and a few isolated vertices), C=64, ``both``: both
   schedules, forward and forward+backward;
 * ``schedules`` -- every schedule on single random trees of 2^12 to 2^20 vertices, a chain
-  of 10^6 and grid trees of 512x512 (B=4) and 224x224 (B=32) (C=64), with the first call's
+  of 10^6 and grid trees of 512x512 (B=4) and 224x224 (B=32) (C=64), 56x56 (B=32, C=160)
+  and 14x14 (B=32, C=640), with the first call's
   time (its plan built): the crossovers that :data:`treessm.ops.plan.PHASES_MIN_TREE_SIZE`
   and :data:`treessm.ops.plan.TILES_MIN_NODES` encode (also alone, ``--schedules``, saved
   as ``tree_scan_schedules_<card>.json``);
@@ -224,9 +225,9 @@ def _gpu_once(x, w, tree, direction, grad, schedule):
 
 
 def schedules(bw):
-    """Every schedule on one forest of each shape (C=64, float32, both): random recursive
-    trees of 2^12 .. 2^20 vertices, a chain of 10^6, 4 grid trees of 512x512 and 32 of
-    224x224; forward and backward GPU time, the first call's wall time (its plan built),
+    """Every schedule on one forest of each shape (float32, both): random recursive trees
+    of 2^12 .. 2^20 vertices and a chain of 10^6 (C=64), 32 grid trees of 14x14 (C=640) and
+    of 56x56 (C=160), 4 of 512x512 and 32 of 224x224 (C=64); forward and backward GPU time, the first call's wall time (its plan built),
     and what the automatic choice takes (``treessm.ops.plan.choose_schedule``)."""
     from treessm.ops.plan import choose_schedule
     from treessm.topology import chain_tree
@@ -234,20 +235,23 @@ def schedules(bw):
     out = []
     gen = torch.Generator().manual_seed(0)
     topo = treessm.GridTopology()
-    cases = [(f"random tree 2^{k}", treessm.Tree.from_parent(random_tree(1 << k, gen)).cuda())
-             for k in (12, 14, 16, 18, 19, 20)]
-    cases += [("chain 10^6", chain_tree(1, 10 ** 6, "cuda")),
-              ("4 x 512x512 grid trees", topo(torch.randn(4, 512, 512, 8, device="cuda"))),
-              ("32 x 224x224 grid trees", topo(torch.randn(32, 224, 224, 8, device="cuda")))]
-    for name, tree in cases:
+    cases = [(f"random tree 2^{k}", treessm.Tree.from_parent(random_tree(1 << k, gen)).cuda(),
+              64) for k in (12, 14, 16, 18, 19, 20)]
+    cases += [("chain 10^6", chain_tree(1, 10 ** 6, "cuda"), 64),
+              ("32 x 14x14 grid trees", topo(torch.randn(32, 14, 14, 8, device="cuda")), 640),
+              ("32 x 56x56 grid trees", topo(torch.randn(32, 56, 56, 8, device="cuda")), 160),
+              ("4 x 512x512 grid trees", topo(torch.randn(4, 512, 512, 8, device="cuda")), 64),
+              ("32 x 224x224 grid trees", topo(torch.randn(32, 224, 224, 8, device="cuda")),
+               64)]
+    for name, tree, c in cases:
         n = tree.num_nodes
-        x, w = _inputs(n, 64, torch.float32)
+        x, w = _inputs(n, c, torch.float32)
         grad = torch.randn_like(x)
-        row = dict(case=name, N=n, C=64, levels=tree.num_levels, largest=tree.max_tree_size,
+        row = dict(case=name, N=n, C=c, levels=tree.num_levels, largest=tree.max_tree_size,
                    auto=choose_schedule(tree))
         for sched in SCHEDULES:
-            if sched == "trees" and n > 1 << 16 and tree.num_trees < 64:
-                continue  # one block per tree: seconds, and not a candidate
+            if sched == "trees" and (tree.max_tree_size or n) > 1 << 16:
+                continue  # one block walking a tree this large: seconds, and not a candidate
             tree.plan_cache.clear()
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -221,13 +221,18 @@ def test_op_lanes_per_pixel(ops, group):
 @pytest.mark.parametrize("name", ["cosine", "l2"])
 def test_edge_list_costs_match_torch(ops, dtype, name):
     # the edge-list kernel (cuda_edge_costs) against edge_cost on the CPU: self-loops,
-    # repeated edges, rows of 1 to 1,024 channels, zero rows and rows of extreme scale
+    # repeated edges, rows of 1 to 1,024 channels, zero rows, a row of extreme scale among
+    # ordinary ones (cosine: each row is scaled on its own) and features of extreme scale
+    # (l2: all of them are scaled by one power of two)
     gen = torch.Generator().manual_seed(31 + DTYPES.index(dtype) + 5 * (name == "l2"))
     for n, e, c in [(1, 1, 3), (5, 12, 1), (50, 200, 8), (300, 2000, 36), (40, 100, 1024)]:
         feat = torch.randn(n, c, generator=gen, dtype=torch.float64)
         feat[0] = 0
         if dtype in (torch.float32, torch.float64):
-            feat[1 % n] *= 1e30
+            if name == "cosine":
+                feat[1 % n] *= 1e30
+            else:
+                feat *= 1e30
         feat = feat.to(dtype)
         ei = torch.randint(0, n, (2, e), generator=gen)
         ei[:, 0] = ei[0, 0]
@@ -239,6 +244,21 @@ def test_edge_list_costs_match_torch(ops, dtype, name):
     empty = cuda_grid.pair_costs_cuda(torch.randn(3, 2, device="cuda"),
                                       torch.zeros(2, 0, dtype=torch.long, device="cuda"), name)
     assert empty.shape == (0,)
+
+
+def test_edge_list_l2_of_mixed_scales_equals_the_cpu_kernel(ops):
+    # one row of scale 1e30 among ordinary ones: after the one power of two that brings the
+    # largest magnitude near 1, the squared differences of ordinary rows underflow float32
+    # on both kernels (the CPU's compiled one and this one) alike, so GraphTopology's trees
+    # stay the same on both devices
+    gen = torch.Generator().manual_seed(41)
+    for n, e, c in [(5, 12, 1), (50, 200, 8), (300, 2000, 36)]:
+        feat = torch.randn(n, c, generator=gen)
+        feat[1] *= 1e30
+        ei = torch.randint(0, n, (2, e), generator=gen)
+        got = cuda_grid.pair_costs_cuda(feat.cuda(), ei.cuda(), "l2")
+        ref = distance.pair_costs_cpu(feat, ei[0].numpy(), ei[1].numpy(), "l2")
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=0)
 
 
 def test_graph_topology_on_cuda_equals_the_cpu_tree(ops):
