@@ -1,6 +1,8 @@
-// The selection step of Borůvka's algorithm on a general graph (treessm/topology/boruvka.py):
-// the lightest edge leaving each component.
+// Two steps of Borůvka's algorithm on a general graph (treessm/topology/boruvka.py): the
+// lightest edge leaving each component (lightest_edges_kernel), and the root of every hook
+// tree once components have hooked onto each other (find_roots_kernel).
 //
+// Selection:
 //   best[c] = min of key[e] over the edges e = (u, v) with comp[u] != comp[v] and
 //             c in {comp[u], comp[v]}          (best starts at a sentinel above every key)
 //
@@ -40,6 +42,31 @@ __global__ void __launch_bounds__(kThreads) lightest_edges_kernel(
     const long long k = static_cast<long long>(key[e]);
     lower_slot(best + a, k);
     lower_slot(best + b, k);
+  }
+}
+
+// Roots of a forest of parent pointers (parent[r] == r at a root): out[v] = the root above v.
+// Each thread walks from its vertex to the root and points every vertex it passes at that
+// vertex's grandparent (path splitting, as in union-find), so walks that cross the same path
+// share the shortening instead of each paying the path's whole length. `parent` is scratch.
+// A pointer only ever moves to a proper ancestor and a root never moves, so every walk ends
+// at its root whatever the order of the threads, and `out` is the same on every run. 64-bit
+// loads and stores of aligned words are single transactions: a walk reads either the old or
+// the new pointer of a vertex, both ancestors.
+__global__ void __launch_bounds__(kThreads) find_roots_kernel(long long* parent, long long* out,
+                                                              int64_t n) {
+  volatile long long* p = parent;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n;
+       v += stride) {
+    long long cur = v, next = p[v];
+    while (cur != next) {
+      const long long after = p[next];
+      if (after != next) p[cur] = after;  // cur skips its parent
+      cur = next;
+      next = after;
+    }
+    out[v] = cur;
   }
 }
 

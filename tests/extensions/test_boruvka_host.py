@@ -1,6 +1,7 @@
-"""Borůvka's selection kernel (the lightest edge leaving each component), compiled for the
-host and run with one thread per CUDA thread, against the tensor version of
-``treessm.topology.boruvka.lightest_edges``."""
+"""Borůvka's kernels, compiled for the host and run with one thread per CUDA thread: the
+selection step (the lightest edge leaving each component) against the tensor version of
+``treessm.topology.boruvka.lightest_edges``, and the roots of the hook trees against
+pointer jumping."""
 import subprocess
 
 import numpy as np
@@ -63,3 +64,57 @@ def test_lightest_edges_kernel_matches_tensors(harness, tmp_path, name, blocks, 
     if name == "two_components":  # both sides hold the one lightest edge between them
         between = comp[ei[0]] != comp[ei[1]]
         assert got[0] == got[50] == key[between].min()
+
+
+def emulate_roots(harness, tmp, parent, blocks, threads):
+    src, dst = tmp / "in.bin", tmp / "out.bin"
+    with open(src, "wb") as f:
+        np.array([parent.shape[0], blocks, threads], np.int64).tofile(f)
+        parent.numpy().astype(np.int64).tofile(f)
+    subprocess.run([str(harness), str(src), str(dst), "roots"], check=True)
+    return torch.from_numpy(np.fromfile(dst, np.int64))
+
+
+def _forest(name, gen):
+    """Parent pointers (``parent[r] == r`` at a root) of a named forest."""
+    n = 3000
+    if name == "empty":
+        return torch.zeros(0, dtype=torch.long)
+    if name == "roots":  # every vertex its own root
+        return torch.arange(n)
+    if name == "chain_down":  # v -> v - 1: one path as deep as the forest, walked bottom up
+        return (torch.arange(n) - 1).clamp(min=0)
+    if name == "chain_up":  # v -> v + 1, rooted at the last vertex
+        return (torch.arange(n) + 1).clamp(max=n - 1)
+    if name == "shuffled_chain":  # one path through the vertices in random order
+        order = torch.randperm(n, generator=gen)
+        parent = torch.empty(n, dtype=torch.long)
+        parent[order[1:]] = order[:-1]
+        parent[order[0]] = order[0]
+        return parent
+    if name == "random":  # random recursive trees, several roots
+        parent = torch.arange(n)
+        for v in range(1, n):
+            if torch.rand(1, generator=gen) > 0.01:
+                parent[v] = torch.randint(0, v, (1,), generator=gen)
+        perm = torch.randperm(n, generator=gen)  # ids shuffled
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n)
+        return inv[parent[perm]]
+    raise KeyError(name)
+
+
+def _jumped(parent):
+    out = parent.clone()
+    while not torch.equal(out[out], out):
+        out = out[out]
+    return out
+
+
+@pytest.mark.parametrize("blocks,threads", [(1, 32), (3, 64), (200, 32)])
+@pytest.mark.parametrize("name", ["empty", "roots", "chain_down", "chain_up", "shuffled_chain",
+                                  "random"])
+def test_find_roots_kernel_matches_pointer_jumping(harness, tmp_path, name, blocks, threads):
+    parent = _forest(name, torch.Generator().manual_seed(8))
+    got = emulate_roots(harness, tmp_path, parent, blocks, threads)
+    assert torch.equal(got, _jumped(parent))

@@ -518,6 +518,32 @@ def test_cuda_lightest_edges_match_the_tensor_version():
         torch.ops.treessm.cuda_lightest_edges(ei.cuda().int(), key.cuda(), ar.cuda(), sentinel)
 
 
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_find_roots_match_pointer_jumping():
+    from treessm.typing import load_cuda_extension
+
+    load_cuda_extension()
+    g = torch.Generator().manual_seed(6)
+    n = 200_000
+    ar = torch.arange(n)
+    order = torch.randperm(n, generator=g)
+    shuffled_chain = torch.empty(n, dtype=torch.long)
+    shuffled_chain[order[1:]] = order[:-1]
+    shuffled_chain[order[0]] = order[0]
+    bushy = torch.where(ar % 97 == 0, ar, (ar.double() * torch.rand(n, generator=g)).long())
+    for parent in (ar, (ar - 1).clamp(min=0), (ar + 1).clamp(max=n - 1), shuffled_chain, bushy):
+        want = parent.clone()
+        while not torch.equal(want[want], want):
+            want = want[want]
+        got = torch.ops.treessm.cuda_find_roots(parent.cuda())
+        assert torch.equal(got.cpu(), want)
+        assert torch.equal(torch.ops.treessm.cuda_find_roots(parent.cuda()), got)  # same bits
+    assert torch.ops.treessm.cuda_find_roots(ar[:0].cuda()).shape == (0,)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.treessm.cuda_find_roots(ar.cuda().int())
+
+
 def test_counting_build_reports_sizes():
     # without num_trees the build counts trees, levels and the largest tree on the host
     g = torch.Generator().manual_seed(13)

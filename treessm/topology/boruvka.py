@@ -16,7 +16,9 @@ component at its other end (of two components picking the same edge, the lower i
 the root) and pointer jumping flattens the labels. A component still growing at round
 ``k`` has at least ``2^k`` vertices, so :math:`\lceil \log_2 S \rceil` rounds finish
 (``S`` the largest tree), and at round ``k`` a hook tree joins at most :math:`S / 2^k`
-components, which bounds the jumps of that round.
+components, which bounds the jumps of that round. On a GPU two kernels of the CUDA
+extension take the selection step (:func:`lightest_edges`) and the labels' roots (one
+launch that walks every hook tree to its root, instead of one launch per jump).
 
 Inputs are only checked for values (ids in range) on CPU tensors: such checks need the
 device's answer, so on a GPU out-of-range ids are the caller's responsibility.
@@ -124,8 +126,7 @@ def lightest_edges(edge_index: Tensor, key: Tensor, comp: Tensor, sentinel: int)
     pass over the edges; ``scatter_reduce`` would instead serialise its atomics once the
     components have merged into a few large ones, since most edges then point at the same
     slots."""
-    if (edge_index.is_cuda and not torch.compiler.is_compiling()
-            and cuda_extension_available()):
+    if _device_kernels(edge_index):
         return torch.ops.treessm.cuda_lightest_edges(edge_index, key, comp, sentinel)
     ends = comp[edge_index]  # [2, E] component of each endpoint
     inner = torch.where(ends[0] != ends[1], key, sentinel)
@@ -133,6 +134,30 @@ def lightest_edges(edge_index: Tensor, key: Tensor, comp: Tensor, sentinel: int)
     best.scatter_reduce_(0, ends[0], inner, "amin")
     best.scatter_reduce_(0, ends[1], inner, "amin")
     return best
+
+
+def _device_kernels(t: Tensor) -> bool:
+    return t.is_cuda and not torch.compiler.is_compiling() and cuda_extension_available()
+
+
+def _hooked_labels(hook: Tensor, comp: Tensor, jumps: Optional[int]) -> Tensor:
+    """Each vertex's label after the components hooked onto each other: the root of its
+    label's tree in the forest ``hook`` (``hook[r] == r`` at a root). On a GPU one kernel of
+    the CUDA extension walks every tree to its root (``cuda_find_roots``); otherwise pointer
+    jumping, ``jumps`` fixed rounds, or (``None``) until nothing moves, which waits for the
+    device at every round."""
+    if _device_kernels(hook):
+        return torch.ops.treessm.cuda_find_roots(hook)[comp]
+    comp = hook[comp]
+    if jumps is not None:
+        for _ in range(jumps):
+            comp = comp[comp]
+        return comp
+    while True:
+        nxt = comp[comp]
+        if torch.equal(nxt, comp):  # waits for the device
+            return comp
+        comp = nxt
 
 
 def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
@@ -161,11 +186,9 @@ def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
         # target roots each pair at its lower id and keeps every other component in its
         # merged group, no deeper than before.
         hook = torch.minimum(hook, hook[hook])
-        comp = hook[comp]
         # a hook tree of round k joins at most max_size >> k components, so its depth is at
-        # most that less one; comp already took one step along it
-        for _ in range(ceil_log2((max_size >> k) - 1)):
-            comp = comp[comp]
+        # most that less one; the first step along it needs no jump
+        comp = _hooked_labels(hook, comp, ceil_log2((max_size >> k) - 1))
     return chosen[:num_edges], comp
 
 
@@ -198,12 +221,7 @@ def boruvka_compacting(edge_index: Tensor, key: Tensor, num_nodes: int):
         picked = comp[edge_index[:, edge]]
         hook = torch.where(has, picked[0] ^ picked[1] ^ ar, ar)
         hook = torch.minimum(hook, hook[hook])  # see boruvka
-        comp = hook[comp]
-        while True:
-            nxt = comp[comp]
-            if torch.equal(nxt, comp):  # waits for the device
-                break
-            comp = nxt
+        comp = _hooked_labels(hook, comp, None)
     return chosen, comp
 
 
