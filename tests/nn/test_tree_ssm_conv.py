@@ -231,6 +231,36 @@ def test_edge_weight_weights_the_neighbour_mean_and_the_tree(conv):
             == {tuple(sorted((v, p))) for v, p in enumerate(tree.parent.tolist()) if p >= 0})
 
 
+@pytest.mark.parametrize("in_channels", [3, 40])  # narrower and wider than d_inner = 24
+def test_local_mixing_is_the_mean_of_the_projected_features(in_channels):
+    # a u + b mean(u) with u = W x + b_in, whichever side the layer takes the mean on:
+    # weighted edges, isolated vertices (mean 0, not b_in) and a bias that is not zero
+    torch.manual_seed(5)
+    conv = TreeSSMConv(in_channels, 12, d_state=2).double()
+    with torch.no_grad():
+        conv.in_proj.bias.normal_()
+        conv.self_weight.normal_()
+        conv.neighbour_weight.normal_()
+    x = torch.randn(25, in_channels, dtype=torch.float64, requires_grad=True)
+    ei = torch.randint(0, 20, (2, 40))  # vertices 20 .. 24 isolated
+    graph = treessm.prepare_graph(ei, 25, torch.rand(40, dtype=torch.float64) + 0.1)
+    u, z = conv.project_in(x, graph)
+    raw = conv.in_proj(x)
+    inner, gate = raw[:, :24], raw[:, 24:]
+    want = torch.nn.functional.silu(conv.self_weight * inner
+                                    + conv.neighbour_weight * neighbour_mean(inner, graph))
+    # a prepared graph keeps its weights and degrees in float32: a vertex's mean weights
+    # sum to one within about 1e-7, which is all that separates the two sides
+    close = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(u, want, **close)
+    torch.testing.assert_close(z, gate)
+    # and its gradients, to x and to every parameter of the mixing
+    params = (x, conv.in_proj.weight, conv.in_proj.bias, conv.self_weight, conv.neighbour_weight)
+    got = torch.autograd.grad(u.sum(), params)
+    for g, w in zip(got, torch.autograd.grad(want.sum(), params)):
+        torch.testing.assert_close(g, w, **close)
+
+
 def test_neighbour_mean_gradient():
     x, ei = _graph(12, 30, 12)
     graph = treessm.prepare_graph(ei, 12, torch.rand(30) + 0.2)

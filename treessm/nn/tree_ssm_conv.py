@@ -40,6 +40,11 @@ class ProjectionLinear(Linear):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def first_half(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The weight and bias (or ``None``) of the first half of the output channels."""
+        half = self.out_channels // 2
+        return self.weight[:half], None if self.bias is None else self.bias[:half]
+
     def halves(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """The first and the second half of the output channels, each in an array of its own
         rather than as strided views of one output (which a later reader would copy); a lazy
@@ -68,12 +73,29 @@ class _NeighbourMean(torch.autograd.Function):
         return ctx.adjacency @ (grad * inv_degree.unsqueeze(1)).contiguous(), None, None
 
 
+def _operator_dtype(u: Tensor) -> torch.dtype:
+    return u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def neighbour_mean(u: Tensor, graph: PreparedGraph) -> Tensor:
     """The (edge-weighted) mean of each vertex's neighbours in ``graph``, ``u [N, C]``;
     zero for isolated vertices. Computed in float32 for 16-bit ``u``."""
-    dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = _operator_dtype(u)
     adjacency, inv_degree = graph.operator(dtype)
     return _NeighbourMean.apply(u.to(dtype).contiguous(), adjacency, inv_degree).to(u.dtype)
+
+
+def projected_neighbour_mean(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             graph: PreparedGraph) -> Tensor:
+    r"""The neighbour mean of :math:`u = x W^\top + b`, computed as
+    :math:`\bar u = \bar x W^\top + [\deg > 0]\, b`: the mean is linear and the weights of a
+    vertex with neighbours sum to one, so the sparse product runs over the channels of
+    ``x`` instead of those of ``u`` (an isolated vertex's mean stays zero)."""
+    out = F.linear(neighbour_mean(x, graph), weight)
+    if bias is not None:
+        _, inv_degree = graph.operator(_operator_dtype(x))
+        out.addcmul_((inv_degree > 0).to(out.dtype).unsqueeze(1), bias)
+    return out
 
 
 class TreeSSMConv(SelectiveTreeSSM):
@@ -224,7 +246,10 @@ class TreeSSMConv(SelectiveTreeSSM):
         u, z = self.in_proj.halves(x)
         if self.self_weight is None:
             return F.silu(u), z
-        mixed = neighbour_mean(u, graph)
+        if x.shape[1] < u.shape[1]:  # the sparse product over the narrower side
+            mixed = projected_neighbour_mean(x, *self.in_proj.first_half(), graph).to(u.dtype)
+        else:
+            mixed = neighbour_mean(u, graph)
         if records_grad(u, mixed, self.self_weight, self.neighbour_weight):
             # a u + b mean(u) in two [N, d_inner] arrays, not three
             return F.silu(torch.addcmul(self.self_weight * u, self.neighbour_weight, mixed)), z
