@@ -272,7 +272,13 @@ def layer_parts(n, repeats):
         u, z = conv.project_in(x, graph)
         row["project_in_ms"] = ms(lambda: conv.project_in(x, graph))
         row["in_proj_ms"] = ms(lambda: conv.in_proj(x))
-        row["neighbour_mean_ms"] = ms(lambda: treessm.nn.tree_ssm_conv.neighbour_mean(u, graph))
+        # the layer's neighbour mean: over the 64 input channels, then projected (the mean
+        # of u's 128 channels, for scale)
+        half = conv.in_proj.first_half()
+        row["neighbour_mean_ms"] = ms(
+            lambda: treessm.nn.tree_ssm_conv.projected_neighbour_mean(x, *half, graph))
+        row["neighbour_mean_of_u_ms"] = ms(
+            lambda: treessm.nn.tree_ssm_conv.neighbour_mean(u, graph))
         tree = conv.scan_tree(x, u, graph)
         row["spanning_forest_ms"] = ms(lambda: conv.scan_tree(x, u, graph))
         y = conv.selective_scan(u, tree)
