@@ -166,7 +166,7 @@ def grid_row(B, H, C, direction, dtype, bw, topo, headline=False, build=True):
         row["fwd_floor_ms"], row["bwd_floor_ms"] = _floors(n, C, dtype, bw)
         from treessm.ops.plan import choose_schedule
 
-        row["schedule"] = choose_schedule(tree)
+        row["schedule"] = choose_schedule(tree, None, C * dtype.itemsize)
         row["max_depth"] = tree.max_depth
     return row
 
@@ -196,7 +196,7 @@ def graph_rows(bw):
     sizes = torch.diff(tree.tree_ptr)
     row = dict(case="graph 10^6 vertices, 5*10^6 edges, C=64, both, float32", N=n, E=e, C=c,
                trees=tree.num_trees, largest_tree=int(sizes.max()), build_ms=build_ms,
-               auto=plan.choose_schedule(tree))
+               auto=plan.choose_schedule(tree, None, c * 4))
     t0 = time.time()
     plan.scan_plan(tree, c, torch.float32, "phases")
     row["phase_layout_first_s"] = time.time() - t0
@@ -248,7 +248,7 @@ def schedules(bw):
         x, w = _inputs(n, c, torch.float32)
         grad = torch.randn_like(x)
         row = dict(case=name, N=n, C=c, levels=tree.num_levels, largest=tree.max_tree_size,
-                   auto=choose_schedule(tree))
+                   auto=choose_schedule(tree, None, c * 4))
         for sched in SCHEDULES:
             if sched == "trees" and (tree.max_tree_size or n) > 1 << 16:
                 continue  # one block walking a tree this large: seconds, and not a candidate
