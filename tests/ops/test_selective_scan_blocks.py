@@ -106,3 +106,33 @@ def test_state_norm_in_blocks_gives_the_values_of_one_block(direction):
     close(got[1], whole[1])
     for k, g in whole[2].items():
         close(got[2][k], g, msg=k)
+
+
+@pytest.mark.parametrize("floor,widths", [(0, [1] * D), (2 * S * 8, [2, 2, 2, 1])])
+def test_blocks_hold_at_least_the_row_floor_per_vertex(monkeypatch, floor, widths):
+    # a problem without a fused kernel is cut by the byte budget, but never into blocks of
+    # fewer than EXPANSION_MIN_ROW_BYTES of states per vertex
+    from treessm.ops import selective_scan as ss
+
+    gen = torch.Generator().manual_seed(6)
+    tree = treessm.Tree.from_parent(random_forest(N, 3, gen))
+    leaves = _inputs(tree, "both", gen)
+    calls = []
+
+    def counting_scan(x, w, tree, direction, **kwargs):
+        calls.append(x.shape[1])
+        return reference_tree_scan(x, w, tree, direction)
+
+    no_fused = ss.FusedKernels(None, None, None, lambda direction, moments, d_state: False)
+    monkeypatch.setitem(ss.FUSED_KERNELS, "numba", no_fused)
+    monkeypatch.setattr(ss, "tree_scan", counting_scan)
+    monkeypatch.setattr(ss, "EXPANSION_BLOCK_BYTES", N * S * 8)  # one channel of float64
+    monkeypatch.setattr(ss, "EXPANSION_MIN_ROW_BYTES", floor)
+    args = [leaves[k] for k in ("u", "delta", "A", "B", "C")]
+    y = ss.selective_tree_scan(*args, tree, D=leaves["D"], delta_bias=leaves["delta_bias"],
+                               delta_softplus=True, edge_step="mean", backend="numba")
+    assert calls == widths  # the channels of each block
+    want = ss.selective_tree_scan_ref(*args, tree, D=leaves["D"],
+                                      delta_bias=leaves["delta_bias"], delta_softplus=True,
+                                      edge_step="mean")
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)

@@ -22,7 +22,8 @@ backward, which recomputes the states). ``"cuda"`` runs the fused kernels of
 causal trees, any forest) without ``state_norm`` and ``d_state`` up to 16; other problems
 (``"both"``, the state normalisation) form the
 expansion and run :func:`treessm.tree_scan`'s CUDA kernels over it, in blocks of channels
-of at most :data:`EXPANSION_BLOCK_BYTES` per expanded tensor, each recomputed in the
+of at most :data:`EXPANSION_BLOCK_BYTES` per expanded tensor (or
+:data:`EXPANSION_MIN_ROW_BYTES` per vertex, where that is more), each recomputed in the
 backward, so that no expansion of the whole problem is held. A backend's kernels are one
 entry of :data:`FUSED_KERNELS`.
 """
@@ -40,12 +41,12 @@ from torch.utils.flop_counter import register_flop_formula
 from .._checks import INDEX_TYPES, check_bool, check_choice, check_number
 from ..tree import Tree
 from . import selective_scan_cpu, selective_scan_cuda
-from .plan import level_groups
+from .plan import TILES_MIN_ROW_BYTES, level_groups
 from .tree_scan import DIRECTIONS, tree_scan
 
 __all__ = ["selective_tree_scan", "selective_tree_scan_ref", "reference_tree_scan",
            "edge_steps", "EDGE_STEPS", "SELECTIVE_BACKENDS", "FUSED_KERNELS",
-           "EXPANSION_BLOCK_BYTES"]
+           "EXPANSION_BLOCK_BYTES", "EXPANSION_MIN_ROW_BYTES"]
 
 #: Rules for the step of the edge ``(v, parent(v))``: the child's own step (GrootV, GrootL)
 #: or the mean of the steps of the edge's two ends (symmetric: the scan does not depend on
@@ -100,6 +101,12 @@ FUSED_KERNELS: Dict[str, FusedKernels] = {
 #: values are those of one block; ``state_norm``, which couples all states of a vertex,
 #: combines the blocks' moments (:func:`expanded_in_blocks`).
 EXPANSION_BLOCK_BYTES = 1 << 28
+#: ... or, where that is more, this many bytes of states per vertex: a block narrower than
+#: the rows the CUDA scan kernels take whole (:data:`treessm.ops.plan.TILES_MIN_ROW_BYTES`)
+#: leaves their lanes part-empty and pays every scan's fixed costs (its launches, its pass
+#: over the tree's plan) once per few channels. ``TreeSSMConv(64, 64)`` on 10^7 vertices
+#: went through 128 blocks of one inner channel (16-byte rows) under the byte budget alone.
+EXPANSION_MIN_ROW_BYTES = TILES_MIN_ROW_BYTES
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -677,7 +684,8 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
             for ``"down"`` and ``"up"`` without ``state_norm`` and ``d_state`` up to 16;
             otherwise the expansion is formed and scanned by :func:`treessm.tree_scan`'s
             CUDA kernels, in blocks of channels of at most :data:`EXPANSION_BLOCK_BYTES`
-            each). (default: ``None``)
+            each, or :data:`EXPANSION_MIN_ROW_BYTES` per vertex where that is more).
+            (default: ``None``)
 
     Returns:
         ``y`` :math:`(N, D)` in the dtype of ``u``; with ``state_vertices`` the pair
@@ -720,7 +728,8 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
         return selective_tree_scan_ref(*args, **options)
     if not FUSED_KERNELS[backend].supports(direction, state_norm, A.shape[1]):
         # the expansion through tree_scan's kernels
-        return expanded_in_blocks(*args, **options,
+        budget = max(EXPANSION_BLOCK_BYTES, u.shape[0] * EXPANSION_MIN_ROW_BYTES)
+        return expanded_in_blocks(*args, **options, block_bytes=budget,
                                   scan=functools.partial(tree_scan, backend=None))
     return _fused(*args, **options, backend=backend)
 
