@@ -150,11 +150,14 @@ def test_scan_tree_is_the_tree_of_the_forward_pass():
     assert paper.scan_tree(s).roots.tolist() == [8, 17]
 
 
-def test_causal_tree_compares_the_factors_of_the_scan_inputs():
-    # with the cosine distance the tree is built from the factors (delta u, B) of the scan
-    # inputs, never formed: the same tree as the topology over the formed scan inputs
+@pytest.mark.parametrize("mode,extra", [("causal", dict(k=3)), ("paper", {}),
+                                        ("paper", dict(context_len=6))])
+def test_trees_compare_the_factors_of_the_scan_inputs(mode, extra):
+    # with the cosine distance the causal and GrootL trees are built from the factors
+    # (delta u, B) of the scan inputs, never formed: the same tree as the topology over
+    # the formed scan inputs
     torch.manual_seed(3)
-    mixer = GrootLMixer(16, state_size=4, mode="causal", k=3)
+    mixer = GrootLMixer(16, state_size=4, mode=mode, **extra)
     hidden = torch.randn(2, 13, 16)
     u, _ = mixer.project_in(hidden, None)
     expected = mixer.topology(mixer.tree_features(u))

@@ -199,6 +199,34 @@ def test_grootl_tree_matches_the_authors_construction(length, context_len):
     assert tree.roots.tolist() == [length - 1, 2 * length - 1]
 
 
+@pytest.mark.parametrize("context_len", [None, 6, 2])
+def test_grootl_tree_of_outer_products_matches_the_definition(context_len):
+    # features given as factors f and o of x = f (outer) o: the tree of the loop definition
+    # over x formed in full; then, with repeated tokens (ties, which the loop leaves to
+    # chance) and zero rows of either factor, the same tree as from x; float64; the checks
+    gen = torch.Generator().manual_seed(50 if context_len is None else 50 + context_len)
+    length = 10
+    f, o = torch.randn(2, length, 5, generator=gen), torch.randn(2, length, 3, generator=gen)
+    x = (f.unsqueeze(-1) * o.unsqueeze(-2)).flatten(2)
+    topo = GrootLTopology(context_len=context_len)
+    expected = []
+    for b in range(2):
+        local = loop_mst_parents(x[b], loop_grootl_pairs(length, context_len))
+        expected += [p + b * length if p >= 0 else -1 for p in local]
+    assert topo(f, outer=o).parent.tolist() == expected
+    f[:, 4:7], o[:, 4:7] = f[:, 4:5], o[:, 4:5]
+    f[0, 2], o[1, 8] = 0, 0
+    x = (f.unsqueeze(-1) * o.unsqueeze(-2)).flatten(2)
+    same_tree(topo(f, outer=o), topo(x))
+    same_tree(topo(f.double(), outer=o.double()), topo(x.double()))
+    with pytest.raises(ValueError, match="distance='cosine' only"):
+        GrootLTopology(distance="l2")(f, outer=o)
+    with pytest.raises(ValueError, match="outer must have the tokens of feat"):
+        topo(f, outer=o[:, :5])
+    with pytest.raises(ValueError, match="finite"):
+        topo(f, outer=torch.full_like(o, math.nan))
+
+
 def test_grootl_tree_is_not_causal_but_its_chain_part_is():
     # tokens 0, 1 and 3 alike, token 2 apart: the skip edges join 0, 1 and 3, and token 2
     # hangs below token 1, so token 1 aggregates a later token

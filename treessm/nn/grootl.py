@@ -324,7 +324,7 @@ class GrootLMixer(SelectiveSSM):
                 a, b = self.tree_factors(u)
                 return self.topology(a, valid, outer=b)
             return self.topology(self.tree_features(u), valid)
-        return self.topology(self.tree_features(u))
+        return self._paper_tree(u)
 
     @torch.no_grad()
     def tree_factors(self, u: Tensor) -> Tuple[Tensor, Tensor]:
@@ -341,12 +341,21 @@ class GrootLMixer(SelectiveSSM):
         r"""The scan inputs :math:`x = \Delta B u` of inner features ``u [B, L, d_inner]``,
         flattened to ``[B, L, d_inner * d_state]`` in float32 (float64 for float64 input):
         what the causal and GrootL trees compare tokens by. Formed for tree construction
-        only, without gradient; the scan itself never forms them, and neither does the
-        causal tree with the cosine distance, which compares the factors
+        only, without gradient; the scan itself never forms them, and neither do the
+        causal and GrootL trees with the cosine distance, which compare the factors
         (:meth:`tree_factors`; :math:`\cos(a \otimes b, a' \otimes b') = \cos(a, a')
         \cos(b, b')`)."""
         a, b = self.tree_factors(u)
         return (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(2)
+
+    def _paper_tree(self, u: Tensor) -> Tree:
+        """The GrootL tree of ``mode="paper"``: its own topology with the cosine distance
+        compares the factors of the scan inputs (:meth:`tree_factors`), any other the scan
+        inputs themselves."""
+        if type(self.topology) is GrootLTopology and self.topology.distance == "cosine":
+            a, b = self.tree_factors(u)
+            return self.topology(a, outer=b)
+        return self.topology(self.tree_features(u))
 
     def _compares_factors(self) -> bool:
         """Whether the causal tree compares the factors of the scan inputs (cosine) rather
@@ -408,7 +417,7 @@ class GrootLMixer(SelectiveSSM):
         flat = u.reshape(b * length, -1)
         inputs = self.ssm_inputs(flat)
         y = self.ssm(flat, chain_tree(b, length, u.device), "down", inputs=inputs)
-        tree = self.topology(self.tree_features(u))
+        tree = self._paper_tree(u)
         shifted = inputs[0].view(b, length, -1).roll(-1, dims=1).reshape(b * length, -1)
         return y + self.tree_scale * self.ssm(flat, tree, "up", skip=False, edge_step=shifted,
                                               inputs=inputs)

@@ -264,12 +264,25 @@ class GrootLTopology(Topology):
         return c if c > 2 else 0
 
     @torch.compiler.disable
-    def __call__(self, feat: Tensor) -> Tree:
+    def __call__(self, feat: Tensor, *, outer: Optional[Tensor] = None) -> Tree:
+        """The tree of features ``feat [B, L, C]``; with ``outer [B, L, S]`` (cosine
+        distance only) the tokens' features are the outer products
+        :math:`x_t = f_t \otimes o_t`, compared without forming them:
+        :math:`\cos(x_s, x_t) = \cos(f_s, f_t) \cos(o_s, o_t)` (GrootL's scan inputs
+        :math:`\Delta u \otimes B`, ``C * S`` values a token)."""
         check_features(feat, 3, shape="[B, L, C]")
+        _check_outer(feat, outer, self.distance)
         b, length, _ = feat.shape
         if b * length == 0:
             return empty_forest(feat.device)
-        return super().__call__(feat)
+        if outer is None:
+            return super().__call__(feat)
+        with torch.no_grad():
+            entry = self._candidates(feat)
+            src, dst = entry.edge_index
+            rows = [f.reshape(b * length, -1) for f in _unit_rows(*_finite_factors(feat, outer))]
+            cost = _named_cost([f[src] for f in rows], [f[dst] for f in rows], "cosine")
+            return self._build(entry.edge_index, cost, b * length, entry.roots, entry.batch)
 
     def _candidates(self, feat: Tensor) -> Candidates:
         check_features(feat, 3, shape="[B, L, C]")
@@ -305,6 +318,38 @@ def _check_tie_rtol(value) -> float:
 
 def _work_dtype(feat: Tensor) -> torch.dtype:
     return torch.float64 if feat.dtype == torch.float64 else torch.float32
+
+
+def _check_outer(feat: Tensor, outer: Optional[Tensor], distance) -> None:
+    """``outer [B, L, S]``: second factors of the tokens of ``feat [B, L, C]``, compared
+    with the cosine distance only."""
+    if outer is None:
+        return
+    check_features(outer, 3, shape="[B, L, S]")
+    if outer.shape[:2] != feat.shape[:2]:
+        raise ValueError(f"outer must have the tokens of feat, [{feat.shape[0]}, "
+                         f"{feat.shape[1]}, S], got {list(outer.shape)}")
+    if distance != "cosine":
+        raise ValueError(f"outer factors are compared with distance='cosine' only, got "
+                         f"{distance!r}")
+
+
+def _finite_factors(feat: Tensor, outer: Optional[Tensor]) -> Tuple[List[Tensor], torch.dtype]:
+    """The detached factors of the tokens' features and their working dtype; NaN or
+    infinite features raise on the CPU (elsewhere the check would wait for the device:
+    there, as for the other topologies, NaN features give an unspecified tree)."""
+    factors = [feat.detach()] if outer is None else [feat.detach(), outer.detach()]
+    if feat.device.type == "cpu" and not all(all_finite(f) for f in factors):
+        raise ValueError("feat must be finite, got NaN or infinite features")
+    work = _work_dtype(feat) if outer is None else \
+        torch.promote_types(_work_dtype(feat), _work_dtype(outer))
+    return factors, work
+
+
+def _unit_rows(factors: List[Tensor], work: torch.dtype) -> List[Tensor]:
+    """Each factor's rows scaled to unit length (zero rows stay zero), for cosines."""
+    return [torch.nn.functional.normalize(scale_by_power_of_two(f.to(work), -1), dim=-1,
+                                          eps=EPS) for f in factors]
 
 
 def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
@@ -356,14 +401,7 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
         True
     """
     check_features(feat, 3, shape="[B, L, C]")
-    if outer is not None:
-        check_features(outer, 3, shape="[B, L, S]")
-        if outer.shape[:2] != feat.shape[:2]:
-            raise ValueError(f"outer must have the tokens of feat, [{feat.shape[0]}, "
-                             f"{feat.shape[1]}, S], got {list(outer.shape)}")
-        if distance != "cosine":
-            raise ValueError(f"outer factors are compared with distance='cosine' only, got "
-                             f"{distance!r}")
+    _check_outer(feat, outer, distance)
     k = check_int(k, "k", 1)
     distance = check_distance(distance)
     tie_rtol = _check_tie_rtol(tie_rtol)
@@ -378,18 +416,11 @@ def causal_parents(feat: Tensor, k: int, distance: Distance = "cosine",
     if span == 0:
         return torch.full((b, length), -1, dtype=torch.long, device=feat.device)
     with torch.no_grad():
-        x = feat.detach()
-        factors = [x] if outer is None else [x, outer.detach()]
-        if x.device.type == "cpu" and not all(all_finite(f) for f in factors):
-            # (on accelerators the check would wait for the device: there, as for the
-            # other topologies, NaN features give an unspecified tree)
-            raise ValueError("feat must be finite, got NaN or infinite features")
-        work = _work_dtype(x) if outer is None else \
-            torch.promote_types(_work_dtype(x), _work_dtype(outer))
+        factors, work = _finite_factors(feat, outer)
+        x = factors[0]
         if isinstance(distance, str):
             if distance == "cosine":
-                factors = [torch.nn.functional.normalize(
-                    scale_by_power_of_two(f.to(work), -1), dim=-1, eps=EPS) for f in factors]
+                factors = _unit_rows(factors, work)
             else:
                 factors = [scale_by_power_of_two(x.to(work), (1, 2))]
             x = factors[0]
