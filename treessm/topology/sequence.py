@@ -265,7 +265,7 @@ class GrootLTopology(Topology):
 
     @torch.compiler.disable
     def __call__(self, feat: Tensor, *, outer: Optional[Tensor] = None) -> Tree:
-        """The tree of features ``feat [B, L, C]``; with ``outer [B, L, S]`` (cosine
+        r"""The tree of features ``feat [B, L, C]``; with ``outer [B, L, S]`` (cosine
         distance only) the tokens' features are the outer products
         :math:`x_t = f_t \otimes o_t`, compared without forming them:
         :math:`\cos(x_s, x_t) = \cos(f_s, f_t) \cos(o_s, o_t)` (GrootL's scan inputs
