@@ -1,16 +1,13 @@
-// Host side of Borůvka's steps (boruvka_kernels.cuh): argument checks, the launches and the
-// torch.library registration of torch.ops.treessm.cuda_lightest_edges and
-// torch.ops.treessm.cuda_find_roots (CUDA dispatch key).
+// Host side of Borůvka's algorithm (boruvka_kernels.cuh): argument checks, the launches and
+// the torch.library registration of torch.ops.treessm.cuda_boruvka (CUDA dispatch key).
 //
-// cuda_lightest_edges(edge_index, key, comp, sentinel) -> best: int64 [N], for every vertex
-// id c the least key of an edge between component c and another one, `sentinel` where no
-// edge leaves c (or c labels no component). edge_index: int64 [2, E]; key: int64 [E],
-// below `sentinel`; comp: int64 [N], labels in [0, N). Labels and ids are
-// the caller's responsibility (checking them would wait for the device); nothing here does.
-//
-// cuda_find_roots(parent) -> roots: int64 [N], the root of every vertex of the forest whose
-// parent pointers are `parent` (int64 [N], parent[r] == r at a root, every pointer in
-// [0, N), no cycle but the roots' own: the caller's responsibility, as above).
+// cuda_boruvka(edge_index, key, num_nodes, rounds, sentinel) -> (chosen, comp): the edges
+// chosen in `rounds` rounds of Borůvka's algorithm (bool [E]) and every vertex's component
+// label (int64 [N], a vertex id of its component: the root of its hook trees). edge_index:
+// int64 [2, E]; key: int64 [E], distinct, with the edge index in the low 32 bits, all below
+// `sentinel`. Ids in [0, N) and distinct keys are the caller's responsibility (checking them
+// would wait for the device); nothing here does. Three launches per round, none of which
+// waits for the device; the rounds after the components stop growing return at once.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "check.cuh"
 #include "boruvka_kernels.cuh"
@@ -31,58 +29,65 @@ void check_long(const at::Tensor& t, const char* name, const at::Tensor& like) {
               " must be a contiguous int64 tensor, got ", t.scalar_type());
 }
 
+// Grid-stride loops: enough blocks to fill the device, and cheap launches for the rounds
+// that return at once.
+constexpr int64_t kMaxBlocks = 4096;
+
 }  // namespace
 
-at::Tensor lightest_edges(const at::Tensor& edge_index, const at::Tensor& key,
-                          const at::Tensor& comp, int64_t sentinel) {
+std::tuple<at::Tensor, at::Tensor> boruvka_forest(const at::Tensor& edge_index,
+                                                  const at::Tensor& key, int64_t num_nodes,
+                                                  int64_t rounds, int64_t sentinel) {
   check_long(edge_index, "edge_index", edge_index);
   check_long(key, "key", edge_index);
-  check_long(comp, "comp", edge_index);
   TREESSM_CHECK(edge_index.dim() == 2 && edge_index.size(0) == 2,
               "edge_index must have shape [2, E], got ", edge_index.sizes());
   const int64_t E = edge_index.size(1);
   TREESSM_CHECK(key.dim() == 1 && key.size(0) == E, "key must have shape [", E, "], got ",
               key.sizes());
-  TREESSM_CHECK(comp.dim() == 1, "comp must be 1-D [N], got ", comp.sizes());
+  TREESSM_CHECK(E < (int64_t{1} << 32), "at most 2^32 - 1 edges, got ", E);
+  TREESSM_CHECK(num_nodes >= 0 && rounds >= 0, "num_nodes and rounds must be >= 0, got ",
+              num_nodes, " and ", rounds);
   const c10::cuda::CUDAGuard guard(edge_index.device());
-  at::Tensor best = at::full({comp.size(0)}, sentinel, comp.options());
-  if (E == 0 || comp.size(0) == 0) return best;
-  const int64_t need = (E + boruvka::kThreads - 1) / boruvka::kThreads;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(need, 1 << 20));
-  boruvka::lightest_edges_kernel<<<blocks, boruvka::kThreads, 0,
-                                   c10::cuda::getCurrentCUDAStream()>>>(
-      edge_index.data_ptr<int64_t>(), key.data_ptr<int64_t>(), comp.data_ptr<int64_t>(),
-      reinterpret_cast<long long*>(best.data_ptr<int64_t>()), E);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return best;
-}
-
-at::Tensor find_roots(const at::Tensor& parent) {
-  check_long(parent, "parent", parent);
-  TREESSM_CHECK(parent.dim() == 1, "parent must be 1-D [N], got ", parent.sizes());
-  const c10::cuda::CUDAGuard guard(parent.device());
-  at::Tensor scratch = parent.clone();
-  at::Tensor roots = at::empty_like(parent);
-  const int64_t n = parent.size(0);
-  if (n == 0) return roots;
-  const int64_t need = (n + boruvka::kThreads - 1) / boruvka::kThreads;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(need, 1 << 20));
-  boruvka::find_roots_kernel<<<blocks, boruvka::kThreads, 0,
-                               c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<long long*>(scratch.data_ptr<int64_t>()),
-      reinterpret_cast<long long*>(roots.data_ptr<int64_t>()), n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return roots;
+  const auto opts = edge_index.options();
+  at::Tensor chosen = at::zeros({E}, opts.dtype(at::kBool));
+  at::Tensor comp = at::arange(num_nodes, opts);
+  if (E == 0 || num_nodes <= 1 || rounds == 0) return {chosen, comp};
+  at::Tensor best = at::full({num_nodes}, sentinel, opts);
+  at::Tensor hook = at::empty({num_nodes}, opts);
+  at::Tensor active = at::zeros({rounds + 1}, opts.dtype(at::kInt));
+  active.narrow(0, 0, 1).fill_(1);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto blocks = [](int64_t items) {
+    const int64_t need = (items + boruvka::kThreads - 1) / boruvka::kThreads;
+    return static_cast<unsigned>(std::min<int64_t>(need, kMaxBlocks));
+  };
+  const int64_t* ei = edge_index.data_ptr<int64_t>();
+  auto* best_p = reinterpret_cast<long long*>(best.data_ptr<int64_t>());
+  auto* hook_p = reinterpret_cast<long long*>(hook.data_ptr<int64_t>());
+  const int* flags = active.data_ptr<int>();
+  for (int64_t k = 0; k < rounds; ++k) {
+    boruvka::lightest_edges_kernel<<<blocks(E), boruvka::kThreads, 0, stream>>>(
+        ei, key.data_ptr<int64_t>(), comp.data_ptr<int64_t>(), best_p, E, flags + k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    boruvka::hook_kernel<<<blocks(num_nodes), boruvka::kThreads, 0, stream>>>(
+        ei, comp.data_ptr<int64_t>(), best_p, hook_p, chosen.data_ptr<bool>(), num_nodes, E,
+        sentinel, flags + k, active.data_ptr<int>() + k + 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    boruvka::relabel_kernel<<<blocks(num_nodes), boruvka::kThreads, 0, stream>>>(
+        hook_p, comp.data_ptr<int64_t>(), best_p, num_nodes, sentinel, flags + k + 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {chosen, comp};
 }
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
-  m.def("cuda_lightest_edges(Tensor edge_index, Tensor key, Tensor comp, int sentinel) -> Tensor");
-  m.def("cuda_find_roots(Tensor parent) -> Tensor");
+  m.def("cuda_boruvka(Tensor edge_index, Tensor key, int num_nodes, int rounds, int sentinel) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
-  m.impl("cuda_lightest_edges", &lightest_edges);
-  m.impl("cuda_find_roots", &find_roots);
+  m.impl("cuda_boruvka", &boruvka_forest);
 }
 
 }  // namespace treessm_cuda

@@ -1,7 +1,8 @@
 """Borůvka's kernels, compiled for the host and run with one thread per CUDA thread: the
 selection step (the lightest edge leaving each component) against the tensor version of
-``treessm.topology.boruvka.lightest_edges``, and the roots of the hook trees against
-pointer jumping."""
+``treessm.topology.boruvka.lightest_edges``, and all rounds as ``cuda_boruvka`` launches
+them against the tensor version of ``treessm.topology.boruvka.boruvka`` (chosen edges and
+labels)."""
 import subprocess
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from emulation import compile_harness
-from treessm.topology.boruvka import _NO_EDGE, edge_keys, lightest_edges
+from treessm.topology.boruvka import _NO_EDGE, boruvka, ceil_log2, edge_keys, lightest_edges
 
 
 @pytest.fixture(scope="module")
@@ -66,55 +67,56 @@ def test_lightest_edges_kernel_matches_tensors(harness, tmp_path, name, blocks, 
         assert got[0] == got[50] == key[between].min()
 
 
-def emulate_roots(harness, tmp, parent, blocks, threads):
+def emulate_forest(harness, tmp, edge_index, key, num_nodes, rounds, blocks, threads):
     src, dst = tmp / "in.bin", tmp / "out.bin"
+    e = key.shape[0]
     with open(src, "wb") as f:
-        np.array([parent.shape[0], blocks, threads], np.int64).tofile(f)
-        parent.numpy().astype(np.int64).tofile(f)
-    subprocess.run([str(harness), str(src), str(dst), "roots"], check=True)
-    return torch.from_numpy(np.fromfile(dst, np.int64))
+        np.array([num_nodes, e, _NO_EDGE | e, blocks, threads, rounds], np.int64).tofile(f)
+        for t in (edge_index, key):
+            t.numpy().astype(np.int64).tofile(f)
+    subprocess.run([str(harness), str(src), str(dst), "forest"], check=True)
+    out = torch.from_numpy(np.fromfile(dst, np.int64))
+    return out[:e].bool(), out[e:e + num_nodes], out[e + num_nodes:]
 
 
-def _forest(name, gen):
-    """Parent pointers (``parent[r] == r`` at a root) of a named forest."""
-    n = 3000
+def _graph(name, gen):
+    """``(edge_index, num_nodes)`` of a named graph."""
     if name == "empty":
-        return torch.zeros(0, dtype=torch.long)
-    if name == "roots":  # every vertex its own root
-        return torch.arange(n)
-    if name == "chain_down":  # v -> v - 1: one path as deep as the forest, walked bottom up
-        return (torch.arange(n) - 1).clamp(min=0)
-    if name == "chain_up":  # v -> v + 1, rooted at the last vertex
-        return (torch.arange(n) + 1).clamp(max=n - 1)
-    if name == "shuffled_chain":  # one path through the vertices in random order
-        order = torch.randperm(n, generator=gen)
-        parent = torch.empty(n, dtype=torch.long)
-        parent[order[1:]] = order[:-1]
-        parent[order[0]] = order[0]
-        return parent
-    if name == "random":  # random recursive trees, several roots
-        parent = torch.arange(n)
-        for v in range(1, n):
-            if torch.rand(1, generator=gen) > 0.01:
-                parent[v] = torch.randint(0, v, (1,), generator=gen)
-        perm = torch.randperm(n, generator=gen)  # ids shuffled
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(n)
-        return inv[parent[perm]]
+        return torch.zeros(2, 0, dtype=torch.long), 5
+    if name == "single":
+        return torch.zeros(2, 0, dtype=torch.long), 1
+    if name == "random":  # self-loops, repeated edges, isolated vertices, several components
+        return torch.randint(0, 300, (2, 900), generator=gen), 320
+    if name == "chain":  # one deep path, listed in random order and direction
+        n = 700
+        ei = torch.stack([torch.arange(n - 1), torch.arange(1, n)])
+        ei = ei[:, torch.randperm(n - 1, generator=gen)]
+        flip = torch.rand(n - 1, generator=gen) < 0.5
+        return torch.where(flip, ei.flip(0), ei), n
+    if name == "star":
+        n = 400
+        return torch.stack([torch.zeros(n - 1, dtype=torch.long), torch.arange(1, n)]), n
+    if name == "components":  # edges inside groups of 6 consecutive ids, never between
+        group = torch.randint(0, 100, (1500,), generator=gen)
+        return group * 6 + torch.randint(0, 6, (2, 1500), generator=gen), 600
     raise KeyError(name)
 
 
-def _jumped(parent):
-    out = parent.clone()
-    while not torch.equal(out[out], out):
-        out = out[out]
-    return out
-
-
-@pytest.mark.parametrize("blocks,threads", [(1, 32), (3, 64), (200, 32)])
-@pytest.mark.parametrize("name", ["empty", "roots", "chain_down", "chain_up", "shuffled_chain",
-                                  "random"])
-def test_find_roots_kernel_matches_pointer_jumping(harness, tmp_path, name, blocks, threads):
-    parent = _forest(name, torch.Generator().manual_seed(8))
-    got = emulate_roots(harness, tmp_path, parent, blocks, threads)
-    assert torch.equal(got, _jumped(parent))
+@pytest.mark.parametrize("blocks,threads", [(1, 32), (3, 64), (64, 32)])
+@pytest.mark.parametrize("name", ["empty", "single", "random", "chain", "star", "components",
+                                  "ties"])
+def test_fused_rounds_match_the_tensor_rounds(harness, tmp_path, name, blocks, threads):
+    gen = torch.Generator().manual_seed(11)
+    ei, n = _graph("random" if name == "ties" else name, gen)
+    cost = torch.randn(ei.shape[1], generator=gen)
+    if name == "ties":  # equal costs, broken by edge index inside the keys
+        cost = torch.randint(0, 3, (ei.shape[1],), generator=gen).float()
+    key = edge_keys(cost)
+    rounds = ceil_log2(n)
+    want_chosen, want_comp = boruvka(ei, key, n, n)  # the tensor rounds, on the CPU
+    chosen, comp, active = emulate_forest(harness, tmp_path, ei, key, n, rounds, blocks, threads)
+    assert torch.equal(chosen, want_chosen) and torch.equal(comp, want_comp)
+    # every round after the last merge returned at once
+    assert active[0] == 1 and (active[1:].diff() <= 0).all()
+    if name in ("chain", "star") and ei.shape[1]:
+        assert int(chosen.sum()) == n - 1 and (comp == comp[0]).all()  # one tree

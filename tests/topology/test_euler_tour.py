@@ -482,66 +482,54 @@ def test_compacting_boruvka_equals_the_fixed_rounds():
 @pytest.mark.parametrize("device", DEVICES)
 def test_compacting_boruvka_equals_the_fixed_rounds_on_a_large_graph(device):
     # a random graph merges into one giant component whose slot most edges of the late
-    # rounds point at (the case the CUDA selection kernel is built for)
+    # rounds point at (the case the CUDA selection kernel is built for); on a GPU both run
+    # the CUDA operator, checked against the tensor rounds on the CPU
     from treessm.topology.boruvka import boruvka, boruvka_compacting, edge_keys
 
     g = torch.Generator().manual_seed(14)
     n = 20000
-    ei = torch.randint(0, n, (2, 5 * n), generator=g).to(device)
-    key = edge_keys(torch.rand(5 * n, generator=g).to(device))
-    fixed = boruvka(ei, key, n, n)
-    compact = boruvka_compacting(ei, key, n)
-    assert torch.equal(fixed[0], compact[0]) and torch.equal(fixed[1], compact[1])
-    assert torch.equal(fixed[0].cpu(), kruskal_mask(ei.cpu(), key.cpu(), n))
+    ei = torch.randint(0, n, (2, 5 * n), generator=g)
+    key = edge_keys(torch.rand(5 * n, generator=g))
+    want = boruvka(ei, key, n, n)
+    for run in (boruvka(ei.to(device), key.to(device), n, n),
+                boruvka_compacting(ei.to(device), key.to(device), n)):
+        assert torch.equal(run[0].cpu(), want[0]) and torch.equal(run[1].cpu(), want[1])
+    assert torch.equal(want[0], kruskal_mask(ei, key, n))
 
 
 @needs_cuda
 @pytest.mark.cuda
-def test_cuda_lightest_edges_match_the_tensor_version():
-    from treessm.topology.boruvka import _NO_EDGE, edge_keys, lightest_edges
+def test_cuda_boruvka_matches_the_tensor_rounds():
+    # the CUDA operator (all rounds, three launches each) against the tensor rounds on the
+    # CPU: chosen edges and labels, bit for bit, run to run; with the exact bound on the
+    # largest component as well
+    from treessm.topology.boruvka import _NO_EDGE, boruvka, ceil_log2, edge_keys
     from treessm.typing import load_cuda_extension
 
     load_cuda_extension()
     g = torch.Generator().manual_seed(5)
-    n, e = 5000, 40000
-    ei = torch.randint(0, n, (2, e), generator=g)
-    key = edge_keys(torch.randn(e, generator=g))  # negative keys too
-    sentinel = _NO_EDGE | e
-    ar = torch.arange(n)
-    for comp in (ar, ar // 700 * 700, torch.where(ar < 4000, 0, 4000), torch.zeros_like(ar)):
-        want = lightest_edges(ei, key, comp, sentinel)  # the tensor version, on the CPU
-        got = torch.ops.treessm.cuda_lightest_edges(ei.cuda(), key.cuda(), comp.cuda(), sentinel)
-        assert torch.equal(got.cpu(), want)
-    got = torch.ops.treessm.cuda_lightest_edges(ei[:, :0].cuda(), key[:0].cuda(), ar.cuda(), 7)
-    assert torch.equal(got.cpu(), torch.full((n,), 7))
-    with pytest.raises(RuntimeError, match="int64"):
-        torch.ops.treessm.cuda_lightest_edges(ei.cuda().int(), key.cuda(), ar.cuda(), sentinel)
-
-
-@needs_cuda
-@pytest.mark.cuda
-def test_cuda_find_roots_match_pointer_jumping():
-    from treessm.typing import load_cuda_extension
-
-    load_cuda_extension()
-    g = torch.Generator().manual_seed(6)
     n = 200_000
-    ar = torch.arange(n)
     order = torch.randperm(n, generator=g)
-    shuffled_chain = torch.empty(n, dtype=torch.long)
-    shuffled_chain[order[1:]] = order[:-1]
-    shuffled_chain[order[0]] = order[0]
-    bushy = torch.where(ar % 97 == 0, ar, (ar.double() * torch.rand(n, generator=g)).long())
-    for parent in (ar, (ar - 1).clamp(min=0), (ar + 1).clamp(max=n - 1), shuffled_chain, bushy):
-        want = parent.clone()
-        while not torch.equal(want[want], want):
-            want = want[want]
-        got = torch.ops.treessm.cuda_find_roots(parent.cuda())
-        assert torch.equal(got.cpu(), want)
-        assert torch.equal(torch.ops.treessm.cuda_find_roots(parent.cuda()), got)  # same bits
-    assert torch.ops.treessm.cuda_find_roots(ar[:0].cuda()).shape == (0,)
+    chain = torch.stack([order[:-1], order[1:]])  # one path through shuffled ids
+    star = torch.stack([torch.zeros(n - 1, dtype=torch.long), torch.arange(1, n)])
+    grouped = torch.randint(0, n // 50, (300_000,), generator=g) * 50 + torch.randint(
+        0, 50, (2, 300_000), generator=g)  # 4,000 components of 50 ids
+    sparse = torch.randint(0, n, (2, n // 2), generator=g)  # many trees, isolated vertices
+    dense = torch.randint(0, n, (2, 5 * n), generator=g)
+    for ei, largest in ((chain, n), (star, n), (grouped, 50), (sparse, n), (dense, n),
+                        (dense[:, :0], 1)):
+        e = ei.shape[1]
+        for cost in (torch.randn(e, generator=g), torch.randint(0, 4, (e,), generator=g).float()):
+            key = edge_keys(cost)
+            for size in sorted({n, largest}):
+                want = boruvka(ei, key, n, size)
+                got = boruvka(ei.cuda(), key.cuda(), n, size)
+                assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+                again = torch.ops.treessm.cuda_boruvka(ei.cuda(), key.cuda(), n,
+                                                       ceil_log2(size), _NO_EDGE | e)
+                assert torch.equal(again[0], got[0]) and torch.equal(again[1], got[1])
     with pytest.raises(RuntimeError, match="int64"):
-        torch.ops.treessm.cuda_find_roots(ar.cuda().int())
+        torch.ops.treessm.cuda_boruvka(dense.cuda().int(), key.cuda(), n, 3, _NO_EDGE)
 
 
 def test_counting_build_reports_sizes():

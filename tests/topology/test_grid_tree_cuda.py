@@ -180,3 +180,26 @@ def test_grid_tree_does_not_synchronise(ops):
         torch.cuda.set_sync_debug_mode("default")
     assert_matches([getattr(tree, f) for f in TREE_FIELDS] + list(level_plan(tree)[:3]), cost,
                    32, 56, 56, 4)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_images_too_large_for_one_block(ops, connectivity):
+    # GridTopology on images beyond the fused kernel: the tensor path with the grid's own
+    # sizes (one tree of H * W pixels per image) builds the CPU's tree without waiting for
+    # the device
+    b, h, w = 2, 240, 250
+    assert not cuda_grid.fits(h, w, connectivity, "cuda")
+    topo = treessm.GridTopology(connectivity=connectivity)
+    feat = torch.randn(b, h, w, 3, generator=torch.Generator().manual_seed(connectivity)).cuda()
+    topo(feat)  # warm up: candidates, extension, device properties
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tree = topo(feat)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    edge_index, _, _ = topo.candidate_edges(feat)
+    want = reference(topo.edge_cost(feat, edge_index), b, h, w, connectivity)
+    for name in TREE_FIELDS:
+        assert torch.equal(getattr(tree, name).cpu(), want[name]), name
+    assert tree.num_trees == b and tree.max_tree_size == h * w

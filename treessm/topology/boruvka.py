@@ -16,9 +16,10 @@ component at its other end (of two components picking the same edge, the lower i
 the root) and pointer jumping flattens the labels. A component still growing at round
 ``k`` has at least ``2^k`` vertices, so :math:`\lceil \log_2 S \rceil` rounds finish
 (``S`` the largest tree), and at round ``k`` a hook tree joins at most :math:`S / 2^k`
-components, which bounds the jumps of that round. On a GPU two kernels of the CUDA
-extension take the selection step (:func:`lightest_edges`) and the labels' roots (one
-launch that walks every hook tree to its root, instead of one launch per jump).
+components, which bounds the jumps of that round. On a GPU one operator of the CUDA
+extension runs all rounds (``torch.ops.treessm.cuda_boruvka``: three launches per round --
+selection, hooking, and every label walked to its hook tree's root -- and the rounds after
+the components stop growing return at once), with the same forest and labels.
 
 Inputs are only checked for values (ids in range) on CPU tensors: such checks need the
 device's answer, so on a GPU out-of-range ids are the caller's responsibility.
@@ -120,14 +121,8 @@ def edge_keys(cost: Tensor) -> Tensor:
 
 def lightest_edges(edge_index: Tensor, key: Tensor, comp: Tensor, sentinel: int) -> Tensor:
     """``best [N]``: for every component label ``c``, the least key of an edge between
-    component ``c`` and another one, ``sentinel`` where none leaves it.
-
-    On a GPU a kernel of the CUDA extension (where it is available) finds them with one
-    pass over the edges; ``scatter_reduce`` would instead serialise its atomics once the
-    components have merged into a few large ones, since most edges then point at the same
-    slots."""
-    if _device_kernels(edge_index):
-        return torch.ops.treessm.cuda_lightest_edges(edge_index, key, comp, sentinel)
+    component ``c`` and another one, ``sentinel`` where none leaves it (the tensor version
+    of the CUDA operator's selection step)."""
     ends = comp[edge_index]  # [2, E] component of each endpoint
     inner = torch.where(ends[0] != ends[1], key, sentinel)
     best = torch.full_like(comp, sentinel)
@@ -142,12 +137,9 @@ def _device_kernels(t: Tensor) -> bool:
 
 def _hooked_labels(hook: Tensor, comp: Tensor, jumps: Optional[int]) -> Tensor:
     """Each vertex's label after the components hooked onto each other: the root of its
-    label's tree in the forest ``hook`` (``hook[r] == r`` at a root). On a GPU one kernel of
-    the CUDA extension walks every tree to its root (``cuda_find_roots``); otherwise pointer
-    jumping, ``jumps`` fixed rounds, or (``None``) until nothing moves, which waits for the
-    device at every round."""
-    if _device_kernels(hook):
-        return torch.ops.treessm.cuda_find_roots(hook)[comp]
+    label's tree in the forest ``hook`` (``hook[r] == r`` at a root), by pointer jumping,
+    ``jumps`` fixed rounds, or (``None``) until nothing moves, which waits for the device at
+    every round."""
     comp = hook[comp]
     if jumps is not None:
         for _ in range(jumps):
@@ -164,6 +156,10 @@ def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
     """Forest mask ``[E]`` and a component label per vertex (a vertex id of the component)."""
     device = key.device
     num_edges = key.shape[0]
+    if _device_kernels(key):
+        return torch.ops.treessm.cuda_boruvka(edge_index.contiguous(), key.contiguous(), num_nodes,
+                                              ceil_log2(max_size),
+                                              _NO_EDGE | num_edges)
     ar = torch.arange(num_nodes, device=device)
     comp = ar
     chosen = torch.zeros(num_edges + 1, dtype=torch.bool, device=device)
@@ -197,9 +193,13 @@ def boruvka_compacting(edge_index: Tensor, key: Tensor, num_nodes: int):
     but every round first drops the edges inside one component, and rounds and pointer
     jumps stop as soon as nothing is left to do. On a large graph the work then shrinks
     with the number of edges still between components, instead of staying that of the
-    first round for :math:`\lceil \log_2 N \rceil` rounds."""
+    first round for :math:`\lceil \log_2 N \rceil` rounds. With the CUDA operator this is
+    :func:`boruvka` itself: its rounds after the last merge cost a launch each and nothing
+    waits."""
     device = key.device
     num_edges = key.shape[0]
+    if _device_kernels(key):
+        return boruvka(edge_index, key, num_nodes, num_nodes)
     ar = torch.arange(num_nodes, device=device)
     comp = ar
     chosen = torch.zeros(num_edges, dtype=torch.bool, device=device)

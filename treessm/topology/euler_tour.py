@@ -143,7 +143,7 @@ def _rank_tour(slots: _Slots, is_root: Tensor, max_size: int):
 
     Returns ``rank`` (``[2N + 1]``: copies from each one to the end of its tree's tour),
     the rank of each copy's reverse, ``down`` (the copy points away from the root),
-    ``child`` (target of a down copy, ``N`` otherwise) and ``parent``.
+    ``up`` (each vertex's copy towards its parent, ``-1`` at roots) and ``parent``.
     """
     n, m = slots.n, slots.m
     device = is_root.device
@@ -156,10 +156,25 @@ def _rank_tour(slots: _Slots, is_root: Tensor, max_size: int):
     rank = _pointer_jump(succ, weight, _tour_rounds(max_size), torch.add)
     r_twin = rank[twin]
     down = rank[:m] > r_twin  # the copy comes first in the tour
-    child = torch.where(down, t, n)
-    parent = torch.full((n + SPARE_SLOTS,), -1, dtype=torch.long, device=device)
-    parent.scatter_reduce_(0, kept_or_spare(child, down, n), s, "amax")
-    return rank, r_twin, down, child, parent[:n]
+    up = _up_copies(slots, slots.valid & ~down)
+    parent = torch.where(up >= 0, t[up.clamp(min=0)], -1)
+    return rank, r_twin, down, up, parent
+
+
+def _up_copies(slots: _Slots, is_up: Tensor) -> Tensor:
+    """The copy of each vertex towards its parent (``-1`` at roots and isolated vertices).
+
+    A vertex has at most one such copy among its own, which lie together from
+    ``first[v]``; so the sum over them of ``1 + (offset in the list)`` is that copy's offset
+    plus one, or 0. One prefix sum and two gathers, where a scatter of the ``N`` up copies
+    would send the other ``N`` copies somewhere (a few spare slots, whose atomics queue).
+    """
+    first = slots.first
+    j = torch.arange(slots.m, device=is_up.device)
+    local = torch.where(is_up, j - first[slots.src.clamp(max=slots.n - 1)] + 1, 0)
+    total = F.pad(torch.cumsum(local, 0), (1, 0))
+    found = total[first[1:]] - total[first[:-1]]
+    return torch.where(found > 0, first[:-1] + found - 1, -1)
 
 
 def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Optional[int],
@@ -168,7 +183,7 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
     device = root.device
     s, twin, first = slots.src, slots.twin, slots.first
     is_root = root == torch.arange(n, device=device)
-    rank, r_twin, down, child, parent = _rank_tour(slots, is_root, max_size)
+    rank, r_twin, down, up, parent = _rank_tour(slots, is_root, max_size)
     r_own = rank[:m]
 
     # Global tour positions: tours laid end to end in ascending root id.
@@ -191,10 +206,11 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
     placed = torch.zeros(m + 1 + SPARE_SLOTS, dtype=torch.long, device=device)
     placed.scatter_reduce_(0, kept_or_spare(pos, pos < m, m + 1), step, "amax",
                            include_self=False)
-    path_sum = torch.cumsum(placed[:m + 1], 0)[pos]
-    packed = torch.zeros(n + SPARE_SLOTS, dtype=torch.long, device=device)  # roots: (0, 0)
-    packed.scatter_reduce_(0, kept_or_spare(child, down, n), path_sum, "amax")
-    packed = packed[:n]
+    path_sum = torch.cumsum(placed[:m + 1], 0)
+    # a vertex's (depth, preorder) is the path sum at the copy into it: its up copy's twin
+    # (roots: (0, 0))
+    into = twin[up.clamp(min=0)]
+    packed = torch.where(up >= 0, path_sum[pos[into]], 0)
     depth = packed >> bits
 
     if (n - 1).bit_length() + 2 * bits <= 62:

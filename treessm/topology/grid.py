@@ -216,10 +216,10 @@ class GridTopology(Topology):
 
     def _build_on_device(self, edge_index, cost, num_nodes, roots, batch) -> Tree:
         # On CUDA, the fused kernel (one block per image) builds the same tree as the
-        # steps. Images too large for one block take the compacting tensor path, which
-        # waits for the device between Borůvka rounds but does far less work on large
-        # grids than fixed rounds; other devices and custom roots take the fixed rounds,
-        # which never wait (and can be captured in a CUDA graph).
+        # steps. Images too large for one block take the tensor path with what the grid
+        # tells without asking the device: each image is one tree of H * W pixels, so the
+        # Borůvka rounds are fixed and nothing waits (the build can be captured in a CUDA
+        # graph). Other devices and custom roots take the generic device path.
         entry = self._cache.lookup(edge_index)
         if (entry is not None and cost.device.type == "cuda"
                 and type(self).roots is GridTopology.roots):
@@ -227,7 +227,8 @@ class GridTopology(Topology):
             tree = _cuda_grid().grid_spanning_tree(cost, b, h, w, self.connectivity, batch=batch)
             if tree is not None:
                 return tree
-            return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch)
+            return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch,
+                                           num_trees=b, max_tree_size=h * w)
         return super()._build_on_device(edge_index, cost, num_nodes, roots, batch)
 
     def extra_repr(self) -> str:
