@@ -204,7 +204,8 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
         device, repeats)
     print("parts at n=%d: %s" % (n, json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                               for k, v in parts.items()})))
-    return dict(per_size=rows, parts=parts, topology=topology_rows(device, sizes))
+    return dict(per_size=rows, parts=parts, topology=topology_rows(device, sizes),
+                fresh=fresh_rows(device, 10 ** 3 if max(sizes) < 10 ** 4 else 10 ** 5))
 
 
 def topology_rows(device, sizes):
@@ -225,6 +226,57 @@ def topology_rows(device, sizes):
         print(f"GraphTopology n={n:>9}: first build {first:8.1f} ms, later builds "
               f"{build:8.1f} ms ({rows[-1]['ns_per_edge']:.1f} ns per edge)", flush=True)
         del x, ei
+    return rows
+
+
+def _fresh_graphs(scale):
+    """Graphs of shapes the timing table and the tests do not use: ``(name, edge_index,
+    num_nodes)``, about ``scale`` vertices each."""
+    from torch_geometric.utils import barabasi_albert_graph, grid
+
+    g = torch.Generator().manual_seed(7)
+    n = 3 * scale
+    yield "power law (Barabási–Albert, 4 edges a vertex)", barabasi_albert_graph(n, 4), n
+    size = 150  # many components: disjoint random graphs of 150 vertices, ids shuffled
+    parts = n // size
+    local = torch.randint(0, size, (2, 3 * size * parts), generator=g)
+    which = torch.arange(parts).repeat_interleave(3 * size)
+    perm = torch.randperm(parts * size, generator=g)
+    yield f"{parts} random graphs of {size} vertices", perm[local + which * size], parts * size
+    side = int((2 * n) ** 0.5)  # a lattice: long, thin spanning trees
+    yield f"{side} x {side} lattice", grid(side, side)[0], side * side
+    m = 2 * n  # sparse: about as many edges as vertices, many trees and isolated vertices
+    yield "sparse random (E = N)", torch.randint(0, m, (2, m), generator=g), m
+
+
+def fresh_rows(device, scale=10 ** 5):
+    """``GraphTopology``'s forest on graphs of other shapes and sizes (:func:`_fresh_graphs`):
+    later builds timed on ``device``, and on a GPU the tree compared with the CPU's for
+    the same costs (``distance="edge_attr"``, random attributes: the same numbers on both
+    devices; the cheapest copy of a repeated edge counts)."""
+    rows = []
+    topo = treessm.GraphTopology("edge_attr")
+    for name, ei, n in _fresh_graphs(scale):
+        attr = torch.rand(ei.shape[1], generator=torch.Generator().manual_seed(n))
+        graph = treessm.prepare_graph(ei.to(device), n, edge_attr=attr.to(device), reduce="min")
+        x = torch.zeros(n, 1, device=device)
+        tree = topo(x, graph)
+        build = _time(lambda: topo(x, graph), device, 2 if device.type == "cpu" else 5)
+        e = graph.edge_index.shape[1]
+        row = dict(graph=name, vertices=n, edges=e, trees=tree.num_trees, build_ms=build,
+                   ns_per_edge=build * 1e6 / max(e, 1))
+        if device.type != "cpu":
+            cpu_graph = treessm.prepare_graph(ei, n, edge_attr=attr, reduce="min")
+            want = topo(torch.zeros(n, 1), cpu_graph)
+            got = topo(x, graph)
+            row["equal_to_cpu"] = all(torch.equal(getattr(got, f).cpu(), getattr(want, f))
+                                      for f in ("parent", "order", "child_ptr", "tree_ptr",
+                                                "depth"))
+        rows.append(row)
+        print(f"fresh {name:<44} n={n:>8} E={e:>8} trees {row['trees']:>7}: later builds "
+              f"{build:7.2f} ms ({row['ns_per_edge']:.1f} ns per edge)"
+              + (f", equal to the CPU's: {row['equal_to_cpu']}" if "equal_to_cpu" in row else ""),
+              flush=True)
     return rows
 
 

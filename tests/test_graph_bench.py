@@ -91,3 +91,15 @@ def test_a_split_in_a_process_of_its_own_gives_the_scores_of_this_one(shared_dat
     there = graph_bench._split_in_process("minesweeper", "tree", spec, root, copy_to, "cpu",
                                           1, cfg)
     assert (here["val"], here["test"]) == (there["val"], there["test"])
+
+
+def test_fresh_graphs_have_the_shapes_they_are_named_for():
+    graphs = list(graph_bench._fresh_graphs(100))
+    rows = graph_bench.fresh_rows(torch.device("cpu"), 100)
+    assert [r["graph"] for r in rows] == [name for name, _, _ in graphs]
+    assert [r["vertices"] for r in rows] == [n for _, _, n in graphs]
+    assert all(r["build_ms"] > 0 and "equal_to_cpu" not in r for r in rows)
+    power, blocks, lattice, sparse = rows
+    assert power["trees"] == lattice["trees"] == 1
+    assert blocks["trees"] >= 2  # no edge joins two of the random graphs
+    assert sparse["trees"] > 1 and sparse["edges"] <= sparse["vertices"]
