@@ -40,6 +40,7 @@ from torch import Tensor
 from ..tree import Tree
 from .cuda_grid import pair_costs_cuda
 from .distance import Distance, check_distance, edge_cost, pair_costs_cpu
+from .captured import captured_build
 from .euler_tour import spanning_tree_on_device
 from .layout import lattice_offsets
 from .mst import minimum_spanning_tree, segments
@@ -361,13 +362,15 @@ class Topology:
         """The tree built where the tensors live, with the candidate graph's size hints
         (so that nothing waits for the device)."""
         entry = self._cache.lookup(edge_index)
-        if entry is not None:
-            return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch,
-                                           **entry.hints)
-        hints = _DEVICE_HINTS.get((edge_index,), (num_nodes,))
+        hints = (entry.hints if entry is not None
+                 else _DEVICE_HINTS.get((edge_index,), (num_nodes,)))
+        if hints is not None:  # sizes known: nothing waits, and small graphs replay
+            tree = captured_build(edge_index, cost, num_nodes, roots, batch, hints)
+            if tree is not None:
+                return tree
         tree = spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch,
                                        **(hints or {}))
-        if hints is None and num_nodes and tree.max_tree_size is not None:
+        if hints is None and entry is None and num_nodes and tree.max_tree_size is not None:
             _DEVICE_HINTS.put((edge_index,), (num_nodes,),
                               dict(num_trees=tree.num_trees, max_tree_size=tree.max_tree_size))
         return tree

@@ -25,7 +25,6 @@ from .base import Candidates, Topology
 from ..ops.chunks import run_chunks
 from .distance import (EPS, Distance, cpu_features, grid_costs_cpu, grid_costs_torch,
                        grid_image_costs, kind_code, safe_squares, scaled_rows)
-from .euler_tour import spanning_tree_on_device
 from .layout import NO_MASK, NONFINITE, UNSCALED, Layout, empty_forest, layout_segment
 from .mst import check_segment_sizes, kruskal_segment
 
@@ -216,10 +215,9 @@ class GridTopology(Topology):
 
     def _build_on_device(self, edge_index, cost, num_nodes, roots, batch) -> Tree:
         # On CUDA, the fused kernel (one block per image) builds the same tree as the
-        # steps. Images too large for one block take the tensor path with what the grid
-        # tells without asking the device: each image is one tree of H * W pixels, so the
-        # Borůvka rounds are fixed and nothing waits (the build can be captured in a CUDA
-        # graph). Other devices and custom roots take the generic device path.
+        # steps. Images too large for one block take the generic device path with the
+        # grid's own sizes (each image one tree of H * W pixels): fixed Borůvka rounds,
+        # nothing waits, and small batches replay a recorded build.
         entry = self._cache.lookup(edge_index)
         if (entry is not None and cost.device.type == "cuda"
                 and type(self).roots is GridTopology.roots):
@@ -227,8 +225,6 @@ class GridTopology(Topology):
             tree = _cuda_grid().grid_spanning_tree(cost, b, h, w, self.connectivity, batch=batch)
             if tree is not None:
                 return tree
-            return spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch,
-                                           num_trees=b, max_tree_size=h * w)
         return super()._build_on_device(edge_index, cost, num_nodes, roots, batch)
 
     def extra_repr(self) -> str:

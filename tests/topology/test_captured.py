@@ -1,0 +1,97 @@
+"""Spanning-tree builds replayed from CUDA graphs (``treessm.topology.captured``): replays
+equal eager builds and the CPU's trees, trees handed out earlier never change, a changed
+graph is recorded anew, and nothing is recorded where it must not be."""
+import pytest
+import torch
+
+import treessm
+from treessm.topology import captured
+from treessm.topology.euler_tour import spanning_tree_on_device
+
+FIELDS = ("parent", "order", "child_ptr", "tree_ptr", "depth")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+
+
+def _graph(seed, n=3000, e=9000):
+    g = torch.Generator().manual_seed(seed)
+    ei = torch.randint(0, n, (2, e), generator=g)  # self-loops, repeats, several components
+    return ei, n, g
+
+
+def _same(a, b):
+    return all(torch.equal(getattr(a, f).cpu(), getattr(b, f).cpu()) for f in FIELDS)
+
+
+def test_nothing_recorded_on_the_cpu():
+    ei, n, g = _graph(0)
+    cost = torch.rand(ei.shape[1], generator=g)
+    assert captured.captured_build(ei, cost, n, None, None, dict(num_trees=1)) is None
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_replays_equal_eager_builds_and_the_cpu_tree():
+    # edge_attr costs: the same numbers on both devices, so the trees must be equal
+    ei, n, g = _graph(1)
+    topo = treessm.GraphTopology("edge_attr")
+    attr = torch.rand(ei.shape[1], generator=g)
+    graph_cpu = treessm.prepare_graph(ei, n, edge_attr=attr, reduce="min", cache=False)
+    graph = treessm.prepare_graph(ei.cuda(), n, edge_attr=attr.cuda(), reduce="min",
+                                  cache=False)
+    x = torch.zeros(n, 1)
+    captured._BUILDS.clear()
+    trees = []
+    for step in range(4):
+        attr = torch.rand(graph_cpu.edge_attr.shape[0], generator=g)
+        graph_cpu.edge_attr.copy_(attr)
+        graph.edge_attr.copy_(attr)
+        tree = topo(x.cuda(), graph)
+        want = topo(x, graph_cpu)
+        assert _same(tree, want), step
+        trees.append((tree, want))
+    assert len(captured._BUILDS) == 1  # the first build counted, the later ones replayed
+    for tree, want in trees:  # later replays left the trees handed out unchanged
+        assert _same(tree, want)
+    # the graph changed in place: recorded anew, not replayed stale
+    graph.edge_index[:, :50] = graph.edge_index[:, 50:100].clone()
+    graph_cpu.edge_index[:, :50] = graph_cpu.edge_index[:, 50:100].clone()
+    for _ in range(2):
+        assert _same(topo(x.cuda(), graph), topo(x, graph_cpu))
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_replay_equals_the_eager_build_bit_for_bit():
+    ei, n, g = _graph(2)
+    ei = ei.cuda()
+    tree = spanning_tree_on_device(ei, torch.rand(ei.shape[1], device="cuda"), n)
+    hints = dict(num_trees=tree.num_trees, max_tree_size=tree.max_tree_size)
+    captured._BUILDS.clear()
+    batch = torch.zeros(n, dtype=torch.long, device="cuda")
+    for seed in range(3):
+        cost = torch.rand(ei.shape[1], generator=torch.Generator().manual_seed(seed)).cuda()
+        got = captured.captured_build(ei, cost, n, None, batch, hints)
+        want = spanning_tree_on_device(ei, cost, n, None, batch, **hints)
+        assert got is not None and _same(got, want) and got.batch is batch
+        assert got.num_trees == want.num_trees and got.max_tree_size == want.max_tree_size
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_nothing_recorded_for_large_graphs_or_while_capturing(monkeypatch):
+    ei, n, g = _graph(3)
+    ei = ei.cuda()
+    cost = torch.rand(ei.shape[1], generator=g).cuda()
+    hints = dict(num_trees=spanning_tree_on_device(ei, cost, n).num_trees, max_tree_size=n)
+    captured._BUILDS.clear()
+    monkeypatch.setattr(captured, "CAPTURE_MAX_EDGES", ei.shape[1] - 1)
+    assert captured.captured_build(ei, cost, n, None, None, hints) is None
+    monkeypatch.undo()
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):  # a caller's own capture: its build is recorded there
+        assert captured.captured_build(ei, cost, n, None, None, hints) is None
+        cost.mul_(1)
+    assert len(captured._BUILDS) == 0
+    assert captured.captured_build(ei, cost, n, None, None, hints) is not None
+    assert len(captured._BUILDS) == 1

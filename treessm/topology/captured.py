@@ -1,0 +1,104 @@
+r"""Spanning-tree builds replayed from CUDA graphs.
+
+A graph layer builds the spanning forest of one graph in every layer of every step, each
+time with new edge costs. Once the graph's sizes are known (its number of trees and the
+largest, which the first build records), :func:`~treessm.topology.euler_tour.spanning_tree_on_device`
+waits for nothing, so its launches -- a few hundred, each a few microseconds of the host's
+time -- can be recorded once in a CUDA graph and replayed for every new cost vector. On a
+graph of 10^4 or 10^5 vertices those launches are most of the build's time; on larger
+graphs the device's own work is, and a graph gains little while its memory pool (the
+build's intermediate tensors, kept between replays) grows with the graph. So only graphs of
+at most :data:`CAPTURE_MAX_EDGES` candidate edges are captured.
+
+:func:`captured_build` keeps one recording per candidate graph (the same ``edge_index``
+tensor, unchanged: an in-place change or another tensor records anew), at most
+:data:`CAPTURED_BUILDS` of them. A replay returns copies of the recorded outputs, so a
+tree handed out earlier never changes under its holder. Trees equal those of the eager
+build, tensor for tensor. Nothing is recorded while the caller is itself capturing a CUDA
+graph or compiling (the eager build then runs, and is itself captured), or where the
+recording fails (the eager build runs from then on for that graph).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..tree import Tree
+from .euler_tour import spanning_tree_on_device
+from .prepared_graph import TensorKeyedCache
+
+__all__ = ["captured_build", "CapturedBuild", "CAPTURE_MAX_EDGES", "CAPTURED_BUILDS"]
+
+#: Candidate edges of the largest graph whose build is recorded.
+CAPTURE_MAX_EDGES = 1 << 20
+#: Recorded builds kept at once (least recently used dropped first).
+CAPTURED_BUILDS = 4
+
+_BUILDS = TensorKeyedCache(size=CAPTURED_BUILDS)
+_FAILED = object()
+
+
+class CapturedBuild:
+    """One build recorded in a CUDA graph: ``build(cost)`` with ``cost`` a static buffer,
+    replayed by :meth:`__call__` for new costs of the same shape and dtype.
+
+    Args:
+        build (callable): ``cost -> Tree``, issuing no host synchronisation.
+        cost (Tensor): costs of the shape, dtype and device of later calls; the recording
+            runs on them once before it is made (lazy initialisations happen outside it).
+    """
+
+    def __init__(self, build: Callable[[Tensor], Tree], cost: Tensor):
+        self.cost = cost.detach().clone()
+        caller = torch.cuda.current_stream(cost.device)
+        side = torch.cuda.Stream(cost.device)
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            build(self.cost)
+        caller.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.tree = build(self.cost)
+
+    def __call__(self, cost: Tensor, batch: Optional[Tensor] = None) -> Tree:
+        """The tree of ``cost`` (copies: the next replay overwrites the recorded outputs),
+        with ``batch`` attached."""
+        self.cost.copy_(cost)
+        self.graph.replay()
+        t = self.tree
+        return Tree(t.parent.clone(), t.order.clone(), t.child_ptr.clone(), t.tree_ptr.clone(),
+                    t.depth.clone(), batch, num_levels=t.num_levels,
+                    max_tree_size=t.max_tree_size)
+
+
+def _capturable(edge_index: Tensor, cost: Tensor) -> bool:
+    return (cost.is_cuda and edge_index.shape[1] <= CAPTURE_MAX_EDGES
+            and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def captured_build(edge_index: Tensor, cost: Tensor, num_nodes: int, roots: Optional[Tensor],
+                   batch: Optional[Tensor], hints: dict) -> Optional[Tree]:
+    """``spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch, **hints)`` from a
+    recorded CUDA graph, or ``None`` where none is kept (a CPU tensor, a graph above
+    :data:`CAPTURE_MAX_EDGES` edges, a caller that is capturing or compiling, a recording
+    that failed). ``hints`` must hold ``num_trees`` (else the build would wait for the
+    device), and ``roots`` and ``edge_index`` must not change between calls (a changed
+    ``edge_index`` is recorded anew; ``roots`` is part of the key)."""
+    if hints.get("num_trees") is None or not _capturable(edge_index, cost):
+        return None
+    extra = (num_nodes, cost.dtype, cost.device, tuple(sorted(hints.items())))
+    build = _BUILDS.get((edge_index, roots), extra)
+    if build is None:
+        def run(c: Tensor) -> Tree:
+            return spanning_tree_on_device(edge_index, c, num_nodes, roots, None, **hints)
+        try:
+            build = CapturedBuild(run, cost)
+        except RuntimeError:  # an operation that cannot be recorded: build eagerly
+            build = _FAILED
+        _BUILDS.put((edge_index, roots), extra, build)
+    if build is _FAILED:
+        return None
+    return build(cost, batch)
