@@ -64,8 +64,9 @@ __global__ void __launch_bounds__(kThreads) hook_kernel(
     const long long* __restrict__ best, long long* __restrict__ hook, bool* __restrict__ chosen,
     int64_t n, int64_t num_edges, long long sentinel, const int* __restrict__ active,
     int* next_active) {
-  if (*active == 0) return;
+  if (*active == 0) return;  // the same for every thread: the flag is from an earlier launch
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int hooked = 0;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < n;
        c += stride) {
     if (comp[c] != c) continue;
@@ -77,10 +78,12 @@ __global__ void __launch_bounds__(kThreads) hook_kernel(
       // one end of e lies in c, so XOR-ing c out of both ends' labels leaves the other
       const long long t = comp[edge_index[e]] ^ comp[edge_index[num_edges + e]] ^ c;
       target = (best[t] == k && c < t) ? c : t;
-      *next_active = 1;
+      hooked = 1;
     }
     hook[c] = target;
   }
+  // one store per block, not per component: stores to one address run one after another
+  if (__syncthreads_or(hooked) && threadIdx.x == 0) *next_active = 1;
 }
 
 // One thread per vertex: walks from v's label to the root of its hook tree, pointing every
