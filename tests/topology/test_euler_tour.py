@@ -544,3 +544,29 @@ def test_counting_build_reports_sizes():
     assert tree.num_levels == ref.num_levels and tree.max_tree_size == ref.max_tree_size
     for name in ("order", "child_ptr", "tree_ptr", "depth"):
         assert torch.equal(getattr(tree, name), getattr(ref, name)), name
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_pointer_jump_matches_the_tensor_rounds():
+    from treessm.topology.euler_tour import _pointer_jump
+    from treessm.typing import load_cuda_extension
+
+    load_cuda_extension()
+    g = torch.Generator().manual_seed(9)
+    m = 500_000
+    order = torch.randperm(m, generator=g)
+    succ = torch.empty(m, dtype=torch.long)
+    succ[order[:-1]] = order[1:]
+    succ[order[-1]] = order[-1]  # one list through shuffled ids
+    for combine, code, end in ((torch.add, 0, 0), (torch.minimum, 1, 10 ** 6)):
+        value = torch.randint(-100, 100, (m,), generator=g)
+        value[order[-1]] = end
+        for rounds in (0, 3, 19, 20):
+            want = _pointer_jump(succ, value, rounds, combine)
+            got = torch.ops.treessm.cuda_pointer_jump(succ.cuda(), value.cuda(), rounds, code)
+            assert torch.equal(got.cpu(), want)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.treessm.cuda_pointer_jump(succ.cuda().int(), value.cuda(), 3, 0)
+    with pytest.raises(RuntimeError, match="combine"):
+        torch.ops.treessm.cuda_pointer_jump(succ.cuda(), value.cuda(), 3, 2)

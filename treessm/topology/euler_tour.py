@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .._checks import check_index_range, check_int
 from ..tree import Tree
-from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
+from .boruvka import (_device_kernels, boruvka, boruvka_compacting, ceil_log2, check_cost,
                       check_device_edge_index, check_max_tree_size, check_vertices, edge_keys)
 from ..ops.spare import SPARE_SLOTS, kept_or_spare, scatter_reduce_runs
 from .layout import empty_forest
@@ -94,17 +94,24 @@ class _Slots:
 
 
 def _pointer_jump(succ: Tensor, value: Tensor, rounds: int, combine) -> Tensor:
-    """``rounds`` rounds of ``value[i] = combine(value[i], value[succ[i]])``, ``succ = succ[succ]``.
+    """``rounds`` rounds of ``value[i] = combine(value[i], value[succ[i]])``, ``succ = succ[succ]``
+    (``combine``: :func:`torch.add` or :func:`torch.minimum`).
 
-    Successor and value share one ``[2, M]`` tensor so that each round is one gather plus
+    On a GPU one operator of the CUDA extension runs all rounds (one launch each). Otherwise
+    successor and value share one ``[2, M]`` tensor so that each round is one gather plus
     one in-place update.
     """
+    if _device_kernels(succ):
+        return torch.ops.treessm.cuda_pointer_jump(succ, value, rounds, _COMBINE[combine])
     x = torch.stack([succ, value])
     for _ in range(rounds):
         y = x.index_select(1, x[0])
         combine(y[1], x[1], out=y[1])
         x = y
     return x[1]
+
+
+_COMBINE = {torch.add: 0, torch.minimum: 1}  # the operator's codes
 
 
 def _tour_rounds(max_size: int) -> int:
