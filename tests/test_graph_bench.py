@@ -100,6 +100,7 @@ def test_fresh_graphs_have_the_shapes_they_are_named_for():
     assert [r["vertices"] for r in rows] == [n for _, _, n in graphs]
     assert all(r["build_ms"] > 0 and "equal_to_cpu" not in r for r in rows)
     power, blocks, lattice, sparse = rows
-    assert power["trees"] == lattice["trees"] == 1
+    assert lattice["trees"] == 1
+    assert power["trees"] < power["vertices"] // 10  # hubs join most vertices
     assert blocks["trees"] >= 2  # no edge joins two of the random graphs
     assert sparse["trees"] > 1 and sparse["edges"] <= sparse["vertices"]
