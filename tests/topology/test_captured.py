@@ -95,3 +95,26 @@ def test_nothing_recorded_for_large_graphs_or_while_capturing(monkeypatch):
     assert len(captured._BUILDS) == 0
     assert captured.captured_build(ei, cost, n, None, None, hints) is not None
     assert len(captured._BUILDS) == 1
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_recorded_under_inference_mode_replays_outside_it():
+    # an evaluation pass under torch.inference_mode() records the build; training steps
+    # after it replay it (the recording's buffers must be writable outside that mode)
+    ei, n, g = _graph(4)
+    ei = ei.cuda()
+    hints = dict(num_trees=spanning_tree_on_device(ei, torch.rand(ei.shape[1], device="cuda"),
+                                                   n).num_trees, max_tree_size=n)
+    captured._BUILDS.clear()
+    costs = [torch.rand(ei.shape[1], generator=torch.Generator().manual_seed(s)).cuda()
+             for s in range(3)]
+    with torch.inference_mode():
+        first = captured.captured_build(ei, costs[0], n, None, None, hints)
+    for cost in costs[1:]:
+        got = captured.captured_build(ei, cost, n, None, None, hints)
+        assert _same(got, spanning_tree_on_device(ei, cost, n, **hints))
+    assert _same(first, spanning_tree_on_device(ei, costs[0], n, **hints))
+    with torch.inference_mode():
+        again = captured.captured_build(ei, costs[0], n, None, None, hints)
+    assert _same(again, first) and len(captured._BUILDS) == 1

@@ -51,6 +51,9 @@ class CapturedBuild:
             runs on them once before it is made (lazy initialisations happen outside it).
     """
 
+    # Its buffers are ordinary tensors even when it is made under torch.inference_mode(), so
+    # that later calls outside that mode may write them.
+    @torch.inference_mode(False)
     def __init__(self, build: Callable[[Tensor], Tree], cost: Tensor):
         self.cost = cost.detach().clone()
         caller = torch.cuda.current_stream(cost.device)
@@ -63,6 +66,7 @@ class CapturedBuild:
         with torch.cuda.graph(self.graph):
             self.tree = build(self.cost)
 
+    @torch.inference_mode(False)
     def __call__(self, cost: Tensor, batch: Optional[Tensor] = None) -> Tree:
         """The tree of ``cost`` (copies: the next replay overwrites the recorded outputs),
         with ``batch`` attached."""
