@@ -56,22 +56,24 @@ class CapturedBuild:
     @torch.inference_mode(False)
     def __init__(self, build: Callable[[Tensor], Tree], cost: Tensor):
         self.cost = cost.detach().clone()
-        caller = torch.cuda.current_stream(cost.device)
-        side = torch.cuda.Stream(cost.device)
-        side.wait_stream(caller)
-        with torch.cuda.stream(side):
-            build(self.cost)
-        caller.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.tree = build(self.cost)
+        with torch.cuda.device(cost.device):  # the graph is recorded on the current device
+            caller = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                build(self.cost)
+            caller.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.tree = build(self.cost)
 
     @torch.inference_mode(False)
     def __call__(self, cost: Tensor, batch: Optional[Tensor] = None) -> Tree:
         """The tree of ``cost`` (copies: the next replay overwrites the recorded outputs),
         with ``batch`` attached."""
         self.cost.copy_(cost)
-        self.graph.replay()
+        with torch.cuda.device(self.cost.device):
+            self.graph.replay()
         t = self.tree
         return Tree(t.parent.clone(), t.order.clone(), t.child_ptr.clone(), t.tree_ptr.clone(),
                     t.depth.clone(), batch, num_levels=t.num_levels,
