@@ -26,3 +26,18 @@ def compile_harness(out_dir: Path, source: str) -> Path:
             pytest.skip("compiler lacks C++20 <barrier>")
         raise AssertionError(r.stderr[-4000:])
     return exe
+
+
+def run_int64_harness(harness: Path, tmp: Path, header, arrays, *args: str):
+    """Runs ``harness IN OUT *args`` on an input file of int64 words (``header``, then every
+    tensor of ``arrays``) and returns its output file read as an int64 tensor."""
+    import numpy as np
+    import torch
+
+    src, dst = tmp / "in.bin", tmp / "out.bin"
+    with open(src, "wb") as f:
+        np.array(header, np.int64).tofile(f)
+        for t in arrays:
+            t.numpy().astype(np.int64).tofile(f)
+    subprocess.run([str(harness), str(src), str(dst), *args], check=True)
+    return torch.from_numpy(np.fromfile(dst, np.int64))

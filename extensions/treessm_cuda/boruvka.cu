@@ -63,19 +63,21 @@ std::tuple<at::Tensor, at::Tensor> boruvka_forest(const at::Tensor& edge_index,
     return static_cast<unsigned>(std::min<int64_t>(need, kMaxBlocks));
   };
   const int64_t* ei = edge_index.data_ptr<int64_t>();
+  const int64_t* keys = key.data_ptr<int64_t>();
+  int64_t* labels = comp.data_ptr<int64_t>();
+  bool* in_forest = chosen.data_ptr<bool>();
   auto* best_p = reinterpret_cast<long long*>(best.data_ptr<int64_t>());
   auto* hook_p = reinterpret_cast<long long*>(hook.data_ptr<int64_t>());
-  const int* flags = active.data_ptr<int>();
+  int* flags = active.data_ptr<int>();  // flags[k]: round k runs
   for (int64_t k = 0; k < rounds; ++k) {
     boruvka::lightest_edges_kernel<<<blocks(E), boruvka::kThreads, 0, stream>>>(
-        ei, key.data_ptr<int64_t>(), comp.data_ptr<int64_t>(), best_p, E, flags + k);
+        ei, keys, labels, best_p, E, flags + k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     boruvka::hook_kernel<<<blocks(num_nodes), boruvka::kThreads, 0, stream>>>(
-        ei, comp.data_ptr<int64_t>(), best_p, hook_p, chosen.data_ptr<bool>(), num_nodes, E,
-        sentinel, flags + k, active.data_ptr<int>() + k + 1);
+        ei, labels, best_p, hook_p, in_forest, num_nodes, E, sentinel, flags + k, flags + k + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     boruvka::relabel_kernel<<<blocks(num_nodes), boruvka::kThreads, 0, stream>>>(
-        hook_p, comp.data_ptr<int64_t>(), best_p, num_nodes, sentinel, flags + k + 1);
+        hook_p, labels, best_p, num_nodes, sentinel, flags + k + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {chosen, comp};

@@ -3,13 +3,11 @@ selection step (the lightest edge leaving each component) against the tensor ver
 ``treessm.topology.boruvka.lightest_edges``, and all rounds as ``cuda_boruvka`` launches
 them against the tensor version of ``treessm.topology.boruvka.boruvka`` (chosen edges and
 labels)."""
-import subprocess
 
-import numpy as np
 import pytest
 import torch
 
-from emulation import compile_harness
+from emulation import compile_harness, run_int64_harness
 from treessm.topology.boruvka import _NO_EDGE, boruvka, ceil_log2, edge_keys, lightest_edges
 
 
@@ -19,14 +17,8 @@ def harness(tmp_path_factory):
 
 
 def emulate(harness, tmp, edge_index, key, comp, sentinel, blocks, threads):
-    src, dst = tmp / "in.bin", tmp / "out.bin"
-    n, e = comp.shape[0], key.shape[0]
-    with open(src, "wb") as f:
-        np.array([n, e, sentinel, blocks, threads], np.int64).tofile(f)
-        for t in (edge_index, key, comp):
-            t.numpy().astype(np.int64).tofile(f)
-    subprocess.run([str(harness), str(src), str(dst)], check=True)
-    return torch.from_numpy(np.fromfile(dst, np.int64))
+    header = [comp.shape[0], key.shape[0], sentinel, blocks, threads]
+    return run_int64_harness(harness, tmp, header, (edge_index, key, comp))
 
 
 def _case(name, gen):
@@ -68,14 +60,9 @@ def test_lightest_edges_kernel_matches_tensors(harness, tmp_path, name, blocks, 
 
 
 def emulate_forest(harness, tmp, edge_index, key, num_nodes, rounds, blocks, threads):
-    src, dst = tmp / "in.bin", tmp / "out.bin"
     e = key.shape[0]
-    with open(src, "wb") as f:
-        np.array([num_nodes, e, _NO_EDGE | e, blocks, threads, rounds], np.int64).tofile(f)
-        for t in (edge_index, key):
-            t.numpy().astype(np.int64).tofile(f)
-    subprocess.run([str(harness), str(src), str(dst), "forest"], check=True)
-    out = torch.from_numpy(np.fromfile(dst, np.int64))
+    header = [num_nodes, e, _NO_EDGE | e, blocks, threads, rounds]
+    out = run_int64_harness(harness, tmp, header, (edge_index, key), "forest")
     return out[:e].bool(), out[e:e + num_nodes], out[e + num_nodes:]
 
 

@@ -3,13 +3,11 @@ run with one thread per CUDA thread, against the tensor rounds of
 ``treessm.topology.euler_tour._pointer_jump``: suffix sums along lists and minima around
 cycles, on lists in shuffled order, one long list, many short ones, several launch shapes
 and too few rounds as well."""
-import subprocess
 
-import numpy as np
 import pytest
 import torch
 
-from emulation import compile_harness
+from emulation import compile_harness, run_int64_harness
 from treessm.topology.boruvka import ceil_log2
 from treessm.topology.euler_tour import _pointer_jump
 
@@ -20,13 +18,8 @@ def harness(tmp_path_factory):
 
 
 def emulate(harness, tmp, succ, value, rounds, combine, blocks, threads):
-    src, dst = tmp / "in.bin", tmp / "out.bin"
-    with open(src, "wb") as f:
-        np.array([succ.shape[0], rounds, combine, blocks, threads], np.int64).tofile(f)
-        for t in (succ, value):
-            t.numpy().astype(np.int64).tofile(f)
-    subprocess.run([str(harness), str(src), str(dst)], check=True)
-    return torch.from_numpy(np.fromfile(dst, np.int64))
+    header = [succ.shape[0], rounds, combine, blocks, threads]
+    return run_int64_harness(harness, tmp, header, (succ, value))
 
 
 def _lists(name, gen):

@@ -157,8 +157,8 @@ def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
     device = key.device
     num_edges = key.shape[0]
     if _device_kernels(key):
-        return torch.ops.treessm.cuda_boruvka(edge_index.contiguous(), key.contiguous(), num_nodes,
-                                              ceil_log2(max_size),
+        return torch.ops.treessm.cuda_boruvka(edge_index.contiguous(), key.contiguous(),
+                                              num_nodes, ceil_log2(max_size),
                                               _NO_EDGE | num_edges)
     ar = torch.arange(num_nodes, device=device)
     comp = ar

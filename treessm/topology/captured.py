@@ -2,9 +2,10 @@ r"""Spanning-tree builds replayed from CUDA graphs.
 
 A graph layer builds the spanning forest of one graph in every layer of every step, each
 time with new edge costs. Once the graph's sizes are known (its number of trees and the
-largest, which the first build records), :func:`~treessm.topology.euler_tour.spanning_tree_on_device`
-waits for nothing, so its launches -- a few hundred, each a few microseconds of the host's
-time -- can be recorded once in a CUDA graph and replayed for every new cost vector. On a
+largest, which the first build records),
+:func:`~treessm.topology.euler_tour.spanning_tree_on_device` waits for nothing, so its
+launches -- a few hundred, each a few microseconds of the host's time -- can be recorded
+once in a CUDA graph and replayed for every new cost vector. On a
 graph of 10^4 or 10^5 vertices, or a batch of large images, those launches are most of the
 build's time; on larger graphs the device's own work is, and a graph gains little while its
 memory pool (the build's intermediate tensors, kept between replays) grows with the graph.

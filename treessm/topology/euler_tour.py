@@ -93,6 +93,9 @@ class _Slots:
         self.n, self.m = n, m
 
 
+_COMBINE = {torch.add: 0, torch.minimum: 1}  # cuda_pointer_jump's codes of the combines
+
+
 def _pointer_jump(succ: Tensor, value: Tensor, rounds: int, combine) -> Tensor:
     """``rounds`` rounds of ``value[i] = combine(value[i], value[succ[i]])``, ``succ = succ[succ]``
     (``combine``: :func:`torch.add` or :func:`torch.minimum`).
@@ -109,9 +112,6 @@ def _pointer_jump(succ: Tensor, value: Tensor, rounds: int, combine) -> Tensor:
         combine(y[1], x[1], out=y[1])
         x = y
     return x[1]
-
-
-_COMBINE = {torch.add: 0, torch.minimum: 1}  # the operator's codes
 
 
 def _tour_rounds(max_size: int) -> int:
