@@ -163,7 +163,7 @@ def test_schedule_choice_reads_host_sizes_only():
     # a large tree (its size known on the host, or bounded by the vertex count) takes the
     # phase schedule, also beside many small ones
     big = treessm.Tree(small.parent, small.order, small.child_ptr, small.tree_ptr, small.depth,
-                       max_tree_size=PHASES_MIN_TREE_SIZE + 1)
+                       num_levels=small.num_levels, max_tree_size=PHASES_MIN_TREE_SIZE + 1)
     assert choose_schedule(big) == "phases"
     unknown = treessm.Tree(small.parent, small.order, small.child_ptr, small.tree_ptr,
                            small.depth)
@@ -194,8 +194,14 @@ def test_schedule_choice_takes_tiles_for_large_forests_not_known_to_be_chains():
     assert choose_schedule(forest(n, n // 4, n)) == "tiles"
     assert choose_schedule(forest(n, n // 4 + 1, n)) == "phases"      # chain-like
     assert choose_schedule(forest(n, None, n)) == "tiles"             # levels unknown
-    assert choose_schedule(forest(n - 1, None, n - 1)) == "phases"
     assert choose_schedule(forest(n - 1, 10, n - 1)) == "phases"      # too small
+    # built on the device (a layer's new forest in every forward, its tiled plan replayed):
+    # any size with a tree above PHASES_MIN_TREE_SIZE, not forests of small trees only
+    assert choose_schedule(forest(n - 1, None, n - 1)) == "tiles"
+    assert choose_schedule(forest(4097, None, 4097)) == "tiles"
+    assert choose_schedule(forest(4097, 10, 4097)) == "phases"
+    assert choose_schedule(forest(4097, None, 4097), row_bytes=16) == "phases"
+    assert choose_schedule(forest(20000, None, 4096)) == "trees"
     assert choose_schedule(forest(n, 10, 4096)) == "trees"            # small trees
     assert choose_schedule(forest(n, 10, n), "phases") == "phases"
     # rows narrower than the tiled kernels' 128-byte rows stay on "phases"

@@ -10,6 +10,7 @@ import torch
 
 from oracle import all_roots, chain, dense_tree_scan, empty, random_forest, single_vertex, star
 from treessm import GraphTopology, GridTopology, Tree, tree_scan
+from treessm.ops import tiles
 from treessm.ops.tiles import (BOUNDARY, ENTRY, HEAD, ROOT, TilePlan, max_light_levels,
                                max_tiles, tile_plan)
 
@@ -503,6 +504,77 @@ def test_cuda_plan_is_built_without_host_synchronisation(name):
             assert torch.equal(got.cpu(), want)
         else:
             assert got == want
+
+
+# ---------------------------------------------------------------------- recorded builds
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _device_tree(seed, n=3000, roots=1):
+    # sizes only as a tree built on the device has them: no level count
+    t = Tree.from_parent(random_forest(n, roots, _gen(seed)))
+    return Tree(*(a.cuda() for a in (t.parent, t.order, t.child_ptr, t.tree_ptr, t.depth)),
+                max_tree_size=int(t.tree_ptr.diff().max()))
+
+
+def _equal_plans(got, want):
+    return all(torch.equal(a.cpu(), b.cpu()) if isinstance(b, torch.Tensor) else a == b
+               for a, b in zip(got, want))
+
+
+def test_nothing_is_recorded_on_the_cpu():
+    tiles._RECORDINGS.clear()
+    tile_plan(Tree.from_parent(random_forest(300, 3, _gen(30))), 16)
+    assert len(tiles._RECORDINGS) == 0
+
+
+@needs_cuda
+def test_recorded_plans_equal_eager_builds_and_stay_unchanged():
+    tiles._RECORDINGS.clear()
+    handed = []
+    for seed in range(3):  # trees of one set of sizes: one recording, replayed
+        tree = _device_tree(40 + seed)
+        plan = tile_plan(tree, 64)
+        eager = tiles._build(tree, 64)
+        cpu = tile_plan(Tree.from_parent(tree.parent.cpu()), 64)
+        assert _equal_plans(plan, eager) and _equal_plans(plan, cpu)
+        handed.append((plan, eager))
+    assert len(tiles._RECORDINGS) == 1
+    assert all(_equal_plans(plan, eager) for plan, eager in handed)  # copies, not the graph's
+    other = _device_tree(50, roots=4)  # other sizes: recorded anew
+    assert _equal_plans(tile_plan(other, 64), tiles._build(other, 64))
+    assert len(tiles._RECORDINGS) == 2
+    for seed in range(tiles.RECORDED_PLANS + 1):  # at most RECORDED_PLANS kept
+        tile_plan(_device_tree(60 + seed, n=100 + seed), 64)
+    assert len(tiles._RECORDINGS) == tiles.RECORDED_PLANS
+
+
+@needs_cuda
+def test_recorded_plans_under_capture_sync_debugging_and_inference_mode():
+    tiles._RECORDINGS.clear()
+    tree = _device_tree(70)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):  # a caller's capture: built eagerly there
+        tile_plan(tree, 64)
+    assert len(tiles._RECORDINGS) == 0
+    tree = _device_tree(71)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # no recording (it waits once), eager builds
+    try:
+        plan = tile_plan(tree, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(tiles._RECORDINGS) == 0
+    with torch.inference_mode():  # recorded here, replayed outside
+        tile_plan(_device_tree(72), 64)
+    assert len(tiles._RECORDINGS) == 1
+    tree = _device_tree(73)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a replay waits for nothing
+    try:
+        plan = tile_plan(tree, 64)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert _equal_plans(plan, tiles._build(tree, 64))
 
 
 # ---------------------------------------------------------------------- cache and arguments

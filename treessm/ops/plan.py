@@ -87,6 +87,15 @@ TREES_MAX_TREE_SIZE = 1 << 16
 # of 10^6 2.62 / 4.81 against 3.26 / 6.82. A tree built on the device (a graph layer's
 # spanning forest) has no host-side level count; such trees are bushy far more often than
 # chains, and a chain under "tiles" loses less (25%) than a bushy tree gains (40%).
+# Below this size a forest built on the device takes "tiles" too when one of its trees is
+# larger than PHASES_MIN_TREE_SIZE: the layers build such a forest in every forward, so its
+# plan is built for one forward and backward, and the tiled plan is replayed from a CUDA
+# graph (treessm.ops.tiles) where the phase plan reads its phase sizes on the host. Measured
+# on an H200, TreeSSMConv(64, 64), forward / forward+backward wall ms, "phases" against
+# "tiles": 10^4 vertices 5.32 / 8.99 against 4.00 / 7.18; 10^5 14.78 / 25.32 against 8.38 /
+# 17.92 (plans at 10^5: phase 6.34 ms, tiled 8.16 eager, 2.41 replayed). A tree that is
+# scanned many times (its plan cached) scans faster under "phases" at these sizes (one tree
+# of 2^16 vertices, C=64: 0.36 / 0.62 against 0.52 / 1.07 ms GPU).
 TILES_MIN_NODES = 1 << 19
 # ... and when a position's row of channels takes at least this many bytes: the tiled
 # kernels give a row's channels to the lanes of a 128-byte row and read the tile's plan once
@@ -467,8 +476,10 @@ def choose_schedule(tree: Tree, schedule: Optional[str] = None,
     :data:`TREES_MIN_BLOCKS` blocks of :data:`SCAN_ROW_BYTES`; ``"trees"`` otherwise; and
     ``"tiles"`` instead of ``"phases"`` for a forest of
     at least :data:`TILES_MIN_NODES` vertices unless its level count is known and more
-    than a quarter of them (chain-like), when the bytes of one position's channels
-    (``row_bytes``, where given) are at least :data:`TILES_MIN_ROW_BYTES`. Only host-side
+    than a quarter of them (chain-like), or of any size for a forest built on the device (no
+    level count on the host) with a tree of more than :data:`PHASES_MIN_TREE_SIZE`
+    vertices, when the bytes of one position's channels (``row_bytes``, where given) are at
+    least :data:`TILES_MIN_ROW_BYTES`. Only host-side
     sizes are read (``tree.num_nodes``, ``tree.num_trees``, ``tree.num_levels`` and
     ``tree.max_tree_size``, else the number of vertices, which bounds it)."""
     if schedule is not None and schedule != "auto":
@@ -481,9 +492,12 @@ def choose_schedule(tree: Tree, schedule: Optional[str] = None,
               and tree.num_trees <= PHASES_MIN_TREES
               and tree.num_trees * -(-row_bytes // SCAN_ROW_BYTES) >= TREES_MIN_BLOCKS)
     if (largest > PHASES_MIN_TREE_SIZE or tree.num_trees > PHASES_MIN_TREES) and not filled:
-        bushy = tree.num_levels is None or 4 * tree.num_levels <= tree.num_nodes
+        built_on_device = tree.num_levels is None
+        bushy = built_on_device or 4 * tree.num_levels <= tree.num_nodes
         wide = row_bytes is None or row_bytes >= TILES_MIN_ROW_BYTES
-        if tree.num_nodes >= TILES_MIN_NODES and bushy and wide:
+        large = tree.num_nodes >= TILES_MIN_NODES or (built_on_device
+                                                       and largest > PHASES_MIN_TREE_SIZE)
+        if large and bushy and wide:
             return "tiles"
         return "phases"
     return "trees"

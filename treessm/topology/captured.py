@@ -17,8 +17,9 @@ tensor, unchanged: an in-place change or another tensor records anew), at most
 :data:`CAPTURED_BUILDS` of them. A replay returns copies of the recorded outputs, so a
 tree handed out earlier never changes under its holder. Trees equal those of the eager
 build, tensor for tensor. Nothing is recorded while the caller is itself capturing a CUDA
-graph or compiling (the eager build then runs, and is itself captured), or where the
-recording fails (the eager build runs from then on for that graph).
+graph or compiling (the eager build then runs, and is itself captured), nor while
+:func:`torch.cuda.set_sync_debug_mode` is set (a recording waits for the device once), or
+where the recording fails (the eager build runs from then on for that graph).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..ops.recorded import Recorded, can_record, can_replay
 from ..tree import Tree
 from .euler_tour import spanning_tree_on_device
 from .prepared_graph import TensorKeyedCache
@@ -43,48 +45,28 @@ _FAILED = object()
 
 
 class CapturedBuild:
-    """One build recorded in a CUDA graph: ``build(cost)`` with ``cost`` a static buffer,
-    replayed by :meth:`__call__` for new costs of the same shape and dtype.
+    """One build recorded in a CUDA graph (:class:`~treessm.ops.recorded.Recorded`):
+    ``build(cost)``, replayed by :meth:`__call__` for new costs of the same shape and dtype.
 
     Args:
         build (callable): ``cost -> Tree``, issuing no host synchronisation.
-        cost (Tensor): costs of the shape, dtype and device of later calls; the recording
-            runs on them once before it is made (lazy initialisations happen outside it).
+        cost (Tensor): costs of the shape, dtype and device of later calls.
     """
 
-    # Its buffers are ordinary tensors even when it is made under torch.inference_mode(), so
-    # that later calls outside that mode may write them.
-    @torch.inference_mode(False)
     def __init__(self, build: Callable[[Tensor], Tree], cost: Tensor):
-        self.cost = cost.detach().clone()
-        with torch.cuda.device(cost.device):  # the graph is recorded on the current device
-            caller = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
-            side.wait_stream(caller)
-            with torch.cuda.stream(side):
-                build(self.cost)
-            caller.wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.tree = build(self.cost)
+        self.recorded = Recorded(build, cost)
 
-    @torch.inference_mode(False)
     def __call__(self, cost: Tensor, batch: Optional[Tensor] = None) -> Tree:
         """The tree of ``cost`` (copies: the next replay overwrites the recorded outputs),
         with ``batch`` attached."""
-        self.cost.copy_(cost)
-        with torch.cuda.device(self.cost.device):
-            self.graph.replay()
-        t = self.tree
+        t = self.recorded.replay(cost)
         return Tree(t.parent.clone(), t.order.clone(), t.child_ptr.clone(), t.tree_ptr.clone(),
                     t.depth.clone(), batch, num_levels=t.num_levels,
                     max_tree_size=t.max_tree_size)
 
 
 def _capturable(edge_index: Tensor, cost: Tensor) -> bool:
-    return (cost.is_cuda and edge_index.shape[1] <= CAPTURE_MAX_EDGES
-            and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
+    return edge_index.shape[1] <= CAPTURE_MAX_EDGES and can_replay(cost)
 
 
 def captured_build(edge_index: Tensor, cost: Tensor, num_nodes: int, roots: Optional[Tensor],
@@ -92,14 +74,18 @@ def captured_build(edge_index: Tensor, cost: Tensor, num_nodes: int, roots: Opti
     """``spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch, **hints)`` from a
     recorded CUDA graph, or ``None`` where none is kept (a CPU tensor, a graph above
     :data:`CAPTURE_MAX_EDGES` edges, a caller that is capturing or compiling, a recording
-    that failed). ``hints`` must hold ``num_trees`` (else the build would wait for the
-    device), and ``roots`` and ``edge_index`` must not change between calls (a changed
-    ``edge_index`` is recorded anew; ``roots`` is part of the key)."""
+    that failed, or none made yet while the caller has asked to hear of synchronisations).
+    ``hints`` must hold ``num_trees`` (else the build would wait for the device), and
+    ``roots`` and ``edge_index`` must not change between calls (a changed ``edge_index``
+    is recorded anew; ``roots`` is part of the key)."""
     if hints.get("num_trees") is None or not _capturable(edge_index, cost):
         return None
     extra = (num_nodes, cost.dtype, cost.device, tuple(sorted(hints.items())))
     build = _BUILDS.get((edge_index, roots), extra)
     if build is None:
+        if not can_record(cost):
+            return None
+
         def run(c: Tensor) -> Tree:
             return spanning_tree_on_device(edge_index, c, num_nodes, roots, None, **hints)
         try:

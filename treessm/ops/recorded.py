@@ -1,0 +1,78 @@
+r"""Computations recorded once in a CUDA graph and replayed for new inputs.
+
+The layouts of a tree (:func:`treessm.ops.tiles.tile_plan`) and a spanning forest's build
+(:mod:`treessm.topology.captured`) are a few hundred small kernels that wait for nothing
+once the host knows their sizes. A graph layer runs them in every forward, each time on
+new values of the same sizes, and below about 10^6 vertices the host's cost of issuing
+those launches (a few microseconds each) is most of their time. :class:`Recorded` issues
+them once into a CUDA graph and replays it: one launch for all of them.
+
+A recording keeps its inputs, outputs and intermediates in the graph's own memory pool, so
+the callers keep few of them (a small cache) and only below a size bound. A replay
+overwrites the recorded outputs: callers hand out copies.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Recorded", "can_replay", "can_record"]
+
+
+def can_replay(*tensors: Tensor) -> bool:
+    """Whether a recorded computation on ``tensors`` may be replayed now: all on CUDA, and
+    the caller neither compiling (dynamo traces the eager code instead) nor capturing a
+    CUDA graph of its own (the eager launches are then part of the caller's graph)."""
+    return (all(t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def can_record(*tensors: Tensor) -> bool:
+    """Whether a computation on ``tensors`` may be recorded now: as :func:`can_replay`,
+    and the caller has not asked to hear of host synchronisations
+    (:func:`torch.cuda.set_sync_debug_mode`), since a recording waits for the device once."""
+    return can_replay(*tensors) and torch.cuda.get_sync_debug_mode() == 0
+
+
+class Recorded:
+    """``fn(*inputs)`` recorded in a CUDA graph on copies of ``inputs``, replayed by
+    :meth:`replay` for new inputs of the same shapes, dtypes and device.
+
+    Args:
+        fn (callable): tensors in, any structure of tensors out; it must issue no host
+            synchronisation and read nothing but its inputs (sizes aside).
+        *inputs (Tensor): example inputs on one CUDA device; ``fn`` runs on them once
+            before the recording, so that lazy initialisations happen outside it.
+
+    Raises:
+        RuntimeError: where ``fn`` cannot be recorded (a host synchronisation, for one).
+    """
+
+    # Its buffers are ordinary tensors even when made under torch.inference_mode(), so that
+    # replays outside that mode (a training step after an evaluation pass) may write them.
+    @torch.inference_mode(False)
+    def __init__(self, fn: Callable[..., Any], *inputs: Tensor):
+        self.device = inputs[0].device
+        self.inputs = tuple(t.detach().clone() for t in inputs)
+        with torch.cuda.device(self.device):  # the graph is recorded on the current device
+            caller = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                fn(*self.inputs)
+            caller.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = fn(*self.inputs)
+
+    @torch.inference_mode(False)
+    def replay(self, *inputs: Tensor) -> Any:
+        """The recorded outputs, recomputed for ``inputs`` (not copies: the next replay
+        overwrites them)."""
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        with torch.cuda.device(self.device):
+            self.graph.replay()
+        return self.output
