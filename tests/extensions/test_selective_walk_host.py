@@ -15,7 +15,7 @@ import treessm
 from emulation import compile_harness
 from oracle import all_roots, chain, random_forest, star
 from treessm.ops.selective_scan import selective_tree_scan_ref
-from treessm.ops.walk import walk_plan
+from treessm.ops.walk import _plan, walk_plan
 
 SEGMENT = {torch.float64: 16, torch.float32: 32}  # walk_kernels.cuh: Segment<T>::K
 ROWS = 2      # block rows over the trees: each strides over several
@@ -48,9 +48,10 @@ def _pad(s):
 
 
 def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, direction="down",
-         lanes=1, dtype=torch.float64, tol=(1e-9, 1e-9)):
+         lanes=1, dtype=torch.float64, tol=(1e-9, 1e-9), bounded=False):
     """The harness's outputs, checked against the float64 reference with ``tol`` (rtol,
-    atol); ``lanes`` per channel, states and sums in ``dtype``."""
+    atol); ``lanes`` per channel, states and sums in ``dtype``; ``bounded``: the plan's
+    slot count is the host-side bound of a recorded build, not the walk's own."""
     tree = treessm.Tree.from_parent(parent)
     n, t = parent.numel(), tree.num_trees
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +65,7 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, directi
     sv = torch.randint(0, n, (5,), generator=g) if with_states else None
     gy = torch.randn(n, d, generator=g, **f64)
     gs = torch.randn(5, d, s, generator=g, **f64) if with_states else None
-    plan = walk_plan(tree, SEGMENT[dtype])
+    plan = _plan(tree, SEGMENT[dtype], bounded=True) if bounded else walk_plan(tree, SEGMENT[dtype])
     from treessm.ops.selective_scan import _state_rows
     srow, snext = _state_rows(sv, n, "cpu")
     k = snext.numel()
@@ -189,3 +190,16 @@ def test_walk_float32_matches_float64_reference(harness, tmp_path, lanes, direct
     _run(harness, tmp_path, parent, d=5, s=16, rule="mean", with_h0=direction == "down",
          with_states=True, direction=direction, lanes=lanes, dtype=torch.float32,
          tol=(1e-4, 1e-4))
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("name", ["deep", "binary", "many_roots"])
+def test_walk_with_the_bounded_slot_count_of_recorded_plans(harness, tmp_path, name, direction):
+    # the checkpoint buffer of a recorded plan holds slot_bound slots: more than the walk
+    # uses, the same results
+    parent = _forests()[name]
+    plan = walk_plan(treessm.Tree.from_parent(parent), SEGMENT[torch.float64])
+    bounded = _plan(treessm.Tree.from_parent(parent), SEGMENT[torch.float64], bounded=True)
+    assert bounded.num_slots > plan.num_slots
+    _run(harness, tmp_path, parent, d=3, s=4, rule="mean", with_h0=direction == "down",
+         with_states=True, direction=direction, bounded=True)

@@ -118,3 +118,36 @@ def test_recorded_under_inference_mode_replays_outside_it():
     with torch.inference_mode():
         again = captured.captured_build(ei, costs[0], n, None, None, hints)
     assert _same(again, first) and len(captured._BUILDS) == 1
+
+
+def test_causal_trees_not_recorded_on_the_cpu():
+    from treessm.topology import sequence
+    sequence._CAUSAL_BUILDS.clear()
+    topo = treessm.topology.CausalSequenceTopology(k=3)
+    tree = topo(torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(0)))
+    assert tree.num_nodes == 100 and len(sequence._CAUSAL_BUILDS) == 0
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_causal_trees_replayed_equal_eager_builds():
+    # a causal mixer's tree: recorded once per shape, replayed for new features; trees
+    # handed out earlier stay as they were; with valid tokens given it builds eagerly
+    from treessm.topology import sequence
+    sequence._CAUSAL_BUILDS.clear()
+    topo = treessm.topology.CausalSequenceTopology(k=4)
+    g = torch.Generator().manual_seed(3)
+    handed = []
+    for step in range(3):
+        f, o = torch.randn(3, 300, 16, generator=g), torch.randn(3, 300, 4, generator=g)
+        tree = topo(f.cuda(), outer=o.cuda())
+        eager = topo._build_tree(f.cuda(), None, o.cuda())
+        cpu = topo(f, outer=o)
+        assert _same(tree, eager) and _same(tree, cpu)
+        assert torch.equal(tree.batch.cpu(), cpu.batch)
+        handed.append((tree, eager))
+    assert len(sequence._CAUSAL_BUILDS) == 1
+    assert all(_same(tree, eager) for tree, eager in handed)
+    valid = torch.ones(3, 300, dtype=torch.bool, device="cuda")
+    assert _same(topo(f.cuda(), valid, outer=o.cuda()), cpu)
+    assert len(sequence._CAUSAL_BUILDS) == 1

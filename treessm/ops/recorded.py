@@ -1,11 +1,14 @@
 r"""Computations recorded once in a CUDA graph and replayed for new inputs.
 
-The layouts of a tree (:func:`treessm.ops.tiles.tile_plan`) and a spanning forest's build
-(:mod:`treessm.topology.captured`) are a few hundred small kernels that wait for nothing
-once the host knows their sizes. A graph layer runs them in every forward, each time on
-new values of the same sizes, and below about 10^6 vertices the host's cost of issuing
-those launches (a few microseconds each) is most of their time. :class:`Recorded` issues
-them once into a CUDA graph and replays it: one launch for all of them.
+The layouts of a tree (:func:`treessm.ops.tiles.tile_plan`,
+:func:`treessm.ops.walk.walk_plan`), a spanning forest's build
+(:mod:`treessm.topology.captured`) and a causal tree's
+(:class:`~treessm.topology.CausalSequenceTopology`) are a few hundred small kernels that
+wait for nothing once the host knows their sizes. The layers run them in every forward,
+each time on new values of the same sizes, and below about 10^6 vertices the host's cost
+of issuing those launches (a few microseconds each) is most of their time. :class:`Recorded`
+issues them once into a CUDA graph and replays it: one launch for all of them.
+:class:`Recordings` keeps a few of them by a key of host-side sizes.
 
 A recording keeps its inputs, outputs and intermediates in the graph's own memory pool, so
 the callers keep few of them (a small cache) and only below a size bound. A replay
@@ -13,12 +16,20 @@ overwrites the recorded outputs: callers hand out copies.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Recorded", "can_replay", "can_record"]
+__all__ = ["Recorded", "Recordings", "can_replay", "can_record", "RECORDED_PLAN_MAX_NODES",
+           "RECORDED_PLANS"]
+
+#: Vertices of the largest forest whose layout build (a scan plan) is recorded and replayed
+#: on CUDA: a recording holds the build's intermediates, a few hundred bytes a vertex.
+RECORDED_PLAN_MAX_NODES = 1 << 21
+#: Recorded builds of one kind of layout kept at once (least recently used dropped first).
+RECORDED_PLANS = 4
 
 
 def can_replay(*tensors: Tensor) -> bool:
@@ -76,3 +87,47 @@ class Recorded:
         with torch.cuda.device(self.device):
             self.graph.replay()
         return self.output
+
+
+_FAILED = object()
+
+
+class Recordings:
+    """Recordings of one computation by a key of host-side sizes, at most ``size`` of them
+    (the least recently used dropped first).
+
+    Args:
+        size (int): recordings kept at once.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._kept: "OrderedDict[Hashable, Any]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+    def replay(self, key: Hashable, fn: Callable[..., Any], *inputs: Tensor) -> Optional[Any]:
+        """``fn(*inputs)`` replayed from the recording of ``key``, made now where there is
+        none (``fn`` must compute the same launches for every input of that key); ``None``
+        where it cannot run so (:func:`can_replay`, :func:`can_record`, or a recording
+        that failed, after which the key is not recorded again). The outputs are the
+        recording's own: copy what outlives the next replay."""
+        if not can_replay(*inputs):
+            return None
+        recording = self._kept.get(key)
+        if recording is None:
+            if not can_record(*inputs):
+                return None
+            try:
+                recording = Recorded(fn, *inputs)
+            except RuntimeError:  # an operation that cannot be recorded
+                recording = _FAILED
+            self._kept[key] = recording
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(key)
+        return None if recording is _FAILED else recording.replay(*inputs)

@@ -47,14 +47,14 @@ The plan is built with tensor operations and three integer tree sums
 (:mod:`treessm.ops.heavy`: compiled tree scans on the CPU, pointer doubling elsewhere) on
 the tree's device; it reads nothing back to the host (the tile count is an upper bound
 known from host-side sizes, see :func:`max_tiles`). So on CUDA, for forests of at most
-:data:`RECORDED_PLAN_MAX_NODES` vertices, the build is recorded in a CUDA graph once per set
-of host-side sizes (vertices, trees, the largest tree, the level count where known, the tile)
-and replayed for every later tree of those sizes (:mod:`treessm.ops.recorded`): a graph
-layer's spanning forest is a new tree in every forward, of the same sizes.
+:data:`~treessm.ops.recorded.RECORDED_PLAN_MAX_NODES` vertices, the build is recorded in a
+CUDA graph once per set of host-side sizes (vertices, trees, the largest tree, the level
+count where known, the tile) and replayed for every later tree of those sizes
+(:mod:`treessm.ops.recorded`): a graph layer's spanning forest is a new tree in every
+forward, of the same sizes.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
@@ -62,11 +62,11 @@ from torch import Tensor
 
 from ..tree import Tree
 from .heavy import heavy_children, root_path_sums
-from .recorded import Recorded, can_record, can_replay
+from .recorded import RECORDED_PLAN_MAX_NODES, RECORDED_PLANS, Recordings
 from .spare import SPARE_SLOTS, kept_or_spare
 
 __all__ = ["TilePlan", "tile_plan", "max_tiles", "max_light_levels", "TILE", "ROOT", "HEAD",
-           "ENTRY", "BOUNDARY", "RECORDED_PLAN_MAX_NODES", "RECORDED_PLANS"]
+           "ENTRY", "BOUNDARY"]
 
 #: Default positions of a tile: on the spanning tree of a random graph of 10^6 vertices
 #: and 5·10^6 edges, 2.4% of its edges cross tiles and its boundary tree is 6 deep
@@ -77,14 +77,7 @@ TILE = 2048
 #: child: its parent is not the previous position); an entry (its parent lies in an earlier
 #: tile); a boundary vertex (a child lies in a later tile).
 ROOT, HEAD, ENTRY, BOUNDARY = 1, 2, 4, 8
-
-#: Vertices of the largest forest whose plan build is recorded and replayed on CUDA (a
-#: recording holds the build's intermediates, a few hundred bytes a vertex).
-RECORDED_PLAN_MAX_NODES = 1 << 21
-#: Recorded plan builds kept at once (least recently used dropped first).
-RECORDED_PLANS = 4
-_RECORDINGS: "OrderedDict[tuple, object]" = OrderedDict()
-_FAILED = object()
+_RECORDINGS = Recordings(RECORDED_PLANS)
 
 
 class TilePlan(NamedTuple):
@@ -274,30 +267,19 @@ def _replayed(tree: Tree, tile: int) -> Optional[TilePlan]:
     outputs), or ``None`` where none is kept: not on CUDA, too large, the caller compiling
     or capturing, or a recording that failed (the eager build runs then)."""
     n = tree.num_nodes
-    if not 0 < n <= RECORDED_PLAN_MAX_NODES or not can_replay(tree.parent):
+    if not 0 < n <= RECORDED_PLAN_MAX_NODES:
         return None
     levels, largest = tree.num_levels, tree.max_tree_size
-    key = (tree.device, n, tree.num_trees, largest, levels, tile)
-    recording = _RECORDINGS.get(key)
-    if recording is None:
-        if not can_record(tree.parent):
-            return None
 
-        def build(parent, order, child_ptr, tree_ptr, depth):
-            return _build(Tree(parent, order, child_ptr, tree_ptr, depth, num_levels=levels,
-                               max_tree_size=largest), tile)
-        try:
-            recording = Recorded(build, tree.parent, tree.order, tree.child_ptr,
-                                 tree.tree_ptr, tree.depth)
-        except RuntimeError:  # an operation that cannot be recorded
-            recording = _FAILED
-        _RECORDINGS[key] = recording
-        while len(_RECORDINGS) > RECORDED_PLANS:
-            _RECORDINGS.popitem(last=False)
-    _RECORDINGS.move_to_end(key)
-    if recording is _FAILED:
+    def build(parent, order, child_ptr, tree_ptr, depth):
+        return _build(Tree(parent, order, child_ptr, tree_ptr, depth, num_levels=levels,
+                           max_tree_size=largest), tile)
+
+    plan = _RECORDINGS.replay((tree.device, n, tree.num_trees, largest, levels, tile), build,
+                              tree.parent, tree.order, tree.child_ptr, tree.tree_ptr,
+                              tree.depth)
+    if plan is None:
         return None
-    plan = recording.replay(tree.parent, tree.order, tree.child_ptr, tree.tree_ptr, tree.depth)
     return TilePlan(*(v.clone() if isinstance(v, Tensor) else v for v in plan))
 
 

@@ -15,19 +15,27 @@ stack from *checkpoint slots* (one plus the stack's depth there), numbered in wa
 
 The plan is computed with tensor operations and two integer tree sums
 (:mod:`treessm.ops.heavy`) on the tree's device and cached in ``tree.plan_cache``; the
-host reads two numbers once (the slot count and the deepest stack).
+host reads one number once (the slot count). For a forest built on a GPU (no level count
+on the host: a causal tree, built anew in every forward) it reads nothing: the slot count
+is then the bound :func:`slot_bound` from host-side sizes (the backward's checkpoints take
+that many slots, of which the walk uses its own count), so the build can run inside a
+caller's CUDA graph, and for forests of at most
+:data:`~treessm.ops.recorded.RECORDED_PLAN_MAX_NODES` vertices it is recorded in a CUDA
+graph once per set of sizes and replayed for later forests of those sizes
+(:mod:`treessm.ops.recorded`).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ..tree import Tree
 from .heavy import heavy_children, root_path_sums
+from .recorded import RECORDED_PLAN_MAX_NODES, RECORDED_PLANS, Recordings
 
-__all__ = ["WalkPlan", "walk_plan", "ROOT", "FIRST", "LAST", "PUSH", "MAX_STACK"]
+__all__ = ["WalkPlan", "walk_plan", "slot_bound", "ROOT", "FIRST", "LAST", "PUSH", "MAX_STACK"]
 
 #: Flags of a walk position (low four bits of ``rec[:, 2]``; the stack depth before the
 #: position is ``rec[:, 2] >> 4``): a root; a first child (its parent is the previous
@@ -36,6 +44,7 @@ __all__ = ["WalkPlan", "walk_plan", "ROOT", "FIRST", "LAST", "PUSH", "MAX_STACK"
 ROOT, FIRST, LAST, PUSH = 1, 2, 4, 8
 #: Stack entries of the CUDA kernels (a tree below 2^31 vertices needs at most 30).
 MAX_STACK = 32
+_RECORDINGS = Recordings(RECORDED_PLANS)
 
 
 class WalkPlan(NamedTuple):
@@ -47,7 +56,8 @@ class WalkPlan(NamedTuple):
             at the first position of a segment, its first checkpoint slot (else ``-1``).
         tree_ptr (IntTensor [T + 1]): tree ``t`` spans walk positions
             ``[tree_ptr[t], tree_ptr[t + 1])`` (its breadth-first range).
-        num_slots (int): checkpoint slots of all segments.
+        num_slots (int): checkpoint slots of all segments (or an upper bound on them,
+            :func:`slot_bound`; the slots past the last used are never written).
         segment (int): positions of a segment.
     """
 
@@ -57,7 +67,25 @@ class WalkPlan(NamedTuple):
     segment: int
 
 
-@torch.compiler.disable  # reads two numbers on the host; runs eagerly under torch.compile
+def slot_bound(num_nodes: int, num_trees: int, largest: int, segment: int) -> int:
+    r"""An upper bound on the checkpoint slots of a forest's walk, from host-side sizes: at
+    most :math:`T + \lfloor (N - T) / \mathrm{segment} \rfloor` segments (tree ``t``
+    has :math:`\lceil n_t / \mathrm{segment} \rceil`), each starting with at most
+    :math:`1 + \lfloor \log_2 n \rfloor` slots for trees of at most ``largest = n``
+    vertices (the stack holds the ancestors whose light subtrees hold the position, each
+    at most half of the one above).
+
+    Example:
+        >>> slot_bound(8192, 4, 2048, 32)  # 4 sequences of 2,048 tokens
+        3108
+    """
+    if num_nodes == 0:
+        return 0
+    segments = num_trees + (num_nodes - num_trees) // segment
+    return segments * max(int(largest).bit_length(), 1)
+
+
+@torch.compiler.disable  # reads a number on the host; runs eagerly under torch.compile
 def walk_plan(tree: Tree, segment: int) -> WalkPlan:
     """The :class:`WalkPlan` of ``tree`` with segments of ``segment`` positions, built once
     per segment length and cached."""
@@ -68,9 +96,35 @@ def walk_plan(tree: Tree, segment: int) -> WalkPlan:
     n = tree.num_nodes
     if n >= 2 ** 31:
         raise ValueError(f"the walk plan holds int32 positions; the tree has {n} vertices")
-    plan = _isolated_plan(tree, segment) if tree.num_trees == n else _plan(tree, segment)
+    if tree.num_trees == n:
+        plan = _isolated_plan(tree, segment)
+    else:
+        plan = _replayed(tree, segment)
+        if plan is None:  # bounded where the tree was built on a GPU: nothing read back
+            plan = _plan(tree, segment,
+                         bounded=tree.num_levels is None and tree.device.type == "cuda")
     tree.plan_cache[key] = plan
     return plan
+
+
+def _replayed(tree: Tree, segment: int) -> Optional[WalkPlan]:
+    """The plan of a forest built on the device from a recorded build of its sizes (the
+    slot count bounded), or ``None`` where none is kept (not on CUDA, a level count known
+    on the host, too large, the caller compiling or capturing, a failed recording)."""
+    n, largest = tree.num_nodes, tree.max_tree_size
+    if tree.num_levels is not None or not 0 < n <= RECORDED_PLAN_MAX_NODES:
+        return None
+
+    def build(parent, order, child_ptr, tree_ptr, depth):
+        return _plan(Tree(parent, order, child_ptr, tree_ptr, depth, max_tree_size=largest),
+                     segment, bounded=True)
+
+    plan = _RECORDINGS.replay((tree.device, n, tree.num_trees, largest, segment), build,
+                              tree.parent, tree.order, tree.child_ptr, tree.tree_ptr,
+                              tree.depth)
+    if plan is None:
+        return None
+    return WalkPlan(plan.rec.clone(), plan.tree_ptr.clone(), plan.num_slots, segment)
 
 
 def _isolated_plan(tree: Tree, segment: int) -> WalkPlan:
@@ -84,7 +138,8 @@ def _isolated_plan(tree: Tree, segment: int) -> WalkPlan:
     return WalkPlan(rec, tree.tree_ptr.int(), n, segment)
 
 
-def _plan(tree: Tree, segment: int) -> WalkPlan:
+def _plan(tree: Tree, segment: int, bounded: bool = False) -> WalkPlan:
+    # bounded: the slot count is slot_bound's (nothing read on the host), else the walk's
     n, dev = tree.num_nodes, tree.device
     parent = tree.parent
     long = dict(dtype=torch.long, device=dev)
@@ -114,8 +169,10 @@ def _plan(tree: Tree, segment: int) -> WalkPlan:
     starts = (torch.arange(n, **long) - tree.tree_ptr[tree_of]) % segment == 0
     slots = torch.where(starts, 1 + depth, 0)
     first_slot = torch.where(starts, torch.cumsum(slots, 0) - slots, -1)
-    num_slots, deepest = (torch.stack([slots.sum(), depth.max()]).tolist() if n else (0, 0))
-    if deepest >= MAX_STACK:  # impossible below 2^31 vertices; a guard on the layout
-        raise AssertionError(f"walk stack of depth {deepest} exceeds {MAX_STACK}")
+    if bounded:
+        largest = n if tree.max_tree_size is None else tree.max_tree_size
+        num_slots = slot_bound(n, tree.num_trees, largest, segment)
+    else:
+        num_slots = int(slots.sum()) if n else 0
     rec = torch.stack([at, parent[at], flags_at | (depth << 4), first_slot], 1).int()
     return WalkPlan(rec.contiguous(), tree.tree_ptr.int(), int(num_slots), segment)

@@ -33,7 +33,8 @@ from ..tree import Tree
 from .euler_tour import spanning_tree_on_device
 from .prepared_graph import TensorKeyedCache
 
-__all__ = ["captured_build", "CapturedBuild", "CAPTURE_MAX_EDGES", "CAPTURED_BUILDS"]
+__all__ = ["captured_build", "CapturedBuild", "copied_tree", "CAPTURE_MAX_EDGES",
+           "CAPTURED_BUILDS"]
 
 #: Candidate edges of the largest graph whose build is recorded.
 CAPTURE_MAX_EDGES = 1 << 22
@@ -59,10 +60,17 @@ class CapturedBuild:
     def __call__(self, cost: Tensor, batch: Optional[Tensor] = None) -> Tree:
         """The tree of ``cost`` (copies: the next replay overwrites the recorded outputs),
         with ``batch`` attached."""
-        t = self.recorded.replay(cost)
-        return Tree(t.parent.clone(), t.order.clone(), t.child_ptr.clone(), t.tree_ptr.clone(),
-                    t.depth.clone(), batch, num_levels=t.num_levels,
-                    max_tree_size=t.max_tree_size)
+        return copied_tree(self.recorded.replay(cost), batch)
+
+
+def copied_tree(tree: Tree, batch: Optional[Tensor] = None) -> Tree:
+    """A recorded tree's copy (the next replay overwrites the recording's own tensors),
+    with ``batch`` attached, or the recorded batch copied where ``batch`` is ``None``."""
+    if batch is None and tree.batch is not None:
+        batch = tree.batch.clone()
+    return Tree(tree.parent.clone(), tree.order.clone(), tree.child_ptr.clone(),
+                tree.tree_ptr.clone(), tree.depth.clone(), batch, num_levels=tree.num_levels,
+                max_tree_size=tree.max_tree_size)
 
 
 def _capturable(edge_index: Tensor, cost: Tensor) -> bool:

@@ -28,8 +28,10 @@ import torch
 from torch import Tensor
 
 from .._checks import all_finite, check_device, check_features, check_int, check_number
+from ..ops.recorded import RECORDED_PLAN_MAX_NODES, RECORDED_PLANS, Recordings
 from ..tree import Tree
 from .base import BoundedCache, Candidates, Topology
+from .captured import copied_tree
 from .distance import EPS, Distance, check_distance, scale_by_power_of_two
 from .euler_tour import forest_on_device
 from .layout import empty_forest
@@ -504,6 +506,9 @@ def causal_forest(parent: Tensor, rooted_at_first: bool = False,
                             max_tree_size=length)
 
 
+_CAUSAL_BUILDS = Recordings(RECORDED_PLANS)
+
+
 class CausalSequenceTopology(Topology):
     r"""A causal tree per sequence: every token hangs below the most similar of the ``k``
     tokens before it.
@@ -563,9 +568,37 @@ class CausalSequenceTopology(Topology):
     @torch.compiler.disable
     def __call__(self, feat: Tensor, valid: Optional[Tensor] = None, *,
                  outer: Optional[Tensor] = None) -> Tree:
+        """The causal forest of ``feat [B, L, C]`` (``valid`` and ``outer`` as in
+        :func:`causal_parents`). On CUDA, without ``valid`` and with a named distance, the
+        build waits for nothing, so it is recorded in a CUDA graph once per shape and
+        replayed for later features of that shape (:mod:`treessm.ops.recorded`): a causal
+        mixer builds a new tree in every forward."""
         with torch.no_grad():
-            parent = self.parents(feat, valid, outer=outer)
-            return causal_forest(parent, rooted_at_first=valid is None)
+            if valid is None:
+                tree = self._replayed(feat, outer)
+                if tree is not None:
+                    return tree
+            return self._build_tree(feat, valid, outer)
+
+    def _build_tree(self, feat: Tensor, valid: Optional[Tensor],
+                    outer: Optional[Tensor]) -> Tree:
+        parent = self.parents(feat, valid, outer=outer)
+        return causal_forest(parent, rooted_at_first=valid is None)
+
+    def _replayed(self, feat: Tensor, outer: Optional[Tensor]) -> Optional[Tree]:
+        if not (isinstance(feat, Tensor) and feat.dim() == 3 and isinstance(self.distance, str)
+                and 0 < feat.shape[0] * feat.shape[1] <= RECORDED_PLAN_MAX_NODES
+                and (outer is None or isinstance(outer, Tensor))):
+            return None  # (malformed inputs get their errors from the eager build)
+        inputs = (feat,) if outer is None else (feat, outer)
+        key = (tuple((t.shape, t.dtype, t.device) for t in inputs), self.k, self.distance,
+               self.tie_rtol)
+
+        def build(f: Tensor, o: Optional[Tensor] = None) -> Tree:
+            return self._build_tree(f, None, o)
+
+        tree = _CAUSAL_BUILDS.replay(key, build, *inputs)
+        return None if tree is None else copied_tree(tree)
 
     def candidate_edges(self, feat: Tensor) -> Tuple[Tensor, Tensor, int]:
         """The edges from each token to the ``k`` tokens before it (for inspection; the
