@@ -151,3 +151,18 @@ def test_causal_trees_replayed_equal_eager_builds():
     valid = torch.ones(3, 300, dtype=torch.bool, device="cuda")
     assert _same(topo(f.cuda(), valid, outer=o.cuda()), cpu)
     assert len(sequence._CAUSAL_BUILDS) == 1
+
+
+def test_release_recordings_empties_every_cache():
+    # every cache of recorded graphs (tiled and walk plans, causal trees, forest builds) is
+    # dropped by one call; placeholders stand in for recordings, which need a GPU
+    from treessm.ops import recorded, tiles, walk
+    from treessm.topology import sequence
+    caches = (tiles._RECORDINGS, walk._RECORDINGS, sequence._CAUSAL_BUILDS)
+    for cache in caches:
+        cache._kept["placeholder"] = object()
+    ei = torch.zeros(2, 1, dtype=torch.long)
+    captured._BUILDS.put((ei, None), (), object())
+    assert all(len(cache) == 1 for cache in caches) and len(captured._BUILDS) == 1
+    recorded.release_recordings()
+    assert all(len(cache) == 0 for cache in caches) and len(captured._BUILDS) == 0

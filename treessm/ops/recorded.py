@@ -12,24 +12,45 @@ issues them once into a CUDA graph and replays it: one launch for all of them.
 
 A recording keeps its inputs, outputs and intermediates in the graph's own memory pool, so
 the callers keep few of them (a small cache) and only below a size bound. A replay
-overwrites the recorded outputs: callers hand out copies.
+overwrites the recorded outputs: callers hand out copies. :func:`release_recordings` drops
+them all (and the memory of their pools).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, List, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Recorded", "Recordings", "can_replay", "can_record", "RECORDED_PLAN_MAX_NODES",
-           "RECORDED_PLANS"]
+__all__ = ["Recorded", "Recordings", "can_replay", "can_record", "release_recordings",
+           "register_recordings", "RECORDED_PLAN_MAX_NODES", "RECORDED_PLANS"]
 
 #: Vertices of the largest forest whose layout build (a scan plan) is recorded and replayed
-#: on CUDA: a recording holds the build's intermediates, a few hundred bytes a vertex.
+#: on CUDA: a recording holds the build's intermediate arrays in its memory pool.
 RECORDED_PLAN_MAX_NODES = 1 << 21
 #: Recorded builds of one kind of layout kept at once (least recently used dropped first).
 RECORDED_PLANS = 4
+_RELEASES: List[Callable[[], None]] = []
+
+
+def register_recordings(clear: Callable[[], None]) -> None:
+    """Have :func:`release_recordings` call ``clear``, which drops one cache of recordings
+    (every :class:`Recordings` registers itself)."""
+    _RELEASES.append(clear)
+
+
+def release_recordings() -> None:
+    """Drop every recorded CUDA graph of treessm (tiled and walk plans, causal trees,
+    spanning-forest builds) with the memory its pool holds; later calls record anew.
+    ``torch.cuda.empty_cache()`` afterwards returns that memory to the device.
+
+    Example:
+        >>> from treessm.ops.recorded import release_recordings
+        >>> release_recordings()
+    """
+    for clear in _RELEASES:
+        clear()
 
 
 def can_replay(*tensors: Tensor) -> bool:
@@ -103,6 +124,7 @@ class Recordings:
     def __init__(self, size: int):
         self.size = size
         self._kept: "OrderedDict[Hashable, Any]" = OrderedDict()
+        register_recordings(self.clear)
 
     def __len__(self) -> int:
         return len(self._kept)

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..ops.recorded import Recorded, can_record, can_replay
+from ..ops.recorded import Recorded, can_record, can_replay, register_recordings
 from ..tree import Tree
 from .euler_tour import spanning_tree_on_device
 from .prepared_graph import TensorKeyedCache
@@ -42,6 +42,7 @@ CAPTURE_MAX_EDGES = 1 << 22
 CAPTURED_BUILDS = 4
 
 _BUILDS = TensorKeyedCache(size=CAPTURED_BUILDS)
+register_recordings(_BUILDS.clear)
 _FAILED = object()
 
 
