@@ -23,8 +23,11 @@ from typing import Any, Callable, Hashable, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Recorded", "Recordings", "can_replay", "can_record", "release_recordings",
-           "register_recordings", "RECORDED_PLAN_MAX_NODES", "RECORDED_PLANS"]
+from ..tree import Tree
+
+__all__ = ["Recorded", "Recordings", "record_or_replay", "can_replay", "can_record",
+           "release_recordings", "register_recordings", "RECORDED_PLAN_MAX_NODES",
+           "RECORDED_PLANS"]
 
 #: Vertices of the largest forest whose layout build (a scan plan) is recorded and replayed
 #: on CUDA: a recording holds the build's intermediate arrays in its memory pool.
@@ -113,6 +116,28 @@ class Recorded:
 _FAILED = object()
 
 
+def record_or_replay(find: Callable[[], Any], keep: Callable[[Any], None],
+                     fn: Callable[..., Any], *inputs: Tensor) -> Optional[Any]:
+    """``fn(*inputs)`` replayed from the recording ``find()`` returns, made now and handed
+    to ``keep`` where it returns ``None`` (``fn`` must compute the same launches for every
+    input the caller's cache serves that recording to); ``None`` where it cannot run so
+    (:func:`can_replay`, :func:`can_record`, or a recording that failed, which is kept as
+    such so that it is not tried again). The outputs are the recording's own: copy what
+    outlives the next replay."""
+    if not can_replay(*inputs):
+        return None
+    recording = find()
+    if recording is None:
+        if not can_record(*inputs):
+            return None
+        try:
+            recording = Recorded(fn, *inputs)
+        except RuntimeError:  # an operation that cannot be recorded
+            recording = _FAILED
+        keep(recording)
+    return None if recording is _FAILED else recording.replay(*inputs)
+
+
 class Recordings:
     """Recordings of one computation by a key of host-side sizes, at most ``size`` of them
     (the least recently used dropped first).
@@ -133,23 +158,35 @@ class Recordings:
         self._kept.clear()
 
     def replay(self, key: Hashable, fn: Callable[..., Any], *inputs: Tensor) -> Optional[Any]:
-        """``fn(*inputs)`` replayed from the recording of ``key``, made now where there is
-        none (``fn`` must compute the same launches for every input of that key); ``None``
-        where it cannot run so (:func:`can_replay`, :func:`can_record`, or a recording
-        that failed, after which the key is not recorded again). The outputs are the
-        recording's own: copy what outlives the next replay."""
-        if not can_replay(*inputs):
-            return None
-        recording = self._kept.get(key)
-        if recording is None:
-            if not can_record(*inputs):
-                return None
-            try:
-                recording = Recorded(fn, *inputs)
-            except RuntimeError:  # an operation that cannot be recorded
-                recording = _FAILED
+        """``fn(*inputs)`` replayed from the recording of ``key``
+        (:func:`record_or_replay`)."""
+        def find():
+            recording = self._kept.get(key)
+            if recording is not None:
+                self._kept.move_to_end(key)
+            return recording
+
+        def keep(recording):
             self._kept[key] = recording
             while len(self._kept) > self.size:
                 self._kept.popitem(last=False)
-        self._kept.move_to_end(key)
-        return None if recording is _FAILED else recording.replay(*inputs)
+
+        return record_or_replay(find, keep, fn, *inputs)
+
+    def replay_layout(self, key: Hashable, layout: Callable[[Tree], Any],
+                      tree: Tree) -> Optional[Any]:
+        """``layout(tree)``, a named tuple of tensors and host-side numbers built from the
+        tree's arrays alone, replayed from the recording of ``key`` (which must hold every
+        host-side size the build reads: the tree's hints, its vertex and tree counts), as
+        copies; ``None`` where :meth:`replay` gives none."""
+        num_levels, largest = tree.num_levels, tree.max_tree_size
+
+        def build(parent, order, child_ptr, tree_ptr, depth):
+            return layout(Tree(parent, order, child_ptr, tree_ptr, depth,
+                               num_levels=num_levels, max_tree_size=largest))
+
+        out = self.replay(key, build, tree.parent, tree.order, tree.child_ptr,
+                          tree.tree_ptr, tree.depth)
+        if out is None:
+            return None
+        return type(out)(*(v.clone() if isinstance(v, Tensor) else v for v in out))

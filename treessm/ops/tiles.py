@@ -269,18 +269,8 @@ def _replayed(tree: Tree, tile: int) -> Optional[TilePlan]:
     n = tree.num_nodes
     if not 0 < n <= RECORDED_PLAN_MAX_NODES:
         return None
-    levels, largest = tree.num_levels, tree.max_tree_size
-
-    def build(parent, order, child_ptr, tree_ptr, depth):
-        return _build(Tree(parent, order, child_ptr, tree_ptr, depth, num_levels=levels,
-                           max_tree_size=largest), tile)
-
-    plan = _RECORDINGS.replay((tree.device, n, tree.num_trees, largest, levels, tile), build,
-                              tree.parent, tree.order, tree.child_ptr, tree.tree_ptr,
-                              tree.depth)
-    if plan is None:
-        return None
-    return TilePlan(*(v.clone() if isinstance(v, Tensor) else v for v in plan))
+    key = (tree.device, n, tree.num_trees, tree.max_tree_size, tree.num_levels, tile)
+    return _RECORDINGS.replay_layout(key, lambda t: _build(t, tile), tree)
 
 
 def _preorder(tree: Tree):

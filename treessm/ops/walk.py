@@ -111,20 +111,11 @@ def _replayed(tree: Tree, segment: int) -> Optional[WalkPlan]:
     """The plan of a forest built on the device from a recorded build of its sizes (the
     slot count bounded), or ``None`` where none is kept (not on CUDA, a level count known
     on the host, too large, the caller compiling or capturing, a failed recording)."""
-    n, largest = tree.num_nodes, tree.max_tree_size
+    n = tree.num_nodes
     if tree.num_levels is not None or not 0 < n <= RECORDED_PLAN_MAX_NODES:
         return None
-
-    def build(parent, order, child_ptr, tree_ptr, depth):
-        return _plan(Tree(parent, order, child_ptr, tree_ptr, depth, max_tree_size=largest),
-                     segment, bounded=True)
-
-    plan = _RECORDINGS.replay((tree.device, n, tree.num_trees, largest, segment), build,
-                              tree.parent, tree.order, tree.child_ptr, tree.tree_ptr,
-                              tree.depth)
-    if plan is None:
-        return None
-    return WalkPlan(plan.rec.clone(), plan.tree_ptr.clone(), plan.num_slots, segment)
+    key = (tree.device, n, tree.num_trees, tree.max_tree_size, segment)
+    return _RECORDINGS.replay_layout(key, lambda t: _plan(t, segment, bounded=True), tree)
 
 
 def _isolated_plan(tree: Tree, segment: int) -> WalkPlan:

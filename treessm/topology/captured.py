@@ -23,18 +23,17 @@ where the recording fails (the eager build runs from then on for that graph).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..ops.recorded import Recorded, can_record, can_replay, register_recordings
+from ..ops.recorded import record_or_replay, register_recordings
 from ..tree import Tree
 from .euler_tour import spanning_tree_on_device
 from .prepared_graph import TensorKeyedCache
 
-__all__ = ["captured_build", "CapturedBuild", "copied_tree", "CAPTURE_MAX_EDGES",
-           "CAPTURED_BUILDS"]
+__all__ = ["captured_build", "copied_tree", "CAPTURE_MAX_EDGES", "CAPTURED_BUILDS"]
 
 #: Candidate edges of the largest graph whose build is recorded.
 CAPTURE_MAX_EDGES = 1 << 22
@@ -43,25 +42,6 @@ CAPTURED_BUILDS = 4
 
 _BUILDS = TensorKeyedCache(size=CAPTURED_BUILDS)
 register_recordings(_BUILDS.clear)
-_FAILED = object()
-
-
-class CapturedBuild:
-    """One build recorded in a CUDA graph (:class:`~treessm.ops.recorded.Recorded`):
-    ``build(cost)``, replayed by :meth:`__call__` for new costs of the same shape and dtype.
-
-    Args:
-        build (callable): ``cost -> Tree``, issuing no host synchronisation.
-        cost (Tensor): costs of the shape, dtype and device of later calls.
-    """
-
-    def __init__(self, build: Callable[[Tensor], Tree], cost: Tensor):
-        self.recorded = Recorded(build, cost)
-
-    def __call__(self, cost: Tensor, batch: Optional[Tensor] = None) -> Tree:
-        """The tree of ``cost`` (copies: the next replay overwrites the recorded outputs),
-        with ``batch`` attached."""
-        return copied_tree(self.recorded.replay(cost), batch)
 
 
 def copied_tree(tree: Tree, batch: Optional[Tensor] = None) -> Tree:
@@ -74,10 +54,6 @@ def copied_tree(tree: Tree, batch: Optional[Tensor] = None) -> Tree:
                 max_tree_size=tree.max_tree_size)
 
 
-def _capturable(edge_index: Tensor, cost: Tensor) -> bool:
-    return edge_index.shape[1] <= CAPTURE_MAX_EDGES and can_replay(cost)
-
-
 def captured_build(edge_index: Tensor, cost: Tensor, num_nodes: int, roots: Optional[Tensor],
                    batch: Optional[Tensor], hints: dict) -> Optional[Tree]:
     """``spanning_tree_on_device(edge_index, cost, num_nodes, roots, batch, **hints)`` from a
@@ -87,21 +63,14 @@ def captured_build(edge_index: Tensor, cost: Tensor, num_nodes: int, roots: Opti
     ``hints`` must hold ``num_trees`` (else the build would wait for the device), and
     ``roots`` and ``edge_index`` must not change between calls (a changed ``edge_index``
     is recorded anew; ``roots`` is part of the key)."""
-    if hints.get("num_trees") is None or not _capturable(edge_index, cost):
+    if hints.get("num_trees") is None or edge_index.shape[1] > CAPTURE_MAX_EDGES:
         return None
     extra = (num_nodes, cost.dtype, cost.device, tuple(sorted(hints.items())))
-    build = _BUILDS.get((edge_index, roots), extra)
-    if build is None:
-        if not can_record(cost):
-            return None
 
-        def run(c: Tensor) -> Tree:
-            return spanning_tree_on_device(edge_index, c, num_nodes, roots, None, **hints)
-        try:
-            build = CapturedBuild(run, cost)
-        except RuntimeError:  # an operation that cannot be recorded: build eagerly
-            build = _FAILED
-        _BUILDS.put((edge_index, roots), extra, build)
-    if build is _FAILED:
-        return None
-    return build(cost, batch)
+    def run(c: Tensor) -> Tree:
+        return spanning_tree_on_device(edge_index, c, num_nodes, roots, None, **hints)
+
+    tree = record_or_replay(lambda: _BUILDS.get((edge_index, roots), extra),
+                            lambda recording: _BUILDS.put((edge_index, roots), extra,
+                                                          recording), run, cost)
+    return None if tree is None else copied_tree(tree, batch)
