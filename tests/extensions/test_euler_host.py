@@ -1,6 +1,6 @@
 """The Euler tours' pointer jumping (``euler_tour_kernels.cuh``), compiled for the host and
 run with one thread per CUDA thread, against the tensor rounds of
-``treessm.topology.euler_tour._pointer_jump``: suffix sums along lists and minima around
+``treessm.ops.pointer_jump.pointer_jump``: suffix sums along lists and minima around
 cycles, on lists in shuffled order, one long list, many short ones, several launch shapes
 and too few rounds as well."""
 
@@ -9,7 +9,7 @@ import torch
 
 from emulation import compile_harness, run_int64_harness
 from treessm.topology.boruvka import ceil_log2
-from treessm.topology.euler_tour import _pointer_jump
+from treessm.ops.pointer_jump import pointer_jump
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_pointer_jump_kernel_matches_the_tensor_rounds(harness, tmp_path, name, 
     value[ends] = 0 if combine is torch.add else 1000
     code = 0 if combine is torch.add else 1
     for rounds in sorted({ceil_log2(longest), 2}):  # enough rounds, and too few
-        want = _pointer_jump(succ, value, rounds, combine)
+        want = pointer_jump(succ, value, rounds, combine)
         got = emulate(harness, tmp_path, succ, value, rounds, code, blocks, threads)
         assert torch.equal(got, want)
     if name == "one" and combine is torch.add:  # enough rounds: suffix sums to the end

@@ -426,19 +426,31 @@ def test_three_phases_on_large_forests_match_the_scan(name, direction, tile):
     torch.testing.assert_close(got, tree_scan(x, w, tree, direction), rtol=1e-9, atol=1e-9)
 
 
-# ---------------------------------------------------------------------- pointer doubling
+# ---------------------------------------------------------------------- pointer jumping
 @pytest.mark.parametrize("name", list(FORESTS) + list(LARGE))
-def test_sums_by_pointer_doubling_match_the_tree_scans(name):
+def test_sums_by_pointer_jumping_match_the_tree_scans(name, monkeypatch):
     # the sums the layouts are built from, as computed off the CPU, against the CPU's scans
-    from treessm.ops.heavy import _by_doubling, root_path_sums, subtree_sums
+    from treessm.ops import heavy
 
     tree = _tree(name)
-    values = torch.randint(-3, 9, (tree.num_nodes, 2), generator=_gen(14))
+    values = torch.randint(-3, 9, (tree.num_nodes,), generator=_gen(14))
+    bfs = torch.empty_like(tree.order).scatter_(0, tree.order, torch.arange(tree.num_nodes))
+    sizes, paths = heavy.subtree_sizes(tree, bfs), heavy.root_path_sums(values, tree)
+    assert torch.equal(sizes, _subtree_sizes_by_definition(tree))
     unbounded = Tree(tree.parent, tree.order, tree.child_ptr, tree.tree_ptr, tree.depth)
+    monkeypatch.setattr(heavy, "_by_cpu_scan", lambda tree: False)
     for t in (tree, unbounded):  # the largest tree's size known, or only N
-        assert torch.equal(_by_doubling(values, t, toward_root=True), subtree_sums(values, tree))
-        assert torch.equal(_by_doubling(values, t, toward_root=False),
-                           root_path_sums(values.double(), tree))
+        assert torch.equal(heavy.subtree_sizes(t, bfs), sizes)
+        assert torch.equal(heavy.root_path_sums(values, t), paths)
+
+
+def _subtree_sizes_by_definition(tree):
+    size = [1] * tree.num_nodes
+    for v in reversed(tree.order.tolist()):  # children before their parents
+        p = int(tree.parent[v])
+        if p >= 0:
+            size[p] += size[v]
+    return torch.tensor(size, dtype=torch.long)
 
 
 def test_plan_compiles_into_one_graph():

@@ -549,7 +549,7 @@ def test_counting_build_reports_sizes():
 @needs_cuda
 @pytest.mark.cuda
 def test_cuda_pointer_jump_matches_the_tensor_rounds():
-    from treessm.topology.euler_tour import _pointer_jump
+    from treessm.ops.pointer_jump import pointer_jump
     from treessm.typing import load_cuda_extension
 
     load_cuda_extension()
@@ -563,7 +563,7 @@ def test_cuda_pointer_jump_matches_the_tensor_rounds():
         value = torch.randint(-100, 100, (m,), generator=g)
         value[order[-1]] = end
         for rounds in (0, 3, 19, 20):
-            want = _pointer_jump(succ, value, rounds, combine)
+            want = pointer_jump(succ, value, rounds, combine)
             got = torch.ops.treessm.cuda_pointer_jump(succ.cuda(), value.cuda(), rounds, code)
             assert torch.equal(got.cpu(), want)
     with pytest.raises(RuntimeError, match="int64"):

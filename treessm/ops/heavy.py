@@ -6,15 +6,16 @@ first in breadth-first order on ties. :func:`heavy_children` computes it from th
 sizes and tensor operations on the tree's device, with what both layouts place children by:
 the sizes of each vertex's earlier siblings in breadth-first order.
 
-Subtree sizes and root-path sums are integer sums over a vertex's descendants or ancestors.
-On the CPU they are tree scans (compiled, linear); on other devices they are computed by
-*pointer doubling* (:func:`subtree_sums`, :func:`root_path_sums`): with ``anc_k(v)`` the
-ancestor :math:`2^k` edges above ``v``, the sums over the :math:`2^{k+1}` nearest ancestors
-(or descendants) are those over the :math:`2^k` nearest plus those of ``anc_k(v)`` (of the
-vertices whose ``anc_k`` is ``v``). That is :math:`\lceil \log_2 (n) \rceil` dependent steps
-of gathers and integer scatter-adds for trees of at most ``n`` vertices, whatever their
-depth, independent of the tree-scan kernels (which are laid out with these sums), and exact
-and deterministic (integer sums).
+Subtree sizes and root-path sums are integer sums over a vertex's descendants or
+ancestors. On the CPU they are tree scans (compiled, linear). On other devices they are
+computed by *pointer jumping* (:mod:`treessm.ops.pointer_jump`): :math:`\lceil \log_2 n
+\rceil` rounds of one gather each for trees of at most ``n`` vertices, whatever their depth,
+without atomics, independent of the tree-scan kernels (which are laid out with these sums),
+exact and deterministic (integer sums). A root-path sum jumps along the parent pointers
+(:func:`root_path_sums`). A subtree size is read off the tree's *Euler tour*, the list of
+its edges as a depth-first walk crosses them, down into each child's subtree and back up:
+ranking the tour (the edges from each one to the tour's end) gives each vertex's down and
+up crossings, between which lie twice its subtree's edges (:func:`subtree_sizes`).
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from torch import Tensor
 
 from ..tree import Tree
 from . import cpu
-from .spare import SPARE_SLOTS, kept_or_spare
+from .pointer_jump import pointer_jump
 
-__all__ = ["HeavyChildren", "heavy_children", "subtree_sums", "root_path_sums"]
+__all__ = ["HeavyChildren", "heavy_children", "subtree_sizes", "root_path_sums"]
 
 
 class HeavyChildren(NamedTuple):
@@ -59,8 +60,8 @@ def heavy_children(tree: Tree) -> HeavyChildren:
     n, dev = tree.num_nodes, tree.device
     parent, order = tree.parent, tree.order
     long = dict(dtype=torch.long, device=dev)
-    size = subtree_sums(torch.ones(n, 1, **long), tree)[:, 0].double()
     bfs = torch.empty(n, **long).scatter_(0, order, torch.arange(n, **long))
+    size = subtree_sizes(tree, bfs).double()
     nonroot = parent >= 0
     par = torch.where(nonroot, parent, n)  # roots point at a spare slot n
     largest = torch.zeros(n + 1, dtype=torch.float64, device=dev).scatter_reduce(
@@ -76,63 +77,80 @@ def heavy_children(tree: Tree) -> HeavyChildren:
     return HeavyChildren(size, bfs, heavy, largest, heavy_bfs, earlier)
 
 
-def _steps(tree: Tree) -> int:
-    """Doubling steps that cover every root path: :math:`2^{steps}` exceeds the depth (the
-    host's level count bounds it where known, else the largest tree's size)."""
-    if tree.num_levels is not None:
+def _rounds(tree: Tree, length: int = 1) -> int:
+    """Pointer-jumping rounds that cover a list of ``length`` times the vertices of the
+    largest tree (the level count bounds a root path where the host knows it, else the
+    largest tree's size, else the forest's)."""
+    if length == 1 and tree.num_levels is not None:
         return max(int(tree.num_levels - 1).bit_length(), 0)
     largest = tree.num_nodes if tree.max_tree_size is None else tree.max_tree_size
-    return max(int(largest - 1).bit_length(), 0)
-
-
-def _by_doubling(values: Tensor, tree: Tree, toward_root: bool) -> Tensor:
-    """Root-path sums (``toward_root=False``: each vertex sums its ancestors) or subtree
-    sums (``True``: each vertex sums its descendants) of int64 ``values [N, K]``."""
-    n = tree.num_nodes
-    # above a root: a spare row (the vertices of deep trees would all meet in one), itself
-    # above nothing but spare rows
-    anc = torch.cat([kept_or_spare(tree.parent, tree.parent >= 0, n),
-                     torch.arange(n, n + SPARE_SLOTS, device=values.device)])
-    zero = values.new_zeros(SPARE_SLOTS, values.shape[1])  # what lies above a root: nothing
-    acc = values
-    for _ in range(_steps(tree)):
-        if toward_root:  # v adds what the vertices 2^k below it hold
-            below = values.new_zeros(n + SPARE_SLOTS, values.shape[1])
-            below.index_add_(0, anc[:n], acc)
-            acc = acc + below[:n]
-        else:  # v adds what its ancestor 2^k above it holds
-            acc = acc + torch.cat([acc, zero]).index_select(0, anc[:n])
-        anc = anc[anc]
-    return acc
+    return max(int(length * largest - 1).bit_length(), 0)
 
 
 def _cpu_scan(values: Tensor, tree: Tree, direction: str) -> Tensor:
-    """A tree scan of integer ``values`` with unit weights by the compiled CPU kernels
+    """A tree scan of integer ``values [N]`` with unit weights by the compiled CPU kernels
     (float64, exact below :math:`2^{53}`), as int64."""
-    v = values.double().contiguous()
+    v = values.double().reshape(-1, 1).contiguous()
     h = cpu.forward(v, torch.ones_like(v), tree.order, tree.child_ptr, tree.tree_ptr,
                     direction)
-    return h.round().long()
+    return h[:, 0].round().long()
 
 
-def _sums_by_cpu_scan(tree: Tree) -> bool:
-    """Whether the sums run on the numba scan (eager, on the CPU) rather than by doubling."""
+def _by_cpu_scan(tree: Tree) -> bool:
+    """Whether the sums run on the numba scan (eager, on the CPU) rather than by jumping."""
     return tree.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def subtree_sums(values: Tensor, tree: Tree) -> Tensor:
-    """Sums of ``values`` (int64 ``[N, K]``, by vertex) over each vertex's subtree, itself
-    included, as int64: an ``"up"`` tree scan with unit weights on the CPU, pointer
-    doubling elsewhere and under :func:`torch.compile` (which traces it)."""
-    if _sums_by_cpu_scan(tree):
-        return _cpu_scan(values, tree, "up")
-    return _by_doubling(values.long(), tree, toward_root=True)
+def subtree_sizes(tree: Tree, bfs: Tensor) -> Tensor:
+    """The number of vertices in each vertex's subtree (int64 ``[N]``); ``bfs`` is each
+    vertex's breadth-first position (the inverse of ``tree.order``).
+
+    Off the CPU: the Euler tour of each tree as a list over ``2N + 1`` slots, slot ``v``
+    the edge down into ``v`` and slot ``N + v`` the edge back up (both empty at a root),
+    slot ``2N`` its end. After the edge down into ``v`` comes the edge into its first child,
+    or, at a leaf, the edge back up; after the edge up from ``v`` comes the edge down into
+    its next sibling, or the edge up from its parent, or, below a root, the end. Ranked by
+    pointer jumping, the edge down into ``v`` lies ``2 size(v) - 1`` edges before the edge
+    up, and a root's tour holds ``2 (size - 1)`` edges.
+    """
+    n, dev = tree.num_nodes, tree.device
+    if _by_cpu_scan(tree):
+        return _cpu_scan(torch.ones(n, dtype=torch.long), tree, "up")
+    parent, order, child_ptr = tree.parent, tree.order, tree.child_ptr
+    vertex = torch.arange(n, device=dev)
+    last = max(n - 1, 0)
+    nonroot = parent >= 0
+    par = parent.clamp(min=0)
+    # children and siblings are contiguous in breadth-first order: whether the vertex
+    # where v's children would start, or the next one, is a child of v's or its sibling
+    first = child_ptr[bfs]
+    first_child = order[first.clamp(max=last)]
+    has_child = (first < n) & (parent[first_child] == vertex)
+    next_sibling = order[(bfs + 1).clamp(max=last)]
+    has_sibling = (bfs + 1 < n) & (parent[next_sibling] == parent) & nonroot
+    end = 2 * n
+    after_down = torch.where(has_child, first_child, n + vertex)
+    after_up = torch.where(has_sibling, next_sibling,
+                           torch.where(parent[par] >= 0, n + par, end))
+    succ = torch.cat([torch.where(nonroot, after_down, end),
+                      torch.where(nonroot, after_up, end), vertex.new_full((1,), end)])
+    edge = nonroot.long()
+    rank = pointer_jump(succ, torch.cat([edge, edge, edge.new_zeros(1)]),
+                        _rounds(tree, length=2), torch.add)
+    below = (rank[vertex] - rank[n + vertex] + 1) // 2
+    tour = torch.where(has_child, rank[first_child], 0)
+    return torch.where(nonroot, below, tour // 2 + 1)
 
 
 def root_path_sums(values: Tensor, tree: Tree) -> Tensor:
-    """Sums of ``values`` (``[N, K]`` of integers below :math:`2^{53}`, by vertex) over
-    each vertex's root path, itself included, as int64: a ``"down"`` tree scan with unit
-    weights on the CPU, pointer doubling elsewhere and under :func:`torch.compile`."""
-    if _sums_by_cpu_scan(tree):
+    """Sums of ``values`` (``[N]`` of integers below :math:`2^{53}`, by vertex) over each
+    vertex's root path, itself included, as int64: a ``"down"`` tree scan with unit weights
+    on the CPU, pointer jumping along the parents elsewhere and under
+    :func:`torch.compile` (a root's parent is an end slot holding 0)."""
+    if _by_cpu_scan(tree):
         return _cpu_scan(values, tree, "down")
-    return _by_doubling(values.long(), tree, toward_root=False)
+    n = tree.num_nodes
+    parent = tree.parent
+    succ = torch.cat([torch.where(parent >= 0, parent, n), parent.new_full((1,), n)])
+    value = torch.cat([values.long(), values.new_zeros(1, dtype=torch.long)])
+    return pointer_jump(succ, value, _rounds(tree), torch.add)[:n]

@@ -287,7 +287,7 @@ def _preorder(tree: Tree):
     # position: the parent's + 1 + offset, a root at its tree's start (= its bfs position);
     # one sum of both, the light depth (below 64) above the position (below 2^32)
     step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64)).long()
-    packed = root_path_sums((step + (light.long() << 32))[:, None], tree)[:, 0]
+    packed = root_path_sums(step + (light.long() << 32), tree)
     return packed & 0xFFFFFFFF, packed >> 32, size.long(), light
 
 
@@ -382,7 +382,7 @@ def _build(tree: Tree, tile: int) -> TilePlan:
     boundary_mark = torch.zeros(n + SPARE_SLOTS, dtype=torch.bool, device=dev).index_fill_(
         0, kept_or_spare(parent, entry, n), True)[:n]
     entry_v = torch.zeros(n, dtype=torch.float64, device=dev).scatter_(0, vertex, entry.double())
-    crossed = root_path_sums(entry_v[:, None], tree)[:, 0][vertex]  # entries on the root path
+    crossed = root_path_sums(entry_v, tree)[vertex]  # entries on the root path
     big = (M + 1) * n  # above every key below
     bkey = torch.where(boundary_mark, crossed * n + ar, big)
     bsorted = torch.sort(bkey)

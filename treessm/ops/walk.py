@@ -146,7 +146,7 @@ def _plan(tree: Tree, segment: int, bounded: bool = False) -> WalkPlan:
     offset = torch.where(nonroot, offset, 0)
     # walk position: parent's + 1 + offset, a root at its tree's start (a down scan)
     step = torch.where(nonroot, 1 + offset, bfs.to(torch.float64))
-    pos = root_path_sums(step[:, None], tree)[:, 0]
+    pos = root_path_sums(step, tree)
     flags = (torch.where(nonroot, 0, ROOT) + torch.where(nonroot & (offset == 0), FIRST, 0)
              + torch.where(heavy & (nchild[par] >= 2), LAST, 0)
              + torch.where(nchild[:n] >= 2, PUSH, 0))

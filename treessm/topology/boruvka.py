@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_edge_index, check_index_range, check_int
-from ..typing import cuda_extension_available
+from ..ops.pointer_jump import extension_kernels
 
 __all__ = ["spanning_forest", "edge_keys", "lightest_edges", "boruvka", "boruvka_compacting",
            "check_device_edge_index", "check_cost", "check_vertices", "check_max_tree_size",
@@ -131,10 +131,6 @@ def lightest_edges(edge_index: Tensor, key: Tensor, comp: Tensor, sentinel: int)
     return best
 
 
-def _device_kernels(t: Tensor) -> bool:
-    return t.is_cuda and not torch.compiler.is_compiling() and cuda_extension_available()
-
-
 def _hooked_labels(hook: Tensor, comp: Tensor, jumps: Optional[int]) -> Tensor:
     """Each vertex's label after the components hooked onto each other: the root of its
     label's tree in the forest ``hook`` (``hook[r] == r`` at a root), by pointer jumping,
@@ -156,7 +152,7 @@ def boruvka(edge_index: Tensor, key: Tensor, num_nodes: int, max_size: int):
     """Forest mask ``[E]`` and a component label per vertex (a vertex id of the component)."""
     device = key.device
     num_edges = key.shape[0]
-    if _device_kernels(key):
+    if extension_kernels(key):
         return torch.ops.treessm.cuda_boruvka(edge_index.contiguous(), key.contiguous(),
                                               num_nodes, ceil_log2(max_size),
                                               _NO_EDGE | num_edges)
@@ -198,7 +194,7 @@ def boruvka_compacting(edge_index: Tensor, key: Tensor, num_nodes: int):
     waits."""
     device = key.device
     num_edges = key.shape[0]
-    if _device_kernels(key):
+    if extension_kernels(key):
         return boruvka(edge_index, key, num_nodes, num_nodes)
     ar = torch.arange(num_nodes, device=device)
     comp = ar

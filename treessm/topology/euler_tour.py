@@ -37,8 +37,9 @@ from torch import Tensor
 
 from .._checks import check_index_range, check_int
 from ..tree import Tree
-from .boruvka import (_device_kernels, boruvka, boruvka_compacting, ceil_log2, check_cost,
+from .boruvka import (boruvka, boruvka_compacting, ceil_log2, check_cost,
                       check_device_edge_index, check_max_tree_size, check_vertices, edge_keys)
+from ..ops.pointer_jump import pointer_jump
 from ..ops.spare import SPARE_SLOTS, kept_or_spare, scatter_reduce_runs
 from .layout import empty_forest
 
@@ -93,27 +94,6 @@ class _Slots:
         self.n, self.m = n, m
 
 
-_COMBINE = {torch.add: 0, torch.minimum: 1}  # cuda_pointer_jump's codes of the combines
-
-
-def _pointer_jump(succ: Tensor, value: Tensor, rounds: int, combine) -> Tensor:
-    """``rounds`` rounds of ``value[i] = combine(value[i], value[succ[i]])``, ``succ = succ[succ]``
-    (``combine``: :func:`torch.add` or :func:`torch.minimum`).
-
-    On a GPU one operator of the CUDA extension runs all rounds (one launch each). Otherwise
-    successor and value share one ``[2, M]`` tensor so that each round is one gather plus
-    one in-place update.
-    """
-    if _device_kernels(succ):
-        return torch.ops.treessm.cuda_pointer_jump(succ, value, rounds, _COMBINE[combine])
-    x = torch.stack([succ, value])
-    for _ in range(rounds):
-        y = x.index_select(1, x[0])
-        combine(y[1], x[1], out=y[1])
-        x = y
-    return x[1]
-
-
 def _tour_rounds(max_size: int) -> int:
     return ceil_log2(2 * (max_size - 1)) if max_size > 1 else 0
 
@@ -139,7 +119,7 @@ def _roots_from_tours(slots: _Slots, roots: Optional[Tensor], max_size: int) -> 
     n = slots.n
     key = _preferred_root_key(roots, n, slots.src.device)
     key_ext = torch.cat([key, key.new_full((1,), 2 * n)])
-    cyc = _pointer_jump(slots.next[slots.twin], key_ext[slots.src], _tour_rounds(max_size),
+    cyc = pointer_jump(slots.next[slots.twin], key_ext[slots.src], _tour_rounds(max_size),
                         torch.minimum)
     low = torch.where(slots.degree > 0, cyc[slots.first[:n]], key)
     return torch.remainder(low, n)
@@ -160,7 +140,7 @@ def _rank_tour(slots: _Slots, is_root: Tensor, max_size: int):
     nxt = torch.where(slots.last & is_root_ext[s], m, slots.next)
     succ = torch.cat([nxt[twin], nxt.new_full((1,), m)])
     weight = torch.cat([slots.valid.long(), succ.new_zeros(1)])
-    rank = _pointer_jump(succ, weight, _tour_rounds(max_size), torch.add)
+    rank = pointer_jump(succ, weight, _tour_rounds(max_size), torch.add)
     r_twin = rank[twin]
     down = rank[:m] > r_twin  # the copy comes first in the tour
     up = _up_copies(slots, slots.valid & ~down)
