@@ -139,6 +139,25 @@ def test_empty_input(backend):
     assert x.grad.shape == (0, 4) and w.grad.shape == (0, 4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forest_without_edges_is_the_identity(backend, direction, dtype):
+    # every vertex a root: h = x whatever the weights (NaN, inf), the gradient of x is the
+    # incoming one, that of the weights a zero tensor; the output is a new tensor
+    tree = Tree.from_parent(all_roots(11))
+    x = torch.randn(11, 2, 3, generator=_gen(40)).to(dtype).requires_grad_()
+    w = torch.full((11, 2, 3), float("nan"), dtype=dtype)
+    w[0] = float("inf")
+    w.requires_grad_()
+    h = tree_scan(x, w, tree, direction, backend=backend)
+    assert torch.equal(h, x) and h.data_ptr() != x.data_ptr()
+    g = torch.randn(11, 2, 3, generator=_gen(41)).to(dtype)
+    h.backward(g)
+    assert torch.equal(x.grad, g)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_numba_kernels_degenerate_sizes(direction, dtype):

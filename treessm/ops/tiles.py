@@ -44,7 +44,7 @@ boundary vertex; the boundary tree solved; each tile (``down``) or each boundary
 (``up``) scanned again with the true values, writing ``h``.
 
 The plan is built with tensor operations and three integer tree sums
-(:mod:`treessm.ops.heavy`: compiled tree scans on the CPU, pointer doubling elsewhere) on
+(:mod:`treessm.ops.heavy`: compiled tree scans on the CPU, pointer jumping elsewhere) on
 the tree's device; it reads nothing back to the host (the tile count is an upper bound
 known from host-side sizes, see :func:`max_tiles`). So on CUDA, for forests of at most
 :data:`~treessm.ops.recorded.RECORDED_PLAN_MAX_NODES` vertices, the build is recorded in a
@@ -222,7 +222,7 @@ def tile_plan(tree: Tree, tile: int = TILE) -> TilePlan:
 
     Built on the tree's device by tensor operations and three integer tree sums (subtree
     sizes; positions and light depths; tiles crossed; :mod:`treessm.ops.heavy`), with no
-    read back to the host; :func:`torch.compile` traces it (the sums by pointer doubling),
+    read back to the host; :func:`torch.compile` traces it (the sums by pointer jumping),
     so a compiled model may build the layout of a tree it builds itself.
 
     Args:

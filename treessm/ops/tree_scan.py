@@ -213,6 +213,19 @@ class _ReferenceScan(torch.autograd.Function):
         return gx, gw, None, None
 
 
+class _EdgelessScan(torch.autograd.Function):
+    """A forest without an edge (every vertex a root): every direction gives ``h = x``, and
+    the weights, all at roots, get a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros_like(grad) if ctx.needs_input_grad[1] else None
+
+
 # ---------------------------------------------------------------------------- public API
 def _check_inputs(x, weight, tree, direction, schedule) -> None:
     if not isinstance(x, Tensor):
@@ -256,6 +269,8 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     where the sum runs over all vertices of v's tree (``"both"``), over v's subtree
     (``"up"``) or over the path from v's root to v (``"down"``). The weight of the edge
     (v, parent(v)) is ``weight[v]``; weights of roots are ignored (their gradient is zero).
+    A forest without an edge (every vertex a root) gives ``h = x`` on every backend without
+    running one.
 
     Args:
         x (Tensor): input per vertex, channels last.
@@ -297,6 +312,8 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     if x2.numel() == 0:
         return (x2 + 0 * w2).reshape(shape)  # keeps autograd connected
     backend = _resolve_backend(backend, x.device)
+    if tree.num_trees == tree.num_nodes:  # no edge: nothing to carry, on every backend
+        return _EdgelessScan.apply(x2, w2).reshape(shape)
     if backend == "torch":
         return _ReferenceScan.apply(x2, w2, tree, direction).reshape(shape)
     x2, w2 = x2.contiguous(), w2.contiguous()
