@@ -278,8 +278,8 @@ def _expanded_states(u, delta, A, B, tree, delta_bias, delta_softplus, direction
     acc = _compute_dtype(u.dtype)
     delta = _steps(delta, delta_bias, delta_softplus, acc)
     edge = _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, acc)
-    x = delta[:, :, None] * B.to(acc)[:, None, :] * u.to(acc)[:, :, None]  # [N, D, S]
-    w = torch.exp(edge[:, :, None] * A.to(acc))                            # [N, D, S]
+    x = (delta * u.to(acc))[:, :, None] * B.to(acc)[:, None, :]  # [N, D, S], one pass
+    w = torch.exp(edge[:, :, None] * A.to(acc))                  # [N, D, S]
     if initial_state is not None:  # enters each root through the root's own edge
         roots = tree.roots
         x = x.index_add(0, roots, w[roots] * initial_state.to(acc))
@@ -771,8 +771,8 @@ def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
         h = _expanded_states(u_, delta_, A_, B_, tree, bias_, delta_softplus, direction,
                              edge_ if edge_ is not None else edge_step, init_, scan)
         flat = h.reshape(n, -1)
-        mean = flat.mean(1)
-        m2 = (flat - mean[:, None]).square().sum(1)
+        var, mean = torch.var_mean(flat, 1, correction=0)  # one pass over the states
+        m2 = var * flat.shape[1]
         read = C_[:, None, :] if g_ is None else C_[:, None, :] * g_
         y1 = (h * read).sum(-1)
         states = h[vertices] if vertices is not None else h.new_zeros(0)
