@@ -330,6 +330,25 @@ def test_cuda_equals_cpu():
     torch.testing.assert_close(y_gpu.cpu(), y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gradients_are_bitwise_reproducible():
+    # the edge steps' gradient sums each vertex's children in a fixed order (no atomics):
+    # two backward passes give the same bits
+    torch.manual_seed(5)
+    conv = TreeSSMConv(16, 16, d_state=4).cuda()
+    x, ei = _graph(20000, 100000, 7, c=16)
+    x, ei = x.cuda().requires_grad_(), ei.cuda()
+    runs = []
+    for _ in range(2):
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        out = conv(x, ei)
+        out.square().sum().backward()
+        runs.append([x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_topology_argument_builds_the_tree():
     # a topology of one's own: the chain over the vertices, whatever the graph
     calls = []

@@ -290,6 +290,27 @@ def test_gradcheck(direction):
     assert torch.autograd.gradcheck(f, tuple(leaves[k] for k in names))
 
 
+@pytest.mark.parametrize("name", list(FORESTS) + ["empty"])
+def test_children_sums_match_the_definition(name):
+    # each vertex's children summed (float64 prefix sums over the breadth-first order),
+    # against a loop over the parent array; roots and leaves get exact zeros
+    from treessm.ops.selective_scan import children_sums
+
+    parent = empty() if name == "empty" else FORESTS[name]()
+    tree = Tree.from_parent(parent)
+    values = torch.randn(tree.num_nodes, 3, generator=_gen(50), dtype=torch.float64)
+    want = torch.zeros_like(values)
+    for v, p in enumerate(parent.tolist()):
+        if p >= 0:
+            want[p] += values[v]
+    got = children_sums(values, tree)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = torch.ones(tree.num_nodes, dtype=torch.bool)
+    leaves[parent[parent >= 0]] = False
+    assert torch.equal(got[leaves], torch.zeros_like(got[leaves]))
+    assert children_sums(values.float(), tree).dtype == torch.float32
+
+
 def test_gradcheck_given_edge_steps():
     tree, leaves, kw = _problem(random_forest(6, 1, _gen(15)), d=2, s=2, rule="given",
                                 direction="both")

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import register_flop_formula
 
@@ -133,9 +134,43 @@ def edge_steps(delta: Tensor, tree: Tree, rule: str = "child") -> Tensor:
         return delta
     if rule != "mean":
         raise ValueError(f"edge_step must be one of {EDGE_STEPS} or a tensor, got {rule!r}")
-    own = torch.arange(tree.num_nodes, device=delta.device)
-    parent_or_self = torch.where(tree.parent >= 0, tree.parent, own)
-    return 0.5 * (delta + delta.index_select(0, parent_or_self))
+    return _MeanEdgeSteps.apply(delta, tree)
+
+
+def children_sums(values: Tensor, tree: Tree) -> Tensor:
+    """Sums of ``values [N, K]`` over each vertex's children, each taken in one fixed order
+    (the same bits on every run): a vertex's children are a contiguous range of the
+    breadth-first order, so each sum is a difference of two float64 prefix sums over that
+    order, where adding the children into their parent's row (``index_add_``) would add
+    them in whatever order atomics land on a GPU."""
+    n = tree.num_nodes
+    parent = tree.parent
+    long = dict(dtype=torch.long, device=parent.device)
+    bfs = torch.empty(n, **long).scatter_(0, tree.order, torch.arange(n, **long))
+    count = torch.zeros(n + 1, **long).scatter_add_(
+        0, torch.where(parent >= 0, parent, n), torch.ones(n, **long))[:n]
+    start = tree.child_ptr[bfs]
+    prefix = F.pad(torch.cumsum(values.index_select(0, tree.order).double(), 0), (0, 0, 1, 0))
+    return (prefix[start + count] - prefix[start]).to(values.dtype)
+
+
+class _MeanEdgeSteps(torch.autograd.Function):
+    """``edge_steps(delta, tree, "mean")``: the gradient of a step reaches the edge below
+    and the edges to its children, whose shares are summed by :func:`children_sums`."""
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, tree: Tree) -> Tensor:
+        own = torch.arange(tree.num_nodes, device=delta.device)
+        parent_or_self = torch.where(tree.parent >= 0, tree.parent, own)
+        ctx.tree = tree
+        return 0.5 * (delta + delta.index_select(0, parent_or_self))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        tree = ctx.tree
+        root = (tree.parent < 0).to(grad.dtype).unsqueeze(1)  # a root's edge is its own step
+        return 0.5 * (grad * (1 + root) + children_sums(grad, tree)), None
 
 
 def _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, dtype):
