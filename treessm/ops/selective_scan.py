@@ -150,8 +150,12 @@ def children_sums(values: Tensor, tree: Tree) -> Tensor:
     count = torch.zeros(n + 1, **long).scatter_add_(
         0, torch.where(parent >= 0, parent, n), torch.ones(n, **long))[:n]
     start = tree.child_ptr[bfs]
-    prefix = F.pad(torch.cumsum(values.index_select(0, tree.order).double(), 0), (0, 0, 1, 0))
-    return (prefix[start + count] - prefix[start]).to(values.dtype)
+    # the prefix sums along rows of the transpose: a scan along the innermost dimension
+    # (along the outer one, torch scans each of the few columns in one thread)
+    rows = values.index_select(0, tree.order).double().t().contiguous()
+    prefix = F.pad(torch.cumsum(rows, 1), (1, 0))
+    sums = prefix[:, start + count] - prefix[:, start]
+    return sums.t().to(values.dtype).contiguous()
 
 
 class _MeanEdgeSteps(torch.autograd.Function):
