@@ -292,7 +292,7 @@ def test_gradcheck(direction):
 
 @pytest.mark.parametrize("name", list(FORESTS) + ["empty"])
 def test_children_sums_match_the_definition(name):
-    # each vertex's children summed (float64 prefix sums over the breadth-first order),
+    # each vertex's children summed (a sparse product in a fixed order),
     # against a loop over the parent array; roots and leaves get exact zeros
     from treessm.ops.selective_scan import children_sums
 

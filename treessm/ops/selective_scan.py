@@ -138,24 +138,35 @@ def edge_steps(delta: Tensor, tree: Tree, rule: str = "child") -> Tensor:
 
 
 def children_sums(values: Tensor, tree: Tree) -> Tensor:
-    """Sums of ``values [N, K]`` over each vertex's children, each taken in one fixed order
-    (the same bits on every run): a vertex's children are a contiguous range of the
-    breadth-first order, so each sum is a difference of two float64 prefix sums over that
-    order, where adding the children into their parent's row (``index_add_``) would add
-    them in whatever order atomics land on a GPU."""
-    n = tree.num_nodes
-    parent = tree.parent
+    """Sums of ``values [N, K]`` (floating point) over each vertex's children, each taken
+    in one fixed order (the same bits on every run): the product with the sparse matrix of
+    the parent-to-child edges (:func:`children_matrix`), where adding the children into
+    their parent's row (``index_add_``) would add them in whatever order atomics land on a
+    GPU."""
+    dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
+    return (children_matrix(tree, dtype) @ values.to(dtype)).to(values.dtype)
+
+
+def children_matrix(tree: Tree, dtype: torch.dtype) -> Tensor:
+    """The ``[N, N]`` sparse CSR matrix with a 1 at ``(parent(v), v)`` for every non-root
+    ``v`` (``dtype`` values), built on the tree's device without a host read and cached in
+    ``tree.plan_cache``: a row holds its vertex's children, by ascending id."""
+    key = ("children", dtype)
+    cached = tree.plan_cache.get(key)
+    if cached is not None:
+        return cached
+    from ..topology.prepared_graph import _csr  # the topologies import this package
+
+    n, parent = tree.num_nodes, tree.parent
     long = dict(dtype=torch.long, device=parent.device)
-    bfs = torch.empty(n, **long).scatter_(0, tree.order, torch.arange(n, **long))
-    count = torch.zeros(n + 1, **long).scatter_add_(
-        0, torch.where(parent >= 0, parent, n), torch.ones(n, **long))[:n]
-    start = tree.child_ptr[bfs]
-    # the prefix sums along rows of the transpose: a scan along the innermost dimension
-    # (along the outer one, torch scans each of the few columns in one thread)
-    rows = values.index_select(0, tree.order).double().t().contiguous()
-    prefix = F.pad(torch.cumsum(rows, 1), (1, 0))
-    sums = prefix[:, start + count] - prefix[:, start]
-    return sums.t().to(values.dtype).contiguous()
+    edges = n - tree.num_trees
+    by_parent = torch.where(parent >= 0, parent, n)  # roots last, past every row
+    col = torch.sort(by_parent, stable=True).indices[:edges]
+    count = torch.zeros(n + 1, **long).scatter_add_(0, by_parent, torch.ones(n, **long))[:n]
+    crow = F.pad(torch.cumsum(count, 0), (1, 0))
+    matrix = _csr(crow, col, torch.ones(edges, dtype=dtype, device=parent.device), n)
+    tree.plan_cache[key] = matrix
+    return matrix
 
 
 class _MeanEdgeSteps(torch.autograd.Function):
