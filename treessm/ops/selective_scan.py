@@ -43,6 +43,7 @@ from .._checks import INDEX_TYPES, check_bool, check_choice, check_number
 from ..tree import Tree
 from . import selective_scan_cpu, selective_scan_cuda
 from .plan import TILES_MIN_ROW_BYTES, level_groups
+from .sparse import square_csr
 from .tree_scan import DIRECTIONS, tree_scan
 
 __all__ = ["selective_tree_scan", "selective_tree_scan_ref", "reference_tree_scan",
@@ -155,8 +156,6 @@ def children_matrix(tree: Tree, dtype: torch.dtype) -> Tensor:
     cached = tree.plan_cache.get(key)
     if cached is not None:
         return cached
-    from ..topology.prepared_graph import _csr  # the topologies import this package
-
     n, parent = tree.num_nodes, tree.parent
     long = dict(dtype=torch.long, device=parent.device)
     edges = n - tree.num_trees
@@ -164,7 +163,7 @@ def children_matrix(tree: Tree, dtype: torch.dtype) -> Tensor:
     col = torch.sort(by_parent, stable=True).indices[:edges]
     count = torch.zeros(n + 1, **long).scatter_add_(0, by_parent, torch.ones(n, **long))[:n]
     crow = F.pad(torch.cumsum(count, 0), (1, 0))
-    matrix = _csr(crow, col, torch.ones(edges, dtype=dtype, device=parent.device), n)
+    matrix = square_csr(crow, col, torch.ones(edges, dtype=dtype, device=parent.device), n)
     tree.plan_cache[key] = matrix
     return matrix
 

@@ -23,7 +23,6 @@ sparse adjacency (``torch.sparse`` or torch-sparse's ``SparseTensor``, e.g. the 
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch_geometric.utils import is_sparse, remove_self_loops, to_edge_index, to_undirected
 
 from .._checks import check_bool, check_edge_index, check_int
+from ..ops.sparse import square_csr
 
 __all__ = ["PreparedGraph", "prepare_graph", "as_edge_index", "TensorKeyedCache", "REDUCES"]
 
@@ -151,7 +151,7 @@ class PreparedGraph:
         if op is None:
             adj = self.adjacency
             if adj.dtype != dtype:
-                adj = _csr(adj.crow_indices(), adj.col_indices(), adj.values().to(dtype),
+                adj = square_csr(adj.crow_indices(), adj.col_indices(), adj.values().to(dtype),
                            self.num_nodes)
             deg = self.degree.to(dtype)
             inv = torch.where(deg > 0, 1.0 / deg.clamp(min=torch.finfo(dtype).tiny),
@@ -196,16 +196,7 @@ class PreparedGraph:
 def _rebuild_prepared_graph(num_nodes, edge_index, edge_weight, edge_attr, crow, col, values,
                             degree) -> PreparedGraph:
     return PreparedGraph(num_nodes, edge_index, edge_weight, edge_attr,
-                         _csr(crow, col, values, num_nodes), degree)
-
-
-def _csr(crow: Tensor, col: Tensor, values: Tensor, num_nodes: int) -> Tensor:
-    # built from sorted, in-range indices: nothing for torch to check; the warning that
-    # sparse CSR is in beta says nothing a user can act on
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, values, (num_nodes, num_nodes),
-                                       check_invariants=False)
+                         square_csr(crow, col, values, num_nodes), degree)
 
 
 def _already_simple(edge_index: Tensor, num_nodes: int) -> bool:
@@ -239,7 +230,7 @@ def _prepare(edge_index: Tensor, num_nodes: int, edge_weight: Optional[Tensor],
     values = (torch.ones(row.shape[0], device=device) if edge_weight is None
               else edge_weight.detach().float())
     crow = torch._convert_indices_from_coo_to_csr(row, num_nodes)
-    adjacency = _csr(crow, col, values, num_nodes)
+    adjacency = square_csr(crow, col, values, num_nodes)
     degree = torch.zeros(num_nodes, device=device).index_add_(0, row, values)
     once = row < col
     return PreparedGraph(num_nodes, edge_index[:, once],
