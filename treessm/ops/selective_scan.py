@@ -157,13 +157,12 @@ def children_matrix(tree: Tree, dtype: torch.dtype) -> Tensor:
     if cached is not None:
         return cached
     n, parent = tree.num_nodes, tree.parent
-    long = dict(dtype=torch.long, device=parent.device)
     edges = n - tree.num_trees
-    by_parent = torch.where(parent >= 0, parent, n)  # roots last, past every row
-    col = torch.sort(by_parent, stable=True).indices[:edges]
-    count = torch.zeros(n + 1, **long).scatter_add_(0, by_parent, torch.ones(n, **long))[:n]
-    crow = F.pad(torch.cumsum(count, 0), (1, 0))
-    matrix = square_csr(crow, col, torch.ones(edges, dtype=dtype, device=parent.device), n)
+    # the non-roots by parent (roots last, past every row): rows and columns of the edges
+    by_parent = torch.sort(torch.where(parent >= 0, parent, n), stable=True)
+    crow = torch._convert_indices_from_coo_to_csr(by_parent.values[:edges], n)
+    matrix = square_csr(crow, by_parent.indices[:edges],
+                        torch.ones(edges, dtype=dtype, device=parent.device), n)
     tree.plan_cache[key] = matrix
     return matrix
 
