@@ -41,7 +41,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .._checks import INDEX_TYPES, check_bool, check_choice, check_number
 from ..tree import Tree
-from . import selective_scan_cpu, selective_scan_cuda
+from ..typing import cuda_extension_available
+from . import expansion_cuda, selective_scan_cpu, selective_scan_cuda
 from .plan import TILES_MIN_ROW_BYTES, level_groups
 from .sparse import square_csr
 from .tree_scan import DIRECTIONS, tree_scan
@@ -777,9 +778,44 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     if not FUSED_KERNELS[backend].supports(direction, state_norm, A.shape[1]):
         # the expansion through tree_scan's kernels
         budget = max(EXPANSION_BLOCK_BYTES, u.shape[0] * EXPANSION_MIN_ROW_BYTES)
+        # the expansion kernels, eagerly (a traced call composes torch operators, which
+        # dynamo follows), for the options they take
+        if (initial_state is None and state_vertices is None and cuda_extension_available()
+                and not torch.compiler.is_compiling()
+                and expansion_cuda.block_width(1, A.shape[1], _compute_dtype(u.dtype))):
+            return _expanded_kernels(*args, **options, block_bytes=budget)
         return expanded_in_blocks(*args, **options, block_bytes=budget,
                                   scan=functools.partial(tree_scan, backend=None))
     return _fused(*args, **options, backend=backend)
+
+
+def _expanded_kernels(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction,
+                      edge_step, *, state_norm, norm_weight, norm_bias, norm_eps, block_bytes,
+                      **unused):
+    """:func:`selective_tree_scan` on CUDA through :class:`treessm.ops.expansion_cuda.
+    ExpandedScan` (blocks of channels of at most ``block_bytes`` per expanded tensor)."""
+    acc = _compute_dtype(u.dtype)
+    n, d = u.shape
+    s = A.shape[1]
+    dx = _steps(delta, delta_bias, delta_softplus, acc)
+    de = _edge_steps(dx, tree, edge_step, delta_bias, delta_softplus, acc)
+    item = torch.empty((), dtype=acc).element_size()
+    width = expansion_cuda.block_width(max(1, block_bytes // max(1, n * s * item)), s, acc)
+    weight = bias = None
+    if state_norm:
+        weight = None if norm_weight is None else norm_weight.reshape(d, s).to(acc).contiguous()
+        bias = None if norm_bias is None else norm_bias.reshape(d, s).to(acc)
+    uc, Cc = u.to(acc).contiguous(), C.to(acc).contiguous()
+    y1, mu, m2 = expansion_cuda.ExpandedScan.apply(
+        uc, dx.contiguous(), de.contiguous(), A.to(acc).contiguous(), B.to(acc).contiguous(),
+        Cc, weight, tree, direction, width, state_norm)
+    skip = None if D is None else D.to(acc)
+    if state_norm:
+        y = torch.ops.treessm.normalised_readout(y1, mu, m2, Cc, weight, bias, uc, skip,
+                                                 norm_eps)
+    else:
+        y = y1 if skip is None else y1 + skip * uc
+    return y.to(u.dtype)
 
 
 def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree,
@@ -843,8 +879,8 @@ def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     # the blocks' moments, combined in order: mean of the means weighted by the blocks'
     # sizes, squared deviations within blocks plus those of the block means
     sizes = [(min(d, c0 + width) - c0) * s for c0 in range(0, d, width)]
-    mu = sum(o[1] * (k / (d * s)) for o, k in zip(outs, sizes))
-    m2 = sum(o[2] for o in outs) + sum(k * (o[1] - mu).square() for o, k in zip(outs, sizes))
+    mu, m2 = expansion_cuda.combined_moments([(k, o[1], o[2]) for o, k in zip(outs, sizes)],
+                                             d * s)
     y1 = torch.cat([o[0] for o in outs], 1)
     uc = u.to(acc)
     skip = None if D is None else D.to(acc)
