@@ -88,7 +88,7 @@ Args<T> make_args(const Block& b, const at::Tensor& u, const at::Tensor& dx,
   return a;
 }
 
-// Blocks of the row kernels: a fixed function of N (the partial sums' rows, and so the
+// Blocks of the kernels: a fixed function of N (the partial sums' rows, and so the
 // order of every sum, do not depend on the device).
 int64_t row_blocks(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + expansion::kWarps - 1) / expansion::kWarps,
@@ -131,12 +131,11 @@ std::tuple<at::Tensor, at::Tensor> selective_expand(const at::Tensor& u, const a
   at::Tensor x = at::empty({b.n, b.w * b.s}, u.options());
   at::Tensor w = at::empty({b.n, b.w * b.s}, u.options());
   if (b.n == 0) return {x, w};
-  const int64_t total = b.n * b.w * b.s;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 1 << 16));
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_expand", [&] {
     const auto a = make_args<scalar_t>(b, u, dx, de, A, B);
-    expansion::expand_kernel<scalar_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-        a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>());
+    expansion::expand_kernel<scalar_t>
+        <<<static_cast<unsigned>(row_blocks(b.n)), expansion::kThreads, 0,
+           at::cuda::getCurrentCUDAStream()>>>(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {x, w};
@@ -188,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
   at::Tensor part = at::empty({g.has_value() ? blocks : 0, b.w * b.s}, h.options());
   if (b.n == 0) {
     if (!accumulate) gC.zero_();
-    return {gh, at::zeros({g.has_value() ? b.w : 0, b.s}, h.options())};
+    return {gh, g.has_value() ? at::zeros({b.w, b.s}, h.options()) : at::empty({0, b.s}, h.options())};
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "cuda_selective_readout_backward", [&] {
     Args<scalar_t> a{};
@@ -211,8 +210,9 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
             g.has_value() ? part.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (!g.has_value()) return {gh, at::empty({0, b.s}, h.options())};
   // the blocks' partial sums, added in order
-  return {gh, part.sum(0).view({g.has_value() ? b.w : 0, b.s})};
+  return {gh, part.sum(0).view({b.w, b.s})};
 }
 
 at::Tensor selective_expand_backward(const at::Tensor& gx, const at::Tensor& gw,

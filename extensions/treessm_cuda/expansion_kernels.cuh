@@ -12,12 +12,13 @@
 //   expand_backward  q = sum_s gx B: gu = q dx, gdx = q u;  ge = sum_s gw w A;
 //                    gB[v, s] += sum_j gx dx u;  partial sums over vertices of gw w e (A's)
 //
-// A warp takes one vertex at a time (grid-stride over the vertices), a lane the channels
-// j = lane, lane + 32, ... with their S states in order. Sums over the channels of a vertex
-// are warp reductions whose total lane 0 holds and broadcasts; sums over the vertices are
-// kept per warp in shared memory (each column owned by one lane), added over the warps of a
-// block in order and written as the block's row of partial sums, which the host adds in
-// order. Every value is computed in one fixed order for a given N: bitwise reproducible.
+// A warp takes one vertex at a time in every kernel (grid-stride over the vertices), a lane
+// the channels j = lane, lane + 32, ... with their S states in order. Sums over the channels
+// of a vertex are warp reductions whose total lane 0 holds (and broadcasts where every lane
+// uses it); sums over the vertices are kept per warp in shared memory (each column owned by
+// one lane), added over the warps of a block in order and written as the block's row of
+// partial sums, which the host adds in order. Every value is computed in one fixed order
+// for a given N: bitwise reproducible.
 #pragma once
 
 #include <cuda.h>
@@ -29,7 +30,7 @@ namespace expansion {
 
 constexpr int kWarps = 4;              // warps of a block in the row kernels
 constexpr int kThreads = 32 * kWarps;  // threads of a block
-constexpr int kMaxBlocks = 1024;       // blocks of the row kernels, at most
+constexpr int kMaxBlocks = 2048;       // blocks of the kernels, at most (a full H200)
 // Bytes of a block's columns (W S accumulators) that one warp's partial sums may take:
 // kWarps times this in shared memory.
 constexpr int kMaxColumnBytes = 8192;
@@ -47,10 +48,16 @@ template <typename A> struct Args {
   int d, s, c0, w;
 };
 
+// The warp's sum, in lane 0 (the other lanes hold the same sum in other orders).
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int k = 16; k >= 1; k >>= 1) v += __shfl_xor_sync(0xffffffffu, v, k);
+  return v;
+}
+// The warp's sum, lane 0's bits in every lane.
 template <typename A>
 __device__ __forceinline__ A warp_total(A v) {
-  for (int k = 16; k >= 1; k >>= 1) v += __shfl_xor_sync(0xffffffffu, v, k);
-  return __shfl_sync(0xffffffffu, v, 0);  // lane 0's total, the same bits in every lane
+  return __shfl_sync(0xffffffffu, warp_sum(v), 0);
 }
 
 __device__ __forceinline__ int64_t warp_index() {
@@ -60,20 +67,20 @@ __device__ __forceinline__ int64_t warp_count() {
   return (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
 }
 
-// x, w [N, W, S]: one element a thread, grid-stride.
+// x, w [N, W, S]: a warp a vertex, its lanes along the row (every launch shape gives the
+// same values).
 template <typename A>
-__global__ void __launch_bounds__(256) expand_kernel(Args<A> p, A* x, A* w) {
-  const int64_t ws = static_cast<int64_t>(p.w) * p.s;
-  const int64_t total = p.n * ws;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t v = i / ws;
-    const int k = static_cast<int>(i - v * ws);
-    const int j = k / p.s, s = k - j * p.s;
-    const int d = p.c0 + j;
-    const int64_t row = v * p.d + d;
-    x[i] = (p.dx[row] * p.u[row]) * p.b[v * p.s + s];
-    w[i] = exp(p.de[row] * p.a[static_cast<int64_t>(d) * p.s + s]);
+__global__ void __launch_bounds__(kThreads) expand_kernel(Args<A> p, A* x, A* w) {
+  const int ws = p.w * p.s;
+  for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
+    const int64_t row0 = v * p.d + p.c0;
+    const A* bv = p.b + v * p.s;
+    for (int k = threadIdx.x & 31; k < ws; k += 32) {
+      const int j = k / p.s, s = k - j * p.s;
+      const int64_t row = row0 + j;
+      x[v * ws + k] = (p.dx[row] * p.u[row]) * bv[s];
+      w[v * ws + k] = exp(p.de[row] * p.a[static_cast<int64_t>(p.c0 + j) * p.s + s]);
+    }
   }
 }
 
@@ -168,7 +175,7 @@ readout_backward_kernel(Args<A> p, const A* gy1, const A* share_mean, const A* s
         const A gj = gy1[v * p.d + p.c0 + j];
         part += p.g ? gj * (p.g[k] * r[k]) : gj * r[k];
       }
-      part = warp_total(part);
+      part = warp_sum(part);
       if (lane == 0) {
         const int64_t q = v * p.s + s;
         gc[q] = accumulate ? gc[q] + part : part;
@@ -217,7 +224,7 @@ expand_backward_kernel(Args<A> p, const A* gx, const A* gw, A* gu, A* gdx, A* ge
         const int64_t row = v * p.d + p.c0 + j;
         part += gxr[j * p.s + s] * (p.dx[row] * p.u[row]);
       }
-      part = warp_total(part);
+      part = warp_sum(part);
       if (lane == 0) {
         const int64_t q = v * p.s + s;
         gb[q] = accumulate ? gb[q] + part : part;

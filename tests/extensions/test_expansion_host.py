@@ -11,7 +11,6 @@ import torch
 
 from emulation import compile_harness
 
-WARPS, MAX_BLOCKS = 4, 1024  # expansion_kernels.cuh: kWarps, kMaxBlocks
 POISON = -777.0
 
 

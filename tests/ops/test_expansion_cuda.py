@@ -16,7 +16,7 @@ from treessm.ops.selective_scan import reference_tree_scan, selective_tree_scan_
 from test_selective_scan import _assert_same, _problem, _value_and_grads
 
 
-# ---------------------------------------------------------------------------- the kernels' definitions
+# ---------------------------------------------------------------------------- kernels, in torch
 def _expand(u, dx, de, A, B, c0, width):
     blk = slice(c0, c0 + width)
     x = (dx[:, blk] * u[:, blk])[:, :, None] * B[:, None, :]

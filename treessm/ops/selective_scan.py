@@ -20,12 +20,14 @@ Backends: ``"torch"`` is the reference (any device). ``"numba"`` is the fused CP
 backward, which recomputes the states). ``"cuda"`` runs the fused kernels of
 :mod:`treessm.ops.selective_scan_cuda` for the directions ``"down"`` and ``"up"`` (chains,
 causal trees, any forest) without ``state_norm`` and ``d_state`` up to 16; other problems
-(``"both"``, the state normalisation) form the
-expansion and run :func:`treessm.tree_scan`'s CUDA kernels over it, in blocks of channels
-of at most :data:`EXPANSION_BLOCK_BYTES` per expanded tensor (or
-:data:`EXPANSION_MIN_ROW_BYTES` per vertex, where that is more), each recomputed in the
-backward, so that no expansion of the whole problem is held. A backend's kernels are one
-entry of :data:`FUSED_KERNELS`.
+(``"both"``, the state normalisation) form the expansion in blocks of channels of at most
+:data:`EXPANSION_BLOCK_BYTES` per expanded tensor (or :data:`EXPANSION_MIN_ROW_BYTES` per
+vertex, where that is more), each recomputed in the backward, so that no expansion of the
+whole problem is held: :mod:`treessm.ops.expansion_cuda` forms, reads out and reduces each
+block in one pass of its kernels around :func:`treessm.tree_scan`'s CUDA kernels (the
+options it does not take, incoming and returned states, and traced calls compose torch
+operators block by block, :func:`expanded_in_blocks`). A backend's kernels are one entry of
+:data:`FUSED_KERNELS`.
 """
 from __future__ import annotations
 
@@ -98,7 +100,8 @@ FUSED_KERNELS: Dict[str, FusedKernels] = {
 
 #: Bytes one expanded ``[N, D', S]`` tensor of a problem without fused kernels may take:
 #: wider problems run in blocks of ``D'`` channels, each recomputed in the backward
-#: (non-reentrant :func:`torch.utils.checkpoint.checkpoint`), so the peak memory follows
+#: (:class:`treessm.ops.expansion_cuda.ExpandedScan`, or non-reentrant
+#: :func:`torch.utils.checkpoint.checkpoint` around torch operators), so the peak memory follows
 #: the block, not the layer (a ``TreeSSMConv(64, 64)`` on 10^6 vertices: 128 inner channels
 #: of 16 MB each, 4 states in float32, in 8 blocks of 16). Channels are independent, so the
 #: values are those of one block; ``state_norm``, which couples all states of a vertex,
@@ -731,9 +734,10 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
         backend (str, optional): ``"numba"`` (fused, CPU; the default there), ``"torch"``
             (the reference, any device) or ``"cuda"`` (the default on CUDA tensors: fused
             for ``"down"`` and ``"up"`` without ``state_norm`` and ``d_state`` up to 16;
-            otherwise the expansion is formed and scanned by :func:`treessm.tree_scan`'s
-            CUDA kernels, in blocks of channels of at most :data:`EXPANSION_BLOCK_BYTES`
-            each, or :data:`EXPANSION_MIN_ROW_BYTES` per vertex where that is more).
+            otherwise the expansion is formed by kernels and scanned by
+            :func:`treessm.tree_scan`'s CUDA kernels, in blocks of channels of at most
+            :data:`EXPANSION_BLOCK_BYTES` each, or :data:`EXPANSION_MIN_ROW_BYTES` per
+            vertex where that is more).
             (default: ``None``)
 
     Returns:

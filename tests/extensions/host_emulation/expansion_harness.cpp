@@ -68,7 +68,7 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& hd) {
       std::max<int64_t>(1, std::min<int64_t>((N + kWarps - 1) / kWarps, kMaxBlocks)));
   // expand
   std::vector<T> x(N * K, -777), w(N * K, -777);
-  launch(expand_blocks, 256, [&] { expand_kernel<T>(a, x.data(), w.data()); });
+  launch(expand_blocks, kThreads, [&] { expand_kernel<T>(a, x.data(), w.data()); });
   put(x, o);
   put(w, o);
   // readout
