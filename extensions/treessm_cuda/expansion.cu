@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
   at::Tensor part = at::empty({g.has_value() ? blocks : 0, b.w * b.s}, h.options());
   if (b.n == 0) {
     if (!accumulate) gC.zero_();
-    return {gh, g.has_value() ? at::zeros({b.w, b.s}, h.options()) : at::empty({0, b.s}, h.options())};
+    return {gh, at::zeros({g.has_value() ? b.w : 0, b.s}, h.options())};
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "cuda_selective_readout_backward", [&] {
     Args<scalar_t> a{};

@@ -13,7 +13,9 @@
 //                    gB[v, s] += sum_j gx dx u;  partial sums over vertices of gw w e (A's)
 //
 // A warp takes one vertex at a time in every kernel (grid-stride over the vertices), a lane
-// the channels j = lane, lane + 32, ... with their S states in order. Sums over the channels
+// the channels j = lane, lane + 32, ... with their S states in order (the expansion: the
+// row's elements k = lane, lane + 32, ...). Inputs are read through the read-only path, so
+// that a vertex's loads are issued together. Sums over the channels
 // of a vertex are warp reductions whose total lane 0 holds (and broadcasts where every lane
 // uses it); sums over the vertices are kept per warp in shared memory (each column owned by
 // one lane), added over the warps of a block in order and written as the block's row of
@@ -34,6 +36,8 @@ constexpr int kMaxBlocks = 2048;       // blocks of the kernels, at most (a full
 // Bytes of a block's columns (W S accumulators) that one warp's partial sums may take:
 // kWarps times this in shared memory.
 constexpr int kMaxColumnBytes = 8192;
+// States whose sums over a vertex's channels a lane keeps in registers at a time.
+constexpr int kStateChunk = 8;
 
 template <typename A> struct Args {
   // [N, D] rows (row stride D), the block's columns from c0
@@ -78,8 +82,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(Args<A> p, A* x, A* w)
     for (int k = threadIdx.x & 31; k < ws; k += 32) {
       const int j = k / p.s, s = k - j * p.s;
       const int64_t row = row0 + j;
-      x[v * ws + k] = (p.dx[row] * p.u[row]) * bv[s];
-      w[v * ws + k] = exp(p.de[row] * p.a[static_cast<int64_t>(p.c0 + j) * p.s + s]);
+      x[v * ws + k] = (__ldg(p.dx + row) * __ldg(p.u + row)) * __ldg(bv + s);
+      const A as = __ldg(p.a + static_cast<int64_t>(p.c0 + j) * p.s + s);
+      w[v * ws + k] = exp(__ldg(p.de + row) * as);
     }
   }
 }
@@ -93,21 +98,22 @@ __global__ void __launch_bounds__(kThreads) readout_kernel(Args<A> p, const A* h
   for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
     const A* r = h + v * ws;
     const A* cv = p.c + v * p.s;
+    A sum = 0;
     for (int j = lane; j < p.w; j += 32) {
       A acc = 0;
       for (int s = 0; s < p.s; ++s) {
-        const A read = p.g ? cv[s] * p.g[j * p.s + s] : cv[s];
-        acc += r[j * p.s + s] * read;
+        const A hv = __ldg(r + j * p.s + s);
+        const A read = p.g ? __ldg(cv + s) * __ldg(p.g + j * p.s + s) : __ldg(cv + s);
+        acc += hv * read;
+        sum += hv;
       }
       y1[v * p.d + p.c0 + j] = acc;
     }
     if (mean != nullptr) {
-      A sum = 0;
-      for (int k = lane; k < ws; k += 32) sum += r[k];
       const A mu = warp_total(sum) / A(ws);
       A sq = 0;
       for (int k = lane; k < ws; k += 32) {
-        const A e = r[k] - mu;
+        const A e = __ldg(r + k) - mu;
         sq += e * e;
       }
       sq = warp_total(sq);
@@ -152,33 +158,47 @@ readout_backward_kernel(Args<A> p, const A* gy1, const A* share_mean, const A* s
   A* mine = acc + warp * ws;
   if (p.g) zero_owned_columns(p, mine);
   for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
-    const A* r = h + v * ws;
-    A* o = gh + v * ws;
+    const A* __restrict__ r = h + v * ws;
+    A* __restrict__ o = gh + v * ws;
     const A* cv = p.c + v * p.s;
-    const A a = share_mean ? share_mean[v] : A(0);
-    const A b = share_m2 ? share_m2[v] : A(0);
-    const A m = share_m2 ? mu[v] : A(0);
-    for (int j = lane; j < p.w; j += 32) {
-      const A gj = gy1[v * p.d + p.c0 + j];
-      for (int s = 0; s < p.s; ++s) {
-        const int k = j * p.s + s;
-        const A hv = r[k];
-        const A read = p.g ? cv[s] * p.g[k] : cv[s];
-        o[k] = gj * read + a + b * (hv - m);
-        if (p.g) mine[k] += gj * (cv[s] * hv);
-      }
-    }
-    for (int s = 0; s < p.s; ++s) {
-      A part = 0;
+    const A* gyv = gy1 + v * p.d + p.c0;
+    const A a = share_mean ? __ldg(share_mean + v) : A(0);
+    const A b = share_m2 ? __ldg(share_m2 + v) : A(0);
+    const A m = share_m2 ? __ldg(mu + v) : A(0);
+    for (int s0 = 0; s0 < p.s; s0 += kStateChunk) {
+      A part[kStateChunk];
+#pragma unroll
+      for (int t = 0; t < kStateChunk; ++t) part[t] = 0;
       for (int j = lane; j < p.w; j += 32) {
-        const int k = j * p.s + s;
-        const A gj = gy1[v * p.d + p.c0 + j];
-        part += p.g ? gj * (p.g[k] * r[k]) : gj * r[k];
+        const A gj = __ldg(gyv + j);
+#pragma unroll
+        for (int t = 0; t < kStateChunk; ++t) {
+          const int s = s0 + t;
+          if (s < p.s) {
+            const int k = j * p.s + s;
+            const A hv = __ldg(r + k);
+            const A cs = __ldg(cv + s);
+            if (p.g) {
+              const A gk = __ldg(p.g + k);
+              o[k] = gj * (cs * gk) + a + b * (hv - m);
+              mine[k] += gj * (cs * hv);
+              part[t] += gj * (gk * hv);
+            } else {
+              o[k] = gj * cs + a + b * (hv - m);
+              part[t] += gj * hv;
+            }
+          }
+        }
       }
-      part = warp_sum(part);
-      if (lane == 0) {
-        const int64_t q = v * p.s + s;
-        gc[q] = accumulate ? gc[q] + part : part;
+#pragma unroll
+      for (int t = 0; t < kStateChunk; ++t) {
+        if (s0 + t < p.s) {  // the same for every lane of the warp
+          const A total = warp_sum(part[t]);
+          if (lane == 0) {
+            const int64_t q = v * p.s + s0 + t;
+            gc[q] = accumulate ? gc[q] + total : total;
+          }
+        }
       }
     }
   }
@@ -198,36 +218,48 @@ expand_backward_kernel(Args<A> p, const A* gx, const A* gw, A* gu, A* gdx, A* ge
   A* mine = acc + warp * ws;
   zero_owned_columns(p, mine);
   for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
-    const A* gxr = gx + v * ws;
-    const A* gwr = gw + v * ws;
+    const A* __restrict__ gxr = gx + v * ws;
+    const A* __restrict__ gwr = gw + v * ws;
     const A* bv = p.b + v * p.s;
     for (int j = lane; j < p.w; j += 32) {
       const int d = p.c0 + j;
       const int64_t row = v * p.d + d;
-      const A e = p.de[row];
+      const A e = __ldg(p.de + row);
       const A* ad = p.a + static_cast<int64_t>(d) * p.s;
       A q = 0, te = 0;
       for (int s = 0; s < p.s; ++s) {
         const int k = j * p.s + s;
-        q += gxr[k] * bv[s];
-        const A gww = gwr[k] * exp(e * ad[s]);
-        te += gww * ad[s];
+        const A as = __ldg(ad + s);
+        q += __ldg(gxr + k) * __ldg(bv + s);
+        const A gww = __ldg(gwr + k) * exp(e * as);
+        te += gww * as;
         mine[k] += gww * e;
       }
-      gu[row] = q * p.dx[row];
-      gdx[row] = q * p.u[row];
+      gu[row] = q * __ldg(p.dx + row);
+      gdx[row] = q * __ldg(p.u + row);
       ge[row] = te;
     }
-    for (int s = 0; s < p.s; ++s) {
-      A part = 0;
+    for (int s0 = 0; s0 < p.s; s0 += kStateChunk) {
+      A part[kStateChunk];
+#pragma unroll
+      for (int t = 0; t < kStateChunk; ++t) part[t] = 0;
       for (int j = lane; j < p.w; j += 32) {
         const int64_t row = v * p.d + p.c0 + j;
-        part += gxr[j * p.s + s] * (p.dx[row] * p.u[row]);
+        const A du = __ldg(p.dx + row) * __ldg(p.u + row);
+#pragma unroll
+        for (int t = 0; t < kStateChunk; ++t) {
+          if (s0 + t < p.s) part[t] += __ldg(gxr + j * p.s + s0 + t) * du;
+        }
       }
-      part = warp_sum(part);
-      if (lane == 0) {
-        const int64_t q = v * p.s + s;
-        gb[q] = accumulate ? gb[q] + part : part;
+#pragma unroll
+      for (int t = 0; t < kStateChunk; ++t) {
+        if (s0 + t < p.s) {  // the same for every lane of the warp
+          const A total = warp_sum(part[t]);
+          if (lane == 0) {
+            const int64_t q = v * p.s + s0 + t;
+            gb[q] = accumulate ? gb[q] + total : total;
+          }
+        }
       }
     }
   }

@@ -103,6 +103,7 @@ CASES = [  # n, d, s, c0, w: one state, partial warps, more than 32 channels, on
     (37, 40, 3, 3, 35),
     (130, 9, 5, 0, 9),
     (0, 4, 2, 1, 2),
+    (9, 6, 11, 1, 5),  # states in two chunks of registers, the second partial
 ]
 
 
