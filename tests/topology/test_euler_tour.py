@@ -20,6 +20,7 @@ from treessm.topology.boruvka import spanning_forest
 from treessm.topology import euler_tour
 from treessm.topology.euler_tour import forest_on_device, parent_from_forest
 from treessm.topology.euler_tour import spanning_tree_on_device as build_tree
+from treessm.ops.plan import choose_schedule
 
 CUDA = pytest.param(
     "cuda", marks=[pytest.mark.cuda,
@@ -533,7 +534,9 @@ def test_cuda_boruvka_matches_the_tensor_rounds():
 
 
 def test_counting_build_reports_sizes():
-    # without num_trees the build counts trees, levels and the largest tree on the host
+    # without num_trees the build counts the trees and the largest tree on the host, and
+    # records no level count, as a build given the count (later builds of a graph layer)
+    # records none: the scans of both take the same schedule and plans
     g = torch.Generator().manual_seed(13)
     n = 400
     ei = torch.randint(0, n, (2, 700), generator=g)
@@ -541,9 +544,19 @@ def test_counting_build_reports_sizes():
     tree = build_tree(ei, cost, n)
     ref = Tree.from_parent(tree.parent)
     assert tree.num_trees == ref.num_trees
-    assert tree.num_levels == ref.num_levels and tree.max_tree_size == ref.max_tree_size
+    assert tree.num_levels is None and tree.max_tree_size == ref.max_tree_size
     for name in ("order", "child_ptr", "tree_ptr", "depth"):
         assert torch.equal(getattr(tree, name), getattr(ref, name)), name
+    # a forest with a tree above PHASES_MIN_TREE_SIZE, whose schedule a level count changed
+    n = 6000
+    ei = torch.randint(0, n, (2, 5 * n), generator=g)
+    cost = torch.rand(5 * n, generator=g)
+    counted = build_tree(ei, cost, n)
+    given = build_tree(ei, cost, n, num_trees=counted.num_trees,
+                       max_tree_size=counted.max_tree_size)
+    assert counted.num_levels is None and given.num_levels is None
+    assert choose_schedule(counted, row_bytes=512) == choose_schedule(given, row_bytes=512) \
+        == "tiles"
 
 
 @needs_cuda

@@ -220,12 +220,10 @@ def _rooted_layout(slots: _Slots, root: Tensor, max_size: int, num_trees: Option
     tree_of = (torch.cumsum(is_root, 0) - 1)[root]
     tree_ptr = torch.searchsorted(tree_of[order],
                                   torch.arange(num_trees + 1, device=device))
-    num_levels = None
-    if counting:  # the host waits anyway: let it know the levels too
-        deepest = scatter_reduce_runs(tree_of, depth, num_trees, 0, "amax")
-        num_levels = int(deepest.sum()) + num_trees
-    return Tree(parent, order, child_ptr, tree_ptr, depth, batch, num_levels=num_levels,
-                max_tree_size=known_size)
+    # no level count, even where the host waited to count the trees: a build with the
+    # count given (every later build of a graph layer) has none, and the scan's schedule
+    # and plans follow these host-side sizes, so the first forward must see the same
+    return Tree(parent, order, child_ptr, tree_ptr, depth, batch, max_tree_size=known_size)
 
 
 @torch.no_grad()
@@ -294,7 +292,9 @@ def spanning_tree_on_device(edge_index: Tensor, cost: Tensor, num_nodes: int,
             asking the device. A wrong value gives a wrong ``tree_ptr``. When ``None`` the
             host waits for the device: the forest is then found by Borůvka rounds that drop
             the edges inside components and stop when none are left (less work on large
-            graphs), and the tree records its level count and largest tree.
+            graphs), and the tree records its largest tree. A tree built here records no
+            level count either way, so that its scans take the same schedule and plans
+            whether or not the trees were counted.
             (default: ``None``)
         max_tree_size (int, optional): an upper bound on the number of vertices of a tree,
             e.g. ``H * W``; it sets the fixed number of rounds, and too small a bound gives a
