@@ -196,6 +196,30 @@ def _edge_steps(delta, tree, edge_step, delta_bias, delta_softplus, dtype):
     return edge_steps(delta, tree, edge_step)
 
 
+def _norm_affine(norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], state_norm: bool,
+                 d: int, s: int, dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The state normalisation's weight and bias as ``[d, s]`` tensors of ``dtype`` (``None``
+    where absent or without ``state_norm``)."""
+    def shaped(t):
+        return None if t is None or not state_norm else t.reshape(d, s).to(dtype)
+    return shaped(norm_weight), shaped(norm_bias)
+
+
+def _output(y1: Tensor, mu: Tensor, m2: Tensor, C: Tensor, weight: Optional[Tensor],
+            bias: Optional[Tensor], u: Tensor, D: Optional[Tensor], state_norm: bool,
+            eps: float, dtype: torch.dtype) -> Tensor:
+    """The output in ``dtype`` from the read-out ``y1 = sum_s C g h`` (and, with
+    ``state_norm``, the states' mean ``mu`` and squared deviations ``m2``), ``C``, ``u``
+    and the norm's affine in the accumulation type: the normalised read-out, plus the skip
+    ``D u``."""
+    skip = None if D is None else D.to(u.dtype)
+    if state_norm:
+        y1 = torch.ops.treessm.normalised_readout(y1, mu, m2, C, weight, bias, u, skip, eps)
+    elif skip is not None:
+        y1 = y1 + skip * u
+    return y1.to(dtype)
+
+
 # ---------------------------------------------------------------------------- reference
 def _level_layout(tree: Tree):
     """Vertices by breadth-first level, each vertex's rank inside its level and the
@@ -544,8 +568,7 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
         rule, de = "given", _steps(edge_step, delta_bias, delta_softplus, acc)
     else:
         rule, de = edge_step, None
-    weight = None if norm_weight is None or not state_norm else norm_weight.reshape(d, s).to(acc)
-    bias = None if norm_bias is None or not state_norm else norm_bias.reshape(d, s).to(acc)
+    weight, bias = _norm_affine(norm_weight, norm_bias, state_norm, d, s, acc)
     h0 = None if initial_state is None else initial_state.to(acc)
     srow, snext = _state_rows(state_vertices, n, u.device)
     Cc = C.to(acc)
@@ -553,13 +576,7 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
     y, mu, m2, states = torch.ops.treessm.selective_tree_scan(
         uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, layout, layout_size,
         direction, rule, state_norm, backend)
-    skip = None if D is None else D.to(acc)
-    if state_norm:
-        y = torch.ops.treessm.normalised_readout(y, mu, m2, Cc, weight, bias, uc, skip,
-                                                 norm_eps)
-    elif skip is not None:
-        y = y + skip * uc
-    y = y.to(u.dtype)
+    y = _output(y, mu, m2, Cc, weight, bias, uc, D, state_norm, norm_eps, u.dtype)
     return y if state_vertices is None else (y, states)
 
 
@@ -805,21 +822,12 @@ def _expanded_kernels(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, di
     de = _edge_steps(dx, tree, edge_step, delta_bias, delta_softplus, acc)
     item = torch.empty((), dtype=acc).element_size()
     width = expansion_cuda.block_width(max(1, block_bytes // max(1, n * s * item)), s, acc)
-    weight = bias = None
-    if state_norm:
-        weight = None if norm_weight is None else norm_weight.reshape(d, s).to(acc).contiguous()
-        bias = None if norm_bias is None else norm_bias.reshape(d, s).to(acc)
+    weight, bias = _norm_affine(norm_weight, norm_bias, state_norm, d, s, acc)
     uc, Cc = u.to(acc).contiguous(), C.to(acc).contiguous()
     y1, mu, m2 = expansion_cuda.ExpandedScan.apply(
         uc, dx.contiguous(), de.contiguous(), A.to(acc).contiguous(), B.to(acc).contiguous(),
-        Cc, weight, tree, direction, width, state_norm)
-    skip = None if D is None else D.to(acc)
-    if state_norm:
-        y = torch.ops.treessm.normalised_readout(y1, mu, m2, Cc, weight, bias, uc, skip,
-                                                 norm_eps)
-    else:
-        y = y1 if skip is None else y1 + skip * uc
-    return y.to(u.dtype)
+        Cc, None if weight is None else weight.contiguous(), tree, direction, width, state_norm)
+    return _output(y1, mu, m2, Cc, weight, bias, uc, D, state_norm, norm_eps, u.dtype)
 
 
 def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, tree: Tree,
@@ -844,10 +852,8 @@ def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     initial = options.get("initial_state")
     vertices = options.get("state_vertices")
     norm = options.get("state_norm", False)
-    weight = options.get("norm_weight") if norm else None
-    bias = options.get("norm_bias") if norm else None
-    weight = None if weight is None else weight.reshape(d, s).to(acc)
-    bias = None if bias is None else bias.reshape(d, s).to(acc)
+    weight, bias = _norm_affine(options.get("norm_weight"), options.get("norm_bias"), norm, d, s,
+                                acc)
     Cc = C.to(acc)
 
     def block(u_, delta_, A_, D_, bias_, edge_, init_, g_, B_, C_):
@@ -886,10 +892,8 @@ def expanded_in_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     mu, m2 = expansion_cuda.combined_moments([(k, o[1], o[2]) for o, k in zip(outs, sizes)],
                                              d * s)
     y1 = torch.cat([o[0] for o in outs], 1)
-    uc = u.to(acc)
-    skip = None if D is None else D.to(acc)
-    y = torch.ops.treessm.normalised_readout(y1, mu, m2, Cc, weight, bias, uc, skip,
-                                             options.get("norm_eps", 1e-5)).to(u.dtype)
+    y = _output(y1, mu, m2, Cc, weight, bias, u.to(acc), D, True, options.get("norm_eps", 1e-5),
+                u.dtype)
     if vertices is None:
         return y
     return y, torch.cat([o[3] for o in outs], 1)
