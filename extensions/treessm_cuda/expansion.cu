@@ -71,20 +71,37 @@ Block check_block(const at::Tensor& u, const at::Tensor& dx, const at::Tensor& d
   return b;
 }
 
+// The block's sizes.
 template <typename T>
-Args<T> make_args(const Block& b, const at::Tensor& u, const at::Tensor& dx,
-                  const at::Tensor& de, const at::Tensor& A, const at::Tensor& B) {
+Args<T> block_args(const Block& b) {
   Args<T> a{};
-  a.u = u.data_ptr<T>();
-  a.dx = dx.data_ptr<T>();
-  a.de = de.data_ptr<T>();
-  a.a = A.data_ptr<T>();
-  a.b = B.data_ptr<T>();
   a.n = b.n;
   a.d = static_cast<int>(b.d);
   a.s = static_cast<int>(b.s);
   a.c0 = static_cast<int>(b.c0);
   a.w = static_cast<int>(b.w);
+  return a;
+}
+
+// The arguments the expansion's kernels read: u, the steps, A, B and the block's sizes.
+template <typename T>
+Args<T> expansion_args(const Block& b, const at::Tensor& u, const at::Tensor& dx,
+                       const at::Tensor& de, const at::Tensor& A, const at::Tensor& B) {
+  Args<T> a = block_args<T>(b);
+  a.u = u.data_ptr<T>();
+  a.dx = dx.data_ptr<T>();
+  a.de = de.data_ptr<T>();
+  a.a = A.data_ptr<T>();
+  a.b = B.data_ptr<T>();
+  return a;
+}
+
+// The arguments the read-out's kernels read: C, g and the block's sizes.
+template <typename T>
+Args<T> readout_args(const Block& b, const at::Tensor& C, const c10::optional<at::Tensor>& g) {
+  Args<T> a = block_args<T>(b);
+  a.c = C.data_ptr<T>();
+  a.g = g.has_value() ? g->data_ptr<T>() : nullptr;
   return a;
 }
 
@@ -132,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> selective_expand(const at::Tensor& u, const a
   at::Tensor w = at::empty({b.n, b.w * b.s}, u.options());
   if (b.n == 0) return {x, w};
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_expand", [&] {
-    const auto a = make_args<scalar_t>(b, u, dx, de, A, B);
+    const auto a = expansion_args<scalar_t>(b, u, dx, de, A, B);
     expansion::expand_kernel<scalar_t>
         <<<static_cast<unsigned>(row_blocks(b.n)), expansion::kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>());
@@ -150,14 +167,7 @@ std::tuple<at::Tensor, at::Tensor> selective_readout(const at::Tensor& h, const 
   at::Tensor m2 = at::empty({moments ? b.n : 0}, h.options());
   if (b.n == 0) return {mean, m2};
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cuda_selective_readout", [&] {
-    Args<scalar_t> a{};
-    a.c = C.data_ptr<scalar_t>();
-    a.g = g.has_value() ? g->data_ptr<scalar_t>() : nullptr;
-    a.n = b.n;
-    a.d = static_cast<int>(b.d);
-    a.s = static_cast<int>(b.s);
-    a.c0 = static_cast<int>(b.c0);
-    a.w = static_cast<int>(b.w);
+    const auto a = readout_args<scalar_t>(b, C, g);
     expansion::readout_kernel<scalar_t>
         <<<static_cast<unsigned>(row_blocks(b.n)), expansion::kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(
@@ -190,14 +200,7 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
     return {gh, at::zeros({g.has_value() ? b.w : 0, b.s}, h.options())};
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "cuda_selective_readout_backward", [&] {
-    Args<scalar_t> a{};
-    a.c = C.data_ptr<scalar_t>();
-    a.g = g.has_value() ? g->data_ptr<scalar_t>() : nullptr;
-    a.n = b.n;
-    a.d = static_cast<int>(b.d);
-    a.s = static_cast<int>(b.s);
-    a.c0 = static_cast<int>(b.c0);
-    a.w = static_cast<int>(b.w);
+    const auto a = readout_args<scalar_t>(b, C, g);
     const size_t smem = g.has_value() ? column_bytes(b, sizeof(scalar_t)) : 0;
     expansion::readout_backward_kernel<scalar_t>
         <<<static_cast<unsigned>(blocks), expansion::kThreads, smem,
@@ -238,7 +241,7 @@ at::Tensor selective_expand_backward(const at::Tensor& gx, const at::Tensor& gw,
     return at::zeros({b.w, b.s}, u.options());
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "cuda_selective_expand_backward", [&] {
-    const auto a = make_args<scalar_t>(b, u, dx, de, A, B);
+    const auto a = expansion_args<scalar_t>(b, u, dx, de, A, B);
     expansion::expand_backward_kernel<scalar_t>
         <<<static_cast<unsigned>(blocks), expansion::kThreads, column_bytes(b, sizeof(scalar_t)),
            at::cuda::getCurrentCUDAStream()>>>(

@@ -132,6 +132,24 @@ __device__ __forceinline__ void zero_owned_columns(const Args<A>& p, A* mine) {
     for (int s = 0; s < p.s; ++s) mine[j * p.s + s] = 0;
 }
 
+// Sums a chunk of states' per-lane partial sums over the warp and writes them (lane 0) to
+// row v of out [N, S], states s0 .. s0 + kStateChunk - 1 that exist, added to what is
+// there with `accumulate`.
+template <typename A>
+__device__ __forceinline__ void write_chunk_sums(const Args<A>& p, const A (&part)[kStateChunk],
+                                                 int s0, int64_t v, bool accumulate, A* out) {
+#pragma unroll
+  for (int t = 0; t < kStateChunk; ++t) {
+    if (s0 + t < p.s) {  // the same for every lane of the warp
+      const A total = warp_sum(part[t]);
+      if ((threadIdx.x & 31) == 0) {
+        const int64_t q = v * p.s + s0 + t;
+        out[q] = accumulate ? out[q] + total : total;
+      }
+    }
+  }
+}
+
 // Adds the warps' column sums in shared memory (kWarps rows of `cols`) in warp order and
 // writes them as the block's row of `out`.
 template <typename A>
@@ -190,16 +208,7 @@ readout_backward_kernel(Args<A> p, const A* gy1, const A* share_mean, const A* s
           }
         }
       }
-#pragma unroll
-      for (int t = 0; t < kStateChunk; ++t) {
-        if (s0 + t < p.s) {  // the same for every lane of the warp
-          const A total = warp_sum(part[t]);
-          if (lane == 0) {
-            const int64_t q = v * p.s + s0 + t;
-            gc[q] = accumulate ? gc[q] + total : total;
-          }
-        }
-      }
+      write_chunk_sums(p, part, s0, v, accumulate, gc);
     }
   }
   if (p.g) write_block_columns(acc, ws, gg_part);
@@ -251,16 +260,7 @@ expand_backward_kernel(Args<A> p, const A* gx, const A* gw, A* gu, A* gdx, A* ge
           if (s0 + t < p.s) part[t] += __ldg(gxr + j * p.s + s0 + t) * du;
         }
       }
-#pragma unroll
-      for (int t = 0; t < kStateChunk; ++t) {
-        if (s0 + t < p.s) {  // the same for every lane of the warp
-          const A total = warp_sum(part[t]);
-          if (lane == 0) {
-            const int64_t q = v * p.s + s0 + t;
-            gb[q] = accumulate ? gb[q] + total : total;
-          }
-        }
-      }
+      write_chunk_sums(p, part, s0, v, accumulate, gb);
     }
   }
   write_block_columns(acc, ws, ga_part);
