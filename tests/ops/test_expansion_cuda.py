@@ -13,7 +13,7 @@ from treessm.ops import expansion_cuda
 from treessm.ops import selective_scan as module
 from treessm.ops.selective_scan import reference_tree_scan, selective_tree_scan_ref
 
-from test_selective_scan import _assert_same, _problem, _value_and_grads
+from test_selective_scan import _assert_same, _problem, _value_and_grads, assert_cuda_gradcheck
 
 
 # ---------------------------------------------------------------------------- kernels, in torch
@@ -207,11 +207,4 @@ def test_cuda_kernels_gradcheck(monkeypatch):
     tree, leaves, kw = _problem(random_forest(12, 2, torch.Generator().manual_seed(43)), d=3,
                                 s=2, rule="mean", direction="both")
     kw["state_norm"] = True
-    tree = tree.cuda()
-    names = list(leaves)
-    args = [leaves[k].detach().cuda().requires_grad_() for k in names]
-
-    def f(*xs):
-        return selective_tree_scan(tree=tree, **dict(zip(names, xs)), **kw)
-
-    assert torch.autograd.gradcheck(f, args)
+    assert_cuda_gradcheck(tree, leaves, kw)

@@ -521,6 +521,11 @@ def test_cuda_fused_walk_is_bitwise_reproducible_and_matches_numba_at_scale(dire
 def test_cuda_fused_walk_gradcheck(direction):
     tree, leaves, kw = _problem(random_forest(12, 2, _gen(43)), d=3, s=2, rule="mean",
                                 direction=direction, initial=direction == "down")
+    assert_cuda_gradcheck(tree, leaves, kw)
+
+
+def assert_cuda_gradcheck(tree, leaves, kw):
+    """``gradcheck`` of :func:`selective_tree_scan` on CUDA in every leaf tensor."""
     tree = tree.cuda()
     names = list(leaves)
     args = [leaves[k].detach().cuda().requires_grad_() for k in names]

@@ -77,6 +77,12 @@ std::vector<T> read(FILE* f, int64_t n) {
   }
   return v;
 }
+// n doubles from a harness's input file, as T.
+template <typename T>
+std::vector<T> read_as(FILE* f, int64_t n) {
+  auto v = read<double>(f, n);
+  return std::vector<T>(v.begin(), v.end());
+}
 // Runs one block (bx, by) of `threads` CUDA threads (a multiple of 32) on a pool of worker
 // threads kept between blocks (creating threads per block dominated the emulation's time),
 // with the block and warp barriers set up; `setup` runs before the threads start

@@ -30,12 +30,6 @@ void put(const std::vector<T>& v, FILE* o) {
   }
 }
 
-template <typename T>
-std::vector<T> read_as(FILE* in, int64_t n) {
-  auto v = read<double>(in, n);
-  return std::vector<T>(v.begin(), v.end());
-}
-
 // The row blocks' partial sums [blocks, cols] added in order.
 template <typename T>
 std::vector<T> sum_rows(const std::vector<T>& p, int64_t blocks, int64_t cols) {

@@ -31,12 +31,6 @@ void put(const std::vector<T>& v, int64_t n, FILE* o) {
   }
 }
 
-template <typename T>
-std::vector<T> read_as(FILE* in, int64_t n) {
-  auto v = read<double>(in, n);
-  return std::vector<T>(v.begin(), v.end());
-}
-
 // header: N, D, S, T, K, slots, rule, has_h0, has_gs, rows, up, log2 lanes
 template <typename T, int L>
 void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
