@@ -20,19 +20,12 @@
 
 #include "check.cuh"
 #include "expansion_kernels.cuh"
+#include "host_utils.cuh"
 
 namespace treessm_cuda {
 namespace {
 
 using expansion::Args;
-
-void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-                  at::ScalarType dtype) {
-  TREESSM_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
-  TREESSM_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TREESSM_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name,
-                " must have shape [", rows, ", ", cols, "], got ", t.sizes());
-}
 
 void check_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t n,
                   at::ScalarType dtype) {
@@ -63,11 +56,11 @@ Block check_block(const at::Tensor& u, const at::Tensor& dx, const at::Tensor& d
                     expansion::kMaxColumnBytes,
                 "a block's states take at most ", expansion::kMaxColumnBytes,
                 " bytes a vertex, got ", width, " channels of ", b.s, " states");
-  check_matrix(u, "u", b.n, b.d, dtype);
-  check_matrix(dx, "dx", b.n, b.d, dtype);
-  check_matrix(de, "de", b.n, b.d, dtype);
-  check_matrix(A, "A", b.d, b.s, dtype);
-  check_matrix(B, "B", b.n, b.s, dtype);
+  check_rows(u, "u", b.n, b.d, dtype);
+  check_rows(dx, "dx", b.n, b.d, dtype);
+  check_rows(de, "de", b.n, b.d, dtype);
+  check_rows(A, "A", b.d, b.s, dtype);
+  check_rows(B, "B", b.n, b.s, dtype);
   return b;
 }
 
@@ -126,10 +119,10 @@ Block check_readout(const at::Tensor& h, const at::Tensor& C, const c10::optiona
                 ") must lie in the ", b.d, " channels of ", out_name);
   TREESSM_CHECK(b.w * b.s * static_cast<int64_t>(h.element_size()) <= expansion::kMaxColumnBytes,
                 "a block's states take at most ", expansion::kMaxColumnBytes, " bytes a vertex");
-  check_matrix(h, "h", b.n, b.w * b.s, dtype);
-  check_matrix(C, "C", b.n, b.s, dtype);
-  check_matrix(out, out_name, b.n, b.d, dtype);
-  if (g.has_value()) check_matrix(*g, "g", b.w, b.s, dtype);
+  check_rows(h, "h", b.n, b.w * b.s, dtype);
+  check_rows(C, "C", b.n, b.s, dtype);
+  check_rows(out, out_name, b.n, b.d, dtype);
+  if (g.has_value()) check_rows(*g, "g", b.w, b.s, dtype);
   return b;
 }
 
@@ -186,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
     bool accumulate, at::Tensor& gC) {
   const Block b = check_readout(h, C, g, c0, gy1, "gy1");
   const auto dtype = h.scalar_type();
-  check_matrix(gC, "gC", b.n, b.s, dtype);
+  check_rows(gC, "gC", b.n, b.s, dtype);
   check_vector(share_mean, "share_mean", b.n, dtype);
   check_vector(share_m2, "share_m2", b.n, dtype);
   check_vector(mu, "mu", b.n, dtype);
@@ -227,12 +220,12 @@ at::Tensor selective_expand_backward(const at::Tensor& gx, const at::Tensor& gw,
   const int64_t width = A.dim() == 2 && A.size(1) > 0 ? gx.size(1) / A.size(1) : 0;
   const Block b = check_block(u, dx, de, A, B, c0, width);
   const auto dtype = u.scalar_type();
-  check_matrix(gx, "gx", b.n, b.w * b.s, dtype);
-  check_matrix(gw, "gw", b.n, b.w * b.s, dtype);
-  check_matrix(gu, "gu", b.n, b.d, dtype);
-  check_matrix(gdx, "gdx", b.n, b.d, dtype);
-  check_matrix(ge, "ge", b.n, b.d, dtype);
-  check_matrix(gB, "gB", b.n, b.s, dtype);
+  check_rows(gx, "gx", b.n, b.w * b.s, dtype);
+  check_rows(gw, "gw", b.n, b.w * b.s, dtype);
+  check_rows(gu, "gu", b.n, b.d, dtype);
+  check_rows(gdx, "gdx", b.n, b.d, dtype);
+  check_rows(ge, "ge", b.n, b.d, dtype);
+  check_rows(gB, "gB", b.n, b.s, dtype);
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t blocks = row_blocks(b.n);
   at::Tensor part = at::empty({blocks, b.w * b.s}, u.options());

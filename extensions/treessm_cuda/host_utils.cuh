@@ -1,6 +1,7 @@
 // Host-side helpers shared by the extension's translation units: the CUDA element type of a
 // torch scalar type, the dispatch over the element types the scans take, device attributes
-// queried once, and the dynamic shared-memory opt-in of kernel launches.
+// queried once, the dynamic shared-memory opt-in of kernel launches, and the check of a
+// contiguous matrix argument.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +12,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "check.cuh"
 
 namespace treessm_cuda {
 
@@ -56,6 +59,15 @@ void allow_dynamic_smem(int64_t bytes, int device) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
   if (known) allowed[device] = bytes;
+}
+
+// Checks that `t` (the argument `name`) is a contiguous CUDA [rows, cols] matrix of dtype.
+inline void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                       at::ScalarType dtype) {
+  TREESSM_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+  TREESSM_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TREESSM_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name,
+                " must have shape [", rows, ", ", cols, "], got ", t.sizes());
 }
 
 }  // namespace treessm_cuda

@@ -30,14 +30,6 @@ namespace {
 
 constexpr int64_t kMaxTreeRows = 2048;  // block rows over the trees (each strides over them)
 
-void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
-                at::ScalarType dtype) {
-  TREESSM_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
-  TREESSM_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TREESSM_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape [",
-              rows, ", ", cols, "], got ", t.sizes());
-}
-
 struct Problem {
   int64_t n, d, s, trees;
   int rule;
