@@ -3,6 +3,11 @@
 //   torch.ops.treessm.cuda_tile_scan(x, weight, plan, tile, direction) -> h
 //   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, tile, direction, x)
 //       -> (grad_x, grad_weight)
+//   torch.ops.treessm.cuda_tile_scan_both_parts(x, weight, plan, tile) -> (h, up, inner, out)
+//   torch.ops.treessm.cuda_tile_scan_both_backward(grad, weight, up, inner, out, plan, tile)
+//       -> (grad_x, grad_weight)
+//       "both" with its parts kept: the backward from the forward's parts instead of x (a
+//       caller that forms h anyway, to read it out, saves the backward's second scan of x)
 // `plan` is the tensors of treessm.ops.tiles.TilePlan from `vertex` to `path_ptr`, in that
 // order (20 int32 tensors on x's device); `tile` is the plan's tile. Directions "down",
 // "up" and "both" (up, the brackets, then down of the brackets' inputs, all in the
@@ -271,6 +276,30 @@ std::pair<at::Tensor, BothParts> both_scan(const at::Tensor& x, const at::Tensor
   return {at::add(parts.up, parts.out).to(x.scalar_type()), parts};
 }
 
+// grad_weight of both at grad (its parts parts_g) from the forward's parts parts_x:
+// gw[v] = up(x)[v] br_g[v] + up(g)[v] br_x[v] at non-roots.
+at::Tensor both_grad_weight(const at::Tensor& grad, const BothParts& parts_g,
+                            const BothParts& parts_x, const TileArgs& a) {
+  at::Tensor gw = at::empty_like(grad);
+  const int64_t N = grad.size(0), C = grad.size(1);
+  if (N * C == 0) return gw;
+  const int threads = 256;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  TREESSM_DISPATCH_TYPES(grad.scalar_type(), "treessm_tile_scan_backward_both", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    using A_ = typename AccType<T_>::type;
+    auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const A_*>(t.data_ptr()); };
+    tile_both_grad_weight_kernel<T_, A_><<<static_cast<unsigned>(blocks_of(N * C, threads)),
+                                           threads, 0, stream>>>(
+        ptr(parts_x.up), ptr(parts_x.inner), ptr(parts_x.out), ptr(parts_g.up),
+        ptr(parts_g.inner), ptr(parts_g.out), reinterpret_cast<T_*>(gw.data_ptr()),
+        a.vertex, a.parent, N, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gw;
+}
+
 }  // namespace
 
 at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
@@ -308,27 +337,11 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
                 "the backward of direction 'both' needs the forward's input x");
     check_rows(*x, "x", grad);
     const at::Tensor prev = sibling_links(a, grad);
-    std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, a, prev);
-    const at::Tensor gx = both_g.first;
-    const BothParts& parts_g = both_g.second;
     const auto acc = acc_type(grad.scalar_type());
+    // x's parts recomputed (cuda_tile_scan_both_backward takes the forward's)
+    std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, a, prev);
     const BothParts parts_x = both_parts(x->to(acc), weight.to(acc), a, prev);
-    at::Tensor gw = at::empty_like(grad);
-    if (N * C == 0) return {gx, gw};
-    const c10::cuda::CUDAGuard guard(grad.device());
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    TREESSM_DISPATCH_TYPES(grad.scalar_type(), "treessm_tile_scan_backward_both", [&] {
-      using T_ = typename CudaType<scalar_t>::type;
-      using A_ = typename AccType<T_>::type;
-      auto ptr = [](const at::Tensor& t) { return reinterpret_cast<const A_*>(t.data_ptr()); };
-      tile_both_grad_weight_kernel<T_, A_><<<static_cast<unsigned>(blocks_of(N * C, threads)),
-                                             threads, 0, stream>>>(
-          ptr(parts_x.up), ptr(parts_x.inner), ptr(parts_x.out), ptr(parts_g.up),
-          ptr(parts_g.inner), ptr(parts_g.out), reinterpret_cast<T_*>(gw.data_ptr()),
-          a.vertex, a.parent, N, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return {gx, gw};
+    return {both_g.first, both_grad_weight(grad, both_g.second, parts_x, a)};
   }
   const bool up = d == Direction::kUp;
   at::Tensor gx = at::empty_like(grad), gw = at::empty_like(grad);
@@ -348,16 +361,57 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
   return {gx, gw};
 }
 
+// both(x) and its parts (in the accumulation type), for cuda_tile_scan_both_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tile_scan_both_parts_cuda(
+    const at::Tensor& x, const at::Tensor& weight, at::TensorList plan, int64_t tile) {
+  TREESSM_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", x);
+  const TileArgs a = plan_args(plan, tile, x);
+  std::pair<at::Tensor, BothParts> r = both_scan(x, weight, a, sibling_links(a, x));
+  return {r.first, r.second.up, r.second.inner, r.second.out};
+}
+
+// The backward of both at grad from the forward's parts (cuda_tile_scan_both_parts).
+std::tuple<at::Tensor, at::Tensor> tile_scan_both_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& up,
+    const at::Tensor& inner, const at::Tensor& out, at::TensorList plan, int64_t tile) {
+  TREESSM_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
+              "grad must be a contiguous 2-D CUDA tensor");
+  check_rows(weight, "weight", grad);
+  const auto acc = acc_type(grad.scalar_type());
+  auto check_part = [&](const at::Tensor& t, const char* name) {
+    TREESSM_CHECK(t.is_cuda() && t.is_contiguous() && t.sizes() == grad.sizes() &&
+                      t.scalar_type() == acc && t.device() == grad.device(),
+                  name, " must be a contiguous ", acc, " tensor of shape ", grad.sizes(),
+                  " on ", grad.device());
+  };
+  check_part(up, "up");
+  check_part(inner, "inner");
+  check_part(out, "out");
+  const TileArgs a = plan_args(plan, tile, grad);
+  std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, a, sibling_links(a, grad));
+  return {both_g.first, both_grad_weight(grad, both_g.second, BothParts{up, inner, out}, a)};
+}
+
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def("cuda_tile_scan(Tensor x, Tensor weight, Tensor[] plan, int tile, str direction) -> Tensor");
   m.def(
       "cuda_tile_scan_backward(Tensor grad, Tensor weight, Tensor out, Tensor[] plan, int tile, "
       "str direction, Tensor? x=None) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_tile_scan_both_parts(Tensor x, Tensor weight, Tensor[] plan, int tile) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_tile_scan_both_backward(Tensor grad, Tensor weight, Tensor up, Tensor inner, "
+      "Tensor out, Tensor[] plan, int tile) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {
   m.impl("cuda_tile_scan", &tile_scan_cuda);
   m.impl("cuda_tile_scan_backward", &tile_scan_backward_cuda);
+  m.impl("cuda_tile_scan_both_parts", &tile_scan_both_parts_cuda);
+  m.impl("cuda_tile_scan_both_backward", &tile_scan_both_backward_cuda);
 }
 
 }  // namespace treessm_cuda

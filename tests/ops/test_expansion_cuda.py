@@ -71,7 +71,8 @@ def _expand_backward(gx, gw, u, dx, de, A, B, c0, accumulate, gu, gdx, ge, gB):
 
 class _ReferenceScan:
     """``treessm.ops.cuda``'s forward and backward, by the torch reference (the plan is the
-    tree)."""
+    tree); ``"both"`` keeps parts for its backward (here the input itself), as the tiled
+    kernels do, and its backward must then not be given ``x``."""
 
     @staticmethod
     def forward(x, w, tree, direction):
@@ -83,6 +84,18 @@ class _ReferenceScan:
             xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
             out = reference_tree_scan(xs, ws, tree, direction)
             return torch.autograd.grad(out, [xs, ws], gh)
+
+    @staticmethod
+    def forward_with_parts(x, w, tree, direction):
+        h = reference_tree_scan(x, w, tree, direction)
+        return h, ([x.clone()] if direction == "both" else None)
+
+    @staticmethod
+    def backward_from_parts(gh, x, w, h, parts, tree, direction):
+        if parts is not None:
+            assert x is None
+            x = parts[0]
+        return _ReferenceScan.backward(gh, x, w, h, tree, direction)
 
 
 class _Ops:

@@ -207,6 +207,32 @@ def test_both_with_large_weights_takes_no_differences(tile):
     assert got[:, 0].tolist() == [1e8, 1e4, 1.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile,name", [(7, "graph_forest"), (2048, "spanning_1e5"),
+                                       (64, "chain_5000"), (2048, "empty")])
+def test_both_parts_give_the_same_bits(name, tile, dtype):
+    # both with its parts kept: the same h, and the backward from the parts the same
+    # gradients as the backward that scans x again
+    tree = _tree(name)
+    x, w = _inputs(tree.num_nodes, 33, "signed")
+    x, w = x.to(dtype), w.to(dtype)
+    g = torch.randn_like(x)
+    plan = tile_plan(tree, tile)
+    tensors = list(plan[3:])
+    h, up, inner, out = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, tensors, plan.tile)
+    assert torch.equal(h, _tile_scan(x, w, tree, tile, "both"))
+    assert up.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    got = torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner, out, tensors,
+                                                         plan.tile)
+    want = _tile_backward(g, w, h, tree, tile, "both", x)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    if tree.num_nodes:
+        with pytest.raises(RuntimeError, match="inner must be a contiguous"):
+            torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner[:-1], out, tensors,
+                                                           plan.tile)
+
+
 def test_bad_arguments_raise():
     tree = _tree("random")
     x, w = _inputs(tree.num_nodes, 2)

@@ -1,7 +1,8 @@
 """CUDA backend of the tree scan: the kernels of ``extensions/treessm_cuda`` behind
 ``torch.ops.treessm.cuda_tree_scan`` and ``cuda_tree_scan_backward`` (schedules
 ``"trees"`` and ``"phases"``) and ``cuda_tile_scan`` and ``cuda_tile_scan_backward``
-(``"tiles"``), launched with the plan, schedule and parameters of :mod:`treessm.ops.plan`.
+(``"tiles"``; ``"both"`` also through ``cuda_tile_scan_both_parts`` and
+``cuda_tile_scan_both_backward``, which keep the forward's parts for the backward), launched with the plan, schedule and parameters of :mod:`treessm.ops.plan`.
 
 The extension is compiled on first use (:func:`treessm.typing.load_cuda_extension`), or
 ahead of time::
@@ -18,7 +19,7 @@ from ..typing import cuda_source_dir, load_cuda_extension
 from .plan import ScanPlan
 from .tiles import TILE
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "forward_with_parts", "backward_from_parts"]
 
 
 def forward(x, w, plan: ScanPlan, direction: str):
@@ -36,6 +37,26 @@ def backward(g, x, w, h, plan: ScanPlan, direction: str):
                                                          TILE, direction, x)
     return torch.ops.treessm.cuda_tree_scan_backward(g, x, w, h, *plan.tensors, plan.schedule,
                                                      list(plan.launch), direction)
+
+
+def forward_with_parts(x, w, plan: ScanPlan, direction: str):
+    """``(h, parts)``: the scan and what :func:`backward_from_parts` takes besides the
+    data: for ``"both"`` under ``"tiles"`` the forward's parts (its up scan, the brackets
+    and the down scan, in the accumulation type), so that the backward does not scan ``x``
+    a second time; ``None`` otherwise."""
+    if plan.schedule == "tiles" and direction == "both":
+        h, *parts = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, list(plan.tensors), TILE)
+        return h, parts
+    return forward(x, w, plan, direction), None
+
+
+def backward_from_parts(g, x, w, h, parts, plan: ScanPlan, direction: str):
+    """:func:`backward` with the ``parts`` of :func:`forward_with_parts` (``x`` is not read
+    when there are parts)."""
+    if parts is not None:
+        return torch.ops.treessm.cuda_tile_scan_both_backward(g, w, *parts, list(plan.tensors),
+                                                              TILE)
+    return backward(g, x, w, h, plan, direction)
 
 
 def _main(argv=None):

@@ -2,8 +2,9 @@
 (``"both"``, the state normalisation, ``d_state`` above 16) in blocks of channels, each
 block's state expansion formed, scanned by :func:`treessm.tree_scan`'s CUDA kernels and
 read out by the kernels of ``extensions/treessm_cuda/expansion_kernels.cuh``, one pass over
-the block's ``[N, W, S]`` rows each; the backward recomputes a block's states and reduces
-its gradients the same way. Only one block's expansion is held at a time, in the forward
+the block's ``[N, W, S]`` rows each; the backward recomputes a block's states (keeping the
+parts of a ``"both"`` scan, so that the scan's backward does not scan them again) and reduces its
+gradients the same way. Only one block's expansion is held at a time, in the forward
 and in the backward; nothing of it is kept between them.
 
 :class:`ExpandedScan` returns the read-out before the normalisation, ``y1 = sum_s C g h``
@@ -66,11 +67,19 @@ def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str) -> Tensor:
     return cuda.forward(x, w, scan_plan(tree, x.shape[1], x.dtype), direction)
 
 
-def _scan_backward(gh: Tensor, x: Tensor, w: Tensor, h: Tensor, tree: Tree,
+def _scan_with_parts(x: Tensor, w: Tensor, tree: Tree, direction: str):
+    """``(h, parts)`` for :func:`_scan_backward` (:func:`treessm.ops.cuda.forward_with_parts`)."""
+    if tree.num_trees == tree.num_nodes:
+        return x, None
+    return cuda.forward_with_parts(x, w, scan_plan(tree, x.shape[1], x.dtype), direction)
+
+
+def _scan_backward(gh: Tensor, x: Optional[Tensor], w: Tensor, h: Tensor, parts, tree: Tree,
                    direction: str) -> Tuple[Tensor, Tensor]:
     if tree.num_trees == tree.num_nodes:
         return gh, torch.zeros_like(w)
-    return cuda.backward(gh, x, w, h, scan_plan(tree, x.shape[1], x.dtype), direction)
+    return cuda.backward_from_parts(gh, x, w, h, parts, scan_plan(tree, w.shape[1], w.dtype),
+                                    direction)
 
 
 class ExpandedScan(torch.autograd.Function):
@@ -119,12 +128,14 @@ class ExpandedScan(torch.autograd.Function):
         gg = None if g is None else torch.empty_like(g)
         for i, (c0, wb) in enumerate(_blocks(d, width)):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            h = _scan(x, w, tree, direction)
+            h, parts = _scan_with_parts(x, w, tree, direction)
+            if parts is not None:  # the backward reads the parts instead of x
+                x = None
             gb = None if g is None else g[c0:c0 + wb]
             gh, ggb = _kernels().cuda_selective_readout_backward(
                 gy1, share_mean, share_m2, mu if moments else None, h, C, gb, c0, i > 0, gC)
-            gx, gw = _scan_backward(gh, x, w, h, tree, direction)
-            del gh, h, x, w
+            gx, gw = _scan_backward(gh, x, w, h, parts, tree, direction)
+            del gh, h, x, w, parts
             gA[c0:c0 + wb] = _kernels().cuda_selective_expand_backward(
                 gx, gw, u, dx, de, A, B, c0, i > 0, gu, gdx, ge, gB)
             if gg is not None:
