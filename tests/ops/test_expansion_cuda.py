@@ -155,32 +155,6 @@ def test_blocks_match_the_reference(on_cpu, name, direction, rule):
         _assert_same(got, want)
 
 
-@pytest.mark.parametrize("direction", ["both", "up"])
-@pytest.mark.parametrize("width", [9, 4])
-def test_one_state_a_channel_keeps_the_states_in_one_block(on_cpu, direction, width,
-                                                           monkeypatch):
-    # d_state 1 in a single block: the backward takes the forward's states instead of
-    # expanding and scanning again; with several blocks it recomputes them
-    expands = []
-    monkeypatch.setattr(_Ops, "cuda_selective_expand",
-                        staticmethod(lambda *a: expands.append(1) or _expand(*a)))
-    parent = random_forest(40, 3, torch.Generator().manual_seed(2))
-    n, d = parent.numel(), 9
-    tree, leaves, kw = _problem(parent, d=d, s=1, rule="mean", direction=direction)
-    kw = dict(kw, state_norm=True)
-    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
-    got = _value_and_grads(_kernels_route(width * n * 8), tree, leaves, kw)
-    _assert_same(got, want)
-    blocks = -(-d // width)
-    assert len(expands) == (1 if blocks == 1 else 2 * blocks)
-    # a second backward through the same graph recomputes what the first one used
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-    out = _kernels_route(width * n * 8)(tree=tree, **leaves, **kw)
-    first = torch.autograd.grad(out.sum(), leaves["u"], retain_graph=True)[0]
-    second = torch.autograd.grad(out.sum(), leaves["u"])[0]
-    assert torch.equal(first, second)
-
-
 def test_block_width_bounds_a_vertex_states():
     assert expansion_cuda.block_width(128, 4, torch.float32) == 128
     assert expansion_cuda.block_width(4096, 1, torch.float32) == 2048

@@ -5,9 +5,7 @@ read out by the kernels of ``extensions/treessm_cuda/expansion_kernels.cuh``, on
 the block's ``[N, W, S]`` rows each; the backward recomputes a block's states (keeping the
 parts of a ``"both"`` scan, so that the scan's backward does not scan them again) and reduces its
 gradients the same way. Only one block's expansion is held at a time, in the forward
-and in the backward; nothing of it is kept between them, except with one state a channel
-in a single block, where the states are no larger than ``u`` and the forward keeps them
-for the backward (GrootV's layers: measured faster than scanning again).
+and in the backward; nothing of it is kept between them.
 
 :class:`ExpandedScan` returns the read-out before the normalisation, ``y1 = sum_s C g h``
 (``g`` the normalisation's weight, or 1), and the mean and squared deviations of each
@@ -99,18 +97,9 @@ class ExpandedScan(torch.autograd.Function):
         s = A.shape[1]
         y1 = u.new_empty(n, d)
         parts = []
-        blocks = _blocks(d, width)
-        # one state a channel, in one block: the states are no larger than u, and the
-        # backward takes them from here instead of scanning again
-        keep = s == 1 and len(blocks) == 1 and any(ctx.needs_input_grad)
-        ctx.kept = None
-        for c0, wb in blocks:
+        for c0, wb in _blocks(d, width):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            if keep:
-                h, scan_parts = _scan_with_parts(x, w, tree, direction)
-                ctx.kept = (None if scan_parts is not None else x, w, h, scan_parts)
-            else:
-                h = _scan(x, w, tree, direction)
+            h = _scan(x, w, tree, direction)
             del x, w
             gb = None if g is None else g[c0:c0 + wb]
             mean, m2 = _kernels().cuda_selective_readout(h, C, gb, c0, moments, y1)
@@ -138,13 +127,10 @@ class ExpandedScan(torch.autograd.Function):
         gB, gC = (torch.empty_like(t) if d else torch.zeros_like(t) for t in (B, C))
         gg = None if g is None else torch.empty_like(g)
         for i, (c0, wb) in enumerate(_blocks(d, width)):
-            if ctx.kept is not None:
-                (x, w, h, parts), ctx.kept = ctx.kept, None
-            else:
-                x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-                h, parts = _scan_with_parts(x, w, tree, direction)
-                if parts is not None:  # the backward reads the parts instead of x
-                    x = None
+            x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
+            h, parts = _scan_with_parts(x, w, tree, direction)
+            if parts is not None:  # the backward reads the parts instead of x
+                x = None
             gb = None if g is None else g[c0:c0 + wb]
             gh, ggb = _kernels().cuda_selective_readout_backward(
                 gy1, share_mean, share_m2, mu if moments else None, h, C, gb, c0, i > 0, gC)
