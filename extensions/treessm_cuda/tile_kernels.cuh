@@ -74,7 +74,9 @@ namespace treessm_cuda {
 // Flags of a position (treessm.ops.tiles).
 constexpr int kTileRoot = 1, kTileHead = 2, kTileEntry = 4, kTileBoundary = 8;
 // Elements a warp composes in a row; the values depend on it (not on the block width).
-constexpr int kTileChunk = 16;
+// Eight rather than sixteen: the fewer registers a chunk holds, the more warps hide the
+// loads' latency (docs/cuda.md, attempts).
+constexpr int kTileChunk = 8;
 // Channels of a group: the lanes of a warp.
 constexpr int kTileLanes = 32;
 // Threads of a block at most, and the tile blocks a multiprocessor should hold (their

@@ -209,7 +209,7 @@ def test_chain_crosses_many_tiles():
 @pytest.mark.parametrize("name,tile", [("random_many_roots", 7), ("deep", 64), ("star", 7),
                                        ("random_3000", 256)])
 def test_launch_shape_does_not_change_bits(harness, tmp_path, name, tile):
-    # chunks of 16 elements whatever the block width, carried through in order; a channel's
+    # chunks of 8 elements whatever the block width, carried through in order; a channel's
     # values do not depend on the groups its block takes; the tile tree's sums in shared
     # or global memory alike
     tree = _tree(name)

@@ -190,6 +190,23 @@ def test_cuda_kernels_match_the_reference(name, direction, rule, monkeypatch):
 
 
 @_CUDA
+def test_cuda_one_state_a_channel_composes_torch_operators(monkeypatch):
+    # d_state 1: the states are no larger than u, and torch's broadcasts (autograd keeping
+    # them) run GrootV's layers faster than the kernels' recomputing backward
+    def kernels(*args, **kwargs):
+        raise AssertionError("d_state 1 should take the torch blocks")
+
+    monkeypatch.setattr(module, "_expanded_kernels", kernels)
+    parent = random_forest(300, 3, torch.Generator().manual_seed(4))
+    tree, leaves, kw = _problem(parent, d=16, s=1, rule="child", direction="both")
+    kw["state_norm"] = True
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw)
+    _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
+
+
+@_CUDA
 def test_cuda_kernels_in_blocks_float32_affine_norm_and_bitwise_repeats(monkeypatch):
     _forbid_torch_blocks(monkeypatch)
     monkeypatch.setattr(module, "EXPANSION_BLOCK_BYTES", 1)

@@ -800,9 +800,11 @@ def selective_tree_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
         # the expansion through tree_scan's kernels
         budget = max(EXPANSION_BLOCK_BYTES, u.shape[0] * EXPANSION_MIN_ROW_BYTES)
         # the expansion kernels, eagerly (a traced call composes torch operators, which
-        # dynamo follows), for the options they take
-        if (initial_state is None and state_vertices is None and cuda_extension_available()
-                and not torch.compiler.is_compiling()
+        # dynamo follows), for the options they take and more than one state a channel
+        # (with one, the states are no larger than u and torch's broadcasts, whose autograd
+        # keeps them for the backward, ran GrootV-T's training faster: docs/cuda.md)
+        if (initial_state is None and state_vertices is None and A.shape[1] > 1
+                and cuda_extension_available() and not torch.compiler.is_compiling()
                 and expansion_cuda.block_width(1, A.shape[1], _compute_dtype(u.dtype))):
             return _expanded_kernels(*args, **options, block_bytes=budget)
         return expanded_in_blocks(*args, **options, block_bytes=budget,
