@@ -385,3 +385,31 @@ def test_torch_compile_fullgraph_numba():
     got = _value_and_grads(compiled, x, w, gout)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r)
+
+
+def test_cuda_readiness_runs_outside_a_trace(monkeypatch):
+    # the first CUDA call of a process may come inside torch.compile(fullgraph=True): the
+    # readiness check loads the library and registers fake kernels, which dynamo cannot
+    # trace, so it runs eagerly at trace time
+    import importlib
+
+    module = importlib.import_module("treessm.ops.tree_scan")
+    lib = torch.library.Library("treessm_readiness_test", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: 2 * x, "CPU")
+
+    def register():
+        @torch.library.register_fake("treessm_readiness_test::twice")
+        def _(x):
+            return torch.empty_like(x)
+
+    monkeypatch.setattr(module, "cuda_extension_available", lambda: True)
+    monkeypatch.setattr(module, "_register_fakes", register)
+
+    def f(x):
+        if module._cuda_ready(False):
+            return torch.ops.treessm_readiness_test.twice(x).sum()
+        return x.sum()
+
+    torch._dynamo.reset()
+    assert float(torch.compile(f, fullgraph=True)(torch.ones(3))) == 6.0

@@ -41,9 +41,12 @@ _warned = []
 
 
 # ---------------------------------------------------------------------------- backends
+@torch.compiler.assume_constant_result
 def _cuda_ready(warn: bool) -> bool:
     """Whether the CUDA extension is there; without it, one warning (the caller falls back
-    to the torch reference)."""
+    to the torch reference). Run eagerly when ``torch.compile`` traces a caller (its answer
+    a constant of the graph): the first CUDA call of a process may come inside a traced
+    function, and loading the library and registering its fake kernels cannot be traced."""
     if cuda_extension_available():
         _register_fakes()
         return True
