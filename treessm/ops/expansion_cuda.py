@@ -1,10 +1,11 @@
 """The expanded selective tree scan on CUDA: the problems the fused walk does not run
-(``"both"``, the state normalisation, ``d_state`` above 16) in blocks of channels, each
+(``"both"``, the state normalisation, ``d_state`` above 16; with ``d_state`` at least 2)
+in blocks of channels, each
 block's state expansion formed, scanned by :func:`treessm.tree_scan`'s CUDA kernels and
 read out by the kernels of ``extensions/treessm_cuda/expansion_kernels.cuh``, one pass over
 the block's ``[N, W, S]`` rows each; the backward recomputes a block's states (keeping the
-parts of a ``"both"`` scan, so that the scan's backward does not scan them again) and reduces its
-gradients the same way. Only one block's expansion is held at a time, in the forward
+parts of a ``"both"`` scan, so that the scan's backward does not scan them again) and
+reduces its gradients the same way. Only one block's expansion is held at a time, in the forward
 and in the backward; nothing of it is kept between them.
 
 :class:`ExpandedScan` returns the read-out before the normalisation, ``y1 = sum_s C g h``

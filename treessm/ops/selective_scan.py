@@ -26,7 +26,8 @@ vertex, where that is more), each recomputed in the backward, so that no expansi
 whole problem is held: :mod:`treessm.ops.expansion_cuda` forms, reads out and reduces each
 block in one pass of its kernels around :func:`treessm.tree_scan`'s CUDA kernels (the
 options it does not take, incoming and returned states, and traced calls compose torch
-operators block by block, :func:`expanded_in_blocks`). A backend's kernels are one entry of
+operators block by block, :func:`expanded_in_blocks`, and so does ``d_state`` 1, whose
+states are no larger than ``u``). A backend's kernels are one entry of
 :data:`FUSED_KERNELS`.
 """
 from __future__ import annotations
