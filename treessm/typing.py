@@ -140,9 +140,12 @@ def cuda_extension_error() -> Optional[BaseException]:
     return _state["error"]
 
 
+@torch.compiler.assume_constant_result
 def cuda_extension_available() -> bool:
     """Whether the CUDA operators can be used: loads (or builds) the extension the first
-    time, and answers ``False`` without raising where it cannot be loaded.
+    time, and answers ``False`` without raising where it cannot be loaded. Run eagerly when
+    ``torch.compile`` traces a caller (its answer a constant of the graph), as loading
+    cannot be traced.
 
     Returns:
         bool: ``True`` once the operators are registered in this process.

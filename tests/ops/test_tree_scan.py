@@ -413,3 +413,26 @@ def test_cuda_readiness_runs_outside_a_trace(monkeypatch):
 
     torch._dynamo.reset()
     assert float(torch.compile(f, fullgraph=True)(torch.ones(3))) == 6.0
+
+
+def test_cuda_extension_check_runs_outside_a_trace(monkeypatch):
+    # cuda_extension_available loads the library the first time (a lock, a library load),
+    # which dynamo cannot trace; a graph layer's first forward may come inside a
+    # fullgraph compile
+    import threading
+
+    import treessm.typing as typing
+
+    lock = threading.Lock()
+
+    def load():
+        with lock:
+            pass
+
+    monkeypatch.setattr(typing, "load_cuda_extension", load)
+
+    def f(x):
+        return x * 2 if typing.cuda_extension_available() else x
+
+    torch._dynamo.reset()
+    assert torch.compile(f, fullgraph=True)(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
