@@ -54,3 +54,26 @@ def test_quick_run_with_neighbor_loader():
     assert summary["test_vertices_predicted"] > 0
     torch.testing.assert_close(torch.tensor(summary["test_accuracy"]).clamp(0, 1),
                                torch.tensor(summary["test_accuracy"]))
+
+
+def test_neighbor_loader_seeds_are_the_split(monkeypatch):
+    # training seeds are the training vertices (shuffled); evaluation seeds the test
+    # vertices, so that every test vertex is predicted (runs without a sampler installed)
+    import torch_geometric.loader
+
+    made = []
+
+    class Recorder:
+        def __init__(self, data, num_neighbors, input_nodes, batch_size, shuffle):
+            made.append((input_nodes, shuffle))
+
+    monkeypatch.setattr(pyg_typing, "WITH_TORCH_SPARSE", True)
+    monkeypatch.setattr(torch_geometric.loader, "NeighborLoader", Recorder)
+    data = large_graph.planted_partition(200, seed=3)
+    large_graph.make_loader(data, "neighbor", 2, World())
+    large_graph.make_loader(data, "neighbor", 2, World(), split="test")
+    (train, shuffled), (test, ordered) = made
+    assert train.tolist() == data.train_mask.nonzero().view(-1).tolist() and shuffled
+    assert test.tolist() == data.test_mask.nonzero().view(-1).tolist() and not ordered
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        large_graph.make_loader(data, "neighbor", 2, World(), split="val")

@@ -74,8 +74,9 @@ def planted_partition(num_nodes: int, num_classes: int = 8, degree: int = 10,
 
 
 def make_loader(data: Data, kind: str, parts: int, world: World, batch_size: int = 1024,
-                epoch_seed: int = 0):
-    """A loader over ``data`` (this process's share under ``torchrun``)."""
+                epoch_seed: int = 0, split: str = "train"):
+    """A loader over ``data`` (this process's share under ``torchrun``); a NeighborLoader's
+    seeds are the vertices of ``split`` (``"train"``, shuffled, or ``"test"``)."""
     from torch.utils.data.distributed import DistributedSampler
 
     if kind == "random":
@@ -96,10 +97,12 @@ def make_loader(data: Data, kind: str, parts: int, world: World, batch_size: int
                               "build torch-sparse from source (pip install torch-sparse)")
         from torch_geometric.loader import NeighborLoader
 
-        seeds = data.train_mask.nonzero().view(-1)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        seeds = data[f"{split}_mask"].nonzero().view(-1)
         seeds = seeds[world.rank::world.size]  # each process its share of the seeds
         return NeighborLoader(data, num_neighbors=[10, 10], input_nodes=seeds,
-                              batch_size=batch_size, shuffle=True), None
+                              batch_size=batch_size, shuffle=split == "train"), None
     raise ValueError(f"loader must be 'random' or 'neighbor', got {kind!r}")
 
 
@@ -193,7 +196,8 @@ def _run(args, world: World) -> dict:
         summary["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(world.device)
                                               / 2 ** 30, 2)
     if world.main:
-        eval_loader, _ = make_loader(data, args.loader, args.parts, World(device=world.device))
+        eval_loader, _ = make_loader(data, args.loader, args.parts, World(device=world.device),
+                                     split="test")
         pred = predict(model, eval_loader, data.num_nodes, world.device)
         seen = data.test_mask & (pred >= 0)
         summary["test_accuracy"] = round(float((pred[seen] == data.y[seen]).float().mean()), 4)
