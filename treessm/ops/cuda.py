@@ -2,7 +2,8 @@
 ``torch.ops.treessm.cuda_tree_scan`` and ``cuda_tree_scan_backward`` (schedules
 ``"trees"`` and ``"phases"``) and ``cuda_tile_scan`` and ``cuda_tile_scan_backward``
 (``"tiles"``; ``"both"`` also through ``cuda_tile_scan_both_parts`` and
-``cuda_tile_scan_both_backward``, which keep the forward's parts for the backward), launched with the plan, schedule and parameters of :mod:`treessm.ops.plan`.
+``cuda_tile_scan_both_backward``, which keep the forward's parts for the backward),
+launched with the plan, schedule and parameters of :mod:`treessm.ops.plan`.
 
 The extension is compiled on first use (:func:`treessm.typing.load_cuda_extension`), or
 ahead of time::

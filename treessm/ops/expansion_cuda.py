@@ -1,12 +1,12 @@
 """The expanded selective tree scan on CUDA: the problems the fused walk does not run
 (``"both"``, the state normalisation, ``d_state`` above 16; with ``d_state`` at least 2)
-in blocks of channels, each
-block's state expansion formed, scanned by :func:`treessm.tree_scan`'s CUDA kernels and
-read out by the kernels of ``extensions/treessm_cuda/expansion_kernels.cuh``, one pass over
-the block's ``[N, W, S]`` rows each; the backward recomputes a block's states (keeping the
-parts of a ``"both"`` scan, so that the scan's backward does not scan them again) and
-reduces its gradients the same way. Only one block's expansion is held at a time, in the forward
-and in the backward; nothing of it is kept between them.
+in blocks of channels, each block's state expansion formed, scanned by
+:func:`treessm.tree_scan`'s CUDA kernels and read out by the kernels of
+``extensions/treessm_cuda/expansion_kernels.cuh``, one pass over the block's ``[N, W, S]``
+rows each; the backward recomputes a block's states (keeping the parts of a ``"both"``
+scan, so that the scan's backward does not scan them again) and reduces its gradients the
+same way. Only one block's expansion is held at a time, in the forward and in the
+backward; nothing of it is kept between them.
 
 :class:`ExpandedScan` returns the read-out before the normalisation, ``y1 = sum_s C g h``
 (``g`` the normalisation's weight, or 1), and the mean and squared deviations of each
@@ -69,7 +69,8 @@ def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str) -> Tensor:
 
 
 def _scan_with_parts(x: Tensor, w: Tensor, tree: Tree, direction: str):
-    """``(h, parts)`` for :func:`_scan_backward` (:func:`treessm.ops.cuda.forward_with_parts`)."""
+    """``(h, parts)`` for :func:`_scan_backward`
+    (:func:`treessm.ops.cuda.forward_with_parts`)."""
     if tree.num_trees == tree.num_nodes:
         return x, None
     return cuda.forward_with_parts(x, w, scan_plan(tree, x.shape[1], x.dtype), direction)
