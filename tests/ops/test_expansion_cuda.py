@@ -70,13 +70,9 @@ def _expand_backward(gx, gw, u, dx, de, A, B, c0, accumulate, gu, gdx, ge, gB):
 
 
 class _ReferenceScan:
-    """``treessm.ops.cuda``'s forward and backward, by the torch reference (the plan is the
-    tree); ``"both"`` keeps parts for its backward (here the input itself), as the tiled
-    kernels do, and its backward must then not be given ``x``."""
-
-    @staticmethod
-    def forward(x, w, tree, direction):
-        return reference_tree_scan(x, w, tree, direction)
+    """``treessm.ops.cuda``'s scan with parts and its backward, by the torch reference (the
+    plan is the tree); ``"both"`` keeps parts for its backward (here the input itself), as
+    the tiled kernels do, and its backward must then not be given ``x``."""
 
     @staticmethod
     def backward(gh, x, w, h, tree, direction):

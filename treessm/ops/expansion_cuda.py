@@ -62,16 +62,10 @@ def _blocks(d: int, width: int) -> List[Tuple[int, int]]:
     return [(c0, min(width, d - c0)) for c0 in range(0, d, width)]
 
 
-def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str) -> Tensor:
-    if tree.num_trees == tree.num_nodes:  # no edge: every direction gives h = x
-        return x
-    return cuda.forward(x, w, scan_plan(tree, x.shape[1], x.dtype), direction)
-
-
-def _scan_with_parts(x: Tensor, w: Tensor, tree: Tree, direction: str):
-    """``(h, parts)`` for :func:`_scan_backward`
+def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str):
+    """``(h, parts)``: the scan of a block and what :func:`_scan_backward` takes from it
     (:func:`treessm.ops.cuda.forward_with_parts`)."""
-    if tree.num_trees == tree.num_nodes:
+    if tree.num_trees == tree.num_nodes:  # no edge: every direction gives h = x
         return x, None
     return cuda.forward_with_parts(x, w, scan_plan(tree, x.shape[1], x.dtype), direction)
 
@@ -101,7 +95,7 @@ class ExpandedScan(torch.autograd.Function):
         parts = []
         for c0, wb in _blocks(d, width):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            h = _scan(x, w, tree, direction)
+            h, _ = _scan(x, w, tree, direction)
             del x, w
             gb = None if g is None else g[c0:c0 + wb]
             mean, m2 = _kernels().cuda_selective_readout(h, C, gb, c0, moments, y1)
@@ -130,7 +124,7 @@ class ExpandedScan(torch.autograd.Function):
         gg = None if g is None else torch.empty_like(g)
         for i, (c0, wb) in enumerate(_blocks(d, width)):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            h, parts = _scan_with_parts(x, w, tree, direction)
+            h, parts = _scan(x, w, tree, direction)
             if parts is not None:  # the backward reads the parts instead of x
                 x = None
             gb = None if g is None else g[c0:c0 + wb]
