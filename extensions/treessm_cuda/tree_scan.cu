@@ -96,7 +96,8 @@ T* ptr(const at::Tensor& t) {
 }
 
 // The tensors of one pass by role (ScanIO); undefined tensors give null pointers. `acc()`
-// makes an accumulator-typed [N, C] buffer.
+// hands out an accumulator-typed [N, C] buffer (forward_buffers / backward_buffers of them
+// a call).
 struct Io {
   at::Tensor in0, in1, w, h, out, gw;
   at::Tensor up[2], loc[2], share[2], contrib[2], sib[2], val[2];
@@ -132,6 +133,11 @@ struct Io {
 };
 
 template <int M> using Mode = std::integral_constant<int, M>;
+
+// The accumulator buffers the passes of a direction take (their `acc()` calls): a call
+// allocates them as one tensor, so that a small scan costs the host one allocation.
+int forward_buffers(int dir) { return dir == 0 ? 6 : 1; }
+int backward_buffers(int dir) { return dir == 0 ? 12 : 1; }
 
 // The passes of each direction. `pass(Mode<M>{}, io)` runs one pass.
 template <typename Pass, typename Acc>
@@ -335,16 +341,23 @@ void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io
   }
 }
 
-// Runs the passes of `run` (forward_passes or backward_passes) along `plan`.
+// Runs the passes of `run` (forward_passes or backward_passes) along `plan`, with `buffers`
+// accumulator buffers.
 template <typename Plan, typename Run>
-void scan(const at::Tensor& x, const Plan& plan, const Launch& la, int vec, Run&& run) {
+void scan(const at::Tensor& x, const Plan& plan, const Launch& la, int vec, int buffers,
+          Run&& run) {
   const int64_t N = x.size(0), C = x.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int device = x.get_device();
   const Shape L = launch_shape(C, x.element_size(), vec, la.row_bytes, la.lanes);
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto acc = [&] { return at::empty({N, C}, x.options().dtype(acc_dtype)); };
+  const at::Tensor arena = at::empty({buffers, N, C}, x.options().dtype(acc_dtype));
+  int taken = 0;
+  auto acc = [&] {
+    TREESSM_CHECK(taken < buffers, "a scan's passes took more than ", buffers, " buffers");
+    return arena.select(0, taken++);
+  };
   TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_tree_scan", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A_ = typename AccType<T_>::type;
@@ -403,7 +416,9 @@ at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const a
   if (x.size(0) == 0 || x.size(1) == 0) return out;
   const int vec = vec_width(x.size(1), x.element_size(), {&x, &weight, &out});
   with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
-    scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) { forward_passes(dir, x, weight, out, pass, acc); });
+    scan(x, pl, la, vec, forward_buffers(dir), [&](auto&& pass, auto&& acc) {
+      forward_passes(dir, x, weight, out, pass, acc);
+    });
   });
   return out;
 }
@@ -424,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> tree_scan_backward_cuda(
   if (x.size(0) == 0 || x.size(1) == 0) return {gx, gw};
   const int vec = vec_width(x.size(1), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
   with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
-    scan(x, pl, la, vec, [&](auto&& pass, auto&& acc) {
+    scan(x, pl, la, vec, backward_buffers(dir), [&](auto&& pass, auto&& acc) {
       backward_passes(dir, grad, x, weight, out, gx, gw, pass, acc);
     });
   });

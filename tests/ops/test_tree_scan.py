@@ -121,6 +121,20 @@ def test_trailing_dims(backend, direction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_matrix_inputs_add_no_view_to_the_graph(backend):
+    # [N, C] inputs reach the operator as they are: no reshape node for autograd to walk
+    # in every backward (a small scan's backward costs the host per node)
+    tree = Tree.from_parent(random_forest(12, 2, _gen(8)))
+    x, w, _ = _inputs(12, 3, seed=9, requires_grad=True)
+    h = tree_scan(x, w, tree, "both", backend=backend)
+    assert "View" not in type(h.grad_fn).__name__
+    assert all("View" not in type(f).__name__ for f, _ in h.grad_fn.next_functions if f)
+    v = tree_scan(x[:, 0], w[:, 0], tree, "both", backend=backend)  # [N] in, [N] out
+    assert v.shape == (12,)
+    torch.testing.assert_close(v, h[:, 0])  # the channels scan independently
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_gradcheck(backend, direction):
     tree = Tree.from_parent(random_forest(8, 2, _gen(7)))

@@ -262,6 +262,10 @@ def _check_inputs(x, weight, tree, direction, schedule) -> None:
                          "use tree.to(x.device)")
 
 
+def _shaped(out: Tensor, shape: torch.Size) -> Tensor:
+    return out if out.shape == shape else out.reshape(shape)
+
+
 def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
               backend: Optional[str] = None, schedule: Optional[str] = None) -> Tensor:
     r"""Linear-time tree scan, differentiable in ``x`` and ``weight`` (``docs/concepts.md``).
@@ -310,20 +314,21 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     _check_inputs(x, weight, tree, direction, schedule)
     shape = x.shape
     channels = math.prod(shape[1:])
-    x2 = x.reshape(shape[0], channels)
-    w2 = weight.reshape(shape[0], channels)
+    flat = x.dim() == 2  # no reshape: a view would add a node to autograd's graph
+    x2 = x if flat else x.reshape(shape[0], channels)
+    w2 = weight if flat else weight.reshape(shape[0], channels)
     if x2.numel() == 0:
-        return (x2 + 0 * w2).reshape(shape)  # keeps autograd connected
+        return _shaped(x2 + 0 * w2, shape)  # keeps autograd connected
     backend = _resolve_backend(backend, x.device)
     if tree.num_trees == tree.num_nodes:  # no edge: nothing to carry, on every backend
-        return _EdgelessScan.apply(x2, w2).reshape(shape)
+        return _shaped(_EdgelessScan.apply(x2, w2), shape)
     if backend == "torch":
-        return _ReferenceScan.apply(x2, w2, tree, direction).reshape(shape)
+        return _shaped(_ReferenceScan.apply(x2, w2, tree, direction), shape)
     x2, w2 = x2.contiguous(), w2.contiguous()
     if backend == "numba":
         out = torch.ops.treessm.tree_scan(x2, w2, tree.order, tree.child_ptr, tree.tree_ptr, [],
                                           "", [0], direction, backend)
-        return out.reshape(shape)
+        return _shaped(out, shape)
     plan = scan_plan(tree, channels, x.dtype, schedule)
     if torch.compiler.is_compiling() or plan.schedule == "tiles":
         # the Python custom op, which dynamo traces (and which gives the tiled kernels
@@ -334,4 +339,4 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     else:
         out = torch.ops.treessm.cuda_tree_scan(x2, w2, *plan.tensors, plan.schedule,
                                                plan.launch, direction)
-    return out.reshape(shape)
+    return _shaped(out, shape)
