@@ -82,6 +82,10 @@ class _ReferenceScan:
             return torch.autograd.grad(out, [xs, ws], gh)
 
     @staticmethod
+    def forward(x, w, tree, direction):
+        return reference_tree_scan(x, w, tree, direction)
+
+    @staticmethod
     def forward_with_parts(x, w, tree, direction):
         h = reference_tree_scan(x, w, tree, direction)
         return h, ([x.clone()] if direction == "both" else None)
@@ -149,6 +153,23 @@ def test_blocks_match_the_reference(on_cpu, name, direction, rule):
         want = _value_and_grads(selective_tree_scan_ref, tree, case, kw_case)
         got = _value_and_grads(_kernels_route(width * n * s * 8), tree, case, kw_case)
         _assert_same(got, want)
+
+
+def test_only_the_backward_keeps_a_scan_parts(on_cpu, monkeypatch):
+    # the forward's blocks scan without their parts (they would only raise its peak); the
+    # backward rescans each block once, keeping them for the scan's backward
+    calls = []
+    for name in ("forward", "forward_with_parts"):
+        real = getattr(_ReferenceScan, name)
+        monkeypatch.setattr(_ReferenceScan, name, staticmethod(
+            lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a)))
+    tree, leaves, kw = _problem(random_forest(30, 2, torch.Generator().manual_seed(4)), d=8,
+                                s=3, rule="mean")
+    y = _kernels_route(2 * 30 * 3 * 8)(tree=tree, **leaves, **kw, state_norm=True)
+    assert calls == ["forward"] * 4
+    calls.clear()
+    y.sum().backward()
+    assert calls == ["forward_with_parts"] * 4
 
 
 def test_block_width_bounds_a_vertex_states():

@@ -62,12 +62,16 @@ def _blocks(d: int, width: int) -> List[Tuple[int, int]]:
     return [(c0, min(width, d - c0)) for c0 in range(0, d, width)]
 
 
-def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str):
-    """``(h, parts)``: the scan of a block and what :func:`_scan_backward` takes from it
-    (:func:`treessm.ops.cuda.forward_with_parts`)."""
+def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str, keep_parts: bool):
+    """``(h, parts)``: the scan of a block and, with ``keep_parts``, what
+    :func:`_scan_backward` takes from it (:func:`treessm.ops.cuda.forward_with_parts`; the
+    forward keeps none: its parts would only add to its peak)."""
     if tree.num_trees == tree.num_nodes:  # no edge: every direction gives h = x
         return x, None
-    return cuda.forward_with_parts(x, w, scan_plan(tree, x.shape[1], x.dtype), direction)
+    plan = scan_plan(tree, x.shape[1], x.dtype)
+    if not keep_parts:
+        return cuda.forward(x, w, plan, direction), None
+    return cuda.forward_with_parts(x, w, plan, direction)
 
 
 def _scan_backward(gh: Tensor, x: Optional[Tensor], w: Tensor, h: Tensor, parts, tree: Tree,
@@ -95,7 +99,7 @@ class ExpandedScan(torch.autograd.Function):
         parts = []
         for c0, wb in _blocks(d, width):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            h, _ = _scan(x, w, tree, direction)
+            h, _ = _scan(x, w, tree, direction, keep_parts=False)
             del x, w
             gb = None if g is None else g[c0:c0 + wb]
             mean, m2 = _kernels().cuda_selective_readout(h, C, gb, c0, moments, y1)
@@ -124,7 +128,7 @@ class ExpandedScan(torch.autograd.Function):
         gg = None if g is None else torch.empty_like(g)
         for i, (c0, wb) in enumerate(_blocks(d, width)):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            h, parts = _scan(x, w, tree, direction)
+            h, parts = _scan(x, w, tree, direction, keep_parts=True)
             if parts is not None:  # the backward reads the parts instead of x
                 x = None
             gb = None if g is None else g[c0:c0 + wb]
