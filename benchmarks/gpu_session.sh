@@ -5,7 +5,8 @@
 #                                          tiled), of the device spanning forests and of
 #                                          the fused selective scan, the
 #                                          benchmark rows of the scan, memcheck (and
-#                                          racecheck of the fused walk)
+#                                          racecheck of the tiled scan, the expansion
+#                                          kernels and the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
 #                                          grootl, the tiled kernels, selective_scan), each
@@ -53,6 +54,14 @@ if [ "$MODE" = check ]; then
     -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "matches_dense_oracle or launch_shape" \
     > "$OUT/memcheck.log" 2>&1
   log "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$SUMMARY"
+  log "== memcheck and racecheck (the tiled scan and its parts, the expansion kernels)"
+  for tool in memcheck racecheck; do
+    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
+      -p no:cacheprovider tests/ops/test_tile_scan_cuda.py tests/ops/test_expansion_cuda.py \
+      -k "(dense_oracle and 7 and (both or up)) or (parts and graph_forest and float32) or (cuda_kernels_match_the_reference and child and both)" \
+      > "$OUT/$tool.tiles.log" 2>&1
+    log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.tiles.log" | tail -3 | tee -a "$SUMMARY"
+  done
   log "== memcheck and racecheck (the fused selective walk against the reference, every lane count)"
   for tool in memcheck racecheck; do
     timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \

@@ -34,6 +34,13 @@ the device, the device-to-device copy bandwidth measured in the same run, and
   (tiles, boundary vertices, boundary-tree depth) and build time, and the largest error
   against the float64 scan.
 
+* ``fresh`` (``--fresh``, alone, ``tree_scan_fresh_<card>.json``) -- large trees of shapes
+  the tests do not use (a power-law graph's spanning forest, a 1000 x 1000 grid tree, a
+  random recursive tree of 3 * 10^6 vertices, a caterpillar 5 * 10^5 deep, a star of 1,000
+  chains), every direction under the automatic schedule and under each schedule that suits
+  the tree, float64: the largest error of the output and of both gradients against the
+  numba CPU backend, relative to the largest entry.
+
 ``--headline`` measures only the grid rows in float32 ``both`` through the public API
 (``GridTopology``, ``tree_scan``, autograd), so that the same script can time another
 version of the package in the same run.
@@ -431,6 +438,70 @@ def _section(result, name, fn):
     print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
 
 
+def _fresh_trees():
+    """``(name, Tree)``: trees of about 10^6 vertices or more, shaped unlike the tests'."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from graph import _fresh_graphs
+
+    name, ei, n = next(iter(_fresh_graphs(10 ** 6 // 3)))  # the power-law graph
+    feat = torch.randn(n, 8, generator=torch.Generator().manual_seed(1)).cuda()
+    yield f"spanning forest of a {name} graph", treessm.GraphTopology()(feat, ei.cuda())
+    grid = torch.randn(1, 1000, 1000, 8, generator=torch.Generator().manual_seed(2)).cuda()
+    yield "grid tree of 1000 x 1000", treessm.GridTopology()(grid)
+    gen = torch.Generator().manual_seed(3)
+    yield "random recursive tree of 3 * 10^6", treessm.Tree.from_parent(
+        random_tree(3 * 10 ** 6, gen)).cuda()
+    spine = 5 * 10 ** 5  # a chain with a leaf on every vertex of it
+    idx = torch.arange(2 * spine)
+    parent = torch.where(idx < spine, idx - 1, idx - spine)
+    yield "caterpillar: a chain of 5 * 10^5 with a leaf on each", treessm.Tree.from_parent(
+        parent).cuda()
+    arms, length = 1000, 1000  # one root, 1,000 chains of 1,000 below it
+    pos = torch.arange(arms * length)
+    parent = torch.where(pos % length == 0, -1, pos - 1) + 1
+    yield "star of 1,000 chains of 1,000", treessm.Tree.from_parent(
+        torch.cat([torch.tensor([-1]), parent])).cuda()
+
+
+def fresh_rows():
+    """The scan of each fresh tree on the GPU against the numba backend (float64)."""
+    from treessm.ops.plan import choose_schedule
+
+    rows = []
+    for name, tree in _fresh_trees():
+        n, c = tree.num_nodes, 8
+        gen = torch.Generator().manual_seed(n)
+        x = torch.randn(n, c, generator=gen, dtype=torch.float64)
+        w = torch.rand(n, c, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+        g = torch.randn(n, c, generator=gen, dtype=torch.float64)
+        cpu_tree = tree.cpu()
+        largest = int(torch.diff(tree.tree_ptr).max())
+        auto = choose_schedule(tree, None, c * 8)
+        schedules = [None] + [s for s in SCHEDULES if s != "trees" or largest <= 2 ** 16]
+        for d in DIRECTIONS:
+            want = _value_and_grads(x, w, g, lambda a, b: treessm.tree_scan(
+                a, b, cpu_tree, d, backend="numba"))
+            for sched in schedules:
+                got = _value_and_grads(x.cuda(), w.cuda(), g.cuda(), lambda a, b: treessm.tree_scan(
+                    a, b, tree, d, backend="cuda", schedule=sched))
+                err = [float((u.cpu() - v).abs().max() / v.abs().max().clamp_min(1e-300))
+                       for u, v in zip(got, want)]
+                rows.append(dict(tree=name, N=n, trees=tree.num_trees, largest=largest,
+                                 max_depth=int(tree.max_depth), direction=d,
+                                 schedule=sched or f"auto ({auto})", error_h=err[0],
+                                 error_gx=err[1], error_gw=err[2]))
+                print(f"fresh {name:<52} {d:>4} {rows[-1]['schedule']:<13} errors h "
+                      f"{err[0]:.1e} gx {err[1]:.1e} gw {err[2]:.1e}", flush=True)
+    return rows
+
+
+def _value_and_grads(x, w, g, scan):
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    h = scan(xs, ws)
+    gx, gw = torch.autograd.grad(h, (xs, ws), g)
+    return h.detach(), gx, gw
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--headline", action="store_true",
@@ -440,6 +511,8 @@ def main(argv=None):
                         help="only the tiled kernels against the current ones")
     parser.add_argument("--schedules", action="store_true",
                         help="only every schedule on trees of several shapes")
+    parser.add_argument("--fresh", action="store_true",
+                        help="only large trees the tests do not use, against the CPU backend")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -456,6 +529,9 @@ def main(argv=None):
         result["rows"] = []
     elif args.schedules:
         _section(result, "schedules", lambda: schedules(bw))
+        result["rows"] = []
+    elif args.fresh:
+        _section(result, "fresh", fresh_rows)
         result["rows"] = []
     elif args.headline:
         result["rows"] = [grid_row(B, H, C, "both", torch.float32, bw, topo, headline=True)
@@ -502,7 +578,9 @@ def main(argv=None):
               f"{g('fwd_wall_ms'):>9} {g('fwd_bwd_wall_ms'):>9} {g('build_ms'):>7} "
               f"{r.get('schedule', '-'):>7}")
     for key in ("host", "chains", "graph", "schedules", "launch", "grid_build"):
-        for r in result.get(key, []) if isinstance(result.get(key), list) else [result.get(key)]:
+        if key not in result:  # a section this run did not measure
+            continue
+        for r in result[key] if isinstance(result[key], list) else [result[key]]:
             print(key, json.dumps(r, default=lambda v: round(v, 4) if isinstance(v, float) else v))
     print(f"saved {out}")
     return 0
