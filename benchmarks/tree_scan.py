@@ -257,8 +257,9 @@ def schedules(bw):
         row = dict(case=name, N=n, C=c, levels=tree.num_levels, largest=tree.max_tree_size,
                    auto=choose_schedule(tree, None, c * 4))
         for sched in SCHEDULES:
-            if sched == "trees" and (tree.max_tree_size or n) > 1 << 16:
-                continue  # one block walking a tree this large: seconds, and not a candidate
+            if (sched == "trees" and (tree.max_tree_size or n) > 1 << 16
+                    or sched == "columns" and (tree.max_tree_size or n) > 1 << 12):
+                continue  # one block (a thread) walking a tree this large: not a candidate
             tree.plan_cache.clear()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -477,7 +478,8 @@ def fresh_rows():
         cpu_tree = tree.cpu()
         largest = int(torch.diff(tree.tree_ptr).max())
         auto = choose_schedule(tree, None, c * 8)
-        schedules = [None] + [s for s in SCHEDULES if s != "trees" or largest <= 2 ** 16]
+        schedules = [None] + [s for s in SCHEDULES if (s != "trees" or largest <= 2 ** 16)
+                              and (s != "columns" or largest <= 2 ** 12)]
         for d in DIRECTIONS:
             want = _value_and_grads(x, w, g, lambda a, b: treessm.tree_scan(
                 a, b, cpu_tree, d, backend="numba"))

@@ -7,7 +7,9 @@
 // five plan tensors are, for "trees", the layout's records, light list, slots, path bounds
 // and phase bounds per tree (treessm.ops.plan.PathPlan); for "phases", the phase-major
 // records, light list, slots and the positions where each phase starts, on the device and
-// on the host (treessm.ops.plan.PhasePlan).
+// on the host (treessm.ops.plan.PhasePlan); for "columns", the vertex and the parent
+// position at each breadth-first position, the trees' bounds and, on the host, the
+// largest tree's size (treessm.ops.plan.ColumnPlan; its fifth tensor is empty).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "check.cuh"
+#include "column_kernels.cuh"
 #include "host_utils.cuh"
 #include "scan_kernels.cuh"
 
@@ -378,8 +381,9 @@ void check_x(const at::Tensor& x) {
 }
 
 Launch check_launch(c10::string_view schedule, at::IntArrayRef launch) {
-  TREESSM_CHECK(schedule == "trees" || schedule == "phases",
-              "schedule must be 'trees' or 'phases', got '", std::string(schedule), "'");
+  TREESSM_CHECK(schedule == "trees" || schedule == "phases" || schedule == "columns",
+              "schedule must be 'trees', 'phases' or 'columns', got '", std::string(schedule),
+              "'");
   TREESSM_CHECK(launch.size() == 2, "launch must hold the fields of treessm.ops.plan.Launch, got ",
               launch.size());
   return Launch{launch[0], launch[1]};
@@ -402,6 +406,87 @@ void with_plan(const at::Tensor& x, c10::string_view schedule, const at::Tensor&
   }
 }
 
+// ---------------------------------------------------------------------------- "columns"
+// One thread per (tree, channel), the tree's values in a shared-memory column
+// (column_kernels.cuh).
+struct Columns {
+  at::Tensor order, parent, tree_ptr;
+  int64_t largest = 0;
+  Columns(int64_t N, const at::Tensor& like, const at::Tensor& p0, const at::Tensor& p1,
+          const at::Tensor& p2, const at::Tensor& p3)
+      : order(p0), parent(p1), tree_ptr(p2) {
+    check_int_plan(order, "order", like);
+    check_int_plan(parent, "parent", like);
+    check_int_plan(tree_ptr, "tree_ptr", like);
+    TREESSM_CHECK(order.dim() == 1 && order.size(0) == N, "order must have N entries");
+    TREESSM_CHECK(parent.dim() == 1 && parent.size(0) == N, "parent must have N entries");
+    TREESSM_CHECK(tree_ptr.dim() == 1 && tree_ptr.size(0) >= 1, "tree_ptr must be 1-D");
+    TREESSM_CHECK(p3.device().is_cpu() && p3.scalar_type() == at::kLong && p3.numel() == 1,
+                  "largest_host must be a CPU int64 tensor of one entry");
+    largest = p3.item<int64_t>();
+    TREESSM_CHECK(largest >= 0 && largest <= N, "largest_host must be a tree size");
+  }
+};
+
+// The columns in shared memory where the largest tree's fit, else in a global buffer.
+template <typename T, int MODE>
+void launch_columns(const Columns& pl, columns::Args<T> a, const at::Tensor& like, int device,
+                    cudaStream_t stream) {
+  using A = typename AccType<T>::type;
+  const int64_t trees = pl.tree_ptr.size(0) - 1;
+  a.order = pl.order.data_ptr<int>();
+  a.parent = pl.parent.data_ptr<int>();
+  a.tree_ptr = pl.tree_ptr.data_ptr<int>();
+  a.groups = static_cast<int>((a.C + columns::kThreads - 1) / columns::kThreads);
+  a.stride = static_cast<int>(pl.largest);
+  a.N = like.size(0);
+  const int64_t blocks = trees * a.groups;
+  TREESSM_CHECK(blocks <= 2147483647LL, "too many trees and channels for one launch");
+  if (blocks == 0) return;
+  const int64_t smem = static_cast<int64_t>(columns::columns_of(MODE)) * pl.largest *
+                       columns::kThreads * static_cast<int64_t>(sizeof(A));
+  const auto grid = static_cast<unsigned>(blocks);
+  if (smem <= max_dynamic_smem(device)) {
+    constexpr auto kernel = columns::column_scan_kernel<T, MODE, true>;
+    allow_dynamic_smem<kernel>(smem, device);
+    kernel<<<grid, columns::kThreads, static_cast<size_t>(smem), stream>>>(a);
+  } else {
+    const at::Tensor scratch = at::empty({columns::columns_of(MODE), a.N, a.C},
+                                         like.options().dtype(like.scalar_type() == at::kDouble
+                                                                  ? at::kDouble : at::kFloat));
+    a.scratch = scratch.data_ptr();
+    columns::column_scan_kernel<T, MODE, false><<<grid, columns::kThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dir: 0 both, 1 up, 2 down; grad: the backward (x the gradient, x2 the forward input, h
+// the forward output)
+void run_columns(const Columns& pl, int dir, bool grad, const at::Tensor& x,
+                 const at::Tensor& x2, const at::Tensor& w, const at::Tensor& h,
+                 const at::Tensor& out, const at::Tensor& gw) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int device = x.get_device();
+  TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_column_scan", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    columns::Args<T_> a{};
+    a.x = ptr<const T_>(x);
+    a.x2 = ptr<const T_>(x2);
+    a.w = ptr<const T_>(w);
+    a.h = ptr<const T_>(h);
+    a.out = ptr<T_>(out);
+    a.gw = ptr<T_>(gw);
+    a.C = x.size(1);
+    if (!grad && dir == 0) launch_columns<T_, columns::kBoth>(pl, a, x, device, stream);
+    if (!grad && dir == 1) launch_columns<T_, columns::kUp>(pl, a, x, device, stream);
+    if (!grad && dir == 2) launch_columns<T_, columns::kDown>(pl, a, x, device, stream);
+    if (grad && dir == 0) launch_columns<T_, columns::kBothGrad>(pl, a, x, device, stream);
+    if (grad && dir == 1) launch_columns<T_, columns::kUpGrad>(pl, a, x, device, stream);
+    if (grad && dir == 2) launch_columns<T_, columns::kDownGrad>(pl, a, x, device, stream);
+  });
+}
+
 }  // namespace
 
 at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& p0,
@@ -414,6 +499,10 @@ at::Tensor tree_scan_cuda(const at::Tensor& x, const at::Tensor& weight, const a
   const int dir = direction_code(direction);
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0 || x.size(1) == 0) return out;
+  if (schedule == "columns") {
+    run_columns(Columns(x.size(0), x, p0, p1, p2, p3), dir, false, x, {}, weight, {}, out, {});
+    return out;
+  }
   const int vec = vec_width(x.size(1), x.element_size(), {&x, &weight, &out});
   with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
     scan(x, pl, la, vec, forward_buffers(dir), [&](auto&& pass, auto&& acc) {
@@ -437,6 +526,10 @@ std::tuple<at::Tensor, at::Tensor> tree_scan_backward_cuda(
   at::Tensor gx = at::empty_like(x);
   at::Tensor gw = at::empty_like(x);
   if (x.size(0) == 0 || x.size(1) == 0) return {gx, gw};
+  if (schedule == "columns") {
+    run_columns(Columns(x.size(0), x, p0, p1, p2, p3), dir, true, grad, x, weight, out, gx, gw);
+    return {gx, gw};
+  }
   const int vec = vec_width(x.size(1), x.element_size(), {&grad, &x, &weight, &out, &gx, &gw});
   with_plan(x, schedule, p0, p1, p2, p3, p4, [&](const auto& pl) {
     scan(x, pl, la, vec, backward_buffers(dir), [&](auto&& pass, auto&& acc) {

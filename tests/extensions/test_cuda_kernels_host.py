@@ -25,9 +25,9 @@ NAMES = ["fwd up", "fwd down", "fwd both", "gx up", "gw up", "gx down", "gw down
          "gw both"]
 
 
-def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95), lanes=32,
-         zeros=0.0):
-    # weights uniform in `weights`, a fraction `zeros` of them 0
+def problem(parent, C, weights=(0.05, 0.95), zeros=0.0):
+    """``(tree, x, w, gout)`` in float64: weights uniform in ``weights``, a fraction
+    ``zeros`` of them 0."""
     tree = treessm.Tree.from_parent(parent)
     n = parent.numel()
     g = torch.Generator().manual_seed(0)
@@ -36,7 +36,22 @@ def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95), la
     w = lo + (hi - lo) * torch.rand(n, C, generator=g, dtype=torch.float64)
     w[torch.rand(n, C, generator=g) < zeros] = 0.0
     gout = torch.randn(n, C, generator=g, dtype=torch.float64)
+    return tree, x, w, gout
+
+
+def expected(tree, x, w, gout):
+    """The torch reference's results in the order of :data:`NAMES`."""
     levels = level_groups(tree)
+    out = [reference.forward(x, w, tree.parent, levels, d) for d in ("up", "down", "both")]
+    for d, h in zip(("up", "down", "both"), out[:3]):
+        out += list(reference.backward(gout, x, w, h, tree.parent, levels, d))
+    return out
+
+
+def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95), lanes=32,
+         zeros=0.0):
+    tree, x, w, gout = problem(parent, C, weights, zeros)
+    n = parent.numel()
     pp, ph = path_plan(tree), phase_plan(tree)
     src, dst = tmp / "in.bin", tmp / "out.bin"
     with open(src, "wb") as f:
@@ -49,10 +64,7 @@ def _run(harness, tmp, parent, C, lpv, schedule, vec=2, weights=(0.05, 0.95), la
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64).reshape(-1, n, C)
-    expected = [reference.forward(x, w, parent, levels, d) for d in ("up", "down", "both")]
-    for d, h in zip(("up", "down", "both"), expected[:3]):
-        expected += list(reference.backward(gout, x, w, h, parent, levels, d))
-    for name, got, exp in zip(NAMES, out, expected):
+    for name, got, exp in zip(NAMES, out, expected(tree, x, w, gout)):
         np.testing.assert_allclose(got, exp.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
     return out
 

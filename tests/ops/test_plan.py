@@ -156,7 +156,8 @@ def test_attach_level_plan_is_what_the_scan_reads():
 
 
 def test_schedule_choice_reads_host_sizes_only():
-    from treessm.ops.plan import PHASES_MIN_TREE_SIZE, PHASES_MIN_TREES, choose_schedule
+    from treessm.ops.plan import (PHASES_MIN_TREE_SIZE, PHASES_MIN_TREES, SCHEDULES,
+                                  choose_schedule)
 
     small = treessm.Tree.from_parent(random_forest(400, 1, torch.Generator().manual_seed(1)))
     assert choose_schedule(small) == "trees" == choose_schedule(small, "auto")
@@ -172,13 +173,51 @@ def test_schedule_choice_reads_host_sizes_only():
     isolated = treessm.Tree.from_parent(torch.full((PHASES_MIN_TREES + 1,), -1))
     assert choose_schedule(isolated) == "phases"
     few = treessm.Tree.from_parent(torch.full((PHASES_MIN_TREES,), -1))
-    assert choose_schedule(few) == "trees"
-    for s in ("trees", "phases", "tiles"):
+    assert choose_schedule(few) == "columns"  # trees of one vertex, their size known
+    for s in SCHEDULES:
         assert choose_schedule(small, s) == s == choose_schedule(big, s)
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
         choose_schedule(small, "sideways")
     with pytest.raises(ValueError, match="schedule must be None, 'auto' or one of"):
         treessm.tree_scan(torch.ones(400, 1), torch.ones(400, 1), small, schedule="levels")
+
+
+def test_schedule_choice_takes_columns_for_small_trees_of_known_size():
+    from treessm.ops.plan import COLUMNS_MAX_TREE_SIZE, PHASES_MIN_TREES, choose_schedule
+
+    def forest(trees, largest):
+        ids = torch.zeros(trees, dtype=torch.long)  # the choice reads sizes only
+        return treessm.Tree(ids, ids, torch.zeros(trees + 1, dtype=torch.long),
+                            torch.arange(trees + 1), ids, max_tree_size=largest)
+
+    assert choose_schedule(forest(32, COLUMNS_MAX_TREE_SIZE)) == "columns"
+    assert choose_schedule(forest(32, COLUMNS_MAX_TREE_SIZE), row_bytes=2560) == "columns"
+    assert choose_schedule(forest(32, COLUMNS_MAX_TREE_SIZE + 1)) == "trees"
+    assert choose_schedule(forest(32, None)) == "trees"  # size not known on the host
+    assert choose_schedule(forest(PHASES_MIN_TREES + 1, 2)) == "phases"
+    grids = treessm.GridTopology()(torch.randn(2, 7, 7, 3))  # GrootV's last stage
+    assert grids.max_tree_size == 49 and choose_schedule(grids, None, 1280 * 4) == "columns"
+    grids = treessm.GridTopology()(torch.randn(2, 14, 14, 3))
+    assert choose_schedule(grids, None, 640 * 4) == "trees"
+
+
+def test_column_plan_is_the_breadth_first_layout():
+    from treessm.ops.plan import column_plan
+
+    parent = random_forest(50, 4, torch.Generator().manual_seed(3))
+    tree = treessm.Tree.from_parent(parent)
+    cp = column_plan(tree)
+    assert column_plan(tree) is cp  # cached
+    assert all(t.dtype == torch.int32 for t in (cp.order, cp.parent, cp.tree_ptr))
+    assert torch.equal(cp.order.long(), tree.order)
+    pos = cp.parent.long()
+    roots = pos < 0
+    assert torch.equal(parent[tree.order][~roots], tree.order[pos[~roots]])
+    assert (pos[~roots] < torch.arange(50)[~roots]).all()  # parents first
+    assert int(cp.largest_host) == int(torch.diff(tree.tree_ptr).max())
+    assert cp.largest_host.device.type == "cpu" and cp.unused.numel() == 0
+    unknown = treessm.Tree(tree.parent, tree.order, tree.child_ptr, tree.tree_ptr, tree.depth)
+    assert int(column_plan(unknown).largest_host) == int(cp.largest_host)
 
 
 def test_schedule_choice_takes_tiles_for_large_forests_not_known_to_be_chains():
@@ -243,7 +282,7 @@ def test_launch_defaults_and_plan_cache():
     # forests of small trees: one lane per 128 vertices of the largest, 16 to 128
     assert [plan.launch_config("trees", 4, n).lanes for n in (1, 784, 2048, 2049, 3136, 9000)] \
         == [16, 16, 16, 32, 32, 128]
-    tree = treessm.Tree.from_parent(random_forest(300, 3, torch.Generator().manual_seed(4)))
+    tree = treessm.Tree.from_parent(random_forest(300, 1, torch.Generator().manual_seed(4)))
     a = plan.scan_plan(tree, 16, torch.float32)
     assert plan.scan_plan(tree, 64, torch.float32) is a  # channels do not change the plan
     assert a.schedule == "trees" and len(a.tensors) == 5

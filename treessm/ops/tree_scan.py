@@ -286,7 +286,8 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
         direction (str): ``"both"``, ``"up"`` or ``"down"``. (default: ``"both"``)
         backend (str, optional): ``"torch"``, ``"numba"`` or ``"cuda"``; by default the
             fastest available for the device. (default: ``None``)
-        schedule (str, optional): CUDA schedule, ``"trees"``, ``"phases"`` or ``"tiles"``; by default
+        schedule (str, optional): CUDA schedule, ``"trees"``, ``"phases"``, ``"tiles"`` or
+            ``"columns"``; by default
             chosen from the tree's size (:func:`treessm.ops.plan.choose_schedule`). Every
             schedule computes the same sums. (default: ``None``)
 

@@ -1,0 +1,223 @@
+// Tree-scan kernels of the "columns" schedule: one thread per (tree, channel) runs the
+// recurrences of docs/concepts.md vertex by vertex along the tree's breadth-first positions,
+// its values in a column of shared memory (one entry per position of the tree, the 32
+// threads of a block side by side, so no access conflicts), or of global memory where the
+// largest tree's columns do not fit (entries [j][N][C]). No thread waits for another:
+// a small tree's scan is a few hundred shared-memory steps, not a block-wide step per
+// heavy-path phase. The loads of kAhead positions (vertex, parent, rows) are issued
+// together before their steps run.
+//
+// Positions (treessm.Tree): a tree's positions are the contiguous range [tree_ptr[t],
+// tree_ptr[t + 1]), every parent before its children, and the children of a vertex are
+// consecutive positions. Passes:
+//   - up, leaves first: U[i] = x[i] + the shares w[c] U[c] its children pushed into U[i];
+//   - down, roots first: H[i] = x[i] + w[i] H[p];
+//   - both: up; then, leaves first, each child's suffix S[i] = sum of w U over its later
+//     siblings; then, roots first, the prefix over its earlier siblings, the bracket
+//     br[i] = (out[p] + x[p]) + (prefix + suffix), out[i] = w[i] br[i] and h = U + out, and
+//     S[i] <- out[i] + x[i] for i's own children: no share is ever subtracted back out.
+// The backward of down is up of the gradient g (dL/dw[i] = G[i] h[p]), of up it is down of
+// g (dL/dw[i] = h[i] G[p]); both is self-adjoint, and dL/dw[i] = U_x[i] br_g[i] + U_g[i]
+// br_x[i] from the passes over x and g run side by side. Every sum runs in position order:
+// results are bitwise deterministic. Accumulation is float32 (float64 for double).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "numeric.cuh"
+
+namespace treessm_cuda {
+namespace columns {
+
+constexpr int kThreads = 32;  // channels of a block
+constexpr int kAhead = 8;     // positions whose loads are in flight together
+
+enum Mode { kUp = 0, kDown = 1, kBoth = 2, kUpGrad = 3, kDownGrad = 4, kBothGrad = 5 };
+
+// Shared-memory entries a thread keeps per position of its tree.
+__host__ __device__ constexpr int columns_of(int mode) {
+  return mode == kBoth ? 2 : (mode == kBothGrad ? 4 : 1);
+}
+
+template <typename T> struct Args {
+  const T* x;    // [N, C]: the input (forward) or the output's gradient (backward)
+  const T* x2;   // both's backward: the forward input
+  const T* w;    // [N, C]: weight of the edge to the parent
+  const T* h;    // the forward output (the backward of up and down)
+  T* out;        // h (forward) or dL/dx (backward)
+  T* gw;         // dL/dw (backward)
+  const int* order;     // vertex at each position
+  const int* parent;    // parent position, -1 at roots
+  const int* tree_ptr;  // [T + 1]
+  int64_t C;
+  int groups;  // channel groups of kThreads
+  int stride;  // positions of a shared-memory column: the largest tree
+  int64_t N;
+  void* scratch;  // [columns_of(MODE), N, C] accumulators when the columns are in global memory
+};
+
+// Runs step(i, k) for the positions of [s, e) (roots first: s first; else e - 1 first), the
+// loads of a chunk of kAhead positions issued before its first step: records(i, k) (vertex
+// and parent), then rows(i, k) (the rows the records point at); k is the position's slot.
+template <bool ROOTS_FIRST, typename Records, typename Rows, typename Step>
+__device__ __forceinline__ void sweep(int s, int e, Records&& records, Rows&& rows, Step&& step) {
+  const int n = e - s;
+  for (int base = 0; base < n; base += kAhead) {
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k)
+      if (base + k < n) records(ROOTS_FIRST ? s + base + k : e - 1 - base - k, k);
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k)
+      if (base + k < n) rows(k);
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k)
+      if (base + k < n) step(ROOTS_FIRST ? s + base + k : e - 1 - base - k, k);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ typename AccType<T>::type load_acc(const T* p) {
+  return static_cast<typename AccType<T>::type>(to_acc(__ldg(p)));
+}
+
+template <typename T, int MODE, bool SHARED>
+__global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) {
+  using A = typename AccType<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* sm = SHARED ? reinterpret_cast<A*>(smem_raw) : static_cast<A*>(a.scratch);
+  const int t = static_cast<int>(blockIdx.x) / a.groups;
+  const int64_t c = static_cast<int64_t>(blockIdx.x % a.groups) * kThreads + threadIdx.x;
+  if (c >= a.C) return;
+  const int s = a.tree_ptr[t], e = a.tree_ptr[t + 1];
+  const int64_t C = a.C;
+  // entry j (0 .. columns_of(MODE) - 1) of position i
+  auto at = [&](int j, int i) -> A& {
+    return SHARED ? sm[(static_cast<int64_t>(j) * a.stride + (i - s)) * kThreads + threadIdx.x]
+                  : sm[(static_cast<int64_t>(j) * a.N + i) * C + c];
+  };
+  int vr[kAhead], pr[kAhead], qr[kAhead];
+  A xr[kAhead], x2r[kAhead], wr[kAhead], hr[kAhead];
+  auto rec = [&](int i, int k) {
+    vr[k] = __ldg(a.order + i);
+    pr[k] = __ldg(a.parent + i);
+  };
+  // the rows a pass reads: x and w at the vertex (and x2, or h at the vertex or its parent)
+  auto rows_xw = [&](int k) {
+    xr[k] = load_acc(a.x + vr[k] * C + c);
+    wr[k] = load_acc(a.w + vr[k] * C + c);
+  };
+  const A zero = A(0);
+
+  if (MODE == kDown || MODE == kUpGrad) {
+    // roots first: H[i] = x[i] + w[i] H[p]; the backward of up also writes
+    // dL/dw[i] = h[i] G[p]
+    sweep<true>(s, e, rec, [&](int k) {
+      rows_xw(k);
+      if (MODE == kUpGrad) hr[k] = load_acc(a.h + vr[k] * C + c);
+    }, [&](int i, int k) {
+      const int p = pr[k];
+      const A hp = p >= 0 ? at(0, p) : zero;
+      const A v = p >= 0 ? xr[k] + wr[k] * hp : xr[k];
+      at(0, i) = v;
+      a.out[vr[k] * C + c] = Store<T>::cvt(v);
+      if (MODE == kUpGrad) a.gw[vr[k] * C + c] = Store<T>::cvt(p >= 0 ? hr[k] * hp : zero);
+    });
+    return;
+  }
+
+  if (MODE == kUp || MODE == kDownGrad) {
+    // leaves first: U[i] = x[i] + the children's shares; the backward of down also writes
+    // dL/dw[i] = G[i] h[p]
+    for (int i = s; i < e; ++i) at(0, i) = zero;
+    sweep<false>(s, e, [&](int i, int k) {
+      rec(i, k);
+      if (MODE == kDownGrad) qr[k] = pr[k] >= 0 ? __ldg(a.order + pr[k]) : -1;
+    }, [&](int k) {
+      rows_xw(k);
+      if (MODE == kDownGrad) hr[k] = qr[k] >= 0 ? load_acc(a.h + qr[k] * C + c) : zero;
+    }, [&](int i, int k) {
+      const int p = pr[k];
+      const A v = xr[k] + at(0, i);
+      a.out[vr[k] * C + c] = Store<T>::cvt(v);
+      if (MODE == kDownGrad) a.gw[vr[k] * C + c] = Store<T>::cvt(p >= 0 ? v * hr[k] : zero);
+      if (p >= 0) at(0, p) += wr[k] * v;
+    });
+    return;
+  }
+
+  // both (kBoth: x; kBothGrad: the gradient g in x and the forward input in x2, side by
+  // side): entries 0 and 1 hold U_x and S_x (later out_x + x); 2 and 3 U_g and S_g
+  constexpr bool GRAD = MODE == kBothGrad;
+  constexpr int NS = GRAD ? 2 : 1;  // streams: x, or x and g
+  auto rows_both = [&](int k) {
+    rows_xw(k);
+    if (GRAD) x2r[k] = load_acc(a.x2 + vr[k] * C + c);
+  };
+  // the stream's input at slot k: x (forward); x2 = x and x = g (backward)
+  auto input = [&](int q, int k) -> A { return GRAD ? (q == 0 ? x2r[k] : xr[k]) : xr[k]; };
+  for (int i = s; i < e; ++i) {
+    at(0, i) = zero;
+    if (GRAD) at(2, i) = zero;
+  }
+  sweep<false>(s, e, rec, rows_both, [&](int i, int k) {  // up
+    const int p = pr[k];
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      const A u = input(q, k) + at(2 * q, i);
+      at(2 * q, i) = u;
+      if (p >= 0) at(2 * q, p) += wr[k] * u;
+    }
+  });
+  int family = -2;
+  A run[NS];
+  sweep<false>(s, e, rec, [&](int k) { wr[k] = load_acc(a.w + vr[k] * C + c); },
+               [&](int i, int k) {  // suffix sums over the later siblings
+    const int p = pr[k];
+    if (p < 0) return;
+    if (p != family) {
+      family = p;
+#pragma unroll
+      for (int q = 0; q < NS; ++q) run[q] = zero;
+    }
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      at(2 * q + 1, i) = run[q];
+      run[q] += wr[k] * at(2 * q, i);
+    }
+  });
+  family = -2;
+  sweep<true>(s, e, rec, rows_both, [&](int i, int k) {  // prefix sums, brackets, out
+    const int p = pr[k];
+    const int64_t r = vr[k] * C + c;
+    if (p < 0) {
+#pragma unroll
+      for (int q = 0; q < NS; ++q) at(2 * q + 1, i) = input(q, k);  // out + x, out = 0
+      a.out[r] = Store<T>::cvt(at(2 * (NS - 1), i));
+      if (GRAD) a.gw[r] = Store<T>::cvt(zero);
+      return;
+    }
+    if (p != family) {
+      family = p;
+#pragma unroll
+      for (int q = 0; q < NS; ++q) run[q] = zero;
+    }
+    A br[NS];
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      br[q] = at(2 * q + 1, p) + (run[q] + at(2 * q + 1, i));
+      run[q] += wr[k] * at(2 * q, i);
+    }
+    const A last = at(2 * (NS - 1), i) + wr[k] * br[NS - 1];  // h, or dL/dx = both(g)
+    a.out[r] = Store<T>::cvt(last);
+    if (GRAD) a.gw[r] = Store<T>::cvt(at(0, i) * br[1] + at(2, i) * br[0]);
+#pragma unroll
+    for (int q = 0; q < NS; ++q) at(2 * q + 1, i) = wr[k] * br[q] + input(q, k);
+  });
+}
+
+}  // namespace columns
+}  // namespace treessm_cuda
