@@ -31,6 +31,12 @@ template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)                      \
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
+// The accumulation type of the scans for an element type: float64 for float64, float32
+// otherwise (numeric.cuh's AccType on the device side).
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // A device attribute, queried once per device.
 template <cudaDeviceAttr Attr>
 int device_attribute(int device) {

@@ -189,7 +189,7 @@ void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, TileArgs a, b
   if (x.numel() == 0 || a.M == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), M = a.M;
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_type(x.scalar_type());
   const auto acc = x.options().dtype(acc_dtype);
   // scratch rows by boundary number (fewer than N) and by tile
   at::Tensor sa = at::empty({N, C}, acc), sb = at::empty({N, C}, acc), tv = at::empty({M, C}, acc);
@@ -220,10 +220,6 @@ int64_t blocks_of(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   TREESSM_CHECK(blocks <= 2147483647LL, "too many rows for one launch");
   return blocks;
-}
-
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The parts of both(x) (x, w in the accumulation type): up = up(x); inner[v] = x[p] +

@@ -307,7 +307,7 @@ void launch_phases(const Shape& L, const Phases& pl, int64_t C, const ScanIO& io
     most = n > most ? n : most;
   }
   TREESSM_CHECK(most <= 2147483647LL, "too many chunks for one launch");
-  const auto acc_dtype = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_type(like.scalar_type());
   at::Tensor agg, aggf, carry;
   if (most > 1) {
     agg = at::empty({most, 2 * Tr::NS, C}, like.options().dtype(acc_dtype));
@@ -354,7 +354,7 @@ void scan(const at::Tensor& x, const Plan& plan, const Launch& la, int vec, int 
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int device = x.get_device();
   const Shape L = launch_shape(C, x.element_size(), vec, la.row_bytes, la.lanes);
-  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_dtype = acc_type(x.scalar_type());
   const at::Tensor arena = at::empty({buffers, N, C}, x.options().dtype(acc_dtype));
   int taken = 0;
   auto acc = [&] {
@@ -452,8 +452,7 @@ void launch_columns(const Columns& pl, columns::Args<T> a, const at::Tensor& lik
     kernel<<<grid, columns::kThreads, static_cast<size_t>(smem), stream>>>(a);
   } else {
     const at::Tensor scratch = at::empty({columns::columns_of(MODE), a.N, a.C},
-                                         like.options().dtype(like.scalar_type() == at::kDouble
-                                                                  ? at::kDouble : at::kFloat));
+                                         like.options().dtype(acc_type(like.scalar_type())));
     a.scratch = scratch.data_ptr();
     columns::column_scan_kernel<T, MODE, false><<<grid, columns::kThreads, 0, stream>>>(a);
   }

@@ -1,6 +1,6 @@
 """CUDA backend of the tree scan: the kernels of ``extensions/treessm_cuda`` behind
 ``torch.ops.treessm.cuda_tree_scan`` and ``cuda_tree_scan_backward`` (schedules
-``"trees"`` and ``"phases"``) and ``cuda_tile_scan`` and ``cuda_tile_scan_backward``
+``"trees"``, ``"phases"`` and ``"columns"``) and ``cuda_tile_scan`` and ``cuda_tile_scan_backward``
 (``"tiles"``; ``"both"`` also through ``cuda_tile_scan_both_parts`` and
 ``cuda_tile_scan_both_backward``, which keep the forward's parts for the backward),
 launched with the plan, schedule and parameters of :mod:`treessm.ops.plan`.

@@ -247,7 +247,8 @@ class Launch(NamedTuple):
 class ScanPlan(NamedTuple):
     """What a CUDA scan operator takes besides the data: the schedule, its plan tensors
     (the five of :class:`PathPlan` for ``"trees"``, of :class:`PhasePlan` for
-    ``"phases"`` and of :class:`ColumnPlan` for ``"columns"``; the twenty of :class:`~treessm.ops.tiles.TilePlan` from ``vertex`` on,
+    ``"phases"`` and of :class:`ColumnPlan` for ``"columns"``; the twenty of
+    :class:`~treessm.ops.tiles.TilePlan` from ``vertex`` on,
     tiles of :data:`~treessm.ops.tiles.TILE` positions, for ``"tiles"``) and the launch
     parameters for ``channels`` channels of ``dtype``."""
 

@@ -262,8 +262,10 @@ def _check_inputs(x, weight, tree, direction, schedule) -> None:
                          "use tree.to(x.device)")
 
 
-def _shaped(out: Tensor, shape: torch.Size) -> Tensor:
-    return out if out.shape == shape else out.reshape(shape)
+def _shaped(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` in ``shape``, itself where it has it: a reshape to the same shape is a view,
+    which adds a node to autograd's graph."""
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
@@ -315,9 +317,8 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
     _check_inputs(x, weight, tree, direction, schedule)
     shape = x.shape
     channels = math.prod(shape[1:])
-    flat = x.dim() == 2  # no reshape: a view would add a node to autograd's graph
-    x2 = x if flat else x.reshape(shape[0], channels)
-    w2 = weight if flat else weight.reshape(shape[0], channels)
+    x2 = _shaped(x, torch.Size((shape[0], channels)))
+    w2 = _shaped(weight, torch.Size((shape[0], channels)))
     if x2.numel() == 0:
         return _shaped(x2 + 0 * w2, shape)  # keeps autograd connected
     backend = _resolve_backend(backend, x.device)
