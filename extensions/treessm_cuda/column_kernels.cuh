@@ -4,8 +4,9 @@
 // threads of a block side by side, so no access conflicts), or of global memory where the
 // largest tree's columns do not fit (entries [j][N][C]). No thread waits for another:
 // a small tree's scan is a few hundred shared-memory steps, not a block-wide step per
-// heavy-path phase. The loads of kAhead positions (vertex, parent, rows) are issued
-// together before their steps run.
+// heavy-path phase. With the columns in shared memory the block first copies its tree's
+// records (vertex and parent of each position) beside them, once for all its passes; the
+// rows of the next kAhead positions are loaded while the steps of the current ones run.
 //
 // Positions (treessm.Tree): a tree's positions are the contiguous range [tree_ptr[t],
 // tree_ptr[t + 1]), every parent before its children, and the children of a vertex are
@@ -34,7 +35,13 @@ namespace treessm_cuda {
 namespace columns {
 
 constexpr int kThreads = 32;  // channels of a block
-constexpr int kAhead = 8;     // positions whose loads are in flight together
+constexpr int kAhead = 8;     // positions of a chunk: two chunks' loads in flight
+
+// a register buffer's index, known at compile time
+template <int B> struct Buffer {
+  static constexpr int value = B;
+  __device__ __forceinline__ constexpr operator int() const { return B; }
+};
 
 enum Mode { kUp = 0, kDown = 1, kBoth = 2, kUpGrad = 3, kDownGrad = 4, kBothGrad = 5 };
 
@@ -60,22 +67,32 @@ template <typename T> struct Args {
   void* scratch;  // [columns_of(MODE), N, C] accumulators when the columns are in global memory
 };
 
-// Runs step(i, k) for the positions of [s, e) (roots first: s first; else e - 1 first), the
-// loads of a chunk of kAhead positions issued before its first step: records(i, k) (vertex
-// and parent), then rows(i, k) (the rows the records point at); k is the position's slot.
-template <bool ROOTS_FIRST, typename Records, typename Rows, typename Step>
-__device__ __forceinline__ void sweep(int s, int e, Records&& records, Rows&& rows, Step&& step) {
+// Runs step(i, k, b) for the positions of [s, e) (roots first: s first; else e - 1 first)
+// in chunks of kAhead; load(i, k, b) fills slot k of register buffer b with position i's
+// record and rows. The loads of a chunk are issued before the steps of the one before it
+// run (buffers 0 and 1 alternate; b is a constant at every call).
+template <bool ROOTS_FIRST, typename Load, typename Step>
+__device__ __forceinline__ void sweep(int s, int e, Load&& load, Step&& step) {
   const int n = e - s;
-  for (int base = 0; base < n; base += kAhead) {
+  auto position = [&](int j) { return ROOTS_FIRST ? s + j : e - 1 - j; };
+  auto load_chunk = [&](int base, auto b) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (base + k < n) records(ROOTS_FIRST ? s + base + k : e - 1 - base - k, k);
+      if (base + k < n) load(position(base + k), k, b);
+  };
+  auto step_chunk = [&](int base, auto b) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k)
-      if (base + k < n) rows(k);
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k)
-      if (base + k < n) step(ROOTS_FIRST ? s + base + k : e - 1 - base - k, k);
+      if (base + k < n) step(position(base + k), k, b);
+  };
+  const Buffer<0> first;
+  const Buffer<1> second;
+  load_chunk(0, first);
+  for (int base = 0; base < n; base += 2 * kAhead) {
+    load_chunk(base + kAhead, second);
+    step_chunk(base, first);
+    load_chunk(base + 2 * kAhead, first);
+    step_chunk(base + kAhead, second);
   }
 }
 
@@ -84,67 +101,87 @@ __device__ __forceinline__ typename AccType<T>::type load_acc(const T* p) {
   return static_cast<typename AccType<T>::type>(to_acc(__ldg(p)));
 }
 
+// Shared-memory bytes of a block: its columns, then its tree's records (two ints a position).
+template <typename A>
+__host__ __device__ constexpr int64_t shared_bytes(int mode, int64_t stride) {
+  return static_cast<int64_t>(columns_of(mode)) * stride * kThreads * static_cast<int64_t>(sizeof(A)) +
+         stride * 2 * static_cast<int64_t>(sizeof(int));
+}
+
 template <typename T, int MODE, bool SHARED>
 __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) {
   using A = typename AccType<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* sm = SHARED ? reinterpret_cast<A*>(smem_raw) : static_cast<A*>(a.scratch);
   const int t = static_cast<int>(blockIdx.x) / a.groups;
+  const int s = a.tree_ptr[t], e = a.tree_ptr[t + 1];
+  // the records: vertex and parent position of position s + j at [j] and [stride + j]
+  int* records = reinterpret_cast<int*>(
+      smem_raw + static_cast<int64_t>(columns_of(MODE)) * a.stride * kThreads * sizeof(A));
+  if (SHARED) {
+    for (int i = s + static_cast<int>(threadIdx.x); i < e; i += kThreads) {
+      records[i - s] = __ldg(a.order + i);
+      records[a.stride + i - s] = __ldg(a.parent + i);
+    }
+    __syncthreads();
+  }
   const int64_t c = static_cast<int64_t>(blockIdx.x % a.groups) * kThreads + threadIdx.x;
   if (c >= a.C) return;
-  const int s = a.tree_ptr[t], e = a.tree_ptr[t + 1];
   const int64_t C = a.C;
   // entry j (0 .. columns_of(MODE) - 1) of position i
   auto at = [&](int j, int i) -> A& {
     return SHARED ? sm[(static_cast<int64_t>(j) * a.stride + (i - s)) * kThreads + threadIdx.x]
                   : sm[(static_cast<int64_t>(j) * a.N + i) * C + c];
   };
-  int vr[kAhead], pr[kAhead], qr[kAhead];
-  A xr[kAhead], x2r[kAhead], wr[kAhead], hr[kAhead];
-  auto rec = [&](int i, int k) {
-    vr[k] = __ldg(a.order + i);
-    pr[k] = __ldg(a.parent + i);
+  auto vertex_at = [&](int i) { return SHARED ? records[i - s] : __ldg(a.order + i); };
+  auto parent_at = [&](int i) { return SHARED ? records[a.stride + i - s] : __ldg(a.parent + i); };
+  // two register buffers of kAhead positions: record (vertex, parent) and rows
+  int vr[2][kAhead], pr[2][kAhead];
+  A xr[2][kAhead], x2r[2][kAhead], wr[2][kAhead];
+  auto rec = [&](int i, int k, int b) {
+    vr[b][k] = vertex_at(i);
+    pr[b][k] = parent_at(i);
   };
   // the rows a pass reads: x and w at the vertex (and x2, or h at the vertex or its parent)
-  auto rows_xw = [&](int k) {
-    xr[k] = load_acc(a.x + vr[k] * C + c);
-    wr[k] = load_acc(a.w + vr[k] * C + c);
+  auto rows_xw = [&](int k, int b) {
+    xr[b][k] = load_acc(a.x + vr[b][k] * C + c);
+    wr[b][k] = load_acc(a.w + vr[b][k] * C + c);
   };
   const A zero = A(0);
 
   if (MODE == kDown || MODE == kUpGrad) {
     // roots first: H[i] = x[i] + w[i] H[p]; the backward of up also writes
-    // dL/dw[i] = h[i] G[p]
-    sweep<true>(s, e, rec, [&](int k) {
-      rows_xw(k);
-      if (MODE == kUpGrad) hr[k] = load_acc(a.h + vr[k] * C + c);
-    }, [&](int i, int k) {
-      const int p = pr[k];
+    // dL/dw[i] = h[i] G[p] (h in x2r)
+    sweep<true>(s, e, [&](int i, int k, int b) {
+      rec(i, k, b);
+      rows_xw(k, b);
+      if (MODE == kUpGrad) x2r[b][k] = load_acc(a.h + vr[b][k] * C + c);
+    }, [&](int i, int k, int b) {
+      const int p = pr[b][k];
       const A hp = p >= 0 ? at(0, p) : zero;
-      const A v = p >= 0 ? xr[k] + wr[k] * hp : xr[k];
+      const A v = p >= 0 ? xr[b][k] + wr[b][k] * hp : xr[b][k];
       at(0, i) = v;
-      a.out[vr[k] * C + c] = Store<T>::cvt(v);
-      if (MODE == kUpGrad) a.gw[vr[k] * C + c] = Store<T>::cvt(p >= 0 ? hr[k] * hp : zero);
+      a.out[vr[b][k] * C + c] = Store<T>::cvt(v);
+      if (MODE == kUpGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? x2r[b][k] * hp : zero);
     });
     return;
   }
 
   if (MODE == kUp || MODE == kDownGrad) {
     // leaves first: U[i] = x[i] + the children's shares; the backward of down also writes
-    // dL/dw[i] = G[i] h[p]
+    // dL/dw[i] = G[i] h[p] (h[p] in x2r)
     for (int i = s; i < e; ++i) at(0, i) = zero;
-    sweep<false>(s, e, [&](int i, int k) {
-      rec(i, k);
-      if (MODE == kDownGrad) qr[k] = pr[k] >= 0 ? __ldg(a.order + pr[k]) : -1;
-    }, [&](int k) {
-      rows_xw(k);
-      if (MODE == kDownGrad) hr[k] = qr[k] >= 0 ? load_acc(a.h + qr[k] * C + c) : zero;
-    }, [&](int i, int k) {
-      const int p = pr[k];
-      const A v = xr[k] + at(0, i);
-      a.out[vr[k] * C + c] = Store<T>::cvt(v);
-      if (MODE == kDownGrad) a.gw[vr[k] * C + c] = Store<T>::cvt(p >= 0 ? v * hr[k] : zero);
-      if (p >= 0) at(0, p) += wr[k] * v;
+    sweep<false>(s, e, [&](int i, int k, int b) {
+      rec(i, k, b);
+      rows_xw(k, b);
+      if (MODE == kDownGrad)
+        x2r[b][k] = pr[b][k] >= 0 ? load_acc(a.h + vertex_at(pr[b][k]) * C + c) : zero;
+    }, [&](int i, int k, int b) {
+      const int p = pr[b][k];
+      const A v = xr[b][k] + at(0, i);
+      a.out[vr[b][k] * C + c] = Store<T>::cvt(v);
+      if (MODE == kDownGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? v * x2r[b][k] : zero);
+      if (p >= 0) at(0, p) += wr[b][k] * v;
     });
     return;
   }
@@ -153,30 +190,33 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
   // side): entries 0 and 1 hold U_x and S_x (later out_x + x); 2 and 3 U_g and S_g
   constexpr bool GRAD = MODE == kBothGrad;
   constexpr int NS = GRAD ? 2 : 1;  // streams: x, or x and g
-  auto rows_both = [&](int k) {
-    rows_xw(k);
-    if (GRAD) x2r[k] = load_acc(a.x2 + vr[k] * C + c);
+  auto load_both = [&](int i, int k, int b) {
+    rec(i, k, b);
+    rows_xw(k, b);
+    if (GRAD) x2r[b][k] = load_acc(a.x2 + vr[b][k] * C + c);
   };
   // the stream's input at slot k: x (forward); x2 = x and x = g (backward)
-  auto input = [&](int q, int k) -> A { return GRAD ? (q == 0 ? x2r[k] : xr[k]) : xr[k]; };
+  auto input = [&](int q, int k, int b) -> A { return GRAD && q == 0 ? x2r[b][k] : xr[b][k]; };
   for (int i = s; i < e; ++i) {
     at(0, i) = zero;
     if (GRAD) at(2, i) = zero;
   }
-  sweep<false>(s, e, rec, rows_both, [&](int i, int k) {  // up
-    const int p = pr[k];
+  sweep<false>(s, e, load_both, [&](int i, int k, int b) {  // up
+    const int p = pr[b][k];
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
-      const A u = input(q, k) + at(2 * q, i);
+      const A u = input(q, k, b) + at(2 * q, i);
       at(2 * q, i) = u;
-      if (p >= 0) at(2 * q, p) += wr[k] * u;
+      if (p >= 0) at(2 * q, p) += wr[b][k] * u;
     }
   });
   int family = -2;
   A run[NS];
-  sweep<false>(s, e, rec, [&](int k) { wr[k] = load_acc(a.w + vr[k] * C + c); },
-               [&](int i, int k) {  // suffix sums over the later siblings
-    const int p = pr[k];
+  sweep<false>(s, e, [&](int i, int k, int b) {
+    rec(i, k, b);
+    wr[b][k] = load_acc(a.w + vr[b][k] * C + c);
+  }, [&](int i, int k, int b) {  // suffix sums over the later siblings
+    const int p = pr[b][k];
     if (p < 0) return;
     if (p != family) {
       family = p;
@@ -186,16 +226,16 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
       at(2 * q + 1, i) = run[q];
-      run[q] += wr[k] * at(2 * q, i);
+      run[q] += wr[b][k] * at(2 * q, i);
     }
   });
   family = -2;
-  sweep<true>(s, e, rec, rows_both, [&](int i, int k) {  // prefix sums, brackets, out
-    const int p = pr[k];
-    const int64_t r = vr[k] * C + c;
+  sweep<true>(s, e, load_both, [&](int i, int k, int b) {  // prefix sums, brackets, out
+    const int p = pr[b][k];
+    const int64_t r = vr[b][k] * C + c;
     if (p < 0) {
 #pragma unroll
-      for (int q = 0; q < NS; ++q) at(2 * q + 1, i) = input(q, k);  // out + x, out = 0
+      for (int q = 0; q < NS; ++q) at(2 * q + 1, i) = input(q, k, b);  // out + x, out = 0
       a.out[r] = Store<T>::cvt(at(2 * (NS - 1), i));
       if (GRAD) a.gw[r] = Store<T>::cvt(zero);
       return;
@@ -209,13 +249,13 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
       br[q] = at(2 * q + 1, p) + (run[q] + at(2 * q + 1, i));
-      run[q] += wr[k] * at(2 * q, i);
+      run[q] += wr[b][k] * at(2 * q, i);
     }
-    const A last = at(2 * (NS - 1), i) + wr[k] * br[NS - 1];  // h, or dL/dx = both(g)
+    const A last = at(2 * (NS - 1), i) + wr[b][k] * br[NS - 1];  // h, or dL/dx = both(g)
     a.out[r] = Store<T>::cvt(last);
     if (GRAD) a.gw[r] = Store<T>::cvt(at(0, i) * br[1] + at(2, i) * br[0]);
 #pragma unroll
-    for (int q = 0; q < NS; ++q) at(2 * q + 1, i) = wr[k] * br[q] + input(q, k);
+    for (int q = 0; q < NS; ++q) at(2 * q + 1, i) = wr[b][k] * br[q] + input(q, k, b);
   });
 }
 

@@ -428,7 +428,8 @@ struct Columns {
   }
 };
 
-// The columns in shared memory where the largest tree's fit, else in a global buffer.
+// The columns (and the tree's records) in shared memory where the largest tree's fit, else
+// the columns in a global buffer.
 template <typename T, int MODE>
 void launch_columns(const Columns& pl, columns::Args<T> a, const at::Tensor& like, int device,
                     cudaStream_t stream) {
@@ -443,8 +444,7 @@ void launch_columns(const Columns& pl, columns::Args<T> a, const at::Tensor& lik
   const int64_t blocks = trees * a.groups;
   TREESSM_CHECK(blocks <= 2147483647LL, "too many trees and channels for one launch");
   if (blocks == 0) return;
-  const int64_t smem = static_cast<int64_t>(columns::columns_of(MODE)) * pl.largest *
-                       columns::kThreads * static_cast<int64_t>(sizeof(A));
+  const int64_t smem = columns::shared_bytes<A>(MODE, pl.largest);
   const auto grid = static_cast<unsigned>(blocks);
   if (smem <= max_dynamic_smem(device)) {
     constexpr auto kernel = columns::column_scan_kernel<T, MODE, true>;

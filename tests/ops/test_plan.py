@@ -197,6 +197,8 @@ def test_schedule_choice_takes_columns_for_small_trees_of_known_size():
     assert choose_schedule(forest(PHASES_MIN_TREES + 1, 2)) == "phases"
     grids = treessm.GridTopology()(torch.randn(2, 7, 7, 3))  # GrootV's last stage
     assert grids.max_tree_size == 49 and choose_schedule(grids, None, 1280 * 4) == "columns"
+    grids = treessm.GridTopology()(torch.randn(2, 10, 10, 3))
+    assert grids.max_tree_size == 100 and choose_schedule(grids, None, 640 * 4) == "columns"
     grids = treessm.GridTopology()(torch.randn(2, 14, 14, 3))
     assert choose_schedule(grids, None, 640 * 4) == "trees"
 

@@ -123,10 +123,11 @@ GRID_COSTS_GROUP = 0
 # the host knows its largest tree: a thread per (tree, channel) keeps up to four values per
 # vertex of its tree in shared memory (the backward of "both") and walks it without a
 # block-wide step, but one vertex after another. Measured on an H200 (both, float32,
-# forward / backward GPU ms, "trees" against "columns"): a tree of 64 vertices, C=4, 0.031
-# / 0.045 against 0.022 / 0.031; 32 grid trees of 7x7, C=1280, 0.112 / 0.193 against 0.030
-# / 0.086; of 14x14, C=640, 0.145 / 0.267 against 0.176 / 0.568 (docs/cuda.md).
-COLUMNS_MAX_TREE_SIZE = 64
+# forward / backward GPU ms, "trees" against "columns"): a tree of 64 vertices, C=4, 0.035
+# / 0.051 against 0.024 / 0.029; 32 grid trees of 7x7, C=1280, 0.108 / 0.185 against 0.028
+# / 0.068; of 10x10, C=640, 0.095 / 0.177 against 0.043 / 0.133; but of 14x14, C=640,
+# 0.145 / 0.267 against 0.138 / 0.418 (docs/cuda.md).
+COLUMNS_MAX_TREE_SIZE = 128
 # Scan blocks: bytes of channels per position (two threads of 16 bytes for float32), and
 # position lanes (each takes 4 consecutive positions of a phase): 128 for the "phases"
 # schedule; under "trees", at least 16 and one per 128 vertices of the largest tree. Small

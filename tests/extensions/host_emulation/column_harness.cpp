@@ -1,5 +1,5 @@
-// Host emulation of the "columns" scan kernels (column_kernels.cuh): the threads of a block
-// share nothing but their shared-memory columns, so they run one after another. Reads a
+// Host emulation of the "columns" scan kernels (column_kernels.cuh): the 32 threads of a
+// block run as host threads (they share the tree's records, staged behind a barrier). Reads a
 // problem written by tests/extensions/test_column_scan_host.py, runs every mode in double
 // and in float (the same numbers, float accumulation), with the columns in shared and in
 // global memory, and writes, per case, the forward of
@@ -17,7 +17,7 @@ using namespace treessm_cuda::columns;
 template <typename T, int MODE>
 void launch(Args<T> a, int trees, bool shared) {
   using A = typename AccType<T>::type;
-  const int64_t bytes = static_cast<int64_t>(columns_of(MODE)) * a.stride * kThreads * sizeof(A);
+  const int64_t bytes = shared_bytes<A>(MODE, a.stride);
   if (shared && bytes > static_cast<int64_t>(sizeof(smem_raw_storage))) {
     std::fprintf(stderr, "tree too large for the emulated shared memory\n");
     std::exit(3);
@@ -25,13 +25,12 @@ void launch(Args<T> a, int trees, bool shared) {
   std::vector<A> scratch(columns_of(MODE) * a.N * a.C, A(-555));  // poison
   a.scratch = scratch.data();
   for (int b = 0; b < trees * a.groups; ++b) {
-    std::memset(smem_raw_storage, 0xff, sizeof(smem_raw_storage));  // poison
-    blockIdx.x = b;
-    for (int t = 0; t < kThreads; ++t) {
-      threadIdx.x = t;
+    emu_run_block(b, 0, kThreads, [] {
+      std::memset(smem_raw_storage, 0xff, sizeof(smem_raw_storage));  // poison
+    }, [&] {
       if (shared) column_scan_kernel<T, MODE, true>(a);
       else column_scan_kernel<T, MODE, false>(a);
-    }
+    });
   }
 }
 
