@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "check.cuh"
 
@@ -74,6 +75,19 @@ inline void check_rows(const at::Tensor& t, const char* name, int64_t rows, int6
   TREESSM_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   TREESSM_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name,
                 " must have shape [", rows, ", ", cols, "], got ", t.sizes());
+}
+
+// Checks that `t` (the argument `name`) is a contiguous CUDA tensor of `like`'s shape and
+// device, of dtype `dtype` where given, else of `like`'s.
+inline void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like,
+                       std::optional<at::ScalarType> dtype = std::nullopt) {
+  const at::ScalarType want = dtype.value_or(like.scalar_type());
+  TREESSM_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+  TREESSM_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ",
+                t.sizes());
+  TREESSM_CHECK(t.scalar_type() == want, name, " must have dtype ", want, ", got ",
+                t.scalar_type());
+  TREESSM_CHECK(t.device() == like.device(), name, " must be on ", like.device());
 }
 
 }  // namespace treessm_cuda

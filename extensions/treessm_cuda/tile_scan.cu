@@ -35,16 +35,6 @@ namespace {
 
 constexpr int kPlanTensors = 20;
 
-void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TREESSM_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TREESSM_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
-  TREESSM_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TREESSM_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
-  TREESSM_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ",
-              like.scalar_type(), ", got ", t.scalar_type());
-  TREESSM_CHECK(t.device() == like.device(), name, " must be on ", like.device());
-}
-
 enum class Direction { kDown, kUp, kBoth };
 
 Direction parse_direction(c10::string_view d) {
@@ -376,15 +366,9 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_both_backward_cuda(
               "grad must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", grad);
   const auto acc = acc_type(grad.scalar_type());
-  auto check_part = [&](const at::Tensor& t, const char* name) {
-    TREESSM_CHECK(t.is_cuda() && t.is_contiguous() && t.sizes() == grad.sizes() &&
-                      t.scalar_type() == acc && t.device() == grad.device(),
-                  name, " must be a contiguous ", acc, " tensor of shape ", grad.sizes(),
-                  " on ", grad.device());
-  };
-  check_part(up, "up");
-  check_part(inner, "inner");
-  check_part(out, "out");
+  check_rows(up, "up", grad, acc);
+  check_rows(inner, "inner", grad, acc);
+  check_rows(out, "out", grad, acc);
   const TileArgs a = plan_args(plan, tile, grad);
   std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, a, sibling_links(a, grad));
   return {both_g.first, both_grad_weight(grad, both_g.second, BothParts{up, inner, out}, a)};

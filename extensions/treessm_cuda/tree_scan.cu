@@ -32,16 +32,6 @@
 namespace treessm_cuda {
 namespace {
 
-void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TREESSM_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TREESSM_CHECK(t.dim() == 2, name, " must be 2-D [N, C], got ", t.dim(), " dims");
-  TREESSM_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TREESSM_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
-  TREESSM_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
-              ", got ", t.scalar_type());
-  TREESSM_CHECK(t.device() == like.device(), name, " must be on ", like.device());
-}
-
 int direction_code(c10::string_view d) {
   if (d == "both") return 0;
   if (d == "up") return 1;

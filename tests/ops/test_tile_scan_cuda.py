@@ -228,7 +228,7 @@ def test_both_parts_give_the_same_bits(name, tile, dtype):
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     if tree.num_nodes:
-        with pytest.raises(RuntimeError, match="inner must be a contiguous"):
+        with pytest.raises(RuntimeError, match="inner must have shape"):
             torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner[:-1], out, tensors,
                                                            plan.tile)
 
