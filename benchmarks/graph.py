@@ -145,7 +145,9 @@ def time_layer(layer, n, device, repeats):
     row["forward_peak_mb"] = (_peak_bytes(device) - base) / 2 ** 20
     xg = x.clone().requires_grad_()
 
-    def step():
+    def step():  # as a training step after zero_grad(): no gradient added to the last one's
+        xg.grad = None
+        conv.zero_grad(set_to_none=True)
         out = conv(xg, ei)
         out.backward(torch.ones_like(out))
 

@@ -134,6 +134,9 @@ def _wall(x, w, tree, direction, grad):
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
     def step():
+        # as a training step after zero_grad(): the backward writes the gradients, it does
+        # not add them to those of the step before (two more passes over [N, C] each)
+        xg.grad = wg.grad = None
         treessm.tree_scan(xg, wg, tree, direction).backward(grad)
 
     return fwd, cuda_time(step)
