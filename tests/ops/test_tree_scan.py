@@ -450,3 +450,33 @@ def test_cuda_extension_check_runs_outside_a_trace(monkeypatch):
 
     torch._dynamo.reset()
     assert torch.compile(f, fullgraph=True)(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_numba_same_bits_with_any_thread_count(direction):
+    # the work split follows the threads: one item (one thread, or a small input), trees
+    # cut into groups (a forest) or channels into blocks (one large tree); every split gives
+    # the same bits
+    numba = pytest.importorskip("numba")
+    cases = [(random_forest(1500, 30, _gen(3)), 48),  # two groups of trees at two threads
+             (random_forest(1200, 1, _gen(5)), 96),  # two blocks of channels
+             (random_forest(40, 1, _gen(6)), 3)]  # one item
+    threads = numba.get_num_threads()
+    for parent, c in cases:
+        tree = Tree.from_parent(parent)
+        x, w, gout = _inputs(parent.numel(), c, torch.float32, seed=7)
+        fn = lambda a, b: tree_scan(a, b, tree, direction, backend="numba")  # noqa: E731
+        runs = []
+        for t in sorted({1, threads}):
+            numba.set_num_threads(t)
+            try:
+                runs.append(_value_and_grads(fn, x, w, gout))
+            finally:
+                numba.set_num_threads(threads)
+        runs.append(_value_and_grads(fn, x, w, gout))
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                assert torch.equal(a, b)
+        if parent.numel() <= 100:  # the one-item path against the oracle too
+            want = dense_tree_scan(x.double(), w.double(), parent, direction)
+            torch.testing.assert_close(runs[0][0].double(), want, rtol=1e-4, atol=1e-4)

@@ -280,6 +280,8 @@ def _plan(tree_ptr: np.ndarray, n: int, c: int, itemsize: int):
     nblk = 1
     if threads > 1 and groups.shape[0] == 2:
         nblk = max(1, min(threads, (c * itemsize) // _MIN_BLOCK_BYTES))
+    if nblk == 1:
+        return groups, np.array([0, c], dtype=np.int64)
     line = max(1, _LINE // itemsize)
     if c >= nblk * line:  # blocks of whole cache lines
         blocks = np.round(np.linspace(0, c // line, nblk + 1)).astype(np.int64) * line
