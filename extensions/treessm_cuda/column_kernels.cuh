@@ -39,7 +39,6 @@ constexpr int kAhead = 8;     // positions of a chunk: two chunks' loads in flig
 
 // a register buffer's index, known at compile time
 template <int B> struct Buffer {
-  static constexpr int value = B;
   __device__ __forceinline__ constexpr operator int() const { return B; }
 };
 
@@ -135,9 +134,10 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
   };
   auto vertex_at = [&](int i) { return SHARED ? records[i - s] : __ldg(a.order + i); };
   auto parent_at = [&](int i) { return SHARED ? records[a.stride + i - s] : __ldg(a.parent + i); };
-  // two register buffers of kAhead positions: record (vertex, parent) and rows
+  // two register buffers of kAhead positions: record (vertex, parent) and rows: x, w and a
+  // third row (x2 in the backward of both; h at the vertex in up's, at the parent in down's)
   int vr[2][kAhead], pr[2][kAhead];
-  A xr[2][kAhead], x2r[2][kAhead], wr[2][kAhead];
+  A xr[2][kAhead], wr[2][kAhead], third[2][kAhead];
   auto rec = [&](int i, int k, int b) {
     vr[b][k] = vertex_at(i);
     pr[b][k] = parent_at(i);
@@ -151,36 +151,36 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
 
   if (MODE == kDown || MODE == kUpGrad) {
     // roots first: H[i] = x[i] + w[i] H[p]; the backward of up also writes
-    // dL/dw[i] = h[i] G[p] (h in x2r)
+    // dL/dw[i] = h[i] G[p]
     sweep<true>(s, e, [&](int i, int k, int b) {
       rec(i, k, b);
       rows_xw(k, b);
-      if (MODE == kUpGrad) x2r[b][k] = load_acc(a.h + vr[b][k] * C + c);
+      if (MODE == kUpGrad) third[b][k] = load_acc(a.h + vr[b][k] * C + c);
     }, [&](int i, int k, int b) {
       const int p = pr[b][k];
       const A hp = p >= 0 ? at(0, p) : zero;
       const A v = p >= 0 ? xr[b][k] + wr[b][k] * hp : xr[b][k];
       at(0, i) = v;
       a.out[vr[b][k] * C + c] = Store<T>::cvt(v);
-      if (MODE == kUpGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? x2r[b][k] * hp : zero);
+      if (MODE == kUpGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? third[b][k] * hp : zero);
     });
     return;
   }
 
   if (MODE == kUp || MODE == kDownGrad) {
     // leaves first: U[i] = x[i] + the children's shares; the backward of down also writes
-    // dL/dw[i] = G[i] h[p] (h[p] in x2r)
+    // dL/dw[i] = G[i] h[p]
     for (int i = s; i < e; ++i) at(0, i) = zero;
     sweep<false>(s, e, [&](int i, int k, int b) {
       rec(i, k, b);
       rows_xw(k, b);
       if (MODE == kDownGrad)
-        x2r[b][k] = pr[b][k] >= 0 ? load_acc(a.h + vertex_at(pr[b][k]) * C + c) : zero;
+        third[b][k] = pr[b][k] >= 0 ? load_acc(a.h + vertex_at(pr[b][k]) * C + c) : zero;
     }, [&](int i, int k, int b) {
       const int p = pr[b][k];
       const A v = xr[b][k] + at(0, i);
       a.out[vr[b][k] * C + c] = Store<T>::cvt(v);
-      if (MODE == kDownGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? v * x2r[b][k] : zero);
+      if (MODE == kDownGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? v * third[b][k] : zero);
       if (p >= 0) at(0, p) += wr[b][k] * v;
     });
     return;
@@ -193,10 +193,10 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
   auto load_both = [&](int i, int k, int b) {
     rec(i, k, b);
     rows_xw(k, b);
-    if (GRAD) x2r[b][k] = load_acc(a.x2 + vr[b][k] * C + c);
+    if (GRAD) third[b][k] = load_acc(a.x2 + vr[b][k] * C + c);
   };
   // the stream's input at slot k: x (forward); x2 = x and x = g (backward)
-  auto input = [&](int q, int k, int b) -> A { return GRAD && q == 0 ? x2r[b][k] : xr[b][k]; };
+  auto input = [&](int q, int k, int b) -> A { return GRAD && q == 0 ? third[b][k] : xr[b][k]; };
   for (int i = s; i < e; ++i) {
     at(0, i) = zero;
     if (GRAD) at(2, i) = zero;
