@@ -694,17 +694,26 @@ __host__ __device__ inline int phase_carry_threads(int chunks) {
   return 32 * (spans < 1 ? 1 : (spans > kCarryMaxWarps ? kCarryMaxWarps : spans));
 }
 
+// Values of a carry record in shared memory: an Affine's NS + 2 (a, the b's, the flag),
+// padded to whole 16-byte units. ptxas merges the loads of neighbouring values into 16-byte
+// loads, which it may issue before it knows that the next record exists: with records of
+// whole units no such load reaches past the last one.
+template <typename A, int NS>
+__host__ __device__ constexpr int carry_record_values() {
+  return static_cast<int>(((NS + 2) * sizeof(A) + 15) / 16 * 16 / sizeof(A));
+}
+
 // Shared memory of a carry block of `threads`: the composite of every warp's span.
 template <typename A, int NS>
 __host__ __device__ inline int64_t phase_carry_smem_bytes(int threads) {
-  return (int64_t)(threads / 32) * (NS + 2) * sizeof(A);
+  return (int64_t)(threads / 32) * carry_record_values<A, NS>() * sizeof(A);
 }
 
 template <typename A, int NS>
 __global__ void __launch_bounds__(kCarryMaxWarps * 32) phase_carry_kernel(
     const void* agg, const unsigned char* aggf, void* carry, int chunks, int64_t C) {
   using Aff = Affine<A, 1, NS>;
-  constexpr int per = NS + 2;  // an Affine's values in shared memory
+  constexpr int per = carry_record_values<A, NS>();  // a record's values
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* totals = reinterpret_cast<A*>(smem_raw);
   const int64_t c = blockIdx.x;
