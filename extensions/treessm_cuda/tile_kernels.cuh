@@ -93,6 +93,7 @@ struct TileArgs {
   void* store;    // [N, C] accumulator rows by vertex; h itself when T is the accumulator
   int64_t C;
   int N, M, tile;
+  bool x_times_w;        // down: the input at v is w[v] x[v] (both's brackets, x = inner)
   int groups;            // channel groups of 32: ceil(C / 32)
   int groups_per_block;  // of a tile block; blockIdx.y takes groups [y gpb, (y + 1) gpb)
   // the plan (treessm.ops.tiles.TilePlan), int32
@@ -130,6 +131,16 @@ struct TileArgs {
 template <typename T, typename A>
 __device__ __forceinline__ A load_as(const void* p, int64_t i) {
   return static_cast<A>(to_acc(static_cast<const T*>(p)[i]));
+}
+
+// a b rounded on its own, never fused with the addition that consumes it.
+__device__ __forceinline__ float product(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double product(double a, double b) { return __dmul_rn(a, b); }
+
+// The input of a down scan at a vertex of weight wv and row value xv (x_times_w: w x).
+template <typename A>
+__device__ __forceinline__ A down_input(const TileArgs& a, A xv, A wv) {
+  return a.x_times_w ? product(wv, xv) : xv;
 }
 
 // The last tile k with tile_ptr[k] <= pos.
@@ -314,7 +325,7 @@ __global__ void tile_down_paths_kernel(const TileArgs a) {
       const A wv = ln.ok ? load_as<T, A>(a.w, r) : A(0);
       ea = wv;
       eb[0] = i == 0 && entry ? wv : A(0);
-      eb[1] = xv;
+      eb[1] = down_input(a, xv, wv);
       return i == 0;
     };
     auto put = [&](int i, const A (&v)[2]) {
@@ -445,8 +456,9 @@ tile_down_levels_kernel(const TileArgs a) {
         const bool fed = ln.ok && kind == 3 && src2 >= 0;
         const A ha = fed ? sa[rs] : A(0), hx = fed ? tv[rt] : A(0);  // A, X of its tile
         const A in = kind == 2 ? hp : (fed ? hb + ha * hx : hb);
+        const A xin = down_input(a, xv, wv);
         ea = wv;
-        eb[0] = kind >= 2 ? xv + wv * in : xv;
+        eb[0] = kind >= 2 ? xin + wv * in : xin;
         return kind != 0;
       };
       auto put = [&](int i, const A (&v)[1]) {
@@ -767,9 +779,10 @@ __global__ void tile_grad_weight_kernel(const T* gx, const T* h, T* gw, const in
 
 // ---------------------------------------------------------------------------- both
 // both = up + out with out[v] = w[v] br[v], br[v] = out[p] + x[p] + sum over v's siblings s
-// of w[s] up[s] (0 at roots): out is the down scan of b[v] = w[v] (x[p] + sib(v)) with the
-// same weights. The sibling sums are an exclusive prefix over the children in position
-// order plus an exclusive suffix (never a total minus the vertex's own share).
+// of w[s] up[s] (0 at roots): out is the down scan of w[v] inner[v], inner[v] = x[p] +
+// sib(v), with the same weights (TileArgs::x_times_w). The sibling sums are an exclusive
+// prefix over the children in position order plus an exclusive suffix (never a total minus
+// the vertex's own share).
 
 // prev[c] = the position of c's previous sibling (-1 for a first child and for a root).
 // One thread per position, for its children.
@@ -786,41 +799,75 @@ __global__ void tile_sibling_links_kernel(const int* parent, const int* size, in
   }
 }
 
-// For each vertex v below p: inner[v] = x[p] + sib(v) and b[v] = w[v] inner[v]; 0 at roots.
-// One thread per (position, channel) writes the rows of the position's children: the
-// exclusive prefix of w up forwards, then the suffix added backwards (prev links). Rows by
-// vertex, all in the accumulation type.
+// Children of a position that a bracket thread holds in registers.
+constexpr int kBracketChildren = 4;
+
+// inner[v] for the children v of each position p (0 at roots). One thread per (position,
+// channel). Up to kBracketChildren children: their positions first, along the size chain,
+// then their rows, the prefix and the suffix formed in registers. More: the exclusive
+// prefix forwards, then the suffix added backwards along the prev links. Each share
+// w[s] up[s] is rounded on its own in both ways. Rows by vertex, in the accumulation type.
 template <typename A>
-__global__ void tile_bracket_kernel(const A* x, const A* w, const A* up, A* inner, A* b,
-                                    const int* vertex, const int* parent, const int* size,
-                                    const int* prev, int64_t N, int64_t C) {
+__global__ void tile_bracket_kernel(const A* __restrict__ x, const A* __restrict__ w,
+                                    const A* __restrict__ up, A* __restrict__ inner,
+                                    const int* __restrict__ vertex,
+                                    const int* __restrict__ parent,
+                                    const int* __restrict__ size,
+                                    const int* __restrict__ prev, int64_t N, int64_t C) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= N * C) return;
   const int pos = static_cast<int>(idx / C);
   const int64_t c = idx % C;
-  if (parent[pos] < 0) {
-    const int64_t r = static_cast<int64_t>(vertex[pos]) * C + c;
-    inner[r] = 0;
-    b[r] = 0;
-  }
+  if (parent[pos] < 0) inner[static_cast<int64_t>(vertex[pos]) * C + c] = 0;
   const int stop = pos + size[pos];
   if (pos + 1 >= stop) return;  // a leaf
   const A xp = x[static_cast<int64_t>(vertex[pos]) * C + c];
+  constexpr int K = kBracketChildren;
+  int row[K];  // the children's vertices, then nothing past the count
+  int count = 0, next = pos + 1;
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+    if (next < stop) {
+      row[i] = next;
+      next += size[next];
+      count = i + 1;
+    }
+  if (next >= stop) {
+    A share[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      if (i < count) row[i] = vertex[row[i]];
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      if (i < count) {
+        const int64_t r = static_cast<int64_t>(row[i]) * C + c;
+        share[i] = product(w[r], up[r]);
+      }
+    A after = 0;  // the suffix; the prefix of child i is summed afresh (K is small)
+#pragma unroll
+    for (int i = K - 1; i >= 0; --i)
+      if (i < count) {
+        A before = 0;
+#pragma unroll
+        for (int u = 0; u < i; ++u) before = before + share[u];
+        inner[static_cast<int64_t>(row[i]) * C + c] = xp + (before + after);
+        after = after + share[i];
+      }
+    return;
+  }
   A run = 0;
   int last = pos + 1;
   for (int ch = pos + 1; ch < stop; ch += size[ch]) {
     const int64_t r = static_cast<int64_t>(vertex[ch]) * C + c;
     inner[r] = run;
-    run = run + w[r] * up[r];
+    run = run + product(w[r], up[r]);
     last = ch;
   }
   run = 0;
   for (int ch = last; ch >= 0; ch = prev[ch]) {
     const int64_t r = static_cast<int64_t>(vertex[ch]) * C + c;
-    const A q = xp + (inner[r] + run);
-    inner[r] = q;
-    b[r] = w[r] * q;
-    run = run + w[r] * up[r];
+    inner[r] = xp + (inner[r] + run);
+    run = run + product(w[r], up[r]);
   }
 }
 

@@ -213,19 +213,19 @@ int64_t blocks_of(int64_t n, int threads) {
 }
 
 // The parts of both(x) (x, w in the accumulation type): up = up(x); inner[v] = x[p] +
-// the siblings' shares w up; out = down(w inner, w); both = up + out.
+// the siblings' shares w up; out = down(w inner, w), the products formed as the down scan
+// reads inner; both = up + out.
 struct BothParts {
   at::Tensor up, inner, out;
 };
 
 // prev: the sibling links of the plan (tile_sibling_links_kernel), int32 [N].
-BothParts both_parts(const at::Tensor& x, const at::Tensor& w, const TileArgs& a,
+BothParts both_parts(const at::Tensor& x, const at::Tensor& w, TileArgs a,
                      const at::Tensor& prev) {
   BothParts r{at::empty_like(x), at::empty_like(x), at::empty_like(x)};
   const int64_t N = x.size(0), C = x.size(1);
   if (N * C == 0) return r;
   tile_scan_into(x, w, a, true, r.up);
-  at::Tensor b = at::empty_like(x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = 256;
@@ -233,11 +233,11 @@ BothParts both_parts(const at::Tensor& x, const at::Tensor& w, const TileArgs& a
     tile_bracket_kernel<scalar_t><<<static_cast<unsigned>(blocks_of(N * C, threads)), threads,
                                     0, stream>>>(
         x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), r.up.data_ptr<scalar_t>(),
-        r.inner.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), a.vertex, a.parent, a.size,
-        prev.data_ptr<int>(), N, C);
+        r.inner.data_ptr<scalar_t>(), a.vertex, a.parent, a.size, prev.data_ptr<int>(), N, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  tile_scan_into(b, w, a, false, r.out);
+  a.x_times_w = true;
+  tile_scan_into(r.inner, w, a, false, r.out);
   return r;
 }
 

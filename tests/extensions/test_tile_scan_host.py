@@ -199,6 +199,25 @@ def test_both_on_a_star_of_thousands_of_children(harness, tmp_path):
     torch.testing.assert_close(out[8], want_w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("tile", [7, 2048])
+def test_both_for_every_child_count_around_the_registers(harness, tmp_path, tile):
+    # hubs of 1 to 9 children below one root: the brackets of up to four children
+    # (kBracketChildren) are formed in registers, those of more along the sibling links
+    parent = [-1]
+    for k in range(1, 10):
+        hub = len(parent)
+        parent += [0] + [hub] * k
+    tree = Tree.from_parent(torch.tensor(parent))
+    x, w = _inputs(tree.num_nodes, "above_one", seed=25)
+    g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(26))
+    out = _run(harness, tmp_path, tree, tile, x, w, g=g)
+    torch.testing.assert_close(out[6], dense_tree_scan(x, w, tree.parent, "both"),
+                               rtol=1e-10, atol=1e-10)
+    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=True)
+    torch.testing.assert_close(out[7], want_x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[8], want_w, rtol=1e-10, atol=1e-10)
+
+
 def test_chain_crosses_many_tiles():
     # the 5000-chain at tile 64: 79 tiles, a boundary tree 78 deep
     plan = tile_plan(_tree("chain_5000"), 64)

@@ -141,7 +141,7 @@ void run_all(TileArgs a, const std::vector<T>& x, const std::vector<T>& g, const
 }
 
 // both(x) as tile_scan.cu runs it, in the accumulation type: up, the brackets, down of
-// their inputs; h = up + out.
+// w inner; h = up + out.
 struct BothParts {
   std::vector<double> up, inner, out, h;
 };
@@ -151,16 +151,16 @@ BothParts run_both(TileArgs a, const std::vector<double>& x, const std::vector<d
   const int64_t n = static_cast<int64_t>(a.N) * a.C;
   BothParts r{std::vector<double>(n, -777.0), std::vector<double>(n, -777.0),
               std::vector<double>(n, -777.0), std::vector<double>(n, -777.0)};
-  std::vector<double> b(n, -777.0);
   a.x = x.data();
   a.w = w.data();
   a.h = r.up.data();
   scan<double, double>(a, true, o);
   launch_serial((n + 255) / 256, 256, [&] {
-    tile_bracket_kernel<double>(x.data(), w.data(), r.up.data(), r.inner.data(), b.data(),
-                                a.vertex, a.parent, a.size, prev.data(), a.N, a.C);
+    tile_bracket_kernel<double>(x.data(), w.data(), r.up.data(), r.inner.data(), a.vertex,
+                                a.parent, a.size, prev.data(), a.N, a.C);
   });
-  a.x = b.data();
+  a.x = r.inner.data();
+  a.x_times_w = true;
   a.h = r.out.data();
   scan<double, double>(a, false, o);
   for (int64_t i = 0; i < n; ++i) r.h[i] = r.up[i] + r.out[i];
