@@ -93,7 +93,6 @@ struct TileArgs {
   void* store;    // [N, C] accumulator rows by vertex; h itself when T is the accumulator
   int64_t C;
   int N, M, tile;
-  bool x_times_w;        // down: the input at v is w[v] x[v] (both's brackets, x = inner)
   int groups;            // channel groups of 32: ceil(C / 32)
   int groups_per_block;  // of a tile block; blockIdx.y takes groups [y gpb, (y + 1) gpb)
   // the plan (treessm.ops.tiles.TilePlan), int32
@@ -137,10 +136,12 @@ __device__ __forceinline__ A load_as(const void* p, int64_t i) {
 __device__ __forceinline__ float product(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double product(double a, double b) { return __dmul_rn(a, b); }
 
-// The input of a down scan at a vertex of weight wv and row value xv (x_times_w: w x).
-template <typename A>
-__device__ __forceinline__ A down_input(const TileArgs& a, A xv, A wv) {
-  return a.x_times_w ? product(wv, xv) : xv;
+// The input of a down scan at a vertex of weight wv and row value xv: w x where the rows
+// are both's brackets (kScaled), else x.
+template <bool kScaled, typename A>
+__device__ __forceinline__ A down_input(A xv, A wv) {
+  if constexpr (kScaled) return product(wv, xv);
+  else return xv;
 }
 
 // The last tile k with tile_ptr[k] <= pos.
@@ -304,7 +305,8 @@ __device__ __forceinline__ bool tile_range(const TileArgs& a, int k, int& start,
 
 // ---------------------------------------------------------------------------- down
 // Phase 1: (A, B) along the boundary path of tile blockIdx.x, at its boundary vertices.
-template <typename T, typename A>
+// kScaled: the input at v is w[v] x[v] (down_input), in every down kernel.
+template <typename T, typename A, bool kScaled>
 __global__ void tile_down_paths_kernel(const TileArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int k = blockIdx.x;
@@ -325,7 +327,7 @@ __global__ void tile_down_paths_kernel(const TileArgs a) {
       const A wv = ln.ok ? load_as<T, A>(a.w, r) : A(0);
       ea = wv;
       eb[0] = i == 0 && entry ? wv : A(0);
-      eb[1] = down_input(a, xv, wv);
+      eb[1] = down_input<kScaled>(xv, wv);
       return i == 0;
     };
     auto put = [&](int i, const A (&v)[2]) {
@@ -394,7 +396,7 @@ struct DownStage {
 };
 
 // Phase 3: each tile's light levels from the lowest, writing h.
-template <typename T, typename A>
+template <typename T, typename A, bool kScaled>
 __global__ void __launch_bounds__(kTileThreads, tile_min_blocks<A>())
 tile_down_levels_kernel(const TileArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -456,7 +458,7 @@ tile_down_levels_kernel(const TileArgs a) {
         const bool fed = ln.ok && kind == 3 && src2 >= 0;
         const A ha = fed ? sa[rs] : A(0), hx = fed ? tv[rt] : A(0);  // A, X of its tile
         const A in = kind == 2 ? hp : (fed ? hb + ha * hx : hb);
-        const A xin = down_input(a, xv, wv);
+        const A xin = down_input<kScaled>(xv, wv);
         ea = wv;
         eb[0] = kind >= 2 ? xin + wv * in : xin;
         return kind != 0;
@@ -780,7 +782,7 @@ __global__ void tile_grad_weight_kernel(const T* gx, const T* h, T* gw, const in
 // ---------------------------------------------------------------------------- both
 // both = up + out with out[v] = w[v] br[v], br[v] = out[p] + x[p] + sum over v's siblings s
 // of w[s] up[s] (0 at roots): out is the down scan of w[v] inner[v], inner[v] = x[p] +
-// sib(v), with the same weights (TileArgs::x_times_w). The sibling sums are an exclusive
+// sib(v), with the same weights (the down kernels' kScaled). The sibling sums are an exclusive
 // prefix over the children in position order plus an exclusive suffix (never a total minus
 // the vertex's own share).
 

@@ -115,9 +115,25 @@ constexpr int kTileBlocksPerSM = 4;
 // Blocks per multiprocessor of up's gathers, which stride over the boundary vertices.
 constexpr int kGatherBlocksPerSM = 8;
 
-// The launches of one scan (tile_kernels.cuh: three phases, up's second in two launches).
+// The three launches of a down scan (kScaled: its input is w x, tile_kernels.cuh).
+template <typename T, typename A, bool kScaled>
+void run_down(const TileArgs& a, dim3 grid, unsigned wgrid, int64_t tile_smem,
+              int64_t path_smem, int device, cudaStream_t stream) {
+  constexpr auto levels = tile_down_levels_kernel<T, A, kScaled>;
+  allow_dynamic_smem<levels>(tile_smem, device);
+  tile_down_paths_kernel<T, A, kScaled>
+      <<<grid, kTileThreads, static_cast<size_t>(path_smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tile_down_feed_kernel<A><<<wgrid, kTileThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  levels<<<grid, kTileThreads, static_cast<size_t>(tile_smem), stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The launches of one scan (tile_kernels.cuh: three phases, up's second in two launches);
+// `scaled`: a down scan of w x (both's brackets).
 template <typename T, typename A>
-void run_tiles(TileArgs a, bool up, int device, cudaStream_t stream) {
+void run_tiles(TileArgs a, bool up, bool scaled, int device, cudaStream_t stream) {
   const int64_t groups = (a.C + kTileLanes - 1) / kTileLanes;
   TREESSM_CHECK(groups <= 65535, "too many channels for one launch: ", a.C);
   const int64_t target = static_cast<int64_t>(kTileBlocksPerSM) *
@@ -139,15 +155,12 @@ void run_tiles(TileArgs a, bool up, int device, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.M), static_cast<unsigned>(slices));
   const unsigned wgrid = static_cast<unsigned>(warp_blocks);
   if (!up) {
-    constexpr auto levels = tile_down_levels_kernel<T, A>;
-    allow_dynamic_smem<levels>(tile_smem, device);
-    tile_down_paths_kernel<T, A><<<grid, kTileThreads, static_cast<size_t>(path_smem), stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    tile_down_feed_kernel<A><<<wgrid, kTileThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    levels<<<grid, kTileThreads, static_cast<size_t>(tile_smem), stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    // the scaled input (both's brackets) runs in the accumulation type only
+    if constexpr (std::is_same<T, A>::value)
+      if (scaled)
+        return run_down<T, A, true>(a, grid, wgrid, tile_smem, path_smem, device, stream);
+    TREESSM_CHECK(!scaled, "a scaled down scan takes rows in the accumulation type");
+    return run_down<T, A, false>(a, grid, wgrid, tile_smem, path_smem, device, stream);
   }
   constexpr auto levels = tile_up_levels_kernel<T, A>;
   constexpr auto tree = tile_up_tree_kernel<A>;
@@ -173,9 +186,9 @@ void run_tiles(TileArgs a, bool up, int device, cudaStream_t stream) {
 }
 
 // h = the scan of x along the plan (`a`: plan_args of it); `out` receives it (same shape
-// and dtype as x).
+// and dtype as x). `scaled`: a down scan of w x (both's brackets).
 void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, TileArgs a, bool up,
-                    at::Tensor& out) {
+                    at::Tensor& out, bool scaled = false) {
   if (x.numel() == 0 || a.M == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), M = a.M;
@@ -202,7 +215,7 @@ void tile_scan_into(const at::Tensor& x, const at::Tensor& weight, TileArgs a, b
   TREESSM_DISPATCH_TYPES(x.scalar_type(), "treessm_tile_scan", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     using A_ = typename AccType<T_>::type;
-    run_tiles<T_, A_>(a, up, device, stream);
+    run_tiles<T_, A_>(a, up, scaled, device, stream);
   });
 }
 
@@ -236,8 +249,7 @@ BothParts both_parts(const at::Tensor& x, const at::Tensor& w, TileArgs a,
         r.inner.data_ptr<scalar_t>(), a.vertex, a.parent, a.size, prev.data_ptr<int>(), N, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  a.x_times_w = true;
-  tile_scan_into(r.inner, w, a, false, r.out);
+  tile_scan_into(r.inner, w, a, false, r.out, /*scaled=*/true);
   return r;
 }
 

@@ -55,8 +55,8 @@ struct Options {
 };
 
 // h = the scan of x along the plan (`a` holds the plan and x, w, h), as tile_scan.cu's
-// tile_scan_into and run_tiles launch it.
-template <typename T, typename A>
+// tile_scan_into and run_tiles launch it; kScaled: a down scan of w x (both's brackets).
+template <typename T, typename A, bool kScaled = false>
 void scan(TileArgs a, bool up, const Options& o) {
   const int64_t N = a.N, M = a.M;
   if (N == 0 || a.C == 0 || M == 0) return;
@@ -85,9 +85,9 @@ void scan(TileArgs a, bool up, const Options& o) {
   const int64_t warp_blocks = (M * a.groups + warps - 1) / warps;
   const unsigned m = static_cast<unsigned>(M);
   if (!up) {
-    launch(m, slices, o.threads, path_smem, [&] { tile_down_paths_kernel<T, A>(a); });
+    launch(m, slices, o.threads, path_smem, [&] { tile_down_paths_kernel<T, A, kScaled>(a); });
     launch_serial(warp_blocks, o.threads, [&] { tile_down_feed_kernel<A>(a); });
-    launch(m, slices, o.threads, tile_smem, [&] { tile_down_levels_kernel<T, A>(a); });
+    launch(m, slices, o.threads, tile_smem, [&] { tile_down_levels_kernel<T, A, kScaled>(a); });
     return;
   }
   launch(m, slices, o.threads, tile_smem, [&] { tile_up_levels_kernel<T, A>(a); });
@@ -160,9 +160,8 @@ BothParts run_both(TileArgs a, const std::vector<double>& x, const std::vector<d
                                 a.parent, a.size, prev.data(), a.N, a.C);
   });
   a.x = r.inner.data();
-  a.x_times_w = true;
   a.h = r.out.data();
-  scan<double, double>(a, false, o);
+  scan<double, double, true>(a, false, o);
   for (int64_t i = 0; i < n; ++i) r.h[i] = r.up[i] + r.out[i];
   return r;
 }
