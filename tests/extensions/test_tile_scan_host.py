@@ -171,6 +171,16 @@ def test_both_with_large_weights_takes_no_differences(harness, tmp_path, tile):
     torch.testing.assert_close(out[8], want_w, rtol=1e-12, atol=0)
 
 
+def _check_both(out, tree, x, w, g, tol, dense):
+    """``both`` of the harness's outputs and its gradients at ``g`` against the dense oracle
+    (``dense``) or the torch reference, within ``tol``."""
+    want = dense_tree_scan(x, w, tree.parent, "both") if dense else tree_scan(x, w, tree, "both")
+    torch.testing.assert_close(out[6], want, rtol=tol, atol=tol)
+    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=dense)
+    torch.testing.assert_close(out[7], want_x, rtol=tol, atol=tol)
+    torch.testing.assert_close(out[8], want_w, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("tile", [1, 7, 64])
 def test_both_on_a_chain_of_weights_above_one(harness, tmp_path, tile):
     tree = Tree.from_parent(chain(50))
@@ -179,11 +189,7 @@ def test_both_on_a_chain_of_weights_above_one(harness, tmp_path, tile):
     w[17, 1] = 0.0
     g = torch.randn(50, C, dtype=torch.float64, generator=_gen(22))
     out = _run(harness, tmp_path, tree, tile, x, w, g=g)
-    torch.testing.assert_close(out[6], dense_tree_scan(x, w, tree.parent, "both"),
-                               rtol=1e-12, atol=1e-12)
-    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=True)
-    torch.testing.assert_close(out[7], want_x, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out[8], want_w, rtol=1e-12, atol=1e-12)
+    _check_both(out, tree, x, w, g, 1e-12, dense=True)
 
 
 def test_both_on_a_star_of_thousands_of_children(harness, tmp_path):
@@ -193,10 +199,7 @@ def test_both_on_a_star_of_thousands_of_children(harness, tmp_path):
     x, w = _inputs(tree.num_nodes, "above_one", seed=23)
     g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(24))
     out = _run(harness, tmp_path, tree, 64, x, w, g=g, threads=64)
-    torch.testing.assert_close(out[6], tree_scan(x, w, tree, "both"), rtol=1e-10, atol=1e-10)
-    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=False)
-    torch.testing.assert_close(out[7], want_x, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(out[8], want_w, rtol=1e-10, atol=1e-10)
+    _check_both(out, tree, x, w, g, 1e-10, dense=False)
 
 
 @pytest.mark.parametrize("tile", [7, 2048])
@@ -211,11 +214,7 @@ def test_both_for_every_child_count_around_the_registers(harness, tmp_path, tile
     x, w = _inputs(tree.num_nodes, "above_one", seed=25)
     g = torch.randn(x.shape, dtype=torch.float64, generator=_gen(26))
     out = _run(harness, tmp_path, tree, tile, x, w, g=g)
-    torch.testing.assert_close(out[6], dense_tree_scan(x, w, tree.parent, "both"),
-                               rtol=1e-10, atol=1e-10)
-    want_x, want_w = _reference_backward(tree, x, w, g, "both", dense=True)
-    torch.testing.assert_close(out[7], want_x, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(out[8], want_w, rtol=1e-10, atol=1e-10)
+    _check_both(out, tree, x, w, g, 1e-10, dense=True)
 
 
 def test_chain_crosses_many_tiles():
