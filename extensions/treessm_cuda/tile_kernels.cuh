@@ -825,7 +825,7 @@ __global__ void tile_bracket_kernel(const A* __restrict__ x, const A* __restrict
   if (pos + 1 >= stop) return;  // a leaf
   const A xp = x[static_cast<int64_t>(vertex[pos]) * C + c];
   constexpr int K = kBracketChildren;
-  int row[K];  // the children's vertices, then nothing past the count
+  int row[K];  // the children's positions, then their vertices (the first `count`)
   int count = 0, next = pos + 1;
 #pragma unroll
   for (int i = 0; i < K; ++i)

@@ -233,7 +233,7 @@ struct BothParts {
 };
 
 // prev: the sibling links of the plan (tile_sibling_links_kernel), int32 [N].
-BothParts both_parts(const at::Tensor& x, const at::Tensor& w, TileArgs a,
+BothParts both_parts(const at::Tensor& x, const at::Tensor& w, const TileArgs& a,
                      const at::Tensor& prev) {
   BothParts r{at::empty_like(x), at::empty_like(x), at::empty_like(x)};
   const int64_t N = x.size(0), C = x.size(1);
