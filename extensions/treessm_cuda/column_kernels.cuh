@@ -100,11 +100,16 @@ __device__ __forceinline__ typename AccType<T>::type load_acc(const T* p) {
   return static_cast<typename AccType<T>::type>(to_acc(__ldg(p)));
 }
 
+// Shared-memory bytes of a block's columns, where its tree's records start.
+template <typename A>
+__host__ __device__ constexpr int64_t columns_bytes(int mode, int64_t stride) {
+  return static_cast<int64_t>(columns_of(mode)) * stride * kThreads * static_cast<int64_t>(sizeof(A));
+}
+
 // Shared-memory bytes of a block: its columns, then its tree's records (two ints a position).
 template <typename A>
 __host__ __device__ constexpr int64_t shared_bytes(int mode, int64_t stride) {
-  return static_cast<int64_t>(columns_of(mode)) * stride * kThreads * static_cast<int64_t>(sizeof(A)) +
-         stride * 2 * static_cast<int64_t>(sizeof(int));
+  return columns_bytes<A>(mode, stride) + stride * 2 * static_cast<int64_t>(sizeof(int));
 }
 
 template <typename T, int MODE, bool SHARED>
@@ -115,8 +120,7 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
   const int t = static_cast<int>(blockIdx.x) / a.groups;
   const int s = a.tree_ptr[t], e = a.tree_ptr[t + 1];
   // the records: vertex and parent position of position s + j at [j] and [stride + j]
-  int* records = reinterpret_cast<int*>(
-      smem_raw + static_cast<int64_t>(columns_of(MODE)) * a.stride * kThreads * sizeof(A));
+  int* records = reinterpret_cast<int*>(smem_raw + columns_bytes<A>(MODE, a.stride));
   if (SHARED) {
     for (int i = s + static_cast<int>(threadIdx.x); i < e; i += kThreads) {
       records[i - s] = __ldg(a.order + i);
