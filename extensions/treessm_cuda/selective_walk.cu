@@ -4,12 +4,15 @@
 // autograd and the choice of backend live in treessm.ops.selective_scan).
 //
 // cuda_selective_walk(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots, rule,
-//   direction, lanes) -> (y [N, D], states [K, D, S]), direction 0 ("down") or 1 ("up", no
-//   h0), `lanes` per channel (a power of two up to d_state padded to a power of two; chosen
-//   by treessm.ops.selective_scan_cuda.lanes_per_channel);
-// cuda_selective_walk_backward(gy, gstates, same inputs)
-//   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states:
-//   one forward walk saves num_slots checkpoint slots, then the backward walk.
+//   direction, lanes, keep) -> (y [N, D], states [K, D, S], kept), direction 0 ("down") or
+//   1 ("up", no h0), `lanes` per channel (a power of two up to d_state padded to a power of
+//   two; chosen by treessm.ops.selective_scan_cuda.lanes_per_channel); with `keep`, kept
+//   holds the backward's num_slots checkpoint slots [num_slots, D, S], written by the same
+//   walk (else it is empty);
+// cuda_selective_walk_backward(gy, gstates, same inputs, kept)
+//   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states
+//   from the checkpoints: the forward's (kept), or those of a forward walk of its own, then
+//   the backward walk.
 // u, dx, de, A, B, C, h0 are float32 or float64 (all alike); d_state at most 16.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -180,25 +183,29 @@ void launch_backward(const walk::Args<T>& a, const Problem& p, dim3 grid, bool u
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> selective_walk(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_walk(
     const at::Tensor& u, const at::Tensor& dx, const c10::optional<at::Tensor>& de,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const c10::optional<at::Tensor>& h0, const at::Tensor& srow, const at::Tensor& snext,
     const at::Tensor& rec, const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule,
-    int64_t direction, int64_t lanes) {
+    int64_t direction, int64_t lanes, bool keep) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
                                  rule, direction, lanes);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor y = at::empty({p.n, p.d}, u.options());
   at::Tensor states = at::zeros({snext.numel(), p.d, p.s}, u.options());
-  if (p.n == 0 || p.d == 0 || p.trees == 0) return {y.zero_(), states};
+  const bool walks = p.n > 0 && p.d > 0 && p.trees > 0;
+  // the backward's checkpoints, written by this walk (kept: the backward walks once less)
+  at::Tensor ckpt = at::empty({keep && walks ? num_slots : 0, p.d, p.s}, u.options());
+  if (!walks) return {y.zero_(), states, ckpt};
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk", [&] {
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.y = y.data_ptr<scalar_t>();
     a.states = snext.numel() ? states.data_ptr<scalar_t>() : nullptr;
+    a.ckpt = ckpt.numel() ? ckpt.data_ptr<scalar_t>() : nullptr;
     TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid_of(p), direction == 1));
   });
-  return {y, states};
+  return {y, states, ckpt};
 }
 
 std::vector<at::Tensor> selective_walk_backward(
@@ -207,10 +214,15 @@ std::vector<at::Tensor> selective_walk_backward(
     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& h0,
     const at::Tensor& srow, const at::Tensor& snext, const at::Tensor& rec,
     const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule, int64_t direction,
-    int64_t lanes) {
+    int64_t lanes, const c10::optional<at::Tensor>& kept) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
                                  rule, direction, lanes);
   check_rows(gy, "gy", p.n, p.d, u.scalar_type());
+  const bool has_kept = kept.has_value() && kept->numel() > 0;
+  if (has_kept)
+    TREESSM_CHECK(kept->is_cuda() && kept->is_contiguous() && kept->scalar_type() == u.scalar_type() &&
+                    kept->numel() == num_slots * p.d * p.s,
+                "kept must be the forward's contiguous [num_slots, D, S] checkpoints");
   const bool grad_states = gstates.has_value() && gstates->numel() > 0;
   if (grad_states)
     TREESSM_CHECK(gstates->is_contiguous() && gstates->numel() == snext.numel() * p.d * p.s &&
@@ -225,14 +237,15 @@ std::vector<at::Tensor> selective_walk_backward(
   if (p.n == 0 || p.d == 0 || p.trees == 0) {
     return {gu, gdx, gde, at::zeros_like(A), at::zeros_like(B), at::zeros_like(C), gh0};
   }
-  at::Tensor ckpt = at::empty({num_slots, p.d, p.s}, u.options());
+  at::Tensor ckpt = has_kept ? *kept : at::empty({num_slots, p.d, p.s}, u.options());
   at::Tensor gA = at::empty({static_cast<int64_t>(grid.y), p.d, p.s}, u.options());
   at::Tensor gB = at::empty({blocks, p.n, p.s}, u.options());
   at::Tensor gC = at::empty({blocks, p.n, p.s}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk_backward", [&] {
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.ckpt = ckpt.data_ptr<scalar_t>();
-    TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid, direction == 1));
+    if (!has_kept)  // the checkpoints, from a walk of their own
+      TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid, direction == 1));
     a.gy = gy.data_ptr<scalar_t>();
     a.gstates = grad_states ? gstates->data_ptr<scalar_t>() : nullptr;
     a.gu = gu.data_ptr<scalar_t>();
@@ -252,11 +265,12 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_selective_walk(Tensor u, Tensor dx, Tensor? de, Tensor A, Tensor B, Tensor C, "
       "Tensor? h0, Tensor srow, Tensor snext, Tensor rec, Tensor tree_ptr, int num_slots, "
-      "int rule, int direction, int lanes) -> (Tensor, Tensor)");
+      "int rule, int direction, int lanes, bool keep) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_selective_walk_backward(Tensor gy, Tensor? gstates, Tensor u, Tensor dx, Tensor? de, "
       "Tensor A, Tensor B, Tensor C, Tensor? h0, Tensor srow, Tensor snext, Tensor rec, "
-      "Tensor tree_ptr, int num_slots, int rule, int direction, int lanes) -> Tensor[]");
+      "Tensor tree_ptr, int num_slots, int rule, int direction, int lanes, Tensor? kept) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

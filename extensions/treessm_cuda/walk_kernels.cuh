@@ -107,11 +107,12 @@ template <> struct Log2<1> { static constexpr int value = 0; };
 // A lane's place: its channel d (of the block's `channels`), its part of the channel's
 // `states` (the padded S) and the first state s0 it holds.
 template <int L> struct Place {
-  int log2p, part, channels, c, d, s0, states;
+  int log2p, part, channels, c, d, s0, states, log2s;
   bool live;
   template <typename T>
   __device__ explicit Place(const Args<T>& a) {
     log2p = a.log2_lanes;
+    log2s = Log2<L>::value + log2p;
     part = threadIdx.x & ((1 << log2p) - 1);
     channels = kThreads >> log2p;
     c = threadIdx.x >> log2p;
@@ -134,9 +135,10 @@ template <typename T> struct Stage {
   T* gy;  // [K][channels] (backward)
   T* wB;  // [2][K][states] (backward) each warp's sums over its channels, for the
   T* wC;  //   gradients of B and C, added at the segment's end (BlockSums)
+  T* yp;  // [K][kThreads] (forward) each lane's part of the read-out (read_out)
   static constexpr size_t bytes(int states, int channels, bool backward) {
     return 16 * K + sizeof(T) * (2 * K * states + (backward ? 4 : 3) * K * channels +
-                                 (backward ? 4 * K * states : 0));
+                                 (backward ? 4 * K * states : K * kThreads));
   }
   __device__ Stage(unsigned char* raw, int states, int channels) {
     rec = reinterpret_cast<int4*>(raw);
@@ -148,6 +150,7 @@ template <typename T> struct Stage {
     gy = de + K * channels;
     wB = gy + K * channels;
     wC = wB + 2 * K * states;
+    yp = de + K * channels;  // the forward stages no gy, wB, wC
   }
 };
 
@@ -160,8 +163,8 @@ __device__ __forceinline__ void stage(const Args<T>& a, Stage<T>& st, const Plac
   __syncthreads();  // the previous segment is done with the stage
   if (tid < nc) st.rec[tid] = a.rec[c0 + tid];
   __syncthreads();
-  for (int q = tid; q < nc * pl.states; q += kThreads) {
-    const int k = q / pl.states, s = q - k * pl.states;
+  for (int q = tid; q < nc << pl.log2s; q += kThreads) {
+    const int k = q >> pl.log2s, s = q & (pl.states - 1);
     const int64_t v = st.rec[k].x;
     st.B[q] = s < a.s ? a.B[v * a.s + s] : T(0);
     st.C[q] = s < a.s ? a.C[v * a.s + s] : T(0);
@@ -273,12 +276,14 @@ __device__ __forceinline__ void down_step(int flags, T e, T xu, const T (&Ar)[L]
 // "up" at one vertex, walked back: up = x + the first child's hand-over + the accumulator
 // of the other children (closed here); then w up goes to the parent: handed over by a
 // first child, opening an accumulator from a last child, added to it from a middle one.
+// Products are rounded on their own (mul_rn): left to the compiler, which ones it fuses
+// with the additions may differ between lane counts.
 template <typename T, int L>
 __device__ __forceinline__ void up_step(int flags, T e, T xu, const T (&Ar)[L], const T* B,
                                         T (&carry)[L], T (&stack)[kStack][L], int& top,
                                         T (&up)[L]) {
 #pragma unroll
-  for (int j = 0; j < L; ++j) up[j] = xu * B[j] + carry[j];
+  for (int j = 0; j < L; ++j) up[j] = mul_rn(xu, B[j]) + carry[j];
   if (flags & kPush) {
     --top;
 #pragma unroll
@@ -290,7 +295,7 @@ __device__ __forceinline__ void up_step(int flags, T e, T xu, const T (&Ar)[L], 
   T share[L];
   const T es = exp_step(e);
 #pragma unroll
-  for (int j = 0; j < L; ++j) share[j] = walk_exp(es * Ar[j]) * up[j];
+  for (int j = 0; j < L; ++j) share[j] = mul_rn(walk_exp(es * Ar[j]), up[j]);
   if (flags & kFirst) {
 #pragma unroll
     for (int j = 0; j < L; ++j) carry[j] = share[j];
@@ -304,20 +309,28 @@ __device__ __forceinline__ void up_step(int flags, T e, T xu, const T (&Ar)[L], 
   }
 }
 
+// The pairwise sum of n <= N terms (n a power of two, the first n of `terms`): neighbours
+// added, then neighbouring sums, and so on.
+template <int N, typename T>
+__device__ __forceinline__ T pairwise_sum(const T (&terms)[N], int n = N) {
+  T b[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) b[j] = terms[j];
+#pragma unroll
+  for (int w = N / 2; w >= 1; w /= 2)
+    if (w < n)
+#pragma unroll
+      for (int i = 0; i < w; ++i) b[i] = b[2 * i] + b[2 * i + 1];
+  return b[0];
+}
+
 // The sum of a channel's terms over all its states, in every lane of the channel: each lane
 // adds its L terms pairwise, then the P lanes add theirs at xor offsets 1, 2, ..., P / 2 (a
 // lane adds its partner's sum to its own, the partner the same two numbers: one result).
 // The whole is the pairwise sum of the S terms in state order, whatever P is.
 template <int L, typename T>
 __device__ __forceinline__ T channel_sum(const T (&terms)[L], int log2p) {
-  T b[L];
-#pragma unroll
-  for (int j = 0; j < L; ++j) b[j] = terms[j];
-#pragma unroll
-  for (int w = L / 2; w >= 1; w /= 2)
-#pragma unroll
-    for (int i = 0; i < w; ++i) b[i] = b[2 * i] + b[2 * i + 1];
-  T v = b[0];
+  T v = pairwise_sum<L>(terms);
   for (int off = 1; off < (1 << log2p); off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
@@ -333,21 +346,43 @@ __device__ __forceinline__ void write_lane_states(const Args<T>& a, T* dst, int6
     if (pl.s0 + j < a.s) dst[state_at(a, row, pl) + j] = v[j];
 }
 
-// The read-out y[v] = sum_s C[v, s] h[v, s] of one position (every lane takes part in the
-// sum over the channel's lanes), written by the channel's first lane, and the states h[v]
-// at the rows of `states` that request vertex v.
+// The states h[v] of a position (vertex v): this lane's part of the read-out
+// y[v] = sum_s C[v, s] h[v, s], the pairwise sum of its L products, left in the stage at yp
+// (the lane's entry of the position in Stage::yp) for read_out; and h[v] at the rows of
+// `states` that request vertex v.
 template <typename T, int L>
-__device__ __forceinline__ void emit(const Args<T>& a, const Place<L>& pl, int64_t v,
+__device__ __forceinline__ void emit(const Args<T>& a, const Place<L>& pl, T* yp, int64_t v,
                                      const T* Ck, const T (&h)[L]) {
-  T terms[L];
+  if (a.y != nullptr) {
+    T terms[L];
 #pragma unroll
-  for (int j = 0; j < L; ++j) terms[j] = mul_rn(Ck[j], h[j]);
-  const T yv = channel_sum<L>(terms, pl.log2p);
-  if (!pl.live) return;
-  if (a.y != nullptr && pl.part == 0) a.y[v * a.d + pl.d] = yv;
-  if (a.states != nullptr)
+    for (int j = 0; j < L; ++j) terms[j] = mul_rn(Ck[j], h[j]);
+    *yp = pairwise_sum<L>(terms);
+  }
+  if (a.states != nullptr && pl.live)
     for (int64_t row = a.srow[v]; row >= 0; row = a.snext[row])
       write_lane_states<T, L>(a, a.states, row, pl, h);
+}
+
+// y at the segment's nc positions: each channel's P lane parts (emit) summed pairwise in
+// lane order, so that y is the pairwise sum of the S products in state order, the same for
+// every P; one thread a (position, channel), consecutive threads on consecutive channels.
+template <typename T, int L>
+__device__ __forceinline__ void read_out(const Args<T>& a, const Stage<T>& st,
+                                         const Place<L>& pl, int nc) {
+  if (a.y == nullptr) return;
+  __syncthreads();  // every lane's parts are in the stage
+  const int log2c = Log2<kThreads>::value - pl.log2p;
+  for (int q = threadIdx.x; q < nc << log2c; q += kThreads) {
+    const int k = q >> log2c, c = q & (pl.channels - 1);
+    const int d = blockIdx.x * pl.channels + c;
+    if (d >= a.d) continue;
+    const T* parts = st.yp + k * kThreads + (c << pl.log2p);
+    T b[kMaxStates];
+#pragma unroll
+    for (int i = 0; i < kMaxStates; ++i) b[i] = i < (1 << pl.log2p) ? parts[i] : T(0);
+    a.y[static_cast<int64_t>(st.rec[k].x) * a.d + d] = pairwise_sum<kMaxStates>(b, 1 << pl.log2p);
+  }
 }
 
 // G += the gradients of the states requested at vertex v; zero on an idle lane.
@@ -454,18 +489,25 @@ __global__ void __launch_bounds__(kThreads) down_forward_kernel(Args<T> a) {
       const int nc = min(K, end - c0);
       stage<T, L>(a, st, pl, c0, nc, false);
       if (a.ckpt != nullptr && pl.live) save_context<T, L>(a, st.rec[0].w, pl, h, stack, top);
+      // the lane's entries of position k, advanced by one position a step
+      const T *su = st.u + pl.c, *sdx = st.dx + pl.c, *sde = st.de + pl.c;
+      const T *Bk = st.B + pl.s0, *Ck = st.C + pl.s0;
+      T* yp = st.yp + threadIdx.x;
       for (int k = 0; k < nc; ++k) {
         const int4 r = st.rec[k];
         const int flags = r.z & 15;
         T hp[L];
         parent_state<T, L>(a, flags, t, pl, h, stack, top, hp);
-        const int at = k * pl.channels + pl.c;
-        const T xu = st.dx[at] * st.u[at];
-        const T* Bk = st.B + k * pl.states + pl.s0;
-        const T* Ck = st.C + k * pl.states + pl.s0;
-        down_step<T, L>(flags, st.de[at], xu, Ar, Bk, hp, h, stack, top);
-        emit<T, L>(a, pl, r.x, Ck, h);
+        down_step<T, L>(flags, *sde, *sdx * *su, Ar, Bk, hp, h, stack, top);
+        emit<T, L>(a, pl, yp, r.x, Ck, h);
+        su += pl.channels;
+        sdx += pl.channels;
+        sde += pl.channels;
+        Bk += pl.states;
+        Ck += pl.states;
+        yp += kThreads;
       }
+      read_out<T, L>(a, st, pl, nc);
     }
   }
 }
@@ -526,7 +568,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
         T G[L];
         T half = gc[L];
 #pragma unroll
-        for (int j = 0; j < L; ++j) G[j] = Ck[j] * gyv + gc[j];
+        for (int j = 0; j < L; ++j) G[j] = mul_rn(Ck[j], gyv) + gc[j];
         if (flags & kPush) {
           --gtop;
 #pragma unroll
@@ -545,7 +587,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
           xterms[j] = mul_rn(G[j], Bk[j]);
           const T gww = G[j] * hps[k][j] * w[j];  // dL/dw * w
           eterms[j] = mul_rn(gww, Ar[j]);
-          gA[j] += gww * e;
+          gA[j] += mul_rn(gww, e);
         }
         const T gxu = channel_sum<L>(xterms, pl.log2p);    // dL/d(dx u)
         const T gw_de = channel_sum<L>(eterms, pl.log2p);  // dL/d(edge step)
@@ -586,7 +628,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
           ++gtop;
         } else {
 #pragma unroll
-          for (int j = 0; j < L; ++j) gstack[gtop - 1][j] += w[j] * G[j];
+          for (int j = 0; j < L; ++j) gstack[gtop - 1][j] += mul_rn(w[j], G[j]);
           gstack[gtop - 1][L] += up_half;
         }
       }
@@ -633,8 +675,9 @@ __global__ void __launch_bounds__(kThreads) up_forward_kernel(Args<T> a) {
         T up[L];
         up_step<T, L>(flags, st.de[at], xu, Ar, st.B + k * pl.states + pl.s0, carry, stack,
                       top, up);
-        emit<T, L>(a, pl, r.x, Ck, up);
+        emit<T, L>(a, pl, st.yp + k * kThreads + threadIdx.x, r.x, Ck, up);
       }
+      read_out<T, L>(a, st, pl, nc);
       if (a.ckpt != nullptr && sj > 0 && pl.live)
         save_context<T, L>(a, st.rec[0].w, pl, carry, stack, top);
     }
@@ -729,7 +772,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
           xterms[j] = mul_rn(G[j], Bk[j]);
           const T gww = Gp[j] * ups[k][j] * w[j];  // dL/dw * w
           eterms[j] = mul_rn(gww, Ar[j]);
-          gA[j] += gww * e;
+          gA[j] += mul_rn(gww, e);
         }
         const T gxu = channel_sum<L>(xterms, pl.log2p);
         const T gw_de = channel_sum<L>(eterms, pl.log2p);

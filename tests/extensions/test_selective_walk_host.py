@@ -4,7 +4,9 @@ the host and run with one thread per CUDA thread, against the readable reference
 gradient, on forests whose walks use every flag of the plan (first, middle and last
 children, deep stacks, segments that start inside them), with each edge-step rule, incoming
 states and requested states, for every number of lanes per channel (the same bits for all
-but the gradients of B and C), in float64 and float32."""
+but the gradients of B and C), in float64 and float32. The backward starts from the
+checkpoints the forward kept, which the harness checks against those of a walk of their
+own."""
 import subprocess
 
 import numpy as np
@@ -86,9 +88,11 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, directi
     r = subprocess.run([str(harness), str(src), str(dst)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64)
-    sizes = [n * d, k * d * s, n * d, n * d, n * d, d * s, n * s, n * s, t * d * s]
-    got = dict(zip(["y", "states", "gu", "gdx", "gde", "gA", "gB", "gC", "gh0"],
+    sizes = [n * d, k * d * s, n * d, n * d, n * d, d * s, n * s, n * s, t * d * s, 1]
+    got = dict(zip(["y", "states", "gu", "gdx", "gde", "gA", "gB", "gC", "gh0", "kept_same"],
                    np.split(out, np.cumsum(sizes)[:-1])))
+    # the checkpoints a forward keeps are those the backward would write itself
+    assert got.pop("kept_same").tolist() == [1.0]
     # the reference, and its gradients by autograd
     leaves = [x.clone().requires_grad_() for x in (u, dx, A, B, C)]
     ue, dxe, Ae, Be, Ce = leaves

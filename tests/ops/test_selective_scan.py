@@ -425,8 +425,9 @@ def test_cuda_fused_walk_matches_reference(name, rule, direction, monkeypatch):
 def test_lanes_per_channel_fills_the_device_up_to_the_padded_states():
     from treessm.ops.selective_scan_cuda import WARPS_PER_SM, lanes_per_channel
     # 4 trees of 1536 channels on 132 multiprocessors: 192 warps per lane
-    assert lanes_per_channel(4, 1536, 16, 132) == 16
-    assert lanes_per_channel(4, 1536, 16, 132 // 8) == 2
+    assert lanes_per_channel(4, 1536, 16, 132) == 8
+    assert lanes_per_channel(4, 1536, 16, 132 // 8) == 1
+    assert lanes_per_channel(1, 1536, 16, 132) == 16
     assert lanes_per_channel(4, 1536, 3, 132) == 4      # at most d_state padded
     assert lanes_per_channel(4, 1536, 1, 132) == 1
     assert lanes_per_channel(3000, 40, 16, 132) == 1    # block rows stop at 2048
@@ -469,6 +470,47 @@ def test_cuda_fused_walk_lanes_match_reference_and_one_lane(lanes, direction, mo
     for k in got[1]:
         if k not in ("B", "C"):
             assert torch.equal(got[1][k], one[1][k]), k
+
+
+def test_kept_checkpoints_take_no_more_memory_than_u():
+    from treessm.ops.selective_scan_cuda import kept_rows
+    from treessm.ops.walk import slot_bound
+    # 4 sequences of 2,048 tokens in float32: one slot a segment of 32; the bound of a
+    # forest built on the GPU is 12 times that
+    assert kept_rows(256, 8192, 1536, 16) == 256
+    assert kept_rows(slot_bound(8192, 4, 2048, 32), 8192, 1536, 16) == 0
+    assert kept_rows(512, 8192, 1536, 16) == 512   # as many bytes as u
+    assert kept_rows(513, 8192, 1536, 16) == 0
+    assert kept_rows(0, 0, 1536, 16) == kept_rows(5, 10, 0, 1) == 0
+
+
+@_CUDA
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_fused_walk_backward_from_kept_checkpoints(direction, dtype, monkeypatch):
+    # chains: the forward keeps the backward's checkpoints; the gradients are the bits of a
+    # backward that walks the tree for them itself, and match the reference
+    from treessm.ops import selective_scan_cuda
+
+    second = chain(300, _gen(4))
+    parent = torch.cat([chain(700, _gen(3)), torch.where(second >= 0, second + 700, -1)])
+    tree, leaves, kw = _problem(parent, d=40, s=8, dtype=dtype, rule="child",
+                                direction=direction, initial=direction == "down")
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    kept, real = [], selective_scan_cuda.kept_rows
+    monkeypatch.setattr(selective_scan_cuda, "kept_rows",
+                        lambda *a: kept.append(real(*a)) or kept[-1])
+    got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw)
+    assert kept and kept[-1] > 0
+    monkeypatch.setattr(selective_scan_cuda, "kept_rows", lambda *a: 0)
+    again = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw)
+    for a, b in zip(got[0], again[0]):
+        assert torch.equal(a, b)
+    for k in got[1]:
+        assert torch.equal(got[1][k], again[1][k]), k
+    if dtype == torch.float64:
+        want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+        _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
 
 
 @_CUDA

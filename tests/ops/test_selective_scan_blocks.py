@@ -123,7 +123,8 @@ def test_blocks_hold_at_least_the_row_floor_per_vertex(monkeypatch, floor, width
         calls.append(x.shape[1])
         return reference_tree_scan(x, w, tree, direction)
 
-    no_fused = ss.FusedKernels(None, None, None, lambda direction, moments, d_state: False)
+    no_fused = ss.FusedKernels(None, None, None, lambda direction, moments, d_state: False,
+                               lambda *sizes: 0)
     monkeypatch.setitem(ss.FUSED_KERNELS, "numba", no_fused)
     monkeypatch.setattr(ss, "tree_scan", counting_scan)
     monkeypatch.setattr(ss, "EXPANSION_BLOCK_BYTES", N * S * 8)  # one channel of float64

@@ -65,26 +65,33 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 class FusedKernels(NamedTuple):
     """What a backend provides: ``forward`` and ``backward`` (arguments as in
     :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``, with the tree given
-    as ``layout, layout_size``); ``layout(tree, dtype)``, the list of tensors and the
-    integer that stand for the tree in those calls; ``supports(direction, moments,
-    d_state)``, whether the kernels run such a problem (else the expanded path does)."""
+    as ``layout, layout_size``; the forward also takes ``keep``, whether a backward will
+    follow, and returns a fifth tensor, ``kept``, which the backward takes after ``mu``:
+    what the forward leaves it, ``kept_rows(layout_size, n, d, d_state)`` rows of
+    ``[d, d_state]`` when asked to keep, else none); ``layout(tree, dtype)``, the list of
+    tensors and the integer that stand for the tree in those calls; ``supports(direction,
+    moments, d_state)``, whether the kernels run such a problem (else the expanded path
+    does)."""
     forward: Callable
     backward: Callable
     layout: Callable
     supports: Callable
+    kept_rows: Callable
 
 
 def _tree_arrays(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], int]:
     return [tree.parent, tree.order, tree.child_ptr, tree.tree_ptr], 0
 
 
-def _numba_forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, *args):
-    return selective_scan_cpu.forward(u, dx, de, A, B, C, gamma, h0, srow, snext, *layout,
-                                      *args)
+def _numba_forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction,
+                   edge_rule, moments, keep):
+    out = selective_scan_cpu.forward(u, dx, de, A, B, C, gamma, h0, srow, snext, *layout,
+                                     direction, edge_rule, moments)
+    return (*out, u.new_empty(0, u.shape[1], A.shape[1]))  # the backward recomputes all
 
 
-def _numba_backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext,
-                    layout, layout_size, *args):
+def _numba_backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow,
+                    snext, layout, layout_size, *args):
     return selective_scan_cpu.backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
                                        srow, snext, *layout, *args)
 
@@ -94,9 +101,10 @@ def _numba_backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, sr
 #: path.
 FUSED_KERNELS: Dict[str, FusedKernels] = {
     "numba": FusedKernels(_numba_forward, _numba_backward, _tree_arrays,
-                          lambda direction, moments, d_state: True),
+                          lambda direction, moments, d_state: True, lambda *sizes: 0),
     "cuda": FusedKernels(selective_scan_cuda.forward, selective_scan_cuda.backward,
-                         selective_scan_cuda.layout, selective_scan_cuda.supports),
+                         selective_scan_cuda.layout, selective_scan_cuda.supports,
+                         selective_scan_cuda.kept_rows),
 }
 
 #: Bytes one expanded ``[N, D', S]`` tensor of a problem without fused kernels may take:
@@ -375,35 +383,38 @@ def _kernels(backend: str) -> FusedKernels:
 def _fused_op(u: Tensor, dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
               gamma: Optional[Tensor], h0: Optional[Tensor], srow: Tensor, snext: Tensor,
               layout: List[Tensor], layout_size: int, direction: str, edge_rule: str,
-              moments: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+              moments: bool, backend: str, keep: bool
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout,
-                                     layout_size, direction, edge_rule, moments)
+                                     layout_size, direction, edge_rule, moments, keep)
 
 
 @_fused_op.register_fake
 def _(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction, edge_rule,
-      moments, backend):
+      moments, backend, keep):
     n, d = u.shape
+    s = A.shape[1]
     stat = n if moments else 0
+    kept = _kernels(backend).kept_rows(layout_size, n, d, s) if keep else 0
     return (u.new_empty(n, d), u.new_empty(stat), u.new_empty(stat),
-            u.new_empty(snext.shape[0], d, A.shape[1]))
+            u.new_empty(snext.shape[0], d, s), u.new_empty(kept, d, s))
 
 
 @torch.library.custom_op("treessm::selective_tree_scan_backward", mutates_args=())
 def _fused_backward_op(gy: Tensor, gmu: Tensor, gm2: Tensor, gstates: Tensor, u: Tensor,
                        dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                        gamma: Optional[Tensor], h0: Optional[Tensor], mu: Tensor,
-                       srow: Tensor, snext: Tensor, layout: List[Tensor], layout_size: int,
-                       direction: str, edge_rule: str, moments: bool,
+                       kept: Tensor, srow: Tensor, snext: Tensor, layout: List[Tensor],
+                       layout_size: int, direction: str, edge_rule: str, moments: bool,
                        backend: str) -> List[Tensor]:
     grads = _kernels(backend).backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
-                                       srow, snext, layout, layout_size, direction, edge_rule,
-                                       moments)
+                                       kept, srow, snext, layout, layout_size, direction,
+                                       edge_rule, moments)
     return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_fused_backward_op.register_fake
-def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, layout,
+def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow, snext, layout,
       layout_size, direction, edge_rule, moments, backend):
     like = lambda t: u.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
     return [like(u), like(dx), like(de), like(A), like(B), like(C), like(gamma), like(h0)]
@@ -411,19 +422,20 @@ def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, lay
 
 def _setup_context(ctx, inputs, output):
     (u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction, edge_rule,
-     moments, backend) = inputs
-    ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], srow, snext, *layout)
+     moments, backend, keep) = inputs
+    ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], output[4], srow, snext,
+                          *layout)
     ctx.args = (layout_size, direction, edge_rule, moments, backend)
 
 
-def _backward(ctx, gy, gmu, gm2, gstates):
-    (u, dx, de, A, B, C, gamma, h0, mu, srow, snext, *layout) = ctx.saved_tensors
+def _backward(ctx, gy, gmu, gm2, gstates, gkept):
+    (u, dx, de, A, B, C, gamma, h0, mu, kept, srow, snext, *layout) = ctx.saved_tensors
     gu, gdx, gde, gA, gB, gC, gg, gh0 = torch.ops.treessm.selective_tree_scan_backward(
-        gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, layout,
+        gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow, snext, layout,
         *ctx.args)
     present = lambda t, g: None if t is None else g  # noqa: E731
     return (gu, gdx, present(de, gde), gA, gB, gC, present(gamma, gg), present(h0, gh0),
-            None, None, [None] * len(layout), None, None, None, None, None)
+            None, None, [None] * len(layout), None, None, None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -577,9 +589,11 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
     srow, snext = _state_rows(state_vertices, n, u.device)
     Cc = C.to(acc)
     layout, layout_size = _kernels(backend).layout(tree, acc)
-    y, mu, m2, states = torch.ops.treessm.selective_tree_scan(
-        uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0, srow, snext, layout, layout_size,
-        direction, rule, state_norm, backend)
+    inputs = (uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0)
+    # a backward will follow: the forward may leave it what it would otherwise recompute
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    y, mu, m2, states, _ = torch.ops.treessm.selective_tree_scan(
+        *inputs, srow, snext, layout, layout_size, direction, rule, state_norm, backend, keep)
     y = _output(y, mu, m2, Cc, weight, bias, uc, D, state_norm, norm_eps, u.dtype)
     return y if state_vertices is None else (y, states)
 

@@ -5,10 +5,12 @@ directions ``"down"`` and ``"up"`` along the depth-first walk of :mod:`treessm.o
 ``P`` adjacent lanes of a warp hold the ``S`` states of one channel of one tree in
 registers (``S / P`` each, ``S`` padded to a power of two) and walk the tree; the backward
 walks it again from checkpoints saved at segment starts (about ``1 / segment`` of the
-states, more where the walk's stack is deep), in a second forward walk of its own, so
-nothing is kept between the forward and the backward. :func:`lanes_per_channel` chooses
-``P``. Results are bitwise reproducible, and all but the gradients of ``B`` and ``C`` (sums
-over the channels of a block) are the same bits for every ``P``.
+states, more where the walk's stack is deep). A forward that a backward will follow writes
+them as it walks and keeps them where they take no more memory than ``u``
+(:func:`kept_rows`: a forest of chains); else the backward writes them in a forward walk of
+its own. :func:`lanes_per_channel` chooses ``P``. Results are bitwise reproducible, the
+same whether the checkpoints were kept or not, and all but the gradients of ``B`` and ``C``
+(sums over the channels of a block) are the same bits for every ``P``.
 """
 from __future__ import annotations
 
@@ -22,14 +24,18 @@ from ..typing import load_cuda_extension
 from .selective_scan_cpu import EDGE_RULES
 from .walk import walk_plan
 
-__all__ = ["forward", "backward", "layout", "supports", "lanes_per_channel", "MAX_STATES",
-           "WARPS_PER_SM"]
+__all__ = ["forward", "backward", "layout", "supports", "kept_rows", "lanes_per_channel",
+           "MAX_STATES", "WARPS_PER_SM"]
 
 #: ``d_state`` the kernels hold in registers, at most.
 MAX_STATES = 16
 #: Warps per multiprocessor the launch aims for: each lane walks a chain of dependent steps,
-#: whose latency only other warps hide.
-WARPS_PER_SM = 16
+#: whose latency only other warps hide, but every lane of a channel repeats the step's
+#: bookkeeping for its share of the states. On the H200 at GrootL's widths (4 sequences of
+#: 2,048 tokens, 1,536 channels, 16 states) the kernels took 0.87 / 3.30 ms forward /
+#: backward at 8 lanes a channel (11.6 warps per multiprocessor), 1.14 / 3.33 at 16 and
+#: 1.03 / 3.74 at 4.
+WARPS_PER_SM = 8
 _DIRECTIONS = ("down", "up")  # the kernels' direction codes: 0 and 1
 _BLOCK = 64         # walk_kernels.cuh: kThreads, lanes of a block (two warps)
 _TREE_ROWS = 2048   # selective_walk.cu: kMaxTreeRows, block rows over the trees
@@ -47,7 +53,7 @@ def lanes_per_channel(num_trees: int, channels: int, d_state: int, multiprocesso
     to a power of two.
 
     >>> lanes_per_channel(4, 1536, 16, 132)  # GrootL at Mamba-130m widths, 4 sequences
-    16
+    8
     >>> lanes_per_channel(3000, 40, 16, 132)  # many small trees fill the device already
     1
     """
@@ -76,23 +82,35 @@ def layout(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], int]:
     return [plan.rec, plan.tree_ptr], plan.num_slots
 
 
+def kept_rows(num_slots: int, n: int, d: int, d_state: int) -> int:
+    """Checkpoint slots the forward keeps for the backward when asked (else the backward
+    walks the tree once more to write them): all of them where they take no more memory
+    than ``u`` (a forest of chains: one slot a segment, ``d_state / 32`` of ``u`` in
+    float32), none where the slot count is a bound far above the walk's own (a forest built
+    on the GPU: :func:`treessm.ops.walk.slot_bound`) or the problem is empty."""
+    return num_slots if n * d > 0 and num_slots * d_state <= n else 0
+
+
 def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], num_slots: int,
-            direction: str, edge_rule: str, moments: bool):
-    """``(y, mu, m2, states)`` as :func:`treessm.ops.selective_scan_cpu.forward` (``mu`` and
-    ``m2`` empty: moments are not supported here)."""
+            direction: str, edge_rule: str, moments: bool, keep: bool):
+    """``(y, mu, m2, states, kept)`` as :func:`treessm.ops.selective_scan_cpu.forward`
+    (``mu`` and ``m2`` empty: moments are not supported here), and with ``keep`` the
+    backward's checkpoints where :func:`kept_rows` keeps them."""
     _check(direction, moments, gamma)
     load_cuda_extension()
     rec, tree_ptr = layout
-    y, states = torch.ops.treessm.cuda_selective_walk(
+    keep = keep and kept_rows(num_slots, u.shape[0], u.shape[1], A.shape[1]) > 0
+    y, states, kept = torch.ops.treessm.cuda_selective_walk(
         *_contiguous(u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr, num_slots,
-        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction), _lanes(u, A, tree_ptr))
-    return y, u.new_empty(0), u.new_empty(0), states
+        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction), _lanes(u, A, tree_ptr), keep)
+    return y, u.new_empty(0), u.new_empty(0), states, kept
 
 
-def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext,
+def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow, snext,
              layout: List[Tensor], num_slots: int, direction: str, edge_rule: str,
              moments: bool) -> Tuple[Optional[Tensor], ...]:
-    """Gradients as :func:`treessm.ops.selective_scan_cpu.backward`."""
+    """Gradients as :func:`treessm.ops.selective_scan_cpu.backward`, from the forward's
+    checkpoints where it kept them."""
     _check(direction, moments, gamma)
     load_cuda_extension()
     rec, tree_ptr = layout
@@ -100,7 +118,7 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
     gu, gdx, gde, gA, gB, gC, gh0 = torch.ops.treessm.cuda_selective_walk_backward(
         *_contiguous(gy, gstates, u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr,
         num_slots, EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction),
-        _lanes(u, A, tree_ptr))
+        _lanes(u, A, tree_ptr), kept if kept.numel() else None)
     return (gu, gdx, gde if given else None, gA, gB, gC, None,
             gh0 if h0 is not None else None)
 

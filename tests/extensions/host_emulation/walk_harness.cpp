@@ -1,6 +1,7 @@
-// Host emulation of the fused selective walk (walk_kernels.cuh), "down" or "up": the forward,
-// then the backward as selective_walk.cu launches it (a forward walk that saves the
-// checkpoints, then the backward walk), in double or float with P lanes per channel, with
+// Host emulation of the fused selective walk (walk_kernels.cuh), "down" or "up": the forward
+// of a training step (keeping the backward's checkpoints), then the backward walk from them;
+// and the checkpoints of a walk of their own (as the backward writes them when the forward
+// kept none), compared with the kept ones (the last output value: 1 where equal), in double or float with P lanes per channel, with
 // the partial sums added as the host side adds them (in double). Inputs and outputs are
 // double. usage: walk_harness IN OUT
 #include <cstdio>
@@ -57,19 +58,24 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   a.n = static_cast<int>(N); a.d = static_cast<int>(D); a.s = static_cast<int>(Sr);
   a.num_trees = static_cast<int>(T_); a.rule = rule; a.log2_lanes = log2p;
   std::vector<T> y(N * D, -777), states(K * D * Sr, 0), ckpt(slots * D * Sr + 1, -555);
-  a.y = y.data(); a.states = K ? states.data() : nullptr;
-  launch(gx, rows, [&] {
-    if (up) up_forward_kernel<T, L>(a);
-    else down_forward_kernel<T, L>(a);
-  });
+  std::vector<T> own(ckpt);
+  auto forward = [&] {
+    launch(gx, rows, [&] {
+      if (up) up_forward_kernel<T, L>(a);
+      else down_forward_kernel<T, L>(a);
+    });
+  };
+  // the forward of a training step, keeping the backward's checkpoints
+  a.y = y.data(); a.states = K ? states.data() : nullptr; a.ckpt = ckpt.data();
+  forward();
   put(y, N * D, o);
   put(states, K * D * Sr, o);
-  // backward
-  a.y = nullptr; a.states = nullptr; a.ckpt = ckpt.data();
-  launch(gx, rows, [&] {
-    if (up) up_forward_kernel<T, L>(a);
-    else down_forward_kernel<T, L>(a);
-  });
+  // the checkpoints from a walk of their own (a forward that kept none): the same
+  a.y = nullptr; a.states = nullptr; a.ckpt = own.data();
+  forward();
+  const double same = own == ckpt ? 1.0 : 0.0;
+  // backward, from the forward's checkpoints
+  a.ckpt = ckpt.data();
   std::vector<T> gu(N * D, 0), gdx(N * D, 0), gde(N * D, 0), gh0(T_ * D * Sr, 0);
   std::vector<T> gA(rows * D * Sr, -444), gB(blocks * N * Sr, -444), gC(blocks * N * Sr, -444);
   a.gy = gy.data(); a.gstates = has_gs ? gs.data() : nullptr;
@@ -92,6 +98,7 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   put(tB, N * Sr, o);
   put(tC, N * Sr, o);
   put(gh0, T_ * D * Sr, o);
+  fwrite(&same, 8, 1, o);
 }
 
 template <typename T>
