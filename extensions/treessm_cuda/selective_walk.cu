@@ -118,6 +118,7 @@ walk::Args<T> make_args(const Problem& p, const at::Tensor& u, const at::Tensor&
   a.num_trees = static_cast<int>(p.trees);
   a.rule = p.rule;
   a.log2_lanes = p.log2_lanes;
+  a.deferred = walk::deferred_sums(p.rule, p.log2_lanes);
   return a;
 }
 
@@ -131,7 +132,8 @@ dim3 grid_of(const Problem& p) {
 template <typename T>
 size_t stage_bytes(const Problem& p, bool backward) {
   return walk::Stage<T>::bytes(static_cast<int>(p.states), walk::kThreads >> p.log2_lanes,
-                               backward);
+                               backward,
+                               backward && walk::deferred_sums(p.rule, p.log2_lanes));
 }
 
 template <typename T, int L>

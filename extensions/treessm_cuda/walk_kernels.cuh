@@ -83,7 +83,17 @@ template <typename T> struct Args {
   T* gh0;            // [T, D, S] or null
   int n, d, s, num_trees, rule;
   int log2_lanes;    // P = 2^log2_lanes lanes per channel
+  // backward: the gradients of u, dx (and given edge steps) summed over a channel's lanes
+  // after each segment (input_grads) rather than at each step: rules kChild and kGiven
+  // with more than one lane a channel (deferred_sums)
+  bool deferred;
 };
+
+// Whether the backward sums the inputs' gradients over a channel's lanes after each
+// segment: rule kMean hands each vertex's sum to its parent during the walk.
+__host__ __device__ inline bool deferred_sums(int rule, int log2_lanes) {
+  return rule != kMean && log2_lanes > 0;
+}
 
 // w = exp(de A) as walk_exp(exp_step(de) A): in float exp2 of the step pre-scaled by
 // log2(e) (cheaper than expf; accuracy measured in host emulation against the float64
@@ -136,9 +146,12 @@ template <typename T> struct Stage {
   T* wB;  // [2][K][states] (backward) each warp's sums over its channels, for the
   T* wC;  //   gradients of B and C, added at the segment's end (BlockSums)
   T* yp;  // [K][kThreads] (forward) each lane's part of the read-out (read_out)
-  static constexpr size_t bytes(int states, int channels, bool backward) {
+  T* xp;  // [K][kThreads] (deferred backward) each lane's parts of the sums over the states
+  T* ep;  //   of G B and of dL/dw w A (input_grads)
+  static constexpr size_t bytes(int states, int channels, bool backward, bool deferred) {
     return 16 * K + sizeof(T) * (2 * K * states + (backward ? 4 : 3) * K * channels +
-                                 (backward ? 4 * K * states : K * kThreads));
+                                 (backward ? 4 * K * states : K * kThreads) +
+                                 (deferred ? 2 * K * kThreads : 0));
   }
   __device__ Stage(unsigned char* raw, int states, int channels) {
     rec = reinterpret_cast<int4*>(raw);
@@ -151,6 +164,8 @@ template <typename T> struct Stage {
     wB = gy + K * channels;
     wC = wB + 2 * K * states;
     yp = de + K * channels;  // the forward stages no gy, wB, wC
+    xp = wC + 2 * K * states;
+    ep = xp + K * kThreads;
   }
 };
 
@@ -324,6 +339,16 @@ __device__ __forceinline__ T pairwise_sum(const T (&terms)[N], int n = N) {
   return b[0];
 }
 
+// The sum of the P = 2^log2p values at `parts` (a channel's lanes' parts, in lane order),
+// pairwise: the tree of channel_sum's xor shuffles.
+template <typename T>
+__device__ __forceinline__ T lanes_sum(const T* parts, int log2p) {
+  T b[kMaxStates];
+#pragma unroll
+  for (int i = 0; i < kMaxStates; ++i) b[i] = i < (1 << log2p) ? parts[i] : T(0);
+  return pairwise_sum<kMaxStates>(b, 1 << log2p);
+}
+
 // The sum of a channel's terms over all its states, in every lane of the channel: each lane
 // adds its L terms pairwise, then the P lanes add theirs at xor offsets 1, 2, ..., P / 2 (a
 // lane adds its partner's sum to its own, the partner the same two numbers: one result).
@@ -377,11 +402,33 @@ __device__ __forceinline__ void read_out(const Args<T>& a, const Stage<T>& st,
     const int k = q >> log2c, c = q & (pl.channels - 1);
     const int d = blockIdx.x * pl.channels + c;
     if (d >= a.d) continue;
-    const T* parts = st.yp + k * kThreads + (c << pl.log2p);
-    T b[kMaxStates];
-#pragma unroll
-    for (int i = 0; i < kMaxStates; ++i) b[i] = i < (1 << pl.log2p) ? parts[i] : T(0);
-    a.y[static_cast<int64_t>(st.rec[k].x) * a.d + d] = pairwise_sum<kMaxStates>(b, 1 << pl.log2p);
+    a.y[static_cast<int64_t>(st.rec[k].x) * a.d + d] =
+        lanes_sum(st.yp + k * kThreads + (c << pl.log2p), pl.log2p);
+  }
+}
+
+// The gradients of u and dx (and of the given edge steps) at the segment's nc positions
+// from the lanes' parts of dL/d(dx u) = sum_s G B and of the edge step's dL/dw w A
+// (Stage::xp, ep; each lane's pairwise sum of its L terms), added over the channel's lanes
+// as read_out adds y's: the same numbers as channel_sum's, for a.deferred. `accumulate`:
+// dx's gradient is added to (direction "up", whose kMean children add to their parent's).
+template <typename T, int L>
+__device__ __forceinline__ void input_grads(const Args<T>& a, const Stage<T>& st,
+                                            const Place<L>& pl, int nc, bool accumulate) {
+  if (!a.deferred) return;
+  __syncthreads();  // every lane's parts are in the stage
+  const int log2c = Log2<kThreads>::value - pl.log2p;
+  for (int q = threadIdx.x; q < nc << log2c; q += kThreads) {
+    const int k = q >> log2c, c = q & (pl.channels - 1);
+    const int d = blockIdx.x * pl.channels + c;
+    if (d >= a.d) continue;
+    const int part = k * kThreads + (c << pl.log2p), at = k * pl.channels + c;
+    const T gxu = lanes_sum(st.xp + part, pl.log2p), gw_de = lanes_sum(st.ep + part, pl.log2p);
+    const int64_t row = static_cast<int64_t>(st.rec[k].x) * a.d + d;
+    a.gu[row] = gxu * st.dx[at];
+    const T own = a.rule == kChild ? mul_rn(gxu, st.u[at]) + gw_de : gxu * st.u[at];
+    a.gdx[row] = accumulate ? a.gdx[row] + own : own;
+    if (a.rule == kGiven) a.gde[row] = gw_de;
   }
 }
 
@@ -589,30 +636,33 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
           eterms[j] = mul_rn(gww, Ar[j]);
           gA[j] += mul_rn(gww, e);
         }
-        const T gxu = channel_sum<L>(xterms, pl.log2p);    // dL/d(dx u)
-        const T gw_de = channel_sum<L>(eterms, pl.log2p);  // dL/d(edge step)
         sums.add(st, pl.log2p, pl.states, k, cpart, bpart);
         const bool root = (flags & kRoot) != 0;
-        T own = gxu * uv;  // dL/d(dx[v]) through x
         T up_half = T(0);  // the half of dL/dde[v] that belongs to the parent's dx
-        if (a.rule == kChild || (a.rule == kMean && root)) {
-          own += gw_de;
-        } else if (a.rule == kMean) {
-          own += T(0.5) * gw_de;
-          up_half = T(0.5) * gw_de;
-        }
-        if (a.rule == kMean) own += half;
-        if (pl.live) {
-          if (pl.part == 0) {
+        if (a.deferred) {  // summed over the lanes after the segment (input_grads)
+          st.xp[k * kThreads + threadIdx.x] = pairwise_sum<L>(xterms);
+          st.ep[k * kThreads + threadIdx.x] = pairwise_sum<L>(eterms);
+        } else {
+          const T gxu = channel_sum<L>(xterms, pl.log2p);    // dL/d(dx u)
+          const T gw_de = channel_sum<L>(eterms, pl.log2p);  // dL/d(edge step)
+          T own = mul_rn(gxu, uv);  // dL/d(dx[v]) through x
+          if (a.rule == kChild || (a.rule == kMean && root)) {
+            own += gw_de;
+          } else if (a.rule == kMean) {
+            own += T(0.5) * gw_de;
+            up_half = T(0.5) * gw_de;
+          }
+          if (a.rule == kMean) own += half;
+          if (pl.live && pl.part == 0) {
             a.gu[v * a.d + pl.d] = gxu * dv;
             a.gdx[v * a.d + pl.d] = own;
             if (a.rule == kGiven) a.gde[v * a.d + pl.d] = gw_de;
           }
-          if (root && a.gh0 != nullptr)
-#pragma unroll
-            for (int j = 0; j < L; ++j)
-              if (pl.s0 + j < a.s) a.gh0[state_at(a, t, pl) + j] = G[j] * w[j];
         }
+        if (pl.live && root && a.gh0 != nullptr)
+#pragma unroll
+          for (int j = 0; j < L; ++j)
+            if (pl.s0 + j < a.s) a.gh0[state_at(a, t, pl) + j] = G[j] * w[j];
         // hand w G (and the half) to the parent
 #pragma unroll
         for (int j = 0; j <= L; ++j) gc[j] = T(0);
@@ -633,6 +683,7 @@ __global__ void __launch_bounds__(kThreads) down_backward_kernel(Args<T> a) {
         }
       }
       sums.flush(a, st, pl.states, nc);
+      input_grads<T, L>(a, st, pl, nc, false);
     }
   }
   write_lane_states<T, L>(a, a.gA, blockIdx.y, pl, gA);
@@ -774,23 +825,28 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
           eterms[j] = mul_rn(gww, Ar[j]);
           gA[j] += mul_rn(gww, e);
         }
-        const T gxu = channel_sum<L>(xterms, pl.log2p);
-        const T gw_de = channel_sum<L>(eterms, pl.log2p);
         sums.add(st, pl.log2p, pl.states, k, cpart, bpart);
-        if (pl.live && pl.part == 0) {
-          a.gu[v * a.d + pl.d] = gxu * dv;
-          T own = gxu * uv;
-          if (a.rule == kChild) {
-            own += gw_de;
-          } else if (a.rule == kMean && !root) {
-            own += T(0.5) * gw_de;
+        if (a.deferred) {  // summed over the lanes after the segment (input_grads)
+          st.xp[k * kThreads + threadIdx.x] = pairwise_sum<L>(xterms);
+          st.ep[k * kThreads + threadIdx.x] = pairwise_sum<L>(eterms);
+        } else {
+          const T gxu = channel_sum<L>(xterms, pl.log2p);
+          const T gw_de = channel_sum<L>(eterms, pl.log2p);
+          if (pl.live && pl.part == 0) {
+            a.gu[v * a.d + pl.d] = gxu * dv;
+            T own = mul_rn(gxu, uv);
+            if (a.rule == kChild) {
+              own += gw_de;
+            } else if (a.rule == kMean && !root) {
+              own += T(0.5) * gw_de;
+            }
+            // the parent precedes its children in the walk: under rule kMean each child
+            // adds the parent's half of its edge step's gradient after the parent's own terms
+            a.gdx[v * a.d + pl.d] += own;
+            if (a.rule == kMean && !root)
+              a.gdx[static_cast<int64_t>(r.y) * a.d + pl.d] += T(0.5) * gw_de;
+            if (a.rule == kGiven) a.gde[v * a.d + pl.d] = gw_de;
           }
-          // the parent precedes its children in the walk: under rule kMean each child adds
-          // the parent's half of its edge step's gradient after the parent's own terms
-          a.gdx[v * a.d + pl.d] += own;
-          if (a.rule == kMean && !root)
-            a.gdx[static_cast<int64_t>(r.y) * a.d + pl.d] += T(0.5) * gw_de;
-          if (a.rule == kGiven) a.gde[v * a.d + pl.d] = gw_de;
         }
 #pragma unroll
         for (int j = 0; j < L; ++j) Gprev[j] = G[j];
@@ -801,6 +857,7 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
         }
       }
       sums.flush(a, st, pl.states, nc);
+      input_grads<T, L>(a, st, pl, nc, true);
     }
   }
   write_lane_states<T, L>(a, a.gA, blockIdx.y, pl, gA);

@@ -57,6 +57,7 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   a.srow = srow.data(); a.snext = snext.data();
   a.n = static_cast<int>(N); a.d = static_cast<int>(D); a.s = static_cast<int>(Sr);
   a.num_trees = static_cast<int>(T_); a.rule = rule; a.log2_lanes = log2p;
+  a.deferred = deferred_sums(rule, log2p);
   std::vector<T> y(N * D, -777), states(K * D * Sr, 0), ckpt(slots * D * Sr + 1, -555);
   std::vector<T> own(ckpt);
   auto forward = [&] {
