@@ -389,22 +389,32 @@ __device__ __forceinline__ void emit(const Args<T>& a, const Place<L>& pl, T* yp
       write_lane_states<T, L>(a, a.states, row, pl, h);
 }
 
-// y at the segment's nc positions: each channel's P lane parts (emit) summed pairwise in
-// lane order, so that y is the pairwise sum of the S products in state order, the same for
-// every P; one thread a (position, channel), consecutive threads on consecutive channels.
-template <typename T, int L>
-__device__ __forceinline__ void read_out(const Args<T>& a, const Stage<T>& st,
-                                         const Place<L>& pl, int nc) {
-  if (a.y == nullptr) return;
-  __syncthreads();  // every lane's parts are in the stage
+// f(k, c, d) for each position k < nc of the segment and channel c of the block (inner
+// channel d < D), one thread a pair, consecutive threads on consecutive channels, after a
+// barrier: every lane's parts of the segment are in the stage.
+template <typename T, int L, typename F>
+__device__ __forceinline__ void per_position_channel(const Args<T>& a, const Place<L>& pl,
+                                                     int nc, F f) {
+  __syncthreads();
   const int log2c = Log2<kThreads>::value - pl.log2p;
   for (int q = threadIdx.x; q < nc << log2c; q += kThreads) {
     const int k = q >> log2c, c = q & (pl.channels - 1);
     const int d = blockIdx.x * pl.channels + c;
-    if (d >= a.d) continue;
+    if (d < a.d) f(k, c, d);
+  }
+}
+
+// y at the segment's nc positions: each channel's P lane parts (emit) summed pairwise in
+// lane order, so that y is the pairwise sum of the S products in state order, the same for
+// every P.
+template <typename T, int L>
+__device__ __forceinline__ void read_out(const Args<T>& a, const Stage<T>& st,
+                                         const Place<L>& pl, int nc) {
+  if (a.y == nullptr) return;
+  per_position_channel<T, L>(a, pl, nc, [&](int k, int c, int d) {
     a.y[static_cast<int64_t>(st.rec[k].x) * a.d + d] =
         lanes_sum(st.yp + k * kThreads + (c << pl.log2p), pl.log2p);
-  }
+  });
 }
 
 // The gradients of u and dx (and of the given edge steps) at the segment's nc positions
@@ -416,12 +426,7 @@ template <typename T, int L>
 __device__ __forceinline__ void input_grads(const Args<T>& a, const Stage<T>& st,
                                             const Place<L>& pl, int nc, bool accumulate) {
   if (!a.deferred) return;
-  __syncthreads();  // every lane's parts are in the stage
-  const int log2c = Log2<kThreads>::value - pl.log2p;
-  for (int q = threadIdx.x; q < nc << log2c; q += kThreads) {
-    const int k = q >> log2c, c = q & (pl.channels - 1);
-    const int d = blockIdx.x * pl.channels + c;
-    if (d >= a.d) continue;
+  per_position_channel<T, L>(a, pl, nc, [&](int k, int c, int d) {
     const int part = k * kThreads + (c << pl.log2p), at = k * pl.channels + c;
     const T gxu = lanes_sum(st.xp + part, pl.log2p), gw_de = lanes_sum(st.ep + part, pl.log2p);
     const int64_t row = static_cast<int64_t>(st.rec[k].x) * a.d + d;
@@ -429,7 +434,7 @@ __device__ __forceinline__ void input_grads(const Args<T>& a, const Stage<T>& st
     const T own = a.rule == kChild ? mul_rn(gxu, st.u[at]) + gw_de : gxu * st.u[at];
     a.gdx[row] = accumulate ? a.gdx[row] + own : own;
     if (a.rule == kGiven) a.gde[row] = gw_de;
-  }
+  });
 }
 
 // G += the gradients of the states requested at vertex v; zero on an idle lane.
