@@ -4,12 +4,13 @@
 // autograd and the choice of backend live in treessm.ops.selective_scan).
 //
 // cuda_selective_walk(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots, rule,
-//   direction, lanes, keep) -> (y [N, D], states [K, D, S], kept), direction 0 ("down") or
-//   1 ("up", no h0), `lanes` per channel (a power of two up to d_state padded to a power of
-//   two; chosen by treessm.ops.selective_scan_cuda.lanes_per_channel); with `keep`, kept
-//   holds the backward's num_slots checkpoint slots [num_slots, D, S], written by the same
-//   walk (else it is empty);
-// cuda_selective_walk_backward(gy, gstates, same inputs, kept)
+//   direction, lanes, keep, chains) -> (y [N, D], states [K, D, S], kept), direction 0
+//   ("down") or 1 ("up", no h0), `lanes` per channel (a power of two up to d_state padded to
+//   a power of two; chosen by treessm.ops.selective_scan_cuda.lanes_per_channel); with
+//   `keep`, kept holds the backward's num_slots checkpoint slots [num_slots, D, S], written
+//   by the same forward (else it is empty); `chains` (a forest of chains, "down"): the
+//   forward by chain_forward_kernel instead of the walk;
+// cuda_selective_walk_backward(gy, gstates, same inputs, kept, chains)
 //   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states
 //   from the checkpoints: the forward's (kept), or those of a forward walk of its own, then
 //   the backward walk.
@@ -148,6 +149,16 @@ void launch_forward(const walk::Args<T>& a, const Problem& p, dim3 grid, bool up
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// "down" over a forest of chains: warps of one channel, kChainWarps channels a block.
+template <typename T>
+void launch_chains(const walk::Args<T>& a, const Problem& p) {
+  const dim3 grid(static_cast<unsigned>((p.d + walk::kChainWarps - 1) / walk::kChainWarps),
+                  static_cast<unsigned>(std::min<int64_t>(p.trees, kMaxTreeRows)));
+  walk::chain_forward_kernel<T><<<grid, walk::kChainWarps * 32, 0,
+                                  at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int L>
 void launch_backward(const walk::Args<T>& a, const Problem& p, dim3 grid, bool up) {
   const size_t smem = stage_bytes<T>(p, true);
@@ -190,9 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_walk(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const c10::optional<at::Tensor>& h0, const at::Tensor& srow, const at::Tensor& snext,
     const at::Tensor& rec, const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule,
-    int64_t direction, int64_t lanes, bool keep) {
+    int64_t direction, int64_t lanes, bool keep, bool chains) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
                                  rule, direction, lanes);
+  TREESSM_CHECK(!chains || direction == 0, "the chain kernel runs the direction down (0)");
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor y = at::empty({p.n, p.d}, u.options());
   at::Tensor states = at::zeros({snext.numel(), p.d, p.s}, u.options());
@@ -205,7 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_walk(
     a.y = y.data_ptr<scalar_t>();
     a.states = snext.numel() ? states.data_ptr<scalar_t>() : nullptr;
     a.ckpt = ckpt.numel() ? ckpt.data_ptr<scalar_t>() : nullptr;
-    TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid_of(p), direction == 1));
+    if (chains) {
+      launch_chains<scalar_t>(a, p);
+    } else {
+      TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid_of(p), direction == 1));
+    }
   });
   return {y, states, ckpt};
 }
@@ -216,10 +232,11 @@ std::vector<at::Tensor> selective_walk_backward(
     const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& h0,
     const at::Tensor& srow, const at::Tensor& snext, const at::Tensor& rec,
     const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule, int64_t direction,
-    int64_t lanes, const c10::optional<at::Tensor>& kept) {
+    int64_t lanes, const c10::optional<at::Tensor>& kept, bool chains) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
                                  rule, direction, lanes);
   check_rows(gy, "gy", p.n, p.d, u.scalar_type());
+  TREESSM_CHECK(!chains || direction == 0, "the chain kernel runs the direction down (0)");
   const bool has_kept = kept.has_value() && kept->numel() > 0;
   if (has_kept)
     TREESSM_CHECK(kept->is_cuda() && kept->is_contiguous() && kept->scalar_type() == u.scalar_type() &&
@@ -246,8 +263,13 @@ std::vector<at::Tensor> selective_walk_backward(
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk_backward", [&] {
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.ckpt = ckpt.data_ptr<scalar_t>();
-    if (!has_kept)  // the checkpoints, from a walk of their own
-      TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid, direction == 1));
+    if (!has_kept) {  // the checkpoints, from a forward of their own (as the forward's)
+      if (chains) {
+        launch_chains<scalar_t>(a, p);
+      } else {
+        TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid, direction == 1));
+      }
+    }
     a.gy = gy.data_ptr<scalar_t>();
     a.gstates = grad_states ? gstates->data_ptr<scalar_t>() : nullptr;
     a.gu = gu.data_ptr<scalar_t>();
@@ -267,12 +289,12 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_selective_walk(Tensor u, Tensor dx, Tensor? de, Tensor A, Tensor B, Tensor C, "
       "Tensor? h0, Tensor srow, Tensor snext, Tensor rec, Tensor tree_ptr, int num_slots, "
-      "int rule, int direction, int lanes, bool keep) -> (Tensor, Tensor, Tensor)");
+      "int rule, int direction, int lanes, bool keep, bool chains) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_selective_walk_backward(Tensor gy, Tensor? gstates, Tensor u, Tensor dx, Tensor? de, "
       "Tensor A, Tensor B, Tensor C, Tensor? h0, Tensor srow, Tensor snext, Tensor rec, "
-      "Tensor tree_ptr, int num_slots, int rule, int direction, int lanes, Tensor? kept) "
-      "-> Tensor[]");
+      "Tensor tree_ptr, int num_slots, int rule, int direction, int lanes, Tensor? kept, "
+      "bool chains) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

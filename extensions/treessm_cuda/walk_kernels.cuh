@@ -868,5 +868,110 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
   write_lane_states<T, L>(a, a.gA, blockIdx.y, pl, gA);
 }
 
+// ---------------------------------------------------------------------------- chains
+// "down" over a forest of chains (each vertex's parent the previous position of its tree's
+// walk: WalkPlan.chains), parallel in time. A warp takes one channel of one chain, in pieces
+// of 32 * kChainItems positions taken in order, its lane l the kChainItems consecutive
+// positions from l * kChainItems of a piece. For each state s, with a = w = exp(de A) and
+// b = (dx u) B the step h = a h' + b of a position, the lanes compose their positions'
+// steps, scan the compositions across the warp (shuffles at offsets 1, 2, ..., 16; never a
+// division, so weights of 0 and above 1 stay exact), take the state entering the piece
+// (h0, or zero, for the chain's first; else the state after the piece before, which lane s
+// keeps), and run their positions again from the state entering them, writing the states
+// requested and the backward's checkpoints (those a walk writes: the state before each
+// segment's first position, zero at a chain's first) and adding C h to y, state after state.
+// A block is kChainWarps consecutive channels of one chain, so that its warps' row loads
+// share sectors. Results are bitwise reproducible.
+constexpr int kChainItems = 8;
+constexpr int kChainWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kChainWarps * 32) chain_forward_kernel(Args<T> a) {
+  constexpr int R = kChainItems;
+  const int lane = threadIdx.x & 31;
+  const int d = blockIdx.x * kChainWarps + (threadIdx.x >> 5);
+  if (d >= a.d) return;  // the whole warp
+  for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
+    const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
+    // the state entering the piece for state `lane`
+    T carry = (a.h0 != nullptr && lane < a.s) ? a.h0[(static_cast<int64_t>(t) * a.d + d) * a.s + lane]
+                                              : T(0);
+    for (int base = start; base < end; base += 32 * R) {
+      int v[R], slot[R];
+      T xu[R], es[R], y[R];
+      unsigned valid = 0, wanted = 0;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int p = base + lane * R + i;
+        v[i] = 0;
+        slot[i] = -1;
+        xu[i] = es[i] = y[i] = T(0);
+        if (p >= end) continue;
+        valid |= 1u << i;
+        const int4 r = a.rec[p];
+        v[i] = r.x;
+        slot[i] = r.w;
+        const int64_t row = static_cast<int64_t>(r.x) * a.d + d;
+        const T dv = a.dx[row];
+        xu[i] = dv * a.u[row];
+        T e = dv;
+        if (a.rule == kGiven) e = a.de[row];
+        else if (a.rule == kMean && r.y >= 0) e = T(0.5) * (dv + a.dx[static_cast<int64_t>(r.y) * a.d + d]);
+        es[i] = exp_step(e);
+        if (a.states != nullptr && a.srow[r.x] >= 0) wanted |= 1u << i;
+      }
+      for (int s = 0; s < a.s; ++s) {
+        const T As = a.A[static_cast<int64_t>(d) * a.s + s];
+        T wa[R], xb[R], Cs[R];
+        T ca = T(1), cb = T(0);  // the composition of this lane's steps
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const bool ok = (valid >> i) & 1u;
+          const int64_t at = static_cast<int64_t>(v[i]) * a.s + s;
+          wa[i] = ok ? walk_exp(es[i] * As) : T(1);
+          xb[i] = ok ? mul_rn(xu[i], a.B[at]) : T(0);
+          Cs[i] = ok ? a.C[at] : T(0);
+          cb = fma(wa[i], cb, xb[i]);
+          ca = wa[i] * ca;
+        }
+        // inclusive scan of the compositions over the lanes: earlier lanes' steps first
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const T pa = __shfl_up_sync(0xffffffffu, ca, off);
+          const T pb = __shfl_up_sync(0xffffffffu, cb, off);
+          if (lane >= off) {
+            cb = fma(ca, pb, cb);
+            ca = ca * pa;
+          }
+        }
+        T ea = __shfl_up_sync(0xffffffffu, ca, 1), eb = __shfl_up_sync(0xffffffffu, cb, 1);
+        if (lane == 0) {
+          ea = T(1);
+          eb = T(0);
+        }
+        T h = fma(ea, __shfl_sync(0xffffffffu, carry, s), eb);  // entering this lane's first
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          if (!((valid >> i) & 1u)) continue;
+          const int p = base + lane * R + i;
+          if (a.ckpt != nullptr && slot[i] >= 0)
+            a.ckpt[(static_cast<int64_t>(slot[i]) * a.d + d) * a.s + s] = p == start ? T(0) : h;
+          h = fma(wa[i], h, xb[i]);
+          y[i] += mul_rn(Cs[i], h);
+          if ((wanted >> i) & 1u)
+            for (int64_t row = a.srow[v[i]]; row >= 0; row = a.snext[row])
+              a.states[(row * a.d + d) * a.s + s] = h;
+        }
+        const T last = __shfl_sync(0xffffffffu, h, 31);  // after the piece's last position
+        if (lane == s) carry = last;
+      }
+      if (a.y != nullptr)
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+          if ((valid >> i) & 1u) a.y[static_cast<int64_t>(v[i]) * a.d + d] = y[i];
+    }
+  }
+}
+
 }  // namespace walk
 }  // namespace treessm_cuda

@@ -477,11 +477,11 @@ def test_kept_checkpoints_take_no_more_memory_than_u():
     from treessm.ops.walk import slot_bound
     # 4 sequences of 2,048 tokens in float32: one slot a segment of 32; the bound of a
     # forest built on the GPU is 12 times that
-    assert kept_rows(256, 8192, 1536, 16) == 256
-    assert kept_rows(slot_bound(8192, 4, 2048, 32), 8192, 1536, 16) == 0
-    assert kept_rows(512, 8192, 1536, 16) == 512   # as many bytes as u
-    assert kept_rows(513, 8192, 1536, 16) == 0
-    assert kept_rows(0, 0, 1536, 16) == kept_rows(5, 10, 0, 1) == 0
+    assert kept_rows([256, 1], 8192, 1536, 16) == 256
+    assert kept_rows([slot_bound(8192, 4, 2048, 32), 0], 8192, 1536, 16) == 0
+    assert kept_rows([512, 0], 8192, 1536, 16) == 512   # as many bytes as u
+    assert kept_rows([513, 0], 8192, 1536, 16) == 0
+    assert kept_rows([0, 0], 0, 1536, 16) == kept_rows([5, 0], 10, 0, 1) == 0
 
 
 @_CUDA
@@ -511,6 +511,37 @@ def test_cuda_fused_walk_backward_from_kept_checkpoints(direction, dtype, monkey
     if dtype == torch.float64:
         want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
         _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
+
+
+@_CUDA
+@pytest.mark.parametrize("rule", ["child", "mean", "given"])
+def test_cuda_chain_kernel_matches_the_walk_and_the_reference(rule, monkeypatch):
+    # a forest of chains runs "down" by the time-parallel chain kernel: the reference's
+    # values and gradients (float64), incoming and requested states, chains longer than a
+    # piece of 256 positions and of one vertex; the walk's values but for rounding
+    from treessm.ops import selective_scan_cuda
+
+    g = _gen(8)
+    parts, offset = [], 0
+    for n in (600, 1, 40, 300):
+        p = chain(n, g)
+        parts.append(torch.where(p >= 0, p + offset, -1))
+        offset += n
+    parent = torch.cat(parts)
+    tree, leaves, kw = _problem(parent, d=21, s=5, rule=rule, direction="down", initial=True)
+    kw["state_vertices"] = torch.tensor([0, 599, 640, 5])
+    cuda = {k: v.detach().cuda() for k, v in leaves.items()}
+    kw_cuda = {**kw, "state_vertices": kw["state_vertices"].cuda()}
+    assert selective_scan_cuda.layout(tree.cuda(), torch.float64)[1][1] == 1  # chains
+    got = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw_cuda)
+    want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
+    _assert_same(([o.cpu() for o in got[0]], {k: v.cpu() for k, v in got[1].items()}), want)
+    real = selective_scan_cuda.layout
+    monkeypatch.setattr(selective_scan_cuda, "layout",
+                        lambda t, dt: (real(t, dt)[0], [real(t, dt)[1][0], 0]))
+    walked = _value_and_grads(selective_tree_scan, tree.cuda(), cuda, kw_cuda)
+    for a, b in zip(got[0], walked[0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @_CUDA

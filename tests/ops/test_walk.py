@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from oracle import random_forest
+from oracle import chain, random_forest, star
 from treessm import Tree
 from treessm.ops.walk import ROOT, _plan, slot_bound, walk_plan
+from treessm.topology import chain_tree
 
 
 @pytest.mark.parametrize("n", [1, 5, 70])
@@ -20,6 +21,19 @@ def test_isolated_vertices_take_the_general_plan_without_scans(n, segment):
     assert torch.equal(fast.tree_ptr, general.tree_ptr)
     assert fast.num_slots == general.num_slots == n
     assert (fast.rec[:, 2] == ROOT).all()
+
+
+def test_plan_says_whether_the_forest_is_chains():
+    # read on the host with the slot count: chains (and isolated vertices) take the chain
+    # kernel; one vertex of two children, or a slot count that is only a bound, does not
+    g = torch.Generator().manual_seed(3)
+    assert walk_plan(chain_tree(3, 50), 32).chains
+    assert walk_plan(Tree.from_parent(chain(70, g)), 16).chains
+    assert walk_plan(Tree.from_parent(torch.full((4,), -1)), 32).chains
+    assert not walk_plan(Tree.from_parent(star(5)), 32).chains
+    fork = torch.cat([chain(30, g), torch.tensor([0])])  # vertex 0 gains a second child
+    assert not walk_plan(Tree.from_parent(fork), 32).chains
+    assert not _plan(chain_tree(3, 50), 32, bounded=True).chains
 
 
 def test_plan_is_cached_per_segment():

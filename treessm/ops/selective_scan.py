@@ -65,11 +65,11 @@ _FLOAT_TYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 class FusedKernels(NamedTuple):
     """What a backend provides: ``forward`` and ``backward`` (arguments as in
     :func:`treessm.ops.selective_scan_cpu.forward` and ``backward``, with the tree given
-    as ``layout, layout_size``; the forward also takes ``keep``, whether a backward will
+    as ``layout, layout_sizes``; the forward also takes ``keep``, whether a backward will
     follow, and returns a fifth tensor, ``kept``, which the backward takes after ``mu``:
-    what the forward leaves it, ``kept_rows(layout_size, n, d, d_state)`` rows of
+    what the forward leaves it, ``kept_rows(layout_sizes, n, d, d_state)`` rows of
     ``[d, d_state]`` when asked to keep, else none); ``layout(tree, dtype)``, the list of
-    tensors and the integer that stand for the tree in those calls; ``supports(direction,
+    tensors and the list of integers that stand for the tree in those calls; ``supports(direction,
     moments, d_state)``, whether the kernels run such a problem (else the expanded path
     does)."""
     forward: Callable
@@ -79,11 +79,11 @@ class FusedKernels(NamedTuple):
     kept_rows: Callable
 
 
-def _tree_arrays(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], int]:
-    return [tree.parent, tree.order, tree.child_ptr, tree.tree_ptr], 0
+def _tree_arrays(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], List[int]]:
+    return [tree.parent, tree.order, tree.child_ptr, tree.tree_ptr], []
 
 
-def _numba_forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction,
+def _numba_forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, direction,
                    edge_rule, moments, keep):
     out = selective_scan_cpu.forward(u, dx, de, A, B, C, gamma, h0, srow, snext, *layout,
                                      direction, edge_rule, moments)
@@ -91,7 +91,7 @@ def _numba_forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_si
 
 
 def _numba_backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow,
-                    snext, layout, layout_size, *args):
+                    snext, layout, layout_sizes, *args):
     return selective_scan_cpu.backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
                                        srow, snext, *layout, *args)
 
@@ -382,20 +382,20 @@ def _kernels(backend: str) -> FusedKernels:
 @torch.library.custom_op("treessm::selective_tree_scan", mutates_args=())
 def _fused_op(u: Tensor, dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
               gamma: Optional[Tensor], h0: Optional[Tensor], srow: Tensor, snext: Tensor,
-              layout: List[Tensor], layout_size: int, direction: str, edge_rule: str,
+              layout: List[Tensor], layout_sizes: List[int], direction: str, edge_rule: str,
               moments: bool, backend: str, keep: bool
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _kernels(backend).forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout,
-                                     layout_size, direction, edge_rule, moments, keep)
+                                     layout_sizes, direction, edge_rule, moments, keep)
 
 
 @_fused_op.register_fake
-def _(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction, edge_rule,
+def _(u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, direction, edge_rule,
       moments, backend, keep):
     n, d = u.shape
     s = A.shape[1]
     stat = n if moments else 0
-    kept = _kernels(backend).kept_rows(layout_size, n, d, s) if keep else 0
+    kept = _kernels(backend).kept_rows(layout_sizes, n, d, s) if keep else 0
     return (u.new_empty(n, d), u.new_empty(stat), u.new_empty(stat),
             u.new_empty(snext.shape[0], d, s), u.new_empty(kept, d, s))
 
@@ -405,27 +405,27 @@ def _fused_backward_op(gy: Tensor, gmu: Tensor, gm2: Tensor, gstates: Tensor, u:
                        dx: Tensor, de: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                        gamma: Optional[Tensor], h0: Optional[Tensor], mu: Tensor,
                        kept: Tensor, srow: Tensor, snext: Tensor, layout: List[Tensor],
-                       layout_size: int, direction: str, edge_rule: str, moments: bool,
+                       layout_sizes: List[int], direction: str, edge_rule: str, moments: bool,
                        backend: str) -> List[Tensor]:
     grads = _kernels(backend).backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu,
-                                       kept, srow, snext, layout, layout_size, direction,
+                                       kept, srow, snext, layout, layout_sizes, direction,
                                        edge_rule, moments)
     return [u.new_empty(0) if g is None else g for g in grads]
 
 
 @_fused_backward_op.register_fake
 def _(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow, snext, layout,
-      layout_size, direction, edge_rule, moments, backend):
+      layout_sizes, direction, edge_rule, moments, backend):
     like = lambda t: u.new_empty(0) if t is None else torch.empty_like(t)  # noqa: E731
     return [like(u), like(dx), like(de), like(A), like(B), like(C), like(gamma), like(h0)]
 
 
 def _setup_context(ctx, inputs, output):
-    (u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_size, direction, edge_rule,
+    (u, dx, de, A, B, C, gamma, h0, srow, snext, layout, layout_sizes, direction, edge_rule,
      moments, backend, keep) = inputs
     ctx.save_for_backward(u, dx, de, A, B, C, gamma, h0, output[1], output[4], srow, snext,
                           *layout)
-    ctx.args = (layout_size, direction, edge_rule, moments, backend)
+    ctx.args = (layout_sizes, direction, edge_rule, moments, backend)
 
 
 def _backward(ctx, gy, gmu, gm2, gstates, gkept):
@@ -435,7 +435,8 @@ def _backward(ctx, gy, gmu, gm2, gstates, gkept):
         *ctx.args)
     present = lambda t, g: None if t is None else g  # noqa: E731
     return (gu, gdx, present(de, gde), gA, gB, gC, present(gamma, gg), present(h0, gh0),
-            None, None, [None] * len(layout), None, None, None, None, None, None)
+            None, None, [None] * len(layout), [None] * len(ctx.args[0]), None, None, None,
+            None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -588,12 +589,12 @@ def _fused(u, delta, A, B, C, tree, D, delta_bias, delta_softplus, direction, ed
     h0 = None if initial_state is None else initial_state.to(acc)
     srow, snext = _state_rows(state_vertices, n, u.device)
     Cc = C.to(acc)
-    layout, layout_size = _kernels(backend).layout(tree, acc)
+    layout, layout_sizes = _kernels(backend).layout(tree, acc)
     inputs = (uc, dx, de, A.to(acc), B.to(acc), Cc, weight, h0)
     # a backward will follow: the forward may leave it what it would otherwise recompute
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     y, mu, m2, states, _ = torch.ops.treessm.selective_tree_scan(
-        *inputs, srow, snext, layout, layout_size, direction, rule, state_norm, backend, keep)
+        *inputs, srow, snext, layout, layout_sizes, direction, rule, state_norm, backend, keep)
     y = _output(y, mu, m2, Cc, weight, bias, uc, D, state_norm, norm_eps, u.dtype)
     return y if state_vertices is None else (y, states)
 

@@ -8,6 +8,10 @@ walks it again from checkpoints saved at segment starts (about ``1 / segment`` o
 states, more where the walk's stack is deep). A forward that a backward will follow writes
 them as it walks and keeps them where they take no more memory than ``u``
 (:func:`kept_rows`: a forest of chains); else the backward writes them in a forward walk of
+its own. A forest of chains (:attr:`treessm.ops.walk.WalkPlan.chains`) runs the forward of
+``"down"`` in time instead (``chain_forward_kernel``: a warp per channel and chain, its lanes
+consecutive positions, the steps composed and scanned across the warp state by state), and
+writes the same checkpoints but for rounding, in the forward and where the backward writes
 its own. :func:`lanes_per_channel` chooses ``P``. Results are bitwise reproducible, the
 same whether the checkpoints were kept or not, and all but the gradients of ``B`` and ``C``
 (sums over the channels of a block) are the same bits for every ``P``.
@@ -76,22 +80,24 @@ def _segment(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 16  # walk_kernels.cuh: Segment<T>::K
 
 
-def layout(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], int]:
-    """The walk plan's tensors and its slot count, for the kernels."""
+def layout(tree: Tree, dtype: torch.dtype) -> Tuple[List[Tensor], List[int]]:
+    """The walk plan's tensors, and its slot count and whether the forest is chains
+    (:attr:`treessm.ops.walk.WalkPlan.chains`), for the kernels."""
     plan = walk_plan(tree, _segment(dtype))
-    return [plan.rec, plan.tree_ptr], plan.num_slots
+    return [plan.rec, plan.tree_ptr], [plan.num_slots, int(plan.chains)]
 
 
-def kept_rows(num_slots: int, n: int, d: int, d_state: int) -> int:
+def kept_rows(sizes: List[int], n: int, d: int, d_state: int) -> int:
     """Checkpoint slots the forward keeps for the backward when asked (else the backward
     walks the tree once more to write them): all of them where they take no more memory
     than ``u`` (a forest of chains: one slot a segment, ``d_state / 32`` of ``u`` in
     float32), none where the slot count is a bound far above the walk's own (a forest built
     on the GPU: :func:`treessm.ops.walk.slot_bound`) or the problem is empty."""
+    num_slots = sizes[0]
     return num_slots if n * d > 0 and num_slots * d_state <= n else 0
 
 
-def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], num_slots: int,
+def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], sizes: List[int],
             direction: str, edge_rule: str, moments: bool, keep: bool):
     """``(y, mu, m2, states, kept)`` as :func:`treessm.ops.selective_scan_cpu.forward`
     (``mu`` and ``m2`` empty: moments are not supported here), and with ``keep`` the
@@ -99,15 +105,17 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], nu
     _check(direction, moments, gamma)
     load_cuda_extension()
     rec, tree_ptr = layout
-    keep = keep and kept_rows(num_slots, u.shape[0], u.shape[1], A.shape[1]) > 0
+    num_slots, chains = sizes
+    keep = keep and kept_rows(sizes, u.shape[0], u.shape[1], A.shape[1]) > 0
     y, states, kept = torch.ops.treessm.cuda_selective_walk(
         *_contiguous(u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr, num_slots,
-        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction), _lanes(u, A, tree_ptr), keep)
+        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction), _lanes(u, A, tree_ptr), keep,
+        bool(chains) and direction == "down")
     return y, u.new_empty(0), u.new_empty(0), states, kept
 
 
 def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow, snext,
-             layout: List[Tensor], num_slots: int, direction: str, edge_rule: str,
+             layout: List[Tensor], sizes: List[int], direction: str, edge_rule: str,
              moments: bool) -> Tuple[Optional[Tensor], ...]:
     """Gradients as :func:`treessm.ops.selective_scan_cpu.backward`, from the forward's
     checkpoints where it kept them."""
@@ -115,10 +123,12 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, sro
     load_cuda_extension()
     rec, tree_ptr = layout
     given = edge_rule == "given"
+    num_slots, chains = sizes
     gu, gdx, gde, gA, gB, gC, gh0 = torch.ops.treessm.cuda_selective_walk_backward(
         *_contiguous(gy, gstates, u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr,
         num_slots, EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction),
-        _lanes(u, A, tree_ptr), kept if kept.numel() else None)
+        _lanes(u, A, tree_ptr), kept if kept.numel() else None,
+        bool(chains) and direction == "down")
     return (gu, gdx, gde if given else None, gA, gB, gC, None,
             gh0 if h0 is not None else None)
 

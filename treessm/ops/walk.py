@@ -15,7 +15,7 @@ stack from *checkpoint slots* (one plus the stack's depth there), numbered in wa
 
 The plan is computed with tensor operations and two integer tree sums
 (:mod:`treessm.ops.heavy`) on the tree's device and cached in ``tree.plan_cache``; the
-host reads one number once (the slot count). For a forest built on a GPU (no level count
+host reads two numbers once (the slot count, and whether every tree is a chain). For a forest built on a GPU (no level count
 on the host: a causal tree, built anew in every forward) it reads nothing: the slot count
 is then the bound :func:`slot_bound` from host-side sizes (the backward's checkpoints take
 that many slots, of which the walk uses its own count), so the build can run inside a
@@ -59,12 +59,15 @@ class WalkPlan(NamedTuple):
         num_slots (int): checkpoint slots of all segments (or an upper bound on them,
             :func:`slot_bound`; the slots past the last used are never written).
         segment (int): positions of a segment.
+        chains (bool): every tree is a chain (no vertex has two children), known on the
+            host: read with the slot count, so ``False`` where the count is a bound.
     """
 
     rec: Tensor
     tree_ptr: Tensor
     num_slots: int
     segment: int
+    chains: bool = False
 
 
 def slot_bound(num_nodes: int, num_trees: int, largest: int, segment: int) -> int:
@@ -126,7 +129,7 @@ def _isolated_plan(tree: Tree, segment: int) -> WalkPlan:
     pos = torch.arange(n, dtype=torch.int32, device=dev)
     rec = torch.stack([tree.order.int(), torch.full_like(pos, -1), torch.full_like(pos, ROOT),
                        pos], 1)
-    return WalkPlan(rec, tree.tree_ptr.int(), n, segment)
+    return WalkPlan(rec, tree.tree_ptr.int(), n, segment, True)
 
 
 def _plan(tree: Tree, segment: int, bounded: bool = False) -> WalkPlan:
@@ -163,7 +166,11 @@ def _plan(tree: Tree, segment: int, bounded: bool = False) -> WalkPlan:
     if bounded:
         largest = n if tree.max_tree_size is None else tree.max_tree_size
         num_slots = slot_bound(n, tree.num_trees, largest, segment)
+        chains = False
+    elif n:  # one read: the slot count, and the most children of a vertex
+        num_slots, most = torch.stack([slots.sum(), nchild[:n].max()]).tolist()
+        chains = most <= 1
     else:
-        num_slots = int(slots.sum()) if n else 0
+        num_slots, chains = 0, False
     rec = torch.stack([at, parent[at], flags_at | (depth << 4), first_slot], 1).int()
-    return WalkPlan(rec.contiguous(), tree.tree_ptr.int(), int(num_slots), segment)
+    return WalkPlan(rec.contiguous(), tree.tree_ptr.int(), int(num_slots), segment, chains)
