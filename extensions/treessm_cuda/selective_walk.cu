@@ -12,8 +12,8 @@
 //   forward by chain_forward_kernel instead of the walk;
 // cuda_selective_walk_backward(gy, gstates, same inputs, kept, chains)
 //   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states
-//   from the checkpoints: the forward's (kept), or those of a forward walk of its own, then
-//   the backward walk.
+//   from the checkpoints: the forward's (kept), or those of a forward of its own, then the
+//   backward walk (chains: chain_backward_kernel, parallel in time).
 // u, dx, de, A, B, C, h0 are float32 or float64 (all alike); d_state at most 16.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -149,12 +149,17 @@ void launch_forward(const walk::Args<T>& a, const Problem& p, dim3 grid, bool up
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// "down" over a forest of chains: warps of one channel, kChainWarps channels a block.
+// The chain kernels' blocks: kChainWarps channels (a warp each) along x, block rows over the
+// chains along y.
+dim3 chain_grid(const Problem& p) {
+  return dim3(static_cast<unsigned>((p.d + walk::kChainWarps - 1) / walk::kChainWarps),
+              static_cast<unsigned>(std::min<int64_t>(p.trees, kMaxTreeRows)));
+}
+
+// "down" over a forest of chains, parallel in time.
 template <typename T>
 void launch_chains(const walk::Args<T>& a, const Problem& p) {
-  const dim3 grid(static_cast<unsigned>((p.d + walk::kChainWarps - 1) / walk::kChainWarps),
-                  static_cast<unsigned>(std::min<int64_t>(p.trees, kMaxTreeRows)));
-  walk::chain_forward_kernel<T><<<grid, walk::kChainWarps * 32, 0,
+  walk::chain_forward_kernel<T><<<chain_grid(p), walk::kChainWarps * 32, 0,
                                   at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -248,7 +253,7 @@ std::vector<at::Tensor> selective_walk_backward(
                     gstates->scalar_type() == u.scalar_type(),
                 "gstates must be a contiguous [K, D, S] tensor of u's dtype");
   const c10::cuda::CUDAGuard guard(u.device());
-  const dim3 grid = grid_of(p);
+  const dim3 grid = chains ? chain_grid(p) : grid_of(p);
   const int64_t blocks = grid.x;  // rows of the partial sums of the gradients of B and C
   at::Tensor gu = at::zeros_like(u), gdx = at::zeros_like(u);
   at::Tensor gde = rule == walk::kGiven ? at::zeros_like(u) : at::empty({0}, u.options());
@@ -279,7 +284,14 @@ std::vector<at::Tensor> selective_walk_backward(
     a.gB = gB.data_ptr<scalar_t>();
     a.gC = gC.data_ptr<scalar_t>();
     a.gh0 = h0.has_value() ? gh0.data_ptr<scalar_t>() : nullptr;
-    TREESSM_WITH_LANE_STATES(p, launch_backward<scalar_t, L>(a, p, grid, direction == 1));
+    if (chains) {
+      walk::chain_backward_kernel<scalar_t>
+          <<<grid, walk::kChainWarps * 32, walk::chain_backward_smem_bytes<scalar_t>(),
+             at::cuda::getCurrentCUDAStream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      TREESSM_WITH_LANE_STATES(p, launch_backward<scalar_t, L>(a, p, grid, direction == 1));
+    }
   });
   // partial sums over block rows and blocks, added in a fixed order
   return {gu, gdx, gde, gA.sum(0), gB.sum(0), gC.sum(0), gh0};

@@ -973,5 +973,198 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_forward_kernel(Args<T>
   }
 }
 
+// The backward of chain_forward_kernel, parallel in time as it: a warp takes one channel
+// of one chain in pieces of 32 * kChainBackItems positions (whole segments) from the last,
+// each lane kChainBackItems consecutive positions. For each state the lanes recompute the
+// piece's states from the checkpoint at its start (h0, or zero, at the chain's first), then
+// the share Gw[v] = w[v] G[v] that each position hands to its parent, right to left:
+// Gw[v] = w[v] (c[v] + Gw[child]) with c = C dL/dy (and the gradients of requested states),
+// composed per lane, scanned across the warp with shuffles from the right, and carried from
+// the piece after (zero at a chain's last position); G = c + Gw[child] = dL/dx. The sums
+// over states (dL/d(dx u) = sum_s G B, the edge step's sum_s dL/dw w A) run in state order
+// per position; those over channels (the gradients of B and C) add the block's warps in
+// order in shared memory, one row of partial sums a block as the walk's; dL/dA sums over
+// the positions of a lane, then the warp's lanes, then the pieces, then the block row's
+// chains. Under rule kMean a position adds half of its child's edge-step gradient (the next
+// position's) to its dx's.
+constexpr int kChainBackItems = 4;
+
+// Shared memory of chain_backward_kernel: each warp's terms of the gradients of B and C at
+// a piece's positions.
+template <typename T>
+__host__ __device__ constexpr size_t chain_backward_smem_bytes() {
+  return 2 * sizeof(T) * kChainWarps * 32 * kChainBackItems;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T> a) {
+  constexpr int R = kChainBackItems, kPiece = 32 * R;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T(*wB)[kPiece] = reinterpret_cast<T(*)[kPiece]>(smem_raw);
+  T(*wC)[kPiece] = wB + kChainWarps;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int d = blockIdx.x * kChainWarps + warp;
+  const bool live = d < a.d;  // an idle warp still takes part in the block's sums
+  T gA_acc = T(0);            // lane s: dL/dA[d, s] over the block row's chains
+  for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
+    const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
+    const int pieces = (end - start + kPiece - 1) / kPiece;
+    T gw_carry = T(0);   // lane s: Gw of the first position of the piece after, state s
+    T half_next = T(0);  // kMean: half the edge-step gradient of that position
+    for (int pc = pieces - 1; pc >= 0; --pc) {
+      const int base = start + pc * kPiece;
+      int v[R];
+      T xu[R], e[R], gyv[R], gxu[R], gwde[R];
+      unsigned valid = 0, wanted = 0;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int p = base + lane * R + i;
+        v[i] = 0;
+        xu[i] = e[i] = gyv[i] = gxu[i] = gwde[i] = T(0);
+        if (p >= end || !live) continue;
+        valid |= 1u << i;
+        const int4 r = a.rec[p];
+        v[i] = r.x;
+        const int64_t row = static_cast<int64_t>(r.x) * a.d + d;
+        const T dv = a.dx[row];
+        xu[i] = dv * a.u[row];
+        gyv[i] = a.gy[row];
+        e[i] = dv;
+        if (a.rule == kGiven) e[i] = a.de[row];
+        else if (a.rule == kMean && r.y >= 0) e[i] = T(0.5) * (dv + a.dx[static_cast<int64_t>(r.y) * a.d + d]);
+        if (a.gstates != nullptr && a.srow[r.x] >= 0) wanted |= 1u << i;
+      }
+      const int slot = a.rec[base].w;  // the piece starts a segment
+      for (int s = 0; s < a.s; ++s) {
+        const T As = live ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
+        T wa[R], xb[R], Cs[R], Bs[R];
+        T ca = T(1), cb = T(0);
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const bool ok = (valid >> i) & 1u;
+          const int64_t at = static_cast<int64_t>(v[i]) * a.s + s;
+          wa[i] = ok ? walk_exp(exp_step(e[i]) * As) : T(1);
+          Bs[i] = ok ? a.B[at] : T(0);
+          Cs[i] = ok ? a.C[at] : T(0);
+          xb[i] = mul_rn(xu[i], Bs[i]);
+          cb = fma(wa[i], cb, xb[i]);
+          ca = wa[i] * ca;
+        }
+        // the states: the piece's entering state, the lanes' compositions scanned
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const T pa = __shfl_up_sync(0xffffffffu, ca, off);
+          const T pb = __shfl_up_sync(0xffffffffu, cb, off);
+          if (lane >= off) {
+            cb = fma(ca, pb, cb);
+            ca = ca * pa;
+          }
+        }
+        T ea = __shfl_up_sync(0xffffffffu, ca, 1), eb = __shfl_up_sync(0xffffffffu, cb, 1);
+        if (lane == 0) {
+          ea = T(1);
+          eb = T(0);
+        }
+        T enter = T(0);
+        if (live) {
+          if (pc > 0) enter = a.ckpt[(static_cast<int64_t>(slot) * a.d + d) * a.s + s];
+          else if (a.h0 != nullptr) enter = a.h0[(static_cast<int64_t>(t) * a.d + d) * a.s + s];
+        }
+        T hp[R], hv[R];
+        T h = fma(ea, enter, eb);
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          hp[i] = h;
+          h = fma(wa[i], h, xb[i]);
+          hv[i] = h;
+        }
+        // the shares handed to the parents, right to left
+        T c[R];
+        T ga = T(1), gb = T(0);  // this lane's map from the share entering from its right
+#pragma unroll
+        for (int i = R - 1; i >= 0; --i) {
+          c[i] = mul_rn(Cs[i], gyv[i]);
+          if ((wanted >> i) & 1u)
+            for (int64_t row = a.srow[v[i]]; row >= 0; row = a.snext[row])
+              c[i] += a.gstates[(row * a.d + d) * a.s + s];
+          gb = wa[i] * (c[i] + gb);
+          ga = wa[i] * ga;
+        }
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const T na = __shfl_down_sync(0xffffffffu, ga, off);
+          const T nb = __shfl_down_sync(0xffffffffu, gb, off);
+          if (lane + off < 32) {
+            gb = fma(ga, nb, gb);
+            ga = ga * na;
+          }
+        }
+        T fa = __shfl_down_sync(0xffffffffu, ga, 1), fb = __shfl_down_sync(0xffffffffu, gb, 1);
+        if (lane == 31) {
+          fa = T(1);
+          fb = T(0);
+        }
+        T gw = fma(fa, __shfl_sync(0xffffffffu, gw_carry, s), fb);  // from this lane's right
+        T gA_piece = T(0);
+#pragma unroll
+        for (int i = R - 1; i >= 0; --i) {
+          const int q = lane * R + i;
+          wB[warp][q] = T(0);
+          wC[warp][q] = T(0);
+          if (!((valid >> i) & 1u)) continue;
+          const T G = c[i] + gw;
+          gxu[i] += mul_rn(G, Bs[i]);
+          const T gww = G * hp[i] * wa[i];  // dL/dw w
+          gwde[i] += mul_rn(gww, As);
+          gA_piece += mul_rn(gww, e[i]);
+          wB[warp][q] = G * xu[i];
+          wC[warp][q] = gyv[i] * hv[i];
+          if (base + q == start && a.gh0 != nullptr)
+            a.gh0[(static_cast<int64_t>(t) * a.d + d) * a.s + s] = G * wa[i];
+          gw = wa[i] * G;
+        }
+        const T first = __shfl_sync(0xffffffffu, gw, 0);  // the piece's first position's share
+        if (lane == s) gw_carry = first;
+        for (int off = 16; off >= 1; off >>= 1) gA_piece += __shfl_xor_sync(0xffffffffu, gA_piece, off);
+        if (lane == s) gA_acc += gA_piece;
+        // the gradients of B and C at the piece's positions: the block's warps in order
+        __syncthreads();
+        for (int q = threadIdx.x; q < kPiece; q += kChainWarps * 32) {
+          const int p = base + q;
+          if (p >= end) continue;
+          T sb = T(0), sc = T(0);
+          for (int w = 0; w < kChainWarps; ++w) {
+            sb += wB[w][q];
+            sc += wC[w][q];
+          }
+          const int64_t at = (static_cast<int64_t>(blockIdx.x) * a.n + a.rec[p].x) * a.s + s;
+          a.gB[at] = sb;
+          a.gC[at] = sc;
+        }
+        __syncthreads();
+      }
+      // the inputs' gradients; under kMean the child's half (the next position's)
+      T half_in = __shfl_down_sync(0xffffffffu, T(0.5) * gwde[0], 1);
+      if (lane == 31) half_in = half_next;
+      half_next = __shfl_sync(0xffffffffu, T(0.5) * gwde[0], 0);
+#pragma unroll
+      for (int i = R - 1; i >= 0; --i) {
+        const T child_half = i == R - 1 ? half_in : T(0.5) * gwde[i + 1 < R ? i + 1 : i];
+        if (!((valid >> i) & 1u)) continue;
+        const int p = base + lane * R + i;
+        const int64_t row = static_cast<int64_t>(v[i]) * a.d + d;
+        a.gu[row] = gxu[i] * a.dx[row];
+        T own = mul_rn(gxu[i], a.u[row]);
+        if (a.rule == kChild || (a.rule == kMean && p == start)) own += gwde[i];
+        else if (a.rule == kMean) own += T(0.5) * gwde[i];
+        if (a.rule == kMean && p + 1 < end) own += child_half;
+        a.gdx[row] = own;
+        if (a.rule == kGiven) a.gde[row] = gwde[i];
+      }
+    }
+  }
+  if (live && lane < a.s) a.gA[(static_cast<int64_t>(blockIdx.y) * a.d + d) * a.s + lane] = gA_acc;
+}
+
 }  // namespace walk
 }  // namespace treessm_cuda

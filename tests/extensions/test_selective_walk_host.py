@@ -6,7 +6,8 @@ children, deep stacks, segments that start inside them), with each edge-step rul
 states and requested states, for every number of lanes per channel (the same bits for all
 but the gradients of B and C), in float64 and float32. The backward starts from the
 checkpoints the forward kept, which the harness checks against those of a walk of their
-own."""
+own. Forests of chains also run through the chain kernels (forward and backward, parallel
+in time)."""
 import subprocess
 
 import numpy as np

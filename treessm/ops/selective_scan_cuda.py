@@ -8,11 +8,11 @@ walks it again from checkpoints saved at segment starts (about ``1 / segment`` o
 states, more where the walk's stack is deep). A forward that a backward will follow writes
 them as it walks and keeps them where they take no more memory than ``u``
 (:func:`kept_rows`: a forest of chains); else the backward writes them in a forward walk of
-its own. A forest of chains (:attr:`treessm.ops.walk.WalkPlan.chains`) runs the forward of
-``"down"`` in time instead (``chain_forward_kernel``: a warp per channel and chain, its lanes
-consecutive positions, the steps composed and scanned across the warp state by state), and
-writes the same checkpoints but for rounding, in the forward and where the backward writes
-its own. :func:`lanes_per_channel` chooses ``P``. Results are bitwise reproducible, the
+its own. A forest of chains (:attr:`treessm.ops.walk.WalkPlan.chains`) runs ``"down"`` in
+time instead, forward and backward (``chain_forward_kernel``, ``chain_backward_kernel``: a
+warp per channel and chain, its lanes consecutive positions, the steps composed and scanned
+across the warp state by state), from the same checkpoints but for rounding.
+:func:`lanes_per_channel` chooses ``P`` for the walk. Results are bitwise reproducible, the
 same whether the checkpoints were kept or not, and all but the gradients of ``B`` and ``C``
 (sums over the channels of a block) are the same bits for every ``P``.
 """

@@ -44,7 +44,7 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   const unsigned rows = static_cast<unsigned>(h[9]);
   const bool up = h[10] != 0;
   const int log2p = static_cast<int>(h[11]);
-  const bool chains = h[12] != 0;  // the forward by chain_forward_kernel ("down" only)
+  const bool chains = h[12] != 0;  // the chain kernels ("down" only)
   auto u = read_as<T>(in, N * D), dx = read_as<T>(in, N * D), de = read_as<T>(in, N * D);
   auto A = read_as<T>(in, D * Sr), B = read_as<T>(in, N * Sr), C = read_as<T>(in, N * Sr);
   auto h0 = read_as<T>(in, T_ * D * Sr), gy = read_as<T>(in, N * D);
@@ -53,7 +53,8 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   auto srow = read<int64_t>(in, N), snext = read<int64_t>(in, K);
   const int64_t channels = kThreads >> log2p;  // selective_walk.cu: grid_of
   const unsigned gx = static_cast<unsigned>((D + channels - 1) / channels);
-  const int64_t blocks = gx;  // rows of the partial sums of the gradients of B and C
+  const unsigned cgx = static_cast<unsigned>((D + kChainWarps - 1) / kChainWarps);  // chains
+  const int64_t blocks = chains ? cgx : gx;  // rows of the partial sums of dL/dB and dL/dC
   Args<T> a{};
   a.u = u.data(); a.dx = dx.data(); a.de = rule == kGiven ? de.data() : nullptr;
   a.A = A.data(); a.B = B.data(); a.C = C.data(); a.h0 = has_h0 ? h0.data() : nullptr;
@@ -73,8 +74,7 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   // the forward of a training step, keeping the backward's checkpoints
   a.y = y.data(); a.states = K ? states.data() : nullptr; a.ckpt = ckpt.data();
   if (chains)
-    launch(static_cast<unsigned>((D + kChainWarps - 1) / kChainWarps), rows,
-           [&] { chain_forward_kernel<T>(a); }, kChainWarps * 32);
+    launch(cgx, rows, [&] { chain_forward_kernel<T>(a); }, kChainWarps * 32);
   else
     walk();
   put(y, N * D, o);
@@ -95,10 +95,13 @@ void run(FILE* in, FILE* o, const std::vector<int64_t>& h) {
   a.gy = gy.data(); a.gstates = has_gs ? gs.data() : nullptr;
   a.gu = gu.data(); a.gdx = gdx.data(); a.gde = rule == kGiven ? gde.data() : nullptr;
   a.gA = gA.data(); a.gB = gB.data(); a.gC = gC.data(); a.gh0 = has_h0 ? gh0.data() : nullptr;
-  launch(gx, rows, [&] {
-    if (up) up_backward_kernel<T, L>(a);
-    else down_backward_kernel<T, L>(a);
-  });
+  if (chains)
+    launch(cgx, rows, [&] { chain_backward_kernel<T>(a); }, kChainWarps * 32);
+  else
+    launch(gx, rows, [&] {
+      if (up) up_backward_kernel<T, L>(a);
+      else down_backward_kernel<T, L>(a);
+    });
   auto sum_rows = [](const std::vector<T>& p, int64_t r, int64_t m) {
     std::vector<double> out(m, 0.0);
     for (int64_t i = 0; i < r; ++i)
