@@ -62,11 +62,11 @@ if [ "$MODE" = check ]; then
       > "$OUT/$tool.tiles.log" 2>&1
     log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.tiles.log" | tail -3 | tee -a "$SUMMARY"
   done
-  log "== memcheck and racecheck (the fused selective walk against the reference, every lane count)"
+  log "== memcheck and racecheck (the fused selective walk against the reference, every lane count; the chain kernels)"
   for tool in memcheck racecheck; do
     timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
       -p no:cacheprovider tests/ops/test_selective_scan.py \
-      -k "(fused_walk_matches_reference and (deep or many_roots)) or fused_walk_lanes" \
+      -k "(fused_walk_matches_reference and (deep or many_roots)) or fused_walk_lanes or chain_kernel" \
       > "$OUT/$tool.walk.log" 2>&1
     log "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/$tool.walk.log" | tail -3 | tee -a "$SUMMARY"
   done
