@@ -885,6 +885,28 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
 constexpr int kChainItems = 8;
 constexpr int kChainWarps = 8;
 
+// (ea, eb): the composition of the steps h -> a h + b of the warp's lanes before this one,
+// in lane order (the identity for lane 0), from each lane's own composition (ca, cb): an
+// inclusive scan with shuffles at offsets 1, 2, ..., 16, then the left neighbour's.
+template <typename T>
+__device__ __forceinline__ void lanes_before(T ca, T cb, int lane, T& ea, T& eb) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const T pa = __shfl_up_sync(0xffffffffu, ca, off);
+    const T pb = __shfl_up_sync(0xffffffffu, cb, off);
+    if (lane >= off) {
+      cb = fma(ca, pb, cb);
+      ca = ca * pa;
+    }
+  }
+  ea = __shfl_up_sync(0xffffffffu, ca, 1);
+  eb = __shfl_up_sync(0xffffffffu, cb, 1);
+  if (lane == 0) {
+    ea = T(1);
+    eb = T(0);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kChainWarps * 32) chain_forward_kernel(Args<T> a) {
   constexpr int R = kChainItems;
@@ -934,21 +956,8 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_forward_kernel(Args<T>
           cb = fma(wa[i], cb, xb[i]);
           ca = wa[i] * ca;
         }
-        // inclusive scan of the compositions over the lanes: earlier lanes' steps first
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const T pa = __shfl_up_sync(0xffffffffu, ca, off);
-          const T pb = __shfl_up_sync(0xffffffffu, cb, off);
-          if (lane >= off) {
-            cb = fma(ca, pb, cb);
-            ca = ca * pa;
-          }
-        }
-        T ea = __shfl_up_sync(0xffffffffu, ca, 1), eb = __shfl_up_sync(0xffffffffu, cb, 1);
-        if (lane == 0) {
-          ea = T(1);
-          eb = T(0);
-        }
+        T ea, eb;
+        lanes_before(ca, cb, lane, ea, eb);
         T h = fma(ea, __shfl_sync(0xffffffffu, carry, s), eb);  // entering this lane's first
 #pragma unroll
         for (int i = 0; i < R; ++i) {
@@ -1050,21 +1059,9 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
           cb = fma(wa[i], cb, xb[i]);
           ca = wa[i] * ca;
         }
-        // the states: the piece's entering state, the lanes' compositions scanned
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const T pa = __shfl_up_sync(0xffffffffu, ca, off);
-          const T pb = __shfl_up_sync(0xffffffffu, cb, off);
-          if (lane >= off) {
-            cb = fma(ca, pb, cb);
-            ca = ca * pa;
-          }
-        }
-        T ea = __shfl_up_sync(0xffffffffu, ca, 1), eb = __shfl_up_sync(0xffffffffu, cb, 1);
-        if (lane == 0) {
-          ea = T(1);
-          eb = T(0);
-        }
+        // the states, from the piece's entering state
+        T ea, eb;
+        lanes_before(ca, cb, lane, ea, eb);
         T enter = T(0);
         if (live) {
           if (pc > 0) enter = a.ckpt[(static_cast<int64_t>(slot) * a.d + d) * a.s + s];
