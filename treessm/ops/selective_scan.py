@@ -434,9 +434,10 @@ def _backward(ctx, gy, gmu, gm2, gstates, gkept):
         gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, kept, srow, snext, layout,
         *ctx.args)
     present = lambda t, g: None if t is None else g  # noqa: E731
+    # custom ops take a list holding anything but tensors as one input, unless it is empty
+    sizes = None if ctx.args[0] else []
     return (gu, gdx, present(de, gde), gA, gB, gC, present(gamma, gg), present(h0, gh0),
-            None, None, [None] * len(layout), [None] * len(ctx.args[0]), None, None, None,
-            None, None)
+            None, None, [None] * len(layout), sizes, None, None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
