@@ -62,7 +62,7 @@ if [ "$MODE" = check ]; then
       > "$OUT/$tool.tiles.log" 2>&1
     log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.tiles.log" | tail -3 | tee -a "$SUMMARY"
   done
-  log "== memcheck and racecheck (the fused selective walk against the reference, every lane count; the chain kernels)"
+  log "== memcheck and racecheck (the fused selective walk against the reference, every lane count; the chain backward)"
   for tool in memcheck racecheck; do
     timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
       -p no:cacheprovider tests/ops/test_selective_scan.py \

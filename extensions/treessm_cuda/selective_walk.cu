@@ -4,16 +4,16 @@
 // autograd and the choice of backend live in treessm.ops.selective_scan).
 //
 // cuda_selective_walk(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots, rule,
-//   direction, lanes, keep, chains) -> (y [N, D], states [K, D, S], kept), direction 0
-//   ("down") or 1 ("up", no h0), `lanes` per channel (a power of two up to d_state padded to
-//   a power of two; chosen by treessm.ops.selective_scan_cuda.lanes_per_channel); with
-//   `keep`, kept holds the backward's num_slots checkpoint slots [num_slots, D, S], written
-//   by the same forward (else it is empty); `chains` (a forest of chains, "down"): the
-//   forward by chain_forward_kernel instead of the walk;
+//   direction, lanes, keep) -> (y [N, D], states [K, D, S], kept), direction 0 ("down") or
+//   1 ("up", no h0), `lanes` per channel (a power of two up to d_state padded to a power of
+//   two; chosen by treessm.ops.selective_scan_cuda.lanes_per_channel); with `keep`, kept
+//   holds the backward's num_slots checkpoint slots [num_slots, D, S], written by the same
+//   walk (else it is empty);
 // cuda_selective_walk_backward(gy, gstates, same inputs, kept, chains)
 //   -> [gu, gdx, gde, gA, gB, gC, gh0] (empty where not applicable), recomputing the states
-//   from the checkpoints: the forward's (kept), or those of a forward of its own, then the
-//   backward walk (chains: chain_backward_kernel, parallel in time).
+//   from the checkpoints: the forward's (kept), or those of a forward walk of its own, then
+//   the backward walk, or with `chains` (a forest of chains, "down") chain_backward_kernel,
+//   parallel in time.
 // u, dx, de, A, B, C, h0 are float32 or float64 (all alike); d_state at most 16.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -149,19 +149,11 @@ void launch_forward(const walk::Args<T>& a, const Problem& p, dim3 grid, bool up
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The chain kernels' blocks: kChainWarps channels (a warp each) along x, block rows over the
-// chains along y.
+// chain_backward_kernel's blocks: kChainWarps channels (a warp each) along x, block rows
+// over the chains along y.
 dim3 chain_grid(const Problem& p) {
   return dim3(static_cast<unsigned>((p.d + walk::kChainWarps - 1) / walk::kChainWarps),
               static_cast<unsigned>(std::min<int64_t>(p.trees, kMaxTreeRows)));
-}
-
-// "down" over a forest of chains, parallel in time.
-template <typename T>
-void launch_chains(const walk::Args<T>& a, const Problem& p) {
-  walk::chain_forward_kernel<T><<<chain_grid(p), walk::kChainWarps * 32, 0,
-                                  at::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int L>
@@ -206,10 +198,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_walk(
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const c10::optional<at::Tensor>& h0, const at::Tensor& srow, const at::Tensor& snext,
     const at::Tensor& rec, const at::Tensor& tree_ptr, int64_t num_slots, int64_t rule,
-    int64_t direction, int64_t lanes, bool keep, bool chains) {
+    int64_t direction, int64_t lanes, bool keep) {
   const Problem p = check_inputs(u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr, num_slots,
                                  rule, direction, lanes);
-  TREESSM_CHECK(!chains || direction == 0, "the chain kernel runs the direction down (0)");
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor y = at::empty({p.n, p.d}, u.options());
   at::Tensor states = at::zeros({snext.numel(), p.d, p.s}, u.options());
@@ -222,11 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_walk(
     a.y = y.data_ptr<scalar_t>();
     a.states = snext.numel() ? states.data_ptr<scalar_t>() : nullptr;
     a.ckpt = ckpt.numel() ? ckpt.data_ptr<scalar_t>() : nullptr;
-    if (chains) {
-      launch_chains<scalar_t>(a, p);
-    } else {
-      TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid_of(p), direction == 1));
-    }
+    TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid_of(p), direction == 1));
   });
   return {y, states, ckpt};
 }
@@ -253,8 +240,9 @@ std::vector<at::Tensor> selective_walk_backward(
                     gstates->scalar_type() == u.scalar_type(),
                 "gstates must be a contiguous [K, D, S] tensor of u's dtype");
   const c10::cuda::CUDAGuard guard(u.device());
-  const dim3 grid = chains ? chain_grid(p) : grid_of(p);
-  const int64_t blocks = grid.x;  // rows of the partial sums of the gradients of B and C
+  const dim3 grid = grid_of(p);
+  const dim3 backward_grid = chains ? chain_grid(p) : grid;
+  const int64_t blocks = backward_grid.x;  // rows of the partial sums of the gradients of B, C
   at::Tensor gu = at::zeros_like(u), gdx = at::zeros_like(u);
   at::Tensor gde = rule == walk::kGiven ? at::zeros_like(u) : at::empty({0}, u.options());
   at::Tensor gh0 = h0.has_value() ? at::zeros_like(*h0) : at::empty({0}, u.options());
@@ -268,13 +256,8 @@ std::vector<at::Tensor> selective_walk_backward(
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_walk_backward", [&] {
     auto a = make_args<scalar_t>(p, u, dx, de, A, B, C, h0, srow, snext, rec, tree_ptr);
     a.ckpt = ckpt.data_ptr<scalar_t>();
-    if (!has_kept) {  // the checkpoints, from a forward of their own (as the forward's)
-      if (chains) {
-        launch_chains<scalar_t>(a, p);
-      } else {
-        TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid, direction == 1));
-      }
-    }
+    if (!has_kept)  // the checkpoints, from a walk of their own
+      TREESSM_WITH_LANE_STATES(p, launch_forward<scalar_t, L>(a, p, grid, direction == 1));
     a.gy = gy.data_ptr<scalar_t>();
     a.gstates = grad_states ? gstates->data_ptr<scalar_t>() : nullptr;
     a.gu = gu.data_ptr<scalar_t>();
@@ -285,9 +268,9 @@ std::vector<at::Tensor> selective_walk_backward(
     a.gC = gC.data_ptr<scalar_t>();
     a.gh0 = h0.has_value() ? gh0.data_ptr<scalar_t>() : nullptr;
     if (chains) {
-      walk::chain_backward_kernel<scalar_t>
-          <<<grid, walk::kChainWarps * 32, walk::chain_backward_smem_bytes<scalar_t>(),
-             at::cuda::getCurrentCUDAStream()>>>(a);
+      const size_t smem = walk::chain_backward_smem_bytes<scalar_t>(static_cast<int>(p.s));
+      walk::chain_backward_kernel<scalar_t><<<backward_grid, walk::kChainWarps * 32, smem,
+                                              at::cuda::getCurrentCUDAStream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       TREESSM_WITH_LANE_STATES(p, launch_backward<scalar_t, L>(a, p, grid, direction == 1));
@@ -301,7 +284,7 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
   m.def(
       "cuda_selective_walk(Tensor u, Tensor dx, Tensor? de, Tensor A, Tensor B, Tensor C, "
       "Tensor? h0, Tensor srow, Tensor snext, Tensor rec, Tensor tree_ptr, int num_slots, "
-      "int rule, int direction, int lanes, bool keep, bool chains) -> (Tensor, Tensor, Tensor)");
+      "int rule, int direction, int lanes, bool keep) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_selective_walk_backward(Tensor gy, Tensor? gstates, Tensor u, Tensor dx, Tensor? de, "
       "Tensor A, Tensor B, Tensor C, Tensor? h0, Tensor srow, Tensor snext, Tensor rec, "

@@ -869,21 +869,65 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
 }
 
 // ---------------------------------------------------------------------------- chains
-// "down" over a forest of chains (each vertex's parent the previous position of its tree's
-// walk: WalkPlan.chains), parallel in time. A warp takes one channel of one chain, in pieces
-// of 32 * kChainItems positions taken in order, its lane l the kChainItems consecutive
-// positions from l * kChainItems of a piece. For each state s, with a = w = exp(de A) and
-// b = (dx u) B the step h = a h' + b of a position, the lanes compose their positions'
-// steps, scan the compositions across the warp (shuffles at offsets 1, 2, ..., 16; never a
-// division, so weights of 0 and above 1 stay exact), take the state entering the piece
-// (h0, or zero, for the chain's first; else the state after the piece before, which lane s
-// keeps), and run their positions again from the state entering them, writing the states
-// requested and the backward's checkpoints (those a walk writes: the state before each
-// segment's first position, zero at a chain's first) and adding C h to y, state after state.
-// A block is kChainWarps consecutive channels of one chain, so that its warps' row loads
-// share sectors. Results are bitwise reproducible.
-constexpr int kChainItems = 8;
+// The backward of "down" over a forest of chains (each vertex's parent the previous position
+// of its tree's walk: WalkPlan.chains), parallel in time, from the checkpoints of the
+// forward walk. A warp takes one channel of one chain in pieces of 32 R positions
+// (R = chain_items: whole segments) from the last, its lane l the R consecutive positions
+// from l R of a piece. For each state s, with a = w = exp(de A) and b = (dx u) B the step
+// h = a h' + b of a position, the lanes compose their positions' steps, scan the
+// compositions across the warp (lanes_before: never a division, so weights of 0 and above 1
+// stay exact) and recompute the piece's states from the checkpoint at its start (h0, or
+// zero, at the chain's first). Then the share Gw[v] = w[v] G[v] that each position hands to
+// its parent, right to left: Gw[v] = w[v] (c[v] + Gw[child]) with c = C dL/dy (and the
+// gradients of requested states), composed per lane, scanned across the warp with shuffles
+// from the right, and carried from the piece after (zero at a chain's last position);
+// G = c + Gw[child] = dL/dx. The sums over states (dL/d(dx u) = sum_s G B, the edge step's
+// sum_s dL/dw w A) run in state order per position; those over channels (the gradients of B
+// and C) add the block's warps in order in shared memory, one row of partial sums a block
+// as the walk's; dL/dA sums over the positions of a lane, then the warp's lanes, then the
+// pieces, then the block row's chains. Under rule kMean a position adds half of its child's
+// edge-step gradient (the next position's) to its dx's. A block is kChainWarps consecutive
+// channels of one chain, so that its warps' row loads share sectors, and it stages a piece's
+// rows of B and C in shared memory (chain_stage), read by its warps state by state. Results
+// are bitwise reproducible.
 constexpr int kChainWarps = 8;
+
+// Positions a lane takes in a piece (16 / sizeof(T): pieces of 128 in float, 64 in double):
+// whole segments, and the staged rows with the gradients' terms within 48 KB of shared
+// memory.
+template <typename T>
+__host__ __device__ constexpr int chain_items() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+// A state's row of staged B or C: the piece's 32 R positions with a word of padding after
+// every R (lane l's item i at l (R + 1) + i: no two lanes of a warp in one bank), and one word
+// more (the staging threads' states fall in different banks).
+template <typename T>
+__host__ __device__ constexpr int chain_row() {
+  return 32 * chain_items<T>() + 33;
+}
+
+// Stages B and C at the piece's positions [base, base + 32 R) (zero past the chain's `end`)
+// for every state, by the block's threads together after the readers of the piece before;
+// position q of state s at s * row + q + q / R.
+template <typename T, int R>
+__device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end, T* sB, T* sC) {
+  constexpr int kRow = 32 * R + 33;
+  __syncthreads();
+  for (int k = threadIdx.x; k < 32 * R * a.s; k += kChainWarps * 32) {
+    const int q = k / a.s, s = k - q * a.s;
+    T b = T(0), c = T(0);
+    if (base + q < end) {
+      const int64_t at = static_cast<int64_t>(a.rec[base + q].x) * a.s + s;
+      b = a.B[at];
+      c = a.C[at];
+    }
+    sB[s * kRow + q + q / R] = b;
+    sC[s * kRow + q + q / R] = c;
+  }
+  __syncthreads();
+}
 
 // (ea, eb): the composition of the steps h -> a h + b of the warp's lanes before this one,
 // in lane order (the identity for lane 0), from each lane's own composition (ca, cb): an
@@ -907,109 +951,21 @@ __device__ __forceinline__ void lanes_before(T ca, T cb, int lane, T& ea, T& eb)
   }
 }
 
+// Shared memory of chain_backward_kernel for d_state states: the staged rows of B and C,
+// then each warp's terms of the gradients of B and C at a piece's positions.
 template <typename T>
-__global__ void __launch_bounds__(kChainWarps * 32) chain_forward_kernel(Args<T> a) {
-  constexpr int R = kChainItems;
-  const int lane = threadIdx.x & 31;
-  const int d = blockIdx.x * kChainWarps + (threadIdx.x >> 5);
-  if (d >= a.d) return;  // the whole warp
-  for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
-    const int start = a.tree_ptr[t], end = a.tree_ptr[t + 1];
-    // the state entering the piece for state `lane`
-    T carry = (a.h0 != nullptr && lane < a.s) ? a.h0[(static_cast<int64_t>(t) * a.d + d) * a.s + lane]
-                                              : T(0);
-    for (int base = start; base < end; base += 32 * R) {
-      int v[R], slot[R];
-      T xu[R], es[R], y[R];
-      unsigned valid = 0, wanted = 0;
-#pragma unroll
-      for (int i = 0; i < R; ++i) {
-        const int p = base + lane * R + i;
-        v[i] = 0;
-        slot[i] = -1;
-        xu[i] = es[i] = y[i] = T(0);
-        if (p >= end) continue;
-        valid |= 1u << i;
-        const int4 r = a.rec[p];
-        v[i] = r.x;
-        slot[i] = r.w;
-        const int64_t row = static_cast<int64_t>(r.x) * a.d + d;
-        const T dv = a.dx[row];
-        xu[i] = dv * a.u[row];
-        T e = dv;
-        if (a.rule == kGiven) e = a.de[row];
-        else if (a.rule == kMean && r.y >= 0) e = T(0.5) * (dv + a.dx[static_cast<int64_t>(r.y) * a.d + d]);
-        es[i] = exp_step(e);
-        if (a.states != nullptr && a.srow[r.x] >= 0) wanted |= 1u << i;
-      }
-      for (int s = 0; s < a.s; ++s) {
-        const T As = a.A[static_cast<int64_t>(d) * a.s + s];
-        T wa[R], xb[R], Cs[R];
-        T ca = T(1), cb = T(0);  // the composition of this lane's steps
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          const bool ok = (valid >> i) & 1u;
-          const int64_t at = static_cast<int64_t>(v[i]) * a.s + s;
-          wa[i] = ok ? walk_exp(es[i] * As) : T(1);
-          xb[i] = ok ? mul_rn(xu[i], a.B[at]) : T(0);
-          Cs[i] = ok ? a.C[at] : T(0);
-          cb = fma(wa[i], cb, xb[i]);
-          ca = wa[i] * ca;
-        }
-        T ea, eb;
-        lanes_before(ca, cb, lane, ea, eb);
-        T h = fma(ea, __shfl_sync(0xffffffffu, carry, s), eb);  // entering this lane's first
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          if (!((valid >> i) & 1u)) continue;
-          const int p = base + lane * R + i;
-          if (a.ckpt != nullptr && slot[i] >= 0)
-            a.ckpt[(static_cast<int64_t>(slot[i]) * a.d + d) * a.s + s] = p == start ? T(0) : h;
-          h = fma(wa[i], h, xb[i]);
-          y[i] += mul_rn(Cs[i], h);
-          if ((wanted >> i) & 1u)
-            for (int64_t row = a.srow[v[i]]; row >= 0; row = a.snext[row])
-              a.states[(row * a.d + d) * a.s + s] = h;
-        }
-        const T last = __shfl_sync(0xffffffffu, h, 31);  // after the piece's last position
-        if (lane == s) carry = last;
-      }
-      if (a.y != nullptr)
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-          if ((valid >> i) & 1u) a.y[static_cast<int64_t>(v[i]) * a.d + d] = y[i];
-    }
-  }
-}
-
-// The backward of chain_forward_kernel, parallel in time as it: a warp takes one channel
-// of one chain in pieces of 32 * kChainBackItems positions (whole segments) from the last,
-// each lane kChainBackItems consecutive positions. For each state the lanes recompute the
-// piece's states from the checkpoint at its start (h0, or zero, at the chain's first), then
-// the share Gw[v] = w[v] G[v] that each position hands to its parent, right to left:
-// Gw[v] = w[v] (c[v] + Gw[child]) with c = C dL/dy (and the gradients of requested states),
-// composed per lane, scanned across the warp with shuffles from the right, and carried from
-// the piece after (zero at a chain's last position); G = c + Gw[child] = dL/dx. The sums
-// over states (dL/d(dx u) = sum_s G B, the edge step's sum_s dL/dw w A) run in state order
-// per position; those over channels (the gradients of B and C) add the block's warps in
-// order in shared memory, one row of partial sums a block as the walk's; dL/dA sums over
-// the positions of a lane, then the warp's lanes, then the pieces, then the block row's
-// chains. Under rule kMean a position adds half of its child's edge-step gradient (the next
-// position's) to its dx's.
-constexpr int kChainBackItems = 4;
-
-// Shared memory of chain_backward_kernel: each warp's terms of the gradients of B and C at
-// a piece's positions.
-template <typename T>
-__host__ __device__ constexpr size_t chain_backward_smem_bytes() {
-  return 2 * sizeof(T) * kChainWarps * 32 * kChainBackItems;
+__host__ __device__ constexpr size_t chain_backward_smem_bytes(int d_state) {
+  return 2 * sizeof(T) * (static_cast<size_t>(d_state) * chain_row<T>() +
+                          kChainWarps * 32 * chain_items<T>());
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T> a) {
-  constexpr int R = kChainBackItems, kPiece = 32 * R;
+  constexpr int R = chain_items<T>(), kPiece = 32 * R, kRow = chain_row<T>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T(*wB)[kPiece] = reinterpret_cast<T(*)[kPiece]>(smem_raw);
+  T* sB = reinterpret_cast<T*>(smem_raw);
+  T* sC = sB + a.s * kRow;
+  T(*wB)[kPiece] = reinterpret_cast<T(*)[kPiece]>(sC + a.s * kRow);
   T(*wC)[kPiece] = wB + kChainWarps;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int d = blockIdx.x * kChainWarps + warp;
@@ -1022,6 +978,7 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
     T half_next = T(0);  // kMean: half the edge-step gradient of that position
     for (int pc = pieces - 1; pc >= 0; --pc) {
       const int base = start + pc * kPiece;
+      chain_stage<T, R>(a, base, end, sB, sC);
       int v[R];
       T xu[R], e[R], gyv[R], gxu[R], gwde[R];
       unsigned valid = 0, wanted = 0;
@@ -1046,15 +1003,16 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
       const int slot = a.rec[base].w;  // the piece starts a segment
       for (int s = 0; s < a.s; ++s) {
         const T As = live ? a.A[static_cast<int64_t>(d) * a.s + s] : T(0);
+        const T* rB = sB + s * kRow + lane * (R + 1);  // this lane's positions, state s
+        const T* rC = sC + s * kRow + lane * (R + 1);
         T wa[R], xb[R], Cs[R], Bs[R];
         T ca = T(1), cb = T(0);
 #pragma unroll
         for (int i = 0; i < R; ++i) {
           const bool ok = (valid >> i) & 1u;
-          const int64_t at = static_cast<int64_t>(v[i]) * a.s + s;
           wa[i] = ok ? walk_exp(exp_step(e[i]) * As) : T(1);
-          Bs[i] = ok ? a.B[at] : T(0);
-          Cs[i] = ok ? a.C[at] : T(0);
+          Bs[i] = ok ? rB[i] : T(0);
+          Cs[i] = ok ? rC[i] : T(0);
           xb[i] = mul_rn(xu[i], Bs[i]);
           cb = fma(wa[i], cb, xb[i]);
           ca = wa[i] * ca;

@@ -6,8 +6,8 @@ children, deep stacks, segments that start inside them), with each edge-step rul
 states and requested states, for every number of lanes per channel (the same bits for all
 but the gradients of B and C), in float64 and float32. The backward starts from the
 checkpoints the forward kept, which the harness checks against those of a walk of their
-own. Forests of chains also run through the chain kernels (forward and backward, parallel
-in time)."""
+own. The backward over forests of chains also runs through the chain kernel (parallel in
+time)."""
 import subprocess
 
 import numpy as np
@@ -54,7 +54,8 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, directi
          lanes=1, dtype=torch.float64, tol=(1e-9, 1e-9), bounded=False, chains=False):
     """The harness's outputs, checked against the float64 reference with ``tol`` (rtol,
     atol); ``lanes`` per channel, states and sums in ``dtype``; ``bounded``: the plan's
-    slot count is the host-side bound of a recorded build, not the walk's own."""
+    slot count is the host-side bound of a recorded build, not the walk's own; ``chains``:
+    the backward by the chain kernel."""
     tree = treessm.Tree.from_parent(parent)
     n, t = parent.numel(), tree.num_trees
     g = torch.Generator().manual_seed(seed)
@@ -90,12 +91,10 @@ def _run(harness, tmp, parent, d, s, rule, with_h0, with_states, seed=0, directi
     assert r.returncode == 0, r.stderr[-4000:]
     out = np.fromfile(dst, np.float64)
     sizes = [n * d, k * d * s, n * d, n * d, n * d, d * s, n * s, n * s, t * d * s, 1]
-    got = dict(zip(["y", "states", "gu", "gdx", "gde", "gA", "gB", "gC", "gh0", "kept_diff"],
+    got = dict(zip(["y", "states", "gu", "gdx", "gde", "gA", "gB", "gC", "gh0", "kept_same"],
                    np.split(out, np.cumsum(sizes)[:-1])))
-    # the checkpoints a forward keeps are those the backward would write itself (the chain
-    # kernel's: but for rounding)
-    kept_diff = got.pop("kept_diff").item()
-    assert kept_diff <= (tol[0] if chains else 0.0), kept_diff
+    # the checkpoints a forward keeps are those the backward would write itself
+    assert got.pop("kept_same").tolist() == [1.0]
     # the reference, and its gradients by autograd
     leaves = [x.clone().requires_grad_() for x in (u, dx, A, B, C)]
     ue, dxe, Ae, Be, Ce = leaves
@@ -223,16 +222,15 @@ def _chains(lengths, seed=0):
     return torch.cat(parts)
 
 
-# chains across a piece of the forward (256 positions) and of the backward (128), one of a
+# chains across pieces of the chain kernel (128 positions in float, 64 in double), one of a
 # single vertex
 CHAIN_LENGTHS = [1, 5, 300, 33]
 
 
 @pytest.mark.parametrize("rule,s", [("child", 3), ("mean", 16), ("given", 1)])
 def test_chain_kernel_matches_reference(harness, tmp_path, rule, s):
-    # the time-parallel forward and backward of "down" over chains: outputs, requested
-    # states and every gradient against the reference; the checkpoints the walk's but for
-    # rounding
+    # the time-parallel backward of "down" over chains, from the walk's checkpoints: outputs,
+    # requested states and every gradient against the reference
     parent = _chains(CHAIN_LENGTHS)
     _run(harness, tmp_path, parent, d=5, s=s, rule=rule, with_h0=True, with_states=True,
          lanes=_pad(s), chains=True, tol=(1e-9, 1e-9))

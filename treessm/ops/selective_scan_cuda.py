@@ -8,10 +8,10 @@ walks it again from checkpoints saved at segment starts (about ``1 / segment`` o
 states, more where the walk's stack is deep). A forward that a backward will follow writes
 them as it walks and keeps them where they take no more memory than ``u``
 (:func:`kept_rows`: a forest of chains); else the backward writes them in a forward walk of
-its own. A forest of chains (:attr:`treessm.ops.walk.WalkPlan.chains`) runs ``"down"`` in
-time instead, forward and backward (``chain_forward_kernel``, ``chain_backward_kernel``: a
+its own. The backward of ``"down"`` over a forest of chains
+(:attr:`treessm.ops.walk.WalkPlan.chains`) runs in time instead (``chain_backward_kernel``: a
 warp per channel and chain, its lanes consecutive positions, the steps composed and scanned
-across the warp state by state), from the same checkpoints but for rounding.
+across the warp state by state), from the same checkpoints.
 :func:`lanes_per_channel` chooses ``P`` for the walk. Results are bitwise reproducible, the
 same whether the checkpoints were kept or not, and all but the gradients of ``B`` and ``C``
 (sums over the channels of a block) are the same bits for every ``P``.
@@ -105,12 +105,11 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, layout: List[Tensor], si
     _check(direction, moments, gamma)
     load_cuda_extension()
     rec, tree_ptr = layout
-    num_slots, chains = sizes
+    num_slots = sizes[0]
     keep = keep and kept_rows(sizes, u.shape[0], u.shape[1], A.shape[1]) > 0
     y, states, kept = torch.ops.treessm.cuda_selective_walk(
         *_contiguous(u, dx, de, A, B, C, h0), srow, snext, rec, tree_ptr, num_slots,
-        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction), _lanes(u, A, tree_ptr), keep,
-        bool(chains) and direction == "down")
+        EDGE_RULES.index(edge_rule), _DIRECTIONS.index(direction), _lanes(u, A, tree_ptr), keep)
     return y, u.new_empty(0), u.new_empty(0), states, kept
 
 
