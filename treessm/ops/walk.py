@@ -15,13 +15,13 @@ stack from *checkpoint slots* (one plus the stack's depth there), numbered in wa
 
 The plan is computed with tensor operations and two integer tree sums
 (:mod:`treessm.ops.heavy`) on the tree's device and cached in ``tree.plan_cache``; the
-host reads two numbers once (the slot count, and whether every tree is a chain). For a forest built on a GPU (no level count
-on the host: a causal tree, built anew in every forward) it reads nothing: the slot count
-is then the bound :func:`slot_bound` from host-side sizes (the backward's checkpoints take
-that many slots, of which the walk uses its own count), so the build can run inside a
-caller's CUDA graph, and for forests of at most
-:data:`~treessm.ops.recorded.RECORDED_PLAN_MAX_NODES` vertices it is recorded in a CUDA
-graph once per set of sizes and replayed for later forests of those sizes
+host reads two numbers once (the slot count, and whether every tree is a chain). For a
+forest built on a GPU (no level count on the host: a causal tree, built anew in every
+forward) it reads nothing: the slot count is then the bound :func:`slot_bound` from
+host-side sizes (the backward's checkpoints take that many slots, of which the walk uses
+its own count), so the build can run inside a caller's CUDA graph, and for forests of at
+most :data:`~treessm.ops.recorded.RECORDED_PLAN_MAX_NODES` vertices it is recorded in a
+CUDA graph once per set of sizes and replayed for later forests of those sizes
 (:mod:`treessm.ops.recorded`).
 """
 from __future__ import annotations
