@@ -910,10 +910,10 @@ __host__ __device__ constexpr int chain_row() {
 
 // Stages B and C at the piece's positions [base, base + 32 R) (zero past the chain's `end`)
 // for every state, by the block's threads together after the readers of the piece before;
-// position q of state s at s * row + q + q / R.
-template <typename T, int R>
+// position q of state s at s * chain_row + q + q / R.
+template <typename T>
 __device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end, T* sB, T* sC) {
-  constexpr int kRow = 32 * R + 33;
+  constexpr int R = chain_items<T>(), kRow = chain_row<T>();
   __syncthreads();
   for (int k = threadIdx.x; k < 32 * R * a.s; k += kChainWarps * 32) {
     const int q = k / a.s, s = k - q * a.s;
@@ -978,7 +978,7 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
     T half_next = T(0);  // kMean: half the edge-step gradient of that position
     for (int pc = pieces - 1; pc >= 0; --pc) {
       const int base = start + pc * kPiece;
-      chain_stage<T, R>(a, base, end, sB, sC);
+      chain_stage<T>(a, base, end, sB, sC);
       int v[R];
       T xu[R], e[R], gyv[R], gxu[R], gwde[R];
       unsigned valid = 0, wanted = 0;
