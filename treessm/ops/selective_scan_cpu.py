@@ -102,6 +102,22 @@ def _int_bits_as_f32(typingctx, i):
     return sig, codegen
 
 
+@intrinsic
+def _opaque(typingctx, x):
+    """``x``, with its origin hidden from the optimiser. A lane loop whose rows are offset
+    by a vertex's index would otherwise have its run-time overlap checks widened to the
+    whole loop over vertices, where they fail (the rows of all vertices share one buffer),
+    and the loop would run unvectorised; behind this, each lane loop checks its own rows."""
+    sig = x(x)
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(signature.args[0])
+        return builder.asm(ir.FunctionType(ty, [ty]), "", "=r,0", [args[0]],
+                           side_effect=False)
+
+    return sig, codegen
+
+
 @njit(inline="always")
 def _exp_f32(x):
     # exp(x) = 2^k exp(r) with k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, so
@@ -243,12 +259,14 @@ def _brackets(buf, oU, oW, oBr, base, tmp, ga, k0, k1, L, n):
     on the way back, the prefix sums added on the way forward."""
     _fill(buf, tmp, n, 0)
     for k in range(k1 - 1, k0 - 1, -1):
+        k = _opaque(k)
         lk = U(k - ga) * L
         for l in range(n):
             buf[oBr + lk + l] = buf[tmp + l]
             buf[tmp + l] += buf[oW + lk + l] * buf[oU + lk + l]
     _fill(buf, tmp, n, 0)
     for k in range(k0, k1):
+        k = _opaque(k)
         lk = U(k - ga) * L
         for l in range(n):
             wu = buf[oW + lk + l] * buf[oU + lk + l]
@@ -337,10 +355,12 @@ def _up(buf, oH, oW, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     """Leaves first: ``H = up(x)`` in buffer ``oH``, each non-root's ``w`` in ``oW``."""
     L, n = d.L, sb * d.W
     for i in range(b - 1, a - 1, -1):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
         _x(buf, oh, inp, d, iu, ib, s0, sb)
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oh + l] += buf[oW + lk + l] * buf[oH + lk + l]
@@ -356,6 +376,7 @@ def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
     root through the root's own edge weight."""
     L, W = d.L, d.W
     for i in range(a, b):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
         _x(buf, oh, inp, d, iu, ib, s0, sb)
@@ -385,10 +406,12 @@ def _up_pull(buf, oH, tw, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     is formed (in the temporary row ``tw``) as the child is added to its parent."""
     L, n = d.L, sb * d.W
     for i in range(b - 1, a - 1, -1):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
         _x(buf, oh, inp, d, iu, ib, s0, sb)
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
             _w(buf, tw, inp, d, ku, kp, ka, sb)
             ok = oH + U(k - ga) * L
@@ -413,12 +436,14 @@ def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
     iu, ip, ib, ia = _offsets(d, lay, blk, a, a, s0)
     _x(buf, ra, inp, d, iu, ib, s0, sb)  # out[root] + x[root], out[root] = 0
     for i in range(a, b):
+        i = _opaque(i)
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
         base = oR + U(i - ga) * L
         _fill(buf, tacc, n, 0)
         for k in range(k1 - 1, k0 - 1, -1):  # w and the suffix sums
+            k = _opaque(k)
             ow = oF + U(k - k0) * (U(2) * L)
             osf = ow + L
             ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
@@ -429,6 +454,7 @@ def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
                 buf[tacc + l] += buf[ow + l] * buf[ok + l]
         _fill(buf, tacc, n, 0)
         for k in range(k0, k1):  # the prefix sums, out, h
+            k = _opaque(k)
             ow = oF + U(k - k0) * (U(2) * L)
             osf = ow + L
             ok = oR + U(k - ga) * L
@@ -545,6 +571,7 @@ def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, 
     t0, t1, t2, tl = ot, ot + L, ot + U(2) * L, ot + U(6) * L
     _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, False, out)
     for i in range(b - 1, a - 1, -1):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         li = U(i - ga) * L
         oh = oH + li
@@ -552,6 +579,7 @@ def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, 
         for l in range(n):
             buf[oh + l] = buf[t0 + l]
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oh + l] += buf[oW + lk + l] * buf[oH + lk + l]
@@ -579,6 +607,7 @@ def _backward_up(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, ou
     t0, t2, tl = ot, ot + U(2) * L, ot + U(6) * L
     _up(buf, oH, oW, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
     for i in range(a, b):
+        i = _opaque(i)
         li = U(i - ga) * L
         oh = oH + li
         _grad_h(buf, t0, buf, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, True)
@@ -609,6 +638,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
     _grad_h(buf, oUg + la, buf, oUx + la, a, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl,
             True)
     for i in range(a, b):
+        i = _opaque(i)
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
@@ -620,20 +650,24 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
                 buf[t2 + l] = buf[oW + li + l] * buf[oBx + li + l] + buf[t2 + l]
         _brackets(buf, oUx, oW, oBx, t2, t0, ga, k0, k1, L, n)
         for k in range(k0, k1):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[t3 + l] = buf[oUx + lk + l] + buf[oW + lk + l] * buf[oBx + lk + l]
             _grad_h(buf, oUg + lk, buf, t3, k, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf,
                     tl, True)
     for i in range(b - 1, a - 1, -1):  # up(dL/dh) in place
+        i = _opaque(i)
         li = U(i - ga) * L
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oUg + li + l] += buf[oW + lk + l] * buf[oUg + lk + l]
     _fill(buf, oOg + la, n, 0)
     _grad_x(buf, oUg + la, a, a, blk, s0, sb, inp, lay, gr, d, buf, tl)
     for i in range(a, b):
+        i = _opaque(i)
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
@@ -649,6 +683,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
             buf[t2 + l] = buf[oOg + li + l] + buf[t2 + l]
         _brackets(buf, oUg, oW, oOg, t2, t0, ga, k0, k1, L, n)
         for k in range(k0, k1):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 wk = buf[oW + lk + l]
