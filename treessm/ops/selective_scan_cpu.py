@@ -236,20 +236,31 @@ def _fill(dst, do, n, value):
 
 
 @njit(inline="always")
+def _sum16(t, o):
+    # t[o:o + 16] added by a pairwise tree (straight-line code: no loop to run unvectorised)
+    s0, s1 = t[o] + t[o + 8], t[o + 1] + t[o + 9]
+    s2, s3 = t[o + 2] + t[o + 10], t[o + 3] + t[o + 11]
+    s4, s5 = t[o + 4] + t[o + 12], t[o + 5] + t[o + 13]
+    s6, s7 = t[o + 6] + t[o + 14], t[o + 7] + t[o + 15]
+    s0, s1, s2, s3 = s0 + s4, s1 + s5, s2 + s6, s3 + s7
+    return (s0 + s2) + (s1 + s3)
+
+
+@njit(inline="always")
 def _lane_sum(t, to, W):
     # the W lanes of t[to:] added in a fixed order (overwrites them): groups of p lanes, p
-    # the largest power of two dividing W, folded onto the first one after the other, then
-    # a pairwise tree over p
+    # the largest power of two dividing W (16 or more: W is a multiple of 16), folded onto
+    # the first one after the other, then a pairwise tree over p
     p = W & (~W + U(1))
     for j in range(U(1), W // p):
         for l in range(p):
             t[to + l] += t[to + j * p + l]
     half = p >> U(1)
-    while half > U(0):
+    while half >= U(16):
         for l in range(half):
             t[to + l] += t[to + half + l]
         half >>= U(1)
-    return t[to]
+    return _sum16(t, to)
 
 
 @njit(inline="always")
