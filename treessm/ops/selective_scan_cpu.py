@@ -917,50 +917,71 @@ def _readout_rows(i0, i1, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b,
                 y[v, j] = r * (y1[v, j] - m * cg[j]) + cb[j]
 
 
+@njit(inline="always")
+def _dot(a, b, n, part):
+    # sum of a[j] b[j] over j < n in a fixed order: sixteen partial sums (lane l takes
+    # j = l, l + 16, ...), added by a pairwise tree, then the last n % 16 terms in order
+    for l in range(16):
+        part[l] = 0
+    m = n - n % U(16)
+    for j0 in range(U(0), m, U(16)):
+        for l in range(16):
+            part[l] += a[j0 + l] * b[j0 + l]
+    acc = _sum16(part, 0)
+    for j in range(m, n):
+        acc += a[j] * b[j]
+    return acc
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def _readout_grad_rows(c0, c1, rows, gy, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b,
                        has_d, g_y1, g_mu, g_m2, g_C, g_u, pw, pb, pd):
     # the derivative of _readout_rows over the row chunks [c0, c1) of ``rows`` rows each;
-    # the sums over vertices (weight, bias, skip) per chunk, in row order
+    # the sums over vertices (weight, bias, skip) per chunk, in row order; the sums over
+    # channels by :func:`_dot` (rows of d entries, flat and unsigned: the loops vectorise)
     n, d = y1.shape
     s = C.shape[1]
+    du = U(d)
+    gyf, y1f, guf, gy1f, uf = (gy.reshape(-1), y1.reshape(-1), g_u.reshape(-1),
+                               g_y1.reshape(-1), u.reshape(-1))
     cg = np.empty(d, y1.dtype)
     gcg = np.empty(d, y1.dtype)
+    dev = np.empty(d, y1.dtype)
+    ones = np.ones(d, y1.dtype)
+    part = np.empty(16, y1.dtype)
     for c in range(c0, c1):
+        pwc, pbc, pdc = pw[c].reshape(-1), pb[c].reshape(-1), pd[c]
         for v in range(c * rows, min((c + 1) * rows, n)):
             r = 1 / math.sqrt(m2[v] / count + eps)
             m = mu[v]
             _row_products(C, v, gT, has_g, cg)
-            acc_r = y1.dtype.type(0)
-            acc_mu = y1.dtype.type(0)
-            for j in range(d):
-                g = gy[v, j]
+            o = U(v) * du
+            for j in range(du):
+                g = gyf[o + j]
                 gr = g * r
-                g_y1[v, j] = gr
-                acc_r += g * (y1[v, j] - m * cg[j])
-                acc_mu += gr * cg[j]
+                gy1f[o + j] = gr
+                dev[j] = y1f[o + j] - m * cg[j]
                 gcg[j] = -(gr * m)
-            g_m2[v] = acc_r * (-0.5 / count) * (r * r * r)
-            g_mu[v] = -acc_mu
+            g_m2[v] = _dot(gyf[o:], dev, du, part) * (-0.5 / count) * (r * r * r)
+            g_mu[v] = -r * _dot(gyf[o:], cg, du, part)
             for k in range(s):
                 ck = C[v, k]
-                acc = y1.dtype.type(0)
+                ok = U(k) * du
                 if has_g:
-                    for j in range(d):
-                        acc += gcg[j] * gT[k, j]
-                        pw[c, k, j] += gcg[j] * ck
+                    acc = _dot(gcg, gT[k], du, part)
+                    for j in range(du):
+                        pwc[ok + j] += gcg[j] * ck
                 else:
-                    for j in range(d):
-                        acc += gcg[j]
+                    acc = _dot(gcg, ones, du, part)
                 if has_b:
-                    for j in range(d):
-                        acc += gy[v, j] * bT[k, j]
-                        pb[c, k, j] += gy[v, j] * ck
+                    acc += _dot(gyf[o:], bT[k], du, part)
+                    for j in range(du):
+                        pbc[ok + j] += gyf[o + j] * ck
                 g_C[v, k] = acc
             if has_d:
-                for j in range(d):
-                    g_u[v, j] = gy[v, j] * D[j]
-                    pd[c, j] += gy[v, j] * u[v, j]
+                for j in range(du):
+                    guf[o + j] = gyf[o + j] * D[j]
+                    pdc[j] += gyf[o + j] * uf[o + j]
 
 
 # ---------------------------------------------------------------------------- threads
