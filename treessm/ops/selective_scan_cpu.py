@@ -539,11 +539,9 @@ def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
         bs = inp.bp[ib + s0 + sl]
         o = og + sl * W
         for dd in range(W):
-            gr.gxb[iu + dd] += G[o + dd] * bs
-    for sl in range(sb):
-        o = og + sl * W
-        for dd in range(W):
-            buf[tl + dd] = G[o + dd] * (inp.dxb[iu + dd] * inp.ub[iu + dd])
+            g = G[o + dd]
+            gr.gxb[iu + dd] += g * bs
+            buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
         gr.gbp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
