@@ -948,7 +948,10 @@ def _readout_grad_rows(c0, c1, rows, gy, y1, mu, m2, C, gT, bT, u, D, eps, count
     ones = np.ones(d, y1.dtype)
     part = np.empty(16, y1.dtype)
     for c in range(c0, c1):
-        pwc, pbc, pdc = pw[c].reshape(-1), pb[c].reshape(-1), pd[c]
+        # this chunk's partial sums (the one-entry placeholder of an absent parameter)
+        pwc = pw[c if has_g else 0].reshape(-1)
+        pbc = pb[c if has_b else 0].reshape(-1)
+        pdc = pd[c if has_d else 0]
         for v in range(c * rows, min((c + 1) * rows, n)):
             r = 1 / math.sqrt(m2[v] / count + eps)
             m = mu[v]
