@@ -22,7 +22,8 @@ Three tables, saved as JSON under ``benchmarks/results/``:
   far-label task at depths 1, 2 and 4 (``treessm.examples.graphs``).
 * ``--timing`` (in ``graph_<device>.json``) -- ``TreeSSMConv(64, 64)`` against
   ``GCNConv(64, 64)`` on random graphs with five edges per vertex: forward and
-  forward+backward, peak memory (each size and layer in a process of its own on the CPU),
+  forward+backward, peak memory (on the CPU each size and layer in processes of their own,
+  the two layers' taking turns, ``CPU_ROUNDS`` of each below 10^6 vertices: the medians),
   and the parts of the block at the largest size.
 
     python benchmarks/graph.py --real --root ../shared/data    # the full protocol
@@ -156,20 +157,40 @@ def time_layer(layer, n, device, repeats):
     return row
 
 
+#: CPU processes per layer and size below 10^6 vertices, the two layers' taking turns: on a
+#: 2-core machine one process's times moved by a fifth from the next one's.
+CPU_ROUNDS = 3
+
+
+def _median_row(rows):
+    """The median of each timing and memory field over rows of one layer and size, and the
+    rows themselves (``rounds``)."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if key.endswith(("_ms", "_mb")) and isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    if len(rows) > 1:
+        out["rounds"] = rows
+    return out
+
+
 def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
     rows = []
     for n in sizes:
-        pair = {}
-        for layer in ("gcn_conv", "tree_ssm_conv"):
-            repeats = 2 if (device.type == "cpu" and n >= 10 ** 6) else 5
-            if device.type == "cpu":  # a fresh process: its peak resident size is this layer's
-                cmd = [sys.executable, __file__, "--time-layer", layer, str(n), str(repeats)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                     env=_child_env())
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-            else:
-                row = time_layer(layer, n, device, repeats)
-            pair[layer] = row
+        runs = {"gcn_conv": [], "tree_ssm_conv": []}
+        repeats = 2 if (device.type == "cpu" and n >= 10 ** 6) else 5
+        rounds = CPU_ROUNDS if device.type == "cpu" and n < 10 ** 6 else 1
+        for _ in range(rounds):
+            for layer in runs:
+                if device.type == "cpu":  # a fresh process: its peak resident size is its own
+                    cmd = [sys.executable, __file__, "--time-layer", layer, str(n),
+                           str(repeats)]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                         env=_child_env())
+                    runs[layer].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                else:
+                    runs[layer].append(time_layer(layer, n, device, repeats))
+        pair = {layer: _median_row(r) for layer, r in runs.items()}
         t, g = pair["tree_ssm_conv"], pair["gcn_conv"]
         row = dict(vertices=n, edges=5 * n, tree_ssm_conv=t, gcn_conv=g,
                    forward_ratio=t["forward_ms"] / g["forward_ms"],
