@@ -1112,7 +1112,8 @@ __global__ void __launch_bounds__(kChainWarps * 32, 3) chain_backward_kernel(Arg
         }
         const T first = __shfl_sync(0xffffffffu, gw, 0);  // the piece's first position's share
         if (lane == s) gw_carry = first;
-        for (int off = 16; off >= 1; off >>= 1) gA_piece += __shfl_xor_sync(0xffffffffu, gA_piece, off);
+        for (int off = 16; off >= 1; off >>= 1)
+          gA_piece += __shfl_xor_sync(0xffffffffu, gA_piece, off);
         if (lane == s) gA_acc += gA_piece;
         // the gradients of B and C at the piece's positions: the block's warps in order, in
         // place of the staged row of state s, which no warp reads after this state's terms
