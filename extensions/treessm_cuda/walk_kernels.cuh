@@ -912,13 +912,13 @@ __host__ __device__ constexpr int chain_row() {
 
 // Stages, by the block's threads together after the readers of the piece before, the
 // piece's rows [base, base + 32 R) (zero past the chain's `end`): B and C for every state,
-// position q of state s at s * row + q + q / R; and u, dx and dL/dy for the block's
+// position q of state s at s * chain_row + q + q / R; and u, dx and dL/dy for the block's
 // channels (from d0), position q of channel c at c * row + q + q / R (zero past the last
 // channel), so that each is read from global memory a position's row at a time.
-template <typename T, int R>
+template <typename T>
 __device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end, int d0, T* sB,
                                             T* sC, T* tu, T* tx, T* tg) {
-  constexpr int kRow = 32 * R + 33;
+  constexpr int R = chain_items<T>(), kRow = chain_row<T>();
   __syncthreads();
   for (int k = threadIdx.x; k < 32 * R * a.s; k += kChainWarps * 32) {
     const int q = k / a.s, s = k - q * a.s;
@@ -1004,7 +1004,7 @@ __global__ void __launch_bounds__(kChainWarps * 32, 3) chain_backward_kernel(Arg
     T half_next = T(0);  // kMean: half the edge-step gradient of that position
     for (int pc = pieces - 1; pc >= 0; --pc) {
       const int base = start + pc * kPiece;
-      chain_stage<T, R>(a, base, end, d0, sB, sC, tu, tx, tg);
+      chain_stage<T>(a, base, end, d0, sB, sC, tu, tx, tg);
       int v[R];
       T xu[R], e[R], gyv[R], gxu[R], gwde[R];
       unsigned valid = 0, wanted = 0;
