@@ -946,6 +946,11 @@ def main(argv=None):
     card = ("gpu_h200" if "H200" in name else "gpu") if device.type == "cuda" else device.type
     meta = dict(device=name, torch=torch.__version__, treessm=treessm.__version__,
                 threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
+    # the C library's thresholds for mapping large blocks afresh move the CPU times (and
+    # the ratios between layers) more than most code changes: a table says what it ran with
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if malloc:
+        meta["malloc"] = malloc
     if args.quick:
         args.real = args.synthetic = args.timing = True
         args.tasks, args.runs, args.epoch_scale = ["Cora", "MUTAG", NEIGHBORS_MATCH], 1, 0.02
