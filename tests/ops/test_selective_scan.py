@@ -188,13 +188,15 @@ def test_fused_norm_without_affine(skip):
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_normalised_readout_kernels_and_torch_formulas(affine):
+@pytest.mark.parametrize("d", [5, 37])
+def test_normalised_readout_kernels_and_torch_formulas(affine, d):
     # the read-out of normalised states: numba's forward and backward and the written-out
-    # torch derivative (the path of other devices) against autograd of the torch formula
+    # torch derivative (the path of other devices) against autograd of the torch formula;
+    # 37 channels: the kernels' sums over channels in sixteen lanes, then the rest
     from treessm.ops.selective_scan import (_readout_backward_reference, _readout_reference,
                                             selective_scan_cpu)
     g = _gen(30)
-    n, d, s = 9, 5, 3
+    n, s = 9, 3
     t = [torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, generator=g,
          dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64) * 20,
          torch.randn(n, s, generator=g, dtype=torch.float64)]

@@ -102,6 +102,22 @@ def _int_bits_as_f32(typingctx, i):
     return sig, codegen
 
 
+@intrinsic
+def _opaque(typingctx, x):
+    """``x``, with its origin hidden from the optimiser. A lane loop whose rows are offset
+    by a vertex's index would otherwise have its run-time overlap checks widened to the
+    whole loop over vertices, where they fail (the rows of all vertices share one buffer),
+    and the loop would run unvectorised; behind this, each lane loop checks its own rows."""
+    sig = x(x)
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(signature.args[0])
+        return builder.asm(ir.FunctionType(ty, [ty]), "", "=r,0", [args[0]],
+                           side_effect=False)
+
+    return sig, codegen
+
+
 @njit(inline="always")
 def _exp_f32(x):
     # exp(x) = 2^k exp(r) with k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, so
@@ -220,20 +236,31 @@ def _fill(dst, do, n, value):
 
 
 @njit(inline="always")
+def _sum16(t, o):
+    # t[o:o + 16] added by a pairwise tree (straight-line code: no loop to run unvectorised)
+    s0, s1 = t[o] + t[o + 8], t[o + 1] + t[o + 9]
+    s2, s3 = t[o + 2] + t[o + 10], t[o + 3] + t[o + 11]
+    s4, s5 = t[o + 4] + t[o + 12], t[o + 5] + t[o + 13]
+    s6, s7 = t[o + 6] + t[o + 14], t[o + 7] + t[o + 15]
+    s0, s1, s2, s3 = s0 + s4, s1 + s5, s2 + s6, s3 + s7
+    return (s0 + s2) + (s1 + s3)
+
+
+@njit(inline="always")
 def _lane_sum(t, to, W):
     # the W lanes of t[to:] added in a fixed order (overwrites them): groups of p lanes, p
-    # the largest power of two dividing W, folded onto the first one after the other, then
-    # a pairwise tree over p
+    # the largest power of two dividing W (16 or more: W is a multiple of 16), folded onto
+    # the first one after the other, then a pairwise tree over p
     p = W & (~W + U(1))
     for j in range(U(1), W // p):
         for l in range(p):
             t[to + l] += t[to + j * p + l]
     half = p >> U(1)
-    while half > U(0):
+    while half >= U(16):
         for l in range(half):
             t[to + l] += t[to + half + l]
         half >>= U(1)
-    return t[to]
+    return _sum16(t, to)
 
 
 @njit(inline="always")
@@ -243,12 +270,14 @@ def _brackets(buf, oU, oW, oBr, base, tmp, ga, k0, k1, L, n):
     on the way back, the prefix sums added on the way forward."""
     _fill(buf, tmp, n, 0)
     for k in range(k1 - 1, k0 - 1, -1):
+        k = _opaque(k)
         lk = U(k - ga) * L
         for l in range(n):
             buf[oBr + lk + l] = buf[tmp + l]
             buf[tmp + l] += buf[oW + lk + l] * buf[oU + lk + l]
     _fill(buf, tmp, n, 0)
     for k in range(k0, k1):
+        k = _opaque(k)
         lk = U(k - ga) * L
         for l in range(n):
             wu = buf[oW + lk + l] * buf[oU + lk + l]
@@ -337,10 +366,12 @@ def _up(buf, oH, oW, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     """Leaves first: ``H = up(x)`` in buffer ``oH``, each non-root's ``w`` in ``oW``."""
     L, n = d.L, sb * d.W
     for i in range(b - 1, a - 1, -1):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
         _x(buf, oh, inp, d, iu, ib, s0, sb)
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oh + l] += buf[oW + lk + l] * buf[oH + lk + l]
@@ -356,6 +387,7 @@ def _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, emit, out):
     root through the root's own edge weight."""
     L, W = d.L, d.W
     for i in range(a, b):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
         _x(buf, oh, inp, d, iu, ib, s0, sb)
@@ -385,10 +417,12 @@ def _up_pull(buf, oH, tw, ga, a, b, blk, s0, sb, inp, lay, d, emit, out):
     is formed (in the temporary row ``tw``) as the child is added to its parent."""
     L, n = d.L, sb * d.W
     for i in range(b - 1, a - 1, -1):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         oh = oH + U(i - ga) * L
         _x(buf, oh, inp, d, iu, ib, s0, sb)
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
             _w(buf, tw, inp, d, ku, kp, ka, sb)
             ok = oH + U(k - ga) * L
@@ -413,12 +447,14 @@ def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
     iu, ip, ib, ia = _offsets(d, lay, blk, a, a, s0)
     _x(buf, ra, inp, d, iu, ib, s0, sb)  # out[root] + x[root], out[root] = 0
     for i in range(a, b):
+        i = _opaque(i)
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
         base = oR + U(i - ga) * L
         _fill(buf, tacc, n, 0)
         for k in range(k1 - 1, k0 - 1, -1):  # w and the suffix sums
+            k = _opaque(k)
             ow = oF + U(k - k0) * (U(2) * L)
             osf = ow + L
             ku, kp, kb, ka = _offsets(d, lay, blk, k, a, s0)
@@ -429,6 +465,7 @@ def _out(buf, oR, oF, ot, ga, a, b, blk, s0, sb, inp, lay, d, out):
                 buf[tacc + l] += buf[ow + l] * buf[ok + l]
         _fill(buf, tacc, n, 0)
         for k in range(k0, k1):  # the prefix sums, out, h
+            k = _opaque(k)
             ow = oF + U(k - k0) * (U(2) * L)
             osf = ow + L
             ok = oR + U(k - ga) * L
@@ -502,11 +539,9 @@ def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
         bs = inp.bp[ib + s0 + sl]
         o = og + sl * W
         for dd in range(W):
-            gr.gxb[iu + dd] += G[o + dd] * bs
-    for sl in range(sb):
-        o = og + sl * W
-        for dd in range(W):
-            buf[tl + dd] = G[o + dd] * (inp.dxb[iu + dd] * inp.ub[iu + dd])
+            g = G[o + dd]
+            gr.gxb[iu + dd] += g * bs
+            buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
         gr.gbp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
@@ -545,6 +580,7 @@ def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, 
     t0, t1, t2, tl = ot, ot + L, ot + U(2) * L, ot + U(6) * L
     _down(buf, oH, ga, a, b, t, blk, s0, sb, inp, lay, d, False, out)
     for i in range(b - 1, a - 1, -1):
+        i = _opaque(i)
         iu, ip, ib, ia = _offsets(d, lay, blk, i, a, s0)
         li = U(i - ga) * L
         oh = oH + li
@@ -552,6 +588,7 @@ def _backward_down(buf, q, ot, gi, ga, a, b, t, blk, s0, sb, inp, lay, gin, gr, 
         for l in range(n):
             buf[oh + l] = buf[t0 + l]
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oh + l] += buf[oW + lk + l] * buf[oH + lk + l]
@@ -579,6 +616,7 @@ def _backward_up(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, ou
     t0, t2, tl = ot, ot + U(2) * L, ot + U(6) * L
     _up(buf, oH, oW, ga, a, b, blk, s0, sb, inp, lay, d, False, out)
     for i in range(a, b):
+        i = _opaque(i)
         li = U(i - ga) * L
         oh = oH + li
         _grad_h(buf, t0, buf, oh, i, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl, True)
@@ -609,6 +647,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
     _grad_h(buf, oUg + la, buf, oUx + la, a, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf, tl,
             True)
     for i in range(a, b):
+        i = _opaque(i)
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
@@ -620,20 +659,24 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
                 buf[t2 + l] = buf[oW + li + l] * buf[oBx + li + l] + buf[t2 + l]
         _brackets(buf, oUx, oW, oBx, t2, t0, ga, k0, k1, L, n)
         for k in range(k0, k1):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[t3 + l] = buf[oUx + lk + l] + buf[oW + lk + l] * buf[oBx + lk + l]
             _grad_h(buf, oUg + lk, buf, t3, k, a, gi, blk, s0, sb, inp, lay, gin, gr, d, buf,
                     tl, True)
     for i in range(b - 1, a - 1, -1):  # up(dL/dh) in place
+        i = _opaque(i)
         li = U(i - ga) * L
         for k in range(lay.child_ptr[i], min(lay.child_ptr[i + 1], b)):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 buf[oUg + li + l] += buf[oW + lk + l] * buf[oUg + lk + l]
     _fill(buf, oOg + la, n, 0)
     _grad_x(buf, oUg + la, a, a, blk, s0, sb, inp, lay, gr, d, buf, tl)
     for i in range(a, b):
+        i = _opaque(i)
         k0, k1 = lay.child_ptr[i], min(lay.child_ptr[i + 1], b)
         if k0 >= k1:
             continue
@@ -649,6 +692,7 @@ def _backward_both(buf, q, ot, gi, ga, a, b, blk, s0, sb, inp, lay, gin, gr, d, 
             buf[t2 + l] = buf[oOg + li + l] + buf[t2 + l]
         _brackets(buf, oUg, oW, oOg, t2, t0, ga, k0, k1, L, n)
         for k in range(k0, k1):
+            k = _opaque(k)
             lk = U(k - ga) * L
             for l in range(n):
                 wk = buf[oW + lk + l]
@@ -871,50 +915,71 @@ def _readout_rows(i0, i1, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b,
                 y[v, j] = r * (y1[v, j] - m * cg[j]) + cb[j]
 
 
+@njit(inline="always")
+def _dot(a, b, n, part):
+    # sum of a[j] b[j] over j < n in a fixed order: sixteen partial sums (lane l takes
+    # j = l, l + 16, ...), added by a pairwise tree, then the last n % 16 terms in order
+    for l in range(16):
+        part[l] = 0
+    m = n - n % U(16)
+    for j0 in range(U(0), m, U(16)):
+        for l in range(16):
+            part[l] += a[j0 + l] * b[j0 + l]
+    acc = _sum16(part, 0)
+    for j in range(m, n):
+        acc += a[j] * b[j]
+    return acc
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def _readout_grad_rows(c0, c1, rows, gy, y1, mu, m2, C, gT, bT, u, D, eps, count, has_g, has_b,
                        has_d, g_y1, g_mu, g_m2, g_C, g_u, pw, pb, pd):
     # the derivative of _readout_rows over the row chunks [c0, c1) of ``rows`` rows each;
-    # the sums over vertices (weight, bias, skip) per chunk, in row order
+    # the sums over vertices (weight, bias, skip) per chunk, in row order; the sums over
+    # channels by :func:`_dot` (rows of d entries, flat and unsigned: the loops vectorise)
     n, d = y1.shape
     s = C.shape[1]
+    du = U(d)
+    gyf, y1f, guf, gy1f, uf = (gy.reshape(-1), y1.reshape(-1), g_u.reshape(-1),
+                               g_y1.reshape(-1), u.reshape(-1))
     cg = np.empty(d, y1.dtype)
     gcg = np.empty(d, y1.dtype)
+    dev = np.empty(d, y1.dtype)
+    ones = np.ones(d, y1.dtype)
+    part = np.empty(16, y1.dtype)
     for c in range(c0, c1):
+        pwc, pbc, pdc = pw[c].reshape(-1), pb[c].reshape(-1), pd[c]
         for v in range(c * rows, min((c + 1) * rows, n)):
             r = 1 / math.sqrt(m2[v] / count + eps)
             m = mu[v]
             _row_products(C, v, gT, has_g, cg)
-            acc_r = y1.dtype.type(0)
-            acc_mu = y1.dtype.type(0)
-            for j in range(d):
-                g = gy[v, j]
+            o = U(v) * du
+            for j in range(du):
+                g = gyf[o + j]
                 gr = g * r
-                g_y1[v, j] = gr
-                acc_r += g * (y1[v, j] - m * cg[j])
-                acc_mu += gr * cg[j]
+                gy1f[o + j] = gr
+                dev[j] = y1f[o + j] - m * cg[j]
                 gcg[j] = -(gr * m)
-            g_m2[v] = acc_r * (-0.5 / count) * (r * r * r)
-            g_mu[v] = -acc_mu
+            g_m2[v] = _dot(gyf[o:], dev, du, part) * (-0.5 / count) * (r * r * r)
+            g_mu[v] = -r * _dot(gyf[o:], cg, du, part)
             for k in range(s):
                 ck = C[v, k]
-                acc = y1.dtype.type(0)
+                ok = U(k) * du
                 if has_g:
-                    for j in range(d):
-                        acc += gcg[j] * gT[k, j]
-                        pw[c, k, j] += gcg[j] * ck
+                    acc = _dot(gcg, gT[k], du, part)
+                    for j in range(du):
+                        pwc[ok + j] += gcg[j] * ck
                 else:
-                    for j in range(d):
-                        acc += gcg[j]
+                    acc = _dot(gcg, ones, du, part)
                 if has_b:
-                    for j in range(d):
-                        acc += gy[v, j] * bT[k, j]
-                        pb[c, k, j] += gy[v, j] * ck
+                    acc += _dot(gyf[o:], bT[k], du, part)
+                    for j in range(du):
+                        pbc[ok + j] += gyf[o + j] * ck
                 g_C[v, k] = acc
             if has_d:
-                for j in range(d):
-                    g_u[v, j] = gy[v, j] * D[j]
-                    pd[c, j] += gy[v, j] * u[v, j]
+                for j in range(du):
+                    guf[o + j] = gyf[o + j] * D[j]
+                    pdc[j] += gyf[o + j] * uf[o + j]
 
 
 # ---------------------------------------------------------------------------- threads
