@@ -269,6 +269,10 @@ std::vector<at::Tensor> selective_walk_backward(
     a.gh0 = h0.has_value() ? gh0.data_ptr<scalar_t>() : nullptr;
     if (chains) {
       const size_t smem = walk::chain_backward_smem_bytes<scalar_t>(static_cast<int>(p.s));
+      if (smem > 48 * 1024)  // float64 with 16 states: past the default limit
+        C10_CUDA_CHECK(cudaFuncSetAttribute(walk::chain_backward_kernel<scalar_t>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
       walk::chain_backward_kernel<scalar_t><<<backward_grid, walk::kChainWarps * 32, smem,
                                               at::cuda::getCurrentCUDAStream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

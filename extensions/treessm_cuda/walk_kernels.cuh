@@ -884,12 +884,14 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
 // G = c + Gw[child] = dL/dx. The sums over states (dL/d(dx u) = sum_s G B, the edge step's
 // sum_s dL/dw w A) run in state order per position; those over channels (the gradients of B
 // and C) add the block's warps in order in shared memory, one row of partial sums a block
-// as the walk's; dL/dA sums over the positions of a lane, then the warp's lanes, then the
+// as the walk's, written out once per piece; dL/dA sums over the positions of a lane, then the warp's lanes, then the
 // pieces, then the block row's chains. Under rule kMean a position adds half of its child's
 // edge-step gradient (the next position's) to its dx's. A block is kChainWarps consecutive
-// channels of one chain, so that its warps' row loads share sectors, and it stages a piece's
-// rows of B and C in shared memory (chain_stage), read by its warps state by state. Results
-// are bitwise reproducible.
+// channels of one chain; it stages a piece's rows of B and C, and of u, dx and dL/dy at its
+// channels, in shared memory (chain_stage), read by its warps state by state or position by
+// position, and writes the gradients of B and C, u, dx and the edge steps back through
+// shared memory too, a position's row at a time. Three blocks a multiprocessor (80
+// registers a thread). Results are bitwise reproducible.
 constexpr int kChainWarps = 8;
 
 // Positions a lane takes in a piece (16 / sizeof(T): pieces of 128 in float, 64 in double):
@@ -908,11 +910,14 @@ __host__ __device__ constexpr int chain_row() {
   return 32 * chain_items<T>() + 33;
 }
 
-// Stages B and C at the piece's positions [base, base + 32 R) (zero past the chain's `end`)
-// for every state, by the block's threads together after the readers of the piece before;
-// position q of state s at s * chain_row + q + q / R.
+// Stages, by the block's threads together after the readers of the piece before, the
+// piece's rows [base, base + 32 R) (zero past the chain's `end`): B and C for every state,
+// position q of state s at s * chain_row + q + q / R; and u, dx and dL/dy for the block's
+// channels (from d0), position q of channel c at c * row + q + q / R (zero past the last
+// channel), so that each is read from global memory a position's row at a time.
 template <typename T>
-__device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end, T* sB, T* sC) {
+__device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end, int d0, T* sB,
+                                            T* sC, T* tu, T* tx, T* tg) {
   constexpr int R = chain_items<T>(), kRow = chain_row<T>();
   __syncthreads();
   for (int k = threadIdx.x; k < 32 * R * a.s; k += kChainWarps * 32) {
@@ -925,6 +930,19 @@ __device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end,
     }
     sB[s * kRow + q + q / R] = b;
     sC[s * kRow + q + q / R] = c;
+  }
+  for (int k = threadIdx.x; k < 32 * R * kChainWarps; k += kChainWarps * 32) {
+    const int q = k / kChainWarps, c = k % kChainWarps;
+    T u = T(0), dx = T(0), gy = T(0);
+    if (base + q < end && d0 + c < a.d) {
+      const int64_t row = static_cast<int64_t>(a.rec[base + q].x) * a.d + d0 + c;
+      u = a.u[row];
+      dx = a.dx[row];
+      gy = a.gy[row];
+    }
+    tu[c * kRow + q + q / R] = u;
+    tx[c * kRow + q + q / R] = dx;
+    tg[c * kRow + q + q / R] = gy;
   }
   __syncthreads();
 }
@@ -952,23 +970,31 @@ __device__ __forceinline__ void lanes_before(T ca, T cb, int lane, T& ea, T& eb)
 }
 
 // Shared memory of chain_backward_kernel for d_state states: the staged rows of B and C,
-// then each warp's terms of the gradients of B and C at a piece's positions.
+// each warp's terms of the gradients of B and C at a piece's positions, and the staged rows
+// of u, dx and dL/dy (on their way out, of the gradients of u, dx and the edge steps).
 template <typename T>
 __host__ __device__ constexpr size_t chain_backward_smem_bytes(int d_state) {
-  return 2 * sizeof(T) * (static_cast<size_t>(d_state) * chain_row<T>() +
-                          kChainWarps * 32 * chain_items<T>());
+  return sizeof(T) * ((2 * static_cast<size_t>(d_state) + 3 * kChainWarps) * chain_row<T>() +
+                      2 * kChainWarps * 32 * chain_items<T>());
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kChainWarps * 32, 3) chain_backward_kernel(Args<T> a) {
   constexpr int R = chain_items<T>(), kPiece = 32 * R, kRow = chain_row<T>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sB = reinterpret_cast<T*>(smem_raw);
   T* sC = sB + a.s * kRow;
   T(*wB)[kPiece] = reinterpret_cast<T(*)[kPiece]>(sC + a.s * kRow);
   T(*wC)[kPiece] = wB + kChainWarps;
+  T* tu = &wC[kChainWarps - 1][kPiece];
+  T* tx = tu + kChainWarps * kRow;
+  T* tg = tx + kChainWarps * kRow;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int d = blockIdx.x * kChainWarps + warp;
+  const int d0 = blockIdx.x * kChainWarps, d = d0 + warp;
+  // this lane's positions in the staged rows of its channel
+  T* lu = tu + warp * kRow + lane * (R + 1);
+  T* lx = tx + warp * kRow + lane * (R + 1);
+  T* lg = tg + warp * kRow + lane * (R + 1);
   const bool live = d < a.d;  // an idle warp still takes part in the block's sums
   T gA_acc = T(0);            // lane s: dL/dA[d, s] over the block row's chains
   for (int t = blockIdx.y; t < a.num_trees; t += gridDim.y) {
@@ -978,7 +1004,7 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
     T half_next = T(0);  // kMean: half the edge-step gradient of that position
     for (int pc = pieces - 1; pc >= 0; --pc) {
       const int base = start + pc * kPiece;
-      chain_stage<T>(a, base, end, sB, sC);
+      chain_stage<T>(a, base, end, d0, sB, sC, tu, tx, tg);
       int v[R];
       T xu[R], e[R], gyv[R], gxu[R], gwde[R];
       unsigned valid = 0, wanted = 0;
@@ -992,12 +1018,18 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
         const int4 r = a.rec[p];
         v[i] = r.x;
         const int64_t row = static_cast<int64_t>(r.x) * a.d + d;
-        const T dv = a.dx[row];
-        xu[i] = dv * a.u[row];
-        gyv[i] = a.gy[row];
+        const T dv = lx[i];
+        xu[i] = dv * lu[i];
+        gyv[i] = lg[i];
         e[i] = dv;
-        if (a.rule == kGiven) e[i] = a.de[row];
-        else if (a.rule == kMean && r.y >= 0) e[i] = T(0.5) * (dv + a.dx[static_cast<int64_t>(r.y) * a.d + d]);
+        if (a.rule == kGiven) {
+          e[i] = a.de[row];
+        } else if (a.rule == kMean && r.y >= 0) {  // the parent: the position before
+          const int q = lane * R + i - 1;
+          const T dp = q >= 0 ? tx[warp * kRow + q + q / R]
+                              : a.dx[static_cast<int64_t>(r.y) * a.d + d];
+          e[i] = T(0.5) * (dv + dp);
+        }
         if (a.gstates != nullptr && a.srow[r.x] >= 0) wanted |= 1u << i;
       }
       const int slot = a.rec[base].w;  // the piece starts a segment
@@ -1083,21 +1115,28 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
         for (int off = 16; off >= 1; off >>= 1)
           gA_piece += __shfl_xor_sync(0xffffffffu, gA_piece, off);
         if (lane == s) gA_acc += gA_piece;
-        // the gradients of B and C at the piece's positions: the block's warps in order
+        // the gradients of B and C at the piece's positions: the block's warps in order, in
+        // place of the staged row of state s, which no warp reads after this state's terms
         __syncthreads();
         for (int q = threadIdx.x; q < kPiece; q += kChainWarps * 32) {
-          const int p = base + q;
-          if (p >= end) continue;
           T sb = T(0), sc = T(0);
           for (int w = 0; w < kChainWarps; ++w) {
             sb += wB[w][q];
             sc += wC[w][q];
           }
-          const int64_t at = (static_cast<int64_t>(blockIdx.x) * a.n + a.rec[p].x) * a.s + s;
-          a.gB[at] = sb;
-          a.gC[at] = sc;
+          sB[s * kRow + q + q / R] = sb;
+          sC[s * kRow + q + q / R] = sc;
         }
         __syncthreads();
+      }
+      // ... written out once for all states, a position's states side by side (the next
+      // piece's staging waits for these reads)
+      for (int k = threadIdx.x; k < kPiece * a.s; k += kChainWarps * 32) {
+        const int q = k / a.s, s = k - q * a.s;
+        if (base + q >= end) continue;
+        const int64_t at = (static_cast<int64_t>(blockIdx.x) * a.n + a.rec[base + q].x) * a.s + s;
+        a.gB[at] = sB[s * kRow + q + q / R];
+        a.gC[at] = sC[s * kRow + q + q / R];
       }
       // the inputs' gradients; under kMean the child's half (the next position's)
       T half_in = __shfl_down_sync(0xffffffffu, T(0.5) * gwde[0], 1);
@@ -1108,14 +1147,25 @@ __global__ void __launch_bounds__(kChainWarps * 32) chain_backward_kernel(Args<T
         const T child_half = i == R - 1 ? half_in : T(0.5) * gwde[i + 1 < R ? i + 1 : i];
         if (!((valid >> i) & 1u)) continue;
         const int p = base + lane * R + i;
-        const int64_t row = static_cast<int64_t>(v[i]) * a.d + d;
-        a.gu[row] = gxu[i] * a.dx[row];
-        T own = mul_rn(gxu[i], a.u[row]);
+        T own = mul_rn(gxu[i], lu[i]);
         if (a.rule == kChild || (a.rule == kMean && p == start)) own += gwde[i];
         else if (a.rule == kMean) own += T(0.5) * gwde[i];
         if (a.rule == kMean && p + 1 < end) own += child_half;
-        a.gdx[row] = own;
-        if (a.rule == kGiven) a.gde[row] = gwde[i];
+        // in place of this position's u, dx and dL/dy in the staged rows
+        lu[i] = gxu[i] * lx[i];
+        lx[i] = own;
+        lg[i] = gwde[i];
+      }
+      // ... written out a position's row at a time
+      __syncthreads();
+      for (int k = threadIdx.x; k < kPiece * kChainWarps; k += kChainWarps * 32) {
+        const int q = k / kChainWarps, c = k % kChainWarps;
+        if (base + q >= end || d0 + c >= a.d) continue;
+        const int64_t row = static_cast<int64_t>(a.rec[base + q].x) * a.d + d0 + c;
+        const int at = c * kRow + q + q / R;
+        a.gu[row] = tu[at];
+        a.gdx[row] = tx[at];
+        if (a.rule == kGiven) a.gde[row] = tg[at];
       }
     }
   }
