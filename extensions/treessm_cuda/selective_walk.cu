@@ -231,7 +231,8 @@ std::vector<at::Tensor> selective_walk_backward(
   TREESSM_CHECK(!chains || direction == 0, "the chain kernel runs the direction down (0)");
   const bool has_kept = kept.has_value() && kept->numel() > 0;
   if (has_kept)
-    TREESSM_CHECK(kept->is_cuda() && kept->is_contiguous() && kept->scalar_type() == u.scalar_type() &&
+    TREESSM_CHECK(kept->is_cuda() && kept->is_contiguous() &&
+                    kept->scalar_type() == u.scalar_type() &&
                     kept->numel() == num_slots * p.d * p.s,
                 "kept must be the forward's contiguous [num_slots, D, S] checkpoints");
   const bool grad_states = gstates.has_value() && gstates->numel() > 0;

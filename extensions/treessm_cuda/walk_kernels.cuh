@@ -884,9 +884,9 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
 // G = c + Gw[child] = dL/dx. The sums over states (dL/d(dx u) = sum_s G B, the edge step's
 // sum_s dL/dw w A) run in state order per position; those over channels (the gradients of B
 // and C) add the block's warps in order in shared memory, one row of partial sums a block
-// as the walk's, written out once per piece; dL/dA sums over the positions of a lane, then the warp's lanes, then the
-// pieces, then the block row's chains. Under rule kMean a position adds half of its child's
-// edge-step gradient (the next position's) to its dx's. A block is kChainWarps consecutive
+// as the walk's, written out once per piece; dL/dA sums over the positions of a lane, then
+// the warp's lanes, then the pieces, then the block row's chains. Under rule kMean a
+// position adds half of its child's edge-step gradient (the next position's) to its dx's. A block is kChainWarps consecutive
 // channels of one chain; it stages a piece's rows of B and C, and of u, dx and dL/dy at its
 // channels, in shared memory (chain_stage), read by its warps state by state or position by
 // position, and writes the gradients of B and C, u, dx and the edge steps back through
