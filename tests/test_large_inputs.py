@@ -48,10 +48,11 @@ def test_scan_beyond_2_31_elements(device, direction):
     need = (elements * (6 * dtype.itemsize + 4 * accumulators)) / 2 ** 30 * 1.05
     if _available_gib(device) < need:
         pytest.skip(f"needs about {need:.0f} GiB free on {device}")
-    gen = torch.Generator().manual_seed(0)
+    # drawn on the device that scans them: about twenty seconds a tensor on one host core
+    gen = torch.Generator(device).manual_seed(0)
     tree = _stars(NUM_NODES).to(device)
-    x = torch.rand(NUM_NODES, CHANNELS, generator=gen).to(device, dtype).requires_grad_()
-    w = torch.rand(NUM_NODES, CHANNELS, generator=gen).to(device, dtype).requires_grad_()
+    x, w = (torch.rand(NUM_NODES, CHANNELS, generator=gen, device=device).to(dtype)
+            .requires_grad_() for _ in range(2))
     out = tree_scan(x, w, tree, direction)
     assert x.numel() > 2 ** 31
     out.sum().backward()
@@ -80,13 +81,17 @@ def test_selective_scan_beyond_2_31_elements(direction):
     need = 10 * NUM_NODES * CHANNELS * 4 / 2 ** 30
     if _available_gib("cuda") < need:
         pytest.skip(f"needs about {need:.0f} GiB free on cuda")
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator("cuda").manual_seed(1)  # drawn on the device, as above
     tree = _stars(NUM_NODES).to("cuda")
-    u = torch.randn(NUM_NODES, CHANNELS, generator=gen).cuda().requires_grad_()
-    delta = (torch.rand(NUM_NODES, CHANNELS, generator=gen) * 0.5).cuda().requires_grad_()
-    A = (-torch.rand(CHANNELS, 2, generator=gen)).cuda().requires_grad_()
-    B = torch.randn(NUM_NODES, 2, generator=gen).cuda().requires_grad_()
-    C = torch.randn(NUM_NODES, 2, generator=gen).cuda().requires_grad_()
+
+    def draw(fn, *shape):
+        return fn(*shape, generator=gen, device="cuda")
+
+    u = draw(torch.randn, NUM_NODES, CHANNELS).requires_grad_()
+    delta = (draw(torch.rand, NUM_NODES, CHANNELS) * 0.5).requires_grad_()
+    A = (-draw(torch.rand, CHANNELS, 2)).requires_grad_()
+    B = draw(torch.randn, NUM_NODES, 2).requires_grad_()
+    C = draw(torch.randn, NUM_NODES, 2).requires_grad_()
     y = selective_tree_scan(u, delta, A, B, C, tree, direction=direction)
     assert u.numel() > 2 ** 31
     y.backward(torch.ones_like(y))
