@@ -886,12 +886,12 @@ __global__ void __launch_bounds__(kThreads) up_backward_kernel(Args<T> a) {
 // and C) add the block's warps in order in shared memory, one row of partial sums a block
 // as the walk's, written out once per piece; dL/dA sums over the positions of a lane, then
 // the warp's lanes, then the pieces, then the block row's chains. Under rule kMean a
-// position adds half of its child's edge-step gradient (the next position's) to its dx's. A block is kChainWarps consecutive
-// channels of one chain; it stages a piece's rows of B and C, and of u, dx and dL/dy at its
-// channels, in shared memory (chain_stage), read by its warps state by state or position by
-// position, and writes the gradients of B and C, u, dx and the edge steps back through
-// shared memory too, a position's row at a time. Three blocks a multiprocessor (80
-// registers a thread). Results are bitwise reproducible.
+// position adds half of its child's edge-step gradient (the next position's) to its dx's.
+// A block is kChainWarps consecutive channels of one chain; it stages a piece's rows of B
+// and C, and of u, dx and dL/dy at its channels, in shared memory (chain_stage), read by
+// its warps state by state or position by position, and writes the gradients of B and C,
+// u, dx and the edge steps back through shared memory too, a position's row at a time.
+// Three blocks a multiprocessor (80 registers a thread). Results are bitwise reproducible.
 constexpr int kChainWarps = 8;
 
 // Positions a lane takes in a piece (16 / sizeof(T): pieces of 128 in float, 64 in double):
