@@ -910,15 +910,23 @@ __host__ __device__ constexpr int chain_row() {
   return 32 * chain_items<T>() + 33;
 }
 
+// The slot of the piece's position q in staged row r (a state of B or C, a channel of u,
+// dx or dL/dy): a word of padding after every R positions.
+template <typename T>
+__device__ __forceinline__ int chain_slot(int r, int q) {
+  constexpr int R = chain_items<T>();
+  return r * chain_row<T>() + q + q / R;
+}
+
 // Stages, by the block's threads together after the readers of the piece before, the
 // piece's rows [base, base + 32 R) (zero past the chain's `end`): B and C for every state,
-// position q of state s at s * chain_row + q + q / R; and u, dx and dL/dy for the block's
-// channels (from d0), position q of channel c at c * row + q + q / R (zero past the last
-// channel), so that each is read from global memory a position's row at a time.
+// position q of state s at chain_slot(s, q); and u, dx and dL/dy for the block's channels
+// (from d0), position q of channel c at chain_slot(c, q) (zero past the last channel), so
+// that each is read from global memory a position's row at a time.
 template <typename T>
 __device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end, int d0, T* sB,
                                             T* sC, T* tu, T* tx, T* tg) {
-  constexpr int R = chain_items<T>(), kRow = chain_row<T>();
+  constexpr int R = chain_items<T>();
   __syncthreads();
   for (int k = threadIdx.x; k < 32 * R * a.s; k += kChainWarps * 32) {
     const int q = k / a.s, s = k - q * a.s;
@@ -928,8 +936,8 @@ __device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end,
       b = a.B[at];
       c = a.C[at];
     }
-    sB[s * kRow + q + q / R] = b;
-    sC[s * kRow + q + q / R] = c;
+    sB[chain_slot<T>(s, q)] = b;
+    sC[chain_slot<T>(s, q)] = c;
   }
   for (int k = threadIdx.x; k < 32 * R * kChainWarps; k += kChainWarps * 32) {
     const int q = k / kChainWarps, c = k % kChainWarps;
@@ -940,9 +948,9 @@ __device__ __forceinline__ void chain_stage(const Args<T>& a, int base, int end,
       dx = a.dx[row];
       gy = a.gy[row];
     }
-    tu[c * kRow + q + q / R] = u;
-    tx[c * kRow + q + q / R] = dx;
-    tg[c * kRow + q + q / R] = gy;
+    tu[chain_slot<T>(c, q)] = u;
+    tx[chain_slot<T>(c, q)] = dx;
+    tg[chain_slot<T>(c, q)] = gy;
   }
   __syncthreads();
 }
@@ -1026,7 +1034,7 @@ __global__ void __launch_bounds__(kChainWarps * 32, 3) chain_backward_kernel(Arg
           e[i] = a.de[row];
         } else if (a.rule == kMean && r.y >= 0) {  // the parent: the position before
           const int q = lane * R + i - 1;
-          const T dp = q >= 0 ? tx[warp * kRow + q + q / R]
+          const T dp = q >= 0 ? tx[chain_slot<T>(warp, q)]
                               : a.dx[static_cast<int64_t>(r.y) * a.d + d];
           e[i] = T(0.5) * (dv + dp);
         }
@@ -1124,8 +1132,8 @@ __global__ void __launch_bounds__(kChainWarps * 32, 3) chain_backward_kernel(Arg
             sb += wB[w][q];
             sc += wC[w][q];
           }
-          sB[s * kRow + q + q / R] = sb;
-          sC[s * kRow + q + q / R] = sc;
+          sB[chain_slot<T>(s, q)] = sb;
+          sC[chain_slot<T>(s, q)] = sc;
         }
         __syncthreads();
       }
@@ -1135,8 +1143,8 @@ __global__ void __launch_bounds__(kChainWarps * 32, 3) chain_backward_kernel(Arg
         const int q = k / a.s, s = k - q * a.s;
         if (base + q >= end) continue;
         const int64_t at = (static_cast<int64_t>(blockIdx.x) * a.n + a.rec[base + q].x) * a.s + s;
-        a.gB[at] = sB[s * kRow + q + q / R];
-        a.gC[at] = sC[s * kRow + q + q / R];
+        a.gB[at] = sB[chain_slot<T>(s, q)];
+        a.gC[at] = sC[chain_slot<T>(s, q)];
       }
       // the inputs' gradients; under kMean the child's half (the next position's)
       T half_in = __shfl_down_sync(0xffffffffu, T(0.5) * gwde[0], 1);
@@ -1162,7 +1170,7 @@ __global__ void __launch_bounds__(kChainWarps * 32, 3) chain_backward_kernel(Arg
         const int q = k / kChainWarps, c = k % kChainWarps;
         if (base + q >= end || d0 + c >= a.d) continue;
         const int64_t row = static_cast<int64_t>(a.rec[base + q].x) * a.d + d0 + c;
-        const int at = c * kRow + q + q / R;
+        const int at = chain_slot<T>(c, q);
         a.gu[row] = tu[at];
         a.gdx[row] = tx[at];
         if (a.rule == kGiven) a.gde[row] = tg[at];
