@@ -14,8 +14,8 @@ from torch.optim.swa_utils import AveragedModel
 
 import treessm
 from treessm.models import GrootV, GrootVBlock, GrootVStage, LocalGlobalNet, node_classifier
-from treessm.nn import (DropPath, GrootLMixer, LayerNorm2d, Mlp, SelectiveSSM, SelectiveTreeSSM,
-                        TreeGPSConv, TreeSSM, TreeSSMConv)
+from treessm.nn import (DropPath, GrootLMixer, LayerNorm2d, Mlp, NarrowLinear, SelectiveSSM,
+                        SelectiveTreeSSM, TreeGPSConv, TreeSSM, TreeSSMConv)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -47,6 +47,7 @@ CASES = {
     "DropPath": (lambda: DropPath(0.5), lambda: (_image(),)),
     "LayerNorm2d": (lambda: LayerNorm2d(5), lambda: (_image(2, 5, 3, 4),)),
     "Mlp": (lambda: Mlp(8, 16), lambda: (_image(),)),
+    "NarrowLinear": (lambda: NarrowLinear(8, 16), lambda: (_image(),)),
     "GrootVBlock": (lambda: GrootVBlock(8), lambda: (_image(),)),
     "GrootVStage": (lambda: GrootVStage(8, 16, 2, shared_tree=True), lambda: (_image(),)),
     "GrootV": (lambda: GrootV(num_classes=5, dims=(8, 16), depths=(1, 1)),

@@ -126,7 +126,7 @@ def test_init_and_repr():
     text = repr(layer)
     assert text.startswith("TreeSSM(\n  40, d_inner=80, d_state=3, dt_rank=3, d_conv=3, scan='tree'\n")
     for child in ("(in_proj): Linear(in_features=40, out_features=160", "(conv): Conv2d(80, 80",
-                  "(x_proj): Linear", "(dt_proj): Linear", "(h_norm): LayerNorm((240,)",
+                  "(x_proj): Linear", "(dt_proj): NarrowLinear", "(h_norm): LayerNorm((240,)",
                   "(out_norm): LayerNorm((80,)", "(out_proj): Linear"):
         assert child in text, child  # print(model) shows the whole network
     assert TreeSSM(8, bias=True).in_proj.bias is not None

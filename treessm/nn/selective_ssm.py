@@ -20,6 +20,7 @@ from .._checks import check_number, check_optional_choice
 from ..ops import selective_tree_scan
 from ..ops.selective_scan import SELECTIVE_BACKENDS
 from ..tree import Tree
+from .layers import NarrowLinear
 
 __all__ = ["SelectiveSSM"]
 
@@ -84,7 +85,7 @@ class SelectiveSSM(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.backend = backend
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.dt_proj = NarrowLinear(dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         # Mamba's convention: the SSM's A and D are not weight-decayed.
