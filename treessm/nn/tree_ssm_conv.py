@@ -17,6 +17,7 @@ from torch.nn.parameter import is_lazy
 from torch_geometric.nn import Linear
 
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
+from ..ops.silu_mix import silu_mix
 from ..topology import GraphTopology
 from ..topology.distance import Distance
 from ..topology.layout import empty_forest
@@ -251,8 +252,9 @@ class TreeSSMConv(SelectiveTreeSSM):
         else:
             mixed = neighbour_mean(u, graph)
         if records_grad(u, mixed, self.self_weight, self.neighbour_weight):
-            # a u + b mean(u) in two [N, d_inner] arrays, not three
-            return F.silu(torch.addcmul(self.self_weight * u, self.neighbour_weight, mixed)), z
+            # SiLU(a u + b mean(u)) as one operator (on the CPU one pass over the rows each
+            # way, without the composition's temporaries)
+            return silu_mix(u, mixed, self.self_weight, self.neighbour_weight), z
         # nothing to differentiate: a u + b mean(u) and the SiLU in the array of the mean
         mixed.mul_(self.neighbour_weight).addcmul_(u, self.self_weight)
         return F.silu(mixed, inplace=True), z
