@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 from torch_geometric.nn import Linear
 
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
-from ..ops.silu_mix import silu_mix
+from ..ops.pointwise import silu_mix
 from ..topology import GraphTopology
 from ..topology.distance import Distance
 from ..topology.layout import empty_forest

@@ -1,0 +1,126 @@
+"""The layers' row-wise operators, SiLU(a u + b m) and LN(y) SiLU(z): the CPU kernels against
+the torch compositions that define them (output and all four gradients), gradcheck, extreme
+inputs, bitwise reproducibility with any number of threads, the fallbacks, both output
+allocations, torch.compile."""
+import functools
+
+import numba
+import pytest
+import torch
+
+from treessm.ops import pointwise as pw
+
+EPS = 1e-5
+# name -> (operator, reference); each takes two [N, C] row tensors and two [C] vectors
+OPS = {
+    "silu_mix": (pw.silu_mix, pw.silu_mix_reference),
+    "norm_gate": (functools.partial(pw.norm_gate, eps=EPS),
+                  functools.partial(pw.norm_gate_reference, eps=EPS)),
+}
+
+
+def _inputs(n, c, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, m = (torch.randn(n, c, dtype=dtype, generator=g) * 3 + 1 for _ in range(2))
+    a, b = (torch.randn(c, dtype=dtype, generator=g) for _ in range(2))
+    return u, m, a, b, torch.randn(n, c, dtype=dtype, generator=g)
+
+
+def _run(fn, u, m, a, b, gy):
+    ins = [t.clone().requires_grad_() for t in (u, m, a, b)]
+    y = fn(*ins)
+    y.backward(gy)
+    return [y.detach()] + [t.grad for t in ins]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("n,c", [(0, 8), (1, 1), (1, 3), (7, 37), (pw.CHUNK_ROWS + 3, 5),
+                                 (300, 128)])
+def test_against_the_torch_composition(op, n, c, dtype, tol):
+    fused, reference = OPS[op]
+    u, m, a, b, gy = _inputs(n, c, dtype)
+    got = _run(fused, u, m, a, b, gy)
+    want = _run(reference, u, m, a, b, gy)
+    for name, x, y in zip(("out", "rows", "other rows", "first vector", "second vector"),
+                          got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_the_kernels_run_on_the_cpu(op):
+    # the operator, not the composition: its autograd node is the custom op's
+    u, m, a, b, _ = _inputs(4, 3, torch.float32)
+    y = OPS[op][0](u, m, a.requires_grad_(), b)
+    assert op in type(y.grad_fn).__name__.lower()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_float64(op):
+    u, m, a, b, _ = _inputs(9, 4, torch.float64)
+    ins = tuple(t.requires_grad_() for t in (u, m, a, b))
+    assert torch.autograd.gradcheck(OPS[op][0], ins)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_extreme_inputs_stay_finite(op):
+    # SiLU(t) -> 0 as t -> -inf and -> t as t -> +inf; a LayerNorm of a constant row is its
+    # bias
+    u = torch.tensor([[-1e4, -100.0, 0.0, 100.0, 1e4], [3.0] * 5])
+    m = torch.tensor([[0.0] * 5, [-1e4, -100.0, 0.0, 100.0, 1e4]])
+    a, b = torch.ones(5), torch.linspace(-1, 1, 5)
+    fused, reference = OPS[op]
+    got = _run(fused, u, m, a, b, torch.ones_like(u))
+    want = _run(reference, *(t.double() for t in (u, m, a, b, torch.ones_like(u))))
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y.float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bitwise_reproducible_with_any_number_of_threads(op):
+    u, m, a, b, gy = _inputs(3 * pw.CHUNK_ROWS + 17, 64, torch.float32, seed=3)
+    before = numba.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1):
+            numba.set_num_threads(threads)
+            runs.append(_run(OPS[op][0], u, m, a, b, gy))
+    finally:
+        numba.set_num_threads(before)
+    for run in runs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(runs[0], run))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_large_outputs_come_from_numpy_with_the_same_values(op, monkeypatch):
+    u, m, a, b, gy = _inputs(50, 8, torch.float32)
+    small = _run(OPS[op][0], u, m, a, b, gy)
+    monkeypatch.setattr(pw, "LARGE_ARRAY_BYTES", 1)
+    large = _run(OPS[op][0], u, m, a, b, gy)
+    assert all(torch.equal(x, y) for x, y in zip(small, large))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", ["bfloat16", "mixed dtypes", "broadcast rows"])
+def test_other_inputs_take_the_composition(op, case):
+    u, m, a, b, _ = _inputs(6, 4, torch.float32)
+    if case == "bfloat16":
+        u, m = u.bfloat16(), m.bfloat16()
+    elif case == "mixed dtypes":
+        a = a.double()
+    else:
+        m = m[:1]
+    fused, reference = OPS[op]
+    assert torch.equal(fused(u, m, a, b), reference(u, m, a, b))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compiles_in_one_graph(op):
+    u, m, a, b, gy = _inputs(50, 8, torch.float32)
+    compiled = torch.compile(OPS[op][0], fullgraph=True, backend="aot_eager")
+    got = _run(compiled, u, m, a, b, gy)
+    want = _run(OPS[op][0], u, m, a, b, gy)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))

@@ -1,0 +1,333 @@
+r"""Row-wise operators of the tree-SSM layers, each one pass over the rows on the CPU.
+
+* :func:`silu_mix`: the local mixing of :class:`treessm.nn.TreeSSMConv`,
+  :math:`\mathrm{SiLU}(a \odot u + b \odot m)` for rows ``u``, ``m`` ``[N, C]`` and
+  per-channel weights ``a``, ``b`` ``[C]``;
+* :func:`norm_gate`: the output gate of the selective tree SSMs,
+  :math:`\mathrm{LN}(y) \odot \mathrm{SiLU}(z)` (a LayerNorm over the ``C`` channels of
+  each row, with its affine ``w``, ``b``).
+
+On the CPU (float32, float64) the forward and the backward of each run as one numba pass
+over the rows: the forward writes its output only, and the backward recomputes what the
+forward formed (the pre-activation; the row's mean and deviation) instead of keeping it,
+where torch's compositions write several fresh ``[N, C]`` arrays each way (on one thread
+at ``[10^5, 128]`` most of their time is the page faults of those arrays). Sums over a
+row's channels take sixteen partial sums in a fixed order; sums over the rows (the
+gradients of the per-channel parameters) run in fixed chunks of :data:`CHUNK_ROWS` rows,
+in row order within a chunk and over the chunks in order: the same bits with any number
+of threads. Elsewhere the torch compositions that define the operators
+(:func:`silu_mix_reference`, :func:`norm_gate_reference`) run.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit
+from torch import Tensor
+
+from .chunks import run_chunks
+from .selective_scan_cpu import _cast, _dot, _exp, _opaque
+
+__all__ = ["silu_mix", "silu_mix_reference", "norm_gate", "norm_gate_reference", "CHUNK_ROWS"]
+
+#: Rows of one partial sum of the weights' gradients (a fixed split: the sums do not depend
+#: on the number of threads).
+CHUNK_ROWS = 4096
+
+U = np.uint64
+
+
+def silu_mix_reference(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    r""":math:`\mathrm{SiLU}(a \odot u + b \odot m)` in torch operators (any device, any
+    dtype, autograd through them)."""
+    return F.silu(torch.addcmul(a * u, b, m))
+
+
+def norm_gate_reference(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float
+                        ) -> Tensor:
+    r""":math:`\mathrm{LN}(y) \odot \mathrm{SiLU}(z)` in torch operators: the LayerNorm over
+    the last dimension of ``y`` with the affine ``weight``, ``bias`` (in the dtype of ``y``)."""
+    normed = F.layer_norm(y, y.shape[-1:], weight.to(y.dtype), bias.to(y.dtype), eps)
+    return normed * F.silu(z)
+
+
+# ---------------------------------------------------------------------------- kernels
+# Rows are flat with unsigned offsets, the row index hidden from the optimiser (_opaque) and
+# the division unchecked (error_model "numpy"): the loops over a row's channels vectorise.
+@njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def _mix_rows(i0, i1, u2, m2, a, b, y2):
+    c = U(u2.shape[1])
+    u, m, y = u2.reshape(-1), m2.reshape(-1), y2.reshape(-1)
+    one = _cast(a, 1)
+    for i in range(U(i0), U(i1)):
+        o = _opaque(i) * c
+        for j in range(c):
+            t = a[j] * u[o + j] + b[j] * m[o + j]
+            y[o + j] = t / (one + _exp(-t))
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def _mix_grad_chunks(c0, c1, g2, u2, m2, a, b, gu2, gm2, pa, pb):
+    # chunk k: rows [k CHUNK_ROWS, (k + 1) CHUNK_ROWS); its sums into pa[k], pb[k]
+    n, c = U(u2.shape[0]), U(u2.shape[1])
+    u, m, g, gu, gm = u2.reshape(-1), m2.reshape(-1), g2.reshape(-1), gu2.reshape(-1), \
+        gm2.reshape(-1)
+    one = _cast(a, 1)
+    rows = U(CHUNK_ROWS)
+    for k in range(U(c0), U(c1)):
+        sa, sb = pa[k], pb[k]
+        for j in range(c):
+            sa[j] = 0
+            sb[j] = 0
+        for i in range(k * rows, min((k + U(1)) * rows, n)):
+            o = _opaque(i) * c
+            for j in range(c):
+                uj, mj = u[o + j], m[o + j]
+                t = a[j] * uj + b[j] * mj
+                s = one / (one + _exp(-t))
+                gt = g[o + j] * (s * (one + t * (one - s)))  # d SiLU(t) / dt = s (1 + t (1 - s))
+                gu[o + j] = gt * a[j]
+                gm[o + j] = gt * b[j]
+                sa[j] += gt * uj
+                sb[j] += gt * mj
+
+
+@njit(inline="always")
+def _row_moments(y, o, c, ones, dev, part, inv_c, eps):
+    # the row's deviations from its mean into dev, and 1 / sqrt(variance + eps)
+    mean = _dot(y[o:], ones, c, part) * inv_c
+    for j in range(c):
+        dev[j] = y[o + j] - mean
+    return 1 / math.sqrt(_dot(dev, dev, c, part) * inv_c + eps)
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def _gate_rows(i0, i1, y2, z2, w, b, eps, out2):
+    c = U(y2.shape[1])
+    y, z, out = y2.reshape(-1), z2.reshape(-1), out2.reshape(-1)
+    one = _cast(w, 1)
+    inv_c = one / _cast(w, c)
+    ones, dev, part = np.ones(c, w.dtype), np.empty(c, w.dtype), np.empty(16, w.dtype)
+    for i in range(U(i0), U(i1)):
+        o = _opaque(i) * c
+        r = _cast(w, _row_moments(y, o, c, ones, dev, part, inv_c, eps))
+        for j in range(c):
+            zj = z[o + j]
+            out[o + j] = (dev[j] * r * w[j] + b[j]) * (zj / (one + _exp(-zj)))
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def _gate_grad_chunks(c0, c1, g2, y2, z2, w, b, eps, gy2, gz2, pw, pb):
+    n, c = U(y2.shape[0]), U(y2.shape[1])
+    y, z, g, gy, gz = y2.reshape(-1), z2.reshape(-1), g2.reshape(-1), gy2.reshape(-1), \
+        gz2.reshape(-1)
+    one = _cast(w, 1)
+    inv_c = one / _cast(w, c)
+    ones, dev, part = np.ones(c, w.dtype), np.empty(c, w.dtype), np.empty(16, w.dtype)
+    gn = np.empty(c, w.dtype)
+    rows = U(CHUNK_ROWS)
+    for k in range(U(c0), U(c1)):
+        sw, sb = pw[k], pb[k]
+        for j in range(c):
+            sw[j] = 0
+            sb[j] = 0
+        for i in range(k * rows, min((k + U(1)) * rows, n)):
+            o = _opaque(i) * c
+            r = _cast(w, _row_moments(y, o, c, ones, dev, part, inv_c, eps))
+            # (three short loops rather than one: each vectorises with few arrays to check)
+            for j in range(c):
+                nj = dev[j] * r  # the normalised value, kept in dev
+                zj = z[o + j]
+                s = one / (one + _exp(-zj))
+                gz[o + j] = g[o + j] * (nj * w[j] + b[j]) * (s * (one + zj * (one - s)))
+                gn[j] = g[o + j] * (zj * s)  # dL / d LN(y)
+                dev[j] = nj
+            for j in range(c):
+                sw[j] += gn[j] * dev[j]
+                sb[j] += gn[j]
+            for j in range(c):
+                gn[j] *= w[j]  # dL / d normalised
+            m1 = _dot(gn, ones, c, part) * inv_c
+            m2 = _dot(gn, dev, c, part) * inv_c
+            for j in range(c):
+                gy[o + j] = r * ((gn[j] - m1) - dev[j] * m2)
+
+
+#: Bytes from which an output array is allocated by numpy rather than torch: glibc maps a
+#: block above its largest mmap threshold (32 MiB) afresh on every allocation, and numpy
+#: asks for huge pages there (one fault per 2 MiB instead of per 4 KiB: 5.5 against 23 ms
+#: to allocate and fill a [10^5, 128] float32 array); below it glibc reuses freed blocks,
+#: which torch's allocations get without faults and numpy's, advised for huge pages, did
+#: not (a TreeSSMConv step at 10^4 vertices took 8% longer).
+LARGE_ARRAY_BYTES = 32 << 20
+
+
+def _empty_rows(like: Tensor) -> Tensor:
+    """An uninitialised CPU tensor of ``like``'s shape and dtype (see
+    :data:`LARGE_ARRAY_BYTES`)."""
+    if like.numel() * like.element_size() >= LARGE_ARRAY_BYTES:
+        return torch.from_numpy(np.empty(tuple(like.shape), _np(like).dtype))
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+def _mix_cpu(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    y = _empty_rows(u)
+    run_chunks(_mix_rows, u.shape[0], _np(u), _np(m), _np(a), _np(b), y.numpy())
+    return y
+
+
+def _chunked(n: int, c: int, dt, count: int):
+    """The number of row chunks and ``count`` arrays of per-chunk partial sums ``[chunks,
+    c]`` (one row of zeros when there is no row)."""
+    chunks = -(-n // CHUNK_ROWS)
+    return chunks, [np.zeros((max(chunks, 1), c), dt) for _ in range(count)]
+
+
+def _over_chunks(p: np.ndarray) -> Tensor:
+    """The partial sums ``[chunks, c]`` added over the chunks in order."""
+    acc = p[0].copy()
+    for k in range(1, p.shape[0]):
+        acc += p[k]
+    return torch.from_numpy(acc)
+
+
+def _mix_grad_cpu(g: Tensor, u: Tensor, m: Tensor, a: Tensor, b: Tensor
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, c = u.shape
+    dt = _np(a).dtype
+    chunks, (pa, pb) = _chunked(n, c, dt, 2)
+    gu, gm = _empty_rows(u), _empty_rows(m)
+    run_chunks(_mix_grad_chunks, chunks, _np(g), _np(u), _np(m), _np(a), _np(b), gu.numpy(),
+               gm.numpy(), pa, pb)
+    return gu, gm, _over_chunks(pa), _over_chunks(pb)
+
+
+def _gate_cpu(y: Tensor, z: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    dt = _np(w).dtype
+    out = _empty_rows(y)
+    run_chunks(_gate_rows, y.shape[0], _np(y), _np(z), _np(w), _np(b), dt.type(eps), out.numpy())
+    return out
+
+
+def _gate_grad_cpu(g: Tensor, y: Tensor, z: Tensor, w: Tensor, b: Tensor, eps: float
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, c = y.shape
+    dt = _np(w).dtype
+    chunks, (pw, pb) = _chunked(n, c, dt, 2)
+    gy, gz = _empty_rows(y), _empty_rows(z)
+    run_chunks(_gate_grad_chunks, chunks, _np(g), _np(y), _np(z), _np(w), _np(b), dt.type(eps),
+               gy.numpy(), gz.numpy(), pw, pb)
+    return gy, gz, _over_chunks(pw), _over_chunks(pb)
+
+
+# ---------------------------------------------------------------------------- operators
+@torch.library.custom_op("treessm::silu_mix", mutates_args=())
+def _silu_mix_op(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return _mix_cpu(u, m, a, b)
+
+
+@_silu_mix_op.register_fake
+def _(u, m, a, b):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("treessm::silu_mix_backward", mutates_args=())
+def _silu_mix_backward_op(g: Tensor, u: Tensor, m: Tensor, a: Tensor, b: Tensor
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _mix_grad_cpu(g, u, m, a, b)
+
+
+@_silu_mix_backward_op.register_fake
+def _(g, u, m, a, b):
+    return torch.empty_like(u), torch.empty_like(m), torch.empty_like(a), torch.empty_like(b)
+
+
+def _mix_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mix_backward(ctx, g):
+    u, m, a, b = ctx.saved_tensors
+    return torch.ops.treessm.silu_mix_backward(g.contiguous(), u, m, a, b)
+
+
+_silu_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+def _fused_rows(x: Tensor, other: Tensor) -> bool:
+    """Whether the CPU kernels take rows ``x`` and ``other``: two float32 or float64
+    matrices of one shape and dtype on the CPU."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.dim() == 2 and other.device == x.device and other.dtype == x.dtype
+            and other.shape == x.shape)
+
+
+def _fused_channels(x: Tensor, *params: Tensor) -> bool:
+    """Whether ``params`` are per-channel vectors of ``x``'s dtype and device."""
+    return all(p.dtype == x.dtype and p.device == x.device and p.shape == x.shape[1:]
+               for p in params)
+
+
+def silu_mix(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    r""":math:`\mathrm{SiLU}(a \odot u + b \odot m)`, ``u, m [N, C]``, ``a, b [C]``: one
+    pass over the rows forward and one backward on the CPU (float32 or float64, all four of
+    one dtype); :func:`silu_mix_reference` elsewhere. Gradients flow to all four."""
+    if _fused_rows(u, m) and _fused_channels(u, a, b):
+        return _silu_mix_op(u, m, a, b)
+    return silu_mix_reference(u, m, a, b)
+
+
+@torch.library.custom_op("treessm::norm_gate", mutates_args=())
+def _norm_gate_op(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    return _gate_cpu(y, z, weight, bias, eps)
+
+
+@_norm_gate_op.register_fake
+def _(y, z, weight, bias, eps):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("treessm::norm_gate_backward", mutates_args=())
+def _norm_gate_backward_op(g: Tensor, y: Tensor, z: Tensor, weight: Tensor, bias: Tensor,
+                           eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _gate_grad_cpu(g, y, z, weight, bias, eps)
+
+
+@_norm_gate_backward_op.register_fake
+def _(g, y, z, weight, bias, eps):
+    return (torch.empty_like(y), torch.empty_like(z), torch.empty_like(weight),
+            torch.empty_like(bias))
+
+
+def _gate_setup_context(ctx, inputs, output):
+    y, z, weight, bias, eps = inputs
+    ctx.save_for_backward(y, z, weight, bias)
+    ctx.eps = eps
+
+
+def _gate_backward(ctx, g):
+    y, z, weight, bias = ctx.saved_tensors
+    return torch.ops.treessm.norm_gate_backward(g.contiguous(), y, z, weight, bias,
+                                                ctx.eps) + (None,)
+
+
+_norm_gate_op.register_autograd(_gate_backward, setup_context=_gate_setup_context)
+
+
+def norm_gate(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    r""":math:`\mathrm{LN}(y) \odot \mathrm{SiLU}(z)`, ``y, z [N, C]``, the LayerNorm's
+    affine ``weight, bias [C]`` and ``eps``: one pass over the rows forward and one backward
+    on the CPU (float32 or float64, all four of one dtype); :func:`norm_gate_reference`
+    elsewhere. Gradients flow to all four tensors."""
+    if _fused_rows(y, z) and _fused_channels(y, weight, bias):
+        return _norm_gate_op(y, z, weight, bias, float(eps))
+    return norm_gate_reference(y, z, weight, bias, eps)
