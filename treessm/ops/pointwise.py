@@ -59,6 +59,15 @@ def norm_gate_reference(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps:
 # ---------------------------------------------------------------------------- kernels
 # Rows are flat with unsigned offsets, the row index hidden from the optimiser (_opaque) and
 # the division unchecked (error_model "numpy"): the loops over a row's channels vectorise.
+@njit(inline="always")
+def _chunk(k, n, pa, pb):
+    # the rows [i0, i1) of chunk k, and its rows of the two partial sums, zeroed
+    pa[k, :] = 0
+    pb[k, :] = 0
+    rows = U(CHUNK_ROWS)
+    return k * rows, min((k + U(1)) * rows, n), pa[k], pb[k]
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 def _mix_rows(i0, i1, u2, m2, a, b, y2):
     c = U(u2.shape[1])
@@ -78,13 +87,9 @@ def _mix_grad_chunks(c0, c1, g2, u2, m2, a, b, gu2, gm2, pa, pb):
     u, m, g, gu, gm = u2.reshape(-1), m2.reshape(-1), g2.reshape(-1), gu2.reshape(-1), \
         gm2.reshape(-1)
     one = _cast(a, 1)
-    rows = U(CHUNK_ROWS)
     for k in range(U(c0), U(c1)):
-        sa, sb = pa[k], pb[k]
-        for j in range(c):
-            sa[j] = 0
-            sb[j] = 0
-        for i in range(k * rows, min((k + U(1)) * rows, n)):
+        i0, i1, sa, sb = _chunk(k, n, pa, pb)
+        for i in range(i0, i1):
             o = _opaque(i) * c
             for j in range(c):
                 uj, mj = u[o + j], m[o + j]
@@ -130,13 +135,9 @@ def _gate_grad_chunks(c0, c1, g2, y2, z2, w, b, eps, gy2, gz2, pw, pb):
     inv_c = one / _cast(w, c)
     ones, dev, part = np.ones(c, w.dtype), np.empty(c, w.dtype), np.empty(16, w.dtype)
     gn = np.empty(c, w.dtype)
-    rows = U(CHUNK_ROWS)
     for k in range(U(c0), U(c1)):
-        sw, sb = pw[k], pb[k]
-        for j in range(c):
-            sw[j] = 0
-            sb[j] = 0
-        for i in range(k * rows, min((k + U(1)) * rows, n)):
+        i0, i1, sw, sb = _chunk(k, n, pw, pb)
+        for i in range(i0, i1):
             o = _opaque(i) * c
             r = _cast(w, _row_moments(y, o, c, ones, dev, part, inv_c, eps))
             # (three short loops rather than one: each vectorises with few arrays to check)
