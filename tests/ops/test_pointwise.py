@@ -8,6 +8,7 @@ import numba
 import pytest
 import torch
 
+import treessm
 from treessm.ops import pointwise as pw
 
 EPS = 1e-5
@@ -124,3 +125,18 @@ def test_compiles_in_one_graph(op):
     got = _run(compiled, u, m, a, b, gy)
     want = _run(OPS[op][0], u, m, a, b, gy)
     assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+@pytest.mark.parametrize("make,inputs", [
+    (lambda: treessm.nn.TreeSSMConv(8, 6, d_state=2),
+     lambda g: (torch.randn(30, 8, generator=g), torch.randint(0, 30, (2, 90), generator=g))),
+    (lambda: treessm.nn.TreeSSM(8, d_state=2), lambda g: (torch.randn(2, 5, 6, 8, generator=g),)),
+])
+def test_layers_give_the_same_bits_with_and_without_a_gradient(make, inputs):
+    torch.manual_seed(0)
+    layer = make()
+    args = inputs(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        inference = layer(*args)
+    training = layer(*args)
+    assert training.requires_grad and torch.equal(training.detach(), inference)

@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 from torch_geometric.nn import Linear
 
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
-from ..ops.pointwise import silu_mix
+from ..ops.pointwise import runs_on_cpu_kernels, silu_mix
 from ..topology import GraphTopology
 from ..topology.distance import Distance
 from ..topology.layout import empty_forest
@@ -251,10 +251,11 @@ class TreeSSMConv(SelectiveTreeSSM):
             mixed = projected_neighbour_mean(x, *self.in_proj.first_half(), graph).to(u.dtype)
         else:
             mixed = neighbour_mean(u, graph)
-        if records_grad(u, mixed, self.self_weight, self.neighbour_weight):
+        weights = (self.self_weight, self.neighbour_weight)
+        if runs_on_cpu_kernels(u, mixed, *weights) or records_grad(u, mixed, *weights):
             # SiLU(a u + b mean(u)) as one operator (on the CPU one pass over the rows each
             # way, without the composition's temporaries)
-            return silu_mix(u, mixed, self.self_weight, self.neighbour_weight), z
+            return silu_mix(u, mixed, *weights), z
         # nothing to differentiate: a u + b mean(u) and the SiLU in the array of the mean
         mixed.mul_(self.neighbour_weight).addcmul_(u, self.self_weight)
         return F.silu(mixed, inplace=True), z

@@ -33,7 +33,8 @@ from torch import Tensor
 from .chunks import run_chunks
 from .selective_scan_cpu import _cast, _dot, _exp, _opaque
 
-__all__ = ["silu_mix", "silu_mix_reference", "norm_gate", "norm_gate_reference", "CHUNK_ROWS"]
+__all__ = ["silu_mix", "silu_mix_reference", "norm_gate", "norm_gate_reference",
+           "runs_on_cpu_kernels", "CHUNK_ROWS", "LARGE_ARRAY_BYTES"]
 
 #: Rows of one partial sum of the weights' gradients (a fixed split: the sums do not depend
 #: on the number of threads).
@@ -264,25 +265,24 @@ def _mix_backward(ctx, g):
 _silu_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
-def _fused_rows(x: Tensor, other: Tensor) -> bool:
-    """Whether the CPU kernels take rows ``x`` and ``other``: two float32 or float64
-    matrices of one shape and dtype on the CPU."""
+def runs_on_cpu_kernels(x: Tensor, other: Tensor, *params: Tensor) -> bool:
+    """Whether :func:`silu_mix` and :func:`norm_gate` run their CPU kernels for the rows
+    ``x``, ``other`` and the per-channel ``params``: float32 or float64 matrices of one
+    shape, and vectors of their channels, all of one dtype on the CPU. A layer that calls
+    them under a recorded gradient calls them without one too, so that its outputs have the
+    same bits either way."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and x.dim() == 2 and other.device == x.device and other.dtype == x.dtype
-            and other.shape == x.shape)
-
-
-def _fused_channels(x: Tensor, *params: Tensor) -> bool:
-    """Whether ``params`` are per-channel vectors of ``x``'s dtype and device."""
-    return all(p.dtype == x.dtype and p.device == x.device and p.shape == x.shape[1:]
-               for p in params)
+            and other.shape == x.shape
+            and all(p.dtype == x.dtype and p.device == x.device and p.shape == x.shape[1:]
+                    for p in params))
 
 
 def silu_mix(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
     r""":math:`\mathrm{SiLU}(a \odot u + b \odot m)`, ``u, m [N, C]``, ``a, b [C]``: one
     pass over the rows forward and one backward on the CPU (float32 or float64, all four of
     one dtype); :func:`silu_mix_reference` elsewhere. Gradients flow to all four."""
-    if _fused_rows(u, m) and _fused_channels(u, a, b):
+    if runs_on_cpu_kernels(u, m, a, b):
         return _silu_mix_op(u, m, a, b)
     return silu_mix_reference(u, m, a, b)
 
@@ -329,6 +329,6 @@ def norm_gate(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float) ->
     affine ``weight, bias [C]`` and ``eps``: one pass over the rows forward and one backward
     on the CPU (float32 or float64, all four of one dtype); :func:`norm_gate_reference`
     elsewhere. Gradients flow to all four tensors."""
-    if _fused_rows(y, z) and _fused_channels(y, weight, bias):
+    if runs_on_cpu_kernels(y, z, weight, bias):
         return _norm_gate_op(y, z, weight, bias, float(eps))
     return norm_gate_reference(y, z, weight, bias, eps)
