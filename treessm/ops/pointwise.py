@@ -20,9 +20,8 @@ of threads. Elsewhere the torch compositions that define the operators
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import math
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -163,9 +162,8 @@ def _gate_grad_chunks(c0, c1, g2, y2, z2, w, b, eps, gy2, gz2, pw, pb):
 #: Bytes from which an output array is allocated by numpy rather than torch: glibc maps a
 #: block above its largest mmap threshold (32 MiB) afresh on every allocation, and numpy
 #: asks for huge pages there (one fault per 2 MiB instead of per 4 KiB: 5.5 against 23 ms
-#: to allocate and fill a [10^5, 128] float32 array); below it glibc reuses freed blocks,
-#: which torch's allocations get without faults and numpy's, advised for huge pages, did
-#: not (a TreeSSMConv step at 10^4 vertices took 8% longer).
+#: to allocate and fill a [10^5, 128] float32 array). Below it glibc reuses freed blocks;
+#: with numpy's arrays there too, a TreeSSMConv step at 10^4 vertices took 8% longer.
 LARGE_ARRAY_BYTES = 32 << 20
 
 
