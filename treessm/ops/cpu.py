@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit
 
+from . import cpu_arrays
 from .chunks import run_chunks
 
 __all__ = ["forward", "backward"]
 
-_LINE = 64  # bytes in a cache line
 # Smallest channel block given to one thread when a large tree forces a split by
 # channels: narrower blocks would make the threads fight over the same cache lines more
 # than they gain; 32 bytes still splits a row of 16 float32 between two threads.
@@ -282,7 +282,7 @@ def _plan(tree_ptr: np.ndarray, n: int, c: int, itemsize: int):
         nblk = max(1, min(threads, (c * itemsize) // _MIN_BLOCK_BYTES))
     if nblk == 1:
         return groups, np.array([0, c], dtype=np.int64)
-    line = max(1, _LINE // itemsize)
+    line = max(1, cpu_arrays.LINE // itemsize)
     if c >= nblk * line:  # blocks of whole cache lines
         blocks = np.round(np.linspace(0, c // line, nblk + 1)).astype(np.int64) * line
     else:
@@ -304,19 +304,6 @@ def _index(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def _empty(n: int, c: int, dtype) -> np.ndarray:
-    """Uninitialised flat array of ``n * c`` items starting on a cache line.
-
-    numpy asks the kernel for transparent huge pages on large buffers (first-touch page
-    faults on the 4 KiB pages of a fresh ``torch.empty`` cost more than the scan itself);
-    the cache-line start keeps short rows (``C = 16`` float32) on one line each.
-    """
-    dtype = np.dtype(dtype)
-    raw = np.empty(n * c * dtype.itemsize + _LINE, dtype=np.uint8)
-    start = (-raw.ctypes.data) % _LINE
-    return raw[start:start + n * c * dtype.itemsize].view(dtype)
-
-
 def _tensor(a: np.ndarray, n: int, c: int) -> torch.Tensor:
     return torch.from_numpy(a.reshape(n, c))
 
@@ -330,13 +317,13 @@ def forward(x, w, order, child_ptr, tree_ptr, direction):
     _check_direction(direction)
     n, c = x.shape
     xf, wf = _flat(x), _flat(w)
-    h = _empty(n, c, xf.dtype)
+    h = cpu_arrays.empty(n * c, xf.dtype)
     if n == 0 or c == 0:
         return _tensor(h, n, c)
     tp = _index(tree_ptr)
     mode = _MODES[direction]
     groups, blocks = _plan(tp, n, c, xf.itemsize)
-    o = _empty(n, c, xf.dtype) if mode == 0 else h[:0]
+    o = cpu_arrays.empty(n * c, xf.dtype) if mode == 0 else h[:0]
     items = (groups.shape[0] - 1) * (blocks.shape[0] - 1)
     run_chunks(_forward_kernel, items, xf, wf, h, o, np.uint64(c), _index(order),
                _index(child_ptr), tp, groups, blocks, mode)
@@ -351,14 +338,14 @@ def backward(g, x, w, h, order, child_ptr, tree_ptr, direction):
     _check_direction(direction)
     n, c = x.shape
     gf, xf, wf, hf = _flat(g), _flat(x), _flat(w), _flat(h)
-    gx, gw = _empty(n, c, xf.dtype), _empty(n, c, xf.dtype)
+    gx, gw = cpu_arrays.empty(n * c, xf.dtype), cpu_arrays.empty(n * c, xf.dtype)
     if n == 0 or c == 0:
         return _tensor(gx, n, c), _tensor(gw, n, c)
     tp = _index(tree_ptr)
     mode = _MODES[direction]
     groups, blocks = _plan(tp, n, c, xf.itemsize)
-    ox = _empty(n, c, xf.dtype) if mode == 0 else gx[:0]
-    og = _empty(n, c, xf.dtype) if mode == 0 else gx[:0]
+    ox = cpu_arrays.empty(n * c, xf.dtype) if mode == 0 else gx[:0]
+    og = cpu_arrays.empty(n * c, xf.dtype) if mode == 0 else gx[:0]
     items = (groups.shape[0] - 1) * (blocks.shape[0] - 1)
     run_chunks(_backward_kernel, items, gf, xf, wf, hf, gx, gw, ox, og, np.uint64(c),
                _index(order), _index(child_ptr), tp, groups, blocks, mode)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
 
+from . import cpu_arrays
 from .chunks import run_chunks
 from .selective_scan_cpu import _cast, _dot, _exp, _opaque
 
@@ -171,7 +172,7 @@ def _empty_rows(like: Tensor) -> Tensor:
     """An uninitialised CPU tensor of ``like``'s shape and dtype (see
     :data:`LARGE_ARRAY_BYTES`)."""
     if like.numel() * like.element_size() >= LARGE_ARRAY_BYTES:
-        return torch.from_numpy(np.empty(tuple(like.shape), _np(like).dtype))
+        return torch.from_numpy(cpu_arrays.empty(tuple(like.shape), _np(like).dtype))
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 

@@ -62,6 +62,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, types
 from numba.extending import intrinsic, overload
 
+from . import cpu_arrays
 from .chunks import on_slots
 
 __all__ = ["forward", "backward", "normalised_readout", "normalised_readout_backward",
@@ -1091,8 +1092,8 @@ class _Run:
         self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows, budget)
         sb, W, nblk = self.sb, self.W, self.nblk
         given = edge_rule == "given"
-        self.ub, self.dxb = np.empty(nblk * n * W, dt), np.empty(nblk * n * W, dt)
-        self.deb = np.empty(nblk * n * W if given else 1, dt)
+        self.ub, self.dxb = cpu_arrays.empty(nblk * n * W, dt), cpu_arrays.empty(nblk * n * W, dt)
+        self.deb = cpu_arrays.empty(nblk * n * W if given else 1, dt)
         self.bp, self.cp = np.empty(n * s, dt), np.empty(n * s, dt)
         if n:
             for x, xb in ((u, self.ub), (dx, self.dxb)) + (((de, self.deb),) if given else ()):
@@ -1109,19 +1110,19 @@ class _Run:
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
         nitems = (self.groups.shape[0] - 1) * nblk
         threads = max(1, min(_threads(), nitems))
-        self.scratch = np.empty((threads, rows * sb * W), dt)
+        self.scratch = cpu_arrays.empty((threads, rows * sb * W), dt)
         self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
                               _MODES[direction], EDGE_RULES.index(edge_rule), gamma is not None,
                               h0 is not None, moments, grad_states, self.maxdeg, dch], np.int64)
 
     def blocks(self, x: torch.Tensor) -> np.ndarray:
-        out = np.empty(self.nblk * self.n * self.W, self.dtype)
+        out = cpu_arrays.empty(self.nblk * self.n * self.W, self.dtype)
         if self.n:
             _over_positions(_rows_to_blocks, self.n, _np(x), self.order, self.nblk, self.W, out)
         return out
 
     def zeros(self, per_channel: bool = True) -> np.ndarray:
-        return np.zeros(self.nblk * self.n * self.W if per_channel else self.n * self.s,
+        return cpu_arrays.zeros(self.nblk * self.n * self.W if per_channel else self.n * self.s,
                         self.dtype)
 
     def kernel_args(self):
@@ -1151,7 +1152,7 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     if n and d and s:
         on_slots(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
                     statesb, run.scratch, run.dims)
-    y = np.empty((n, d), dt)
+    y = cpu_arrays.empty((n, d), dt)
     if n:
         _over_positions(_from_blocks, n, y1b, run.order, nblk, W, y)
     mu = np.zeros(n if moments else 0, dt)
@@ -1172,7 +1173,7 @@ def normalised_readout(y1, mu, m2, C, gamma, beta, u, D, eps: float) -> torch.Te
     n, d = y1.shape
     s = C.shape[1]
     dt = _np(y1).dtype
-    y = np.empty((n, d), dt)
+    y = cpu_arrays.empty((n, d), dt)
     if n:
         none = np.zeros((1, 1), dt)
         gT = np.ascontiguousarray(_np(gamma).T) if gamma is not None else none
@@ -1195,7 +1196,8 @@ def normalised_readout_backward(gy, y1, mu, m2, C, gamma, beta, u, D, eps: float
     none = np.zeros((1, 1), dt)
     rows = 4096
     chunks = -(-n // rows)
-    g_y1, g_u = np.zeros((n, d), dt), np.zeros((n, d) if D is not None else (0, d), dt)
+    g_y1 = cpu_arrays.zeros((n, d), dt)
+    g_u = cpu_arrays.zeros((n, d) if D is not None else (0, d), dt)
     g_mu, g_m2, g_C = np.zeros(n, dt), np.zeros(n, dt), np.zeros((n, s), dt)
     pw = np.zeros((chunks, s, d) if gamma is not None else (1, 1, 1), dt)
     pb = np.zeros((chunks, s, d) if beta is not None else (1, 1, 1), dt)
@@ -1254,8 +1256,8 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
                     gm2_p, gstatesb, mu_p, gxb, gdeb, gbp, gcp, gap, ggp, gh0b, run.scratch,
                     run.dims)
     given = edge_rule == "given"
-    gu, gdx = np.zeros((n, d), dt), np.zeros((n, d), dt)
-    gde = np.zeros((n, d) if given else (0, d), dt)
+    gu, gdx = cpu_arrays.zeros((n, d), dt), cpu_arrays.zeros((n, d), dt)
+    gde = cpu_arrays.zeros((n, d) if given else (0, d), dt)
     gB, gC = np.zeros((n, s), dt), np.zeros((n, s), dt)
     if n:
         _over_positions(_input_grads, n, gxb, gdeb, run.ub, run.dxb, run.order, nblk, W,
