@@ -1,7 +1,7 @@
 """The layers' row-wise operators, SiLU(a u + b m) and LN(y) SiLU(z): the CPU kernels against
 the torch compositions that define them (output and all four gradients), gradcheck, extreme
-inputs, bitwise reproducibility with any number of threads, the fallbacks, both output
-allocations, torch.compile."""
+inputs, bitwise reproducibility with any number of threads, the fallbacks, aligned outputs,
+torch.compile."""
 import functools
 
 import numba
@@ -96,12 +96,10 @@ def test_bitwise_reproducible_with_any_number_of_threads(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_large_outputs_come_from_numpy_with_the_same_values(op, monkeypatch):
+def test_outputs_and_gradients_start_on_a_cache_line(op):
     u, m, a, b, gy = _inputs(50, 8, torch.float32)
-    small = _run(OPS[op][0], u, m, a, b, gy)
-    monkeypatch.setattr(pw, "LARGE_ARRAY_BYTES", 1)
-    large = _run(OPS[op][0], u, m, a, b, gy)
-    assert all(torch.equal(x, y) for x, y in zip(small, large))
+    for t in _run(OPS[op][0], u, m, a, b, gy)[:3]:
+        assert t.data_ptr() % 64 == 0
 
 
 @pytest.mark.parametrize("op", OPS)

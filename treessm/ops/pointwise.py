@@ -34,7 +34,7 @@ from .chunks import run_chunks
 from .selective_scan_cpu import _cast, _dot, _exp, _opaque
 
 __all__ = ["silu_mix", "silu_mix_reference", "norm_gate", "norm_gate_reference",
-           "runs_on_cpu_kernels", "CHUNK_ROWS", "LARGE_ARRAY_BYTES"]
+           "runs_on_cpu_kernels", "CHUNK_ROWS"]
 
 #: Rows of one partial sum of the weights' gradients (a fixed split: the sums do not depend
 #: on the number of threads).
@@ -160,20 +160,10 @@ def _gate_grad_chunks(c0, c1, g2, y2, z2, w, b, eps, gy2, gz2, pw, pb):
                 gy[o + j] = r * ((gn[j] - m1) - dev[j] * m2)
 
 
-#: Bytes from which an output array is allocated by numpy rather than torch: glibc maps a
-#: block above its largest mmap threshold (32 MiB) afresh on every allocation, and numpy
-#: asks for huge pages there (one fault per 2 MiB instead of per 4 KiB: 5.5 against 23 ms
-#: to allocate and fill a [10^5, 128] float32 array). Below it glibc reuses freed blocks;
-#: with numpy's arrays there too, a TreeSSMConv step at 10^4 vertices took 8% longer.
-LARGE_ARRAY_BYTES = 32 << 20
-
-
 def _empty_rows(like: Tensor) -> Tensor:
-    """An uninitialised CPU tensor of ``like``'s shape and dtype (see
-    :data:`LARGE_ARRAY_BYTES`)."""
-    if like.numel() * like.element_size() >= LARGE_ARRAY_BYTES:
-        return torch.from_numpy(cpu_arrays.empty(tuple(like.shape), _np(like).dtype))
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
+    """An uninitialised CPU tensor of ``like``'s shape and dtype, from
+    :func:`treessm.ops.cpu_arrays.empty` (on a cache line; huge pages when large)."""
+    return torch.from_numpy(cpu_arrays.empty(tuple(like.shape), _np(like).dtype))
 
 
 def _np(t: Tensor) -> np.ndarray:
