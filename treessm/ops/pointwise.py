@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import cpu_arrays
 from .chunks import run_chunks
-from .selective_scan_cpu import _cast, _dot, _exp, _opaque
+from .selective_scan_cpu import _cast, _dot, _exp, _np, _opaque
 
 __all__ = ["silu_mix", "silu_mix_reference", "norm_gate", "norm_gate_reference",
            "runs_on_cpu_kernels", "CHUNK_ROWS"]
@@ -164,10 +164,6 @@ def _empty_rows(like: Tensor) -> Tensor:
     """An uninitialised CPU tensor of ``like``'s shape and dtype, from
     :func:`treessm.ops.cpu_arrays.empty` (on a cache line; huge pages when large)."""
     return torch.from_numpy(cpu_arrays.empty(tuple(like.shape), _np(like).dtype))
-
-
-def _np(t: Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
 
 
 def _mix_cpu(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
