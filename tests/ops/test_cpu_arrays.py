@@ -33,3 +33,18 @@ def test_the_scans_outputs_and_gradients_start_on_a_cache_line():
     h = treessm.tree_scan(x, w, tree, backend="numba")
     for t in (y, u.grad, dl.grad, h):
         assert t.data_ptr() % cpu_arrays.LINE == 0
+
+
+def test_sum_rows_in_order_adds_the_rows_first_to_last():
+    # 1e8 + 1 - 1e8 is 0 in float32 in this order and 1 if the last two rows went first:
+    # the order is the contract (thread counts never change the bits).
+    p = np.array([[1e8], [1.0], [-1e8]], np.float32)
+    assert cpu_arrays.sum_rows_in_order(p)[0] == 0.0
+    assert cpu_arrays.sum_rows_in_order(p[::-1].copy())[0] == 0.0
+    q = np.array([[1.0], [1e8], [-1e8]], np.float32)
+    assert cpu_arrays.sum_rows_in_order(q)[0] == 0.0
+    r = np.array([[1e8], [-1e8], [1.0]], np.float32)
+    assert cpu_arrays.sum_rows_in_order(r)[0] == 1.0
+    one = np.arange(6.0).reshape(1, 2, 3)
+    out = cpu_arrays.sum_rows_in_order(one)
+    assert np.array_equal(out, one[0]) and out.base is None  # a copy, not a view

@@ -13,7 +13,7 @@ from typing import Tuple, Union
 
 import numpy as np
 
-__all__ = ["LINE", "empty", "zeros"]
+__all__ = ["LINE", "empty", "sum_rows_in_order", "zeros"]
 
 #: Bytes in a cache line.
 LINE = 64
@@ -35,3 +35,12 @@ def zeros(shape: Union[int, Tuple[int, ...]], dtype) -> np.ndarray:
     out = empty(shape, dtype)
     out.fill(0)
     return out
+
+
+def sum_rows_in_order(p: np.ndarray) -> np.ndarray:
+    """The rows of ``p`` (per-chunk partial sums ``[chunks, ...]``) added in ascending order,
+    so that a kernel's reduction has the same bits whatever the number of threads."""
+    acc = p[0].copy()
+    for k in range(1, p.shape[0]):
+        acc += p[k]
+    return acc

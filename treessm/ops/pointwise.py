@@ -181,10 +181,7 @@ def _chunked(n: int, c: int, dt, count: int):
 
 def _over_chunks(p: np.ndarray) -> Tensor:
     """The partial sums ``[chunks, c]`` added over the chunks in order."""
-    acc = p[0].copy()
-    for k in range(1, p.shape[0]):
-        acc += p[k]
-    return torch.from_numpy(acc)
+    return torch.from_numpy(cpu_arrays.sum_rows_in_order(p))
 
 
 def _mix_grad_cpu(g: Tensor, u: Tensor, m: Tensor, a: Tensor, b: Tensor

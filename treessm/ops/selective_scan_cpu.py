@@ -1213,17 +1213,11 @@ def normalised_readout_backward(gy, y1, mu, m2, C, gamma, beta, u, D, eps: float
             bT, _np(u), skip, dt.type(eps), dt.type(d * s), gamma is not None, beta is not None,
             D is not None, g_y1, g_mu, g_m2, g_C, g_u, pw, pb, pd), threads)
 
-    def over_chunks(p):  # summed over the chunks in ascending order
-        acc = p[0].copy()
-        for j in range(1, p.shape[0]):
-            acc += p[j]
-        return acc
-
-    t = torch.from_numpy
+    t, total = torch.from_numpy, cpu_arrays.sum_rows_in_order
     return (t(g_y1), t(g_mu), t(g_m2), t(g_C),
-            t(np.ascontiguousarray(over_chunks(pw).T)) if gamma is not None else None,
-            t(np.ascontiguousarray(over_chunks(pb).T)) if beta is not None else None,
-            t(g_u) if D is not None else None, t(over_chunks(pd)) if D is not None else None)
+            t(np.ascontiguousarray(total(pw).T)) if gamma is not None else None,
+            t(np.ascontiguousarray(total(pb).T)) if beta is not None else None,
+            t(g_u) if D is not None else None, t(total(pd)) if D is not None else None)
 
 
 def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, snext, parent,
@@ -1266,10 +1260,7 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
         _over_positions(_sum_blocks_to_rows, n, gcp, run.order, nblk, gC)
 
     def over_groups(p):  # [groups, nblk, S, W] summed over the groups in ascending order
-        p = p.reshape(max(ngroups, 1), nblk * s * W)
-        acc = p[0].copy()
-        for j in range(1, p.shape[0]):
-            acc += p[j]
+        acc = cpu_arrays.sum_rows_in_order(p.reshape(max(ngroups, 1), nblk * s * W))
         return torch.from_numpy(_params_from_blocks(acc, d, s, nblk, W))
 
     t = torch.from_numpy
