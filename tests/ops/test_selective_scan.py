@@ -255,6 +255,47 @@ def test_float32_one_state_wide_blocks(direction):
                                    atol=1e-4 * b.abs().max().item(), msg=k)
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_float32_states_chunked_by_the_scratch_budget(direction, monkeypatch):
+    # a budget of about one [N, D] array: four states of 32 channels do not fit a lane row
+    # of the backward, which takes two states of 16 channels (40 channels: a short last
+    # block), and a large tree's layout on a small one
+    from treessm.ops import selective_scan_cpu
+
+    monkeypatch.setattr(selective_scan_cpu, "_SCRATCH_MIN", 1)
+    lanes = []
+    chosen = selective_scan_cpu._lanes
+    monkeypatch.setattr(selective_scan_cpu, "_lanes",
+                        lambda *a: lanes.append(chosen(*a)) or lanes[-1])
+    tree64, leaves, kw = _problem(random_forest(300, 2, _gen(31)), d=40, s=4, rule="mean",
+                                  direction=direction)
+    kw.update(state_norm=True, state_vertices=torch.tensor([3, 150]))
+    want = _value_and_grads(selective_tree_scan_ref, tree64, leaves, kw)
+    leaves32 = {k: v.detach().float() for k, v in leaves.items()}
+    got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree64,
+                           leaves32, kw)
+    assert (2, 16, 3) in lanes  # the backward's chunks
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    for k in want[1]:
+        b = want[1][k]
+        torch.testing.assert_close(got[1][k].double(), b, rtol=1e-3,
+                                   atol=1e-4 * b.abs().max().item(), msg=k)
+
+
+def test_lanes_halve_the_blocks_only_where_the_budget_cuts_the_states():
+    from treessm.ops.selective_scan_cpu import _lanes
+
+    big = 1 << 40
+    assert _lanes(4, 128, 4, 1000, big) == (4, 32, 4)  # whole
+    assert _lanes(16, 1536, 4, 1000, big) == (4, 32, 48)  # lane cap, not the budget
+    rows = 5 * 10 ** 5
+    assert _lanes(4, 128, 4, rows, rows * 32 * 4) == (2, 16, 8)  # one state of 32 fits
+    assert _lanes(4, 128, 4, rows, rows * 64 * 4) == (4, 16, 8)  # two states of 32 fit
+    assert _lanes(4, 128, 8, rows, rows * 16 * 8) == (1, 16, 8)  # float64: 16 is the least
+    assert _lanes(1, 70, 4, rows, 1) == (1, 32, 3)  # one state: nothing to gain
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_run_in_float32(dtype):
     tree, leaves, kw = _problem(random_forest(30, 2, _gen(12)), d=8, s=4, rule="mean")
