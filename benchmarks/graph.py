@@ -174,35 +174,69 @@ def _median_row(rows):
     return out
 
 
-def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
-    rows = []
+def _out_of_memory_row(n, device):
+    """The row of a size that does not fit the device: what it has, instead of times."""
+    row = dict(vertices=n, edges=5 * n, out_of_memory=True)
+    name = str(device)
+    if device.type == "cuda":
+        row["device_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+        name = f"{torch.cuda.get_device_name(device)} ({row['device_memory_gib']:.0f} GiB)"
+        torch.cuda.empty_cache()
+    print(f"n={n:>9}  out of memory on {name}: larger sizes skipped", flush=True)
+    return row
+
+
+def _rows_until_out_of_memory(sizes, measure, device):
+    """``(rows, fitted)``: ``measure(n)`` for each size in turn until one runs out of device
+    memory, whose row says so and ends the table; ``fitted``, the sizes measured."""
+    rows, fitted = [], []
     for n in sizes:
-        runs = {"gcn_conv": [], "tree_ssm_conv": []}
-        repeats = 2 if (device.type == "cpu" and n >= 10 ** 6) else 5
-        rounds = CPU_ROUNDS if device.type == "cpu" and n < 10 ** 6 else 1
-        for _ in range(rounds):
-            for layer in runs:
-                if device.type == "cpu":  # a fresh process: its peak resident size is its own
-                    cmd = [sys.executable, __file__, "--time-layer", layer, str(n),
-                           str(repeats)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                         env=_child_env())
-                    runs[layer].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                else:
-                    runs[layer].append(time_layer(layer, n, device, repeats))
-        pair = {layer: _median_row(r) for layer, r in runs.items()}
-        t, g = pair["tree_ssm_conv"], pair["gcn_conv"]
-        row = dict(vertices=n, edges=5 * n, tree_ssm_conv=t, gcn_conv=g,
-                   forward_ratio=t["forward_ms"] / g["forward_ms"],
-                   forward_backward_ratio=t["forward_backward_ms"] / g["forward_backward_ms"])
-        rows.append(row)
-        print(f"n={n:>9}  forward {t['forward_ms']:9.1f} / {g['forward_ms']:8.1f} ms "
-              f"({row['forward_ratio']:4.1f}x)  fwd+bwd {t['forward_backward_ms']:9.1f} / "
-              f"{g['forward_backward_ms']:8.1f} ms ({row['forward_backward_ratio']:4.1f}x)  "
-              f"peak {t['forward_backward_peak_mb']:8.0f} / {g['forward_backward_peak_mb']:6.0f}"
-              f" MB  prepare {t['prepare_graph_ms']:.0f} ms", flush=True)
-    # the parts, at the largest size
-    n = sizes[-1]
+        try:
+            rows.append(measure(n))
+        except torch.OutOfMemoryError:
+            rows.append(_out_of_memory_row(n, device))
+            break
+        fitted.append(n)
+    return rows, fitted
+
+
+def _layer_pair_row(n, device):
+    """Both layers at ``n`` vertices: medians over the rounds, and the ratios."""
+    runs = {"gcn_conv": [], "tree_ssm_conv": []}
+    repeats = 2 if (device.type == "cpu" and n >= 10 ** 6) else 5
+    rounds = CPU_ROUNDS if device.type == "cpu" and n < 10 ** 6 else 1
+    for _ in range(rounds):
+        for layer in runs:
+            if device.type == "cpu":  # a fresh process: its peak resident size is its own
+                cmd = [sys.executable, __file__, "--time-layer", layer, str(n), str(repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                     env=_child_env())
+                runs[layer].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            else:
+                runs[layer].append(time_layer(layer, n, device, repeats))
+    pair = {layer: _median_row(r) for layer, r in runs.items()}
+    t, g = pair["tree_ssm_conv"], pair["gcn_conv"]
+    row = dict(vertices=n, edges=5 * n, tree_ssm_conv=t, gcn_conv=g,
+               forward_ratio=t["forward_ms"] / g["forward_ms"],
+               forward_backward_ratio=t["forward_backward_ms"] / g["forward_backward_ms"])
+    print(f"n={n:>9}  forward {t['forward_ms']:9.1f} / {g['forward_ms']:8.1f} ms "
+          f"({row['forward_ratio']:4.1f}x)  fwd+bwd {t['forward_backward_ms']:9.1f} / "
+          f"{g['forward_backward_ms']:8.1f} ms ({row['forward_backward_ratio']:4.1f}x)  "
+          f"peak {t['forward_backward_peak_mb']:8.0f} / {g['forward_backward_peak_mb']:6.0f}"
+          f" MB  prepare {t['prepare_graph_ms']:.0f} ms", flush=True)
+    return row
+
+
+def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
+    """The per-size rows (a size that runs out of device memory ends them with a row that
+    says so), the parts of the block at the largest size that fitted, the builds of the
+    spanning forest and the fresh graphs."""
+    rows, fitted = _rows_until_out_of_memory(
+        sizes, lambda n: _layer_pair_row(n, device), device)
+    if not fitted:
+        return dict(per_size=rows)
+    # the parts, at the largest size that fitted
+    n = fitted[-1]
     x, ei = _random_graph(n, device)
     topo = treessm.GraphTopology()
     parts = dict(vertices=n, edges=5 * n)
@@ -227,7 +261,7 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
         device, repeats)
     print("parts at n=%d: %s" % (n, json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                               for k, v in parts.items()})))
-    return dict(per_size=rows, parts=parts, topology=topology_rows(device, sizes),
+    return dict(per_size=rows, parts=parts, topology=topology_rows(device, fitted),
                 fresh=fresh_rows(device, 10 ** 3 if max(sizes) < 10 ** 4 else 10 ** 5))
 
 

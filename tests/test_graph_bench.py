@@ -104,3 +104,24 @@ def test_fresh_graphs_have_the_shapes_they_are_named_for():
     assert power["trees"] < power["vertices"] // 10  # hubs join most vertices
     assert blocks["trees"] >= 2  # no edge joins two of the random graphs
     assert sparse["trees"] > 1 and sparse["edges"] <= sparse["vertices"]
+
+
+def test_a_size_out_of_device_memory_ends_the_timing_rows_and_keeps_the_others(capsys):
+    # a card that fits 10^4 and 10^5 vertices but not 10^6: the first two rows are kept (the
+    # table is still saved), the third says what ran out, 10^7 is not tried
+    tried = []
+
+    def measure(n):
+        tried.append(n)
+        if n >= 10 ** 6:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"vertices": n}
+
+    sizes = [10 ** 4, 10 ** 5, 10 ** 6, 10 ** 7]
+    rows, fitted = graph_bench._rows_until_out_of_memory(sizes, measure, torch.device("cpu"))
+    assert tried == sizes[:3] and fitted == sizes[:2]
+    assert rows[:2] == [{"vertices": 10 ** 4}, {"vertices": 10 ** 5}]
+    assert rows[2] == {"vertices": 10 ** 6, "edges": 5 * 10 ** 6, "out_of_memory": True}
+    assert "out of memory on cpu" in capsys.readouterr().out
+    with pytest.raises(ValueError):  # other errors are not taken for a full card
+        graph_bench._rows_until_out_of_memory([1], lambda n: int("x"), torch.device("cpu"))
