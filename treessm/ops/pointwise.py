@@ -12,10 +12,10 @@ over the rows: the forward writes its output only, and the backward recomputes w
 forward formed (the pre-activation; the row's mean and deviation) instead of keeping it,
 where torch's compositions write several fresh ``[N, C]`` arrays each way (on one thread
 at ``[10^5, 128]`` most of their time is the page faults of those arrays). Sums over a
-row's channels take sixteen partial sums in a fixed order; sums over the rows (the
-gradients of the per-channel parameters) run in fixed chunks of :data:`CHUNK_ROWS` rows,
-in row order within a chunk and over the chunks in order: the same bits with any number
-of threads. Elsewhere the torch compositions that define the operators
+row's channels are vectorised reductions, in the one order of the compiled code; sums over
+the rows (the gradients of the per-channel parameters) run in fixed chunks of
+:data:`CHUNK_ROWS` rows, in row order within a chunk and over the chunks in order: the
+same bits with any number of threads. Elsewhere the torch compositions that define the operators
 (:func:`silu_mix_reference`, :func:`norm_gate_reference`) run.
 """
 from __future__ import annotations
@@ -104,12 +104,12 @@ def _mix_grad_chunks(c0, c1, g2, u2, m2, a, b, gu2, gm2, pa, pb):
 
 
 @njit(inline="always")
-def _row_moments(y, o, c, ones, dev, part, inv_c, eps):
+def _row_moments(y, o, c, ones, dev, inv_c, eps):
     # the row's deviations from its mean into dev, and 1 / sqrt(variance + eps)
-    mean = _dot(y[o:], ones, c, part) * inv_c
+    mean = _dot(y[o:], ones, c) * inv_c
     for j in range(c):
         dev[j] = y[o + j] - mean
-    return 1 / math.sqrt(_dot(dev, dev, c, part) * inv_c + eps)
+    return 1 / math.sqrt(_dot(dev, dev, c) * inv_c + eps)
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
@@ -118,10 +118,10 @@ def _gate_rows(i0, i1, y2, z2, w, b, eps, out2):
     y, z, out = y2.reshape(-1), z2.reshape(-1), out2.reshape(-1)
     one = _cast(w, 1)
     inv_c = one / _cast(w, c)
-    ones, dev, part = np.ones(c, w.dtype), np.empty(c, w.dtype), np.empty(16, w.dtype)
+    ones, dev = np.ones(c, w.dtype), np.empty(c, w.dtype)
     for i in range(U(i0), U(i1)):
         o = _opaque(i) * c
-        r = _cast(w, _row_moments(y, o, c, ones, dev, part, inv_c, eps))
+        r = _cast(w, _row_moments(y, o, c, ones, dev, inv_c, eps))
         for j in range(c):
             zj = z[o + j]
             out[o + j] = (dev[j] * r * w[j] + b[j]) * (zj / (one + _exp(-zj)))
@@ -134,13 +134,13 @@ def _gate_grad_chunks(c0, c1, g2, y2, z2, w, b, eps, gy2, gz2, pw, pb):
         gz2.reshape(-1)
     one = _cast(w, 1)
     inv_c = one / _cast(w, c)
-    ones, dev, part = np.ones(c, w.dtype), np.empty(c, w.dtype), np.empty(16, w.dtype)
+    ones, dev = np.ones(c, w.dtype), np.empty(c, w.dtype)
     gn = np.empty(c, w.dtype)
     for k in range(U(c0), U(c1)):
         i0, i1, sw, sb = _chunk(k, n, pw, pb)
         for i in range(i0, i1):
             o = _opaque(i) * c
-            r = _cast(w, _row_moments(y, o, c, ones, dev, part, inv_c, eps))
+            r = _cast(w, _row_moments(y, o, c, ones, dev, inv_c, eps))
             # (three short loops rather than one: each vectorises with few arrays to check)
             for j in range(c):
                 nj = dev[j] * r  # the normalised value, kept in dev
@@ -154,8 +154,8 @@ def _gate_grad_chunks(c0, c1, g2, y2, z2, w, b, eps, gy2, gz2, pw, pb):
                 sb[j] += gn[j]
             for j in range(c):
                 gn[j] *= w[j]  # dL / d normalised
-            m1 = _dot(gn, ones, c, part) * inv_c
-            m2 = _dot(gn, dev, c, part) * inv_c
+            m1 = _dot(gn, ones, c) * inv_c
+            m2 = _dot(gn, dev, c) * inv_c
             for j in range(c):
                 gy[o + j] = r * ((gn[j] - m1) - dev[j] * m2)
 
