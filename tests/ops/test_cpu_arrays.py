@@ -36,8 +36,8 @@ def test_the_scans_outputs_and_gradients_start_on_a_cache_line():
 
 
 def test_sum_rows_in_order_adds_the_rows_first_to_last():
-    # 1e8 + 1 - 1e8 is 0 in float32 in this order and 1 if the last two rows went first:
-    # the order is the contract (thread counts never change the bits).
+    # in float32 (1e8 + 1) - 1e8 is 0 and (1e8 - 1e8) + 1 is 1: the rows go first to last
+    # whatever their values (the order is the contract: thread counts never change the bits)
     p = np.array([[1e8], [1.0], [-1e8]], np.float32)
     assert cpu_arrays.sum_rows_in_order(p)[0] == 0.0
     assert cpu_arrays.sum_rows_in_order(p[::-1].copy())[0] == 0.0

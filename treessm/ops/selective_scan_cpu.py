@@ -71,7 +71,7 @@ __all__ = ["forward", "backward", "normalised_readout", "normalised_readout_back
 #: How the step of the edge (v, parent(v)) is formed.
 EDGE_RULES = ("child", "mean", "given")
 _MODES = {"both": 0, "up": 1, "down": 2}
-_BLOCK_BYTES = 128  # channels per block: a multiple of 32 float32 or 16 float64
+_BLOCK_BYTES = 128  # channels per base block: 32 float32 or 16 float64 (see _lanes)
 _MIN_BLOCK = 16  # fewest channels a block: the lane sums take groups of 16
 _MAX_LANES = 128  # most states x channels of a block held per vertex and buffer row
 # Scratch per thread: at most max(_SCRATCH_MIN, bytes of one [N, D] array); narrower blocks
@@ -1037,9 +1037,9 @@ def _lanes(s: int, d: int, itemsize: int, rows: int, budget: int):
     the channels (down to ``_MIN_BLOCK``) take twice the states in the same lanes: the
     per-channel work of the backward (the edge steps, the gradients of ``u`` and ``dx``)
     is then done for fewer chunks. ``TreeSSMConv(64, 64)``'s backward at 10^5 vertices (128
-    channels, 4 states; one state a chunk of 32 channels within the budget): 514 / 552 ms
-    -> 452 / 447 ms in chunks of two states of 16 channels, the step 1.92 -> 1.82 s (one
-    thread, processes in turn). Below the lane cap (more than 4 states in float32, as
+    channels, 4 states; one state a chunk of 32 channels within the budget): 478 / 558 ms
+    -> 428 / 444 ms in chunks of two states of 16 channels, the training step 1.86 / 1.96
+    -> 1.81 / 1.80 s (one thread, processes in turn). Below the lane cap (more than 4 states in float32, as
     GrootL's 16) the blocks stay whole: 16 channels by 8 states made its chain's backward
     slower."""
     base = _BLOCK_BYTES // itemsize
