@@ -13,10 +13,13 @@ from typing import Tuple, Union
 
 import numpy as np
 
-__all__ = ["LINE", "empty", "sum_rows_in_order", "zeros"]
+__all__ = ["CHUNK_ROWS", "LINE", "empty", "sum_rows_in_order", "zeros"]
 
 #: Bytes in a cache line.
 LINE = 64
+#: Rows of one partial sum over rows (a fixed split, added by :func:`sum_rows_in_order`:
+#: the sums do not depend on the number of threads).
+CHUNK_ROWS = 4096
 
 
 def empty(shape: Union[int, Tuple[int, ...]], dtype) -> np.ndarray:

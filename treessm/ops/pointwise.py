@@ -31,14 +31,11 @@ from torch import Tensor
 
 from . import cpu_arrays
 from .chunks import run_chunks
+from .cpu_arrays import CHUNK_ROWS
 from .selective_scan_cpu import _cast, _dot, _exp, _np, _opaque
 
 __all__ = ["silu_mix", "silu_mix_reference", "norm_gate", "norm_gate_reference",
            "runs_on_cpu_kernels", "CHUNK_ROWS"]
-
-#: Rows of one partial sum of the weights' gradients (a fixed split: the sums do not depend
-#: on the number of threads).
-CHUNK_ROWS = 4096
 
 U = np.uint64
 

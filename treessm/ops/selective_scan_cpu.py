@@ -1204,7 +1204,7 @@ def normalised_readout_backward(gy, y1, mu, m2, C, gamma, beta, u, D, eps: float
     s = C.shape[1]
     dt = _np(y1).dtype
     none = np.zeros((1, 1), dt)
-    rows = 4096
+    rows = cpu_arrays.CHUNK_ROWS
     chunks = -(-n // rows)
     g_y1 = cpu_arrays.zeros((n, d), dt)
     g_u = cpu_arrays.zeros((n, d) if D is not None else (0, d), dt)
