@@ -116,6 +116,45 @@ def test_other_inputs_take_the_composition(op, case):
     assert torch.equal(fused(u, m, a, b), reference(u, m, a, b))
 
 
+def _saved_storages(fn, *args):
+    """The storages autograd keeps for the backward of ``fn(*args)``, and the output."""
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return kept, out
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("case", ["bfloat16", "rows of three dimensions", "autocast"])
+def test_compositions_keep_only_their_inputs(op, case):
+    """Where the torch composition runs (any device but the CPU kernels' cases) under a
+    recorded gradient, the backward keeps the four inputs only and forms the intermediate
+    arrays again: the same output and gradients as the composition's own autograd, bit for
+    bit."""
+    u, m, a, b, gy = _inputs(40, 8, torch.float32)
+    if case == "bfloat16":
+        u, m, gy = u.bfloat16(), m.bfloat16(), gy.bfloat16()
+    else:  # rows of three dimensions, with or without autocast
+        u, m, gy = (t.view(5, 8, 8) for t in (u, m, gy))
+    fused, reference = OPS[op]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    ins = [t.clone().requires_grad_() for t in (u, m, a, b)]
+    with autocast:
+        kept, out = _saved_storages(fused, *ins)
+    assert kept <= {t.untyped_storage().data_ptr() for t in ins}
+    with autocast:
+        _, out_ref = _saved_storages(reference, *ins)
+    assert torch.equal(out, out_ref)
+    grads = torch.autograd.grad(out, ins, gy.to(out.dtype))
+    grads_ref = torch.autograd.grad(out_ref, ins, gy.to(out.dtype))
+    assert all(torch.equal(x, y) for x, y in zip(grads, grads_ref))
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_compiles_in_one_graph(op):
     u, m, a, b, gy = _inputs(50, 8, torch.float32)

@@ -1,5 +1,6 @@
 """selective_tree_scan: the fused CPU kernels against the torch reference, the reference
 against tree_scan on the expanded tensors and against the dense oracle."""
+import functools
 import math
 
 import numba
@@ -161,6 +162,53 @@ def test_fused_matches_reference(forest, direction, rule):
     want = _value_and_grads(selective_tree_scan_ref, tree, leaves, kw)
     got = _value_and_grads(lambda **a: selective_tree_scan(**a, backend="numba"), tree, leaves, kw)
     _assert_same(got, want)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_softplus_steps_keep_only_their_output(backend, dtype, monkeypatch):
+    """With delta_softplus the backward keeps the steps after their softplus (which the
+    scan keeps anyway), not the steps before it, and its gradients are those of torch's
+    softplus, for steps from -60 to 60 (beyond torch's threshold of 20 the softplus is the
+    identity). Off the CPU the steps always take this softplus; here it is asked for."""
+    from treessm.ops import selective_scan as ops
+
+    monkeypatch.setattr(ops, "_keeps_softplus_output", lambda delta: delta.requires_grad)
+    tree, leaves, kw = _problem(FORESTS["random_three_trees"](), dtype=dtype, bias=False)
+    with torch.no_grad():
+        leaves["delta"].copy_(torch.linspace(-60, 60, leaves["delta"].numel(), dtype=dtype)
+                              .view_as(leaves["delta"]))
+    run = functools.partial(selective_tree_scan, backend=backend)
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(tree=tree, **leaves, **kw)
+    assert leaves["u"].untyped_storage().data_ptr() in kept  # the hook sees the leaves
+    assert leaves["delta"].untyped_storage().data_ptr() not in kept
+    got = _value_and_grads(run, tree, leaves, kw)
+
+    def with_torch_softplus(delta, **a):
+        return run(delta=torch.nn.functional.softplus(delta), **a)
+
+    want = _value_and_grads(with_torch_softplus, tree, leaves, dict(kw, delta_softplus=False))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    _assert_same(got, want, rtol=tol, atol=tol)
+
+
+def test_softplus_keeping_its_output_is_taken_off_the_cpu_under_a_gradient():
+    from treessm.ops.selective_scan import _keeps_softplus_output
+
+    delta = torch.randn(3, 2, requires_grad=True)
+    assert not _keeps_softplus_output(delta)  # the CPU keeps torch's softplus
+    meta = torch.empty(3, 2, device="meta", requires_grad=True)
+    assert _keeps_softplus_output(meta)
+    assert not _keeps_softplus_output(meta.detach())
+    with torch.no_grad():
+        assert not _keeps_softplus_output(meta)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

@@ -16,7 +16,11 @@ row's channels are vectorised reductions, in the one order of the compiled code;
 the rows (the gradients of the per-channel parameters) run in fixed chunks of
 :data:`CHUNK_ROWS` rows, in row order within a chunk and over the chunks in order: the
 same bits with any number of threads. Elsewhere the torch compositions that define the operators
-(:func:`silu_mix_reference`, :func:`norm_gate_reference`) run.
+(:func:`silu_mix_reference`, :func:`norm_gate_reference`) run; under a recorded gradient they
+run through :func:`torch.utils.checkpoint.checkpoint`, which keeps their inputs only and
+forms their intermediate arrays again in the backward (the same operations, so the same
+gradients): the gate's composition would keep four ``[N, C]`` arrays for the backward, the
+mixing's three, where the inputs are two (and a compiler plans what to keep itself).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from . import cpu_arrays
 from .chunks import run_chunks
@@ -244,6 +249,15 @@ def _mix_backward(ctx, g):
 _silu_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
+def _keeping_inputs(composition, *args):
+    """``composition(*args)``, keeping only its inputs for the backward where autograd
+    records it (module documentation)."""
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(isinstance(t, Tensor) and t.requires_grad for t in args)):
+        return checkpoint(composition, *args, use_reentrant=False, preserve_rng_state=False)
+    return composition(*args)
+
+
 def runs_on_cpu_kernels(x: Tensor, other: Tensor, *params: Tensor) -> bool:
     """Whether :func:`silu_mix` and :func:`norm_gate` run their CPU kernels for the rows
     ``x``, ``other`` and the per-channel ``params``: float32 or float64 matrices of one
@@ -263,7 +277,7 @@ def silu_mix(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
     one dtype); :func:`silu_mix_reference` elsewhere. Gradients flow to all four."""
     if runs_on_cpu_kernels(u, m, a, b):
         return _silu_mix_op(u, m, a, b)
-    return silu_mix_reference(u, m, a, b)
+    return _keeping_inputs(silu_mix_reference, u, m, a, b)
 
 
 @torch.library.custom_op("treessm::norm_gate", mutates_args=())
@@ -310,4 +324,4 @@ def norm_gate(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float) ->
     elsewhere. Gradients flow to all four tensors."""
     if runs_on_cpu_kernels(y, z, weight, bias):
         return _norm_gate_op(y, z, weight, bias, float(eps))
-    return norm_gate_reference(y, z, weight, bias, eps)
+    return _keeping_inputs(norm_gate_reference, y, z, weight, bias, eps)
