@@ -23,7 +23,8 @@ the device, the device-to-device copy bandwidth measured in the same run, and
 * ``host`` -- the host overhead rows: a tiny tree, and 32 x 14x14 x 640 (wall against GPU
   time);
 * ``chains`` -- the ``down`` scan over 4 chains of 2,048 tokens with 24,576 channels (the
-  widths of Mamba-130m), the scan GrootL runs on;
+  widths of Mamba-130m), the scan GrootL runs on, under the automatic schedule and under
+  ``"columns"`` (a thread per chain and channel, the step before's value in a register);
 * ``grid_build`` -- tree construction at 56x56, 112x112, 224x224 (B=32) and 512x512 (B=4).
 
 * ``tiles`` (``--tiles``, alone) -- the tiled kernels (``torch.ops.treessm.cuda_tile_scan``
@@ -332,10 +333,13 @@ def chain_rows(bw):
     grad = torch.randn_like(x)
     fwd, fb = _wall(x, w, tree, "down", grad)
     gf, gb = _gpu(x, w, tree, "down", grad)
+    # one thread per (chain, channel) carrying the step before's value in a register
+    cf, cb = _gpu(x, w, tree, "down", grad, schedule="columns")
     floor, bfloor = _floors(tree.num_nodes, 24576, torch.float32, bw)
     return [dict(case="4 chains x 2048, C=24576, down, float32", fwd_wall_ms=fwd,
                  fwd_bwd_wall_ms=fb, fwd_gpu_ms=gf, bwd_gpu_ms=gb, fwd_floor_ms=floor,
-                 bwd_floor_ms=bfloor, fwd_share_of_bandwidth=floor / gf)]
+                 bwd_floor_ms=bfloor, fwd_share_of_bandwidth=floor / gf,
+                 columns_fwd_gpu_ms=cf, columns_bwd_gpu_ms=cb)]
 
 
 def grid_builds():

@@ -21,6 +21,12 @@
 // g (dL/dw[i] = h[i] G[p]); both is self-adjoint, and dL/dw[i] = U_x[i] br_g[i] + U_g[i]
 // br_x[i] from the passes over x and g run side by side. Every sum runs in position order:
 // results are bitwise deterministic. Accumulation is float32 (float64 for double).
+//
+// A chain (every position's parent the one before it) too long for shared memory needs no
+// column in up and down and their backward: the value a step reads is the one the step
+// before formed, kept in a register, so such a pass reads its rows and writes its outputs
+// and nothing else (the same operations in the same order, so the same bits). A block
+// finds whether its tree is one from the parents (one vote).
 #pragma once
 
 #include <cuda.h>
@@ -128,6 +134,15 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
     }
     __syncthreads();
   }
+  // with the columns in global memory (trees too large for shared memory), whether the
+  // tree is a chain (every thread votes, before the idle ones leave); shared columns cost
+  // no more than the registers, which the chain's branch would add to small trees' kernels
+  constexpr bool kMayChain = !SHARED && MODE != kBoth && MODE != kBothGrad;
+  bool link = true;
+  if (kMayChain)
+    for (int i = s + 1 + static_cast<int>(threadIdx.x); i < e; i += kThreads)
+      link = link && __ldg(a.parent + i) == i - 1;
+  const bool chain = kMayChain && __syncthreads_and(link);
   const int64_t c = static_cast<int64_t>(blockIdx.x % a.groups) * kThreads + threadIdx.x;
   if (c >= a.C) return;
   const int64_t C = a.C;
@@ -155,16 +170,18 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
 
   if (MODE == kDown || MODE == kUpGrad) {
     // roots first: H[i] = x[i] + w[i] H[p]; the backward of up also writes
-    // dL/dw[i] = h[i] G[p]
+    // dL/dw[i] = h[i] G[p]. In a chain H[p] is the step before's.
+    A before = zero;
     sweep<true>(s, e, [&](int i, int k, int b) {
       rec(i, k, b);
       rows_xw(k, b);
       if (MODE == kUpGrad) third[b][k] = load_acc(a.h + vr[b][k] * C + c);
     }, [&](int i, int k, int b) {
       const int p = pr[b][k];
-      const A hp = p >= 0 ? at(0, p) : zero;
+      const A hp = p >= 0 ? (chain ? before : at(0, p)) : zero;
       const A v = p >= 0 ? xr[b][k] + wr[b][k] * hp : xr[b][k];
-      at(0, i) = v;
+      if (chain) before = v;
+      else at(0, i) = v;
       a.out[vr[b][k] * C + c] = Store<T>::cvt(v);
       if (MODE == kUpGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? third[b][k] * hp : zero);
     });
@@ -173,8 +190,11 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
 
   if (MODE == kUp || MODE == kDownGrad) {
     // leaves first: U[i] = x[i] + the children's shares; the backward of down also writes
-    // dL/dw[i] = G[i] h[p]
-    for (int i = s; i < e; ++i) at(0, i) = zero;
+    // dL/dw[i] = G[i] h[p]. In a chain the one share a position takes is the step before's,
+    // added to zero as the column would add it.
+    if (!chain)
+      for (int i = s; i < e; ++i) at(0, i) = zero;
+    A share = zero;
     sweep<false>(s, e, [&](int i, int k, int b) {
       rec(i, k, b);
       rows_xw(k, b);
@@ -182,10 +202,13 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
         third[b][k] = pr[b][k] >= 0 ? load_acc(a.h + vertex_at(pr[b][k]) * C + c) : zero;
     }, [&](int i, int k, int b) {
       const int p = pr[b][k];
-      const A v = xr[b][k] + at(0, i);
+      const A v = xr[b][k] + (chain ? share : at(0, i));
       a.out[vr[b][k] * C + c] = Store<T>::cvt(v);
       if (MODE == kDownGrad) a.gw[vr[b][k] * C + c] = Store<T>::cvt(p >= 0 ? v * third[b][k] : zero);
-      if (p >= 0) at(0, p) += wr[b][k] * v;
+      if (p >= 0) {
+        if (chain) share = zero + wr[b][k] * v;
+        else at(0, p) += wr[b][k] * v;
+      }
     });
     return;
   }

@@ -12,6 +12,7 @@ import torch
 from emulation import compile_harness
 from oracle import chain, random_forest, single_vertex
 from test_cuda_kernels_host import NAMES, expected, problem, _forests as kernel_forests
+import treessm
 from treessm.ops.plan import level_plan
 
 
@@ -22,7 +23,13 @@ def harness(tmp_path_factory):
 
 def _run(harness, tmp, parent, C, weights=(0.05, 0.95)):
     tree, x, w, gout = problem(parent, C, weights, zeros=0.1)  # zero weights cut no sum short
-    n = parent.numel()
+    return _outputs(harness, tmp, tree, x, w, gout)
+
+
+def _outputs(harness, tmp, tree, x, w, gout):
+    """The harness's results ``[double, float][shared, global][NAMES][N, C]``, checked for
+    the same bits in shared and global columns and against the torch reference."""
+    n, C = x.shape
     largest = int(torch.diff(tree.tree_ptr).max())
     src, dst = tmp / "in.bin", tmp / "out.bin"
     with open(src, "wb") as f:
@@ -59,3 +66,22 @@ def test_column_kernels_weights_above_one_on_host(harness, tmp_path):
     _run(harness, tmp_path, chain(60), 4, weights=(1.0, 1.3))
     _run(harness, tmp_path, random_forest(120, 2, torch.Generator().manual_seed(8), locality=3),
          4, weights=(1.0, 1.3))
+
+
+def test_chains_take_the_registers_with_the_bits_of_the_columns(harness, tmp_path):
+    """A chain's up and down (and their backward) carry the step before's value in a
+    register instead of a column: the same bits as the columns give the same vertices of the
+    chain with a leaf added under its root (no longer a chain), wherever the leaf changes
+    nothing (every vertex but the root in up, every vertex in down)."""
+    L, C = 150, 5
+    parent = torch.cat([torch.tensor([-1]), torch.arange(L - 1), torch.tensor([0])])
+    tree, x, w, gout = problem(parent, C, zeros=0.1)  # the chain, then the leaf L
+    with_leaf = _outputs(harness, tmp_path, tree, x, w, gout)
+    chain_only = _outputs(harness, tmp_path, treessm.Tree.from_parent(parent[:L]), x[:L], w[:L],
+                          gout[:L])
+    same_everywhere = {"fwd down", "gx up"}
+    for k, name in enumerate(NAMES):
+        if "both" in name:
+            continue
+        lo = 0 if name in same_everywhere else 1
+        assert np.array_equal(chain_only[:, :, k, lo:], with_leaf[:, :, k, lo:L]), name
