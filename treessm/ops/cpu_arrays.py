@@ -9,6 +9,7 @@ page faults cost less than those of the 4 KiB pages of a fresh ``torch.empty``.
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple, Union
 
 import numpy as np
@@ -27,7 +28,7 @@ def empty(shape: Union[int, Tuple[int, ...]], dtype) -> np.ndarray:
     line."""
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + LINE, dtype=np.uint8)
     start = (-raw.ctypes.data) % LINE
     return raw[start:start + nbytes].view(dtype).reshape(shape)

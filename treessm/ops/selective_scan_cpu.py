@@ -989,8 +989,12 @@ def _threads() -> int:
 
 
 def _over_positions(fn, n: int, *args) -> None:
-    """``fn(i0, i1, *args)`` over ``[0, n)`` cut into one range per thread."""
+    """``fn(i0, i1, *args)`` over ``[0, n)`` cut into one range per thread (of at least
+    4,096 positions: fewer run on the calling thread, without the work sharing's costs)."""
     threads = max(1, min(_threads(), n // 4096))
+    if threads == 1:
+        fn(0, n, *args)
+        return
     bounds = np.linspace(0, n, threads + 1).astype(np.int64)
     on_slots(lambda th: fn(bounds[th], bounds[th + 1], *args), threads)
 
