@@ -428,7 +428,11 @@ def test_no_states_is_the_skip_alone():
     torch.testing.assert_close(y, leaves["D"] * leaves["u"])
 
 
-def test_bitwise_deterministic_with_any_thread_count():
+def test_bitwise_deterministic_with_any_thread_count(monkeypatch):
+    from treessm.ops import selective_scan_cpu
+
+    # threads share this problem's work items (its states are fewer than a thread's minimum)
+    monkeypatch.setattr(selective_scan_cpu, "_STATES_PER_THREAD", 1)
     tree, leaves, kw = _problem(torch.cat([random_forest(1500, 1, _gen(17)),
                                            random_forest(1500, 30, _gen(18)) + 1500]),
                                 d=40, s=3, dtype=torch.float32, rule="mean")
