@@ -156,6 +156,23 @@ def test_compositions_keep_only_their_inputs(op, case):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_compositions_inside_a_users_checkpoint(op, reentrant):
+    """A model that checkpoints its blocks (either kind of torch.utils.checkpoint) around the
+    compositions, which checkpoint themselves, gets their gradients bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    u, m, a, b, _ = _inputs(40, 8, torch.float32)
+    u, m = u.view(5, 8, 8), m.view(5, 8, 8)  # rows of three dimensions: the composition
+    fused, reference = OPS[op]
+    plain = [t.clone().requires_grad_() for t in (u, m, a, b)]
+    reference(*plain).sin().sum().backward()
+    ins = [t.clone().requires_grad_() for t in (u, m, a, b)]
+    checkpoint(lambda *t: fused(*t).sin(), *ins, use_reentrant=reentrant).sum().backward()
+    assert all(torch.equal(t.grad, p.grad) for t, p in zip(ins, plain))
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_compiles_in_one_graph(op):
     u, m, a, b, gy = _inputs(50, 8, torch.float32)
     compiled = torch.compile(OPS[op][0], fullgraph=True, backend="aot_eager")
