@@ -170,10 +170,10 @@ def test_softplus_steps_keep_only_their_output(backend, dtype, monkeypatch):
     """With delta_softplus the backward keeps the steps after their softplus (which the
     scan keeps anyway), not the steps before it, and its gradients are those of torch's
     softplus, for steps from -60 to 60 (beyond torch's threshold of 20 the softplus is the
-    identity). Off the CPU the steps always take this softplus; here it is asked for."""
-    from treessm.ops import selective_scan as ops
+    identity). Off the CPU large steps take this softplus; here it is asked for."""
+    from treessm.ops import recompute
 
-    monkeypatch.setattr(ops, "_keeps_softplus_output", lambda delta: delta.requires_grad)
+    monkeypatch.setattr(recompute, "keeps_less", lambda x, *others: x.requires_grad)
     tree, leaves, kw = _problem(FORESTS["random_three_trees"](), dtype=dtype, bias=False)
     with torch.no_grad():
         leaves["delta"].copy_(torch.linspace(-60, 60, leaves["delta"].numel(), dtype=dtype)
@@ -197,18 +197,6 @@ def test_softplus_steps_keep_only_their_output(backend, dtype, monkeypatch):
     want = _value_and_grads(with_torch_softplus, tree, leaves, dict(kw, delta_softplus=False))
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     _assert_same(got, want, rtol=tol, atol=tol)
-
-
-def test_softplus_keeping_its_output_is_taken_off_the_cpu_under_a_gradient():
-    from treessm.ops.selective_scan import _keeps_softplus_output
-
-    delta = torch.randn(3, 2, requires_grad=True)
-    assert not _keeps_softplus_output(delta)  # the CPU keeps torch's softplus
-    meta = torch.empty(3, 2, device="meta", requires_grad=True)
-    assert _keeps_softplus_output(meta)
-    assert not _keeps_softplus_output(meta.detach())
-    with torch.no_grad():
-        assert not _keeps_softplus_output(meta)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

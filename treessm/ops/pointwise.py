@@ -21,11 +21,9 @@ handoffs and the kernel calls cost more than such rows take (``TreeSSMConv(64, 6
 training step with two threads, two processes each: 4.5-4.7 -> 4.0-4.1 ms on 100
 vertices, 20.8-20.9 -> 19.0-19.9 ms on 2,708, unchanged on 10^4). Elsewhere the torch
 compositions that define the operators (:func:`silu_mix_reference`,
-:func:`norm_gate_reference`) run; under a recorded gradient they
-run through :func:`torch.utils.checkpoint.checkpoint`, which keeps their inputs only and
-forms their intermediate arrays again in the backward (the same operations, so the same
-gradients): the gate's composition would keep four ``[N, C]`` arrays for the backward, the
-mixing's three, where the inputs are two (and a compiler plans what to keep itself).
+:func:`norm_gate_reference`) run, keeping only their inputs for the backward on large
+arrays (:mod:`treessm.ops.recompute`): the gate's composition would keep four ``[N, C]``
+arrays, the mixing's three, where the inputs are two.
 """
 from __future__ import annotations
 
@@ -37,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from . import cpu_arrays
+from . import cpu_arrays, recompute
 from .chunks import run_chunks
 from .cpu_arrays import CHUNK_ROWS
 from .selective_scan_cpu import _cast, _dot, _exp, _np, _opaque
@@ -265,15 +262,6 @@ def _mix_backward(ctx, g):
 _silu_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
-def _keeping_inputs(composition, *args):
-    """``composition(*args)``, keeping only its inputs for the backward where autograd
-    records it (module documentation)."""
-    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and any(isinstance(t, Tensor) and t.requires_grad for t in args)):
-        return checkpoint(composition, *args, use_reentrant=False, preserve_rng_state=False)
-    return composition(*args)
-
-
 def runs_on_cpu_kernels(x: Tensor, other: Tensor, *params: Tensor) -> bool:
     """Whether :func:`silu_mix` and :func:`norm_gate` run their CPU kernels for the rows
     ``x``, ``other`` and the per-channel ``params``: float32 or float64 matrices of one
@@ -293,7 +281,9 @@ def silu_mix(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
     one dtype); :func:`silu_mix_reference` elsewhere. Gradients flow to all four."""
     if runs_on_cpu_kernels(u, m, a, b):
         return _silu_mix_op(u, m, a, b)
-    return _keeping_inputs(silu_mix_reference, u, m, a, b)
+    if recompute.keeps_less(u, m, a, b):
+        return recompute.recomputed(silu_mix_reference, u, m, a, b)
+    return silu_mix_reference(u, m, a, b)
 
 
 @torch.library.custom_op("treessm::norm_gate", mutates_args=())
@@ -340,4 +330,6 @@ def norm_gate(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float) ->
     elsewhere. Gradients flow to all four tensors."""
     if runs_on_cpu_kernels(y, z, weight, bias):
         return _norm_gate_op(y, z, weight, bias, float(eps))
-    return _keeping_inputs(norm_gate_reference, y, z, weight, bias, eps)
+    if recompute.keeps_less(y, z, weight, bias):
+        return recompute.recomputed(norm_gate_reference, y, z, weight, bias, eps)
+    return norm_gate_reference(y, z, weight, bias, eps)

@@ -45,7 +45,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .._checks import INDEX_TYPES, check_bool, check_choice, check_number
 from ..tree import Tree
 from ..typing import cuda_extension_available
-from . import expansion_cuda, selective_scan_cpu, selective_scan_cuda
+from . import expansion_cuda, recompute, selective_scan_cpu, selective_scan_cuda
 from .plan import TILES_MIN_ROW_BYTES, level_groups
 from .sparse import square_csr
 from .tree_scan import DIRECTIONS, tree_scan
@@ -143,7 +143,8 @@ class _Softplus(torch.autograd.Function):
     ``-expm1(-y)`` (accurate where the derivative is tiny), and 1 where torch's softplus is
     the identity (above its threshold of 20). The scans keep the steps ``y`` for their own
     backward, so the steps before the softplus (an ``[N, D]`` array that torch's softplus
-    would keep) are freed after the forward. Used off the CPU (see :func:`_steps`)."""
+    would keep) are freed after the forward. Taken where :func:`treessm.ops.recompute.keeps_less`
+    says so."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -167,18 +168,11 @@ def _steps(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool,
         delta = delta + delta_bias.to(dtype)
     if not delta_softplus:
         return delta
-    if _keeps_softplus_output(delta):
+    # on the CPU torch's expm1 takes four times an exp: the slope's backward took 60 against
+    # torch's 25 ms at [10^5, 128] on one thread
+    if recompute.keeps_less(delta):
         return _Softplus.apply(delta)
     return F.softplus(delta)
-
-
-def _keeps_softplus_output(delta: Tensor) -> bool:
-    """Whether :func:`_steps` takes :class:`_Softplus`: where a backward will follow, off
-    the CPU (there torch's expm1 takes four times an exp: the backward took 60 against
-    torch's 25 ms at ``[10^5, 128]`` on one thread, for an array of the memory a CPU
-    rarely lacks), and not while compiling (the compiler plans what the backward keeps)."""
-    return (delta.device.type != "cpu" and torch.is_grad_enabled() and delta.requires_grad
-            and not torch.compiler.is_compiling())
 
 
 def edge_steps(delta: Tensor, tree: Tree, rule: str = "child") -> Tensor:

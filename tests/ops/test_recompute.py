@@ -1,0 +1,68 @@
+"""treessm.ops.recompute: when the layers keep less for the backward, and the recomputed
+composition's gradients (every argument, any subset needing them, autocast)."""
+import pytest
+import torch
+
+from treessm.ops.recompute import KEEP_LESS_MIN_ELEMENTS, keeps_less, recomputed
+
+
+def test_keeps_less_off_the_cpu_for_large_arrays_under_a_gradient():
+    large = torch.empty(KEEP_LESS_MIN_ELEMENTS, device="meta", requires_grad=True)
+    assert keeps_less(large)
+    assert not keeps_less(torch.empty(KEEP_LESS_MIN_ELEMENTS - 1, device="meta",
+                                      requires_grad=True))
+    assert not keeps_less(large.detach())
+    assert keeps_less(large.detach(), torch.ones(2, requires_grad=True))  # a parameter's
+    with torch.no_grad():
+        assert not keeps_less(large)
+    assert not keeps_less(torch.zeros(KEEP_LESS_MIN_ELEMENTS, requires_grad=True))  # CPU
+
+
+def _composition(x, y, w, scale):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], w) * torch.sigmoid(y) * scale
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False),
+                                   (False, False, True)])
+def test_recomputed_gradients_are_the_composition_s(needs):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    w, grad = torch.randn(8, generator=g), torch.randn(3, 5, 8, generator=g)
+    plain = [t.clone().requires_grad_(n) for t, n in zip((x, y, w), needs)]
+    lean = [t.clone().requires_grad_(n) for t, n in zip((x, y, w), needs)]
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    want = _composition(*plain, 0.5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = recomputed(_composition, *lean, 0.5)
+    assert torch.equal(got, want)
+    assert kept <= {t.untyped_storage().data_ptr() for t in lean}
+    want_g = torch.autograd.grad(want, [t for t in plain if t.requires_grad], grad)
+    got_g = torch.autograd.grad(got, [t for t in lean if t.requires_grad], grad)
+    assert all(torch.equal(a, b) for a, b in zip(got_g, want_g))
+
+
+def test_recomputed_backward_runs_under_the_forward_s_autocast():
+    """The backward, outside the autocast region, forms the composition again as the
+    forward did inside it (else its gradients would differ)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    w = torch.randn(16, generator=g)
+
+    def composition(x, y, w):
+        return (x @ y.t()).relu() @ (y * w)  # matmuls run in bfloat16 under autocast
+
+    plain = [t.clone().requires_grad_() for t in (x, y, w)]
+    lean = [t.clone().requires_grad_() for t in (x, y, w)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = composition(*plain)
+        got = recomputed(composition, *lean)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    grad = torch.randn(want.shape, generator=g).bfloat16()
+    want_g = torch.autograd.grad(want, plain, grad)
+    got_g = torch.autograd.grad(got, lean, grad)
+    assert all(torch.equal(a, b) for a, b in zip(got_g, want_g))
