@@ -16,6 +16,14 @@ def test_keeps_less_off_the_cpu_for_large_arrays_under_a_gradient():
     with torch.no_grad():
         assert not keeps_less(large)
     assert not keeps_less(torch.zeros(KEEP_LESS_MIN_ELEMENTS, requires_grad=True))  # CPU
+    seen = []
+
+    def probe(x):  # inside a torch.func transform
+        seen.append(keeps_less(large))
+        return (x * x).sum()
+
+    torch.func.grad(probe)(torch.ones(3))
+    assert seen == [False]
 
 
 def _composition(x, y, w, scale):

@@ -26,12 +26,20 @@ __all__ = ["KEEP_LESS_MIN_ELEMENTS", "keeps_less", "recomputed"]
 KEEP_LESS_MIN_ELEMENTS = 1 << 22
 
 
+def _transformed() -> bool:
+    # torch.func's transforms (per-example gradients, vmap) differentiate their own way
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def keeps_less(x: Tensor, *others: Tensor) -> bool:
     """Whether an operation on ``x`` (and ``others``) keeps less for the backward: autograd
     records it, ``x`` is off the CPU and holds at least :data:`KEEP_LESS_MIN_ELEMENTS`, and
-    no compiler is tracing it (a compiler plans what the backward keeps itself)."""
+    neither a compiler (which plans what the backward keeps itself) nor a ``torch.func``
+    transform is tracing it."""
     return (x.device.type != "cpu" and x.numel() >= KEEP_LESS_MIN_ELEMENTS
             and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not _transformed()
             and any(isinstance(t, Tensor) and t.requires_grad for t in (x,) + others))
 
 
