@@ -74,3 +74,19 @@ def test_recomputed_backward_runs_under_the_forward_s_autocast():
     want_g = torch.autograd.grad(want, plain, grad)
     got_g = torch.autograd.grad(got, lean, grad)
     assert all(torch.equal(a, b) for a, b in zip(got_g, want_g))
+
+
+def test_second_derivatives():
+    """A backward that builds its own graph (gradient penalties, gradgradcheck) reaches the
+    inputs through the recomputed composition and through the lean softplus."""
+    from treessm.ops.selective_scan import _Softplus
+
+    g = torch.Generator().manual_seed(2)
+    x, y = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(4, generator=g, dtype=torch.float64)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    composition = lambda x, w: torch.nn.functional.layer_norm(x, (4,), w) * torch.sigmoid(y)  # noqa: E731
+    assert torch.autograd.gradgradcheck(lambda x, w: recomputed(composition, x, w), (x, w))
+    steps = (torch.randn(9, generator=g, dtype=torch.float64) * 8).requires_grad_()
+    assert torch.autograd.gradcheck(_Softplus.apply, (steps,))
+    assert torch.autograd.gradgradcheck(_Softplus.apply, (steps,))

@@ -59,15 +59,19 @@ class _Recomputed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        higher = torch.is_grad_enabled()  # a backward that builds its own graph
         needs = ctx.needs_input_grad[1:]
         saved = iter(ctx.saved_tensors)
-        args = [next(saved).detach().requires_grad_(need) if constant is None else constant
+        # the inputs themselves where the gradient's own graph must reach them
+        args = [constant if constant is not None
+                else (next(saved) if higher else next(saved).detach().requires_grad_(need))
                 for constant, need in zip(ctx.constants, needs)]
         device, dtype, enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype, enabled):
             out = ctx.composition(*args)
         wanted = [a for a, need in zip(args, needs) if need]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=higher)
+                     if wanted else ())
         return (None,) + tuple(next(grads) if need else None for need in needs)
 
 

@@ -155,10 +155,10 @@ class _Softplus(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
-        slope = y.neg().expm1_().neg_()  # one array, written in place
+        slope = -torch.expm1(-y)  # nothing in place: a backward may build its own graph
         if y.dtype == torch.float64:  # in float32 the slope rounds to 1 there by itself
-            slope.masked_fill_(y > _SOFTPLUS_THRESHOLD, 1.0)
-        return slope.mul_(grad)
+            slope = torch.where(y > _SOFTPLUS_THRESHOLD, torch.ones_like(slope), slope)
+        return grad * slope
 
 
 def _steps(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool,
