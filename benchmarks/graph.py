@@ -18,6 +18,9 @@ Three tables, saved as JSON under ``benchmarks/results/``:
   (the layer alone in the same residual, normalised, feed-forward frame), widths matched to
   the tree model's parameter count; the same training loop, and the same search (``SEARCH``:
   learning rate and dropout) on the first split's validation score for every model.
+* ``--small`` (in ``graph_<device>.json``, beside the rest) -- training steps of
+  ``TreeSSMConv(64, 64)`` and ``GCNConv(64, 64)`` on random graphs of 100 to 2,708 vertices in
+  one process with ``--threads`` (wall-clock medians, the layers taking turns).
 * ``--synthetic`` (in ``graph_<device>.json``) -- karate club, ``InfectionDataset`` and the
   far-label task at depths 1, 2 and 4 (``treessm.examples.graphs``).
 * ``--timing`` (in ``graph_<device>.json``) -- ``TreeSSMConv(64, 64)`` against
@@ -37,6 +40,7 @@ Three tables, saved as JSON under ``benchmarks/results/``:
     python benchmarks/graph.py --real --device cuda --root DIR  # the full protocol on a GPU
     python benchmarks/graph.py --real --device cuda --root DIR --tasks minesweeper \
         --models tree --jobs 9               # its splits nine at a time (the same scores)
+    python benchmarks/graph.py --small --threads 2             # small graphs, two threads
     python benchmarks/graph.py --quick                         # everything, tiny (CI)
 """
 from __future__ import annotations
@@ -263,6 +267,54 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
                                               for k, v in parts.items()})))
     return dict(per_size=rows, parts=parts, topology=topology_rows(device, fitted),
                 fresh=fresh_rows(device, 10 ** 3 if max(sizes) < 10 ** 4 else 10 ** 5))
+
+
+#: Vertex counts of the small-graph table: a molecule batch, a few hundred, a PROTEINS-sized
+#: batch of graphs, Cora.
+SMALL_SIZES = (100, 400, 1250, 2708)
+
+
+def small_graph_table(device, sizes=SMALL_SIZES, rounds=15, steps=10):
+    """A training step of ``TreeSSMConv(64, 64)`` and of ``GCNConv(64, 64)`` on small random
+    graphs (five edges per vertex) in this process, with its threads: the wall-clock medians
+    of ``rounds`` rounds of ``steps`` steps, the two layers taking turns, and their ratio.
+    On small graphs the fixed costs of a call (dispatch, the work sharing among threads)
+    weigh, and those are what the threads of a process change."""
+    from torch_geometric.nn import GCNConv
+
+    rows = []
+    for n in sizes:
+        torch.manual_seed(0)
+        x, ei = _random_graph(n, device)
+        layers = {"tree_ssm_conv": TreeSSMConv(64, 64).to(device),
+                  "gcn_conv": GCNConv(64, 64).to(device)}
+        xg = x.clone().requires_grad_()
+
+        def step(conv):
+            xg.grad = None
+            conv.zero_grad(set_to_none=True)
+            out = conv(xg, ei)
+            out.backward(torch.ones_like(out))
+
+        times = {name: [] for name in layers}
+        for conv in layers.values():
+            step(conv)  # compiled kernels loaded, graph prepared
+        for _ in range(rounds):
+            for name, conv in layers.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step(conv)
+                _sync(device)
+                times[name].append(1e3 * (time.perf_counter() - t0) / steps)
+        row = dict(vertices=n, edges=5 * n, threads=torch.get_num_threads())
+        for name, ts in times.items():
+            row[f"{name}_step_ms"] = statistics.median(ts)
+        row["ratio"] = row["tree_ssm_conv_step_ms"] / row["gcn_conv_step_ms"]
+        print(f"n={n:>6}  training step {row['tree_ssm_conv_step_ms']:8.2f} / "
+              f"{row['gcn_conv_step_ms']:6.2f} ms ({row['ratio']:4.1f}x)", flush=True)
+        rows.append(row)
+    return rows
 
 
 def topology_rows(device, sizes):
@@ -923,6 +975,9 @@ def main(argv=None):
     parser.add_argument("--real", action="store_true", help="the real-data table")
     parser.add_argument("--synthetic", action="store_true", help="karate, infection, far label")
     parser.add_argument("--timing", action="store_true", help="cost against GCNConv")
+    parser.add_argument("--small", action="store_true",
+                        help="training steps on small graphs against GCNConv, in this process "
+                             "with --threads; kept beside the other tables of the file")
     parser.add_argument("--quick", action="store_true", help="every table, tiny (CI)")
     parser.add_argument("--sizes", type=_csv(int), default=[4, 5, 6],
                         help="timing: powers of ten of the vertex counts")
@@ -1011,6 +1066,16 @@ def main(argv=None):
         args.tasks, args.runs, args.epoch_scale = ["Cora", "MUTAG", NEIGHBORS_MATCH], 1, 0.02
         args.nm_depths, args.nm_permutations, args.nm_epochs = [2], 4, 2
         args.sizes = [3]
+    if args.small and not (args.real or args.synthetic or args.timing):
+        # its own key of the device's table, the rest of the file kept
+        out = Path(args.out) if args.out else RESULTS / f"graph_{card}.json"
+        result = json.loads(out.read_text()) if out.exists() else dict(meta)
+        result["small"] = small_graph_table(device)
+        result["small_when"] = meta["when"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"saved {out}")
+        return 0
     if not (args.real or args.synthetic or args.timing):
         args.synthetic = args.timing = True
     saved = []

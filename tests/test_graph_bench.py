@@ -125,3 +125,12 @@ def test_a_size_out_of_device_memory_ends_the_timing_rows_and_keeps_the_others(c
     assert "out of memory on cpu" in capsys.readouterr().out
     with pytest.raises(ValueError):  # other errors are not taken for a full card
         graph_bench._rows_until_out_of_memory([1], lambda n: int("x"), torch.device("cpu"))
+
+
+def test_small_graph_rows_time_both_layers_and_their_ratio():
+    rows = graph_bench.small_graph_table(torch.device("cpu"), sizes=(12, 30), rounds=2,
+                                         steps=1)
+    assert [r["vertices"] for r in rows] == [12, 30]
+    for r in rows:
+        assert r["tree_ssm_conv_step_ms"] > 0 and r["gcn_conv_step_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["tree_ssm_conv_step_ms"] / r["gcn_conv_step_ms"])
