@@ -349,6 +349,31 @@ def test_cuda_gradients_are_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_keeping_less_for_the_backward_gives_the_same_bits(monkeypatch):
+    """The layer's GPU path keeping only the inputs of its gate and mixing and the output
+    of its softplus (treessm.ops.recompute: large arrays; here asked for on a small graph)
+    gives the outputs of keeping everything, bit for bit, and its gradients up to the
+    rounding of the softplus's slope (formed from its output)."""
+    from treessm.ops import recompute
+
+    torch.manual_seed(6)
+    conv = TreeSSMConv(16, 16, d_state=4).cuda()
+    x, ei = _graph(3000, 12000, 8, c=16)
+    x, ei = x.cuda().requires_grad_(), ei.cuda()
+    runs = []
+    for lean in (False, True):
+        monkeypatch.setattr(recompute, "keeps_less", lambda *t, lean=lean: lean)
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        out = conv(x, ei)
+        out.square().sum().backward()
+        runs.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_topology_argument_builds_the_tree():
     # a topology of one's own: the chain over the vertices, whatever the graph
     calls = []
