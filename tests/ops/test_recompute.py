@@ -85,7 +85,9 @@ def test_second_derivatives():
     x, y = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2))
     w = torch.randn(4, generator=g, dtype=torch.float64)
     x, w = x.requires_grad_(), w.requires_grad_()
-    composition = lambda x, w: torch.nn.functional.layer_norm(x, (4,), w) * torch.sigmoid(y)  # noqa: E731
+    def composition(x, w):
+        return torch.nn.functional.layer_norm(x, (4,), w) * torch.sigmoid(y)
+
     assert torch.autograd.gradgradcheck(lambda x, w: recomputed(composition, x, w), (x, w))
     steps = (torch.randn(9, generator=g, dtype=torch.float64) * 8).requires_grad_()
     assert torch.autograd.gradcheck(_Softplus.apply, (steps,))

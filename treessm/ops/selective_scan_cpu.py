@@ -1049,9 +1049,9 @@ def _lanes(s: int, d: int, itemsize: int, rows: int, budget: int):
     is then done for fewer chunks. ``TreeSSMConv(64, 64)``'s backward at 10^5 vertices (128
     channels, 4 states; one state a chunk of 32 channels within the budget): 478 / 558 ms
     -> 428 / 444 ms in chunks of two states of 16 channels, the training step 1.86 / 1.96
-    -> 1.81 / 1.80 s (one thread, processes in turn). Below the lane cap (more than 4 states in float32, as
-    GrootL's 16) the blocks stay whole: 16 channels by 8 states made its chain's backward
-    slower."""
+    -> 1.81 / 1.80 s (one thread, processes in turn). Below the lane cap (more than 4
+    states in float32, as GrootL's 16) the blocks stay whole: 16 channels by 8 states made
+    its chain's backward slower."""
     base = _BLOCK_BYTES // itemsize
     blocks = max(1, -(-d // base))
     sb = most = max(1, min(s, _MAX_LANES // base))
