@@ -81,11 +81,12 @@ _SCRATCH_MIN = 16 << 20
 # rows of the vertices
 _BUDGET_SLACK = 1 / 16
 _GROUP_MIN = 1024  # vertices: smallest group of whole trees made one work item
-# States (vertices x channels x states) a thread takes at least: fewer, and fewer threads share
-# the work items. TreeSSMConv(64, 64)'s training step (512 states a vertex), one process
-# alternating one and two threads for the kernels (torch on two): 100 vertices 4.21 against
-# 4.49 ms, 400 7.34 against 8.21, 800 10.03 against 10.69, 2,000 20.6 against 21.4; from
-# about 3,000 vertices two threads win (4,000: 37.2 against 41.1 ms; 10^4: 103 against 117)
+# States (vertices x channels x states) a thread takes at least: with fewer, fewer threads
+# share the work items. TreeSSMConv(64, 64)'s training step (512 states a vertex), one
+# process alternating one and two threads for the kernels (torch on two): one thread took
+# 4.21 against 4.49 ms at 100 vertices, 7.34 against 8.21 at 400, 10.03 against 10.69 at
+# 800, 20.6 against 21.4 at 2,000; two took 37.2 against 41.1 ms at 4,000 and 103 against 117
+# at 10^4 (between 2,000 and 4,000 the runs disagreed). Two threads share from 4,096 vertices.
 _STATES_PER_THREAD = 1 << 20
 _GROUPS_PER_RUN = 64  # aim: this many groups when the forest has many trees
 _NUM_TEMPS = 8  # lane rows of temporaries after the buffers
