@@ -86,8 +86,8 @@ _GROUP_MIN = 1024  # vertices: smallest group of whole trees made one work item
 # process alternating one and two threads for the kernels (torch on two): one thread took
 # 4.21 against 4.49 ms at 100 vertices, 7.34 against 8.21 at 400, 10.03 against 10.69 at
 # 800, 20.6 against 21.4 at 2,000; two took 37.2 against 41.1 ms at 4,000 and 103 against 117
-# at 10^4 (between 2,000 and 4,000 the runs disagreed). Two threads share from 4,096 vertices.
-_STATES_PER_THREAD = 1 << 20
+# at 10^4 (between 2,000 and 4,000 the runs disagreed). Two threads share from 3,907 vertices.
+_STATES_PER_THREAD = 10 ** 6
 _GROUPS_PER_RUN = 64  # aim: this many groups when the forest has many trees
 _NUM_TEMPS = 8  # lane rows of temporaries after the buffers
 _BUFFERS = {  # buffer rows per vertex: (forward, backward) by direction
