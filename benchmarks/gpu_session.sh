@@ -8,9 +8,9 @@
 #                                          racecheck of the tiled scan, the expansion
 #                                          kernels and the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
-#   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph,
-#                                          grootl, the tiled kernels, selective_scan), each
-#                                          saved as *_<card>.json
+#   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph
+#                                          and its small graphs, grootl, the tiled kernels,
+#                                          selective_scan), each saved as *_<card>.json
 #   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
 #                                          process on the whole GPU), then torch.compile of every
 #                                          module on CUDA
@@ -113,6 +113,8 @@ timeout ${GROOTV_S:-150} $PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.j
 timeout ${GRAPH_S:-240} $PY benchmarks/graph.py --device cuda --timing ${GRAPH_ARGS:---sizes 4,5,6,7} \
   --out "$OUT/graph_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
+timeout ${SMALL_S:-60} $PY benchmarks/graph.py --device cuda --small \
+  --out "$OUT/graph_small_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -5
 timeout ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
 timeout ${TILES_S:-150} $PY benchmarks/tree_scan.py --tiles --out "$OUT/tree_scan_tiles_gpu_$CARD.json" \
