@@ -135,8 +135,9 @@ __global__ void __launch_bounds__(kThreads) column_scan_kernel(const Args<T> a) 
     __syncthreads();
   }
   // with the columns in global memory (trees too large for shared memory), whether the
-  // tree is a chain (every thread votes, before the idle ones leave); shared columns cost
-  // no more than the registers, which the chain's branch would add to small trees' kernels
+  // tree is a chain (every thread votes, before the idle ones leave); with shared columns a
+  // step's read is cheap already, and the chain's branch would only add registers to the
+  // small trees' kernels
   constexpr bool kMayChain = !SHARED && MODE != kBoth && MODE != kBothGrad;
   bool link = true;
   if (kMayChain)
