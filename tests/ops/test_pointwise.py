@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import treessm
+from saved import saved_storages, storages
 from treessm.ops import pointwise as pw
 
 EPS = 1e-5
@@ -116,19 +117,6 @@ def test_other_inputs_take_the_composition(op, case):
     assert torch.equal(fused(u, m, a, b), reference(u, m, a, b))
 
 
-def _saved_storages(fn, *args):
-    """The storages autograd keeps for the backward of ``fn(*args)``, and the output."""
-    kept = set()
-
-    def pack(t):
-        kept.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return kept, out
-
-
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", ["bfloat16", "rows of three dimensions", "autocast"])
 def test_compositions_keep_only_their_inputs(op, case, monkeypatch):
@@ -148,10 +136,10 @@ def test_compositions_keep_only_their_inputs(op, case, monkeypatch):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
     ins = [t.clone().requires_grad_() for t in (u, m, a, b)]
     with autocast:
-        kept, out = _saved_storages(fused, *ins)
-    assert kept <= {t.untyped_storage().data_ptr() for t in ins}
+        kept, out = saved_storages(fused, *ins)
+    assert kept <= storages(*ins)
     with autocast:
-        _, out_ref = _saved_storages(reference, *ins)
+        _, out_ref = saved_storages(reference, *ins)
     assert torch.equal(out, out_ref)
     grads = torch.autograd.grad(out, ins, gy.to(out.dtype))
     grads_ref = torch.autograd.grad(out_ref, ins, gy.to(out.dtype))

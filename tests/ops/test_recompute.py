@@ -3,6 +3,7 @@ composition's gradients (every argument, any subset needing them, autocast)."""
 import pytest
 import torch
 
+from saved import saved_storages, storages
 from treessm.ops.recompute import KEEP_LESS_MIN_ELEMENTS, keeps_less, recomputed
 
 
@@ -38,17 +39,10 @@ def test_recomputed_gradients_are_the_composition_s(needs):
     w, grad = torch.randn(8, generator=g), torch.randn(3, 5, 8, generator=g)
     plain = [t.clone().requires_grad_(n) for t, n in zip((x, y, w), needs)]
     lean = [t.clone().requires_grad_(n) for t, n in zip((x, y, w), needs)]
-    kept = set()
-
-    def pack(t):
-        kept.add(t.untyped_storage().data_ptr())
-        return t
-
     want = _composition(*plain, 0.5)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        got = recomputed(_composition, *lean, 0.5)
+    kept, got = saved_storages(recomputed, _composition, *lean, 0.5)
     assert torch.equal(got, want)
-    assert kept <= {t.untyped_storage().data_ptr() for t in lean}
+    assert kept <= storages(*lean)
     want_g = torch.autograd.grad(want, [t for t in plain if t.requires_grad], grad)
     got_g = torch.autograd.grad(got, [t for t in lean if t.requires_grad], grad)
     assert all(torch.equal(a, b) for a, b in zip(got_g, want_g))
@@ -85,6 +79,7 @@ def test_second_derivatives():
     x, y = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2))
     w = torch.randn(4, generator=g, dtype=torch.float64)
     x, w = x.requires_grad_(), w.requires_grad_()
+
     def composition(x, w):
         return torch.nn.functional.layer_norm(x, (4,), w) * torch.sigmoid(y)
 

@@ -9,6 +9,7 @@ import torch
 
 import treessm
 from oracle import all_roots, chain, dense_tree_scan, empty, random_forest, single_vertex, star
+from saved import saved_storages, storages
 from treessm import Tree, selective_tree_scan, tree_scan
 from treessm.ops.selective_scan import reference_tree_scan, selective_tree_scan_ref
 
@@ -179,16 +180,9 @@ def test_softplus_steps_keep_only_their_output(backend, dtype, monkeypatch):
         leaves["delta"].copy_(torch.linspace(-60, 60, leaves["delta"].numel(), dtype=dtype)
                               .view_as(leaves["delta"]))
     run = functools.partial(selective_tree_scan, backend=backend)
-    kept = set()
-
-    def pack(t):
-        kept.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run(tree=tree, **leaves, **kw)
-    assert leaves["u"].untyped_storage().data_ptr() in kept  # the hook sees the leaves
-    assert leaves["delta"].untyped_storage().data_ptr() not in kept
+    kept, _ = saved_storages(run, tree=tree, **leaves, **kw)
+    assert storages(leaves["u"]) <= kept  # the hook sees the leaves
+    assert not storages(leaves["delta"]) & kept
     got = _value_and_grads(run, tree, leaves, kw)
 
     def with_torch_softplus(delta, **a):
