@@ -9,7 +9,8 @@ anyway). Both cost the host a little per call (:func:`recomputed`: about 70 us m
 the plain composition's forward and backward) and the device one more pass, so they are
 taken for large arrays only (:func:`keeps_less`); on the CPU the layers' own kernels
 already recompute in their backward, and torch's ``expm1``, which the softplus's slope
-needs, is slow there.
+needs, is slow there (the slope's backward took 60 against torch's softplus's 25 ms at
+``[10^5, 128]`` on one thread).
 """
 from __future__ import annotations
 
