@@ -287,6 +287,34 @@ def test_cuda_unaligned_rows():
         assert torch.allclose(h.cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_cuda_columns_of_long_chains_in_global_memory(direction, dtype):
+    # trees too long for shared-memory columns: chains carry the step before's value in a
+    # register, the other trees of the same launch (a chain with a leaf under its root, a
+    # deep random tree) read their global columns; all against the float64 CPU backend,
+    # gradients too, bitwise repeatable
+    g = torch.Generator().manual_seed(28)
+    forked = chain(2600)
+    forked = torch.cat([forked, torch.tensor([0])])  # a leaf under the root: not a chain
+    parts = [chain(3000, g), chain(2500), forked, random_forest(2800, 1, g, locality=3)]
+    offsets = torch.tensor([0] + [p.numel() for p in parts]).cumsum(0)
+    parent = torch.cat([torch.where(p >= 0, p + o, p) for p, o in zip(parts, offsets)])
+    n = parent.numel()
+    tree = treessm.Tree.from_parent(parent).cuda()
+    x, w = _inputs(n, 40, dtype, g)
+    gout = torch.randn(n, 40, generator=g, dtype=dtype).cuda()
+    runs = [_scan_with(tree, x, w, gout, direction, "columns") for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    xc, wc = x.double().cpu().requires_grad_(), w.double().cpu().requires_grad_()
+    hc = treessm.tree_scan(xc, wc, tree.cpu(), direction)
+    ref = (hc, *torch.autograd.grad(hc, (xc, wc), gout.double().cpu()))
+    tol = 1e-10 if dtype == torch.float64 else TOL[torch.float32]
+    for a, b in zip(runs[0], ref):
+        err = (a.double().cpu() - b).norm() / b.norm()
+        assert err < tol, err
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_cuda_lean_path_equals_the_custom_op(schedule):
     # eager CUDA calls go through torch.ops.treessm.cuda_tree_scan (autograd in C++); the
