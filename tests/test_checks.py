@@ -141,3 +141,22 @@ def test_all_finite_finds_one_non_finite_entry_anywhere_and_accepts_extreme_fini
             assert not all_finite(y), (bad, at)
     big = torch.finfo(dtype).max
     assert all_finite(torch.tensor([big, -big, torch.finfo(dtype).tiny], dtype=dtype))
+
+
+def test_an_old_torch_is_named_at_import():
+    # the operators need torch.library.custom_op (torch 2.4): an older torch fails at
+    # ``import treessm`` with the release needed, not with an AttributeError deep inside
+    import subprocess
+    import sys
+
+    from treessm.typing import TORCH_MIN, check_torch_version
+
+    assert TORCH_MIN == (2, 4)
+    check_torch_version("2.4.0a0+gitabc")  # a nightly of the release
+    with pytest.raises(ImportError, match=r'torch>=2\.4, found 2\.3\.1: pip install -U "torch>=2\.4"'):
+        check_torch_version("2.3.1")
+    with pytest.raises(ImportError, match="cannot read the torch version"):
+        check_torch_version("unknown")
+    code = "import torch; torch.__version__ = '2.3.1'; import treessm"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0 and "ImportError: treessm needs torch>=2.4" in done.stderr

@@ -31,6 +31,7 @@ NOT_APPLICABLE = {
     "treessm.datasets.load_dataset": {"Shapes:": "returns a dataset; its graphs' shapes "
                                                  "are PyG's"},
     "treessm.typing.require": {"Shapes:": NO_TENSORS, "Returns:": "returns nothing"},
+    "treessm.typing.check_torch_version": {"Shapes:": NO_TENSORS, "Returns:": "returns nothing"},
     "treessm.typing.load_cuda_extension": {"Shapes:": NO_TENSORS, "Returns:": "returns "
                                                                               "nothing"},
     "treessm.typing.cuda_extension_loaded": {"Shapes:": NO_TENSORS,

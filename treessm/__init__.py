@@ -1,8 +1,13 @@
 """treessm: tree-topology state space models on any graph."""
-from .tree import Tree
-from .ops import selective_tree_scan, tree_scan
-from .topology import (GraphTopology, GridTopology, PreparedGraph, SequenceTopology, Topology,
-                       minimum_spanning_tree, prepare_graph)
+from .typing import check_torch_version as _check_torch_version
+
+_check_torch_version()  # an old torch fails here with the release needed, not deep inside
+
+from .tree import Tree  # noqa: E402
+from .ops import selective_tree_scan, tree_scan  # noqa: E402
+from .topology import (  # noqa: E402
+    GraphTopology, GridTopology, PreparedGraph, SequenceTopology, Topology, minimum_spanning_tree,
+    prepare_graph)
 
 #: the release of this installation (``CHANGELOG.md`` says what each release brought)
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -27,9 +28,42 @@ from typing import Optional
 
 import torch
 
-__all__ = ["WITH_TORCH_SCATTER", "WITH_TIMM", "WITH_TRANSFORMERS", "WITH_PEFT", "require",
-           "load_cuda_extension", "cuda_extension_available", "cuda_extension_loaded",
+__all__ = ["TORCH_MIN", "check_torch_version", "WITH_TORCH_SCATTER", "WITH_TIMM",
+           "WITH_TRANSFORMERS", "WITH_PEFT", "require", "load_cuda_extension", "cuda_extension_available", "cuda_extension_loaded",
            "cuda_extension_error", "cuda_source_dir"]
+
+
+#: The oldest torch release treessm runs on: its operators are ``torch.library.custom_op``
+#: with ``register_fake`` and ``register_autograd``, and the layers read the autocast state
+#: of a device type (``torch.get_autocast_dtype``), all from torch 2.4.
+TORCH_MIN = (2, 4)
+
+
+def check_torch_version(version: Optional[str] = None) -> None:
+    """Raise an :class:`ImportError` that names the release needed when torch (or the given
+    ``version`` string) is older than :data:`TORCH_MIN`.
+
+    Args:
+        version (str, optional): a torch version string; the installed one when ``None``.
+
+    Raises:
+        ImportError: when the version is older than :data:`TORCH_MIN`, or unreadable.
+
+    Example:
+        >>> check_torch_version("2.11.0+cu130")
+        >>> check_torch_version("2.3.1")
+        Traceback (most recent call last):
+        ...
+        ImportError: treessm needs torch>=2.4, found 2.3.1: pip install -U "torch>=2.4"
+    """
+    text = torch.__version__ if version is None else version
+    match = re.match(r"(\d+)\.(\d+)", text)
+    if match is None:
+        raise ImportError(f"cannot read the torch version {text!r}")
+    if (int(match.group(1)), int(match.group(2))) < TORCH_MIN:  # nightlies of 2.4 count
+        need = ".".join(map(str, TORCH_MIN))
+        raise ImportError(f'treessm needs torch>={need}, found {text}: pip install -U '
+                          f'"torch>={need}"')
 
 
 def _importable(name: str) -> bool:
