@@ -155,6 +155,26 @@ def test_attach_level_plan_is_what_the_scan_reads():
     assert all(torch.equal(a, b) for a, b in zip(got, lp))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_level_and_column_plans_wait_for_nothing():
+    # a layer's tree is new in every step: its plans are built without the host waiting for
+    # the device (the largest tree's size known, as the topologies give it), equal to the CPU's
+    from treessm.ops.plan import column_plan
+
+    parent = random_forest(300, 7, torch.Generator().manual_seed(9))
+    cpu = treessm.Tree.from_parent(parent)
+    tree = cpu.to("cuda")
+    assert tree.max_tree_size is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        levels, columns = level_plan(tree), column_plan(tree)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip(levels + columns, level_plan(cpu) + column_plan(cpu)):
+        assert torch.equal(got.cpu(), want)
+
+
 def test_schedule_choice_reads_host_sizes_only():
     from treessm.ops.plan import (PHASES_MIN_TREE_SIZE, PHASES_MIN_TREES, SCHEDULES,
                                   choose_schedule)

@@ -290,7 +290,9 @@ def level_plan(tree: Tree) -> LevelPlan:
         d = tree.depth[tree.order]
         is_start = torch.ones(n, dtype=torch.bool, device=dev)
         is_start[1:] = d[1:] != d[:-1]
-        is_start[tree.tree_ptr[:-1]] = True  # a one-vertex tree after another: depth 0 twice
+        # a one-vertex tree after another: depth 0 twice. index_fill_ takes the value as a
+        # scalar; an indexed assignment copies it to the device and waits for the copy
+        is_start.index_fill_(0, tree.tree_ptr[:-1], True)
         level_id = torch.cumsum(is_start, 0) - 1
         level_pos = torch.searchsorted(level_id, torch.arange(n + 1, device=dev))
         tree_level_ptr = torch.cat([level_id[tree.tree_ptr[:-1]], level_id[-1:] + 1])
