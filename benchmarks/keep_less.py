@@ -68,8 +68,8 @@ def main(argv=None):
             r = graph_bench.time_layer("tree_ssm_conv", args.vertices, device, 5)
             rows.append(dict(r, variant=name))
             print(f"TreeSSMConv(64, 64) n={args.vertices} {name:<9} forward + backward "
-                  f"{r['forward_backward_ms']:8.1f} ms  peak {r['forward_backward_peak_mb']:8.0f} MiB",
-                  flush=True)
+                  f"{r['forward_backward_ms']:8.1f} ms  peak "
+                  f"{r['forward_backward_peak_mb']:8.0f} MiB", flush=True)
             torch.cuda.empty_cache()
     finally:
         recompute.KEEP_LESS_MIN_ELEMENTS = default

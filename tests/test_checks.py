@@ -153,7 +153,8 @@ def test_an_old_torch_is_named_at_import():
 
     assert TORCH_MIN == (2, 4)
     check_torch_version("2.4.0a0+gitabc")  # a nightly of the release
-    with pytest.raises(ImportError, match=r'torch>=2\.4, found 2\.3\.1: pip install -U "torch>=2\.4"'):
+    want = r'torch>=2\.4, found 2\.3\.1: pip install -U "torch>=2\.4"'
+    with pytest.raises(ImportError, match=want):
         check_torch_version("2.3.1")
     with pytest.raises(ImportError, match="cannot read the torch version"):
         check_torch_version("unknown")

@@ -29,8 +29,9 @@ from typing import Optional
 import torch
 
 __all__ = ["TORCH_MIN", "check_torch_version", "WITH_TORCH_SCATTER", "WITH_TIMM",
-           "WITH_TRANSFORMERS", "WITH_PEFT", "require", "load_cuda_extension", "cuda_extension_available", "cuda_extension_loaded",
-           "cuda_extension_error", "cuda_source_dir"]
+           "WITH_TRANSFORMERS", "WITH_PEFT", "require", "load_cuda_extension",
+           "cuda_extension_available", "cuda_extension_loaded", "cuda_extension_error",
+           "cuda_source_dir"]
 
 
 #: The oldest torch release treessm runs on: its operators are ``torch.library.custom_op``
