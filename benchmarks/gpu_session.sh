@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
-# $OUT (default ./gpu_out), at most eight files.
+# $OUT (default ./gpu_out), at most eight files a call (bench's steps write nine and take
+# more than ten minutes together: split it with the *_S timeouts).
 #   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
 #                                          tiled), of the device spanning forests and of
 #                                          the fused selective scan, the
 #                                          benchmark rows of the scan, memcheck (and
 #                                          racecheck of the tiled scan, the expansion
-#                                          kernels and the fused walk)
+#                                          kernels, the columns and the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph
 #                                          and its small graphs, grootl, the tiled kernels,
-#                                          selective_scan), each saved as *_<card>.json
+#                                          selective_scan, keep_less), each saved as
+#                                          *_<card>.json
 #   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
 #                                          process on the whole GPU), then torch.compile of every
 #                                          module on CUDA
@@ -61,6 +63,13 @@ if [ "$MODE" = check ]; then
       -k "(dense_oracle and 7 and (both or up)) or (parts and graph_forest and float32) or (cuda_kernels_match_the_reference and child and both)" \
       > "$OUT/$tool.tiles.log" 2>&1
     log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.tiles.log" | tail -3 | tee -a "$SUMMARY"
+  done
+  log "== memcheck and racecheck (columns: chains in registers, long trees in global columns)"
+  for tool in memcheck racecheck; do
+    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
+      -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "long_chains and not both" \
+      > "$OUT/$tool.columns.log" 2>&1
+    log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.columns.log" | tail -3 | tee -a "$SUMMARY"
   done
   log "== memcheck and racecheck (the fused selective walk against the reference, every lane count; the chain backward)"
   for tool in memcheck racecheck; do
@@ -121,3 +130,5 @@ timeout ${TILES_S:-150} $PY benchmarks/tree_scan.py --tiles --out "$OUT/tree_sca
   2>&1 | tee -a "$SUMMARY" | tail -10
 timeout ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py --device cuda \
   --out "$OUT/selective_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10
+timeout ${KEEP_S:-120} $PY benchmarks/keep_less.py --out "$OUT/keep_less_gpu_$CARD.json" \
+  2>&1 | tee -a "$SUMMARY" | tail -8
