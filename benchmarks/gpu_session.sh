@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
 # $OUT (default ./gpu_out), at most eight files a call (bench's steps write nine and take
-# more than ten minutes together: split it with the *_S timeouts).
+# more than ten minutes together: split them with $STEPS, below).
 #   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
 #                                          tiled), of the device spanning forests and of
 #                                          the fused selective scan, the
@@ -114,21 +114,25 @@ if [ "$MODE" = real ]; then
   exit 0
 fi
 
-# bench
-timeout ${SCAN_S:-200} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} --out "$OUT/tree_scan_gpu_$CARD.json" \
-  2>&1 | tee -a "$SUMMARY" | tail -30
-timeout ${GROOTV_S:-150} $PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.json" ${GROOTV_ARGS:-} \
-  2>&1 | tee -a "$SUMMARY" | tail -14
-timeout ${GRAPH_S:-240} $PY benchmarks/graph.py --device cuda --timing ${GRAPH_ARGS:---sizes 4,5,6,7} \
-  --out "$OUT/graph_gpu_$CARD.json" \
-  2>&1 | tee -a "$SUMMARY" | tail -8
-timeout ${SMALL_S:-60} $PY benchmarks/graph.py --device cuda --small \
+# bench: $STEPS names the steps this call runs (default all of them, more than ten minutes:
+# split them over calls, e.g. STEPS="scan grootv graph" then STEPS="small grootl tiles
+# selective keep")
+STEPS=${STEPS:-scan grootv graph small grootl tiles selective keep}
+want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+want scan && timeout ${SCAN_S:-200} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
+  --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -30
+want grootv && timeout ${GROOTV_S:-150} $PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.json" \
+  ${GROOTV_ARGS:-} 2>&1 | tee -a "$SUMMARY" | tail -14
+want graph && timeout ${GRAPH_S:-240} $PY benchmarks/graph.py --device cuda --timing \
+  ${GRAPH_ARGS:---sizes 4,5,6,7} --out "$OUT/graph_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -8
+want small && timeout ${SMALL_S:-60} $PY benchmarks/graph.py --device cuda --small \
   --out "$OUT/graph_small_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -5
-timeout ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" \
+want grootl && timeout ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
-timeout ${TILES_S:-150} $PY benchmarks/tree_scan.py --tiles --out "$OUT/tree_scan_tiles_gpu_$CARD.json" \
-  2>&1 | tee -a "$SUMMARY" | tail -10
-timeout ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py --device cuda \
+want tiles && timeout ${TILES_S:-150} $PY benchmarks/tree_scan.py --tiles \
+  --out "$OUT/tree_scan_tiles_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10
+want selective && timeout ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py --device cuda \
   --out "$OUT/selective_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10
-timeout ${KEEP_S:-120} $PY benchmarks/keep_less.py --out "$OUT/keep_less_gpu_$CARD.json" \
+want keep && timeout ${KEEP_S:-120} $PY benchmarks/keep_less.py --out "$OUT/keep_less_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
+exit 0
