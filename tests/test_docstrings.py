@@ -32,6 +32,7 @@ NOT_APPLICABLE = {
                                                  "are PyG's"},
     "treessm.typing.require": {"Shapes:": NO_TENSORS, "Returns:": "returns nothing"},
     "treessm.typing.check_torch_version": {"Shapes:": NO_TENSORS, "Returns:": "returns nothing"},
+    "treessm.typing.release": {"Shapes:": NO_TENSORS},
     "treessm.typing.load_cuda_extension": {"Shapes:": NO_TENSORS, "Returns:": "returns "
                                                                               "nothing"},
     "treessm.typing.cuda_extension_loaded": {"Shapes:": NO_TENSORS,

@@ -24,11 +24,11 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["TORCH_MIN", "check_torch_version", "WITH_TORCH_SCATTER", "WITH_TIMM",
+__all__ = ["TORCH_MIN", "check_torch_version", "release", "WITH_TORCH_SCATTER", "WITH_TIMM",
            "WITH_TRANSFORMERS", "WITH_PEFT", "require", "load_cuda_extension",
            "cuda_extension_available", "cuda_extension_loaded", "cuda_extension_error",
            "cuda_source_dir"]
@@ -38,6 +38,30 @@ __all__ = ["TORCH_MIN", "check_torch_version", "WITH_TORCH_SCATTER", "WITH_TIMM"
 #: with ``register_fake`` and ``register_autograd``, and the layers read the autocast state
 #: of a device type (``torch.get_autocast_dtype``), all from torch 2.4.
 TORCH_MIN = (2, 4)
+
+
+def release(version: str, package: str) -> Tuple[int, int]:
+    """``(major, minor)`` of a ``version`` string of ``package``, pre-releases and local
+    suffixes ignored: what the supported ranges of treessm's dependencies compare.
+
+    Args:
+        version (str): the version string, such as ``torch.__version__``.
+        package (str): the package's name, for the message.
+
+    Returns:
+        Tuple[int, int]: the major and minor release.
+
+    Raises:
+        ImportError: when ``version`` does not start with two dotted numbers.
+
+    Example:
+        >>> release("2.4.0a0+git1234", "torch")
+        (2, 4)
+    """
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ImportError(f"cannot read the {package} version {version!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def check_torch_version(version: Optional[str] = None) -> None:
@@ -58,10 +82,7 @@ def check_torch_version(version: Optional[str] = None) -> None:
         ImportError: treessm needs torch>=2.4, found 2.3.1: pip install -U "torch>=2.4"
     """
     text = torch.__version__ if version is None else version
-    match = re.match(r"(\d+)\.(\d+)", text)
-    if match is None:
-        raise ImportError(f"cannot read the torch version {text!r}")
-    if (int(match.group(1)), int(match.group(2))) < TORCH_MIN:  # nightlies of 2.4 count
+    if release(text, "torch") < TORCH_MIN:  # nightlies of 2.4 count
         need = ".".join(map(str, TORCH_MIN))
         raise ImportError(f'treessm needs torch>={need}, found {text}: pip install -U '
                           f'"torch>={need}"')

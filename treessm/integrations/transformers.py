@@ -18,13 +18,12 @@ releases are :data:`TRANSFORMERS_RANGE`. ``docs/language_models.md`` describes t
 """
 from __future__ import annotations
 
-import re
-from typing import Optional, Tuple
+from typing import Optional
 
 from torch import nn
 
 from ..nn.grootl import MODES, GrootLMixer
-from ..typing import require
+from ..typing import release, require
 
 __all__ = ["grootl_from_mamba", "set_context_len", "check_transformers_version",
            "TRANSFORMERS_RANGE", "MODES"]
@@ -34,13 +33,6 @@ __all__ = ["grootl_from_mamba", "set_context_len", "check_transformers_version",
 #: ``update_recurrent_state`` and per-state dictionaries) as 5.17 to 5.24 have it; 5.24
 #: renamed the mixer's ``cache_params`` argument to ``cache`` and both names are accepted.
 TRANSFORMERS_RANGE = ((5, 17), (6, 0))
-
-
-def _release(version: str) -> Tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None:
-        raise ImportError(f"cannot read the transformers version {version!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _range_text() -> str:
@@ -76,7 +68,7 @@ def check_transformers_version(version: Optional[str] = None) -> str:
 
         version = transformers.__version__
     lo, hi = TRANSFORMERS_RANGE
-    if not lo <= _release(version) < hi:
+    if not lo <= release(version, "transformers") < hi:
         raise ImportError(f"treessm's Mamba integration supports {_range_text()}, found "
                           f"transformers {version}; install a supported release: "
                           f"pip install '{_range_text()}'")
