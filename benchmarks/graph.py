@@ -274,12 +274,44 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
 SMALL_SIZES = (100, 400, 1250, 2708)
 
 
+def captured_step_ms(step, steps=10, rounds=15):
+    """The wall-clock median of ``rounds`` rounds of ``steps`` replays of ``step`` captured
+    in a CUDA graph (after three eager steps on a side stream, as capture needs), or
+    ``None`` with the reason printed where ``step`` cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as exc:
+        print(f"  not captured: {str(exc).splitlines()[0][:160]}", flush=True)
+        torch.cuda.synchronize()
+        return None
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
 def small_graph_table(device, sizes=SMALL_SIZES, rounds=15, steps=10):
     """A training step of ``TreeSSMConv(64, 64)`` and of ``GCNConv(64, 64)`` on small random
     graphs (five edges per vertex) in this process, with its threads: the wall-clock medians
     of ``rounds`` rounds of ``steps`` steps, the two layers taking turns, and their ratio.
     On small graphs the fixed costs of a call (dispatch, the work sharing among threads)
-    weigh, and those are what the threads of a process change."""
+    weigh, and those are what the threads of a process change. On a GPU, each step is also
+    captured in a CUDA graph and replayed (``*_captured_ms``), as a training loop over a
+    fixed graph can: the graph prepared once (:func:`treessm.prepare_graph`), the replay
+    costs the host one launch."""
     from torch_geometric.nn import GCNConv
 
     rows = []
@@ -290,10 +322,10 @@ def small_graph_table(device, sizes=SMALL_SIZES, rounds=15, steps=10):
                   "gcn_conv": GCNConv(64, 64).to(device)}
         xg = x.clone().requires_grad_()
 
-        def step(conv):
+        def step(conv, graph=ei):
             xg.grad = None
             conv.zero_grad(set_to_none=True)
-            out = conv(xg, ei)
+            out = conv(xg, graph)
             out.backward(torch.ones_like(out))
 
         times = {name: [] for name in layers}
@@ -311,8 +343,18 @@ def small_graph_table(device, sizes=SMALL_SIZES, rounds=15, steps=10):
         for name, ts in times.items():
             row[f"{name}_step_ms"] = statistics.median(ts)
         row["ratio"] = row["tree_ssm_conv_step_ms"] / row["gcn_conv_step_ms"]
-        print(f"n={n:>6}  training step {row['tree_ssm_conv_step_ms']:8.2f} / "
-              f"{row['gcn_conv_step_ms']:6.2f} ms ({row['ratio']:4.1f}x)", flush=True)
+        line = (f"n={n:>6}  training step {row['tree_ssm_conv_step_ms']:8.2f} / "
+                f"{row['gcn_conv_step_ms']:6.2f} ms ({row['ratio']:4.1f}x)")
+        if device.type == "cuda":
+            prepared = treessm.prepare_graph(ei, n)
+            for name, conv in layers.items():
+                graph = prepared if name == "tree_ssm_conv" else ei
+                row[f"{name}_captured_ms"] = captured_step_ms(
+                    lambda conv=conv, graph=graph: step(conv, graph), steps, rounds)
+            got = [row[f"{name}_captured_ms"] for name in layers]
+            line += "; captured " + " / ".join("-" if t is None else f"{t:.2f}" for t in got)
+            line += " ms"
+        print(line, flush=True)
         rows.append(row)
     return rows
 

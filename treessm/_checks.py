@@ -18,7 +18,8 @@ from torch import Tensor
 
 __all__ = ["check_int", "check_ints", "check_int_or_auto", "check_number", "check_bool",
            "check_choice", "check_optional_choice", "check_device", "check_features",
-           "INDEX_TYPES", "check_index_range", "check_edge_index", "all_finite"]
+           "INDEX_TYPES", "check_index_range", "check_edge_index", "all_finite",
+           "values_readable"]
 
 
 def _is_int(value) -> bool:
@@ -140,6 +141,14 @@ def check_device(device, name: str = "device") -> torch.device:
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got "
                          f"{device!r}") from exc
+
+
+def values_readable(t: Tensor) -> bool:
+    """Whether a check may read the values of ``t`` on the host now: not while the current
+    CUDA stream is being captured into a CUDA graph, where reading would wait for the
+    device, which a capture forbids. The eager steps that a capture needs before it run
+    the same checks on their inputs; the replays read nothing."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def all_finite(t: Tensor) -> bool:

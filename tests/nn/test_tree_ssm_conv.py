@@ -374,6 +374,54 @@ def test_cuda_keeping_less_for_the_backward_gives_the_same_bits(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("with_batch", [False, True])
+def test_cuda_graph_capture_of_a_training_step(with_batch):
+    """A whole training step (the spanning forest built on the device, the scan, the
+    backward) is captured in a CUDA graph after eager warm-up steps; replays for new
+    features give the eager step's gradients bit for bit. The features' checks, which read
+    values on the host, run in the eager steps only."""
+    torch.manual_seed(8)
+    conv = TreeSSMConv(16, 16, d_state=4).cuda()
+    x, ei = _graph(2000, 8000, 9, c=16)
+    graph = treessm.prepare_graph(ei.cuda(), 2000)
+    kw = dict(batch=(torch.arange(2000) // 700).cuda()) if with_batch else {}
+    if with_batch:  # no edge between the examples
+        keep = (kw["batch"][graph.edge_index[0]] == kw["batch"][graph.edge_index[1]]).cpu()
+        graph = treessm.prepare_graph(graph.edge_index[:, keep.cuda()], 2000)
+    static = x.cuda().requires_grad_()
+
+    def step():
+        conv(static, graph, **kw).square().sum().backward()
+
+    params = list(conv.parameters())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            static.grad = None
+            conv.zero_grad(set_to_none=False)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    static.grad = None
+    conv.zero_grad(set_to_none=False)
+    with torch.cuda.graph(cuda_graph):
+        step()
+    written = [static.grad] + [p.grad for p in params]  # what the replays write
+    for seed in range(2):
+        fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).cuda()
+        with torch.no_grad():
+            static.copy_(fresh)
+        for p in params:
+            p.grad.zero_()  # the replay adds into them, as the eager backward does
+        cuda_graph.replay()
+        torch.cuda.synchronize()
+        eager = fresh.requires_grad_()
+        want = torch.autograd.grad(conv(eager, graph, **kw).square().sum(), [eager] + params)
+        assert all(torch.equal(a, b) for a, b in zip(written, want)), seed
+
+
 def test_topology_argument_builds_the_tree():
     # a topology of one's own: the chain over the vertices, whatever the graph
     calls = []

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import INDEX_TYPES, all_finite, check_features
+from .._checks import INDEX_TYPES, all_finite, check_features, values_readable
 from ..tree import Tree
 from .base import Topology
 from .distance import Distance, check_distance
@@ -58,7 +58,7 @@ def check_graph(x: Tensor, edge_index, batch: Optional[Tensor] = None,
         if graph.device != x.device:
             raise ValueError(f"edge_index must be on the device of {name} ({x.device}), got "
                              f"{graph.device}")
-    if n and not all_finite(x):
+    if n and values_readable(x) and not all_finite(x):
         raise ValueError(f"{name} must be finite, got NaN or infinite features")
     if batch is not None:
         if not isinstance(batch, Tensor):
@@ -72,14 +72,14 @@ def check_graph(x: Tensor, edge_index, batch: Optional[Tensor] = None,
             raise ValueError(f"batch must be on the device of {name} ({x.device}), got "
                              f"{batch.device}")
         batch = batch.long()
-        if n:
+        if n and values_readable(batch):
             if int(batch[0]) < 0:
                 raise ValueError("batch must hold non-negative example ids")
             if n > 1 and bool((batch[1:] < batch[:-1]).any()):
                 raise ValueError("batch must be sorted (non-decreasing), as PyG's loaders make "
                                  "it: every example a contiguous block of vertices")
         ei = graph.edge_index
-        if ei.shape[1] and bool((batch[ei[0]] != batch[ei[1]]).any()):
+        if ei.shape[1] and values_readable(batch) and bool((batch[ei[0]] != batch[ei[1]]).any()):
             raise ValueError("edge_index joins vertices of different examples (batch); a "
                              "tree may not span examples")
     return graph, batch
@@ -192,7 +192,7 @@ class GraphTopology(Topology):
             cost = cost.float()
         if graph.edge_weight is not None:
             cost = cost / graph.edge_weight.to(cost.dtype)
-        if not all_finite(cost):
+        if values_readable(cost) and not all_finite(cost):
             raise ValueError("edge costs must be finite, got NaN or infinite values (from the "
                              "features, edge_attr or the distance)")
         if batch is None:
