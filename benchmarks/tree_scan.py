@@ -237,9 +237,11 @@ def _gpu_once(x, w, tree, direction, grad, schedule):
 
 def schedules(bw):
     """Every schedule on one forest of each shape (float32, both): random recursive trees
-    of 2^12 .. 2^20 vertices and a chain of 10^6 (C=64), 32 grid trees of 14x14 (C=640) and
-    of 56x56 (C=160), 4 of 512x512 and 32 of 224x224 (C=64); forward and backward GPU time, the first call's wall time (its plan built),
-    and what the automatic choice takes (``treessm.ops.plan.choose_schedule``)."""
+    of 2^10 .. 2^20 vertices (closer steps about the rule's bounds: 2^10 to 2^12, 2^16 to
+    2^19) and a chain of 10^6 (C=64), 32 grid trees of 14x14 (C=640) and of 56x56 (C=160),
+    4 of 512x512 and 32 of 224x224 (C=64); forward and backward GPU time, the first call's
+    wall time (its plan built), and what the automatic choice takes
+    (``treessm.ops.plan.choose_schedule``)."""
     from treessm.ops.plan import choose_schedule
     from treessm.topology import chain_tree
 
@@ -247,7 +249,7 @@ def schedules(bw):
     gen = torch.Generator().manual_seed(0)
     topo = treessm.GridTopology()
     cases = [(f"random tree 2^{k}", treessm.Tree.from_parent(random_tree(1 << k, gen)).cuda(),
-              64) for k in (12, 14, 16, 18, 19, 20)]
+              64) for k in (10, 11, 12, 14, 16, 17, 18, 19, 20)]
     cases += [("chain 10^6", chain_tree(1, 10 ** 6, "cuda"), 64),
               ("32 x 14x14 grid trees", topo(torch.randn(32, 14, 14, 8, device="cuda")), 640),
               ("32 x 56x56 grid trees", topo(torch.randn(32, 56, 56, 8, device="cuda")), 160),
