@@ -420,6 +420,8 @@ def test_cuda_graph_capture_of_a_training_step(with_batch):
         eager = fresh.requires_grad_()
         want = torch.autograd.grad(conv(eager, graph, **kw).square().sum(), [eager] + params)
         assert all(torch.equal(a, b) for a, b in zip(written, want)), seed
+    with pytest.raises(ValueError, match="must be finite"):  # eager steps still check
+        conv(torch.full_like(static, float("nan")), graph, **kw)
 
 
 def test_topology_argument_builds_the_tree():
