@@ -274,33 +274,19 @@ def timing_table(device, sizes=(10 ** 4, 10 ** 5, 10 ** 6)):
 SMALL_SIZES = (100, 400, 1250, 2708)
 
 
-def captured_step_ms(step, steps=10, rounds=15):
-    """The wall-clock median of ``rounds`` rounds of ``steps`` replays of ``step`` captured
-    in a CUDA graph (after three eager steps on a side stream, as capture needs), or
-    ``None`` with the reason printed where ``step`` cannot be captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+def captured_step_ms(step):
+    """GPU milliseconds of one replay of ``step`` captured in a CUDA graph
+    (``tree_scan.graph_time``: three eager steps on a side stream first, as capture needs),
+    or ``None`` with the reason printed where ``step`` cannot be captured."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tree_scan import graph_time
+
     try:
-        with torch.cuda.graph(graph):
-            step()
+        return graph_time(step)
     except RuntimeError as exc:
         print(f"  not captured: {str(exc).splitlines()[0][:160]}", flush=True)
         torch.cuda.synchronize()
         return None
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            graph.replay()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t0) / steps)
-    return statistics.median(times)
 
 
 def small_graph_table(device, sizes=SMALL_SIZES, rounds=15, steps=10):
@@ -309,9 +295,9 @@ def small_graph_table(device, sizes=SMALL_SIZES, rounds=15, steps=10):
     of ``rounds`` rounds of ``steps`` steps, the two layers taking turns, and their ratio.
     On small graphs the fixed costs of a call (dispatch, the work sharing among threads)
     weigh, and those are what the threads of a process change. On a GPU, each step is also
-    captured in a CUDA graph and replayed (``*_captured_ms``), as a training loop over a
-    fixed graph can: the graph prepared once (:func:`treessm.prepare_graph`), the replay
-    costs the host one launch."""
+    captured in a CUDA graph and replayed (``*_captured_ms``, a replay's GPU time), as a
+    training loop over a fixed graph can: the graph prepared once
+    (:func:`treessm.prepare_graph`), a replay costs the host one launch."""
     from torch_geometric.nn import GCNConv
 
     rows = []
@@ -350,7 +336,7 @@ def small_graph_table(device, sizes=SMALL_SIZES, rounds=15, steps=10):
             for name, conv in layers.items():
                 graph = prepared if name == "tree_ssm_conv" else ei
                 row[f"{name}_captured_ms"] = captured_step_ms(
-                    lambda conv=conv, graph=graph: step(conv, graph), steps, rounds)
+                    lambda conv=conv, graph=graph: step(conv, graph))
             got = [row[f"{name}_captured_ms"] for name in layers]
             line += "; captured " + " / ".join("-" if t is None else f"{t:.2f}" for t in got)
             line += " ms"
