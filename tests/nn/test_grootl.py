@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from captured_step import check_captured_step
 from oracle import kruskal_parents
 from treessm.nn.grootl import MODES, GrootLMixer
 from treessm.topology import chain_tree
@@ -326,6 +327,20 @@ def test_cuda_matches_cpu(mode):
     torch.testing.assert_close(sc.grad.cpu(), s.grad, rtol=1e-3, atol=1e-5)
     for n, p in gpu.named_parameters():
         torch.testing.assert_close(p.grad.cpu(), grads[n], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_graph_capture_of_a_training_step(mode):
+    # the whole step (the causal or paper tree built on the device, the fused scan, the
+    # backward) captured in a CUDA graph; replays for new tokens equal eager steps
+    torch.manual_seed(1)
+    m = perturbed(GrootLMixer(32, state_size=8, mode=mode)).cuda()
+    g = torch.Generator().manual_seed(2)
+    static = torch.randn(2, 96, 32, generator=g).cuda().requires_grad_()
+    fresh = [torch.randn(2, 96, 32, generator=g).cuda() for _ in range(2)]
+    check_captured_step(lambda s: m(s).square().sum(), static, m.parameters(), fresh)
 
 
 def test_topology_argument():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import oracle
+from captured_step import check_captured_step
 from treessm import Tree
 from treessm.nn import TreeSSM, raster_tree
 
@@ -252,3 +253,17 @@ def test_extra_macs():
     layer = TreeSSM(16, d_state=2)
     assert layer.extra_macs(10) == 8 * 10 * 32 * 2 + 2 * 10 * 32
     assert math.isclose(layer.extra_macs(20), 2 * layer.extra_macs(10))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d_state", [1, 4])
+def test_cuda_graph_capture_of_a_training_step(d_state):
+    # GrootV's layer: the grid tree built from the features on the device, the scan and the
+    # backward captured in a CUDA graph; replays for new images equal eager steps
+    torch.manual_seed(3)
+    layer = TreeSSM(32, d_state=d_state).cuda()
+    g = torch.Generator().manual_seed(4)
+    static = torch.randn(2, 12, 12, 32, generator=g).cuda().requires_grad_()
+    fresh = [torch.randn(2, 12, 12, 32, generator=g).cuda() for _ in range(2)]
+    check_captured_step(lambda x: layer(x).square().sum(), static, layer.parameters(), fresh)

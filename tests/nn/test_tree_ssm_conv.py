@@ -10,6 +10,7 @@ from torch_geometric.loader import DataLoader
 from torch_geometric.nn import Sequential, global_mean_pool
 
 import treessm
+from captured_step import check_captured_step
 from oracle import dense_tree_scan
 from treessm.nn import TreeSSMConv
 from treessm.nn.tree_ssm_conv import neighbour_mean
@@ -390,36 +391,10 @@ def test_cuda_graph_capture_of_a_training_step(with_batch):
         keep = (kw["batch"][graph.edge_index[0]] == kw["batch"][graph.edge_index[1]]).cpu()
         graph = treessm.prepare_graph(graph.edge_index[:, keep.cuda()], 2000)
     static = x.cuda().requires_grad_()
-
-    def step():
-        conv(static, graph, **kw).square().sum().backward()
-
-    params = list(conv.parameters())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            static.grad = None
-            conv.zero_grad(set_to_none=False)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    cuda_graph = torch.cuda.CUDAGraph()
-    static.grad = None
-    conv.zero_grad(set_to_none=False)
-    with torch.cuda.graph(cuda_graph):
-        step()
-    written = [static.grad] + [p.grad for p in params]  # what the replays write
-    for seed in range(2):
-        fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).cuda()
-        with torch.no_grad():
-            static.copy_(fresh)
-        for p in params:
-            p.grad.zero_()  # the replay adds into them, as the eager backward does
-        cuda_graph.replay()
-        torch.cuda.synchronize()
-        eager = fresh.requires_grad_()
-        want = torch.autograd.grad(conv(eager, graph, **kw).square().sum(), [eager] + params)
-        assert all(torch.equal(a, b) for a, b in zip(written, want)), seed
+    fresh = [torch.randn(x.shape, generator=torch.Generator().manual_seed(s)).cuda()
+             for s in range(2)]
+    check_captured_step(lambda inp: conv(inp, graph, **kw).square().sum(), static,
+                        conv.parameters(), fresh)
     with pytest.raises(ValueError, match="must be finite"):  # eager steps still check
         conv(torch.full_like(static, float("nan")), graph, **kw)
 
