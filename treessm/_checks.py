@@ -147,8 +147,10 @@ def values_readable(t: Tensor) -> bool:
     """Whether a check may read the values of ``t`` on the host now: not while the current
     CUDA stream is being captured into a CUDA graph, where reading would wait for the
     device, which a capture forbids. The eager steps that a capture needs before it run
-    the same checks on their inputs; the replays read nothing."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    the same checks on their inputs; the replays read nothing. (While ``torch.compile``
+    traces, the values are read as before: the check runs eagerly between its graphs.)"""
+    return not (t.is_cuda and not torch.compiler.is_compiling()
+                and torch.cuda.is_current_stream_capturing())
 
 
 def all_finite(t: Tensor) -> bool:
