@@ -432,12 +432,13 @@ name = ("treessm.GraphTopology(distance='cosine')(x, edge_index, batch=None, edg
         "edge_weight=None), treessm.prepare_graph(edge_index, num_nodes=None, ...)")
 ACCEPTS[name] = {
     "x": "floating-point tensor `[N, C]`, finite values of any magnitude (checked on every "
-         "device); `N = 0` gives the empty forest.",
+         "device, except while a CUDA graph is being captured: the eager steps before a "
+         "capture check theirs, and replays check nothing); `N = 0` gives the empty forest.",
     "edge_index": "integer tensor `[2, E]`, `EdgeIndex`, sparse adjacency (square, `[N, N]`, "
                   "one value per edge) or `PreparedGraph`, on the device of `x`; ids in "
                   "`[0, N)`; directions, repeats and self-loops do not matter.",
     "batch": "`None` or a sorted, non-negative integer tensor `[N]` (PyG's); ids may be "
-             "huge or skip numbers; no edge may join two examples.",
+             "huge or skip numbers; no edge may join two examples (checked as `x` is).",
     "edge_weight": "`None` or a positive, finite tensor `[E]`.",
     "edge_attr": "`None` or a tensor `[E]` or `[E, F]` for a distance that reads it.",
     "reduce, cache": "(`prepare_graph`) `'mean'`, `'min'`, `'max'` or `'sum'`; `bool`. "
