@@ -86,7 +86,10 @@ TREES_MAX_TREE_SIZE = 1 << 16
 # the host knows them, more than a quarter of its vertices). Measured on an H200 (C=64,
 # float32, both, forward / backward GPU ms, phases against tiles,
 # tree_scan_schedules_gpu_h200.json): one random recursive tree of 2^20 vertices 4.29 / 8.22
-# against 2.59 / 5.49, of 2^18: 0.98 / 1.95 against 0.78 / 1.62; 4 grid trees of 512x512
+# against 2.59 / 5.49, of 2^18: 0.98 / 1.95 against 0.78 / 1.62 (on an H100,
+# tree_scan_schedules_gpu_h100.json: 1.09 / 2.21 against 0.76 / 1.62; of 2^17 0.58 / 1.11
+# against 0.60 / 1.24, so the bound is 2^18; a tree rebuilt for every call pays the tiled
+# plan's first build, 17 ms against the phase plan's 8 ms at 2^18); 4 grid trees of 512x512
 # 3.97 / 7.64 against 2.90 / 6.08; 32 of 224x224 6.03 / 11.47 against 4.49 / 9.43; a chain
 # of 10^6 2.62 / 4.81 against 3.26 / 6.82. A tree built on the device (a graph layer's
 # spanning forest) has no host-side level count; such trees are bushy far more often than
@@ -100,7 +103,7 @@ TREES_MAX_TREE_SIZE = 1 << 16
 # 17.92 (plans at 10^5: phase 6.34 ms, tiled 8.16 eager, 2.41 replayed). A tree that is
 # scanned many times (its plan cached) scans faster under "phases" at these sizes (one tree
 # of 2^16 vertices, C=64: 0.36 / 0.62 against 0.52 / 1.07 ms GPU).
-TILES_MIN_NODES = 1 << 19
+TILES_MIN_NODES = 1 << 18
 # ... and when a position's row of channels takes at least this many bytes: the tiled
 # kernels give a row's channels to the lanes of a 128-byte row and read the tile's plan once
 # per row, so narrower rows leave lanes idle and read the plan for little data. Measured on
