@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
-# $OUT (default ./gpu_out), at most eight files a call (bench's steps write nine and take
+# $OUT (default ./gpu_out), at most eight files a call (bench's steps write ten and take
 # more than ten minutes together: split them with $STEPS, below).
 #   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
 #                                          tiled), of the device spanning forests and of
@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph
 #                                          and its small graphs, grootl, the tiled kernels,
-#                                          selective_scan, keep_less), each saved as
-#                                          *_<card>.json
+#                                          selective_scan, keep_less, the host's waits
+#                                          and device operations of a training step),
+#                                          each saved as *_<card>.json
 #   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
 #                                          process on the whole GPU), then torch.compile of every
 #                                          module on CUDA
@@ -116,8 +117,8 @@ fi
 
 # bench: $STEPS names the steps this call runs (default all of them, more than ten minutes:
 # split them over calls, e.g. STEPS="scan grootv graph" then STEPS="small grootl tiles
-# selective keep")
-STEPS=${STEPS:-scan grootv graph small grootl tiles selective keep}
+# selective keep waits")
+STEPS=${STEPS:-scan grootv graph small grootl tiles selective keep waits}
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 want scan && timeout ${SCAN_S:-200} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
   --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -30
@@ -135,4 +136,6 @@ want selective && timeout ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py -
   --out "$OUT/selective_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10
 want keep && timeout ${KEEP_S:-120} $PY benchmarks/keep_less.py --out "$OUT/keep_less_gpu_$CARD.json" \
   2>&1 | tee -a "$SUMMARY" | tail -8
+want waits && timeout ${WAITS_S:-90} $PY benchmarks/host_waits.py --out "$OUT/host_waits_gpu_$CARD.json" \
+  2>&1 | tee -a "$SUMMARY" | tail -30
 exit 0
