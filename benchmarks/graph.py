@@ -278,7 +278,9 @@ def captured_step_ms(step):
     """GPU milliseconds of one replay of ``step`` captured in a CUDA graph
     (``tree_scan.graph_time``: three eager steps on a side stream first, as capture needs),
     or ``None`` with the reason printed where ``step`` cannot be captured."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from tree_scan import graph_time
 
     try:
