@@ -11,6 +11,11 @@ against the same layers keeping everything (``keep_all``: the floor out of reach
 * ``TreeSSMConv(64, 64)`` on a random graph of 10^6 vertices and 5 * 10^6 edges: forward
   + backward milliseconds and peak memory (``graph.py``'s timing).
 
+Each row also says how often the rule was asked and how often it kept less
+(``keeps_less_true`` / ``keeps_less_calls``), and how much memory the process held when the
+row began (``start_memory_gib``, after a garbage collection): a ``keep_less`` row whose rule
+never answered yes, or that began above an earlier row's leftovers, shows it.
+
 Saved to ``benchmarks/results/keep_less_gpu.json`` unless ``--out`` names a file.
 
     python benchmarks/keep_less.py            # CUDA, about a minute
@@ -18,6 +23,8 @@ Saved to ``benchmarks/results/keep_less_gpu.json`` unless ``--out`` names a file
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import sys
@@ -40,6 +47,28 @@ def _variants():
     return (("keep_less", recompute.KEEP_LESS_MIN_ELEMENTS), ("keep_all", KEEP_ALL))
 
 
+@contextlib.contextmanager
+def _counted(row: dict):
+    """Count the keep-less rule's answers inside the block into ``row``, and record the
+    memory the process holds when it begins (after a garbage collection)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    row["start_memory_gib"] = round(torch.cuda.memory_allocated() / 2 ** 30, 3)
+    rule = recompute.keeps_less
+    answers = []
+
+    def counting(x, *others):
+        answers.append(rule(x, *others))
+        return answers[-1]
+
+    recompute.keeps_less = counting
+    try:
+        yield
+    finally:
+        recompute.keeps_less = rule
+        row["keeps_less_calls"], row["keeps_less_true"] = len(answers), sum(answers)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="turns of each variant")
@@ -58,19 +87,26 @@ def main(argv=None):
             for name, floor in _variants():
                 recompute.KEEP_LESS_MIN_ELEMENTS = floor
                 for precision in ("bf16", "fp32"):
-                    r = grootv_bench.bench_one("tree", precision, "training", step_args, device)
-                    rows.append(dict(r, model="grootv_tiny", variant=name, round=rnd))
-                    print(f"GrootV-T training {precision:<4} {name:<9} {r['images_per_s']:8.1f} "
-                          f"img/s  peak {r['peak_memory_gib']:6.2f} GiB", flush=True)
-                    torch.cuda.empty_cache()
+                    row = dict(model="grootv_tiny", variant=name, round=rnd)
+                    with _counted(row):
+                        row.update(grootv_bench.bench_one("tree", precision, "training",
+                                                          step_args, device))
+                    rows.append(row)
+                    print(f"GrootV-T training {precision:<4} {name:<9} "
+                          f"{row['images_per_s']:8.1f} img/s  peak "
+                          f"{row['peak_memory_gib']:6.2f} GiB  (from "
+                          f"{row['start_memory_gib']:.2f}; kept less "
+                          f"{row['keeps_less_true']} of {row['keeps_less_calls']})", flush=True)
         for name, floor in _variants():
             recompute.KEEP_LESS_MIN_ELEMENTS = floor
-            r = graph_bench.time_layer("tree_ssm_conv", args.vertices, device, 5)
-            rows.append(dict(r, variant=name))
+            row = dict(variant=name)
+            with _counted(row):
+                row.update(graph_bench.time_layer("tree_ssm_conv", args.vertices, device, 5))
+            rows.append(row)
             print(f"TreeSSMConv(64, 64) n={args.vertices} {name:<9} forward + backward "
-                  f"{r['forward_backward_ms']:8.1f} ms  peak "
-                  f"{r['forward_backward_peak_mb']:8.0f} MiB", flush=True)
-            torch.cuda.empty_cache()
+                  f"{row['forward_backward_ms']:8.1f} ms  peak "
+                  f"{row['forward_backward_peak_mb']:8.0f} MiB  (kept less "
+                  f"{row['keeps_less_true']} of {row['keeps_less_calls']})", flush=True)
     finally:
         recompute.KEEP_LESS_MIN_ELEMENTS = default
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
