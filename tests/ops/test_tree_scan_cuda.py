@@ -224,24 +224,25 @@ def test_cuda_weights_above_one_and_overflow(direction):
     assert not torch.isnan(h).any() and torch.isinf(h).any()
 
 
+@pytest.mark.parametrize("schedule", ["phases", "tiles"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_cuda_one_large_tree_and_singletons_match_the_cpu(direction):
-    # one tree of 300,000 vertices beside 40 isolated vertices: the automatic schedule runs
-    # it phase by phase over the device; outputs and gradients against the numba backend in
-    # float64, bitwise repeatable
+def test_cuda_one_large_tree_and_singletons_match_the_cpu(direction, schedule):
+    # one tree of 300,000 vertices beside 40 isolated vertices, phase by phase over the device
+    # (the heavy-path phases) and in tiles (the automatic choice at this size): outputs and
+    # gradients against the numba backend in float64, bitwise repeatable
     from treessm.ops import plan
 
     g = torch.Generator().manual_seed(24)
     parent = torch.cat([random_forest(300_000, 1, g, locality=2000), torch.full((40,), -1)])
     tree = treessm.Tree.from_parent(parent).cuda()
-    assert plan.choose_schedule(tree) == "phases"
+    assert plan.choose_schedule(tree) == "tiles"
     x, w = _inputs(parent.numel(), 16, torch.float64, g)
     gout = torch.randn(parent.numel(), 16, generator=g, dtype=torch.float64)
     cpu_tree = treessm.Tree.from_parent(parent)
     runs = []
     for _ in range(2):
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        h = treessm.tree_scan(xg, wg, tree, direction)
+        h = treessm.tree_scan(xg, wg, tree, direction, schedule=schedule)
         runs.append((h, *torch.autograd.grad(h, (xg, wg), gout.cuda())))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     xc, wc = x.cpu().requires_grad_(), w.cpu().requires_grad_()
