@@ -1,8 +1,10 @@
 """Where a layer's training step waits for the GPU: one step of each layer, after warm-up,
 under ``torch.cuda.set_sync_debug_mode("warn")``, each wait counted at the treessm lines
-that caused it (innermost first), and the step's kernels, copies and fills counted by the
-profiler. A step that waits nowhere can be captured in a CUDA graph; one that puts few
-operations on the device is not host-bound. Waits that torch's sync debug mode does not
+that caused it (innermost first), the step's kernels, copies and fills counted by the
+profiler, and the operators it dispatches counted at the treessm lines that called them
+(views and bare allocations left out: they launch nothing). A step that waits nowhere can be
+captured in a CUDA graph; one that puts few operations on the device is not host-bound, and
+the lines that dispatch the most operators are where a step's launches come from. Waits that torch's sync debug mode does not
 detect, or that C++ code raises outside any Python call, are not counted.
 
     python benchmarks/host_waits.py                     # every layer, printed
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import treessm
 from treessm.nn import GrootLMixer, TreeSSM, TreeSSMConv
@@ -48,15 +51,19 @@ def _cases(device):
         yield f"GrootLMixer, {mode}", GrootLMixer(256, mode=mode).to(device), (tokens,), {}
 
 
+def _site(depth: int = 3) -> str:
+    """The innermost ``depth`` treessm frames of the current stack, as file:line."""
+    frames = [f for f in traceback.extract_stack()[:-1]
+              if "/treessm/" in f.filename and "/benchmarks/" not in f.filename]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:depth])
+
+
 def _waits(step):
     """The treessm call sites (file:line, innermost first) of the waits in one ``step``."""
     seen = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()[:-1]
-                  if "/treessm/" in f.filename and "/benchmarks/" not in f.filename]
-        where = " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:3])
-        seen[where or "outside treessm"] += 1
+        seen[_site() or "outside treessm"] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -76,6 +83,33 @@ def _device_ops(step):
         step()
         torch.cuda.synchronize()
     return sum(e.count for e in prof.key_averages() if str(e.device_type).endswith("CUDA"))
+
+
+# operators that launch nothing: views, and allocations without a fill
+_SILENT = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+           "resize_", "set_", "lift_fresh", "detach", "alias"}
+
+
+class _OperatorSites(TorchDispatchMode):
+    """Counts the operators dispatched inside it by the treessm lines that called them (the
+    innermost two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func._opname in _SILENT):
+            self.sites[_site(2) or "outside treessm (autograd's own formulas, torch)"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _operator_sites(step, top: int = 12):
+    """The total of operators dispatched in one ``step`` (forward and backward), and the
+    ``top`` call sites by count."""
+    with _OperatorSites() as counting:
+        step()
+    return sum(counting.sites.values()), dict(counting.sites.most_common(top))
 
 
 def main(argv=None):
@@ -100,13 +134,17 @@ def main(argv=None):
         for _ in range(10):
             step()
         torch.cuda.synchronize()
+        operators, sites = _operator_sites(step)
         row = dict(case=name, step_ms=(time.perf_counter() - t0) * 100,
-                   device_ops=_device_ops(step), waits=_waits(step))
+                   device_ops=_device_ops(step), waits=_waits(step), operators=operators,
+                   operator_sites=sites)
         rows.append(row)
         print(f"{name:<40} {row['step_ms']:7.2f} ms a step, {row['device_ops']:4d} device ops, "
-              f"{sum(row['waits'].values())} waits", flush=True)
+              f"{operators:4d} operators, {sum(row['waits'].values())} waits", flush=True)
         for where, count in row["waits"].items():
             print(f"    {count} x {where}", flush=True)
+        for where, count in sites.items():
+            print(f"    {count:4d} operators at {where}", flush=True)
     if args.out:
         result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                       treessm=treessm.__version__, when=time.strftime("%Y-%m-%d %H:%M:%S"),

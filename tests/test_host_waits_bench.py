@@ -35,3 +35,28 @@ def test_waits_are_counted_at_the_treessm_lines_that_caused_them(monkeypatch):
     assert waits == {"fake.py:5 < fake.py:9": 3}
     assert modes == ["warn", 0] and warnings.showwarning is before
     assert host_waits._waits(lambda: None) == {}
+
+
+_OPS_SOURCE = """
+import torch
+
+def glue(x):
+    y = x.view(-1)            # a view: launches nothing
+    z = torch.empty(3)        # a bare allocation: launches nothing
+    return (y * 2 + 1).sum()  # three operators
+"""
+
+
+def test_operators_are_counted_at_the_treessm_lines_that_dispatched_them():
+    space = {}
+    exec(compile(_OPS_SOURCE, "/site/treessm/fake.py", "exec"), space)
+    x = torch.ones(2, 2, requires_grad=True)
+
+    def step():
+        space["glue"](x).backward()
+
+    total, sites = host_waits._operator_sites(step)
+    assert sites["fake.py:7"] == 3 and not any(k.startswith(("fake.py:5", "fake.py:6")) for k in sites)
+    # autograd's backward formulas run outside any treessm line
+    assert total == 3 + sum(v for k, v in sites.items() if k.startswith("outside"))
+    assert total > 3
