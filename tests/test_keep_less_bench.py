@@ -1,6 +1,7 @@
 """benchmarks/keep_less.py counts the keep-less rule's answers inside a row and puts the rule
-back afterwards, also when the row fails."""
+back afterwards, also when the row fails, and runs every turn under its own floor."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,30 @@ def test_a_row_counts_the_rules_answers_and_restores_it(monkeypatch):
     with pytest.raises(RuntimeError), keep_less._counted({}):
         raise RuntimeError("a row that fails")
     assert recompute.keeps_less is rule
+
+
+def test_every_keep_less_turn_runs_under_the_librarys_floor(monkeypatch, tmp_path):
+    # main() without a GPU: the timed steps record the floor they ran under. A keep_all turn
+    # sets the floor out of reach; every later keep_less turn must set it back
+    floors = []
+
+    def bench_one(scan, precision, mode, args, device):
+        floors.append(("grootv", recompute.KEEP_LESS_MIN_ELEMENTS))
+        return dict(images_per_s=1.0, peak_memory_gib=0.0)
+
+    def time_layer(layer, vertices, device, repeats):
+        floors.append(("conv", recompute.KEEP_LESS_MIN_ELEMENTS))
+        return dict(forward_backward_ms=1.0, forward_backward_peak_mb=0.0)
+
+    monkeypatch.setattr(keep_less.grootv_bench, "bench_one", bench_one)
+    monkeypatch.setattr(keep_less.graph_bench, "time_layer", time_layer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    default = recompute.KEEP_LESS_MIN_ELEMENTS
+    out = tmp_path / "keep_less.json"
+    assert keep_less.main(["--rounds", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(floors) == 3 * 2 * 2 + 2
+    for row, (_, floor) in zip(rows, floors):
+        assert floor == (default if row["variant"] == "keep_less" else keep_less.KEEP_ALL)
+    assert recompute.KEEP_LESS_MIN_ELEMENTS == default
