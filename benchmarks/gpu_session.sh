@@ -12,8 +12,10 @@
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph
 #                                          and its small graphs, grootl, the tiled kernels,
 #                                          selective_scan, keep_less, the host's waits
-#                                          and device operations of a training step),
-#                                          each saved as *_<card>.json
+#                                          and device operations of a training step, every
+#                                          schedule), each saved as *_<card>.json; every step
+#                                          bounded by what is left of $BUDGET seconds
+#                                          (default 570), and skipped under 30
 #   bash benchmarks/gpu_session.sh large   build, the inputs past 2^31 elements (--runslow; one
 #                                          process on the whole GPU), then torch.compile of every
 #                                          module on CUDA
@@ -22,11 +24,20 @@
 #                                          $TASKS (default tolokers) from the raw files under
 #                                          $DATA (default gpu_out/data, PyG's layout)
 # The extension is built into $TORCH_EXTENSIONS_DIR (default /tmp/treessm_ext), outside the
-# working tree.
+# working tree. $CARD, the tables' suffix, defaults to the device's kind (h200, h100, or the
+# name's last word in lower case).
 set -uo pipefail
 MODE=${1:-check}
 OUT=${OUT:-gpu_out}
-CARD=${CARD:-h200}
+if [ -z "${CARD:-}" ]; then
+  NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  case "$NAME" in
+    *H200*) CARD=h200 ;;
+    *H100*) CARD=h100 ;;
+    *) CARD=$(echo "${NAME:-gpu}" | awk '{print tolower($NF)}') ;;
+  esac
+fi
+T0=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 NCCL_NVLS_ENABLE=0
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/treessm_ext}
@@ -117,25 +128,35 @@ fi
 
 # bench: $STEPS names the steps this call runs (default all of them, more than ten minutes:
 # split them over calls, e.g. STEPS="scan grootv graph" then STEPS="small grootl tiles
-# selective keep waits")
-STEPS=${STEPS:-scan grootv graph small grootl tiles selective keep waits}
-want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-want scan && timeout ${SCAN_S:-200} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
-  --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -30
-want grootv && timeout ${GROOTV_S:-150} $PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.json" \
-  ${GROOTV_ARGS:-} 2>&1 | tee -a "$SUMMARY" | tail -14
-want graph && timeout ${GRAPH_S:-240} $PY benchmarks/graph.py --device cuda --timing \
-  ${GRAPH_ARGS:---sizes 4,5,6,7} --out "$OUT/graph_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -8
-want small && timeout ${SMALL_S:-60} $PY benchmarks/graph.py --device cuda --small \
-  --out "$OUT/graph_small_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -5
-want grootl && timeout ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json" \
-  2>&1 | tee -a "$SUMMARY" | tail -8
-want tiles && timeout ${TILES_S:-150} $PY benchmarks/tree_scan.py --tiles \
-  --out "$OUT/tree_scan_tiles_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10
-want selective && timeout ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py --device cuda \
-  --out "$OUT/selective_scan_gpu_$CARD.json" 2>&1 | tee -a "$SUMMARY" | tail -10
-want keep && timeout ${KEEP_S:-120} $PY benchmarks/keep_less.py --out "$OUT/keep_less_gpu_$CARD.json" \
-  2>&1 | tee -a "$SUMMARY" | tail -8
-want waits && timeout ${WAITS_S:-90} $PY benchmarks/host_waits.py --out "$OUT/host_waits_gpu_$CARD.json" \
-  2>&1 | tee -a "$SUMMARY" | tail -30
+# selective keep waits schedules"); a step's limit is its own ($SCAN_S and so on) or what is left of
+# $BUDGET, whichever is less
+STEPS=${STEPS:-scan grootv graph small grootl tiles selective keep waits schedules}
+BUDGET=${BUDGET:-570}
+step() {  # step NAME LIMIT_S COMMAND...: run COMMAND bounded, its tail in the summary
+  local name=$1 limit=$2 left; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  left=$(( BUDGET - ($(date +%s) - T0) ))
+  if [ $left -lt 30 ]; then log "skipped $name: ${left} s left"; return 0; fi
+  [ $limit -gt $left ] && limit=$left
+  local s=$(date +%s)
+  timeout $limit "$@" 2>&1 | tee -a "$SUMMARY" | tail -${TAIL:-12}
+  log "$name rc=${PIPESTATUS[0]} in $(( $(date +%s) - s )) s"
+}
+step scan ${SCAN_S:-200} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
+  --out "$OUT/tree_scan_gpu_$CARD.json"
+step grootv ${GROOTV_S:-150} $PY benchmarks/grootv.py --out "$OUT/grootv_gpu_$CARD.json" \
+  ${GROOTV_ARGS:-}
+step graph ${GRAPH_S:-240} $PY benchmarks/graph.py --device cuda --timing \
+  ${GRAPH_ARGS:---sizes 4,5,6,7} --out "$OUT/graph_gpu_$CARD.json"
+step small ${SMALL_S:-70} $PY benchmarks/graph.py --device cuda --small \
+  --out "$OUT/graph_small_gpu_$CARD.json"
+step grootl ${GROOTL_S:-90} $PY benchmarks/grootl.py --out "$OUT/grootl_gpu_$CARD.json"
+step tiles ${TILES_S:-150} $PY benchmarks/tree_scan.py --tiles \
+  --out "$OUT/tree_scan_tiles_gpu_$CARD.json"
+step selective ${SELECTIVE_S:-150} $PY benchmarks/selective_scan.py --device cuda \
+  --out "$OUT/selective_scan_gpu_$CARD.json"
+step keep ${KEEP_S:-120} $PY benchmarks/keep_less.py --out "$OUT/keep_less_gpu_$CARD.json"
+step waits ${WAITS_S:-90} $PY benchmarks/host_waits.py --out "$OUT/host_waits_gpu_$CARD.json"
+step schedules ${SCHEDULES_S:-200} $PY benchmarks/tree_scan.py --schedules \
+  --out "$OUT/tree_scan_schedules_gpu_$CARD.json"
 exit 0
