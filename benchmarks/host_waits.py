@@ -4,8 +4,9 @@ that caused it (innermost first), the step's kernels, copies and fills counted b
 profiler, and the operators it dispatches counted at the treessm lines that called them
 (views and bare allocations left out: they launch nothing). A step that waits nowhere can be
 captured in a CUDA graph; one that puts few operations on the device is not host-bound, and
-the lines that dispatch the most operators are where a step's launches come from. Waits that torch's sync debug mode does not
-detect, or that C++ code raises outside any Python call, are not counted.
+the lines that dispatch the most operators are where a step's launches come from. Waits
+that torch's sync debug mode does not detect, or that C++ code raises outside any Python
+call, are not counted.
 
     python benchmarks/host_waits.py                     # every layer, printed
     python benchmarks/host_waits.py --out waits.json    # and saved

@@ -39,11 +39,11 @@ def test_every_keep_less_turn_runs_under_the_librarys_floor(monkeypatch, tmp_pat
     floors = []
 
     def bench_one(scan, precision, mode, args, device):
-        floors.append(("grootv", recompute.KEEP_LESS_MIN_ELEMENTS))
+        floors.append(recompute.KEEP_LESS_MIN_ELEMENTS)
         return dict(images_per_s=1.0, peak_memory_gib=0.0)
 
     def time_layer(layer, vertices, device, repeats):
-        floors.append(("conv", recompute.KEEP_LESS_MIN_ELEMENTS))
+        floors.append(recompute.KEEP_LESS_MIN_ELEMENTS)
         return dict(forward_backward_ms=1.0, forward_backward_peak_mb=0.0)
 
     monkeypatch.setattr(keep_less.grootv_bench, "bench_one", bench_one)
@@ -55,6 +55,6 @@ def test_every_keep_less_turn_runs_under_the_librarys_floor(monkeypatch, tmp_pat
     assert keep_less.main(["--rounds", "3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == len(floors) == 3 * 2 * 2 + 2
-    for row, (_, floor) in zip(rows, floors):
+    for row, floor in zip(rows, floors):
         assert floor == (default if row["variant"] == "keep_less" else keep_less.KEEP_ALL)
     assert recompute.KEEP_LESS_MIN_ELEMENTS == default
