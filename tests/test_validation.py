@@ -24,7 +24,7 @@ from treessm.datasets import load_dataset
 from treessm.models import GrootV, load_grootvl_checkpoint, treessm_to_grootvl
 from treessm.nn import GrootLMixer, TreeSSM, TreeSSMConv
 from treessm.topology import (CausalSequenceTopology, GrootLTopology, chain_tree, root_forest,
-                              tree_from_edges)
+                              tree_from_edges, tree_partition)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "validation.md"
 NAN, INF = float("nan"), float("inf")
@@ -324,6 +324,30 @@ CASES[name] = [
         "roots must hold at most one vertex per connected component"),
     bad("root 9 of 4 vertices", lambda: root_forest(_LINE, 4, [9]), ValueError,
         "roots must hold vertex ids in [0, 4), found 9"),
+]
+
+name = "treessm.topology.tree_partition(edge_index, num_nodes, num_parts, *, generator=None)"
+ACCEPTS[name] = {
+    "edge_index": "integer tensor `[2, E]`: edges in either or both directions, repeats and "
+                  "self-loops allowed.",
+    "num_nodes": "non-negative int.",
+    "num_parts": "int from 1 to `max(num_nodes, 1)`.",
+    "generator": "`None` or a CPU `torch.Generator` (draws the random edge costs).",
+}
+CASES[name] = [
+    ok("a path of 4 vertices in 2 parts", lambda: tree_partition(_LINE, 4, 2), "`[0, 0, 1, 1]`",
+       lambda p: p.tolist() == [0, 0, 1, 1]),
+    ok("no edges, 3 parts of 3 vertices", lambda: tree_partition(torch.zeros(2, 0, dtype=_I64),
+                                                                 3, 3),
+       "`[0, 1, 2]`", lambda p: p.tolist() == [0, 1, 2]),
+    bad("`num_parts=0`", lambda: tree_partition(_LINE, 4, 0), ValueError,
+        "num_parts must be a positive int, got 0"),
+    bad("`num_parts=5` for 4 vertices", lambda: tree_partition(_LINE, 4, 5), ValueError,
+        "num_parts must be at most the number of vertices (4), got 5"),
+    bad("`num_parts=2.0`", lambda: tree_partition(_LINE, 4, 2.0), TypeError,
+        "num_parts must be a positive int"),
+    bad("vertex 4 of 4", lambda: tree_partition(torch.tensor([[0], [4]]), 4, 2), ValueError,
+        "edge_index must hold vertex ids in [0, 4), found 4"),
 ]
 
 name = "treessm.topology.chain_tree(num_chains, length, device='cpu')"

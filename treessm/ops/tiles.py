@@ -65,8 +65,8 @@ from .heavy import heavy_children, root_path_sums
 from .recorded import RECORDED_PLAN_MAX_NODES, RECORDED_PLANS, Recordings
 from .spare import SPARE_SLOTS, kept_or_spare
 
-__all__ = ["TilePlan", "tile_plan", "max_tiles", "max_light_levels", "TILE", "ROOT", "HEAD",
-           "ENTRY", "BOUNDARY"]
+__all__ = ["TilePlan", "tile_plan", "max_tiles", "max_light_levels", "heavy_first_preorder",
+           "TILE", "ROOT", "HEAD", "ENTRY", "BOUNDARY"]
 
 #: Default positions of a tile: on the spanning tree of a random graph of 10^6 vertices
 #: and 5·10^6 edges, 2.4% of its edges cross tiles and its boundary tree is 6 deep
@@ -273,9 +273,11 @@ def _replayed(tree: Tree, tile: int) -> Optional[TilePlan]:
     return _RECORDINGS.replay_layout(key, lambda t: _build(t, tile), tree)
 
 
-def _preorder(tree: Tree):
+def heavy_first_preorder(tree: Tree):
     """Per vertex: the heavy-first position, the light depth, the subtree size, whether it
-    is a light child (int64 / bool, by vertex)."""
+    is a light child (int64 / bool, by vertex). Positions number each tree's vertices in
+    depth-first preorder (a vertex, then its largest child's subtree, then the others'),
+    within the tree's breadth-first range: a subtree is a contiguous run of positions."""
     n = tree.num_nodes
     size, bfs, heavy, biggest, heavy_bfs, earlier = heavy_children(tree)
     nonroot = tree.parent >= 0
@@ -347,7 +349,7 @@ def _build(tree: Tree, tile: int) -> TilePlan:
                         torch.zeros(1, dtype=torch.int32, device=dev))
 
     # ---- positions: heavy-first preorder, tree by tree in breadth-first ranges
-    pos_v, ld_v, size_v, light_v = _preorder(tree)
+    pos_v, ld_v, size_v, light_v = heavy_first_preorder(tree)
     vertex = torch.empty(n, **long).scatter_(0, pos_v, ar)
     pv = tree.parent[vertex]
     root = pv < 0

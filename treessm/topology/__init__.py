@@ -13,11 +13,14 @@ making a tree:
   built on the CPU (:func:`~treessm.topology.rooting.spanning_tree_on_cpu`), on the
   features' device (:func:`~treessm.topology.euler_tour.spanning_tree_on_device`) or, for
   image grids on CUDA, by fused kernels (:mod:`treessm.topology.cuda_grid`).
+
+:func:`tree_partition` cuts a graph into parts along a spanning forest, for mini-batches.
 """
 from .base import Topology
 from .graph import GraphTopology
 from .grid import GridTopology
 from .mst import minimum_spanning_tree
+from .partition import tree_partition
 from .prepared_graph import PreparedGraph, prepare_graph
 from .rooting import root_forest, tree_from_edges
 from .sequence import CausalSequenceTopology, GrootLTopology, SequenceTopology, chain_tree
@@ -35,4 +38,5 @@ __all__ = [
     "root_forest",
     "tree_from_edges",
     "chain_tree",
+    "tree_partition",
 ]
