@@ -42,10 +42,11 @@ def test_graph_example_replicas_agree(tmp_path):
     assert len(summaries) == 1 and summaries[0]["processes"] == 2
 
 
-def test_large_graph_example_replicas_agree():
+@pytest.mark.parametrize("loader", ["tree", "random"])
+def test_large_graph_example_replicas_agree(loader):
     checksums, summaries, _ = _torchrun("treessm.examples.large_graph", "--num-nodes", "1200",
                                         "--epochs", "1", "--parts", "2", "--hidden", "16",
-                                        "--device", "cpu")
+                                        "--device", "cpu", "--loader", loader)
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert len(summaries) == 1 and summaries[0]["processes"] == 2
     assert summaries[0]["steps_per_process"] == 2

@@ -12,15 +12,41 @@ from treessm.examples.distributed import World
 from treessm.models import node_classifier
 
 
+def _test_vertices(n):
+    return int((~large_graph.planted_partition(n).train_mask).sum())
+
+
 def test_quick_run_with_random_node_loader(capsys):
     summary = large_graph.main(["--num-nodes", "1500", "--epochs", "2", "--parts", "3",
-                                "--device", "cpu", "--hidden", "16"])
+                                "--device", "cpu", "--hidden", "16", "--loader", "random",
+                                "--eval", "batches"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-2]) == json.loads(json.dumps(summary))
     assert summary["steps_per_process"] == 6 and summary["num_edges"] == 15000
-    assert summary["test_vertices_predicted"] == int((~large_graph.planted_partition(
-        1500).train_mask).sum())
+    assert summary["test_vertices_predicted"] == _test_vertices(1500)
     assert summary["test_accuracy"] > 0.2  # 8 communities: chance is 0.125
+
+
+@pytest.mark.parametrize("evaluation", ["full", "batches"])
+def test_quick_run_with_tree_parts(evaluation):
+    # the default loader: parts of a spanning forest's depth-first order, through PyG's
+    # DataLoader; every test vertex predicted, from the whole graph or part by part
+    summary = large_graph.main(["--num-nodes", "1500", "--epochs", "4", "--parts", "3",
+                                "--device", "cpu", "--hidden", "16", "--eval", evaluation])
+    assert summary["loader"] == "tree" and summary["eval"] == evaluation
+    assert summary["steps_per_process"] == 12
+    assert summary["test_vertices_predicted"] == _test_vertices(1500)
+    assert summary["test_accuracy"] > 0.2
+
+
+def test_tree_loader_parts_cover_the_graph_once():
+    data = large_graph.planted_partition(600, seed=3)
+    loader, sampler = large_graph.make_loader(data, "tree", 4, World())
+    seen = torch.cat([batch.n_id for batch in loader])
+    assert sampler is None and len(loader) == 4
+    assert torch.equal(torch.sort(seen).values, torch.arange(600))
+    for batch in loader:  # a batch of parts owns all of its rows (its batch_size counts graphs)
+        assert large_graph._seed_rows(batch) == slice(None)
 
 
 def test_planted_partition_is_what_it_says():

@@ -6,10 +6,18 @@ their community; only a fraction of the vertices carry a hint of it in their fea
 a model has to gather it from the graph. Each step trains a node classifier of
 :class:`~treessm.nn.TreeGPSConv` blocks on one mini-batch:
 
+* ``--loader tree`` (the default) -- ``--parts`` pieces of a spanning forest's depth-first
+  order (:func:`treessm.topology.tree_partition`), each the subgraph of its vertices
+  (``Data.subgraph``), through :class:`torch_geometric.loader.DataLoader`: a part holds
+  whole subtrees and the edges among them (needs nothing beyond PyG);
 * ``--loader random`` -- :class:`torch_geometric.loader.RandomNodeLoader`: a random
   ``1 / --parts`` of the vertices and the edges among them (needs nothing beyond PyG);
 * ``--loader neighbor`` -- :class:`torch_geometric.loader.NeighborLoader`: seed vertices
   and a sampled few-hop neighbourhood of each (needs ``pyg-lib`` or ``torch-sparse``).
+
+The test vertices are predicted from the whole graph in one forward pass without a gradient
+(``--eval full``, the default), or batch by batch through the loader (``--eval batches``,
+for a graph whose forward pass does not fit).
 
 Every batch is a graph of its own, and its tree layers build the spanning forest of that
 graph: the vertices of a batch reach each other along the sampled edges only
@@ -34,10 +42,11 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.data import Data
+from torch_geometric.data import Batch, Data
 
 from treessm.examples.distributed import World, param_checksum, setup
 from treessm.models import node_classifier
+from treessm.topology import tree_partition
 
 __all__ = ["planted_partition", "make_loader", "predict", "main"]
 
@@ -79,6 +88,17 @@ def make_loader(data: Data, kind: str, parts: int, world: World, batch_size: int
     seeds are the vertices of ``split`` (``"train"``, shuffled, or ``"test"``)."""
     from torch.utils.data.distributed import DistributedSampler
 
+    if kind == "tree":
+        from torch_geometric.loader import DataLoader
+
+        part = tree_partition(data.edge_index, data.num_nodes, parts * world.size,
+                              generator=torch.Generator().manual_seed(epoch_seed))
+        pieces = [data.subgraph(part == k) for k in range(parts * world.size)]
+        sampler = (DistributedSampler(pieces, num_replicas=world.size, rank=world.rank,
+                                      seed=epoch_seed)
+                   if world.distributed else None)
+        return DataLoader(pieces, batch_size=1, sampler=sampler,
+                          shuffle=sampler is None and split == "train"), sampler
     if kind == "random":
         from torch_geometric.loader import RandomNodeLoader
 
@@ -103,13 +123,14 @@ def make_loader(data: Data, kind: str, parts: int, world: World, batch_size: int
         seeds = seeds[world.rank::world.size]  # each process its share of the seeds
         return NeighborLoader(data, num_neighbors=[10, 10], input_nodes=seeds,
                               batch_size=batch_size, shuffle=split == "train"), None
-    raise ValueError(f"loader must be 'random' or 'neighbor', got {kind!r}")
+    raise ValueError(f"loader must be 'tree', 'random' or 'neighbor', got {kind!r}")
 
 
 def _seed_rows(batch: Data) -> slice:
     """The rows a batch is responsible for: NeighborLoader puts its ``batch_size`` seed
-    vertices first, a RandomNodeLoader batch owns all of its rows."""
-    size = getattr(batch, "batch_size", None)
+    vertices first; a RandomNodeLoader batch, a batch of parts (a PyG ``Batch``, whose
+    ``batch_size`` counts its graphs) and the whole graph own all of their rows."""
+    size = None if isinstance(batch, Batch) else getattr(batch, "batch_size", None)
     return slice(0, size) if size is not None else slice(None)
 
 
@@ -141,9 +162,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-nodes", type=int, default=1_000_000)
     parser.add_argument("--degree", type=int, default=10)
-    parser.add_argument("--loader", default="random", choices=("random", "neighbor"))
+    parser.add_argument("--loader", default="tree", choices=("tree", "random", "neighbor"))
     parser.add_argument("--parts", type=int, default=20,
-                        help="RandomNodeLoader: batches per epoch and process")
+                        help="tree and random loaders: batches per epoch and process")
+    parser.add_argument("--eval", default="full", choices=("full", "batches"),
+                        help="predict the test vertices from the whole graph at once, or "
+                             "batch by batch through the loader")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -187,7 +211,8 @@ def _run(args, world: World) -> dict:
             steps += 1
         t_train += time.perf_counter() - t
     summary = dict(example="large_graph", num_nodes=data.num_nodes,
-                   num_edges=data.num_edges, loader=args.loader, epochs=args.epochs,
+                   num_edges=data.num_edges, loader=args.loader, eval=args.eval,
+                   epochs=args.epochs,
                    steps_per_process=steps, processes=world.size,
                    seconds_to_make_graph=round(made, 2),
                    seconds_per_epoch=round(t_train / max(args.epochs, 1), 2),
@@ -196,8 +221,8 @@ def _run(args, world: World) -> dict:
         summary["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(world.device)
                                               / 2 ** 30, 2)
     if world.main:
-        eval_loader, _ = make_loader(data, args.loader, args.parts, World(device=world.device),
-                                     split="test")
+        eval_loader = [data] if args.eval == "full" else make_loader(
+            data, args.loader, args.parts, World(device=world.device), split="test")[0]
         pred = predict(model, eval_loader, data.num_nodes, world.device)
         seen = data.test_mask & (pred >= 0)
         summary["test_accuracy"] = round(float((pred[seen] == data.y[seen]).float().mean()), 4)
