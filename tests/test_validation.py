@@ -348,6 +348,8 @@ CASES[name] = [
         "num_parts must be a positive int"),
     bad("vertex 4 of 4", lambda: tree_partition(torch.tensor([[0], [4]]), 4, 2), ValueError,
         "edge_index must hold vertex ids in [0, 4), found 4"),
+    bad("`generator=3`", lambda: tree_partition(_LINE, 4, 2, generator=3), TypeError,
+        "generator must be None or a CPU torch.Generator, got int"),
 ]
 
 name = "treessm.topology.chain_tree(num_chains, length, device='cpu')"

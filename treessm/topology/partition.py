@@ -50,8 +50,9 @@ def tree_partition(edge_index: Tensor, num_nodes: int, num_parts: int, *,
         ``[0, P)``; every part is non-empty when :math:`P \le N`.
 
     Raises:
-        TypeError, ValueError: on a malformed ``edge_index``, ids outside ``[0, N)``, or a
-            ``num_parts`` that is not an int in ``[1, max(N, 1)]``.
+        TypeError, ValueError: on a malformed ``edge_index``, ids outside ``[0, N)``, a
+            ``num_parts`` that is not an int in ``[1, max(N, 1)]``, or a ``generator`` that
+            is not a CPU generator.
 
     Shapes:
         - **input:** edge indices :math:`(2, E)`
@@ -74,6 +75,11 @@ def tree_partition(edge_index: Tensor, num_nodes: int, num_parts: int, *,
     if num_parts > max(num_nodes, 1):
         raise ValueError(f"num_parts must be at most the number of vertices ({num_nodes}), "
                          f"got {num_parts}")
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or generator.device.type != "cpu"):
+        got = (f"one on {generator.device}" if isinstance(generator, torch.Generator)
+               else f"{type(generator).__name__}")
+        raise TypeError(f"generator must be None or a CPU torch.Generator, got {got}")
     device = edge_index.device
     cost = torch.rand(edge_index.shape[1], generator=generator).to(device)
     forest = minimum_spanning_tree(edge_index, cost, num_nodes)
