@@ -9,8 +9,8 @@ a model has to gather it from the graph. Each step trains a node classifier of
 * ``--loader tree`` (the default) -- ``--parts`` pieces of a spanning forest's depth-first
   order (:func:`treessm.topology.tree_partition`), each the subgraph of its vertices
   (``Data.subgraph``), through :class:`torch_geometric.loader.DataLoader`: a part holds
-  whole subtrees, but those its ends cut, and the edges among them (needs nothing beyond
-  PyG);
+  whole subtrees (and ancestors of its last vertex) and the edges among them (needs nothing
+  beyond PyG);
 * ``--loader random`` -- :class:`torch_geometric.loader.RandomNodeLoader`: a random
   ``1 / --parts`` of the vertices and the edges among them (needs nothing beyond PyG);
 * ``--loader neighbor`` -- :class:`torch_geometric.loader.NeighborLoader`: seed vertices

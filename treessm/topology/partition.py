@@ -4,8 +4,8 @@ PyG's :class:`~torch_geometric.loader.ClusterData` partitions a graph with METIS
 needs ``pyg-lib`` or ``torch-sparse``; :class:`~torch_geometric.loader.RandomNodeLoader`
 needs neither but keeps only about ``1 / num_parts`` of the edges in a part.
 :func:`tree_partition` needs neither either: it cuts the depth-first order of a spanning
-forest into ranges, so every part holds whole subtrees (but the one or two that its ends
-cut) and the graph's edges among their vertices (``docs/graphs.md``).
+forest into ranges, so every part holds whole subtrees (and ancestors of its last vertex)
+and the graph's edges among their vertices (``docs/graphs.md``).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def tree_partition(edge_index: Tensor, num_nodes: int, num_parts: int, *,
     ``generator``), each tree laid out in depth-first preorder, its largest child first, and
     the trees one after another; part :math:`k` takes the positions
     :math:`[\lceil kN/P \rceil, \lceil (k+1)N/P \rceil)`. A range of a depth-first order
-    holds whole subtrees, but the ones its two ends cut, so its vertices lie close together
-    in the forest, and the graph's edges among them come with it: on a graph of random
+    holds whole subtrees and some ancestors of its last vertex, so its vertices lie close
+    together in the forest, and the graph's edges among them come with it: on a graph of random
     communities (10 edges a vertex) 20 parts keep about a quarter of the edges, where random
     parts keep a twentieth.
 
