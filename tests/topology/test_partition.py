@@ -36,6 +36,26 @@ def test_a_path_is_cut_into_consecutive_segments():
     assert part[order].tolist() == [0] * 13 + [1] * 12 + [2] * 13 + [3] * 12
 
 
+def test_a_part_of_a_tree_is_whole_subtrees_and_one_root_path():
+    # the graph is a tree (its own spanning forest, rooted at vertex 0): in every part, the
+    # vertices whose subtree leaves the part lie on one root path
+    n = 400
+    g = _gen(8)
+    parent = torch.cat([torch.tensor([-1]), (torch.rand(n - 1, generator=g)
+                                            * torch.arange(1, n)).long()])
+    ei = torch.stack([torch.arange(1, n), parent[1:]])
+    part = tree_partition(ei, n, 9, generator=_gen())
+    ancestors = [set()]
+    for v in range(1, n):
+        ancestors.append(ancestors[int(parent[v])] | {int(parent[v])})
+    for k in range(9):
+        inside = set(torch.nonzero(part == k).view(-1).tolist())
+        outside = [v for v in range(n) if v not in inside]
+        cut = {a for v in outside for a in ancestors[v] if a in inside}
+        chain = sorted(cut, key=lambda v: len(ancestors[v]))
+        assert all(chain[i] in ancestors[chain[i + 1]] for i in range(len(chain) - 1))
+
+
 def test_graphs_without_edges_and_without_vertices():
     assert tree_partition(torch.zeros(2, 0, dtype=torch.long), 5, 5).tolist() == [0, 1, 2, 3, 4]
     assert tree_partition(torch.zeros(2, 0, dtype=torch.long), 0, 1).numel() == 0
