@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine; every step bounded so the call fits its budget. Results land in
-# $OUT (default ./gpu_out), at most eight files a call (bench's steps write ten and take
-# more than ten minutes together: split them with $STEPS, below).
+# $OUT (default ./gpu_out), at most eight files a call (bench's steps write ten tables and a
+# summary and take more than ten minutes together: split them with $STEPS, below).
 #   bash benchmarks/gpu_session.sh check   build, the GPU tests of the scans (heavy-path,
 #                                          tiled), of the device spanning forests and of
 #                                          the fused selective scan, the
