@@ -1,5 +1,8 @@
 """The CPU kernels' arrays start on a cache line (numpy's large arrays start 16 bytes into
-their block, which splits every 64-byte vector load of a row across two lines)."""
+their block, which splits every 64-byte vector load of a row across two lines), and their
+internal arrays come from a workspace kept between calls that no result shares."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +51,76 @@ def test_sum_rows_in_order_adds_the_rows_first_to_last():
     one = np.arange(6.0).reshape(1, 2, 3)
     out = cpu_arrays.sum_rows_in_order(one)
     assert np.array_equal(out, one[0]) and out.base is None  # a copy, not a view
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_workspace_arrays_start_on_a_cache_line_and_are_kept_by_name(dtype):
+    cpu_arrays.release_workspace()
+    a = cpu_arrays.workspace("test.a", (100, 3), dtype)
+    assert a.shape == (100, 3) and a.dtype == np.dtype(dtype) and a.flags.c_contiguous
+    assert a.ctypes.data % cpu_arrays.LINE == 0
+    a.fill(7)
+    smaller = cpu_arrays.workspace("test.a", 10, dtype)  # fits: the same memory again
+    assert smaller.ctypes.data == a.ctypes.data and (smaller == 7).all()
+    assert not cpu_arrays.workspace("test.a", 10, dtype, zero=True).any()
+    other = cpu_arrays.workspace("test.b", 10, dtype)  # another name, other memory
+    assert not np.shares_memory(other, a)
+    held = cpu_arrays.workspace_bytes()
+    before = a.copy()
+    larger = cpu_arrays.workspace("test.a", (1000, 3), dtype)  # grows
+    assert larger.shape == (1000, 3) and larger.ctypes.data % cpu_arrays.LINE == 0
+    assert cpu_arrays.workspace_bytes() > held
+    cpu_arrays.release_workspace()
+    assert cpu_arrays.workspace_bytes() == 0
+    assert np.array_equal(a, before)  # an array in use keeps its old buffer
+
+
+def test_each_thread_has_its_own_workspace():
+    cpu_arrays.release_workspace()
+    mine = cpu_arrays.workspace("test.t", 64, np.float32)
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(
+        cpu_arrays.workspace("test.t", 64, np.float32)))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(mine, theirs[0])
+    cpu_arrays.release_workspace()
+
+
+def _scans(n, seed):
+    """Outputs and gradients of the fused selective scan (``both``, moments, ``mean``
+    steps) and of the tree scan (``both``) on a random tree."""
+    g = torch.Generator().manual_seed(seed)
+    d, s = 40, 3
+    parent = (torch.rand(n, generator=g) * torch.arange(n)).long()
+    parent[0] = -1
+    tree = treessm.Tree.from_parent(parent)
+    u, dl = (torch.randn(n, d, generator=g, requires_grad=True) for _ in range(2))
+    A = (-torch.rand(d, s, generator=g)).requires_grad_()
+    B, C = (torch.randn(n, s, generator=g, requires_grad=True) for _ in range(2))
+    y = treessm.selective_tree_scan(u, dl, A, B, C, tree, delta_softplus=True,
+                                    edge_step="mean", state_norm=True, backend="numba")
+    y.backward(torch.randn(y.shape, generator=g))
+    x = torch.randn(n, d, generator=g, requires_grad=True)
+    w = torch.rand(n, d, generator=g, requires_grad=True)
+    h = treessm.tree_scan(x, w, tree, backend="numba")
+    h.backward(torch.randn(h.shape, generator=g))
+    return [t.detach() for t in (y, u.grad, dl.grad, A.grad, B.grad, C.grad, h, x.grad,
+                                 w.grad)]
+
+
+def test_results_share_no_memory_with_the_workspace_and_do_not_depend_on_it():
+    # the workspace's buffers are dirty from earlier calls of other sizes; every result must
+    # be the same bits as from a released (fresh) workspace, and later calls must not change
+    # the results of earlier ones
+    fresh = {}
+    for n in (300, 5000, 1):
+        cpu_arrays.release_workspace()
+        fresh[n] = _scans(n, n)
+    for n in (5000, 300, 5000, 1):
+        first = _scans(n, n)
+        _scans(2000, 0)  # writes over every buffer a scan of n used
+        for got, want in zip(first, fresh[n]):
+            assert torch.equal(got, want)
+    assert cpu_arrays.workspace_bytes() > 0
+    cpu_arrays.release_workspace()

@@ -36,6 +36,7 @@ Under ``torchrun`` every process trains on its share of each epoch's vertices
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from typing import List, Optional
@@ -152,7 +153,7 @@ def predict(model: nn.Module, loader, num_nodes: int, device) -> Tensor:
             raise ValueError("the loader's batches carry no n_id, so their predictions cannot "
                              "be placed in the whole graph: set data.n_id = "
                              "torch.arange(data.num_nodes) before building the loader")
-        batch = batch.to(device)
+        batch = copy.copy(batch).to(device)  # Data.to moves in place: leave the caller's
         rows = _seed_rows(batch)
         pred = model(batch.x, batch.edge_index)[rows].argmax(-1)
         out[batch.n_id[rows].cpu()] = pred.cpu()

@@ -323,7 +323,7 @@ def forward(x, w, order, child_ptr, tree_ptr, direction):
     tp = _index(tree_ptr)
     mode = _MODES[direction]
     groups, blocks = _plan(tp, n, c, xf.itemsize)
-    o = cpu_arrays.empty(n * c, xf.dtype) if mode == 0 else h[:0]
+    o = cpu_arrays.workspace("tree_scan.outside", n * c, xf.dtype) if mode == 0 else h[:0]
     items = (groups.shape[0] - 1) * (blocks.shape[0] - 1)
     run_chunks(_forward_kernel, items, xf, wf, h, o, np.uint64(c), _index(order),
                _index(child_ptr), tp, groups, blocks, mode)
@@ -344,8 +344,8 @@ def backward(g, x, w, h, order, child_ptr, tree_ptr, direction):
     tp = _index(tree_ptr)
     mode = _MODES[direction]
     groups, blocks = _plan(tp, n, c, xf.itemsize)
-    ox = cpu_arrays.empty(n * c, xf.dtype) if mode == 0 else gx[:0]
-    og = cpu_arrays.empty(n * c, xf.dtype) if mode == 0 else gx[:0]
+    ox = cpu_arrays.workspace("tree_scan.outside_x", n * c, xf.dtype) if mode == 0 else gx[:0]
+    og = cpu_arrays.workspace("tree_scan.outside_g", n * c, xf.dtype) if mode == 0 else gx[:0]
     items = (groups.shape[0] - 1) * (blocks.shape[0] - 1)
     run_chunks(_backward_kernel, items, gf, xf, wf, hf, gx, gw, ox, og, np.uint64(c),
                _index(order), _index(child_ptr), tp, groups, blocks, mode)

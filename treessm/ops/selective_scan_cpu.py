@@ -1113,9 +1113,9 @@ class _Run:
         self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows, budget)
         sb, W, nblk = self.sb, self.W, self.nblk
         given = edge_rule == "given"
-        self.ub, self.dxb = cpu_arrays.empty(nblk * n * W, dt), cpu_arrays.empty(nblk * n * W, dt)
-        self.deb = cpu_arrays.empty(nblk * n * W if given else 1, dt)
-        self.bp, self.cp = np.empty(n * s, dt), np.empty(n * s, dt)
+        self.ub, self.dxb = self.workspace("u"), self.workspace("dx")
+        self.deb = self.workspace("de") if given else np.zeros(1, dt)
+        self.bp, self.cp = self.workspace("B", False), self.workspace("C", False)
         if n:
             for x, xb in ((u, self.ub), (dx, self.dxb)) + (((de, self.deb),) if given else ()):
                 _over_positions(_rows_to_blocks, n, _np(x), self.order, nblk, W, xb)
@@ -1131,20 +1131,25 @@ class _Run:
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
         nitems = (self.groups.shape[0] - 1) * nblk
         threads = max(1, min(_threads(), nitems, n * dch * s // _STATES_PER_THREAD))
-        self.scratch = cpu_arrays.empty((threads, rows * sb * W), dt)
+        self.scratch = cpu_arrays.workspace("selective_scan.scratch", (threads, rows * sb * W),
+                                            dt)
         self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
                               _MODES[direction], EDGE_RULES.index(edge_rule), gamma is not None,
                               h0 is not None, moments, grad_states, self.maxdeg, dch], np.int64)
 
-    def blocks(self, x: torch.Tensor) -> np.ndarray:
-        out = cpu_arrays.empty(self.nblk * self.n * self.W, self.dtype)
+    def workspace(self, name: str, per_channel: bool = True, zero: bool = False) -> np.ndarray:
+        """The internal array ``name`` of this call (:func:`cpu_arrays.workspace`): per block
+        and position ``[nblk, N, W]`` when ``per_channel``, else per position and state
+        ``[N, S]``."""
+        size = self.nblk * self.n * self.W if per_channel else self.n * self.s
+        return cpu_arrays.workspace("selective_scan." + name, size, self.dtype, zero=zero)
+
+    def blocks(self, name: str, x: torch.Tensor) -> np.ndarray:
+        """``x [N, D]`` in blocks and positions, in the internal array ``name``."""
+        out = self.workspace(name)
         if self.n:
             _over_positions(_rows_to_blocks, self.n, _np(x), self.order, self.nblk, self.W, out)
         return out
-
-    def zeros(self, per_channel: bool = True) -> np.ndarray:
-        return cpu_arrays.zeros(self.nblk * self.n * self.W if per_channel else self.n * self.s,
-                        self.dtype)
 
     def kernel_args(self):
         return (self.ub, self.dxb, self.deb, self.ab, self.bp, self.cp, self.gb, self.h0b,
@@ -1166,9 +1171,11 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     run = _Run(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
                direction, edge_rule, moments, backward=False)
     n, d, s, k, nblk, W, dt = run.n, run.d, run.s, run.num_states, run.nblk, run.W, run.dtype
-    y1b = run.zeros()
-    meanb = np.zeros(nblk * n if moments else 1, dt)
-    m2b = np.zeros(nblk * n if moments else 1, dt)
+    y1b = run.workspace("y1", zero=True)
+    meanb = (cpu_arrays.workspace("selective_scan.mean", nblk * n, dt, zero=True) if moments
+             else np.zeros(1, dt))
+    m2b = (cpu_arrays.workspace("selective_scan.m2", nblk * n, dt, zero=True) if moments
+           else np.zeros(1, dt))
     statesb = np.zeros(max(1, nblk * k * s * W), dt)
     if n and d and s:
         on_slots(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
@@ -1253,16 +1260,16 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
                direction, edge_rule, moments, backward=True, grad_states=grad_states)
     n, d, s, nblk, W, dt = run.n, run.d, run.s, run.nblk, run.W, run.dtype
     one = np.zeros(1, dt)
-    gy1b = run.blocks(gy)
+    gy1b = run.blocks("gy1", gy)
     if moments:
         gmu_p, gm2_p, mu_p = (_np(t)[run.order] for t in (gmu, gm2, mu))
     else:
         gmu_p = gm2_p = mu_p = one
     gstatesb = (_params_to_blocks(_np(gstates), nblk, W, (k,)) if grad_states else one)
     ngroups = run.groups.shape[0] - 1
-    gxb, gdeb = run.zeros(), run.zeros()
-    gbp = np.zeros(nblk * n * s, dt)
-    gcp = np.zeros(nblk * n * s, dt)
+    gxb, gdeb = run.workspace("gx", zero=True), run.workspace("gde", zero=True)
+    gbp = cpu_arrays.workspace("selective_scan.gB", nblk * n * s, dt, zero=True)
+    gcp = cpu_arrays.workspace("selective_scan.gC", nblk * n * s, dt, zero=True)
     gap = np.zeros(max(ngroups, 1) * nblk * s * W, dt)
     ggp = np.zeros(max(ngroups, 1) * nblk * s * W if gamma is not None else 1, dt)
     gh0b = np.zeros(nblk * run.num_trees * s * W if h0 is not None else 1, dt)
