@@ -27,12 +27,16 @@ def test_quick_run_with_random_node_loader(capsys):
     assert summary["test_accuracy"] > 0.2  # 8 communities: chance is 0.125
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("evaluation", ["full", "batches"])
-def test_quick_run_with_tree_parts(evaluation):
+def test_quick_run_with_tree_parts(evaluation, device):
     # the default loader: parts of a spanning forest's depth-first order, through PyG's
-    # DataLoader; every test vertex predicted, from the whole graph or part by part
+    # DataLoader; every test vertex predicted, from the whole graph or part by part (on a
+    # GPU the whole graph's prediction once moved the caller's graph there, and the test
+    # mask met predictions on the CPU)
     summary = large_graph.main(["--num-nodes", "1500", "--epochs", "4", "--parts", "3",
-                                "--device", "cpu", "--hidden", "16", "--eval", evaluation])
+                                "--device", device, "--hidden", "16", "--eval", evaluation])
     assert summary["loader"] == "tree" and summary["eval"] == evaluation
     assert summary["steps_per_process"] == 12
     assert summary["test_vertices_predicted"] == _test_vertices(1500)
