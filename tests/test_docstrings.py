@@ -28,6 +28,9 @@ _spec.loader.exec_module(api_reference)
 NO_TENSORS = "takes and returns no tensor"
 NOT_APPLICABLE = {
     "treessm.ops.available_backends": {"Shapes:": NO_TENSORS, "Raises:": "raises nothing"},
+    "treessm.ops.release_workspace": {"Shapes:": NO_TENSORS, "Returns:": "returns nothing",
+                                      "Raises:": "raises nothing"},
+    "treessm.ops.workspace_bytes": {"Shapes:": NO_TENSORS, "Raises:": "raises nothing"},
     "treessm.datasets.load_dataset": {"Shapes:": "returns a dataset; its graphs' shapes "
                                                  "are PyG's"},
     "treessm.typing.require": {"Shapes:": NO_TENSORS, "Returns:": "returns nothing"},

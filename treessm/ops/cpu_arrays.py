@@ -111,6 +111,9 @@ def workspace(name: str, shape: Union[int, Tuple[int, ...]], dtype, *,
 def workspace_bytes() -> int:
     """Bytes the CPU kernels' workspaces hold, over all threads.
 
+    Returns:
+        int: the bytes of every buffer kept (:func:`release_workspace` frees them).
+
     Example:
         >>> import treessm
         >>> treessm.ops.release_workspace()
@@ -126,7 +129,18 @@ def release_workspace() -> None:
     :func:`torch.cuda.empty_cache` does for the CUDA allocator's). They hold about as
     much as a few ``[N, D]`` arrays of the largest problem run so far (the fused selective
     scan's inputs in its layout and its scratch); the next call allocates them again.
-    Arrays still in use keep their own buffers until they are gone."""
+    Arrays still in use keep their own buffers until they are gone.
+
+    Example:
+        >>> import torch, treessm
+        >>> tree = treessm.Tree.from_parent([-1, 0, 1])
+        >>> h = treessm.tree_scan(torch.ones(3, 2), torch.ones(3, 2), tree, backend="numba")
+        >>> treessm.ops.workspace_bytes() > 0
+        True
+        >>> treessm.ops.release_workspace()
+        >>> treessm.ops.workspace_bytes()
+        0
+    """
     for buffers in list(_ALL_BUFFERS):
         buffers.by_name.clear()
 
