@@ -1119,7 +1119,7 @@ class _Run:
         given = edge_rule == "given"
         self.ub, self.dxb = self.workspace("u"), self.workspace("dx")
         self.deb = self.workspace("de") if given else np.zeros(1, dt)
-        self.bp, self.cp = self.workspace("B", False), self.workspace("C", False)
+        self.bp, self.cp = self.workspace("B", n * s), self.workspace("C", n * s)
         if n:
             for x, xb in ((u, self.ub), (dx, self.dxb)) + (((de, self.deb),) if given else ()):
                 _over_positions(_rows_to_blocks, n, _np(x), self.order, nblk, W, xb)
@@ -1135,17 +1135,19 @@ class _Run:
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
         nitems = (self.groups.shape[0] - 1) * nblk
         threads = max(1, min(_threads(), nitems, n * dch * s // _STATES_PER_THREAD))
-        self.scratch = cpu_arrays.workspace("selective_scan.scratch", (threads, rows * sb * W),
-                                            dt)
+        self.scratch = self.workspace("scratch", threads * rows * sb * W).reshape(
+            threads, rows * sb * W)
         self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
                               _MODES[direction], EDGE_RULES.index(edge_rule), gamma is not None,
                               h0 is not None, moments, grad_states, self.maxdeg, dch], np.int64)
 
-    def workspace(self, name: str, per_channel: bool = True, zero: bool = False) -> np.ndarray:
-        """The internal array ``name`` of this call (:func:`cpu_arrays.workspace`): per block
-        and position ``[nblk, N, W]`` when ``per_channel``, else per position and state
-        ``[N, S]``."""
-        size = self.nblk * self.n * self.W if per_channel else self.n * self.s
+    def workspace(self, name: str, size: Optional[int] = None, zero: bool = False
+                  ) -> np.ndarray:
+        """The internal array ``name`` of this call (:func:`cpu_arrays.workspace`) of ``size``
+        entries, by default one per block, position and channel of a block
+        (``[nblk, N, W]``)."""
+        if size is None:
+            size = self.nblk * self.n * self.W
         return cpu_arrays.workspace("selective_scan." + name, size, self.dtype, zero=zero)
 
     def blocks(self, name: str, x: torch.Tensor) -> np.ndarray:
@@ -1176,10 +1178,8 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
                direction, edge_rule, moments, backward=False)
     n, d, s, k, nblk, W, dt = run.n, run.d, run.s, run.num_states, run.nblk, run.W, run.dtype
     y1b = run.workspace("y1", zero=True)
-    meanb = (cpu_arrays.workspace("selective_scan.mean", nblk * n, dt, zero=True) if moments
-             else np.zeros(1, dt))
-    m2b = (cpu_arrays.workspace("selective_scan.m2", nblk * n, dt, zero=True) if moments
-           else np.zeros(1, dt))
+    meanb = run.workspace("mean", nblk * n, zero=True) if moments else np.zeros(1, dt)
+    m2b = run.workspace("m2", nblk * n, zero=True) if moments else np.zeros(1, dt)
     statesb = np.zeros(max(1, nblk * k * s * W), dt)
     if n and d and s:
         on_slots(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
@@ -1272,8 +1272,8 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
     gstatesb = (_params_to_blocks(_np(gstates), nblk, W, (k,)) if grad_states else one)
     ngroups = run.groups.shape[0] - 1
     gxb, gdeb = run.workspace("gx", zero=True), run.workspace("gde", zero=True)
-    gbp = cpu_arrays.workspace("selective_scan.gB", nblk * n * s, dt, zero=True)
-    gcp = cpu_arrays.workspace("selective_scan.gC", nblk * n * s, dt, zero=True)
+    gbp = run.workspace("gB", nblk * n * s, zero=True)
+    gcp = run.workspace("gC", nblk * n * s, zero=True)
     gap = np.zeros(max(ngroups, 1) * nblk * s * W, dt)
     ggp = np.zeros(max(ngroups, 1) * nblk * s * W if gamma is not None else 1, dt)
     gh0b = np.zeros(nblk * run.num_trees * s * W if h0 is not None else 1, dt)
