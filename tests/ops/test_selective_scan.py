@@ -435,6 +435,44 @@ def test_bitwise_deterministic_with_any_thread_count(monkeypatch):
             assert torch.equal(first[1][k], other[1][k]), k
 
 
+@pytest.mark.parametrize("case", ["both_moments_states", "up_gamma", "down_initial_given"])
+def test_blocks_in_batches_give_the_same_bits(case, monkeypatch):
+    # past _BATCH_BYTES the kernels take the blocks of channels a few at a time (as many as
+    # threads, one with one thread); every output and gradient must be the same bits as
+    # all blocks at once: each block's work is its own, and the sums over blocks run in the
+    # same order (70 channels: three blocks of 32, the last one short)
+    from treessm.ops import selective_scan_cpu
+
+    parent = torch.cat([random_forest(400, 1, _gen(40)), random_forest(300, 20, _gen(41)) + 400])
+    direction, rule = {"both_moments_states": ("both", "mean"), "up_gamma": ("up", "child"),
+                       "down_initial_given": ("down", "given")}[case]
+    tree, leaves, kw = _problem(parent, d=70, s=3, dtype=torch.float32, rule=rule,
+                                direction=direction, initial=direction == "down")
+    if case == "both_moments_states":
+        kw.update(state_norm=True, state_vertices=torch.tensor([5, 450, 5]))
+    if case == "up_gamma":
+        kw.update(state_norm=True, norm_weight=torch.randn(70, 3, generator=_gen(42)))
+    fn = lambda **a: selective_tree_scan(**a, backend="numba")  # noqa: E731
+    whole = _value_and_grads(fn, tree, leaves, kw)
+    batches = []
+    run_batches = selective_scan_cpu._Run.batches
+    monkeypatch.setattr(selective_scan_cpu, "_BATCH_BYTES", 1)
+    monkeypatch.setattr(selective_scan_cpu._Run, "batches",
+                        lambda self: batches.append(list(run_batches(self))) or batches[-1])
+    threads = numba.get_num_threads()
+    try:
+        for count in (1, threads):
+            numba.set_num_threads(count)
+            batched = _value_and_grads(fn, tree, leaves, kw)
+            for a, b in zip(whole[0], batched[0]):
+                assert torch.equal(a, b)
+            for k in whole[1]:
+                assert torch.equal(whole[1][k], batched[1][k]), k
+    finally:
+        numba.set_num_threads(threads)
+    assert [(0, 1), (1, 1), (2, 1)] in batches  # one block at a time with one thread
+
+
 def test_torch_compile_fullgraph():
     tree, leaves, kw = _problem(random_forest(30, 3, _gen(19)), d=6, s=3, dtype=torch.float32,
                                 rule="mean")

@@ -19,15 +19,17 @@ holding ``h`` for all vertices and states at once. The step ``de`` of the edge
 
 Layout. The inputs are first copied into *breadth-first position order* and cut into blocks
 of ``W`` channels (a multiple of 128 bytes: 32 float32 or 16 float64), the last one padded
-with inert channels (``u = dx = de = A = 0``). A work item is one block of channels over one
-group of whole trees; inside it the states are taken in chunks of ``Sb``, and for each chunk
-the passes below run over the group's trees with the ``Sb * W`` lanes of a vertex as the
-vectorised inner loop. Each thread owns a scratch buffer of rows of ``Sb * W`` lanes, reused
-from item to item and kept within a memory budget of about one ``[N, D]`` array (``Sb``
-shrinks for large trees): one row per vertex of the group in the forward pass (``w`` is
-formed again where it is needed rather than stored), up to five in the backward, plus two
-per child of the largest family for the sibling sums of ``both``. That and arrays of
-``[N, D]`` or ``[N, S]`` entries are all the kernels allocate.
+with inert channels (``u = dx = de = A = 0``); where one array in that layout would exceed
+``_BATCH_BYTES``, the blocks are taken a batch at a time (as many as threads), so that the
+copies and the results in block layout hold one batch. A work item is one block of
+channels over one group of whole trees; inside it the states are taken in chunks of ``Sb``,
+and for each chunk the passes below run over the group's trees with the ``Sb * W`` lanes of
+a vertex as the vectorised inner loop. Each thread owns a scratch buffer of rows of
+``Sb * W`` lanes, reused from item to item and kept within a memory budget of about one
+``[N, D]`` array (``Sb`` shrinks for large trees): one row per vertex of the group in the
+forward pass (``w`` is formed again where it is needed rather than stored), up to five in
+the backward, plus two per child of the largest family for the sibling sums of ``both``.
+That and arrays of ``[N, D]`` or ``[N, S]`` entries are all the kernels allocate.
 
 Passes (``docs/concepts.md``), over breadth-first positions, roots first or leaves first:
 
@@ -85,6 +87,12 @@ _SCRATCH_MIN = 32 << 20
 # rows of the vertices
 _BUDGET_SLACK = 1 / 16
 _GROUP_MIN = 1024  # vertices: smallest group of whole trees made one work item
+# Bytes of one array in block layout ([blocks, N, W]) up to which the kernels take all the
+# blocks of channels at once; past it, as many blocks at a time as threads, so that the
+# inputs, results and gradients in block layout hold that many blocks, not all of them
+# (TreeSSMConv(64, 64)'s backward at 10^6 vertices: 8 blocks of 16 channels, 512 MB an
+# array; 128 MB in batches of two).
+_BATCH_BYTES = 64 << 20
 # States (vertices x channels x states) a thread takes at least: with fewer, fewer threads
 # share the work items. TreeSSMConv(64, 64)'s training step (512 states a vertex), one
 # process alternating one and two threads for the kernels (torch on two): one thread took
@@ -802,17 +810,18 @@ def _rows_to_positions(i0, i1, x, order, xp):
 
 
 @njit(cache=True, nogil=True)
-def _rows_to_blocks(i0, i1, x, order, nblk, W, xb):
-    # xb[blk, i, dd] = x[order[i], blk * W + dd], zero past the last channel (flat, unsigned
-    # offsets and no branch inside the lane loops: they vectorise)
+def _rows_to_blocks(i0, i1, x, order, b0, nb, W, xb):
+    # xb[blk, i, dd] = x[order[i], (b0 + blk) * W + dd] for the nb blocks from b0, zero past
+    # the last channel (flat, unsigned offsets and no branch inside the lane loops: they
+    # vectorise)
     n, c = U(x.shape[0]), U(x.shape[1])
     xf = x.reshape(-1)
     Wu = U(W)
     for i in range(i0, i1):
         src = U(order[i]) * c
-        for blk in range(U(nblk)):
+        for blk in range(U(nb)):
             o = (blk * n + U(i)) * Wu
-            c0 = blk * Wu
+            c0 = (U(b0) + blk) * Wu
             m = min(Wu, c - c0)
             for dd in range(m):
                 xb[o + dd] = xf[src + c0 + dd]
@@ -821,34 +830,36 @@ def _rows_to_blocks(i0, i1, x, order, nblk, W, xb):
 
 
 @njit(cache=True, nogil=True)
-def _from_blocks(i0, i1, src, order, nblk, W, dst):
-    # dst[order[i], blk * W + dd] = src[blk, i, dd] for the real channels
+def _from_blocks(i0, i1, src, order, b0, nb, W, dst):
+    # dst[order[i], (b0 + blk) * W + dd] = src[blk, i, dd] for the real channels of the nb
+    # blocks from b0
     n, c = U(dst.shape[0]), U(dst.shape[1])
     df = dst.reshape(-1)
     Wu = U(W)
     for i in range(i0, i1):
         row = U(order[i]) * c
-        for blk in range(U(nblk)):
+        for blk in range(U(nb)):
             o = (blk * n + U(i)) * Wu
-            c0 = blk * Wu
+            c0 = (U(b0) + blk) * Wu
             for dd in range(min(Wu, c - c0)):
                 df[row + c0 + dd] = src[o + dd]
 
 
 @njit(cache=True, nogil=True)
-def _input_grads(i0, i1, gxb, gdeb, ub, dxb, order, nblk, W, edge_on_dx, gu, gdx, gde):
+def _input_grads(i0, i1, gxb, gdeb, ub, dxb, order, b0, nb, W, edge_on_dx, gu, gdx, gde):
     # gu = (sum_s G B) dx, gdx = (sum_s G B) u (+ the edge steps' gradient when they are
-    # formed from dx), gde = the given edge steps' gradient; back in vertex order (flat,
-    # unsigned offsets, the rule's branch outside the lane loops)
+    # formed from dx), gde = the given edge steps' gradient, for the nb blocks from b0; back
+    # in vertex order (flat, unsigned offsets, the rule's branch outside the lane loops)
     n, c = U(gu.shape[0]), U(gu.shape[1])
     guf, gdxf, gdef = gu.reshape(-1), gdx.reshape(-1), gde.reshape(-1)
     Wu = U(W)
     for i in range(i0, i1):
         row = U(order[i]) * c
-        for blk in range(U(nblk)):
+        for blk in range(U(nb)):
             o = (blk * n + U(i)) * Wu
-            r = row + blk * Wu
-            m = min(Wu, c - blk * Wu)
+            c0 = (U(b0) + blk) * Wu
+            r = row + c0
+            m = min(Wu, c - c0)
             for dd in range(m):
                 guf[r + dd] = gxb[o + dd] * dxb[o + dd]
             if edge_on_dx:
@@ -882,14 +893,18 @@ def _moments(i0, i1, meanb, m2b, order, states, mu, m2):
 
 
 @njit(cache=True, nogil=True)
-def _sum_blocks_to_rows(i0, i1, src, order, nblk, dst):
-    # dst[order[i], s] = sum over blocks, in ascending order, of src[blk, i, s]
+def _add_blocks_to_rows(i0, i1, src, order, nb, first, dst):
+    # dst[order[i], s] = (0 for the first batch of blocks, else itself) + the sum over the
+    # batch's nb blocks, in ascending order, of src[blk, i, s]: over the batches in turn,
+    # the blocks are added in the order of one sum over all of them
     n, s = dst.shape
     for i in range(i0, i1):
         v = order[i]
         for j in range(s):
             acc = src[i * s + j]
-            for blk in range(1, nblk):
+            if not first:
+                acc = dst[v, j] + acc
+            for blk in range(1, nb):
                 acc += src[(blk * n + i) * s + j]
             dst[v, j] = acc
 
@@ -1077,6 +1092,12 @@ def _lanes(s: int, d: int, itemsize: int, rows: int, budget: int):
     return sb, base * k, nblk
 
 
+def _of_blocks(p: np.ndarray, b0: int, nb: int, per_block: int) -> np.ndarray:
+    """The ``nb`` blocks from ``b0`` of a flat array laid out block-major with
+    ``per_block`` entries a block (a placeholder of one entry stays itself)."""
+    return p if p.shape[0] == 1 else p[b0 * per_block:(b0 + nb) * per_block]
+
+
 def _check(u: torch.Tensor, direction: str, edge_rule: str) -> None:
     if u.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the numba kernels take float32 or float64, got {u.dtype}")
@@ -1117,12 +1138,15 @@ class _Run:
         self.sb, self.W, self.nblk = _lanes(s, dch, dt.itemsize, rows, budget)
         sb, W, nblk = self.sb, self.W, self.nblk
         given = edge_rule == "given"
+        nitems = (self.groups.shape[0] - 1) * nblk
+        threads = max(1, min(_threads(), nitems, n * dch * s // _STATES_PER_THREAD))
+        self.per_batch = (nblk if nblk * n * W * dt.itemsize <= _BATCH_BYTES
+                          else min(nblk, threads))
+        self.u, self.dx, self.de = _np(u), _np(dx), _np(de) if given else None
         self.ub, self.dxb = self.workspace("u"), self.workspace("dx")
         self.deb = self.workspace("de") if given else np.zeros(1, dt)
         self.bp, self.cp = self.workspace("B", n * s), self.workspace("C", n * s)
         if n:
-            for x, xb in ((u, self.ub), (dx, self.dxb)) + (((de, self.deb),) if given else ()):
-                _over_positions(_rows_to_blocks, n, _np(x), self.order, nblk, W, xb)
             _over_positions(_rows_to_positions, n, _np(B), self.order, self.bp)
             _over_positions(_rows_to_positions, n, _np(C), self.order, self.cp)
         self.ab = _params_to_blocks(_np(A), nblk, W)
@@ -1133,8 +1157,6 @@ class _Run:
         self.consts = np.array([0.5, dch * s], dt)
         self.srow = _np(srow)[self.order] if k else np.full(n, -1, np.int64)
         self.snext = _np(snext) if k else np.full(1, -1, np.int64)
-        nitems = (self.groups.shape[0] - 1) * nblk
-        threads = max(1, min(_threads(), nitems, n * dch * s // _STATES_PER_THREAD))
         self.scratch = self.workspace("scratch", threads * rows * sb * W).reshape(
             threads, rows * sb * W)
         self.dims = np.array([n, s, W, sb, nblk, self.num_trees, k, self.maxn,
@@ -1144,23 +1166,39 @@ class _Run:
     def workspace(self, name: str, size: Optional[int] = None, zero: bool = False
                   ) -> np.ndarray:
         """The internal array ``name`` of this call (:func:`cpu_arrays.workspace`) of ``size``
-        entries, by default one per block, position and channel of a block
-        (``[nblk, N, W]``)."""
+        entries, by default one per block of a batch, position and channel of a block
+        (``[per_batch, N, W]``)."""
         if size is None:
-            size = self.nblk * self.n * self.W
+            size = self.per_batch * self.n * self.W
         return cpu_arrays.workspace("selective_scan." + name, size, self.dtype, zero=zero)
 
-    def blocks(self, name: str, x: torch.Tensor) -> np.ndarray:
-        """``x [N, D]`` in blocks and positions, in the internal array ``name``."""
-        out = self.workspace(name)
+    def batches(self):
+        """``(b0, nb)``: the blocks of channels the kernels take at a time, from block ``b0``
+        (all of them where their arrays are small, else as many as threads)."""
+        for b0 in range(0, self.nblk, self.per_batch):
+            yield b0, min(self.per_batch, self.nblk - b0)
+
+    def to_blocks(self, x: np.ndarray, b0: int, nb: int, out: np.ndarray) -> np.ndarray:
+        """The ``nb`` blocks from ``b0`` of ``x [N, D]`` by position, in ``out``."""
         if self.n:
-            _over_positions(_rows_to_blocks, self.n, _np(x), self.order, self.nblk, self.W, out)
+            _over_positions(_rows_to_blocks, self.n, x, self.order, b0, nb, self.W, out)
         return out
 
-    def kernel_args(self):
-        return (self.ub, self.dxb, self.deb, self.ab, self.bp, self.cp, self.gb, self.h0b,
-                self.consts, self.ppos, self.child_ptr, self.tree_ptr, self.groups,
-                self.srow, self.snext)
+    def kernel_args(self, b0: int, nb: int):
+        """The inputs of the kernels for the ``nb`` blocks from ``b0`` (``u``, the steps
+        and the parameters of those blocks) and their ``dims``."""
+        self.to_blocks(self.u, b0, nb, self.ub)
+        self.to_blocks(self.dx, b0, nb, self.dxb)
+        if self.de is not None:
+            self.to_blocks(self.de, b0, nb, self.deb)
+        sw = self.s * self.W
+        params = [_of_blocks(p, b0, nb, per) for p, per in
+                  ((self.ab, sw), (self.gb, sw), (self.h0b, self.num_trees * sw))]
+        dims = self.dims.copy()
+        dims[4], dims[15] = nb, self.d - b0 * self.W  # blocks, channels from b0 on
+        return (self.ub, self.dxb, self.deb, params[0], self.bp, self.cp, params[1],
+                params[2], self.consts, self.ppos, self.child_ptr, self.tree_ptr, self.groups,
+                self.srow, self.snext), dims
 
 
 def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
@@ -1177,16 +1215,21 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     run = _Run(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr, tree_ptr,
                direction, edge_rule, moments, backward=False)
     n, d, s, k, nblk, W, dt = run.n, run.d, run.s, run.num_states, run.nblk, run.W, run.dtype
-    y1b = run.workspace("y1", zero=True)
+    y1b = run.workspace("y1")
     meanb = run.workspace("mean", nblk * n, zero=True) if moments else np.zeros(1, dt)
     m2b = run.workspace("m2", nblk * n, zero=True) if moments else np.zeros(1, dt)
     statesb = np.zeros(max(1, nblk * k * s * W), dt)
-    if n and d and s:
-        on_slots(_forward_worker, run.scratch.shape[0], *run.kernel_args(), y1b, meanb, m2b,
-                    statesb, run.scratch, run.dims)
     y = cpu_arrays.empty((n, d), dt)
-    if n:
-        _over_positions(_from_blocks, n, y1b, run.order, nblk, W, y)
+    if n and d and s:
+        for b0, nb in run.batches():
+            args, dims = run.kernel_args(b0, nb)
+            y1b.fill(0)
+            on_slots(_forward_worker, run.scratch.shape[0], *args, y1b,
+                     _of_blocks(meanb, b0, nb, n), _of_blocks(m2b, b0, nb, n),
+                     _of_blocks(statesb, b0, nb, k * s * W), run.scratch, dims)
+            _over_positions(_from_blocks, n, y1b, run.order, b0, nb, W, y)
+    elif n:
+        y.fill(0)
     mu = np.zeros(n if moments else 0, dt)
     m2 = np.zeros(n if moments else 0, dt)
     if moments and n and d and s:
@@ -1264,35 +1307,45 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
                direction, edge_rule, moments, backward=True, grad_states=grad_states)
     n, d, s, nblk, W, dt = run.n, run.d, run.s, run.nblk, run.W, run.dtype
     one = np.zeros(1, dt)
-    gy1b = run.blocks("gy1", gy)
     if moments:
         gmu_p, gm2_p, mu_p = (_np(t)[run.order] for t in (gmu, gm2, mu))
     else:
         gmu_p = gm2_p = mu_p = one
     gstatesb = (_params_to_blocks(_np(gstates), nblk, W, (k,)) if grad_states else one)
-    ngroups = run.groups.shape[0] - 1
-    gxb, gdeb = run.workspace("gx", zero=True), run.workspace("gde", zero=True)
-    gbp = run.workspace("gB", nblk * n * s, zero=True)
-    gcp = run.workspace("gC", nblk * n * s, zero=True)
-    gap = np.zeros(max(ngroups, 1) * nblk * s * W, dt)
-    ggp = np.zeros(max(ngroups, 1) * nblk * s * W if gamma is not None else 1, dt)
+    ngroups = max(run.groups.shape[0] - 1, 1)
+    gy1b, gxb, gdeb = run.workspace("gy1"), run.workspace("gx"), run.workspace("gde")
+    gbp = run.workspace("gB", run.per_batch * n * s)
+    gcp = run.workspace("gC", run.per_batch * n * s)
+    gap = np.zeros((ngroups, nblk, s * W), dt)
+    ggp = np.zeros((ngroups, nblk, s * W) if gamma is not None else 1, dt)
     gh0b = np.zeros(nblk * run.num_trees * s * W if h0 is not None else 1, dt)
-    if n and d and s:
-        on_slots(_backward_worker, run.scratch.shape[0], *run.kernel_args(), gy1b, gmu_p,
-                    gm2_p, gstatesb, mu_p, gxb, gdeb, gbp, gcp, gap, ggp, gh0b, run.scratch,
-                    run.dims)
     given = edge_rule == "given"
     gu, gdx = cpu_arrays.zeros((n, d), dt), cpu_arrays.zeros((n, d), dt)
     gde = cpu_arrays.zeros((n, d) if given else (0, d), dt)
     gB, gC = np.zeros((n, s), dt), np.zeros((n, s), dt)
-    if n:
-        _over_positions(_input_grads, n, gxb, gdeb, run.ub, run.dxb, run.order, nblk, W,
-                        not given, gu, gdx, gde if given else gu)
-        _over_positions(_sum_blocks_to_rows, n, gbp, run.order, nblk, gB)
-        _over_positions(_sum_blocks_to_rows, n, gcp, run.order, nblk, gC)
+    if n and d and s:
+        gy = _np(gy)
+        for b0, nb in run.batches():
+            args, dims = run.kernel_args(b0, nb)
+            run.to_blocks(gy, b0, nb, gy1b)
+            for g in (gxb, gdeb, gbp, gcp):
+                g.fill(0)
+            gap_b = np.zeros((ngroups, nb, s * W), dt)
+            ggp_b = np.zeros((ngroups, nb, s * W) if gamma is not None else 1, dt)
+            on_slots(_backward_worker, run.scratch.shape[0], *args, gy1b, gmu_p, gm2_p,
+                     _of_blocks(gstatesb, b0, nb, k * s * W), mu_p, gxb, gdeb, gbp, gcp,
+                     gap_b.reshape(-1), ggp_b.reshape(-1),
+                     _of_blocks(gh0b, b0, nb, run.num_trees * s * W), run.scratch, dims)
+            gap[:, b0:b0 + nb] = gap_b
+            if gamma is not None:
+                ggp[:, b0:b0 + nb] = ggp_b
+            _over_positions(_input_grads, n, gxb, gdeb, run.ub, run.dxb, run.order, b0, nb,
+                            W, not given, gu, gdx, gde if given else gu)
+            _over_positions(_add_blocks_to_rows, n, gbp, run.order, nb, b0 == 0, gB)
+            _over_positions(_add_blocks_to_rows, n, gcp, run.order, nb, b0 == 0, gC)
 
     def over_groups(p):  # [groups, nblk, S, W] summed over the groups in ascending order
-        acc = cpu_arrays.sum_rows_in_order(p.reshape(max(ngroups, 1), nblk * s * W))
+        acc = cpu_arrays.sum_rows_in_order(p.reshape(ngroups, nblk * s * W))
         return torch.from_numpy(_params_from_blocks(acc, d, s, nblk, W))
 
     t = torch.from_numpy
