@@ -344,6 +344,40 @@ def test_cuda_lean_path_equals_the_custom_op(schedule):
         assert treessm.tree_scan(x, w, tree, "both", schedule=schedule).grad_fn is None
 
 
+def test_cuda_tiled_both_keeps_its_parts_not_x():
+    # under "tiles", "both" keeps its forward's parts for the backward, not x: x may change
+    # in place after the forward (autograd would refuse a saved x), and the gradients are
+    # those of the custom op, which scans x again in its backward
+    from treessm.ops import plan
+
+    g = torch.Generator().manual_seed(26)
+    parent = random_forest(5000, 3, g, locality=30)
+    tree = treessm.Tree.from_parent(parent).cuda()
+    x, w = _inputs(parent.numel(), 40, torch.float32, g)
+    gout = torch.randn(parent.numel(), 40, generator=g).cuda()
+    p = plan.scan_plan(tree, 40, torch.float32, "tiles")
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    hb = torch.ops.treessm.tree_scan(xb, wb, tree.order, tree.child_ptr, tree.tree_ptr,
+                                     list(p.tensors), p.schedule, list(p.launch), "both", "cuda")
+    expected = torch.autograd.grad(hb, (xb, wb), gout)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    leaf = xa * 1  # a non-leaf the scan reads, changed in place below
+    ha = treessm.tree_scan(leaf, wa, tree, "both", schedule="tiles")
+    with torch.no_grad():
+        leaf.mul_(3)
+    got = torch.autograd.grad(ha, (xa, wa), gout)
+    assert torch.equal(ha, hb) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    # "up" and "down" keep the weights and the output: changing the weights in place is
+    # caught by autograd
+    wc = w.clone().requires_grad_()
+    wl = wc * 1
+    hc = treessm.tree_scan(x, wl, tree, "down", schedule="tiles")
+    with torch.no_grad():
+        wl.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(hc, wc, gout)
+
+
 def test_cuda_graph_capture_of_a_step():
     # a whole step (grid tree built from features on the device, its layout, the scan and its
     # backward) is captured in a CUDA graph; replays for new inputs equal eager runs

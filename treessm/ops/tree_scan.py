@@ -12,9 +12,9 @@ and ``torch.ops.treessm.tree_scan_backward`` (``torch.library``), which carry fa
 implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
 Eager CUDA calls take a leaner road to the same kernels: ``torch.ops.treessm.cuda_tree_scan``,
 whose autograd is written in C++, so a forward and backward cost the host a few
-microseconds instead of the Python custom-op layers (the ``"tiles"`` schedule, whose
-kernels have no C++ autograd, keeps the custom operator). The math is in
-``docs/concepts.md``.
+microseconds instead of the Python custom-op layers. The ``"tiles"`` schedule, whose
+kernels have no C++ autograd, runs through :class:`_TiledScan`, whose ``"both"`` keeps its
+forward's parts for the backward. The math is in ``docs/concepts.md``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..tree import Tree
 from ..typing import cuda_extension_available, cuda_extension_error
@@ -216,6 +217,38 @@ class _ReferenceScan(torch.autograd.Function):
         return gx, gw, None, None
 
 
+class _TiledScan(torch.autograd.Function):
+    """Autograd for eager scans under the ``"tiles"`` schedule. ``"both"`` keeps what its
+    forward formed (the up scan, the brackets and the down scan, in the accumulation type:
+    :func:`treessm.ops.cuda.forward_with_parts`) instead of ``x`` and the output, so that its
+    backward scans the gradient only, where the custom operator's backward scans ``x`` a
+    second time; ``"up"`` and ``"down"`` keep the weights and the output. The gradients are
+    the same bits either way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, plan, direction):
+        from . import cuda
+
+        if not any(ctx.needs_input_grad[:2]):
+            return cuda.forward(x, weight, plan, direction)
+        out, parts = cuda.forward_with_parts(x, weight, plan, direction)
+        ctx.plan, ctx.direction, ctx.num_parts = plan, direction, len(parts or ())
+        ctx.save_for_backward(weight, *(parts if parts else (out,)))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        from . import cuda
+
+        weight, *kept = ctx.saved_tensors
+        parts = kept if ctx.num_parts else None
+        out = None if parts else kept[0]
+        gx, gw = cuda.backward_from_parts(grad.contiguous(), None, weight, out, parts, ctx.plan,
+                                          ctx.direction)
+        return gx, gw, None, None
+
+
 class _EdgelessScan(torch.autograd.Function):
     """A forest without an edge (every vertex a root): every direction gives ``h = x``, and
     the weights, all at roots, get a zero gradient."""
@@ -332,12 +365,12 @@ def tree_scan(x: Tensor, weight: Tensor, tree: Tree, direction: str = "both",
                                           "", [0], direction, backend)
         return _shaped(out, shape)
     plan = scan_plan(tree, channels, x.dtype, schedule)
-    if torch.compiler.is_compiling() or plan.schedule == "tiles":
-        # the Python custom op, which dynamo traces (and which gives the tiled kernels
-        # their autograd)
+    if torch.compiler.is_compiling():  # the Python custom op, which dynamo traces
         out = torch.ops.treessm.tree_scan(x2, w2, tree.order, tree.child_ptr, tree.tree_ptr,
                                           list(plan.tensors), plan.schedule, list(plan.launch),
                                           direction, backend)
+    elif plan.schedule == "tiles":
+        out = _TiledScan.apply(x2, w2, plan, direction)
     else:
         out = torch.ops.treessm.cuda_tree_scan(x2, w2, *plan.tensors, plan.schedule,
                                                plan.launch, direction)
