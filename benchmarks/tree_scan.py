@@ -413,7 +413,7 @@ def tile_rows(bw):
                 plan = tile_plan(tree, tile)
                 torch.cuda.synchronize()
                 build_ms = (time.perf_counter() - t0) * 1e3
-                tensors = list(plan[3:])
+                tensors = plan.op_tensors()
                 row = dict(case=name, direction=direction, N=tree.num_nodes, C=c, tile=tile,
                            tiles=int((plan.tile_ptr.diff() > 0).sum()),
                            boundary=int(plan.boundary_level_ptr[-1]),
@@ -421,13 +421,12 @@ def tile_rows(bw):
                            plan_build_ms=build_ms, current_plan_build_ms=current_build_ms,
                            fwd_floor_ms=floor, bwd_floor_ms=bfloor,
                            current_fwd_gpu_ms=current[0], current_bwd_gpu_ms=current[1])
-                h = torch.ops.treessm.cuda_tile_scan(x, w, tensors, plan.tile, direction)
+                h = torch.ops.treessm.cuda_tile_scan(x, w, tensors, direction)
                 row["tiled_fwd_gpu_ms"], row["tiled_timer"] = _device_time(
-                    lambda: torch.ops.treessm.cuda_tile_scan(x, w, tensors, plan.tile,
-                                                             direction))
+                    lambda: torch.ops.treessm.cuda_tile_scan(x, w, tensors, direction))
                 row["tiled_bwd_gpu_ms"], _ = _device_time(
                     lambda: torch.ops.treessm.cuda_tile_scan_backward(grad, w, h, tensors,
-                                                                      plan.tile, direction, x))
+                                                                      direction, x))
                 row["tiled_max_rel_error"] = float((h.double() - ref).abs().max()
                                                    / ref.abs().max().clamp(min=1))
                 out.append(row)

@@ -1,15 +1,17 @@
 // Host side of the tiled tree scan (tile_kernels.cuh): argument checks, the three launches
 // and the torch.library registration (CUDA dispatch key)
-//   torch.ops.treessm.cuda_tile_scan(x, weight, plan, tile, direction) -> h
-//   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, tile, direction, x)
+//   torch.ops.treessm.cuda_tile_scan(x, weight, plan, direction) -> h
+//   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, direction, x)
 //       -> (grad_x, grad_weight)
-//   torch.ops.treessm.cuda_tile_scan_both_parts(x, weight, plan, tile) -> (h, up, inner, out)
-//   torch.ops.treessm.cuda_tile_scan_both_backward(grad, weight, up, inner, out, plan, tile)
+//   torch.ops.treessm.cuda_tile_scan_both_parts(x, weight, plan) -> (h, up, inner, out)
+//   torch.ops.treessm.cuda_tile_scan_both_backward(grad, weight, up, inner, out, plan)
 //       -> (grad_x, grad_weight)
 //       "both" with its parts kept: the backward from the forward's parts instead of x (a
 //       caller that forms h anyway, to read it out, saves the backward's second scan of x)
-// `plan` is the tensors of treessm.ops.tiles.TilePlan from `vertex` to `path_ptr`, in that
-// order (20 int32 tensors on x's device); `tile` is the plan's tile. Directions "down",
+// `plan` is treessm.ops.tiles.TilePlan.op_tensors(): the tensors from `vertex` to
+// `path_ptr`, in that order (20 int32 tensors on x's device), then the plan's tile size (a
+// CPU int64 tensor of one entry, read on the host: the kernels stage a tile's plan in
+// shared memory sized by it, so it must be the one the layout was cut for). Directions "down",
 // "up" and "both" (up, the brackets, then down of the brackets' inputs, all in the
 // accumulation type; its backward needs the forward's input x). No autograd here (the
 // backward op is the building block). Nothing here waits for the device.
@@ -33,7 +35,7 @@
 namespace treessm_cuda {
 namespace {
 
-constexpr int kPlanTensors = 20;
+constexpr int kPlanTensors = 21;  // TilePlan's 20 tensors and its tile size
 
 enum class Direction { kDown, kUp, kBoth };
 
@@ -45,14 +47,21 @@ Direction parse_direction(c10::string_view d) {
 
 // The plan's tensors checked against N, and TileArgs pointing at them (no scratch yet).
 // Every entry point calls it before it touches the plan.
-TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
+TileArgs plan_args(at::TensorList plan, const at::Tensor& x) {
   TREESSM_CHECK(plan.size() == static_cast<size_t>(kPlanTensors), "plan must hold the ",
-              kPlanTensors, " tensors of TilePlan from vertex to path_ptr, got ", plan.size());
+              kPlanTensors, " tensors of TilePlan.op_tensors() (vertex to path_ptr, then the "
+              "tile size), got ", plan.size());
   static const char* names[kPlanTensors] = {
       "vertex", "parent", "size", "light_depth", "flags", "top", "tree_ptr", "tile_ptr",
       "scan", "level_ptr", "tile_levels", "boundary", "boundary_pos", "feeder",
-      "boundary_level_ptr", "tile_boundary", "entries", "entry_ptr", "path", "path_ptr"};
-  for (int i = 0; i < kPlanTensors; ++i) {
+      "boundary_level_ptr", "tile_boundary", "entries", "entry_ptr", "path", "path_ptr",
+      "tile"};
+  const at::Tensor& tile_host = plan[kPlanTensors - 1];
+  TREESSM_CHECK(tile_host.defined() && tile_host.device().is_cpu() &&
+                    tile_host.scalar_type() == at::kLong && tile_host.numel() == 1,
+                "plan's last tensor (the tile size) must be a CPU int64 tensor of one entry");
+  const int64_t tile = tile_host.item<int64_t>();
+  for (int i = 0; i < kPlanTensors - 1; ++i) {
     const at::Tensor& t = plan[i];
     TREESSM_CHECK(t.defined() && t.is_cuda() && t.device() == x.device(), "plan.", names[i],
                 " must be on ", x.device());
@@ -84,8 +93,8 @@ TileArgs plan_args(at::TensorList plan, int64_t tile, const at::Tensor& x) {
   a.M = static_cast<int>(M);
   a.L = static_cast<int>(level_ptr.size(1) - 1);
   a.tile = static_cast<int>(tile);
-  const int* p[kPlanTensors];
-  for (int i = 0; i < kPlanTensors; ++i) p[i] = plan[i].data_ptr<int>();
+  const int* p[kPlanTensors - 1];
+  for (int i = 0; i < kPlanTensors - 1; ++i) p[i] = plan[i].data_ptr<int>();
   a.vertex = p[0];
   a.parent = p[1];
   a.size = p[2];
@@ -301,12 +310,12 @@ at::Tensor both_grad_weight(const at::Tensor& grad, const BothParts& parts_g,
 }  // namespace
 
 at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::TensorList plan,
-                          int64_t tile, c10::string_view direction) {
+                          c10::string_view direction) {
   TREESSM_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
   const Direction d = parse_direction(direction);
-  const TileArgs a = plan_args(plan, tile, x);
+  const TileArgs a = plan_args(plan, x);
   if (d == Direction::kBoth) return both_scan(x, weight, a, sibling_links(a, x)).first;
   at::Tensor out = at::empty_like(x);
   tile_scan_into(x, weight, a, d == Direction::kUp, out);
@@ -320,14 +329,13 @@ at::Tensor tile_scan_cuda(const at::Tensor& x, const at::Tensor& weight, at::Ten
 // checked).
 std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& out,
-    at::TensorList plan, int64_t tile, c10::string_view direction,
-    const c10::optional<at::Tensor>& x) {
+    at::TensorList plan, c10::string_view direction, const c10::optional<at::Tensor>& x) {
   TREESSM_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
               "grad must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", grad);
   check_rows(out, "out", grad);
   const Direction d = parse_direction(direction);
-  const TileArgs a = plan_args(plan, tile, grad);
+  const TileArgs a = plan_args(plan, grad);
   const int64_t N = grad.size(0), C = grad.size(1);
   const int threads = 256;
   if (d == Direction::kBoth) {
@@ -361,11 +369,11 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
 
 // both(x) and its parts (in the accumulation type), for cuda_tile_scan_both_backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tile_scan_both_parts_cuda(
-    const at::Tensor& x, const at::Tensor& weight, at::TensorList plan, int64_t tile) {
+    const at::Tensor& x, const at::Tensor& weight, at::TensorList plan) {
   TREESSM_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
-  const TileArgs a = plan_args(plan, tile, x);
+  const TileArgs a = plan_args(plan, x);
   std::pair<at::Tensor, BothParts> r = both_scan(x, weight, a, sibling_links(a, x));
   return {r.first, r.second.up, r.second.inner, r.second.out};
 }
@@ -373,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tile_scan_both_parts_
 // The backward of both at grad from the forward's parts (cuda_tile_scan_both_parts).
 std::tuple<at::Tensor, at::Tensor> tile_scan_both_backward_cuda(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& up,
-    const at::Tensor& inner, const at::Tensor& out, at::TensorList plan, int64_t tile) {
+    const at::Tensor& inner, const at::Tensor& out, at::TensorList plan) {
   TREESSM_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
               "grad must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", grad);
@@ -381,22 +389,22 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_both_backward_cuda(
   check_rows(up, "up", grad, acc);
   check_rows(inner, "inner", grad, acc);
   check_rows(out, "out", grad, acc);
-  const TileArgs a = plan_args(plan, tile, grad);
+  const TileArgs a = plan_args(plan, grad);
   std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, a, sibling_links(a, grad));
   return {both_g.first, both_grad_weight(grad, both_g.second, BothParts{up, inner, out}, a)};
 }
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
-  m.def("cuda_tile_scan(Tensor x, Tensor weight, Tensor[] plan, int tile, str direction) -> Tensor");
+  m.def("cuda_tile_scan(Tensor x, Tensor weight, Tensor[] plan, str direction) -> Tensor");
   m.def(
-      "cuda_tile_scan_backward(Tensor grad, Tensor weight, Tensor out, Tensor[] plan, int tile, "
+      "cuda_tile_scan_backward(Tensor grad, Tensor weight, Tensor out, Tensor[] plan, "
       "str direction, Tensor? x=None) -> (Tensor, Tensor)");
   m.def(
-      "cuda_tile_scan_both_parts(Tensor x, Tensor weight, Tensor[] plan, int tile) -> "
+      "cuda_tile_scan_both_parts(Tensor x, Tensor weight, Tensor[] plan) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_tile_scan_both_backward(Tensor grad, Tensor weight, Tensor up, Tensor inner, "
-      "Tensor out, Tensor[] plan, int tile) -> (Tensor, Tensor)");
+      "Tensor out, Tensor[] plan) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

@@ -60,13 +60,12 @@ def _tree(name):
 
 def _tile_scan(x, w, tree, tile, direction):
     plan = tile_plan(tree, tile)
-    return torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), plan.tile, direction)
+    return torch.ops.treessm.cuda_tile_scan(x, w, plan.op_tensors(), direction)
 
 
 def _tile_backward(g, w, h, tree, tile, direction, x=None):
     plan = tile_plan(tree, tile)
-    return torch.ops.treessm.cuda_tile_scan_backward(g, w, h, list(plan[3:]), plan.tile,
-                                                     direction, x)
+    return torch.ops.treessm.cuda_tile_scan_backward(g, w, h, plan.op_tensors(), direction, x)
 
 
 def _inputs(n, c, weights="unit_interval", seed=10):
@@ -218,33 +217,37 @@ def test_both_parts_give_the_same_bits(name, tile, dtype):
     x, w = x.to(dtype), w.to(dtype)
     g = torch.randn_like(x)
     plan = tile_plan(tree, tile)
-    tensors = list(plan[3:])
-    h, up, inner, out = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, tensors, plan.tile)
+    tensors = plan.op_tensors()
+    h, up, inner, out = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, tensors)
     assert torch.equal(h, _tile_scan(x, w, tree, tile, "both"))
     assert up.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    got = torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner, out, tensors,
-                                                         plan.tile)
+    got = torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner, out, tensors)
     want = _tile_backward(g, w, h, tree, tile, "both", x)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     if tree.num_nodes:
         with pytest.raises(RuntimeError, match="inner must have shape"):
-            torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner[:-1], out, tensors,
-                                                           plan.tile)
+            torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner[:-1], out, tensors)
 
 
 def test_bad_arguments_raise():
     tree = _tree("random")
     x, w = _inputs(tree.num_nodes, 2)
     plan = tile_plan(tree, 64)
+    tensors = plan.op_tensors()
     with pytest.raises(RuntimeError, match="direction"):
-        torch.ops.treessm.cuda_tile_scan(x, w, list(plan[3:]), 64, "sideways")
+        torch.ops.treessm.cuda_tile_scan(x, w, tensors, "sideways")
     with pytest.raises(RuntimeError, match="needs the forward's input x"):
-        torch.ops.treessm.cuda_tile_scan_backward(x, w, x, list(plan[3:]), 64, "both")
+        torch.ops.treessm.cuda_tile_scan_backward(x, w, x, tensors, "both")
     with pytest.raises(RuntimeError, match="weight"):
-        torch.ops.treessm.cuda_tile_scan(x, w.float(), list(plan[3:]), 64, "down")
+        torch.ops.treessm.cuda_tile_scan(x, w.float(), tensors, "down")
     with pytest.raises(RuntimeError, match="int32"):
-        torch.ops.treessm.cuda_tile_scan(x, w, [t.long() for t in plan[3:]], 64, "down")
+        torch.ops.treessm.cuda_tile_scan(x, w, [t.long() for t in plan[3:]] + tensors[-1:], "down")
+    # the tile size comes with the plan, on the host: a device tensor or another dtype is
+    # refused before any kernel stages the plan
+    for tile in (tensors[-1].cuda(), tensors[-1].int(), torch.tensor([64, 64])):
+        with pytest.raises(RuntimeError, match="tile size"):
+            torch.ops.treessm.cuda_tile_scan(x, w, tensors[:-1] + [tile], "down")
 
 
 _SHORT_PLAN = """
@@ -255,11 +258,11 @@ from treessm.typing import load_cuda_extension
 load_cuda_extension()
 tree = Tree.from_parent([-1, 0, 0, 1, 1, 3]).to("cuda")
 x = torch.ones(6, 2, device="cuda")
-plan = list(tile_plan(tree, 4)[3:])
+plan = tile_plan(tree, 4).op_tensors()
 for short in (plan[:-1], plan[:1], []):
     for direction in ("down", "both"):
-        for call in (lambda: torch.ops.treessm.cuda_tile_scan(x, x, short, 4, direction),
-                     lambda: torch.ops.treessm.cuda_tile_scan_backward(x, x, x, short, 4,
+        for call in (lambda: torch.ops.treessm.cuda_tile_scan(x, x, short, direction),
+                     lambda: torch.ops.treessm.cuda_tile_scan_backward(x, x, x, short,
                                                                        direction, x)):
             try:
                 call()

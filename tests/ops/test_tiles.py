@@ -597,6 +597,24 @@ def test_plan_is_cached_per_tile_size():
     assert tile_plan(tree, 16).tile == 16
 
 
+def test_op_tensors_carry_the_tile_size():
+    # the CUDA operators take the layout and its tile size in one list, so that no caller
+    # can pass a tile size other than the one the layout was cut for; the scan plan of the
+    # "tiles" schedule is that list
+    from treessm.ops.plan import scan_plan
+    from treessm.ops.tiles import TILE
+
+    tree = Tree.from_parent(random_forest(50, 3, _gen(14)))
+    plan = tile_plan(tree, 16)
+    tensors = plan.op_tensors()
+    assert len(tensors) == 21 and all(a is b for a, b in zip(tensors, plan[3:]))
+    assert tensors[-1].device.type == "cpu" and tensors[-1].dtype == torch.int64
+    assert tensors[-1].tolist() == [16]
+    scan = scan_plan(tree, 64, torch.float32, "tiles")
+    assert scan.tensors[-1].tolist() == [TILE]
+    assert all(a is b for a, b in zip(scan.tensors, tile_plan(tree, TILE)[3:]))
+
+
 def test_bad_arguments_raise():
     tree = Tree.from_parent([-1, 0])
     with pytest.raises(TypeError, match="tree"):

@@ -18,7 +18,6 @@ import torch
 
 from ..typing import cuda_source_dir, load_cuda_extension
 from .plan import ScanPlan
-from .tiles import TILE
 
 __all__ = ["forward", "backward", "forward_with_parts", "backward_from_parts"]
 
@@ -26,7 +25,7 @@ __all__ = ["forward", "backward", "forward_with_parts", "backward_from_parts"]
 def forward(x, w, plan: ScanPlan, direction: str):
     """Scan of contiguous ``x, w [N, C]`` on the GPU along ``plan``."""
     if plan.schedule == "tiles":
-        return torch.ops.treessm.cuda_tile_scan(x, w, list(plan.tensors), TILE, direction)
+        return torch.ops.treessm.cuda_tile_scan(x, w, list(plan.tensors), direction)
     return torch.ops.treessm.cuda_tree_scan(x, w, *plan.tensors, plan.schedule,
                                             list(plan.launch), direction)
 
@@ -35,7 +34,7 @@ def backward(g, x, w, h, plan: ScanPlan, direction: str):
     """``(dL/dx, dL/dw)`` given ``g = dL/dh`` and the forward output ``h``."""
     if plan.schedule == "tiles":
         return torch.ops.treessm.cuda_tile_scan_backward(g, w, h, list(plan.tensors),
-                                                         TILE, direction, x)
+                                                         direction, x)
     return torch.ops.treessm.cuda_tree_scan_backward(g, x, w, h, *plan.tensors, plan.schedule,
                                                      list(plan.launch), direction)
 
@@ -46,7 +45,7 @@ def forward_with_parts(x, w, plan: ScanPlan, direction: str):
     and the down scan, in the accumulation type), so that the backward does not scan ``x``
     a second time; ``None`` otherwise."""
     if plan.schedule == "tiles" and direction == "both":
-        h, *parts = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, list(plan.tensors), TILE)
+        h, *parts = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, list(plan.tensors))
         return h, parts
     return forward(x, w, plan, direction), None
 
@@ -55,8 +54,7 @@ def backward_from_parts(g, x, w, h, parts, plan: ScanPlan, direction: str):
     """:func:`backward` with the ``parts`` of :func:`forward_with_parts` (``x`` is not read
     when there are parts)."""
     if parts is not None:
-        return torch.ops.treessm.cuda_tile_scan_both_backward(g, w, *parts, list(plan.tensors),
-                                                              TILE)
+        return torch.ops.treessm.cuda_tile_scan_both_backward(g, w, *parts, list(plan.tensors))
     return backward(g, x, w, h, plan, direction)
 
 

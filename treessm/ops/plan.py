@@ -252,8 +252,9 @@ class ScanPlan(NamedTuple):
     """What a CUDA scan operator takes besides the data: the schedule, its plan tensors
     (the five of :class:`PathPlan` for ``"trees"``, of :class:`PhasePlan` for
     ``"phases"`` and of :class:`ColumnPlan` for ``"columns"``; the twenty of
-    :class:`~treessm.ops.tiles.TilePlan` from ``vertex`` on,
-    tiles of :data:`~treessm.ops.tiles.TILE` positions, for ``"tiles"``) and the launch
+    :class:`~treessm.ops.tiles.TilePlan` from ``vertex`` on and its tile size,
+    :meth:`~treessm.ops.tiles.TilePlan.op_tensors` of tiles of
+    :data:`~treessm.ops.tiles.TILE` positions, for ``"tiles"``) and the launch
     parameters for ``channels`` channels of ``dtype``."""
 
     schedule: str
@@ -608,7 +609,7 @@ def scan_plan(tree: Tree, channels: int, dtype: torch.dtype,
     elif schedule_ == "columns":
         tensors = tuple(column_plan(tree))
     else:
-        tensors = tuple(tile_plan(tree, TILE)[3:])
+        tensors = tuple(tile_plan(tree, TILE).op_tensors())
     launch = launch_config(schedule_, dtype.itemsize, tree.max_tree_size)
     plan = ScanPlan(schedule_, tensors, launch)
     tree.plan_cache[key] = plan

@@ -55,7 +55,7 @@ forward, of the same sizes.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -159,6 +159,14 @@ class TilePlan(NamedTuple):
     entry_ptr: Tensor
     path: Tensor
     path_ptr: Tensor
+
+    def op_tensors(self) -> List[Tensor]:
+        """The ``plan`` the tiled CUDA operators take (``torch.ops.treessm.cuda_tile_scan``
+        and its kin): the tensors from :attr:`vertex` to :attr:`path_ptr`, then
+        :attr:`tile` as a CPU int64 tensor of one entry, which the operators read on the
+        host to size their shared memory. The tile size travels with the layout it was
+        cut for, so no caller can pass another."""
+        return [*self[3:], torch.tensor([self.tile], dtype=torch.int64)]
 
 
 def max_tiles(num_nodes: int, num_trees: int, tile: int,
