@@ -361,7 +361,14 @@ def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
     for sl in range(sb):
         c = inp.cp[ib + s0 + sl]
         o = sl * W
-        if d.has_gamma:
+        if s0 + sl == 0:  # a channel's first state starts its sum (nothing zeroes y1b)
+            if d.has_gamma:
+                for dd in range(W):
+                    out.y1b[iu + dd] = c * inp.gb[ia + o + dd] * h[oh + o + dd]
+            else:
+                for dd in range(W):
+                    out.y1b[iu + dd] = c * h[oh + o + dd]
+        elif d.has_gamma:
             for dd in range(W):
                 out.y1b[iu + dd] += c * inp.gb[ia + o + dd] * h[oh + o + dd]
         else:
@@ -559,10 +566,16 @@ def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
     for sl in range(sb):
         bs = inp.bp[ib + s0 + sl]
         o = og + sl * W
-        for dd in range(W):
-            g = G[o + dd]
-            gr.gxb[iu + dd] += g * bs
-            buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
+        if s0 + sl == 0:  # a channel's first state starts its sum (nothing zeroes gxb)
+            for dd in range(W):
+                g = G[o + dd]
+                gr.gxb[iu + dd] = g * bs
+                buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
+        else:
+            for dd in range(W):
+                g = G[o + dd]
+                gr.gxb[iu + dd] += g * bs
+                buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
         gr.gbp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
@@ -1223,7 +1236,6 @@ def forward(u, dx, de, A, B, C, gamma, h0, srow, snext, parent, order, child_ptr
     if n and d and s:
         for b0, nb in run.batches():
             args, dims = run.kernel_args(b0, nb)
-            y1b.fill(0)
             on_slots(_forward_worker, run.scratch.shape[0], *args, y1b,
                      _of_blocks(meanb, b0, nb, n), _of_blocks(m2b, b0, nb, n),
                      _of_blocks(statesb, b0, nb, k * s * W), run.scratch, dims)
@@ -1271,8 +1283,8 @@ def normalised_readout_backward(gy, y1, mu, m2, C, gamma, beta, u, D, eps: float
     none = np.zeros((1, 1), dt)
     rows = cpu_arrays.CHUNK_ROWS
     chunks = -(-n // rows)
-    g_y1 = cpu_arrays.zeros((n, d), dt)
-    g_u = cpu_arrays.zeros((n, d) if D is not None else (0, d), dt)
+    g_y1 = cpu_arrays.empty((n, d), dt)  # every row written by _readout_grad_rows
+    g_u = cpu_arrays.empty((n, d) if D is not None else (0, d), dt)
     g_mu, g_m2, g_C = np.zeros(n, dt), np.zeros(n, dt), np.zeros((n, s), dt)
     pw = np.zeros((chunks, s, d) if gamma is not None else (1, 1, 1), dt)
     pb = np.zeros((chunks, s, d) if beta is not None else (1, 1, 1), dt)
@@ -1320,15 +1332,17 @@ def backward(gy, gmu, gm2, gstates, u, dx, de, A, B, C, gamma, h0, mu, srow, sne
     ggp = np.zeros((ngroups, nblk, s * W) if gamma is not None else 1, dt)
     gh0b = np.zeros(nblk * run.num_trees * s * W if h0 is not None else 1, dt)
     given = edge_rule == "given"
-    gu, gdx = cpu_arrays.zeros((n, d), dt), cpu_arrays.zeros((n, d), dt)
-    gde = cpu_arrays.zeros((n, d) if given else (0, d), dt)
+    # every entry written by _input_grads where there is a state; zeros otherwise
+    fresh = cpu_arrays.empty if n and d and s else cpu_arrays.zeros
+    gu, gdx = fresh((n, d), dt), fresh((n, d), dt)
+    gde = fresh((n, d) if given else (0, d), dt)
     gB, gC = np.zeros((n, s), dt), np.zeros((n, s), dt)
     if n and d and s:
         gy = _np(gy)
         for b0, nb in run.batches():
             args, dims = run.kernel_args(b0, nb)
             run.to_blocks(gy, b0, nb, gy1b)
-            for g in (gxb, gdeb, gbp, gcp):
+            for g in (gdeb, gbp, gcp):  # gxb: every entry written, its first state first
                 g.fill(0)
             gap_b = np.zeros((ngroups, nb, s * W), dt)
             ggp_b = np.zeros((ngroups, nb, s * W) if gamma is not None else 1, dt)
