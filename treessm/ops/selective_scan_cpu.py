@@ -361,14 +361,9 @@ def _emit(h, oh, i, a, blk, s0, sb, inp, lay, out, d):
     for sl in range(sb):
         c = inp.cp[ib + s0 + sl]
         o = sl * W
-        if s0 + sl == 0:  # a channel's first state starts its sum (nothing zeroes y1b)
-            if d.has_gamma:
-                for dd in range(W):
-                    out.y1b[iu + dd] = c * inp.gb[ia + o + dd] * h[oh + o + dd]
-            else:
-                for dd in range(W):
-                    out.y1b[iu + dd] = c * h[oh + o + dd]
-        elif d.has_gamma:
+        if s0 + sl == 0:  # the row's sum starts at its first state (nothing zeroes y1b)
+            _fill(out.y1b, iu, W, 0)
+        if d.has_gamma:
             for dd in range(W):
                 out.y1b[iu + dd] += c * inp.gb[ia + o + dd] * h[oh + o + dd]
         else:
@@ -566,16 +561,12 @@ def _grad_x(G, og, i, a, blk, s0, sb, inp, lay, gr, d, buf, tl):
     for sl in range(sb):
         bs = inp.bp[ib + s0 + sl]
         o = og + sl * W
-        if s0 + sl == 0:  # a channel's first state starts its sum (nothing zeroes gxb)
-            for dd in range(W):
-                g = G[o + dd]
-                gr.gxb[iu + dd] = g * bs
-                buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
-        else:
-            for dd in range(W):
-                g = G[o + dd]
-                gr.gxb[iu + dd] += g * bs
-                buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
+        if s0 + sl == 0:  # the row's sum starts at its first state (nothing zeroes gxb)
+            _fill(gr.gxb, iu, W, 0)
+        for dd in range(W):
+            g = G[o + dd]
+            gr.gxb[iu + dd] += g * bs
+            buf[tl + dd] = g * (inp.dxb[iu + dd] * inp.ub[iu + dd])
         gr.gbp[(blk * d.N + U(i)) * d.S + s0 + sl] = _lane_sum(buf, tl, W)
 
 
