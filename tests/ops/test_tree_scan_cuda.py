@@ -149,7 +149,10 @@ def test_cuda_empty_and_zero_channels():
     assert h.shape == (3, 0)
 
 
-def test_cuda_ops_registered_and_compile():
+@pytest.mark.parametrize("schedule", (None,) + SCHEDULES)
+def test_cuda_ops_registered_and_compile(schedule):
+    # every schedule's plan (the tiled one holds its tile size as a CPU tensor, the
+    # columns one its largest tree) goes through the custom operator that dynamo traces
     assert hasattr(torch.ops.treessm, "tree_scan")
     assert hasattr(torch.ops.treessm, "cuda_tree_scan")
     assert hasattr(torch.ops.treessm, "cuda_tree_scan_backward")
@@ -159,7 +162,7 @@ def test_cuda_ops_registered_and_compile():
     x, w = _inputs(500, 16, torch.float32, g)
 
     def f(x, w):
-        return treessm.tree_scan(x * 2, w, tree, "both").sin().sum()
+        return treessm.tree_scan(x * 2, w, tree, "both", schedule=schedule).sin().sum()
 
     compiled = torch.compile(f, fullgraph=True)
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
