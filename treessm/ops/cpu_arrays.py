@@ -48,10 +48,20 @@ CHUNK_ROWS = 4096
 def empty(shape: Union[int, Tuple[int, ...]], dtype) -> np.ndarray:
     """An uninitialised C-contiguous array of ``shape`` whose first item starts on a cache
     line."""
+    dtype, shape, nbytes = _sized(shape, dtype)
+    return _carved(torch.empty(nbytes + LINE, dtype=torch.uint8).numpy(), dtype, shape, nbytes)
+
+
+def _sized(shape, dtype) -> Tuple[np.dtype, Tuple[int, ...], int]:
+    """``(dtype, shape as a tuple, bytes)`` of an array."""
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = torch.empty(nbytes + LINE, dtype=torch.uint8).numpy()
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _carved(raw: np.ndarray, dtype: np.dtype, shape: Tuple[int, ...], nbytes: int) -> np.ndarray:
+    """The array of ``shape`` and ``dtype`` at the first cache line of the byte buffer
+    ``raw`` (which holds ``nbytes + LINE`` bytes at least)."""
     start = (-raw.ctypes.data) % LINE
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
@@ -93,16 +103,13 @@ def workspace(name: str, shape: Union[int, Tuple[int, ...]], dtype, *,
     asks for ``name`` on this thread, so it must neither outlive its call nor be returned
     (wrap a result in a fresh array), and two arrays alive at once need two names.
     """
-    dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    nbytes = math.prod(shape) * dtype.itemsize
+    dtype, shape, nbytes = _sized(shape, dtype)
     buffers = _buffers().by_name
     raw = buffers.get(name)
     if raw is None or raw.nbytes < nbytes + LINE:
         buffers.pop(name, None)  # the old buffer goes before the new one comes
         raw = buffers[name] = np.empty(nbytes + LINE, dtype=np.uint8)
-    start = (-raw.ctypes.data) % LINE
-    out = raw[start:start + nbytes].view(dtype).reshape(shape)
+    out = _carved(raw, dtype, shape, nbytes)
     if zero:
         out.fill(0)
     return out
