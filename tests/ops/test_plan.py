@@ -324,3 +324,27 @@ def test_phase_counts():
     # a complete binary tree of 2^k - 1 vertices has k phases
     assert phases(torch.tensor([-1] + [(v - 1) // 2 for v in range(1, 31)])) == 5
     assert phases(empty()) == 0
+
+
+@pytest.mark.parametrize("schedule", ["paths", "phases", "tiles", "columns"])
+def test_plans_build_the_same_inside_a_compiled_function(schedule):
+    # a first call under torch.compile(fullgraph=True) builds the plan in the traced graph:
+    # no step may need the traced sizes to agree by a guard (phases' light entries did,
+    # under torch 2.11)
+    from treessm.ops.plan import column_plan, phase_plan, tile_plan
+    from treessm.ops.tiles import TILE
+
+    build = {"paths": lambda t: list(path_plan(t)), "phases": lambda t: list(phase_plan(t)),
+             "tiles": lambda t: tile_plan(t, TILE).op_tensors(),
+             "columns": lambda t: list(column_plan(t))}[schedule]
+    parent = random_forest(500, 2, torch.Generator().manual_seed(2))
+    traced = treessm.Tree.from_parent(parent)
+
+    def f(x):
+        return [x + t.double() for t in build(traced)]
+
+    got = torch.compile(f, fullgraph=True)(torch.zeros(()))
+    want = build(treessm.Tree.from_parent(parent))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.double())

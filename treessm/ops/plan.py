@@ -487,10 +487,11 @@ def phase_plan(tree: Tree) -> PhasePlan:
     start = torch.cumsum(nlight, 0) - nlight
     owner = torch.repeat_interleave(torch.arange(n, device=dev), nlight)
     m = torch.arange(owner.shape[0], device=dev)
+    moved = inv[light[old[owner, 2] + m - start[owner]]]  # the light entries, new positions
     new_light = torch.full((n,), -1, dtype=torch.long, device=dev)
-    new_light[:owner.shape[0]] = inv[light[old[owner, 2] + m - start[owner]]]
+    new_light.index_copy_(0, m, moved)  # (a slice of n would ask a traced size to equal m's)
     new_slot = torch.full((n,), -1, dtype=torch.long, device=dev)
-    new_slot[new_light[:owner.shape[0]]] = m
+    new_slot[moved] = m
     new_rec = torch.empty(n + 1, 4, dtype=torch.long, device=dev)
     new_rec[:n, 0] = old[:, 0]
     new_rec[:n, 1] = torch.where(old[:, 1] >= 0, inv[old[:, 1].clamp(min=0)], old[:, 1])
