@@ -4,11 +4,13 @@
 // [c0, c0 + W) of u's D; its rows are [N, W S] in u's dtype, float32 or float64.
 //
 // cuda_selective_expand(u, dx, de, A, B, c0, width) -> (x, w)   de: the edges' steps
-// cuda_selective_readout(h, C, g, c0, moments, y1!) -> (mean, m2)    y1's block columns written
-// cuda_selective_readout_backward(gy1, share_mean, share_m2, mu, h, C, g, c0, accumulate, gC!)
-//   -> (gh, gg)                                   gC += the block's share (or = it)
-// cuda_selective_expand_backward(gx, gw, u, dx, de, A, B, c0, accumulate, gu!, gdx!, ge!, gB!)
-//   -> gA                                         gu, gdx, ge: block columns; gB += share
+// cuda_selective_readout(h, h2, C, g, c0, moments, y1!) -> (mean, m2)  y1's block columns
+// cuda_selective_readout_backward(gy1, share_mean, share_m2, mu, h, h2, C, g, c0, accumulate,
+//   gC!) -> (gh, gg)                              gC += the block's share (or = it)
+// cuda_selective_expand_backward(gx, gx2, gw, u, dx, de, A, B, c0, accumulate, gu!, gdx!, ge!,
+//   gB!) -> gA                                    gu, gdx, ge: block columns; gB += share
+// The states h and the gradient gx come whole or as two addends (h2, gx2: None or of the
+// same shape), as a scan in two parts gives them.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,6 +35,11 @@ void check_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t 
   TREESSM_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == dtype &&
                     t->dim() == 1 && t->size(0) == n,
                 name, " must be a contiguous CUDA ", dtype, " tensor of ", n, " entries");
+}
+
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
 // The block's problem from u [N, D], A [D, S] and the block's columns; checks the inputs
@@ -98,16 +105,10 @@ Args<T> readout_args(const Block& b, const at::Tensor& C, const c10::optional<at
   return a;
 }
 
-// Blocks of the kernels: a fixed function of N (the partial sums' rows, and so the
-// order of every sum, do not depend on the device).
-int64_t row_blocks(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>((n + expansion::kWarps - 1) / expansion::kWarps,
-                                                expansion::kMaxBlocks));
-}
-
 // The readout's problem: h [N, W S], C [N, S], y1 [N, D] (D from y1), g [W, S] or none.
-Block check_readout(const at::Tensor& h, const at::Tensor& C, const c10::optional<at::Tensor>& g,
-                    int64_t c0, const at::Tensor& out, const char* out_name) {
+Block check_readout(const at::Tensor& h, const c10::optional<at::Tensor>& h2, const at::Tensor& C,
+                    const c10::optional<at::Tensor>& g, int64_t c0, const at::Tensor& out,
+                    const char* out_name) {
   TREESSM_CHECK(h.is_cuda() && h.dim() == 2, "h must be a 2-D CUDA tensor");
   const auto dtype = h.scalar_type();
   TREESSM_CHECK(dtype == at::kFloat || dtype == at::kDouble, "h must be float32 or float64, got ",
@@ -120,6 +121,7 @@ Block check_readout(const at::Tensor& h, const at::Tensor& C, const c10::optiona
   TREESSM_CHECK(b.w * b.s * static_cast<int64_t>(h.element_size()) <= expansion::kMaxColumnBytes,
                 "a block's states take at most ", expansion::kMaxColumnBytes, " bytes a vertex");
   check_rows(h, "h", b.n, b.w * b.s, dtype);
+  if (h2.has_value()) check_rows(*h2, "h2", b.n, b.w * b.s, dtype);
   check_rows(C, "C", b.n, b.s, dtype);
   check_rows(out, out_name, b.n, b.d, dtype);
   if (g.has_value()) check_rows(*g, "g", b.w, b.s, dtype);
@@ -144,17 +146,19 @@ std::tuple<at::Tensor, at::Tensor> selective_expand(const at::Tensor& u, const a
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cuda_selective_expand", [&] {
     const auto a = expansion_args<scalar_t>(b, u, dx, de, A, B);
     expansion::expand_kernel<scalar_t>
-        <<<static_cast<unsigned>(row_blocks(b.n)), expansion::kThreads, 0,
+        <<<static_cast<unsigned>(expansion::row_blocks(b.n)), expansion::kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(a, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {x, w};
 }
 
-std::tuple<at::Tensor, at::Tensor> selective_readout(const at::Tensor& h, const at::Tensor& C,
+std::tuple<at::Tensor, at::Tensor> selective_readout(const at::Tensor& h,
+                                                     const c10::optional<at::Tensor>& h2,
+                                                     const at::Tensor& C,
                                                      const c10::optional<at::Tensor>& g,
                                                      int64_t c0, bool moments, at::Tensor& y1) {
-  const Block b = check_readout(h, C, g, c0, y1, "y1");
+  const Block b = check_readout(h, h2, C, g, c0, y1, "y1");
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor mean = at::empty({moments ? b.n : 0}, h.options());
   at::Tensor m2 = at::empty({moments ? b.n : 0}, h.options());
@@ -162,9 +166,9 @@ std::tuple<at::Tensor, at::Tensor> selective_readout(const at::Tensor& h, const 
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "cuda_selective_readout", [&] {
     const auto a = readout_args<scalar_t>(b, C, g);
     expansion::readout_kernel<scalar_t>
-        <<<static_cast<unsigned>(row_blocks(b.n)), expansion::kThreads, 0,
+        <<<static_cast<unsigned>(expansion::row_blocks(b.n)), expansion::kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(
-            a, h.data_ptr<scalar_t>(), y1.data_ptr<scalar_t>(),
+            a, h.data_ptr<scalar_t>(), optional_ptr<scalar_t>(h2), y1.data_ptr<scalar_t>(),
             moments ? mean.data_ptr<scalar_t>() : nullptr,
             moments ? m2.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -175,9 +179,9 @@ std::tuple<at::Tensor, at::Tensor> selective_readout(const at::Tensor& h, const 
 std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
     const at::Tensor& gy1, const c10::optional<at::Tensor>& share_mean,
     const c10::optional<at::Tensor>& share_m2, const c10::optional<at::Tensor>& mu,
-    const at::Tensor& h, const at::Tensor& C, const c10::optional<at::Tensor>& g, int64_t c0,
-    bool accumulate, at::Tensor& gC) {
-  const Block b = check_readout(h, C, g, c0, gy1, "gy1");
+    const at::Tensor& h, const c10::optional<at::Tensor>& h2, const at::Tensor& C,
+    const c10::optional<at::Tensor>& g, int64_t c0, bool accumulate, at::Tensor& gC) {
+  const Block b = check_readout(h, h2, C, g, c0, gy1, "gy1");
   const auto dtype = h.scalar_type();
   check_rows(gC, "gC", b.n, b.s, dtype);
   check_vector(share_mean, "share_mean", b.n, dtype);
@@ -186,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
   TREESSM_CHECK(!share_m2.has_value() || mu.has_value(), "share_m2 needs mu");
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor gh = at::empty_like(h);
-  const int64_t blocks = row_blocks(b.n);
+  const int64_t blocks = expansion::row_blocks(b.n);
   at::Tensor part = at::empty({g.has_value() ? blocks : 0, b.w * b.s}, h.options());
   if (b.n == 0) {
     if (!accumulate) gC.zero_();
@@ -202,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
             share_mean.has_value() ? share_mean->data_ptr<scalar_t>() : nullptr,
             share_m2.has_value() ? share_m2->data_ptr<scalar_t>() : nullptr,
             mu.has_value() ? mu->data_ptr<scalar_t>() : nullptr, h.data_ptr<scalar_t>(),
-            gh.data_ptr<scalar_t>(), gC.data_ptr<scalar_t>(), accumulate,
+            optional_ptr<scalar_t>(h2), gh.data_ptr<scalar_t>(), gC.data_ptr<scalar_t>(), accumulate,
             g.has_value() ? part.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -211,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
   return {gh, part.sum(0).view({b.w, b.s})};
 }
 
-at::Tensor selective_expand_backward(const at::Tensor& gx, const at::Tensor& gw,
+at::Tensor selective_expand_backward(const at::Tensor& gx, const c10::optional<at::Tensor>& gx2,
+                                     const at::Tensor& gw,
                                      const at::Tensor& u, const at::Tensor& dx,
                                      const at::Tensor& de, const at::Tensor& A,
                                      const at::Tensor& B, int64_t c0, bool accumulate,
@@ -221,13 +226,14 @@ at::Tensor selective_expand_backward(const at::Tensor& gx, const at::Tensor& gw,
   const Block b = check_block(u, dx, de, A, B, c0, width);
   const auto dtype = u.scalar_type();
   check_rows(gx, "gx", b.n, b.w * b.s, dtype);
+  if (gx2.has_value()) check_rows(*gx2, "gx2", b.n, b.w * b.s, dtype);
   check_rows(gw, "gw", b.n, b.w * b.s, dtype);
   check_rows(gu, "gu", b.n, b.d, dtype);
   check_rows(gdx, "gdx", b.n, b.d, dtype);
   check_rows(ge, "ge", b.n, b.d, dtype);
   check_rows(gB, "gB", b.n, b.s, dtype);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int64_t blocks = row_blocks(b.n);
+  const int64_t blocks = expansion::row_blocks(b.n);
   at::Tensor part = at::empty({blocks, b.w * b.s}, u.options());
   if (b.n == 0) {
     if (!accumulate) gB.zero_();
@@ -238,7 +244,8 @@ at::Tensor selective_expand_backward(const at::Tensor& gx, const at::Tensor& gw,
     expansion::expand_backward_kernel<scalar_t>
         <<<static_cast<unsigned>(blocks), expansion::kThreads, column_bytes(b, sizeof(scalar_t)),
            at::cuda::getCurrentCUDAStream()>>>(
-            a, gx.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>(),
+            a, gx.data_ptr<scalar_t>(), optional_ptr<scalar_t>(gx2), gw.data_ptr<scalar_t>(),
+            gu.data_ptr<scalar_t>(),
             gdx.data_ptr<scalar_t>(), ge.data_ptr<scalar_t>(), gB.data_ptr<scalar_t>(),
             accumulate, part.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -251,15 +258,15 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
       "cuda_selective_expand(Tensor u, Tensor dx, Tensor de, Tensor A, Tensor B, int c0, "
       "int width) -> (Tensor, Tensor)");
   m.def(
-      "cuda_selective_readout(Tensor h, Tensor C, Tensor? g, int c0, bool moments, "
+      "cuda_selective_readout(Tensor h, Tensor? h2, Tensor C, Tensor? g, int c0, bool moments, "
       "Tensor(a!) y1) -> (Tensor, Tensor)");
   m.def(
       "cuda_selective_readout_backward(Tensor gy1, Tensor? share_mean, Tensor? share_m2, "
-      "Tensor? mu, Tensor h, Tensor C, Tensor? g, int c0, bool accumulate, Tensor(a!) gC) "
-      "-> (Tensor, Tensor)");
+      "Tensor? mu, Tensor h, Tensor? h2, Tensor C, Tensor? g, int c0, bool accumulate, "
+      "Tensor(a!) gC) -> (Tensor, Tensor)");
   m.def(
-      "cuda_selective_expand_backward(Tensor gx, Tensor gw, Tensor u, Tensor dx, Tensor de, "
-      "Tensor A, Tensor B, int c0, bool accumulate, Tensor(a!) gu, Tensor(b!) gdx, "
+      "cuda_selective_expand_backward(Tensor gx, Tensor? gx2, Tensor gw, Tensor u, Tensor dx, "
+      "Tensor de, Tensor A, Tensor B, int c0, bool accumulate, Tensor(a!) gu, Tensor(b!) gdx, "
       "Tensor(c!) ge, Tensor(d!) gB) -> Tensor");
 }
 

@@ -12,10 +12,14 @@
 //   expand_backward  q = sum_s gx B: gu = q dx, gdx = q u;  ge = sum_s gw w A;
 //                    gB[v, s] += sum_j gx dx u;  partial sums over vertices of gw w e (A's)
 //
-// A warp takes one vertex at a time in every kernel (grid-stride over the vertices), a lane
-// the channels j = lane, lane + 32, ... with their S states in order (the expansion: the
-// row's elements k = lane, lane + 32, ...). Inputs are read through the read-only path, so
-// that a vertex's loads are issued together. Sums over the channels
+// A warp takes a batch of kBatch consecutive vertices at a time in every kernel (grid-stride
+// over the batches), a lane the channels j = lane, lane + 32, ... with their S states in
+// order (the expansion: the row's elements k = lane, lane + 32, ...), each load issued for
+// the batch's vertices together: one vertex's rows are a few loads a lane where W S is
+// small, and the loads in flight, not the bytes, bound these kernels. Inputs are read
+// through the read-only path. The read-out and its backward take the states as one tensor
+// or as two whose sum they are (h + h2: both's parts), and expand's backward its gradient
+// the same way (gx + gx2), so that no pass forms the sum. Sums over the channels
 // of a vertex are warp reductions whose total lane 0 holds (and broadcasts where every lane
 // uses it); sums over the vertices are kept per warp in shared memory (each column owned by
 // one lane), added over the warps of a block in order and written as the block's row of
@@ -33,21 +37,31 @@ namespace expansion {
 constexpr int kWarps = 4;              // warps of a block in the row kernels
 constexpr int kThreads = 32 * kWarps;  // threads of a block
 constexpr int kMaxBlocks = 2048;       // blocks of the kernels, at most (a full H200)
+constexpr int kBatch = 4;              // vertices a warp takes at a time
 // Bytes of a block's columns (W S accumulators) that one warp's partial sums may take:
 // kWarps times this in shared memory.
 constexpr int kMaxColumnBytes = 8192;
-// States whose sums over a vertex's channels a lane keeps in registers at a time.
-constexpr int kStateChunk = 8;
+// States whose sums over a vertex's channels a lane keeps in registers at a time (for each
+// vertex of its batch).
+constexpr int kStateChunk = 4;
+
+// Blocks of the kernels: a fixed function of N (the partial sums' rows, and so the order
+// of every sum, do not depend on the device).
+inline int64_t row_blocks(int64_t n) {
+  const int64_t per_block = static_cast<int64_t>(kWarps) * kBatch;
+  const int64_t blocks = (n + per_block - 1) / per_block;
+  return blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
+}
 
 template <typename A> struct Args {
   // [N, D] rows (row stride D), the block's columns from c0
-  const A* u;
-  const A* dx;
-  const A* de;               // the steps of the edges to the parents
-  const A* a;                // [D, S]
-  const A* b;                // [N, S]
-  const A* c;                // [N, S]
-  const A* g;                // [W, S] the normalisation's weight, or null
+  const A* __restrict__ u;
+  const A* __restrict__ dx;
+  const A* __restrict__ de;  // the steps of the edges to the parents
+  const A* __restrict__ a;   // [D, S]
+  const A* __restrict__ b;   // [N, S]
+  const A* __restrict__ c;   // [N, S]
+  const A* __restrict__ g;   // [W, S] the normalisation's weight, or null
   int64_t n;
   int d, s, c0, w;
 };
@@ -71,56 +85,117 @@ __device__ __forceinline__ int64_t warp_count() {
   return (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
 }
 
-// x, w [N, W, S]: a warp a vertex, its lanes along the row (every launch shape gives the
-// same values).
+// The value of element k of rows h, with the second addend h2 where given (a scan handed
+// over as two parts whose sum it is: both's up scan and the down scan of its brackets).
 template <typename A>
-__global__ void __launch_bounds__(kThreads) expand_kernel(Args<A> p, A* x, A* w) {
+__device__ __forceinline__ A summed(const A* h, const A* h2, int64_t k) {
+  return h2 ? __ldg(h + k) + __ldg(h2 + k) : __ldg(h + k);
+}
+
+// The vertices of the batch from v0 that exist (warp-uniform).
+template <typename A>
+__device__ __forceinline__ int batch_size(const Args<A>& p, int64_t v0) {
+  return p.n - v0 < kBatch ? static_cast<int>(p.n - v0) : kBatch;
+}
+
+// Vertex i of the batch from v0 of m vertices; past the last, the last (loads stay in
+// bounds; what they give is not used).
+__device__ __forceinline__ int64_t batch_vertex(int64_t v0, int i, int m) {
+  return v0 + (i < m ? i : m - 1);
+}
+
+// The first vertex of this warp's first batch, and the stride between its batches.
+__device__ __forceinline__ int64_t first_batch() { return warp_index() * kBatch; }
+__device__ __forceinline__ int64_t batch_stride() { return warp_count() * kBatch; }
+
+// x, w [N, W, S]: a warp a batch of vertices, its lanes along the row (every launch shape
+// gives the same values).
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+expand_kernel(Args<A> p, A* __restrict__ x, A* __restrict__ w) {
   const int ws = p.w * p.s;
-  for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
-    const int64_t row0 = v * p.d + p.c0;
-    const A* bv = p.b + v * p.s;
+  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+    const int m = batch_size(p, v0);
     for (int k = threadIdx.x & 31; k < ws; k += 32) {
       const int j = k / p.s, s = k - j * p.s;
-      const int64_t row = row0 + j;
-      x[v * ws + k] = (__ldg(p.dx + row) * __ldg(p.u + row)) * __ldg(bv + s);
       const A as = __ldg(p.a + static_cast<int64_t>(p.c0 + j) * p.s + s);
-      w[v * ws + k] = exp(__ldg(p.de + row) * as);
+      A du[kBatch], bs[kBatch], e[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t v = batch_vertex(v0, i, m);
+        const int64_t row = v * p.d + p.c0 + j;
+        du[i] = __ldg(p.dx + row) * __ldg(p.u + row);
+        bs[i] = __ldg(p.b + v * p.s + s);
+        e[i] = __ldg(p.de + row);
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (i < m) {
+          x[(v0 + i) * ws + k] = du[i] * bs[i];
+          w[(v0 + i) * ws + k] = exp(e[i] * as);
+        }
     }
   }
 }
 
-// y1 [N, D] (the block's columns), and with moments mean, m2 [N].
+// y1 [N, D] (the block's columns), and with moments mean, m2 [N], of the states h (+ h2).
 template <typename A>
-__global__ void __launch_bounds__(kThreads) readout_kernel(Args<A> p, const A* h, A* y1, A* mean,
-                                                           A* m2) {
+__global__ void __launch_bounds__(kThreads)
+readout_kernel(Args<A> p, const A* __restrict__ h, const A* __restrict__ h2, A* __restrict__ y1,
+               A* __restrict__ mean, A* __restrict__ m2) {
   const int lane = threadIdx.x & 31;
   const int ws = p.w * p.s;
-  for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
-    const A* r = h + v * ws;
-    const A* cv = p.c + v * p.s;
-    A sum = 0;
+  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+    const int m = batch_size(p, v0);
+    int64_t r[kBatch];  // the vertices' first states
+    const A* cv[kBatch];
+    A sum[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int64_t v = batch_vertex(v0, i, m);
+      r[i] = v * ws;
+      cv[i] = p.c + v * p.s;
+      sum[i] = 0;
+    }
     for (int j = lane; j < p.w; j += 32) {
-      A acc = 0;
+      A acc[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) acc[i] = 0;
       for (int s = 0; s < p.s; ++s) {
-        const A hv = __ldg(r + j * p.s + s);
-        const A read = p.g ? __ldg(cv + s) * __ldg(p.g + j * p.s + s) : __ldg(cv + s);
-        acc += hv * read;
-        sum += hv;
+        const A gs = p.g ? __ldg(p.g + j * p.s + s) : A(0);
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const A hv = summed(h, h2, r[i] + j * p.s + s);
+          const A cs = __ldg(cv[i] + s);
+          acc[i] += hv * (p.g ? cs * gs : cs);
+          sum[i] += hv;
+        }
       }
-      y1[v * p.d + p.c0 + j] = acc;
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (i < m) y1[(v0 + i) * p.d + p.c0 + j] = acc[i];
     }
     if (mean != nullptr) {
-      const A mu = warp_total(sum) / A(ws);
-      A sq = 0;
+      A mu[kBatch], sq[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        mu[i] = warp_total(sum[i]) / A(ws);
+        sq[i] = 0;
+      }
       for (int k = lane; k < ws; k += 32) {
-        const A e = __ldg(r + k) - mu;
-        sq += e * e;
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const A e = summed(h, h2, r[i] + k) - mu[i];
+          sq[i] += e * e;
+        }
       }
-      sq = warp_total(sq);
-      if (lane == 0) {
-        mean[v] = mu;
-        m2[v] = sq;
-      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) sq[i] = warp_total(sq[i]);
+      if (lane == 0)
+        for (int i = 0; i < m; ++i) {
+          mean[v0 + i] = mu[i];
+          m2[v0 + i] = sq[i];
+        }
     }
   }
 }
@@ -132,22 +207,31 @@ __device__ __forceinline__ void zero_owned_columns(const Args<A>& p, A* mine) {
     for (int s = 0; s < p.s; ++s) mine[j * p.s + s] = 0;
 }
 
-// Sums a chunk of states' per-lane partial sums over the warp and writes them (lane 0) to
-// row v of out [N, S], states s0 .. s0 + kStateChunk - 1 that exist, added to what is
-// there with `accumulate`.
+// Sums a chunk of states' per-lane partial sums over the warp for each vertex of the batch
+// from v0 (m of them) and writes them (lane 0) to their rows of out [N, S], states s0 ..
+// s0 + kStateChunk - 1 that exist, added to what is there with `accumulate`: the rows'
+// entries loaded together first, so that their latencies overlap.
 template <typename A>
-__device__ __forceinline__ void write_chunk_sums(const Args<A>& p, const A (&part)[kStateChunk],
-                                                 int s0, int64_t v, bool accumulate, A* out) {
+__device__ __forceinline__ void write_batch_sums(const Args<A>& p,
+                                                 const A (&part)[kBatch][kStateChunk], int s0,
+                                                 int64_t v0, int m, bool accumulate,
+                                                 A* __restrict__ out) {
+  const bool lead = (threadIdx.x & 31) == 0;
+  A before[kBatch][kStateChunk];
 #pragma unroll
-  for (int t = 0; t < kStateChunk; ++t) {
-    if (s0 + t < p.s) {  // the same for every lane of the warp
-      const A total = warp_sum(part[t]);
-      if ((threadIdx.x & 31) == 0) {
-        const int64_t q = v * p.s + s0 + t;
-        out[q] = accumulate ? out[q] + total : total;
-      }
+  for (int i = 0; i < kBatch; ++i)
+#pragma unroll
+    for (int t = 0; t < kStateChunk; ++t)
+      before[i][t] = lead && accumulate && i < m && s0 + t < p.s
+                         ? out[(v0 + i) * p.s + s0 + t] : A(0);
+#pragma unroll
+  for (int i = 0; i < kBatch; ++i)
+#pragma unroll
+    for (int t = 0; t < kStateChunk; ++t) {
+      if (i >= m || s0 + t >= p.s) continue;  // the same for every lane of the warp
+      const A total = warp_sum(part[i][t]);
+      if (lead) out[(v0 + i) * p.s + s0 + t] = accumulate ? before[i][t] + total : total;
     }
-  }
 }
 
 // Adds the warps' column sums in shared memory (kWarps rows of `cols`) in warp order and
@@ -162,105 +246,167 @@ __device__ __forceinline__ void write_block_columns(const A* acc, int cols, A* o
   }
 }
 
-// gh [N, W, S]; gc [N, S] += the block's share; gg_part [gridDim.x, W S] (when p.g) the
-// block's partial sums of gy1 C h. share_mean[v] / share_m2[v] are the gradient's shares
-// per state of the vertex's mean and of its squared deviations about mu (null: none).
+// gh [N, W, S] from the states h (+ h2); gc [N, S] += the block's share; gg_part
+// [gridDim.x, W S] (when p.g) the block's partial sums of gy1 C h. share_mean[v] /
+// share_m2[v] are the gradient's shares per state of the vertex's mean and of its squared
+// deviations about mu (null: none).
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-readout_backward_kernel(Args<A> p, const A* gy1, const A* share_mean, const A* share_m2,
-                        const A* mu, const A* h, A* gh, A* gc, bool accumulate, A* gg_part) {
+readout_backward_kernel(Args<A> p, const A* __restrict__ gy1, const A* __restrict__ share_mean,
+                        const A* __restrict__ share_m2, const A* __restrict__ mu,
+                        const A* __restrict__ h, const A* __restrict__ h2, A* __restrict__ gh,
+                        A* __restrict__ gc, bool accumulate, A* __restrict__ gg_part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* acc = reinterpret_cast<A*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ws = p.w * p.s;
   A* mine = acc + warp * ws;
   if (p.g) zero_owned_columns(p, mine);
-  for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
-    const A* __restrict__ r = h + v * ws;
-    A* __restrict__ o = gh + v * ws;
-    const A* cv = p.c + v * p.s;
-    const A* gyv = gy1 + v * p.d + p.c0;
-    const A a = share_mean ? __ldg(share_mean + v) : A(0);
-    const A b = share_m2 ? __ldg(share_m2 + v) : A(0);
-    const A m = share_m2 ? __ldg(mu + v) : A(0);
-    for (int s0 = 0; s0 < p.s; s0 += kStateChunk) {
-      A part[kStateChunk];
+  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+    const int m = batch_size(p, v0);
+    int64_t vi[kBatch];
+    A a[kBatch], b[kBatch], mv[kBatch];
 #pragma unroll
-      for (int t = 0; t < kStateChunk; ++t) part[t] = 0;
+    for (int i = 0; i < kBatch; ++i) {
+      const int64_t v = batch_vertex(v0, i, m);
+      vi[i] = v;
+      a[i] = share_mean ? __ldg(share_mean + v) : A(0);
+      b[i] = share_m2 ? __ldg(share_m2 + v) : A(0);
+      mv[i] = share_m2 ? __ldg(mu + v) : A(0);
+    }
+    for (int s0 = 0; s0 < p.s; s0 += kStateChunk) {
+      A part[kBatch][kStateChunk];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+#pragma unroll
+        for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
       for (int j = lane; j < p.w; j += 32) {
-        const A gj = __ldg(gyv + j);
+        A gj[kBatch];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) gj[i] = __ldg(gy1 + vi[i] * p.d + p.c0 + j);
 #pragma unroll
         for (int t = 0; t < kStateChunk; ++t) {
           const int s = s0 + t;
-          if (s < p.s) {
-            const int k = j * p.s + s;
-            const A hv = __ldg(r + k);
-            const A cs = __ldg(cv + s);
+          if (s >= p.s) continue;
+          const int k = j * p.s + s;
+          const A gk = p.g ? __ldg(p.g + k) : A(0);
+#pragma unroll
+          for (int i = 0; i < kBatch; ++i) {
+            const A hv = summed(h, h2, vi[i] * ws + k);
+            const A cs = __ldg(p.c + vi[i] * p.s + s);
+            const A o = (p.g ? gj[i] * (cs * gk) : gj[i] * cs) + a[i] + b[i] * (hv - mv[i]);
+            if (i < m) gh[(v0 + i) * ws + k] = o;
             if (p.g) {
-              const A gk = __ldg(p.g + k);
-              o[k] = gj * (cs * gk) + a + b * (hv - m);
-              mine[k] += gj * (cs * hv);
-              part[t] += gj * (gk * hv);
+              if (i < m) mine[k] += gj[i] * (cs * hv);
+              part[i][t] += gj[i] * (gk * hv);
             } else {
-              o[k] = gj * cs + a + b * (hv - m);
-              part[t] += gj * hv;
+              part[i][t] += gj[i] * hv;
             }
           }
         }
       }
-      write_chunk_sums(p, part, s0, v, accumulate, gc);
+      write_batch_sums(p, part, s0, v0, m, accumulate, gc);
     }
   }
   if (p.g) write_block_columns(acc, ws, gg_part);
 }
 
-// gu, gdx, ge [N, D] (the block's columns); gb [N, S] += the block's share; ga_part
-// [gridDim.x, W S] the block's partial sums of gw w e.
+// gu, gdx, ge [N, D] (the block's columns) from gx (+ gx2) and gw; gb [N, S] += the block's
+// share (its first kStateChunk states summed in the same pass over the channels, each later
+// chunk in a pass of its own); ga_part [gridDim.x, W S] the block's partial sums of gw w e.
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
-expand_backward_kernel(Args<A> p, const A* gx, const A* gw, A* gu, A* gdx, A* ge, A* gb,
-                       bool accumulate, A* ga_part) {
+expand_backward_kernel(Args<A> p, const A* __restrict__ gx, const A* __restrict__ gx2,
+                       const A* __restrict__ gw, A* __restrict__ gu, A* __restrict__ gdx,
+                       A* __restrict__ ge, A* __restrict__ gb, bool accumulate,
+                       A* __restrict__ ga_part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* acc = reinterpret_cast<A*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ws = p.w * p.s;
   A* mine = acc + warp * ws;
   zero_owned_columns(p, mine);
-  for (int64_t v = warp_index(); v < p.n; v += warp_count()) {
-    const A* __restrict__ gxr = gx + v * ws;
-    const A* __restrict__ gwr = gw + v * ws;
-    const A* bv = p.b + v * p.s;
+  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+    const int m = batch_size(p, v0);
+    int64_t vi[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) vi[i] = batch_vertex(v0, i, m);
+    // the sums for gb of the first chunk of states, formed in the pass over the channels;
+    // the states past it (more than kStateChunk) take a pass of their own a chunk
+    A part[kBatch][kStateChunk];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i)
+#pragma unroll
+      for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
     for (int j = lane; j < p.w; j += 32) {
       const int d = p.c0 + j;
-      const int64_t row = v * p.d + d;
-      const A e = __ldg(p.de + row);
       const A* ad = p.a + static_cast<int64_t>(d) * p.s;
-      A q = 0, te = 0;
-      for (int s = 0; s < p.s; ++s) {
+      A e[kBatch], q[kBatch], te[kBatch], dxv[kBatch], uv[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t row = vi[i] * p.d + d;
+        e[i] = __ldg(p.de + row);
+        dxv[i] = __ldg(p.dx + row);
+        uv[i] = __ldg(p.u + row);
+        q[i] = 0;
+        te[i] = 0;
+      }
+      // state s of channel j: its shares of q, te and the columns; g its gradient gx
+      auto state = [&](int s, A (&g)[kBatch]) {
         const int k = j * p.s + s;
         const A as = __ldg(ad + s);
-        q += __ldg(gxr + k) * __ldg(bv + s);
-        const A gww = __ldg(gwr + k) * exp(e * as);
-        te += gww * as;
-        mine[k] += gww * e;
-      }
-      gu[row] = q * __ldg(p.dx + row);
-      gdx[row] = q * __ldg(p.u + row);
-      ge[row] = te;
-    }
-    for (int s0 = 0; s0 < p.s; s0 += kStateChunk) {
-      A part[kStateChunk];
 #pragma unroll
-      for (int t = 0; t < kStateChunk; ++t) part[t] = 0;
+        for (int i = 0; i < kBatch; ++i) {
+          g[i] = summed(gx, gx2, vi[i] * ws + k);
+          q[i] += g[i] * __ldg(p.b + vi[i] * p.s + s);
+          const A gww = __ldg(gw + vi[i] * ws + k) * exp(e[i] * as);
+          te[i] += gww * as;
+          if (i < m) mine[k] += gww * e[i];
+        }
+      };
+#pragma unroll
+      for (int t = 0; t < kStateChunk; ++t) {
+        if (t >= p.s) break;
+        A g[kBatch];
+        state(t, g);
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) part[i][t] += g[i] * (dxv[i] * uv[i]);
+      }
+      for (int s = kStateChunk; s < p.s; ++s) {
+        A g[kBatch];
+        state(s, g);
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (i < m) {
+          const int64_t row = (v0 + i) * p.d + d;
+          gu[row] = q[i] * dxv[i];
+          gdx[row] = q[i] * uv[i];
+          ge[row] = te[i];
+        }
+    }
+    write_batch_sums(p, part, 0, v0, m, accumulate, gb);
+    for (int s0 = kStateChunk; s0 < p.s; s0 += kStateChunk) {
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+#pragma unroll
+        for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
       for (int j = lane; j < p.w; j += 32) {
-        const int64_t row = v * p.d + p.c0 + j;
-        const A du = __ldg(p.dx + row) * __ldg(p.u + row);
+        A du[kBatch];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int64_t row = vi[i] * p.d + p.c0 + j;
+          du[i] = __ldg(p.dx + row) * __ldg(p.u + row);
+        }
 #pragma unroll
         for (int t = 0; t < kStateChunk; ++t) {
-          if (s0 + t < p.s) part[t] += __ldg(gxr + j * p.s + s0 + t) * du;
+          if (s0 + t >= p.s) continue;
+#pragma unroll
+          for (int i = 0; i < kBatch; ++i)
+            part[i][t] += summed(gx, gx2, vi[i] * ws + j * p.s + s0 + t) * du[i];
         }
       }
-      write_chunk_sums(p, part, s0, v, accumulate, gb);
+      write_batch_sums(p, part, s0, v0, m, accumulate, gb);
     }
   }
   write_block_columns(acc, ws, ga_part);

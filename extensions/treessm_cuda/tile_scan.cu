@@ -3,11 +3,13 @@
 //   torch.ops.treessm.cuda_tile_scan(x, weight, plan, direction) -> h
 //   torch.ops.treessm.cuda_tile_scan_backward(grad, weight, out, plan, direction, x)
 //       -> (grad_x, grad_weight)
-//   torch.ops.treessm.cuda_tile_scan_both_parts(x, weight, plan) -> (h, up, inner, out)
+//   torch.ops.treessm.cuda_tile_scan_both_parts(x, weight, plan) -> (up, inner, out)
 //   torch.ops.treessm.cuda_tile_scan_both_backward(grad, weight, up, inner, out, plan)
-//       -> (grad_x, grad_weight)
-//       "both" with its parts kept: the backward from the forward's parts instead of x (a
-//       caller that forms h anyway, to read it out, saves the backward's second scan of x)
+//       -> (grad_up, grad_out, grad_weight)
+//       "both" as its parts, in the accumulation type: h = up + out, grad_x = grad_up +
+//       grad_out (the both scan of grad in parts); the backward from the forward's parts
+//       instead of x, so that it scans the gradient only. The caller forms the sums, in x's
+//       dtype, or reads the parts where it reads h once (treessm.ops.expansion_cuda)
 // `plan` is treessm.ops.tiles.TilePlan.op_tensors(): the tensors from `vertex` to
 // `path_ptr`, in that order (20 int32 tensors on x's device), then the plan's tile size (a
 // CPU int64 tensor of one entry, read on the host: the kernels stage a tile's plan in
@@ -367,19 +369,21 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_backward_cuda(
   return {gx, gw};
 }
 
-// both(x) and its parts (in the accumulation type), for cuda_tile_scan_both_backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tile_scan_both_parts_cuda(
+// The parts of both(x), in the accumulation type, for cuda_tile_scan_both_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_scan_both_parts_cuda(
     const at::Tensor& x, const at::Tensor& weight, at::TensorList plan) {
   TREESSM_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D CUDA tensor");
   check_rows(weight, "weight", x);
   const TileArgs a = plan_args(plan, x);
-  std::pair<at::Tensor, BothParts> r = both_scan(x, weight, a, sibling_links(a, x));
-  return {r.first, r.second.up, r.second.inner, r.second.out};
+  const auto acc = acc_type(x.scalar_type());
+  BothParts r = both_parts(x.to(acc), weight.to(acc), a, sibling_links(a, x));
+  return {r.up, r.inner, r.out};
 }
 
-// The backward of both at grad from the forward's parts (cuda_tile_scan_both_parts).
-std::tuple<at::Tensor, at::Tensor> tile_scan_both_backward_cuda(
+// The backward of both at grad from the forward's parts (cuda_tile_scan_both_parts):
+// grad_x's two parts and grad_weight.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_scan_both_backward_cuda(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& up,
     const at::Tensor& inner, const at::Tensor& out, at::TensorList plan) {
   TREESSM_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(),
@@ -390,8 +394,9 @@ std::tuple<at::Tensor, at::Tensor> tile_scan_both_backward_cuda(
   check_rows(inner, "inner", grad, acc);
   check_rows(out, "out", grad, acc);
   const TileArgs a = plan_args(plan, grad);
-  std::pair<at::Tensor, BothParts> both_g = both_scan(grad, weight, a, sibling_links(a, grad));
-  return {both_g.first, both_grad_weight(grad, both_g.second, BothParts{up, inner, out}, a)};
+  BothParts parts_g = both_parts(grad.to(acc), weight.to(acc), a, sibling_links(a, grad));
+  at::Tensor gw = both_grad_weight(grad, parts_g, BothParts{up, inner, out}, a);
+  return {parts_g.up, parts_g.out, gw};
 }
 
 TORCH_LIBRARY_FRAGMENT(treessm, m) {
@@ -401,10 +406,10 @@ TORCH_LIBRARY_FRAGMENT(treessm, m) {
       "str direction, Tensor? x=None) -> (Tensor, Tensor)");
   m.def(
       "cuda_tile_scan_both_parts(Tensor x, Tensor weight, Tensor[] plan) -> "
-      "(Tensor, Tensor, Tensor, Tensor)");
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "cuda_tile_scan_both_backward(Tensor grad, Tensor weight, Tensor up, Tensor inner, "
-      "Tensor out, Tensor[] plan) -> (Tensor, Tensor)");
+      "Tensor out, Tensor[] plan) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(treessm, CUDA, m) {

@@ -29,7 +29,8 @@ def _problem(n, d, s, c0, w, seed):
              share_mean=torch.randn(n, **f), share_m2=torch.randn(n, **f),
              mu=torch.randn(n, **f), gx=torch.randn(n, w * s, **f),
              gw=torch.randn(n, w * s, **f), gC=torch.randn(n, s, **f), gB=torch.randn(n, s, **f),
-             y1=torch.randn(n, d, **f))
+             y1=torch.randn(n, d, **f), h2=torch.randn(n, w * s, **f),
+             gx2=torch.randn(n, w * s, **f))
     t["h"][: n // 3] += 3.0  # rows far from zero mean
     return t
 
@@ -37,13 +38,14 @@ def _problem(n, d, s, c0, w, seed):
 NAMES = ("x", "w", "y1", "mean", "m2", "gh", "gC", "gg", "gu", "gdx", "ge", "gB", "gA")
 
 
-def _run(harness, tmp, t, n, d, s, c0, w, has_g, moments, accumulate, dtype, expand_blocks=3):
+def _run(harness, tmp, t, n, d, s, c0, w, has_g, moments, accumulate, dtype, expand_blocks=3,
+         two=False):
     src, dst = tmp / "in.bin", tmp / "out.bin"
     with open(src, "wb") as f:
         np.array([dtype == torch.float32, n, d, s, c0, w, has_g, moments, accumulate,
-                  expand_blocks], np.int64).tofile(f)
+                  expand_blocks, two], np.int64).tofile(f)
         for k in ("u", "dx", "de", "A", "B", "C", "g", "h", "gy1", "share_mean", "share_m2",
-                  "mu", "gx", "gw", "gC", "gB", "y1"):
+                  "mu", "gx", "gw", "gC", "gB", "y1", "h2", "gx2"):
             t[k].numpy().astype(np.float64).tofile(f)
     subprocess.run([str(harness), str(src), str(dst)], check=True)
     out = torch.from_numpy(np.fromfile(dst, np.float64))
@@ -58,7 +60,9 @@ def _run(harness, tmp, t, n, d, s, c0, w, has_g, moments, accumulate, dtype, exp
     return got
 
 
-def _expected(t, n, d, s, c0, w, has_g, moments, accumulate):
+def _expected(t, n, d, s, c0, w, has_g, moments, accumulate, two=False):
+    if two:  # the states and the gradient as two addends each
+        t = dict(t, h=t["h"] + t["h2"], gx=t["gx"] + t["gx2"])
     blk = slice(c0, c0 + w)
     u, dx, de = t["u"][:, blk], t["dx"][:, blk], t["de"][:, blk]
     A, B, C = t["A"][blk], t["B"], t["C"]
@@ -116,8 +120,10 @@ def test_kernels_match_their_definitions(harness, tmp_path, case, dtype):
         t = _problem(n, d, s, c0, w, seed=10 * i + n)
         if dtype == torch.float32:  # the inputs as the float kernels see them
             t = {k: v.float().double() for k, v in t.items()}
-        got = _run(harness, tmp_path, t, n, d, s, c0, w, has_g, moments, accumulate, dtype)
-        want = _expected(t, n, d, s, c0, w, has_g, moments, accumulate)
+        two = i >= 2  # the states and the gradient as two addends
+        got = _run(harness, tmp_path, t, n, d, s, c0, w, has_g, moments, accumulate, dtype,
+                   two=two)
+        want = _expected(t, n, d, s, c0, w, has_g, moments, accumulate, two)
         tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else \
             dict(rtol=2e-5, atol=2e-5)
         for name in NAMES:
@@ -132,3 +138,17 @@ def test_sums_do_not_depend_on_the_expand_launch_and_repeat_bitwise(harness, tmp
     again = _run(harness, tmp_path, t, n, d, s, c0, w, True, True, False, torch.float32, 7)
     for name in NAMES:
         assert torch.equal(first[name], again[name]), name
+
+
+def test_two_addends_give_the_bits_of_their_sum(harness, tmp_path):
+    # the kernels add h + h2 (and gx + gx2) as they read them: the same bits as the sum
+    # formed first in the kernels' type and handed over whole
+    n, d, s, c0, w = 130, 12, 4, 4, 8
+    t = {k: v.float().double() for k, v in _problem(n, d, s, c0, w, seed=5).items()}
+    split = _run(harness, tmp_path, t, n, d, s, c0, w, True, True, False, torch.float32,
+                 two=True)
+    whole = dict(t, h=(t["h"].float() + t["h2"].float()).double(),
+                 gx=(t["gx"].float() + t["gx2"].float()).double())
+    joined = _run(harness, tmp_path, whole, n, d, s, c0, w, True, True, False, torch.float32)
+    for name in NAMES:
+        assert torch.equal(split[name], joined[name]), name

@@ -29,7 +29,9 @@ def _read(C, g, width):
     return read if g is None else read * g
 
 
-def _readout(h, C, g, c0, moments, y1):
+def _readout(h, h2, C, g, c0, moments, y1):
+    if h2 is not None:
+        h = h + h2
     width = h.shape[1] // C.shape[1]
     y1[:, c0:c0 + width] = (h.view(h.shape[0], width, -1) * _read(C, g, width)).sum(-1)
     if not moments:
@@ -38,7 +40,9 @@ def _readout(h, C, g, c0, moments, y1):
     return mean, (h - mean[:, None]).square().sum(1)
 
 
-def _readout_backward(gy1, share_mean, share_m2, mu, h, C, g, c0, accumulate, gC):
+def _readout_backward(gy1, share_mean, share_m2, mu, h, h2, C, g, c0, accumulate, gC):
+    if h2 is not None:
+        h = h + h2
     n, s = C.shape
     width = h.shape[1] // s
     hv = h.view(n, width, s)
@@ -54,7 +58,9 @@ def _readout_backward(gy1, share_mean, share_m2, mu, h, C, g, c0, accumulate, gC
     return gh.flatten(1), gg
 
 
-def _expand_backward(gx, gw, u, dx, de, A, B, c0, accumulate, gu, gdx, ge, gB):
+def _expand_backward(gx, gx2, gw, u, dx, de, A, B, c0, accumulate, gu, gdx, ge, gB):
+    if gx2 is not None:
+        gx = gx + gx2
     n, s = B.shape
     width = gx.shape[1] // s
     blk = slice(c0, c0 + width)
@@ -72,7 +78,8 @@ def _expand_backward(gx, gw, u, dx, de, A, B, c0, accumulate, gu, gdx, ge, gB):
 class _ReferenceScan:
     """``treessm.ops.cuda``'s scan with parts and its backward, by the torch reference (the
     plan is the tree); ``"both"`` keeps parts for its backward (here the input itself), as
-    the tiled kernels do, and its backward must then not be given ``x``."""
+    the tiled kernels do, and its backward must then not be given ``x``; unsummed, it gives
+    the scan and the gradient as two halves, which the kernels add as they read them."""
 
     @staticmethod
     def backward(gh, x, w, h, tree, direction):
@@ -86,16 +93,23 @@ class _ReferenceScan:
         return reference_tree_scan(x, w, tree, direction)
 
     @staticmethod
-    def forward_with_parts(x, w, tree, direction):
+    def forward_with_parts(x, w, tree, direction, summed=True):
         h = reference_tree_scan(x, w, tree, direction)
-        return h, ([x.clone()] if direction == "both" else None)
+        return _addends(h, direction, summed), ([x.clone()] if direction == "both" else None)
 
     @staticmethod
-    def backward_from_parts(gh, x, w, h, parts, tree, direction):
+    def backward_from_parts(gh, x, w, h, parts, tree, direction, summed=True):
         if parts is not None:
             assert x is None
             x = parts[0]
-        return _ReferenceScan.backward(gh, x, w, h, tree, direction)
+        gx, gw = _ReferenceScan.backward(gh, x, w, h, tree, direction)
+        return _addends(gx, direction, summed), gw
+
+
+def _addends(h, direction, summed):
+    if summed:
+        return h
+    return [h / 2, h / 2] if direction == "both" else [h]
 
 
 class _Ops:
@@ -155,21 +169,21 @@ def test_blocks_match_the_reference(on_cpu, name, direction, rule):
         _assert_same(got, want)
 
 
-def test_only_the_backward_keeps_a_scan_parts(on_cpu, monkeypatch):
-    # the forward's blocks scan without their parts (they would only raise its peak); the
-    # backward rescans each block once, keeping them for the scan's backward
+def test_each_block_is_scanned_once_each_way(on_cpu, monkeypatch):
+    # the forward scans each block once and keeps nothing of it; the backward rescans each
+    # block once, and its scan's backward takes that scan's parts
     calls = []
-    for name in ("forward", "forward_with_parts"):
+    for name in ("forward", "forward_with_parts", "backward", "backward_from_parts"):
         real = getattr(_ReferenceScan, name)
         monkeypatch.setattr(_ReferenceScan, name, staticmethod(
-            lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a)))
+            lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k)))
     tree, leaves, kw = _problem(random_forest(30, 2, torch.Generator().manual_seed(4)), d=8,
                                 s=3, rule="mean")
     y = _kernels_route(2 * 30 * 3 * 8)(tree=tree, **leaves, **kw, state_norm=True)
-    assert calls == ["forward"] * 4
+    assert calls == ["forward_with_parts"] * 4
     calls.clear()
     y.sum().backward()
-    assert calls == ["forward_with_parts"] * 4
+    assert calls == ["forward_with_parts", "backward_from_parts", "backward"] * 4
 
 
 def test_block_width_bounds_a_vertex_states():

@@ -218,13 +218,16 @@ def test_both_parts_give_the_same_bits(name, tile, dtype):
     g = torch.randn_like(x)
     plan = tile_plan(tree, tile)
     tensors = plan.op_tensors()
-    h, up, inner, out = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, tensors)
+    up, inner, out = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, tensors)
+    h = (up + out).to(dtype)
     assert torch.equal(h, _tile_scan(x, w, tree, tile, "both"))
     assert up.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    got = torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner, out, tensors)
-    want = _tile_backward(g, w, h, tree, tile, "both", x)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+    g_up, g_out, gw = torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner, out,
+                                                                      tensors)
+    assert g_up.dtype == g_out.dtype == up.dtype
+    want_x, want_w = _tile_backward(g, w, h, tree, tile, "both", x)
+    assert torch.equal((g_up + g_out).to(dtype), want_x)
+    assert torch.equal(gw, want_w)
     if tree.num_nodes:
         with pytest.raises(RuntimeError, match="inner must have shape"):
             torch.ops.treessm.cuda_tile_scan_both_backward(g, w, up, inner[:-1], out, tensors)

@@ -2,7 +2,8 @@
 ``torch.ops.treessm.cuda_tree_scan`` and ``cuda_tree_scan_backward`` (schedules
 ``"trees"``, ``"phases"`` and ``"columns"``) and ``cuda_tile_scan`` and ``cuda_tile_scan_backward``
 (``"tiles"``; ``"both"`` also through ``cuda_tile_scan_both_parts`` and
-``cuda_tile_scan_both_backward``, which keep the forward's parts for the backward),
+``cuda_tile_scan_both_backward``, which give the scan in parts and keep the forward's parts
+for the backward),
 launched with the plan, schedule and parameters of :mod:`treessm.ops.plan`.
 
 The extension is compiled on first use (:func:`treessm.typing.load_cuda_extension`), or
@@ -39,23 +40,37 @@ def backward(g, x, w, h, plan: ScanPlan, direction: str):
                                                      list(plan.launch), direction)
 
 
-def forward_with_parts(x, w, plan: ScanPlan, direction: str):
+def forward_with_parts(x, w, plan: ScanPlan, direction: str, summed: bool = True):
     """``(h, parts)``: the scan and what :func:`backward_from_parts` takes besides the
     data: for ``"both"`` under ``"tiles"`` the forward's parts (its up scan, the brackets
     and the down scan, in the accumulation type), so that the backward does not scan ``x``
-    a second time; ``None`` otherwise."""
+    a second time; ``None`` otherwise. With ``summed=False``, ``h`` is a list of one or two
+    tensors whose sum is the scan (the up scan and the down scan, in the accumulation type,
+    where there are parts), for a caller that reads it once and saves the pass forming it."""
     if plan.schedule == "tiles" and direction == "both":
-        h, *parts = torch.ops.treessm.cuda_tile_scan_both_parts(x, w, list(plan.tensors))
-        return h, parts
-    return forward(x, w, plan, direction), None
+        parts = list(torch.ops.treessm.cuda_tile_scan_both_parts(x, w, list(plan.tensors)))
+        addends = [parts[0], parts[2]]
+        return (addends if not summed else _sum(addends, x.dtype)), parts
+    h = forward(x, w, plan, direction)
+    return ([h] if not summed else h), None
 
 
-def backward_from_parts(g, x, w, h, parts, plan: ScanPlan, direction: str):
+def backward_from_parts(g, x, w, h, parts, plan: ScanPlan, direction: str,
+                        summed: bool = True):
     """:func:`backward` with the ``parts`` of :func:`forward_with_parts` (``x`` is not read
-    when there are parts)."""
+    when there are parts); with ``summed=False``, ``dL/dx`` is a list of addends as ``h``
+    is there."""
     if parts is not None:
-        return torch.ops.treessm.cuda_tile_scan_both_backward(g, w, *parts, list(plan.tensors))
-    return backward(g, x, w, h, plan, direction)
+        g_up, g_out, gw = torch.ops.treessm.cuda_tile_scan_both_backward(
+            g, w, *parts, list(plan.tensors))
+        return ([g_up, g_out] if not summed else _sum([g_up, g_out], g.dtype)), gw
+    gx, gw = backward(g, x, w, h, plan, direction)
+    return ([gx] if not summed else gx), gw
+
+
+def _sum(addends, dtype):
+    """The scan from its two parts, in the accumulation type, rounded to ``dtype``."""
+    return torch.add(*addends).to(dtype)
 
 
 def _main(argv=None):

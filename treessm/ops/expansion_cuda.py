@@ -62,24 +62,28 @@ def _blocks(d: int, width: int) -> List[Tuple[int, int]]:
     return [(c0, min(width, d - c0)) for c0 in range(0, d, width)]
 
 
-def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str, keep_parts: bool):
-    """``(h, parts)``: the scan of a block and, with ``keep_parts``, what
-    :func:`_scan_backward` takes from it (:func:`treessm.ops.cuda.forward_with_parts`; the
-    forward keeps none: its parts would only add to its peak)."""
+def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str):
+    """``(h, parts)``: the scan of a block as a list of one or two tensors whose sum it is
+    (the kernels read the two parts of ``"both"`` under the tiled schedule without a pass
+    adding them) and what :func:`_scan_backward` takes from it
+    (:func:`treessm.ops.cuda.forward_with_parts`)."""
     if tree.num_trees == tree.num_nodes:  # no edge: every direction gives h = x
-        return x, None
-    plan = scan_plan(tree, x.shape[1], x.dtype)
-    if not keep_parts:
-        return cuda.forward(x, w, plan, direction), None
-    return cuda.forward_with_parts(x, w, plan, direction)
+        return [x], None
+    return cuda.forward_with_parts(x, w, scan_plan(tree, x.shape[1], x.dtype), direction,
+                                   summed=False)
 
 
 def _scan_backward(gh: Tensor, x: Optional[Tensor], w: Tensor, h: Tensor, parts, tree: Tree,
-                   direction: str) -> Tuple[Tensor, Tensor]:
+                   direction: str) -> Tuple[List[Tensor], Tensor]:
+    """``(gx, gw)``, ``gx`` a list of addends as :func:`_scan` gives ``h``."""
     if tree.num_trees == tree.num_nodes:
-        return gh, torch.zeros_like(w)
+        return [gh], torch.zeros_like(w)
     return cuda.backward_from_parts(gh, x, w, h, parts, scan_plan(tree, w.shape[1], w.dtype),
-                                    direction)
+                                    direction, summed=False)
+
+
+def _second(addends: List[Tensor]) -> Optional[Tensor]:
+    return addends[1] if len(addends) > 1 else None
 
 
 class ExpandedScan(torch.autograd.Function):
@@ -99,10 +103,12 @@ class ExpandedScan(torch.autograd.Function):
         parts = []
         for c0, wb in _blocks(d, width):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            h, _ = _scan(x, w, tree, direction, keep_parts=False)
+            h = _scan(x, w, tree, direction)[0]  # its parts are not kept
             del x, w
             gb = None if g is None else g[c0:c0 + wb]
-            mean, m2 = _kernels().cuda_selective_readout(h, C, gb, c0, moments, y1)
+            mean, m2 = _kernels().cuda_selective_readout(h[0], _second(h), C, gb, c0, moments,
+                                                         y1)
+            del h
             parts.append((wb * s, mean, m2))
         mu, m2 = combined_moments(parts, d * s) if moments else (u.new_empty(0), u.new_empty(0))
         ctx.save_for_backward(u, dx, de, A, B, C, g, mu)
@@ -128,16 +134,18 @@ class ExpandedScan(torch.autograd.Function):
         gg = None if g is None else torch.empty_like(g)
         for i, (c0, wb) in enumerate(_blocks(d, width)):
             x, w = _kernels().cuda_selective_expand(u, dx, de, A, B, c0, wb)
-            h, parts = _scan(x, w, tree, direction, keep_parts=True)
+            h, parts = _scan(x, w, tree, direction)
             if parts is not None:  # the backward reads the parts instead of x
                 x = None
             gb = None if g is None else g[c0:c0 + wb]
             gh, ggb = _kernels().cuda_selective_readout_backward(
-                gy1, share_mean, share_m2, mu if moments else None, h, C, gb, c0, i > 0, gC)
-            gx, gw = _scan_backward(gh, x, w, h, parts, tree, direction)
+                gy1, share_mean, share_m2, mu if moments else None, h[0], _second(h), C, gb, c0,
+                i > 0, gC)
+            # h[0] is what the scan's backward takes as its output where there are no parts
+            gx, gw = _scan_backward(gh, x, w, h[0], parts, tree, direction)
             del gh, h, x, w, parts
             gA[c0:c0 + wb] = _kernels().cuda_selective_expand_backward(
-                gx, gw, u, dx, de, A, B, c0, i > 0, gu, gdx, ge, gB)
+                gx[0], _second(gx), gw, u, dx, de, A, B, c0, i > 0, gu, gdx, ge, gB)
             if gg is not None:
                 gg[c0:c0 + wb] = ggb
         return gu, gdx, ge, gA, gB, gC, gg, None, None, None, None

@@ -232,8 +232,8 @@ class _TiledScan(torch.autograd.Function):
         if not any(ctx.needs_input_grad[:2]):
             return cuda.forward(x, weight, plan, direction)
         out, parts = cuda.forward_with_parts(x, weight, plan, direction)
-        ctx.plan, ctx.direction, ctx.num_parts = plan, direction, len(parts or ())
-        ctx.save_for_backward(weight, *(parts if parts else (out,)))
+        ctx.plan, ctx.direction, ctx.has_parts = plan, direction, parts is not None
+        ctx.save_for_backward(weight, *(parts if parts is not None else (out,)))
         return out
 
     @staticmethod
@@ -242,8 +242,8 @@ class _TiledScan(torch.autograd.Function):
         from . import cuda
 
         weight, *kept = ctx.saved_tensors
-        parts = kept if ctx.num_parts else None
-        out = None if parts else kept[0]
+        parts = kept if ctx.has_parts else None
+        out = None if ctx.has_parts else kept[0]
         gx, gw = cuda.backward_from_parts(grad.contiguous(), None, weight, out, parts, ctx.plan,
                                           ctx.direction)
         return gx, gw, None, None
