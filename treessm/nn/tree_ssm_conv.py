@@ -18,6 +18,7 @@ from torch_geometric.nn import Linear
 
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
 from ..ops.pointwise import runs_on_cpu_kernels, silu_mix
+from ..ops.sparse import csr_matmul
 from ..topology import GraphTopology
 from ..topology.distance import Distance
 from ..topology.layout import empty_forest
@@ -65,13 +66,14 @@ class _NeighbourMean(torch.autograd.Function):
     def forward(ctx, u: Tensor, adjacency: Tensor, inv_degree: Tensor) -> Tensor:
         ctx.adjacency = adjacency
         ctx.save_for_backward(inv_degree)
-        return (adjacency @ u).mul_(inv_degree.unsqueeze(1))  # no second [N, C] array
+        return csr_matmul(adjacency, u).mul_(inv_degree.unsqueeze(1))  # no second [N, C] array
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         inv_degree, = ctx.saved_tensors
-        return ctx.adjacency @ (grad * inv_degree.unsqueeze(1)).contiguous(), None, None
+        scaled = (grad * inv_degree.unsqueeze(1)).contiguous()
+        return csr_matmul(ctx.adjacency, scaled), None, None
 
 
 def _operator_dtype(u: Tensor) -> torch.dtype:

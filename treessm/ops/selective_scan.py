@@ -47,7 +47,7 @@ from ..tree import Tree
 from ..typing import cuda_extension_available
 from . import expansion_cuda, recompute, selective_scan_cpu, selective_scan_cuda
 from .plan import TILES_MIN_ROW_BYTES, level_groups
-from .sparse import square_csr
+from .sparse import csr_matmul, square_csr
 from .tree_scan import DIRECTIONS, tree_scan
 
 __all__ = ["selective_tree_scan", "selective_tree_scan_ref", "reference_tree_scan",
@@ -192,7 +192,7 @@ def children_sums(values: Tensor, tree: Tree) -> Tensor:
     their parent's row (``index_add_``) would add them in whatever order atomics land on a
     GPU."""
     dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
-    return (children_matrix(tree, dtype) @ values.to(dtype)).to(values.dtype)
+    return csr_matmul(children_matrix(tree, dtype), values.to(dtype)).to(values.dtype)
 
 
 def children_matrix(tree: Tree, dtype: torch.dtype) -> Tensor:
