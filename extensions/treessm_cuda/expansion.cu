@@ -37,11 +37,6 @@ void check_vector(const c10::optional<at::Tensor>& t, const char* name, int64_t 
                 name, " must be a contiguous CUDA ", dtype, " tensor of ", n, " entries");
 }
 
-template <typename T>
-const T* optional_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 // The block's problem from u [N, D], A [D, S] and the block's columns; checks the inputs
 // every kernel reads.
 struct Block {
@@ -101,7 +96,7 @@ template <typename T>
 Args<T> readout_args(const Block& b, const at::Tensor& C, const c10::optional<at::Tensor>& g) {
   Args<T> a = block_args<T>(b);
   a.c = C.data_ptr<T>();
-  a.g = g.has_value() ? g->data_ptr<T>() : nullptr;
+  a.g = optional_ptr<T>(g);
   return a;
 }
 
@@ -202,12 +197,10 @@ std::tuple<at::Tensor, at::Tensor> selective_readout_backward(
     expansion::readout_backward_kernel<scalar_t>
         <<<static_cast<unsigned>(blocks), expansion::kThreads, smem,
            at::cuda::getCurrentCUDAStream()>>>(
-            a, gy1.data_ptr<scalar_t>(),
-            share_mean.has_value() ? share_mean->data_ptr<scalar_t>() : nullptr,
-            share_m2.has_value() ? share_m2->data_ptr<scalar_t>() : nullptr,
-            mu.has_value() ? mu->data_ptr<scalar_t>() : nullptr, h.data_ptr<scalar_t>(),
-            optional_ptr<scalar_t>(h2), gh.data_ptr<scalar_t>(), gC.data_ptr<scalar_t>(), accumulate,
-            g.has_value() ? part.data_ptr<scalar_t>() : nullptr);
+            a, gy1.data_ptr<scalar_t>(), optional_ptr<scalar_t>(share_mean),
+            optional_ptr<scalar_t>(share_m2), optional_ptr<scalar_t>(mu), h.data_ptr<scalar_t>(),
+            optional_ptr<scalar_t>(h2), gh.data_ptr<scalar_t>(), gC.data_ptr<scalar_t>(),
+            accumulate, g.has_value() ? part.data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!g.has_value()) return {gh, at::empty({0, b.s}, h.options())};

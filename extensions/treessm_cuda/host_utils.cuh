@@ -1,7 +1,7 @@
 // Host-side helpers shared by the extension's translation units: the CUDA element type of a
 // torch scalar type, the dispatch over the element types the scans take, device attributes
-// queried once, the dynamic shared-memory opt-in of kernel launches, and the check of a
-// contiguous matrix argument.
+// queried once, the dynamic shared-memory opt-in of kernel launches, the check of a
+// contiguous matrix argument and the data of an optional one.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -88,6 +88,12 @@ inline void check_rows(const at::Tensor& t, const char* name, const at::Tensor& 
   TREESSM_CHECK(t.scalar_type() == want, name, " must have dtype ", want, ", got ",
                 t.scalar_type());
   TREESSM_CHECK(t.device() == like.device(), name, " must be on ", like.device());
+}
+
+// The data of an optional tensor argument, or null where it is absent.
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
 }  // namespace treessm_cuda

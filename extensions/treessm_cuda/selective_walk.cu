@@ -108,7 +108,7 @@ walk::Args<T> make_args(const Problem& p, const at::Tensor& u, const at::Tensor&
   a.A = A.data_ptr<T>();
   a.B = B.data_ptr<T>();
   a.C = C.data_ptr<T>();
-  a.h0 = h0.has_value() ? h0->data_ptr<T>() : nullptr;
+  a.h0 = optional_ptr<T>(h0);
   a.rec = reinterpret_cast<const int4*>(rec.data_ptr<int>());
   a.tree_ptr = tree_ptr.data_ptr<int>();
   a.srow = srow.data_ptr<int64_t>();
