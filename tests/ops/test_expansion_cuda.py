@@ -78,8 +78,8 @@ def _expand_backward(gx, gx2, gw, u, dx, de, A, B, c0, accumulate, gu, gdx, ge, 
 class _ReferenceScan:
     """``treessm.ops.cuda``'s scan with parts and its backward, by the torch reference (the
     plan is the tree); ``"both"`` keeps parts for its backward (here the input itself), as
-    the tiled kernels do, and its backward must then not be given ``x``; unsummed, it gives
-    the scan and the gradient as two halves, which the kernels add as they read them."""
+    the tiled kernels do, and its backward must then not be given ``x``; it gives the scan
+    and the gradient of ``"both"`` as two halves, which the kernels add as they read them."""
 
     @staticmethod
     def backward(gh, x, w, h, tree, direction):
@@ -93,22 +93,20 @@ class _ReferenceScan:
         return reference_tree_scan(x, w, tree, direction)
 
     @staticmethod
-    def forward_with_parts(x, w, tree, direction, summed=True):
+    def forward_with_parts(x, w, tree, direction):
         h = reference_tree_scan(x, w, tree, direction)
-        return _addends(h, direction, summed), ([x.clone()] if direction == "both" else None)
+        return _addends(h, direction), ([x.clone()] if direction == "both" else None)
 
     @staticmethod
-    def backward_from_parts(gh, x, w, h, parts, tree, direction, summed=True):
+    def backward_from_parts(gh, x, w, h, parts, tree, direction):
         if parts is not None:
             assert x is None
             x = parts[0]
         gx, gw = _ReferenceScan.backward(gh, x, w, h, tree, direction)
-        return _addends(gx, direction, summed), gw
+        return _addends(gx, direction), gw
 
 
-def _addends(h, direction, summed):
-    if summed:
-        return h
+def _addends(h, direction):
     return [h / 2, h / 2] if direction == "both" else [h]
 
 
@@ -176,7 +174,7 @@ def test_each_block_is_scanned_once_each_way(on_cpu, monkeypatch):
     for name in ("forward", "forward_with_parts", "backward", "backward_from_parts"):
         real = getattr(_ReferenceScan, name)
         monkeypatch.setattr(_ReferenceScan, name, staticmethod(
-            lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k)))
+            lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a)))
     tree, leaves, kw = _problem(random_forest(30, 2, torch.Generator().manual_seed(4)), d=8,
                                 s=3, rule="mean")
     y = _kernels_route(2 * 30 * 3 * 8)(tree=tree, **leaves, **kw, state_norm=True)

@@ -480,3 +480,58 @@ def test_numba_same_bits_with_any_thread_count(direction):
         if parent.numel() <= 100:  # the one-item path against the oracle too
             want = dense_tree_scan(x.double(), w.double(), parent, direction)
             torch.testing.assert_close(runs[0][0].double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("grad", [True, False])
+def test_tiled_autograd_sums_the_addends_and_keeps_the_parts(monkeypatch, direction, grad):
+    # _TiledScan (the eager path of "tiles" on a GPU) on the CPU, treessm.ops.cuda's calls
+    # replaced by the torch reference (the plan is the tree): the output is the sum of the
+    # forward's addends ("both" as two halves here, as its up scan and down scan there);
+    # "both"'s backward takes the kept parts, not x nor the output; the others' take the
+    # output; the gradients are autograd's through the reference
+    from treessm.ops import cuda
+    from treessm.ops.tree_scan import _TiledScan
+
+    def reference(x, w, tree, direction):
+        return tree_scan(x, w, tree, direction, backend="torch")
+
+    def grads(g, x, w, tree, direction):
+        with torch.enable_grad():
+            xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+            return torch.autograd.grad(reference(xs, ws, tree, direction), (xs, ws), g)
+
+    def forward_with_parts(x, w, tree, direction):
+        h = reference(x, w, tree, direction)
+        if direction == "both":
+            return [h / 2, h / 2], [x.clone()]
+        return [h], None
+
+    def backward_from_parts(g, x, w, h, parts, tree, direction):
+        if parts is not None:
+            assert x is None and h is None
+            gx, gw = grads(g, parts[0], w, tree, direction)
+            return [gx / 2, gx / 2], gw
+        assert torch.equal(h, reference(xr, w, tree, direction))
+        gx, gw = grads(g, xr, w, tree, direction)
+        return [gx], gw
+
+    monkeypatch.setattr(cuda, "forward", reference)
+    monkeypatch.setattr(cuda, "forward_with_parts", forward_with_parts)
+    monkeypatch.setattr(cuda, "backward_from_parts", backward_from_parts)
+    tree = Tree.from_parent(random_forest(60, 3, _gen(7)))
+    xr, w, gout = _inputs(60, 5, seed=8)
+    want = _value_and_grads(lambda a, b: reference(a, b, tree, direction), xr, w, gout)
+    if not grad:
+        assert torch.equal(_TiledScan.apply(xr, w, tree, direction), want[0])
+        return
+    x = xr.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
+    out = _TiledScan.apply(x, wg, tree, direction)
+    torch.testing.assert_close(out, want[0], rtol=1e-12, atol=1e-12)
+    if direction == "both":  # the kept parts, not x: x may change after the forward
+        with torch.no_grad():
+            x.add_(1.0)
+    gx, gw = torch.autograd.grad(out, (x, wg), gout)
+    torch.testing.assert_close(gx, want[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, want[2], rtol=1e-12, atol=1e-12)

@@ -20,7 +20,7 @@ import torch
 from ..typing import cuda_source_dir, load_cuda_extension
 from .plan import ScanPlan
 
-__all__ = ["forward", "backward", "forward_with_parts", "backward_from_parts"]
+__all__ = ["forward", "backward", "forward_with_parts", "backward_from_parts", "total"]
 
 
 def forward(x, w, plan: ScanPlan, direction: str):
@@ -40,36 +40,38 @@ def backward(g, x, w, h, plan: ScanPlan, direction: str):
                                                      list(plan.launch), direction)
 
 
-def forward_with_parts(x, w, plan: ScanPlan, direction: str, summed: bool = True):
-    """``(h, parts)``: the scan and what :func:`backward_from_parts` takes besides the
-    data: for ``"both"`` under ``"tiles"`` the forward's parts (its up scan, the brackets
-    and the down scan, in the accumulation type), so that the backward does not scan ``x``
-    a second time; ``None`` otherwise. With ``summed=False``, ``h`` is a list of one or two
-    tensors whose sum is the scan (the up scan and the down scan, in the accumulation type,
-    where there are parts), for a caller that reads it once and saves the pass forming it."""
+def forward_with_parts(x, w, plan: ScanPlan, direction: str):
+    """``(h, parts)``: the scan as a list of tensors whose sum it is (:func:`total`), and
+    what :func:`backward_from_parts` takes besides the data. For ``"both"`` under
+    ``"tiles"``, ``h`` is the up scan and the down scan of the brackets, in the accumulation
+    type (a caller that reads them once saves the pass adding them), and ``parts`` the
+    forward's parts (the up scan, the brackets and the down scan), so that the backward
+    does not scan ``x`` a second time; otherwise ``h`` is the one output and ``parts``
+    ``None``."""
     if plan.schedule == "tiles" and direction == "both":
         parts = list(torch.ops.treessm.cuda_tile_scan_both_parts(x, w, list(plan.tensors)))
-        addends = [parts[0], parts[2]]
-        return (addends if not summed else _sum(addends, x.dtype)), parts
-    h = forward(x, w, plan, direction)
-    return ([h] if not summed else h), None
+        return [parts[0], parts[2]], parts
+    return [forward(x, w, plan, direction)], None
 
 
-def backward_from_parts(g, x, w, h, parts, plan: ScanPlan, direction: str,
-                        summed: bool = True):
-    """:func:`backward` with the ``parts`` of :func:`forward_with_parts` (``x`` is not read
-    when there are parts); with ``summed=False``, ``dL/dx`` is a list of addends as ``h``
-    is there."""
+def backward_from_parts(g, x, w, h, parts, plan: ScanPlan, direction: str):
+    """``(dL/dx, dL/dw)`` as :func:`backward`, ``dL/dx`` a list of addends as ``h`` is in
+    :func:`forward_with_parts`, from its ``parts`` where it kept them (``x`` is then not
+    read)."""
     if parts is not None:
         g_up, g_out, gw = torch.ops.treessm.cuda_tile_scan_both_backward(
             g, w, *parts, list(plan.tensors))
-        return ([g_up, g_out] if not summed else _sum([g_up, g_out], g.dtype)), gw
+        return [g_up, g_out], gw
     gx, gw = backward(g, x, w, h, plan, direction)
-    return ([gx] if not summed else gx), gw
+    return [gx], gw
 
 
-def _sum(addends, dtype):
-    """The scan from its two parts, in the accumulation type, rounded to ``dtype``."""
+def total(addends, dtype):
+    """The tensor of a list of addends (:func:`forward_with_parts`): the one addend itself,
+    or the sum of two, formed in their type (the accumulation type) and rounded to
+    ``dtype``."""
+    if len(addends) == 1:
+        return addends[0]
     return torch.add(*addends).to(dtype)
 
 

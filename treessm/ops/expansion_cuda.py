@@ -69,8 +69,7 @@ def _scan(x: Tensor, w: Tensor, tree: Tree, direction: str):
     (:func:`treessm.ops.cuda.forward_with_parts`)."""
     if tree.num_trees == tree.num_nodes:  # no edge: every direction gives h = x
         return [x], None
-    return cuda.forward_with_parts(x, w, scan_plan(tree, x.shape[1], x.dtype), direction,
-                                   summed=False)
+    return cuda.forward_with_parts(x, w, scan_plan(tree, x.shape[1], x.dtype), direction)
 
 
 def _scan_backward(gh: Tensor, x: Optional[Tensor], w: Tensor, h: Tensor, parts, tree: Tree,
@@ -79,7 +78,7 @@ def _scan_backward(gh: Tensor, x: Optional[Tensor], w: Tensor, h: Tensor, parts,
     if tree.num_trees == tree.num_nodes:
         return [gh], torch.zeros_like(w)
     return cuda.backward_from_parts(gh, x, w, h, parts, scan_plan(tree, w.shape[1], w.dtype),
-                                    direction, summed=False)
+                                    direction)
 
 
 def _second(addends: List[Tensor]) -> Optional[Tensor]:

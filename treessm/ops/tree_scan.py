@@ -231,7 +231,8 @@ class _TiledScan(torch.autograd.Function):
 
         if not any(ctx.needs_input_grad[:2]):
             return cuda.forward(x, weight, plan, direction)
-        out, parts = cuda.forward_with_parts(x, weight, plan, direction)
+        h, parts = cuda.forward_with_parts(x, weight, plan, direction)
+        out = cuda.total(h, x.dtype)
         ctx.plan, ctx.direction, ctx.has_parts = plan, direction, parts is not None
         ctx.save_for_backward(weight, *(parts if parts is not None else (out,)))
         return out
@@ -246,7 +247,7 @@ class _TiledScan(torch.autograd.Function):
         out = None if ctx.has_parts else kept[0]
         gx, gw = cuda.backward_from_parts(grad.contiguous(), None, weight, out, parts, ctx.plan,
                                           ctx.direction)
-        return gx, gw, None, None
+        return cuda.total(gx, grad.dtype), gw, None, None
 
 
 class _EdgelessScan(torch.autograd.Function):
