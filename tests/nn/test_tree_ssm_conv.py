@@ -351,6 +351,28 @@ def test_cuda_gradients_are_bitwise_reproducible():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_large_graph_repeats_its_bits():
+    # 10^6 vertices and 5 10^6 edges, 64 channels: torch's sparse product (cuSPARSE) gave
+    # the neighbour mean, and so the output and every gradient, other bits on a second step
+    # at this size (not at 2 10^5); the extension's product adds each row in order
+    n = 10**6
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ei = torch.randint(0, n, (2, 5 * n), device="cuda", generator=g)
+    x = torch.randn(n, 64, device="cuda", generator=g).requires_grad_()
+    torch.manual_seed(0)
+    conv = TreeSSMConv(64, 64).cuda()
+    runs = []
+    for _ in range(2):
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        out = conv(x, ei)
+        out.square().sum().backward()
+        runs.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_keeping_less_for_the_backward_gives_the_same_bits(monkeypatch):
     """The layer's GPU path keeping only the inputs of its gate and mixing and the output
     of its softplus (treessm.ops.recompute: large arrays; here asked for on a small graph)
