@@ -331,6 +331,19 @@ def test_cuda_equals_cpu():
     torch.testing.assert_close(y_gpu.cpu(), y, rtol=1e-4, atol=1e-5)
 
 
+def _assert_two_steps_equal(conv, x, ei):
+    """Two training steps of ``conv`` give the same output and gradients, bit for bit."""
+    runs = []
+    for _ in range(2):
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        out = conv(x, ei)
+        out.square().sum().backward()
+        runs.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_gradients_are_bitwise_reproducible():
     # the edge steps' gradient sums each vertex's children in a fixed order (no atomics):
@@ -338,16 +351,7 @@ def test_cuda_gradients_are_bitwise_reproducible():
     torch.manual_seed(5)
     conv = TreeSSMConv(16, 16, d_state=4).cuda()
     x, ei = _graph(20000, 100000, 7, c=16)
-    x, ei = x.cuda().requires_grad_(), ei.cuda()
-    runs = []
-    for _ in range(2):
-        conv.zero_grad(set_to_none=True)
-        x.grad = None
-        out = conv(x, ei)
-        out.square().sum().backward()
-        runs.append([x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    _assert_two_steps_equal(conv, x.cuda().requires_grad_(), ei.cuda())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -360,16 +364,7 @@ def test_cuda_large_graph_repeats_its_bits():
     ei = torch.randint(0, n, (2, 5 * n), device="cuda", generator=g)
     x = torch.randn(n, 64, device="cuda", generator=g).requires_grad_()
     torch.manual_seed(0)
-    conv = TreeSSMConv(64, 64).cuda()
-    runs = []
-    for _ in range(2):
-        conv.zero_grad(set_to_none=True)
-        x.grad = None
-        out = conv(x, ei)
-        out.square().sum().backward()
-        runs.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    _assert_two_steps_equal(TreeSSMConv(64, 64).cuda(), x, ei)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
