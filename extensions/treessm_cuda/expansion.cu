@@ -123,8 +123,11 @@ Block check_readout(const at::Tensor& h, const c10::optional<at::Tensor>& h2, co
   return b;
 }
 
+// Shared memory of a block of the backward kernels: a row of W S column sums per segment.
 size_t column_bytes(const Block& b, size_t item) {
-  return static_cast<size_t>(expansion::kWarps) * b.w * b.s * item;
+  return static_cast<size_t>(expansion::column_rows(static_cast<int>(b.w), static_cast<int>(b.s),
+                                                    static_cast<int>(item))) *
+         b.w * b.s * item;
 }
 
 }  // namespace

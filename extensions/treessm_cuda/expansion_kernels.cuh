@@ -12,19 +12,22 @@
 //   expand_backward  q = sum_s gx B: gu = q dx, gdx = q u;  ge = sum_s gw w A;
 //                    gB[v, s] += sum_j gx dx u;  partial sums over vertices of gw w e (A's)
 //
-// A warp takes a batch of kBatch consecutive vertices at a time in every kernel (grid-stride
-// over the batches), a lane the channels j = lane, lane + 32, ... with their S states in
-// order (the expansion: the row's elements k = lane, lane + 32, ...), each load issued for
-// the batch's vertices together: one vertex's rows are a few loads a lane where W S is
-// small, and the loads in flight, not the bytes, bound these kernels. Inputs are read
-// through the read-only path. The read-out and its backward take the states as one tensor
-// or as two whose sum they are (h + h2: both's parts), and expand's backward its gradient
-// the same way (gx + gx2), so that no pass forms the sum. Sums over the channels
-// of a vertex are warp reductions whose total lane 0 holds (and broadcasts where every lane
-// uses it); sums over the vertices are kept per warp in shared memory (each column owned by
-// one lane), added over the warps of a block in order and written as the block's row of
-// partial sums, which the host adds in order. Every value is computed in one fixed order
-// for a given N: bitwise reproducible.
+// The expansion takes a batch of kBatch consecutive vertices a warp at a time (grid-stride
+// over the batches), a lane the row's elements k = lane, lane + 32, ... The other kernels
+// split a warp into segments of `segment_lanes` lanes (32 down to the block's channel count
+// rounded up to a power of two), each segment its own batch of vertices and a lane of it the
+// channels j = lane, lane + lanes, ... with their S states in order, so that a block narrower
+// than a warp keeps every lane busy. Every load is issued for the batch's vertices together:
+// one vertex's rows are a few loads a lane where W S is small, and the loads in flight, not
+// the bytes, bound these kernels. Inputs are read through the read-only path. The read-out
+// and its backward take the states as one tensor or as two whose sum they are (h + h2: both's
+// parts), and expand's backward its gradient the same way (gx + gx2), so that no pass forms
+// the sum. Sums over the channels of a vertex are segment reductions whose total the
+// segment's first lane holds (and broadcasts where every lane uses it); sums over the
+// vertices are kept per segment in shared memory (each column owned by one lane), added over
+// the segments of a block in order and written as the block's row of partial sums, which the
+// host adds in order. Every value is computed in one fixed order for a given N, W, S and
+// type: bitwise reproducible.
 #pragma once
 
 #include <cuda.h>
@@ -37,9 +40,9 @@ namespace expansion {
 constexpr int kWarps = 4;              // warps of a block in the row kernels
 constexpr int kThreads = 32 * kWarps;  // threads of a block
 constexpr int kMaxBlocks = 2048;       // blocks of the kernels, at most (a full H200)
-constexpr int kBatch = 4;              // vertices a warp takes at a time
-// Bytes of a block's columns (W S accumulators) that one warp's partial sums may take:
-// kWarps times this in shared memory.
+constexpr int kBatch = 4;              // vertices a segment takes at a time
+// Bytes of a block's columns (W S accumulators) that one warp's partial sums may take (all
+// of its segments' together): kWarps times this in shared memory.
 constexpr int kMaxColumnBytes = 8192;
 // States whose sums over a vertex's channels a lane keeps in registers at a time (for each
 // vertex of its batch).
@@ -51,6 +54,22 @@ inline int64_t row_blocks(int64_t n) {
   const int64_t per_block = static_cast<int64_t>(kWarps) * kBatch;
   const int64_t blocks = (n + per_block - 1) / per_block;
   return blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
+}
+
+// Lanes of a segment for a block of w channels of s states of `item` bytes: halved from 32
+// while half of them still cover the channels and the warp's segments' columns fit in
+// kMaxColumnBytes (a function of the problem only, as every sum's order must be).
+__host__ __device__ inline int segment_lanes(int w, int s, int item) {
+  int lanes = 32;
+  while (lanes > 1 && (lanes >> 1) >= w &&
+         static_cast<int64_t>(32 / (lanes >> 1)) * w * s * item <= kMaxColumnBytes)
+    lanes >>= 1;
+  return lanes;
+}
+
+// Rows of a block's column sums in shared memory: one per segment.
+__host__ __device__ inline int column_rows(int w, int s, int item) {
+  return kWarps * (32 / segment_lanes(w, s, item));
 }
 
 template <typename A> struct Args {
@@ -66,16 +85,12 @@ template <typename A> struct Args {
   int d, s, c0, w;
 };
 
-// The warp's sum, in lane 0 (the other lanes hold the same sum in other orders).
+// The sum over a segment of `lanes` lanes, in its first lane (the other lanes hold the same
+// sum in other orders).
 template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-  for (int k = 16; k >= 1; k >>= 1) v += __shfl_xor_sync(0xffffffffu, v, k);
+__device__ __forceinline__ A segment_sum(A v, int lanes) {
+  for (int k = lanes >> 1; k >= 1; k >>= 1) v += __shfl_xor_sync(0xffffffffu, v, k);
   return v;
-}
-// The warp's sum, lane 0's bits in every lane.
-template <typename A>
-__device__ __forceinline__ A warp_total(A v) {
-  return __shfl_sync(0xffffffffu, warp_sum(v), 0);
 }
 
 __device__ __forceinline__ int64_t warp_index() {
@@ -85,6 +100,43 @@ __device__ __forceinline__ int64_t warp_count() {
   return (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
 }
 
+// This lane's segment: its lanes, the lane's place in it, the warp's first batch and the
+// stride between a warp's batches (warp-uniform: every lane of a warp loops as often), and
+// the segment's batch from there.
+struct Segment {
+  int lanes;        // lanes of a segment
+  int lane;         // this lane's place in its segment
+  int first;        // the warp lane of the segment's first lane
+  int row;          // the segment's row of the block's column sums
+  int64_t start;    // the warp's first batch
+  int64_t stride;   // between the warp's batches
+  int64_t offset;   // the segment's batch from the warp's
+};
+
+__device__ __forceinline__ Segment segment_of(int lanes) {
+  Segment g;
+  const int lane = threadIdx.x & 31, per_warp = 32 / lanes;
+  g.lanes = lanes;
+  g.lane = lane & (lanes - 1);
+  g.first = lane - g.lane;
+  g.row = (threadIdx.x >> 5) * per_warp + lane / lanes;
+  g.start = warp_index() * per_warp * kBatch;
+  g.stride = warp_count() * per_warp * kBatch;
+  g.offset = static_cast<int64_t>(lane / lanes) * kBatch;
+  return g;
+}
+
+template <typename A>
+__device__ __forceinline__ Segment segment_of(const Args<A>& p) {
+  return segment_of(segment_lanes(p.w, p.s, static_cast<int>(sizeof(A))));
+}
+
+// The segment's sum, its first lane's bits in every lane of it.
+template <typename A>
+__device__ __forceinline__ A segment_total(A v, const Segment& g) {
+  return __shfl_sync(0xffffffffu, segment_sum(v, g.lanes), g.first);
+}
+
 // The value of element k of rows h, with the second addend h2 where given (a scan handed
 // over as two parts whose sum it is: both's up scan and the down scan of its brackets).
 template <typename A>
@@ -92,37 +144,34 @@ __device__ __forceinline__ A summed(const A* h, const A* h2, int64_t k) {
   return h2 ? __ldg(h + k) + __ldg(h2 + k) : __ldg(h + k);
 }
 
-// The vertices of the batch from v0 that exist (warp-uniform).
+// The vertices of the batch from v0 that exist (0 past the last; segment-uniform).
 template <typename A>
 __device__ __forceinline__ int batch_size(const Args<A>& p, int64_t v0) {
-  return p.n - v0 < kBatch ? static_cast<int>(p.n - v0) : kBatch;
+  return p.n - v0 >= kBatch ? kBatch : (p.n > v0 ? static_cast<int>(p.n - v0) : 0);
 }
 
-// Vertex i of the batch from v0 of m vertices; past the last, the last (loads stay in
-// bounds; what they give is not used).
-__device__ __forceinline__ int64_t batch_vertex(int64_t v0, int i, int m) {
-  return v0 + (i < m ? i : m - 1);
+// Vertex i of the batch from v0; past the last vertex, the last (loads stay in bounds; what
+// they give is not used).
+__device__ __forceinline__ int64_t batch_vertex(int64_t v0, int i, int64_t n) {
+  return v0 + i < n ? v0 + i : n - 1;
 }
-
-// The first vertex of this warp's first batch, and the stride between its batches.
-__device__ __forceinline__ int64_t first_batch() { return warp_index() * kBatch; }
-__device__ __forceinline__ int64_t batch_stride() { return warp_count() * kBatch; }
 
 // x, w [N, W, S]: a warp a batch of vertices, its lanes along the row (every launch shape
 // gives the same values).
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
 expand_kernel(Args<A> p, A* __restrict__ x, A* __restrict__ w) {
+  const Segment sg = segment_of(32);
   const int ws = p.w * p.s;
-  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+  for (int64_t v0 = sg.start; v0 < p.n; v0 += sg.stride) {
     const int m = batch_size(p, v0);
-    for (int k = threadIdx.x & 31; k < ws; k += 32) {
+    for (int k = sg.lane; k < ws; k += 32) {
       const int j = k / p.s, s = k - j * p.s;
       const A as = __ldg(p.a + static_cast<int64_t>(p.c0 + j) * p.s + s);
       A du[kBatch], bs[kBatch], e[kBatch];
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
-        const int64_t v = batch_vertex(v0, i, m);
+        const int64_t v = batch_vertex(v0, i, p.n);
         const int64_t row = v * p.d + p.c0 + j;
         du[i] = __ldg(p.dx + row) * __ldg(p.u + row);
         bs[i] = __ldg(p.b + v * p.s + s);
@@ -143,21 +192,22 @@ template <typename A>
 __global__ void __launch_bounds__(kThreads)
 readout_kernel(Args<A> p, const A* __restrict__ h, const A* __restrict__ h2, A* __restrict__ y1,
                A* __restrict__ mean, A* __restrict__ m2) {
-  const int lane = threadIdx.x & 31;
+  const Segment sg = segment_of(p);
   const int ws = p.w * p.s;
-  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+  for (int64_t base = sg.start; base < p.n; base += sg.stride) {
+    const int64_t v0 = base + sg.offset;
     const int m = batch_size(p, v0);
     int64_t r[kBatch];  // the vertices' first states
     const A* cv[kBatch];
     A sum[kBatch];
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int64_t v = batch_vertex(v0, i, m);
+      const int64_t v = batch_vertex(v0, i, p.n);
       r[i] = v * ws;
       cv[i] = p.c + v * p.s;
       sum[i] = 0;
     }
-    for (int j = lane; j < p.w; j += 32) {
+    for (int j = sg.lane; j < p.w; j += sg.lanes) {
       A acc[kBatch];
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) acc[i] = 0;
@@ -179,10 +229,10 @@ readout_kernel(Args<A> p, const A* __restrict__ h, const A* __restrict__ h2, A* 
       A mu[kBatch], sq[kBatch];
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
-        mu[i] = warp_total(sum[i]) / A(ws);
+        mu[i] = segment_total(sum[i], sg) / A(ws);
         sq[i] = 0;
       }
-      for (int k = lane; k < ws; k += 32) {
+      for (int k = sg.lane; k < ws; k += sg.lanes) {
 #pragma unroll
         for (int i = 0; i < kBatch; ++i) {
           const A e = summed(h, h2, r[i] + k) - mu[i];
@@ -190,8 +240,8 @@ readout_kernel(Args<A> p, const A* __restrict__ h, const A* __restrict__ h2, A* 
         }
       }
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) sq[i] = warp_total(sq[i]);
-      if (lane == 0)
+      for (int i = 0; i < kBatch; ++i) sq[i] = segment_sum(sq[i], sg.lanes);
+      if (sg.lane == 0)
         for (int i = 0; i < m; ++i) {
           mean[v0 + i] = mu[i];
           m2[v0 + i] = sq[i];
@@ -200,23 +250,26 @@ readout_kernel(Args<A> p, const A* __restrict__ h, const A* __restrict__ h2, A* 
   }
 }
 
-// Zeroes the columns (j, s) of a warp's sums that this lane owns: those of its channels.
+// The segment's row of the block's column sums, its columns (j, s) that this lane owns
+// (those of its channels) zeroed.
 template <typename A>
-__device__ __forceinline__ void zero_owned_columns(const Args<A>& p, A* mine) {
-  for (int j = threadIdx.x & 31; j < p.w; j += 32)
+__device__ __forceinline__ A* owned_columns(const Args<A>& p, const Segment& sg, A* acc) {
+  A* mine = acc + static_cast<int64_t>(sg.row) * p.w * p.s;
+  for (int j = sg.lane; j < p.w; j += sg.lanes)
     for (int s = 0; s < p.s; ++s) mine[j * p.s + s] = 0;
+  return mine;
 }
 
-// Sums a chunk of states' per-lane partial sums over the warp for each vertex of the batch
-// from v0 (m of them) and writes them (lane 0) to their rows of out [N, S], states s0 ..
-// s0 + kStateChunk - 1 that exist, added to what is there with `accumulate`: the rows'
-// entries loaded together first, so that their latencies overlap.
+// Sums a chunk of states' per-lane partial sums over the segment for each vertex of the
+// batch from v0 (m of them) and writes them (its first lane) to their rows of out [N, S],
+// states s0 .. s0 + kStateChunk - 1 that exist, added to what is there with `accumulate`:
+// the rows' entries loaded together first, so that their latencies overlap.
 template <typename A>
-__device__ __forceinline__ void write_batch_sums(const Args<A>& p,
+__device__ __forceinline__ void write_batch_sums(const Args<A>& p, const Segment& sg,
                                                  const A (&part)[kBatch][kStateChunk], int s0,
                                                  int64_t v0, int m, bool accumulate,
                                                  A* __restrict__ out) {
-  const bool lead = (threadIdx.x & 31) == 0;
+  const bool lead = sg.lane == 0;
   A before[kBatch][kStateChunk];
 #pragma unroll
   for (int i = 0; i < kBatch; ++i)
@@ -228,20 +281,20 @@ __device__ __forceinline__ void write_batch_sums(const Args<A>& p,
   for (int i = 0; i < kBatch; ++i)
 #pragma unroll
     for (int t = 0; t < kStateChunk; ++t) {
-      if (i >= m || s0 + t >= p.s) continue;  // the same for every lane of the warp
-      const A total = warp_sum(part[i][t]);
-      if (lead) out[(v0 + i) * p.s + s0 + t] = accumulate ? before[i][t] + total : total;
+      if (s0 + t >= p.s) continue;  // the same for every lane of the warp
+      const A total = segment_sum(part[i][t], sg.lanes);
+      if (lead && i < m) out[(v0 + i) * p.s + s0 + t] = accumulate ? before[i][t] + total : total;
     }
 }
 
-// Adds the warps' column sums in shared memory (kWarps rows of `cols`) in warp order and
+// Adds the segments' column sums in shared memory (`rows` rows of `cols`) in row order and
 // writes them as the block's row of `out`.
 template <typename A>
-__device__ __forceinline__ void write_block_columns(const A* acc, int cols, A* out) {
+__device__ __forceinline__ void write_block_columns(const A* acc, int rows, int cols, A* out) {
   __syncthreads();
   for (int k = threadIdx.x; k < cols; k += blockDim.x) {
     A t = acc[k];
-    for (int q = 1; q < kWarps; ++q) t += acc[q * cols + k];
+    for (int q = 1; q < rows; ++q) t += acc[q * cols + k];
     out[static_cast<int64_t>(blockIdx.x) * cols + k] = t;
   }
 }
@@ -258,17 +311,17 @@ readout_backward_kernel(Args<A> p, const A* __restrict__ gy1, const A* __restric
                         A* __restrict__ gc, bool accumulate, A* __restrict__ gg_part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* acc = reinterpret_cast<A*>(smem_raw);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const Segment sg = segment_of(p);
   const int ws = p.w * p.s;
-  A* mine = acc + warp * ws;
-  if (p.g) zero_owned_columns(p, mine);
-  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+  A* mine = p.g ? owned_columns(p, sg, acc) : nullptr;
+  for (int64_t base = sg.start; base < p.n; base += sg.stride) {
+    const int64_t v0 = base + sg.offset;
     const int m = batch_size(p, v0);
     int64_t vi[kBatch];
     A a[kBatch], b[kBatch], mv[kBatch];
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const int64_t v = batch_vertex(v0, i, m);
+      const int64_t v = batch_vertex(v0, i, p.n);
       vi[i] = v;
       a[i] = share_mean ? __ldg(share_mean + v) : A(0);
       b[i] = share_m2 ? __ldg(share_m2 + v) : A(0);
@@ -280,7 +333,7 @@ readout_backward_kernel(Args<A> p, const A* __restrict__ gy1, const A* __restric
       for (int i = 0; i < kBatch; ++i)
 #pragma unroll
         for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
-      for (int j = lane; j < p.w; j += 32) {
+      for (int j = sg.lane; j < p.w; j += sg.lanes) {
         A gj[kBatch];
 #pragma unroll
         for (int i = 0; i < kBatch; ++i) gj[i] = __ldg(gy1 + vi[i] * p.d + p.c0 + j);
@@ -305,10 +358,11 @@ readout_backward_kernel(Args<A> p, const A* __restrict__ gy1, const A* __restric
           }
         }
       }
-      write_batch_sums(p, part, s0, v0, m, accumulate, gc);
+      write_batch_sums(p, sg, part, s0, v0, m, accumulate, gc);
     }
   }
-  if (p.g) write_block_columns(acc, ws, gg_part);
+  if (p.g)
+    write_block_columns(acc, column_rows(p.w, p.s, static_cast<int>(sizeof(A))), ws, gg_part);
 }
 
 // gu, gdx, ge [N, D] (the block's columns) from gx (+ gx2) and gw; gb [N, S] += the block's
@@ -322,15 +376,15 @@ expand_backward_kernel(Args<A> p, const A* __restrict__ gx, const A* __restrict_
                        A* __restrict__ ga_part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* acc = reinterpret_cast<A*>(smem_raw);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const Segment sg = segment_of(p);
   const int ws = p.w * p.s;
-  A* mine = acc + warp * ws;
-  zero_owned_columns(p, mine);
-  for (int64_t v0 = first_batch(); v0 < p.n; v0 += batch_stride()) {
+  A* mine = owned_columns(p, sg, acc);
+  for (int64_t base = sg.start; base < p.n; base += sg.stride) {
+    const int64_t v0 = base + sg.offset;
     const int m = batch_size(p, v0);
     int64_t vi[kBatch];
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) vi[i] = batch_vertex(v0, i, m);
+    for (int i = 0; i < kBatch; ++i) vi[i] = batch_vertex(v0, i, p.n);
     // the sums for gb of the first chunk of states, formed in the pass over the channels;
     // the states past it (more than kStateChunk) take a pass of their own a chunk
     A part[kBatch][kStateChunk];
@@ -338,7 +392,7 @@ expand_backward_kernel(Args<A> p, const A* __restrict__ gx, const A* __restrict_
     for (int i = 0; i < kBatch; ++i)
 #pragma unroll
       for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
-    for (int j = lane; j < p.w; j += 32) {
+    for (int j = sg.lane; j < p.w; j += sg.lanes) {
       const int d = p.c0 + j;
       const A* ad = p.a + static_cast<int64_t>(d) * p.s;
       A e[kBatch], q[kBatch], te[kBatch], dxv[kBatch], uv[kBatch];
@@ -385,13 +439,13 @@ expand_backward_kernel(Args<A> p, const A* __restrict__ gx, const A* __restrict_
           ge[row] = te[i];
         }
     }
-    write_batch_sums(p, part, 0, v0, m, accumulate, gb);
+    write_batch_sums(p, sg, part, 0, v0, m, accumulate, gb);
     for (int s0 = kStateChunk; s0 < p.s; s0 += kStateChunk) {
 #pragma unroll
       for (int i = 0; i < kBatch; ++i)
 #pragma unroll
         for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
-      for (int j = lane; j < p.w; j += 32) {
+      for (int j = sg.lane; j < p.w; j += sg.lanes) {
         A du[kBatch];
 #pragma unroll
         for (int i = 0; i < kBatch; ++i) {
@@ -406,10 +460,10 @@ expand_backward_kernel(Args<A> p, const A* __restrict__ gx, const A* __restrict_
             part[i][t] += summed(gx, gx2, vi[i] * ws + j * p.s + s0 + t) * du[i];
         }
       }
-      write_batch_sums(p, part, s0, v0, m, accumulate, gb);
+      write_batch_sums(p, sg, part, s0, v0, m, accumulate, gb);
     }
   }
-  write_block_columns(acc, ws, ga_part);
+  write_block_columns(acc, column_rows(p.w, p.s, static_cast<int>(sizeof(A))), ws, ga_part);
 }
 
 }  // namespace expansion

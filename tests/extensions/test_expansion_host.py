@@ -108,6 +108,10 @@ CASES = [  # n, d, s, c0, w: one state, partial warps, more than 32 channels, on
     (130, 9, 5, 0, 9),
     (0, 4, 2, 1, 2),
     (9, 6, 11, 1, 5),  # states in two chunks of registers, the second partial
+    (70, 20, 4, 3, 16),  # two segments of 16 lanes a warp (TreeSSMConv's blocks)
+    (45, 4, 16, 1, 2),  # sixteen segments of two lanes, four chunks of states
+    (23, 2, 1, 1, 1),  # a lane a segment, one state
+    (6, 3, 500, 0, 2),  # segments kept at 32 lanes: two would not fit their column sums
 ]
 
 
