@@ -141,7 +141,8 @@ def require(name: str, feature: str) -> None:
 # ---------------------------------------------------------------------------- CUDA extension
 _EXT_NAME = "treessm_cuda"
 _SOURCES = ("tree_scan.cu", "grid_tree.cu", "grid_costs.cu", "path_plan.cu", "selective_walk.cu",
-            "tile_scan.cu", "boruvka.cu", "euler_tour.cu", "expansion.cu", "csr_matmul.cu")
+            "tile_scan.cu", "boruvka.cu", "euler_tour.cu", "expansion.cu", "csr_matmul.cu",
+            "pointwise.cu")
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None}
 

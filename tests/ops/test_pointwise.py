@@ -1,7 +1,8 @@
 """The layers' row-wise operators, SiLU(a u + b m) and LN(y) SiLU(z): the CPU kernels against
 the torch compositions that define them (output and all four gradients), gradcheck, extreme
 inputs, bitwise reproducibility with any number of threads, the fallbacks, aligned outputs,
-torch.compile."""
+torch.compile; on a GPU the CUDA kernels the same way (against the compositions in float64,
+gradcheck, the same bits run to run, rows too wide for them, malformed arguments)."""
 import functools
 
 import numba
@@ -188,3 +189,81 @@ def test_layers_give_the_same_bits_with_and_without_a_gradient(make, inputs):
         inference = layer(*args)
     training = layer(*args)
     assert training.requires_grad and torch.equal(training.detach(), inference)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+@_CUDA
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype,n,c", [
+    (torch.float32, 0, 8), (torch.float32, 1, 1), (torch.float32, 7, 37),
+    (torch.float32, 3000, 128), (torch.float32, 600, 1536), (torch.float64, 50, 768),
+    (torch.float64, 9000, 64)])
+def test_cuda_kernels_match_the_compositions(op, dtype, n, c):
+    fused, reference = OPS[op]
+    u, m, a, b, gy = _cuda(*_inputs(n, c, dtype, seed=c))
+    got = _run(fused, u, m, a, b, gy)
+    want = _run(reference, *(t.double() for t in (u, m, a, b, gy)))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, x, y in zip(("out", "rows", "other rows", "first vector", "second vector"),
+                          got, want):
+        assert x.dtype == dtype and x.shape == y.shape and x.is_cuda, name
+        scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
+        torch.testing.assert_close(x.double(), y, rtol=tol, atol=tol * scale, msg=name)
+    if n:  # the kernels ran, not the composition
+        y = fused(u, m, a.requires_grad_(), b)
+        assert op in type(y.grad_fn).__name__.lower()
+
+
+@_CUDA
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_gradcheck_float64(op):
+    u, m, a, b, _ = _cuda(*_inputs(9, 40, torch.float64))
+    ins = tuple(t.requires_grad_() for t in (u, m, a, b))
+    assert torch.autograd.gradcheck(OPS[op][0], ins)
+
+
+@_CUDA
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernels_repeat_their_bits(op):
+    u, m, a, b, gy = _cuda(*_inputs(20000, 128, torch.float32, seed=5))
+    first = _run(OPS[op][0], u, m, a, b, gy)
+    again = _run(OPS[op][0], u, m, a, b, gy)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+@_CUDA
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_rows_too_wide_for_the_kernels_take_the_composition(op):
+    c = pw.CUDA_MAX_ROW_BYTES // 4 + 1
+    u, m, a, b, _ = _cuda(*_inputs(5, c, torch.float32))
+    assert not pw.runs_on_kernels(u, m, a, b)
+    fused, reference = OPS[op]
+    assert torch.equal(fused(u, m, a, b), reference(u, m, a, b))
+
+
+@_CUDA
+def test_cuda_kernels_reject_malformed_arguments():
+    from treessm.typing import load_cuda_extension
+
+    load_cuda_extension()
+    ops = torch.ops.treessm
+    u, m, a, b, g = _cuda(*_inputs(6, 4, torch.float32))
+    with pytest.raises(RuntimeError, match="m must have shape"):
+        ops.cuda_silu_mix(u, m[:3], a, b)
+    with pytest.raises(RuntimeError, match="b must be a contiguous"):
+        ops.cuda_silu_mix(u, m, a, b.double())
+    with pytest.raises(RuntimeError, match="weight must be a contiguous"):
+        ops.cuda_norm_gate(u, m, a.cpu(), b, EPS)
+    with pytest.raises(RuntimeError, match="y must be float32 or float64"):
+        ops.cuda_norm_gate(u.half(), m.half(), a.half(), b.half(), EPS)
+    with pytest.raises(RuntimeError, match="columns"):
+        wide = torch.zeros(2, 4000, device="cuda")
+        ops.cuda_norm_gate_backward(wide, wide, wide, wide[0], wide[0], EPS)
+    with pytest.raises(RuntimeError, match="g must have shape"):
+        ops.cuda_silu_mix_backward(g[:2], u, m, a, b)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto, check_number
-from ..ops.pointwise import norm_gate, runs_on_cpu_kernels
+from ..ops.pointwise import norm_gate, runs_on_kernels
 from ..topology import GridTopology, chain_tree
 from ..topology.layout import empty_forest
 from ..tree import Tree
@@ -139,8 +139,8 @@ class SelectiveTreeSSM(SelectiveSSM):
         # z carries the working dtype of the layer (bfloat16 under autocast or in a half
         # model), which the output projection expects
         affine = (self.out_norm.weight, self.out_norm.bias)
-        if runs_on_cpu_kernels(y, z, *affine) or records_grad(y, z, *affine):
-            # one operator (on the CPU one pass over the rows each way)
+        if runs_on_kernels(y, z, *affine) or records_grad(y, z, *affine):
+            # one operator (on the CPU and CUDA one pass over the rows each way)
             return self.out_proj(norm_gate(y, z, *affine, self.out_norm.eps).to(z.dtype))
         # nothing to differentiate: the gate applied in the array of the SiLU
         return self.out_proj(F.silu(z).mul_(_layer_norm(self.out_norm, y)).to(z.dtype))

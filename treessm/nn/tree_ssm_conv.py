@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 from torch_geometric.nn import Linear
 
 from .._checks import check_bool, check_choice, check_int, check_int_or_auto
-from ..ops.pointwise import runs_on_cpu_kernels, silu_mix
+from ..ops.pointwise import runs_on_kernels, silu_mix
 from ..ops.sparse import csr_matmul
 from ..topology import GraphTopology
 from ..topology.distance import Distance
@@ -254,9 +254,9 @@ class TreeSSMConv(SelectiveTreeSSM):
         else:
             mixed = neighbour_mean(u, graph)
         weights = (self.self_weight, self.neighbour_weight)
-        if runs_on_cpu_kernels(u, mixed, *weights) or records_grad(u, mixed, *weights):
-            # SiLU(a u + b mean(u)) as one operator (on the CPU one pass over the rows each
-            # way, without the composition's temporaries)
+        if runs_on_kernels(u, mixed, *weights) or records_grad(u, mixed, *weights):
+            # SiLU(a u + b mean(u)) as one operator (on the CPU and CUDA one pass over the
+            # rows each way, without the composition's temporaries)
             return silu_mix(u, mixed, *weights), z
         # nothing to differentiate: a u + b mean(u) and the SiLU in the array of the mean
         mixed.mul_(self.neighbour_weight).addcmul_(u, self.self_weight)

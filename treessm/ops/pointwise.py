@@ -1,4 +1,5 @@
-r"""Row-wise operators of the tree-SSM layers, each one pass over the rows on the CPU.
+r"""Row-wise operators of the tree-SSM layers, each one pass over the rows each way on the
+CPU and on CUDA.
 
 * :func:`silu_mix`: the local mixing of :class:`treessm.nn.TreeSSMConv`,
   :math:`\mathrm{SiLU}(a \odot u + b \odot m)` for rows ``u``, ``m`` ``[N, C]`` and
@@ -19,11 +20,15 @@ same bits with any number of threads. The threads share whole chunks, forward an
 backward, so fewer rows than a chunk run on the calling thread alone: split finer, the
 handoffs and the kernel calls cost more than such rows take (``TreeSSMConv(64, 64)``'s
 training step with two threads, two processes each: 4.5-4.7 -> 4.0-4.1 ms on 100
-vertices, 20.8-20.9 -> 19.0-19.9 ms on 2,708, unchanged on 10^4). Elsewhere the torch
-compositions that define the operators (:func:`silu_mix_reference`,
-:func:`norm_gate_reference`) run, keeping only their inputs for the backward on large
-arrays (:mod:`treessm.ops.recompute`): the gate's composition would keep four ``[N, C]``
-arrays, the mixing's three, where the inputs are two.
+vertices, 20.8-20.9 -> 19.0-19.9 ms on 2,708, unchanged on 10^4). On CUDA the extension's
+kernels do the same (``torch.ops.treessm.cuda_silu_mix``, ``cuda_norm_gate`` and their
+backwards: a warp a row, the sums over rows in fixed per-block partial sums added in order,
+so the same bits on every run), for rows of at most :data:`CUDA_MAX_ROW_BYTES` bytes
+(1,536 float32 channels), where torch's compositions launch three kernels forward and about
+ten backward. Elsewhere the torch compositions that define the operators
+(:func:`silu_mix_reference`, :func:`norm_gate_reference`) run, keeping only their inputs
+for the backward on large arrays (:mod:`treessm.ops.recompute`): the gate's composition
+would keep four ``[N, C]`` arrays, the mixing's three, where the inputs are two.
 """
 from __future__ import annotations
 
@@ -36,13 +41,18 @@ import torch.nn.functional as F
 from numba import njit
 from torch import Tensor
 
+from ..typing import cuda_extension_available
 from . import cpu_arrays, recompute
 from .chunks import run_chunks
 from .cpu_arrays import CHUNK_ROWS
 from .selective_scan_cpu import _cast, _dot, _exp, _np, _opaque
 
 __all__ = ["silu_mix", "silu_mix_reference", "norm_gate", "norm_gate_reference",
-           "runs_on_cpu_kernels", "CHUNK_ROWS"]
+           "runs_on_kernels", "CHUNK_ROWS", "CUDA_MAX_ROW_BYTES"]
+
+#: Bytes of a row (channels times the element size) up to which the CUDA kernels run: each
+#: warp keeps two columns of partial sums of a row's width in shared memory.
+CUDA_MAX_ROW_BYTES = 6144
 
 U = np.uint64
 
@@ -262,24 +272,42 @@ def _mix_backward(ctx, g):
 _silu_mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
-def runs_on_cpu_kernels(x: Tensor, other: Tensor, *params: Tensor) -> bool:
-    """Whether :func:`silu_mix` and :func:`norm_gate` run their CPU kernels for the rows
-    ``x``, ``other`` and the per-channel ``params``: float32 or float64 matrices of one
-    shape, and vectors of their channels, all of one dtype on the CPU. A layer that calls
-    them under a recorded gradient calls them without one too, so that its outputs have the
-    same bits either way."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.dim() == 2 and other.device == x.device and other.dtype == x.dtype
+@_silu_mix_op.register_kernel("cuda")
+def _(u, m, a, b):
+    return torch.ops.treessm.cuda_silu_mix(u, m, a, b)
+
+
+@_silu_mix_backward_op.register_kernel("cuda")
+def _(g, u, m, a, b):
+    return torch.ops.treessm.cuda_silu_mix_backward(g, u, m, a, b)
+
+
+def runs_on_kernels(x: Tensor, other: Tensor, *params: Tensor) -> bool:
+    """Whether :func:`silu_mix` and :func:`norm_gate` run their kernels for the rows ``x``,
+    ``other`` and the per-channel ``params``: float32 or float64 matrices of one shape, and
+    vectors of their channels, all of one dtype on one device, the CPU or, with the
+    extension loaded, a CUDA device (rows of at most :data:`CUDA_MAX_ROW_BYTES` bytes). A
+    layer that calls them under a recorded gradient calls them without one too, so that its
+    outputs have the same bits either way."""
+    if not (x.dtype in (torch.float32, torch.float64) and x.dim() == 2
+            and other.device == x.device and other.dtype == x.dtype
             and other.shape == x.shape
             and all(p.dtype == x.dtype and p.device == x.device and p.shape == x.shape[1:]
-                    for p in params))
+                    for p in params)):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return (x.is_cuda and 1 <= x.shape[1] * x.element_size() <= CUDA_MAX_ROW_BYTES
+            and x.is_contiguous() and other.is_contiguous()
+            and all(p.is_contiguous() for p in params) and cuda_extension_available())
 
 
 def silu_mix(u: Tensor, m: Tensor, a: Tensor, b: Tensor) -> Tensor:
     r""":math:`\mathrm{SiLU}(a \odot u + b \odot m)`, ``u, m [N, C]``, ``a, b [C]``: one
-    pass over the rows forward and one backward on the CPU (float32 or float64, all four of
-    one dtype); :func:`silu_mix_reference` elsewhere. Gradients flow to all four."""
-    if runs_on_cpu_kernels(u, m, a, b):
+    pass over the rows forward and one backward on the CPU and on CUDA (float32 or float64,
+    all four of one dtype: :func:`runs_on_kernels`); :func:`silu_mix_reference` elsewhere.
+    Gradients flow to all four."""
+    if runs_on_kernels(u, m, a, b):
         return _silu_mix_op(u, m, a, b)
     if recompute.keeps_less(u, m, a, b):
         return recompute.recomputed(silu_mix_reference, u, m, a, b)
@@ -323,12 +351,23 @@ def _gate_backward(ctx, g):
 _norm_gate_op.register_autograd(_gate_backward, setup_context=_gate_setup_context)
 
 
+@_norm_gate_op.register_kernel("cuda")
+def _(y, z, weight, bias, eps):
+    return torch.ops.treessm.cuda_norm_gate(y, z, weight, bias, eps)
+
+
+@_norm_gate_backward_op.register_kernel("cuda")
+def _(g, y, z, weight, bias, eps):
+    return torch.ops.treessm.cuda_norm_gate_backward(g, y, z, weight, bias, eps)
+
+
 def norm_gate(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     r""":math:`\mathrm{LN}(y) \odot \mathrm{SiLU}(z)`, ``y, z [N, C]``, the LayerNorm's
     affine ``weight, bias [C]`` and ``eps``: one pass over the rows forward and one backward
-    on the CPU (float32 or float64, all four of one dtype); :func:`norm_gate_reference`
-    elsewhere. Gradients flow to all four tensors."""
-    if runs_on_cpu_kernels(y, z, weight, bias):
+    on the CPU and on CUDA (float32 or float64, all four of one dtype:
+    :func:`runs_on_kernels`); :func:`norm_gate_reference` elsewhere. Gradients flow to all
+    four tensors."""
+    if runs_on_kernels(y, z, weight, bias):
         return _norm_gate_op(y, z, weight, bias, float(eps))
     if recompute.keeps_less(y, z, weight, bias):
         return recompute.recomputed(norm_gate_reference, y, z, weight, bias, eps)
