@@ -72,10 +72,8 @@ def _sync(device):
 
 
 def _time(fn, device, repeats):
-    """Median milliseconds of ``fn``: wall time on a GPU; on the CPU the processor time of
-    this process, which a busy shared machine does not inflate (run with one thread for
-    times comparable to an idle machine's wall time)."""
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    """Median milliseconds of ``fn`` by :func:`_clock`."""
+    clock = _clock(device)
     fn()
     _sync(device)
     times = []
@@ -600,13 +598,18 @@ def _optimizer(model, lr, weight_decay, mixer_weight_decay=0.0):
 
 
 def _epoch_seconds(times):
-    """Seconds per training epoch (processor time on the CPU, wall time on a GPU), the
-    first (kernel compilation, caches) left out when there are others."""
+    """Seconds per training epoch (by :func:`_clock`), the first (kernel compilation,
+    caches) left out when there are others."""
     return statistics.mean(times[1:] if len(times) > 1 else times)
 
 
 def _clock(device):
-    return time.perf_counter if device.type == "cuda" else time.process_time
+    """Wall time on a GPU and on a CPU with more than one thread (processor time would add
+    the threads' times, their waits for one another included); with one CPU thread the
+    processor time of this process, which a busy shared machine does not inflate."""
+    if device.type == "cuda" or torch.get_num_threads() > 1:
+        return time.perf_counter
+    return time.process_time
 
 
 def train_node_split(model, data, train, val, test, epochs, lr, weight_decay, metric,
