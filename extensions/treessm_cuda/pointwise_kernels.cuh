@@ -67,11 +67,27 @@ __device__ __forceinline__ int64_t warp_count() {
   return (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
 }
 
+// The block's kWarps pairs of columns of C sums in its dynamic shared memory.
+template <typename A>
+__device__ __forceinline__ A* block_columns() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<A*>(smem_raw);
+}
+
+// This warp's two columns of C sums, zeroed by the lanes that own them.
+template <typename A>
+__device__ __forceinline__ A* warp_columns(int c) {
+  A* mine = block_columns<A>() + (threadIdx.x >> 5) * 2 * c;
+  for (int k = threadIdx.x & 31; k < c; k += 32) mine[k] = mine[c + k] = A(0);
+  return mine;
+}
+
 // Adds the warps' two columns of C sums in shared memory in warp order and writes them as
 // the block's row [2, C] of `part`.
 template <typename A>
-__device__ __forceinline__ void write_block_columns(const A* cols, int c, A* part) {
+__device__ __forceinline__ void write_block_columns(int c, A* part) {
   __syncthreads();
+  const A* cols = block_columns<A>();
   for (int k = threadIdx.x; k < 2 * c; k += blockDim.x) {
     A t = cols[k];
     for (int q = 1; q < kWarps; ++q) t += cols[q * 2 * c + k];
@@ -100,12 +116,9 @@ silu_mix_backward_kernel(const A* __restrict__ g, const A* __restrict__ u,
                          const A* __restrict__ m, const A* __restrict__ a,
                          const A* __restrict__ b, A* __restrict__ gu, A* __restrict__ gm,
                          A* __restrict__ part, int64_t n, int c) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* cols = reinterpret_cast<A*>(smem_raw);
   const int lane = threadIdx.x & 31;
-  A* sa = cols + (threadIdx.x >> 5) * 2 * c;
+  A* sa = warp_columns<A>(c);
   A* sb = sa + c;
-  for (int k = lane; k < c; k += 32) sa[k] = sb[k] = A(0);
   for (int64_t r = warp_index(); r < n; r += warp_count()) {
     for (int k = lane; k < c; k += 32) {
       const int64_t i = r * c + k;
@@ -118,7 +131,7 @@ silu_mix_backward_kernel(const A* __restrict__ g, const A* __restrict__ u,
       sb[k] += gt * mv;
     }
   }
-  write_block_columns(cols, c, part);
+  write_block_columns(c, part);
 }
 
 // The row's mean and 1 / sqrt(var + eps) (lane 0's bits in every lane).
@@ -162,12 +175,9 @@ norm_gate_backward_kernel(const A* __restrict__ g, const A* __restrict__ y,
                           const A* __restrict__ z, const A* __restrict__ w,
                           const A* __restrict__ b, A eps, A* __restrict__ gy,
                           A* __restrict__ gz, A* __restrict__ part, int64_t n, int c) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* cols = reinterpret_cast<A*>(smem_raw);
   const int lane = threadIdx.x & 31;
-  A* sw = cols + (threadIdx.x >> 5) * 2 * c;
+  A* sw = warp_columns<A>(c);
   A* sb = sw + c;
-  for (int k = lane; k < c; k += 32) sw[k] = sb[k] = A(0);
   for (int64_t r = warp_index(); r < n; r += warp_count()) {
     const A* yr = y + r * c;
     A mean, rstd;
@@ -195,7 +205,7 @@ norm_gate_backward_kernel(const A* __restrict__ g, const A* __restrict__ y,
       gy[i] = rstd * ((gx - m1) - xhat * m2);
     }
   }
-  write_block_columns(cols, c, part);
+  write_block_columns(c, part);
 }
 
 }  // namespace pointwise

@@ -10,33 +10,13 @@
 namespace treessm_cuda::pointwise { alignas(16) unsigned char smem_raw_storage[1 << 16]; }
 #include <math.h>
 #include "pointwise_kernels.cuh"
+#include "rows_harness.h"
 using namespace treessm_cuda;
 using namespace treessm_cuda::pointwise;
 
 template <typename F>
 void launch(unsigned blocks, int threads, F body) {
-  gridDim.x = blocks;
-  for (unsigned bx = 0; bx < blocks; ++bx)
-    emu_run_block(bx, 0, threads, [] {
-      std::memset(smem_raw_storage, 0xff, sizeof(smem_raw_storage));  // poison
-    }, body);
-}
-
-template <typename T>
-void put(const std::vector<T>& v, FILE* o) {
-  for (const T& e : v) {
-    const double x = static_cast<double>(e);
-    fwrite(&x, 8, 1, o);
-  }
-}
-
-// The row blocks' partial sums [blocks, 2, C] added in order: [2, C].
-template <typename T>
-std::vector<T> sum_rows(const std::vector<T>& p, int64_t blocks, int64_t cols) {
-  std::vector<T> out(cols, T(0));
-  for (int64_t i = 0; i < blocks; ++i)
-    for (int64_t k = 0; k < cols; ++k) out[k] += p[i * cols + k];
-  return out;
+  launch_poisoned(blocks, threads, smem_raw_storage, sizeof(smem_raw_storage), body);
 }
 
 // header: N, C, eps (as 1e-9 units), blocks of the elementwise kernel
