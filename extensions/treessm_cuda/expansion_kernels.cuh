@@ -260,6 +260,15 @@ __device__ __forceinline__ A* owned_columns(const Args<A>& p, const Segment& sg,
   return mine;
 }
 
+// Zeroes a lane's partial sums of a chunk of states for each vertex of its batch.
+template <typename A>
+__device__ __forceinline__ void zero_batch_sums(A (&part)[kBatch][kStateChunk]) {
+#pragma unroll
+  for (int i = 0; i < kBatch; ++i)
+#pragma unroll
+    for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
+}
+
 // Sums a chunk of states' per-lane partial sums over the segment for each vertex of the
 // batch from v0 (m of them) and writes them (its first lane) to their rows of out [N, S],
 // states s0 .. s0 + kStateChunk - 1 that exist, added to what is there with `accumulate`:
@@ -329,10 +338,7 @@ readout_backward_kernel(Args<A> p, const A* __restrict__ gy1, const A* __restric
     }
     for (int s0 = 0; s0 < p.s; s0 += kStateChunk) {
       A part[kBatch][kStateChunk];
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i)
-#pragma unroll
-        for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
+      zero_batch_sums(part);
       for (int j = sg.lane; j < p.w; j += sg.lanes) {
         A gj[kBatch];
 #pragma unroll
@@ -388,10 +394,7 @@ expand_backward_kernel(Args<A> p, const A* __restrict__ gx, const A* __restrict_
     // the sums for gb of the first chunk of states, formed in the pass over the channels;
     // the states past it (more than kStateChunk) take a pass of their own a chunk
     A part[kBatch][kStateChunk];
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i)
-#pragma unroll
-      for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
+    zero_batch_sums(part);
     for (int j = sg.lane; j < p.w; j += sg.lanes) {
       const int d = p.c0 + j;
       const A* ad = p.a + static_cast<int64_t>(d) * p.s;
@@ -441,10 +444,7 @@ expand_backward_kernel(Args<A> p, const A* __restrict__ gx, const A* __restrict_
     }
     write_batch_sums(p, sg, part, 0, v0, m, accumulate, gb);
     for (int s0 = kStateChunk; s0 < p.s; s0 += kStateChunk) {
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i)
-#pragma unroll
-        for (int t = 0; t < kStateChunk; ++t) part[i][t] = 0;
+      zero_batch_sums(part);
       for (int j = sg.lane; j < p.w; j += sg.lanes) {
         A du[kBatch];
 #pragma unroll
