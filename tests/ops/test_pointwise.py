@@ -14,6 +14,7 @@ from saved import saved_storages, storages
 from treessm.ops import pointwise as pw
 
 EPS = 1e-5
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # name -> (operator, reference); each takes two [N, C] row tensors and two [C] vectors
 OPS = {
     "silu_mix": (pw.silu_mix, pw.silu_mix_reference),
@@ -68,12 +69,13 @@ def test_gradcheck_float64(op):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_extreme_inputs_stay_finite(op):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+def test_extreme_inputs_stay_finite(op, device):
     # SiLU(t) -> 0 as t -> -inf and -> t as t -> +inf; a LayerNorm of a constant row is its
     # bias
-    u = torch.tensor([[-1e4, -100.0, 0.0, 100.0, 1e4], [3.0] * 5])
-    m = torch.tensor([[0.0] * 5, [-1e4, -100.0, 0.0, 100.0, 1e4]])
-    a, b = torch.ones(5), torch.linspace(-1, 1, 5)
+    u = torch.tensor([[-1e4, -100.0, 0.0, 100.0, 1e4], [3.0] * 5], device=device)
+    m = torch.tensor([[0.0] * 5, [-1e4, -100.0, 0.0, 100.0, 1e4]], device=device)
+    a, b = torch.ones(5, device=device), torch.linspace(-1, 1, 5, device=device)
     fused, reference = OPS[op]
     got = _run(fused, u, m, a, b, torch.ones_like(u))
     want = _run(reference, *(t.double() for t in (u, m, a, b, torch.ones_like(u))))
@@ -190,8 +192,6 @@ def test_layers_give_the_same_bits_with_and_without_a_gradient(make, inputs):
     training = layer(*args)
     assert training.requires_grad and torch.equal(training.detach(), inference)
 
-
-_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _cuda(*tensors):
