@@ -7,7 +7,8 @@
 #                                          the fused selective scan, the
 #                                          benchmark rows of the scan, memcheck (and
 #                                          racecheck of the tiled scan, the expansion
-#                                          kernels, the columns and the fused walk)
+#                                          kernels, the row-wise kernels, the columns and
+#                                          the fused walk)
 #   bash benchmarks/gpu_session.sh tests   build, the GPU tests of every file that touches CUDA
 #   bash benchmarks/gpu_session.sh bench   build, the GPU benchmarks (tree_scan, grootv, graph
 #                                          and its small graphs, grootl, the tiled kernels,
@@ -82,6 +83,14 @@ if [ "$MODE" = check ]; then
       -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "long_chains and not both" \
       > "$OUT/$tool.columns.log" 2>&1
     log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.columns.log" | tail -3 | tee -a "$SUMMARY"
+  done
+  log "== memcheck and racecheck (the layers' row-wise kernels: one channel, a row past a warp, wide rows)"
+  for tool in memcheck racecheck; do
+    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
+      -p no:cacheprovider tests/ops/test_pointwise.py \
+      -k "cuda_kernels_match and (1-1 or 7-37 or 600-1536)" \
+      > "$OUT/$tool.pointwise.log" 2>&1
+    log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.pointwise.log" | tail -3 | tee -a "$SUMMARY"
   done
   log "== memcheck and racecheck (the fused selective walk against the reference, every lane count; the chain backward)"
   for tool in memcheck racecheck; do
