@@ -64,42 +64,33 @@ if [ "$MODE" = check ]; then
   grep -E "passed|failed" "$OUT/pytest_scan.log" | tail -1 >> "$SUMMARY"
   timeout ${BENCH_S:-220} $PY benchmarks/tree_scan.py ${SCAN_ARGS:---quick} \
     --out "$OUT/tree_scan_gpu_$CARD.json" 2>&1 | tee "$OUT/bench.log" | tail -40
+  # sanitize NAME TOOLS FILTER FILES...: each compute-sanitizer tool over the tests of FILES
+  # that FILTER selects, its log in $OUT/TOOL.NAME.log and its summary in $SUMMARY
+  sanitize() {
+    local name=$1 tools=$2 filter=$3 tool; shift 3
+    for tool in $tools; do
+      timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest \
+        -q -x -p no:cacheprovider "$@" -k "$filter" > "$OUT/$tool.$name.log" 2>&1
+      log "$tool rc=$?"
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.$name.log" | tail -3 \
+        | tee -a "$SUMMARY"
+    done
+  }
   log "== memcheck (the scan against the oracle, both schedules)"
-  timeout ${MEMCHECK_S:-120} compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x \
-    -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "matches_dense_oracle or launch_shape" \
-    > "$OUT/memcheck.log" 2>&1
-  log "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$SUMMARY"
+  sanitize scan memcheck "matches_dense_oracle or launch_shape" tests/ops/test_tree_scan_cuda.py
   log "== memcheck and racecheck (the tiled scan and its parts, the expansion kernels)"
-  for tool in memcheck racecheck; do
-    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
-      -p no:cacheprovider tests/ops/test_tile_scan_cuda.py tests/ops/test_expansion_cuda.py \
-      -k "(dense_oracle and 7 and (both or up)) or (parts and graph_forest and float32) or (cuda_kernels_match_the_reference and child and both)" \
-      > "$OUT/$tool.tiles.log" 2>&1
-    log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.tiles.log" | tail -3 | tee -a "$SUMMARY"
-  done
+  sanitize tiles "memcheck racecheck" \
+    "(dense_oracle and 7 and (both or up)) or (parts and graph_forest and float32) or (cuda_kernels_match_the_reference and child and both)" \
+    tests/ops/test_tile_scan_cuda.py tests/ops/test_expansion_cuda.py
   log "== memcheck and racecheck (columns: chains in registers, long trees in global columns)"
-  for tool in memcheck racecheck; do
-    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
-      -p no:cacheprovider tests/ops/test_tree_scan_cuda.py -k "long_chains and not both" \
-      > "$OUT/$tool.columns.log" 2>&1
-    log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.columns.log" | tail -3 | tee -a "$SUMMARY"
-  done
+  sanitize columns "memcheck racecheck" "long_chains and not both" tests/ops/test_tree_scan_cuda.py
   log "== memcheck and racecheck (the layers' row-wise kernels: one channel, a row past a warp, wide rows)"
-  for tool in memcheck racecheck; do
-    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
-      -p no:cacheprovider tests/ops/test_pointwise.py \
-      -k "cuda_kernels_match and (1-1 or 7-37 or 600-1536)" \
-      > "$OUT/$tool.pointwise.log" 2>&1
-    log "$tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.pointwise.log" | tail -3 | tee -a "$SUMMARY"
-  done
+  sanitize pointwise "memcheck racecheck" "cuda_kernels_match and (1-1 or 7-37 or 600-1536)" \
+    tests/ops/test_pointwise.py
   log "== memcheck and racecheck (the fused selective walk against the reference, every lane count; the chain backward)"
-  for tool in memcheck racecheck; do
-    timeout ${MEMCHECK_S:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
-      -p no:cacheprovider tests/ops/test_selective_scan.py \
-      -k "(fused_walk_matches_reference and (deep or many_roots)) or fused_walk_lanes or chain_kernel" \
-      > "$OUT/$tool.walk.log" 2>&1
-    log "$tool rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/$tool.walk.log" | tail -3 | tee -a "$SUMMARY"
-  done
+  sanitize walk "memcheck racecheck" \
+    "(fused_walk_matches_reference and (deep or many_roots)) or fused_walk_lanes or chain_kernel" \
+    tests/ops/test_selective_scan.py
   exit 0
 fi
 
