@@ -210,7 +210,8 @@ def _layer_pair_row(n, device):
     for _ in range(rounds):
         for layer in runs:
             if device.type == "cpu":  # a fresh process: its peak resident size is its own
-                cmd = [sys.executable, __file__, "--time-layer", layer, str(n), str(repeats)]
+                cmd = [sys.executable, __file__, "--time-layer", layer, str(n), str(repeats),
+                       "--threads", str(torch.get_num_threads())]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                      env=_child_env())
                 runs[layer].append(json.loads(out.stdout.strip().splitlines()[-1]))
