@@ -1,8 +1,8 @@
 """A training step on the CPU with OpenMP's waiting threads spinning or sleeping.
 
-torch and numba each load an OpenMP runtime. Between parallel regions their worker threads
-wait for the next one, by default spinning for a while; on a machine of few cores the
-spinning threads of one runtime take the cores the other runtime's threads need. This script
+Between parallel regions torch's OpenMP worker threads wait for the next one, by default
+spinning for a while; on a machine of few cores they take the cores that treessm's compiled
+kernels (run on threads of their own, ``treessm.ops.chunks``) need. This script
 times the same small training step (two ``TreeSSMConv(32, 32)`` layers and a linear head
 over 1,280 vertices of a batch of graphs, forward, backward and an optimiser step) in a
 fresh process per setting of ``OMP_WAIT_POLICY`` (unset, ``ACTIVE``, ``PASSIVE``), since the
